@@ -1,0 +1,29 @@
+"""Runs one ntk_scale experiment: `python main.py --config configs/digits.py --workdir DIR`.
+
+Rerunning the same command on the same workdir resumes it.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ntk_scale import console  # noqa: F401  (sets TF log level before TensorFlow loads)
+from ntk_scale import jobs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, `file.py` or `file.py:arg`; override fields with --config.a.b=v.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  result = jobs.run(_CONFIG.value, _WORKDIR.value)
+  if isinstance(result, dict) and "test" in result:
+    print(f"test accuracy {result['test']['accuracy']:.4f} (loss {result['test']['loss']:.4f}); "
+          f"results in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,88 @@
+"""Orbax checkpoints under `<workdir>/checkpoints/`, one per save step, each addressable by epoch.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a job
+killed at any moment leaves only whole checkpoints behind; the next run resumes from the newest.
+Restores take the shardings of the target state, so a checkpoint written on one topology
+restores on another.
+"""
+
+import math
+import os
+from typing import Any, Iterable
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """The requested checkpoint does not exist in the workdir."""
+
+
+def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
+                  fractional_epochs: Iterable[float]) -> dict[int, float]:
+  """Step -> epoch of every checkpoint: each `every_epochs`, each of `fractional_epochs`, and the end.
+
+  Fractional epochs that round to the same step keep the first; epochs beyond the run are dropped.
+  """
+  total_steps = int(round(num_epochs * steps_per_epoch))
+  epochs = [every_epochs * k for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
+  epochs += list(fractional_epochs) + [num_epochs]
+  schedule = {}
+  for epoch in sorted(set(epochs)):
+    step = int(round(epoch * steps_per_epoch))
+    if 0 < step <= total_steps and step not in schedule:
+      schedule[step] = float(epoch)
+  return schedule
+
+
+class Checkpoints:
+  """Saves and restores train states; a thin layer over `ocp.CheckpointManager`."""
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                             enable_async_checkpointing=True))
+
+  def save(self, step: int, state: Any, epoch: float) -> None:
+    """Starts an asynchronous save; the state's device buffers may be donated right after."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": int(step), "epoch": float(epoch)})))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def epochs(self) -> dict[float, int]:
+    """Epoch -> step of every finished checkpoint."""
+    out = {}
+    for step in self._manager.all_steps():
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      out[meta["epoch"]] = step
+    return out
+
+  def restore(self, step: int, target: Any) -> Any:
+    """The state saved at `step`, placed with the shardings of `target` (a state or its abstract tree)."""
+    if step not in self._manager.all_steps():
+      raise CheckpointNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
+                                    f"available steps: {list(self._manager.all_steps()) or 'none'}.")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+
+  def restore_epoch(self, epoch: float, target: Any) -> Any:
+    """The state saved at `epoch` (e.g. 0.125 or 20); raises CheckpointNotFoundError listing what exists."""
+    epochs = self.epochs()
+    for saved_epoch, step in epochs.items():
+      if math.isclose(saved_epoch, epoch, rel_tol=1e-9, abs_tol=1e-9):
+        return self.restore(step, target)
+    raise CheckpointNotFoundError(
+        f"no checkpoint for epoch {epoch} in {self.directory}; available epochs: "
+        f"{sorted(epochs) or 'none (has this workdir been trained?)'}.")
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

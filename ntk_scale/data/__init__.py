@@ -1,0 +1,31 @@
+"""Datasets behind one interface: `load_dataset(config.data)` returns in-memory train/test splits."""
+
+import ml_collections
+
+from ntk_scale.data.batches import TrainBatches, epoch_order, eval_batches
+from ntk_scale.data.dataset import Dataset, Split
+from ntk_scale.data.digits import load_digits
+from ntk_scale.data.subset import class_balanced_subset
+from ntk_scale.data.tfds_source import TFDS_DATASETS, DatasetUnavailableError, load_tfds
+
+DATASET_NAMES = ("digits",) + tuple(TFDS_DATASETS)
+
+
+def check_data_config(data_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming `config.data.name` when it is not a known dataset."""
+  if data_config.name not in DATASET_NAMES:
+    raise ValueError(f"config.data.name={data_config.name!r} is not a known dataset; expected one "
+                     f"of {', '.join(DATASET_NAMES)}.")
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
+  """The dataset named by `config.data.name` (with `data_dir` and `download` for tfds ones)."""
+  check_data_config(data_config)
+  if data_config.name == "digits":
+    return load_digits()
+  return load_tfds(data_config.name, data_config.get("data_dir"), data_config.get("download", True))
+
+
+__all__ = ["DATASET_NAMES", "Dataset", "DatasetUnavailableError", "Split", "TrainBatches",
+           "check_data_config", "class_balanced_subset", "epoch_order", "eval_batches",
+           "load_dataset", "load_digits", "load_tfds"]

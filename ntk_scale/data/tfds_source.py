@@ -1,0 +1,87 @@
+"""Real datasets from tensorflow-datasets, read once into host memory.
+
+The datasets of this field (CIFAR, MNIST, SVHN) fit in host memory, which makes every epoch's
+order an exact function of (seed, epoch) and a resumed run bitwise equal to an uninterrupted one.
+"""
+
+import socket
+
+import numpy as np
+
+from ntk_scale.data.dataset import Dataset, Split
+
+# name -> (train split, test split, number of classes)
+TFDS_DATASETS = {
+    "cifar10": ("train", "test", 10),
+    "cifar100": ("train", "test", 100),
+    "mnist": ("train", "test", 10),
+    "fashion_mnist": ("train", "test", 10),
+    "svhn_cropped": ("train", "test", 10),
+}
+_READ_BATCH = 4096
+_DOWNLOAD_HOST = "storage.googleapis.com"
+
+
+class DatasetUnavailableError(RuntimeError):
+  """A tfds dataset is neither prepared on disk nor downloadable here."""
+
+
+def _how_to_provide(name: str, data_dir: str | None) -> str:
+  target = data_dir or "~/tensorflow_datasets"
+  return (f"Prepare it on a machine with network access with\n"
+          f"  python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
+          f"--data_dir={target}\n"
+          f"and copy {target}/{name} to this machine, or point config.data.data_dir at a directory "
+          f"that holds it.")
+
+
+def _reachable(host: str, timeout_s: float = 5.0) -> bool:
+  """Whether an HTTPS connection to `host` opens; fails fast where tfds would retry for minutes."""
+  try:
+    socket.create_connection((host, 443), timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
+def _prepared_builder(name: str, data_dir: str | None, download: bool):
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  if download and not _reachable(_DOWNLOAD_HOST):
+    raise DatasetUnavailableError(
+        f"Dataset {name!r} is not prepared in {builder.data_dir} and {_DOWNLOAD_HOST} cannot be "
+        f"reached to download it. " + _how_to_provide(name, data_dir))
+  if not download:
+    raise DatasetUnavailableError(
+        f"Dataset {name!r} is not prepared in {builder.data_dir} and config.data.download is False. "
+        + _how_to_provide(name, data_dir))
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # tfds raises many types for a missing network
+    raise DatasetUnavailableError(
+        f"Dataset {name!r} is not prepared in {builder.data_dir} and downloading it failed "
+        f"({type(e).__name__}: {e}). " + _how_to_provide(name, data_dir)) from e
+  return builder
+
+
+def _read_split(builder, split: str) -> Split:
+  import tensorflow_datasets as tfds
+
+  # A positive batch size: batch_size=-1 aborts under tfds.testing.mock_data.
+  ds = builder.as_dataset(split=split, as_supervised=True, batch_size=_READ_BATCH, shuffle_files=False)
+  images, labels = [], []
+  for x, y in tfds.as_numpy(ds):
+    images.append(x)
+    labels.append(y)
+  images = np.concatenate(images).astype(np.float32) / 255.0
+  return Split(images, np.concatenate(labels).astype(np.int32))
+
+
+def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+  """Train and test splits of a tfds image classification dataset, pixels scaled to [0, 1]."""
+  train_split, test_split, num_classes = TFDS_DATASETS[name]
+  builder = _prepared_builder(name, data_dir, download)
+  return Dataset(name, _read_split(builder, train_split), _read_split(builder, test_split), num_classes)

@@ -1,0 +1,23 @@
+"""The jobs `main.py` can run, chosen by `config.job`."""
+
+from typing import Any, Callable
+
+import ml_collections
+
+from ntk_scale import console
+from ntk_scale.train import train_and_evaluate
+from ntk_scale.workdir import prepare_workdir
+
+JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
+    "train": train_and_evaluate,
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Checks `config.job`, records the config in `workdir` (or checks it matches), runs the job."""
+  job = config.get("job", "train")
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
+  console.quiet_library_logs()
+  prepare_workdir(config, workdir)
+  return JOBS[job](config, workdir)

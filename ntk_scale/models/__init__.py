@@ -1,0 +1,36 @@
+"""Flax models, chosen by `config.model.name`."""
+
+from typing import Callable
+
+import flax.linen as nn
+import ml_collections
+
+from ntk_scale.models.cnn import SmallCNN
+from ntk_scale.models.mlp import MLP
+from ntk_scale.models.resnet import ResNet18
+
+_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int], nn.Module]] = {
+    "resnet18": lambda c, n: ResNet18(num_classes=n, width=c.get("width", 64),
+                                      batch_norm=c.get("batch_norm", True)),
+    "cnn": lambda c, n: SmallCNN(num_classes=n, width=c.get("width", 32),
+                                 batch_norm=c.get("batch_norm", False)),
+    "mlp": lambda c, n: MLP(num_classes=n, width=c.get("width", 512),
+                            depth=c.get("depth", 2), batch_norm=c.get("batch_norm", False)),
+}
+MODEL_NAMES = tuple(sorted(_BUILDERS))
+
+
+def check_model_config(model_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming `config.model.name` when it is not a known model."""
+  if model_config.name not in _BUILDERS:
+    raise ValueError(f"config.model.name={model_config.name!r} is not a known model; "
+                     f"expected one of {', '.join(MODEL_NAMES)}.")
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The model of `config.model`; call it as `model.apply(variables, x, train=...)`.
+
+  Inputs are NHWC float images in [0, 1]; outputs are logits of shape [N, num_classes].
+  """
+  check_model_config(model_config)
+  return _BUILDERS[model_config.name](model_config, num_classes)

@@ -1,0 +1,25 @@
+"""The small CNN of Tsilivis and Kempe's experiments: conv 32-32-pool-64-64-128-128-avgpool-dense."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ntk_scale.models.layers import batch_norm
+
+
+class SmallCNN(nn.Module):
+  """3x3 ReLU convolutions, one 2x2 max-pool after the first pair, global average pool."""
+  num_classes: int
+  width: int = 32
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    w = self.width
+    for i, features in enumerate((w, w, 2 * w, 2 * w, 4 * w, 4 * w)):
+      x = nn.Conv(features, (3, 3), padding="SAME", name=f"conv{i + 1}")(x)
+      x = nn.relu(batch_norm(self.batch_norm, train)(x))
+      if i == 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)

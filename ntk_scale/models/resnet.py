@@ -1,0 +1,43 @@
+"""ResNet-18 with the CIFAR stem: a 3x3 stride-1 convolution and no max-pool."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ntk_scale.models.layers import batch_norm
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual connection (He et al., 2016)."""
+  features: int
+  strides: int
+  batch_norm: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = batch_norm(self.batch_norm, train)
+    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME" if k == 3 else "VALID",
+                                         use_bias=not self.batch_norm, name=name)
+    y = nn.relu(norm(conv(self.features, 3, self.strides, "conv1")(x)))
+    y = norm(conv(self.features, 3, 1, "conv2")(y))
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = norm(conv(self.features, 1, self.strides, "shortcut")(x))
+    return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 for 32x32 inputs (11.2M parameters at width 64 with 10 classes)."""
+  num_classes: int
+  width: int = 64
+  batch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=not self.batch_norm, name="stem")(x)
+    x = nn.relu(batch_norm(self.batch_norm, train)(x))
+    for stage, features in enumerate((self.width, 2 * self.width, 4 * self.width, 8 * self.width)):
+      for block in range(2):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(features, strides, self.batch_norm, name=f"stage{stage + 1}_block{block + 1}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,63 @@
+"""Device mesh and batch placement: the one place that knows how arrays map onto devices.
+
+All jobs use a 1-D mesh with axis `data` over every device of every host. Parameters are
+replicated, batches are split along their first axis. Each host materialises only the rows
+of a global batch that its own devices hold, so a batch never passes through one host.
+"""
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh() -> Mesh:
+  """A mesh with one `data` axis over all devices of all processes."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Splits the leading (batch) axis over the `data` axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
+  """Raises ValueError naming `field` unless `batch_size` splits evenly over the mesh."""
+  n = mesh.devices.size
+  if batch_size <= 0 or batch_size % n:
+    raise ValueError(f"{field}={batch_size} must be a positive multiple of the device count "
+                     f"({n} devices); choose e.g. {max(n, (batch_size // n) * n or n)}.")
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree of host arrays (identical on every host) on all devices."""
+  sharding = replicated_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
+def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, jax.Array]:
+  """The global batch `{k: arrays[k][rows]}` sharded over `mesh`, built from this host's rows only.
+
+  `arrays` live in host memory on every process; `rows` is the global list of row indices
+  (identical on every process). Each process reads the rows its addressable devices hold.
+  """
+  sharding = batch_sharding(mesh)
+  out = {}
+  for key, array in arrays.items():
+    shape = (len(rows),) + array.shape[1:]
+    index_map = sharding.addressable_devices_indices_map(shape)
+    shards = [jax.device_put(array[rows[index[0]]], device) for device, index in index_map.items()]
+    out[key] = jax.make_array_from_single_device_arrays(shape, sharding, shards)
+  return out

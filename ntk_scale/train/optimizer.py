@@ -1,0 +1,53 @@
+"""Optimizers and learning-rate schedules from `config.optimizer`, with epochs converted to steps."""
+
+import ml_collections
+import optax
+
+SCHEDULES = ("constant", "piecewise", "cosine", "cyclic")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def check_optimizer_config(opt: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field of `config.optimizer` that is invalid."""
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={opt.name!r}; expected one of {', '.join(OPTIMIZERS)}.")
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; expected one of "
+                     f"{', '.join(SCHEDULES)}.")
+  if opt.learning_rate <= 0:
+    raise ValueError(f"config.optimizer.learning_rate={opt.learning_rate} must be positive.")
+
+
+def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """constant; piecewise (x `decay_factor` after each of `decay_epochs`); cosine to 0 after
+  `warmup_epochs` of linear warm-up; cyclic (linear 0 -> peak at `peak_fraction` of training -> 0,
+  as in fast adversarial training)."""
+  lr = opt.learning_rate
+  if opt.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if opt.schedule == "piecewise":
+    boundaries = {int(round(e * steps_per_epoch)): opt.get("decay_factor", 0.1)
+                  for e in opt.get("decay_epochs", ())}
+    return optax.piecewise_constant_schedule(lr, boundaries)
+  if opt.schedule == "cosine":
+    warmup = int(round(opt.get("warmup_epochs", 0.0) * steps_per_epoch))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
+  peak = max(1, int(round(opt.get("peak_fraction", 0.4) * total_steps)))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, max(1, total_steps - peak))],
+      [peak])
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int,
+                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD (momentum, Nesterov) or Adam, with L2 weight decay added to the gradient as in PyTorch's SGD."""
+  check_optimizer_config(opt)
+  schedule = build_schedule(opt, steps_per_epoch, total_steps)
+  if opt.name == "sgd":
+    momentum = opt.get("momentum", 0.0) or None
+    base = optax.sgd(schedule, momentum=momentum, nesterov=opt.get("nesterov", False))
+  else:
+    base = optax.adam(schedule)
+  weight_decay = opt.get("weight_decay", 0.0)
+  tx = optax.chain(optax.add_decayed_weights(weight_decay), base) if weight_decay else base
+  return tx, schedule
