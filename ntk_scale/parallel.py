@@ -9,14 +9,18 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
 def make_mesh() -> Mesh:
-  """A mesh with one `data` axis over all devices of all processes."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  """A mesh with one `data` axis over all devices of all processes.
+
+  The axis is `Auto`: shardings of intermediates are left to the compiler (GSPMD), so model and
+  attack code need no sharding annotations.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,8 @@ class SmallCNN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     w = self.width
     for i, features in enumerate((w, w, 2 * w, 2 * w, 4 * w, 4 * w)):
-      x = nn.Conv(features, (3, 3), padding="SAME", name=f"conv{i + 1}")(x)
+      x = nn.Conv(features, (3, 3), padding="SAME", use_bias=not self.batch_norm,
+                  name=f"conv{i + 1}")(x)
       x = nn.relu(batch_norm(self.batch_norm, train)(x))
       if i == 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))

@@ -17,5 +17,6 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
     for i in range(self.depth):
-      x = nn.relu(batch_norm(self.batch_norm, train)(nn.Dense(self.width, name=f"dense{i + 1}")(x)))
+      x = nn.Dense(self.width, use_bias=not self.batch_norm, name=f"dense{i + 1}")(x)
+      x = nn.relu(batch_norm(self.batch_norm, train)(x))
     return nn.Dense(self.num_classes, name="head")(x)

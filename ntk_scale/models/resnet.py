@@ -15,7 +15,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    norm = batch_norm(self.batch_norm, train)
+    norm = lambda y: batch_norm(self.batch_norm, train)(y)  # a new layer (own statistics) per use
     conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME" if k == 3 else "VALID",
                                          use_bias=not self.batch_norm, name=name)
     y = nn.relu(norm(conv(self.features, 3, self.strides, "conv1")(x)))

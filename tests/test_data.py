@@ -1,0 +1,251 @@
+"""Datasets, batch order and subsets, checked against scikit-learn and hand-built arrays."""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ntk_scale import parallel
+from ntk_scale.base_config import base_config
+from ntk_scale.data import (DatasetUnavailableError, Split, TrainBatches, class_balanced_subset,
+                            epoch_order, eval_batches, load_dataset, load_digits, load_tfds)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return load_digits()
+
+
+@pytest.fixture(scope="module", params=["all_devices", "one_device"])
+def mesh(request):
+  """`make_mesh()` over every device (however many the session has), and a 1-device mesh."""
+  if request.param == "all_devices":
+    return parallel.make_mesh()
+  return Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+
+
+def _indexed_split(n, num_classes=5):
+  """Images whose every pixel holds the row index, so a batch reveals which rows it read."""
+  images = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 2, 3, 1)).copy()
+  return Split(images, (np.arange(n) % num_classes).astype(np.int32))
+
+
+# --------------------------------------------------------------------------- digits
+
+def test_digits_sizes_shapes_and_range(digits):
+  assert digits.name == "digits" and digits.num_classes == 10
+  assert digits.train.images.shape == (1437, 8, 8, 1)
+  assert digits.test.images.shape == (360, 8, 8, 1)
+  assert digits.train.labels.shape == (1437,) and digits.test.labels.shape == (360,)
+  for split in (digits.train, digits.test):
+    assert split.images.dtype == np.float32
+    assert split.images.min() >= 0.0 and split.images.max() <= 1.0
+    assert np.issubdtype(split.labels.dtype, np.integer)
+  # The full range is used: sklearn's pixels run 0..16.
+  assert digits.train.images.min() == 0.0 and digits.train.images.max() == 1.0
+
+
+def test_digits_splits_partition_sklearn_data(digits):
+  from sklearn.datasets import load_digits as sklearn_digits
+  ref = sklearn_digits()
+  rows = lambda pixels16, labels: collections.Counter(
+      tuple(r) for r in np.concatenate([pixels16.reshape(len(labels), -1), labels[:, None]], axis=1)
+      .astype(np.int64))
+  ours = np.concatenate([digits.train.images, digits.test.images]) * 16.0
+  # Exact multiples of 1/16 in float32, so rounding recovers sklearn's integer pixels exactly.
+  np.testing.assert_array_equal(ours, np.round(ours))
+  labels = np.concatenate([digits.train.labels, digits.test.labels])
+  assert rows(np.round(ours), labels) == rows(ref.data, ref.target)
+
+
+def test_digits_test_split_is_stratified_and_fixed(digits):
+  counts = np.bincount(digits.test.labels, minlength=10)
+  assert counts.sum() == 360
+  assert counts.min() >= 35 and counts.max() <= 37, counts
+  # The split is fixed: a second load gives the same arrays.
+  again = load_digits()
+  np.testing.assert_array_equal(again.test.images, digits.test.images)
+  np.testing.assert_array_equal(again.train.labels, digits.train.labels)
+
+
+# --------------------------------------------------------------------------- epoch order
+
+def test_epoch_order_is_a_deterministic_permutation():
+  n = 101
+  order = epoch_order(n, seed=3, epoch=0)
+  assert sorted(order.tolist()) == list(range(n))
+  np.testing.assert_array_equal(order, epoch_order(n, seed=3, epoch=0))
+  assert not np.array_equal(order, epoch_order(n, seed=3, epoch=1))
+  assert not np.array_equal(order, epoch_order(n, seed=4, epoch=0))
+  # (seed, epoch) is not collapsed into one number: (0, 1) and (1, 0) differ.
+  assert not np.array_equal(epoch_order(n, 0, 1), epoch_order(n, 1, 0))
+  assert not np.array_equal(order, np.arange(n))
+
+
+# --------------------------------------------------------------------------- TrainBatches
+
+def test_train_batches_epoch_rows_are_disjoint_and_cover(mesh):
+  n, batch, seed = 50, 8, 7
+  tb = TrainBatches(_indexed_split(n), batch, seed, mesh)
+  assert tb.steps_per_epoch == 6  # 48 rows; the last 2 (partial batch) are dropped
+  rows = [tb.rows(s) for s in range(tb.steps_per_epoch)]
+  assert all(len(r) == batch for r in rows)
+  flat = np.concatenate(rows)
+  assert len(set(flat.tolist())) == tb.steps_per_epoch * batch  # disjoint
+  assert set(flat.tolist()) <= set(range(n))
+  # Epoch 0 reads the first 48 entries of its permutation; step 6 starts epoch 1.
+  np.testing.assert_array_equal(flat, epoch_order(n, seed, 0)[:48])
+  np.testing.assert_array_equal(tb.rows(6), epoch_order(n, seed, 1)[:batch])
+  np.testing.assert_array_equal(tb.rows(13), epoch_order(n, seed, 2)[8:16])
+
+
+def test_train_batches_call_returns_the_rows(mesh):
+  split = _indexed_split(50)
+  tb = TrainBatches(split, 8, 7, mesh)
+  for step in (0, 5, 6, 17):
+    batch = tb(step)
+    rows = tb.rows(step)
+    assert set(batch) == {"images", "labels"}
+    np.testing.assert_array_equal(np.asarray(batch["images"]), split.images[rows])
+    np.testing.assert_array_equal(np.asarray(batch["labels"]), split.labels[rows])
+    assert batch["images"].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)
+    # Each device holds its contiguous slice of the global batch.
+    shards = batch["images"].addressable_shards
+    assert len(shards) == mesh.devices.size
+    for shard in shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), split.images[rows[shard.index[0]]])
+
+
+def test_train_batches_resume_reads_the_same_rows(mesh):
+  split = _indexed_split(50)
+  uninterrupted = TrainBatches(split, 8, 7, mesh)
+  seen = {s: np.asarray(uninterrupted(s)["images"]) for s in range(20)}
+  for step in (13, 6, 19, 0):  # fresh instances, out of order, as after a restart
+    resumed = TrainBatches(split, 8, 7, mesh)
+    np.testing.assert_array_equal(np.asarray(resumed(step)["images"]), seen[step])
+
+
+def test_train_batches_rejects_batch_larger_than_split(mesh):
+  with pytest.raises(ValueError, match="batch_size"):
+    TrainBatches(_indexed_split(5), 8, 0, mesh)
+
+
+# --------------------------------------------------------------------------- eval_batches
+
+def test_eval_batches_cover_every_example_once_with_padding_masked(digits, mesh):
+  test = digits.test  # 360 examples; 64 does not divide 360
+  batches = list(eval_batches(test, 64, mesh))
+  assert len(batches) == 6  # ceil(360 / 64)
+  for b in batches:
+    assert b["images"].shape == (64, 8, 8, 1) and b["mask"].shape == (64,)
+  images = np.concatenate([np.asarray(b["images"]) for b in batches])
+  labels = np.concatenate([np.asarray(b["labels"]) for b in batches])
+  mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  assert mask.sum() == len(test) == 360
+  np.testing.assert_array_equal(mask, (np.arange(384) < 360).astype(np.float32))
+  # In order, each example exactly once under mask 1.
+  np.testing.assert_array_equal(images[mask == 1], test.images)
+  np.testing.assert_array_equal(labels[mask == 1], test.labels)
+
+
+def test_eval_batches_exact_multiple_has_no_padding(mesh):
+  split = _indexed_split(24)
+  batches = list(eval_batches(split, 8, mesh))
+  assert len(batches) == 3
+  assert all(np.asarray(b["mask"]).min() == 1.0 for b in batches)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(b["images"]) for b in batches]),
+                                split.images)
+
+
+# --------------------------------------------------------------------------- class_balanced_subset
+
+def test_class_balanced_subset_counts_order_and_determinism():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, size=400)
+  idx = class_balanced_subset(labels, 40, seed=1)
+  assert len(idx) == 40 and len(np.unique(idx)) == 40
+  np.testing.assert_array_equal(np.bincount(labels[idx], minlength=4), [10, 10, 10, 10])
+  # Grouped by class in increasing class order, increasing index order within a class.
+  np.testing.assert_array_equal(labels[idx], np.repeat([0, 1, 2, 3], 10))
+  for c in range(4):
+    block = idx[10 * c:10 * (c + 1)]
+    assert np.all(np.diff(block) > 0)
+  np.testing.assert_array_equal(idx, class_balanced_subset(labels, 40, seed=1))
+  assert not np.array_equal(idx, class_balanced_subset(labels, 40, seed=2))
+
+
+def test_class_balanced_subset_given_classes_in_given_order(digits):
+  idx = class_balanced_subset(digits.train.labels, 9, seed=0, classes=[7, 2, 5])
+  np.testing.assert_array_equal(digits.train.labels[idx], [7, 7, 7, 2, 2, 2, 5, 5, 5])
+  # One class only (Loo et al.'s single-class kernels).
+  one = class_balanced_subset(digits.train.labels, 20, seed=0, classes=[3])
+  assert np.all(digits.train.labels[one] == 3) and len(np.unique(one)) == 20
+
+
+def test_class_balanced_subset_errors():
+  labels = np.array([0] * 5 + [1] * 5 + [2] * 2)
+  with pytest.raises(ValueError, match="multiple"):
+    class_balanced_subset(labels, 7, seed=0)  # 7 is not a multiple of 3 classes
+  with pytest.raises(ValueError, match="multiple"):
+    class_balanced_subset(labels, 0, seed=0)
+  with pytest.raises(ValueError, match="class 2"):
+    class_balanced_subset(labels, 9, seed=0)  # 3 per class, class 2 has 2
+  assert len(class_balanced_subset(labels, 6, seed=0)) == 6
+
+
+# --------------------------------------------------------------------------- load_dataset
+
+def test_load_dataset_unknown_name_raises():
+  c = base_config()
+  c.data.name = "imagenet"
+  with pytest.raises(ValueError, match=r"config\.data\.name") as info:
+    load_dataset(c.data)
+  assert "imagenet" in str(info.value)
+
+
+def test_load_dataset_digits_is_load_digits(digits):
+  c = base_config()
+  c.data.name = "digits"
+  d = load_dataset(c.data)
+  np.testing.assert_array_equal(d.train.images, digits.train.images)
+  np.testing.assert_array_equal(d.test.labels, digits.test.labels)
+
+
+# --------------------------------------------------------------------------- tfds
+
+def test_load_tfds_cifar10_under_mock_data(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from ntk_scale.data import tfds_source
+  # No network here: under mock_data load_tfds must not probe it (the stand-in download needs none).
+  monkeypatch.setattr(tfds_source, "_reachable", lambda *a, **k: pytest.fail("probed the network"))
+  # Several read batches per split, to check their concatenation.
+  monkeypatch.setattr(tfds_source, "_READ_BATCH", 3)
+  n = 7
+  with tfds.testing.mock_data(num_examples=n):
+    d = load_tfds("cifar10")
+    # Independent read of the same (deterministic) mock data, straight from tfds.
+    builder = tfds.builder("cifar10")
+    raw_x, raw_y = tfds.as_numpy(builder.as_dataset(split="train", as_supervised=True, batch_size=n,
+                                                    shuffle_files=False)).__iter__().__next__()
+  assert d.name == "cifar10" and d.num_classes == 10
+  for split in (d.train, d.test):
+    assert split.images.shape == (n, 32, 32, 3)
+    assert split.images.dtype == np.float32
+    assert split.images.min() >= 0.0 and split.images.max() <= 1.0
+    assert split.labels.dtype == np.int32 and split.labels.shape == (n,)
+    assert split.labels.min() >= 0 and split.labels.max() < 10
+  assert raw_x.dtype == np.uint8
+  np.testing.assert_allclose(d.train.images, raw_x.astype(np.float32) / 255.0, rtol=1e-6)
+  np.testing.assert_array_equal(d.train.labels, raw_y)
+
+
+def test_load_tfds_not_prepared_without_download_raises(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(DatasetUnavailableError) as info:
+    load_tfds("mnist", data_dir=str(tmp_path), download=False)
+  message = str(info.value)
+  assert "mnist" in message
+  assert "download_and_prepare" in message
+  assert str(tmp_path) in message

@@ -1,0 +1,184 @@
+"""Learning-rate schedules and optimizers against hand-derived values."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntk_scale.base_config import base_config
+from ntk_scale.train.optimizer import build_optimizer, build_schedule, check_optimizer_config
+
+
+def _opt(**fields):
+  opt = base_config().optimizer
+  for k, v in fields.items():
+    opt[k] = v
+  return opt
+
+
+def _values(schedule, steps):
+  return np.array([float(schedule(s)) for s in steps])
+
+
+# --------------------------------------------------------------------------- schedules
+
+def test_constant_schedule():
+  schedule = build_schedule(_opt(learning_rate=0.05, schedule="constant"), 10, 1000)
+  np.testing.assert_allclose(_values(schedule, [0, 1, 500, 999, 5000]), 0.05, rtol=1e-6)
+
+
+def test_piecewise_schedule_loo_et_al():
+  # Loo et al.: lr 0.1, divided by 10 after epochs 100 and 150; 10 steps per epoch here.
+  opt = _opt(learning_rate=0.1, schedule="piecewise", decay_epochs=(100, 150), decay_factor=0.1)
+  schedule = build_schedule(opt, steps_per_epoch=10, total_steps=2000)
+  steps = [0, 999, 1000, 1499, 1500, 1999]
+  np.testing.assert_allclose(_values(schedule, steps), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
+                             rtol=1e-5)
+
+
+def test_piecewise_schedule_fractional_epochs_and_factor():
+  # Boundaries at round(2.5 * 4) = 10 steps; factor 0.5.
+  opt = _opt(learning_rate=1.0, schedule="piecewise", decay_epochs=(2.5,), decay_factor=0.5)
+  schedule = build_schedule(opt, steps_per_epoch=4, total_steps=40)
+  np.testing.assert_allclose(_values(schedule, [0, 9, 10, 39]), [1.0, 1.0, 0.5, 0.5], rtol=1e-6)
+
+
+def test_cosine_schedule_with_warmup():
+  lr, spe, total = 0.2, 10, 100
+  opt = _opt(learning_rate=lr, schedule="cosine", warmup_epochs=2.0)
+  schedule = build_schedule(opt, steps_per_epoch=spe, total_steps=total)
+  warmup = 20
+  # Linear warm-up from 0.
+  np.testing.assert_allclose(_values(schedule, [0, 5, 10]), [0.0, lr * 5 / 20, lr / 2], atol=1e-7)
+  # lr right after warm-up, then lr/2 * (1 + cos(pi * t / (total - warmup))).
+  for step in (20, 40, 60, 80, 99):
+    t = (step - warmup) / (total - warmup)
+    np.testing.assert_allclose(float(schedule(step)), lr / 2 * (1 + math.cos(math.pi * t)),
+                               rtol=1e-5, atol=1e-7)
+  assert float(schedule(warmup)) == pytest.approx(lr, rel=1e-6)
+  assert float(schedule(60)) == pytest.approx(lr / 2, rel=1e-5)
+  assert abs(float(schedule(total))) < 1e-7
+  vals = _values(schedule, range(total + 1))
+  assert np.argmax(vals) == warmup
+  assert np.all(np.diff(vals[warmup:]) <= 1e-9)  # non-increasing after warm-up
+
+
+def test_cosine_schedule_without_warmup_starts_at_lr():
+  schedule = build_schedule(_opt(learning_rate=0.1, schedule="cosine", warmup_epochs=0.0), 10, 50)
+  assert float(schedule(0)) == pytest.approx(0.1, rel=1e-6)
+  assert float(schedule(25)) == pytest.approx(0.05, rel=1e-5)
+  assert abs(float(schedule(50))) < 1e-7
+
+
+def test_cyclic_schedule():
+  lr, total = 0.2, 100
+  opt = _opt(learning_rate=lr, schedule="cyclic", peak_fraction=0.4)
+  schedule = build_schedule(opt, steps_per_epoch=10, total_steps=total)
+  vals = _values(schedule, range(total + 1))
+  assert vals[0] == pytest.approx(0.0, abs=1e-8)
+  assert vals[total] == pytest.approx(0.0, abs=1e-7)
+  assert np.argmax(vals) == 40 and vals[40] == pytest.approx(lr, rel=1e-6)
+  # Linear up to the peak at 40, linear down over the remaining 60 steps.
+  np.testing.assert_allclose(vals[:41], lr * np.arange(41) / 40, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(vals[40:], lr * (1 - np.arange(61) / 60), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+def _run(opt, w0, grad_fn, num_steps, steps_per_epoch=10, total_steps=100):
+  tx, _ = build_optimizer(opt, steps_per_epoch, total_steps)
+  w = jnp.asarray(w0, jnp.float32)
+  state = tx.init(w)
+  ws = []
+  for _ in range(num_steps):
+    updates, state = tx.update(grad_fn(w), state, w)
+    w = w + updates
+    ws.append(float(w))
+  return ws
+
+
+def _torch_sgd(w, grad_fn, lrs, momentum, weight_decay, nesterov=False):
+  """torch.optim.SGD's update rule, written out (dampening 0)."""
+  buf = None
+  ws = []
+  for lr in lrs:
+    g = grad_fn(w) + weight_decay * w
+    buf = g if buf is None else momentum * buf + g
+    d = g + momentum * buf if nesterov else buf
+    w = w - lr * d
+    ws.append(w)
+  return ws
+
+
+# Scalar quadratic f(w) = a/2 (w - b)^2, gradient a (w - b).
+A, B = 3.0, 0.5
+grad = lambda w: A * (w - B)
+
+
+def test_sgd_momentum_weight_decay_matches_pytorch_by_hand():
+  opt = _opt(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.01, schedule="constant")
+  ws = _run(opt, 2.0, grad, 2)
+  # Hand computation, w0 = 2:
+  # step 1: g' = 3 * 1.5 + 0.01 * 2 = 4.52; buf = 4.52; w1 = 2 - 0.452 = 1.548
+  # step 2: g' = 3 * 1.048 + 0.01 * 1.548 = 3.15948; buf = 0.9 * 4.52 + 3.15948 = 7.22748;
+  #         w2 = 1.548 - 0.722748 = 0.825252
+  np.testing.assert_allclose(ws, [1.548, 0.825252], rtol=1e-6)
+  np.testing.assert_allclose(ws, _torch_sgd(2.0, grad, [0.1, 0.1], 0.9, 0.01), rtol=1e-6)
+
+
+def test_sgd_with_piecewise_schedule_uses_lr_of_each_step():
+  # Boundary after 1 step (0.1 epoch x 10 steps): lr 0.1 for update 1, 0.01 for updates 2 and 3.
+  opt = _opt(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.01, schedule="piecewise",
+             decay_epochs=(0.1,), decay_factor=0.1)
+  ws = _run(opt, 2.0, grad, 3)
+  np.testing.assert_allclose(ws, _torch_sgd(2.0, grad, [0.1, 0.01, 0.01], 0.9, 0.01), rtol=1e-5)
+
+
+def test_sgd_nesterov_matches_pytorch():
+  opt = _opt(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+  ws = _run(opt, 2.0, grad, 3)
+  np.testing.assert_allclose(ws, _torch_sgd(2.0, grad, [0.1] * 3, 0.9, 0.01, nesterov=True),
+                             rtol=1e-5)
+  # Step 1 by hand: g' = 4.52, buf = 4.52, d = 4.52 + 0.9 * 4.52 = 8.588, w1 = 2 - 0.8588.
+  assert ws[0] == pytest.approx(1.1412, rel=1e-6)
+
+
+def test_plain_sgd_without_momentum_or_weight_decay():
+  opt = _opt(name="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.0)
+  ws = _run(opt, 2.0, grad, 2)
+  # w1 = 2 - 0.1 * 4.5 = 1.55; w2 = 1.55 - 0.1 * 3.15 = 1.235
+  np.testing.assert_allclose(ws, [1.55, 1.235], rtol=1e-6)
+
+
+def test_adam_first_step_and_l2_weight_decay():
+  # Adam's first step is lr * g / (|g| + eps) (bias-corrected moments); the L2 term is added to g.
+  opt = _opt(name="adam", learning_rate=0.01, weight_decay=0.0)
+  assert _run(opt, 2.0, lambda w: jnp.float32(-4.0) + 0 * w, 1)[0] == pytest.approx(2.01, rel=1e-6)
+  # L2 weight decay 10 at w = 2 turns g = -4 into g' = -4 + 10 * 2 = 16 > 0: the step reverses.
+  opt = _opt(name="adam", learning_rate=0.01, weight_decay=10.0)
+  flipped = _run(opt, 2.0, lambda w: jnp.float32(-4.0) + 0 * w, 1)[0]
+  assert flipped == pytest.approx(1.99, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- config checks
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("name", "rmsprop", r"config\.optimizer\.name"),
+    ("schedule", "linear", r"config\.optimizer\.schedule"),
+    ("learning_rate", 0.0, r"config\.optimizer\.learning_rate"),
+    ("learning_rate", -0.1, r"config\.optimizer\.learning_rate"),
+])
+def test_check_optimizer_config_names_the_bad_field(field, value, pattern):
+  opt = _opt(**{field: value})
+  with pytest.raises(ValueError, match=pattern) as info:
+    check_optimizer_config(opt)
+  assert str(value) in str(info.value)
+  with pytest.raises(ValueError, match=pattern):
+    build_optimizer(opt, 10, 100)
+
+
+def test_check_optimizer_config_accepts_every_valid_combination():
+  for name in ("sgd", "adam"):
+    for schedule in ("constant", "piecewise", "cosine", "cyclic"):
+      check_optimizer_config(_opt(name=name, schedule=schedule))

@@ -1,0 +1,147 @@
+"""The train job end to end: data parallelism, kill-and-resume, checkpoints by epoch, NaN guard."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+
+from ntk_scale import jobs
+from ntk_scale.checkpoint import Checkpoints
+from ntk_scale.train import NonFiniteLossError
+from ntk_scale.train.writers import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = ""):
+  """get_config(arg) of configs/<name>.py, loaded the way main.py loads it."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/digits.py:smoke",
+            wait: bool = True):
+  """Runs main.py in a fresh process with `devices` emulated CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def final_state_leaves(workdir) -> list[np.ndarray]:
+  """Every array of the newest checkpoint, read back on the host."""
+  import orbax.checkpoint as ocp
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+  step = checkpoints.latest_step()
+  manager = ocp.CheckpointManager(checkpoints.directory, item_names=("state", "meta"))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def train_records(workdir) -> list[dict]:
+  keep = lambda r: {k: v for k, v in r.items() if k.startswith(("step", "train/", "test/"))}
+  return [keep(r) for r in read_metrics(workdir) if any(k.startswith(("train/", "test/")) for k in r)]
+
+
+def test_four_devices_give_the_losses_of_one(tmp_path):
+  overrides = ("--config.num_epochs=1", "--config.log_every_steps=1")
+  main_py(tmp_path / "one", *overrides, devices=1)
+  main_py(tmp_path / "four", *overrides, devices=4)
+  one, four = train_records(tmp_path / "one"), train_records(tmp_path / "four")
+  assert [r["step"] for r in one] == [r["step"] for r in four]
+  losses = lambda rs: np.array([r["train/loss"] for r in rs if "train/loss" in r])
+  assert len(losses(one)) == 22
+  np.testing.assert_allclose(losses(four), losses(one), rtol=2e-4)
+  # Parameters after 22 steps: float32 rounding differences (~1e-7 at step 1) grow with training.
+  flat = lambda leaves: np.concatenate([x.ravel().astype(np.float64) for x in leaves])
+  a, b = flat(final_state_leaves(tmp_path / "one")), flat(final_state_leaves(tmp_path / "four"))
+  assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
+
+
+def _kill_when_checkpoint_appears(proc, checkpoint_dir, step: int, timeout_s: float = 300) -> None:
+  deadline = time.time() + timeout_s
+  while not os.path.isdir(os.path.join(checkpoint_dir, str(step))):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path):
+  overrides = ("--config.num_epochs=6", "--config.log_every_steps=5")
+  main_py(tmp_path / "straight", *overrides)
+  killed = tmp_path / "killed"
+  # Two kills: mid-epoch-2 (just after the epoch-1 save started) and just after epoch 3 appeared.
+  for step in (22, 66):
+    proc = main_py(killed, *overrides, wait=False)
+    _kill_when_checkpoint_appears(proc, killed / "checkpoints", step)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  main_py(killed, *overrides)
+
+  straight, resumed = final_state_leaves(tmp_path / "straight"), final_state_leaves(killed)
+  assert len(straight) == len(resumed)
+  for a, b in zip(straight, resumed):
+    np.testing.assert_array_equal(a, b)
+  # The metrics file tells the story of one run: no duplicated or missing steps.
+  assert train_records(killed) == train_records(tmp_path / "straight")
+
+
+def test_rerun_of_a_finished_run_only_reevaluates(tmp_path):
+  first = main_py(tmp_path, "--config.num_epochs=1")
+  second = main_py(tmp_path, "--config.num_epochs=1")
+  assert first.splitlines()[-1] == second.splitlines()[-1]  # same printed test accuracy
+  assert sum("test/accuracy" in r for r in read_metrics(tmp_path)) == 1
+
+
+def test_digits_smoke_learns_and_checkpoints_are_addressable_by_epoch(tmp_path):
+  config = load_config("digits", "smoke")
+  result = jobs.run(config, str(tmp_path))
+  assert result["test"]["accuracy"] > 0.9
+  checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
+  epochs = checkpoints.epochs()
+  # 22 steps per epoch: fractional epochs 0.125 ... 2.5 and every whole epoch of 3.
+  assert sorted(epochs) == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
+  assert epochs[0.5] == 11 and epochs[2.5] == 55
+  state = checkpoints.restore_epoch(0.5, result["state"])
+  assert int(state.step) == 11
+
+
+def test_resnet18_trains_on_mock_cifar10(tmp_path):
+  config = load_config("cifar10_resnet18", "smoke")
+  config.num_epochs = 1.0
+  with tfds.testing.mock_data(num_examples=16):
+    result = jobs.run(config, str(tmp_path))
+  assert result["steps"] == 2
+  losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
+  assert losses and np.all(np.isfinite(losses))
+  assert Checkpoints(os.path.join(tmp_path, "checkpoints")).latest_step() == 2
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = load_config("digits", "smoke")
+  config.model.batch_norm = False
+  config.optimizer.schedule = "constant"
+  config.optimizer.learning_rate = 1e12
+  config.checkpoint.fractional_epochs = (1 / 22,)  # a checkpoint after the first step
+  with pytest.raises(NonFiniteLossError, match="Last good checkpoint: step 1"):
+    jobs.run(config, str(tmp_path))
+  checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
+  assert checkpoints.latest_step() == 1
+  assert all(np.all(np.isfinite(x)) for x in final_state_leaves(tmp_path))
