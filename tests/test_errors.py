@@ -1,0 +1,70 @@
+"""Bad input fails with a message naming the field or file, before any data is loaded or compiled."""
+
+import json
+import os
+
+import pytest
+
+from ntk_scale import data, jobs
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
+
+from test_train import load_config
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Fails the test if a job gets as far as loading data."""
+  def load_dataset(_):
+    pytest.fail("the job loaded data before rejecting its config")
+  monkeypatch.setattr(data, "load_dataset", load_dataset)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.name", "resnet1000", "config.model.name='resnet1000' is not a known model"),
+    ("data.name", "imagenet42", "config.data.name='imagenet42' is not a known dataset"),
+    ("batch_size", 66, r"config.batch_size=66 must be a positive multiple of the device count \(4"),
+    ("eval_batch_size", 0, "config.eval_batch_size=0 must be a positive multiple"),
+    ("optimizer.schedule", "warp", "config.optimizer.schedule='warp'"),
+    ("data.augment", "mixup", "config.data.augment='mixup'"),
+    ("job", "dance", "config.job='dance' is not a known job"),
+])
+def test_bad_config_fields_are_named(tmp_path, no_compute, field, value, message):
+  config = load_config("digits", "smoke")
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path, no_compute):
+  config = load_config("digits", "smoke")
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(json.loads(config.to_json()) | {"seed": 7}, f)
+  with pytest.raises(WorkdirConfigMismatchError, match=r"seed: 7 -> 0"):
+    jobs.run(config, str(tmp_path))
+
+
+def test_runtime_fields_may_change_on_resume(tmp_path):
+  config = load_config("digits", "smoke")
+  prepare_workdir(config, str(tmp_path))
+  config.log_every_steps = 3
+  config.eval_batch_size = 64
+  prepare_workdir(config, str(tmp_path))  # no error
+
+
+def test_missing_checkpoint_lists_what_exists(tmp_path):
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  with pytest.raises(CheckpointNotFoundError, match="no checkpoint for epoch 3 .*available epochs: none"):
+    checkpoints.restore_epoch(3, target={})
+  with pytest.raises(CheckpointNotFoundError, match="no checkpoint at step 5"):
+    checkpoints.restore(5, target={})
+
+
+def test_missing_tfds_dataset_says_how_to_provide_it(tmp_path):
+  config = load_config("mnist_cnn", "smoke")
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.download = False
+  with pytest.raises(data.DatasetUnavailableError, match="(?s)'mnist' is not prepared.*download_and_prepare"):
+    jobs.run(config, str(tmp_path / "work"))
