@@ -166,7 +166,7 @@ def main() -> None:
   timing = Timing(warmup=args.warmup, steps=args.steps or DEFAULT_STEPS.get(backend, 50),
                   max_seconds=args.max_seconds or MAX_SECONDS.get(backend, float("inf")))
   try:
-    ntk_scale.parallel.check_batch_size(args.batch_size, ntk_scale.parallel.make_mesh(), "--batch_size")
+    ntk_scale.parallel.check_batch_size(args.batch_size, jax.device_count(), "--batch_size")
   except ValueError as error:
     raise SystemExit(f"error: {error}") from None
   print(f"jax {jax.__version__}, backend {backend}, {jax.device_count()} x {jax.devices()[0].device_kind}")

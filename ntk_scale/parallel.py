@@ -32,12 +32,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
-  """Raises ValueError naming `field` unless `batch_size` splits evenly over the mesh."""
-  n = mesh.devices.size
-  if batch_size <= 0 or batch_size % n:
+def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
+  """Raises ValueError naming `field` unless `batch_size` splits evenly over `num_devices`."""
+  if batch_size <= 0 or batch_size % num_devices:
     raise ValueError(f"{field}={batch_size} must be a positive multiple of the device count "
-                     f"({n} devices); choose e.g. {max(n, (batch_size // n) * n or n)}.")
+                     f"({num_devices} devices).")
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -35,10 +35,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
     raise ValueError(f"config.data.augment={config.data.augment!r}; expected one of "
                      f"{', '.join(AUGMENTATIONS)}.")
   for field in ("batch_size", "eval_batch_size"):
-    value = config[field]
-    if value <= 0 or value % num_devices:
-      raise ValueError(f"config.{field}={value} must be a positive multiple of the device count "
-                       f"({num_devices} devices).")
+    parallel.check_batch_size(config[field], num_devices, f"config.{field}")
   if not config.num_epochs > 0:
     raise ValueError(f"config.num_epochs={config.num_epochs} must be positive.")
   bad = [e for e in config.checkpoint.fractional_epochs if not e > 0]

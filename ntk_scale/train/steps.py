@@ -40,7 +40,7 @@ def make_train_step(augmentation: str, seed: int) -> Callable[[TrainState, Batch
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return state, metrics
 
   return jax.jit(step, donate_argnums=0)
