@@ -1,20 +1,33 @@
 """The default demo: the small CNN (with BatchNorm) on scikit-learn's handwritten digits.
 
-The digits ship inside scikit-learn, so this runs with no network:
+The digits ship inside scikit-learn, so this runs with no network. Benign training (mode C):
 
     python main.py --config configs/digits.py --workdir workdirs/digits
 
-Expected: about 98-99% test accuracy on the 360 test images after 15 epochs, in under a minute
-of training on 2 CPU cores. `configs/digits.py:smoke` trains a narrower CNN for 3 epochs in a
-few seconds and still reaches about 98%.
+Adversarial training (mode A, L-inf PGD-7 at eps 0.1 on [0, 1] pixels):
+
+    python main.py --config configs/digits.py:adversarial --workdir workdirs/digits_adversarial
+
+Both evaluate clean accuracy and robust accuracy under L-inf PGD-20 and APGD-CE-20 at eps 0.1 on
+the 360 test images, and save the adversarial examples under <workdir>/adversarial/.
+Expected (2 CPU cores): benign about 99% clean and under 20% robust; adversarial about 97% clean and
+about 80% robust, APGD a few points below PGD. Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`)
+for a narrower CNN trained for 3 epochs in seconds, for smoke tests.
 """
 
 import ml_collections
 
-from ntk_scale.base_config import base_config
+from ntk_scale.base_config import apgd_linf, base_config, pgd_linf
+
+EPS = 0.1
+VARIANTS = ("adversarial", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  variants = {v for v in arg.split(",") if v}
+  if variants - set(VARIANTS):
+    raise ValueError(f"configs/digits.py: unknown variant(s) {sorted(variants - set(VARIANTS))}; "
+                     f"expected a comma-separated subset of {VARIANTS}.")
   c = base_config()
   c.data.name = "digits"
   c.model.name = "cnn"
@@ -26,10 +39,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.num_epochs = 15.0
   c.log_every_steps = 50
-  if arg == "smoke":
+  c.eval_attacks.pgd = pgd_linf(EPS, num_steps=20)
+  c.eval_attacks.apgd = apgd_linf(EPS, num_steps=20)
+  if "adversarial" in variants:
+    c.train.mode = "A"
+    c.train.attack = pgd_linf(EPS, num_steps=7)
+  if "smoke" in variants:
     c.model.width = 16
     c.num_epochs = 3.0
     c.log_every_steps = 10
-  elif arg:
-    raise ValueError(f"configs/digits.py: unknown arg {arg!r}; expected '' or 'smoke'.")
   return c

@@ -3,6 +3,20 @@
 import ml_collections
 
 
+def pgd_linf(eps: float, num_steps: int, step_size: float | None = None,
+             restarts: int = 1) -> ml_collections.ConfigDict:
+  """An L-inf PGD attack config; the step size defaults to 2.5 * eps / num_steps (Madry et al.)."""
+  return ml_collections.ConfigDict(dict(
+      name="pgd", norm="linf", eps=eps, num_steps=num_steps, restarts=restarts, random_start=True,
+      step_size=step_size if step_size is not None else 2.5 * eps / num_steps))
+
+
+def apgd_linf(eps: float, num_steps: int, restarts: int = 1) -> ml_collections.ConfigDict:
+  """APGD-CE (Croce and Hein, 2020) under L-inf."""
+  return ml_collections.ConfigDict(dict(name="apgd_ce", norm="linf", eps=eps, num_steps=num_steps,
+                                        restarts=restarts))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.job = "train"
@@ -36,6 +50,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 512
   c.num_epochs = 10.0
   c.log_every_steps = 50
+
+  c.train = ml_collections.ConfigDict()
+  c.train.mode = "C"  # C: benign | A: adversarial | F: benign, then adversarial from flip_epoch
+  c.train.flip_epoch = 0.0  # F only
+  c.train.benign_step_first = False  # A/F: Loo et al.'s code, a benign then an adversarial update per batch
+  c.train.attack_batch_norm = "inference"  # BatchNorm during the attack: inference | train
+  c.train.attack = pgd_linf(eps=8 / 255, num_steps=10)  # A/F only
+
+  # Evaluated on the test split at the end of training: name -> attack (see ntk_scale/attacks.py).
+  c.eval_attacks = ml_collections.ConfigDict()
+  c.save_adversarial = True  # keep each eval attack's examples under <workdir>/adversarial/<name>/
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_epochs = 1.0

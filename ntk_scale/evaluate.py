@@ -1,37 +1,99 @@
-"""Evaluators shared by the training loop and the command line: clean accuracy on a split."""
+"""Evaluators shared by the training loop and the command line: clean and robust accuracy on a split."""
 
 import functools
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale.data import Split, eval_batches
-from ntk_scale.train.state import TrainState
+from ntk_scale.adversarial_sets import save_adversarial_set
+from ntk_scale.attacks import Attack, build_attack
+from ntk_scale.data import Dataset, Split, eval_batches
+from ntk_scale.train.state import TrainState, logits_fn
 
 
-@functools.partial(jax.jit, static_argnames="num_classes")
-def _eval_sums(state: TrainState, batch: dict[str, jax.Array], num_classes: int) -> dict[str, jax.Array]:
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["images"],
-                          train=False)
-  mask = batch["mask"]
-  correct = (jnp.argmax(logits, -1) == batch["labels"]) * mask
-  one_hot = jax.nn.one_hot(batch["labels"], num_classes) * mask[:, None]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  return {"correct": correct.sum(), "loss": (losses * mask).sum(), "count": mask.sum(),
+@functools.partial(jax.jit, static_argnames=("num_classes", "attack"))
+def _evaluate_batch(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, num_classes: int,
+                    attack: Attack | None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  model = logits_fn(state)
+  images, labels, mask = batch["images"], batch["labels"], batch["mask"]
+  clean_predictions = jnp.argmax(model(images), -1)
+  if attack is not None:
+    images = attack(model, images, labels, key)
+  logits = model(images)
+  predictions = jnp.argmax(logits, -1)
+  correct = (predictions == labels) * mask
+  one_hot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  sums = {"correct": correct.sum(), "loss": (losses * mask).sum(), "count": mask.sum(),
           "class_correct": (one_hot * correct[:, None]).sum(0), "class_count": one_hot.sum(0)}
+  examples = {"images": images, "predictions": predictions, "clean_predictions": clean_predictions}
+  return sums, examples
 
 
-def evaluate_clean(state: TrainState, split: Split, batch_size: int, mesh: Mesh,
-                   num_classes: int) -> dict[str, float | list[float]]:
-  """Accuracy, mean loss and per-class accuracy of the model in inference mode (BatchNorm frozen)."""
-  totals = None
-  for batch in eval_batches(split, batch_size, mesh):
-    sums = _eval_sums(state, batch, num_classes)
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A global array as one numpy array on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def evaluate(state: TrainState, split: Split, batch_size: int, mesh: Mesh, num_classes: int, *,
+             attack: Attack | None = None, key: jax.Array | None = None,
+             keep_examples: bool = False) -> dict[str, Any]:
+  """Accuracy, mean loss and per-class accuracy of the model in inference mode, on clean inputs or,
+  with `attack`, on the attack's examples (crafted batch by batch with keys folded from `key`).
+
+  With `keep_examples`, also returns the (adversarial) images and predictions of every example
+  under "examples", in split order.
+  """
+  key = jax.random.key(0) if key is None else key
+  totals, kept = None, []
+  for i, batch in enumerate(eval_batches(split, batch_size, mesh)):
+    sums, examples = _evaluate_batch(state, batch, jax.random.fold_in(key, i), num_classes, attack)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float64), totals)
-  return {"accuracy": float(totals["correct"] / totals["count"]),
-          "loss": float(totals["loss"] / totals["count"]),
-          "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)).tolist()}
+    if keep_examples:
+      kept.append(jax.tree.map(_to_host, examples))
+  totals = jax.tree.map(lambda x: _to_host(x).astype(np.float64), totals)
+  result = {"accuracy": float(totals["correct"] / totals["count"]),
+            "loss": float(totals["loss"] / totals["count"]),
+            "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)).tolist()}
+  if keep_examples:
+    result["examples"] = {k: np.concatenate([e[k] for e in kept])[:len(split)] for k in kept[0]}
+    result["examples"]["labels"] = split.labels
+  return result
+
+
+def build_eval_attacks(config: ml_collections.ConfigDict) -> dict[str, Attack]:
+  """`config.eval_attacks` as name -> attack, each checked (errors name config.eval_attacks.<name>)."""
+  return {name: build_attack(attack_config, prefix=f"config.eval_attacks.{name}")
+          for name, attack_config in config.eval_attacks.items()}
+
+
+def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
+                      mesh: Mesh, workdir: str, step: int) -> dict[str, dict[str, Any]]:
+  """Clean accuracy and, for each of `config.eval_attacks`, robust accuracy on the test split.
+
+  With `config.save_adversarial` the examples of each attack go to
+  `<workdir>/adversarial/<name>/` (see adversarial_sets.py), written by process 0.
+  """
+  batch_size, num_classes = config.eval_batch_size, dataset.num_classes
+  results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
+  attack_key = jax.random.key(config.seed + 1)
+  for i, (name, attack) in enumerate(build_eval_attacks(config).items()):
+    result = evaluate(state, dataset.test, batch_size, mesh, num_classes, attack=attack,
+                      key=jax.random.fold_in(attack_key, i), keep_examples=config.save_adversarial)
+    examples = result.pop("examples", None)
+    if examples is not None and jax.process_index() == 0:
+      meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
+              "checkpoint_step": int(step), "accuracy": result["accuracy"],
+              "clean_accuracy": results["clean"]["accuracy"]}
+      save_adversarial_set(os.path.join(workdir, "adversarial", name), examples, meta)
+    results[name] = result
+  return results

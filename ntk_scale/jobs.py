@@ -5,7 +5,7 @@ from typing import Any, Callable
 import ml_collections
 
 from ntk_scale import console
-from ntk_scale.train import train_and_evaluate
+from ntk_scale.train.loop import train_and_evaluate
 from ntk_scale.workdir import prepare_workdir
 
 JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {

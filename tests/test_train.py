@@ -14,7 +14,7 @@ from ml_collections import config_flags  # noqa: F401  (config files import ml_c
 
 from ntk_scale import jobs
 from ntk_scale.checkpoint import Checkpoints
-from ntk_scale.train import NonFiniteLossError
+from ntk_scale.train.loop import NonFiniteLossError
 from ntk_scale.train.writers import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

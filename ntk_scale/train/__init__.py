@@ -1,5 +1,1 @@
-"""Training: state, optimizer, steps and the phase loop."""
-
-from ntk_scale.train.loop import NonFiniteLossError, train_and_evaluate
-
-__all__ = ["NonFiniteLossError", "train_and_evaluate"]
+"""Training: state (state.py), optimizer and schedules, steps, writers, and the phase loop (loop.py)."""

@@ -1,5 +1,8 @@
 """Optimizers and learning-rate schedules from `config.optimizer`, with epochs converted to steps."""
 
+from typing import Callable
+
+import jax
 import ml_collections
 import optax
 
@@ -38,11 +41,19 @@ def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_s
       [peak])
 
 
-def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int,
-                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD (momentum, Nesterov) or Adam, with L2 weight decay added to the gradient as in PyTorch's SGD."""
+def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
+                    batch_step_of_update: Callable[[jax.Array], jax.Array] | None = None,
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD (momentum, Nesterov) or Adam, with L2 weight decay added to the gradient as in PyTorch's SGD.
+
+  The schedule is defined on batch steps. When a batch takes more than one optimizer update
+  (Loo et al.'s benign-then-adversarial updates), `batch_step_of_update` maps the optimizer's
+  update count to the batch step, so epoch boundaries stay where the config puts them.
+  """
   check_optimizer_config(opt)
-  schedule = build_schedule(opt, steps_per_epoch, total_steps)
+  batch_schedule = build_schedule(opt, steps_per_epoch, total_steps)
+  schedule = (batch_schedule if batch_step_of_update is None
+              else lambda count: batch_schedule(batch_step_of_update(count)))
   if opt.name == "sgd":
     momentum = opt.get("momentum", 0.0) or None
     base = optax.sgd(schedule, momentum=momentum, nesterov=opt.get("nesterov", False))
@@ -50,4 +61,4 @@ def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int,
     base = optax.adam(schedule)
   weight_decay = opt.get("weight_decay", 0.0)
   tx = optax.chain(optax.add_decayed_weights(weight_decay), base) if weight_decay else base
-  return tx, schedule
+  return tx, batch_schedule

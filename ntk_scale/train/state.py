@@ -1,6 +1,6 @@
 """The train state: parameters, BatchNorm statistics and optimizer state, replicated over the mesh."""
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -34,3 +34,20 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 def count_parameters(params: Any) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+BATCH_NORM_MODES = ("inference", "train")
+
+
+def logits_fn(state: TrainState, batch_norm: str = "inference") -> Callable[[jax.Array], jax.Array]:
+  """The model as a function of its input alone, as evaluators and attacks see it.
+
+  BatchNorm uses the running averages ("inference") or the statistics of the batch it is given
+  ("train"; the running averages are not updated).
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if batch_norm == "inference":
+    return lambda x: state.apply_fn(variables, x, train=False)
+  if batch_norm == "train":
+    return lambda x: state.apply_fn(variables, x, train=True, mutable=["batch_stats"])[0]
+  raise ValueError(f"batch_norm={batch_norm!r}; expected one of {', '.join(BATCH_NORM_MODES)}.")

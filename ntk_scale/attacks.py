@@ -1,0 +1,359 @@
+"""Adversarial attacks that run inside jit on a (sharded) batch.
+
+What is here:
+  pgd        projected gradient ascent (L-inf or L2), random start, best-of restarts
+  fgsm       one signed-gradient step of size eps (Goodfellow et al. 2015)
+  rs_fgsm    FGSM from a uniform random start, projected (Wong et al. 2020)
+  n_fgsm     FGSM from larger noise, not projected (de Jorge et al. 2022)
+  apgd_ce    APGD with cross-entropy (Croce and Hein 2020), L-inf or L2
+  build_attack(config) -> attack(logits_fn, images, labels, key)
+
+Images are NHWC in [0, 1]; eps and step sizes are in pixel units of those images (8/255, not 8).
+The model is `logits_fn: images [N, ...] -> logits [N, C]`, with parameters and BatchNorm state
+closed over by the caller. Gradients are those of the summed per-example losses: with BatchNorm in
+inference mode every example is attacked independently; in train mode (batch statistics) examples
+interact through the statistics, as in PyTorch attacks on a model in train().
+
+Random draws use global shapes, so a result does not depend on how many devices hold the batch;
+loops are `lax.fori_loop`, so compile time does not grow with the number of steps. Results carry
+no gradient (stop_gradient): adversarial training differentiates at the example, not through it.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+Attack = Callable[[LogitsFn, jax.Array, jax.Array, jax.Array], jax.Array]
+NORMS = ("linf", "l2")
+
+# Keeps divisions by a zero gradient or zero perturbation finite (the step is then zero).
+_TINY = 1e-12
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def per_example_loss(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of each example, shape [N]: the quantity every attack increases."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_fn(images), labels)
+
+
+def _loss_and_grad(logits_fn: LogitsFn, images: jax.Array,
+                   labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-example losses and their input gradients (the gradient of the sum is per example)."""
+  def total(x):
+    losses = per_example_loss(logits_fn, x, labels)
+    return losses.sum(), losses
+
+  grad, losses = jax.grad(total, has_aux=True)(images)
+  return losses, grad
+
+
+def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
+  """Reshapes [N] values to broadcast against an [N, ...] batch."""
+  return values.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _l2_norm(x: jax.Array) -> jax.Array:
+  """Per-example L2 norm over all non-batch axes, shaped to broadcast against `x`."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
+
+
+def project_linf(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """The nearest point to `x_adv` in the L-inf ball of radius `eps` around `x`."""
+  return jnp.clip(x_adv, x - eps, x + eps)
+
+
+def project_l2(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """The nearest point to `x_adv` in the L2 ball of radius `eps` around `x`, per example."""
+  delta = x_adv - x
+  return x + delta * jnp.minimum(1.0, eps / jnp.maximum(_l2_norm(delta), _TINY))
+
+
+def _check_norm(norm: str) -> None:
+  if norm not in NORMS:
+    raise ValueError(f"norm={norm!r} is not supported; expected one of {', '.join(NORMS)}.")
+
+
+def _project(x_adv: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
+  """Projection onto the eps-ball of `norm`, then onto the image box [0, 1].
+
+  For L-inf the composition is the exact projection onto the intersection; for L2 the result
+  stays in both sets (clipping moves a point toward x coordinate by coordinate).
+  """
+  ball = project_linf if norm == "linf" else project_l2
+  return jnp.clip(ball(x_adv, x, eps), 0.0, 1.0)
+
+
+def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
+  """Steepest-ascent direction of unit `norm`: sign(grad) for L-inf, grad/|grad|_2 for L2."""
+  if norm == "linf":
+    return jnp.sign(grad)
+  return grad / jnp.maximum(_l2_norm(grad), _TINY)
+
+
+def _uniform_start(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
+  """A point drawn uniformly from the eps-ball of `norm` around each example, clipped to [0, 1].
+
+  L2: a Gaussian direction, normalised, at radius eps * U^(1/d) with d the pixels per example
+  (uniform in volume, not on the sphere).
+  """
+  if norm == "linf":
+    delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+  else:
+    direction_key, radius_key = jax.random.split(key)
+    direction = jax.random.normal(direction_key, x.shape, x.dtype)
+    d = np.prod(x.shape[1:])
+    radius = eps * jax.random.uniform(radius_key, x.shape[:1], x.dtype) ** (1.0 / d)
+    delta = direction / jnp.maximum(_l2_norm(direction), _TINY) * _per_example(radius, x)
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def _gradient_step(logits_fn: LogitsFn, x_adv: jax.Array, labels: jax.Array, step_size: float,
+                   norm: str) -> jax.Array:
+  """`x_adv` moved by `step_size` along the steepest-ascent direction of the loss (unprojected)."""
+  _, grad = _loss_and_grad(logits_fn, x_adv, labels)
+  return x_adv + step_size * _ascent_direction(grad, norm)
+
+
+def _best_of_restarts(attack_once: Callable[[jax.Array], jax.Array], logits_fn: LogitsFn,
+                      images: jax.Array, labels: jax.Array, key: jax.Array, restarts: int) -> jax.Array:
+  """Runs `attack_once(fold_in(key, r))` for r < restarts and keeps, per example, the result of
+  highest loss.
+
+  Restart 0 always uses `fold_in(key, 0)` and is computed outside the loop, so adding restarts
+  never weakens an example relative to a single run with the same key.
+  """
+  best = attack_once(jax.random.fold_in(key, 0))
+  if restarts > 1:
+    def body(r, carry):
+      best, best_loss = carry
+      x_adv = attack_once(jax.random.fold_in(key, r))
+      loss = per_example_loss(logits_fn, x_adv, labels)
+      better = loss > best_loss
+      return jnp.where(_per_example(better, best), x_adv, best), jnp.where(better, loss, best_loss)
+
+    best, _ = jax.lax.fori_loop(1, restarts, body,
+                                (best, per_example_loss(logits_fn, best, labels)))
+  return jax.lax.stop_gradient(best)
+
+
+# --------------------------------------------------------------------------- attacks
+
+def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps: float,
+        step_size: float, num_steps: int, norm: str = "linf", random_start: bool = True,
+        restarts: int = 1) -> jax.Array:
+  """Projected gradient ascent on the cross-entropy (Madry et al. 2018); returns the last iterate.
+
+  L-inf takes signed-gradient steps and clips to the eps-box; L2 takes normalised-gradient steps
+  and projects onto the eps-ball. Every iterate is clipped to [0, 1].
+  """
+  _check_norm(norm)
+
+  def attack_once(key):
+    x_adv = _uniform_start(key, images, eps, norm) if random_start else images
+
+    def body(_, x_adv):
+      return _project(_gradient_step(logits_fn, x_adv, labels, step_size, norm), images, eps, norm)
+
+    return jax.lax.fori_loop(0, num_steps, body, x_adv)
+
+  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+
+
+def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, *, eps: float) -> jax.Array:
+  """One signed-gradient step of size eps from the clean images, clipped to [0, 1]."""
+  x_adv = jnp.clip(_gradient_step(logits_fn, images, labels, eps, "linf"), 0.0, 1.0)
+  return jax.lax.stop_gradient(x_adv)
+
+
+def rs_fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+            eps: float, step_size: float | None = None) -> jax.Array:
+  """FGSM from a uniform start in the eps-box, projected back to it (Wong et al. 2020).
+
+  The default step is 1.25 * eps, the paper's choice.
+  """
+  step_size = 1.25 * eps if step_size is None else step_size
+  x_adv = _uniform_start(key, images, eps, "linf")
+  x_adv = _project(_gradient_step(logits_fn, x_adv, labels, step_size, "linf"), images, eps, "linf")
+  return jax.lax.stop_gradient(x_adv)
+
+
+def n_fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+           eps: float, noise: float | None = None, step_size: float | None = None) -> jax.Array:
+  """FGSM from uniform noise in [-noise, noise], NOT projected to the eps-box (de Jorge et al. 2022).
+
+  Defaults (noise 2 * eps, step eps) are the paper's; the result lies within noise + step_size of
+  the clean image in L-inf (3 * eps by default), and in [0, 1].
+  """
+  noise = 2.0 * eps if noise is None else noise
+  step_size = eps if step_size is None else step_size
+  x_adv = _uniform_start(key, images, noise, "linf")
+  x_adv = jnp.clip(_gradient_step(logits_fn, x_adv, labels, step_size, "linf"), 0.0, 1.0)
+  return jax.lax.stop_gradient(x_adv)
+
+
+def _apgd_checkpoints(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per iteration k (producing x^(k+1)): whether k + 1 is a checkpoint w_j, and w_j - w_{j-1}.
+
+  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), w_j = ceil(p_j * N);
+  p is kept in integer hundredths so that no rounding moves a checkpoint.
+  """
+  is_checkpoint = np.zeros(num_steps, bool)
+  period = np.ones(num_steps, np.int32)
+  p_prev, p, w_prev = 0, 22, 0
+  while True:
+    w = -(-p * num_steps // 100)  # ceil(p / 100 * N)
+    if w > num_steps:
+      break
+    if w > w_prev:
+      is_checkpoint[w - 1], period[w - 1] = True, w - w_prev
+      w_prev = w
+    p_prev, p = p, p + max(p - p_prev - 3, 6)
+  return is_checkpoint, period
+
+
+def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+            eps: float, num_steps: int, norm: str = "linf", restarts: int = 1,
+            rho: float = 0.75) -> jax.Array:
+  """APGD on the cross-entropy (Croce and Hein, ICML 2020); returns the highest-loss point seen.
+
+  Steps of size eta (2 * eps at first) with momentum 0.75 from a uniform random start. At each
+  checkpoint w_j an example halves its eta and restarts from its best point when fewer than
+  rho * (w_j - w_{j-1}) of the steps since w_{j-1} increased its loss, or when neither its eta
+  nor its best loss changed since w_{j-1}. As in the authors' AutoAttack code, the second
+  condition cannot fire at the first checkpoint (treated as if eta had just been halved).
+  """
+  _check_norm(norm)
+  momentum = 0.75
+  is_checkpoint, period = _apgd_checkpoints(num_steps)
+  is_checkpoint, period = jnp.asarray(is_checkpoint), jnp.asarray(period, images.dtype)
+
+  def attack_once(key):
+    x0 = _uniform_start(key, images, eps, norm)
+    loss0, grad0 = _loss_and_grad(logits_fn, x0, labels)
+    n = labels.shape[0]
+    state = dict(x=x0, x_prev=x0, loss=loss0, grad=grad0,
+                 step=jnp.full((n,), 2.0 * eps, images.dtype),
+                 x_best=x0, loss_best=loss0, grad_best=grad0,
+                 increases=jnp.zeros((n,), images.dtype),
+                 loss_best_at_check=loss0, reduced_at_check=jnp.ones((n,), bool))
+
+    def body(k, s):
+      x, x_prev = s["x"], s["x_prev"]
+      alpha = jnp.where(k == 0, 1.0, momentum)
+      step = _per_example(s["step"], x)
+      z = _project(x + step * _ascent_direction(s["grad"], norm), images, eps, norm)
+      x_new = _project(x + alpha * (z - x) + (1.0 - alpha) * (x - x_prev), images, eps, norm)
+      loss, grad = _loss_and_grad(logits_fn, x_new, labels)
+
+      increases = s["increases"] + (loss > s["loss"])
+      improved = loss > s["loss_best"]
+      x_best = jnp.where(_per_example(improved, x), x_new, s["x_best"])
+      grad_best = jnp.where(_per_example(improved, x), grad, s["grad_best"])
+      loss_best = jnp.where(improved, loss, s["loss_best"])
+
+      at_check = is_checkpoint[k]
+      too_few_increases = increases < rho * period[k]
+      stalled = ~s["reduced_at_check"] & (s["loss_best_at_check"] >= loss_best)
+      reduce = at_check & (too_few_increases | stalled)
+      reduce_b = _per_example(reduce, x)
+      return dict(x=jnp.where(reduce_b, x_best, x_new), x_prev=x,
+                  loss=jnp.where(reduce, loss_best, loss),
+                  grad=jnp.where(reduce_b, grad_best, grad),
+                  step=jnp.where(reduce, s["step"] / 2, s["step"]),
+                  x_best=x_best, loss_best=loss_best, grad_best=grad_best,
+                  increases=jnp.where(at_check, 0.0, increases),
+                  loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
+                  reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]))
+
+    return jax.lax.fori_loop(0, num_steps, body, state)["x_best"]
+
+  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+
+
+ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce}
+_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm")
+
+
+# --------------------------------------------------------------------------- from a config
+
+def _positive(config: ml_collections.ConfigDict, field: str, prefix: str, required: bool,
+              hint: str = "") -> float | None:
+  value = config.get(field)
+  if value is None:
+    if required:
+      raise ValueError(f"{prefix}.{field} is required for attack {config.name!r}{hint}.")
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    raise ValueError(f"{prefix}.{field}={value!r} must be a positive number{hint}.")
+  return float(value)
+
+
+def _count(config: ml_collections.ConfigDict, field: str, prefix: str, required: bool) -> int:
+  value = config.get(field)
+  if value is None and not required:
+    return 1
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{prefix}.{field}={value!r} must be an integer >= 1 for attack "
+                     f"{config.name!r}.")
+  return int(value)
+
+
+def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "config") -> Attack:
+  """The attack of `attack_config` as `attack(logits_fn, images, labels, key) -> adversarial images`.
+
+  Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
+  `random_start` (and `noise` for n_fgsm, `rho` for apgd_ce). Every field is checked here, before
+  any compute, and an error names it as `{prefix}.<field>`. Call the result inside jit.
+  """
+  c = attack_config
+  name = c.get("name")
+  if name not in ATTACKS:
+    raise ValueError(f"{prefix}.name={name!r} is not a known attack; expected one of "
+                     f"{', '.join(ATTACKS)}.")
+  units = " (pixel units of [0, 1] images, e.g. 8/255)"
+  eps = _positive(c, "eps", prefix, required=True, hint=units)
+  norm = c.get("norm")
+  norm = "linf" if norm is None else norm
+  if norm not in NORMS:
+    raise ValueError(f"{prefix}.norm={norm!r} is not a known norm; expected one of {', '.join(NORMS)}.")
+  if name in _LINF_ONLY and norm != "linf":
+    raise ValueError(f"{prefix}.norm={norm!r}: attack {name!r} is defined for linf only.")
+
+  if name == "fgsm":
+    return lambda logits_fn, images, labels, key: fgsm(logits_fn, images, labels, eps=eps)
+  if name == "rs_fgsm":
+    step_size = _positive(c, "step_size", prefix, required=False, hint=units)
+    return lambda logits_fn, images, labels, key: rs_fgsm(logits_fn, images, labels, key, eps=eps,
+                                                          step_size=step_size)
+  if name == "n_fgsm":
+    step_size = _positive(c, "step_size", prefix, required=False, hint=units)
+    noise = _positive(c, "noise", prefix, required=False, hint=units)
+    return lambda logits_fn, images, labels, key: n_fgsm(logits_fn, images, labels, key, eps=eps,
+                                                         noise=noise, step_size=step_size)
+
+  num_steps = _count(c, "num_steps", prefix, required=True)
+  restarts = _count(c, "restarts", prefix, required=False)
+  if name == "apgd_ce":
+    rho = c.get("rho", 0.75)
+    if not 0.0 < rho < 1.0:
+      raise ValueError(f"{prefix}.rho={rho!r} must lie in (0, 1).")
+    return lambda logits_fn, images, labels, key: apgd_ce(
+        logits_fn, images, labels, key, eps=eps, num_steps=num_steps, norm=norm,
+        restarts=restarts, rho=rho)
+
+  step_size = _positive(c, "step_size", prefix, required=True, hint=units)
+  random_start = c.get("random_start", True)
+  if not isinstance(random_start, bool):
+    raise ValueError(f"{prefix}.random_start={random_start!r} must be True or False.")
+  if restarts > 1 and not random_start:
+    raise ValueError(f"{prefix}.restarts={restarts} needs {prefix}.random_start=True; without a "
+                     "random start every restart is the same run.")
+  return lambda logits_fn, images, labels, key: pgd(
+      logits_fn, images, labels, key, eps=eps, step_size=step_size, num_steps=num_steps,
+      norm=norm, random_start=random_start, restarts=restarts)

@@ -1,0 +1,352 @@
+"""Attacks checked against an analytic worst case, their constraint sets, restarts, device counts,
+a loop transcription of the APGD paper's algorithm, and a trained model."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, Mesh
+
+from ntk_scale import attacks, parallel
+from ntk_scale.base_config import base_config
+from ntk_scale.data import load_digits
+from ntk_scale.models import build_model
+
+
+def _tiny_mlp(width=16):
+  c = base_config()
+  c.model.name, c.model.width, c.model.depth = "mlp", width, 1
+  return build_model(c.model, 10)
+
+
+def _init(model, input_shape, seed=0):
+  """Random variables of `model` drawn with numpy (model.init's truncated normal compiles slowly
+  on CPU); kernels get variance 1/fan_in."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
+  out = {}
+  for path, leaf in flat.items():
+    scale = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if path[-1] == "kernel" else 0.1
+    out[path] = rng.normal(size=leaf.shape).astype(np.float32) * scale
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _jit_attack(attack, model):
+  """attack(variables, images, labels, key) under jit, with the model in inference mode."""
+  def run(variables, images, labels, key):
+    return attack(lambda x: model.apply(variables, x, train=False), images, labels, key)
+  return jax.jit(run)
+
+
+def _loss(model, variables, images, labels):
+  return np.asarray(attacks.per_example_loss(lambda x: model.apply(variables, x, train=False),
+                                             images, labels))
+
+
+def _accuracy(model, variables, images, labels):
+  logits = model.apply(variables, images, train=False)
+  return float(jnp.mean(jnp.argmax(logits, -1) == labels))
+
+
+# --------------------------------------------------------------------------- linear model
+
+def test_linear_model_attacks_reach_the_analytic_worst_case():
+  """For logits x W + b with 2 classes, the loss depends on x only through the margin
+  m(x) = (w_y - w_other) . x, and decreases in it; inside a box that [0, 1] does not cut, the
+  maximiser is x - eps * sign(grad m) = x - eps * sign(w_y - w_other) (L-inf) and
+  x - eps * (w_y - w_other) / |w_y - w_other| (L2)."""
+  rng = np.random.default_rng(0)
+  n, shape = 16, (4, 4, 1)
+  w = rng.normal(size=(16, 2)).astype(np.float32)
+  b = rng.normal(size=2).astype(np.float32)
+  images = jnp.asarray(rng.uniform(0.3, 0.7, size=(n, *shape)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 2, size=n))
+  logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w + b
+  margin_grad = (w[:, labels] - w[:, 1 - labels]).T.reshape(n, *shape)
+  eps = 0.05
+  key = jax.random.key(1)
+
+  linf_worst = images - eps * np.sign(margin_grad)
+  runs = {
+      "pgd": lambda: attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 4,
+                                 num_steps=10),
+      "fgsm": lambda: attacks.fgsm(logits_fn, images, labels, eps=eps),
+      "apgd_ce": lambda: attacks.apgd_ce(logits_fn, images, labels, key, eps=eps, num_steps=10),
+  }
+  for name, run in runs.items():
+    np.testing.assert_allclose(jax.jit(run)(), linf_worst, atol=1e-6, rtol=0, err_msg=name)
+
+  # L2 PGD from x itself: every step is along the same direction, so 4 steps of eps/4 land on the
+  # sphere. (From a random start the off-direction part only shrinks geometrically.)
+  unit = margin_grad / np.linalg.norm(margin_grad.reshape(n, -1), axis=1).reshape(n, 1, 1, 1)
+  l2 = jax.jit(lambda: attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 4,
+                                   num_steps=6, norm="l2", random_start=False))()
+  np.testing.assert_allclose(l2, images - eps * unit, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- constraint sets
+
+_EPS = {"linf": 0.1, "l2": 0.5}
+_CONFIGS = [
+    dict(name="pgd", norm="linf", step_size=0.03, num_steps=4, restarts=2),
+    dict(name="pgd", norm="l2", step_size=0.15, num_steps=4),
+    dict(name="fgsm"),
+    dict(name="rs_fgsm"),
+    dict(name="n_fgsm"),
+    dict(name="apgd_ce", norm="linf", num_steps=5),
+    dict(name="apgd_ce", norm="l2", num_steps=5),
+]
+
+
+@pytest.mark.parametrize("fields", _CONFIGS, ids=lambda f: f["name"] + "-" + f.get("norm", "linf"))
+def test_every_attack_stays_in_its_ball_and_the_image_box(fields):
+  norm = fields.get("norm", "linf")
+  eps = _EPS[norm]
+  config = ml_collections.ConfigDict(dict(fields, eps=eps))
+  model = _tiny_mlp()
+  variables = _init(model, (1, 8, 8, 1))
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.uniform(size=(16, 8, 8, 1)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 10, size=16))
+
+  x_adv = np.asarray(_jit_attack(attacks.build_attack(config), model)(
+      variables, images, labels, jax.random.key(2)))
+  delta = (x_adv - np.asarray(images)).reshape(16, -1)
+  radius = 3 * eps if fields["name"] == "n_fgsm" else eps
+  if norm == "linf":
+    assert np.abs(delta).max() <= radius + 1e-6
+  else:
+    assert np.linalg.norm(delta, axis=1).max() <= radius + 1e-6
+  assert x_adv.min() >= 0 and x_adv.max() <= 1
+  # Each attack actually attacks: the mean loss rises.
+  assert _loss(model, variables, x_adv, labels).mean() > _loss(model, variables, images, labels).mean()
+
+
+def test_n_fgsm_leaves_the_eps_box_and_rs_fgsm_does_not():
+  """The one difference between the two: N-FGSM is not projected back to the eps-box."""
+  model = _tiny_mlp()
+  variables = _init(model, (1, 8, 8, 1))
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.uniform(0.3, 0.7, size=(16, 8, 8, 1)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 10, size=16))
+  eps = 0.05
+  logits_fn = lambda x: model.apply(variables, x, train=False)
+  key = jax.random.key(4)
+  rs = attacks.rs_fgsm(logits_fn, images, labels, key, eps=eps)
+  n = attacks.n_fgsm(logits_fn, images, labels, key, eps=eps)
+  assert np.abs(rs - images).max() <= eps + 1e-6
+  assert np.abs(n - images).max() > 2 * eps
+
+
+# --------------------------------------------------------------------------- restarts
+
+@pytest.mark.parametrize("name,norm", [("pgd", "linf"), ("pgd", "l2"), ("apgd_ce", "linf")])
+def test_more_restarts_never_weaken_an_example(name, norm):
+  model = _tiny_mlp()
+  variables = _init(model, (1, 8, 8, 1))
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.uniform(size=(32, 8, 8, 1)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 10, size=32))
+  key = jax.random.key(6)
+  losses = {}
+  for restarts in (1, 4):
+    config = ml_collections.ConfigDict(dict(name=name, norm=norm, eps=_EPS[norm],
+                                            step_size=_EPS[norm] / 4, num_steps=2,
+                                            restarts=restarts))
+    x_adv = _jit_attack(attacks.build_attack(config), model)(variables, images, labels, key)
+    losses[restarts] = _loss(model, variables, x_adv, labels)
+  # The tolerance only absorbs float32 rounding between two compiled programs.
+  assert np.all(losses[4] >= losses[1] - 1e-6), losses[4] - losses[1]
+  assert losses[4].mean() > losses[1].mean()  # and the extra restarts find something
+
+
+# --------------------------------------------------------------------------- devices
+
+def test_four_devices_give_the_examples_of_one():
+  assert jax.device_count() == 4
+  model = _tiny_mlp()
+  variables = _init(model, (1, 8, 8, 1))
+  rng = np.random.default_rng(7)
+  arrays = {"images": rng.uniform(size=(16, 8, 8, 1)).astype(np.float32),
+            "labels": rng.integers(0, 10, size=16).astype(np.int32)}
+  attack = lambda logits_fn, images, labels, key: attacks.pgd(
+      logits_fn, images, labels, key, eps=0.1, step_size=0.03, num_steps=5, random_start=True)
+  run = _jit_attack(attack, model)
+  results = {}
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
+  for mesh in (one, parallel.make_mesh()):
+    batch = parallel.global_batch(mesh, arrays, np.arange(16))
+    x_adv = run(parallel.replicate(variables, mesh), batch["images"], batch["labels"],
+                jax.random.key(8))
+    assert x_adv.sharding.num_devices == mesh.devices.size
+    results[mesh.devices.size] = np.asarray(x_adv)
+  assert not np.allclose(results[1], arrays["images"])
+  np.testing.assert_allclose(results[4], results[1], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- APGD against a reference
+
+def _numpy_mlp_loss_and_grad(params, x, y):
+  """Cross-entropy and its input gradient for the 1-hidden-layer MLP, by hand in float64."""
+  w1, b1 = (np.asarray(params["dense1"][k], np.float64) for k in ("kernel", "bias"))
+  w2, b2 = (np.asarray(params["head"][k], np.float64) for k in ("kernel", "bias"))
+  pre = x.reshape(1, -1) @ w1 + b1
+  logits = np.maximum(pre, 0) @ w2 + b2
+  logits -= logits.max()
+  log_probs = logits - np.log(np.exp(logits).sum())
+  dlogits = np.exp(log_probs)
+  dlogits[0, y] -= 1
+  return -log_probs[0, y], (((dlogits @ w2.T) * (pre > 0)) @ w1.T).reshape(x.shape)
+
+
+def _reference_apgd(loss_and_grad, x, x0, eps, num_steps, rho=0.75):
+  """Algorithm 1 of Croce and Hein (2020), L-inf, one example, written as a plain loop.
+
+  Returns the best point and how often the step size was halved.
+  """
+  project = lambda z: np.clip(np.clip(z, x - eps, x + eps), 0, 1)
+  checkpoints, p_prev, p = [0], 0.0, 0.22
+  while np.ceil(round(p * num_steps, 9)) <= num_steps:
+    w = int(np.ceil(round(p * num_steps, 9)))
+    if w > checkpoints[-1]:
+      checkpoints.append(w)
+    p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
+  eta, halvings = 2 * eps, 0
+  x_cur, x_prev = x0, x0
+  f_cur, g = loss_and_grad(x0)
+  x_max, f_max, g_max = x_cur, f_cur, g
+  increases, f_max_at_check, halved_at_check = 0, f_max, True  # AutoAttack's first-check rule
+  for k in range(num_steps):
+    alpha = 1.0 if k == 0 else 0.75
+    z = project(x_cur + eta * np.sign(g))
+    x_new = project(x_cur + alpha * (z - x_cur) + (1 - alpha) * (x_cur - x_prev))
+    f_new, g_new = loss_and_grad(x_new)
+    increases += f_new > f_cur
+    if f_new > f_max:
+      x_max, f_max, g_max = x_new, f_new, g_new
+    x_prev, x_cur, f_cur, g = x_cur, x_new, f_new, g_new
+    if k + 1 in checkpoints:
+      j = checkpoints.index(k + 1)
+      halve = (increases < rho * (checkpoints[j] - checkpoints[j - 1])
+               or (not halved_at_check and f_max_at_check >= f_max))
+      if halve:
+        eta, halvings = eta / 2, halvings + 1
+        x_cur, f_cur, g = x_max, f_max, g_max
+      increases, f_max_at_check, halved_at_check = 0, f_max, halve
+  return x_max, halvings
+
+
+def test_apgd_follows_the_published_algorithm():
+  """APGD-CE on a small MLP equals a numpy loop transcription of the paper's Algorithm 1 from the
+  same random start (the documented fold_in(key, 0) uniform draw in the eps-box).
+
+  Both run in float64: in float32 a near-tie in a loss comparison or a tiny gradient entry can
+  take the two programs down different (equally valid) paths within 20 steps.
+  """
+  model = _tiny_mlp()
+  rng = np.random.default_rng(11)
+  labels = rng.integers(0, 10, size=16)
+  eps, num_steps = 0.1, 20
+  with jax.enable_x64(True):
+    variables = jax.tree.map(lambda v: v.astype(np.float64), _init(model, (1, 8, 8, 1), seed=4))
+    images = rng.uniform(size=(16, 8, 8, 1))
+    key = jax.random.key(12)
+    x_adv = np.asarray(_jit_attack(lambda f, x, y, k: attacks.apgd_ce(
+        f, x, y, k, eps=eps, num_steps=num_steps), model)(variables, images, labels, key))
+    starts = np.clip(images + np.asarray(jax.random.uniform(
+        jax.random.fold_in(key, 0), images.shape, jnp.float64, -eps, eps)), 0, 1)
+  assert x_adv.dtype == np.float64
+  total_halvings = 0
+  for i in range(len(labels)):
+    expected, halvings = _reference_apgd(
+        lambda z: _numpy_mlp_loss_and_grad(variables["params"], z, labels[i]),
+        images[i], starts[i], eps, num_steps)
+    np.testing.assert_allclose(x_adv[i], expected, atol=1e-9, rtol=0, err_msg=f"example {i}")
+    total_halvings += halvings
+  assert total_halvings > 0  # the step-size rule was exercised
+
+
+def test_apgd_checkpoints_follow_the_paper_schedule():
+  """w_j = ceil(p_j * N) for p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (Croce and Hein)."""
+  is_checkpoint, period = attacks._apgd_checkpoints(100)
+  np.testing.assert_array_equal(np.flatnonzero(is_checkpoint) + 1, [22, 41, 57, 70, 80, 87, 93, 99])
+  np.testing.assert_array_equal(period[is_checkpoint], [22, 19, 16, 13, 10, 7, 6, 6])
+
+
+# --------------------------------------------------------------------------- a trained model
+
+@pytest.fixture(scope="module")
+def digits_model():
+  """A 1-hidden-layer MLP trained full-batch with Adam on the digits train split (~1 s)."""
+  data = load_digits()
+  model = _tiny_mlp(width=32)
+  params = _init(model, (1, 8, 8, 1))["params"]
+  tx = optax.adam(1e-2)
+  x, y = jnp.asarray(data.train.images), jnp.asarray(data.train.labels)
+
+  @jax.jit
+  def train(params):
+    def step(_, carry):
+      params, opt_state = carry
+      grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({"params": p}, x, train=False), y).mean())(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    return jax.lax.fori_loop(0, 60, step, (params, tx.init(params)))[0]
+
+  variables = {"params": train(params)}
+  return model, variables, jnp.asarray(data.test.images), jnp.asarray(data.test.labels)
+
+
+def test_pgd_lowers_the_accuracy_of_a_trained_model(digits_model):
+  model, variables, images, labels = digits_model
+  clean = _accuracy(model, variables, images, labels)
+  x_adv = _jit_attack(lambda f, x, y, k: attacks.pgd(f, x, y, k, eps=0.3, step_size=0.075,
+                                                     num_steps=10), model)(
+      variables, images, labels, jax.random.key(9))
+  robust = _accuracy(model, variables, x_adv, labels)
+  assert clean > 0.8
+  assert robust <= clean and robust < clean - 0.5, (clean, robust)
+
+
+def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
+  model, variables, images, labels = digits_model
+  eps, steps, key = 0.1, 10, jax.random.key(10)
+  accuracy = {}
+  for name, attack in {
+      "pgd": lambda f, x, y, k: attacks.pgd(f, x, y, k, eps=eps, step_size=eps / 4, num_steps=steps),
+      "apgd_ce": lambda f, x, y, k: attacks.apgd_ce(f, x, y, k, eps=eps, num_steps=steps)}.items():
+    x_adv = _jit_attack(attack, model)(variables, images, labels, key)
+    accuracy[name] = _accuracy(model, variables, x_adv, labels)
+  assert accuracy["pgd"] < _accuracy(model, variables, images, labels)  # eps is not trivial
+  assert accuracy["apgd_ce"] <= accuracy["pgd"] + 0.02, accuracy
+
+
+# --------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("fields,field", [
+    (dict(name="cw"), "config.name"),
+    (dict(name="pgd", eps=0.0), "config.eps"),
+    (dict(name="fgsm", eps=-0.1), "config.eps"),
+    (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=0), "config.num_steps"),
+    (dict(name="apgd_ce", eps=0.1, num_steps=0), "config.num_steps"),
+    (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, norm="l3"), "config.norm"),
+    (dict(name="rs_fgsm", eps=0.1, norm="l2"), "config.norm"),
+    (dict(name="pgd", eps=0.1, num_steps=5), "config.step_size"),
+    (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restarts=0), "config.restarts"),
+    (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restarts=2, random_start=False),
+     "config.restarts"),
+])
+def test_build_attack_errors_name_the_field(fields, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    attacks.build_attack(ml_collections.ConfigDict(fields))
+
+
+def test_build_attack_errors_use_the_given_prefix():
+  with pytest.raises(ValueError, match=r"config\.attack\.eps"):
+    attacks.build_attack(ml_collections.ConfigDict(dict(name="pgd", eps=0.0)), prefix="config.attack")
