@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) main.py --config configs/digits.py --workdir $(WORKDIR)
+	$(PY) main.py --config configs/digits.py:adversarial --workdir $(WORKDIR)_adversarial
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

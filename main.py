@@ -20,9 +20,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   result = jobs.run(_CONFIG.value, _WORKDIR.value)
-  if isinstance(result, dict) and "test" in result:
-    print(f"test accuracy {result['test']['accuracy']:.4f} (loss {result['test']['loss']:.4f}); "
-          f"results in {_WORKDIR.value}")
+  for name, r in result.get("results", {}).items():
+    print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
+  print(f"results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ What is here:
   rs_fgsm    FGSM from a uniform random start, projected (Wong et al. 2020)
   n_fgsm     FGSM from larger noise, not projected (de Jorge et al. 2022)
   apgd_ce    APGD with cross-entropy (Croce and Hein 2020), L-inf or L2
-  build_attack(config) -> attack(logits_fn, images, labels, key)
+  build_attack(config) -> attack(logits_fn, images, labels, key); build_attacks for several
 
 Images are NHWC in [0, 1]; eps and step sizes are in pixel units of those images (8/255, not 8).
 The model is `logits_fn: images [N, ...] -> logits [N, C]`, with parameters and BatchNorm state
@@ -357,3 +357,8 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   return lambda logits_fn, images, labels, key: pgd(
       logits_fn, images, labels, key, eps=eps, step_size=step_size, num_steps=num_steps,
       norm=norm, random_start=random_start, restarts=restarts)
+
+
+def build_attacks(named_configs: ml_collections.ConfigDict, prefix: str) -> dict[str, Attack]:
+  """Several attacks, name -> attack, each checked; errors name `{prefix}.<name>.<field>`."""
+  return {name: build_attack(c, prefix=f"{prefix}.{name}") for name, c in named_configs.items()}

@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_attacks = ml_collections.ConfigDict()
   c.save_adversarial = True  # keep each eval attack's examples under <workdir>/adversarial/<name>/
 
+  # The `evaluate` job (config.job="evaluate"): which checkpoint, and saved sets to test transfer on.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.epoch = ml_collections.FieldReference(None, field_type=float)  # None: the newest
+  c.evaluate.transfer_sets = ()  # directories written as <workdir>/adversarial/<name>/
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_epochs = 1.0
   # Loo et al. also saved these early fractional epochs, where the kernel moves fastest.

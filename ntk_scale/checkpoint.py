@@ -71,15 +71,20 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
 
-  def restore_epoch(self, epoch: float, target: Any) -> Any:
-    """The state saved at `epoch` (e.g. 0.125 or 20); raises CheckpointNotFoundError listing what exists."""
+  def step_for_epoch(self, epoch: float) -> int:
+    """The step of the checkpoint saved at `epoch` (e.g. 0.125 or 20); raises CheckpointNotFoundError
+    listing the epochs that exist."""
     epochs = self.epochs()
     for saved_epoch, step in epochs.items():
       if math.isclose(saved_epoch, epoch, rel_tol=1e-9, abs_tol=1e-9):
-        return self.restore(step, target)
+        return step
     raise CheckpointNotFoundError(
         f"no checkpoint for epoch {epoch} in {self.directory}; available epochs: "
         f"{sorted(epochs) or 'none (has this workdir been trained?)'}.")
+
+  def restore_epoch(self, epoch: float, target: Any) -> Any:
+    """The state saved at `epoch`, placed like `target`."""
+    return self.restore(self.step_for_epoch(epoch), target)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

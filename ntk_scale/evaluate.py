@@ -1,6 +1,7 @@
 """Evaluators shared by the training loop and the command line: clean and robust accuracy on a split."""
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -12,9 +13,11 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale.adversarial_sets import save_adversarial_set
-from ntk_scale.attacks import Attack, build_attack
+from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
+from ntk_scale.attacks import Attack, build_attacks
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.data import Dataset, Split, eval_batches
+from ntk_scale.train.experiment import build_experiment
 from ntk_scale.train.state import TrainState, logits_fn
 
 
@@ -70,23 +73,19 @@ def evaluate(state: TrainState, split: Split, batch_size: int, mesh: Mesh, num_c
   return result
 
 
-def build_eval_attacks(config: ml_collections.ConfigDict) -> dict[str, Attack]:
-  """`config.eval_attacks` as name -> attack, each checked (errors name config.eval_attacks.<name>)."""
-  return {name: build_attack(attack_config, prefix=f"config.eval_attacks.{name}")
-          for name, attack_config in config.eval_attacks.items()}
-
-
 def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
-                      mesh: Mesh, workdir: str, step: int) -> dict[str, dict[str, Any]]:
+                      mesh: Mesh, workdir: str, step: int,
+                      set_suffix: str = "") -> dict[str, dict[str, Any]]:
   """Clean accuracy and, for each of `config.eval_attacks`, robust accuracy on the test split.
 
   With `config.save_adversarial` the examples of each attack go to
-  `<workdir>/adversarial/<name>/` (see adversarial_sets.py), written by process 0.
+  `<workdir>/adversarial/<name><set_suffix>/` (see adversarial_sets.py), written by process 0.
   """
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
   attack_key = jax.random.key(config.seed + 1)
-  for i, (name, attack) in enumerate(build_eval_attacks(config).items()):
+  attacks = build_attacks(config.eval_attacks, "config.eval_attacks")
+  for i, (name, attack) in enumerate(attacks.items()):
     result = evaluate(state, dataset.test, batch_size, mesh, num_classes, attack=attack,
                       key=jax.random.fold_in(attack_key, i), keep_examples=config.save_adversarial)
     examples = result.pop("examples", None)
@@ -94,6 +93,53 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
       meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
               "checkpoint_step": int(step), "accuracy": result["accuracy"],
               "clean_accuracy": results["clean"]["accuracy"]}
-      save_adversarial_set(os.path.join(workdir, "adversarial", name), examples, meta)
+      save_adversarial_set(os.path.join(workdir, "adversarial", name + set_suffix), examples, meta)
     results[name] = result
   return results
+
+
+def evaluate_transfer(state: TrainState, set_directory: str, batch_size: int, mesh: Mesh,
+                      num_classes: int) -> dict[str, Any]:
+  """Accuracy of this model on a saved adversarial set, and the fraction of the examples that fooled
+  their source model which also fool this one (the transfer rate)."""
+  arrays, meta = load_adversarial_set(set_directory)
+  split = Split(arrays["images"], arrays["labels"])
+  result = evaluate(state, split, batch_size, mesh, num_classes, keep_examples=True)
+  predictions = result.pop("examples")["predictions"]
+  source_fooled = arrays["predictions"] != arrays["labels"]
+  fooled = predictions != arrays["labels"]
+  result["transfer_rate"] = float(fooled[source_fooled].mean()) if source_fooled.any() else float("nan")
+  result["source"] = {"directory": os.path.abspath(set_directory), **meta}
+  return result
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The `evaluate` job: one checkpoint of `workdir` (config.evaluate.epoch, default the newest)
+  under clean inputs, each of config.eval_attacks, and each saved set in
+  config.evaluate.transfer_sets. Results go to `<workdir>/evaluations/step_<step>.json`."""
+  for path in config.evaluate.transfer_sets:  # fail before any compute
+    load_adversarial_set(path)
+  exp = build_experiment(config)
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+  epoch = config.evaluate.epoch
+  step = checkpoints.latest_step() if epoch is None else checkpoints.step_for_epoch(epoch)
+  if step is None:
+    raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}; train this workdir "
+                                  f"first (config.job='train').")
+  state = checkpoints.restore(step, exp.state)
+  epoch_label = f"{step / exp.steps_per_epoch:g}"
+  results = evaluate_and_save(config, state, exp.dataset, exp.mesh, workdir, step,
+                              set_suffix=f"_epoch{epoch_label}")
+  for path in config.evaluate.transfer_sets:
+    name = "transfer:" + os.path.basename(os.path.normpath(path))
+    results[name] = evaluate_transfer(state, path, config.eval_batch_size, exp.mesh,
+                                      exp.dataset.num_classes)
+  record = {"step": step, "epoch": step / exp.steps_per_epoch, "results": results}
+  if jax.process_index() == 0:
+    directory = os.path.join(workdir, "evaluations")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step}.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+  return record

@@ -5,11 +5,13 @@ from typing import Any, Callable
 import ml_collections
 
 from ntk_scale import console
+from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.train.loop import train_and_evaluate
 from ntk_scale.workdir import prepare_workdir
 
 JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
-    "train": train_and_evaluate,
+    "train": train_and_evaluate,  # phase 1, then the evaluators on the test split
+    "evaluate": evaluate_checkpoint,  # one checkpoint: clean, robust and transfer accuracy
 }
 
 

@@ -8,8 +8,14 @@ import jax
 import ml_collections
 
 CONFIG_FILE = "config.json"
-# Fields that change how a job runs but not what it computes; they may differ on resume.
-RUNTIME_FIELDS = frozenset({"job", "log_every_steps", "eval_batch_size", "data.data_dir", "data.download"})
+# Fields that change how a job runs or what it evaluates, but not the trained model; they may
+# differ between runs on one workdir (a prefix ending in "." covers a whole section).
+RUNTIME_FIELDS = ("job", "log_every_steps", "eval_batch_size", "data.data_dir", "data.download",
+                  "save_adversarial", "eval_attacks.", "evaluate.")
+
+
+def is_runtime_field(name: str) -> bool:
+  return any(name == f or (f.endswith(".") and name.startswith(f)) for f in RUNTIME_FIELDS)
 
 
 class WorkdirConfigMismatchError(ValueError):
@@ -30,7 +36,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """Human-readable `field: saved -> current` lines for every result-relevant field that differs."""
   a, b = flatten_config(saved), flatten_config(current)
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-          for k in sorted(set(a) | set(b)) if k not in RUNTIME_FIELDS and a.get(k) != b.get(k)]
+          for k in sorted(set(a) | set(b)) if not is_runtime_field(k) and a.get(k) != b.get(k)]
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
 from ntk_scale import jobs
 from ntk_scale.checkpoint import Checkpoints

@@ -1,0 +1,157 @@
+"""Phase-1 modes C/A/F, Loo et al.'s benign-then-adversarial updates, robust evaluation, saved sets."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from ntk_scale import jobs, parallel
+from ntk_scale.adversarial_sets import load_adversarial_set
+from ntk_scale.attacks import build_attack
+from ntk_scale.base_config import base_config
+from ntk_scale.data import load_digits
+from ntk_scale.models import build_model
+from ntk_scale.train.experiment import _batch_step_of_update
+from ntk_scale.train.state import create_train_state
+from ntk_scale.train.steps import make_train_step
+from ntk_scale.train.writers import read_metrics
+
+from test_train import load_config
+
+EPS = 0.1
+FGSM = ml_collections.ConfigDict(dict(name="fgsm", eps=EPS))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A width-8 MLP, plain SGD, and one digits batch on the 4-device mesh."""
+  c = base_config()
+  c.model.name, c.model.width, c.model.depth = "mlp", 8, 1
+  model = build_model(c.model, 10)
+  mesh = parallel.make_mesh()
+  tx = optax.sgd(0.5)
+  digits = load_digits()
+  batch = parallel.global_batch(mesh, {"images": digits.train.images, "labels": digits.train.labels},
+                                np.arange(64))
+  make_state = lambda: create_train_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
+  return model, tx, batch, make_state
+
+
+def _reference_update(model, params, images, labels, lr=0.5):
+  """Plain SGD on the cross-entropy of (images, labels), written out."""
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, images, train=True), labels).mean()
+  return jax.tree.map(lambda w, g: w - lr * g, params, jax.grad(loss)(params))
+
+
+def _reference_fgsm(model, params, images, labels):
+  loss = lambda x: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": params}, x, train=False), labels).sum()
+  return jnp.clip(images + EPS * jnp.sign(jax.grad(loss)(images)), 0, 1)
+
+
+def _assert_trees_close(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_adversarial_step_is_an_update_on_the_attack_examples(tiny):
+  model, _, batch, make_state = tiny
+  params0 = jax.device_get(make_state().params)
+  images, labels = np.asarray(batch["images"]), np.asarray(batch["labels"])
+  step = make_train_step("none", seed=0, attack=build_attack(FGSM))
+  state, _ = step(make_state(), batch)
+  expected = _reference_update(model, params0, _reference_fgsm(model, params0, images, labels), labels)
+  _assert_trees_close(state.params, expected)
+
+
+def test_benign_step_first_takes_a_benign_then_an_adversarial_update(tiny):
+  model, _, batch, make_state = tiny
+  params0 = jax.device_get(make_state().params)
+  images, labels = np.asarray(batch["images"]), np.asarray(batch["labels"])
+  step = make_train_step("none", seed=0, attack=build_attack(FGSM), benign_step_first=True)
+  state, _ = step(make_state(), batch)
+  assert int(state.step) == 2
+  params1 = _reference_update(model, params0, images, labels)
+  expected = _reference_update(model, params1, _reference_fgsm(model, params1, images, labels), labels)
+  _assert_trees_close(state.params, expected)
+
+
+def test_schedule_counts_batches_when_a_batch_takes_two_updates():
+  to_batch = _batch_step_of_update(flip_step=10, two_updates=True)
+  counts = jnp.arange(16)
+  np.testing.assert_array_equal(to_batch(counts), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 11, 11, 12, 12])
+  assert _batch_step_of_update(None, True) is None and _batch_step_of_update(10, False) is None
+
+
+def test_flip_mode_is_benign_until_flip_epoch_then_adversarial(tmp_path):
+  config = load_config("digits", "smoke")
+  config.num_epochs, config.log_every_steps = 2.0, 1
+  config.train.mode, config.train.flip_epoch, config.train.attack = "F", 1.0, FGSM
+  config.eval_attacks = ml_collections.ConfigDict()
+  jobs.run(config, str(tmp_path))
+  flags = {r["step"]: r["train/adversarial"] for r in read_metrics(tmp_path) if "train/adversarial" in r}
+  assert [s for s, f in sorted(flags.items()) if f == 1.0] == list(range(23, 45))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """Benign and adversarial digits smoke runs, each evaluated under PGD and APGD."""
+  out = {}
+  for mode in ("benign", "adversarial"):
+    config = load_config("digits", "smoke" if mode == "benign" else "adversarial,smoke")
+    workdir = str(tmp_path_factory.mktemp(mode))
+    out[mode] = (config, workdir, jobs.run(config, workdir)["results"])
+  return out
+
+
+def test_adversarial_training_is_far_more_robust(trained):
+  benign, adversarial = trained["benign"][2], trained["adversarial"][2]
+  for results in (benign, adversarial):
+    assert results["clean"]["accuracy"] > 0.9
+    for attack in ("pgd", "apgd"):
+      assert results[attack]["accuracy"] <= results["clean"]["accuracy"]
+  assert adversarial["pgd"]["accuracy"] > benign["pgd"]["accuracy"] + 0.2
+
+
+def test_saved_adversarial_set_is_consistent(trained):
+  config, workdir, results = trained["benign"]
+  arrays, meta = load_adversarial_set(os.path.join(workdir, "adversarial", "pgd"))
+  test = load_digits().test
+  np.testing.assert_array_equal(arrays["labels"], test.labels)
+  assert np.max(np.abs(arrays["images"] - test.images)) <= EPS + 1e-6
+  assert arrays["images"].min() >= 0 and arrays["images"].max() <= 1
+  assert meta["accuracy"] == pytest.approx(results["pgd"]["accuracy"])
+  assert np.mean(arrays["predictions"] == arrays["labels"]) == pytest.approx(meta["accuracy"])
+  assert np.mean(arrays["clean_predictions"] == arrays["labels"]) == pytest.approx(meta["clean_accuracy"])
+  assert meta["attack"]["name"] == "pgd" and meta["attack"]["eps"] == EPS
+
+
+def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(trained):
+  config, workdir, _ = trained["benign"]
+  source = os.path.join(trained["adversarial"][1], "adversarial", "pgd")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job = "evaluate"
+  config.evaluate.epoch = 1.0
+  config.evaluate.transfer_sets = (source,)
+  record = jobs.run(config, workdir)
+  assert record["step"] == 22
+  transfer = record["results"]["transfer:pgd"]
+  assert 0.0 <= transfer["transfer_rate"] <= 1.0
+  with open(os.path.join(workdir, "evaluations", "step_22.json")) as f:
+    assert json.load(f)["results"]["clean"]["accuracy"] == record["results"]["clean"]["accuracy"]
+  assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch1"))
+
+
+def test_evaluate_job_rejects_a_missing_set_before_compute(trained, tmp_path):
+  config, workdir, _ = trained["benign"]
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job = "evaluate"
+  config.evaluate.transfer_sets = (str(tmp_path / "nothing"),)
+  with pytest.raises(FileNotFoundError, match="not a complete adversarial set"):
+    jobs.run(config, workdir)
