@@ -122,8 +122,8 @@ def test_digits_smoke_learns_and_checkpoints_are_addressable_by_epoch(tmp_path):
   assert int(state.step) == 11
 
 
-def test_resnet18_trains_on_mock_cifar10(tmp_path):
-  config = load_config("cifar10_resnet18", "smoke")
+def test_resnet18_trains_adversarially_on_mock_cifar10(tmp_path):
+  config = load_config("cifar10_resnet18", "adversarial,smoke")
   config.num_epochs = 1.0
   with tfds.testing.mock_data(num_examples=16):
     result = jobs.run(config, str(tmp_path))
@@ -131,6 +131,8 @@ def test_resnet18_trains_on_mock_cifar10(tmp_path):
   losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
   assert losses and np.all(np.isfinite(losses))
   assert Checkpoints(os.path.join(tmp_path, "checkpoints")).latest_step() == 2
+  for attack in ("pgd", "apgd"):
+    assert result["results"][attack]["accuracy"] <= result["results"]["clean"]["accuracy"]
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
