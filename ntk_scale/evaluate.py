@@ -134,7 +134,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     name = "transfer:" + os.path.basename(os.path.normpath(path))
     results[name] = evaluate_transfer(state, path, config.eval_batch_size, exp.mesh,
                                       exp.dataset.num_classes)
-  record = {"step": step, "epoch": step / exp.steps_per_epoch, "results": results}
+  return write_evaluation(workdir, step, step / exp.steps_per_epoch, results)
+
+
+def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, Any]) -> dict[str, Any]:
+  """Records results (per-class accuracies included) in `<workdir>/evaluations/step_<step>.json`."""
+  record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
     directory = os.path.join(workdir, "evaluations")
     os.makedirs(directory, exist_ok=True)

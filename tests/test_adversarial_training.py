@@ -117,6 +117,10 @@ def test_adversarial_training_is_far_more_robust(trained):
     for attack in ("pgd", "apgd"):
       assert results[attack]["accuracy"] <= results["clean"]["accuracy"]
   assert adversarial["pgd"]["accuracy"] > benign["pgd"]["accuracy"] + 0.2
+  with open(os.path.join(trained["benign"][1], "evaluations", "step_66.json")) as f:
+    record = json.load(f)
+  assert record["epoch"] == 3.0 and len(record["results"]["pgd"]["per_class_accuracy"]) == 10
+  assert record["results"]["pgd"]["accuracy"] == benign["pgd"]["accuracy"]
 
 
 def test_saved_adversarial_set_is_consistent(trained):

@@ -11,7 +11,7 @@ from clu import periodic_actions
 
 from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import Checkpoints, save_schedule
-from ntk_scale.evaluate import evaluate_and_save
+from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.train.experiment import build_experiment
 from ntk_scale.train.steps import make_train_step
 from ntk_scale.train.writers import create_writers
@@ -87,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------- Evaluate
   results = evaluate_and_save(config, state, dataset, mesh, workdir, total_steps)
+  write_evaluation(workdir, total_steps, config.num_epochs, results)
   writer.write_scalars(total_steps, {
       f"test/{name}/{k}" if name != "clean" else f"test/{k}": r[k]
       for name, r in results.items() for k in ("accuracy", "loss")})
