@@ -1,0 +1,256 @@
+"""The linearized models of phase 2 checked against Taylor's theorem, finite differences and the trainer."""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ntk_scale import attacks, parallel
+from ntk_scale.base_config import base_config
+from ntk_scale.linearize import LinearizedModel, output_components
+from ntk_scale.models import build_model
+from ntk_scale.train.state import create_train_state, logits_fn
+from ntk_scale.train.steps import cross_entropy, make_train_step
+
+SHAPE = (8, 8, 1)
+
+
+def _model(name, width, depth=2, batch_norm=True):
+  c = base_config()
+  c.model.name, c.model.width, c.model.depth, c.model.batch_norm = name, width, depth, batch_norm
+  return build_model(c.model, 10)
+
+
+def _init(model, seed=0, dtype=np.float32):
+  """Random variables with the shapes of `model.init`, drawn with numpy.
+
+  `model.init` itself compiles a truncated-normal initialiser per kernel shape (seconds on CPU).
+  Kernels get variance 1/fan_in, BatchNorm scales and running variances are positive, everything
+  else is small noise, so every variable matters.
+  """
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *SHAPE), jnp.float32), train=False))
+  out = {}
+  for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract)).items():
+    if path[-1] == "kernel":
+      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    elif path[-1] in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, size=leaf.shape)
+    else:  # bias, mean
+      value = 0.1 * rng.normal(size=leaf.shape)
+    out[path] = jnp.asarray(value.astype(dtype))
+  variables = flax.traverse_util.unflatten_dict(out)
+  variables.setdefault("batch_stats", {})
+  return variables
+
+
+def _images(n=8, seed=1, dtype=np.float32):
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=(n, *SHAPE)).astype(dtype))
+
+
+def _direction(params, seed=2, scale=0.1):
+  """A random parameter-space direction, `scale` times each leaf's own RMS."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape) * scale * float(jnp.sqrt(jnp.mean(p ** 2)) + 0.1),
+                            p.dtype), params)
+
+
+def _axpy(t, d, params):
+  return jax.tree.map(lambda p, v: p + t * v, params, d)
+
+
+class _Affine(nn.Module):
+  """A lone Dense layer with the `train` argument of the project's models."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    del train
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+MODELS = {"mlp": lambda: _model("mlp", 16), "cnn": lambda: _model("cnn", 4)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_at_theta0_linear_is_the_network_and_centered_forms_vanish(name):
+  model = MODELS[name]()
+  variables, x = _init(model), _images()
+  expected = model.apply(variables, x, train=False)
+  for kind in ("linear", "centered", "centered_nonlinear"):
+    lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind=kind)
+    start = lin.init(jax.random.key(0), x)
+    out = lin.apply(start, x, train=False)
+    if kind == "linear":
+      np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(out, np.zeros_like(expected))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_linearization_error_is_quadratic_in_the_step(name):
+  """f(theta0 + t d) - f_lin(theta0 + t d) = O(t^2): halving t divides the gap by ~4.
+
+  The steps are small enough that no ReLU or max-pool switches (a switch adds an O(t) term: the
+  CNN's first one is near t = 5e-4 for these seeds).
+  """
+  with jax.enable_x64(True):
+    model = MODELS[name]()
+    variables, x = _init(model, dtype=np.float64), _images(dtype=np.float64)
+    lin = LinearizedModel(model, variables["params"], variables["batch_stats"])
+    d = _direction(variables["params"])
+
+    @jax.jit
+    def gap(t):
+      theta = {"params": _axpy(t, d, variables["params"]), "batch_stats": variables["batch_stats"]}
+      return jnp.max(jnp.abs(model.apply(theta, x, train=False) - lin.apply(theta, x, train=False)))
+
+    gaps = [float(gap(t)) for t in (1e-4, 5e-5, 2.5e-5)]
+  assert gaps[-1] > 1e-12  # well above float64 rounding of O(1) logits
+  for big, small in zip(gaps, gaps[1:]):
+    assert 3.5 < big / small < 4.5, gaps
+
+
+@pytest.mark.parametrize("linear_model", ["dense", "mlp_depth0"])
+def test_linearization_is_exact_for_a_model_linear_in_its_parameters(linear_model):
+  with jax.enable_x64(True):
+    x = _images(dtype=np.float64)
+    model = _Affine() if linear_model == "dense" else _model("mlp", 16, depth=0, batch_norm=False)
+    variables = _init(model, dtype=np.float64)
+    lin = LinearizedModel(model, variables["params"], variables["batch_stats"])
+    theta = {"params": _axpy(3.0, _direction(variables["params"], scale=1.0), variables["params"])}
+    np.testing.assert_allclose(lin.apply(theta, x, train=False), model.apply(theta, x, train=False),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_centered_forms(name):
+  with jax.enable_x64(True):
+    model = MODELS[name]()
+    variables, x = _init(model, dtype=np.float64), _images(dtype=np.float64)
+    p0, bs = variables["params"], variables["batch_stats"]
+    theta = {"params": _axpy(1.0, _direction(p0, scale=0.3), p0), "batch_stats": bs}
+    make = lambda kind: LinearizedModel(model, p0, bs, kind=kind)
+    f = lambda v: model.apply(v, x, train=False)
+    linear = make("linear").apply(theta, x, train=False)
+    components = output_components(make("linear"), theta["params"], x)
+    np.testing.assert_allclose(components["f0"], f(variables), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(components["f0"] + components["jvp"], linear, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(make("centered").apply(theta, x, train=False), linear - f(variables),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(make("centered_nonlinear").apply(theta, x, train=False),
+                               f(theta) - f(variables), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "centered"])
+def test_gradients_match_finite_differences(kind):
+  """Parameter gradients (training) and input gradients (attacks) of the linearized loss."""
+  with jax.enable_x64(True):
+    model = MODELS["cnn"]()
+    variables, x = _init(model, dtype=np.float64), _images(dtype=np.float64)
+    labels = jnp.asarray(np.random.default_rng(3).integers(0, 10, size=len(x)))
+    lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind=kind)
+    theta = _axpy(1.0, _direction(variables["params"], scale=0.3), variables["params"])
+    bs = variables["batch_stats"]
+    loss = jax.jit(lambda p, x: cross_entropy(
+        lin.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])[0], labels))
+    grad_p, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(theta, x)
+
+    d = _direction(theta, seed=4, scale=1.0)
+    h = 1e-4
+    fd = (loss(_axpy(h, d, theta), x) - loss(_axpy(-h, d, theta), x)) / (2 * h)
+    analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad_p), jax.tree.leaves(d)))
+    assert abs(fd - analytic) < 1e-6 * abs(analytic), (fd, analytic)
+
+    # ReLU kinks make the loss piecewise smooth in x: a smaller step stays within one piece.
+    dx = jnp.asarray(np.random.default_rng(5).normal(size=x.shape))
+    h = 1e-6
+    fd = (loss(theta, x + h * dx) - loss(theta, x - h * dx)) / (2 * h)
+    analytic = jnp.vdot(grad_x, dx)
+    assert abs(fd - analytic) < 1e-6 * abs(analytic), (fd, analytic)
+
+
+def _others_replaced(x):
+  """`x` with every example but the first replaced."""
+  return x.at[1:].set(_images(len(x) - 1, seed=9, dtype=x.dtype))
+
+
+def test_frozen_batch_norm_ignores_the_batch_and_keeps_the_statistics():
+  model = MODELS["mlp"]()
+  variables, x = _init(model), _images()
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"])
+  theta = {"params": _axpy(1.0, _direction(variables["params"]), variables["params"]),
+           "batch_stats": variables["batch_stats"]}
+  out, updates = lin.apply(theta, x, train=True, mutable=["batch_stats"])
+  jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+  out_other, _ = lin.apply(theta, _others_replaced(x), train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(out_other[0], out[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lin.apply(theta, x, train=False), out, rtol=1e-6, atol=1e-6)
+
+
+def test_loose_batch_norm_uses_the_batch_and_updates_the_statistics():
+  model = MODELS["mlp"]()
+  variables, x = _init(model), _images()
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"], batch_norm="loose")
+  theta = {"params": _axpy(1.0, _direction(variables["params"]), variables["params"]),
+           "batch_stats": variables["batch_stats"]}
+  out, updates = lin.apply(theta, x, train=True, mutable=["batch_stats"])
+  out_other, _ = lin.apply(theta, _others_replaced(x), train=True, mutable=["batch_stats"])
+  assert np.abs(out_other[0] - out[0]).max() > 1e-3
+  changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), updates["batch_stats"],
+                         variables["batch_stats"])
+  assert min(jax.tree.leaves(changed)) > 1e-4
+  # Inference mode uses the running averages it is given.
+  moved = {"params": theta["params"], "batch_stats": updates["batch_stats"]}
+  assert np.abs(lin.apply(moved, x, train=False) - lin.apply(theta, x, train=False)).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind,batch_norm", [("linear", "frozen"), ("centered", "loose")])
+def test_trains_and_is_attacked_like_a_flax_model(kind, batch_norm):
+  model = MODELS["mlp"]()
+  variables = _init(model)
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind=kind,
+                        batch_norm=batch_norm)
+  mesh = parallel.make_mesh()
+  state = create_train_state(lin, optax.sgd(0.1), SHAPE, seed=0, mesh=mesh)
+  start = jax.tree.map(np.asarray, state.params)
+  jax.tree.map(np.testing.assert_array_equal, start, variables["params"])
+  rng = np.random.default_rng(6)
+  data = {"images": rng.uniform(size=(16, *SHAPE)).astype(np.float32),
+          "labels": rng.integers(0, 10, size=16).astype(np.int32)}
+  batch = parallel.global_batch(mesh, data, np.arange(16))
+  step = make_train_step("none", seed=0)
+  losses = []
+  for _ in range(4):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0], losses
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, start)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  stats_moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                             state.batch_stats, variables["batch_stats"])
+  assert (max(jax.tree.leaves(stats_moved)) > 0) == (batch_norm == "loose")
+  # theta0 survives the donated train steps.
+  jax.tree.map(np.testing.assert_array_equal, lin.params0, variables["params"])
+
+  eps = 0.1
+  attack = jax.jit(lambda state, batch, key: attacks.pgd(
+      logits_fn(state), batch["images"], batch["labels"], key, eps=eps, step_size=eps / 4,
+      num_steps=5))
+  x_adv = attack(state, batch, jax.random.key(7))
+  assert np.abs(np.asarray(x_adv) - data["images"]).max() <= eps + 1e-6
+  clean = cross_entropy(logits_fn(state)(batch["images"]), batch["labels"])
+  assert cross_entropy(logits_fn(state)(x_adv), batch["labels"]) > clean
+
+
+def test_invalid_settings_name_the_config_field():
+  model = MODELS["mlp"]()
+  variables = _init(model)
+  with pytest.raises(ValueError, match=r"config\.phase2\.linearization"):
+    LinearizedModel(model, variables["params"], variables["batch_stats"], kind="quadratic")
+  with pytest.raises(ValueError, match=r"config\.phase2\.batch_norm"):
+    LinearizedModel(model, variables["params"], variables["batch_stats"], batch_norm="free")
