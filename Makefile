@@ -21,7 +21,9 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/attack_throughput.py
 
 clean:
 	rm -rf $(VENV) workdirs

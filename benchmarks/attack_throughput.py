@@ -20,14 +20,13 @@ torch.cuda.synchronize on a GPU), stopping early once the timed calls pass `--ma
 least 2 calls). Throughput is (examples x PGD steps) per second; "vs torch" is the ratio of a
 row's throughput to the torch row of the same model.
 
-The torch convolutions pad like Flax's "SAME": at stride 2 on an even input a 3x3 convolution gets
-one extra row and column at the end and none at the start (PyTorch ResNets usually pad 1 on both
-sides instead), so both frameworks compute the same function. `--check` verifies that: logits and
-input gradients of the summed cross-entropy agree between the frameworks for each model.
+The torch convolutions pad 3x3 kernels by one pixel on every side, as ntk_scale's models do, so both
+frameworks compute the same function. `--check` verifies that: logits and input gradients of the
+summed cross-entropy agree between the frameworks for each model.
 
 On CPU (2 cores here) one attack call is slow, so unless --batch_size is given the CNN runs at
-batch 32 and ResNet-18 at batch 16 there, and 128 elsewhere; the table prints the batch used.
-The default run takes about 3 minutes on this 2-core machine.
+batch 64 and ResNet-18 at batch 32 there, and 128 elsewhere; the table prints the batch used.
+The default run takes about 2 minutes on this 2-core machine when nothing else runs on it.
 
 Needs torch (`pip install -e '.[bench]'`). Run from the repository root:
 
@@ -67,7 +66,7 @@ NUM_CLASSES = 10
 EPS = 8 / 255
 MODELS = {"cnn": 32, "resnet18": 64}  # name -> width; both with batch_norm=True
 DEFAULT_BATCH = 128
-CPU_BATCH = {"cnn": 32, "resnet18": 16}  # default batch on CPU where it differs from DEFAULT_BATCH
+CPU_BATCH = {"cnn": 64, "resnet18": 32}  # default batch on CPU where it differs from DEFAULT_BATCH
 MAX_SECONDS = {"cpu": 12.0}  # timed seconds per measurement before stopping early; elsewhere none
 MIN_REPEATS = 2
 CHECK_TOLERANCE = 1e-4  # relative to the largest |logit| (at least 1) or |input gradient|
@@ -157,27 +156,11 @@ def random_variables(model: nn.Module, seed: int = 0) -> Variables:
 
 # --------------------------------------------------------------------------- torch models
 
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """Padding (before, after) of XLA's / Flax's "SAME": the odd extra unit goes after."""
-  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
 class Conv(torch.nn.Conv2d):
-  """A square convolution padded like Flax: "SAME" for 3x3, "VALID" (none) for 1x1."""
+  """A square convolution without bias (BatchNorm follows every one): 3x3 padded by 1, 1x1 unpadded."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1,
-               bias: bool = False):
-    super().__init__(in_channels, out_channels, kernel, stride, bias=bias)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    if self.kernel_size[0] == 1:
-      return F.conv2d(x, self.weight, self.bias, self.stride)
-    (top, bottom), (left, right) = (same_padding(n, k, s) for n, k, s in
-                                    zip(x.shape[-2:], self.kernel_size, self.stride))
-    if top == bottom and left == right:  # stride 1: the symmetric padding conv2d does itself
-      return F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
-    return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride)
+  def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1):
+    super().__init__(in_channels, out_channels, kernel, stride, padding=kernel // 2, bias=False)
 
 
 # Submodules carry the Flax module names (BatchNorm_<k> numbered in call order within each Flax
@@ -259,7 +242,7 @@ def torch_state_dict(variables: Variables) -> dict[str, torch.Tensor]:
   state = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     _, *modules, field = (entry.key for entry in path)  # the collection, params or batch_stats, is implied
-    value = np.asarray(leaf)
+    value = np.array(leaf)  # a writable copy, also of a jax array
     if field == "kernel":
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     state[".".join(modules + [TORCH_FIELDS[field]])] = torch.from_numpy(np.ascontiguousarray(value))
@@ -306,8 +289,8 @@ class Result:
   measurement: Measurement
 
 
-def device_description(device: Any) -> str:
-  return f"{jax.device_count()} x {device.device_kind}" if isinstance(device, jax.Device) else str(device)
+def jax_devices_description() -> str:
+  return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 
 def measure_jax(name: str, model: nn.Module, variables: Variables, batch: Batch,
@@ -329,7 +312,7 @@ def measure_jax(name: str, model: nn.Module, variables: Variables, batch: Batch,
   compile_seconds = time.perf_counter() - start
   measurement = measure(lambda: compiled(replicated, placed["images"], placed["labels"], key),
                         jax.block_until_ready, timing, compile_seconds)
-  return Result(name, "jax", device_description(jax.devices()[0]),
+  return Result(name, "jax", jax_devices_description(),
                 ntk_scale.train.state.count_parameters(variables["params"]), len(batch.labels),
                 attack_config.num_steps, measurement)
 
@@ -430,6 +413,9 @@ def parse_args() -> argparse.Namespace:
                       help=f"global batch over all jax devices (default {DEFAULT_BATCH}; on CPU "
                            f"{', '.join(f'{k} {v}' for k, v in CPU_BATCH.items())})")
   parser.add_argument("--steps", type=int, default=10, help="PGD steps per attack call")
+  parser.add_argument("--unroll", type=int, default=1,
+                      help="iterations per unrolled body of the JAX attack loop (= --steps unrolls "
+                           "fully; XLA:CPU runs unrolled convolution gradients 2-3x faster)")
   parser.add_argument("--repeats", type=int, default=5, help="timed attack calls at most")
   parser.add_argument("--max_seconds", type=float, default=None,
                       help=f"stop timing a measurement once its timed calls add up to this, after at "
@@ -468,9 +454,11 @@ def main() -> None:
   except ValueError as error:
     raise SystemExit(f"error: {error}") from None
   attack_config = pgd_linf(EPS, args.steps)
+  attack_config.unroll = args.unroll
   print(versions(torch_device))
   print(f"attack: L-inf PGD, eps {attack_config.eps:.5f} (8/255), step {attack_config.step_size:.5f}, "
-        f"{attack_config.num_steps} steps, random start, 1 restart; BatchNorm in inference mode")
+        f"{attack_config.num_steps} steps (jax loop unroll {args.unroll}), random start, 1 restart; "
+        f"BatchNorm in inference mode")
   print(f"batch: {', '.join(f'{name} {size}' for name, size in batches.items())}"
         f"{'' if args.batch_size else ' (the defaults' + (' on CPU' if on_cpu else '') + ')'}")
   print(f"timing: compile, {timing.warmup} warm-up call(s), then median of up to {timing.repeats} "

@@ -146,11 +146,13 @@ def _best_of_restarts(attack_once: Callable[[jax.Array], jax.Array], logits_fn: 
 
 def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps: float,
         step_size: float, num_steps: int, norm: str = "linf", random_start: bool = True,
-        restarts: int = 1) -> jax.Array:
+        restarts: int = 1, unroll: int | bool = 1) -> jax.Array:
   """Projected gradient ascent on the cross-entropy (Madry et al. 2018); returns the last iterate.
 
   L-inf takes signed-gradient steps and clips to the eps-box; L2 takes normalised-gradient steps
-  and projects onto the eps-ball. Every iterate is clipped to [0, 1].
+  and projects onto the eps-ball. Every iterate is clipped to [0, 1]. `unroll` is passed to
+  `lax.fori_loop`: on XLA:CPU an unrolled loop runs the convolution gradients 2-3x faster (at a
+  compile time that grows with the steps).
   """
   _check_norm(norm)
 
@@ -160,7 +162,7 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arra
     def body(_, x_adv):
       return _project(_gradient_step(logits_fn, x_adv, labels, step_size, norm), images, eps, norm)
 
-    return jax.lax.fori_loop(0, num_steps, body, x_adv)
+    return jax.lax.fori_loop(0, num_steps, body, x_adv, unroll=unroll)
 
   return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
 
@@ -354,9 +356,13 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   if restarts > 1 and not random_start:
     raise ValueError(f"{prefix}.restarts={restarts} needs {prefix}.random_start=True; without a "
                      "random start every restart is the same run.")
+  unroll = c.get("unroll", 1)
+  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+    raise ValueError(f"{prefix}.unroll={unroll!r} must be an integer >= 1 (loop iterations per "
+                     f"unrolled body; num_steps unrolls fully).")
   return lambda logits_fn, images, labels, key: pgd(
       logits_fn, images, labels, key, eps=eps, step_size=step_size, num_steps=num_steps,
-      norm=norm, random_start=random_start, restarts=restarts)
+      norm=norm, random_start=random_start, restarts=restarts, unroll=unroll)
 
 
 def build_attacks(named_configs: ml_collections.ConfigDict, prefix: str) -> dict[str, Attack]:

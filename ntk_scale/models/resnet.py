@@ -6,6 +6,10 @@ import jax.numpy as jnp
 
 from ntk_scale.models.layers import batch_norm
 
+# One pixel on every side for 3x3 (as PyTorch's padding=1), none for the 1x1 shortcut. Flax's "SAME"
+# would pad stride-2 convolutions only at the end, centring them one pixel off the shortcut.
+_PAD = {3: ((1, 1), (1, 1)), 1: "VALID"}
+
 
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a residual connection (He et al., 2016)."""
@@ -16,7 +20,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     norm = lambda y: batch_norm(self.batch_norm, train)(y)  # a new layer (own statistics) per use
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME" if k == 3 else "VALID",
+    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=_PAD[k],
                                          use_bias=not self.batch_norm, name=name)
     y = nn.relu(norm(conv(self.features, 3, self.strides, "conv1")(x)))
     y = norm(conv(self.features, 3, 1, "conv2")(y))
@@ -33,7 +37,7 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=not self.batch_norm, name="stem")(x)
+    x = nn.Conv(self.width, (3, 3), padding=_PAD[3], use_bias=not self.batch_norm, name="stem")(x)
     x = nn.relu(batch_norm(self.batch_norm, train)(x))
     for stage, features in enumerate((self.width, 2 * self.width, 4 * self.width, 8 * self.width)):
       for block in range(2):
