@@ -165,6 +165,21 @@ def test_more_restarts_never_weaken_an_example(name, norm):
   assert losses[4].mean() > losses[1].mean()  # and the extra restarts find something
 
 
+def test_unrolled_pgd_equals_the_rolled_loop():
+  model = _tiny_mlp()
+  variables = _init(model, (1, 8, 8, 1))
+  rng = np.random.default_rng(7)
+  images = jnp.asarray(rng.uniform(size=(16, 8, 8, 1)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 10, size=16))
+  results = []
+  for unroll in (1, 5):
+    config = ml_collections.ConfigDict(dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5,
+                                            unroll=unroll))
+    results.append(_jit_attack(attacks.build_attack(config), model)(variables, images, labels,
+                                                                    jax.random.key(8)))
+  np.testing.assert_allclose(np.asarray(results[0]), np.asarray(results[1]), atol=1e-6)
+
+
 # --------------------------------------------------------------------------- devices
 
 def test_four_devices_give_the_examples_of_one():
@@ -341,6 +356,7 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restarts=0), "config.restarts"),
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restarts=2, random_start=False),
      "config.restarts"),
+    (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, unroll=0), "config.unroll"),
 ])
 def test_build_attack_errors_name_the_field(fields, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
