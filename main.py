@@ -22,6 +22,8 @@ def main(argv):
   result = jobs.run(_CONFIG.value, _WORKDIR.value)
   for name, r in result.get("results", {}).items():
     print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
+  for name, r in result.get("phase2", {}).get("results", {}).items():
+    print(f"{'phase 2 ' + name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
   print(f"results in {_WORKDIR.value}")
 
 

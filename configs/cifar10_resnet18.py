@@ -8,6 +8,24 @@
 Loo et al.'s command lines map as: `--loaders CC` -> mode C, `AC` -> `:adversarial` (mode A); their
 code's benign-then-adversarial update on each batch is `--config.train.benign_step_first=True`.
 
+Phase 2 (Loo et al.'s Examples 3 and 4): from the epoch-20 checkpoint, train the centered
+linearization (their `--centering`) for 100 epochs with SGD lr 0.01, momentum 0.9, benign (`CC`)
+or adversarially against the linearized model (`AA`), in one command with phase 1 ...
+
+    python main.py --config configs/cifar10_resnet18.py:phase2 --config.loaders=CC \
+        --workdir workdirs/cifar10_resnet18_CC
+    python main.py --config configs/cifar10_resnet18.py:phase2 --config.loaders=AA \
+        --workdir workdirs/cifar10_resnet18_AA
+
+... or phase 2 alone on a workdir whose phase 1 is trained (results under <workdir>/phase2/):
+
+    python main.py --config configs/cifar10_resnet18.py:phase2 --config.job=phase2 \
+        --config.loaders=CA --workdir workdirs/cifar10_resnet18_C
+
+`:phase2` is `--config.phase2.num_epochs=100 --config.phase2.from_epoch=20`; the other phase-2
+fields (`--config.phase2.linearization=linear|centered|centered_nonlinear`, `batch_norm`,
+`optimizer.*`, `attack`) default to Loo et al.'s settings and the phase-1 attack.
+
 Settings from Loo et al.: ResNet-18 with a 3x3 stride-1 stem and no max-pool, inputs in [0, 1]
 without normalisation, SGD with learning rate 0.1 and momentum 0.9, batch 128, learning rate x0.1
 after epochs 100 and 150 (200 epochs), checkpoints every epoch and at epochs 0.125 ... 2.5.
@@ -30,7 +48,7 @@ from ntk_scale.base_config import apgd_linf, base_config, pgd_linf
 
 EPS = 4 / 255
 STEP = 2 * EPS / 20
-VARIANTS = ("adversarial", "smoke")
+VARIANTS = ("adversarial", "phase2", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -59,8 +77,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.attack = pgd_linf(EPS, num_steps=20, step_size=STEP)
   c.eval_attacks.pgd = pgd_linf(EPS, num_steps=100, step_size=STEP)
   c.eval_attacks.apgd = apgd_linf(EPS, num_steps=100)
+  c.phase2.attack = pgd_linf(EPS, num_steps=20, step_size=STEP)
   if "adversarial" in variants:
     c.train.mode = "A"
+  if "phase2" in variants:
+    c.phase2.num_epochs = 100.0
+    c.phase2.from_epoch = 20.0
   if "smoke" in variants:
     c.model.width = 4
     c.batch_size = 8
@@ -68,6 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.num_epochs = 8 / (50_000 // 8)  # 8 steps on the real dataset
     c.log_every_steps = 4
     c.train.attack = pgd_linf(EPS, num_steps=2, step_size=EPS / 2)
+    c.phase2.attack = pgd_linf(EPS, num_steps=2, step_size=EPS / 2)
     c.eval_attacks.pgd = pgd_linf(EPS, num_steps=2, step_size=EPS / 2)
     c.eval_attacks.apgd = apgd_linf(EPS, num_steps=2)
   return c

@@ -8,7 +8,21 @@ Adversarial training (mode A, L-inf PGD-7 at eps 0.1 on [0, 1] pixels):
 
     python main.py --config configs/digits.py:adversarial --workdir workdirs/digits_adversarial
 
-Both evaluate clean accuracy and robust accuracy under L-inf PGD-20 and APGD-CE-20 at eps 0.1 on
+Phase 2 (Loo et al.): benign phase 1, then the centered linearization around the epoch-3
+checkpoint trained for 5 epochs (SGD lr 0.01, momentum 0.9), evaluated under <workdir>/phase2/:
+
+    python main.py --config configs/digits.py:phase2 --workdir workdirs/digits_phase2
+
+or phase 2 alone on the workdir of a phase-1 run (here the benign run above), adversarial against
+the linearized model:
+
+    python main.py --config configs/digits.py:phase2 --config.job=phase2 \
+        --config.phase2.mode=A --workdir workdirs/digits
+
+Phase 2's config is recorded in <workdir>/phase2/config.json; a different phase-2 experiment needs
+its own workdir. `--config.loaders=CA` sets both modes at once, as Loo et al.'s `--loaders`.
+
+All runs evaluate clean accuracy and robust accuracy under L-inf PGD-20 and APGD-CE-20 at eps 0.1 on
 the 360 test images, and save the adversarial examples under <workdir>/adversarial/.
 Expected (2 CPU cores): benign about 99% clean and under 20% robust; adversarial about 97% clean and
 about 80% robust, APGD a few points below PGD. Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`)
@@ -20,7 +34,7 @@ import ml_collections
 from ntk_scale.base_config import apgd_linf, base_config, pgd_linf
 
 EPS = 0.1
-VARIANTS = ("adversarial", "smoke")
+VARIANTS = ("adversarial", "phase2", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -45,6 +59,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.mode = "A"
     c.train.attack = pgd_linf(EPS, num_steps=7)
     c.train.attack.unroll = 7  # an unrolled attack loop trains 2x faster on XLA:CPU
+  c.phase2.attack = pgd_linf(EPS, num_steps=7)  # phase-2 mode A
+  c.phase2.attack.unroll = 7
+  if "phase2" in variants:
+    c.phase2.num_epochs = 5.0
+    c.phase2.from_epoch = 3.0
   if "smoke" in variants:
     c.model.width = 16
     c.num_epochs = 3.0

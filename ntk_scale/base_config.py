@@ -67,6 +67,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.epoch = ml_collections.FieldReference(None, field_type=float)  # None: the newest
   c.evaluate.transfer_sets = ()  # directories written as <workdir>/adversarial/<name>/
 
+  # Phase 2 (Loo et al.): from the phase-1 checkpoint at `from_epoch` (theta0), train only the
+  # model linearized around it (see ntk_scale/linearize.py), under <workdir>/phase2/.
+  c.phase2 = ml_collections.ConfigDict()
+  c.phase2.num_epochs = 0.0  # 0: no phase 2
+  c.phase2.from_epoch = 1.0  # a saved phase-1 epoch, fractional ones (0.5, ...) included
+  c.phase2.linearization = "centered"  # linear | centered | centered_nonlinear (Loo et al.: --centering)
+  c.phase2.batch_norm = "frozen"  # frozen | loose
+  c.phase2.mode = "C"  # C: benign | A: adversarial, the attack run against the linearized model
+  c.phase2.benign_step_first = False  # A: a benign then an adversarial update per batch
+  c.phase2.attack = pgd_linf(eps=8 / 255, num_steps=10)  # A only; BatchNorm as train.attack_batch_norm
+  c.phase2.checkpoint_every_epochs = 1.0
+  c.phase2.optimizer = ml_collections.ConfigDict()  # Loo et al.: SGD, lr 0.01, momentum 0.9
+  c.phase2.optimizer.name = "sgd"
+  c.phase2.optimizer.learning_rate = 0.01
+  c.phase2.optimizer.momentum = 0.9
+  c.phase2.optimizer.nesterov = False
+  c.phase2.optimizer.weight_decay = 0.0
+  c.phase2.optimizer.schedule = "constant"
+  c.phase2.optimizer.decay_epochs = ()
+  c.phase2.optimizer.decay_factor = 0.1
+  c.phase2.optimizer.warmup_epochs = 0.0
+  c.phase2.optimizer.peak_fraction = 0.4
+  # Two letters, Loo et al.'s `--loaders`: phase-1 mode (C, A, F) then phase-2 mode (C, A), e.g.
+  # "AC". When set it overrides config.train.mode and config.phase2.mode.
+  c.loaders = ""
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_epochs = 1.0
   # Loo et al. also saved these early fractional epochs, where the kernel moves fastest.

@@ -17,6 +17,7 @@ from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_se
 from ntk_scale.attacks import Attack, build_attacks
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.data import Dataset, Split, eval_batches
+from ntk_scale.linearize import LinearizedModel, output_components
 from ntk_scale.train.experiment import build_experiment
 from ntk_scale.train.state import TrainState, logits_fn
 
@@ -73,22 +74,59 @@ def evaluate(state: TrainState, split: Split, batch_size: int, mesh: Mesh, num_c
   return result
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _component_sums(model: LinearizedModel, state: TrainState,
+                    batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  parts = output_components(model, state.params, batch["images"], state.batch_stats)
+  mask = batch["mask"]
+  sums = {"count": mask.sum()}
+  for name, logits in parts.items():
+    sums[f"{name}_mean_abs"] = (jnp.abs(logits).mean(-1) * mask).sum()
+    sums[f"{name}_mean_norm"] = (jnp.linalg.norm(logits, axis=-1) * mask).sum()
+  return sums
+
+
+def output_component_means(model: LinearizedModel, state: TrainState, split: Split, batch_size: int,
+                           mesh: Mesh) -> dict[str, float]:
+  """How much of a linearized model's output is the frozen network f0(x) and how much the learned
+  kernel term J(x)(theta - theta0): the mean over examples of each one's mean absolute logit
+  ("*_mean_abs") and of its L2 norm over logits ("*_mean_norm")."""
+  totals = None
+  for batch in eval_batches(split, batch_size, mesh):
+    sums = _component_sums(model, state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.tree.map(lambda x: _to_host(x).astype(np.float64), totals)
+  count = totals.pop("count")
+  return {k: float(v / count) for k, v in totals.items()}
+
+
 def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
                       mesh: Mesh, workdir: str, step: int,
-                      set_suffix: str = "") -> dict[str, dict[str, Any]]:
+                      set_suffix: str = "",
+                      linearized: LinearizedModel | None = None) -> dict[str, dict[str, Any]]:
   """Clean accuracy and, for each of `config.eval_attacks`, robust accuracy on the test split.
 
   With `config.save_adversarial` the examples of each attack go to
   `<workdir>/adversarial/<name><set_suffix>/` (see adversarial_sets.py), written by process 0.
+  For a `linearized` model (the state's model), each result also has "output_components": the
+  sizes of f0(x) and J(x)(theta - theta0) on its (clean or adversarial) inputs.
   """
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
+  components = lambda split: output_component_means(linearized, state, split, batch_size, mesh)
+  if linearized is not None:
+    results["clean"]["output_components"] = components(dataset.test)
   attack_key = jax.random.key(config.seed + 1)
   attacks = build_attacks(config.eval_attacks, "config.eval_attacks")
   for i, (name, attack) in enumerate(attacks.items()):
     result = evaluate(state, dataset.test, batch_size, mesh, num_classes, attack=attack,
-                      key=jax.random.fold_in(attack_key, i), keep_examples=config.save_adversarial)
+                      key=jax.random.fold_in(attack_key, i),
+                      keep_examples=config.save_adversarial or linearized is not None)
     examples = result.pop("examples", None)
+    if linearized is not None:
+      result["output_components"] = components(Split(examples["images"], examples["labels"]))
+    if not config.save_adversarial:
+      examples = None
     if examples is not None and jax.process_index() == 0:
       meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
               "checkpoint_step": int(step), "accuracy": result["accuracy"],

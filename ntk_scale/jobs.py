@@ -6,20 +6,24 @@ import ml_collections
 
 from ntk_scale import console
 from ntk_scale.evaluate import evaluate_checkpoint
-from ntk_scale.train.loop import train_and_evaluate
+from ntk_scale.train.loop import train_job
+from ntk_scale.train.phase2 import apply_loaders, phase2_and_evaluate
 from ntk_scale.workdir import prepare_workdir
 
 JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
-    "train": train_and_evaluate,  # phase 1, then the evaluators on the test split
+    "train": train_job,  # phase 1 and its evaluation, then phase 2 if config.phase2.num_epochs > 0
+    "phase2": phase2_and_evaluate,  # phase 2 alone, from the workdir's phase-1 checkpoints
     "evaluate": evaluate_checkpoint,  # one checkpoint: clean, robust and transfer accuracy
 }
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Checks `config.job`, records the config in `workdir` (or checks it matches), runs the job."""
+  """Checks `config.job`, applies `config.loaders` to the phase modes, records the config in
+  `workdir` (or checks it matches), runs the job."""
   job = config.get("job", "train")
   if job not in JOBS:
     raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
+  config = apply_loaders(config)
   console.quiet_library_logs()
   prepare_workdir(config, workdir)
   return JOBS[job](config, workdir)

@@ -7,15 +7,22 @@ from typing import Any
 import jax
 import ml_collections
 
+from ntk_scale.checkpoint import CheckpointNotFoundError
+
 CONFIG_FILE = "config.json"
+PHASE2_DIR = "phase2"  # <workdir>/phase2/: phase 2's config.json, checkpoints, metrics, evaluations
 # Fields that change how a job runs or what it evaluates, but not the trained model; they may
-# differ between runs on one workdir (a prefix ending in "." covers a whole section).
+# differ between runs on one workdir (a prefix ending in "." covers a whole section). Phase 2 is
+# recorded and checked on its own, in <workdir>/phase2/config.json; `loaders` is applied to
+# train.mode (recorded) before the check.
 RUNTIME_FIELDS = ("job", "log_every_steps", "eval_batch_size", "data.data_dir", "data.download",
-                  "save_adversarial", "eval_attacks.", "evaluate.")
+                  "save_adversarial", "eval_attacks.", "evaluate.", "phase2.", "loaders")
+# The phase2 job reads phase-1 checkpoints and trains no phase 1: its length and saves don't matter.
+PHASE2_JOB_FREE_FIELDS = ("num_epochs", "checkpoint.")
 
 
-def is_runtime_field(name: str) -> bool:
-  return any(name == f or (f.endswith(".") and name.startswith(f)) for f in RUNTIME_FIELDS)
+def is_runtime_field(name: str, fields: tuple[str, ...] = RUNTIME_FIELDS) -> bool:
+  return any(name == f or (f.endswith(".") and name.startswith(f)) for f in fields)
 
 
 class WorkdirConfigMismatchError(ValueError):
@@ -32,33 +39,58 @@ def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict,
+                       runtime: tuple[str, ...] = RUNTIME_FIELDS) -> list[str]:
   """Human-readable `field: saved -> current` lines for every result-relevant field that differs."""
   a, b = flatten_config(saved), flatten_config(current)
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-          for k in sorted(set(a) | set(b)) if not is_runtime_field(k) and a.get(k) != b.get(k)]
+          for k in sorted(set(a) | set(b)) if not is_runtime_field(k, runtime) and a.get(k) != b.get(k)]
+
+
+def check_recorded(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_FIELDS) -> bool:
+  """Raises WorkdirConfigMismatchError if `path` records a different experiment; False if absent."""
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    saved = json.load(f)
+  diffs = config_differences(saved, current, runtime)
+  if diffs:
+    raise WorkdirConfigMismatchError(
+        f"{path} holds a different experiment; resuming would mix two runs. Differing fields:\n  "
+        + "\n  ".join(diffs) + "\nUse a new --workdir, or the original config.")
+  return True
+
+
+def record_or_check(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_FIELDS) -> None:
+  """Records `current` at `path` (process 0), or checks that it is the experiment already there."""
+  if check_recorded(path, current, runtime) or jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def phase2_record(config: ml_collections.ConfigDict) -> dict:
+  """What <workdir>/phase2/config.json holds: the phase-2 section, every field result-relevant."""
+  return {"phase2": json.loads(config.phase2.to_json())}
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates `workdir` and records `config`, or checks that it is the experiment already there.
 
   Rerunning a command on its workdir resumes it; pointing a different experiment at it is an
-  error, because resuming would silently mix two runs.
+  error, because resuming would silently mix two runs. The phase-2 record, if any, is checked
+  here too (phase 2 writes it when it starts); the phase2 job needs a recorded phase 1.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    diffs = config_differences(saved, current)
-    if diffs:
-      raise WorkdirConfigMismatchError(
-          f"{path} holds a different experiment; resuming would mix two runs. Differing fields:\n  "
-          + "\n  ".join(diffs) + "\nUse a new --workdir, or the original config.")
-    return
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  if config.get("job", "train") == "phase2":
+    if not check_recorded(path, current, RUNTIME_FIELDS + PHASE2_JOB_FREE_FIELDS):
+      raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
+                                    f"there first (config.job='train').")
+  else:
+    record_or_check(path, current)
+  if config.phase2.num_epochs > 0:
+    check_recorded(os.path.join(workdir, PHASE2_DIR, CONFIG_FILE), phase2_record(config), ())

@@ -18,8 +18,8 @@ from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters
 MODES = ("C", "A", "F")
 
 
-def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Validates every field the train job reads, before any data is loaded or compiled."""
+def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Validates the fields both phases read: model, data, phase-1 optimizer, batches, eval attacks."""
   check_model_config(config.model)
   data.check_data_config(config.data)
   check_optimizer_config(config.optimizer)
@@ -28,8 +28,15 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
                      f"{', '.join(AUGMENTATIONS)}.")
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config[field], num_devices, f"config.{field}")
+  build_attacks(config.eval_attacks, "config.eval_attacks")
+
+
+def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Validates every field the train job reads, before any data is loaded or compiled."""
+  check_common_config(config, num_devices)
   if not config.num_epochs > 0:
-    raise ValueError(f"config.num_epochs={config.num_epochs} must be positive.")
+    raise ValueError(f"config.num_epochs={config.num_epochs} must be positive (to run phase 2 alone "
+                     f"from an existing workdir, use config.job='phase2').")
   bad = [e for e in config.checkpoint.fractional_epochs if not e > 0]
   if bad:  # epochs beyond num_epochs are allowed and skipped, so short variants keep the defaults
     raise ValueError(f"config.checkpoint.fractional_epochs has non-positive epochs {bad}.")
@@ -44,7 +51,6 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
                      f"one of {', '.join(BATCH_NORM_MODES)}.")
   if config.train.mode != "C":
     build_attack(config.train.attack, prefix="config.train.attack")
-  build_attacks(config.eval_attacks, "config.eval_attacks")
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
 

@@ -10,15 +10,14 @@ SCHEDULES = ("constant", "piecewise", "cosine", "cyclic")
 OPTIMIZERS = ("sgd", "adam")
 
 
-def check_optimizer_config(opt: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field of `config.optimizer` that is invalid."""
+def check_optimizer_config(opt: ml_collections.ConfigDict, prefix: str = "config.optimizer") -> None:
+  """Raises ValueError naming the field of the optimizer config at `prefix` that is invalid."""
   if opt.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name={opt.name!r}; expected one of {', '.join(OPTIMIZERS)}.")
+    raise ValueError(f"{prefix}.name={opt.name!r}; expected one of {', '.join(OPTIMIZERS)}.")
   if opt.schedule not in SCHEDULES:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; expected one of "
-                     f"{', '.join(SCHEDULES)}.")
+    raise ValueError(f"{prefix}.schedule={opt.schedule!r}; expected one of {', '.join(SCHEDULES)}.")
   if opt.learning_rate <= 0:
-    raise ValueError(f"config.optimizer.learning_rate={opt.learning_rate} must be positive.")
+    raise ValueError(f"{prefix}.learning_rate={opt.learning_rate} must be positive.")
 
 
 def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -34,6 +33,8 @@ def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_s
     return optax.piecewise_constant_schedule(lr, boundaries)
   if opt.schedule == "cosine":
     warmup = int(round(opt.get("warmup_epochs", 0.0) * steps_per_epoch))
+    if warmup == 0:  # optax warns about a zero-length warm-up
+      return optax.cosine_decay_schedule(lr, max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
   peak = max(1, int(round(opt.get("peak_fraction", 0.4) * total_steps)))
   return optax.join_schedules(

@@ -1,0 +1,109 @@
+"""One training phase: resume from its checkpoints, train with periodic saves, NaN guard, metrics.
+
+Phase 1 (the network) and phase 2 (its linearization) differ only in what they train and where
+they write, so both run through `train_phase`: a phase lives in a directory holding its
+`checkpoints/` and `metrics.jsonl` (the workdir for phase 1, `<workdir>/phase2` for phase 2).
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from ntk_scale.checkpoint import Checkpoints
+from ntk_scale.train.state import TrainState
+from ntk_scale.train.steps import Batch, TrainStep
+from ntk_scale.train.writers import JsonlWriter, create_writers
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Phase:
+  """What a phase trains and when it logs and saves; steps count batches."""
+  directory: str  # holds checkpoints/ and metrics.jsonl
+  batches: Callable[[int], Batch]
+  benign_step: TrainStep
+  adversarial_step: TrainStep | None
+  flip_step: int | None  # first adversarial batch step; None for benign training
+  steps_per_epoch: int
+  total_steps: int
+  saves: dict[int, float]  # step -> epoch of every checkpoint
+  learning_rate: optax.Schedule
+  log_every_steps: int
+  learning_rate_field: str = "config.optimizer.learning_rate"  # named by the NaN guard
+
+
+def _check_finite(pending: list[tuple[int, dict]], checkpoints: Checkpoints, last_saved: int,
+                  learning_rate_field: str) -> dict:
+  """Fetches the metrics of the steps since the last check; raises at the first non-finite loss."""
+  fetched = [(step, jax.tree.map(np.asarray, jax.device_get(m))) for step, m in pending]
+  for step, metrics in fetched:
+    if not np.isfinite(metrics["loss"]):
+      checkpoints.wait_until_finished()
+      where = (f"step {last_saved} in {checkpoints.directory}" if last_saved
+               else "none (no checkpoint was saved before the failure)")
+      raise NonFiniteLossError(
+          f"training loss became {metrics['loss']} at step {step}; stopping without saving. "
+          f"Last good checkpoint: {where}. Lower {learning_rate_field} or check the data.")
+  return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
+
+
+def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
+               ) -> tuple[TrainState, int, Checkpoints, metric_writers.MetricWriter]:
+  """Resumes `state` from the phase's newest checkpoint and opens its writers, forgetting the
+  metrics logged after that checkpoint. Returns (state, start step, checkpoints, writer)."""
+  checkpoints = Checkpoints(os.path.join(phase.directory, "checkpoints"))
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    state = checkpoints.restore(start_step, state)
+    logging.info("Resumed %s from step %d (epoch %.3f).", phase.directory, start_step,
+                 start_step / phase.steps_per_epoch)
+  writer, jsonl = create_writers(phase.directory)
+  if isinstance(jsonl, JsonlWriter):
+    jsonl.truncate(lambda r: r["step"] < start_step or (
+        r["step"] == start_step and not any(k.startswith("test/") for k in r)))
+  if start_step == 0:
+    writer.write_hparams(hparams)
+  return state, start_step, checkpoints, writer
+
+
+def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: Checkpoints,
+                writer: metric_writers.MetricWriter) -> TrainState:
+  """Trains from `start_step` to the phase's end, saving on its schedule; returns the final state."""
+  progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
+                                             every_steps=phase.log_every_steps, every_secs=None)
+  pending, last_saved = [], start_step
+  for step in range(start_step, phase.total_steps):
+    adversarial = phase.flip_step is not None and step >= phase.flip_step
+    state, metrics = (phase.adversarial_step if adversarial else phase.benign_step)(
+        state, phase.batches(step))
+    done = step + 1
+    pending.append((done, metrics))
+    progress(done)
+    if done % phase.log_every_steps == 0 or done in phase.saves:
+      means = _check_finite(pending, checkpoints, last_saved, phase.learning_rate_field)
+      pending = []
+      means.update(epoch=done / phase.steps_per_epoch,
+                   learning_rate=float(phase.learning_rate(done - 1)), adversarial=float(adversarial))
+      writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+    if done in phase.saves:
+      checkpoints.save(done, state, phase.saves[done])
+      last_saved = done
+  checkpoints.wait_until_finished()
+  return state
+
+
+def write_test_scalars(writer: metric_writers.MetricWriter, step: int,
+                       results: dict[str, dict[str, Any]]) -> None:
+  writer.write_scalars(step, {
+      f"test/{name}/{k}" if name != "clean" else f"test/{k}": r[k]
+      for name, r in results.items() for k in ("accuracy", "loss")})
+  writer.flush()

@@ -1,0 +1,144 @@
+"""Phase 2 (Loo et al.): train only the model linearized around a phase-1 checkpoint theta0.
+
+The kernel of theta0 is frozen; the linearized (or centered) model is trained from theta = theta0
+with its own optimizer, benign (mode C) or on adversarial examples crafted against the linearized
+model itself (mode A). Everything lives under `<workdir>/phase2/`: config.json, checkpoints/,
+metrics.jsonl, evaluations/ and adversarial/. It runs after phase 1 in the train job, or alone
+(config.job="phase2") from a workdir whose phase 1 is trained.
+"""
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh
+
+from ntk_scale import data, parallel
+from ntk_scale.attacks import build_attack
+from ntk_scale.checkpoint import Checkpoints, save_schedule
+from ntk_scale.evaluate import evaluate_and_save, write_evaluation
+from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
+from ntk_scale.models import build_model
+from ntk_scale.train.experiment import MODES, _batch_step_of_update, check_common_config
+from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
+from ntk_scale.train.phase import Phase, open_phase, train_phase, write_test_scalars
+from ntk_scale.train.state import TrainState, create_train_state
+from ntk_scale.train.steps import make_train_step
+from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config, phase2_record, record_or_check
+
+PHASE2_MODES = ("C", "A")
+# Phase 2 draws its batch order and step randomness from seed + 1, not replaying phase 1's.
+SEED_OFFSET = 1
+
+
+def apply_loaders(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with Loo et al.'s two-letter `loaders` (e.g. "AC") mapped onto
+  train.mode and phase2.mode; `config` itself when loaders is empty."""
+  loaders = config.get("loaders", "")
+  if not loaders:
+    return config
+  if (not isinstance(loaders, str) or len(loaders) != 2 or loaders[0] not in MODES
+      or loaders[1] not in PHASE2_MODES):
+    raise ValueError(f"config.loaders={loaders!r}; expected two letters: the phase-1 mode "
+                     f"({', '.join(MODES)}) then the phase-2 mode ({', '.join(PHASE2_MODES)}), "
+                     f"e.g. 'CC' or 'AC'.")
+  config = copy.deepcopy(config)
+  config.train.mode, config.phase2.mode = loaders[0], loaders[1]
+  return config
+
+
+def check_phase2_config(config: ml_collections.ConfigDict) -> None:
+  """Validates config.phase2 before any data is loaded or compiled."""
+  p = config.phase2
+  if not p.num_epochs > 0:
+    raise ValueError(f"config.phase2.num_epochs={p.num_epochs} must be positive to run phase 2.")
+  if not p.from_epoch > 0:
+    raise ValueError(f"config.phase2.from_epoch={p.from_epoch} must be a positive phase-1 epoch.")
+  if p.linearization not in LINEARIZATIONS:
+    raise ValueError(f"config.phase2.linearization={p.linearization!r}; expected one of "
+                     f"{', '.join(LINEARIZATIONS)}.")
+  if p.batch_norm not in BATCH_NORM:
+    raise ValueError(f"config.phase2.batch_norm={p.batch_norm!r}; expected one of "
+                     f"{', '.join(BATCH_NORM)}.")
+  if p.mode not in PHASE2_MODES:
+    raise ValueError(f"config.phase2.mode={p.mode!r}; expected one of {', '.join(PHASE2_MODES)} "
+                     f"(C benign, A adversarial against the linearized model).")
+  if p.mode == "A":
+    build_attack(p.attack, prefix="config.phase2.attack")
+  check_optimizer_config(p.optimizer, "config.phase2.optimizer")
+  if not p.checkpoint_every_epochs > 0:
+    raise ValueError(f"config.phase2.checkpoint_every_epochs={p.checkpoint_every_epochs} must be "
+                     f"positive.")
+
+
+@dataclasses.dataclass
+class Phase2:
+  phase: Phase
+  state: TrainState  # fresh: theta = theta0, step 0
+  model: LinearizedModel
+  dataset: data.Dataset
+  mesh: Mesh
+  from_step: int  # the phase-1 checkpoint's step
+
+
+def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
+  """Checks the config and finds the phase-1 checkpoint (before any compute), then builds the
+  linearized model around it and phase 2's fresh train state, steps and schedule."""
+  mesh = parallel.make_mesh()
+  check_common_config(config, mesh.devices.size)
+  check_phase2_config(config)
+  p = config.phase2
+  phase1 = Checkpoints(os.path.join(workdir, "checkpoints"))
+  from_step = phase1.step_for_epoch(p.from_epoch)  # CheckpointNotFoundError lists the epochs
+
+  dataset = data.load_dataset(config.data)
+  batches = data.TrainBatches(dataset.train, config.batch_size, config.seed + SEED_OFFSET, mesh)
+  steps_per_epoch = batches.steps_per_epoch
+  image_shape = dataset.train.images.shape[1:]
+  model = build_model(config.model, dataset.num_classes)
+  tx1, _ = build_optimizer(config.optimizer, steps_per_epoch, steps_per_epoch)  # the restore target
+  theta0 = phase1.restore(from_step, create_train_state(model, tx1, image_shape, config.seed, mesh))
+  phase1.close()
+  linearized = LinearizedModel(model, theta0.params, theta0.batch_stats, p.linearization, p.batch_norm)
+  del theta0
+
+  total_steps = int(round(p.num_epochs * steps_per_epoch))
+  flip_step = 0 if p.mode == "A" else None
+  tx, learning_rate = build_optimizer(p.optimizer, steps_per_epoch, total_steps,
+                                      _batch_step_of_update(flip_step, p.benign_step_first))
+  state = create_train_state(linearized, tx, image_shape, config.seed, mesh)
+  seed = config.seed + SEED_OFFSET
+  adversarial_step = None if p.mode == "C" else make_train_step(
+      config.data.augment, seed, build_attack(p.attack), benign_step_first=p.benign_step_first,
+      attack_batch_norm=config.train.attack_batch_norm)
+  saves = save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ())
+  phase = Phase(os.path.join(workdir, PHASE2_DIR), batches, make_train_step(config.data.augment, seed),
+                adversarial_step, flip_step, steps_per_epoch, total_steps, saves, learning_rate,
+                config.log_every_steps, "config.phase2.optimizer.learning_rate")
+  logging.info("Phase 2: %s from phase-1 epoch %g (step %d), %d steps.", linearized, p.from_epoch,
+               from_step, total_steps)
+  return Phase2(phase, state, linearized, dataset, mesh, from_step)
+
+
+def phase2_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Phase 2 in `<workdir>/phase2/`, resumed from its newest checkpoint, then evaluated there:
+  clean and robust accuracy, and the sizes of the outputs' components f0(x) and J(x)(theta-theta0)."""
+  p2 = build_phase2(config, workdir)
+  phase, directory = p2.phase, p2.phase.directory
+  record_or_check(os.path.join(directory, CONFIG_FILE), phase2_record(config), ())
+  hparams = {k: str(v) for k, v in flatten_config(config.phase2.to_dict(), "phase2.").items()}
+  state, start_step, checkpoints, writer = open_phase(phase, p2.state, hparams)
+  state = train_phase(phase, state, start_step, checkpoints, writer)
+
+  results = evaluate_and_save(config, state, p2.dataset, p2.mesh, directory, phase.total_steps,
+                              linearized=p2.model)
+  write_evaluation(directory, phase.total_steps, config.phase2.num_epochs, results)
+  write_test_scalars(writer, phase.total_steps, results)
+  checkpoints.close()
+  for name, r in results.items():
+    logging.info("Phase 2 test accuracy (%s) %.4f, loss %.4f after %g epochs.", name, r["accuracy"],
+                 r["loss"], config.phase2.num_epochs)
+  return {"state": state, "test": results["clean"], "results": results, "steps": phase.total_steps}

@@ -1,0 +1,191 @@
+"""Phase 2: the linearized model trained from a phase-1 checkpoint, resumable, with its own workdir."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ntk_scale import jobs
+from ntk_scale.base_config import pgd_linf
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.data import load_digits
+from ntk_scale.train.phase2 import apply_loaders, build_phase2, check_phase2_config
+from ntk_scale.train.writers import read_metrics
+from ntk_scale.workdir import WorkdirConfigMismatchError
+
+from test_train import load_config
+
+EPS = 0.1
+
+
+def phase2_config() -> ml_collections.ConfigDict:
+  """Digits smoke: 1 benign epoch, then 2 epochs of the centered model from epoch 0.5."""
+  c = load_config("digits", "smoke")
+  c.num_epochs = 1.0
+  c.log_every_steps = 5
+  c.eval_attacks = ml_collections.ConfigDict({"pgd": pgd_linf(EPS, num_steps=2)})
+  c.phase2.num_epochs = 2.0
+  c.phase2.from_epoch = 0.5
+  c.phase2.attack = pgd_linf(EPS, num_steps=2)
+  return c
+
+
+def raw_checkpoint(directory, step) -> dict:
+  """A checkpoint's state as saved, with no target structure."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def leaves(tree) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def train_records(directory) -> list[dict]:
+  return [r for r in read_metrics(directory) if any(k.startswith(("train/", "test/")) for k in r)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """Phase 1 then phase 2 in one train job."""
+  workdir = str(tmp_path_factory.mktemp("phase2"))
+  config = phase2_config()
+  return config, workdir, jobs.run(config, workdir)
+
+
+def test_phase2_follows_phase1_from_theta0_and_learns(run):
+  config, workdir, result = run
+  assert result["steps"] == 22 and result["phase2"]["steps"] == 44
+  p2dir = os.path.join(workdir, "phase2")
+  assert sorted(Checkpoints(os.path.join(p2dir, "checkpoints")).epochs()) == [1.0, 2.0]
+  losses = [r["train/loss"] for r in read_metrics(p2dir) if "train/loss" in r]
+  assert len(losses) == 10 and losses[-1] < 0.5 * losses[0]
+  # The phase-2 state starts at theta0, the phase-1 checkpoint of epoch 0.5 (step 11) ...
+  p2 = build_phase2(config, workdir)
+  assert p2.from_step == 11 and int(p2.state.step) == 0
+  theta0 = raw_checkpoint(os.path.join(workdir, "checkpoints"), 11)
+  for a, b in zip(leaves(p2.state.params), leaves(theta0["params"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(leaves(p2.state.batch_stats), leaves(theta0["batch_stats"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # ... where the centered model's outputs are zero.
+  images = jnp.asarray(load_digits().test.images[:8])
+  logits = p2.state.apply_fn({"params": p2.state.params, "batch_stats": p2.state.batch_stats},
+                             images, train=False)
+  np.testing.assert_allclose(np.asarray(logits), 0.0, atol=1e-5)
+  assert result["phase2"]["test"]["accuracy"] > 0.8
+
+
+def test_phase2_evaluation_records_output_components(run):
+  _, workdir, result = run
+  with open(os.path.join(workdir, "phase2", "evaluations", "step_44.json")) as f:
+    record = json.load(f)
+  assert record["epoch"] == 2.0
+  for name in ("clean", "pgd"):
+    parts = record["results"][name]["output_components"]
+    assert set(parts) == {"f0_mean_abs", "f0_mean_norm", "jvp_mean_abs", "jvp_mean_norm"}
+    assert all(np.isfinite(v) and v > 0 for v in parts.values())
+  assert record["results"]["pgd"]["accuracy"] <= record["results"]["clean"]["accuracy"]
+  assert os.path.isdir(os.path.join(workdir, "phase2", "adversarial", "pgd"))
+  # Phase 1's evaluation is where it always was, without components.
+  with open(os.path.join(workdir, "evaluations", "step_22.json")) as f:
+    assert "output_components" not in json.load(f)["results"]["clean"]
+
+
+def test_phase2_resume_equals_uninterrupted_bitwise(run, tmp_path):
+  config, workdir, _ = run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  p2dir = os.path.join(copy, "phase2")
+  final = leaves(raw_checkpoint(os.path.join(p2dir, "checkpoints"), 44))
+  records = train_records(p2dir)
+  shutil.rmtree(os.path.join(p2dir, "checkpoints", "44"))
+  shutil.rmtree(os.path.join(p2dir, "evaluations"))
+  jobs.run(config, copy)
+  resumed = leaves(raw_checkpoint(os.path.join(p2dir, "checkpoints"), 44))
+  assert len(final) == len(resumed)
+  for a, b in zip(final, resumed):
+    np.testing.assert_array_equal(a, b)
+  assert train_records(p2dir) == records
+
+
+def test_phase2_alone_adversarial_from_loaders(run, tmp_path):
+  config, workdir, _ = run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("phase2"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job, config.num_epochs, config.loaders = "phase2", 0.0, "CA"
+  config.phase2.num_epochs = 1.0
+  result = jobs.run(config, copy)
+  assert result["steps"] == 22
+  flags = [r["train/adversarial"] for r in read_metrics(os.path.join(copy, "phase2"))
+           if "train/adversarial" in r]
+  assert flags and all(f == 1.0 for f in flags)
+  # A different phase-2 experiment on the same workdir is refused.
+  config.phase2.num_epochs = 3.0
+  with pytest.raises(WorkdirConfigMismatchError, match="phase2.num_epochs"):
+    jobs.run(config, copy)
+  # loaders' phase-1 mode must be the workdir's.
+  config.phase2.num_epochs, config.loaders = 1.0, "AA"
+  with pytest.raises(WorkdirConfigMismatchError, match="train.mode"):
+    jobs.run(config, copy)
+
+
+def test_loaders_map_onto_the_phase_modes():
+  config = phase2_config()
+  for loaders, modes in (("CA", ("C", "A")), ("AC", ("A", "C")), ("FC", ("F", "C")), ("AA", ("A", "A"))):
+    config.loaders = loaders
+    mapped = apply_loaders(config)
+    assert (mapped.train.mode, mapped.phase2.mode) == modes
+  config.loaders = ""
+  assert apply_loaders(config) is config
+  for bad in ("CF", "X", "CAA", "ca", "AF"):
+    config.loaders = bad
+    with pytest.raises(ValueError, match="config.loaders"):
+      apply_loaders(config)
+
+
+def test_invalid_loaders_fail_before_the_workdir_is_touched(tmp_path):
+  config = phase2_config()
+  config.loaders = "CF"
+  with pytest.raises(ValueError, match="config.loaders='CF'"):
+    jobs.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_missing_from_epoch_fails_before_compute(run, tmp_path):
+  config, workdir, _ = run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("phase2"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job, config.phase2.from_epoch = "phase2", 0.625
+  with pytest.raises(CheckpointNotFoundError, match=r"available epochs: \[0.125, 0.25"):
+    jobs.run(config, copy)
+  assert not os.path.exists(os.path.join(copy, "phase2"))
+  # The phase2 job needs a trained phase 1.
+  with pytest.raises(CheckpointNotFoundError, match="no phase-1 run"):
+    jobs.run(config, str(tmp_path / "empty"))
+  # The train job refuses a from_epoch phase 1 will not save, before training phase 1.
+  config.job = "train"
+  with pytest.raises(CheckpointNotFoundError, match="not an epoch phase 1 saves"):
+    jobs.run(config, str(tmp_path / "fresh"))
+  assert not os.path.exists(tmp_path / "fresh" / "checkpoints")
+
+
+def test_bad_phase2_fields_are_named():
+  for field, value, message in (("linearization", "quadratic", "config.phase2.linearization"),
+                                ("mode", "F", "config.phase2.mode"),
+                                ("batch_norm", "train", "config.phase2.batch_norm")):
+    config = phase2_config()
+    config.phase2[field] = value
+    with pytest.raises(ValueError, match=message):
+      check_phase2_config(config)
+  config = phase2_config()
+  config.phase2.optimizer.learning_rate = -1.0
+  with pytest.raises(ValueError, match="config.phase2.optimizer.learning_rate"):
+    check_phase2_config(config)
