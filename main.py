@@ -6,7 +6,7 @@ Rerunning the same command on the same workdir resumes it.
 from absl import app, flags
 from ml_collections import config_flags
 
-from ntk_scale import console  # noqa: F401  (sets TF log level before TensorFlow loads)
+from ntk_scale import console  # noqa: F401  (sets the TF log level before TensorFlow loads)
 from ntk_scale import jobs
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -24,9 +24,10 @@ its own workdir. `--config.loaders=CA` sets both modes at once, as Loo et al.'s 
 
 All runs evaluate clean accuracy and robust accuracy under L-inf PGD-20 and APGD-CE-20 at eps 0.1 on
 the 360 test images, and save the adversarial examples under <workdir>/adversarial/.
-Expected (2 CPU cores): benign about 99% clean and under 20% robust; adversarial about 97% clean and
-about 80% robust, APGD a few points below PGD. Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`)
-for a narrower CNN trained for 3 epochs in seconds, for smoke tests.
+Measured (2 CPU cores, 15 epochs): benign 99.7% clean, 54.7% PGD-20, 52.2% APGD-CE-20 (about
+1 minute); adversarial 99.7% clean, 91.4% PGD-20, 90.6% APGD-CE-20 (about 2 minutes).
+Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`) for a narrower CNN trained for 3 epochs in
+seconds, for smoke tests.
 """
 
 import ml_collections
