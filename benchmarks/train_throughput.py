@@ -15,6 +15,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/train_throughput.py
     .venv/bin/python benchmarks/train_throughput.py --models cnn --steps 20 --batch_size 256
+    .venv/bin/python benchmarks/train_throughput.py --linearizations linear centered  # phase-2 cost
 """
 
 import os
@@ -37,6 +38,7 @@ import ntk_scale.train.optimizer
 import ntk_scale.train.state
 import ntk_scale.train.steps
 from ntk_scale.base_config import base_config
+from ntk_scale.linearize import LINEARIZATIONS, LinearizedModel
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -86,9 +88,10 @@ def median_seconds(run_once: Callable[[], Any], timing: Timing) -> tuple[float, 
   return statistics.median(times), len(times)
 
 
-def build_state_and_batch(name: str,
-                          batch_size: int) -> tuple[ntk_scale.train.state.TrainState, dict[str, jax.Array]]:
-  """The replicated train state of model `name` and a sharded random batch of `batch_size`."""
+def build_state_and_batch(name: str, batch_size: int, linearization: str | None = None,
+                          ) -> tuple[ntk_scale.train.state.TrainState, dict[str, jax.Array]]:
+  """The replicated train state of model `name` (or of its phase-2 `linearization` around its
+  initialisation, BatchNorm frozen) and a sharded random batch of `batch_size`."""
   config = base_config()
   config.model.name = name
   config.model.width = MODELS[name]
@@ -97,15 +100,18 @@ def build_state_and_batch(name: str,
   tx, _ = ntk_scale.train.optimizer.build_optimizer(config.optimizer, steps_per_epoch=100, total_steps=1000)
   mesh = ntk_scale.parallel.make_mesh()
   state = ntk_scale.train.state.create_train_state(model, tx, IMAGE_SHAPE, seed=0, mesh=mesh)
+  if linearization:
+    model = LinearizedModel(model, state.params, state.batch_stats, linearization, "frozen")
+    state = ntk_scale.train.state.create_train_state(model, tx, IMAGE_SHAPE, seed=0, mesh=mesh)
   rng = np.random.default_rng(0)
   arrays = {"images": rng.random((batch_size, *IMAGE_SHAPE), dtype=np.float32),
             "labels": rng.integers(0, NUM_CLASSES, batch_size, dtype=np.int32)}
   return state, ntk_scale.parallel.global_batch(mesh, arrays, np.arange(batch_size))
 
 
-def measure_model(name: str, batch_size: int, timing: Timing) -> Row:
+def measure_model(name: str, batch_size: int, timing: Timing, linearization: str | None = None) -> Row:
   """Compiles the train step once and times that executable; it donates the state, so rebind it."""
-  state, batch = build_state_and_batch(name, batch_size)
+  state, batch = build_state_and_batch(name, batch_size, linearization)
   parameters = ntk_scale.train.state.count_parameters(state.params)
   compiled = ntk_scale.train.steps.make_train_step("none", seed=0).lower(state, batch).compile()
 
@@ -117,7 +123,8 @@ def measure_model(name: str, batch_size: int, timing: Timing) -> Row:
   seconds, timed = median_seconds(run_once, timing)
   # The compiled SPMD executable is one device's program, so its cost analysis is per device.
   devices = jax.device_count()
-  return Row(name, parameters, batch_size, devices, seconds, timed, devices * compiled_flops(compiled))
+  label = f"{name} [{linearization}]" if linearization else name
+  return Row(label, parameters, batch_size, devices, seconds, timed, devices * compiled_flops(compiled))
 
 
 def measure_peer(size: int, timing: Timing) -> Row:
@@ -154,6 +161,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--max_seconds", type=float, default=None,
                       help="stop timing a model once its timed steps add up to this, after at least 3 "
                            "(default: 45 on CPU, unlimited elsewhere)")
+  parser.add_argument("--linearizations", nargs="*", default=[], choices=LINEARIZATIONS,
+                      help="also time phase 2's train step on these linearized forms of each model")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
   parser.add_argument("--peer_size", type=int, default=None,
                       help="side of the peer matmul (default: 2048 on CPU, 8192 elsewhere)")
@@ -171,8 +180,17 @@ def main() -> None:
     raise SystemExit(f"error: {error}") from None
   print(f"jax {jax.__version__}, backend {backend}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   peer = measure_peer(args.peer_size or PEER_SIZE.get(backend, 8192), timing)
-  rows = [measure_model(name, args.batch_size, timing) for name in args.models]
+  rows, overheads = [], []
+  for name in args.models:
+    standard = measure_model(name, args.batch_size, timing)
+    rows.append(standard)
+    for kind in args.linearizations:
+      rows.append(measure_model(name, args.batch_size, timing, kind))
+      overheads.append(f"{rows[-1].name}: {rows[-1].step_seconds / standard.step_seconds:.2f}x "
+                       f"the standard step's time")
   print(format_table(rows + [peer], peer))
+  for line in overheads:
+    print(line)
   print(f"step ms: median of the timed steps (column 'steps'), after compilation and {timing.warmup} "
         "warm-up step(s).\nGFLOP/step: XLA cost analysis of the compiled executable, summed over devices; "
         "frac of peer: GFLOP/s over (peer GFLOP/s x devices).")
