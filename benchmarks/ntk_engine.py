@@ -98,6 +98,14 @@ def loo2022(nt, f, trace_axes, params, x):
   return run
 
 
+def at_precision(run, precision: str):
+  """`run` with jax's default matmul precision set, so neural-tangents computes as ours does."""
+  def wrapped():
+    with jax.default_matmul_precision(precision):
+      return run()
+  return wrapped
+
+
 def nt_best(nt, f, trace_axes, params, x, batch_size: int | None):
   kernel_fn = nt.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=0,
                                   implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
@@ -120,10 +128,14 @@ def main() -> None:
   parser.add_argument("--logits", default="0,trace", help="class indices and/or trace")
   parser.add_argument("--loo_max", type=int, default=256, help="skip loo2022 above this N")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
+                      help="matmul precision of every row (ours and neural-tangents'); on GPUs "
+                           "'default' is TF32")
   args = parser.parse_args()
   nt = load_neural_tangents("benchmarks/ntk_engine.py")
   peak = matmul_peak()
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}; "
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}, "
+        f"precision {args.precision}; "
         f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
   header = (f"{'model':>9s} {'params':>10s} {'N':>5s} {'logits':>6s} {'method':>11s} {'seconds':>9s} "
             f"{'vs ours':>8s} {'GFLOP/s':>9s} {'% peak':>7s} {'err':>8s}")
@@ -139,7 +151,9 @@ def main() -> None:
         mode = logits if logits == "trace" else int(logits)
         plan = plan_for(apply_fn, params, x, None, mode)
         ours_out = {}
-        ours = best_time(lambda: ours_out.setdefault("k", empirical_ntk(apply_fn, params, x, logits=mode)),
+        print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
+        ours = best_time(lambda: ours_out.setdefault("k", empirical_ntk(apply_fn, params, x, logits=mode,
+                                                                        precision=args.precision)),
                          args.repeats)
         reference = ours_out["k"]
         rows = [("ntk_scale", ours, reference)]
@@ -149,6 +163,7 @@ def main() -> None:
           runs.append(("loo2022", loo2022(nt, f, trace_axes, params, x)))
         for label, run in runs:
           out = {}
+          run = at_precision(run, args.precision)
           try:
             seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
           except Exception as error:  # noqa: BLE001
@@ -157,7 +172,7 @@ def main() -> None:
             batch = n // 2
             while batch >= 1:
               try:
-                run = nt_best(nt, f, trace_axes, params, x, batch)
+                run = at_precision(nt_best(nt, f, trace_axes, params, x, batch), args.precision)
                 seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
                 label = f"nt_batch{batch}"
                 break

@@ -6,7 +6,9 @@ only on names that moved or were removed, not on anything it computes with:
   jax.util.{safe_map, safe_zip}                        the module is gone (length-checked map / zip);
   jax.interpreters.ad.zeros_like_p                     gone; nt only keys a rule table on it.
 `load_neural_tangents` adds those names where they are missing (never replacing an existing one) and
-then imports neural_tangents. That is enough for the analytic stax kernels and for empirical kernels
+then imports neural_tangents. Its package __init__ also imports `experimental.empirical_tf`, which
+needs TensorFlow and tf2jax for kernels of TensorFlow models; where those are absent (a GPU image, a
+slim install) that one module is replaced by one whose functions raise, so the rest still loads. That is enough for the analytic stax kernels and for empirical kernels
 with JACOBIAN_CONTRACTION and NTK_VECTOR_PRODUCTS. STRUCTURED_DERIVATIVES (and AUTO, which tries it)
 call private JAX internals whose signatures changed; nothing here may depend on them.
 
@@ -15,6 +17,7 @@ an independent oracle in tests and benchmarks. Nothing else imports neural_tange
 """
 
 import importlib
+import importlib.util
 import sys
 from types import ModuleType
 from typing import Any, Callable, Iterable
@@ -26,7 +29,8 @@ import jax.interpreters.ad
 NT_VERSION = "0.6.5"  # the release these aliases were written and tested against
 INSTALL_HINT = "pip install -e '.[nt]'"
 # Modules of neural-tangents' own distributions: failing to find one means "not installed".
-_NT_DISTRIBUTION_MODULES = frozenset({"neural_tangents", "tf2jax", "frozendict"})
+_NT_DISTRIBUTION_MODULES = frozenset({"neural_tangents", "frozendict"})
+_NT_TENSORFLOW_MODULE = "neural_tangents.experimental.empirical_tf.empirical"
 
 
 class NeuralTangentsUnavailableError(ImportError):
@@ -63,6 +67,27 @@ def _install_aliases() -> None:
   _add_missing(util, {"safe_map": lambda: _safe_map, "safe_zip": lambda: _safe_zip})
 
 
+def _without_tensorflow() -> None:
+  """Stands in for nt's TensorFlow-model kernels when TensorFlow or tf2jax cannot be found; idempotent."""
+  def installed(name: str) -> bool:
+    try:
+      return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+      return False
+
+  if installed("tensorflow") and installed("tf2jax"):
+    return
+  stand_in = ModuleType(_NT_TENSORFLOW_MODULE, "neural-tangents' TensorFlow kernels, unavailable here.")
+
+  def unavailable(*args: Any, **kwargs: Any) -> Any:
+    raise NeuralTangentsUnavailableError(
+        "neural-tangents' kernels of TensorFlow models need tensorflow and tf2jax, which are not installed")
+
+  stand_in.empirical_ntk_fn_tf = unavailable
+  stand_in.get_apply_fn_and_params = unavailable
+  sys.modules.setdefault(_NT_TENSORFLOW_MODULE, stand_in)
+
+
 def load_neural_tangents(feature: str) -> ModuleType:
   """Returns the `neural_tangents` module, made importable on current JAX.
 
@@ -71,6 +96,7 @@ def load_neural_tangents(feature: str) -> ModuleType:
   """
   _install_aliases()
   try:
+    _without_tensorflow()
     return importlib.import_module("neural_tangents")
   except Exception as error:  # whatever breaks the import, the feature is unavailable
     if isinstance(error, ModuleNotFoundError) and error.name in _NT_DISTRIBUTION_MODULES:

@@ -5,8 +5,11 @@ float64 Jacobian contraction; a failed load must name the feature that needed it
 """
 
 import functools
+import os
 import importlib.util
+import subprocess
 import sys
+import textwrap
 
 import flax
 import jax
@@ -30,7 +33,7 @@ SUPPORTED_IMPLEMENTATIONS = ("JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS")
 @pytest.fixture(scope="module")
 def nt():
   """The neural_tangents module; skips only when the optional `nt` extra is not installed."""
-  missing = [m for m in ("neural_tangents", "tf2jax", "frozendict") if importlib.util.find_spec(m) is None]
+  missing = [m for m in ("neural_tangents", "frozendict") if importlib.util.find_spec(m) is None]
   if missing:
     pytest.skip(f"neural-tangents {nt_compat.NT_VERSION} is not installed (missing {', '.join(missing)}); "
                 f"it is the optional extra: {nt_compat.INSTALL_HINT}")
@@ -150,3 +153,30 @@ def test_failed_import_names_the_feature_the_error_and_the_fix(monkeypatch):
   assert FEATURE in message and "failed to import" in message and nt_compat.INSTALL_HINT in message
   assert "cannot import name 'Jaxpr' from 'jax.core'" in message
   assert isinstance(raised.value.__cause__, ImportError)
+
+
+def test_loads_without_tensorflow_and_only_its_tensorflow_kernels_refuse(nt):
+  """Where TensorFlow is absent (the GPU images) nt still computes kernels; its TF-model kernels say why not."""
+  del nt  # only for the skip when neural-tangents is not installed
+  program = textwrap.dedent("""
+      import sys
+      sys.modules["tensorflow"] = sys.modules["tf2jax"] = None  # what absent packages look like
+      import jax.numpy as jnp
+      from ntk_scale import nt_compat
+      nt = nt_compat.load_neural_tangents("test")
+      assert sys.modules["tensorflow"] is None
+      fn = nt.empirical_ntk_fn(lambda p, x: x @ p, trace_axes=(), vmap_axes=0)
+      k = fn(jnp.ones((2, 3)), None, jnp.eye(3)[:, :2])
+      assert k.shape == (2, 2, 2, 2), k.shape  # f(x) = x @ p: K[i, j, c, d] = <x_i, x_j> delta_cd = 3 delta_cd
+      assert float(abs(k - 3 * jnp.eye(2)[None, None]).max()) == 0.0, k
+      try:
+        nt.experimental.empirical_ntk_fn_tf(None)
+      except nt_compat.NeuralTangentsUnavailableError as error:
+        assert "tensorflow" in str(error)
+      else:
+        raise AssertionError("empirical_ntk_fn_tf ran without TensorFlow")
+      print("ok")
+      """)
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -171,6 +171,20 @@ def test_tile_follows_memory_budget_and_method_falls_back(network):
     plan_for(apply_fn, variables["params"], x, None, "sum")
 
 
+def test_cost_model_counts_convolutions_from_the_lowered_program():
+  """A 3x3 convolution (8 -> 16 channels, 10x10 input, 8x8 output) is 2*8*8*9*8*16 FLOPs however the backend
+  runs it: XLA:GPU's compiled cost analysis counted cuDNN convolutions as 0 and the plan chose ntvp."""
+  import flax.linen as nn
+  from ntk_scale.ntk.plan import ModelCost
+  conv = nn.Conv(16, (3, 3), padding="VALID", use_bias=False)
+  params = jax.eval_shape(lambda: conv.init(jax.random.key(0), np.zeros((1, 10, 10, 8), np.float32)))
+  cost = ModelCost.measure(lambda p, x: conv.apply(p, x).reshape(len(x), -1), params,
+                           jax.ShapeDtypeStruct((10, 10, 8), np.float32))
+  expected = 2 * 8 * 8 * 9 * 8 * 16
+  assert cost.num_params == 9 * 8 * 16
+  assert expected <= cost.forward_flops <= 1.1 * expected
+
+
 class _Killed(Exception):
   pass
 

@@ -47,10 +47,13 @@ class ModelCost:
     jaxpr = jax.make_jaxpr(apply_fn)(p, x)
     activations = sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
                       for eqn in _all_eqns(jaxpr.jaxpr) for v in eqn.outvars)
-    analysis = jax.jit(apply_fn).lower(p, x).compile().cost_analysis()
+    # The lowered (backend-independent) HLO: after GPU compilation convolutions are cuDNN custom
+    # calls that cost analysis counts as 0 FLOPs, which made "auto" pick ntvp there, 50x slower.
+    analysis = jax.jit(apply_fn).lower(p, x).cost_analysis()
     if isinstance(analysis, list):  # older jax returned one dict per program
       analysis = analysis[0]
-    flops = float((analysis or {}).get("flops", 0.0)) or 2.0 * sum(a.size for a in leaves)
+    # Never below the matmul floor: every parameter enters at least one multiply-add.
+    flops = max(float((analysis or {}).get("flops", 0.0)), 2.0 * sum(a.size for a in leaves))
     return cls(num_params=int(sum(a.size for a in leaves)), forward_flops=flops,
                activation_bytes=float(activations), itemsize=int(leaves[0].dtype.itemsize))
 
