@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, x[N, ...]) -> logits[N, C]
@@ -57,35 +58,34 @@ def parse_logits(logits: str | int, num_classes: int, field: str = "logits") -> 
   return LogitSpec("class", num_classes, index)
 
 
-def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec) -> PyTree:
-  """Per-example Jacobians of the chosen logits: a pytree like `params` with leaves [T, C', *shape].
+def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec) -> jax.Array:
+  """Per-example Jacobians of the chosen logits with respect to all parameters, flattened: [T, C', P].
 
   One vmapped reverse pass per example (and logit): examples never mix, which holds for any model
-  in inference mode (BatchNorm on running averages).
+  in inference mode (BatchNorm on running averages). Differentiating with respect to the raveled
+  parameter vector gives one matrix per block, so a tile is one matmul instead of one per
+  parameter leaf: XLA:GPU autotunes every distinct matmul, which took a minute per program.
   """
-  def logits_of(p, example):
-    out = apply_fn(p, example[None])[0]
+  theta, unravel = ravel_pytree(params)
+
+  def logits_of(flat, example):
+    out = apply_fn(unravel(flat), example[None])[0]
     return out[spec.index][None] if spec.kind == "class" else out
 
-  return jax.vmap(jax.jacrev(logits_of), in_axes=(None, 0))(params, x)
+  return jax.vmap(jax.jacrev(logits_of), in_axes=(None, 0))(theta, x)
 
 
-def contract(rows: PyTree, cols: PyTree, spec: LogitSpec, precision: lax.Precision) -> jax.Array:
-  """K[i, j] (or K[i, j, c, d] for "full") from Jacobian rows [T1, C', ...] and [T2, C', ...].
+def contract(rows: jax.Array, cols: jax.Array, spec: LogitSpec, precision: lax.Precision) -> jax.Array:
+  """K[i, j] (or K[i, j, c, d] for "full") from Jacobian rows [T1, C', P] and [T2, C', P].
 
-  trace/class: one matmul over the flattened (logit, parameter) axis per leaf, which sums the
-  per-logit kernels; full: one matmul per leaf over the parameter axis with logits kept apart.
+  trace/class: one matmul over the flattened (logit, parameter) axis, which sums the per-logit
+  kernels; full: one matmul over the parameter axis with logits kept apart.
   """
-  total = None
-  for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(cols)):
-    t1, t2, c = a.shape[0], b.shape[0], a.shape[1]
-    if spec.kind == "full":
-      product = jnp.matmul(a.reshape(t1 * c, -1), b.reshape(t2 * c, -1).T, precision=precision)
-      product = product.reshape(t1, c, t2, c).transpose(0, 2, 1, 3)
-    else:
-      product = jnp.matmul(a.reshape(t1, -1), b.reshape(t2, -1).T, precision=precision)
-    total = product if total is None else total + product
-  return total
+  t1, t2, c = rows.shape[0], cols.shape[0], rows.shape[1]
+  if spec.kind == "full":
+    product = jnp.matmul(rows.reshape(t1 * c, -1), cols.reshape(t2 * c, -1).T, precision=precision)
+    return product.reshape(t1, c, t2, c).transpose(0, 2, 1, 3)
+  return jnp.matmul(rows.reshape(t1, -1), cols.reshape(t2, -1).T, precision=precision)
 
 
 def mirror_tile(tile):
@@ -94,15 +94,15 @@ def mirror_tile(tile):
   return tile.transpose((1, 0, 3, 2) if tile.ndim == 4 else (1, 0))
 
 
-def contract_symmetric(rows: PyTree, spec: LogitSpec, precision: lax.Precision,
+def contract_symmetric(rows: jax.Array, spec: LogitSpec, precision: lax.Precision,
                        pieces: int) -> jax.Array:
   """`contract(rows, rows)` from the products on and above the diagonal of a `pieces` x `pieces`
   split, mirrored: (pieces + 1) / (2 * pieces) of the multiply-adds."""
-  t = jax.tree.leaves(rows)[0].shape[0]
+  t = rows.shape[0]
   if pieces <= 1 or t % pieces:
     return contract(rows, rows, spec, precision)
   size = t // pieces
-  part = lambda a: jax.tree.map(lambda leaf: leaf[a * size:(a + 1) * size], rows)
+  part = lambda a: rows[a * size:(a + 1) * size]
   blocks = {}
   for a in range(pieces):
     for b in range(a, pieces):
@@ -119,11 +119,12 @@ def ntvp_tile(apply_fn: ApplyFn, params: PyTree, x_rows: jax.Array, x_cols: jax.
   Holds one column example's Jacobian rows at a time (C' * P numbers) and the activations of a
   forward-mode pass over the row block.
   """
-  rows_fn = lambda p: apply_fn(p, x_rows)  # [T1, C]
+  theta, unravel = ravel_pytree(params)
+  rows_fn = lambda flat: apply_fn(unravel(flat), x_rows)  # [T1, C]
 
   def column(example):  # -> [C', T1, C]: J(rows) v for each Jacobian row v of the example
-    jac = jax.tree.map(lambda leaf: leaf[0], jacobian_rows(apply_fn, params, example[None], spec))
-    return jax.vmap(lambda v: jax.jvp(rows_fn, (params,), (v,))[1])(jac)
+    jac = jacobian_rows(apply_fn, params, example[None], spec)[0]  # [C', P]
+    return jax.vmap(lambda v: jax.jvp(rows_fn, (theta,), (v,))[1])(jac)
 
   products = lax.map(column, x_cols)  # [T2, C', T1, C]
   if spec.kind == "class":
