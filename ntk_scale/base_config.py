@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.co_monitor.collapse_fraction = 0.5
   c.train.co_monitor.min_peak = 0.2
   c.train.co_monitor.max_train_drop = 0.05
+  c.train.co_monitor.sustain_evals = 3  # consecutive collapsed measurements: a sustained collapse
   c.train.co_monitor.keep_checkpoints = True
 
   # Evaluated on the test split at the end of training: name -> attack (see ntk_scale/attacks.py).

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from ntk_scale.base_config import base_config
 from ntk_scale.checkpoint import CheckpointNotFoundError
 
 CONFIG_FILE = "config.json"
@@ -45,10 +46,16 @@ def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict, current: dict,
                        runtime: tuple[str, ...] = RUNTIME_FIELDS) -> list[str]:
-  """Human-readable `field: saved -> current` lines for every result-relevant field that differs."""
+  """Human-readable `field: saved -> current` lines for every result-relevant field that differs.
+
+  A field absent from `saved` that holds its base_config default in `current` is no difference:
+  fields are added with defaults that keep the old behaviour, so older workdirs still resume.
+  """
   a, b = flatten_config(saved), flatten_config(current)
+  defaults = flatten_config(json.loads(base_config().to_json()))
+  same = lambda k: a.get(k) == b.get(k) or (k not in a and k in defaults and b.get(k) == defaults[k])
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-          for k in sorted(set(a) | set(b)) if not is_runtime_field(k, runtime) and a.get(k) != b.get(k)]
+          for k in sorted(set(a) | set(b)) if not is_runtime_field(k, runtime) and not same(k)]
 
 
 NEW_WORKDIR = "Use a new --workdir, or the original config."

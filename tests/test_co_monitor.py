@@ -44,6 +44,23 @@ def test_detector_is_silent_without_a_collapse():
   assert _feed(CollapseDetector(), [0.3, 0.4, 0.1, 0.05], [0.8, 0.85, 0.3, 0.1]) == []
 
 
+def test_detector_tells_a_sustained_collapse_from_a_transient_one():
+  train = np.linspace(0.5, 0.99, 12)
+  # Digits-like: a drop at the 5th measurement, back above half the peak at the 6th, then a lasting one.
+  robust = [0.10, 0.20, 0.30, 0.40, 0.10, 0.35, 0.42, 0.15, 0.10, 0.05, 0.04, 0.03]
+  detector = CollapseDetector(collapse_fraction=0.5, sustain_evals=3)
+  events = _feed(detector, robust, train)
+  assert [e["step"] for e in events] == [500]  # the first collapse, reported once
+  assert detector.recoveries[0]["step"] == 600 and detector.recoveries[0]["collapsed_at"] == 500
+  s = detector.sustained
+  assert s["step"] == 800 and s["confirmed"]["step"] == 1000 and s["evaluations"] == 3
+  assert s["peak"]["robust_accuracy"] == 0.42  # the peak reached between the two collapses
+  # A transient drop alone is never sustained.
+  transient = CollapseDetector(sustain_evals=2)
+  _feed(transient, [0.3, 0.4, 0.1, 0.4, 0.1, 0.45], np.linspace(0.5, 0.9, 6))
+  assert transient.collapse is not None and transient.sustained is None and len(transient.recoveries) == 2
+
+
 def test_bad_monitor_fields_are_named():
   monitor = base_config().train.co_monitor
   monitor.every_steps = 10
@@ -51,6 +68,10 @@ def test_bad_monitor_fields_are_named():
   with pytest.raises(ValueError, match=r"config\.train\.co_monitor\.collapse_fraction=1\.5"):
     check_co_monitor_config(monitor)
   monitor.collapse_fraction = 0.5
+  monitor.sustain_evals = 0
+  with pytest.raises(ValueError, match=r"config\.train\.co_monitor\.sustain_evals=0 must be an integer >= 1"):
+    check_co_monitor_config(monitor)
+  monitor.sustain_evals = 3
   with pytest.raises(ValueError, match=r"config\.train\.co_monitor\.num_examples=256 exceeds the 100"):
     check_co_monitor_config(monitor, num_test_examples=100)
   monitor.attack.eps = -1.0
@@ -90,6 +111,13 @@ def test_monitor_records_metrics_collapse_and_checkpoints_around_it(tmp_path):
     assert any(abs(e - summary["checkpoint_epochs"][side]) < 1e-9 for e in epochs)
   assert summary["checkpoint_epochs"]["before"] == collapse["before"]["epoch"]
   assert summary["checkpoint_epochs"]["after"] == collapse["epoch"]
+  # The summary is rewritten after the collapse: whether it lasted follows the same records.
+  replay = CollapseDetector(1.0, 0.0, 1.0, 3)
+  for r in records:
+    replay.update(r["step"], r["step"] / 22, r["co/robust_accuracy"], r["co/train_clean_accuracy"])
+  assert summary["sustained"] == (replay.sustained is not None)
+  assert [p["step"] for p in summary["recoveries"]] == [p["step"] for p in replay.recoveries]
+  assert summary["last"]["step"] == 22 and summary["criterion"]["sustain_evals"] == 3
 
 
 @pytest.mark.parametrize("arg", ["", "method=rs_fgsm,beta=0.1,eps=0.15", "method=n_fgsm,perp,smoke",

@@ -47,6 +47,18 @@ def test_workdir_of_another_experiment_is_refused(tmp_path, no_compute):
     jobs.run(config, str(tmp_path))
 
 
+def test_workdir_recorded_before_a_new_field_resumes_while_it_holds_its_default(tmp_path):
+  config = load_config("digits", "smoke")
+  recorded = json.loads(config.to_json())
+  del recorded["train"]["grad_align"]  # as written before the field existed
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(recorded, f)
+  prepare_workdir(config, str(tmp_path))  # the default keeps the old behaviour: no error
+  config.train.grad_align = 0.5
+  with pytest.raises(WorkdirConfigMismatchError, match=r"train.grad_align: '<absent>' -> 0.5"):
+    prepare_workdir(config, str(tmp_path))
+
+
 def test_runtime_fields_may_change_on_resume(tmp_path):
   config = load_config("digits", "smoke")
   prepare_workdir(config, str(tmp_path))

@@ -91,9 +91,9 @@ class CoMonitor:
     writer.write_scalars(step, values)
     epoch = step / self._steps_per_epoch
     collapse = self._detector.update(step, epoch, values[ROBUST], values[TRAIN_CLEAN])
-    if collapse is not None:
-      if self._config.keep_checkpoints:
-        self._save_around(collapse, step, state, checkpoints)
+    if collapse is not None and self._config.keep_checkpoints:
+      self._save_around(collapse, step, state, checkpoints)
+    if self._detector.collapse is not None:  # whether it lasts is known only later
       self.finish()
     if self._config.keep_checkpoints and self._detector.collapse is None:
       # The train step donates its input state, so the state "before" is kept as a device copy.
@@ -114,10 +114,13 @@ class CoMonitor:
   def finish(self) -> dict:
     """Writes and returns the summary: whether and where robust accuracy collapsed."""
     d = self._detector
-    summary = {"collapsed": d.collapse is not None, "collapse": d.collapse, "peak": d.peak,
+    summary = {"collapsed": d.collapse is not None, "collapse": d.collapse,
+               "sustained": d.sustained is not None, "sustained_collapse": d.sustained,
+               "recoveries": d.recoveries, "peak": d.peak,
                "last": d.previous, "checkpoint_epochs": self._checkpoint_epochs,
-               "criterion": {k: self._config[k] for k in ("collapse_fraction", "min_peak",
-                                                          "max_train_drop", "every_steps")}}
+               "criterion": {k: self._config.get(k, 3 if k == "sustain_evals" else None)
+                             for k in ("collapse_fraction", "min_peak", "max_train_drop",
+                                       "sustain_evals", "every_steps")}}
     if jax.process_index() == 0:
       tmp = self._path + ".tmp"
       with open(tmp, "w") as f:

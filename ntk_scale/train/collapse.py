@@ -5,7 +5,9 @@ robustness and then, within a few hundred iterations, loses nearly all of it whi
 accuracy keeps improving: catastrophic overfitting (CO). Ortiz-Jimenez et al. 2023 induce it with
 injected features; de Jorge et al. 2022 (N-FGSM) and GradAlign avoid it. A run records the first
 moment its robust accuracy falls below a fraction of its best so far, provided the best was
-meaningful and clean training accuracy did not fall with it (which would be divergence, not CO).
+meaningful and clean training accuracy did not fall with it (which would be divergence, not CO),
+and whether (and when first) the collapse lasted: a sustained collapse stays collapsed for
+`sustain_evals` consecutive measurements.
 """
 
 import dataclasses
@@ -19,23 +21,40 @@ CO_FILE = "catastrophic_overfitting.json"
 
 @dataclasses.dataclass
 class CollapseDetector:
-  """Feed it (step, epoch, robust accuracy, clean train accuracy) in step order; `update` returns the
-  collapse, once, at the first point that satisfies the criterion."""
+  """Feed it (step, epoch, robust accuracy, clean train accuracy) in step order.
+
+  `update` returns the first collapse, once: the first point that satisfies the criterion. On
+  digits such drops can be transient (robustness returns within an epoch), unlike CO on CIFAR-10,
+  so the detector also records `sustained`, the first run of `sustain_evals` consecutive collapsed
+  points, and every `recoveries` point at which a run of collapsed points ended.
+  """
   collapse_fraction: float = 0.5
   min_peak: float = 0.2
   max_train_drop: float = 0.05
-  peak: dict | None = None  # the point of highest robust accuracy so far
+  sustain_evals: int = 3
+  peak: dict | None = None  # the point of highest robust accuracy so far, outside collapsed runs
   previous: dict | None = None  # the last point fed
   collapse: dict | None = None
+  sustained: dict | None = None
+  recoveries: list = dataclasses.field(default_factory=list)
+  _run: list = dataclasses.field(default_factory=list)  # the current run of collapsed points
 
   def update(self, step: int, epoch: float, robust_accuracy: float,
              train_accuracy: float) -> dict | None:
     point = dict(step=int(step), epoch=float(epoch), robust_accuracy=float(robust_accuracy),
                  train_clean_accuracy=float(train_accuracy))
     previous, self.previous = self.previous, point
-    if self.collapse is None and self.peak is not None and self._collapsed(point):
-      self.collapse = dict(point, peak=self.peak, before=previous)
-      return self.collapse
+    if self.peak is not None and self._collapsed(point):
+      self._run.append(point)
+      if self.sustained is None and len(self._run) == self.sustain_evals:
+        self.sustained = dict(self._run[0], confirmed=point, peak=self.peak, evaluations=len(self._run))
+      if self.collapse is None:
+        self.collapse = dict(point, peak=self.peak, before=previous)
+        return self.collapse
+      return None
+    if self._run:
+      self.recoveries.append(dict(point, collapsed_at=self._run[0]["step"], evaluations=len(self._run)))
+      self._run = []
     if self.peak is None or robust_accuracy > self.peak["robust_accuracy"]:
       self.peak = point
     return None
@@ -48,7 +67,8 @@ class CollapseDetector:
 
 
 def detector_from_config(monitor: ml_collections.ConfigDict) -> CollapseDetector:
-  return CollapseDetector(monitor.collapse_fraction, monitor.min_peak, monitor.max_train_drop)
+  return CollapseDetector(monitor.collapse_fraction, monitor.min_peak, monitor.max_train_drop,
+                          monitor.get("sustain_evals", 3))
 
 
 def check_co_monitor_config(monitor: ml_collections.ConfigDict | None, num_test_examples: int | None = None,
@@ -71,6 +91,10 @@ def check_co_monitor_config(monitor: ml_collections.ConfigDict | None, num_test_
     value = monitor.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
       raise ValueError(f"{prefix}.{field}={value!r} must lie in [{low}, {high}].")
+  sustain = monitor.get("sustain_evals", 3)
+  if isinstance(sustain, bool) or not isinstance(sustain, int) or sustain < 1:
+    raise ValueError(f"{prefix}.sustain_evals={sustain!r} must be an integer >= 1 (consecutive "
+                     "collapsed measurements that make a collapse sustained).")
   if not isinstance(monitor.get("keep_checkpoints"), bool):
     raise ValueError(f"{prefix}.keep_checkpoints={monitor.get('keep_checkpoints')!r} must be True or False.")
   build_attack(monitor.attack, prefix=f"{prefix}.attack")
