@@ -25,6 +25,16 @@ their epochs are under "checkpoint_epochs", for the kernel job:
     python main.py --config configs/catastrophic_overfitting.py:method=fgsm,beta=0.15,eps=0.25 \
         --config.job=kernel --config.kernel.epoch=<before or after> --workdir workdirs/co/fgsm_b0.15_e0.25
 
+or all of them at once: the kernel at every saved epoch within 1 epoch of the collapse, with kernel
+distances, top eigenvalues and the collapse marked on the plots (<workdir>/kernel_evolution/):
+
+    python main.py --config configs/catastrophic_overfitting.py:method=fgsm,beta=0.15,eps=0.25 \
+        --config.job=evolution --config.evolution.around_collapse=1 --workdir workdirs/co/fgsm_b0.15_e0.25
+
+The summary also says whether the collapse was sustained (`sustained`: robust accuracy stayed
+collapsed for config.train.co_monitor.sustain_evals = 3 consecutive measurements, 1.5 epochs here)
+and lists the measurements at which it recovered (`recoveries`).
+
 A sweep over methods, beta and eps (one workdir each):
 
     for m in fgsm n_fgsm grad_align; do for b in 0 0.1 0.15 0.2; do

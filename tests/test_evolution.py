@@ -146,3 +146,31 @@ def test_bad_evolution_settings_fail_before_compute(workdir):
     c.kernel.num_examples = 25
     jobs.run(c, workdir)
   assert (sorted(os.listdir(kernels)) if os.path.isdir(kernels) else []) == before
+
+
+def test_kernels_around_a_recorded_collapse(workdir):
+  """config.evolution.around_collapse picks the saved epochs near the CO monitor's collapse."""
+  path = os.path.join(workdir, "catastrophic_overfitting.json")
+  config = evolution_config(around_collapse=0.1)
+  with pytest.raises(ValueError, match=r"around_collapse needs .*catastrophic_overfitting.json"):
+    jobs.run(config, workdir)
+  point = lambda epoch: {"step": int(epoch * 24), "epoch": epoch, "robust_accuracy": 0.1,
+                         "train_clean_accuracy": 0.9}
+  summary = {"collapsed": False, "last": point(0.375)}
+  with open(path, "w") as f:
+    json.dump(summary, f)
+  with pytest.raises(ValueError, match="records no collapse"):
+    jobs.run(config, workdir)
+  summary = {"collapsed": True, "sustained": True, "last": point(0.375),
+             "collapse": dict(point(0.25), peak=point(0.125), before=point(0.125)),
+             "checkpoint_epochs": {"before": 0.125, "after": 0.25}}
+  with open(path, "w") as f:
+    json.dump(summary, f)
+  with pytest.raises(ValueError, match="leave config.evolution.epochs empty"):
+    jobs.run(evolution_config(around_collapse=0.1, epochs=(0.125, 0.25)), workdir)
+  result = jobs.run(config, workdir)
+  assert result["metrics"]["epochs"] == [0.125, 0.25]  # within 0.1 epochs of [0.125, 0.25]; not 0.375
+  assert result["metrics"]["collapse"] == {"epoch": 0.25, "before": 0.125, "after": 0.25,
+                                           "sustained": True, "peak_epoch": 0.125}
+  assert result["directory"].endswith("_collapse") and result["tiles_computed"] == 0
+  os.remove(path)

@@ -32,6 +32,7 @@ from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_ex
 from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
+from ntk_scale.train.collapse import CO_FILE
 from ntk_scale.workdir import phase2_name
 
 EVOLUTION_DIR = "kernel_evolution"
@@ -47,7 +48,7 @@ def evolution_name(config: ml_collections.ConfigDict, num_examples: int) -> str:
     return e.name
   logits = f"class{k.logits}" if str(k.logits).isdigit() else k.logits
   phase = "phase1" if e.phase == 1 else f"phase2_{phase2_name(config)}"
-  return f"{phase}_{k.split}{num_examples}_{logits}"
+  return f"{phase}_{k.split}{num_examples}_{logits}" + ("_collapse" if e.around_collapse else "")
 
 
 def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
@@ -67,6 +68,35 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
          for x in e.epochs):
     raise ValueError(f"config.evolution.epochs={tuple(e.epochs)!r} must be epoch numbers.")
+  span = e.get("around_collapse", 0.0)
+  if isinstance(span, bool) or not isinstance(span, (int, float)) or not 0 <= span < math.inf:
+    raise ValueError(f"config.evolution.around_collapse={span!r} must be a number of epochs >= 0 "
+                     "(0: off).")
+  if span and (e.epochs or e.phase != 1):
+    raise ValueError("config.evolution.around_collapse chooses phase-1 epochs itself; leave "
+                     "config.evolution.epochs empty and config.evolution.phase=1.")
+
+
+def collapse_epochs(workdir: str, saved: list[float], span: float) -> tuple[list[float], dict]:
+  """The saved epochs within `span` epochs of the recorded collapse (the checkpoints the CO monitor
+  kept just before and after it included), and the collapse record."""
+  path = os.path.join(workdir, CO_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"config.evolution.around_collapse needs {path}, which training writes when the "
+                     f"catastrophic-overfitting monitor is on (config.train.co_monitor.every_steps > 0).")
+  with open(path) as f:
+    summary = json.load(f)
+  if not summary.get("collapsed"):
+    raise ValueError(f"config.evolution.around_collapse: {path} records no collapse (last measured at "
+                     f"epoch {(summary.get('last') or {}).get('epoch', '?')}); nothing to look at.")
+  collapse = summary["collapse"]
+  kept = summary.get("checkpoint_epochs", {})
+  low = kept.get("before", collapse["before"]["epoch"] if collapse.get("before") else collapse["epoch"])
+  high = kept.get("after", collapse["epoch"])
+  epochs = [x for x in saved if low - span - 1e-9 <= x <= high + span + 1e-9]
+  record = {"epoch": collapse["epoch"], "before": low, "after": high,
+            "sustained": summary.get("sustained"), "peak_epoch": collapse["peak"]["epoch"]}
+  return epochs, record
 
 
 def select_epochs(config: ml_collections.ConfigDict, saved: list[float], matrix_size: int
@@ -197,7 +227,11 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   check_kernel_config(config, dataset.num_classes, len(split) if split else 0)
   num_examples = len(select_examples(config, split.labels))
   spec = parse_logits(k.logits, dataset.num_classes)
-  epochs = select_epochs(config, saved_epochs(config, workdir, e.phase),
+  saved = saved_epochs(config, workdir, e.phase)
+  collapse = None
+  if e.around_collapse:
+    saved, collapse = collapse_epochs(workdir, saved, e.around_collapse)
+  epochs = select_epochs(config, saved,
                          num_examples * (dataset.num_classes if spec.kind == "full" else 1))
   print(f"kernel evolution: {len(epochs)} checkpoints of phase {e.phase} (epochs "
         f"{', '.join(f'{x:g}' for x in epochs)}), {num_examples} {k.split} examples", flush=True)
@@ -213,6 +247,8 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   stores = [KernelStore.open(r["kernel"]) for r in kernels]
   results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues)
   results["phase"] = int(e.phase)
+  if collapse is not None:
+    results["collapse"] = collapse
   os.makedirs(directory, exist_ok=True)
   _write_atomic(os.path.join(directory, METRICS_JSON), json.dumps(results, indent=2))
   write_table(os.path.join(directory, METRICS_CSV), results["checkpoints"])

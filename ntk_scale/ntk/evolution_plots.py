@@ -36,6 +36,8 @@ def plot_distance_to_final(results: dict[str, Any], path: str) -> str:
   ax.set(xlabel=f"epoch (phase {results['phase']})", ylabel="distance to final kernel",
          xscale="symlog" if epochs.max() > 4 * max(epochs.min(), 1e-9) else "linear",
          title="Kernel distance to the final kernel")
+  if "collapse" in results:  # the catastrophic-overfitting monitor's first collapsed measurement
+    ax.axvline(results["collapse"]["epoch"], color="red", linestyle="--", label="robustness collapse")
   ax.legend()
   return _save(fig, path)
 
