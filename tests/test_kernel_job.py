@@ -111,3 +111,18 @@ def test_bad_kernel_settings_fail_before_compute(workdir):
   with pytest.raises(CheckpointNotFoundError, match="config.kernel.epoch=7.*available epochs"):
     jobs.run(kernel_config(epoch=7.0), workdir)
   assert not os.path.exists(os.path.join(workdir, "kernels", "tiny"))
+
+
+def test_kernels_of_two_checkpoints_share_one_compilation(workdir):
+  """BatchNorm averages are an argument of the engine's programs, not constants baked into them:
+  the kernel of a second checkpoint of the same model compiles nothing (the evolution job)."""
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+  first = jobs.run(kernel_config(epoch=0.25, tile_size=20), workdir)
+  count = len(compiles)
+  second = jobs.run(kernel_config(epoch=0.375, tile_size=20), workdir)
+  assert first["tiles_computed"] == second["tiles_computed"] == 1
+  assert len(compiles) == count, compiles[count:]
+  a, b = KernelStore.open(first["kernel"]).read(), KernelStore.open(second["kernel"]).read()
+  assert not np.allclose(a, b)  # two different checkpoints, two kernels

@@ -37,28 +37,36 @@ def check_precision(precision: str, field: str = "precision") -> None:
                      f"{', '.join(PRECISIONS)}.")
 
 
+def _bind(apply_fn: Callable, stateful: bool, state) -> ApplyFn:
+  """The model as `f(params, x)`: with `stateful`, `apply_fn(params, x, state)`."""
+  return (lambda params, x: apply_fn(params, x, state)) if stateful else apply_fn
+
+
 @functools.lru_cache(maxsize=32)
-def _programs(apply_fn: ApplyFn, spec: LogitSpec, precision: str, mesh: Mesh) -> dict[str, Callable]:
+def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: str,
+              mesh: Mesh) -> dict[str, Callable]:
   """The jitted per-device programs of each step kind (see schedule.py), one shard_map each.
 
+  Every program takes (params, model_state, ...): the state (BatchNorm averages) is an argument,
+  not a constant, so the kernels of many checkpoints of one model share one compilation.
   Branch-free on purpose: a `lax.cond` choosing per device between them ran 10x slower on CPU.
   """
   matmul_precision = PRECISIONS[precision]
-  jacobian = lambda params, x: jacobian_rows(apply_fn, params, x, spec)
+  jacobian = lambda params, state, x: jacobian_rows(_bind(apply_fn, stateful, state), params, x, spec)
 
-  def row(params, x_rows):  # -> (resident Jacobian rows, their diagonal tile)
-    resident = jacobian(params, x_rows)
+  def row(params, state, x_rows):  # -> (resident Jacobian rows, their diagonal tile)
+    resident = jacobian(params, state, x_rows)
     return resident, contract_symmetric(resident, spec, matmul_precision,
                                         symmetric_pieces(x_rows.shape[0]))
 
-  def column(params, resident, x_cols):
-    return contract(resident, jacobian(params, x_cols), spec, matmul_precision)
+  def column(params, state, resident, x_cols):
+    return contract(resident, jacobian(params, state, x_cols), spec, matmul_precision)
 
-  def tile(params, x_rows, x_cols):
-    return ntvp_tile(apply_fn, params, x_rows, x_cols, spec)
+  def tile(params, state, x_rows, x_cols):
+    return ntvp_tile(_bind(apply_fn, stateful, state), params, x_rows, x_cols, spec)
 
   data = P(parallel.DATA_AXIS)
-  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(),) + (data,) * n,
+  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
                                                     out_specs=out, check_vma=False))
   return {"row": sharded(row, 1, (data, data)), "resident": sharded(jacobian, 1, data),
           "column": sharded(column, 2, data), "tile": sharded(tile, 2, data)}
@@ -70,13 +78,15 @@ def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[:1], missing, 0)]) if missing else x
 
 
-def run_tiles(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | None, plan: KernelPlan,
+def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, plan: KernelPlan,
               on_tile: TileCallback, *, precision: str = "highest",
-              done: Iterable[tuple[int, int]] = (), mesh: Mesh | None = None) -> int:
+              done: Iterable[tuple[int, int]] = (), mesh: Mesh | None = None,
+              model_state=None) -> int:
   """Computes every tile of `plan` not in `done`; returns how many this process handed over.
 
   `x1`, `x2` are host arrays present on every process; `on_tile` receives the tiles of this
-  process's devices, cropped to the kernel's edge, in the dtype of `params`.
+  process's devices, cropped to the kernel's edge, in the dtype of `params`. With `model_state`
+  the model is `apply_fn(params, x, model_state)` (see `empirical_ntk`).
   """
   mesh = mesh or parallel.make_mesh()
   if mesh.size != plan.num_devices:
@@ -91,9 +101,10 @@ def run_tiles(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | None, 
   else:
     steps = tile_schedule(todo, mesh.size)
 
-  programs = _programs(apply_fn, plan.logits, precision, mesh)
+  programs = _programs(apply_fn, model_state is not None, plan.logits, precision, mesh)
   sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
   params = parallel.replicate(params, mesh)
+  state = parallel.replicate({} if model_state is None else model_state, mesh)
 
   def device_array(source: np.ndarray, blocks: Iterable[int]) -> jax.Array:
     per_device = [source[b * tile:(b + 1) * tile] for b in blocks]
@@ -118,13 +129,13 @@ def run_tiles(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | None, 
   for number, step in enumerate(steps):
     with jax.default_matmul_precision(precision):
       if step.kind == "row" and not plan.symmetric:  # no diagonal tiles: the rows only
-        resident, tiles = programs["resident"](params, device_array(rows, [i for i, _ in step.blocks])), None
+        resident, tiles = programs["resident"](params, state, device_array(rows, [i for i, _ in step.blocks])), None
       elif step.kind == "row":
-        resident, tiles = programs["row"](params, device_array(rows, [i for i, _ in step.blocks]))
+        resident, tiles = programs["row"](params, state, device_array(rows, [i for i, _ in step.blocks]))
       elif step.kind == "column":
-        tiles = programs["column"](params, resident, device_array(cols, [j for _, j in step.blocks]))
+        tiles = programs["column"](params, state, resident, device_array(cols, [j for _, j in step.blocks]))
       else:
-        tiles = programs["tile"](params, device_array(rows, [i for i, _ in step.blocks]),
+        tiles = programs["tile"](params, state, device_array(rows, [i for i, _ in step.blocks]),
                                  device_array(cols, [j for _, j in step.blocks]))
     if pending is not None:
       hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
@@ -150,35 +161,45 @@ def _abstract(tree) -> tuple:
   return treedef, tuple((np.shape(a), dtype(a).name) for a in leaves)
 
 
+def _shapes(abstract: tuple | None):
+  if abstract is None:
+    return None
+  treedef, leaves = abstract
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+
+
 @functools.lru_cache(maxsize=32)
-def _measure(apply_fn: ApplyFn, abstract_params: tuple, example: jax.ShapeDtypeStruct) -> ModelCost:
+def _measure(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtypeStruct,
+             abstract_state: tuple | None) -> ModelCost:
   """ModelCost of a model, measured (one small compile) once per function and shapes."""
-  treedef, leaves = abstract_params
-  params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
-  return ModelCost.measure(apply_fn, params, example)
+  return ModelCost.measure(apply_fn, _shapes(abstract_params), example, _shapes(abstract_state))
 
 
-def plan_for(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
+def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
              method: str = "auto", tile_size: int | None = None,
              memory_budget_bytes: float | None = None, num_devices: int | None = None,
-             fields: dict[str, str] | None = None) -> KernelPlan:
+             fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
-  num_classes = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1,) + x1.shape[1:],
-                                                                      x1.dtype)).shape[-1]
+  example = jax.ShapeDtypeStruct((1,) + x1.shape[1:], x1.dtype)
+  if model_state is None:
+    num_classes = jax.eval_shape(apply_fn, params, example).shape[-1]
+  else:
+    num_classes = jax.eval_shape(apply_fn, params, example, model_state).shape[-1]
   spec = parse_logits(logits, num_classes, fields.get("logits", "logits"))
-  cost = _measure(apply_fn, _abstract(params), jax.ShapeDtypeStruct(x1.shape[1:], x1.dtype))
+  cost = _measure(apply_fn, _abstract(params), jax.ShapeDtypeStruct(x1.shape[1:], x1.dtype),
+                  None if model_state is None else _abstract(model_state))
   num_cols = len(x1) if x2 is None else len(x2)
   return make_plan(cost, len(x1), num_cols, x2 is None, spec,
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
                    budget_bytes=memory_budget_bytes, fields=fields)
 
 
-def empirical_ntk(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
+def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
-                  tile_size: int | None = None) -> np.ndarray:
+                  tile_size: int | None = None, model_state=None) -> np.ndarray:
   """The empirical NTK J(x1) J(x2)^T of `apply_fn(params, x) -> logits [N, C]` as a numpy array.
 
   logits: "trace" (sum over logits, [N1, N2]), a class index ([N1, N2]) or "full" ([N1, N2, C, C]).
@@ -188,6 +209,9 @@ def empirical_ntk(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | No
   of host memory shared by its devices). dtype "float64" runs the whole computation in float64 (x64 enabled for the call).
   Works for any flax model in inference mode and for `ntk_scale.linearize.LinearizedModel`.
   Runs on all devices of all processes; every process gets the whole kernel.
+  model_state: what the model needs besides `params` and is not differentiated (BatchNorm
+  averages); given, the model is `apply_fn(params, x, model_state)`, and kernels of several
+  checkpoints of one model (one `apply_fn`) reuse one compilation.
   """
   check_precision(precision)
   if dtype not in ("float32", "float64"):
@@ -195,10 +219,11 @@ def empirical_ntk(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | No
   with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
     cast = lambda a: np.asarray(a, dtype)
     params = jax.tree.map(cast, params)
+    model_state = None if model_state is None else jax.tree.map(cast, model_state)
     x1 = cast(x1)
     x2 = None if x2 is None else cast(x2)
     plan = plan_for(apply_fn, params, x1, x2, logits, method=method, tile_size=tile_size,
-                    memory_budget_bytes=memory_budget_bytes)
+                    memory_budget_bytes=memory_budget_bytes, model_state=model_state)
     kernel = np.zeros((plan.num_rows, plan.num_cols) + plan.logits.tile_suffix, dtype)
 
     def store(i: int, j: int, tile: np.ndarray) -> None:
@@ -207,7 +232,7 @@ def empirical_ntk(apply_fn: ApplyFn, params, x1: np.ndarray, x2: np.ndarray | No
       if plan.symmetric and i != j:
         kernel[cols, rows] = mirror_tile(tile)
 
-    run_tiles(apply_fn, params, x1, x2, plan, store, precision=precision)
+    run_tiles(apply_fn, params, x1, x2, plan, store, precision=precision, model_state=model_state)
   if jax.process_count() > 1:  # each tile was written by exactly one process
     kernel = np.asarray(multihost_utils.process_allgather(kernel)).sum(0)
   return kernel

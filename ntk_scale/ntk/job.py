@@ -6,10 +6,11 @@
 """
 
 import contextlib
+import functools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -92,6 +93,15 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+@functools.lru_cache(maxsize=8)
+def inference_apply(model) -> Callable:
+  """`f(params, x, batch_stats)` of a model in inference mode, one per model: the engine compiles
+  per function, so every checkpoint of one model (the evolution job) shares one compilation."""
+  def apply_fn(params, x, batch_stats):
+    return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+  return apply_fn
+
+
 def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Plans, prints the plan, then computes every tile not yet on disk."""
   from ntk_scale.restore import restore_for_inference  # the kernel job's only tie to training
@@ -106,9 +116,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   restored = restore_for_inference(config, workdir, phase=k.phase,
                                    epoch=None if k.epoch is None else float(k.epoch))
   model, batch_stats = restored.model, restored.variables.get("batch_stats", {})
-
-  def apply_fn(params, x):
-    return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+  apply_fn = inference_apply(model)
 
   directory = os.path.join(workdir, KERNELS_DIR, kernel_name(config, restored.epoch, len(indices)))
   spec = parse_logits(k.logits, dataset.num_classes)
@@ -132,7 +140,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     batch_stats = jax.tree.map(lambda a: _host_copy(a, k.dtype), batch_stats)
     images = images.astype(k.dtype)
     plan = plan_for(apply_fn, params, images, None, k.logits, method=k.method, tile_size=tile,
-                    memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS)
+                    memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS,
+                    model_state=batch_stats)
     print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)
     store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels,
@@ -148,7 +157,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     started = time.time()
     computed = run_tiles(apply_fn, params, images, None, plan,
                          lambda i, j, tile: store.write_tile(i, j, tile, mirror=True),
-                         precision=k.precision, done=done)
+                         precision=k.precision, done=done, model_state=batch_stats)
     seconds = time.time() - started
   _barrier("kernel tiles written")
   remaining = total - len(store.done_tiles())

@@ -39,17 +39,26 @@ class ModelCost:
   itemsize: int
 
   @classmethod
-  def measure(cls, apply_fn: ApplyFn, params: Any, example: jax.ShapeDtypeStruct) -> "ModelCost":
-    """From shapes alone (arrays or jax.ShapeDtypeStruct): nothing is allocated."""
+  def measure(cls, apply_fn: ApplyFn, params: Any, example: jax.ShapeDtypeStruct,
+              model_state: Any = None) -> "ModelCost":
+    """From shapes alone (arrays or jax.ShapeDtypeStruct): nothing is allocated. With
+    `model_state`, the model is `apply_fn(params, x, model_state)` (see engine.empirical_ntk)."""
     leaves = jax.tree.leaves(params)
     x = jax.ShapeDtypeStruct((1,) + example.shape, example.dtype)
-    p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    jaxpr = jax.make_jaxpr(apply_fn)(p, x)
+    shape_of = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    p = shape_of(params)
+    if model_state is not None:
+      state, stateful = shape_of(model_state), apply_fn
+      apply_fn = lambda params, x, state: stateful(params, x, state)
+      args = (p, x, state)
+    else:
+      args = (p, x)
+    jaxpr = jax.make_jaxpr(apply_fn)(*args)
     activations = sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
                       for eqn in _all_eqns(jaxpr.jaxpr) for v in eqn.outvars)
     # The lowered (backend-independent) HLO: after GPU compilation convolutions are cuDNN custom
     # calls that cost analysis counts as 0 FLOPs, which made "auto" pick ntvp there, 50x slower.
-    analysis = jax.jit(apply_fn).lower(p, x).cost_analysis()
+    analysis = jax.jit(apply_fn).lower(*args).cost_analysis()
     if isinstance(analysis, list):  # older jax returned one dict per program
       analysis = analysis[0]
     # Never below the matmul floor: every parameter enters at least one multiply-add.
