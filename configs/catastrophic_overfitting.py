@@ -77,6 +77,11 @@ eps 0.25, seed 0) the class-0 eNTK of 500 training images grew:
 top eigenvalue 1.04e5 -> 1.36e5 and kernel distance 0.012 between epochs 6.5 and 7, against
 1.06e5 -> 1.04e5 and 0.009 over the half epoch before (`--config.job=kernel
 --config.kernel.epoch=6.5` and `=7`, the monitor's kept checkpoints).
+Seed 1 (fgsm, beta 0.15, eps 0.25) rerun with `sustain_evals` = 3: the collapse at epoch 11.5 (0.086
+against a peak of 0.27 at epoch 5) is not sustained, robust accuracy is back above half the peak
+(0.14) at 12.5; `--config.evolution.around_collapse=1` took the kernels at epochs 10, 11, 11.5
+and 12: kernel velocity 0.014 per epoch over 10 -> 11, 0.118 over 11 -> 11.5 (the collapse) and
+0.064 over 11.5 -> 12, and the top eigenvalue 2.98e5, 3.98e5, 3.00e5, 3.31e5.
 """
 
 import ml_collections
