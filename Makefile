@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	$(PY) main.py --config configs/digits.py:adversarial --config.job=kernel --workdir $(WORKDIR)_adversarial
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'
