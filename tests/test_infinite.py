@@ -1,0 +1,89 @@
+"""Analytic infinite-width kernels (ntk_scale/infinite.py) against finite random networks.
+
+The analytic NTK is the limit of the empirical NTK of the NTK-parameterised network as its width
+grows, so the Monte-Carlo average of our engine's empirical kernels over random networks must
+approach it, and more closely at larger width.
+"""
+
+import importlib.util
+
+import ml_collections
+import numpy as np
+import pytest
+
+from ntk_scale import infinite, nt_compat
+
+
+@pytest.fixture(scope="module")
+def nt():
+  """The neural_tangents module; skips only when the optional `nt` extra is not installed."""
+  missing = [m for m in ("neural_tangents", "frozendict") if importlib.util.find_spec(m) is None]
+  if missing:
+    pytest.skip(f"neural-tangents {nt_compat.NT_VERSION} is not installed (missing {', '.join(missing)}); "
+                f"it is the optional extra: {nt_compat.INSTALL_HINT}")
+  return nt_compat.load_neural_tangents(infinite.FEATURE)
+
+
+def _section(**overrides) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict(dict(architecture="fc", depth=2, w_std=1.5, b_std=0.1,
+                                           kernel="ntk", dtype="float64", batch_size=4))
+  section.update(overrides)
+  return section
+
+
+def _images(n: int, shape=(4, 4, 1), seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).uniform(size=(n, *shape))
+
+
+def _relative_gap(estimate: np.ndarray, exact: np.ndarray) -> float:
+  return float(np.linalg.norm(estimate - exact) / np.linalg.norm(exact))
+
+
+@pytest.mark.parametrize("architecture,depth,widths", [("fc", 2, (16, 1024)), ("conv", 1, (8, 256))])
+def test_monte_carlo_empirical_ntk_approaches_analytic_ntk(nt, architecture, depth, widths):
+  section = _section(architecture=architecture, depth=depth)
+  x1, x2 = _images(3, seed=1), _images(2, seed=2)
+  exact = infinite.kernel_matrix(section, 2, x1, x2)
+  gaps = [_relative_gap(infinite.empirical_kernel_average(section, 2, w, x1, x2, num_networks=6),
+                        exact) for w in widths]
+  assert gaps[1] < 0.5 * gaps[0], gaps
+  assert gaps[1] < 0.1, gaps
+
+
+@pytest.mark.parametrize("architecture,depth", [("fc", 3), ("conv", 2)])
+def test_batched_kernel_matches_one_call_in_float64(nt, architecture, depth):
+  section = _section(architecture=architecture, depth=depth, batch_size=3)
+  x1, x2 = _images(5), _images(4, seed=3)
+  kernel_fn = infinite.kernel_function(section, 10)
+  batched = infinite.kernel_matrix(section, 10, x1, x2)
+  assert batched.dtype == np.float64 and batched.shape == (5, 4)
+  np.testing.assert_allclose(batched, np.asarray(kernel_fn(x1, x2)), rtol=1e-6)
+  square = infinite.kernel_matrix(section, 10, x1)
+  np.testing.assert_allclose(square, square.T, rtol=1e-12)
+  assert np.all(np.linalg.eigvalsh(square) > 0)
+
+
+def test_myrtle_kernel_is_symmetric_positive_definite(nt):
+  kernel = infinite.kernel_matrix(_section(architecture="myrtle", depth=5, batch_size=3), 10, _images(3))
+  np.testing.assert_allclose(kernel, kernel.T, rtol=1e-12)
+  assert np.all(np.linalg.eigvalsh(kernel) > 0)
+
+
+def test_nngp_differs_from_ntk(nt):
+  x = _images(3)
+  ntk = infinite.kernel_matrix(_section(kernel="ntk"), 2, x)
+  nngp = infinite.kernel_matrix(_section(kernel="nngp"), 2, x)
+  assert np.all(np.diag(ntk) > np.diag(nngp))  # the NTK adds the gradient terms of every layer
+
+
+@pytest.mark.parametrize("field,value", [("architecture", "resnet"), ("depth", 0),
+                                         ("w_std", 0.0), ("b_std", -1.0), ("kernel", "rbf"),
+                                         ("dtype", "float16"), ("batch_size", 0)])
+def test_bad_architecture_field_is_named(field, value):
+  with pytest.raises(ValueError, match=f"config.infinite.{field}="):
+    infinite.check_architecture_config(_section(**{field: value}))
+
+
+def test_myrtle_depth_must_be_a_myrtle_depth():
+  with pytest.raises(ValueError, match="config.infinite.depth=4 is not a Myrtle depth"):
+    infinite.check_architecture_config(_section(architecture="myrtle", depth=4))
