@@ -1,0 +1,112 @@
+"""Kernel regression as a classifier: f(x) = K(x, X) (K(X, X) + lambda I)^{-1} Y.
+
+This is the infinite-width network trained to convergence with MSE (the NTK) or its Bayesian
+posterior mean (the NNGP), and a kernel machine for empirical kernels (e.g. from a KernelStore).
+Targets Y are one-hot labels minus 1/C (zero mean over classes). The ridge `regularizer` is relative:
+lambda = regularizer * mean(diag K), so one value suits kernels of any scale; 0 is ridgeless.
+
+Two uses: `KernelRegression.fit` takes precomputed kernels (any source) and predicts from
+K(test, train); `logits_fn` / `predictor` evaluate a kernel function against a fixed training set
+inside jax, so the attacks of ntk_scale.attacks differentiate the predictor with respect to the
+test images (training-free adversarial examples) or, with `predictor`, the training images too
+(robust dataset optimisation).
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg
+import ml_collections
+import numpy as np
+
+SOLVERS = ("cholesky", "eigh", "lstsq")
+KernelFn = Callable[[jax.Array, jax.Array], jax.Array]
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def check_regression_config(section: ml_collections.ConfigDict, prefix: str) -> None:
+  """`regularizer` (>= 0) and `solver` of a kernel-regression config section; errors name the field."""
+  reg = section.regularizer
+  if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg >= 0:
+    raise ValueError(f"{prefix}.regularizer={reg!r} must be a number >= 0 (relative to the mean "
+                     f"kernel diagonal; 0 is ridgeless).")
+  if section.solver not in SOLVERS:
+    raise ValueError(f"{prefix}.solver={section.solver!r}; expected one of {', '.join(SOLVERS)}.")
+
+
+def regression_targets(labels: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
+  """One-hot labels minus 1/C: the regression targets [N, C]."""
+  return jax.nn.one_hot(labels, num_classes, dtype=dtype) - 1.0 / num_classes
+
+
+def ridge_coefficients(k_train: jax.Array, targets: jax.Array, regularizer: float = 0.0,
+                       solver: str = "cholesky") -> jax.Array:
+  """(K + lambda I)^{-1} Y with lambda = regularizer * mean(diag K); differentiable in K.
+
+  cholesky needs K + lambda I positive definite; eigh (ridgeless: the pseudo-inverse, eigenvalues
+  below N * machine-eps * largest dropped) and lstsq also take singular kernels.
+  """
+  if solver not in SOLVERS:
+    raise ValueError(f"solver={solver!r}; expected one of {', '.join(SOLVERS)}.")
+  n = k_train.shape[0]
+  shift = regularizer * jnp.mean(jnp.diagonal(k_train))
+  regularized = k_train + shift * jnp.eye(n, dtype=k_train.dtype)
+  if solver == "cholesky":
+    factor = jax.scipy.linalg.cho_factor(regularized, lower=True)
+    return jax.scipy.linalg.cho_solve(factor, targets)
+  if solver == "eigh":
+    values, vectors = jnp.linalg.eigh(regularized)
+    cutoff = n * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
+    inverse = jnp.where(values > cutoff, 1.0 / jnp.where(values > cutoff, values, 1.0), 0.0)
+    return vectors @ (inverse[:, None] * (vectors.T @ targets))
+  return jnp.linalg.lstsq(regularized, targets)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRegression:
+  """A fitted kernel-regression classifier: its coefficients (K + lambda I)^{-1} Y, [N_train, C]."""
+  coefficients: np.ndarray
+
+  @classmethod
+  def fit(cls, k_train: np.ndarray, labels: np.ndarray, num_classes: int, *,
+          regularizer: float = 0.0, solver: str = "cholesky") -> "KernelRegression":
+    """Fits on the training kernel [N, N], in the kernel's dtype (float64 kernels stay float64)."""
+    k_train = np.asarray(k_train)
+    with jax.enable_x64(k_train.dtype == np.float64):
+      targets = regression_targets(jnp.asarray(labels), num_classes, k_train.dtype)
+      coefficients = ridge_coefficients(jnp.asarray(k_train), targets, regularizer, solver)
+      coefficients = np.asarray(coefficients)
+    if not np.all(np.isfinite(coefficients)):
+      raise FloatingPointError(f"kernel regression with solver {solver!r} and regularizer "
+                               f"{regularizer} gave non-finite coefficients: the kernel is singular "
+                               f"or not positive definite; raise the regularizer or use eigh/lstsq.")
+    return cls(coefficients)
+
+  @property
+  def num_classes(self) -> int:
+    return self.coefficients.shape[1]
+
+  def predict(self, k_test_train: np.ndarray) -> np.ndarray:
+    """Scores [N_test, C] from the kernel between test and training examples [N_test, N_train]."""
+    return np.asarray(k_test_train) @ self.coefficients
+
+  def accuracy(self, k_test_train: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(self.predict(k_test_train), -1) == np.asarray(labels)))
+
+  def logits_fn(self, kernel_fn: KernelFn, train_images: np.ndarray) -> LogitsFn:
+    """`images -> scores [N, C]` computing K(images, train_images) in jax: a model for the attacks."""
+    coefficients = jnp.asarray(self.coefficients)
+    train_images = jnp.asarray(train_images, coefficients.dtype)
+    return lambda images: kernel_fn(images, train_images) @ coefficients
+
+
+def predictor(kernel_fn: KernelFn, train_images: jax.Array, labels: jax.Array, num_classes: int, *,
+              regularizer: float = 0.0, solver: str = "cholesky") -> LogitsFn:
+  """Kernel regression fitted inside jax: `images -> scores`, differentiable in the training images
+  too (the solve is traced), as dataset optimisation needs."""
+  targets = regression_targets(labels, num_classes, train_images.dtype)
+  coefficients = ridge_coefficients(kernel_fn(train_images, train_images), targets, regularizer,
+                                    solver)
+  return lambda images: kernel_fn(images, train_images) @ coefficients

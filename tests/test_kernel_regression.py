@@ -1,0 +1,100 @@
+"""Kernel regression (ntk_scale/kernel_regression.py): the ridge formula, ridgeless interpolation,
+and training-free attacks against the predictor."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ntk_scale import attacks, nt_compat
+from ntk_scale.data import load_digits
+from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config, predictor,
+                                         regression_targets)
+
+
+def _rbf(x1, x2):
+  """A positive-definite kernel needing no neural-tangents (the regression math is kernel-agnostic)."""
+  a, b = x1.reshape(len(x1), -1), x2.reshape(len(x2), -1)
+  squared = jnp.sum(a**2, 1)[:, None] + jnp.sum(b**2, 1)[None] - 2 * a @ b.T
+  return jnp.exp(-squared / a.shape[1])
+
+
+def _problem(n_train=30, n_test=7, seed=0):
+  rng = np.random.default_rng(seed)
+  x, xt = rng.uniform(size=(n_train, 3, 3, 1)), rng.uniform(size=(n_test, 3, 3, 1))
+  return x, rng.integers(0, 4, n_train), xt
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_ridgeless_regression_interpolates_its_training_set(solver):
+  with jax.enable_x64(True):
+    x, labels, _ = _problem()
+    k = np.asarray(_rbf(x, x))
+    model = KernelRegression.fit(k, labels, 4, regularizer=0.0, solver=solver)
+    np.testing.assert_allclose(model.predict(k), regression_targets(labels, 4, np.float64), atol=1e-6)
+    assert model.accuracy(k, labels) == 1.0
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_prediction_is_the_ridge_formula(solver):
+  with jax.enable_x64(True):
+    x, labels, xt = _problem()
+    k, kt = np.asarray(_rbf(x, x)), np.asarray(_rbf(xt, x))
+    reg = 0.1
+    model = KernelRegression.fit(k, labels, 4, regularizer=reg, solver=solver)
+    y = np.eye(4)[labels] - 0.25
+    expected = kt @ np.linalg.solve(k + reg * np.mean(np.diag(k)) * np.eye(len(k)), y)
+    np.testing.assert_allclose(model.predict(kt), expected, rtol=1e-8, atol=1e-10)
+    # The jittable forms used by the attacks give the same scores.
+    np.testing.assert_allclose(jax.jit(model.logits_fn(_rbf, x))(xt), expected, rtol=1e-8, atol=1e-10)
+    in_jax = predictor(_rbf, jnp.asarray(x), jnp.asarray(labels), 4, regularizer=reg, solver=solver)
+    np.testing.assert_allclose(in_jax(xt), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_singular_kernel_with_cholesky_says_what_to_do():
+  x, labels, _ = _problem()
+  k = np.ones((len(x), len(x)))
+  with pytest.raises(FloatingPointError, match="raise the regularizer or use eigh/lstsq"):
+    KernelRegression.fit(k, labels, 4, solver="cholesky")
+
+
+@pytest.mark.parametrize("field,value", [("regularizer", -1.0), ("solver", "qr")])
+def test_bad_regression_field_is_named(field, value):
+  section = ml_collections.ConfigDict(dict(regularizer=0.0, solver="cholesky"))
+  section[field] = value
+  with pytest.raises(ValueError, match=f"config.infinite.regression.{field}="):
+    check_regression_config(section, "config.infinite.regression")
+
+
+@pytest.fixture(scope="module")
+def ntk_fn():
+  """The analytic NTK of a 1-hidden-layer ReLU network; skips only when neural-tangents is absent."""
+  if importlib.util.find_spec("neural_tangents") is None:
+    pytest.skip(f"neural-tangents is not installed: {nt_compat.INSTALL_HINT}")
+  from ntk_scale import infinite
+  section = ml_collections.ConfigDict(dict(architecture="fc", depth=1, w_std=1.5, b_std=0.1,
+                                           kernel="ntk", dtype="float32", batch_size=64))
+  return infinite.kernel_function(section, 10)
+
+
+def test_attacks_on_the_kernel_predictor_lower_accuracy_within_the_eps_ball(ntk_fn):
+  digits = load_digits()
+  x, y = digits.train.images[:200], digits.train.labels[:200]
+  xt, yt = jnp.asarray(digits.test.images[:60]), jnp.asarray(digits.test.labels[:60])
+  model = KernelRegression.fit(np.asarray(ntk_fn(x, x)), y, 10, regularizer=1e-3)
+  logits_fn = model.logits_fn(ntk_fn, x)
+  accuracy = lambda images: float(jnp.mean(jnp.argmax(logits_fn(images), -1) == yt))
+  clean, eps = accuracy(xt), 0.1
+  assert clean > 0.8
+  adversarial = {
+      "fgsm": jax.jit(lambda a, b: attacks.fgsm(logits_fn, a, b, eps=eps))(xt, yt),
+      "pgd": jax.jit(lambda a, b: attacks.pgd(logits_fn, a, b, jax.random.key(0), eps=eps,
+                                              step_size=0.025, num_steps=10))(xt, yt)}
+  for name, x_adv in adversarial.items():
+    assert float(jnp.max(jnp.abs(x_adv - xt))) <= eps + 1e-6, name
+    assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0, name
+    assert accuracy(x_adv) < clean - 0.1, (name, clean, accuracy(x_adv))
+  assert accuracy(adversarial["pgd"]) < accuracy(adversarial["fgsm"])
