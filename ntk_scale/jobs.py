@@ -6,6 +6,7 @@ import ml_collections
 
 from ntk_scale import console
 from ntk_scale.evaluate import evaluate_checkpoint
+from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.evolution import evolution_job
 from ntk_scale.ntk.job import kernel_job
 from ntk_scale.train.loop import train_job
@@ -18,6 +19,7 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     "evaluate": evaluate_checkpoint,  # one checkpoint: clean, robust and transfer accuracy
     "kernel": kernel_job,  # the empirical NTK of one checkpoint on a subset, to <workdir>/kernels/
     "evolution": evolution_job,  # kernels of several checkpoints, how they move, to kernel_evolution/
+    "infinite": infinite_job,  # infinite-width kernel regression, its attacks, transfer, robust data
 }
 
 
