@@ -98,3 +98,20 @@ def test_attacks_on_the_kernel_predictor_lower_accuracy_within_the_eps_ball(ntk_
     assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0, name
     assert accuracy(x_adv) < clean - 0.1, (name, clean, accuracy(x_adv))
   assert accuracy(adversarial["pgd"]) < accuracy(adversarial["fgsm"])
+
+
+@pytest.mark.parametrize("field,value", [("infinite.num_train", 15), ("infinite.regression.solver", "qr"),
+                                         ("infinite.robust_data.num_steps", -1),
+                                         ("infinite.robust_data.data_eps", 0.0),
+                                         ("infinite.transfer.widths", (0,)),
+                                         ("infinite.architecture", "resnet")])
+def test_bad_infinite_job_field_is_named_before_compute(field, value):
+  from configs.infinite_width import get_config
+  from ntk_scale.infinite_job import check_infinite_config
+  config = get_config("digits")
+  section, name = config, field.split(".")
+  for part in name[:-1]:
+    section = section[part]
+  section[name[-1]] = value
+  with pytest.raises(ValueError, match=f"config.{field}="):
+    check_infinite_config(config, 1437)
