@@ -24,7 +24,7 @@ import optax
 from ntk_scale import infinite
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attack, build_attacks
-from ntk_scale.data import Split, class_balanced_subset, load_dataset
+from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config, predictor
 
 RESULTS_FILE = "results.json"
@@ -66,8 +66,10 @@ def _attack_all(attacks, logits_fn, images, labels, seed: int) -> dict[str, np.n
       images, labels, jax.random.key(seed + i))) for i, (name, attack) in enumerate(attacks.items())}
 
 
-def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int):
-  """A finite network (config.model at `width`) trained on the original data in its own workdir."""
+def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, name: str = "",
+                  dataset=None, eval_attacks: ml_collections.ConfigDict | None = None):
+  """A finite network (config.model at `width`) trained on `dataset` (default config.data's) in
+  <workdir>/transfer/<name or width<W>>/, evaluated clean and under `eval_attacks`."""
   from ntk_scale.train.loop import train_and_evaluate
   from ntk_scale.workdir import prepare_workdir
 
@@ -75,11 +77,12 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int):
   c.job = "train"
   c.model.width = width
   c.num_epochs = config.infinite.transfer.num_epochs
-  c.eval_attacks = ml_collections.ConfigDict()
+  c.eval_attacks = eval_attacks or ml_collections.ConfigDict()
+  c.save_adversarial = False
   c.checkpoint.fractional_epochs = ()
-  directory = os.path.join(workdir, "transfer", f"width{width}")
+  directory = os.path.join(workdir, "transfer", name or f"width{width}")
   prepare_workdir(c, directory)
-  return train_and_evaluate(c, directory)
+  return train_and_evaluate(c, directory, dataset)
 
 
 def _optimise_dataset(section, kernel_fn, images, labels, num_classes) -> np.ndarray:
@@ -171,6 +174,13 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     transfer[f"width{width}"] = row
     print(f"transfer to width {width}: {row}", flush=True)
   results["transfer"] = transfer
+  width = max(s.transfer.widths, default=config.model.width)
+  robust_data = Dataset(dataset.name, Split(robust.astype(np.float32), y), dataset.test, c)
+  trained = _train_finite(config, workdir, width, "robust_dataset", robust_data,
+                          s.robust_data.eval_attacks)
+  results["robust_dataset_network"] = {"width": width, **{
+      name: r["accuracy"] for name, r in trained["results"].items()}}
+  print(f"robust dataset, network: {results['robust_dataset_network']}", flush=True)
   results["seconds"] = time.time() - started
   _write_json(os.path.join(workdir, RESULTS_FILE), results)
   return results

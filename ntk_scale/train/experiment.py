@@ -111,11 +111,13 @@ class Experiment:
   state: TrainState  # freshly initialised, replicated over the mesh
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Checks the whole config first, then loads the data and initialises the train state."""
+def build_experiment(config: ml_collections.ConfigDict,
+                     dataset: data.Dataset | None = None) -> Experiment:
+  """Checks the whole config first, then loads the data (unless a `dataset` is given, e.g. an
+  optimised training set) and initialises the train state."""
   mesh = parallel.make_mesh()
   check_train_config(config, mesh.devices.size)
-  dataset = data.load_dataset(config.data)
+  dataset = data.load_dataset(config.data) if dataset is None else dataset
   batches = data.TrainBatches(dataset.train, config.batch_size, config.seed, mesh)
   steps_per_epoch = batches.steps_per_epoch
   total_steps = int(round(config.num_epochs * steps_per_epoch))

@@ -5,6 +5,7 @@ from typing import Any
 import ml_collections
 
 from ntk_scale.checkpoint import CheckpointNotFoundError, save_schedule
+from ntk_scale.data import Dataset
 from ntk_scale.train.co_monitor import CoMonitor
 from ntk_scale.train.experiment import build_experiment, build_train_steps
 from ntk_scale.train.phase import NonFiniteLossError, Phase, finish_phase, open_phase, train_phase
@@ -25,10 +26,11 @@ def _check_phase2_start(config: ml_collections.ConfigDict, saves: dict[int, floa
         f"saves epochs {sorted(saves.values())}.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: Dataset | None = None) -> dict[str, Any]:
   """Phase 1: trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates on
-  the test split."""
-  exp = build_experiment(config)
+  the test split; on `dataset` instead of config.data's when given."""
+  exp = build_experiment(config, dataset)
   saves = save_schedule(exp.steps_per_epoch, config.num_epochs, config.checkpoint.every_epochs,
                         config.checkpoint.fractional_epochs)
   _check_phase2_start(config, saves)
