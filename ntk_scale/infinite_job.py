@@ -6,7 +6,7 @@ training set optimised by PGD through kernel regression (Tsilivis, Su and Kempe,
 
 Writes to the workdir: results.json (every accuracy), adversarial/<attack>/ (the kernel's
 adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each finite network's
-train workdir) and robust_dataset.npz (images, labels; np.load(..., allow_pickle=False)).
+train workdir; transfer/robust_dataset/ the network trained on the optimised set) and robust_dataset.npz (images, labels; np.load(..., allow_pickle=False)).
 """
 
 import copy
