@@ -13,6 +13,8 @@ fixed test images) and PGD-20 on the whole test split at the end.
   beta    injected feature size in [0, 1] pixel units (default 0: the plain digits)
   eps     L-inf radius of training, monitor and evaluation attacks (default 0.25)
   lambda  GradAlign's weight (default 1.0)
+  data    digits (default; eps 0.25) | cifar10 (ResNet-18, 30 epochs, the paper's setting; eps 8/255;
+          needs the tfds dataset and a GPU, not run here)
   flags   perp (remove x's projection on the features first), smoke (3 epochs, narrow CNN)
 
     python main.py --config configs/catastrophic_overfitting.py:method=fgsm,beta=0.15,eps=0.25 \
@@ -90,7 +92,8 @@ from ntk_scale.base_config import base_config, parse_variants, pgd_linf
 
 FILE = "configs/catastrophic_overfitting.py"
 METHODS = ("fgsm", "rs_fgsm", "n_fgsm", "grad_align", "pgd")
-DEFAULTS = {"method": "fgsm", "beta": "0", "eps": "0.25", "lambda": "1.0"}
+DEFAULTS = {"method": "fgsm", "beta": "0", "eps": "", "lambda": "1.0", "data": "digits"}
+DATASETS = {"digits": 0.25, "cifar10": 8 / 255}  # -> the default eps
 FLAGS = ("perp", "smoke")
 
 
@@ -105,6 +108,8 @@ def _parse(arg: str) -> tuple[dict[str, str], set[str]]:
       values[key] = value
     else:
       raise ValueError(f"{FILE}: unknown key {key!r}; expected {', '.join(DEFAULTS)} or flags {FLAGS}.")
+  if values["data"] not in DATASETS:
+    raise ValueError(f"{FILE}: data={values['data']!r}; expected one of {', '.join(DATASETS)}.")
   if values["method"] not in METHODS:
     raise ValueError(f"{FILE}: method={values['method']!r}; expected one of {', '.join(METHODS)}.")
   return values, parse_variants(",".join(flags), FLAGS, FILE)
@@ -119,7 +124,8 @@ def _number(values: dict[str, str], key: str) -> float:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   values, flags = _parse(arg)
-  method, beta, eps = values["method"], _number(values, "beta"), _number(values, "eps")
+  method, beta = values["method"], _number(values, "beta")
+  eps = _number(values, "eps") if values["eps"] else DATASETS[values["data"]]
   c = base_config()
   c.data.name = "digits"
   c.data.transform.name = "inject" if beta > 0 or "perp" in flags else "none"
@@ -147,7 +153,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_attacks.pgd = pgd_linf(eps, num_steps=20)
   c.save_adversarial = False
   c.kernel.logits = "0"
+  if values["data"] == "cifar10":
+    _cifar10(c, eps)
   if "smoke" in flags:
     c.model.width = 16
     c.num_epochs = 3.0
   return c
+
+
+def _cifar10(c: ml_collections.ConfigDict, eps: float) -> None:
+  """Ortiz-Jimenez et al.'s CIFAR-10 setting: ResNet-18, 30 epochs of a cyclic learning rate
+  (peak 0.2), batch 128, the monitor every half epoch on 1024 test images; eps, beta in [0, 1] pixel
+  units (8/255 = 0.0314). Needs the tfds dataset and, in practice, a GPU (not run here)."""
+  c.data.name = "cifar10"
+  c.data.augment = "crop_flip"
+  c.model.name, c.model.width, c.model.batch_norm = "resnet18", 64, True
+  c.batch_size, c.eval_batch_size = 128, 500
+  c.num_epochs = 30.0
+  c.log_every_steps = 100
+  c.train.co_monitor.every_steps = 195  # half an epoch of 390 steps
+  c.train.co_monitor.num_examples = 1024
+  c.eval_attacks.pgd = pgd_linf(eps, num_steps=50)

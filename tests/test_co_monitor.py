@@ -121,7 +121,8 @@ def test_monitor_records_metrics_collapse_and_checkpoints_around_it(tmp_path):
 
 
 @pytest.mark.parametrize("arg", ["", "method=rs_fgsm,beta=0.1,eps=0.15", "method=n_fgsm,perp,smoke",
-                                 "method=grad_align,beta=0.05,lambda=2", "method=pgd"])
+                                 "method=grad_align,beta=0.05,lambda=2", "method=pgd",
+                                 "data=cifar10,method=n_fgsm,beta=0.0314"])
 def test_sweep_config_variants_pass_the_train_checks(arg):
   config = load_config("catastrophic_overfitting", arg)
   check_train_config(config, 4)
@@ -129,7 +130,8 @@ def test_sweep_config_variants_pass_the_train_checks(arg):
 
 
 @pytest.mark.parametrize("arg, message", [("method=sgd", "method='sgd'"), ("beta=x", "beta='x'"),
-                                          ("gamma=1", "unknown key 'gamma'")])
+                                          ("gamma=1", "unknown key 'gamma'"),
+                                          ("data=mnist", "data='mnist'")])
 def test_sweep_config_rejects_unknown_items(arg, message):
   with pytest.raises(ValueError, match=message):
     load_config("catastrophic_overfitting", arg)
