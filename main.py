@@ -13,12 +13,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `file.py` or `file.py:arg`; override fields with --config.a.b=v.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the job's memory per device, FLOPs and a time bound on these devices; "
+    "run nothing, write nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DRY_RUN.value:
+    print(jobs.dry_run(_CONFIG.value).describe())
+    return
   result = jobs.run(_CONFIG.value, _WORKDIR.value)
   for name, r in result.get("results", {}).items():
     print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")

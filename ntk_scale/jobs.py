@@ -23,6 +23,13 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
 }
 
 
+def dry_run(config: ml_collections.ConfigDict) -> "DryRun":
+  """What `config.job` would cost on these devices (see ntk_scale/dry_run.py); runs and writes nothing."""
+  from ntk_scale.dry_run import plan_job
+
+  return plan_job(apply_loaders(config))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Checks `config.job`, applies `config.loaders` to the phase modes, records the config in
   `workdir` (or checks it matches), runs the job."""

@@ -7,7 +7,8 @@ from sklearn.model_selection import train_test_split
 from ntk_scale.data.dataset import Dataset, Split
 
 # A fixed, stratified split so that every experiment sees the same test set, whatever its seed.
-_TEST_SIZE = 360
+TEST_SIZE = 360
+NUM_EXAMPLES = 1797
 _SPLIT_SEED = 0
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
@@ -19,5 +20,5 @@ def load_digits() -> Dataset:
   images = (bunch.images / 16.0).astype(np.float32)[..., None]
   labels = bunch.target.astype(np.int32)
   x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, test_size=_TEST_SIZE, stratify=labels, random_state=_SPLIT_SEED)
+      images, labels, test_size=TEST_SIZE, stratify=labels, random_state=_SPLIT_SEED)
   return Dataset("digits", Split(x_train, y_train), Split(x_test, y_test), NUM_CLASSES)

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from ntk_scale.cost_analysis import program_flops
 from ntk_scale.ntk.tile_math import ApplyFn, LogitSpec
 
 METHODS = ("auto", "jacobian", "ntvp")
@@ -58,11 +59,8 @@ class ModelCost:
                       for eqn in _all_eqns(jaxpr.jaxpr) for v in eqn.outvars)
     # The lowered (backend-independent) HLO: after GPU compilation convolutions are cuDNN custom
     # calls that cost analysis counts as 0 FLOPs, which made "auto" pick ntvp there, 50x slower.
-    analysis = jax.jit(apply_fn).lower(*args).cost_analysis()
-    if isinstance(analysis, list):  # older jax returned one dict per program
-      analysis = analysis[0]
     # Never below the matmul floor: every parameter enters at least one multiply-add.
-    flops = max(float((analysis or {}).get("flops", 0.0)), 2.0 * sum(a.size for a in leaves))
+    flops = max(program_flops(apply_fn, *args).flops, 2.0 * sum(a.size for a in leaves))
     return cls(num_params=int(sum(a.size for a in leaves)), forward_flops=flops,
                activation_bytes=float(activations), itemsize=int(leaves[0].dtype.itemsize))
 

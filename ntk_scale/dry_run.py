@@ -1,0 +1,303 @@
+"""`main.py --dry_run`: what a job will cost on the devices JAX sees, before any data is read or
+anything is trained or written.
+
+The train job's programs (phase 1; phase 2 when config.phase2.num_epochs > 0, or job phase2) and
+the evaluators are compiled from shapes alone: XLA's memory analysis of the partitioned program
+gives the bytes each device holds (arguments + outputs + temporaries, less donated buffers), and
+the cost analysis of the lowered, whole-mesh program its FLOPs. The kernel and evolution jobs use
+the kernel engine's own plan (ntk_scale.ntk.plan): tiles, memory per device, FLOPs. Times divide
+FLOPs by the devices and the float32 matmul rate measured here in a short probe at the job's
+precision: lower bounds, since convolutions and attacks' sequential steps run below that rate.
+
+Run it on the topology of the real job (on the pod, or with the same device count emulated) so
+the per-device figures are the real ones. A plan that does not fit the per-device budget raises
+PlanDoesNotFit naming the setting to change, as the job itself would only after loading the data.
+
+    python main.py --config configs/cifar10_resnet18.py --workdir /tmp/unused --dry_run
+"""
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ntk_scale import parallel
+from ntk_scale.attacks import build_attacks
+from ntk_scale.cost_analysis import program_flops
+from ntk_scale.data.catalog import dataset_shape
+from ntk_scale.data import num_classes as dataset_classes
+from ntk_scale.linearize import LinearizedModel
+from ntk_scale.models import build_model
+from ntk_scale.ntk.engine import plan_for
+from ntk_scale.ntk.job import FIELDS, inference_apply
+from ntk_scale.ntk.plan import KernelPlanError, device_budget_bytes
+from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
+                                        check_train_config)
+from ntk_scale.train.optimizer import build_optimizer
+from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
+from ntk_scale.train.state import TrainState
+from ntk_scale.evaluate import _evaluate_batch
+
+PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "evolution")
+
+
+class PlanDoesNotFit(ValueError):
+  """A program needs more memory per device than the budget; the message names what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCost:
+  """One compiled program and how often the job runs it."""
+  name: str
+  calls: int
+  flops_per_call: float
+  bytes_per_device: float
+  setting: str  # the config field that sizes it, named when it does not fit
+  unbounded_loops: int = 0  # while loops of traced length in it, counted once
+
+  @property
+  def flops(self) -> float:
+    return self.calls * self.flops_per_call
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRun:
+  job: str
+  num_devices: int
+  platform: str
+  matmul_flops_per_s: float  # per device, measured
+  budget_bytes: float  # per device
+  programs: list[ProgramCost]
+  notes: list[str]
+
+  @property
+  def flops(self) -> float:
+    return sum(p.flops for p in self.programs)
+
+  def seconds(self, flops: float) -> float:
+    return flops / (self.num_devices * self.matmul_flops_per_s)
+
+  def describe(self) -> str:
+    lines = [f"dry run of job {self.job!r} on {self.num_devices} {self.platform} device(s) in "
+             f"{jax.process_count()} process(es); measured float32 matmul rate "
+             f"{self.matmul_flops_per_s / 1e9:.4g} GFLOP/s per device; budget {_gib(self.budget_bytes)} "
+             f"per device",
+             f"  {'program':<52s} {'calls':>9s} {'FLOP/call':>10s} {'memory/device':>14s} {'time >=':>10s}"]
+    for p in self.programs:
+      lines.append(f"  {p.name:<52s} {p.calls:>9,d} {p.flops_per_call:>10.3g} "
+                   f"{_gib(p.bytes_per_device):>14s} {_duration(self.seconds(p.flops)):>10s}")
+    lines.append(f"  total {self.flops:.3g} FLOP, at least {_duration(self.seconds(self.flops))} at the "
+                 f"measured matmul rate")
+    lines += [f"  note: {n}" for n in self.notes]
+    lines += [f"  note: {p.name} has {p.unbounded_loops} loop(s) of traced length, counted once"
+              for p in self.programs if p.unbounded_loops]
+    return "\n".join(lines)
+
+
+def _gib(num_bytes: float) -> str:
+  return f"{num_bytes / 2**30:.3g} GiB"
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.3g} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.3g} min"
+  return f"{seconds / 3600:.3g} h"
+
+
+@functools.lru_cache(maxsize=4)
+def matmul_rate(precision: str = "highest", size: int = 1024, seconds: float = 0.2) -> float:
+  """FLOP/s of a float32 matmul on one device of this process, timed for about `seconds`."""
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices()[0])
+  matmul = jax.jit(lambda a: jnp.matmul(a, a, precision=precision))
+  matmul(a).block_until_ready()
+  calls, started = 0, time.perf_counter()
+  while time.perf_counter() - started < seconds or calls < 3:
+    out = matmul(a)
+    calls += 1
+  out.block_until_ready()
+  return 2 * size**3 * calls / (time.perf_counter() - started)
+
+
+def _bytes_per_device(compiled) -> float:
+  m = compiled.memory_analysis()
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def _program(name: str, jitted, args: tuple, calls: int, setting: str, **static) -> ProgramCost:
+  compiled = jitted.lower(*args, **static).compile()
+  counted = program_flops(jitted, *args, **static)
+  return ProgramCost(name, calls, counted.flops, _bytes_per_device(compiled), setting,
+                     counted.unbounded_loops)
+
+
+def _abstract(tree: Any, sharding) -> Any:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _batch(mesh, batch_size: int, image_shape: tuple[int, ...], mask: bool = False) -> dict:
+  sharding = parallel.batch_sharding(mesh)
+  batch = {"images": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=sharding),
+           "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+  if mask:
+    batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding)
+  return batch
+
+
+def _variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], abstract: bool = True):
+  model = build_model(config.model, dataset_classes(config.data))
+  init = lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape)), train=False)
+  variables = jax.eval_shape(init) if abstract else init()
+  return model, variables["params"], variables.get("batch_stats", {})
+
+
+def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collections.ConfigDict,
+                    optimizer: ml_collections.ConfigDict, model, num_epochs: float, flip_epoch: float | None, seed: int,
+                    label: str) -> list[ProgramCost]:
+  """The benign and adversarial step programs of one phase, with their counts."""
+  image_shape, train_size, _ = dataset_shape(config.data)
+  steps_per_epoch = train_size // config.batch_size
+  if steps_per_epoch == 0:
+    raise PlanDoesNotFit(f"config.batch_size={config.batch_size} exceeds the {train_size} training "
+                         f"examples of {config.data.name}.")
+  total = int(round(num_epochs * steps_per_epoch))
+  flip = None if flip_epoch is None else int(round(flip_epoch * steps_per_epoch))
+  tx, _ = build_optimizer(optimizer, steps_per_epoch, total,
+                          _batch_step_of_update(flip, section.benign_step_first))
+  state = jax.eval_shape(lambda: TrainState.create(
+      apply_fn=model.apply, tx=tx, **_state_variables(model, image_shape, seed)))
+  state = _abstract(state, parallel.replicated_sharding(mesh))
+  benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None)
+  batch = _batch(mesh, config.batch_size, image_shape)
+  programs = []
+  benign_steps = total if flip is None else min(flip, total)
+  if benign_steps:
+    programs.append(_program(f"{label} benign step", benign, (state, batch), benign_steps,
+                             "config.batch_size"))
+  if flip is not None and total - flip > 0:
+    programs.append(_program(f"{label} adversarial step ({section.attack.name})", adversarial,
+                             (state, batch), total - flip, "config.batch_size"))
+  return programs
+
+
+def _state_variables(model, image_shape: tuple[int, ...], seed: int) -> dict:
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)), train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -> list[ProgramCost]:
+  """The clean and attacked evaluations over the test split."""
+  image_shape, _, test_size = dataset_shape(config.data)
+  calls = -(-test_size // config.eval_batch_size)
+  state = jax.eval_shape(lambda: TrainState.create(
+      apply_fn=model.apply, tx=optax.identity(), **_state_variables(model, image_shape, config.seed)))
+  state = _abstract(state, parallel.replicated_sharding(mesh))
+  batch = _batch(mesh, config.eval_batch_size, image_shape, mask=True)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  num_classes = dataset_classes(config.data)
+  programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
+                       "config.eval_batch_size", num_classes=num_classes, attack=None)]
+  for name, attack in build_attacks(config.eval_attacks, "config.eval_attacks").items():
+    programs.append(_program(f"{label} evaluation under {name}", _evaluate_batch, (state, batch, key),
+                             calls, "config.eval_batch_size", num_classes=num_classes, attack=attack))
+  return programs
+
+
+def _phase1(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost], list[str]]:
+  check_train_config(config, mesh.devices.size)
+  model = build_model(config.model, dataset_classes(config.data))
+  flip = {"C": None, "A": 0.0, "F": config.train.flip_epoch}[config.train.mode]  # in epochs
+  programs = _train_programs(config, mesh, config.train, config.optimizer, model, config.num_epochs, flip, config.seed,
+                             "phase 1")
+  programs += _eval_programs(config, mesh, model, "phase 1")
+  notes = []
+  if config.train.co_monitor.every_steps > 0:
+    notes.append("the catastrophic-overfitting monitor's evaluations are not counted")
+  return programs, notes
+
+
+def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
+  """Phase 2 trains the model linearized around a phase-1 checkpoint: here around a fresh
+  initialisation of the same shapes (theta0 is a constant of the programs)."""
+  check_common_config(config, mesh.devices.size)
+  check_phase2_config(config)
+  p = config.phase2
+  image_shape, _, _ = dataset_shape(config.data)
+  model, params0, stats0 = _variables(config, image_shape, abstract=False)
+  linearized = LinearizedModel(model, params0, stats0, p.linearization, p.batch_norm)
+  programs = _train_programs(config, mesh, p, p.optimizer, linearized, p.num_epochs, 0 if p.mode == "A" else None,
+                             config.seed + SEED_OFFSET, "phase 2")
+  return programs + _eval_programs(config, mesh, linearized, "phase 2")
+
+
+def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> ProgramCost:
+  """The kernel engine's plan for config.kernel (phase-1 network shapes)."""
+  k = config.kernel
+  image_shape, train_size, test_size = dataset_shape(config.data)
+  split_size = {"train": train_size, "test": test_size}.get(k.split)
+  if split_size is None:
+    raise ValueError(f"config.kernel.split={k.split!r}; expected 'train' or 'test'.")
+  num_classes = dataset_classes(config.data)
+  n = split_size if k.num_examples == 0 else k.num_examples
+  if k.classes:
+    n = min(n, math.ceil(split_size / num_classes) * len(k.classes))
+  model, params, stats = _variables(config, image_shape)
+  dtype = np.dtype(k.dtype)
+  cast = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
+  images = np.broadcast_to(np.zeros((), dtype), (n, *image_shape))  # shapes only, nothing allocated
+  with jax.enable_x64(k.dtype == "float64"):
+    plan = plan_for(inference_apply(model), cast(params), images, None, k.logits, method=k.method,
+                    tile_size=k.tile_size or None, memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
+                    fields=FIELDS, model_state=cast(stats))
+  tiles = len(plan.tiles())
+  return ProgramCost(f"{label}: {plan.method}, tile {plan.tile}, {tiles} tiles", copies, plan.flops,
+                     plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb")
+
+
+def plan_job(config: ml_collections.ConfigDict) -> DryRun:
+  """The programs of `config.job` on this topology, their memory per device, FLOPs and a time bound;
+  PlanDoesNotFit (or KernelPlanError) when one needs more memory than a device has."""
+  job = config.get("job", "train")
+  mesh = parallel.make_mesh()
+  budget = device_budget_bytes(jax.devices()[0])
+  precision = config.kernel.precision if job in ("kernel", "evolution") else "highest"
+  programs, notes = [], []
+  if job == "train":
+    programs, notes = _phase1(config, mesh)
+    if config.phase2.num_epochs > 0:
+      programs += _phase2(config, mesh)
+  elif job == "phase2":
+    programs = _phase2(config, mesh)
+  elif job == "evaluate":
+    check_common_config(config, mesh.devices.size)
+    model = build_model(config.model, dataset_classes(config.data))
+    programs = _eval_programs(config, mesh, model, "evaluate")
+  elif job == "kernel":
+    programs = [_kernel(config, 1, "kernel")]
+  elif job == "evolution":
+    epochs = tuple(config.evolution.epochs)
+    count = len(epochs) if epochs else 1
+    programs = [_kernel(config, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint")]
+    if not epochs:
+      notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
+  else:
+    raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
+                     f"cost model.")
+  for p in programs:
+    if p.bytes_per_device > budget:
+      raise PlanDoesNotFit(f"{p.name} needs {_gib(p.bytes_per_device)} per device but a device's budget "
+                           f"is {_gib(budget)}; lower {p.setting} or use more devices.")
+  return DryRun(job, mesh.devices.size, jax.devices()[0].platform, matmul_rate(precision), budget,
+                programs, notes)
+
+
+__all__ = ["DryRun", "KernelPlanError", "PlanDoesNotFit", "ProgramCost", "matmul_rate", "plan_job"]

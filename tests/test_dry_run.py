@@ -1,0 +1,154 @@
+"""`--dry_run`: loops counted as often as they run, hand-derived FLOPs of a tiny MLP, memory per
+device from the partitioned program, refusal of plans that do not fit, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from ntk_scale import dry_run as dry_run_module
+from ntk_scale import jobs
+from ntk_scale.cost_analysis import program_flops
+from ntk_scale.data import load_digits
+from ntk_scale.data.catalog import SHAPES, dataset_shape
+from ntk_scale.ntk import KernelPlanError
+
+from test_train import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 64
+MATMUL = 2 * N**3
+
+
+def test_static_loops_count_every_iteration_and_nested_loops_multiply():
+  a = jax.ShapeDtypeStruct((N, N), jnp.float32)
+  inner = lambda x: jax.lax.fori_loop(0, 5, lambda i, y: y @ x, x)
+  outer = lambda x: jax.lax.fori_loop(0, 3, lambda i, y: inner(y), x)
+  scanned = lambda x: jax.lax.scan(lambda c, _: (c @ x, None), x, None, length=7)[0]
+  # Up to a few FLOPs per iteration of loop-counter arithmetic.
+  assert program_flops(inner, a).flops == pytest.approx(5 * MATMUL, abs=100)
+  assert program_flops(outer, a).flops == pytest.approx(15 * MATMUL, abs=100)
+  assert program_flops(jax.jit(scanned), a).flops == pytest.approx(7 * MATMUL, abs=100)
+  assert program_flops(outer, a).unbounded_loops == 0
+
+
+def test_loops_of_traced_length_are_reported():
+  a = jax.ShapeDtypeStruct((N, N), jnp.float32)
+  n = jax.ShapeDtypeStruct((), jnp.int32)
+  counted = program_flops(lambda x, n: jax.lax.fori_loop(0, n, lambda i, y: y @ x, x), a, n)
+  assert counted.unbounded_loops == 1
+  assert counted.flops == pytest.approx(MATMUL, abs=100)  # once, as the report says
+
+
+def test_catalog_matches_the_loaded_digits_and_the_tfds_features():
+  digits = load_digits()
+  assert SHAPES["digits"] == (digits.train.images.shape[1:], len(digits.train), len(digits.test))
+  tfds = pytest.importorskip("tensorflow_datasets")
+  for name, (shape, _, _) in SHAPES.items():
+    if name != "digits":
+      assert tfds.builder(name, data_dir="/nonexistent").info.features["image"].shape == shape, name
+
+
+def mlp_config(**fields):
+  c = load_config("digits", "smoke")
+  c.model.name, c.model.width, c.model.depth = "mlp", 16, 1
+  c.num_epochs = 2
+  c.batch_size, c.eval_batch_size = 32, 40
+  c.eval_attacks = ml_collections.ConfigDict()
+  for key, value in fields.items():
+    c[key] = value
+  return c
+
+
+def _by_name(plan):
+  return {p.name: p for p in plan.programs}
+
+
+def test_train_job_counts_match_the_dataset_and_the_mlp_by_hand():
+  c = mlp_config()
+  plan = jobs.dry_run(c)
+  programs = _by_name(plan)
+  digits = load_digits()
+  steps = len(digits.train) // c.batch_size * c.num_epochs
+  assert programs["phase 1 benign step"].calls == steps
+  clean = programs["phase 1 clean evaluation"]
+  assert clean.calls == -(-len(digits.test) // c.eval_batch_size)
+  # Two forward passes (clean predictions and logits) of 64 -> 16 -> 10 on 40 images, 2 FLOPs
+  # per multiply-add; XLA adds the bias, ReLU and loss arithmetic on top (a few percent).
+  matmuls = 2 * 2 * c.eval_batch_size * (64 * 16 + 16 * 10)
+  assert matmuls <= clean.flops_per_call <= 1.15 * matmuls
+  # A train step: forward, and backward with respect to both layers' weights and the hidden
+  # activations (the input gradient is not needed): 3x the forward matmuls, except the first
+  # layer's input gradient.
+  step = 2 * c.batch_size * (64 * 16 * 2 + 16 * 10 * 3)
+  assert step <= programs["phase 1 benign step"].flops_per_call <= 1.2 * step
+  assert plan.num_devices == 4
+  assert plan.flops == sum(p.calls * p.flops_per_call for p in plan.programs)
+
+
+def test_attack_steps_are_counted_and_memory_is_per_device():
+  costs = []
+  for steps in (2, 3, 4):
+    c = mlp_config()
+    c.eval_attacks.pgd = load_config("digits", "adversarial").train.attack
+    c.eval_attacks.pgd.num_steps = steps
+    costs.append(_by_name(jobs.dry_run(c))["phase 1 evaluation under pgd"].flops_per_call)
+  assert costs[2] - costs[1] == pytest.approx(costs[1] - costs[0], rel=1e-6)
+  per_step = costs[1] - costs[0]  # a forward and an input gradient of 40 images
+  assert per_step >= 2 * 40 * (64 * 16 + 16 * 10) * 2
+
+  plan = jobs.dry_run(mlp_config())
+  step = _by_name(plan)["phase 1 benign step"]
+  params = 64 * 16 + 16 + 16 * 10 + 10
+  batch_per_device = (32 // 4) * (64 + 1) * 4
+  # The replicated state (parameters and the optimizer's momentum) is whole on every device; the
+  # batch is split four ways.
+  assert params * 4 + batch_per_device <= step.bytes_per_device < 4 * (3 * params * 4 + 32 * 65 * 4)
+
+
+def test_plans_that_do_not_fit_are_refused_naming_the_setting(monkeypatch):
+  monkeypatch.setattr(dry_run_module, "device_budget_bytes", lambda device: 1000.0)
+  with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.batch_size"):
+    jobs.dry_run(mlp_config())
+  monkeypatch.undo()
+  c = mlp_config(job="kernel")
+  c.kernel.memory_budget_gb = 1e-9
+  with pytest.raises(KernelPlanError, match="config.kernel.memory_budget_gb"):
+    jobs.dry_run(c)
+
+
+def test_kernel_plan_is_the_engine_plan():
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples, c.kernel.tile_size = 100, 30
+  plan = jobs.dry_run(c)
+  (kernel,) = plan.programs
+  assert kernel.name.startswith("kernel: jacobian, tile 30, 10 tiles")  # 4 row blocks, upper triangle
+  assert kernel.calls == 1
+  c.job, c.evolution.epochs = "evolution", (1.0, 2.0)
+  assert jobs.dry_run(c).programs[0].calls == 2
+
+
+def test_bad_job_and_dataset_are_named():
+  with pytest.raises(ValueError, match="config.job='report'"):
+    jobs.dry_run(mlp_config(job="report"))
+  c = mlp_config()
+  c.data.name = "imagenet"
+  with pytest.raises(ValueError, match="config.data.name='imagenet'"):
+    dataset_shape(c.data)
+
+
+def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "never_created"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "main.py", "--config", "configs/digits.py:smoke", "--workdir", str(workdir),
+       "--dry_run", "--config.model.name=mlp", "--config.model.width=4"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "dry run of job 'train' on 2 cpu device(s)" in out.stdout
+  assert "phase 1 benign step" in out.stdout and "total" in out.stdout
+  assert not workdir.exists()
