@@ -37,11 +37,10 @@ The summary also says whether the collapse was sustained (`sustained`: robust ac
 collapsed for config.train.co_monitor.sustain_evals = 3 consecutive measurements, 1.5 epochs here)
 and lists the measurements at which it recovered (`recoveries`).
 
-A sweep over methods, beta and eps (one workdir each):
+The sweep over methods and beta at one eps (`get_sweep`, one workdir each), listed or launched:
 
-    for m in fgsm n_fgsm grad_align; do for b in 0 0.1 0.15 0.2; do
-      python main.py --config configs/catastrophic_overfitting.py:method=$m,beta=$b,eps=0.25 \
-          --workdir workdirs/co/${m}_b${b}_e0.25; done; done
+    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25 \
+        --workdir_root workdirs/co --dry_run
 
 Measured (seed 0 unless said, one run each, 2 shared CPU cores, 4-10 minutes a run; robust = PGD-10 accuracy
 on the monitor's 256 test images every half epoch; final = clean / PGD-20 accuracy on all 360
@@ -174,3 +173,25 @@ def _cifar10(c: ml_collections.ConfigDict, eps: float) -> None:
   c.train.co_monitor.every_steps = 195  # half an epoch of 390 steps
   c.train.co_monitor.num_examples = 1024
   c.eval_attacks.pgd = pgd_linf(eps, num_steps=50)
+
+
+SWEEP_METHODS = ("fgsm", "n_fgsm", "grad_align")
+SWEEP_BETAS = ("0", "0.1", "0.15", "0.2")
+
+
+def get_sweep(arg: str = "") -> list[dict[str, str]]:
+  """Methods x beta (SWEEP_METHODS, SWEEP_BETAS), everything else of `arg` kept (eps, data,
+  flags); one work unit and workdir each, named like <method>_b<beta>_e<eps>:
+
+    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25 \\
+        --workdir_root workdirs/co
+  """
+  values, flags = _parse(arg)
+  eps = values["eps"] or f"{DATASETS[values['data']]:.4g}"
+  kept = [f"{k}={v}" for k, v in values.items() if k not in ("method", "beta") and v != DEFAULTS[k]]
+  units = []
+  for method in SWEEP_METHODS:
+    for beta in SWEEP_BETAS:
+      items = [f"method={method}", f"beta={beta}"] + kept + sorted(flags)
+      units.append({"name": f"{method}_b{beta}_e{eps}", "arg": ",".join(items)})
+  return units

@@ -1,0 +1,1 @@
+"""Launching ntk_scale experiments and sweeps (XManager, see launch.py)."""

@@ -1,0 +1,107 @@
+r"""Launches an ntk_scale experiment, or the sweep its config file defines, with XManager.
+
+One work unit per point of the config's `get_sweep(arg)` (see sweep.py), each running
+`python -m main --config=... --workdir=<workdir_root>/<name> --config.*=...` in a container built
+from this repository. `--config.*` overrides after `--` apply to every work unit.
+
+    pip install -e '.[xm]'
+    # one local GPU per work unit (Docker with the NVIDIA runtime):
+    xmanager launch xm_launch/launch.py -- \
+        --config=configs/catastrophic_overfitting.py:eps=0.25 --workdir_root=/tmp/co -- --config.seed=1
+    # a TPU VM on Vertex AI per work unit:
+    xmanager launch xm_launch/launch.py -- --config=configs/cifar10_resnet18.py \
+        --workdir_root=gs://BUCKET/ntk --executor=vertex --accelerator=tpu_v3=8
+    # what would be launched, without XManager installed:
+    python xm_launch/launch.py --config=configs/catastrophic_overfitting.py --workdir_root=/tmp/co --dry_run
+
+Multi-host slices (TPU pods) run one copy of each work unit per host; main.py's
+`jax.distributed.initialize` finds the other hosts from the TPU environment.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xm_launch.sweep import REPO, WorkUnit, work_units  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file, `file.py` or `file.py:arg`, relative to the repository.")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", None, "Each work unit's workdir is <workdir_root>/<name>.")
+_EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "vertex"],
+                              "local: Docker on this machine; vertex: Vertex AI (GPU or TPU VMs).")
+_ACCELERATOR = flags.DEFINE_string(
+    "accelerator", "local_gpu=1",
+    "Resources per work unit as name=count, xm.JobRequirements' names: local_gpu=1 (local), "
+    "a100=1, h100=8, tpu_v3=8, tpu_v4=8 (vertex); empty for CPU only.")
+_BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11", "Docker image the container is built on.")
+_TITLE = flags.DEFINE_string("title", None, "Experiment title (default: the config).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the work units' commands; launch nothing.")
+flags.mark_flags_as_required(["config", "workdir_root"])
+
+# jax's accelerator wheels, by the kind of resource asked for
+_JAX_EXTRA = {"tpu": "jax[tpu]", "gpu": "jax[cuda13]"}
+
+
+def requirements(spec: str) -> dict[str, int]:
+  """`name=count[,name=count]` -> {name: count}; errors name the flag."""
+  parsed = {}
+  for item in (i for i in spec.split(",") if i):
+    name, sep, count = item.partition("=")
+    if not sep or not count.isdigit() or int(count) <= 0:
+      raise ValueError(f"--accelerator={spec!r}: expected name=count items such as local_gpu=1 or tpu_v3=8.")
+    parsed[name.strip().lower()] = int(count)
+  return parsed
+
+
+def jax_wheel(resources: dict[str, int]) -> str:
+  """The jax distribution for the accelerator asked for: TPU, CUDA or CPU."""
+  if any(name.startswith("tpu") for name in resources):
+    return _JAX_EXTRA["tpu"]
+  if resources:
+    return _JAX_EXTRA["gpu"]
+  return "jax"
+
+
+def docker_instructions(resources: dict[str, int]) -> list[str]:
+  """Install the repository with the jax wheel for the accelerator, copied last for layer caching."""
+  name = os.path.basename(REPO)
+  return ["ENV LANG=C.UTF-8",
+          "RUN python -m pip install --upgrade pip",
+          f"COPY {name}/pyproject.toml {name}/README.md /{name}/",
+          f"RUN mkdir -p /{name}/ntk_scale && touch /{name}/ntk_scale/__init__.py && "
+          f"python -m pip install '/{name}' '{jax_wheel(resources)}'",
+          f"COPY {name}/ /{name}",
+          f"RUN python -m pip install --no-deps -e /{name}",
+          f"WORKDIR /{name}"]
+
+
+def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, executor: str = "local",
+           base_image: str = "python:3.11") -> None:
+  """One XManager experiment, one job per work unit, each with `resources`."""
+  from xmanager import xm, xm_local  # an optional extra: pip install -e '.[xm]'
+
+  executor_type = xm_local.Local if executor == "local" else xm_local.Vertex
+  with xm_local.create_experiment(experiment_title=title) as experiment:
+    [executable] = experiment.package([xm.python_container(
+        executor_spec=executor_type.Spec(), path=REPO, base_image=base_image,
+        docker_instructions=docker_instructions(resources), entrypoint=xm.ModuleName("main"))])
+    for unit in units:
+      experiment.add(xm.Job(executable=executable, args=unit.flags(),
+                            executor=executor_type(requirements=xm.JobRequirements(**resources))))
+
+
+def main(argv: list[str]) -> None:
+  resources = requirements(_ACCELERATOR.value)
+  units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value)
+  if _DRY_RUN.value:
+    for unit in units:
+      print(" ".join(unit.command()))
+    print(f"{len(units)} work unit(s); executor {_EXECUTOR.value}, resources {resources or 'CPU'}.")
+    return
+  launch(units, resources, title=_TITLE.value or _CONFIG.value, executor=_EXECUTOR.value,
+         base_image=_BASE_IMAGE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,113 @@
+"""The work units of a sweep: one `main.py` run, with its own workdir, per point of the sweep a
+config file defines. Pure Python, so a sweep is built and checked without XManager.
+
+A config file may define `get_sweep(arg) -> list[dict]`; each dict is one work unit:
+  "name":  the unit's workdir under the root (default: its overrides, joined)
+  "arg":   the `file.py:arg` argument of get_config for this unit (default: the one launched with)
+  "a.b":   any other key sets config field a.b, as `--config.a.b=value` would
+Without get_sweep a launch is a single work unit whose workdir is the root itself. Overrides given to the launcher apply to every
+unit (a unit's own values win). Every unit's config is built and its fields checked before
+anything is launched, so a typo fails at once, naming the field.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import re
+from typing import Any
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RESERVED = ("name", "arg")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkUnit:
+  name: str
+  config: str  # file.py or file.py:arg, relative to the repository
+  overrides: tuple[tuple[str, Any], ...]  # (field, value), applied as --config.<field>=<value>
+  workdir: str
+
+  def flags(self) -> dict[str, Any]:
+    """main.py's flags, for xm.Job(args=...)."""
+    return {"config": self.config, "workdir": self.workdir,
+            **{f"config.{field}": _flag_value(value) for field, value in self.overrides}}
+
+  def command(self) -> list[str]:
+    return ["python", "main.py"] + [f"--{k}={v}" for k, v in self.flags().items()]
+
+
+def _flag_value(value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+  return str(value)
+
+
+def _module(path: str):
+  full = path if os.path.isabs(path) else os.path.join(REPO, path)
+  if not os.path.isfile(full):
+    raise FileNotFoundError(f"--config={path}: no such config file.")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(full))[0], full)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def parse_override(flag: str) -> tuple[str, str]:
+  """`--config.a.b=value` -> ("a.b", "value"); anything else is an error naming the flag."""
+  match = re.fullmatch(r"--config\.([A-Za-z_][\w.]*)=(.*)", flag)
+  if not match:
+    raise ValueError(f"{flag!r}: the launcher passes on only overrides of the form --config.<field>=<value>.")
+  return match.group(1), match.group(2)
+
+
+def _check_field(config: ml_collections.ConfigDict, field: str, where: str) -> None:
+  node = config
+  for i, part in enumerate(field.split(".")):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
+      parent = "".join("." + p for p in field.split(".")[:i])
+      raise ValueError(f"{where}: config{parent}.{part} does not exist, so --config.{field} cannot be "
+                       f"set (config{parent} has: {known}).")
+    node = node[part]
+
+
+def _unit_name(entry: dict[str, Any]) -> str:
+  items = [f"{k.split('.')[-1]}={v}" for k, v in entry.items() if k not in _RESERVED]
+  if "arg" in entry:
+    items.insert(0, str(entry["arg"]))
+  return entry.get("name") or "_".join(items) or "run"
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^\w.=+-]+", "_", name).strip("_") or "run"
+
+
+def work_units(config: str, overrides: list[str], workdir_root: str) -> list[WorkUnit]:
+  """The sweep `config` (file.py or file.py:arg) defines, one WorkUnit each, checked."""
+  path, _, arg = config.partition(":")
+  module = _module(path)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config={path} defines no get_config(arg).")
+  common = [parse_override(flag) for flag in overrides]
+  entries = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
+  if not entries:
+    raise ValueError(f"{path}: get_sweep({arg!r}) returned no work units.")
+  units, names = [], set()
+  for entry in entries:
+    unit_arg = str(entry.get("arg", arg))
+    built = module.get_config(unit_arg)
+    fields = dict(common)
+    fields.update({k: v for k, v in entry.items() if k not in _RESERVED})
+    for field in fields:
+      _check_field(built, field, f"{path}:{unit_arg}")
+    name = _safe(_unit_name(entry)) if len(entries) > 1 or entry else "run"
+    if name in names:
+      raise ValueError(f"{path}: two work units are named {name!r}; give them distinct 'name's.")
+    names.add(name)
+    single = not hasattr(module, "get_sweep")  # the launch itself is the one work unit
+    units.append(WorkUnit(name=name, config=f"{path}:{unit_arg}" if unit_arg else path,
+                          overrides=tuple(fields.items()),
+                          workdir=workdir_root if single else os.path.join(workdir_root, name)))
+  return units
