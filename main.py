@@ -3,11 +3,12 @@
 Rerunning the same command on the same workdir resumes it.
 """
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from ntk_scale import console  # noqa: F401  (sets the TF log level before TensorFlow loads)
-from ntk_scale import jobs
+from ntk_scale import jobs, parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `file.py` or `file.py:arg`; override fields with --config.a.b=v.",
@@ -16,16 +17,28 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the job's memory per device, FLOPs and a time bound on these devices; "
     "run nothing, write nothing.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-process job: find the coordinator and this process's id with JAX's "
+    "cluster detection (TPU pods, SLURM, Open MPI, Kubernetes).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 60, "A process silent this long is dead and the others stop with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_DISTRIBUTED.value, heartbeat_timeout_s=_HEARTBEAT.value)
   if _DRY_RUN.value:
     print(jobs.dry_run(_CONFIG.value).describe())
     return
   result = jobs.run(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() != 0:  # one report per job, from process 0
+    return
   for name, r in result.get("results", {}).items():
     print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
   for name, r in result.get("phase2", {}).get("results", {}).items():

@@ -64,3 +64,30 @@ def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray)
     shards = [jax.device_put(array[rows[index[0]]], device) for device, index in index_map.items()]
     out[key] = jax.make_array_from_single_device_arrays(shape, sharding, shards)
   return out
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto: bool = False,
+                           heartbeat_timeout_s: int = 60) -> None:
+  """Joins this process to a multi-process job before any device is used; nothing for one process.
+
+  `auto`: JAX's own cluster detection (TPU pods, SLURM, Open MPI, Kubernetes) finds the
+  coordinator, the process count and this process's id. Otherwise all three are given (the
+  address is host:port of process 0). A process that stops sending heartbeats for
+  `heartbeat_timeout_s` is declared dead and the coordination service then terminates every other
+  process with an error naming the failure, so a lost host never leaves the job hanging; rerun the
+  job and it resumes from its last checkpoint.
+  """
+  explicit = (coordinator_address, num_processes, process_id)
+  if not auto and all(v is None for v in explicit):
+    return
+  if not auto and any(v is None for v in explicit):
+    raise ValueError("multi-process start-up needs --coordinator_address, --num_processes and "
+                     "--process_id together (or --distributed to detect them on a TPU pod or SLURM); "
+                     f"got {coordinator_address=}, {num_processes=}, {process_id=}.")
+  if not auto and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes}).")
+  if heartbeat_timeout_s <= 0:
+    raise ValueError(f"--heartbeat_timeout_s={heartbeat_timeout_s} must be positive.")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
