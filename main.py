@@ -3,6 +3,10 @@
 Rerunning the same command on the same workdir resumes it.
 """
 
+import os
+import sys
+import traceback
+
 import jax
 from absl import app, flags
 from ml_collections import config_flags
@@ -36,7 +40,17 @@ def main(argv):
   if _DRY_RUN.value:
     print(jobs.dry_run(_CONFIG.value).describe())
     return
-  result = jobs.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    result = jobs.run(_CONFIG.value, _WORKDIR.value)
+  except BaseException:
+    if jax.process_count() == 1:
+      raise
+    # Exiting normally would wait up to five minutes at JAX's shutdown barrier while the other
+    # processes block in a collective; stop now, and the coordination service stops them within
+    # --heartbeat_timeout_s.
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
   if jax.process_index() != 0:  # one report per job, from process 0
     return
   for name, r in result.get("results", {}).items():

@@ -268,7 +268,7 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
   PlanDoesNotFit (or KernelPlanError) when one needs more memory than a device has."""
   job = config.get("job", "train")
   mesh = parallel.make_mesh()
-  budget = device_budget_bytes(jax.devices()[0])
+  budget = device_budget_bytes(jax.local_devices()[0])
   precision = config.kernel.precision if job in ("kernel", "evolution") else "highest"
   programs, notes = [], []
   if job == "train":
@@ -296,7 +296,7 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
     if p.bytes_per_device > budget:
       raise PlanDoesNotFit(f"{p.name} needs {_gib(p.bytes_per_device)} per device but a device's budget "
                            f"is {_gib(budget)}; lower {p.setting} or use more devices.")
-  return DryRun(job, mesh.devices.size, jax.devices()[0].platform, matmul_rate(precision), budget,
+  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, matmul_rate(precision), budget,
                 programs, notes)
 
 

@@ -144,8 +144,9 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     model_state=batch_stats)
     print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)
-    store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels,
-                                         create=jax.process_index() == 0)
+    # Process 0 creates (or checks) the store; the others open it once it exists.
+    if jax.process_index() == 0:
+      store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels)
     _barrier("kernel store created")
     if jax.process_index() != 0:
       store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels, create=False)

@@ -202,7 +202,7 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   if tile is not None and tile <= 0:
     raise KernelPlanError(f"{names['tile_size']}={tile} must be positive (or unset to follow the "
                           "memory budget).")
-  budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.devices()[0])
+  budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
   # Enough blocks that every device gets a tile, and no bigger than the kernel.
   blocks = 1
   while (blocks * (blocks + 1) // 2 if symmetric else blocks * blocks) < num_devices:
