@@ -9,6 +9,7 @@ from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.evolution import evolution_job
 from ntk_scale.ntk.job import kernel_job
+from ntk_scale.report import report_job
 from ntk_scale.train.loop import train_job
 from ntk_scale.train.phase2 import apply_loaders, phase2_and_evaluate
 from ntk_scale.workdir import prepare_workdir
@@ -20,6 +21,7 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     "kernel": kernel_job,  # the empirical NTK of one checkpoint on a subset, to <workdir>/kernels/
     "evolution": evolution_job,  # kernels of several checkpoints, how they move, to kernel_evolution/
     "infinite": infinite_job,  # infinite-width kernel regression, its attacks, transfer, robust data
+    "report": report_job,  # every result of the workdir as PNGs and <workdir>/report/index.html
 }
 
 
