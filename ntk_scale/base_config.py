@@ -176,4 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: the saved phase-1 epochs within this many epochs of the collapse recorded by the CO monitor
   # (<workdir>/catastrophic_overfitting.json), instead of `epochs`.
   c.evolution.around_collapse = 0.0
+
+  # The `eigen_features` job (ntk_scale/ntk/eigen_features_job.py): usefulness and robustness of each
+  # eigen-feature of config.kernel's kernel (one class or the trace), to <workdir>/eigen_features/.
+  c.eigen_features = ml_collections.ConfigDict()
+  c.eigen_features.num_single = 10  # top eigen-indices taken one by one; then doubling groups
+  c.eigen_features.num_test = 0  # first test images evaluated; 0: the whole test split
+  c.eigen_features.batch_size = 120
+  c.eigen_features.attack = pgd_linf(eps=8 / 255, num_steps=10)  # against each feature's predictor
   return c

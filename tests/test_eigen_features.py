@@ -1,0 +1,127 @@
+"""Eigen-features: the groups partition the numerical rank, their predictors sum to ridgeless kernel
+regression, each equals the explicit float64 Jacobian formula, and the job reports them."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntk_scale import jobs
+from ntk_scale.data import load_digits
+from ntk_scale.ntk import empirical_ntk
+from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
+                                          parameter_directions)
+from ntk_scale.ntk.job import inference_apply
+from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.tile_math import LogitSpec
+from ntk_scale.restore import restore_for_inference
+
+from test_train import load_config
+
+
+def _targets(labels, c):
+  return np.eye(c)[labels] - 1.0 / c
+
+
+def test_groups_are_singles_then_doubling_up_to_the_numerical_rank():
+  values = np.concatenate([np.logspace(3, -3, 40), [1e-14, 0.0]])
+  groups = feature_groups(values, num_single=5)
+  assert [g.name for g in groups] == ["0", "1", "2", "3", "4", "5-9", "10-19", "20-39"]
+  np.testing.assert_array_equal(np.concatenate([g.indices for g in groups]), np.arange(40))
+
+
+def test_features_sum_to_ridgeless_kernel_regression_and_match_the_definition():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(30 + 7, 12))
+  kernel_all = z @ z.T + 1e-3 * np.eye(37)  # train 30 + test 7, one PSD kernel
+  k_train, cross = kernel_all[:30, :30], kernel_all[30:, :30]
+  targets = _targets(rng.integers(0, 3, 30), 3)
+  pairs = eigh(k_train)
+  groups = feature_groups(pairs.values, num_single=4)
+  a = group_coefficients(pairs.values, pairs.vectors, targets, groups)
+  np.testing.assert_allclose(np.einsum("bn,gnc->bc", cross, a), cross @ np.linalg.solve(k_train, targets),
+                             rtol=1e-8, atol=1e-10)
+  # Feature 2 by its definition: lambda^-1 K(x, X) v v^T Y.
+  v = pairs.vectors[:, 2]
+  np.testing.assert_allclose(cross @ a[2], np.outer(cross @ v, v @ targets) / pairs.values[2], rtol=1e-10)
+
+
+def test_empirical_features_equal_the_explicit_jacobian_formula():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(5, 7)), rng.normal(size=(7, 3))
+    params = {"w1": jnp.asarray(w1), "w2": jnp.asarray(w2)}
+    apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+    x_train, x_test = jnp.asarray(rng.normal(size=(9, 5))), jnp.asarray(rng.normal(size=(4, 5)))
+    coefficients = jnp.asarray(rng.normal(size=(2, 9, 3)))
+    for spec in (LogitSpec("class", 3, 1), LogitSpec("trace", 3)):
+      def jac(x):
+        f = lambda p: apply_fn(p, x)[:, spec.index] if spec.kind == "class" else apply_fn(p, x).sum(-1)
+        j = jax.jacrev(f)(params)
+        return np.concatenate([np.asarray(j[k]).reshape(len(x), -1) for k in sorted(j)], 1)
+      directions = parameter_directions(apply_fn, params, x_train, coefficients, spec)
+      got = feature_logits_fn(apply_fn, params, directions, spec)(x_test)
+      cross = jac(x_test) @ jac(x_train).T
+      np.testing.assert_allclose(got, np.einsum("bn,gnc->gbc", cross, coefficients), rtol=1e-10)
+
+
+def features_config(**fields):
+  c = load_config("digits", "smoke")
+  c.model.name, c.model.width = "mlp", 16
+  c.num_epochs = 1.0
+  c.kernel.num_examples, c.kernel.logits = 40, "0"
+  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 3, 30, 16
+  c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 3
+  c.eigen_features.attack.step_size = 0.1
+  for key, value in fields.items():
+    c.eigen_features[key] = value
+  return c
+
+
+def test_job_reports_every_group_and_the_whole_predictor(tmp_path):
+  workdir = str(tmp_path)
+  train = features_config()
+  train.job = "train"
+  jobs.run(train, workdir)
+  c = features_config()
+  c.job = "eigen_features"
+  result = jobs.run(c, workdir)
+  rows = {r["group"]: r for r in result["groups"]}
+  assert list(rows)[:3] == ["0", "1", "2"] and list(rows)[-1] == "all"
+  files = sorted(os.listdir(result["eigen_features"]))
+  assert files == ["features.csv", "features.json", "usefulness_robustness.png"]
+  # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train).
+  store = KernelStore.open(result["kernel"])
+  digits = load_digits()
+  restored = restore_for_inference(c, workdir, phase=1, epoch=None, fields="config.kernel")
+  apply = inference_apply(restored.model)
+  stats = restored.variables.get("batch_stats", {})
+  params = jax.tree.map(np.asarray, restored.variables["params"])
+  x_test, y_test = digits.test.images[:30], digits.test.labels[:30]
+  cross = empirical_ntk(lambda p, x: apply(p, x, stats), params, x_test,
+                        digits.train.images[store.indices()], logits=0)
+  pairs = eigh(store.read())
+  rank = pairs.values > 1e-10 * pairs.values[0]
+  v = pairs.vectors[:, rank]
+  predictions = cross @ v @ ((v.T @ _targets(store.labels(), 10)) / pairs.values[rank, None])
+  assert rows["all"]["clean_accuracy"] == pytest.approx(np.mean(predictions.argmax(1) == y_test), abs=1 / 30)
+  assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())
+  assert sum(r["num_features"] for g, r in rows.items() if g != "all") == rows["all"]["num_features"]
+  # A rerun reads the finished result back.
+  assert jobs.run(c, workdir)["groups"] == result["groups"]
+
+
+def test_bad_fields_are_named(tmp_path):
+  for field, value in (("num_single", 0), ("num_test", -1), ("batch_size", 0)):
+    c = features_config(**{field: value})
+    c.job = "eigen_features"
+    with pytest.raises(ValueError, match=f"config.eigen_features.{field}="):
+      jobs.run(c, str(tmp_path))
+  c = features_config()
+  c.job, c.kernel.logits = "eigen_features", "full"
+  with pytest.raises(ValueError, match="config.kernel.logits='full'"):
+    jobs.run(c, str(tmp_path))
