@@ -20,6 +20,8 @@ demo: $(VENV)/.installed
 	$(PY) main.py --config configs/digits.py:adversarial --workdir $(WORKDIR)_adversarial
 	$(PY) main.py --config configs/digits.py --config.job=kernel --workdir $(WORKDIR)
 	$(PY) main.py --config configs/digits.py:adversarial --config.job=kernel --workdir $(WORKDIR)_adversarial
+	$(PY) main.py --config configs/digits.py --config.job=report --workdir $(WORKDIR)
+	$(PY) main.py --config configs/digits.py:adversarial --config.job=report --workdir $(WORKDIR)_adversarial
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -53,6 +53,9 @@ def main(argv):
     os._exit(1)
   if jax.process_index() != 0:  # one report per job, from process 0
     return
+  if "report" in result:
+    print(f"report in {result['report']}")
+    return
   for name, r in result.get("results", {}).items():
     print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
   for name, r in result.get("phase2", {}).get("results", {}).items():
