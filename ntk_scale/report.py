@@ -189,9 +189,17 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
+def natural_key(name: str) -> list:
+  """Sorts width8 before width32 and epoch2 before epoch10."""
+  return [(0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+          for t in re.findall(r"\d+(?:\.\d+)?|\D+", name)]
+
+
 def _subdirectories(path: str) -> list[str]:
-  return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and ".tmp" not in d) \
-      if os.path.isdir(path) else []
+  if not os.path.isdir(path):
+    return []
+  return sorted((d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and ".tmp" not in d),
+                key=natural_key)
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -204,8 +212,9 @@ _CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
 )
 
 
-def find_runs(workdir: str) -> list[tuple[str, str]]:
-  """(title, directory) of every directory holding a run's metrics, evaluations or sets."""
+def find_runs(workdir: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+  """(title, directory) of every directory holding a run's metrics, evaluations or sets: phase 1
+  and phase 2, and the networks the infinite job trained."""
   has_run = lambda d: any(os.path.exists(os.path.join(d, f)) for f in RUN_FILES)
   trained = any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.jsonl", "evaluations"))
   runs = [("Phase 1" if trained else "Workdir", workdir)] if has_run(workdir) else []
@@ -215,9 +224,8 @@ def find_runs(workdir: str) -> list[tuple[str, str]]:
   runs += [(f"Phase 2: {n}", os.path.join(phase2, n)) for n in _subdirectories(phase2)
            if has_run(os.path.join(phase2, n))]
   transfer = os.path.join(workdir, "transfer")  # the infinite job's finite networks
-  runs += [(f"Infinite-width job: network {n}", os.path.join(transfer, n))
-           for n in _subdirectories(transfer) if has_run(os.path.join(transfer, n))]
-  return runs
+  return runs, [(f"Infinite-width job: network {n}", os.path.join(transfer, n))
+                for n in _subdirectories(transfer) if has_run(os.path.join(transfer, n))]
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -316,10 +324,11 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
     if not os.path.exists(meta_path):
       continue
     meta = _read_json(meta_path)
-    attack = meta.get("attack", {})
+    # A network's sets record their attack; the infinite job's, the kernel config with every attack.
+    attack = meta.get("attack") or meta.get("kernel", {}).get("attacks", {}).get(name, {})
+    source = (f"step {meta['checkpoint_step']}" if "checkpoint_step" in meta else meta.get("source"))
     rows.append([name, attack.get("name"), attack.get("norm"), attack.get("eps"), attack.get("num_steps"),
-                 meta.get("checkpoint_step"), meta.get("split"), meta.get("clean_accuracy"),
-                 meta.get("accuracy")])
+                 source, meta.get("split"), meta.get("clean_accuracy"), meta.get("accuracy")])
     try:  # memory-mapped: only the shown images are read
       arrays = {k: np.load(os.path.join(root, name, f"{k}.npy"), mmap_mode="r", allow_pickle=False)
                 for k in ("images", "labels", "predictions")}
@@ -340,7 +349,7 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
   if not rows:
     return []
   return ["<h3>Saved adversarial sets</h3>",
-          table(["set", "attack", "norm", "eps", "steps", "checkpoint step", "split", "clean accuracy",
+          table(["set", "attack", "norm", "eps", "steps", "attacked model", "split", "clean accuracy",
                  "accuracy"], rows)] + images
 
 
@@ -457,9 +466,9 @@ def csv_table(path: str) -> str:
 def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]:
   """Every PNG (embedded), CSV (a table and a link) and JSON (a link) under `top`, by directory."""
   parts = []
-  for root, dirs, names in sorted(os.walk(top)):
-    dirs[:] = sorted(d for d in dirs if ".tmp" not in d)
-    names = sorted(n for n in names if ".tmp" not in n)
+  for root, dirs, names in os.walk(top):  # top-down, each level in natural order
+    dirs[:] = sorted((d for d in dirs if ".tmp" not in d), key=natural_key)
+    names = sorted((n for n in names if ".tmp" not in n), key=natural_key)
     shown = [n for n in names if n.endswith((".png", ".csv", ".json"))]
     if not shown:
       continue
@@ -496,13 +505,19 @@ def write_report(workdir: str) -> str:
     return index
   config_path = os.path.join(workdir, CONFIG_FILE)
   config = _read_json(config_path) if os.path.exists(config_path) else None
-  for title, directory in find_runs(workdir):
-    relative = os.path.relpath(directory, workdir)
-    page.add_section(title, run_parts(page, directory, "" if relative == "." else f"{relative}/"))
+  runs, networks = find_runs(workdir)
+
+  def add_runs(found: list[tuple[str, str]]) -> None:
+    for title, directory in found:
+      relative = os.path.relpath(directory, workdir)
+      page.add_section(title, run_parts(page, directory, "" if relative == "." else f"{relative}/"))
+
+  add_runs(runs)
   page.add_section("Kernels", kernel_parts(page, workdir))
   for name, title in RESULT_DIRS:
     page.add_section(title, result_directory_parts(page, os.path.join(workdir, name), f"{name}/"))
   page.add_section("Infinite-width kernels", infinite_parts(page, workdir))
+  add_runs(networks)
   empty = not page.sections
   if config is not None:
     link = page.link(page.copy(config_path, CONFIG_FILE), CONFIG_FILE)
