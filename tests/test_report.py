@@ -1,0 +1,278 @@
+"""The `report` job on a workdir whose files are written by the project's own writers (metrics,
+evaluations, adversarial sets, the CO record, kernel stores, the evolution metrics and plots, phase 2,
+the infinite job's results): the page loads in a headless browser with every image decoded, every
+link resolves inside report/, and the numbers shown are the workdir's; a workdir with only its
+config says so; a rerun picks up new results and drops the files of removed ones."""
+
+import html.parser
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from ntk_scale import jobs
+from ntk_scale.adversarial_sets import save_adversarial_set
+from ntk_scale.evaluate import write_evaluation
+from ntk_scale.ntk.evolution import evolution_metrics, write_table
+from ntk_scale.ntk.evolution_plots import plot_evolution
+from ntk_scale.ntk.store import KernelStore
+from ntk_scale.report import fmt
+from ntk_scale.train.collapse import CO_FILE, CollapseDetector
+from ntk_scale.train.writers import JsonlWriter
+
+from test_spectrum import write_store
+from test_train import load_config
+
+BROWSER = os.path.join(os.path.dirname(__file__), "headless_browser.py")
+NUM_CLASSES = 4
+
+
+def report_config():
+  c = load_config("digits", "smoke")
+  c.job = "report"
+  return c
+
+
+class PageParser(html.parser.HTMLParser):
+  """Collects <img src>, <a href>, headings and the page's text."""
+
+  def __init__(self):
+    super().__init__()
+    self.images, self.links, self.headings, self.text, self._heading = [], [], [], [], None
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "img":
+      self.images.append(attrs["src"])
+    elif tag == "a" and not attrs["href"].startswith("#"):
+      self.links.append(attrs["href"])
+    elif tag in ("h2", "h3", "h4"):
+      self._heading = []
+
+  def handle_endtag(self, tag):
+    if tag in ("h2", "h3", "h4") and self._heading is not None:
+      self.headings.append("".join(self._heading))
+      self._heading = None
+
+  def handle_data(self, data):
+    self.text.append(data)
+    if self._heading is not None:
+      self._heading.append(data)
+
+
+def check_page(index: str) -> PageParser:
+  """Every image and link resolves to a file inside report/; every image decodes, not tiny."""
+  report = os.path.dirname(os.path.abspath(index))
+  parser = PageParser()
+  with open(index, encoding="utf-8") as f:
+    parser.feed(f.read())
+  for ref in parser.images + parser.links:
+    path = os.path.realpath(os.path.join(report, ref))
+    assert path.startswith(report + os.sep) and os.path.isfile(path), ref
+  for src in parser.images:
+    with Image.open(os.path.join(report, src)) as image:
+      image.load()
+      assert image.width >= 100 and image.height >= 100, (src, image.size)
+  return parser
+
+
+def browse(index: str) -> dict:
+  """What a headless Chromium (Qt WebEngine) loaded of the page; see tests/headless_browser.py."""
+  pytest.importorskip("PyQt6.QtWebEngineWidgets", reason="the browser comes with `pip install -e '.[test]'`")
+  out = subprocess.run([sys.executable, BROWSER, index], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_metrics(directory: str, steps: int, co: bool) -> list[dict]:
+  """metrics.jsonl as the train loop and the CO monitor write it (8 steps an epoch)."""
+  os.makedirs(directory, exist_ok=True)
+  writer = JsonlWriter(os.path.join(directory, "metrics.jsonl"))
+  co_records = []
+  for step in range(1, steps + 1):
+    if co:
+      robust = 0.3 if step < 10 else 0.05  # a collapse at step 10
+      values = {"co/robust_accuracy": robust, "co/clean_accuracy": 0.5, "co/train_clean_accuracy": 0.6}
+      writer.write_scalars(step, values)
+      co_records.append({"step": step, **values})
+    writer.write_scalars(step, {"train/loss": 2.0 / step, "train/accuracy": step / steps,
+                                "train/learning_rate": 0.1, "train/grad_norm": 1.0, "train/epoch": step / 8})
+  writer.write_scalars(steps, {"test/accuracy": 0.75, "test/loss": 0.5})
+  return co_records
+
+
+def per_class(accuracy: float) -> dict:
+  return {"accuracy": accuracy, "loss": 1.0 - accuracy,
+          "per_class_accuracy": [accuracy - 0.05 * c for c in range(NUM_CLASSES)]}
+
+
+def write_co_record(workdir: str, records: list[dict]) -> dict:
+  """The CO monitor's summary of these records (its detector, its fields)."""
+  detector = CollapseDetector(sustain_evals=3)
+  for r in records:
+    detector.update(r["step"], r["step"] / 8, r["co/robust_accuracy"], r["co/train_clean_accuracy"])
+  summary = {"collapsed": detector.collapse is not None, "collapse": detector.collapse,
+             "sustained": detector.sustained is not None, "sustained_collapse": detector.sustained,
+             "recoveries": detector.recoveries, "peak": detector.peak, "last": detector.previous,
+             "checkpoint_epochs": {"before": 9 / 8, "after": 10 / 8}}
+  with open(os.path.join(workdir, CO_FILE), "w") as f:
+    json.dump(summary, f)
+  return summary
+
+
+def write_adversarial(directory: str, name: str, n: int = 12) -> None:
+  rng = np.random.default_rng(0)
+  labels = np.arange(n, dtype=np.int32) % NUM_CLASSES
+  save_adversarial_set(os.path.join(directory, "adversarial", name), {
+      "images": rng.uniform(size=(n, 8, 8, 1)).astype(np.float32), "labels": labels,
+      "predictions": (labels + (np.arange(n) % 3 == 0)) % NUM_CLASSES, "clean_predictions": labels},
+      {"accuracy": 2 / 3, "clean_accuracy": 1.0, "checkpoint_step": 16, "split": "test",
+       "attack": {"name": "pgd", "norm": "linf", "eps": 0.1, "num_steps": 20}})
+
+
+def random_kernel(seed: int, n: int = 24) -> np.ndarray:
+  jacobian = np.random.default_rng(seed).standard_normal((n, 40))
+  return jacobian @ jacobian.T
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """Phase 1 with CO monitor, two evaluations and a set; phase 2 with output components; two
+  complete kernels and an incomplete one; their evolution; an eigen_features-style directory."""
+  path = str(tmp_path_factory.mktemp("report"))
+  jobs.prepare_workdir(report_config(), path)
+  co_records = write_metrics(path, 16, co=True)
+  write_co_record(path, co_records)
+  write_evaluation(path, 8, 1.0, {"clean": per_class(0.5), "pgd": per_class(0.25)})
+  write_evaluation(path, 16, 2.0, {"clean": per_class(0.8125), "pgd": per_class(0.375)})
+  write_adversarial(path, "pgd")
+  phase2 = os.path.join(path, "phase2", "centered_C_from1")
+  write_metrics(phase2, 8, co=False)
+  components = {"f0_mean_abs": 2.5, "f0_mean_norm": 7.0, "jvp_mean_abs": 1.25, "jvp_mean_norm": 3.0}
+  write_evaluation(phase2, 8, 1.0, {"clean": {**per_class(0.625), "output_components": components}})
+  stores = []
+  for epoch, seed in ((1.0, 0), (2.0, 1)):
+    store = write_store(os.path.join(path, "kernels", f"phase1_epoch{epoch:g}_train24_class0"),
+                        random_kernel(seed), tile=10, labels=np.arange(24) % NUM_CLASSES,
+                        num_classes=NUM_CLASSES)
+    store.update_meta(source={"phase": 1, "epoch": epoch, "step": int(8 * epoch)}, logits="class 0")
+    stores.append(store)
+  partial = KernelStore.create_or_resume(os.path.join(path, "kernels", "phase1_epoch2_train24_trace"),
+                                         {"shape": [24, 24], "tile": 10, "dtype": "float64"}, ("shape",),
+                                         np.arange(24), np.zeros(24, int))
+  partial.write_tile(0, 0, np.eye(10), mirror=True)  # 1 of 6 tiles
+  evolution = evolution_metrics(stores, [1.0, 2.0], top_k=3)
+  evolution["phase"] = 1
+  evolution_dir = os.path.join(path, "kernel_evolution", "phase1_train24_class0")
+  os.makedirs(evolution_dir)
+  write_table(os.path.join(evolution_dir, "metrics.csv"), evolution["checkpoints"])
+  plot_evolution(evolution, evolution_dir)
+  features = os.path.join(path, "eigen_features", "phase1_epoch2_train24_class0")
+  os.makedirs(features)
+  with open(os.path.join(features, "features.csv"), "w") as f:
+    f.write("eigen_index,usefulness,robustness\n0,0.91,0.5\n1,0.42,0.125\n")
+  Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(os.path.join(features, "usefulness.png"))
+  with open(os.path.join(path, "results.json"), "w") as f:  # the infinite job's record
+    json.dump({"kernel_regression": {"clean": 0.96875, "pgd": 0.4375}}, f)
+  return path
+
+
+@pytest.fixture(scope="module")
+def index(workdir):
+  path = jobs.run(report_config(), workdir)["report"]
+  assert path == os.path.join(workdir, "report", "index.html")
+  return path
+
+
+def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, index):
+  page = check_page(index)
+  text = " ".join(page.text)
+  for heading in ("Phase 1", "Phase 2: centered_C_from1", "Kernels", "Kernel evolution", "Eigen-features",
+                  "Infinite-width kernels", "Training curves", "Evaluations", "Saved adversarial sets",
+                  "Output components of the linearized model (f0(x) and J(theta - theta0))",
+                  "Catastrophic overfitting: collapse at epoch 1.25, sustained", "phase1_train24_class0",
+                  "phase1_epoch2_train24_class0", "Configuration"):
+    assert heading in page.headings, heading
+  report = os.path.join(workdir, "report")
+  expected_images = {"training.png", "per_class_accuracy.png", "evaluations.png", "adversarial_pgd.png",
+                     "phase2/centered_C_from1/training.png", "kernels/spectra.png",
+                     "kernel_evolution/phase1_train24_class0/distance_to_final.png",
+                     "kernel_evolution/phase1_train24_class0/polar.png",
+                     "kernel_evolution/phase1_train24_class0/spectra.png",
+                     "eigen_features/phase1_epoch2_train24_class0/usefulness.png"}
+  assert expected_images <= set(page.images)
+  for copied in ("kernel_evolution/phase1_train24_class0/polar.png",
+                 "eigen_features/phase1_epoch2_train24_class0/usefulness.png"):
+    with open(os.path.join(report, copied), "rb") as a, open(os.path.join(workdir, copied), "rb") as b:
+      assert a.read() == b.read()
+  assert {"config.json", "catastrophic_overfitting.json", "results.json",
+          "eigen_features/phase1_epoch2_train24_class0/features.csv"} <= set(page.links)
+  # The numbers are the workdir's: newest evaluation per class, output components, kernel
+  # spectra against numpy, tile counts, the CSV rows, the infinite job's accuracies.
+  for value in (0.8125, 0.8125 - 0.15, 0.375, 2.5, 1.25, 0.96875, 0.4375, 0.91):
+    assert fmt(value) in text, value
+  for seed in (0, 1):
+    values = np.linalg.eigvalsh(random_kernel(seed))
+    assert fmt(float(values[-1])) in text and fmt(float(values.sum())) in text
+  assert "1 of 6" in text and "6 of 6" in text
+  assert "No results yet" not in text
+
+
+def test_report_loads_in_a_headless_browser_with_every_image_decoded(index):
+  page = check_page(index)
+  browser = browse(index)
+  assert browser["loaded"] and browser["title"].startswith("ntk_scale report")
+  assert sorted(i["src"] for i in browser["images"]) == sorted(page.images)
+  for image in browser["images"]:
+    assert image["complete"] and image["width"] >= 100 and image["height"] >= 100, image
+
+
+def test_workdir_with_only_its_config_says_so(tmp_path):
+  workdir = str(tmp_path)
+  index = jobs.run(report_config(), workdir)["report"]
+  assert sorted(os.listdir(workdir)) == ["config.json", "report"]
+  page = check_page(index)
+  assert "No results yet: the workdir holds only its config.json." in " ".join(page.text)
+  assert page.images == [] and page.links == ["config.json"]
+  assert sorted(os.listdir(os.path.join(workdir, "report"))) == ["config.json", "index.html"]
+
+
+def test_rerun_adds_new_results_and_drops_removed_ones(tmp_path):
+  workdir = str(tmp_path)
+  jobs.prepare_workdir(report_config(), workdir)
+  write_metrics(workdir, 8, co=False)
+  index = jobs.run(report_config(), workdir)["report"]
+  first = check_page(index)
+  assert first.images == ["training.png"] and "Kernels" not in first.headings
+
+  write_evaluation(workdir, 8, 1.0, {"clean": per_class(0.6875)})
+  write_store(os.path.join(workdir, "kernels", "k"), random_kernel(2), tile=24)
+  features = os.path.join(workdir, "eigen_images", "k")
+  os.makedirs(features)
+  Image.fromarray(np.zeros((100, 100), np.uint8)).save(os.path.join(features, "top.png"))
+  second = check_page(jobs.run(report_config(), workdir)["report"])
+  assert {"Evaluations", "Kernels", "Eigen-images"} <= set(second.headings)
+  assert {"per_class_accuracy.png", "kernels/spectra.png", "eigen_images/k/top.png"} <= set(second.images)
+  assert fmt(0.6875) in " ".join(second.text)
+
+  os.remove(os.path.join(features, "top.png"))
+  os.rmdir(features)
+  third = check_page(jobs.run(report_config(), workdir)["report"])
+  assert "Eigen-images" not in third.headings
+  assert not os.path.exists(os.path.join(workdir, "report", "eigen_images"))
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from ntk_scale.report import write_report  # pylint: disable=import-outside-toplevel
+
+  write_metrics(str(tmp_path), 4, co=False)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert write_report(str(tmp_path)) == os.path.join(str(tmp_path), "report", "index.html")
+  assert not os.path.exists(os.path.join(str(tmp_path), "report"))
