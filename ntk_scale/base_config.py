@@ -184,4 +184,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eigen_features.num_test = 0  # first test images evaluated; 0: the whole test split
   c.eigen_features.batch_size = 120
   c.eigen_features.attack = pgd_linf(eps=8 / 255, num_steps=10)  # against each feature's predictor
+
+  # The `eigen_images` job (ntk_scale/ntk/eigen_images_job.py; Loo et al. 2022): for the top
+  # eigenvectors u of a class kernel K_c and its dual weights (K_c + lambda I)^{-1} y_c, the images x
+  # maximising +-cos(grad_theta f_c(x), J_c(X)^T u), to <workdir>/eigen_images/<kernel name>/.
+  c.eigen_images = ml_collections.ConfigDict()
+  c.eigen_images.logit = ""  # the class c, e.g. "3"; "": config.kernel.logits (which must be a class)
+  # The checkpoint's epoch; None: config.kernel.epoch.
+  c.eigen_images.epoch = ml_collections.FieldReference(None, field_type=float)
+  c.eigen_images.num_eigenvectors = 4  # the top ones, largest eigenvalue first
+  c.eigen_images.steps = 500  # Adam steps on the pixels, from a grey image
+  c.eigen_images.learning_rate = 0.01
+  c.eigen_images.regularizer = 1e-3  # dual weights' ridge, relative to the mean kernel diagonal
+  c.eigen_images.solver = "cholesky"  # cholesky | eigh | lstsq (ntk_scale/kernel_regression.py)
   return c

@@ -8,6 +8,7 @@ from ntk_scale import console
 from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.eigen_features_job import eigen_features_job
+from ntk_scale.ntk.eigen_images_job import eigen_images_job
 from ntk_scale.ntk.evolution import evolution_job
 from ntk_scale.ntk.job import kernel_job
 from ntk_scale.report import report_job
@@ -22,6 +23,7 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     "kernel": kernel_job,  # the empirical NTK of one checkpoint on a subset, to <workdir>/kernels/
     "evolution": evolution_job,  # kernels of several checkpoints, how they move, to kernel_evolution/
     "eigen_features": eigen_features_job,  # usefulness and robustness of each eigen-feature of a kernel
+    "eigen_images": eigen_images_job,  # images of a class kernel's top eigenvectors, to eigen_images/
     "infinite": infinite_job,  # infinite-width kernel regression, its attacks, transfer, robust data
     "report": report_job,  # every result of the workdir as PNGs and <workdir>/report/index.html
 }

@@ -1,0 +1,70 @@
+"""Images of kernel eigenvectors (Loo et al. 2022, their visualize_ntk_features.py): which input
+does a direction of a class kernel K_c "mean"?
+
+K_c(x, x') = <g(x), g(x')> with g(x) = grad_theta f_c(x), so a vector u of weights on the training
+subset X (an eigenvector of K_c, or the dual weights K_c^{-1} y_c of kernel regression) is the
+parameter direction v = sum_j u_j g(x_j) = J_c(X)^T u. The image of v is the x whose own feature
+g(x) points most nearly along v: x maximising cos(g(x), v), found by gradient ascent on the pixels
+from a grey image (the gradient with respect to x of a function of a gradient with respect to theta:
+second-order autodiff). Minimising the cosine instead gives the image of -v.
+
+Every function takes `logit_fn(params, x) -> [B]`, the logit f_c (BatchNorm in inference mode), so
+examples never interact and per-image gradients are exact.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+LogitFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def class_logit(apply_fn: Callable, class_index: int) -> LogitFn:
+  """`params, x -> f_c(x)` [B] from `apply_fn(params, x) -> logits [B, C]`."""
+  return lambda params, x: apply_fn(params, x)[:, class_index]
+
+
+def parameter_directions(logit_fn: LogitFn, params, images: jax.Array, weights: jax.Array) -> jax.Array:
+  """v_m = J_c(X)^T u_m for each weight vector u_m (columns of `weights` [N, M]): [M, P], in the
+  order of `ravel_pytree(params)`; one linearisation over X, one VJP per column."""
+  theta, unravel = ravel_pytree(params)
+  _, vjp = jax.vjp(lambda t: logit_fn(unravel(t), images), theta)
+  return jax.lax.map(lambda u: vjp(u.astype(theta.dtype))[0], weights.T)
+
+
+def cosine_fn(logit_fn: LogitFn, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`(images [M, ...], directions [M, P]) -> cos(g(x_m), v_m)` [M], differentiable in the images."""
+  theta, unravel = ravel_pytree(params)
+  tiny = jnp.finfo(theta.dtype).tiny
+
+  def one(x, v):
+    g = jax.grad(lambda t: logit_fn(unravel(t), x[None])[0])(theta)
+    # The tiny shift keeps the gradient finite where g or v vanish; it changes no cosine we can see.
+    return jnp.dot(g, v) / jnp.sqrt((jnp.sum(g * g) + tiny) * (jnp.sum(v * v) + tiny))
+
+  return jax.vmap(one)
+
+
+@functools.partial(jax.jit, static_argnames=("logit_fn", "learning_rate", "pixel_range"))
+def optimise_images(logit_fn: LogitFn, params, directions: jax.Array, signs: jax.Array,
+                    start: jax.Array, steps: int | jax.Array, *, learning_rate: float,
+                    pixel_range: tuple[float, float] = (0.0, 1.0)) -> tuple[jax.Array, jax.Array]:
+  """Adam ascent on `signs[m] * cos(g(x_m), v_m)` from `start` [M, ...] for `steps` steps, pixels
+  clipped to `pixel_range` after every step; (images, their cosines [M])."""
+  cosines = cosine_fn(logit_fn, params)
+  optimiser = optax.adam(learning_rate)
+
+  def loss(images):
+    return -jnp.sum(signs * cosines(images, directions))
+
+  def step(_, carry):
+    images, state = carry
+    updates, state = optimiser.update(jax.grad(loss)(images), state, images)
+    return jnp.clip(optax.apply_updates(images, updates), *pixel_range), state
+
+  images, _ = jax.lax.fori_loop(0, steps, step, (start, optimiser.init(start)))
+  return images, cosines(images, directions)

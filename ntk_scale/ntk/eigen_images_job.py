@@ -1,0 +1,150 @@
+"""The `eigen_images` job: an image for each top eigenvector of a class kernel K_c, and for its dual
+weights K_c^{-1} y_c (see eigen_images.py), to `<workdir>/eigen_images/<kernel name>/`:
+eigen_images.png (rows: eigenvectors, then the dual weights; columns: the image of +v, of -v),
+images.npz and cosines.json (the cosine each image reached).
+
+    python main.py --config configs/digits.py --workdir workdirs/digits --config.job=eigen_images
+
+The kernel is the kernel job's for config.kernel with config.eigen_images.logit / epoch in place of
+config.kernel.logits / epoch when set (found on disk, or computed first). Eigenvectors have the sign
+that makes their entries sum to >= 0.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ntk_scale.data import load_dataset, num_classes
+from ntk_scale.kernel_regression import check_regression_config, regression_targets, ridge_coefficients
+from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
+from ntk_scale.ntk.job import inference_apply, kernel_job
+from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.tile_math import parse_logits
+
+IMAGES_DIR = "eigen_images"
+PIXEL_RANGE = (0.0, 1.0)  # every dataset's images (ntk_scale/data/dataset.py); grey is the middle
+RESULT_FILE, IMAGES_FILE, PLOT_FILE = "cosines.json", "images.npz", "eigen_images.png"
+
+
+def kernel_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config whose config.kernel is this job's kernel; checks config.eigen_images first."""
+  e = config.eigen_images
+  for field, low in (("num_eigenvectors", 1), ("steps", 1)):
+    if isinstance(e[field], bool) or not isinstance(e[field], int) or e[field] < low:
+      raise ValueError(f"config.eigen_images.{field}={e[field]!r} must be an integer >= {low}.")
+  rate = e.learning_rate
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+    raise ValueError(f"config.eigen_images.learning_rate={rate!r} must be a number > 0 (Adam, on "
+                     f"[0, 1] pixels).")
+  check_regression_config(e, "config.eigen_images")
+  config = config.copy_and_resolve_references()
+  if e.logit != "":
+    config.kernel.logits = str(e.logit)
+  if e.epoch is not None:
+    config.kernel.epoch = e.epoch
+  field = "config.eigen_images.logit" if e.logit != "" else "config.kernel.logits"
+  if parse_logits(config.kernel.logits, num_classes(config.data), field).kind != "class":
+    raise ValueError(f"{field}={config.kernel.logits!r}: eigen-images need the kernel of one class "
+                     f"(a class index such as '0').")
+  if e.num_eigenvectors > config.kernel.num_examples > 0:
+    raise ValueError(f"config.eigen_images.num_eigenvectors={e.num_eigenvectors} exceeds the "
+                     f"kernel's {config.kernel.num_examples} examples (config.kernel.num_examples).")
+  return config
+
+
+def _write_atomic(path: str, write) -> None:
+  with open(path + ".tmp", "wb") as f:
+    write(f)
+  os.replace(path + ".tmp", path)
+
+
+def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  rows = len(images) // 2
+  fig, axes = plt.subplots(rows, 2, figsize=(4.4, 2.2 * rows + 0.4), squeeze=False)
+  for ax, image, name in zip(axes.ravel(), images, titles):
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(name, fontsize=7)
+    ax.set_axis_off()
+  fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=120)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+
+
+def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Kernel (found or computed), its eigenvectors and dual weights, one optimised image per sign."""
+  from ntk_scale.restore import restore_for_inference  # pylint: disable=import-outside-toplevel
+
+  e = config.eigen_images
+  config = kernel_config(config)
+  kernel = kernel_job(config, workdir)
+  if not kernel["complete"]:
+    raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
+  directory = os.path.join(workdir, IMAGES_DIR, os.path.basename(kernel["kernel"]))
+  result_path = os.path.join(directory, RESULT_FILE)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return {"eigen_images": directory, **json.load(f)}
+
+  dataset = load_dataset(config.data)
+  store = KernelStore.open(kernel["kernel"])
+  c = int(config.kernel.logits)
+  matrix = store.read().astype(np.float64)
+  pairs = eigh(matrix)
+  k = min(e.num_eigenvectors, len(pairs.values))
+  vectors = pairs.vectors[:, :k] * np.where(pairs.vectors[:, :k].sum(0) < 0, -1.0, 1.0)
+  with jax.enable_x64(True):
+    targets = regression_targets(jnp.asarray(store.labels()), dataset.num_classes, jnp.float64)
+    dual = np.asarray(ridge_coefficients(jnp.asarray(matrix), targets, e.regularizer, e.solver))[:, c]
+  weights = np.concatenate([vectors, dual[:, None]], axis=1)  # [N, k + 1]
+
+  restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
+                                   epoch=store.meta["source"]["epoch"], fields="config.eigen_images")
+  host = lambda a: np.asarray(a.addressable_data(0))  # this process's copy: no cross-host transfer
+  params = jax.tree.map(host, restored.variables["params"])
+  batch_stats = jax.tree.map(host, restored.variables.get("batch_stats", {}))
+  model_apply = inference_apply(restored.model)
+  logit_fn = class_logit(lambda p, x: model_apply(p, x, batch_stats), c)
+  train_images = getattr(dataset, config.kernel.split).images[store.indices()]
+  directions = parameter_directions(logit_fn, params, jnp.asarray(train_images),
+                                    jnp.asarray(weights / np.linalg.norm(weights, axis=0), jnp.float32))
+  # |v|^2 = u^T K u = lambda for a unit eigenvector: the kernel on disk is this model's.
+  direction_check = (np.sum(np.asarray(directions[:k], np.float64) ** 2, -1) / pairs.values[:k]).tolist()
+
+  directions = jnp.repeat(directions, 2, axis=0)  # +v, -v for every row
+  signs = jnp.tile(jnp.array([1.0, -1.0]), k + 1)
+  grey = jnp.full((len(signs), *train_images.shape[1:]), sum(PIXEL_RANGE) / 2, jnp.float32)
+  run = lambda steps: optimise_images(logit_fn, params, directions, signs, grey, steps,
+                                      learning_rate=float(e.learning_rate), pixel_range=PIXEL_RANGE)
+  _, initial = run(0)  # the same program: the step count is traced
+  images, final = jax.device_get(run(e.steps))
+  names = [f"eigenvector {i}" for i in range(k)] + ["dual weights"]
+  record = {"source_kernel": kernel["kernel"], "class": c, "epoch": store.meta["source"]["epoch"],
+            "steps": e.steps, "learning_rate": e.learning_rate, "regularizer": e.regularizer,
+            "eigenvalues": pairs.values[:k].tolist(), "direction_norm_over_eigenvalue": direction_check,
+            "rows": [{"name": name, "positive_cosine": float(final[2 * i]),
+                      "negative_cosine": float(final[2 * i + 1]),
+                      "grey_cosine": float(initial[2 * i])} for i, name in enumerate(names)]}
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    _write_atomic(os.path.join(directory, IMAGES_FILE),
+                  lambda f: np.savez(f, images=images, signs=np.asarray(signs), weights=weights))
+    titles = [f"{name}{f' (λ={pairs.values[i // 2]:.3g})' if i < 2 * k else ''} {'+' if s > 0 else '-'}v"
+              f"\ncos {cos:+.3f}" for i, (name, s, cos) in
+              enumerate(zip(np.repeat(names, 2), np.asarray(signs), final))]
+    _plot(images, titles, os.path.join(directory, PLOT_FILE),
+          f"{os.path.basename(kernel['kernel'])}: images x maximising ±cos(∇θ f_{c}(x), v)")
+    _write_atomic(result_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    print(f"eigen-images written to {directory}", flush=True)
+  return {"eigen_images": directory, **record}
