@@ -38,7 +38,9 @@ def main(argv):
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value, heartbeat_timeout_s=_HEARTBEAT.value)
   if _DRY_RUN.value:
-    print(jobs.dry_run(_CONFIG.value).describe())
+    plan = jobs.dry_run(_CONFIG.value).describe()
+    if jax.process_index() == 0:
+      print(plan)
     return
   try:
     result = jobs.run(_CONFIG.value, _WORKDIR.value)
@@ -49,7 +51,9 @@ def main(argv):
     # processes block in a collective; stop now, and the coordination service stops them within
     # --heartbeat_timeout_s.
     traceback.print_exc()
-    sys.stderr.flush()
+    print(f"process {jax.process_index()} of {jax.process_count()} stopped on the error above; if it "
+          "is a failed collective or a lost connection, another process died first (see its log). "
+          "Rerun the same command to resume from the last checkpoint.", file=sys.stderr, flush=True)
     os._exit(1)
   if jax.process_index() != 0:  # one report per job, from process 0
     return

@@ -52,6 +52,8 @@ def check_infinite_config(config: ml_collections.ConfigDict, num_train: int) -> 
 
 
 def _write_json(path: str, record: dict) -> None:
+  if jax.process_index() != 0:  # one writer per file
+    return
   with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=2)
   os.replace(path + ".tmp", path)
@@ -135,16 +137,18 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       predictions = np.asarray(jnp.argmax(logits_fn(x_adv), -1))
       kernel_fooled[name] = predictions != yt
       results["kernel_regression"][name] = float(np.mean(predictions == yt))
-      save_adversarial_set(os.path.join(workdir, "adversarial", name),
-                           {"images": x_adv.astype(np.float32), "labels": yt,
-                            "predictions": predictions.astype(np.int32),
-                            "clean_predictions": clean_predictions.astype(np.int32)},
-                           {"source": "kernel_regression", "kernel": s.to_dict(), "split": "test",
-                            "accuracy": results["kernel_regression"][name]})
+      if jax.process_index() == 0:
+        save_adversarial_set(os.path.join(workdir, "adversarial", name),
+                             {"images": x_adv.astype(np.float32), "labels": yt,
+                              "predictions": predictions.astype(np.int32),
+                              "clean_predictions": clean_predictions.astype(np.int32)},
+                             {"source": "kernel_regression", "kernel": s.to_dict(), "split": "test",
+                              "accuracy": results["kernel_regression"][name]})
     print(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)", flush=True)
 
     robust = _optimise_dataset(s, kernel_fn, jnp.asarray(x), jnp.asarray(y), c)
-    np.savez(os.path.join(workdir, ROBUST_DATASET_FILE), images=robust.astype(np.float32), labels=y)
+    if jax.process_index() == 0:
+      np.savez(os.path.join(workdir, ROBUST_DATASET_FILE), images=robust.astype(np.float32), labels=y)
     robust_model = KernelRegression.fit(infinite.kernel_matrix(s, c, robust), y, c,
                                         regularizer=s.regression.regularizer, solver=s.regression.solver)
     robust_fn = robust_model.logits_fn(kernel_fn, robust)

@@ -233,8 +233,9 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     saved, collapse = collapse_epochs(workdir, saved, e.around_collapse)
   epochs = select_epochs(config, saved,
                          num_examples * (dataset.num_classes if spec.kind == "full" else 1))
-  print(f"kernel evolution: {len(epochs)} checkpoints of phase {e.phase} (epochs "
-        f"{', '.join(f'{x:g}' for x in epochs)}), {num_examples} {k.split} examples", flush=True)
+  if jax.process_index() == 0:
+    print(f"kernel evolution: {len(epochs)} checkpoints of phase {e.phase} (epochs "
+          f"{', '.join(f'{x:g}' for x in epochs)}), {num_examples} {k.split} examples", flush=True)
   kernels = [kernel_job(_kernel_config(config, epoch), workdir) for epoch in epochs]
   incomplete = [r["kernel"] for r in kernels if not r["complete"]]
   if incomplete:

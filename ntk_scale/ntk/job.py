@@ -142,7 +142,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     plan = plan_for(apply_fn, params, images, None, k.logits, method=k.method, tile_size=tile,
                     memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS,
                     model_state=batch_stats)
-    print(f"kernel plan: {plan.describe()}", flush=True)
+    if jax.process_index() == 0:
+      print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)
     # Process 0 creates (or checks) the store; the others open it once it exists.
     if jax.process_index() == 0:
@@ -153,7 +154,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     done = store.done_tiles()
     _barrier("kernel tiles listed")  # every process plans the same remaining tiles
     total = len(plan.tiles())
-    if done:
+    if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)
     started = time.time()
     computed = run_tiles(apply_fn, params, images, None, plan,
@@ -161,12 +162,14 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                          precision=k.precision, done=done, model_state=batch_stats)
     seconds = time.time() - started
   _barrier("kernel tiles written")
-  remaining = total - len(store.done_tiles())
+  logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)
+  finished = store.done_tiles()
+  remaining = total - len(finished)
+  computed = len(finished - done)  # by every process
   fraction = computed / max(total, 1)
   result = {"kernel": directory, "shape": meta["shape"], "tiles": total, "tiles_computed": computed,
             "seconds": seconds, "method": plan.method, "tile": plan.tile,
             "tflop_per_s": plan.flops * fraction / max(seconds, 1e-9) / 1e12, "complete": remaining == 0}
   if jax.process_index() == 0:
     store.update_meta(complete=remaining == 0, seconds=store.meta.get("seconds", 0.0) + seconds)
-  logging.info("kernel %s: %d tiles computed in %.1f s", directory, computed, seconds)
   return result
