@@ -1,33 +1,36 @@
-"""Two processes on 127.0.0.1 (two CPU devices each, collectives over the loopback) run the same
-jobs as one process with four devices: same training, same kernel; checkpoints cross between the
-two topologies; when one process dies the other stops with an error in bounded time, and the
-rerun resumes from the last checkpoint to the uninterrupted result."""
+"""Two processes on 127.0.0.1 (two CPU devices each, collectives over the loopback) run `main.py`
+as one process with four devices does: the same training and the same kernel. Checkpoints cross
+topologies both ways (two processes -> one resumes training, one -> two computes a kernel), and
+when one of two processes is killed the other stops with an error in bounded time.
+
+Each `main.py` process pays ~15 s of imports and start-up on this 2-core machine, so the file runs
+two pairs in all: a training pair killed half-way, and a kernel pair."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import types
 
+import jax
 import numpy as np
 import pytest
 
-from ntk_scale import jobs
+from ntk_scale import jobs, parallel
 from ntk_scale.ntk.store import KernelStore
 
-from test_train import REPO, load_config
+import multihost_config
+from test_train import REPO
 
+CONFIG = "tests/multihost_config.py"
 HEARTBEAT_S = 5
-FIELDS = {"model.name": "mlp", "model.width": 16, "num_epochs": 1.0}
-
-
-def tiny_config(**fields):
-  c = load_config("digits", "smoke")
-  for key, value in {**FIELDS, **fields}.items():
-    section, _, name = key.rpartition(".")
-    setattr(c[section] if section else c, name, value)
-  return c
+STOP_BOUND_S = 30  # a survivor must stop this soon after its peer is killed
+PAIR_TIMEOUT_S = 240  # a hang fails the test instead of holding CI
+KILL_AFTER_CHECKPOINTS = 4  # steps 3, 6, 8, 11 of 22: the kill lands mid-run
+KERNEL = {"job": "kernel", "kernel.num_examples": 40, "kernel.tile_size": 8}  # 5 blocks: 15 tiles
 
 
 def _free_port() -> int:
@@ -36,125 +39,143 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _flags(fields: dict) -> list[str]:
-  return [f"--config.{k}={v}" for k, v in {**FIELDS, **fields}.items()]
-
-
-def start_pair(workdir: str, **fields) -> list[subprocess.Popen]:
-  """main.py as processes 0 and 1 of a two-process job, two emulated devices each."""
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  procs = []
-  for pid in range(2):
-    log = open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}_{pid}.log"), "w")
-    procs.append(subprocess.Popen(
-        [sys.executable, "main.py", "--config", "configs/digits.py:smoke", "--workdir", workdir,
-         "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid),
-         f"--heartbeat_timeout_s={HEARTBEAT_S}"] + _flags(fields),
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-  return procs
+def _log_path(workdir: str, pid: int) -> str:
+  return f"{workdir}_process{pid}.log"
 
 
 def _log(workdir: str, pid: int) -> str:
-  with open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}_{pid}.log")) as f:
+  with open(_log_path(workdir, pid)) as f:
     return f.read()
 
 
-def run_pair(workdir: str, timeout: float = 240, **fields) -> None:
-  procs = start_pair(workdir, **fields)
-  try:
-    for pid, p in enumerate(procs):
-      assert p.wait(timeout=timeout) == 0, _log(workdir, pid)[-3000:]
-  finally:
-    for p in procs:
-      p.kill()
+def start_pair(workdir: str, **fields) -> list[subprocess.Popen]:
+  """`main.py` as processes 0 and 1 of one job, two emulated CPU devices each."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  overrides = [f"--config.{k}={v}" for k, v in fields.items()]
+  procs = []
+  for pid in range(2):
+    with open(_log_path(workdir, pid), "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "main.py", "--config", CONFIG, "--workdir", workdir,
+           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+           "--process_id", str(pid), f"--heartbeat_timeout_s={HEARTBEAT_S}", *overrides],
+          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
 
 
-def _losses(workdir: str) -> np.ndarray:
+def stop_all(procs: list[subprocess.Popen]) -> None:
+  for p in procs:
+    p.kill()
+  for p in procs:
+    p.wait(timeout=30)
+
+
+def config(**fields):
+  c = multihost_config.get_config()
+  for key, value in fields.items():
+    section, _, name = key.rpartition(".")
+    setattr(c[section] if section else c, name, value)
+  return c
+
+
+def _finished_checkpoints(workdir: str) -> list[int]:
+  """Steps of the checkpoints Orbax has committed (unfinished ones carry a temporary suffix)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def _losses(workdir: str) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return np.array([r["train/loss"] for r in rows if "train/loss" in r])
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def _evaluation(workdir: str) -> dict:
+def _accuracies(workdir: str) -> dict[str, float]:
   directory = os.path.join(workdir, "evaluations")
-  (name,) = sorted(os.listdir(directory))[-1:]
-  with open(os.path.join(directory, name)) as f:
-    return json.load(f)
-
-
-def _accuracies(evaluation: dict) -> dict[str, float]:
-  return {k: v["accuracy"] for k, v in evaluation["results"].items()}
+  with open(os.path.join(directory, sorted(os.listdir(directory))[-1])) as f:
+    return {k: v["accuracy"] for k, v in json.load(f)["results"].items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The same config trained by two processes and by this process (four devices)."""
+  """`one`: trained by this process (four devices). `two`: trained by two processes, process 1
+  killed after KILL_AFTER_CHECKPOINTS checkpoints, then resumed by this process."""
   root = tmp_path_factory.mktemp("multihost")
-  two, one = str(root / "two"), str(root / "one")
-  run_pair(two)
-  jobs.run(tiny_config(), one)
-  return two, one
-
-
-def test_two_processes_train_as_one(runs):
-  two, one = runs
-  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-4)
-  assert len(_losses(two)) > 3
-  for name, accuracy in _accuracies(_evaluation(one)).items():
-    assert _accuracies(_evaluation(two))[name] == pytest.approx(accuracy, abs=1.5 / 360), name
-
-
-def test_kernel_over_two_processes_equals_one_process_from_the_same_checkpoint(runs):
-  two, _ = runs
-  kernel = {"job": "kernel", "kernel.num_examples": 40, "kernel.tile_size": 8}
-  run_pair(two, **kernel)  # tiles spread over both processes' devices
-  (name,) = os.listdir(os.path.join(two, "kernels"))
-  by_two = KernelStore.open(os.path.join(two, "kernels", name))
-  assert by_two.meta["complete"] and len(by_two.done_tiles()) == 15
-  k_two = by_two.read()
-  # The checkpoint written by two processes, restored by one with four devices.
-  c = tiny_config(**kernel)
-  c.kernel.name = "single"
-  jobs.run(c, two)
-  k_one = KernelStore.open(os.path.join(two, "kernels", "single")).read()
-  np.testing.assert_allclose(k_two, k_one, rtol=1e-5, atol=1e-5 * np.abs(k_one).max())
-
-
-def test_two_processes_evaluate_a_checkpoint_written_by_one(runs):
-  _, one = runs
-  before = _accuracies(_evaluation(one))
-  run_pair(one, job="evaluate")
-  after = _accuracies(_evaluation(one))
-  for name, accuracy in before.items():
-    assert after[name] == pytest.approx(accuracy, abs=1.5 / 360), name
-
-
-def test_a_dead_process_stops_the_other_and_the_rerun_resumes(tmp_path):
-  workdir, reference = str(tmp_path / "killed"), str(tmp_path / "uninterrupted")
-  long_run = {"num_epochs": 12.0}
-  procs = start_pair(workdir, **long_run)
+  one, two = str(root / "one"), str(root / "two")
+  jobs.run(config(), one)
+  procs = start_pair(two)
   try:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    deadline = time.time() + 180
-    while not (os.path.isdir(checkpoints) and len(os.listdir(checkpoints)) >= 3):
-      assert time.time() < deadline and procs[0].poll() is None, _log(workdir, 0)[-3000:]
-      time.sleep(0.05)
+    deadline = time.time() + PAIR_TIMEOUT_S
+    while len(_finished_checkpoints(two)) < KILL_AFTER_CHECKPOINTS:
+      assert time.time() < deadline and procs[0].poll() is None, _log(two, 0)[-3000:]
+      time.sleep(0.02)
     procs[1].kill()
     killed_at = time.time()
-    rc = procs[0].wait(timeout=HEARTBEAT_S + 60)
+    try:
+      survivor_rc = procs[0].wait(timeout=STOP_BOUND_S)
+    except subprocess.TimeoutExpired:
+      survivor_rc = None
     stopped_after = time.time() - killed_at
   finally:
-    for p in procs:
-      p.kill()
-  assert rc != 0, "the surviving process finished the job on its own"
-  assert stopped_after < HEARTBEAT_S + 60
-  assert "another task died" in _log(workdir, 0) or "heartbeat" in _log(workdir, 0)
-  assert not os.path.exists(os.path.join(workdir, "evaluations"))  # it did not finish
+    stop_all(procs)
+  last_checkpoint = _finished_checkpoints(two)[-1]
+  finished_before_restart = os.path.exists(os.path.join(two, "evaluations"))
+  resumed = jobs.run(config(), two)  # 2 processes' checkpoint -> 1 process with 4 devices
+  return types.SimpleNamespace(one=one, two=two, survivor_rc=survivor_rc, stopped_after=stopped_after,
+                               last_checkpoint=last_checkpoint, resumed=resumed,
+                               finished_before_restart=finished_before_restart)
 
-  # The rerun (here one process with four devices) resumes from the last checkpoint of the two.
-  resumed = jobs.run(tiny_config(**long_run), workdir)
-  jobs.run(tiny_config(**long_run), reference)
-  np.testing.assert_allclose(_losses(workdir)[-5:], _losses(reference)[-5:], rtol=1e-3)
-  for name, accuracy in _accuracies(_evaluation(reference)).items():
-    assert resumed["results"][name]["accuracy"] == pytest.approx(accuracy, abs=2.5 / 360), name
+
+def test_a_killed_process_stops_the_other_with_an_error_in_bounded_time(runs):
+  log = _log(runs.two, 0)
+  assert runs.survivor_rc is not None, f"process 0 still ran {STOP_BOUND_S} s after process 1 died"
+  assert runs.survivor_rc != 0 and not runs.finished_before_restart, log[-3000:]
+  assert runs.stopped_after < STOP_BOUND_S
+  # Either the next collective fails (main.py names the likely cause) or the coordination service
+  # misses the dead process's heartbeats and terminates this one (JAX names it).
+  assert "another process died first" in log or "another task died" in log, log[-3000:]
+
+
+def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):
+  """Losses up to the kill come from two processes, the rest from the resumed single process;
+  the whole curve equals the uninterrupted single-process run's."""
+  two, one = _losses(runs.two), _losses(runs.one)
+  assert sorted(two) == sorted(one)
+  assert len([s for s in two if s <= runs.last_checkpoint]) >= 3
+  np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
+  for name, accuracy in _accuracies(runs.one).items():
+    assert runs.resumed["results"][name]["accuracy"] == pytest.approx(accuracy, abs=1.5 / 360), name
+
+
+def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_process(runs):
+  workdir = runs.one  # written by one process with four devices, restored by two with two each
+  procs = start_pair(workdir, **KERNEL)
+  try:
+    for pid, p in enumerate(procs):
+      assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
+  finally:
+    stop_all(procs)
+  logs = [_log(workdir, pid) for pid in range(2)]
+  # Each process computed and wrote the tiles of its own devices; only process 0 reports.
+  per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
+  assert min(per_process) > 0 and sum(per_process) == 15, per_process
+  assert "15 of 15 tiles computed" in logs[0] and "of 15 tiles computed" not in logs[1]
+  (name,) = os.listdir(os.path.join(workdir, "kernels"))
+  by_two = KernelStore.open(os.path.join(workdir, "kernels", name))
+  assert by_two.meta["complete"] and len(by_two.done_tiles()) == 15
+
+  single = config(**KERNEL, **{"kernel.name": "single"})
+  by_one = KernelStore.open(jobs.run(single, workdir)["kernel"]).read()
+  np.testing.assert_allclose(by_two.read(), by_one, rtol=1e-5, atol=1e-5 * np.abs(by_one).max())
+
+
+def test_start_up_flags_are_checked_before_joining_a_job():
+  with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id"):
+    parallel.initialize_distributed("127.0.0.1:1234", 2, None)
+  with pytest.raises(ValueError, match="--process_id=2 must lie in"):
+    parallel.initialize_distributed("127.0.0.1:1234", 2, 2)
+  with pytest.raises(ValueError, match="--heartbeat_timeout_s=0"):
+    parallel.initialize_distributed("127.0.0.1:1234", 2, 0, heartbeat_timeout_s=0)
+  parallel.initialize_distributed()  # a plain single-process run joins nothing
+  assert jax.process_count() == 1
