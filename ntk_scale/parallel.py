@@ -89,5 +89,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     raise ValueError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes}).")
   if heartbeat_timeout_s <= 0:
     raise ValueError(f"--heartbeat_timeout_s={heartbeat_timeout_s} must be positive.")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
+  except ValueError as e:
+    if not auto:
+      raise
+    raise ValueError(f"--distributed: JAX's cluster detection found no TPU pod, SLURM, Open MPI or "
+                     f"Kubernetes job here ({e}); elsewhere give --coordinator_address, "
+                     "--num_processes and --process_id.") from e

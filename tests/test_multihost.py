@@ -179,3 +179,13 @@ def test_start_up_flags_are_checked_before_joining_a_job():
     parallel.initialize_distributed("127.0.0.1:1234", 2, 0, heartbeat_timeout_s=0)
   parallel.initialize_distributed()  # a plain single-process run joins nothing
   assert jax.process_count() == 1
+
+
+def test_distributed_without_a_cluster_says_what_to_give_instead():
+  cluster_vars = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_", "JAX_COORDINATOR", "JAX_PROCESS")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_vars)}
+  out = subprocess.run([sys.executable, "-c", "from ntk_scale import parallel; "
+                        "parallel.initialize_distributed(auto=True)"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert "found no TPU pod, SLURM" in out.stderr and "--coordinator_address" in out.stderr, out.stderr
