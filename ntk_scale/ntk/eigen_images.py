@@ -54,17 +54,31 @@ def optimise_images(logit_fn: LogitFn, params, directions: jax.Array, signs: jax
                     start: jax.Array, steps: int | jax.Array, *, learning_rate: float,
                     pixel_range: tuple[float, float] = (0.0, 1.0)) -> tuple[jax.Array, jax.Array]:
   """Adam ascent on `signs[m] * cos(g(x_m), v_m)` from `start` [M, ...] for `steps` steps, pixels
-  clipped to `pixel_range` after every step; (images, their cosines [M])."""
+  clipped to `pixel_range` after every step; (images, their cosines [M]).
+
+  Each image is the best iterate of its run: through ReLUs the cosine jumps where an activation
+  pattern changes, and Adam's momentum can step from a better point to a worse one.
+  """
   cosines = cosine_fn(logit_fn, params)
   optimiser = optax.adam(learning_rate)
+  per_image = lambda a: a.reshape((-1,) + (1,) * (start.ndim - 1))
 
   def loss(images):
-    return -jnp.sum(signs * cosines(images, directions))
+    cos = cosines(images, directions)
+    return -jnp.sum(signs * cos), cos
+
+  def keep_best(images, cos, best, best_cos):
+    better = signs * cos > signs * best_cos
+    return jnp.where(per_image(better), images, best), jnp.where(better, cos, best_cos)
 
   def step(_, carry):
-    images, state = carry
-    updates, state = optimiser.update(jax.grad(loss)(images), state, images)
-    return jnp.clip(optax.apply_updates(images, updates), *pixel_range), state
+    images, state, best, best_cos = carry
+    (_, cos), grads = jax.value_and_grad(loss, has_aux=True)(images)
+    best, best_cos = keep_best(images, cos, best, best_cos)
+    updates, state = optimiser.update(grads, state, images)
+    return jnp.clip(optax.apply_updates(images, updates), *pixel_range), state, best, best_cos
 
-  images, _ = jax.lax.fori_loop(0, steps, step, (start, optimiser.init(start)))
-  return images, cosines(images, directions)
+  worst = jnp.where(signs > 0, -jnp.inf, jnp.inf).astype(start.dtype)
+  images, _, best, best_cos = jax.lax.fori_loop(0, steps, step,
+                                                (start, optimiser.init(start), start, worst))
+  return keep_best(images, cosines(images, directions), best, best_cos)

@@ -1,0 +1,208 @@
+"""Eigen-images (Loo et al. 2022): the parameter direction J_c(X)^T u against an explicit float64
+Jacobian, the cosine objective and its input gradient against float64 finite differences, the ascent
+raising (and the negative run lowering) the cosine, the closed-form optimum of a linear model, and the
+`eigen_images` job end to end on a tiny digits run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import ml_collections
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from ntk_scale import jobs
+from ntk_scale.data import load_digits
+from ntk_scale.models import build_model
+from ntk_scale.ntk import eigen_images_job
+from ntk_scale.ntk.eigen_images import class_logit, cosine_fn, optimise_images, parameter_directions
+from ntk_scale.ntk.store import KernelStore
+
+from test_train import load_config
+
+IMAGES = load_digits().train.images
+
+
+def tiny_logit(name: str, class_index: int, dtype=jnp.float32, **model):
+  """A digits model's logit f_c with random parameters and BatchNorm statistics (inference mode).
+  Drawn by numpy on the shapes of `init`: compiling flax's initialisers takes longer than the tests."""
+  net = build_model(ml_collections.ConfigDict(dict(name=name, **model)), 10)
+  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    value = {"kernel": lambda: rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1])),
+             "scale": lambda: rng.uniform(0.5, 1.5, shape), "var": lambda: rng.uniform(0.5, 1.5, shape),
+             }.get(name, lambda: 0.1 * rng.standard_normal(shape))()  # bias, BatchNorm mean
+    return jnp.asarray(value, dtype)
+
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  stats = variables.get("batch_stats", {})
+  apply_fn = lambda p, x: net.apply({"params": p, "batch_stats": stats}, x, train=False)
+  return class_logit(apply_fn, class_index), variables["params"]
+
+
+def explicit_jacobian(logit_fn, params, images) -> np.ndarray:
+  """[N, P] rows grad_theta f_c(x_n), float64, by jacrev over the raveled parameters."""
+  theta, unravel = ravel_pytree(params)
+  return np.asarray(jax.jit(jax.jacrev(lambda t: logit_fn(unravel(t), images)))(theta), np.float64)
+
+
+def test_direction_is_jacobian_transpose_times_weights():
+  logit_fn, params = tiny_logit("cnn", 3, width=4, batch_norm=True)
+  x, weights = IMAGES[:7], np.random.default_rng(0).standard_normal((7, 2))
+  directions = np.asarray(parameter_directions(logit_fn, params, jnp.asarray(x), jnp.asarray(weights)))
+  with jax.enable_x64(True):
+    logit64, params64 = tiny_logit("cnn", 3, jnp.float64, width=4, batch_norm=True)
+    expected = explicit_jacobian(logit64, params64, jnp.asarray(x, jnp.float64)).T @ weights  # [P, 2]
+  assert directions.shape == expected.T.shape
+  np.testing.assert_allclose(directions, expected.T, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_cosine_and_its_input_gradient_match_float64_references():
+  """cos(g(x), v) against an explicit jacrev gradient; d cos / dx against central differences."""
+  with jax.enable_x64(True):
+    logit_fn, params = tiny_logit("mlp", 1, jnp.float64, width=5, depth=1)
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((2, ravel_pytree(params)[0].size))
+    x = rng.uniform(0.2, 0.8, (2, 8, 8, 1))
+
+    theta, unravel = ravel_pytree(params)
+    gradient = jax.jit(jax.jacrev(lambda t, image: logit_fn(unravel(t), image[None])[0]))
+
+    def reference(image, direction):
+      g = np.asarray(gradient(theta, jnp.asarray(image)), np.float64)
+      return g @ direction / np.linalg.norm(g) / np.linalg.norm(direction)
+
+    cos = cosine_fn(logit_fn, params)
+    np.testing.assert_allclose(cos(jnp.asarray(x), jnp.asarray(v)),
+                               [reference(x[m], v[m]) for m in range(2)], rtol=1e-12)
+    grad = np.asarray(jax.grad(lambda images: cos(images, jnp.asarray(v))[0])(jnp.asarray(x)))[0]
+    h, numeric = 1e-6, np.zeros(64)
+    for p in range(64):
+      step = np.zeros(64)
+      step[p] = h
+      numeric[p] = (reference(x[0] + step.reshape(8, 8, 1), v[0])
+                    - reference(x[0] - step.reshape(8, 8, 1), v[0])) / (2 * h)
+    np.testing.assert_allclose(grad.ravel(), numeric, rtol=0, atol=1e-7 * np.abs(numeric).max() + 1e-9)
+    assert np.abs(numeric).max() > 1e-3  # the test sees a real gradient
+
+
+def test_ascent_raises_and_descent_lowers_the_cosine_pixels_in_range():
+  """Random weights u on ten images; and u = e_3, whose v = g(x_3) is reached (cos 1) at x = x_3."""
+  logit_fn, params = tiny_logit("mlp", 0, width=16, depth=1)
+  weights = np.concatenate([np.random.default_rng(2).standard_normal((10, 1)), np.eye(10)[:, 3:4]], 1)
+  directions = parameter_directions(logit_fn, params, jnp.asarray(IMAGES[:10]), jnp.asarray(weights))
+  directions = jnp.repeat(directions, 2, axis=0)
+  signs = jnp.array([1.0, -1.0, 1.0, -1.0])
+  grey = jnp.full((4, 8, 8, 1), 0.5)
+  images, final = optimise_images(logit_fn, params, directions, signs, grey, 100, learning_rate=0.05)
+  _, start = optimise_images(logit_fn, params, directions, signs, grey, 0, learning_rate=0.05)
+  np.testing.assert_allclose(final, cosine_fn(logit_fn, params)(images, directions), atol=1e-6)
+  assert final[0] > start[0] + 0.3 and final[1] < start[1] - 0.05, (start, final)
+  assert final[2] > 0.999 and final[3] < start[3] - 0.3, (start, final)
+  assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+  assert float(images.min()) == 0.0 or float(images.max()) == 1.0  # the clip was needed
+
+
+def test_linear_model_optimum_is_the_eigenvector_weighted_mean_image():
+  """f_c(x) = w_c . x + b_c: g(x) = [x, 1] on class c's weights (0 elsewhere), K_c = X X^T + 1, and
+  v = [X^T u, sum u]. The top eigenvector u of this positive matrix is positive (Perron), so
+  x* = X^T u / sum u, a convex combination of images (inside [0, 1]), has g(x*) parallel to v:
+  cos = 1 there and nowhere else."""
+  c, x = 2, IMAGES[:30]
+  logit_fn, params = tiny_logit("mlp", c, depth=0)  # the MLP without hidden layers is linear
+  flat = x.reshape(30, -1).astype(np.float64)
+  values, vectors = np.linalg.eigh(flat @ flat.T + 1.0)
+  u = vectors[:, -1] * np.sign(vectors[:, -1].sum())
+  assert np.all(u > 0)
+  optimum = (flat.T @ u / u.sum()).reshape(8, 8, 1)
+
+  direction = parameter_directions(logit_fn, params, jnp.asarray(x), jnp.asarray(u[:, None]))
+  head = ravel_pytree(params)[1](direction[0])["head"]
+  expected_kernel = np.zeros((64, 10))
+  expected_kernel[:, c] = flat.T @ u
+  np.testing.assert_allclose(head["kernel"], expected_kernel, atol=1e-4)
+  np.testing.assert_allclose(head["bias"], np.eye(10)[c] * u.sum(), atol=1e-5)
+  assert np.sum(np.asarray(direction, np.float64) ** 2) == pytest.approx(values[-1], rel=1e-5)
+
+  images, final = optimise_images(logit_fn, params, direction, jnp.ones(1),
+                                  jnp.full((1, 8, 8, 1), 0.5), 400, learning_rate=0.01)
+  assert float(final[0]) > 0.9999
+  np.testing.assert_allclose(images[0], optimum, atol=0.03)
+
+
+def images_config(**eigen_images):
+  c = load_config("digits", "smoke")
+  c.num_epochs = 0.125
+  c.checkpoint.fractional_epochs = ()
+  c.model.name, c.model.width, c.model.depth = "mlp", 8, 1  # compiles in a fraction of the CNN's time
+  c.phase2.num_epochs = 0
+  c.eval_attacks = ml_collections.ConfigDict()  # not needed here: spare the time
+  c.job = "eigen_images"
+  c.kernel.num_examples = 20
+  c.kernel.tile_size = 20
+  c.kernel.logits = "0"
+  c.eigen_images.num_eigenvectors = 2
+  c.eigen_images.steps = 30
+  c.eigen_images.learning_rate = 0.05
+  for k, v in eigen_images.items():
+    setattr(c.eigen_images, k, v)
+  return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("eigen_images"))
+  c = images_config()
+  c.job = "train"
+  jobs.run(c, path)
+  return path
+
+
+def test_job_writes_images_and_cosines_and_a_rerun_reloads_them(workdir, monkeypatch):
+  result = jobs.run(images_config(logit="4"), workdir)
+  directory = os.path.join(workdir, "eigen_images", "phase1_epoch0.125_train20_class4")
+  assert result["eigen_images"] == directory and result["class"] == 4
+  assert KernelStore.open(result["source_kernel"]).meta["logits"] == "class 4"
+  png = matplotlib.image.imread(os.path.join(directory, "eigen_images.png"))
+  assert png.ndim == 3 and png.shape[0] > png.shape[1] > 100  # 3 rows of 2 images
+  with np.load(os.path.join(directory, "images.npz")) as saved:
+    images = saved["images"]
+  assert images.shape == (6, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
+  with open(os.path.join(directory, "cosines.json")) as f:
+    record = json.load(f)
+  assert [r["name"] for r in record["rows"]] == ["eigenvector 0", "eigenvector 1", "dual weights"]
+  for row in record["rows"]:
+    assert row["positive_cosine"] > row["grey_cosine"] > row["negative_cosine"], row
+  # |J^T u|^2 = u^T K u = lambda: the kernel on disk belongs to the restored model.
+  np.testing.assert_allclose(record["direction_norm_over_eigenvalue"], 1.0, rtol=1e-3)
+
+  monkeypatch.setattr(eigen_images_job, "optimise_images", lambda *a, **k: pytest.fail("recomputed"))
+  again = jobs.run(images_config(logit="4"), workdir)
+  assert again["rows"] == record["rows"]
+
+
+def test_a_missing_epoch_is_named(workdir):
+  with pytest.raises(Exception, match=r"config\.eigen_images\.epoch=7"):
+    jobs.run(images_config(epoch=7.0), workdir)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_eigenvectors", 0), ("num_eigenvectors", 21), ("steps", 0),
+    ("learning_rate", 0.0), ("regularizer", -1.0), ("solver", "qr"), ("logit", "trace"),
+    ("logit", "10")])
+def test_bad_fields_are_named_before_compute(tmp_path, field, value):
+  with pytest.raises(ValueError, match=rf"config\.eigen_images\.{field}"):
+    jobs.run(images_config(**{field: value}), str(tmp_path))  # no checkpoint there: nothing ran
+
+
+def test_a_kernel_of_no_single_class_is_named(tmp_path):
+  config = images_config()
+  config.kernel.logits = "trace"
+  with pytest.raises(ValueError, match=r"config\.kernel\.logits='trace': eigen-images need"):
+    jobs.run(config, str(tmp_path))
