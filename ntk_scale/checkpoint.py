@@ -3,7 +3,8 @@
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a job
 killed at any moment leaves only whole checkpoints behind; the next run resumes from the newest.
 Restores take the shardings of the target state, so a checkpoint written on one topology
-restores on another.
+restores on another. With several processes, process 0 lists the saved steps and tells the
+others, so all of them resume from the same step even where file-system caches disagree.
 """
 
 import math
@@ -43,7 +44,8 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
-                                             enable_async_checkpointing=True))
+                                             enable_async_checkpointing=True,
+                                             single_host_load_and_broadcast=True))
 
   def save(self, step: int, state: Any, epoch: float) -> None:
     """Starts an asynchronous save; the state's device buffers may be donated right after."""
@@ -82,7 +84,7 @@ class Checkpoints:
     # needs the PyTree handler where this manager saves with the Standard one (same format on disk).
     reader = ocp.CheckpointManager(self.directory, item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(create=False))
+        options=ocp.CheckpointManagerOptions(create=False, single_host_load_and_broadcast=True))
     saved = reader.item_metadata(step)["state"].tree
     target = {k: saved[k] for k in ("params", "batch_stats") if jax.tree.leaves(saved.get(k, {}))}
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), target)

@@ -93,6 +93,15 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _agreed(done: set[tuple[int, int]], tiles: list[tuple[int, int]]) -> set[tuple[int, int]]:
+  """Process 0's list of finished tiles, on every process: every process must plan the same steps,
+  and hosts may list a shared directory differently (file-system caches)."""
+  if jax.process_count() == 1:
+    return done
+  mask = multihost_utils.broadcast_one_to_all(np.array([t in done for t in tiles], np.int32))
+  return {t for t, m in zip(tiles, np.asarray(mask)) if m}
+
+
 @functools.lru_cache(maxsize=8)
 def inference_apply(model) -> Callable:
   """`f(params, x, batch_stats)` of a model in inference mode, one per model: the engine compiles
@@ -151,8 +160,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     _barrier("kernel store created")
     if jax.process_index() != 0:
       store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels, create=False)
-    done = store.done_tiles()
-    _barrier("kernel tiles listed")  # every process plans the same remaining tiles
+    done = _agreed(store.done_tiles(), plan.tiles())
     total = len(plan.tiles())
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)
