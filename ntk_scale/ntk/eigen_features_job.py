@@ -118,22 +118,25 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.kernel")
   model_apply = inference_apply(restored.model)
-  batch_stats = restored.variables.get("batch_stats", {})
-  apply_fn = lambda params, x: model_apply(params, x, batch_stats)
-  params = restored.variables["params"]
-  directions = parameter_directions(apply_fn, params, jnp.asarray(train_images),
-                                    jnp.asarray(np.concatenate([coefficients, everything]), jnp.float32),
-                                    spec)
+  variables = (restored.variables["params"], restored.variables.get("batch_stats", {}))
+  with_stats = lambda stats: (lambda params, x: model_apply(params, x, stats))
+  # Parameters and directions are arguments of every program, never closed over: as constants
+  # (G * C * P numbers) they made lowering alone take minutes.
+  directions = jax.jit(lambda v, x, a: parameter_directions(with_stats(v[1]), v[0], x, a, spec))(
+      variables, jnp.asarray(train_images),
+      jnp.asarray(np.concatenate([coefficients, everything]), jnp.float32))
 
   @jax.jit
-  def clean_logits(x):
-    return feature_logits_fn(apply_fn, params, directions, spec)(x)
+  def clean_logits_of(v, w, x):
+    return feature_logits_fn(with_stats(v[1]), v[0], w, spec)(x)
 
   @jax.jit
-  def attacked_logits(w, x, y, key):
-    """Every group's attack runs against that group alone; w: one group's directions [C, P]."""
-    group = lambda inputs: feature_logits_fn(apply_fn, params, w[None], spec)(inputs)[0]
+  def attacked_logits(v, w, x, y, key):
+    """A group's attack runs against that group alone; w: its directions [C, P]."""
+    group = lambda inputs: feature_logits_fn(with_stats(v[1]), v[0], w[None], spec)(inputs)[0]
     return group(attack(group, x, y, key))
+
+  clean_logits = lambda x: clean_logits_of(variables, directions, x)
 
   test = dataset.test
   n = len(test) if e.num_test == 0 else min(e.num_test, len(test))
@@ -145,9 +148,13 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     correct = 0
     for start in range(0, n, e.batch_size):
       x, y = images[start:start + e.batch_size], labels[start:start + e.batch_size]
-      logits = attacked_logits(directions[g], jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, start))
+      logits = attacked_logits(variables, directions[g], jnp.asarray(x), jnp.asarray(y),
+                               jax.random.fold_in(key, start))
       correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == y))
     robust.append(correct / n)
+    if jax.process_index() == 0:
+      name = groups[g].name if g < len(groups) else "all"
+      print(f"eigen-feature group {name}: clean {clean[g]:.3f}, {e.attack.name} {robust[-1]:.3f}", flush=True)
 
   rows = []
   for i, group in enumerate(groups + [None]):
