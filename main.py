@@ -51,9 +51,10 @@ def main(argv):
     # processes block in a collective; stop now, and the coordination service stops them within
     # --heartbeat_timeout_s.
     traceback.print_exc()
-    print(f"process {jax.process_index()} of {jax.process_count()} stopped on the error above; if it "
-          "is a failed collective or a lost connection, another process died first (see its log). "
-          "Rerun the same command to resume from the last checkpoint.", file=sys.stderr, flush=True)
+    print(f"process {jax.process_index()} of {jax.process_count()} stopped on the error above and "
+          "exits now, so the others stop too. A failed collective or a lost connection means another "
+          "process died first (see its log); rerunning the same command resumes from the last "
+          "checkpoint.", file=sys.stderr, flush=True)
     os._exit(1)
   if jax.process_index() != 0:  # one report per job, from process 0
     return
