@@ -1,13 +1,26 @@
 """The `eigen_images` job: an image for each top eigenvector of a class kernel K_c, and for its dual
 weights K_c^{-1} y_c (see eigen_images.py), to `<workdir>/eigen_images/<kernel name>/`:
 eigen_images.png (rows: eigenvectors, then the dual weights; columns: the image of +v, of -v),
-images.npz and cosines.json (the cosine each image reached).
+images.npz and cosines.json (the cosine each image reached, and from grey). A rerun reloads them.
 
-    python main.py --config configs/digits.py --workdir workdirs/digits --config.job=eigen_images
+    python main.py --config configs/digits.py --workdir workdirs/digits --config.job=eigen_images \
+        --config.eigen_images.logit=3
 
 The kernel is the kernel job's for config.kernel with config.eigen_images.logit / epoch in place of
 config.kernel.logits / epoch when set (found on disk, or computed first). Eigenvectors have the sign
-that makes their entries sum to >= 0.
+that makes their entries sum to >= 0. cosines.json also records |J_c(X)^T u|^2 / lambda, which is 1
+when the kernel on disk belongs to the restored checkpoint.
+
+Measured (2-core CPU, ~2.5 min each with a loaded machine; the benign digits CNN after 15 epochs,
+500-image kernels, default 300 Adam steps at 0.05): for classes 0 and 3 the +v images of the top
+four eigenvectors reach cos 0.89/0.64/0.60/0.52 and 0.92/0.72/0.70/0.53 (from grey: 0.54/-0.15/
+0.26/0.06 and 0.27/0.00/0.56/-0.09). They are stroke patterns on a black background: eigenvector
+0 a bright vertical stroke in the central columns, where most digits put ink; the next ones
+vertical bars and curved strokes (class 3's eigenvector 2 a curve, class 0's eigenvector 1 with -v
+two parallel vertical strokes), not recognisable digits at 8x8. The -v image of eigenvector 0 is
+a smooth bright blob that stays at cos +0.40 (class 0) and +0.15 (class 3): the descent found no
+image whose gradient opposes the kernel's dominant direction. The dual weights (ridge 1e-3) reach
+only cos 0.29 / 0.23 with noisy images (K^{-1} y weights the small eigenvalues most).
 """
 
 import json
