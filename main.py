@@ -61,6 +61,9 @@ def main(argv):
   if "report" in result:
     print(f"report in {result['report']}")
     return
+  if "eigen_features" in result:
+    print(f"eigen-features in {result['eigen_features']}")
+    return
   for name, r in result.get("results", {}).items():
     print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
   for name, r in result.get("phase2", {}).get("results", {}).items():

@@ -95,7 +95,7 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path):
   files = sorted(os.listdir(result["eigen_features"]))
   assert files == ["features.csv", "features.json", "usefulness_robustness.png"]
   # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train).
-  store = KernelStore.open(result["kernel"])
+  store = KernelStore.open(result["source_kernel"])
   digits = load_digits()
   restored = restore_for_inference(c, workdir, phase=1, epoch=None, fields="config.kernel")
   apply = inference_apply(restored.model)

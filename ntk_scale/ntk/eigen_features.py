@@ -8,7 +8,7 @@ after them, a group's predictor being the sum of its features.
 
 For an empirical NTK, K(x, X) = J(x) J(X)^T with J the Jacobian of the kernel's logit (a class, or
 the sum of logits for "trace"), so a group's predictor is J(x) W_g with the parameter directions
-W_g = J(X)^T V_g diag(1/lambda_g) V_g^T Y (one VJP over the training subset per class column): the
+W_g = J(X)^T V_g diag(1/lambda_g) V_g^T Y (J(X) formed a chunk of examples at a time): the
 per-example gradient J(x) times W_g gives it at any x, differentiably, so attacks run against each
 feature directly. The same `group_coefficients` serve any kernel function K(x, X).
 """
@@ -67,23 +67,35 @@ def _scalar_logit(apply_fn: Callable, spec: LogitSpec) -> Callable:
   return logit
 
 
-def parameter_directions(apply_fn: Callable, params, train_images: jax.Array, coefficients: jax.Array,
-                         spec: LogitSpec) -> jax.Array:
-  """W = J(X)^T A for every group and class column: [G, C, P] from A [G, N, C] (one VJP each)."""
+def _per_example_gradients(apply_fn: Callable, spec: LogitSpec, unravel: Callable) -> Callable:
+  """(theta, x [B, ...]) -> the gradient of the kernel's logit for each example, [B, P]."""
   logit = _scalar_logit(apply_fn, spec)
+  return jax.vmap(jax.grad(lambda t, x: logit(unravel(t), x[None])[0]), in_axes=(None, 0))
+
+
+def parameter_directions(apply_fn: Callable, params, train_images: jax.Array, coefficients: jax.Array,
+                         spec: LogitSpec, chunk: int = 128) -> jax.Array:
+  """W = J(X)^T A for every group and class column: [G, C, P] from A [G, N, C].
+
+  J(X) is formed `chunk` training examples at a time (one reverse pass each) and contracted at
+  once: G * C VJPs over all N examples would cost G * C times more reverse passes.
+  """
   theta, unravel = ravel_pytree(params)
-  _, vjp = jax.vjp(lambda t: logit(unravel(t), train_images), theta)
-  flat = coefficients.transpose(0, 2, 1).reshape(-1, coefficients.shape[1])  # [G*C, N]
-  directions = jax.lax.map(lambda a: vjp(a)[0], flat)
-  return directions.reshape(coefficients.shape[0], coefficients.shape[2], -1)
+  per_example = _per_example_gradients(apply_fn, spec, unravel)
+  contract = jax.jit(lambda t, x, a: jnp.einsum("np,gnc->gcp", per_example(t, x), a,
+                                                precision=jax.lax.Precision.HIGHEST))
+  total = None
+  for start in range(0, train_images.shape[0], chunk):
+    part = contract(theta, train_images[start:start + chunk], coefficients[:, start:start + chunk])
+    total = part if total is None else total + part
+  return total
 
 
 def feature_logits_fn(apply_fn: Callable, params, directions: jax.Array, spec: LogitSpec) -> Callable:
   """x -> [G, B, C]: every group's predictor J(x) W_g, from the per-example gradients J(x) [B, P]
   (one reverse pass per example, shared by all G * C directions: C JVPs per group cost C times more)."""
-  logit = _scalar_logit(apply_fn, spec)
   theta, unravel = ravel_pytree(params)
-  per_example = jax.vmap(jax.grad(lambda t, x: logit(unravel(t), x[None])[0]), in_axes=(None, 0))
+  per_example = _per_example_gradients(apply_fn, spec, unravel)
 
   def logits(x: jax.Array) -> jax.Array:
     grads = per_example(theta, x)  # [B, P]

@@ -120,11 +120,11 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_apply = inference_apply(restored.model)
   variables = (restored.variables["params"], restored.variables.get("batch_stats", {}))
   with_stats = lambda stats: (lambda params, x: model_apply(params, x, stats))
-  # Parameters and directions are arguments of every program, never closed over: as constants
+  # Parameters and directions are arguments of the programs, never closed over: as constants
   # (G * C * P numbers) they made lowering alone take minutes.
-  directions = jax.jit(lambda v, x, a: parameter_directions(with_stats(v[1]), v[0], x, a, spec))(
-      variables, jnp.asarray(train_images),
-      jnp.asarray(np.concatenate([coefficients, everything]), jnp.float32))
+  directions = parameter_directions(with_stats(variables[1]), variables[0], jnp.asarray(train_images),
+                                    jnp.asarray(np.concatenate([coefficients, everything]), jnp.float32),
+                                    spec)
 
   @jax.jit
   def clean_logits_of(v, w, x):
@@ -164,7 +164,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "eigenvalue": float(pairs.values[indices[0]]),
                  "spectral_share": float(pairs.values[indices].sum() / pairs.values.sum()),
                  "clean_accuracy": float(clean[i]), "robust_accuracy": float(robust[i])})
-  record = {"kernel": kernel["kernel"], "logits": spec.describe(), "num_test": n,
+  record = {"source_kernel": kernel["kernel"], "logits": spec.describe(), "num_test": n,
             "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
