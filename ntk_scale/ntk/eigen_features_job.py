@@ -8,8 +8,18 @@ eigen-feature of a checkpoint's empirical NTK (see eigen_features.py), to
 The kernel is the kernel job's for config.kernel (computed first, or found on disk); the test
 images are the first config.eigen_features.num_test of the test split, attacked with
 config.eigen_features.attack against each feature group's own predictor.
-Measured on digits (the demo's benign CNN after 15 epochs, class-0 kernel of 500 training
-images, 360 test images, PGD-10 at eps 0.1): see configs/digits.py.
+Measured on digits (the command above on the benign demo CNN after 15 epochs: class-0 kernel of
+500 training images, all 360 test images, PGD-10 at eps 0.1, 27 min on 2 busy CPU cores):
+
+    eigen-indices        clean   PGD       eigen-indices   clean   PGD
+    0                    0.100   0.100     10-19           0.336   0.011
+    1 .. 9 (each)        0.20    0.14-0.19 20-39           0.219   0.019
+                                           40-79 .. 320-499 0.17-0.25 0.011-0.031
+    all (= kernel regression)  1.000 / 0.694
+A single feature is a rank-one predictor (K(x,X) v_i times the class vector v_i^T Y), so it tells
+at most two classes apart (0.20); the top ten keep most of that under attack (-0.01 to -0.06), every
+group past index 10 falls to 0.01-0.03: the top eigen-features are the robust ones, the tail is
+useful but not robust (as Tsilivis and Kempe find on CIFAR-10).
 """
 
 import csv
