@@ -180,6 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The `eigen_features` job (ntk_scale/ntk/eigen_features_job.py): usefulness and robustness of each
   # eigen-feature of config.kernel's kernel (one class or the trace), to <workdir>/eigen_features/.
   c.eigen_features = ml_collections.ConfigDict()
+  c.eigen_features.source = "empirical"  # empirical (the kernel job's, of a checkpoint) | infinite
   c.eigen_features.num_single = 10  # top eigen-indices taken one by one; then doubling groups
   c.eigen_features.num_test = 0  # first test images evaluated; 0: the whole test split
   c.eigen_features.batch_size = 120

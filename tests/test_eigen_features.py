@@ -9,17 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_scale import jobs
+from ntk_scale import infinite, jobs
 from ntk_scale.data import load_digits
+from ntk_scale.kernel_regression import KernelRegression
 from ntk_scale.ntk import empirical_ntk
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
-from ntk_scale.ntk.job import inference_apply
+from ntk_scale.ntk.job import inference_apply, select_examples
 from ntk_scale.ntk.spectrum import eigh
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import LogitSpec
 from ntk_scale.restore import restore_for_inference
 
+from test_infinite import nt  # noqa: F401  (fixture)
 from test_train import load_config
 
 
@@ -125,3 +127,26 @@ def test_bad_fields_are_named(tmp_path):
   c.job, c.kernel.logits = "eigen_features", "full"
   with pytest.raises(ValueError, match="config.kernel.logits='full'"):
     jobs.run(c, str(tmp_path))
+
+
+def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt):
+  del nt  # requested only to skip when the optional neural-tangents extra is absent
+  c = load_config("infinite_width", "smoke")
+  c.job = "eigen_features"
+  c.eigen_features.source = "infinite"
+  c.kernel.num_examples = 40
+  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 3, 30, 15
+  c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 2
+  c.eigen_features.attack.step_size = 0.1
+  result = jobs.run(c, str(tmp_path))
+  rows = {r["group"]: r for r in result["groups"]}
+  assert result["eigen_features"].endswith("infinite_fc_ntk_train40")
+  digits = load_digits()
+  indices = select_examples(c, digits.train.labels)
+  x, y = digits.train.images[indices], digits.train.labels[indices]
+  model = KernelRegression.fit(infinite.kernel_matrix(c.infinite, 10, x), y, 10, regularizer=0.0,
+                               solver="eigh")
+  expected = model.accuracy(infinite.kernel_matrix(c.infinite, 10, digits.test.images[:30], x),
+                            digits.test.labels[:30])
+  assert rows["all"]["clean_accuracy"] == pytest.approx(expected, abs=1 / 30)
+  assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())

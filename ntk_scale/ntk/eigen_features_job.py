@@ -23,10 +23,11 @@ useful but not robust (as Tsilivis and Kempe find on CIFAR-10).
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +39,13 @@ from ntk_scale.data import load_dataset
 from ntk_scale.kernel_regression import regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
-from ntk_scale.ntk.job import inference_apply, kernel_job
+from ntk_scale.ntk.job import inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.spectrum import eigh
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
 FEATURES_DIR = "eigen_features"
+SOURCES = ("empirical", "infinite")  # the kernel job's NTK of a checkpoint | config.infinite's
 
 
 def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
@@ -54,7 +56,9 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.eigen_features.{field}={value!r} must be an integer >= "
                        f"{0 if field == 'num_test' else 1}" + (" (0: the whole test split)."
                                                               if field == "num_test" else "."))
-  if str(config.kernel.logits) == "full":
+  if e.source not in SOURCES:
+    raise ValueError(f"config.eigen_features.source={e.source!r}; expected one of {', '.join(SOURCES)}.")
+  if e.source == "empirical" and str(config.kernel.logits) == "full":
     raise ValueError("config.kernel.logits='full': eigen-features need a kernel of one class or the "
                      "trace.")
   build_attack(e.attack, prefix="config.eigen_features.attack")
@@ -97,33 +101,31 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   os.replace(path + ".tmp.png", path)
 
 
-def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Kernel (found or computed), its eigenpairs, every feature group's clean and robust accuracy."""
+@dataclasses.dataclass
+class _Features:
+  """One kernel's feature groups, as programs: every group's logits, and a group's logits at the
+  attack's examples against that group."""
+  name: str  # the output directory's name
+  source: str  # where the kernel came from, for the record
+  eigenvalues: np.ndarray
+  groups: list
+  clean_logits: Callable  # x -> [G + 1, B, C] (the last: all groups)
+  attacked_logits: Callable  # (g, x, y, key) -> [B, C]
+
+
+def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack) -> _Features:
+  """Groups of the kernel job's empirical NTK of a checkpoint, as J(x) W_g (eigen_features.py)."""
   from ntk_scale.restore import restore_for_inference  # pylint: disable=import-outside-toplevel
 
-  e = config.eigen_features
-  check_eigen_features_config(config)
-  attack = build_attack(e.attack, prefix="config.eigen_features.attack")
   kernel = kernel_job(config, workdir)
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   store = KernelStore.open(kernel["kernel"])
-  directory = os.path.join(workdir, FEATURES_DIR, os.path.basename(kernel["kernel"]))
-  result_path = os.path.join(directory, "features.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return {"eigen_features": directory, **json.load(f)}
-
-  dataset = load_dataset(config.data)
   spec = parse_logits(config.kernel.logits, dataset.num_classes, "config.kernel.logits")
-  split = getattr(dataset, config.kernel.split)
-  train_images = split.images[store.indices()]
+  train_images = getattr(dataset, config.kernel.split).images[store.indices()]
   pairs = eigh(store.read())
-  targets = regression_targets(jnp.asarray(store.labels()), dataset.num_classes, jnp.float64
-                               if jax.config.jax_enable_x64 else jnp.float32)
-  groups = feature_groups(pairs.values, e.num_single)
-  coefficients = group_coefficients(pairs.values, pairs.vectors, np.asarray(targets, np.float64), groups)
-  everything = coefficients.sum(0, keepdims=True)  # ridgeless kernel regression on the numerical rank
+  groups = feature_groups(pairs.values, config.eigen_features.num_single)
+  coefficients = _coefficients(pairs, groups, store.labels(), dataset.num_classes)
 
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.kernel")
@@ -133,33 +135,89 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Parameters and directions are arguments of the programs, never closed over: as constants
   # (G * C * P numbers) they made lowering alone take minutes.
   directions = parameter_directions(with_stats(variables[1]), variables[0], jnp.asarray(train_images),
-                                    jnp.asarray(np.concatenate([coefficients, everything]), jnp.float32),
-                                    spec)
+                                    jnp.asarray(coefficients, jnp.float32), spec)
 
   @jax.jit
   def clean_logits_of(v, w, x):
     return feature_logits_fn(with_stats(v[1]), v[0], w, spec)(x)
 
   @jax.jit
-  def attacked_logits(v, w, x, y, key):
-    """A group's attack runs against that group alone; w: its directions [C, P]."""
+  def attacked_logits_of(v, w, x, y, key):
     group = lambda inputs: feature_logits_fn(with_stats(v[1]), v[0], w[None], spec)(inputs)[0]
     return group(attack(group, x, y, key))
 
-  clean_logits = lambda x: clean_logits_of(variables, directions, x)
+  return _Features(os.path.basename(kernel["kernel"]), kernel["kernel"], pairs.values, groups,
+                   lambda x: clean_logits_of(variables, directions, x),
+                   lambda g, x, y, key: attacked_logits_of(variables, directions[g], x, y, key))
+
+
+def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
+  """Groups of config.infinite's analytic kernel (ntk_scale/infinite.py) on config.kernel's subset
+  of the training split, as K(x, X) A_g with the kernel function differentiated by the attack."""
+  from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
+
+  section = config.get("infinite")
+  if section is None:
+    raise ValueError("config.eigen_features.source='infinite' needs a config.infinite section (the "
+                     "analytic kernel); see configs/infinite_width.py.")
+  split = getattr(dataset, config.kernel.split)
+  indices = select_examples(config, split.labels)
+  train_images, labels = split.images[indices], split.labels[indices]
+  pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images))
+  groups = feature_groups(pairs.values, config.eigen_features.num_single)
+  coefficients = jnp.asarray(_coefficients(pairs, groups, labels, dataset.num_classes), jnp.float32)
+  kernel_fn = infinite.kernel_function(section, dataset.num_classes)
+  x_train = jnp.asarray(train_images)
+
+  @jax.jit
+  def clean_logits(x):
+    return jnp.einsum("bn,gnc->gbc", kernel_fn(x, x_train), coefficients)
+
+  @jax.jit
+  def attacked_logits_of(a, x, y, key):
+    group = lambda inputs: kernel_fn(inputs, x_train) @ a
+    return group(attack(group, x, y, key))
+
+  name = f"infinite_{section.architecture}_{section.kernel}_{config.kernel.split}{len(indices)}"
+  return _Features(name, f"config.infinite: {section.architecture} {section.kernel}", pairs.values,
+                   groups, clean_logits, lambda g, x, y, key: attacked_logits_of(coefficients[g], x, y, key))
+
+
+def _coefficients(pairs, groups: list, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """A_g for every group, then their sum (ridgeless kernel regression on the numerical rank)."""
+  targets = np.asarray(regression_targets(jnp.asarray(labels), num_classes), np.float64)
+  coefficients = group_coefficients(pairs.values, pairs.vectors, targets, groups)
+  return np.concatenate([coefficients, coefficients.sum(0, keepdims=True)])
+
+
+def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The kernel (found or computed), its eigenpairs, every feature group's clean and robust accuracy."""
+  e = config.eigen_features
+  check_eigen_features_config(config)
+  attack = build_attack(e.attack, prefix="config.eigen_features.attack")
+  dataset = load_dataset(config.data)
+  if e.source == "infinite":
+    features = _infinite(config, dataset, attack)
+  else:
+    features = _empirical(config, workdir, dataset, attack)
+  directory = os.path.join(workdir, FEATURES_DIR, features.name)
+  result_path = os.path.join(directory, "features.json")
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return {"eigen_features": directory, **json.load(f)}
+  groups = features.groups
 
   test = dataset.test
   n = len(test) if e.num_test == 0 else min(e.num_test, len(test))
   images, labels = test.images[:n], test.labels[:n]
-  clean = _batched_accuracy(clean_logits, images, labels, e.batch_size)
+  clean = _batched_accuracy(features.clean_logits, images, labels, e.batch_size)
   robust = []
   key = jax.random.key(config.seed)
-  for g in range(directions.shape[0]):
+  for g in range(len(groups) + 1):
     correct = 0
     for start in range(0, n, e.batch_size):
       x, y = images[start:start + e.batch_size], labels[start:start + e.batch_size]
-      logits = attacked_logits(variables, directions[g], jnp.asarray(x), jnp.asarray(y),
-                               jax.random.fold_in(key, start))
+      logits = features.attacked_logits(g, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, start))
       correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == y))
     robust.append(correct / n)
     if jax.process_index() == 0:
@@ -171,10 +229,10 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     indices = group.indices if group else np.arange(sum(len(g.indices) for g in groups))
     rows.append({"group": group.name if group else "all", "first_index": int(indices[0]),
                  "num_features": int(len(indices)),
-                 "eigenvalue": float(pairs.values[indices[0]]),
-                 "spectral_share": float(pairs.values[indices].sum() / pairs.values.sum()),
+                 "eigenvalue": float(features.eigenvalues[indices[0]]),
+                 "spectral_share": float(features.eigenvalues[indices].sum() / features.eigenvalues.sum()),
                  "clean_accuracy": float(clean[i]), "robust_accuracy": float(robust[i])})
-  record = {"source_kernel": kernel["kernel"], "logits": spec.describe(), "num_test": n,
+  record = {"source_kernel": features.source, "num_test": n,
             "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
@@ -184,7 +242,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.writerows(rows)
     _write_atomic(os.path.join(directory, "features.csv"), table.getvalue())
     _plot(rows, os.path.join(directory, "usefulness_robustness.png"),
-          f"eigen-features of {os.path.basename(kernel['kernel'])}, {e.attack.name} eps {e.attack.eps:g}")
+          f"eigen-features of {features.name}, {e.attack.name} eps {e.attack.eps:g}")
     _write_atomic(result_path, json.dumps(record, indent=2))
     print(f"eigen-features written to {directory}", flush=True)
   return {"eigen_features": directory, **record}
