@@ -20,6 +20,16 @@ A single feature is a rank-one predictor (K(x,X) v_i times the class vector v_i^
 at most two classes apart (0.20); the top ten keep most of that under attack (-0.01 to -0.06), every
 group past index 10 falls to 0.01-0.03: the top eigen-features are the robust ones, the tail is
 useful but not robust (as Tsilivis and Kempe find on CIFAR-10).
+
+The infinite-width NTK shows the same (`configs/infinite_width.py:digits`, depth-2 ReLU NTK on 500
+training images, 12 s):
+
+    python main.py --config configs/infinite_width.py:digits --workdir W --config.job=eigen_features \
+        --config.eigen_features.source=infinite --config.eigen_features.attack.eps=0.1 \
+        --config.eigen_features.attack.step_size=0.025
+
+indices 1-9: clean 0.17-0.20, PGD 0.07-0.19; groups past index 10: 0.26-0.41, PGD 0.000-0.042;
+all: 0.972 / 0.828.
 """
 
 import csv
