@@ -32,9 +32,7 @@ indices 1-9: clean 0.17-0.20, PGD 0.07-0.19; groups past index 10: 0.26-0.41, PG
 all: 0.972 / 0.828.
 """
 
-import csv
 import dataclasses
-import io
 import json
 import os
 from typing import Any, Callable
@@ -50,8 +48,9 @@ from ntk_scale.kernel_regression import regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
 from ntk_scale.ntk.job import inference_apply, kernel_job, select_examples
+from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.spectrum import eigh
-from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.store import KernelStore, write_atomic
 from ntk_scale.ntk.tile_math import parse_logits
 
 FEATURES_DIR = "eigen_features"
@@ -68,16 +67,13 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
                                                               if field == "num_test" else "."))
   if e.source not in SOURCES:
     raise ValueError(f"config.eigen_features.source={e.source!r}; expected one of {', '.join(SOURCES)}.")
+  if e.source == "infinite" and config.get("infinite") is None:
+    raise ValueError("config.eigen_features.source='infinite' needs a config.infinite section (the "
+                     "analytic kernel); see configs/infinite_width.py.")
   if e.source == "empirical" and str(config.kernel.logits) == "full":
     raise ValueError("config.kernel.logits='full': eigen-features need a kernel of one class or the "
                      "trace.")
   build_attack(e.attack, prefix="config.eigen_features.attack")
-
-
-def _write_atomic(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
 
 
 def _batched_accuracy(fn, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
@@ -115,7 +111,6 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 class _Features:
   """One kernel's feature groups, as programs: every group's logits, and a group's logits at the
   attack's examples against that group."""
-  name: str  # the output directory's name
   source: str  # where the kernel came from, for the record
   eigenvalues: np.ndarray
   groups: list
@@ -123,14 +118,19 @@ class _Features:
   attacked_logits: Callable  # (g, x, y, key) -> [B, C]
 
 
-def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack) -> _Features:
-  """Groups of the kernel job's empirical NTK of a checkpoint, as J(x) W_g (eigen_features.py)."""
-  from ntk_scale.restore import restore_for_inference  # pylint: disable=import-outside-toplevel
-
+def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The kernel job's kernel directory for config.kernel, computed or resumed until complete."""
   kernel = kernel_job(config, workdir)
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
-  store = KernelStore.open(kernel["kernel"])
+  return kernel["kernel"]
+
+
+def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack, kernel: str) -> _Features:
+  """Groups of the kernel job's empirical NTK of a checkpoint, as J(x) W_g (eigen_features.py)."""
+  from ntk_scale.restore import restore_for_inference  # pylint: disable=import-outside-toplevel
+
+  store = KernelStore.open(kernel)
   spec = parse_logits(config.kernel.logits, dataset.num_classes, "config.kernel.logits")
   train_images = getattr(dataset, config.kernel.split).images[store.indices()]
   pairs = eigh(store.read())
@@ -156,7 +156,7 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack)
     group = lambda inputs: feature_logits_fn(with_stats(v[1]), v[0], w[None], spec)(inputs)[0]
     return group(attack(group, x, y, key))
 
-  return _Features(os.path.basename(kernel["kernel"]), kernel["kernel"], pairs.values, groups,
+  return _Features(kernel, pairs.values, groups,
                    lambda x: clean_logits_of(variables, directions, x),
                    lambda g, x, y, key: attacked_logits_of(variables, directions[g], x, y, key))
 
@@ -166,10 +166,7 @@ def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
   of the training split, as K(x, X) A_g with the kernel function differentiated by the attack."""
   from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
 
-  section = config.get("infinite")
-  if section is None:
-    raise ValueError("config.eigen_features.source='infinite' needs a config.infinite section (the "
-                     "analytic kernel); see configs/infinite_width.py.")
+  section = config.infinite
   split = getattr(dataset, config.kernel.split)
   indices = select_examples(config, split.labels)
   train_images, labels = split.images[indices], split.labels[indices]
@@ -188,9 +185,7 @@ def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
     group = lambda inputs: kernel_fn(inputs, x_train) @ a
     return group(attack(group, x, y, key))
 
-  name = f"infinite_{section.architecture}_{section.kernel}_{config.kernel.split}{len(indices)}"
-  return _Features(name, f"config.infinite: {section.architecture} {section.kernel}", pairs.values,
-                   groups, clean_logits, lambda g, x, y, key: attacked_logits_of(coefficients[g], x, y, key))
+  return _Features(f"config.infinite: {section.architecture} {section.kernel}", pairs.values, groups, clean_logits, lambda g, x, y, key: attacked_logits_of(coefficients[g], x, y, key))
 
 
 def _coefficients(pairs, groups: list, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -206,15 +201,23 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_eigen_features_config(config)
   attack = build_attack(e.attack, prefix="config.eigen_features.attack")
   dataset = load_dataset(config.data)
-  if e.source == "infinite":
-    features = _infinite(config, dataset, attack)
+  # The output's name first: a finished result is read back without any kernel algebra.
+  kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
+  if kernel is None:
+    split = getattr(dataset, config.kernel.split)
+    name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
+            f"{len(select_examples(config, split.labels))}")
   else:
-    features = _empirical(config, workdir, dataset, attack)
-  directory = os.path.join(workdir, FEATURES_DIR, features.name)
+    name = os.path.basename(kernel)
+  directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
   if os.path.exists(result_path):
     with open(result_path) as f:
       return {"eigen_features": directory, **json.load(f)}
+  if kernel is None:
+    features = _infinite(config, dataset, attack)
+  else:
+    features = _empirical(config, workdir, dataset, attack, kernel)
   groups = features.groups
 
   test = dataset.test
@@ -246,13 +249,9 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(os.path.join(directory, "features.csv"), table.getvalue())
+    write_table(os.path.join(directory, "features.csv"), rows)
     _plot(rows, os.path.join(directory, "usefulness_robustness.png"),
-          f"eigen-features of {features.name}, {e.attack.name} eps {e.attack.eps:g}")
-    _write_atomic(result_path, json.dumps(record, indent=2))
+          f"eigen-features of {name}, {e.attack.name} eps {e.attack.eps:g}")
+    write_atomic(result_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     print(f"eigen-features written to {directory}", flush=True)
   return {"eigen_features": directory, **record}

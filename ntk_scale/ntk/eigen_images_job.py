@@ -37,7 +37,7 @@ from ntk_scale.kernel_regression import check_regression_config, regression_targ
 from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
 from ntk_scale.ntk.job import inference_apply, kernel_job
 from ntk_scale.ntk.spectrum import eigh
-from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.store import KernelStore, write_atomic
 from ntk_scale.ntk.tile_math import parse_logits
 
 IMAGES_DIR = "eigen_images"
@@ -69,12 +69,6 @@ def kernel_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     raise ValueError(f"config.eigen_images.num_eigenvectors={e.num_eigenvectors} exceeds the "
                      f"kernel's {config.kernel.num_examples} examples (config.kernel.num_examples).")
   return config
-
-
-def _write_atomic(path: str, write) -> None:
-  with open(path + ".tmp", "wb") as f:
-    write(f)
-  os.replace(path + ".tmp", path)
 
 
 def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
@@ -151,13 +145,13 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                       "grey_cosine": float(initial[2 * i])} for i, name in enumerate(names)]}
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
-    _write_atomic(os.path.join(directory, IMAGES_FILE),
+    write_atomic(os.path.join(directory, IMAGES_FILE),
                   lambda f: np.savez(f, images=images, signs=np.asarray(signs), weights=weights))
     titles = [f"{name}{f' (λ={pairs.values[i // 2]:.3g})' if i < 2 * k else ''} {'+' if s > 0 else '-'}v"
               f"\ncos {cos:+.3f}" for i, (name, s, cos) in
               enumerate(zip(np.repeat(names, 2), np.asarray(signs), final))]
     _plot(images, titles, os.path.join(directory, PLOT_FILE),
           f"{os.path.basename(kernel['kernel'])}: images x maximising ±cos(∇θ f_{c}(x), v)")
-    _write_atomic(result_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write_atomic(result_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     print(f"eigen-images written to {directory}", flush=True)
   return {"eigen_images": directory, **record}

@@ -30,7 +30,7 @@ from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
 from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
-from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.store import KernelStore, write_atomic
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.collapse import CO_FILE
 from ntk_scale.workdir import phase2_name
@@ -199,12 +199,6 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
           "similarity_matrix": similarity.tolist(), "eigenvalues": spectra}
 
 
-def _write_atomic(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def write_table(path: str, rows: list[dict[str, Any]]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
@@ -251,7 +245,8 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if collapse is not None:
     results["collapse"] = collapse
   os.makedirs(directory, exist_ok=True)
-  _write_atomic(os.path.join(directory, METRICS_JSON), json.dumps(results, indent=2))
+  write_atomic(os.path.join(directory, METRICS_JSON),
+               lambda f: f.write(json.dumps(results, indent=2).encode()))
   write_table(os.path.join(directory, METRICS_CSV), results["checkpoints"])
   result["plots"] = plot_evolution(results, directory)
   result["metrics"] = results

@@ -29,7 +29,9 @@ class KernelStoreMismatchError(ValueError):
   """The directory holds a different kernel than the one requested."""
 
 
-def _write_atomic(path: str, write) -> None:
+def write_atomic(path: str, write) -> None:
+  """`write(f)` into a temporary file beside `path`, then renamed over it: readers never see a
+  partial file, and a killed job leaves only a stray temporary."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     write(f)
@@ -84,14 +86,14 @@ class KernelStore:
     if not create:
       raise FileNotFoundError(f"{directory} was not created by process 0.")
     os.makedirs(os.path.join(directory, TILES_DIR), exist_ok=True)
-    _write_atomic(os.path.join(directory, INDICES_FILE), lambda f: np.save(f, np.asarray(indices)))
-    _write_atomic(os.path.join(directory, LABELS_FILE), lambda f: np.save(f, np.asarray(labels)))
+    write_atomic(os.path.join(directory, INDICES_FILE), lambda f: np.save(f, np.asarray(indices)))
+    write_atomic(os.path.join(directory, LABELS_FILE), lambda f: np.save(f, np.asarray(labels)))
     shape, tile = list(meta["shape"]), int(meta["tile"])
     chunk = [tile, tile] + shape[2:]
     array = ts.open(_spec(directory), create=True, delete_existing=True, dtype=meta["dtype"],
                     shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
     # The metadata file is written last: it is what marks the directory as a kernel.
-    _write_atomic(os.path.join(directory, META_FILE),
+    write_atomic(os.path.join(directory, META_FILE),
                   lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
     return cls(directory, array, meta)
 
@@ -124,7 +126,7 @@ class KernelStore:
       writes.append(self._array[cols, rows].write(mirror_tile(tile)))
     for w in writes:
       w.result()
-    _write_atomic(self._marker(i, j), lambda f: None)
+    write_atomic(self._marker(i, j), lambda f: None)
 
   # ---------------------------------------------------------------- reading
   def read(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
@@ -140,5 +142,5 @@ class KernelStore:
   def update_meta(self, **fields: Any) -> None:
     """Adds `fields` to kernel.json (process 0 only: a single writer)."""
     self.meta.update(fields)
-    _write_atomic(os.path.join(self.directory, META_FILE),
+    write_atomic(os.path.join(self.directory, META_FILE),
                   lambda f: f.write(json.dumps(self.meta, indent=2, sort_keys=True).encode()))
