@@ -154,10 +154,11 @@ def _batch(mesh, batch_size: int, image_shape: tuple[int, ...], mask: bool = Fal
 
 
 def _variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], abstract: bool = True):
+  """config.model, its parameters and BatchNorm statistics (shapes only when `abstract`)."""
   model = build_model(config.model, dataset_classes(config.data))
-  init = lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape)), train=False)
+  init = lambda: _state_variables(model, image_shape, config.seed)
   variables = jax.eval_shape(init) if abstract else init()
-  return model, variables["params"], variables.get("batch_stats", {})
+  return model, variables["params"], variables["batch_stats"]
 
 
 def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collections.ConfigDict,

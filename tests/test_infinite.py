@@ -5,7 +5,6 @@ grows, so the Monte-Carlo average of our engine's empirical kernels over random 
 approach it, and more closely at larger width.
 """
 
-import importlib.util
 
 import ml_collections
 import numpy as np
@@ -13,15 +12,13 @@ import pytest
 
 from ntk_scale import infinite, nt_compat
 
+from conftest import neural_tangents_or_skip
+
 
 @pytest.fixture(scope="module")
 def nt():
   """The neural_tangents module; skips only when the optional `nt` extra is not installed."""
-  missing = [m for m in ("neural_tangents", "frozendict") if importlib.util.find_spec(m) is None]
-  if missing:
-    pytest.skip(f"neural-tangents {nt_compat.NT_VERSION} is not installed (missing {', '.join(missing)}); "
-                f"it is the optional extra: {nt_compat.INSTALL_HINT}")
-  return nt_compat.load_neural_tangents(infinite.FEATURE)
+  return neural_tangents_or_skip(infinite.FEATURE)
 
 
 def _section(**overrides) -> ml_collections.ConfigDict:

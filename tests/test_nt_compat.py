@@ -6,7 +6,6 @@ float64 Jacobian contraction; a failed load must name the feature that needed it
 
 import functools
 import os
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,8 @@ from ntk_scale import nt_compat
 from ntk_scale.models.cnn import SmallCNN
 from ntk_scale.models.mlp import MLP
 
+from conftest import neural_tangents_or_skip
+
 FEATURE = "the neural-tangents oracle of tests/test_nt_compat.py"
 SHAPE = (4, 4, 1)
 NUM_CLASSES = 3
@@ -33,11 +34,7 @@ SUPPORTED_IMPLEMENTATIONS = ("JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS")
 @pytest.fixture(scope="module")
 def nt():
   """The neural_tangents module; skips only when the optional `nt` extra is not installed."""
-  missing = [m for m in ("neural_tangents", "frozendict") if importlib.util.find_spec(m) is None]
-  if missing:
-    pytest.skip(f"neural-tangents {nt_compat.NT_VERSION} is not installed (missing {', '.join(missing)}); "
-                f"it is the optional extra: {nt_compat.INSTALL_HINT}")
-  return nt_compat.load_neural_tangents(FEATURE)
+  return neural_tangents_or_skip(FEATURE)
 
 
 @pytest.fixture
