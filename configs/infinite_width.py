@@ -92,6 +92,9 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
       num_steps=200,  # outer steps (digits-sized; Sec. 4 runs thousands on MNIST / CIFAR-10)
       learning_rate=0.01,  # Adam on the images, as KIP (Sec. 3 builds on it)
       target_batch_size=256,  # original training points attacked per outer step (Alg. 1)
+      # Targets: 0, the optimised training images themselves; n >= 1 (or a fraction in (0, 1)) of the
+      # training images set aside as targets only, the rest optimised (robust_dataset.split_targets).
+      target_holdout=0.0,
       loss="cross_entropy",  # outer loss on the adversarial targets (the attack's loss, Eq. 3)
       data_eps=None,  # no bound on the change of the images, only [0, 1] (Eq. 3 has none)
       attack=pgd_linf(eps, num_steps=10),  # inner max: multi-step PGD at the test eps (Sec. 3)

@@ -6,21 +6,27 @@ ntk_scale/robust_dataset.py).
     python main.py --config configs/infinite_width.py:digits --workdir workdirs/infinite_digits
 
 Kernel regression is scored by ntk_scale.evaluate.evaluate, the evaluator of the networks, given its
-`logits_fn`. The robust dataset is compared side by side with the original one: kernel regression
-fitted on each, and the CNN of one width (robust_data.network_width) trained on each, all clean
-and under robust_data.eval_attacks (PGD and APGD-CE) on the same test images.
+`logits_fn`, each (model, attack) once (_Evaluations): an attack is known by its config and keyed
+by it, so PGD-20 listed in both config.infinite.attacks and robust_data.eval_attacks is one
+evaluation and one number. The robust dataset is compared side by side with the original one:
+kernel regression fitted on each, and the CNN of one width (robust_data.network_width) trained on
+each, all clean and under robust_data.eval_attacks (PGD and APGD-CE) on the same test images. With
+robust_data.target_holdout the optimised set is the training set less the held-out targets, and
+the comparison adds that subset's original images ("original_subset").
 
 Writes to the workdir: results.json (every accuracy), adversarial/<attack>/ (the kernel's
 adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each finite network's
 train workdir on the original data; transfer/robust_dataset/ the network trained on the optimised
-set) and robust_dataset.npz (images, labels, config; np.load(..., allow_pickle=False)); a rerun
-reuses a robust_dataset.npz made with the same settings, and the networks resume.
+set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images, labels, rows and
+target_rows into the training set, settings; np.load(..., allow_pickle=False)); a rerun reuses a
+robust_dataset.npz made with the same settings, and the networks resume.
 """
 
 import copy
 import json
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -34,7 +40,7 @@ from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.ntk.store import write_atomic
-from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset
+from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset, split_targets
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
@@ -80,50 +86,85 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, n
 
 
 def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x: np.ndarray,
-                    y: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-  """The optimised training set: read back from `path` when it was made with these settings and
-  training images, else optimised (robust_dataset.py) and written there atomically."""
+                    y: np.ndarray, rows: tuple[np.ndarray, np.ndarray], num_classes: int,
+                    seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+  """The optimised images of x[rows[0]] (attacking x[rows[1]]): read back from `path` when made with
+  these settings and training images, else optimised (robust_dataset.py) and written there
+  atomically."""
+  optimised, targets = rows
   settings = json.dumps({"robust_data": section.robust_data.to_dict(),
                          "regression": section.regression.to_dict(), "kernel": {
                              k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")},
                          "seed": seed, "num_train": len(x)}, sort_keys=True)
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as stored:
-      if str(stored["settings"]) == settings and np.array_equal(stored["labels"], y):
+      if (str(stored["settings"]) == settings and np.array_equal(stored["labels"], y[optimised])
+          and "rows" in stored and np.array_equal(stored["rows"], optimised)):
         return stored["images"].astype(x.dtype), json.loads(str(stored["record"]))
   started = time.time()
-  robust, record = optimise_dataset(section.robust_data, kernel_fn, x, y, num_classes,
-                                    section.regression, seed)
+  held_out = len(optimised) < len(x)
+  robust, record = optimise_dataset(section.robust_data, kernel_fn, x[optimised], y[optimised],
+                                    num_classes, section.regression, seed,
+                                    targets=(x[targets], y[targets]) if held_out else None)
   record["seconds"] = time.time() - started
   if jax.process_index() == 0:
-    write_atomic(path, lambda f: np.savez(f, images=robust.astype(np.float32), labels=y,
-                                          settings=settings, record=json.dumps(record)))
+    write_atomic(path, lambda f: np.savez(f, images=robust.astype(np.float32), labels=y[optimised],
+                                          rows=optimised, target_rows=targets, settings=settings,
+                                          record=json.dumps(record)))
   return robust, record
 
 
-def _kernel_rows(model, split: Split, attacks: dict, batch_size: int, mesh, num_classes: int,
-                 seed: int) -> dict[str, Any]:
-  """Clean and attacked results of a model (TrainState or logits_fn) through the one evaluator."""
-  rows = {"clean": evaluate(model, split, batch_size, mesh, num_classes)}
-  for i, (name, attack) in enumerate(attacks.items()):
-    rows[name] = evaluate(model, split, batch_size, mesh, num_classes, attack=attack,
-                          key=jax.random.key(seed + i), keep_examples=True)
-  return rows
+def _attack_key(seed: int, attack_config: ml_collections.ConfigDict) -> jax.Array:
+  """The key of one attack configuration: the same attack draws the same random starts whatever its
+  name and whichever model it attacks (paired comparisons)."""
+  digest = zlib.crc32(json.dumps(attack_config.to_dict(), sort_keys=True).encode())
+  return jax.random.fold_in(jax.random.key(seed), digest & 0x7FFFFFFF)
+
+
+class _Evaluations:
+  """Clean and attacked results of named models (TrainState or logits_fn) on one split through the
+  one evaluator, each (model, attack) computed once: an attack is identified by its config, so a
+  name in config.infinite.attacks and one in robust_data.eval_attacks with equal configs are one
+  evaluation, and one number wherever it is reported."""
+
+  def __init__(self, split: Split, batch_size: int, mesh, num_classes: int, seed: int):
+    self.split, self.batch_size, self.mesh, self.num_classes, self.seed = (
+        split, batch_size, mesh, num_classes, seed)
+    self._done: dict[tuple[str, str], dict[str, Any]] = {}
+
+  def rows(self, model_name: str, model, named_configs: ml_collections.ConfigDict,
+           keep_examples: bool = False) -> dict[str, dict[str, Any]]:
+    """{"clean": ..., <attack name>: ...} of the model; attacked examples kept on request."""
+    attacks = build_attacks(named_configs, "config.infinite")
+    rows = {"clean": self._evaluate(model_name, model, None, None, False)}
+    for name, attack in attacks.items():
+      rows[name] = self._evaluate(model_name, model, named_configs[name], attack, keep_examples)
+    return rows
+
+  def _evaluate(self, model_name, model, attack_config, attack, keep_examples):
+    identity = (model_name, "clean" if attack is None else
+                json.dumps(attack_config.to_dict(), sort_keys=True))
+    done = self._done.get(identity)
+    if done is None or (keep_examples and "examples" not in done):
+      key = None if attack is None else _attack_key(self.seed, attack_config)
+      done = self._done[identity] = evaluate(model, self.split, self.batch_size, self.mesh,
+                                             self.num_classes, attack=attack, key=key,
+                                             keep_examples=keep_examples and attack is not None)
+    return done
 
 
 def _accuracies(rows: dict[str, Any]) -> dict[str, float]:
   return {name: r["accuracy"] for name, r in rows.items()}
 
 
-def _table(results: dict[str, Any]) -> str:
-  """The robust-dataset comparison as aligned text rows."""
+def _table(comparison: dict[str, dict[str, dict[str, float]]]) -> str:
+  """The robust-dataset comparison, {model: {training set: {evaluation: accuracy}}}, as aligned
+  text rows."""
   lines = []
-  for model, by_data in results.items():
-    if not isinstance(by_data, dict) or "original" not in by_data:
-      continue
-    for data_name in ("original", "optimised"):
-      cells = "  ".join(f"{k} {100 * v:5.1f}%" for k, v in by_data[data_name].items())
-      lines.append(f"  {model:<22} {data_name:<9} {cells}")
+  for model, by_data in comparison.items():
+    for data_name, accuracies in by_data.items():
+      cells = "  ".join(f"{k} {100 * v:5.1f}%" for k, v in accuracies.items())
+      lines.append(f"  {model:<22} {data_name:<15} {cells}")
   return "\n".join(lines)
 
 
@@ -140,17 +181,20 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   mesh = parallel.make_mesh()
   batch_size = config.eval_batch_size
   attacks = build_attacks(s.attacks, "config.infinite.attacks")
-  eval_attacks = build_attacks(s.robust_data.eval_attacks, "config.infinite.robust_data.eval_attacks")
+  eval_attacks = s.robust_data.eval_attacks
+  optimised_rows, target_rows = split_targets(s.robust_data.target_holdout, len(x), config.seed)
+  held_out = len(optimised_rows) < len(x)
   results: dict[str, Any] = {"num_train": len(x), "num_test": len(xt)}
   started = time.time()
   with jax.enable_x64(s.dtype == "float64"):
     x, test = x.astype(s.dtype), Split(xt.astype(s.dtype), yt)
+    evaluations = _Evaluations(test, batch_size, mesh, c, config.seed)
     kernel_fn = infinite.kernel_function(s, c)
-    fit = lambda images: KernelRegression.fit(
-        infinite.kernel_matrix(s, c, images), y, c, regularizer=s.regression.regularizer,
+    fit = lambda images, labels: KernelRegression.fit(
+        infinite.kernel_matrix(s, c, images), labels, c, regularizer=s.regression.regularizer,
         solver=s.regression.solver).logits_fn(kernel_fn, images)
-    logits_fn = fit(x)
-    rows = _kernel_rows(logits_fn, test, attacks, batch_size, mesh, c, config.seed)
+    logits_fn = fit(x, y)
+    rows = evaluations.rows("original", logits_fn, s.attacks, keep_examples=True)
     results["kernel_regression"] = _accuracies(rows)
     kernel_fooled = {}
     for name in attacks:
@@ -165,26 +209,32 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                               "accuracy": rows[name]["accuracy"]})
     print(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)", flush=True)
 
-    robust, record = _robust_dataset(s, os.path.join(workdir, ROBUST_DATASET_FILE), kernel_fn, x, y, c,
-                                     config.seed)
+    robust, record = _robust_dataset(s, os.path.join(workdir, ROBUST_DATASET_FILE), kernel_fn, x, y,
+                                     (optimised_rows, target_rows), c, config.seed)
     objective = record["objective"]
-    kernel = {"original": _accuracies(_kernel_rows(logits_fn, test, eval_attacks, batch_size, mesh, c,
-                                                   config.seed + 100)),
-              "optimised": _accuracies(_kernel_rows(fit(robust.astype(s.dtype)), test, eval_attacks,
-                                                    batch_size, mesh, c, config.seed + 100))}
-    print(f"robust dataset: {len(objective)} steps in {record['seconds']:.0f} s, objective "
+    y_optimised = y[optimised_rows]
+    # The same test images, the same attacks with the same keys, for every training set.
+    kernel = {"original": _accuracies(evaluations.rows("original", logits_fn, eval_attacks))}
+    if held_out:  # the images that were optimised, before optimisation
+      kernel["original_subset"] = _accuracies(evaluations.rows(
+          "original_subset", fit(x[optimised_rows], y_optimised), eval_attacks))
+    kernel["optimised"] = _accuracies(evaluations.rows(
+        "optimised", fit(robust.astype(s.dtype), y_optimised), eval_attacks))
+    print(f"robust dataset: {len(objective)} steps in {record['seconds']:.0f} s, "
+          f"{len(optimised_rows)} images optimised against "
+          f"{'the other ' + str(len(target_rows)) if held_out else 'themselves as'} targets, objective "
           f"{objective[0] if objective else float('nan'):.3f} -> "
           f"{objective[-1] if objective else float('nan'):.3f}, largest pixel change "
           f"{record['max_pixel_change']:.3f}; kernel regression {kernel}", flush=True)
 
   transfer = {}
   network_width = s.robust_data.network_width or max(s.transfer.widths, default=config.model.width)
-  originals = {}
+  network = {}
   for width in sorted(set(s.transfer.widths) | {network_width}):
     trained = _train_finite(config, workdir, width,
-                            eval_attacks=s.robust_data.eval_attacks if width == network_width else None)
+                            eval_attacks=eval_attacks if width == network_width else None)
     if width == network_width:
-      originals = _accuracies(trained["results"])
+      network["original"] = _accuracies(trained["results"])
     if width not in s.transfer.widths:
       continue
     row = {"clean": trained["test"]["accuracy"]}
@@ -198,18 +248,24 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     transfer[f"width{width}"] = row
     print(f"transfer to width {width}: {row}", flush=True)
   results["transfer"] = transfer
-  robust_data = Dataset(dataset.name, Split(robust.astype(np.float32), y), dataset.test, c)
-  trained = _train_finite(config, workdir, network_width, "robust_dataset", robust_data,
-                          s.robust_data.eval_attacks)
+  subset = lambda images: Dataset(dataset.name, Split(images.astype(np.float32), y_optimised),
+                                  dataset.test, c)
+  if held_out:
+    trained = _train_finite(config, workdir, network_width, "original_subset",
+                            subset(x[optimised_rows]), eval_attacks)
+    network["original_subset"] = _accuracies(trained["results"])
+  trained = _train_finite(config, workdir, network_width, "robust_dataset", subset(robust),
+                          eval_attacks)
+  network["optimised"] = _accuracies(trained["results"])
+  comparison = {"kernel_regression": kernel, f"network_width{network_width}": network}
   results["robust_dataset"] = {
       "optimisation": {"steps": len(objective), "objective_first": objective[0] if objective else None,
                        "objective_last": objective[-1] if objective else None,
+                       "num_optimised": len(optimised_rows),
+                       "num_targets": len(target_rows), "targets_held_out": held_out,
                        "max_pixel_change": record["max_pixel_change"], "seconds": record["seconds"]},
-      "kernel_regression": kernel,
-      f"network_width{network_width}": {"original": originals,
-                                         "optimised": _accuracies(trained["results"])}}
-  print("robust dataset, accuracy on the same test images:\n" + _table(results["robust_dataset"]),
-        flush=True)
+      **comparison}
+  print("robust dataset, accuracy on the same test images:\n" + _table(comparison), flush=True)
   results["seconds"] = time.time() - started
   _write_json(os.path.join(workdir, RESULTS_FILE), results)
   return results

@@ -84,3 +84,52 @@ def test_bad_architecture_field_is_named(field, value):
 def test_myrtle_depth_must_be_a_myrtle_depth():
   with pytest.raises(ValueError, match="config.infinite.depth=4 is not a Myrtle depth"):
     infinite.check_architecture_config(_section(architecture="myrtle", depth=4))
+
+
+def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
+  """PGD listed under two names (config.infinite.attacks and robust_data.eval_attacks) is one
+  evaluation with one key; clean accuracy is computed once per model."""
+  import jax
+  import jax.numpy as jnp
+
+  from ntk_scale import infinite_job, parallel
+  from ntk_scale.base_config import apgd_linf, pgd_linf
+  from ntk_scale.data import Split
+
+  calls = []
+  real_evaluate = infinite_job.evaluate
+
+  def counting_evaluate(model, split, *args, attack=None, **kwargs):
+    calls.append(attack)
+    return real_evaluate(model, split, *args, attack=attack, **kwargs)
+
+  monkeypatch.setattr(infinite_job, "evaluate", counting_evaluate)
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  logits_fn = lambda images: images.reshape(len(images), -1) @ weights
+  split = Split(rng.uniform(size=(12, 4, 4, 1)).astype(np.float32), np.arange(12) % 3)
+  evaluations = infinite_job._Evaluations(split, 8, parallel.make_mesh(), 3, seed=0)
+  attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 3)})
+  eval_attacks = ml_collections.ConfigDict({"pgd20": pgd_linf(0.1, 3), "apgd": apgd_linf(0.1, 3)})
+  first = evaluations.rows("original", logits_fn, attacks, keep_examples=True)
+  second = evaluations.rows("original", logits_fn, eval_attacks)
+  assert len(calls) == 3  # clean, pgd, apgd
+  assert second["pgd20"] is first["pgd"] and second["clean"] is first["clean"]
+  assert "examples" in first["pgd"]
+  evaluations.rows("optimised", logits_fn, eval_attacks)
+  assert len(calls) == 6  # a different model is evaluated afresh
+  key = lambda c: jax.random.key_data(infinite_job._attack_key(0, c))
+  np.testing.assert_array_equal(key(attacks.pgd), key(eval_attacks.pgd20))
+  assert not np.array_equal(key(attacks.pgd), key(eval_attacks.apgd))
+
+
+def test_robust_dataset_table_lists_every_model_and_training_set():
+  from ntk_scale.infinite_job import _table
+
+  table = _table({"kernel_regression": {"original": {"clean": 0.5, "pgd": 0.25},
+                                        "optimised": {"clean": 0.75, "pgd": 0.5}},
+                  "network_width8": {"original": {"clean": 1.0}}})
+  lines = table.splitlines()
+  assert len(lines) == 3
+  assert "kernel_regression" in lines[0] and "original" in lines[0] and "pgd  25.0%" in lines[0]
+  assert "network_width8" in lines[2] and "clean 100.0%" in lines[2]

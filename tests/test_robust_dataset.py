@@ -1,6 +1,7 @@
 """The robust dataset of Tsilivis, Su and Kempe (ntk_scale/robust_dataset.py) on a tiny problem:
 the optimised images respect their bound and the image range, and they lower the adversarial
-objective they optimise, re-attacked from scratch against the refitted predictor."""
+objective they optimise, re-attacked from scratch against the refitted predictor, whether the
+targets are the optimised images themselves or held-out training images disjoint from them."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from ntk_scale.attacks import build_attack
-from ntk_scale.robust_dataset import adversarial_objective, optimise_dataset, outer_loss
+from ntk_scale.base_config import apgd_linf, pgd_linf
+from ntk_scale.robust_dataset import (adversarial_objective, check_robust_data_config, num_holdout,
+                                      optimise_dataset, outer_loss, split_targets)
 
 REGRESSION = ml_collections.ConfigDict(dict(regularizer=1e-3, solver="cholesky"))
 
@@ -27,6 +30,13 @@ def _section(**overrides) -> ml_collections.ConfigDict:
                                            loss="cross_entropy", data_eps=None, attack=attack))
   section.update(overrides)
   return section
+
+
+def _full_section(**overrides) -> ml_collections.ConfigDict:
+  """Every field check_robust_data_config reads."""
+  fields = dict(target_holdout=0.0, network_width=None,
+                eval_attacks=ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 2), "apgd": apgd_linf(0.1, 2)}))
+  return _section(**{**fields, **overrides})
 
 
 def _problem(n=24, seed=0):
@@ -62,3 +72,42 @@ def test_outer_losses_are_hand_computable():
     assert float(outer_loss(logits, labels, "mse")) == pytest.approx((0.125 + 0.5) / 4)
     expected_ce = (np.log(1 + np.exp(-1.0)) + np.log(2.0)) / 2
     assert float(outer_loss(logits, labels, "cross_entropy")) == pytest.approx(expected_ce)
+
+
+def test_held_out_targets_are_disjoint_from_the_optimised_set_and_their_objective_falls():
+  with jax.enable_x64(True):
+    x, y = _problem(n=40)
+    optimised, targets = split_targets(0.4, len(x), seed=3)
+    assert len(targets) == 16 and len(optimised) == 24
+    assert not set(optimised) & set(targets) and set(optimised) | set(targets) == set(range(40))
+    section = _section(target_batch_size=16)
+    robust, record = optimise_dataset(section, _rbf, x[optimised], y[optimised], 4, REGRESSION, seed=0,
+                                      targets=(x[targets], y[targets]))
+    assert robust.shape == x[optimised].shape
+    assert record["num_optimised"] == 24 and record["num_targets"] == 16
+    attack = build_attack(section.attack)
+    objective = lambda support: float(adversarial_objective(
+        _rbf, jnp.asarray(support), jnp.asarray(y[optimised]), jnp.asarray(x[targets]),
+        jnp.asarray(y[targets]), jax.random.key(7), attack=attack, num_classes=4, regularizer=1e-3,
+        solver="cholesky", loss="cross_entropy"))
+    before, after = objective(x[optimised]), objective(robust)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_no_holdout_attacks_the_optimised_images_themselves():
+  optimised, targets = split_targets(0.0, 10, seed=0)
+  np.testing.assert_array_equal(optimised, np.arange(10))
+  np.testing.assert_array_equal(targets, np.arange(10))
+  assert num_holdout(3, 10) == 3 and num_holdout(3.0, 10) == 3 and num_holdout(0.25, 10) == 2
+
+
+@pytest.mark.parametrize("value", [-1, 10, 1.5, 0.01, "half", True])
+def test_bad_target_holdout_is_named(value):
+  with pytest.raises(ValueError, match="config.infinite.robust_data.target_holdout="):
+    check_robust_data_config(_full_section(target_holdout=value), num_train=10)
+
+
+def test_target_batch_larger_than_the_held_out_targets_is_named():
+  with pytest.raises(ValueError, match="target_batch_size=4 exceeds the 3 target images held out by "
+                                       "config.infinite.robust_data.target_holdout=3"):
+    check_robust_data_config(_full_section(target_holdout=3, target_batch_size=4), num_train=10)
