@@ -2,17 +2,22 @@
 
     python benchmarks/ntk_engine.py                      # CPU-sized defaults
     python benchmarks/ntk_engine.py --models cnn,resnet18 --sizes 256,1024   # the GPU table
+    python benchmarks/ntk_engine.py --models cnn --sizes 1024 --logits 0 --loo_max 0 \
+        --tile_size 128 --bands 1,8               # tall bands against square tiles
 
 Rows, each timed after compilation (best of --repeats) on the same inputs:
   ntk_scale      `ntk_scale.ntk.empirical_ntk`, default settings (symmetric tiles, plan from memory)
+                 or the given --tile_size
+  band<b>        the same with bands of b row tiles (--bands; band1 = square tiles)
   loo2022        Loo et al.'s code: jitted nt.empirical_ntk_fn with NTK_VECTOR_PRODUCTS on 4-image
                  blocks, one call per pair of upper-triangle blocks, mirrored on the host
   nt_best        nt.empirical_ntk_fn(JACOBIAN_CONTRACTION, vmap_axes=0), the whole kernel in one call
   nt_batched     nt.batch of nt_best with the largest batch that fits (when the one call does not)
-FLOP rates use the engine's cost model (Jacobian rows + contraction, ntk_scale's own plan) against
-this machine's float32 matmul peak measured in the same run. `err` is the largest difference to the
-ntk_scale kernel relative to its largest entry. neural-tangents' "trace" averages over logits; its
-kernels are multiplied by C here so that all rows compute the same sum.
+FLOP rates use the engine's cost model (Jacobian rows + contraction; ntk_scale's default plan,
+the band rows their own) against this machine's float32 matmul peak measured in the same run.
+`err` is the largest difference to the ntk_scale kernel relative to its largest entry.
+neural-tangents' "trace" averages over logits; its kernels are multiplied by C here so that all
+rows compute the same sum.
 """
 
 import argparse
@@ -127,6 +132,8 @@ def main() -> None:
   parser.add_argument("--resnet_sizes", default="32", help="sizes for resnet18 (CPU default: small)")
   parser.add_argument("--logits", default="0,trace", help="class indices and/or trace")
   parser.add_argument("--loo_max", type=int, default=256, help="skip loo2022 above this N")
+  parser.add_argument("--tile_size", type=int, default=None, help="ours: this tile, not the plan's")
+  parser.add_argument("--bands", default="", help="ours again with these band heights (comma-separated)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
                       help="matmul precision of every row (ours and neural-tangents'); on GPUs "
@@ -149,14 +156,20 @@ def main() -> None:
       x = np.random.default_rng(0).uniform(size=(n, *shape)).astype(np.float32)
       for logits in args.logits.split(","):
         mode = logits if logits == "trace" else int(logits)
-        plan = plan_for(apply_fn, params, x, None, mode)
+        ours_kernel = lambda band=None: empirical_ntk(apply_fn, params, x, logits=mode, band=band,
+                                                      tile_size=args.tile_size, precision=args.precision)
+        plan = plan_for(apply_fn, params, x, None, mode, tile_size=args.tile_size)
         ours_out = {}
         print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
-        ours = best_time(lambda: ours_out.setdefault("k", empirical_ntk(apply_fn, params, x, logits=mode,
-                                                                        precision=args.precision)),
-                         args.repeats)
+        ours = best_time(lambda: ours_out.setdefault("k", ours_kernel()), args.repeats)
         reference = ours_out["k"]
-        rows = [("ntk_scale", ours, reference)]
+        rows = [("ntk_scale", ours, reference, plan.flops)]
+        for band in (int(b) for b in args.bands.split(",") if b):
+          out = {}
+          banded = plan_for(apply_fn, params, x, None, mode, tile_size=args.tile_size, band=band)
+          print(f"#   band{band}: {banded.describe()}", flush=True)
+          rows.append((f"band{band}", best_time(lambda: out.setdefault("k", ours_kernel(band)),
+                                                args.repeats), out["k"], banded.flops))
         f, trace_axes, scale = nt_functions(nt, apply_fn, logits)
         runs = [("nt_best", nt_best(nt, f, trace_axes, params, x, None))]
         if n <= args.loo_max:
@@ -180,10 +193,10 @@ def main() -> None:
                 if not is_out_of_memory(inner):
                   raise
                 batch //= 2
-          rows.append((label, seconds, out["k"] * scale))
-        for label, seconds, kernel in rows:
+          rows.append((label, seconds, out["k"] * scale, plan.flops))
+        for label, seconds, kernel, flops in rows:
           err = np.abs(kernel - reference).max() / np.abs(reference).max()
-          rate = plan.flops / seconds
+          rate = flops / seconds
           print(f"{name:>9s} {num_params:>10,d} {n:>5d} {logits:>6s} {label:>11s} {seconds:>9.3f} "
                 f"{seconds / ours:>7.1f}x {rate / 1e9:>9.1f} {100 * rate / peak:>6.1f}% {err:>8.1e}",
                 flush=True)

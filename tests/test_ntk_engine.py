@@ -13,6 +13,7 @@ from ntk_scale.models import build_model
 from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tangents
 from ntk_scale.ntk import KernelPlanError, empirical_ntk, plan_for, run_tiles
 from ntk_scale.ntk.engine import tile_slices
+from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
 from ntk_scale.ntk.schedule import jacobian_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import contract, contract_symmetric, parse_logits
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
@@ -80,6 +81,20 @@ def test_kernel_matches_float64_jacobian_contraction(network, method, logits):
   assert _relative_error(k32, reference) < 1e-5
 
 
+@pytest.mark.parametrize("logits", ["trace", "full"])
+def test_bands_of_row_tiles_give_the_same_kernel(network, logits):
+  """A column block contracted with a band of 3 (2) resident row tiles at once: the band's own
+  tiles from its diagonal block, a last band padded past the kernel's edge; symmetric and cross."""
+  _, variables, apply_fn = network
+  x, x2 = _images(7), _images(3, seed=6)
+  kernel = empirical_ntk(apply_fn, variables["params"], x, logits=logits, method="jacobian",
+                         tile_size=2, band=3, dtype="float64")
+  assert _relative_error(kernel, reference_kernel(apply_fn, variables["params"], x, x, logits)) < 1e-10
+  kernel = empirical_ntk(apply_fn, variables["params"], x, x2, logits=logits, method="jacobian",
+                         tile_size=2, band=2, dtype="float64")
+  assert _relative_error(kernel, reference_kernel(apply_fn, variables["params"], x, x2, logits)) < 1e-10
+
+
 def test_cross_kernel_of_two_sets(network):
   _, variables, apply_fn = network
   x1, x2 = _images(5, seed=4), _images(4, seed=5)
@@ -103,8 +118,8 @@ def test_kernel_is_symmetric_positive_semidefinite(network):
   assert np.linalg.eigvalsh(flat).min() > -1e-12 * np.abs(flat).max()
 
 
-def _kernel_on(mesh, apply_fn, params, x, tile):
-  plan = plan_for(apply_fn, params, x, None, "trace", method="jacobian", tile_size=tile,
+def _kernel_on(mesh, apply_fn, params, x, tile, band=None):
+  plan = plan_for(apply_fn, params, x, None, "trace", method="jacobian", tile_size=tile, band=band,
                   num_devices=mesh.size)
   kernel = np.zeros((len(x), len(x)), np.float32)
 
@@ -117,13 +132,14 @@ def _kernel_on(mesh, apply_fn, params, x, tile):
   return kernel
 
 
-def test_four_devices_equal_one_device(network):
+@pytest.mark.parametrize("band", [None, 3])
+def test_four_devices_equal_one_device(network, band):
   _, variables, apply_fn = network
   assert jax.device_count() == 4
   x = _images(9)
   one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  k1 = _kernel_on(one, apply_fn, variables["params"], x, tile=2)
-  k4 = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, tile=2)
+  k1 = _kernel_on(one, apply_fn, variables["params"], x, tile=2, band=band)
+  k4 = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, tile=2, band=band)
   np.testing.assert_allclose(k4, k1, rtol=1e-6, atol=1e-7 * np.abs(k1).max())
 
 
@@ -161,7 +177,7 @@ def test_tile_follows_memory_budget_and_method_falls_back(network):
   mlp = _model("mlp", batch_norm=False)
   mlp_params = random_variables(mlp, SHAPE, seed=1)["params"]
   mlp_apply = _apply(mlp, {})
-  jacobian = plan_for(mlp_apply, mlp_params, x, None, "full", method="jacobian", tile_size=1)
+  jacobian = plan_for(mlp_apply, mlp_params, x, None, "full", method="jacobian", tile_size=1, band=1)
   ntvp = plan_for(mlp_apply, mlp_params, x, None, "full", method="ntvp", tile_size=1)
   budget = (ntvp.bytes_per_device + jacobian.bytes_per_device) / 2
   assert plan_for(mlp_apply, mlp_params, x, None, "full", memory_budget_bytes=budget).method == "ntvp"
@@ -169,6 +185,29 @@ def test_tile_follows_memory_budget_and_method_falls_back(network):
     plan_for(mlp_apply, mlp_params, x, None, "full", method="jacobian", memory_budget_bytes=budget)
   with pytest.raises(ValueError, match="logits='sum'"):
     plan_for(apply_fn, variables["params"], x, None, "sum")
+
+
+def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
+  """A ResNet-like cost (1M parameters, 1 GFLOP forward, one class) whose 4096-row kernel does not
+  fit one tile: bands of row tiles within the same budget form fewer Jacobian rows than the
+  largest square tiles, counted from the schedule itself."""
+  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
+                   largest_group=125_000)
+  spec, budget = parse_logits(0, 10), 4.5e9
+  square = make_plan(cost, 4096, 4096, True, spec, num_devices=1, band=1, budget_bytes=budget)
+  banded = make_plan(cost, 4096, 4096, True, spec, num_devices=1, budget_bytes=budget)
+  assert banded.band > 1 and banded.tile >= MIN_BANDED_TILE and banded.bytes_per_device <= budget
+  assert banded.flops < square.flops
+
+  def rows_formed(plan):
+    steps = jacobian_schedule(plan.tiles(), True, 1, plan.band)
+    return sum(plan.tile * (plan.band if s.kind in ("row", "diagonal") else 1) for s in steps)
+
+  assert rows_formed(banded) < 0.75 * rows_formed(square)
+  with pytest.raises(KernelPlanError, match="band=0 must be a positive integer"):
+    make_plan(cost, 64, 64, True, spec, num_devices=1, band=0, budget_bytes=budget)
+  with pytest.raises(KernelPlanError, match="band=2 needs method 'jacobian'"):
+    make_plan(cost, 64, 64, True, spec, num_devices=1, band=2, method="ntvp", budget_bytes=budget)
 
 
 def test_cost_model_counts_convolutions_from_the_lowered_program():
@@ -201,7 +240,7 @@ def test_kernel_larger_than_budget_streams_to_disk_and_resumes_after_a_kill(netw
   params, x = variables["params"], _images(23)
   reference = reference_kernel(apply_fn, params, x, x, "full")
   # A budget that holds a fraction of the kernel: many tiles, assembled on disk only.
-  probe = plan_for(apply_fn, params, x, None, "full", method="jacobian", tile_size=4)
+  probe = plan_for(apply_fn, params, x, None, "full", method="jacobian", tile_size=4, band=1)
   budget = probe.bytes_per_device * 1.01
   plan = plan_for(apply_fn, params, x, None, "full", method="jacobian", memory_budget_bytes=budget)
   assert plan.tile == 4 and len(plan.tiles()) == 21
@@ -240,28 +279,36 @@ def test_kernel_larger_than_budget_streams_to_disk_and_resumes_after_a_kill(netw
     _store(tmp_path / "k", plan, indices[::-1])
 
 
-@pytest.mark.parametrize("num_blocks,num_devices,symmetric", [(1, 1, True), (5, 1, True), (5, 4, True),
-                                                              (7, 3, True), (4, 4, False), (6, 8, True)])
-def test_schedule_hands_over_every_tile_once(num_blocks, num_devices, symmetric):
+@pytest.mark.parametrize("num_blocks,num_devices,symmetric,band", [
+    (1, 1, True, 1), (5, 1, True, 1), (5, 4, True, 1), (7, 3, True, 1), (4, 4, False, 1),
+    (6, 8, True, 1), (7, 1, True, 3), (7, 3, True, 2), (5, 2, False, 2), (6, 4, True, 4)])
+def test_schedule_hands_over_every_tile_once(num_blocks, num_devices, symmetric, band):
   tiles = [(i, j) for i in range(num_blocks) for j in range(i if symmetric else 0, num_blocks)]
   done = set(tiles[1::5])  # a resumed kernel: some tiles already on disk
   todo = [t for t in tiles if t not in done]
-  steps = jacobian_schedule(todo, symmetric, num_devices)
-  handed = [t for s in steps for t in s.tiles if t is not None]
+  steps = jacobian_schedule(todo, symmetric, num_devices, band)
+  handed = [t for s in steps for placed in s.tiles for t, _ in placed]
   assert sorted(handed) == sorted(todo)
   resident = [None] * num_devices
-  for step in steps:  # a column step pairs each device's resident row with a column block
+  for step in steps:
     assert len(step.blocks) == len(step.tiles) == num_devices
-    for d, ((i, j), t) in enumerate(zip(step.blocks, step.tiles)):
-      if step.kind == "row":
-        resident[d] = i
-        assert t in (None, (i, i))
-      else:
-        assert i == resident[d] and t in (None, (i, j))
-  if num_devices == 1:  # one device forms each row's Jacobian once, each column once per tile
-    assert sum(s.kind == "row" for s in steps) == len({i for i, _ in todo})
+    for d, (block, placed) in enumerate(zip(step.blocks, step.tiles)):
+      if step.kind in ("row", "diagonal"):  # the band's own tiles, placed in its diagonal block
+        resident[d] = block if step.kind == "row" else None
+        for (i, j), (r, c) in placed:
+          assert symmetric and i // band == j // band == block
+          assert (r, c) == (i - block * band, j - block * band)
+      else:  # a column block against the resident band: one tile per row tile of the band
+        assert step.kind == "column"
+        for (i, j), (r, c) in placed:
+          assert i // band == resident[d] and j == block and (r, c) == (i % band, 0)
+          assert not (symmetric and j < (resident[d] + 1) * band)
+  if num_devices == 1:  # one device forms each band once and each column block once per band
+    assert sum(s.kind in ("row", "diagonal") for s in steps) == len({i // band for i, _ in todo})
+    columns = {(i // band, j) for i, j in todo if not (symmetric and j < (i // band + 1) * band)}
+    assert sum(s.kind == "column" for s in steps) == len(columns)
   ntvp = tile_schedule(todo, num_devices)
-  assert sorted(t for s in ntvp for t in s.tiles if t) == sorted(todo)
+  assert sorted(t for s in ntvp for placed in s.tiles for t, _ in placed) == sorted(todo)
   assert len(ntvp) == -(-len(todo) // num_devices)
 
 

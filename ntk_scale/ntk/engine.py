@@ -2,10 +2,10 @@
 
 Each step is one `shard_map` program in which every device works on its own row and column
 blocks, with no communication (schedule.py says which). With the Jacobian method a device keeps
-the Jacobian rows of its row block resident through a run of that row's tiles and uses them for
-the diagonal tile too, so a block's Jacobian is formed once per run of tiles it enters instead
-of once per tile. Tiles leave the devices while the next step runs; each host hands the tiles of
-its own devices to `on_tile`; finished tiles (`done`) are never recomputed.
+the Jacobian rows of a band of row tiles resident through a run of column blocks and uses them for
+the band's diagonal tiles too, so a block's Jacobian is formed once per run of tiles it enters
+instead of once per tile. Tiles leave the devices while the next step runs; each host hands the
+tiles of its own devices to `on_tile`; finished tiles (`done`) are never recomputed.
 """
 
 import contextlib
@@ -54,10 +54,13 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
   matmul_precision = PRECISIONS[precision]
   jacobian = lambda params, state, x: jacobian_rows(_bind(apply_fn, stateful, state), params, x, spec)
 
-  def row(params, state, x_rows):  # -> (resident Jacobian rows, their diagonal tile)
+  def row(params, state, x_rows):  # -> (resident Jacobian rows, their diagonal block)
     resident = jacobian(params, state, x_rows)
     return resident, contract_symmetric(resident, spec, matmul_precision,
                                         symmetric_pieces(x_rows.shape[0]))
+
+  def diagonal(params, state, x_rows):  # the diagonal block alone: no rows outlive the step
+    return row(params, state, x_rows)[1]
 
   def column(params, state, resident, x_cols):
     return contract(resident, jacobian(params, state, x_cols), spec, matmul_precision)
@@ -69,7 +72,8 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
   sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
                                                     out_specs=out, check_vma=False))
   return {"row": sharded(row, 1, (data, data)), "resident": sharded(jacobian, 1, data),
-          "column": sharded(column, 2, data), "tile": sharded(tile, 2, data)}
+          "diagonal": sharded(diagonal, 1, data), "column": sharded(column, 2, data),
+          "tile": sharded(tile, 2, data)}
 
 
 def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
@@ -91,13 +95,13 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   mesh = mesh or parallel.make_mesh()
   if mesh.size != plan.num_devices:
     raise ValueError(f"the plan is for {plan.num_devices} devices, the mesh has {mesh.size}.")
-  tile = plan.tile
-  rows = _blocks(np.asarray(x1), plan.row_blocks, tile)
+  tile, band = plan.tile, plan.band
+  rows = _blocks(np.asarray(x1), plan.row_bands * band, tile)
   cols = rows if x2 is None else _blocks(np.asarray(x2), plan.col_blocks, tile)
   done = set(done)
   todo = [t for t in plan.tiles() if t not in done]
   if plan.method == "jacobian":
-    steps = jacobian_schedule(todo, plan.symmetric, mesh.size)
+    steps = jacobian_schedule(todo, plan.symmetric, mesh.size, band)
   else:
     steps = tile_schedule(todo, mesh.size)
 
@@ -106,39 +110,45 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   params = parallel.replicate(params, mesh)
   state = parallel.replicate({} if model_state is None else model_state, mesh)
 
-  def device_array(source: np.ndarray, blocks: Iterable[int]) -> jax.Array:
-    per_device = [source[b * tile:(b + 1) * tile] for b in blocks]
-    shape = (mesh.size * tile,) + source.shape[1:]
+  def device_array(source: np.ndarray, blocks: Iterable[int], size: int) -> jax.Array:
+    """Device d's rows are source[blocks[d] * size:][:size]."""
+    per_device = [source[b * size:(b + 1) * size] for b in blocks]
+    shape = (mesh.size * size,) + source.shape[1:]
     return jax.make_array_from_callback(shape, sharding,
-                                        lambda index: per_device[(index[0].start or 0) // tile])
+                                        lambda index: per_device[(index[0].start or 0) // size])
 
   handed, started, last_log = 0, time.time(), time.time()
 
-  def hand_over(assigned: tuple[tuple[int, int] | None, ...], tiles: jax.Array) -> None:
+  def hand_over(placed: tuple, tiles: jax.Array) -> None:
     nonlocal handed
+    per_device = tiles.shape[0] // mesh.size
     for shard in tiles.addressable_shards:
-      device = (shard.index[0].start or 0) // tile
-      if assigned[device] is None:
+      device = (shard.index[0].start or 0) // per_device
+      if not placed[device]:
         continue
-      i, j = assigned[device]
       block = np.asarray(shard.data)
-      on_tile(i, j, block[:min(tile, plan.num_rows - i * tile), :min(tile, plan.num_cols - j * tile)])
-      handed += 1
+      for (i, j), (r, c) in placed[device]:
+        on_tile(i, j, block[r * tile:r * tile + min(tile, plan.num_rows - i * tile),
+                            c * tile:c * tile + min(tile, plan.num_cols - j * tile)])
+        handed += 1
 
   pending, resident = None, None
   for number, step in enumerate(steps):
-    if step.kind == "row":
-      resident = None  # the previous row block's Jacobian is freed before the next one is formed
+    if step.kind in ("row", "diagonal"):
+      resident = None  # the previous band's Jacobian is freed before the next one is formed
+      x_band = device_array(rows, step.blocks, band * tile)
     with jax.default_matmul_precision(precision):
-      if step.kind == "row" and not plan.symmetric:  # no diagonal tiles: the rows only
-        resident, tiles = programs["resident"](params, state, device_array(rows, [i for i, _ in step.blocks])), None
+      if step.kind == "row" and not any(step.tiles):  # no diagonal tile wanted: the rows only
+        resident, tiles = programs["resident"](params, state, x_band), None
       elif step.kind == "row":
-        resident, tiles = programs["row"](params, state, device_array(rows, [i for i, _ in step.blocks]))
+        resident, tiles = programs["row"](params, state, x_band)
+      elif step.kind == "diagonal":
+        tiles = programs["diagonal"](params, state, x_band)
       elif step.kind == "column":
-        tiles = programs["column"](params, state, resident, device_array(cols, [j for _, j in step.blocks]))
+        tiles = programs["column"](params, state, resident, device_array(cols, step.blocks, tile))
       else:
-        tiles = programs["tile"](params, state, device_array(rows, [i for i, _ in step.blocks]),
-                                 device_array(cols, [j for _, j in step.blocks]))
+        tiles = programs["tile"](params, state, device_array(rows, [i for i, _ in step.blocks], tile),
+                                 device_array(cols, [j for _, j in step.blocks], tile))
     if pending is not None:
       hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
     pending = (step.tiles, tiles) if tiles is not None else None
@@ -178,7 +188,7 @@ def _measure(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtype
 
 
 def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
-             method: str = "auto", tile_size: int | None = None,
+             method: str = "auto", tile_size: int | None = None, band: int | None = None,
              memory_budget_bytes: float | None = None, num_devices: int | None = None,
              fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
@@ -195,13 +205,14 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   num_cols = len(x1) if x2 is None else len(x2)
   return make_plan(cost, len(x1), num_cols, x2 is None, spec,
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
-                   budget_bytes=memory_budget_bytes, fields=fields)
+                   band=band, budget_bytes=memory_budget_bytes, fields=fields)
 
 
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
-                  tile_size: int | None = None, model_state=None) -> np.ndarray:
+                  tile_size: int | None = None, band: int | None = None,
+                  model_state=None) -> np.ndarray:
   """The empirical NTK J(x1) J(x2)^T of `apply_fn(params, x) -> logits [N, C]` as a numpy array.
 
   logits: "trace" (sum over logits, [N1, N2]), a class index ([N1, N2]) or "full" ([N1, N2, C, C]).
@@ -214,6 +225,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   model_state: what the model needs besides `params` and is not differentiated (BatchNorm
   averages); given, the model is `apply_fn(params, x, model_state)`, and kernels of several
   checkpoints of one model (one `apply_fn`) reuse one compilation.
+  tile_size, band: the tile and the row tiles per resident band (see plan.py); unset, from the
+  budget.
   """
   check_precision(precision)
   if dtype not in ("float32", "float64"):
@@ -224,7 +237,7 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
     model_state = None if model_state is None else jax.tree.map(cast, model_state)
     x1 = cast(x1)
     x2 = None if x2 is None else cast(x2)
-    plan = plan_for(apply_fn, params, x1, x2, logits, method=method, tile_size=tile_size,
+    plan = plan_for(apply_fn, params, x1, x2, logits, method=method, tile_size=tile_size, band=band,
                     memory_budget_bytes=memory_budget_bytes, model_state=model_state)
     kernel = np.zeros((plan.num_rows, plan.num_cols) + plan.logits.tile_suffix, dtype)
 

@@ -1,13 +1,17 @@
-"""The tile plan: tile size from a memory budget, the method from a cost model, the list of tiles.
+"""The tile plan: tile size and band height from a memory budget, the method from a cost model.
 
 A kernel of N1 x N2 examples is cut into T x T tiles; with x2 absent only tiles (i, j), i <= j,
-are computed (the kernel is symmetric). Per device, the Jacobian method holds the Jacobian rows
-of one row block (resident across the tiles of that row) and those of a column block, kept per
-parameter group, plus one group's per-array gradients: (2 + g) * T * C' * P numbers, g the
-largest group's share of P ((1 + g) for a symmetric kernel in one tile), plus activations; the
-NTK-vector-product method holds one example's Jacobian rows and the activations of a JVP over a
-row block. The cost model counts
-FLOPs with the forward pass of one example measured by XLA (F) and the parameter count (P):
+are computed (the kernel is symmetric). The Jacobian method holds the Jacobian rows of a band of
+b consecutive row tiles resident while it forms column blocks of T rows and contracts them with
+the band: a column block is formed once per band instead of once per row tile, so for a fixed
+memory a tall band and narrow columns recompute fewer Jacobian rows than square tiles (about
+N^2 / (2 b T) column rows for a symmetric kernel against N^2 / (2 T)). Per device it holds the
+band's rows (b T C' P numbers, kept per parameter group) and a column block's with one group's
+per-array gradients, (1 + g) T C' P, g the largest group's share of P; a band is formed with one
+group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel in one tile);
+plus activations. The NTK-vector-product method holds one example's Jacobian rows and the
+activations of a JVP over a row block. The cost model counts FLOPs with the forward pass of one
+example measured by XLA (F) and the parameter count (P):
 
   Jacobian rows of one example      F * (1 + 2 C')
   jacobian tile contraction         2 T^2 C' P   (full: 2 T^2 C^2 P)
@@ -31,6 +35,10 @@ METHODS = ("auto", "jacobian", "ntvp")
 # multi-GiB Jacobian blocks.
 DEVICE_MEMORY_FRACTION = 0.8
 HOST_MEMORY_FRACTION = 0.5  # of host memory, shared by the host's devices when they report no limit
+BAND_HEIGHTS = (1, 2, 4, 8)  # row tiles per resident band that the planner tries
+# A chosen tile never shrinks below this to make a band taller: narrower column blocks make the
+# column matmuls and the vmapped reverse passes inefficient on accelerators.
+MIN_BANDED_TILE = 128
 
 
 class KernelPlanError(ValueError):
@@ -98,6 +106,7 @@ class KernelPlan:
   method: str
   tile: int
   num_devices: int
+  band: int  # row tiles per resident band (1 for ntvp)
   bytes_per_device: float
   budget_bytes: float
   flops: float
@@ -108,23 +117,27 @@ class KernelPlan:
     return -(-self.num_rows // self.tile)
 
   @property
+  def row_bands(self) -> int:
+    return -(-self.row_blocks // self.band)
+
+  @property
   def col_blocks(self) -> int:
     return -(-self.num_cols // self.tile)
 
   def tiles(self) -> list[tuple[int, int]]:
-    """Every tile (row block, column block) to compute, row-major: a row's tiles are consecutive,
-    so a device walking them keeps that row's Jacobian resident."""
+    """Every tile (row block, column block) to compute, row-major (schedule.py groups them into
+    bands and steps)."""
     if self.symmetric:
       return [(i, j) for i in range(self.row_blocks) for j in range(i, self.col_blocks)]
     return [(i, j) for i in range(self.row_blocks) for j in range(self.col_blocks)]
 
   def describe(self) -> str:
     tiles = len(self.tiles())
-    steps = -(-tiles // self.num_devices)
     shape = f"{self.num_rows} x {self.num_cols}" + "".join(f" x {c}" for c in self.logits.tile_suffix)
     return (f"kernel {shape} ({self.logits.describe()}{', symmetric' if self.symmetric else ''}), "
-            f"{self.cost.num_params:,} parameters; method {self.method}, tile {self.tile}: "
-            f"{tiles} tiles on {self.num_devices} device(s) in {steps} steps; "
+            f"{self.cost.num_params:,} parameters; method {self.method}, tile {self.tile}"
+            f"{f', bands of {self.band} row tiles' if self.band > 1 else ''}: "
+            f"{tiles} tiles on {self.num_devices} device(s); "
             f"memory per device {_gib(self.bytes_per_device)} of a {_gib(self.budget_bytes)} budget; "
             f"{self.flops:.3g} FLOP")
 
@@ -145,19 +158,22 @@ def device_budget_bytes(device: jax.Device) -> float:
 
 
 def bytes_per_device(method: str, tile: int, spec: LogitSpec, cost: ModelCost,
-                     column_blocks: bool = True) -> float:
-  """Peak bytes per device; `column_blocks` False for a symmetric kernel in one tile, whose
-  Jacobian rows are formed once and contracted with themselves."""
+                     column_blocks: bool = True, band: int = 1) -> float:
+  """Peak bytes per device with bands of `band` row tiles; `column_blocks` False for a symmetric
+  kernel in one band, whose Jacobian rows are formed once and contracted with themselves."""
   rows = spec.rows_per_example
   entry = math.prod(spec.tile_suffix) if spec.tile_suffix else 1
-  out_tile = 2 * tile * tile * entry * cost.itemsize  # this step's tile and the previous one's
+  height = band * tile
+  out_tile = 2 * height * height * entry * cost.itemsize  # this step's tiles and the previous one's
   params = cost.num_params * cost.itemsize
   if method == "jacobian":
-    # The resident rows, a column block's (XLA frees each parameter group's rows once contracted,
-    # but may not), and one group's per-array gradients before they are raveled.
-    blocks = (2 if column_blocks else 1) + cost.largest_group / cost.num_params
-    jacobians = blocks * tile * rows * cost.num_params * cost.itemsize
-    workspace = tile * (1 + rows) * cost.activation_bytes  # vmapped reverse passes
+    # A band's rows with one group's per-array gradients before they are raveled (its row step);
+    # the resident band and a column block's rows (XLA frees each parameter group's rows once
+    # contracted, but may not) with one group's per-array gradients (a column step).
+    g = cost.largest_group / cost.num_params
+    blocks = height + tile * max(band * g, 1 + g) if column_blocks else height * (1 + g)
+    jacobians = blocks * rows * cost.num_params * cost.itemsize
+    workspace = height * (1 + rows) * cost.activation_bytes  # vmapped reverse passes
     return params + jacobians + workspace + out_tile
   workspace = tile * 2 * rows * cost.activation_bytes  # primal and C' tangents over the rows
   return params + rows * params + workspace + out_tile  # one column example's Jacobian rows
@@ -172,30 +188,33 @@ def symmetric_pieces(tile: int) -> int:
   return 1
 
 
-def _flops(method: str, tile: int, num_tiles: int, row_blocks: int, symmetric: bool,
+def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symmetric: bool,
            spec: LogitSpec, cost: ModelCost) -> float:
   rows, f, p = spec.rows_per_example, cost.forward_flops, cost.num_params
   jacobian_per_example = f * (1 + 2 * rows)
-  if method == "jacobian":
-    contraction = 2 * tile * tile * p * (spec.num_classes ** 2 if spec.kind == "full" else rows)
-    pieces = symmetric_pieces(tile)
-    diagonal = row_blocks * (pieces + 1) / (2 * pieces) if symmetric else 0
-    jacobians = (num_tiles + row_blocks) * tile * jacobian_per_example
-    return (num_tiles - (row_blocks if symmetric else 0) + diagonal) * contraction + jacobians
-  return num_tiles * (tile * jacobian_per_example + 3 * f * tile * tile * rows)
+  row_blocks, col_blocks = -(-num_rows // tile), -(-num_cols // tile)
+  if method == "ntvp":
+    num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
+    return num_tiles * (tile * jacobian_per_example + 3 * f * tile * tile * rows)
+  contraction = 2 * tile * tile * p * (spec.num_classes ** 2 if spec.kind == "full" else rows)
+  bands = -(-row_blocks // band)
+  if symmetric:  # each band's diagonal block, then the column blocks after it
+    pieces = symmetric_pieces(band * tile)
+    columns = sum(max(0, col_blocks - (b + 1) * band) for b in range(bands))
+    tiles = bands * band * band * (pieces + 1) / (2 * pieces) + band * columns
+  else:
+    columns = bands * col_blocks
+    tiles = band * columns
+  return tiles * contraction + (bands * band + columns) * tile * jacobian_per_example
 
 
-def _count_tiles(num_rows: int, num_cols: int, tile: int, symmetric: bool) -> tuple[int, int]:
-  rb, cb = -(-num_rows // tile), -(-num_cols // tile)
-  return (rb * (rb + 1) // 2 if symmetric else rb * cb), rb
-
-
-def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost) -> int:
+def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost,
+                  band: int) -> int:
   """The largest tile <= cap whose memory fits `budget` (0 when not even a tile of 1 fits)."""
   lo, hi = 0, cap
   while lo < hi:
     mid = (lo + hi + 1) // 2
-    if bytes_per_device(method, mid, spec, cost) <= budget:
+    if bytes_per_device(method, mid, spec, cost, band=band) <= budget:
       lo = mid
     else:
       hi = mid - 1
@@ -204,50 +223,69 @@ def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: M
 
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
               num_devices: int, method: str = "auto", tile: int | None = None,
-              budget_bytes: float | None = None,
+              band: int | None = None, budget_bytes: float | None = None,
               fields: dict[str, str] | None = None) -> KernelPlan:
   """The plan for a kernel, or KernelPlanError naming the setting (`fields` maps "method",
-  "tile_size" and "memory_budget" to the names the caller's user knows) that must change."""
-  names = {"method": "method", "tile_size": "tile_size", "memory_budget": "memory_budget_bytes"}
+  "tile_size", "band" and "memory_budget" to the names the caller's user knows) that must change.
+
+  Unset, the tile and band come from the budget: the fewest FLOPs (Jacobian rows recomputed
+  included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that fits, a band
+  taller than one tile only with tiles of at least MIN_BANDED_TILE rows.
+  """
+  names = {"method": "method", "tile_size": "tile_size", "band": "band",
+           "memory_budget": "memory_budget_bytes"}
   names.update(fields or {})
   if method not in METHODS:
     raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
                           f"{', '.join(METHODS)}.")
-  if tile is not None and tile <= 0:
-    raise KernelPlanError(f"{names['tile_size']}={tile} must be positive (or unset to follow the "
-                          "memory budget).")
+  for name, value in (("tile_size", tile), ("band", band)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value <= 0):
+      raise KernelPlanError(f"{names[name]}={value!r} must be a positive integer (or unset to "
+                            "follow the memory budget).")
+  if band is not None and band > 1 and method == "ntvp":
+    raise KernelPlanError(f"{names['band']}={band} needs method 'jacobian' (NTK-vector products "
+                          "keep no rows resident).")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
-  # Enough blocks that every device gets a tile, and no bigger than the kernel.
+  # Enough bands that every device gets a tile, and no bigger than the kernel.
   blocks = 1
   while (blocks * (blocks + 1) // 2 if symmetric else blocks * blocks) < num_devices:
     blocks += 1
-  cap = max(1, -(-max(num_rows, num_cols) // blocks))
+  cap = max(1, -(-max(num_rows, num_cols) // blocks))  # rows of a band
 
-  one_tile = lambda size: symmetric and size >= num_rows  # no column blocks
-  peak = lambda m, size: bytes_per_device(m, size, spec, cost, column_blocks=not one_tile(size))
+  one_band = lambda size, b: symmetric and size * b >= num_rows  # no column blocks
+  peak = lambda m, size, b: bytes_per_device(m, size, spec, cost, column_blocks=not one_band(size, b),
+                                             band=b)
   candidates = []
   for m in (("jacobian", "ntvp") if method == "auto" else (method,)):
-    if tile:
-      size = min(tile, max(num_rows, num_cols))
-    elif one_tile(cap) and peak(m, cap) <= budget:
-      size = cap
-    else:
-      size = _largest_tile(m, cap, budget, spec, cost)
-    if size == 0 or peak(m, size) > budget:
-      continue
-    num_tiles, row_blocks = _count_tiles(num_rows, num_cols, size, symmetric)
-    candidates.append((_flops(m, size, num_tiles, row_blocks, symmetric, spec, cost), m, size))
+    heights = (1,) if m == "ntvp" else (band,) if band else BAND_HEIGHTS
+    for b in heights:
+      if tile:
+        size = min(tile, max(num_rows, num_cols))
+        if b > 1 and b * size > cap and not band:
+          continue  # a band taller than the kernel (or than a device's share) gains nothing
+      elif b == 1 and one_band(cap, 1) and peak(m, cap, 1) <= budget:
+        size = cap
+      else:
+        size = _largest_tile(m, max(1, cap // b), budget, spec, cost, b)
+        if b > 1 and size < MIN_BANDED_TILE and not band:
+          continue
+      if size == 0 or peak(m, size, b) > budget:
+        continue
+      flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost)
+      candidates.append((flops, b, m, size))
   if not candidates:
-    smallest = min(bytes_per_device(m, tile or 1, spec, cost)
+    smallest = min(bytes_per_device(m, tile or 1, spec, cost, band=band or 1)
                    for m in (("jacobian", "ntvp") if method == "auto" else (method,)))
     hint = (f"lower {names['tile_size']}, " if tile else "") + (
+        f"lower {names['band']}, " if band and band > 1 else "") + (
         f"set {names['method']}='ntvp' (no Jacobian block is stored), " if method == "jacobian" else "")
     raise KernelPlanError(
         f"the kernel does not fit: method {method} needs {_gib(smallest)} per device at tile "
-        f"{tile or 1} but {names['memory_budget']} allows {_gib(budget)}; {hint}raise "
-        f"{names['memory_budget']}, or use devices with more memory.")
-  flops, chosen, size = min(candidates)
+        f"{tile or 1}{f', band {band}' if band else ''} but {names['memory_budget']} allows "
+        f"{_gib(budget)}; {hint}raise {names['memory_budget']}, or use devices with more memory.")
+  flops, chosen_band, chosen, size = min(candidates)
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
-                    method=chosen, tile=size, num_devices=num_devices,
-                    bytes_per_device=peak(chosen, size), budget_bytes=budget,
+                    method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
+                    bytes_per_device=peak(chosen, size, chosen_band), budget_bytes=budget,
                     flops=flops, cost=cost)

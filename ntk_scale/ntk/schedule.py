@@ -1,14 +1,19 @@
-"""Which device computes which tile at which step: the lockstep schedule of the tile loop.
+"""Which device computes which tiles at which step: the lockstep schedule of the tile loop.
 
 All devices run the same program at each step (one `shard_map` call), each on its own blocks, so
-the schedule is a list of steps, each giving every device its inputs and the tile it produces.
+the schedule is a list of steps, each giving every device its input block and the tiles it hands
+over, placed in its output.
 
-Jacobian method: a step is either a "row" step (every device forms the Jacobian rows of one row
-block, kept resident, and their diagonal tile) or a "column" step (every device forms one column
-block's Jacobian rows and contracts them with its resident rows). A task is one row block and a
-run of up to S of its off-diagonal column blocks; tasks are packed D at a time into rounds
-(a row step and as many column steps as the longest task). S is chosen to minimise the number of
-steps: long runs form each row's Jacobian once, short runs keep every device busy.
+Jacobian method: rows are held in bands of `band` consecutive row tiles. A step is either a "row"
+step (every device forms the Jacobian rows of one band, kept resident, and for a symmetric kernel
+the band's tiles on and above the diagonal), a "diagonal" step (the same tiles when no device has
+a column left for its band, so nothing is kept resident), or a "column" step (every device forms
+the Jacobian rows of one column block outside its band's diagonal and contracts them with its
+resident rows: one tile per row tile of the band). A task is one band and a run of up to S of its
+column blocks; tasks are packed D at a time into rounds (a row step and as many column steps as the
+longest task). S is chosen to minimise the number of steps: long runs form each band's Jacobian
+once, short runs keep every device busy. A band of b tiles forms a column block's Jacobian once for
+b tiles, so a taller band recomputes fewer columns.
 NTK-vector products: every step is a "tile" step, tiles dealt out in row-major order.
 """
 
@@ -16,36 +21,37 @@ import collections
 import dataclasses
 
 Tile = tuple[int, int]
+Placed = tuple[Tile, tuple[int, int]]  # a tile and its (row, column) tile offset in the output
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  kind: str  # "row" | "column" | "tile"
-  blocks: tuple[Tile, ...]  # per device: (row block, column block) it reads
-  tiles: tuple[Tile | None, ...]  # per device: the tile it hands over, None when its output is unused
+  kind: str  # "row" | "diagonal" | "column" | "tile"
+  blocks: tuple[int | Tile, ...]  # per device: the band (row, diagonal), column block, or tile it reads
+  tiles: tuple[tuple[Placed, ...], ...]  # per device: the tiles it hands over; empty when unused
 
 
 @dataclasses.dataclass(frozen=True)
 class _Task:
-  row: int
-  diagonal: bool
-  columns: tuple[int, ...]
+  band: int
+  diagonal: tuple[Placed, ...]  # the band's own tiles (symmetric kernels), from its row step
+  columns: tuple[tuple[int, tuple[Placed, ...]], ...]  # (column block, its tiles) in order
 
 
-def _tasks(todo: list[Tile], symmetric: bool, run_length: int) -> list[_Task]:
-  by_row: dict[int, list[int]] = {}
-  diagonal = set()
-  for i, j in todo:
-    if symmetric and i == j:
-      diagonal.add(i)
-      by_row.setdefault(i, [])
+def _tasks(todo: list[Tile], symmetric: bool, band: int, run_length: int) -> list[_Task]:
+  diagonal: dict[int, list[Placed]] = collections.defaultdict(list)
+  columns: dict[int, dict[int, list[Placed]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+  for i, j in sorted(todo):
+    b, r = divmod(i, band)
+    if symmetric and j < (b + 1) * band:  # i <= j: inside the band's diagonal block
+      diagonal[b].append(((i, j), (r, j - b * band)))
     else:
-      by_row.setdefault(i, []).append(j)
+      columns[b][j].append(((i, j), (r, 0)))
   tasks = []
-  for i, columns in sorted(by_row.items()):
-    columns = sorted(columns)
-    runs = [tuple(columns[k:k + run_length]) for k in range(0, len(columns), run_length)] or [()]
-    tasks += [_Task(i, k == 0 and i in diagonal, run) for k, run in enumerate(runs)]
+  for b in sorted(set(diagonal) | set(columns)):
+    runs = sorted((j, tuple(placed)) for j, placed in columns[b].items())
+    runs = [tuple(runs[k:k + run_length]) for k in range(0, len(runs), run_length)] or [()]
+    tasks += [_Task(b, tuple(diagonal[b]) if k == 0 else (), run) for k, run in enumerate(runs)]
   return sorted(tasks, key=lambda t: -len(t.columns))
 
 
@@ -57,28 +63,32 @@ def _num_steps(rounds: list[list[_Task]]) -> int:
   return sum(1 + max(len(t.columns) for t in r) for r in rounds)
 
 
-def jacobian_schedule(todo: list[Tile], symmetric: bool, num_devices: int) -> list[Step]:
+def jacobian_schedule(todo: list[Tile], symmetric: bool, num_devices: int, band: int = 1) -> list[Step]:
+  """Steps covering `todo` with bands of `band` row tiles: every tile handed over exactly once."""
   if not todo:
     return []
-  per_row = collections.Counter(i for i, j in todo if not (symmetric and i == j))
-  longest = max(per_row.values(), default=1)
-  rounds = min((_rounds(_tasks(todo, symmetric, s), num_devices) for s in range(1, longest + 1)),
+  per_band = collections.Counter(
+      (i // band, j) for i, j in todo if not (symmetric and j < (i // band + 1) * band))
+  longest = max(collections.Counter(b for b, _ in per_band).values(), default=1)
+  rounds = min((_rounds(_tasks(todo, symmetric, band, s), num_devices) for s in range(1, longest + 1)),
                key=lambda rounds: (_num_steps(rounds), -len(rounds)))
   steps = []
   for tasks in rounds:
+    length = max(len(t.columns) for t in tasks)
     tasks = tasks + [None] * (num_devices - len(tasks))
-    rows = [t.row if t else tasks[0].row for t in tasks]
-    steps.append(Step("row", tuple((i, i) for i in rows),
-                      tuple((t.row, t.row) if t and t.diagonal else None for t in tasks)))
-    for k in range(max(len(t.columns) for t in tasks if t)):
+    bands = [t.band if t else tasks[0].band for t in tasks]
+    steps.append(Step("row" if length else "diagonal", tuple(bands),
+                      tuple(t.diagonal if t else () for t in tasks)))
+    for k in range(length):
       blocks, tiles = [], []
-      for row, t in zip(rows, tasks):
+      for b, t in zip(bands, tasks):
         if t and k < len(t.columns):
-          blocks.append((row, t.columns[k]))
-          tiles.append((row, t.columns[k]))
-        else:  # nothing left for this device: it recomputes a block and its output is dropped
-          blocks.append((row, row))
-          tiles.append(None)
+          j, placed = t.columns[k]
+          blocks.append(j)
+          tiles.append(placed)
+        else:  # nothing left for this device: it contracts a block anyway and its output is dropped
+          blocks.append(0)
+          tiles.append(())
       steps.append(Step("column", tuple(blocks), tuple(tiles)))
   return steps
 
@@ -87,6 +97,6 @@ def tile_schedule(todo: list[Tile], num_devices: int) -> list[Step]:
   steps = []
   for k in range(0, len(todo), num_devices):
     chunk = list(todo[k:k + num_devices])
-    tiles = chunk + [None] * (num_devices - len(chunk))
-    steps.append(Step("tile", tuple(t or chunk[0] for t in tiles), tuple(tiles)))
+    steps.append(Step("tile", tuple(chunk + [chunk[0]] * (num_devices - len(chunk))),
+                      tuple(((t, (0, 0)),) for t in chunk) + ((),) * (num_devices - len(chunk))))
   return steps
