@@ -4,10 +4,12 @@
     python benchmarks/ntk_engine.py --models cnn,resnet18 --sizes 256,1024   # the GPU table
     python benchmarks/ntk_engine.py --models cnn --sizes 1024 --logits 0 --loo_max 0 \
         --tile_size 128 --bands 1,8               # tall bands against square tiles
+    python benchmarks/ntk_engine.py --models cnn --sizes 1024 --logits trace --loo_max 0 \
+        --memory_budget_gb 1 --bands 1            # a trace in logit chunks against tiles
 
 Rows, each timed after compilation (best of --repeats) on the same inputs:
   ntk_scale      `ntk_scale.ntk.empirical_ntk`, default settings (symmetric tiles, plan from memory)
-                 or the given --tile_size
+                 or the given --tile_size / --memory_budget_gb
   band<b>        the same with bands of b row tiles (--bands; band1 = square tiles)
   loo2022        Loo et al.'s code: jitted nt.empirical_ntk_fn with NTK_VECTOR_PRODUCTS on 4-image
                  blocks, one call per pair of upper-triangle blocks, mirrored on the host
@@ -134,6 +136,8 @@ def main() -> None:
   parser.add_argument("--loo_max", type=int, default=256, help="skip loo2022 above this N")
   parser.add_argument("--tile_size", type=int, default=None, help="ours: this tile, not the plan's")
   parser.add_argument("--bands", default="", help="ours again with these band heights (comma-separated)")
+  parser.add_argument("--memory_budget_gb", type=float, default=None,
+                      help="ours: this per-device budget, not 80%% of the device's memory")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
                       help="matmul precision of every row (ours and neural-tangents'); on GPUs "
@@ -156,9 +160,11 @@ def main() -> None:
       x = np.random.default_rng(0).uniform(size=(n, *shape)).astype(np.float32)
       for logits in args.logits.split(","):
         mode = logits if logits == "trace" else int(logits)
+        budget = args.memory_budget_gb and args.memory_budget_gb * 2**30
+        settings = dict(tile_size=args.tile_size, memory_budget_bytes=budget)
         ours_kernel = lambda band=None: empirical_ntk(apply_fn, params, x, logits=mode, band=band,
-                                                      tile_size=args.tile_size, precision=args.precision)
-        plan = plan_for(apply_fn, params, x, None, mode, tile_size=args.tile_size)
+                                                      precision=args.precision, **settings)
+        plan = plan_for(apply_fn, params, x, None, mode, **settings)
         ours_out = {}
         print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
         ours = best_time(lambda: ours_out.setdefault("k", ours_kernel()), args.repeats)
@@ -166,7 +172,7 @@ def main() -> None:
         rows = [("ntk_scale", ours, reference, plan.flops)]
         for band in (int(b) for b in args.bands.split(",") if b):
           out = {}
-          banded = plan_for(apply_fn, params, x, None, mode, tile_size=args.tile_size, band=band)
+          banded = plan_for(apply_fn, params, x, None, mode, band=band, **settings)
           print(f"#   band{band}: {banded.describe()}", flush=True)
           rows.append((f"band{band}", best_time(lambda: out.setdefault("k", ours_kernel(band)),
                                                 args.repeats), out["k"], banded.flops))

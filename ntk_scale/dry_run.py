@@ -260,8 +260,7 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> Progr
                     tile_size=k.tile_size or None, memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
                     fields=FIELDS, model_state=cast(stats))
   tiles = len(plan.tiles())
-  band = f", bands of {plan.band}" if plan.band > 1 else ""
-  return ProgramCost(f"{label}: {plan.method}, tile {plan.tile}{band}, {tiles} tiles", copies, plan.flops,
+  return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
                      plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb")
 
 

@@ -126,7 +126,7 @@ def test_kernel_plan_is_the_engine_plan():
   c.kernel.num_examples, c.kernel.tile_size = 100, 30
   plan = jobs.dry_run(c)
   (kernel,) = plan.programs
-  assert kernel.name.startswith("kernel: jacobian, tile 30, 10 tiles")  # 4 row blocks, upper triangle
+  assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")  # 4 row blocks, upper triangle
   assert kernel.calls == 1
   c.job, c.evolution.epochs = "evolution", (1.0, 2.0)
   assert jobs.dry_run(c).programs[0].calls == 2

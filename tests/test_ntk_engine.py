@@ -95,6 +95,24 @@ def test_bands_of_row_tiles_give_the_same_kernel(network, logits):
   assert _relative_error(kernel, reference_kernel(apply_fn, variables["params"], x, x2, logits)) < 1e-10
 
 
+def test_trace_kernel_formed_a_chunk_of_logits_at_a_time(network):
+  """One tile on one device (chunks need the whole kernel in one tile), a logit per chunk."""
+  _, variables, apply_fn = network
+  x = _images(5)
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  with pytest.raises(KernelPlanError, match="one tile on one device; this plan spreads it over 4"):
+    empirical_ntk(apply_fn, variables["params"], x, logits="trace", logit_chunk=1)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    x64 = x.astype(np.float64)
+    plan = plan_for(apply_fn, params, x64, None, "trace", logit_chunk=1, num_devices=1)
+    assert (plan.tile, plan.logit_chunk) == (5, 1)
+    tiles = []
+    run_tiles(apply_fn, params, x64, None, plan, lambda i, j, t: tiles.append(t), mesh=one)
+  assert len(tiles) == 1 and tiles[0].dtype == np.float64
+  assert _relative_error(tiles[0], reference_kernel(apply_fn, variables["params"], x, x, "trace")) < 1e-10
+
+
 def test_cross_kernel_of_two_sets(network):
   _, variables, apply_fn = network
   x1, x2 = _images(5, seed=4), _images(4, seed=5)
@@ -208,6 +226,26 @@ def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=0, budget_bytes=budget)
   with pytest.raises(KernelPlanError, match="band=2 needs method 'jacobian'"):
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=2, method="ntvp", budget_bytes=budget)
+
+
+def test_planner_forms_a_trace_kernel_in_logit_chunks_when_all_logits_do_not_fit():
+  """A trace kernel whose Jacobian rows fit one tile two logits at a time but not all ten:
+  formed in chunks (every row once, one forward pass more per chunk) rather than tiles."""
+  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
+                   largest_group=125_000)
+  spec, budget = parse_logits("trace", 10), 12e9
+  chunked = make_plan(cost, 1024, 1024, True, spec, num_devices=1, budget_bytes=budget)
+  assert (chunked.tile, chunked.logit_chunk) == (1024, 2) and chunked.bytes_per_device <= budget
+  tiled = make_plan(cost, 1024, 1024, True, spec, num_devices=1, band=1, budget_bytes=budget)
+  assert tiled.tile < 1024 and tiled.logit_chunk == 10 and chunked.flops < tiled.flops
+  for bad, message in ((dict(logit_chunk=3), "a divisor of the 10 logits"),
+                       (dict(logit_chunk=2, tile=128), "in one tile"),
+                       (dict(logit_chunk=5), "logit_chunk=5 does not fit")):
+    with pytest.raises(KernelPlanError, match=message):
+      make_plan(cost, 1024, 1024, True, spec, num_devices=1, budget_bytes=budget, **bad)
+  with pytest.raises(KernelPlanError, match="needs a trace kernel"):
+    make_plan(cost, 1024, 1024, True, parse_logits("full", 10), num_devices=1, logit_chunk=2,
+              budget_bytes=budget)
 
 
 def test_cost_model_counts_convolutions_from_the_lowered_program():

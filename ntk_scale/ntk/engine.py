@@ -24,7 +24,8 @@ from ntk_scale import parallel
 from ntk_scale.ntk.plan import KernelPlan, ModelCost, make_plan, symmetric_pieces
 from ntk_scale.ntk.schedule import jacobian_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import (ApplyFn, LogitSpec, contract, contract_symmetric, jacobian_rows,
-                                     mirror_tile, ntvp_tile, parse_logits)
+                                     mirror_tile, ntvp_tile, parse_logits,
+                                     symmetric_tile_by_logit_chunks)
 
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
               "default": lax.Precision.DEFAULT}
@@ -44,8 +45,10 @@ def _bind(apply_fn: Callable, stateful: bool, state) -> ApplyFn:
 
 @functools.lru_cache(maxsize=32)
 def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: str,
-              mesh: Mesh) -> dict[str, Callable]:
-  """The jitted per-device programs of each step kind (see schedule.py), one shard_map each.
+              mesh: Mesh, logit_chunk: int) -> dict[str, Callable]:
+  """The jitted per-device programs of each step kind (see schedule.py), one shard_map each;
+  the diagonal program forms a trace kernel `logit_chunk` logits at a time when that is fewer
+  than all (plan.py).
 
   Every program takes (params, model_state, ...): the state (BatchNorm averages) is an argument,
   not a constant, so the kernels of many checkpoints of one model share one compilation.
@@ -60,6 +63,10 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
                                         symmetric_pieces(x_rows.shape[0]))
 
   def diagonal(params, state, x_rows):  # the diagonal block alone: no rows outlive the step
+    if logit_chunk < spec.rows_per_example:
+      return symmetric_tile_by_logit_chunks(_bind(apply_fn, stateful, state), params, x_rows, spec,
+                                            matmul_precision, symmetric_pieces(x_rows.shape[0]),
+                                            logit_chunk)
     return row(params, state, x_rows)[1]
 
   def column(params, state, resident, x_cols):
@@ -105,7 +112,8 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   else:
     steps = tile_schedule(todo, mesh.size)
 
-  programs = _programs(apply_fn, model_state is not None, plan.logits, precision, mesh)
+  programs = _programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
+                       plan.logit_chunk)
   sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
   params = parallel.replicate(params, mesh)
   state = parallel.replicate({} if model_state is None else model_state, mesh)
@@ -189,8 +197,8 @@ def _measure(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtype
 
 def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
              method: str = "auto", tile_size: int | None = None, band: int | None = None,
-             memory_budget_bytes: float | None = None, num_devices: int | None = None,
-             fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
+             logit_chunk: int | None = None, memory_budget_bytes: float | None = None,
+             num_devices: int | None = None, fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
@@ -205,14 +213,15 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   num_cols = len(x1) if x2 is None else len(x2)
   return make_plan(cost, len(x1), num_cols, x2 is None, spec,
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
-                   band=band, budget_bytes=memory_budget_bytes, fields=fields)
+                   band=band, logit_chunk=logit_chunk, budget_bytes=memory_budget_bytes,
+                   fields=fields)
 
 
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
                   tile_size: int | None = None, band: int | None = None,
-                  model_state=None) -> np.ndarray:
+                  logit_chunk: int | None = None, model_state=None) -> np.ndarray:
   """The empirical NTK J(x1) J(x2)^T of `apply_fn(params, x) -> logits [N, C]` as a numpy array.
 
   logits: "trace" (sum over logits, [N1, N2]), a class index ([N1, N2]) or "full" ([N1, N2, C, C]).
@@ -225,8 +234,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   model_state: what the model needs besides `params` and is not differentiated (BatchNorm
   averages); given, the model is `apply_fn(params, x, model_state)`, and kernels of several
   checkpoints of one model (one `apply_fn`) reuse one compilation.
-  tile_size, band: the tile and the row tiles per resident band (see plan.py); unset, from the
-  budget.
+  tile_size, band, logit_chunk: the tile, the row tiles per resident band and the logits whose
+  Jacobian rows a trace kernel in one band forms at a time (see plan.py); unset, from the budget.
   """
   check_precision(precision)
   if dtype not in ("float32", "float64"):
@@ -238,7 +247,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
     x1 = cast(x1)
     x2 = None if x2 is None else cast(x2)
     plan = plan_for(apply_fn, params, x1, x2, logits, method=method, tile_size=tile_size, band=band,
-                    memory_budget_bytes=memory_budget_bytes, model_state=model_state)
+                    logit_chunk=logit_chunk, memory_budget_bytes=memory_budget_bytes,
+                    model_state=model_state)
     kernel = np.zeros((plan.num_rows, plan.num_cols) + plan.logits.tile_suffix, dtype)
 
     def store(i: int, j: int, tile: np.ndarray) -> None:

@@ -8,12 +8,13 @@ memory a tall band and narrow columns recompute fewer Jacobian rows than square 
 N^2 / (2 b T) column rows for a symmetric kernel against N^2 / (2 T)). Per device it holds the
 band's rows (b T C' P numbers, kept per parameter group) and a column block's with one group's
 per-array gradients, (1 + g) T C' P, g the largest group's share of P; a band is formed with one
-group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel in one tile);
-plus activations. The NTK-vector-product method holds one example's Jacobian rows and the
-activations of a JVP over a row block. The cost model counts FLOPs with the forward pass of one
-example measured by XLA (F) and the parameter count (P):
+group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel in one tile,
+(1 + g) N L P for a trace kernel in one tile formed L logits at a time); plus activations. The
+NTK-vector-product method holds one example's Jacobian rows and the activations of a JVP over a
+row block. The cost model counts FLOPs with the forward pass of one example measured by XLA (F)
+and the parameter count (P):
 
-  Jacobian rows of one example      F * (1 + 2 C')
+  Jacobian rows of one example      F * (1 + 2 C')   (in chunks of L logits: C'/L * F * (1 + 2 L))
   jacobian tile contraction         2 T^2 C' P   (full: 2 T^2 C^2 P)
   ntvp tile                         T * F (1 + 2 C') + 3 F T^2 C'
 """
@@ -107,6 +108,7 @@ class KernelPlan:
   tile: int
   num_devices: int
   band: int  # row tiles per resident band (1 for ntvp)
+  logit_chunk: int  # logits whose Jacobian rows are formed at a time (C' unless a trace is chunked)
   bytes_per_device: float
   budget_bytes: float
   flops: float
@@ -131,12 +133,18 @@ class KernelPlan:
       return [(i, j) for i in range(self.row_blocks) for j in range(i, self.col_blocks)]
     return [(i, j) for i in range(self.row_blocks) for j in range(self.col_blocks)]
 
+  def layout(self) -> str:
+    """Method, tile, band and logit chunks, e.g. "jacobian, tile 128, bands of 4 row tiles"."""
+    chunked = self.logit_chunk < self.logits.rows_per_example
+    return (f"method {self.method}, tile {self.tile}"
+            + (f", bands of {self.band} row tiles" if self.band > 1 else "")
+            + (f", {self.logit_chunk} logits at a time" if chunked else ""))
+
   def describe(self) -> str:
     tiles = len(self.tiles())
     shape = f"{self.num_rows} x {self.num_cols}" + "".join(f" x {c}" for c in self.logits.tile_suffix)
     return (f"kernel {shape} ({self.logits.describe()}{', symmetric' if self.symmetric else ''}), "
-            f"{self.cost.num_params:,} parameters; method {self.method}, tile {self.tile}"
-            f"{f', bands of {self.band} row tiles' if self.band > 1 else ''}: "
+            f"{self.cost.num_params:,} parameters; {self.layout()}: "
             f"{tiles} tiles on {self.num_devices} device(s); "
             f"memory per device {_gib(self.bytes_per_device)} of a {_gib(self.budget_bytes)} budget; "
             f"{self.flops:.3g} FLOP")
@@ -158,10 +166,11 @@ def device_budget_bytes(device: jax.Device) -> float:
 
 
 def bytes_per_device(method: str, tile: int, spec: LogitSpec, cost: ModelCost,
-                     column_blocks: bool = True, band: int = 1) -> float:
+                     column_blocks: bool = True, band: int = 1, logit_chunk: int | None = None) -> float:
   """Peak bytes per device with bands of `band` row tiles; `column_blocks` False for a symmetric
-  kernel in one band, whose Jacobian rows are formed once and contracted with themselves."""
-  rows = spec.rows_per_example
+  kernel in one band, whose Jacobian rows are formed once and contracted with themselves, and
+  formed `logit_chunk` logits at a time when given."""
+  rows = logit_chunk or spec.rows_per_example
   entry = math.prod(spec.tile_suffix) if spec.tile_suffix else 1
   height = band * tile
   out_tile = 2 * height * height * entry * cost.itemsize  # this step's tiles and the previous one's
@@ -189,9 +198,10 @@ def symmetric_pieces(tile: int) -> int:
 
 
 def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symmetric: bool,
-           spec: LogitSpec, cost: ModelCost) -> float:
+           spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
   rows, f, p = spec.rows_per_example, cost.forward_flops, cost.num_params
-  jacobian_per_example = f * (1 + 2 * rows)
+  chunk = logit_chunk or rows
+  jacobian_per_example = rows // chunk * f * (1 + 2 * chunk)  # a forward pass per chunk
   row_blocks, col_blocks = -(-num_rows // tile), -(-num_cols // tile)
   if method == "ntvp":
     num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
@@ -223,22 +233,26 @@ def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: M
 
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
               num_devices: int, method: str = "auto", tile: int | None = None,
-              band: int | None = None, budget_bytes: float | None = None,
+              band: int | None = None, logit_chunk: int | None = None,
+              budget_bytes: float | None = None,
               fields: dict[str, str] | None = None) -> KernelPlan:
   """The plan for a kernel, or KernelPlanError naming the setting (`fields` maps "method",
   "tile_size", "band" and "memory_budget" to the names the caller's user knows) that must change.
 
   Unset, the tile and band come from the budget: the fewest FLOPs (Jacobian rows recomputed
   included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that fits, a band
-  taller than one tile only with tiles of at least MIN_BANDED_TILE rows.
+  taller than one tile only with tiles of at least MIN_BANDED_TILE rows; and for a trace kernel of
+  x1 with itself that fits one tile on one device when its Jacobian rows are formed a chunk of
+  logits at a time (`logit_chunk`, a divisor of C), that tile: every row formed once, for one
+  more forward pass per chunk, where tiles would form most rows several times.
   """
   names = {"method": "method", "tile_size": "tile_size", "band": "band",
-           "memory_budget": "memory_budget_bytes"}
+           "logit_chunk": "logit_chunk", "memory_budget": "memory_budget_bytes"}
   names.update(fields or {})
   if method not in METHODS:
     raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
                           f"{', '.join(METHODS)}.")
-  for name, value in (("tile_size", tile), ("band", band)):
+  for name, value in (("tile_size", tile), ("band", band), ("logit_chunk", logit_chunk)):
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                               or value <= 0):
       raise KernelPlanError(f"{names[name]}={value!r} must be a positive integer (or unset to "
@@ -246,6 +260,12 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   if band is not None and band > 1 and method == "ntvp":
     raise KernelPlanError(f"{names['band']}={band} needs method 'jacobian' (NTK-vector products "
                           "keep no rows resident).")
+  if logit_chunk is not None and (spec.kind != "trace" or spec.num_classes % logit_chunk
+                                  or not symmetric or method == "ntvp" or band or tile):
+    raise KernelPlanError(
+        f"{names['logit_chunk']}={logit_chunk} needs a trace kernel of x1 with itself by the Jacobian "
+        f"method in one tile (no {names['tile_size']} or {names['band']}), and a divisor of the "
+        f"{spec.num_classes} logits.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
   # Enough bands that every device gets a tile, and no bigger than the kernel.
   blocks = 1
@@ -273,7 +293,23 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
       if size == 0 or peak(m, size, b) > budget:
         continue
       flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost)
-      candidates.append((flops, b, m, size))
+      candidates.append((flops, b, -spec.rows_per_example, m, size))
+  if spec.kind == "trace" and method != "ntvp" and not (tile or band) and one_band(cap, 1):
+    chunks = [logit_chunk] if logit_chunk else [c for c in range(spec.num_classes - 1, 0, -1)
+                                                 if spec.num_classes % c == 0]
+    for chunk in chunks:
+      if bytes_per_device("jacobian", cap, spec, cost, False, 1, chunk) <= budget:
+        flops = _flops("jacobian", cap, 1, num_rows, num_cols, symmetric, spec, cost, chunk)
+        candidates.append((flops, 1, -chunk, "jacobian", cap))
+        break  # the largest chunk that fits: fewest forward passes
+  if logit_chunk and not one_band(cap, 1):
+    raise KernelPlanError(f"{names['logit_chunk']}={logit_chunk} needs the kernel in one tile on one "
+                          f"device; this plan spreads it over {num_devices} devices.")
+  if logit_chunk and not any(-c == logit_chunk for _, _, c, _, _ in candidates):
+    raise KernelPlanError(
+        f"{names['logit_chunk']}={logit_chunk} does not fit: the kernel's one tile needs "
+        f"{_gib(bytes_per_device('jacobian', cap, spec, cost, False, 1, logit_chunk))} per device but "
+        f"{names['memory_budget']} allows {_gib(budget)}; lower {names['logit_chunk']} or unset it.")
   if not candidates:
     smallest = min(bytes_per_device(m, tile or 1, spec, cost, band=band or 1)
                    for m in (("jacobian", "ntvp") if method == "auto" else (method,)))
@@ -284,8 +320,13 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"the kernel does not fit: method {method} needs {_gib(smallest)} per device at tile "
         f"{tile or 1}{f', band {band}' if band else ''} but {names['memory_budget']} allows "
         f"{_gib(budget)}; {hint}raise {names['memory_budget']}, or use devices with more memory.")
-  flops, chosen_band, chosen, size = min(candidates)
+  if logit_chunk:
+    candidates = [c for c in candidates if -c[2] == logit_chunk]
+  flops, chosen_band, chunk, chosen, size = min(candidates)
+  chunk = -chunk
+  memory = (bytes_per_device(chosen, size, spec, cost, False, 1, chunk)
+            if chunk < spec.rows_per_example else peak(chosen, size, chosen_band))
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
                     method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
-                    bytes_per_device=peak(chosen, size, chosen_band), budget_bytes=budget,
+                    logit_chunk=chunk, bytes_per_device=memory, budget_bytes=budget,
                     flops=flops, cost=cost)

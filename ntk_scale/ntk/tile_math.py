@@ -87,10 +87,13 @@ def parameter_groups(params: PyTree, max_groups: int = MAX_PARAMETER_GROUPS) -> 
   return tuple(cuts) + (total,)
 
 
-def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array,
-                  spec: LogitSpec) -> tuple[jax.Array, ...]:
+def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec,
+                  first_logit: jax.Array | int = 0,
+                  num_logits: int | None = None) -> tuple[jax.Array, ...]:
   """Per-example Jacobians of the chosen logits with respect to all parameters, flattened and
-  cut into parameter groups (see `parameter_groups`): a tuple of [T, C', P_g].
+  cut into parameter groups (see `parameter_groups`): a tuple of [T, C', P_g]. With `num_logits`
+  ("trace" only), of logits first_logit .. first_logit + num_logits - 1 only (`first_logit` may be
+  traced): a trace kernel is a sum over logits and can be formed a chunk of logits at a time.
 
   One vmapped reverse pass per example (and logit): examples never mix, which holds for any model
   in inference mode (BatchNorm on running averages). Convolutions' weight gradients are batched
@@ -99,13 +102,33 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array,
   theta, unravel = ravel_pytree(params)
   cuts = parameter_groups(params)
   groups = tuple(theta[a:b] for a, b in zip(cuts[:-1], cuts[1:]))
+  first = jnp.asarray(first_logit, jnp.int32)
 
-  def logits_of(group_vectors, example):
+  def logits_of(group_vectors, example, first):
     out = apply_fn(unravel(jnp.concatenate(group_vectors)), example[None])[0]
-    return out[spec.index][None] if spec.kind == "class" else out
+    if spec.kind == "class":
+      return out[spec.index][None]
+    return out if num_logits is None else lax.dynamic_slice_in_dim(out, first, num_logits)
 
-  per_example = jax.jacrev(with_matmul_weight_gradients(logits_of, groups, x[0]))
-  return jax.vmap(per_example, in_axes=(None, 0))(groups, x)
+  per_example = jax.jacrev(with_matmul_weight_gradients(logits_of, groups, x[0], first))
+  return jax.vmap(per_example, in_axes=(None, 0, None))(groups, x, first)
+
+
+def symmetric_tile_by_logit_chunks(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec,
+                                   precision: lax.Precision, pieces: int, chunk: int) -> jax.Array:
+  """The trace kernel of x with itself, summed over chunks of `chunk` logits in a sequential loop:
+  only one chunk's Jacobian rows (T * chunk * P numbers) exist at a time, at the price of one
+  more forward pass per chunk."""
+  if spec.kind != "trace" or spec.num_classes % chunk:
+    raise ValueError(f"logit chunks of {chunk} need a trace kernel over a multiple of {chunk} logits.")
+
+  def add_chunk(total, first):
+    rows = jacobian_rows(apply_fn, params, x, spec, first, chunk)
+    return total + contract_symmetric(rows, spec, precision, pieces), None
+
+  firsts = jnp.arange(0, spec.num_classes, chunk, dtype=jnp.int32)
+  total, _ = lax.scan(add_chunk, jnp.zeros((x.shape[0],) * 2, x.dtype), firsts)
+  return total
 
 
 def contract(rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...], spec: LogitSpec,
