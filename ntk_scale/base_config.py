@@ -161,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernel.precision = "highest"  # matmul precision: highest | high | default
   c.kernel.tile_size = 0  # examples per tile side; 0: the largest that fits the memory budget
   c.kernel.memory_budget_gb = 0.0  # per device; 0: 80% of the device memory XLA may use (CPU: half of host memory)
+  # True: one block per device, the column rows passed round the devices (no row formed twice);
+  # False: never; None: when the cost model says it saves FLOPs (ntk_scale/ntk/plan.py).
+  c.kernel.rotate = ml_collections.FieldReference(None, field_type=bool)
 
   # The `evolution` job (config.job="evolution"): the kernel of one subset at several checkpoints
   # and how it moves between them, to <workdir>/kernel_evolution/<name>/ (ntk_scale/ntk/evolution.py).

@@ -257,7 +257,8 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> Progr
   images = np.broadcast_to(np.zeros((), dtype), (n, *image_shape))  # shapes only, nothing allocated
   with jax.enable_x64(k.dtype == "float64"):
     plan = plan_for(inference_apply(model), cast(params), images, None, k.logits, method=k.method,
-                    tile_size=k.tile_size or None, memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
+                    tile_size=k.tile_size or None, rotate=k.rotate,
+                    memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
                     fields=FIELDS, model_state=cast(stats))
   tiles = len(plan.tiles())
   return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,

@@ -30,7 +30,10 @@ HEARTBEAT_S = 5
 STOP_BOUND_S = 30  # a survivor must stop this soon after its peer is killed
 PAIR_TIMEOUT_S = 240  # a hang fails the test instead of holding CI
 KILL_AFTER_CHECKPOINTS = 4  # steps 3, 6, 8, 11 of 22: the kill lands mid-run
-KERNEL = {"job": "kernel", "kernel.num_examples": 40, "kernel.tile_size": 8}  # 5 blocks: 15 tiles
+# 5 blocks of 8: 15 tiles in square tiles; 4 blocks of 10, one per device: 10 tiles, the column
+# rows rotating over the devices of both processes.
+KERNELS = {"tiles": ({"job": "kernel", "kernel.num_examples": 40, "kernel.tile_size": 8}, 15),
+           "ring": ({"job": "kernel", "kernel.num_examples": 40, "kernel.rotate": True}, 10)}
 
 
 def _free_port() -> int:
@@ -148,24 +151,27 @@ def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):
     assert runs.resumed["results"][name]["accuracy"] == pytest.approx(accuracy, abs=1.5 / 360), name
 
 
-def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_process(runs):
+@pytest.mark.parametrize("layout", list(KERNELS))
+def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_process(runs, layout):
   workdir = runs.one  # written by one process with four devices, restored by two with two each
-  procs = start_pair(workdir, **KERNEL)
+  fields, num_tiles = KERNELS[layout]
+  procs = start_pair(workdir, **fields, **{"kernel.name": layout})
   try:
     for pid, p in enumerate(procs):
       assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
   finally:
     stop_all(procs)
   logs = [_log(workdir, pid) for pid in range(2)]
+  assert ("column rows rotating over the devices" in logs[0]) == (layout == "ring"), logs[0][-3000:]
   # Each process computed and wrote the tiles of its own devices; only process 0 reports.
   per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
-  assert min(per_process) > 0 and sum(per_process) == 15, per_process
-  assert "15 of 15 tiles computed" in logs[0] and "of 15 tiles computed" not in logs[1]
-  (name,) = os.listdir(os.path.join(workdir, "kernels"))
-  by_two = KernelStore.open(os.path.join(workdir, "kernels", name))
-  assert by_two.meta["complete"] and len(by_two.done_tiles()) == 15
+  assert min(per_process) > 0 and sum(per_process) == num_tiles, per_process
+  assert f"{num_tiles} of {num_tiles} tiles computed" in logs[0]
+  assert f"of {num_tiles} tiles computed" not in logs[1]
+  by_two = KernelStore.open(os.path.join(workdir, "kernels", layout))
+  assert by_two.meta["complete"] and len(by_two.done_tiles()) == num_tiles
 
-  single = config(**KERNEL, **{"kernel.name": "single"})
+  single = config(**fields, **{"kernel.name": f"{layout}_single"})
   by_one = KernelStore.open(jobs.run(single, workdir)["kernel"]).read()
   np.testing.assert_allclose(by_two.read(), by_one, rtol=1e-5, atol=1e-5 * np.abs(by_one).max())
 

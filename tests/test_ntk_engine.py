@@ -14,7 +14,7 @@ from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tang
 from ntk_scale.ntk import KernelPlanError, empirical_ntk, plan_for, run_tiles
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
-from ntk_scale.ntk.schedule import jacobian_schedule, tile_schedule
+from ntk_scale.ntk.schedule import jacobian_schedule, ring_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import contract, contract_symmetric, parse_logits
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from random_variables import random_variables
@@ -136,9 +136,9 @@ def test_kernel_is_symmetric_positive_semidefinite(network):
   assert np.linalg.eigvalsh(flat).min() > -1e-12 * np.abs(flat).max()
 
 
-def _kernel_on(mesh, apply_fn, params, x, tile, band=None):
-  plan = plan_for(apply_fn, params, x, None, "trace", method="jacobian", tile_size=tile, band=band,
-                  num_devices=mesh.size)
+def _kernel_on(mesh, apply_fn, params, x, done=(), **settings):
+  plan = plan_for(apply_fn, params, x, None, "trace", method="jacobian", num_devices=mesh.size,
+                  **settings)
   kernel = np.zeros((len(x), len(x)), np.float32)
 
   def store(i, j, t):
@@ -146,19 +146,29 @@ def _kernel_on(mesh, apply_fn, params, x, tile, band=None):
     kernel[rows, cols] = t
     kernel[cols, rows] = t.T
 
-  run_tiles(apply_fn, params, x, None, plan, store, mesh=mesh)
-  return kernel
+  handed = run_tiles(apply_fn, params, x, None, plan, store, mesh=mesh, done=done)
+  return kernel, plan, handed
 
 
-@pytest.mark.parametrize("band", [None, 3])
-def test_four_devices_equal_one_device(network, band):
+@pytest.mark.parametrize("settings", [dict(tile_size=2), dict(tile_size=2, band=3), dict()])
+def test_four_devices_equal_one_device(network, settings):
+  """Square tiles, bands, and (unset: every device's block fits) column rows rotating over the
+  ring of devices, which on one device is the kernel in one tile."""
   _, variables, apply_fn = network
   assert jax.device_count() == 4
   x = _images(9)
   one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  k1 = _kernel_on(one, apply_fn, variables["params"], x, tile=2, band=band)
-  k4 = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, tile=2, band=band)
+  k1, _, _ = _kernel_on(one, apply_fn, variables["params"], x, **settings)
+  k4, plan, _ = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, **settings)
+  assert plan.rotate == (not settings)
   np.testing.assert_allclose(k4, k1, rtol=1e-6, atol=1e-7 * np.abs(k1).max())
+  if plan.rotate:  # resumed: only the missing tiles are handed over, the kernel is the same
+    done = set(plan.tiles()[::2])
+    partial, _, handed = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, done=done)
+    assert handed == len(plan.tiles()) - len(done)
+    for i, j in set(plan.tiles()) - done:
+      rows, cols = tile_slices(plan, i, j)
+      np.testing.assert_array_equal(partial[rows, cols], k4[rows, cols])
 
 
 def test_linearized_model_kernel_is_the_frozen_kernel_of_theta0(network):
@@ -226,6 +236,22 @@ def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=0, budget_bytes=budget)
   with pytest.raises(KernelPlanError, match="band=2 needs method 'jacobian'"):
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=2, method="ntvp", budget_bytes=budget)
+
+
+def test_planner_rotates_column_rows_when_every_device_holds_its_block():
+  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
+                   largest_group=125_000)
+  spec = parse_logits(0, 10)
+  ring = make_plan(cost, 4096, 4096, True, spec, num_devices=4, budget_bytes=20e9)
+  assert ring.rotate and ring.tile == 1024 and ring.bytes_per_device <= 20e9
+  banded = make_plan(cost, 4096, 4096, True, spec, num_devices=4, band=1, budget_bytes=20e9)
+  assert not banded.rotate and ring.flops < banded.flops
+  assert not make_plan(cost, 4096, 4096, True, spec, num_devices=4, budget_bytes=4.5e9).rotate
+  assert not make_plan(cost, 4096, 4096, True, spec, num_devices=4, rotate=False, budget_bytes=20e9).rotate
+  with pytest.raises(KernelPlanError, match="rotate=True does not fit: a block of 1024 examples"):
+    make_plan(cost, 4096, 4096, True, spec, num_devices=4, rotate=True, budget_bytes=4.5e9)
+  with pytest.raises(KernelPlanError, match="tile_size unset or 1024"):
+    make_plan(cost, 4096, 4096, True, spec, num_devices=4, rotate=True, tile=512, budget_bytes=20e9)
 
 
 def test_planner_forms_a_trace_kernel_in_logit_chunks_when_all_logits_do_not_fit():
@@ -325,7 +351,7 @@ def test_schedule_hands_over_every_tile_once(num_blocks, num_devices, symmetric,
   done = set(tiles[1::5])  # a resumed kernel: some tiles already on disk
   todo = [t for t in tiles if t not in done]
   steps = jacobian_schedule(todo, symmetric, num_devices, band)
-  handed = [t for s in steps for placed in s.tiles for t, _ in placed]
+  handed = [t for s in steps for placed in s.tiles for t, _, _ in placed]
   assert sorted(handed) == sorted(todo)
   resident = [None] * num_devices
   for step in steps:
@@ -333,21 +359,41 @@ def test_schedule_hands_over_every_tile_once(num_blocks, num_devices, symmetric,
     for d, (block, placed) in enumerate(zip(step.blocks, step.tiles)):
       if step.kind in ("row", "diagonal"):  # the band's own tiles, placed in its diagonal block
         resident[d] = block if step.kind == "row" else None
-        for (i, j), (r, c) in placed:
-          assert symmetric and i // band == j // band == block
+        for (i, j), (r, c), mirrored in placed:
+          assert symmetric and i // band == j // band == block and not mirrored
           assert (r, c) == (i - block * band, j - block * band)
       else:  # a column block against the resident band: one tile per row tile of the band
         assert step.kind == "column"
-        for (i, j), (r, c) in placed:
-          assert i // band == resident[d] and j == block and (r, c) == (i % band, 0)
+        for (i, j), (r, c), mirrored in placed:
+          assert i // band == resident[d] and j == block and (r, c) == (i % band, 0) and not mirrored
           assert not (symmetric and j < (resident[d] + 1) * band)
   if num_devices == 1:  # one device forms each band once and each column block once per band
     assert sum(s.kind in ("row", "diagonal") for s in steps) == len({i // band for i, _ in todo})
     columns = {(i // band, j) for i, j in todo if not (symmetric and j < (i // band + 1) * band)}
     assert sum(s.kind == "column" for s in steps) == len(columns)
   ntvp = tile_schedule(todo, num_devices)
-  assert sorted(t for s in ntvp for placed in s.tiles for t, _ in placed) == sorted(todo)
+  assert sorted(t for s in ntvp for placed in s.tiles for t, _, _ in placed) == sorted(todo)
   assert len(ntvp) == -(-len(todo) // num_devices)
+
+
+@pytest.mark.parametrize("num_devices,symmetric", [(2, True), (3, True), (4, True), (5, True),
+                                                   (3, False), (4, False)])
+def test_ring_schedule_meets_every_pair_of_blocks_once(num_devices, symmetric):
+  tiles = [(i, j) for i in range(num_devices) for j in range(i if symmetric else 0, num_devices)]
+  for done in (set(), set(tiles[1::3])):
+    todo = [t for t in tiles if t not in done]
+    steps = ring_schedule(todo, symmetric, num_devices)
+    assert steps[0].kind == "form" and all(s.kind == "rotate" for s in steps[1:])
+    assert len(steps) <= (num_devices // 2 + 1 if symmetric else num_devices)
+    handed = []
+    for shift, step in enumerate(steps):  # device d holds row block d and column block d + shift
+      for d, placed in enumerate(step.tiles):
+        e = (d + shift) % num_devices
+        assert step.kind == "form" or step.blocks[d] == e
+        for tile, offset, mirrored in placed:
+          assert offset == (0, 0) and tile == ((e, d) if mirrored else (d, e))
+          handed.append(tile)
+    assert sorted(handed) == sorted(todo)
 
 
 @pytest.mark.parametrize("logits", ["trace", "full"])

@@ -1,7 +1,8 @@
 """The tile loop: every device of every host computes its own kernel tiles, in lockstep steps.
 
 Each step is one `shard_map` program in which every device works on its own row and column
-blocks, with no communication (schedule.py says which). With the Jacobian method a device keeps
+blocks (schedule.py says which), with no communication except when column rows rotate along the
+ring of devices (lax.ppermute) instead of being recomputed. With the Jacobian method a device keeps
 the Jacobian rows of a band of row tiles resident through a run of column blocks and uses them for
 the band's diagonal tiles too, so a block's Jacobian is formed once per run of tiles it enters
 instead of once per tile. Tiles leave the devices while the next step runs; each host hands the
@@ -15,6 +16,7 @@ import time
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import multihost_utils
@@ -22,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
 from ntk_scale.ntk.plan import KernelPlan, ModelCost, make_plan, symmetric_pieces
-from ntk_scale.ntk.schedule import jacobian_schedule, tile_schedule
+from ntk_scale.ntk.schedule import jacobian_schedule, ring_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import (ApplyFn, LogitSpec, contract, contract_symmetric, jacobian_rows,
                                      mirror_tile, ntvp_tile, parse_logits,
                                      symmetric_tile_by_logit_chunks)
@@ -75,12 +77,30 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
   def tile(params, state, x_rows, x_cols):
     return ntvp_tile(_bind(apply_fn, stateful, state), params, x_rows, x_cols, spec)
 
+  def form_symmetric(params, state, x_rows):  # -> (resident rows, their copy to travel, diagonal)
+    resident, diagonal_tile = row(params, state, x_rows)
+    return resident, jax.tree.map(jnp.copy, resident), diagonal_tile
+
+  def form_cross(params, state, x_rows, x_cols):
+    resident, travelling = jacobian(params, state, x_rows), jacobian(params, state, x_cols)
+    return resident, travelling, contract(resident, travelling, spec, matmul_precision)
+
+  def rotate(resident, travelling):  # device d receives the column rows of device d + 1
+    size = mesh.size
+    travelling = lax.ppermute(travelling, parallel.DATA_AXIS, [(d, (d - 1) % size) for d in range(size)])
+    return travelling, contract(resident, travelling, spec, matmul_precision)
+
   data = P(parallel.DATA_AXIS)
-  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
-                                                    out_specs=out, check_vma=False))
+  mapped = lambda f, n, out: jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
+                                           out_specs=out, check_vma=False)
+  sharded = lambda f, n, out: jax.jit(mapped(f, n, out))
   return {"row": sharded(row, 1, (data, data)), "resident": sharded(jacobian, 1, data),
           "diagonal": sharded(diagonal, 1, data), "column": sharded(column, 2, data),
-          "tile": sharded(tile, 2, data)}
+          "tile": sharded(tile, 2, data), "form_symmetric": sharded(form_symmetric, 1, (data,) * 3),
+          "form_cross": sharded(form_cross, 2, (data,) * 3),
+          "rotate": jax.jit(jax.shard_map(rotate, mesh=mesh, in_specs=(data, data),
+                                          out_specs=(data, data), check_vma=False),
+                            donate_argnums=1)}
 
 
 def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
@@ -103,11 +123,14 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   if mesh.size != plan.num_devices:
     raise ValueError(f"the plan is for {plan.num_devices} devices, the mesh has {mesh.size}.")
   tile, band = plan.tile, plan.band
-  rows = _blocks(np.asarray(x1), plan.row_bands * band, tile)
-  cols = rows if x2 is None else _blocks(np.asarray(x2), plan.col_blocks, tile)
+  padded = mesh.size if plan.rotate else 0  # every device holds a block, real or padding
+  rows = _blocks(np.asarray(x1), max(plan.row_bands * band, padded), tile)
+  cols = rows if x2 is None else _blocks(np.asarray(x2), max(plan.col_blocks, padded), tile)
   done = set(done)
   todo = [t for t in plan.tiles() if t not in done]
-  if plan.method == "jacobian":
+  if plan.rotate:
+    steps = ring_schedule(todo, plan.symmetric, mesh.size)
+  elif plan.method == "jacobian":
     steps = jacobian_schedule(todo, plan.symmetric, mesh.size, band)
   else:
     steps = tile_schedule(todo, mesh.size)
@@ -135,14 +158,15 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
       if not placed[device]:
         continue
       block = np.asarray(shard.data)
-      for (i, j), (r, c) in placed[device]:
-        on_tile(i, j, block[r * tile:r * tile + min(tile, plan.num_rows - i * tile),
-                            c * tile:c * tile + min(tile, plan.num_cols - j * tile)])
+      for (i, j), (r, c), mirrored in placed[device]:
+        part = block[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+        part = mirror_tile(part) if mirrored else part
+        on_tile(i, j, part[:min(tile, plan.num_rows - i * tile), :min(tile, plan.num_cols - j * tile)])
         handed += 1
 
-  pending, resident = None, None
+  pending, resident, travelling = None, None, None
   for number, step in enumerate(steps):
-    if step.kind in ("row", "diagonal"):
+    if step.kind in ("row", "diagonal", "form"):
       resident = None  # the previous band's Jacobian is freed before the next one is formed
       x_band = device_array(rows, step.blocks, band * tile)
     with jax.default_matmul_precision(precision):
@@ -152,6 +176,13 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
         resident, tiles = programs["row"](params, state, x_band)
       elif step.kind == "diagonal":
         tiles = programs["diagonal"](params, state, x_band)
+      elif step.kind == "form" and plan.symmetric:
+        resident, travelling, tiles = programs["form_symmetric"](params, state, x_band)
+      elif step.kind == "form":
+        resident, travelling, tiles = programs["form_cross"](params, state, x_band,
+                                                             device_array(cols, step.blocks, tile))
+      elif step.kind == "rotate":
+        travelling, tiles = programs["rotate"](resident, travelling)
       elif step.kind == "column":
         tiles = programs["column"](params, state, resident, device_array(cols, step.blocks, tile))
       else:
@@ -197,8 +228,8 @@ def _measure(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtype
 
 def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
              method: str = "auto", tile_size: int | None = None, band: int | None = None,
-             logit_chunk: int | None = None, memory_budget_bytes: float | None = None,
-             num_devices: int | None = None, fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
+             logit_chunk: int | None = None, rotate: bool | None = None,
+             memory_budget_bytes: float | None = None, num_devices: int | None = None, fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
@@ -213,15 +244,16 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   num_cols = len(x1) if x2 is None else len(x2)
   return make_plan(cost, len(x1), num_cols, x2 is None, spec,
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
-                   band=band, logit_chunk=logit_chunk, budget_bytes=memory_budget_bytes,
-                   fields=fields)
+                   band=band, logit_chunk=logit_chunk, rotate=rotate,
+                   budget_bytes=memory_budget_bytes, fields=fields)
 
 
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
                   tile_size: int | None = None, band: int | None = None,
-                  logit_chunk: int | None = None, model_state=None) -> np.ndarray:
+                  logit_chunk: int | None = None, rotate: bool | None = None,
+                  model_state=None) -> np.ndarray:
   """The empirical NTK J(x1) J(x2)^T of `apply_fn(params, x) -> logits [N, C]` as a numpy array.
 
   logits: "trace" (sum over logits, [N1, N2]), a class index ([N1, N2]) or "full" ([N1, N2, C, C]).
@@ -234,8 +266,9 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   model_state: what the model needs besides `params` and is not differentiated (BatchNorm
   averages); given, the model is `apply_fn(params, x, model_state)`, and kernels of several
   checkpoints of one model (one `apply_fn`) reuse one compilation.
-  tile_size, band, logit_chunk: the tile, the row tiles per resident band and the logits whose
-  Jacobian rows a trace kernel in one band forms at a time (see plan.py); unset, from the budget.
+  tile_size, band, logit_chunk, rotate: the tile, the row tiles per resident band, the logits whose
+  Jacobian rows a trace kernel in one band forms at a time, and whether column rows rotate over
+  the devices (see plan.py); unset, from the budget and the cost model.
   """
   check_precision(precision)
   if dtype not in ("float32", "float64"):
@@ -247,7 +280,7 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
     x1 = cast(x1)
     x2 = None if x2 is None else cast(x2)
     plan = plan_for(apply_fn, params, x1, x2, logits, method=method, tile_size=tile_size, band=band,
-                    logit_chunk=logit_chunk, memory_budget_bytes=memory_budget_bytes,
+                    logit_chunk=logit_chunk, rotate=rotate, memory_budget_bytes=memory_budget_bytes,
                     model_state=model_state)
     kernel = np.zeros((plan.num_rows, plan.num_cols) + plan.logits.tile_suffix, dtype)
 

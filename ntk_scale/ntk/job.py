@@ -29,7 +29,8 @@ SPLITS = ("train", "test")
 # The fields that make two kernels the same kernel; anything else (method, tile, budget) is how.
 IDENTITY = ("source", "split", "logits", "dtype", "precision", "shape")
 FIELDS = {"method": "config.kernel.method", "tile_size": "config.kernel.tile_size",
-          "memory_budget": "config.kernel.memory_budget_gb", "logits": "config.kernel.logits"}
+          "memory_budget": "config.kernel.memory_budget_gb", "logits": "config.kernel.logits",
+          "rotate": "config.kernel.rotate"}
 
 
 def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int, split_size: int) -> None:
@@ -149,7 +150,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     batch_stats = jax.tree.map(lambda a: _host_copy(a, k.dtype), batch_stats)
     images = images.astype(k.dtype)
     plan = plan_for(apply_fn, params, images, None, k.logits, method=k.method, tile_size=tile,
-                    memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS,
+                    rotate=k.rotate, memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS,
                     model_state=batch_stats)
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)

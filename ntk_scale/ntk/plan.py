@@ -9,8 +9,10 @@ N^2 / (2 b T) column rows for a symmetric kernel against N^2 / (2 T)). Per devic
 band's rows (b T C' P numbers, kept per parameter group) and a column block's with one group's
 per-array gradients, (1 + g) T C' P, g the largest group's share of P; a band is formed with one
 group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel in one tile,
-(1 + g) N L P for a trace kernel in one tile formed L logits at a time); plus activations. The
-NTK-vector-product method holds one example's Jacobian rows and the activations of a JVP over a
+(1 + g) N L P for a trace kernel in one tile formed L logits at a time); plus activations. When
+every device can hold one block of N / D rows three times (its own, the column rows it sends and
+those it receives: (3 + g) T C' P), the blocks rotate over the ring of devices instead, every
+row formed once (schedule.ring_schedule). The NTK-vector-product method holds one example's Jacobian rows and the activations of a JVP over a
 row block. The cost model counts FLOPs with the forward pass of one example measured by XLA (F)
 and the parameter count (P):
 
@@ -109,6 +111,7 @@ class KernelPlan:
   num_devices: int
   band: int  # row tiles per resident band (1 for ntvp)
   logit_chunk: int  # logits whose Jacobian rows are formed at a time (C' unless a trace is chunked)
+  rotate: bool  # one block per device, column rows passed along the ring of devices (schedule.py)
   bytes_per_device: float
   budget_bytes: float
   flops: float
@@ -137,6 +140,7 @@ class KernelPlan:
     """Method, tile, band and logit chunks, e.g. "jacobian, tile 128, bands of 4 row tiles"."""
     chunked = self.logit_chunk < self.logits.rows_per_example
     return (f"method {self.method}, tile {self.tile}"
+            + (", column rows rotating over the devices" if self.rotate else "")
             + (f", bands of {self.band} row tiles" if self.band > 1 else "")
             + (f", {self.logit_chunk} logits at a time" if chunked else ""))
 
@@ -166,10 +170,12 @@ def device_budget_bytes(device: jax.Device) -> float:
 
 
 def bytes_per_device(method: str, tile: int, spec: LogitSpec, cost: ModelCost,
-                     column_blocks: bool = True, band: int = 1, logit_chunk: int | None = None) -> float:
+                     column_blocks: bool = True, band: int = 1, logit_chunk: int | None = None,
+                     rotate: bool = False) -> float:
   """Peak bytes per device with bands of `band` row tiles; `column_blocks` False for a symmetric
   kernel in one band, whose Jacobian rows are formed once and contracted with themselves, and
-  formed `logit_chunk` logits at a time when given."""
+  formed `logit_chunk` logits at a time when given; `rotate` for resident rows and column rows
+  that travel (the rows sent and those received are both alive during a rotation)."""
   rows = logit_chunk or spec.rows_per_example
   entry = math.prod(spec.tile_suffix) if spec.tile_suffix else 1
   height = band * tile
@@ -180,7 +186,10 @@ def bytes_per_device(method: str, tile: int, spec: LogitSpec, cost: ModelCost,
     # the resident band and a column block's rows (XLA frees each parameter group's rows once
     # contracted, but may not) with one group's per-array gradients (a column step).
     g = cost.largest_group / cost.num_params
-    blocks = height + tile * max(band * g, 1 + g) if column_blocks else height * (1 + g)
+    if rotate:
+      blocks = tile * (3 + g)
+    else:
+      blocks = height + tile * max(band * g, 1 + g) if column_blocks else height * (1 + g)
     jacobians = blocks * rows * cost.num_params * cost.itemsize
     workspace = height * (1 + rows) * cost.activation_bytes  # vmapped reverse passes
     return params + jacobians + workspace + out_tile
@@ -218,6 +227,18 @@ def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symm
   return tiles * contraction + (bands * band + columns) * tile * jacobian_per_example
 
 
+def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec, cost: ModelCost) -> float:
+  """Every block's rows formed once; a symmetric kernel contracts each device's diagonal tile and
+  D // 2 rotations of D tiles, a cross kernel D rotations (the first without moving)."""
+  rows = spec.rows_per_example
+  contraction = 2 * tile * tile * cost.num_params * (spec.num_classes ** 2 if spec.kind == "full" else rows)
+  pieces = symmetric_pieces(tile)
+  tiles = (num_devices * ((pieces + 1) / (2 * pieces) + num_devices // 2) if symmetric
+           else num_devices * num_devices)
+  blocks = num_devices * (1 if symmetric else 2)
+  return tiles * contraction + blocks * tile * cost.forward_flops * (1 + 2 * rows)
+
+
 def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost,
                   band: int) -> int:
   """The largest tile <= cap whose memory fits `budget` (0 when not even a tile of 1 fits)."""
@@ -234,20 +255,24 @@ def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: M
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
               num_devices: int, method: str = "auto", tile: int | None = None,
               band: int | None = None, logit_chunk: int | None = None,
-              budget_bytes: float | None = None,
+              rotate: bool | None = None, budget_bytes: float | None = None,
               fields: dict[str, str] | None = None) -> KernelPlan:
   """The plan for a kernel, or KernelPlanError naming the setting (`fields` maps "method",
-  "tile_size", "band" and "memory_budget" to the names the caller's user knows) that must change.
+  "tile_size", "band", "logit_chunk", "rotate" and "memory_budget" to the names the caller's user
+  knows) that must change.
 
   Unset, the tile and band come from the budget: the fewest FLOPs (Jacobian rows recomputed
   included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that fits, a band
   taller than one tile only with tiles of at least MIN_BANDED_TILE rows; and for a trace kernel of
   x1 with itself that fits one tile on one device when its Jacobian rows are formed a chunk of
   logits at a time (`logit_chunk`, a divisor of C), that tile: every row formed once, for one
-  more forward pass per chunk, where tiles would form most rows several times.
+  more forward pass per chunk, where tiles would form most rows several times; and on several
+  devices, one block per device with the column rows rotating over the devices (`rotate` True:
+  only that; False: never). FLOPs do not count the rotation's transfers, so "auto" picks it only
+  where it saves arithmetic: on fast interconnects (ICI, NVLink) it also pays where it does not.
   """
   names = {"method": "method", "tile_size": "tile_size", "band": "band",
-           "logit_chunk": "logit_chunk", "memory_budget": "memory_budget_bytes"}
+           "logit_chunk": "logit_chunk", "rotate": "rotate", "memory_budget": "memory_budget_bytes"}
   names.update(fields or {})
   if method not in METHODS:
     raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
@@ -266,7 +291,21 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"{names['logit_chunk']}={logit_chunk} needs a trace kernel of x1 with itself by the Jacobian "
         f"method in one tile (no {names['tile_size']} or {names['band']}), and a divisor of the "
         f"{spec.num_classes} logits.")
+  ring_tile = -(-max(num_rows, num_cols) // num_devices)
+  if rotate and (method == "ntvp" or band or logit_chunk or tile not in (None, ring_tile)):
+    raise KernelPlanError(
+        f"{names['rotate']}=True needs the Jacobian method with one block of {ring_tile} examples per "
+        f"device: leave {names['band']} and {names['logit_chunk']} unset and {names['tile_size']} "
+        f"unset or {ring_tile}.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
+  ring = lambda: (_ring_flops(ring_tile, num_devices, symmetric, spec, cost), 1,
+                  -spec.rows_per_example, True, "jacobian", ring_tile)
+  ring_bytes = bytes_per_device("jacobian", ring_tile, spec, cost, rotate=True)
+  if rotate and ring_bytes > budget:
+    raise KernelPlanError(
+        f"{names['rotate']}=True does not fit: a block of {ring_tile} examples per device needs "
+        f"{_gib(ring_bytes)} but {names['memory_budget']} allows {_gib(budget)}; raise "
+        f"{names['memory_budget']}, use more devices, or unset {names['rotate']}.")
   # Enough bands that every device gets a tile, and no bigger than the kernel.
   blocks = 1
   while (blocks * (blocks + 1) // 2 if symmetric else blocks * blocks) < num_devices:
@@ -293,19 +332,24 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
       if size == 0 or peak(m, size, b) > budget:
         continue
       flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost)
-      candidates.append((flops, b, -spec.rows_per_example, m, size))
+      candidates.append((flops, b, -spec.rows_per_example, False, m, size))
   if spec.kind == "trace" and method != "ntvp" and not (tile or band) and one_band(cap, 1):
     chunks = [logit_chunk] if logit_chunk else [c for c in range(spec.num_classes - 1, 0, -1)
                                                  if spec.num_classes % c == 0]
     for chunk in chunks:
       if bytes_per_device("jacobian", cap, spec, cost, False, 1, chunk) <= budget:
         flops = _flops("jacobian", cap, 1, num_rows, num_cols, symmetric, spec, cost, chunk)
-        candidates.append((flops, 1, -chunk, "jacobian", cap))
+        candidates.append((flops, 1, -chunk, False, "jacobian", cap))
         break  # the largest chunk that fits: fewest forward passes
+  if rotate:
+    candidates = [ring()]
+  elif (rotate is None and num_devices > 1 and method != "ntvp" and not (band or logit_chunk)
+        and tile in (None, ring_tile) and ring_bytes <= budget):
+    candidates.append(ring())
   if logit_chunk and not one_band(cap, 1):
     raise KernelPlanError(f"{names['logit_chunk']}={logit_chunk} needs the kernel in one tile on one "
                           f"device; this plan spreads it over {num_devices} devices.")
-  if logit_chunk and not any(-c == logit_chunk for _, _, c, _, _ in candidates):
+  if logit_chunk and not any(-c[2] == logit_chunk for c in candidates):
     raise KernelPlanError(
         f"{names['logit_chunk']}={logit_chunk} does not fit: the kernel's one tile needs "
         f"{_gib(bytes_per_device('jacobian', cap, spec, cost, False, 1, logit_chunk))} per device but "
@@ -322,11 +366,15 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"{_gib(budget)}; {hint}raise {names['memory_budget']}, or use devices with more memory.")
   if logit_chunk:
     candidates = [c for c in candidates if -c[2] == logit_chunk]
-  flops, chosen_band, chunk, chosen, size = min(candidates)
+  flops, chosen_band, chunk, rotate, chosen, size = min(candidates)
   chunk = -chunk
-  memory = (bytes_per_device(chosen, size, spec, cost, False, 1, chunk)
-            if chunk < spec.rows_per_example else peak(chosen, size, chosen_band))
+  if rotate:
+    memory = bytes_per_device(chosen, size, spec, cost, rotate=True)
+  elif chunk < spec.rows_per_example:
+    memory = bytes_per_device(chosen, size, spec, cost, False, 1, chunk)
+  else:
+    memory = peak(chosen, size, chosen_band)
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
                     method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
-                    logit_chunk=chunk, bytes_per_device=memory, budget_bytes=budget,
+                    logit_chunk=chunk, rotate=rotate, bytes_per_device=memory, budget_bytes=budget,
                     flops=flops, cost=cost)

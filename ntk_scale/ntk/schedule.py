@@ -14,6 +14,10 @@ column blocks; tasks are packed D at a time into rounds (a row step and as many 
 longest task). S is chosen to minimise the number of steps: long runs form each band's Jacobian
 once, short runs keep every device busy. A band of b tiles forms a column block's Jacobian once for
 b tiles, so a taller band recomputes fewer columns.
+Rotation (every device's band fits at once): a "form" step in which device d forms the Jacobian
+rows of row block d (and of column block d for a cross kernel), then "rotate" steps in which the
+column rows move one device along the ring (lax.ppermute), so every row is formed exactly once and
+travels instead of being recomputed.
 NTK-vector products: every step is a "tile" step, tiles dealt out in row-major order.
 """
 
@@ -21,12 +25,14 @@ import collections
 import dataclasses
 
 Tile = tuple[int, int]
-Placed = tuple[Tile, tuple[int, int]]  # a tile and its (row, column) tile offset in the output
+# A tile, its (row, column) tile offset in the device's output, and whether the output holds its
+# mirror image (the tile at (j, i) of a symmetric kernel).
+Placed = tuple[Tile, tuple[int, int], bool]
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  kind: str  # "row" | "diagonal" | "column" | "tile"
+  kind: str  # "row" | "diagonal" | "column" | "form" | "rotate" | "tile"
   blocks: tuple[int | Tile, ...]  # per device: the band (row, diagonal), column block, or tile it reads
   tiles: tuple[tuple[Placed, ...], ...]  # per device: the tiles it hands over; empty when unused
 
@@ -44,9 +50,9 @@ def _tasks(todo: list[Tile], symmetric: bool, band: int, run_length: int) -> lis
   for i, j in sorted(todo):
     b, r = divmod(i, band)
     if symmetric and j < (b + 1) * band:  # i <= j: inside the band's diagonal block
-      diagonal[b].append(((i, j), (r, j - b * band)))
+      diagonal[b].append(((i, j), (r, j - b * band), False))
     else:
-      columns[b][j].append(((i, j), (r, 0)))
+      columns[b][j].append(((i, j), (r, 0), False))
   tasks = []
   for b in sorted(set(diagonal) | set(columns)):
     runs = sorted((j, tuple(placed)) for j, placed in columns[b].items())
@@ -98,5 +104,30 @@ def tile_schedule(todo: list[Tile], num_devices: int) -> list[Step]:
   for k in range(0, len(todo), num_devices):
     chunk = list(todo[k:k + num_devices])
     steps.append(Step("tile", tuple(chunk + [chunk[0]] * (num_devices - len(chunk))),
-                      tuple(((t, (0, 0)),) for t in chunk) + ((),) * (num_devices - len(chunk))))
+                      tuple(((t, (0, 0), False),) for t in chunk) + ((),) * (num_devices - len(chunk))))
+  return steps
+
+
+def ring_schedule(todo: list[Tile], symmetric: bool, num_devices: int) -> list[Step]:
+  """Device d keeps row block d; after s rotations it holds column block (d + s) mod D. A cross
+  kernel needs D - 1 rotations; a symmetric one D // 2, as blocks d and e meet at distance e - d
+  one way round the ring and D - (e - d) the other (at D / 2 both ways: handed over once)."""
+  wanted, devices = set(todo), range(num_devices)
+  if not wanted:
+    return []
+
+  def placed(d: int, e: int) -> tuple[Placed, ...]:
+    tile, mirrored = ((e, d), True) if symmetric and d > e else ((d, e), False)
+    return ((tile, (0, 0), mirrored),) if tile in wanted else ()
+
+  steps = [Step("form", tuple(devices), tuple(placed(d, d) for d in devices))]
+  for shift in range(1, num_devices // 2 + 1 if symmetric else num_devices):
+    halfway = symmetric and 2 * shift == num_devices
+    steps.append(Step("rotate", tuple((d + shift) % num_devices for d in devices),
+                      tuple(() if halfway and d >= shift else placed(d, (d + shift) % num_devices)
+                            for d in devices)))
+  while not any(steps[-1].tiles):  # nothing left to hand over: no more rotations
+    steps.pop()
+    if not steps:
+      break
   return steps
