@@ -3,26 +3,30 @@
     python benchmarks/ntk_engine.py                      # CPU-sized defaults
     python benchmarks/ntk_engine.py --models cnn,resnet18 --sizes 256,1024   # the GPU table
     python benchmarks/ntk_engine.py --models cnn --sizes 1024 --logits 0 --loo_max 0 \
-        --tile_size 128 --bands 1,8               # tall bands against square tiles
+        --tile_size 128 --variants band=1,band=4  # tall bands against square tiles
     python benchmarks/ntk_engine.py --models cnn --sizes 1024 --logits trace --loo_max 0 \
-        --memory_budget_gb 1 --bands 1            # a trace in logit chunks against tiles
+        --memory_budget_gb 1 --variants band=1    # a trace in logit chunks against tiles
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/ntk_engine.py --models cnn \
+        --sizes 1024 --logits 0 --loo_max 0 --variants rotate=False   # rotation against tiles
 
 Rows, each timed after compilation (best of --repeats) on the same inputs:
   ntk_scale      `ntk_scale.ntk.empirical_ntk`, default settings (symmetric tiles, plan from memory)
                  or the given --tile_size / --memory_budget_gb
-  band<b>        the same with bands of b row tiles (--bands; band1 = square tiles)
+  key=value      the same with that planner setting (--variants: band=1 square tiles, band=4,
+                 rotate=False, logit_chunk=2, ...)
   loo2022        Loo et al.'s code: jitted nt.empirical_ntk_fn with NTK_VECTOR_PRODUCTS on 4-image
                  blocks, one call per pair of upper-triangle blocks, mirrored on the host
   nt_best        nt.empirical_ntk_fn(JACOBIAN_CONTRACTION, vmap_axes=0), the whole kernel in one call
   nt_batched     nt.batch of nt_best with the largest batch that fits (when the one call does not)
 FLOP rates use the engine's cost model (Jacobian rows + contraction; ntk_scale's default plan,
-the band rows their own) against this machine's float32 matmul peak measured in the same run.
+the variant rows their own) against this machine's float32 matmul peak measured in the same run.
 `err` is the largest difference to the ntk_scale kernel relative to its largest entry.
 neural-tangents' "trace" averages over logits; its kernels are multiplied by C here so that all
 rows compute the same sum.
 """
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -135,7 +139,8 @@ def main() -> None:
   parser.add_argument("--logits", default="0,trace", help="class indices and/or trace")
   parser.add_argument("--loo_max", type=int, default=256, help="skip loo2022 above this N")
   parser.add_argument("--tile_size", type=int, default=None, help="ours: this tile, not the plan's")
-  parser.add_argument("--bands", default="", help="ours again with these band heights (comma-separated)")
+  parser.add_argument("--variants", default="",
+                      help="ours again with each of these planner settings, e.g. band=1,rotate=False")
   parser.add_argument("--memory_budget_gb", type=float, default=None,
                       help="ours: this per-device budget, not 80%% of the device's memory")
   parser.add_argument("--repeats", type=int, default=2)
@@ -162,20 +167,22 @@ def main() -> None:
         mode = logits if logits == "trace" else int(logits)
         budget = args.memory_budget_gb and args.memory_budget_gb * 2**30
         settings = dict(tile_size=args.tile_size, memory_budget_bytes=budget)
-        ours_kernel = lambda band=None: empirical_ntk(apply_fn, params, x, logits=mode, band=band,
-                                                      precision=args.precision, **settings)
+        ours_kernel = lambda **variant: empirical_ntk(apply_fn, params, x, logits=mode,
+                                                      precision=args.precision, **settings, **variant)
         plan = plan_for(apply_fn, params, x, None, mode, **settings)
         ours_out = {}
         print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
         ours = best_time(lambda: ours_out.setdefault("k", ours_kernel()), args.repeats)
         reference = ours_out["k"]
         rows = [("ntk_scale", ours, reference, plan.flops)]
-        for band in (int(b) for b in args.bands.split(",") if b):
+        for label in (v for v in args.variants.split(",") if v):
+          key, value = label.split("=")
+          variant = {key: ast.literal_eval(value)}
           out = {}
-          banded = plan_for(apply_fn, params, x, None, mode, band=band, **settings)
-          print(f"#   band{band}: {banded.describe()}", flush=True)
-          rows.append((f"band{band}", best_time(lambda: out.setdefault("k", ours_kernel(band)),
-                                                args.repeats), out["k"], banded.flops))
+          varied = plan_for(apply_fn, params, x, None, mode, **settings, **variant)
+          print(f"#   {label}: {varied.describe()}", flush=True)
+          rows.append((label, best_time(lambda: out.setdefault("k", ours_kernel(**variant)),
+                                        args.repeats), out["k"], varied.flops))
         f, trace_axes, scale = nt_functions(nt, apply_fn, logits)
         runs = [("nt_best", nt_best(nt, f, trace_axes, params, x, None))]
         if n <= args.loo_max:
