@@ -91,9 +91,8 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
     return travelling, contract(resident, travelling, spec, matmul_precision)
 
   data = P(parallel.DATA_AXIS)
-  mapped = lambda f, n, out: jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
-                                           out_specs=out, check_vma=False)
-  sharded = lambda f, n, out: jax.jit(mapped(f, n, out))
+  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
+                                                    out_specs=out, check_vma=False))
   return {"row": sharded(row, 1, (data, data)), "resident": sharded(jacobian, 1, data),
           "diagonal": sharded(diagonal, 1, data), "column": sharded(column, 2, data),
           "tile": sharded(tile, 2, data), "form_symmetric": sharded(form_symmetric, 1, (data,) * 3),
