@@ -225,6 +225,16 @@ def _measure(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtype
   return ModelCost.measure(apply_fn, _shapes(abstract_params), example, _shapes(abstract_state))
 
 
+@functools.lru_cache(maxsize=32)
+def _num_classes(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtypeStruct,
+                 abstract_state: tuple | None) -> int:
+  """The model's logits per example, traced once per function and shapes (a trace per call was
+  most of a small kernel's fixed cost)."""
+  x = jax.ShapeDtypeStruct((1,) + example.shape, example.dtype)
+  state = () if abstract_state is None else (_shapes(abstract_state),)
+  return jax.eval_shape(apply_fn, _shapes(abstract_params), x, *state).shape[-1]
+
+
 def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
              method: str = "auto", tile_size: int | None = None, band: int | None = None,
              logit_chunk: int | None = None, rotate: bool | None = None,
@@ -232,14 +242,10 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
-  example = jax.ShapeDtypeStruct((1,) + x1.shape[1:], x1.dtype)
-  if model_state is None:
-    num_classes = jax.eval_shape(apply_fn, params, example).shape[-1]
-  else:
-    num_classes = jax.eval_shape(apply_fn, params, example, model_state).shape[-1]
-  spec = parse_logits(logits, num_classes, fields.get("logits", "logits"))
-  cost = _measure(apply_fn, _abstract(params), jax.ShapeDtypeStruct(x1.shape[1:], x1.dtype),
-                  None if model_state is None else _abstract(model_state))
+  model = (apply_fn, _abstract(params), jax.ShapeDtypeStruct(x1.shape[1:], x1.dtype),
+           None if model_state is None else _abstract(model_state))
+  spec = parse_logits(logits, _num_classes(*model), fields.get("logits", "logits"))
+  cost = _measure(*model)
   num_cols = len(x1) if x2 is None else len(x2)
   return make_plan(cost, len(x1), num_cols, x2 is None, spec,
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
