@@ -65,19 +65,27 @@ def _rounds(tasks: list[_Task], num_devices: int) -> list[list[_Task]]:
   return [tasks[k:k + num_devices] for k in range(0, len(tasks), num_devices)]
 
 
-def _num_steps(rounds: list[list[_Task]]) -> int:
-  return sum(1 + max(len(t.columns) for t in r) for r in rounds)
+def _cost(run_length: int, columns_per_band: list[int], num_devices: int) -> tuple[int, int]:
+  """(steps, -rounds) of the schedule with runs of `run_length`, from the run lengths alone:
+  a round of D tasks costs a row step and as many column steps as its longest task."""
+  lengths = []
+  for count in columns_per_band:
+    full, rest = divmod(count, run_length)
+    lengths += [run_length] * full + ([rest] if rest or not full else [])
+  lengths.sort(reverse=True)
+  firsts = lengths[::num_devices]  # each round's longest task
+  return len(firsts) + sum(firsts), -len(firsts)
 
 
 def jacobian_schedule(todo: list[Tile], symmetric: bool, num_devices: int, band: int = 1) -> list[Step]:
   """Steps covering `todo` with bands of `band` row tiles: every tile handed over exactly once."""
   if not todo:
     return []
-  per_band = collections.Counter(
-      (i // band, j) for i, j in todo if not (symmetric and j < (i // band + 1) * band))
-  longest = max(collections.Counter(b for b, _ in per_band).values(), default=1)
-  rounds = min((_rounds(_tasks(todo, symmetric, band, s), num_devices) for s in range(1, longest + 1)),
-               key=lambda rounds: (_num_steps(rounds), -len(rounds)))
+  columns = {(i // band, j) for i, j in todo if not (symmetric and j < (i // band + 1) * band)}
+  per_band = collections.Counter(b for b, _ in columns)
+  counts = [per_band[b] for b in sorted({i // band for i, _ in todo})]
+  best = min(range(1, max(1, *counts) + 1), key=lambda s: _cost(s, counts, num_devices))
+  rounds = _rounds(_tasks(todo, symmetric, band, best), num_devices)
   steps = []
   for tasks in rounds:
     length = max(len(t.columns) for t in tasks)
