@@ -1,24 +1,26 @@
 """A training set optimised to be robust through kernel regression (Tsilivis, Su and Kempe, "Can we
 achieve robustness from data alone?", arXiv 2207.11727).
 
-The paper's bi-level problem (its Sec. 3): the optimised images X_s (the "support" set, labels
-fixed) are those whose kernel-regression predictor f(.; X_s, Y) = K(., X_s) (K(X_s, X_s) +
-lambda I)^{-1} Y has the smallest *adversarial* loss on the original training data (the "target"):
+The bi-level problem as implemented here (the paper's method section was not readable;
+configs/infinite_width.py says what of the paper was): the optimised images X_s (the "support"
+set, labels fixed) are those whose kernel-regression predictor f(.; X_s, Y) = K(., X_s) (K(X_s,
+X_s) + lambda I)^{-1} Y has the smallest *adversarial* loss on original training data (the
+"targets"):
 
-    min_{X_s}  E_{(x, y) ~ target}  max_{||delta|| <= eps}  loss(f(x + delta; X_s, Y), y).
+    min_{X_s}  E_{(x, y) ~ targets}  max_{||delta|| <= eps}  loss(f(x + delta; X_s, Y), y).
 
 Each outer step draws a target batch, solves the inner maximisation with multi-step PGD against
 the current predictor (X_s held fixed), and moves X_s by the gradient of the outer loss at those
 adversarial points through the kernel solve (Danskin: the attack is not differentiated), with
-Adam, as KIP does for dataset distillation (Nguyen et al. 2021), which the paper builds on. The
-images stay in [0, 1] and, with `data_eps`, within that L-inf distance of the originals.
+Adam, as KIP does for dataset distillation (Nguyen et al. 2021). The images stay in [0, 1] and,
+with `data_eps`, within that L-inf distance of the originals.
 
 Where the targets come from (`target_holdout`): 0, the default, attacks the training points
 themselves, so the targets are the very images being optimised (the predictor nearly interpolates
 them); a count n >= 1 or a fraction in (0, 1) sets that many training images aside (split_targets,
 seeded) as targets only, and optimises the rest, so the objective is measured around points the
-predictor was not fitted on. The paper's choice could not be checked (its method section was not
-readable here; configs/infinite_width.py says what was), so the default keeps the earlier one.
+predictor was not fitted on. The paper's choice could not be checked, so the default keeps the
+earlier one (on digits the held-out variant did worse; configs/infinite_width.py).
 """
 
 from typing import Any
