@@ -32,7 +32,7 @@ loss, Adam at 0.01, pixels clipped to [0, 1] and otherwise unbounded (`data_eps=
 steps on digits; evaluated with kernel regression and with the CNN trained on the set, under PGD
 and APGD-CE.
 
-Measured (2 shared CPU cores; the run takes 8.5 minutes alone, 15-17 with another job on the
+Measured (2 shared CPU cores; the run takes 8.5 minutes alone, 15-21 with another job on the
 cores; seed 0): kernel regression 99.2% clean, 87.8% FGSM, 87.8% PGD-20; the kernel's adversarial
 examples fool the CNN at width 8 / 32 / 128 (clean 96.1 / 99.2 / 99.2%) with transfer rates (PGD)
 of 70.5 / 50.0 / 52.3% (FGSM 68.2 / 50.0 / 45.5%). Robust dataset, on the same 360 test images,
