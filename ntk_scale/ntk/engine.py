@@ -86,8 +86,8 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
     return resident, travelling, contract(resident, travelling, spec, matmul_precision)
 
   def rotate(resident, travelling):  # device d receives the column rows of device d + 1
-    size = mesh.size
-    travelling = lax.ppermute(travelling, parallel.DATA_AXIS, [(d, (d - 1) % size) for d in range(size)])
+    ring = [(d, (d - 1) % mesh.size) for d in range(mesh.size)]
+    travelling = lax.ppermute(travelling, parallel.DATA_AXIS, ring)
     return travelling, contract(resident, travelling, spec, matmul_precision)
 
   data = P(parallel.DATA_AXIS)
@@ -238,7 +238,8 @@ def _num_classes(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeD
 def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
              method: str = "auto", tile_size: int | None = None, band: int | None = None,
              logit_chunk: int | None = None, rotate: bool | None = None,
-             memory_budget_bytes: float | None = None, num_devices: int | None = None, fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
+             memory_budget_bytes: float | None = None, num_devices: int | None = None,
+             fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}

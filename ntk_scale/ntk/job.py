@@ -150,8 +150,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     batch_stats = jax.tree.map(lambda a: _host_copy(a, k.dtype), batch_stats)
     images = images.astype(k.dtype)
     plan = plan_for(apply_fn, params, images, None, k.logits, method=k.method, tile_size=tile,
-                    rotate=k.rotate, memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS,
-                    model_state=batch_stats)
+                    rotate=k.rotate, memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
+                    fields=FIELDS, model_state=batch_stats)
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)

@@ -12,9 +12,9 @@ group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel i
 (1 + g) N L P for a trace kernel in one tile formed L logits at a time); plus activations. When
 every device can hold one block of N / D rows three times (its own, the column rows it sends and
 those it receives: (3 + g) T C' P), the blocks rotate over the ring of devices instead, every
-row formed once (schedule.ring_schedule). The NTK-vector-product method holds one example's Jacobian rows and the activations of a JVP over a
-row block. The cost model counts FLOPs with the forward pass of one example measured by XLA (F)
-and the parameter count (P):
+row formed once (schedule.ring_schedule). The NTK-vector-product method holds one example's
+Jacobian rows and the activations of a JVP over a row block. The cost model counts FLOPs with the
+forward pass of one example measured by XLA (F) and the parameter count (P):
 
   Jacobian rows of one example      F * (1 + 2 C')   (in chunks of L logits: C'/L * F * (1 + 2 L))
   jacobian tile contraction         2 T^2 C' P   (full: 2 T^2 C^2 P)
@@ -206,16 +206,28 @@ def symmetric_pieces(tile: int) -> int:
   return 1
 
 
+def _rows_flops(spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
+  """FLOPs of one example's Jacobian rows: a forward pass and two per logit, per chunk of logits."""
+  rows = spec.rows_per_example
+  chunk = logit_chunk or rows
+  return rows // chunk * cost.forward_flops * (1 + 2 * chunk)
+
+
+def _contraction_flops(tile: int, spec: LogitSpec, cost: ModelCost) -> float:
+  """FLOPs of one T x T tile contracted from Jacobian rows."""
+  per_entry = spec.num_classes ** 2 if spec.kind == "full" else spec.rows_per_example
+  return 2 * tile * tile * cost.num_params * per_entry
+
+
 def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symmetric: bool,
            spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
-  rows, f, p = spec.rows_per_example, cost.forward_flops, cost.num_params
-  chunk = logit_chunk or rows
-  jacobian_per_example = rows // chunk * f * (1 + 2 * chunk)  # a forward pass per chunk
+  jacobian_per_example = _rows_flops(spec, cost, logit_chunk)
   row_blocks, col_blocks = -(-num_rows // tile), -(-num_cols // tile)
   if method == "ntvp":
     num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
-    return num_tiles * (tile * jacobian_per_example + 3 * f * tile * tile * rows)
-  contraction = 2 * tile * tile * p * (spec.num_classes ** 2 if spec.kind == "full" else rows)
+    return num_tiles * (tile * jacobian_per_example
+                        + 3 * cost.forward_flops * tile * tile * spec.rows_per_example)
+  contraction = _contraction_flops(tile, spec, cost)
   bands = -(-row_blocks // band)
   if symmetric:  # each band's diagonal block, then the column blocks after it
     pieces = symmetric_pieces(band * tile)
@@ -227,16 +239,15 @@ def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symm
   return tiles * contraction + (bands * band + columns) * tile * jacobian_per_example
 
 
-def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec, cost: ModelCost) -> float:
+def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec,
+                cost: ModelCost) -> float:
   """Every block's rows formed once; a symmetric kernel contracts each device's diagonal tile and
   D // 2 rotations of D tiles, a cross kernel D rotations (the first without moving)."""
-  rows = spec.rows_per_example
-  contraction = 2 * tile * tile * cost.num_params * (spec.num_classes ** 2 if spec.kind == "full" else rows)
   pieces = symmetric_pieces(tile)
   tiles = (num_devices * ((pieces + 1) / (2 * pieces) + num_devices // 2) if symmetric
            else num_devices * num_devices)
   blocks = num_devices * (1 if symmetric else 2)
-  return tiles * contraction + blocks * tile * cost.forward_flops * (1 + 2 * rows)
+  return tiles * _contraction_flops(tile, spec, cost) + blocks * tile * _rows_flops(spec, cost)
 
 
 def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost,
@@ -298,9 +309,10 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"device: leave {names['band']} and {names['logit_chunk']} unset and {names['tile_size']} "
         f"unset or {ring_tile}.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
-  ring = lambda: (_ring_flops(ring_tile, num_devices, symmetric, spec, cost), 1,
-                  -spec.rows_per_example, True, "jacobian", ring_tile)
+  # Candidates: (flops, band, -logit chunk, rotate, method, tile, bytes per device); the least wins.
   ring_bytes = bytes_per_device("jacobian", ring_tile, spec, cost, rotate=True)
+  ring = (_ring_flops(ring_tile, num_devices, symmetric, spec, cost), 1, -spec.rows_per_example,
+          True, "jacobian", ring_tile, ring_bytes)
   if rotate and ring_bytes > budget:
     raise KernelPlanError(
         f"{names['rotate']}=True does not fit: a block of {ring_tile} examples per device needs "
@@ -332,20 +344,21 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
       if size == 0 or peak(m, size, b) > budget:
         continue
       flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost)
-      candidates.append((flops, b, -spec.rows_per_example, False, m, size))
+      candidates.append((flops, b, -spec.rows_per_example, False, m, size, peak(m, size, b)))
   if spec.kind == "trace" and method != "ntvp" and not (tile or band) and one_band(cap, 1):
     chunks = [logit_chunk] if logit_chunk else [c for c in range(spec.num_classes - 1, 0, -1)
                                                  if spec.num_classes % c == 0]
     for chunk in chunks:
-      if bytes_per_device("jacobian", cap, spec, cost, False, 1, chunk) <= budget:
+      memory = bytes_per_device("jacobian", cap, spec, cost, False, 1, chunk)
+      if memory <= budget:
         flops = _flops("jacobian", cap, 1, num_rows, num_cols, symmetric, spec, cost, chunk)
-        candidates.append((flops, 1, -chunk, False, "jacobian", cap))
+        candidates.append((flops, 1, -chunk, False, "jacobian", cap, memory))
         break  # the largest chunk that fits: fewest forward passes
   if rotate:
-    candidates = [ring()]
+    candidates = [ring]
   elif (rotate is None and num_devices > 1 and method != "ntvp" and not (band or logit_chunk)
         and tile in (None, ring_tile) and ring_bytes <= budget):
-    candidates.append(ring())
+    candidates.append(ring)
   if logit_chunk and not one_band(cap, 1):
     raise KernelPlanError(f"{names['logit_chunk']}={logit_chunk} needs the kernel in one tile on one "
                           f"device; this plan spreads it over {num_devices} devices.")
@@ -366,15 +379,8 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"{_gib(budget)}; {hint}raise {names['memory_budget']}, or use devices with more memory.")
   if logit_chunk:
     candidates = [c for c in candidates if -c[2] == logit_chunk]
-  flops, chosen_band, chunk, rotate, chosen, size = min(candidates)
-  chunk = -chunk
-  if rotate:
-    memory = bytes_per_device(chosen, size, spec, cost, rotate=True)
-  elif chunk < spec.rows_per_example:
-    memory = bytes_per_device(chosen, size, spec, cost, False, 1, chunk)
-  else:
-    memory = peak(chosen, size, chosen_band)
+  flops, chosen_band, chunk, rotate, chosen, size, memory = min(candidates)
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
                     method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
-                    logit_chunk=chunk, rotate=rotate, bytes_per_device=memory, budget_bytes=budget,
+                    logit_chunk=-chunk, rotate=rotate, bytes_per_device=memory, budget_bytes=budget,
                     flops=flops, cost=cost)
