@@ -160,6 +160,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernel.dtype = "float32"  # float32 | float64
   c.kernel.precision = "highest"  # matmul precision: highest | high | default
   c.kernel.tile_size = 0  # examples per tile side; 0: the largest that fits the memory budget
+  c.kernel.band = 0  # row tiles per resident band (ntk_scale/ntk/plan.py); 0: from the budget
+  c.kernel.logit_chunk = 0  # a trace kernel's logits formed at a time (a divisor of C); 0: from the budget
   c.kernel.memory_budget_gb = 0.0  # per device; 0: 80% of the device memory XLA may use (CPU: half of host memory)
   # True: one block per device, the column rows passed round the devices (no row formed twice);
   # False: never; None: when the cost model says it saves FLOPs (ntk_scale/ntk/plan.py).

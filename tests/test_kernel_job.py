@@ -52,9 +52,13 @@ def library_kernel(config, workdir, phase, logits, images):
 
 @pytest.mark.parametrize("phase,logits", [(1, "trace"), (1, "3"), (2, "full")])
 def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, capsys):
-  config = kernel_config(phase=phase, logits=logits)
+  """The trace kernel in bands of 2 row tiles formed 5 logits at a time (config.kernel)."""
+  chunked = dict(band=2, logit_chunk=5) if logits == "trace" else {}
+  config = kernel_config(phase=phase, logits=logits, **chunked)
   result = jobs.run(config, workdir)
-  assert "kernel plan: kernel 20 x 20" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "kernel plan: kernel 20 x 20" in out
+  assert not chunked or "bands of 2 row tiles, 5 logits at a time" in out
   store = KernelStore.open(result["kernel"])
   assert result["complete"] and store.meta["complete"]
   labels = load_digits().train.labels
@@ -106,6 +110,10 @@ def test_bad_kernel_settings_fail_before_compute(workdir):
     jobs.run(kernel_config(split="validation"), workdir)
   with pytest.raises(ValueError, match="config.kernel.num_examples=25"):  # not a multiple of 10
     jobs.run(kernel_config(num_examples=25), workdir)
+  with pytest.raises(KernelPlanError, match="config.kernel.logit_chunk=3 needs a trace kernel"):
+    jobs.run(kernel_config(logits="trace", logit_chunk=3), workdir)
+  with pytest.raises(ValueError, match="config.kernel.band=-1 must be >= 0"):
+    jobs.run(kernel_config(band=-1), workdir)
   with pytest.raises(KernelPlanError, match="config.kernel.memory_budget_gb"):
     jobs.run(kernel_config(name="tiny", memory_budget_gb=1e-7, tile_size=0), workdir)
   with pytest.raises(CheckpointNotFoundError, match="config.kernel.epoch=7.*available epochs"):

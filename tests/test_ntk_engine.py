@@ -1,6 +1,8 @@
 """The empirical NTK engine against an explicit float64 Jacobian contraction (jax.jacrev), across
 logits modes, methods, tile sizes, device counts, the on-disk store and kill-and-resume."""
 
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tang
 from ntk_scale.ntk import KernelPlanError, empirical_ntk, plan_for, run_tiles
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
-from ntk_scale.ntk.schedule import jacobian_schedule, ring_schedule, tile_schedule
+from ntk_scale.ntk.schedule import in_logit_chunks, jacobian_schedule, ring_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import contract, contract_symmetric, parse_logits
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from random_variables import random_variables
@@ -96,21 +98,28 @@ def test_bands_of_row_tiles_give_the_same_kernel(network, logits):
 
 
 def test_trace_kernel_formed_a_chunk_of_logits_at_a_time(network):
-  """One tile on one device (chunks need the whole kernel in one tile), a logit per chunk."""
+  """A logit per chunk: the kernel in one tile on one device (every chunk inside one program), and
+  bands of square tiles on 4 devices (each round once per chunk, the partial tiles summed on the
+  host), symmetric and cross."""
   _, variables, apply_fn = network
-  x = _images(5)
+  x, x2 = _images(7), _images(3, seed=6)
   one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  with pytest.raises(KernelPlanError, match="one tile on one device; this plan spreads it over 4"):
-    empirical_ntk(apply_fn, variables["params"], x, logits="trace", logit_chunk=1)
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     x64 = x.astype(np.float64)
     plan = plan_for(apply_fn, params, x64, None, "trace", logit_chunk=1, num_devices=1)
-    assert (plan.tile, plan.logit_chunk) == (5, 1)
+    assert (plan.tile, plan.band, plan.logit_chunk) == (7, 1, 1)
     tiles = []
     run_tiles(apply_fn, params, x64, None, plan, lambda i, j, t: tiles.append(t), mesh=one)
+  reference = reference_kernel(apply_fn, variables["params"], x, x, "trace")
   assert len(tiles) == 1 and tiles[0].dtype == np.float64
-  assert _relative_error(tiles[0], reference_kernel(apply_fn, variables["params"], x, x, "trace")) < 1e-10
+  assert _relative_error(tiles[0], reference) < 1e-10
+  kernel = empirical_ntk(apply_fn, variables["params"], x, logits="trace", method="jacobian",
+                         tile_size=2, band=2, logit_chunk=1, dtype="float64")
+  assert _relative_error(kernel, reference) < 1e-10
+  kernel = empirical_ntk(apply_fn, variables["params"], x, x2, logits="trace", tile_size=2,
+                         logit_chunk=1, dtype="float64")
+  assert _relative_error(kernel, reference_kernel(apply_fn, variables["params"], x, x2, "trace")) < 1e-10
 
 
 def test_cross_kernel_of_two_sets(network):
@@ -150,21 +159,23 @@ def _kernel_on(mesh, apply_fn, params, x, done=(), **settings):
   return kernel, plan, handed
 
 
-@pytest.mark.parametrize("settings", [dict(tile_size=2), dict(tile_size=2, band=3), dict()])
+@pytest.mark.parametrize("settings", [dict(tile_size=2), dict(tile_size=2, band=3), dict(),
+                                      dict(tile_size=2, band=2, logit_chunk=1), dict(logit_chunk=1)])
 def test_four_devices_equal_one_device(network, settings):
-  """Square tiles, bands, and (unset: every device's block fits) column rows rotating over the
-  ring of devices, which on one device is the kernel in one tile."""
+  """Square tiles, bands, (unset: every device's block fits) column rows rotating over the ring of
+  devices, which on one device is the kernel in one tile, and both a logit at a time."""
   _, variables, apply_fn = network
   assert jax.device_count() == 4
   x = _images(9)
   one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
   k1, _, _ = _kernel_on(one, apply_fn, variables["params"], x, **settings)
   k4, plan, _ = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, **settings)
-  assert plan.rotate == (not settings)
+  assert plan.rotate == ("tile_size" not in settings)
   np.testing.assert_allclose(k4, k1, rtol=1e-6, atol=1e-7 * np.abs(k1).max())
-  if plan.rotate:  # resumed: only the missing tiles are handed over, the kernel is the same
+  if plan.rotate or "logit_chunk" in settings:  # resumed: only the missing tiles, the same kernel
     done = set(plan.tiles()[::2])
-    partial, _, handed = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, done=done)
+    partial, _, handed = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x,
+                                    done=done, **settings)
     assert handed == len(plan.tiles()) - len(done)
     for i, j in set(plan.tiles()) - done:
       rows, cols = tile_slices(plan, i, j)
@@ -232,6 +243,11 @@ def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
     return sum(plan.tile * (plan.band if s.kind in ("row", "diagonal") else 1) for s in steps)
 
   assert rows_formed(banded) < 0.75 * rows_formed(square)
+  # The largest square tile that fits (585 rows) leaves 292 of its 4th block padding; 4 blocks of
+  # 512 form and contract fewer rows.
+  balanced = make_plan(cost, 2048, 2048, True, spec, num_devices=1, band=1, budget_bytes=5.1e9)
+  largest = make_plan(cost, 2048, 2048, True, spec, num_devices=1, tile=585, budget_bytes=5.1e9)
+  assert balanced.tile == 512 and largest.method == "jacobian" and balanced.flops < largest.flops
   with pytest.raises(KernelPlanError, match="band=0 must be a positive integer"):
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=0, budget_bytes=budget)
   with pytest.raises(KernelPlanError, match="band=2 needs method 'jacobian'"):
@@ -255,20 +271,32 @@ def test_planner_rotates_column_rows_when_every_device_holds_its_block():
 
 
 def test_planner_forms_a_trace_kernel_in_logit_chunks_when_all_logits_do_not_fit():
-  """A trace kernel whose Jacobian rows fit one tile two logits at a time but not all ten:
-  formed in chunks (every row once, one forward pass more per chunk) rather than tiles."""
+  """A trace kernel whose Jacobian rows fit one tile two logits at a time but not all ten: formed
+  in chunks (every row once, one forward pass more per chunk) rather than tiles; four times the
+  examples fit no tile even a logit at a time, and bands of a logit at a time recompute fewer rows
+  than bands of all ten."""
   cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
                    largest_group=125_000)
   spec, budget = parse_logits("trace", 10), 12e9
   chunked = make_plan(cost, 1024, 1024, True, spec, num_devices=1, budget_bytes=budget)
   assert (chunked.tile, chunked.logit_chunk) == (1024, 2) and chunked.bytes_per_device <= budget
-  tiled = make_plan(cost, 1024, 1024, True, spec, num_devices=1, band=1, budget_bytes=budget)
+  assert chunked.layout() == "method jacobian, tile 1024, 2 logits at a time"
+  tiled = make_plan(cost, 1024, 1024, True, spec, num_devices=1, logit_chunk=10, budget_bytes=budget)
   assert tiled.tile < 1024 and tiled.logit_chunk == 10 and chunked.flops < tiled.flops
+  banded = make_plan(cost, 4096, 4096, True, spec, num_devices=1, budget_bytes=budget)
+  assert banded.band > 1 and banded.logit_chunk == 1 and banded.bytes_per_device <= budget
+  unchunked = make_plan(cost, 4096, 4096, True, spec, num_devices=1, logit_chunk=10,
+                        budget_bytes=budget)
+  assert banded.flops < 0.5 * unchunked.flops
+  forced = make_plan(cost, 4096, 4096, False, spec, num_devices=2, tile=128, band=2, logit_chunk=5,
+                     budget_bytes=budget)
+  assert (forced.tile, forced.band, forced.logit_chunk) == (128, 2, 5)
   for bad, message in ((dict(logit_chunk=3), "a divisor of the 10 logits"),
-                       (dict(logit_chunk=2, tile=128), "in one tile"),
-                       (dict(logit_chunk=5), "logit_chunk=5 does not fit")):
+                       (dict(logit_chunk=2, method="ntvp"), "by the Jacobian method"),
+                       (dict(logit_chunk=5, tile=1024), "lower logit_chunk, set method='ntvp'")):
     with pytest.raises(KernelPlanError, match=message):
-      make_plan(cost, 1024, 1024, True, spec, num_devices=1, budget_bytes=budget, **bad)
+      make_plan(cost, 1024, 1024, True, spec, num_devices=1, budget_bytes=budget,
+                **{"method": "jacobian", **bad})
   with pytest.raises(KernelPlanError, match="needs a trace kernel"):
     make_plan(cost, 1024, 1024, True, parse_logits("full", 10), num_devices=1, logit_chunk=2,
               budget_bytes=budget)
@@ -394,6 +422,30 @@ def test_ring_schedule_meets_every_pair_of_blocks_once(num_devices, symmetric):
           assert offset == (0, 0) and tile == ((e, d) if mirrored else (d, e))
           handed.append(tile)
     assert sorted(handed) == sorted(todo)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_logit_chunks_run_each_round_once_per_chunk(symmetric):
+  """Every tile handed over in chunks 0, 1, 2 (partial sums, the last completes it) or once by a
+  diagonal step that sums its chunks itself; column and rotate steps use their own chunk's rows."""
+  tiles = [(i, j) for i in range(7) for j in range(i if symmetric else 0, 7)]
+  for steps in (jacobian_schedule(tiles, symmetric, 2, 2), ring_schedule(tiles[:9], symmetric, 3)):
+    chunked = in_logit_chunks(steps, 3)
+    assert in_logit_chunks(steps, 1) == steps
+    chunks_of = collections.defaultdict(list)
+    for step in chunked:
+      if step.kind in ("row", "form", "diagonal"):
+        formed = step.chunk
+      assert step.chunk == formed and (step.chunk is None) == (step.kind == "diagonal")
+      for placed in step.tiles:
+        for tile, _, _ in placed:
+          chunks_of[tile].append(step.chunk)
+    assert sorted(chunks_of) == sorted({t for s in steps for p in s.tiles for t, _, _ in p})
+    assert all(c in ([0, 1, 2], [None]) for c in chunks_of.values())
+    diagonal = sum(s.kind == "diagonal" for s in steps)
+    assert len(chunked) == diagonal + 3 * (len(steps) - diagonal)
+  with pytest.raises(ValueError, match="NTK-vector products"):
+    in_logit_chunks(tile_schedule(tiles, 2), 2)
 
 
 @pytest.mark.parametrize("logits", ["trace", "full"])

@@ -5,8 +5,10 @@ blocks (schedule.py says which), with no communication except when column rows r
 ring of devices (lax.ppermute) instead of being recomputed. With the Jacobian method a device keeps
 the Jacobian rows of a band of row tiles resident through a run of column blocks and uses them for
 the band's diagonal tiles too, so a block's Jacobian is formed once per run of tiles it enters
-instead of once per tile. Tiles leave the devices while the next step runs; each host hands the
-tiles of its own devices to `on_tile`; finished tiles (`done`) are never recomputed.
+instead of once per tile. A trace kernel may be formed a chunk of logits at a time: every round
+runs once per chunk and the host sums each tile's partial tiles before handing it over. Tiles
+leave the devices while the next step runs; each host hands the tiles of its own devices to
+`on_tile`; finished tiles (`done`) are never recomputed.
 """
 
 import contextlib
@@ -24,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
 from ntk_scale.ntk.plan import KernelPlan, ModelCost, make_plan, symmetric_pieces
-from ntk_scale.ntk.schedule import jacobian_schedule, ring_schedule, tile_schedule
+from ntk_scale.ntk.schedule import in_logit_chunks, jacobian_schedule, ring_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import (ApplyFn, LogitSpec, contract, contract_symmetric, jacobian_rows,
                                      mirror_tile, ntvp_tile, parse_logits,
                                      symmetric_tile_by_logit_chunks)
@@ -48,41 +50,47 @@ def _bind(apply_fn: Callable, stateful: bool, state) -> ApplyFn:
 @functools.lru_cache(maxsize=32)
 def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: str,
               mesh: Mesh, logit_chunk: int) -> dict[str, Callable]:
-  """The jitted per-device programs of each step kind (see schedule.py), one shard_map each;
-  the diagonal program forms a trace kernel `logit_chunk` logits at a time when that is fewer
-  than all (plan.py).
+  """The jitted per-device programs of each step kind (see schedule.py), one shard_map each.
+  When `logit_chunk` is fewer than all logits (a trace kernel, plan.py), programs that form
+  Jacobian rows form those of logits first .. first + logit_chunk - 1 (`first`, a traced argument),
+  and the diagonal program sums all chunks itself.
 
   Every program takes (params, model_state, ...): the state (BatchNorm averages) is an argument,
   not a constant, so the kernels of many checkpoints of one model share one compilation.
   Branch-free on purpose: a `lax.cond` choosing per device between them ran 10x slower on CPU.
   """
   matmul_precision = PRECISIONS[precision]
-  jacobian = lambda params, state, x: jacobian_rows(_bind(apply_fn, stateful, state), params, x, spec)
+  chunked = logit_chunk < spec.rows_per_example
 
-  def row(params, state, x_rows):  # -> (resident Jacobian rows, their diagonal block)
-    resident = jacobian(params, state, x_rows)
+  def jacobian(params, state, first, x):
+    return jacobian_rows(_bind(apply_fn, stateful, state), params, x, spec, first,
+                         logit_chunk if chunked else None)
+
+  def row(params, state, first, x_rows):  # -> (resident Jacobian rows, their diagonal block)
+    resident = jacobian(params, state, first, x_rows)
     return resident, contract_symmetric(resident, spec, matmul_precision,
                                         symmetric_pieces(x_rows.shape[0]))
 
-  def diagonal(params, state, x_rows):  # the diagonal block alone: no rows outlive the step
-    if logit_chunk < spec.rows_per_example:
+  def diagonal(params, state, first, x_rows):  # the diagonal block alone: no rows outlive the step
+    if chunked:
       return symmetric_tile_by_logit_chunks(_bind(apply_fn, stateful, state), params, x_rows, spec,
                                             matmul_precision, symmetric_pieces(x_rows.shape[0]),
                                             logit_chunk)
-    return row(params, state, x_rows)[1]
+    return row(params, state, first, x_rows)[1]
 
-  def column(params, state, resident, x_cols):
-    return contract(resident, jacobian(params, state, x_cols), spec, matmul_precision)
+  def column(params, state, first, resident, x_cols):
+    return contract(resident, jacobian(params, state, first, x_cols), spec, matmul_precision)
 
-  def tile(params, state, x_rows, x_cols):
+  def tile(params, state, first, x_rows, x_cols):  # all logits: never chunked
     return ntvp_tile(_bind(apply_fn, stateful, state), params, x_rows, x_cols, spec)
 
-  def form_symmetric(params, state, x_rows):  # -> (resident rows, their copy to travel, diagonal)
-    resident, diagonal_tile = row(params, state, x_rows)
+  def form_symmetric(params, state, first, x_rows):  # -> (resident rows, a copy to travel, diagonal)
+    resident, diagonal_tile = row(params, state, first, x_rows)
     return resident, jax.tree.map(jnp.copy, resident), diagonal_tile
 
-  def form_cross(params, state, x_rows, x_cols):
-    resident, travelling = jacobian(params, state, x_rows), jacobian(params, state, x_cols)
+  def form_cross(params, state, first, x_rows, x_cols):
+    resident = jacobian(params, state, first, x_rows)
+    travelling = jacobian(params, state, first, x_cols)
     return resident, travelling, contract(resident, travelling, spec, matmul_precision)
 
   def rotate(resident, travelling):  # device d receives the column rows of device d + 1
@@ -91,7 +99,7 @@ def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: st
     return travelling, contract(resident, travelling, spec, matmul_precision)
 
   data = P(parallel.DATA_AXIS)
-  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P()) + (data,) * n,
+  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(),) * 3 + (data,) * n,
                                                     out_specs=out, check_vma=False))
   return {"row": sharded(row, 1, (data, data)), "resident": sharded(jacobian, 1, data),
           "diagonal": sharded(diagonal, 1, data), "column": sharded(column, 2, data),
@@ -133,6 +141,8 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
     steps = jacobian_schedule(todo, plan.symmetric, mesh.size, band)
   else:
     steps = tile_schedule(todo, mesh.size)
+  chunks = plan.logits.rows_per_example // plan.logit_chunk
+  steps = in_logit_chunks(steps, chunks)
 
   programs = _programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
                        plan.logit_chunk)
@@ -148,8 +158,9 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
                                         lambda index: per_device[(index[0].start or 0) // size])
 
   handed, started, last_log = 0, time.time(), time.time()
+  partial: dict[tuple[int, int], np.ndarray] = {}  # tiles summed over the logit chunks so far
 
-  def hand_over(placed: tuple, tiles: jax.Array) -> None:
+  def hand_over(placed: tuple, tiles: jax.Array, chunk: int | None) -> None:
     nonlocal handed
     per_device = tiles.shape[0] // mesh.size
     for shard in tiles.addressable_shards:
@@ -160,36 +171,45 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
       for (i, j), (r, c), mirrored in placed[device]:
         part = block[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
         part = mirror_tile(part) if mirrored else part
-        on_tile(i, j, part[:min(tile, plan.num_rows - i * tile), :min(tile, plan.num_cols - j * tile)])
+        part = part[:min(tile, plan.num_rows - i * tile), :min(tile, plan.num_cols - j * tile)]
+        if chunk is not None:
+          part = partial.pop((i, j)) + part if chunk else part
+          if chunk < chunks - 1:
+            partial[i, j] = np.array(part)
+            continue
+        on_tile(i, j, part)
         handed += 1
 
   pending, resident, travelling = None, None, None
   for number, step in enumerate(steps):
     if step.kind in ("row", "diagonal", "form"):
-      resident = None  # the previous band's Jacobian is freed before the next one is formed
+      resident = travelling = None  # the previous rows are freed before the next are formed
       x_band = device_array(rows, step.blocks, band * tile)
+    first = np.int32((step.chunk or 0) * plan.logit_chunk)
     with jax.default_matmul_precision(precision):
       if step.kind == "row" and not any(step.tiles):  # no diagonal tile wanted: the rows only
-        resident, tiles = programs["resident"](params, state, x_band), None
+        resident, tiles = programs["resident"](params, state, first, x_band), None
       elif step.kind == "row":
-        resident, tiles = programs["row"](params, state, x_band)
+        resident, tiles = programs["row"](params, state, first, x_band)
       elif step.kind == "diagonal":
-        tiles = programs["diagonal"](params, state, x_band)
+        tiles = programs["diagonal"](params, state, first, x_band)
       elif step.kind == "form" and plan.symmetric:
-        resident, travelling, tiles = programs["form_symmetric"](params, state, x_band)
+        resident, travelling, tiles = programs["form_symmetric"](params, state, first, x_band)
       elif step.kind == "form":
-        resident, travelling, tiles = programs["form_cross"](params, state, x_band,
+        resident, travelling, tiles = programs["form_cross"](params, state, first, x_band,
                                                              device_array(cols, step.blocks, tile))
       elif step.kind == "rotate":
         travelling, tiles = programs["rotate"](resident, travelling)
       elif step.kind == "column":
-        tiles = programs["column"](params, state, resident, device_array(cols, step.blocks, tile))
+        tiles = programs["column"](params, state, first, resident,
+                                   device_array(cols, step.blocks, tile))
       else:
-        tiles = programs["tile"](params, state, device_array(rows, [i for i, _ in step.blocks], tile),
+        tiles = programs["tile"](params, state, first,
+                                 device_array(rows, [i for i, _ in step.blocks], tile),
                                  device_array(cols, [j for _, j in step.blocks], tile))
     if pending is not None:
       hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
-    pending = (step.tiles, tiles) if tiles is not None else None
+    pending = (step.tiles, tiles, step.chunk) if tiles is not None else None
     if time.time() - last_log > 30:
       last_log = time.time()
       logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s", number + 1, len(steps),
@@ -273,8 +293,9 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   averages); given, the model is `apply_fn(params, x, model_state)`, and kernels of several
   checkpoints of one model (one `apply_fn`) reuse one compilation.
   tile_size, band, logit_chunk, rotate: the tile, the row tiles per resident band, the logits whose
-  Jacobian rows a trace kernel in one band forms at a time, and whether column rows rotate over
-  the devices (see plan.py); unset, from the budget and the cost model.
+  Jacobian rows a trace kernel forms at a time (a divisor of C: the kernel is summed over chunks),
+  and whether column rows rotate over the devices (see plan.py); unset, from the budget and the
+  cost model.
   """
   check_precision(precision)
   if dtype not in ("float32", "float64"):

@@ -30,7 +30,8 @@ SPLITS = ("train", "test")
 IDENTITY = ("source", "split", "logits", "dtype", "precision", "shape")
 FIELDS = {"method": "config.kernel.method", "tile_size": "config.kernel.tile_size",
           "memory_budget": "config.kernel.memory_budget_gb", "logits": "config.kernel.logits",
-          "rotate": "config.kernel.rotate"}
+          "rotate": "config.kernel.rotate", "band": "config.kernel.band",
+          "logit_chunk": "config.kernel.logit_chunk"}
 
 
 def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int, split_size: int) -> None:
@@ -58,11 +59,18 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int, spl
   if any(not 0 <= c < num_classes for c in k.classes):
     raise ValueError(f"config.kernel.classes={tuple(k.classes)} must be class indices in "
                      f"[0, {num_classes}).")
-  if k.tile_size < 0 or k.memory_budget_gb < 0:
-    raise ValueError("config.kernel.tile_size and config.kernel.memory_budget_gb must be >= 0 "
-                     "(0: from the device's memory).")
+  for name in ("tile_size", "band", "logit_chunk", "memory_budget_gb"):
+    if k[name] < 0:
+      raise ValueError(f"config.kernel.{name}={k[name]} must be >= 0 (0: from the device's memory).")
   if "/" in k.name or k.name in (".", ".."):
     raise ValueError(f"config.kernel.name={k.name!r} must be a plain directory name.")
+
+
+def plan_settings(k: ml_collections.ConfigDict) -> dict:
+  """`plan_for`'s settings from config.kernel: 0 and None leave a setting to the planner."""
+  return dict(method=k.method, tile_size=k.tile_size or None, band=k.band or None,
+              logit_chunk=k.logit_chunk or None, rotate=k.rotate,
+              memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS)
 
 
 def select_examples(config: ml_collections.ConfigDict, labels: np.ndarray) -> np.ndarray:
@@ -149,9 +157,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     params = jax.tree.map(lambda a: _host_copy(a, k.dtype), restored.variables["params"])
     batch_stats = jax.tree.map(lambda a: _host_copy(a, k.dtype), batch_stats)
     images = images.astype(k.dtype)
-    plan = plan_for(apply_fn, params, images, None, k.logits, method=k.method, tile_size=tile,
-                    rotate=k.rotate, memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
-                    fields=FIELDS, model_state=batch_stats)
+    plan = plan_for(apply_fn, params, images, None, k.logits, **{**plan_settings(k), "tile_size": tile},
+                    model_state=batch_stats)
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)

@@ -8,11 +8,12 @@ memory a tall band and narrow columns recompute fewer Jacobian rows than square 
 N^2 / (2 b T) column rows for a symmetric kernel against N^2 / (2 T)). Per device it holds the
 band's rows (b T C' P numbers, kept per parameter group) and a column block's with one group's
 per-array gradients, (1 + g) T C' P, g the largest group's share of P; a band is formed with one
-group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel in one tile,
-(1 + g) N L P for a trace kernel in one tile formed L logits at a time); plus activations. When
-every device can hold one block of N / D rows three times (its own, the column rows it sends and
-those it receives: (3 + g) T C' P), the blocks rotate over the ring of devices instead, every
-row formed once (schedule.ring_schedule). The NTK-vector-product method holds one example's
+group's gradients too, b T (1 + g) C' P ((1 + g) N C' P for a symmetric kernel in one tile);
+plus activations. When every device can hold one block of N / D rows three times (its own, the
+column rows it sends and those it receives: (3 + g) T C' P), the blocks rotate over the ring of
+devices instead, every row formed once (schedule.ring_schedule). A trace kernel may form its
+rows L of its C logits at a time, C' = L in all of the above, every round of the schedule run
+C / L times and its tiles summed (schedule.in_logit_chunks). The NTK-vector-product method holds one example's
 Jacobian rows and the activations of a JVP over a row block. The cost model counts FLOPs with the
 forward pass of one example measured by XLA (F) and the parameter count (P):
 
@@ -142,7 +143,7 @@ class KernelPlan:
     return (f"method {self.method}, tile {self.tile}"
             + (", column rows rotating over the devices" if self.rotate else "")
             + (f", bands of {self.band} row tiles" if self.band > 1 else "")
-            + (f", {self.logit_chunk} logits at a time" if chunked else ""))
+            + (f", {self.logit_chunk} logit{'s' * (self.logit_chunk > 1)} at a time" if chunked else ""))
 
   def describe(self) -> str:
     tiles = len(self.tiles())
@@ -239,28 +240,45 @@ def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symm
   return tiles * contraction + (bands * band + columns) * tile * jacobian_per_example
 
 
-def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec,
-                cost: ModelCost) -> float:
+def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec, cost: ModelCost,
+                logit_chunk: int | None = None) -> float:
   """Every block's rows formed once; a symmetric kernel contracts each device's diagonal tile and
   D // 2 rotations of D tiles, a cross kernel D rotations (the first without moving)."""
   pieces = symmetric_pieces(tile)
   tiles = (num_devices * ((pieces + 1) / (2 * pieces) + num_devices // 2) if symmetric
            else num_devices * num_devices)
   blocks = num_devices * (1 if symmetric else 2)
-  return tiles * _contraction_flops(tile, spec, cost) + blocks * tile * _rows_flops(spec, cost)
+  return (tiles * _contraction_flops(tile, spec, cost)
+          + blocks * tile * _rows_flops(spec, cost, logit_chunk))
 
 
 def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost,
-                  band: int) -> int:
+                  band: int, logit_chunk: int | None = None) -> int:
   """The largest tile <= cap whose memory fits `budget` (0 when not even a tile of 1 fits)."""
   lo, hi = 0, cap
   while lo < hi:
     mid = (lo + hi + 1) // 2
-    if bytes_per_device(method, mid, spec, cost, band=band) <= budget:
+    if bytes_per_device(method, mid, spec, cost, band=band, logit_chunk=logit_chunk) <= budget:
       lo = mid
     else:
       hi = mid - 1
   return lo
+
+
+def _balanced_tiles(tile: int, band: int, num_rows: int, num_cols: int) -> tuple[int, ...]:
+  """Tiles no larger than `tile` that cut the rows into as many bands (the columns into as many
+  blocks) with the least padding: the largest tile that fits may leave a last band mostly padding,
+  which the engine computes all the same."""
+  bands, blocks = -(-num_rows // (band * tile)), -(-num_cols // tile)
+  return -(-num_rows // (band * bands)), -(-num_cols // blocks)
+
+
+def logit_chunks(spec: LogitSpec) -> tuple[int, ...]:
+  """The logits a trace kernel may form at a time, all first: the divisors of C (the partial
+  kernels of equal chunks compile to one program). Other kernels form all their rows at once."""
+  if spec.kind != "trace":
+    return (spec.rows_per_example,)
+  return tuple(c for c in range(spec.num_classes, 0, -1) if spec.num_classes % c == 0)
 
 
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
@@ -272,15 +290,17 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   "tile_size", "band", "logit_chunk", "rotate" and "memory_budget" to the names the caller's user
   knows) that must change.
 
-  Unset, the tile and band come from the budget: the fewest FLOPs (Jacobian rows recomputed
-  included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that fits, a band
-  taller than one tile only with tiles of at least MIN_BANDED_TILE rows; and for a trace kernel of
-  x1 with itself that fits one tile on one device when its Jacobian rows are formed a chunk of
-  logits at a time (`logit_chunk`, a divisor of C), that tile: every row formed once, for one
-  more forward pass per chunk, where tiles would form most rows several times; and on several
-  devices, one block per device with the column rows rotating over the devices (`rotate` True:
-  only that; False: never). FLOPs do not count the rotation's transfers, so "auto" picks it only
-  where it saves arithmetic: on fast interconnects (ICI, NVLink) it also pays where it does not.
+  Unset, the tile, band and logit chunk come from the budget: the fewest FLOPs (Jacobian rows
+  recomputed included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that
+  fits or, cutting the kernel into as many bands or blocks, the least padding (a band taller than
+  one tile only with tiles of at least MIN_BANDED_TILE rows); for a trace
+  kernel also with its Jacobian rows formed L logits at a time (`logit_chunk`, a divisor of C):
+  every round of the schedule runs C / L times for one more forward pass per chunk, in L / C of
+  the memory, so a band is taller (or the kernel one tile) where all logits at once recompute
+  most rows. On several devices, also one block per device with the column rows rotating over
+  the devices (`rotate` True: only that; False: never). FLOPs do not count the rotation's
+  transfers, so "auto" picks it only where it saves arithmetic: on fast interconnects (ICI,
+  NVLink) it also pays where it does not.
   """
   names = {"method": "method", "tile_size": "tile_size", "band": "band",
            "logit_chunk": "logit_chunk", "rotate": "rotate", "memory_budget": "memory_budget_bytes"}
@@ -297,26 +317,29 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
     raise KernelPlanError(f"{names['band']}={band} needs method 'jacobian' (NTK-vector products "
                           "keep no rows resident).")
   if logit_chunk is not None and (spec.kind != "trace" or spec.num_classes % logit_chunk
-                                  or not symmetric or method == "ntvp" or band or tile):
+                                  or method == "ntvp"):
     raise KernelPlanError(
-        f"{names['logit_chunk']}={logit_chunk} needs a trace kernel of x1 with itself by the Jacobian "
-        f"method in one tile (no {names['tile_size']} or {names['band']}), and a divisor of the "
-        f"{spec.num_classes} logits.")
+        f"{names['logit_chunk']}={logit_chunk} needs a trace kernel by the Jacobian method and a "
+        f"divisor of the {spec.num_classes} logits.")
   ring_tile = -(-max(num_rows, num_cols) // num_devices)
-  if rotate and (method == "ntvp" or band or logit_chunk or tile not in (None, ring_tile)):
+  if rotate and (method == "ntvp" or band or tile not in (None, ring_tile)):
     raise KernelPlanError(
         f"{names['rotate']}=True needs the Jacobian method with one block of {ring_tile} examples per "
-        f"device: leave {names['band']} and {names['logit_chunk']} unset and {names['tile_size']} "
-        f"unset or {ring_tile}.")
+        f"device: leave {names['band']} unset and {names['tile_size']} unset or {ring_tile}.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
+  chunks = (logit_chunk,) if logit_chunk else logit_chunks(spec)
   # Candidates: (flops, band, -logit chunk, rotate, method, tile, bytes per device); the least wins.
-  ring_bytes = bytes_per_device("jacobian", ring_tile, spec, cost, rotate=True)
-  ring = (_ring_flops(ring_tile, num_devices, symmetric, spec, cost), 1, -spec.rows_per_example,
-          True, "jacobian", ring_tile, ring_bytes)
-  if rotate and ring_bytes > budget:
+  ring = []
+  for chunk in chunks:
+    memory = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunk, rotate=True)
+    if memory <= budget:
+      ring.append((_ring_flops(ring_tile, num_devices, symmetric, spec, cost, chunk), 1, -chunk,
+                   True, "jacobian", ring_tile, memory))
+  if rotate and not ring:
+    least = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunks[-1], rotate=True)
     raise KernelPlanError(
         f"{names['rotate']}=True does not fit: a block of {ring_tile} examples per device needs "
-        f"{_gib(ring_bytes)} but {names['memory_budget']} allows {_gib(budget)}; raise "
+        f"{_gib(least)} but {names['memory_budget']} allows {_gib(budget)}; raise "
         f"{names['memory_budget']}, use more devices, or unset {names['rotate']}.")
   # Enough bands that every device gets a tile, and no bigger than the kernel.
   blocks = 1
@@ -325,60 +348,51 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   cap = max(1, -(-max(num_rows, num_cols) // blocks))  # rows of a band
 
   one_band = lambda size, b: symmetric and size * b >= num_rows  # no column blocks
-  peak = lambda m, size, b: bytes_per_device(m, size, spec, cost, column_blocks=not one_band(size, b),
-                                             band=b)
+  peak = lambda m, size, b, chunk: bytes_per_device(m, size, spec, cost, not one_band(size, b), b,
+                                                    chunk)
+  methods = ("jacobian", "ntvp") if method == "auto" and not logit_chunk else (
+      "jacobian" if method == "auto" else method,)
   candidates = []
-  for m in (("jacobian", "ntvp") if method == "auto" else (method,)):
-    heights = (1,) if m == "ntvp" else (band,) if band else BAND_HEIGHTS
-    for b in heights:
-      if tile:
-        size = min(tile, max(num_rows, num_cols))
-        if b > 1 and b * size > cap and not band:
-          continue  # a band taller than the kernel (or than a device's share) gains nothing
-      elif b == 1 and one_band(cap, 1) and peak(m, cap, 1) <= budget:
-        size = cap
-      else:
-        size = _largest_tile(m, max(1, cap // b), budget, spec, cost, b)
-        if b > 1 and size < MIN_BANDED_TILE and not band:
+  for m in methods:
+    for chunk in chunks if m == "jacobian" else (spec.rows_per_example,):
+      for b in (1,) if m == "ntvp" else (band,) if band else BAND_HEIGHTS:
+        if tile:
+          size = min(tile, max(num_rows, num_cols))
+          if b > 1 and b * size > cap and not band:
+            continue  # a band taller than the kernel (or than a device's share) gains nothing
+        elif b == 1 and one_band(cap, 1) and peak(m, cap, 1, chunk) <= budget:
+          size = cap
+        else:
+          size = _largest_tile(m, max(1, cap // b), budget, spec, cost, b, chunk)
+          if b > 1 and size < MIN_BANDED_TILE and not band:
+            continue
+        if size == 0 or peak(m, size, b, chunk) > budget:
           continue
-      if size == 0 or peak(m, size, b) > budget:
-        continue
-      flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost)
-      candidates.append((flops, b, -spec.rows_per_example, False, m, size, peak(m, size, b)))
-  if spec.kind == "trace" and method != "ntvp" and not (tile or band) and one_band(cap, 1):
-    chunks = [logit_chunk] if logit_chunk else [c for c in range(spec.num_classes - 1, 0, -1)
-                                                 if spec.num_classes % c == 0]
-    for chunk in chunks:
-      memory = bytes_per_device("jacobian", cap, spec, cost, False, 1, chunk)
-      if memory <= budget:
-        flops = _flops("jacobian", cap, 1, num_rows, num_cols, symmetric, spec, cost, chunk)
-        candidates.append((flops, 1, -chunk, False, "jacobian", cap, memory))
-        break  # the largest chunk that fits: fewest forward passes
+        sizes = {size} if tile else {size, *_balanced_tiles(size, b, num_rows, num_cols)}
+        for size in sizes:
+          if b == 1 or size >= MIN_BANDED_TILE or band:
+            flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk)
+            candidates.append((flops, b, -chunk, False, m, size, peak(m, size, b, chunk)))
   if rotate:
-    candidates = [ring]
-  elif (rotate is None and num_devices > 1 and method != "ntvp" and not (band or logit_chunk)
-        and tile in (None, ring_tile) and ring_bytes <= budget):
-    candidates.append(ring)
-  if logit_chunk and not one_band(cap, 1):
-    raise KernelPlanError(f"{names['logit_chunk']}={logit_chunk} needs the kernel in one tile on one "
-                          f"device; this plan spreads it over {num_devices} devices.")
-  if logit_chunk and not any(-c[2] == logit_chunk for c in candidates):
-    raise KernelPlanError(
-        f"{names['logit_chunk']}={logit_chunk} does not fit: the kernel's one tile needs "
-        f"{_gib(bytes_per_device('jacobian', cap, spec, cost, False, 1, logit_chunk))} per device but "
-        f"{names['memory_budget']} allows {_gib(budget)}; lower {names['logit_chunk']} or unset it.")
+    candidates = ring
+  elif (rotate is None and num_devices > 1 and method != "ntvp" and not band
+        and tile in (None, ring_tile)):
+    candidates += ring
   if not candidates:
-    smallest = min(bytes_per_device(m, tile or 1, spec, cost, band=band or 1)
-                   for m in (("jacobian", "ntvp") if method == "auto" else (method,)))
+    smallest = min(bytes_per_device(m, tile or 1, spec, cost, band=band or 1,
+                                    logit_chunk=chunks[-1] if m == "jacobian" else None)
+                   for m in methods)
     hint = (f"lower {names['tile_size']}, " if tile else "") + (
         f"lower {names['band']}, " if band and band > 1 else "") + (
+        f"lower {names['logit_chunk']}, " if logit_chunk and logit_chunk > 1 else "") + (
         f"set {names['method']}='ntvp' (no Jacobian block is stored), " if method == "jacobian" else "")
+    setting = (f", band {band}" if band else "") + (
+        f", {chunks[-1]} logit{'s' * (chunks[-1] > 1)} at a time"
+        if chunks[-1] < spec.rows_per_example else "")
     raise KernelPlanError(
         f"the kernel does not fit: method {method} needs {_gib(smallest)} per device at tile "
-        f"{tile or 1}{f', band {band}' if band else ''} but {names['memory_budget']} allows "
-        f"{_gib(budget)}; {hint}raise {names['memory_budget']}, or use devices with more memory.")
-  if logit_chunk:
-    candidates = [c for c in candidates if -c[2] == logit_chunk]
+        f"{tile or 1}{setting} but {names['memory_budget']} allows {_gib(budget)}; {hint}raise "
+        f"{names['memory_budget']}, or use devices with more memory.")
   flops, chosen_band, chunk, rotate, chosen, size, memory = min(candidates)
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
                     method=chosen, tile=size, num_devices=num_devices, band=chosen_band,

@@ -18,6 +18,10 @@ Rotation (every device's band fits at once): a "form" step in which device d for
 rows of row block d (and of column block d for a cross kernel), then "rotate" steps in which the
 column rows move one device along the ring (lax.ppermute), so every row is formed exactly once and
 travels instead of being recomputed.
+Logit chunks (a trace kernel, whose Jacobian rows are formed L of its C logits at a time): every
+round (a row or form step and the column or rotate steps that use its rows) runs once per chunk
+and each tile is the sum of its C / L partial tiles, handed over with the last chunk; a diagonal
+step forms its chunks itself (tile_math.symmetric_tile_by_logit_chunks).
 NTK-vector products: every step is a "tile" step, tiles dealt out in row-major order.
 """
 
@@ -35,6 +39,7 @@ class Step:
   kind: str  # "row" | "diagonal" | "column" | "form" | "rotate" | "tile"
   blocks: tuple[int | Tile, ...]  # per device: the band (row, diagonal), column block, or tile it reads
   tiles: tuple[tuple[Placed, ...], ...]  # per device: the tiles it hands over; empty when unused
+  chunk: int | None = None  # the logit chunk whose partial tiles it forms; None: all logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,3 +144,25 @@ def ring_schedule(todo: list[Tile], symmetric: bool, num_devices: int) -> list[S
     if not steps:
       break
   return steps
+
+
+def in_logit_chunks(steps: list[Step], chunks: int) -> list[Step]:
+  """The steps of a trace kernel formed a logit chunk at a time: each round repeated for chunks
+  0 .. chunks - 1 (its tiles are partial sums until the last); diagonal steps once, all chunks."""
+  if chunks == 1:
+    return steps
+  if any(s.kind == "tile" for s in steps):
+    raise ValueError("NTK-vector products form no Jacobian rows to chunk.")
+  rounds: list[list[Step]] = []
+  for step in steps:
+    if step.kind in ("row", "diagonal", "form") or not rounds:
+      rounds.append([step])
+    else:
+      rounds[-1].append(step)
+  chunked = []
+  for round_steps in rounds:
+    if round_steps[0].kind == "diagonal":
+      chunked += round_steps
+    else:
+      chunked += [dataclasses.replace(s, chunk=k) for k in range(chunks) for s in round_steps]
+  return chunked
