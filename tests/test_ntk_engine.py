@@ -302,6 +302,44 @@ def test_planner_forms_a_trace_kernel_in_logit_chunks_when_all_logits_do_not_fit
               budget_bytes=budget)
 
 
+@pytest.mark.parametrize("symmetric,num_devices,band,chunk", [
+    (True, 1, 1, 10), (True, 3, 2, 10), (True, 4, 1, 2), (True, 8, 2, 1), (False, 3, 2, 5),
+    (False, 4, 1, 10)])
+def test_cost_model_counts_the_lockstep_steps_of_the_schedule(symmetric, num_devices, band, chunk):
+  """FLOPs per device = the schedule the engine runs, walked step by step (every device runs every
+  step, idle ones included), each row step charged its diagonal block; the exact count (only row
+  steps with a diagonal tile contract one) is at most that."""
+  F, P, T, C = 1e9, 10**6, 128, 10
+  cost = ModelCost(num_params=P, forward_flops=F, activation_bytes=1e5, itemsize=4,
+                   largest_group=P // 8)
+  plan = make_plan(cost, 1000, 1000 if symmetric else 700, symmetric, parse_logits("trace", C),
+                   num_devices=num_devices, tile=T, band=band, logit_chunk=chunk, rotate=False,
+                   budget_bytes=1e13)
+  steps = in_logit_chunks(jacobian_schedule(plan.tiles(), symmetric, num_devices, band), C // chunk)
+  rows = lambda n, logits: n * F * (1 + 2 * logits)  # a forward pass and two per logit
+  tile = lambda logits: 2 * T * T * P * logits
+  pieces = 2 if band * T >= 256 else 1  # symmetric_pieces: pieces of at least 128 rows
+  diagonal = band * band * (pieces + 1) / (2 * pieces) * tile(chunk) if symmetric else 0
+  charged = exact = 0.0
+  for step in steps:
+    if step.kind == "row":
+      charged += rows(band * T, chunk) + diagonal
+      exact += rows(band * T, chunk) + (diagonal if any(step.tiles) else 0)
+    elif step.kind == "column":
+      charged += rows(T, chunk) + band * tile(chunk)
+      exact += rows(T, chunk) + band * tile(chunk)
+    else:
+      assert step.kind == "diagonal"
+      charged += C // chunk * rows(band * T, chunk) + diagonal * C / chunk
+      exact += C // chunk * rows(band * T, chunk) + diagonal * C / chunk
+  assert plan.device_flops == pytest.approx(charged, rel=1e-12)
+  assert exact <= plan.device_flops
+  if num_devices == 1:
+    assert plan.device_flops == pytest.approx(plan.flops, rel=1e-12)
+  else:  # lockstep: no device does less than its share
+    assert plan.device_flops >= plan.flops / num_devices
+
+
 def test_cost_model_counts_convolutions_from_the_lowered_program():
   """A 3x3 convolution (8 -> 16 channels, 10x10 input, 8x8 output) is 2*8*8*9*8*16 FLOPs however the backend
   runs it: XLA:GPU's compiled cost analysis counted cuDNN convolutions as 0 and the plan chose ntvp."""

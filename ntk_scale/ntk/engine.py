@@ -18,96 +18,16 @@ import time
 from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
-from ntk_scale.ntk.plan import KernelPlan, ModelCost, make_plan, symmetric_pieces
-from ntk_scale.ntk.schedule import in_logit_chunks, jacobian_schedule, ring_schedule, tile_schedule
-from ntk_scale.ntk.tile_math import (ApplyFn, LogitSpec, contract, contract_symmetric, jacobian_rows,
-                                     mirror_tile, ntvp_tile, parse_logits,
-                                     symmetric_tile_by_logit_chunks)
+from ntk_scale.ntk.plan import KernelPlan, ModelCost, make_plan
+from ntk_scale.ntk.programs import check_precision, plan_steps, program_of, step_programs
+from ntk_scale.ntk.tile_math import mirror_tile, parse_logits
 
-PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
-              "default": lax.Precision.DEFAULT}
 TileCallback = Callable[[int, int, np.ndarray], None]  # (row block, column block, tile)
-
-
-def check_precision(precision: str, field: str = "precision") -> None:
-  if precision not in PRECISIONS:
-    raise ValueError(f"{field}={precision!r} is not a matmul precision; expected one of "
-                     f"{', '.join(PRECISIONS)}.")
-
-
-def _bind(apply_fn: Callable, stateful: bool, state) -> ApplyFn:
-  """The model as `f(params, x)`: with `stateful`, `apply_fn(params, x, state)`."""
-  return (lambda params, x: apply_fn(params, x, state)) if stateful else apply_fn
-
-
-@functools.lru_cache(maxsize=32)
-def _programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: str,
-              mesh: Mesh, logit_chunk: int) -> dict[str, Callable]:
-  """The jitted per-device programs of each step kind (see schedule.py), one shard_map each.
-  When `logit_chunk` is fewer than all logits (a trace kernel, plan.py), programs that form
-  Jacobian rows form those of logits first .. first + logit_chunk - 1 (`first`, a traced argument),
-  and the diagonal program sums all chunks itself.
-
-  Every program takes (params, model_state, ...): the state (BatchNorm averages) is an argument,
-  not a constant, so the kernels of many checkpoints of one model share one compilation.
-  Branch-free on purpose: a `lax.cond` choosing per device between them ran 10x slower on CPU.
-  """
-  matmul_precision = PRECISIONS[precision]
-  chunked = logit_chunk < spec.rows_per_example
-
-  def jacobian(params, state, first, x):
-    return jacobian_rows(_bind(apply_fn, stateful, state), params, x, spec, first,
-                         logit_chunk if chunked else None)
-
-  def row(params, state, first, x_rows):  # -> (resident Jacobian rows, their diagonal block)
-    resident = jacobian(params, state, first, x_rows)
-    return resident, contract_symmetric(resident, spec, matmul_precision,
-                                        symmetric_pieces(x_rows.shape[0]))
-
-  def diagonal(params, state, first, x_rows):  # the diagonal block alone: no rows outlive the step
-    if chunked:
-      return symmetric_tile_by_logit_chunks(_bind(apply_fn, stateful, state), params, x_rows, spec,
-                                            matmul_precision, symmetric_pieces(x_rows.shape[0]),
-                                            logit_chunk)
-    return row(params, state, first, x_rows)[1]
-
-  def column(params, state, first, resident, x_cols):
-    return contract(resident, jacobian(params, state, first, x_cols), spec, matmul_precision)
-
-  def tile(params, state, first, x_rows, x_cols):  # all logits: never chunked
-    return ntvp_tile(_bind(apply_fn, stateful, state), params, x_rows, x_cols, spec)
-
-  def form_symmetric(params, state, first, x_rows):  # -> (resident rows, a copy to travel, diagonal)
-    resident, diagonal_tile = row(params, state, first, x_rows)
-    return resident, jax.tree.map(jnp.copy, resident), diagonal_tile
-
-  def form_cross(params, state, first, x_rows, x_cols):
-    resident = jacobian(params, state, first, x_rows)
-    travelling = jacobian(params, state, first, x_cols)
-    return resident, travelling, contract(resident, travelling, spec, matmul_precision)
-
-  def rotate(resident, travelling):  # device d receives the column rows of device d + 1
-    ring = [(d, (d - 1) % mesh.size) for d in range(mesh.size)]
-    travelling = lax.ppermute(travelling, parallel.DATA_AXIS, ring)
-    return travelling, contract(resident, travelling, spec, matmul_precision)
-
-  data = P(parallel.DATA_AXIS)
-  sharded = lambda f, n, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(),) * 3 + (data,) * n,
-                                                    out_specs=out, check_vma=False))
-  return {"row": sharded(row, 1, (data, data)), "resident": sharded(jacobian, 1, data),
-          "diagonal": sharded(diagonal, 1, data), "column": sharded(column, 2, data),
-          "tile": sharded(tile, 2, data), "form_symmetric": sharded(form_symmetric, 1, (data,) * 3),
-          "form_cross": sharded(form_cross, 2, (data,) * 3),
-          "rotate": jax.jit(jax.shard_map(rotate, mesh=mesh, in_specs=(data, data),
-                                          out_specs=(data, data), check_vma=False),
-                            donate_argnums=1)}
 
 
 def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
@@ -135,16 +55,10 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   cols = rows if x2 is None else _blocks(np.asarray(x2), max(plan.col_blocks, padded), tile)
   done = set(done)
   todo = [t for t in plan.tiles() if t not in done]
-  if plan.rotate:
-    steps = ring_schedule(todo, plan.symmetric, mesh.size)
-  elif plan.method == "jacobian":
-    steps = jacobian_schedule(todo, plan.symmetric, mesh.size, band)
-  else:
-    steps = tile_schedule(todo, mesh.size)
+  steps = plan_steps(plan, todo)
   chunks = plan.logits.rows_per_example // plan.logit_chunk
-  steps = in_logit_chunks(steps, chunks)
 
-  programs = _programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
+  programs = step_programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
                        plan.logit_chunk)
   sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
   params = parallel.replicate(params, mesh)
@@ -186,27 +100,27 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
       resident = travelling = None  # the previous rows are freed before the next are formed
       x_band = device_array(rows, step.blocks, band * tile)
     first = np.int32((step.chunk or 0) * plan.logit_chunk)
+    name = program_of(step, plan.symmetric)
+    program = programs[name]
     with jax.default_matmul_precision(precision):
-      if step.kind == "row" and not any(step.tiles):  # no diagonal tile wanted: the rows only
-        resident, tiles = programs["resident"](params, state, first, x_band), None
-      elif step.kind == "row":
-        resident, tiles = programs["row"](params, state, first, x_band)
-      elif step.kind == "diagonal":
-        tiles = programs["diagonal"](params, state, first, x_band)
-      elif step.kind == "form" and plan.symmetric:
-        resident, travelling, tiles = programs["form_symmetric"](params, state, first, x_band)
-      elif step.kind == "form":
-        resident, travelling, tiles = programs["form_cross"](params, state, first, x_band,
-                                                             device_array(cols, step.blocks, tile))
-      elif step.kind == "rotate":
-        travelling, tiles = programs["rotate"](resident, travelling)
-      elif step.kind == "column":
-        tiles = programs["column"](params, state, first, resident,
-                                   device_array(cols, step.blocks, tile))
+      if name == "resident":
+        resident, tiles = program(params, state, first, x_band), None
+      elif name == "row":
+        resident, tiles = program(params, state, first, x_band)
+      elif name == "diagonal":
+        tiles = program(params, state, first, x_band)
+      elif name == "form_symmetric":
+        resident, travelling, tiles = program(params, state, first, x_band)
+      elif name == "form_cross":
+        resident, travelling, tiles = program(params, state, first, x_band,
+                                              device_array(cols, step.blocks, tile))
+      elif name == "rotate":
+        travelling, tiles = program(resident, travelling)
+      elif name == "column":
+        tiles = program(params, state, first, resident, device_array(cols, step.blocks, tile))
       else:
-        tiles = programs["tile"](params, state, first,
-                                 device_array(rows, [i for i, _ in step.blocks], tile),
-                                 device_array(cols, [j for _, j in step.blocks], tile))
+        tiles = program(params, state, first, device_array(rows, [i for i, _ in step.blocks], tile),
+                        device_array(cols, [j for _, j in step.blocks], tile))
     if pending is not None:
       hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
     pending = (step.tiles, tiles, step.chunk) if tiles is not None else None

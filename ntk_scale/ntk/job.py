@@ -18,7 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ntk_scale.data import class_balanced_subset, load_dataset
-from ntk_scale.ntk.engine import check_precision, plan_for, run_tiles
+from ntk_scale.ntk.engine import plan_for, run_tiles
+from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.plan import METHODS
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from ntk_scale.cost_analysis import program_flops
+from ntk_scale.ntk.schedule import round_lengths
 from ntk_scale.ntk.tile_math import ApplyFn, LogitSpec, parameter_groups
 
 METHODS = ("auto", "jacobian", "ntvp")
@@ -115,7 +116,8 @@ class KernelPlan:
   rotate: bool  # one block per device, column rows passed along the ring of devices (schedule.py)
   bytes_per_device: float
   budget_bytes: float
-  flops: float
+  flops: float  # of the kernel's tiles, all devices together
+  device_flops: float  # on one device through the lockstep steps, idle work included (the choice)
   cost: ModelCost
 
   @property
@@ -152,7 +154,8 @@ class KernelPlan:
             f"{self.cost.num_params:,} parameters; {self.layout()}: "
             f"{tiles} tiles on {self.num_devices} device(s); "
             f"memory per device {_gib(self.bytes_per_device)} of a {_gib(self.budget_bytes)} budget; "
-            f"{self.flops:.3g} FLOP")
+            f"{self.flops:.3g} FLOP" + (f", {self.device_flops:.3g} per device in lockstep steps"
+                                         if self.num_devices > 1 else ""))
 
 
 def _gib(num_bytes: float) -> str:
@@ -238,6 +241,33 @@ def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symm
     columns = bands * col_blocks
     tiles = band * columns
   return tiles * contraction + (bands * band + columns) * tile * jacobian_per_example
+
+
+def _device_flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symmetric: bool,
+                  spec: LogitSpec, cost: ModelCost, logit_chunk: int | None,
+                  num_devices: int) -> float:
+  """FLOPs on each device through the schedule's lockstep steps (schedule.py): a device with no
+  tile left in a step computes one anyway, so the longest task of each round sets its time. Every
+  row step of a symmetric kernel is charged its diagonal block (a round of continued runs alone
+  has none: an upper bound)."""
+  if num_devices == 1:
+    return _flops(method, tile, band, num_rows, num_cols, symmetric, spec, cost, logit_chunk)
+  row_blocks, col_blocks = -(-num_rows // tile), -(-num_cols // tile)
+  if method == "ntvp":
+    num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
+    one = _flops(method, tile, 1, tile, tile, False, spec, cost)
+    return -(-num_tiles // num_devices) * one
+  rows, contraction = _rows_flops(spec, cost, logit_chunk), _contraction_flops(tile, spec, cost)
+  bands = -(-row_blocks // band)
+  row_step = band * tile * rows  # every logit chunk's row steps of a round together
+  if symmetric:
+    pieces = symmetric_pieces(band * tile)
+    row_step += band * band * (pieces + 1) / (2 * pieces) * contraction
+    columns = [max(0, col_blocks - (b + 1) * band) for b in range(bands)]
+  else:
+    columns = [col_blocks] * bands
+  rounds = round_lengths(columns, num_devices)
+  return len(rounds) * row_step + sum(rounds) * (tile * rows + band * contraction)
 
 
 def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec, cost: ModelCost,
@@ -328,13 +358,14 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"device: leave {names['band']} unset and {names['tile_size']} unset or {ring_tile}.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
   chunks = (logit_chunk,) if logit_chunk else logit_chunks(spec)
-  # Candidates: (flops, band, -logit chunk, rotate, method, tile, bytes per device); the least wins.
+  # Candidates: (FLOPs per device, band, -logit chunk, rotate, method, tile, bytes per device, FLOPs);
+  # the least wins.
   ring = []
   for chunk in chunks:
     memory = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunk, rotate=True)
     if memory <= budget:
-      ring.append((_ring_flops(ring_tile, num_devices, symmetric, spec, cost, chunk), 1, -chunk,
-                   True, "jacobian", ring_tile, memory))
+      flops = _ring_flops(ring_tile, num_devices, symmetric, spec, cost, chunk)
+      ring.append((flops / num_devices, 1, -chunk, True, "jacobian", ring_tile, memory, flops))
   if rotate and not ring:
     least = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunks[-1], rotate=True)
     raise KernelPlanError(
@@ -372,7 +403,9 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         for size in sizes:
           if b == 1 or size >= MIN_BANDED_TILE or band:
             flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk)
-            candidates.append((flops, b, -chunk, False, m, size, peak(m, size, b, chunk)))
+            per_device = _device_flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk,
+                                       num_devices)
+            candidates.append((per_device, b, -chunk, False, m, size, peak(m, size, b, chunk), flops))
   if rotate:
     candidates = ring
   elif (rotate is None and num_devices > 1 and method != "ntvp" and not band
@@ -393,8 +426,8 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"the kernel does not fit: method {method} needs {_gib(smallest)} per device at tile "
         f"{tile or 1}{setting} but {names['memory_budget']} allows {_gib(budget)}; {hint}raise "
         f"{names['memory_budget']}, or use devices with more memory.")
-  flops, chosen_band, chunk, rotate, chosen, size, memory = min(candidates)
+  per_device, chosen_band, chunk, rotate, chosen, size, memory, flops = min(candidates)
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
                     method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
                     logit_chunk=-chunk, rotate=rotate, bytes_per_device=memory, budget_bytes=budget,
-                    flops=flops, cost=cost)
+                    flops=flops, device_flops=per_device, cost=cost)

@@ -70,16 +70,30 @@ def _rounds(tasks: list[_Task], num_devices: int) -> list[list[_Task]]:
   return [tasks[k:k + num_devices] for k in range(0, len(tasks), num_devices)]
 
 
-def _cost(run_length: int, columns_per_band: list[int], num_devices: int) -> tuple[int, int]:
-  """(steps, -rounds) of the schedule with runs of `run_length`, from the run lengths alone:
-  a round of D tasks costs a row step and as many column steps as its longest task."""
+def _longest_tasks(run_length: int, columns_per_band: list[int], num_devices: int) -> list[int]:
+  """The column steps of each round with runs of `run_length`, from the run lengths alone: tasks
+  sorted longest first, D to a round, a round as long as its first."""
   lengths = []
   for count in columns_per_band:
     full, rest = divmod(count, run_length)
     lengths += [run_length] * full + ([rest] if rest or not full else [])
   lengths.sort(reverse=True)
-  firsts = lengths[::num_devices]  # each round's longest task
-  return len(firsts) + sum(firsts), -len(firsts)
+  return lengths[::num_devices]
+
+
+def _run_length(columns_per_band: list[int], num_devices: int) -> int:
+  """The run length with the fewest steps (a row step per round and its column steps), then the
+  most rounds (shorter runs for the same steps)."""
+  def cost(run_length: int) -> tuple[int, int]:
+    rounds = _longest_tasks(run_length, columns_per_band, num_devices)
+    return len(rounds) + sum(rounds), -len(rounds)
+  return min(range(1, max(1, *columns_per_band) + 1), key=cost)
+
+
+def round_lengths(columns_per_band: list[int], num_devices: int) -> list[int]:
+  """The column steps of each round of `jacobian_schedule` for bands with these numbers of column
+  blocks (the cost model's view of the schedule, without building it)."""
+  return _longest_tasks(_run_length(columns_per_band, num_devices), columns_per_band, num_devices)
 
 
 def jacobian_schedule(todo: list[Tile], symmetric: bool, num_devices: int, band: int = 1) -> list[Step]:
@@ -89,8 +103,7 @@ def jacobian_schedule(todo: list[Tile], symmetric: bool, num_devices: int, band:
   columns = {(i // band, j) for i, j in todo if not (symmetric and j < (i // band + 1) * band)}
   per_band = collections.Counter(b for b, _ in columns)
   counts = [per_band[b] for b in sorted({i // band for i, _ in todo})]
-  best = min(range(1, max(1, *counts) + 1), key=lambda s: _cost(s, counts, num_devices))
-  rounds = _rounds(_tasks(todo, symmetric, band, best), num_devices)
+  rounds = _rounds(_tasks(todo, symmetric, band, _run_length(counts, num_devices)), num_devices)
   steps = []
   for tasks in rounds:
     length = max(len(t.columns) for t in tasks)
