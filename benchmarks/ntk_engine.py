@@ -6,6 +6,8 @@
         --tile_size 128 --variants band=1,band=4  # tall bands against square tiles
     python benchmarks/ntk_engine.py --models cnn --sizes 1024 --logits trace --loo_max 0 \
         --memory_budget_gb 1 --variants band=1    # a trace in logit chunks against tiles
+    python benchmarks/ntk_engine.py --models cnn --sizes 2048 --logits trace --loo_max 0 \
+        --memory_budget_gb 0.4 --variants logit_chunk=10  # bands a logit at a time against all
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/ntk_engine.py --models cnn \
         --sizes 1024 --logits 0 --loo_max 0 --variants rotate=False   # rotation against tiles
 
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ntk_scale.base_config import base_config  # noqa: E402
 from ntk_scale.models import build_model  # noqa: E402
 from ntk_scale.nt_compat import load_neural_tangents  # noqa: E402
-from ntk_scale.ntk import empirical_ntk, plan_for  # noqa: E402
+from ntk_scale.ntk import empirical_ntk, fit_plan  # noqa: E402
 
 MODELS = {  # name -> (config.model fields, input shape)
     "cnn": (dict(name="cnn", width=8, batch_norm=False), (16, 16, 3)),  # ~18k parameters
@@ -169,7 +171,7 @@ def main() -> None:
         settings = dict(tile_size=args.tile_size, memory_budget_bytes=budget)
         ours_kernel = lambda **variant: empirical_ntk(apply_fn, params, x, logits=mode,
                                                       precision=args.precision, **settings, **variant)
-        plan = plan_for(apply_fn, params, x, None, mode, **settings)
+        plan = fit_plan(apply_fn, params, x, None, mode, precision=args.precision, **settings)
         ours_out = {}
         print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
         ours = best_time(lambda: ours_out.setdefault("k", ours_kernel()), args.repeats)
@@ -179,7 +181,8 @@ def main() -> None:
           key, value = label.split("=")
           variant = {key: ast.literal_eval(value)}
           out = {}
-          varied = plan_for(apply_fn, params, x, None, mode, **settings, **variant)
+          varied = fit_plan(apply_fn, params, x, None, mode, precision=args.precision, **settings,
+                            **variant)
           print(f"#   {label}: {varied.describe()}", flush=True)
           rows.append((label, best_time(lambda: out.setdefault("k", ours_kernel(**variant)),
                                         args.repeats), out["k"], varied.flops))

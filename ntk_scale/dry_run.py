@@ -35,7 +35,7 @@ from ntk_scale.data.catalog import dataset_shape
 from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
-from ntk_scale.ntk.engine import plan_for
+from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import KernelPlanError, device_budget_bytes
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
@@ -241,7 +241,8 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
 
 
 def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> ProgramCost:
-  """The kernel engine's plan for config.kernel (phase-1 network shapes)."""
+  """The kernel engine's plan for config.kernel (phase-1 network shapes), its memory by XLA's
+  analysis of its compiled programs."""
   k = config.kernel
   image_shape, train_size, test_size = dataset_shape(config.data)
   split_size = {"train": train_size, "test": test_size}.get(k.split)
@@ -256,8 +257,8 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> Progr
   cast = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
   images = np.broadcast_to(np.zeros((), dtype), (n, *image_shape))  # shapes only, nothing allocated
   with jax.enable_x64(k.dtype == "float64"):
-    plan = plan_for(inference_apply(model), cast(params), images, None, k.logits, **plan_settings(k),
-                    model_state=cast(stats))
+    plan = fit_plan(inference_apply(model), cast(params), images, None, k.logits,
+                    precision=k.precision, **plan_settings(k), model_state=cast(stats))
   tiles = len(plan.tiles())
   return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
                      plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb")

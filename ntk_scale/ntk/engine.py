@@ -12,6 +12,7 @@ leave the devices while the next step runs; each host hands the tiles of its own
 """
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -23,7 +24,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
-from ntk_scale.ntk.plan import KernelPlan, ModelCost, make_plan
+from ntk_scale.ntk.compiled_memory import compiled_memory
+from ntk_scale.ntk.plan import KernelPlan, KernelPlanError, ModelCost, make_plan, setting_names
 from ntk_scale.ntk.programs import check_precision, plan_steps, program_of, step_programs
 from ntk_scale.ntk.tile_math import mirror_tile, parse_logits
 
@@ -188,6 +190,50 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
                    budget_bytes=memory_budget_bytes, fields=fields)
 
 
+# Plans made again for a smaller budget when XLA counts more than the model did.
+MAX_PLAN_ATTEMPTS = 4
+
+
+def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
+             mesh: Mesh | None = None, precision: str = "highest",
+             memory_budget_bytes: float | None = None, fields: dict[str, str] | None = None,
+             model_state=None, **settings) -> KernelPlan:
+  """`plan_for`'s plan, held to its budget by XLA's analysis of its compiled programs
+  (compiled_memory.py): when they need more, planned again within the model's estimate for it
+  scaled by budget / XLA's count; the plan's memory is XLA's count. KernelPlanError when no plan within the settings fits.
+  `settings`: plan_for's method, tile_size, band, logit_chunk, rotate."""
+  mesh = mesh or parallel.make_mesh()
+  plan_with = lambda budget: plan_for(apply_fn, params, x1, x2, logits, memory_budget_bytes=budget,
+                                      num_devices=mesh.size, fields=fields, model_state=model_state,
+                                      **settings)
+  plan = plan_with(memory_budget_bytes)
+  budget = plan.budget_bytes
+  example = jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype)
+  for _ in range(MAX_PLAN_ATTEMPTS):
+    measured = compiled_memory(plan, apply_fn, params, example, mesh=mesh, precision=precision,
+                               model_state=model_state)
+    if measured is None:  # no memory analysis on this backend: the model's estimate stands
+      return plan
+    if measured.bytes_per_device <= budget:
+      return dataclasses.replace(plan, bytes_per_device=measured.bytes_per_device,
+                                 budget_bytes=budget, memory_compiled=True)
+    # What the model estimated for this plan, scaled by XLA's count against the budget.
+    model_budget = 0.95 * plan.bytes_per_device * budget / measured.bytes_per_device
+    try:
+      smaller = plan_with(model_budget)
+    except KernelPlanError:
+      smaller = None
+    if smaller is None or smaller.layout() == plan.layout():
+      break
+    plan = smaller
+  names = setting_names(fields)
+  raise KernelPlanError(
+      f"the kernel does not fit: its compiled programs need {measured.bytes_per_device / 2**30:.3g} "
+      f"GiB per device (the {measured.program} program, by XLA's memory analysis; {plan.layout()}) "
+      f"but {names['memory_budget']} allows {budget / 2**30:.3g} GiB; lower {names['tile_size']}, "
+      f"{names['band']} or {names['logit_chunk']}, or unset them, or raise {names['memory_budget']}.")
+
+
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
@@ -220,9 +266,10 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
     model_state = None if model_state is None else jax.tree.map(cast, model_state)
     x1 = cast(x1)
     x2 = None if x2 is None else cast(x2)
-    plan = plan_for(apply_fn, params, x1, x2, logits, method=method, tile_size=tile_size, band=band,
-                    logit_chunk=logit_chunk, rotate=rotate, memory_budget_bytes=memory_budget_bytes,
-                    model_state=model_state)
+    mesh = parallel.make_mesh()
+    plan = fit_plan(apply_fn, params, x1, x2, logits, mesh=mesh, precision=precision,
+                    method=method, tile_size=tile_size, band=band, logit_chunk=logit_chunk,
+                    rotate=rotate, memory_budget_bytes=memory_budget_bytes, model_state=model_state)
     kernel = np.zeros((plan.num_rows, plan.num_cols) + plan.logits.tile_suffix, dtype)
 
     def store(i: int, j: int, tile: np.ndarray) -> None:
@@ -231,7 +278,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
       if plan.symmetric and i != j:
         kernel[cols, rows] = mirror_tile(tile)
 
-    run_tiles(apply_fn, params, x1, x2, plan, store, precision=precision, model_state=model_state)
+    run_tiles(apply_fn, params, x1, x2, plan, store, precision=precision, mesh=mesh,
+              model_state=model_state)
   if jax.process_count() > 1:  # each tile was written by exactly one process
     kernel = np.asarray(multihost_utils.process_allgather(kernel)).sum(0)
   return kernel

@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ntk_scale import parallel
 from ntk_scale.data import class_balanced_subset, load_dataset
-from ntk_scale.ntk.engine import plan_for, run_tiles
+from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.plan import METHODS
 from ntk_scale.ntk.store import KernelStore
@@ -158,8 +159,9 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     params = jax.tree.map(lambda a: _host_copy(a, k.dtype), restored.variables["params"])
     batch_stats = jax.tree.map(lambda a: _host_copy(a, k.dtype), batch_stats)
     images = images.astype(k.dtype)
-    plan = plan_for(apply_fn, params, images, None, k.logits, **{**plan_settings(k), "tile_size": tile},
-                    model_state=batch_stats)
+    mesh = parallel.make_mesh()
+    plan = fit_plan(apply_fn, params, images, None, k.logits, mesh=mesh, precision=k.precision,
+                    **{**plan_settings(k), "tile_size": tile}, model_state=batch_stats)
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)
@@ -176,7 +178,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     started = time.time()
     computed = run_tiles(apply_fn, params, images, None, plan,
                          lambda i, j, tile: store.write_tile(i, j, tile, mirror=True),
-                         precision=k.precision, done=done, model_state=batch_stats)
+                         precision=k.precision, done=done, mesh=mesh, model_state=batch_stats)
     seconds = time.time() - started
   _barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)

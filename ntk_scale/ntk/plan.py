@@ -119,6 +119,7 @@ class KernelPlan:
   flops: float  # of the kernel's tiles, all devices together
   device_flops: float  # on one device through the lockstep steps, idle work included (the choice)
   cost: ModelCost
+  memory_compiled: bool = False  # bytes_per_device by XLA's analysis of the compiled programs
 
   @property
   def row_blocks(self) -> int:
@@ -153,7 +154,9 @@ class KernelPlan:
     return (f"kernel {shape} ({self.logits.describe()}{', symmetric' if self.symmetric else ''}), "
             f"{self.cost.num_params:,} parameters; {self.layout()}: "
             f"{tiles} tiles on {self.num_devices} device(s); "
-            f"memory per device {_gib(self.bytes_per_device)} of a {_gib(self.budget_bytes)} budget; "
+            f"memory per device {_gib(self.bytes_per_device)}"
+            f"{' (compiled)' if self.memory_compiled else ' (estimated)'} of a "
+            f"{_gib(self.budget_bytes)} budget; "
             f"{self.flops:.3g} FLOP" + (f", {self.device_flops:.3g} per device in lockstep steps"
                                          if self.num_devices > 1 else ""))
 
@@ -311,6 +314,13 @@ def logit_chunks(spec: LogitSpec) -> tuple[int, ...]:
   return tuple(c for c in range(spec.num_classes, 0, -1) if spec.num_classes % c == 0)
 
 
+def setting_names(fields: dict[str, str] | None = None) -> dict[str, str]:
+  """The names of the planner's settings as the caller's user knows them (`fields` overrides),
+  for errors that say what to change."""
+  return {"method": "method", "tile_size": "tile_size", "band": "band", "logit_chunk": "logit_chunk",
+          "rotate": "rotate", "memory_budget": "memory_budget_bytes", **(fields or {})}
+
+
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
               num_devices: int, method: str = "auto", tile: int | None = None,
               band: int | None = None, logit_chunk: int | None = None,
@@ -320,8 +330,8 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   "tile_size", "band", "logit_chunk", "rotate" and "memory_budget" to the names the caller's user
   knows) that must change.
 
-  Unset, the tile, band and logit chunk come from the budget: the fewest FLOPs (Jacobian rows
-  recomputed included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that
+  Unset, the tile, band and logit chunk come from the budget: the fewest FLOPs per device
+  through the lockstep steps (Jacobian rows recomputed and idle devices' dropped tiles included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that
   fits or, cutting the kernel into as many bands or blocks, the least padding (a band taller than
   one tile only with tiles of at least MIN_BANDED_TILE rows); for a trace
   kernel also with its Jacobian rows formed L logits at a time (`logit_chunk`, a divisor of C):
@@ -332,9 +342,7 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   transfers, so "auto" picks it only where it saves arithmetic: on fast interconnects (ICI,
   NVLink) it also pays where it does not.
   """
-  names = {"method": "method", "tile_size": "tile_size", "band": "band",
-           "logit_chunk": "logit_chunk", "rotate": "rotate", "memory_budget": "memory_budget_bytes"}
-  names.update(fields or {})
+  names = setting_names(fields)
   if method not in METHODS:
     raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
                           f"{', '.join(METHODS)}.")
