@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
-from ntk_scale.ntk.compiled_memory import compiled_memory
+from ntk_scale.ntk.compiled_memory import CompiledMemory, compiled_memory
 from ntk_scale.ntk.plan import KernelPlan, KernelPlanError, ModelCost, make_plan, setting_names
 from ntk_scale.ntk.programs import check_precision, plan_steps, program_of, step_programs
 from ntk_scale.ntk.tile_math import mirror_tile, parse_logits
@@ -198,10 +198,12 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
              mesh: Mesh | None = None, precision: str = "highest",
              memory_budget_bytes: float | None = None, fields: dict[str, str] | None = None,
              model_state=None, **settings) -> KernelPlan:
-  """`plan_for`'s plan, held to its budget by XLA's analysis of its compiled programs
-  (compiled_memory.py): when they need more, planned again within the model's estimate for it
-  scaled by budget / XLA's count; the plan's memory is XLA's count. KernelPlanError when no plan within the settings fits.
-  `settings`: plan_for's method, tile_size, band, logit_chunk, rotate."""
+  """`plan_for`'s plan held to its budget by XLA's analysis of its compiled programs
+  (compiled_memory.py), its memory XLA's count. When they need more than the budget, planned
+  again within the model's estimate for it scaled by budget / XLA's count (smaller tiles); when
+  they need less, one plan made so for more memory is tried and kept if it fits and needs fewer
+  FLOPs (the model is conservative on CPU). KernelPlanError when no plan within the settings
+  fits. `settings`: plan_for's method, tile_size, band, logit_chunk, rotate."""
   mesh = mesh or parallel.make_mesh()
   plan_with = lambda budget: plan_for(apply_fn, params, x1, x2, logits, memory_budget_bytes=budget,
                                       num_devices=mesh.size, fields=fields, model_state=model_state,
@@ -209,21 +211,32 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   plan = plan_with(memory_budget_bytes)
   budget = plan.budget_bytes
   example = jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype)
+  measure = lambda plan: compiled_memory(plan, apply_fn, params, example, mesh=mesh,
+                                         precision=precision, model_state=model_state)
+  compiled = lambda plan, measured: dataclasses.replace(
+      plan, bytes_per_device=measured.bytes_per_device, budget_bytes=budget, memory_compiled=True)
+
+  def rescaled(plan: KernelPlan, measured: CompiledMemory) -> KernelPlan | None:
+    """The plan for the model's estimate of `plan` scaled by budget / XLA's count (a margin of 5%)."""
+    try:
+      other = plan_with(0.95 * plan.bytes_per_device * budget / measured.bytes_per_device)
+    except KernelPlanError:
+      return None
+    return None if other.layout() == plan.layout() else other
+
   for _ in range(MAX_PLAN_ATTEMPTS):
-    measured = compiled_memory(plan, apply_fn, params, example, mesh=mesh, precision=precision,
-                               model_state=model_state)
+    measured = measure(plan)
     if measured is None:  # no memory analysis on this backend: the model's estimate stands
       return plan
     if measured.bytes_per_device <= budget:
-      return dataclasses.replace(plan, bytes_per_device=measured.bytes_per_device,
-                                 budget_bytes=budget, memory_compiled=True)
-    # What the model estimated for this plan, scaled by XLA's count against the budget.
-    model_budget = 0.95 * plan.bytes_per_device * budget / measured.bytes_per_device
-    try:
-      smaller = plan_with(model_budget)
-    except KernelPlanError:
-      smaller = None
-    if smaller is None or smaller.layout() == plan.layout():
+      larger = rescaled(plan, measured)
+      if larger is not None and larger.device_flops < plan.device_flops:
+        grown = measure(larger)
+        if grown is not None and grown.bytes_per_device <= budget:
+          return compiled(larger, grown)
+      return compiled(plan, measured)
+    smaller = rescaled(plan, measured)
+    if smaller is None:
       break
     plan = smaller
   names = setting_names(fields)
