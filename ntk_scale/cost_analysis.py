@@ -1,4 +1,4 @@
-"""FLOPs of a jax program, loops counted as often as they run.
+"""What a jax program costs: FLOPs, loops counted as often as they run, and memory per device.
 
 XLA's cost analysis counts the body of a loop once, whatever its trip count: a PGD-20 evaluation
 reads as two forward passes. Loops with a static trip count (`lax.scan`, and `lax.fori_loop` with
@@ -78,3 +78,14 @@ def program_flops(fn: Callable, *args: Any, **static: Any) -> ProgramFlops:
   closed = jax.make_jaxpr(bound)(*args)
   extra, unbounded = _loop_corrections(closed.jaxpr)
   return ProgramFlops(_xla_flops(lowered) + extra, unbounded)
+
+
+def memory_per_device(compiled) -> float | None:
+  """Bytes one device holds while a compiled program runs, by XLA's analysis: arguments, outputs
+  and temporaries, less the outputs that reuse donated arguments (None where the backend gives no
+  analysis)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)

@@ -17,9 +17,7 @@ PlanDoesNotFit naming the setting to change, as the job itself would only after 
 """
 
 import dataclasses
-import functools
 import math
-import time
 from typing import Any
 
 import jax
@@ -30,7 +28,8 @@ import optax
 
 from ntk_scale import parallel
 from ntk_scale.attacks import build_attacks
-from ntk_scale.cost_analysis import program_flops
+from ntk_scale.cost_analysis import memory_per_device, program_flops
+from ntk_scale.device_rates import matmul_rate
 from ntk_scale.data.catalog import dataset_shape
 from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
@@ -113,30 +112,10 @@ def _duration(seconds: float) -> str:
   return f"{seconds / 3600:.3g} h"
 
 
-@functools.lru_cache(maxsize=4)
-def matmul_rate(precision: str = "highest", size: int = 1024, seconds: float = 0.2) -> float:
-  """FLOP/s of a float32 matmul on one device of this process, timed for about `seconds`."""
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices()[0])
-  matmul = jax.jit(lambda a: jnp.matmul(a, a, precision=precision))
-  matmul(a).block_until_ready()
-  calls, started = 0, time.perf_counter()
-  while time.perf_counter() - started < seconds or calls < 3:
-    out = matmul(a)
-    calls += 1
-  out.block_until_ready()
-  return 2 * size**3 * calls / (time.perf_counter() - started)
-
-
-def _bytes_per_device(compiled) -> float:
-  m = compiled.memory_analysis()
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
 def _program(name: str, jitted, args: tuple, calls: int, setting: str, **static) -> ProgramCost:
   compiled = jitted.lower(*args, **static).compile()
   counted = program_flops(jitted, *args, **static)
-  return ProgramCost(name, calls, counted.flops, _bytes_per_device(compiled), setting,
+  return ProgramCost(name, calls, counted.flops, memory_per_device(compiled), setting,
                      counted.unbounded_loops)
 
 
@@ -301,4 +280,4 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
                 programs, notes)
 
 
-__all__ = ["DryRun", "KernelPlanError", "PlanDoesNotFit", "ProgramCost", "matmul_rate", "plan_job"]
+__all__ = ["DryRun", "KernelPlanError", "PlanDoesNotFit", "ProgramCost", "plan_job"]

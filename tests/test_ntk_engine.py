@@ -277,6 +277,20 @@ def test_plan_is_held_to_its_budget_by_its_compiled_programs(network, monkeypatc
              logit_chunk=1, memory_budget_bytes=budget, mesh=one)
 
 
+def test_rotation_is_weighed_against_the_measured_ring(network, monkeypatch):
+  """On 4 devices fit_plan weighs the rows each device would send round the ring, at the ring's
+  measured bandwidth, against those it would recompute, at the measured rate of forming them: a
+  ring as slow as 1 kB/s keeps the rows where they are."""
+  _, variables, apply_fn = network
+  x = _images(16)
+  monkeypatch.setattr(engine, "ring_bandwidth", lambda mesh: 1e15)
+  fast = fit_plan(apply_fn, variables["params"], x, None, 0)
+  monkeypatch.setattr(engine, "ring_bandwidth", lambda mesh: 1e3)
+  slow = fit_plan(apply_fn, variables["params"], x, None, 0)
+  assert fast.rotate and fast.transfer_bytes > 0 and not slow.rotate
+  assert slow.device_flops > fast.device_flops  # what the slow ring's plan pays instead
+
+
 def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
   """A ResNet-like cost (1M parameters, 1 GFLOP forward, one class) whose 4096-row kernel does not
   fit one tile: bands of row tiles within the same budget form fewer Jacobian rows than the
@@ -314,7 +328,16 @@ def test_planner_rotates_column_rows_when_every_device_holds_its_block():
   banded = make_plan(cost, 4096, 4096, True, spec, num_devices=4, band=1, budget_bytes=20e9)
   assert not banded.rotate and ring.flops < banded.flops
   assert not make_plan(cost, 4096, 4096, True, spec, num_devices=4, budget_bytes=4.5e9).rotate
-  assert not make_plan(cost, 4096, 4096, True, spec, num_devices=4, rotate=False, budget_bytes=20e9).rotate
+  still = make_plan(cost, 4096, 4096, True, spec, num_devices=4, rotate=False, budget_bytes=20e9)
+  assert not still.rotate
+  # Its transfers weighed: each device sends its 1024 rows of 4 MB twice; at F FLOPs per byte sent
+  # that costs 2 * 4.1e9 * F, against the FLOPs per device it saves.
+  assert ring.transfer_bytes == 2 * 1024 * 10**6 * 4 and still.transfer_bytes == 0
+  saved = still.device_flops - ring.device_flops
+  assert make_plan(cost, 4096, 4096, True, spec, num_devices=4, budget_bytes=20e9,
+                   flops_per_transfer_byte=0.9 * saved / ring.transfer_bytes).rotate
+  assert not make_plan(cost, 4096, 4096, True, spec, num_devices=4, budget_bytes=20e9,
+                       flops_per_transfer_byte=1.1 * saved / ring.transfer_bytes).rotate
   with pytest.raises(KernelPlanError, match="rotate=True does not fit: a block of 1024 examples"):
     make_plan(cost, 4096, 4096, True, spec, num_devices=4, rotate=True, budget_bytes=4.5e9)
   with pytest.raises(KernelPlanError, match="tile_size unset or 1024"):

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ntk_scale import parallel
+from ntk_scale.cost_analysis import memory_per_device
 from ntk_scale.ntk.plan import KernelPlan
 from ntk_scale.ntk.programs import plan_steps, program_of, step_programs
 
@@ -56,11 +57,9 @@ def compiled_memory(plan: KernelPlan, apply_fn: Callable, params: Any,
                  "tile": model + (block, block)}
     peak = None
     for name in names:
-      analysis = programs[name].lower(*arguments[name]).compile().memory_analysis()
-      if analysis is None:
+      need = memory_per_device(programs[name].lower(*arguments[name]).compile())
+      if need is None:
         return None
-      need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
       peak = max(peak or (need, name), (need, name))
   entry = math.prod(plan.logits.tile_suffix)
   previous_tiles = (plan.band * plan.tile) ** 2 * entry * np.dtype(example.dtype).itemsize

@@ -19,15 +19,19 @@ import time
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
+from ntk_scale.device_rates import agreed, ring_bandwidth, timed
 from ntk_scale.ntk.compiled_memory import CompiledMemory, compiled_memory
-from ntk_scale.ntk.plan import KernelPlan, KernelPlanError, ModelCost, make_plan, setting_names
-from ntk_scale.ntk.programs import check_precision, plan_steps, program_of, step_programs
-from ntk_scale.ntk.tile_math import mirror_tile, parse_logits
+from ntk_scale.ntk.plan import (KernelPlan, KernelPlanError, ModelCost, make_plan, rows_flops,
+                                setting_names)
+from ntk_scale.ntk.programs import (bind_state, check_precision, plan_steps, program_of,
+                                    step_programs)
+from ntk_scale.ntk.tile_math import LogitSpec, jacobian_rows, mirror_tile, parse_logits
 
 TileCallback = Callable[[int, int, np.ndarray], None]  # (row block, column block, tile)
 
@@ -171,11 +175,33 @@ def _num_classes(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeD
   return jax.eval_shape(apply_fn, _shapes(abstract_params), x, *state).shape[-1]
 
 
+PROBE_EXAMPLES = 8
+
+
+@functools.lru_cache(maxsize=32)
+def _formation_rate(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtypeStruct,
+                    abstract_state: tuple | None, spec: LogitSpec, precision: str) -> float:
+  """FLOP/s (the cost model's count) at which one device forms Jacobian rows: a probe block of
+  PROBE_EXAMPLES examples timed, once per function and shapes. Rows recomputed cost this rate,
+  far below the matmul peak, so rows sent instead are weighed against it."""
+  zeros = lambda abstract: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _shapes(abstract))
+  params = zeros(abstract_params)
+  model = bind_state(apply_fn, abstract_state is not None,
+                     None if abstract_state is None else zeros(abstract_state))
+  x = jnp.zeros((PROBE_EXAMPLES,) + example.shape, example.dtype)
+  with jax.default_matmul_precision(precision):
+    form = jax.jit(lambda params, x: jacobian_rows(model, params, x, spec))
+    calls, seconds = timed(lambda rows: form(params, x), None, 0.1)
+  cost = _measure(apply_fn, abstract_params, example, abstract_state)
+  return agreed(calls * PROBE_EXAMPLES * rows_flops(spec, cost) / seconds)
+
+
 def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, logits: str | int, *,
              method: str = "auto", tile_size: int | None = None, band: int | None = None,
              logit_chunk: int | None = None, rotate: bool | None = None,
              memory_budget_bytes: float | None = None, num_devices: int | None = None,
-             fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
+             flops_per_transfer_byte: float = 0.0, fields: dict[str, str] | None = None,
+             model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
@@ -187,7 +213,8 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   return make_plan(cost, len(x1), num_cols, x2 is None, spec,
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
                    band=band, logit_chunk=logit_chunk, rotate=rotate,
-                   budget_bytes=memory_budget_bytes, fields=fields)
+                   budget_bytes=memory_budget_bytes, flops_per_transfer_byte=flops_per_transfer_byte,
+                   fields=fields)
 
 
 # Plans made again for a smaller budget when XLA counts more than the model did.
@@ -203,11 +230,19 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   again within the model's estimate for it scaled by budget / XLA's count (smaller tiles); when
   they need less, one plan made so for more memory is tried and kept if it fits and needs fewer
   FLOPs (the model is conservative on CPU). KernelPlanError when no plan within the settings
-  fits. `settings`: plan_for's method, tile_size, band, logit_chunk, rotate."""
+  fits. `settings`: plan_for's method, tile_size, band, logit_chunk, rotate. On several devices,
+  with rotation left to the planner, its transfers are weighed by this machine's matmul rate over
+  the bandwidth of its ring of devices, both measured here (device_rates.py)."""
   mesh = mesh or parallel.make_mesh()
+  transfer = 0.0
+  if mesh.size > 1 and settings.get("rotate") is None and settings.get("method") != "ntvp":
+    model = (apply_fn, _abstract(params), jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype),
+             None if model_state is None else _abstract(model_state))
+    spec = parse_logits(logits, _num_classes(*model), (fields or {}).get("logits", "logits"))
+    transfer = _formation_rate(*model, spec, precision) / ring_bandwidth(mesh)
   plan_with = lambda budget: plan_for(apply_fn, params, x1, x2, logits, memory_budget_bytes=budget,
-                                      num_devices=mesh.size, fields=fields, model_state=model_state,
-                                      **settings)
+                                      num_devices=mesh.size, flops_per_transfer_byte=transfer,
+                                      fields=fields, model_state=model_state, **settings)
   plan = plan_with(memory_budget_bytes)
   budget = plan.budget_bytes
   example = jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype)

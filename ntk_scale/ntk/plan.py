@@ -120,6 +120,7 @@ class KernelPlan:
   device_flops: float  # on one device through the lockstep steps, idle work included (the choice)
   cost: ModelCost
   memory_compiled: bool = False  # bytes_per_device by XLA's analysis of the compiled programs
+  transfer_bytes: float = 0.0  # what each device sends to the next with rotation
 
   @property
   def row_blocks(self) -> int:
@@ -158,7 +159,8 @@ class KernelPlan:
             f"{' (compiled)' if self.memory_compiled else ' (estimated)'} of a "
             f"{_gib(self.budget_bytes)} budget; "
             f"{self.flops:.3g} FLOP" + (f", {self.device_flops:.3g} per device in lockstep steps"
-                                         if self.num_devices > 1 else ""))
+                                         if self.num_devices > 1 else "")
+            + (f", {_gib(self.transfer_bytes)} sent by each" if self.rotate else ""))
 
 
 def _gib(num_bytes: float) -> str:
@@ -213,7 +215,7 @@ def symmetric_pieces(tile: int) -> int:
   return 1
 
 
-def _rows_flops(spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
+def rows_flops(spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
   """FLOPs of one example's Jacobian rows: a forward pass and two per logit, per chunk of logits."""
   rows = spec.rows_per_example
   chunk = logit_chunk or rows
@@ -228,7 +230,7 @@ def _contraction_flops(tile: int, spec: LogitSpec, cost: ModelCost) -> float:
 
 def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symmetric: bool,
            spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
-  jacobian_per_example = _rows_flops(spec, cost, logit_chunk)
+  jacobian_per_example = rows_flops(spec, cost, logit_chunk)
   row_blocks, col_blocks = -(-num_rows // tile), -(-num_cols // tile)
   if method == "ntvp":
     num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
@@ -260,7 +262,7 @@ def _device_flops(method: str, tile: int, band: int, num_rows: int, num_cols: in
     num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
     one = _flops(method, tile, 1, tile, tile, False, spec, cost)
     return -(-num_tiles // num_devices) * one
-  rows, contraction = _rows_flops(spec, cost, logit_chunk), _contraction_flops(tile, spec, cost)
+  rows, contraction = rows_flops(spec, cost, logit_chunk), _contraction_flops(tile, spec, cost)
   bands = -(-row_blocks // band)
   row_step = band * tile * rows  # every logit chunk's row steps of a round together
   if symmetric:
@@ -282,7 +284,16 @@ def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec, c
            else num_devices * num_devices)
   blocks = num_devices * (1 if symmetric else 2)
   return (tiles * _contraction_flops(tile, spec, cost)
-          + blocks * tile * _rows_flops(spec, cost, logit_chunk))
+          + blocks * tile * rows_flops(spec, cost, logit_chunk))
+
+
+def _ring_transfer_bytes(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec,
+                        cost: ModelCost, logit_chunk: int) -> float:
+  """Bytes each device sends with rotation: its block's rows (of a chunk of logits) once per
+  rotation, D // 2 rotations for a symmetric kernel, D - 1 for a cross kernel, per chunk."""
+  rotations = num_devices // 2 if symmetric else num_devices - 1
+  chunks = spec.rows_per_example // logit_chunk
+  return chunks * rotations * tile * logit_chunk * cost.num_params * cost.itemsize
 
 
 def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost,
@@ -325,6 +336,7 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
               num_devices: int, method: str = "auto", tile: int | None = None,
               band: int | None = None, logit_chunk: int | None = None,
               rotate: bool | None = None, budget_bytes: float | None = None,
+              flops_per_transfer_byte: float = 0.0,
               fields: dict[str, str] | None = None) -> KernelPlan:
   """The plan for a kernel, or KernelPlanError naming the setting (`fields` maps "method",
   "tile_size", "band", "logit_chunk", "rotate" and "memory_budget" to the names the caller's user
@@ -338,9 +350,9 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   every round of the schedule runs C / L times for one more forward pass per chunk, in L / C of
   the memory, so a band is taller (or the kernel one tile) where all logits at once recompute
   most rows. On several devices, also one block per device with the column rows rotating over
-  the devices (`rotate` True: only that; False: never). FLOPs do not count the rotation's
-  transfers, so "auto" picks it only where it saves arithmetic: on fast interconnects (ICI,
-  NVLink) it also pays where it does not.
+  the devices (`rotate` True: only that; False: never), its transfers counted as
+  `flops_per_transfer_byte` FLOPs per byte sent (the device's matmul rate over its link's
+  bandwidth, engine.fit_plan measures both; 0: transfers free).
   """
   names = setting_names(fields)
   if method not in METHODS:
@@ -366,14 +378,16 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"device: leave {names['band']} unset and {names['tile_size']} unset or {ring_tile}.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
   chunks = (logit_chunk,) if logit_chunk else logit_chunks(spec)
-  # Candidates: (FLOPs per device, band, -logit chunk, rotate, method, tile, bytes per device, FLOPs);
-  # the least wins.
+  # Candidates: (cost per device, band, -logit chunk, rotate, method, tile, bytes per device, FLOPs,
+  # FLOPs per device, bytes sent per device); the least wins.
   ring = []
   for chunk in chunks:
     memory = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunk, rotate=True)
     if memory <= budget:
       flops = _ring_flops(ring_tile, num_devices, symmetric, spec, cost, chunk)
-      ring.append((flops / num_devices, 1, -chunk, True, "jacobian", ring_tile, memory, flops))
+      sent = _ring_transfer_bytes(ring_tile, num_devices, symmetric, spec, cost, chunk)
+      ring.append((flops / num_devices + flops_per_transfer_byte * sent, 1, -chunk, True,
+                   "jacobian", ring_tile, memory, flops, flops / num_devices, sent))
   if rotate and not ring:
     least = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunks[-1], rotate=True)
     raise KernelPlanError(
@@ -413,7 +427,8 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
             flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk)
             per_device = _device_flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk,
                                        num_devices)
-            candidates.append((per_device, b, -chunk, False, m, size, peak(m, size, b, chunk), flops))
+            candidates.append((per_device, b, -chunk, False, m, size, peak(m, size, b, chunk), flops,
+                               per_device, 0.0))
   if rotate:
     candidates = ring
   elif (rotate is None and num_devices > 1 and method != "ntvp" and not band
@@ -434,8 +449,8 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"the kernel does not fit: method {method} needs {_gib(smallest)} per device at tile "
         f"{tile or 1}{setting} but {names['memory_budget']} allows {_gib(budget)}; {hint}raise "
         f"{names['memory_budget']}, or use devices with more memory.")
-  per_device, chosen_band, chunk, rotate, chosen, size, memory, flops = min(candidates)
+  _, chosen_band, chunk, rotate, chosen, size, memory, flops, per_device, sent = min(candidates)
   return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
                     method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
                     logit_chunk=-chunk, rotate=rotate, bytes_per_device=memory, budget_bytes=budget,
-                    flops=flops, device_flops=per_device, cost=cost)
+                    flops=flops, device_flops=per_device, cost=cost, transfer_bytes=sent)

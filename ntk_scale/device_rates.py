@@ -1,0 +1,59 @@
+"""What this machine's devices do per second, measured on the spot: float32 matmul FLOP/s and the
+bytes per second a device sends to its neighbour on the ring of devices. The dry run bounds a job's
+time with the first; the kernel planner weighs rows sent round the ring against rows recomputed
+with the second (engine.fit_plan). Every process gets process 0's measurement.
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ntk_scale import parallel
+
+
+def timed(step, state, seconds: float) -> tuple[int, float]:
+  """(calls, elapsed seconds) of `state = step(state)` repeated for about `seconds`, after one
+  warm-up; each call waited for (several collectives in flight deadlock XLA:CPU's emulated devices)."""
+  jax.block_until_ready(state := step(state))
+  calls, started = 0, time.perf_counter()
+  while time.perf_counter() - started < seconds or calls < 3:
+    jax.block_until_ready(state := step(state))
+    calls += 1
+  return calls, time.perf_counter() - started
+
+
+def agreed(value: float) -> float:
+  """Process 0's measurement on every process: plans made from it must be the same everywhere."""
+  if jax.process_count() == 1:
+    return value
+  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
+
+
+@functools.lru_cache(maxsize=4)
+def matmul_rate(precision: str = "highest", size: int = 1024, seconds: float = 0.2) -> float:
+  """FLOP/s of a float32 matmul on one device of this process, timed for about `seconds`."""
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices()[0])
+  matmul = jax.jit(lambda a: jnp.matmul(a, a, precision=precision))
+  calls, elapsed = timed(lambda out: matmul(a), a, seconds)
+  return agreed(2 * size**3 * calls / elapsed)
+
+
+@functools.lru_cache(maxsize=4)
+def ring_bandwidth(mesh: Mesh, megabytes: int = 32, seconds: float = 0.2) -> float:
+  """Bytes per second each device sends to the next on `mesh`'s data axis while receiving from the
+  previous (`lax.ppermute`, as the kernel's rotation does), timed for about `seconds`."""
+  size = megabytes * 2**20 // 4
+  ring = [(d, (d + 1) % mesh.size) for d in range(mesh.size)]
+  sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  blocks = jax.jit(lambda: jnp.zeros((mesh.size * size,), jnp.float32), out_shardings=sharding)()
+  send = jax.jit(jax.shard_map(lambda x: lax.ppermute(x, parallel.DATA_AXIS, ring), mesh=mesh,
+                               in_specs=P(parallel.DATA_AXIS), out_specs=P(parallel.DATA_AXIS),
+                               check_vma=False), donate_argnums=0)
+  calls, elapsed = timed(send, blocks, seconds)
+  return agreed(4 * size * calls / elapsed)
