@@ -20,7 +20,6 @@ from types import ModuleType
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -1,6 +1,6 @@
 """The jobs `main.py` can run, chosen by `config.job`."""
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ml_collections
 
@@ -15,6 +15,9 @@ from ntk_scale.report import report_job
 from ntk_scale.train.loop import train_job
 from ntk_scale.train.phase2 import apply_loaders, phase2_and_evaluate
 from ntk_scale.workdir import prepare_workdir
+
+if TYPE_CHECKING:  # for the annotation only: dry_run() imports the module when it is called
+  from ntk_scale.dry_run import DryRun
 
 JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     "train": train_job,  # phase 1 and its evaluation, then phase 2 if config.phase2.num_epochs > 0

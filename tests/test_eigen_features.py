@@ -1,7 +1,6 @@
 """Eigen-features: the groups partition the numerical rank, their predictors sum to ridgeless kernel
 regression, each equals the explicit float64 Jacobian formula, and the job reports them."""
 
-import json
 import os
 
 import jax

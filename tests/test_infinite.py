@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import infinite, nt_compat
+from ntk_scale import infinite
 
 from conftest import neural_tangents_or_skip
 
