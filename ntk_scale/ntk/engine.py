@@ -235,15 +235,15 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   the bandwidth of its ring of devices, both measured here (device_rates.py)."""
   mesh = mesh or parallel.make_mesh()
   transfer = 0.0
-  if mesh.size > 1 and settings.get("rotate") is None and settings.get("method") != "ntvp":
-    model = (apply_fn, _abstract(params), jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype),
-             None if model_state is None else _abstract(model_state))
-    spec = parse_logits(logits, _num_classes(*model), (fields or {}).get("logits", "logits"))
-    transfer = _formation_rate(*model, spec, precision) / ring_bandwidth(mesh)
   plan_with = lambda budget: plan_for(apply_fn, params, x1, x2, logits, memory_budget_bytes=budget,
                                       num_devices=mesh.size, flops_per_transfer_byte=transfer,
                                       fields=fields, model_state=model_state, **settings)
   plan = plan_with(memory_budget_bytes)
+  if plan.rotate and settings.get("rotate") is None:  # chosen with free transfers: weigh them
+    model = (apply_fn, _abstract(params), jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype),
+             None if model_state is None else _abstract(model_state))
+    transfer = _formation_rate(*model, plan.logits, precision) / ring_bandwidth(mesh)
+    plan = plan_with(memory_budget_bytes)
   budget = plan.budget_bytes
   example = jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype)
   measure = lambda plan: compiled_memory(plan, apply_fn, params, example, mesh=mesh,
