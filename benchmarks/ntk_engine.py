@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ntk_scale.base_config import base_config  # noqa: E402
+from ntk_scale.device_rates import matmul_rate  # noqa: E402
 from ntk_scale.models import build_model  # noqa: E402
 from ntk_scale.nt_compat import load_neural_tangents  # noqa: E402
 from ntk_scale.ntk import empirical_ntk, fit_plan  # noqa: E402
@@ -75,14 +76,6 @@ def best_time(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return min(times)
-
-
-def matmul_peak() -> float:
-  """FLOP/s of a float32 matmul at HIGHEST precision, the engine's contraction setting."""
-  n = 2048 if jax.default_backend() == "cpu" else 8192
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: jnp.matmul(a, a, precision=jax.lax.Precision.HIGHEST))
-  return 2 * n ** 3 / best_time(lambda: f(a).block_until_ready(), 3)
 
 
 def nt_functions(nt, apply_fn, logits: str):
@@ -151,7 +144,8 @@ def main() -> None:
                            "'default' is TF32")
   args = parser.parse_args()
   nt = load_neural_tangents("benchmarks/ntk_engine.py")
-  peak = matmul_peak()
+  # The engine's contraction setting (HIGHEST), on a matrix large enough for the device's peak.
+  peak = matmul_rate("highest", size=2048 if jax.default_backend() == "cpu" else 8192)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}, "
         f"precision {args.precision}; "
         f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")

@@ -164,7 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernel.logit_chunk = 0  # a trace kernel's logits formed at a time (a divisor of C); 0: from the budget
   c.kernel.memory_budget_gb = 0.0  # per device; 0: 80% of the device memory XLA may use (CPU: half of host memory)
   # True: one block per device, the column rows passed round the devices (no row formed twice);
-  # False: never; None: when the cost model says it saves FLOPs (ntk_scale/ntk/plan.py).
+  # False: never; None: when the planner finds it faster, its transfers weighed at the measured
+  # ring bandwidth (ntk_scale/ntk/plan.py, engine.fit_plan).
   c.kernel.rotate = ml_collections.FieldReference(None, field_type=bool)
 
   # The `evolution` job (config.job="evolution"): the kernel of one subset at several checkpoints

@@ -65,7 +65,7 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   chunks = plan.logits.rows_per_example // plan.logit_chunk
 
   programs = step_programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
-                       plan.logit_chunk)
+                           plan.logit_chunk)
   sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
   params = parallel.replicate(params, mesh)
   state = parallel.replicate({} if model_state is None else model_state, mesh)
@@ -158,6 +158,12 @@ def _shapes(abstract: tuple | None):
   return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
 
 
+def _model_signature(apply_fn: Callable, params, x: np.ndarray, model_state) -> tuple:
+  """(apply_fn, params, example, state) as the model caches below key it: shapes, not values."""
+  return (apply_fn, _abstract(params), jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype),
+          None if model_state is None else _abstract(model_state))
+
+
 @functools.lru_cache(maxsize=32)
 def _measure(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtypeStruct,
              abstract_state: tuple | None) -> ModelCost:
@@ -205,8 +211,7 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
-  model = (apply_fn, _abstract(params), jax.ShapeDtypeStruct(x1.shape[1:], x1.dtype),
-           None if model_state is None else _abstract(model_state))
+  model = _model_signature(apply_fn, params, x1, model_state)
   spec = parse_logits(logits, _num_classes(*model), fields.get("logits", "logits"))
   cost = _measure(*model)
   num_cols = len(x1) if x2 is None else len(x2)
@@ -231,8 +236,8 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   they need less, one plan made so for more memory is tried and kept if it fits and needs fewer
   FLOPs (the model is conservative on CPU). KernelPlanError when no plan within the settings
   fits. `settings`: plan_for's method, tile_size, band, logit_chunk, rotate. On several devices,
-  with rotation left to the planner, its transfers are weighed by this machine's matmul rate over
-  the bandwidth of its ring of devices, both measured here (device_rates.py)."""
+  when the planner would rotate, its transfers are weighed by the rate at which a device forms
+  Jacobian rows over the bandwidth of the ring of devices, both measured here."""
   mesh = mesh or parallel.make_mesh()
   transfer = 0.0
   plan_with = lambda budget: plan_for(apply_fn, params, x1, x2, logits, memory_budget_bytes=budget,
@@ -240,8 +245,7 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
                                       fields=fields, model_state=model_state, **settings)
   plan = plan_with(memory_budget_bytes)
   if plan.rotate and settings.get("rotate") is None:  # chosen with free transfers: weigh them
-    model = (apply_fn, _abstract(params), jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype),
-             None if model_state is None else _abstract(model_state))
+    model = _model_signature(apply_fn, params, x1, model_state)
     transfer = _formation_rate(*model, plan.logits, precision) / ring_bandwidth(mesh)
     plan = plan_with(memory_budget_bytes)
   budget = plan.budget_bytes

@@ -63,7 +63,8 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int, spl
                      f"[0, {num_classes}).")
   for name in ("tile_size", "band", "logit_chunk", "memory_budget_gb"):
     if k[name] < 0:
-      raise ValueError(f"config.kernel.{name}={k[name]} must be >= 0 (0: from the device's memory).")
+      raise ValueError(f"config.kernel.{name}={k[name]} must be >= 0 (0: chosen from the memory "
+                       "budget).")
   if "/" in k.name or k.name in (".", ".."):
     raise ValueError(f"config.kernel.name={k.name!r} must be a plain directory name.")
 

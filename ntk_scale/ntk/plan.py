@@ -13,9 +13,9 @@ plus activations. When every device can hold one block of N / D rows three times
 column rows it sends and those it receives: (3 + g) T C' P), the blocks rotate over the ring of
 devices instead, every row formed once (schedule.ring_schedule). A trace kernel may form its
 rows L of its C logits at a time, C' = L in all of the above, every round of the schedule run
-C / L times and its tiles summed (schedule.in_logit_chunks). The NTK-vector-product method holds one example's
-Jacobian rows and the activations of a JVP over a row block. The cost model counts FLOPs with the
-forward pass of one example measured by XLA (F) and the parameter count (P):
+C / L times and its tiles summed (schedule.in_logit_chunks). The NTK-vector-product method holds
+one example's Jacobian rows and the activations of a JVP over a row block. The cost model counts
+FLOPs with the forward pass of one example measured by XLA (F) and the parameter count (P):
 
   Jacobian rows of one example      F * (1 + 2 C')   (in chunks of L logits: C'/L * F * (1 + 2 L))
   jacobian tile contraction         2 T^2 C' P   (full: 2 T^2 C^2 P)
@@ -147,7 +147,8 @@ class KernelPlan:
     return (f"method {self.method}, tile {self.tile}"
             + (", column rows rotating over the devices" if self.rotate else "")
             + (f", bands of {self.band} row tiles" if self.band > 1 else "")
-            + (f", {self.logit_chunk} logit{'s' * (self.logit_chunk > 1)} at a time" if chunked else ""))
+            + (f", {self.logit_chunk} logit{'s' * (self.logit_chunk > 1)} at a time"
+               if chunked else ""))
 
   def describe(self) -> str:
     tiles = len(self.tiles())
@@ -343,16 +344,17 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   knows) that must change.
 
   Unset, the tile, band and logit chunk come from the budget: the fewest FLOPs per device
-  through the lockstep steps (Jacobian rows recomputed and idle devices' dropped tiles included) among bands of BAND_HEIGHTS row tiles, each with the largest tile that
-  fits or, cutting the kernel into as many bands or blocks, the least padding (a band taller than
-  one tile only with tiles of at least MIN_BANDED_TILE rows); for a trace
-  kernel also with its Jacobian rows formed L logits at a time (`logit_chunk`, a divisor of C):
+  through the lockstep steps (Jacobian rows recomputed and idle devices' dropped tiles included)
+  among bands of BAND_HEIGHTS row tiles, each with the largest tile that fits or, cutting the
+  kernel into as many bands or blocks, the least padding (a band taller than one tile only with
+  tiles of at least MIN_BANDED_TILE rows); for a trace kernel also with its Jacobian rows formed
+  L logits at a time (`logit_chunk`, a divisor of C):
   every round of the schedule runs C / L times for one more forward pass per chunk, in L / C of
   the memory, so a band is taller (or the kernel one tile) where all logits at once recompute
   most rows. On several devices, also one block per device with the column rows rotating over
   the devices (`rotate` True: only that; False: never), its transfers counted as
-  `flops_per_transfer_byte` FLOPs per byte sent (the device's matmul rate over its link's
-  bandwidth, engine.fit_plan measures both; 0: transfers free).
+  `flops_per_transfer_byte` FLOPs per byte sent (the rate at which a device forms Jacobian rows
+  over its link's bandwidth, engine.fit_plan measures both; 0: transfers free).
   """
   names = setting_names(fields)
   if method not in METHODS:
@@ -378,16 +380,27 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"device: leave {names['band']} unset and {names['tile_size']} unset or {ring_tile}.")
   budget = float(budget_bytes) if budget_bytes else device_budget_bytes(jax.local_devices()[0])
   chunks = (logit_chunk,) if logit_chunk else logit_chunks(spec)
-  # Candidates: (cost per device, band, -logit chunk, rotate, method, tile, bytes per device, FLOPs,
-  # FLOPs per device, bytes sent per device); the least wins.
+
+  def candidate(m: str, size: int, b: int, chunk: int, memory: float, flops: float,
+                per_device: float, rotates: bool = False, sent: float = 0.0) -> KernelPlan:
+    return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
+                      method=m, tile=size, num_devices=num_devices, band=b, logit_chunk=chunk,
+                      rotate=rotates, bytes_per_device=memory, budget_bytes=budget, flops=flops,
+                      device_flops=per_device, cost=cost, transfer_bytes=sent)
+
+  def rank(plan: KernelPlan) -> tuple:
+    """The least wins: time per device in FLOPs, transfers included, then the simpler layout."""
+    return (plan.device_flops + flops_per_transfer_byte * plan.transfer_bytes, plan.band,
+            -plan.logit_chunk, plan.rotate, plan.method, plan.tile)
+
   ring = []
   for chunk in chunks:
     memory = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunk, rotate=True)
     if memory <= budget:
       flops = _ring_flops(ring_tile, num_devices, symmetric, spec, cost, chunk)
       sent = _ring_transfer_bytes(ring_tile, num_devices, symmetric, spec, cost, chunk)
-      ring.append((flops / num_devices + flops_per_transfer_byte * sent, 1, -chunk, True,
-                   "jacobian", ring_tile, memory, flops, flops / num_devices, sent))
+      ring.append(candidate("jacobian", ring_tile, 1, chunk, memory, flops, flops / num_devices,
+                            rotates=True, sent=sent))
   if rotate and not ring:
     least = bytes_per_device("jacobian", ring_tile, spec, cost, logit_chunk=chunks[-1], rotate=True)
     raise KernelPlanError(
@@ -427,8 +440,8 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
             flops = _flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk)
             per_device = _device_flops(m, size, b, num_rows, num_cols, symmetric, spec, cost, chunk,
                                        num_devices)
-            candidates.append((per_device, b, -chunk, False, m, size, peak(m, size, b, chunk), flops,
-                               per_device, 0.0))
+            candidates.append(candidate(m, size, b, chunk, peak(m, size, b, chunk), flops,
+                                        per_device))
   if rotate:
     candidates = ring
   elif (rotate is None and num_devices > 1 and method != "ntvp" and not band
@@ -449,8 +462,4 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
         f"the kernel does not fit: method {method} needs {_gib(smallest)} per device at tile "
         f"{tile or 1}{setting} but {names['memory_budget']} allows {_gib(budget)}; {hint}raise "
         f"{names['memory_budget']}, or use devices with more memory.")
-  _, chosen_band, chunk, rotate, chosen, size, memory, flops, per_device, sent = min(candidates)
-  return KernelPlan(num_rows=num_rows, num_cols=num_cols, symmetric=symmetric, logits=spec,
-                    method=chosen, tile=size, num_devices=num_devices, band=chosen_band,
-                    logit_chunk=-chunk, rotate=rotate, bytes_per_device=memory, budget_bytes=budget,
-                    flops=flops, device_flops=per_device, cost=cost, transfer_bytes=sent)
+  return min(candidates, key=rank)
