@@ -22,7 +22,7 @@ from ntk_scale.data import class_balanced_subset, load_dataset
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.plan import METHODS
-from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.store import KernelStore, TileWriter
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.workdir import phase2_name
 
@@ -177,9 +177,9 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)
     started = time.time()
-    computed = run_tiles(apply_fn, params, images, None, plan,
-                         lambda i, j, tile: store.write_tile(i, j, tile, mirror=True),
-                         precision=k.precision, done=done, mesh=mesh, model_state=batch_stats)
+    with TileWriter(store, mirror=True) as write:  # tiles go to disk while the next are computed
+      computed = run_tiles(apply_fn, params, images, None, plan, write, precision=k.precision,
+                           done=done, mesh=mesh, model_state=batch_stats)
     seconds = time.time() - started
   _barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)

@@ -12,8 +12,10 @@ written the same way. Any zarr v3 reader opens kernel.zarr; symmetric kernels ar
 (each off-diagonal tile is written with its mirror), so reads need no special handling.
 """
 
+import concurrent.futures
 import json
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -144,3 +146,63 @@ class KernelStore:
     self.meta.update(fields)
     write_atomic(os.path.join(self.directory, META_FILE),
                   lambda f: f.write(json.dumps(self.meta, indent=2, sort_keys=True).encode()))
+
+
+# Tiles that may wait for the disk; a single tile larger than this still goes, alone.
+MAX_PENDING_BYTES = 2 * 2**30
+
+
+class TileWriter:
+  """`store.write_tile` on a background thread: the host hands the devices their next step while
+  the last step's tiles go to disk (on an accelerator the host is otherwise idle, and a small
+  model's tiles are computed faster than they are written). At most MAX_PENDING_BYTES of tiles
+  wait, so a kernel larger than host memory stays so. Tiles are written in the order given; the
+  first failed write stops the writer: later tiles are dropped (their markers never written, so
+  a resumed job computes them) and the error is raised by the next call or by `close`.
+
+      with TileWriter(store, mirror=True) as write:
+        run_tiles(..., on_tile=write)
+  """
+
+  def __init__(self, store: KernelStore, mirror: bool, max_pending_bytes: int = MAX_PENDING_BYTES):
+    self._store, self._mirror, self._max_pending = store, mirror, max_pending_bytes
+    self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kernel-store")
+    self._room = threading.Condition()
+    self._pending = 0
+    self._error: BaseException | None = None
+
+  def __call__(self, i: int, j: int, tile: np.ndarray) -> None:
+    with self._room:
+      self._room.wait_for(lambda: self._error is not None or self._pending == 0
+                          or self._pending + tile.nbytes <= self._max_pending)
+      self._raise()
+      self._pending += tile.nbytes
+    self._thread.submit(self._write, i, j, tile)
+
+  def _write(self, i: int, j: int, tile: np.ndarray) -> None:
+    try:
+      if self._error is None:
+        self._store.write_tile(i, j, tile, self._mirror)
+    except BaseException as error:  # re-raised on the caller's thread
+      self._error = error
+    finally:
+      with self._room:
+        self._pending -= tile.nbytes
+        self._room.notify_all()
+
+  def _raise(self) -> None:
+    if self._error is not None:
+      raise self._error
+
+  def close(self) -> None:
+    """Waits for every tile given (or the first failure, then raises it)."""
+    self._thread.shutdown(wait=True)
+    self._raise()
+
+  def __enter__(self) -> "TileWriter":
+    return self
+
+  def __exit__(self, kind, value, traceback) -> None:
+    self._thread.shutdown(wait=True)
+    if kind is None:
+      self._raise()

@@ -1,0 +1,84 @@
+"""The kernel store's background writer: tiles reach the disk whole and in order, within a bound
+on the bytes waiting, and a failed write stops it so that a resumed job recomputes what is lost."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from ntk_scale.ntk.store import KernelStore, TileWriter
+
+TILE, BLOCKS = 4, 3
+
+
+def _store(path) -> KernelStore:
+  n = TILE * BLOCKS
+  meta = {"shape": [n, n], "tile": TILE, "dtype": "float32"}
+  return KernelStore.create_or_resume(str(path), meta, ("shape",), np.arange(n), np.zeros(n, int))
+
+
+def _tiles(kernel: np.ndarray):
+  for i in range(BLOCKS):
+    for j in range(i, BLOCKS):
+      yield i, j, kernel[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE]
+
+
+def _symmetric_kernel() -> np.ndarray:
+  a = np.random.RandomState(0).randn(TILE * BLOCKS, 5).astype(np.float32)
+  return a @ a.T
+
+
+class _Failed(Exception):
+  pass
+
+
+def test_written_in_the_background_equals_written_in_place(tmp_path, monkeypatch):
+  kernel = _symmetric_kernel()
+  direct = _store(tmp_path / "direct")
+  for i, j, tile in _tiles(kernel):
+    direct.write_tile(i, j, tile, mirror=True)
+
+  background = _store(tmp_path / "background")
+  order, threads, pending = [], set(), []
+  write, writer = KernelStore.write_tile, None
+
+  def recorded(self, i, j, tile, mirror):
+    order.append((i, j))
+    threads.add(threading.current_thread().name)
+    pending.append(writer._pending)
+    write(self, i, j, tile, mirror)
+
+  monkeypatch.setattr(KernelStore, "write_tile", recorded)
+  # Room for one tile at a time: each call waits for the previous write.
+  with TileWriter(background, mirror=True, max_pending_bytes=TILE * TILE * 4) as writer:
+    for i, j, tile in _tiles(kernel):
+      writer(i, j, tile)
+  assert order == [(i, j) for i, j, _ in _tiles(kernel)]
+  assert threads and threading.current_thread().name not in threads
+  assert max(pending) == TILE * TILE * 4
+  assert background.done_tiles() == direct.done_tiles() == set(order)
+  np.testing.assert_array_equal(background.read(), direct.read())
+  np.testing.assert_array_equal(background.read(), kernel)
+
+
+def test_a_failed_write_stops_the_writer_and_is_raised(tmp_path, monkeypatch):
+  kernel = _symmetric_kernel()
+  store = _store(tmp_path / "k")
+  write, calls = KernelStore.write_tile, []
+
+  def fails_third(self, i, j, tile, mirror):
+    calls.append((i, j))
+    if len(calls) == 3:
+      raise _Failed()
+    write(self, i, j, tile, mirror)
+
+  monkeypatch.setattr(KernelStore, "write_tile", fails_third)
+  given = list(_tiles(kernel))
+  with pytest.raises(_Failed):
+    with TileWriter(store, mirror=True) as writer:
+      for i, j, tile in given:
+        writer(i, j, tile)
+      writer.close()
+  # The tiles before the failure are on disk, the failed one and every later one are not.
+  assert store.done_tiles() == {(i, j) for i, j, _ in given[:2]}
+  assert calls == [(i, j) for i, j, _ in given[:3]]
