@@ -6,8 +6,9 @@ the evaluators are compiled from shapes alone: XLA's memory analysis of the part
 gives the bytes each device holds (arguments + outputs + temporaries, less donated buffers), and
 the cost analysis of the lowered, whole-mesh program its FLOPs. The kernel and evolution jobs use
 the kernel engine's own plan (ntk_scale.ntk.plan): tiles, memory per device, FLOPs. Times divide
-FLOPs by the devices and the float32 matmul rate measured here in a short probe at the job's
-precision: lower bounds, since convolutions and attacks' sequential steps run below that rate.
+the busiest device's FLOPs (a train step's spread evenly; a kernel's through its lockstep steps,
+idle devices' work included) by the float32 matmul rate measured here in a short probe at the
+job's precision: lower bounds, since convolutions and attacks' sequential steps run below that rate.
 
 Run it on the topology of the real job (on the pod, or with the same device count emulated) so
 the per-device figures are the real ones. A plan that does not fit the per-device budget raises
@@ -60,6 +61,9 @@ class ProgramCost:
   bytes_per_device: float
   setting: str  # the config field that sizes it, named when it does not fit
   unbounded_loops: int = 0  # while loops of traced length in it, counted once
+  # FLOPs of one call on its busiest device, when the devices' shares are uneven (the kernel's
+  # lockstep steps); None: flops_per_call spread evenly over the devices.
+  device_flops_per_call: float | None = None
 
   @property
   def flops(self) -> float:
@@ -80,8 +84,10 @@ class DryRun:
   def flops(self) -> float:
     return sum(p.flops for p in self.programs)
 
-  def seconds(self, flops: float) -> float:
-    return flops / (self.num_devices * self.matmul_flops_per_s)
+  def seconds(self, program: ProgramCost) -> float:
+    """A lower bound: the busiest device's FLOPs at the measured matmul rate."""
+    per_call = program.device_flops_per_call or program.flops_per_call / self.num_devices
+    return program.calls * per_call / self.matmul_flops_per_s
 
   def describe(self) -> str:
     lines = [f"dry run of job {self.job!r} on {self.num_devices} {self.platform} device(s) in "
@@ -91,8 +97,9 @@ class DryRun:
              f"  {'program':<52s} {'calls':>9s} {'FLOP/call':>10s} {'memory/device':>14s} {'time >=':>10s}"]
     for p in self.programs:
       lines.append(f"  {p.name:<52s} {p.calls:>9,d} {p.flops_per_call:>10.3g} "
-                   f"{_gib(p.bytes_per_device):>14s} {_duration(self.seconds(p.flops)):>10s}")
-    lines.append(f"  total {self.flops:.3g} FLOP, at least {_duration(self.seconds(self.flops))} at the "
+                   f"{_gib(p.bytes_per_device):>14s} {_duration(self.seconds(p)):>10s}")
+    total = sum(self.seconds(p) for p in self.programs)
+    lines.append(f"  total {self.flops:.3g} FLOP, at least {_duration(total)} at the "
                  f"measured matmul rate")
     lines += [f"  note: {n}" for n in self.notes]
     lines += [f"  note: {p.name} has {p.unbounded_loops} loop(s) of traced length, counted once"
@@ -240,7 +247,8 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> Progr
                     precision=k.precision, **plan_settings(k), model_state=cast(stats))
   tiles = len(plan.tiles())
   return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
-                     plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb")
+                     plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb",
+                     device_flops_per_call=plan.device_flops)
 
 
 def plan_job(config: ml_collections.ConfigDict) -> DryRun:

@@ -128,8 +128,15 @@ def test_kernel_plan_is_the_engine_plan():
   (kernel,) = plan.programs
   assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")  # 4 row blocks, upper triangle
   assert kernel.calls == 1
+  # Its time is the busiest device's through the lockstep steps: 10 tiles do not split evenly
+  # over 4 devices.
+  assert kernel.device_flops_per_call > kernel.flops_per_call / plan.num_devices == kernel.flops / 4
+  assert plan.seconds(kernel) == pytest.approx(kernel.device_flops_per_call / plan.matmul_flops_per_s)
   c.job, c.evolution.epochs = "evolution", (1.0, 2.0)
-  assert jobs.dry_run(c).programs[0].calls == 2
+  evolution = jobs.dry_run(c)
+  assert evolution.programs[0].calls == 2
+  assert evolution.seconds(evolution.programs[0]) == pytest.approx(
+      2 * kernel.device_flops_per_call / evolution.matmul_flops_per_s)
 
 
 def test_bad_job_and_dataset_are_named():
