@@ -59,14 +59,20 @@ def test_empirical_features_equal_the_explicit_jacobian_formula():
     apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
     x_train, x_test = jnp.asarray(rng.normal(size=(9, 5))), jnp.asarray(rng.normal(size=(4, 5)))
     coefficients = jnp.asarray(rng.normal(size=(2, 9, 3)))
+    def jac(x):  # [B, C, P]: every logit's Jacobian row
+      j = jax.jacrev(lambda p: apply_fn(p, x))(params)
+      return np.concatenate([np.asarray(j[k]).reshape(len(x), 3, -1) for k in sorted(j)], 2)
+
     for spec in (LogitSpec("class", 3, 1), LogitSpec("trace", 3)):
-      def jac(x):
-        f = lambda p: apply_fn(p, x)[:, spec.index] if spec.kind == "class" else apply_fn(p, x).sum(-1)
-        j = jax.jacrev(f)(params)
-        return np.concatenate([np.asarray(j[k]).reshape(len(x), -1) for k in sorted(j)], 1)
       directions = parameter_directions(apply_fn, params, x_train, coefficients, spec)
       got = feature_logits_fn(apply_fn, params, directions, spec)(x_test)
-      cross = jac(x_test) @ jac(x_train).T
+      # K(x, X) = sum_c J_c(x) J_c(X)^T over the kernel's logits: the trace kernel is the sum of
+      # the per-logit kernels (not the kernel of the summed logit), as the kernel job computes it.
+      logits = [spec.index] if spec.kind == "class" else [0, 1, 2]
+      cross = np.einsum("bcp,ncp->bn", jac(x_test)[:, logits], jac(x_train)[:, logits])
+      engine = empirical_ntk(apply_fn, params, np.asarray(x_test), np.asarray(x_train), dtype="float64",
+                             logits=spec.index if spec.kind == "class" else "trace")
+      np.testing.assert_allclose(engine, cross, rtol=1e-10)
       np.testing.assert_allclose(got, np.einsum("bn,gnc->gbc", cross, coefficients), rtol=1e-10)
 
 

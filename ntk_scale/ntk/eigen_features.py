@@ -6,11 +6,13 @@ above the numerical floor sum to ridgeless kernel regression K(x, X) K^+ Y. Feat
 by one for the top `num_single` eigenvalues and in log-spaced groups (indices [k, 2k), [2k, 4k), ...)
 after them, a group's predictor being the sum of its features.
 
-For an empirical NTK, K(x, X) = J(x) J(X)^T with J the Jacobian of the kernel's logit (a class, or
-the sum of logits for "trace"), so a group's predictor is J(x) W_g with the parameter directions
-W_g = J(X)^T V_g diag(1/lambda_g) V_g^T Y (J(X) formed a chunk of examples at a time): the
-per-example gradient J(x) times W_g gives it at any x, differentiably, so attacks run against each
-feature directly. The same `group_coefficients` serve any kernel function K(x, X).
+For an empirical NTK, K(x, X) = sum_c J_c(x) J_c(X)^T over the kernel's logits c (one class, or
+every logit for "trace": the sum of the per-logit kernels, not the kernel of the summed logit), so
+a group's predictor is sum_c J_c(x) W_gc with the parameter directions
+W_gc = J_c(X)^T V_g diag(1/lambda_g) V_g^T Y (J(X) formed a chunk of examples at a time): the
+per-example Jacobian rows J_c(x) times W_gc give it at any x, differentiably, so attacks run against
+each feature directly. A trace kernel's directions are C times a class kernel's (G * C * C * P
+numbers). The same `group_coefficients` serve any kernel function K(x, X).
 """
 
 import dataclasses
@@ -54,35 +56,31 @@ def group_coefficients(eigenvalues: np.ndarray, eigenvectors: np.ndarray, target
   return np.stack(out)
 
 
-def _scalar_logit(apply_fn: Callable, spec: LogitSpec) -> Callable:
-  """theta, x -> the kernel's logit per example [B]: one class, or the sum over classes."""
+def _jacobian_rows(apply_fn: Callable, spec: LogitSpec, unravel: Callable) -> Callable:
+  """(theta, x [B, ...]) -> the Jacobian rows of the kernel's logits for each example, [B, C', P]:
+  one row for a class kernel, one per logit for a trace kernel."""
   if spec.kind == "full":
     raise ValueError("eigen-features need a kernel of one logit or the trace; got logits 'full' "
                      "(config.kernel.logits).")
 
-  def logit(params, x):
-    out = apply_fn(params, x)
-    return out[:, spec.index] if spec.kind == "class" else out.sum(-1)
+  def logits(theta, x):
+    out = apply_fn(unravel(theta), x[None])[0]
+    return out[spec.index][None] if spec.kind == "class" else out
 
-  return logit
-
-
-def _per_example_gradients(apply_fn: Callable, spec: LogitSpec, unravel: Callable) -> Callable:
-  """(theta, x [B, ...]) -> the gradient of the kernel's logit for each example, [B, P]."""
-  logit = _scalar_logit(apply_fn, spec)
-  return jax.vmap(jax.grad(lambda t, x: logit(unravel(t), x[None])[0]), in_axes=(None, 0))
+  return jax.vmap(jax.jacrev(logits), in_axes=(None, 0))
 
 
 def parameter_directions(apply_fn: Callable, params, train_images: jax.Array, coefficients: jax.Array,
                          spec: LogitSpec, chunk: int = 128) -> jax.Array:
-  """W = J(X)^T A for every group and class column: [G, C, P] from A [G, N, C].
+  """W_c = J_c(X)^T A for every group, kernel logit c and target column: [G, C', K, P] from
+  A [G, N, K] (C' = 1 for a class kernel, C for a trace kernel).
 
-  J(X) is formed `chunk` training examples at a time (one reverse pass each) and contracted at
-  once: G * C VJPs over all N examples would cost G * C times more reverse passes.
+  J(X) is formed `chunk` training examples at a time (one reverse pass per example and logit) and
+  contracted at once: G * K VJPs over all N examples would cost G * K times more reverse passes.
   """
   theta, unravel = ravel_pytree(params)
-  per_example = _per_example_gradients(apply_fn, spec, unravel)
-  contract = jax.jit(lambda t, x, a: jnp.einsum("np,gnc->gcp", per_example(t, x), a,
+  rows = _jacobian_rows(apply_fn, spec, unravel)
+  contract = jax.jit(lambda t, x, a: jnp.einsum("ncp,gnk->gckp", rows(t, x), a,
                                                 precision=jax.lax.Precision.HIGHEST))
   total = None
   for start in range(0, train_images.shape[0], chunk):
@@ -92,13 +90,14 @@ def parameter_directions(apply_fn: Callable, params, train_images: jax.Array, co
 
 
 def feature_logits_fn(apply_fn: Callable, params, directions: jax.Array, spec: LogitSpec) -> Callable:
-  """x -> [G, B, C]: every group's predictor J(x) W_g, from the per-example gradients J(x) [B, P]
-  (one reverse pass per example, shared by all G * C directions: C JVPs per group cost C times more)."""
+  """x -> [G, B, K]: every group's predictor sum_c J_c(x) W_gc, from the per-example Jacobian rows
+  J(x) [B, C', P] (a reverse pass per example and logit, shared by all G * K directions: K JVPs
+  per group cost K times more)."""
   theta, unravel = ravel_pytree(params)
-  per_example = _per_example_gradients(apply_fn, spec, unravel)
+  rows = _jacobian_rows(apply_fn, spec, unravel)
 
   def logits(x: jax.Array) -> jax.Array:
-    grads = per_example(theta, x)  # [B, P]
-    return jnp.einsum("bp,gcp->gbc", grads, directions, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("bcp,gckp->gbk", rows(theta, x), directions,
+                      precision=jax.lax.Precision.HIGHEST)
 
   return logits
