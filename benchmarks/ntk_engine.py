@@ -19,12 +19,17 @@ Rows, each timed after compilation (best of --repeats) on the same inputs:
   loo2022        Loo et al.'s code: jitted nt.empirical_ntk_fn with NTK_VECTOR_PRODUCTS on 4-image
                  blocks, one call per pair of upper-triangle blocks, mirrored on the host
   nt_best        nt.empirical_ntk_fn(JACOBIAN_CONTRACTION, vmap_axes=0), the whole kernel in one call
-  nt_batched     nt.batch of nt_best with the largest batch that fits (when the one call does not)
+  nt_batched     nt.batch of nt_best with the largest batch that fits (when the one call does not):
+                 the largest divisor of N (nt.batch needs one) whose compiled program XLA counts
+                 within the device's budget, a smaller one if it still runs out of memory
 FLOP rates use the engine's cost model (Jacobian rows + contraction; ntk_scale's default plan,
 the variant rows their own) against this machine's float32 matmul peak measured in the same run.
 `err` is the largest difference to the ntk_scale kernel relative to its largest entry.
 neural-tangents' "trace" averages over logits; its kernels are multiplied by C here so that all
 rows compute the same sum.
+With a device lent for minutes, `--deadline_s` starts no case after that many seconds (what has
+finished is printed as it finishes) and `--compilation_cache DIR` keeps compiled programs for a
+rerun: XLA:GPU takes up to a minute per ResNet-18 program.
 """
 
 import argparse
@@ -40,10 +45,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ntk_scale.base_config import base_config  # noqa: E402
+from ntk_scale.cost_analysis import memory_per_device  # noqa: E402
 from ntk_scale.device_rates import matmul_rate  # noqa: E402
 from ntk_scale.models import build_model  # noqa: E402
 from ntk_scale.nt_compat import load_neural_tangents  # noqa: E402
 from ntk_scale.ntk import empirical_ntk, fit_plan  # noqa: E402
+from ntk_scale.ntk.plan import device_budget_bytes  # noqa: E402
 
 MODELS = {  # name -> (config.model fields, input shape)
     "cnn": (dict(name="cnn", width=8, batch_norm=False), (16, 16, 3)),  # ~18k parameters
@@ -112,14 +119,33 @@ def at_precision(run, precision: str):
   return wrapped
 
 
+def nt_kernel_fn(nt, f, trace_axes):
+  return nt.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=0,
+                             implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+
+
 def nt_best(nt, f, trace_axes, params, x, batch_size: int | None):
-  kernel_fn = nt.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=0,
-                                  implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+  kernel_fn = nt_kernel_fn(nt, f, trace_axes)
   if batch_size is None:
     jitted = jax.jit(kernel_fn)
     return lambda: np.asarray(jitted(x, None, params))
   batched = nt.batch(kernel_fn, batch_size=batch_size, store_on_device=False)
   return lambda: np.asarray(batched(x, None, params))
+
+
+def nt_batch_sizes(nt, f, trace_axes, params, x) -> list[int]:
+  """Divisors of N below N (nt.batch needs one), largest first, from the largest whose program
+  for a pair of batches XLA counts within the device's budget (on a backend without a memory
+  analysis, all of them)."""
+  n, budget = len(x), device_budget_bytes(jax.local_devices()[0])
+  jitted = jax.jit(nt_kernel_fn(nt, f, trace_axes))
+  sizes = [b for b in range(n - 1, 0, -1) if n % b == 0]
+  for index, b in enumerate(sizes):
+    block = jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
+    needed = memory_per_device(jitted.lower(block, block, params).compile())
+    if needed is None or needed <= budget:
+      return sizes[index:]
+  return []
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -142,7 +168,15 @@ def main() -> None:
   parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
                       help="matmul precision of every row (ours and neural-tangents'); on GPUs "
                            "'default' is TF32")
+  parser.add_argument("--deadline_s", type=float, default=None,
+                      help="start no case (model, N, logits) after this many seconds")
+  parser.add_argument("--compilation_cache", default=None,
+                      help="a directory for jax's persistent compilation cache (reruns skip compiles)")
   args = parser.parse_args()
+  started = time.perf_counter()
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   nt = load_neural_tangents("benchmarks/ntk_engine.py")
   # The engine's contraction setting (HIGHEST), on a matrix large enough for the device's peak.
   peak = matmul_rate("highest", size=2048 if jax.default_backend() == "cpu" else 8192)
@@ -160,6 +194,9 @@ def main() -> None:
     for n in map(int, sizes.split(",")):
       x = np.random.default_rng(0).uniform(size=(n, *shape)).astype(np.float32)
       for logits in args.logits.split(","):
+        if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
+          print(f"# deadline: {name} N={n} logits={logits} not started", flush=True)
+          continue
         mode = logits if logits == "trace" else int(logits)
         budget = args.memory_budget_gb and args.memory_budget_gb * 2**30
         settings = dict(tile_size=args.tile_size, memory_budget_bytes=budget)
@@ -192,8 +229,7 @@ def main() -> None:
           except Exception as error:  # noqa: BLE001
             if not (label == "nt_best" and is_out_of_memory(error)):
               raise
-            batch = n // 2
-            while batch >= 1:
+            for batch in nt_batch_sizes(nt, f, trace_axes, params, x):
               try:
                 run = at_precision(nt_best(nt, f, trace_axes, params, x, batch), args.precision)
                 seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
@@ -202,7 +238,9 @@ def main() -> None:
               except Exception as inner:  # noqa: BLE001
                 if not is_out_of_memory(inner):
                   raise
-                batch //= 2
+            else:
+              print(f"# {name} N={n} logits={logits}: no nt.batch size fits", flush=True)
+              continue
           rows.append((label, seconds, out["k"] * scale, plan.flops))
         for label, seconds, kernel, flops in rows:
           err = np.abs(kernel - reference).max() / np.abs(reference).max()

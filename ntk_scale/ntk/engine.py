@@ -132,8 +132,10 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
     pending = (step.tiles, tiles, step.chunk) if tiles is not None else None
     if time.time() - last_log > 30:
       last_log = time.time()
-      logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s", number + 1, len(steps),
-                   len(todo), mesh.size, last_log - started)
+      elapsed = last_log - started
+      logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s, about %.0f s to go",
+                   number + 1, len(steps), len(todo), mesh.size, elapsed,
+                   elapsed * (len(steps) - number - 1) / (number + 1))
   if pending is not None:
     hand_over(*pending)
   return handed
