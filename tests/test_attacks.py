@@ -153,16 +153,51 @@ def test_more_restarts_never_weaken_an_example(name, norm):
   images = jnp.asarray(rng.uniform(size=(32, 8, 8, 1)).astype(np.float32))
   labels = jnp.asarray(rng.integers(0, 10, size=32))
   key = jax.random.key(6)
-  losses = {}
+  losses, fooled = {}, {}
   for restarts in (1, 4):
     config = ml_collections.ConfigDict(dict(name=name, norm=norm, eps=_EPS[norm],
                                             step_size=_EPS[norm] / 4, num_steps=2,
                                             restarts=restarts))
     x_adv = _jit_attack(attacks.build_attack(config), model)(variables, images, labels, key)
     losses[restarts] = _loss(model, variables, x_adv, labels)
-  # The tolerance only absorbs float32 rounding between two compiled programs.
-  assert np.all(losses[4] >= losses[1] - 1e-6), losses[4] - losses[1]
+    fooled[restarts] = np.asarray(jnp.argmax(model.apply(variables, x_adv, train=False), -1) != labels)
+  # "Weaker" orders misclassified before correctly classified, then by loss: an example broken by
+  # restart 0 stays broken; otherwise (same kind) its loss does not fall. The tolerance only
+  # absorbs float32 rounding between two compiled programs.
+  assert np.all(fooled[4][fooled[1]])
+  same = fooled[4] == fooled[1]
+  assert np.all(losses[4][same] >= losses[1][same] - 1e-6), (losses[4] - losses[1])[same]
   assert losses[4].mean() > losses[1].mean()  # and the extra restarts find something
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd_ce"])
+def test_restarts_keep_the_per_example_worst_case(name):
+  """Robust accuracy under restarts is the per-example worst case: an example counts as robust only
+  if every restart leaves it correctly classified. Here the model is a step in a 1-D input (zero
+  gradient, so each restart stays at its uniform start): x < 0.5 gives logits (0.1, 0, 0), correct
+  for label 0 with loss 1.03; x >= 0.5 gives (0, 0.1, -10), misclassified with the LOWER loss 0.74.
+  From x = 0.5 with eps = 0.5 each restart is misclassified with probability 1/2, so the
+  worst-case robust accuracy over R restarts is 2^-R (closed form); keeping the restart of highest
+  loss instead gives 1 - 2^-R."""
+  loss = lambda logits: float(optax.softmax_cross_entropy_with_integer_labels(
+      jnp.asarray(logits), 0))
+  assert loss([0.0, 0.1, -10.0]) < loss([0.1, 0.0, 0.0])  # the misclassified point has lower loss
+  logits_fn = lambda x: jnp.where(x[:, :1] < 0.5, jnp.array([0.1, 0.0, 0.0]),
+                                  jnp.array([0.0, 0.1, -10.0]))
+  n = 400
+  images, labels = jnp.full((n, 1), 0.5), jnp.zeros(n, jnp.int32)
+  fooled = {}
+  for restarts in (1, 4):
+    config = ml_collections.ConfigDict(dict(name=name, eps=0.5, step_size=1e-3, num_steps=1,
+                                            restarts=restarts))
+    attack = attacks.build_attack(config)
+    x_adv = jax.jit(lambda k: attack(logits_fn, images, labels, k))(jax.random.key(0))
+    fooled[restarts] = np.asarray(jnp.argmax(logits_fn(x_adv), -1) != labels)
+    accuracy = 1 - fooled[restarts].mean()
+    # 400 examples: the binomial standard deviation is at most 0.025.
+    assert abs(accuracy - 0.5 ** restarts) < 0.075, (restarts, accuracy)
+  # Restart 0 is the same run in both: whatever it broke stays broken.
+  assert np.all(fooled[4][fooled[1]])
 
 
 def test_unrolled_pgd_equals_the_rolled_loop():
