@@ -69,6 +69,17 @@ def test_metrics_of_a_linear_path_of_stored_kernels(tmp_path, full):
   assert [len(v) for v in result["eigenvalues"]] == [7, 7, 7]
 
 
+def test_one_class_subset_has_no_label_alignment(tmp_path):
+  """A kernel of one class (config.kernel.classes=(c,)): alignment is undefined (None), the other
+  metrics are computed."""
+  kernels = [x @ x.T for x in np.random.default_rng(1).standard_normal((2, 6, 9))]
+  stores = [write_store(tmp_path / f"k{i}", k, tile=4, labels=np.full(6, 3), num_classes=10)
+            for i, k in enumerate(kernels)]
+  rows = evolution_metrics(stores, [1.0, 2.0], top_k=2, num_eigenvalues=3)["checkpoints"]
+  assert [r["label_alignment"] for r in rows] == [None, None]
+  assert [r["relative_movement"] for r in rows] == pytest.approx([0.0, 1.0])
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("evolution"))

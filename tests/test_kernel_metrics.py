@@ -111,3 +111,24 @@ def test_full_kernels_compare_as_matrices():
   assert metrics.similarity(full, 2 * full) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="different shapes"):
     metrics.similarity(full, np.eye(4))
+
+
+def test_alignment_on_a_two_class_subset_is_cristianinis_binary_alignment():
+  """Kernels of a subset of the classes (config.kernel.classes) or of an unbalanced split: the
+  targets are centred over the examples, so two classes of ten give Cristianini et al.'s binary
+  alignment y^T K y / (||K||_F N), y = +-1, and a kernel blind to the labels (constant) scores 0.
+  (One-hot minus 1/C gave a constant kernel 0.62 here, above a kernel that separates the classes.)"""
+  rng = np.random.default_rng(7)
+  labels = np.array([3, 5] * 6)
+  y = np.where(labels == 3, 1.0, -1.0)
+  x = rng.standard_normal((12, 20))
+  x[:, 0] += 2 * y
+  k = x @ x.T
+  binary = float(y @ k @ y) / (np.sqrt(np.sum(k * k)) * 12)
+  assert metrics.label_alignment(k, labels, 10) == pytest.approx(binary, rel=1e-12)
+  assert metrics.label_alignment(np.ones((12, 12)), labels, 10) == pytest.approx(0.0, abs=1e-12)
+  unbalanced = np.array([0] * 6 + [1] * 2 + [2] * 2)
+  assert metrics.label_alignment(np.ones((10, 10)), unbalanced, 3) == pytest.approx(0.0, abs=1e-12)
+  np.testing.assert_allclose(metrics.centered_one_hot(unbalanced, 3).sum(axis=0), 0.0, atol=1e-12)
+  with pytest.raises(ValueError, match="at least two classes"):
+    metrics.label_alignment(k, np.full(12, 3), 10)  # a one-class subset: no target varies

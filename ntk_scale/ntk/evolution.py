@@ -177,7 +177,8 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
     spectra.append(spectrum.values[:num_eigenvalues].tolist())
     row.update(top_eigenvalue=float(spectrum.values[0]), trace=float(spectrum.values.sum()),
                spectral_mass_top_k=metrics.spectral_mass(spectrum.values, top_k),
-               label_alignment=metrics.label_alignment(kernel, labels, num_classes))
+               label_alignment=(metrics.label_alignment(kernel, labels, num_classes)
+                                if np.unique(labels).size > 1 else None))  # one class: undefined
     if store is stores[0 if eigenspace_of == "initial" else -1]:
       reference = spectrum
     del kernel

@@ -76,11 +76,17 @@ def spectral_mass(eigenvalues: np.ndarray, k: int, trace: float | None = None) -
 
 
 def centered_one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """[N, C] one-hot labels minus 1/C: each column is one class's centred +-1-like target."""
+  """[N, C] one-hot labels centred over the examples, Y - 1 p^T with p the class frequencies
+  (H Y, H = I - 1 1^T / N, as Cortes et al. 2012 centre targets): each column is one class's
+  zero-mean target, rows still sum to 0, and a class absent from the subset is a zero column.
+  On a class-balanced subset of all C classes this is one-hot minus 1/C; on two classes it is
+  +-1/2, so the alignment is Cristianini et al.'s binary one. (One-hot minus 1/C on a subset of
+  the classes, or unbalanced ones, leaves a constant in Y Y^T that label-blind kernels align with.)"""
   labels = np.asarray(labels)
   if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"labels must be a non-empty vector of class indices in [0, {num_classes}).")
-  return np.eye(num_classes)[labels] - 1.0 / num_classes
+  one_hot = np.eye(num_classes)[labels]
+  return one_hot - one_hot.mean(axis=0)
 
 
 def target_alignment(kernel: np.ndarray, targets: np.ndarray) -> float:
@@ -101,8 +107,11 @@ def target_alignment(kernel: np.ndarray, targets: np.ndarray) -> float:
 
 
 def label_alignment(kernel: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-  """target_alignment with centred one-hot labels: per class for an [N, N] kernel, and as the one
-  vector vec(Y) (row i*C + a) for a full [N, N, C, C] kernel, whose rows are (example, logit)."""
+  """target_alignment with one-hot labels centred over the examples (centered_one_hot): per class
+  for an [N, N] kernel, and as the one vector vec(Y) (row i*C + a) for a full [N, N, C, C] kernel,
+  whose rows are (example, logit). Undefined for examples of a single class (no target varies)."""
+  if np.unique(np.asarray(labels)).size < 2:
+    raise ValueError("label alignment needs examples of at least two classes; these are all of one.")
   targets = centered_one_hot(labels, num_classes)
   if np.ndim(kernel) == 4:
     targets = targets.reshape(-1)
