@@ -246,13 +246,18 @@ def _apgd_checkpoints(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
 def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
             eps: float, num_steps: int, norm: str = "linf", restarts: int = 1,
             rho: float = 0.75) -> jax.Array:
-  """APGD on the cross-entropy (Croce and Hein, ICML 2020); returns the highest-loss point seen.
+  """APGD on the cross-entropy (Croce and Hein, ICML 2020); returns, per example, a misclassified
+  iterate if there was one (as AutoAttack's x_best_adv; of several, the highest-loss one), else
+  the highest-loss point seen.
 
   Steps of size eta (2 * eps at first) with momentum 0.75 from a uniform random start. At each
   checkpoint w_j an example halves its eta and restarts from its best point when fewer than
   rho * (w_j - w_{j-1}) of the steps since w_{j-1} increased its loss, or when neither its eta
   nor its best loss changed since w_{j-1}. As in the authors' AutoAttack code, the second
   condition cannot fire at the first checkpoint (treated as if eta had just been halved).
+  The step-size rule and the restarts from the best point use the highest-loss point alone; the
+  returned point is the strongest iterate in `_stronger`'s order (misclassified first, then
+  loss), so robust accuracy counts an example broken by any iterate, as AutoAttack does.
   """
   _check_norm(norm)
   momentum = 0.75
@@ -261,13 +266,14 @@ def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.
 
   def attack_once(key):
     x0 = _uniform_start(key, images, eps, norm)
-    loss0, grad0, _ = _loss_and_grad(logits_fn, x0, labels)
+    loss0, grad0, fooled0 = _loss_and_grad(logits_fn, x0, labels)
     n = labels.shape[0]
     state = dict(x=x0, x_prev=x0, loss=loss0, grad=grad0,
                  step=jnp.full((n,), 2.0 * eps, images.dtype),
                  x_best=x0, loss_best=loss0, grad_best=grad0,
                  increases=jnp.zeros((n,), images.dtype),
-                 loss_best_at_check=loss0, reduced_at_check=jnp.ones((n,), bool))
+                 loss_best_at_check=loss0, reduced_at_check=jnp.ones((n,), bool),
+                 x_out=x0, fooled_out=fooled0, loss_out=loss0)
 
     def body(k, s):
       x, x_prev = s["x"], s["x_prev"]
@@ -275,7 +281,8 @@ def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.
       step = _per_example(s["step"], x)
       z = _project(x + step * _ascent_direction(s["grad"], norm), images, eps, norm)
       x_new = _project(x + alpha * (z - x) + (1.0 - alpha) * (x - x_prev), images, eps, norm)
-      loss, grad, _ = _loss_and_grad(logits_fn, x_new, labels)
+      loss, grad, fooled = _loss_and_grad(logits_fn, x_new, labels)
+      stronger = _stronger(fooled, loss, s["fooled_out"], s["loss_out"])
 
       increases = s["increases"] + (loss > s["loss"])
       improved = loss > s["loss_best"]
@@ -295,9 +302,12 @@ def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.
                   x_best=x_best, loss_best=loss_best, grad_best=grad_best,
                   increases=jnp.where(at_check, 0.0, increases),
                   loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
-                  reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]))
+                  reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
+                  x_out=jnp.where(_per_example(stronger, x), x_new, s["x_out"]),
+                  fooled_out=s["fooled_out"] | fooled,
+                  loss_out=jnp.where(stronger, loss, s["loss_out"]))
 
-    return jax.lax.fori_loop(0, num_steps, body, state)["x_best"]
+    return jax.lax.fori_loop(0, num_steps, body, state)["x_out"]
 
   return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
 

@@ -242,7 +242,8 @@ def test_four_devices_give_the_examples_of_one():
 # --------------------------------------------------------------------------- APGD against a reference
 
 def _numpy_mlp_loss_and_grad(params, x, y):
-  """Cross-entropy and its input gradient for the 1-hidden-layer MLP, by hand in float64."""
+  """Cross-entropy, its input gradient and whether the example is misclassified, for the
+  1-hidden-layer MLP, by hand in float64."""
   w1, b1 = (np.asarray(params["dense1"][k], np.float64) for k in ("kernel", "bias"))
   w2, b2 = (np.asarray(params["head"][k], np.float64) for k in ("kernel", "bias"))
   pre = x.reshape(1, -1) @ w1 + b1
@@ -251,13 +252,17 @@ def _numpy_mlp_loss_and_grad(params, x, y):
   log_probs = logits - np.log(np.exp(logits).sum())
   dlogits = np.exp(log_probs)
   dlogits[0, y] -= 1
-  return -log_probs[0, y], (((dlogits @ w2.T) * (pre > 0)) @ w1.T).reshape(x.shape)
+  grad = (((dlogits @ w2.T) * (pre > 0)) @ w1.T).reshape(x.shape)
+  return -log_probs[0, y], grad, bool(np.argmax(logits[0]) != y)
 
 
 def _reference_apgd(loss_and_grad, x, x0, eps, num_steps, rho=0.75):
   """Algorithm 1 of Croce and Hein (2020), L-inf, one example, written as a plain loop.
 
-  Returns the best point and how often the step size was halved.
+  Returns the reported point and how often the step size was halved. The reported point is a
+  misclassified iterate if there was one (AutoAttack's x_best_adv; of several, here the one of
+  highest loss), else the best point x_max: the strongest iterate in the order
+  (misclassified, loss), compared as Python tuples.
   """
   project = lambda z: np.clip(np.clip(z, x - eps, x + eps), 0, 1)
   checkpoints, p_prev, p = [0], 0.0, 0.22
@@ -268,14 +273,17 @@ def _reference_apgd(loss_and_grad, x, x0, eps, num_steps, rho=0.75):
     p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
   eta, halvings = 2 * eps, 0
   x_cur, x_prev = x0, x0
-  f_cur, g = loss_and_grad(x0)
+  f_cur, g, fooled = loss_and_grad(x0)
   x_max, f_max, g_max = x_cur, f_cur, g
+  x_out, key_out = x0, (fooled, f_cur)
   increases, f_max_at_check, halved_at_check = 0, f_max, True  # AutoAttack's first-check rule
   for k in range(num_steps):
     alpha = 1.0 if k == 0 else 0.75
     z = project(x_cur + eta * np.sign(g))
     x_new = project(x_cur + alpha * (z - x_cur) + (1 - alpha) * (x_cur - x_prev))
-    f_new, g_new = loss_and_grad(x_new)
+    f_new, g_new, fooled = loss_and_grad(x_new)
+    if (fooled, f_new) > key_out:
+      x_out, key_out = x_new, (fooled, f_new)
     increases += f_new > f_cur
     if f_new > f_max:
       x_max, f_max, g_max = x_new, f_new, g_new
@@ -288,7 +296,7 @@ def _reference_apgd(loss_and_grad, x, x0, eps, num_steps, rho=0.75):
         eta, halvings = eta / 2, halvings + 1
         x_cur, f_cur, g = x_max, f_max, g_max
       increases, f_max_at_check, halved_at_check = 0, f_max, halve
-  return x_max, halvings
+  return x_out, halvings
 
 
 def test_apgd_follows_the_published_algorithm():
@@ -319,6 +327,30 @@ def test_apgd_follows_the_published_algorithm():
     np.testing.assert_allclose(x_adv[i], expected, atol=1e-9, rtol=0, err_msg=f"example {i}")
     total_halvings += halvings
   assert total_halvings > 0  # the step-size rule was exercised
+
+
+def test_apgd_counts_an_example_broken_by_any_iterate():
+  """Robust accuracy under APGD counts an example as broken if any iterate misclassified it (as
+  AutoAttack's x_best_adv), even when a later, correctly classified iterate has a higher loss.
+
+  1-D input t, label 0, logits (0, 0.1 - 0.2 t, -3 + 2.99 t eight times): the loss increases with
+  t, class 1 wins for t < 0.5 and class 0 for t > 0.5. From x = 0.4 with eps = 0.3 the iterates
+  climb to 0.7 (correct, highest loss), so an example is broken exactly when its uniform start
+  (the documented fold_in(key, 0) draw) lies below 0.5: probability 2/3."""
+  logits_fn = lambda x: jnp.concatenate([0 * x, 0.1 - 0.2 * x] + [-3 + 2.99 * x] * 8, -1)
+  grid = jnp.linspace(0, 1, 21)[:, None]
+  losses = np.asarray(attacks.per_example_loss(logits_fn, grid, jnp.zeros(21, jnp.int32)))
+  assert np.all(np.diff(losses) > 0)
+  np.testing.assert_array_equal(np.argmax(logits_fn(grid), -1) == 0, np.asarray(grid[:, 0]) >= 0.5)
+
+  n, eps, key = 300, 0.3, jax.random.key(0)
+  images, labels = jnp.full((n, 1), 0.4), jnp.zeros(n, jnp.int32)
+  x_adv = jax.jit(lambda k: attacks.apgd_ce(logits_fn, images, labels, k, eps=eps, num_steps=5))(key)
+  starts = np.clip(0.4 + np.asarray(jax.random.uniform(jax.random.fold_in(key, 0), (n, 1),
+                                                       jnp.float32, -eps, eps)), 0, 1)
+  fooled = np.asarray(jnp.argmax(logits_fn(x_adv), -1) != labels)
+  np.testing.assert_array_equal(fooled, starts[:, 0] < 0.5)
+  assert abs(fooled.mean() - 2 / 3) < 0.1  # 300 draws: standard deviation 0.027
 
 
 def test_apgd_checkpoints_follow_the_paper_schedule():
