@@ -1,5 +1,6 @@
 """Per-example Jacobians with convolution weight gradients as patch matmuls equal JAX's own, in
-float64, across strides, padding, dilation, layouts and spatial ranks; and the rewrite is used."""
+float64, across strides, padding, dilation, layouts and spatial ranks; the rewrite is used; its
+patches are lax's."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ntk_scale.ntk.conv_weight_gradients import with_matmul_weight_gradients
+from ntk_scale.ntk.conv_weight_gradients import _patches, with_matmul_weight_gradients
 
 
 def _two_convs(p, e):
@@ -53,3 +54,14 @@ def _check_cases():
     assert "group_count=7" not in jaxpr
     assert "group_count=7" in reference_jaxpr or f is _one_d
     assert "dot_general" in jaxpr  # the weight gradient is a (batched) matmul of patches
+
+
+def test_patches_are_lax_patches_bit_for_bit():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 9, 7)), jnp.float32)
+  for filter_shape, strides, padding, dilation in (((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+                                                   ((3, 2), (2, 2), ((1, 0), (0, 1)), (1, 1)),
+                                                   ((2, 3), (1, 2), ((2, 2), (1, 1)), (2, 1)),
+                                                   ((1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1))):
+    expected = lax.conv_general_dilated_patches(x, filter_shape, strides, padding,
+                                                rhs_dilation=dilation, precision=lax.Precision.HIGHEST)
+    np.testing.assert_array_equal(_patches(x, filter_shape, strides, padding, dilation), expected)
