@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -80,6 +81,7 @@ def features_config(**fields):
   c = load_config("digits", "smoke")
   c.model.name, c.model.width = "mlp", 16
   c.num_epochs = 1.0
+  c.eval_attacks = ml_collections.ConfigDict()  # the job's own attack is what is tested: spare the time
   c.kernel.num_examples, c.kernel.logits = 40, "0"
   c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 3, 30, 16
   c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 3

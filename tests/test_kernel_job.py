@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -25,6 +26,7 @@ def kernel_config(**kernel):
   c.model.width = 4
   c.phase2.num_epochs = 0.5
   c.phase2.from_epoch = 0.5
+  c.eval_attacks = ml_collections.ConfigDict()  # not needed here: spare the time
   c.job = "kernel"
   c.kernel.num_examples = 20
   c.kernel.tile_size = 6
