@@ -1,7 +1,6 @@
 """Evaluators shared by the training loop and the command line: clean and robust accuracy on a split."""
 
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -14,6 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ntk_scale import data, parallel
+from ntk_scale.atomic_files import write_json
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import Attack, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
@@ -208,7 +208,5 @@ def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, A
     directory = os.path.join(workdir, "evaluations")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"step_{step}.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, record, indent=2)
   return record

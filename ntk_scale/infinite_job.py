@@ -39,7 +39,7 @@ from ntk_scale.attacks import build_attacks
 from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
-from ntk_scale.ntk.store import write_atomic
+from ntk_scale.atomic_files import write_atomic, write_json
 from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset, split_targets
 
 RESULTS_FILE = "results.json"
@@ -62,7 +62,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, num_train: int) -> 
 
 def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:  # one writer per file
-    write_atomic(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write_json(path, record, indent=2)
 
 
 def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, name: str = "",

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ntk_scale import atomic_files
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config
 
 REPORT_DIR, INDEX_FILE = "report", "index.html"
@@ -115,20 +116,13 @@ class ReportPage:
 
   def save_figure(self, fig, relative: str, alt: str) -> str:
     """Saves a matplotlib figure as report/<relative> (atomically); returns its <img>."""
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    path = self._target(relative)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    atomic_files.save_figure(fig, self._target(relative), dpi=100)
     return self.image(relative, alt)
 
   def copy(self, source: str, relative: str) -> str:
     """Copies a workdir file into the report (atomically); returns its relative path."""
-    path = self._target(relative)
-    shutil.copyfile(source, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with open(source, "rb") as f:
+      atomic_files.write_atomic(self._target(relative), lambda out: shutil.copyfileobj(f, out))
     return relative
 
   def image(self, relative: str, alt: str) -> str:
@@ -159,9 +153,7 @@ class ReportPage:
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(head + body) + "\n</body></html>\n")
     path = self._target(INDEX_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(page)
-    os.replace(path + ".tmp", path)
+    atomic_files.write_text(path, page)
     self._remove_stale()
     return path
 

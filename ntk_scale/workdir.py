@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from ntk_scale.atomic_files import write_json
 from ntk_scale.base_config import base_config
 from ntk_scale.checkpoint import CheckpointNotFoundError
 
@@ -84,10 +85,7 @@ def record_or_check(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME
   if check_recorded(path, current, runtime, remedy) or jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  write_json(path, current, indent=2, sort_keys=True)
 
 
 def phase2_name(config: ml_collections.ConfigDict) -> str:

@@ -50,7 +50,8 @@ from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, gro
 from ntk_scale.ntk.job import inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.spectrum import eigh
-from ntk_scale.ntk.store import KernelStore, write_atomic
+from ntk_scale.atomic_files import save_figure, write_json
+from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
 FEATURES_DIR = "eigen_features"
@@ -101,10 +102,7 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  save_figure(fig, path, dpi=120)
 
 
 @dataclasses.dataclass
@@ -252,6 +250,6 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     write_table(os.path.join(directory, "features.csv"), rows)
     _plot(rows, os.path.join(directory, "usefulness_robustness.png"),
           f"eigen-features of {name}, {e.attack.name} eps {e.attack.eps:g}")
-    write_atomic(result_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write_json(result_path, record, indent=2)
     print(f"eigen-features written to {directory}", flush=True)
   return {"eigen_features": directory, **record}

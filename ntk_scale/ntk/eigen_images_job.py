@@ -37,7 +37,8 @@ from ntk_scale.kernel_regression import check_regression_config, regression_targ
 from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
 from ntk_scale.ntk.job import inference_apply, kernel_job
 from ntk_scale.ntk.spectrum import eigh
-from ntk_scale.ntk.store import KernelStore, write_atomic
+from ntk_scale.atomic_files import save_figure, write_atomic, write_json
+from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
 IMAGES_DIR = "eigen_images"
@@ -83,10 +84,7 @@ def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
     ax.set_title(name, fontsize=7)
     ax.set_axis_off()
   fig.suptitle(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  save_figure(fig, path, dpi=120)
 
 
 def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -152,6 +150,6 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
               enumerate(zip(np.repeat(names, 2), np.asarray(signs), final))]
     _plot(images, titles, os.path.join(directory, PLOT_FILE),
           f"{os.path.basename(kernel['kernel'])}: images x maximising ±cos(∇θ f_{c}(x), v)")
-    write_atomic(result_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write_json(result_path, record, indent=2)
     print(f"eigen-images written to {directory}", flush=True)
   return {"eigen_images": directory, **record}

@@ -17,6 +17,7 @@ own kernel in memory (a dense float64 eigendecomposition).
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -26,11 +27,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from ntk_scale.atomic_files import write_json, write_text
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
 from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
-from ntk_scale.ntk.store import KernelStore, write_atomic
+from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.collapse import CO_FILE
 from ntk_scale.workdir import phase2_name
@@ -201,12 +203,11 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
 
 
 def write_table(path: str, rows: list[dict[str, Any]]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-  os.replace(tmp, path)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+  write_text(path, table.getvalue())
 
 
 def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -246,8 +247,7 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if collapse is not None:
     results["collapse"] = collapse
   os.makedirs(directory, exist_ok=True)
-  write_atomic(os.path.join(directory, METRICS_JSON),
-               lambda f: f.write(json.dumps(results, indent=2).encode()))
+  write_json(os.path.join(directory, METRICS_JSON), results, indent=2)
   write_table(os.path.join(directory, METRICS_CSV), results["checkpoints"])
   result["plots"] = plot_evolution(results, directory)
   result["metrics"] = results

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from ntk_scale.atomic_files import save_figure  # pylint: disable=wrong-import-position
+
 PLOTS = ("distance_to_final.png", "polar.png", "spectra.png")
 _SPACES = (("", "whole kernel"), ("_top_k", "top-{k} eigenspace"), ("_bottom_k", "bottom-{k} eigenspace"))
 
@@ -19,11 +21,7 @@ def _column(results: dict[str, Any], key: str) -> np.ndarray:
 
 
 def _save(fig: plt.Figure, path: str) -> str:
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
-  return path
+  return save_figure(fig, path, dpi=120)
 
 
 def plot_distance_to_final(results: dict[str, Any], path: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from ntk_scale.atomic_files import write_atomic, write_json
 from ntk_scale.ntk.tile_math import mirror_tile
 
 ARRAY_DIR, META_FILE, TILES_DIR = "kernel.zarr", "kernel.json", "tiles"
@@ -29,15 +30,6 @@ INDICES_FILE, LABELS_FILE = "indices.npy", "labels.npy"
 
 class KernelStoreMismatchError(ValueError):
   """The directory holds a different kernel than the one requested."""
-
-
-def write_atomic(path: str, write) -> None:
-  """`write(f)` into a temporary file beside `path`, then renamed over it: readers never see a
-  partial file, and a killed job leaves only a stray temporary."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
 
 
 def _spec(directory: str) -> dict:
@@ -95,8 +87,7 @@ class KernelStore:
     array = ts.open(_spec(directory), create=True, delete_existing=True, dtype=meta["dtype"],
                     shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
     # The metadata file is written last: it is what marks the directory as a kernel.
-    write_atomic(os.path.join(directory, META_FILE),
-                  lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    write_json(os.path.join(directory, META_FILE), meta, indent=2, sort_keys=True)
     return cls(directory, array, meta)
 
   # ---------------------------------------------------------------- tiles
@@ -144,8 +135,7 @@ class KernelStore:
   def update_meta(self, **fields: Any) -> None:
     """Adds `fields` to kernel.json (process 0 only: a single writer)."""
     self.meta.update(fields)
-    write_atomic(os.path.join(self.directory, META_FILE),
-                  lambda f: f.write(json.dumps(self.meta, indent=2, sort_keys=True).encode()))
+    write_json(os.path.join(self.directory, META_FILE), self.meta, indent=2, sort_keys=True)
 
 
 # Tiles that may wait for the disk; a single tile larger than this still goes, alone.

@@ -23,6 +23,7 @@ import numpy as np
 from clu import metric_writers
 from jax.sharding import Mesh
 
+from ntk_scale.atomic_files import write_json
 from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import Dataset, Split
@@ -122,8 +123,5 @@ class CoMonitor:
                              for k in ("collapse_fraction", "min_peak", "max_train_drop",
                                        "sustain_evals", "every_steps")}}
     if jax.process_index() == 0:
-      tmp = self._path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-      os.replace(tmp, self._path)
+      write_json(self._path, summary, indent=2)
     return summary

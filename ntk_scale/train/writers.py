@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from ntk_scale.atomic_files import write_text
+
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per `write_scalars` call: {"step": s, name: value, ...}."""
@@ -21,10 +23,7 @@ class JsonlWriter(metric_writers.MetricWriter):
       return
     with open(self._path) as f:
       records = [json.loads(line) for line in f if line.strip()]
-    tmp = self._path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records if keep(r))
-    os.replace(tmp, self._path)
+    write_text(self._path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step)}

@@ -1,0 +1,42 @@
+"""Files are written whole or not at all: a failed write leaves the previous file and no temporary."""
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from ntk_scale.atomic_files import save_figure, write_atomic, write_json  # noqa: E402
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+  path = str(tmp_path / "record.json")
+  write_json(path, {"step": 1}, indent=2)
+
+  def dies_half_way(f):
+    f.write(b'{"step": ')
+    raise _Interrupted()
+
+  with pytest.raises(_Interrupted):
+    write_atomic(path, dies_half_way)
+  with open(path) as f:
+    assert json.load(f) == {"step": 1}
+  assert os.listdir(tmp_path) == ["record.json"]
+
+
+def test_figures_take_the_format_of_their_extension(tmp_path):
+  for name, magic in (("plot.png", b"\x89PNG"), ("plot.pdf", b"%PDF")):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, str(tmp_path / name), dpi=50)
+    with open(path, "rb") as f:
+      assert f.read(4) == magic
+    assert not plt.fignum_exists(fig.number)
+  assert sorted(os.listdir(tmp_path)) == ["plot.pdf", "plot.png"]
