@@ -3,6 +3,7 @@ logits modes, methods, tile sizes, device counts, the on-disk store and kill-and
 
 import collections
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -41,12 +42,19 @@ def _images(n, seed=1):
   return np.random.default_rng(seed).uniform(size=(n, *SHAPE)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _jacobian_fn(apply_fn):
+  """jax.jacrev of the model, jitted: one compilation per input shape (op by op, the eager
+  Jacobian compiled each of its hundreds of primitives per shape, most of a test's time)."""
+  return jax.jit(jax.jacrev(apply_fn))
+
+
 def reference_kernel(apply_fn, params, x1, x2, logits):
   """J(x1) J(x2)^T in float64 from full jax.jacrev Jacobians, contracted with numpy."""
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     def flat(x):
-      jac = jax.jacrev(apply_fn)(params, np.asarray(x, np.float64))  # leaves [N, C, *shape]
+      jac = _jacobian_fn(apply_fn)(params, np.asarray(x, np.float64))  # leaves [N, C, *shape]
       return np.concatenate([np.asarray(l).reshape(l.shape[0], l.shape[1], -1)
                              for l in jax.tree.leaves(jac)], -1)
     full = np.einsum("icp,jdp->ijcd", flat(x1), flat(x2))
