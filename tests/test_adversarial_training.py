@@ -1,4 +1,5 @@
-"""Phase-1 modes C/A/F, Loo et al.'s benign-then-adversarial updates, robust evaluation, saved sets."""
+"""Phase-1 modes C/A/F, Loo et al.'s benign-then-adversarial updates, robust evaluation, saved sets;
+the digits smoke run learns and its checkpoints are found by epoch."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from ntk_scale import jobs, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import base_config
+from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import load_digits
 from ntk_scale.models import build_model
 from ntk_scale.train.experiment import _batch_step_of_update
@@ -101,17 +103,30 @@ def test_flip_mode_is_benign_until_flip_epoch_then_adversarial(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """Benign and adversarial digits smoke runs, each evaluated under PGD and APGD."""
+  """Benign and adversarial digits smoke runs, each evaluated under PGD and APGD:
+  (config, workdir, the train job's result)."""
   out = {}
   for mode in ("benign", "adversarial"):
     config = load_config("digits", "smoke" if mode == "benign" else "adversarial,smoke")
     workdir = str(tmp_path_factory.mktemp(mode))
-    out[mode] = (config, workdir, jobs.run(config, workdir)["results"])
+    out[mode] = (config, workdir, jobs.run(config, workdir))
   return out
 
 
+def test_digits_smoke_learns_and_checkpoints_are_addressable_by_epoch(trained):
+  _, workdir, result = trained["benign"]  # configs/digits.py:smoke as it is
+  assert result["test"]["accuracy"] > 0.9
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+  epochs = checkpoints.epochs()
+  # 22 steps per epoch: fractional epochs 0.125 ... 2.5 and every whole epoch of 3.
+  assert sorted(epochs) == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
+  assert epochs[0.5] == 11 and epochs[2.5] == 55
+  state = checkpoints.restore_epoch(0.5, result["state"])
+  assert int(state.step) == 11
+
+
 def test_adversarial_training_is_far_more_robust(trained):
-  benign, adversarial = trained["benign"][2], trained["adversarial"][2]
+  benign, adversarial = trained["benign"][2]["results"], trained["adversarial"][2]["results"]
   for results in (benign, adversarial):
     assert results["clean"]["accuracy"] > 0.9
     for attack in ("pgd", "apgd"):
@@ -124,7 +139,8 @@ def test_adversarial_training_is_far_more_robust(trained):
 
 
 def test_saved_adversarial_set_is_consistent(trained):
-  config, workdir, results = trained["benign"]
+  config, workdir, result = trained["benign"]
+  results = result["results"]
   arrays, meta = load_adversarial_set(os.path.join(workdir, "adversarial", "pgd"))
   test = load_digits().test
   np.testing.assert_array_equal(arrays["labels"], test.labels)

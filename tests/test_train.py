@@ -1,6 +1,9 @@
-"""The train job end to end: data parallelism, kill-and-resume, checkpoints by epoch, NaN guard."""
+"""The train job end to end: data parallelism, kill-and-resume, rerun of a finished run, ResNet-18,
+NaN guard (the digits smoke run's checkpoints by epoch: tests/test_adversarial_training.py)."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,18 +61,31 @@ def train_records(workdir) -> list[dict]:
   return [keep(r) for r in read_metrics(workdir) if any(k.startswith(("train/", "test/")) for k in r)]
 
 
-def test_four_devices_give_the_losses_of_one(tmp_path):
-  overrides = ("--config.num_epochs=1", "--config.log_every_steps=1")
-  main_py(tmp_path / "one", *overrides, devices=1)
-  main_py(tmp_path / "four", *overrides, devices=4)
-  one, four = train_records(tmp_path / "one"), train_records(tmp_path / "four")
-  assert [r["step"] for r in one] == [r["step"] for r in four]
+ONE_EPOCH = ("--config.num_epochs=1", "--config.log_every_steps=1")
+
+
+@pytest.fixture(scope="module")
+def one_device_epoch(tmp_path_factory):
+  """One epoch of configs/digits.py:smoke by main.py on one device, logged every step:
+  (workdir, what main.py printed)."""
+  workdir = tmp_path_factory.mktemp("one_device")
+  return workdir, main_py(workdir, *ONE_EPOCH, devices=1)
+
+
+def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):
+  one = one_device_epoch[0]
+  assert jax.device_count() == 4  # this process (conftest.py); main.py ran `one` on one device
+  config = load_config("digits", "smoke")
+  config.num_epochs, config.log_every_steps = 1.0, 1  # ONE_EPOCH
+  jobs.run(config, str(tmp_path))
+  one_records, four_records = train_records(one), train_records(tmp_path)
+  assert [r["step"] for r in one_records] == [r["step"] for r in four_records]
   losses = lambda rs: np.array([r["train/loss"] for r in rs if "train/loss" in r])
-  assert len(losses(one)) == 22
-  np.testing.assert_allclose(losses(four), losses(one), rtol=2e-4)
+  assert len(losses(one_records)) == 22
+  np.testing.assert_allclose(losses(four_records), losses(one_records), rtol=2e-4)
   # Parameters after 22 steps: float32 rounding differences (~1e-7 at step 1) grow with training.
   flat = lambda leaves: np.concatenate([x.ravel().astype(np.float64) for x in leaves])
-  a, b = flat(final_state_leaves(tmp_path / "one")), flat(final_state_leaves(tmp_path / "four"))
+  a, b = flat(final_state_leaves(one)), flat(final_state_leaves(tmp_path))
   assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
 
 
@@ -84,7 +100,7 @@ def _kill_when_checkpoint_appears(proc, checkpoint_dir, step: int, timeout_s: fl
 
 
 def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path):
-  overrides = ("--config.num_epochs=6", "--config.log_every_steps=5")
+  overrides = ("--config.num_epochs=4", "--config.log_every_steps=5")
   main_py(tmp_path / "straight", *overrides)
   killed = tmp_path / "killed"
   # Two kills: mid-epoch-2 (just after the epoch-1 save started) and just after epoch 3 appeared.
@@ -102,24 +118,14 @@ def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path):
   assert train_records(killed) == train_records(tmp_path / "straight")
 
 
-def test_rerun_of_a_finished_run_only_reevaluates(tmp_path):
-  first = main_py(tmp_path, "--config.num_epochs=1")
-  second = main_py(tmp_path, "--config.num_epochs=1")
-  assert first.splitlines()[-1] == second.splitlines()[-1]  # same printed test accuracy
-  assert sum("test/accuracy" in r for r in read_metrics(tmp_path)) == 1
-
-
-def test_digits_smoke_learns_and_checkpoints_are_addressable_by_epoch(tmp_path):
-  config = load_config("digits", "smoke")
-  result = jobs.run(config, str(tmp_path))
-  assert result["test"]["accuracy"] > 0.9
-  checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
-  epochs = checkpoints.epochs()
-  # 22 steps per epoch: fractional epochs 0.125 ... 2.5 and every whole epoch of 3.
-  assert sorted(epochs) == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
-  assert epochs[0.5] == 11 and epochs[2.5] == 55
-  state = checkpoints.restore_epoch(0.5, result["state"])
-  assert int(state.step) == 11
+def test_rerun_of_a_finished_run_only_reevaluates(one_device_epoch, tmp_path):
+  finished, first = one_device_epoch
+  shutil.copytree(finished, tmp_path / "rerun")
+  second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1)
+  printed = lambda out: [line for line in out.splitlines()  # main.py's lines, not the timed logs
+                         if "test accuracy" in line and not re.match(r"[IWEF]\d{4} ", line)]
+  assert len(printed(first)) == 3 and printed(first) == printed(second)  # clean, pgd, apgd
+  assert sum("test/accuracy" in r for r in read_metrics(tmp_path / "rerun")) == 1
 
 
 def test_resnet18_trains_adversarially_on_mock_cifar10(tmp_path):
