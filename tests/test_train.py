@@ -31,11 +31,24 @@ def load_config(name: str, arg: str = ""):
   return module.get_config(arg)
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache for the main.py processes of this file: they run the same
+  programs (configs/digits.py:smoke on one device), which each compiled again, about half of a
+  short run's time. Tests in this process do not use it."""
+  return tmp_path_factory.mktemp("compilation_cache")
+
+
 def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/digits.py:smoke",
-            wait: bool = True):
-  """Runs main.py in a fresh process with `devices` emulated CPU devices."""
+            wait: bool = True, compilation_cache=None):
+  """Runs main.py in a fresh process with `devices` emulated CPU devices, sharing compiled
+  programs through `compilation_cache` (a directory) when given."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              TF_CPP_MIN_LOG_LEVEL="2")
+  if compilation_cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -65,11 +78,11 @@ ONE_EPOCH = ("--config.num_epochs=1", "--config.log_every_steps=1")
 
 
 @pytest.fixture(scope="module")
-def one_device_epoch(tmp_path_factory):
+def one_device_epoch(tmp_path_factory, compilation_cache):
   """One epoch of configs/digits.py:smoke by main.py on one device, logged every step:
   (workdir, what main.py printed)."""
   workdir = tmp_path_factory.mktemp("one_device")
-  return workdir, main_py(workdir, *ONE_EPOCH, devices=1)
+  return workdir, main_py(workdir, *ONE_EPOCH, devices=1, compilation_cache=compilation_cache)
 
 
 def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):
@@ -99,16 +112,16 @@ def _kill_when_checkpoint_appears(proc, checkpoint_dir, step: int, timeout_s: fl
   proc.wait()
 
 
-def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path):
+def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path, compilation_cache):
   overrides = ("--config.num_epochs=4", "--config.log_every_steps=5")
-  main_py(tmp_path / "straight", *overrides)
+  main_py(tmp_path / "straight", *overrides, compilation_cache=compilation_cache)
   killed = tmp_path / "killed"
   # Two kills: mid-epoch-2 (just after the epoch-1 save started) and just after epoch 3 appeared.
   for step in (22, 66):
-    proc = main_py(killed, *overrides, wait=False)
+    proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
     _kill_when_checkpoint_appears(proc, killed / "checkpoints", step)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  main_py(killed, *overrides)
+  main_py(killed, *overrides, compilation_cache=compilation_cache)
 
   straight, resumed = final_state_leaves(tmp_path / "straight"), final_state_leaves(killed)
   assert len(straight) == len(resumed)
@@ -118,10 +131,10 @@ def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path):
   assert train_records(killed) == train_records(tmp_path / "straight")
 
 
-def test_rerun_of_a_finished_run_only_reevaluates(one_device_epoch, tmp_path):
+def test_rerun_of_a_finished_run_only_reevaluates(one_device_epoch, tmp_path, compilation_cache):
   finished, first = one_device_epoch
   shutil.copytree(finished, tmp_path / "rerun")
-  second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1)
+  second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1, compilation_cache=compilation_cache)
   printed = lambda out: [line for line in out.splitlines()  # main.py's lines, not the timed logs
                          if "test accuracy" in line and not re.match(r"[IWEF]\d{4} ", line)]
   assert len(printed(first)) == 3 and printed(first) == printed(second)  # clean, pgd, apgd
