@@ -42,25 +42,24 @@ def per_example_loss(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) 
   return optax.softmax_cross_entropy_with_integer_labels(logits_fn(images), labels)
 
 
-def _loss_and_grad(logits_fn: LogitsFn, images: jax.Array,
-                   labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-example losses, their input gradients (the gradient of the sum is per example) and
-  whether each example is misclassified, [N] bool."""
-  def total(x):
-    logits = logits_fn(x)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return losses.sum(), (losses, jnp.argmax(logits, -1) != labels)
-
-  grad, (losses, fooled) = jax.grad(total, has_aux=True)(images)
-  return losses, grad, fooled
-
-
 def _fooled_and_loss(logits_fn: LogitsFn, images: jax.Array,
                      labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Whether each example is misclassified, [N] bool, and its loss, [N] (one forward pass)."""
   logits = logits_fn(images)
   return (jnp.argmax(logits, -1) != labels,
           optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _loss_and_grad(logits_fn: LogitsFn, images: jax.Array,
+                   labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-example losses, their input gradients (the gradient of the sum is per example) and
+  whether each example is misclassified, [N] bool."""
+  def total(x):
+    fooled, losses = _fooled_and_loss(logits_fn, x, labels)
+    return losses.sum(), (losses, fooled)
+
+  grad, (losses, fooled) = jax.grad(total, has_aux=True)(images)
+  return losses, grad, fooled
 
 
 def _stronger(fooled: jax.Array, loss: jax.Array, best_fooled: jax.Array,
