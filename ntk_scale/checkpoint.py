@@ -23,17 +23,23 @@ def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
                   fractional_epochs: Iterable[float]) -> dict[int, float]:
   """Step -> epoch of every checkpoint: each `every_epochs`, each of `fractional_epochs`, and the end.
 
-  Fractional epochs that round to the same step keep the first; epochs beyond the run are dropped.
+  An epoch's step is round(epoch * steps_per_epoch); epochs beyond the run are dropped. Where
+  several epochs land on one step, the checkpoint is recorded under the `every_epochs` multiple or
+  the end if one lands there (jobs ask for those by epoch), else under the fraction nearest to the
+  step (a tie: the smaller), so a checkpoint's epoch is always the best name for its step.
   """
   total_steps = int(round(num_epochs * steps_per_epoch))
-  epochs = [every_epochs * k for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
-  epochs += list(fractional_epochs) + [num_epochs]
+  regular = [every_epochs * k for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
+  regular.append(num_epochs)
+  candidates = [(e, True) for e in regular] + [(float(e), False) for e in fractional_epochs]
+  step_of = lambda epoch: int(round(epoch * steps_per_epoch))
+  preference = lambda c: (not c[1], abs(c[0] * steps_per_epoch - step_of(c[0])), c[0])
   schedule = {}
-  for epoch in sorted(set(epochs)):
-    step = int(round(epoch * steps_per_epoch))
+  for epoch, _ in sorted(candidates, key=preference):
+    step = step_of(epoch)
     if 0 < step <= total_steps and step not in schedule:
       schedule[step] = float(epoch)
-  return schedule
+  return dict(sorted(schedule.items()))
 
 
 class Checkpoints:

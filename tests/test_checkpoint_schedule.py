@@ -1,0 +1,59 @@
+"""Which steps phase 1 and phase 2 checkpoint, and the epoch each checkpoint is recorded under."""
+
+import itertools
+
+import pytest
+
+from ntk_scale.checkpoint import save_schedule
+
+LOO_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)  # config.checkpoint.fractional_epochs
+
+
+@pytest.mark.parametrize("steps_per_epoch,num_epochs,expected", [
+    # 22 steps (digits smoke): 0.125 * 22 = 2.75 -> 3, 0.375 * 22 = 8.25 -> 8, 0.75 * 22 = 16.5 -> 16.
+    (22, 3.0, {3: 0.125, 6: 0.25, 8: 0.375, 11: 0.5, 16: 0.75, 22: 1.0, 33: 1.5, 44: 2.0, 55: 2.5,
+               66: 3.0}),
+    # 2 steps (16 mock images, batch 8): 0.375 and 0.5 both round to step 1, 0.75 and 1.0 to step 2.
+    # Step 1 is exactly epoch 0.5 and step 2 is the end, epoch 1: they were recorded as 0.375 and 0.75.
+    (2, 1.0, {1: 0.5, 2: 1.0}),
+    # 4 steps: 0.125 -> step 0 (no checkpoint), 0.375 -> 1.5 -> step 2, which is exactly epoch 0.5.
+    (4, 2.0, {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0, 6: 1.5, 8: 2.0}),
+    # 3 steps: 0.25 (0.75) and 0.375 (1.125) round to step 1, 0.5 (1.5) and 0.75 (2.25) to step 2;
+    # the nearer names them. 1.4 epochs = 4.2 -> 4 steps: 1.5 epochs (4.5 -> 4) lies beyond the end.
+    (3, 1.4, {1: 0.375, 2: 0.75, 3: 1.0, 4: 1.4}),
+])
+def test_schedule_by_hand(steps_per_epoch, num_epochs, expected):
+  assert save_schedule(steps_per_epoch, num_epochs, 1.0, LOO_FRACTIONS) == expected
+
+
+@pytest.mark.parametrize("steps_per_epoch,num_epochs,every_epochs",
+                         list(itertools.product((1, 2, 3, 4, 5, 7, 8, 22, 390), (1.0, 2.5, 3.0), (1.0, 0.5))))
+def test_every_saved_step_is_named_by_an_epoch_that_lands_on_it(steps_per_epoch, num_epochs, every_epochs):
+  """Against a brute-force reading of the schedule: a step is saved iff some asked-for epoch
+  within the run rounds to it; each whole `every_epochs` multiple and the end keep their own name;
+  any other name is the asked-for fraction nearest to the step."""
+  schedule = save_schedule(steps_per_epoch, num_epochs, every_epochs, LOO_FRACTIONS)
+  total = round(num_epochs * steps_per_epoch)
+  regular = [every_epochs * k for k in range(1, 100) if every_epochs * k <= num_epochs] + [num_epochs]
+  asked = regular + list(LOO_FRACTIONS)
+  step_of = lambda e: round(e * steps_per_epoch)
+  assert set(schedule) == {step_of(e) for e in asked if 0 < step_of(e) <= total}
+  assert total in schedule
+  for step, epoch in schedule.items():
+    assert step_of(epoch) == step
+    landing = [e for e in asked if step_of(e) == step]
+    landing_regular = [e for e in regular if step_of(e) == step]
+    if landing_regular:
+      assert epoch in landing_regular, (step, epoch, landing_regular)
+    else:
+      nearest = min(abs(e * steps_per_epoch - step) for e in landing)
+      assert abs(epoch * steps_per_epoch - step) == nearest, (step, epoch, landing)
+  if float(every_epochs * steps_per_epoch).is_integer():  # every multiple has a step of its own
+    for k in range(1, int(num_epochs / every_epochs) + 1):
+      assert schedule[step_of(every_epochs * k)] == every_epochs * k
+
+
+def test_phase2_schedule_saves_each_epoch_and_the_end():
+  assert save_schedule(22, 2.0, 1.0, ()) == {22: 1.0, 44: 2.0}
+  assert save_schedule(22, 1.0, 0.5, ()) == {11: 0.5, 22: 1.0}
+  assert save_schedule(10, 2.25, 1.0, ()) == {10: 1.0, 20: 2.0, 22: 2.25}  # 22.5 -> 22
