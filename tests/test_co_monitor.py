@@ -3,16 +3,19 @@
 import json
 import os
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import jobs
+from ntk_scale import jobs, parallel
 from ntk_scale.base_config import base_config, pgd_linf
 from ntk_scale.checkpoint import Checkpoints
+from ntk_scale.data import load_digits
+from ntk_scale.train.co_monitor import CLEAN, ROBUST, TRAIN_CLEAN, CoMonitor
 from ntk_scale.train.collapse import CO_FILE, CollapseDetector, check_co_monitor_config
 from ntk_scale.train.experiment import check_train_config
-from ntk_scale.train.writers import read_metrics
+from ntk_scale.train.writers import JsonlWriter, read_metrics
 
 from test_train import load_config
 
@@ -135,3 +138,79 @@ def test_sweep_config_variants_pass_the_train_checks(arg):
 def test_sweep_config_rejects_unknown_items(arg, message):
   with pytest.raises(ValueError, match=message):
     load_config("catastrophic_overfitting", arg)
+
+
+# --------------------------------------------------------------------------- the monitor on a scripted trace
+
+class _RecordingCheckpoints:
+  """Stands in for Checkpoints: remembers step -> epoch of every save."""
+
+  def __init__(self):
+    self.saved = {}
+
+  def save(self, step, state, epoch):
+    del state
+    self.saved[step] = epoch
+
+  def latest_step(self):
+    return max(self.saved) if self.saved else None
+
+
+# The default fractional epochs (0.125, 0.25, 0.375, 0.5, 0.75) and epoch 1 at 22 steps per epoch
+# (digits, batch 64): steps round(22 e).
+_SAVES = {3: 0.125, 6: 0.25, 8: 0.375, 11: 0.5, 16: 0.75, 22: 1.0}
+# Robust accuracy at the monitored steps (every 4 steps and every save): collapse at step 6 (0.1 <
+# half of 0.4, the peak at step 4), recoveries at 8 and 12 (a new peak), collapsed 16, 20, 22 (sustained).
+_ROBUST = {3: 0.3, 4: 0.4, 6: 0.1, 8: 0.35, 11: 0.1, 12: 0.5, 16: 0.1, 20: 0.05, 22: 0.04}
+
+
+def _scripted_monitor(directory, robust=_ROBUST):
+  directory.mkdir(exist_ok=True)
+  c = base_config()
+  c.train.co_monitor.every_steps, c.train.co_monitor.num_examples = 4, 8
+  monitor = CoMonitor(c, load_digits(), parallel.make_mesh(), 22, _SAVES, str(directory))
+  # The measurements, scripted by the state's step (the state is a stand-in: {"step": ...}).
+  monitor._measure = lambda state: {ROBUST: robust[int(state["step"])], CLEAN: 0.5,
+                                    TRAIN_CLEAN: 0.5 + int(state["step"]) / 100}
+  return monitor
+
+
+def _run_scripted(monitor, directory, checkpoints, start, stop):
+  """Steps start+1..stop as train_phase calls them: the monitor, then the step's scheduled save."""
+  writer = JsonlWriter(os.path.join(str(directory), "metrics.jsonl"))
+  for step in range(start + 1, stop + 1):
+    monitor(step, {"step": jnp.array(step)}, checkpoints, writer)
+    if step in _SAVES:
+      checkpoints.save(step, None, _SAVES[step])
+  return monitor.finish()
+
+
+@pytest.mark.parametrize("robust, steps, epochs", [
+    (_ROBUST, (4, 6), (4 / 22, 0.25)),  # before: step 4, saved by the monitor; after: a scheduled save
+    ({**_ROBUST, 6: 0.45, 8: 0.1}, (6, 8), (0.25, 0.375)),  # both scheduled saves
+])
+def test_kept_checkpoint_epochs_are_the_epochs_the_checkpoints_are_saved_under(tmp_path, robust, steps,
+                                                                               epochs):
+  # `--config.kernel.epoch=<before or after>` looks a checkpoint up by its saved epoch (to 1e-9).
+  # The scheduled saves at fractional epochs are saved under the epoch the config names (6 steps
+  # is epoch 0.25, not 6 / 22 = 0.2727); a step no schedule saves, under step / 22.
+  checkpoints = _RecordingCheckpoints()
+  summary = _run_scripted(_scripted_monitor(tmp_path, robust), tmp_path, checkpoints, 0, 22)
+  assert (summary["collapse"]["before"]["step"], summary["collapse"]["step"]) == steps
+  assert checkpoints.saved == {**_SAVES, steps[0]: epochs[0]}
+  assert (summary["checkpoint_epochs"]["before"], summary["checkpoint_epochs"]["after"]) == epochs
+
+
+def test_a_resumed_monitor_records_what_an_uninterrupted_one_does(tmp_path):
+  checkpoints = _RecordingCheckpoints()
+  full = _run_scripted(_scripted_monitor(tmp_path / "full"), tmp_path / "full", checkpoints, 0, 22)
+  assert full["sustained"] and [p["step"] for p in full["recoveries"]] == [8, 12]
+  for cut in (3, 6, 8, 11, 16):  # killed right after the save at `cut`, rerun on the same workdir
+    directory = tmp_path / f"cut{cut}"
+    resumed_checkpoints = _RecordingCheckpoints()
+    _run_scripted(_scripted_monitor(directory), directory, resumed_checkpoints, 0, cut)
+    monitor = _scripted_monitor(directory)
+    start = resumed_checkpoints.latest_step()
+    monitor.resume(str(directory), start)
+    assert _run_scripted(monitor, directory, resumed_checkpoints, start, 22) == full, cut
+    assert resumed_checkpoints.saved == checkpoints.saved, cut

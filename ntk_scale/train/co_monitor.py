@@ -100,17 +100,22 @@ class CoMonitor:
       # The train step donates its input state, so the state "before" is kept as a device copy.
       self._kept = (step, None if step in self._saves else jax.tree.map(jnp.copy, state))
 
+  def _saved_epoch(self, step: int) -> float:
+    """The epoch the checkpoint of `step` is saved under, which the kernel job looks it up by: a
+    scheduled save's own (fractional epoch 0.125 is 3 steps of 22, not 3 / 22), else step / steps."""
+    return self._saves.get(step, step / self._steps_per_epoch)
+
   def _save_around(self, collapse: dict, step: int, state: TrainState, checkpoints: Checkpoints) -> None:
     before_step, before_state = self._kept if self._kept else (0, None)
     if before_step == collapse["before"]["step"]:
       if before_state is None:  # a scheduled save (or the step this run resumed from)
-        self._checkpoint_epochs["before"] = before_step / self._steps_per_epoch
+        self._checkpoint_epochs["before"] = self._saved_epoch(before_step)
       elif before_step > (checkpoints.latest_step() or 0):
-        checkpoints.save(before_step, before_state, before_step / self._steps_per_epoch)
-        self._checkpoint_epochs["before"] = before_step / self._steps_per_epoch
+        checkpoints.save(before_step, before_state, self._saved_epoch(before_step))
+        self._checkpoint_epochs["before"] = self._saved_epoch(before_step)
     if step not in self._saves:  # a scheduled step is saved by the loop right after this call
-      checkpoints.save(step, state, step / self._steps_per_epoch)
-    self._checkpoint_epochs["after"] = step / self._steps_per_epoch
+      checkpoints.save(step, state, self._saved_epoch(step))
+    self._checkpoint_epochs["after"] = self._saved_epoch(step)
 
   def finish(self) -> dict:
     """Writes and returns the summary: whether and where robust accuracy collapsed."""
