@@ -44,6 +44,15 @@ def test_piecewise_schedule_fractional_epochs_and_factor():
   np.testing.assert_allclose(_values(schedule, [0, 9, 10, 39]), [1.0, 1.0, 0.5, 0.5], rtol=1e-6)
 
 
+def test_piecewise_schedule_decays_once_per_epoch_even_when_two_round_to_one_step():
+  # Epochs 1.0 and 1.02 at 10 steps per epoch both round to step 10: "x decay_factor after each"
+  # gives 1 -> 0.1 -> 0.01 there, i.e. 0.01 from step 10 on (a dict keyed by step kept only 0.1).
+  opt = _opt(learning_rate=1.0, schedule="piecewise", decay_epochs=(1.0, 1.02, 3.0), decay_factor=0.1)
+  schedule = build_schedule(opt, steps_per_epoch=10, total_steps=40)
+  np.testing.assert_allclose(_values(schedule, [9, 10, 29, 30, 39]), [1.0, 0.01, 0.01, 0.001, 0.001],
+                             rtol=1e-5)
+
+
 def test_cosine_schedule_with_warmup():
   lr, spe, total = 0.2, 10, 100
   opt = _opt(learning_rate=lr, schedule="cosine", warmup_epochs=2.0)

@@ -28,8 +28,10 @@ def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_s
   if opt.schedule == "constant":
     return optax.constant_schedule(lr)
   if opt.schedule == "piecewise":
-    boundaries = {int(round(e * steps_per_epoch)): opt.get("decay_factor", 0.1)
-                  for e in opt.get("decay_epochs", ())}
+    boundaries = {}  # epochs that round to one step each still decay: their factors multiply
+    for e in opt.get("decay_epochs", ()):
+      step = int(round(e * steps_per_epoch))
+      boundaries[step] = boundaries.get(step, 1.0) * opt.get("decay_factor", 0.1)
     return optax.piecewise_constant_schedule(lr, boundaries)
   if opt.schedule == "cosine":
     warmup = int(round(opt.get("warmup_epochs", 0.0) * steps_per_epoch))
