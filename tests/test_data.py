@@ -193,6 +193,27 @@ def test_class_balanced_subset_errors():
   with pytest.raises(ValueError, match="class 2"):
     class_balanced_subset(labels, 9, seed=0)  # 3 per class, class 2 has 2
   assert len(class_balanced_subset(labels, 6, seed=0)) == 6
+  # A class listed twice drew two independent samples of its 5 examples: 4 + 4 rows, at least 3 repeated.
+  with pytest.raises(ValueError, match=r"class\(es\) \[1\] more than once"):
+    class_balanced_subset(labels, 8, seed=0, classes=[1, 1])
+
+
+def test_class_balanced_subset_against_a_brute_force_count():
+  # Every (labels, size, seed, classes) below: distinct valid rows, exactly size / len(classes) of
+  # each class, grouped in the order of `classes`, and the same rows again for the same seed.
+  rng = np.random.default_rng(5)
+  for trial in range(20):
+    num_classes = int(rng.integers(1, 6))
+    labels = rng.integers(0, num_classes, size=int(rng.integers(30, 80)))
+    present = sorted(set(labels.tolist()))
+    classes = list(rng.permutation(present)[:int(rng.integers(1, len(present) + 1))])
+    per_class = int(rng.integers(1, min(np.count_nonzero(labels == c) for c in classes) + 1))
+    idx = class_balanced_subset(labels, per_class * len(classes), seed=trial, classes=classes)
+    assert len(idx) == len(set(idx.tolist())) == per_class * len(classes)
+    assert all(0 <= i < len(labels) for i in idx)
+    expected = [c for c in classes for _ in range(per_class)]
+    assert labels[idx].tolist() == expected
+    np.testing.assert_array_equal(idx, class_balanced_subset(labels, len(idx), trial, classes))
 
 
 # --------------------------------------------------------------------------- load_dataset

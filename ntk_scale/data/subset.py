@@ -14,6 +14,10 @@ def class_balanced_subset(labels: np.ndarray, size: int, seed: int,
   """
   labels = np.asarray(labels)
   classes = np.unique(labels) if classes is None else np.asarray(classes)
+  repeated = sorted({int(c) for c in classes if np.count_nonzero(classes == c) > 1})
+  if repeated:  # each listing would draw its own examples: the subset would repeat some of them
+    raise ValueError(f"classes {classes.tolist()} list class(es) {repeated} more than once; a "
+                     f"class-balanced subset takes each class once.")
   if size <= 0 or size % len(classes):
     raise ValueError(f"subset size {size} must be a positive multiple of the number of classes "
                      f"({len(classes)}).")
