@@ -97,3 +97,30 @@ def test_bad_low_pass_cutoff_is_named():
   c.transform.name, c.transform.cutoff = "low_pass", 0
   with pytest.raises(ValueError, match=r"config\.data\.transform\.cutoff=0"):
     check_data_config(c)
+
+
+def test_injection_on_2x2_images_matches_the_hand_derived_patterns():
+  # The 2-point orthonormal DCT-II basis is [1, 1] / sqrt(2) and [1, -1] / sqrt(2); the three
+  # non-constant 2x2 basis images are their outer products, +-1/2 on each pixel, so the pattern
+  # beta * u / max|u| is +-beta on every pixel and channel, with these sign layouts:
+  layouts = {(0, 1): [[1, -1], [1, -1]], (1, 0): [[1, 1], [-1, -1]], (1, 1): [[1, -1], [-1, 1]]}
+  beta = 0.1
+  u = class_directions((2, 2, 3), num_classes=3, num_frequencies=3, seed=1)
+  x = np.full((4, 2, 2, 3), 0.5, np.float32)
+  x[3] = 0.95  # near the top of the box: the + pixels clip to 1
+  labels = np.array([0, 1, 2, 0], np.int32)
+  out = inject_features(type(load_digits().train)(x, labels), u, beta).images.astype(np.float64)
+  found = []
+  for y in range(3):
+    delta = out[y] - 0.5
+    assert np.all(delta == delta[..., :1])  # the same on every channel
+    sign = np.sign(delta[0, 0, 0])
+    layout = [k for k, v in layouts.items()
+              if np.allclose(delta[..., 0], beta * sign * np.array(v), atol=1e-7)]
+    assert len(layout) == 1, delta[..., 0]
+    found.append(layout[0])
+  assert sorted(found) == sorted(layouts)  # each class its own frequency
+  # The last image, class 0 again: its pattern, clipped to [0, 1].
+  expected = np.clip(0.95 + (out[0] - 0.5), 0.0, 1.0)
+  np.testing.assert_allclose(out[3], expected, atol=1e-7)
+  assert out[3].max() == 1.0 and np.isclose(out[3].min(), 0.85)
