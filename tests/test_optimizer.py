@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,6 +94,23 @@ def test_cyclic_schedule():
   np.testing.assert_allclose(vals[40:], lr * (1 - np.arange(61) / 60), rtol=1e-5, atol=1e-7)
 
 
+def test_schedules_at_fractional_epochs_and_the_last_step():
+  # 2.5 epochs of 22 steps: 55 steps, the last is step 54. Cyclic peaks at round(0.4 * 55) = 22 and
+  # falls linearly over the 33 steps after: at step 54, lr * (1 - 32 / 33) = lr / 33.
+  lr, total = 0.2, 55
+  cyclic = build_schedule(_opt(learning_rate=lr, schedule="cyclic", peak_fraction=0.4), 22, total)
+  np.testing.assert_allclose(_values(cyclic, [11, 22, 54]), [lr / 2, lr, lr / 33], rtol=1e-5)
+  # Cosine after 0.75 epoch of warm-up: round(16.5) = 16 steps (Python rounds half to even, as
+  # the checkpoint schedule does), then lr/2 (1 + cos(pi (t - 16) / 39)).
+  cosine = build_schedule(_opt(learning_rate=lr, schedule="cosine", warmup_epochs=0.75), 22, total)
+  t = np.array([8, 16, 35, 54])
+  expected = np.where(t < 16, lr * t / 16, lr / 2 * (1 + np.cos(np.pi * (t - 16) / 39)))
+  np.testing.assert_allclose(_values(cosine, t), expected, rtol=1e-5, atol=1e-8)
+  # Piecewise at a fractional epoch boundary: 1.3 * 22 = 28.6 -> step 29.
+  piecewise = build_schedule(_opt(learning_rate=lr, schedule="piecewise", decay_epochs=(1.3,)), 22, total)
+  np.testing.assert_allclose(_values(piecewise, [28, 29, 54]), [lr, lr / 10, lr / 10], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- optimizers
 
 def _run(opt, w0, grad_fn, num_steps, steps_per_epoch=10, total_steps=100):
@@ -158,6 +176,21 @@ def test_plain_sgd_without_momentum_or_weight_decay():
   ws = _run(opt, 2.0, grad, 2)
   # w1 = 2 - 0.1 * 4.5 = 1.55; w2 = 1.55 - 0.1 * 3.15 = 1.235
   np.testing.assert_allclose(ws, [1.55, 1.235], rtol=1e-6)
+
+
+def test_weight_decay_reaches_every_parameter_batch_norm_and_biases_included():
+  # "L2 weight decay added to the gradient as in PyTorch's SGD": every parameter the optimizer is
+  # given (PyTorch's default param group), so with zero gradients and no momentum each one moves
+  # by -lr * wd * w.
+  opt = _opt(name="sgd", learning_rate=0.5, momentum=0.0, weight_decay=0.1)
+  params = {"conv": {"kernel": jnp.array([2.0, -4.0]), "bias": jnp.array([1.0])},
+            "batch_norm": {"scale": jnp.array([3.0]), "bias": jnp.array([-2.0])}}
+  tx, _ = build_optimizer(opt, 10, 100)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  expected = {"conv": {"kernel": np.array([-0.1, 0.2]), "bias": np.array([-0.05])},
+              "batch_norm": {"scale": np.array([-0.15]), "bias": np.array([0.1])}}
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_adam_first_step_and_l2_weight_decay():
