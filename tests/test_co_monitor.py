@@ -112,8 +112,10 @@ def test_monitor_records_metrics_collapse_and_checkpoints_around_it(tmp_path):
   epochs = Checkpoints(os.path.join(workdir, "checkpoints")).epochs()
   for side in ("before", "after"):
     assert any(abs(e - summary["checkpoint_epochs"][side]) < 1e-9 for e in epochs)
-  assert summary["checkpoint_epochs"]["before"] == collapse["before"]["epoch"]
-  assert summary["checkpoint_epochs"]["after"] == collapse["epoch"]
+  # The checkpoints kept under those epochs are those of the steps around the collapse (a scheduled
+  # save at a fractional epoch has the config's epoch, not step / 22).
+  assert epochs[summary["checkpoint_epochs"]["before"]] == collapse["before"]["step"]
+  assert epochs[summary["checkpoint_epochs"]["after"]] == collapse["step"]
   # The summary is rewritten after the collapse: whether it lasted follows the same records.
   replay = CollapseDetector(1.0, 0.0, 1.0, 3)
   for r in records:
