@@ -17,9 +17,10 @@ the comparison adds that subset's original images ("original_subset").
 Writes to the workdir: results.json (every accuracy), adversarial/<attack>/ (the kernel's
 adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each finite network's
 train workdir on the original data; transfer/robust_dataset/ the network trained on the optimised
-set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images, labels, rows and
-target_rows into the training set, settings; np.load(..., allow_pickle=False)); a rerun reuses a
-robust_dataset.npz made with the same settings, and the networks resume.
+set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
+config.infinite.dtype, labels, rows and target_rows into the training set, settings;
+np.load(..., allow_pickle=False)); a rerun reuses a robust_dataset.npz made with the same settings,
+and the networks resume.
 """
 
 import copy
@@ -90,7 +91,7 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
                     seed: int) -> tuple[np.ndarray, dict[str, Any]]:
   """The optimised images of x[rows[0]] (attacking x[rows[1]]): read back from `path` when made with
   these settings and training images, else optimised (robust_dataset.py) and written there
-  atomically."""
+  atomically, in x's dtype, so a rerun fits kernel regression on the very same images."""
   optimised, targets = rows
   settings = json.dumps({"robust_data": section.robust_data.to_dict(),
                          "regression": section.regression.to_dict(), "kernel": {
@@ -99,16 +100,18 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as stored:
       if (str(stored["settings"]) == settings and np.array_equal(stored["labels"], y[optimised])
-          and "rows" in stored and np.array_equal(stored["rows"], optimised)):
-        return stored["images"].astype(x.dtype), json.loads(str(stored["record"]))
+          and "rows" in stored and np.array_equal(stored["rows"], optimised)
+          and stored["images"].dtype == x.dtype):
+        return stored["images"], json.loads(str(stored["record"]))
   started = time.time()
   held_out = len(optimised) < len(x)
   robust, record = optimise_dataset(section.robust_data, kernel_fn, x[optimised], y[optimised],
                                     num_classes, section.regression, seed,
                                     targets=(x[targets], y[targets]) if held_out else None)
   record["seconds"] = time.time() - started
+  robust = robust.astype(x.dtype)
   if jax.process_index() == 0:
-    write_atomic(path, lambda f: np.savez(f, images=robust.astype(np.float32), labels=y[optimised],
+    write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised],
                                           rows=optimised, target_rows=targets, settings=settings,
                                           record=json.dumps(record)))
   return robust, record
