@@ -210,9 +210,18 @@ def test_adam_first_step_and_l2_weight_decay():
     ("schedule", "linear", r"config\.optimizer\.schedule"),
     ("learning_rate", 0.0, r"config\.optimizer\.learning_rate"),
     ("learning_rate", -0.1, r"config\.optimizer\.learning_rate"),
+    # Each of these ran: cosine with warm-up -1 epoch (10 steps) started at 0.098, not 0.1; cyclic
+    # peaking at 1.5 x the run ended at 0.066, its peak never reached.
+    ("warmup_epochs", -1.0, r"config\.optimizer\.warmup_epochs=-1\.0 must be >= 0"),
+    ("peak_fraction", 1.5, r"config\.optimizer\.peak_fraction=1\.5 must lie in \(0, 1\]"),
+    ("peak_fraction", 0.0, r"config\.optimizer\.peak_fraction=0\.0 must lie in \(0, 1\]"),
+    ("decay_epochs", (-1.0,), r"config\.optimizer\.decay_epochs=\(-1\.0,\) must be epochs >= 0"),
+    ("decay_factor", 0.0, r"config\.optimizer\.decay_factor=0\.0 must be positive"),
 ])
 def test_check_optimizer_config_names_the_bad_field(field, value, pattern):
-  opt = _opt(**{field: value})
+  schedule = {"warmup_epochs": "cosine", "peak_fraction": "cyclic", "decay_epochs": "piecewise",
+              "decay_factor": "piecewise"}.get(field)
+  opt = _opt(**{field: value}, **({"schedule": schedule} if schedule and field != "schedule" else {}))
   with pytest.raises(ValueError, match=pattern) as info:
     check_optimizer_config(opt)
   assert str(value) in str(info.value)
