@@ -124,6 +124,8 @@ def _number(values: dict[str, str], key: str) -> float:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   values, flags = _parse(arg)
   method, beta = values["method"], _number(values, "beta")
+  if not beta >= 0:  # below 0 the transform would be "none": the plain data, whatever the workdir says
+    raise ValueError(f"{FILE}: beta={values['beta']} must be >= 0 (the injected feature's pixel size).")
   eps = _number(values, "eps") if values["eps"] else DATASETS[values["data"]]
   c = base_config()
   c.data.name = "digits"

@@ -136,7 +136,10 @@ def test_sweep_config_variants_pass_the_train_checks(arg):
 
 @pytest.mark.parametrize("arg, message", [("method=sgd", "method='sgd'"), ("beta=x", "beta='x'"),
                                           ("gamma=1", "unknown key 'gamma'"),
-                                          ("data=mnist", "data='mnist'")])
+                                          ("data=mnist", "data='mnist'"),
+                                          # Both ran the plain digits (transform "none"):
+                                          ("beta=-0.1", "beta=-0.1 must be >= 0"),
+                                          ("beta=nan", "beta=nan must be >= 0")])
 def test_sweep_config_rejects_unknown_items(arg, message):
   with pytest.raises(ValueError, match=message):
     load_config("catastrophic_overfitting", arg)
