@@ -26,7 +26,8 @@ optimiser and its learning rate, the eps, the PGD and outer step counts, any eps
 original images and the label handling are NOT taken from the paper; they are this project's
 KIP-style choices (Nguyen et al. 2021), unchanged: the adversarial loss of kernel regression fitted
 on the images (labels fixed), at PGD-10 examples (test eps) of 256 target points per step, by
-default the optimised training images themselves (`target_holdout=0`; a count or fraction sets
+default the original training images of the optimised set, as they were before optimisation and
+fixed throughout, not the moving optimised images (`target_holdout=0`; a count or fraction sets
 training images aside as targets instead, disjoint from the optimised set), squared-error outer
 loss (the loss kernel regression fits; cross-entropy measured below), Adam at 0.01, pixels clipped to [0, 1] and otherwise unbounded (`data_eps=None`), 200 outer
 steps on digits; evaluated with kernel regression and with the CNN trained on the set, under PGD
@@ -38,8 +39,8 @@ examples fool the CNN at width 8 / 32 / 128 (clean 96.1 / 99.2 / 99.2%) with tra
 of 70.5 / 50.0 / 52.3% (FGSM 68.2 / 50.0 / 45.5%). Robust dataset, on the same 360 test images,
 each (model, attack) evaluated once with one key per attack (clean / PGD-20 / APGD-CE-20):
 
-  cross-entropy outer loss, targets = the optimised training images (objective on the target
-  batches 1.86 -> 0.45):
+  cross-entropy outer loss, targets = the originals of the optimised images (objective on the
+  target batches 1.86 -> 0.45):
     kernel regression, original set (1,437)        99.2 / 87.8 / 88.1%
     kernel regression, optimised set (1,437)       96.7 / 84.4 / 84.2%
     CNN width 128, original set                    99.2 / 56.7 / 54.4%
@@ -54,7 +55,7 @@ each (model, attack) evaluated once with one key per attack (clean / PGD-20 / AP
     CNN width 128, original subset                 98.6 / 53.3 / 51.9%
     CNN width 128, optimised subset                75.8 / 38.9 / 37.8%
 
-  cross-entropy, targets = the optimised images, seeds 0 / 1 / 2 (mean +- sd over the 3):
+  cross-entropy, targets = the originals of the optimised images, seeds 0 / 1 / 2 (mean +- sd):
     kernel regression, original set    clean 99.2 / 99.2 / 99.2   PGD 87.8 / 88.1 / 88.1 (88.0 +- 0.2)
                                        APGD 88.1 / 88.3 / 88.3 (88.2 +- 0.2)
     kernel regression, optimised set   clean 96.7 / 96.9 / 96.9   PGD 84.4 / 83.1 / 83.9 (83.8 +- 0.7)
@@ -64,8 +65,8 @@ each (model, attack) evaluated once with one key per attack (clean / PGD-20 / AP
     CNN width 128, optimised set       clean 83.1 / 79.7 / 87.2   PGD 58.1 / 49.2 / 55.6 (54.3 +- 4.6)
                                        APGD 57.8 / 48.1 / 55.0 (53.6 +- 5.0)
 
-  targets = the optimised images, `loss="mse"` (the default), seeds 0 / 1 / 2 (mean; objective
-  0.130 -> 0.012, 0.128 -> 0.011, 0.127 -> 0.010):
+  targets = the originals of the optimised images, `loss="mse"` (the default), seeds 0 / 1 / 2
+  (mean; objective 0.130 -> 0.012, 0.128 -> 0.011, 0.127 -> 0.010):
     kernel regression, original set    clean 99.2 / 99.2 / 99.2   PGD 87.8 / 88.1 / 88.1 (88.0)
                                        APGD 88.1 / 88.3 / 88.3 (88.2)
     kernel regression, optimised set   clean 99.2 / 99.2 / 98.9   PGD 90.3 / 88.9 / 89.4 (89.5)
@@ -76,18 +77,19 @@ each (model, attack) evaluated once with one key per attack (clean / PGD-20 / AP
                                        APGD 71.9 / 71.9 / 74.4 (72.7)
 
 With a cross-entropy outer loss neither choice of targets makes a learner robust on
-digits: with the optimised images as their own targets kernel regression loses 4-5 points under
+digits: with the optimised images' originals as targets kernel regression loses 4-5 points under
 both attacks in every seed and the CNN loses 16 points of clean and 6 of robust accuracy on
 average (seed 0's small CNN gain is within the seed-to-seed spread); held-out targets are worse.
 The cause is the loss, not (only) the targets. Kernel regression fits one-hot-minus-1/C targets,
 so its scores are small (test logit std 0.28) and cross-entropy stays high even at robust, correct
 points; the optimiser lowers it mostly by inflating the scores (test logit std 2.07 with
-self-targets, 2.38 held out; clean test cross-entropy 1.55 -> 0.16 while accuracy falls), and the
-points it is scored on are fitted rather than made robust: PGD-20 accuracy of kernel regression on
-the 359 held-out targets rises 89.4 -> 98.9% while on test digits it falls; with self-targets
-PGD-20 accuracy on 360 original training images falls 99.4 -> 89.7%. With the squared error that
-kernel regression itself minimises (`loss="mse"`, scale fixed by the targets), the optimised set
-keeps clean accuracy and is more robust under both attacks in all three seeds, on average +1.5 /
+their originals as targets, 2.38 held out; clean test cross-entropy 1.55 -> 0.16 while accuracy
+falls), and the points it is scored on are fitted rather than made robust: PGD-20 accuracy of
+kernel regression on the 359 held-out targets rises 89.4 -> 98.9% while on test digits it falls;
+with the originals as targets PGD-20 accuracy on 360 original training images falls 99.4 ->
+89.7%. With the squared error that kernel regression itself minimises (`loss="mse"`, scale
+fixed by the targets), the optimised set keeps clean accuracy and is more robust under both
+attacks in all three seeds, on average +1.5 /
 +1.1 points (PGD-20 / APGD-CE-20) for kernel regression and +12.8 / +13.5 for the CNN trained on
 it, so it is the default.
 
@@ -144,8 +146,9 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
       num_steps=200,  # outer Adam steps (digits-sized)
       learning_rate=0.01,  # Adam on the images, as KIP
       target_batch_size=256,  # original training points attacked per outer step
-      # Targets: 0, the optimised training images themselves; n >= 1 (or a fraction in (0, 1)) of the
-      # training images set aside as targets only, the rest optimised (robust_dataset.split_targets).
+      # Targets: 0, the optimised images' originals (unoptimised, fixed); n >= 1 (or a fraction in
+      # (0, 1)) of the training images set aside as targets only, the rest optimised
+      # (robust_dataset.split_targets).
       target_holdout=0.0,
       loss="mse",  # outer loss on the adversarial targets; cross_entropy inflates the scores instead
       data_eps=None,  # no bound on the change of the images, only [0, 1]

@@ -225,7 +225,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         "optimised", fit(robust.astype(s.dtype), y_optimised), eval_attacks))
     print(f"robust dataset: {len(objective)} steps in {record['seconds']:.0f} s, "
           f"{len(optimised_rows)} images optimised against "
-          f"{'the other ' + str(len(target_rows)) if held_out else 'themselves as'} targets, objective "
+          f"{'the other ' + str(len(target_rows)) if held_out else 'their originals as'} targets, objective "
           f"{objective[0] if objective else float('nan'):.3f} -> "
           f"{objective[-1] if objective else float('nan'):.3f}, largest pixel change "
           f"{record['max_pixel_change']:.3f}; kernel regression {kernel}", flush=True)

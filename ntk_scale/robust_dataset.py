@@ -15,10 +15,11 @@ adversarial points through the kernel solve (Danskin: the attack is not differen
 Adam, as KIP does for dataset distillation (Nguyen et al. 2021). The images stay in [0, 1] and,
 with `data_eps`, within that L-inf distance of the originals.
 
-Where the targets come from (`target_holdout`): 0, the default, attacks the training points
-themselves, so the targets are the very images being optimised (the predictor nearly interpolates
-them); a count n >= 1 or a fraction in (0, 1) sets that many training images aside (split_targets,
-seeded) as targets only, and optimises the rest, so the objective is measured around points the
+Where the targets come from (`target_holdout`): 0, the default, attacks the original training
+images of the optimised set: the same rows, but their unoptimised pixels, fixed throughout, not the
+moving support X_s (the predictor interpolates X_s, which starts at them and moves away); a count
+n >= 1 or a fraction in (0, 1) sets that many training images aside (split_targets, seeded) as
+targets only, and optimises the rest, so the objective is measured around points the
 predictor was not fitted on. The paper's choice could not be checked, so the default keeps the
 earlier one (on digits the held-out variant did worse; configs/infinite_width.py).
 """
@@ -40,8 +41,8 @@ PREFIX = "config.infinite.robust_data"
 
 def num_holdout(target_holdout: int | float, num_train: int) -> int:
   """How many training images `target_holdout` sets aside as targets: 0, none (the targets are the
-  optimised images themselves); a whole number (int or integral float), that many; a non-integral
-  float in (0, 1), that fraction of `num_train`, rounded. Checked; the error names the field."""
+  original images of the optimised set); a whole number (int or integral float), that many; a
+  non-integral float in (0, 1), that fraction of `num_train`, rounded. Checked; the error names the field."""
   value = target_holdout
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ValueError(f"{PREFIX}.target_holdout={value!r} must be 0 (the targets are the optimised "
@@ -126,7 +127,8 @@ def optimise_dataset(section: ml_collections.ConfigDict, kernel_fn: KernelFn, im
   """The optimised `images` (same shape, labels unchanged) and a record of the run: the objective on
   each step's target batch before the step ("objective"), and the largest pixel change.
 
-  `targets` (images, labels) are the points attacked at each step; None: `images` themselves."""
+  `targets` (images, labels) are the points attacked at each step; None: `images` as given (the
+  originals, fixed), never the optimised support."""
   attack = build_attack(section.attack, prefix=f"{PREFIX}.attack")
   support_labels = jnp.asarray(labels)
   objective = lambda s, x, y, k: adversarial_objective(

@@ -1,7 +1,7 @@
 """The robust dataset of Tsilivis, Su and Kempe (ntk_scale/robust_dataset.py) on a tiny problem:
 the optimised images respect their bound and the image range, and they lower the adversarial
 objective they optimise, re-attacked from scratch against the refitted predictor, whether the
-targets are the optimised images themselves or held-out training images disjoint from them."""
+targets are the originals of the optimised images or held-out training images disjoint from them."""
 
 import jax
 import jax.numpy as jnp
@@ -94,11 +94,34 @@ def test_held_out_targets_are_disjoint_from_the_optimised_set_and_their_objectiv
     assert after < 0.9 * before, (before, after)
 
 
-def test_no_holdout_attacks_the_optimised_images_themselves():
+def test_no_holdout_attacks_the_rows_of_the_optimised_images():
   optimised, targets = split_targets(0.0, 10, seed=0)
   np.testing.assert_array_equal(optimised, np.arange(10))
   np.testing.assert_array_equal(targets, np.arange(10))
   assert num_holdout(3, 10) == 3 and num_holdout(3.0, 10) == 3 and num_holdout(0.25, 10) == 2
+
+
+def test_without_holdout_the_attacked_targets_are_the_unchanged_originals(monkeypatch):
+  """The inner PGD attacks the original images of the optimised rows at every step, not the moving
+  optimised images (the support the predictor is fitted on)."""
+  from ntk_scale import robust_dataset
+  attacked = []
+
+  def recording_build_attack(config, prefix):
+    attack = build_attack(config, prefix=prefix)
+    def recorded(model, images, labels, key):
+      attacked.append(np.asarray(images))
+      return attack(model, images, labels, key)
+    return recorded
+
+  monkeypatch.setattr(robust_dataset, "build_attack", recording_build_attack)
+  x, y = _problem(n=12)
+  with jax.enable_x64(True), jax.disable_jit():  # eager, so the attack sees concrete images
+    robust, _ = optimise_dataset(_section(num_steps=3, target_batch_size=5), _rbf, x, y, 4, REGRESSION,
+                                 seed=0)
+  assert len(attacked) == 3 and np.max(np.abs(robust - x)) > 0.01
+  originals = {row.tobytes() for row in x}
+  assert all(row.tobytes() in originals for images in attacked for row in images)
 
 
 @pytest.mark.parametrize("value", [-1, 10, 1.5, 0.01, "half", True])
