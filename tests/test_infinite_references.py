@@ -190,3 +190,35 @@ def test_a_rerun_reuses_the_robust_dataset_bit_for_bit(tmp_path):
   assert reused_record == fresh_record
   assert reused.dtype == fresh.dtype == x.dtype
   np.testing.assert_array_equal(reused, fresh)
+
+
+def test_transfer_evaluation_pairs_each_saved_image_with_its_own_label(tmp_path):
+  """A saved set (format round trip) scored by another model: accuracy and transfer rate equal a
+  per-example loop, over 4 devices with a padded last batch (11 = 2 x 4 + 3)."""
+  from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
+  from ntk_scale.evaluate import evaluate_transfer
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(11, 2, 2, 1)).astype(np.float32)
+  labels = rng.integers(0, 3, 11).astype(np.int32)
+  source_predictions = np.where(rng.uniform(size=11) < 0.6, (labels + 1) % 3, labels).astype(np.int32)
+  directory = str(tmp_path / "adversarial" / "pgd")
+  arrays = {"images": images, "labels": labels, "predictions": source_predictions,
+            "clean_predictions": labels.copy()}
+  save_adversarial_set(directory, arrays, {"source": "kernel_regression", "accuracy": 0.5})
+  loaded, meta = load_adversarial_set(directory)
+  for name, array in arrays.items():
+    assert loaded[name].dtype == array.dtype
+    np.testing.assert_array_equal(loaded[name], array)
+  assert meta == {"source": "kernel_regression", "accuracy": 0.5}
+
+  def predict(image):  # the class of the brightest of the first three pixels
+    return int(np.argmax(image.reshape(-1)[:3]))
+
+  model = lambda batch: batch.reshape(len(batch), -1)[:, :3]
+  result = evaluate_transfer(model, directory, 4, parallel.make_mesh(), 3)
+  correct = [predict(images[i]) == labels[i] for i in range(11)]
+  source_fooled = [i for i in range(11) if source_predictions[i] != labels[i]]
+  assert source_fooled and len(source_fooled) < 11 and 0 < sum(correct) < 11
+  assert result["accuracy"] == pytest.approx(np.mean(correct), abs=1e-12)
+  expected_rate = np.mean([not correct[i] for i in source_fooled])
+  assert result["transfer_rate"] == pytest.approx(expected_rate, abs=1e-12)
