@@ -1,0 +1,118 @@
+"""Resumed equals uninterrupted, bit for bit, where the state has the most to lose: phase 1 in mode F
+resumed at and just after the switch to adversarial batches (PGD with a random start,
+Loo et al.'s two updates per adversarial batch, a cosine schedule over optimizer updates), and an
+adversarial phase 2 of a linearized model whose BatchNorm statistics move ("loose").
+(Mode C killed by SIGKILL: tests/test_train.py; a benign centered phase 2: tests/test_phase2.py.)"""
+
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ntk_scale import jobs
+from ntk_scale.base_config import pgd_linf
+from ntk_scale.checkpoint import Checkpoints
+from ntk_scale.train.writers import read_metrics
+
+from test_train import load_config
+
+EPS = 0.1
+PHASE2 = "linear_loose_A_from1"
+
+
+def phase1_config() -> ml_collections.ConfigDict:
+  """Digits smoke with 5 steps per epoch (batch 256 of 1437) in mode F, adversarial from epoch 1 =
+  step 5, saved at steps 5, 6 and 10."""
+  c = load_config("digits", "smoke")
+  c.batch_size, c.num_epochs, c.log_every_steps = 256, 2.0, 1
+  c.eval_attacks = ml_collections.ConfigDict()
+  c.checkpoint.fractional_epochs = (1.2,)
+  c.train.mode, c.train.flip_epoch, c.train.benign_step_first = "F", 1.0, True
+  c.train.attack = pgd_linf(EPS, num_steps=2)
+  return c
+
+
+def phase2_config() -> ml_collections.ConfigDict:
+  """The phase2 job on phase 1's epoch 1: adversarial, loose BatchNorm, saved at steps 2, 4, 5."""
+  c = phase1_config()
+  c.job = "phase2"
+  c.phase2.num_epochs, c.phase2.from_epoch, c.phase2.checkpoint_every_epochs = 1.0, 1.0, 0.4
+  c.phase2.linearization, c.phase2.batch_norm, c.phase2.mode = "linear", "loose", "A"
+  c.phase2.attack = pgd_linf(EPS, num_steps=2)
+  return c
+
+
+def saved_state(directory, step) -> dict:
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def state_leaves(directory, step) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(saved_state(directory, step))]
+
+
+def records(directory) -> list[dict]:
+  """The train and test records of metrics.jsonl (not the timing ones)."""
+  return [r for r in read_metrics(directory) if any(k.startswith(("train/", "test/")) for k in r)]
+
+
+def forget_after(phase_dir, step: int) -> None:
+  """The phase directory as a run killed right after its checkpoint at `step` would leave it."""
+  checkpoints = os.path.join(phase_dir, "checkpoints")
+  for name in os.listdir(checkpoints):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(checkpoints, name))
+  shutil.rmtree(os.path.join(phase_dir, "evaluations"), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Phase 1, then phase 2 by its own job (so that resuming one does not re-evaluate the other)."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  jobs.run(phase1_config(), workdir)
+  jobs.run(phase2_config(), workdir)
+  return workdir
+
+
+def test_the_run_is_what_the_resume_tests_assume(uninterrupted):
+  workdir = uninterrupted
+  assert sorted(Checkpoints(os.path.join(workdir, "checkpoints")).epochs().values()) == [5, 6, 10]
+  adversarial = {r["step"]: r["train/adversarial"] for r in records(workdir) if "train/adversarial" in r}
+  assert adversarial == {s: float(s > 5) for s in range(1, 11)}  # batch steps 5..9 (1-based 6..10)
+  # 5 benign batches of one update, then 5 adversarial ones of two (benign_step_first).
+  assert int(saved_state(os.path.join(workdir, "checkpoints"), 10)["step"]) == 15
+  p2dir = os.path.join(workdir, "phase2", PHASE2)
+  assert sorted(Checkpoints(os.path.join(p2dir, "checkpoints")).epochs().values()) == [2, 4, 5]
+
+
+@pytest.mark.parametrize("resume_step", [5, 6])
+def test_phase1_resumed_around_the_switch_equals_uninterrupted(uninterrupted, tmp_path, resume_step):
+  workdir = uninterrupted
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  forget_after(copy, resume_step)
+  jobs.run(phase1_config(), copy)
+  straight = state_leaves(os.path.join(workdir, "checkpoints"), 10)
+  resumed = state_leaves(os.path.join(copy, "checkpoints"), 10)
+  assert len(straight) == len(resumed)
+  for a, b in zip(straight, resumed):
+    np.testing.assert_array_equal(a, b)
+  assert records(copy) == records(workdir)
+
+
+def test_adversarial_loose_phase2_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+  workdir = uninterrupted
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  p2dir, p2copy = (os.path.join(d, "phase2", PHASE2) for d in (workdir, copy))
+  forget_after(p2copy, 2)
+  jobs.run(phase2_config(), copy)
+  straight = state_leaves(os.path.join(p2dir, "checkpoints"), 5)
+  resumed = state_leaves(os.path.join(p2copy, "checkpoints"), 5)
+  for a, b in zip(straight, resumed, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert records(p2copy) == records(p2dir)

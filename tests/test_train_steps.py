@@ -1,0 +1,129 @@
+"""The train steps against a network written out in numpy: the loss they report, the BatchNorm
+mode of the attack and of the update, and the running averages they leave."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from ntk_scale import parallel
+from ntk_scale.attacks import build_attack
+from ntk_scale.base_config import base_config
+from ntk_scale.data import load_digits
+from ntk_scale.models import build_model
+from ntk_scale.train.state import TrainState
+from ntk_scale.train.steps import make_train_step
+from random_variables import random_variables
+
+WIDTH, LR, EPS, BN_EPS, BN_MOMENTUM = 8, 0.5, 0.1, 1e-5, 0.9
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """A one-hidden-layer BatchNorm MLP with random variables, and 16 digits on the 4-device mesh."""
+  c = base_config()
+  c.model.name, c.model.width, c.model.depth, c.model.batch_norm = "mlp", WIDTH, 1, True
+  model = build_model(c.model, 10)
+  variables = random_variables(model, (8, 8, 1), seed=3)
+  mesh = parallel.make_mesh()
+  digits = load_digits()
+  rows = np.arange(16)
+  batch = parallel.global_batch(mesh, {"images": digits.train.images, "labels": digits.train.labels}, rows)
+
+  def make_state():  # fresh buffers: the steps donate their state
+    fresh = jax.tree.map(lambda a: np.array(a), variables)
+    state = TrainState.create(apply_fn=model.apply, params=fresh["params"],
+                              batch_stats=fresh["batch_stats"], tx=optax.sgd(LR))
+    return jax.device_put(state, parallel.replicated_sharding(mesh))
+
+  numpy_vars = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+  return model, numpy_vars, batch, digits.train.images[rows], digits.train.labels[rows], make_state
+
+
+def _hidden(v, x):
+  return x.reshape(len(x), -1) @ v["params"]["dense1"]["kernel"]
+
+
+def _numpy_logits(v, x, train: bool):
+  """The MLP by hand: dense1 (no bias) -> BatchNorm -> ReLU -> head."""
+  h = _hidden(v, x)
+  bn, stats = v["params"]["BatchNorm_0"], v["batch_stats"]["BatchNorm_0"]
+  mean, var = (h.mean(0), h.var(0)) if train else (stats["mean"], stats["var"])
+  z = (h - mean) / np.sqrt(var + BN_EPS) * bn["scale"] + bn["bias"]
+  head = v["params"]["head"]
+  return np.maximum(z, 0) @ head["kernel"] + head["bias"], z
+
+
+def _numpy_cross_entropy(logits, labels):
+  shifted = logits - logits.max(1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+  return -log_softmax[np.arange(len(labels)), labels].mean()
+
+
+def _numpy_running_averages(v, x):
+  """BatchNorm's running averages after one training-mode pass on `x` (biased batch variance)."""
+  h, stats = _hidden(v, x), v["batch_stats"]["BatchNorm_0"]
+  return {"mean": BN_MOMENTUM * stats["mean"] + (1 - BN_MOMENTUM) * h.mean(0),
+          "var": BN_MOMENTUM * stats["var"] + (1 - BN_MOMENTUM) * h.var(0)}
+
+
+def _numpy_fgsm_inference(v, x, labels):
+  """FGSM against the inference-mode network, its input gradient by the chain rule."""
+  logits, z = _numpy_logits(v, x, train=False)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  p[np.arange(len(labels)), labels] -= 1  # d(sum of cross-entropies)/d logits
+  stats, bn = v["batch_stats"]["BatchNorm_0"], v["params"]["BatchNorm_0"]
+  dz = (p @ v["params"]["head"]["kernel"].T) * (z > 0) * bn["scale"] / np.sqrt(stats["var"] + BN_EPS)
+  dx = (dz @ v["params"]["dense1"]["kernel"].T).reshape(x.shape)
+  return np.clip(x + EPS * np.sign(dx), 0, 1)
+
+
+def test_benign_step_reports_the_cross_entropy_and_moves_the_running_averages(setup):
+  model, v, batch, images, labels, make_state = setup
+  state, metrics = make_train_step("none", seed=0)(make_state(), batch)
+  logits, _ = _numpy_logits(v, images.astype(np.float64), train=True)
+  np.testing.assert_allclose(float(metrics["loss"]), _numpy_cross_entropy(logits, labels), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(logits.argmax(1) == labels))
+  expected = _numpy_running_averages(v, images.astype(np.float64))
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(np.asarray(state.batch_stats["BatchNorm_0"][k]), expected[k], rtol=1e-5,
+                               atol=1e-6)
+  assert int(state.step) == 1
+
+
+@pytest.mark.parametrize("attack_batch_norm", ["inference", "train"])
+def test_adversarial_step_attacks_as_configured_and_updates_in_training_mode(setup, attack_batch_norm):
+  model, v, batch, images, labels, make_state = setup
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  step = make_train_step("none", seed=0, attack=fgsm, attack_batch_norm=attack_batch_norm)
+  state, metrics = step(make_state(), batch)
+
+  x = images.astype(np.float64)
+  if attack_batch_norm == "inference":
+    adversarial = _numpy_fgsm_inference(v, x, labels)
+  else:  # the batch's own statistics, differentiated through (flax's model, not the project's attack)
+    loss = lambda xs: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(v, xs, train=True, mutable=["batch_stats"])[0], labels).sum()
+    adversarial = np.clip(x + EPS * np.sign(np.asarray(jax.grad(loss)(jnp.asarray(x)))), 0, 1)
+  # The two modes craft different examples here, so the check tells them apart.
+  other = _numpy_fgsm_inference(v, x, labels)
+  assert (attack_batch_norm == "inference") == bool(np.all(adversarial == other))
+
+  # One training-mode SGD update on the adversarial batch: loss, gradient, running averages.
+  logits, _ = _numpy_logits(v, adversarial, train=True)
+  np.testing.assert_allclose(float(metrics["loss"]), _numpy_cross_entropy(logits, labels), rtol=1e-5)
+  with jax.enable_x64(True):
+    train_loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p, "batch_stats": v["batch_stats"]}, jnp.asarray(adversarial), train=True,
+                    mutable=["batch_stats"])[0], labels).mean()
+    grads = jax.grad(train_loss)(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v["params"]))
+    expected = jax.tree.map(lambda w, g: np.asarray(w) - LR * np.asarray(g), v["params"], grads)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+  averages = _numpy_running_averages(v, adversarial)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(np.asarray(state.batch_stats["BatchNorm_0"][k]), averages[k], rtol=1e-5,
+                               atol=1e-6)
