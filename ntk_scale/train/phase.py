@@ -3,7 +3,7 @@ and the evaluation that ends it.
 
 Phase 1 (the network) and phase 2 (its linearization) differ only in what they train and where
 they write, so both run through `train_phase`: a phase lives in a directory holding its
-`checkpoints/` and `metrics.jsonl` (the workdir for phase 1, `<workdir>/phase2` for phase 2).
+`checkpoints/` and `metrics.jsonl` (the workdir for phase 1, `<workdir>/phase2/<name>` for phase 2).
 """
 
 import dataclasses
