@@ -165,3 +165,13 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
   assert checkpoints.latest_step() == 1
   assert all(np.all(np.isfinite(x)) for x in final_state_leaves(tmp_path))
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_bad_log_every_steps_fails_before_training(tmp_path, value):
+  """A zero interval divided by zero after the first step was compiled and trained."""
+  config = load_config("digits", "smoke")
+  config.log_every_steps = value
+  with pytest.raises(ValueError, match=f"config.log_every_steps={value}"):
+    jobs.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")

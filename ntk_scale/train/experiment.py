@@ -21,7 +21,8 @@ MODES = ("C", "A", "F")
 
 
 def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Validates the fields both phases read: model, data, phase-1 optimizer, batches, eval attacks."""
+  """Validates the fields both phases read: model, data, phase-1 optimizer, batches, logging, eval
+  attacks."""
   check_model_config(config.model)
   data.check_data_config(config.data)
   check_optimizer_config(config.optimizer)
@@ -30,6 +31,8 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
                      f"{', '.join(AUGMENTATIONS)}.")
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config[field], num_devices, f"config.{field}")
+  if not config.log_every_steps > 0:
+    raise ValueError(f"config.log_every_steps={config.log_every_steps} must be a positive number of steps.")
   build_attacks(config.eval_attacks, "config.eval_attacks")
 
 
