@@ -175,3 +175,43 @@ def test_bad_log_every_steps_fails_before_training(tmp_path, value):
   with pytest.raises(ValueError, match=f"config.log_every_steps={value}"):
     jobs.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def _diverging_config():
+  """Digits smoke at learning rate 1e12: the loss of step 2 (from the state after one update) is
+  still finite (~6e10), but the state after the second update already holds infinities."""
+  config = load_config("digits", "smoke")
+  config.model.batch_norm = False
+  config.optimizer.schedule = "constant"
+  config.optimizer.learning_rate = 1e12
+  return config
+
+
+def _saved_states_are_finite(workdir) -> dict[int, bool]:
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+  out = {}
+  for step in manager.all_steps():
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    out[step] = all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+  return out
+
+
+def test_nan_guard_never_saves_a_non_finite_state(tmp_path):
+  config = _diverging_config()
+  config.checkpoint.fractional_epochs = (1 / 22, 2 / 22)  # saves after the first and second steps
+  with pytest.raises(NonFiniteLossError, match=r"(?s)at step 2.*Last good checkpoint: step 1 "):
+    jobs.run(config, str(tmp_path))
+  assert _saved_states_are_finite(tmp_path) == {1: True}
+
+
+def test_nan_guard_stops_before_the_co_monitor_keeps_a_diverged_state(tmp_path):
+  config = _diverging_config()
+  config.checkpoint.fractional_epochs = (1 / 22,)
+  m = config.train.co_monitor  # measured after every step, a hair-trigger collapse keeps checkpoints
+  m.every_steps, m.num_examples, m.attack.num_steps = 1, 64, 1
+  m.collapse_fraction, m.min_peak, m.max_train_drop = 1.0, 0.0, 1.0
+  with pytest.raises(NonFiniteLossError, match="Last good checkpoint: step 1 "):
+    jobs.run(config, str(tmp_path))
+  assert _saved_states_are_finite(tmp_path) == {1: True}

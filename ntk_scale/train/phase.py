@@ -8,9 +8,10 @@ they write, so both run through `train_phase`: a phase lives in a directory hold
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -28,7 +29,17 @@ from ntk_scale.train.writers import JsonlWriter, create_writers
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+  """Training produced a NaN or infinite loss or state; the last good checkpoint is kept."""
+
+
+class Monitor(Protocol):
+  """Measures the state at the steps it is `due` (phase 1's catastrophic-overfitting monitor,
+  train/co_monitor.py); it may write metrics and save checkpoints."""
+
+  def due(self, step: int) -> bool: ...
+
+  def __call__(self, step: int, state: TrainState, checkpoints: Checkpoints,
+               writer: metric_writers.MetricWriter) -> None: ...
 
 
 @dataclasses.dataclass
@@ -45,23 +56,36 @@ class Phase:
   learning_rate: optax.Schedule
   log_every_steps: int
   learning_rate_field: str = "config.optimizer.learning_rate"  # named by the NaN guard
-  # Called as monitor(step, state, checkpoints, writer) after every step, before that step's
-  # scheduled save (phase 1's catastrophic-overfitting monitor, train/co_monitor.py).
-  monitor: Callable[[int, TrainState, Checkpoints, metric_writers.MetricWriter], None] | None = None
+  # Called as monitor(step, state, checkpoints, writer) at the steps it is due, once the step's
+  # loss and state are known to be finite, before that step's scheduled save.
+  monitor: Monitor | None = None
 
 
-def _check_finite(pending: list[tuple[int, dict]], checkpoints: Checkpoints, last_saved: int,
-                  learning_rate_field: str) -> dict:
-  """Fetches the metrics of the steps since the last check; raises at the first non-finite loss."""
-  fetched = [(step, jax.tree.map(np.asarray, jax.device_get(m))) for step, m in pending]
-  for step, metrics in fetched:
-    if not np.isfinite(metrics["loss"]):
-      checkpoints.wait_until_finished()
-      where = (f"step {last_saved} in {checkpoints.directory}" if last_saved
-               else "none (no checkpoint was saved before the failure)")
-      raise NonFiniteLossError(
-          f"training loss became {metrics['loss']} at step {step}; stopping without saving. "
-          f"Last good checkpoint: {where}. Lower {learning_rate_field} or check the data.")
+@jax.jit
+def _is_finite(state: TrainState) -> jax.Array:
+  """Whether every float of the parameters, BatchNorm statistics and optimizer state is finite."""
+  leaves = [x for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _check_finite(pending: list[tuple[int, dict]], step: int, state: TrainState,
+                  checkpoints: Checkpoints, learning_rate_field: str) -> dict:
+  """Fetches the metrics of the steps since the last check; raises at the first non-finite loss,
+  or if the state after `step` is not finite (a step's loss is that of the state before its
+  update, so a finite loss does not make the state it leaves safe to save)."""
+  fetched = [(s, jax.tree.map(np.asarray, jax.device_get(m))) for s, m in pending]
+  problem = next((f"training loss became {m['loss']} at step {s}" for s, m in fetched
+                  if not np.isfinite(m["loss"])), None)
+  if problem is None and not bool(_is_finite(state)):
+    problem = f"the train state (parameters or optimizer state) became non-finite at step {step}"
+  if problem is not None:
+    checkpoints.wait_until_finished()
+    last_good = checkpoints.latest_step()
+    where = (f"step {last_good} in {checkpoints.directory}" if last_good
+             else "none (no checkpoint was saved before the failure)")
+    raise NonFiniteLossError(f"{problem}; stopping without saving. Last good checkpoint: {where}. "
+                             f"Lower {learning_rate_field} or check the data.")
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
 
 
@@ -89,7 +113,7 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
   """Trains from `start_step` to the phase's end, saving on its schedule; returns the final state."""
   progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
                                              every_steps=phase.log_every_steps, every_secs=None)
-  pending, last_saved = [], start_step
+  pending = []
   for step in range(start_step, phase.total_steps):
     adversarial = phase.flip_step is not None and step >= phase.flip_step
     state, metrics = (phase.adversarial_step if adversarial else phase.benign_step)(
@@ -97,17 +121,19 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
     done = step + 1
     pending.append((done, metrics))
     progress(done)
-    if phase.monitor is not None:
-      phase.monitor(done, state, checkpoints, writer)
-    if done % phase.log_every_steps == 0 or done in phase.saves:
-      means = _check_finite(pending, checkpoints, last_saved, phase.learning_rate_field)
+    # Every step that may save a checkpoint (the monitor's too) is checked and logged first, so
+    # no non-finite state is saved and a run resumed from any checkpoint logs as an unbroken one.
+    monitored = phase.monitor is not None and phase.monitor.due(done)
+    if done % phase.log_every_steps == 0 or done in phase.saves or monitored:
+      means = _check_finite(pending, done, state, checkpoints, phase.learning_rate_field)
       pending = []
       means.update(epoch=done / phase.steps_per_epoch,
                    learning_rate=float(phase.learning_rate(done - 1)), adversarial=float(adversarial))
       writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+    if monitored:
+      phase.monitor(done, state, checkpoints, writer)
     if done in phase.saves:
       checkpoints.save(done, state, phase.saves[done])
-      last_saved = done
   checkpoints.wait_until_finished()
   return state
 
