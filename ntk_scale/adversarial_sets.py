@@ -6,15 +6,16 @@ Format (read with `np.load(path, allow_pickle=False)` from any language with an 
   predictions.npy        int32 [N], the attacked model's predictions on `images`
   clean_predictions.npy  int32 [N], its predictions on the clean inputs
   meta.json              attack config, dataset, split, checkpoint step, accuracies
-The directory is written under a temporary name and renamed, so a reader never sees half a set.
+meta.json is removed first and written last (each file is written whole): a set without it is
+incomplete, and loading it says so.
 """
 
-import json
 import os
-import shutil
 from typing import Any
 
 import numpy as np
+
+from ntk_scale import files
 
 ARRAYS = ("images", "labels", "predictions", "clean_predictions")
 
@@ -24,25 +25,21 @@ def save_adversarial_set(directory: str, arrays: dict[str, np.ndarray], meta: di
   missing = set(ARRAYS) - set(arrays)
   if missing:
     raise ValueError(f"adversarial set {directory} lacks arrays {sorted(missing)}")
-  tmp = directory.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  meta_path = os.path.join(directory, "meta.json")
+  if files.exists(meta_path):
+    files.remove(meta_path)
+  files.make_dirs(directory)
   for name in ARRAYS:
-    np.save(os.path.join(tmp, f"{name}.npy"), arrays[name], allow_pickle=False)
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
+    files.save_array(os.path.join(directory, f"{name}.npy"), arrays[name])
+  files.write_json(meta_path, meta, indent=2, sort_keys=True)
 
 
 def load_adversarial_set(directory: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The arrays and record of a saved set; a clear error when it is missing or incomplete."""
   paths = {name: os.path.join(directory, f"{name}.npy") for name in ARRAYS}
-  absent = [p for p in [*paths.values(), os.path.join(directory, "meta.json")] if not os.path.exists(p)]
+  absent = [p for p in [*paths.values(), os.path.join(directory, "meta.json")] if not files.exists(p)]
   if absent:
     raise FileNotFoundError(f"{directory} is not a complete adversarial set; missing {absent}. "
                             f"Sets are written by the train or evaluate job with save_adversarial=True.")
-  arrays = {name: np.load(path, allow_pickle=False) for name, path in paths.items()}
-  with open(os.path.join(directory, "meta.json")) as f:
-    return arrays, json.load(f)
+  arrays = {name: files.load_array(path) for name, path in paths.items()}
+  return arrays, files.read_json(os.path.join(directory, "meta.json"))

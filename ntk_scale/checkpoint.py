@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import jax
 import orbax.checkpoint as ocp
 
+from ntk_scale import files
+
 
 class CheckpointNotFoundError(FileNotFoundError):
   """The requested checkpoint does not exist in the workdir."""
@@ -46,7 +48,8 @@ class Checkpoints:
   """Saves and restores train states; a thin layer over `ocp.CheckpointManager`."""
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
+    # Orbax wants absolute paths; a bucket's URI is one.
+    self.directory = directory if files.is_cloud(directory) else os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,

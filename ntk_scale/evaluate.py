@@ -12,8 +12,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale import data, parallel
-from ntk_scale.atomic_files import write_json
+from ntk_scale import data, files, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import Attack, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
@@ -170,7 +169,8 @@ def evaluate_transfer(state: TrainState, set_directory: str, batch_size: int, me
   source_fooled = arrays["predictions"] != arrays["labels"]
   fooled = predictions != arrays["labels"]
   result["transfer_rate"] = float(fooled[source_fooled].mean()) if source_fooled.any() else float("nan")
-  result["source"] = {"directory": os.path.abspath(set_directory), **meta}
+  result["source"] = {"directory": set_directory if files.is_cloud(set_directory)
+                      else os.path.abspath(set_directory), **meta}
   return result
 
 
@@ -196,7 +196,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   results = evaluate_and_save(config, state, dataset, mesh, restored.phase_dir, restored.step,
                               set_suffix=f"_epoch{restored.epoch:g}", linearized=linearized)
   for path in config.evaluate.transfer_sets:
-    name = "transfer:" + os.path.basename(os.path.normpath(path))
+    name = "transfer:" + path.rstrip("/").rsplit("/", 1)[-1]
     results[name] = evaluate_transfer(state, path, config.eval_batch_size, mesh, dataset.num_classes)
   return write_evaluation(restored.phase_dir, restored.step, restored.epoch, results)
 
@@ -206,7 +206,6 @@ def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, A
   record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
     directory = os.path.join(workdir, "evaluations")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{step}.json")
-    write_json(path, record, indent=2)
+    files.make_dirs(directory)
+    files.write_json(os.path.join(directory, f"step_{step}.json"), record, indent=2)
   return record

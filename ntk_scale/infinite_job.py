@@ -24,6 +24,7 @@ and the networks resume.
 """
 
 import copy
+import io
 import json
 import os
 import time
@@ -34,13 +35,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ntk_scale import infinite, parallel
+from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
 from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
-from ntk_scale.atomic_files import write_atomic, write_json
 from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset, split_targets
 
 RESULTS_FILE = "results.json"
@@ -63,7 +63,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, num_train: int) -> 
 
 def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:  # one writer per file
-    write_json(path, record, indent=2)
+    files.write_json(path, record, indent=2)
 
 
 def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, name: str = "",
@@ -97,8 +97,8 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
                          "regression": section.regression.to_dict(), "kernel": {
                              k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")},
                          "seed": seed, "num_train": len(x)}, sort_keys=True)
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as stored:
+  if files.exists(path):
+    with files.open_file(path, "rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as stored:
       if (str(stored["settings"]) == settings and np.array_equal(stored["labels"], y[optimised])
           and "rows" in stored and np.array_equal(stored["rows"], optimised)
           and stored["images"].dtype == x.dtype):
@@ -111,9 +111,9 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
   record["seconds"] = time.time() - started
   robust = robust.astype(x.dtype)
   if jax.process_index() == 0:
-    write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised],
-                                          rows=optimised, target_rows=targets, settings=settings,
-                                          record=json.dumps(record)))
+    files.write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised],
+                                                rows=optimised, target_rows=targets, settings=settings,
+                                                record=json.dumps(record)))
   return robust, record
 
 

@@ -17,19 +17,19 @@ report files whose results are gone. Only process 0 writes.
 
 import csv
 import datetime
-import glob
 import html
+import io
 import json
 import os
 import re
-import shutil
 from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 import numpy as np
 
-from ntk_scale import atomic_files
+from ntk_scale import files
+from ntk_scale.train.writers import read_jsonl
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config
 
 REPORT_DIR, INDEX_FILE = "report", "index.html"
@@ -111,18 +111,17 @@ class ReportPage:
   def _target(self, relative: str) -> str:
     self.files.add(relative)
     path = os.path.join(self.directory, relative)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.make_dirs(os.path.dirname(path))
     return path
 
   def save_figure(self, fig, relative: str, alt: str) -> str:
     """Saves a matplotlib figure as report/<relative> (atomically); returns its <img>."""
-    atomic_files.save_figure(fig, self._target(relative), dpi=100)
+    files.save_figure(fig, self._target(relative), dpi=100)
     return self.image(relative, alt)
 
   def copy(self, source: str, relative: str) -> str:
     """Copies a workdir file into the report (atomically); returns its relative path."""
-    with open(source, "rb") as f:
-      atomic_files.write_atomic(self._target(relative), lambda out: shutil.copyfileobj(f, out))
+    files.copy_file(source, self._target(relative))
     return relative
 
   def image(self, relative: str, alt: str) -> str:
@@ -134,11 +133,11 @@ class ReportPage:
   def write(self, workdir: str, config: dict | None, empty: bool) -> str:
     """Writes index.html (atomically, last), then deletes files of earlier runs not written now;
     `empty`: the workdir holds no results, which the page says."""
-    title = f"ntk_scale report: {os.path.basename(os.path.abspath(workdir))}"
+    title = f"ntk_scale report: {_display_path(workdir).rstrip('/').rsplit('/', 1)[-1]}"
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     toc = "".join(f'<li><a href="#{_anchor(t)}">{html.escape(t)}</a></li>' for t, _ in self.sections)
     head = [f"<h1>{html.escape(title)}</h1>",
-            paragraph(f"Workdir {os.path.abspath(workdir)}; generated {stamp}. Rerun the report job "
+            paragraph(f"Workdir {_display_path(workdir)}; generated {stamp}. Rerun the report job "
                       f"to refresh it.", "note")]
     if config is not None:
       summary = {k: config.get(k) for k in ("job", "seed", "num_epochs", "batch_size")}
@@ -153,18 +152,22 @@ class ReportPage:
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(head + body) + "\n</body></html>\n")
     path = self._target(INDEX_FILE)
-    atomic_files.write_text(path, page)
+    files.write_text(path, page)
     self._remove_stale()
     return path
 
   def _remove_stale(self) -> None:
-    for root, _, names in os.walk(self.directory, topdown=False):
+    for root, _, names in reversed(list(files.walk(self.directory))):  # bottom-up
       for name in names:
-        relative = os.path.relpath(os.path.join(root, name), self.directory)
-        if relative not in self.files:
-          os.remove(os.path.join(root, name))
-      if root != self.directory and not os.listdir(root):
-        os.rmdir(root)
+        if os.path.relpath(os.path.join(root, name), self.directory) not in self.files:
+          files.remove(os.path.join(root, name))
+      if root != self.directory and not files.list_dir(root):
+        files.remove_tree(root)
+
+
+def _display_path(workdir: str) -> str:
+  """The workdir as the page names it: absolute if local, the URI if in cloud storage."""
+  return workdir if files.is_cloud(workdir) else os.path.abspath(workdir)
 
 
 def _pyplot():
@@ -176,9 +179,7 @@ def _pyplot():
   return plt
 
 
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+_read_json = files.read_json
 
 
 def natural_key(name: str) -> list:
@@ -188,9 +189,7 @@ def natural_key(name: str) -> list:
 
 
 def _subdirectories(path: str) -> list[str]:
-  if not os.path.isdir(path):
-    return []
-  return sorted((d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and ".tmp" not in d),
+  return sorted((d for d in files.list_dir(path) if files.is_dir(os.path.join(path, d))),
                 key=natural_key)
 
 
@@ -207,8 +206,8 @@ _CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
 def find_runs(workdir: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
   """(title, directory) of every directory holding a run's metrics, evaluations or sets: phase 1
   and phase 2, and the networks the infinite job trained."""
-  has_run = lambda d: any(os.path.exists(os.path.join(d, f)) for f in RUN_FILES)
-  trained = any(os.path.exists(os.path.join(workdir, f)) for f in ("metrics.jsonl", "evaluations"))
+  has_run = lambda d: any(files.exists(os.path.join(d, f)) for f in RUN_FILES)
+  trained = any(files.exists(os.path.join(workdir, f)) for f in ("metrics.jsonl", "evaluations"))
   runs = [("Phase 1" if trained else "Workdir", workdir)] if has_run(workdir) else []
   phase2 = os.path.join(workdir, PHASE2_DIR)
   if has_run(phase2):  # the layout before phase2/<name>/
@@ -218,11 +217,6 @@ def find_runs(workdir: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]
   transfer = os.path.join(workdir, "transfer")  # the infinite job's finite networks
   return runs, [(f"Infinite-width job: network {n}", os.path.join(transfer, n))
                 for n in _subdirectories(transfer) if has_run(os.path.join(transfer, n))]
-
-
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_training_curves(records: list[dict], collapse_epoch: float | None = None):
@@ -258,7 +252,7 @@ def plot_training_curves(records: list[dict], collapse_epoch: float | None = Non
 
 
 def _evaluations(directory: str) -> list[dict]:
-  paths = glob.glob(os.path.join(directory, "evaluations", "step_*.json"))
+  paths = files.glob(os.path.join(directory, "evaluations"), "step_*.json")
   records = [_read_json(p) for p in paths if ".tmp" not in p]
   return sorted(records, key=lambda r: r["step"])
 
@@ -313,7 +307,7 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
   rows, images = [], []
   for name in _subdirectories(root):
     meta_path = os.path.join(root, name, "meta.json")
-    if not os.path.exists(meta_path):
+    if not files.exists(meta_path):
       continue
     meta = _read_json(meta_path)
     # A network's sets record their attack; the infinite job's, the kernel config with every attack.
@@ -322,7 +316,7 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
     rows.append([name, attack.get("name"), attack.get("norm"), attack.get("eps"), attack.get("num_steps"),
                  source, meta.get("split"), meta.get("clean_accuracy"), meta.get("accuracy")])
     try:  # memory-mapped: only the shown images are read
-      arrays = {k: np.load(os.path.join(root, name, f"{k}.npy"), mmap_mode="r", allow_pickle=False)
+      arrays = {k: files.load_array(os.path.join(root, name, f"{k}.npy"), memory_map=True)
                 for k in ("images", "labels", "predictions")}
     except (OSError, ValueError):
       continue
@@ -349,10 +343,10 @@ def run_parts(page: ReportPage, directory: str, prefix: str) -> list[str]:
   """Training curves, final test metrics, evaluations, adversarial sets and the CO record of a run."""
   parts = []
   co_path = os.path.join(directory, "catastrophic_overfitting.json")
-  co = _read_json(co_path) if os.path.exists(co_path) else None
+  co = _read_json(co_path) if files.exists(co_path) else None
   collapse = (co or {}).get("collapse") or {}
   metrics_path = os.path.join(directory, "metrics.jsonl")
-  if os.path.exists(metrics_path):
+  if files.exists(metrics_path):
     records = read_jsonl(metrics_path)
     fig = plot_training_curves(records, collapse.get("epoch"))
     if fig is not None:
@@ -394,14 +388,14 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
 
   root = os.path.join(workdir, "kernels")
   kernels = {name: _read_json(os.path.join(root, name, META_FILE)) for name in _subdirectories(root)
-             if os.path.exists(os.path.join(root, name, META_FILE))}
+             if files.exists(os.path.join(root, name, META_FILE))}
   order = lambda name: (kernels[name].get("source", {}).get("phase", 0),
                         kernels[name].get("source", {}).get("epoch", 0), name)
   rows, spectra, too_big = [], {}, []
   for name in sorted(kernels, key=order):
     directory, meta = os.path.join(root, name), kernels[name]
     tiles = os.path.join(directory, TILES_DIR)
-    done = len([t for t in os.listdir(tiles) if ".tmp" not in t]) if os.path.isdir(tiles) else 0
+    done = len(files.list_dir(tiles))
     rows.append(kernel_row(name, meta, done))
     size = int(np.prod(meta.get("shape", [0])[::2]))  # N, or N*C for a full kernel
     if meta.get("complete") and size > MAX_SPECTRUM_SIZE:
@@ -439,8 +433,7 @@ def plot_spectra(spectra: dict[str, np.ndarray]):
 # ------------------------------------------------------------------------------------------ generic
 def csv_table(path: str) -> str:
   """A CSV file as an HTML table, numbers formatted, the first MAX_TABLE_ROWS rows."""
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f))
+  rows = list(csv.reader(io.StringIO(files.read_text(path), newline="")))
   if not rows:
     return ""
 
@@ -458,7 +451,7 @@ def csv_table(path: str) -> str:
 def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]:
   """Every PNG (embedded), CSV (a table and a link) and JSON (a link) under `top`, by directory."""
   parts = []
-  for root, dirs, names in os.walk(top):  # top-down, each level in natural order
+  for root, dirs, names in files.walk(top):  # top-down, each level in natural order
     dirs[:] = sorted((d for d in dirs if ".tmp" not in d), key=natural_key)
     names = sorted((n for n in names if ".tmp" not in n), key=natural_key)
     shown = [n for n in names if n.endswith((".png", ".csv", ".json"))]
@@ -478,13 +471,13 @@ def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]
 def infinite_parts(page: ReportPage, workdir: str) -> list[str]:
   """The infinite job's results.json (every accuracy), flattened."""
   path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
   parts = [key_value_table(_read_json(path)), page.link(page.copy(path, "results.json"), "results.json")]
   dataset = os.path.join(workdir, "robust_dataset.npz")
-  if os.path.exists(dataset):
+  if files.exists(dataset):
     parts.append(paragraph(f"The optimised training set: robust_dataset.npz "
-                           f"({os.path.getsize(dataset) / 2**20:.1f} MiB) in the workdir.", "note"))
+                           f"({files.size(dataset) / 2**20:.1f} MiB) in the workdir.", "note"))
   return parts
 
 
@@ -496,7 +489,7 @@ def write_report(workdir: str) -> str:
   if jax.process_index() != 0:
     return index
   config_path = os.path.join(workdir, CONFIG_FILE)
-  config = _read_json(config_path) if os.path.exists(config_path) else None
+  config = _read_json(config_path) if files.exists(config_path) else None
   runs, networks = find_runs(workdir)
 
   def add_runs(found: list[tuple[str, str]]) -> None:

@@ -8,7 +8,6 @@ the shapes the checkpoint records, so nothing is initialised or compiled to rest
 """
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -17,7 +16,7 @@ import flax.linen as nn
 import ml_collections
 from jax.sharding import Mesh
 
-from ntk_scale import data, parallel
+from ntk_scale import data, files, parallel
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
@@ -69,16 +68,14 @@ def _phase2_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Chec
   """The checkpoints of the phase-2 experiment `config` names, checked against its record."""
   directory = phase2_directory(config, workdir)
   record_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(record_path):
+  if not files.exists(record_path):
     parent = os.path.join(workdir, PHASE2_DIR)
-    names = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else ())
-                   if os.path.exists(os.path.join(parent, n, CONFIG_FILE)))
+    names = [n for n in files.list_dir(parent) if files.exists(os.path.join(parent, n, CONFIG_FILE))]
     raise CheckpointNotFoundError(
         f"no phase-2 experiment {phase2_name(config)!r} in {parent} (config.phase2.name; when empty "
         f"it is made of linearization, batch_norm, mode and from_epoch); experiments there: "
         f"{names or 'none (run config.job=phase2 first)'}.")
-  with open(record_path) as f:
-    recorded = json.load(f)["phase2"]
+  recorded = files.read_json(record_path)["phase2"]
   diffs = [f"config.phase2.{k}: {recorded.get(k)!r} there, {config.phase2[k]!r} here"
            for k in _MODEL_FIELDS if recorded.get(k) != config.phase2[k]]
   if diffs:

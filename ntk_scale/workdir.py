@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from ntk_scale.atomic_files import write_json
+from ntk_scale import files
 from ntk_scale.base_config import base_config
 from ntk_scale.checkpoint import CheckpointNotFoundError
 
@@ -67,10 +67,9 @@ NEW_PHASE2_NAME = "Set another config.phase2.name to run it beside this one, or 
 def check_recorded(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_FIELDS,
                    remedy: str = NEW_WORKDIR) -> bool:
   """Raises WorkdirConfigMismatchError if `path` records a different experiment; False if absent."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return False
-  with open(path) as f:
-    saved = json.load(f)
+  saved = files.read_json(path)
   diffs = config_differences(saved, current, runtime)
   if diffs:
     raise WorkdirConfigMismatchError(
@@ -84,8 +83,8 @@ def record_or_check(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME
   """Records `current` at `path` (process 0), or checks that it is the experiment already there."""
   if check_recorded(path, current, runtime, remedy) or jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  write_json(path, current, indent=2, sort_keys=True)
+  files.make_dirs(os.path.dirname(path))
+  files.write_json(path, current, indent=2, sort_keys=True)
 
 
 def phase2_name(config: ml_collections.ConfigDict) -> str:
@@ -122,6 +121,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   error, because resuming would silently mix two runs. The phase-2 record, if any, is checked
   here too (phase 2 writes it when it starts); the phase2 job needs a recorded phase 1.
   """
+  if files.is_cloud(workdir) and not workdir.startswith("gs://"):
+    raise ValueError(f"--workdir={workdir}: a workdir is a local directory or a gs:// bucket path.")
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   if config.get("job", "train") == "phase2":

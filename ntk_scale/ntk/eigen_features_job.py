@@ -33,7 +33,6 @@ all: 0.972 / 0.828.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ntk_scale import files
 from ntk_scale.attacks import build_attack
 from ntk_scale.data import load_dataset
 from ntk_scale.kernel_regression import regression_targets
@@ -50,7 +50,6 @@ from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, gro
 from ntk_scale.ntk.job import inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.spectrum import eigh
-from ntk_scale.atomic_files import save_figure, write_json
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
@@ -102,7 +101,7 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
-  save_figure(fig, path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
 
 
 @dataclasses.dataclass
@@ -209,9 +208,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     name = os.path.basename(kernel)
   directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return {"eigen_features": directory, **json.load(f)}
+  if files.exists(result_path):
+    return {"eigen_features": directory, **files.read_json(result_path)}
   if kernel is None:
     features = _infinite(config, dataset, attack)
   else:
@@ -246,10 +244,10 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   record = {"source_kernel": features.source, "num_test": n,
             "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
+    files.make_dirs(directory)
     write_table(os.path.join(directory, "features.csv"), rows)
     _plot(rows, os.path.join(directory, "usefulness_robustness.png"),
           f"eigen-features of {name}, {e.attack.name} eps {e.attack.eps:g}")
-    write_json(result_path, record, indent=2)
+    files.write_json(result_path, record, indent=2)
     print(f"eigen-features written to {directory}", flush=True)
   return {"eigen_features": directory, **record}

@@ -23,7 +23,6 @@ image whose gradient opposes the kernel's dominant direction. The dual weights (
 only cos 0.29 / 0.23 with noisy images (K^{-1} y weights the small eigenvalues most).
 """
 
-import json
 import os
 from typing import Any
 
@@ -32,12 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ntk_scale import files
 from ntk_scale.data import load_dataset, num_classes
 from ntk_scale.kernel_regression import check_regression_config, regression_targets, ridge_coefficients
 from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
 from ntk_scale.ntk.job import inference_apply, kernel_job
 from ntk_scale.ntk.spectrum import eigh
-from ntk_scale.atomic_files import save_figure, write_atomic, write_json
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
@@ -84,7 +83,7 @@ def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
     ax.set_title(name, fontsize=7)
     ax.set_axis_off()
   fig.suptitle(title, fontsize=8)
-  save_figure(fig, path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
 
 
 def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -98,9 +97,8 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   directory = os.path.join(workdir, IMAGES_DIR, os.path.basename(kernel["kernel"]))
   result_path = os.path.join(directory, RESULT_FILE)
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return {"eigen_images": directory, **json.load(f)}
+  if files.exists(result_path):
+    return {"eigen_images": directory, **files.read_json(result_path)}
 
   dataset = load_dataset(config.data)
   store = KernelStore.open(kernel["kernel"])
@@ -142,14 +140,14 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                       "negative_cosine": float(final[2 * i + 1]),
                       "grey_cosine": float(initial[2 * i])} for i, name in enumerate(names)]}
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    write_atomic(os.path.join(directory, IMAGES_FILE),
+    files.make_dirs(directory)
+    files.write_atomic(os.path.join(directory, IMAGES_FILE),
                   lambda f: np.savez(f, images=images, signs=np.asarray(signs), weights=weights))
     titles = [f"{name}{f' (λ={pairs.values[i // 2]:.3g})' if i < 2 * k else ''} {'+' if s > 0 else '-'}v"
               f"\ncos {cos:+.3f}" for i, (name, s, cos) in
               enumerate(zip(np.repeat(names, 2), np.asarray(signs), final))]
     _plot(images, titles, os.path.join(directory, PLOT_FILE),
           f"{os.path.basename(kernel['kernel'])}: images x maximising ±cos(∇θ f_{c}(x), v)")
-    write_json(result_path, record, indent=2)
+    files.write_json(result_path, record, indent=2)
     print(f"eigen-images written to {directory}", flush=True)
   return {"eigen_images": directory, **record}

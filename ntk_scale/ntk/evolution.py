@@ -18,7 +18,6 @@ own kernel in memory (a dense float64 eigendecomposition).
 
 import csv
 import io
-import json
 import math
 import os
 from typing import Any
@@ -27,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ntk_scale.atomic_files import write_json, write_text
+from ntk_scale import files
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
@@ -83,11 +82,10 @@ def collapse_epochs(workdir: str, saved: list[float], span: float) -> tuple[list
   """The saved epochs within `span` epochs of the recorded collapse (the checkpoints the CO monitor
   kept just before and after it included), and the collapse record."""
   path = os.path.join(workdir, CO_FILE)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ValueError(f"config.evolution.around_collapse needs {path}, which training writes when the "
                      f"catastrophic-overfitting monitor is on (config.train.co_monitor.every_steps > 0).")
-  with open(path) as f:
-    summary = json.load(f)
+  summary = files.read_json(path)
   if not summary.get("collapsed"):
     raise ValueError(f"config.evolution.around_collapse: {path} records no collapse (last measured at "
                      f"epoch {(summary.get('last') or {}).get('epoch', '?')}); nothing to look at.")
@@ -207,7 +205,7 @@ def write_table(path: str, rows: list[dict[str, Any]]) -> None:
   writer = csv.DictWriter(table, fieldnames=list(rows[0]))
   writer.writeheader()
   writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-  write_text(path, table.getvalue())
+  files.write_text(path, table.getvalue())
 
 
 def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -246,8 +244,8 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   results["phase"] = int(e.phase)
   if collapse is not None:
     results["collapse"] = collapse
-  os.makedirs(directory, exist_ok=True)
-  write_json(os.path.join(directory, METRICS_JSON), results, indent=2)
+  files.make_dirs(directory)
+  files.write_json(os.path.join(directory, METRICS_JSON), results, indent=2)
   write_table(os.path.join(directory, METRICS_CSV), results["checkpoints"])
   result["plots"] = plot_evolution(results, directory)
   result["metrics"] = results

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from ntk_scale.atomic_files import save_figure  # pylint: disable=wrong-import-position
+from ntk_scale.files import save_figure  # pylint: disable=wrong-import-position
 
 PLOTS = ("distance_to_final.png", "polar.png", "spectra.png")
 _SPACES = (("", "whole kernel"), ("_top_k", "top-{k} eigenspace"), ("_bottom_k", "bottom-{k} eigenspace"))

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ntk_scale import parallel
+from ntk_scale import files, parallel
 from ntk_scale.data import class_balanced_subset, load_dataset
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
@@ -147,7 +147,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
           "split": k.split, "logits": spec.describe(), "dtype": k.dtype, "precision": k.precision,
           "shape": [len(indices), len(indices), *spec.tile_suffix], "num_classes": dataset.num_classes,
           "data": config.data.name}
-  existing = KernelStore.open(directory) if os.path.exists(os.path.join(directory, "kernel.json")) else None
+  existing = KernelStore.open(directory) if files.exists(os.path.join(directory, "kernel.json")) else None
   tile = k.tile_size or None
   if existing is not None:
     if tile and tile != existing.tile:

@@ -6,14 +6,14 @@ be written by many hosts at once, and resume after a kill.
     <directory>/indices.npy         dataset indices of the kernel's rows (and labels.npy)
     <directory>/tiles/<i>-<j>       marker of a finished tile (and its mirror), written last
 
-A tile counts as done only once its marker exists: a job killed while writing a tile recomputes
-it. Tensorstore writes each chunk file whole (write then rename), markers and metadata are
-written the same way. Any zarr v3 reader opens kernel.zarr; symmetric kernels are stored whole
+The directory may be local or in a gs:// bucket (files.py). A tile counts as done only once its
+marker exists: a job killed while writing a tile recomputes it. Tensorstore writes each chunk
+whole (a local file is written then renamed, a cloud object appears when its upload completes);
+markers and metadata are written the same way (files.write_atomic). Any zarr v3 reader opens kernel.zarr; symmetric kernels are stored whole
 (each off-diagonal tile is written with its mirror), so reads need no special handling.
 """
 
 import concurrent.futures
-import json
 import os
 import threading
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from ntk_scale.atomic_files import write_atomic, write_json
+from ntk_scale import files
 from ntk_scale.ntk.tile_math import mirror_tile
 
 ARRAY_DIR, META_FILE, TILES_DIR = "kernel.zarr", "kernel.json", "tiles"
@@ -33,7 +33,7 @@ class KernelStoreMismatchError(ValueError):
 
 
 def _spec(directory: str) -> dict:
-  return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(directory, ARRAY_DIR)}}
+  return {"driver": "zarr3", "kvstore": files.tensorstore_kvstore(os.path.join(directory, ARRAY_DIR))}
 
 
 class KernelStore:
@@ -49,10 +49,9 @@ class KernelStore:
   def open(cls, directory: str) -> "KernelStore":
     """An existing kernel (complete or not)."""
     path = os.path.join(directory, META_FILE)
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise FileNotFoundError(f"{directory} holds no kernel ({META_FILE} is missing).")
-    with open(path) as f:
-      meta = json.load(f)
+    meta = files.read_json(path)
     return cls(directory, ts.open(_spec(directory), open=True).result(), meta)
 
   @classmethod
@@ -65,9 +64,9 @@ class KernelStore:
 
     `meta` needs "shape", "tile" and "dtype"; an existing kernel keeps its own tile size.
     """
-    if os.path.exists(os.path.join(directory, META_FILE)):
+    if files.exists(os.path.join(directory, META_FILE)):
       store = cls.open(directory)
-      stored_indices = np.load(os.path.join(directory, INDICES_FILE), allow_pickle=False)
+      stored_indices = store.indices()
       diffs = [f"{k}: {store.meta.get(k)!r} -> {meta.get(k)!r}" for k in identity
                if store.meta.get(k) != meta.get(k)]
       if not np.array_equal(stored_indices, indices):
@@ -79,15 +78,15 @@ class KernelStore:
       return store
     if not create:
       raise FileNotFoundError(f"{directory} was not created by process 0.")
-    os.makedirs(os.path.join(directory, TILES_DIR), exist_ok=True)
-    write_atomic(os.path.join(directory, INDICES_FILE), lambda f: np.save(f, np.asarray(indices)))
-    write_atomic(os.path.join(directory, LABELS_FILE), lambda f: np.save(f, np.asarray(labels)))
     shape, tile = list(meta["shape"]), int(meta["tile"])
     chunk = [tile, tile] + shape[2:]
     array = ts.open(_spec(directory), create=True, delete_existing=True, dtype=meta["dtype"],
                     shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+    files.make_dirs(os.path.join(directory, TILES_DIR))
+    files.save_array(os.path.join(directory, INDICES_FILE), indices)
+    files.save_array(os.path.join(directory, LABELS_FILE), labels)
     # The metadata file is written last: it is what marks the directory as a kernel.
-    write_json(os.path.join(directory, META_FILE), meta, indent=2, sort_keys=True)
+    files.write_json(os.path.join(directory, META_FILE), meta, indent=2, sort_keys=True)
     return cls(directory, array, meta)
 
   # ---------------------------------------------------------------- tiles
@@ -104,10 +103,9 @@ class KernelStore:
 
   def done_tiles(self) -> set[tuple[int, int]]:
     done = set()
-    for name in os.listdir(os.path.join(self.directory, TILES_DIR)):
-      if ".tmp" not in name:
-        i, j = name.split("-")
-        done.add((int(i), int(j)))
+    for name in files.list_dir(os.path.join(self.directory, TILES_DIR)):
+      i, j = name.split("-")
+      done.add((int(i), int(j)))
     return done
 
   def write_tile(self, i: int, j: int, tile: np.ndarray, mirror: bool) -> None:
@@ -119,7 +117,7 @@ class KernelStore:
       writes.append(self._array[cols, rows].write(mirror_tile(tile)))
     for w in writes:
       w.result()
-    write_atomic(self._marker(i, j), lambda f: None)
+    files.write_atomic(self._marker(i, j), lambda f: None)
 
   # ---------------------------------------------------------------- reading
   def read(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
@@ -127,15 +125,15 @@ class KernelStore:
     return self._array[rows, cols].read().result()
 
   def indices(self) -> np.ndarray:
-    return np.load(os.path.join(self.directory, INDICES_FILE), allow_pickle=False)
+    return files.load_array(os.path.join(self.directory, INDICES_FILE))
 
   def labels(self) -> np.ndarray:
-    return np.load(os.path.join(self.directory, LABELS_FILE), allow_pickle=False)
+    return files.load_array(os.path.join(self.directory, LABELS_FILE))
 
   def update_meta(self, **fields: Any) -> None:
     """Adds `fields` to kernel.json (process 0 only: a single writer)."""
     self.meta.update(fields)
-    write_json(os.path.join(self.directory, META_FILE), self.meta, indent=2, sort_keys=True)
+    files.write_json(os.path.join(self.directory, META_FILE), self.meta, indent=2, sort_keys=True)
 
 
 # Tiles that may wait for the disk; a single tile larger than this still goes, alone.

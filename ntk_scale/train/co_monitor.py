@@ -13,7 +13,6 @@ saved one. A resumed run replays the co/* records of metrics.jsonl into the dete
 costs one extra copy of the train state in device memory until the collapse.
 """
 
-import json
 import os
 
 import jax
@@ -23,13 +22,14 @@ import numpy as np
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from ntk_scale.atomic_files import write_json
+from ntk_scale import files
 from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import Dataset, Split
 from ntk_scale.evaluate import evaluate
 from ntk_scale.train.collapse import CO_FILE, check_co_monitor_config, detector_from_config
 from ntk_scale.train.state import TrainState
+from ntk_scale.train.writers import read_jsonl
 
 ROBUST, CLEAN, TRAIN_CLEAN = "co/robust_accuracy", "co/clean_accuracy", "co/train_clean_accuracy"
 
@@ -66,16 +66,14 @@ class CoMonitor:
   def resume(self, directory: str, start_step: int) -> None:
     """Replays the co/* records up to `start_step` (which is a saved, hence monitored, step)."""
     path = os.path.join(directory, "metrics.jsonl")
-    if not start_step or not os.path.exists(path):
+    if not start_step or not files.exists(path):
       return
-    with open(path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     for r in records:
       if ROBUST in r and r["step"] <= start_step:
         self._detector.update(r["step"], r["step"] / self._steps_per_epoch, r[ROBUST], r[TRAIN_CLEAN])
-    if os.path.exists(self._path):
-      with open(self._path) as f:
-        self._checkpoint_epochs = json.load(f).get("checkpoint_epochs", {})
+    if files.exists(self._path):
+      self._checkpoint_epochs = files.read_json(self._path).get("checkpoint_epochs", {})
     self._kept = (start_step, None)
 
   def _measure(self, state: TrainState) -> dict[str, float]:
@@ -128,5 +126,5 @@ class CoMonitor:
                              for k in ("collapse_fraction", "min_peak", "max_train_drop",
                                        "sustain_evals", "every_steps")}}
     if jax.process_index() == 0:
-      write_json(self._path, summary, indent=2)
+      files.write_json(self._path, summary, indent=2)
     return summary

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from ntk_scale.atomic_files import write_text
+from ntk_scale import files
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -19,17 +19,15 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def truncate(self, keep: Callable[[dict], bool]) -> None:
     """Rewrites the file atomically with only the records `keep` accepts (used when resuming)."""
-    if not os.path.exists(self._path):
+    if not files.exists(self._path):
       return
-    with open(self._path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    write_text(self._path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
+    records = read_jsonl(self._path)
+    files.write_text(self._path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step)}
     record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_text(self._path, json.dumps(record) + "\n")
 
   # Only scalars go to JSON; everything else is TensorBoard's business.
   def write_summaries(self, step, values, metadata=None): del step, values, metadata
@@ -43,10 +41,14 @@ class JsonlWriter(metric_writers.MetricWriter):
   def close(self): pass
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file, in order."""
+  return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """All records of `<workdir>/metrics.jsonl`, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def create_writers(workdir: str) -> tuple[metric_writers.MetricWriter, JsonlWriter | None]:

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from ntk_scale.atomic_files import save_figure, write_atomic, write_json  # noqa: E402
+from ntk_scale.files import save_figure, write_atomic, write_json  # noqa: E402
 
 
 class _Interrupted(Exception):

@@ -1,0 +1,171 @@
+"""Workdir files on a local disk or in cloud storage (`gs://bucket/...`, as TPU VMs and multi-host
+jobs need: every host sees the same bucket). Every file the project reads or writes back goes
+through here, on etils.epath (TensorFlow's GFile for cloud URIs, as Orbax and tfds use it).
+
+Writes are whole or nothing. Locally: into a temporary beside the target, then renamed over it
+(`os.replace` is atomic within a file system); a killed job leaves the old file or the new one,
+plus at most a stray temporary whose name holds ".tmp" so that readers listing a directory skip
+it. In cloud storage an object appears only when its upload completes, so writes go straight to
+the target (a rename there is a copy and a delete).
+"""
+
+import io
+import json
+import os
+from typing import IO, Any, Callable, Iterator
+
+import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_cloud(path: PathLike) -> bool:
+  """Whether `path` is a cloud URI (gs://, s3://, ...) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def exists(path: PathLike) -> bool:
+  return epath.Path(path).exists()
+
+
+def is_dir(path: PathLike) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def make_dirs(path: PathLike) -> None:
+  """`path` and its parents (cloud storage has no directories: nothing to do there)."""
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def list_dir(path: PathLike) -> list[str]:
+  """The names in directory `path`, temporaries (".tmp") left out; [] if it does not exist."""
+  directory = epath.Path(path)
+  if not directory.is_dir():
+    return []
+  return sorted(p.name for p in directory.iterdir() if ".tmp" not in p.name)
+
+
+def walk(top: PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+  """os.walk, top-down, for local and cloud directories alike (epath's walk drops a cloud root's
+  scheme): (directory, subdirectory names, file names); prune by editing the names in place."""
+  directory = os.fspath(top)
+  names = list_dir(directory)
+  subdirectories = [n for n in names if is_dir(os.path.join(directory, n))]
+  yield directory, subdirectories, [n for n in names if n not in subdirectories]
+  for name in subdirectories:
+    yield from walk(os.path.join(directory, name))
+
+
+def glob(directory: PathLike, pattern: str) -> list[str]:
+  """Paths in `directory` matching `pattern` (e.g. "step_*.json"), sorted."""
+  return sorted(os.fspath(p) for p in epath.Path(directory).glob(pattern))
+
+
+def size(path: PathLike) -> int:
+  return epath.Path(path).stat().length
+
+
+def remove(path: PathLike) -> None:
+  epath.Path(path).unlink()
+
+
+def remove_tree(path: PathLike) -> None:
+  """`path` and everything under it, if it exists."""
+  if exists(path):
+    epath.Path(path).rmtree()
+
+
+def open_file(path: PathLike, mode: str = "r") -> IO:
+  """For reading (or appending: see `append_text`); writes go through `write_atomic`."""
+  return epath.Path(path).open(mode)
+
+
+def read_text(path: PathLike) -> str:
+  return epath.Path(path).read_text()
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(read_text(path))
+
+
+def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
+  """An .npy array; pickled objects are refused (a file from elsewhere must not run code).
+  `memory_map`: read lazily where the file is local (a cloud object is read whole)."""
+  if memory_map and not is_cloud(path):
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  with epath.Path(path).open("rb") as f:
+    return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+def temporary_name(path: PathLike) -> str:
+  """A temporary beside `path`, one per process (hosts sharing a directory never collide)."""
+  return f"{os.fspath(path)}.tmp{os.getpid()}"
+
+
+def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+  """`write(f)` into a binary file that appears at `path` whole or not at all."""
+  if is_cloud(path):
+    buffer = io.BytesIO()  # a failed `write` uploads nothing
+    write(buffer)
+    epath.Path(path).write_bytes(buffer.getvalue())
+    return
+  tmp = temporary_name(path)
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: PathLike, text: str) -> None:
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: PathLike, value: Any, **dump_options: Any) -> None:
+  """`value` as JSON (json.dumps' `dump_options`, e.g. indent=2, sort_keys=True)."""
+  write_text(path, json.dumps(value, **dump_options))
+
+
+def save_array(path: PathLike, array: np.ndarray) -> None:
+  """`array` as .npy (no pickled objects)."""
+  write_atomic(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+
+
+def append_text(path: PathLike, text: str) -> None:
+  """Adds `text` at the end of `path` (created if absent). Cloud objects cannot grow: there the
+  whole object is rewritten, fine for the small logs this is used for (metrics.jsonl)."""
+  if is_cloud(path):
+    write_text(path, (read_text(path) if exists(path) else "") + text)
+    return
+  with open(path, "a") as f:
+    f.write(text)
+
+
+def copy_file(source: PathLike, target: PathLike) -> None:
+  write_atomic(target, lambda out: out.write(epath.Path(source).read_bytes()))
+
+
+def save_figure(fig, path: PathLike, dpi: int) -> str:
+  """A matplotlib figure laid out tightly, saved in the format of `path`'s extension and closed."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel  (plots only)
+
+  fig.tight_layout()
+  path = os.fspath(path)
+  write_atomic(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:], dpi=dpi))
+  plt.close(fig)
+  return path
+
+
+def tensorstore_kvstore(path: PathLike) -> dict:
+  """Tensorstore's key-value store for directory `path`: the local file system or a bucket."""
+  path = os.fspath(path)
+  if path.startswith("gs://"):
+    bucket, _, key = path[len("gs://"):].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": key.rstrip("/") + "/"}
+  if is_cloud(path):
+    raise ValueError(f"{path}: kernels are stored on a local disk or in gs:// buckets only.")
+  return {"driver": "file", "path": path}

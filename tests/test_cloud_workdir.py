@@ -1,0 +1,153 @@
+"""Workdirs in cloud storage (gs://, as on TPU VMs and multi-host jobs): the kernel store, run
+records, adversarial sets, evaluations and the report work in a bucket (an emulator on 127.0.0.1,
+see fake_gcs.py) as they do on a local disk, and nothing lands on the local disk instead.
+Checkpoints are Orbax's, which supports gs:// itself; the emulator cannot serve them."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from fake_gcs import fake_bucket
+from ntk_scale import files
+from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
+from ntk_scale.evaluate import write_evaluation
+from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError, TileWriter
+from ntk_scale.report import write_report
+from ntk_scale.train.writers import JsonlWriter, read_metrics
+from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
+
+TILE, BLOCKS = 4, 3
+
+
+@pytest.fixture
+def bucket():
+  with fake_bucket() as uri:
+    yield uri
+
+
+@pytest.fixture(autouse=True)
+def _no_local_writes(tmp_path, monkeypatch):
+  """Tests run in an empty directory: a gs:// path mistaken for a local one would appear there."""
+  monkeypatch.chdir(tmp_path)
+  yield
+  assert not os.path.exists(tmp_path / "gs:"), "a gs:// path was written to the local disk"
+
+
+def _store(directory: str, shape_field: int = TILE * BLOCKS) -> KernelStore:
+  n = TILE * BLOCKS
+  meta = {"shape": [shape_field, shape_field], "tile": TILE, "dtype": "float32"}
+  return KernelStore.create_or_resume(directory, meta, ("shape",), np.arange(n), np.arange(n) % 3)
+
+
+def test_a_kernel_in_a_bucket_resumes_and_reads_back(bucket):
+  directory = f"{bucket}/run/kernels/class0"
+  a = np.random.RandomState(0).randn(TILE * BLOCKS, 5).astype(np.float32)
+  kernel = a @ a.T
+  tiles = [(i, j) for i in range(BLOCKS) for j in range(i, BLOCKS)]
+  block = lambda i, j: kernel[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE]
+
+  with TileWriter(_store(directory), mirror=True) as write:
+    for i, j in tiles[:3]:  # a job killed after three tiles
+      write(i, j, block(i, j))
+  resumed = _store(directory)
+  assert resumed.done_tiles() == set(tiles[:3])
+  for i, j in sorted(set(tiles) - resumed.done_tiles()):
+    resumed.write_tile(i, j, block(i, j), mirror=True)
+
+  stored = KernelStore.open(directory)
+  np.testing.assert_array_equal(stored.read(), kernel)
+  np.testing.assert_array_equal(stored.indices(), np.arange(TILE * BLOCKS))
+  np.testing.assert_array_equal(stored.labels(), np.arange(TILE * BLOCKS) % 3)
+  assert stored.done_tiles() == set(tiles)
+  assert sorted(files.list_dir(directory)) == ["indices.npy", "kernel.json", "kernel.zarr", "labels.npy",
+                                               "tiles"]
+  with pytest.raises(KernelStoreMismatchError, match="shape"):
+    _store(directory, shape_field=TILE * BLOCKS + 1)
+
+
+def test_a_failed_write_leaves_the_previous_object(bucket):
+  path = f"{bucket}/records/step.json"
+  files.write_json(path, {"step": 1})
+
+  def dies_half_way(f):
+    f.write(b'{"step": ')
+    raise RuntimeError("killed")
+
+  with pytest.raises(RuntimeError, match="killed"):
+    files.write_atomic(path, dies_half_way)
+  assert files.read_json(path) == {"step": 1}
+  assert files.list_dir(f"{bucket}/records") == ["step.json"]
+
+
+def _fill_workdir(workdir: str) -> None:
+  """A run's records, written by the functions the jobs use."""
+  record_or_check(os.path.join(workdir, "config.json"), {"job": "train", "seed": 3, "model": {"name": "cnn"}})
+  metrics = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  for step in (1, 2, 3):
+    metrics.write_scalars(step, {"train/loss": 1.0 / step, "train/accuracy": 0.3 * step})
+  metrics.truncate(lambda r: r["step"] < 3)  # as on resuming from step 3
+  metrics.write_scalars(3, {"train/loss": 0.25, "train/accuracy": 0.95})
+  rng = np.random.RandomState(1)
+  arrays = {"images": rng.uniform(size=(4, 8, 8, 1)).astype(np.float32),
+            "labels": np.array([0, 1, 2, 3], np.int32), "predictions": np.array([0, 2, 2, 1], np.int32),
+            "clean_predictions": np.array([0, 1, 2, 3], np.int32)}
+  meta = {"attack": {"name": "pgd", "norm": "linf", "eps": 0.1, "num_steps": 10}, "checkpoint_step": 3,
+          "split": "test", "clean_accuracy": 1.0, "accuracy": 0.5}
+  save_adversarial_set(os.path.join(workdir, "adversarial", "pgd"), arrays, meta)
+  save_adversarial_set(os.path.join(workdir, "adversarial", "pgd"), arrays, meta)  # replaced whole
+  write_evaluation(workdir, 3, 1.0, {"clean": {"accuracy": 1.0, "loss": 0.1},
+                                     "pgd": {"accuracy": 0.5, "loss": 1.2}})
+
+
+def _page(index: str) -> str:
+  """index.html without what names the workdir and the time."""
+  page = files.read_text(index)
+  page = re.sub(r"ntk_scale report: [^<]*", "", page)
+  return re.sub(r"Workdir [^;]*; generated [^.]*\.", "", page)
+
+
+def test_run_records_and_the_report_in_a_bucket_equal_those_on_disk(bucket, tmp_path):
+  local, cloud = str(tmp_path / "run"), f"{bucket}/run_records"
+  for workdir in (local, cloud):
+    _fill_workdir(workdir)
+
+  assert read_metrics(cloud) == read_metrics(local) == [
+      {"step": 1, "train/loss": 1.0, "train/accuracy": 0.3},
+      {"step": 2, "train/loss": 0.5, "train/accuracy": 0.6},
+      {"step": 3, "train/loss": 0.25, "train/accuracy": 0.95}]
+  arrays, meta = load_adversarial_set(os.path.join(cloud, "adversarial", "pgd"))
+  local_arrays, local_meta = load_adversarial_set(os.path.join(local, "adversarial", "pgd"))
+  assert meta == local_meta
+  for name, array in local_arrays.items():
+    np.testing.assert_array_equal(arrays[name], array)
+  assert files.read_json(f"{cloud}/evaluations/step_3.json") == files.read_json(f"{local}/evaluations/step_3.json")
+  with pytest.raises(WorkdirConfigMismatchError, match="seed: 3 -> 4"):
+    record_or_check(f"{cloud}/config.json", {"job": "train", "seed": 4, "model": {"name": "cnn"}})
+
+  index = write_report(cloud)
+  assert index == f"{cloud}/report/index.html"
+  assert _page(index) == _page(write_report(local))
+  assert "gs://bucket/run_records" in files.read_text(index)
+  report_files = lambda top: sorted(os.path.relpath(os.path.join(root, n), top)
+                                    for root, _, names in files.walk(top) for n in names)
+  written = report_files(f"{cloud}/report")
+  assert written == report_files(f"{local}/report")
+  assert {"index.html", "config.json", "training.png", "adversarial_pgd.png"} <= set(written), written
+
+
+def test_tensorstore_reaches_buckets_and_local_directories():
+  assert files.tensorstore_kvstore("gs://b/runs/x/kernel.zarr") == {
+      "driver": "gcs", "bucket": "b", "path": "runs/x/kernel.zarr/"}
+  assert files.tensorstore_kvstore("/data/x/kernel.zarr") == {"driver": "file", "path": "/data/x/kernel.zarr"}
+  with pytest.raises(ValueError, match="s3://b/x: kernels are stored on a local disk or in gs://"):
+    files.tensorstore_kvstore("s3://b/x")
+
+
+def test_a_workdir_in_another_store_is_refused_before_anything_runs():
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+  from ntk_scale.workdir import prepare_workdir  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match="--workdir=s3://b/run: a workdir is a local directory or a gs://"):
+    prepare_workdir(load_config("digits", "smoke"), "s3://b/run")
