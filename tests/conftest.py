@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # cores) go first, so that the short ones fill in around them; last, the run waited minutes on
 # one long file after the other worker had finished. A file missing here only runs later.
 LONGEST_FIRST = ("test_ntk_engine.py", "test_train.py", "test_phase2.py", "test_adversarial_training.py",
-                 "test_resume.py", "test_kernel_job.py", "test_multihost.py")
+                 "test_resume.py", "test_kernel_job.py", "test_multihost.py", "test_infinite_references.py")
 
 
 def pytest_configure(config):
