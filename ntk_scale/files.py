@@ -34,7 +34,7 @@ def is_dir(path: PathLike) -> bool:
 
 
 def make_dirs(path: PathLike) -> None:
-  """`path` and its parents (cloud storage has no directories: nothing to do there)."""
+  """`path` and its parents (in cloud storage, at most a marker object: objects need no parents)."""
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
@@ -76,9 +76,8 @@ def remove_tree(path: PathLike) -> None:
     epath.Path(path).rmtree()
 
 
-def open_file(path: PathLike, mode: str = "r") -> IO:
-  """For reading (or appending: see `append_text`); writes go through `write_atomic`."""
-  return epath.Path(path).open(mode)
+def read_bytes(path: PathLike) -> bytes:
+  return epath.Path(path).read_bytes()
 
 
 def read_text(path: PathLike) -> str:
@@ -94,8 +93,7 @@ def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
   `memory_map`: read lazily where the file is local (a cloud object is read whole)."""
   if memory_map and not is_cloud(path):
     return np.load(path, mmap_mode="r", allow_pickle=False)
-  with epath.Path(path).open("rb") as f:
-    return np.load(io.BytesIO(f.read()), allow_pickle=False)
+  return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
 
 
 def temporary_name(path: PathLike) -> str:
@@ -146,7 +144,7 @@ def append_text(path: PathLike, text: str) -> None:
 
 
 def copy_file(source: PathLike, target: PathLike) -> None:
-  write_atomic(target, lambda out: out.write(epath.Path(source).read_bytes()))
+  write_atomic(target, lambda out: out.write(read_bytes(source)))
 
 
 def save_figure(fig, path: PathLike, dpi: int) -> str:

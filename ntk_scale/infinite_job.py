@@ -98,7 +98,7 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
                              k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")},
                          "seed": seed, "num_train": len(x)}, sort_keys=True)
   if files.exists(path):
-    with files.open_file(path, "rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as stored:
+    with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as stored:
       if (str(stored["settings"]) == settings and np.array_equal(stored["labels"], y[optimised])
           and "rows" in stored and np.array_equal(stored["rows"], optimised)
           and stored["images"].dtype == x.dtype):

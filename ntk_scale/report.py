@@ -179,9 +179,6 @@ def _pyplot():
   return plt
 
 
-_read_json = files.read_json
-
-
 def natural_key(name: str) -> list:
   """Sorts width8 before width32 and epoch2 before epoch10."""
   return [(0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
@@ -253,7 +250,7 @@ def plot_training_curves(records: list[dict], collapse_epoch: float | None = Non
 
 def _evaluations(directory: str) -> list[dict]:
   paths = files.glob(os.path.join(directory, "evaluations"), "step_*.json")
-  records = [_read_json(p) for p in paths if ".tmp" not in p]
+  records = [files.read_json(p) for p in paths if ".tmp" not in p]
   return sorted(records, key=lambda r: r["step"])
 
 
@@ -309,7 +306,7 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
     meta_path = os.path.join(root, name, "meta.json")
     if not files.exists(meta_path):
       continue
-    meta = _read_json(meta_path)
+    meta = files.read_json(meta_path)
     # A network's sets record their attack; the infinite job's, the kernel config with every attack.
     attack = meta.get("attack") or meta.get("kernel", {}).get("attacks", {}).get(name, {})
     source = (f"step {meta['checkpoint_step']}" if "checkpoint_step" in meta else meta.get("source"))
@@ -343,7 +340,7 @@ def run_parts(page: ReportPage, directory: str, prefix: str) -> list[str]:
   """Training curves, final test metrics, evaluations, adversarial sets and the CO record of a run."""
   parts = []
   co_path = os.path.join(directory, "catastrophic_overfitting.json")
-  co = _read_json(co_path) if files.exists(co_path) else None
+  co = files.read_json(co_path) if files.exists(co_path) else None
   collapse = (co or {}).get("collapse") or {}
   metrics_path = os.path.join(directory, "metrics.jsonl")
   if files.exists(metrics_path):
@@ -387,7 +384,7 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
   from ntk_scale.ntk.store import META_FILE, TILES_DIR, KernelStore  # pylint: disable=import-outside-toplevel
 
   root = os.path.join(workdir, "kernels")
-  kernels = {name: _read_json(os.path.join(root, name, META_FILE)) for name in _subdirectories(root)
+  kernels = {name: files.read_json(os.path.join(root, name, META_FILE)) for name in _subdirectories(root)
              if files.exists(os.path.join(root, name, META_FILE))}
   order = lambda name: (kernels[name].get("source", {}).get("phase", 0),
                         kernels[name].get("source", {}).get("epoch", 0), name)
@@ -452,8 +449,8 @@ def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]
   """Every PNG (embedded), CSV (a table and a link) and JSON (a link) under `top`, by directory."""
   parts = []
   for root, dirs, names in files.walk(top):  # top-down, each level in natural order
-    dirs[:] = sorted((d for d in dirs if ".tmp" not in d), key=natural_key)
-    names = sorted((n for n in names if ".tmp" not in n), key=natural_key)
+    dirs[:] = sorted(dirs, key=natural_key)  # files.walk leaves temporaries out
+    names = sorted(names, key=natural_key)
     shown = [n for n in names if n.endswith((".png", ".csv", ".json"))]
     if not shown:
       continue
@@ -473,7 +470,7 @@ def infinite_parts(page: ReportPage, workdir: str) -> list[str]:
   path = os.path.join(workdir, "results.json")
   if not files.exists(path):
     return []
-  parts = [key_value_table(_read_json(path)), page.link(page.copy(path, "results.json"), "results.json")]
+  parts = [key_value_table(files.read_json(path)), page.link(page.copy(path, "results.json"), "results.json")]
   dataset = os.path.join(workdir, "robust_dataset.npz")
   if files.exists(dataset):
     parts.append(paragraph(f"The optimised training set: robust_dataset.npz "
@@ -489,7 +486,7 @@ def write_report(workdir: str) -> str:
   if jax.process_index() != 0:
     return index
   config_path = os.path.join(workdir, CONFIG_FILE)
-  config = _read_json(config_path) if files.exists(config_path) else None
+  config = files.read_json(config_path) if files.exists(config_path) else None
   runs, networks = find_runs(workdir)
 
   def add_runs(found: list[tuple[str, str]]) -> None:

@@ -9,8 +9,9 @@ be written by many hosts at once, and resume after a kill.
 The directory may be local or in a gs:// bucket (files.py). A tile counts as done only once its
 marker exists: a job killed while writing a tile recomputes it. Tensorstore writes each chunk
 whole (a local file is written then renamed, a cloud object appears when its upload completes);
-markers and metadata are written the same way (files.write_atomic). Any zarr v3 reader opens kernel.zarr; symmetric kernels are stored whole
-(each off-diagonal tile is written with its mirror), so reads need no special handling.
+markers and metadata are written the same way (files.write_atomic). Any zarr v3 reader opens
+kernel.zarr; symmetric kernels are stored whole (each off-diagonal tile is written with its
+mirror), so reads need no special handling.
 """
 
 import concurrent.futures

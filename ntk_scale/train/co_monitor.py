@@ -109,11 +109,11 @@ class CoMonitor:
       if before_state is None:  # a scheduled save (or the step this run resumed from)
         self._checkpoint_epochs["before"] = self._saved_epoch(before_step)
       elif before_step > (checkpoints.latest_step() or 0):
-        checkpoints.save(before_step, before_state, self._saved_epoch(before_step))
         self._checkpoint_epochs["before"] = self._saved_epoch(before_step)
-    if step not in self._saves:  # a scheduled step is saved by the loop right after this call
-      checkpoints.save(step, state, self._saved_epoch(step))
+        checkpoints.save(before_step, before_state, self._checkpoint_epochs["before"])
     self._checkpoint_epochs["after"] = self._saved_epoch(step)
+    if step not in self._saves:  # a scheduled step is saved by the loop right after this call
+      checkpoints.save(step, state, self._checkpoint_epochs["after"])
 
   def finish(self) -> dict:
     """Writes and returns the summary: whether and where robust accuracy collapsed."""
