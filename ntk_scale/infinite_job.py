@@ -208,8 +208,9 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                              {"images": examples["images"].astype(np.float32), "labels": yt,
                               "predictions": examples["predictions"].astype(np.int32),
                               "clean_predictions": examples["clean_predictions"].astype(np.int32)},
-                             {"source": "kernel_regression", "kernel": s.to_dict(), "split": "test",
-                              "accuracy": rows[name]["accuracy"]})
+                             {"source": "kernel_regression", "kernel": s.to_dict(), "dataset": dataset.name,
+                              "split": "test", "accuracy": rows[name]["accuracy"],
+                              "clean_accuracy": rows["clean"]["accuracy"]})
     print(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)", flush=True)
 
     robust, record = _robust_dataset(s, os.path.join(workdir, ROBUST_DATASET_FILE), kernel_fn, x, y,

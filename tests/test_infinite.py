@@ -133,3 +133,40 @@ def test_robust_dataset_table_lists_every_model_and_training_set():
   assert len(lines) == 3
   assert "kernel_regression" in lines[0] and "original" in lines[0] and "pgd  25.0%" in lines[0]
   assert "network_width8" in lines[2] and "clean 100.0%" in lines[2]
+
+
+def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt, tmp_path, monkeypatch):
+  """A tiny infinite run: each saved kernel-regression set's meta.json has the dataset and the clean
+  accuracy of the attacked model (the job's own number), and the report's set table shows it.
+  The finite networks are stubbed: their training is tested elsewhere."""
+  import html
+
+  from ntk_scale import infinite_job, jobs
+  from ntk_scale.adversarial_sets import load_adversarial_set
+  from ntk_scale.base_config import pgd_linf
+  from ntk_scale.report import fmt, write_report
+
+  from test_train import load_config
+
+  config = load_config("infinite_width", "smoke")
+  s = config.infinite
+  s.update(num_train=30, depth=1, batch_size=64)
+  s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
+  s.transfer.widths = ()
+  s.robust_data.update(num_steps=0, target_batch_size=10, network_width=8)
+  s.robust_data.eval_attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
+  monkeypatch.setattr(infinite_job, "_train_finite",
+                      lambda *args, **kwargs: {"results": {"clean": {"accuracy": 0.5}}})
+  workdir = str(tmp_path)
+  jobs.prepare_workdir(config, workdir)
+  results = infinite_job.infinite_job(config, workdir)
+  arrays, meta = load_adversarial_set(str(tmp_path / "adversarial" / "pgd"))
+  assert meta["dataset"] == "digits"
+  assert meta["clean_accuracy"] == results["kernel_regression"]["clean"]
+  assert meta["clean_accuracy"] == pytest.approx(np.mean(arrays["clean_predictions"] == arrays["labels"]))
+  assert meta["accuracy"] == results["kernel_regression"]["pgd"]
+  with open(write_report(workdir), encoding="utf-8") as f:
+    page = f.read()
+  row = next(r for r in page.split("<tr>") if r.startswith('<td class="k">pgd</td>'))
+  cells = [html.unescape(c.split("</td>")[0]) for c in row.split("<td>")[1:]]
+  assert cells[-2:] == [fmt(meta["clean_accuracy"]), fmt(meta["accuracy"])]
