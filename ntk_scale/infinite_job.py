@@ -38,7 +38,7 @@ import numpy as np
 from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
-from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset
+from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset, scarcest_class
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset, split_targets
@@ -47,14 +47,23 @@ RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
 
 
-def check_infinite_config(config: ml_collections.ConfigDict, num_train: int) -> None:
-  """Every config.infinite field, before any kernel is computed."""
+def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
+                          num_classes: int) -> None:
+  """Every config.infinite field, before any kernel is computed; `labels` are the training split's."""
   s = config.infinite
   infinite.check_architecture_config(s)
   check_regression_config(s.regression, "config.infinite.regression")
-  if not 0 <= s.num_train <= num_train or (s.num_train and s.num_train % 10):
-    raise ValueError(f"config.infinite.num_train={s.num_train} must be 0 (all) or a multiple of 10 "
-                     f"in [10, {num_train}] (a class-balanced subset).")
+  num_train = len(labels)
+  if not 0 <= s.num_train <= num_train or (s.num_train and s.num_train % num_classes):
+    raise ValueError(f"config.infinite.num_train={s.num_train} must be 0 (all) or a multiple of "
+                     f"{num_classes} (the number of classes) in [{num_classes}, {num_train}] (a "
+                     f"class-balanced subset).")
+  if s.num_train:
+    scarce, count = scarcest_class(labels, range(num_classes))
+    if count < s.num_train // num_classes:
+      raise ValueError(f"config.infinite.num_train={s.num_train} takes {s.num_train // num_classes} "
+                       f"training images of each class, but class {scarce} has {count}: use at most "
+                       f"{count * num_classes}, or 0 for the whole split.")
   build_attacks(s.attacks, "config.infinite.attacks")
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
@@ -175,7 +184,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """Kernel regression, training-free attacks, transfer, robust dataset; results.json."""
   s = config.infinite
   dataset = load_dataset(config.data)
-  check_infinite_config(config, len(dataset.train))
+  check_infinite_config(config, dataset.train.labels, dataset.num_classes)
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
   x, y = dataset.train.images[indices], dataset.train.labels[indices]

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from ntk_scale import data, jobs
@@ -96,3 +97,58 @@ def test_parse_variants_accepts_subsets_in_any_order():
   assert parse_variants("", ("smoke",), "f.py") == set()
   with pytest.raises(ValueError, match=r"f\.py: unknown variant\(s\) \['big'\].*\('smoke',\)"):
     parse_variants("big,smoke", ("smoke",), "f.py")
+
+
+@pytest.fixture
+def no_kernel_compute(monkeypatch):
+  """Fails the test if a kernel job gets as far as restoring a checkpoint or computing a kernel."""
+  from ntk_scale import infinite, restore
+
+  def fail(*args, **kwargs):
+    pytest.fail("the job restored or computed before rejecting its config")
+  for module, name in ((restore, "restore_for_inference"), (restore, "saved_epochs"),
+                       (infinite, "kernel_matrix"), (infinite, "kernel_function")):
+    monkeypatch.setattr(module, name, fail)
+
+
+# digits (the embedded split): 139-146 training images per class, 35-37 test images.
+@pytest.mark.parametrize("config_name, job, fields, message", [
+    ("digits", "kernel", {"kernel.num_examples": 500, "kernel.classes": (0,)},
+     r"config.kernel.num_examples=500 with config.kernel.classes=\(0,\).*class 0 has 142 train"),
+    ("digits", "evolution", {"kernel.num_examples": 500, "kernel.classes": (0,)},
+     r"config.kernel.num_examples=500 with config.kernel.classes=\(0,\).*class 0 has 142 train"),
+    ("digits", "kernel", {"kernel.num_examples": 360, "kernel.split": "test"},
+     r"config.kernel.num_examples=360 with config.kernel.classes=\(\) \(all 10\).*class 2 has 35 test"),
+    ("digits", "kernel", {"kernel.num_examples": 20, "kernel.classes": (1, 1)},
+     r"config.kernel.classes=\(1, 1\) lists class\(es\) \[1\] more than once"),
+    ("infinite_width", "eigen_features", {"eigen_features.source": "infinite", "kernel.num_examples": 150,
+                                          "kernel.classes": (8,)},
+     r"config.kernel.num_examples=150 with config.kernel.classes=\(8,\).*class 8 has 139 train"),
+    ("infinite_width", "infinite", {"infinite.num_train": 1400},
+     r"config.infinite.num_train=1400 .*class 8 has 139"),
+])
+def test_class_balanced_subset_that_cannot_be_drawn_is_named_before_compute(
+    tmp_path, no_kernel_compute, config_name, job, fields, message):
+  config = load_config(config_name, "smoke")
+  config.job = job
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+
+
+def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
+  from ntk_scale.infinite_job import check_infinite_config
+
+  config = load_config("infinite_width", "smoke")
+  labels = np.repeat(np.arange(4), [50, 50, 50, 5])  # 4 classes, the last one rare
+  config.infinite.num_train = 30
+  with pytest.raises(ValueError, match=r"config.infinite.num_train=30 must be 0 \(all\) or a multiple of 4"):
+    check_infinite_config(config, labels, 4)
+  config.infinite.num_train = 40
+  with pytest.raises(ValueError, match="config.infinite.num_train=40 .*class 3 has 5"):
+    check_infinite_config(config, labels, 4)
+  config.infinite.num_train = 20  # 5 of each class
+  config.infinite.robust_data.target_batch_size = 10
+  check_infinite_config(config, labels, 4)

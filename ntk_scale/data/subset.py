@@ -31,3 +31,11 @@ def class_balanced_subset(labels: np.ndarray, size: int, seed: int,
                        f"{per_class} per class.")
     chosen.append(np.sort(rng.choice(members, per_class, replace=False)))
   return np.concatenate(chosen)
+
+
+def scarcest_class(labels: np.ndarray, classes: Sequence[int]) -> tuple[int, int]:
+  """(class, count) of the class of `classes` with the fewest examples in `labels`: a balanced subset
+  of these classes takes at most `count` of each. One count, no sampling, so config checks call it
+  before any compute and name their own fields."""
+  labels = np.asarray(labels)
+  return min(((int(c), int(np.count_nonzero(labels == c))) for c in classes), key=lambda cc: cc[1])

@@ -47,7 +47,7 @@ from ntk_scale.data import load_dataset
 from ntk_scale.kernel_regression import regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
-from ntk_scale.ntk.job import inference_apply, kernel_job, select_examples
+from ntk_scale.ntk.job import check_kernel_subset, inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.spectrum import eigh
 from ntk_scale.ntk.store import KernelStore
@@ -200,8 +200,9 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = load_dataset(config.data)
   # The output's name first: a finished result is read back without any kernel algebra.
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
-  if kernel is None:
-    split = getattr(dataset, config.kernel.split)
+  if kernel is None:  # the kernel job checks config.kernel for its own kernels
+    split = getattr(dataset, config.kernel.split, None)
+    check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
     name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
             f"{len(select_examples(config, split.labels))}")
   else:

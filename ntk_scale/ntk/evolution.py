@@ -218,7 +218,7 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   check_evolution_settings(config)
   dataset = load_dataset(config.data)
   split = getattr(dataset, k.split) if k.split in SPLITS else None
-  check_kernel_config(config, dataset.num_classes, len(split) if split else 0)
+  check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   num_examples = len(select_examples(config, split.labels))
   spec = parse_logits(k.logits, dataset.num_classes)
   saved = saved_epochs(config, workdir, e.phase)

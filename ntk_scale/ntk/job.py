@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ntk_scale import files, parallel
-from ntk_scale.data import class_balanced_subset, load_dataset
+from ntk_scale.data import class_balanced_subset, load_dataset, scarcest_class
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.plan import METHODS
@@ -36,8 +36,10 @@ FIELDS = {"method": "config.kernel.method", "tile_size": "config.kernel.tile_siz
           "logit_chunk": "config.kernel.logit_chunk"}
 
 
-def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int, split_size: int) -> None:
-  """Every config.kernel field, before anything is restored or computed."""
+def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int,
+                        labels: np.ndarray | None) -> None:
+  """Every config.kernel field, before anything is restored or computed; `labels` are those of
+  config.kernel.split (None when that names no split)."""
   k = config.kernel
   parse_logits(k.logits, num_classes, "config.kernel.logits")
   check_precision(k.precision, "config.kernel.precision")
@@ -46,27 +48,49 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int, spl
                      f"{', '.join(METHODS)}.")
   if k.dtype not in ("float32", "float64"):
     raise ValueError(f"config.kernel.dtype={k.dtype!r}; expected 'float32' or 'float64'.")
-  if k.split not in SPLITS:
-    raise ValueError(f"config.kernel.split={k.split!r}; expected one of {', '.join(SPLITS)}.")
   if k.phase not in (1, 2):
     raise ValueError(f"config.kernel.phase={k.phase!r}; expected 1 (the network) or 2 (phase 2's "
                      "linearized model).")
-  if k.num_examples < 0 or k.num_examples > split_size:
-    raise ValueError(f"config.kernel.num_examples={k.num_examples} must be in [0, {split_size}] "
-                     f"(0: the whole {k.split} split).")
-  num_groups = len(k.classes) or num_classes
-  if k.num_examples % num_groups:
-    raise ValueError(f"config.kernel.num_examples={k.num_examples} must be a multiple of the number "
-                     f"of classes in the subset ({num_groups}): the subset is class-balanced.")
-  if any(not 0 <= c < num_classes for c in k.classes):
-    raise ValueError(f"config.kernel.classes={tuple(k.classes)} must be class indices in "
-                     f"[0, {num_classes}).")
+  check_kernel_subset(config, num_classes, labels)
   for name in ("tile_size", "band", "logit_chunk", "memory_budget_gb"):
     if k[name] < 0:
       raise ValueError(f"config.kernel.{name}={k[name]} must be >= 0 (0: chosen from the memory "
                        "budget).")
   if "/" in k.name or k.name in (".", ".."):
     raise ValueError(f"config.kernel.name={k.name!r} must be a plain directory name.")
+
+
+def check_kernel_subset(config: ml_collections.ConfigDict, num_classes: int,
+                        labels: np.ndarray | None) -> None:
+  """config.kernel.split, num_examples and classes: the class-balanced subset `select_examples` draws
+  from the split's `labels` (None when config.kernel.split names no split) exists. Counts labels
+  already in memory: no sampling, nothing restored."""
+  k = config.kernel
+  if k.split not in SPLITS or labels is None:
+    raise ValueError(f"config.kernel.split={k.split!r}; expected one of {', '.join(SPLITS)}.")
+  split_size = len(labels)
+  if k.num_examples < 0 or k.num_examples > split_size:
+    raise ValueError(f"config.kernel.num_examples={k.num_examples} must be in [0, {split_size}] "
+                     f"(0: the whole {k.split} split).")
+  classes = tuple(int(c) for c in k.classes)
+  if any(not 0 <= c < num_classes for c in classes):
+    raise ValueError(f"config.kernel.classes={classes} must be class indices in [0, {num_classes}).")
+  repeated = sorted({c for c in classes if classes.count(c) > 1})
+  if repeated:  # each listing would draw its own sample: the subset would repeat examples
+    raise ValueError(f"config.kernel.classes={classes} lists class(es) {repeated} more than once; a "
+                     f"class-balanced subset takes each class once.")
+  num_groups = len(classes) or num_classes
+  if k.num_examples % num_groups:
+    raise ValueError(f"config.kernel.num_examples={k.num_examples} must be a multiple of the number "
+                     f"of classes in the subset ({num_groups}): the subset is class-balanced.")
+  if k.num_examples:
+    scarce, count = scarcest_class(labels, classes or range(num_classes))
+    if count < k.num_examples // num_groups:
+      raise ValueError(
+          f"config.kernel.num_examples={k.num_examples} with config.kernel.classes={classes}"
+          f"{f' (all {num_classes})' if not classes else ''} takes {k.num_examples // num_groups} "
+          f"{k.split} examples of each class, but class {scarce} has {count} {k.split} examples: "
+          f"use at most {count * num_groups}, or 0 for every example of the classes.")
 
 
 def plan_settings(k: ml_collections.ConfigDict) -> dict:
@@ -130,7 +154,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   k = config.kernel
   dataset = load_dataset(config.data)
   split = getattr(dataset, k.split) if k.split in SPLITS else None
-  check_kernel_config(config, dataset.num_classes, len(split) if split else 0)
+  check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   indices = select_examples(config, split.labels)
   images, labels = split.images[indices], split.labels[indices]
 
