@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -64,6 +65,15 @@ def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray)
     shards = [jax.device_put(array[rows[index[0]]], device) for device, index in index_map.items()]
     out[key] = jax.make_array_from_single_device_arrays(shape, sharding, shards)
   return out
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag`, on every process: each waits here until process 0 arrives, so this is a
+  barrier that carries one bit (say, whether what process 0 alone did worked). `flag` itself on
+  one process. Every process must call it, in the same order as the other collectives."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

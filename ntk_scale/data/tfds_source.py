@@ -6,8 +6,10 @@ order an exact function of (seed, epoch) and a resumed run bitwise equal to an u
 
 import socket
 
+import jax
 import numpy as np
 
+from ntk_scale import parallel
 from ntk_scale.data.dataset import Dataset, Split
 
 # name -> (train split, test split, number of classes)
@@ -51,9 +53,37 @@ def _downloads_for_real(builder) -> bool:
 
 
 def _prepared_builder(name: str, data_dir: str | None, download: bool):
+  """The dataset's builder, prepared (downloaded if allowed and missing).
+
+  With several processes, process 0 alone prepares a missing dataset while the others wait for it
+  (parallel.agree), then they open it with a fresh builder: hosts sharing data_dir (NFS, a bucket)
+  must not download into it at once. A host whose data_dir still lacks it after the wait (one of
+  its own, e.g. each host's ~/tensorflow_datasets) prepares its own copy, as a single process
+  does; if process 0 failed, every process fails. Every process calls this: jobs load their data
+  on every process.
+  """
   import tensorflow_datasets as tfds
 
-  builder = tfds.builder(name, data_dir=data_dir)
+  if jax.process_count() == 1:
+    return _prepare(tfds.builder(name, data_dir=data_dir), name, data_dir, download)
+  if jax.process_index() == 0:
+    try:
+      builder = _prepare(tfds.builder(name, data_dir=data_dir), name, data_dir, download)
+    except Exception:
+      parallel.agree(False)  # the others are waiting: release them with the news
+      raise
+    parallel.agree(True)
+    return builder
+  if not parallel.agree(False):  # the flag that counts is process 0's
+    raise DatasetUnavailableError(
+        f"Dataset {name!r}: process 0 could not prepare it in {data_dir or '~/tensorflow_datasets'} "
+        f"(its log says why). " + _how_to_provide(name, data_dir))
+  # Built after the wait: a builder made before it would not see what process 0 wrote.
+  return _prepare(tfds.builder(name, data_dir=data_dir), name, data_dir, download)
+
+
+def _prepare(builder, name: str, data_dir: str | None, download: bool):
+  """`builder` once its dataset is on disk: as it is, or after download_and_prepare."""
   if builder.is_prepared():
     return builder
   if download and _downloads_for_real(builder) and not _reachable(_DOWNLOAD_HOST):
