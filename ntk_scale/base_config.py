@@ -168,6 +168,23 @@ def base_config() -> ml_collections.ConfigDict:
   # ring bandwidth (ntk_scale/ntk/plan.py, engine.fit_plan).
   c.kernel.rotate = ml_collections.FieldReference(None, field_type=bool)
 
+  # The `spectrum` job (config.job="spectrum"; ntk_scale/ntk/spectrum_job.py): the top eigenpairs of
+  # config.kernel's kernel (computed first if needed), to <workdir>/kernels/<name>/spectrum/.
+  c.spectrum = ml_collections.ConfigDict()
+  c.spectrum.num_eigenpairs = 100  # the largest k eigenvalues and their unit eigenvectors
+  # auto | dense (every pair, one eigendecomposition) | sharded (LOBPCG, the kernel's rows split
+  # over the devices) | streamed (LOBPCG on the host, the kernel read from disk at each product).
+  c.spectrum.method = "auto"
+  c.spectrum.dtype = "float32"  # float32 | float64 (for tails far below the top eigenvalue)
+  c.spectrum.tol = 0.0  # largest ||K v - lambda v|| / lambda_max; 0: 1e-5 in float32, 1e-10 in float64
+  c.spectrum.oversample = 10  # extra vectors in LOBPCG's block: they speed up the k-th pair
+  c.spectrum.round_iters = 20  # LOBPCG iterations between saved rounds (where a killed job resumes)
+  c.spectrum.max_iters = 400
+  c.spectrum.seed = 0  # of the starting block
+  c.spectrum.precision = "highest"  # matmul precision: highest | high | default
+  c.spectrum.memory_budget_gb = 0.0  # per device; 0: as config.kernel.memory_budget_gb's default
+  c.spectrum.max_block_mb = 0.0  # streamed: host memory per panel read; 0: 256 MB
+
   # The `evolution` job (config.job="evolution"): the kernel of one subset at several checkpoints
   # and how it moves between them, to <workdir>/kernel_evolution/<name>/ (ntk_scale/ntk/evolution.py).
   # The subset and kernel settings are config.kernel's (split, num_examples, classes, subset_seed,

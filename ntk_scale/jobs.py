@@ -11,6 +11,7 @@ from ntk_scale.ntk.eigen_features_job import eigen_features_job
 from ntk_scale.ntk.eigen_images_job import eigen_images_job
 from ntk_scale.ntk.evolution import evolution_job
 from ntk_scale.ntk.job import kernel_job
+from ntk_scale.ntk.spectrum_job import spectrum_job
 from ntk_scale.report import report_job
 from ntk_scale.train.loop import train_job
 from ntk_scale.train.phase2 import apply_loaders, phase2_and_evaluate
@@ -24,6 +25,7 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     "phase2": phase2_and_evaluate,  # phase 2 alone, from the workdir's phase-1 checkpoints
     "evaluate": evaluate_checkpoint,  # one checkpoint: clean, robust and transfer accuracy
     "kernel": kernel_job,  # the empirical NTK of one checkpoint on a subset, to <workdir>/kernels/
+    "spectrum": spectrum_job,  # top eigenpairs of config.kernel's kernel, to kernels/<name>/spectrum/
     "evolution": evolution_job,  # kernels of several checkpoints, how they move, to kernel_evolution/
     "eigen_features": eigen_features_job,  # usefulness and robustness of each eigen-feature of a kernel
     "eigen_images": eigen_images_job,  # images of a class kernel's top eigenvectors, to eigen_images/

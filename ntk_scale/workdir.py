@@ -22,7 +22,7 @@ PHASE2_DIR = "phase2"
 # train.mode (recorded) before the check.
 RUNTIME_FIELDS = ("job", "log_every_steps", "eval_batch_size", "data.data_dir", "data.download",
                   "save_adversarial", "eval_attacks.", "evaluate.", "phase2.", "loaders", "kernel.",
-                  "evolution.", "eigen_features.", "eigen_images.",
+                  "spectrum.", "evolution.", "eigen_features.", "eigen_images.",
                   "train.co_monitor.")
 # The phase2 job reads phase-1 checkpoints and trains no phase 1: its length and saves don't matter.
 PHASE2_JOB_FREE_FIELDS = ("num_epochs", "checkpoint.")

@@ -178,18 +178,26 @@ def top_eigenpairs(kernel: np.ndarray | scipy.sparse.linalg.LinearOperator, k: i
     warnings.simplefilter("ignore", UserWarning)  # scipy's "not reaching the requested tolerance"
     values, vectors = scipy.sparse.linalg.lobpcg(operator, start, tol=tol * scale / 10,
                                                  maxiter=max_iters, largest=True)
-  # Rayleigh-Ritz once more on the k kept vectors: orthonormal to round-off, residuals measured.
-  vectors, _ = np.linalg.qr(vectors[:, np.argsort(values)[::-1][:k]])
-  products = operator.matmat(vectors)
+  pairs = rayleigh_ritz(operator.matmat, vectors[:, np.argsort(values)[::-1][:k]])
+  values, vectors, residuals = pairs.values, pairs.vectors, pairs.residuals
+  if np.any(residuals > tol):
+    warnings.warn(f"top_eigenpairs: {int(np.sum(residuals > tol))} of {k} eigenpairs did not reach "
+                  f"tol={tol:g} in {max_iters} iterations (largest residual {residuals.max():.2e}); "
+                  f"raise max_iters or oversample.")
+  return Eigenpairs(values, vectors, residuals)
+
+
+def rayleigh_ritz(matmat, vectors: np.ndarray) -> Eigenpairs:
+  """Ritz pairs of a symmetric operator (`matmat(V)` = K V) on the span of `vectors` [M, k],
+  largest first, orthonormal to round-off, with residuals ||K v - lambda v|| / lambda_max: what an
+  iterative solve returns and how far each pair is from exact."""
+  vectors, _ = np.linalg.qr(vectors)
+  products = matmat(vectors)
   projected = vectors.T @ products
   ritz_values, ritz_vectors = np.linalg.eigh((projected + projected.T) / 2)
   values, vectors = ritz_values[::-1], vectors @ ritz_vectors[:, ::-1]
   products = products @ ritz_vectors[:, ::-1]
   residuals = np.linalg.norm(products - vectors * values, axis=0) / max(abs(values[0]), 1e-300)
-  if np.any(residuals > tol):
-    warnings.warn(f"top_eigenpairs: {int(np.sum(residuals > tol))} of {k} eigenpairs did not reach "
-                  f"tol={tol:g} in {max_iters} iterations (largest residual {residuals.max():.2e}); "
-                  f"raise max_iters or oversample.")
   return Eigenpairs(values, vectors, residuals)
 
 

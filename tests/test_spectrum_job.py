@@ -1,0 +1,209 @@
+"""The `spectrum` job and its LOBPCG rounds: top eigenpairs of a stored kernel against numpy's dense
+float64 solver, on the devices (rows split over 4 emulated devices, with padding) and streamed from
+disk; 4 devices equal 1; a solve killed after a round resumes to the uninterrupted result bit for
+bit; a finished spectrum is read back, not recomputed; bad settings are refused before compute."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+from jax.sharding import Mesh
+
+from ntk_scale import jobs, parallel
+from ntk_scale.ntk import spectrum_job
+from ntk_scale.ntk.spectrum import as_matrix
+from ntk_scale.ntk.spectrum_job import load_spectrum
+from ntk_scale.ntk.spectrum_rounds import ShardedKernel, StreamedKernel, start_block
+from ntk_scale.ntk.store import KernelStore
+
+from test_kernel_job import kernel_config
+from test_spectrum import full_kernel, random_psd
+
+
+def stored(tmp_path, kernel):
+  """`kernel` written to a KernelStore, as the kernel job leaves it."""
+  n = kernel.shape[0]
+  meta = {"shape": list(kernel.shape), "tile": 16, "dtype": str(kernel.dtype), "complete": True}
+  store = KernelStore.create_or_resume(str(tmp_path), meta, ("shape",), np.arange(n), np.zeros(n, int))
+  store._array.write(kernel).result()  # pylint: disable=protected-access
+  return KernelStore.open(str(tmp_path))
+
+
+def solve(engine, k, rounds):
+  block = start_block(engine.size, k + 4, 0, np.dtype(np.float64))
+  for _ in range(rounds):
+    block, _ = engine.advance(block)
+  return engine.ritz(block)
+
+
+def assert_top_pairs(pairs, matrix, k, rtol, max_angle):
+  values, vectors = np.linalg.eigh(matrix.astype(np.float64))
+  values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+  np.testing.assert_allclose(pairs.values, values, rtol=rtol)
+  assert np.max(scipy.linalg.subspace_angles(pairs.vectors.astype(np.float64), vectors)) < max_angle
+  assert pairs.residuals.max() < 10 * rtol
+
+
+@pytest.mark.parametrize("logits", ["one", "full"])
+def test_sharded_rounds_match_numpy_and_one_device(tmp_path, logits):
+  """61 examples (padded to 64 on 4 devices), or 23 examples x 3 logits (24 x 3 rows)."""
+  kernel = random_psd(61) if logits == "one" else full_kernel(23, 3)[0]
+  store = stored(tmp_path, kernel)
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  results = []
+  with jax.enable_x64(True):
+    for mesh in (parallel.make_mesh(), one):
+      engine = ShardedKernel(store.shape, mesh, 10, 6, "float64", 10, "highest", 1e-12)
+      assert engine.padded_size == (64 if logits == "one" and mesh.size == 4 else
+                                    61 if logits == "one" else 72 if mesh.size == 4 else 69)
+      engine.load(store)
+      assert engine.trace() == pytest.approx(np.trace(as_matrix(kernel)), rel=1e-12)
+      results.append(solve(engine, 6, 3))
+  assert_top_pairs(results[0], as_matrix(kernel), 6, rtol=1e-10, max_angle=1e-7)
+  np.testing.assert_allclose(results[0].values, results[1].values, rtol=1e-12)
+  assert np.max(scipy.linalg.subspace_angles(results[0].vectors, results[1].vectors)) < 1e-7
+
+
+def test_sharded_float32_and_streamed_rounds(tmp_path):
+  kernel = random_psd(80)
+  store = stored(tmp_path, kernel.astype(np.float32))
+  engine = ShardedKernel(store.shape, parallel.make_mesh(), 10, 6, "float32", 20, "highest", 1e-6)
+  engine.load(store)
+  pairs = solve(engine, 6, 2)
+  assert pairs.values.dtype == np.float32
+  assert_top_pairs(pairs, kernel, 6, rtol=1e-5, max_angle=1e-2)
+  streamed = StreamedKernel(store, 6, "float64", 20, 1e-12, max_block_bytes=20 * 80 * 8)
+  assert streamed.operator.rows_per_read == 16  # five panels per product
+  assert_top_pairs(solve(streamed, 6, 3), kernel.astype(np.float32), 6, rtol=1e-10, max_angle=1e-7)
+
+
+# ----------------------------------------------------------------------------------------- the job
+def spectrum_config(**spectrum):
+  c = kernel_config(num_examples=60, logits="trace")
+  c.job = "spectrum"
+  c.spectrum.num_eigenpairs = 5
+  c.spectrum.oversample = 3
+  for key, value in spectrum.items():
+    setattr(c.spectrum, key, value)
+  return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("spectrum"))
+  c = spectrum_config()
+  c.job = "train"
+  c.phase2.num_epochs = 0
+  jobs.run(c, path)
+  return path
+
+
+def kernel_matrix(result):
+  return as_matrix(KernelStore.open(os.path.dirname(result["spectrum"])).read()).astype(np.float64)
+
+
+@pytest.mark.parametrize("method", ["sharded", "streamed", "dense"])
+def test_job_writes_the_top_eigenpairs(workdir, method, capsys):
+  dtype = "float32" if method == "sharded" else "float64"
+  result = jobs.run(spectrum_config(method=method, dtype=dtype, num_eigenpairs=5 if method != "dense"
+                                    else 20), workdir)
+  out = capsys.readouterr().out
+  assert f"spectrum plan: {method}" in out and result["method"] == method and result["converged"]
+  pairs, record = load_spectrum(result["spectrum"])
+  matrix = kernel_matrix(result)
+  k = record["num_eigenpairs"]
+  assert pairs.vectors.shape == (60, k)
+  assert_top_pairs(type(pairs)(pairs.values[:k], pairs.vectors, pairs.residuals), matrix, k,
+                   rtol=1e-5 if dtype == "float32" else 1e-9, max_angle=1e-2 if dtype == "float32" else 1e-6)
+  if method == "dense":  # every eigenvalue
+    np.testing.assert_allclose(pairs.values, np.linalg.eigvalsh(matrix)[::-1], rtol=1e-9,
+                               atol=1e-9 * pairs.values[0])
+  assert record["trace"] == pytest.approx(np.trace(matrix), rel=1e-5)
+  assert not [name for name in os.listdir(result["spectrum"]) if name.startswith("iterate")]
+
+
+def test_killed_solve_resumes_to_the_uninterrupted_result(workdir, monkeypatch, capsys):
+  # float64 to 1e-13 in rounds of 2 iterations: several rounds, each saved.
+  config = spectrum_config(method="sharded", dtype="float64", tol=1e-13, round_iters=2,
+                           num_eigenpairs=6, oversample=2)
+  config.kernel.name = "resume"
+  uninterrupted = jobs.run(config, workdir)
+  assert uninterrupted["rounds"] >= 3, uninterrupted
+  expected, _ = load_spectrum(uninterrupted["spectrum"])
+  for name in os.listdir(uninterrupted["spectrum"]):
+    os.remove(os.path.join(uninterrupted["spectrum"], name))
+
+  saves = []
+  real_save = spectrum_job._save_state  # pylint: disable=protected-access
+
+  def save_then_die(directory, state):
+    real_save(directory, state)
+    saves.append(state["rounds"])
+    if len(saves) == 2:
+      raise KeyboardInterrupt("killed after round 2")
+
+  monkeypatch.setattr(spectrum_job, "_save_state", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    jobs.run(config, workdir)
+  monkeypatch.setattr(spectrum_job, "_save_state", real_save)
+  capsys.readouterr()
+  resumed = jobs.run(config, workdir)
+  assert "resuming the spectrum at round 2" in capsys.readouterr().out
+  assert resumed["rounds"] == uninterrupted["rounds"]
+  assert resumed["residuals_by_round"] == uninterrupted["residuals_by_round"]
+  got, _ = load_spectrum(resumed["spectrum"])
+  for name in ("values", "vectors", "residuals"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+
+
+def test_finished_spectrum_is_read_back_and_new_settings_recompute(workdir, monkeypatch, capsys):
+  config = spectrum_config(method="sharded")
+  config.kernel.name = "reread"
+  first = jobs.run(config, workdir)
+  capsys.readouterr()
+
+  def no_solve(*args, **kwargs):
+    raise AssertionError("a finished spectrum was solved again")
+
+  monkeypatch.setattr(spectrum_job, "_solve", no_solve)
+  again = jobs.run(config, workdir)
+  assert "already computed" in capsys.readouterr().out
+  assert again["top_eigenvalue"] == first["top_eigenvalue"]
+  monkeypatch.undo()
+  config.spectrum.num_eigenpairs = 7
+  result = jobs.run(config, workdir)
+  with open(os.path.join(result["spectrum"], "spectrum.json")) as f:
+    assert json.load(f)["num_eigenpairs"] == 7
+  assert load_spectrum(result["spectrum"])[0].vectors.shape == (60, 7)
+
+
+def test_a_plan_over_the_budget_streams_or_is_refused(workdir, capsys):
+  tiny = 1e-6  # GiB: not even the block fits
+  refused, auto = spectrum_config(method="sharded", memory_budget_gb=tiny), spectrum_config(memory_budget_gb=tiny)
+  refused.kernel.name = auto.kernel.name = "budget"
+  with pytest.raises(ValueError, match="config.spectrum.memory_budget_gb"):
+    jobs.run(refused, workdir)
+  result = jobs.run(auto, workdir)
+  assert result["method"] == "streamed" and "spectrum plan: streamed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_eigenpairs", 0, "config.spectrum.num_eigenpairs=0 must be an integer >= 1"),
+    ("num_eigenpairs", 61, "config.spectrum.num_eigenpairs=61 is more than the kernel's 60 rows"),
+    ("method", "arpack", "config.spectrum.method='arpack'"),
+    ("dtype", "bfloat16", "config.spectrum.dtype='bfloat16'"),
+    ("tol", -1.0, "config.spectrum.tol=-1.0 must be in"),
+    ("precision", "fast", "config.spectrum.precision='fast'"),
+])
+def test_bad_settings_are_refused_before_any_compute(tmp_path, monkeypatch, field, value, message):
+  monkeypatch.setattr(spectrum_job, "kernel_job", lambda *a: pytest.fail("the kernel job ran"))
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    jobs.run(spectrum_config(**{field: value}), str(tmp_path))
+
+
+def test_lobpcg_needs_a_narrow_block(workdir):
+  with pytest.raises(ValueError, match="under a fifth of the 60 rows"):
+    jobs.run(spectrum_config(method="sharded", num_eigenpairs=12), workdir)
