@@ -379,36 +379,44 @@ def kernel_row(name: str, meta: dict, tiles_done: int) -> list[Any]:
 
 
 def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
-  """The kernels' metadata, and the spectrum of each complete one that fits a dense eigh."""
+  """The kernels' metadata, and the spectrum of each complete one: the spectrum job's where it ran
+  (its top k), else a dense eigh's where the kernel is small enough."""
   from ntk_scale.ntk.spectrum import eigenvalues  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.store import META_FILE, TILES_DIR, KernelStore  # pylint: disable=import-outside-toplevel
+  from ntk_scale.ntk.spectrum_job import RESULT_FILE, SPECTRUM_DIR, load_spectrum  # pylint: disable=import-outside-toplevel
 
   root = os.path.join(workdir, "kernels")
   kernels = {name: files.read_json(os.path.join(root, name, META_FILE)) for name in _subdirectories(root)
              if files.exists(os.path.join(root, name, META_FILE))}
   order = lambda name: (kernels[name].get("source", {}).get("phase", 0),
                         kernels[name].get("source", {}).get("epoch", 0), name)
-  rows, spectra, too_big = [], {}, []
+  rows, spectra, traces, too_big = [], {}, {}, []
   for name in sorted(kernels, key=order):
     directory, meta = os.path.join(root, name), kernels[name]
     tiles = os.path.join(directory, TILES_DIR)
     done = len(files.list_dir(tiles))
     rows.append(kernel_row(name, meta, done))
     size = int(np.prod(meta.get("shape", [0])[::2]))  # N, or N*C for a full kernel
-    if meta.get("complete") and size > MAX_SPECTRUM_SIZE:
+    solved = os.path.join(directory, SPECTRUM_DIR)
+    if meta.get("complete") and files.exists(os.path.join(solved, RESULT_FILE)):
+      pairs, record = load_spectrum(solved)  # the spectrum job's: a dense one holds every eigenvalue
+      spectra[name], traces[name] = pairs.values, record["trace"]
+    elif meta.get("complete") and size > MAX_SPECTRUM_SIZE:
       too_big.append(name)
     elif meta.get("complete") and size > 0:
       spectra[name] = eigenvalues(KernelStore.open(directory).read())
+      traces[name] = spectra[name].sum()
   if not rows:
     return []
   header = ["kernel", "shape", "logits", "data", "split", "phase", "epoch", "dtype", "method", "tile",
-            "tiles done", "complete", "seconds", "top eigenvalue", "trace"]
-  rows = [r + ([spectra[r[0]][0], spectra[r[0]].sum()] if r[0] in spectra else [None, None]) for r in rows]
+            "tiles done", "complete", "seconds", "top eigenvalue", "trace", "eigenvalues drawn"]
+  rows = [r + ([spectra[r[0]][0], traces[r[0]], len(spectra[r[0]])] if r[0] in spectra else [None] * 3)
+          for r in rows]
   parts = [table(header, rows)]
   if too_big:
     parts.append(paragraph(f"No spectrum drawn for kernels larger than {MAX_SPECTRUM_SIZE} rows (N, or "
-                           f"N*C for full kernels): {', '.join(too_big)}; their top eigenpairs: "
-                           f"ntk_scale.ntk.spectrum.store_top_eigenpairs.", "note"))
+                           f"N*C for full kernels) without a spectrum job's result: {', '.join(too_big)}; "
+                           f"their top eigenpairs: --config.job=spectrum.", "note"))
   if spectra:
     parts.append(page.save_figure(plot_spectra(spectra), "kernels/spectra.png", "kernel spectra"))
   return parts
@@ -422,7 +430,7 @@ def plot_spectra(spectra: dict[str, np.ndarray]):
   for color, (name, values) in zip(colors, spectra.items()):
     positive = values[values > 0]
     ax.loglog(np.arange(1, len(positive) + 1), positive, color=color, label=name)
-  ax.set(xlabel="index", ylabel="eigenvalue", title="kernel spectra (dense eigendecomposition)")
+  ax.set(xlabel="index", ylabel="eigenvalue", title="kernel spectra")
   ax.legend(fontsize="xx-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
   return fig
 

@@ -17,8 +17,10 @@ from PIL import Image
 from ntk_scale import jobs
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.evaluate import write_evaluation
+from ntk_scale.ntk import spectrum_job
 from ntk_scale.ntk.evolution import evolution_metrics, write_table
 from ntk_scale.ntk.evolution_plots import plot_evolution
+from ntk_scale.ntk.spectrum import Eigenpairs
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.report import fmt
 from ntk_scale.train.collapse import CO_FILE, CollapseDetector
@@ -275,3 +277,19 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   assert write_report(str(tmp_path)) == os.path.join(str(tmp_path), "report", "index.html")
   assert not os.path.exists(os.path.join(str(tmp_path), "report"))
+
+
+def test_a_kernel_with_a_spectrum_job_result_shows_its_top_eigenpairs(tmp_path):
+  """The spectrum job's top k (not a dense eigh of the kernel): its top eigenvalue and trace."""
+  workdir = str(tmp_path)
+  jobs.prepare_workdir(report_config(), workdir)
+  store = write_store(os.path.join(workdir, "kernels", "big"), random_kernel(3), tile=24)
+  values = np.array([7.5, 2.25, 0.625])
+  record = {"trace": 11.0, "num_eigenpairs": 3}
+  spectrum_job._write_result(os.path.join(store.directory, spectrum_job.SPECTRUM_DIR),  # pylint: disable=protected-access
+                             Eigenpairs(values, np.eye(24)[:, :3], np.zeros(3)), record)
+  page = check_page(jobs.run(report_config(), workdir)["report"])
+  text = " ".join(page.text)
+  assert fmt(7.5) in text and fmt(11.0) in text
+  assert fmt(float(np.linalg.eigvalsh(random_kernel(3))[-1])) not in text
+  assert "kernels/spectra.png" in page.images

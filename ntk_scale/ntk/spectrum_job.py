@@ -41,7 +41,8 @@ from ntk_scale.ntk.job import kernel_job
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh
-from ntk_scale.ntk.spectrum_rounds import ShardedKernel, StreamedKernel, matrix_layout, start_block
+from ntk_scale.ntk.spectrum_rounds import (STALL_ROUNDS, ShardedKernel, StreamedKernel, first_state,
+                                           matrix_layout, run_rounds, start_block)
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
@@ -50,7 +51,6 @@ RESULT_FILE, STATE_FILE = "spectrum.json", "iterate.json"
 ARRAYS = ("values", "vectors", "residuals")
 METHODS = ("auto", "dense", "sharded", "streamed")
 DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-10}
-STALL_GAIN, STALL_ROUNDS = 0.9, 2  # a round must bring the best residual below 0.9x; 2 may not
 
 
 def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | None = None) -> None:
@@ -136,6 +136,7 @@ def _describe(method: str, engine: Any, store: KernelStore, width: int, s) -> st
 
 def _write_result(directory: str, pairs: Eigenpairs, record: dict) -> None:
   """The arrays, then spectrum.json (removed first, written last: it marks the result whole)."""
+  files.make_dirs(directory)
   if files.exists(os.path.join(directory, RESULT_FILE)):
     files.remove(os.path.join(directory, RESULT_FILE))
   for name in ARRAYS:
@@ -181,38 +182,23 @@ def _save_state(directory: str, state: dict) -> None:
 
 
 def _solve(engine: Any, directory: str, s, settings: dict, width: int) -> tuple[Eigenpairs, dict]:
-  """LOBPCG rounds from the saved round (or a seeded start) until converged, stalled or out of
-  iterations; returns the last round's pairs and the solve's state."""
+  """LOBPCG rounds from the saved round (or a seeded start), each saved as it ends."""
   state = _load_state(directory, settings)
   if state is None:
-    state = {"settings": settings, "rounds": 0, "iterations": 0, "best": None, "stalled": 0,
-             "residuals": [], "block": start_block(engine.size, width, s.seed, np.dtype(s.dtype))}
+    state = first_state(start_block(engine.size, width, s.seed, np.dtype(s.dtype)))
+    state["settings"] = settings
   elif jax.process_index() == 0:
     print(f"resuming the spectrum at round {state['rounds']} ({state['iterations']} iterations, "
           f"largest residual {state['residuals'][-1]:.2e})", flush=True)
-  tol = settings["tol"]
-  pairs = engine.ritz(state["block"]) if state["rounds"] else None
-  while pairs is None or _running(state, pairs, tol, s.max_iters):
-    started = time.time()
-    block, iterations = engine.advance(state["block"])
-    pairs = engine.ritz(block)
-    residual = float(pairs.residuals.max())
-    improved = state["best"] is None or residual < STALL_GAIN * state["best"]
-    state.update(block=block, rounds=state["rounds"] + 1, iterations=state["iterations"] + iterations,
-                 best=residual if state["best"] is None else min(residual, state["best"]),
-                 stalled=0 if improved else state["stalled"] + 1,
-                 residuals=state["residuals"] + [residual])
+
+  def after_round(state: dict, pairs: Eigenpairs, seconds: float) -> None:
     _save_state(directory, state)
     if jax.process_index() == 0:
       print(f"spectrum round {state['rounds']}: {state['iterations']} iterations, largest residual "
-            f"{residual:.2e} (tol {tol:g}), top eigenvalue {pairs.values[0]:.6g}, "
-            f"{time.time() - started:.1f} s", flush=True)
-  return pairs, state
+            f"{state['residuals'][-1]:.2e} (tol {settings['tol']:g}), top eigenvalue "
+            f"{pairs.values[0]:.6g}, {seconds:.1f} s", flush=True)
 
-
-def _running(state: dict, pairs: Eigenpairs, tol: float, max_iters: int) -> bool:
-  return (pairs.residuals.max() > tol and state["iterations"] < max_iters
-          and state["stalled"] < STALL_ROUNDS)
+  return run_rounds(engine, state, settings["tol"], s.max_iters, after_round)
 
 
 def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -253,7 +239,7 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       vectors, values = full.vectors[:, :s.num_eigenpairs], full.values[:s.num_eigenpairs]
       residuals = np.linalg.norm(matrix @ vectors - vectors * values, axis=0) / abs(values[0])
       pairs = Eigenpairs(full.values, vectors, residuals)
-      state = {"rounds": 0, "iterations": 0, "stalled": 0, "residuals": []}
+      state = first_state(None)
       trace = float(full.values.sum())
     else:
       if method == "sharded":

@@ -15,7 +15,9 @@ the examples are padded with zero rows and columns to a multiple of the device c
 only adds zero eigenvalues and the blocks are kept zero there, so no pair changes.
 """
 
+import time
 import warnings
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ from ntk_scale import parallel
 from ntk_scale.cost_analysis import memory_per_device
 from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, as_matrix_rows, rayleigh_ritz
 from ntk_scale.ntk.store import KernelStore
+
+STALL_GAIN, STALL_ROUNDS = 0.9, 2  # a round must bring the best residual below 0.9x; 2 in a row may not
 
 
 def matrix_layout(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -152,3 +156,41 @@ class StreamedKernel:
 
   def ritz(self, block: np.ndarray) -> Eigenpairs:
     return rayleigh_ritz(self.operator.matmat, block[:, :self.k])
+
+
+class Engine(Protocol):
+  size: int
+
+  def advance(self, block: np.ndarray) -> tuple[np.ndarray, int]: ...
+
+  def ritz(self, block: np.ndarray) -> Eigenpairs: ...
+
+
+def first_state(block: np.ndarray | None) -> dict:
+  """A solve before its first round, from `block`."""
+  return {"rounds": 0, "iterations": 0, "best": None, "stalled": 0, "residuals": [], "block": block}
+
+
+def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
+               after_round: Callable[[dict, Eigenpairs, float], None] | None = None
+               ) -> tuple[Eigenpairs, dict]:
+  """Rounds from `state` until every residual of the top k is below `tol` (relative to lambda_max),
+  `max_iters` iterations have run, or STALL_ROUNDS rounds in a row bring no STALL_GAIN on the best
+  residual (round-off). `after_round(state, pairs, seconds)` sees each round's state (to save it).
+  Returns the last round's pairs and the final state."""
+  pairs = engine.ritz(state["block"]) if state["rounds"] else None
+  while pairs is None or (pairs.residuals.max() > tol and state["iterations"] < max_iters
+                          and state["stalled"] < STALL_ROUNDS):
+    started = time.time()
+    block, iterations = engine.advance(state["block"])
+    pairs = engine.ritz(block)
+    residual = float(pairs.residuals.max())
+    improved = state["best"] is None or residual < STALL_GAIN * state["best"]
+    state = {**state, "block": block, "rounds": state["rounds"] + 1,
+             "iterations": state["iterations"] + iterations,
+             "best": residual if state["best"] is None else min(residual, state["best"]),
+             "stalled": 0 if improved else state["stalled"] + 1,
+             "residuals": state["residuals"] + [residual]}
+    if after_round is not None:
+      after_round(state, pairs, time.time() - started)
+  return pairs, state
