@@ -17,15 +17,20 @@ import orbax.checkpoint as ocp
 from ntk_scale import files
 
 
+INITIAL_EPOCH = 0.0  # the epoch of phase 1's checkpoint of its initialisation (step 0)
+
+
 class CheckpointNotFoundError(FileNotFoundError):
   """The requested checkpoint does not exist in the workdir."""
 
 
 def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
-                  fractional_epochs: Iterable[float]) -> dict[int, float]:
-  """Step -> epoch of every checkpoint: each `every_epochs`, each of `fractional_epochs`, and the end.
+                  fractional_epochs: Iterable[float], initial: bool = False) -> dict[int, float]:
+  """Step -> epoch of every checkpoint: each `every_epochs`, each of `fractional_epochs`, and the end;
+  with `initial`, also step 0 as epoch 0, the state before any update (phase 1's initialisation).
 
-  An epoch's step is round(epoch * steps_per_epoch); epochs beyond the run are dropped. Where
+  An epoch's step is round(epoch * steps_per_epoch); epochs beyond the run are dropped, and a
+  fraction that rounds to step 0 is dropped too (step 0 is only ever the initialisation). Where
   several epochs land on one step, the checkpoint is recorded under the `every_epochs` multiple or
   the end if one lands there (jobs ask for those by epoch), else under the fraction nearest to the
   step (a tie: the smaller), so a checkpoint's epoch is always the best name for its step.
@@ -41,7 +46,27 @@ def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
     step = step_of(epoch)
     if 0 < step <= total_steps and step not in schedule:
       schedule[step] = float(epoch)
+  if initial:
+    schedule[0] = INITIAL_EPOCH
   return dict(sorted(schedule.items()))
+
+
+def missing_initial_note(phase: int, from_epoch: float | None = None) -> str:
+  """Why a phase's checkpoints have no epoch 0, for an error that asked for it: phase 1 saves its
+  initialisation, so a phase-1 run without one predates that; phase 2 never saves its initial state,
+  which is theta0 (phase 1's checkpoint at config.phase2.from_epoch, `from_epoch`)."""
+  if phase == 1:
+    return ("this run predates initial checkpoints: phase 1 now saves its initialisation as epoch 0 "
+            "(step 0) before the first update, runs trained before that have none; train phase 1 "
+            "again in a new workdir to have one")
+  at = "config.phase2.from_epoch" + ("" if from_epoch is None else f"={from_epoch:g}")
+  return (f"phase 2 saves no initial checkpoint: it starts from theta0, phase 1's checkpoint at {at}, "
+          f"whose kernel is the linearized model's at phase-2 epoch 0 (ask for phase 1 at that epoch)")
+
+
+def is_initial(epoch: float) -> bool:
+  """Whether `epoch` names the initialisation, epoch 0 (to the 1e-9 that epochs are matched to)."""
+  return math.isclose(epoch, INITIAL_EPOCH, abs_tol=1e-9)
 
 
 class Checkpoints:
@@ -103,16 +128,18 @@ class Checkpoints:
     reader.close()
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 
-  def step_for_epoch(self, epoch: float, field: str | None = None) -> int:
-    """The step of the checkpoint saved at `epoch` (e.g. 0.125 or 20); raises CheckpointNotFoundError
-    naming `field` (the config field that asked for it) and listing the epochs that exist."""
+  def step_for_epoch(self, epoch: float, field: str | None = None, initial_note: str = "") -> int:
+    """The step of the checkpoint saved at `epoch` (e.g. 0, 0.125 or 20); raises CheckpointNotFoundError
+    naming `field` (the config field that asked for it) and listing the epochs that exist, with
+    `initial_note` (`missing_initial_note`) when epoch 0 is asked of checkpoints that lack it."""
     epochs = self.epochs()
     for saved_epoch, step in epochs.items():
       if math.isclose(saved_epoch, epoch, rel_tol=1e-9, abs_tol=1e-9):
         return step
     asked = f"{field}={epoch:g}" if field else f"epoch {epoch:g}"
+    why = f" ({initial_note})" if initial_note and epochs and is_initial(epoch) else ""
     raise CheckpointNotFoundError(
-        f"no checkpoint for {asked} in {self.directory}; available epochs: "
+        f"no checkpoint for {asked} in {self.directory}{why}; available epochs: "
         f"{sorted(epochs) or 'none (has this workdir been trained?)'}.")
 
   def restore_epoch(self, epoch: float, target: Any) -> Any:

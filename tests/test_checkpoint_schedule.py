@@ -53,7 +53,17 @@ def test_every_saved_step_is_named_by_an_epoch_that_lands_on_it(steps_per_epoch,
       assert schedule[step_of(every_epochs * k)] == every_epochs * k
 
 
+@pytest.mark.parametrize("steps_per_epoch,num_epochs", [(22, 3.0), (4, 2.0), (2, 1.0), (390, 200.0)])
+def test_phase1_schedule_adds_the_initialisation_as_epoch_0(steps_per_epoch, num_epochs):
+  """Phase 1 (initial=True) also saves step 0 as epoch 0; nothing else changes, and a fraction that
+  rounds to step 0 (0.125 of 4 steps) does not rename it."""
+  without = save_schedule(steps_per_epoch, num_epochs, 1.0, LOO_FRACTIONS)
+  assert 0 not in without
+  assert save_schedule(steps_per_epoch, num_epochs, 1.0, LOO_FRACTIONS, initial=True) == {0: 0.0, **without}
+
+
 def test_phase2_schedule_saves_each_epoch_and_the_end():
+  """Without initial=True: phase 2 starts from theta0, which phase 1's checkpoint holds."""
   assert save_schedule(22, 2.0, 1.0, ()) == {22: 1.0, 44: 2.0}
   assert save_schedule(22, 1.0, 0.5, ()) == {11: 0.5, 22: 1.0}
   assert save_schedule(10, 2.25, 1.0, ()) == {10: 1.0, 20: 2.0, 22: 2.25}  # 22.5 -> 22
