@@ -30,7 +30,8 @@ fields (`--config.phase2.linearization=linear|centered|centered_nonlinear`, `bat
 
 Settings from Loo et al.: ResNet-18 with a 3x3 stride-1 stem and no max-pool, inputs in [0, 1]
 without normalisation, SGD with learning rate 0.1 and momentum 0.9, batch 128, learning rate x0.1
-after epochs 100 and 150 (200 epochs), checkpoints every epoch and at epochs 0.125 ... 2.5.
+after epochs 100 and 150 (200 epochs), checkpoints of the initialisation (epoch 0), every epoch and
+at epochs 0.125 ... 2.5.
 Random crop (pad 4) and horizontal flip, and weight decay 5e-4, are the standard CIFAR recipe; the
 issue that specified this config does not name Loo et al.'s values for them.
 

@@ -40,7 +40,8 @@ runs it on both workdirs; about 10 s each on 2 CPU cores, one 500 x 500 tile):
     python main.py --config configs/digits.py --config.job=kernel --workdir workdirs/digits
 
 `--config.kernel.logits=trace` (sum over the 10 logits, ~10x the cost), `=full` ([500, 500, 10, 10]),
-`--config.kernel.phase=2` for a phase-2 model, `--config.kernel.epoch=0.5` for an earlier checkpoint.
+`--config.kernel.phase=2` for a phase-2 model, `--config.kernel.epoch=0.5` for an earlier checkpoint
+(`=0`: the initialisation).
 
 Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`) for a narrower CNN trained for 3 epochs in
 seconds, for smoke tests.

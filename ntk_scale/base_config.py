@@ -140,6 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   # "AC". When set it overrides config.train.mode and config.phase2.mode.
   c.loaders = ""
 
+  # Phase 1 also saves its initialisation, before the first update, as epoch 0 (step 0), always.
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_epochs = 1.0
   # Loo et al. also saved these early fractional epochs, where the kernel moves fastest.
@@ -150,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernel = ml_collections.ConfigDict()
   c.kernel.name = ""  # "": phase1_epoch<epoch>_<split><N>_<logits> (phase2_<phase2 name>_epoch...)
   c.kernel.phase = 1  # 1: the network's checkpoint | 2: phase 2's linearized model
-  c.kernel.epoch = ml_collections.FieldReference(None, field_type=float)  # None: the newest
+  c.kernel.epoch = ml_collections.FieldReference(None, field_type=float)  # None: newest; 0: initialisation
   c.kernel.split = "train"  # train | test
   c.kernel.num_examples = 500  # class-balanced (Loo et al.: 500); 0: every example of the split
   c.kernel.classes = ()  # only these classes (e.g. (0,) for a per-class kernel); (): all
@@ -192,7 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evolution = ml_collections.ConfigDict()
   c.evolution.name = ""  # "": phase1_<split><N>_<logits> (phase2_<phase2 name>_...)
   c.evolution.phase = 1  # 1: the network's checkpoints | 2: phase 2's (config.phase2.name)
-  c.evolution.epochs = ()  # epochs of that phase, fractional ones included; (): every saved one
+  c.evolution.epochs = ()  # epochs of that phase, fractional ones and 0 included; (): every saved one
   c.evolution.top_k = 10  # size of the top and bottom eigenspaces, and of the spectral mass
   c.evolution.eigenspace_of = "final"  # final | initial: whose eigenvectors restrict the kernels
   c.evolution.num_eigenvalues = 100  # largest eigenvalues kept per checkpoint (spectra plot)

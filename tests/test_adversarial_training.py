@@ -118,9 +118,9 @@ def test_digits_smoke_learns_and_checkpoints_are_addressable_by_epoch(trained):
   assert result["test"]["accuracy"] > 0.9
   checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
   epochs = checkpoints.epochs()
-  # 22 steps per epoch: fractional epochs 0.125 ... 2.5 and every whole epoch of 3.
-  assert sorted(epochs) == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
-  assert epochs[0.5] == 11 and epochs[2.5] == 55
+  # 22 steps per epoch: the initialisation, fractional epochs 0.125 ... 2.5 and every whole epoch of 3.
+  assert sorted(epochs) == [0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
+  assert epochs[0.0] == 0 and epochs[0.5] == 11 and epochs[2.5] == 55
   state = checkpoints.restore_epoch(0.5, result["state"])
   assert int(state.step) == 11
 

@@ -19,7 +19,7 @@ from ntk_scale.ntk.store import KernelStore
 from test_spectrum import write_store
 from test_train import load_config
 
-EPOCHS = [0.125, 0.25, 0.375]  # the checkpoints of 3/8 of an epoch
+EPOCHS = [0.0, 0.125, 0.25, 0.375]  # the checkpoints of 3/8 of an epoch, the initialisation first
 
 
 def evolution_config(**evolution):
@@ -91,12 +91,12 @@ def workdir(tmp_path_factory):
 
 def test_evolution_job_writes_metrics_and_plots_then_recomputes_nothing(workdir, capsys):
   result = jobs.run(evolution_config(), workdir)
-  assert "kernel evolution: 3 checkpoints of phase 1" in capsys.readouterr().out
+  assert "kernel evolution: 4 checkpoints of phase 1" in capsys.readouterr().out
   directory = result["directory"]  # configs/digits.py: the kernel of logit 0, as Loo et al.
   assert directory == os.path.join(workdir, "kernel_evolution", "phase1_train20_class0")
   for name in ("metrics.json", "metrics.csv", "distance_to_final.png", "polar.png", "spectra.png"):
     assert os.path.getsize(os.path.join(directory, name)) > 0, name
-  assert result["tiles_computed"] == 3
+  assert result["tiles_computed"] == 4
   with open(os.path.join(directory, "metrics.json")) as f:
     saved = json.load(f)
   assert saved["epochs"] == EPOCHS
@@ -119,7 +119,7 @@ def test_evolution_job_writes_metrics_and_plots_then_recomputes_nothing(workdir,
   assert rows[0]["velocity"] is None
   np.testing.assert_allclose([r["velocity"] for r in rows[1:]],
                              metrics.kernel_velocity(kernels, EPOCHS), rtol=1e-9)
-  assert len(saved["eigenvalues"]) == 3 and len(saved["eigenvalues"][0]) == 20
+  assert len(saved["eigenvalues"]) == 4 and len(saved["eigenvalues"][0]) == 20
   with open(os.path.join(directory, "metrics.csv")) as f:
     table = list(csv.DictReader(f))
   assert [float(r["epoch"]) for r in table] == EPOCHS and table[0]["velocity"] == ""
@@ -140,7 +140,7 @@ def test_chosen_epochs_reuse_the_kernels_on_disk(workdir):
 def test_bad_evolution_settings_fail_before_compute(workdir):
   kernels = os.path.join(workdir, "kernels")
   before = sorted(os.listdir(kernels)) if os.path.isdir(kernels) else []
-  with pytest.raises(ValueError, match=r"config.evolution.epochs includes 7.*saved epochs: \[0.125"):
+  with pytest.raises(ValueError, match=r"config.evolution.epochs includes 7.*saved epochs: \[0.0, 0.125"):
     jobs.run(evolution_config(epochs=(0.125, 7.0)), workdir)
   with pytest.raises(ValueError, match="config.evolution.epochs selects 1 checkpoint"):
     jobs.run(evolution_config(epochs=(0.25,)), workdir)

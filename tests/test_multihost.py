@@ -29,7 +29,7 @@ CONFIG = "tests/multihost_config.py"
 HEARTBEAT_S = 5
 STOP_BOUND_S = 30  # a survivor must stop this soon after its peer is killed
 PAIR_TIMEOUT_S = 240  # a hang fails the test instead of holding CI
-KILL_AFTER_CHECKPOINTS = 4  # steps 3, 6, 8, 11 of 22: the kill lands mid-run
+KILL_AFTER_CHECKPOINTS = 5  # steps 0 (the initialisation), 3, 6, 8, 11 of 22: the kill lands mid-run
 # 5 blocks of 8: 15 tiles in square tiles; 4 blocks of 10, one per device: 10 tiles, the column
 # rows rotating over the devices of both processes.
 KERNELS = {"tiles": ({"job": "kernel", "kernel.num_examples": 40, "kernel.tile_size": 8}, 15),

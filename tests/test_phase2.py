@@ -170,7 +170,7 @@ def test_missing_from_epoch_fails_before_compute(run, tmp_path):
   config = ml_collections.ConfigDict(config.to_dict())
   config.job, config.phase2.from_epoch = "phase2", 0.625
   with pytest.raises(CheckpointNotFoundError,
-                     match=r"config.phase2.from_epoch=0.625 .*available epochs: \[0.125, 0.25"):
+                     match=r"config.phase2.from_epoch=0.625 .*available epochs: \[0.0, 0.125, 0.25"):
     jobs.run(config, copy)
   assert not os.path.exists(os.path.join(copy, "phase2"))
   # The phase2 job needs a trained phase 1.
@@ -248,7 +248,7 @@ def test_restore_errors_name_the_field_and_list_what_exists(run, tmp_path, monke
   config = ml_collections.ConfigDict(config.to_dict())
   config.job = "kernel"  # errors name the section of the job that asked: config.kernel.*
   with pytest.raises(CheckpointNotFoundError,
-                     match=r"config.kernel.epoch=0.625 .*available epochs: \[0.125, 0.25, 0.375, 0.5, 0.75, 1.0\]"):
+                     match=r"config.kernel.epoch=0.625 .*available epochs: \[0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0\]"):
     restore_for_inference(config, workdir, phase=1, epoch=0.625)
   with pytest.raises(CheckpointNotFoundError, match=r"config.kernel.epoch=1.5 .*available epochs: \[1.0, 2.0\]"):
     restore_for_inference(config, workdir, phase=2, epoch=1.5)

@@ -1,5 +1,6 @@
 """Resumed equals uninterrupted, bit for bit, where the state has the most to lose: phase 1 in mode F
-resumed at and just after the switch to adversarial batches (PGD with a random start,
+resumed from its initialisation (killed right after the step-0 save), at and just after the switch
+to adversarial batches (PGD with a random start,
 Loo et al.'s two updates per adversarial batch, a cosine schedule over optimizer updates), and an
 adversarial phase 2 of a linearized model whose BatchNorm statistics move ("loose").
 (Mode C killed by SIGKILL: tests/test_train.py; a benign centered phase 2: tests/test_phase2.py.)"""
@@ -26,7 +27,7 @@ PHASE2 = "linear_loose_A_from1"
 
 def phase1_config() -> ml_collections.ConfigDict:
   """Digits smoke with 5 steps per epoch (batch 256 of 1437) in mode F, adversarial from epoch 1 =
-  step 5, saved at steps 5, 6 and 10."""
+  step 5, saved at steps 0 (the initialisation), 5, 6 and 10."""
   c = load_config("digits", "smoke")
   c.batch_size, c.num_epochs, c.log_every_steps = 256, 2.0, 1
   c.eval_attacks = ml_collections.ConfigDict()
@@ -80,17 +81,18 @@ def uninterrupted(tmp_path_factory):
 
 def test_the_run_is_what_the_resume_tests_assume(uninterrupted):
   workdir = uninterrupted
-  assert sorted(Checkpoints(os.path.join(workdir, "checkpoints")).epochs().values()) == [5, 6, 10]
+  assert sorted(Checkpoints(os.path.join(workdir, "checkpoints")).epochs().values()) == [0, 5, 6, 10]
   adversarial = {r["step"]: r["train/adversarial"] for r in records(workdir) if "train/adversarial" in r}
   assert adversarial == {s: float(s > 5) for s in range(1, 11)}  # batch steps 5..9 (1-based 6..10)
   # 5 benign batches of one update, then 5 adversarial ones of two (benign_step_first).
   assert int(saved_state(os.path.join(workdir, "checkpoints"), 10)["step"]) == 15
-  p2dir = os.path.join(workdir, "phase2", PHASE2)
+  p2dir = os.path.join(workdir, "phase2", PHASE2)  # phase 2 saves no step 0: its start is theta0
   assert sorted(Checkpoints(os.path.join(p2dir, "checkpoints")).epochs().values()) == [2, 4, 5]
 
 
-@pytest.mark.parametrize("resume_step", [5, 6])
+@pytest.mark.parametrize("resume_step", [0, 5, 6])
 def test_phase1_resumed_around_the_switch_equals_uninterrupted(uninterrupted, tmp_path, resume_step):
+  """Step 0: killed right after the initialisation was saved, the rerun restores it and trains."""
   workdir = uninterrupted
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)

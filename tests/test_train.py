@@ -203,7 +203,7 @@ def test_nan_guard_never_saves_a_non_finite_state(tmp_path):
   config.checkpoint.fractional_epochs = (1 / 22, 2 / 22)  # saves after the first and second steps
   with pytest.raises(NonFiniteLossError, match=r"(?s)at step 2.*Last good checkpoint: step 1 "):
     jobs.run(config, str(tmp_path))
-  assert _saved_states_are_finite(tmp_path) == {1: True}
+  assert _saved_states_are_finite(tmp_path) == {0: True, 1: True}  # the initialisation and step 1
 
 
 def test_nan_guard_stops_before_the_co_monitor_keeps_a_diverged_state(tmp_path):
@@ -214,4 +214,4 @@ def test_nan_guard_stops_before_the_co_monitor_keeps_a_diverged_state(tmp_path):
   m.collapse_fraction, m.min_peak, m.max_train_drop = 1.0, 0.0, 1.0
   with pytest.raises(NonFiniteLossError, match="Last good checkpoint: step 1 "):
     jobs.run(config, str(tmp_path))
-  assert _saved_states_are_finite(tmp_path) == {1: True}
+  assert _saved_states_are_finite(tmp_path) == {0: True, 1: True}

@@ -25,14 +25,18 @@ def _save(fig: plt.Figure, path: str) -> str:
 
 
 def plot_distance_to_final(results: dict[str, Any], path: str) -> str:
-  """Kernel distance 1 - s(K_t, K_T) against the epoch: how early the kernel settles."""
+  """Kernel distance 1 - s(K_t, K_T) against the epoch: how early the kernel settles. The axis is
+  symlog (linear near 0, so the initialisation, epoch 0, has a place) when the positive epochs span
+  more than a factor of 4; they decide, so that epoch 0 alone does not make an axis logarithmic."""
   epochs, k = _column(results, "epoch"), results["top_k"]
+  positive = epochs[epochs > 0]
+  spread = positive.size > 0 and positive.max() > 4 * positive.min()
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for suffix, label in _SPACES:
     ax.plot(epochs, _column(results, f"distance_to_final{suffix}"), marker="o",
             label=label.format(k=k))
   ax.set(xlabel=f"epoch (phase {results['phase']})", ylabel="distance to final kernel",
-         xscale="symlog" if epochs.max() > 4 * max(epochs.min(), 1e-9) else "linear",
+         xscale="symlog" if spread else "linear",
          title="Kernel distance to the final kernel")
   if "collapse" in results:  # the catastrophic-overfitting monitor's first collapsed measurement
     ax.axvline(results["collapse"]["epoch"], color="red", linestyle="--", label="robustness collapse")

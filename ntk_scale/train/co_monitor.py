@@ -1,16 +1,18 @@
 """The catastrophic-overfitting monitor of phase 1 (config.train.co_monitor; detector in collapse.py).
 
-Every `every_steps` batch steps, and at every checkpoint, it measures accuracy under a PGD attack
-on a fixed held-out batch of test images and clean accuracy on a fixed batch of training images,
+Every `every_steps` batch steps, and at every checkpoint after the first update (not at step 0,
+the initialisation phase 1 saves before training), it measures accuracy under a PGD attack on a
+fixed held-out batch of test images and clean accuracy on a fixed batch of training images,
 writes them to metrics.jsonl as co/*, and feeds them to the detector. At the first collapse it
 writes <workdir>/catastrophic_overfitting.json and, with `keep_checkpoints`, saves the states of
 the monitored steps just before and just after it as ordinary checkpoints, so the kernel job
 (config.kernel.epoch) can compute kernels on both sides of the collapse.
 
 Monitoring at every checkpoint keeps checkpoints in step order: no scheduled save falls between
-two monitored steps, so the state before a collapse is either already saved or newer than every
-saved one. A resumed run replays the co/* records of metrics.jsonl into the detector. Keeping checkpoints
-costs one extra copy of the train state in device memory until the collapse.
+two monitored steps (step 0 comes before them all), so the state before a collapse is either
+already saved or newer than every saved one. A resumed run replays the co/* records of
+metrics.jsonl into the detector. Keeping checkpoints costs one extra copy of the train state in
+device memory until the collapse.
 """
 
 import os

@@ -32,7 +32,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   the test split; on `dataset` instead of config.data's when given."""
   exp = build_experiment(config, dataset)
   saves = save_schedule(exp.steps_per_epoch, config.num_epochs, config.checkpoint.every_epochs,
-                        config.checkpoint.fractional_epochs)
+                        config.checkpoint.fractional_epochs, initial=True)
   _check_phase2_start(config, saves)
   benign_step, adversarial_step = build_train_steps(config, config.train, config.seed,
                                                     adversarial=exp.flip_step is not None)

@@ -82,7 +82,7 @@ def _check_finite(pending: list[tuple[int, dict]], step: int, state: TrainState,
   if problem is not None:
     checkpoints.wait_until_finished()
     last_good = checkpoints.latest_step()
-    where = (f"step {last_good} in {checkpoints.directory}" if last_good
+    where = (f"step {last_good} in {checkpoints.directory}" if last_good is not None
              else "none (no checkpoint was saved before the failure)")
     raise NonFiniteLossError(f"{problem}; stopping without saving. Last good checkpoint: {where}. "
                              f"Lower {learning_rate_field} or check the data.")
@@ -91,28 +91,33 @@ def _check_finite(pending: list[tuple[int, dict]], step: int, state: TrainState,
 
 def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
                ) -> tuple[TrainState, int, Checkpoints, metric_writers.MetricWriter]:
-  """Resumes `state` from the phase's newest checkpoint and opens its writers, forgetting the
-  metrics logged after that checkpoint. Returns (state, start step, checkpoints, writer)."""
+  """Resumes `state` from the phase's newest checkpoint (phase 1's initialisation, step 0, included)
+  and opens its writers, forgetting the metrics logged after that checkpoint. Returns (state, start
+  step, checkpoints, writer)."""
   checkpoints = Checkpoints(os.path.join(phase.directory, "checkpoints"))
-  start_step = checkpoints.latest_step() or 0
-  if start_step:
-    state = checkpoints.restore(start_step, state)
-    logging.info("Resumed %s from step %d (epoch %.3f).", phase.directory, start_step,
-                 start_step / phase.steps_per_epoch)
+  latest = checkpoints.latest_step()
+  start_step = latest or 0
+  if latest is not None:
+    state = checkpoints.restore(latest, state)
+    logging.info("Resumed %s from step %d (epoch %.3f).", phase.directory, latest,
+                 latest / phase.steps_per_epoch)
   writer, jsonl = create_writers(phase.directory)
   if isinstance(jsonl, JsonlWriter):
     jsonl.truncate(lambda r: r["step"] < start_step or (
         r["step"] == start_step and not any(k.startswith("test/") for k in r)))
-  if start_step == 0:
+  if latest is None:
     writer.write_hparams(hparams)
   return state, start_step, checkpoints, writer
 
 
 def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: Checkpoints,
                 writer: metric_writers.MetricWriter) -> TrainState:
-  """Trains from `start_step` to the phase's end, saving on its schedule; returns the final state."""
+  """Trains from `start_step` to the phase's end, saving on its schedule (step 0, the state before
+  any update, first when the schedule has it and it is not saved yet); returns the final state."""
   progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
                                              every_steps=phase.log_every_steps, every_secs=None)
+  if start_step == 0 and 0 in phase.saves and checkpoints.latest_step() is None:
+    checkpoints.save(0, state, phase.saves[0])
   pending = []
   for step in range(start_step, phase.total_steps):
     adversarial = phase.flip_step is not None and step >= phase.flip_step
