@@ -111,14 +111,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.epoch = ml_collections.FieldReference(None, field_type=float)  # of that phase; None: newest
   c.evaluate.transfer_sets = ()  # directories written as <workdir>/adversarial/<name>/
 
-  # Phase 2 (Loo et al.): from the phase-1 checkpoint at `from_epoch` (theta0), train only the
-  # model linearized around it (see ntk_scale/linearize.py), under <workdir>/phase2/<name>/.
+  # Phase 2 (Loo et al.): from the phase-1 checkpoint at `from_epoch` (theta0; 0: the initialisation,
+  # the NTK-at-initialisation baseline), train only the model linearized around it (see
+  # ntk_scale/linearize.py), under <workdir>/phase2/<name>/.
   c.phase2 = ml_collections.ConfigDict()
   # Several phase-2 experiments share one phase 1, each in its own directory. "": named after
   # linearization, batch_norm, mode and from_epoch, e.g. centered_C_from3 (ntk_scale/workdir.py).
   c.phase2.name = ""
   c.phase2.num_epochs = 0.0  # 0: no phase 2
-  c.phase2.from_epoch = 1.0  # a saved phase-1 epoch, fractional ones (0.5, ...) included
+  c.phase2.from_epoch = 1.0  # a saved phase-1 epoch, fractional ones (0.5, ...) and 0 included
   c.phase2.linearization = "centered"  # linear | centered | centered_nonlinear (Loo et al.: --centering)
   c.phase2.batch_norm = "frozen"  # frozen | loose
   c.phase2.mode = "C"  # C: benign | A: adversarial, the attack run against the linearized model

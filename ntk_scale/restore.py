@@ -17,7 +17,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ntk_scale import data, files, parallel
-from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, missing_initial_note
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, phase2_directory, phase2_name
@@ -39,11 +39,12 @@ class Restored:
 
 
 def theta0_step(config: ml_collections.ConfigDict, workdir: str) -> int:
-  """The step of theta0, the phase-1 checkpoint at config.phase2.from_epoch; reads no arrays, so
-  jobs call it to fail before any compute."""
+  """The step of theta0, the phase-1 checkpoint at config.phase2.from_epoch (0: the initialisation);
+  reads no arrays, so jobs call it to fail before any compute."""
   phase1 = Checkpoints(os.path.join(workdir, "checkpoints"))
   try:
-    return phase1.step_for_epoch(config.phase2.from_epoch, "config.phase2.from_epoch")
+    return phase1.step_for_epoch(config.phase2.from_epoch, "config.phase2.from_epoch",
+                                 missing_initial_note(1))
   finally:
     phase1.close()
 
@@ -84,12 +85,13 @@ def _phase2_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Chec
   return Checkpoints(os.path.join(directory, "checkpoints"))
 
 
-def _find_step(checkpoints: Checkpoints, epoch: float | None, field: str, how_to_train: str
-               ) -> tuple[int, float]:
-  """(step, epoch) of the checkpoint at `epoch`, or of the newest when None."""
+def _find_step(checkpoints: Checkpoints, epoch: float | None, field: str, how_to_train: str,
+               initial_note: str) -> tuple[int, float]:
+  """(step, epoch) of the checkpoint at `epoch`, or of the newest when None; `initial_note` says
+  why epoch 0 is missing, if it is asked for and is."""
   epochs = checkpoints.epochs()
   if epoch is not None:
-    step = checkpoints.step_for_epoch(epoch, field)
+    step = checkpoints.step_for_epoch(epoch, field, initial_note)
     return step, next(e for e, s in epochs.items() if s == step)
   if not epochs:
     raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}; {how_to_train} first.")
@@ -111,7 +113,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *, ph
                           epoch: float | None, mesh: Mesh | None = None,
                           fields: str | None = None) -> Restored:
   """The checkpoint of `phase` at `epoch` of that phase (None: the newest; fractional epochs such
-  as 0.125 included) as a model and its variables, replicated on `mesh` (default: all devices).
+  as 0.125 included; phase 1's epoch 0 is its initialisation) as a model and its variables,
+  replicated on `mesh` (default: all devices).
 
   Phase 1 reads `<workdir>/checkpoints/` with the network of config.model. Phase 2 reads the
   experiment config.phase2.name (`<workdir>/phase2/<name>/`) with the model phase 2 trained:
@@ -129,12 +132,12 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *, ph
   if phase == 1:
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
     step, found = _find_step(checkpoints, epoch, f"{fields}.epoch",
-                             "train this workdir (config.job='train')")
+                             "train this workdir (config.job='train')", missing_initial_note(1))
     model = build_model(config.model, data.num_classes(config.data))
   else:
     checkpoints = _phase2_checkpoints(config, workdir)
-    step, found = _find_step(checkpoints, epoch, f"{fields}.epoch",
-                             "run phase 2 (config.job='phase2')")
+    step, found = _find_step(checkpoints, epoch, f"{fields}.epoch", "run phase 2 (config.job='phase2')",
+                             missing_initial_note(2, config.phase2.from_epoch))
     model, _ = linearized_model(config, workdir, mesh)
   variables = checkpoints.restore_variables(step, parallel.replicated_sharding(mesh))
   checkpoints.close()

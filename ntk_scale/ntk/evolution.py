@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files
+from ntk_scale.checkpoint import is_initial, missing_initial_note
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
@@ -102,7 +103,8 @@ def collapse_epochs(workdir: str, saved: list[float], span: float) -> tuple[list
 def select_epochs(config: ml_collections.ConfigDict, saved: list[float], matrix_size: int
                   ) -> list[float]:
   """The checkpoints' epochs, in order: config.evolution.epochs, each one saved, or every saved
-  one; and a check that config.evolution.top_k fits the kernel's matrix_size."""
+  one (phase 1's initialisation, epoch 0, included where the run saved it); and a check that
+  config.evolution.top_k fits the kernel's matrix_size."""
   e = config.evolution
   if e.top_k > matrix_size:
     raise ValueError(f"config.evolution.top_k={e.top_k} must be at most {matrix_size} (the kernel is "
@@ -114,8 +116,10 @@ def select_epochs(config: ml_collections.ConfigDict, saved: list[float], matrix_
     for asked in sorted(float(x) for x in e.epochs):
       match = [s for s in saved if math.isclose(s, asked, rel_tol=1e-9, abs_tol=1e-9)]
       if not match:
+        why = (f" ({missing_initial_note(e.phase, config.phase2.from_epoch)})"
+               if saved and is_initial(asked) else "")
         raise ValueError(f"config.evolution.epochs includes {asked:g}, which phase {e.phase} did not "
-                         f"save; saved epochs: {saved or 'none (train this workdir first)'}.")
+                         f"save{why}; saved epochs: {saved or 'none (train this workdir first)'}.")
       if match[0] in epochs:
         raise ValueError(f"config.evolution.epochs lists epoch {asked:g} twice.")
       epochs.append(match[0])

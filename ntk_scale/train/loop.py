@@ -1,11 +1,14 @@
 """The train job: phase 1 (the network) in the workdir, then phase 2 (its linearization) if asked."""
 
+import os
 from typing import Any
 
 import ml_collections
 
-from ntk_scale.checkpoint import CheckpointNotFoundError, save_schedule
+from ntk_scale import files
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, is_initial, save_schedule
 from ntk_scale.data import Dataset
+from ntk_scale.restore import theta0_step
 from ntk_scale.train.co_monitor import CoMonitor
 from ntk_scale.train.experiment import build_experiment, build_train_steps
 from ntk_scale.train.phase import NonFiniteLossError, Phase, finish_phase, open_phase, train_phase
@@ -15,8 +18,9 @@ from ntk_scale.workdir import flatten_config
 __all__ = ["NonFiniteLossError", "train_and_evaluate", "train_job"]
 
 
-def _check_phase2_start(config: ml_collections.ConfigDict, saves: dict[int, float]) -> None:
-  """Fails before training on a bad phase-2 config or a `from_epoch` phase 1 will not save."""
+def _check_phase2_start(config: ml_collections.ConfigDict, saves: dict[int, float], workdir: str) -> None:
+  """Fails before training on a bad phase-2 config or a `from_epoch` phase 1 will not save; also on
+  from_epoch 0 when phase 1 resumes a run that predates initial checkpoints (it saves none)."""
   if not config.phase2.num_epochs > 0:
     return
   check_phase2_config(config)
@@ -24,6 +28,13 @@ def _check_phase2_start(config: ml_collections.ConfigDict, saves: dict[int, floa
     raise CheckpointNotFoundError(
         f"config.phase2.from_epoch={config.phase2.from_epoch} is not an epoch phase 1 saves; it "
         f"saves epochs {sorted(saves.values())}.")
+  directory = os.path.join(workdir, "checkpoints")
+  if is_initial(config.phase2.from_epoch) and files.exists(directory):
+    phase1 = Checkpoints(directory)
+    resumed = phase1.latest_step() is not None
+    phase1.close()
+    if resumed:  # a run saves step 0 before any other: if it lacks one, the error says why
+      theta0_step(config, workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -33,7 +44,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   exp = build_experiment(config, dataset)
   saves = save_schedule(exp.steps_per_epoch, config.num_epochs, config.checkpoint.every_epochs,
                         config.checkpoint.fractional_epochs, initial=True)
-  _check_phase2_start(config, saves)
+  _check_phase2_start(config, saves, workdir)
   benign_step, adversarial_step = build_train_steps(config, config.train, config.seed,
                                                     adversarial=exp.flip_step is not None)
   monitor = None

@@ -1,4 +1,5 @@
-"""Phase 2 (Loo et al.): train only the model linearized around a phase-1 checkpoint theta0.
+"""Phase 2 (Loo et al.): train only the model linearized around a phase-1 checkpoint theta0 (epoch 0:
+the initialisation, the lazy / NTK-at-initialisation baseline).
 
 The kernel of theta0 is frozen; the linearized (or centered) model is trained from theta = theta0
 with its own optimizer, benign (mode C) or on adversarial examples crafted against the linearized
@@ -56,8 +57,9 @@ def check_phase2_config(config: ml_collections.ConfigDict) -> None:
   p = config.phase2
   if not p.num_epochs > 0:
     raise ValueError(f"config.phase2.num_epochs={p.num_epochs} must be positive to run phase 2.")
-  if not p.from_epoch > 0:
-    raise ValueError(f"config.phase2.from_epoch={p.from_epoch} must be a positive phase-1 epoch.")
+  if not p.from_epoch >= 0:
+    raise ValueError(f"config.phase2.from_epoch={p.from_epoch} must be a phase-1 epoch >= 0 (0: the "
+                     f"initialisation).")
   if p.linearization not in LINEARIZATIONS:
     raise ValueError(f"config.phase2.linearization={p.linearization!r}; expected one of "
                      f"{', '.join(LINEARIZATIONS)}.")
@@ -109,6 +111,7 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   state = create_train_state(linearized, tx, image_shape, config.seed, mesh)
   benign_step, adversarial_step = build_train_steps(config, p, config.seed + SEED_OFFSET,
                                                     adversarial=p.mode == "A")
+  # No step-0 checkpoint: phase 2 starts from theta0, which phase 1's checkpoint already holds.
   saves = save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ())
   phase = Phase(directory, batches, benign_step, adversarial_step, flip_step,
                 steps_per_epoch, total_steps, saves, learning_rate, config.log_every_steps,
