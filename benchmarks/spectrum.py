@@ -1,14 +1,17 @@
-"""Kernel spectra: dense eigendecomposition time by size, and top-k eigenpairs of a kernel streamed
-from an on-disk KernelStore (ntk_scale/ntk/spectrum.py).
+"""Kernel spectra: dense eigendecomposition time by size, and the top k eigenpairs of a stored kernel
+by the spectrum job's LOBPCG rounds (ntk_scale/ntk/spectrum_rounds.py) against scipy's LOBPCG, the
+peer, in one run on one machine.
 
-    python benchmarks/spectrum.py                                   # CPU-sized defaults
-    python benchmarks/spectrum.py --dense 2048,8192,16384 --streamed 32768 --k 100   # the issue's table
+    python benchmarks/spectrum.py                                       # CPU-sized defaults
+    python benchmarks/spectrum.py --dense 8192,16384 --topk 16384,50000 --k 1000  # a GPU's table
 
 Kernels are random PSD matrices with a kernel-like spectrum (eigenvalues decaying as a power law),
-K = X X^T for X [n, r] with columns scaled by i^-1; the streamed one is written tile by tile into a
-KernelStore in float32, as the kernel job writes it, then read back by row panels of
---block-mb. Each row: seconds, and for the streamed solve its passes over the kernel on disk,
-GB read and the largest relative residual ||K v - lambda v|| / lambda_1.
+K = X X^T for X [n, r] with columns scaled by i^-1, written tile by tile into a KernelStore in
+float32 as the kernel job writes it. Top-k rows, all to a largest residual ||K v - lambda v|| /
+lambda_1 of 1e-5 (the spectrum job's float32 default): scipy's LOBPCG on the matrix in memory (the
+peer; one call) and streamed from the store by row panels of --block-mb; ours on the devices (the
+rows split over all of them; the time to compile and load the rows is given apart) and streamed.
+Set XLA_FLAGS=--xla_force_host_platform_device_count=N to split a CPU into N devices.
 """
 
 import argparse
@@ -21,7 +24,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+
+from ntk_scale import parallel  # noqa: E402
 from ntk_scale.ntk import spectrum  # noqa: E402
+from ntk_scale.ntk.spectrum_rounds import (ShardedKernel, StreamedKernel, first_state,  # noqa: E402
+                                           run_rounds, start_block)
 from ntk_scale.ntk.store import KernelStore  # noqa: E402
 
 
@@ -51,37 +59,70 @@ def write_kernel(directory: str, x: np.ndarray, tile: int) -> KernelStore:
   return KernelStore.open(directory)
 
 
-def time_streamed(n: int, k: int, block_mb: float, tile: int) -> dict:
+def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iters: int) -> list[tuple]:
+  """Rows (solver, seconds, iterations or passes, largest residual) for the top k of one kernel:
+  scipy's LOBPCG on the matrix in memory (the peer) and streamed from the store, and the spectrum
+  job's rounds, sharded over the devices and streamed, to the same tolerance (float32's default)."""
+  tol = 1e-5
+  rows = []
   with tempfile.TemporaryDirectory() as directory:
-    started = time.perf_counter()
-    store = write_kernel(directory, factor(n, min(n, 4 * k + 512)), tile)
-    written = time.perf_counter() - started
-    operator = spectrum.StoredKernelOperator(store, max_block_bytes=int(block_mb * 2**20))
+    x = factor(n, min(n, 4 * k + 512))
+    store = write_kernel(directory, x, tile)
+    kernel = x @ x.T
+
     start = time.perf_counter()
-    result = spectrum.top_eigenpairs(operator, k)
-    seconds = time.perf_counter() - start
-  return {"seconds": seconds, "write_seconds": written, "passes": operator.passes,
-          "gb_read": operator.passes * n * n * 4 / 1e9, "residual": float(result.residuals.max())}
+    peer = spectrum.top_eigenpairs(kernel, k, tol=tol, dtype=dtype)
+    rows.append(("scipy LOBPCG, in memory", time.perf_counter() - start, "", peer.residuals.max()))
+    operator = spectrum.StoredKernelOperator(store, dtype, max_block_bytes=int(block_mb * 2**20))
+    start = time.perf_counter()
+    streamed = spectrum.top_eigenpairs(operator, k, tol=tol, dtype=dtype)
+    rows.append(("scipy LOBPCG, streamed", time.perf_counter() - start, f"{operator.passes} passes",
+                 streamed.residuals.max()))
+
+    width = k + 10
+    with jax.enable_x64(dtype == "float64"):
+      start = time.perf_counter()
+      engine = ShardedKernel(store.shape, parallel.make_mesh(), width, k, dtype, round_iters, "highest", tol)
+      engine.load(store)
+      ready = time.perf_counter() - start  # compiling both programs and loading the rows
+      pairs, state = _rounds(engine, width, dtype, tol)  # compiled already: this is the solve
+      rows.append((f"ours, sharded on {jax.device_count()} device(s)", time.perf_counter() - start - ready,
+                   f"{state['iterations']} it.", pairs.residuals.max(), ready))
+    ours = StreamedKernel(store, k, dtype, round_iters, tol, int(block_mb * 2**20))
+    start = time.perf_counter()
+    pairs, state = _rounds(ours, width, dtype, tol)
+    rows.append(("ours, streamed", time.perf_counter() - start,
+                 f"{ours.operator.passes} passes", pairs.residuals.max()))
+  return rows
+
+
+def _rounds(engine, width: int, dtype: str, tol: float):
+  return run_rounds(engine, first_state(start_block(engine.size, width, 0, np.dtype(dtype))), tol, 400)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--dense", default="1024,2048", help="sizes for the dense eigh")
   parser.add_argument("--backends", default="numpy,jax")
-  parser.add_argument("--streamed", default="4096", help="sizes for the streamed top-k")
+  parser.add_argument("--topk", default="4096", help="sizes for the top-k solvers")
   parser.add_argument("--k", type=int, default=100)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+  parser.add_argument("--round-iters", type=int, default=20)
   parser.add_argument("--block-mb", type=float, default=64.0, help="row panel size per read")
   parser.add_argument("--tile", type=int, default=1024, help="the store's tile (chunk) side")
   args = parser.parse_args()
-  print(f"{'solve':<28}{'n':>8}{'seconds':>10}")
+  print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}")
+  print(f"{'solve':<34}{'n':>8}{'seconds':>10}")
   for n in (int(s) for s in args.dense.split(",") if s):
     for backend in args.backends.split(","):
-      print(f"{'dense eigh (' + backend + ')':<28}{n:>8}{time_dense(n, backend):>10.2f}", flush=True)
-  for n in (int(s) for s in args.streamed.split(",") if s):
-    r = time_streamed(n, args.k, args.block_mb, args.tile)
-    print(f"{f'top-{args.k} streamed (LOBPCG)':<28}{n:>8}{r['seconds']:>10.2f}   {r['passes']} passes, "
-          f"{r['gb_read']:.1f} GB read, residual {r['residual']:.1e} (store written in "
-          f"{r['write_seconds']:.1f} s)", flush=True)
+      print(f"{'dense eigh (' + backend + ')':<34}{n:>8}{time_dense(n, backend):>10.2f}", flush=True)
+  for n in (int(s) for s in args.topk.split(",") if s):
+    rows = time_topk(n, args.k, args.block_mb, args.tile, args.dtype, args.round_iters)
+    peer = rows[0][1]
+    for name, seconds, work, residual, *ready in rows:
+      extra = f", {ready[0]:.1f} s to compile and load" if ready else ""
+      print(f"{f'top-{args.k} {name}':<34}{n:>8}{seconds:>10.2f}   {peer / seconds:5.1f}x the peer, "
+            f"{work + ', ' if work else ''}residual {residual:.1e}{extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import KernelPlanError, device_budget_bytes
+from ntk_scale.ntk.spectrum_job import check_spectrum_config
+from ntk_scale.ntk.spectrum_rounds import ShardedKernel
+from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
                                         check_train_config)
 from ntk_scale.train.optimizer import build_optimizer
@@ -45,7 +48,7 @@ from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
 from ntk_scale.evaluate import _evaluate_batch
 
-PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "evolution")
+PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution")
 
 
 class PlanDoesNotFit(ValueError):
@@ -226,18 +229,60 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   return programs + _eval_programs(config, mesh, linearized, "phase 2")
 
 
+def _kernel_examples(config: ml_collections.ConfigDict) -> int:
+  """The examples of config.kernel's subset (from the catalog's split sizes: no data is read)."""
+  k = config.kernel
+  _, train_size, test_size = dataset_shape(config.data)
+  split_size = {"train": train_size, "test": test_size}.get(k.split)
+  if split_size is None:
+    raise ValueError(f"config.kernel.split={k.split!r}; expected 'train' or 'test'.")
+  n = split_size if k.num_examples == 0 else k.num_examples
+  if k.classes:
+    n = min(n, math.ceil(split_size / dataset_classes(config.data)) * len(k.classes))
+  return n
+
+
+def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
+              ) -> tuple[list[ProgramCost], list[str]]:
+  """The spectrum job's sharded LOBPCG round (at most max_iters / round_iters of them), compiled from
+  the kernel's shape; where the devices cannot hold it, method auto streams from disk (a note)."""
+  s = config.spectrum
+  budget = s.memory_budget_gb * 2**30 or device_budget
+  num_classes = dataset_classes(config.data)
+  check_spectrum_config(config, num_classes)
+  spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
+  n = _kernel_examples(config)
+  shape = (n, n, *spec.tile_suffix)
+  size = n * (spec.tile_suffix or (1,))[0]
+  width = min(s.num_eigenpairs + s.oversample, size)
+  if s.method == "dense" or 5 * width >= size:
+    return [], [f"spectrum: a dense eigendecomposition of the {size} x {size} matrix (not modelled)"]
+  if s.method == "streamed":
+    return [], ["spectrum: method 'streamed' runs on the host (not modelled)"]
+  with jax.enable_x64(s.dtype == "float64"):
+    engine = ShardedKernel(shape, mesh, width, s.num_eigenpairs, s.dtype, s.round_iters, s.precision,
+                           s.tol or 1e-5)
+  rounds = math.ceil(s.max_iters / s.round_iters)
+  cost = ProgramCost(f"spectrum: top {s.num_eigenpairs} of {size} rows, LOBPCG round", rounds,
+                     engine.flops_per_round(), engine.bytes_per_device() or 0.0,
+                     "config.spectrum.memory_budget_gb or config.spectrum.num_eigenpairs")
+  if cost.bytes_per_device > budget and s.method == "auto":
+    return [], [f"spectrum: the sharded round needs {_gib(cost.bytes_per_device)} per device; method "
+                f"auto streams the kernel from disk on the host instead (not modelled)"]
+  if cost.bytes_per_device > budget:
+    raise PlanDoesNotFit(f"config.spectrum.method='sharded' needs {_gib(cost.bytes_per_device)} per "
+                         f"device, over the {_gib(budget)} budget; use more devices, method 'streamed', "
+                         f"or raise config.spectrum.memory_budget_gb.")
+  return [cost], [f"spectrum: at most {rounds} rounds ({s.max_iters} iterations); most kernels "
+                  f"converge in far fewer"]
+
+
 def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> ProgramCost:
   """The kernel engine's plan for config.kernel (phase-1 network shapes), its memory by XLA's
   analysis of its compiled programs."""
   k = config.kernel
-  image_shape, train_size, test_size = dataset_shape(config.data)
-  split_size = {"train": train_size, "test": test_size}.get(k.split)
-  if split_size is None:
-    raise ValueError(f"config.kernel.split={k.split!r}; expected 'train' or 'test'.")
-  num_classes = dataset_classes(config.data)
-  n = split_size if k.num_examples == 0 else k.num_examples
-  if k.classes:
-    n = min(n, math.ceil(split_size / num_classes) * len(k.classes))
+  image_shape = dataset_shape(config.data)[0]
+  n = _kernel_examples(config)
   model, params, stats = _variables(config, image_shape)
   dtype = np.dtype(k.dtype)
   cast = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
@@ -257,7 +302,7 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
   job = config.get("job", "train")
   mesh = parallel.make_mesh()
   budget = device_budget_bytes(jax.local_devices()[0])
-  precision = config.kernel.precision if job in ("kernel", "evolution") else "highest"
+  precision = config.kernel.precision if job in ("kernel", "spectrum", "evolution") else "highest"
   programs, notes = [], []
   if job == "train":
     programs, notes = _phase1(config, mesh)
@@ -271,6 +316,9 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
     programs = _eval_programs(config, mesh, model, "evaluate")
   elif job == "kernel":
     programs = [_kernel(config, 1, "kernel")]
+  elif job == "spectrum":
+    programs, notes = _spectrum(config, mesh, budget)
+    programs.insert(0, _kernel(config, 1, "kernel"))
   elif job == "evolution":
     epochs = tuple(config.evolution.epochs)
     count = len(epochs) if epochs else 1

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from ntk_scale import dry_run as dry_run_module
-from ntk_scale import jobs
+from ntk_scale import jobs, parallel
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
@@ -137,6 +137,26 @@ def test_kernel_plan_is_the_engine_plan():
   assert evolution.programs[0].calls == 2
   assert evolution.seconds(evolution.programs[0]) == pytest.approx(
       2 * kernel.device_flops_per_call / evolution.matmul_flops_per_s)
+
+
+def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
+  """A full kernel of 100 examples x 10 logits: 1000 rows, split over 4 devices; a round of 20
+  iterations multiplies the kernel by 4 blocks of k + oversample vectors per iteration, then once
+  by the k kept for the Ritz pairs."""
+  c = mlp_config(job="spectrum")
+  c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "full", 30
+  c.spectrum.num_eigenpairs, c.spectrum.oversample, c.spectrum.max_iters = 20, 10, 100
+  plan = jobs.dry_run(c)
+  kernel, rounds = plan.programs
+  assert kernel.name.startswith("kernel:") and rounds.name == "spectrum: top 20 of 1000 rows, LOBPCG round"
+  assert rounds.calls == 5 and rounds.flops_per_call == 2 * 1000**2 * (20 * 4 * 30 + 20)
+  assert 1000**2 * 4 / 4 < rounds.bytes_per_device < 4 * 1000**2 * 4 / 4  # a quarter of the rows each
+  # A budget under a quarter of the matrix: method auto streams from disk, method sharded is refused.
+  programs, notes = dry_run_module._spectrum(c, parallel.make_mesh(), 1.5e5)  # pylint: disable=protected-access
+  assert programs == [] and "streams the kernel from disk on the host" in notes[0]
+  c.spectrum.method = "sharded"
+  with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.spectrum.memory_budget_gb"):
+    dry_run_module._spectrum(c, parallel.make_mesh(), 1.5e5)  # pylint: disable=protected-access
 
 
 def test_bad_job_and_dataset_are_named():

@@ -123,7 +123,7 @@ def _describe(method: str, engine: Any, store: KernelStore, width: int, s) -> st
   size = n * c
   if method == "dense":
     return f"dense eigendecomposition of the {size} x {size} matrix in {s.dtype}"
-  products = 2.0 * size * size * width * s.round_iters
+  products = engine.flops_per_round() if method == "sharded" else 2.0 * size * size * width * s.round_iters
   where = (f"rows split over {jax.device_count()} devices, memory per device "
            f"{engine.bytes_per_device() / 2**30:.3g} GiB (compiled)"
            if method == "sharded" and engine.bytes_per_device() is not None else

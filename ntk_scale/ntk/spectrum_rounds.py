@@ -57,7 +57,7 @@ class ShardedKernel:
     self.size = self.num_examples * self.logits  # rows of the kernel's matrix
     devices = mesh.devices.size
     self.padded_size = -(-self.num_examples // devices) * devices * self.logits
-    self.mesh, self.width, self.k = mesh, width, k
+    self.mesh, self.width, self.k, self.round_iters = mesh, width, k, round_iters
     self.dtype = np.dtype(dtype)
     self.rows = NamedSharding(mesh, P(parallel.DATA_AXIS, None))
     replicated = parallel.replicated_sharding(mesh)
@@ -88,6 +88,12 @@ class ShardedKernel:
     self._advance = jax.jit(advance, out_shardings=(replicated, replicated)).lower(matrix, block).compile()
     self._ritz = jax.jit(ritz, out_shardings=replicated).lower(matrix, kept).compile()
     self._matrix = None
+
+  def flops_per_round(self) -> float:
+    """Multiply-adds x 2 of a round's kernel products: jax's LOBPCG multiplies 4 blocks per
+    iteration (its basis [X, P, R] for Rayleigh-Ritz, then X), and the Ritz step one more."""
+    product = 2.0 * self.padded_size ** 2
+    return product * (self.round_iters * 4 * self.width + self.k)
 
   def bytes_per_device(self) -> float | None:
     """Peak bytes one device holds during a round or a Ritz step, by XLA (None: no analysis)."""
