@@ -61,6 +61,9 @@ def main(argv):
   if "report" in result:
     print(f"report in {result['report']}")
     return
+  if "spectrum" in result:  # the job printed its summary line
+    print(f"spectrum in {result['spectrum']}")
+    return
   if "eigen_features" in result:
     print(f"eigen-features in {result['eigen_features']}")
     return

@@ -32,7 +32,11 @@ PAIR_TIMEOUT_S = 240  # a hang fails the test instead of holding CI
 KILL_AFTER_CHECKPOINTS = 5  # steps 0 (the initialisation), 3, 6, 8, 11 of 22: the kill lands mid-run
 # 5 blocks of 8: 15 tiles in square tiles; 4 blocks of 10, one per device: 10 tiles, the column
 # rows rotating over the devices of both processes.
-KERNELS = {"tiles": ({"job": "kernel", "kernel.num_examples": 40, "kernel.tile_size": 8}, 15),
+# The square-tile kernel is the spectrum job's: its top 4 eigenpairs then come from LOBPCG with the
+# kernel's rows split over the devices of both processes.
+SPECTRUM = {"job": "spectrum", "spectrum.num_eigenpairs": 4, "spectrum.oversample": 3,
+            "spectrum.method": "sharded", "spectrum.dtype": "float64"}
+KERNELS = {"tiles": ({**SPECTRUM, "kernel.num_examples": 40, "kernel.tile_size": 8}, 15),
            "ring": ({"job": "kernel", "kernel.num_examples": 40, "kernel.rotate": True}, 10)}
 
 
@@ -166,14 +170,22 @@ def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_proc
   # Each process computed and wrote the tiles of its own devices; only process 0 reports.
   per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
   assert min(per_process) > 0 and sum(per_process) == num_tiles, per_process
-  assert f"{num_tiles} of {num_tiles} tiles computed" in logs[0]
-  assert f"of {num_tiles} tiles computed" not in logs[1]
+  if fields["job"] == "kernel":
+    assert f"{num_tiles} of {num_tiles} tiles computed" in logs[0]
+  assert not re.search(r"tiles computed|spectrum in", logs[1])
   by_two = KernelStore.open(os.path.join(workdir, "kernels", layout))
   assert by_two.meta["complete"] and len(by_two.done_tiles()) == num_tiles
 
   single = config(**fields, **{"kernel.name": f"{layout}_single"})
-  by_one = KernelStore.open(jobs.run(single, workdir)["kernel"]).read()
+  jobs.run(single, workdir)
+  by_one = KernelStore.open(os.path.join(workdir, "kernels", f"{layout}_single")).read()
   np.testing.assert_allclose(by_two.read(), by_one, rtol=1e-5, atol=1e-5 * np.abs(by_one).max())
+  if fields["job"] == "spectrum":
+    assert "spectrum plan: sharded LOBPCG" in logs[0] and "rows split over 4 devices" in logs[0]
+    assert f"spectrum in {os.path.join(workdir, 'kernels', layout, 'spectrum')}" in logs[0]
+    two_values, one_values = (np.load(os.path.join(workdir, "kernels", name, "spectrum", "values.npy"))
+                              for name in (layout, f"{layout}_single"))
+    np.testing.assert_allclose(two_values, one_values, rtol=1e-5)
 
 
 def test_start_up_flags_are_checked_before_joining_a_job():
