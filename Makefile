@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) main.py --config configs/digits.py --workdir $(WORKDIR)
 	$(PY) main.py --config configs/digits.py:adversarial --workdir $(WORKDIR)_adversarial
-	$(PY) main.py --config configs/digits.py --config.job=kernel --workdir $(WORKDIR)
-	$(PY) main.py --config configs/digits.py:adversarial --config.job=kernel --workdir $(WORKDIR)_adversarial
+	$(PY) main.py --config configs/digits.py --config.job=spectrum --workdir $(WORKDIR)
+	$(PY) main.py --config configs/digits.py:adversarial --config.job=spectrum --workdir $(WORKDIR)_adversarial
 	$(PY) main.py --config configs/digits.py --config.job=report --workdir $(WORKDIR)
 	$(PY) main.py --config configs/digits.py:adversarial --config.job=report --workdir $(WORKDIR)_adversarial
 
