@@ -207,3 +207,18 @@ def test_bad_settings_are_refused_before_any_compute(tmp_path, monkeypatch, fiel
 def test_lobpcg_needs_a_narrow_block(workdir):
   with pytest.raises(ValueError, match="under a fifth of the 60 rows"):
     jobs.run(spectrum_config(method="sharded", num_eigenpairs=12), workdir)
+
+
+def test_an_unconverged_solve_goes_on_when_given_more_iterations(workdir, capsys):
+  config = spectrum_config(method="sharded", dtype="float64", tol=1e-14, round_iters=1, max_iters=2)
+  config.kernel.name = "more"
+  short = jobs.run(config, workdir)
+  assert not short["converged"] and short["iterations"] == 2
+  assert "raise config.spectrum.max_iters" in capsys.readouterr().out
+  assert sorted(n for n in os.listdir(short["spectrum"]) if n.startswith("iterate")) == [
+      "iterate.json", "iterate_2.npy"]
+  assert jobs.run(config, workdir)["iterations"] == 2  # read back: nothing more was asked
+  config.spectrum.max_iters = 4
+  longer = jobs.run(config, workdir)
+  assert "resuming the spectrum at round 2" in capsys.readouterr().out
+  assert longer["iterations"] == 4 and longer["residuals_by_round"][:2] == short["residuals_by_round"]

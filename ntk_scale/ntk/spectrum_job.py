@@ -181,10 +181,19 @@ def _save_state(directory: str, state: dict) -> None:
     multihost_utils.sync_global_devices("spectrum round saved")
 
 
+def _remove_rounds(directory: str) -> None:
+  """Saved rounds: kept while a solve may go on (more max_iters), dropped once converged."""
+  if jax.process_index() == 0:
+    for name in files.list_dir(directory):
+      if name.startswith("iterate"):
+        files.remove(os.path.join(directory, name))
+
+
 def _solve(engine: Any, directory: str, s, settings: dict, width: int) -> tuple[Eigenpairs, dict]:
   """LOBPCG rounds from the saved round (or a seeded start), each saved as it ends."""
   state = _load_state(directory, settings)
   if state is None:
+    _remove_rounds(directory)  # of an unfinished solve with other settings
     state = first_state(start_block(engine.size, width, s.seed, np.dtype(s.dtype)))
     state["settings"] = settings
   elif jax.process_index() == 0:
@@ -237,7 +246,8 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       matrix = as_matrix(store.read()).astype(s.dtype)
       full = eigh(matrix, dtype=s.dtype, backend="jax")
       vectors, values = full.vectors[:, :s.num_eigenpairs], full.values[:s.num_eigenpairs]
-      residuals = np.linalg.norm(matrix @ vectors - vectors * values, axis=0) / abs(values[0])
+      residuals = (np.linalg.norm(matrix @ vectors - vectors * values, axis=0)
+                   / max(abs(values[0]), np.finfo(values.dtype).tiny))
       pairs = Eigenpairs(full.values, vectors, residuals)
       state = first_state(None)
       trace = float(full.values.sum())
@@ -256,9 +266,7 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if jax.process_index() == 0:
     _write_result(directory, pairs, record)
     if record["converged"]:
-      for name in files.list_dir(directory):
-        if name.startswith("iterate"):
-          files.remove(os.path.join(directory, name))
+      _remove_rounds(directory)
     print(f"spectrum: top {s.num_eigenpairs} eigenpairs of {kernel['kernel']} by {method} "
           f"({state['iterations']} iterations, {record['seconds']:.1f} s): top eigenvalue "
           f"{record['top_eigenvalue']:.6g}, largest residual {residual:.2e}"
