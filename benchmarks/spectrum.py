@@ -110,7 +110,7 @@ def main() -> None:
   parser.add_argument("--topk", default="4096", help="sizes for the top-k solvers")
   parser.add_argument("--k", type=int, default=100)
   parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-  parser.add_argument("--round-iters", type=int, default=20)
+  parser.add_argument("--round-iters", type=int, default=10)
   parser.add_argument("--block-mb", type=float, default=64.0, help="row panel size per read")
   parser.add_argument("--tile", type=int, default=1024, help="the store's tile (chunk) side")
   args = parser.parse_args()
