@@ -6,6 +6,22 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# JAX's persistent compilation cache, one directory for the whole session: both xdist workers and
+# every process a test starts (main.py, the multi-host pairs) read and write it through the
+# environment, so a program (the digits CNN's train/eval/attack steps, kernel tiles) compiled by
+# one file is loaded, not compiled again, by the next. A cached executable is the compiled program
+# itself: results are bitwise those of a fresh compile. The directory is made by the process that
+# starts the session (xdist's controller, or a plain pytest) and removed when it ends
+# (pytest_unconfigure); a worker finds it in the environment.
+_SESSION_CACHE = "NTK_SCALE_TEST_COMPILATION_CACHE"
+_OWN_CACHE = None
+if _SESSION_CACHE not in os.environ:
+  import tempfile
+  _OWN_CACHE = os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="ntk_scale_tests_jax_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_SESSION_CACHE]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, however quick
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # and however small
+
 # `make test` runs `pytest -n 2 --dist loadfile`: each file runs whole on one worker, and the two
 # workers take the files in collection order. The longest files (about 1-4 minutes each on 2 CPU
 # cores) go first, so that the short ones fill in around them; last, the run waited minutes on
@@ -19,6 +35,36 @@ def pytest_configure(config):
   # files (few tests each) at the end.
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
+  if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    _write_compilation_cache_entries_atomically()  # in each process that runs tests
+
+
+def _write_compilation_cache_entries_atomically():
+  """jax's file cache (jax/_src/lru_cache.py, without a size limit) writes an entry in place, so the
+  other worker could read a program still being written: jax then warns, compiles it again (same
+  result) and keeps the torn entry for the rest of the session. Here an entry is written to a
+  temporary file and renamed into place. Processes that tests start keep jax's own write."""
+  from jax._src import lru_cache
+  put = lru_cache.LRUCache.put
+
+  def atomic_put(self, key: str, value: bytes) -> None:
+    if self.eviction_enabled or not key:
+      return put(self, key, value)
+    path = os.path.join(str(self.path), f"{key}{lru_cache._CACHE_SUFFIX}")
+    if os.path.exists(path):
+      return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as f:
+      f.write(value)
+    os.replace(temporary, path)
+
+  lru_cache.LRUCache.put = atomic_put
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
