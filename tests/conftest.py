@@ -29,7 +29,8 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # and however sm
 # with the compilation cache): ntk_engine ~1/3 and train ~1/4 of the suite, the next ones 8% to 1.5%.
 LONGEST_FIRST = ("test_ntk_engine.py", "test_train.py", "test_phase2.py", "test_kernel_job.py",
                  "test_adversarial_training.py", "test_multihost.py", "test_resume.py", "test_attacks.py",
-                 "test_linearize.py", "test_infinite_references.py", "test_dry_run.py", "test_infinite.py")
+                 "test_spectrum_job.py", "test_initial_checkpoint.py", "test_linearize.py",
+                 "test_infinite_references.py", "test_dry_run.py", "test_infinite.py")
 
 
 def pytest_configure(config):
@@ -46,13 +47,17 @@ def _write_compilation_cache_entries_atomically():
   other worker could read a program still being written: jax then warns, compiles it again (same
   result) and keeps the torn entry for the rest of the session. Here an entry is written to a
   temporary file and renamed into place. Processes that tests start keep jax's own write."""
-  from jax._src import lru_cache
-  put = lru_cache.LRUCache.put
+  try:  # jax internals: where they moved, jax's own in-place writes stand (a torn read recompiles)
+    from jax._src import lru_cache
+    put = lru_cache.LRUCache.put
+    suffix = lru_cache._CACHE_SUFFIX
+  except (ImportError, AttributeError):
+    return
 
   def atomic_put(self, key: str, value: bytes) -> None:
     if self.eviction_enabled or not key:
       return put(self, key, value)
-    path = os.path.join(str(self.path), f"{key}{lru_cache._CACHE_SUFFIX}")
+    path = os.path.join(str(self.path), f"{key}{suffix}")
     if os.path.exists(path):
       return
     temporary = f"{path}.{os.getpid()}.tmp"
