@@ -55,7 +55,7 @@ def _write_compilation_cache_entries_atomically():
     return
 
   def atomic_put(self, key: str, value: bytes) -> None:
-    if self.eviction_enabled or not key:
+    if getattr(self, "eviction_enabled", True) or not key:
       return put(self, key, value)
     path = os.path.join(str(self.path), f"{key}{suffix}")
     if os.path.exists(path):

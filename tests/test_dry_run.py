@@ -146,6 +146,7 @@ def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   c = mlp_config(job="spectrum")
   c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "full", 30
   c.spectrum.num_eigenpairs, c.spectrum.oversample, c.spectrum.max_iters = 20, 10, 100
+  c.spectrum.round_iters = 20
   plan = jobs.dry_run(c)
   kernel, rounds = plan.programs
   assert kernel.name.startswith("kernel:") and rounds.name == "spectrum: top 20 of 1000 rows, LOBPCG round"
