@@ -28,6 +28,16 @@ unless `--config.phase2.name` is set; several phase-2 experiments share one phas
 fields (`--config.phase2.linearization=linear|centered|centered_nonlinear`, `batch_norm`,
 `optimizer.*`, `attack`) default to Loo et al.'s settings and the phase-1 attack.
 
+Kernels of a trained workdir: the class-0 kernel of Loo et al.'s 500 images, and the DESIGN's
+target, the class-0 kernel of all 50,000 training images with its top 1000 eigenpairs (plan it
+first with --dry_run: kernel tiles, the LOBPCG round's memory per device and FLOPs):
+
+    python main.py --config configs/cifar10_resnet18.py --config.job=kernel --config.kernel.logits=0 \
+        --workdir workdirs/cifar10_resnet18_C
+    python main.py --config configs/cifar10_resnet18.py --config.job=spectrum --config.kernel.logits=0 \
+        --config.kernel.num_examples=0 --config.spectrum.num_eigenpairs=1000 \
+        --workdir workdirs/cifar10_resnet18_C
+
 Settings from Loo et al.: ResNet-18 with a 3x3 stride-1 stem and no max-pool, inputs in [0, 1]
 without normalisation, SGD with learning rate 0.1 and momentum 0.9, batch 128, learning rate x0.1
 after epochs 100 and 150 (200 epochs), checkpoints of the initialisation (epoch 0), every epoch and
