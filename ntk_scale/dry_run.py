@@ -38,8 +38,7 @@ from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import KernelPlanError, device_budget_bytes
-from ntk_scale.ntk.spectrum_job import check_spectrum_config
-from ntk_scale.ntk.spectrum_rounds import ShardedKernel
+from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
                                         check_train_config)
@@ -244,35 +243,32 @@ def _kernel_examples(config: ml_collections.ConfigDict) -> int:
 
 def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
               ) -> tuple[list[ProgramCost], list[str]]:
-  """The spectrum job's sharded LOBPCG round (at most max_iters / round_iters of them), compiled from
-  the kernel's shape; where the devices cannot hold it, method auto streams from disk (a note)."""
+  """The spectrum job's plan (spectrum_job.plan_spectrum): for the sharded method its LOBPCG round
+  (at most max_iters / round_iters of them), compiled from the kernel's shape; other methods as a
+  note."""
   s = config.spectrum
-  budget = s.memory_budget_gb * 2**30 or device_budget
   num_classes = dataset_classes(config.data)
   check_spectrum_config(config, num_classes)
   spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
   n = _kernel_examples(config)
-  shape = (n, n, *spec.tile_suffix)
-  size = n * (spec.tile_suffix or (1,))[0]
-  width = min(s.num_eigenpairs + s.oversample, size)
-  if s.method == "dense" or 5 * width >= size:
-    return [], [f"spectrum: a dense eigendecomposition of the {size} x {size} matrix (not modelled)"]
-  if s.method == "streamed":
-    return [], ["spectrum: method 'streamed' runs on the host (not modelled)"]
   with jax.enable_x64(s.dtype == "float64"):
-    engine = ShardedKernel(shape, mesh, width, s.num_eigenpairs, s.dtype, s.round_iters, s.precision,
-                           s.tol or 1e-5)
+    try:
+      plan = plan_spectrum(s, (n, n, *spec.tile_suffix), mesh, device_budget)
+    except SpectrumDoesNotFit as e:
+      raise PlanDoesNotFit(str(e)) from e
+  if plan.method == "dense":
+    return [], [f"spectrum: a dense eigendecomposition of the {plan.size} x {plan.size} matrix (not "
+                f"modelled)"]
+  if plan.sharded is None:
+    return [], ["spectrum: method 'streamed' runs on the host (not modelled)"]
+  engine = plan.sharded
+  if plan.method == "streamed":
+    return [], [f"spectrum: the sharded round needs {_gib(engine.bytes_per_device())} per device; "
+                f"method auto streams the kernel from disk on the host instead (not modelled)"]
   rounds = math.ceil(s.max_iters / s.round_iters)
-  cost = ProgramCost(f"spectrum: top {s.num_eigenpairs} of {size} rows, LOBPCG round", rounds,
+  cost = ProgramCost(f"spectrum: top {s.num_eigenpairs} of {plan.size} rows, LOBPCG round", rounds,
                      engine.flops_per_round(), engine.bytes_per_device() or 0.0,
                      "config.spectrum.memory_budget_gb or config.spectrum.num_eigenpairs")
-  if cost.bytes_per_device > budget and s.method == "auto":
-    return [], [f"spectrum: the sharded round needs {_gib(cost.bytes_per_device)} per device; method "
-                f"auto streams the kernel from disk on the host instead (not modelled)"]
-  if cost.bytes_per_device > budget:
-    raise PlanDoesNotFit(f"config.spectrum.method='sharded' needs {_gib(cost.bytes_per_device)} per "
-                         f"device, over the {_gib(budget)} budget; use more devices, method 'streamed', "
-                         f"or raise config.spectrum.memory_budget_gb.")
   return [cost], [f"spectrum: at most {rounds} rounds ({s.max_iters} iterations); most kernels "
                   f"converge in far fewer"]
 

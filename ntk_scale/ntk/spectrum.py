@@ -187,18 +187,24 @@ def top_eigenpairs(kernel: np.ndarray | scipy.sparse.linalg.LinearOperator, k: i
   return Eigenpairs(values, vectors, residuals)
 
 
-def rayleigh_ritz(matmat, vectors: np.ndarray) -> Eigenpairs:
+def relative_residuals(products, vectors, values, xp=np):
+  """||K v - lambda v|| / |lambda_max| per pair, from the products K v (columns): how far each pair
+  is from exact. `xp` is numpy, or jax.numpy inside a jitted program."""
+  scale = xp.maximum(xp.abs(values[0]), xp.finfo(values.dtype).tiny)
+  return xp.linalg.norm(products - vectors * values, axis=0) / scale
+
+
+def rayleigh_ritz(matmat, vectors, xp=np) -> Eigenpairs:
   """Ritz pairs of a symmetric operator (`matmat(V)` = K V) on the span of `vectors` [M, k],
-  largest first, orthonormal to round-off, with residuals ||K v - lambda v|| / lambda_max: what an
-  iterative solve returns and how far each pair is from exact."""
-  vectors, _ = np.linalg.qr(vectors)
+  largest first, orthonormal to round-off, with their relative residuals: what an iterative solve
+  returns. `xp` is numpy, or jax.numpy inside a jitted program (set its matmul precision there)."""
+  vectors, _ = xp.linalg.qr(vectors)
   products = matmat(vectors)
   projected = vectors.T @ products
-  ritz_values, ritz_vectors = np.linalg.eigh((projected + projected.T) / 2)
+  ritz_values, ritz_vectors = xp.linalg.eigh((projected + projected.T) / 2)
   values, vectors = ritz_values[::-1], vectors @ ritz_vectors[:, ::-1]
   products = products @ ritz_vectors[:, ::-1]
-  residuals = np.linalg.norm(products - vectors * values, axis=0) / max(abs(values[0]), 1e-300)
-  return Eigenpairs(values, vectors, residuals)
+  return Eigenpairs(values, vectors, relative_residuals(products, vectors, values, xp))
 
 
 def store_top_eigenpairs(store: KernelStore, k: int, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES,

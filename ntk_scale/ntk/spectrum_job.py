@@ -26,6 +26,7 @@ Measured (2-core CPU, 4 emulated devices, float32): the trace kernel of the digi
 training images, top 100 eigenpairs: see the README.
 """
 
+import dataclasses
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ from ntk_scale import files, parallel
 from ntk_scale.ntk.job import kernel_job
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.programs import check_precision
-from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh
+from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh, relative_residuals
 from ntk_scale.ntk.spectrum_rounds import (STALL_ROUNDS, ShardedKernel, StreamedKernel, first_state,
                                            matrix_layout, run_rounds, start_block)
 from ntk_scale.ntk.store import KernelStore
@@ -82,56 +83,79 @@ def _check_k(k: int, size: int) -> None:
                      f"(config.kernel.num_examples, times the logits of a full kernel).")
 
 
+def resolved_tol(s: ml_collections.ConfigDict) -> float:
+  """config.spectrum.tol, or its dtype's default for 0."""
+  return s.tol or DEFAULT_TOL[s.dtype]
+
+
 def _settings(s: ml_collections.ConfigDict) -> dict[str, Any]:
   """What makes two solves the same solve (a saved round of another is not resumed)."""
   return {"num_eigenpairs": s.num_eigenpairs, "oversample": s.oversample, "dtype": s.dtype,
-          "tol": s.tol or DEFAULT_TOL[s.dtype], "seed": s.seed, "round_iters": s.round_iters,
+          "tol": resolved_tol(s), "seed": s.seed, "round_iters": s.round_iters,
           "precision": s.precision}
 
 
-def _choose(s: ml_collections.ConfigDict, store: KernelStore, width: int) -> tuple[str, Any]:
-  """The method and its engine (None for dense), refusing a sharded plan that cannot fit."""
-  n, c = matrix_layout(store.shape)
+class SpectrumDoesNotFit(ValueError):
+  """method 'sharded' asked of devices that cannot hold the kernel's rows; names what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectrumPlan:
+  method: str  # dense | sharded | streamed
+  size: int  # rows of the kernel's matrix (N, or N*C for a full kernel)
+  width: int  # vectors in LOBPCG's block: num_eigenpairs + oversample
+  # The compiled device program, where it was built: for method sharded, and for auto when its
+  # memory per device exceeded the budget (method streamed then; its size says by how much).
+  sharded: ShardedKernel | None
+
+
+def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
+                  device_budget: float) -> SpectrumPlan:
+  """The method config.spectrum gets for a kernel of `shape` on `mesh`, from shapes alone (the job
+  and the dry run): dense where the block is too wide for LOBPCG, sharded where XLA's memory per
+  device fits the budget (config.spectrum.memory_budget_gb, or `device_budget`), else streamed;
+  SpectrumDoesNotFit for method 'sharded' over the budget. Call under jax.enable_x64 for float64."""
+  n, c = matrix_layout(shape)
   size = n * c
+  width = min(s.num_eigenpairs + s.oversample, size)
   if s.method == "dense" or 5 * width >= size:
     if s.method not in ("auto", "dense"):
       raise ValueError(f"config.spectrum.method={s.method!r} needs a block of num_eigenpairs + "
                        f"oversample = {width} vectors under a fifth of the {size} rows; lower "
                        f"them or use method 'dense'.")
-    return "dense", None
-  tol = s.tol or DEFAULT_TOL[s.dtype]
+    return SpectrumPlan("dense", size, width, None)
   if s.method == "streamed":
-    return "streamed", StreamedKernel(store, s.num_eigenpairs, s.dtype, s.round_iters, tol,
-                                      int((s.max_block_mb or 256) * 2**20))
-  budget = s.memory_budget_gb * 2**30 or device_budget_bytes(jax.local_devices()[0])
-  engine = ShardedKernel(store.shape, parallel.make_mesh(), width, s.num_eigenpairs, s.dtype,
-                         s.round_iters, s.precision, tol)
+    return SpectrumPlan("streamed", size, width, None)
+  budget = s.memory_budget_gb * 2**30 or device_budget
+  engine = ShardedKernel(shape, mesh, width, s.num_eigenpairs, s.dtype, s.round_iters, s.precision,
+                         resolved_tol(s))
   needed = engine.bytes_per_device()
   if needed is not None and needed > budget:
     if s.method == "sharded":
-      raise ValueError(f"config.spectrum.method='sharded' needs {needed / 2**30:.3g} GiB per device "
-                       f"(the {size}-row matrix over {jax.device_count()} devices, and the block), "
-                       f"over the {budget / 2**30:.3g} GiB budget (config.spectrum.memory_budget_gb); "
-                       f"use more devices, method 'streamed', or raise the budget.")
-    return "streamed", StreamedKernel(store, s.num_eigenpairs, s.dtype, s.round_iters, tol,
-                                      int((s.max_block_mb or 256) * 2**20))
-  return "sharded", engine
+      raise SpectrumDoesNotFit(
+          f"config.spectrum.method='sharded' needs {needed / 2**30:.3g} GiB per device (the "
+          f"{size}-row matrix over {mesh.devices.size} devices, and the block), over the "
+          f"{budget / 2**30:.3g} GiB budget (config.spectrum.memory_budget_gb); use more devices, "
+          f"method 'streamed', or raise the budget.")
+    return SpectrumPlan("streamed", size, width, engine)
+  return SpectrumPlan("sharded", size, width, engine)
 
 
-def _describe(method: str, engine: Any, store: KernelStore, width: int, s) -> str:
-  n, c = matrix_layout(store.shape)
-  size = n * c
-  if method == "dense":
+def _describe(plan: SpectrumPlan, engine: Any, s: ml_collections.ConfigDict) -> str:
+  size = plan.size
+  if plan.method == "dense":
     return f"dense eigendecomposition of the {size} x {size} matrix in {s.dtype}"
-  products = engine.flops_per_round() if method == "sharded" else 2.0 * size * size * width * s.round_iters
-  where = (f"rows split over {jax.device_count()} devices, memory per device "
-           f"{engine.bytes_per_device() / 2**30:.3g} GiB (compiled)"
-           if method == "sharded" and engine.bytes_per_device() is not None else
-           f"rows split over {jax.device_count()} devices" if method == "sharded" else
-           f"read from disk by panels of {engine.operator.rows_per_read} examples at each product")
-  return (f"{method} LOBPCG for the top {s.num_eigenpairs} of the {size} x {size} matrix in {s.dtype}, "
-          f"{where}; a block of {width} vectors, rounds of {s.round_iters} iterations (at most "
-          f"{s.max_iters}), {products:.3g} FLOP of products per round")
+  if plan.method == "sharded":
+    products = engine.flops_per_round()
+    memory = engine.bytes_per_device()
+    where = f"rows split over {jax.device_count()} devices" + (
+        "" if memory is None else f", memory per device {memory / 2**30:.3g} GiB (compiled)")
+  else:
+    products = 2.0 * size * size * plan.width * s.round_iters
+    where = f"read from disk by panels of {engine.operator.rows_per_read} examples at each product"
+  return (f"{plan.method} LOBPCG for the top {s.num_eigenpairs} of the {size} x {size} matrix in "
+          f"{s.dtype}, {where}; a block of {plan.width} vectors, rounds of {s.round_iters} iterations "
+          f"(at most {s.max_iters}), {products:.3g} FLOP of products per round")
 
 
 def _write_result(directory: str, pairs: Eigenpairs, record: dict) -> None:
@@ -153,18 +177,19 @@ def load_spectrum(directory: str) -> tuple[Eigenpairs, dict]:
 
 def _load_state(directory: str, settings: dict) -> dict | None:
   """The last saved round of this solve (process 0 reads; every process gets its round)."""
-  round_number = -1
+  state = None
   if jax.process_index() == 0 and files.exists(os.path.join(directory, STATE_FILE)):
     state = files.read_json(os.path.join(directory, STATE_FILE))
-    if state.get("settings") == settings:
-      round_number = int(state["rounds"])
-    else:
+    if state.get("settings") != settings:
       logging.info("spectrum %s: the saved round is of other settings; starting over", directory)
+      state = None
+  round_number = -1 if state is None else int(state["rounds"])
   if jax.process_count() > 1:
     round_number = int(multihost_utils.broadcast_one_to_all(np.int64(round_number)))
   if round_number < 0:
     return None
-  state = files.read_json(os.path.join(directory, STATE_FILE))
+  if state is None:  # the other processes read the state process 0 found
+    state = files.read_json(os.path.join(directory, STATE_FILE))
   state["block"] = files.load_array(os.path.join(directory, f"iterate_{round_number}.npy"))
   return state
 
@@ -236,26 +261,27 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if jax.process_index() == 0:
     files.make_dirs(directory)
 
-  width = min(s.num_eigenpairs + s.oversample, n * c)
   started = time.time()
   with jax.enable_x64(s.dtype == "float64"):
-    method, engine = _choose(s, store, width)
+    plan = plan_spectrum(s, store.shape, parallel.make_mesh(), device_budget_bytes(jax.local_devices()[0]))
+    method = plan.method
+    engine = plan.sharded if method == "sharded" else (
+        StreamedKernel(store, s.num_eigenpairs, s.dtype, s.round_iters, resolved_tol(s),
+                       int((s.max_block_mb or 256) * 2**20)) if method == "streamed" else None)
     if jax.process_index() == 0:
-      print(f"spectrum plan: {_describe(method, engine, store, width, s)}", flush=True)
+      print(f"spectrum plan: {_describe(plan, engine, s)}", flush=True)
     if method == "dense":
       matrix = as_matrix(store.read()).astype(s.dtype)
       full = eigh(matrix, dtype=s.dtype, backend="jax")
       vectors, values = full.vectors[:, :s.num_eigenpairs], full.values[:s.num_eigenpairs]
-      residuals = (np.linalg.norm(matrix @ vectors - vectors * values, axis=0)
-                   / max(abs(values[0]), np.finfo(values.dtype).tiny))
-      pairs = Eigenpairs(full.values, vectors, residuals)
+      pairs = Eigenpairs(full.values, vectors, relative_residuals(matrix @ vectors, vectors, values))
       state = first_state(None)
       trace = float(full.values.sum())
     else:
       if method == "sharded":
         engine.load(store)
       trace = engine.trace()
-      pairs, state = _solve(engine, directory, s, settings, width)
+      pairs, state = _solve(engine, directory, s, settings, plan.width)
   residual = float(pairs.residuals.max())
   record = {"settings": settings, "method": method, "kernel": os.path.relpath(kernel["kernel"], workdir),
             "shape": list(store.shape), "num_eigenpairs": s.num_eigenpairs, "rounds": state["rounds"],

@@ -75,15 +75,9 @@ class ShardedKernel:
       return vectors[:, jnp.argsort(-values)], iterations
 
     def ritz(matrix, vectors):
-      vectors, _ = jnp.linalg.qr(vectors)
-      products = jnp.matmul(matrix, vectors, precision=precision)
-      projected = jnp.matmul(vectors.T, products, precision=precision)
-      values, rotation = jnp.linalg.eigh((projected + projected.T) / 2)
-      values, rotation = values[::-1], rotation[:, ::-1]
-      vectors = jnp.matmul(vectors, rotation, precision=precision)
-      products = jnp.matmul(products, rotation, precision=precision)
-      scale = jnp.maximum(jnp.abs(values[0]), jnp.finfo(values.dtype).tiny)
-      return values, vectors, jnp.linalg.norm(products - vectors * values, axis=0) / scale
+      with jax.default_matmul_precision(precision):  # every matmul of the host's Rayleigh-Ritz
+        pairs = rayleigh_ritz(lambda v: matrix @ v, vectors, xp=jnp)
+      return pairs.values, pairs.vectors, pairs.residuals
 
     self._advance = jax.jit(advance, out_shardings=(replicated, replicated)).lower(matrix, block).compile()
     self._ritz = jax.jit(ritz, out_shardings=replicated).lower(matrix, kept).compile()
