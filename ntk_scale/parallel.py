@@ -67,6 +67,12 @@ def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray)
   return out
 
 
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (a no-op on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def agree(flag: bool) -> bool:
   """Process 0's `flag`, on every process: each waits here until process 0 arrives, so this is a
   barrier that carries one bit (say, whether what process 0 alone did worked). `flag` itself on

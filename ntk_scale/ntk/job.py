@@ -124,11 +124,6 @@ def _host_copy(array: jax.Array, dtype: str) -> np.ndarray:
   return np.asarray(array.addressable_data(0), dtype)
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _agreed(done: set[tuple[int, int]], tiles: list[tuple[int, int]]) -> set[tuple[int, int]]:
   """Process 0's list of finished tiles, on every process: every process must plan the same steps,
   and hosts may list a shared directory differently (file-system caches)."""
@@ -193,7 +188,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     # Process 0 creates (or checks) the store; the others open it once it exists.
     if jax.process_index() == 0:
       store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels)
-    _barrier("kernel store created")
+    parallel.barrier("kernel store created")
     if jax.process_index() != 0:
       store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels, create=False)
     done = _agreed(store.done_tiles(), plan.tiles())
@@ -205,7 +200,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       computed = run_tiles(apply_fn, params, images, None, plan, write, precision=k.precision,
                            done=done, mesh=mesh, model_state=batch_stats)
     seconds = time.time() - started
-  _barrier("kernel tiles written")
+  parallel.barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)
   finished = store.done_tiles()
   remaining = total - len(finished)

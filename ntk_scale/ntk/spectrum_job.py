@@ -202,8 +202,7 @@ def _save_state(directory: str, state: dict) -> None:
     previous = os.path.join(directory, f"iterate_{state['rounds'] - 1}.npy")
     if files.exists(previous):
       files.remove(previous)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("spectrum round saved")
+  parallel.barrier("spectrum round saved")
 
 
 def _remove_rounds(directory: str) -> None:
@@ -299,6 +298,5 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
           + ("" if record["converged"] else f" (not below tol {settings['tol']:g}: "
              + ("stalled at round-off" if record["stalled"] else "raise config.spectrum.max_iters") + ")"),
           flush=True)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("spectrum written")
+  parallel.barrier("spectrum written")
   return {**record, "spectrum": directory}
