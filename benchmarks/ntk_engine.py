@@ -77,6 +77,12 @@ def build(name: str, seed: int = 0):
 
 
 def best_time(fn, repeats: int) -> float:
+  """The fastest of `repeats` calls after a first one that compiles and warms up; with repeats 0,
+  that first call alone, compilation included (for rows of many minutes)."""
+  if repeats == 0:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
   fn()  # compile and warm up
   times = []
   for _ in range(repeats):
@@ -135,12 +141,13 @@ def nt_best(nt, f, trace_axes, params, x, batch_size: int | None):
 
 
 def nt_batch_sizes(nt, f, trace_axes, params, x) -> list[int]:
-  """Divisors of N below N (nt.batch needs one), largest first, from the largest whose program
-  for a pair of batches XLA counts within the device's budget (on a backend without a memory
-  analysis, all of them)."""
+  """Divisors of N (nt.batch needs one; N itself is the one call), largest first, from the
+  largest whose program for a pair of batches XLA counts within the device's budget (on a backend
+  without a memory analysis, all of them). Checked before running: a CPU process that allocates
+  past the host's memory is killed, not told RESOURCE_EXHAUSTED."""
   n, budget = len(x), device_budget_bytes(jax.local_devices()[0])
   jitted = jax.jit(nt_kernel_fn(nt, f, trace_axes))
-  sizes = [b for b in range(n - 1, 0, -1) if n % b == 0]
+  sizes = [b for b in range(n, 0, -1) if n % b == 0]
   for index, b in enumerate(sizes):
     block = jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
     needed = memory_per_device(jitted.lower(block, block, params).compile())
@@ -165,7 +172,8 @@ def main() -> None:
                       help="ours again with each of these planner settings, e.g. band=1,rotate=False")
   parser.add_argument("--memory_budget_gb", type=float, default=None,
                       help="ours: this per-device budget, not 80%% of the device's memory")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=2,
+                      help="timed calls after a warm-up one; 0: one call, compilation included")
   parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
                       help="matmul precision of every row (ours and neural-tangents'); on GPUs "
                            "'default' is TF32")
@@ -223,30 +231,27 @@ def main() -> None:
           rows.append((label, best_time(lambda: out.setdefault("k", ours_kernel(**variant)),
                                         args.repeats), out["k"], varied.flops))
         f, trace_axes, scale = nt_functions(nt, apply_fn, logits) if nt else (None, None, 1.0)
-        runs = [("nt_best", nt_best(nt, f, trace_axes, params, x, None))] if nt else []
-        if nt and n <= args.loo_max:
-          runs.append(("loo2022", loo2022(nt, f, trace_axes, params, x)))
-        for label, run in runs:
-          out = {}
-          run = at_precision(run, args.precision)
-          try:
-            seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
-          except Exception as error:  # noqa: BLE001
-            if not (label == "nt_best" and is_out_of_memory(error)):
-              raise
-            for batch in nt_batch_sizes(nt, f, trace_axes, params, x):
-              try:
-                run = at_precision(nt_best(nt, f, trace_axes, params, x, batch), args.precision)
-                seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
-                label = f"nt_batch{batch}"
-                break
-              except Exception as inner:  # noqa: BLE001
-                if not is_out_of_memory(inner):
-                  raise
-            else:
-              print(f"# {name} N={n} logits={logits}: no nt.batch size fits", flush=True)
+        if nt:  # the one call where it fits, else nt.batch with the largest batch that does
+          for batch in nt_batch_sizes(nt, f, trace_axes, params, x):
+            out = {}
+            run = at_precision(nt_best(nt, f, trace_axes, params, x, None if batch == n else batch),
+                               args.precision)
+            try:
+              seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
+            except Exception as error:  # noqa: BLE001
+              if not is_out_of_memory(error):
+                raise
               continue
-          rows.append((label, seconds, out["k"] * scale, plan.flops))
+            rows.append(("nt_best" if batch == n else f"nt_batch{batch}", seconds, out["k"] * scale,
+                         plan.flops))
+            break
+          else:
+            print(f"# {name} N={n} logits={logits}: no nt.batch size fits", flush=True)
+        if nt and n <= args.loo_max:
+          out = {}
+          run = at_precision(loo2022(nt, f, trace_axes, params, x), args.precision)
+          rows.append(("loo2022", best_time(lambda: out.setdefault("k", run()), args.repeats),
+                       out["k"] * scale, plan.flops))
         for label, seconds, kernel, flops in rows:
           err = np.abs(kernel - reference).max() / np.abs(reference).max()
           rate = flops / seconds
