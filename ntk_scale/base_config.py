@@ -201,6 +201,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.evolution.top_k = 10  # size of the top and bottom eigenspaces, and of the spectral mass
   c.evolution.eigenspace_of = "final"  # final | initial: whose eigenvectors restrict the kernels
   c.evolution.num_eigenvalues = 100  # largest eigenvalues kept per checkpoint (spectra plot)
+  # dense: every eigenpair of each kernel (float64, on the host, the kernel in memory) | top: the
+  # `spectrum` job's top max(num_eigenvalues, top_k) eigenpairs (config.spectrum's method and
+  # settings; any size; no bottom-k eigenspace) | auto: dense up to 8192 rows (N, or N*C if full)
+  c.evolution.eigensolver = "auto"
   # > 0: the saved phase-1 epochs within this many epochs of the collapse recorded by the CO monitor
   # (<workdir>/catastrophic_overfitting.json), instead of `epochs`.
   c.evolution.around_collapse = 0.0

@@ -36,6 +36,7 @@ from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
+from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config, eigensolver
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
@@ -316,11 +317,21 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
     programs, notes = _spectrum(config, mesh, budget)
     programs.insert(0, _kernel(config, 1, "kernel"))
   elif job == "evolution":
+    check_evolution_settings(config)
     epochs = tuple(config.evolution.epochs)
     count = len(epochs) if epochs else 1
     programs = [_kernel(config, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint")]
     if not epochs:
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
+    spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
+    size = _kernel_examples(config) * (spec.tile_suffix or (1,))[0]
+    if eigensolver(config, size) == "top":
+      spectrum, spectrum_notes = _spectrum(checkpoint_config(config, 0.0, size), mesh, budget)
+      programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]
+      notes += spectrum_notes
+    else:
+      notes.append(f"evolution: every eigenpair of each {size}-row kernel, one float64 "
+                   f"eigendecomposition on the host (not modelled)")
   else:
     raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
                      f"cost model.")

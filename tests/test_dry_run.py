@@ -137,6 +137,13 @@ def test_kernel_plan_is_the_engine_plan():
   assert evolution.programs[0].calls == 2
   assert evolution.seconds(evolution.programs[0]) == pytest.approx(
       2 * kernel.device_flops_per_call / evolution.matmul_flops_per_s)
+  assert len(evolution.programs) == 1 and "every eigenpair of each 100-row kernel" in evolution.notes[-1]
+  # The spectrum job's LOBPCG rounds for each checkpoint's top eigenpairs (num_eigenvalues here).
+  c.evolution.eigensolver, c.evolution.num_eigenvalues, c.evolution.top_k = "top", 5, 3
+  c.spectrum.round_iters = 20
+  _, rounds = jobs.dry_run(c).programs
+  assert rounds.name == "spectrum: top 5 of 100 rows, LOBPCG round"
+  assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
 
 
 def test_spectrum_plan_is_the_kernel_and_the_compiled_round():

@@ -12,6 +12,7 @@ import pytest
 from ntk_scale import jobs
 from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.ntk import metrics
+from ntk_scale.ntk import evolution
 from ntk_scale.ntk.evolution import evolution_metrics
 from ntk_scale.ntk.spectrum import as_matrix, eigh
 from ntk_scale.ntk.store import KernelStore
@@ -137,6 +138,48 @@ def test_chosen_epochs_reuse_the_kernels_on_disk(workdir):
   assert result["directory"].endswith(os.path.join("kernel_evolution", "ends"))
 
 
+def test_top_eigenpairs_of_kernels_above_the_dense_limit(workdir, monkeypatch, capsys):
+  """Kernels above DENSE_MAX_ROWS (here 10 rows; these have 20): each checkpoint's spectrum comes
+  from the spectrum job (LOBPCG on the devices, float64 here) and every metric but the bottom-k
+  eigenspace's equals the dense job's; a rerun reads the spectra back."""
+  monkeypatch.setattr(evolution, "DENSE_MAX_ROWS", 10)
+  dense = jobs.run(evolution_config(name="dense", eigensolver="dense"), workdir)["metrics"]
+
+  def config():
+    c = evolution_config(name="top", num_eigenvalues=3)
+    c.spectrum.oversample, c.spectrum.dtype = 0, "float64"  # a block of 3 of 20 rows: LOBPCG
+    return c
+  top = jobs.run(config(), workdir)
+  out = capsys.readouterr().out
+  assert "the top 3 eigenpairs of each kernel by the spectrum job (20 rows, above 10)" in out
+  assert out.count("spectrum plan: sharded LOBPCG") == 4
+  metrics_top = top["metrics"]
+  assert metrics_top["eigensolver"] == "top" and dense["eigensolver"] == "dense"
+  for mine, theirs in zip(metrics_top["checkpoints"], dense["checkpoints"]):
+    for key, value in theirs.items():
+      if key == "kernel" or value is None:
+        assert mine[key] == value, key
+      elif key.endswith("_bottom_k"):
+        assert mine[key] is None, key
+      else:
+        assert mine[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+  np.testing.assert_allclose(metrics_top["eigenvalues"], np.array(dense["eigenvalues"])[:, :3],
+                             rtol=1e-8)
+  directory = top["directory"]
+  for name in ("metrics.csv", "distance_to_final.png", "polar.png", "spectra.png"):
+    assert os.path.getsize(os.path.join(directory, name)) > 0, name
+  with open(os.path.join(directory, "metrics.csv")) as f:
+    assert {r["distance_to_final_bottom_k"] for r in csv.DictReader(f)} == {""}
+
+  again = jobs.run(config(), workdir)
+  assert capsys.readouterr().out.count("already computed") == 4
+  assert again["metrics"]["checkpoints"] == metrics_top["checkpoints"]
+  with pytest.raises(ValueError, match="config.spectrum.method='fast'"):
+    c = config()
+    c.spectrum.method = "fast"
+    jobs.run(c, workdir)
+
+
 def test_bad_evolution_settings_fail_before_compute(workdir):
   kernels = os.path.join(workdir, "kernels")
   before = sorted(os.listdir(kernels)) if os.path.isdir(kernels) else []
@@ -150,6 +193,8 @@ def test_bad_evolution_settings_fail_before_compute(workdir):
     jobs.run(evolution_config(phase=3), workdir)
   with pytest.raises(CheckpointNotFoundError, match="no phase-2 experiment 'centered_C_from1'"):
     jobs.run(evolution_config(phase=2), workdir)  # this workdir has no phase 2
+  with pytest.raises(ValueError, match="config.evolution.eigensolver='lanczos'"):
+    jobs.run(evolution_config(eigensolver="lanczos"), workdir)
   with pytest.raises(ValueError, match="config.evolution.eigenspace_of='middle'"):
     jobs.run(evolution_config(eigenspace_of="middle"), workdir)
   with pytest.raises(ValueError, match="config.kernel.num_examples=25"):

@@ -12,8 +12,11 @@ kernel-target alignment and velocity, written to `<workdir>/kernel_evolution/<na
 
 Each kernel is the kernel job's (`<workdir>/kernels/<name>/`), so one already on disk is reused
 and an interrupted one resumes; the metrics are recomputed from the kernels on every run.
-Kernels are read by row panels, one at a time, except that each checkpoint's spectrum needs its
-own kernel in memory (a dense float64 eigendecomposition).
+Kernels are read by row panels, one at a time. Each checkpoint's spectrum is either every
+eigenpair (a dense float64 eigendecomposition, the kernel in host memory) or, above
+DENSE_MAX_ROWS rows or with config.evolution.eigensolver="top", the spectrum job's top eigenpairs
+(LOBPCG over the devices, resumable, saved in the kernel's spectrum/), which leaves the bottom-k
+eigenspace's columns empty: the smallest eigenpairs of a large kernel are not within reach.
 """
 
 import csv
@@ -31,7 +34,8 @@ from ntk_scale.checkpoint import is_initial, missing_initial_note
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
-from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
+from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, eigh
+from ntk_scale.ntk.spectrum_job import check_spectrum_config, kernel_spectrum, load_spectrum
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.collapse import CO_FILE
@@ -40,6 +44,11 @@ from ntk_scale.workdir import phase2_name
 EVOLUTION_DIR = "kernel_evolution"
 METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
 EIGENSPACE_OF = ("final", "initial")
+EIGENSOLVERS = ("auto", "dense", "top")
+# auto: every eigenpair (one float64 eigendecomposition on the host per checkpoint, the kernel in
+# memory) up to this many matrix rows (N, or N*C for a full kernel): 8192 rows hold 0.5 GB and take
+# about a minute on 2 CPU cores; above it the spectrum job's top eigenpairs (any size, on the devices).
+DENSE_MAX_ROWS = 8192
 PANEL_BYTES = 256 * 2**20  # per kernel, when the Gram matrix of all of them is streamed
 
 
@@ -62,6 +71,9 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   if e.eigenspace_of not in EIGENSPACE_OF:
     raise ValueError(f"config.evolution.eigenspace_of={e.eigenspace_of!r}; expected one of "
                      f"{', '.join(EIGENSPACE_OF)}.")
+  if e.eigensolver not in EIGENSOLVERS:
+    raise ValueError(f"config.evolution.eigensolver={e.eigensolver!r}; expected one of "
+                     f"{', '.join(EIGENSOLVERS)}.")
   if e.top_k < 1 or e.num_eigenvalues < 1:
     raise ValueError(f"config.evolution.top_k={e.top_k} and config.evolution.num_eigenvalues="
                      f"{e.num_eigenvalues} must be >= 1.")
@@ -150,12 +162,25 @@ def restricted_kernel(store: KernelStore, vectors: np.ndarray) -> np.ndarray:
   return vectors.T @ StoredKernelOperator(store, "float64", PANEL_BYTES).matmat(vectors)
 
 
-def _kernel_config(config: ml_collections.ConfigDict, epoch: float) -> ml_collections.ConfigDict:
-  """config for the kernel job of one checkpoint: config.kernel's subset and settings, this epoch."""
+def eigensolver(config: ml_collections.ConfigDict, matrix_size: int) -> str:
+  """"dense" or "top": config.evolution.eigensolver, auto resolved by the kernel's matrix size."""
+  chosen = config.evolution.eigensolver
+  if chosen == "auto":
+    return "dense" if matrix_size <= DENSE_MAX_ROWS else "top"
+  return chosen
+
+
+def checkpoint_config(config: ml_collections.ConfigDict, epoch: float, matrix_size: int
+                      ) -> ml_collections.ConfigDict:
+  """config for the kernel (and spectrum) job of one checkpoint: config.kernel's subset and
+  settings at this epoch; config.spectrum's, for the eigenpairs the metrics need (the top
+  num_eigenvalues and top_k)."""
   one = ml_collections.ConfigDict(config.to_dict())
   one.kernel.phase = int(config.evolution.phase)
   one.kernel.epoch = float(epoch)
   one.kernel.name = ""
+  e = config.evolution
+  one.spectrum.num_eigenpairs = min(max(e.num_eigenvalues, e.top_k), matrix_size)
   return one
 
 
@@ -168,40 +193,63 @@ def _movement(gram: np.ndarray) -> dict[str, np.ndarray]:
           "angle": np.arccos(similarity[:, 0])}
 
 
-def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int,
-                      eigenspace_of: str = "final", num_eigenvalues: int = 100) -> dict[str, Any]:
-  """Every metric of the kernels in `stores` (one subset, checkpoints at `epochs`, in order)."""
+def label_alignments(stores: list[KernelStore], gram: np.ndarray) -> list[float | None]:
+  """metrics.label_alignment of each kernel on disk, from one streamed product K Y each and the
+  kernels' Frobenius norms (the diagonal of their Gram matrix); None for a one-class subset."""
   labels, num_classes = stores[0].labels(), int(stores[0].meta["num_classes"])
+  if np.unique(labels).size < 2:  # one class: no target varies
+    return [None] * len(stores)
+  targets = metrics.label_targets(labels, num_classes, full=len(stores[0].shape) == 4)
+  return [metrics.alignment_from_parts(
+              float(np.sum(targets * StoredKernelOperator(s, "float64", PANEL_BYTES).matmat(targets))),
+              float(np.sqrt(gram[t, t])), targets) for t, s in enumerate(stores)]
+
+
+def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int,
+                      eigenspace_of: str = "final", num_eigenvalues: int = 100,
+                      top_spectra: list[tuple[Eigenpairs, float]] | None = None) -> dict[str, Any]:
+  """Every metric of the kernels in `stores` (one subset, checkpoints at `epochs`, in order).
+
+  Spectra: every eigenpair of each kernel read whole (dense), or with `top_spectra` the top
+  eigenpairs and trace of each (the spectrum job's, for kernels too large to decompose whole),
+  when the bottom-k eigenspace is unknown and its columns are None.
+  """
   rows: list[dict[str, Any]] = [{"epoch": e, "kernel": os.path.basename(s.directory)}
                                 for e, s in zip(epochs, stores)]
   spectra, reference = [], None
-  for row, store in zip(rows, stores):
-    kernel = store.read()
-    spectrum = eigh(kernel)
-    spectra.append(spectrum.values[:num_eigenvalues].tolist())
-    row.update(top_eigenvalue=float(spectrum.values[0]), trace=float(spectrum.values.sum()),
-               spectral_mass_top_k=metrics.spectral_mass(spectrum.values, top_k),
-               label_alignment=(metrics.label_alignment(kernel, labels, num_classes)
-                                if np.unique(labels).size > 1 else None))  # one class: undefined
-    if store is stores[0 if eigenspace_of == "initial" else -1]:
-      reference = spectrum
-    del kernel
+  for t, (row, store) in enumerate(zip(rows, stores)):
+    if top_spectra is None:
+      pairs = eigh(store.read())
+      trace = float(pairs.values.sum())
+    else:
+      pairs, trace = top_spectra[t]
+    spectra.append(pairs.values[:num_eigenvalues].tolist())
+    row.update(top_eigenvalue=float(pairs.values[0]), trace=trace,
+               spectral_mass_top_k=metrics.spectral_mass(pairs.values, top_k, trace))
+    if t == (0 if eigenspace_of == "initial" else len(stores) - 1):
+      reference = pairs
   gram = stored_gram(stores)
+  for row, alignment in zip(rows, label_alignments(stores, gram)):
+    row["label_alignment"] = alignment
   similarity = metrics.similarity_from_gram(gram)
   columns = {"": _movement(gram)}
-  for space, vectors in (("top_k", reference.vectors[:, :top_k]),
-                         ("bottom_k", reference.vectors[:, -top_k:])):
+  spaces = [("top_k", reference.vectors[:, :top_k])]
+  if top_spectra is None:
+    spaces.append(("bottom_k", reference.vectors[:, -top_k:]))
+  for space, vectors in spaces:
     restricted = [restricted_kernel(s, vectors) for s in stores]
     columns[f"_{space}"] = _movement(metrics.frobenius_gram(restricted))
+  if top_spectra is not None:
+    columns["_bottom_k"] = {key: [None] * len(stores) for key in columns[""]}
   velocity = [None] + metrics.velocity_from_similarity(similarity, epochs).tolist()
   for t, row in enumerate(rows):
     for suffix, values in columns.items():
       for key, value in values.items():
-        row[f"{key}{suffix}"] = float(value[t])
+        row[f"{key}{suffix}"] = None if value[t] is None else float(value[t])
     row["velocity"] = velocity[t]
   return {"epochs": epochs, "kernels": [r["kernel"] for r in rows], "top_k": top_k,
-          "eigenspace_of": eigenspace_of, "checkpoints": rows,
-          "similarity_matrix": similarity.tolist(), "eigenvalues": spectra}
+          "eigenspace_of": eigenspace_of, "eigensolver": "dense" if top_spectra is None else "top",
+          "checkpoints": rows, "similarity_matrix": similarity.tolist(), "eigenvalues": spectra}
 
 
 def write_table(path: str, rows: list[dict[str, Any]]) -> None:
@@ -229,22 +277,39 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   collapse = None
   if e.around_collapse:
     saved, collapse = collapse_epochs(workdir, saved, e.around_collapse)
-  epochs = select_epochs(config, saved,
-                         num_examples * (dataset.num_classes if spec.kind == "full" else 1))
+  size = num_examples * (dataset.num_classes if spec.kind == "full" else 1)
+  epochs = select_epochs(config, saved, size)
+  solver = eigensolver(config, size)
+  configs = [checkpoint_config(config, epoch, size) for epoch in epochs]
+  if solver == "top":
+    check_spectrum_config(configs[0], dataset.num_classes)
   if jax.process_index() == 0:
     print(f"kernel evolution: {len(epochs)} checkpoints of phase {e.phase} (epochs "
-          f"{', '.join(f'{x:g}' for x in epochs)}), {num_examples} {k.split} examples", flush=True)
-  kernels = [kernel_job(_kernel_config(config, epoch), workdir) for epoch in epochs]
+          f"{', '.join(f'{x:g}' for x in epochs)}), {num_examples} {k.split} examples; "
+          + ("every eigenpair of each kernel" if solver == "dense" else
+             f"the top {configs[0].spectrum.num_eigenpairs} eigenpairs of each kernel by the "
+             f"spectrum job ("
+             + (f"{size} rows, above {DENSE_MAX_ROWS}" if e.eigensolver == "auto" else
+                "config.evolution.eigensolver='top'")
+             + f"), so no bottom-{e.top_k} eigenspace"), flush=True)
+  kernels = [kernel_job(one, workdir) for one in configs]
   incomplete = [r["kernel"] for r in kernels if not r["complete"]]
   if incomplete:
     raise RuntimeError(f"kernels not complete after their jobs: {incomplete}; rerun to resume.")
+  spectra = ([kernel_spectrum(one, workdir, r) for one, r in zip(configs, kernels)]
+             if solver == "top" else None)
   directory = os.path.join(workdir, EVOLUTION_DIR, evolution_name(config, num_examples))
   result = {"directory": directory, "kernels": kernels,
             "tiles_computed": sum(r["tiles_computed"] for r in kernels)}
   if jax.process_index() != 0:
     return result
   stores = [KernelStore.open(r["kernel"]) for r in kernels]
-  results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues)
+  top_spectra = None
+  if spectra is not None:
+    top_spectra = [(pairs, record["trace"]) for pairs, record in
+                   (load_spectrum(r["spectrum"]) for r in spectra)]
+  results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues,
+                              top_spectra)
   results["phase"] = int(e.phase)
   if collapse is not None:
     results["collapse"] = collapse

@@ -20,6 +20,13 @@ def _column(results: dict[str, Any], key: str) -> np.ndarray:
   return np.array([row[key] for row in results["checkpoints"]], np.float64)
 
 
+def _spaces(results: dict[str, Any]) -> list[tuple[str, str]]:
+  """The (column suffix, label) of the whole kernel and the eigenspaces that were measured: a
+  kernel whose top eigenpairs alone were computed has no bottom-k columns (None)."""
+  return [(suffix, label.format(k=results["top_k"])) for suffix, label in _SPACES
+          if results["checkpoints"][0][f"distance_to_final{suffix}"] is not None]
+
+
 def _save(fig: plt.Figure, path: str) -> str:
   return save_figure(fig, path, dpi=120)
 
@@ -28,13 +35,12 @@ def plot_distance_to_final(results: dict[str, Any], path: str) -> str:
   """Kernel distance 1 - s(K_t, K_T) against the epoch: how early the kernel settles. The axis is
   symlog (linear near 0, so the initialisation, epoch 0, has a place) when the positive epochs span
   more than a factor of 4; they decide, so that epoch 0 alone does not make an axis logarithmic."""
-  epochs, k = _column(results, "epoch"), results["top_k"]
+  epochs = _column(results, "epoch")
   positive = epochs[epochs > 0]
   spread = positive.size > 0 and positive.max() > 4 * positive.min()
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  for suffix, label in _SPACES:
-    ax.plot(epochs, _column(results, f"distance_to_final{suffix}"), marker="o",
-            label=label.format(k=k))
+  for suffix, label in _spaces(results):
+    ax.plot(epochs, _column(results, f"distance_to_final{suffix}"), marker="o", label=label)
   ax.set(xlabel=f"epoch (phase {results['phase']})", ylabel="distance to final kernel",
          xscale="symlog" if spread else "linear",
          title="Kernel distance to the final kernel")
@@ -46,12 +52,11 @@ def plot_distance_to_final(results: dict[str, Any], path: str) -> str:
 
 def plot_polar(results: dict[str, Any], path: str) -> str:
   """Tsilivis & Kempe's polar plot: angle arccos s(K_t, K_0) against relative movement."""
-  k = results["top_k"]
   fig = plt.figure(figsize=(5, 5))
   ax = fig.add_subplot(projection="polar")
-  for suffix, label in _SPACES:
+  for suffix, label in _spaces(results):
     ax.plot(_column(results, f"angle{suffix}"), _column(results, f"relative_movement{suffix}"),
-            marker="o", label=label.format(k=k))
+            marker="o", label=label)
   ax.set_thetamin(0)
   ax.set_thetamax(90)
   ax.set_title("angle vs relative movement from the first kernel")

@@ -98,24 +98,34 @@ def target_alignment(kernel: np.ndarray, targets: np.ndarray) -> float:
   y = y[:, None] if y.ndim == 1 else y
   if y.ndim != 2 or y.shape[0] != matrix.shape[0]:
     raise ValueError(f"targets of shape {np.shape(targets)} do not match a {matrix.shape} kernel.")
-  numerator = float(np.sum(y * (matrix @ y)))
+  return alignment_from_parts(float(np.sum(y * (matrix @ y))), float(np.linalg.norm(matrix)), y)
+
+
+def alignment_from_parts(quadratic: float, kernel_norm: float, targets: np.ndarray) -> float:
+  """target_alignment from sum_c y_c^T K y_c and ||K||_F, for a kernel too large to hold: both
+  come from streamed passes over it (one product K Y, and the Frobenius Gram of the kernels)."""
+  y = np.asarray(targets, np.float64)
+  y = y[:, None] if y.ndim == 1 else y
   target_norm = np.linalg.norm(y.T @ y)  # = ||Y Y^T||_F, computed in C x C
-  kernel_norm = np.linalg.norm(matrix)
   if target_norm == 0 or kernel_norm == 0:
     raise ValueError("alignment with a zero kernel or zero targets is undefined.")
-  return numerator / (kernel_norm * target_norm)
+  return quadratic / (kernel_norm * target_norm)
+
+
+def label_targets(labels: np.ndarray, num_classes: int, full: bool = False) -> np.ndarray:
+  """The targets of label_alignment: centred one-hot labels [N, C] (one column per class) for an
+  [N, N] kernel, the one column vec(Y) [N * C, 1] (row i*C + a) for a full [N, N, C, C] kernel."""
+  if np.unique(np.asarray(labels)).size < 2:
+    raise ValueError("label alignment needs examples of at least two classes; these are all of one.")
+  targets = centered_one_hot(labels, num_classes)
+  return targets.reshape(-1, 1) if full else targets
 
 
 def label_alignment(kernel: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
   """target_alignment with one-hot labels centred over the examples (centered_one_hot): per class
   for an [N, N] kernel, and as the one vector vec(Y) (row i*C + a) for a full [N, N, C, C] kernel,
   whose rows are (example, logit). Undefined for examples of a single class (no target varies)."""
-  if np.unique(np.asarray(labels)).size < 2:
-    raise ValueError("label alignment needs examples of at least two classes; these are all of one.")
-  targets = centered_one_hot(labels, num_classes)
-  if np.ndim(kernel) == 4:
-    targets = targets.reshape(-1)
-  return target_alignment(kernel, targets)
+  return target_alignment(kernel, label_targets(labels, num_classes, np.ndim(kernel) == 4))
 
 
 def frobenius_gram(kernels: list[np.ndarray]) -> np.ndarray:

@@ -238,9 +238,15 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """The kernel (computed or resumed), then its top eigenpairs (recomputed only for new settings)."""
   from ntk_scale.data import num_classes  # pylint: disable=import-outside-toplevel
 
-  s = config.spectrum
   check_spectrum_config(config, num_classes(config.data))
-  kernel = kernel_job(config, workdir)
+  return kernel_spectrum(config, workdir, kernel_job(config, workdir))
+
+
+def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dict[str, Any]
+                    ) -> dict[str, Any]:
+  """config.spectrum's eigenpairs of the kernel a kernel job returned (`kernel`), on every process;
+  read back when this solve is already on disk. config.spectrum is checked by the caller."""
+  s = config.spectrum
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   store = KernelStore.open(kernel["kernel"])
