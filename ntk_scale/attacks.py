@@ -6,6 +6,10 @@ What is here:
   rs_fgsm    FGSM from a uniform random start, projected (Wong et al. 2020)
   n_fgsm     FGSM from larger noise, not projected (de Jorge et al. 2022)
   apgd_ce    APGD with cross-entropy (Croce and Hein 2020), L-inf or L2
+  apgd_dlr   APGD on the DLR loss (invariant to the logits' scale: no softmax saturation)
+  apgd_t     APGD-T: targeted DLR toward each of the top num_targets other classes
+  worst_of   several of these on one batch, per example the strongest result (AutoAttack's count:
+             apgd_ce + apgd_t is its standard version without FAB-T and Square)
   build_attack(config) -> attack(logits_fn, images, labels, key); build_attacks for several
 
 Images are NHWC in [0, 1]; eps and step sizes are in pixel units of those images (8/255, not 8).
@@ -42,20 +46,53 @@ def per_example_loss(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) 
   return optax.softmax_cross_entropy_with_integer_labels(logits_fn(images), labels)
 
 
-def _fooled_and_loss(logits_fn: LogitsFn, images: jax.Array,
-                     labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits [N, C], labels [N]) -> [N]
+
+
+def _check_classes(logits: jax.Array, needed: int, what: str) -> None:
+  if logits.shape[-1] < needed:
+    raise ValueError(f"{what} needs at least {needed} classes; the model has {logits.shape[-1]}.")
+
+
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Difference of logits ratio (Croce and Hein 2020), [N]: -(z_y - max_{i != y} z_i) /
+  (z_pi1 - z_pi3), z_pi the logits sorted in decreasing order. Unchanged when the logits are
+  scaled or shifted, so it cannot be masked by a saturated softmax (the cross-entropy's gradient
+  underflows for confident models); needs 3 classes."""
+  _check_classes(logits, 3, "the DLR loss")
+  ordered = jnp.sort(logits, axis=-1)
+  true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  best_other = jnp.where(jnp.argmax(logits, -1) == labels, ordered[:, -2], ordered[:, -1])
+  return -(true - best_other) / (ordered[:, -1] - ordered[:, -3] + _TINY)
+
+
+def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """The targeted DLR of APGD-T (Croce and Hein 2020), [N]: -(z_y - z_t) / (z_pi1 - (z_pi3 +
+  z_pi4) / 2), toward class t; needs 4 classes."""
+  _check_classes(logits, 4, "the targeted DLR loss")
+  ordered = jnp.sort(logits, axis=-1)
+  true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  target = jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
+  return -(true - target) / (ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + _TINY)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _fooled_and_loss(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array,
+                     loss_fn: LossFn = _cross_entropy) -> tuple[jax.Array, jax.Array]:
   """Whether each example is misclassified, [N] bool, and its loss, [N] (one forward pass)."""
   logits = logits_fn(images)
-  return (jnp.argmax(logits, -1) != labels,
-          optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return jnp.argmax(logits, -1) != labels, loss_fn(logits, labels)
 
 
-def _loss_and_grad(logits_fn: LogitsFn, images: jax.Array,
-                   labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _loss_and_grad(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array,
+                   loss_fn: LossFn = _cross_entropy) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-example losses, their input gradients (the gradient of the sum is per example) and
   whether each example is misclassified, [N] bool."""
   def total(x):
-    fooled, losses = _fooled_and_loss(logits_fn, x, labels)
+    fooled, losses = _fooled_and_loss(logits_fn, x, labels, loss_fn)
     return losses.sum(), (losses, fooled)
 
   grad, (losses, fooled) = jax.grad(total, has_aux=True)(images)
@@ -150,18 +187,25 @@ def _best_of_restarts(attack_once: Callable[[jax.Array], jax.Array], logits_fn: 
   Restart 0 always uses `fold_in(key, 0)` and is computed outside the loop, so adding restarts
   never weakens an example relative to a single run with the same key.
   """
-  best = attack_once(jax.random.fold_in(key, 0))
-  if restarts > 1:
+  return _strongest_of(lambda r: attack_once(jax.random.fold_in(key, r)), restarts, logits_fn,
+                       images, labels)
+
+
+def _strongest_of(run: Callable[[jax.Array], jax.Array], count: int, logits_fn: LogitsFn,
+                  images: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per example, the strongest of run(0), ..., run(count - 1) in `_stronger`'s order (by the
+  cross-entropy); run(r) for r >= 1 in a fori_loop (one compiled copy), r traced."""
+  best = run(0)
+  if count > 1:
     def body(r, carry):
       best, best_fooled, best_loss = carry
-      x_adv = attack_once(jax.random.fold_in(key, r))
+      x_adv = run(r)
       fooled, loss = _fooled_and_loss(logits_fn, x_adv, labels)
       better = _stronger(fooled, loss, best_fooled, best_loss)
       return (jnp.where(_per_example(better, best), x_adv, best), best_fooled | fooled,
               jnp.where(better, loss, best_loss))
 
-    best, _, _ = jax.lax.fori_loop(1, restarts, body,
-                                   (best, *_fooled_and_loss(logits_fn, best, labels)))
+    best, _, _ = jax.lax.fori_loop(1, count, body, (best, *_fooled_and_loss(logits_fn, best, labels)))
   return jax.lax.stop_gradient(best)
 
 
@@ -242,10 +286,64 @@ def _apgd_checkpoints(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_checkpoint, period
 
 
-def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-            eps: float, num_steps: int, norm: str = "linf", restarts: int = 1,
-            rho: float = 0.75) -> jax.Array:
-  """APGD on the cross-entropy (Croce and Hein, ICML 2020); returns, per example, a misclassified
+def _apgd_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, eps: float,
+              num_steps: int, norm: str, rho: float, loss_fn: LossFn) -> jax.Array:
+  """One run of APGD on `loss_fn` from a uniform random start (see `apgd`)."""
+  momentum = 0.75
+  is_checkpoint, period = _apgd_checkpoints(num_steps)
+  is_checkpoint, period = jnp.asarray(is_checkpoint), jnp.asarray(period, images.dtype)
+  x0 = _uniform_start(key, images, eps, norm)
+  loss0, grad0, fooled0 = _loss_and_grad(logits_fn, x0, labels, loss_fn)
+  n = labels.shape[0]
+  state = dict(x=x0, x_prev=x0, loss=loss0, grad=grad0,
+               step=jnp.full((n,), 2.0 * eps, images.dtype),
+               x_best=x0, loss_best=loss0, grad_best=grad0,
+               increases=jnp.zeros((n,), images.dtype),
+               loss_best_at_check=loss0, reduced_at_check=jnp.ones((n,), bool),
+               x_out=x0, fooled_out=fooled0, loss_out=loss0)
+
+  def body(k, s):
+    x, x_prev = s["x"], s["x_prev"]
+    alpha = jnp.where(k == 0, 1.0, momentum)
+    step = _per_example(s["step"], x)
+    z = _project(x + step * _ascent_direction(s["grad"], norm), images, eps, norm)
+    x_new = _project(x + alpha * (z - x) + (1.0 - alpha) * (x - x_prev), images, eps, norm)
+    loss, grad, fooled = _loss_and_grad(logits_fn, x_new, labels, loss_fn)
+    stronger = _stronger(fooled, loss, s["fooled_out"], s["loss_out"])
+
+    increases = s["increases"] + (loss > s["loss"])
+    improved = loss > s["loss_best"]
+    x_best = jnp.where(_per_example(improved, x), x_new, s["x_best"])
+    grad_best = jnp.where(_per_example(improved, x), grad, s["grad_best"])
+    loss_best = jnp.where(improved, loss, s["loss_best"])
+
+    at_check = is_checkpoint[k]
+    too_few_increases = increases < rho * period[k]
+    stalled = ~s["reduced_at_check"] & (s["loss_best_at_check"] >= loss_best)
+    reduce = at_check & (too_few_increases | stalled)
+    reduce_b = _per_example(reduce, x)
+    return dict(x=jnp.where(reduce_b, x_best, x_new), x_prev=x,
+                loss=jnp.where(reduce, loss_best, loss),
+                grad=jnp.where(reduce_b, grad_best, grad),
+                step=jnp.where(reduce, s["step"] / 2, s["step"]),
+                x_best=x_best, loss_best=loss_best, grad_best=grad_best,
+                increases=jnp.where(at_check, 0.0, increases),
+                loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
+                reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
+                x_out=jnp.where(_per_example(stronger, x), x_new, s["x_out"]),
+                fooled_out=s["fooled_out"] | fooled,
+                loss_out=jnp.where(stronger, loss, s["loss_out"]))
+
+  return jax.lax.fori_loop(0, num_steps, body, state)["x_out"]
+
+
+APGD_LOSSES = {"ce": _cross_entropy, "dlr": dlr_loss}
+
+
+def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+         eps: float, num_steps: int, norm: str = "linf", restarts: int = 1, rho: float = 0.75,
+         loss: str = "ce") -> jax.Array:
+  """APGD (Croce and Hein, ICML 2020) on the cross-entropy (loss "ce") or the DLR loss ("dlr"); returns, per example, a misclassified
   iterate if there was one (as AutoAttack's x_best_adv; of several, the highest-loss one), else
   the highest-loss point seen.
 
@@ -259,59 +357,55 @@ def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.
   loss), so robust accuracy counts an example broken by any iterate, as AutoAttack does.
   """
   _check_norm(norm)
-  momentum = 0.75
-  is_checkpoint, period = _apgd_checkpoints(num_steps)
-  is_checkpoint, period = jnp.asarray(is_checkpoint), jnp.asarray(period, images.dtype)
-
-  def attack_once(key):
-    x0 = _uniform_start(key, images, eps, norm)
-    loss0, grad0, fooled0 = _loss_and_grad(logits_fn, x0, labels)
-    n = labels.shape[0]
-    state = dict(x=x0, x_prev=x0, loss=loss0, grad=grad0,
-                 step=jnp.full((n,), 2.0 * eps, images.dtype),
-                 x_best=x0, loss_best=loss0, grad_best=grad0,
-                 increases=jnp.zeros((n,), images.dtype),
-                 loss_best_at_check=loss0, reduced_at_check=jnp.ones((n,), bool),
-                 x_out=x0, fooled_out=fooled0, loss_out=loss0)
-
-    def body(k, s):
-      x, x_prev = s["x"], s["x_prev"]
-      alpha = jnp.where(k == 0, 1.0, momentum)
-      step = _per_example(s["step"], x)
-      z = _project(x + step * _ascent_direction(s["grad"], norm), images, eps, norm)
-      x_new = _project(x + alpha * (z - x) + (1.0 - alpha) * (x - x_prev), images, eps, norm)
-      loss, grad, fooled = _loss_and_grad(logits_fn, x_new, labels)
-      stronger = _stronger(fooled, loss, s["fooled_out"], s["loss_out"])
-
-      increases = s["increases"] + (loss > s["loss"])
-      improved = loss > s["loss_best"]
-      x_best = jnp.where(_per_example(improved, x), x_new, s["x_best"])
-      grad_best = jnp.where(_per_example(improved, x), grad, s["grad_best"])
-      loss_best = jnp.where(improved, loss, s["loss_best"])
-
-      at_check = is_checkpoint[k]
-      too_few_increases = increases < rho * period[k]
-      stalled = ~s["reduced_at_check"] & (s["loss_best_at_check"] >= loss_best)
-      reduce = at_check & (too_few_increases | stalled)
-      reduce_b = _per_example(reduce, x)
-      return dict(x=jnp.where(reduce_b, x_best, x_new), x_prev=x,
-                  loss=jnp.where(reduce, loss_best, loss),
-                  grad=jnp.where(reduce_b, grad_best, grad),
-                  step=jnp.where(reduce, s["step"] / 2, s["step"]),
-                  x_best=x_best, loss_best=loss_best, grad_best=grad_best,
-                  increases=jnp.where(at_check, 0.0, increases),
-                  loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
-                  reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
-                  x_out=jnp.where(_per_example(stronger, x), x_new, s["x_out"]),
-                  fooled_out=s["fooled_out"] | fooled,
-                  loss_out=jnp.where(stronger, loss, s["loss_out"]))
-
-    return jax.lax.fori_loop(0, num_steps, body, state)["x_out"]
-
+  if loss not in APGD_LOSSES:
+    raise ValueError(f"loss={loss!r}; expected one of {', '.join(APGD_LOSSES)}.")
+  attack_once = lambda key: _apgd_run(logits_fn, images, labels, key, eps, num_steps, norm, rho,
+                                      APGD_LOSSES[loss])
   return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
 
 
-ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce}
+def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
+            **settings) -> jax.Array:
+  """APGD on the cross-entropy (AutoAttack's first attack); see `apgd`."""
+  return apgd(logits_fn, images, labels, key, loss="ce", **settings)
+
+
+def apgd_dlr(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
+             **settings) -> jax.Array:
+  """APGD on the DLR loss: not fooled by rescaled logits (linearized models, kernel predictors);
+  see `apgd`."""
+  return apgd(logits_fn, images, labels, key, loss="dlr", **settings)
+
+
+def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+           eps: float, num_steps: int, norm: str = "linf", num_targets: int = 9,
+           rho: float = 0.75) -> jax.Array:
+  """APGD-T (AutoAttack's second attack): APGD on the targeted DLR loss toward each of the
+  `num_targets` classes the clean logits rank highest after the true one, one run each (key
+  fold_in(key, r) for the r-th); per example the strongest result (`_stronger`). AutoAttack
+  ranks the clean logits including the true class, which differs only for examples the model
+  already misclassifies."""
+  _check_norm(norm)
+  logits = logits_fn(images)
+  num_classes = logits.shape[-1]
+  _check_classes(logits, 4, "APGD-T")
+  if not 1 <= num_targets <= num_classes - 1:
+    raise ValueError(f"num_targets={num_targets} must lie in [1, {num_classes - 1}] (the classes "
+                     f"other than the true one).")
+  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits)
+  ranked = jnp.argsort(-others, axis=-1)  # highest first; the true class last
+
+  def toward(r):
+    targets = jax.lax.dynamic_index_in_dim(ranked, r, axis=1, keepdims=False)
+    loss_fn = lambda logits, labels: targeted_dlr_loss(logits, labels, targets)
+    return _apgd_run(logits_fn, images, labels, jax.random.fold_in(key, r), eps, num_steps, norm,
+                     rho, loss_fn)
+
+  return _strongest_of(toward, num_targets, logits_fn, images, labels)
+
+
+ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce,
+           "apgd_dlr": apgd_dlr, "apgd_t": apgd_t}
 _LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm")
 
 
@@ -343,14 +437,15 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   """The attack of `attack_config` as `attack(logits_fn, images, labels, key) -> adversarial images`.
 
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
-  `random_start` (and `noise` for n_fgsm, `rho` for apgd_ce). Every field is checked here, before
-  any compute, and an error names it as `{prefix}.<field>`. Call the result inside jit.
+  `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t,
+  `attacks` for worst_of). Every field is checked here, before any compute, and an error names it
+  as `{prefix}.<field>`. Call the result inside jit.
   """
   c = attack_config
   name = c.get("name")
-  if name not in ATTACKS:
+  if name not in (*ATTACKS, "worst_of"):
     raise ValueError(f"{prefix}.name={name!r} is not a known attack; expected one of "
-                     f"{', '.join(ATTACKS)}.")
+                     f"{', '.join(ATTACKS)}, worst_of.")
   units = " (pixel units of [0, 1] images, e.g. 8/255)"
   eps = _positive(c, "eps", prefix, required=True, hint=units)
   norm = c.get("norm")
@@ -360,6 +455,8 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   if name in _LINF_ONLY and norm != "linf":
     raise ValueError(f"{prefix}.norm={norm!r}: attack {name!r} is defined for linf only.")
 
+  if name == "worst_of":
+    return _build_worst_of(c, prefix, eps, norm)
   if name == "fgsm":
     return lambda logits_fn, images, labels, key: fgsm(logits_fn, images, labels, eps=eps)
   if name == "rs_fgsm":
@@ -374,13 +471,25 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
 
   num_steps = _count(c, "num_steps", prefix, required=True)
   restarts = _count(c, "restarts", prefix, required=False)
-  if name == "apgd_ce":
+  if name in ("apgd_ce", "apgd_dlr", "apgd_t"):
     rho = c.get("rho", 0.75)
-    if not 0.0 < rho < 1.0:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
       raise ValueError(f"{prefix}.rho={rho!r} must lie in (0, 1).")
-    return lambda logits_fn, images, labels, key: apgd_ce(
+    if name == "apgd_t":
+      if restarts != 1:
+        raise ValueError(f"{prefix}.restarts={restarts}: apgd_t runs once per target class; set "
+                         f"{prefix}.num_targets instead.")
+      num_targets = c.get("num_targets", 9)  # AutoAttack's
+      if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+        raise ValueError(f"{prefix}.num_targets={num_targets!r} must be an integer >= 1 (AutoAttack: "
+                         f"9, every class but the true one on CIFAR-10).")
+      return lambda logits_fn, images, labels, key: apgd_t(
+          logits_fn, images, labels, key, eps=eps, num_steps=num_steps, norm=norm,
+          num_targets=num_targets, rho=rho)
+    loss = "ce" if name == "apgd_ce" else "dlr"
+    return lambda logits_fn, images, labels, key: apgd(
         logits_fn, images, labels, key, eps=eps, num_steps=num_steps, norm=norm,
-        restarts=restarts, rho=rho)
+        restarts=restarts, rho=rho, loss=loss)
 
   step_size = _positive(c, "step_size", prefix, required=True, hint=units)
   random_start = c.get("random_start", True)
@@ -396,6 +505,43 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   return lambda logits_fn, images, labels, key: pgd(
       logits_fn, images, labels, key, eps=eps, step_size=step_size, num_steps=num_steps,
       norm=norm, random_start=random_start, restarts=restarts, unroll=unroll)
+
+
+def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm: str) -> Attack:
+  """The `worst_of` attack: every attack of `{prefix}.attacks` (name -> attack config, each with
+  this eps and norm) on the same batch, keeping per example the strongest result (`_stronger`:
+  misclassified first, then cross-entropy), as AutoAttack's robust accuracy counts an example
+  broken by any of its attacks. The i-th attack gets key fold_in(key, i)."""
+  members = c.get("attacks")
+  if not isinstance(members, (ml_collections.ConfigDict, dict)) or not members:
+    raise ValueError(f"{prefix}.attacks must map names to attack configs (e.g. apgd_ce and apgd_t) "
+                     f"for attack 'worst_of'.")
+  built = []
+  for member_name, member in members.items():
+    where = f"{prefix}.attacks.{member_name}"
+    if not isinstance(member, (ml_collections.ConfigDict, dict)):
+      raise ValueError(f"{where} must be an attack config, not {member!r}.")
+    fields = dict(member.to_dict() if isinstance(member, ml_collections.ConfigDict) else member)
+    if fields.get("name") == "worst_of":
+      raise ValueError(f"{where}.name='worst_of': list its attacks in {prefix}.attacks instead.")
+    for field, value in (("eps", eps), ("norm", norm)):
+      if fields.get(field) is not None and fields[field] != value:
+        raise ValueError(f"{where}.{field}={fields[field]!r} differs from {prefix}.{field}={value!r}: "
+                         f"the worst case is over attacks of one threat model; leave it unset.")
+    built.append(build_attack(ml_collections.ConfigDict({**fields, "eps": eps, "norm": norm}),
+                              prefix=where))
+
+  def attack(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
+    best = built[0](logits_fn, images, labels, jax.random.fold_in(key, 0))
+    best_fooled, best_loss = _fooled_and_loss(logits_fn, best, labels)
+    for i, member in enumerate(built[1:], 1):
+      x_adv = member(logits_fn, images, labels, jax.random.fold_in(key, i))
+      fooled, loss = _fooled_and_loss(logits_fn, x_adv, labels)
+      better = _stronger(fooled, loss, best_fooled, best_loss)
+      best = jnp.where(_per_example(better, best), x_adv, best)
+      best_fooled, best_loss = best_fooled | fooled, jnp.where(better, loss, best_loss)
+    return jax.lax.stop_gradient(best)
+  return attack
 
 
 def build_attacks(named_configs: ml_collections.ConfigDict, prefix: str) -> dict[str, Attack]:

@@ -100,6 +100,10 @@ _CONFIGS = [
     dict(name="n_fgsm"),
     dict(name="apgd_ce", norm="linf", num_steps=5),
     dict(name="apgd_ce", norm="l2", num_steps=5),
+    dict(name="apgd_dlr", norm="linf", num_steps=5),
+    dict(name="apgd_t", norm="l2", num_steps=3, num_targets=2),
+    dict(name="worst_of", norm="linf", attacks=dict(
+        ce=dict(name="apgd_ce", num_steps=3), t=dict(name="apgd_t", num_steps=3, num_targets=2))),
 ]
 
 
@@ -215,17 +219,92 @@ def test_unrolled_pgd_equals_the_rolled_loop():
   np.testing.assert_allclose(np.asarray(results[0]), np.asarray(results[1]), atol=1e-6)
 
 
+# --------------------------------------------------------------------------- DLR losses, APGD-T, worst_of
+
+def test_dlr_losses_match_their_definition_and_ignore_the_logits_scale():
+  logits = jnp.array([[3.0, 1.0, 0.5, -1.0], [3.0, 1.0, 0.5, -1.0]])
+  labels = jnp.array([0, 2])
+  # label 0: -(3 - 1) / (3 - 0.5); label 2: -(0.5 - 3) / (3 - 0.5)
+  np.testing.assert_allclose(attacks.dlr_loss(logits, labels), [-0.8, 1.0], rtol=1e-6)
+  # toward class 1 from label 0: -(3 - 1) / (3 - (0.5 - 1) / 2); toward 0 from 2: -(0.5 - 3) / 3.25
+  np.testing.assert_allclose(attacks.targeted_dlr_loss(logits, labels, jnp.array([1, 0])),
+                             [-2 / 3.25, 2.5 / 3.25], rtol=1e-6)
+  for loss in (attacks.dlr_loss, lambda z, y: attacks.targeted_dlr_loss(z, y, jnp.array([3, 1]))):
+    np.testing.assert_allclose(loss(1e4 * logits - 7.0, labels), loss(logits, labels), rtol=1e-5)
+  with pytest.raises(ValueError, match="at least 3 classes; the model has 2"):
+    attacks.dlr_loss(logits[:, :2], labels * 0)
+
+
+def _linear_ten_class_problem(scale):
+  """A linear model with 10 classes on 16-pixel images, logits multiplied by `scale`."""
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(16, 10)).astype(np.float32)
+  images = jnp.asarray(rng.uniform(0.2, 0.8, size=(64, 4, 4, 1)).astype(np.float32))
+  logits_fn = lambda x: scale * (x.reshape(x.shape[0], -1) @ w)
+  labels = jnp.argmax(logits_fn(images), -1)  # every example clean-correct
+  return logits_fn, images, labels
+
+
+def test_dlr_attacks_see_through_a_saturated_softmax():
+  """Logits scaled by 1e4 leave the predictions unchanged, but the cross-entropy of a confident
+  example and its gradient underflow to 0 in float32: APGD-CE stops breaking such examples (the
+  gradient masking a linearized model or kernel predictor with large outputs shows), while the
+  DLR attacks, invariant to the scale, break as many as APGD-CE does on the unscaled model."""
+  eps, key = 0.05, jax.random.key(4)
+  robust = {}
+  for scale in (1.0, 1e4):
+    logits_fn, images, labels = _linear_ten_class_problem(scale)
+    for name in ("apgd_ce", "apgd_dlr", "apgd_t"):
+      attack = attacks.build_attack(ml_collections.ConfigDict(dict(name=name, eps=eps, num_steps=20)))
+      x_adv = jax.jit(lambda x, y, k: attack(logits_fn, x, y, k))(images, labels, key)
+      robust[name, scale] = float(jnp.mean(jnp.argmax(logits_fn(x_adv), -1) == labels))
+  assert robust["apgd_ce", 1.0] < 0.8, robust  # eps breaks examples when nothing saturates
+  assert robust["apgd_ce", 1e4] > robust["apgd_ce", 1.0] + 0.15, robust  # masked
+  for name in ("apgd_dlr", "apgd_t"):
+    assert robust[name, 1e4] <= robust["apgd_ce", 1.0] + 0.02, robust
+    assert robust[name, 1e4] == pytest.approx(robust[name, 1.0], abs=0.02), robust
+
+
+def test_worst_of_counts_an_example_broken_by_any_of_its_attacks(digits_model):
+  """worst_of(apgd_ce, apgd_t) on the trained digits MLP: an example is robust only if both of
+  its attacks (run alone with the same keys) leave it correct; APGD-T is at least as strong as
+  APGD-CE, as Croce and Hein find."""
+  model, variables, images, labels = digits_model
+  eps, key = 0.1, jax.random.key(11)
+  members = dict(ce=dict(name="apgd_ce", num_steps=10), t=dict(name="apgd_t", num_steps=10,
+                                                                num_targets=3))
+  worst = attacks.build_attack(ml_collections.ConfigDict(dict(name="worst_of", eps=eps,
+                                                              attacks=members)))
+  correct = {}
+  for name, attack, k in [("worst_of", worst, key)] + [
+      (m, attacks.build_attack(ml_collections.ConfigDict(dict(fields, eps=eps))),
+       jax.random.fold_in(key, i)) for i, (m, fields) in enumerate(members.items())]:
+    x_adv = _jit_attack(attack, model)(variables, images, labels, k)
+    correct[name] = np.asarray(jnp.argmax(model.apply(variables, x_adv, train=False), -1) == labels)
+  assert correct["ce"].mean() < _accuracy(model, variables, images, labels)
+  assert correct["t"].mean() <= correct["ce"].mean() + 0.02, {k: v.mean() for k, v in correct.items()}
+  # The same programs compiled apart may round differently: allow one example to differ.
+  assert np.sum(correct["worst_of"] != (correct["ce"] & correct["t"])) <= 1
+
+
 # --------------------------------------------------------------------------- devices
 
-def test_four_devices_give_the_examples_of_one():
+_WORST_OF_APGD = dict(name="worst_of", eps=0.1, attacks=dict(
+    ce=dict(name="apgd_ce", num_steps=4), dlr=dict(name="apgd_dlr", num_steps=4),
+    t=dict(name="apgd_t", num_steps=4, num_targets=3)))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5, random_start=True), _WORST_OF_APGD],
+    ids=lambda f: f["name"])
+def test_four_devices_give_the_examples_of_one(fields):
   assert jax.device_count() == 4
   model = _tiny_mlp()
   variables = _init(model, (1, 8, 8, 1))
   rng = np.random.default_rng(7)
   arrays = {"images": rng.uniform(size=(16, 8, 8, 1)).astype(np.float32),
             "labels": rng.integers(0, 10, size=16).astype(np.int32)}
-  attack = lambda logits_fn, images, labels, key: attacks.pgd(
-      logits_fn, images, labels, key, eps=0.1, step_size=0.03, num_steps=5, random_start=True)
+  attack = attacks.build_attack(ml_collections.ConfigDict(fields))
   run = _jit_attack(attack, model)
   results = {}
   one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
@@ -424,6 +503,15 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restarts=2, random_start=False),
      "config.restarts"),
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, unroll=0), "config.unroll"),
+    (dict(name="apgd_t", eps=0.1, num_steps=5, restarts=2), "config.num_targets"),
+    (dict(name="apgd_t", eps=0.1, num_steps=5, num_targets=0), "config.num_targets"),
+    (dict(name="apgd_dlr", eps=0.1, num_steps=5, rho=1.5), "config.rho"),
+    (dict(name="worst_of", eps=0.1), "config.attacks"),
+    (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="pgd", eps=0.2, step_size=0.1,
+                                                          num_steps=2))), "config.attacks.a.eps"),
+    (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="apgd_ce", num_steps=0))),
+     "config.attacks.a.num_steps"),
+    (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="worst_of"))), "config.attacks.a.name"),
 ])
 def test_build_attack_errors_name_the_field(fields, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -433,3 +521,12 @@ def test_build_attack_errors_name_the_field(fields, field):
 def test_build_attack_errors_use_the_given_prefix():
   with pytest.raises(ValueError, match=r"config\.attack\.eps"):
     attacks.build_attack(ml_collections.ConfigDict(dict(name="pgd", eps=0.0)), prefix="config.attack")
+
+
+@pytest.mark.parametrize("config", ["digits", "cifar10_resnet18"])
+def test_the_autoattack_variant_builds_apgd_ce_and_apgd_t(config):
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+  c = load_config(config, "adversarial,autoattack")
+  built = attacks.build_attacks(c.eval_attacks, "config.eval_attacks")
+  assert set(built) == {"pgd", "apgd", "autoattack"}
+  assert sorted(m.name for m in c.eval_attacks.autoattack.attacks.values()) == ["apgd_ce", "apgd_t"]
