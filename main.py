@@ -21,6 +21,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the job's memory per device, FLOPs and a time bound on these devices; "
     "run nothing, write nothing.")
+_TARGET_MEMORY = flags.DEFINE_float(
+    "dry_run_device_memory_gb", None, "With --dry_run: plan for devices with this much memory each "
+    "(GiB; e.g. 80 for an H100, 32 for a TPU v4 chip) instead of the ones JAX sees here.")
+_TARGET_TFLOPS = flags.DEFINE_float(
+    "dry_run_tflops", None, "With --dry_run: each device's float32 matmul rate (TFLOP/s) for the time "
+    "bound, instead of the rate measured here.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-process job: find the coordinator and this process's id with JAX's "
     "cluster detection (TPU pods, SLURM, Open MPI, Kubernetes).")
@@ -35,10 +41,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _DRY_RUN.value and (_TARGET_MEMORY.value is not None or _TARGET_TFLOPS.value is not None):
+    raise app.UsageError("--dry_run_device_memory_gb and --dry_run_tflops plan a job; they need --dry_run.")
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value, heartbeat_timeout_s=_HEARTBEAT.value)
   if _DRY_RUN.value:
-    plan = jobs.dry_run(_CONFIG.value).describe()
+    plan = jobs.dry_run(
+        _CONFIG.value, None if _TARGET_MEMORY.value is None else _TARGET_MEMORY.value * 2**30,
+        None if _TARGET_TFLOPS.value is None else _TARGET_TFLOPS.value * 1e12).describe()
     if jax.process_index() == 0:
       print(plan)
     return

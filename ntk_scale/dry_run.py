@@ -13,6 +13,10 @@ job's precision: lower bounds, since convolutions and attacks' sequential steps 
 Run it on the topology of the real job (on the pod, or with the same device count emulated) so
 the per-device figures are the real ones. A plan that does not fit the per-device budget raises
 PlanDoesNotFit naming the setting to change, as the job itself would only after loading the data.
+From a machine without the accelerators, `TargetDevices` (main.py's --dry_run_device_memory_gb
+and --dry_run_tflops) plans for devices of that memory and matmul rate instead of the local ones:
+budgets (the kernel's tile and band, the spectrum's method) follow the target's memory, times its
+rate; the memory figures are XLA's analysis of the programs compiled for the local backend.
 
     python main.py --config configs/cifar10_resnet18.py --workdir /tmp/unused --dry_run
 """
@@ -38,7 +42,7 @@ from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config, eigensolver
 from ntk_scale.ntk.job import inference_apply, plan_settings
-from ntk_scale.ntk.plan import KernelPlanError, device_budget_bytes
+from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
@@ -53,6 +57,13 @@ PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution"
 
 class PlanDoesNotFit(ValueError):
   """A program needs more memory per device than the budget; the message names what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetDevices:
+  """The devices a job will run on, where they are not the ones JAX sees here (None: these)."""
+  memory_bytes: float | None = None  # each device's memory; the budget is DEVICE_MEMORY_FRACTION of it
+  matmul_flops_per_s: float | None = None  # each device's float32 matmul rate at the job's precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +93,7 @@ class DryRun:
   budget_bytes: float  # per device
   programs: list[ProgramCost]
   notes: list[str]
+  target: TargetDevices = TargetDevices()
 
   @property
   def flops(self) -> float:
@@ -93,17 +105,20 @@ class DryRun:
     return program.calls * per_call / self.matmul_flops_per_s
 
   def describe(self) -> str:
-    lines = [f"dry run of job {self.job!r} on {self.num_devices} {self.platform} device(s) in "
-             f"{jax.process_count()} process(es); measured float32 matmul rate "
-             f"{self.matmul_flops_per_s / 1e9:.4g} GFLOP/s per device; budget {_gib(self.budget_bytes)} "
-             f"per device",
+    t = self.target
+    devices = (f"{self.num_devices} {self.platform} device(s)" if t.memory_bytes is None else
+               f"{self.num_devices} devices of {_gib(t.memory_bytes)} (compiled for {self.platform})")
+    rate = "given" if t.matmul_flops_per_s else "measured"
+    lines = [f"dry run of job {self.job!r} on {devices} in {jax.process_count()} process(es); "
+             f"{rate} float32 matmul rate {self.matmul_flops_per_s / 1e9:.4g} GFLOP/s per device; "
+             f"budget {_gib(self.budget_bytes)} per device",
              f"  {'program':<52s} {'calls':>9s} {'FLOP/call':>10s} {'memory/device':>14s} {'time >=':>10s}"]
     for p in self.programs:
       lines.append(f"  {p.name:<52s} {p.calls:>9,d} {p.flops_per_call:>10.3g} "
                    f"{_gib(p.bytes_per_device):>14s} {_duration(self.seconds(p)):>10s}")
     total = sum(self.seconds(p) for p in self.programs)
     lines.append(f"  total {self.flops:.3g} FLOP, at least {_duration(total)} at the "
-                 f"measured matmul rate")
+                 f"{rate} matmul rate")
     lines += [f"  note: {n}" for n in self.notes]
     lines += [f"  note: {p.name} has {p.unbounded_loops} loop(s) of traced length, counted once"
               for p in self.programs if p.unbounded_loops]
@@ -274,9 +289,11 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
                   f"converge in far fewer"]
 
 
-def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> ProgramCost:
+def _kernel(config: ml_collections.ConfigDict, copies: int, label: str,
+            target_budget: float | None = None) -> ProgramCost:
   """The kernel engine's plan for config.kernel (phase-1 network shapes), its memory by XLA's
-  analysis of its compiled programs."""
+  analysis of its compiled programs; planned for `target_budget` bytes per device where
+  config.kernel.memory_budget_gb leaves the budget to the device."""
   k = config.kernel
   image_shape = dataset_shape(config.data)[0]
   n = _kernel_examples(config)
@@ -285,20 +302,30 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str) -> Progr
   cast = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
   images = np.broadcast_to(np.zeros((), dtype), (n, *image_shape))  # shapes only, nothing allocated
   with jax.enable_x64(k.dtype == "float64"):
+    settings = plan_settings(k)
+    if settings["memory_budget_bytes"] is None:
+      settings["memory_budget_bytes"] = target_budget
     plan = fit_plan(inference_apply(model), cast(params), images, None, k.logits,
-                    precision=k.precision, **plan_settings(k), model_state=cast(stats))
+                    precision=k.precision, **settings, model_state=cast(stats))
   tiles = len(plan.tiles())
   return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
                      plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb",
                      device_flops_per_call=plan.device_flops)
 
 
-def plan_job(config: ml_collections.ConfigDict) -> DryRun:
+def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDevices()) -> DryRun:
   """The programs of `config.job` on this topology, their memory per device, FLOPs and a time bound;
-  PlanDoesNotFit (or KernelPlanError) when one needs more memory than a device has."""
+  PlanDoesNotFit (or KernelPlanError) when one needs more memory than a device has. `target`: plan
+  for devices of that memory and rate instead of these."""
   job = config.get("job", "train")
   mesh = parallel.make_mesh()
-  budget = device_budget_bytes(jax.local_devices()[0])
+  if target.memory_bytes is not None and not target.memory_bytes > 0:
+    raise ValueError(f"the target devices' memory ({target.memory_bytes!r} bytes) must be positive.")
+  if target.matmul_flops_per_s is not None and not target.matmul_flops_per_s > 0:
+    raise ValueError(f"the target devices' matmul rate ({target.matmul_flops_per_s!r}) must be positive.")
+  target_budget = (None if target.memory_bytes is None
+                   else DEVICE_MEMORY_FRACTION * target.memory_bytes)
+  budget = target_budget or device_budget_bytes(jax.local_devices()[0])
   precision = config.kernel.precision if job in ("kernel", "spectrum", "evolution") else "highest"
   programs, notes = [], []
   if job == "train":
@@ -312,15 +339,16 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
     model = build_model(config.model, dataset_classes(config.data))
     programs = _eval_programs(config, mesh, model, "evaluate")
   elif job == "kernel":
-    programs = [_kernel(config, 1, "kernel")]
+    programs = [_kernel(config, 1, "kernel", target_budget)]
   elif job == "spectrum":
     programs, notes = _spectrum(config, mesh, budget)
-    programs.insert(0, _kernel(config, 1, "kernel"))
+    programs.insert(0, _kernel(config, 1, "kernel", target_budget))
   elif job == "evolution":
     check_evolution_settings(config)
     epochs = tuple(config.evolution.epochs)
     count = len(epochs) if epochs else 1
-    programs = [_kernel(config, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint")]
+    programs = [_kernel(config, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint",
+                        target_budget)]
     if not epochs:
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
     spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
@@ -339,8 +367,9 @@ def plan_job(config: ml_collections.ConfigDict) -> DryRun:
     if p.bytes_per_device > budget:
       raise PlanDoesNotFit(f"{p.name} needs {_gib(p.bytes_per_device)} per device but a device's budget "
                            f"is {_gib(budget)}; lower {p.setting} or use more devices.")
-  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, matmul_rate(precision), budget,
-                programs, notes)
+  rate = target.matmul_flops_per_s or matmul_rate(precision)
+  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rate, budget, programs, notes,
+                target)
 
 
-__all__ = ["DryRun", "KernelPlanError", "PlanDoesNotFit", "ProgramCost", "plan_job"]
+__all__ = ["DryRun", "KernelPlanError", "PlanDoesNotFit", "ProgramCost", "TargetDevices", "plan_job"]

@@ -34,11 +34,13 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
 }
 
 
-def dry_run(config: ml_collections.ConfigDict) -> "DryRun":
-  """What `config.job` would cost on these devices (see ntk_scale/dry_run.py); runs and writes nothing."""
-  from ntk_scale.dry_run import plan_job
+def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None = None,
+            matmul_flops_per_s: float | None = None) -> "DryRun":
+  """What `config.job` would cost on these devices, or on devices of the given memory and float32
+  matmul rate (see ntk_scale/dry_run.py); runs and writes nothing."""
+  from ntk_scale.dry_run import TargetDevices, plan_job
 
-  return plan_job(apply_loaders(config))
+  return plan_job(apply_loaders(config), TargetDevices(device_memory_bytes, matmul_flops_per_s))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:

@@ -2,6 +2,7 @@
 device from the partitioned program, refusal of plans that do not fit, nothing written."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,28 @@ def test_kernel_plan_is_the_engine_plan():
   assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
 
 
+def test_a_plan_for_target_devices_uses_their_memory_and_rate():
+  """--dry_run_device_memory_gb / --dry_run_tflops: the kernel's tiles follow the target's budget
+  (80% of its memory), the time its rate; a budget the tile plan cannot meet is refused."""
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples, c.kernel.logits, c.kernel.method = 200, "full", "jacobian"
+  roomy = jobs.dry_run(c, device_memory_bytes=4 * 2**30, matmul_flops_per_s=1e12)
+  tight = jobs.dry_run(c, device_memory_bytes=0.01 * 2**30, matmul_flops_per_s=1e12)
+  assert roomy.budget_bytes == pytest.approx(0.8 * 4 * 2**30)
+  assert tight.budget_bytes == pytest.approx(0.8 * 0.01 * 2**30)
+  (big,), (small,) = roomy.programs, tight.programs
+  tile = lambda p: int(re.search(r"tile (\d+)", p.name).group(1))
+  assert tile(small) < tile(big)
+  assert small.bytes_per_device <= tight.budget_bytes < big.bytes_per_device <= roomy.budget_bytes
+  assert roomy.seconds(big) == pytest.approx(big.device_flops_per_call / 1e12)
+  assert "devices of 4 GiB (compiled for cpu)" in roomy.describe()
+  assert "given float32 matmul rate 1000 GFLOP/s" in roomy.describe()
+  with pytest.raises(KernelPlanError, match="memory_budget_gb"):
+    jobs.dry_run(c, device_memory_bytes=2**16)
+  with pytest.raises(ValueError, match="must be positive"):
+    jobs.dry_run(c, device_memory_bytes=-1.0)
+
+
 def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   """A full kernel of 100 examples x 10 logits: 1000 rows, split over 4 devices; a round of 20
   iterations multiplies the kernel by 4 blocks of k + oversample vectors per iteration, then once
@@ -181,9 +204,15 @@ def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   out = subprocess.run(
       [sys.executable, "main.py", "--config", "configs/digits.py:smoke", "--workdir", str(workdir),
-       "--dry_run", "--config.model.name=mlp", "--config.model.width=4"],
+       "--dry_run", "--config.model.name=mlp", "--config.model.width=4",
+       "--dry_run_device_memory_gb=2"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "dry run of job 'train' on 2 cpu device(s)" in out.stdout
+  assert "dry run of job 'train' on 2 devices of 2 GiB (compiled for cpu)" in out.stdout
   assert "phase 1 benign step" in out.stdout and "total" in out.stdout
+  assert not workdir.exists()
+  out = subprocess.run(
+      [sys.executable, "main.py", "--config", "configs/digits.py:smoke", "--workdir", str(workdir),
+       "--dry_run_tflops=50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "they need --dry_run" in out.stderr
   assert not workdir.exists()
