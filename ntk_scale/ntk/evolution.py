@@ -157,9 +157,11 @@ def stored_gram(stores: list[KernelStore], max_panel_bytes: int = PANEL_BYTES) -
   return gram
 
 
-def restricted_kernel(store: KernelStore, vectors: np.ndarray) -> np.ndarray:
-  """metrics.restrict_to_eigenspace (V^T K V) of a kernel on disk, by one streamed product K V."""
-  return vectors.T @ StoredKernelOperator(store, "float64", PANEL_BYTES).matmat(vectors)
+def stored_products(store: KernelStore, blocks: list[np.ndarray]) -> list[np.ndarray]:
+  """K B for each block B of columns, by one streamed pass over a kernel on disk (the eigenspace
+  restrictions V^T K V of metrics.restrict_to_eigenspace and the label alignment's K Y share it)."""
+  product = StoredKernelOperator(store, "float64", PANEL_BYTES).matmat(np.concatenate(blocks, axis=1))
+  return np.split(product, np.cumsum([b.shape[1] for b in blocks])[:-1], axis=1)
 
 
 def eigensolver(config: ml_collections.ConfigDict, matrix_size: int) -> str:
@@ -193,18 +195,6 @@ def _movement(gram: np.ndarray) -> dict[str, np.ndarray]:
           "angle": np.arccos(similarity[:, 0])}
 
 
-def label_alignments(stores: list[KernelStore], gram: np.ndarray) -> list[float | None]:
-  """metrics.label_alignment of each kernel on disk, from one streamed product K Y each and the
-  kernels' Frobenius norms (the diagonal of their Gram matrix); None for a one-class subset."""
-  labels, num_classes = stores[0].labels(), int(stores[0].meta["num_classes"])
-  if np.unique(labels).size < 2:  # one class: no target varies
-    return [None] * len(stores)
-  targets = metrics.label_targets(labels, num_classes, full=len(stores[0].shape) == 4)
-  return [metrics.alignment_from_parts(
-              float(np.sum(targets * StoredKernelOperator(s, "float64", PANEL_BYTES).matmat(targets))),
-              float(np.sqrt(gram[t, t])), targets) for t, s in enumerate(stores)]
-
-
 def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int,
                       eigenspace_of: str = "final", num_eigenvalues: int = 100,
                       top_spectra: list[tuple[Eigenpairs, float]] | None = None) -> dict[str, Any]:
@@ -229,16 +219,23 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
     if t == (0 if eigenspace_of == "initial" else len(stores) - 1):
       reference = pairs
   gram = stored_gram(stores)
-  for row, alignment in zip(rows, label_alignments(stores, gram)):
-    row["label_alignment"] = alignment
+  spaces = {"top_k": reference.vectors[:, :top_k]}
+  if top_spectra is None:
+    spaces["bottom_k"] = reference.vectors[:, -top_k:]
+  labels, num_classes = stores[0].labels(), int(stores[0].meta["num_classes"])
+  targets = (metrics.label_targets(labels, num_classes, full=len(stores[0].shape) == 4)
+             if np.unique(labels).size > 1 else None)  # one class: no target varies
+  restricted = {space: [] for space in spaces}
+  for t, (row, store) in enumerate(zip(rows, stores)):
+    products = stored_products(store, list(spaces.values()) + ([] if targets is None else [targets]))
+    for (space, vectors), product in zip(spaces.items(), products):
+      restricted[space].append(vectors.T @ product)
+    row["label_alignment"] = None if targets is None else metrics.alignment_from_parts(
+        float(np.sum(targets * products[-1])), float(np.sqrt(gram[t, t])), targets)
   similarity = metrics.similarity_from_gram(gram)
   columns = {"": _movement(gram)}
-  spaces = [("top_k", reference.vectors[:, :top_k])]
-  if top_spectra is None:
-    spaces.append(("bottom_k", reference.vectors[:, -top_k:]))
-  for space, vectors in spaces:
-    restricted = [restricted_kernel(s, vectors) for s in stores]
-    columns[f"_{space}"] = _movement(metrics.frobenius_gram(restricted))
+  for space, kernels in restricted.items():
+    columns[f"_{space}"] = _movement(metrics.frobenius_gram(kernels))
   if top_spectra is not None:
     columns["_bottom_k"] = {key: [None] * len(stores) for key in columns[""]}
   velocity = [None] + metrics.velocity_from_similarity(similarity, epochs).tolist()
@@ -277,7 +274,7 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   collapse = None
   if e.around_collapse:
     saved, collapse = collapse_epochs(workdir, saved, e.around_collapse)
-  size = num_examples * (dataset.num_classes if spec.kind == "full" else 1)
+  size = spec.matrix_rows(num_examples)
   epochs = select_epochs(config, saved, size)
   solver = eigensolver(config, size)
   configs = [checkpoint_config(config, epoch, size) for epoch in epochs]
