@@ -352,7 +352,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     if not epochs:
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
     spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
-    size = _kernel_examples(config) * (spec.tile_suffix or (1,))[0]
+    size = spec.matrix_rows(_kernel_examples(config))
     if eigensolver(config, size) == "top":
       spectrum, spectrum_notes = _spectrum(checkpoint_config(config, 0.0, size), mesh, budget)
       programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]

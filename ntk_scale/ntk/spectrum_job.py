@@ -74,7 +74,7 @@ def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | 
   check_precision(s.precision, "config.spectrum.precision")
   if num_classes is not None and config.kernel.num_examples > 0:
     spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
-    _check_k(s.num_eigenpairs, config.kernel.num_examples * (spec.tile_suffix or (1,))[0])
+    _check_k(s.num_eigenpairs, spec.matrix_rows(config.kernel.num_examples))
 
 
 def _check_k(k: int, size: int) -> None:

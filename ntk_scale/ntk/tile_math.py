@@ -43,6 +43,10 @@ class LogitSpec:
     """Trailing dimensions of a kernel entry: (C, C) for "full", none otherwise."""
     return (self.num_classes, self.num_classes) if self.kind == "full" else ()
 
+  def matrix_rows(self, num_examples: int) -> int:
+    """Rows of the kernel as a matrix (spectrum.as_matrix): N, or N * C for "full"."""
+    return num_examples * (self.num_classes if self.kind == "full" else 1)
+
   def describe(self) -> str:
     return f"class {self.index}" if self.kind == "class" else self.kind
 
