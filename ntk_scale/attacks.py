@@ -191,21 +191,31 @@ def _best_of_restarts(attack_once: Callable[[jax.Array], jax.Array], logits_fn: 
                        images, labels)
 
 
+def _first_best(x_adv: jax.Array, logits_fn: LogitsFn, labels: jax.Array) -> tuple[jax.Array, ...]:
+  """The running best (images, fooled, cross-entropy) of `_keep_stronger`, from one result."""
+  return (x_adv, *_fooled_and_loss(logits_fn, x_adv, labels))
+
+
+def _keep_stronger(best: tuple[jax.Array, ...], x_adv: jax.Array, logits_fn: LogitsFn,
+                   labels: jax.Array) -> tuple[jax.Array, ...]:
+  """The running best with `x_adv` taken per example where it is stronger (`_stronger`, by the
+  cross-entropy)."""
+  best_x, best_fooled, best_loss = best
+  fooled, loss = _fooled_and_loss(logits_fn, x_adv, labels)
+  better = _stronger(fooled, loss, best_fooled, best_loss)
+  return (jnp.where(_per_example(better, best_x), x_adv, best_x), best_fooled | fooled,
+          jnp.where(better, loss, best_loss))
+
+
 def _strongest_of(run: Callable[[jax.Array], jax.Array], count: int, logits_fn: LogitsFn,
                   images: jax.Array, labels: jax.Array) -> jax.Array:
   """Per example, the strongest of run(0), ..., run(count - 1) in `_stronger`'s order (by the
   cross-entropy); run(r) for r >= 1 in a fori_loop (one compiled copy), r traced."""
   best = run(0)
   if count > 1:
-    def body(r, carry):
-      best, best_fooled, best_loss = carry
-      x_adv = run(r)
-      fooled, loss = _fooled_and_loss(logits_fn, x_adv, labels)
-      better = _stronger(fooled, loss, best_fooled, best_loss)
-      return (jnp.where(_per_example(better, best), x_adv, best), best_fooled | fooled,
-              jnp.where(better, loss, best_loss))
-
-    best, _, _ = jax.lax.fori_loop(1, count, body, (best, *_fooled_and_loss(logits_fn, best, labels)))
+    best, _, _ = jax.lax.fori_loop(
+        1, count, lambda r, carry: _keep_stronger(carry, run(r), logits_fn, labels),
+        _first_best(best, logits_fn, labels))
   return jax.lax.stop_gradient(best)
 
 
@@ -532,15 +542,11 @@ def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm:
                               prefix=where))
 
   def attack(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
-    best = built[0](logits_fn, images, labels, jax.random.fold_in(key, 0))
-    best_fooled, best_loss = _fooled_and_loss(logits_fn, best, labels)
-    for i, member in enumerate(built[1:], 1):
-      x_adv = member(logits_fn, images, labels, jax.random.fold_in(key, i))
-      fooled, loss = _fooled_and_loss(logits_fn, x_adv, labels)
-      better = _stronger(fooled, loss, best_fooled, best_loss)
-      best = jnp.where(_per_example(better, best), x_adv, best)
-      best_fooled, best_loss = best_fooled | fooled, jnp.where(better, loss, best_loss)
-    return jax.lax.stop_gradient(best)
+    run = lambda i: built[i](logits_fn, images, labels, jax.random.fold_in(key, i))
+    best = _first_best(run(0), logits_fn, labels)
+    for i in range(1, len(built)):  # different programs: a Python loop, not a fori_loop
+      best = _keep_stronger(best, run(i), logits_fn, labels)
+    return jax.lax.stop_gradient(best[0])
   return attack
 
 
