@@ -40,7 +40,8 @@ from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
-from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config, eigensolver
+from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
+from ntk_scale.ntk.kernel_eigenpairs import resolve_eigensolver
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
@@ -353,7 +354,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
     spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
     size = spec.matrix_rows(_kernel_examples(config))
-    if eigensolver(config, size) == "top":
+    if resolve_eigensolver(config.evolution.eigensolver, size) == "top":
       spectrum, spectrum_notes = _spectrum(checkpoint_config(config, 0.0, size), mesh, budget)
       programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]
       notes += spectrum_notes

@@ -12,7 +12,7 @@ import pytest
 from ntk_scale import jobs
 from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.ntk import metrics
-from ntk_scale.ntk import evolution
+from ntk_scale.ntk import kernel_eigenpairs
 from ntk_scale.ntk.evolution import evolution_metrics
 from ntk_scale.ntk.spectrum import as_matrix, eigh
 from ntk_scale.ntk.store import KernelStore
@@ -142,7 +142,7 @@ def test_top_eigenpairs_of_kernels_above_the_dense_limit(workdir, monkeypatch, c
   """Kernels above DENSE_MAX_ROWS (here 10 rows; these have 20): each checkpoint's spectrum comes
   from the spectrum job (LOBPCG on the devices, float64 here) and every metric but the bottom-k
   eigenspace's equals the dense job's; a rerun reads the spectra back."""
-  monkeypatch.setattr(evolution, "DENSE_MAX_ROWS", 10)
+  monkeypatch.setattr(kernel_eigenpairs, "DENSE_MAX_ROWS", 10)
   dense = jobs.run(evolution_config(name="dense", eigensolver="dense"), workdir)["metrics"]
 
   def config():

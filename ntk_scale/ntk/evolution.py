@@ -13,10 +13,10 @@ kernel-target alignment and velocity, written to `<workdir>/kernel_evolution/<na
 Each kernel is the kernel job's (`<workdir>/kernels/<name>/`), so one already on disk is reused
 and an interrupted one resumes; the metrics are recomputed from the kernels on every run.
 Kernels are read by row panels, one at a time. Each checkpoint's spectrum is either every
-eigenpair (a dense float64 eigendecomposition, the kernel in host memory) or, above
-DENSE_MAX_ROWS rows or with config.evolution.eigensolver="top", the spectrum job's top eigenpairs
-(LOBPCG over the devices, resumable, saved in the kernel's spectrum/), which leaves the bottom-k
-eigenspace's columns empty: the smallest eigenpairs of a large kernel are not within reach.
+eigenpair (a dense float64 eigendecomposition, the kernel in host memory) or, for large kernels
+or with config.evolution.eigensolver="top", the spectrum job's top eigenpairs (kernel_eigenpairs.py),
+which leaves the bottom-k eigenspace's columns empty: the smallest eigenpairs of a large kernel are
+not within reach.
 """
 
 import csv
@@ -34,8 +34,10 @@ from ntk_scale.checkpoint import is_initial, missing_initial_note
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
-from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, eigh
-from ntk_scale.ntk.spectrum_job import check_spectrum_config, kernel_spectrum, load_spectrum
+from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, dense_eigenpairs, describe_choice,
+                                             resolve_eigensolver, top_eigenpairs, with_num_eigenpairs)
+from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator
+from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.collapse import CO_FILE
@@ -44,11 +46,6 @@ from ntk_scale.workdir import phase2_name
 EVOLUTION_DIR = "kernel_evolution"
 METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
 EIGENSPACE_OF = ("final", "initial")
-EIGENSOLVERS = ("auto", "dense", "top")
-# auto: every eigenpair (one float64 eigendecomposition on the host per checkpoint, the kernel in
-# memory) up to this many matrix rows (N, or N*C for a full kernel): 8192 rows hold 0.5 GB and take
-# about a minute on 2 CPU cores; above it the spectrum job's top eigenpairs (any size, on the devices).
-DENSE_MAX_ROWS = 8192
 PANEL_BYTES = 256 * 2**20  # per kernel, when the Gram matrix of all of them is streamed
 
 
@@ -71,9 +68,7 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   if e.eigenspace_of not in EIGENSPACE_OF:
     raise ValueError(f"config.evolution.eigenspace_of={e.eigenspace_of!r}; expected one of "
                      f"{', '.join(EIGENSPACE_OF)}.")
-  if e.eigensolver not in EIGENSOLVERS:
-    raise ValueError(f"config.evolution.eigensolver={e.eigensolver!r}; expected one of "
-                     f"{', '.join(EIGENSOLVERS)}.")
+  check_eigensolver(e.eigensolver, "config.evolution.eigensolver")
   if e.top_k < 1 or e.num_eigenvalues < 1:
     raise ValueError(f"config.evolution.top_k={e.top_k} and config.evolution.num_eigenvalues="
                      f"{e.num_eigenvalues} must be >= 1.")
@@ -164,25 +159,16 @@ def stored_products(store: KernelStore, blocks: list[np.ndarray]) -> list[np.nda
   return np.split(product, np.cumsum([b.shape[1] for b in blocks])[:-1], axis=1)
 
 
-def eigensolver(config: ml_collections.ConfigDict, matrix_size: int) -> str:
-  """"dense" or "top": config.evolution.eigensolver, auto resolved by the kernel's matrix size."""
-  chosen = config.evolution.eigensolver
-  if chosen == "auto":
-    return "dense" if matrix_size <= DENSE_MAX_ROWS else "top"
-  return chosen
-
-
 def checkpoint_config(config: ml_collections.ConfigDict, epoch: float, matrix_size: int
                       ) -> ml_collections.ConfigDict:
   """config for the kernel (and spectrum) job of one checkpoint: config.kernel's subset and
   settings at this epoch; config.spectrum's, for the eigenpairs the metrics need (the top
   num_eigenvalues and top_k)."""
-  one = ml_collections.ConfigDict(config.to_dict())
+  e = config.evolution
+  one = with_num_eigenpairs(config, max(e.num_eigenvalues, e.top_k), matrix_size)
   one.kernel.phase = int(config.evolution.phase)
   one.kernel.epoch = float(epoch)
   one.kernel.name = ""
-  e = config.evolution
-  one.spectrum.num_eigenpairs = min(max(e.num_eigenvalues, e.top_k), matrix_size)
   return one
 
 
@@ -208,11 +194,7 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
                                 for e, s in zip(epochs, stores)]
   spectra, reference = [], None
   for t, (row, store) in enumerate(zip(rows, stores)):
-    if top_spectra is None:
-      pairs = eigh(store.read())
-      trace = float(pairs.values.sum())
-    else:
-      pairs, trace = top_spectra[t]
+    pairs, trace = dense_eigenpairs(store) if top_spectra is None else top_spectra[t]
     spectra.append(pairs.values[:num_eigenvalues].tolist())
     row.update(top_eigenvalue=float(pairs.values[0]), trace=trace,
                spectral_mass_top_k=metrics.spectral_mass(pairs.values, top_k, trace))
@@ -276,35 +258,28 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     saved, collapse = collapse_epochs(workdir, saved, e.around_collapse)
   size = spec.matrix_rows(num_examples)
   epochs = select_epochs(config, saved, size)
-  solver = eigensolver(config, size)
+  solver = resolve_eigensolver(e.eigensolver, size)
   configs = [checkpoint_config(config, epoch, size) for epoch in epochs]
   if solver == "top":
     check_spectrum_config(configs[0], dataset.num_classes)
   if jax.process_index() == 0:
     print(f"kernel evolution: {len(epochs)} checkpoints of phase {e.phase} (epochs "
           f"{', '.join(f'{x:g}' for x in epochs)}), {num_examples} {k.split} examples; "
-          + ("every eigenpair of each kernel" if solver == "dense" else
-             f"the top {configs[0].spectrum.num_eigenpairs} eigenpairs of each kernel by the "
-             f"spectrum job ("
-             + (f"{size} rows, above {DENSE_MAX_ROWS}" if e.eigensolver == "auto" else
-                "config.evolution.eigensolver='top'")
-             + f"), so no bottom-{e.top_k} eigenspace"), flush=True)
+          + describe_choice(solver, e.eigensolver, "config.evolution.eigensolver", size,
+                            configs[0].spectrum.num_eigenpairs, " of each kernel")
+          + ("" if solver == "dense" else f", so no bottom-{e.top_k} eigenspace"), flush=True)
   kernels = [kernel_job(one, workdir) for one in configs]
   incomplete = [r["kernel"] for r in kernels if not r["complete"]]
   if incomplete:
     raise RuntimeError(f"kernels not complete after their jobs: {incomplete}; rerun to resume.")
-  spectra = ([kernel_spectrum(one, workdir, r) for one, r in zip(configs, kernels)]
-             if solver == "top" else None)
+  top_spectra = ([top_eigenpairs(one, workdir, r) for one, r in zip(configs, kernels)]
+                 if solver == "top" else None)
   directory = os.path.join(workdir, EVOLUTION_DIR, evolution_name(config, num_examples))
   result = {"directory": directory, "kernels": kernels,
             "tiles_computed": sum(r["tiles_computed"] for r in kernels)}
   if jax.process_index() != 0:
     return result
   stores = [KernelStore.open(r["kernel"]) for r in kernels]
-  top_spectra = None
-  if spectra is not None:
-    top_spectra = [(pairs, record["trace"]) for pairs, record in
-                   (load_spectrum(r["spectrum"]) for r in spectra)]
   results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues,
                               top_spectra)
   results["phase"] = int(e.phase)
