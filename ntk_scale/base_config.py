@@ -227,6 +227,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eigen_features.num_test = 0  # first test images evaluated; 0: the whole test split
   c.eigen_features.batch_size = 120
   c.eigen_features.attack = pgd_linf(eps=8 / 255, num_steps=10)  # against each feature's predictor
+  # auto | dense | top (ntk_scale/ntk/kernel_eigenpairs.py): every eigenpair up to 8192 kernel rows,
+  # above it the spectrum job's top max(config.spectrum.num_eigenpairs, num_single): groups stop at
+  # the k-th eigenvalue, and the last row is the top-k predictor ("top<k>"), not kernel regression.
+  c.eigen_features.eigensolver = "auto"
 
   # The `eigen_images` job (ntk_scale/ntk/eigen_images_job.py; Loo et al. 2022): for the top
   # eigenvectors u of a class kernel K_c and its dual weights (K_c + lambda I)^{-1} y_c, the images x

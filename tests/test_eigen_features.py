@@ -2,6 +2,7 @@
 regression, each equals the explicit float64 Jacobian formula, and the job reports them."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from ntk_scale import infinite, jobs
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import KernelRegression
-from ntk_scale.ntk import empirical_ntk
+from ntk_scale.ntk import empirical_ntk, kernel_eigenpairs
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
 from ntk_scale.ntk.job import inference_apply, select_examples
@@ -91,37 +92,91 @@ def features_config(**fields):
   return c
 
 
-def test_job_reports_every_group_and_the_whole_predictor(tmp_path):
-  workdir = str(tmp_path)
+def _trained(workdir: str) -> None:
   train = features_config()
   train.job = "train"
   jobs.run(train, workdir)
-  c = features_config()
-  c.job = "eigen_features"
-  result = jobs.run(c, workdir)
-  rows = {r["group"]: r for r in result["groups"]}
-  assert list(rows)[:3] == ["0", "1", "2"] and list(rows)[-1] == "all"
-  files = sorted(os.listdir(result["eigen_features"]))
-  assert files == ["features.csv", "features.json", "usefulness_robustness.png"]
-  # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train).
-  store = KernelStore.open(result["source_kernel"])
+
+
+def _test_predictions(c, workdir, store, coefficients: np.ndarray) -> np.ndarray:
+  """K(test, train) A for the first 30 test images, the cross kernel by the engine itself."""
   digits = load_digits()
   restored = restore_for_inference(c, workdir, phase=1, epoch=None, fields="config.kernel")
   apply = inference_apply(restored.model)
   stats = restored.variables.get("batch_stats", {})
   params = jax.tree.map(np.asarray, restored.variables["params"])
-  x_test, y_test = digits.test.images[:30], digits.test.labels[:30]
-  cross = empirical_ntk(lambda p, x: apply(p, x, stats), params, x_test,
+  cross = empirical_ntk(lambda p, x: apply(p, x, stats), params, digits.test.images[:30],
                         digits.train.images[store.indices()], logits=0)
+  return cross @ coefficients
+
+
+def test_job_reports_every_group_and_the_whole_predictor(tmp_path):
+  workdir = str(tmp_path)
+  _trained(workdir)
+  c = features_config()
+  c.job = "eigen_features"
+  result = jobs.run(c, workdir)
+  rows = {r["group"]: r for r in result["groups"]}
+  assert list(rows)[:3] == ["0", "1", "2"] and list(rows)[-1] == "all"
+  assert result["eigensolver"] == "dense" and result["num_eigenpairs"] == 40
+  files = sorted(os.listdir(result["eigen_features"]))
+  assert files == ["features.csv", "features.json", "usefulness_robustness.png"]
+  # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train).
+  store = KernelStore.open(result["source_kernel"])
   pairs = eigh(store.read())
   rank = pairs.values > 1e-10 * pairs.values[0]
   v = pairs.vectors[:, rank]
-  predictions = cross @ v @ ((v.T @ _targets(store.labels(), 10)) / pairs.values[rank, None])
+  predictions = _test_predictions(c, workdir, store,
+                                  v @ ((v.T @ _targets(store.labels(), 10)) / pairs.values[rank, None]))
+  y_test = load_digits().test.labels[:30]
   assert rows["all"]["clean_accuracy"] == pytest.approx(np.mean(predictions.argmax(1) == y_test), abs=1 / 30)
   assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())
   assert sum(r["num_features"] for g, r in rows.items() if g != "all") == rows["all"]["num_features"]
   # A rerun reads the finished result back.
   assert jobs.run(c, workdir)["groups"] == result["groups"]
+
+
+def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(tmp_path, monkeypatch, capsys):
+  """Above DENSE_MAX_ROWS (here 10; the kernel has 40 rows) the spectrum job's top 6 eigenpairs
+  (LOBPCG, float64) replace the dense decomposition: the groups up to the 6th eigenvalue report
+  what the dense job reports, the last row is the top-6 predictor, and no dense eigh runs."""
+  workdir = str(tmp_path)
+  _trained(workdir)
+  c = features_config()
+  c.job = "eigen_features"
+  dense = jobs.run(c, workdir)
+  monkeypatch.setattr(kernel_eigenpairs, "DENSE_MAX_ROWS", 10)
+  monkeypatch.setattr(kernel_eigenpairs, "dense_eigenpairs", None)  # called: a TypeError
+  c = features_config()
+  c.job = "eigen_features"
+  c.spectrum.num_eigenpairs, c.spectrum.oversample, c.spectrum.dtype = 6, 0, "float64"
+  c.spectrum.method = "sharded"  # LOBPCG, not the spectrum job's own dense choice for 40 rows
+  shutil.rmtree(dense["eigen_features"])  # the same kernel: its result would be read back
+  top = jobs.run(c, workdir)
+  out = capsys.readouterr().out
+  assert "the top 6 eigenpairs by the spectrum job (40 rows, above 10)" in out
+  assert "spectrum plan: sharded LOBPCG" in out
+  assert top["eigensolver"] == "top" and top["num_eigenpairs"] == 6
+  names = [r["group"] for r in top["groups"]]
+  assert names == ["0", "1", "2", "3-5", "top6"]
+  for mine, theirs in zip(top["groups"][:-1], dense["groups"]):
+    assert mine["group"] == theirs["group"]
+    for key in ("first_index", "num_features"):
+      assert mine[key] == theirs[key], key
+    for key in ("eigenvalue", "spectral_share"):
+      assert mine[key] == pytest.approx(theirs[key], rel=1e-8), key
+    for key in ("clean_accuracy", "robust_accuracy"):
+      assert mine[key] == pytest.approx(theirs[key], abs=1 / 30 + 1e-12), key
+  store = KernelStore.open(top["source_kernel"])
+  pairs = eigh(store.read())
+  v = pairs.vectors[:, :6]
+  predictions = _test_predictions(c, workdir, store,
+                                  v @ ((v.T @ _targets(store.labels(), 10)) / pairs.values[:6, None]))
+  y_test = load_digits().test.labels[:30]
+  assert top["groups"][-1]["clean_accuracy"] == pytest.approx(np.mean(predictions.argmax(1) == y_test),
+                                                              abs=1 / 30)
+  assert top["groups"][-1]["spectral_share"] == pytest.approx(pairs.values[:6].sum() / pairs.values.sum(),
+                                                              rel=1e-8)
 
 
 def test_bad_fields_are_named(tmp_path):
@@ -133,6 +188,14 @@ def test_bad_fields_are_named(tmp_path):
   c = features_config()
   c.job, c.kernel.logits = "eigen_features", "full"
   with pytest.raises(ValueError, match="config.kernel.logits='full'"):
+    jobs.run(c, str(tmp_path))
+  c = features_config(eigensolver="lanczos")
+  c.job = "eigen_features"
+  with pytest.raises(ValueError, match="config.eigen_features.eigensolver='lanczos'"):
+    jobs.run(c, str(tmp_path))
+  c = features_config(eigensolver="top", source="infinite")
+  c.job = "eigen_features"
+  with pytest.raises(ValueError, match="config.eigen_features.eigensolver='top' needs"):
     jobs.run(c, str(tmp_path))
 
 

@@ -8,6 +8,10 @@ eigen-feature of a checkpoint's empirical NTK (see eigen_features.py), to
 The kernel is the kernel job's for config.kernel (computed first, or found on disk); the test
 images are the first config.eigen_features.num_test of the test split, attacked with
 config.eigen_features.attack against each feature group's own predictor.
+Its eigenpairs are every one (dense float64 eigh of the kernel in host memory) or, above
+kernel_eigenpairs.DENSE_MAX_ROWS rows or with config.eigen_features.eigensolver="top", the
+spectrum job's top k (k = max(config.spectrum.num_eigenpairs, num_single)): the groups then end at
+the k-th eigenvalue and the last row, "top<k>", is those k features together, not kernel regression.
 Measured on digits (the command above on the benign demo CNN after 15 epochs: class-0 kernel of
 500 training images, all 360 test images, PGD-10 at eps 0.1, 27 min on 2 busy CPU cores):
 
@@ -49,7 +53,10 @@ from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, gro
                                           parameter_directions)
 from ntk_scale.ntk.job import check_kernel_subset, inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.evolution import write_table
+from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, kernel_eigenpairs,
+                                             resolve_eigensolver, with_num_eigenpairs)
 from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
@@ -67,6 +74,11 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
                                                               if field == "num_test" else "."))
   if e.source not in SOURCES:
     raise ValueError(f"config.eigen_features.source={e.source!r}; expected one of {', '.join(SOURCES)}.")
+  check_eigensolver(e.eigensolver, "config.eigen_features.eigensolver")
+  if e.source == "infinite" and e.eigensolver == "top":
+    raise ValueError("config.eigen_features.eigensolver='top' needs config.eigen_features.source="
+                     "'empirical' (a stored kernel); an infinite-width kernel is computed in memory "
+                     "and decomposed whole.")
   if e.source == "infinite" and config.get("infinite") is None:
     raise ValueError("config.eigen_features.source='infinite' needs a config.infinite section (the "
                      "analytic kernel); see configs/infinite_width.py.")
@@ -90,7 +102,7 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  single = [r for r in rows if r["group"] not in ("all",)]
+  single = rows[:-1]  # the last row is every group together
   x = [r["first_index"] + 1 for r in single]
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   ax.plot(x, [r["clean_accuracy"] for r in single], "o-", label="usefulness (clean accuracy)")
@@ -109,28 +121,33 @@ class _Features:
   """One kernel's feature groups, as programs: every group's logits, and a group's logits at the
   attack's examples against that group."""
   source: str  # where the kernel came from, for the record
-  eigenvalues: np.ndarray
+  eigenvalues: np.ndarray  # every eigenvalue, or the top k (eigensolver "top")
+  trace: float  # the sum of every eigenvalue
+  eigensolver: str  # "dense" | "top"
   groups: list
   clean_logits: Callable  # x -> [G + 1, B, C] (the last: all groups)
   attacked_logits: Callable  # (g, x, y, key) -> [B, C]
 
 
-def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The kernel job's kernel directory for config.kernel, computed or resumed until complete."""
+def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The kernel job's result for config.kernel, computed or resumed until complete."""
   kernel = kernel_job(config, workdir)
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
-  return kernel["kernel"]
+  return kernel
 
 
-def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack, kernel: str) -> _Features:
-  """Groups of the kernel job's empirical NTK of a checkpoint, as J(x) W_g (eigen_features.py)."""
+def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack,
+               kernel: dict[str, Any], solver: str) -> _Features:
+  """Groups of the kernel job's empirical NTK of a checkpoint, as J(x) W_g (eigen_features.py),
+  from every eigenpair or, for a large kernel, the spectrum job's top ones (the groups then stop
+  at the k-th eigenvalue and the last row is the top-k predictor, not kernel regression)."""
   from ntk_scale.restore import restore_for_inference  # pylint: disable=import-outside-toplevel
 
-  store = KernelStore.open(kernel)
+  store = KernelStore.open(kernel["kernel"])
   spec = parse_logits(config.kernel.logits, dataset.num_classes, "config.kernel.logits")
   train_images = getattr(dataset, config.kernel.split).images[store.indices()]
-  pairs = eigh(store.read())
+  pairs, trace = kernel_eigenpairs(config, workdir, kernel, solver)  # config.spectrum's top k for top
   groups = feature_groups(pairs.values, config.eigen_features.num_single)
   coefficients = _coefficients(pairs, groups, store.labels(), dataset.num_classes)
 
@@ -153,7 +170,7 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack,
     group = lambda inputs: feature_logits_fn(with_stats(v[1]), v[0], w[None], spec)(inputs)[0]
     return group(attack(group, x, y, key))
 
-  return _Features(kernel, pairs.values, groups,
+  return _Features(kernel["kernel"], pairs.values, trace, solver, groups,
                    lambda x: clean_logits_of(variables, directions, x),
                    lambda g, x, y, key: attacked_logits_of(variables, directions[g], x, y, key))
 
@@ -169,6 +186,7 @@ def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
   train_images, labels = split.images[indices], split.labels[indices]
   pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images))
   groups = feature_groups(pairs.values, config.eigen_features.num_single)
+  trace = float(pairs.values.sum())
   coefficients = jnp.asarray(_coefficients(pairs, groups, labels, dataset.num_classes), jnp.float32)
   kernel_fn = infinite.kernel_function(section, dataset.num_classes)
   x_train = jnp.asarray(train_images)
@@ -182,7 +200,14 @@ def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
     group = lambda inputs: kernel_fn(inputs, x_train) @ a
     return group(attack(group, x, y, key))
 
-  return _Features(f"config.infinite: {section.architecture} {section.kernel}", pairs.values, groups, clean_logits, lambda g, x, y, key: attacked_logits_of(coefficients[g], x, y, key))
+  return _Features(f"config.infinite: {section.architecture} {section.kernel}", pairs.values, trace,
+                   "dense", groups, clean_logits, lambda g, x, y, key: attacked_logits_of(coefficients[g], x, y, key))
+
+
+def _whole_name(features: _Features) -> str:
+  """The last row's group: "all" (ridgeless kernel regression) from every eigenpair, "top<k>" (the
+  predictor of the top k eigen-features) from the top k."""
+  return "all" if features.eigensolver == "dense" else f"top{len(features.eigenvalues)}"
 
 
 def _coefficients(pairs, groups: list, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -198,15 +223,21 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_eigen_features_config(config)
   attack = build_attack(e.attack, prefix="config.eigen_features.attack")
   dataset = load_dataset(config.data)
+  split = getattr(dataset, config.kernel.split, None)
+  check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
+  num_examples = len(select_examples(config, split.labels))
+  solver = resolve_eigensolver(e.eigensolver, num_examples) if e.source == "empirical" else "dense"
+  spectrum_config = with_num_eigenpairs(config, max(config.spectrum.num_eigenpairs, e.num_single),
+                                        num_examples)
+  if solver == "top":  # before the kernel is computed
+    check_spectrum_config(spectrum_config, dataset.num_classes)
   # The output's name first: a finished result is read back without any kernel algebra.
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
-  if kernel is None:  # the kernel job checks config.kernel for its own kernels
-    split = getattr(dataset, config.kernel.split, None)
-    check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
+  if kernel is None:
     name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
-            f"{len(select_examples(config, split.labels))}")
+            f"{num_examples}")
   else:
-    name = os.path.basename(kernel)
+    name = os.path.basename(kernel["kernel"])
   directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
   if files.exists(result_path):
@@ -214,7 +245,11 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if kernel is None:
     features = _infinite(config, dataset, attack)
   else:
-    features = _empirical(config, workdir, dataset, attack, kernel)
+    if jax.process_index() == 0:
+      print(f"eigen-features of {kernel['kernel']}: "
+            + describe_choice(solver, e.eigensolver, "config.eigen_features.eigensolver", num_examples,
+                              spectrum_config.spectrum.num_eigenpairs), flush=True)
+    features = _empirical(spectrum_config, workdir, dataset, attack, kernel, solver)
   groups = features.groups
 
   test = dataset.test
@@ -231,19 +266,19 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
       correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == y))
     robust.append(correct / n)
     if jax.process_index() == 0:
-      name = groups[g].name if g < len(groups) else "all"
+      name = groups[g].name if g < len(groups) else _whole_name(features)
       print(f"eigen-feature group {name}: clean {clean[g]:.3f}, {e.attack.name} {robust[-1]:.3f}", flush=True)
 
   rows = []
   for i, group in enumerate(groups + [None]):
     indices = group.indices if group else np.arange(sum(len(g.indices) for g in groups))
-    rows.append({"group": group.name if group else "all", "first_index": int(indices[0]),
+    rows.append({"group": group.name if group else _whole_name(features), "first_index": int(indices[0]),
                  "num_features": int(len(indices)),
                  "eigenvalue": float(features.eigenvalues[indices[0]]),
-                 "spectral_share": float(features.eigenvalues[indices].sum() / features.eigenvalues.sum()),
+                 "spectral_share": float(features.eigenvalues[indices].sum() / features.trace),
                  "clean_accuracy": float(clean[i]), "robust_accuracy": float(robust[i])})
-  record = {"source_kernel": features.source, "num_test": n,
-            "attack": e.attack.to_dict(), "groups": rows}
+  record = {"source_kernel": features.source, "num_test": n, "eigensolver": features.eigensolver,
+            "num_eigenpairs": len(features.eigenvalues), "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
     files.make_dirs(directory)
     write_table(os.path.join(directory, "features.csv"), rows)
