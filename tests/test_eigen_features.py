@@ -177,6 +177,14 @@ def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(tmp_path, monkey
                                                               abs=1 / 30)
   assert top["groups"][-1]["spectral_share"] == pytest.approx(pairs.values[:6].sum() / pairs.values.sum(),
                                                               rel=1e-8)
+  # The spectrum job's own dense solve (it keeps every eigenvalue and k vectors) gives the same.
+  shutil.rmtree(top["eigen_features"])
+  c.spectrum.method = "dense"
+  again = jobs.run(c, workdir)
+  assert [r["group"] for r in again["groups"]] == names
+  for mine, theirs in zip(again["groups"], top["groups"]):
+    assert mine["eigenvalue"] == pytest.approx(theirs["eigenvalue"], rel=1e-8)
+    assert mine["clean_accuracy"] == pytest.approx(theirs["clean_accuracy"], abs=1 / 30 + 1e-12)
 
 
 def test_bad_fields_are_named(tmp_path):

@@ -59,7 +59,9 @@ def top_eigenpairs(config: ml_collections.ConfigDict, workdir: str, kernel: dict
   """config.spectrum's top eigenpairs of a kernel job's kernel (solved, resumed or read back), and
   the kernel's trace. config.spectrum is checked by the caller; every process calls it."""
   pairs, record = load_spectrum(kernel_spectrum(config, workdir, kernel)["spectrum"])
-  return pairs, float(record["trace"])
+  k = pairs.vectors.shape[1]  # a dense solve keeps every eigenvalue, and k vectors
+  residuals = None if pairs.residuals is None else pairs.residuals[:k]
+  return Eigenpairs(pairs.values[:k], pairs.vectors, residuals), float(record["trace"])
 
 
 def kernel_eigenpairs(config: ml_collections.ConfigDict, workdir: str, kernel: dict, solver: str
