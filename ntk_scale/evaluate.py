@@ -1,5 +1,6 @@
 """Evaluators shared by the training loop and the command line: clean and robust accuracy on a split."""
 
+import dataclasses
 import functools
 import os
 from typing import Any, Callable
@@ -22,7 +23,17 @@ from ntk_scale.train.experiment import check_common_config
 from ntk_scale.train.state import TrainState, logits_fn
 
 
-Model = TrainState | Callable[[jax.Array], jax.Array]
+@dataclasses.dataclass(frozen=True)
+class Parameterized:
+  """A model whose logits are `apply(variables, images)`, `variables` a pytree of arrays: one
+  compilation serves every model of one `apply` (the same function object) and variable shapes,
+  such as the predictor of each eigen-feature group. Multi-host: `variables` replicated over the
+  mesh (parallel.replicate)."""
+  apply: Callable[[Any, jax.Array], jax.Array]
+  variables: Any
+
+
+Model = TrainState | Parameterized | Callable[[jax.Array], jax.Array]
 
 
 def _apply_state(state: TrainState, images: jax.Array) -> jax.Array:
@@ -30,11 +41,14 @@ def _apply_state(state: TrainState, images: jax.Array) -> jax.Array:
 
 
 def _as_apply(model: Model) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
-  """(apply, variables) with logits = apply(variables, images): a TrainState passes its variables
-  as traced arguments (one compilation per shape for every state); a bare `logits_fn` (kernel
-  regression, say) closes over its own arrays and is compiled once per `evaluate` call."""
+  """(apply, variables) with logits = apply(variables, images): a TrainState or Parameterized
+  passes its variables as traced arguments (one compilation per shape for all of them); a bare
+  `logits_fn` (kernel regression, say) closes over its own arrays and is compiled once per
+  `evaluate` call."""
   if isinstance(model, TrainState):
     return _apply_state, model
+  if isinstance(model, Parameterized):
+    return model.apply, model.variables
   return (lambda _, images: model(images)), None
 
 
@@ -71,8 +85,9 @@ def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classe
   """Accuracy, mean loss and per-class accuracy of the model, on clean inputs or, with `attack`, on
   the attack's examples (crafted batch by batch with keys folded from `key`).
 
-  `model` is a TrainState (the network in inference mode) or any `logits_fn(images) -> logits`,
-  e.g. KernelRegression.logits_fn: networks and kernel machines go through this one loop.
+  `model` is a TrainState (the network in inference mode), a Parameterized model or any
+  `logits_fn(images) -> logits`, e.g. KernelRegression.logits_fn: networks and kernel machines go
+  through this one loop.
 
   With `keep_examples`, also returns the (adversarial) images and predictions of every example
   under "examples", in split order.

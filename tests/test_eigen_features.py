@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import infinite, jobs
+from jax.sharding import Mesh
+
+from ntk_scale import infinite, jobs, parallel
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import KernelRegression
 from ntk_scale.ntk import empirical_ntk, kernel_eigenpairs
@@ -110,7 +112,7 @@ def _test_predictions(c, workdir, store, coefficients: np.ndarray) -> np.ndarray
   return cross @ coefficients
 
 
-def test_job_reports_every_group_and_the_whole_predictor(tmp_path):
+def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   _trained(workdir)
   c = features_config()
@@ -134,6 +136,16 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path):
   assert sum(r["num_features"] for g, r in rows.items() if g != "all") == rows["all"]["num_features"]
   # A rerun reads the finished result back.
   assert jobs.run(c, workdir)["groups"] == result["groups"]
+  # Evaluated data-parallel: 4 devices give what one gives.
+  assert jax.device_count() == 4
+  shutil.rmtree(result["eigen_features"])
+  monkeypatch.setattr(parallel, "make_mesh", lambda: Mesh(np.array(jax.devices()[:1]),
+                                                          (parallel.DATA_AXIS,)))
+  one = jobs.run(c, workdir)
+  for mine, theirs in zip(one["groups"], result["groups"]):
+    assert mine["group"] == theirs["group"]
+    for key in ("clean_accuracy", "robust_accuracy", "eigenvalue", "spectral_share"):
+      assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-12), (mine["group"], key)
 
 
 def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(tmp_path, monkeypatch, capsys):
@@ -213,7 +225,7 @@ def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt)
   c.job = "eigen_features"
   c.eigen_features.source = "infinite"
   c.kernel.num_examples = 40
-  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 3, 30, 15
+  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 3, 30, 16
   c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 2
   c.eigen_features.attack.step_size = 0.1
   result = jobs.run(c, str(tmp_path))

@@ -45,9 +45,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ntk_scale import files
+from ntk_scale import files, parallel
 from ntk_scale.attacks import build_attack
-from ntk_scale.data import load_dataset
+from ntk_scale.data import Split, load_dataset
+from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.kernel_regression import regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
@@ -88,15 +89,6 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
   build_attack(e.attack, prefix="config.eigen_features.attack")
 
 
-def _batched_accuracy(fn, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
-  """Accuracy of fn(x) -> [G, B, C] per group, over all images in batches: [G]."""
-  correct = 0
-  for start in range(0, len(images), batch_size):
-    logits = fn(jnp.asarray(images[start:start + batch_size]))
-    correct = correct + np.asarray(jnp.argmax(logits, -1) == labels[start:start + batch_size]).sum(-1)
-  return correct / len(images)
-
-
 def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -125,8 +117,10 @@ class _Features:
   trace: float  # the sum of every eigenvalue
   eigensolver: str  # "dense" | "top"
   groups: list
-  clean_logits: Callable  # x -> [G + 1, B, C] (the last: all groups)
-  attacked_logits: Callable  # (g, x, y, key) -> [B, C]
+  # A group's predictor: apply(variables(g), x [B, ...]) -> [B, C]; g = len(groups) is every group
+  # together. One `apply` for all groups: one compilation of the clean and the attacked programs.
+  apply: Callable[[Any, jax.Array], jax.Array]
+  variables: Callable[[int], Any]  # host arrays
 
 
 def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -137,8 +131,8 @@ def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   return kernel
 
 
-def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack,
-               kernel: dict[str, Any], solver: str) -> _Features:
+def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel: dict[str, Any],
+               solver: str) -> _Features:
   """Groups of the kernel job's empirical NTK of a checkpoint, as J(x) W_g (eigen_features.py),
   from every eigenpair or, for a large kernel, the spectrum job's top ones (the groups then stop
   at the k-th eigenvalue and the last row is the top-k predictor, not kernel regression)."""
@@ -154,28 +148,23 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, attack,
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.kernel")
   model_apply = inference_apply(restored.model)
-  variables = (restored.variables["params"], restored.variables.get("batch_stats", {}))
-  with_stats = lambda stats: (lambda params, x: model_apply(params, x, stats))
+  host = lambda a: np.asarray(a.addressable_data(0))  # this process's copy: no cross-host transfer
+  params = jax.tree.map(host, restored.variables["params"])
+  stats = jax.tree.map(host, restored.variables.get("batch_stats", {}))
+  with_stats = lambda batch_stats: (lambda p, x: model_apply(p, x, batch_stats))
   # Parameters and directions are arguments of the programs, never closed over: as constants
   # (G * C * P numbers) they made lowering alone take minutes.
-  directions = parameter_directions(with_stats(variables[1]), variables[0], jnp.asarray(train_images),
+  directions = parameter_directions(with_stats(stats), params, jnp.asarray(train_images),
                                     jnp.asarray(coefficients, jnp.float32), spec)
 
-  @jax.jit
-  def clean_logits_of(v, w, x):
-    return feature_logits_fn(with_stats(v[1]), v[0], w, spec)(x)
+  def apply(v, x):
+    return feature_logits_fn(with_stats(v["stats"]), v["params"], v["directions"][None], spec)(x)[0]
 
-  @jax.jit
-  def attacked_logits_of(v, w, x, y, key):
-    group = lambda inputs: feature_logits_fn(with_stats(v[1]), v[0], w[None], spec)(inputs)[0]
-    return group(attack(group, x, y, key))
-
-  return _Features(kernel["kernel"], pairs.values, trace, solver, groups,
-                   lambda x: clean_logits_of(variables, directions, x),
-                   lambda g, x, y, key: attacked_logits_of(variables, directions[g], x, y, key))
+  return _Features(kernel["kernel"], pairs.values, trace, solver, groups, apply,
+                   lambda g: {"params": params, "stats": stats, "directions": np.asarray(directions[g])})
 
 
-def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
+def _infinite(config: ml_collections.ConfigDict, dataset) -> _Features:
   """Groups of config.infinite's analytic kernel (ntk_scale/infinite.py) on config.kernel's subset
   of the training split, as K(x, X) A_g with the kernel function differentiated by the attack."""
   from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
@@ -187,21 +176,12 @@ def _infinite(config: ml_collections.ConfigDict, dataset, attack) -> _Features:
   pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images))
   groups = feature_groups(pairs.values, config.eigen_features.num_single)
   trace = float(pairs.values.sum())
-  coefficients = jnp.asarray(_coefficients(pairs, groups, labels, dataset.num_classes), jnp.float32)
+  coefficients = _coefficients(pairs, groups, labels, dataset.num_classes).astype(np.float32)
   kernel_fn = infinite.kernel_function(section, dataset.num_classes)
   x_train = jnp.asarray(train_images)
-
-  @jax.jit
-  def clean_logits(x):
-    return jnp.einsum("bn,gnc->gbc", kernel_fn(x, x_train), coefficients)
-
-  @jax.jit
-  def attacked_logits_of(a, x, y, key):
-    group = lambda inputs: kernel_fn(inputs, x_train) @ a
-    return group(attack(group, x, y, key))
-
   return _Features(f"config.infinite: {section.architecture} {section.kernel}", pairs.values, trace,
-                   "dense", groups, clean_logits, lambda g, x, y, key: attacked_logits_of(coefficients[g], x, y, key))
+                   "dense", groups, lambda a, x: kernel_fn(x, x_train) @ a,
+                   lambda g: np.asarray(coefficients[g]))
 
 
 def _whole_name(features: _Features) -> str:
@@ -222,6 +202,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   e = config.eigen_features
   check_eigen_features_config(config)
   attack = build_attack(e.attack, prefix="config.eigen_features.attack")
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(e.batch_size, mesh.devices.size, "config.eigen_features.batch_size")
   dataset = load_dataset(config.data)
   split = getattr(dataset, config.kernel.split, None)
   check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
@@ -243,28 +225,25 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if files.exists(result_path):
     return {"eigen_features": directory, **files.read_json(result_path)}
   if kernel is None:
-    features = _infinite(config, dataset, attack)
+    features = _infinite(config, dataset)
   else:
     if jax.process_index() == 0:
       print(f"eigen-features of {kernel['kernel']}: "
             + describe_choice(solver, e.eigensolver, "config.eigen_features.eigensolver", num_examples,
                               spectrum_config.spectrum.num_eigenpairs), flush=True)
-    features = _empirical(spectrum_config, workdir, dataset, attack, kernel, solver)
+    features = _empirical(spectrum_config, workdir, dataset, kernel, solver)
   groups = features.groups
 
   test = dataset.test
   n = len(test) if e.num_test == 0 else min(e.num_test, len(test))
-  images, labels = test.images[:n], test.labels[:n]
-  clean = _batched_accuracy(features.clean_logits, images, labels, e.batch_size)
-  robust = []
+  test = Split(test.images[:n], test.labels[:n])
+  clean, robust = [], []
   key = jax.random.key(config.seed)
-  for g in range(len(groups) + 1):
-    correct = 0
-    for start in range(0, n, e.batch_size):
-      x, y = images[start:start + e.batch_size], labels[start:start + e.batch_size]
-      logits = features.attacked_logits(g, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, start))
-      correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == y))
-    robust.append(correct / n)
+  for g in range(len(groups) + 1):  # data-parallel over every device of every host
+    model = Parameterized(features.apply, parallel.replicate(features.variables(g), mesh))
+    clean.append(evaluate(model, test, e.batch_size, mesh, dataset.num_classes)["accuracy"])
+    robust.append(evaluate(model, test, e.batch_size, mesh, dataset.num_classes, attack=attack,
+                           key=key)["accuracy"])
     if jax.process_index() == 0:
       name = groups[g].name if g < len(groups) else _whole_name(features)
       print(f"eigen-feature group {name}: clean {clean[g]:.3f}, {e.attack.name} {robust[-1]:.3f}", flush=True)
