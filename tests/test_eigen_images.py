@@ -16,11 +16,14 @@ from jax.flatten_util import ravel_pytree
 
 from ntk_scale import jobs
 from ntk_scale.data import load_digits
+from ntk_scale.kernel_regression import ridge_coefficients_cg
 from ntk_scale.models import build_model
 from ntk_scale.ntk import eigen_images_job
 from ntk_scale.ntk.eigen_images import class_logit, cosine_fn, optimise_images, parameter_directions
+from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
 from ntk_scale.ntk.store import KernelStore
 
+from test_spectrum import write_store
 from test_train import load_config
 
 IMAGES = load_digits().train.images
@@ -185,6 +188,35 @@ def test_job_writes_images_and_cosines_and_a_rerun_reloads_them(workdir, monkeyp
   monkeypatch.setattr(eigen_images_job, "optimise_images", lambda *a, **k: pytest.fail("recomputed"))
   again = jobs.run(images_config(logit="4"), workdir)
   assert again["rows"] == record["rows"]
+
+
+def test_cg_dual_weights_equal_a_dense_solve_and_the_preconditioner_cuts_iterations(tmp_path):
+  """(K + r I)^{-1} y by CG on a kernel on disk with eigenvalues i^-2 (condition ~1e4 at this ridge):
+  equal to np.linalg.solve, one pass over the kernel per iteration and one for the residual; the
+  top-20 spectral preconditioner needs a third of the iterations (49 against 144 when written); a
+  capped run says so."""
+  n = 120
+  q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((n, n)))
+  matrix = (q * np.arange(1, n + 1, dtype=np.float64) ** -2.0) @ q.T
+  store = write_store(tmp_path / "k", matrix, tile=16)
+  y = np.random.default_rng(4).standard_normal(n)
+  shift = 1e-3 * np.trace(matrix) / n
+  expected = np.linalg.solve(matrix + shift * np.eye(n), y)
+  pairs = eigh(matrix)
+  top = (pairs.values[:20], pairs.vectors[:, :20])
+  iterations = {}
+  for name, eigenpairs in (("preconditioned", top), ("plain", None)):
+    operator = StoredKernelOperator(store, "float64", max_block_bytes=40 * n * 8)  # 32-row panels
+    x, info = ridge_coefficients_cg(operator, y, shift, eigenpairs, rtol=1e-10, max_iters=1000)
+    np.testing.assert_allclose(x, expected, rtol=1e-7, atol=1e-7 * np.abs(expected).max())
+    assert info["method"] == "cg" and info["converged"] and info["relative_residual"] <= 1e-10, info
+    assert operator.passes == info["iterations"] + 1 and operator.panels_read == 4 * operator.passes
+    iterations[name] = info["iterations"]
+  assert iterations["preconditioned"] < iterations["plain"] / 2, iterations
+  capped, info = ridge_coefficients_cg(matrix, y, shift, top, rtol=1e-10, max_iters=3)
+  assert info["iterations"] == 3 and not info["converged"] and info["relative_residual"] > 1e-10
+  assert np.linalg.norm(y - (matrix + shift * np.eye(n)) @ capped) / np.linalg.norm(y) == (
+      pytest.approx(info["relative_residual"], rel=1e-9))
 
 
 def test_a_missing_epoch_is_named(workdir):
