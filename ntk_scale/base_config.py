@@ -243,5 +243,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eigen_images.steps = 300  # Adam steps on the pixels, from a grey image (digits: converged by 300)
   c.eigen_images.learning_rate = 0.05
   c.eigen_images.regularizer = 1e-3  # dual weights' ridge, relative to the mean kernel diagonal
-  c.eigen_images.solver = "cholesky"  # cholesky | eigh | lstsq (ntk_scale/kernel_regression.py)
+  # auto | dense | top: every eigenpair of the kernel read whole up to 8192 rows, else the spectrum
+  # job's top max(config.spectrum.num_eigenpairs, num_eigenvectors) (kernel_eigenpairs.py)
+  c.eigen_images.eigensolver = "auto"
+  # dense mode's dual-weights solver: cholesky | eigh | lstsq (ntk_scale/kernel_regression.py); top
+  # mode's dual weights are CG on the kernel on disk, preconditioned by its top eigenpairs:
+  c.eigen_images.solver = "cholesky"
+  c.eigen_images.cg_tol = 1e-6  # top mode: CG stops at ||y - (K + lambda I) x|| <= cg_tol ||y||
+  c.eigen_images.cg_max_iters = 500  # top mode: each iteration is one pass over the kernel
   return c

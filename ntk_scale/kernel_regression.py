@@ -5,6 +5,10 @@ posterior mean (the NNGP), and a kernel machine for empirical kernels (e.g. from
 Targets Y are one-hot labels minus 1/C (zero mean over classes). The ridge `regularizer` is relative:
 lambda = regularizer * mean(diag K), so one value suits kernels of any scale; 0 is ridgeless.
 
+For a kernel too large to factor (tens of thousands of examples, on disk), `ridge_coefficients_cg`
+solves for one column of coefficients by preconditioned conjugate gradients on the kernel as an
+operator (one product with the kernel per iteration).
+
 Two uses: `KernelRegression.fit` takes precomputed kernels (any source) and predicts from
 K(test, train); `logits_fn` / `predictor` evaluate a kernel function against a fixed training set
 inside jax, so the attacks of ntk_scale.attacks differentiate the predictor with respect to the
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import ml_collections
 import numpy as np
+import scipy.sparse.linalg
 
 SOLVERS = ("cholesky", "eigh", "lstsq")
 KernelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -62,6 +67,63 @@ def ridge_coefficients(k_train: jax.Array, targets: jax.Array, regularizer: floa
     inverse = jnp.where(values > cutoff, 1.0 / jnp.where(values > cutoff, values, 1.0), 0.0)
     return vectors @ (inverse[:, None] * (vectors.T @ targets))
   return jnp.linalg.lstsq(regularized, targets)[0]
+
+
+def spectral_preconditioner(values: np.ndarray, vectors: np.ndarray, shift: float
+                            ) -> scipy.sparse.linalg.LinearOperator:
+  """An approximate inverse of K + shift I from K's top eigenpairs (`values` descending, `vectors`
+  orthonormal columns): V diag(1 / (lambda_i + shift)) V^T + (I - V V^T) / (lambda_k + shift), with
+  lambda_k the smallest of them. Exact on the span of V and a scaled identity on the rest, it leaves
+  CG the condition number (lambda_{k+1} + shift) / shift instead of (lambda_1 + shift) / shift."""
+  vectors = np.asarray(vectors, np.float64)
+  inverse = 1.0 / (np.asarray(values, np.float64) + shift)
+  rest = 1.0 / (float(values[-1]) + shift)
+
+  def apply(block: np.ndarray) -> np.ndarray:
+    block = np.asarray(block, np.float64).reshape(len(vectors), -1)
+    coordinates = vectors.T @ block
+    return vectors @ ((inverse - rest)[:, None] * coordinates) + rest * block
+
+  size = vectors.shape[0]
+  return scipy.sparse.linalg.LinearOperator((size, size), matvec=apply, matmat=apply,
+                                            dtype=np.float64)
+
+
+def ridge_coefficients_cg(kernel: scipy.sparse.linalg.LinearOperator | np.ndarray, target: np.ndarray,
+                          shift: float, eigenpairs: tuple[np.ndarray, np.ndarray] | None = None,
+                          rtol: float = 1e-6, max_iters: int = 500) -> tuple[np.ndarray, dict]:
+  """(K + shift I)^{-1} y for one target column y [N] by conjugate gradients, in float64.
+
+  Why: `ridge_coefficients` factors K whole, which a kernel of tens of thousands of examples on
+  disk does not allow (10 GB and hours at 50,000). CG needs only products K p, each one pass over
+  a `StoredKernelOperator`; `eigenpairs` (top values, vectors of K, as the spectrum job gives) make
+  the `spectral_preconditioner`, so the iterations follow the spectrum below them rather than the
+  top eigenvalue. `shift` is the ridge itself (ridge_coefficients' regularizer * mean(diag K)).
+
+  Stops when ||y - (K + shift I) x|| <= rtol ||y|| (CG's own running residual) or after
+  `max_iters`. Returns x and {"method": "cg", "iterations", "relative_residual" (recomputed from
+  x, one more product with K), "converged" (the tolerance met)}.
+  """
+  target = np.asarray(target, np.float64)
+  kernel = scipy.sparse.linalg.aslinearoperator(kernel)
+  size = target.shape[0]
+  shifted = scipy.sparse.linalg.LinearOperator(
+      (size, size), matvec=lambda x: kernel.matvec(x) + shift * np.ravel(x), dtype=np.float64)
+  preconditioner = None
+  if eigenpairs is not None and float(eigenpairs[0][-1]) + shift > 0:
+    preconditioner = spectral_preconditioner(*eigenpairs, shift)
+  iterations = 0
+
+  def count(_):
+    nonlocal iterations
+    iterations += 1
+
+  solution, info = scipy.sparse.linalg.cg(shifted, target, rtol=rtol, atol=0.0, maxiter=max_iters,
+                                          M=preconditioner, callback=count)
+  norm = float(np.linalg.norm(target))
+  residual = float(np.linalg.norm(target - shifted.matvec(solution))) / norm if norm else 0.0
+  return solution, {"method": "cg", "iterations": iterations, "relative_residual": residual,
+                    "converged": bool(info == 0 or residual <= rtol)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,14 @@ config.kernel.logits / epoch when set (found on disk, or computed first). Eigenv
 that makes their entries sum to >= 0. cosines.json also records |J_c(X)^T u|^2 / lambda, which is 1
 when the kernel on disk belongs to the restored checkpoint.
 
+Kernels of any size: up to kernel_eigenpairs.DENSE_MAX_ROWS examples (config.eigen_images.eigensolver
+"auto"), or with "dense", the kernel is read whole for a float64 eigh and a dense ridge solve
+(config.eigen_images.solver); above it, or with "top", the eigenvectors are the spectrum job's top
+eigenpairs (read back when already solved) and the dual weights come from conjugate gradients on
+the kernel on disk, one streamed pass per iteration, preconditioned by those eigenpairs
+(kernel_regression.ridge_coefficients_cg); cosines.json records the eigensolver and CG's iterations
+and residual.
+
 Measured (2-core CPU, ~2.5 min each with a loaded machine; the benign digits CNN after 15 epochs,
 500-image kernels, default 300 Adam steps at 0.05): for classes 0 and 3 the +v images of the top
 four eigenvectors reach cos 0.89/0.64/0.60/0.52 and 0.92/0.72/0.70/0.53 (from grey: 0.54/-0.15/
@@ -33,10 +41,14 @@ import numpy as np
 
 from ntk_scale import files
 from ntk_scale.data import load_dataset, num_classes
-from ntk_scale.kernel_regression import check_regression_config, regression_targets, ridge_coefficients
+from ntk_scale.kernel_regression import (check_regression_config, regression_targets, ridge_coefficients,
+                                         ridge_coefficients_cg)
 from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
-from ntk_scale.ntk.job import inference_apply, kernel_job
-from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.job import SPLITS, check_kernel_config, inference_apply, kernel_job, select_examples
+from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, resolve_eigensolver,
+                                             top_eigenpairs, with_num_eigenpairs)
+from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, eigh
+from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
@@ -48,14 +60,16 @@ RESULT_FILE, IMAGES_FILE, PLOT_FILE = "cosines.json", "images.npz", "eigen_image
 def kernel_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config whose config.kernel is this job's kernel; checks config.eigen_images first."""
   e = config.eigen_images
-  for field, low in (("num_eigenvectors", 1), ("steps", 1)):
+  for field, low in (("num_eigenvectors", 1), ("steps", 1), ("cg_max_iters", 1)):
     if isinstance(e[field], bool) or not isinstance(e[field], int) or e[field] < low:
       raise ValueError(f"config.eigen_images.{field}={e[field]!r} must be an integer >= {low}.")
-  rate = e.learning_rate
-  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
-    raise ValueError(f"config.eigen_images.learning_rate={rate!r} must be a number > 0 (Adam, on "
-                     f"[0, 1] pixels).")
+  for field, why in (("learning_rate", "Adam, on [0, 1] pixels"),
+                     ("cg_tol", "CG's relative residual ||y - (K + lambda I) x|| / ||y||")):
+    value = e[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+      raise ValueError(f"config.eigen_images.{field}={value!r} must be a number > 0 ({why}).")
   check_regression_config(e, "config.eigen_images")
+  check_eigensolver(e.eigensolver, "config.eigen_images.eigensolver")
   config = config.copy_and_resolve_references()
   if e.logit != "":
     config.kernel.logits = str(e.logit)
@@ -86,12 +100,64 @@ def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
   files.save_figure(fig, path, dpi=120)
 
 
+def _targets(store: KernelStore, num_classes: int) -> np.ndarray:
+  """The regression targets Y (one-hot minus 1/C) of the kernel's examples, [N, C] float64."""
+  with jax.enable_x64(True):
+    return np.asarray(regression_targets(jnp.asarray(store.labels()), num_classes, jnp.float64))
+
+
+def dense_weights(store: KernelStore, num_classes: int, c: int, e: ml_collections.ConfigDict
+                  ) -> tuple[Eigenpairs, np.ndarray, dict]:
+  """Every eigenpair of the kernel read whole (float64 eigh) and its dual weights (K + lambda I)^{-1}
+  y_c by config.eigen_images.solver."""
+  matrix = store.read().astype(np.float64)
+  pairs = eigh(matrix)
+  with jax.enable_x64(True):
+    dual = np.asarray(ridge_coefficients(jnp.asarray(matrix), jnp.asarray(_targets(store, num_classes)),
+                                         e.regularizer, e.solver))[:, c]
+  return pairs, dual, {"method": e.solver}
+
+
+def top_weights(config: ml_collections.ConfigDict, workdir: str, kernel: dict, num_classes: int,
+                c: int, e: ml_collections.ConfigDict) -> tuple[Eigenpairs, np.ndarray, dict]:
+  """config.spectrum's top eigenpairs (the spectrum job's: solved, resumed or read back) and the
+  dual weights by CG on the kernel on disk, preconditioned by those eigenpairs: nothing reads the
+  kernel whole. Every process solves the same system from the same files, as each decomposes the
+  kernel in dense mode."""
+  pairs, trace = top_eigenpairs(config, workdir, kernel)
+  store = KernelStore.open(kernel["kernel"])
+  shift = e.regularizer * trace / store.shape[0]  # ridge_coefficients' lambda: mean(diag K) = Tr K / N
+  dual, solve = ridge_coefficients_cg(StoredKernelOperator(store, "float64"),
+                                      _targets(store, num_classes)[:, c], shift,
+                                      (pairs.values, pairs.vectors), e.cg_tol, e.cg_max_iters)
+  if not solve["converged"] and jax.process_index() == 0:
+    print(f"warning: CG for the dual weights stopped after {solve['iterations']} iterations at "
+          f"relative residual {solve['relative_residual']:.2e} > {e.cg_tol:g}; raise "
+          f"config.eigen_images.cg_max_iters (or config.eigen_images.regularizer).", flush=True)
+  return pairs, dual, solve
+
+
 def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Kernel (found or computed), its eigenvectors and dual weights, one optimised image per sign."""
   from ntk_scale.restore import restore_for_inference  # pylint: disable=import-outside-toplevel
 
   e = config.eigen_images
   config = kernel_config(config)
+  dataset = load_dataset(config.data)
+  split = getattr(dataset, config.kernel.split) if config.kernel.split in SPLITS else None
+  check_kernel_config(config, dataset.num_classes, split.labels if split else None)
+  size = len(select_examples(config, split.labels))  # a class kernel: one matrix row per example
+  solver = resolve_eigensolver(e.eigensolver, size)
+  spectrum_config = with_num_eigenpairs(
+      config, max(config.spectrum.num_eigenpairs, e.num_eigenvectors), size)
+  if solver == "top":
+    check_spectrum_config(spectrum_config, dataset.num_classes)
+  c = int(config.kernel.logits)
+  if jax.process_index() == 0:
+    choice = describe_choice(solver, e.eigensolver, "config.eigen_images.eigensolver", size,
+                             spectrum_config.spectrum.num_eigenpairs)
+    dual_by = e.solver if solver == "dense" else "conjugate gradients"
+    print(f"eigen-images of class {c}: {choice}, dual weights by {dual_by}", flush=True)
   kernel = kernel_job(config, workdir)
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
@@ -100,16 +166,12 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   if files.exists(result_path):
     return {"eigen_images": directory, **files.read_json(result_path)}
 
-  dataset = load_dataset(config.data)
   store = KernelStore.open(kernel["kernel"])
-  c = int(config.kernel.logits)
-  matrix = store.read().astype(np.float64)
-  pairs = eigh(matrix)
+  pairs, dual, dual_solver = (
+      dense_weights(store, dataset.num_classes, c, e) if solver == "dense"
+      else top_weights(spectrum_config, workdir, kernel, dataset.num_classes, c, e))
   k = min(e.num_eigenvectors, len(pairs.values))
   vectors = pairs.vectors[:, :k] * np.where(pairs.vectors[:, :k].sum(0) < 0, -1.0, 1.0)
-  with jax.enable_x64(True):
-    targets = regression_targets(jnp.asarray(store.labels()), dataset.num_classes, jnp.float64)
-    dual = np.asarray(ridge_coefficients(jnp.asarray(matrix), targets, e.regularizer, e.solver))[:, c]
   weights = np.concatenate([vectors, dual[:, None]], axis=1)  # [N, k + 1]
 
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
@@ -135,6 +197,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   names = [f"eigenvector {i}" for i in range(k)] + ["dual weights"]
   record = {"source_kernel": kernel["kernel"], "class": c, "epoch": store.meta["source"]["epoch"],
             "steps": e.steps, "learning_rate": e.learning_rate, "regularizer": e.regularizer,
+            "eigensolver": solver, "dual_solver": dual_solver,
             "eigenvalues": pairs.values[:k].tolist(), "direction_norm_over_eigenvalue": direction_check,
             "rows": [{"name": name, "positive_cosine": float(final[2 * i]),
                       "negative_cosine": float(final[2 * i + 1]),
