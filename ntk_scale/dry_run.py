@@ -41,7 +41,9 @@ from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
-from ntk_scale.ntk.kernel_eigenpairs import resolve_eigensolver
+from ntk_scale.ntk.eigen_features_job import check_eigen_features_config
+from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
+from ntk_scale.ntk.kernel_eigenpairs import resolve_eigensolver, with_num_eigenpairs
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
@@ -53,7 +55,8 @@ from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
 from ntk_scale.evaluate import _evaluate_batch
 
-PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution")
+PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution", "eigen_features",
+                "eigen_images")
 
 
 class PlanDoesNotFit(ValueError):
@@ -314,6 +317,40 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str,
                      device_flops_per_call=plan.device_flops)
 
 
+def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
+               target_budget: float | None) -> tuple[list[ProgramCost], list[str]]:
+  """The eigen_features / eigen_images job's kernel and, when it is decomposed by the spectrum job
+  (eigensolver top, or auto above DENSE_MAX_ROWS rows), that job's LOBPCG rounds; what follows
+  (the feature groups' evaluation, the image optimisation, CG) as notes."""
+  if job == "eigen_images":
+    config = eigen_images_kernel_config(config)  # checks config.eigen_images; its class and epoch
+    section, needed = config.eigen_images, config.eigen_images.num_eigenvectors
+  else:
+    check_eigen_features_config(config)
+    section, needed = config.eigen_features, config.eigen_features.num_single
+    if section.source != "empirical":
+      raise ValueError("--dry_run plans eigen_features of an empirical kernel; "
+                       f"config.eigen_features.source={section.source!r} has no cost model.")
+  programs = [_kernel(config, 1, "kernel", target_budget)]
+  n = _kernel_examples(config)  # one class or the trace: one matrix row per example
+  top = resolve_eigensolver(section.eigensolver, n) == "top"
+  if top:
+    spectrum, notes = _spectrum(with_num_eigenpairs(config, max(config.spectrum.num_eigenpairs, needed), n),
+                                mesh, budget)
+    programs += spectrum
+  else:
+    notes = [f"{job}: every eigenpair of the {n}-row kernel, one float64 eigendecomposition on the "
+             f"host (not modelled)"]
+  if job == "eigen_features":
+    notes.append("eigen_features: then every feature group's predictor, clean and under "
+                 "config.eigen_features.attack on the test images, data-parallel (not modelled)")
+  else:
+    notes.append("eigen_images: then the Adam steps on the images (not modelled)"
+                 + (f"; the dual weights by CG, at most {section.cg_max_iters} passes over the kernel "
+                    f"on the host" if top else ""))
+  return programs, notes
+
+
 def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDevices()) -> DryRun:
   """The programs of `config.job` on this topology, their memory per device, FLOPs and a time bound;
   PlanDoesNotFit (or KernelPlanError) when one needs more memory than a device has. `target`: plan
@@ -327,7 +364,9 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
   target_budget = (None if target.memory_bytes is None
                    else DEVICE_MEMORY_FRACTION * target.memory_bytes)
   budget = target_budget or device_budget_bytes(jax.local_devices()[0])
-  precision = config.kernel.precision if job in ("kernel", "spectrum", "evolution") else "highest"
+  precision = (config.kernel.precision
+               if job in ("kernel", "spectrum", "evolution", "eigen_features", "eigen_images")
+               else "highest")
   programs, notes = [], []
   if job == "train":
     programs, notes = _phase1(config, mesh)
@@ -361,6 +400,8 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     else:
       notes.append(f"evolution: every eigenpair of each {size}-row kernel, one float64 "
                    f"eigendecomposition on the host (not modelled)")
+  elif job in ("eigen_features", "eigen_images"):
+    programs, notes = _eigen_job(config, job, mesh, budget, target_budget)
   else:
     raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
                      f"cost model.")

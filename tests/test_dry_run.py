@@ -147,6 +147,34 @@ def test_kernel_plan_is_the_engine_plan():
   assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
 
 
+def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds():
+  """eigen_features / eigen_images: the kernel job's plan, then either a dense decomposition (a
+  note) or, with eigensolver top (auto above DENSE_MAX_ROWS), the spectrum job's LOBPCG rounds for
+  max(config.spectrum.num_eigenpairs, what the job needs) eigenpairs; settings checked first."""
+  c = mlp_config(job="eigen_features")
+  c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "0", 30
+  (kernel,) = jobs.dry_run(c).programs
+  assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")
+  assert "every eigenpair of the 100-row kernel" in jobs.dry_run(c).notes[0]
+  c.eigen_features.eigensolver, c.spectrum.num_eigenpairs, c.eigen_features.num_single = "top", 5, 8
+  plan = jobs.dry_run(c)
+  assert [p.name for p in plan.programs][1] == "spectrum: top 8 of 100 rows, LOBPCG round"
+  assert "every feature group's predictor" in plan.notes[-1]
+  c = mlp_config(job="eigen_images")
+  c.kernel.num_examples, c.kernel.tile_size = 100, 30
+  c.eigen_images.logit, c.eigen_images.eigensolver, c.spectrum.num_eigenpairs = "3", "top", 6
+  plan = jobs.dry_run(c)
+  assert [p.name for p in plan.programs][1] == "spectrum: top 6 of 100 rows, LOBPCG round"
+  assert "the dual weights by CG, at most 500 passes" in plan.notes[-1]
+  c.eigen_images.cg_max_iters = 0
+  with pytest.raises(ValueError, match="config.eigen_images.cg_max_iters=0"):
+    jobs.dry_run(c)
+  c = mlp_config(job="eigen_features")
+  c.eigen_features.eigensolver = "lanczos"
+  with pytest.raises(ValueError, match="config.eigen_features.eigensolver='lanczos'"):
+    jobs.dry_run(c)
+
+
 def test_a_plan_for_target_devices_uses_their_memory_and_rate():
   """--dry_run_device_memory_gb / --dry_run_tflops: the kernel's tiles follow the target's budget
   (80% of its memory), the time its rate; a budget the tile plan cannot meet is refused."""
