@@ -88,6 +88,22 @@ def read_json(path: PathLike) -> Any:
   return json.loads(read_text(path))
 
 
+def read_result(path: PathLike, settings: dict[str, Any]) -> dict[str, Any] | None:
+  """A job's saved JSON result if it was computed with `settings` (its "settings" entry), else None,
+  saying why when one exists: a rerun with other settings (another attack, say) recomputes instead
+  of returning the old numbers as if they were the new ones."""
+  if not exists(path):
+    return None
+  saved = read_json(path)
+  wanted = json.loads(json.dumps(settings))  # tuples as lists, as the file has them
+  if saved.get("settings") == wanted:
+    return saved
+  old = saved.get("settings") or {}
+  changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+  print(f"{path} was computed with other settings ({', '.join(changed)}); recomputing it", flush=True)
+  return None
+
+
 def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
   """An .npy array; pickled objects are refused (a file from elsewhere must not run code).
   `memory_map`: read lazily where the file is local (a cloud object is read whole)."""

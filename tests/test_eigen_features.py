@@ -134,8 +134,14 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   assert rows["all"]["clean_accuracy"] == pytest.approx(np.mean(predictions.argmax(1) == y_test), abs=1 / 30)
   assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())
   assert sum(r["num_features"] for g, r in rows.items() if g != "all") == rows["all"]["num_features"]
-  # A rerun reads the finished result back.
+  # A rerun reads the finished result back; one with another attack recomputes.
   assert jobs.run(c, workdir)["groups"] == result["groups"]
+  stronger = features_config()
+  stronger.job, stronger.eigen_features.attack.eps = "eigen_features", 0.3
+  recomputed = jobs.run(stronger, workdir)
+  assert recomputed["settings"]["attack"]["eps"] == 0.3 and recomputed["attack"]["eps"] == 0.3
+  assert [r["clean_accuracy"] for r in recomputed["groups"]] == [r["clean_accuracy"] for r in result["groups"]]
+  assert jobs.run(c, workdir)["attack"]["eps"] == 0.2  # and back
   # Evaluated data-parallel: 4 devices give what one gives.
   assert jax.device_count() == 4
   shutil.rmtree(result["eigen_features"])

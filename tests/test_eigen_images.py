@@ -189,6 +189,10 @@ def test_job_writes_images_and_cosines_and_a_rerun_reloads_them(workdir, monkeyp
   monkeypatch.setattr(eigen_images_job, "optimise_images", lambda *a, **k: pytest.fail("recomputed"))
   again = jobs.run(images_config(logit="4"), workdir)
   assert again["rows"] == record["rows"]
+  # Other settings (more steps) are not answered with the saved images: they are recomputed.
+  monkeypatch.undo()
+  longer = jobs.run(images_config(logit="4", steps=40), workdir)
+  assert longer["settings"]["steps"] == 40 and longer["rows"] != record["rows"]
 
 
 def test_cg_dual_weights_equal_a_dense_solve_and_the_preconditioner_cuts_iterations(tmp_path):

@@ -222,8 +222,12 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     name = os.path.basename(kernel["kernel"])
   directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
-  if files.exists(result_path):
-    return {"eigen_features": directory, **files.read_json(result_path)}
+  settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
+              "attack": e.attack.to_dict(), "seed": config.seed, "eigensolver": solver,
+              "num_eigenpairs": spectrum_config.spectrum.num_eigenpairs if solver == "top" else None}
+  saved = files.read_result(result_path, settings)
+  if saved is not None:
+    return {"eigen_features": directory, **saved}
   if kernel is None:
     features = _infinite(config, dataset)
   else:
@@ -256,7 +260,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "eigenvalue": float(features.eigenvalues[indices[0]]),
                  "spectral_share": float(features.eigenvalues[indices].sum() / features.trace),
                  "clean_accuracy": float(clean[i]), "robust_accuracy": float(robust[i])})
-  record = {"source_kernel": features.source, "num_test": n, "eigensolver": features.eigensolver,
+  record = {"settings": settings, "source_kernel": features.source, "num_test": n,
+            "eigensolver": features.eigensolver,
             "num_eigenpairs": len(features.eigenvalues), "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
     files.make_dirs(directory)

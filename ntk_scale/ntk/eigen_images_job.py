@@ -163,8 +163,14 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   directory = os.path.join(workdir, IMAGES_DIR, os.path.basename(kernel["kernel"]))
   result_path = os.path.join(directory, RESULT_FILE)
-  if files.exists(result_path):
-    return {"eigen_images": directory, **files.read_json(result_path)}
+  settings = {"num_eigenvectors": e.num_eigenvectors, "steps": e.steps, "learning_rate": e.learning_rate,
+              "regularizer": e.regularizer, "eigensolver": solver}
+  settings.update({"solver": e.solver} if solver == "dense" else
+                  {"num_eigenpairs": spectrum_config.spectrum.num_eigenpairs, "cg_tol": e.cg_tol,
+                   "cg_max_iters": e.cg_max_iters})
+  saved = files.read_result(result_path, settings)
+  if saved is not None:
+    return {"eigen_images": directory, **saved}
 
   store = KernelStore.open(kernel["kernel"])
   pairs, dual, dual_solver = (
@@ -195,7 +201,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   _, initial = run(0)  # the same program: the step count is traced
   images, final = jax.device_get(run(e.steps))
   names = [f"eigenvector {i}" for i in range(k)] + ["dual weights"]
-  record = {"source_kernel": kernel["kernel"], "class": c, "epoch": store.meta["source"]["epoch"],
+  record = {"settings": settings, "source_kernel": kernel["kernel"], "class": c, "epoch": store.meta["source"]["epoch"],
             "steps": e.steps, "learning_rate": e.learning_rate, "regularizer": e.regularizer,
             "eigensolver": solver, "dual_solver": dual_solver,
             "eigenvalues": pairs.values[:k].tolist(), "direction_norm_over_eigenvalue": direction_check,
