@@ -110,8 +110,8 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 @dataclasses.dataclass
 class _Features:
-  """One kernel's feature groups, as programs: every group's logits, and a group's logits at the
-  attack's examples against that group."""
+  """One kernel's eigenvalues and feature groups, and each group's predictor as a model for
+  evaluate(): `apply` with that group's `variables`."""
   source: str  # where the kernel came from, for the record
   eigenvalues: np.ndarray  # every eigenvalue, or the top k (eigensolver "top")
   trace: float  # the sum of every eigenvalue
