@@ -8,8 +8,10 @@ What is here:
   apgd_ce    APGD with cross-entropy (Croce and Hein 2020), L-inf or L2
   apgd_dlr   APGD on the DLR loss (invariant to the logits' scale: no softmax saturation)
   apgd_t     APGD-T: targeted DLR toward each of the top num_targets other classes
+  square     Square Attack (Andriushchenko et al. 2020), L-inf: random search on the logits only,
+             blind to gradient masking
   worst_of   several of these on one batch, per example the strongest result (AutoAttack's count:
-             apgd_ce + apgd_t is its standard version without FAB-T and Square)
+             apgd_ce + apgd_t + square is its standard version without FAB-T)
   build_attack(config) -> attack(logits_fn, images, labels, key); build_attacks for several
 
 Images are NHWC in [0, 1]; eps and step sizes are in pixel units of those images (8/255, not 8).
@@ -414,9 +416,75 @@ def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   return _strongest_of(toward, num_targets, logits_fn, images, labels)
 
 
+# --------------------------------------------------------------------------- score-based
+
+# Square Attack's schedule (Andriushchenko et al. 2020, as in AutoAttack): the fraction of the
+# image a square covers is p_init, halved after each of these query counts of a 10,000-query run
+# (rescaled to the run's own length).
+_SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(p_init: float, query: jax.Array | int, num_queries: int) -> jax.Array:
+  """The fraction of pixels Square Attack's square covers at `query` (0-based) of `num_queries`."""
+  scaled = (jnp.asarray(query) * 10000) // num_queries
+  halvings = jnp.sum(scaled > jnp.asarray(_SQUARE_HALVINGS))
+  return p_init / 2.0 ** halvings
+
+
+def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """z_y - max_{j != y} z_j, [N]: negative exactly when the example is misclassified."""
+  true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+  return true - jnp.max(others, -1)
+
+
+def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+           eps: float, num_queries: int, p_init: float = 0.8, restarts: int = 1) -> jax.Array:
+  """Square Attack, L-inf (Andriushchenko et al. 2020): random search that reads only the logits.
+
+  Starts from vertical stripes of +-eps; each query redraws one square window (its side from
+  `square_fraction`, its place uniform) as a +-eps colour per channel and keeps the change where it
+  lowers the margin z_y - max_{j != y} z_j; an example stops once misclassified. No gradient is
+  used, so a model that hides its gradients (quantised inputs, saturated softmax) is attacked as
+  well as one that does not: the check AutoAttack runs for gradient masking. Unlike AutoAttack, a
+  draw that changes nothing spends its query rather than being drawn again.
+  """
+  n, h, w, c = images.shape
+  side_limit = max(min(h, w) - 1, 1)
+  rows, cols = jnp.arange(h), jnp.arange(w)
+
+  def attack_once(key):
+    start_key, loop_key = jax.random.split(key)
+    stripes = eps * jax.random.rademacher(start_key, (n, 1, w, c), images.dtype)
+    x_best = jnp.clip(images + stripes, 0.0, 1.0)
+    margin = margin_loss(logits_fn(x_best), labels)
+
+    def query(i, carry):
+      x_best, margin = carry
+      h_key, w_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i), 3)
+      side = jnp.sqrt(square_fraction(p_init, i, num_queries) * h * w)
+      side = jnp.clip(jnp.round(side), 1, side_limit).astype(jnp.int32)
+      top = jax.random.randint(h_key, (n, 1), 0, h - side + 1)
+      left = jax.random.randint(w_key, (n, 1), 0, w - side + 1)
+      in_rows = (rows >= top) & (rows < top + side)  # [n, h]
+      in_cols = (cols >= left) & (cols < left + side)  # [n, w]
+      window = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+      colour = eps * jax.random.rademacher(sign_key, (n, 1, 1, c), images.dtype)
+      candidate = jnp.clip(jnp.where(window, images + colour, x_best), 0.0, 1.0)
+      new_margin = margin_loss(logits_fn(candidate), labels)
+      better = (new_margin < margin) & (margin >= 0)
+      return (jnp.where(_per_example(better, x_best), candidate, x_best),
+              jnp.where(better, new_margin, margin))
+
+    x_best, _ = jax.lax.fori_loop(0, num_queries, query, (x_best, margin))
+    return x_best
+
+  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+
+
 ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce,
-           "apgd_dlr": apgd_dlr, "apgd_t": apgd_t}
-_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm")
+           "apgd_dlr": apgd_dlr, "apgd_t": apgd_t, "square": square}
+_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm", "square")
 
 
 # --------------------------------------------------------------------------- from a config
@@ -448,7 +516,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
 
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
   `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t,
-  `attacks` for worst_of). Every field is checked here, before any compute, and an error names it
+  `num_queries` and `p_init` for square, `attacks` for worst_of). Every field is checked here, before any compute, and an error names it
   as `{prefix}.<field>`. Call the result inside jit.
   """
   c = attack_config
@@ -479,8 +547,17 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
     return lambda logits_fn, images, labels, key: n_fgsm(logits_fn, images, labels, key, eps=eps,
                                                          noise=noise, step_size=step_size)
 
-  num_steps = _count(c, "num_steps", prefix, required=True)
   restarts = _count(c, "restarts", prefix, required=False)
+  if name == "square":
+    num_queries = _count(c, "num_queries", prefix, required=True)
+    p_init = c.get("p_init", 0.8)  # AutoAttack's
+    if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0.0 < p_init <= 1.0:
+      raise ValueError(f"{prefix}.p_init={p_init!r} must lie in (0, 1]: the fraction of the image "
+                       f"the first squares cover.")
+    return lambda logits_fn, images, labels, key: square(
+        logits_fn, images, labels, key, eps=eps, num_queries=num_queries, p_init=float(p_init),
+        restarts=restarts)
+  num_steps = _count(c, "num_steps", prefix, required=True)
   if name in ("apgd_ce", "apgd_dlr", "apgd_t"):
     rho = c.get("rho", 0.75)
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:

@@ -30,14 +30,17 @@ def apgd_linf(eps: float, num_steps: int, restarts: int = 1) -> ml_collections.C
                                         restarts=restarts))
 
 
-def autoattack_linf(eps: float, num_steps: int = 100, num_targets: int = 9
-                    ) -> ml_collections.ConfigDict:
-  """APGD-CE and APGD-T (num_targets target classes), per example the worst case (`worst_of`):
-  AutoAttack's standard version without FAB-T and Square, the two attacks that Croce and Hein
-  (2020) found to break nearly every example the whole ensemble breaks."""
-  return ml_collections.ConfigDict(dict(name="worst_of", norm="linf", eps=eps, attacks=dict(
-      apgd_ce=dict(name="apgd_ce", num_steps=num_steps),
-      apgd_t=dict(name="apgd_t", num_steps=num_steps, num_targets=num_targets))))
+def autoattack_linf(eps: float, num_steps: int = 100, num_targets: int = 9,
+                    square_queries: int = 5000) -> ml_collections.ConfigDict:
+  """APGD-CE, APGD-T (num_targets target classes) and Square Attack (square_queries; 0: none),
+  per example the worst case (`worst_of`): AutoAttack's standard version without FAB-T. The APGD
+  pair breaks nearly every example the whole ensemble breaks (Croce and Hein 2020); Square, which
+  reads only the logits, is there for models whose gradients mislead."""
+  members = dict(apgd_ce=dict(name="apgd_ce", num_steps=num_steps),
+                 apgd_t=dict(name="apgd_t", num_steps=num_steps, num_targets=num_targets))
+  if square_queries:
+    members["square"] = dict(name="square", num_queries=square_queries)
+  return ml_collections.ConfigDict(dict(name="worst_of", norm="linf", eps=eps, attacks=members))
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -102,6 +102,7 @@ _CONFIGS = [
     dict(name="apgd_ce", norm="l2", num_steps=5),
     dict(name="apgd_dlr", norm="linf", num_steps=5),
     dict(name="apgd_t", norm="l2", num_steps=3, num_targets=2),
+    dict(name="square", num_queries=40, restarts=2),
     dict(name="worst_of", norm="linf", attacks=dict(
         ce=dict(name="apgd_ce", num_steps=3), t=dict(name="apgd_t", num_steps=3, num_targets=2))),
 ]
@@ -221,6 +222,39 @@ def test_unrolled_pgd_equals_the_rolled_loop():
 
 # --------------------------------------------------------------------------- DLR losses, APGD-T, worst_of
 
+def test_square_schedule_halves_the_square_at_autoattacks_query_counts():
+  """p_init until query 10 of 10,000, halved after 10, 50, 200, ..., 8000; rescaled to shorter runs
+  (query 1 of 100 is query 100 of 10,000: two halvings)."""
+  expected = {0: 0.8, 10: 0.8, 11: 0.4, 50: 0.4, 51: 0.2, 200: 0.2, 201: 0.1, 2001: 0.8 / 64,
+              8000: 0.8 / 256, 8001: 0.8 / 512, 9999: 0.8 / 512}
+  for query, p in expected.items():
+    assert float(attacks.square_fraction(0.8, query, 10000)) == pytest.approx(p), query
+  assert float(attacks.square_fraction(0.8, 1, 100)) == pytest.approx(0.2)
+  logits = jnp.array([[2.0, 5.0, 1.0], [3.0, -1.0, 0.5]])
+  np.testing.assert_allclose(attacks.margin_loss(logits, jnp.array([0, 0])), [-3.0, 2.5])
+
+
+def test_square_breaks_a_model_whose_gradients_are_zero():
+  """A linear classifier on inputs quantised to quarters has zero input gradient everywhere:
+  PGD from the clean images never moves and leaves every example correct, Square Attack (logits
+  only) breaks most of them, within its L-inf ball."""
+  rng = np.random.default_rng(11)
+  weights = jnp.asarray(rng.normal(size=(64, 10)).astype(np.float32))
+  logits_fn = lambda x: (jnp.round(x * 4) / 4).reshape(len(x), -1) @ weights  # d round / dx = 0
+  images = jnp.asarray(rng.uniform(size=(32, 8, 8, 1)).astype(np.float32))
+  labels = jnp.argmax(logits_fn(images), -1)
+  gradient = jax.grad(lambda x: attacks.per_example_loss(logits_fn, x, labels).sum())(images)
+  assert float(jnp.abs(gradient).max()) == 0
+  pgd = attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="pgd", eps=0.3, step_size=0.1, num_steps=10, random_start=False)))
+  square = attacks.build_attack(ml_collections.ConfigDict(dict(name="square", eps=0.3, num_queries=200)))
+  accuracy = lambda x: float(jnp.mean(jnp.argmax(logits_fn(x), -1) == labels))
+  assert accuracy(jax.jit(lambda x, y, k: pgd(logits_fn, x, y, k))(images, labels, jax.random.key(0))) == 1.0
+  x_adv = jax.jit(lambda x, y, k: square(logits_fn, x, y, k))(images, labels, jax.random.key(0))
+  assert accuracy(x_adv) < 0.3
+  assert float(jnp.abs(x_adv - images).max()) <= 0.3 + 1e-6 and float(x_adv.min()) >= 0
+
+
 def test_dlr_losses_match_their_definition_and_ignore_the_logits_scale():
   logits = jnp.array([[3.0, 1.0, 0.5, -1.0], [3.0, 1.0, 0.5, -1.0]])
   labels = jnp.array([0, 2])
@@ -295,7 +329,8 @@ _WORST_OF_APGD = dict(name="worst_of", eps=0.1, attacks=dict(
 
 
 @pytest.mark.parametrize("fields", [
-    dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5, random_start=True), _WORST_OF_APGD],
+    dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5, random_start=True), _WORST_OF_APGD,
+    dict(name="square", eps=0.1, num_queries=20)],
     ids=lambda f: f["name"])
 def test_four_devices_give_the_examples_of_one(fields):
   assert jax.device_count() == 4
@@ -507,6 +542,9 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="apgd_t", eps=0.1, num_steps=5, num_targets=0), "config.num_targets"),
     (dict(name="apgd_dlr", eps=0.1, num_steps=5, rho=1.5), "config.rho"),
     (dict(name="worst_of", eps=0.1), "config.attacks"),
+    (dict(name="square", eps=0.1), "config.num_queries"),
+    (dict(name="square", eps=0.1, num_queries=10, p_init=1.5), "config.p_init"),
+    (dict(name="square", eps=0.1, num_queries=10, norm="l2"), "config.norm"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="pgd", eps=0.2, step_size=0.1,
                                                           num_steps=2))), "config.attacks.a.eps"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="apgd_ce", num_steps=0))),
@@ -524,9 +562,11 @@ def test_build_attack_errors_use_the_given_prefix():
 
 
 @pytest.mark.parametrize("config", ["digits", "cifar10_resnet18"])
-def test_the_autoattack_variant_builds_apgd_ce_and_apgd_t(config):
+def test_the_autoattack_variant_builds_apgd_ce_apgd_t_and_square(config):
   from test_train import load_config  # pylint: disable=import-outside-toplevel
   c = load_config(config, "adversarial,autoattack")
   built = attacks.build_attacks(c.eval_attacks, "config.eval_attacks")
   assert set(built) == {"pgd", "apgd", "autoattack"}
-  assert sorted(m.name for m in c.eval_attacks.autoattack.attacks.values()) == ["apgd_ce", "apgd_t"]
+  members = c.eval_attacks.autoattack.attacks
+  assert sorted(m.name for m in members.values()) == ["apgd_ce", "apgd_t", "square"]
+  assert members.square.num_queries == (1000 if config == "digits" else 5000)
