@@ -44,7 +44,8 @@ runs it on both workdirs; about 10 s each on 2 CPU cores, one 500 x 500 tile):
 (`=0`: the initialisation).
 
 `:autoattack` (e.g. `:adversarial,autoattack` with `--config.job=evaluate`) also evaluates APGD-CE +
-APGD-T (9 targets), per example the worst case: 90.0% for the adversarial model, 53.3% benign.
+APGD-T (9 targets) + Square (1000 queries), per example the worst case: 90.0% for the adversarial
+model, 53.1% benign.
 
 Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`) for a narrower CNN trained for 3 epochs in
 seconds, for smoke tests.
