@@ -188,6 +188,35 @@ def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_proc
     np.testing.assert_allclose(two_values, one_values, rtol=1e-5)
 
 
+EIGEN_FEATURES = {"job": "eigen_features", "kernel.num_examples": 40, "kernel.tile_size": 20,
+                  "eigen_features.num_single": 3, "eigen_features.num_test": 40,
+                  "eigen_features.batch_size": 16, "eigen_features.attack.num_steps": 2}
+
+
+def test_eigen_features_over_two_processes_equal_one_process(runs):
+  """The eigen_features job as processes 0 and 1 (2 devices each): the kernel's tiles split over
+  both, every group's predictor evaluated on global batches spread over all 4 devices; the same
+  groups and accuracies as one process with 4 devices."""
+  workdir = runs.one
+  procs = start_pair(workdir, **EIGEN_FEATURES, **{"kernel.name": "features"})
+  try:
+    for pid, p in enumerate(procs):
+      assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
+  finally:
+    stop_all(procs)
+  logs = [_log(workdir, pid) for pid in range(2)]
+  assert "eigen-feature group all" in logs[0] and "eigen-feature group" not in logs[1]
+  with open(os.path.join(workdir, "eigen_features", "features", "features.json")) as f:
+    by_two = json.load(f)
+  single = config(**EIGEN_FEATURES, **{"kernel.name": "features_single"})
+  by_one = jobs.run(single, workdir)
+  assert [r["group"] for r in by_two["groups"]] == [r["group"] for r in by_one["groups"]]
+  for mine, theirs in zip(by_two["groups"], by_one["groups"]):
+    for key in ("clean_accuracy", "robust_accuracy"):
+      assert mine[key] == pytest.approx(theirs[key], abs=1e-12), (mine["group"], key)
+    assert mine["eigenvalue"] == pytest.approx(theirs["eigenvalue"], rel=1e-6)
+
+
 def test_start_up_flags_are_checked_before_joining_a_job():
   with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id"):
     parallel.initialize_distributed("127.0.0.1:1234", 2, None)
