@@ -255,6 +255,57 @@ def test_square_breaks_a_model_whose_gradients_are_zero():
   assert float(jnp.abs(x_adv - images).max()) <= 0.3 + 1e-6 and float(x_adv.min()) >= 0
 
 
+def _square_transcription(logits_fn, images, labels, key, eps, num_queries, p_init=0.8):
+  """Square Attack L-inf as Andriushchenko et al.'s reference loops it, example by example, with
+  AutoAttack's if-chain schedule and window slices; its random draws are the attack's own calls."""
+  x = np.asarray(images, np.float64)
+  n, h, w, c = x.shape
+  margin = lambda z: np.array(attacks.margin_loss(logits_fn(jnp.asarray(z, jnp.float32)), labels))
+  start_key, loop_key = jax.random.split(jax.random.fold_in(key, 0))  # restart 0's key
+  stripes = eps * np.asarray(jax.random.rademacher(start_key, (n, 1, w, c), jnp.float32))
+  best = np.clip(x + stripes, 0, 1)
+  best_margin = margin(best)
+  accepted = 0
+  for i in range(num_queries):
+    it = int(i / num_queries * 10000)
+    p = p_init
+    for bound, divisor in ((10, 2), (50, 4), (200, 8), (500, 16), (1000, 32), (2000, 64),
+                           (4000, 128), (6000, 256), (8000, 512)):
+      if it > bound:
+        p = p_init / divisor
+    s = min(max(int(round(np.sqrt(p * h * w))), 1), min(h, w) - 1)
+    h_key, w_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i), 3)
+    tops = np.asarray(jax.random.randint(h_key, (n, 1), 0, h - s + 1))[:, 0]
+    lefts = np.asarray(jax.random.randint(w_key, (n, 1), 0, w - s + 1))[:, 0]
+    colours = eps * np.asarray(jax.random.rademacher(sign_key, (n, 1, 1, c), jnp.float32))
+    candidate = best.copy()
+    for k in range(n):
+      t, l = tops[k], lefts[k]
+      candidate[k, t:t + s, l:l + s, :] = np.clip(x[k, t:t + s, l:l + s, :] + colours[k], 0, 1)
+    new_margin = margin(candidate)
+    for k in range(n):
+      if best_margin[k] >= 0 and new_margin[k] < best_margin[k]:
+        best[k], best_margin[k] = candidate[k], new_margin[k]
+        accepted += 1
+  return best, accepted
+
+
+def test_square_follows_the_reference_loops():
+  """The vectorised attack (windows as masks, one traced side per query) equals the reference's
+  per-example loops on a linear model, for a run long enough to shrink the square."""
+  rng = np.random.default_rng(5)
+  weights = jnp.asarray(rng.normal(size=(48, 10)).astype(np.float32))
+  logits_fn = lambda x: x.reshape(len(x), -1) @ weights
+  images = jnp.asarray(rng.uniform(size=(6, 4, 4, 3)).astype(np.float32))
+  labels = jnp.argmax(logits_fn(images), -1)
+  key = jax.random.key(3)
+  ours = jax.jit(lambda x, y, k: attacks.square(logits_fn, x, y, k, eps=0.05, num_queries=60))(
+      images, labels, key)
+  reference, accepted = _square_transcription(logits_fn, images, labels, key, 0.05, 60)
+  assert accepted >= 10
+  np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-6)
+
+
 def test_dlr_losses_match_their_definition_and_ignore_the_logits_scale():
   logits = jnp.array([[3.0, 1.0, 0.5, -1.0], [3.0, 1.0, 0.5, -1.0]])
   labels = jnp.array([0, 2])
