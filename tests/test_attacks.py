@@ -1,5 +1,5 @@
 """Attacks checked against an analytic worst case, their constraint sets, restarts, device counts,
-a loop transcription of the APGD paper's algorithm, and a trained model."""
+loop transcriptions of the APGD and Square Attack papers' algorithms, and a trained model."""
 
 import flax
 import jax
