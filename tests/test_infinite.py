@@ -170,3 +170,16 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   row = next(r for r in page.split("<tr>") if r.startswith('<td class="k">pgd</td>'))
   cells = [html.unescape(c.split("</td>")[0]) for c in row.split("<td>")[1:]]
   assert cells[-2:] == [fmt(meta["clean_accuracy"]), fmt(meta["accuracy"])]
+
+
+def test_the_square_variant_adds_square_attack_to_the_robust_set_evaluation():
+  from ntk_scale.attacks import build_attacks
+
+  from test_train import load_config
+
+  assert "square" not in load_config("infinite_width", "digits").infinite.robust_data.eval_attacks
+  for variant, queries in (("digits,square", 1000), ("digits,square,smoke", 20)):
+    attacks = load_config("infinite_width", variant).infinite.robust_data.eval_attacks
+    assert set(build_attacks(attacks, "config.infinite.robust_data.eval_attacks")) == {
+        "pgd", "apgd", "apgd_t", "square"}
+    assert attacks.square.num_queries == queries and attacks.square.eps == 0.1
