@@ -78,6 +78,17 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
     p.wait(timeout=30)
 
 
+def run_pair(workdir: str, **fields) -> list[str]:
+  """`start_pair` run to completion (each process must exit 0); the two processes' logs."""
+  procs = start_pair(workdir, **fields)
+  try:
+    for pid, p in enumerate(procs):
+      assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
+  finally:
+    stop_all(procs)
+  return [_log(workdir, pid) for pid in range(2)]
+
+
 def config(**fields):
   c = multihost_config.get_config()
   for key, value in fields.items():
@@ -159,13 +170,7 @@ def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):
 def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_process(runs, layout):
   workdir = runs.one  # written by one process with four devices, restored by two with two each
   fields, num_tiles = KERNELS[layout]
-  procs = start_pair(workdir, **fields, **{"kernel.name": layout})
-  try:
-    for pid, p in enumerate(procs):
-      assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
-  finally:
-    stop_all(procs)
-  logs = [_log(workdir, pid) for pid in range(2)]
+  logs = run_pair(workdir, **fields, **{"kernel.name": layout})
   assert ("column rows rotating over the devices" in logs[0]) == (layout == "ring"), logs[0][-3000:]
   # Each process computed and wrote the tiles of its own devices; only process 0 reports.
   per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
@@ -198,13 +203,7 @@ def test_eigen_features_over_two_processes_equal_one_process(runs):
   both, every group's predictor evaluated on global batches spread over all 4 devices; the same
   groups and accuracies as one process with 4 devices."""
   workdir = runs.one
-  procs = start_pair(workdir, **EIGEN_FEATURES, **{"kernel.name": "features"})
-  try:
-    for pid, p in enumerate(procs):
-      assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
-  finally:
-    stop_all(procs)
-  logs = [_log(workdir, pid) for pid in range(2)]
+  logs = run_pair(workdir, **EIGEN_FEATURES, **{"kernel.name": "features"})
   assert "eigen-feature group all" in logs[0] and "eigen-feature group" not in logs[1]
   with open(os.path.join(workdir, "eigen_features", "features", "features.json")) as f:
     by_two = json.load(f)
