@@ -516,8 +516,8 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
 
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
   `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t,
-  `num_queries` and `p_init` for square, `attacks` for worst_of). Every field is checked here, before any compute, and an error names it
-  as `{prefix}.<field>`. Call the result inside jit.
+  `num_queries` and `p_init` for square, `attacks` for worst_of). Every field is checked here,
+  before any compute, and an error names it as `{prefix}.<field>`. Call the result inside jit.
   """
   c = attack_config
   name = c.get("name")

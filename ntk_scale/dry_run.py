@@ -43,7 +43,7 @@ from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
-from ntk_scale.ntk.kernel_eigenpairs import resolve_eigensolver, with_num_eigenpairs
+from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
@@ -317,6 +317,17 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str,
                      device_flops_per_call=plan.device_flops)
 
 
+def _eigenpairs(config: ml_collections.ConfigDict, solver: str, size: int, mesh, budget: float,
+                job: str, kernels: str) -> tuple[list[ProgramCost], list[str]]:
+  """How a job gets a kernel's eigenpairs: for solver "top" the spectrum job's LOBPCG rounds for
+  config.spectrum's top eigenpairs, for "dense" a note (one eigendecomposition on the host per
+  kernel; `kernels`: "the" or "each")."""
+  if solver == "top":
+    return _spectrum(config, mesh, budget)
+  return [], [f"{job}: every eigenpair of {kernels} {size}-row kernel, one float64 "
+              f"eigendecomposition on the host (not modelled)"]
+
+
 def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
                target_budget: float | None) -> tuple[list[ProgramCost], list[str]]:
   """The eigen_features / eigen_images job's kernel and, when it is decomposed by the spectrum job
@@ -333,21 +344,16 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
                        f"config.eigen_features.source={section.source!r} has no cost model.")
   programs = [_kernel(config, 1, "kernel", target_budget)]
   n = _kernel_examples(config)  # one class or the trace: one matrix row per example
-  top = resolve_eigensolver(section.eigensolver, n) == "top"
-  if top:
-    spectrum, notes = _spectrum(with_num_eigenpairs(config, max(config.spectrum.num_eigenpairs, needed), n),
-                                mesh, budget)
-    programs += spectrum
-  else:
-    notes = [f"{job}: every eigenpair of the {n}-row kernel, one float64 eigendecomposition on the "
-             f"host (not modelled)"]
+  solver, spectrum_config = eigenpairs_config(config, section.eigensolver, n, needed)
+  spectrum, notes = _eigenpairs(spectrum_config, solver, n, mesh, budget, job, "the")
+  programs += spectrum
   if job == "eigen_features":
     notes.append("eigen_features: then every feature group's predictor, clean and under "
                  "config.eigen_features.attack on the test images, data-parallel (not modelled)")
   else:
     notes.append("eigen_images: then the Adam steps on the images (not modelled)"
                  + (f"; the dual weights by CG, at most {section.cg_max_iters} passes over the kernel "
-                    f"on the host" if top else ""))
+                    f"on the host" if solver == "top" else ""))
   return programs, notes
 
 
@@ -393,13 +399,11 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
     spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
     size = spec.matrix_rows(_kernel_examples(config))
-    if resolve_eigensolver(config.evolution.eigensolver, size) == "top":
-      spectrum, spectrum_notes = _spectrum(checkpoint_config(config, 0.0, size), mesh, budget)
-      programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]
-      notes += spectrum_notes
-    else:
-      notes.append(f"evolution: every eigenpair of each {size}-row kernel, one float64 "
-                   f"eigendecomposition on the host (not modelled)")
+    spectrum, spectrum_notes = _eigenpairs(
+        checkpoint_config(config, 0.0, size), resolve_eigensolver(config.evolution.eigensolver, size),
+        size, mesh, budget, "evolution", "each")
+    programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]
+    notes += spectrum_notes
   elif job in ("eigen_features", "eigen_images"):
     programs, notes = _eigen_job(config, job, mesh, budget, target_budget)
   else:

@@ -13,7 +13,9 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from ntk_scale import data, files, parallel
@@ -36,6 +38,13 @@ class Restored:
   step: int  # of the checkpoint's own phase
   checkpoint_dir: str  # the checkpoint itself, <phase_dir>/checkpoints/<step>
   phase_dir: str  # the workdir (phase 1) or <workdir>/phase2/<name>/: evaluations go here
+
+  def host_variables(self) -> tuple[Any, Any]:
+    """(params, batch_stats) as numpy arrays from this process's own copy: no cross-host transfer,
+    for programs each process runs on its own (or that replicate them over the mesh again)."""
+    host = lambda a: np.asarray(a.addressable_data(0))
+    return (jax.tree.map(host, self.variables["params"]),
+            jax.tree.map(host, self.variables.get("batch_stats", {})))
 
 
 def theta0_step(config: ml_collections.ConfigDict, workdir: str) -> int:

@@ -59,8 +59,8 @@ from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, gro
                                           parameter_directions)
 from ntk_scale.ntk.job import check_kernel_subset, inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.evolution import write_table
-from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, kernel_eigenpairs,
-                                             resolve_eigensolver, with_num_eigenpairs)
+from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
+                                             kernel_eigenpairs)
 from ntk_scale.ntk.spectrum import eigh
 from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
@@ -153,9 +153,7 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel:
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.kernel")
   model_apply = inference_apply(restored.model)
-  host = lambda a: np.asarray(a.addressable_data(0))  # this process's copy: no cross-host transfer
-  params = jax.tree.map(host, restored.variables["params"])
-  stats = jax.tree.map(host, restored.variables.get("batch_stats", {}))
+  params, stats = restored.host_variables()
   with_stats = lambda batch_stats: (lambda p, x: model_apply(p, x, batch_stats))
   # Parameters and directions are arguments of the programs, never closed over: as constants
   # (G * C * P numbers) they made lowering alone take minutes.
@@ -213,9 +211,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   split = getattr(dataset, config.kernel.split, None)
   check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
   num_examples = len(select_examples(config, split.labels))
-  solver = resolve_eigensolver(e.eigensolver, num_examples) if e.source == "empirical" else "dense"
-  spectrum_config = with_num_eigenpairs(config, max(config.spectrum.num_eigenpairs, e.num_single),
-                                        num_examples)
+  solver, spectrum_config = eigenpairs_config(config, e.eigensolver, num_examples, e.num_single)
+  solver = solver if e.source == "empirical" else "dense"  # an infinite-width kernel: in memory
   if solver == "top":  # before the kernel is computed
     check_spectrum_config(spectrum_config, dataset.num_classes)
   # The output's name first: a finished result is read back without any kernel algebra.

@@ -47,8 +47,8 @@ from ntk_scale.kernel_regression import (check_regression_config, regression_tar
                                          ridge_coefficients_cg)
 from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, inference_apply, kernel_job, select_examples
-from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, resolve_eigensolver,
-                                             top_eigenpairs, with_num_eigenpairs)
+from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
+                                             top_eigenpairs)
 from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, eigh
 from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
@@ -149,9 +149,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   split = getattr(dataset, config.kernel.split) if config.kernel.split in SPLITS else None
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   size = len(select_examples(config, split.labels))  # a class kernel: one matrix row per example
-  solver = resolve_eigensolver(e.eigensolver, size)
-  spectrum_config = with_num_eigenpairs(
-      config, max(config.spectrum.num_eigenpairs, e.num_eigenvectors), size)
+  solver, spectrum_config = eigenpairs_config(config, e.eigensolver, size, e.num_eigenvectors)
   if solver == "top":
     check_spectrum_config(spectrum_config, dataset.num_classes)
   c = int(config.kernel.logits)
@@ -184,9 +182,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
 
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.eigen_images")
-  host = lambda a: np.asarray(a.addressable_data(0))  # this process's copy: no cross-host transfer
-  params = jax.tree.map(host, restored.variables["params"])
-  batch_stats = jax.tree.map(host, restored.variables.get("batch_stats", {}))
+  params, batch_stats = restored.host_variables()
   model_apply = inference_apply(restored.model)
   logit_fn = class_logit(lambda p, x: model_apply(p, x, batch_stats), c)
   train_images = getattr(dataset, config.kernel.split).images[store.indices()]

@@ -48,6 +48,16 @@ def with_num_eigenpairs(config: ml_collections.ConfigDict, num_pairs: int, matri
   return one
 
 
+def eigenpairs_config(config: ml_collections.ConfigDict, setting: str, matrix_size: int,
+                      needed: int) -> tuple[str, ml_collections.ConfigDict]:
+  """For a job that reads `needed` top eigenpairs of a kernel of `matrix_size` rows: the solver
+  `setting` resolves to, and the config whose spectrum job solves for the top
+  max(config.spectrum.num_eigenpairs, needed) (the eigen_features and eigen_images jobs and their
+  dry runs)."""
+  return (resolve_eigensolver(setting, matrix_size),
+          with_num_eigenpairs(config, max(config.spectrum.num_eigenpairs, needed), matrix_size))
+
+
 def dense_eigenpairs(store: KernelStore) -> tuple[Eigenpairs, float]:
   """Every eigenpair of a stored kernel read whole (float64), and its trace."""
   pairs = eigh(store.read())
