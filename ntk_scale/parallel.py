@@ -41,14 +41,18 @@ def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree of host arrays (identical on every host) on all devices."""
+  """Places a pytree of host arrays (identical on every host) on all devices. In one process a
+  jax array is moved device to device (not through the host); where it is already, as it is."""
   sharding = replicated_sharding(mesh)
+  leaves, treedef = jax.tree.flatten(tree)
+  on_devices = [isinstance(x, jax.Array) and jax.process_count() == 1 for x in leaves]
+  moved = iter(jax.device_put([x for x, d in zip(leaves, on_devices) if d], sharding))
 
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  return jax.tree.map(put, tree)
+  return jax.tree.unflatten(treedef, [next(moved) if d else put(x) for x, d in zip(leaves, on_devices)])
 
 
 def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, jax.Array]:

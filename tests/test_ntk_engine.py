@@ -142,6 +142,24 @@ def test_cross_kernel_of_two_sets(network):
   assert _relative_error(kernel, reference) < 1e-10
 
 
+def test_kernels_of_the_same_shapes_reuse_their_plan(network, monkeypatch):
+  """A plan depends on the model's shapes and the settings only: a second kernel of other images
+  and parameters of the same shapes is planned once (and is its own kernel); another size is not."""
+  _, variables, apply_fn = network
+  empirical_ntk(apply_fn, variables["params"], _images(5, seed=6), logits=1)
+
+  def refit(*args, **kwargs):
+    raise AssertionError("planned again")
+
+  monkeypatch.setattr(engine, "fit_plan", refit)
+  params = jax.tree.map(lambda a: 1.5 * np.asarray(a), variables["params"])
+  x = _images(5, seed=7)
+  kernel = empirical_ntk(apply_fn, params, x, logits=1)
+  assert _relative_error(kernel, reference_kernel(apply_fn, params, x, x, 1)) < 1e-5
+  with pytest.raises(AssertionError, match="planned again"):
+    empirical_ntk(apply_fn, params, _images(6, seed=7), logits=1)
+
+
 def test_kernel_is_symmetric_positive_semidefinite(network):
   _, variables, apply_fn = network
   kernel = empirical_ntk(apply_fn, variables["params"], _images(10), logits="trace", tile_size=3,

@@ -288,6 +288,19 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
       f"{names['band']} or {names['logit_chunk']}, or unset them, or raise {names['memory_budget']}.")
 
 
+# empirical_ntk's plans by model, shapes and settings: a plan depends on nothing else, and fitting
+# one (tracing the step programs for XLA's memory analysis) was a third of a small kernel's time.
+_PLANS: dict[tuple, KernelPlan] = {}
+MAX_CACHED_PLANS = 32
+
+
+def _as_dtype(a, dtype: str):
+  """`a` in `dtype`; a jax array that already is stays where it is (no copy through the host)."""
+  if isinstance(a, jax.Array) and a.dtype == np.dtype(dtype):
+    return a
+  return np.asarray(a, dtype)
+
+
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
@@ -315,15 +328,23 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   if dtype not in ("float32", "float64"):
     raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'.")
   with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
-    cast = lambda a: np.asarray(a, dtype)
-    params = jax.tree.map(cast, params)
-    model_state = None if model_state is None else jax.tree.map(cast, model_state)
-    x1 = cast(x1)
-    x2 = None if x2 is None else cast(x2)
+    params = jax.tree.map(functools.partial(_as_dtype, dtype=dtype), params)
+    model_state = None if model_state is None else jax.tree.map(
+        functools.partial(_as_dtype, dtype=dtype), model_state)
+    x1 = np.asarray(x1, dtype)
+    x2 = None if x2 is None else np.asarray(x2, dtype)
     mesh = parallel.make_mesh()
-    plan = fit_plan(apply_fn, params, x1, x2, logits, mesh=mesh, precision=precision,
-                    method=method, tile_size=tile_size, band=band, logit_chunk=logit_chunk,
-                    rotate=rotate, memory_budget_bytes=memory_budget_bytes, model_state=model_state)
+    settings = dict(method=method, tile_size=tile_size, band=band, logit_chunk=logit_chunk,
+                    rotate=rotate, memory_budget_bytes=memory_budget_bytes)
+    key = (_model_signature(apply_fn, params, x1, model_state), len(x1),
+           None if x2 is None else len(x2), logits, mesh, precision, tuple(settings.items()))
+    plan = _PLANS.get(key)
+    if plan is None:
+      plan = fit_plan(apply_fn, params, x1, x2, logits, mesh=mesh, precision=precision,
+                      model_state=model_state, **settings)
+      _PLANS[key] = plan
+      while len(_PLANS) > MAX_CACHED_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
     kernel = np.zeros((plan.num_rows, plan.num_cols) + plan.logits.tile_suffix, dtype)
 
     def store(i: int, j: int, tile: np.ndarray) -> None:
