@@ -16,6 +16,9 @@ Architectures (`config.infinite.architecture`):
 """
 
 import functools
+import hashlib
+import json
+import os
 from types import ModuleType
 from typing import Callable
 
@@ -24,6 +27,8 @@ import ml_collections
 import numpy as np
 
 from ntk_scale.nt_compat import load_neural_tangents
+from ntk_scale.ntk.function_tiles import function_kernel
+from ntk_scale.ntk.store import KernelStore, open_on_every_process
 
 ARCHITECTURES = ("fc", "conv", "myrtle")
 KERNELS = ("ntk", "nngp")
@@ -104,33 +109,56 @@ def kernel_function(section: ml_collections.ConfigDict, num_classes: int) -> Ker
   """`k(x1, x2) -> [N1, N2]`, the config's analytic kernel (NTK or NNGP) of one output logit.
 
   A plain jax function: jittable and differentiable in both arguments, so attacks differentiate
-  kernel regression through it.
+  kernel regression through it. One function object per kernel (its compilations are reused).
   """
-  _, _, kernel_fn = network_of(section, num_classes)
-  get = section.kernel
+  check_architecture_config(section)
+  return _kernel_function(section.architecture, section.depth, num_classes, float(section.w_std),
+                          float(section.b_std), section.kernel)
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_function(architecture: str, depth: int, num_classes: int, w_std: float, b_std: float,
+                     get: str) -> KernelFn:
+  _, _, kernel_fn = stax_network(architecture, depth, num_classes, w_std=w_std, b_std=b_std)
   return lambda x1, x2: kernel_fn(x1, x2, get)
 
 
-def _padded(x: np.ndarray, multiple: int) -> np.ndarray:
-  pad = -len(x) % multiple
-  return x if not pad else np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+def kernel_identity(section: ml_collections.ConfigDict, x1: np.ndarray,
+                    x2: np.ndarray | None = None) -> dict:
+  """What makes two analytic kernels the same: the kernel's fields and the images (a digest)."""
+  digest = hashlib.sha256()
+  for x in (x1,) if x2 is None else (x1, x2):
+    digest.update(np.ascontiguousarray(x, section.dtype).tobytes())
+  fields = {k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")}
+  return {"source": {"infinite": fields}, "dtype": section.dtype, "images": digest.hexdigest(),
+          "shape": [len(x1), len(x1) if x2 is None else len(x2)]}
+
+
+def kernel_store(section: ml_collections.ConfigDict, kernels_dir: str, x1: np.ndarray,
+                 labels: np.ndarray) -> KernelStore:
+  """The store of the analytic kernel of x1 with itself in tiles of `config.infinite.batch_size`,
+  created or resumed on every process: pass it to `kernel_matrix(..., store=)`. `labels`: x1's.
+  It lives at `<kernels_dir>/infinite_<architecture><depth>_<kernel>_<N>_<digest>/`, the digest
+  one of the kernel's fields and images, so jobs that need the same kernel share it."""
+  identity = kernel_identity(section, x1)
+  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+  name = f"infinite_{section.architecture}{section.depth}_{section.kernel}_{len(x1)}_{digest}"
+  # The kernel of one logit, which every logit shares (the analytic kernel is K x identity).
+  meta = {**identity, "tile": section.batch_size, "logits": "each", "method": "analytic"}
+  return open_on_every_process(os.path.join(kernels_dir, name), meta, tuple(identity),
+                               np.arange(len(x1)), np.asarray(labels))
 
 
 def kernel_matrix(section: ml_collections.ConfigDict, num_classes: int, x1: np.ndarray,
-                  x2: np.ndarray | None = None) -> np.ndarray:
+                  x2: np.ndarray | None = None, *, store: KernelStore | None = None) -> np.ndarray:
   """The analytic kernel between two image sets (x2 None: x1 with itself) as a numpy array in
-  `config.infinite.dtype`, computed in `batch_size` x `batch_size` blocks by nt.batch, serially on
-  one device (memory stays bounded whatever the number of images)."""
-  nt = _neural_tangents()
-  _, _, kernel_fn = network_of(section, num_classes)
-  size = section.batch_size
+  `config.infinite.dtype`, in `batch_size` x `batch_size` tiles spread over every device of every
+  host (ntk/function_tiles.py); with `store` (`kernel_store`), streamed to disk and resumable."""
+  kernel_fn = kernel_function(section, num_classes)
   with jax.enable_x64(section.dtype == "float64"):
-    compiled = jax.jit(kernel_fn, static_argnames="get")
-    batched = nt.batch(compiled, batch_size=size, device_count=0, store_on_device=False)
-    a = _padded(np.asarray(x1, section.dtype), size)
-    b = a if x2 is None else _padded(np.asarray(x2, section.dtype), size)
-    kernel = np.asarray(batched(a, b, section.kernel))
-  return kernel[:len(x1), :len(x1) if x2 is None else len(x2)]
+    return function_kernel(kernel_fn, np.asarray(x1, section.dtype),
+                           None if x2 is None else np.asarray(x2, section.dtype),
+                           tile=section.batch_size, store=store)
 
 
 def empirical_kernel_average(section: ml_collections.ConfigDict, num_classes: int, width: int,

@@ -19,8 +19,9 @@ adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each 
 train workdir on the original data; transfer/robust_dataset/ the network trained on the optimised
 set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
 config.infinite.dtype, labels, rows and target_rows into the training set, settings;
-np.load(..., allow_pickle=False)); a rerun reuses a robust_dataset.npz made with the same settings,
-and the networks resume.
+np.load(..., allow_pickle=False)); kernels/infinite_<...>/ (the training
+kernels of the original and optimised sets, tile by tile on every device of every host, ntk/function_tiles.py). A rerun reads back
+the kernels and a robust_dataset.npz made with the same settings, and the networks resume.
 """
 
 import copy
@@ -41,6 +42,7 @@ from ntk_scale.attacks import build_attacks
 from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset, scarcest_class
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
+from ntk_scale.ntk.job import KERNELS_DIR
 from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset, split_targets
 
 RESULTS_FILE = "results.json"
@@ -202,10 +204,14 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     x, test = x.astype(s.dtype), Split(xt.astype(s.dtype), yt)
     evaluations = _Evaluations(test, batch_size, mesh, c, config.seed)
     kernel_fn = infinite.kernel_function(s, c)
-    fit = lambda images, labels: KernelRegression.fit(
-        infinite.kernel_matrix(s, c, images), labels, c, regularizer=s.regression.regularizer,
+    fit = lambda images, labels, k_train: KernelRegression.fit(
+        k_train, labels, c, regularizer=s.regression.regularizer,
         solver=s.regression.solver).logits_fn(kernel_fn, images)
-    logits_fn = fit(x, y)
+    # Training kernels stream to <workdir>/kernels/ tile by tile: a rerun reads them back.
+    train_kernel = lambda images, labels: infinite.kernel_matrix(
+        s, c, images, store=infinite.kernel_store(s, os.path.join(workdir, KERNELS_DIR), images, labels))
+    k_original = train_kernel(x, y)
+    logits_fn = fit(x, y, k_original)
     rows = evaluations.rows("original", logits_fn, s.attacks, keep_examples=True)
     results["kernel_regression"] = _accuracies(rows)
     kernel_fooled = {}
@@ -230,9 +236,12 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     kernel = {"original": _accuracies(evaluations.rows("original", logits_fn, eval_attacks))}
     if held_out:  # the images that were optimised, before optimisation
       kernel["original_subset"] = _accuracies(evaluations.rows(
-          "original_subset", fit(x[optimised_rows], y_optimised), eval_attacks))
+          "original_subset", fit(x[optimised_rows], y_optimised,
+                                 k_original[np.ix_(optimised_rows, optimised_rows)]), eval_attacks))
+    robust = robust.astype(s.dtype)
     kernel["optimised"] = _accuracies(evaluations.rows(
-        "optimised", fit(robust.astype(s.dtype), y_optimised), eval_attacks))
+        "optimised", fit(robust, y_optimised, train_kernel(robust, y_optimised)),
+        eval_attacks))
     print(f"robust dataset: {len(objective)} steps in {record['seconds']:.0f} s, "
           f"{len(optimised_rows)} images optimised against "
           f"{'the other ' + str(len(target_rows)) if held_out else 'their originals as'} targets, objective "

@@ -73,6 +73,29 @@ def test_nngp_differs_from_ntk(nt):
   assert np.all(np.diag(ntk) > np.diag(nngp))  # the NTK adds the gradient terms of every layer
 
 
+def test_stored_kernel_is_read_back_and_shared_by_equal_kernels_only(nt, tmp_path, monkeypatch):
+  """kernel_store's directory is named by the kernel's fields and images: a second store of the
+  same kernel is the same directory, whose finished tiles are read, not computed; another depth or
+  other images is another directory."""
+  from ntk_scale.ntk.store import KernelStore
+
+  section, x, labels = _section(batch_size=3), _images(7), np.arange(7) % 2
+  store = infinite.kernel_store(section, str(tmp_path), x, labels)
+  stored = infinite.kernel_matrix(section, 2, x, store=store)
+  np.testing.assert_allclose(stored, infinite.kernel_matrix(section, 2, x), rtol=1e-12)
+  again = infinite.kernel_store(section, str(tmp_path), x, labels)
+  assert again.directory == store.directory and len(again.done_tiles()) == 6
+
+  def computed(*args):
+    raise AssertionError("a finished tile was computed again")
+
+  monkeypatch.setattr(KernelStore, "write_tile", computed)
+  np.testing.assert_array_equal(infinite.kernel_matrix(section, 2, x, store=again), stored)
+  deeper = infinite.kernel_store(_section(batch_size=3, depth=3), str(tmp_path), x, labels)
+  other_images = infinite.kernel_store(section, str(tmp_path), _images(7, seed=5), labels)
+  assert len({store.directory, deeper.directory, other_images.directory}) == 3
+
+
 @pytest.mark.parametrize("field,value", [("architecture", "resnet"), ("depth", 0),
                                          ("w_std", 0.0), ("b_std", -1.0), ("kernel", "rbf"),
                                          ("dtype", "float16"), ("batch_size", 0)])
@@ -165,6 +188,10 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   assert meta["clean_accuracy"] == results["kernel_regression"]["clean"]
   assert meta["clean_accuracy"] == pytest.approx(np.mean(arrays["clean_predictions"] == arrays["labels"]))
   assert meta["accuracy"] == results["kernel_regression"]["pgd"]
+  # The training kernel went to kernels/ tile by tile (of 64: one tile), finished.
+  (kernel_dir,) = (tmp_path / "kernels").iterdir()
+  assert kernel_dir.name.startswith("infinite_fc1_ntk_30_")
+  assert (kernel_dir / "tiles" / "0-0").exists()
   with open(write_report(workdir), encoding="utf-8") as f:
     page = f.read()
   row = next(r for r in page.split("<tr>") if r.startswith('<td class="k">pgd</td>'))

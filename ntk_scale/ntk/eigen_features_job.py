@@ -57,7 +57,8 @@ from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.kernel_regression import regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
-from ntk_scale.ntk.job import check_kernel_subset, inference_apply, kernel_job, select_examples
+from ntk_scale.ntk.job import (KERNELS_DIR, check_kernel_subset, inference_apply, kernel_job,
+                              select_examples)
 from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
                                              kernel_eigenpairs)
@@ -167,7 +168,7 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel:
                    lambda g: {"params": params, "stats": stats, "directions": np.asarray(directions[g])})
 
 
-def _infinite(config: ml_collections.ConfigDict, dataset) -> _Features:
+def _infinite(config: ml_collections.ConfigDict, workdir: str, dataset) -> _Features:
   """Groups of config.infinite's analytic kernel (ntk_scale/infinite.py) on config.kernel's subset
   of the training split, as K(x, X) A_g with the kernel function differentiated by the attack."""
   from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
@@ -176,7 +177,8 @@ def _infinite(config: ml_collections.ConfigDict, dataset) -> _Features:
   split = getattr(dataset, config.kernel.split)
   indices = select_examples(config, split.labels)
   train_images, labels = split.images[indices], split.labels[indices]
-  pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images))
+  store = infinite.kernel_store(section, os.path.join(workdir, KERNELS_DIR), train_images, labels)
+  pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images, store=store))
   groups = feature_groups(pairs.values, config.eigen_features.num_single)
   trace = float(pairs.values.sum())
   coefficients = _coefficients(pairs, groups, labels, dataset.num_classes).astype(np.float32)
@@ -231,7 +233,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if saved is not None:
     return {"eigen_features": directory, **saved}
   if kernel is None:
-    features = _infinite(config, dataset)
+    features = _infinite(config, workdir, dataset)
   else:
     if jax.process_index() == 0:
       print(f"eigen-features of {kernel['kernel']}: "

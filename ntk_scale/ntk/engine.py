@@ -42,6 +42,15 @@ def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[:1], missing, 0)]) if missing else x
 
 
+def blocks_on_devices(source: np.ndarray, blocks: Iterable[int], size: int, mesh: Mesh) -> jax.Array:
+  """One array over `mesh`'s devices in which device d holds source[blocks[d] * size:][:size]
+  (`source`: a host array present on every process)."""
+  per_device = [source[b * size:(b + 1) * size] for b in blocks]
+  shape = (mesh.size * size,) + source.shape[1:]
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, P(parallel.DATA_AXIS)),
+                                      lambda index: per_device[(index[0].start or 0) // size])
+
+
 def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, plan: KernelPlan,
               on_tile: TileCallback, *, precision: str = "highest",
               done: Iterable[tuple[int, int]] = (), mesh: Mesh | None = None,
@@ -66,16 +75,9 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
 
   programs = step_programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
                            plan.logit_chunk)
-  sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  device_array = functools.partial(blocks_on_devices, mesh=mesh)
   params = parallel.replicate(params, mesh)
   state = parallel.replicate({} if model_state is None else model_state, mesh)
-
-  def device_array(source: np.ndarray, blocks: Iterable[int], size: int) -> jax.Array:
-    """Device d's rows are source[blocks[d] * size:][:size]."""
-    per_device = [source[b * size:(b + 1) * size] for b in blocks]
-    shape = (mesh.size * size,) + source.shape[1:]
-    return jax.make_array_from_callback(shape, sharding,
-                                        lambda index: per_device[(index[0].start or 0) // size])
 
   handed, started, last_log = 0, time.time(), time.time()
   partial: dict[tuple[int, int], np.ndarray] = {}  # tiles summed over the logit chunks so far

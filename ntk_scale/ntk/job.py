@@ -15,14 +15,13 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from ntk_scale import files, parallel
 from ntk_scale.data import class_balanced_subset, load_dataset, scarcest_class
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.plan import METHODS
-from ntk_scale.ntk.store import KernelStore, TileWriter
+from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.workdir import phase2_name
 
@@ -124,15 +123,6 @@ def _host_copy(array: jax.Array, dtype: str) -> np.ndarray:
   return np.asarray(array.addressable_data(0), dtype)
 
 
-def _agreed(done: set[tuple[int, int]], tiles: list[tuple[int, int]]) -> set[tuple[int, int]]:
-  """Process 0's list of finished tiles, on every process: every process must plan the same steps,
-  and hosts may list a shared directory differently (file-system caches)."""
-  if jax.process_count() == 1:
-    return done
-  mask = multihost_utils.broadcast_one_to_all(np.array([t in done for t in tiles], np.int32))
-  return {t for t, m in zip(tiles, np.asarray(mask)) if m}
-
-
 @functools.lru_cache(maxsize=8)
 def inference_apply(model) -> Callable:
   """`f(params, x, batch_stats)` of a model in inference mode, one per model: the engine compiles
@@ -185,13 +175,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)
     meta.update(tile=plan.tile, method=plan.method)
-    # Process 0 creates (or checks) the store; the others open it once it exists.
-    if jax.process_index() == 0:
-      store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels)
-    parallel.barrier("kernel store created")
-    if jax.process_index() != 0:
-      store = KernelStore.create_or_resume(directory, meta, IDENTITY, indices, labels, create=False)
-    done = _agreed(store.done_tiles(), plan.tiles())
+    store = open_on_every_process(directory, meta, IDENTITY, indices, labels)
+    done = agreed_done_tiles(store, plan.tiles())
     total = len(plan.tiles())
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)

@@ -19,10 +19,12 @@ import os
 import threading
 from typing import Any
 
+import jax
 import numpy as np
 import tensorstore as ts
+from jax.experimental import multihost_utils
 
-from ntk_scale import files
+from ntk_scale import files, parallel
 from ntk_scale.ntk.tile_math import mirror_tile
 
 ARRAY_DIR, META_FILE, TILES_DIR = "kernel.zarr", "kernel.json", "tiles"
@@ -135,6 +137,33 @@ class KernelStore:
     """Adds `fields` to kernel.json (process 0 only: a single writer)."""
     self.meta.update(fields)
     files.write_json(os.path.join(self.directory, META_FILE), self.meta, indent=2, sort_keys=True)
+
+
+def open_on_every_process(directory: str, meta: dict[str, Any], identity: tuple[str, ...],
+                          indices: np.ndarray, labels: np.ndarray,
+                          name_field: str = "config.kernel.name") -> KernelStore:
+  """`KernelStore.create_or_resume` on every process: process 0 creates (or checks) the store, the
+  others open it once it exists."""
+  store = None
+  if jax.process_index() == 0:
+    store = KernelStore.create_or_resume(directory, meta, identity, indices, labels,
+                                         name_field=name_field)
+  parallel.barrier(f"kernel store {directory}")
+  if store is None:
+    store = KernelStore.create_or_resume(directory, meta, identity, indices, labels, create=False,
+                                         name_field=name_field)
+  return store
+
+
+def agreed_done_tiles(store: KernelStore, tiles: list[tuple[int, int]]) -> set[tuple[int, int]]:
+  """The store's finished tiles among `tiles` as process 0 lists them, on every process: every
+  process must plan the same steps, and hosts may list a shared directory differently (file-system
+  caches)."""
+  done = store.done_tiles()
+  if jax.process_count() == 1:
+    return done
+  mask = multihost_utils.broadcast_one_to_all(np.array([t in done for t in tiles], np.int32))
+  return {t for t, m in zip(tiles, np.asarray(mask)) if m}
 
 
 # Tiles that may wait for the disk; a single tile larger than this still goes, alone.

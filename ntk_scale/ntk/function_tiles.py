@@ -1,0 +1,116 @@
+"""A kernel given as a function of two blocks of examples, `k(x1 [t, ...], x2 [t, ...]) -> [t, t]`
+(the analytic infinite-width kernels of infinite.py), tile by tile on every device of every host.
+
+Its tiles are independent (no Jacobian rows to reuse, unlike the empirical engine's), so they are
+dealt out D at a time to the D devices, one `shard_map` step per D tiles, only those on and above
+the diagonal when x2 is None. With a `KernelStore` the finished tiles stream to disk while the
+next step runs, and a rerun computes only the tiles not yet there: a Myrtle kernel of CIFAR-10
+(hours of device time) survives a killed job. Every process gets the whole kernel.
+"""
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec as P
+
+from ntk_scale import parallel
+from ntk_scale.ntk.engine import blocks_on_devices
+from ntk_scale.ntk.schedule import Step, Tile, tile_schedule
+from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles
+from ntk_scale.ntk.tile_math import mirror_tile
+
+BlockKernelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x1 [t, ...], x2 [t, ...]) -> [t, t]
+
+
+def kernel_tiles(num_rows: int, num_cols: int, tile: int, symmetric: bool) -> list[Tile]:
+  """The tiles (i, j) a kernel of num_rows x num_cols is made of: i <= j only when `symmetric`."""
+  row_blocks, col_blocks = math.ceil(num_rows / tile), math.ceil(num_cols / tile)
+  return [(i, j) for i in range(row_blocks) for j in range(i if symmetric else 0, col_blocks)]
+
+
+@functools.lru_cache(maxsize=16)
+def _tile_program(kernel_fn: BlockKernelFn, mesh: Mesh) -> Callable:
+  """Every device computes kernel_fn of its own row and column blocks: one compilation per kernel
+  function, tile size and mesh."""
+  data = P(parallel.DATA_AXIS)
+  return jax.jit(jax.shard_map(kernel_fn, mesh=mesh, in_specs=(data, data), out_specs=data,
+                               check_vma=False))
+
+
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+  """x with copies of its first row appended up to `rows` (the padding's tiles are cropped)."""
+  missing = rows - len(x)
+  return np.concatenate([x, np.repeat(x[:1], missing, 0)]) if missing > 0 else x
+
+
+def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | None = None, *,
+                    tile: int, store: KernelStore | None = None,
+                    mesh: Mesh | None = None) -> np.ndarray:
+  """K[a, b] = kernel_fn(x1[a], x2[b]) (x2 None: x1 with itself, from the tiles i <= j) as a numpy
+  array in x1's dtype, computed in tile x tile blocks on every device of `mesh` (default: all).
+
+  `kernel_fn` must be jittable and one function object per kernel (it keys the compilation
+  cache). With `store` (created for this kernel's shape and `tile`), tiles already on disk are
+  read, not computed, and the kernel returned is read back from the store.
+  """
+  mesh = mesh or parallel.make_mesh()
+  x1 = np.asarray(x1)
+  symmetric = x2 is None
+  x2 = x1 if symmetric else np.asarray(x2)
+  if store is not None and (store.tile != tile or store.shape[:2] != (len(x1), len(x2))):
+    raise ValueError(f"{store.directory} holds a kernel of shape {store.shape} in tiles of "
+                     f"{store.tile}, not {len(x1)} x {len(x2)} in tiles of {tile}.")
+  tiles = kernel_tiles(len(x1), len(x2), tile, symmetric)
+  done = set() if store is None else agreed_done_tiles(store, tiles)
+  todo = [t for t in tiles if t not in done]
+  rows = _padded(x1, math.ceil(len(x1) / tile) * tile)
+  cols = rows if symmetric else _padded(x2, math.ceil(len(x2) / tile) * tile)
+  program = _tile_program(kernel_fn, mesh)
+
+  kernel = None if store is not None else np.zeros((len(x1), len(x2)), x1.dtype)
+
+  def in_memory(i: int, j: int, part: np.ndarray) -> None:
+    kernel[i * tile:i * tile + part.shape[0], j * tile:j * tile + part.shape[1]] = part
+    if symmetric and i != j:
+      kernel[j * tile:j * tile + part.shape[1], i * tile:i * tile + part.shape[0]] = mirror_tile(part)
+
+  def hand_over(step: Step, out: jax.Array, on_tile: Callable) -> None:
+    for shard in out.addressable_shards:
+      for (i, j), _, _ in step.tiles[(shard.index[0].start or 0) // tile]:
+        part = np.asarray(shard.data)[:min(tile, len(x1) - i * tile), :min(tile, len(x2) - j * tile)]
+        on_tile(i, j, part)
+
+  started = last_log = time.time()
+  steps = tile_schedule(todo, mesh.size)
+  with (TileWriter(store, mirror=symmetric) if store is not None else contextlib.nullcontext(in_memory)) as on_tile:
+    pending = None
+    for number, step in enumerate(steps):
+      out = program(blocks_on_devices(rows, [i for i, _ in step.blocks], tile, mesh),
+                    blocks_on_devices(cols, [j for _, j in step.blocks], tile, mesh))
+      if pending is not None:
+        hand_over(*pending, on_tile)  # the last step's tiles leave the devices while this one runs
+      pending = (step, out)
+      if time.time() - last_log > 30:
+        last_log = time.time()
+        elapsed = last_log - started
+        logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s, about %.0f s to go",
+                     number + 1, len(steps), len(todo), mesh.size, elapsed,
+                     elapsed * (len(steps) - number - 1) / (number + 1))
+    if pending is not None:
+      hand_over(*pending, on_tile)
+  if store is not None:
+    parallel.barrier(f"kernel tiles written {store.directory}")
+    if jax.process_index() == 0 and not store.meta.get("complete"):
+      store.update_meta(complete=True, seconds=store.meta.get("seconds", 0.0) + time.time() - started)
+    return store.read()
+  if jax.process_count() > 1:  # each tile was written by exactly one process
+    kernel = np.asarray(multihost_utils.process_allgather(kernel)).sum(0)
+  return kernel
+

@@ -1,0 +1,74 @@
+"""A kernel given as a function of two blocks (ntk/function_tiles.py), tile by tile over devices,
+against the function evaluated once on the whole sets; and its store: killed, then resumed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ntk_scale import parallel
+from ntk_scale.ntk.function_tiles import function_kernel, kernel_tiles
+from ntk_scale.ntk.store import KernelStore
+
+
+def rbf(a: jax.Array, b: jax.Array) -> jax.Array:
+  """A Gaussian kernel of flattened images: cheap, and every entry depends on both images."""
+  a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+  distances = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None] - 2 * a @ b.T
+  return jnp.exp(-distances / a.shape[1])
+
+
+def _images(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+  return np.random.default_rng(seed).uniform(size=(n, 3, 3, 2)).astype(dtype)
+
+
+def test_tiles_on_four_devices_equal_one_device_and_one_call():
+  """Tile 3 of 10 and 7 images: padded edge tiles; symmetric (upper tiles mirrored) and cross."""
+  x1, x2 = _images(10), _images(7, seed=1)
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  assert len(jax.devices()) == 4
+  for second in (None, x2):
+    whole = np.asarray(rbf(x1, x1 if second is None else second))
+    on_four = function_kernel(rbf, x1, second, tile=3)
+    np.testing.assert_allclose(on_four, whole, rtol=1e-6)
+    np.testing.assert_array_equal(function_kernel(rbf, x1, second, tile=3, mesh=one), on_four)
+  with jax.enable_x64(True):
+    x64 = _images(10, dtype=np.float64)
+    kernel = function_kernel(rbf, x64, tile=4)
+    assert kernel.dtype == np.float64
+    np.testing.assert_allclose(kernel, np.asarray(rbf(x64, x64)), rtol=1e-13)
+  assert kernel_tiles(10, 10, 3, symmetric=True) == [(i, j) for i in range(4) for j in range(i, 4)]
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_a_killed_kernel_resumes_from_its_store(tmp_path, monkeypatch):
+  x = _images(11)
+  meta = {"shape": [11, 11], "tile": 3, "dtype": "float32"}
+  create = lambda: KernelStore.create_or_resume(str(tmp_path / "k"), meta, ("shape",), np.arange(11),
+                                                np.zeros(11, np.int32))
+  write, written = KernelStore.write_tile, []
+
+  def dies_after_four(self, i, j, tile, mirror):
+    if len(written) == 4:
+      raise _Killed()
+    written.append((i, j))
+    write(self, i, j, tile, mirror)
+
+  monkeypatch.setattr(KernelStore, "write_tile", dies_after_four)
+  with pytest.raises(_Killed):
+    function_kernel(rbf, x, tile=3, store=create())
+  monkeypatch.setattr(KernelStore, "write_tile", write)
+  store = create()
+  assert len(store.done_tiles()) == 4
+  counted = []
+  monkeypatch.setattr(KernelStore, "write_tile",
+                      lambda self, i, j, tile, mirror: (counted.append((i, j)), write(self, i, j, tile, mirror)))
+  resumed = function_kernel(rbf, x, tile=3, store=store)
+  assert len(counted) == 10 - 4 and not set(counted) & set(written)
+  np.testing.assert_array_equal(resumed, function_kernel(rbf, x, tile=3))
+  with pytest.raises(ValueError, match="holds a kernel of shape .* not 11 x 11 in tiles of 4"):
+    function_kernel(rbf, x, tile=4, store=store)
