@@ -23,6 +23,7 @@ from ntk_scale import jobs, parallel
 from ntk_scale.ntk.store import KernelStore
 
 import multihost_config
+from conftest import neural_tangents_or_skip
 from test_train import REPO
 
 CONFIG = "tests/multihost_config.py"
@@ -55,7 +56,7 @@ def _log(workdir: str, pid: int) -> str:
     return f.read()
 
 
-def start_pair(workdir: str, **fields) -> list[subprocess.Popen]:
+def start_pair(workdir: str, config_file: str = CONFIG, **fields) -> list[subprocess.Popen]:
   """`main.py` as processes 0 and 1 of one job, two emulated CPU devices each."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -64,7 +65,7 @@ def start_pair(workdir: str, **fields) -> list[subprocess.Popen]:
   for pid in range(2):
     with open(_log_path(workdir, pid), "w") as log:
       procs.append(subprocess.Popen(
-          [sys.executable, "main.py", "--config", CONFIG, "--workdir", workdir,
+          [sys.executable, "main.py", "--config", config_file, "--workdir", workdir,
            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
            "--process_id", str(pid), f"--heartbeat_timeout_s={HEARTBEAT_S}", *overrides],
           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -78,9 +79,9 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
     p.wait(timeout=30)
 
 
-def run_pair(workdir: str, **fields) -> list[str]:
+def run_pair(workdir: str, config_file: str = CONFIG, **fields) -> list[str]:
   """`start_pair` run to completion (each process must exit 0); the two processes' logs."""
-  procs = start_pair(workdir, **fields)
+  procs = start_pair(workdir, config_file, **fields)
   try:
     for pid, p in enumerate(procs):
       assert p.wait(timeout=PAIR_TIMEOUT_S) == 0, _log(workdir, pid)[-3000:]
@@ -214,6 +215,45 @@ def test_eigen_features_over_two_processes_equal_one_process(runs):
     for key in ("clean_accuracy", "robust_accuracy"):
       assert mine[key] == pytest.approx(theirs[key], abs=1e-12), (mine["group"], key)
     assert mine["eigenvalue"] == pytest.approx(theirs["eigenvalue"], rel=1e-6)
+
+
+ANALYTIC_FEATURES = {"job": "eigen_features", "eigen_features.source": "infinite",
+                     "kernel.num_examples": 40, "infinite.batch_size": 8,
+                     "eigen_features.num_single": 3, "eigen_features.num_test": 40,
+                     "eigen_features.batch_size": 16, "eigen_features.attack.num_steps": 2}
+
+
+def test_analytic_kernel_over_two_processes_equals_one_process(tmp_path):
+  """The eigen_features job on an analytic kernel (configs/infinite_width.py:smoke) as processes 0
+  and 1: the kernel's 15 tiles of 8 dealt out to the devices of both, each process writing its
+  own into the store; the kernel equals one process's in memory, and the groups' accuracies too."""
+  from ntk_scale import infinite
+  from ntk_scale.data import load_dataset
+  from ntk_scale.ntk.job import select_examples
+  from test_train import load_config
+
+  neural_tangents_or_skip(infinite.FEATURE)
+  workdir = str(tmp_path)
+  logs = run_pair(workdir, "configs/infinite_width.py:smoke", **ANALYTIC_FEATURES)
+  per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
+  assert min(per_process) > 0 and sum(per_process) == 15, per_process
+  (directory,) = (tmp_path / "kernels").iterdir()
+  by_two = KernelStore.open(str(directory))
+  assert by_two.meta["complete"] and len(by_two.done_tiles()) == 15
+  c = load_config("infinite_width", "smoke")
+  for key, value in ANALYTIC_FEATURES.items():
+    section, _, name = key.rpartition(".")
+    setattr(c[section] if section else c, name, value)
+  train = load_dataset(c.data).train
+  images = train.images[select_examples(c, train.labels)]
+  np.testing.assert_allclose(by_two.read(), infinite.kernel_matrix(c.infinite, 10, images), rtol=1e-12)
+  features = next((tmp_path / "eigen_features").iterdir()) / "features.json"
+  by_one = jobs.run(c, str(tmp_path / "single"))
+  groups = json.loads(features.read_text())["groups"]
+  assert [g["group"] for g in groups] == [g["group"] for g in by_one["groups"]]
+  for mine, theirs in zip(groups, by_one["groups"]):
+    assert mine["clean_accuracy"] == theirs["clean_accuracy"], mine["group"]
+    assert mine["robust_accuracy"] == pytest.approx(theirs["robust_accuracy"], abs=1e-12), mine["group"]
 
 
 def test_start_up_flags_are_checked_before_joining_a_job():

@@ -81,11 +81,15 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
     if symmetric and i != j:
       kernel[j * tile:j * tile + part.shape[1], i * tile:i * tile + part.shape[0]] = mirror_tile(part)
 
+  handed = 0
+
   def hand_over(step: Step, out: jax.Array, on_tile: Callable) -> None:
+    nonlocal handed
     for shard in out.addressable_shards:
       for (i, j), _, _ in step.tiles[(shard.index[0].start or 0) // tile]:
         part = np.asarray(shard.data)[:min(tile, len(x1) - i * tile), :min(tile, len(x2) - j * tile)]
         on_tile(i, j, part)
+        handed += 1
 
   started = last_log = time.time()
   steps = tile_schedule(todo, mesh.size)
@@ -105,6 +109,8 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
                      elapsed * (len(steps) - number - 1) / (number + 1))
     if pending is not None:
       hand_over(*pending, on_tile)
+  logging.info("kernel of %d x %d: this process computed %d tiles in %.1f s", len(x1), len(x2),
+               handed, time.time() - started)
   if store is not None:
     parallel.barrier(f"kernel tiles written {store.directory}")
     if jax.process_index() == 0 and not store.meta.get("complete"):
