@@ -120,6 +120,15 @@ training subset, eps 8/255 (the papers' CIFAR-10 eps), PGD-20, transfer to the C
 unbounded (step counts and sizes are this project's, not checked against the paper):
 
     python main.py --config configs/infinite_width.py:cifar10 --workdir workdirs/infinite_cifar10
+
+Its cost, from `--dry_run` (planned on the 2-core CPU VM for devices of 80 GB at 50 TFLOP/s; lower
+bounds): the two 5,000-image training kernels, 12,403 tiles of 32 each (40.6 GiB per device), 85 s
+on one device; kernel regression scores a test batch against 32 training images at a time
+(kernel_regression.kernel_scores: in one call, 512 test images against all 5,000 needed 12,500
+GiB per device), so `eval_batch_size` is 16 per device (57.9 GiB under attack); the attacks on
+kernel regression over the 10,000 test images then take at least 75 h on one device (APGD-T 61 h
+of it), 9.3 h on 8 (`--config.eval_batch_size=128`). The robust set's 1,000 outer steps are not
+in that count.
 """
 
 import ml_collections
@@ -201,6 +210,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     s.transfer.num_epochs = 10.0
     s.robust_data.update(num_steps=1000, target_batch_size=500)
     c.batch_size = 128
+    c.eval_batch_size = 16  # per device: Myrtle kernels of 16 x 32 images under attack, 58 GiB
   if "smoke" in variants:
     s.num_train = 200
     s.transfer.widths = (8,)

@@ -5,7 +5,9 @@ The train job's programs (phase 1; phase 2 when config.phase2.num_epochs > 0, or
 the evaluators are compiled from shapes alone: XLA's memory analysis of the partitioned program
 gives the bytes each device holds (arguments + outputs + temporaries, less donated buffers), and
 the cost analysis of the lowered, whole-mesh program its FLOPs. The kernel and evolution jobs use
-the kernel engine's own plan (ntk_scale.ntk.plan): tiles, memory per device, FLOPs. Times divide
+the kernel engine's own plan (ntk_scale.ntk.plan): tiles, memory per device, FLOPs. The infinite
+job's analytic kernels are their tile program (ntk/function_tiles.py) compiled for the mesh, and
+kernel regression is compiled as the job evaluates it, clean and under each attack. Times divide
 the busiest device's FLOPs (a train step's spread evenly; a kernel's through its lockstep steps,
 idle devices' work included) by the float32 matmul rate measured here in a short probe at the
 job's precision: lower bounds, since convolutions and attacks' sequential steps run below that rate.
@@ -22,6 +24,8 @@ rate; the memory figures are XLA's analysis of the programs compiled for the loc
 """
 
 import dataclasses
+import functools
+import json
 import math
 from typing import Any
 
@@ -31,8 +35,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ntk_scale import parallel
-from ntk_scale.attacks import build_attacks
+from ntk_scale import infinite_job, parallel
+from ntk_scale.attacks import build_attack, build_attacks
 from ntk_scale.cost_analysis import memory_per_device, program_flops
 from ntk_scale.device_rates import matmul_rate
 from ntk_scale.data.catalog import dataset_shape
@@ -40,6 +44,7 @@ from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
+from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
@@ -54,9 +59,11 @@ from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
 from ntk_scale.evaluate import _evaluate_batch
+from ntk_scale.kernel_regression import kernel_scores
+from ntk_scale.robust_dataset import split_targets
 
 PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution", "eigen_features",
-                "eigen_images")
+                "eigen_images", "infinite")
 
 
 class PlanDoesNotFit(ValueError):
@@ -339,11 +346,15 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
   else:
     check_eigen_features_config(config)
     section, needed = config.eigen_features, config.eigen_features.num_single
-    if section.source != "empirical":
-      raise ValueError("--dry_run plans eigen_features of an empirical kernel; "
-                       f"config.eigen_features.source={section.source!r} has no cost model.")
-  programs = [_kernel(config, 1, "kernel", target_budget)]
   n = _kernel_examples(config)  # one class or the trace: one matrix row per example
+  if job == "eigen_features" and section.source == "infinite":
+    image_shape = dataset_shape(config.data)[0]
+    return ([_analytic_kernel(config.infinite, dataset_classes(config.data), image_shape, n, mesh,
+                              "analytic kernel")],
+            [f"eigen_features: every eigenpair of the {n}-row analytic kernel, one float64 "
+             "eigendecomposition on the host (not modelled); then every feature group's predictor, "
+             "clean and under config.eigen_features.attack on the test images (not modelled)"])
+  programs = [_kernel(config, 1, "kernel", target_budget)]
   solver, spectrum_config = eigenpairs_config(config, section.eigensolver, n, needed)
   spectrum, notes = _eigenpairs(spectrum_config, solver, n, mesh, budget, job, "the")
   programs += spectrum
@@ -354,6 +365,106 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
     notes.append("eigen_images: then the Adam steps on the images (not modelled)"
                  + (f"; the dual weights by CG, at most {section.cg_max_iters} passes over the kernel "
                     f"on the host" if solver == "top" else ""))
+  return programs, notes
+
+
+def _analytic_kernel(section: ml_collections.ConfigDict, num_classes: int,
+                     image_shape: tuple[int, ...], n: int, mesh, label: str) -> ProgramCost:
+  """config.infinite's analytic kernel of n images with themselves: its tile program (one tile of
+  batch_size per device per step, function_tiles.py) compiled for this mesh, times its steps."""
+  from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
+
+  program = tile_program(infinite.kernel_function(section, num_classes), mesh)
+  tile = section.batch_size
+  tiles = len(kernel_tiles(n, n, tile, symmetric=True))
+  block = jax.ShapeDtypeStruct((mesh.size * tile, *image_shape), np.dtype(section.dtype),
+                               sharding=parallel.batch_sharding(mesh))
+  with jax.enable_x64(section.dtype == "float64"):
+    memory = memory_per_device(program.lower(block, block).compile())
+    per_tile = program_flops(program, block, block)  # the per-device body: one tile
+  return ProgramCost(f"{label}: {n} x {n} in tiles of {tile}, {tiles} tiles",
+                     -(-tiles // mesh.size), per_tile.flops * mesh.size, memory,
+                     "config.infinite.batch_size", per_tile.unbounded_loops,
+                     device_flops_per_call=per_tile.flops)
+
+
+def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: int,
+                       attacks: dict[str, tuple[ml_collections.ConfigDict, int]]) -> list[ProgramCost]:
+  """Kernel regression on n training images, clean (`models` models) and under each attack (its
+  config field -> (config, how many models it attacks)), over the test split in batches of
+  config.eval_batch_size: scores K(batch, X) A, config.infinite.batch_size training images at a
+  time, as the job computes them."""
+  from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
+
+  s, num_classes = config.infinite, dataset_classes(config.data)
+  image_shape, _, test_size = dataset_shape(config.data)
+  kernel_fn = infinite.kernel_function(s, num_classes)
+  apply = _regression_scores(kernel_fn, s.batch_size)
+  dtype = np.dtype(s.dtype)
+  replicated, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+  variables = {"train": jax.ShapeDtypeStruct((n, *image_shape), dtype, sharding=replicated),
+               "coefficients": jax.ShapeDtypeStruct((n, num_classes), dtype, sharding=replicated)}
+  size = config.eval_batch_size
+  batch = {"images": jax.ShapeDtypeStruct((size, *image_shape), dtype, sharding=data),
+           "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=data),
+           "mask": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=data)}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  calls = -(-test_size // size)
+  built = {field: build_attack(c, prefix=field) for field, (c, _) in attacks.items()}
+  programs = []
+  with jax.enable_x64(s.dtype == "float64"):
+    programs.append(_program(f"kernel regression ({n} images), clean ({models} model(s))",
+                             _evaluate_batch, (variables, batch, key), calls * models,
+                             "config.eval_batch_size or config.infinite.batch_size",
+                             num_classes=num_classes, attack=None, apply=apply))
+    for name, (_, models) in attacks.items():
+      programs.append(_program(f"kernel regression under {name.rpartition('.')[2]} ({models} model(s))",
+                               _evaluate_batch,
+                               (variables, batch, key), calls * models, "config.eval_batch_size or config.infinite.batch_size",
+                               num_classes=num_classes, attack=built[name], apply=apply))
+  return programs
+
+
+@functools.lru_cache(maxsize=4)
+def _regression_scores(kernel_fn, block_size: int):
+  """apply(variables, images) = K(images, train) @ coefficients as the job computes it (blocks of
+  block_size training images), one function per kernel."""
+  return lambda v, images: kernel_scores(kernel_fn, images, v["train"], v["coefficients"], block_size)
+
+
+def _infinite(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost], list[str]]:
+  """The infinite job: the training kernels (the whole subset's, then the optimised set's), kernel
+  regression clean and under every attack (each distinct attack config once per model it is run
+  against: the original set's model, the optimised set's and, with held-out targets, the original
+  subset's); the rest as notes."""
+  s, num_classes = config.infinite, dataset_classes(config.data)
+  image_shape, train_size, _ = dataset_shape(config.data)
+  infinite_job.check_infinite_config(config, np.repeat(np.arange(num_classes),
+                                                       -(-train_size // num_classes))[:train_size],
+                                     num_classes)
+  n = s.num_train or train_size
+  optimised, _ = split_targets(s.robust_data.target_holdout, n, config.seed)
+  held_out = len(optimised) < n
+  programs = [_analytic_kernel(s, num_classes, image_shape, n, mesh, "training kernel")]
+  if s.robust_data.num_steps or held_out:  # else the "optimised" set is the original one
+    programs.append(_analytic_kernel(s, num_classes, image_shape, len(optimised), mesh,
+                                     "optimised set's kernel"))
+  # Each distinct attack config once per model: the original set's model runs them all, the
+  # optimised set's (and the original subset's) the evaluation attacks.
+  attacks: dict[str, list] = {}
+  listed = [(f"config.infinite.attacks.{name}", c) for name, c in s.attacks.items()]
+  evaluated = [(f"config.infinite.robust_data.eval_attacks.{name}", c)
+               for name, c in s.robust_data.eval_attacks.items()]
+  for field, c in listed + evaluated:
+    attacks.setdefault(json.dumps(c.to_dict(), sort_keys=True), [field, c, 1])
+  for _, c in evaluated:
+    attacks[json.dumps(c.to_dict(), sort_keys=True)][2] += 2 if held_out else 1
+  programs += _kernel_regression(config, mesh, n, 3 if held_out else 2,
+                                 {field: (c, models) for field, c, models in attacks.values()})
+  notes = [f"infinite: each kernel regression solved on the host ({s.regression.solver}, about "
+           f"{n ** 3 / 3:.3g} FLOP for the whole set; not modelled)",
+           f"infinite: the robust set's {s.robust_data.num_steps} outer steps (PGD on kernel regression "
+           "of target batches) and the finite networks' training and evaluation are not modelled"]
   return programs, notes
 
 
@@ -406,6 +517,8 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     notes += spectrum_notes
   elif job in ("eigen_features", "eigen_images"):
     programs, notes = _eigen_job(config, job, mesh, budget, target_budget)
+  elif job == "infinite":
+    programs, notes = _infinite(config, mesh)
   else:
     raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
                      f"cost model.")

@@ -206,7 +206,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     kernel_fn = infinite.kernel_function(s, c)
     fit = lambda images, labels, k_train: KernelRegression.fit(
         k_train, labels, c, regularizer=s.regression.regularizer,
-        solver=s.regression.solver).logits_fn(kernel_fn, images)
+        solver=s.regression.solver).logits_fn(kernel_fn, images, block_size=s.batch_size)
     # Training kernels stream to <workdir>/kernels/ tile by tile: a rerun reads them back.
     train_kernel = lambda images, labels: infinite.kernel_matrix(
         s, c, images, store=infinite.kernel_store(s, os.path.join(workdir, KERNELS_DIR), images, labels))

@@ -157,11 +157,40 @@ class KernelRegression:
   def accuracy(self, k_test_train: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(self.predict(k_test_train), -1) == np.asarray(labels)))
 
-  def logits_fn(self, kernel_fn: KernelFn, train_images: np.ndarray) -> LogitsFn:
-    """`images -> scores [N, C]` computing K(images, train_images) in jax: a model for the attacks."""
+  def logits_fn(self, kernel_fn: KernelFn, train_images: np.ndarray,
+                block_size: int | None = None) -> LogitsFn:
+    """`images -> scores [N, C]` computing K(images, train_images) in jax: a model for the attacks.
+    `block_size`: that many training images at a time (`kernel_scores`)."""
     coefficients = jnp.asarray(self.coefficients)
     train_images = jnp.asarray(train_images, coefficients.dtype)
-    return lambda images: kernel_fn(images, train_images) @ coefficients
+    return lambda images: kernel_scores(kernel_fn, images, train_images, coefficients, block_size)
+
+
+def kernel_scores(kernel_fn: KernelFn, images: jax.Array, train_images: jax.Array,
+                  coefficients: jax.Array, block_size: int | None = None) -> jax.Array:
+  """K(images, train_images) @ coefficients. With `block_size` below the training set's size, a
+  block of training images at a time (lax.scan; each block recomputed in the backward pass), so an
+  attack holds kernels of [N, block_size] instead of [N, N_train]: for a Myrtle kernel, whose every
+  pair carries a (H W)^2 covariance, the whole row of a CIFAR-10 batch against 5,000 training
+  images would take terabytes."""
+  num_train = train_images.shape[0]
+  if block_size is None or block_size >= num_train:
+    return kernel_fn(images, train_images) @ coefficients
+  pad = -num_train % block_size
+  train_images = jnp.concatenate([train_images, jnp.repeat(train_images[:1], pad, 0)])
+  coefficients = jnp.concatenate([coefficients, jnp.zeros((pad, coefficients.shape[1]),
+                                                          coefficients.dtype)])  # padding adds 0
+  blocks = (train_images.reshape(-1, block_size, *train_images.shape[1:]),
+            coefficients.reshape(-1, block_size, coefficients.shape[1]))
+
+  @jax.checkpoint
+  def add_block(total, block):
+    block_images, block_coefficients = block
+    return total + kernel_fn(images, block_images) @ block_coefficients, None
+
+  zeros = jnp.zeros((images.shape[0], coefficients.shape[1]),
+                    jnp.result_type(images.dtype, coefficients.dtype))
+  return jax.lax.scan(add_block, zeros, blocks)[0]
 
 
 def predictor(kernel_fn: KernelFn, train_images: jax.Array, labels: jax.Array, num_classes: int, *,

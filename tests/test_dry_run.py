@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from ntk_scale import dry_run as dry_run_module
@@ -216,6 +217,52 @@ def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   c.spectrum.method = "sharded"
   with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.spectrum.memory_budget_gb"):
     dry_run_module._spectrum(c, parallel.make_mesh(), 1.5e5)  # pylint: disable=protected-access
+
+
+def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch):
+  """The infinite job: the training kernel's tile program (one tile per device per step; its FLOPs
+  are those of the kernel function on one tile pair), the optimised set's kernel, and kernel
+  regression clean and under each distinct attack, counted once per model it attacks (the
+  original set's model runs both lists, PGD-2, in both, once; the optimised set's model the
+  evaluation list); a tile that
+  does not fit is refused naming config.infinite.batch_size. The eigen_features job on an
+  analytic kernel plans the same tile program."""
+  from ntk_scale import infinite
+  from ntk_scale.base_config import pgd_linf
+
+  from conftest import neural_tangents_or_skip
+
+  neural_tangents_or_skip(infinite.FEATURE)
+  c = load_config("infinite_width", "smoke")
+  s = c.infinite
+  s.update(num_train=100, depth=1, batch_size=16)
+  s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2),
+                                         "pgd1": pgd_linf(0.1, num_steps=1)})
+  s.robust_data.eval_attacks = ml_collections.ConfigDict({"pgd2": pgd_linf(0.1, num_steps=2),
+                                                          "pgd3": pgd_linf(0.1, num_steps=3)})
+  plan = jobs.dry_run(c)
+  names = [p.name for p in plan.programs]
+  assert names[:2] == ["training kernel: 100 x 100 in tiles of 16, 28 tiles",
+                       "optimised set's kernel: 100 x 100 in tiles of 16, 28 tiles"]
+  kernel = plan.programs[0]
+  assert kernel.calls == 7  # 28 tiles, 4 at a time
+  block = jax.ShapeDtypeStruct((16, 8, 8, 1), np.float64)
+  with jax.enable_x64(True):
+    per_tile = program_flops(jax.jit(infinite.kernel_function(s, 10)), block, block).flops
+  assert kernel.device_flops_per_call == pytest.approx(per_tile, rel=1e-3)
+  assert kernel.flops_per_call == pytest.approx(4 * per_tile, rel=1e-3)
+  calls = -(-360 // c.eval_batch_size)
+  by_name = _by_name(plan)
+  assert by_name["kernel regression (100 images), clean (2 model(s))"].calls == 2 * calls
+  assert by_name["kernel regression under pgd (2 model(s))"].calls == 2 * calls
+  assert by_name["kernel regression under pgd1 (1 model(s))"].calls == calls
+  assert by_name["kernel regression under pgd3 (2 model(s))"].calls == 2 * calls
+  assert len(names) == 6 and "solved on the host" in plan.notes[0]
+  with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.infinite.batch_size"):
+    jobs.dry_run(c, device_memory_bytes=2**12)
+  c.job, c.eigen_features.source, c.kernel.num_examples = "eigen_features", "infinite", 100
+  (analytic,) = jobs.dry_run(c).programs
+  assert analytic.name == "analytic kernel: 100 x 100 in tiles of 16, 28 tiles" and analytic.calls == 7
 
 
 def test_bad_job_and_dataset_are_named():

@@ -72,3 +72,18 @@ def test_a_killed_kernel_resumes_from_its_store(tmp_path, monkeypatch):
   np.testing.assert_array_equal(resumed, function_kernel(rbf, x, tile=3))
   with pytest.raises(ValueError, match="holds a kernel of shape .* not 11 x 11 in tiles of 4"):
     function_kernel(rbf, x, tile=4, store=store)
+
+
+def test_long_tile_loops_log_their_step_and_the_time_left(caplog):
+  from ntk_scale.ntk.engine import StepProgress
+
+  clock = iter([100.0, 160.0, 170.0, 220.0])
+  progress = StepProgress(num_steps=10, num_tiles=40, num_devices=4, every_s=30.0,
+                          clock=lambda: next(clock))
+  with caplog.at_level("INFO"):
+    progress.step_done(1)  # 60 s after the start: logged
+    progress.step_done(2)  # 10 s after the last line: not
+    progress.step_done(4)  # 60 s after it
+  assert [r.getMessage() for r in caplog.records] == [
+      "kernel step 2/10 (40 tiles on 4 devices), 60.0 s, about 240 s to go",
+      "kernel step 5/10 (40 tiles on 4 devices), 120.0 s, about 120 s to go"]

@@ -11,8 +11,8 @@ import pytest
 
 from ntk_scale import attacks, nt_compat
 from ntk_scale.data import load_digits
-from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config, predictor,
-                                         regression_targets)
+from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config,
+                                         kernel_scores, predictor, regression_targets)
 
 
 def _rbf(x1, x2):
@@ -88,6 +88,23 @@ def test_singular_kernel_with_cholesky_says_what_to_do():
   k = np.ones((len(x), len(x)))
   with pytest.raises(FloatingPointError, match="raise the regularizer or use eigh/lstsq"):
     KernelRegression.fit(k, labels, 4, solver="cholesky")
+
+
+
+def test_scores_a_block_of_training_images_at_a_time_equal_the_whole_row():
+  """kernel_scores in blocks of 4 of 10 training images (the last padded with zero coefficients)
+  equals K(x, X) A in one call, and so do its gradients with respect to the images."""
+  x, labels, xt = _problem(n_train=10)
+  coefficients = jnp.asarray(np.random.default_rng(1).normal(size=(10, 4)), jnp.float32)
+  x, xt = jnp.asarray(x, jnp.float32), jnp.asarray(xt, jnp.float32)
+  whole = lambda images: kernel_scores(_rbf, images, x, coefficients)
+  blocked = lambda images: kernel_scores(_rbf, images, x, coefficients, block_size=4)
+  np.testing.assert_allclose(blocked(xt), whole(xt), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_rbf(xt, x) @ coefficients, whole(xt), rtol=1e-6)
+  loss = lambda f: jax.grad(lambda images: jnp.sum(jnp.sin(f(images))))(xt)
+  np.testing.assert_allclose(loss(blocked), loss(whole), rtol=1e-4, atol=1e-6)
+  model = KernelRegression(np.asarray(coefficients))
+  np.testing.assert_allclose(model.logits_fn(_rbf, x, block_size=3)(xt), whole(xt), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("field,value", [("regularizer", -1.0), ("solver", "qr")])

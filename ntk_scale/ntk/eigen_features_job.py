@@ -54,7 +54,7 @@ from ntk_scale import files, parallel
 from ntk_scale.attacks import build_attack
 from ntk_scale.data import Split, load_dataset
 from ntk_scale.evaluate import Parameterized, evaluate
-from ntk_scale.kernel_regression import regression_targets
+from ntk_scale.kernel_regression import kernel_scores, regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
 from ntk_scale.ntk.job import (KERNELS_DIR, check_kernel_subset, inference_apply, kernel_job,
@@ -185,7 +185,8 @@ def _infinite(config: ml_collections.ConfigDict, workdir: str, dataset) -> _Feat
   kernel_fn = infinite.kernel_function(section, dataset.num_classes)
   x_train = jnp.asarray(train_images)
   return _Features(f"config.infinite: {section.architecture} {section.kernel}", pairs.values, trace,
-                   "dense", groups, lambda a, x: kernel_fn(x, x_train) @ a,
+                   "dense", groups,
+                   lambda a, x: kernel_scores(kernel_fn, x, x_train, a, section.batch_size),
                    lambda g: np.asarray(coefficients[g]))
 
 

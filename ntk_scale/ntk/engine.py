@@ -42,6 +42,28 @@ def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[:1], missing, 0)]) if missing else x
 
 
+class StepProgress:
+  """Logs, at most every `every_s` seconds, which lockstep step a tile loop has reached and about
+  how long the rest will take (a kernel of CIFAR-10 runs for hours)."""
+
+  def __init__(self, num_steps: int, num_tiles: int, num_devices: int, every_s: float = 30.0,
+               clock: Callable[[], float] = time.time):
+    self.num_steps, self.num_tiles, self.num_devices, self.every_s = (num_steps, num_tiles,
+                                                                      num_devices, every_s)
+    self._clock = clock
+    self.started = self._last = clock()
+
+  def step_done(self, number: int) -> None:
+    """Step `number` (0-based) has been dispatched."""
+    now = self._clock()
+    if now - self._last <= self.every_s:
+      return
+    self._last, elapsed = now, now - self.started
+    logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s, about %.0f s to go",
+                 number + 1, self.num_steps, self.num_tiles, self.num_devices, elapsed,
+                 elapsed * (self.num_steps - number - 1) / (number + 1))
+
+
 def blocks_on_devices(source: np.ndarray, blocks: Iterable[int], size: int, mesh: Mesh) -> jax.Array:
   """One array over `mesh`'s devices in which device d holds source[blocks[d] * size:][:size]
   (`source`: a host array present on every process)."""
@@ -79,7 +101,7 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   params = parallel.replicate(params, mesh)
   state = parallel.replicate({} if model_state is None else model_state, mesh)
 
-  handed, started, last_log = 0, time.time(), time.time()
+  handed, progress = 0, StepProgress(len(steps), len(todo), mesh.size)
   partial: dict[tuple[int, int], np.ndarray] = {}  # tiles summed over the logit chunks so far
 
   def hand_over(placed: tuple, tiles: jax.Array, chunk: int | None) -> None:
@@ -132,12 +154,7 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
     if pending is not None:
       hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
     pending = (step.tiles, tiles, step.chunk) if tiles is not None else None
-    if time.time() - last_log > 30:
-      last_log = time.time()
-      elapsed = last_log - started
-      logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s, about %.0f s to go",
-                   number + 1, len(steps), len(todo), mesh.size, elapsed,
-                   elapsed * (len(steps) - number - 1) / (number + 1))
+    progress.step_done(number)
   if pending is not None:
     hand_over(*pending)
   return handed

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ntk_scale import parallel
-from ntk_scale.ntk.engine import blocks_on_devices
+from ntk_scale.ntk.engine import StepProgress, blocks_on_devices
 from ntk_scale.ntk.schedule import Step, Tile, tile_schedule
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles
 from ntk_scale.ntk.tile_math import mirror_tile
@@ -36,7 +36,7 @@ def kernel_tiles(num_rows: int, num_cols: int, tile: int, symmetric: bool) -> li
 
 
 @functools.lru_cache(maxsize=16)
-def _tile_program(kernel_fn: BlockKernelFn, mesh: Mesh) -> Callable:
+def tile_program(kernel_fn: BlockKernelFn, mesh: Mesh) -> Callable:
   """Every device computes kernel_fn of its own row and column blocks: one compilation per kernel
   function, tile size and mesh."""
   data = P(parallel.DATA_AXIS)
@@ -72,7 +72,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
   todo = [t for t in tiles if t not in done]
   rows = _padded(x1, math.ceil(len(x1) / tile) * tile)
   cols = rows if symmetric else _padded(x2, math.ceil(len(x2) / tile) * tile)
-  program = _tile_program(kernel_fn, mesh)
+  program = tile_program(kernel_fn, mesh)
 
   kernel = None if store is not None else np.zeros((len(x1), len(x2)), x1.dtype)
 
@@ -91,8 +91,9 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
         on_tile(i, j, part)
         handed += 1
 
-  started = last_log = time.time()
   steps = tile_schedule(todo, mesh.size)
+  progress = StepProgress(len(steps), len(todo), mesh.size)
+  started = progress.started
   with (TileWriter(store, mirror=symmetric) if store is not None else contextlib.nullcontext(in_memory)) as on_tile:
     pending = None
     for number, step in enumerate(steps):
@@ -101,12 +102,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
       if pending is not None:
         hand_over(*pending, on_tile)  # the last step's tiles leave the devices while this one runs
       pending = (step, out)
-      if time.time() - last_log > 30:
-        last_log = time.time()
-        elapsed = last_log - started
-        logging.info("kernel step %d/%d (%d tiles on %d devices), %.1f s, about %.0f s to go",
-                     number + 1, len(steps), len(todo), mesh.size, elapsed,
-                     elapsed * (len(steps) - number - 1) / (number + 1))
+      progress.step_done(number)
     if pending is not None:
       hand_over(*pending, on_tile)
   logging.info("kernel of %d x %d: this process computed %d tiles in %.1f s", len(x1), len(x2),
