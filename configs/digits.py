@@ -79,8 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.attack.unroll = 7  # an unrolled attack loop trains 2x faster on XLA:CPU
   if "adversarial" in variants:
     c.train.mode = "A"
-  if "autoattack" in variants:  # also APGD-CE + APGD-T + Square, per example the worst case
-    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=20, square_queries=1000)
+  if "autoattack" in variants:  # also APGD-CE + APGD-T + FAB-T + Square, per example the worst case
+    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=20, fab_steps=20,
+                                                square_queries=1000)
   c.phase2.attack = pgd_linf(EPS, num_steps=7)  # phase-2 mode A
   c.phase2.attack.unroll = 7
   if "phase2" in variants:

@@ -622,11 +622,14 @@ def test_build_attack_errors_use_the_given_prefix():
 
 
 @pytest.mark.parametrize("config", ["digits", "cifar10_resnet18"])
-def test_the_autoattack_variant_builds_apgd_ce_apgd_t_and_square(config):
+def test_the_autoattack_variant_builds_apgd_ce_apgd_t_fab_t_and_square(config):
+  """AutoAttack's standard version; FAB-T takes as many steps and targets as the APGD attacks."""
   from test_train import load_config  # pylint: disable=import-outside-toplevel
   c = load_config(config, "adversarial,autoattack")
   built = attacks.build_attacks(c.eval_attacks, "config.eval_attacks")
   assert set(built) == {"pgd", "apgd", "autoattack"}
   members = c.eval_attacks.autoattack.attacks
-  assert sorted(m.name for m in members.values()) == ["apgd_ce", "apgd_t", "square"]
+  assert sorted(m.name for m in members.values()) == ["apgd_ce", "apgd_t", "fab_t", "square"]
   assert members.square.num_queries == (1000 if config == "digits" else 5000)
+  assert members.fab_t.num_steps == members.apgd_t.num_steps == (20 if config == "digits" else 100)
+  assert members.fab_t.num_targets == members.apgd_t.num_targets == 9
