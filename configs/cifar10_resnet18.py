@@ -48,8 +48,8 @@ issue that specified this config does not name Loo et al.'s values for them.
 Attacks (Loo et al.): L-inf eps 4/255; training uses PGD-20 with step 2*eps/20 and a random start;
 the test split is evaluated under PGD-100 (same step size) and APGD-CE-100, and the adversarial
 examples are saved under <workdir>/adversarial/. `:autoattack` (with `--config.job=evaluate`) also
-evaluates APGD-CE-100 + APGD-T-100 (9 targets) + Square (5000 queries), per example the worst case
-(AutoAttack's standard version without FAB-T).
+evaluates APGD-CE-100 + APGD-T-100 (9 targets) + FAB-T-100 (9 targets) + Square (5000 queries), per
+example the worst case (AutoAttack's standard version).
 
 Expected: about 95% clean test accuracy for benign training, and for PGD training at 4/255 high-80s
 clean and about 70% PGD-100 accuracy (the usual figures for this recipe; not yet measured with
@@ -92,8 +92,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.phase2.attack = pgd_linf(EPS, num_steps=20, step_size=STEP)
   if "adversarial" in variants:
     c.train.mode = "A"
-  if "autoattack" in variants:  # also APGD-CE + APGD-T + Square, per example the worst case
-    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=100)
+  if "autoattack" in variants:  # also APGD-CE + APGD-T + FAB-T + Square, per example the worst case
+    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=100, fab_steps=100)
   if "phase2" in variants:
     c.phase2.num_epochs = 100.0
     c.phase2.from_epoch = 20.0

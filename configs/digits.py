@@ -44,8 +44,9 @@ runs it on both workdirs; about 10 s each on 2 CPU cores, one 500 x 500 tile):
 (`=0`: the initialisation).
 
 `:autoattack` (e.g. `:adversarial,autoattack` with `--config.job=evaluate`) also evaluates APGD-CE +
-APGD-T (9 targets) + Square (1000 queries), per example the worst case: 90.0% for the adversarial
-model, 53.1% benign.
+APGD-T (9 targets) + FAB-T (9 targets) + Square (1000 queries), AutoAttack's standard version with
+20-step APGD and FAB, per example the worst case: 90.0% for the adversarial model, 52.8% benign
+(53.1% without FAB-T; FAB-T alone 90.8% and 56.1%).
 
 Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`) for a narrower CNN trained for 3 epochs in
 seconds, for smoke tests.
@@ -79,8 +80,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.attack.unroll = 7  # an unrolled attack loop trains 2x faster on XLA:CPU
   if "adversarial" in variants:
     c.train.mode = "A"
-  if "autoattack" in variants:  # also APGD-CE + APGD-T + Square, per example the worst case
-    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=20, square_queries=1000)
+  if "autoattack" in variants:  # also APGD-CE + APGD-T + FAB-T + Square, per example the worst case
+    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=20, fab_steps=20,
+                                                square_queries=1000)
   c.phase2.attack = pgd_linf(EPS, num_steps=7)  # phase-2 mode A
   c.phase2.attack.unroll = 7
   if "phase2" in variants:

@@ -8,10 +8,12 @@ What is here:
   apgd_ce    APGD with cross-entropy (Croce and Hein 2020), L-inf or L2
   apgd_dlr   APGD on the DLR loss (invariant to the logits' scale: no softmax saturation)
   apgd_t     APGD-T: targeted DLR toward each of the top num_targets other classes
+  fab_t      FAB-T (Croce and Hein 2020), L-inf: the targeted Fast Adaptive Boundary attack, a
+             minimal-norm search along the decision boundary (ntk_scale/fab.py)
   square     Square Attack (Andriushchenko et al. 2020), L-inf: random search on the logits only,
              blind to gradient masking
   worst_of   several of these on one batch, per example the strongest result (AutoAttack's count:
-             apgd_ce + apgd_t + square is its standard version without FAB-T)
+             apgd_ce + apgd_t + fab_t + square is its standard version)
   build_attack(config) -> attack(logits_fn, images, labels, key); build_attacks for several
 
 Images are NHWC in [0, 1]; eps and step sizes are in pixel units of those images (8/255, not 8).
@@ -482,9 +484,19 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
 
 
+# --------------------------------------------------------------------------- boundary-based
+
+def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
+          **settings) -> jax.Array:
+  """FAB-T, L-inf (AutoAttack's third attack): `ntk_scale.fab.fab_t`. That module builds on this
+  one's pieces, so it is imported here, when the attack runs, not when this module loads."""
+  from ntk_scale import fab  # pylint: disable=import-outside-toplevel
+  return fab.fab_t(logits_fn, images, labels, key, **settings)
+
+
 ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce,
-           "apgd_dlr": apgd_dlr, "apgd_t": apgd_t, "square": square}
-_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm", "square")
+           "apgd_dlr": apgd_dlr, "apgd_t": apgd_t, "fab_t": fab_t, "square": square}
+_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm", "fab_t", "square")
 
 
 # --------------------------------------------------------------------------- from a config
@@ -511,12 +523,31 @@ def _count(config: ml_collections.ConfigDict, field: str, prefix: str, required:
   return int(value)
 
 
+def _number(config: ml_collections.ConfigDict, field: str, prefix: str, default: float,
+            valid: Callable[[float], bool], expected: str) -> float:
+  """`{prefix}.<field>` (default when unset), a number that `valid` accepts; the error says
+  what is `expected`."""
+  value = config.get(field, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+    raise ValueError(f"{prefix}.{field}={value!r} must {expected}.")
+  return float(value)
+
+
+def _num_targets(config: ml_collections.ConfigDict, prefix: str) -> int:
+  value = config.get("num_targets", 9)  # AutoAttack's
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{prefix}.num_targets={value!r} must be an integer >= 1 (AutoAttack: 9, "
+                     f"every class but the true one on CIFAR-10).")
+  return value
+
+
 def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "config") -> Attack:
   """The attack of `attack_config` as `attack(logits_fn, images, labels, key) -> adversarial images`.
 
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
-  `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t,
-  `num_queries` and `p_init` for square, `attacks` for worst_of). Every field is checked here,
+  `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t
+  and fab_t, `alpha_max`, `eta` and `beta` for fab_t, `num_queries` and `p_init` for square,
+  `attacks` for worst_of). Every field is checked here,
   before any compute, and an error names it as `{prefix}.<field>`. Call the result inside jit.
   """
   c = attack_config
@@ -558,6 +589,16 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
         logits_fn, images, labels, key, eps=eps, num_queries=num_queries, p_init=float(p_init),
         restarts=restarts)
   num_steps = _count(c, "num_steps", prefix, required=True)
+  if name == "fab_t":  # defaults: AutoAttack's
+    num_targets = _num_targets(c, prefix)
+    alpha_max = _number(c, "alpha_max", prefix, 0.1, lambda v: 0.0 <= v <= 1.0,
+                        "lie in [0, 1] (the largest weight of the step from the clean image)")
+    eta = _number(c, "eta", prefix, 1.05, lambda v: v >= 1.0, "be >= 1 (the overshoot)")
+    beta = _number(c, "beta", prefix, 0.9, lambda v: 0.0 < v < 1.0,
+                   "lie in (0, 1) (the backward step toward the clean image)")
+    return lambda logits_fn, images, labels, key: fab_t(
+        logits_fn, images, labels, key, eps=eps, num_steps=num_steps, num_targets=num_targets,
+        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta)
   if name in ("apgd_ce", "apgd_dlr", "apgd_t"):
     rho = c.get("rho", 0.75)
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
@@ -566,10 +607,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
       if restarts != 1:
         raise ValueError(f"{prefix}.restarts={restarts}: apgd_t runs once per target class; set "
                          f"{prefix}.num_targets instead.")
-      num_targets = c.get("num_targets", 9)  # AutoAttack's
-      if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
-        raise ValueError(f"{prefix}.num_targets={num_targets!r} must be an integer >= 1 (AutoAttack: "
-                         f"9, every class but the true one on CIFAR-10).")
+      num_targets = _num_targets(c, prefix)
       return lambda logits_fn, images, labels, key: apgd_t(
           logits_fn, images, labels, key, eps=eps, num_steps=num_steps, norm=norm,
           num_targets=num_targets, rho=rho)

@@ -103,6 +103,7 @@ _CONFIGS = [
     dict(name="apgd_dlr", norm="linf", num_steps=5),
     dict(name="apgd_t", norm="l2", num_steps=3, num_targets=2),
     dict(name="square", num_queries=40, restarts=2),
+    dict(name="fab_t", num_steps=5, num_targets=2, restarts=2),
     dict(name="worst_of", norm="linf", attacks=dict(
         ce=dict(name="apgd_ce", num_steps=3), t=dict(name="apgd_t", num_steps=3, num_targets=2))),
 ]
@@ -381,7 +382,8 @@ _WORST_OF_APGD = dict(name="worst_of", eps=0.1, attacks=dict(
 
 @pytest.mark.parametrize("fields", [
     dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5, random_start=True), _WORST_OF_APGD,
-    dict(name="square", eps=0.1, num_queries=20)],
+    dict(name="square", eps=0.1, num_queries=20),
+    dict(name="fab_t", eps=0.1, num_steps=4, num_targets=3, restarts=2)],
     ids=lambda f: f["name"])
 def test_four_devices_give_the_examples_of_one(fields):
   assert jax.device_count() == 4
@@ -596,6 +598,13 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="square", eps=0.1), "config.num_queries"),
     (dict(name="square", eps=0.1, num_queries=10, p_init=1.5), "config.p_init"),
     (dict(name="square", eps=0.1, num_queries=10, norm="l2"), "config.norm"),
+    (dict(name="fab_t", eps=0.1), "config.num_steps"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, num_targets=0), "config.num_targets"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, restarts=0), "config.restarts"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, alpha_max=1.5), "config.alpha_max"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, eta=0.9), "config.eta"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, beta=1.0), "config.beta"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, norm="l2"), "config.norm"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="pgd", eps=0.2, step_size=0.1,
                                                           num_steps=2))), "config.attacks.a.eps"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="apgd_ce", num_steps=0))),
@@ -613,11 +622,14 @@ def test_build_attack_errors_use_the_given_prefix():
 
 
 @pytest.mark.parametrize("config", ["digits", "cifar10_resnet18"])
-def test_the_autoattack_variant_builds_apgd_ce_apgd_t_and_square(config):
+def test_the_autoattack_variant_builds_apgd_ce_apgd_t_fab_t_and_square(config):
+  """AutoAttack's standard version; FAB-T takes as many steps and targets as the APGD attacks."""
   from test_train import load_config  # pylint: disable=import-outside-toplevel
   c = load_config(config, "adversarial,autoattack")
   built = attacks.build_attacks(c.eval_attacks, "config.eval_attacks")
   assert set(built) == {"pgd", "apgd", "autoattack"}
   members = c.eval_attacks.autoattack.attacks
-  assert sorted(m.name for m in members.values()) == ["apgd_ce", "apgd_t", "square"]
+  assert sorted(m.name for m in members.values()) == ["apgd_ce", "apgd_t", "fab_t", "square"]
   assert members.square.num_queries == (1000 if config == "digits" else 5000)
+  assert members.fab_t.num_steps == members.apgd_t.num_steps == (20 if config == "digits" else 100)
+  assert members.fab_t.num_targets == members.apgd_t.num_targets == 9

@@ -1,0 +1,196 @@
+"""FAB-T: the targeted Fast Adaptive Boundary attack, L-inf (Croce and Hein, ICML 2020), inside jit.
+
+FAB looks for the smallest perturbation that changes the prediction, not for the highest loss in
+an eps-ball: each step linearises the difference of two logits at the current iterate, projects
+both the iterate and the clean image onto the hyperplane where that linearisation vanishes (the
+minimal-norm step that also keeps the image in [0, 1]), moves to a convex combination of the two
+projections biased toward the clean image, overshoots slightly, and steps back toward the clean
+image whenever an iterate is misclassified. AutoAttack's standard version runs its targeted
+variant (FAB-T: the logit difference toward each of 9 target classes in turn) after APGD-CE and
+APGD-T because it reasons about the decision boundary instead of following a loss: where the loss
+landscape misleads (flat or saturated losses, losses whose ascent direction points away from the
+nearest boundary) it still finds points that loss-based attacks miss, and it reaches them with
+close to the minimal norm. An example counts as broken only when the point FAB found lies within
+eps of it, as in AutoAttack.
+
+`fab_t` transcribes AutoAttack's `FABAttack_PT` with `targeted=True` (fab_base.py,
+fab_projections.py) as its standard version calls it: n_target_classes 9, n_restarts 1,
+n_iter 100, alpha_max 0.1, eta 1.05, beta 0.9; see its docstring for the deviations.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ntk_scale.attacks import LogitsFn, _check_classes, _per_example, _strongest_of
+
+# The reference's distance of an example for which no misclassified iterate has been found yet.
+_NOT_FOUND = 1e10
+# The reference's floor on the norms of the two projection steps (keeps alpha = 0/0 finite).
+_NORM_FLOOR = 1e-8
+
+
+def hyperplane_step_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """Per row, the step d of least L-inf norm with w . (points + d) = b and points + d in [0, 1]
+  (`projection_linf` of AutoAttack's fab_projections.py). points, w: [M, D]; b: [M].
+
+  After orienting the hyperplane so that w . points >= b, a step of L-inf radius lam moves every
+  coordinate by min(lam, room_i) toward the edge of the box that lowers w . x (room_i: the distance
+  to that edge), which lowers w . x by g(lam) = sum_i |w_i| min(lam, room_i), piecewise linear and
+  increasing in lam. The answer is the lam with g(lam) = w . points - b: in closed form when it is
+  below every room_i (no coordinate reaches the box), else on the segment between two consecutive
+  sorted room_i, found by bisection. When the box cannot reach the hyperplane, the step goes to
+  the corner of the box nearest to it (w . x as close to b as the box allows). Coordinates with
+  w_i = 0 never move. Vectorised over rows, jittable: one sort per row, ceil(log2 D) bisection
+  steps for every row.
+  """
+  num = points.shape[1]
+  flip = jnp.where(jnp.sum(w * points, 1) - b >= 0, 1.0, -1.0).astype(w.dtype)
+  w, b = w * flip[:, None], b * flip
+  toward_one = w < 0  # lowering w . x raises these coordinates
+  moves = w != 0
+  corner = jnp.where(moves, jnp.where(toward_one, 1.0, 0.0) - points, 0.0)
+  room = jnp.where(toward_one, 1.0 - points, points)
+  direction = jnp.where(toward_one, 1.0, -1.0).astype(w.dtype)
+
+  need = b - jnp.sum(w * points, 1)  # the change of w . x the step must make, <= 0
+  reach = jnp.sum(w * corner, 1)  # the largest decrease the box allows, <= 0
+  order = jnp.argsort(room, 1)[:, ::-1]  # room decreasing
+  w_sorted = jnp.take_along_axis(w, order, 1)
+  room_sorted = jnp.take_along_axis(room, order, 1)
+  # With lam between room_sorted[k + 1] and room_sorted[k]: g(lam) = lam * weight[k] - rest[k],
+  # weight[k] the |w| of the k + 1 coordinates not at the box, -rest[k] the decrease of the others.
+  weight = jnp.cumsum(jnp.abs(w_sorted), 1)
+  rest = jnp.cumsum(-w_sorted * jnp.take_along_axis(corner, order, 1), 1) + reach[:, None]
+
+  def at(values, k):
+    return jnp.take_along_axis(values, k[:, None], 1)[:, 0]
+
+  def below(k):  # whether lam < room_sorted[k]: g(room_sorted[k]) > -need
+    return need - (at(rest, k) - at(weight, k) * at(room_sorted, k)) > 0
+
+  last = jnp.full(need.shape, num - 1, jnp.int32)
+  inside = below(last)  # lam below every room: no coordinate at the box
+  reachable = (need - reach > 0) & ~inside
+
+  def bisect(_, bounds):
+    low, high = bounds
+    middle = (low + high) // 2
+    lower = below(middle)
+    return jnp.where(lower, middle, low), jnp.where(lower, high, middle)
+
+  low, _ = jax.lax.fori_loop(0, math.ceil(math.log2(num)), bisect,
+                             (jnp.zeros_like(last), last))
+  lam_inside = jnp.maximum((need - rest[:, -1]) / -weight[:, -1], 0.0)
+  lam = jnp.maximum((need - at(rest, low)) / -at(weight, low), 0.0)[:, None]
+  step = jnp.where(inside[:, None], direction * lam_inside[:, None],
+                   jnp.where(reachable[:, None],
+                             jnp.where(toward_one, jnp.minimum(lam, corner),
+                                       jnp.maximum(-lam, corner)),
+                             corner))
+  return jnp.where(moves, step, 0.0)
+
+
+def _linf(x: jax.Array) -> jax.Array:
+  """Per-example L-inf norm over all non-batch axes, [N]."""
+  return jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), 1)
+
+
+def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets: jax.Array,
+             start: jax.Array, num_steps: int, alpha_max: float, eta: float,
+             beta: float) -> tuple[jax.Array, jax.Array]:
+  """One run of FAB toward `targets` from `start` (AutoAttack's `attack_single_run`, targeted):
+  per example the misclassified iterate closest to the clean image in L-inf, and its distance
+  (`_NOT_FOUND` where none was)."""
+  n = images.shape[0]
+  flat = lambda x: x.reshape(n, -1)
+  pick = lambda logits, classes: jnp.take_along_axis(logits, classes[:, None], 1)[:, 0]
+
+  def difference(x):  # z_t - z_y, negative while the target has not overtaken the true class
+    logits = logits_fn(x)
+    diff = pick(logits, targets) - pick(logits, labels)
+    return diff.sum(), diff
+
+  def body(_, state):
+    x, found, distance = state
+    grad, diff = jax.grad(difference, has_aux=True)(x)
+    w = flat(grad)
+    b = jnp.sum(w * flat(x), 1) - diff  # the linearisation vanishes on w . z = b
+    step_x = hyperplane_step_linf(flat(x), w, b).reshape(x.shape)
+    step_clean = hyperplane_step_linf(flat(images), w, b).reshape(x.shape)
+    norm_x = jnp.maximum(_linf(step_x), _NORM_FLOOR)
+    norm_clean = jnp.maximum(_linf(step_clean), _NORM_FLOOR)
+    alpha = _per_example(jnp.clip(norm_x / (norm_x + norm_clean), 0.0, alpha_max), x)
+    x = jnp.clip((x + eta * step_x) * (1 - alpha) + (images + eta * step_clean) * alpha, 0.0, 1.0)
+    fooled = jnp.argmax(logits_fn(x), -1) != labels
+    norm = _linf(x - images)
+    closer = fooled & (norm < distance)
+    found = jnp.where(_per_example(closer, x), x, found)
+    distance = jnp.where(closer, norm, distance)
+    x = jnp.where(_per_example(fooled, x), images + (x - images) * beta, x)
+    return x, found, distance
+
+  state = (start, images, jnp.full((n,), _NOT_FOUND, images.dtype))
+  _, found, distance = jax.lax.fori_loop(0, num_steps, body, state)
+  return found, distance
+
+
+def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+          eps: float, num_steps: int = 100, num_targets: int = 9, restarts: int = 1,
+          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> jax.Array:
+  """FAB-T, L-inf (AutoAttack's third attack): FAB toward each of the `num_targets` classes the
+  clean logits rank highest after the true one, `restarts` runs each; per example a misclassified
+  point within eps of the clean image if a run found one, else the clean image.
+
+  A run starts at the clean image (restart 0, AutoAttack's only one) or, for restarts 1, 2, ..., at
+  x_0 + u / max|u| * eps / 2, u uniform in [-1, 1] with the global batch shape, clipped to [0, 1].
+  Each of `num_steps` steps: w = grad(z_t - z_y) at the iterate x, the hyperplane
+  w . z = w . x - (z_t - z_y); d_x, d_0 the least-L-inf steps from x and from the clean image x_0
+  onto it within [0, 1] (`hyperplane_step_linf`); alpha = min(|d_x| / (|d_x| + |d_0|), alpha_max);
+  x <- clip((x + eta d_x)(1 - alpha) + (x_0 + eta d_0) alpha, 0, 1); if x is misclassified it is
+  kept when closer to x_0 than the closest so far, and x <- x_0 + beta (x - x_0). The run's result
+  is its closest misclassified iterate if that lies within eps of x_0 (and the model classified
+  x_0 correctly), else x_0.
+
+  Run r (key fold_in(key, r)) is the (r % restarts)-th restart toward the (r // restarts)-th
+  target. Deviations from AutoAttack's FABAttack_PT (targeted):
+  - Every run attacks every example (results masked afterwards), where the reference runs each
+    target only on the examples still robust and keeps the first target that breaks one; here
+    per example the strongest result over all runs (`_stronger`: misclassified first, then
+    cross-entropy). The set of broken examples is the same (examples do not interact with the
+    model in inference mode); which adversarial point is returned can differ (of several runs
+    that break an example, the strongest is often farther from x_0 than the first). With
+    BatchNorm in train mode examples interact, and the reference's batches (the examples still
+    robust) differ from these.
+  - The random start of restarts 1, 2, ... uses jax.random draws of the global batch shape (the
+    reference's torch draws depend on which examples are still being attacked), and max|u| is
+    floored at 1e-12; with AutoAttack's restarts = 1 no random draw is made and the key is unused.
+  - The targets are ranked on the clean logits with the true class excluded (as `apgd_t`); the
+    reference ranks them including it, which differs only for examples the model misclassifies,
+    and those FAB does not attack.
+  - Computed in the images' dtype (the reference casts to float32).
+  """
+  logits = logits_fn(images)
+  num_classes = logits.shape[-1]
+  _check_classes(logits, 2, "FAB-T")
+  if not 1 <= num_targets <= num_classes - 1:
+    raise ValueError(f"num_targets={num_targets} must lie in [1, {num_classes - 1}] (the classes "
+                     f"other than the true one).")
+  correct = jnp.argmax(logits, -1) == labels
+  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits)
+  ranked = jnp.argsort(-others, axis=-1)  # highest first; the true class last
+
+  def run(r):
+    targets = jax.lax.dynamic_index_in_dim(ranked, r // restarts, axis=1, keepdims=False)
+    start = images
+    if restarts > 1:
+      u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, images.dtype, -1.0, 1.0)
+      scattered = images + eps * u / _per_example(jnp.maximum(_linf(u), 1e-12), u) * 0.5
+      start = jnp.where(r % restarts == 0, images, jnp.clip(scattered, 0.0, 1.0))
+    found, _ = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta)
+    broken = (correct & (jnp.argmax(logits_fn(found), -1) != labels)
+              & (_linf(found - images) <= eps))
+    return jnp.where(_per_example(broken, images), found, images)
+
+  return _strongest_of(run, num_targets * restarts, logits_fn, images, labels)
