@@ -533,22 +533,27 @@ def _number(config: ml_collections.ConfigDict, field: str, prefix: str, default:
   return float(value)
 
 
-def _num_targets(config: ml_collections.ConfigDict, prefix: str) -> int:
+def _num_targets(config: ml_collections.ConfigDict, prefix: str, num_classes: int | None) -> int:
   value = config.get("num_targets", 9)  # AutoAttack's
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{prefix}.num_targets={value!r} must be an integer >= 1 (AutoAttack: 9, "
                      f"every class but the true one on CIFAR-10).")
+  if num_classes is not None and value > num_classes - 1:
+    raise ValueError(f"{prefix}.num_targets={value} must be at most {num_classes - 1}: the classes "
+                     f"other than the true one, of the dataset's {num_classes}.")
   return value
 
 
-def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "config") -> Attack:
+def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "config",
+                 num_classes: int | None = None) -> Attack:
   """The attack of `attack_config` as `attack(logits_fn, images, labels, key) -> adversarial images`.
 
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
   `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t
   and fab_t, `alpha_max`, `eta` and `beta` for fab_t, `num_queries` and `p_init` for square,
-  `attacks` for worst_of). Every field is checked here,
-  before any compute, and an error names it as `{prefix}.<field>`. Call the result inside jit.
+  `attacks` for worst_of). Every field is checked here, before any compute, and an error names it
+  as `{prefix}.<field>`; with `num_classes` (the dataset's), also a num_targets the model's
+  classes cannot supply. Call the result inside jit.
   """
   c = attack_config
   name = c.get("name")
@@ -565,7 +570,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
     raise ValueError(f"{prefix}.norm={norm!r}: attack {name!r} is defined for linf only.")
 
   if name == "worst_of":
-    return _build_worst_of(c, prefix, eps, norm)
+    return _build_worst_of(c, prefix, eps, norm, num_classes)
   if name == "fgsm":
     return lambda logits_fn, images, labels, key: fgsm(logits_fn, images, labels, eps=eps)
   if name == "rs_fgsm":
@@ -590,7 +595,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
         restarts=restarts)
   num_steps = _count(c, "num_steps", prefix, required=True)
   if name == "fab_t":  # defaults: AutoAttack's
-    num_targets = _num_targets(c, prefix)
+    num_targets = _num_targets(c, prefix, num_classes)
     alpha_max = _number(c, "alpha_max", prefix, 0.1, lambda v: 0.0 <= v <= 1.0,
                         "lie in [0, 1] (the largest weight of the step from the clean image)")
     eta = _number(c, "eta", prefix, 1.05, lambda v: v >= 1.0, "be >= 1 (the overshoot)")
@@ -607,7 +612,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
       if restarts != 1:
         raise ValueError(f"{prefix}.restarts={restarts}: apgd_t runs once per target class; set "
                          f"{prefix}.num_targets instead.")
-      num_targets = _num_targets(c, prefix)
+      num_targets = _num_targets(c, prefix, num_classes)
       return lambda logits_fn, images, labels, key: apgd_t(
           logits_fn, images, labels, key, eps=eps, num_steps=num_steps, norm=norm,
           num_targets=num_targets, rho=rho)
@@ -632,7 +637,8 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
       norm=norm, random_start=random_start, restarts=restarts, unroll=unroll)
 
 
-def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm: str) -> Attack:
+def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm: str,
+                    num_classes: int | None) -> Attack:
   """The `worst_of` attack: every attack of `{prefix}.attacks` (name -> attack config, each with
   this eps and norm) on the same batch, keeping per example the strongest result (`_stronger`:
   misclassified first, then cross-entropy), as AutoAttack's robust accuracy counts an example
@@ -654,7 +660,7 @@ def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm:
         raise ValueError(f"{where}.{field}={fields[field]!r} differs from {prefix}.{field}={value!r}: "
                          f"the worst case is over attacks of one threat model; leave it unset.")
     built.append(build_attack(ml_collections.ConfigDict({**fields, "eps": eps, "norm": norm}),
-                              prefix=where))
+                              prefix=where, num_classes=num_classes))
 
   def attack(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
     run = lambda i: built[i](logits_fn, images, labels, jax.random.fold_in(key, i))
@@ -665,6 +671,8 @@ def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm:
   return attack
 
 
-def build_attacks(named_configs: ml_collections.ConfigDict, prefix: str) -> dict[str, Attack]:
+def build_attacks(named_configs: ml_collections.ConfigDict, prefix: str,
+                  num_classes: int | None = None) -> dict[str, Attack]:
   """Several attacks, name -> attack, each checked; errors name `{prefix}.<name>.<field>`."""
-  return {name: build_attack(c, prefix=f"{prefix}.{name}") for name, c in named_configs.items()}
+  return {name: build_attack(c, prefix=f"{prefix}.{name}", num_classes=num_classes)
+          for name, c in named_configs.items()}

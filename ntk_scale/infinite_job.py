@@ -66,10 +66,10 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
       raise ValueError(f"config.infinite.num_train={s.num_train} takes {s.num_train // num_classes} "
                        f"training images of each class, but class {scarce} has {count}: use at most "
                        f"{count * num_classes}, or 0 for the whole split.")
-  build_attacks(s.attacks, "config.infinite.attacks")
+  build_attacks(s.attacks, "config.infinite.attacks", num_classes)
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
-  check_robust_data_config(s.robust_data, s.num_train or num_train)
+  check_robust_data_config(s.robust_data, s.num_train or num_train, num_classes)
 
 
 def _write_json(path: str, record: dict) -> None:

@@ -71,7 +71,8 @@ def split_targets(target_holdout: int | float, num_train: int,
   return np.sort(order[count:]), np.sort(order[:count])
 
 
-def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int) -> None:
+def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int,
+                             num_classes: int | None = None) -> None:
   """Every config.infinite.robust_data field, before any kernel is computed."""
   for field in ("num_steps", "target_batch_size"):
     value = section[field]
@@ -95,8 +96,8 @@ def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int)
                                             or section.network_width < 1):
     raise ValueError(f"{PREFIX}.network_width={section.network_width!r} must be an integer >= 1 "
                      f"or None (the largest transfer width).")
-  build_attack(section.attack, prefix=f"{PREFIX}.attack")
-  build_attacks(section.eval_attacks, f"{PREFIX}.eval_attacks")
+  build_attack(section.attack, prefix=f"{PREFIX}.attack", num_classes=num_classes)
+  build_attacks(section.eval_attacks, f"{PREFIX}.eval_attacks", num_classes)
 
 
 def outer_loss(logits: jax.Array, labels: jax.Array, loss: str) -> jax.Array:

@@ -621,6 +621,25 @@ def test_build_attack_errors_use_the_given_prefix():
     attacks.build_attack(ml_collections.ConfigDict(dict(name="pgd", eps=0.0)), prefix="config.attack")
 
 
+def test_more_targets_than_the_dataset_has_other_classes_are_refused_before_compute():
+  """num_targets of apgd_t and fab_t (also inside worst_of) against the dataset's classes, where
+  the job's checks build its attacks, not when an attack is first traced (after an epoch)."""
+  from ntk_scale.train.experiment import check_common_config  # pylint: disable=import-outside-toplevel
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+
+  targets = lambda name, n: ml_collections.ConfigDict(dict(name=name, eps=0.1, num_steps=2, num_targets=n))
+  for name in ("apgd_t", "fab_t"):
+    attacks.build_attack(targets(name, 4), num_classes=5)
+    with pytest.raises(ValueError, match=r"config\.num_targets=5 must be at most 4"):
+      attacks.build_attack(targets(name, 5), num_classes=5)
+  c = load_config("digits", "smoke")
+  c.eval_attacks.aa = ml_collections.ConfigDict(dict(name="worst_of", eps=0.1, attacks=dict(
+      apgd_t=dict(name="apgd_t", num_steps=2, num_targets=10))))
+  with pytest.raises(ValueError, match=r"config\.eval_attacks\.aa\.attacks\.apgd_t\.num_targets=10 "
+                                       r"must be at most 9"):
+    check_common_config(c, 4)
+
+
 @pytest.mark.parametrize("config", ["digits", "cifar10_resnet18"])
 def test_the_autoattack_variant_builds_apgd_ce_apgd_t_fab_t_and_square(config):
   """AutoAttack's standard version; FAB-T takes as many steps and targets as the APGD attacks."""

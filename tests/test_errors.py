@@ -151,4 +151,8 @@ def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
     check_infinite_config(config, labels, 4)
   config.infinite.num_train = 20  # 5 of each class
   config.infinite.robust_data.target_batch_size = 10
+  with pytest.raises(ValueError, match=r"config.infinite.attacks.apgd_t.num_targets=9 must be at most 3"):
+    check_infinite_config(config, labels, 4)  # APGD-T's 9 targets: a 4-class dataset has 3
+  for attacks in (config.infinite.attacks, config.infinite.robust_data.eval_attacks):
+    attacks.apgd_t.num_targets = 3
   check_infinite_config(config, labels, 4)

@@ -52,7 +52,7 @@ import numpy as np
 
 from ntk_scale import files, parallel
 from ntk_scale.attacks import build_attack
-from ntk_scale.data import Split, load_dataset
+from ntk_scale.data import Split, load_dataset, num_classes
 from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.kernel_regression import kernel_scores, regression_targets
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
@@ -92,7 +92,7 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
   if e.source == "empirical" and str(config.kernel.logits) == "full":
     raise ValueError("config.kernel.logits='full': eigen-features need a kernel of one class or the "
                      "trace.")
-  build_attack(e.attack, prefix="config.eigen_features.attack")
+  build_attack(e.attack, prefix="config.eigen_features.attack", num_classes=num_classes(config.data))
 
 
 def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:

@@ -94,7 +94,9 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
   steps = tile_schedule(todo, mesh.size)
   progress = StepProgress(len(steps), len(todo), mesh.size)
   started = progress.started
-  with (TileWriter(store, mirror=symmetric) if store is not None else contextlib.nullcontext(in_memory)) as on_tile:
+  writer = TileWriter(store, mirror=symmetric) if store is not None else contextlib.nullcontext(in_memory)
+  # HIGHEST: a kernel solved for regression coefficients wants float32 products, not TF32 ones.
+  with writer as on_tile, jax.default_matmul_precision("highest"):
     pending = None
     for number, step in enumerate(steps):
       out = program(blocks_on_devices(rows, [i for i, _ in step.blocks], tile, mesh),

@@ -33,7 +33,7 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
     parallel.check_batch_size(config[field], num_devices, f"config.{field}")
   if not config.log_every_steps > 0:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be a positive number of steps.")
-  build_attacks(config.eval_attacks, "config.eval_attacks")
+  build_attacks(config.eval_attacks, "config.eval_attacks", data.num_classes(config.data))
 
 
 def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -55,7 +55,8 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
     raise ValueError(f"config.train.attack_batch_norm={config.train.attack_batch_norm!r}; expected "
                      f"one of {', '.join(BATCH_NORM_MODES)}.")
   if config.train.mode != "C":
-    build_attack(config.train.attack, prefix="config.train.attack")
+    build_attack(config.train.attack, prefix="config.train.attack",
+                 num_classes=data.num_classes(config.data))
   _check_grad_align(config.train)
   check_co_monitor_config(config.train.get("co_monitor"))
   if not config.checkpoint.every_epochs > 0:

@@ -71,7 +71,7 @@ def check_phase2_config(config: ml_collections.ConfigDict) -> None:
                      f"(C benign, A adversarial against the linearized model).")
   phase2_name(config)  # a valid directory name
   if p.mode == "A":
-    build_attack(p.attack, prefix="config.phase2.attack")
+    build_attack(p.attack, prefix="config.phase2.attack", num_classes=data.num_classes(config.data))
   check_optimizer_config(p.optimizer, "config.phase2.optimizer")
   if not p.checkpoint_every_epochs > 0:
     raise ValueError(f"config.phase2.checkpoint_every_epochs={p.checkpoint_every_epochs} must be "
