@@ -45,8 +45,8 @@ runs it on both workdirs; about 10 s each on 2 CPU cores, one 500 x 500 tile):
 
 `:autoattack` (e.g. `:adversarial,autoattack` with `--config.job=evaluate`) also evaluates APGD-CE +
 APGD-T (9 targets) + FAB-T (9 targets) + Square (1000 queries), AutoAttack's standard version with
-20-step APGD and FAB, per example the worst case: 90.0% for the adversarial model, 52.8% benign
-(53.1% without FAB-T; FAB-T alone 90.8% and 56.1%).
+20-step APGD and FAB, per example the worst case: 90.0% for the adversarial model, 52.5% benign
+(53.1% without FAB-T and with Square before its colour redraws; FAB-T alone 90.8% and 56.1%).
 
 Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`) for a narrower CNN trained for 3 epochs in
 seconds, for smoke tests.

@@ -266,7 +266,7 @@ def _square_transcription(logits_fn, images, labels, key, eps, num_queries, p_in
   stripes = eps * np.asarray(jax.random.rademacher(start_key, (n, 1, w, c), jnp.float32))
   best = np.clip(x + stripes, 0, 1)
   best_margin = margin(best)
-  accepted = 0
+  accepted = redrawn = 0
   for i in range(num_queries):
     it = int(i / num_queries * 10000)
     p = p_init
@@ -276,34 +276,44 @@ def _square_transcription(logits_fn, images, labels, key, eps, num_queries, p_in
         p = p_init / divisor
     s = min(max(int(round(np.sqrt(p * h * w))), 1), min(h, w) - 1)
     h_key, w_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i), 3)
+    # Every place of the square (the reference's randint(0, h - s) stops one short).
     tops = np.asarray(jax.random.randint(h_key, (n, 1), 0, h - s + 1))[:, 0]
     lefts = np.asarray(jax.random.randint(w_key, (n, 1), 0, w - s + 1))[:, 0]
-    colours = eps * np.asarray(jax.random.rademacher(sign_key, (n, 1, 1, c), jnp.float32))
+    draws = eps * np.asarray(jax.random.rademacher(sign_key, (attacks.SQUARE_REDRAWS, n, c),
+                                                   jnp.float32))
     candidate = best.copy()
     for k in range(n):
       t, l = tops[k], lefts[k]
-      candidate[k, t:t + s, l:l + s, :] = np.clip(x[k, t:t + s, l:l + s, :] + colours[k], 0, 1)
+      window = lambda d: np.clip(x[k, t:t + s, l:l + s, :] + d[k], 0, 1)
+      # The reference's while loop: draw again while the window would stay as it is.
+      first = next((r for r, d in enumerate(draws)
+                    if np.any(np.abs(window(d) - best[k, t:t + s, l:l + s, :]) >= 1e-7)), 0)
+      redrawn += first > 0
+      candidate[k, t:t + s, l:l + s, :] = window(draws[first])
     new_margin = margin(candidate)
     for k in range(n):
       if best_margin[k] >= 0 and new_margin[k] < best_margin[k]:
         best[k], best_margin[k] = candidate[k], new_margin[k]
         accepted += 1
-  return best, accepted
+  return best, accepted, redrawn
 
 
-def test_square_follows_the_reference_loops():
-  """The vectorised attack (windows as masks, one traced side per query) equals the reference's
-  per-example loops on a linear model, for a run long enough to shrink the square."""
+@pytest.mark.parametrize("channels", [3, 1])
+def test_square_follows_the_reference_loops(channels):
+  """The vectorised attack (windows as masks, one traced side per query, the colour redraws as
+  a choice among draws) equals the reference's per-example loops on a linear model, for a run
+  long enough to shrink the square; with one channel, draws that would change nothing are
+  drawn again often."""
   rng = np.random.default_rng(5)
-  weights = jnp.asarray(rng.normal(size=(48, 10)).astype(np.float32))
+  weights = jnp.asarray(rng.normal(size=(16 * channels, 10)).astype(np.float32))
   logits_fn = lambda x: x.reshape(len(x), -1) @ weights
-  images = jnp.asarray(rng.uniform(size=(6, 4, 4, 3)).astype(np.float32))
+  images = jnp.asarray(rng.uniform(size=(6, 4, 4, channels)).astype(np.float32))
   labels = jnp.argmax(logits_fn(images), -1)
   key = jax.random.key(3)
   ours = jax.jit(lambda x, y, k: attacks.square(logits_fn, x, y, k, eps=0.05, num_queries=60))(
       images, labels, key)
-  reference, accepted = _square_transcription(logits_fn, images, labels, key, 0.05, 60)
-  assert accepted >= 10
+  reference, accepted, redrawn = _square_transcription(logits_fn, images, labels, key, 0.05, 60)
+  assert accepted >= 10 and redrawn >= (100 if channels == 1 else 10)
   np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-6)
 
 
