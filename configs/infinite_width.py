@@ -175,7 +175,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
   s.b_std = 0.1
   s.kernel = "ntk"  # ntk | nngp
   s.dtype = "float64"
-  s.batch_size = 256  # images per kernel block (nt.batch)
+  s.batch_size = 256  # images per kernel tile, and training images per block of a score
   s.num_train = 0  # class-balanced training subset; 0: the whole split
   s.regression = ml_collections.ConfigDict(dict(regularizer=1e-4, solver="cholesky"))
   s.attacks = ml_collections.ConfigDict({"fgsm": _fgsm(eps), "pgd": pgd_linf(eps, num_steps=20),

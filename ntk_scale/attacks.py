@@ -391,6 +391,19 @@ def apgd_dlr(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax
   return apgd(logits_fn, images, labels, key, loss="dlr", **settings)
 
 
+def ranked_targets(logits: jax.Array, labels: jax.Array, num_targets: int, min_classes: int,
+                   attack: str) -> jax.Array:
+  """The classes by clean logit, highest first, the true class last ([N, C]): the targets of a
+  targeted attack toward its `num_targets` first (checked against the classes there are)."""
+  num_classes = logits.shape[-1]
+  _check_classes(logits, min_classes, attack)
+  if not 1 <= num_targets <= num_classes - 1:
+    raise ValueError(f"num_targets={num_targets} must lie in [1, {num_classes - 1}] (the classes "
+                     f"other than the true one).")
+  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits)
+  return jnp.argsort(-others, axis=-1)
+
+
 def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
            eps: float, num_steps: int, norm: str = "linf", num_targets: int = 9,
            rho: float = 0.75) -> jax.Array:
@@ -400,14 +413,7 @@ def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   ranks the clean logits including the true class, which differs only for examples the model
   already misclassifies."""
   _check_norm(norm)
-  logits = logits_fn(images)
-  num_classes = logits.shape[-1]
-  _check_classes(logits, 4, "APGD-T")
-  if not 1 <= num_targets <= num_classes - 1:
-    raise ValueError(f"num_targets={num_targets} must lie in [1, {num_classes - 1}] (the classes "
-                     f"other than the true one).")
-  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits)
-  ranked = jnp.argsort(-others, axis=-1)  # highest first; the true class last
+  ranked = ranked_targets(logits_fn(images), labels, num_targets, 4, "APGD-T")
 
   def toward(r):
     targets = jax.lax.dynamic_index_in_dim(ranked, r, axis=1, keepdims=False)

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ntk_scale.attacks import LogitsFn, _check_classes, _per_example, _strongest_of
+from ntk_scale.attacks import LogitsFn, _per_example, _strongest_of, ranked_targets
 
 # The reference's distance of an example for which no misclassified iterate has been found yet.
 _NOT_FOUND = 1e10
@@ -172,14 +172,8 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
   - Computed in the images' dtype (the reference casts to float32).
   """
   logits = logits_fn(images)
-  num_classes = logits.shape[-1]
-  _check_classes(logits, 2, "FAB-T")
-  if not 1 <= num_targets <= num_classes - 1:
-    raise ValueError(f"num_targets={num_targets} must lie in [1, {num_classes - 1}] (the classes "
-                     f"other than the true one).")
+  ranked = ranked_targets(logits, labels, num_targets, 2, "FAB-T")
   correct = jnp.argmax(logits, -1) == labels
-  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits)
-  ranked = jnp.argsort(-others, axis=-1)  # highest first; the true class last
 
   def run(r):
     targets = jax.lax.dynamic_index_in_dim(ranked, r // restarts, axis=1, keepdims=False)

@@ -19,9 +19,10 @@ adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each 
 train workdir on the original data; transfer/robust_dataset/ the network trained on the optimised
 set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
 config.infinite.dtype, labels, rows and target_rows into the training set, settings;
-np.load(..., allow_pickle=False)); kernels/infinite_<...>/ (the training
-kernels of the original and optimised sets, tile by tile on every device of every host, ntk/function_tiles.py). A rerun reads back
-the kernels and a robust_dataset.npz made with the same settings, and the networks resume.
+np.load(..., allow_pickle=False)) and kernels/infinite_<...>/ (the training kernels of the
+original and optimised sets, tile by tile on every device of every host: ntk/function_tiles.py).
+A rerun reads back the kernels and a robust_dataset.npz made with the same settings, and the
+networks resume.
 """
 
 import copy
