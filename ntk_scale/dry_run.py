@@ -409,7 +409,7 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
            "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=data),
            "mask": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=data)}
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  calls = -(-test_size // size)
+  calls = -(-(s.get("num_test", 0) or test_size) // size)
   built = {field: build_attack(c, prefix=field) for field, (c, _) in attacks.items()}
   programs = []
   with jax.enable_x64(s.dtype == "float64"):

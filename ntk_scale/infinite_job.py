@@ -50,23 +50,31 @@ RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
 
 
+def _check_subset(field: str, count: int, labels: np.ndarray, num_classes: int, split: str) -> None:
+  """config.infinite.<field>: 0 (the whole split) or a class-balanced subset the split can supply."""
+  if not 0 <= count <= len(labels) or (count and count % num_classes):
+    raise ValueError(f"config.infinite.{field}={count} must be 0 (all) or a multiple of "
+                     f"{num_classes} (the number of classes) in [{num_classes}, {len(labels)}] (a "
+                     f"class-balanced subset).")
+  if count:
+    scarce, available = scarcest_class(labels, range(num_classes))
+    if available < count // num_classes:
+      raise ValueError(f"config.infinite.{field}={count} takes {count // num_classes} {split} "
+                       f"images of each class, but class {scarce} has {available}: use at most "
+                       f"{available * num_classes}, or 0 for the whole split.")
+
+
 def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
-                          num_classes: int) -> None:
-  """Every config.infinite field, before any kernel is computed; `labels` are the training split's."""
+                          num_classes: int, test_labels: np.ndarray | None = None) -> None:
+  """Every config.infinite field, before any kernel is computed; `labels` are the training split's,
+  `test_labels` the test split's (None: num_test is not checked against them)."""
   s = config.infinite
   infinite.check_architecture_config(s)
   check_regression_config(s.regression, "config.infinite.regression")
   num_train = len(labels)
-  if not 0 <= s.num_train <= num_train or (s.num_train and s.num_train % num_classes):
-    raise ValueError(f"config.infinite.num_train={s.num_train} must be 0 (all) or a multiple of "
-                     f"{num_classes} (the number of classes) in [{num_classes}, {num_train}] (a "
-                     f"class-balanced subset).")
-  if s.num_train:
-    scarce, count = scarcest_class(labels, range(num_classes))
-    if count < s.num_train // num_classes:
-      raise ValueError(f"config.infinite.num_train={s.num_train} takes {s.num_train // num_classes} "
-                       f"training images of each class, but class {scarce} has {count}: use at most "
-                       f"{count * num_classes}, or 0 for the whole split.")
+  _check_subset("num_train", s.num_train, labels, num_classes, "training")
+  if test_labels is not None:
+    _check_subset("num_test", s.get("num_test", 0), test_labels, num_classes, "test")
   build_attacks(s.attacks, "config.infinite.attacks", num_classes)
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
@@ -187,10 +195,15 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """Kernel regression, training-free attacks, transfer, robust dataset; results.json."""
   s = config.infinite
   dataset = load_dataset(config.data)
-  check_infinite_config(config, dataset.train.labels, dataset.num_classes)
+  check_infinite_config(config, dataset.train.labels, dataset.num_classes, dataset.test.labels)
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
   x, y = dataset.train.images[indices], dataset.train.labels[indices]
+  if s.get("num_test", 0):  # every model, kernel or network, is scored on these same test images
+    test_rows = class_balanced_subset(dataset.test.labels, s.num_test, config.seed)
+    dataset = Dataset(dataset.name, dataset.train, Split(dataset.test.images[test_rows],
+                                                         dataset.test.labels[test_rows]),
+                      dataset.num_classes)
   xt, yt = dataset.test.images, dataset.test.labels
   c = dataset.num_classes
   mesh = parallel.make_mesh()
@@ -254,7 +267,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   network_width = s.robust_data.network_width or max(s.transfer.widths, default=config.model.width)
   network = {}
   for width in sorted(set(s.transfer.widths) | {network_width}):
-    trained = _train_finite(config, workdir, width,
+    trained = _train_finite(config, workdir, width, dataset=dataset,
                             eval_attacks=eval_attacks if width == network_width else None)
     if width == network_width:
       network["original"] = _accuracies(trained["results"])

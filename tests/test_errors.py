@@ -156,3 +156,13 @@ def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
   for attacks in (config.infinite.attacks, config.infinite.robust_data.eval_attacks):
     attacks.apgd_t.num_targets = 3
   check_infinite_config(config, labels, 4)
+  test_labels = np.repeat(np.arange(4), [5, 5, 5, 3])
+  config.infinite.num_test = 6
+  with pytest.raises(ValueError, match=r"config.infinite.num_test=6 must be 0 \(all\) or a multiple of 4"):
+    check_infinite_config(config, labels, 4, test_labels)
+  config.infinite.num_test = 16
+  with pytest.raises(ValueError, match="config.infinite.num_test=16 takes 4 test images of each class, "
+                                       "but class 3 has 3"):
+    check_infinite_config(config, labels, 4, test_labels)
+  config.infinite.num_test = 12
+  check_infinite_config(config, labels, 4, test_labels)

@@ -173,7 +173,7 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
 
   config = load_config("infinite_width", "smoke")
   s = config.infinite
-  s.update(num_train=30, depth=1, batch_size=64)
+  s.update(num_train=30, num_test=50, depth=1, batch_size=64)
   s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
   s.transfer.widths = ()
   s.robust_data.update(num_steps=0, target_batch_size=10, network_width=8)
@@ -184,6 +184,8 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   jobs.prepare_workdir(config, workdir)
   results = infinite_job.infinite_job(config, workdir)
   arrays, meta = load_adversarial_set(str(tmp_path / "adversarial" / "pgd"))
+  assert results["num_test"] == 50 and len(arrays["labels"]) == 50  # a class-balanced test subset
+  assert np.bincount(arrays["labels"], minlength=10).tolist() == [5] * 10
   assert meta["dataset"] == "digits"
   assert meta["clean_accuracy"] == results["kernel_regression"]["clean"]
   assert meta["clean_accuracy"] == pytest.approx(np.mean(arrays["clean_predictions"] == arrays["labels"]))
