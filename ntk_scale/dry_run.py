@@ -409,18 +409,17 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
            "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=data),
            "mask": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=data)}
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  calls = -(-(s.get("num_test", 0) or test_size) // size)
+  calls = -(-(s.num_test or test_size) // size)
+  setting = "config.eval_batch_size or config.infinite.batch_size"
   built = {field: build_attack(c, prefix=field) for field, (c, _) in attacks.items()}
   programs = []
   with jax.enable_x64(s.dtype == "float64"):
     programs.append(_program(f"kernel regression ({n} images), clean ({models} model(s))",
-                             _evaluate_batch, (variables, batch, key), calls * models,
-                             "config.eval_batch_size or config.infinite.batch_size",
+                             _evaluate_batch, (variables, batch, key), calls * models, setting,
                              num_classes=num_classes, attack=None, apply=apply))
-    for name, (_, models) in attacks.items():
-      programs.append(_program(f"kernel regression under {name.rpartition('.')[2]} ({models} model(s))",
-                               _evaluate_batch,
-                               (variables, batch, key), calls * models, "config.eval_batch_size or config.infinite.batch_size",
+    for name, (_, attacked) in attacks.items():
+      programs.append(_program(f"kernel regression under {name.rpartition('.')[2]} ({attacked} model(s))",
+                               _evaluate_batch, (variables, batch, key), calls * attacked, setting,
                                num_classes=num_classes, attack=built[name], apply=apply))
   return programs
 

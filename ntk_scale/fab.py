@@ -99,10 +99,10 @@ def _linf(x: jax.Array) -> jax.Array:
 
 def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets: jax.Array,
              start: jax.Array, num_steps: int, alpha_max: float, eta: float,
-             beta: float) -> tuple[jax.Array, jax.Array]:
+             beta: float) -> jax.Array:
   """One run of FAB toward `targets` from `start` (AutoAttack's `attack_single_run`, targeted):
-  per example the misclassified iterate closest to the clean image in L-inf, and its distance
-  (`_NOT_FOUND` where none was)."""
+  per example the misclassified iterate closest to the clean image in L-inf (the clean image
+  where none was found)."""
   n = images.shape[0]
   flat = lambda x: x.reshape(n, -1)
   pick = lambda logits, classes: jnp.take_along_axis(logits, classes[:, None], 1)[:, 0]
@@ -132,8 +132,7 @@ def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets:
     return x, found, distance
 
   state = (start, images, jnp.full((n,), _NOT_FOUND, images.dtype))
-  _, found, distance = jax.lax.fori_loop(0, num_steps, body, state)
-  return found, distance
+  return jax.lax.fori_loop(0, num_steps, body, state)[1]
 
 
 def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
@@ -182,7 +181,7 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
       u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, images.dtype, -1.0, 1.0)
       scattered = images + eps * u / _per_example(jnp.maximum(_linf(u), 1e-12), u) * 0.5
       start = jnp.where(r % restarts == 0, images, jnp.clip(scattered, 0.0, 1.0))
-    found, _ = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta)
+    found = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta)
     broken = (correct & (jnp.argmax(logits_fn(found), -1) != labels)
               & (_linf(found - images) <= eps))
     return jnp.where(_per_example(broken, images), found, images)

@@ -123,15 +123,13 @@ def _kernel_function(architecture: str, depth: int, num_classes: int, w_std: flo
   return lambda x1, x2: kernel_fn(x1, x2, get)
 
 
-def kernel_identity(section: ml_collections.ConfigDict, x1: np.ndarray,
-                    x2: np.ndarray | None = None) -> dict:
-  """What makes two analytic kernels the same: the kernel's fields and the images (a digest)."""
-  digest = hashlib.sha256()
-  for x in (x1,) if x2 is None else (x1, x2):
-    digest.update(np.ascontiguousarray(x, section.dtype).tobytes())
+def kernel_identity(section: ml_collections.ConfigDict, images: np.ndarray) -> dict:
+  """What makes two analytic kernels of an image set with itself the same: the kernel's fields
+  and the images (a digest)."""
+  digest = hashlib.sha256(np.ascontiguousarray(images, section.dtype).tobytes()).hexdigest()
   fields = {k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")}
-  return {"source": {"infinite": fields}, "dtype": section.dtype, "images": digest.hexdigest(),
-          "shape": [len(x1), len(x1) if x2 is None else len(x2)]}
+  return {"source": {"infinite": fields}, "dtype": section.dtype, "images": digest,
+          "shape": [len(images), len(images)]}
 
 
 def kernel_store(section: ml_collections.ConfigDict, kernels_dir: str, x1: np.ndarray,

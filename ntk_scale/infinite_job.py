@@ -74,7 +74,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   num_train = len(labels)
   _check_subset("num_train", s.num_train, labels, num_classes, "training")
   if test_labels is not None:
-    _check_subset("num_test", s.get("num_test", 0), test_labels, num_classes, "test")
+    _check_subset("num_test", s.num_test, test_labels, num_classes, "test")
   build_attacks(s.attacks, "config.infinite.attacks", num_classes)
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
@@ -199,7 +199,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
   x, y = dataset.train.images[indices], dataset.train.labels[indices]
-  if s.get("num_test", 0):  # every model, kernel or network, is scored on these same test images
+  if s.num_test:  # every model, kernel or network, is scored on these same test images
     test_rows = class_balanced_subset(dataset.test.labels, s.num_test, config.seed)
     dataset = Dataset(dataset.name, dataset.train, Split(dataset.test.images[test_rows],
                                                          dataset.test.labels[test_rows]),

@@ -36,7 +36,7 @@ from ntk_scale.ntk.tile_math import LogitSpec, jacobian_rows, mirror_tile, parse
 TileCallback = Callable[[int, int, np.ndarray], None]  # (row block, column block, tile)
 
 
-def _blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
+def padded_blocks(x: np.ndarray, num_blocks: int, tile: int) -> np.ndarray:
   """x padded (with copies of its first row) to num_blocks * tile rows."""
   missing = num_blocks * tile - len(x)
   return np.concatenate([x, np.repeat(x[:1], missing, 0)]) if missing else x
@@ -88,8 +88,8 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
     raise ValueError(f"the plan is for {plan.num_devices} devices, the mesh has {mesh.size}.")
   tile, band = plan.tile, plan.band
   padded = mesh.size if plan.rotate else 0  # every device holds a block, real or padding
-  rows = _blocks(np.asarray(x1), max(plan.row_bands * band, padded), tile)
-  cols = rows if x2 is None else _blocks(np.asarray(x2), max(plan.col_blocks, padded), tile)
+  rows = padded_blocks(np.asarray(x1), max(plan.row_bands * band, padded), tile)
+  cols = rows if x2 is None else padded_blocks(np.asarray(x2), max(plan.col_blocks, padded), tile)
   done = set(done)
   todo = [t for t in plan.tiles() if t not in done]
   steps = plan_steps(plan, todo)

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ntk_scale import parallel
-from ntk_scale.ntk.engine import StepProgress, blocks_on_devices
+from ntk_scale.ntk.engine import StepProgress, blocks_on_devices, padded_blocks
 from ntk_scale.ntk.schedule import Step, Tile, tile_schedule
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles
 from ntk_scale.ntk.tile_math import mirror_tile
@@ -44,12 +44,6 @@ def tile_program(kernel_fn: BlockKernelFn, mesh: Mesh) -> Callable:
                                check_vma=False))
 
 
-def _padded(x: np.ndarray, rows: int) -> np.ndarray:
-  """x with copies of its first row appended up to `rows` (the padding's tiles are cropped)."""
-  missing = rows - len(x)
-  return np.concatenate([x, np.repeat(x[:1], missing, 0)]) if missing > 0 else x
-
-
 def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | None = None, *,
                     tile: int, store: KernelStore | None = None,
                     mesh: Mesh | None = None) -> np.ndarray:
@@ -70,8 +64,8 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
   tiles = kernel_tiles(len(x1), len(x2), tile, symmetric)
   done = set() if store is None else agreed_done_tiles(store, tiles)
   todo = [t for t in tiles if t not in done]
-  rows = _padded(x1, math.ceil(len(x1) / tile) * tile)
-  cols = rows if symmetric else _padded(x2, math.ceil(len(x2) / tile) * tile)
+  rows = padded_blocks(x1, math.ceil(len(x1) / tile), tile)
+  cols = rows if symmetric else padded_blocks(x2, math.ceil(len(x2) / tile), tile)
   program = tile_program(kernel_fn, mesh)
 
   kernel = None if store is not None else np.zeros((len(x1), len(x2)), x1.dtype)
