@@ -6,6 +6,11 @@ dealt out D at a time to the D devices, one `shard_map` step per D tiles, only t
 the diagonal when x2 is None. With a `KernelStore` the finished tiles stream to disk while the
 next step runs, and a rerun computes only the tiles not yet there: a Myrtle kernel of CIFAR-10
 (hours of device time) survives a killed job. Every process gets the whole kernel.
+
+`function_kernel_vjp` is the same loop backwards: the gradient with respect to x of <C, K(x, x)>
+for a cotangent C, the tiles' vector-Jacobian products summed per block. Dataset optimisation
+through kernel regression needs it each outer step; the Gram matrix and its gradient in one call
+would hold terabytes for a Myrtle kernel of a few thousand images.
 """
 
 import contextlib
@@ -42,6 +47,17 @@ def tile_program(kernel_fn: BlockKernelFn, mesh: Mesh) -> Callable:
   data = P(parallel.DATA_AXIS)
   return jax.jit(jax.shard_map(kernel_fn, mesh=mesh, in_specs=(data, data), out_specs=data,
                                check_vma=False))
+
+
+@functools.lru_cache(maxsize=16)
+def tile_vjp_program(kernel_fn: BlockKernelFn, mesh: Mesh) -> Callable:
+  """Every device pulls its own tile's cotangent back to its row and column blocks."""
+  data = P(parallel.DATA_AXIS)
+
+  def pull_back(rows, cols, cotangent):
+    return jax.vjp(kernel_fn, rows, cols)[1](cotangent)
+  return jax.jit(jax.shard_map(pull_back, mesh=mesh, in_specs=(data, data, data),
+                               out_specs=(data, data), check_vma=False))
 
 
 def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | None = None, *,
@@ -112,3 +128,51 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
     kernel = np.asarray(multihost_utils.process_allgather(kernel)).sum(0)
   return kernel
 
+
+
+def function_kernel_vjp(kernel_fn: BlockKernelFn, x: np.ndarray, cotangent: np.ndarray, *,
+                        tile: int, mesh: Mesh | None = None) -> np.ndarray:
+  """d/dx sum(cotangent * K) for K[a, b] = kernel_fn(x[a], x[b]) (K = function_kernel(kernel_fn,
+  x)), a numpy array shaped like x, on every process; `cotangent` [N, N] need not be symmetric.
+
+  Only the tiles i <= j are pulled back, each once, with the cotangent of both places it fills,
+  C_ij + C_ji^T (a diagonal tile: C_ii, through both of its arguments); a block's gradient is the
+  sum over the tiles it enters. The kernel must be symmetric, kernel_fn(a, b) = kernel_fn(b, a)^T.
+  """
+  mesh = mesh or parallel.make_mesh()
+  x = np.asarray(x)
+  n = len(x)
+  if np.shape(cotangent) != (n, n):
+    raise ValueError(f"the cotangent of a kernel of {n} examples must be {n} x {n}, "
+                     f"not {np.shape(cotangent)}.")
+  num_blocks = math.ceil(n / tile)
+  rows = padded_blocks(x, num_blocks, tile)
+  padded = np.zeros((num_blocks * tile,) * 2, x.dtype)  # padding rows and columns pull back 0
+  padded[:n, :n] = cotangent
+  block = lambda i, j: padded[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile]
+  tile_cotangent = lambda i, j: block(i, i) if i == j else block(i, j) + block(j, i).T
+  program = tile_vjp_program(kernel_fn, mesh)
+  gradient = np.zeros_like(rows)
+
+  def hand_over(step: Step, out: tuple[jax.Array, jax.Array]) -> None:
+    for row_shard, col_shard in zip(*(o.addressable_shards for o in out)):
+      for (i, j), _, _ in step.tiles[(row_shard.index[0].start or 0) // tile]:
+        gradient[i * tile:(i + 1) * tile] += np.asarray(row_shard.data)
+        gradient[j * tile:(j + 1) * tile] += np.asarray(col_shard.data)
+
+  steps = tile_schedule(kernel_tiles(n, n, tile, symmetric=True), mesh.size)
+  with jax.default_matmul_precision("highest"):
+    pending = None
+    for step in steps:
+      cotangents = np.concatenate([tile_cotangent(i, j) for i, j in step.blocks])
+      out = program(blocks_on_devices(rows, [i for i, _ in step.blocks], tile, mesh),
+                    blocks_on_devices(rows, [j for _, j in step.blocks], tile, mesh),
+                    blocks_on_devices(cotangents, range(mesh.size), tile, mesh))
+      if pending is not None:
+        hand_over(*pending)  # the last step's gradients leave the devices while this one runs
+      pending = (step, out)
+    if pending is not None:
+      hand_over(*pending)
+  if jax.process_count() > 1:  # each tile was pulled back by exactly one process
+    gradient = np.asarray(multihost_utils.process_allgather(gradient)).sum(0)
+  return gradient[:n]
