@@ -189,6 +189,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
       num_steps=200,  # outer Adam steps (digits-sized)
       learning_rate=0.01,  # Adam on the images, as KIP
       target_batch_size=256,  # original training points attacked per outer step
+      checkpoint_every=25,  # outer steps between saves of the optimisation's state (a rerun resumes)
       # Targets: 0, the optimised images' originals (unoptimised, fixed); n >= 1 (or a fraction in
       # (0, 1)) of the training images set aside as targets only, the rest optimised
       # (robust_dataset.split_targets).
@@ -210,7 +211,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     s.num_train = 5000
     s.transfer.widths = (64, 256, 1024)
     s.transfer.num_epochs = 10.0
-    s.robust_data.update(num_steps=1000, target_batch_size=500)
+    s.robust_data.update(num_steps=1000, target_batch_size=500, checkpoint_every=5)
     c.batch_size = 128
     c.eval_batch_size = 16  # per device: Myrtle kernels of 16 x 32 images under attack, 58 GiB
   if "smoke" in variants:

@@ -19,13 +19,16 @@ adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each 
 train workdir on the original data; transfer/robust_dataset/ the network trained on the optimised
 set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
 config.infinite.dtype, labels, rows and target_rows into the training set, settings;
-np.load(..., allow_pickle=False)) and kernels/infinite_<...>/ (the training kernels of the
-original and optimised sets, tile by tile on every device of every host: ntk/function_tiles.py).
-A rerun reads back the kernels and a robust_dataset.npz made with the same settings, and the
-networks resume.
+np.load(..., allow_pickle=False)), robust_dataset_steps/<settings digest>/ (the optimisation's
+state every robust_data.checkpoint_every steps, Orbax) and kernels/infinite_<...>/ (the training
+kernels of the original and optimised sets, tile by tile on every device of every host:
+ntk/function_tiles.py).
+A rerun reads back the kernels and a robust_dataset.npz made with the same settings, the robust
+set's optimisation continues from its last saved step, and the networks resume.
 """
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -44,10 +47,12 @@ from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset, 
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.ntk.job import KERNELS_DIR
-from ntk_scale.robust_dataset import check_robust_data_config, optimise_dataset, split_targets
+from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, optimise_dataset,
+                                      split_targets)
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
+ROBUST_DATASET_STEPS_DIR = "robust_dataset_steps"  # the optimisation's saved state, per settings
 
 
 def _check_subset(field: str, count: int, labels: np.ndarray, num_classes: int, split: str) -> None:
@@ -108,12 +113,19 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, n
 
 def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x: np.ndarray,
                     y: np.ndarray, rows: tuple[np.ndarray, np.ndarray], num_classes: int,
-                    seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+                    seed: int, batch_size: int | None = None,
+                    mesh=None) -> tuple[np.ndarray, dict[str, Any]]:
   """The optimised images of x[rows[0]] (attacking x[rows[1]]): read back from `path` when made with
   these settings and training images, else optimised (robust_dataset.py) and written there
-  atomically, in x's dtype, so a rerun fits kernel regression on the very same images."""
+  atomically, in x's dtype, so a rerun fits kernel regression on the very same images. The
+  optimisation saves its state beside `path`, in a directory named by these settings and images,
+  and a killed run continues from it; `batch_size` targets are attacked at a time."""
   optimised, targets = rows
-  settings = json.dumps({"robust_data": section.robust_data.to_dict(),
+  fields = {k: v for k, v in section.robust_data.to_dict().items() if k != "checkpoint_every"}
+  # Targets are attacked in batches with a key each: the batch size decides the random starts.
+  attack_batches = attack_batch_size(section.robust_data.target_batch_size, batch_size,
+                                     (mesh or parallel.make_mesh()).size)
+  settings = json.dumps({"robust_data": fields, "attack_batch_size": attack_batches,
                          "regression": section.regression.to_dict(), "kernel": {
                              k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")},
                          "seed": seed, "num_train": len(x)}, sort_keys=True)
@@ -125,9 +137,14 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
         return stored["images"], json.loads(str(stored["record"]))
   started = time.time()
   held_out = len(optimised) < len(x)
+  identity = hashlib.sha256(settings.encode() + x.tobytes() + y.tobytes() + optimised.tobytes()
+                            + targets.tobytes()).hexdigest()[:16]
+  steps_dir = os.path.join(os.path.dirname(path), ROBUST_DATASET_STEPS_DIR, identity)
   robust, record = optimise_dataset(section.robust_data, kernel_fn, x[optimised], y[optimised],
                                     num_classes, section.regression, seed,
-                                    targets=(x[targets], y[targets]) if held_out else None)
+                                    targets=(x[targets], y[targets]) if held_out else None,
+                                    tile=section.batch_size, batch_size=batch_size, mesh=mesh,
+                                    checkpoint_dir=steps_dir)
   record["seconds"] = time.time() - started
   robust = robust.astype(x.dtype)
   if jax.process_index() == 0:
@@ -243,7 +260,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     print(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)", flush=True)
 
     robust, record = _robust_dataset(s, os.path.join(workdir, ROBUST_DATASET_FILE), kernel_fn, x, y,
-                                     (optimised_rows, target_rows), c, config.seed)
+                                     (optimised_rows, target_rows), c, config.seed, batch_size, mesh)
     objective = record["objective"]
     y_optimised = y[optimised_rows]
     # The same test images, the same attacks with the same keys, for every training set.

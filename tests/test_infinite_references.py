@@ -118,7 +118,8 @@ def _robust_section(**overrides) -> ml_collections.ConfigDict:
   attack = ml_collections.ConfigDict(dict(name="pgd", norm="linf", eps=0.1, num_steps=3, step_size=0.05,
                                           restarts=1, random_start=True))
   section = ml_collections.ConfigDict(dict(num_steps=4, learning_rate=0.02, target_batch_size=6,
-                                           loss="mse", data_eps=None, attack=attack, target_holdout=0.0))
+                                           loss="mse", data_eps=None, attack=attack, target_holdout=0.0,
+                                           checkpoint_every=2))
   section.update(overrides)
   return section
 

@@ -34,7 +34,7 @@ def _section(**overrides) -> ml_collections.ConfigDict:
 
 def _full_section(**overrides) -> ml_collections.ConfigDict:
   """Every field check_robust_data_config reads."""
-  fields = dict(target_holdout=0.0, network_width=None,
+  fields = dict(target_holdout=0.0, network_width=None, checkpoint_every=5,
                 eval_attacks=ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 2), "apgd": apgd_linf(0.1, 2)}))
   return _section(**{**fields, **overrides})
 
@@ -105,18 +105,15 @@ def test_without_holdout_the_attacked_targets_are_the_unchanged_originals(monkey
   """The inner PGD attacks the original images of the optimised rows at every step, not the moving
   optimised images (the support the predictor is fitted on)."""
   from ntk_scale import robust_dataset
-  attacked = []
+  attacked, whole = [], robust_dataset.objective_and_gradient
 
-  def recording_build_attack(config, prefix):
-    attack = build_attack(config, prefix=prefix)
-    def recorded(model, images, labels, key):
-      attacked.append(np.asarray(images))
-      return attack(model, images, labels, key)
-    return recorded
+  def recording(kernel_fn, support, support_labels, targets, *args, **kwargs):
+    attacked.append(np.asarray(targets))
+    return whole(kernel_fn, support, support_labels, targets, *args, **kwargs)
 
-  monkeypatch.setattr(robust_dataset, "build_attack", recording_build_attack)
+  monkeypatch.setattr(robust_dataset, "objective_and_gradient", recording)
   x, y = _problem(n=12)
-  with jax.enable_x64(True), jax.disable_jit():  # eager, so the attack sees concrete images
+  with jax.enable_x64(True):
     robust, _ = optimise_dataset(_section(num_steps=3, target_batch_size=5), _rbf, x, y, 4, REGRESSION,
                                  seed=0)
   assert len(attacked) == 3 and np.max(np.abs(robust - x)) > 0.01
@@ -134,3 +131,62 @@ def test_target_batch_larger_than_the_held_out_targets_is_named():
   with pytest.raises(ValueError, match="target_batch_size=4 exceeds the 3 target images held out by "
                                        "config.infinite.robust_data.target_holdout=3"):
     check_robust_data_config(_full_section(target_holdout=3, target_batch_size=4), num_train=10)
+
+
+def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient():
+  """objective_and_gradient (Gram and its pullback in tiles of 5 of 12 images, targets over 4
+  devices) against jax.value_and_grad of adversarial_objective in one call, float64 (that one is
+  checked against numpy in test_infinite_references); two target batches of 4 on 4 devices equal
+  them on 1 device."""
+  from ntk_scale import parallel
+  from ntk_scale.robust_dataset import objective_and_gradient
+  one = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  x, y = _problem(n=12)
+  targets, target_labels = _problem(n=8, seed=1)
+  attack = build_attack(_section().attack)
+  key = jax.random.key(5)
+  loss = "mse"
+  with jax.enable_x64(True):
+    value, gradient = jax.value_and_grad(lambda s: adversarial_objective(
+        _rbf, s, jnp.asarray(y), jnp.asarray(targets), jnp.asarray(target_labels),
+        jax.random.fold_in(key, 0), attack=attack, num_classes=4, regularizer=1e-3,
+        solver="cholesky", loss=loss))(jnp.asarray(x))
+    run = lambda batch_size, mesh: objective_and_gradient(
+        _rbf, x, y, targets, target_labels, key, attack=attack, num_classes=4,
+        regression=REGRESSION, loss=loss, tile=5, batch_size=batch_size, mesh=mesh)
+    tiled_value, tiled_gradient = run(8, parallel.make_mesh())
+    assert tiled_value == pytest.approx(float(value), rel=1e-12)
+    np.testing.assert_allclose(tiled_gradient, np.asarray(gradient), rtol=1e-9, atol=1e-12)
+    (four_value, four), (one_value, on_one) = run(4, parallel.make_mesh()), run(4, one)
+    assert four_value == pytest.approx(one_value, rel=1e-12)
+    np.testing.assert_allclose(four, on_one, rtol=1e-10, atol=1e-13)
+
+
+def test_a_killed_optimisation_resumes_from_its_last_save_and_ends_as_an_uninterrupted_one(
+    tmp_path, monkeypatch):
+  """Saves every 2 of 5 steps; killed in step 4, the rerun redoes steps 3-5 only and ends with the
+  images and objective record of a run never stopped."""
+  from ntk_scale import robust_dataset
+  x, y = _problem(n=12)
+  section = _section(num_steps=5, target_batch_size=8, checkpoint_every=2)
+  run = lambda directory: optimise_dataset(section, _rbf, x, y, 4, REGRESSION, seed=0, tile=5,
+                                           checkpoint_dir=str(directory))
+  whole = robust_dataset.objective_and_gradient
+  calls = []
+
+  def dies_in_step_four(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 4:
+      raise KeyboardInterrupt
+    return whole(*args, **kwargs)
+
+  with jax.enable_x64(True):
+    uninterrupted, record = run(tmp_path / "uninterrupted")
+    monkeypatch.setattr(robust_dataset, "objective_and_gradient", dies_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+      run(tmp_path / "killed")
+    calls.clear()
+    resumed, resumed_record = run(tmp_path / "killed")
+  assert len(calls) == 3
+  np.testing.assert_array_equal(resumed, uninterrupted)
+  assert resumed_record == record and len(record["objective"]) == 5
