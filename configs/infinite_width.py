@@ -122,14 +122,19 @@ unbounded (step counts and sizes are this project's, not checked against the pap
     python main.py --config configs/infinite_width.py:cifar10 --workdir workdirs/infinite_cifar10
 
 Its cost, from `--dry_run` (planned on the 2-core CPU VM for devices of 80 GB at 50 TFLOP/s; lower
-bounds): the two 5,000-image training kernels, 12,403 tiles of 32 each (40.6 GiB per device), 85 s
-on one device; kernel regression scores a test batch against 32 training images at a time
-(kernel_regression.kernel_scores: in one call, 512 test images against all 5,000 needed 12,500
-GiB per device), so `eval_batch_size` is 16 per device (57.9 GiB under attack); the attacks on
-kernel regression over the 10,000 test images then take at least 75 h on one device (APGD-T 61 h
-of it), 9.3 h on 8 (`--config.eval_batch_size=128`); `--config.infinite.num_test=1000` (a
-class-balanced test subset on which every model, kernel or network, is scored) cuts the attacks'
-time tenfold. The robust set's 1,000 outer steps are not in that count.
+bounds): the two 5,000-image training kernels, 49,141 tiles of 16 each (10.3 GiB per device),
+44 s each on one device; kernel regression scores a test batch against 16 training images at a
+time (kernel_regression.kernel_scores: in one call, 512 test images against all 5,000 needed 12,500
+GiB per device), so `eval_batch_size` is 16 per device (30 GiB under attack); the attacks on
+kernel regression over the 10,000 test images take at least 76 h on one device (APGD-T 62 h of
+it). The robust set's 1,000 outer steps each compute the Gram matrix of the 5,000 images in tiles
+(44 s), attack the 500 targets and take the outer gradient 16 at a time (5.4 min), and pull the
+Gram matrix back in tiles (1.8 min; tiles of 32 would need 134 GiB per device, hence
+`batch_size` 16): at least 133 h on one device. In all at least 209 h on one device, 26 h on 8
+(`--config.eval_batch_size=128`: the attacks 9.4 h, the robust set 16.3 h);
+`--config.infinite.num_test=1000` (a class-balanced test subset on which every model, kernel or
+network, is scored) cuts the evaluation attacks' time tenfold. A killed run resumes: kernels
+from their tiles on disk, the robust set from its last saved step (`checkpoint_every` 5).
 """
 
 import ml_collections
@@ -208,12 +213,13 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
   if "myrtle" in variants or "cifar10" in variants:
     s.architecture, s.depth, s.batch_size = "myrtle", 5, 32
   if "cifar10" in variants:
+    s.batch_size = 16  # the robust set's Gram pullback of Myrtle tiles of 32 needs 134 GiB per device
     s.num_train = 5000
     s.transfer.widths = (64, 256, 1024)
     s.transfer.num_epochs = 10.0
     s.robust_data.update(num_steps=1000, target_batch_size=500, checkpoint_every=5)
     c.batch_size = 128
-    c.eval_batch_size = 16  # per device: Myrtle kernels of 16 x 32 images under attack, 58 GiB
+    c.eval_batch_size = 16  # per device: Myrtle kernels of 16 x 16 images under attack, 30 GiB
   if "smoke" in variants:
     s.num_train = 200
     s.transfer.widths = (8,)

@@ -44,7 +44,7 @@ from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
-from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program
+from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
@@ -60,7 +60,7 @@ from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
 from ntk_scale.evaluate import _evaluate_batch
 from ntk_scale.kernel_regression import kernel_scores
-from ntk_scale.robust_dataset import split_targets
+from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
 
 PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution", "eigen_features",
                 "eigen_images", "infinite")
@@ -374,18 +374,57 @@ def _analytic_kernel(section: ml_collections.ConfigDict, num_classes: int,
   batch_size per device per step, function_tiles.py) compiled for this mesh, times its steps."""
   from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
 
-  program = tile_program(infinite.kernel_function(section, num_classes), mesh)
+  kernel_fn = infinite.kernel_function(section, num_classes)
+  return _tile_loop(section, image_shape, n, mesh, f"{label}: {n} x {n}", tile_program(kernel_fn, mesh))
+
+
+def _tile_loop(section: ml_collections.ConfigDict, image_shape: tuple[int, ...], n: int, mesh,
+               label: str, program, pullback: bool = False) -> ProgramCost:
+  """A tile loop of function_tiles.py over the tiles i <= j of n images: the kernel's tile
+  program, or with `pullback` the Gram pullback's (blocks and a cotangent tile per device)."""
   tile = section.batch_size
   tiles = len(kernel_tiles(n, n, tile, symmetric=True))
-  block = jax.ShapeDtypeStruct((mesh.size * tile, *image_shape), np.dtype(section.dtype),
-                               sharding=parallel.batch_sharding(mesh))
+  dtype, data = np.dtype(section.dtype), parallel.batch_sharding(mesh)
+  block = jax.ShapeDtypeStruct((mesh.size * tile, *image_shape), dtype, sharding=data)
+  args = (block, block) + ((jax.ShapeDtypeStruct((mesh.size * tile, tile), dtype, sharding=data),)
+                           if pullback else ())
   with jax.enable_x64(section.dtype == "float64"):
-    memory = memory_per_device(program.lower(block, block).compile())
-    per_tile = program_flops(program, block, block)  # the per-device body: one tile
-  return ProgramCost(f"{label}: {n} x {n} in tiles of {tile}, {tiles} tiles",
+    memory = memory_per_device(program.lower(*args).compile())
+    per_tile = program_flops(program, *args)  # the per-device body: one tile
+  return ProgramCost(f"{label} in tiles of {tile}, {tiles} tiles",
                      -(-tiles // mesh.size), per_tile.flops * mesh.size, memory,
                      "config.infinite.batch_size", per_tile.unbounded_loops,
                      device_flops_per_call=per_tile.flops)
+
+
+def _robust_set(config: ml_collections.ConfigDict, mesh, num_optimised: int) -> list[ProgramCost]:
+  """The robust set's outer steps (robust_dataset.objective_and_gradient), each: the Gram matrix of
+  the optimised images in tiles, the attack and outer gradient per batch of targets (split over
+  the devices, scores in blocks of config.infinite.batch_size), the Gram's pullback in tiles."""
+  from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
+
+  s, num_classes = config.infinite, dataset_classes(config.data)
+  r, image_shape, m = s.robust_data, dataset_shape(config.data)[0], num_optimised
+  kernel_fn = infinite.kernel_function(s, num_classes)
+  per_step = lambda p: dataclasses.replace(p, calls=p.calls * r.num_steps)
+  gram = _analytic_kernel(s, num_classes, image_shape, m, mesh, "robust set, each step: Gram")
+  pullback = _tile_loop(s, image_shape, m, mesh, "robust set, each step: Gram pullback",
+                        tile_vjp_program(kernel_fn, mesh), pullback=True)
+  size = attack_batch_size(r.target_batch_size, config.eval_batch_size, mesh.size)
+  dtype, replicated, data = np.dtype(s.dtype), parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+  fixed = (jax.ShapeDtypeStruct((m, *image_shape), dtype, sharding=replicated),
+           jax.ShapeDtypeStruct((m, num_classes), dtype, sharding=replicated))
+  batch = {"images": jax.ShapeDtypeStruct((size, *image_shape), dtype, sharding=data),
+           "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=data),
+           "mask": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=data)}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  program = target_batch_program(kernel_fn, build_attack(r.attack, prefix="config.infinite.robust_data.attack"),
+                                 r.loss, s.batch_size, mesh)
+  with jax.enable_x64(s.dtype == "float64"):
+    targets = _program(f"robust set, each step: {r.attack.name} and outer gradient, {size} targets",
+                       program, (*fixed, batch, key, 1.0), -(-r.target_batch_size // size),
+                       "config.eval_batch_size or config.infinite.batch_size")
+  return [per_step(gram), per_step(targets), per_step(pullback)]
 
 
 def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: int,
@@ -460,10 +499,13 @@ def _infinite(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost
     attacks[json.dumps(c.to_dict(), sort_keys=True)][2] += 2 if held_out else 1
   programs += _kernel_regression(config, mesh, n, 3 if held_out else 2,
                                  {field: (c, models) for field, c, models in attacks.values()})
+  if s.robust_data.num_steps:
+    programs += _robust_set(config, mesh, len(optimised))
   notes = [f"infinite: each kernel regression solved on the host ({s.regression.solver}, about "
            f"{n ** 3 / 3:.3g} FLOP for the whole set; not modelled)",
-           f"infinite: the robust set's {s.robust_data.num_steps} outer steps (PGD on kernel regression "
-           "of target batches) and the finite networks' training and evaluation are not modelled"]
+           f"infinite: the robust set's {s.robust_data.num_steps} outer steps each solve and pull back "
+           f"a {len(optimised)}-image kernel regression on one device (not modelled)",
+           "infinite: the finite networks' training and evaluation are not modelled"]
   return programs, notes
 
 

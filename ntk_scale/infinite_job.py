@@ -84,6 +84,11 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
   check_robust_data_config(s.robust_data, s.num_train or num_train, num_classes)
+  optimised, _ = split_targets(s.robust_data.target_holdout, s.num_train or num_train, config.seed)
+  if config.batch_size > len(optimised):  # the network trained on the robust set, after hours
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(optimised)} images of "
+                     f"the robust set (config.infinite.num_train, less robust_data.target_holdout) "
+                     f"that a network of robust_data.network_width is trained on.")
 
 
 def _write_json(path: str, record: dict) -> None:

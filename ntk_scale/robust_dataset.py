@@ -148,7 +148,7 @@ def adversarial_objective(kernel_fn: KernelFn, support: jax.Array, support_label
 
 
 @functools.lru_cache(maxsize=8)
-def _target_batch_program(kernel_fn: KernelFn, attack: Attack, loss: str, block_size: int,
+def target_batch_program(kernel_fn: KernelFn, attack: Attack, loss: str, block_size: int,
                           mesh: Mesh):
   """One batch of targets, split over the devices: the attack against the predictor with the
   support and coefficients held fixed, then the batch's share of the outer loss and its gradient
@@ -188,7 +188,7 @@ def objective_and_gradient(kernel_fn: KernelFn, support: np.ndarray, support_lab
     raise FloatingPointError(f"kernel regression on the optimised images gave non-finite "
                              f"coefficients (solver {regression.solver!r}, regularizer "
                              f"{regression.regularizer}): raise config.infinite.regression.regularizer.")
-  program = _target_batch_program(kernel_fn, attack, loss, tile, mesh)
+  program = target_batch_program(kernel_fn, attack, loss, tile, mesh)
   fixed = parallel.replicate({"support": support, "coefficients": np.asarray(coefficients)}, mesh)
   value, d_support, d_coefficients = 0.0, np.zeros_like(support), np.zeros_like(coefficients)
   with jax.default_matmul_precision("highest"):

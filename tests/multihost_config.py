@@ -1,18 +1,41 @@
-"""The tiny job of tests/test_multihost.py: configs/digits.py:smoke with a 16-wide MLP, one epoch,
-and one 2-step PGD evaluation attack (multi-process attacks are exercised; compiles stay short)."""
+"""The tiny jobs of tests/test_multihost.py: configs/digits.py:smoke with a 16-wide MLP, one epoch,
+and one 2-step PGD evaluation attack (multi-process attacks are exercised; compiles stay short);
+`infinite`: configs/infinite_width.py:smoke shrunk to 40 training and 20 test images, one PGD-2
+per attack list and 3 robust-set steps saved every 2."""
 
 import importlib.util
 import os
 
+import ml_collections
+
 from ntk_scale.base_config import pgd_linf
 
-_DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(_CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _infinite():
+  c = _load("infinite_width").get_config("smoke")
+  s = c.infinite
+  s.update(num_train=40, num_test=20, batch_size=8)
+  s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
+  s.transfer.widths, s.transfer.num_epochs = (8,), 0.25
+  s.robust_data.update(num_steps=3, target_batch_size=8, checkpoint_every=2)
+  s.robust_data.eval_attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
+  c.batch_size, c.eval_batch_size = 16, 8
+  return c
 
 
 def get_config(arg: str = ""):
-  spec = importlib.util.spec_from_file_location("digits_config", _DIGITS)
-  digits = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(digits)
+  if arg == "infinite":
+    return _infinite()
+  digits = _load("digits")
   c = digits.get_config(",".join(["smoke"] + [v for v in arg.split(",") if v]))
   c.model.name, c.model.width, c.num_epochs = "mlp", 16, 1.0
   c.eval_attacks.pgd = pgd_linf(digits.EPS, num_steps=2)

@@ -224,9 +224,9 @@ def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch
   are those of the kernel function on one tile pair), the optimised set's kernel, and kernel
   regression clean and under each distinct attack, counted once per model it attacks (the
   original set's model runs both lists, PGD-2, in both, once; the optimised set's model the
-  evaluation list); a tile that
-  does not fit is refused naming config.infinite.batch_size. The eigen_features job on an
-  analytic kernel plans the same tile program."""
+  evaluation list), the robust set's programs once per outer step; a tile that does not fit is
+  refused naming config.infinite.batch_size. The eigen_features job on an analytic kernel plans
+  the same tile program."""
   from ntk_scale import infinite
   from ntk_scale.base_config import pgd_linf
 
@@ -257,7 +257,15 @@ def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch
   assert by_name["kernel regression under pgd (2 model(s))"].calls == 2 * calls
   assert by_name["kernel regression under pgd1 (1 model(s))"].calls == calls
   assert by_name["kernel regression under pgd3 (2 model(s))"].calls == 2 * calls
-  assert len(names) == 6 and "solved on the host" in plan.notes[0]
+  # The robust set's 2 outer steps: the Gram in the same tiles, the 50 targets in one attack batch
+  # (padded to 52 for 4 devices), the Gram's pullback in the same tiles (a VJP: dearer than the tile).
+  gram, targets, pullback = plan.programs[6:]
+  assert gram.name == "robust set, each step: Gram: 100 x 100 in tiles of 16, 28 tiles"
+  assert gram.calls == 14 and gram.device_flops_per_call == kernel.device_flops_per_call
+  assert targets.name == "robust set, each step: pgd and outer gradient, 52 targets"
+  assert targets.calls == 2 and targets.flops_per_call > 0
+  assert pullback.calls == 14 and pullback.device_flops_per_call > kernel.device_flops_per_call
+  assert len(names) == 9 and "solved on the host" in plan.notes[0]
   with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.infinite.batch_size"):
     jobs.dry_run(c, device_memory_bytes=2**12)
   c.job, c.eigen_features.source, c.kernel.num_examples = "eigen_features", "infinite", 100

@@ -151,6 +151,8 @@ def test_attacks_on_the_kernel_predictor_lower_accuracy_within_the_eps_ball(ntk_
                                          ("infinite.robust_data.data_eps", 0.0),
                                          ("infinite.robust_data.loss", "hinge"),
                                          ("infinite.robust_data.target_batch_size", 0),
+                                         ("infinite.robust_data.checkpoint_every", 0),
+                                         ("batch_size", 2000),
                                          ("infinite.transfer.widths", (0,)),
                                          ("infinite.architecture", "resnet")])
 def test_bad_infinite_job_field_is_named_before_compute(field, value):

@@ -256,6 +256,31 @@ def test_analytic_kernel_over_two_processes_equals_one_process(tmp_path):
     assert mine["robust_accuracy"] == pytest.approx(theirs["robust_accuracy"], abs=1e-12), mine["group"]
 
 
+def test_robust_set_over_two_processes_equals_one_process(tmp_path):
+  """The infinite job (tests/multihost_config.py:infinite) as processes 0 and 1: the robust set's
+  outer steps split their Gram tiles, attack batches and pullback tiles over the devices of both,
+  save their state with Orbax from both, and end with the images one process optimises."""
+  from ntk_scale import infinite
+  from ntk_scale.infinite_job import ROBUST_DATASET_FILE, ROBUST_DATASET_STEPS_DIR
+
+  neural_tangents_or_skip(infinite.FEATURE)
+  workdir = str(tmp_path / "pair")
+  run_pair(workdir, f"{CONFIG}:infinite")
+  (saved,) = (tmp_path / "pair" / ROBUST_DATASET_STEPS_DIR).iterdir()
+  assert [p.name for p in saved.iterdir() if p.name.isdigit()] == ["3"]
+  by_one = jobs.run(multihost_config.get_config("infinite"), str(tmp_path / "single"))
+  read = lambda d: np.load(d / ROBUST_DATASET_FILE, allow_pickle=False)
+  two, one = read(tmp_path / "pair"), read(tmp_path / "single")
+  # The gradients agree to float64 rounding (summed in another order); Adam divides each pixel's
+  # by its own running scale, so pixels whose gradient is ~0 move by rounding noise: 1e-8 here.
+  np.testing.assert_allclose(two["images"], one["images"], rtol=0, atol=1e-6)
+  record = json.loads(str(two["record"]))
+  np.testing.assert_allclose(record["objective"], json.loads(str(one["record"]))["objective"],
+                             rtol=1e-6)
+  results = json.loads((tmp_path / "pair" / "results.json").read_text())
+  assert results["robust_dataset"]["kernel_regression"] == by_one["robust_dataset"]["kernel_regression"]
+
+
 def test_start_up_flags_are_checked_before_joining_a_job():
   with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id"):
     parallel.initialize_distributed("127.0.0.1:1234", 2, None)
