@@ -43,7 +43,7 @@ import numpy as np
 from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
-from ntk_scale.data import Dataset, Split, class_balanced_subset, load_dataset, scarcest_class
+from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.ntk.job import KERNELS_DIR
@@ -55,20 +55,6 @@ ROBUST_DATASET_FILE = "robust_dataset.npz"
 ROBUST_DATASET_STEPS_DIR = "robust_dataset_steps"  # the optimisation's saved state, per settings
 
 
-def _check_subset(field: str, count: int, labels: np.ndarray, num_classes: int, split: str) -> None:
-  """config.infinite.<field>: 0 (the whole split) or a class-balanced subset the split can supply."""
-  if not 0 <= count <= len(labels) or (count and count % num_classes):
-    raise ValueError(f"config.infinite.{field}={count} must be 0 (all) or a multiple of "
-                     f"{num_classes} (the number of classes) in [{num_classes}, {len(labels)}] (a "
-                     f"class-balanced subset).")
-  if count:
-    scarce, available = scarcest_class(labels, range(num_classes))
-    if available < count // num_classes:
-      raise ValueError(f"config.infinite.{field}={count} takes {count // num_classes} {split} "
-                       f"images of each class, but class {scarce} has {available}: use at most "
-                       f"{available * num_classes}, or 0 for the whole split.")
-
-
 def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
                           num_classes: int, test_labels: np.ndarray | None = None) -> None:
   """Every config.infinite field, before any kernel is computed; `labels` are the training split's,
@@ -77,9 +63,9 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   infinite.check_architecture_config(s)
   check_regression_config(s.regression, "config.infinite.regression")
   num_train = len(labels)
-  _check_subset("num_train", s.num_train, labels, num_classes, "training")
+  check_subset_size("config.infinite.num_train", s.num_train, labels, range(num_classes), "training")
   if test_labels is not None:
-    _check_subset("num_test", s.num_test, test_labels, num_classes, "test")
+    check_subset_size("config.infinite.num_test", s.num_test, test_labels, range(num_classes), "test")
   build_attacks(s.attacks, "config.infinite.attacks", num_classes)
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")

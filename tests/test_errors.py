@@ -143,6 +143,7 @@ def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
 
   config = load_config("infinite_width", "smoke")
   labels = np.repeat(np.arange(4), [50, 50, 50, 5])  # 4 classes, the last one rare
+  config.batch_size = 10  # the network trained on the robust set of 20 images
   config.infinite.num_train = 30
   with pytest.raises(ValueError, match=r"config.infinite.num_train=30 must be 0 \(all\) or a multiple of 4"):
     check_infinite_config(config, labels, 4)
@@ -161,7 +162,7 @@ def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
   with pytest.raises(ValueError, match=r"config.infinite.num_test=6 must be 0 \(all\) or a multiple of 4"):
     check_infinite_config(config, labels, 4, test_labels)
   config.infinite.num_test = 16
-  with pytest.raises(ValueError, match="config.infinite.num_test=16 takes 4 test images of each class, "
+  with pytest.raises(ValueError, match="config.infinite.num_test=16 takes 4 test examples of each class, "
                                        "but class 3 has 3"):
     check_infinite_config(config, labels, 4, test_labels)
   config.infinite.num_test = 12

@@ -7,7 +7,7 @@ from ntk_scale.data.dataset import Dataset, Split
 from ntk_scale.data import digits
 from ntk_scale.data.digits import load_digits
 from ntk_scale.data.feature_injection import apply_transform, check_transform_config
-from ntk_scale.data.subset import class_balanced_subset, scarcest_class
+from ntk_scale.data.subset import check_subset_size, class_balanced_subset, scarcest_class
 from ntk_scale.data.tfds_source import TFDS_DATASETS, DatasetUnavailableError, load_tfds
 
 DATASET_NAMES = ("digits",) + tuple(TFDS_DATASETS)
@@ -44,4 +44,5 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
 
 __all__ = ["DATASET_NAMES", "Dataset", "DatasetUnavailableError", "Split", "TrainBatches",
            "check_data_config", "class_balanced_subset", "epoch_order", "eval_batches",
-           "load_dataset", "load_digits", "load_tfds", "num_classes", "scarcest_class"]
+           "load_dataset", "load_digits", "load_tfds", "num_classes", "scarcest_class",
+           "check_subset_size"]

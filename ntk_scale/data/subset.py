@@ -39,3 +39,23 @@ def scarcest_class(labels: np.ndarray, classes: Sequence[int]) -> tuple[int, int
   before any compute and name their own fields."""
   labels = np.asarray(labels)
   return min(((int(c), int(np.count_nonzero(labels == c))) for c in classes), key=lambda cc: cc[1])
+
+
+def check_subset_size(field: str, size: int, labels: np.ndarray, classes: Sequence[int],
+                      split: str, context: str = "") -> None:
+  """`field`=`size`: 0 (every example of `classes`) or a class-balanced subset of them that the
+  `split` split's `labels` can supply. Counts only, no sampling: config checks call it before any
+  compute, and its errors name `field` (followed by `context`, e.g. the field that chose the
+  classes)."""
+  groups = len(classes)
+  whole = isinstance(size, int) and not isinstance(size, bool)
+  if not whole or not 0 <= size <= len(labels) or size % groups:
+    raise ValueError(f"{field}={size!r}{context} must be 0 (all) or a multiple of {groups} (the "
+                     f"number of classes in the subset) in [{groups}, {len(labels)}] (a "
+                     f"class-balanced subset of the {split} split).")
+  if size:
+    scarce, count = scarcest_class(labels, classes)
+    if count < size // groups:
+      raise ValueError(f"{field}={size}{context} takes {size // groups} {split} examples of each "
+                       f"class, but class {scarce} has {count} {split} examples: use at most "
+                       f"{count * groups}, or 0 for every example of the classes.")

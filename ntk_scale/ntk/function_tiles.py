@@ -117,8 +117,10 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
       progress.step_done(number)
     if pending is not None:
       hand_over(*pending, on_tile)
-  logging.info("kernel of %d x %d: this process computed %d tiles in %.1f s", len(x1), len(x2),
-               handed, time.time() - started)
+  # Streamed kernels run for hours; in-memory ones are often one step of a loop (the robust set's).
+  logging.log(logging.INFO if store is not None else logging.DEBUG,
+              "kernel of %d x %d: this process computed %d tiles in %.1f s", len(x1), len(x2),
+              handed, time.time() - started)
   if store is not None:
     parallel.barrier(f"kernel tiles written {store.directory}")
     if jax.process_index() == 0 and not store.meta.get("complete"):

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files, parallel
-from ntk_scale.data import class_balanced_subset, load_dataset, scarcest_class
+from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.plan import METHODS
@@ -67,10 +67,6 @@ def check_kernel_subset(config: ml_collections.ConfigDict, num_classes: int,
   k = config.kernel
   if k.split not in SPLITS or labels is None:
     raise ValueError(f"config.kernel.split={k.split!r}; expected one of {', '.join(SPLITS)}.")
-  split_size = len(labels)
-  if k.num_examples < 0 or k.num_examples > split_size:
-    raise ValueError(f"config.kernel.num_examples={k.num_examples} must be in [0, {split_size}] "
-                     f"(0: the whole {k.split} split).")
   classes = tuple(int(c) for c in k.classes)
   if any(not 0 <= c < num_classes for c in classes):
     raise ValueError(f"config.kernel.classes={classes} must be class indices in [0, {num_classes}).")
@@ -78,18 +74,9 @@ def check_kernel_subset(config: ml_collections.ConfigDict, num_classes: int,
   if repeated:  # each listing would draw its own sample: the subset would repeat examples
     raise ValueError(f"config.kernel.classes={classes} lists class(es) {repeated} more than once; a "
                      f"class-balanced subset takes each class once.")
-  num_groups = len(classes) or num_classes
-  if k.num_examples % num_groups:
-    raise ValueError(f"config.kernel.num_examples={k.num_examples} must be a multiple of the number "
-                     f"of classes in the subset ({num_groups}): the subset is class-balanced.")
-  if k.num_examples:
-    scarce, count = scarcest_class(labels, classes or range(num_classes))
-    if count < k.num_examples // num_groups:
-      raise ValueError(
-          f"config.kernel.num_examples={k.num_examples} with config.kernel.classes={classes}"
-          f"{f' (all {num_classes})' if not classes else ''} takes {k.num_examples // num_groups} "
-          f"{k.split} examples of each class, but class {scarce} has {count} {k.split} examples: "
-          f"use at most {count * num_groups}, or 0 for every example of the classes.")
+  check_subset_size("config.kernel.num_examples", k.num_examples, labels,
+                    classes or range(num_classes), k.split,
+                    f" with config.kernel.classes={classes}{f' (all {num_classes})' if not classes else ''}")
 
 
 def plan_settings(k: ml_collections.ConfigDict) -> dict:
