@@ -38,7 +38,10 @@ KILL_AFTER_CHECKPOINTS = 5  # steps 0 (the initialisation), 3, 6, 8, 11 of 22: t
 SPECTRUM = {"job": "spectrum", "spectrum.num_eigenpairs": 4, "spectrum.oversample": 3,
             "spectrum.method": "sharded", "spectrum.dtype": "float64"}
 KERNELS = {"tiles": ({**SPECTRUM, "kernel.num_examples": 40, "kernel.tile_size": 8}, 15),
-           "ring": ({"job": "kernel", "kernel.num_examples": 40, "kernel.rotate": True}, 10)}
+           "ring": ({"job": "kernel", "kernel.num_examples": 40, "kernel.rotate": True}, 10),
+           # LOBPCG on the host, each process reading its share of 5 panels of 8 rows per product.
+           "streamed": ({**SPECTRUM, "spectrum.method": "streamed", "spectrum.max_block_mb": 0.0025,
+                         "kernel.num_examples": 40, "kernel.tile_size": 8}, 15)}
 
 
 def _free_port() -> int:
@@ -186,8 +189,11 @@ def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_proc
   jobs.run(single, workdir)
   by_one = KernelStore.open(os.path.join(workdir, "kernels", f"{layout}_single")).read()
   np.testing.assert_allclose(by_two.read(), by_one, rtol=1e-5, atol=1e-5 * np.abs(by_one).max())
-  if fields["job"] == "spectrum":
+  if layout == "streamed":
+    assert "spectrum plan: streamed LOBPCG" in logs[0] and "panels of 8 examples" in logs[0]
+  elif fields["job"] == "spectrum":
     assert "spectrum plan: sharded LOBPCG" in logs[0] and "rows split over 4 devices" in logs[0]
+  if fields["job"] == "spectrum":
     assert f"spectrum in {os.path.join(workdir, 'kernels', layout, 'spectrum')}" in logs[0]
     two_values, one_values = (np.load(os.path.join(workdir, "kernels", name, "spectrum", "values.npy"))
                               for name in (layout, f"{layout}_single"))

@@ -98,6 +98,15 @@ def test_top_k_streamed_from_store_equals_in_memory(tmp_path):
   in_memory = spectrum.top_eigenpairs(matrix, 6)
   np.testing.assert_allclose(streamed.values, in_memory.values, rtol=1e-10)
   assert np.max(scipy.linalg.subspace_angles(streamed.vectors, in_memory.vectors)) < 1e-6
+  # As processes 0, 1, 2 of three: contiguous shares of whole panels (1, 2 and 2 of the 5), each
+  # read by one process only; their rows of K V stacked are K V.
+  vectors = np.random.default_rng(0).normal(size=(150, 3))
+  thirds = [spectrum.StoredKernelOperator(store, max_block_bytes=40 * 150 * 8, process=(p, 3))
+            for p in range(3)]
+  assert [t.shares[t.process] for t in thirds] == [(0, 32), (32, 96), (96, 150)]
+  np.testing.assert_allclose(np.concatenate([t.share_product(vectors) for t in thirds]),
+                             matrix @ vectors, rtol=1e-12)
+  assert [t.panels_read for t in thirds] == [1, 2, 2]
   assert_same_eigenpairs(streamed, matrix, 6)
   assert operator.trace() == pytest.approx(np.trace(matrix), rel=1e-12)
 

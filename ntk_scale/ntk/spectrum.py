@@ -13,9 +13,11 @@ memory than one row panel plus the block (`StoredKernelOperator`).
 import dataclasses
 import warnings
 
+import jax
 import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
+from jax.experimental import multihost_utils
 
 from ntk_scale.ntk.store import KernelStore
 
@@ -82,11 +84,17 @@ class StoredKernelOperator(scipy.sparse.linalg.LinearOperator):
   """K @ V for a kernel in a KernelStore, reading it by row panels of at most `max_block_bytes`
   (aligned to the store's tiles when a panel spans several), so the kernel never has to fit.
 
-  `passes` counts full sweeps over the kernel and `panels_read` the reads, for tests and logs.
+  With several processes (every one calls each product, as the solvers on the host do), each
+  reads and multiplies its own contiguous share of the panels and the rows are gathered: per
+  product a process reads 1/P of the kernel (20 GB at 50,000 examples), not all of it.
+  `process` = (index, count) is this process's place (default: JAX's).
+
+  `passes` counts products (sweeps over this process's share) and `panels_read` this process's
+  reads, for tests and logs.
   """
 
   def __init__(self, store: KernelStore, dtype: str = "float64",
-               max_block_bytes: int = DEFAULT_BLOCK_BYTES):
+               max_block_bytes: int = DEFAULT_BLOCK_BYTES, process: tuple[int, int] | None = None):
     if store.meta.get("complete") is False:
       raise ValueError(f"{store.directory} is an unfinished kernel; rerun its kernel job to complete "
                        f"it before computing its spectrum.")
@@ -106,23 +114,43 @@ class StoredKernelOperator(scipy.sparse.linalg.LinearOperator):
     self.rows_per_read = min(rows, self.num_examples)
     self.passes = 0
     self.panels_read = 0
+    self.process, count = process or (jax.process_index(), jax.process_count())
+    starts = list(range(0, self.num_examples, self.rows_per_read)) + [self.num_examples]
+    cuts = [starts[(len(starts) - 1) * p // count] for p in range(count)] + [self.num_examples]
+    self.shares = list(zip(cuts[:-1], cuts[1:]))  # examples [first, stop) of each process
 
   def panels(self):
-    """(first matrix row, panel [rows * C, N * C]) for every row panel, in order."""
+    """(first matrix row, panel [rows * C, N * C]) for every row panel of this process's share,
+    in order."""
     c = self.logits_per_example
-    for start in range(0, self.num_examples, self.rows_per_read):
-      stop = min(start + self.rows_per_read, self.num_examples)
-      panel = self.store.read(rows=slice(start, stop)).astype(self.dtype, copy=False)
+    first, stop = self.shares[self.process]
+    for start in range(first, stop, self.rows_per_read):
+      panel = self.store.read(rows=slice(start, min(start + self.rows_per_read, stop)))
       self.panels_read += 1
-      yield start * c, as_matrix_rows(panel)
+      yield start * c, as_matrix_rows(panel.astype(self.dtype, copy=False))
 
-  def _matmat(self, vectors: np.ndarray) -> np.ndarray:
+  def share_product(self, vectors: np.ndarray) -> np.ndarray:
+    """This process's rows of K @ vectors (matrix rows first * C to stop * C of its share)."""
     vectors = np.asarray(vectors, self.dtype)
-    out = np.empty((self.shape[0], vectors.shape[1]), self.dtype)
-    for first, panel in self.panels():
-      out[first:first + panel.shape[0]] = panel @ vectors
+    c, (first, stop) = self.logits_per_example, self.shares[self.process]
+    out = np.empty(((stop - first) * c, vectors.shape[1]), self.dtype)
+    for row, panel in self.panels():
+      out[row - first * c:row - first * c + panel.shape[0]] = panel @ vectors
     self.passes += 1
     return out
+
+  def _matmat(self, vectors: np.ndarray) -> np.ndarray:
+    mine = self.share_product(vectors)
+    if len(self.shares) == 1:
+      return mine
+    c = self.logits_per_example
+    longest = max(stop - first for first, stop in self.shares) * c
+    padded = np.zeros((longest, mine.shape[1]), self.dtype)
+    padded[:len(mine)] = mine
+    with jax.enable_x64(True):  # float64 rows stay float64 through the gather
+      every = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([every[p, :(stop - first) * c]
+                           for p, (first, stop) in enumerate(self.shares)])
 
   def _matvec(self, vector: np.ndarray) -> np.ndarray:
     return self._matmat(np.reshape(vector, (-1, 1)))[:, 0]
@@ -136,6 +164,9 @@ class StoredKernelOperator(scipy.sparse.linalg.LinearOperator):
     for first, panel in self.panels():
       rows = np.arange(panel.shape[0])
       total += float(panel[rows, first + rows].sum())
+    if len(self.shares) > 1:
+      with jax.enable_x64(True):
+        total = float(np.asarray(multihost_utils.process_allgather(np.float64(total))).sum())
     return total
 
 
