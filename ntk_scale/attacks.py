@@ -8,8 +8,8 @@ What is here:
   apgd_ce    APGD with cross-entropy (Croce and Hein 2020), L-inf or L2
   apgd_dlr   APGD on the DLR loss (invariant to the logits' scale: no softmax saturation)
   apgd_t     APGD-T: targeted DLR toward each of the top num_targets other classes
-  fab_t      FAB-T (Croce and Hein 2020), L-inf: the targeted Fast Adaptive Boundary attack, a
-             minimal-norm search along the decision boundary (ntk_scale/fab.py)
+  fab_t      FAB-T (Croce and Hein 2020), L-inf or L2: the targeted Fast Adaptive Boundary attack,
+             a minimal-norm search along the decision boundary (ntk_scale/fab.py)
   square     Square Attack (Andriushchenko et al. 2020), L-inf: random search on the logits only,
              blind to gradient masking
   worst_of   several of these on one batch, per example the strongest result (AutoAttack's count:
@@ -522,15 +522,16 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
 
 def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
           **settings) -> jax.Array:
-  """FAB-T, L-inf (AutoAttack's third attack): `ntk_scale.fab.fab_t`. That module builds on this
-  one's pieces, so it is imported here, when the attack runs, not when this module loads."""
+  """FAB-T, L-inf or L2 (`norm`; AutoAttack's third attack): `ntk_scale.fab.fab_t`. That module
+  builds on this one's pieces, so it is imported here, when the attack runs, not when this module
+  loads."""
   from ntk_scale import fab  # pylint: disable=import-outside-toplevel
   return fab.fab_t(logits_fn, images, labels, key, **settings)
 
 
 ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce,
            "apgd_dlr": apgd_dlr, "apgd_t": apgd_t, "fab_t": fab_t, "square": square}
-_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm", "fab_t", "square")
+_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm", "square")
 
 
 # --------------------------------------------------------------------------- from a config
@@ -637,7 +638,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
                    "lie in (0, 1) (the backward step toward the clean image)")
     return lambda logits_fn, images, labels, key: fab_t(
         logits_fn, images, labels, key, eps=eps, num_steps=num_steps, num_targets=num_targets,
-        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta)
+        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, norm=norm)
   if name in ("apgd_ce", "apgd_dlr", "apgd_t"):
     rho = c.get("rho", 0.75)
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:

@@ -1,21 +1,22 @@
-"""FAB-T: the targeted Fast Adaptive Boundary attack, L-inf (Croce and Hein, ICML 2020), inside jit.
+"""FAB-T: the targeted Fast Adaptive Boundary attack, L-inf and L2 (Croce and Hein, ICML 2020),
+inside jit.
 
 FAB looks for the smallest perturbation that changes the prediction, not for the highest loss in
 an eps-ball: each step linearises the difference of two logits at the current iterate, projects
 both the iterate and the clean image onto the hyperplane where that linearisation vanishes (the
-minimal-norm step that also keeps the image in [0, 1]), moves to a convex combination of the two
-projections biased toward the clean image, overshoots slightly, and steps back toward the clean
-image whenever an iterate is misclassified. AutoAttack's standard version runs its targeted
-variant (FAB-T: the logit difference toward each of 9 target classes in turn) after APGD-CE and
-APGD-T because it reasons about the decision boundary instead of following a loss: where the loss
-landscape misleads (flat or saturated losses, losses whose ascent direction points away from the
-nearest boundary) it still finds points that loss-based attacks miss, and it reaches them with
-close to the minimal norm. An example counts as broken only when the point FAB found lies within
-eps of it, as in AutoAttack.
+step of least L-inf or L2 norm, the attack's, that also keeps the image in [0, 1]), moves to a
+convex combination of the two projections biased toward the clean image, overshoots slightly, and
+steps back toward the clean image whenever an iterate is misclassified. AutoAttack's standard
+versions (L-inf and L2) run its targeted variant (FAB-T: the logit difference toward each of 9
+target classes in turn) after APGD-CE and APGD-T because it reasons about the decision boundary
+instead of following a loss: where the loss landscape misleads (flat or saturated losses, losses
+whose ascent direction points away from the nearest boundary) it still finds points that
+loss-based attacks miss, and it reaches them with close to the minimal norm. An example counts as
+broken only when the point FAB found lies within eps of it, as in AutoAttack.
 
 `fab_t` transcribes AutoAttack's `FABAttack_PT` with `targeted=True` (fab_base.py,
-fab_projections.py) as its standard version calls it: n_target_classes 9, n_restarts 1,
-n_iter 100, alpha_max 0.1, eta 1.05, beta 0.9; see its docstring for the deviations.
+fab_projections.py) as its standard versions call it, norm 'Linf' or 'L2': n_target_classes 9,
+n_restarts 1, n_iter 100, alpha_max 0.1, eta 1.05, beta 0.9; see its docstring for the deviations.
 """
 
 import math
@@ -23,12 +24,16 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ntk_scale.attacks import LogitsFn, _per_example, _strongest_of, ranked_targets
+from ntk_scale.attacks import LogitsFn, _check_norm, _per_example, _strongest_of, ranked_targets
 
 # The reference's distance of an example for which no misclassified iterate has been found yet.
 _NOT_FOUND = 1e10
 # The reference's floor on the norms of the two projection steps (keeps alpha = 0/0 finite).
 _NORM_FLOOR = 1e-8
+# projection_l2's: coordinates with |w_i| <= _W_FLOOR never move; _FAR stands for "never reaches
+# the box" (and caps the distance to the box along w).
+_W_FLOOR = 1e-8
+_FAR = 1e12
 
 
 def hyperplane_step_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -92,17 +97,87 @@ def hyperplane_step_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.A
   return jnp.where(moves, step, 0.0)
 
 
+def hyperplane_step_l2(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """Per row, the step d of least L2 norm with w . (points + d) = b and points + d in [0, 1]
+  (`projection_l2` of AutoAttack's fab_projections.py). points, w: [M, D]; b: [M].
+
+  The least-L2 step onto a hyperplane within a box is d_i = clip(-lam w_i) to the box, for the one
+  lam >= 0 that reaches the hyperplane (after orienting it so that w . points >= b): every
+  coordinate moves along -w until it reaches the box, coordinate i at lam = r_i (its distance to
+  that edge over |w_i|), which lowers w . x by h(lam) = sum_i w_i^2 min(lam, r_i), piecewise
+  linear and increasing in lam. The answer is the lam with h(lam) = w . points - b: in closed form
+  when it is below every r_i (the step is the unconstrained (b - w . points) w / |w|^2), else on
+  the segment between two consecutive sorted r_i, found by bisection. When the box cannot reach
+  the hyperplane, the step goes to the corner of the box nearest to it (every moving coordinate
+  at its edge). Coordinates with |w_i| <= 1e-8 never move (the reference's floor; w . (points + d)
+  then misses b by their share). Vectorised over rows, jittable: one sort per row,
+  ceil(log2 D) bisection steps for every row.
+  """
+  num = points.shape[1]
+  excess = jnp.sum(w * points, 1) - b
+  flip = jnp.where(excess >= 0, 1.0, -1.0).astype(w.dtype)
+  w, excess = w * flip[:, None], excess * flip  # the step must lower w . x by excess >= 0
+  moves = jnp.abs(w) > _W_FLOOR
+  safe_w = jnp.where(moves, w, 1.0)
+  reach_at = jnp.clip(jnp.maximum(points / safe_w, (points - 1) / safe_w), -_FAR, _FAR)
+  reach_at = jnp.where(moves & (reach_at != -_FAR), reach_at, _FAR)  # r_i
+  to_box = jnp.where(moves, -reach_at * w, 0.0)  # every coordinate at its edge
+
+  order = jnp.argsort(reach_at, 1)
+  sorted_at = jnp.take_along_axis(reach_at, order, 1)
+  next_at = jnp.pad(sorted_at[:, 1:], ((0, 0), (0, 1)))
+  sorted_at = jnp.where(sorted_at == _FAR, 0.0, sorted_at)
+  next_at = jnp.where(next_at == _FAR, 0.0, next_at)
+  total = jnp.sum(w ** 2, 1, keepdims=True)
+  # weight[k]: the w_i^2 of the coordinates that still move past sorted_at[k]; lowered[k] =
+  # -h(sorted_at[k]), the change of w . x when lam reaches the k-th sorted r_i.
+  weight = total - jnp.cumsum(jnp.take_along_axis(w ** 2, order, 1), 1)
+  first = -total * sorted_at[:, :1]
+  lowered = jnp.concatenate([first, jnp.cumsum((sorted_at - next_at) * weight, 1) + first], 1)
+
+  def at(values, k):
+    return jnp.take_along_axis(values, k[:, None], 1)[:, 0]
+
+  inside = lowered[:, 0] + excess < 0  # lam below every r_i: no coordinate at the box
+  out_of_reach = jnp.sum(to_box * w, 1) + excess > 0
+
+  def bisect(_, bounds):
+    low, high = bounds
+    middle = (low + high) // 2
+    short = at(lowered, middle) + excess > 0  # lam beyond sorted_at[middle]
+    return jnp.where(short, middle, low), jnp.where(short, high, middle)
+
+  low, _ = jax.lax.fori_loop(0, math.ceil(math.log2(num)), bisect,
+                             (jnp.zeros(excess.shape, jnp.int32),
+                              jnp.full(excess.shape, num - 1, jnp.int32)))
+  low_weight = at(weight, low)
+  lam = jnp.where(low_weight == 0, 0.0,
+                  (at(lowered, low) + excess) / jnp.where(low_weight == 0, 1.0, low_weight)
+                  + at(sorted_at, low))[:, None]
+  between = jnp.where(lam > reach_at, to_box, -lam * w)
+  step = jnp.where(inside[:, None], -(excess[:, None] / total) * w,
+                   jnp.where(out_of_reach[:, None], to_box, between))
+  return jnp.where(moves, step, 0.0)
+
+
 def _linf(x: jax.Array) -> jax.Array:
   """Per-example L-inf norm over all non-batch axes, [N]."""
   return jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), 1)
 
 
+def _l2(x: jax.Array) -> jax.Array:
+  """Per-example L2 norm over all non-batch axes, [N]."""
+  return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), 1))
+
+
 def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets: jax.Array,
-             start: jax.Array, num_steps: int, alpha_max: float, eta: float,
-             beta: float) -> jax.Array:
+             start: jax.Array, num_steps: int, alpha_max: float, eta: float, beta: float,
+             norm: str = "linf") -> jax.Array:
   """One run of FAB toward `targets` from `start` (AutoAttack's `attack_single_run`, targeted):
-  per example the misclassified iterate closest to the clean image in L-inf (the clean image
+  per example the misclassified iterate closest to the clean image in `norm` (the clean image
   where none was found)."""
+  step_onto, size = ((hyperplane_step_linf, _linf) if norm == "linf"
+                     else (hyperplane_step_l2, _l2))
   n = images.shape[0]
   flat = lambda x: x.reshape(n, -1)
   pick = lambda logits, classes: jnp.take_along_axis(logits, classes[:, None], 1)[:, 0]
@@ -117,17 +192,17 @@ def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets:
     grad, diff = jax.grad(difference, has_aux=True)(x)
     w = flat(grad)
     b = jnp.sum(w * flat(x), 1) - diff  # the linearisation vanishes on w . z = b
-    step_x = hyperplane_step_linf(flat(x), w, b).reshape(x.shape)
-    step_clean = hyperplane_step_linf(flat(images), w, b).reshape(x.shape)
-    norm_x = jnp.maximum(_linf(step_x), _NORM_FLOOR)
-    norm_clean = jnp.maximum(_linf(step_clean), _NORM_FLOOR)
+    step_x = step_onto(flat(x), w, b).reshape(x.shape)
+    step_clean = step_onto(flat(images), w, b).reshape(x.shape)
+    norm_x = jnp.maximum(size(step_x), _NORM_FLOOR)
+    norm_clean = jnp.maximum(size(step_clean), _NORM_FLOOR)
     alpha = _per_example(jnp.clip(norm_x / (norm_x + norm_clean), 0.0, alpha_max), x)
     x = jnp.clip((x + eta * step_x) * (1 - alpha) + (images + eta * step_clean) * alpha, 0.0, 1.0)
     fooled = jnp.argmax(logits_fn(x), -1) != labels
-    norm = _linf(x - images)
-    closer = fooled & (norm < distance)
+    current = size(x - images)
+    closer = fooled & (current < distance)
     found = jnp.where(_per_example(closer, x), x, found)
-    distance = jnp.where(closer, norm, distance)
+    distance = jnp.where(closer, current, distance)
     x = jnp.where(_per_example(fooled, x), images + (x - images) * beta, x)
     return x, found, distance
 
@@ -137,16 +212,20 @@ def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets:
 
 def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
           eps: float, num_steps: int = 100, num_targets: int = 9, restarts: int = 1,
-          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> jax.Array:
-  """FAB-T, L-inf (AutoAttack's third attack): FAB toward each of the `num_targets` classes the
-  clean logits rank highest after the true one, `restarts` runs each; per example a misclassified
-  point within eps of the clean image if a run found one, else the clean image.
+          alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+          norm: str = "linf") -> jax.Array:
+  """FAB-T, L-inf or L2 (`norm`; AutoAttack's third attack): FAB toward each of the
+  `num_targets` classes the clean logits rank highest after the true one, `restarts` runs each;
+  per example a misclassified point within eps (in `norm`) of the clean image if a run found one,
+  else the clean image.
 
   A run starts at the clean image (restart 0, AutoAttack's only one) or, for restarts 1, 2, ..., at
-  x_0 + u / max|u| * eps / 2, u uniform in [-1, 1] with the global batch shape, clipped to [0, 1].
+  x_0 + u / |u| * eps / 2 with the global batch shape, clipped to [0, 1]: L-inf u uniform in
+  [-1, 1] and |u| = max|u|, L2 u standard normal and |u| its L2 norm (the reference's draws).
   Each of `num_steps` steps: w = grad(z_t - z_y) at the iterate x, the hyperplane
-  w . z = w . x - (z_t - z_y); d_x, d_0 the least-L-inf steps from x and from the clean image x_0
-  onto it within [0, 1] (`hyperplane_step_linf`); alpha = min(|d_x| / (|d_x| + |d_0|), alpha_max);
+  w . z = w . x - (z_t - z_y); d_x, d_0 the least-`norm` steps from x and from the clean image x_0
+  onto it within [0, 1] (`hyperplane_step_linf`, `hyperplane_step_l2`);
+  alpha = min(|d_x| / (|d_x| + |d_0|), alpha_max), |.| in `norm`;
   x <- clip((x + eta d_x)(1 - alpha) + (x_0 + eta d_0) alpha, 0, 1); if x is misclassified it is
   kept when closer to x_0 than the closest so far, and x <- x_0 + beta (x - x_0). The run's result
   is its closest misclassified iterate if that lies within eps of x_0 (and the model classified
@@ -163,13 +242,17 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
     BatchNorm in train mode examples interact, and the reference's batches (the examples still
     robust) differ from these.
   - The random start of restarts 1, 2, ... uses jax.random draws of the global batch shape (the
-    reference's torch draws depend on which examples are still being attacked), and max|u| is
+    reference's torch draws depend on which examples are still being attacked), and |u| is
     floored at 1e-12; with AutoAttack's restarts = 1 no random draw is made and the key is unused.
+  - L2: the projection sorts with a stable sort (torch.sort is not stable); the ties it orders
+    differently change only the rounding of its sums.
   - The targets are ranked on the clean logits with the true class excluded (as `apgd_t`); the
     reference ranks them including it, which differs only for examples the model misclassifies,
     and those FAB does not attack.
   - Computed in the images' dtype (the reference casts to float32).
   """
+  _check_norm(norm)
+  size = _linf if norm == "linf" else _l2
   logits = logits_fn(images)
   ranked = ranked_targets(logits, labels, num_targets, 2, "FAB-T")
   correct = jnp.argmax(logits, -1) == labels
@@ -178,12 +261,16 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
     targets = jax.lax.dynamic_index_in_dim(ranked, r // restarts, axis=1, keepdims=False)
     start = images
     if restarts > 1:
-      u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, images.dtype, -1.0, 1.0)
-      scattered = images + eps * u / _per_example(jnp.maximum(_linf(u), 1e-12), u) * 0.5
+      if norm == "linf":
+        u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, images.dtype, -1.0, 1.0)
+      else:
+        u = jax.random.normal(jax.random.fold_in(key, r), images.shape, images.dtype)
+      scattered = images + eps * u / _per_example(jnp.maximum(size(u), 1e-12), u) * 0.5
       start = jnp.where(r % restarts == 0, images, jnp.clip(scattered, 0.0, 1.0))
-    found = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta)
+    found = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta,
+                     norm)
     broken = (correct & (jnp.argmax(logits_fn(found), -1) != labels)
-              & (_linf(found - images) <= eps))
+              & (size(found - images) <= eps))
     return jnp.where(_per_example(broken, images), found, images)
 
   return _strongest_of(run, num_targets * restarts, logits_fn, images, labels)

@@ -104,6 +104,7 @@ _CONFIGS = [
     dict(name="apgd_t", norm="l2", num_steps=3, num_targets=2),
     dict(name="square", num_queries=40, restarts=2),
     dict(name="fab_t", num_steps=5, num_targets=2, restarts=2),
+    dict(name="fab_t", norm="l2", num_steps=5, num_targets=2),
     dict(name="worst_of", norm="linf", attacks=dict(
         ce=dict(name="apgd_ce", num_steps=3), t=dict(name="apgd_t", num_steps=3, num_targets=2))),
 ]
@@ -614,7 +615,7 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="fab_t", eps=0.1, num_steps=5, alpha_max=1.5), "config.alpha_max"),
     (dict(name="fab_t", eps=0.1, num_steps=5, eta=0.9), "config.eta"),
     (dict(name="fab_t", eps=0.1, num_steps=5, beta=1.0), "config.beta"),
-    (dict(name="fab_t", eps=0.1, num_steps=5, norm="l2"), "config.norm"),
+    (dict(name="fab_t", eps=0.1, num_steps=5, norm="l3"), "config.norm"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="pgd", eps=0.2, step_size=0.1,
                                                           num_steps=2))), "config.attacks.a.eps"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="apgd_ce", num_steps=0))),

@@ -1,6 +1,7 @@
-"""FAB-T (ntk_scale/fab.py): its hyperplane projection against a linear program, its loop against a
-per-example transcription of AutoAttack's reference, and its distance on a linear model against
-the closed form. The shared attack properties (ball and box, devices, config errors) are in
+"""FAB-T (ntk_scale/fab.py), L-inf and L2: its hyperplane projections against a linear program
+(L-inf) and against the KKT conditions and SLSQP (L2), its loop against a per-example
+transcription of AutoAttack's reference, and its distance on a linear model against the closed
+form. The shared attack properties (ball and box, devices, config errors) are in
 test_attacks.py with the other attacks."""
 
 import math
@@ -8,7 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import linprog
+import pytest
+from scipy.optimize import brentq, linprog, minimize
 
 from ntk_scale import fab
 from test_attacks import _init, _jit_attack, _tiny_mlp  # pylint: disable=wrong-import-order
@@ -68,6 +70,75 @@ def test_hyperplane_step_is_the_least_linf_step_a_linear_program_finds():
   assert min(counts.values()) >= 10, counts  # every branch of the reference exercised
 
 
+def _least_l2_step(t, w, b):
+  """min_d |d|_2 subject to w . (t + d) = b and t + d in [0, 1], from the KKT conditions: d =
+  clip(-lam w) to the box, lam >= 0 (after orienting the hyperplane so that w . t >= b) the root
+  of w . (t + d) = b (brentq); checked against scipy's generic SLSQP. None when infeasible."""
+  sign = 1.0 if w @ t >= b else -1.0
+  lowest = np.where(sign * w > 0, 0.0, 1.0) * (w != 0) + t * (w == 0)  # least sign * w . x
+  if sign * (w @ lowest - b) > 0:
+    return None
+  excess = lambda lam: sign * (w @ (t + np.clip(-sign * lam * w, -t, 1 - t)) - b)
+  top = max(np.max(np.maximum(t, 1 - t)[w != 0] / np.abs(w[w != 0]), initial=0.0), 1.0)
+  lam = 0.0 if excess(0.0) <= 0 else brentq(excess, 0.0, top, xtol=1e-15, rtol=1e-15)
+  step = np.clip(-sign * lam * w, -t, 1 - t)
+  generic = minimize(lambda d: d @ d, np.zeros(len(t)), jac=lambda d: 2 * d, method="SLSQP",
+                     bounds=list(zip(-t, 1 - t)), options=dict(ftol=1e-15, maxiter=500),
+                     constraints=[dict(type="eq", fun=lambda d: w @ (t + d) - b, jac=lambda d: w)])
+  np.testing.assert_allclose(generic.x, step, atol=1e-7)
+  return step
+
+
+def test_hyperplane_step_l2_is_the_least_l2_step_of_the_kkt_conditions():
+  """On random instances as the L-inf test's (d = 6, 11, 20; some w_i = 0, a few below the
+  reference's 1e-8 floor; coordinates on the box's faces; b near and far from w . t): the step
+  equals the numpy transcription of AutoAttack's projection_l2 and, where the hyperplane is
+  reachable, the least-L2 step of the KKT conditions (which SLSQP confirms) with w_i <= 1e-8 taken
+  as 0, and where no coordinate reaches the box the closed form (b - w . t) w / |w|^2; where it is
+  not reachable, the box corner nearest to it (the reference's fallback). Coordinates with
+  |w_i| <= 1e-8 never move."""
+  rng = np.random.default_rng(1)
+  counts = dict(inside=0, at_box=0, out_of_reach=0)
+  with jax.enable_x64(True):
+    for dim in (6, 11, 20):
+      m = 40
+      t = rng.uniform(size=(m, dim))
+      t[rng.uniform(size=t.shape) < 0.1] = 0.0
+      t[rng.uniform(size=t.shape) < 0.1] = 1.0
+      w = rng.normal(size=(m, dim))
+      w[rng.uniform(size=w.shape) < 0.15] = 0.0
+      w[rng.uniform(size=w.shape) < 0.05] = 1e-9
+      scale = rng.choice([0.01, 0.2, 2.0], size=m) * np.sqrt(np.sum(w ** 2, 1))
+      b = np.sum(w * t, 1) + rng.normal(size=m) * scale
+      b[0] = w[0] @ t[0]  # already on the hyperplane
+      step = np.asarray(jax.jit(fab.hyperplane_step_l2)(t, w, b))
+      assert step.dtype == np.float64
+      for i in range(m):
+        np.testing.assert_allclose(step[i], _reference_projection_l2(t[i], w[i], b[i]),
+                                   atol=1e-12, err_msg=str(i))
+        assert np.all(step[i][np.abs(w[i]) <= 1e-8] == 0), i
+        kept = np.where(np.abs(w[i]) > 1e-8, w[i], 0.0)  # the hyperplane the reference reaches
+        optimum = _least_l2_step(t[i], kept, b[i] - (w[i] - kept) @ t[i])
+        x = t[i] + step[i]
+        assert x.min() >= -1e-12 and x.max() <= 1 + 1e-12, i
+        if optimum is None:
+          sign = 1.0 if w[i] @ t[i] >= b[i] else -1.0
+          corner = np.where(sign * kept > 0, 0.0, 1.0)
+          np.testing.assert_allclose(x, np.where(kept != 0, corner, t[i]), atol=1e-12)
+          counts["out_of_reach"] += 1
+          continue
+        np.testing.assert_allclose(step[i], optimum, atol=1e-10, err_msg=str(i))
+        np.testing.assert_allclose(kept @ x, b[i] - (w[i] - kept) @ t[i], atol=1e-10)
+        if np.all((x > 0) & (x < 1) | (kept == 0)):
+          closed = (b[i] - w[i] @ t[i]) * kept / (kept @ kept)
+          np.testing.assert_allclose(step[i], closed, atol=1e-12, err_msg=str(i))
+          counts["inside"] += 1
+        else:
+          counts["at_box"] += 1
+      np.testing.assert_allclose(step[0], 0.0, atol=1e-12)
+  assert min(counts.values()) >= 10, counts  # every branch of the reference exercised
+
+
 # --------------------------------------------------------------------------- the reference loop
 
 def _reference_projection_linf(t, w, b):
@@ -99,6 +170,45 @@ def _reference_projection_linf(t, w, b):
   return d * (w != 0)
 
 
+def _reference_projection_l2(t, w, b):
+  """AutoAttack's projection_l2 (fab_projections.py) for one row, its branches as ifs."""
+  dim = len(t)
+  c = w @ t - b
+  if c < 0:
+    w, c = -w, -c
+  with np.errstate(divide="ignore", invalid="ignore"):
+    r = np.clip(np.maximum(t / w, (t - 1) / w), -1e12, 1e12)
+  r[np.abs(w) < 1e-8] = 1e12
+  r[r == -1e12] = 1e12
+  indr = np.argsort(r, kind="stable")
+  rs = r[indr]
+  rs2 = np.r_[rs[1:], 0.0]
+  rs[rs == 1e12] = 0
+  rs2[rs2 == 1e12] = 0
+  w5 = np.sum(w ** 2)
+  ws = w5 - np.cumsum(w[indr] ** 2)
+  d = -(r * w) * (np.abs(w) > 1e-8)
+  s = np.r_[-w5 * rs[0], np.cumsum((-rs2 + rs) * ws) - w5 * rs[0]]
+  if s[0] + c < 0:
+    d = -c / w5 * w
+  elif d @ w + c <= 0:
+    lb, ub = 0, dim - 1
+    for _ in range(math.ceil(math.log2(dim))):
+      middle = (lb + ub) // 2
+      if s[middle] + c > 0:
+        lb = middle
+      else:
+        ub = middle
+    alpha = 0.0 if ws[lb] == 0 else (s[lb] + c) / ws[lb] + rs[lb]
+    d = np.where(alpha > r, d, -alpha * w)
+  return d * (np.abs(w) > 1e-8)
+
+
+# The reference's projection and norm of each attack norm.
+_REFERENCE_NORMS = {"linf": (_reference_projection_linf, lambda v: np.abs(v).max()),
+                    "l2": (_reference_projection_l2, lambda v: np.sqrt(np.sum(v ** 2)))}
+
+
 def _numpy_mlp(params, x):
   """Logits of the 1-hidden-layer MLP and their input Jacobian [C, *x.shape], in float64."""
   w1, b1 = (np.asarray(params["dense1"][k], np.float64) for k in ("kernel", "bias"))
@@ -109,11 +219,12 @@ def _numpy_mlp(params, x):
   return logits, jacobian.reshape(-1, *x.shape)
 
 
-def _reference_fab_run(model, x0, y, target, start, eps, num_steps, alpha_max=0.1, eta=1.05,
-                       beta=0.9):
+def _reference_fab_run(model, x0, y, target, start, eps, num_steps, norm="linf", alpha_max=0.1,
+                       eta=1.05, beta=0.9):
   """AutoAttack's attack_single_run (fab_base.py), targeted, for one example, then perturb's eps
   check: the result (the closest misclassified iterate if within eps, else x0) and the distance
-  of the closest misclassified iterate (1e10 if none)."""
+  in `norm` of the closest misclassified iterate (1e10 if none)."""
+  projection, size = _REFERENCE_NORMS[norm]
   logits, _ = model(x0)
   if np.argmax(logits) != y:
     return x0, 1e10
@@ -123,28 +234,29 @@ def _reference_fab_run(model, x0, y, target, start, eps, num_steps, alpha_max=0.
     df = logits[target] - logits[y]
     w = (jacobian[target] - jacobian[y]).reshape(-1)
     b = -df + w @ x1.reshape(-1)
-    d1 = _reference_projection_linf(x1.reshape(-1), w, b).reshape(x1.shape)
-    d2 = _reference_projection_linf(x0.reshape(-1), w, b).reshape(x1.shape)
-    a1, a2 = max(np.abs(d1).max(), 1e-8), max(np.abs(d2).max(), 1e-8)
+    d1 = projection(x1.reshape(-1), w, b).reshape(x1.shape)
+    d2 = projection(x0.reshape(-1), w, b).reshape(x1.shape)
+    a1, a2 = max(size(d1), 1e-8), max(size(d2), 1e-8)
     alpha = min(max(a1 / (a1 + a2), 0.0), alpha_max)
     x1 = np.clip((x1 + eta * d1) * (1 - alpha) + (x0 + d2 * eta) * alpha, 0.0, 1.0)
     if np.argmax(model(x1)[0]) != y:
-      t = np.abs(x1 - x0).max()
+      t = size(x1 - x0)
       if t < res:
         adv, res = x1, t
       x1 = x0 + (x1 - x0) * beta
-  broken = np.argmax(model(adv)[0]) != y and np.abs(adv - x0).max() <= eps
+  broken = np.argmax(model(adv)[0]) != y and size(adv - x0) <= eps
   return (adv if broken else x0), res
 
 
-def test_fab_t_follows_autoattacks_reference_loop():
+@pytest.mark.parametrize("norm,eps", [("linf", 0.04), ("l2", 0.3)])
+def test_fab_t_follows_autoattacks_reference_loop(norm, eps):
   """FAB-T on a small MLP equals AutoAttack's algorithm written as a loop per example (its
   projection transcribed separately, with its if-branches), 3 targets x 2 restarts of 10 steps,
   restart 1 from the documented eps / 2 random start; per example the strongest run (misclassified
   first, then cross-entropy). float64, as the APGD test: float32 near-ties can branch apart."""
   model = _tiny_mlp()
   rng = np.random.default_rng(3)
-  n, eps, num_steps, num_targets, restarts = 16, 0.04, 10, 3, 2
+  n, num_steps, num_targets, restarts = 16, 10, 3, 2
   with jax.enable_x64(True):
     variables = jax.tree.map(lambda v: v.astype(np.float64), _init(model, (1, 8, 8, 1), seed=6))
     images = rng.uniform(size=(n, 8, 8, 1))
@@ -153,10 +265,11 @@ def test_fab_t_follows_autoattacks_reference_loop():
     labels[:2] = (labels[:2] + 1) % 10  # two examples the model already misclassifies
     key = jax.random.key(5)
     x_adv = np.asarray(_jit_attack(lambda f, x, y, k: fab.fab_t(
-        f, x, y, k, eps=eps, num_steps=num_steps, num_targets=num_targets, restarts=restarts),
-        model)(variables, images, labels, key))
-    draws = [np.asarray(jax.random.uniform(jax.random.fold_in(key, r), images.shape, jnp.float64,
-                                           -1.0, 1.0)) for r in range(num_targets * restarts)]
+        f, x, y, k, eps=eps, num_steps=num_steps, num_targets=num_targets, restarts=restarts,
+        norm=norm), model)(variables, images, labels, key))
+    draw = ((lambda k: jax.random.uniform(k, images.shape, jnp.float64, -1.0, 1.0))
+            if norm == "linf" else (lambda k: jax.random.normal(k, images.shape, jnp.float64)))
+    draws = [np.asarray(draw(jax.random.fold_in(key, r))) for r in range(num_targets * restarts)]
   assert x_adv.dtype == np.float64
   numpy_model = lambda x: _numpy_mlp(variables["params"], x)
   cross_entropy = lambda z, y: np.log(np.exp(z - z.max()).sum()) + z.max() - z[y]
@@ -168,9 +281,9 @@ def test_fab_t_follows_autoattacks_reference_loop():
     for r in range(num_targets * restarts):
       u = draws[r][i]
       start = images[i] if r % restarts == 0 else np.clip(
-          images[i] + eps * u / np.abs(u).max() * 0.5, 0, 1)
+          images[i] + eps * u / _REFERENCE_NORMS[norm][1](u) * 0.5, 0, 1)
       result, distance = _reference_fab_run(numpy_model, images[i], labels[i],
-                                            ranked[r // restarts], start, eps, num_steps)
+                                            ranked[r // restarts], start, eps, num_steps, norm)
       found.append(distance)
       z = numpy_model(result)[0]
       key_r = (bool(np.argmax(z) != labels[i]), cross_entropy(z, labels[i]))
@@ -191,11 +304,12 @@ def test_fab_t_follows_autoattacks_reference_loop():
 
 # --------------------------------------------------------------------------- a linear model
 
-def _two_class_linear_problem():
+def _two_class_linear_problem(norm="linf"):
   """Logits x W + bias, 10 classes of which 8 carry bias -100 (never predicted in [0, 1]^64):
-  between the two others the smallest L-inf perturbation that misclassifies x is
-  |m| / |w_y - w_t|_1, m the margin z_y - z_t, while the box does not bind. The images lie in
-  [0.35, 0.65], the boundary through the middle of them: every distance is below 0.035."""
+  between the two others the smallest perturbation that misclassifies x is |m| / |w_y - w_t|_1 in
+  L-inf and |m| / |w_y - w_t|_2 in L2 (the dual norms), m the margin z_y - z_t, while the box does
+  not bind. The images lie in [0.35, 0.65], the boundary through the middle of them: no coordinate
+  of a smallest perturbation moves by 0.07 (L-inf: every distance is below 0.035)."""
   rng = np.random.default_rng(0)
   n, dim = 32, 64
   w = rng.normal(size=(dim, 10)).astype(np.float32)
@@ -207,32 +321,41 @@ def _two_class_linear_problem():
   labels = np.argmax(logits, -1)
   other = 1 - labels
   margin = logits[np.arange(n), labels] - logits[np.arange(n), other]
-  distance = margin / np.abs(w[:, labels] - w[:, other]).sum(0)
-  assert np.all(labels < 2) and distance.max() < 0.035 and distance.min() > 0
+  normal = w[:, labels] - w[:, other]
+  if norm == "linf":
+    distance = margin / np.abs(normal).sum(0)
+    assert distance.max() < 0.035
+  else:
+    distance = margin / np.linalg.norm(normal, axis=0)
+    assert np.max(distance * np.abs(normal).max(0) / np.linalg.norm(normal, axis=0)) < 0.07
+  assert np.all(labels < 2) and distance.min() > 0
   return logits_fn, images, labels, other, distance
 
 
-def test_fab_t_reaches_the_closed_form_distance_on_a_linear_model():
+@pytest.mark.parametrize("norm,eps", [("linf", 0.015), ("l2", 0.08)])
+def test_fab_t_reaches_the_closed_form_distance_on_a_linear_model(norm, eps):
   """Toward the one reachable class and with eps far above the distances, FAB-T's point lies
-  within 1% above the closed-form minimal distance (the eta / beta steps settle at ~0.5% above),
-  on the target's side of the boundary. With all 9 targets and eps = 0.015 (the unreachable
-  targets give nothing within eps), an example is broken when 1.01 times its distance is below
-  eps and left clean when its distance is above."""
-  logits_fn, images, labels, other, distance = _two_class_linear_problem()
+  within 1% above the closed-form minimal distance in `norm` (the eta / beta steps settle at ~0.5%
+  above), on the target's side of the boundary. With all 9 targets and eps near the middle of the
+  distances (the unreachable targets give nothing within eps), an example is broken when 1.01
+  times its distance is below eps and left clean when its distance is above."""
+  logits_fn, images, labels, other, distance = _two_class_linear_problem(norm)
   n = len(labels)
+  size = ((lambda d: np.abs(d).reshape(n, -1).max(1)) if norm == "linf"
+          else (lambda d: np.linalg.norm(d.reshape(n, -1), axis=1)))
   run = jax.jit(lambda eps, targets: fab.fab_t(logits_fn, images, labels, jax.random.key(0),
-                                               eps=eps, num_targets=targets), static_argnums=1)
+                                               eps=eps, num_targets=targets, norm=norm),
+                static_argnums=1)
   x_adv = np.asarray(run(1.0, 1))
-  found = np.abs(x_adv - images).reshape(n, -1).max(1)
+  found = size(x_adv - images)
   assert np.all(found >= distance * (1 - 1e-4)) and np.all(found <= 1.01 * distance), found / distance
   z = np.asarray(logits_fn(x_adv))
   assert np.all(z[np.arange(n), other] > z[np.arange(n), labels])
 
-  eps = 0.015
   x_adv = np.asarray(run(eps, 9))
   broken = np.argmax(np.asarray(logits_fn(x_adv)), -1) != labels
   above, below = 1.01 * distance < eps, distance > eps
   assert above.sum() >= 8 and below.sum() >= 8, distance
   assert np.all(broken[above]) and not np.any(broken[below])
   np.testing.assert_array_equal(x_adv[~broken], images[~broken])
-  assert np.abs(x_adv - images).max() <= eps + 1e-7
+  assert size(x_adv - images).max() <= eps + 1e-7
