@@ -49,7 +49,8 @@ Attacks (Loo et al.): L-inf eps 4/255; training uses PGD-20 with step 2*eps/20 a
 the test split is evaluated under PGD-100 (same step size) and APGD-CE-100, and the adversarial
 examples are saved under <workdir>/adversarial/. `:autoattack` (with `--config.job=evaluate`) also
 evaluates APGD-CE-100 + APGD-T-100 (9 targets) + FAB-T-100 (9 targets) + Square (5000 queries), per
-example the worst case (AutoAttack's standard version).
+example the worst case (AutoAttack's standard version); `:autoattack_l2` the same four attacks in L2
+at eps 0.5 (RobustBench's L2 threat model for CIFAR-10).
 
 Expected: about 95% clean test accuracy for benign training, and for PGD training at 4/255 high-80s
 clean and about 70% PGD-100 accuracy (the usual figures for this recipe; not yet measured with
@@ -59,12 +60,12 @@ width-4 ResNet-18 with 2-step attacks, for tests under `tfds.testing.mock_data`.
 
 import ml_collections
 
-from ntk_scale.base_config import (apgd_linf, autoattack_linf, base_config, parse_variants,
+from ntk_scale.base_config import (apgd_linf, autoattack, base_config, parse_variants,
                                    pgd_linf)
 
 EPS = 4 / 255
 STEP = 2 * EPS / 20
-VARIANTS = ("adversarial", "autoattack", "phase2", "smoke")
+VARIANTS = ("adversarial", "autoattack", "autoattack_l2", "phase2", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -93,7 +94,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "adversarial" in variants:
     c.train.mode = "A"
   if "autoattack" in variants:  # also APGD-CE + APGD-T + FAB-T + Square, per example the worst case
-    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=100, fab_steps=100)
+    c.eval_attacks.autoattack = autoattack(EPS, num_steps=100, fab_steps=100)
+  if "autoattack_l2" in variants:  # the same four attacks in L2 at RobustBench's CIFAR-10 eps
+    c.eval_attacks.autoattack_l2 = autoattack(0.5, "l2", num_steps=100, fab_steps=100)
   if "phase2" in variants:
     c.phase2.num_epochs = 100.0
     c.phase2.from_epoch = 20.0

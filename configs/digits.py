@@ -54,11 +54,12 @@ seconds, for smoke tests.
 
 import ml_collections
 
-from ntk_scale.base_config import (apgd_linf, autoattack_linf, base_config, parse_variants,
+from ntk_scale.base_config import (apgd_linf, autoattack, base_config, parse_variants,
                                    pgd_linf)
 
 EPS = 0.1
-VARIANTS = ("adversarial", "autoattack", "phase2", "smoke")
+EPS_L2 = 0.5  # `:autoattack_l2`; an 8x8 image's L-inf ball of 0.1 reaches 0.8 in L2 at its corners
+VARIANTS = ("adversarial", "autoattack", "autoattack_l2", "phase2", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -81,8 +82,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "adversarial" in variants:
     c.train.mode = "A"
   if "autoattack" in variants:  # also APGD-CE + APGD-T + FAB-T + Square, per example the worst case
-    c.eval_attacks.autoattack = autoattack_linf(EPS, num_steps=20, fab_steps=20,
-                                                square_queries=1000)
+    c.eval_attacks.autoattack = autoattack(EPS, num_steps=20, fab_steps=20, square_queries=1000)
+  if "autoattack_l2" in variants:  # the same four attacks in L2
+    c.eval_attacks.autoattack_l2 = autoattack(EPS_L2, "l2", num_steps=20, fab_steps=20,
+                                              square_queries=1000)
   c.phase2.attack = pgd_linf(EPS, num_steps=7)  # phase-2 mode A
   c.phase2.attack.unroll = 7
   if "phase2" in variants:

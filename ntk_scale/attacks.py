@@ -10,8 +10,8 @@ What is here:
   apgd_t     APGD-T: targeted DLR toward each of the top num_targets other classes
   fab_t      FAB-T (Croce and Hein 2020), L-inf or L2: the targeted Fast Adaptive Boundary attack,
              a minimal-norm search along the decision boundary (ntk_scale/fab.py)
-  square     Square Attack (Andriushchenko et al. 2020), L-inf: random search on the logits only,
-             blind to gradient masking
+  square     Square Attack (Andriushchenko et al. 2020), L-inf or L2 (ntk_scale/square_l2.py): random
+             search on the logits only, blind to gradient masking
   worst_of   several of these on one batch, per example the strongest result (AutoAttack's count:
              apgd_ce + apgd_t + fab_t + square is its standard version)
   build_attack(config) -> attack(logits_fn, images, labels, key); build_attacks for several
@@ -470,8 +470,12 @@ def _changing_colour(key: jax.Array, images: jax.Array, x_best: jax.Array, windo
 
 
 def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-           eps: float, num_queries: int, p_init: float = 0.8, restarts: int = 1) -> jax.Array:
-  """Square Attack, L-inf (Andriushchenko et al. 2020): random search that reads only the logits.
+           eps: float, num_queries: int, p_init: float = 0.8, restarts: int = 1,
+           norm: str = "linf") -> jax.Array:
+  """Square Attack (Andriushchenko et al. 2020): random search that reads only the logits.
+
+  norm="l2" runs the L2 version, `ntk_scale.square_l2.square_l2` (imported here, when the attack
+  runs, as fab_t imports its module); what follows is the L-inf version.
 
   Starts from vertical stripes of +-eps; each query redraws one square window per example (its
   side from `square_fraction`, its place uniform) as a +-eps colour per channel, drawn again
@@ -485,6 +489,11 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   that hides its gradients (quantised inputs, saturated softmax) is attacked as well as one that
   does not: the check AutoAttack runs for gradient masking.
   """
+  _check_norm(norm)
+  if norm == "l2":
+    from ntk_scale import square_l2  # pylint: disable=import-outside-toplevel
+    return square_l2.square_l2(logits_fn, images, labels, key, eps=eps, num_queries=num_queries,
+                               p_init=p_init, restarts=restarts)
   n, h, w, c = images.shape
   side_limit = max(min(h, w) - 1, 1)
   rows, cols = jnp.arange(h), jnp.arange(w)
@@ -531,7 +540,7 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
 
 ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce,
            "apgd_dlr": apgd_dlr, "apgd_t": apgd_t, "fab_t": fab_t, "square": square}
-_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm", "square")
+_LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm")
 
 
 # --------------------------------------------------------------------------- from a config
@@ -627,7 +636,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
                        f"the first squares cover.")
     return lambda logits_fn, images, labels, key: square(
         logits_fn, images, labels, key, eps=eps, num_queries=num_queries, p_init=float(p_init),
-        restarts=restarts)
+        restarts=restarts, norm=norm)
   num_steps = _count(c, "num_steps", prefix, required=True)
   if name == "fab_t":  # defaults: AutoAttack's
     num_targets = _num_targets(c, prefix, num_classes)

@@ -318,6 +318,168 @@ def test_square_follows_the_reference_loops(channels):
   np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-6)
 
 
+def _pseudo_gaussian_pert_rectangles(x, y):
+  """The reference's, line by line."""
+  delta = np.zeros([x, y])
+  x_c, y_c = x // 2 + 1, y // 2 + 1
+  counter2 = [x_c - 1, y_c - 1]
+  for counter in range(0, max(x_c, y_c)):
+    delta[max(counter2[0], 0):min(counter2[0] + (2 * counter + 1), x),
+          max(0, counter2[1]):min(counter2[1] + (2 * counter + 1), y)] += 1.0 / (counter + 1) ** 2
+    counter2[0] -= 1
+    counter2[1] -= 1
+  delta /= np.sqrt(np.sum(delta ** 2, keepdims=True))
+  return delta
+
+
+def _meta_pseudo_gaussian_pert(s, transpose):
+  """The reference's, with its coin np.random.rand(1) > 0.5 passed in."""
+  delta = np.zeros([s, s])
+  delta[:s // 2] = _pseudo_gaussian_pert_rectangles(s // 2, s)
+  delta[s // 2:] = _pseudo_gaussian_pert_rectangles(s - s // 2, s) * (-1)
+  delta /= np.sqrt(np.sum(delta ** 2, keepdims=True))
+  return np.transpose(delta) if transpose else delta
+
+
+def _square_l2_transcription(logits_fn, images, labels, key, eps, num_queries, p_init=0.8):
+  """Square Attack L2 as the reference's square_attack_l2 loops it (NCHW, float64), on each
+  example as a batch of one; its random draws are the attack's own calls."""
+  x = np.transpose(np.asarray(images, np.float64), (0, 3, 1, 2))
+  n, c, h, w = x.shape
+  margin = lambda z: np.array(attacks.margin_loss(logits_fn(jnp.asarray(z.transpose(0, 2, 3, 1))),
+                                                  labels))
+  start_key, loop_key = jax.random.split(jax.random.fold_in(key, 0))  # restart 0's key
+  flip_key, sign_key = jax.random.split(start_key)
+  s = max(h // 5, 1)  # the reference's h // 5; it fails below 5 rows
+  num_squares = (h // s) * (w // s)
+  flips = np.asarray(jax.random.bernoulli(flip_key, 0.5, (n, num_squares)))
+  signs = np.asarray(jax.random.rademacher(sign_key, (n, num_squares, c), jnp.float64))
+  delta_init = np.zeros(x.shape)
+  sp_init = max((h - s * 5) // 2, 0)
+  center_h, k = sp_init + 0, 0
+  for _ in range(h // s):
+    center_w = sp_init + 0
+    for _ in range(w // s):
+      for e in range(n):  # a square the border cuts keeps its top-left part (the reference fails)
+        window = delta_init[e, :, center_h:center_h + s, center_w:center_w + s]
+        pert = _meta_pseudo_gaussian_pert(s, flips[e, k])[:window.shape[1], :window.shape[2]]
+        window += pert[None] * signs[e, k][:, None, None]
+      center_w += s
+      k += 1
+    center_h += s
+  x_best = np.clip(x + delta_init / np.sqrt(np.sum(delta_init ** 2, axis=(1, 2, 3), keepdims=True))
+                   * eps, 0, 1)
+  margin_min = margin(x_best)
+  accepted = 0
+  for i_iter in range(num_queries):
+    it = int(i_iter / num_queries * 10000)
+    p = p_init
+    for bound, divisor in ((10, 2), (50, 4), (200, 8), (500, 16), (1000, 32), (2000, 64),
+                           (4000, 128), (6000, 256), (8000, 512)):
+      if it > bound:
+        p = p_init / divisor
+    s = max(int(round(np.sqrt(p * h * w))), 3)
+    if s % 2 == 0:
+      s += 1
+    s = min(s, min(h, w) - 1)  # ours: the reference's randint(0, h - s) fails above
+    row_key, col_key, flip_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i_iter), 4)
+    # Every place of the window (the reference's randint(0, h - s) stops one short).
+    tops = np.asarray(jax.random.randint(row_key, (2, n), 0, h - s + 1))
+    lefts = np.asarray(jax.random.randint(col_key, (2, n), 0, w - s + 1))
+    transposes = np.asarray(jax.random.bernoulli(flip_key, 0.5, (n,)))
+    choices = np.asarray(jax.random.rademacher(sign_key, (n, c), jnp.float64))
+    x_new = x_best.copy()
+    for e in range(n):
+      x_curr, x_best_curr = x[e:e + 1], x_best[e:e + 1]
+      delta_curr = x_best_curr - x_curr
+      center_h, center_w, center_h_2, center_w_2 = tops[0, e], lefts[0, e], tops[1, e], lefts[1, e]
+      new_deltas_mask = np.zeros(x_curr.shape)
+      new_deltas_mask[:, :, center_h:center_h + s, center_w:center_w + s] = 1.0
+      new_deltas_mask_2 = np.zeros(x_curr.shape)
+      new_deltas_mask_2[:, :, center_h_2:center_h_2 + s, center_w_2:center_w_2 + s] = 1.0
+      curr_norms_window = np.sqrt(
+          np.sum(((x_best_curr - x_curr) * new_deltas_mask) ** 2, axis=(2, 3), keepdims=True))
+      curr_norms_image = np.sqrt(np.sum((x_best_curr - x_curr) ** 2, axis=(1, 2, 3), keepdims=True))
+      mask_2 = np.maximum(new_deltas_mask, new_deltas_mask_2)
+      norms_windows = np.sqrt(np.sum((delta_curr * mask_2) ** 2, axis=(2, 3), keepdims=True))
+      new_deltas = np.ones([1, c, s, s])
+      new_deltas = new_deltas * _meta_pseudo_gaussian_pert(s, transposes[e]).reshape([1, 1, s, s])
+      new_deltas *= choices[e].reshape([1, c, 1, 1])
+      old_deltas = delta_curr[:, :, center_h:center_h + s, center_w:center_w + s] / (
+          1e-10 + curr_norms_window)
+      new_deltas += old_deltas
+      new_deltas = new_deltas / np.sqrt(np.sum(new_deltas ** 2, axis=(2, 3), keepdims=True)) * (
+          np.maximum(eps ** 2 - curr_norms_image ** 2, 0) / c + norms_windows ** 2) ** 0.5
+      delta_curr[:, :, center_h_2:center_h_2 + s, center_w_2:center_w_2 + s] = 0.0
+      delta_curr[:, :, center_h:center_h + s, center_w:center_w + s] = new_deltas + 0
+      x_new[e:e + 1] = np.clip(x_curr + delta_curr / np.sqrt(np.sum(
+          delta_curr ** 2, axis=(1, 2, 3), keepdims=True)) * eps, 0, 1)
+    new_margin = margin(x_new)
+    for e in range(n):
+      if margin_min[e] >= 0 and new_margin[e] < margin_min[e]:
+        x_best[e], margin_min[e] = x_new[e], new_margin[e]
+        accepted += 1
+  return np.transpose(x_best, (0, 2, 3, 1)), accepted
+
+
+def test_square_l2_follows_the_reference_loops():
+  """The vectorised L2 attack (two windows as masks of one traced side per query, the bump as a
+  closed form) equals the reference's loops in float64 on a linear model. At 12 x 11 x 3 and 60
+  queries the window shrinks from the cap 10 (sqrt(0.8 h w) made odd, 11) through 5 (also from
+  an even 4) to 3; the starting grid of bumps of side 2 begins at row and column 1, and the
+  border cuts its last row of bumps."""
+  shape = (12, 11, 3)
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    weights = jnp.asarray(rng.normal(size=(int(np.prod(shape)), 10)))
+    logits_fn = lambda x: x.reshape(len(x), -1) @ weights
+    images = jnp.asarray(rng.uniform(size=(4, *shape)))
+    labels = jnp.argmax(logits_fn(images), -1)
+    key = jax.random.key(3)
+    ours = jax.jit(lambda x, y, k: attacks.square(logits_fn, x, y, k, eps=0.5, num_queries=60,
+                                                  norm="l2"))(images, labels, key)
+    reference, accepted = _square_l2_transcription(logits_fn, images, labels, key, 0.5, 60)
+  assert accepted >= 10
+  np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-9, rtol=0)
+
+
+def test_square_l2_stays_in_its_ball_and_the_image_box():
+  """Many pixels at 0 or 1 (the clip cuts most bumps) and an eps the clip keeps from being
+  reached: every result within eps in L2 and in [0, 1], and most examples moved."""
+  rng = np.random.default_rng(9)
+  weights = jnp.asarray(rng.normal(size=(36, 10)).astype(np.float32))
+  logits_fn = lambda x: x.reshape(len(x), -1) @ weights
+  images = jnp.asarray(rng.choice([0.0, 1.0, 0.5], size=(16, 6, 6, 1)).astype(np.float32))
+  labels = jnp.argmax(logits_fn(images), -1)
+  run = jax.jit(lambda x, y, k, eps: attacks.square(logits_fn, x, y, k, eps=eps, num_queries=30,
+                                                    norm="l2"))  # eps traced: one compile
+  for eps in (0.3, 3.0):
+    x_adv = np.asarray(run(images, labels, jax.random.key(1), eps))
+    norms = np.linalg.norm((x_adv - np.asarray(images)).reshape(16, -1), axis=1)
+    assert norms.max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert np.mean(norms > eps / 10) > 0.5
+
+
+def test_square_l2_breaks_a_model_whose_gradients_are_zero():
+  """As for L-inf: PGD-L2 cannot move on inputs quantised to quarters, Square L2 breaks most
+  examples within its L2 ball."""
+  rng = np.random.default_rng(11)
+  weights = jnp.asarray(rng.normal(size=(64, 10)).astype(np.float32))
+  logits_fn = lambda x: (jnp.round(x * 4) / 4).reshape(len(x), -1) @ weights  # d round / dx = 0
+  images = jnp.asarray(rng.uniform(size=(32, 8, 8, 1)).astype(np.float32))
+  labels = jnp.argmax(logits_fn(images), -1)
+  pgd = attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="pgd", norm="l2", eps=1.5, step_size=0.5, num_steps=10, random_start=False)))
+  square = attacks.build_attack(ml_collections.ConfigDict(dict(name="square", norm="l2", eps=1.5,
+                                                               num_queries=200)))
+  accuracy = lambda x: float(jnp.mean(jnp.argmax(logits_fn(x), -1) == labels))
+  assert accuracy(jax.jit(lambda x, y, k: pgd(logits_fn, x, y, k))(images, labels, jax.random.key(0))) == 1.0
+  x_adv = jax.jit(lambda x, y, k: square(logits_fn, x, y, k))(images, labels, jax.random.key(0))
+  assert accuracy(x_adv) < 0.3
+  norms = np.linalg.norm(np.asarray(x_adv - images).reshape(32, -1), axis=1)
+  assert norms.max() <= 1.5 + 1e-6 and float(x_adv.min()) >= 0
+
+
 def test_dlr_losses_match_their_definition_and_ignore_the_logits_scale():
   logits = jnp.array([[3.0, 1.0, 0.5, -1.0], [3.0, 1.0, 0.5, -1.0]])
   labels = jnp.array([0, 2])
@@ -608,7 +770,7 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="worst_of", eps=0.1), "config.attacks"),
     (dict(name="square", eps=0.1), "config.num_queries"),
     (dict(name="square", eps=0.1, num_queries=10, p_init=1.5), "config.p_init"),
-    (dict(name="square", eps=0.1, num_queries=10, norm="l2"), "config.norm"),
+    (dict(name="square", eps=0.1, num_queries=10, norm="l3"), "config.norm"),
     (dict(name="fab_t", eps=0.1), "config.num_steps"),
     (dict(name="fab_t", eps=0.1, num_steps=5, num_targets=0), "config.num_targets"),
     (dict(name="fab_t", eps=0.1, num_steps=5, restarts=0), "config.restarts"),
@@ -652,13 +814,16 @@ def test_more_targets_than_the_dataset_has_other_classes_are_refused_before_comp
 
 
 @pytest.mark.parametrize("config", ["digits", "cifar10_resnet18"])
-def test_the_autoattack_variant_builds_apgd_ce_apgd_t_fab_t_and_square(config):
-  """AutoAttack's standard version; FAB-T takes as many steps and targets as the APGD attacks."""
+@pytest.mark.parametrize("variant,norm", [("autoattack", "linf"), ("autoattack_l2", "l2")])
+def test_the_autoattack_variant_builds_apgd_ce_apgd_t_fab_t_and_square(config, variant, norm):
+  """AutoAttack's standard version, L-inf or L2; FAB-T takes as many steps and targets as the APGD
+  attacks."""
   from test_train import load_config  # pylint: disable=import-outside-toplevel
-  c = load_config(config, "adversarial,autoattack")
+  c = load_config(config, f"adversarial,{variant}")
   built = attacks.build_attacks(c.eval_attacks, "config.eval_attacks")
-  assert set(built) == {"pgd", "apgd", "autoattack"}
-  members = c.eval_attacks.autoattack.attacks
+  assert set(built) == {"pgd", "apgd", variant}
+  assert c.eval_attacks[variant].norm == norm
+  members = c.eval_attacks[variant].attacks
   assert sorted(m.name for m in members.values()) == ["apgd_ce", "apgd_t", "fab_t", "square"]
   assert members.square.num_queries == (1000 if config == "digits" else 5000)
   assert members.fab_t.num_steps == members.apgd_t.num_steps == (20 if config == "digits" else 100)
