@@ -277,7 +277,7 @@ def optimise_dataset(section: ml_collections.ConfigDict, kernel_fn: KernelFn, im
     return jnp.clip(optax.apply_updates(support, updates), low, high), opt_state
 
   state = {"support": originals, "opt_state": jax.tree.map(np.asarray, optimizer.init(originals))}
-  progress = _Progress(checkpoint_dir) if checkpoint_dir else None
+  progress = _Progress(checkpoint_dir) if checkpoint_dir and section.num_steps else None
   done, state, values = progress.restore(state) if progress else (0, state, [])
   if done:
     logging.info("robust set: resuming after step %d of %d", done, section.num_steps)

@@ -195,6 +195,7 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   (kernel_dir,) = (tmp_path / "kernels").iterdir()
   assert kernel_dir.name.startswith("infinite_fc1_ntk_30_")
   assert (kernel_dir / "tiles" / "0-0").exists()
+  assert not (tmp_path / infinite_job.ROBUST_DATASET_STEPS_DIR).exists()  # no steps, no state
   with open(write_report(workdir), encoding="utf-8") as f:
     page = f.read()
   row = next(r for r in page.split("<tr>") if r.startswith('<td class="k">pgd</td>'))
