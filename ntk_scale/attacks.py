@@ -446,6 +446,16 @@ def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return true - jnp.max(others, -1)
 
 
+def keep_lower_margin(logits_fn: LogitsFn, labels: jax.Array, candidate: jax.Array,
+                      x_best: jax.Array, margin: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Square Attack's acceptance, either norm: per example the candidate replaces x_best where it
+  lowers the margin of an example not yet misclassified; (x_best, margin) updated."""
+  new_margin = margin_loss(logits_fn(candidate), labels)
+  better = (new_margin < margin) & (margin >= 0)
+  return (jnp.where(_per_example(better, x_best), candidate, x_best),
+          jnp.where(better, new_margin, margin))
+
+
 # Colour draws per query and example of Square Attack (the reference redraws until the window
 # changes: with one channel half of the draws late in a run change nothing).
 SQUARE_REDRAWS = 16
@@ -516,10 +526,7 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
       window = in_rows[:, :, None, None] & in_cols[:, None, :, None]
       colour = _changing_colour(sign_key, images, x_best, window, eps)
       candidate = jnp.clip(jnp.where(window, images + colour, x_best), 0.0, 1.0)
-      new_margin = margin_loss(logits_fn(candidate), labels)
-      better = (new_margin < margin) & (margin >= 0)
-      return (jnp.where(_per_example(better, x_best), candidate, x_best),
-              jnp.where(better, new_margin, margin))
+      return keep_lower_margin(logits_fn, labels, candidate, x_best, margin)
 
     x_best, _ = jax.lax.fori_loop(0, num_queries, query, (x_best, margin))
     return x_best

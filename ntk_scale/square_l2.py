@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_scale.attacks import (_TINY, LogitsFn, _best_of_restarts, _l2_norm, _per_example,
+from ntk_scale.attacks import (_TINY, LogitsFn, _best_of_restarts, _l2_norm, keep_lower_margin,
                                margin_loss, square_fraction)
 
 # The reference's guard on a window's old perturbation norm (old / (1e-10 + norm)).
@@ -150,10 +150,7 @@ def square_l2(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
       new = new / jnp.maximum(per_channel(new), _TINY) * jnp.sqrt(mass)
       delta = jnp.where(first, new, jnp.where(both, 0.0, delta))
       candidate = jnp.clip(images + delta / jnp.maximum(_l2_norm(delta), _TINY) * eps, 0.0, 1.0)
-      new_margin = margin_loss(logits_fn(candidate), labels)
-      better = (new_margin < margin) & (margin >= 0)
-      return (jnp.where(_per_example(better, x_best), candidate, x_best),
-              jnp.where(better, new_margin, margin))
+      return keep_lower_margin(logits_fn, labels, candidate, x_best, margin)
 
     x_best, _ = jax.lax.fori_loop(0, num_queries, query, (x_best, margin))
     return x_best

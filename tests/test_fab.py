@@ -30,25 +30,37 @@ def _least_linf_step(t, w, b):
   return result.fun if result.status == 0 else None
 
 
+def _random_hyperplanes(seed: int, w_norm, far: float, tiny: float = 0.0):
+  """(t [40, d], w, b) for d = 6, 11, 20: some coordinates of t on the box's faces, some w_i = 0
+  (a fraction `tiny` of them 1e-9), b = w . t plus noise of 0.01, 0.2 or `far` times w_norm(w)
+  (near: the step stays in the box; far: coordinates hit it or the hyperplane is out of reach);
+  the first row already on its hyperplane."""
+  rng = np.random.default_rng(seed)
+  for dim in (6, 11, 20):
+    m = 40
+    t = rng.uniform(size=(m, dim))
+    t[rng.uniform(size=t.shape) < 0.1] = 0.0
+    t[rng.uniform(size=t.shape) < 0.1] = 1.0
+    w = rng.normal(size=(m, dim))
+    w[rng.uniform(size=w.shape) < 0.15] = 0.0
+    if tiny:
+      w[rng.uniform(size=w.shape) < tiny] = 1e-9
+    scale = rng.choice([0.01, 0.2, far], size=m) * w_norm(w)
+    b = np.sum(w * t, 1) + rng.normal(size=m) * scale
+    b[0] = w[0] @ t[0]
+    yield t, w, b
+
+
 def test_hyperplane_step_is_the_least_linf_step_a_linear_program_finds():
   """On random instances (d = 6, 11, 20; some w_i = 0, some coordinates on the box's faces; targets
   b near w . t, where the step stays inside the box, and far, where coordinates hit the box or the
   hyperplane is out of reach): where the LP is feasible the step lands on the hyperplane, in the
   box, with the LP's optimal L-inf norm; where it is not, the step goes to the box corner whose
   w . x is nearest to b (the reference's fallback); coordinates with w_i = 0 never move."""
-  rng = np.random.default_rng(0)
   counts = dict(inside=0, at_box=0, out_of_reach=0)
   with jax.enable_x64(True):
-    for dim in (6, 11, 20):
-      m = 40
-      t = rng.uniform(size=(m, dim))
-      t[rng.uniform(size=t.shape) < 0.1] = 0.0
-      t[rng.uniform(size=t.shape) < 0.1] = 1.0
-      w = rng.normal(size=(m, dim))
-      w[rng.uniform(size=w.shape) < 0.15] = 0.0
-      scale = rng.choice([0.01, 0.2, 1.0], size=m) * np.abs(w).sum(1)
-      b = np.sum(w * t, 1) + rng.normal(size=m) * scale
-      b[0] = w[0] @ t[0]  # already on the hyperplane
+    for t, w, b in _random_hyperplanes(0, lambda w: np.abs(w).sum(1), far=1.0):
+      m = len(t)
       step = np.asarray(jax.jit(fab.hyperplane_step_linf)(t, w, b))
       assert step.dtype == np.float64
       for i in range(m):
@@ -97,20 +109,11 @@ def test_hyperplane_step_l2_is_the_least_l2_step_of_the_kkt_conditions():
   as 0, and where no coordinate reaches the box the closed form (b - w . t) w / |w|^2; where it is
   not reachable, the box corner nearest to it (the reference's fallback). Coordinates with
   |w_i| <= 1e-8 never move."""
-  rng = np.random.default_rng(1)
   counts = dict(inside=0, at_box=0, out_of_reach=0)
   with jax.enable_x64(True):
-    for dim in (6, 11, 20):
-      m = 40
-      t = rng.uniform(size=(m, dim))
-      t[rng.uniform(size=t.shape) < 0.1] = 0.0
-      t[rng.uniform(size=t.shape) < 0.1] = 1.0
-      w = rng.normal(size=(m, dim))
-      w[rng.uniform(size=w.shape) < 0.15] = 0.0
-      w[rng.uniform(size=w.shape) < 0.05] = 1e-9
-      scale = rng.choice([0.01, 0.2, 2.0], size=m) * np.sqrt(np.sum(w ** 2, 1))
-      b = np.sum(w * t, 1) + rng.normal(size=m) * scale
-      b[0] = w[0] @ t[0]  # already on the hyperplane
+    for t, w, b in _random_hyperplanes(1, lambda w: np.sqrt(np.sum(w ** 2, 1)), far=2.0,
+                                       tiny=0.05):
+      m = len(t)
       step = np.asarray(jax.jit(fab.hyperplane_step_l2)(t, w, b))
       assert step.dtype == np.float64
       for i in range(m):
