@@ -71,6 +71,20 @@ def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray)
   return out
 
 
+def local_copy(array: jax.Array) -> np.ndarray:
+  """A replicated array as numpy from this process's own copy: no transfer between hosts."""
+  return np.asarray(array.addressable_data(0))
+
+
+def sum_over_processes(array: np.ndarray) -> np.ndarray:
+  """The elementwise sum of every process's `array` (each holding its own part, zeros elsewhere),
+  on every process, in the array's dtype: float64 stays float64 through the gather."""
+  if jax.process_count() == 1:
+    return array
+  with jax.enable_x64(True):
+    return np.asarray(multihost_utils.process_allgather(np.asarray(array))).sum(0)
+
+
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (a no-op on one process)."""
   if jax.process_count() > 1:

@@ -15,7 +15,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from ntk_scale import data, files, parallel
@@ -42,9 +41,8 @@ class Restored:
   def host_variables(self) -> tuple[Any, Any]:
     """(params, batch_stats) as numpy arrays from this process's own copy: no cross-host transfer,
     for programs each process runs on its own (or that replicate them over the mesh again)."""
-    host = lambda a: np.asarray(a.addressable_data(0))
-    return (jax.tree.map(host, self.variables["params"]),
-            jax.tree.map(host, self.variables.get("batch_stats", {})))
+    return (jax.tree.map(parallel.local_copy, self.variables["params"]),
+            jax.tree.map(parallel.local_copy, self.variables.get("batch_stats", {})))
 
 
 def theta0_step(config: ml_collections.ConfigDict, workdir: str) -> int:

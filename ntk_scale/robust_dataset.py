@@ -166,11 +166,6 @@ def target_batch_program(kernel_fn: KernelFn, attack: Attack, loss: str, block_s
   return jax.jit(run, out_shardings=parallel.replicated_sharding(mesh))
 
 
-def _on_host(x: jax.Array) -> np.ndarray:
-  """A replicated array as numpy, on every process."""
-  return np.asarray(x.addressable_data(0))
-
-
 def objective_and_gradient(kernel_fn: KernelFn, support: np.ndarray, support_labels: np.ndarray,
                            targets: np.ndarray, target_labels: np.ndarray, key: jax.Array, *,
                            attack: Attack, num_classes: int, regression: ml_collections.ConfigDict,
@@ -195,7 +190,7 @@ def objective_and_gradient(kernel_fn: KernelFn, support: np.ndarray, support_lab
     for b, batch in enumerate(eval_batches(Split(targets, target_labels), batch_size, mesh)):
       parts = program(fixed["support"], fixed["coefficients"], batch, jax.random.fold_in(key, b),
                       float(len(targets)))
-      value, d_support, d_coefficients = (total + _on_host(part) for total, part in zip(
+      value, d_support, d_coefficients = (total + parallel.local_copy(part) for total, part in zip(
           (value, d_support, d_coefficients), parts))
   (d_gram,) = solve_pullback(jnp.asarray(d_coefficients))
   d_support = d_support + function_kernel_vjp(kernel_fn, support, np.asarray(d_gram), tile=tile,

@@ -21,7 +21,6 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
@@ -374,6 +373,4 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
 
     run_tiles(apply_fn, params, x1, x2, plan, store, precision=precision, mesh=mesh,
               model_state=model_state)
-  if jax.process_count() > 1:  # each tile was written by exactly one process
-    kernel = np.asarray(multihost_utils.process_allgather(kernel)).sum(0)
-  return kernel
+  return parallel.sum_over_processes(kernel)  # each tile was written by exactly one process

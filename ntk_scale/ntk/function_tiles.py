@@ -22,7 +22,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ntk_scale import parallel
@@ -126,9 +125,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
     if jax.process_index() == 0 and not store.meta.get("complete"):
       store.update_meta(complete=True, seconds=store.meta.get("seconds", 0.0) + time.time() - started)
     return store.read()
-  if jax.process_count() > 1:  # each tile was written by exactly one process
-    kernel = np.asarray(multihost_utils.process_allgather(kernel)).sum(0)
-  return kernel
+  return parallel.sum_over_processes(kernel)  # each tile was written by exactly one process
 
 
 
@@ -175,6 +172,4 @@ def function_kernel_vjp(kernel_fn: BlockKernelFn, x: np.ndarray, cotangent: np.n
       pending = (step, out)
     if pending is not None:
       hand_over(*pending)
-  if jax.process_count() > 1:  # each tile was pulled back by exactly one process
-    gradient = np.asarray(multihost_utils.process_allgather(gradient)).sum(0)
-  return gradient[:n]
+  return parallel.sum_over_processes(gradient)[:n]  # each tile pulled back by one process

@@ -105,11 +105,6 @@ def kernel_name(config: ml_collections.ConfigDict, epoch: float, num_examples: i
   return f"{phase}_epoch{epoch:g}_{k.split}{num_examples}_{logits}"
 
 
-def _host_copy(array: jax.Array, dtype: str) -> np.ndarray:
-  """A replicated array as a host array: this process's own copy, so no cross-host transfer."""
-  return np.asarray(array.addressable_data(0), dtype)
-
-
 @functools.lru_cache(maxsize=8)
 def inference_apply(model) -> Callable:
   """`f(params, x, batch_stats)` of a model in inference mode, one per model: the engine compiles
@@ -153,8 +148,9 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     tile = existing.tile
 
   with jax.enable_x64(True) if k.dtype == "float64" else contextlib.nullcontext():
-    params = jax.tree.map(lambda a: _host_copy(a, k.dtype), restored.variables["params"])
-    batch_stats = jax.tree.map(lambda a: _host_copy(a, k.dtype), batch_stats)
+    host_copy = lambda a: parallel.local_copy(a).astype(k.dtype, copy=False)
+    params = jax.tree.map(host_copy, restored.variables["params"])
+    batch_stats = jax.tree.map(host_copy, batch_stats)
     images = images.astype(k.dtype)
     mesh = parallel.make_mesh()
     plan = fit_plan(apply_fn, params, images, None, k.logits, mesh=mesh, precision=k.precision,

@@ -19,6 +19,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 from jax.experimental import multihost_utils
 
+from ntk_scale import parallel
 from ntk_scale.ntk.store import KernelStore
 
 DTYPES = ("float32", "float64")
@@ -164,10 +165,7 @@ class StoredKernelOperator(scipy.sparse.linalg.LinearOperator):
     for first, panel in self.panels():
       rows = np.arange(panel.shape[0])
       total += float(panel[rows, first + rows].sum())
-    if len(self.shares) > 1:
-      with jax.enable_x64(True):
-        total = float(np.asarray(multihost_utils.process_allgather(np.float64(total))).sum())
-    return total
+    return float(parallel.sum_over_processes(np.float64(total)))
 
 
 def as_matrix_rows(panel: np.ndarray) -> np.ndarray:

@@ -122,17 +122,13 @@ class ShardedKernel:
   def advance(self, block: np.ndarray) -> tuple[np.ndarray, int]:
     """One round from `block` [M, width]: the next block and the iterations LOBPCG ran."""
     vectors, iterations = self._advance(self._matrix, self._padded(block))
-    return _host(vectors)[:self.size], int(_host(iterations))
+    return parallel.local_copy(vectors)[:self.size], int(parallel.local_copy(iterations))
 
   def ritz(self, block: np.ndarray) -> Eigenpairs:
     """Ritz pairs on the span of `block`'s first k columns, with their residuals."""
     values, vectors, residuals = self._ritz(self._matrix, self._padded(block[:, :self.k]))
-    return Eigenpairs(_host(values), _host(vectors)[:self.size], _host(residuals))
-
-
-def _host(array: jax.Array) -> np.ndarray:
-  """This process's copy of a replicated array (no transfer between hosts)."""
-  return np.asarray(array.addressable_data(0))
+    return Eigenpairs(parallel.local_copy(values), parallel.local_copy(vectors)[:self.size],
+                      parallel.local_copy(residuals))
 
 
 class StreamedKernel:
