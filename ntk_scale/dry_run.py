@@ -159,9 +159,10 @@ def _abstract(tree: Any, sharding) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def _batch(mesh, batch_size: int, image_shape: tuple[int, ...], mask: bool = False) -> dict:
+def _batch(mesh, batch_size: int, image_shape: tuple[int, ...], mask: bool = False,
+           dtype=jnp.float32) -> dict:
   sharding = parallel.batch_sharding(mesh)
-  batch = {"images": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=sharding),
+  batch = {"images": jax.ShapeDtypeStruct((batch_size, *image_shape), dtype, sharding=sharding),
            "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
   if mask:
     batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding)
@@ -374,14 +375,15 @@ def _analytic_kernel(section: ml_collections.ConfigDict, num_classes: int,
   batch_size per device per step, function_tiles.py) compiled for this mesh, times its steps."""
   from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
 
-  kernel_fn = infinite.kernel_function(section, num_classes)
-  return _tile_loop(section, image_shape, n, mesh, f"{label}: {n} x {n}", tile_program(kernel_fn, mesh))
+  return _tile_loop(section, infinite.kernel_function(section, num_classes), image_shape, n, mesh,
+                    f"{label}: {n} x {n}")
 
 
-def _tile_loop(section: ml_collections.ConfigDict, image_shape: tuple[int, ...], n: int, mesh,
-               label: str, program, pullback: bool = False) -> ProgramCost:
+def _tile_loop(section: ml_collections.ConfigDict, kernel_fn, image_shape: tuple[int, ...], n: int,
+               mesh, label: str, pullback: bool = False) -> ProgramCost:
   """A tile loop of function_tiles.py over the tiles i <= j of n images: the kernel's tile
   program, or with `pullback` the Gram pullback's (blocks and a cotangent tile per device)."""
+  program = (tile_vjp_program if pullback else tile_program)(kernel_fn, mesh)
   tile = section.batch_size
   tiles = len(kernel_tiles(n, n, tile, symmetric=True))
   dtype, data = np.dtype(section.dtype), parallel.batch_sharding(mesh)
@@ -408,21 +410,17 @@ def _robust_set(config: ml_collections.ConfigDict, mesh, num_optimised: int) -> 
   kernel_fn = infinite.kernel_function(s, num_classes)
   per_step = lambda p: dataclasses.replace(p, calls=p.calls * r.num_steps)
   gram = _analytic_kernel(s, num_classes, image_shape, m, mesh, "robust set, each step: Gram")
-  pullback = _tile_loop(s, image_shape, m, mesh, "robust set, each step: Gram pullback",
-                        tile_vjp_program(kernel_fn, mesh), pullback=True)
+  pullback = _tile_loop(s, kernel_fn, image_shape, m, mesh, "robust set, each step: Gram pullback",
+                        pullback=True)
   size = attack_batch_size(r.target_batch_size, config.eval_batch_size, mesh.size)
-  dtype, replicated, data = np.dtype(s.dtype), parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-  fixed = (jax.ShapeDtypeStruct((m, *image_shape), dtype, sharding=replicated),
-           jax.ShapeDtypeStruct((m, num_classes), dtype, sharding=replicated))
-  batch = {"images": jax.ShapeDtypeStruct((size, *image_shape), dtype, sharding=data),
-           "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=data),
-           "mask": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=data)}
+  fixed, batch = _regression_inputs(config, mesh, m, size)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   program = target_batch_program(kernel_fn, build_attack(r.attack, prefix="config.infinite.robust_data.attack"),
                                  r.loss, s.batch_size, mesh)
   with jax.enable_x64(s.dtype == "float64"):
     targets = _program(f"robust set, each step: {r.attack.name} and outer gradient, {size} targets",
-                       program, (*fixed, batch, key, 1.0), -(-r.target_batch_size // size),
+                       program, (fixed["train"], fixed["coefficients"], batch, key, 1.0),
+                       -(-r.target_batch_size // size),
                        "config.eval_batch_size or config.infinite.batch_size")
   return [per_step(gram), per_step(targets), per_step(pullback)]
 
@@ -436,17 +434,11 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
   from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
 
   s, num_classes = config.infinite, dataset_classes(config.data)
-  image_shape, _, test_size = dataset_shape(config.data)
+  test_size = dataset_shape(config.data)[2]
   kernel_fn = infinite.kernel_function(s, num_classes)
   apply = _regression_scores(kernel_fn, s.batch_size)
-  dtype = np.dtype(s.dtype)
-  replicated, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-  variables = {"train": jax.ShapeDtypeStruct((n, *image_shape), dtype, sharding=replicated),
-               "coefficients": jax.ShapeDtypeStruct((n, num_classes), dtype, sharding=replicated)}
   size = config.eval_batch_size
-  batch = {"images": jax.ShapeDtypeStruct((size, *image_shape), dtype, sharding=data),
-           "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=data),
-           "mask": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=data)}
+  variables, batch = _regression_inputs(config, mesh, n, size)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   calls = -(-(s.num_test or test_size) // size)
   setting = "config.eval_batch_size or config.infinite.batch_size"
@@ -461,6 +453,19 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
                                _evaluate_batch, (variables, batch, key), calls * attacked, setting,
                                num_classes=num_classes, attack=built[name], apply=apply))
   return programs
+
+
+def _regression_inputs(config: ml_collections.ConfigDict, mesh, n: int, size: int
+                       ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, jax.ShapeDtypeStruct]]:
+  """Shapes of kernel regression on n training images in config.infinite.dtype: its training
+  images and coefficients (replicated), and a masked batch of `size` images split over the
+  devices (as eval_batches makes them)."""
+  image_shape, dtype = dataset_shape(config.data)[0], np.dtype(config.infinite.dtype)
+  replicated = parallel.replicated_sharding(mesh)
+  fixed = {"train": jax.ShapeDtypeStruct((n, *image_shape), dtype, sharding=replicated),
+           "coefficients": jax.ShapeDtypeStruct((n, dataset_classes(config.data)), dtype,
+                                                sharding=replicated)}
+  return fixed, _batch(mesh, size, image_shape, mask=True, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=4)
