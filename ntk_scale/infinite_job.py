@@ -47,8 +47,8 @@ from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_sub
 from ntk_scale.evaluate import evaluate
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.ntk.job import KERNELS_DIR
-from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, optimise_dataset,
-                                      split_targets)
+from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, num_holdout,
+                                      optimise_dataset, split_targets)
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
@@ -70,9 +70,10 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
   check_robust_data_config(s.robust_data, s.num_train or num_train, num_classes)
-  optimised, _ = split_targets(s.robust_data.target_holdout, s.num_train or num_train, config.seed)
-  if config.batch_size > len(optimised):  # the network trained on the robust set, after hours
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(optimised)} images of "
+  optimised = (s.num_train or num_train) - num_holdout(s.robust_data.target_holdout,
+                                                     s.num_train or num_train)
+  if config.batch_size > optimised:  # the network trained on the robust set, after hours
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {optimised} images of "
                      f"the robust set (config.infinite.num_train, less robust_data.target_holdout) "
                      f"that a network of robust_data.network_width is trained on.")
 
