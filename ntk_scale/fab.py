@@ -24,7 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ntk_scale.attacks import LogitsFn, _check_norm, _per_example, _strongest_of, ranked_targets
+from ntk_scale.attacks import (LogitsFn, _check_norm, _l2_norm, _per_example, _strongest_of,
+                               ranked_targets)
 
 # The reference's distance of an example for which no misclassified iterate has been found yet.
 _NOT_FOUND = 1e10
@@ -166,8 +167,8 @@ def _linf(x: jax.Array) -> jax.Array:
 
 
 def _l2(x: jax.Array) -> jax.Array:
-  """Per-example L2 norm over all non-batch axes, [N]."""
-  return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), 1))
+  """Per-example L2 norm over all non-batch axes, [N] (attacks' `_l2_norm`, flattened)."""
+  return _l2_norm(x).reshape(x.shape[0])
 
 
 def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets: jax.Array,
