@@ -27,6 +27,7 @@ loops are `lax.fori_loop`, so compile time does not grow with the number of step
 no gradient (stop_gradient): adversarial training differentiates at the example, not through it.
 """
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -689,11 +690,9 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
 
 
 def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm: str,
-                    num_classes: int | None) -> Attack:
-  """The `worst_of` attack: every attack of `{prefix}.attacks` (name -> attack config, each with
-  this eps and norm) on the same batch, keeping per example the strongest result (`_stronger`:
-  misclassified first, then cross-entropy), as AutoAttack's robust accuracy counts an example
-  broken by any of its attacks. The i-th attack gets key fold_in(key, i)."""
+                    num_classes: int | None) -> "WorstOf":
+  """The `worst_of` attack of every attack in `{prefix}.attacks` (name -> attack config, each with
+  this eps and norm), in that order."""
   members = c.get("attacks")
   if not isinstance(members, (ml_collections.ConfigDict, dict)) or not members:
     raise ValueError(f"{prefix}.attacks must map names to attack configs (e.g. apgd_ce and apgd_t) "
@@ -713,13 +712,29 @@ def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm:
     built.append(build_attack(ml_collections.ConfigDict({**fields, "eps": eps, "norm": norm}),
                               prefix=where, num_classes=num_classes))
 
-  def attack(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
-    run = lambda i: built[i](logits_fn, images, labels, jax.random.fold_in(key, i))
+  return WorstOf(tuple(members), tuple(built))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WorstOf:
+  """Several attacks of one threat model; called on a batch, every member runs on every example
+  and each example keeps its strongest result (`_stronger`: misclassified first, then
+  cross-entropy), as AutoAttack's robust accuracy counts an example broken by any of its attacks.
+  The i-th member gets key fold_in(key, i).
+
+  `evaluate.evaluate` runs the members in turn instead, each only on the examples still robust
+  (AutoAttack's order of work); called here, inside jit, the batch keeps its shape.
+  """
+  names: tuple[str, ...]
+  members: tuple[Attack, ...]
+
+  def __call__(self, logits_fn: LogitsFn, images: jax.Array, labels: jax.Array,
+               key: jax.Array) -> jax.Array:
+    run = lambda i: self.members[i](logits_fn, images, labels, jax.random.fold_in(key, i))
     best = _first_best(run(0), logits_fn, labels)
-    for i in range(1, len(built)):  # different programs: a Python loop, not a fori_loop
+    for i in range(1, len(self.members)):  # different programs: a Python loop, not a fori_loop
       best = _keep_stronger(best, run(i), logits_fn, labels)
     return jax.lax.stop_gradient(best[0])
-  return attack
 
 
 def build_attacks(named_configs: ml_collections.ConfigDict, prefix: str,

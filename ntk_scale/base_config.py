@@ -37,7 +37,9 @@ def autoattack(eps: float, norm: str = "linf", num_steps: int = 100, num_targets
   (square_queries; 0: none), per example the worst case (`worst_of`). The APGD pair breaks nearly
   every example the whole ensemble breaks (Croce and Hein 2020); FAB-T, which searches for the
   nearest point of the decision boundary rather than following a loss, and Square, which reads
-  only the logits, are there for models whose losses or gradients mislead."""
+  only the logits, are there for models whose losses or gradients mislead. Evaluation runs them
+  in this order, each on the examples still robust, as AutoAttack does, and records the robust
+  accuracy after each ("accuracy_after")."""
   members = dict(apgd_ce=dict(name="apgd_ce", num_steps=num_steps),
                  apgd_t=dict(name="apgd_t", num_steps=num_steps, num_targets=num_targets))
   if fab_steps:

@@ -11,6 +11,8 @@ kernel regression is compiled as the job evaluates it, clean and under each atta
 the busiest device's FLOPs (a train step's spread evenly; a kernel's through its lockstep steps,
 idle devices' work included) by the float32 matmul rate measured here in a short probe at the
 job's precision: lower bounds, since convolutions and attacks' sequential steps run below that rate.
+A worst_of attack (AutoAttack) is planned member by member on every example; evaluation runs each
+member only on the examples still robust, so on a robust model those rows overstate its work.
 
 Run it on the topology of the real job (on the pod, or with the same device count emulated) so
 the per-device figures are the real ones. A plan that does not fit the per-device budget raises
@@ -36,7 +38,7 @@ import numpy as np
 import optax
 
 from ntk_scale import infinite_job, parallel
-from ntk_scale.attacks import build_attack, build_attacks
+from ntk_scale.attacks import Attack, WorstOf, build_attack, build_attacks
 from ntk_scale.cost_analysis import memory_per_device, program_flops
 from ntk_scale.device_rates import matmul_rate
 from ntk_scale.data.catalog import dataset_shape
@@ -224,9 +226,20 @@ def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -
   programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
                        "config.eval_batch_size", num_classes=num_classes, attack=None)]
   for name, attack in build_attacks(config.eval_attacks, "config.eval_attacks").items():
-    programs.append(_program(f"{label} evaluation under {name}", _evaluate_batch, (state, batch, key),
-                             calls, "config.eval_batch_size", num_classes=num_classes, attack=attack))
+    programs += _attacked(f"{label} evaluation under {name}", attack, (state, batch, key), calls,
+                          "config.eval_batch_size", num_classes=num_classes)
   return programs
+
+
+def _attacked(what: str, attack: Attack, args: tuple, calls: int, setting: str,
+              **static) -> list[ProgramCost]:
+  """An evaluation under `attack` as `evaluate` runs it: one program, or for a worst_of one per
+  member, each planned on every example (evaluate attacks only those still robust: an upper bound
+  on the member's work, its memory exact)."""
+  if not isinstance(attack, WorstOf):
+    return [_program(what, _evaluate_batch, args, calls, setting, attack=attack, **static)]
+  return [_program(f"{what}: {name}, at most every example", _evaluate_batch, args, calls, setting,
+                   attack=member, **static) for name, member in zip(attack.names, attack.members)]
 
 
 def _phase1(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost], list[str]]:
@@ -449,9 +462,9 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
                              _evaluate_batch, (variables, batch, key), calls * models, setting,
                              num_classes=num_classes, attack=None, apply=apply))
     for name, (_, attacked) in attacks.items():
-      programs.append(_program(f"kernel regression under {name.rpartition('.')[2]} ({attacked} model(s))",
-                               _evaluate_batch, (variables, batch, key), calls * attacked, setting,
-                               num_classes=num_classes, attack=built[name], apply=apply))
+      programs += _attacked(f"kernel regression under {name.rpartition('.')[2]} ({attacked} model(s))",
+                            built[name], (variables, batch, key), calls * attacked, setting,
+                            num_classes=num_classes, apply=apply)
   return programs
 
 

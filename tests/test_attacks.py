@@ -1,6 +1,8 @@
 """Attacks checked against an analytic worst case, their constraint sets, restarts, device counts,
 loop transcriptions of the APGD and Square Attack papers' algorithms, and a trained model."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,10 @@ import pytest
 from jax.sharding import AxisType, Mesh
 
 from ntk_scale import attacks, parallel
+from ntk_scale import evaluate as evaluate_module
 from ntk_scale.base_config import base_config
-from ntk_scale.data import load_digits
+from ntk_scale.data import Split, load_digits
+from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.models import build_model
 
 
@@ -544,6 +548,78 @@ def test_worst_of_counts_an_example_broken_by_any_of_its_attacks(digits_model):
   assert correct["t"].mean() <= correct["ce"].mean() + 0.02, {k: v.mean() for k, v in correct.items()}
   # The same programs compiled apart may round differently: allow one example to differ.
   assert np.sum(correct["worst_of"] != (correct["ce"] & correct["t"])) <= 1
+
+
+def _parameterized(model, variables, mesh):
+  return Parameterized(_inference_apply(model), parallel.replicate(variables, mesh))
+
+
+@functools.cache
+def _inference_apply(model):
+  """One apply function per model: evaluate() compiles once per function."""
+  return lambda variables, x: model.apply(variables, x, train=False)
+
+
+def test_evaluate_runs_worst_of_members_in_turn_on_the_examples_still_robust(digits_model, monkeypatch):
+  """evaluate() under worst_of(fgsm, pgd) (both deterministic: no random start) counts the examples
+  that the clean model, FGSM and PGD each leave correct, as worst_of inside jit does, but FGSM
+  attacks only the clean-correct examples and PGD only those FGSM left correct."""
+  model, variables, images, labels = digits_model
+  split = Split(np.asarray(images), np.asarray(labels))
+  mesh = parallel.make_mesh()
+  members = dict(fgsm=dict(name="fgsm"),
+                 pgd=dict(name="pgd", step_size=0.02, num_steps=5, random_start=False))
+  worst = attacks.build_attack(ml_collections.ConfigDict(dict(name="worst_of", eps=0.08,
+                                                              attacks=members)))
+  evaluated_sizes = []
+  real_batches = evaluate_module.eval_batches
+  monkeypatch.setattr(evaluate_module, "eval_batches",
+                      lambda part, *a: evaluated_sizes.append(len(part)) or real_batches(part, *a))
+  run = lambda attack, keep: evaluate(_parameterized(model, variables, mesh), split, 64, mesh, 10,
+                                      attack=attack, key=jax.random.key(3), keep_examples=keep)
+  in_turn = run(worst, True)
+  sizes, evaluated_sizes[:] = list(evaluated_sizes), []
+  correct = {}
+  for name, attack in [("clean", None), *attacks.build_attacks(ml_collections.ConfigDict(
+      {k: dict(v, eps=0.08) for k, v in members.items()}), "m").items()]:
+    examples = run(attack, True)["examples"]
+    correct[name] = examples["predictions"] == split.labels
+  after_fgsm = correct["clean"] & correct["fgsm"]
+  expected = after_fgsm & correct["pgd"]
+  assert sizes == [len(split), correct["clean"].sum(), after_fgsm.sum()]
+  assert 0.2 < expected.mean() < after_fgsm.mean() < correct["clean"].mean()
+  # The same programs compiled apart may round differently: allow one example to differ.
+  in_turn_correct = in_turn["examples"]["predictions"] == split.labels
+  assert np.sum(in_turn_correct != expected) <= 1
+  assert in_turn["accuracy"] == pytest.approx(in_turn_correct.mean())
+  assert in_turn["accuracy_after"]["fgsm"] == pytest.approx(after_fgsm.mean(), abs=1.5 / len(split))
+  assert in_turn["accuracy_after"]["pgd"] == in_turn["accuracy"]
+  # Inside jit (every member on every example) the count is the same.
+  inside_jit = run(lambda *args: worst(*args), False)
+  assert inside_jit["accuracy"] == pytest.approx(in_turn["accuracy"], abs=1.5 / len(split))
+  per_class = [np.mean(in_turn_correct[split.labels == c]) for c in range(10)]
+  np.testing.assert_allclose(in_turn["per_class_accuracy"], per_class)
+
+
+def test_worst_of_in_turn_on_four_devices_equals_one(digits_model):
+  """The re-batched members (random starts, Square's windows) give the examples of one device."""
+  model, variables, images, labels = digits_model
+  split = Split(np.asarray(images[:100]), np.asarray(labels[:100]))
+  worst = attacks.build_attack(ml_collections.ConfigDict(dict(name="worst_of", eps=0.1, attacks=dict(
+      ce=dict(name="apgd_ce", num_steps=3), square=dict(name="square", num_queries=10)))))
+  results = {}
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
+  for mesh in (one, parallel.make_mesh()):
+    results[mesh.devices.size] = evaluate(_parameterized(model, variables, mesh), split, 32, mesh, 10,
+                                          attack=worst, key=jax.random.key(5), keep_examples=True)
+  assert results[1]["accuracy_after"] == results[4]["accuracy_after"]
+  clean = np.mean(results[1]["examples"]["clean_predictions"] == split.labels)
+  assert results[1]["accuracy_after"]["ce"] < clean  # APGD-CE broke some
+  for k in ("predictions", "clean_predictions"):
+    np.testing.assert_array_equal(results[4]["examples"][k], results[1]["examples"][k])
+  np.testing.assert_allclose(results[4]["examples"]["images"], results[1]["examples"]["images"],
+                             atol=1e-5, rtol=0)
+  assert not np.allclose(results[1]["examples"]["images"], split.images)
 
 
 # --------------------------------------------------------------------------- devices

@@ -103,6 +103,18 @@ def test_attack_steps_are_counted_and_memory_is_per_device():
   per_step = costs[1] - costs[0]  # a forward and an input gradient of 40 images
   assert per_step >= 2 * 40 * (64 * 16 + 16 * 10) * 2
 
+  # A worst_of is planned member by member, as evaluate runs it: each row is that attack alone.
+  pgd = load_config("digits", "adversarial").train.attack.to_dict()
+  c = mlp_config()
+  c.eval_attacks.worst = ml_collections.ConfigDict(dict(
+      name="worst_of", eps=pgd["eps"], attacks=dict(fgsm=dict(name="fgsm"),
+                                                    pgd=dict(pgd, num_steps=2, eps=None))))
+  programs = _by_name(jobs.dry_run(c))
+  assert "phase 1 evaluation under worst" not in programs
+  member = programs["phase 1 evaluation under worst: pgd, at most every example"]
+  assert member.flops_per_call == costs[0]
+  assert 0 < programs["phase 1 evaluation under worst: fgsm, at most every example"].flops_per_call < costs[0]
+
   plan = jobs.dry_run(mlp_config())
   step = _by_name(plan)["phase 1 benign step"]
   params = 64 * 16 + 16 + 16 * 10 + 10
