@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from ntk_scale import infinite, jobs, parallel
 from ntk_scale.data import load_digits
@@ -67,9 +67,20 @@ def test_empirical_features_equal_the_explicit_jacobian_formula():
       j = jax.jacrev(lambda p: apply_fn(p, x))(params)
       return np.concatenate([np.asarray(j[k]).reshape(len(x), 3, -1) for k in sorted(j)], 2)
 
-    for spec in (LogitSpec("class", 3, 1), LogitSpec("trace", 3)):
-      directions = parameter_directions(apply_fn, params, x_train, coefficients, spec)
-      got = feature_logits_fn(apply_fn, params, directions, spec)(x_test)
+    one_device = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
+    # Trace: rows of 3 x 56 float64 parameters (1344 bytes), a sum of 2 x 3 of them per device;
+    # a budget for both and two examples' rows (twice: the cotangents) gives chunks of 2.
+    budget = (2 * 3 + 2 * 2) * 1344
+    with pytest.raises(ValueError, match=r"config.kernel.logits.*config.kernel.memory_budget_gb"):
+      parameter_directions(apply_fn, params, np.asarray(x_train), np.asarray(coefficients),
+                           LogitSpec("trace", 3), memory_budget_bytes=2 * 3 * 1344 + 2687)
+    # 9 examples: chunks of 2 on 4 devices (one step padded to 16), of 3 on 1 device (3 steps).
+    for spec, mesh, chunk in [(LogitSpec("class", 3, 1), None, 2), (LogitSpec("trace", 3), None, None),
+                              (LogitSpec("trace", 3), one_device, 3)]:
+      directions = parameter_directions(apply_fn, params, np.asarray(x_train), np.asarray(coefficients),
+                                        spec, chunk=chunk, mesh=mesh, memory_budget_bytes=budget)
+      assert isinstance(directions, np.ndarray) and directions.dtype == np.float64
+      got = feature_logits_fn(apply_fn, params, jnp.asarray(directions), spec)(x_test)
       # K(x, X) = sum_c J_c(x) J_c(X)^T over the kernel's logits: the trace kernel is the sum of
       # the per-logit kernels (not the kernel of the summed logit), as the kernel job computes it.
       logits = [spec.index] if spec.kind == "class" else [0, 1, 2]

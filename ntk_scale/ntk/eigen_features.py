@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, PartitionSpec as P
 
+from ntk_scale import parallel
+from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.tile_math import LogitSpec
 
 
@@ -70,23 +73,66 @@ def _jacobian_rows(apply_fn: Callable, spec: LogitSpec, unravel: Callable) -> Ca
   return jax.vmap(jax.jacrev(logits), in_axes=(None, 0))
 
 
-def parameter_directions(apply_fn: Callable, params, train_images: jax.Array, coefficients: jax.Array,
-                         spec: LogitSpec, chunk: int = 128) -> jax.Array:
-  """W_c = J_c(X)^T A for every group, kernel logit c and target column: [G, C', K, P] from
-  A [G, N, K] (C' = 1 for a class kernel, C for a trace kernel).
+MAX_CHUNK = 128
 
-  J(X) is formed `chunk` training examples at a time (one reverse pass per example and logit) and
-  contracted at once: G * K VJPs over all N examples would cost G * K times more reverse passes.
+
+def _chunk_within(budget_bytes: float, accumulator_bytes: float, row_bytes: float) -> int:
+  """Training examples per device and step: their Jacobian rows (twice, for the reverse pass's
+  cotangents) beside the device's sum of the directions, at most MAX_CHUNK."""
+  chunk = int((budget_bytes - accumulator_bytes) // (2 * row_bytes))
+  if chunk < 1:
+    gib = lambda b: f"{b / 2**30:.3g} GiB"
+    raise ValueError(
+        f"the eigen-features' parameter directions (groups x kernel logits x classes x parameters) "
+        f"take {gib(accumulator_bytes)} per device and each training example's Jacobian rows "
+        f"{gib(2 * row_bytes)}, but the budget is {gib(budget_bytes)}: use a class kernel rather than "
+        f"the trace (config.kernel.logits), fewer single features (config.eigen_features.num_single), "
+        f"or raise config.kernel.memory_budget_gb.")
+  return min(chunk, MAX_CHUNK)
+
+
+def parameter_directions(apply_fn: Callable, params, train_images: np.ndarray, coefficients: np.ndarray,
+                         spec: LogitSpec, *, chunk: int | None = None, mesh: Mesh | None = None,
+                         memory_budget_bytes: float | None = None) -> np.ndarray:
+  """W_c = J_c(X)^T A for every group, kernel logit c and target column: [G, C', K, P] from
+  A [G, N, K] (C' = 1 for a class kernel, C for a trace kernel), as numpy on every process.
+
+  J(X) is formed `chunk` training examples per device at a time on every device of every host
+  (`mesh`, default all; one reverse pass per example and logit) and contracted at once: G * K
+  VJPs over all N examples would cost G * K times more reverse passes. Each device sums its own
+  examples' terms; the devices' sums are added once, at the end. `chunk` None: as many as the
+  memory budget per device leaves room for (default: plan.device_budget_bytes), at most MAX_CHUNK.
   """
+  mesh = mesh or parallel.make_mesh()
   theta, unravel = ravel_pytree(params)
   rows = _jacobian_rows(apply_fn, spec, unravel)
-  contract = jax.jit(lambda t, x, a: jnp.einsum("ncp,gnk->gckp", rows(t, x), a,
-                                                precision=jax.lax.Precision.HIGHEST))
-  total = None
-  for start in range(0, train_images.shape[0], chunk):
-    part = contract(theta, train_images[start:start + chunk], coefficients[:, start:start + chunk])
-    total = part if total is None else total + part
-  return total
+  num_groups, n, k = coefficients.shape
+  logits = jax.eval_shape(rows, theta, jnp.zeros((1, *train_images.shape[1:]), train_images.dtype)).shape[1]
+  if chunk is None:
+    row_bytes = logits * theta.size * theta.dtype.itemsize
+    budget = memory_budget_bytes or device_budget_bytes(jax.local_devices()[0])
+    chunk = _chunk_within(budget, num_groups * k * row_bytes, row_bytes)
+  per_step = chunk * mesh.size
+  padded = -(-n // per_step) * per_step  # padding examples get zero coefficients
+  arrays = {"images": np.zeros((padded, *train_images.shape[1:]), train_images.dtype),
+            "weights": np.zeros((padded, num_groups, k), coefficients.dtype)}
+  arrays["images"][:n], arrays["weights"][:n] = train_images, np.moveaxis(coefficients, 1, 0)
+  data = P(parallel.DATA_AXIS)
+
+  def accumulate(t, x, a, total):  # one device: x [chunk, ...], a [chunk, G, K], total [1, G, C', K, P]
+    return total + jnp.einsum("ncp,ngk->gckp", rows(t, x), a,
+                              precision=jax.lax.Precision.HIGHEST)[None]
+
+  program = jax.jit(jax.shard_map(accumulate, mesh=mesh, in_specs=(P(), data, data, data),
+                                  out_specs=data, check_vma=False), donate_argnums=3)
+  total = jax.jit(lambda: jnp.zeros((mesh.size, num_groups, logits, k, theta.size), theta.dtype),
+                  out_shardings=parallel.batch_sharding(mesh))()
+  theta = parallel.replicate(theta, mesh)
+  for start in range(0, padded, per_step):
+    batch = parallel.global_batch(mesh, arrays, np.arange(start, start + per_step))
+    total = program(theta, batch["images"], batch["weights"], total)
+  summed = jax.jit(lambda t: t.sum(0), out_shardings=parallel.replicated_sharding(mesh))(total)
+  return parallel.local_copy(summed)
 
 
 def feature_logits_fn(apply_fn: Callable, params, directions: jax.Array, spec: LogitSpec) -> Callable:

@@ -158,8 +158,9 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel:
   with_stats = lambda batch_stats: (lambda p, x: model_apply(p, x, batch_stats))
   # Parameters and directions are arguments of the programs, never closed over: as constants
   # (G * C * P numbers) they made lowering alone take minutes.
-  directions = parameter_directions(with_stats(stats), params, jnp.asarray(train_images),
-                                    jnp.asarray(coefficients, jnp.float32), spec)
+  directions = parameter_directions(with_stats(stats), params, train_images,
+                                    coefficients.astype(np.float32), spec,
+                                    memory_budget_bytes=config.kernel.memory_budget_gb * 2**30 or None)
 
   def apply(v, x):
     return feature_logits_fn(with_stats(v["stats"]), v["params"], v["directions"][None], spec)(x)[0]
