@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from ntk_scale import infinite_job, parallel
 from ntk_scale.attacks import Attack, WorstOf, build_attack, build_attacks
@@ -48,7 +49,8 @@ from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
-from ntk_scale.ntk.eigen_features_job import check_eigen_features_config
+from ntk_scale.ntk.eigen_features import directions_program, most_rows
+from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
 from ntk_scale.ntk.job import inference_apply, plan_settings
@@ -373,6 +375,8 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
   spectrum, notes = _eigenpairs(spectrum_config, solver, n, mesh, budget, job, "the")
   programs += spectrum
   if job == "eigen_features":
+    rank = spectrum_config.spectrum.num_eigenpairs if solver == "top" else n
+    programs.append(_parameter_directions(config, mesh, n, rank, target_budget))
     notes.append("eigen_features: then every feature group's predictor, clean and under "
                  "config.eigen_features.attack on the test images, data-parallel (not modelled)")
   else:
@@ -380,6 +384,34 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
                  + (f"; the dual weights by CG, at most {section.cg_max_iters} passes over the kernel "
                     f"on the host" if solver == "top" else ""))
   return programs, notes
+
+
+def _parameter_directions(config: ml_collections.ConfigDict, mesh, n: int, rank: int,
+                          target_budget: float | None) -> ProgramCost:
+  """The eigen_features job's parameter directions J(X)^T A_g of n training images, as many per
+  device and step as the budget allows for the most groups a kernel of this rank can have (the
+  network of config.model; a phase-2 linearized model has the same parameters)."""
+  image_shape, classes = dataset_shape(config.data)[0], dataset_classes(config.data)
+  chunk = directions_chunk(config, image_shape, classes, n, rank, mesh.size, target_budget)
+  model, params, stats = _variables(config, image_shape)
+  zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
+  theta, unravel = ravel_pytree(zeros(params))
+  apply, stats = inference_apply(model), zeros(stats)
+  spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
+  program = directions_program(lambda p, x: apply(p, x, stats), spec, unravel, mesh)
+  rows, size = most_rows(rank, config.eigen_features.num_single), chunk * mesh.size
+  batch = parallel.batch_sharding(mesh)
+  args = (jax.ShapeDtypeStruct(theta.shape, theta.dtype, sharding=parallel.replicated_sharding(mesh)),
+          jax.ShapeDtypeStruct((size, *image_shape), jnp.float32, sharding=batch),
+          jax.ShapeDtypeStruct((size, rows, classes), jnp.float32, sharding=batch),
+          jax.ShapeDtypeStruct((mesh.size, rows, spec.rows_per_example, classes, theta.size),
+                               theta.dtype, sharding=batch))
+  per_device = program_flops(program, *args)  # the per-device body: its own images
+  return ProgramCost(f"eigen_features: parameter directions ({rows - 1} groups at most), {chunk} "
+                     f"images per device", -(-n // size), per_device.flops * mesh.size,
+                     memory_per_device(program.lower(*args).compile()),
+                     "config.kernel.memory_budget_gb", per_device.unbounded_loops,
+                     device_flops_per_call=per_device.flops)
 
 
 def _analytic_kernel(section: ml_collections.ConfigDict, num_classes: int,

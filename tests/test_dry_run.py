@@ -18,6 +18,7 @@ from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
 from ntk_scale.ntk import KernelPlanError
+from ntk_scale.ntk.eigen_features import feature_groups
 
 from test_train import load_config
 
@@ -166,13 +167,27 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
   max(config.spectrum.num_eigenpairs, what the job needs) eigenpairs; settings checked first."""
   c = mlp_config(job="eigen_features")
   c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "0", 30
-  (kernel,) = jobs.dry_run(c).programs
+  kernel, directions = jobs.dry_run(c).programs
   assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")
   assert "every eigenpair of the 100-row kernel" in jobs.dry_run(c).notes[0]
+  # The parameter directions J(X)^T A (A: every group of a rank-100 kernel and their sum, 10
+  # classes) on 4 devices: at least their contraction's multiply-adds, 25 images per device.
+  params = 64 * 16 + 16 + 16 * 10 + 10
+  rows = len(feature_groups(np.ones(100), c.eigen_features.num_single)) + 1
+  assert directions.name == (f"eigen_features: parameter directions ({rows - 1} groups at most), "
+                             "25 images per device")
+  assert directions.calls == 1 and directions.flops_per_call >= 2 * 100 * rows * 10 * params
   c.eigen_features.eigensolver, c.spectrum.num_eigenpairs, c.eigen_features.num_single = "top", 5, 8
   plan = jobs.dry_run(c)
-  assert [p.name for p in plan.programs][1] == "spectrum: top 8 of 100 rows, LOBPCG round"
+  assert [p.name for p in plan.programs][1:] == [
+      "spectrum: top 8 of 100 rows, LOBPCG round",
+      "eigen_features: parameter directions (8 groups at most), 25 images per device"]
   assert "every feature group's predictor" in plan.notes[-1]
+  # A trace kernel's directions are 10x larger: 9 x 10 x 10 x 1210 floats (4.4 MB) fit 4 MiB
+  # beside no image's rows; the job refuses the same before computing its kernel.
+  c.kernel.logits, c.kernel.memory_budget_gb = "trace", 4 / 1024
+  with pytest.raises(ValueError, match=r"parameter directions.*config.kernel.logits.*memory_budget_gb"):
+    jobs.dry_run(c)
   c = mlp_config(job="eigen_images")
   c.kernel.num_examples, c.kernel.tile_size = 100, 30
   c.eigen_images.logit, c.eigen_images.eigensolver, c.spectrum.num_eigenpairs = "3", "top", 6

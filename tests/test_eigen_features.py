@@ -234,6 +234,11 @@ def test_bad_fields_are_named(tmp_path):
   c.job = "eigen_features"
   with pytest.raises(ValueError, match="config.eigen_features.eigensolver='top' needs"):
     jobs.run(c, str(tmp_path))
+  # Parameter directions that cannot fit: refused before the kernel (no checkpoint is even needed).
+  c = features_config()
+  c.job, c.kernel.logits, c.kernel.memory_budget_gb = "eigen_features", "trace", 1 / 1024
+  with pytest.raises(ValueError, match=r"parameter directions .* but the budget is 0.000977 GiB"):
+    jobs.run(c, str(tmp_path))
 
 
 def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt):

@@ -76,19 +76,44 @@ def _jacobian_rows(apply_fn: Callable, spec: LogitSpec, unravel: Callable) -> Ca
 MAX_CHUNK = 128
 
 
-def _chunk_within(budget_bytes: float, accumulator_bytes: float, row_bytes: float) -> int:
-  """Training examples per device and step: their Jacobian rows (twice, for the reverse pass's
-  cotangents) beside the device's sum of the directions, at most MAX_CHUNK."""
+def most_rows(rank: int, num_single: int) -> int:
+  """Rows of the job's coefficients (every group, then their sum) for a kernel of numerical rank
+  at most `rank`: what the parameter directions hold at most, before the kernel exists."""
+  return len(feature_groups(np.ones(rank), num_single)) + 1
+
+
+def examples_per_device(budget_bytes: float, num_rows: int, logits: int, num_classes: int,
+                        num_params: int, num_examples: int, num_devices: int, itemsize: int = 4) -> int:
+  """Training examples per device and step of `parameter_directions`: their Jacobian rows (twice,
+  for the reverse pass's cotangents) beside the device's sum of the directions, [num_rows, logits,
+  num_classes, num_params]; at most MAX_CHUNK and a device's share of the examples. Refuses a
+  budget too small for one, naming the fields that change it."""
+  row_bytes = logits * num_params * itemsize
+  accumulator_bytes = num_rows * num_classes * row_bytes
   chunk = int((budget_bytes - accumulator_bytes) // (2 * row_bytes))
   if chunk < 1:
     gib = lambda b: f"{b / 2**30:.3g} GiB"
     raise ValueError(
-        f"the eigen-features' parameter directions (groups x kernel logits x classes x parameters) "
-        f"take {gib(accumulator_bytes)} per device and each training example's Jacobian rows "
-        f"{gib(2 * row_bytes)}, but the budget is {gib(budget_bytes)}: use a class kernel rather than "
-        f"the trace (config.kernel.logits), fewer single features (config.eigen_features.num_single), "
-        f"or raise config.kernel.memory_budget_gb.")
-  return min(chunk, MAX_CHUNK)
+        f"the eigen-features' parameter directions ({num_rows} groups x {logits} kernel logit(s) x "
+        f"{num_classes} classes x {num_params} parameters) take {gib(accumulator_bytes)} per device "
+        f"and each training example's Jacobian rows {gib(2 * row_bytes)}, but the budget is "
+        f"{gib(budget_bytes)}: use a class kernel rather than the trace (config.kernel.logits), fewer "
+        f"single features (config.eigen_features.num_single), or raise config.kernel.memory_budget_gb.")
+  return min(chunk, MAX_CHUNK, -(-num_examples // num_devices))
+
+
+def directions_program(apply_fn: Callable, spec: LogitSpec, unravel: Callable, mesh: Mesh) -> Callable:
+  """(theta, images [D * chunk, ...], coefficients [D * chunk, G, K], total [D, G, C', K, P]) ->
+  total plus every device's own examples' J_c(x)^T A terms, in its own slice (total donated)."""
+  rows = _jacobian_rows(apply_fn, spec, unravel)
+  data = P(parallel.DATA_AXIS)
+
+  def accumulate(theta, x, a, total):  # one device: x [chunk, ...], a [chunk, G, K], total [1, ...]
+    return total + jnp.einsum("ncp,ngk->gckp", rows(theta, x), a,
+                              precision=jax.lax.Precision.HIGHEST)[None]
+
+  return jax.jit(jax.shard_map(accumulate, mesh=mesh, in_specs=(P(), data, data, data),
+                               out_specs=data, check_vma=False), donate_argnums=3)
 
 
 def parameter_directions(apply_fn: Callable, params, train_images: np.ndarray, coefficients: np.ndarray,
@@ -100,32 +125,23 @@ def parameter_directions(apply_fn: Callable, params, train_images: np.ndarray, c
   J(X) is formed `chunk` training examples per device at a time on every device of every host
   (`mesh`, default all; one reverse pass per example and logit) and contracted at once: G * K
   VJPs over all N examples would cost G * K times more reverse passes. Each device sums its own
-  examples' terms; the devices' sums are added once, at the end. `chunk` None: as many as the
-  memory budget per device leaves room for (default: plan.device_budget_bytes), at most MAX_CHUNK.
+  examples' terms; the devices' sums are added once, at the end. `chunk` None: as many as
+  `memory_budget_bytes` per device leaves room for (default: plan.device_budget_bytes).
   """
   mesh = mesh or parallel.make_mesh()
   theta, unravel = ravel_pytree(params)
-  rows = _jacobian_rows(apply_fn, spec, unravel)
-  num_groups, n, k = coefficients.shape
-  logits = jax.eval_shape(rows, theta, jnp.zeros((1, *train_images.shape[1:]), train_images.dtype)).shape[1]
+  num_rows, n, k = coefficients.shape
+  logits = spec.rows_per_example
   if chunk is None:
-    row_bytes = logits * theta.size * theta.dtype.itemsize
-    budget = memory_budget_bytes or device_budget_bytes(jax.local_devices()[0])
-    chunk = _chunk_within(budget, num_groups * k * row_bytes, row_bytes)
+    chunk = examples_per_device(memory_budget_bytes or device_budget_bytes(jax.local_devices()[0]),
+                                num_rows, logits, k, theta.size, n, mesh.size, theta.dtype.itemsize)
   per_step = chunk * mesh.size
   padded = -(-n // per_step) * per_step  # padding examples get zero coefficients
   arrays = {"images": np.zeros((padded, *train_images.shape[1:]), train_images.dtype),
-            "weights": np.zeros((padded, num_groups, k), coefficients.dtype)}
+            "weights": np.zeros((padded, num_rows, k), coefficients.dtype)}
   arrays["images"][:n], arrays["weights"][:n] = train_images, np.moveaxis(coefficients, 1, 0)
-  data = P(parallel.DATA_AXIS)
-
-  def accumulate(t, x, a, total):  # one device: x [chunk, ...], a [chunk, G, K], total [1, G, C', K, P]
-    return total + jnp.einsum("ncp,ngk->gckp", rows(t, x), a,
-                              precision=jax.lax.Precision.HIGHEST)[None]
-
-  program = jax.jit(jax.shard_map(accumulate, mesh=mesh, in_specs=(P(), data, data, data),
-                                  out_specs=data, check_vma=False), donate_argnums=3)
-  total = jax.jit(lambda: jnp.zeros((mesh.size, num_groups, logits, k, theta.size), theta.dtype),
+  program = directions_program(apply_fn, spec, unravel, mesh)
+  total = jax.jit(lambda: jnp.zeros((mesh.size, num_rows, logits, k, theta.size), theta.dtype),
                   out_shardings=parallel.batch_sharding(mesh))()
   theta = parallel.replicate(theta, mesh)
   for start in range(0, padded, per_step):

@@ -42,6 +42,7 @@ all: 0.972 / 0.819.
 """
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable
 
@@ -55,14 +56,16 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.data import Split, load_dataset, num_classes
 from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.kernel_regression import kernel_scores, regression_targets
-from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
-                                          parameter_directions)
+from ntk_scale.models import build_model
+from ntk_scale.ntk.eigen_features import (examples_per_device, feature_groups, feature_logits_fn,
+                                          group_coefficients, most_rows, parameter_directions)
 from ntk_scale.ntk.job import (KERNELS_DIR, check_kernel_subset, inference_apply, kernel_job,
                               select_examples)
 from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
                                              kernel_eigenpairs)
 from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
@@ -93,6 +96,25 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.kernel.logits='full': eigen-features need a kernel of one class or the "
                      "trace.")
   build_attack(e.attack, prefix="config.eigen_features.attack", num_classes=num_classes(config.data))
+
+
+def directions_chunk(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], classes: int,
+                     num_examples: int, rank: int, num_devices: int,
+                     budget_bytes: float | None = None) -> int:
+  """Training images per device and step of the parameter directions of config.kernel's empirical
+  kernel of `num_examples` with numerical rank at most `rank` (known before the kernel is: a
+  budget too small is refused before any compute, naming the fields). The budget is
+  config.kernel.memory_budget_gb, else `budget_bytes` (a dry run's target), else this device's."""
+  model = build_model(config.model, classes)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                             train=False))["params"]
+  spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
+  budget = (config.kernel.memory_budget_gb * 2**30 or budget_bytes
+            or device_budget_bytes(jax.local_devices()[0]))
+  return examples_per_device(budget, most_rows(rank, config.eigen_features.num_single),
+                             spec.rows_per_example, classes,
+                             sum(math.prod(x.shape) for x in jax.tree.leaves(params)), num_examples,
+                             num_devices)
 
 
 def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
@@ -219,6 +241,10 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   solver = solver if e.source == "empirical" else "dense"  # an infinite-width kernel: in memory
   if solver == "top":  # before the kernel is computed
     check_spectrum_config(spectrum_config, dataset.num_classes)
+  if e.source == "empirical":  # the parameter directions fit a device, also before the kernel
+    directions_chunk(config, split.images.shape[1:], dataset.num_classes, num_examples,
+                     spectrum_config.spectrum.num_eigenpairs if solver == "top" else num_examples,
+                     mesh.devices.size)
   # The output's name first: a finished result is read back without any kernel algebra.
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
   if kernel is None:
