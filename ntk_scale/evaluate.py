@@ -52,16 +52,23 @@ def _as_apply(model: Model) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]
   return (lambda _, images: model(images)), None
 
 
+def _attacked(variables: Any, batch: dict[str, jax.Array], key: jax.Array, attack: Attack | None,
+              apply: Callable[[Any, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The batch's images under `attack` (None: as they are) and the model's logits on them."""
+  model = lambda x: apply(variables, x)
+  images = batch["images"]
+  if attack is not None:
+    images = attack(model, images, batch["labels"], key)
+  return images, model(images)
+
+
 @functools.partial(jax.jit, static_argnames=("apply", "num_classes", "attack"))
 def _evaluate_batch(variables: Any, batch: dict[str, jax.Array], key: jax.Array, num_classes: int,
                     attack: Attack | None, apply: Callable[[Any, jax.Array], jax.Array] = _apply_state
                     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  model = lambda x: apply(variables, x)
-  images, labels, mask = batch["images"], batch["labels"], batch["mask"]
-  clean_predictions = jnp.argmax(model(images), -1)
-  if attack is not None:
-    images = attack(model, images, labels, key)
-  logits = model(images)
+  labels, mask = batch["labels"], batch["mask"]
+  clean_predictions = jnp.argmax(apply(variables, batch["images"]), -1)
+  images, logits = _attacked(variables, batch, key, attack, apply)
   predictions = jnp.argmax(logits, -1)
   correct = (predictions == labels) * mask
   one_hot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
@@ -78,11 +85,7 @@ def _example_results(variables: Any, batch: dict[str, jax.Array], key: jax.Array
                      ) -> dict[str, jax.Array]:
   """Per example of the batch: the prediction and cross-entropy on the (attacked) image, and the
   image itself with `keep_images`."""
-  model = lambda x: apply(variables, x)
-  images = batch["images"]
-  if attack is not None:
-    images = attack(model, images, batch["labels"], key)
-  logits = model(images)
+  images, logits = _attacked(variables, batch, key, attack, apply)
   out = {"predictions": jnp.argmax(logits, -1),
          "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])}
   if keep_images:
@@ -148,8 +151,8 @@ def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: A
 
   def run(rows: np.ndarray, member: Attack | None, member_key: jax.Array) -> dict[str, np.ndarray]:
     part = Split(split.images[rows], split.labels[rows])
-    batches = [jax.tree.map(_to_host, _example_results(variables, batch, jax.random.fold_in(member_key, b),
-                                                       member, apply, keep_examples))
+    batches = [jax.tree.map(_to_host, _example_results(
+        variables, batch, jax.random.fold_in(member_key, b), member, apply, keep_examples))
                for b, batch in enumerate(eval_batches(part, batch_size, mesh))]
     return {k: np.concatenate([r[k] for r in batches])[:len(rows)] for k in batches[0]}
 
