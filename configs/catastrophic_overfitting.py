@@ -83,6 +83,24 @@ against a peak of 0.27 at epoch 5) is not sustained, robust accuracy is back abo
 (0.14) at 12.5; `--config.evolution.around_collapse=1` took the kernels at epochs 10, 11, 11.5
 and 12: kernel velocity 0.014 per epoch over 10 -> 11, 0.118 over 11 -> 11.5 (the collapse) and
 0.064 over 11.5 -> 12, and the top eigenvalue 2.98e5, 3.98e5, 3.00e5, 3.31e5.
+
+The figures above are from the VM of 2026-11-22. Rerun on 2026-11-29 on another 2-core VM (AMD
+EPYC; ~1.5 minutes a run), the same code (commit ca2b56e, which measured them) gives other runs:
+single runs on digits depend on the machine's floating-point rounding, so compare methods over
+seeds on one machine. eps 0.25, beta 0.15, final clean / PGD-20:
+
+    method                               seed 0          seed 1
+    fgsm                                 0.683 / 0.211   0.686 / 0.133   (peaks 0.27, 0.29)
+    n_fgsm                               0.769 / 0.411   0.792 / 0.411
+    grad_align, grad_x L(x) constant     0.947 / 0.072   0.975 / 0.117
+    grad_align, differentiated           0.944 / 0.150   0.831 / 0.075
+
+FGSM's robust accuracy peaks near epoch 6 and falls to 0.13-0.23 while its training accuracy falls
+too (0.97 -> 0.73), which the monitor does not count as a collapse. N-FGSM keeps 0.41 in both
+seeds. GradAlign at lambda 1 stays below 0.2 robust accuracy throughout, whether grad_x L(x) is
+held constant as in the authors' code (config.train.grad_align_clean, the default since
+2026-11-29) or differentiated as in the paper's formula (the 2026-11-22 rows above: both
+differentiated, zero-gradient examples counted).
 """
 
 import ml_collections

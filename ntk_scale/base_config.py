@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # et al. 2022). GradAlign's weight (Andriushchenko and Flammarion 2020; 0: off, A/F only), its noise
   # uniform in the train.attack eps-box.
   c.train.grad_align = 0.0
+  # GradAlign's grad_x L(x): "constant" (the authors' code detaches it) | "differentiated" (the
+  # paper's formula: both gradients differentiated; see configs/catastrophic_overfitting.py).
+  c.train.grad_align_clean = "constant"
   # Catastrophic-overfitting monitor (ntk_scale/train/co_monitor.py): every `every_steps` batch steps
   # (0: off) and at every checkpoint, accuracy under `attack` on `num_examples` fixed test images and
   # clean accuracy on as many fixed training images, to metrics.jsonl as co/*. A collapse is robust

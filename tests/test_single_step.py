@@ -12,7 +12,7 @@ from ntk_scale.base_config import base_config
 from ntk_scale.data import load_dataset
 from ntk_scale.models import build_model
 from ntk_scale.train.experiment import build_train_steps, check_train_config
-from ntk_scale.train.grad_align import grad_align_penalty, gradient_cosine
+from ntk_scale.train.grad_align import grad_align_penalty, gradient_cosine, input_gradients
 from ntk_scale.train.state import create_train_state
 
 EPS = 0.1
@@ -38,29 +38,47 @@ def test_penalty_gradient_is_finite_when_an_input_gradient_is_zero():
   images = jnp.asarray([[1.0, 2.0], [-1.0, -2.0]])
   labels = jnp.asarray([0, 1])
   w = {"v": jnp.asarray([0.5, 1.0]), "u": jnp.asarray([1.0, -1.0])}
-  f = lambda w: grad_align_penalty(lambda x: jax.nn.relu(x @ w["v"])[:, None] * w["u"], images,
-                                   labels, jax.random.key(0), 0.1)
+  f = lambda w, n=2: grad_align_penalty(lambda x: jax.nn.relu(x @ w["v"])[:, None] * w["u"],
+                                        images[:n], labels[:n], jax.random.key(0), 0.1)
   assert np.isfinite(float(f(w)))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(jax.grad(f)(w)))
+  # As in the authors' code, the mean leaves out examples with a zero gradient.
+  assert float(f(w)) == pytest.approx(float(f(w, 1)), abs=1e-7)
 
 
 def _tiny_mlp(params, x):
   return jnp.tanh(x.reshape(len(x), -1) @ params["w1"]) @ params["w2"]
 
 
-def test_penalty_gradient_matches_finite_differences():
+def test_penalty_gradient_matches_finite_differences_held_or_differentiated():
+  """By central differences in float64: the parameter gradient is that of 1 - cos(grad_x L(x + eta;
+  p), g0) with g0 = grad_x L(x; p0) a constant (the authors' code detaches it), or with
+  clean_gradient "differentiated" that of the penalty's value itself."""
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
     params = {"w1": jnp.asarray(rng.normal(size=(6, 5))), "w2": jnp.asarray(rng.normal(size=(5, 3)))}
     images = jnp.asarray(rng.uniform(size=(4, 3, 2, 1)))
     labels = jnp.asarray([0, 1, 2, 1])
-    f = lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, jax.random.key(3), 0.3)
-    assert float(f(params)) > 1e-3  # a nonlinear model is not aligned
-    grads = jax.grad(f)(params)
+    key, eps = jax.random.key(3), 0.3
+    penalty = lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, key, eps)
+    assert float(penalty(params)) > 1e-3  # a nonlinear model is not aligned
+    grads = jax.grad(penalty)(params)
+    eta = jax.random.uniform(key, images.shape, images.dtype, -eps, eps)  # the penalty's draw
+    clean = input_gradients(lambda x: _tiny_mlp(params, x), images, labels)
+    f = lambda p: jnp.mean(1 - gradient_cosine(
+        input_gradients(lambda x: _tiny_mlp(p, x), images + eta, labels), clean))
+    assert float(f(params)) == pytest.approx(float(penalty(params)), rel=1e-12)
     direction = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape)), params)
     h = 1e-5
     shifted = lambda t: jax.tree.map(lambda w, d: w + t * d, params, direction)
     numeric = (f(shifted(h)) - f(shifted(-h))) / (2 * h)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
+    # "differentiated" (the paper's formula): the gradient of the penalty's value itself.
+    both = lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, key, eps,
+                                        clean_gradient="differentiated")
+    grads = jax.grad(both)(params)
+    numeric = (both(shifted(h)) - both(shifted(-h))) / (2 * h)
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
 
@@ -104,12 +122,13 @@ def test_one_training_step_with_each_single_step_option(setup, attack_name, grad
     assert "grad_align" not in metrics
 
 
-@pytest.mark.parametrize("mode, weight, message", [
-    ("C", 0.5, r"config\.train\.grad_align=0\.5 regularises adversarial training"),
-    ("A", -1.0, r"config\.train\.grad_align=-1\.0 must be a number >= 0")])
-def test_bad_grad_align_is_named(mode, weight, message):
+@pytest.mark.parametrize("mode, weight, clean, message", [
+    ("C", 0.5, "constant", r"config\.train\.grad_align=0\.5 regularises adversarial training"),
+    ("A", -1.0, "constant", r"config\.train\.grad_align=-1\.0 must be a number >= 0"),
+    ("A", 0.5, "detached", r"config\.train\.grad_align_clean='detached'; expected one of constant")])
+def test_bad_grad_align_is_named(mode, weight, clean, message):
   config = _config("fgsm", weight)
-  config.train.mode = mode
+  config.train.mode, config.train.grad_align_clean = mode, clean
   with pytest.raises(ValueError, match=message):
     check_train_config(config, 4)
 

@@ -13,6 +13,7 @@ from ntk_scale.attacks import build_attack, build_attacks
 from ntk_scale.data.augment import AUGMENTATIONS
 from ntk_scale.models import build_model, check_model_config
 from ntk_scale.train.collapse import check_co_monitor_config
+from ntk_scale.train.grad_align import CLEAN_GRADIENT
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
 from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters, create_train_state
 from ntk_scale.train.steps import TrainStep, make_train_step
@@ -71,6 +72,11 @@ def _check_grad_align(train: ml_collections.ConfigDict) -> None:
   if weight > 0 and train.mode == "C":
     raise ValueError(f"config.train.grad_align={weight} regularises adversarial training; set "
                      f"config.train.mode to A or F (e.g. with config.train.attack.name='fgsm').")
+  clean = train.get("grad_align_clean", "constant")
+  if clean not in CLEAN_GRADIENT:
+    raise ValueError(f"config.train.grad_align_clean={clean!r}; expected one of "
+                     f"{', '.join(CLEAN_GRADIENT)} (GradAlign's grad_x L(x): held constant as in the "
+                     f"authors' code, or differentiated as in the paper's formula).")
 
 
 def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict, seed: int,
@@ -88,7 +94,8 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
                                  benign_step_first=section.benign_step_first,
                                  attack_batch_norm=config.train.attack_batch_norm,
                                  grad_align=float(section.get("grad_align", 0.0)),
-                                 grad_align_eps=section.attack.get("eps"))
+                                 grad_align_eps=section.attack.get("eps"),
+                                 grad_align_clean=section.get("grad_align_clean", "constant"))
 
 
 def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:

@@ -6,9 +6,12 @@ input gradient at x aligned with the input gradient at a random point of the bal
 
     R = lambda * E_x [1 - cos(grad_x L(x + eta), grad_x L(x))],   eta ~ U([-eps, eps]^d),
 
-added to the adversarial training loss. It is differentiated with respect to the parameters
-through the input gradients (double backpropagation), which is what makes it cost about three
-times an FGSM step.
+added to the adversarial training loss and differentiated with respect to the parameters through
+the input gradients (double backpropagation: about three times an FGSM step). The authors' code
+(train.py of tml-epfl/understanding-fast-adv-training) holds grad_x L(x) constant (their FGSM
+gradient, detached) and differentiates only grad_x L(x + eta); the paper's formula differentiates
+both (`CLEAN_GRADIENT`). Either way the mean runs, as in their code, over the examples whose two
+gradients are both nonzero.
 """
 
 from typing import Callable
@@ -22,6 +25,9 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 # Floor of the product of squared gradient norms: keeps the cosine and its parameter gradient finite
 # when an input gradient is exactly zero (a saturated example; it then adds 1 - 0 and no gradient).
 _TINY = 1e-30
+
+# config.train.grad_align_clean: how the penalty treats grad_x L(x).
+CLEAN_GRADIENT = ("constant", "differentiated")
 
 
 def input_gradients(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -> jax.Array:
@@ -39,13 +45,22 @@ def gradient_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def grad_align_penalty(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
-                       eps: float) -> jax.Array:
-  """Mean over the batch of 1 - cos(grad_x L(x + eta), grad_x L(x)), eta uniform in the L-inf eps-box.
+                       eps: float, clean_gradient: str = "constant") -> jax.Array:
+  """Mean of 1 - cos(grad_x L(x + eta), grad_x L(x)) over the examples where neither gradient is
+  zero (0 if there are none), eta uniform in the L-inf eps-box drawn from `key`.
 
   Unweighted (multiply by config.train.grad_align); differentiable in whatever `logits_fn` closes
-  over. As in the authors' code, x + eta is not clipped to the image box.
+  over, through grad_x L(x + eta) only (`clean_gradient` "constant", the authors' code) or through
+  both gradients ("differentiated"). As in their code, x + eta is not clipped to the image box.
+  Their grad_x L(x) is the FGSM step's own gradient, at x for FGSM from zero (GradAlign's setting);
+  here it is always at x.
   """
   eta = jax.random.uniform(key, images.shape, images.dtype, -eps, eps)
   clean = input_gradients(logits_fn, images, labels)
+  if clean_gradient == "constant":
+    clean = jax.lax.stop_gradient(clean)
   noisy = input_gradients(logits_fn, images + eta, labels)
-  return jnp.mean(1.0 - gradient_cosine(noisy, clean))
+  nonzero = lambda g: jnp.any(g.reshape(len(g), -1) != 0, axis=1)
+  counted = nonzero(clean) & nonzero(noisy)
+  terms = jnp.where(counted, 1.0 - gradient_cosine(noisy, clean), 0.0)
+  return terms.sum() / jnp.maximum(counted.sum(), 1)

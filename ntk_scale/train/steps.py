@@ -46,7 +46,8 @@ def _sgd_update(state: TrainState, images: jax.Array, labels: jax.Array,
 
 def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, *,
                     benign_step_first: bool = False, attack_batch_norm: str = "inference",
-                    grad_align: float = 0.0, grad_align_eps: float | None = None) -> TrainStep:
+                    grad_align: float = 0.0, grad_align_eps: float | None = None,
+                    grad_align_clean: str = "constant") -> TrainStep:
   """A jitted step `(state, batch) -> (state, metrics)` that donates the incoming state.
 
   Without `attack` the step trains on the (augmented) batch. With it, the step trains on the
@@ -55,7 +56,8 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
   examples crafted against the updated model (the variant in Loo et al.'s code: two optimizer
   updates per batch). Metrics are those of the last update. With `grad_align` > 0 (and an
   attack), the adversarial update adds GradAlign's penalty at eps `grad_align_eps` on the clean
-  batch (Andriushchenko and Flammarion 2020; see grad_align.py), the model seen as the attack sees it.
+  batch (Andriushchenko and Flammarion 2020; see grad_align.py; `grad_align_clean` says how it
+  treats grad_x L(x)), the model seen as the attack sees it.
 
   The step's randomness is `fold_in(key(seed), state.step)`, so it depends on nothing a resumed
   run could lose. Under jit over the mesh the batch means (loss, BatchNorm statistics) span the
@@ -78,7 +80,8 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
       return _sgd_update(state, adversarial, labels)
     noise_key = jax.random.fold_in(attack_key, 1)
     penalty = lambda params: grad_align_penalty(logits_fn(state.replace(params=params), attack_batch_norm),
-                                                images, labels, noise_key, grad_align_eps)
+                                                images, labels, noise_key, grad_align_eps,
+                                                grad_align_clean)
     return _sgd_update(state, adversarial, labels, penalty, grad_align)
 
   return jax.jit(step, donate_argnums=0)
