@@ -1,5 +1,6 @@
 """The tiny jobs of tests/test_multihost.py: configs/digits.py:smoke with a 16-wide MLP, one epoch,
-and one 2-step PGD evaluation attack (multi-process attacks are exercised; compiles stay short);
+and one 2-step PGD evaluation attack (multi-process attacks are exercised; compiles stay short),
+FGSM and PGD-2 as the eigen-features' worst_of;
 `infinite`: configs/infinite_width.py:smoke shrunk to 40 training and 20 test images, one PGD-2
 per attack list and 3 robust-set steps saved every 2."""
 
@@ -40,4 +41,9 @@ def get_config(arg: str = ""):
   c.model.name, c.model.width, c.num_epochs = "mlp", 16, 1.0
   c.eval_attacks.pgd = pgd_linf(digits.EPS, num_steps=2)
   del c.eval_attacks["apgd"]
+  # The eigen_features cases' attack: a worst_of, evaluated member by member on the examples still
+  # robust (evaluate's re-batching over both processes), of two cheap members.
+  eps = c.eigen_features.attack.eps
+  c.eigen_features.attack = ml_collections.ConfigDict(dict(name="worst_of", eps=eps, attacks=dict(
+      fgsm=dict(name="fgsm"), pgd=pgd_linf(eps, num_steps=2))))
   return c

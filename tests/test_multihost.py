@@ -202,7 +202,7 @@ def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_proc
 
 EIGEN_FEATURES = {"job": "eigen_features", "kernel.num_examples": 40, "kernel.tile_size": 20,
                   "eigen_features.num_single": 3, "eigen_features.num_test": 40,
-                  "eigen_features.batch_size": 16, "eigen_features.attack.num_steps": 2}
+                  "eigen_features.batch_size": 16}
 
 
 def test_eigen_features_over_two_processes_equal_one_process(runs):
@@ -226,7 +226,7 @@ def test_eigen_features_over_two_processes_equal_one_process(runs):
 ANALYTIC_FEATURES = {"job": "eigen_features", "eigen_features.source": "infinite",
                      "kernel.num_examples": 40, "infinite.batch_size": 8,
                      "eigen_features.num_single": 3, "eigen_features.num_test": 40,
-                     "eigen_features.batch_size": 16, "eigen_features.attack.num_steps": 2}
+                     "eigen_features.batch_size": 16}
 
 
 def test_analytic_kernel_over_two_processes_equals_one_process(tmp_path):
