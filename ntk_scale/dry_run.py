@@ -50,7 +50,7 @@ from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
 from ntk_scale.ntk.eigen_features import directions_program, most_rows
-from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk
+from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk, group_apply
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
 from ntk_scale.ntk.job import inference_apply, plan_settings
@@ -377,8 +377,7 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
   if job == "eigen_features":
     rank = spectrum_config.spectrum.num_eigenpairs if solver == "top" else n
     programs.append(_parameter_directions(config, mesh, n, rank, target_budget))
-    notes.append("eigen_features: then every feature group's predictor, clean and under "
-                 "config.eigen_features.attack on the test images, data-parallel (not modelled)")
+    programs += _feature_evaluations(config, mesh, most_rows(rank, section.num_single))
   else:
     notes.append("eigen_images: then the Adam steps on the images (not modelled)"
                  + (f"; the dual weights by CG, at most {section.cg_max_iters} passes over the kernel "
@@ -412,6 +411,32 @@ def _parameter_directions(config: ml_collections.ConfigDict, mesh, n: int, rank:
                      memory_per_device(program.lower(*args).compile()),
                      "config.kernel.memory_budget_gb", per_device.unbounded_loops,
                      device_flops_per_call=per_device.flops)
+
+
+def _feature_evaluations(config: ml_collections.ConfigDict, mesh, groups: int) -> list[ProgramCost]:
+  """Each of at most `groups` feature predictors J(x) W_g (eigen_features_job.group_apply) on the
+  test images, clean and under config.eigen_features.attack, in batches of
+  config.eigen_features.batch_size over the mesh."""
+  e = config.eigen_features
+  (image_shape, _, test_size), classes = dataset_shape(config.data), dataset_classes(config.data)
+  model, params, stats = _variables(config, image_shape)
+  spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
+  replicated = parallel.replicated_sharding(mesh)
+  num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  variables = {**_abstract({"params": params, "stats": stats}, replicated),
+               "directions": jax.ShapeDtypeStruct((spec.rows_per_example, classes, num_params),
+                                                  jnp.float32, sharding=replicated)}
+  args = (variables, _batch(mesh, e.batch_size, image_shape, mask=True),
+          jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  num_test = min(e.num_test, test_size) if e.num_test else test_size
+  calls = groups * -(-num_test // e.batch_size)
+  apply = group_apply(inference_apply(model), spec)
+  what = f"eigen_features: each group's predictor ({groups - 1} groups and all at most)"
+  attack = build_attack(e.attack, prefix="config.eigen_features.attack")
+  return ([_program(f"{what}, clean", _evaluate_batch, args, calls, "config.eigen_features.batch_size",
+                    num_classes=classes, attack=None, apply=apply)]
+          + _attacked(f"{what} under {e.attack.name}", attack, args, calls,
+                      "config.eigen_features.batch_size", num_classes=classes, apply=apply))
 
 
 def _analytic_kernel(section: ml_collections.ConfigDict, num_classes: int,

@@ -167,7 +167,7 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
   max(config.spectrum.num_eigenpairs, what the job needs) eigenpairs; settings checked first."""
   c = mlp_config(job="eigen_features")
   c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "0", 30
-  kernel, directions = jobs.dry_run(c).programs
+  kernel, directions, clean, attacked = jobs.dry_run(c).programs
   assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")
   assert "every eigenpair of the 100-row kernel" in jobs.dry_run(c).notes[0]
   # The parameter directions J(X)^T A (A: every group of a rank-100 kernel and their sum, 10
@@ -177,12 +177,18 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
   assert directions.name == (f"eigen_features: parameter directions ({rows - 1} groups at most), "
                              "25 images per device")
   assert directions.calls == 1 and directions.flops_per_call >= 2 * 100 * rows * 10 * params
+  # Each group's predictor on the 360 test images in batches of 120, clean and under PGD-10:
+  # per image at least the contraction of its Jacobian row with the 10 directions.
+  assert clean.name.endswith(f"({rows - 1} groups and all at most), clean")
+  assert clean.calls == attacked.calls == rows * 3
+  assert clean.flops_per_call >= 2 * 120 * 10 * params
+  assert attacked.name.endswith("under pgd") and attacked.flops_per_call > 10 * clean.flops_per_call
   c.eigen_features.eigensolver, c.spectrum.num_eigenpairs, c.eigen_features.num_single = "top", 5, 8
   plan = jobs.dry_run(c)
-  assert [p.name for p in plan.programs][1:] == [
+  assert [p.name for p in plan.programs][1:3] == [
       "spectrum: top 8 of 100 rows, LOBPCG round",
       "eigen_features: parameter directions (8 groups at most), 25 images per device"]
-  assert "every feature group's predictor" in plan.notes[-1]
+  assert plan.programs[3].calls == 9 * 3
   # A trace kernel's directions are 10x larger: 9 x 10 x 10 x 1210 floats (4.4 MB) fit 4 MiB
   # beside no image's rows; the job refuses the same before computing its kernel.
   c.kernel.logits, c.kernel.memory_budget_gb = "trace", 4 / 1024

@@ -151,6 +151,17 @@ class _Features:
   variables: Callable[[int], Any]  # host arrays
 
 
+def group_apply(model_apply: Callable, spec) -> Callable[[Any, jax.Array], jax.Array]:
+  """An empirical kernel's feature group as evaluate()'s `apply`: (variables {"params", "stats",
+  "directions" [C', K, P]}, x) -> logits [B, K], one function for every group (one compilation).
+  Parameters and directions are arguments of the programs, never closed over: as constants (G * C
+  * P numbers) they made lowering alone take minutes."""
+  def apply(v, x):
+    with_stats = lambda p, images: model_apply(p, images, v["stats"])
+    return feature_logits_fn(with_stats, v["params"], v["directions"][None], spec)(x)[0]
+  return apply
+
+
 def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The kernel job's result for config.kernel, computed or resumed until complete."""
   kernel = kernel_job(config, workdir)
@@ -177,17 +188,10 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel:
                                    epoch=store.meta["source"]["epoch"], fields="config.kernel")
   model_apply = inference_apply(restored.model)
   params, stats = restored.host_variables()
-  with_stats = lambda batch_stats: (lambda p, x: model_apply(p, x, batch_stats))
-  # Parameters and directions are arguments of the programs, never closed over: as constants
-  # (G * C * P numbers) they made lowering alone take minutes.
-  directions = parameter_directions(with_stats(stats), params, train_images,
+  directions = parameter_directions(lambda p, x: model_apply(p, x, stats), params, train_images,
                                     coefficients.astype(np.float32), spec,
                                     memory_budget_bytes=config.kernel.memory_budget_gb * 2**30 or None)
-
-  def apply(v, x):
-    return feature_logits_fn(with_stats(v["stats"]), v["params"], v["directions"][None], spec)(x)[0]
-
-  return _Features(kernel["kernel"], pairs.values, trace, solver, groups, apply,
+  return _Features(kernel["kernel"], pairs.values, trace, solver, groups, group_apply(model_apply, spec),
                    lambda g: {"params": params, "stats": stats, "directions": np.asarray(directions[g])})
 
 
