@@ -13,6 +13,8 @@ fixed test images) and PGD-20 on the whole test split at the end.
   beta    injected feature size in [0, 1] pixel units (default 0: the plain digits)
   eps     L-inf radius of training, monitor and evaluation attacks (default 0.25)
   lambda  GradAlign's weight (default 1.0)
+  seed    the run's seed (config.seed; default 0)
+  seeds   get_sweep only: K runs per method and beta, seeds 0 .. K-1 (default 1)
   data    digits (default; eps 0.25) | cifar10 (ResNet-18, 30 epochs, the paper's setting; eps 8/255;
           needs the tfds dataset and a GPU, not run here)
   flags   perp (remove x's projection on the features first), smoke (3 epochs, narrow CNN)
@@ -37,9 +39,10 @@ The summary also says whether the collapse was sustained (`sustained`: robust ac
 collapsed for config.train.co_monitor.sustain_evals = 3 consecutive measurements, 1.5 epochs here)
 and lists the measurements at which it recovered (`recoveries`).
 
-The sweep over methods and beta at one eps (`get_sweep`, one workdir each), listed or launched:
+The sweep over methods and beta at one eps (`get_sweep`, one workdir each; `seeds=K` runs each K
+times), listed or launched:
 
-    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25 \
+    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25,seeds=3 \
         --workdir_root workdirs/co --dry_run
 
 Measured (seed 0 unless said, one run each, 2 shared CPU cores, 4-10 minutes a run; robust = PGD-10 accuracy
@@ -87,7 +90,7 @@ and 12: kernel velocity 0.014 per epoch over 10 -> 11, 0.118 over 11 -> 11.5 (th
 The figures above are from the VM of 2026-11-22. Rerun on 2026-11-29 on another 2-core VM (AMD
 EPYC; ~1.5 minutes a run), the same code (commit ca2b56e, which measured them) gives other runs:
 single runs on digits depend on the machine's floating-point rounding, so compare methods over
-seeds on one machine. eps 0.25, beta 0.15, final clean / PGD-20:
+seeds on one machine (the sweep's `seeds=K`). eps 0.25, beta 0.15, final clean / PGD-20:
 
     method                               seed 0          seed 1
     fgsm                                 0.683 / 0.211   0.686 / 0.133   (peaks 0.27, 0.29)
@@ -109,7 +112,8 @@ from ntk_scale.base_config import base_config, parse_variants, pgd_linf
 
 FILE = "configs/catastrophic_overfitting.py"
 METHODS = ("fgsm", "rs_fgsm", "n_fgsm", "grad_align", "pgd")
-DEFAULTS = {"method": "fgsm", "beta": "0", "eps": "", "lambda": "1.0", "data": "digits"}
+DEFAULTS = {"method": "fgsm", "beta": "0", "eps": "", "lambda": "1.0", "data": "digits", "seed": "0",
+            "seeds": "1"}
 DATASETS = {"digits": 0.25, "cifar10": 8 / 255}  # -> the default eps
 FLAGS = ("perp", "smoke")
 
@@ -139,13 +143,23 @@ def _number(values: dict[str, str], key: str) -> float:
     raise ValueError(f"{FILE}: {key}={values[key]!r} is not a number.") from None
 
 
+def _count(values: dict[str, str], key: str, least: int) -> int:
+  if not values[key].isdigit() or int(values[key]) < least:
+    raise ValueError(f"{FILE}: {key}={values[key]!r} must be an integer >= {least}.")
+  return int(values[key])
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   values, flags = _parse(arg)
   method, beta = values["method"], _number(values, "beta")
   if not beta >= 0:  # below 0 the transform would be "none": the plain data, whatever the workdir says
     raise ValueError(f"{FILE}: beta={values['beta']} must be >= 0 (the injected feature's pixel size).")
   eps = _number(values, "eps") if values["eps"] else DATASETS[values["data"]]
+  if values["seeds"] != DEFAULTS["seeds"]:
+    raise ValueError(f"{FILE}: seeds={values['seeds']} makes a sweep (get_sweep, "
+                     f"xm_launch/launch.py); one run takes seed=<s>.")
   c = base_config()
+  c.seed = _count(values, "seed", 0)
   c.data.name = "digits"
   c.data.transform.name = "inject" if beta > 0 or "perp" in flags else "none"
   c.data.transform.beta = beta
@@ -200,18 +214,23 @@ SWEEP_BETAS = ("0", "0.1", "0.15", "0.2")
 
 
 def get_sweep(arg: str = "") -> list[dict[str, str]]:
-  """Methods x beta (SWEEP_METHODS, SWEEP_BETAS), everything else of `arg` kept (eps, data,
-  flags); one work unit and workdir each, named like <method>_b<beta>_e<eps>:
+  """Methods x beta (SWEEP_METHODS, SWEEP_BETAS) x `seeds`, everything else of `arg` kept (eps,
+  data, flags); one work unit and workdir each, named like <method>_b<beta>_e<eps> (with seeds=K > 1,
+  _s<seed> appended: single runs on digits differ from machine to machine, compare over seeds):
 
-    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25 \\
+    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25,seeds=3 \\
         --workdir_root workdirs/co
   """
   values, flags = _parse(arg)
   eps = values["eps"] or f"{DATASETS[values['data']]:.4g}"
-  kept = [f"{k}={v}" for k, v in values.items() if k not in ("method", "beta") and v != DEFAULTS[k]]
+  seeds = _count(values, "seeds", 1)
+  sweep_keys = ("method", "beta", "seed", "seeds")
+  kept = [f"{k}={v}" for k, v in values.items() if k not in sweep_keys and v != DEFAULTS[k]]
   units = []
   for method in SWEEP_METHODS:
     for beta in SWEEP_BETAS:
-      items = [f"method={method}", f"beta={beta}"] + kept + sorted(flags)
-      units.append({"name": f"{method}_b{beta}_e{eps}", "arg": ",".join(items)})
+      for seed in range(seeds) if seeds > 1 else [_count(values, "seed", 0)]:
+        items = [f"method={method}", f"beta={beta}", f"seed={seed}"] + kept + sorted(flags)
+        units.append({"name": f"{method}_b{beta}_e{eps}" + (f"_s{seed}" if seeds > 1 else ""),
+                      "arg": ",".join(items)})
   return units

@@ -30,6 +30,17 @@ def test_the_co_sweep_has_one_checked_unit_per_method_and_beta():
     assert unit.flags()["config.seed"] == "3"
 
 
+def test_the_co_sweep_takes_seeds_and_a_run_its_seed():
+  units = work_units(f"{CO}:eps=0.2,smoke,seeds=3", [], "/runs/co")
+  assert len(units) == 36 and units[1].name == "fgsm_b0_e0.2_s1"
+  seeds = [load_config("catastrophic_overfitting", u.config.partition(":")[2]).seed for u in units[:3]]
+  assert seeds == [0, 1, 2]
+  assert load_config("catastrophic_overfitting", "seed=4").seed == 4
+  for arg, message in (("seeds=3", "seeds=3 makes a sweep"), ("seed=-1", "seed='-1' must be an integer")):
+    with pytest.raises(ValueError, match=message):
+      load_config("catastrophic_overfitting", arg)
+
+
 def test_a_config_without_sweep_is_one_unit_in_the_root():
   (unit,) = work_units("configs/digits.py:adversarial", ["--config.num_epochs=2"], "/runs/d")
   assert unit.workdir == "/runs/d"
