@@ -189,8 +189,8 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
       "spectrum: top 8 of 100 rows, LOBPCG round",
       "eigen_features: parameter directions (8 groups at most), 25 images per device"]
   assert plan.programs[3].calls == 9 * 3
-  # A trace kernel's directions are 10x larger: 9 x 10 x 10 x 1210 floats (4.4 MB) fit 4 MiB
-  # beside no image's rows; the job refuses the same before computing its kernel.
+  # A trace kernel's directions are 10x larger: 9 x 10 x 10 x 1210 floats (4.4 MB, twice while
+  # summed) do not fit 4 MiB; the job refuses the same before computing its kernel.
   c.kernel.logits, c.kernel.memory_budget_gb = "trace", 4 / 1024
   with pytest.raises(ValueError, match=r"parameter directions.*config.kernel.logits.*memory_budget_gb"):
     jobs.dry_run(c)

@@ -68,12 +68,13 @@ def test_empirical_features_equal_the_explicit_jacobian_formula():
       return np.concatenate([np.asarray(j[k]).reshape(len(x), 3, -1) for k in sorted(j)], 2)
 
     one_device = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
-    # Trace: rows of 3 x 56 float64 parameters (1344 bytes), a sum of 2 x 3 of them per device;
-    # a budget for both and two examples' rows (twice: the cotangents) gives chunks of 2.
-    budget = (2 * 3 + 2 * 2) * 1344
+    # Trace: rows of 3 x 56 float64 parameters (1344 bytes), a sum of 2 x 3 of them per device
+    # (twice: the devices' sums are added into a copy); a budget for these and two examples' rows
+    # (twice: the cotangents) gives chunks of 2.
+    budget = (2 * 2 * 3 + 2 * 2) * 1344
     with pytest.raises(ValueError, match=r"config.kernel.logits.*config.kernel.memory_budget_gb"):
       parameter_directions(apply_fn, params, np.asarray(x_train), np.asarray(coefficients),
-                           LogitSpec("trace", 3), memory_budget_bytes=2 * 3 * 1344 + 2687)
+                           LogitSpec("trace", 3), memory_budget_bytes=2 * 2 * 3 * 1344 + 2687)
     # 9 examples: chunks of 2 on 4 devices (one step padded to 16), of 3 on 1 device (3 steps).
     for spec, mesh, chunk in [(LogitSpec("class", 3, 1), None, 2), (LogitSpec("trace", 3), None, None),
                               (LogitSpec("trace", 3), one_device, 3)]:
