@@ -20,7 +20,7 @@ train workdir on the original data; transfer/robust_dataset/ the network trained
 set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
 config.infinite.dtype, labels, rows and target_rows into the training set, settings;
 np.load(..., allow_pickle=False)), robust_dataset_steps/<settings digest>/ (the optimisation's
-state every robust_data.checkpoint_every steps, Orbax) and kernels/infinite_<...>/ (the training
+state every robust_data.checkpoint_every steps, Orbax, removed once the set is written) and kernels/infinite_<...>/ (the training
 kernels of the original and optimised sets, tile by tile on every device of every host:
 ntk/function_tiles.py).
 A rerun reads back the kernels and a robust_dataset.npz made with the same settings, the robust
@@ -111,7 +111,8 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
   these settings and training images, else optimised (robust_dataset.py) and written there
   atomically, in x's dtype, so a rerun fits kernel regression on the very same images. The
   optimisation saves its state beside `path`, in a directory named by these settings and images,
-  and a killed run continues from it; `batch_size` targets are attacked at a time."""
+  and a killed run continues from it (the directory is removed once the set is written);
+  `batch_size` targets are attacked at a time."""
   optimised, targets = rows
   fields = {k: v for k, v in section.robust_data.to_dict().items() if k != "checkpoint_every"}
   # Targets are attacked in batches with a key each: the batch size decides the random starts.
@@ -143,6 +144,8 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
     files.write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised],
                                                 rows=optimised, target_rows=targets, settings=settings,
                                                 record=json.dumps(record)))
+    if files.exists(steps_dir):  # the set is written: its steps' state (3x the images) is not needed
+      files.remove_tree(steps_dir)
   return robust, record
 
 
