@@ -8,9 +8,10 @@ input gradient at x aligned with the input gradient at a random point of the bal
 
 added to the adversarial training loss and differentiated with respect to the parameters through
 the input gradients (double backpropagation: about three times an FGSM step). The authors' code
-(train.py of tml-epfl/understanding-fast-adv-training) holds grad_x L(x) constant (their FGSM
-gradient, detached) and differentiates only grad_x L(x + eta); the paper's formula differentiates
-both (`CLEAN_GRADIENT`). Either way the mean runs, as in their code, over the examples whose two
+(train.py of tml-epfl/understanding-fast-adv-training), and Ortiz-Jimenez et al.'s for the
+injected-feature study (GradAlign in train/utils.py of gortizji/co_features), hold grad_x L(x)
+constant (the FGSM gradient, detached) and differentiate only grad_x L(x + eta); the paper's
+formula differentiates both (`CLEAN_GRADIENT`). Either way the mean runs, as in their code, over the examples whose two
 gradients are both nonzero.
 """
 
