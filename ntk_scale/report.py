@@ -271,6 +271,12 @@ def evaluation_parts(page: ReportPage, evaluations: list[dict], prefix: str) -> 
   parts.append(table(["evaluation", "accuracy", "loss"] + extra + [f"class {c}" for c in range(num_classes)],
                      [[n, r.get("accuracy"), r.get("loss")] + [r.get(k) for k in extra]
                       + list(r.get("per_class_accuracy", [None] * num_classes)) for n, r in results.items()]))
+  for n, r in results.items():  # a worst_of (AutoAttack), run member by member
+    if r.get("accuracy_after"):
+      parts.append(f"<h4>{html.escape(n)}: robust accuracy after each of its attacks, in the order "
+                   f"run</h4>")
+      parts.append(table(list(r["accuracy_after"]), [list(r["accuracy_after"].values())],
+                         key_columns=0))
   components = {n: r["output_components"] for n, r in results.items() if "output_components" in r}
   if components:
     keys = list(dict.fromkeys(k for c in components.values() for k in c))

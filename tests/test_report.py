@@ -143,14 +143,16 @@ def random_kernel(seed: int, n: int = 24) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """Phase 1 with CO monitor, two evaluations and a set; phase 2 with output components; two
+  """Phase 1 with CO monitor, two evaluations (one with an AutoAttack's accuracy after each attack)
+  and a set; phase 2 with output components; two
   complete kernels and an incomplete one; their evolution; an eigen_features-style directory."""
   path = str(tmp_path_factory.mktemp("report"))
   jobs.prepare_workdir(report_config(), path)
   co_records = write_metrics(path, 16, co=True)
   write_co_record(path, co_records)
   write_evaluation(path, 8, 1.0, {"clean": per_class(0.5), "pgd": per_class(0.25)})
-  write_evaluation(path, 16, 2.0, {"clean": per_class(0.8125), "pgd": per_class(0.375)})
+  write_evaluation(path, 16, 2.0, {"clean": per_class(0.8125), "pgd": per_class(0.375), "autoattack": {
+      **per_class(0.3125), "accuracy_after": {"apgd_ce": 0.34375, "apgd_t": 0.3125}}})
   write_adversarial(path, "pgd")
   phase2 = os.path.join(path, "phase2", "centered_C_from1")
   write_metrics(phase2, 8, co=False)
@@ -197,6 +199,7 @@ def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, in
                   "Infinite-width kernels", "Training curves", "Evaluations", "Saved adversarial sets",
                   "Output components of the linearized model (f0(x) and J(theta - theta0))",
                   "Catastrophic overfitting: collapse at epoch 1.25, sustained", "phase1_train24_class0",
+                  "autoattack: robust accuracy after each of its attacks, in the order run",
                   "phase1_epoch2_train24_class0", "Configuration"):
     assert heading in page.headings, heading
   report = os.path.join(workdir, "report")
@@ -215,7 +218,7 @@ def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, in
           "eigen_features/phase1_epoch2_train24_class0/features.csv"} <= set(page.links)
   # The numbers are the workdir's: newest evaluation per class, output components, kernel
   # spectra against numpy, tile counts, the CSV rows, the infinite job's accuracies.
-  for value in (0.8125, 0.8125 - 0.15, 0.375, 2.5, 1.25, 0.96875, 0.4375, 0.91):
+  for value in (0.8125, 0.8125 - 0.15, 0.375, 2.5, 1.25, 0.96875, 0.4375, 0.91, 0.34375):
     assert fmt(value) in text, value
   for seed in (0, 1):
     values = np.linalg.eigvalsh(random_kernel(seed))
