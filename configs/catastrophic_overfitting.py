@@ -17,7 +17,9 @@ fixed test images) and PGD-20 on the whole test split at the end.
   seeds   get_sweep only: K runs per method and beta, seeds 0 .. K-1 (default 1)
   data    digits (default; eps 0.25) | cifar10 (ResNet-18, 30 epochs, the paper's setting; eps 8/255;
           needs the tfds dataset and a GPU, not run here)
-  flags   perp (remove x's projection on the features first), smoke (3 epochs, narrow CNN)
+  flags   perp (remove x's projection on the features first), smoke (3 epochs, narrow CNN), sign
+          (the authors' sign-pattern carrier instead of ours, config.data.transform.carrier; the
+          default for data=cifar10)
 
     python main.py --config configs/catastrophic_overfitting.py:method=fgsm,beta=0.15,eps=0.25 \
         --workdir workdirs/co/fgsm_b0.15_e0.25
@@ -119,7 +121,7 @@ METHODS = ("fgsm", "rs_fgsm", "n_fgsm", "grad_align", "pgd")
 DEFAULTS = {"method": "fgsm", "beta": "0", "eps": "", "lambda": "1.0", "data": "digits", "seed": "0",
             "seeds": "1"}
 DATASETS = {"digits": 0.25, "cifar10": 8 / 255}  # -> the default eps
-FLAGS = ("perp", "smoke")
+FLAGS = ("perp", "smoke", "sign")
 
 
 def _parse(arg: str) -> tuple[dict[str, str], set[str]]:
@@ -168,6 +170,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.transform.name = "inject" if beta > 0 or "perp" in flags else "none"
   c.data.transform.beta = beta
   c.data.transform.remove_projection = "perp" in flags
+  c.data.transform.carrier = "sign" if "sign" in flags or values["data"] == "cifar10" else "dct"
   c.model.name, c.model.width, c.model.batch_norm = "cnn", 32, True
   c.optimizer.learning_rate = 0.2
   c.optimizer.schedule = "cyclic"
@@ -200,8 +203,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def _cifar10(c: ml_collections.ConfigDict, eps: float) -> None:
   """Ortiz-Jimenez et al.'s CIFAR-10 setting: ResNet-18, 30 epochs of a cyclic learning rate
-  (peak 0.2), batch 128, the monitor every half epoch on 1024 test images; eps, beta in [0, 1] pixel
-  units (8/255 = 0.0314). Needs the tfds dataset and, in practice, a GPU (not run here)."""
+  (peak 0.2), batch 128, the monitor every half epoch on 1024 test images, their sign-pattern
+  carrier; eps, beta in [0, 1] pixel units (8/255 = 0.0314). Needs the tfds dataset and, in
+  practice, a GPU (not run here)."""
   c.data.name = "cifar10"
   c.data.augment = "crop_flip"
   c.model.name, c.model.width, c.model.batch_norm = "resnet18", 64, True

@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.transform.num_frequencies = 10  # inject: classes draw distinct frequencies among these lowest
   c.data.transform.remove_projection = False  # inject: remove x's component on the class directions first
   c.data.transform.seed = 0  # inject: which frequency and sign each class gets
+  # inject: "dct" (orthonormal cosine patterns, as above) | "sign" (Ortiz-Jimenez et al.'s own: the
+  # sign of 5 low DCT frequencies, classes 5-9 their negatives; 10 classes)
+  c.data.transform.carrier = "dct"
   c.data.transform.cutoff = 4  # low_pass: DCT frequencies kept per axis
 
   c.model = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ from scipy import fft
 from ntk_scale.base_config import base_config
 from ntk_scale.data import check_data_config, load_dataset, load_digits
 from ntk_scale.data.feature_injection import (class_directions, dct_basis_image, inject_features,
-                                              low_pass, zigzag_frequencies)
+                                              low_pass, sign_carrier, zigzag_frequencies)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,27 @@ def test_injection_on_2x2_images_matches_the_hand_derived_patterns():
   expected = np.clip(0.95 + (out[0] - 0.5), 0.0, 1.0)
   np.testing.assert_allclose(out[3], expected, atol=1e-7)
   assert out[3].max() == 1.0 and np.isclose(out[3].min(), 0.85)
+
+
+def test_sign_carrier_is_the_authors_hand_derived_patterns(digits):
+  """Ortiz-Jimenez et al.'s carrier on 8x8 images: class 0 is the sign of cos(pi (2n + 1) / 16)
+  along columns (+ on columns 0-3, - on 4-7), class 2 that of rows times columns, class 5 minus
+  class 0; every pixel moves by exactly beta, and removing the projection removes x's component
+  in the 5-dimensional span of the 10 patterns."""
+  halves = np.repeat([1.0, -1.0], 4)
+  out = load_dataset(_inject_config(beta=0.1, carrier="sign"))
+  patterns = {0: np.tile(halves, (8, 1)), 2: np.outer(halves, halves), 5: -np.tile(halves, (8, 1))}
+  split = type(digits.train)(0.45 + 0.1 * digits.train.images, digits.train.labels)
+  v = sign_carrier((8, 8, 1), 10)
+  for y, pattern in patterns.items():
+    np.testing.assert_array_equal(v[y, :, :, 0], pattern)
+  delta = inject_features(split, v, 0.05).images - split.images
+  np.testing.assert_allclose(np.abs(delta), 0.05, atol=1e-6)
+  np.testing.assert_allclose(delta, 0.05 * v[split.labels], atol=1e-6)
+  perp = inject_features(split, v, 0.05, remove_projection=True).images.astype(np.float64)
+  basis = np.linalg.qr(v[:5].reshape(5, -1).T)[0]  # classes 0-4 span all 10
+  rest = (perp - 0.05 * v[split.labels]).reshape(len(split), -1)
+  np.testing.assert_allclose(rest @ basis, 0, atol=1e-5)
+  assert out.train.images.min() >= 0 and out.train.images.max() <= 1
+  with pytest.raises(ValueError, match=r"config\.data\.transform\.carrier='plaid'"):
+    check_data_config(_inject_config(beta=0.1, carrier="plaid"))

@@ -6,15 +6,21 @@ a feature that is perfectly discriminative but, for beta below the attack's eps,
 Single-step adversarial training (FGSM) then overfits catastrophically for a range of beta; they
 also low-pass filter the data to show where in the spectrum the trouble lives.
 
-Here the class directions u_y are orthonormal (in L2, over all pixels and channels): class y gets
-one of the `num_frequencies` lowest-frequency 2D DCT basis images (zig-zag order, the constant
-one excluded), the same pattern on every channel, with a sign. Which frequency and which sign
-each class gets is drawn from `seed`, so a config names the features exactly. beta is in pixel
-units: the injected pattern is beta * u_y / max|u_y|, so its largest pixel change is beta,
-comparable with an L-inf eps. Results are clipped to [0, 1] so that the attacks' eps-balls stay
-inside the image box (the authors' code did not clip; near 0 or 1 part of the pattern is cut).
-With `remove_projection`, x's own component in span{u_y} is removed first (their "perp" data),
-so the injected feature is the only information the data carries along those directions.
+Two carriers (config.data.transform.carrier):
+- "dct": orthonormal class directions u_y (in L2, over all pixels and channels): class y gets one
+  of the `num_frequencies` lowest-frequency 2D DCT basis images (zig-zag order, the constant one
+  excluded), the same pattern on every channel, with a sign; which frequency and sign each class
+  gets is drawn from `seed`, so a config names the features exactly.
+- "sign": the authors' own (create_linf_carrier in data/injection.py of gortizji/co_features):
+  the sign of the DCT basis images of frequencies (0, 1), (1, 0), (1, 1), (2, 1), (1, 2) for
+  classes 0-4 and their negatives for classes 5-9, so every pixel moves by exactly beta; 10
+  classes; `num_frequencies` and `seed` unused.
+beta is in pixel units: the injected pattern is beta * u_y / max|u_y|, so its largest pixel change
+is beta, comparable with an L-inf eps. Results are clipped to [0, 1] so that the attacks'
+eps-balls stay inside the image box (the authors' code did not clip; near 0 or 1 part of the
+pattern is cut). With `remove_projection`, x's own component in the span of the patterns is
+removed first (their "perp" data), so the injected feature is the only information the data
+carries along those directions.
 """
 
 import dataclasses
@@ -26,6 +32,9 @@ from scipy import fft
 from ntk_scale.data.dataset import Dataset, Split
 
 TRANSFORMS = ("none", "inject", "low_pass")
+CARRIERS = ("dct", "sign")
+# The "sign" carrier's frequencies (row, column) for classes 0-4; classes 5-9 are their negatives.
+SIGN_FREQUENCIES = ((0, 1), (1, 0), (1, 1), (2, 1), (1, 2))
 
 
 def zigzag_frequencies(height: int, width: int) -> list[tuple[int, int]]:
@@ -59,14 +68,29 @@ def class_directions(image_shape: tuple[int, int, int], num_classes: int, num_fr
   return np.repeat(directions[..., None], channels, axis=-1) / np.sqrt(channels)
 
 
+def sign_carrier(image_shape: tuple[int, int, int], num_classes: int) -> np.ndarray:
+  """The "sign" carrier's patterns, [10, H, W, C] of +-1: the sign of the DCT basis image of
+  SIGN_FREQUENCIES[y % 5] on every channel, negated for y >= 5."""
+  height, width, channels = image_shape
+  if num_classes != 2 * len(SIGN_FREQUENCIES) or height < 3 or width < 3:
+    raise ValueError(f"config.data.transform.carrier='sign' is the authors' carrier for 10 classes "
+                     f"of images at least 3x3; got {num_classes} classes of {height}x{width}.")
+  base = np.stack([np.sign(dct_basis_image(height, width, f)) for f in SIGN_FREQUENCIES])
+  patterns = np.concatenate([base, -base])
+  return np.repeat(patterns[..., None], channels, axis=-1)
+
+
 def inject_features(split: Split, directions: np.ndarray, beta: float,
                     remove_projection: bool = False) -> Split:
-  """x' = clip(x [- P x] + beta * u_y / max|u_y|, 0, 1) for each example, P the projection on span{u}."""
+  """x' = clip(x [- P x] + beta * u_y / max|u_y|, 0, 1) for each example, P the orthogonal
+  projection on the span of the patterns u (orthonormal or not)."""
   x = split.images.astype(np.float64)
   flat_u = directions.reshape(len(directions), -1)
   if remove_projection:
     flat_x = x.reshape(len(x), -1)
-    x = (flat_x - (flat_x @ flat_u.T) @ flat_u).reshape(x.shape)
+    _, singular, basis = np.linalg.svd(flat_u, full_matrices=False)
+    basis = basis[singular > 1e-10 * singular[0]]  # "sign": 5 directions for 10 classes
+    x = (flat_x - (flat_x @ basis.T) @ basis).reshape(x.shape)
   patterns = directions / np.abs(flat_u).max(axis=1).reshape((-1,) + (1,) * (directions.ndim - 1))
   x = x + beta * patterns[split.labels]
   return Split(np.clip(x, 0.0, 1.0).astype(np.float32), split.labels)
@@ -99,6 +123,13 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
   if name not in TRANSFORMS:
     raise ValueError(f"{p}.name={name!r}; expected one of {', '.join(TRANSFORMS)}.")
   if name == "inject":
+    carrier = transform.get("carrier", "dct")
+    if carrier not in CARRIERS:
+      raise ValueError(f"{p}.carrier={carrier!r}; expected one of {', '.join(CARRIERS)} (ours, or "
+                       f"Ortiz-Jimenez et al.'s sign patterns).")
+    if carrier == "sign" and num_classes != 2 * len(SIGN_FREQUENCIES):
+      raise ValueError(f"{p}.carrier='sign' is the authors' carrier for 10 classes; this dataset has "
+                       f"{num_classes}.")
     beta = transform.get("beta")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
       raise ValueError(f"{p}.beta={beta!r} must be a number >= 0 (pixel units of [0, 1] images, the "
@@ -128,7 +159,10 @@ def apply_transform(dataset: Dataset, transform: ml_collections.ConfigDict | Non
   if name == "none":
     return dataset
   if name == "inject":
-    u = class_directions(shape, dataset.num_classes, transform.num_frequencies, transform.seed)
+    if transform.get("carrier", "dct") == "sign":
+      u = sign_carrier(shape, dataset.num_classes)
+    else:
+      u = class_directions(shape, dataset.num_classes, transform.num_frequencies, transform.seed)
     fn = lambda s: inject_features(s, u, transform.beta, transform.remove_projection)
   else:
     fn = lambda s: low_pass(s, transform.cutoff)
