@@ -56,7 +56,7 @@ from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolv
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
-from ntk_scale.ntk.tile_math import parse_logits
+from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
                                         check_train_config)
 from ntk_scale.train.optimizer import build_optimizer
@@ -376,8 +376,7 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
   programs += spectrum
   if job == "eigen_features":
     rank = spectrum_config.spectrum.num_eigenpairs if solver == "top" else n
-    programs.append(_parameter_directions(config, mesh, n, rank, target_budget))
-    programs += _feature_evaluations(config, mesh, most_rows(rank, section.num_single))
+    programs += _eigen_feature_programs(config, mesh, n, rank, target_budget)
   else:
     notes.append("eigen_images: then the Adam steps on the images (not modelled)"
                  + (f"; the dual weights by CG, at most {section.cg_max_iters} passes over the kernel "
@@ -385,20 +384,30 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
   return programs, notes
 
 
-def _parameter_directions(config: ml_collections.ConfigDict, mesh, n: int, rank: int,
-                          target_budget: float | None) -> ProgramCost:
-  """The eigen_features job's parameter directions J(X)^T A_g of n training images, as many per
-  device and step as the budget allows for the most groups a kernel of this rank can have (the
-  network of config.model; a phase-2 linearized model has the same parameters)."""
+def _eigen_feature_programs(config: ml_collections.ConfigDict, mesh, n: int, rank: int,
+                            target_budget: float | None) -> list[ProgramCost]:
+  """What the eigen_features job runs after the eigenpairs of an empirical kernel of n images and
+  numerical rank at most `rank`: the parameter directions, then every group's predictor clean and
+  under attack (the network of config.model; a phase-2 linearized model has the same parameters)."""
   image_shape, classes = dataset_shape(config.data)[0], dataset_classes(config.data)
   chunk = directions_chunk(config, image_shape, classes, n, rank, mesh.size, target_budget)
   model, params, stats = _variables(config, image_shape)
+  spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
+  rows = most_rows(rank, config.eigen_features.num_single)
+  return ([_parameter_directions(mesh, model, params, stats, spec, image_shape, n, chunk, rows)]
+          + _feature_evaluations(config, mesh, model, params, stats, spec, rows))
+
+
+def _parameter_directions(mesh, model, params, stats, spec: LogitSpec, image_shape: tuple[int, ...],
+                          n: int, chunk: int, rows: int) -> ProgramCost:
+  """The parameter directions J(X)^T A_g of n training images, `chunk` per device and step, for
+  `rows` rows of A (the groups and their sum)."""
+  classes = spec.num_classes
   zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
   theta, unravel = ravel_pytree(zeros(params))
   apply, stats = inference_apply(model), zeros(stats)
-  spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
   program = directions_program(lambda p, x: apply(p, x, stats), spec, unravel, mesh)
-  rows, size = most_rows(rank, config.eigen_features.num_single), chunk * mesh.size
+  size = chunk * mesh.size
   batch = parallel.batch_sharding(mesh)
   args = (jax.ShapeDtypeStruct(theta.shape, theta.dtype, sharding=parallel.replicated_sharding(mesh)),
           jax.ShapeDtypeStruct((size, *image_shape), jnp.float32, sharding=batch),
@@ -413,14 +422,13 @@ def _parameter_directions(config: ml_collections.ConfigDict, mesh, n: int, rank:
                      device_flops_per_call=per_device.flops)
 
 
-def _feature_evaluations(config: ml_collections.ConfigDict, mesh, groups: int) -> list[ProgramCost]:
+def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params, stats,
+                         spec: LogitSpec, groups: int) -> list[ProgramCost]:
   """Each of at most `groups` feature predictors J(x) W_g (eigen_features_job.group_apply) on the
   test images, clean and under config.eigen_features.attack, in batches of
   config.eigen_features.batch_size over the mesh."""
   e = config.eigen_features
-  (image_shape, _, test_size), classes = dataset_shape(config.data), dataset_classes(config.data)
-  model, params, stats = _variables(config, image_shape)
-  spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
+  (image_shape, _, test_size), classes = dataset_shape(config.data), spec.num_classes
   replicated = parallel.replicated_sharding(mesh)
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   variables = {**_abstract({"params": params, "stats": stats}, replicated),
