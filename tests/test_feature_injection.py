@@ -135,7 +135,7 @@ def test_sign_carrier_is_the_authors_hand_derived_patterns(digits):
   out = load_dataset(_inject_config(beta=0.1, carrier="sign"))
   patterns = {0: np.tile(halves, (8, 1)), 2: np.outer(halves, halves), 5: -np.tile(halves, (8, 1))}
   split = type(digits.train)(0.45 + 0.1 * digits.train.images, digits.train.labels)
-  v = sign_carrier((8, 8, 1), 10)
+  v = sign_carrier((8, 8, 1))
   for y, pattern in patterns.items():
     np.testing.assert_array_equal(v[y, :, :, 0], pattern)
   delta = inject_features(split, v, 0.05).images - split.images

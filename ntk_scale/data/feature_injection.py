@@ -68,13 +68,11 @@ def class_directions(image_shape: tuple[int, int, int], num_classes: int, num_fr
   return np.repeat(directions[..., None], channels, axis=-1) / np.sqrt(channels)
 
 
-def sign_carrier(image_shape: tuple[int, int, int], num_classes: int) -> np.ndarray:
+def sign_carrier(image_shape: tuple[int, int, int]) -> np.ndarray:
   """The "sign" carrier's patterns, [10, H, W, C] of +-1: the sign of the DCT basis image of
-  SIGN_FREQUENCIES[y % 5] on every channel, negated for y >= 5."""
+  SIGN_FREQUENCIES[y % 5] on every channel, negated for y >= 5 (images at least 3x3, 10 classes:
+  check_transform_config)."""
   height, width, channels = image_shape
-  if num_classes != 2 * len(SIGN_FREQUENCIES) or height < 3 or width < 3:
-    raise ValueError(f"config.data.transform.carrier='sign' is the authors' carrier for 10 classes "
-                     f"of images at least 3x3; got {num_classes} classes of {height}x{width}.")
   base = np.stack([np.sign(dct_basis_image(height, width, f)) for f in SIGN_FREQUENCIES])
   patterns = np.concatenate([base, -base])
   return np.repeat(patterns[..., None], channels, axis=-1)
@@ -127,9 +125,11 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
     if carrier not in CARRIERS:
       raise ValueError(f"{p}.carrier={carrier!r}; expected one of {', '.join(CARRIERS)} (ours, or "
                        f"Ortiz-Jimenez et al.'s sign patterns).")
-    if carrier == "sign" and num_classes != 2 * len(SIGN_FREQUENCIES):
-      raise ValueError(f"{p}.carrier='sign' is the authors' carrier for 10 classes; this dataset has "
-                       f"{num_classes}.")
+    if carrier == "sign" and (num_classes != 2 * len(SIGN_FREQUENCIES)
+                              or image_shape is not None and min(image_shape[:2]) < 3):
+      raise ValueError(f"{p}.carrier='sign' is the authors' carrier for 10 classes of images at "
+                       f"least 3x3; this dataset has {num_classes} classes"
+                       + (f" of {image_shape[0]}x{image_shape[1]}." if image_shape else "."))
     beta = transform.get("beta")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
       raise ValueError(f"{p}.beta={beta!r} must be a number >= 0 (pixel units of [0, 1] images, the "
@@ -160,7 +160,7 @@ def apply_transform(dataset: Dataset, transform: ml_collections.ConfigDict | Non
     return dataset
   if name == "inject":
     if transform.get("carrier", "dct") == "sign":
-      u = sign_carrier(shape, dataset.num_classes)
+      u = sign_carrier(shape)
     else:
       u = class_directions(shape, dataset.num_classes, transform.num_frequencies, transform.seed)
     fn = lambda s: inject_features(s, u, transform.beta, transform.remove_projection)
