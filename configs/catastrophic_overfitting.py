@@ -235,12 +235,13 @@ def get_sweep(arg: str = "") -> list[dict[str, str]]:
   values, flags = _parse(arg)
   eps = values["eps"] or f"{DATASETS[values['data']]:.4g}"
   seeds = _count(values, "seeds", 1)
+  seed_list = range(seeds) if seeds > 1 else [_count(values, "seed", 0)]
   sweep_keys = ("method", "beta", "seed", "seeds")
   kept = [f"{k}={v}" for k, v in values.items() if k not in sweep_keys and v != DEFAULTS[k]]
   units = []
   for method in SWEEP_METHODS:
     for beta in SWEEP_BETAS:
-      for seed in range(seeds) if seeds > 1 else [_count(values, "seed", 0)]:
+      for seed in seed_list:
         items = [f"method={method}", f"beta={beta}", f"seed={seed}"] + kept + sorted(flags)
         units.append({"name": f"{method}_b{beta}_e{eps}" + (f"_s{seed}" if seeds > 1 else ""),
                       "arg": ",".join(items)})

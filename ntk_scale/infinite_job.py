@@ -20,9 +20,9 @@ train workdir on the original data; transfer/robust_dataset/ the network trained
 set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
 config.infinite.dtype, labels, rows and target_rows into the training set, settings;
 np.load(..., allow_pickle=False)), robust_dataset_steps/<settings digest>/ (the optimisation's
-state every robust_data.checkpoint_every steps, Orbax, removed once the set is written) and kernels/infinite_<...>/ (the training
-kernels of the original and optimised sets, tile by tile on every device of every host:
-ntk/function_tiles.py).
+state every robust_data.checkpoint_every steps, Orbax, removed once the set is written) and
+kernels/infinite_<...>/ (the training kernels of the original and optimised sets, tile by tile on
+every device of every host: ntk/function_tiles.py).
 A rerun reads back the kernels and a robust_dataset.npz made with the same settings, the robust
 set's optimisation continues from its last saved step, and the networks resume.
 """
@@ -69,9 +69,9 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   build_attacks(s.attacks, "config.infinite.attacks", num_classes)
   if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
-  check_robust_data_config(s.robust_data, s.num_train or num_train, num_classes)
-  optimised = (s.num_train or num_train) - num_holdout(s.robust_data.target_holdout,
-                                                     s.num_train or num_train)
+  images = s.num_train or num_train
+  check_robust_data_config(s.robust_data, images, num_classes)
+  optimised = images - num_holdout(s.robust_data.target_holdout, images)
   if config.batch_size > optimised:  # the network trained on the robust set, after hours
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {optimised} images of "
                      f"the robust set (config.infinite.num_train, less robust_data.target_holdout) "

@@ -11,8 +11,8 @@ the input gradients (double backpropagation: about three times an FGSM step). Th
 (train.py of tml-epfl/understanding-fast-adv-training), and Ortiz-Jimenez et al.'s for the
 injected-feature study (GradAlign in train/utils.py of gortizji/co_features), hold grad_x L(x)
 constant (the FGSM gradient, detached) and differentiate only grad_x L(x + eta); the paper's
-formula differentiates both (`CLEAN_GRADIENT`). Either way the mean runs, as in their code, over the examples whose two
-gradients are both nonzero.
+formula differentiates both (`CLEAN_GRADIENT`). Either way the mean runs, as in their code, over
+the examples whose two gradients are both nonzero.
 """
 
 from typing import Callable
@@ -24,7 +24,7 @@ import optax
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 # Floor of the product of squared gradient norms: keeps the cosine and its parameter gradient finite
-# when an input gradient is exactly zero (a saturated example; it then adds 1 - 0 and no gradient).
+# when an input gradient is exactly zero (a saturated example; it is then left out of the mean).
 _TINY = 1e-30
 
 # config.train.grad_align_clean: how the penalty treats grad_x L(x).
