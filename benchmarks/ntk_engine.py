@@ -10,12 +10,14 @@
         --memory_budget_gb 0.4 --variants logit_chunk=10  # bands a logit at a time against all
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/ntk_engine.py --models cnn \
         --sizes 1024 --logits 0 --loo_max 0 --variants rotate=False   # rotation against tiles
+    python benchmarks/ntk_engine.py --models mlp,resnet18 --sizes 256 --resnet_sizes 256 \
+        --logits 0,trace --loo_max 0 --variants factored_layers=none  # factored layers against rows
 
 Rows, each timed after compilation (best of --repeats) on the same inputs:
   ntk_scale      `ntk_scale.ntk.empirical_ntk`, default settings (symmetric tiles, plan from memory)
                  or the given --tile_size / --memory_budget_gb
   key=value      the same with that planner setting (--variants: band=1 square tiles, band=4,
-                 rotate=False, logit_chunk=2, ...)
+                 rotate=False, logit_chunk=2, factored_layers=none, ...)
   loo2022        Loo et al.'s code: jitted nt.empirical_ntk_fn with NTK_VECTOR_PRODUCTS on 4-image
                  blocks, one call per pair of upper-triangle blocks, mirrored on the host
   nt_best        nt.empirical_ntk_fn(JACOBIAN_CONTRACTION, vmap_axes=0), the whole kernel in one call
@@ -23,7 +25,8 @@ Rows, each timed after compilation (best of --repeats) on the same inputs:
                  the largest divisor of N (nt.batch needs one) whose compiled program XLA counts
                  within the device's budget, a smaller one if it still runs out of memory
 FLOP rates use the engine's cost model (Jacobian rows + contraction; ntk_scale's default plan,
-the variant rows their own) against this machine's float32 matmul peak measured in the same run.
+the variant rows their own, neural-tangents' rows the plan without factored layers: the work they
+do) against this machine's float32 matmul peak measured in the same run.
 `err` is the largest difference to the ntk_scale kernel relative to its largest entry.
 neural-tangents' "trace" averages over logits; its kernels are multiplied by C here so that all
 rows compute the same sum.
@@ -50,7 +53,7 @@ from ntk_scale.cost_analysis import memory_per_device  # noqa: E402
 from ntk_scale.device_rates import matmul_rate  # noqa: E402
 from ntk_scale.models import build_model  # noqa: E402
 from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tangents  # noqa: E402
-from ntk_scale.ntk import empirical_ntk, fit_plan  # noqa: E402
+from ntk_scale.ntk import empirical_ntk, fit_plan, plan_for  # noqa: E402
 from ntk_scale.ntk.plan import device_budget_bytes  # noqa: E402
 
 MODELS = {  # name -> (config.model fields, input shape)
@@ -74,6 +77,14 @@ def build(name: str, seed: int = 0):
   batch_stats = variables.get("batch_stats", {})
   apply_fn = lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)
   return apply_fn, variables["params"], shape
+
+
+def _setting(value: str):
+  """A --variants value: a Python literal (2, False, None), else the word itself (none)."""
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
 
 
 def best_time(fn, repeats: int) -> float:
@@ -223,7 +234,7 @@ def main() -> None:
         rows = [("ntk_scale", ours, reference, plan.flops)]
         for label in (v for v in args.variants.split(",") if v):
           key, value = label.split("=")
-          variant = {key: ast.literal_eval(value)}
+          variant = {key: _setting(value)}
           out = {}
           varied = fit_plan(apply_fn, params, x, None, mode, precision=args.precision, **settings,
                             **variant)
@@ -231,6 +242,8 @@ def main() -> None:
           rows.append((label, best_time(lambda: out.setdefault("k", ours_kernel(**variant)),
                                         args.repeats), out["k"], varied.flops))
         f, trace_axes, scale = nt_functions(nt, apply_fn, logits) if nt else (None, None, 1.0)
+        unfactored_flops = plan_for(apply_fn, params, x, None, mode, method="jacobian",
+                                    factored_layers="none", **settings).flops
         if nt:  # the one call where it fits, else nt.batch with the largest batch that does
           for batch in nt_batch_sizes(nt, f, trace_axes, params, x):
             out = {}
@@ -243,7 +256,7 @@ def main() -> None:
                 raise
               continue
             rows.append(("nt_best" if batch == n else f"nt_batch{batch}", seconds, out["k"] * scale,
-                         plan.flops))
+                         unfactored_flops))
             break
           else:
             print(f"# {name} N={n} logits={logits}: no nt.batch size fits", flush=True)
@@ -251,7 +264,7 @@ def main() -> None:
           out = {}
           run = at_precision(loo2022(nt, f, trace_axes, params, x), args.precision)
           rows.append(("loo2022", best_time(lambda: out.setdefault("k", run()), args.repeats),
-                       out["k"] * scale, plan.flops))
+                       out["k"] * scale, unfactored_flops))
         for label, seconds, kernel, flops in rows:
           err = np.abs(kernel - reference).max() / np.abs(reference).max()
           rate = flops / seconds

@@ -194,6 +194,11 @@ def base_config() -> ml_collections.ConfigDict:
   # False: never; None: when the planner finds it faster, its transfers weighed at the measured
   # ring bandwidth (ntk_scale/ntk/plan.py, engine.fit_plan).
   c.kernel.rotate = ml_collections.FieldReference(None, field_type=bool)
+  # auto | all | none: layers whose kernel is formed from the Grams of their inputs and output
+  # cotangents instead of their weight gradients (ntk_scale/ntk/factored_layers.py; trace and
+  # per-logit kernels): auto where that needs fewer multiply-adds (dense layers, convolutions on
+  # small maps such as ResNet-18's last stage), all where possible, none.
+  c.kernel.factored_layers = "auto"
 
   # The `spectrum` job (config.job="spectrum"; ntk_scale/ntk/spectrum_job.py): the top eigenpairs of
   # config.kernel's kernel (computed first if needed), to <workdir>/kernels/<name>/spectrum/.

@@ -141,7 +141,9 @@ def test_kernel_plan_is_the_engine_plan():
   c.kernel.num_examples, c.kernel.tile_size = 100, 30
   plan = jobs.dry_run(c)
   (kernel,) = plan.programs
-  assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")  # 4 row blocks, upper triangle
+  # 4 row blocks, upper triangle; the MLP's two dense layers kept as factors (factored_layers.py).
+  assert kernel.name.startswith("kernel: method jacobian, tile 30, 2 layers factored (1,184 "
+                                "parameters), 10 tiles")
   assert kernel.calls == 1
   # Its time is the busiest device's through the lockstep steps: 10 tiles do not split evenly
   # over 4 devices.
@@ -168,7 +170,8 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
   c = mlp_config(job="eigen_features")
   c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "0", 30
   kernel, directions, clean, attacked = jobs.dry_run(c).programs
-  assert kernel.name.startswith("kernel: method jacobian, tile 30, 10 tiles")
+  assert kernel.name.startswith("kernel: method jacobian, tile 30, 2 layers factored (1,184 "
+                                "parameters), 10 tiles")
   assert "every eigenpair of the 100-row kernel" in jobs.dry_run(c).notes[0]
   # The parameter directions J(X)^T A (A: every group of a rank-100 kernel and their sum, 10
   # classes) on 4 devices: at least their contraction's multiply-adds, 25 images per device.

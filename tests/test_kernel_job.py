@@ -116,6 +116,8 @@ def test_bad_kernel_settings_fail_before_compute(workdir):
     jobs.run(kernel_config(logits="trace", logit_chunk=3), workdir)
   with pytest.raises(ValueError, match="config.kernel.band=-1 must be >= 0"):
     jobs.run(kernel_config(band=-1), workdir)
+  with pytest.raises(ValueError, match="config.kernel.factored_layers='some'; expected one of auto"):
+    jobs.run(kernel_config(factored_layers="some"), workdir)
   with pytest.raises(KernelPlanError, match="config.kernel.memory_budget_gb"):
     jobs.run(kernel_config(name="tiny", memory_budget_gb=1e-7, tile_size=0), workdir)
   with pytest.raises(CheckpointNotFoundError, match="config.kernel.epoch=7.*available epochs"):

@@ -20,7 +20,7 @@ from ntk_scale.ntk import engine
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
 from ntk_scale.ntk.schedule import in_logit_chunks, jacobian_schedule, ring_schedule, tile_schedule
-from ntk_scale.ntk.tile_math import contract, contract_symmetric, parse_logits
+from ntk_scale.ntk.tile_math import JacobianRows, contract, contract_symmetric, parse_logits
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from random_variables import random_variables
 
@@ -590,9 +590,10 @@ def test_logit_chunks_run_each_round_once_per_chunk(symmetric):
 def test_grouped_and_symmetric_contractions_equal_the_full_product(logits):
   spec = parse_logits(logits, NUM_CLASSES)
   rng = np.random.default_rng(0)
-  rows = (rng.normal(size=(12, NUM_CLASSES, 11)), rng.normal(size=(12, NUM_CLASSES, 4)))
+  groups = (rng.normal(size=(12, NUM_CLASSES, 11)), rng.normal(size=(12, NUM_CLASSES, 4)))
+  rows = JacobianRows(groups)
   full = contract(rows, rows, spec, jax.lax.Precision.HIGHEST)
-  explicit = np.concatenate(rows, axis=-1)
+  explicit = np.concatenate(groups, axis=-1)
   if logits == "trace":
     np.testing.assert_allclose(full, np.einsum("icp,jcp->ij", explicit, explicit), rtol=1e-6, atol=1e-5)
   else:

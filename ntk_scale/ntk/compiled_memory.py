@@ -38,7 +38,7 @@ def compiled_memory(plan: KernelPlan, apply_fn: Callable, params: Any,
   previous step's tiles (still on the device while they are handed over); None where the backend
   gives no memory analysis. `params`, `model_state`: arrays or jax.ShapeDtypeStruct."""
   programs = step_programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
-                           plan.logit_chunk)
+                           plan.logit_chunk, plan.factoring)
   replicated, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
   model = (_abstract(params, replicated),
            _abstract({} if model_state is None else model_state, replicated),

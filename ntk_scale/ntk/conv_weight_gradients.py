@@ -42,23 +42,30 @@ def _evaluate(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> 
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   for eqn in jaxpr.eqns:
-    inputs = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if name == "conv_general_dilated" and _is_plain(eqn.params):
-      outputs = [patch_matmul_conv(*inputs, **_conv_params(eqn.params))]
-    elif name in _CALLS and "jaxpr" in eqn.params:
-      inner = eqn.params["jaxpr"]
-      outputs = _evaluate(inner.jaxpr, inner.consts, inputs)
-    else:
-      with eqn.ctx.manager:
-        outputs = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
-      if not eqn.primitive.multiple_results:
-        outputs = [outputs]
-    env.update(zip(eqn.outvars, outputs))
+    env.update(zip(eqn.outvars, evaluate_equation(eqn, [read(v) for v in eqn.invars])))
   return [read(v) for v in jaxpr.outvars]
 
 
-def _is_plain(params: dict) -> bool:
+def evaluate_equation(eqn: core.JaxprEqn, inputs: Sequence[Any]) -> list[Any]:
+  """The outputs of one equation of a traced program, its plain convolutions (also those inside
+  nested calls) by `patch_matmul_conv`."""
+  name = eqn.primitive.name
+  if name == "conv_general_dilated" and is_plain_conv(eqn.params):
+    return [patch_matmul_conv(*inputs, **_conv_params(eqn.params))]
+  if name in _CALLS and "jaxpr" in eqn.params:
+    inner = eqn.params["jaxpr"]
+    return _evaluate(inner.jaxpr, inner.consts, inputs)
+  return bind_equation(eqn, inputs)
+
+
+def bind_equation(eqn: core.JaxprEqn, inputs: Sequence[Any]) -> list[Any]:
+  """The outputs of one equation as JAX's own primitive computes them."""
+  with eqn.ctx.manager:
+    outputs = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
+  return outputs if eqn.primitive.multiple_results else [outputs]
+
+
+def is_plain_conv(params: dict) -> bool:
   return (params["feature_group_count"] == 1 and params["batch_group_count"] == 1
           and all(d == 1 for d in params["lhs_dilation"]))
 

@@ -95,7 +95,7 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
   chunks = plan.logits.rows_per_example // plan.logit_chunk
 
   programs = step_programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
-                           plan.logit_chunk)
+                           plan.logit_chunk, plan.factoring)
   device_array = functools.partial(blocks_on_devices, mesh=mesh)
   params = parallel.replicate(params, mesh)
   state = parallel.replicate({} if model_state is None else model_state, mesh)
@@ -206,7 +206,8 @@ PROBE_EXAMPLES = 8
 
 @functools.lru_cache(maxsize=32)
 def _formation_rate(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeDtypeStruct,
-                    abstract_state: tuple | None, spec: LogitSpec, precision: str) -> float:
+                    abstract_state: tuple | None, spec: LogitSpec, precision: str,
+                    factoring: str) -> float:
   """FLOP/s (the cost model's count) at which one device forms Jacobian rows: a probe block of
   PROBE_EXAMPLES examples timed, once per function and shapes. Rows recomputed cost this rate,
   far below the matmul peak, so rows sent instead are weighed against it."""
@@ -216,7 +217,7 @@ def _formation_rate(apply_fn: Callable, abstract_params: tuple, example: jax.Sha
                      None if abstract_state is None else zeros(abstract_state))
   x = jnp.zeros((PROBE_EXAMPLES,) + example.shape, example.dtype)
   with jax.default_matmul_precision(precision):
-    form = jax.jit(lambda params, x: jacobian_rows(model, params, x, spec))
+    form = jax.jit(lambda params, x: jacobian_rows(model, params, x, spec, factoring=factoring))
     calls, seconds = timed(lambda rows: form(params, x), None, 0.1)
   cost = _measure(apply_fn, abstract_params, example, abstract_state)
   return agreed(calls * PROBE_EXAMPLES * rows_flops(spec, cost) / seconds)
@@ -226,8 +227,8 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
              method: str = "auto", tile_size: int | None = None, band: int | None = None,
              logit_chunk: int | None = None, rotate: bool | None = None,
              memory_budget_bytes: float | None = None, num_devices: int | None = None,
-             flops_per_transfer_byte: float = 0.0, fields: dict[str, str] | None = None,
-             model_state=None) -> KernelPlan:
+             flops_per_transfer_byte: float = 0.0, factored_layers: str = "auto",
+             fields: dict[str, str] | None = None, model_state=None) -> KernelPlan:
   """Measures the model on one example and makes the plan (see `ntk_scale.ntk.plan`)."""
   x1 = np.asarray(x1)
   fields = fields or {}
@@ -239,7 +240,7 @@ def plan_for(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
                    num_devices=num_devices or jax.device_count(), method=method, tile=tile_size,
                    band=band, logit_chunk=logit_chunk, rotate=rotate,
                    budget_bytes=memory_budget_bytes, flops_per_transfer_byte=flops_per_transfer_byte,
-                   fields=fields)
+                   factored_layers=factored_layers, fields=fields)
 
 
 # Plans made again for a smaller budget when XLA counts more than the model did.
@@ -255,9 +256,10 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   again within the model's estimate for it scaled by budget / XLA's count (smaller tiles); when
   they need less, one plan made so for more memory is tried and kept if it fits and needs fewer
   FLOPs (the model is conservative on CPU). KernelPlanError when no plan within the settings
-  fits. `settings`: plan_for's method, tile_size, band, logit_chunk, rotate. On several devices,
-  when the planner would rotate, its transfers are weighed by the rate at which a device forms
-  Jacobian rows over the bandwidth of the ring of devices, both measured here."""
+  fits. `settings`: plan_for's method, tile_size, band, logit_chunk, rotate, factored_layers.
+  On several devices, when the planner would rotate, its transfers are weighed by the rate at
+  which a device forms Jacobian rows over the bandwidth of the ring of devices, both measured
+  here."""
   mesh = mesh or parallel.make_mesh()
   transfer = 0.0
   plan_with = lambda budget: plan_for(apply_fn, params, x1, x2, logits, memory_budget_bytes=budget,
@@ -266,7 +268,8 @@ def fit_plan(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, 
   plan = plan_with(memory_budget_bytes)
   if plan.rotate and settings.get("rotate") is None:  # chosen with free transfers: weigh them
     model = _model_signature(apply_fn, params, x1, model_state)
-    transfer = _formation_rate(*model, plan.logits, precision) / ring_bandwidth(mesh)
+    transfer = (_formation_rate(*model, plan.logits, precision, plan.factoring)
+                / ring_bandwidth(mesh))
     plan = plan_with(memory_budget_bytes)
   budget = plan.budget_bytes
   example = jax.ShapeDtypeStruct(np.shape(x1)[1:], x1.dtype)
@@ -324,7 +327,7 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
                   precision: str = "highest", memory_budget_bytes: float | None = None,
                   tile_size: int | None = None, band: int | None = None,
                   logit_chunk: int | None = None, rotate: bool | None = None,
-                  model_state=None) -> np.ndarray:
+                  factored_layers: str = "auto", model_state=None) -> np.ndarray:
   """The empirical NTK J(x1) J(x2)^T of `apply_fn(params, x) -> logits [N, C]` as a numpy array.
 
   logits: "trace" (sum over logits, [N1, N2]), a class index ([N1, N2]) or "full" ([N1, N2, C, C]).
@@ -340,7 +343,9 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   tile_size, band, logit_chunk, rotate: the tile, the row tiles per resident band, the logits whose
   Jacobian rows a trace kernel forms at a time (a divisor of C: the kernel is summed over chunks),
   and whether column rows rotate over the devices (see plan.py); unset, from the budget and the
-  cost model.
+  cost model. factored_layers: "auto" (the default: layers whose kernel is cheaper from the Grams
+  of their inputs and output cotangents, such as dense layers and convolutions on small maps, are
+  formed so; see ntk_scale/ntk/factored_layers.py), "all" (every layer that can be) or "none".
   """
   check_precision(precision)
   if dtype not in ("float32", "float64"):
@@ -353,7 +358,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
     x2 = None if x2 is None else np.asarray(x2, dtype)
     mesh = parallel.make_mesh()
     settings = dict(method=method, tile_size=tile_size, band=band, logit_chunk=logit_chunk,
-                    rotate=rotate, memory_budget_bytes=memory_budget_bytes)
+                    rotate=rotate, memory_budget_bytes=memory_budget_bytes,
+                    factored_layers=factored_layers)
     key = (_model_signature(apply_fn, params, x1, model_state), len(x1),
            None if x2 is None else len(x2), logits, mesh, precision, tuple(settings.items()))
     plan = _PLANS.get(key)

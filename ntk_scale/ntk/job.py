@@ -20,7 +20,7 @@ from ntk_scale import files, parallel
 from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
-from ntk_scale.ntk.plan import METHODS
+from ntk_scale.ntk.plan import FACTORING_MODES, METHODS
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.workdir import phase2_name
@@ -32,7 +32,8 @@ IDENTITY = ("source", "split", "logits", "dtype", "precision", "shape")
 FIELDS = {"method": "config.kernel.method", "tile_size": "config.kernel.tile_size",
           "memory_budget": "config.kernel.memory_budget_gb", "logits": "config.kernel.logits",
           "rotate": "config.kernel.rotate", "band": "config.kernel.band",
-          "logit_chunk": "config.kernel.logit_chunk"}
+          "logit_chunk": "config.kernel.logit_chunk",
+          "factored_layers": "config.kernel.factored_layers"}
 
 
 def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int,
@@ -47,6 +48,9 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int,
                      f"{', '.join(METHODS)}.")
   if k.dtype not in ("float32", "float64"):
     raise ValueError(f"config.kernel.dtype={k.dtype!r}; expected 'float32' or 'float64'.")
+  if k.factored_layers not in FACTORING_MODES:
+    raise ValueError(f"config.kernel.factored_layers={k.factored_layers!r}; expected one of "
+                     f"{', '.join(FACTORING_MODES)}.")
   if k.phase not in (1, 2):
     raise ValueError(f"config.kernel.phase={k.phase!r}; expected 1 (the network) or 2 (phase 2's "
                      "linearized model).")
@@ -83,7 +87,8 @@ def plan_settings(k: ml_collections.ConfigDict) -> dict:
   """`plan_for`'s settings from config.kernel: 0 and None leave a setting to the planner."""
   return dict(method=k.method, tile_size=k.tile_size or None, band=k.band or None,
               logit_chunk=k.logit_chunk or None, rotate=k.rotate,
-              memory_budget_bytes=k.memory_budget_gb * 2**30 or None, fields=FIELDS)
+              memory_budget_bytes=k.memory_budget_gb * 2**30 or None,
+              factored_layers=k.factored_layers, fields=FIELDS)
 
 
 def select_examples(config: ml_collections.ConfigDict, labels: np.ndarray) -> np.ndarray:

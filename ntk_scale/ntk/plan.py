@@ -20,6 +20,11 @@ FLOPs with the forward pass of one example measured by XLA (F) and the parameter
   Jacobian rows of one example      F * (1 + 2 C')   (in chunks of L logits: C'/L * F * (1 + 2 L))
   jacobian tile contraction         2 T^2 C' P   (full: 2 T^2 C^2 P)
   ntvp tile                         T * F (1 + 2 C') + 3 F T^2 C'
+
+A layer factored (factored_layers.py: chosen by `factored_layers`, "auto" where it saves
+multiply-adds) keeps its input and output cotangents instead of its weight gradients: C' P above
+loses its parameters and gains the factors' numbers, the contraction its multiply-adds per pair,
+and a tile holds the factors' Grams (ModelCost.row_numbers, pair_macs, pair_workspace).
 """
 
 import dataclasses
@@ -32,6 +37,8 @@ import numpy as np
 
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.ntk.schedule import round_lengths
+from ntk_scale.ntk.factored_layers import MODES as FACTORING_MODES
+from ntk_scale.ntk.factored_layers import FactoredLayer, choose, find_layers
 from ntk_scale.ntk.tile_math import ApplyFn, LogitSpec, parameter_groups
 
 METHODS = ("auto", "jacobian", "ntvp")
@@ -58,6 +65,28 @@ class ModelCost:
   activation_bytes: float  # per example, every intermediate of the forward pass
   itemsize: int
   largest_group: int  # parameters in the largest group of tile_math.parameter_groups
+  layers: tuple[FactoredLayer, ...] = ()  # every layer that could be factored (factored_layers.py)
+  factoring: str = "none"  # which of them are: factored_layers.choose's mode (make_plan sets it)
+
+  def factored(self, spec: LogitSpec) -> tuple[FactoredLayer, ...]:
+    return choose(self.layers, spec.rows_per_example, spec.kind, self.factoring)
+
+  def row_numbers(self, spec: LogitSpec, logit_rows: int) -> float:
+    """Numbers of one example's Jacobian rows for `logit_rows` logits, factored layers as factors."""
+    layers = self.factored(spec)
+    return (logit_rows * (self.num_params - sum(layer.num_params for layer in layers))
+            + sum(layer.row_numbers(logit_rows) for layer in layers))
+
+  def pair_macs(self, spec: LogitSpec) -> float:
+    """Multiply-adds of one kernel entry (of all C x C for "full") from two examples' rows."""
+    layers = self.factored(spec)
+    per_entry = spec.num_classes ** 2 if spec.kind == "full" else spec.rows_per_example
+    return (per_entry * (self.num_params - sum(layer.num_params for layer in layers))
+            + sum(layer.pair_macs(spec.rows_per_example) for layer in layers))
+
+  def pair_workspace(self, spec: LogitSpec) -> float:
+    """Numbers per pair of examples that a factored layer's share of a tile holds at its peak."""
+    return max((layer.pair_workspace() for layer in self.factored(spec)), default=0.0)
 
   @classmethod
   def measure(cls, apply_fn: ApplyFn, params: Any, example: jax.ShapeDtypeStruct,
@@ -81,9 +110,12 @@ class ModelCost:
     # calls that cost analysis counts as 0 FLOPs, which made "auto" pick ntvp there, 50x slower.
     # Never below the matmul floor: every parameter enters at least one multiply-add.
     flops = max(program_flops(apply_fn, *args).flops, 2.0 * sum(a.size for a in leaves))
+    treedef = jax.tree.structure(params)
+    layers = find_layers(lambda leaves, *rest: apply_fn(jax.tree.unflatten(treedef, leaves), *rest),
+                         jax.tree.leaves(p), *args[1:])
     return cls(num_params=int(sum(a.size for a in leaves)), forward_flops=flops,
                activation_bytes=float(activations), itemsize=int(leaves[0].dtype.itemsize),
-               largest_group=int(np.diff(parameter_groups(params)).max()))
+               largest_group=int(np.diff(parameter_groups(params)).max()), layers=layers)
 
 
 def _all_eqns(jaxpr):
@@ -144,11 +176,19 @@ class KernelPlan:
   def layout(self) -> str:
     """Method, tile, band and logit chunks, e.g. "jacobian, tile 128, bands of 4 row tiles"."""
     chunked = self.logit_chunk < self.logits.rows_per_example
+    factored = self.cost.factored(self.logits) if self.method == "jacobian" else ()
     return (f"method {self.method}, tile {self.tile}"
             + (", column rows rotating over the devices" if self.rotate else "")
             + (f", bands of {self.band} row tiles" if self.band > 1 else "")
             + (f", {self.logit_chunk} logit{'s' * (self.logit_chunk > 1)} at a time"
-               if chunked else ""))
+               if chunked else "")
+            + (f", {len(factored)} layer{'s' * (len(factored) > 1)} factored "
+               f"({sum(layer.num_params for layer in factored):,} parameters)" if factored else ""))
+
+  @property
+  def factoring(self) -> str:
+    """factored_layers.choose's mode for the Jacobian rows ("none" with NTK-vector products)."""
+    return self.cost.factoring if self.method == "jacobian" else "none"
 
   def describe(self) -> str:
     tiles = len(self.tiles())
@@ -200,9 +240,11 @@ def bytes_per_device(method: str, tile: int, spec: LogitSpec, cost: ModelCost,
       blocks = tile * (3 + g)
     else:
       blocks = height + tile * max(band * g, 1 + g) if column_blocks else height * (1 + g)
-    jacobians = blocks * rows * cost.num_params * cost.itemsize
+    jacobians = blocks * cost.row_numbers(spec, rows) * cost.itemsize
     workspace = height * (1 + rows) * cost.activation_bytes  # vmapped reverse passes
-    return params + jacobians + workspace + out_tile
+    pairs = height * (tile if column_blocks or rotate else height)
+    factored = pairs * cost.pair_workspace(spec) * cost.itemsize  # a factored layer's Grams
+    return params + jacobians + workspace + out_tile + factored
   workspace = tile * 2 * rows * cost.activation_bytes  # primal and C' tangents over the rows
   return params + rows * params + workspace + out_tile  # one column example's Jacobian rows
 
@@ -225,8 +267,7 @@ def rows_flops(spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None)
 
 def _contraction_flops(tile: int, spec: LogitSpec, cost: ModelCost) -> float:
   """FLOPs of one T x T tile contracted from Jacobian rows."""
-  per_entry = spec.num_classes ** 2 if spec.kind == "full" else spec.rows_per_example
-  return 2 * tile * tile * cost.num_params * per_entry
+  return 2 * tile * tile * cost.pair_macs(spec)
 
 
 def _flops(method: str, tile: int, band: int, num_rows: int, num_cols: int, symmetric: bool,
@@ -294,7 +335,7 @@ def _ring_transfer_bytes(tile: int, num_devices: int, symmetric: bool, spec: Log
   rotation, D // 2 rotations for a symmetric kernel, D - 1 for a cross kernel, per chunk."""
   rotations = num_devices // 2 if symmetric else num_devices - 1
   chunks = spec.rows_per_example // logit_chunk
-  return chunks * rotations * tile * logit_chunk * cost.num_params * cost.itemsize
+  return chunks * rotations * tile * cost.row_numbers(spec, logit_chunk) * cost.itemsize
 
 
 def _largest_tile(method: str, cap: int, budget: float, spec: LogitSpec, cost: ModelCost,
@@ -330,14 +371,15 @@ def setting_names(fields: dict[str, str] | None = None) -> dict[str, str]:
   """The names of the planner's settings as the caller's user knows them (`fields` overrides),
   for errors that say what to change."""
   return {"method": "method", "tile_size": "tile_size", "band": "band", "logit_chunk": "logit_chunk",
-          "rotate": "rotate", "memory_budget": "memory_budget_bytes", **(fields or {})}
+          "rotate": "rotate", "memory_budget": "memory_budget_bytes",
+          "factored_layers": "factored_layers", **(fields or {})}
 
 
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
               num_devices: int, method: str = "auto", tile: int | None = None,
               band: int | None = None, logit_chunk: int | None = None,
               rotate: bool | None = None, budget_bytes: float | None = None,
-              flops_per_transfer_byte: float = 0.0,
+              flops_per_transfer_byte: float = 0.0, factored_layers: str = "auto",
               fields: dict[str, str] | None = None) -> KernelPlan:
   """The plan for a kernel, or KernelPlanError naming the setting (`fields` maps "method",
   "tile_size", "band", "logit_chunk", "rotate" and "memory_budget" to the names the caller's user
@@ -357,6 +399,10 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   over its link's bandwidth, engine.fit_plan measures both; 0: transfers free).
   """
   names = setting_names(fields)
+  if factored_layers not in FACTORING_MODES:
+    raise KernelPlanError(f"{names['factored_layers']}={factored_layers!r} is not a factoring "
+                          f"mode; expected one of {', '.join(FACTORING_MODES)}.")
+  cost = dataclasses.replace(cost, factoring=factored_layers)
   if method not in METHODS:
     raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
                           f"{', '.join(METHODS)}.")

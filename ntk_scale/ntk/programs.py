@@ -37,11 +37,12 @@ def bind_state(apply_fn: Callable, stateful: bool, state) -> ApplyFn:
 
 @functools.lru_cache(maxsize=32)
 def step_programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision: str, mesh: Mesh,
-                  logit_chunk: int) -> dict[str, Callable]:
+                  logit_chunk: int, factoring: str = "none") -> dict[str, Callable]:
   """The jitted per-device programs of each step kind (see schedule.py), one shard_map each.
   When `logit_chunk` is fewer than all logits (a trace kernel, plan.py), programs that form
   Jacobian rows form those of logits first .. first + logit_chunk - 1 (`first`, a traced argument),
-  and the diagonal program sums all chunks itself.
+  and the diagonal program sums all chunks itself. `factoring`: which layers' rows are kept as
+  factors (tile_math.factored_layers_of; the plan's `factoring`).
 
   Every program takes (params, model_state, ...): the state (BatchNorm averages) is an argument,
   not a constant, so the kernels of many checkpoints of one model share one compilation.
@@ -52,7 +53,7 @@ def step_programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision
 
   def jacobian(params, state, first, x):
     return jacobian_rows(bind_state(apply_fn, stateful, state), params, x, spec, first,
-                         logit_chunk if chunked else None)
+                         logit_chunk if chunked else None, factoring)
 
   def row(params, state, first, x_rows):  # -> (resident Jacobian rows, their diagonal block)
     resident = jacobian(params, state, first, x_rows)
@@ -63,7 +64,7 @@ def step_programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision
     if chunked:
       return symmetric_tile_by_logit_chunks(bind_state(apply_fn, stateful, state), params, x_rows, spec,
                                             matmul_precision, symmetric_pieces(x_rows.shape[0]),
-                                            logit_chunk)
+                                            logit_chunk, factoring)
     return row(params, state, first, x_rows)[1]
 
   def column(params, state, first, resident, x_cols):

@@ -12,6 +12,7 @@ Theta(x, x') = J(x) J(x')^T with J = d f(x; theta) / d theta, for the logits cho
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -20,7 +21,8 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ntk_scale.ntk.conv_weight_gradients import with_matmul_weight_gradients
+from ntk_scale.ntk.factored_layers import (FactoredLayer, FactoredProgram, choose, factored_gram,
+                                           find_layers)
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, x[N, ...]) -> logits[N, C]
@@ -91,11 +93,39 @@ def parameter_groups(params: PyTree, max_groups: int = MAX_PARAMETER_GROUPS) -> 
   return tuple(cuts) + (total,)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("groups", "inputs", "cotangents"), meta_fields=("layers",))
+@dataclasses.dataclass(frozen=True)
+class JacobianRows:
+  """A block's Jacobian rows: of the parameters not in factored layers, cut into groups (see
+  `parameter_groups`), [T, C', P_g] each; of each factored layer (factored_layers.py) its input
+  [T, C_in, *positions] and output cotangents [T, C', C_out, *positions]."""
+  groups: tuple[jax.Array, ...]
+  inputs: tuple[jax.Array, ...] = ()
+  cotangents: tuple[jax.Array, ...] = ()
+  layers: tuple[FactoredLayer, ...] = ()
+
+  @property
+  def num_examples(self) -> int:
+    return self.groups[0].shape[0]
+
+
+def factored_layers_of(apply_fn: ApplyFn, params: PyTree, example: Any, spec: LogitSpec,
+                       factoring: str) -> tuple[FactoredLayer, ...]:
+  """The layers whose rows `jacobian_rows` keeps as factors for `factoring` ("auto" | "all" |
+  "none", factored_layers.choose); `example` one batch of one example, array or shape."""
+  if factoring == "none" or spec.kind == "full":
+    return ()
+  leaves, treedef = jax.tree.flatten(params)
+  model = lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x)
+  return choose(find_layers(model, leaves, example), spec.rows_per_example, spec.kind, factoring)
+
+
 def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec,
-                  first_logit: jax.Array | int = 0,
-                  num_logits: int | None = None) -> tuple[jax.Array, ...]:
-  """Per-example Jacobians of the chosen logits with respect to all parameters, flattened and
-  cut into parameter groups (see `parameter_groups`): a tuple of [T, C', P_g]. With `num_logits`
+                  first_logit: jax.Array | int = 0, num_logits: int | None = None,
+                  factoring: str = "none") -> JacobianRows:
+  """Per-example Jacobians of the chosen logits with respect to all parameters (see JacobianRows;
+  `factoring` says which layers keep factors instead, see `factored_layers_of`). With `num_logits`
   ("trace" only), of logits first_logit .. first_logit + num_logits - 1 only (`first_logit` may be
   traced): a trace kernel is a sum over logits and can be formed a chunk of logits at a time.
 
@@ -103,23 +133,38 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSp
   in inference mode (BatchNorm on running averages). Convolutions' weight gradients are batched
   matmuls of patches (see conv_weight_gradients.py).
   """
-  theta, unravel = ravel_pytree(params)
-  cuts = parameter_groups(params)
+  leaves, treedef = jax.tree.flatten(params)
+  model = lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x)
+  layers = factored_layers_of(apply_fn, params, x[:1], spec, factoring)
+  program = FactoredProgram(model, leaves, x[:1], layers)
+  fixed = {layer.leaf: leaves[layer.leaf] for layer in layers}
+  rest = [a for i, a in enumerate(leaves) if i not in fixed]
+  theta, unravel = ravel_pytree(rest)
+  cuts = parameter_groups(rest)
   groups = tuple(theta[a:b] for a, b in zip(cuts[:-1], cuts[1:]))
   first = jnp.asarray(first_logit, jnp.int32)
 
-  def logits_of(group_vectors, example, first):
-    out = apply_fn(unravel(jnp.concatenate(group_vectors)), example[None])[0]
+  def logits_of(group_vectors, perturbations, example, first):
+    free = iter(unravel(jnp.concatenate(group_vectors)))
+    all_leaves = [fixed[i] if i in fixed else next(free) for i in range(len(leaves))]
+    out, inputs = program(all_leaves, example[None], perturbations)
+    out = out[0]
     if spec.kind == "class":
-      return out[spec.index][None]
-    return out if num_logits is None else lax.dynamic_slice_in_dim(out, first, num_logits)
+      out = out[spec.index][None]
+    elif num_logits is not None:
+      out = lax.dynamic_slice_in_dim(out, first, num_logits)
+    return out, inputs
 
-  per_example = jax.jacrev(with_matmul_weight_gradients(logits_of, groups, x[0], first))
-  return jax.vmap(per_example, in_axes=(None, 0, None))(groups, x, first)
+  per_example = jax.jacrev(logits_of, argnums=(0, 1), has_aux=True)
+  perturbations = program.zero_perturbations(theta.dtype if rest else leaves[0].dtype)
+  (rows, cotangents), inputs = jax.vmap(per_example, in_axes=(None, None, 0, None))(
+      groups, perturbations, x, first)
+  return JacobianRows(rows, inputs, cotangents, layers)
 
 
 def symmetric_tile_by_logit_chunks(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec,
-                                   precision: lax.Precision, pieces: int, chunk: int) -> jax.Array:
+                                   precision: lax.Precision, pieces: int, chunk: int,
+                                   factoring: str = "none") -> jax.Array:
   """The trace kernel of x with itself, summed over chunks of `chunk` logits in a sequential loop:
   only one chunk's Jacobian rows (T * chunk * P numbers) exist at a time, at the price of one
   more forward pass per chunk."""
@@ -127,7 +172,7 @@ def symmetric_tile_by_logit_chunks(apply_fn: ApplyFn, params: PyTree, x: jax.Arr
     raise ValueError(f"logit chunks of {chunk} need a trace kernel over a multiple of {chunk} logits.")
 
   def add_chunk(total, first):
-    rows = jacobian_rows(apply_fn, params, x, spec, first, chunk)
+    rows = jacobian_rows(apply_fn, params, x, spec, first, chunk, factoring)
     return total + contract_symmetric(rows, spec, precision, pieces), None
 
   firsts = jnp.arange(0, spec.num_classes, chunk, dtype=jnp.int32)
@@ -135,18 +180,22 @@ def symmetric_tile_by_logit_chunks(apply_fn: ApplyFn, params: PyTree, x: jax.Arr
   return total
 
 
-def contract(rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...], spec: LogitSpec,
+def contract(rows: JacobianRows, cols: JacobianRows, spec: LogitSpec,
              precision: lax.Precision) -> jax.Array:
-  """K[i, j] (or K[i, j, c, d] for "full") from grouped Jacobian rows [T1, C', P_g] and [T2, C', P_g].
+  """K[i, j] (or K[i, j, c, d] for "full") from two blocks' Jacobian rows.
 
   trace/class: one matmul per group over the flattened (logit, parameter) axis, which sums the
   per-logit kernels; full: one matmul per group over the parameter axis with logits kept apart.
+  Factored layers add their share from the Grams of their factors (factored_layers.py).
   """
-  t1, t2, k = rows[0].shape[0], cols[0].shape[0], rows[0].shape[1]
+  t1, t2, k = rows.num_examples, cols.num_examples, rows.groups[0].shape[1]
   keep = k if spec.kind == "full" else 1  # logits kept apart as matrix rows
   total = sum(lax.dot_general(r.reshape(t1 * keep, -1), c.reshape(t2 * keep, -1),
                               (((1,), (1,)), ((), ())), precision=precision)
-              for r, c in zip(rows, cols))
+              for r, c in zip(rows.groups, cols.groups))
+  for layer, a1, d1, a2, d2 in zip(rows.layers, rows.inputs, rows.cotangents, cols.inputs,
+                                   cols.cotangents):
+    total = total + factored_gram(a1, d1, a2, d2, layer, precision)
   if spec.kind == "full":
     return total.reshape(t1, k, t2, k).transpose(0, 2, 1, 3)
   return total
@@ -158,15 +207,15 @@ def mirror_tile(tile):
   return tile.transpose((1, 0, 3, 2) if tile.ndim == 4 else (1, 0))
 
 
-def contract_symmetric(rows: tuple[jax.Array, ...], spec: LogitSpec, precision: lax.Precision,
+def contract_symmetric(rows: JacobianRows, spec: LogitSpec, precision: lax.Precision,
                        pieces: int) -> jax.Array:
   """`contract(rows, rows)` from the products on and above the diagonal of a `pieces` x `pieces`
   split, mirrored: (pieces + 1) / (2 * pieces) of the multiply-adds."""
-  t = rows[0].shape[0]
+  t = rows.num_examples
   if pieces <= 1 or t % pieces:
     return contract(rows, rows, spec, precision)
   size = t // pieces
-  part = lambda a: tuple(r[a * size:(a + 1) * size] for r in rows)
+  part = lambda a: jax.tree.map(lambda r: r[a * size:(a + 1) * size], rows)
   blocks = {}
   for a in range(pieces):
     for b in range(a, pieces):
@@ -187,7 +236,7 @@ def ntvp_tile(apply_fn: ApplyFn, params: PyTree, x_rows: jax.Array, x_cols: jax.
   rows_fn = lambda flat: apply_fn(unravel(flat), x_rows)  # [T1, C]
 
   def column(example):  # -> [C', T1, C]: J(rows) v for each Jacobian row v of the example
-    jac = jnp.concatenate([g[0] for g in jacobian_rows(apply_fn, params, example[None], spec)],
+    jac = jnp.concatenate([g[0] for g in jacobian_rows(apply_fn, params, example[None], spec).groups],
                           axis=-1)  # [C', P]
     return jax.vmap(lambda v: jax.jvp(rows_fn, (theta,), (v,))[1])(jac)
 
