@@ -14,6 +14,7 @@ from ntk_scale import parallel
 from ntk_scale.ntk import empirical_ntk, plan_for, run_tiles
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.factored_layers import FactoredLayer, choose
+from ntk_scale.ntk.plan import rows_flops
 from ntk_scale.ntk.tile_math import contract, factored_layers_of, jacobian_rows, parse_logits
 
 NUM_CLASSES = 3
@@ -165,6 +166,8 @@ def test_plan_counts_factored_rows_and_multiply_adds():
   assert factored.cost.pair_macs(spec) == 35 + (64 + 32 + 1) + (32 + 3 + 1)
   assert plain.cost.pair_macs(spec) == 64 * 32 + 32 + 32 * 3 + 3
   assert factored.cost.row_numbers(spec, 1) == 35 + (64 + 32) + (32 + 3)
+  # Its reverse pass forms no weight gradient: one matmul per factored layer less.
+  assert rows_flops(spec, plain.cost) - rows_flops(spec, factored.cost) == 2 * (64 * 32 + 32 * 3)
   assert factored.flops < plain.flops and "2 layers factored (2,144 parameters)" in factored.describe()
   kernel = empirical_ntk(mlp, params, x, logits=0)
   reference = empirical_ntk(mlp, params, x, logits=0, factored_layers="none")

@@ -219,7 +219,8 @@ def _formation_rate(apply_fn: Callable, abstract_params: tuple, example: jax.Sha
   with jax.default_matmul_precision(precision):
     form = jax.jit(lambda params, x: jacobian_rows(model, params, x, spec, factoring=factoring))
     calls, seconds = timed(lambda rows: form(params, x), None, 0.1)
-  cost = _measure(apply_fn, abstract_params, example, abstract_state)
+  cost = dataclasses.replace(_measure(apply_fn, abstract_params, example, abstract_state),
+                             factoring=factoring)
   return agreed(calls * PROBE_EXAMPLES * rows_flops(spec, cost) / seconds)
 
 

@@ -65,6 +65,11 @@ class FactoredLayer:
   def num_params(self) -> int:
     return math.prod(self.filter_shape) * self.in_channels * self.out_channels
 
+  @property
+  def forward_flops(self) -> float:
+    """Of the layer's matmul for one example: also what forming its weight gradient would cost."""
+    return 2.0 * math.prod(self.out_positions) * self.num_params
+
   def pair_macs(self, logit_rows: int) -> float:
     """Multiply-adds per pair of examples, factored: input Gram, cotangent Gram, combination."""
     s_in, s_out = math.prod(self.in_positions), math.prod(self.out_positions)
@@ -91,12 +96,16 @@ class FactoredLayer:
         np.argsort(self.output_permutation))
 
 
-def find_layers(fn: Callable, leaves: Sequence[Any], *args: Any) -> tuple[FactoredLayer, ...]:
-  """Every layer of `fn(leaves, *args)` (traced on arrays or ShapeDtypeStructs shaped like them)
-  whose kernel can be formed from factors."""
-  closed = jax.make_jaxpr(fn)(list(leaves), *args)
+def trace(fn: Callable, leaves: Sequence[Any], *args: Any) -> core.ClosedJaxpr:
+  """The program of `fn(leaves, *args)` (arrays or ShapeDtypeStructs), `leaves` a list of arrays
+  (the parameters), its first inputs."""
+  return jax.make_jaxpr(fn)(list(leaves), *args)
+
+
+def find_layers(closed: core.ClosedJaxpr, num_leaves: int) -> tuple[FactoredLayer, ...]:
+  """Every layer of a `trace`d program whose kernel can be formed from factors."""
   jaxpr = closed.jaxpr
-  leaf_of = {v: i for i, v in enumerate(jaxpr.invars[:len(leaves)])}
+  leaf_of = {v: i for i, v in enumerate(jaxpr.invars[:num_leaves])}
   uses = collections.Counter(v for eqn in jaxpr.eqns for v in eqn.invars if not _is_literal(v))
   uses.update(v for v in jaxpr.outvars if not _is_literal(v))
   layers = []
@@ -175,15 +184,14 @@ def choose(layers: Sequence[FactoredLayer], logit_rows: int, kind: str,
 
 
 class FactoredProgram:
-  """`fn(leaves, x, *extra)` evaluated equation by equation with the chosen layers' weights fixed:
-  a zero (their cotangent's handle) added to each one's output and its input recorded. Every other
-  plain convolution is evaluated with its weight gradient as a matmul of patches."""
+  """A `trace`d program `fn(leaves, x, *extra)` evaluated equation by equation with the chosen
+  layers' weights fixed: a zero (their cotangent's handle) added to each one's output and its
+  input recorded. Every other plain convolution is evaluated with its weight gradient as a matmul
+  of patches (conv_weight_gradients.py)."""
 
-  def __init__(self, fn: Callable, leaves: Sequence[Any], x: Any, layers: Sequence[FactoredLayer],
-               *extra: Any):
-    self.closed = jax.make_jaxpr(fn)(list(leaves), x, *extra)
+  def __init__(self, closed: core.ClosedJaxpr, layers: Sequence[FactoredLayer]):
+    self.closed = closed
     self.layers = tuple(layers)
-    self.num_leaves = len(leaves)
     self._by_equation = {layer.equation: k for k, layer in enumerate(self.layers)}
 
   def zero_perturbations(self, dtype) -> tuple[jax.Array, ...]:

@@ -38,7 +38,7 @@ import numpy as np
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.ntk.schedule import round_lengths
 from ntk_scale.ntk.factored_layers import MODES as FACTORING_MODES
-from ntk_scale.ntk.factored_layers import FactoredLayer, choose, find_layers
+from ntk_scale.ntk.factored_layers import FactoredLayer, choose, find_layers, trace
 from ntk_scale.ntk.tile_math import ApplyFn, LogitSpec, parameter_groups
 
 METHODS = ("auto", "jacobian", "ntvp")
@@ -111,8 +111,9 @@ class ModelCost:
     # Never below the matmul floor: every parameter enters at least one multiply-add.
     flops = max(program_flops(apply_fn, *args).flops, 2.0 * sum(a.size for a in leaves))
     treedef = jax.tree.structure(params)
-    layers = find_layers(lambda leaves, *rest: apply_fn(jax.tree.unflatten(treedef, leaves), *rest),
-                         jax.tree.leaves(p), *args[1:])
+    program = trace(lambda leaves, *rest: apply_fn(jax.tree.unflatten(treedef, leaves), *rest),
+                    jax.tree.leaves(p), *args[1:])
+    layers = find_layers(program, len(leaves))
     return cls(num_params=int(sum(a.size for a in leaves)), forward_flops=flops,
                activation_bytes=float(activations), itemsize=int(leaves[0].dtype.itemsize),
                largest_group=int(np.diff(parameter_groups(params)).max()), layers=layers)
@@ -259,10 +260,12 @@ def symmetric_pieces(tile: int) -> int:
 
 
 def rows_flops(spec: LogitSpec, cost: ModelCost, logit_chunk: int | None = None) -> float:
-  """FLOPs of one example's Jacobian rows: a forward pass and two per logit, per chunk of logits."""
+  """FLOPs of one example's Jacobian rows: a forward pass and two per logit, per chunk of logits;
+  a factored layer's reverse pass forms no weight gradient (one of its two per logit)."""
   rows = spec.rows_per_example
   chunk = logit_chunk or rows
-  return rows // chunk * cost.forward_flops * (1 + 2 * chunk)
+  unformed = sum(layer.forward_flops for layer in cost.factored(spec))
+  return rows // chunk * (cost.forward_flops * (1 + 2 * chunk) - chunk * unformed)
 
 
 def _contraction_flops(tile: int, spec: LogitSpec, cost: ModelCost) -> float:

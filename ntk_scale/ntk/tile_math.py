@@ -22,7 +22,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from ntk_scale.ntk.factored_layers import (FactoredLayer, FactoredProgram, choose, factored_gram,
-                                           find_layers)
+                                           find_layers, trace)
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, x[N, ...]) -> logits[N, C]
@@ -110,15 +110,19 @@ class JacobianRows:
     return self.groups[0].shape[0]
 
 
+def _traced_model(apply_fn: ApplyFn, params: PyTree, example: Any):
+  """(The model's program as a function of its parameter leaves and a batch, its leaves)."""
+  leaves, treedef = jax.tree.flatten(params)
+  return trace(lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x), leaves,
+               example), leaves
+
+
 def factored_layers_of(apply_fn: ApplyFn, params: PyTree, example: Any, spec: LogitSpec,
                        factoring: str) -> tuple[FactoredLayer, ...]:
   """The layers whose rows `jacobian_rows` keeps as factors for `factoring` ("auto" | "all" |
   "none", factored_layers.choose); `example` one batch of one example, array or shape."""
-  if factoring == "none" or spec.kind == "full":
-    return ()
-  leaves, treedef = jax.tree.flatten(params)
-  model = lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x)
-  return choose(find_layers(model, leaves, example), spec.rows_per_example, spec.kind, factoring)
+  closed, leaves = _traced_model(apply_fn, params, example)
+  return choose(find_layers(closed, len(leaves)), spec.rows_per_example, spec.kind, factoring)
 
 
 def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec,
@@ -133,10 +137,9 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSp
   in inference mode (BatchNorm on running averages). Convolutions' weight gradients are batched
   matmuls of patches (see conv_weight_gradients.py).
   """
-  leaves, treedef = jax.tree.flatten(params)
-  model = lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x)
-  layers = factored_layers_of(apply_fn, params, x[:1], spec, factoring)
-  program = FactoredProgram(model, leaves, x[:1], layers)
+  closed, leaves = _traced_model(apply_fn, params, x[:1])
+  layers = choose(find_layers(closed, len(leaves)), spec.rows_per_example, spec.kind, factoring)
+  program = FactoredProgram(closed, layers)
   fixed = {layer.leaf: leaves[layer.leaf] for layer in layers}
   rest = [a for i, a in enumerate(leaves) if i not in fixed]
   theta, unravel = ravel_pytree(rest)
