@@ -3,10 +3,11 @@
 Under `vmap(jacrev(f))` JAX forms a convolution's per-example weight gradients with the batching
 rule of conv_general_dilated: a convolution with one feature group per example. On an H100 that
 made the Jacobian rows of 256 examples of ResNet-18 take 87 ms, against 31 ms for one batched
-gradient of the same examples. `with_matmul_weight_gradients(f)` returns f with each plain
-convolution given a custom VJP whose weight gradient is patches^T @ cotangent
+gradient of the same examples. `evaluate_equation` evaluates one equation of a traced program
+with each plain convolution given a custom VJP whose weight gradient is patches^T @ cotangent
 (`patches` gathers them exactly), which vmap turns into one batched matmul over examples (and
-logits). Input gradients and everything else are unchanged.
+logits). Input gradients and everything else are unchanged; the kernel engine's programs run every
+equation through it (factored_layers.FactoredProgram).
 
 The rewrite works on the traced program (jaxpr), so it applies to any model: flax modules,
 linearized models, plain functions. Convolutions inside control flow (scan, while, cond) or
@@ -14,7 +15,7 @@ custom derivatives, and grouped or input-dilated ones, keep JAX's own rule.
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +24,6 @@ from jax import lax
 from jax.extend import core
 
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
-
-
-def with_matmul_weight_gradients(fn: Callable, *example_args: Any) -> Callable:
-  """`fn` (positional array arguments, one array out) as traced on arguments shaped like
-  `example_args`, its plain convolutions differentiated by `patch_matmul_conv`."""
-  closed = jax.make_jaxpr(fn)(*example_args)
-
-  def rewritten(*args):
-    (out,) = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
-    return out
-  return rewritten
 
 
 def _evaluate(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:

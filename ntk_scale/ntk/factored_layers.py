@@ -113,7 +113,7 @@ def find_layers(closed: core.ClosedJaxpr, num_leaves: int) -> tuple[FactoredLaye
     if len(eqn.invars) != 2 or _is_literal(eqn.invars[1]):
       continue
     rhs = eqn.invars[1]
-    if rhs not in leaf_of or uses[rhs] != 1 or eqn.invars[0] is rhs:
+    if rhs not in leaf_of or uses[rhs] != 1:  # a weight used elsewhere needs its gradient
       continue
     if not jnp.issubdtype(rhs.aval.dtype, jnp.floating):
       continue
@@ -195,7 +195,8 @@ class FactoredProgram:
     self._by_equation = {layer.equation: k for k, layer in enumerate(self.layers)}
 
   def zero_perturbations(self, dtype) -> tuple[jax.Array, ...]:
-    return tuple(jnp.zeros((layer.out_channels, *layer.out_positions), dtype) for layer in self.layers)
+    return tuple(jnp.zeros((layer.out_channels, *layer.out_positions), dtype)
+                 for layer in self.layers)
 
   def __call__(self, leaves: Sequence[Any], x: Any, perturbations: Sequence[jax.Array],
                *extra: Any) -> tuple[Any, tuple[jax.Array, ...]]:
@@ -239,23 +240,26 @@ def factored_gram(a1: jax.Array, d1: jax.Array, a2: jax.Array, d2: jax.Array,
   total = jnp.zeros((t1, t2), inputs.dtype)
   for offset in np.ndindex(*layer.filter_shape):
     ranges = [_valid_outputs(layer, d, o) for d, o in enumerate(offset)]
-    if any(first >= last for first, _, last, _ in ranges):
+    if any(first >= last for first, _, last in ranges):
       continue  # this offset reads only padding
-    start = [0] + [u for _, u, _, _ in ranges]
+    # Input pairs (s * stride + o * dilation - pad, t * stride + ...) for the output pairs (s, t).
+    start = [0] + [u for _, u, _ in ranges]
     limit = [t1] + [u + (last - first - 1) * layer.strides[d] + 1
-                    for d, (first, u, last, _) in enumerate(ranges)]
+                    for d, (first, u, last) in enumerate(ranges)]
     strides = [1] + list(layer.strides)
-    read = lax.slice(inputs, start + [0] + start[1:], limit + [t2] + limit[1:], strides + strides)
-    out_start = [0] + [first for first, _, _, _ in ranges]
-    out_limit = [t1] + [last for _, _, last, _ in ranges]
-    written = lax.slice(cotangents, out_start + [0] + out_start[1:], out_limit + [t2] + out_limit[1:])
-    total = total + jnp.sum(read * written, axis=axes)
+    input_pairs = lax.slice(inputs, start + [0] + start[1:], limit + [t2] + limit[1:],
+                            strides + strides)
+    out_start = [0] + [first for first, _, _ in ranges]
+    out_limit = [t1] + [last for _, _, last in ranges]
+    output_pairs = lax.slice(cotangents, out_start + [0] + out_start[1:],
+                             out_limit + [t2] + out_limit[1:])
+    total = total + jnp.sum(input_pairs * output_pairs, axis=axes)
   return total
 
 
-def _valid_outputs(layer: FactoredLayer, axis: int, offset: int) -> tuple[int, int, int, int]:
+def _valid_outputs(layer: FactoredLayer, axis: int, offset: int) -> tuple[int, int, int]:
   """Along one position axis, for one filter offset: (first output position, the input position it
-  reads, one past the last output position, stride) of the outputs that read a real input."""
+  reads, one past the last output position) of the outputs that read a real input."""
   stride, shift = layer.strides[axis], offset * layer.dilation[axis] - layer.low_padding[axis]
   size_in, size_out = layer.in_positions[axis], layer.out_positions[axis]
   first = 0
@@ -264,4 +268,4 @@ def _valid_outputs(layer: FactoredLayer, axis: int, offset: int) -> tuple[int, i
   last = size_out
   while last > first and (last - 1) * stride + shift >= size_in:
     last -= 1
-  return first, first * stride + shift, last, stride
+  return first, first * stride + shift, last
