@@ -5,7 +5,9 @@ Theta(x, x') = J(x) J(x')^T with J = d f(x; theta) / d theta, for the logits cho
 (every logit pair). Two ways to form a tile K[rows, cols]:
 
   jacobian  Jacobian rows of both blocks (one reverse pass per example and logit), then one
-            matmul per parameter group. Fast, but holds T * C' * P numbers per block.
+            matmul per parameter group. Fast, but holds T * C' * P numbers per block. Factored
+            layers (factored_layers.py) keep their inputs and output cotangents instead of their
+            weight gradients and add their share from the Grams of those.
   ntvp      for each column example, its Jacobian rows (C' * P numbers), pushed through the row
             block by forward-mode JVPs: K[:, j] = J(rows) J(x_j)^T. No block Jacobian is stored;
             costs about 3 forward passes of the row block per column example and logit.
