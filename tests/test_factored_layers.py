@@ -3,6 +3,8 @@ explicit float64 Jacobian contraction, across convolution strides, padding, dila
 dense layers over several positions; the engine runs them on 4 devices as on 1; auto chooses by
 hand-counted multiply-adds; the plan counts them."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,14 +48,19 @@ def _images(n, seed=1):
   return np.random.default_rng(seed).normal(size=(n, 7, 6, 3))
 
 
-def _reference(params, x1, x2, logits):
-  """J(x1) J(x2)^T from whole per-example jax.jacrev Jacobians, in float64."""
+@functools.lru_cache(maxsize=None)
+def _whole_jacobian(n, seed):
+  """[n, C, P]: the float64 per-example Jacobians of _images(n, seed), jitted, once per test file."""
   with jax.enable_x64(True):
-    def flat(x):
-      jac = jax.vmap(jax.jacrev(lambda p, e: _model(p, e[None])[0]), (None, 0))(params, x)
-      return np.concatenate([np.asarray(a).reshape(len(x), NUM_CLASSES, -1)
-                             for a in jax.tree.leaves(jac)], -1)
-    full = np.einsum("icp,jdp->ijcd", flat(x1), flat(x2))
+    jac = jax.jit(jax.vmap(jax.jacrev(lambda p, e: _model(p, e[None])[0]), (None, 0)))(
+        _params(), _images(n, seed))
+    return np.concatenate([np.asarray(a).reshape(n, NUM_CLASSES, -1)
+                           for a in jax.tree.leaves(jac)], -1)
+
+
+def _reference(images1, images2, logits):
+  """J(x1) J(x2)^T from whole per-example jax.jacrev Jacobians, in float64; images as (n, seed)."""
+  full = np.einsum("icp,jdp->ijcd", _whole_jacobian(*images1), _whole_jacobian(*images2))
   return np.einsum("ijcc->ij", full) if logits == "trace" else full[:, :, logits, logits]
 
 
@@ -71,11 +78,12 @@ def test_factored_rows_contract_to_the_float64_jacobian_kernel(logits):
     # Both convolutions, the dense layer at 20 positions and the head; every weight factored.
     assert [(layer.in_positions, layer.out_positions) for layer in layers] == [
         ((1, 7, 6), (1, 4, 5)), ((1, 4, 5), (1, 4, 5)), ((1, 20), (1, 20)), ((1,), (1,))]
-    rows = jacobian_rows(_model, params, x1, spec, factoring="all")
-    cols = jacobian_rows(_model, params, x2, spec, factoring="all")
+    form = jax.jit(lambda x: jacobian_rows(_model, params, x, spec, factoring="all"))
+    rows, cols = form(x1), form(x2)
     assert sum(g.shape[-1] for g in rows.groups) == 5 + 3  # the biases alone stay rows
-    kernel = np.asarray(contract(rows, cols, spec, lax.Precision.HIGHEST))
-  assert _relative_error(kernel, _reference(params, x1, x2, logits)) < 1e-10
+    kernel = np.asarray(jax.jit(contract, static_argnums=(2, 3))(rows, cols, spec,
+                                                                 lax.Precision.HIGHEST))
+  assert _relative_error(kernel, _reference((5, 1), (4, 2), logits)) < 1e-10
 
 
 def _kernel_on(mesh, params, x, logits, **settings):
@@ -97,7 +105,7 @@ def test_engine_with_factored_layers_on_four_devices_equals_one_and_the_referenc
   """Tiles of 2 over 4 devices (padded edges, diagonal pieces; a trace a logit at a time), and
   the rows rotating over the ring of 4 devices (factors sent between devices) against 1 device."""
   params, x = _params(), _images(7)
-  reference = _reference(params, x, x, logits)
+  reference = _reference((7, 1), (7, 1), logits)
   k64 = empirical_ntk(_model, params, x, logits=logits, method="jacobian", tile_size=2,
                       factored_layers="all", dtype="float64",
                       logit_chunk=1 if logits == "trace" else None)
