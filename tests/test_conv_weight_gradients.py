@@ -8,8 +8,7 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ntk_scale.ntk.conv_weight_gradients import _patches
-from ntk_scale.ntk.factored_layers import FactoredProgram, trace
+from ntk_scale.ntk.conv_weight_gradients import _patches, evaluate_program
 
 
 def _two_convs(p, e):
@@ -29,9 +28,8 @@ def _jacobians(f, params, x):
   theta, unravel = ravel_pytree(params)
   g = lambda flat, e: f(unravel(flat), e)
   per_example = lambda fn: jax.vmap(jax.jacrev(fn), (None, 0))
-  # The program with every equation through evaluate_equation (no layer factored).
-  program = FactoredProgram(trace(lambda leaves, e: g(leaves[0], e), [theta], x[0]), ())
-  rewritten = lambda flat, e: program([flat], e, ())[0]
+  closed = jax.make_jaxpr(g)(theta, x[0])
+  rewritten = lambda flat, e: evaluate_program(closed.jaxpr, closed.consts, [flat, e])[0]
   return (per_example(g)(theta, x), per_example(rewritten)(theta, x),
           str(jax.make_jaxpr(per_example(g))(theta, x)),
           str(jax.make_jaxpr(per_example(rewritten))(theta, x)))

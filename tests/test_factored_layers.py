@@ -13,11 +13,11 @@ from jax import lax
 from jax.sharding import Mesh
 
 from ntk_scale import parallel
-from ntk_scale.ntk import empirical_ntk, plan_for, run_tiles
-from ntk_scale.ntk.engine import tile_slices
+from ntk_scale.ntk import empirical_ntk, plan_for
 from ntk_scale.ntk.factored_layers import FactoredLayer, choose
 from ntk_scale.ntk.plan import rows_flops
 from ntk_scale.ntk.tile_math import contract, factored_layers_of, jacobian_rows, parse_logits
+from test_ntk_engine import _kernel_on
 
 NUM_CLASSES = 3
 
@@ -86,20 +86,6 @@ def test_factored_rows_contract_to_the_float64_jacobian_kernel(logits):
   assert _relative_error(kernel, _reference((5, 1), (4, 2), logits)) < 1e-10
 
 
-def _kernel_on(mesh, params, x, logits, **settings):
-  plan = plan_for(_model, params, x, None, logits, num_devices=mesh.size, factored_layers="all",
-                  **settings)
-  kernel = np.zeros((len(x), len(x)), np.float32)
-
-  def store(i, j, tile):
-    rows, cols = tile_slices(plan, i, j)
-    kernel[rows, cols] = tile
-    kernel[cols, rows] = tile.T
-
-  run_tiles(_model, params, x, None, plan, store, mesh=mesh)
-  return kernel, plan
-
-
 @pytest.mark.parametrize("logits", ["trace", 0])
 def test_engine_with_factored_layers_on_four_devices_equals_one_and_the_reference(logits):
   """Tiles of 2 over 4 devices (padded edges, diagonal pieces; a trace a logit at a time), and
@@ -112,10 +98,11 @@ def test_engine_with_factored_layers_on_four_devices_equals_one_and_the_referenc
   assert _relative_error(k64, reference) < 1e-10
   assert jax.device_count() == 4
   params32, x32 = _params(np.float32), x.astype(np.float32)
-  k4, plan = _kernel_on(parallel.make_mesh(), params32, x32, logits, rotate=True)
+  k4, plan, _ = _kernel_on(parallel.make_mesh(), _model, params32, x32, logits=logits,
+                          factored_layers="all", rotate=True)
   assert plan.rotate and "4 layers factored" in plan.describe()
   one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  k1, _ = _kernel_on(one, params32, x32, logits)
+  k1, _, _ = _kernel_on(one, _model, params32, x32, logits=logits, factored_layers="all")
   np.testing.assert_allclose(k4, k1, rtol=1e-6, atol=1e-6 * np.abs(k1).max())
   assert _relative_error(k4, reference) < 1e-5
 

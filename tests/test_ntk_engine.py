@@ -173,8 +173,10 @@ def test_kernel_is_symmetric_positive_semidefinite(network):
   assert np.linalg.eigvalsh(flat).min() > -1e-12 * np.abs(flat).max()
 
 
-def _kernel_on(mesh, apply_fn, params, x, done=(), **settings):
-  plan = plan_for(apply_fn, params, x, None, "trace", method="jacobian", num_devices=mesh.size,
+def _kernel_on(mesh, apply_fn, params, x, done=(), logits="trace", **settings):
+  """The symmetric kernel of x by the Jacobian method on `mesh` through run_tiles: (kernel, plan,
+  tiles this process handed over)."""
+  plan = plan_for(apply_fn, params, x, None, logits, method="jacobian", num_devices=mesh.size,
                   **settings)
   kernel = np.zeros((len(x), len(x)), np.float32)
 

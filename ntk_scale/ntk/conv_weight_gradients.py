@@ -15,7 +15,7 @@ custom derivatives, and grouped or input-dilated ones, keep JAX's own rule.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,21 @@ from jax.extend import core
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
 
 
-def _evaluate(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+Override = Callable[[int, core.JaxprEqn, list[Any]], list[Any] | None]
+
+
+def evaluate_program(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
+                     override: Override | None = None) -> list[Any]:
+  """The outputs of a traced program, every equation by `evaluate_equation`, except where
+  `override(number, equation, inputs)` returns the outputs of top-level equation `number` itself."""
   env: dict[core.Var, Any] = {}
   read = lambda v: v.val if isinstance(v, core.Literal) else env[v]
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
-    env.update(zip(eqn.outvars, evaluate_equation(eqn, [read(v) for v in eqn.invars])))
+  for number, eqn in enumerate(jaxpr.eqns):
+    inputs = [read(v) for v in eqn.invars]
+    outputs = override(number, eqn, inputs) if override else None
+    env.update(zip(eqn.outvars, evaluate_equation(eqn, inputs) if outputs is None else outputs))
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -44,7 +52,7 @@ def evaluate_equation(eqn: core.JaxprEqn, inputs: Sequence[Any]) -> list[Any]:
     return [patch_matmul_conv(*inputs, **_conv_params(eqn.params))]
   if name in _CALLS and "jaxpr" in eqn.params:
     inner = eqn.params["jaxpr"]
-    return _evaluate(inner.jaxpr, inner.consts, inputs)
+    return evaluate_program(inner.jaxpr, inner.consts, inputs)
   return bind_equation(eqn, inputs)
 
 

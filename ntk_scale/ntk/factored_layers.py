@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from ntk_scale.ntk.conv_weight_gradients import bind_equation, evaluate_equation, is_plain_conv
+from ntk_scale.ntk.conv_weight_gradients import bind_equation, evaluate_program, is_plain_conv
 
 MODES = ("auto", "all", "none")
 # auto factors a layer when the factored multiply-adds per pair of examples, times this, are fewer
@@ -184,10 +184,10 @@ def choose(layers: Sequence[FactoredLayer], logit_rows: int, kind: str,
 
 
 class FactoredProgram:
-  """A `trace`d program `fn(leaves, x, *extra)` evaluated equation by equation with the chosen
-  layers' weights fixed: a zero (their cotangent's handle) added to each one's output and its
-  input recorded. Every other plain convolution is evaluated with its weight gradient as a matmul
-  of patches (conv_weight_gradients.py)."""
+  """A `trace`d program `fn(leaves, x)` evaluated equation by equation with the chosen layers'
+  weights fixed: a zero (their cotangent's handle) added to each one's output and its input
+  recorded. Every other plain convolution is evaluated with its weight gradient as a matmul of
+  patches (conv_weight_gradients.py)."""
 
   def __init__(self, closed: core.ClosedJaxpr, layers: Sequence[FactoredLayer]):
     self.closed = closed
@@ -198,27 +198,21 @@ class FactoredProgram:
     return tuple(jnp.zeros((layer.out_channels, *layer.out_positions), dtype)
                  for layer in self.layers)
 
-  def __call__(self, leaves: Sequence[Any], x: Any, perturbations: Sequence[jax.Array],
-               *extra: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+  def __call__(self, leaves: Sequence[Any], x: jax.Array,
+               perturbations: Sequence[jax.Array]) -> tuple[Any, tuple[jax.Array, ...]]:
     """(fn's output, each chosen layer's input as [C_in, *in_positions])."""
-    jaxpr = self.closed.jaxpr
-    env: dict[Any, Any] = {}
-    read = lambda v: v.val if _is_literal(v) else env[v]
-    env.update(zip(jaxpr.constvars, self.closed.consts))
-    env.update(zip(jaxpr.invars, [*leaves, *jax.tree.leaves((x, *extra))]))
     inputs: list[jax.Array | None] = [None] * len(self.layers)
-    for number, eqn in enumerate(jaxpr.eqns):
-      args = [read(v) for v in eqn.invars]
+
+    def factored(number: int, eqn: core.JaxprEqn, args: list[Any]) -> list[Any] | None:
       k = self._by_equation.get(number)
       if k is None:
-        outputs = evaluate_equation(eqn, args)
-      else:
-        layer = self.layers[k]
-        (out,) = bind_equation(eqn, args)
-        inputs[k] = layer.canonical_input(args[0])
-        outputs = [out + layer.native_output(perturbations[k]).astype(out.dtype)]
-      env.update(zip(eqn.outvars, outputs))
-    (out,) = [read(v) for v in jaxpr.outvars]
+        return None
+      layer = self.layers[k]
+      (out,) = bind_equation(eqn, args)
+      inputs[k] = layer.canonical_input(args[0])
+      return [out + layer.native_output(perturbations[k]).astype(out.dtype)]
+
+    (out,) = evaluate_program(self.closed.jaxpr, self.closed.consts, [*leaves, x], factored)
     return out, tuple(inputs)
 
 

@@ -112,19 +112,22 @@ class JacobianRows:
     return self.groups[0].shape[0]
 
 
-def _traced_model(apply_fn: ApplyFn, params: PyTree, example: Any):
-  """(The model's program as a function of its parameter leaves and a batch, its leaves)."""
+def _factored_program(apply_fn: ApplyFn, params: PyTree, example: Any, spec: LogitSpec,
+                      factoring: str) -> tuple[FactoredProgram, list[Any]]:
+  """(The model as a program of its parameter leaves and a batch, with the layers `factoring`
+  chooses factored; its leaves)."""
   leaves, treedef = jax.tree.flatten(params)
-  return trace(lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x), leaves,
-               example), leaves
+  closed = trace(lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x), leaves,
+                 example)
+  layers = choose(find_layers(closed, len(leaves)), spec.rows_per_example, spec.kind, factoring)
+  return FactoredProgram(closed, layers), leaves
 
 
 def factored_layers_of(apply_fn: ApplyFn, params: PyTree, example: Any, spec: LogitSpec,
                        factoring: str) -> tuple[FactoredLayer, ...]:
   """The layers whose rows `jacobian_rows` keeps as factors for `factoring` ("auto" | "all" |
   "none", factored_layers.choose); `example` one batch of one example, array or shape."""
-  closed, leaves = _traced_model(apply_fn, params, example)
-  return choose(find_layers(closed, len(leaves)), spec.rows_per_example, spec.kind, factoring)
+  return _factored_program(apply_fn, params, example, spec, factoring)[0].layers
 
 
 def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSpec,
@@ -139,9 +142,8 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array, spec: LogitSp
   in inference mode (BatchNorm on running averages). Convolutions' weight gradients are batched
   matmuls of patches (see conv_weight_gradients.py).
   """
-  closed, leaves = _traced_model(apply_fn, params, x[:1])
-  layers = choose(find_layers(closed, len(leaves)), spec.rows_per_example, spec.kind, factoring)
-  program = FactoredProgram(closed, layers)
+  program, leaves = _factored_program(apply_fn, params, x[:1], spec, factoring)
+  layers = program.layers
   fixed = {layer.leaf: leaves[layer.leaf] for layer in layers}
   rest = [a for i, a in enumerate(leaves) if i not in fixed]
   theta, unravel = ravel_pytree(rest)
