@@ -231,7 +231,16 @@ def main() -> None:
         print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
         ours = best_time(lambda: ours_out.setdefault("k", ours_kernel()), args.repeats)
         reference = ours_out["k"]
-        rows = [("ntk_scale", ours, reference, plan.flops)]
+
+        def row(label: str, seconds: float, kernel: np.ndarray, flops: float) -> None:
+          """One line of the table, printed as soon as its method has run."""
+          err = np.abs(kernel - reference).max() / np.abs(reference).max()
+          rate = flops / seconds
+          print(f"{name:>9s} {num_params:>10,d} {n:>5d} {logits:>6s} {label:>11s} {seconds:>9.3f} "
+                f"{seconds / ours:>7.1f}x {rate / 1e9:>9.1f} {100 * rate / peak:>6.1f}% {err:>8.1e}",
+                flush=True)
+
+        row("ntk_scale", ours, reference, plan.flops)
         for label in (v for v in args.variants.split(",") if v):
           key, value = label.split("=")
           variant = {key: _setting(value)}
@@ -239,8 +248,8 @@ def main() -> None:
           varied = fit_plan(apply_fn, params, x, None, mode, precision=args.precision, **settings,
                             **variant)
           print(f"#   {label}: {varied.describe()}", flush=True)
-          rows.append((label, best_time(lambda: out.setdefault("k", ours_kernel(**variant)),
-                                        args.repeats), out["k"], varied.flops))
+          row(label, best_time(lambda: out.setdefault("k", ours_kernel(**variant)), args.repeats),
+              out["k"], varied.flops)
         f, trace_axes, scale = nt_functions(nt, apply_fn, logits) if nt else (None, None, 1.0)
         unfactored_flops = plan_for(apply_fn, params, x, None, mode, method="jacobian",
                                     factored_layers="none", **settings).flops
@@ -255,22 +264,16 @@ def main() -> None:
               if not is_out_of_memory(error):
                 raise
               continue
-            rows.append(("nt_best" if batch == n else f"nt_batch{batch}", seconds, out["k"] * scale,
-                         unfactored_flops))
+            row("nt_best" if batch == n else f"nt_batch{batch}", seconds, out["k"] * scale,
+                unfactored_flops)
             break
           else:
             print(f"# {name} N={n} logits={logits}: no nt.batch size fits", flush=True)
         if nt and n <= args.loo_max:
           out = {}
           run = at_precision(loo2022(nt, f, trace_axes, params, x), args.precision)
-          rows.append(("loo2022", best_time(lambda: out.setdefault("k", run()), args.repeats),
-                       out["k"] * scale, unfactored_flops))
-        for label, seconds, kernel, flops in rows:
-          err = np.abs(kernel - reference).max() / np.abs(reference).max()
-          rate = flops / seconds
-          print(f"{name:>9s} {num_params:>10,d} {n:>5d} {logits:>6s} {label:>11s} {seconds:>9.3f} "
-                f"{seconds / ours:>7.1f}x {rate / 1e9:>9.1f} {100 * rate / peak:>6.1f}% {err:>8.1e}",
-                flush=True)
+          row("loo2022", best_time(lambda: out.setdefault("k", run()), args.repeats),
+              out["k"] * scale, unfactored_flops)
 
 
 if __name__ == "__main__":

@@ -265,9 +265,9 @@ def test_analytic_kernel_over_two_processes_equals_one_process(tmp_path):
 def test_robust_set_over_two_processes_equals_one_process(tmp_path):
   """The infinite job (tests/multihost_config.py:infinite) as processes 0 and 1: the robust set's
   outer steps split their Gram tiles, attack batches and pullback tiles over the devices of both,
-  save their state with Orbax from both (removed once the set is written), and end with the images this process's 4 devices
-  optimise from the same training subset and settings (robust_dataset.optimise_dataset, as the job
-  calls it)."""
+  save their state with Orbax from both (removed once the set is written), and end with the images
+  that one process's 4 devices optimise from the same training subset and settings
+  (robust_dataset.optimise_dataset, as the job calls it)."""
   from ntk_scale import infinite
   from ntk_scale.data import class_balanced_subset, load_dataset
   from ntk_scale.infinite_job import ROBUST_DATASET_FILE, ROBUST_DATASET_STEPS_DIR
