@@ -75,6 +75,9 @@ def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, capsys):
   with open(os.path.join(result["kernel"], "kernel.json")) as f:
     meta = json.load(f)
   assert meta["source"]["phase"] == phase and meta["tile"] == 6 and meta["dtype"] == "float32"
+  # A dense head's rows as factors cost C_in + C' C_out + 1 multiply-adds per pair against
+  # C' C_in C_out: factored; the phase-2 (linearized) model's "full" kernel never is.
+  assert meta["factored"] == (["['head']['kernel']"] if phase == 1 else [])
 
 
 class _Killed(Exception):

@@ -162,7 +162,10 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     **{**plan_settings(k), "tile_size": tile}, model_state=batch_stats)
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)
-    meta.update(tile=plan.tile, method=plan.method)
+    leaf_names = [jax.tree_util.keystr(path)
+                  for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    meta.update(tile=plan.tile, method=plan.method,
+                factored=[leaf_names[layer.leaf] for layer in plan.factored_layers])
     store = open_on_every_process(directory, meta, IDENTITY, indices, labels)
     done = agreed_done_tiles(store, plan.tiles())
     total = len(plan.tiles())

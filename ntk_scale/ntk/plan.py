@@ -177,7 +177,7 @@ class KernelPlan:
   def layout(self) -> str:
     """Method, tile, band and logit chunks, e.g. "jacobian, tile 128, bands of 4 row tiles"."""
     chunked = self.logit_chunk < self.logits.rows_per_example
-    factored = self.cost.factored(self.logits) if self.method == "jacobian" else ()
+    factored = self.factored_layers
     return (f"method {self.method}, tile {self.tile}"
             + (", column rows rotating over the devices" if self.rotate else "")
             + (f", bands of {self.band} row tiles" if self.band > 1 else "")
@@ -185,6 +185,11 @@ class KernelPlan:
                if chunked else "")
             + (f", {len(factored)} layer{'s' * (len(factored) > 1)} factored "
                f"({sum(layer.num_params for layer in factored):,} parameters)" if factored else ""))
+
+  @property
+  def factored_layers(self) -> tuple[FactoredLayer, ...]:
+    """The layers whose Jacobian rows the tiles form as factors (none with NTK-vector products)."""
+    return self.cost.factored(self.logits) if self.method == "jacobian" else ()
 
   @property
   def factoring(self) -> str:

@@ -2,7 +2,8 @@
 be written by many hosts at once, and resume after a kill.
 
     <directory>/kernel.zarr/        the kernel [N1, N2] or [N1, N2, C, C]; one chunk per tile
-    <directory>/kernel.json         what it is: source checkpoint, logits, dtype, tile, plan, ...
+    <directory>/kernel.json         what it is: source checkpoint, logits, dtype, tile, method,
+                                    the parameters whose rows were factored, ...
     <directory>/indices.npy         dataset indices of the kernel's rows (and labels.npy)
     <directory>/tiles/<i>-<j>       marker of a finished tile (and its mirror), written last
 
