@@ -209,7 +209,8 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
       loss="mse",  # outer loss on the adversarial targets; cross_entropy inflates the scores instead
       data_eps=None,  # no bound on the change of the images, only [0, 1]
       attack=pgd_linf(eps, num_steps=10),  # inner max: multi-step PGD at the test eps
-      network_width=None,  # the CNN trained on original and optimised set; None: largest transfer width
+      # The CNN trained on original and optimised set; None: largest transfer width; 0: none.
+      network_width=None,
       eval_attacks=ml_collections.ConfigDict({"pgd": pgd_linf(eps, num_steps=20),
                                               "apgd": apgd_linf(eps, num_steps=20),
                                               "apgd_t": _apgd_t(eps)})))

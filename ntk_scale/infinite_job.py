@@ -10,7 +10,8 @@ Kernel regression is scored by ntk_scale.evaluate.evaluate, the evaluator of the
 by it, so PGD-20 listed in both config.infinite.attacks and robust_data.eval_attacks is one
 evaluation and one number. The robust dataset is compared side by side with the original one:
 kernel regression fitted on each, and the CNN of one width (robust_data.network_width) trained on
-each, all clean and under robust_data.eval_attacks (PGD and APGD-CE) on the same test images. With
+each (network_width=0: kernel regression alone, no network trained on either set), all clean and
+under robust_data.eval_attacks (PGD and APGD-CE) on the same test images. With
 robust_data.target_holdout the optimised set is the training set less the held-out targets, and
 the comparison adds that subset's original images ("original_subset").
 
@@ -72,7 +73,8 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   images = s.num_train or num_train
   check_robust_data_config(s.robust_data, images, num_classes)
   optimised = images - num_holdout(s.robust_data.target_holdout, images)
-  if config.batch_size > optimised:  # the network trained on the robust set, after hours
+  # The network trained on the robust set (unless network_width is 0), after hours.
+  if config.batch_size > optimised and s.robust_data.network_width != 0:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {optimised} images of "
                      f"the robust set (config.infinite.num_train, less robust_data.target_holdout) "
                      f"that a network of robust_data.network_width is trained on.")
@@ -276,9 +278,11 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
           f"{record['max_pixel_change']:.3f}; kernel regression {kernel}", flush=True)
 
   transfer = {}
-  network_width = s.robust_data.network_width or max(s.transfer.widths, default=config.model.width)
+  network_width = s.robust_data.network_width
+  if network_width is None:
+    network_width = max(s.transfer.widths, default=config.model.width)
   network = {}
-  for width in sorted(set(s.transfer.widths) | {network_width}):
+  for width in sorted(set(s.transfer.widths) | ({network_width} if network_width else set())):
     trained = _train_finite(config, workdir, width, dataset=dataset,
                             eval_attacks=eval_attacks if width == network_width else None)
     if width == network_width:
@@ -296,16 +300,18 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     transfer[f"width{width}"] = row
     print(f"transfer to width {width}: {row}", flush=True)
   results["transfer"] = transfer
-  subset = lambda images: Dataset(dataset.name, Split(images.astype(np.float32), y_optimised),
-                                  dataset.test, c)
-  if held_out:
-    trained = _train_finite(config, workdir, network_width, "original_subset",
-                            subset(x[optimised_rows]), eval_attacks)
-    network["original_subset"] = _accuracies(trained["results"])
-  trained = _train_finite(config, workdir, network_width, "robust_dataset", subset(robust),
-                          eval_attacks)
-  network["optimised"] = _accuracies(trained["results"])
-  comparison = {"kernel_regression": kernel, f"network_width{network_width}": network}
+  comparison = {"kernel_regression": kernel}
+  if network_width:
+    subset = lambda images: Dataset(dataset.name, Split(images.astype(np.float32), y_optimised),
+                                    dataset.test, c)
+    if held_out:
+      trained = _train_finite(config, workdir, network_width, "original_subset",
+                              subset(x[optimised_rows]), eval_attacks)
+      network["original_subset"] = _accuracies(trained["results"])
+    trained = _train_finite(config, workdir, network_width, "robust_dataset", subset(robust),
+                            eval_attacks)
+    network["optimised"] = _accuracies(trained["results"])
+    comparison[f"network_width{network_width}"] = network
   results["robust_dataset"] = {
       "optimisation": {"steps": len(objective), "objective_first": objective[0] if objective else None,
                        "objective_last": objective[-1] if objective else None,

@@ -114,9 +114,10 @@ def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int,
   if section.loss not in LOSSES:
     raise ValueError(f"{PREFIX}.loss={section.loss!r}; expected one of {', '.join(LOSSES)}.")
   if section.network_width is not None and (not isinstance(section.network_width, int)
-                                            or section.network_width < 1):
-    raise ValueError(f"{PREFIX}.network_width={section.network_width!r} must be an integer >= 1 "
-                     f"or None (the largest transfer width).")
+                                            or section.network_width < 0):
+    raise ValueError(f"{PREFIX}.network_width={section.network_width!r} must be an integer >= 1, "
+                     f"0 (no network trained on the robust set) or None (the largest transfer "
+                     f"width).")
   build_attack(section.attack, prefix=f"{PREFIX}.attack", num_classes=num_classes)
   build_attacks(section.eval_attacks, f"{PREFIX}.eval_attacks", num_classes)
 

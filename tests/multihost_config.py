@@ -2,7 +2,7 @@
 and one 2-step PGD evaluation attack (multi-process attacks are exercised; compiles stay short),
 FGSM and PGD-2 as the eigen-features' worst_of;
 `infinite`: configs/infinite_width.py:smoke shrunk to 40 training and 20 test images, one PGD-2
-per attack list and 3 robust-set steps saved every 2."""
+per attack list, 3 robust-set steps saved every 2 and no finite network."""
 
 import importlib.util
 import os
@@ -26,8 +26,10 @@ def _infinite():
   s = c.infinite
   s.update(num_train=40, num_test=20, batch_size=8)
   s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
-  s.transfer.widths, s.transfer.num_epochs = (8,), 0.25
-  s.robust_data.update(num_steps=3, target_batch_size=8, checkpoint_every=2)
+  # The robust set is what runs over two processes here; the finite networks (network_width 0:
+  # none) are the train job's, tested on their own.
+  s.transfer.widths = ()
+  s.robust_data.update(num_steps=3, target_batch_size=8, checkpoint_every=2, network_width=0)
   s.robust_data.eval_attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
   c.batch_size, c.eval_batch_size = 16, 8
   return c

@@ -127,6 +127,13 @@ def test_bad_target_holdout_is_named(value):
     check_robust_data_config(_full_section(target_holdout=value), num_train=10)
 
 
+@pytest.mark.parametrize("value", [-1, 2.5, "wide"])
+def test_bad_network_width_is_named(value):
+  with pytest.raises(ValueError, match="config.infinite.robust_data.network_width=.* must be an "
+                                       "integer >= 1, 0 .no network"):
+    check_robust_data_config(_full_section(network_width=value), num_train=30)
+
+
 def test_target_batch_larger_than_the_held_out_targets_is_named():
   with pytest.raises(ValueError, match="target_batch_size=4 exceeds the 3 target images held out by "
                                        "config.infinite.robust_data.target_holdout=3"):
