@@ -1,5 +1,6 @@
-"""The kernel store's background writer: tiles reach the disk whole and in order, within a bound
-on the bytes waiting, and a failed write stops it so that a resumed job recomputes what is lost."""
+"""The kernel store's background writer: tiles reach the disk whole, several at once, within a
+bound on the bytes waiting, and a failed write stops it so that a resumed job recomputes what is
+lost."""
 
 import threading
 
@@ -75,10 +76,48 @@ def test_a_failed_write_stops_the_writer_and_is_raised(tmp_path, monkeypatch):
   monkeypatch.setattr(KernelStore, "write_tile", fails_third)
   given = list(_tiles(kernel))
   with pytest.raises(_Failed):
-    with TileWriter(store, mirror=True) as writer:
+    with TileWriter(store, mirror=True, concurrency=1) as writer:
       for i, j, tile in given:
         writer(i, j, tile)
       writer.close()
-  # The tiles before the failure are on disk, the failed one and every later one are not.
+  # One at a time: the tiles before the failure are on disk, the failed one and every later one
+  # are not.
   assert store.done_tiles() == {(i, j) for i, j, _ in given[:2]}
   assert calls == [(i, j) for i, j, _ in given[:3]]
+
+
+def test_tiles_are_written_several_at_once_and_a_failure_keeps_only_whole_tiles(tmp_path,
+                                                                                monkeypatch):
+  kernel = _symmetric_kernel()
+  given = list(_tiles(kernel))
+  write = KernelStore.write_tile
+  together = threading.Barrier(3, timeout=30)  # one at a time, the first write would wait here
+  failing = given[4][:2]
+
+  def three_at_once(self, i, j, tile, mirror):
+    if (i, j) in [t[:2] for t in given[:3]]:
+      together.wait()
+    if (i, j) == failing:
+      raise _Failed()
+    write(self, i, j, tile, mirror)
+
+  monkeypatch.setattr(KernelStore, "write_tile", three_at_once)
+  complete = _store(tmp_path / "complete")
+  with TileWriter(complete, mirror=True, concurrency=3) as writer:
+    for i, j, tile in given[:4]:
+      writer(i, j, tile)
+  np.testing.assert_array_equal(complete.read(rows=slice(0, TILE), cols=slice(None)), kernel[:TILE])
+  assert complete.done_tiles() == {t[:2] for t in given[:4]}
+
+  together.reset()
+  store = _store(tmp_path / "failed")
+  with pytest.raises(_Failed):
+    with TileWriter(store, mirror=True, concurrency=3) as writer:
+      for i, j, tile in given:
+        writer(i, j, tile)
+  done = store.done_tiles()
+  assert failing not in done and {t[:2] for t in given[:3]} <= done  # the three together finished
+  for i, j in done:  # every tile marked done holds its values, mirror included
+    rows, cols = slice(i * TILE, (i + 1) * TILE), slice(j * TILE, (j + 1) * TILE)
+    np.testing.assert_array_equal(store.read(rows, cols), kernel[rows, cols])
+    np.testing.assert_array_equal(store.read(cols, rows), kernel[cols, rows])
