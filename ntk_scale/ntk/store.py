@@ -16,6 +16,7 @@ mirror), so reads need no special handling.
 """
 
 import concurrent.futures
+import logging
 import os
 import threading
 from typing import Any
@@ -172,7 +173,7 @@ MAX_PENDING_BYTES = 2 * 2**30
 # Tiles written at once. A bucket answers each object write after tens of milliseconds, and a
 # tile takes two round trips (its chunk and mirror together, then its marker): one tile at a time,
 # the 50,000-image kernel's 68k tiles of 136 (README) would take hours to store against minutes
-# to compute; 64 at once keep up at ~100 ms a round trip. Local disks gain 3x from 4 on
+# to compute; 64 at once keep up at ~100 ms a round trip. Local disks gain 1.3-1.7x
 # (benchmarks/kernel_store.py); the threads wait on I/O, not on the cores.
 WRITE_CONCURRENCY = 64
 
@@ -196,7 +197,7 @@ class TileWriter:
     self._thread = concurrent.futures.ThreadPoolExecutor(concurrency,
                                                          thread_name_prefix="kernel-store")
     self._room = threading.Condition()
-    self._pending = 0
+    self._pending = self._pending_tiles = 0
     self._error: BaseException | None = None
 
   def __call__(self, i: int, j: int, tile: np.ndarray) -> None:
@@ -205,6 +206,7 @@ class TileWriter:
                           or self._pending + tile.nbytes <= self._max_pending)
       self._raise()
       self._pending += tile.nbytes
+      self._pending_tiles += 1
     self._thread.submit(self._write, i, j, tile)
 
   def _write(self, i: int, j: int, tile: np.ndarray) -> None:
@@ -217,21 +219,32 @@ class TileWriter:
     finally:
       with self._room:
         self._pending -= tile.nbytes
+        self._pending_tiles -= 1
         self._room.notify_all()
 
   def _raise(self) -> None:
     if self._error is not None:
       raise self._error
 
+  def _drain(self) -> None:
+    """Waits for every tile given, saying so when some still wait (a bucket's backlog can hold the
+    end of a job for minutes after its last step)."""
+    with self._room:
+      tiles, waiting = self._pending_tiles, self._pending
+    if tiles:
+      logging.info("kernel store %s: waiting for %d tiles (%.1f MiB) to be written",
+                   self._store.directory, tiles, waiting / 2**20)
+    self._thread.shutdown(wait=True)
+
   def close(self) -> None:
     """Waits for every tile given (or the first failure, then raises it)."""
-    self._thread.shutdown(wait=True)
+    self._drain()
     self._raise()
 
   def __enter__(self) -> "TileWriter":
     return self
 
   def __exit__(self, kind, value, traceback) -> None:
-    self._thread.shutdown(wait=True)
+    self._drain()
     if kind is None:
       self._raise()
