@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from ntk_scale import console  # noqa: F401  (sets the TF log level before TensorFlow loads)
 from ntk_scale import jobs, parallel
+from ntk_scale.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `file.py` or `file.py:arg`; override fields with --config.a.b=v.",
@@ -54,6 +55,11 @@ def main(argv):
     return
   try:
     result = jobs.run(_CONFIG.value, _WORKDIR.value)
+  except Preempted as stopped:  # every process saved at the same step and stops here
+    print(f"process {jax.process_index()}: {stopped}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      os._exit(PREEMPTED_EXIT_CODE)
+    sys.exit(PREEMPTED_EXIT_CODE)
   except BaseException:
     if jax.process_count() == 1:
       raise

@@ -81,11 +81,26 @@ class Checkpoints:
                                              enable_async_checkpointing=True,
                                              single_host_load_and_broadcast=True))
 
-  def save(self, step: int, state: Any, epoch: float) -> None:
-    """Starts an asynchronous save; the state's device buffers may be donated right after."""
+  def save(self, step: int, state: Any, epoch: float,
+           pending_metrics: list[tuple[int, dict[str, float]]] | None = None) -> None:
+    """Starts an asynchronous save; the state's device buffers may be donated right after.
+    `pending_metrics`: a save at a preemption also keeps the metrics of the steps since the last
+    logged one, so the resumed run logs them as an uninterrupted one would (`pending_metrics`)."""
+    meta = {"step": int(step), "epoch": float(epoch)}
+    if pending_metrics is not None:
+      meta.update(preempted=True, pending_metrics=[[int(s), m] for s, m in pending_metrics])
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": int(step), "epoch": float(epoch)})))
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def pending_metrics(self, step: int) -> list[tuple[int, dict[str, float]]]:
+    """The unlogged metrics saved with the checkpoint at `step` (one saved at a preemption)."""
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return [(int(s), m) for s, m in meta.get("pending_metrics", [])]
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every process has reached the step at which to save for a preemption (JAX's
+    preemption service, several processes only; train/preemption.py)."""
+    return self._manager.reached_preemption(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

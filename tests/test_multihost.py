@@ -1,14 +1,16 @@
 """Two processes on 127.0.0.1 (two CPU devices each, collectives over the loopback) run `main.py`
 as one process with four devices does: the same training and the same kernel. Checkpoints cross
-topologies both ways (two processes -> one resumes training, one -> two computes a kernel), and
-when one of two processes is killed the other stops with an error in bounded time.
+topologies both ways (two processes -> one resumes training, one -> two computes a kernel); when
+one of two processes is killed the other stops with an error in bounded time, and when one is
+preempted (SIGTERM) both save at one step and stop.
 
 Each `main.py` process pays ~15 s of imports and start-up on this 2-core machine, so the file runs
-two pairs in all: a training pair killed half-way, and a kernel pair."""
+few pairs: a training pair killed half-way, one preempted, and a kernel pair."""
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import pytest
 
 from ntk_scale import jobs, parallel
 from ntk_scale.ntk.store import KernelStore
+from ntk_scale.train.preemption import PREEMPTED_EXIT_CODE
 
 import multihost_config
 from conftest import neural_tangents_or_skip
@@ -157,6 +160,37 @@ def test_a_killed_process_stops_the_other_with_an_error_in_bounded_time(runs):
   # Either the next collective fails (main.py names the likely cause) or the coordination service
   # misses the dead process's heartbeats and terminates this one (JAX names it).
   assert "another process died first" in log or "another task died" in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def preempted(runs, tmp_path_factory):
+  """Two processes training as `runs.two` does, process 1 sent SIGTERM once the initialisation is
+  saved; then resumed by this process. (workdir, the pair's exit codes, their logs, the step.)"""
+  workdir = str(tmp_path_factory.mktemp("preempted") / "two")
+  procs = start_pair(workdir)
+  try:
+    deadline = time.time() + PAIR_TIMEOUT_S
+    while not _finished_checkpoints(workdir):
+      assert time.time() < deadline and procs[0].poll() is None, _log(workdir, 0)[-3000:]
+      time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=PAIR_TIMEOUT_S) for p in procs]
+  finally:
+    stop_all(procs)
+  logs, step = [_log(workdir, pid) for pid in range(2)], _finished_checkpoints(workdir)[-1]
+  jobs.run(config(), workdir)
+  return types.SimpleNamespace(workdir=workdir, codes=codes, logs=logs, step=step)
+
+
+def test_a_preempted_process_and_its_peer_save_at_one_step_and_resume(runs, preempted):
+  assert preempted.codes == [PREEMPTED_EXIT_CODE] * 2, preempted.logs[0][-3000:]
+  for pid, log in enumerate(preempted.logs):
+    assert f"process {pid}: preempted: the train state at step {preempted.step} is saved" in log
+  assert 0 < preempted.step < 22
+  # Resumed on one process, the metrics the pair had not logged included: the one-process curve.
+  two, one = _losses(preempted.workdir), _losses(runs.one)
+  assert sorted(two) == sorted(one)
+  np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
 
 
 def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):

@@ -3,7 +3,11 @@ resumed from its initialisation (killed right after the step-0 save), at and jus
 to adversarial batches (PGD with a random start,
 Loo et al.'s two updates per adversarial batch, a cosine schedule over optimizer updates), and an
 adversarial phase 2 of a linearized model whose BatchNorm statistics move ("loose").
-(Mode C killed by SIGKILL: tests/test_train.py; a benign centered phase 2: tests/test_phase2.py.)"""
+(Mode C killed by SIGKILL: tests/test_train.py; a benign centered phase 2: tests/test_phase2.py.)
+A preemption saves at a step between scheduled saves, with the metrics not yet logged, and the run
+resumed from it is the uninterrupted one too (main.py's SIGTERM and exit code: tests/test_train.py)."""
+
+import contextlib
 
 import os
 import shutil
@@ -17,6 +21,8 @@ import pytest
 from ntk_scale import jobs
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
+from ntk_scale.train import phase
+from ntk_scale.train.preemption import Preempted
 from ntk_scale.train.writers import read_metrics
 
 from test_train import load_config
@@ -118,3 +124,46 @@ def test_adversarial_loose_phase2_resumed_equals_uninterrupted(uninterrupted, tm
   for a, b in zip(straight, resumed, strict=True):
     np.testing.assert_array_equal(a, b)
   assert records(p2copy) == records(p2dir)
+
+
+def preemption_config() -> ml_collections.ConfigDict:
+  """Phase 1 of phase1_config in mode C, logged at steps 4 and 8 and at the saves 5, 6 and 10."""
+  c = phase1_config()
+  c.train.mode, c.log_every_steps = "C", 4
+  return c
+
+
+def notice_from(first_step: int):
+  """preemption_notices as if SIGTERM arrived during step `first_step`."""
+  return lambda checkpoints: contextlib.nullcontext(lambda step: step >= first_step)
+
+
+def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tmp_path, monkeypatch):
+  straight, preempted = str(tmp_path / "straight"), str(tmp_path / "preempted")
+  jobs.run(preemption_config(), straight)
+  with monkeypatch.context() as patch:
+    patch.setattr(phase, "preemption_notices", notice_from(7))
+    with pytest.raises(Preempted) as stopped:
+      jobs.run(preemption_config(), preempted)
+  assert stopped.value.step == 7  # neither logged (4, 8) nor scheduled (5, 6, 10)
+  checkpoints = Checkpoints(os.path.join(preempted, "checkpoints"))
+  assert [s for s, _ in checkpoints.pending_metrics(7)] == [7]
+  assert not os.path.exists(os.path.join(preempted, "evaluations"))
+  jobs.run(preemption_config(), preempted)
+  for a, b in zip(state_leaves(os.path.join(straight, "checkpoints"), 10),
+                  state_leaves(os.path.join(preempted, "checkpoints"), 10), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert records(preempted) == records(straight)  # step 8's mean is over steps 5..8 in both
+
+
+def test_a_preemption_waits_for_the_next_step_the_monitor_measures(tmp_path, monkeypatch):
+  """The catastrophic-overfitting monitor's state "before" a collapse must be a measured step."""
+  config = preemption_config()
+  config.train.co_monitor.every_steps, config.train.co_monitor.num_examples = 4, 32
+  config.train.co_monitor.attack = pgd_linf(EPS, num_steps=1)
+  monkeypatch.setattr(phase, "preemption_notices", notice_from(7))
+  with pytest.raises(Preempted) as stopped:
+    jobs.run(config, str(tmp_path))
+  assert stopped.value.step == 8
+  assert 8 in Checkpoints(os.path.join(tmp_path, "checkpoints")).epochs().values()
+  assert [r["step"] for r in read_metrics(str(tmp_path)) if "co/robust_accuracy" in r] == [4, 5, 6, 8]

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from ntk_scale import jobs
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.train.loop import NonFiniteLossError
+from ntk_scale.train.preemption import PREEMPTED_EXIT_CODE
 from ntk_scale.train.writers import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,25 +103,34 @@ def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):
   assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
 
 
-def _kill_when_checkpoint_appears(proc, checkpoint_dir, step: int, timeout_s: float = 300) -> None:
+def _signal_when_checkpoint_appears(proc, checkpoint_dir, step: int, signum: int = signal.SIGKILL,
+                                    timeout_s: float = 300) -> str:
+  """Sends `signum` once checkpoint `step` exists; what the process printed until it stopped."""
   deadline = time.time() + timeout_s
   while not os.path.isdir(os.path.join(checkpoint_dir, str(step))):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     assert time.time() < deadline, "no checkpoint appeared"
     time.sleep(0.005)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.send_signal(signum)
+  return proc.communicate(timeout=300)[0]
 
 
-def test_sigkill_and_rerun_equals_uninterrupted_bitwise(tmp_path, compilation_cache):
+def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path, compilation_cache):
   overrides = ("--config.num_epochs=4", "--config.log_every_steps=5")
   main_py(tmp_path / "straight", *overrides, compilation_cache=compilation_cache)
   killed = tmp_path / "killed"
-  # Two kills: mid-epoch-2 (just after the epoch-1 save started) and just after epoch 3 appeared.
-  for step in (22, 66):
-    proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
-    _kill_when_checkpoint_appears(proc, killed / "checkpoints", step)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  # A preemption notice (SIGTERM) just after the epoch-1 save appeared: the run saves where it
+  # stands, with the metrics it has not logged, and exits 143.
+  proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
+  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 22, signal.SIGTERM)
+  assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+  preempted_at = int(re.search(r"train state at step (\d+) is saved", out)[1])
+  assert 22 < preempted_at < 88 and (killed / "checkpoints" / str(preempted_at)).is_dir()
+  # Resumed from there, then SIGKILL just after epoch 3 appeared.
+  proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
+  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 66)
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  assert f"from step {preempted_at} " in out
   main_py(killed, *overrides, compilation_cache=compilation_cache)
 
   straight, resumed = final_state_leaves(tmp_path / "straight"), final_state_leaves(killed)

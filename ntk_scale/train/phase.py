@@ -23,6 +23,7 @@ from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import Dataset
 from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.linearize import LinearizedModel
+from ntk_scale.train.preemption import Preempted, preemption_notices
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.steps import Batch, TrainStep
 from ntk_scale.train.writers import JsonlWriter, create_writers
@@ -70,11 +71,11 @@ def _is_finite(state: TrainState) -> jax.Array:
 
 
 def _check_finite(pending: list[tuple[int, dict]], step: int, state: TrainState,
-                  checkpoints: Checkpoints, learning_rate_field: str) -> dict:
+                  checkpoints: Checkpoints, learning_rate_field: str) -> list[tuple[int, dict]]:
   """Fetches the metrics of the steps since the last check; raises at the first non-finite loss,
   or if the state after `step` is not finite (a step's loss is that of the state before its
   update, so a finite loss does not make the state it leaves safe to save)."""
-  fetched = [(s, jax.tree.map(np.asarray, jax.device_get(m))) for s, m in pending]
+  fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
   problem = next((f"training loss became {m['loss']} at step {s}" for s, m in fetched
                   if not np.isfinite(m["loss"])), None)
   if problem is None and not bool(_is_finite(state)):
@@ -86,6 +87,10 @@ def _check_finite(pending: list[tuple[int, dict]], step: int, state: TrainState,
              else "none (no checkpoint was saved before the failure)")
     raise NonFiniteLossError(f"{problem}; stopping without saving. Last good checkpoint: {where}. "
                              f"Lower {learning_rate_field} or check the data.")
+  return fetched
+
+
+def _means(fetched: list[tuple[int, dict]]) -> dict:
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
 
 
@@ -113,32 +118,46 @@ def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
 def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: Checkpoints,
                 writer: metric_writers.MetricWriter) -> TrainState:
   """Trains from `start_step` to the phase's end, saving on its schedule (step 0, the state before
-  any update, first when the schedule has it and it is not saved yet); returns the final state."""
+  any update, first when the schedule has it and it is not saved yet); returns the final state.
+
+  On a preemption notice (train/preemption.py) it trains on to the next step the monitor measures
+  (at once without one), saves there with the metrics not yet logged, and raises Preempted; a
+  run resumed from that checkpoint trains, logs and monitors as an uninterrupted one."""
   progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
                                              every_steps=phase.log_every_steps, every_secs=None)
   if start_step == 0 and 0 in phase.saves and checkpoints.latest_step() is None:
     checkpoints.save(0, state, phase.saves[0])
-  pending = []
-  for step in range(start_step, phase.total_steps):
-    adversarial = phase.flip_step is not None and step >= phase.flip_step
-    state, metrics = (phase.adversarial_step if adversarial else phase.benign_step)(
-        state, phase.batches(step))
-    done = step + 1
-    pending.append((done, metrics))
-    progress(done)
-    # Every step that may save a checkpoint (the monitor's too) is checked and logged first, so
-    # no non-finite state is saved and a run resumed from any checkpoint logs as an unbroken one.
-    monitored = phase.monitor is not None and phase.monitor.due(done)
-    if done % phase.log_every_steps == 0 or done in phase.saves or monitored:
-      means = _check_finite(pending, done, state, checkpoints, phase.learning_rate_field)
-      pending = []
-      means.update(epoch=done / phase.steps_per_epoch,
-                   learning_rate=float(phase.learning_rate(done - 1)), adversarial=float(adversarial))
-      writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
-    if monitored:
-      phase.monitor(done, state, checkpoints, writer)
-    if done in phase.saves:
-      checkpoints.save(done, state, phase.saves[done])
+  # Resumed from a preemption's checkpoint: the metrics it saved are still to be logged.
+  pending = checkpoints.pending_metrics(start_step) if start_step else []
+  with preemption_notices(checkpoints) as noticed:
+    for step in range(start_step, phase.total_steps):
+      adversarial = phase.flip_step is not None and step >= phase.flip_step
+      state, metrics = (phase.adversarial_step if adversarial else phase.benign_step)(
+          state, phase.batches(step))
+      done = step + 1
+      pending.append((done, metrics))
+      progress(done)
+      # Every step that may save a checkpoint (the monitor's too) is checked and logged first, so
+      # no non-finite state is saved and a run resumed from any checkpoint logs as an unbroken one.
+      monitored = phase.monitor is not None and phase.monitor.due(done)
+      if done % phase.log_every_steps == 0 or done in phase.saves or monitored:
+        means = _means(_check_finite(pending, done, state, checkpoints, phase.learning_rate_field))
+        pending = []
+        means.update(epoch=done / phase.steps_per_epoch,
+                     learning_rate=float(phase.learning_rate(done - 1)), adversarial=float(adversarial))
+        writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+      if monitored:
+        phase.monitor(done, state, checkpoints, writer)
+      if done in phase.saves:
+        checkpoints.save(done, state, phase.saves[done])
+      # Stopped only where the monitor has measured: its state "before" a collapse is then saved.
+      if noticed(done) and done < phase.total_steps and (phase.monitor is None or monitored):
+        if done not in phase.saves:
+          unlogged = _check_finite(pending, done, state, checkpoints, phase.learning_rate_field)
+          checkpoints.save(done, state, done / phase.steps_per_epoch, pending_metrics=unlogged)
+        checkpoints.wait_until_finished()
+        writer.flush()
+        raise Preempted(done, checkpoints.directory)
   checkpoints.wait_until_finished()
   return state
 
