@@ -93,3 +93,28 @@ def neural_tangents_or_skip(feature: str):
     pytest.skip(f"neural-tangents {nt_compat.NT_VERSION} is not installed (missing {', '.join(missing)}); "
                 f"it is the optional extra: {nt_compat.INSTALL_HINT}")
   return nt_compat.load_neural_tangents(feature)
+
+
+class Killed(Exception):
+  """Raised where a test's job is "killed"."""
+
+
+def write_tile_killed_after(count: int):
+  """A replacement for KernelStore.write_tile that writes the first `count` tiles it is given and
+  raises Killed for every later one, as a job killed after `count` tiles would leave its store.
+  Tiles are written on several threads at once (store.TileWriter), so the count is kept under a
+  lock. Returns (the replacement, the list of tiles written)."""
+  import threading
+
+  from ntk_scale.ntk.store import KernelStore
+
+  write, written, lock = KernelStore.write_tile, [], threading.Lock()
+
+  def killed_after(self, i, j, tile, mirror):
+    with lock:
+      if len(written) == count:
+        raise Killed()
+      written.append((i, j))
+    write(self, i, j, tile, mirror)
+
+  return killed_after, written

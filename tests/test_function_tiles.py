@@ -11,6 +11,8 @@ from ntk_scale import parallel
 from ntk_scale.ntk.function_tiles import function_kernel, function_kernel_vjp, kernel_tiles
 from ntk_scale.ntk.store import KernelStore
 
+from conftest import Killed, write_tile_killed_after
+
 
 def rbf(a: jax.Array, b: jax.Array) -> jax.Array:
   """A Gaussian kernel of flattened images: cheap, and every entry depends on both images."""
@@ -58,25 +60,15 @@ def test_the_tiles_pull_back_a_cotangent_as_the_gradient_of_the_whole_kernel_doe
       function_kernel_vjp(rbf, x, cotangent[:9], tile=3)
 
 
-class _Killed(Exception):
-  pass
-
-
 def test_a_killed_kernel_resumes_from_its_store(tmp_path, monkeypatch):
   x = _images(11)
   meta = {"shape": [11, 11], "tile": 3, "dtype": "float32"}
   create = lambda: KernelStore.create_or_resume(str(tmp_path / "k"), meta, ("shape",), np.arange(11),
                                                 np.zeros(11, np.int32))
-  write, written = KernelStore.write_tile, []
-
-  def dies_after_four(self, i, j, tile, mirror):
-    if len(written) == 4:
-      raise _Killed()
-    written.append((i, j))
-    write(self, i, j, tile, mirror)
-
-  monkeypatch.setattr(KernelStore, "write_tile", dies_after_four)
-  with pytest.raises(_Killed):
+  write = KernelStore.write_tile
+  killed_after_four, written = write_tile_killed_after(4)
+  monkeypatch.setattr(KernelStore, "write_tile", killed_after_four)
+  with pytest.raises(Killed):
     function_kernel(rbf, x, tile=3, store=create())
   monkeypatch.setattr(KernelStore, "write_tile", write)
   store = create()

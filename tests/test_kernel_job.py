@@ -17,6 +17,7 @@ from ntk_scale.ntk import KernelPlanError, empirical_ntk
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.restore import restore_for_inference
 
+from conftest import Killed, write_tile_killed_after
 from test_train import load_config
 
 
@@ -80,25 +81,12 @@ def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, capsys):
   assert meta["factored"] == (["['head']['kernel']"] if phase == 1 else [])
 
 
-class _Killed(Exception):
-  pass
-
-
 def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
   config = kernel_config(name="resumed", logits="trace")
-  write = KernelStore.write_tile
-  calls = []
-
-  def dies_after_four(self, i, j, tile, mirror):
-    if len(calls) == 4:
-      raise _Killed()
-    calls.append((i, j))
-    write(self, i, j, tile, mirror)
-
-  monkeypatch.setattr(KernelStore, "write_tile", dies_after_four)
-  with pytest.raises(_Killed):
-    jobs.run(config, workdir)
-  monkeypatch.setattr(KernelStore, "write_tile", write)
+  with monkeypatch.context() as patch:
+    patch.setattr(KernelStore, "write_tile", write_tile_killed_after(4)[0])
+    with pytest.raises(Killed):
+      jobs.run(config, workdir)
   resumed = jobs.run(config, workdir)
   assert resumed["tiles"] == 10 and resumed["tiles_computed"] == 10 - 4 and resumed["complete"]
   uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="trace"), workdir)
