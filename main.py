@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from ntk_scale import console  # noqa: F401  (sets the TF log level before TensorFlow loads)
 from ntk_scale import jobs, parallel
-from ntk_scale.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+from ntk_scale.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `file.py` or `file.py:arg`; override fields with --config.a.b=v.",

@@ -97,11 +97,6 @@ class Checkpoints:
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return [(int(s), m) for s, m in meta.get("pending_metrics", [])]
 
-  def reached_preemption(self, step: int) -> bool:
-    """Whether every process has reached the step at which to save for a preemption (JAX's
-    preemption service, several processes only; train/preemption.py)."""
-    return self._manager.reached_preemption(step)
-
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 

@@ -2,6 +2,7 @@
 workdir's kernel store, equal to the library call, resumable after a kill, refused with a clear
 message when the config or the plan is wrong."""
 
+import contextlib
 import json
 import os
 
@@ -14,7 +15,9 @@ from ntk_scale import jobs
 from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.data import load_digits
 from ntk_scale.ntk import KernelPlanError, empirical_ntk
+from ntk_scale.ntk import job
 from ntk_scale.ntk.store import KernelStore
+from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
 
 from conftest import Killed, write_tile_killed_after
@@ -94,6 +97,23 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
                                 KernelStore.open(uninterrupted["kernel"]).read())
   again = jobs.run(config, workdir)  # a finished kernel is not recomputed
   assert again["tiles_computed"] == 0
+
+
+def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, monkeypatch):
+  config = kernel_config(name="preempted", logits="trace")
+  with monkeypatch.context() as patch:  # as if SIGTERM came during the second lockstep step
+    patch.setattr(job, "preemption_notices",
+                  lambda: contextlib.nullcontext(lambda step: step >= 1))
+    with pytest.raises(Preempted) as stopped:
+      jobs.run(config, workdir)
+  assert stopped.value.step == 1
+  stored = len(KernelStore.open(os.path.join(workdir, "kernels", "preempted")).done_tiles())
+  assert 0 < stored < 10 and f"{stored} of 10 tiles" in str(stopped.value)
+  resumed = jobs.run(config, workdir)
+  assert resumed["tiles_computed"] == 10 - stored and resumed["complete"]
+  uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="trace"), workdir)
+  np.testing.assert_array_equal(KernelStore.open(resumed["kernel"]).read(),
+                                KernelStore.open(uninterrupted["kernel"]).read())
 
 
 def test_bad_kernel_settings_fail_before_compute(workdir):

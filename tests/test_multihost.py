@@ -23,7 +23,7 @@ import pytest
 
 from ntk_scale import jobs, parallel
 from ntk_scale.ntk.store import KernelStore
-from ntk_scale.train.preemption import PREEMPTED_EXIT_CODE
+from ntk_scale.preemption import PREEMPTED_EXIT_CODE
 
 import multihost_config
 from conftest import neural_tangents_or_skip

@@ -22,7 +22,7 @@ from ntk_scale import jobs
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.train import phase
-from ntk_scale.train.preemption import Preempted
+from ntk_scale.preemption import Preempted
 from ntk_scale.train.writers import read_metrics
 
 from test_train import load_config
@@ -135,7 +135,7 @@ def preemption_config() -> ml_collections.ConfigDict:
 
 def notice_from(first_step: int):
   """preemption_notices as if SIGTERM arrived during step `first_step`."""
-  return lambda checkpoints: contextlib.nullcontext(lambda step: step >= first_step)
+  return lambda: contextlib.nullcontext(lambda step: step >= first_step)
 
 
 def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from ntk_scale import jobs
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.train.loop import NonFiniteLossError
-from ntk_scale.train.preemption import PREEMPTED_EXIT_CODE
+from ntk_scale.preemption import PREEMPTED_EXIT_CODE
 from ntk_scale.train.writers import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -75,12 +75,14 @@ def blocks_on_devices(source: np.ndarray, blocks: Iterable[int], size: int, mesh
 def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, plan: KernelPlan,
               on_tile: TileCallback, *, precision: str = "highest",
               done: Iterable[tuple[int, int]] = (), mesh: Mesh | None = None,
-              model_state=None) -> int:
+              model_state=None, stop: Callable[[int], bool] | None = None) -> int:
   """Computes every tile of `plan` not in `done`; returns how many this process handed over.
 
   `x1`, `x2` are host arrays present on every process; `on_tile` receives the tiles of this
   process's devices, cropped to the kernel's edge, in the dtype of `params`. With `model_state`
-  the model is `apply_fn(params, x, model_state)` (see `empirical_ntk`).
+  the model is `apply_fn(params, x, model_state)` (see `empirical_ntk`). `stop(step)`, asked
+  after every lockstep step (ntk_scale/preemption.py), ends the loop there: the tiles finished
+  so far are handed over, the rest left for a rerun.
   """
   mesh = mesh or parallel.make_mesh()
   if mesh.size != plan.num_devices:
@@ -154,6 +156,8 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
       hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
     pending = (step.tiles, tiles, step.chunk) if tiles is not None else None
     progress.step_done(number)
+    if stop is not None and stop(number):
+      break
   if pending is not None:
     hand_over(*pending)
   return handed

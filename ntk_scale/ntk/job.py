@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files, parallel
+from ntk_scale.preemption import Preempted, preemption_notices
 from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.programs import check_precision
@@ -171,10 +172,17 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     total = len(plan.tiles())
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)
-    started = time.time()
-    with TileWriter(store, mirror=True) as write:  # tiles go to disk while the next are computed
-      computed = run_tiles(apply_fn, params, images, None, plan, write, precision=k.precision,
-                           done=done, mesh=mesh, model_state=batch_stats)
+    started, stopped = time.time(), []
+    with preemption_notices() as noticed:
+
+      def stop(step: int) -> bool:  # a preemption: the finished tiles are stored, then it stops
+        if noticed(step):
+          stopped.append(step)
+        return bool(stopped)
+
+      with TileWriter(store, mirror=True) as write:  # tiles go to disk while the next are computed
+        computed = run_tiles(apply_fn, params, images, None, plan, write, precision=k.precision,
+                             done=done, mesh=mesh, model_state=batch_stats, stop=stop)
     seconds = time.time() - started
   parallel.barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)
@@ -187,4 +195,6 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             "tflop_per_s": plan.flops * fraction / max(seconds, 1e-9) / 1e12, "complete": remaining == 0}
   if jax.process_index() == 0:
     store.update_meta(complete=remaining == 0, seconds=store.meta.get("seconds", 0.0) + seconds)
+  if stopped and remaining:
+    raise Preempted(f"{len(finished)} of {total} tiles of {directory} are stored", stopped[0])
   return result

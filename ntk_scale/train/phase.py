@@ -23,7 +23,7 @@ from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import Dataset
 from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.linearize import LinearizedModel
-from ntk_scale.train.preemption import Preempted, preemption_notices
+from ntk_scale.preemption import Preempted, preemption_notices
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.steps import Batch, TrainStep
 from ntk_scale.train.writers import JsonlWriter, create_writers
@@ -120,7 +120,7 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
   """Trains from `start_step` to the phase's end, saving on its schedule (step 0, the state before
   any update, first when the schedule has it and it is not saved yet); returns the final state.
 
-  On a preemption notice (train/preemption.py) it trains on to the next step the monitor measures
+  On a preemption notice (ntk_scale/preemption.py) it trains on to the next step the monitor measures
   (at once without one), saves there with the metrics not yet logged, and raises Preempted; a
   run resumed from that checkpoint trains, logs and monitors as an uninterrupted one."""
   progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
@@ -129,7 +129,7 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
     checkpoints.save(0, state, phase.saves[0])
   # Resumed from a preemption's checkpoint: the metrics it saved are still to be logged.
   pending = checkpoints.pending_metrics(start_step) if start_step else []
-  with preemption_notices(checkpoints) as noticed:
+  with preemption_notices() as noticed:
     for step in range(start_step, phase.total_steps):
       adversarial = phase.flip_step is not None and step >= phase.flip_step
       state, metrics = (phase.adversarial_step if adversarial else phase.benign_step)(
@@ -157,7 +157,7 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
           checkpoints.save(done, state, done / phase.steps_per_epoch, pending_metrics=unlogged)
         checkpoints.wait_until_finished()
         writer.flush()
-        raise Preempted(done, checkpoints.directory)
+        raise Preempted(f"the train state at step {done} is saved in {checkpoints.directory}", done)
   checkpoints.wait_until_finished()
   return state
 
