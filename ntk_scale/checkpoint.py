@@ -85,7 +85,8 @@ class Checkpoints:
            pending_metrics: list[tuple[int, dict[str, float]]] | None = None) -> None:
     """Starts an asynchronous save; the state's device buffers may be donated right after.
     `pending_metrics`: a save at a preemption also keeps the metrics of the steps since the last
-    logged one, so the resumed run logs them as an uninterrupted one would (`pending_metrics`)."""
+    logged one (read back by `pending_metrics`), so the resumed run logs them as an uninterrupted
+    one would."""
     meta = {"step": int(step), "epoch": float(epoch)}
     if pending_metrics is not None:
       meta.update(preempted=True, pending_metrics=[[int(s), m] for s, m in pending_metrics])

@@ -120,9 +120,9 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
   """Trains from `start_step` to the phase's end, saving on its schedule (step 0, the state before
   any update, first when the schedule has it and it is not saved yet); returns the final state.
 
-  On a preemption notice (ntk_scale/preemption.py) it trains on to the next step the monitor measures
-  (at once without one), saves there with the metrics not yet logged, and raises Preempted; a
-  run resumed from that checkpoint trains, logs and monitors as an uninterrupted one."""
+  On a preemption notice (ntk_scale/preemption.py) it trains on to the next step the monitor
+  measures (at once without one), saves there with the metrics not yet logged, and raises
+  Preempted; a run resumed from that checkpoint trains, logs and monitors as an uninterrupted one."""
   progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
                                              every_steps=phase.log_every_steps, every_secs=None)
   if start_step == 0 and 0 in phase.saves and checkpoints.latest_step() is None:
