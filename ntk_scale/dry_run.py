@@ -43,6 +43,7 @@ from ntk_scale.attacks import Attack, WorstOf, build_attack, build_attacks
 from ntk_scale.cost_analysis import memory_per_device, program_flops
 from ntk_scale.device_rates import matmul_rate
 from ntk_scale.data.catalog import dataset_shape
+from ntk_scale.data import load_digits
 from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
@@ -53,7 +54,7 @@ from ntk_scale.ntk.eigen_features import directions_program, most_rows
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk, group_apply
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
-from ntk_scale.ntk.job import inference_apply, plan_settings
+from ntk_scale.ntk.job import check_kernel_config, inference_apply, plan_settings
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
@@ -271,13 +272,26 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   return programs + _eval_programs(config, mesh, linearized, "phase 2")
 
 
+def _subset_labels(config: ml_collections.ConfigDict, split_size: int | None) -> np.ndarray | None:
+  """Labels of config.kernel.split for the kernel job's own checks: the embedded digits' own; for a
+  dataset not read here, `split_size` of them dealt evenly over the subset's classes (its counts
+  per class are unknown: the check refuses no subset the data could supply, and the job checks
+  again with the real labels)."""
+  if split_size is None:
+    return None
+  if config.data.name == "digits":
+    return getattr(load_digits(), config.kernel.split).labels
+  classes = np.asarray(tuple(config.kernel.classes) or range(dataset_classes(config.data)))
+  return classes[np.arange(split_size) % len(classes)]
+
+
 def _kernel_examples(config: ml_collections.ConfigDict) -> int:
-  """The examples of config.kernel's subset (from the catalog's split sizes: no data is read)."""
+  """The examples of config.kernel's subset (from the catalog's split sizes: no data is read but
+  the embedded digits), after the kernel job's checks of every config.kernel field."""
   k = config.kernel
   _, train_size, test_size = dataset_shape(config.data)
   split_size = {"train": train_size, "test": test_size}.get(k.split)
-  if split_size is None:
-    raise ValueError(f"config.kernel.split={k.split!r}; expected 'train' or 'test'.")
+  check_kernel_config(config, dataset_classes(config.data), _subset_labels(config, split_size))
   n = split_size if k.num_examples == 0 else k.num_examples
   if k.classes:
     n = min(n, math.ceil(split_size / dataset_classes(config.data)) * len(k.classes))

@@ -163,6 +163,24 @@ def test_kernel_plan_is_the_engine_plan():
   assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
 
 
+def test_kernel_subsets_are_refused_as_the_kernel_job_refuses_them():
+  """Before any compile: with the digits' own labels (class 8 has 139 train images), and for a
+  dataset not on this machine from the catalog's split size (its counts per class unknown)."""
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples = 25
+  with pytest.raises(ValueError, match=r"config\.kernel\.num_examples=25 .* a multiple of 10"):
+    jobs.dry_run(c)
+  c.kernel.num_examples = 1400
+  with pytest.raises(ValueError, match=r"takes 140 train examples of each class, but class 8 has 139"):
+    jobs.dry_run(c)
+  c.kernel.num_examples, c.kernel.classes = 20, (3, 3)
+  with pytest.raises(ValueError, match=r"config\.kernel\.classes=\(3, 3\) lists class\(es\) \[3\]"):
+    jobs.dry_run(c)
+  c.data.name, c.kernel.classes, c.kernel.num_examples = "cifar10", (), 50_010
+  with pytest.raises(ValueError, match=r"num_examples=50010 .* in \[10, 50000\]"):
+    jobs.dry_run(c)
+
+
 def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds():
   """eigen_features / eigen_images: the kernel job's plan, then either a dense decomposition (a
   note) or, with eigensolver top (auto above DENSE_MAX_ROWS), the spectrum job's LOBPCG rounds for
