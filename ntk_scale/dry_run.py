@@ -272,16 +272,17 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   return programs + _eval_programs(config, mesh, linearized, "phase 2")
 
 
-def _subset_labels(config: ml_collections.ConfigDict, split_size: int | None) -> np.ndarray | None:
-  """Labels of config.kernel.split for the kernel job's own checks: the embedded digits' own; for a
-  dataset not read here, `split_size` of them dealt evenly over the subset's classes (its counts
-  per class are unknown: the check refuses no subset the data could supply, and the job checks
-  again with the real labels)."""
+def _split_labels(config: ml_collections.ConfigDict, split: str, split_size: int | None,
+                  classes: tuple[int, ...] = ()) -> np.ndarray | None:
+  """Labels of `split` for a job's own subset checks: the embedded digits' own; for a dataset not
+  read here, `split_size` of them dealt evenly over the subset's `classes` (all by default): its
+  counts per class are unknown, so the check refuses no subset the data could supply, and the job
+  checks again with the real labels."""
   if split_size is None:
     return None
   if config.data.name == "digits":
-    return getattr(load_digits(), config.kernel.split).labels
-  classes = np.asarray(tuple(config.kernel.classes) or range(dataset_classes(config.data)))
+    return getattr(load_digits(), split).labels
+  classes = np.asarray(tuple(classes) or range(dataset_classes(config.data)))
   return classes[np.arange(split_size) % len(classes)]
 
 
@@ -291,7 +292,8 @@ def _kernel_examples(config: ml_collections.ConfigDict) -> int:
   k = config.kernel
   _, train_size, test_size = dataset_shape(config.data)
   split_size = {"train": train_size, "test": test_size}.get(k.split)
-  check_kernel_config(config, dataset_classes(config.data), _subset_labels(config, split_size))
+  check_kernel_config(config, dataset_classes(config.data),
+                      _split_labels(config, k.split, split_size, tuple(k.classes)))
   n = split_size if k.num_examples == 0 else k.num_examples
   if k.classes:
     n = min(n, math.ceil(split_size / dataset_classes(config.data)) * len(k.classes))
@@ -573,10 +575,9 @@ def _infinite(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost
   against: the original set's model, the optimised set's and, with held-out targets, the original
   subset's); the rest as notes."""
   s, num_classes = config.infinite, dataset_classes(config.data)
-  image_shape, train_size, _ = dataset_shape(config.data)
-  infinite_job.check_infinite_config(config, np.repeat(np.arange(num_classes),
-                                                       -(-train_size // num_classes))[:train_size],
-                                     num_classes)
+  image_shape, train_size, test_size = dataset_shape(config.data)
+  infinite_job.check_infinite_config(config, _split_labels(config, "train", train_size), num_classes,
+                                     _split_labels(config, "test", test_size))
   n = s.num_train or train_size
   optimised, _ = split_targets(s.robust_data.target_holdout, n, config.seed)
   held_out = len(optimised) < n

@@ -165,7 +165,8 @@ def test_kernel_plan_is_the_engine_plan():
 
 def test_kernel_subsets_are_refused_as_the_kernel_job_refuses_them():
   """Before any compile: with the digits' own labels (class 8 has 139 train images), and for a
-  dataset not on this machine from the catalog's split size (its counts per class unknown)."""
+  dataset not on this machine from the catalog's split size (its counts per class unknown); the
+  infinite job's subset too."""
   c = mlp_config(job="kernel")
   c.kernel.num_examples = 25
   with pytest.raises(ValueError, match=r"config\.kernel\.num_examples=25 .* a multiple of 10"):
@@ -178,6 +179,10 @@ def test_kernel_subsets_are_refused_as_the_kernel_job_refuses_them():
     jobs.dry_run(c)
   c.data.name, c.kernel.classes, c.kernel.num_examples = "cifar10", (), 50_010
   with pytest.raises(ValueError, match=r"num_examples=50010 .* in \[10, 50000\]"):
+    jobs.dry_run(c)
+  c = load_config("infinite_width", "smoke")  # the infinite job's subset, likewise
+  c.infinite.num_train = 1400
+  with pytest.raises(ValueError, match=r"config\.infinite\.num_train=1400 takes 140 training"):
     jobs.dry_run(c)
 
 
