@@ -68,7 +68,7 @@ from ntk_scale.kernel_regression import kernel_scores
 from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
 
 PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution", "eigen_features",
-                "eigen_images", "infinite")
+                "eigen_images", "infinite", "report")
 
 
 class PlanDoesNotFit(ValueError):
@@ -658,6 +658,9 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     programs, notes = _eigen_job(config, job, mesh, budget, target_budget)
   elif job == "infinite":
     programs, notes = _infinite(config, mesh)
+  elif job == "report":  # a sweep's dry runs may include it
+    notes = ["report: renders the workdir's results into report/index.html on the host; no device "
+             "programs"]
   else:
     raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
                      f"cost model.")

@@ -163,6 +163,12 @@ def test_kernel_plan_is_the_engine_plan():
   assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
 
 
+def test_the_report_job_is_planned_as_nothing_to_compute():
+  plan = jobs.dry_run(mlp_config(job="report"))
+  assert plan.programs == [] and plan.flops == 0 and "no device programs" in plan.notes[0]
+  assert "total 0 FLOP" in plan.describe()
+
+
 def test_kernel_subsets_are_refused_as_the_kernel_job_refuses_them():
   """Before any compile: with the digits' own labels (class 8 has 139 train images), and for a
   dataset not on this machine from the catalog's split size (its counts per class unknown); the
@@ -333,8 +339,8 @@ def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch
 
 
 def test_bad_job_and_dataset_are_named():
-  with pytest.raises(ValueError, match="config.job='report'"):
-    jobs.dry_run(mlp_config(job="report"))
+  with pytest.raises(ValueError, match="config.job='reprot'"):
+    jobs.dry_run(mlp_config(job="reprot"))
   c = mlp_config()
   c.data.name = "imagenet"
   with pytest.raises(ValueError, match="config.data.name='imagenet'"):
