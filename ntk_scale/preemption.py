@@ -5,8 +5,10 @@ job: every finished tile) and exits with PREEMPTED_EXIT_CODE; rerunning the same
 With several processes, JAX's preemption service (started by jax.distributed.initialize) catches
 SIGTERM on any of them and agrees on the step to stop at (multihost_utils.
 reached_preemption_sync_point, which every process calls after every step of a lockstep loop). One
-process has no such service: a SIGTERM handler, set for the length of the loop, notes the signal.
-Outside these loops SIGTERM keeps its usual effect; every job resumes from what it last wrote.
+process has no such service: a SIGTERM handler, set for the length of the loop, notes the signal,
+and the note stays for the process's later loops (a notice that came during the last step of one
+loop stops the next at its first). Outside these loops SIGTERM keeps its usual effect; every job
+resumes from what it last wrote.
 """
 
 import contextlib
@@ -18,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job that SIGTERM stopped
+_SIGTERM_NOTICED = threading.Event()  # one process: a notice is never taken back
 
 
 class Preempted(Exception):
@@ -52,9 +55,8 @@ def preemption_notices() -> Iterator[Callable[[int], bool]]:
   if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
     yield lambda step: False
     return
-  notice = threading.Event()
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: notice.set())
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM_NOTICED.set())
   try:
-    yield lambda step: notice.is_set()
+    yield lambda step: _SIGTERM_NOTICED.is_set()
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -8,9 +8,11 @@ A preemption saves at a step between scheduled saves, with the metrics not yet l
 resumed from it is the uninterrupted one too (main.py's SIGTERM and exit code: tests/test_train.py)."""
 
 import contextlib
-
 import os
 import shutil
+import signal
+import threading
+import time
 
 import jax
 import ml_collections
@@ -21,8 +23,9 @@ import pytest
 from ntk_scale import jobs
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
-from ntk_scale.train import phase
+from ntk_scale import preemption
 from ntk_scale.preemption import Preempted
+from ntk_scale.train import phase
 from ntk_scale.train.writers import read_metrics
 
 from test_train import load_config
@@ -154,6 +157,23 @@ def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tm
                   state_leaves(os.path.join(preempted, "checkpoints"), 10), strict=True):
     np.testing.assert_array_equal(a, b)
   assert records(preempted) == records(straight)  # step 8's mean is over steps 5..8 in both
+
+
+def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handler(monkeypatch):
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signals reach the main thread only")
+  monkeypatch.setattr(preemption, "_SIGTERM_NOTICED", threading.Event())
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.preemption_notices() as noticed:
+    assert not noticed(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.time() + 10
+    while not noticed(1) and time.time() < deadline:
+      time.sleep(0.01)
+    assert noticed(1)
+  assert signal.getsignal(signal.SIGTERM) is before
+  with preemption.preemption_notices() as noticed:  # say, phase 2 after the last step of phase 1
+    assert noticed(0)
 
 
 def test_a_preemption_waits_for_the_next_step_the_monitor_measures(tmp_path, monkeypatch):
