@@ -2,10 +2,10 @@
 as one process with four devices does: the same training and the same kernel. Checkpoints cross
 topologies both ways (two processes -> one resumes training, one -> two computes a kernel); when
 one of two processes is killed the other stops with an error in bounded time, and when one is
-preempted (SIGTERM) both save at one step and stop.
+preempted (SIGTERM) both keep their work at one agreed step and stop (training and kernel tiles).
 
 Each `main.py` process pays ~15 s of imports and start-up on this 2-core machine, so the file runs
-few pairs: a training pair killed half-way, one preempted, and a kernel pair."""
+few pairs: a training pair killed half-way, one preempted, kernel pairs (one preempted)."""
 
 import json
 import os
@@ -202,6 +202,37 @@ def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):
   np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
   for name, accuracy in _accuracies(runs.one).items():
     assert runs.resumed["results"][name]["accuracy"] == pytest.approx(accuracy, abs=1.5 / 360), name
+
+
+def test_a_preempted_kernel_pair_keeps_its_tiles_and_one_process_finishes_the_kernel(runs):
+  """SIGTERM to process 1 once the first tile is stored: both stop at one agreed lockstep step with
+  every finished tile stored; this process (four devices) computes the rest."""
+  workdir, total = runs.one, 100 * 101 // 2  # 800 examples in tiles of 8
+  fields = {"job": "kernel", "kernel.num_examples": 800, "kernel.tile_size": 8,
+            "kernel.name": "preempted"}
+  markers = os.path.join(workdir, "kernels", "preempted", "tiles")
+  procs = start_pair(workdir, **fields)
+  try:
+    deadline = time.time() + PAIR_TIMEOUT_S
+    while not (os.path.isdir(markers) and os.listdir(markers)):
+      assert time.time() < deadline and procs[0].poll() is None, _log(workdir, 0)[-3000:]
+      time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=PAIR_TIMEOUT_S) for p in procs]
+  finally:
+    stop_all(procs)
+  logs = [_log(workdir, pid) for pid in range(2)]
+  assert codes == [PREEMPTED_EXIT_CODE] * 2, logs[0][-3000:]
+  stored = len(KernelStore.open(os.path.dirname(markers)).done_tiles())
+  assert 0 < stored < total
+  for pid, log in enumerate(logs):
+    assert f"process {pid}: preempted: {stored} of {total} tiles" in log, log[-3000:]
+  resumed = jobs.run(config(**fields), workdir)
+  assert resumed["complete"] and resumed["tiles_computed"] == total - stored
+  jobs.run(config(**{**fields, "kernel.name": "preempted_single"}), workdir)
+  by_one = KernelStore.open(os.path.join(workdir, "kernels", "preempted_single")).read()
+  np.testing.assert_allclose(KernelStore.open(os.path.dirname(markers)).read(), by_one, rtol=1e-5,
+                             atol=1e-5 * np.abs(by_one).max())
 
 
 @pytest.mark.parametrize("layout", list(KERNELS))
