@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import types
+from typing import Callable
 
 import jax
 import numpy as np
@@ -162,22 +163,28 @@ def test_a_killed_process_stops_the_other_with_an_error_in_bounded_time(runs):
   assert "another process died first" in log or "another task died" in log, log[-3000:]
 
 
+def preempt_pair(workdir: str, started: Callable[[], bool], **fields) -> tuple[list[int], list[str]]:
+  """`start_pair`, SIGTERM to process 1 once `started()`; the two exit codes and logs."""
+  procs = start_pair(workdir, **fields)
+  try:
+    deadline = time.time() + PAIR_TIMEOUT_S
+    while not started():
+      assert time.time() < deadline and procs[0].poll() is None, _log(workdir, 0)[-3000:]
+      time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=PAIR_TIMEOUT_S) for p in procs]
+  finally:
+    stop_all(procs)
+  return codes, [_log(workdir, pid) for pid in range(2)]
+
+
 @pytest.fixture(scope="module")
 def preempted(runs, tmp_path_factory):
   """Two processes training as `runs.two` does, process 1 sent SIGTERM once the initialisation is
   saved; then resumed by this process. (workdir, the pair's exit codes, their logs, the step.)"""
   workdir = str(tmp_path_factory.mktemp("preempted") / "two")
-  procs = start_pair(workdir)
-  try:
-    deadline = time.time() + PAIR_TIMEOUT_S
-    while not _finished_checkpoints(workdir):
-      assert time.time() < deadline and procs[0].poll() is None, _log(workdir, 0)[-3000:]
-      time.sleep(0.02)
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [p.wait(timeout=PAIR_TIMEOUT_S) for p in procs]
-  finally:
-    stop_all(procs)
-  logs, step = [_log(workdir, pid) for pid in range(2)], _finished_checkpoints(workdir)[-1]
+  codes, logs = preempt_pair(workdir, lambda: bool(_finished_checkpoints(workdir)))
+  step = _finished_checkpoints(workdir)[-1]
   jobs.run(config(), workdir)
   return types.SimpleNamespace(workdir=workdir, codes=codes, logs=logs, step=step)
 
@@ -211,17 +218,8 @@ def test_a_preempted_kernel_pair_keeps_its_tiles_and_one_process_finishes_the_ke
   fields = {"job": "kernel", "kernel.num_examples": 800, "kernel.tile_size": 8,
             "kernel.name": "preempted"}
   markers = os.path.join(workdir, "kernels", "preempted", "tiles")
-  procs = start_pair(workdir, **fields)
-  try:
-    deadline = time.time() + PAIR_TIMEOUT_S
-    while not (os.path.isdir(markers) and os.listdir(markers)):
-      assert time.time() < deadline and procs[0].poll() is None, _log(workdir, 0)[-3000:]
-      time.sleep(0.01)
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [p.wait(timeout=PAIR_TIMEOUT_S) for p in procs]
-  finally:
-    stop_all(procs)
-  logs = [_log(workdir, pid) for pid in range(2)]
+  codes, logs = preempt_pair(workdir, lambda: os.path.isdir(markers) and bool(os.listdir(markers)),
+                             **fields)
   assert codes == [PREEMPTED_EXIT_CODE] * 2, logs[0][-3000:]
   stored = len(KernelStore.open(os.path.dirname(markers)).done_tiles())
   assert 0 < stored < total
