@@ -272,6 +272,13 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   return programs + _eval_programs(config, mesh, linearized, "phase 2")
 
 
+@functools.lru_cache(maxsize=1)
+def _digits():
+  """The embedded digits, read once per process: a dry run asks for both splits' labels, and for
+  the kernel's subset once per program it plans."""
+  return load_digits()
+
+
 def _split_labels(config: ml_collections.ConfigDict, split: str, split_size: int | None,
                   classes: tuple[int, ...] = ()) -> np.ndarray | None:
   """Labels of `split` for a job's own subset checks: the embedded digits' own; for a dataset not
@@ -281,7 +288,7 @@ def _split_labels(config: ml_collections.ConfigDict, split: str, split_size: int
   if split_size is None:
     return None
   if config.data.name == "digits":
-    return getattr(load_digits(), split).labels
+    return getattr(_digits(), split).labels
   classes = np.asarray(tuple(classes) or range(dataset_classes(config.data)))
   return classes[np.arange(split_size) % len(classes)]
 
