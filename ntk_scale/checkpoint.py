@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import jax
 import orbax.checkpoint as ocp
 
-from ntk_scale import files
+from ntk_scale import files, preemption
 
 
 INITIAL_EPOCH = 0.0  # the epoch of phase 1's checkpoint of its initialisation (step 0)
@@ -75,7 +75,7 @@ class Checkpoints:
   def __init__(self, directory: str):
     # Orbax wants absolute paths; a bucket's URI is one.
     self.directory = directory if files.is_cloud(directory) else os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
+    self._manager = preemption.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=True,

@@ -3,12 +3,14 @@ evict a job) finishes its step, keeps what it has (training: a checkpoint at tha
 job: every finished tile) and exits with PREEMPTED_EXIT_CODE; rerunning the same command resumes.
 
 With several processes, JAX's preemption service (started by jax.distributed.initialize) catches
-SIGTERM on any of them and agrees on the step to stop at (multihost_utils.
-reached_preemption_sync_point, which every process calls after every step of a lockstep loop). One
-process has no such service: a SIGTERM handler, set for the length of the loop, notes the signal,
-and the note stays for the process's later loops (a notice that came during the last step of one
-loop stops the next at its first). Outside these loops SIGTERM keeps its usual effect; every job
-resumes from what it last wrote.
+SIGTERM on any of them and agrees on the step to stop at: the largest step any process has reached,
+plus one (multihost_utils.reached_preemption_sync_point, which every process calls after every step
+of a lockstep loop). The steps it is given are counted over the process's life, not per loop, so a
+step agreed in the last step of one loop (or between loops) is reached at the next loop's first,
+and once reached the notice stands for every later loop. One process has no such service: a SIGTERM
+handler, set for the length of the loop, notes the signal, and the note likewise stays for the
+process's later loops. Outside these loops SIGTERM keeps its usual effect; every job resumes from
+what it last wrote.
 """
 
 import contextlib
@@ -17,10 +19,18 @@ import threading
 from typing import Callable, Iterator
 
 import jax
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job that SIGTERM stopped
 _SIGTERM_NOTICED = threading.Event()  # one process: a notice is never taken back
+
+
+class _SyncPoints:
+  """Several processes: the steps of every loop so far (the same count on every process, as every
+  loop runs in lockstep) and whether the agreed step was reached (never taken back either)."""
+  steps = 0
+  reached = False
 
 
 class Preempted(Exception):
@@ -38,25 +48,34 @@ def _reached_sync_point(step: int) -> bool:
     return False
 
 
+class CheckpointManager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, which saves where it is told: it would also ask JAX's sync service
+  about its own checkpoint steps, and the service answers only the last step it was given, so those
+  calls would move this module's count (a notice then agreed on a step no loop reaches)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
+def _reached_by_every_process() -> bool:
+  if not _SyncPoints.reached:
+    _SyncPoints.steps += 1
+    _SyncPoints.reached = _reached_sync_point(_SyncPoints.steps)  # True at one step, on every process
+  return _SyncPoints.reached
+
+
 @contextlib.contextmanager
-def preemption_notices() -> Iterator[Callable[[int], bool]]:
-  """Yields `noticed(step)`, to be called after every step of a loop by every process: whether a
+def preemption_notices() -> Iterator[Callable[[], bool]]:
+  """Yields `noticed()`, to be called after every step of a loop by every process: whether a
   preemption notice has arrived, True on every process from the same step on."""
   if jax.process_count() > 1:
-    reached = False
-
-    def noticed(step: int) -> bool:
-      nonlocal reached
-      reached = reached or _reached_sync_point(step)  # True at one step, on every process
-      return reached
-
-    yield noticed
+    yield _reached_by_every_process
     return
   if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-    yield lambda step: False
+    yield lambda: False
     return
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM_NOTICED.set())
   try:
-    yield lambda step: _SIGTERM_NOTICED.is_set()
+    yield _SIGTERM_NOTICED.is_set
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -25,7 +25,8 @@ kernel_regression.kernel_scores), and the Gram matrix's pullback tile by tile
 (function_tiles.function_kernel_vjp). Its value and gradient equal those of the one-call
 `adversarial_objective`. The optimisation saves its state (images, Adam's moments, the objective so
 far) every `checkpoint_every` outer steps with Orbax, so a killed run resumes where it stopped and
-ends with the images an uninterrupted one would have.
+ends with the images an uninterrupted one would have; a preempted one (SIGTERM,
+ntk_scale/preemption.py) saves the step it was in and stops.
 
 Where the targets come from (`target_holdout`): 0, the default, attacks the original training
 images of the optimised set: the same rows, but their unoptimised pixels, fixed throughout, not the
@@ -36,6 +37,7 @@ predictor was not fitted on. The paper's choice could not be checked, so the def
 earlier one (on digits the held-out variant did worse; configs/infinite_width.py).
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -50,12 +52,13 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from ntk_scale import files, parallel
+from ntk_scale import files, parallel, preemption
 from ntk_scale.attacks import Attack, build_attack, build_attacks
 from ntk_scale.data import Split, eval_batches
 from ntk_scale.kernel_regression import (KernelFn, kernel_scores, predictor, regression_targets,
                                          ridge_coefficients)
 from ntk_scale.ntk.function_tiles import function_kernel, function_kernel_vjp
+from ntk_scale.preemption import Preempted, preemption_notices
 
 LOSSES = ("cross_entropy", "mse")
 PREFIX = "config.infinite.robust_data"
@@ -204,7 +207,7 @@ class _Progress:
   the images, Adam's state and the objective of every step so far."""
 
   def __init__(self, directory: str):
-    self._manager = ocp.CheckpointManager(
+    self._manager = preemption.CheckpointManager(
         directory if files.is_cloud(directory) else os.path.abspath(directory),
         item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
@@ -279,21 +282,30 @@ def optimise_dataset(section: ml_collections.ConfigDict, kernel_fn: KernelFn, im
     logging.info("robust set: resuming after step %d of %d", done, section.num_steps)
   key = jax.random.key(seed)
   started = time.time()
-  for i in range(done, section.num_steps):
-    batch_key, attack_key = jax.random.split(jax.random.fold_in(key, i))
-    rows = np.asarray(jax.random.choice(batch_key, len(target_images), (section.target_batch_size,),
-                                        replace=False))
-    value, gradient = objective_and_gradient(
-        kernel_fn, state["support"], labels, target_images[rows], target_labels[rows], attack_key,
-        attack=attack, num_classes=num_classes, regression=regression, loss=section.loss, tile=tile,
-        batch_size=batch_size, mesh=mesh)
-    support, opt_state = update(state["support"], state["opt_state"], gradient, low, high)
-    state = jax.tree.map(np.asarray, {"support": support, "opt_state": opt_state})
-    values.append(value)
-    if progress and ((i + 1) % section.checkpoint_every == 0 or i + 1 == section.num_steps):
-      progress.save(i + 1, state, values)
-      logging.info("robust set: step %d of %d, objective %.4g, %.0f s", i + 1, section.num_steps,
-                   value, time.time() - started)
+  # A preemption notice (SIGTERM) saves the step it came in and stops; without a checkpoint
+  # directory nothing could resume, so SIGTERM keeps its usual effect.
+  with preemption_notices() if progress else contextlib.nullcontext(lambda: False) as noticed:
+    for i in range(done, section.num_steps):
+      batch_key, attack_key = jax.random.split(jax.random.fold_in(key, i))
+      rows = np.asarray(jax.random.choice(batch_key, len(target_images),
+                                          (section.target_batch_size,), replace=False))
+      value, gradient = objective_and_gradient(
+          kernel_fn, state["support"], labels, target_images[rows], target_labels[rows], attack_key,
+          attack=attack, num_classes=num_classes, regression=regression, loss=section.loss,
+          tile=tile, batch_size=batch_size, mesh=mesh)
+      support, opt_state = update(state["support"], state["opt_state"], gradient, low, high)
+      state = jax.tree.map(np.asarray, {"support": support, "opt_state": opt_state})
+      values.append(value)
+      preempted = noticed() and i + 1 < section.num_steps
+      if progress and ((i + 1) % section.checkpoint_every == 0 or i + 1 == section.num_steps
+                       or preempted):
+        progress.save(i + 1, state, values)
+        logging.info("robust set: step %d of %d, objective %.4g, %.0f s", i + 1, section.num_steps,
+                     value, time.time() - started)
+      if preempted:
+        progress.close()
+        raise Preempted(f"step {i + 1} of {section.num_steps} of the robust set's optimisation is "
+                        f"saved in {checkpoint_dir}", i + 1)
   if progress:
     progress.close()
   support = state["support"]

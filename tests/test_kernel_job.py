@@ -2,7 +2,6 @@
 workdir's kernel store, equal to the library call, resumable after a kill, refused with a clear
 message when the config or the plan is wrong."""
 
-import contextlib
 import json
 import os
 
@@ -20,7 +19,7 @@ from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
 
-from conftest import Killed, write_tile_killed_after
+from conftest import Killed, notices_from, write_tile_killed_after
 from test_train import load_config
 
 
@@ -102,8 +101,7 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
 def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, monkeypatch):
   config = kernel_config(name="preempted", logits="trace")
   with monkeypatch.context() as patch:  # as if SIGTERM came during the second lockstep step
-    patch.setattr(job, "preemption_notices",
-                  lambda: contextlib.nullcontext(lambda step: step >= 1))
+    patch.setattr(job, "preemption_notices", notices_from(2))
     with pytest.raises(Preempted) as stopped:
       jobs.run(config, workdir)
   assert stopped.value.step == 1

@@ -7,7 +7,6 @@ adversarial phase 2 of a linearized model whose BatchNorm statistics move ("loos
 A preemption saves at a step between scheduled saves, with the metrics not yet logged, and the run
 resumed from it is the uninterrupted one too (main.py's SIGTERM and exit code: tests/test_train.py)."""
 
-import contextlib
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from ntk_scale.preemption import Preempted
 from ntk_scale.train import phase
 from ntk_scale.train.writers import read_metrics
 
+from conftest import notices_from
 from test_train import load_config
 
 EPS = 0.1
@@ -136,16 +136,11 @@ def preemption_config() -> ml_collections.ConfigDict:
   return c
 
 
-def notice_from(first_step: int):
-  """preemption_notices as if SIGTERM arrived during step `first_step`."""
-  return lambda: contextlib.nullcontext(lambda step: step >= first_step)
-
-
 def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tmp_path, monkeypatch):
   straight, preempted = str(tmp_path / "straight"), str(tmp_path / "preempted")
   jobs.run(preemption_config(), straight)
   with monkeypatch.context() as patch:
-    patch.setattr(phase, "preemption_notices", notice_from(7))
+    patch.setattr(phase, "preemption_notices", notices_from(7))
     with pytest.raises(Preempted) as stopped:
       jobs.run(preemption_config(), preempted)
   assert stopped.value.step == 7  # neither logged (4, 8) nor scheduled (5, 6, 10)
@@ -165,15 +160,62 @@ def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handle
   monkeypatch.setattr(preemption, "_SIGTERM_NOTICED", threading.Event())
   before = signal.getsignal(signal.SIGTERM)
   with preemption.preemption_notices() as noticed:
-    assert not noticed(0)
+    assert not noticed()
     os.kill(os.getpid(), signal.SIGTERM)
     deadline = time.time() + 10
-    while not noticed(1) and time.time() < deadline:
+    while not noticed() and time.time() < deadline:
       time.sleep(0.01)
-    assert noticed(1)
+    assert noticed()
   assert signal.getsignal(signal.SIGTERM) is before
   with preemption.preemption_notices() as noticed:  # say, phase 2 after the last step of phase 1
-    assert noticed(0)
+    assert noticed()
+
+
+class FakeSyncService:
+  """JAX's preemption sync service as it answers one process: once told of a notice (`notify`), the
+  agreed step is the largest step given so far plus one, and only that step is answered True."""
+
+  def __init__(self):
+    self.steps, self.agreed = [], None
+
+  def notify(self) -> None:
+    self.agreed = max(self.steps, default=0) + 1
+
+  def reached(self, step: int) -> bool:
+    self.steps.append(step)
+    return step == self.agreed
+
+
+def test_several_processes_count_steps_across_loops_so_a_late_notice_stops_the_next_loop(monkeypatch):
+  service = FakeSyncService()
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption, "_reached_sync_point", service.reached)
+  monkeypatch.setattr(preemption._SyncPoints, "steps", 0)
+  monkeypatch.setattr(preemption._SyncPoints, "reached", False)
+  with preemption.preemption_notices() as noticed:  # a loop of 3 steps; the notice after its last
+    assert [noticed() for _ in range(3)] == [False] * 3
+  service.notify()  # agreed: step 4, which that loop never reaches
+  with preemption.preemption_notices() as noticed:  # the next loop stops at its first step
+    assert noticed()
+  with preemption.preemption_notices() as noticed:  # and every later one
+    assert noticed()
+  assert service.steps == [1, 2, 3, 4]  # one count over the loops: a per-loop step never reaches 4
+
+
+def test_checkpoint_saves_leave_the_sync_service_to_the_loops(tmp_path, monkeypatch):
+  """Orbax would ask JAX's sync service about each checkpoint step, moving the loops' count."""
+  asked = []
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or False)
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  checkpoints.save(3, {"w": np.ones(2)}, 1.0)
+  checkpoints.wait_until_finished()
+  assert checkpoints.latest_step() == 3 and not asked
+  monkeypatch.setattr(preemption, "CheckpointManager", ocp.CheckpointManager)  # orbax's own asks
+  orbax_checkpoints = Checkpoints(str(tmp_path / "orbax"))
+  orbax_checkpoints.save(3, {"w": np.ones(2)}, 1.0)
+  orbax_checkpoints.wait_until_finished()
+  assert 3 in asked
 
 
 def test_a_preemption_waits_for_the_next_step_the_monitor_measures(tmp_path, monkeypatch):
@@ -181,7 +223,7 @@ def test_a_preemption_waits_for_the_next_step_the_monitor_measures(tmp_path, mon
   config = preemption_config()
   config.train.co_monitor.every_steps, config.train.co_monitor.num_examples = 4, 32
   config.train.co_monitor.attack = pgd_linf(EPS, num_steps=1)
-  monkeypatch.setattr(phase, "preemption_notices", notice_from(7))
+  monkeypatch.setattr(phase, "preemption_notices", notices_from(7))
   with pytest.raises(Preempted) as stopped:
     jobs.run(config, str(tmp_path))
   assert stopped.value.step == 8

@@ -11,8 +11,11 @@ import pytest
 
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import apgd_linf, pgd_linf
+from ntk_scale.preemption import Preempted
 from ntk_scale.robust_dataset import (adversarial_objective, check_robust_data_config, num_holdout,
                                       optimise_dataset, outer_loss, split_targets)
+
+from conftest import notices_from
 
 REGRESSION = ml_collections.ConfigDict(dict(regularizer=1e-3, solver="cholesky"))
 
@@ -169,10 +172,11 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
     np.testing.assert_allclose(four, on_one, rtol=1e-10, atol=1e-13)
 
 
-def test_a_killed_optimisation_resumes_from_its_last_save_and_ends_as_an_uninterrupted_one(
+def test_a_killed_or_preempted_optimisation_resumes_and_ends_as_an_uninterrupted_one(
     tmp_path, monkeypatch):
-  """Saves every 2 of 5 steps; killed in step 4, the rerun redoes steps 3-5 only and ends with the
-  images and objective record of a run never stopped."""
+  """Saves every 2 of 5 steps; killed in step 4, the rerun redoes steps 3-5 only; preempted in step
+  3, it saves step 3 and the rerun does steps 4-5 only; both end with the images and objective
+  record of a run never stopped."""
   from ntk_scale import robust_dataset
   x, y = _problem(n=12)
   section = _section(num_steps=5, target_batch_size=8, checkpoint_every=2)
@@ -180,6 +184,10 @@ def test_a_killed_optimisation_resumes_from_its_last_save_and_ends_as_an_uninter
                                            checkpoint_dir=str(directory))
   whole = robust_dataset.objective_and_gradient
   calls = []
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return whole(*args, **kwargs)
 
   def dies_in_step_four(*args, **kwargs):
     calls.append(1)
@@ -194,6 +202,17 @@ def test_a_killed_optimisation_resumes_from_its_last_save_and_ends_as_an_uninter
       run(tmp_path / "killed")
     calls.clear()
     resumed, resumed_record = run(tmp_path / "killed")
-  assert len(calls) == 3
+    assert len(calls) == 3
+    monkeypatch.setattr(robust_dataset, "objective_and_gradient", counted)
+    with monkeypatch.context() as patch:
+      patch.setattr(robust_dataset, "preemption_notices", notices_from(3))
+      with pytest.raises(Preempted, match="step 3 of 5 of the robust set's optimisation") as stopped:
+        run(tmp_path / "preempted")
+    assert stopped.value.step == 3
+    calls.clear()
+    after_preemption, after_preemption_record = run(tmp_path / "preempted")
+    assert len(calls) == 2
   np.testing.assert_array_equal(resumed, uninterrupted)
   assert resumed_record == record and len(record["objective"]) == 5
+  np.testing.assert_array_equal(after_preemption, uninterrupted)
+  assert after_preemption_record == record

@@ -18,7 +18,9 @@ from ntk_scale.ntk.spectrum import as_matrix
 from ntk_scale.ntk.spectrum_job import load_spectrum
 from ntk_scale.ntk.spectrum_rounds import ShardedKernel, StreamedKernel, start_block
 from ntk_scale.ntk.store import KernelStore
+from ntk_scale.preemption import Preempted
 
+from conftest import notices_from
 from test_kernel_job import kernel_config
 from test_spectrum import full_kernel, random_psd
 
@@ -125,16 +127,22 @@ def test_job_writes_the_top_eigenpairs(workdir, method, capsys):
   assert not [name for name in os.listdir(result["spectrum"]) if name.startswith("iterate")]
 
 
-def test_killed_solve_resumes_to_the_uninterrupted_result(workdir, monkeypatch, capsys):
+def test_preempted_then_killed_solve_resumes_to_the_uninterrupted_result(workdir, monkeypatch, capsys):
   # float64 to 1e-13 in rounds of 2 iterations: several rounds, each saved.
   config = spectrum_config(method="sharded", dtype="float64", tol=1e-13, round_iters=2,
                            num_eigenpairs=6, oversample=2)
   config.kernel.name = "resume"
   uninterrupted = jobs.run(config, workdir)
-  assert uninterrupted["rounds"] >= 3, uninterrupted
+  assert uninterrupted["rounds"] >= 4, uninterrupted
   expected, _ = load_spectrum(uninterrupted["spectrum"])
   for name in os.listdir(uninterrupted["spectrum"]):
     os.remove(os.path.join(uninterrupted["spectrum"], name))
+
+  with monkeypatch.context() as patch:  # a preemption notice (SIGTERM) during round 1
+    patch.setattr(spectrum_job, "preemption_notices", notices_from(1))
+    with pytest.raises(Preempted, match="round 1 of the spectrum is saved") as stopped:
+      jobs.run(config, workdir)
+  assert stopped.value.step == 1
 
   saves = []
   real_save = spectrum_job._save_state  # pylint: disable=protected-access
@@ -143,15 +151,16 @@ def test_killed_solve_resumes_to_the_uninterrupted_result(workdir, monkeypatch, 
     real_save(directory, state)
     saves.append(state["rounds"])
     if len(saves) == 2:
-      raise KeyboardInterrupt("killed after round 2")
+      raise KeyboardInterrupt("killed after round 3")
 
   monkeypatch.setattr(spectrum_job, "_save_state", save_then_die)
+  capsys.readouterr()
   with pytest.raises(KeyboardInterrupt):
     jobs.run(config, workdir)
+  assert "resuming the spectrum at round 1" in capsys.readouterr().out
   monkeypatch.setattr(spectrum_job, "_save_state", real_save)
-  capsys.readouterr()
   resumed = jobs.run(config, workdir)
-  assert "resuming the spectrum at round 2" in capsys.readouterr().out
+  assert "resuming the spectrum at round 3" in capsys.readouterr().out
   assert resumed["rounds"] == uninterrupted["rounds"]
   assert resumed["residuals_by_round"] == uninterrupted["residuals_by_round"]
   got, _ = load_spectrum(resumed["spectrum"])

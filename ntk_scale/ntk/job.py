@@ -176,7 +176,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     with preemption_notices() as noticed:
 
       def stop(step: int) -> bool:  # a preemption: the finished tiles are stored, then it stops
-        if noticed(step):
+        if noticed():
           stopped.append(step)
         return bool(stopped)
 

@@ -14,7 +14,8 @@ Methods (config.spectrum.method; auto picks the first that applies):
 LOBPCG runs in rounds of `round_iters` iterations; after each round the Ritz pairs' residuals
 ||K v - lambda v|| / lambda_max are measured and the block is saved (iterate_<round>.npy, then
 iterate.json, which commits it), so a killed job resumes at its last round and ends with the same
-result as one never interrupted. It stops when every residual is below `tol`, after `max_iters`,
+result as one never interrupted; a preempted one (SIGTERM, ntk_scale/preemption.py) stops once its
+round is saved. It stops when every residual is below `tol`, after `max_iters`,
 or when two rounds in a row bring no 10% gain on the best residual (round-off floor: about 1e-6
 in float32).
 
@@ -42,10 +43,11 @@ from ntk_scale.ntk.job import kernel_job
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.programs import check_precision
 from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh, relative_residuals
-from ntk_scale.ntk.spectrum_rounds import (STALL_ROUNDS, ShardedKernel, StreamedKernel, first_state,
-                                           matrix_layout, run_rounds, start_block)
+from ntk_scale.ntk.spectrum_rounds import (STALL_ROUNDS, ShardedKernel, StreamedKernel, finished,
+                                           first_state, matrix_layout, run_rounds, start_block)
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
+from ntk_scale.preemption import Preempted, preemption_notices
 
 SPECTRUM_DIR = "spectrum"
 RESULT_FILE, STATE_FILE = "spectrum.json", "iterate.json"
@@ -231,7 +233,11 @@ def _solve(engine: Any, directory: str, s, settings: dict, width: int) -> tuple[
             f"{state['residuals'][-1]:.2e} (tol {settings['tol']:g}), top eigenvalue "
             f"{pairs.values[0]:.6g}, {seconds:.1f} s", flush=True)
 
-  return run_rounds(engine, state, settings["tol"], s.max_iters, after_round)
+  with preemption_notices() as noticed:
+    pairs, state = run_rounds(engine, state, settings["tol"], s.max_iters, after_round, stop=noticed)
+  if not finished(pairs, state, settings["tol"], s.max_iters):  # stopped for a preemption
+    raise Preempted(f"round {state['rounds']} of the spectrum is saved in {directory}", state["rounds"])
+  return pairs, state
 
 
 def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -169,16 +169,22 @@ def first_state(block: np.ndarray | None) -> dict:
   return {"rounds": 0, "iterations": 0, "best": None, "stalled": 0, "residuals": [], "block": block}
 
 
+def finished(pairs: Eigenpairs, state: dict, tol: float, max_iters: int) -> bool:
+  """Whether a solve ends at `state`: every residual of the top k below `tol` (relative to
+  lambda_max), `max_iters` iterations run, or STALL_ROUNDS rounds in a row with no STALL_GAIN on
+  the best residual (round-off)."""
+  return bool(pairs.residuals.max() <= tol or state["iterations"] >= max_iters
+              or state["stalled"] >= STALL_ROUNDS)
+
+
 def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
-               after_round: Callable[[dict, Eigenpairs, float], None] | None = None
-               ) -> tuple[Eigenpairs, dict]:
-  """Rounds from `state` until every residual of the top k is below `tol` (relative to lambda_max),
-  `max_iters` iterations have run, or STALL_ROUNDS rounds in a row bring no STALL_GAIN on the best
-  residual (round-off). `after_round(state, pairs, seconds)` sees each round's state (to save it).
-  Returns the last round's pairs and the final state."""
+               after_round: Callable[[dict, Eigenpairs, float], None] | None = None,
+               stop: Callable[[], bool] | None = None) -> tuple[Eigenpairs, dict]:
+  """Rounds from `state` until the solve is `finished`, or `stop()` (asked after every round, when
+  `after_round(state, pairs, seconds)` has seen it, to save it) says to stop there.
+  Returns the last round's pairs and state."""
   pairs = engine.ritz(state["block"]) if state["rounds"] else None
-  while pairs is None or (pairs.residuals.max() > tol and state["iterations"] < max_iters
-                          and state["stalled"] < STALL_ROUNDS):
+  while pairs is None or not finished(pairs, state, tol, max_iters):
     started = time.time()
     block, iterations = engine.advance(state["block"])
     pairs = engine.ritz(block)
@@ -191,4 +197,6 @@ def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
              "residuals": state["residuals"] + [residual]}
     if after_round is not None:
       after_round(state, pairs, time.time() - started)
+    if stop is not None and stop():
+      break
   return pairs, state

@@ -151,7 +151,7 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
       if done in phase.saves:
         checkpoints.save(done, state, phase.saves[done])
       # Stopped only where the monitor has measured: its state "before" a collapse is then saved.
-      if noticed(done) and done < phase.total_steps and (phase.monitor is None or monitored):
+      if noticed() and done < phase.total_steps and (phase.monitor is None or monitored):
         if done not in phase.saves:
           unlogged = _check_finite(pending, done, state, checkpoints, phase.learning_rate_field)
           checkpoints.save(done, state, done / phase.steps_per_epoch, pending_metrics=unlogged)
