@@ -13,11 +13,13 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale import data, files, parallel
+from ntk_scale import data, evaluation_progress, files, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
+from ntk_scale.evaluation_progress import EvaluationProgress, MemberProgress
 from ntk_scale.linearize import LinearizedModel, output_components
+from ntk_scale.preemption import preemption_notices
 from ntk_scale.restore import restore_for_inference
 from ntk_scale.train.experiment import check_common_config
 from ntk_scale.train.state import TrainState, logits_fn
@@ -102,7 +104,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classes: int, *,
              attack: Attack | None = None, key: jax.Array | None = None,
-             keep_examples: bool = False) -> dict[str, Any]:
+             keep_examples: bool = False, members: MemberProgress | None = None) -> dict[str, Any]:
   """Accuracy, mean loss and per-class accuracy of the model, on clean inputs or, with `attack`, on
   the attack's examples (crafted batch by batch with keys folded from `key`).
 
@@ -112,13 +114,13 @@ def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classe
 
   With `keep_examples`, also returns the (adversarial) images and predictions of every example
   under "examples", in split order. A worst_of attack (AutoAttack) runs member by member on the
-  examples still robust (`_evaluate_in_turn`).
+  examples still robust (`_evaluate_in_turn`), kept after each member with `members`.
   """
   key = jax.random.key(0) if key is None else key
   apply, variables = _as_apply(model)
   if isinstance(attack, WorstOf):
     return _evaluate_in_turn(apply, variables, split, batch_size, mesh, num_classes, attack, key,
-                             keep_examples)
+                             keep_examples, members)
   totals, kept = None, []
   for i, batch in enumerate(eval_batches(split, batch_size, mesh)):
     sums, examples = _evaluate_batch(variables, batch, jax.random.fold_in(key, i), num_classes,
@@ -138,7 +140,8 @@ def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classe
 
 def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: Any, split: Split,
                       batch_size: int, mesh: Mesh, num_classes: int, attack: WorstOf,
-                      key: jax.Array, keep_examples: bool) -> dict[str, Any]:
+                      key: jax.Array, keep_examples: bool,
+                      members: MemberProgress | None) -> dict[str, Any]:
   """`evaluate` under a worst_of attack the way AutoAttack spends its work: the clean images
   first, then each member in turn on only the examples every earlier one left correctly
   classified, re-batched (member i's batch b gets key fold_in(fold_in(key, i), b)). Robust
@@ -147,7 +150,8 @@ def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: A
   member result of highest cross-entropy. On a model about half robust, the later (costlier)
   members attack about half the examples worst_of inside jit would.
 
-  Adds "accuracy_after": {member name: robust accuracy once it and the members before it ran}."""
+  Adds "accuracy_after": {member name: robust accuracy once it and the members before it ran}.
+  With `members`, every example's state is kept after each member, and a rerun resumes from it."""
 
   def run(rows: np.ndarray, member: Attack | None, member_key: jax.Array) -> dict[str, np.ndarray]:
     part = Split(split.images[rows], split.labels[rows])
@@ -157,10 +161,16 @@ def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: A
     return {k: np.concatenate([r[k] for r in batches])[:len(rows)] for k in batches[0]}
 
   labels = split.labels
-  best = run(np.arange(len(split)), None, key)
-  clean_predictions = best["predictions"].copy()
-  accuracy_after = {}
+  restored = members.restore() if members is not None else None
+  if restored is None:
+    done, best, accuracy_after = 0, run(np.arange(len(split)), None, key), {}
+    clean_predictions = best["predictions"].copy()
+  else:
+    done, best, accuracy_after = restored
+    clean_predictions = best.pop("clean_predictions")
   for i, (name, member) in enumerate(zip(attack.names, attack.members)):
+    if i < done:
+      continue
     rows = np.flatnonzero(best["predictions"] == labels)
     if rows.size:
       found = run(rows, member, jax.random.fold_in(key, i))
@@ -169,6 +179,9 @@ def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: A
       for k, values in best.items():
         values[rows[stronger]] = found[k][stronger]
     accuracy_after[name] = float(np.mean(best["predictions"] == labels))
+    if members is not None:
+      members.member_done(i + 1, {**best, "clean_predictions": clean_predictions}, accuracy_after,
+                          len(attack.members))
 
   correct = (best["predictions"] == labels).astype(np.float64)
   class_count = np.bincount(labels, minlength=num_classes)
@@ -218,6 +231,10 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   `<workdir>/adversarial/<name><set_suffix>/` (see adversarial_sets.py), written by process 0.
   For a `linearized` model (the state's model), each result also has "output_components": the
   sizes of f0(x) and J(x)(theta - theta0) on its (clean or adversarial) inputs.
+
+  Each finished attack (and each member of a worst_of one) is kept in the workdir
+  (evaluation_progress.py): a killed or preempted evaluation, rerun, resumes there;
+  `write_evaluation` drops what was kept.
   """
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
@@ -226,22 +243,41 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
     results["clean"]["output_components"] = components(dataset.test)
   attack_key = jax.random.key(config.seed + 1)
   attacks = build_attacks(config.eval_attacks, "config.eval_attacks")
-  for i, (name, attack) in enumerate(attacks.items()):
-    result = evaluate(state, dataset.test, batch_size, mesh, num_classes, attack=attack,
-                      key=jax.random.fold_in(attack_key, i),
-                      keep_examples=config.save_adversarial or linearized is not None)
-    examples = result.pop("examples", None)
-    if linearized is not None:
-      result["output_components"] = components(Split(examples["images"], examples["labels"]))
-    if not config.save_adversarial:
-      examples = None
-    if examples is not None and jax.process_index() == 0:
-      meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
-              "checkpoint_step": int(step), "accuracy": result["accuracy"],
-              "clean_accuracy": results["clean"]["accuracy"]}
-      save_adversarial_set(os.path.join(workdir, "adversarial", name + set_suffix), examples, meta)
-    results[name] = result
+  settings = {"seed": config.seed, "eval_batch_size": batch_size, "dataset": dataset.name,
+              "num_test": len(dataset.test), "save_adversarial": bool(config.save_adversarial),
+              "set_suffix": set_suffix, "linearized": linearized is not None}
+  with preemption_notices() as noticed:
+    progress = EvaluationProgress(workdir, step, settings, noticed)
+    for i, (name, attack) in enumerate(attacks.items()):
+      result = progress.result(name, i, config.eval_attacks[name])
+      if result is None:
+        result = _attack_result(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
+                                results["clean"], name, attack, jax.random.fold_in(attack_key, i),
+                                progress.members(name, i, config.eval_attacks[name]))
+        progress.attack_done(name, i, config.eval_attacks[name], result, len(attacks))
+      results[name] = result
   return results
+
+
+def _attack_result(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
+                   mesh: Mesh, workdir: str, step: int, set_suffix: str,
+                   linearized: LinearizedModel | None, clean: dict[str, Any], name: str,
+                   attack: Attack, key: jax.Array, members: MemberProgress) -> dict[str, Any]:
+  """One attack of `evaluate_and_save`: its result, its examples saved as a set when asked."""
+  result = evaluate(state, dataset.test, config.eval_batch_size, mesh, dataset.num_classes,
+                    attack=attack, key=key,
+                    keep_examples=config.save_adversarial or linearized is not None, members=members)
+  examples = result.pop("examples", None)
+  if linearized is not None:
+    result["output_components"] = output_component_means(
+        linearized, state, Split(examples["images"], examples["labels"]), config.eval_batch_size,
+        mesh)
+  if config.save_adversarial and jax.process_index() == 0:
+    meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
+            "checkpoint_step": int(step), "accuracy": result["accuracy"],
+            "clean_accuracy": clean["accuracy"]}
+    save_adversarial_set(os.path.join(workdir, "adversarial", name + set_suffix), examples, meta)
+  return result
 
 
 def evaluate_transfer(state: TrainState, set_directory: str, batch_size: int, mesh: Mesh,
@@ -288,10 +324,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, Any]) -> dict[str, Any]:
-  """Records results (per-class accuracies included) in `<workdir>/evaluations/step_<step>.json`."""
+  """Records results (per-class accuracies included) in `<workdir>/evaluations/step_<step>.json`,
+  then drops the parts `evaluate_and_save` kept."""
   record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
     directory = os.path.join(workdir, "evaluations")
     files.make_dirs(directory)
     files.write_json(os.path.join(directory, f"step_{step}.json"), record, indent=2)
+  evaluation_progress.discard(workdir, step)
   return record

@@ -1,6 +1,7 @@
 """Preemption: a job told to stop (SIGTERM, as Cloud TPU VMs and most schedulers send before they
 evict a job) finishes its step, keeps what it has (training: a checkpoint at that step; the kernel
-job: every finished tile) and exits with PREEMPTED_EXIT_CODE; rerunning the same command resumes.
+job: every finished tile; the spectrum's LOBPCG and the robust set's optimisation: that round or
+step) and exits with PREEMPTED_EXIT_CODE; rerunning the same command resumes.
 
 With several processes, JAX's preemption service (started by jax.distributed.initialize) catches
 SIGTERM on any of them and agrees on the step to stop at: the largest step any process has reached,

@@ -11,18 +11,22 @@ import numpy as np
 import optax
 import pytest
 
+from ntk_scale import evaluate as evaluate_module
 from ntk_scale import jobs, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set
 from ntk_scale.attacks import build_attack
-from ntk_scale.base_config import base_config
+from ntk_scale.base_config import autoattack, base_config, pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import load_digits
+from ntk_scale.evaluation_progress import MemberProgress
 from ntk_scale.models import build_model
+from ntk_scale.preemption import Preempted
 from ntk_scale.train.experiment import _batch_step_of_update
 from ntk_scale.train.state import create_train_state
 from ntk_scale.train.steps import make_train_step
 from ntk_scale.train.writers import read_metrics
 
+from conftest import Killed, notices_from
 from test_train import load_config
 
 EPS = 0.1
@@ -166,6 +170,59 @@ def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(traine
   with open(os.path.join(workdir, "evaluations", "step_22.json")) as f:
     assert json.load(f)["results"]["clean"]["accuracy"] == record["results"]["clean"]["accuracy"]
   assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch1"))
+
+
+def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_and_members(
+    trained, monkeypatch):
+  """AutoAttack's members (APGD-CE, APGD-T) in turn, then PGD (the config's order): preempted after
+  AutoAttack's first member, then killed in PGD, the evaluation ends with the record and adversarial sets of an
+  uninterrupted one, and no finished attack or member runs again."""
+  config, workdir, _ = trained["benign"]
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job, config.evaluate.epoch = "evaluate", 1.0
+  config.eval_attacks = ml_collections.ConfigDict(dict(
+      pgd=pgd_linf(EPS, num_steps=3), autoattack=autoattack(EPS, num_steps=3, num_targets=2,
+                                                             fab_steps=0, square_queries=0)))
+  assert list(config.eval_attacks) == ["autoattack", "pgd"]
+  sets = lambda: {name: load_adversarial_set(os.path.join(workdir, "adversarial", f"{name}_epoch1"))[0]
+                  for name in config.eval_attacks}
+  uninterrupted, uninterrupted_sets = jobs.run(config, workdir), sets()
+  partial = os.path.join(workdir, "evaluations", "step_22.partial")
+  assert not os.path.exists(partial)
+
+  attacked, members_done = [], []
+  attack_result, member_done = evaluate_module._attack_result, MemberProgress.member_done
+
+  def attack_killed_in_pgd(*args):
+    attacked.append(args[9])  # the attack's name
+    if args[9] == "pgd" and kill_in_pgd:
+      raise Killed()
+    return attack_result(*args)
+
+  def recorded_member_done(self, done, *args):
+    members_done.append(done)
+    member_done(self, done, *args)
+
+  monkeypatch.setattr(evaluate_module, "_attack_result", attack_killed_in_pgd)
+  monkeypatch.setattr(MemberProgress, "member_done", recorded_member_done)
+  kill_in_pgd = True
+  with monkeypatch.context() as patch:  # the notice during AutoAttack's first member
+    patch.setattr(evaluate_module, "preemption_notices", notices_from(1))
+    with pytest.raises(Preempted, match="1 of 2 members of attack autoattack are saved") as stopped:
+      jobs.run(config, workdir)
+  assert stopped.value.step == 1 and attacked == ["autoattack"] and members_done == [1]
+  del attacked[:], members_done[:]
+  with pytest.raises(Killed):
+    jobs.run(config, workdir)
+  assert attacked == ["autoattack", "pgd"] and members_done == [2]
+  del attacked[:], members_done[:]
+  kill_in_pgd = False
+  resumed = jobs.run(config, workdir)
+  assert attacked == ["pgd"] and members_done == []
+  assert resumed == uninterrupted and not os.path.exists(partial)
+  for name, arrays in sets().items():
+    for key, values in arrays.items():
+      np.testing.assert_array_equal(values, uninterrupted_sets[name][key])
 
 
 def test_evaluate_job_rejects_a_missing_set_before_compute(trained, tmp_path):
