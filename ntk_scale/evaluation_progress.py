@@ -54,6 +54,8 @@ class MemberProgress:
       return None
     found = found or files.read_json(self._record)
     done = int(found["members_done"])
+    if jax.process_index() == 0:
+      print(f"attack {self._name}: resuming after {done} of its members ({self._directory})", flush=True)
     with np.load(io.BytesIO(files.read_bytes(self._arrays_path(done))), allow_pickle=False) as saved:
       arrays = {k: saved[k] for k in saved.files}
     return done, arrays, dict(found["accuracy_after"])
@@ -98,6 +100,8 @@ class EvaluationProgress:
       found = files.read_result(path, self._attack_settings(name, index, attack))
     if not parallel.agree(found is not None):
       return None
+    if jax.process_index() == 0:
+      print(f"attack {name}: its result is kept from an earlier run ({self.directory})", flush=True)
     return (found or files.read_json(path))["result"]
 
   def members(self, name: str, index: int, attack: ml_collections.ConfigDict) -> MemberProgress:
