@@ -10,7 +10,9 @@ writes; `discard` drops the directory once the evaluation's record is written. A
 and each member, a preemption notice (ntk_scale/preemption.py) stops the evaluation there.
 """
 
+import hashlib
 import io
+import json
 import os
 from typing import Any, Callable
 
@@ -119,3 +121,52 @@ class EvaluationProgress:
     if self._noticed() and index + 1 < attacks:
       raise Preempted(f"{index + 1} of {attacks} attacks of the evaluation are saved in "
                       f"{self.directory}", index + 1)
+
+
+class KeptResults:
+  """Evaluations of one job run kept by what they are (a JSON-able `identity`: model, attack),
+  with their examples, under `directory` until the job's own results are written (`discard`):
+  the infinite job's scores of kernel regression, whose attacks are its costly part. `settings`:
+  what every kept result depends on (the job's config). After each one kept, a preemption notice
+  stops the job (Preempted)."""
+
+  def __init__(self, directory: str, settings: dict[str, Any], noticed: Callable[[], bool]):
+    self.directory, self._settings, self._noticed, self._kept = directory, settings, noticed, 0
+
+  def _path(self, identity: dict[str, Any], suffix: str) -> str:
+    digest = hashlib.sha256(json.dumps({**self._settings, **identity}, sort_keys=True).encode())
+    return os.path.join(self.directory, f"{digest.hexdigest()[:16]}{suffix}")
+
+  def get(self, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The result kept for `identity` (with its "examples" when it had them), or None."""
+    path = self._path(identity, ".json")
+    found = None
+    if jax.process_index() == 0:
+      found = files.read_result(path, {**self._settings, **identity})
+    if not parallel.agree(found is not None):
+      return None
+    result = (found or files.read_json(path))["result"]
+    if result.pop("has_examples"):
+      with np.load(io.BytesIO(files.read_bytes(self._path(identity, ".npz"))),
+                   allow_pickle=False) as saved:
+        result["examples"] = {k: saved[k] for k in saved.files}
+    return result
+
+  def put(self, identity: dict[str, Any], result: dict[str, Any]) -> None:
+    """Keeps `result` (its "examples" arrays beside it, written first)."""
+    self._kept += 1
+    if jax.process_index() == 0:
+      files.make_dirs(self.directory)
+      examples = result.get("examples")
+      if examples is not None:
+        files.write_atomic(self._path(identity, ".npz"), lambda f: np.savez(f, **examples))
+      record = {k: v for k, v in result.items() if k != "examples"}
+      files.write_json(self._path(identity, ".json"), {
+          "settings": {**self._settings, **identity},
+          "result": {**record, "has_examples": examples is not None}})
+    if self._noticed():
+      raise Preempted(f"{self._kept} evaluations are kept in {self.directory}", self._kept)
+
+  def discard(self) -> None:
+    if jax.process_index() == 0 and files.exists(self.directory):
+      files.remove_tree(self.directory)

@@ -21,11 +21,14 @@ train workdir on the original data; transfer/robust_dataset/ the network trained
 set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
 config.infinite.dtype, labels, rows and target_rows into the training set, settings;
 np.load(..., allow_pickle=False)), robust_dataset_steps/<settings digest>/ (the optimisation's
-state every robust_data.checkpoint_every steps, Orbax, removed once the set is written) and
+state every robust_data.checkpoint_every steps, Orbax, removed once the set is written),
 kernels/infinite_<...>/ (the training kernels of the original and optimised sets, tile by tile on
-every device of every host: ntk/function_tiles.py).
-A rerun reads back the kernels and a robust_dataset.npz made with the same settings, the robust
-set's optimisation continues from its last saved step, and the networks resume.
+every device of every host: ntk/function_tiles.py) and evaluations.partial/ (each kernel-regression
+evaluation with its examples, evaluation_progress.KeptResults, removed once results.json is written).
+A rerun reads back the kernels, a robust_dataset.npz made with the same settings and the kept
+evaluations, the robust set's optimisation continues from its last saved step, and the networks
+resume. A preemption notice (SIGTERM) stops the job once the evaluation or optimisation step it is
+in is kept.
 """
 
 import copy
@@ -46,14 +49,17 @@ from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
 from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import evaluate
+from ntk_scale.evaluation_progress import KeptResults
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.ntk.job import KERNELS_DIR
+from ntk_scale.preemption import preemption_notices
 from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, num_holdout,
                                       optimise_dataset, split_targets)
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
 ROBUST_DATASET_STEPS_DIR = "robust_dataset_steps"  # the optimisation's saved state, per settings
+EVALUATIONS_DIR = "evaluations.partial"  # kernel regression's scores, until results.json is written
 
 
 def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
@@ -148,6 +154,8 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
                                                 record=json.dumps(record)))
     if files.exists(steps_dir):  # the set is written: its steps' state (3x the images) is not needed
       files.remove_tree(steps_dir)
+      if not files.list_dir(os.path.dirname(steps_dir)):
+        files.remove_tree(os.path.dirname(steps_dir))
   return robust, record
 
 
@@ -164,10 +172,13 @@ class _Evaluations:
   name in config.infinite.attacks and one in robust_data.eval_attacks with equal configs are one
   evaluation, and one number wherever it is reported."""
 
-  def __init__(self, split: Split, batch_size: int, mesh, num_classes: int, seed: int):
+  def __init__(self, split: Split, batch_size: int, mesh, num_classes: int, seed: int,
+               kept: KeptResults | None = None):
+    """`kept`: where each result is also kept, so a rerun of the job takes it from there."""
     self.split, self.batch_size, self.mesh, self.num_classes, self.seed = (
         split, batch_size, mesh, num_classes, seed)
     self._done: dict[tuple[str, str], dict[str, Any]] = {}
+    self._kept = kept
 
   def rows(self, model_name: str, model, named_configs: ml_collections.ConfigDict,
            keep_examples: bool = False) -> dict[str, dict[str, Any]]:
@@ -183,10 +194,19 @@ class _Evaluations:
                 json.dumps(attack_config.to_dict(), sort_keys=True))
     done = self._done.get(identity)
     if done is None or (keep_examples and "examples" not in done):
-      key = None if attack is None else _attack_key(self.seed, attack_config)
-      done = self._done[identity] = evaluate(model, self.split, self.batch_size, self.mesh,
-                                             self.num_classes, attack=attack, key=key,
-                                             keep_examples=keep_examples and attack is not None)
+      keep = keep_examples and attack is not None
+      on_disk = {"model": identity[0], "attack": identity[1], "examples": keep}
+      done = self._kept.get(on_disk) if self._kept is not None else None
+      if done is not None and jax.process_index() == 0:
+        print(f"{model_name}, {'clean' if attack is None else attack_config.name}: the evaluation "
+              f"is kept from an earlier run", flush=True)
+      if done is None:
+        key = None if attack is None else _attack_key(self.seed, attack_config)
+        done = evaluate(model, self.split, self.batch_size, self.mesh, self.num_classes,
+                        attack=attack, key=key, keep_examples=keep)
+        if self._kept is not None:
+          self._kept.put(on_disk, done)
+      self._done[identity] = done
     return done
 
 
@@ -228,9 +248,12 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   held_out = len(optimised_rows) < len(x)
   results: dict[str, Any] = {"num_train": len(x), "num_test": len(xt)}
   started = time.time()
-  with jax.enable_x64(s.dtype == "float64"):
+  with jax.enable_x64(s.dtype == "float64"), preemption_notices() as noticed:
     x, test = x.astype(s.dtype), Split(xt.astype(s.dtype), yt)
-    evaluations = _Evaluations(test, batch_size, mesh, c, config.seed)
+    kept = KeptResults(os.path.join(workdir, EVALUATIONS_DIR),
+                       {"config": hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()},
+                       noticed)
+    evaluations = _Evaluations(test, batch_size, mesh, c, config.seed, kept)
     kernel_fn = infinite.kernel_function(s, c)
     fit = lambda images, labels, k_train: KernelRegression.fit(
         k_train, labels, c, regularizer=s.regression.regularizer,
@@ -322,4 +345,5 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   print("robust dataset, accuracy on the same test images:\n" + _table(comparison), flush=True)
   results["seconds"] = time.time() - started
   _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  kept.discard()
   return results

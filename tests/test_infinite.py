@@ -146,6 +146,49 @@ def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
   assert not np.array_equal(key(attacks.pgd), key(eval_attacks.apgd))
 
 
+def test_a_rerun_takes_kept_evaluations_and_a_preemption_stops_after_one(monkeypatch, tmp_path):
+  """Each (model, attack) result, its examples too, is kept on disk: a new run with the same
+  settings evaluates nothing again and gets equal results; other settings evaluate afresh."""
+  import jax.numpy as jnp
+
+  from ntk_scale import infinite_job, parallel
+  from ntk_scale.base_config import pgd_linf
+  from ntk_scale.data import Split
+  from ntk_scale.evaluation_progress import KeptResults
+  from ntk_scale.preemption import Preempted
+
+  calls = []
+  real_evaluate = infinite_job.evaluate
+  monkeypatch.setattr(infinite_job, "evaluate",
+                      lambda *args, **kwargs: calls.append(1) or real_evaluate(*args, **kwargs))
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  logits_fn = lambda images: images.reshape(len(images), -1) @ weights
+  split = Split(rng.uniform(size=(12, 4, 4, 1)).astype(np.float32), np.arange(12) % 3)
+  attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 3)})
+  directory = str(tmp_path / "kept")
+  run = lambda settings, noticed=lambda: False: infinite_job._Evaluations(
+      split, 8, parallel.make_mesh(), 3, seed=0,
+      kept=KeptResults(directory, settings, noticed)).rows("original", logits_fn, attacks,
+                                                             keep_examples=True)
+  first = run({"config": "a"})
+  assert len(calls) == 2  # clean, pgd
+  again = run({"config": "a"})
+  assert len(calls) == 2
+  assert again["clean"] == first["clean"]
+  assert {k: v for k, v in again["pgd"].items() if k != "examples"} == {
+      k: v for k, v in first["pgd"].items() if k != "examples"}
+  for name, values in first["pgd"]["examples"].items():
+    np.testing.assert_array_equal(again["pgd"]["examples"][name], values)
+  run({"config": "b"})
+  assert len(calls) == 4
+  with pytest.raises(Preempted, match="1 evaluations are kept") as stopped:
+    run({"config": "c"}, noticed=lambda: True)
+  assert stopped.value.step == 1 and len(calls) == 5
+  KeptResults(directory, {}, lambda: False).discard()
+  assert not (tmp_path / "kept").exists()
+
+
 def test_robust_dataset_table_lists_every_model_and_training_set():
   from ntk_scale.infinite_job import _table
 
@@ -196,6 +239,7 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   assert kernel_dir.name.startswith("infinite_fc1_ntk_30_")
   assert (kernel_dir / "tiles" / "0-0").exists()
   assert not (tmp_path / infinite_job.ROBUST_DATASET_STEPS_DIR).exists()  # no steps, no state
+  assert not (tmp_path / infinite_job.EVALUATIONS_DIR).exists()  # results.json is written
   with open(write_report(workdir), encoding="utf-8") as f:
     page = f.read()
   row = next(r for r in page.split("<tr>") if r.startswith('<td class="k">pgd</td>'))
