@@ -15,15 +15,17 @@ from jax.sharding import AxisType, Mesh
 from ntk_scale import infinite, jobs, parallel
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import KernelRegression
-from ntk_scale.ntk import empirical_ntk, kernel_eigenpairs
+from ntk_scale.ntk import eigen_features_job, empirical_ntk, kernel_eigenpairs
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
 from ntk_scale.ntk.job import inference_apply, select_examples
 from ntk_scale.ntk.spectrum import eigh
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import LogitSpec
+from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
 
+from conftest import notices_from
 from test_infinite import nt  # noqa: F401  (fixture)
 from test_train import load_config
 
@@ -164,6 +166,14 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
     assert mine["group"] == theirs["group"]
     for key in ("clean_accuracy", "robust_accuracy", "eigenvalue", "spectral_share"):
       assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-12), (mine["group"], key)
+  # Preempted after its second group, the job keeps both and the rerun ends as an unbroken one.
+  shutil.rmtree(result["eigen_features"])
+  with monkeypatch.context() as patch:
+    patch.setattr(eigen_features_job, "preemption_notices", notices_from(2))
+    with pytest.raises(Preempted, match="2 evaluations are kept"):
+      jobs.run(c, workdir)
+  assert jobs.run(c, workdir)["groups"] == one["groups"]
+  assert sorted(os.listdir(result["eigen_features"])) == files
 
 
 def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,8 @@
 """The `eigen_features` job: usefulness (clean accuracy) and robustness (accuracy under attack) of each
 eigen-feature of a checkpoint's empirical NTK (see eigen_features.py), to
-`<workdir>/eigen_features/<kernel name>/`: features.json, features.csv, usefulness_robustness.png.
+`<workdir>/eigen_features/<kernel name>/`: features.json, features.csv, usefulness_robustness.png
+(and, until features.json is written, groups.partial/: each group's accuracies, which a killed or
+preempted run takes back).
 
     python main.py --config configs/digits.py --workdir workdirs/digits --config.job=eigen_features \
         --config.eigen_features.attack.eps=0.1 --config.eigen_features.attack.step_size=0.025
@@ -55,6 +57,7 @@ from ntk_scale import files, parallel
 from ntk_scale.attacks import build_attack
 from ntk_scale.data import Split, load_dataset, num_classes
 from ntk_scale.evaluate import Parameterized, evaluate
+from ntk_scale.evaluation_progress import KeptResults
 from ntk_scale.kernel_regression import kernel_scores, regression_targets
 from ntk_scale.models import build_model
 from ntk_scale.ntk.eigen_features import (examples_per_device, feature_groups, feature_logits_fn,
@@ -69,8 +72,10 @@ from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
+from ntk_scale.preemption import preemption_notices
 
 FEATURES_DIR = "eigen_features"
+GROUPS_DIR = "groups.partial"  # each group's accuracies, until features.json is written
 SOURCES = ("empirical", "infinite")  # the kernel job's NTK of a checkpoint | config.infinite's
 
 
@@ -279,14 +284,25 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test = Split(test.images[:n], test.labels[:n])
   clean, robust = [], []
   key = jax.random.key(config.seed)
-  for g in range(len(groups) + 1):  # data-parallel over every device of every host
-    model = Parameterized(features.apply, parallel.replicate(features.variables(g), mesh))
-    clean.append(evaluate(model, test, e.batch_size, mesh, dataset.num_classes)["accuracy"])
-    robust.append(evaluate(model, test, e.batch_size, mesh, dataset.num_classes, attack=attack,
-                           key=key)["accuracy"])
-    if jax.process_index() == 0:
+  with preemption_notices() as noticed:  # each group's accuracies kept until features.json is written
+    kept = KeptResults(os.path.join(directory, GROUPS_DIR),
+                       {**settings, "batch_size": e.batch_size, "source_kernel": features.source},
+                       noticed)
+    for g in range(len(groups) + 1):  # data-parallel over every device of every host
       name = groups[g].name if g < len(groups) else _whole_name(features)
-      print(f"eigen-feature group {name}: clean {clean[g]:.3f}, {e.attack.name} {robust[-1]:.3f}", flush=True)
+      accuracies = kept.get({"group": g})
+      if accuracies is None:
+        model = Parameterized(features.apply, parallel.replicate(features.variables(g), mesh))
+        accuracies = {
+            "clean": evaluate(model, test, e.batch_size, mesh, dataset.num_classes)["accuracy"],
+            "robust": evaluate(model, test, e.batch_size, mesh, dataset.num_classes, attack=attack,
+                               key=key)["accuracy"]}
+        if jax.process_index() == 0:
+          print(f"eigen-feature group {name}: clean {accuracies['clean']:.3f}, {e.attack.name} "
+                f"{accuracies['robust']:.3f}", flush=True)
+        kept.put({"group": g}, accuracies)
+      clean.append(accuracies["clean"])
+      robust.append(accuracies["robust"])
 
   rows = []
   for i, group in enumerate(groups + [None]):
@@ -306,4 +322,5 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"eigen-features of {name}, {e.attack.name} eps {e.attack.eps:g}")
     files.write_json(result_path, record, indent=2)
     print(f"eigen-features written to {directory}", flush=True)
+  kept.discard()
   return {"eigen_features": directory, **record}
