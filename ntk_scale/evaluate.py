@@ -17,7 +17,7 @@ from ntk_scale import data, evaluation_progress, files, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
-from ntk_scale.evaluation_progress import EvaluationProgress, MemberProgress
+from ntk_scale.evaluation_progress import KeptResults, MemberProgress
 from ntk_scale.linearize import LinearizedModel, output_components
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.restore import restore_for_inference
@@ -243,20 +243,27 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
     results["clean"]["output_components"] = components(dataset.test)
   attack_key = jax.random.key(config.seed + 1)
   attacks = build_attacks(config.eval_attacks, "config.eval_attacks")
-  settings = {"seed": config.seed, "eval_batch_size": batch_size, "dataset": dataset.name,
-              "num_test": len(dataset.test), "save_adversarial": bool(config.save_adversarial),
-              "set_suffix": set_suffix, "linearized": linearized is not None}
+  settings = {"step": int(step), "seed": config.seed, "eval_batch_size": batch_size,
+              "dataset": dataset.name, "num_test": len(dataset.test),
+              "save_adversarial": bool(config.save_adversarial), "set_suffix": set_suffix,
+              "linearized": linearized is not None}
   with preemption_notices() as noticed:
-    progress = EvaluationProgress(workdir, step, settings, noticed)
+    kept = KeptResults(_kept_directory(workdir, step), settings, noticed)
     for i, (name, attack) in enumerate(attacks.items()):
-      result = progress.result(name, i, config.eval_attacks[name])
+      identity = {"name": name, "index": i, "attack": config.eval_attacks[name].to_dict()}
+      result = kept.get(identity, f"attack {name}")
       if result is None:
         result = _attack_result(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
                                 results["clean"], name, attack, jax.random.fold_in(attack_key, i),
-                                progress.members(name, i, config.eval_attacks[name]))
-        progress.attack_done(name, i, config.eval_attacks[name], result, len(attacks))
+                                kept.members(identity, name))
+        kept.put(identity, result)
       results[name] = result
   return results
+
+
+def _kept_directory(phase_dir: str, step: int) -> str:
+  """Where `evaluate_and_save` keeps the finished attacks of checkpoint `step`'s evaluation."""
+  return os.path.join(phase_dir, "evaluations", f"step_{step}.partial")
 
 
 def _attack_result(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
@@ -331,5 +338,5 @@ def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, A
     directory = os.path.join(workdir, "evaluations")
     files.make_dirs(directory)
     files.write_json(os.path.join(directory, f"step_{step}.json"), record, indent=2)
-  evaluation_progress.discard(workdir, step)
+  evaluation_progress.discard(_kept_directory(workdir, step))
   return record

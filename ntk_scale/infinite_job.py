@@ -196,10 +196,8 @@ class _Evaluations:
     if done is None or (keep_examples and "examples" not in done):
       keep = keep_examples and attack is not None
       on_disk = {"model": identity[0], "attack": identity[1], "examples": keep}
-      done = self._kept.get(on_disk) if self._kept is not None else None
-      if done is not None and jax.process_index() == 0:
-        print(f"{model_name}, {'clean' if attack is None else attack_config.name}: the evaluation "
-              f"is kept from an earlier run", flush=True)
+      label = f"{model_name}, {'clean' if attack is None else attack_config.name}"
+      done = self._kept.get(on_disk, label) if self._kept is not None else None
       if done is None:
         key = None if attack is None else _attack_key(self.seed, attack_config)
         done = evaluate(model, self.split, self.batch_size, self.mesh, self.num_classes,

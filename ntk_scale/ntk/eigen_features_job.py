@@ -290,7 +290,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        noticed)
     for g in range(len(groups) + 1):  # data-parallel over every device of every host
       name = groups[g].name if g < len(groups) else _whole_name(features)
-      accuracies = kept.get({"group": g})
+      accuracies = kept.get({"group": g}, f"eigen-feature group {name}")
       if accuracies is None:
         model = Parameterized(features.apply, parallel.replicate(features.variables(g), mesh))
         accuracies = {
