@@ -17,7 +17,7 @@ from ntk_scale import data, evaluation_progress, files, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
-from ntk_scale.evaluation_progress import KeptResults, MemberProgress
+from ntk_scale.evaluation_progress import BatchProgress, KeptResults, MemberProgress
 from ntk_scale.linearize import LinearizedModel, output_components
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.restore import restore_for_inference
@@ -95,16 +95,17 @@ def _example_results(variables: Any, batch: dict[str, jax.Array], key: jax.Array
   return out
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def _to_host(x: jax.Array | np.ndarray) -> np.ndarray:
   """A global array as one numpy array on every process."""
-  if x.is_fully_addressable:
+  if isinstance(x, np.ndarray) or x.is_fully_addressable:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classes: int, *,
              attack: Attack | None = None, key: jax.Array | None = None,
-             keep_examples: bool = False, members: MemberProgress | None = None) -> dict[str, Any]:
+             keep_examples: bool = False, members: MemberProgress | None = None,
+             batches: BatchProgress | None = None) -> dict[str, Any]:
   """Accuracy, mean loss and per-class accuracy of the model, on clean inputs or, with `attack`, on
   the attack's examples (crafted batch by batch with keys folded from `key`).
 
@@ -114,7 +115,8 @@ def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classe
 
   With `keep_examples`, also returns the (adversarial) images and predictions of every example
   under "examples", in split order. A worst_of attack (AutoAttack) runs member by member on the
-  examples still robust (`_evaluate_in_turn`), kept after each member with `members`.
+  examples still robust (`_evaluate_in_turn`), kept after each member with `members`; any other
+  keeps each batch's results with `batches` (a rerun takes them back).
   """
   key = jax.random.key(0) if key is None else key
   apply, variables = _as_apply(model)
@@ -122,9 +124,19 @@ def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classe
     return _evaluate_in_turn(apply, variables, split, batch_size, mesh, num_classes, attack, key,
                              keep_examples, members)
   totals, kept = None, []
+  num_batches = -(-len(split) // batch_size)
   for i, batch in enumerate(eval_batches(split, batch_size, mesh)):
-    sums, examples = _evaluate_batch(variables, batch, jax.random.fold_in(key, i), num_classes,
-                                     attack, apply)
+    found = batches.get(i) if batches is not None else None
+    if found is None:
+      sums, examples = _evaluate_batch(variables, batch, jax.random.fold_in(key, i), num_classes,
+                                       attack, apply)
+      if batches is not None:  # on the host, as a batch taken back is
+        sums = jax.tree.map(_to_host, sums)
+        examples = jax.tree.map(_to_host, examples) if keep_examples else {}
+        batches.put(i, {**{f"sum_{k}": v for k, v in sums.items()}, **examples}, num_batches)
+    else:
+      sums = {k[len("sum_"):]: v for k, v in found.items() if k.startswith("sum_")}
+      examples = {k: v for k, v in found.items() if not k.startswith("sum_")}
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if keep_examples:
       kept.append(jax.tree.map(_to_host, examples))
@@ -255,7 +267,7 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
       if result is None:
         result = _attack_result(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
                                 results["clean"], name, attack, jax.random.fold_in(attack_key, i),
-                                kept.members(identity, name))
+                                kept.members(identity, name), kept.batches(identity, name))
         kept.put(identity, result)
       results[name] = result
   return results
@@ -269,11 +281,13 @@ def _kept_directory(phase_dir: str, step: int) -> str:
 def _attack_result(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
                    mesh: Mesh, workdir: str, step: int, set_suffix: str,
                    linearized: LinearizedModel | None, clean: dict[str, Any], name: str,
-                   attack: Attack, key: jax.Array, members: MemberProgress) -> dict[str, Any]:
+                   attack: Attack, key: jax.Array, members: MemberProgress,
+                   batches: BatchProgress) -> dict[str, Any]:
   """One attack of `evaluate_and_save`: its result, its examples saved as a set when asked."""
   result = evaluate(state, dataset.test, config.eval_batch_size, mesh, dataset.num_classes,
                     attack=attack, key=key,
-                    keep_examples=config.save_adversarial or linearized is not None, members=members)
+                    keep_examples=config.save_adversarial or linearized is not None,
+                    members=members, batches=batches)
   examples = result.pop("examples", None)
   if linearized is not None:
     result["output_components"] = output_component_means(

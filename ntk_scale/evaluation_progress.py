@@ -7,7 +7,8 @@ examples when it has them; a rerun takes back what its own settings made, so the
 results an uninterrupted one writes, and `discard` drops the directory once those are written.
 Users: an evaluation's attacks (`evaluate.evaluate_and_save`, in
 `<phase dir>/evaluations/step_<step>.partial/`), the infinite job's kernel-regression scores, the
-eigen_features job's groups. A worst_of attack (AutoAttack) run member by member also keeps every
+eigen_features job's groups. The attack under way keeps its batches' results every KEEP_EVERY_S
+seconds (`BatchProgress`), and a worst_of attack (AutoAttack), run member by member, every
 example's state after each member (`MemberProgress`). After each one kept, a preemption notice
 (ntk_scale/preemption.py) stops the job there.
 """
@@ -16,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -23,6 +25,8 @@ import numpy as np
 
 from ntk_scale import files, parallel
 from ntk_scale.preemption import Preempted
+
+KEEP_EVERY_S = 60.0  # an attack's batches are written to the workdir at most this often
 
 
 def discard(directory: str) -> None:
@@ -85,6 +89,10 @@ class KeptResults:
     if self._noticed():
       raise Preempted(f"{self._kept} evaluations are kept in {self.directory}", self._kept)
 
+  def batches(self, identity: dict[str, Any], name: str) -> "BatchProgress":
+    """Where the attack `identity` (called `name`) keeps each batch's results as it goes."""
+    return BatchProgress(self._path(identity, f".{name}"), name, self._noticed)
+
   def members(self, identity: dict[str, Any], name: str) -> "MemberProgress":
     """Where the worst_of attack `identity` (called `name`) keeps its examples after each member."""
     return MemberProgress(self.directory, name, {**self._settings, **identity}, self._noticed)
@@ -130,3 +138,49 @@ class MemberProgress:
     if self._noticed() and members_done < members:
       raise Preempted(f"{members_done} of {members} members of attack {self._name} are saved in "
                       f"{self._directory}", members_done)
+
+
+class BatchProgress:
+  """An attack's results batch by batch, for `evaluate`'s batch loop, kept in runs of batches
+  (`<prefix>.from_<first batch>.npz`, each run starting where the one before ended; `prefix`
+  names the attack and its settings): a run is written once KEEP_EVERY_S seconds have passed since
+  the last (a fast attack on a GPU is not slowed by a write per batch; a slow one keeps every
+  batch) or on a preemption notice, which then stops the job."""
+
+  def __init__(self, prefix: str, name: str, noticed: Callable[[], bool]):
+    self._prefix, self._name, self._noticed = prefix, name, noticed
+    self._pending: list[dict[str, np.ndarray]] = []
+    self._first, self._last_kept = 0, time.monotonic()
+    self._taken: dict[int, dict[str, np.ndarray]] = {}  # batches of a run read back
+
+  def _path(self, first: int) -> str:
+    return f"{self._prefix}.from_{first}.npz"
+
+  def get(self, batch: int) -> dict[str, np.ndarray] | None:
+    """The arrays kept for `batch` by an earlier run, or None (batches are asked in order)."""
+    if batch not in self._taken:
+      found = jax.process_index() == 0 and files.exists(self._path(batch))
+      if not parallel.agree(found):
+        return None
+      stacked = _load_arrays(self._path(batch))
+      count = len(next(iter(stacked.values())))
+      self._taken = {batch + j: {k: v[j] for k, v in stacked.items()} for j in range(count)}
+      self._first = batch + count
+    return self._taken.pop(batch)
+
+  def put(self, batch: int, arrays: dict[str, np.ndarray], batches: int) -> None:
+    """Adds `batch`'s arrays to the run being kept; writes the run when it is due; on a
+    preemption notice with batches left, writes it and stops (Preempted)."""
+    if not self._pending:
+      self._first = batch
+    self._pending.append(arrays)
+    preempted = self._noticed() and batch + 1 < batches
+    if preempted or time.monotonic() - self._last_kept >= KEEP_EVERY_S:
+      if jax.process_index() == 0:
+        files.make_dirs(os.path.dirname(self._prefix))
+        stacked = {k: np.stack([a[k] for a in self._pending]) for k in arrays}
+        files.write_atomic(self._path(self._first), lambda f: np.savez(f, **stacked))
+      self._pending, self._last_kept = [], time.monotonic()
+    if preempted:
+      raise Preempted(f"{batch + 1} of {batches} batches of attack {self._name} are kept in "
+                      f"{os.path.dirname(self._prefix)}", batch + 1)

@@ -200,8 +200,10 @@ class _Evaluations:
       done = self._kept.get(on_disk, label) if self._kept is not None else None
       if done is None:
         key = None if attack is None else _attack_key(self.seed, attack_config)
+        batches = None if self._kept is None else self._kept.batches(
+            on_disk, f"{model_name}.{'clean' if attack is None else attack_config.name}")
         done = evaluate(model, self.split, self.batch_size, self.mesh, self.num_classes,
-                        attack=attack, key=key, keep_examples=keep)
+                        attack=attack, key=key, keep_examples=keep, batches=batches)
         if self._kept is not None:
           self._kept.put(on_disk, done)
       self._done[identity] = done

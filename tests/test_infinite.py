@@ -147,8 +147,9 @@ def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
 
 
 def test_a_rerun_takes_kept_evaluations_and_a_preemption_stops_after_one(monkeypatch, tmp_path):
-  """Each (model, attack) result, its examples too, is kept on disk: a new run with the same
-  settings evaluates nothing again and gets equal results; other settings evaluate afresh."""
+  """Each (model, attack) result, its examples too, is kept on disk, and each batch of it as it
+  goes: a new run with the same settings evaluates nothing again and gets equal results; other
+  settings evaluate afresh; a run preempted after a batch resumes to the same results."""
   import jax.numpy as jnp
 
   from ntk_scale import infinite_job, parallel
@@ -182,9 +183,14 @@ def test_a_rerun_takes_kept_evaluations_and_a_preemption_stops_after_one(monkeyp
     np.testing.assert_array_equal(again["pgd"]["examples"][name], values)
   run({"config": "b"})
   assert len(calls) == 4
-  with pytest.raises(Preempted, match="1 evaluations are kept") as stopped:
+  # A notice at once: the first batch (of 2) of the first evaluation is kept, then it stops.
+  with pytest.raises(Preempted, match="1 of 2 batches of attack original.clean are kept") as stopped:
     run({"config": "c"}, noticed=lambda: True)
   assert stopped.value.step == 1 and len(calls) == 5
+  resumed = run({"config": "c"})
+  assert resumed["clean"] == first["clean"]
+  for name, values in first["pgd"]["examples"].items():
+    np.testing.assert_array_equal(resumed["pgd"]["examples"][name], values)
   KeptResults(directory, {}, lambda: False).discard()
   assert not (tmp_path / "kept").exists()
 

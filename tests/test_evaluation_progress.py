@@ -1,0 +1,62 @@
+"""Evaluations kept for a resume: batches in runs written when due or on a preemption notice, and
+read back in order; results by identity and settings, examples beside them."""
+
+import numpy as np
+import pytest
+
+from ntk_scale import evaluation_progress
+from ntk_scale.evaluation_progress import BatchProgress, KeptResults
+from ntk_scale.preemption import Preempted
+
+
+def _batch(b: int) -> dict[str, np.ndarray]:
+  return {"sum_correct": np.float32(b), "images": np.full((4, 2), b, np.float32)}
+
+
+def test_batches_are_kept_when_due_and_read_back_in_order(tmp_path, monkeypatch):
+  prefix = str(tmp_path / "kept" / "abc.pgd")
+  monkeypatch.setattr(evaluation_progress, "KEEP_EVERY_S", 0.0)  # every batch is due
+  writer = BatchProgress(prefix, "pgd", lambda: False)
+  for b in range(3):
+    writer.put(b, _batch(b), batches=5)
+  assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [
+      f"abc.pgd.from_{b}.npz" for b in range(3)]
+  reader = BatchProgress(prefix, "pgd", lambda: False)
+  for b in range(3):
+    got = reader.get(b)
+    assert got["sum_correct"] == b and np.all(got["images"] == b)
+  assert reader.get(3) is None
+
+
+def test_a_notice_writes_the_run_of_batches_not_yet_due_and_stops(tmp_path, monkeypatch):
+  prefix = str(tmp_path / "kept" / "abc.pgd")
+  monkeypatch.setattr(evaluation_progress, "KEEP_EVERY_S", 3600.0)
+  notices = iter([False, False, True])
+  writer = BatchProgress(prefix, "pgd", lambda: next(notices))
+  writer.put(0, _batch(0), batches=5)
+  writer.put(1, _batch(1), batches=5)
+  assert not (tmp_path / "kept").exists()  # not due yet
+  with pytest.raises(Preempted, match="3 of 5 batches of attack pgd are kept") as stopped:
+    writer.put(2, _batch(2), batches=5)
+  assert stopped.value.step == 3
+  assert [p.name for p in (tmp_path / "kept").iterdir()] == ["abc.pgd.from_0.npz"]  # one run of 3
+  reader = BatchProgress(prefix, "pgd", lambda: False)
+  assert [float(reader.get(b)["sum_correct"]) for b in range(3)] == [0.0, 1.0, 2.0]
+  assert reader.get(3) is None
+  reader.put(3, _batch(3), batches=5)  # the next run starts where the kept one ended
+  reader.put(4, _batch(4), batches=5)
+
+
+def test_results_are_kept_with_their_examples_for_their_own_settings_only(tmp_path):
+  directory = str(tmp_path / "kept")
+  result = {"accuracy": 0.25, "per_class_accuracy": [0.5, 0.0],
+            "examples": {"images": np.arange(6, dtype=np.float32).reshape(3, 2)}}
+  KeptResults(directory, {"config": "a"}, lambda: False).put({"model": "m"}, result)
+  again = KeptResults(directory, {"config": "a"}, lambda: False).get({"model": "m"}, "m")
+  assert {k: v for k, v in again.items() if k != "examples"} == {
+      "accuracy": 0.25, "per_class_accuracy": [0.5, 0.0]}
+  np.testing.assert_array_equal(again["examples"]["images"], result["examples"]["images"])
+  assert KeptResults(directory, {"config": "b"}, lambda: False).get({"model": "m"}, "m") is None
+  assert KeptResults(directory, {"config": "a"}, lambda: False).get({"model": "n"}, "n") is None
+  KeptResults(directory, {}, lambda: False).discard()
+  assert not (tmp_path / "kept").exists()
