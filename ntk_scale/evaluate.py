@@ -244,9 +244,9 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   For a `linearized` model (the state's model), each result also has "output_components": the
   sizes of f0(x) and J(x)(theta - theta0) on its (clean or adversarial) inputs.
 
-  Each finished attack (and each member of a worst_of one) is kept in the workdir
-  (evaluation_progress.py): a killed or preempted evaluation, rerun, resumes there;
-  `write_evaluation` drops what was kept.
+  Each finished attack (each member of a worst_of one, and every minute the batches of the one
+  under way) is kept in the workdir (evaluation_progress.py): a killed or preempted evaluation,
+  rerun, resumes there; `write_evaluation` drops what was kept.
   """
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
