@@ -163,14 +163,22 @@ def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: A
   members attack about half the examples worst_of inside jit would.
 
   Adds "accuracy_after": {member name: robust accuracy once it and the members before it ran}.
-  With `members`, every example's state is kept after each member, and a rerun resumes from it."""
+  With `members`, every example's state is kept after each member, and the batches of the member
+  under way as they go, and a rerun resumes from them."""
 
-  def run(rows: np.ndarray, member: Attack | None, member_key: jax.Array) -> dict[str, np.ndarray]:
+  def run(rows: np.ndarray, member: Attack | None, member_key: jax.Array,
+          kept: BatchProgress | None = None) -> dict[str, np.ndarray]:
     part = Split(split.images[rows], split.labels[rows])
-    batches = [jax.tree.map(_to_host, _example_results(
-        variables, batch, jax.random.fold_in(member_key, b), member, apply, keep_examples))
-               for b, batch in enumerate(eval_batches(part, batch_size, mesh))]
-    return {k: np.concatenate([r[k] for r in batches])[:len(rows)] for k in batches[0]}
+    num_batches, results = -(-len(rows) // batch_size), []
+    for b, batch in enumerate(eval_batches(part, batch_size, mesh)):
+      found = kept.get(b) if kept is not None else None
+      if found is None:
+        found = jax.tree.map(_to_host, _example_results(
+            variables, batch, jax.random.fold_in(member_key, b), member, apply, keep_examples))
+        if kept is not None:
+          kept.put(b, found, num_batches)
+      results.append(found)
+    return {k: np.concatenate([r[k] for r in results])[:len(rows)] for k in results[0]}
 
   labels = split.labels
   restored = members.restore() if members is not None else None
@@ -185,7 +193,8 @@ def _evaluate_in_turn(apply: Callable[[Any, jax.Array], jax.Array], variables: A
       continue
     rows = np.flatnonzero(best["predictions"] == labels)
     if rows.size:
-      found = run(rows, member, jax.random.fold_in(key, i))
+      found = run(rows, member, jax.random.fold_in(key, i),
+                  None if members is None else members.batches(i))
       # Every row attacked is still classified correctly: a fooled result or a higher loss wins.
       stronger = (found["predictions"] != labels[rows]) | (found["loss"] > best["loss"][rows])
       for k, values in best.items():
@@ -244,8 +253,8 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   For a `linearized` model (the state's model), each result also has "output_components": the
   sizes of f0(x) and J(x)(theta - theta0) on its (clean or adversarial) inputs.
 
-  Each finished attack (each member of a worst_of one, and every minute the batches of the one
-  under way) is kept in the workdir (evaluation_progress.py): a killed or preempted evaluation,
+  Each finished attack (each member of a worst_of one, and every minute the batches of the attack
+  or member under way) is kept in the workdir (evaluation_progress.py): a killed or preempted evaluation,
   rerun, resumes there; `write_evaluation` drops what was kept.
   """
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes

@@ -9,7 +9,7 @@ Users: an evaluation's attacks (`evaluate.evaluate_and_save`, in
 `<phase dir>/evaluations/step_<step>.partial/`), the infinite job's kernel-regression scores, the
 eigen_features job's groups. The attack under way keeps its batches' results every KEEP_EVERY_S
 seconds (`BatchProgress`), and a worst_of attack (AutoAttack), run member by member, every
-example's state after each member (`MemberProgress`). After each one kept, a preemption notice
+example's state after each member (`MemberProgress`) and the batches of the member under way. After each one kept, a preemption notice
 (ntk_scale/preemption.py) stops the job there.
 """
 
@@ -111,6 +111,13 @@ class MemberProgress:
 
   def _arrays_path(self, members_done: int) -> str:
     return os.path.join(self._directory, f"{self._name}.member_{members_done}.npz")
+
+  def batches(self, member: int) -> "BatchProgress":
+    """Where member `member` (from 0) keeps its batches: valid for these settings and the state
+    after the members before it, which is kept (or computed again the same way)."""
+    digest = hashlib.sha256(json.dumps(self._settings, sort_keys=True).encode()).hexdigest()[:16]
+    return BatchProgress(os.path.join(self._directory, f"{self._name}.{digest}.member{member}"),
+                         f"{self._name} (member {member + 1})", self._noticed)
 
   def restore(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]] | None:
     """(members done, every example's arrays after them, accuracy after each) of an earlier run

@@ -3,6 +3,7 @@ the digits smoke run learns and its checkpoints are found by epoch."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -174,12 +175,13 @@ def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(traine
 
 def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_and_members(
     trained, monkeypatch):
-  """AutoAttack's members (APGD-CE, APGD-T) in turn, then PGD (the config's order): preempted after
-  AutoAttack's first member, then killed in PGD, the evaluation ends with the record and adversarial sets of an
-  uninterrupted one, and no finished attack or member runs again."""
+  """AutoAttack's members (APGD-CE, APGD-T) in turn, then PGD (the config's order), batches of 128
+  of the 360 test images: preempted in AutoAttack's first batch, then killed in PGD, the evaluation
+  ends with the record and adversarial sets of an uninterrupted one, and no finished attack, member
+  or kept batch runs again."""
   config, workdir, _ = trained["benign"]
   config = ml_collections.ConfigDict(config.to_dict())
-  config.job, config.evaluate.epoch = "evaluate", 1.0
+  config.job, config.evaluate.epoch, config.eval_batch_size = "evaluate", 1.0, 128
   config.eval_attacks = ml_collections.ConfigDict(dict(
       pgd=pgd_linf(EPS, num_steps=3), autoattack=autoattack(EPS, num_steps=3, num_targets=2,
                                                              fab_steps=0, square_queries=0)))
@@ -190,8 +192,9 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   partial = os.path.join(workdir, "evaluations", "step_22.partial")
   assert not os.path.exists(partial)
 
-  attacked, members_done = [], []
+  attacked, members_done, batches_run = [], [], []
   attack_result, member_done = evaluate_module._attack_result, MemberProgress.member_done
+  example_results = evaluate_module._example_results
 
   def attack_killed_in_pgd(*args):
     attacked.append(args[9])  # the attack's name
@@ -204,21 +207,27 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
     member_done(self, done, *args)
 
   monkeypatch.setattr(evaluate_module, "_attack_result", attack_killed_in_pgd)
+  monkeypatch.setattr(evaluate_module, "_example_results",
+                      lambda *args: batches_run.append(args[3] is not None) or example_results(*args))
   monkeypatch.setattr(MemberProgress, "member_done", recorded_member_done)
   kill_in_pgd = True
-  with monkeypatch.context() as patch:  # the notice during AutoAttack's first member
+  with monkeypatch.context() as patch:  # the notice during AutoAttack's first batch
     patch.setattr(evaluate_module, "preemption_notices", notices_from(1))
-    with pytest.raises(Preempted, match="1 of 2 members of attack autoattack are saved") as stopped:
+    with pytest.raises(Preempted, match=r"1 of \d batches of attack autoattack \(member 1\)") as stopped:
       jobs.run(config, workdir)
-  assert stopped.value.step == 1 and attacked == ["autoattack"] and members_done == [1]
-  del attacked[:], members_done[:]
+  first_member_batches = int(re.search(r"1 of (\d) batches", str(stopped.value))[1])
+  assert stopped.value.step == 1 and first_member_batches > 1 and attacked == ["autoattack"]
+  assert members_done == [] and batches_run.count(True) == 1
+  del attacked[:], members_done[:], batches_run[:]
   with pytest.raises(Killed):
     jobs.run(config, workdir)
-  assert attacked == ["autoattack", "pgd"] and members_done == [2]
-  del attacked[:], members_done[:]
+  assert attacked == ["autoattack", "pgd"] and members_done == [1, 2]
+  # The first member's first batch was taken back: its other batches ran, then the second member's.
+  assert batches_run.count(True) >= first_member_batches
+  del attacked[:], members_done[:], batches_run[:]
   kill_in_pgd = False
   resumed = jobs.run(config, workdir)
-  assert attacked == ["pgd"] and members_done == []
+  assert attacked == ["pgd"] and members_done == [] and batches_run.count(True) == 0
   assert resumed == uninterrupted and not os.path.exists(partial)
   for name, arrays in sets().items():
     for key, values in arrays.items():
