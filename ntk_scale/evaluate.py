@@ -254,8 +254,8 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   sizes of f0(x) and J(x)(theta - theta0) on its (clean or adversarial) inputs.
 
   Each finished attack (each member of a worst_of one, and every minute the batches of the attack
-  or member under way) is kept in the workdir (evaluation_progress.py): a killed or preempted evaluation,
-  rerun, resumes there; `write_evaluation` drops what was kept.
+  or member under way) is kept in the workdir (evaluation_progress.py): a killed or preempted
+  evaluation, rerun, resumes there; `write_evaluation` drops what was kept.
   """
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}

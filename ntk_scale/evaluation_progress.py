@@ -9,8 +9,8 @@ Users: an evaluation's attacks (`evaluate.evaluate_and_save`, in
 `<phase dir>/evaluations/step_<step>.partial/`), the infinite job's kernel-regression scores, the
 eigen_features job's groups. The attack under way keeps its batches' results every KEEP_EVERY_S
 seconds (`BatchProgress`), and a worst_of attack (AutoAttack), run member by member, every
-example's state after each member (`MemberProgress`) and the batches of the member under way. After each one kept, a preemption notice
-(ntk_scale/preemption.py) stops the job there.
+example's state after each member (`MemberProgress`) and the batches of the member under way.
+After each one kept, a preemption notice (ntk_scale/preemption.py) stops the job there.
 """
 
 import hashlib
@@ -95,7 +95,8 @@ class KeptResults:
 
   def members(self, identity: dict[str, Any], name: str) -> "MemberProgress":
     """Where the worst_of attack `identity` (called `name`) keeps its examples after each member."""
-    return MemberProgress(self.directory, name, {**self._settings, **identity}, self._noticed)
+    return MemberProgress(self._path(identity, f".{name}"), name, {**self._settings, **identity},
+                          self._noticed)
 
   def discard(self) -> None:
     discard(self.directory)
@@ -103,21 +104,21 @@ class KeptResults:
 
 class MemberProgress:
   """A worst_of attack's examples after each of its members, for `evaluate`'s member-by-member run
-  (`<name>.members.json`, naming `<name>.member_<k>.npz`, written first)."""
+  (`<prefix>.members.json`, naming `<prefix>.member_<k>.npz`, written first; `prefix` names the
+  attack and its settings)."""
 
-  def __init__(self, directory: str, name: str, settings: dict[str, Any], noticed: Callable[[], bool]):
-    self._directory, self._name, self._settings, self._noticed = directory, name, settings, noticed
-    self._record = os.path.join(directory, f"{name}.members.json")
+  def __init__(self, prefix: str, name: str, settings: dict[str, Any], noticed: Callable[[], bool]):
+    self._prefix, self._name, self._settings, self._noticed = prefix, name, settings, noticed
+    self._directory, self._record = os.path.dirname(prefix), f"{prefix}.members.json"
 
   def _arrays_path(self, members_done: int) -> str:
-    return os.path.join(self._directory, f"{self._name}.member_{members_done}.npz")
+    return f"{self._prefix}.member_{members_done}.npz"
 
   def batches(self, member: int) -> "BatchProgress":
     """Where member `member` (from 0) keeps its batches: valid for these settings and the state
     after the members before it, which is kept (or computed again the same way)."""
-    digest = hashlib.sha256(json.dumps(self._settings, sort_keys=True).encode()).hexdigest()[:16]
-    return BatchProgress(os.path.join(self._directory, f"{self._name}.{digest}.member{member}"),
-                         f"{self._name} (member {member + 1})", self._noticed)
+    return BatchProgress(f"{self._prefix}.member{member}", f"{self._name} (member {member + 1})",
+                         self._noticed)
 
   def restore(self) -> tuple[int, dict[str, np.ndarray], dict[str, float]] | None:
     """(members done, every example's arrays after them, accuracy after each) of an earlier run
@@ -127,7 +128,8 @@ class MemberProgress:
       return None
     done = int(found["members_done"])
     if jax.process_index() == 0:
-      print(f"attack {self._name}: resuming after {done} of its members ({self._directory})", flush=True)
+      print(f"attack {self._name}: resuming after {done} of its members ({self._directory})",
+            flush=True)
     return done, _load_arrays(self._arrays_path(done)), dict(found["accuracy_after"])
 
   def member_done(self, members_done: int, arrays: dict[str, np.ndarray],

@@ -23,8 +23,9 @@ config.infinite.dtype, labels, rows and target_rows into the training set, setti
 np.load(..., allow_pickle=False)), robust_dataset_steps/<settings digest>/ (the optimisation's
 state every robust_data.checkpoint_every steps, Orbax, removed once the set is written),
 kernels/infinite_<...>/ (the training kernels of the original and optimised sets, tile by tile on
-every device of every host: ntk/function_tiles.py) and evaluations.partial/ (each kernel-regression
-evaluation with its examples, evaluation_progress.KeptResults, removed once results.json is written).
+every device of every host: ntk/function_tiles.py) and evaluations.partial/ (each
+kernel-regression evaluation with its examples, evaluation_progress.KeptResults, removed once
+results.json is written).
 A rerun reads back the kernels, a robust_dataset.npz made with the same settings and the kept
 evaluations, the robust set's optimisation continues from its last saved step, and the networks
 resume. A preemption notice (SIGTERM) stops the job once the evaluation or optimisation step it is
@@ -196,12 +197,13 @@ class _Evaluations:
     if done is None or (keep_examples and "examples" not in done):
       keep = keep_examples and attack is not None
       on_disk = {"model": identity[0], "attack": identity[1], "examples": keep}
-      label = f"{model_name}, {'clean' if attack is None else attack_config.name}"
-      done = self._kept.get(on_disk, label) if self._kept is not None else None
+      attack_name = "clean" if attack is None else attack_config.name
+      done = (self._kept.get(on_disk, f"{model_name}, {attack_name}") if self._kept is not None
+              else None)
       if done is None:
         key = None if attack is None else _attack_key(self.seed, attack_config)
-        batches = None if self._kept is None else self._kept.batches(
-            on_disk, f"{model_name}.{'clean' if attack is None else attack_config.name}")
+        batches = (self._kept.batches(on_disk, f"{model_name}.{attack_name}")
+                   if self._kept is not None else None)
         done = evaluate(model, self.split, self.batch_size, self.mesh, self.num_classes,
                         attack=attack, key=key, keep_examples=keep, batches=batches)
         if self._kept is not None:
