@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Callable
 
@@ -253,6 +254,10 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   For a `linearized` model (the state's model), each result also has "output_components": the
   sizes of f0(x) and J(x)(theta - theta0) on its (clean or adversarial) inputs.
 
+  Each attack's result records the settings that made it ("settings": the attack's config, the
+  checkpoint step, seed, batch size, dataset, ...). An attack that the checkpoint's evaluation record
+  already holds with these settings (and its set, when one is saved) is taken from there, so a
+  rerun of a finished job evaluates only the attacks added or changed since.
   Each finished attack (each member of a worst_of one, and every minute the batches of the attack
   or member under way) is kept in the workdir (evaluation_progress.py): a killed or preempted
   evaluation, rerun, resumes there; `write_evaluation` drops what was kept.
@@ -268,18 +273,60 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
               "dataset": dataset.name, "num_test": len(dataset.test),
               "save_adversarial": bool(config.save_adversarial), "set_suffix": set_suffix,
               "linearized": linearized is not None}
+  recorded = _recorded_results(workdir, step)
   with preemption_notices() as noticed:
     kept = KeptResults(_kept_directory(workdir, step), settings, noticed)
     for i, (name, attack) in enumerate(attacks.items()):
       identity = {"name": name, "index": i, "attack": config.eval_attacks[name].to_dict()}
-      result = kept.get(identity, f"attack {name}")
+      made_with = json.loads(json.dumps({**settings, **identity}))  # as the record holds it
+      set_directory = (os.path.join(workdir, "adversarial", name + set_suffix)
+                       if config.save_adversarial else None)
+      result = (_recorded_result(recorded.get(name), made_with, set_directory, workdir, step)
+                or kept.get(identity, f"attack {name}"))
       if result is None:
         result = _attack_result(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
                                 results["clean"], name, attack, jax.random.fold_in(attack_key, i),
                                 kept.members(identity, name), kept.batches(identity, name))
         kept.put(identity, result)
-      results[name] = result
+      results[name] = {**result, "settings": made_with}
   return results
+
+
+def _record_path(phase_dir: str, step: int) -> str:
+  return os.path.join(phase_dir, "evaluations", f"step_{step}.json")
+
+
+def _recorded_results(phase_dir: str, step: int) -> dict[str, dict[str, Any]]:
+  """The results in checkpoint `step`'s evaluation record, {} when it has none (as process 0 finds
+  it; every process reads it)."""
+  path = _record_path(phase_dir, step)
+  if not parallel.agree(jax.process_index() == 0 and files.exists(path)):
+    return {}
+  return files.read_json(path)["results"]
+
+
+def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
+                     set_directory: str | None, phase_dir: str, step: int) -> dict[str, Any] | None:
+  """An attack's recorded `result` if `made_with` these settings and, when its set is saved, the
+  set in `set_directory` is still this attack's on this checkpoint; else None. Process 0 decides,
+  for every process."""
+  if result is None or result.get("settings") != made_with:
+    return None  # the same on every process: they read one record
+  if set_directory is not None and not parallel.agree(
+      jax.process_index() == 0 and _is_set_of(set_directory, made_with)):
+    return None
+  if jax.process_index() == 0:
+    print(f"attack {made_with['name']}: recorded with these settings in "
+          f"{_record_path(phase_dir, step)}", flush=True)
+  return result
+
+
+def _is_set_of(set_directory: str, made_with: dict[str, Any]) -> bool:
+  meta_path = os.path.join(set_directory, "meta.json")  # written last (adversarial_sets.py)
+  if not files.exists(meta_path):
+    return False
+  meta = files.read_json(meta_path)
+  return meta.get("attack") == made_with["attack"] and meta.get("checkpoint_step") == made_with["step"]
 
 
 def _kept_directory(phase_dir: str, step: int) -> str:
@@ -358,8 +405,7 @@ def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, A
   then drops the parts `evaluate_and_save` kept."""
   record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
-    directory = os.path.join(workdir, "evaluations")
-    files.make_dirs(directory)
-    files.write_json(os.path.join(directory, f"step_{step}.json"), record, indent=2)
+    files.make_dirs(os.path.join(workdir, "evaluations"))
+    files.write_json(_record_path(workdir, step), record, indent=2)
   evaluation_progress.discard(_kept_directory(workdir, step))
   return record

@@ -4,6 +4,7 @@ the digits smoke run learns and its checkpoints are found by epoch."""
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,7 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   uninterrupted, uninterrupted_sets = jobs.run(config, workdir), sets()
   partial = os.path.join(workdir, "evaluations", "step_22.partial")
   assert not os.path.exists(partial)
+  os.remove(os.path.join(workdir, "evaluations", "step_22.json"))  # as if never finished
 
   attacked, members_done, batches_run = [], [], []
   attack_result, member_done = evaluate_module._attack_result, MemberProgress.member_done
@@ -232,6 +234,18 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   for name, arrays in sets().items():
     for key, values in arrays.items():
       np.testing.assert_array_equal(values, uninterrupted_sets[name][key])
+
+  # Finished, rerun: every attack is taken from the record; one changed (or whose set is gone)
+  # is evaluated again, alone.
+  del attacked[:], members_done[:], batches_run[:]
+  assert jobs.run(config, workdir) == uninterrupted and attacked == [] and batches_run == []
+  config.eval_attacks.pgd.num_steps = 2
+  changed = jobs.run(config, workdir)
+  assert attacked == ["pgd"] and changed["results"]["pgd"]["settings"]["attack"]["num_steps"] == 2
+  assert changed["results"]["autoattack"] == uninterrupted["results"]["autoattack"]
+  shutil.rmtree(os.path.join(workdir, "adversarial", "autoattack_epoch1"))
+  del attacked[:]
+  assert jobs.run(config, workdir) == changed and attacked == ["autoattack"]
 
 
 def test_evaluate_job_rejects_a_missing_set_before_compute(trained, tmp_path):

@@ -60,7 +60,7 @@ def test_run_resumes_after_a_power_loss_tore_its_last_metrics_line(tmp_path, cap
   with open(path, "a") as f:
     f.write('{"step": 23, "train/loss": 0.')
   with caplog.at_level(logging.WARNING):
-    jobs.run(config, str(tmp_path))  # the finished run only re-evaluates
+    jobs.run(config, str(tmp_path))  # the finished run only evaluates (its clean accuracy)
   assert "dropped its last line" in caplog.text
   with open(path) as f:
     lines = f.read().splitlines()

@@ -141,13 +141,16 @@ def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path, compila
   assert train_records(killed) == train_records(tmp_path / "straight")
 
 
-def test_rerun_of_a_finished_run_only_reevaluates(one_device_epoch, tmp_path, compilation_cache):
+def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path,
+                                                                    compilation_cache):
   finished, first = one_device_epoch
   shutil.copytree(finished, tmp_path / "rerun")
   second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1, compilation_cache=compilation_cache)
   printed = lambda out: [line for line in out.splitlines()  # main.py's lines, not the timed logs
                          if "test accuracy" in line and not re.match(r"[IWEF]\d{4} ", line)]
   assert len(printed(first)) == 3 and printed(first) == printed(second)  # clean, pgd, apgd
+  for name in ("pgd", "apgd"):  # trained no further, attacked no further
+    assert f"attack {name}: recorded with these settings" in second
   assert sum("test/accuracy" in r for r in read_metrics(tmp_path / "rerun")) == 1
 
 

@@ -65,8 +65,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The `train` job: phase 1 (only re-evaluated when complete), then phase 2 when
-  config.phase2.num_epochs > 0; phase 2's result is under "phase2"."""
+  """The `train` job: phase 1 (when complete, only its evaluation, whose record holds the attacks
+  already done), then phase 2 when config.phase2.num_epochs > 0; phase 2's result is under
+  "phase2"."""
   result = train_and_evaluate(config, workdir)
   if config.phase2.num_epochs > 0:
     result["phase2"] = phase2_and_evaluate(config, workdir)
