@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ntk_scale import parallel
 from ntk_scale.nt_compat import load_neural_tangents
 from ntk_scale.ntk.function_tiles import function_kernel
 from ntk_scale.ntk.store import KernelStore, open_on_every_process
@@ -71,6 +72,7 @@ def check_architecture_config(section: ml_collections.ConfigDict,
     raise ValueError(f"{prefix}.kernel={section.kernel!r}; expected one of {', '.join(KERNELS)}.")
   if section.dtype not in DTYPES:
     raise ValueError(f"{prefix}.dtype={section.dtype!r}; expected one of {', '.join(DTYPES)}.")
+  parallel.check_float64_devices(section.dtype, f"{prefix}.dtype", "use 'float32'")
   batch = section.batch_size
   if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
     raise ValueError(f"{prefix}.batch_size={batch!r} must be an integer >= 1 (images per kernel "

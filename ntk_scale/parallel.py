@@ -40,6 +40,20 @@ def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
                      f"({num_devices} devices).")
 
 
+def devices_compute_float64() -> bool:
+  """False on TPUs: they have no float64 arithmetic (XLA:TPU rejects many float64 operations and
+  emulates the others in float32 pieces); CPUs and GPUs have it."""
+  return jax.default_backend() != "tpu"
+
+
+def check_float64_devices(dtype: str, field: str, instead: str) -> None:
+  """Refuses float64 work on devices without float64 arithmetic, before any compute. `instead`:
+  what the user can set in its place."""
+  if dtype == "float64" and not devices_compute_float64():
+    raise ValueError(f"{field}='float64' cannot run on TPUs, which have no float64 arithmetic; "
+                     f"{instead}, or run this job on CPUs or GPUs.")
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree of host arrays (identical on every host) on all devices. In one process a
   jax array is moved device to device (not through the host); where it is already, as it is."""

@@ -6,6 +6,7 @@ approach it, and more closely at larger width.
 """
 
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -102,6 +103,14 @@ def test_stored_kernel_is_read_back_and_shared_by_equal_kernels_only(nt, tmp_pat
 def test_bad_architecture_field_is_named(field, value):
   with pytest.raises(ValueError, match=f"config.infinite.{field}="):
     infinite.check_architecture_config(_section(**{field: value}))
+
+
+def test_float64_is_refused_on_tpus(monkeypatch):
+  infinite.check_architecture_config(_section(dtype="float64"))
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  infinite.check_architecture_config(_section(dtype="float32"))
+  with pytest.raises(ValueError, match="config.infinite.dtype='float64' cannot run on TPUs"):
+    infinite.check_architecture_config(_section(dtype="float64"))
 
 
 def test_myrtle_depth_must_be_a_myrtle_depth():

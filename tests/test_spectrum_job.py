@@ -199,6 +199,22 @@ def test_a_plan_over_the_budget_streams_or_is_refused(workdir, capsys):
   assert result["method"] == "streamed" and "spectrum plan: streamed" in capsys.readouterr().out
 
 
+def test_float64_on_tpus_is_solved_on_the_host_or_refused_before_any_compute(workdir, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # TPUs have no float64 arithmetic
+  monkeypatch.setattr(spectrum_job, "kernel_job", lambda *a: pytest.fail("the kernel job ran"))
+  with pytest.raises(ValueError, match="config.spectrum.dtype='float64' cannot run on TPUs, which "
+                                       "have no float64 arithmetic; use method 'streamed'"):
+    jobs.run(spectrum_config(method="sharded", dtype="float64"), workdir)
+  monkeypatch.undo()
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  kernel64 = spectrum_config()
+  kernel64.job, kernel64.kernel.dtype = "kernel", "float64"
+  with pytest.raises(ValueError, match="config.kernel.dtype='float64' cannot run on TPUs"):
+    jobs.run(kernel64, workdir)
+  config = spectrum_config(dtype="float64", tol=1e-8)  # the kernel in float32, its spectrum in float64
+  assert jobs.run(config, workdir)["method"] == "streamed"  # auto: LOBPCG on the host
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("num_eigenpairs", 0, "config.spectrum.num_eigenpairs=0 must be an integer >= 1"),
     ("num_eigenpairs", 61, "config.spectrum.num_eigenpairs=61 is more than the kernel's 60 rows"),

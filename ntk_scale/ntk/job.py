@@ -49,6 +49,8 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int,
                      f"{', '.join(METHODS)}.")
   if k.dtype not in ("float32", "float64"):
     raise ValueError(f"config.kernel.dtype={k.dtype!r}; expected 'float32' or 'float64'.")
+  parallel.check_float64_devices(k.dtype, "config.kernel.dtype",
+                                 "use 'float32' (matmuls at config.kernel.precision 'highest')")
   if k.factored_layers not in FACTORING_MODES:
     raise ValueError(f"config.kernel.factored_layers={k.factored_layers!r}; expected one of "
                      f"{', '.join(FACTORING_MODES)}.")

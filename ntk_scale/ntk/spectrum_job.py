@@ -8,7 +8,8 @@ Methods (config.spectrum.method; auto picks the first that applies):
 - dense: every eigenpair by one eigendecomposition, when the block of k + oversample vectors is
   too wide for LOBPCG (5 times the block must be below the matrix size);
 - sharded: LOBPCG on the devices, the kernel's rows split over every device of every host, when
-  XLA's memory analysis of the compiled round fits the per-device budget;
+  XLA's memory analysis of the compiled round fits the per-device budget (and, in float64, the
+  devices are not TPUs, which have no float64 arithmetic);
 - streamed: LOBPCG on the host, the kernel read from disk by row panels at every product (slow, but
   any size).
 LOBPCG runs in rounds of `round_iters` iterations; after each round the Ritz pairs' residuals
@@ -67,6 +68,9 @@ def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | 
     raise ValueError(f"config.spectrum.method={s.method!r}; expected one of {', '.join(METHODS)}.")
   if s.dtype not in DEFAULT_TOL:
     raise ValueError(f"config.spectrum.dtype={s.dtype!r}; expected one of {', '.join(DEFAULT_TOL)}.")
+  if s.method == "sharded":
+    parallel.check_float64_devices(s.dtype, "config.spectrum.dtype", "use method 'streamed' or "
+                                   "'dense' (on the host, in float64) or dtype 'float32'")
   if not 0 <= s.tol < 1:
     raise ValueError(f"config.spectrum.tol={s.tol!r} must be in [0, 1) (largest residual relative to "
                      f"the top eigenvalue; 0: {DEFAULT_TOL[s.dtype]:g} in {s.dtype}).")
@@ -115,7 +119,8 @@ def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
                   device_budget: float) -> SpectrumPlan:
   """The method config.spectrum gets for a kernel of `shape` on `mesh`, from shapes alone (the job
   and the dry run): dense where the block is too wide for LOBPCG, sharded where XLA's memory per
-  device fits the budget (config.spectrum.memory_budget_gb, or `device_budget`), else streamed;
+  device fits the budget (config.spectrum.memory_budget_gb, or `device_budget`) and the devices
+  compute in its dtype (float64: not on TPUs), else streamed;
   SpectrumDoesNotFit for method 'sharded' over the budget. Call under jax.enable_x64 for float64."""
   n, c = matrix_layout(shape)
   size = n * c
@@ -126,7 +131,7 @@ def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
                        f"oversample = {width} vectors under a fifth of the {size} rows; lower "
                        f"them or use method 'dense'.")
     return SpectrumPlan("dense", size, width, None)
-  if s.method == "streamed":
+  if s.method == "streamed" or (s.dtype == "float64" and not parallel.devices_compute_float64()):
     return SpectrumPlan("streamed", size, width, None)
   budget = s.memory_budget_gb * 2**30 or device_budget
   engine = ShardedKernel(shape, mesh, width, s.num_eigenpairs, s.dtype, s.round_iters, s.precision,
