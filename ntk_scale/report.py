@@ -271,6 +271,12 @@ def evaluation_parts(page: ReportPage, evaluations: list[dict], prefix: str) -> 
   parts.append(table(["evaluation", "accuracy", "loss"] + extra + [f"class {c}" for c in range(num_classes)],
                      [[n, r.get("accuracy"), r.get("loss")] + [r.get(k) for k in extra]
                       + list(r.get("per_class_accuracy", [None] * num_classes)) for n, r in results.items()]))
+  configured = [(n, r["settings"]) for n, r in results.items() if "settings" in r]
+  if configured:  # older records do not hold their attacks' settings
+    parts.append("<h4>Its attacks, as configured</h4>")
+    parts.append(table(["evaluation", "attack", "batch size", "seed"],
+                       [[n, s.get("attack"), s.get("eval_batch_size"), s.get("seed")]
+                        for n, s in configured]))
   for n, r in results.items():  # a worst_of (AutoAttack), run member by member
     if r.get("accuracy_after"):
       parts.append(f"<h4>{html.escape(n)}: robust accuracy after each of its attacks, in the order "

@@ -151,7 +151,10 @@ def workdir(tmp_path_factory):
   co_records = write_metrics(path, 16, co=True)
   write_co_record(path, co_records)
   write_evaluation(path, 8, 1.0, {"clean": per_class(0.5), "pgd": per_class(0.25)})
-  write_evaluation(path, 16, 2.0, {"clean": per_class(0.8125), "pgd": per_class(0.375), "autoattack": {
+  pgd_settings = {"step": 16, "seed": 0, "eval_batch_size": 64, "name": "pgd", "index": 0,
+                  "attack": {"name": "pgd", "norm": "linf", "eps": 0.1, "num_steps": 7}}
+  write_evaluation(path, 16, 2.0, {"clean": per_class(0.8125), "pgd": {
+      **per_class(0.375), "settings": pgd_settings}, "autoattack": {
       **per_class(0.3125), "accuracy_after": {"apgd_ce": 0.34375, "apgd_t": 0.3125}}})
   write_adversarial(path, "pgd")
   phase2 = os.path.join(path, "phase2", "centered_C_from1")
@@ -200,7 +203,7 @@ def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, in
                   "Output components of the linearized model (f0(x) and J(theta - theta0))",
                   "Catastrophic overfitting: collapse at epoch 1.25, sustained", "phase1_train24_class0",
                   "autoattack: robust accuracy after each of its attacks, in the order run",
-                  "phase1_epoch2_train24_class0", "Configuration"):
+                  "phase1_epoch2_train24_class0", "Configuration", "Its attacks, as configured"):
     assert heading in page.headings, heading
   report = os.path.join(workdir, "report")
   expected_images = {"training.png", "per_class_accuracy.png", "evaluations.png", "adversarial_pgd.png",
@@ -224,6 +227,7 @@ def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, in
     values = np.linalg.eigvalsh(random_kernel(seed))
     assert fmt(float(values[-1])) in text and fmt(float(values.sum())) in text
   assert "1 of 6" in text and "6 of 6" in text
+  assert '"num_steps": 7' in text  # the newest evaluation's PGD, as its record says
   assert "No results yet" not in text
 
 
