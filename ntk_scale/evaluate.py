@@ -273,6 +273,8 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
               "dataset": dataset.name, "num_test": len(dataset.test),
               "save_adversarial": bool(config.save_adversarial), "set_suffix": set_suffix,
               "linearized": linearized is not None}
+  shared = _Evaluation(config, state, dataset, mesh, int(step), linearized,
+                       results["clean"]["accuracy"])
   recorded = _recorded_results(workdir, step)
   with preemption_notices() as noticed:
     kept = KeptResults(_kept_directory(workdir, step), settings, noticed)
@@ -284,9 +286,9 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
       result = (_recorded_result(recorded.get(name), made_with, set_directory, workdir, step)
                 or kept.get(identity, f"attack {name}"))
       if result is None:
-        result = _attack_result(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
-                                results["clean"], name, attack, jax.random.fold_in(attack_key, i),
-                                kept.members(identity, name), kept.batches(identity, name))
+        result = _attack_result(shared, name, attack, jax.random.fold_in(attack_key, i),
+                                set_directory, kept.members(identity, name),
+                                kept.batches(identity, name))
         kept.put(identity, result)
       results[name] = {**result, "settings": made_with}
   return results
@@ -334,26 +336,38 @@ def _kept_directory(phase_dir: str, step: int) -> str:
   return os.path.join(phase_dir, "evaluations", f"step_{step}.partial")
 
 
-def _attack_result(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
-                   mesh: Mesh, workdir: str, step: int, set_suffix: str,
-                   linearized: LinearizedModel | None, clean: dict[str, Any], name: str,
-                   attack: Attack, key: jax.Array, members: MemberProgress,
+@dataclasses.dataclass(frozen=True)
+class _Evaluation:
+  """What every attack of one `evaluate_and_save` call shares."""
+  config: ml_collections.ConfigDict
+  state: TrainState
+  dataset: Dataset
+  mesh: Mesh
+  step: int
+  linearized: LinearizedModel | None
+  clean_accuracy: float
+
+
+def _attack_result(shared: _Evaluation, name: str, attack: Attack, key: jax.Array,
+                   set_directory: str | None, members: MemberProgress,
                    batches: BatchProgress) -> dict[str, Any]:
-  """One attack of `evaluate_and_save`: its result, its examples saved as a set when asked."""
-  result = evaluate(state, dataset.test, config.eval_batch_size, mesh, dataset.num_classes,
+  """One attack of `evaluate_and_save`: its result, its examples saved as a set in
+  `set_directory` when one is given."""
+  config, dataset, batch_size = shared.config, shared.dataset, shared.config.eval_batch_size
+  result = evaluate(shared.state, dataset.test, batch_size, shared.mesh, dataset.num_classes,
                     attack=attack, key=key,
-                    keep_examples=config.save_adversarial or linearized is not None,
+                    keep_examples=set_directory is not None or shared.linearized is not None,
                     members=members, batches=batches)
   examples = result.pop("examples", None)
-  if linearized is not None:
+  if shared.linearized is not None:
     result["output_components"] = output_component_means(
-        linearized, state, Split(examples["images"], examples["labels"]), config.eval_batch_size,
-        mesh)
-  if config.save_adversarial and jax.process_index() == 0:
+        shared.linearized, shared.state, Split(examples["images"], examples["labels"]), batch_size,
+        shared.mesh)
+  if set_directory is not None and jax.process_index() == 0:
     meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
-            "checkpoint_step": int(step), "accuracy": result["accuracy"],
-            "clean_accuracy": clean["accuracy"]}
-    save_adversarial_set(os.path.join(workdir, "adversarial", name + set_suffix), examples, meta)
+            "checkpoint_step": shared.step, "accuracy": result["accuracy"],
+            "clean_accuracy": shared.clean_accuracy}
+    save_adversarial_set(set_directory, examples, meta)
   return result
 
 

@@ -199,8 +199,8 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   example_results = evaluate_module._example_results
 
   def attack_killed_in_pgd(*args):
-    attacked.append(args[9])  # the attack's name
-    if args[9] == "pgd" and kill_in_pgd:
+    attacked.append(args[1])  # the attack's name
+    if args[1] == "pgd" and kill_in_pgd:
       raise Killed()
     return attack_result(*args)
 
