@@ -230,6 +230,14 @@ def test_linearized_model_kernel_is_the_frozen_kernel_of_theta0(network):
   assert _relative_error(empirical_ntk(apply_fn, moved, x, logits="full", dtype="float64"), theta0) > 1e-3
 
 
+def test_float64_is_refused_on_tpus_before_any_compute(network, monkeypatch):
+  _, variables, apply_fn = network
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # no float64 arithmetic there
+  monkeypatch.setattr(engine, "plan_for", lambda *a, **k: pytest.fail("planned"))
+  with pytest.raises(ValueError, match="dtype='float64' cannot run on TPUs"):
+    empirical_ntk(apply_fn, variables["params"], _images(4), dtype="float64")
+
+
 def test_tile_follows_memory_budget_and_method_falls_back(network):
   _, variables, apply_fn = network
   x = _images(40)

@@ -339,7 +339,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   With x2 None the kernel of x1 with itself is computed from the tiles on and above the diagonal.
   method: "jacobian", "ntvp" (NTK-vector products, no Jacobian block stored) or "auto" (the cost
   model's choice within the per-device memory budget; default: 80% of XLA's device memory, on CPU half
-  of host memory shared by its devices). dtype "float64" runs the whole computation in float64 (x64 enabled for the call).
+  of host memory shared by its devices). dtype "float64" runs the whole computation in float64 (x64
+  enabled for the call; refused on TPUs, which have no float64 arithmetic).
   Works for any flax model in inference mode and for `ntk_scale.linearize.LinearizedModel`.
   Runs on all devices of all processes; every process gets the whole kernel.
   model_state: what the model needs besides `params` and is not differentiated (BatchNorm
@@ -355,6 +356,7 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
   check_precision(precision)
   if dtype not in ("float32", "float64"):
     raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'.")
+  parallel.check_float64_devices(dtype, "dtype", "use 'float32' (matmuls at precision 'highest')")
   with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
     params = jax.tree.map(functools.partial(_as_dtype, dtype=dtype), params)
     model_state = None if model_state is None else jax.tree.map(
