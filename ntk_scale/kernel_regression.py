@@ -14,6 +14,11 @@ K(test, train); `logits_fn` / `predictor` evaluate a kernel function against a f
 inside jax, so the attacks of ntk_scale.attacks differentiate the predictor with respect to the
 test images (training-free adversarial examples) or, with `predictor`, the training images too
 (robust dataset optimisation).
+
+Everything here that runs in jax runs its matmuls and convolutions (the kernel function's too) at
+HIGHEST precision, as the kernel engine does: TF32 on GPUs and bfloat16 passes on TPUs, the
+defaults for float32, perturb each kernel entry by ~1e-3 relative, which a ridgeless solve and
+its coefficients (large, of both signs) turn into wrong predictions.
 """
 
 import dataclasses
@@ -55,6 +60,12 @@ def ridge_coefficients(k_train: jax.Array, targets: jax.Array, regularizer: floa
   """
   if solver not in SOLVERS:
     raise ValueError(f"solver={solver!r}; expected one of {', '.join(SOLVERS)}.")
+  with jax.default_matmul_precision("highest"):
+    return _ridge_coefficients(k_train, targets, regularizer, solver)
+
+
+def _ridge_coefficients(k_train: jax.Array, targets: jax.Array, regularizer: float,
+                        solver: str) -> jax.Array:
   n = k_train.shape[0]
   shift = regularizer * jnp.mean(jnp.diagonal(k_train))
   regularized = k_train + shift * jnp.eye(n, dtype=k_train.dtype)
@@ -173,6 +184,12 @@ def kernel_scores(kernel_fn: KernelFn, images: jax.Array, train_images: jax.Arra
   attack holds kernels of [N, block_size] instead of [N, N_train]: for a Myrtle kernel, whose every
   pair carries a (H W)^2 covariance, the whole row of a CIFAR-10 batch against 5,000 training
   images would take terabytes."""
+  with jax.default_matmul_precision("highest"):
+    return _kernel_scores(kernel_fn, images, train_images, coefficients, block_size)
+
+
+def _kernel_scores(kernel_fn: KernelFn, images: jax.Array, train_images: jax.Array,
+                   coefficients: jax.Array, block_size: int | None) -> jax.Array:
   num_train = train_images.shape[0]
   if block_size is None or block_size >= num_train:
     return kernel_fn(images, train_images) @ coefficients
@@ -198,6 +215,7 @@ def predictor(kernel_fn: KernelFn, train_images: jax.Array, labels: jax.Array, n
   """Kernel regression fitted inside jax: `images -> scores`, differentiable in the training images
   too (the solve is traced), as dataset optimisation needs."""
   targets = regression_targets(labels, num_classes, train_images.dtype)
-  coefficients = ridge_coefficients(kernel_fn(train_images, train_images), targets, regularizer,
-                                    solver)
-  return lambda images: kernel_fn(images, train_images) @ coefficients
+  with jax.default_matmul_precision("highest"):
+    gram = kernel_fn(train_images, train_images)
+  coefficients = ridge_coefficients(gram, targets, regularizer, solver)
+  return lambda images: kernel_scores(kernel_fn, images, train_images, coefficients)

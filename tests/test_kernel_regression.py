@@ -12,7 +12,8 @@ import pytest
 from ntk_scale import attacks, nt_compat
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config,
-                                         kernel_scores, predictor, regression_targets)
+                                         kernel_scores, predictor, regression_targets,
+                                         ridge_coefficients)
 
 
 def _rbf(x1, x2):
@@ -107,6 +108,44 @@ def test_scores_a_block_of_training_images_at_a_time_equal_the_whole_row():
   np.testing.assert_allclose(model.logits_fn(_rbf, x, block_size=3)(xt), whole(xt), rtol=1e-5, atol=1e-6)
 
 
+def _matmul_precisions(jaxpr) -> list:
+  """The precision of every matmul and convolution of a traced program, nested programs (scan,
+  checkpoint, jit, custom derivatives) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      found.append(eqn.params["precision"])
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's program
+        if hasattr(inner, "eqns"):
+          found += _matmul_precisions(inner)
+  return found
+
+
+def _all_highest(program, *args) -> bool:
+  precisions = _matmul_precisions(jax.make_jaxpr(program)(*args).jaxpr)
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  return bool(precisions) and all(p == highest for p in precisions)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_kernel_machines_compute_at_highest_precision(block_size):
+  """On GPUs (TF32) and TPUs (bfloat16 passes) float32 matmuls default to less than float32: the
+  predictions, the attacks' gradients and the fit ask for HIGHEST (on this CPU it changes
+  nothing, so the programs are read instead)."""
+  x, labels, xt = _problem(n_train=10)
+  x, xt = jnp.asarray(x, jnp.float32), jnp.asarray(xt, jnp.float32)
+  model = KernelRegression.fit(np.asarray(_rbf(x, x)), labels, 4, regularizer=0.1)
+  logits_fn = model.logits_fn(_rbf, x, block_size=block_size)
+  assert _all_highest(logits_fn, xt)
+  assert _all_highest(jax.grad(lambda images: jnp.sum(logits_fn(images) ** 2)), xt)
+  assert _all_highest(lambda k: ridge_coefficients(k, jnp.ones((10, 4)), 0.1, "eigh"), _rbf(x, x))
+  fitted = lambda train, images: predictor(_rbf, train, jnp.asarray(labels), 4, regularizer=0.1,
+                                           solver="eigh")(images)
+  assert _all_highest(jax.grad(lambda train: jnp.sum(fitted(train, xt))), x)
+
+
 @pytest.mark.parametrize("field,value", [("regularizer", -1.0), ("solver", "qr")])
 def test_bad_regression_field_is_named(field, value):
   section = ml_collections.ConfigDict(dict(regularizer=0.0, solver="cholesky"))
@@ -124,6 +163,13 @@ def ntk_fn():
   section = ml_collections.ConfigDict(dict(architecture="fc", depth=1, w_std=1.5, b_std=0.1,
                                            kernel="ntk", dtype="float32", batch_size=64))
   return infinite.kernel_function(section, 10)
+
+
+def test_analytic_kernel_machines_compute_at_highest_precision(ntk_fn):
+  x, _, xt = _problem(n_train=10)
+  x, xt = jnp.asarray(x, jnp.float32), jnp.asarray(xt, jnp.float32)
+  logits_fn = KernelRegression(np.ones((10, 10), np.float32)).logits_fn(ntk_fn, x, block_size=4)
+  assert _all_highest(jax.grad(lambda images: jnp.sum(logits_fn(images) ** 2)), xt)
 
 
 def test_attacks_on_the_kernel_predictor_lower_accuracy_within_the_eps_ball(ntk_fn):
