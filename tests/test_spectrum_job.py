@@ -213,6 +213,11 @@ def test_float64_on_tpus_is_solved_on_the_host_or_refused_before_any_compute(wor
     jobs.run(kernel64, workdir)
   config = spectrum_config(dtype="float64", tol=1e-8)  # the kernel in float32, its spectrum in float64
   assert jobs.run(config, workdir)["method"] == "streamed"  # auto: LOBPCG on the host
+  backends, eigh = [], spectrum_job.eigh
+  monkeypatch.setattr(spectrum_job, "eigh", lambda matrix, dtype, backend: backends.append(backend)
+                      or eigh(matrix, dtype, backend))
+  dense = spectrum_config(method="dense", dtype="float64")
+  assert jobs.run(dense, workdir)["method"] == "dense" and backends == ["numpy"]
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -5,8 +5,9 @@ resumed first), to `<workdir>/kernels/<name>/spectrum/`, resumable.
         --config.kernel.num_examples=0 --config.spectrum.num_eigenpairs=100
 
 Methods (config.spectrum.method; auto picks the first that applies):
-- dense: every eigenpair by one eigendecomposition, when the block of k + oversample vectors is
-  too wide for LOBPCG (5 times the block must be below the matrix size);
+- dense: every eigenpair by one eigendecomposition (on a device; on the host for float64 on
+  TPUs), when the block of k + oversample vectors is too wide for LOBPCG (5 times the block must
+  be below the matrix size);
 - sharded: LOBPCG on the devices, the kernel's rows split over every device of every host, when
   XLA's memory analysis of the compiled round fits the per-device budget (and, in float64, the
   devices are not TPUs, which have no float64 arithmetic);
@@ -288,7 +289,8 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
       print(f"spectrum plan: {_describe(plan, engine, s)}", flush=True)
     if method == "dense":
       matrix = as_matrix(store.read()).astype(s.dtype)
-      full = eigh(matrix, dtype=s.dtype, backend="jax")
+      on_device = s.dtype != "float64" or parallel.devices_compute_float64()
+      full = eigh(matrix, dtype=s.dtype, backend="jax" if on_device else "numpy")
       vectors, values = full.vectors[:, :s.num_eigenpairs], full.values[:s.num_eigenpairs]
       pairs = Eigenpairs(full.values, vectors, relative_residuals(matrix @ vectors, vectors, values))
       state = first_state(None)
