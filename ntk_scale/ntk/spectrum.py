@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
-from jax.experimental import multihost_utils
 
 from ntk_scale import parallel
 from ntk_scale.ntk.store import KernelStore
@@ -148,8 +147,7 @@ class StoredKernelOperator(scipy.sparse.linalg.LinearOperator):
     longest = max(stop - first for first, stop in self.shares) * c
     padded = np.zeros((longest, mine.shape[1]), self.dtype)
     padded[:len(mine)] = mine
-    with jax.enable_x64(True):  # float64 rows stay float64 through the gather
-      every = np.asarray(multihost_utils.process_allgather(padded))
+    every = parallel.gather_from_processes(padded)  # float64 rows stay float64
     return np.concatenate([every[p, :(stop - first) * c]
                            for p, (first, stop) in enumerate(self.shares)])
 
