@@ -46,6 +46,12 @@ def devices_compute_float64() -> bool:
   return jax.default_backend() != "tpu"
 
 
+def float64_device() -> jax.Device:
+  """Where a small float64 computation (a dense solve, say) runs: this process's first device, or
+  its CPU where the devices have no float64 arithmetic."""
+  return jax.local_devices()[0] if devices_compute_float64() else jax.local_devices(backend="cpu")[0]
+
+
 def check_float64_devices(dtype: str, field: str, instead: str) -> None:
   """Refuses float64 work on devices without float64 arithmetic, before any compute. `instead`:
   what the user can set in its place."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from ntk_scale import jobs
+from ntk_scale import jobs, parallel
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import ridge_coefficients_cg
 from ntk_scale.models import build_model
@@ -222,6 +222,18 @@ def test_cg_dual_weights_equal_a_dense_solve_and_the_preconditioner_cuts_iterati
   assert info["iterations"] == 3 and not info["converged"] and info["relative_residual"] > 1e-10
   assert np.linalg.norm(y - (matrix + shift * np.eye(n)) @ capped) / np.linalg.norm(y) == (
       pytest.approx(info["relative_residual"], rel=1e-9))
+
+
+def test_dense_dual_weights_are_solved_on_the_host_cpu_where_the_devices_are_tpus(tmp_path, monkeypatch):
+  matrix = np.random.default_rng(5).standard_normal((12, 12))
+  store = write_store(tmp_path / "k", matrix @ matrix.T + np.eye(12), tile=4,
+                      labels=np.arange(12) % 3, num_classes=3)
+  section = ml_collections.ConfigDict(dict(regularizer=1e-3, solver="cholesky"))
+  _, on_device, _ = eigen_images_job.dense_weights(store, 3, 1, section)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # no float64 arithmetic there
+  assert parallel.float64_device() == jax.local_devices(backend="cpu")[0]
+  _, on_host, _ = eigen_images_job.dense_weights(store, 3, 1, section)
+  np.testing.assert_array_equal(on_host, on_device)
 
 
 def test_top_mode_equals_the_dense_job_without_reading_the_kernel_whole(workdir, monkeypatch, capsys):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ntk_scale import files
+from ntk_scale import files, parallel
 from ntk_scale.data import load_dataset, num_classes
 from ntk_scale.kernel_regression import (check_regression_config, regression_targets, ridge_coefficients,
                                          ridge_coefficients_cg)
@@ -104,7 +104,7 @@ def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
 
 def _targets(store: KernelStore, num_classes: int) -> np.ndarray:
   """The regression targets Y (one-hot minus 1/C) of the kernel's examples, [N, C] float64."""
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), jax.default_device(parallel.float64_device()):
     return np.asarray(regression_targets(jnp.asarray(store.labels()), num_classes, jnp.float64))
 
 
@@ -114,7 +114,7 @@ def dense_weights(store: KernelStore, num_classes: int, c: int, e: ml_collection
   y_c by config.eigen_images.solver."""
   matrix = store.read().astype(np.float64)
   pairs = eigh(matrix)
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), jax.default_device(parallel.float64_device()):
     dual = np.asarray(ridge_coefficients(jnp.asarray(matrix), jnp.asarray(_targets(store, num_classes)),
                                          e.regularizer, e.solver))[:, c]
   return pairs, dual, {"method": e.solver}
