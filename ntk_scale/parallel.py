@@ -40,22 +40,22 @@ def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
                      f"({num_devices} devices).")
 
 
-def devices_compute_float64() -> bool:
-  """False on TPUs: they have no float64 arithmetic (XLA:TPU rejects many float64 operations and
-  emulates the others in float32 pieces); CPUs and GPUs have it."""
-  return jax.default_backend() != "tpu"
+def devices_compute(dtype: str) -> bool:
+  """Whether the devices compute in `dtype`: float64 not on TPUs, which have no float64 arithmetic
+  (XLA:TPU rejects many float64 operations and emulates the others in float32 pieces)."""
+  return dtype != "float64" or jax.default_backend() != "tpu"
 
 
 def float64_device() -> jax.Device:
   """Where a small float64 computation (a dense solve, say) runs: this process's first device, or
   its CPU where the devices have no float64 arithmetic."""
-  return jax.local_devices()[0] if devices_compute_float64() else jax.local_devices(backend="cpu")[0]
+  return jax.local_devices()[0] if devices_compute("float64") else jax.local_devices(backend="cpu")[0]
 
 
 def check_float64_devices(dtype: str, field: str, instead: str) -> None:
   """Refuses float64 work on devices without float64 arithmetic, before any compute. `instead`:
   what the user can set in its place."""
-  if dtype == "float64" and not devices_compute_float64():
+  if not devices_compute(dtype):
     raise ValueError(f"{field}='float64' cannot run on TPUs, which have no float64 arithmetic; "
                      f"{instead}, or run this job on CPUs or GPUs.")
 

@@ -132,7 +132,7 @@ def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
                        f"oversample = {width} vectors under a fifth of the {size} rows; lower "
                        f"them or use method 'dense'.")
     return SpectrumPlan("dense", size, width, None)
-  if s.method == "streamed" or (s.dtype == "float64" and not parallel.devices_compute_float64()):
+  if s.method == "streamed" or not parallel.devices_compute(s.dtype):
     return SpectrumPlan("streamed", size, width, None)
   budget = s.memory_budget_gb * 2**30 or device_budget
   engine = ShardedKernel(shape, mesh, width, s.num_eigenpairs, s.dtype, s.round_iters, s.precision,
@@ -289,8 +289,8 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
       print(f"spectrum plan: {_describe(plan, engine, s)}", flush=True)
     if method == "dense":
       matrix = as_matrix(store.read()).astype(s.dtype)
-      on_device = s.dtype != "float64" or parallel.devices_compute_float64()
-      full = eigh(matrix, dtype=s.dtype, backend="jax" if on_device else "numpy")
+      full = eigh(matrix, dtype=s.dtype,
+                  backend="jax" if parallel.devices_compute(s.dtype) else "numpy")
       vectors, values = full.vectors[:, :s.num_eigenpairs], full.values[:s.num_eigenpairs]
       pairs = Eigenpairs(full.values, vectors, relative_residuals(matrix @ vectors, vectors, values))
       state = first_state(None)
