@@ -34,6 +34,13 @@ def save_adversarial_set(directory: str, arrays: dict[str, np.ndarray], meta: di
   files.write_json(meta_path, meta, indent=2, sort_keys=True)
 
 
+def read_set_meta(directory: str) -> dict[str, Any] | None:
+  """The record of the whole set in `directory` (meta.json, written last), or None where there is
+  none."""
+  meta_path = os.path.join(directory, "meta.json")
+  return files.read_json(meta_path) if files.exists(meta_path) else None
+
+
 def load_adversarial_set(directory: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The arrays and record of a saved set; a clear error when it is missing or incomplete."""
   paths = {name: os.path.join(directory, f"{name}.npy") for name in ARRAYS}

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ntk_scale import data, evaluation_progress, files, parallel
-from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
+from ntk_scale.adversarial_sets import load_adversarial_set, read_set_meta, save_adversarial_set
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
 from ntk_scale.evaluation_progress import BatchProgress, KeptResults, MemberProgress
@@ -324,11 +324,9 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
 
 
 def _is_set_of(set_directory: str, made_with: dict[str, Any]) -> bool:
-  meta_path = os.path.join(set_directory, "meta.json")  # written last (adversarial_sets.py)
-  if not files.exists(meta_path):
-    return False
-  meta = files.read_json(meta_path)
-  return meta.get("attack") == made_with["attack"] and meta.get("checkpoint_step") == made_with["step"]
+  meta = read_set_meta(set_directory)
+  return (meta is not None and meta.get("attack") == made_with["attack"]
+          and meta.get("checkpoint_step") == made_with["step"])
 
 
 def _kept_directory(phase_dir: str, step: int) -> str:

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files
+from ntk_scale.adversarial_sets import read_set_meta
 from ntk_scale.train.writers import read_jsonl
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config
 
@@ -315,10 +316,9 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
   root = os.path.join(directory, "adversarial")
   rows, images = [], []
   for name in _subdirectories(root):
-    meta_path = os.path.join(root, name, "meta.json")
-    if not files.exists(meta_path):
+    meta = read_set_meta(os.path.join(root, name))
+    if meta is None:
       continue
-    meta = files.read_json(meta_path)
     # A network's sets record their attack; the infinite job's, the kernel config with every attack.
     attack = meta.get("attack") or meta.get("kernel", {}).get("attacks", {}).get(name, {})
     source = (f"step {meta['checkpoint_step']}" if "checkpoint_step" in meta else meta.get("source"))
