@@ -10,7 +10,7 @@ once and are reported as `unbounded_loops`.
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 from jax.extend import core as jex_core
@@ -40,7 +40,9 @@ def _closed_flops(closed: jex_core.ClosedJaxpr) -> ProgramFlops:
   return ProgramFlops(_xla_flops(lowered) + extra, unbounded)
 
 
-def _sub_jaxprs(eqn) -> list:
+def sub_jaxprs(eqn) -> list:
+  """The programs nested in one equation of a traced program (scan and loop bodies, jit and
+  checkpoint calls, custom derivatives)."""
   found = []
   for value in eqn.params.values():
     for item in value if isinstance(value, (list, tuple)) else (value,):
@@ -49,6 +51,14 @@ def _sub_jaxprs(eqn) -> list:
       elif isinstance(item, jex_core.Jaxpr):
         found.append(item)
   return found
+
+
+def all_equations(jaxpr) -> Iterator:
+  """Every equation of a traced program, those of its nested programs included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in sub_jaxprs(eqn):
+      yield from all_equations(sub)
 
 
 def _loop_corrections(jaxpr) -> tuple[float, int]:
@@ -64,7 +74,7 @@ def _loop_corrections(jaxpr) -> tuple[float, int]:
       continue
     if eqn.primitive.name == "while":
       unbounded += 1
-    for sub in _sub_jaxprs(eqn):
+    for sub in sub_jaxprs(eqn):
       more, loops = _loop_corrections(sub)
       extra, unbounded = extra + more, unbounded + loops
   return extra, unbounded

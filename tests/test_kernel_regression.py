@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ntk_scale import attacks, nt_compat
+from ntk_scale.cost_analysis import all_equations
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config,
                                          kernel_scores, predictor, regression_targets,
@@ -108,23 +109,12 @@ def test_scores_a_block_of_training_images_at_a_time_equal_the_whole_row():
   np.testing.assert_allclose(model.logits_fn(_rbf, x, block_size=3)(xt), whole(xt), rtol=1e-5, atol=1e-6)
 
 
-def _matmul_precisions(jaxpr) -> list:
-  """The precision of every matmul and convolution of a traced program, nested programs (scan,
-  checkpoint, jit, custom derivatives) included."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-      found.append(eqn.params["precision"])
-    for value in eqn.params.values():
-      for inner in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's program
-        if hasattr(inner, "eqns"):
-          found += _matmul_precisions(inner)
-  return found
-
-
 def _all_highest(program, *args) -> bool:
-  precisions = _matmul_precisions(jax.make_jaxpr(program)(*args).jaxpr)
+  """Whether every matmul and convolution of the traced program, nested ones (scan, checkpoint,
+  jit, custom derivatives) included, asks for HIGHEST precision."""
+  traced = jax.make_jaxpr(program)(*args).jaxpr
+  precisions = [eqn.params["precision"] for eqn in all_equations(traced)
+                if eqn.primitive.name in ("dot_general", "conv_general_dilated")]
   highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
   return bool(precisions) and all(p == highest for p in precisions)
 

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ntk_scale.cost_analysis import program_flops
+from ntk_scale.cost_analysis import all_equations, program_flops
 from ntk_scale.ntk.schedule import round_lengths
 from ntk_scale.ntk.factored_layers import MODES as FACTORING_MODES
 from ntk_scale.ntk.factored_layers import FactoredLayer, choose, find_layers, trace
@@ -105,7 +105,7 @@ class ModelCost:
       args = (p, x)
     jaxpr = jax.make_jaxpr(apply_fn)(*args)
     activations = sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
-                      for eqn in _all_eqns(jaxpr.jaxpr) for v in eqn.outvars)
+                      for eqn in all_equations(jaxpr.jaxpr) for v in eqn.outvars)
     # The lowered (backend-independent) HLO: after GPU compilation convolutions are cuDNN custom
     # calls that cost analysis counts as 0 FLOPs, which made "auto" pick ntvp there, 50x slower.
     # Never below the matmul floor: every parameter enters at least one multiply-add.
@@ -117,21 +117,6 @@ class ModelCost:
     return cls(num_params=int(sum(a.size for a in leaves)), forward_flops=flops,
                activation_bytes=float(activations), itemsize=int(leaves[0].dtype.itemsize),
                largest_group=int(np.diff(parameter_groups(params)).max()), layers=layers)
-
-
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in _subjaxprs(eqn):
-      yield from _all_eqns(sub)
-
-
-def _subjaxprs(eqn):
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (list, tuple)) else (value,):
-      inner = getattr(item, "jaxpr", item)
-      if hasattr(inner, "eqns"):
-        yield inner
 
 
 @dataclasses.dataclass(frozen=True)
