@@ -16,6 +16,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/train_throughput.py
     .venv/bin/python benchmarks/train_throughput.py --models cnn --steps 20 --batch_size 256
     .venv/bin/python benchmarks/train_throughput.py --linearizations linear centered  # phase-2 cost
+    .venv/bin/python benchmarks/train_throughput.py --compute_dtypes bfloat16  # config.train.compute_dtype
 """
 
 import os
@@ -88,14 +89,19 @@ def median_seconds(run_once: Callable[[], Any], timing: Timing) -> tuple[float, 
   return statistics.median(times), len(times)
 
 
-def build_state_and_batch(name: str, batch_size: int, linearization: str | None = None,
-                          ) -> tuple[ntk_scale.train.state.TrainState, dict[str, jax.Array]]:
-  """The replicated train state of model `name` (or of its phase-2 `linearization` around its
-  initialisation, BatchNorm frozen) and a sharded random batch of `batch_size`."""
+def model_config(name: str):
   config = base_config()
   config.model.name = name
   config.model.width = MODELS[name]
   config.model.batch_norm = True
+  return config
+
+
+def build_state_and_batch(name: str, batch_size: int, linearization: str | None = None,
+                          ) -> tuple[ntk_scale.train.state.TrainState, dict[str, jax.Array]]:
+  """The replicated train state of model `name` (or of its phase-2 `linearization` around its
+  initialisation, BatchNorm frozen) and a sharded random batch of `batch_size`."""
+  config = model_config(name)
   model = ntk_scale.models.build_model(config.model, num_classes=NUM_CLASSES)
   tx, _ = ntk_scale.train.optimizer.build_optimizer(config.optimizer, steps_per_epoch=100, total_steps=1000)
   mesh = ntk_scale.parallel.make_mesh()
@@ -109,11 +115,18 @@ def build_state_and_batch(name: str, batch_size: int, linearization: str | None 
   return state, ntk_scale.parallel.global_batch(mesh, arrays, np.arange(batch_size))
 
 
-def measure_model(name: str, batch_size: int, timing: Timing, linearization: str | None = None) -> Row:
-  """Compiles the train step once and times that executable; it donates the state, so rebind it."""
+def measure_model(name: str, batch_size: int, timing: Timing, linearization: str | None = None,
+                  compute_dtype: str = "float32") -> Row:
+  """Compiles the train step once and times that executable; it donates the state, so rebind it.
+  A `compute_dtype` other than float32 is phase 1's config.train.compute_dtype."""
   state, batch = build_state_and_batch(name, batch_size, linearization)
   parameters = ntk_scale.train.state.count_parameters(state.params)
-  compiled = ntk_scale.train.steps.make_train_step("none", seed=0).lower(state, batch).compile()
+  compute_apply_fn = None
+  if compute_dtype != "float32":
+    compute_apply_fn = ntk_scale.models.build_model(model_config(name).model, NUM_CLASSES,
+                                                    jnp.dtype(compute_dtype)).apply
+  compiled = ntk_scale.train.steps.make_train_step(
+      "none", seed=0, compute_apply_fn=compute_apply_fn).lower(state, batch).compile()
 
   def run_once() -> Any:
     nonlocal state
@@ -123,7 +136,7 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
   seconds, timed = median_seconds(run_once, timing)
   # The compiled SPMD executable is one device's program, so its cost analysis is per device.
   devices = jax.device_count()
-  label = f"{name} [{linearization}]" if linearization else name
+  label = f"{name} [{linearization or compute_dtype}]" if linearization or compute_dtype != "float32" else name
   return Row(label, parameters, batch_size, devices, seconds, timed, devices * compiled_flops(compiled))
 
 
@@ -163,6 +176,9 @@ def parse_args() -> argparse.Namespace:
                            "(default: 45 on CPU, unlimited elsewhere)")
   parser.add_argument("--linearizations", nargs="*", default=[], choices=LINEARIZATIONS,
                       help="also time phase 2's train step on these linearized forms of each model")
+  parser.add_argument("--compute_dtypes", nargs="*", default=[], choices=("bfloat16",),
+                      help="also time phase 1's train step computing in these dtypes "
+                           "(config.train.compute_dtype)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
   parser.add_argument("--peer_size", type=int, default=None,
                       help="side of the peer matmul (default: 2048 on CPU, 8192 elsewhere)")
@@ -184,10 +200,12 @@ def main() -> None:
   for name in args.models:
     standard = measure_model(name, args.batch_size, timing)
     rows.append(standard)
-    for kind in args.linearizations:
-      rows.append(measure_model(name, args.batch_size, timing, kind))
+    variants = [(kind, "float32") for kind in args.linearizations]
+    variants += [(None, dtype) for dtype in args.compute_dtypes]
+    for kind, dtype in variants:
+      rows.append(measure_model(name, args.batch_size, timing, kind, dtype))
       overheads.append(f"{rows[-1].name}: {rows[-1].step_seconds / standard.step_seconds:.2f}x "
-                       f"the standard step's time")
+                       f"the standard (float32) step's time")
   print(format_table(rows + [peer], peer))
   for line in overheads:
     print(line)

@@ -43,7 +43,9 @@ without normalisation, SGD with learning rate 0.1 and momentum 0.9, batch 128, l
 after epochs 100 and 150 (200 epochs), checkpoints of the initialisation (epoch 0), every epoch and
 at epochs 0.125 ... 2.5.
 Random crop (pad 4) and horizontal flip, and weight decay 5e-4, are the standard CIFAR recipe; the
-issue that specified this config does not name Loo et al.'s values for them.
+issue that specified this config does not name Loo et al.'s values for them. On GPUs and TPUs,
+`--config.train.compute_dtype=bfloat16` trains in bfloat16 (parameters, evaluations and kernels
+stay float32; README).
 
 Attacks (Loo et al.): L-inf eps 4/255; training uses PGD-20 with step 2*eps/20 and a random start;
 the test split is evaluated under PGD-100 (same step size) and APGD-CE-100, and the adversarial

@@ -102,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.benign_step_first = False  # A/F: Loo et al.'s code, a benign then an adversarial update per batch
   c.train.attack_batch_norm = "inference"  # BatchNorm during the attack: inference | train
   c.train.attack = pgd_linf(eps=8 / 255, num_steps=10)  # A/F only
+  # The dtype phase 1's train steps compute in, attack included: float32 | bfloat16 (activations and
+  # matmul inputs; parameters, optimizer state and BatchNorm statistics stay float32, and every
+  # evaluation, kernel and phase 2 computes in float32). bfloat16 halves activation memory and
+  # traffic on GPUs and TPUs.
+  c.train.compute_dtype = "float32"
   # Single-step methods (A/F): train.attack.name fgsm | rs_fgsm (Wong et al. 2020) | n_fgsm (de Jorge
   # et al. 2022). GradAlign's weight (Andriushchenko and Flammarion 2020; 0: off, A/F only), its noise
   # uniform in the train.attack eps-box.

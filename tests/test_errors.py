@@ -30,6 +30,8 @@ def no_compute(monkeypatch):
     ("optimizer.schedule", "warp", "config.optimizer.schedule='warp'"),
     ("data.augment", "mixup", "config.data.augment='mixup'"),
     ("job", "dance", "config.job='dance' is not a known job"),
+    ("train.compute_dtype", "float16", "config.train.compute_dtype='float16'; expected one of "
+                                       "float32, bfloat16"),
 ])
 def test_bad_config_fields_are_named(tmp_path, no_compute, field, value, message):
   config = load_config("digits", "smoke")

@@ -13,9 +13,11 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import base_config
 from ntk_scale.data import load_digits
 from ntk_scale.models import build_model
+from ntk_scale.train.experiment import build_train_steps
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.steps import make_train_step
 from random_variables import random_variables
+from test_train import load_config
 
 WIDTH, LR, EPS, BN_EPS, BN_MOMENTUM = 8, 0.5, 0.1, 1e-5, 0.9
 
@@ -127,3 +129,40 @@ def test_adversarial_step_attacks_as_configured_and_updates_in_training_mode(set
   for k in ("mean", "var"):
     np.testing.assert_allclose(np.asarray(state.batch_stats["BatchNorm_0"][k]), averages[k], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_bfloat16_step_computes_in_bfloat16_and_moves_float32_variables_as_float32_does(setup):
+  """config.train.compute_dtype='bfloat16': the step (attack included) runs the model's bfloat16
+  twin on the same variables; the update lands on float32 parameters and running averages, close to
+  the float32 step's, and the state keeps the float32 model that evaluations use."""
+  model, v, batch, images, labels, make_state = setup
+  c = base_config()
+  c.model.name, c.model.width, c.model.depth, c.model.batch_norm = "mlp", WIDTH, 1, True
+  twin = build_model(c.model, 10, jnp.bfloat16)
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  plain = make_train_step("none", seed=0, attack=fgsm)
+  mixed = make_train_step("none", seed=0, attack=fgsm, compute_apply_fn=twin.apply)
+  assert "bf16" not in plain.lower(make_state(), batch).as_text()
+  assert "bf16" in mixed.lower(make_state(), batch).as_text()
+
+  full, full_metrics = plain(make_state(), batch)
+  half, half_metrics = mixed(make_state(), batch)
+  assert half.apply_fn == model.apply
+  np.testing.assert_allclose(float(half_metrics["loss"]), float(full_metrics["loss"]), rtol=2e-2)
+  for got, want, start in zip(jax.tree.leaves((half.params, half.batch_stats)),
+                              jax.tree.leaves((full.params, full.batch_stats)),
+                              jax.tree.leaves((v["params"], v["batch_stats"])), strict=True):
+    assert got.dtype == jnp.float32
+    moved, expected = np.asarray(got) - start, np.asarray(want) - start
+    assert np.linalg.norm(moved - expected) <= 0.03 * np.linalg.norm(expected)  # ~0.01 measured
+
+
+def test_phase_1_steps_compute_in_config_train_compute_dtype_and_phase_2_in_float32(setup):
+  _, _, batch, _, _, make_state = setup
+  config = load_config("digits", "adversarial")
+  config.model.name, config.model.width, config.model.depth, config.model.batch_norm = "mlp", WIDTH, 1, True
+  config.train.compute_dtype = "bfloat16"
+  for step in build_train_steps(config, config.train, config.seed, adversarial=True):
+    assert "bf16" in step.lower(make_state(), batch).as_text()
+  for step in build_train_steps(config, config.phase2, config.seed, adversarial=True):
+    assert "bf16" not in step.lower(make_state(), batch).as_text()

@@ -19,6 +19,9 @@ from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters
 from ntk_scale.train.steps import TrainStep, make_train_step
 
 MODES = ("C", "A", "F")
+# config.train.compute_dtype: that of phase 1's train steps (activations, matmul inputs, the training
+# attack); parameters, optimizer state and BatchNorm statistics stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -52,6 +55,10 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   if config.train.mode == "F" and not 0 < config.train.flip_epoch < config.num_epochs:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} must lie inside (0, "
                      f"num_epochs={config.num_epochs}) for mode F.")
+  compute_dtype = config.train.get("compute_dtype", "float32")
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.train.compute_dtype={compute_dtype!r}; expected one of "
+                     f"{', '.join(COMPUTE_DTYPES)} (the dtype phase 1's train steps compute in).")
   if config.train.attack_batch_norm not in BATCH_NORM_MODES:
     raise ValueError(f"config.train.attack_batch_norm={config.train.attack_batch_norm!r}; expected "
                      f"one of {', '.join(BATCH_NORM_MODES)}.")
@@ -84,10 +91,15 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
   """A phase's benign step and, if `adversarial`, its adversarial one, built alike for both phases.
 
   `section` (config.train or config.phase2) names the attack, `benign_step_first` and, for phase 1,
-  GradAlign's weight `grad_align` (its noise uses the attack's eps); the augmentation and the
-  attack's BatchNorm mode (config.train.attack_batch_norm) are the experiment's.
+  GradAlign's weight `grad_align` (its noise uses the attack's eps) and `compute_dtype`; the
+  augmentation and the attack's BatchNorm mode (config.train.attack_batch_norm) are the
+  experiment's. Phase 2 computes in float32: its centered forms subtract two nearly equal outputs.
   """
-  benign = make_train_step(config.data.augment, seed)
+  compute_apply_fn = None
+  if section.get("compute_dtype", "float32") != "float32":
+    compute_apply_fn = build_model(config.model, data.num_classes(config.data),
+                                   jnp.dtype(section.compute_dtype)).apply
+  benign = make_train_step(config.data.augment, seed, compute_apply_fn=compute_apply_fn)
   if not adversarial:
     return benign, None
   return benign, make_train_step(config.data.augment, seed, build_attack(section.attack),
@@ -95,7 +107,8 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
                                  attack_batch_norm=config.train.attack_batch_norm,
                                  grad_align=float(section.get("grad_align", 0.0)),
                                  grad_align_eps=section.attack.get("eps"),
-                                 grad_align_clean=section.get("grad_align_clean", "constant"))
+                                 grad_align_clean=section.get("grad_align_clean", "constant"),
+                                 compute_apply_fn=compute_apply_fn)
 
 
 def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:

@@ -47,7 +47,8 @@ def _sgd_update(state: TrainState, images: jax.Array, labels: jax.Array,
 def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, *,
                     benign_step_first: bool = False, attack_batch_norm: str = "inference",
                     grad_align: float = 0.0, grad_align_eps: float | None = None,
-                    grad_align_clean: str = "constant") -> TrainStep:
+                    grad_align_clean: str = "constant",
+                    compute_apply_fn: Callable | None = None) -> TrainStep:
   """A jitted step `(state, batch) -> (state, metrics)` that donates the incoming state.
 
   Without `attack` the step trains on the (augmented) batch. With it, the step trains on the
@@ -57,7 +58,9 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
   updates per batch). Metrics are those of the last update. With `grad_align` > 0 (and an
   attack), the adversarial update adds GradAlign's penalty at eps `grad_align_eps` on the clean
   batch (Andriushchenko and Flammarion 2020; see grad_align.py; `grad_align_clean` says how it
-  treats grad_x L(x)), the model seen as the attack sees it.
+  treats grad_x L(x)), the model seen as the attack sees it. With `compute_apply_fn` (the state's
+  model in another compute dtype, e.g. bfloat16: same variables) the whole step, attack included,
+  computes with it; the state keeps its own `apply_fn`, the one evaluations use.
 
   The step's randomness is `fold_in(key(seed), state.step)`, so it depends on nothing a resumed
   run could lose. Under jit over the mesh the batch means (loss, BatchNorm statistics) span the
@@ -69,6 +72,12 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
   base_key = jax.random.key(seed)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    if compute_apply_fn is None:
+      return updates(state, batch)
+    new_state, metrics = updates(state.replace(apply_fn=compute_apply_fn), batch)
+    return new_state.replace(apply_fn=state.apply_fn), metrics
+
+  def updates(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     augment_key, attack_key = jax.random.split(jax.random.fold_in(base_key, state.step))
     images, labels = augment(augmentation, augment_key, batch["images"]), batch["labels"]
     if attack is None:
