@@ -1,4 +1,4 @@
-"""What this machine's devices do per second, measured on the spot: float32 matmul FLOP/s and the
+"""What this machine's devices do per second, measured on the spot: matmul FLOP/s and the
 bytes per second a device sends to its neighbour on the ring of devices. The dry run bounds a job's
 time with the first; the kernel planner weighs rows sent round the ring against rows recomputed
 with the second (engine.fit_plan). Every process gets process 0's measurement.
@@ -35,10 +35,12 @@ def agreed(value: float) -> float:
   return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
-@functools.lru_cache(maxsize=4)
-def matmul_rate(precision: str = "highest", size: int = 1024, seconds: float = 0.2) -> float:
-  """FLOP/s of a float32 matmul on one device of this process, timed for about `seconds`."""
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices()[0])
+@functools.lru_cache(maxsize=8)
+def matmul_rate(precision: str = "highest", size: int = 1024, seconds: float = 0.2,
+                dtype: str = "float32") -> float:
+  """FLOP/s of a `dtype` matmul at `precision` on one device of this process, timed for about
+  `seconds` (float32 at DEFAULT is TF32 on GPUs and one bfloat16 pass on TPUs)."""
+  a = jax.device_put(jnp.ones((size, size), dtype), jax.local_devices()[0])
   matmul = jax.jit(lambda a: jnp.matmul(a, a, precision=precision))
   calls, elapsed = timed(lambda out: matmul(a), a, seconds)
   return agreed(2 * size**3 * calls / elapsed)

@@ -9,8 +9,10 @@ the kernel engine's own plan (ntk_scale.ntk.plan): tiles, memory per device, FLO
 job's analytic kernels are their tile program (ntk/function_tiles.py) compiled for the mesh, and
 kernel regression is compiled as the job evaluates it, clean and under each attack. Times divide
 the busiest device's FLOPs (a train step's spread evenly; a kernel's through its lockstep steps,
-idle devices' work included) by the float32 matmul rate measured here in a short probe at the
-job's precision: lower bounds, since convolutions and attacks' sequential steps run below that rate.
+idle devices' work included) by the matmul rate measured here in a short probe at the program's
+dtype and precision (training and evaluation: the backend's default precision, TF32 on GPUs, and
+phase 1 in config.train.compute_dtype; kernels: config.kernel.precision): lower bounds, since
+convolutions and attacks' sequential steps run below that rate.
 A worst_of attack (AutoAttack) is planned member by member on every example; evaluation runs each
 member only on the examples still robust, so on a robust model those rows overstate its work.
 
@@ -79,7 +81,12 @@ class PlanDoesNotFit(ValueError):
 class TargetDevices:
   """The devices a job will run on, where they are not the ones JAX sees here (None: these)."""
   memory_bytes: float | None = None  # each device's memory; the budget is DEVICE_MEMORY_FRACTION of it
-  matmul_flops_per_s: float | None = None  # each device's float32 matmul rate at the job's precision
+  matmul_flops_per_s: float | None = None  # each device's matmul rate, for every program
+
+
+# (dtype, precision) of a program's matmuls: the rate measured for them bounds its time.
+Matmul = tuple[str, str]
+TRAINING = ("float32", "default")  # network training and evaluation: the backend's default precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,7 @@ class ProgramCost:
   # FLOPs of one call on its busiest device, when the devices' shares are uneven (the kernel's
   # lockstep steps); None: flops_per_call spread evenly over the devices.
   device_flops_per_call: float | None = None
+  matmul: Matmul | None = None  # None: float32 at the job's precision
 
   @property
   def flops(self) -> float:
@@ -105,7 +113,7 @@ class DryRun:
   job: str
   num_devices: int
   platform: str
-  matmul_flops_per_s: float  # per device, measured
+  matmul_rates: dict[Matmul, float]  # per device, measured (or given) for each program's matmuls
   budget_bytes: float  # per device
   programs: list[ProgramCost]
   notes: list[str]
@@ -116,18 +124,21 @@ class DryRun:
     return sum(p.flops for p in self.programs)
 
   def seconds(self, program: ProgramCost) -> float:
-    """A lower bound: the busiest device's FLOPs at the measured matmul rate."""
+    """A lower bound: the busiest device's FLOPs at the measured rate of its matmuls."""
     per_call = program.device_flops_per_call or program.flops_per_call / self.num_devices
-    return program.calls * per_call / self.matmul_flops_per_s
+    return program.calls * per_call / self.matmul_rates[program.matmul]
 
   def describe(self) -> str:
     t = self.target
     devices = (f"{self.num_devices} {self.platform} device(s)" if t.memory_bytes is None else
                f"{self.num_devices} devices of {_gib(t.memory_bytes)} (compiled for {self.platform})")
     rate = "given" if t.matmul_flops_per_s else "measured"
+    rates = (f"given float32 matmul rate {t.matmul_flops_per_s / 1e9:.4g} GFLOP/s" if t.matmul_flops_per_s
+             else "measured matmul rate " + ", ".join(
+                 f"{dtype} at {precision.upper()} {value / 1e9:.4g} GFLOP/s"
+                 for (dtype, precision), value in self.matmul_rates.items()))
     lines = [f"dry run of job {self.job!r} on {devices} in {jax.process_count()} process(es); "
-             f"{rate} float32 matmul rate {self.matmul_flops_per_s / 1e9:.4g} GFLOP/s per device; "
-             f"budget {_gib(self.budget_bytes)} per device",
+             f"{rates} per device; budget {_gib(self.budget_bytes)} per device",
              f"  {'program':<52s} {'calls':>9s} {'FLOP/call':>10s} {'memory/device':>14s} {'time >=':>10s}"]
     for p in self.programs:
       lines.append(f"  {p.name:<52s} {p.calls:>9,d} {p.flops_per_call:>10.3g} "
@@ -153,11 +164,12 @@ def _duration(seconds: float) -> str:
   return f"{seconds / 3600:.3g} h"
 
 
-def _program(name: str, jitted, args: tuple, calls: int, setting: str, **static) -> ProgramCost:
+def _program(name: str, jitted, args: tuple, calls: int, setting: str, *, matmul: Matmul | None = None,
+             **static) -> ProgramCost:
   compiled = jitted.lower(*args, **static).compile()
   counted = program_flops(jitted, *args, **static)
   return ProgramCost(name, calls, counted.flops, memory_per_device(compiled), setting,
-                     counted.unbounded_loops)
+                     counted.unbounded_loops, matmul=matmul)
 
 
 def _abstract(tree: Any, sharding) -> Any:
@@ -200,14 +212,15 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
   state = _abstract(state, parallel.replicated_sharding(mesh))
   benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None)
   batch = _batch(mesh, config.batch_size, image_shape)
+  matmul = (section.get("compute_dtype", "float32"), "default")  # as build_train_steps reads it
   programs = []
   benign_steps = total if flip is None else min(flip, total)
   if benign_steps:
     programs.append(_program(f"{label} benign step", benign, (state, batch), benign_steps,
-                             "config.batch_size"))
+                             "config.batch_size", matmul=matmul))
   if flip is not None and total - flip > 0:
     programs.append(_program(f"{label} adversarial step ({section.attack.name})", adversarial,
-                             (state, batch), total - flip, "config.batch_size"))
+                             (state, batch), total - flip, "config.batch_size", matmul=matmul))
   return programs
 
 
@@ -227,10 +240,10 @@ def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   num_classes = dataset_classes(config.data)
   programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
-                       "config.eval_batch_size", num_classes=num_classes, attack=None)]
+                       "config.eval_batch_size", matmul=TRAINING, num_classes=num_classes, attack=None)]
   for name, attack in build_attacks(config.eval_attacks, "config.eval_attacks").items():
     programs += _attacked(f"{label} evaluation under {name}", attack, (state, batch, key), calls,
-                          "config.eval_batch_size", num_classes=num_classes)
+                          "config.eval_batch_size", matmul=TRAINING, num_classes=num_classes)
   return programs
 
 
@@ -675,8 +688,10 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     if p.bytes_per_device > budget:
       raise PlanDoesNotFit(f"{p.name} needs {_gib(p.bytes_per_device)} per device but a device's budget "
                            f"is {_gib(budget)}; lower {p.setting} or use more devices.")
-  rate = target.matmul_flops_per_s or matmul_rate(precision)
-  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rate, budget, programs, notes,
+  programs = [p if p.matmul else dataclasses.replace(p, matmul=("float32", precision)) for p in programs]
+  rates = {p.matmul: target.matmul_flops_per_s or matmul_rate(p.matmul[1], dtype=p.matmul[0])
+           for p in programs}
+  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
                 target)
 
 

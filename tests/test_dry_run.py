@@ -93,6 +93,29 @@ def test_train_job_counts_match_the_dataset_and_the_mlp_by_hand():
   assert plan.flops == sum(p.calls * p.flops_per_call for p in plan.programs)
 
 
+def test_each_program_is_timed_at_the_rate_of_its_matmuls(monkeypatch):
+  """Training and evaluation run at the backend's default precision (TF32 on GPUs, one bfloat16
+  pass on TPUs: rates several times HIGHEST's), phase 1 in config.train.compute_dtype; a bound
+  from HIGHEST's rate would overstate their time there. Here each kind gets its own fake rate."""
+  fake = {("highest", "float32"): 1e9, ("default", "float32"): 2e9, ("default", "bfloat16"): 4e9}
+  monkeypatch.setattr(dry_run_module, "matmul_rate",
+                      lambda precision, dtype="float32": fake[precision, dtype])
+  c = mlp_config()
+  c.train.compute_dtype = "bfloat16"
+  plan = jobs.dry_run(c)
+  programs = _by_name(plan)
+  step, clean = programs["phase 1 benign step"], programs["phase 1 clean evaluation"]
+  assert (step.matmul, clean.matmul) == (("bfloat16", "default"), ("float32", "default"))
+  assert plan.seconds(step) == pytest.approx(step.flops / 4 / 4e9)
+  assert plan.seconds(clean) == pytest.approx(clean.flops / 4 / 2e9)
+  assert "measured matmul rate bfloat16 at DEFAULT 4 GFLOP/s, float32 at DEFAULT 2 GFLOP/s" in plan.describe()
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples = 40
+  plan = jobs.dry_run(c)
+  (kernel,) = plan.programs
+  assert plan.seconds(kernel) == pytest.approx(kernel.device_flops_per_call / 1e9)
+
+
 def test_attack_steps_are_counted_and_memory_is_per_device():
   costs = []
   for steps in (2, 3, 4):
@@ -148,12 +171,13 @@ def test_kernel_plan_is_the_engine_plan():
   # Its time is the busiest device's through the lockstep steps: 10 tiles do not split evenly
   # over 4 devices.
   assert kernel.device_flops_per_call > kernel.flops_per_call / plan.num_devices == kernel.flops / 4
-  assert plan.seconds(kernel) == pytest.approx(kernel.device_flops_per_call / plan.matmul_flops_per_s)
+  assert kernel.matmul == ("float32", "highest")  # config.kernel.precision
+  assert plan.seconds(kernel) == pytest.approx(kernel.device_flops_per_call / plan.matmul_rates[kernel.matmul])
   c.job, c.evolution.epochs = "evolution", (1.0, 2.0)
   evolution = jobs.dry_run(c)
   assert evolution.programs[0].calls == 2
   assert evolution.seconds(evolution.programs[0]) == pytest.approx(
-      2 * kernel.device_flops_per_call / evolution.matmul_flops_per_s)
+      2 * kernel.device_flops_per_call / evolution.matmul_rates[kernel.matmul])
   assert len(evolution.programs) == 1 and "every eigenpair of each 100-row kernel" in evolution.notes[-1]
   # The spectrum job's LOBPCG rounds for each checkpoint's top eigenpairs (num_eigenvalues here).
   c.evolution.eigensolver, c.evolution.num_eigenvalues, c.evolution.top_k = "top", 5, 3
