@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 512
   c.num_epochs = 10.0
   c.log_every_steps = 50
+  # Train steps of each phase traced with jax.profiler (after its first 2: compilation) into the
+  # phase directory's plugins/profile/, for TensorBoard's profile plugin; 0: none.
+  c.profile_steps = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.mode = "C"  # C: benign | A: adversarial | F: benign, then adversarial from flip_epoch

@@ -1,6 +1,7 @@
 """The train job end to end: data parallelism, kill-and-resume, rerun of a finished run, ResNet-18,
 NaN guard (the digits smoke run's checkpoints by epoch: tests/test_adversarial_training.py)."""
 
+import glob
 import os
 import re
 import shutil
@@ -83,7 +84,18 @@ def one_device_epoch(tmp_path_factory, compilation_cache):
   """One epoch of configs/digits.py:smoke by main.py on one device, logged every step:
   (workdir, what main.py printed)."""
   workdir = tmp_path_factory.mktemp("one_device")
-  return workdir, main_py(workdir, *ONE_EPOCH, devices=1, compilation_cache=compilation_cache)
+  return workdir, main_py(workdir, *ONE_EPOCH, "--config.profile_steps=3", devices=1,
+                          compilation_cache=compilation_cache)
+
+
+def test_profile_steps_leave_a_trace_of_the_train_step_for_tensorboard(one_device_epoch):
+  """--config.profile_steps=3 (a runtime field): steps 3-5 traced into the workdir's
+  plugins/profile/<run>/, where TensorBoard's profile plugin reads it, with the train step in it."""
+  workdir, printed = one_device_epoch
+  (trace,) = glob.glob(str(workdir / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  with open(trace, "rb") as f:
+    assert b"jit_step" in f.read()  # the jitted train step (train/steps.py) ran inside the trace
+  assert "profile of steps 3-5 written under" in printed
 
 
 def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):

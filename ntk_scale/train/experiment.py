@@ -15,6 +15,7 @@ from ntk_scale.models import build_model, check_model_config
 from ntk_scale.train.collapse import check_co_monitor_config
 from ntk_scale.train.grad_align import CLEAN_GRADIENT
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
+from ntk_scale.train.profile import check_profile_steps
 from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters, create_train_state
 from ntk_scale.train.steps import TrainStep, make_train_step
 
@@ -37,6 +38,7 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
     parallel.check_batch_size(config[field], num_devices, f"config.{field}")
   if not config.log_every_steps > 0:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be a positive number of steps.")
+  check_profile_steps(config.get("profile_steps", 0))
   build_attacks(config.eval_attacks, "config.eval_attacks", data.num_classes(config.data))
 
 

@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     monitor = CoMonitor(config, exp.dataset, exp.mesh, exp.steps_per_epoch, saves, workdir)
   phase = Phase(workdir, exp.batches, benign_step, adversarial_step, exp.flip_step,
                 exp.steps_per_epoch, exp.total_steps, saves, exp.learning_rate, config.log_every_steps,
-                monitor=monitor)
+                monitor=monitor, profile_steps=config.get("profile_steps", 0))
   hparams = {k: str(v) for k, v in flatten_config(config.to_dict()).items()}
   state, start_step, checkpoints, writer = open_phase(phase, exp.state, hparams)
   if monitor is not None:

@@ -24,6 +24,7 @@ from ntk_scale.data import Dataset
 from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.preemption import Preempted, preemption_notices
+from ntk_scale.train.profile import StepProfile
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.steps import Batch, TrainStep
 from ntk_scale.train.writers import JsonlWriter, create_writers
@@ -60,6 +61,7 @@ class Phase:
   # Called as monitor(step, state, checkpoints, writer) at the steps it is due, once the step's
   # loss and state are known to be finite, before that step's scheduled save.
   monitor: Monitor | None = None
+  profile_steps: int = 0  # steps traced for TensorBoard's profile plugin (train/profile.py)
 
 
 @jax.jit
@@ -129,11 +131,14 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
     checkpoints.save(0, state, phase.saves[0])
   # Resumed from a preemption's checkpoint: the metrics it saved are still to be logged.
   pending = checkpoints.pending_metrics(start_step) if start_step else []
-  with preemption_notices() as noticed:
+  profile = StepProfile(phase.directory, start_step, phase.total_steps, phase.profile_steps)
+  with preemption_notices() as noticed, profile:
     for step in range(start_step, phase.total_steps):
       adversarial = phase.flip_step is not None and step >= phase.flip_step
+      profile.before(step)
       state, metrics = (phase.adversarial_step if adversarial else phase.benign_step)(
           state, phase.batches(step))
+      profile.after(step, state)
       done = step + 1
       pending.append((done, metrics))
       progress(done)

@@ -115,7 +115,7 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   saves = save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ())
   phase = Phase(directory, batches, benign_step, adversarial_step, flip_step,
                 steps_per_epoch, total_steps, saves, learning_rate, config.log_every_steps,
-                "config.phase2.optimizer.learning_rate")
+                "config.phase2.optimizer.learning_rate", profile_steps=config.get("profile_steps", 0))
   logging.info("Phase 2: %s from phase-1 epoch %g (step %d), %d steps.", linearized, p.from_epoch,
                from_step, total_steps)
   return Phase2(phase, state, linearized, dataset, mesh, from_step)

@@ -1,0 +1,72 @@
+"""A trace of a few train steps (config.profile_steps) for TensorBoard's profile plugin (xprof):
+where a slow phase spends its time, per device and per op, and how long the devices wait on the host.
+
+jax.profiler writes `<log dir>/plugins/profile/<run>/<host>.xplane.pb`; traced into a local
+directory first and then copied into the phase directory (local or gs://, through files.py), it
+lies beside the phase's TensorBoard metrics: `tensorboard --logdir <workdir>` shows both. Process 0
+traces its own devices.
+"""
+
+import os
+import tempfile
+from typing import Any
+
+import jax
+from absl import logging
+
+from ntk_scale import files
+
+# The first steps of a run compile and warm up; the trace starts after them.
+SKIP_STEPS = 2
+
+
+def check_profile_steps(value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"config.profile_steps={value!r} must be an integer >= 0 (train steps traced "
+                     f"for TensorBoard's profile plugin; 0: none).")
+
+
+class StepProfile:
+  """Traces steps [start + SKIP_STEPS, start + SKIP_STEPS + num_steps) of a loop that begins at
+  `start` (clipped to `end`), into `directory`. Call `before(step)` and `after(step, outputs)`
+  around each step; leaving the context ends a trace still running (a loop stopped early)."""
+
+  def __init__(self, directory: str, start: int, end: int, num_steps: int):
+    self._directory = directory
+    self._first = start + SKIP_STEPS
+    self._stop = min(self._first + num_steps, end)
+    self._enabled = num_steps > 0 and self._first < self._stop and jax.process_index() == 0
+    self._local: tempfile.TemporaryDirectory | None = None
+
+  def __enter__(self) -> "StepProfile":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._local is not None:
+      self._finish(None)
+
+  def before(self, step: int) -> None:
+    if self._enabled and step == self._first:
+      self._local = tempfile.TemporaryDirectory(prefix="ntk_scale_profile_")
+      jax.profiler.start_trace(self._local.name)
+
+  def after(self, step: int, outputs: Any) -> None:
+    if self._local is not None and step + 1 == self._stop:
+      self._finish(outputs)
+
+  def _finish(self, outputs: Any) -> None:
+    """Waits for the traced steps' device work, stops the trace and copies it into the directory."""
+    local, self._local = self._local, None
+    try:
+      jax.block_until_ready(outputs)
+    finally:
+      jax.profiler.stop_trace()
+      for root, _, names in os.walk(local.name):
+        for name in names:
+          source = os.path.join(root, name)
+          target = os.path.join(self._directory, os.path.relpath(source, local.name))
+          files.make_dirs(os.path.dirname(target))
+          files.copy_file(source, target)
+      local.cleanup()
+    logging.info("profile of steps %d-%d written under %s", self._first + 1, self._stop,
+                 os.path.join(self._directory, "plugins", "profile"))
