@@ -6,6 +6,8 @@ Checkpoints are Orbax's, which supports gs:// itself; the emulator cannot serve 
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_se
 from ntk_scale.evaluate import write_evaluation
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError, TileWriter
 from ntk_scale.report import write_report
+from ntk_scale.train.profile import StepProfile
 from ntk_scale.train.writers import JsonlWriter, read_metrics
 from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
 
@@ -151,3 +154,17 @@ def test_a_workdir_in_another_store_is_refused_before_anything_runs():
 
   with pytest.raises(ValueError, match="--workdir=s3://b/run: a workdir is a local directory or a gs://"):
     prepare_workdir(load_config("digits", "smoke"), "s3://b/run")
+
+
+def test_a_profile_of_train_steps_lands_in_the_bucket(bucket):
+  """config.profile_steps on a gs:// workdir: jax.profiler traces locally, the trace is copied
+  into the phase directory in the bucket (and nothing stays behind on the local disk)."""
+  step = jax.jit(lambda x: x @ x / len(x))
+  x = jnp.eye(64)
+  with StepProfile(f"{bucket}/run", start=0, end=6, num_steps=2) as profile:
+    for i in range(6):
+      profile.before(i)
+      x = step(x)
+      profile.after(i, x)
+  (trace,) = files.glob(f"{bucket}/run/plugins/profile", "*/*.xplane.pb")
+  assert len(files.read_bytes(trace)) > 0
