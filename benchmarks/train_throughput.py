@@ -123,8 +123,8 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
   parameters = ntk_scale.train.state.count_parameters(state.params)
   compute_apply_fn = None
   if compute_dtype != "float32":
-    compute_apply_fn = ntk_scale.models.build_model(model_config(name).model, NUM_CLASSES,
-                                                    jnp.dtype(compute_dtype)).apply
+    model = ntk_scale.models.build_model(model_config(name).model, NUM_CLASSES)
+    compute_apply_fn = model.clone(dtype=jnp.dtype(compute_dtype)).apply
   compiled = ntk_scale.train.steps.make_train_step(
       "none", seed=0, compute_apply_fn=compute_apply_fn).lower(state, batch).compile()
 

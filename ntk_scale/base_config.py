@@ -159,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.phase2.benign_step_first = False  # A: a benign then an adversarial update per batch
   c.phase2.attack = pgd_linf(eps=8 / 255, num_steps=10)  # A only; BatchNorm as train.attack_batch_norm
   c.phase2.checkpoint_every_epochs = 1.0
+  # As train.compute_dtype, for phase 2's steps: float32 | bfloat16 (linear and centered only: the
+  # centered_nonlinear form subtracts two nearly equal bfloat16 outputs).
+  c.phase2.compute_dtype = "float32"
   c.phase2.optimizer = ml_collections.ConfigDict()  # Loo et al.: SGD, lr 0.01, momentum 0.9
   c.phase2.optimizer.name = "sgd"
   c.phase2.optimizer.learning_rate = 0.01

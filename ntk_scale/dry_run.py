@@ -210,7 +210,7 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
   state = jax.eval_shape(lambda: TrainState.create(
       apply_fn=model.apply, tx=tx, **_state_variables(model, image_shape, seed)))
   state = _abstract(state, parallel.replicated_sharding(mesh))
-  benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None)
+  benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None, model=model)
   batch = _batch(mesh, config.batch_size, image_shape)
   matmul = (section.get("compute_dtype", "float32"), "default")  # as build_train_steps reads it
   programs = []

@@ -22,6 +22,7 @@ engine take it unchanged. theta0 is held by the object as constants; theta is
 `variables["params"]`, so phase 2 starts at theta = theta0.
 """
 
+import copy
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -67,6 +68,13 @@ class LinearizedModel:
     self.batch_norm = batch_norm
     self.params0 = _copy(params0)
     self.batch_stats0 = _copy(batch_stats0 if batch_stats0 is not None else {})
+
+  def clone(self, *, dtype: Any) -> "LinearizedModel":
+    """This linearization, around the same theta0 (shared, not copied), of the network computing in
+    `dtype` (e.g. bfloat16; as flax's `Module.clone(dtype=...)`): a train step's compute twin."""
+    twin = copy.copy(self)
+    twin.model = self.model.clone(dtype=dtype)
+    return twin
 
   def __repr__(self) -> str:
     return (f"LinearizedModel({type(self.model).__name__}, kind={self.kind!r}, "

@@ -9,6 +9,7 @@ import pytest
 
 from ntk_scale import attacks, parallel
 from ntk_scale.base_config import base_config
+from ntk_scale.cost_analysis import all_equations
 from ntk_scale.linearize import LinearizedModel, output_components
 from ntk_scale.models import build_model
 from ntk_scale.train.state import create_train_state, logits_fn
@@ -280,3 +281,27 @@ def test_loose_running_averages_are_those_of_the_documented_pass(kind):
                 ["batch_stats"] if batch_norm == "loose" else bs)
     for got, want in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(expected), strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "centered"])
+def test_bfloat16_clone_shares_theta0_and_computes_in_bfloat16(kind):
+  """config.phase2.compute_dtype='bfloat16': the train steps run `clone(dtype=bfloat16)`, the same
+  linearization around the same theta0 buffers, its forward pass and JVP in bfloat16, its logits
+  float32 and within bfloat16's rounding of the float32 model's, away from theta0 too."""
+  model = MODELS["cnn"]()
+  variables, x = _init(model), _images()
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind=kind)
+  twin = lin.clone(dtype=jnp.bfloat16)
+  assert twin.params0 is lin.params0 and twin.batch_stats0 is lin.batch_stats0
+  assert (twin.kind, twin.batch_norm, lin.model.dtype) == (lin.kind, lin.batch_norm, None)
+  moved = {"params": _axpy(1.0, _direction(variables["params"]), variables["params"]),
+           "batch_stats": variables["batch_stats"]}
+  products = lambda m: {v.aval.dtype for e in all_equations(
+      jax.make_jaxpr(lambda v: m.apply(v, x, train=False))(moved).jaxpr)
+      if e.primitive.name in ("dot_general", "conv_general_dilated") for v in e.invars}
+  assert products(lin) == {jnp.dtype(jnp.float32)} and products(twin) == {jnp.dtype(jnp.bfloat16)}
+  full, half = lin.apply(moved, x, train=False), twin.apply(moved, x, train=False)
+  assert half.dtype == jnp.float32
+  # Measured 0.010 (linear: f0 dominates) and 0.042 (centered: the JVP adds the layers' terms,
+  # which partly cancel, each rounded to bfloat16).
+  assert jnp.max(jnp.abs(half - full)) <= {"linear": 0.02, "centered": 0.08}[kind] * jnp.max(jnp.abs(full))

@@ -312,13 +312,11 @@ def test_build_model_num_classes_and_batch_norm_flag(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "cnn", "mlp"])
 def test_bfloat16_twin_shares_the_variables_and_computes_in_bfloat16(name):
-  """build_model(..., compute_dtype=bfloat16) (config.train.compute_dtype): the same float32
-  variables, every layer's matmul in bfloat16, float32 logits within bfloat16's rounding of the
-  float32 model's; the default model computes in float32 throughout."""
+  """model.clone(dtype=bfloat16) (config.train.compute_dtype): the same float32 variables, every
+  layer's matmul in bfloat16, float32 logits within bfloat16's rounding of the float32 model's; the
+  model itself computes in float32 throughout."""
   model = _model(name, width=4, batch_norm=True)
-  c = base_config()
-  c.model.name, c.model.width, c.model.batch_norm = name, 4, True
-  twin = build_model(c.model, 10, jnp.bfloat16)
+  twin = model.clone(dtype=jnp.bfloat16)
   x = _images((4, 8, 8, 3))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), _abstract_variables(twin, x.shape)) == \
       jax.tree.map(lambda a: (a.shape, a.dtype), _abstract_variables(model, x.shape))

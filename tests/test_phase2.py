@@ -186,7 +186,8 @@ def test_missing_from_epoch_fails_before_compute(run, tmp_path):
 def test_bad_phase2_fields_are_named():
   for field, value, message in (("linearization", "quadratic", "config.phase2.linearization"),
                                 ("mode", "F", "config.phase2.mode"),
-                                ("batch_norm", "train", "config.phase2.batch_norm")):
+                                ("batch_norm", "train", "config.phase2.batch_norm"),
+                                ("compute_dtype", "float16", "config.phase2.compute_dtype='float16'")):
     config = phase2_config()
     config.phase2[field] = value
     with pytest.raises(ValueError, match=message):
@@ -194,6 +195,13 @@ def test_bad_phase2_fields_are_named():
   config = phase2_config()
   config.phase2.optimizer.learning_rate = -1.0
   with pytest.raises(ValueError, match="config.phase2.optimizer.learning_rate"):
+    check_phase2_config(config)
+  config = phase2_config()
+  config.phase2.compute_dtype, config.phase2.linearization = "bfloat16", "centered"
+  check_phase2_config(config)
+  config.phase2.linearization = "centered_nonlinear"
+  with pytest.raises(ValueError, match="config.phase2.compute_dtype='bfloat16' with linearization "
+                                       "'centered_nonlinear'.*use float32"):
     check_phase2_config(config)
 
 

@@ -100,20 +100,20 @@ def setup():
   mesh = parallel.make_mesh()
   model = build_model(_config("fgsm").model, 10)
   make_state = lambda: create_train_state(model, optax.sgd(0.1), (8, 8, 1), seed=0, mesh=mesh)
-  return mesh, make_state
+  return mesh, make_state, model
 
 
 @pytest.mark.parametrize("attack_name, grad_align, transform", [
     ("fgsm", 0.0, "inject"), ("rs_fgsm", 0.0, "low_pass"), ("n_fgsm", 0.0, "none"),
     ("fgsm", 0.5, "none")])
 def test_one_training_step_with_each_single_step_option(setup, attack_name, grad_align, transform):
-  mesh, make_state = setup
+  mesh, make_state, model = setup
   config = _config(attack_name, grad_align, transform)
   check_train_config(config, mesh.devices.size)
   dataset = load_dataset(config.data)
   batch = parallel.global_batch(mesh, {"images": dataset.train.images, "labels": dataset.train.labels},
                                 np.arange(64))
-  _, step = build_train_steps(config, config.train, config.seed, adversarial=True)
+  _, step = build_train_steps(config, config.train, config.seed, adversarial=True, model=model)
   state, metrics = step(make_state(), batch)
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
   if grad_align:

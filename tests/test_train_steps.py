@@ -136,9 +136,7 @@ def test_bfloat16_step_computes_in_bfloat16_and_moves_float32_variables_as_float
   twin on the same variables; the update lands on float32 parameters and running averages, close to
   the float32 step's, and the state keeps the float32 model that evaluations use."""
   model, v, batch, images, labels, make_state = setup
-  c = base_config()
-  c.model.name, c.model.width, c.model.depth, c.model.batch_norm = "mlp", WIDTH, 1, True
-  twin = build_model(c.model, 10, jnp.bfloat16)
+  twin = model.clone(dtype=jnp.bfloat16)
   fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
   plain = make_train_step("none", seed=0, attack=fgsm)
   mixed = make_train_step("none", seed=0, attack=fgsm, compute_apply_fn=twin.apply)
@@ -157,12 +155,14 @@ def test_bfloat16_step_computes_in_bfloat16_and_moves_float32_variables_as_float
     assert np.linalg.norm(moved - expected) <= 0.03 * np.linalg.norm(expected)  # ~0.01 measured
 
 
-def test_phase_1_steps_compute_in_config_train_compute_dtype_and_phase_2_in_float32(setup):
-  _, _, batch, _, _, make_state = setup
+def test_each_phase_steps_compute_in_its_sections_compute_dtype(setup):
+  model, _, batch, _, _, make_state = setup
   config = load_config("digits", "adversarial")
-  config.model.name, config.model.width, config.model.depth, config.model.batch_norm = "mlp", WIDTH, 1, True
   config.train.compute_dtype = "bfloat16"
-  for step in build_train_steps(config, config.train, config.seed, adversarial=True):
+  for step in build_train_steps(config, config.train, config.seed, adversarial=True, model=model):
     assert "bf16" in step.lower(make_state(), batch).as_text()
-  for step in build_train_steps(config, config.phase2, config.seed, adversarial=True):
-    assert "bf16" not in step.lower(make_state(), batch).as_text()
+  for step in build_train_steps(config, config.phase2, config.seed, adversarial=True, model=model):
+    assert "bf16" not in step.lower(make_state(), batch).as_text()  # config.phase2.compute_dtype
+  config.phase2.compute_dtype = "bfloat16"
+  for step in build_train_steps(config, config.phase2, config.seed, adversarial=True, model=model):
+    assert "bf16" in step.lower(make_state(), batch).as_text()

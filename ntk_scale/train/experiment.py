@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -11,6 +12,7 @@ from jax.sharding import Mesh
 from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack, build_attacks
 from ntk_scale.data.augment import AUGMENTATIONS
+from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model, check_model_config
 from ntk_scale.train.collapse import check_co_monitor_config
 from ntk_scale.train.grad_align import CLEAN_GRADIENT
@@ -20,8 +22,9 @@ from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters
 from ntk_scale.train.steps import TrainStep, make_train_step
 
 MODES = ("C", "A", "F")
-# config.train.compute_dtype: that of phase 1's train steps (activations, matmul inputs, the training
-# attack); parameters, optimizer state and BatchNorm statistics stay float32.
+# config.train.compute_dtype (config.phase2.compute_dtype): that of phase 1's (phase 2's) train steps
+# (activations, matmul inputs, the training attack); parameters, optimizer state and BatchNorm
+# statistics stay float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -57,10 +60,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   if config.train.mode == "F" and not 0 < config.train.flip_epoch < config.num_epochs:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} must lie inside (0, "
                      f"num_epochs={config.num_epochs}) for mode F.")
-  compute_dtype = config.train.get("compute_dtype", "float32")
-  if compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"config.train.compute_dtype={compute_dtype!r}; expected one of "
-                     f"{', '.join(COMPUTE_DTYPES)} (the dtype phase 1's train steps compute in).")
+  check_compute_dtype(config.train, "config.train")
   if config.train.attack_batch_norm not in BATCH_NORM_MODES:
     raise ValueError(f"config.train.attack_batch_norm={config.train.attack_batch_norm!r}; expected "
                      f"one of {', '.join(BATCH_NORM_MODES)}.")
@@ -71,6 +71,14 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   check_co_monitor_config(config.train.get("co_monitor"))
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
+
+
+def check_compute_dtype(section: ml_collections.ConfigDict, prefix: str) -> None:
+  """`<prefix>.compute_dtype` (config.train or config.phase2), one of COMPUTE_DTYPES."""
+  compute_dtype = section.get("compute_dtype", "float32")
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"{prefix}.compute_dtype={compute_dtype!r}; expected one of "
+                     f"{', '.join(COMPUTE_DTYPES)} (the dtype the phase's train steps compute in).")
 
 
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:
@@ -89,18 +97,19 @@ def _check_grad_align(train: ml_collections.ConfigDict) -> None:
 
 
 def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict, seed: int,
-                      adversarial: bool) -> tuple[TrainStep, TrainStep | None]:
+                      adversarial: bool, model: nn.Module | LinearizedModel
+                      ) -> tuple[TrainStep, TrainStep | None]:
   """A phase's benign step and, if `adversarial`, its adversarial one, built alike for both phases.
 
-  `section` (config.train or config.phase2) names the attack, `benign_step_first` and, for phase 1,
-  GradAlign's weight `grad_align` (its noise uses the attack's eps) and `compute_dtype`; the
-  augmentation and the attack's BatchNorm mode (config.train.attack_batch_norm) are the
-  experiment's. Phase 2 computes in float32: its centered forms subtract two nearly equal outputs.
+  `section` (config.train or config.phase2) names the attack, `benign_step_first`, the
+  `compute_dtype` and, for phase 1, GradAlign's weight `grad_align` (its noise uses the attack's
+  eps); the augmentation and the attack's BatchNorm mode (config.train.attack_batch_norm) are the
+  experiment's. `model` is the phase's (the network, or phase 2's LinearizedModel): the steps
+  compute with its `clone(dtype=compute_dtype)`, on the train state's variables.
   """
   compute_apply_fn = None
   if section.get("compute_dtype", "float32") != "float32":
-    compute_apply_fn = build_model(config.model, data.num_classes(config.data),
-                                   jnp.dtype(section.compute_dtype)).apply
+    compute_apply_fn = model.clone(dtype=jnp.dtype(section.compute_dtype)).apply
   benign = make_train_step(config.data.augment, seed, compute_apply_fn=compute_apply_fn)
   if not adversarial:
     return benign, None
@@ -134,6 +143,7 @@ class Experiment:
   total_steps: int
   flip_step: int | None  # first adversarial batch step; None for benign training
   learning_rate: optax.Schedule  # as a function of the batch step
+  model: nn.Module
   state: TrainState  # freshly initialised, replicated over the mesh
 
 
@@ -156,4 +166,5 @@ def build_experiment(config: ml_collections.ConfigDict,
   logging.info("%s on %s: %d parameters, %d train / %d test examples, %d devices, %d steps/epoch.",
                config.model.name, dataset.name, count_parameters(state.params), len(dataset.train),
                len(dataset.test), mesh.devices.size, steps_per_epoch)
-  return Experiment(mesh, dataset, batches, steps_per_epoch, total_steps, flip_step, learning_rate, state)
+  return Experiment(mesh, dataset, batches, steps_per_epoch, total_steps, flip_step, learning_rate, model,
+                    state)

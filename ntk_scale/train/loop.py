@@ -46,7 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         config.checkpoint.fractional_epochs, initial=True)
   _check_phase2_start(config, saves, workdir)
   benign_step, adversarial_step = build_train_steps(config, config.train, config.seed,
-                                                    adversarial=exp.flip_step is not None)
+                                                    adversarial=exp.flip_step is not None,
+                                                    model=exp.model)
   monitor = None
   if config.train.co_monitor.every_steps > 0:
     monitor = CoMonitor(config, exp.dataset, exp.mesh, exp.steps_per_epoch, saves, workdir)

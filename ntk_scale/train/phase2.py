@@ -23,7 +23,8 @@ from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
-from ntk_scale.train.experiment import MODES, _batch_step_of_update, build_train_steps, check_common_config
+from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
+                                        check_compute_dtype)
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
@@ -73,6 +74,11 @@ def check_phase2_config(config: ml_collections.ConfigDict) -> None:
   if p.mode == "A":
     build_attack(p.attack, prefix="config.phase2.attack", num_classes=data.num_classes(config.data))
   check_optimizer_config(p.optimizer, "config.phase2.optimizer")
+  check_compute_dtype(p, "config.phase2")
+  if p.get("compute_dtype", "float32") != "float32" and p.linearization == "centered_nonlinear":
+    raise ValueError(f"config.phase2.compute_dtype={p.compute_dtype!r} with linearization "
+                     f"'centered_nonlinear': its f(x; theta) - f(x; theta0) subtracts two nearly "
+                     f"equal outputs, which {p.compute_dtype} would round away; use float32.")
   if not p.checkpoint_every_epochs > 0:
     raise ValueError(f"config.phase2.checkpoint_every_epochs={p.checkpoint_every_epochs} must be "
                      f"positive.")
@@ -110,7 +116,7 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
                                       _batch_step_of_update(flip_step, p.benign_step_first))
   state = create_train_state(linearized, tx, image_shape, config.seed, mesh)
   benign_step, adversarial_step = build_train_steps(config, p, config.seed + SEED_OFFSET,
-                                                    adversarial=p.mode == "A")
+                                                    adversarial=p.mode == "A", model=linearized)
   # No step-0 checkpoint: phase 2 starts from theta0, which phase 1's checkpoint already holds.
   saves = save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ())
   phase = Phase(directory, batches, benign_step, adversarial_step, flip_step,
