@@ -9,7 +9,9 @@ models, for any flax model f with checkpoint theta0 = (params0, batch_stats0):
   centered_nonlinear  f(x; theta) - f(x; theta0)           (the nonlinear control for "centered")
 
 J(x; theta0) v is one `jax.jvp` (a forward pass and its tangent), so no Jacobian is ever formed
-and the cost is about that of three forward passes.
+and the cost is about that of three forward passes. centered_nonlinear runs at HIGHEST matmul
+precision: the backend's default (one bfloat16 pass on TPUs, TF32 on GPUs) rounds each weight more
+coarsely than the change theta - theta0 it measures.
 
 BatchNorm is "frozen" (default: inference mode on batch_stats0 in both training and inference,
 nothing updated, so the model is linear in theta and the kernel is the one of theta0) or "loose"
@@ -113,8 +115,12 @@ class LinearizedModel:
     # Frozen: inference mode on batch_stats0 whatever `train` says.
     bn_stats, bn_train = (stats, train) if loose else (self.batch_stats0, False)
     if self.kind == "centered_nonlinear":
-      out, new_stats = self.network(params, bn_stats, x, bn_train)
-      out0, _ = self.network(self.params0, bn_stats, x, bn_train)
+      # Its signal is the change theta - theta0, often below the rounding of theta itself in the
+      # matmul inputs of the backend's default precision (one bfloat16 pass on TPUs: 2^-8 of each
+      # weight; TF32 on GPUs: 2^-11), which would round f(theta) - f(theta0) to noise: HIGHEST.
+      with jax.default_matmul_precision("highest"):
+        out, new_stats = self.network(params, bn_stats, x, bn_train)
+        out0, _ = self.network(self.params0, bn_stats, x, bn_train)
       logits = out - out0
     else:
       f0, jvp, new_stats = self.components(params, bn_stats, x, bn_train)

@@ -109,7 +109,7 @@ def test_scores_a_block_of_training_images_at_a_time_equal_the_whole_row():
   np.testing.assert_allclose(model.logits_fn(_rbf, x, block_size=3)(xt), whole(xt), rtol=1e-5, atol=1e-6)
 
 
-def _all_highest(program, *args) -> bool:
+def all_highest(program, *args) -> bool:
   """Whether every matmul and convolution of the traced program, nested ones (scan, checkpoint,
   jit, custom derivatives) included, asks for HIGHEST precision."""
   traced = jax.make_jaxpr(program)(*args).jaxpr
@@ -128,12 +128,12 @@ def test_kernel_machines_compute_at_highest_precision(block_size):
   x, xt = jnp.asarray(x, jnp.float32), jnp.asarray(xt, jnp.float32)
   model = KernelRegression.fit(np.asarray(_rbf(x, x)), labels, 4, regularizer=0.1)
   logits_fn = model.logits_fn(_rbf, x, block_size=block_size)
-  assert _all_highest(logits_fn, xt)
-  assert _all_highest(jax.grad(lambda images: jnp.sum(logits_fn(images) ** 2)), xt)
-  assert _all_highest(lambda k: ridge_coefficients(k, jnp.ones((10, 4)), 0.1, "eigh"), _rbf(x, x))
+  assert all_highest(logits_fn, xt)
+  assert all_highest(jax.grad(lambda images: jnp.sum(logits_fn(images) ** 2)), xt)
+  assert all_highest(lambda k: ridge_coefficients(k, jnp.ones((10, 4)), 0.1, "eigh"), _rbf(x, x))
   fitted = lambda train, images: predictor(_rbf, train, jnp.asarray(labels), 4, regularizer=0.1,
                                            solver="eigh")(images)
-  assert _all_highest(jax.grad(lambda train: jnp.sum(fitted(train, xt))), x)
+  assert all_highest(jax.grad(lambda train: jnp.sum(fitted(train, xt))), x)
 
 
 @pytest.mark.parametrize("field,value", [("regularizer", -1.0), ("solver", "qr")])
@@ -159,7 +159,7 @@ def test_analytic_kernel_machines_compute_at_highest_precision(ntk_fn):
   x, _, xt = _problem(n_train=10)
   x, xt = jnp.asarray(x, jnp.float32), jnp.asarray(xt, jnp.float32)
   logits_fn = KernelRegression(np.ones((10, 10), np.float32)).logits_fn(ntk_fn, x, block_size=4)
-  assert _all_highest(jax.grad(lambda images: jnp.sum(logits_fn(images) ** 2)), xt)
+  assert all_highest(jax.grad(lambda images: jnp.sum(logits_fn(images) ** 2)), xt)
 
 
 def test_attacks_on_the_kernel_predictor_lower_accuracy_within_the_eps_ball(ntk_fn):

@@ -15,6 +15,7 @@ from ntk_scale.models import build_model
 from ntk_scale.train.state import create_train_state, logits_fn
 from ntk_scale.train.steps import cross_entropy, make_train_step
 from random_variables import random_variables
+from test_kernel_regression import all_highest
 
 SHAPE = (8, 8, 1)
 
@@ -305,3 +306,19 @@ def test_bfloat16_clone_shares_theta0_and_computes_in_bfloat16(kind):
   # Measured 0.010 (linear: f0 dominates) and 0.042 (centered: the JVP adds the layers' terms,
   # which partly cancel, each rounded to bfloat16).
   assert jnp.max(jnp.abs(half - full)) <= {"linear": 0.02, "centered": 0.08}[kind] * jnp.max(jnp.abs(full))
+
+
+@pytest.mark.parametrize("kind", ["linear", "centered", "centered_nonlinear"])
+def test_centered_nonlinear_computes_at_highest_precision(kind):
+  """f(theta) - f(theta0) lives in theta - theta0, which the backend's default matmul precision
+  rounds away (one bfloat16 pass on TPUs; on this CPU precision changes nothing, so the traced
+  programs are read): its forward pass and parameter gradient ask for HIGHEST; the JVP forms keep
+  the default, as the network's own training does."""
+  model = MODELS["cnn"]()
+  variables, x = _init(model), _images()
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind=kind)
+  forward = lambda params: lin.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                     train=False)
+  gradient = jax.grad(lambda params: jnp.sum(forward(params) ** 2))
+  assert all_highest(forward, variables["params"]) == (kind == "centered_nonlinear")
+  assert all_highest(gradient, variables["params"]) == (kind == "centered_nonlinear")
