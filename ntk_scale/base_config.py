@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   # evaluation, kernel and phase 2 computes in float32). bfloat16 halves activation memory and
   # traffic on GPUs and TPUs.
   c.train.compute_dtype = "float32"
+  # The precision of those steps' float32 matmuls and convolutions: default (the backend's: TF32 on
+  # GPUs, one bfloat16 pass on TPUs) | high (TF32; three bfloat16 passes on TPUs) | highest (float32).
+  c.train.matmul_precision = "default"
   # Single-step methods (A/F): train.attack.name fgsm | rs_fgsm (Wong et al. 2020) | n_fgsm (de Jorge
   # et al. 2022). GradAlign's weight (Andriushchenko and Flammarion 2020; 0: off, A/F only), its noise
   # uniform in the train.attack eps-box.
@@ -162,6 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
   # As train.compute_dtype, for phase 2's steps: float32 | bfloat16 (linear and centered only: the
   # centered_nonlinear form subtracts two nearly equal bfloat16 outputs).
   c.phase2.compute_dtype = "float32"
+  # As train.matmul_precision, for phase 2's steps (centered_nonlinear always computes at highest).
+  c.phase2.matmul_precision = "default"
   c.phase2.optimizer = ml_collections.ConfigDict()  # Loo et al.: SGD, lr 0.01, momentum 0.9
   c.phase2.optimizer.name = "sgd"
   c.phase2.optimizer.learning_rate = 0.01

@@ -212,7 +212,8 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
   state = _abstract(state, parallel.replicated_sharding(mesh))
   benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None, model=model)
   batch = _batch(mesh, config.batch_size, image_shape)
-  matmul = (section.get("compute_dtype", "float32"), "default")  # as build_train_steps reads it
+  # As build_train_steps reads them.
+  matmul = (section.get("compute_dtype", "float32"), section.get("matmul_precision", "default"))
   programs = []
   benign_steps = total if flip is None else min(flip, total)
   if benign_steps:

@@ -187,7 +187,8 @@ def test_bad_phase2_fields_are_named():
   for field, value, message in (("linearization", "quadratic", "config.phase2.linearization"),
                                 ("mode", "F", "config.phase2.mode"),
                                 ("batch_norm", "train", "config.phase2.batch_norm"),
-                                ("compute_dtype", "float16", "config.phase2.compute_dtype='float16'")):
+                                ("compute_dtype", "float16", "config.phase2.compute_dtype='float16'"),
+                                ("matmul_precision", "low", "config.phase2.matmul_precision='low'")):
     config = phase2_config()
     config.phase2[field] = value
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,7 @@ import pytest
 from ntk_scale import parallel
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import base_config
+from ntk_scale.cost_analysis import all_equations
 from ntk_scale.data import load_digits
 from ntk_scale.models import build_model
 from ntk_scale.train.experiment import build_train_steps
@@ -166,3 +167,21 @@ def test_each_phase_steps_compute_in_its_sections_compute_dtype(setup):
   config.phase2.compute_dtype = "bfloat16"
   for step in build_train_steps(config, config.phase2, config.seed, adversarial=True, model=model):
     assert "bf16" in step.lower(make_state(), batch).as_text()
+
+
+@pytest.mark.parametrize("section", ["train", "phase2"])
+def test_each_phase_steps_run_their_matmuls_at_its_sections_precision(setup, section):
+  """config.<section>.matmul_precision: every matmul of the steps, the attack's and the gradients'
+  included, asks for that level (on a TPU "default" is one bfloat16 pass, "high" three); the
+  default leaves them to the backend. Read from the traced programs: a CPU computes all alike."""
+  model, _, batch, _, _, make_state = setup
+  config = load_config("digits", "adversarial")
+  levels = lambda step: {e.params["precision"] for e in all_equations(
+      jax.make_jaxpr(step)(make_state(), batch).jaxpr)
+      if e.primitive.name in ("dot_general", "conv_general_dilated")}
+  for step in build_train_steps(config, config[section], config.seed, adversarial=True, model=model):
+    assert levels(step) == {None}
+  config[section].matmul_precision = "high"
+  high = (jax.lax.Precision.HIGH, jax.lax.Precision.HIGH)
+  for step in build_train_steps(config, config[section], config.seed, adversarial=True, model=model):
+    assert levels(step) == {high}

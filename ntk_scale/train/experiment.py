@@ -26,6 +26,9 @@ MODES = ("C", "A", "F")
 # (activations, matmul inputs, the training attack); parameters, optimizer state and BatchNorm
 # statistics stay float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# config.train.matmul_precision (config.phase2.matmul_precision): jax's levels for those steps' float32
+# matmuls and convolutions.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -60,7 +63,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   if config.train.mode == "F" and not 0 < config.train.flip_epoch < config.num_epochs:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} must lie inside (0, "
                      f"num_epochs={config.num_epochs}) for mode F.")
-  check_compute_dtype(config.train, "config.train")
+  check_step_numerics(config.train, "config.train")
   if config.train.attack_batch_norm not in BATCH_NORM_MODES:
     raise ValueError(f"config.train.attack_batch_norm={config.train.attack_batch_norm!r}; expected "
                      f"one of {', '.join(BATCH_NORM_MODES)}.")
@@ -73,12 +76,16 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
 
 
-def check_compute_dtype(section: ml_collections.ConfigDict, prefix: str) -> None:
-  """`<prefix>.compute_dtype` (config.train or config.phase2), one of COMPUTE_DTYPES."""
+def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None:
+  """`<prefix>.compute_dtype` and `<prefix>.matmul_precision` (config.train or config.phase2)."""
   compute_dtype = section.get("compute_dtype", "float32")
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"{prefix}.compute_dtype={compute_dtype!r}; expected one of "
                      f"{', '.join(COMPUTE_DTYPES)} (the dtype the phase's train steps compute in).")
+  precision = section.get("matmul_precision", "default")
+  if precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"{prefix}.matmul_precision={precision!r}; expected one of "
+                     f"{', '.join(MATMUL_PRECISIONS)} (jax's matmul precision levels).")
 
 
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:
@@ -102,7 +109,7 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
   """A phase's benign step and, if `adversarial`, its adversarial one, built alike for both phases.
 
   `section` (config.train or config.phase2) names the attack, `benign_step_first`, the
-  `compute_dtype` and, for phase 1, GradAlign's weight `grad_align` (its noise uses the attack's
+  `compute_dtype`, the `matmul_precision` and, for phase 1, GradAlign's weight `grad_align` (its noise uses the attack's
   eps); the augmentation and the attack's BatchNorm mode (config.train.attack_batch_norm) are the
   experiment's. `model` is the phase's (the network, or phase 2's LinearizedModel): the steps
   compute with its `clone(dtype=compute_dtype)`, on the train state's variables.
@@ -110,7 +117,9 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
   compute_apply_fn = None
   if section.get("compute_dtype", "float32") != "float32":
     compute_apply_fn = model.clone(dtype=jnp.dtype(section.compute_dtype)).apply
-  benign = make_train_step(config.data.augment, seed, compute_apply_fn=compute_apply_fn)
+  numerics = dict(compute_apply_fn=compute_apply_fn,
+                  matmul_precision=section.get("matmul_precision", "default"))
+  benign = make_train_step(config.data.augment, seed, **numerics)
   if not adversarial:
     return benign, None
   return benign, make_train_step(config.data.augment, seed, build_attack(section.attack),
@@ -119,7 +128,7 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
                                  grad_align=float(section.get("grad_align", 0.0)),
                                  grad_align_eps=section.attack.get("eps"),
                                  grad_align_clean=section.get("grad_align_clean", "constant"),
-                                 compute_apply_fn=compute_apply_fn)
+                                 **numerics)
 
 
 def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:

@@ -48,7 +48,8 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
                     benign_step_first: bool = False, attack_batch_norm: str = "inference",
                     grad_align: float = 0.0, grad_align_eps: float | None = None,
                     grad_align_clean: str = "constant",
-                    compute_apply_fn: Callable | None = None) -> TrainStep:
+                    compute_apply_fn: Callable | None = None,
+                    matmul_precision: str = "default") -> TrainStep:
   """A jitted step `(state, batch) -> (state, metrics)` that donates the incoming state.
 
   Without `attack` the step trains on the (augmented) batch. With it, the step trains on the
@@ -60,7 +61,9 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
   batch (Andriushchenko and Flammarion 2020; see grad_align.py; `grad_align_clean` says how it
   treats grad_x L(x)), the model seen as the attack sees it. With `compute_apply_fn` (the state's
   model in another compute dtype, e.g. bfloat16: same variables) the whole step, attack included,
-  computes with it; the state keeps its own `apply_fn`, the one evaluations use.
+  computes with it; the state keeps its own `apply_fn`, the one evaluations use. Its matmuls and
+  convolutions run at `matmul_precision` ("default": the backend's, TF32 on GPUs and one bfloat16
+  pass on TPUs; "high": TF32 and three passes; "highest": float32).
 
   The step's randomness is `fold_in(key(seed), state.step)`, so it depends on nothing a resumed
   run could lose. Under jit over the mesh the batch means (loss, BatchNorm statistics) span the
@@ -72,9 +75,10 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
   base_key = jax.random.key(seed)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    if compute_apply_fn is None:
-      return updates(state, batch)
-    new_state, metrics = updates(state.replace(apply_fn=compute_apply_fn), batch)
+    with jax.default_matmul_precision(None if matmul_precision == "default" else matmul_precision):
+      if compute_apply_fn is None:
+        return updates(state, batch)
+      new_state, metrics = updates(state.replace(apply_fn=compute_apply_fn), batch)
     return new_state.replace(apply_fn=state.apply_fn), metrics
 
   def updates(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
