@@ -48,6 +48,7 @@ from ntk_scale.data.catalog import dataset_shape
 from ntk_scale.data import load_digits
 from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
@@ -86,7 +87,6 @@ class TargetDevices:
 
 # (dtype, precision) of a program's matmuls: the rate measured for them bounds its time.
 Matmul = tuple[str, str]
-TRAINING = ("float32", "default")  # network training and evaluation: the backend's default precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +240,13 @@ def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -
   batch = _batch(mesh, config.eval_batch_size, image_shape, mask=True)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   num_classes = dataset_classes(config.data)
-  programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
-                       "config.eval_batch_size", matmul=TRAINING, num_classes=num_classes, attack=None)]
-  for name, attack in build_attacks(config.eval_attacks, "config.eval_attacks").items():
-    programs += _attacked(f"{label} evaluation under {name}", attack, (state, batch, key), calls,
-                          "config.eval_batch_size", matmul=TRAINING, num_classes=num_classes)
+  matmul = ("float32", config.get("eval_matmul_precision", "default"))
+  with default_precision(matmul[1]):  # as evaluate_and_save compiles them
+    programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
+                         "config.eval_batch_size", matmul=matmul, num_classes=num_classes, attack=None)]
+    for name, attack in build_attacks(config.eval_attacks, "config.eval_attacks").items():
+      programs += _attacked(f"{label} evaluation under {name}", attack, (state, batch, key), calls,
+                            "config.eval_batch_size", matmul=matmul, num_classes=num_classes)
   return programs
 
 

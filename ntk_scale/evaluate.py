@@ -20,6 +20,7 @@ from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
 from ntk_scale.evaluation_progress import BatchProgress, KeptResults, MemberProgress
 from ntk_scale.linearize import LinearizedModel, output_components
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.restore import restore_for_inference
 from ntk_scale.train.experiment import check_common_config
@@ -260,8 +261,16 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   rerun of a finished job evaluates only the attacks added or changed since.
   Each finished attack (each member of a worst_of one, and every minute the batches of the attack
   or member under way) is kept in the workdir (evaluation_progress.py): a killed or preempted
-  evaluation, rerun, resumes there; `write_evaluation` drops what was kept.
+  evaluation, rerun, resumes there; `write_evaluation` drops what was kept. Everything runs at
+  config.eval_matmul_precision, which the settings name when it is not the default.
   """
+  with default_precision(config.get("eval_matmul_precision", "default")):
+    return _evaluate_and_save(config, state, dataset, mesh, workdir, step, set_suffix, linearized)
+
+
+def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
+                       mesh: Mesh, workdir: str, step: int, set_suffix: str,
+                       linearized: LinearizedModel | None) -> dict[str, dict[str, Any]]:
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
   components = lambda split: output_component_means(linearized, state, split, batch_size, mesh)
@@ -273,6 +282,9 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
               "dataset": dataset.name, "num_test": len(dataset.test),
               "save_adversarial": bool(config.save_adversarial), "set_suffix": set_suffix,
               "linearized": linearized is not None}
+  precision = config.get("eval_matmul_precision", "default")
+  if precision != "default":  # records made before the field existed hold the default
+    settings["matmul_precision"] = precision
   shared = _Evaluation(config, state, dataset, mesh, int(step), linearized,
                        results["clean"]["accuracy"])
   recorded = _recorded_results(workdir, step)
@@ -408,7 +420,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                               set_suffix=f"_epoch{restored.epoch:g}", linearized=linearized)
   for path in config.evaluate.transfer_sets:
     name = "transfer:" + path.rstrip("/").rsplit("/", 1)[-1]
-    results[name] = evaluate_transfer(state, path, config.eval_batch_size, mesh, dataset.num_classes)
+    with default_precision(config.get("eval_matmul_precision", "default")):
+      results[name] = evaluate_transfer(state, path, config.eval_batch_size, mesh, dataset.num_classes)
   return write_evaluation(restored.phase_dir, restored.step, restored.epoch, results)
 
 

@@ -255,3 +255,25 @@ def test_evaluate_job_rejects_a_missing_set_before_compute(trained, tmp_path):
   config.evaluate.transfer_sets = (str(tmp_path / "nothing"),)
   with pytest.raises(FileNotFoundError, match="not a complete adversarial set"):
     jobs.run(config, workdir)
+
+
+def test_evaluations_run_at_config_eval_matmul_precision_and_record_it(trained, monkeypatch):
+  """On TPUs the default precision rounds every matmul input to bfloat16, attacks' gradients
+  included: config.eval_matmul_precision (a runtime field) sets the evaluation's, the record names
+  it, and a result made at another precision is not taken from the record."""
+  config, workdir, _ = trained["benign"]
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job, config.evaluate.epoch = "evaluate", 2.0
+  del config.eval_attacks["apgd"]
+  in_effect = []
+  evaluate_batch = evaluate_module._evaluate_batch
+  monkeypatch.setattr(evaluate_module, "_evaluate_batch", lambda *args: in_effect.append(
+      jax.config.jax_default_matmul_precision) or evaluate_batch(*args))
+  config.eval_matmul_precision = "high"
+  high = jobs.run(config, workdir)
+  assert set(in_effect) == {"high"} and high["results"]["pgd"]["settings"]["matmul_precision"] == "high"
+  in_effect.clear()
+  config.eval_matmul_precision = "default"
+  default = jobs.run(config, workdir)  # evaluated again: the record's result was made at "high"
+  assert in_effect and set(in_effect) == {None} and "matmul_precision" not in default["results"]["pgd"]["settings"]
+  assert default["results"]["pgd"]["accuracy"] == high["results"]["pgd"]["accuracy"]  # a CPU: alike

@@ -30,8 +30,9 @@ def no_compute(monkeypatch):
     ("optimizer.schedule", "warp", "config.optimizer.schedule='warp'"),
     ("data.augment", "mixup", "config.data.augment='mixup'"),
     ("job", "dance", "config.job='dance' is not a known job"),
-    ("train.matmul_precision", "fastest", "config.train.matmul_precision='fastest'; expected one of "
-                                          "default, high, highest"),
+    ("train.matmul_precision", "fastest", "config.train.matmul_precision='fastest' is not a matmul "
+                                          "precision; expected one of highest, high, default"),
+    ("eval_matmul_precision", "low", "config.eval_matmul_precision='low' is not a matmul precision"),
     ("profile_steps", -1, r"config.profile_steps=-1 must be an integer >= 0"),
     ("train.compute_dtype", "float16", "config.train.compute_dtype='float16'; expected one of "
                                        "float32, bfloat16"),

@@ -28,8 +28,8 @@ from ntk_scale.device_rates import agreed, ring_bandwidth, timed
 from ntk_scale.ntk.compiled_memory import CompiledMemory, compiled_memory
 from ntk_scale.ntk.plan import (KernelPlan, KernelPlanError, ModelCost, make_plan, rows_flops,
                                 setting_names)
-from ntk_scale.ntk.programs import (bind_state, check_precision, plan_steps, program_of,
-                                    step_programs)
+from ntk_scale.matmul_precision import check_precision
+from ntk_scale.ntk.programs import bind_state, plan_steps, program_of, step_programs
 from ntk_scale.ntk.tile_math import LogitSpec, jacobian_rows, mirror_tile, parse_logits
 
 TileCallback = Callable[[int, int, np.ndarray], None]  # (row block, column block, tile)

@@ -14,21 +14,12 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ntk_scale import parallel
+from ntk_scale.matmul_precision import PRECISIONS
 from ntk_scale.ntk.plan import KernelPlan, symmetric_pieces
 from ntk_scale.ntk.schedule import (Step, Tile, in_logit_chunks, jacobian_schedule, ring_schedule,
                                     tile_schedule)
 from ntk_scale.ntk.tile_math import (ApplyFn, LogitSpec, contract, contract_symmetric, jacobian_rows,
                                      ntvp_tile, symmetric_tile_by_logit_chunks)
-
-PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
-              "default": lax.Precision.DEFAULT}
-
-
-def check_precision(precision: str, field: str = "precision") -> None:
-  if precision not in PRECISIONS:
-    raise ValueError(f"{field}={precision!r} is not a matmul precision; expected one of "
-                     f"{', '.join(PRECISIONS)}.")
-
 
 def bind_state(apply_fn: Callable, stateful: bool, state) -> ApplyFn:
   """The model as `f(params, x)`: with `stateful`, `apply_fn(params, x, state)`."""

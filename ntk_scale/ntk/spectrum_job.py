@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from ntk_scale import files, parallel
 from ntk_scale.ntk.job import kernel_job
 from ntk_scale.ntk.plan import device_budget_bytes
-from ntk_scale.ntk.programs import check_precision
+from ntk_scale.matmul_precision import check_precision
 from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh, relative_residuals
 from ntk_scale.ntk.spectrum_rounds import (STALL_ROUNDS, ShardedKernel, StreamedKernel, finished,
                                            first_state, matrix_layout, run_rounds, start_block)

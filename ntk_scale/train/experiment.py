@@ -13,6 +13,7 @@ from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack, build_attacks
 from ntk_scale.data.augment import AUGMENTATIONS
 from ntk_scale.linearize import LinearizedModel
+from ntk_scale.matmul_precision import check_precision
 from ntk_scale.models import build_model, check_model_config
 from ntk_scale.train.collapse import check_co_monitor_config
 from ntk_scale.train.grad_align import CLEAN_GRADIENT
@@ -26,9 +27,6 @@ MODES = ("C", "A", "F")
 # (activations, matmul inputs, the training attack); parameters, optimizer state and BatchNorm
 # statistics stay float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
-# config.train.matmul_precision (config.phase2.matmul_precision): jax's levels for those steps' float32
-# matmuls and convolutions.
-MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -45,6 +43,7 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
   if not config.log_every_steps > 0:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be a positive number of steps.")
   check_profile_steps(config.get("profile_steps", 0))
+  check_precision(config.get("eval_matmul_precision", "default"), "config.eval_matmul_precision")
   build_attacks(config.eval_attacks, "config.eval_attacks", data.num_classes(config.data))
 
 
@@ -82,10 +81,7 @@ def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"{prefix}.compute_dtype={compute_dtype!r}; expected one of "
                      f"{', '.join(COMPUTE_DTYPES)} (the dtype the phase's train steps compute in).")
-  precision = section.get("matmul_precision", "default")
-  if precision not in MATMUL_PRECISIONS:
-    raise ValueError(f"{prefix}.matmul_precision={precision!r}; expected one of "
-                     f"{', '.join(MATMUL_PRECISIONS)} (jax's matmul precision levels).")
+  check_precision(section.get("matmul_precision", "default"), f"{prefix}.matmul_precision")
 
 
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:

@@ -8,6 +8,7 @@ import optax
 
 from ntk_scale.attacks import Attack
 from ntk_scale.data.augment import augment
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.train.grad_align import grad_align_penalty
 from ntk_scale.train.state import TrainState, logits_fn
 
@@ -75,7 +76,7 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
   base_key = jax.random.key(seed)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    with jax.default_matmul_precision(None if matmul_precision == "default" else matmul_precision):
+    with default_precision(matmul_precision):
       if compute_apply_fn is None:
         return updates(state, batch)
       new_state, metrics = updates(state.replace(apply_fn=compute_apply_fn), batch)

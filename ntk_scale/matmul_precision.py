@@ -1,0 +1,21 @@
+"""jax's matmul precision levels by the names configs give them (config.kernel.precision,
+config.spectrum.precision, config.train.matmul_precision, ...): "default" is the backend's (TF32 on
+GPUs, one bfloat16 pass on TPUs), "high" TF32 or three bfloat16 passes, "highest" float32."""
+
+import jax
+from jax import lax
+
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
+              "default": lax.Precision.DEFAULT}
+
+
+def check_precision(precision: str, field: str = "precision") -> None:
+  if precision not in PRECISIONS:
+    raise ValueError(f"{field}={precision!r} is not a matmul precision; expected one of "
+                     f"{', '.join(PRECISIONS)}.")
+
+
+def default_precision(precision: str):
+  """A context in which float32 matmuls and convolutions traced without a precision of their own
+  run at `precision`; "default" leaves them to the backend."""
+  return jax.default_matmul_precision(None if precision == "default" else precision)
