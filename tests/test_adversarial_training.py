@@ -263,8 +263,9 @@ def test_evaluations_run_at_config_eval_matmul_precision_and_record_it(trained, 
   it, and a result made at another precision is not taken from the record."""
   config, workdir, _ = trained["benign"]
   config = ml_collections.ConfigDict(config.to_dict())
-  config.job, config.evaluate.epoch = "evaluate", 2.0
+  config.job, config.evaluate.epoch, config.save_adversarial = "evaluate", 2.0, False
   del config.eval_attacks["apgd"]
+  config.eval_attacks.pgd.num_steps = 2
   in_effect = []
   evaluate_batch = evaluate_module._evaluate_batch
   monkeypatch.setattr(evaluate_module, "_evaluate_batch", lambda *args: in_effect.append(
