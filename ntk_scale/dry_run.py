@@ -433,18 +433,19 @@ def _eigen_feature_programs(config: ml_collections.ConfigDict, mesh, n: int, ran
   model, params, stats = _variables(config, image_shape)
   spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
   rows = most_rows(rank, config.eigen_features.num_single)
-  return ([_parameter_directions(mesh, model, params, stats, spec, image_shape, n, chunk, rows)]
+  apply = inference_apply(model, config.kernel.precision)  # as the job's, at the kernel's precision
+  return ([_parameter_directions(mesh, apply, params, stats, spec, image_shape, n, chunk, rows)]
           + _feature_evaluations(config, mesh, model, params, stats, spec, rows))
 
 
-def _parameter_directions(mesh, model, params, stats, spec: LogitSpec, image_shape: tuple[int, ...],
+def _parameter_directions(mesh, apply, params, stats, spec: LogitSpec, image_shape: tuple[int, ...],
                           n: int, chunk: int, rows: int) -> ProgramCost:
   """The parameter directions J(X)^T A_g of n training images, `chunk` per device and step, for
   `rows` rows of A (the groups and their sum)."""
   classes = spec.num_classes
   zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
   theta, unravel = ravel_pytree(zeros(params))
-  apply, stats = inference_apply(model), zeros(stats)
+  stats = zeros(stats)
   program = directions_program(lambda p, x: apply(p, x, stats), spec, unravel, mesh)
   size = chunk * mesh.size
   batch = parallel.batch_sharding(mesh)
@@ -477,7 +478,7 @@ def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params,
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
   num_test = min(e.num_test, test_size) if e.num_test else test_size
   calls = groups * -(-num_test // e.batch_size)
-  apply = group_apply(inference_apply(model), spec)
+  apply = group_apply(inference_apply(model, config.kernel.precision), spec)
   what = f"eigen_features: each group's predictor ({groups - 1} groups and all at most)"
   attack = build_attack(e.attack, prefix="config.eigen_features.attack")
   return ([_program(f"{what}, clean", _evaluate_batch, args, calls, "config.eigen_features.batch_size",

@@ -27,6 +27,7 @@ from ntk_scale.restore import restore_for_inference
 
 from conftest import notices_from
 from test_infinite import nt  # noqa: F401  (fixture)
+from test_kernel_regression import all_highest
 from test_train import load_config
 
 
@@ -131,7 +132,14 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   _trained(workdir)
   c = features_config()
   c.job = "eigen_features"
+  highest, directions = [], eigen_features_job.parameter_directions
+  def checked(apply_fn, params, images, *args, **kwargs):  # the rows at config.kernel.precision
+    logits = lambda p: jnp.sum(apply_fn(p, images[:2]))
+    highest.append(all_highest(logits, params) and all_highest(jax.grad(logits), params))
+    return directions(apply_fn, params, images, *args, **kwargs)
+  monkeypatch.setattr(eigen_features_job, "parameter_directions", checked)
   result = jobs.run(c, workdir)
+  assert highest == [True]
   rows = {r["group"]: r for r in result["groups"]}
   assert list(rows)[:3] == ["0", "1", "2"] and list(rows)[-1] == "all"
   assert result["eigensolver"] == "dense" and result["num_eigenpairs"] == 40

@@ -25,6 +25,7 @@ from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
 from ntk_scale.ntk.store import KernelStore
 
 from test_spectrum import write_store
+from test_kernel_regression import all_highest
 from test_train import load_config
 
 IMAGES = load_digits().train.images
@@ -169,7 +170,16 @@ def workdir(tmp_path_factory):
 
 
 def test_job_writes_images_and_cosines_and_a_rerun_reloads_them(workdir, monkeypatch):
+  # The directions' Jacobian rows at config.kernel.precision (HIGHEST), as the kernel's own: on a
+  # TPU the default precision would round them to bfloat16 (read from the traced programs here).
+  highest, directions = [], eigen_images_job.parameter_directions
+  def checked(logit_fn, params, images, weights):
+    logits = lambda p: jnp.sum(logit_fn(p, images[:2]))
+    highest.append(all_highest(logits, params) and all_highest(jax.grad(logits), params))
+    return directions(logit_fn, params, images, weights)
+  monkeypatch.setattr(eigen_images_job, "parameter_directions", checked)
   result = jobs.run(images_config(logit="4"), workdir)
+  assert highest == [True]
   directory = os.path.join(workdir, "eigen_images", "phase1_epoch0.125_train20_class4")
   assert result["eigen_images"] == directory and result["class"] == 4
   assert KernelStore.open(result["source_kernel"]).meta["logits"] == "class 4"

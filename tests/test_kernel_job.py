@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -15,11 +16,14 @@ from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.data import load_digits
 from ntk_scale.ntk import KernelPlanError, empirical_ntk
 from ntk_scale.ntk import job
+from ntk_scale.models import build_model
+from ntk_scale.ntk.job import inference_apply
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
 
 from conftest import Killed, notices_from, write_tile_killed_after
+from test_kernel_regression import all_highest
 from test_train import load_config
 
 
@@ -147,3 +151,15 @@ def test_kernels_of_two_checkpoints_share_one_compilation(workdir):
   assert len(compiles) == count, compiles[count:]
   a, b = KernelStore.open(first["kernel"]).read(), KernelStore.open(second["kernel"]).read()
   assert not np.allclose(a, b)  # two different checkpoints, two kernels
+
+
+def test_inference_apply_traces_at_the_precision_it_is_given_and_else_leaves_it_to_the_caller():
+  model = build_model(ml_collections.ConfigDict({"name": "mlp", "width": 8, "depth": 1}), 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  x = jnp.zeros((2, 8, 8, 1))
+  at = lambda apply: (lambda p: jnp.sum(apply(p, x, {})))
+  assert all_highest(at(inference_apply(model, "highest")), variables["params"])
+  assert all_highest(jax.grad(at(inference_apply(model, "highest"))), variables["params"])
+  assert not all_highest(at(inference_apply(model)), variables["params"])
+  with jax.default_matmul_precision("highest"):  # the tile loop's context is not overridden
+    assert all_highest(at(inference_apply(model)), variables["params"])

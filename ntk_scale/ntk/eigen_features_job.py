@@ -191,7 +191,7 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel:
 
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.kernel")
-  model_apply = inference_apply(restored.model)
+  model_apply = inference_apply(restored.model, config.kernel.precision)  # as the kernel's rows
   params, stats = restored.host_variables()
   directions = parameter_directions(lambda p, x: model_apply(p, x, stats), params, train_images,
                                     coefficients.astype(np.float32), spec,

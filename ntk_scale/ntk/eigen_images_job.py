@@ -183,7 +183,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
                                    epoch=store.meta["source"]["epoch"], fields="config.eigen_images")
   params, batch_stats = restored.host_variables()
-  model_apply = inference_apply(restored.model)
+  model_apply = inference_apply(restored.model, config.kernel.precision)  # as the kernel's rows
   logit_fn = class_logit(lambda p, x: model_apply(p, x, batch_stats), c)
   train_images = getattr(dataset, config.kernel.split).images[store.indices()]
   directions = parameter_directions(logit_fn, params, jnp.asarray(train_images),

@@ -114,12 +114,23 @@ def kernel_name(config: ml_collections.ConfigDict, epoch: float, num_examples: i
 
 
 @functools.lru_cache(maxsize=8)
-def inference_apply(model) -> Callable:
+def inference_apply(model, precision: str | None = None) -> Callable:
   """`f(params, x, batch_stats)` of a model in inference mode, one per model: the engine compiles
-  per function, so every checkpoint of one model (the evolution job) shares one compilation."""
+  per function, so every checkpoint of one model (the evolution job) shares one compilation.
+
+  With `precision` (config.kernel.precision) its matmuls and convolutions are traced at that level,
+  forward and backward: the eigen jobs' Jacobian rows are then the kernel's own. None leaves them
+  to the caller's context (the tile loop sets config.kernel.precision around every program)."""
   def apply_fn(params, x, batch_stats):
     return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-  return apply_fn
+
+  if precision is None:
+    return apply_fn
+
+  def at_precision(params, x, batch_stats):
+    with jax.default_matmul_precision(precision):
+      return apply_fn(params, x, batch_stats)
+  return at_precision
 
 
 def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
