@@ -98,8 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_matmul_precision = "default"
   c.num_epochs = 10.0
   c.log_every_steps = 50
-  # Train steps of each phase traced with jax.profiler (after its first 2: compilation) into the
-  # phase directory's plugins/profile/, for TensorBoard's profile plugin; 0: none.
+  # Steps traced with jax.profiler (after the first 2 of a run: compilation), for TensorBoard's
+  # profile plugin: each phase's train steps, into the phase directory's plugins/profile/, and the
+  # kernel job's tile steps, into the kernel's; 0: none.
   c.profile_steps = 0
 
   c.train = ml_collections.ConfigDict()

@@ -2,6 +2,7 @@
 workdir's kernel store, equal to the library call, resumable after a kill, refused with a clear
 message when the config or the plan is wrong."""
 
+import glob
 import json
 import os
 
@@ -163,3 +164,19 @@ def test_inference_apply_traces_at_the_precision_it_is_given_and_else_leaves_it_
   assert not all_highest(at(inference_apply(model)), variables["params"])
   with jax.default_matmul_precision("highest"):  # the tile loop's context is not overridden
     assert all_highest(at(inference_apply(model)), variables["params"])
+
+
+def test_profile_steps_trace_the_kernels_tile_steps_into_its_directory(workdir):
+  """config.profile_steps on the kernel job: tile steps 3 and 4 (of the 20-row kernel's 5 row
+  blocks of 4) traced with jax.profiler into <kernel>/plugins/profile/<run>/, the tile programs in
+  it; the kernel equals one computed without a trace."""
+  config = kernel_config(logits="3", tile_size=4, name="traced")
+  config.profile_steps = 2
+  result = jobs.run(config, workdir)
+  (trace,) = glob.glob(os.path.join(result["kernel"], "plugins", "profile", "*", "*.xplane.pb"))
+  with open(trace, "rb") as f:
+    assert b"jit_" in f.read()
+  traced = KernelStore.open(result["kernel"]).read()
+  config.profile_steps, config.kernel.tile_size, config.kernel.name = 0, 5, "untraced"
+  plain = KernelStore.open(jobs.run(config, workdir)["kernel"]).read()
+  np.testing.assert_allclose(traced, plain, rtol=1e-5, atol=1e-6)

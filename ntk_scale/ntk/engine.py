@@ -25,12 +25,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
 from ntk_scale.device_rates import agreed, ring_bandwidth, timed
+from ntk_scale.matmul_precision import check_precision
 from ntk_scale.ntk.compiled_memory import CompiledMemory, compiled_memory
 from ntk_scale.ntk.plan import (KernelPlan, KernelPlanError, ModelCost, make_plan, rows_flops,
                                 setting_names)
-from ntk_scale.matmul_precision import check_precision
 from ntk_scale.ntk.programs import bind_state, plan_steps, program_of, step_programs
 from ntk_scale.ntk.tile_math import LogitSpec, jacobian_rows, mirror_tile, parse_logits
+from ntk_scale.profile import StepProfile
 
 TileCallback = Callable[[int, int, np.ndarray], None]  # (row block, column block, tile)
 
@@ -75,15 +76,18 @@ def blocks_on_devices(source: np.ndarray, blocks: Iterable[int], size: int, mesh
 def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None, plan: KernelPlan,
               on_tile: TileCallback, *, precision: str = "highest",
               done: Iterable[tuple[int, int]] = (), mesh: Mesh | None = None,
-              model_state=None, stop: Callable[[int], bool] | None = None) -> int:
+              model_state=None, stop: Callable[[int], bool] | None = None,
+              profile: StepProfile | None = None) -> int:
   """Computes every tile of `plan` not in `done`; returns how many this process handed over.
 
   `x1`, `x2` are host arrays present on every process; `on_tile` receives the tiles of this
   process's devices, cropped to the kernel's edge, in the dtype of `params`. With `model_state`
   the model is `apply_fn(params, x, model_state)` (see `empirical_ntk`). `stop(step)`, asked
   after every lockstep step (ntk_scale/preemption.py), ends the loop there: the tiles finished
-  so far are handed over, the rest left for a rerun.
+  so far are handed over, the rest left for a rerun. `profile` traces some of the lockstep steps
+  (ntk_scale/profile.py; they count from 0 here).
   """
+  profile = profile or StepProfile.off()
   mesh = mesh or parallel.make_mesh()
   if mesh.size != plan.num_devices:
     raise ValueError(f"the plan is for {plan.num_devices} devices, the mesh has {mesh.size}.")
@@ -126,38 +130,41 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
         handed += 1
 
   pending, resident, travelling = None, None, None
-  for number, step in enumerate(steps):
-    if step.kind in ("row", "diagonal", "form"):
-      resident = travelling = None  # the previous rows are freed before the next are formed
-      x_band = device_array(rows, step.blocks, band * tile)
-    first = np.int32((step.chunk or 0) * plan.logit_chunk)
-    name = program_of(step, plan.symmetric)
-    program = programs[name]
-    with jax.default_matmul_precision(precision):
-      if name == "resident":
-        resident, tiles = program(params, state, first, x_band), None
-      elif name == "row":
-        resident, tiles = program(params, state, first, x_band)
-      elif name == "diagonal":
-        tiles = program(params, state, first, x_band)
-      elif name == "form_symmetric":
-        resident, travelling, tiles = program(params, state, first, x_band)
-      elif name == "form_cross":
-        resident, travelling, tiles = program(params, state, first, x_band,
-                                              device_array(cols, step.blocks, tile))
-      elif name == "rotate":
-        travelling, tiles = program(resident, travelling)
-      elif name == "column":
-        tiles = program(params, state, first, resident, device_array(cols, step.blocks, tile))
-      else:
-        tiles = program(params, state, first, device_array(rows, [i for i, _ in step.blocks], tile),
-                        device_array(cols, [j for _, j in step.blocks], tile))
-    if pending is not None:
-      hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
-    pending = (step.tiles, tiles, step.chunk) if tiles is not None else None
-    progress.step_done(number)
-    if stop is not None and stop(number):
-      break
+  with profile:
+    for number, step in enumerate(steps):
+      if step.kind in ("row", "diagonal", "form"):
+        resident = travelling = None  # the previous rows are freed before the next are formed
+        x_band = device_array(rows, step.blocks, band * tile)
+      first = np.int32((step.chunk or 0) * plan.logit_chunk)
+      name = program_of(step, plan.symmetric)
+      program = programs[name]
+      profile.before(number)
+      with jax.default_matmul_precision(precision):
+        if name == "resident":
+          resident, tiles = program(params, state, first, x_band), None
+        elif name == "row":
+          resident, tiles = program(params, state, first, x_band)
+        elif name == "diagonal":
+          tiles = program(params, state, first, x_band)
+        elif name == "form_symmetric":
+          resident, travelling, tiles = program(params, state, first, x_band)
+        elif name == "form_cross":
+          resident, travelling, tiles = program(params, state, first, x_band,
+                                                device_array(cols, step.blocks, tile))
+        elif name == "rotate":
+          travelling, tiles = program(resident, travelling)
+        elif name == "column":
+          tiles = program(params, state, first, resident, device_array(cols, step.blocks, tile))
+        else:
+          tiles = program(params, state, first, device_array(rows, [i for i, _ in step.blocks], tile),
+                          device_array(cols, [j for _, j in step.blocks], tile))
+      profile.after(number, (resident, travelling, tiles))
+      if pending is not None:
+        hand_over(*pending)  # the previous step's tiles leave the devices while this one runs
+      pending = (step.tiles, tiles, step.chunk) if tiles is not None else None
+      progress.step_done(number)
+      if stop is not None and stop(number):
+        break
   if pending is not None:
     hand_over(*pending)
   return handed

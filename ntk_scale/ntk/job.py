@@ -20,6 +20,7 @@ from ntk_scale import files, parallel
 from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.matmul_precision import check_precision
+from ntk_scale.profile import StepProfile, check_profile_steps
 from ntk_scale.ntk.plan import FACTORING_MODES, METHODS
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
 from ntk_scale.ntk.tile_math import parse_logits
@@ -44,6 +45,7 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int,
   k = config.kernel
   parse_logits(k.logits, num_classes, "config.kernel.logits")
   check_precision(k.precision, "config.kernel.precision")
+  check_profile_steps(config.get("profile_steps", 0))
   if k.method not in METHODS:
     raise ValueError(f"config.kernel.method={k.method!r} is not a kernel method; expected one of "
                      f"{', '.join(METHODS)}.")
@@ -195,7 +197,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
       with TileWriter(store, mirror=True) as write:  # tiles go to disk while the next are computed
         computed = run_tiles(apply_fn, params, images, None, plan, write, precision=k.precision,
-                             done=done, mesh=mesh, model_state=batch_stats, stop=stop)
+                             done=done, mesh=mesh, model_state=batch_stats, stop=stop,
+                             profile=StepProfile(directory, 0, None, config.get("profile_steps", 0)))
     seconds = time.time() - started
   parallel.barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)

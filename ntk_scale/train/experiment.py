@@ -18,7 +18,7 @@ from ntk_scale.models import build_model, check_model_config
 from ntk_scale.train.collapse import check_co_monitor_config
 from ntk_scale.train.grad_align import CLEAN_GRADIENT
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
-from ntk_scale.train.profile import check_profile_steps
+from ntk_scale.profile import check_profile_steps
 from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters, create_train_state
 from ntk_scale.train.steps import TrainStep, make_train_step
 

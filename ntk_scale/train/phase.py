@@ -24,7 +24,7 @@ from ntk_scale.data import Dataset
 from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.preemption import Preempted, preemption_notices
-from ntk_scale.train.profile import StepProfile
+from ntk_scale.profile import StepProfile
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.steps import Batch, TrainStep
 from ntk_scale.train.writers import JsonlWriter, create_writers
@@ -61,7 +61,7 @@ class Phase:
   # Called as monitor(step, state, checkpoints, writer) at the steps it is due, once the step's
   # loss and state are known to be finite, before that step's scheduled save.
   monitor: Monitor | None = None
-  profile_steps: int = 0  # steps traced for TensorBoard's profile plugin (train/profile.py)
+  profile_steps: int = 0  # steps traced for TensorBoard's profile plugin (ntk_scale/profile.py)
 
 
 @jax.jit

@@ -1,10 +1,11 @@
-"""A trace of a few train steps (config.profile_steps) for TensorBoard's profile plugin (xprof):
-where a slow phase spends its time, per device and per op, and how long the devices wait on the host.
+"""A trace of a few steps of a job's loop (config.profile_steps: each training phase's train steps,
+the kernel job's tile steps) for TensorBoard's profile plugin (xprof): where a slow job spends its
+time, per device and per op, and how long the devices wait on the host or on each other.
 
 jax.profiler writes `<log dir>/plugins/profile/<run>/<host>.xplane.pb`; traced into a local
-directory first and then copied into the phase directory (local or gs://, through files.py), it
-lies beside the phase's TensorBoard metrics: `tensorboard --logdir <workdir>` shows both. Process 0
-traces its own devices.
+directory first and then copied into the job's directory (local or gs://, through files.py: the
+phase directory, beside its TensorBoard metrics, or the kernel's), where `tensorboard --logdir
+<workdir>` finds it. Process 0 traces its own devices.
 """
 
 import os
@@ -28,13 +29,14 @@ def check_profile_steps(value: Any) -> None:
 
 class StepProfile:
   """Traces steps [start + SKIP_STEPS, start + SKIP_STEPS + num_steps) of a loop that begins at
-  `start` (clipped to `end`), into `directory`. Call `before(step)` and `after(step, outputs)`
-  around each step; leaving the context ends a trace still running (a loop stopped early)."""
+  `start` (clipped to `end`, None: unbounded), into `directory`. Call `before(step)` and
+  `after(step, outputs)` around each step; leaving the context ends a trace still running (a loop
+  stopped, or shorter than asked)."""
 
-  def __init__(self, directory: str, start: int, end: int, num_steps: int):
+  def __init__(self, directory: str, start: int, end: int | None, num_steps: int):
     self._directory = directory
     self._first = start + SKIP_STEPS
-    self._stop = min(self._first + num_steps, end)
+    self._stop = self._first + num_steps if end is None else min(self._first + num_steps, end)
     self._enabled = num_steps > 0 and self._first < self._stop and jax.process_index() == 0
     self._local: tempfile.TemporaryDirectory | None = None
 
@@ -70,3 +72,8 @@ class StepProfile:
       local.cleanup()
     logging.info("profile of steps %d-%d written under %s", self._first + 1, self._stop,
                  os.path.join(self._directory, "plugins", "profile"))
+
+  @classmethod
+  def off(cls) -> "StepProfile":
+    """One that traces nothing."""
+    return cls("", 0, None, 0)
