@@ -166,15 +166,21 @@ def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_ep
   assert sum("test/accuracy" in r for r in read_metrics(tmp_path / "rerun")) == 1
 
 
-def test_resnet18_trains_adversarially_on_mock_cifar10(tmp_path):
+def test_resnet18_trains_adversarially_on_mock_cifar10_in_bfloat16(tmp_path):
+  """The CIFAR config end to end, its train steps computing in bfloat16 as on TPUs and GPUs
+  (config.train.compute_dtype): float32 checkpoints, finite losses, evaluations in float32."""
   config = load_config("cifar10_resnet18", "adversarial,smoke")
   config.num_epochs = 1.0
+  config.train.compute_dtype = "bfloat16"
   with tfds.testing.mock_data(num_examples=16):
     result = jobs.run(config, str(tmp_path))
   assert result["steps"] == 2
   losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
   assert losses and np.all(np.isfinite(losses))
-  assert Checkpoints(os.path.join(tmp_path, "checkpoints")).latest_step() == 2
+  checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
+  assert checkpoints.latest_step() == 2
+  assert {leaf.dtype for leaf in jax.tree.leaves(checkpoints.restore(2, result["state"]).params)} == {
+      np.dtype(np.float32)}
   for attack in ("pgd", "apgd"):
     assert result["results"][attack]["accuracy"] <= result["results"]["clean"]["accuracy"]
 

@@ -15,10 +15,10 @@ from ntk_scale.data.augment import AUGMENTATIONS
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.matmul_precision import check_precision
 from ntk_scale.models import build_model, check_model_config
+from ntk_scale.profile import check_profile_steps
 from ntk_scale.train.collapse import check_co_monitor_config
 from ntk_scale.train.grad_align import CLEAN_GRADIENT
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
-from ntk_scale.profile import check_profile_steps
 from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters, create_train_state
 from ntk_scale.train.steps import TrainStep, make_train_step
 
@@ -105,9 +105,9 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
   """A phase's benign step and, if `adversarial`, its adversarial one, built alike for both phases.
 
   `section` (config.train or config.phase2) names the attack, `benign_step_first`, the
-  `compute_dtype`, the `matmul_precision` and, for phase 1, GradAlign's weight `grad_align` (its noise uses the attack's
-  eps); the augmentation and the attack's BatchNorm mode (config.train.attack_batch_norm) are the
-  experiment's. `model` is the phase's (the network, or phase 2's LinearizedModel): the steps
+  `compute_dtype`, the `matmul_precision` and, for phase 1, GradAlign's weight `grad_align` (its
+  noise uses the attack's eps); the augmentation and the attack's BatchNorm mode
+  (config.train.attack_batch_norm) are the experiment's. `model` is the phase's (the network, or phase 2's LinearizedModel): the steps
   compute with its `clone(dtype=compute_dtype)`, on the train state's variables.
   """
   compute_apply_fn = None
