@@ -2,6 +2,8 @@
 config.spectrum.precision, config.train.matmul_precision, ...): "default" is the backend's (TF32 on
 GPUs, one bfloat16 pass on TPUs), "high" TF32 or three bfloat16 passes, "highest" float32."""
 
+import contextlib
+
 import jax
 from jax import lax
 
@@ -17,5 +19,8 @@ def check_precision(precision: str, field: str = "precision") -> None:
 
 def default_precision(precision: str):
   """A context in which float32 matmuls and convolutions traced without a precision of their own
-  run at `precision`; "default" leaves them to the backend."""
-  return jax.default_matmul_precision(None if precision == "default" else precision)
+  run at `precision`; "default" enters none, leaving them to the surrounding context or the global
+  jax_default_matmul_precision (a None context would override those with the backend's)."""
+  if precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(precision)

@@ -23,8 +23,8 @@ SKIP_STEPS = 2
 
 def check_profile_steps(value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-    raise ValueError(f"config.profile_steps={value!r} must be an integer >= 0 (train steps traced "
-                     f"for TensorBoard's profile plugin; 0: none).")
+    raise ValueError(f"config.profile_steps={value!r} must be an integer >= 0 (train or kernel tile "
+                     f"steps traced for TensorBoard's profile plugin; 0: none).")
 
 
 class StepProfile:

@@ -185,3 +185,14 @@ def test_each_phase_steps_run_their_matmuls_at_its_sections_precision(setup, sec
   high = (jax.lax.Precision.HIGH, jax.lax.Precision.HIGH)
   for step in build_train_steps(config, config[section], config.seed, adversarial=True, model=model):
     assert levels(step) == {high}
+
+
+def test_default_precision_leaves_a_global_setting_in_force(setup):
+  """matmul_precision "default" enters no context: JAX_DEFAULT_MATMUL_PRECISION (or an enclosing
+  jax.default_matmul_precision) still governs the steps."""
+  model, _, batch, _, _, make_state = setup
+  step = make_train_step("none", seed=0)
+  with jax.default_matmul_precision("highest"):
+    precisions = {e.params["precision"] for e in all_equations(
+        jax.make_jaxpr(step)(make_state(), batch).jaxpr) if e.primitive.name == "dot_general"}
+  assert precisions == {(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)}
