@@ -93,8 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 128  # global, over all devices
   c.eval_batch_size = 512
-  # The precision of evaluations' float32 matmuls (clean, attacks, transfer): default (the backend's:
-  # TF32 on GPUs, one bfloat16 pass on TPUs) | high | highest. Recorded with each result.
+  # The precision of evaluations' float32 matmuls (clean, attacks, transfer, the CO monitor's):
+  # default (the backend's: TF32 on GPUs, one bfloat16 pass on TPUs) | high | highest. Recorded with
+  # each result.
   c.eval_matmul_precision = "default"
   c.num_epochs = 10.0
   c.log_every_steps = 50

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -12,6 +13,7 @@ from ntk_scale import jobs, parallel
 from ntk_scale.base_config import base_config, pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import load_digits
+from ntk_scale.train import co_monitor
 from ntk_scale.train.co_monitor import CLEAN, ROBUST, TRAIN_CLEAN, CoMonitor
 from ntk_scale.train.collapse import CO_FILE, CollapseDetector, check_co_monitor_config
 from ntk_scale.train.experiment import check_train_config
@@ -219,3 +221,16 @@ def test_a_resumed_monitor_records_what_an_uninterrupted_one_does(tmp_path):
     monitor.resume(str(directory), start)
     assert _run_scripted(monitor, directory, resumed_checkpoints, start, 22) == full, cut
     assert resumed_checkpoints.saved == checkpoints.saved, cut
+
+
+def test_measurements_run_at_config_eval_matmul_precision(tmp_path, monkeypatch):
+  """The monitor's accuracies are evaluations: they follow config.eval_matmul_precision."""
+  c = base_config()
+  c.train.co_monitor.every_steps, c.train.co_monitor.num_examples = 4, 8
+  c.eval_matmul_precision = "high"
+  monitor = CoMonitor(c, load_digits(), parallel.make_mesh(), 22, _SAVES, str(tmp_path))
+  in_effect = []
+  monkeypatch.setattr(co_monitor, "evaluate", lambda *args, **kwargs: in_effect.append(
+      jax.config.jax_default_matmul_precision) or {"accuracy": 0.5})
+  assert monitor._measure(None) == {ROBUST: 0.5, CLEAN: 0.5, TRAIN_CLEAN: 0.5}
+  assert in_effect == ["high"] * 3

@@ -29,6 +29,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import Dataset, Split
 from ntk_scale.evaluate import evaluate
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.train.collapse import CO_FILE, check_co_monitor_config, detector_from_config
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.writers import read_jsonl
@@ -56,6 +57,7 @@ class CoMonitor:
                                 config.seed + 4)
     self._key = jax.random.key(config.seed + 5)  # the same attack draws at every measurement
     self._batch_size, self._num_classes = config.eval_batch_size, dataset.num_classes
+    self._precision = config.get("eval_matmul_precision", "default")  # an evaluation's
     self._mesh, self._steps_per_epoch, self._saves = mesh, steps_per_epoch, saves
     self._path = os.path.join(directory, CO_FILE)
     self._detector = detector_from_config(monitor)
@@ -81,8 +83,9 @@ class CoMonitor:
   def _measure(self, state: TrainState) -> dict[str, float]:
     run = lambda split, attack=None: evaluate(state, split, self._batch_size, self._mesh,
                                               self._num_classes, attack=attack, key=self._key)["accuracy"]
-    return {ROBUST: run(self._held_out, self._attack), CLEAN: run(self._held_out),
-            TRAIN_CLEAN: run(self._train)}
+    with default_precision(self._precision):
+      return {ROBUST: run(self._held_out, self._attack), CLEAN: run(self._held_out),
+              TRAIN_CLEAN: run(self._train)}
 
   def __call__(self, step: int, state: TrainState, checkpoints: Checkpoints,
                writer: metric_writers.MetricWriter) -> None:
