@@ -10,9 +10,10 @@ job's analytic kernels are their tile program (ntk/function_tiles.py) compiled f
 kernel regression is compiled as the job evaluates it, clean and under each attack. Times divide
 the busiest device's FLOPs (a train step's spread evenly; a kernel's through its lockstep steps,
 idle devices' work included) by the matmul rate measured here in a short probe at the program's
-dtype and precision (training and evaluation: the backend's default precision, TF32 on GPUs, and
-phase 1 in config.train.compute_dtype; kernels: config.kernel.precision): lower bounds, since
-convolutions and attacks' sequential steps run below that rate.
+dtype and precision (train steps: their phase's compute_dtype and matmul_precision; evaluations:
+config.eval_matmul_precision; kernels: config.kernel.precision; "default" is the backend's, TF32 on
+GPUs and one bfloat16 pass on TPUs): lower bounds, since convolutions and attacks' sequential steps
+run below that rate.
 A worst_of attack (AutoAttack) is planned member by member on every example; evaluation runs each
 member only on the examples still robust, so on a robust model those rows overstate its work.
 
