@@ -63,7 +63,7 @@ from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_b
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
-                                        check_train_config)
+                                        check_train_config, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
@@ -213,8 +213,7 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
   state = _abstract(state, parallel.replicated_sharding(mesh))
   benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None, model=model)
   batch = _batch(mesh, config.batch_size, image_shape)
-  # As build_train_steps reads them.
-  matmul = (section.get("compute_dtype", "float32"), section.get("matmul_precision", "default"))
+  matmul = step_numerics(section)  # as build_train_steps reads them
   programs = []
   benign_steps = total if flip is None else min(flip, total)
   if benign_steps:

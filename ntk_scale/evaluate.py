@@ -264,13 +264,15 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   evaluation, rerun, resumes there; `write_evaluation` drops what was kept. Everything runs at
   config.eval_matmul_precision, which the settings name when it is not the default.
   """
-  with default_precision(config.get("eval_matmul_precision", "default")):
-    return _evaluate_and_save(config, state, dataset, mesh, workdir, step, set_suffix, linearized)
+  precision = config.get("eval_matmul_precision", "default")
+  with default_precision(precision):
+    return _evaluate_and_save(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
+                              precision)
 
 
 def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dataset: Dataset,
                        mesh: Mesh, workdir: str, step: int, set_suffix: str,
-                       linearized: LinearizedModel | None) -> dict[str, dict[str, Any]]:
+                       linearized: LinearizedModel | None, precision: str) -> dict[str, dict[str, Any]]:
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
   components = lambda split: output_component_means(linearized, state, split, batch_size, mesh)
@@ -282,7 +284,6 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dat
               "dataset": dataset.name, "num_test": len(dataset.test),
               "save_adversarial": bool(config.save_adversarial), "set_suffix": set_suffix,
               "linearized": linearized is not None}
-  precision = config.get("eval_matmul_precision", "default")
   if precision != "default":  # records made before the field existed hold the default
     settings["matmul_precision"] = precision
   shared = _Evaluation(config, state, dataset, mesh, int(step), linearized,

@@ -75,13 +75,19 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
 
 
+def step_numerics(section: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(compute_dtype, matmul_precision) of a phase's train steps, from config.train or config.phase2;
+  float32 at the backend's default where the section predates the fields."""
+  return section.get("compute_dtype", "float32"), section.get("matmul_precision", "default")
+
+
 def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None:
   """`<prefix>.compute_dtype` and `<prefix>.matmul_precision` (config.train or config.phase2)."""
-  compute_dtype = section.get("compute_dtype", "float32")
+  compute_dtype, precision = step_numerics(section)
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"{prefix}.compute_dtype={compute_dtype!r}; expected one of "
                      f"{', '.join(COMPUTE_DTYPES)} (the dtype the phase's train steps compute in).")
-  check_precision(section.get("matmul_precision", "default"), f"{prefix}.matmul_precision")
+  check_precision(precision, f"{prefix}.matmul_precision")
 
 
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:
@@ -110,11 +116,10 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
   (config.train.attack_batch_norm) are the experiment's. `model` is the phase's (the network, or phase 2's LinearizedModel): the steps
   compute with its `clone(dtype=compute_dtype)`, on the train state's variables.
   """
-  compute_apply_fn = None
-  if section.get("compute_dtype", "float32") != "float32":
-    compute_apply_fn = model.clone(dtype=jnp.dtype(section.compute_dtype)).apply
-  numerics = dict(compute_apply_fn=compute_apply_fn,
-                  matmul_precision=section.get("matmul_precision", "default"))
+  compute_dtype, precision = step_numerics(section)
+  compute_apply_fn = (None if compute_dtype == "float32"
+                      else model.clone(dtype=jnp.dtype(compute_dtype)).apply)
+  numerics = dict(compute_apply_fn=compute_apply_fn, matmul_precision=precision)
   benign = make_train_step(config.data.augment, seed, **numerics)
   if not adversarial:
     return benign, None

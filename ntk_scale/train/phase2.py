@@ -24,7 +24,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
 from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
-                                        check_step_numerics)
+                                        check_step_numerics, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
@@ -75,10 +75,11 @@ def check_phase2_config(config: ml_collections.ConfigDict) -> None:
     build_attack(p.attack, prefix="config.phase2.attack", num_classes=data.num_classes(config.data))
   check_optimizer_config(p.optimizer, "config.phase2.optimizer")
   check_step_numerics(p, "config.phase2")
-  if p.get("compute_dtype", "float32") != "float32" and p.linearization == "centered_nonlinear":
-    raise ValueError(f"config.phase2.compute_dtype={p.compute_dtype!r} with linearization "
+  compute_dtype, _ = step_numerics(p)
+  if compute_dtype != "float32" and p.linearization == "centered_nonlinear":
+    raise ValueError(f"config.phase2.compute_dtype={compute_dtype!r} with linearization "
                      f"'centered_nonlinear': its f(x; theta) - f(x; theta0) subtracts two nearly "
-                     f"equal outputs, which {p.compute_dtype} would round away; use float32.")
+                     f"equal outputs, which {compute_dtype} would round away; use float32.")
   if not p.checkpoint_every_epochs > 0:
     raise ValueError(f"config.phase2.checkpoint_every_epochs={p.checkpoint_every_epochs} must be "
                      f"positive.")
