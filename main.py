@@ -57,9 +57,7 @@ def main(argv):
     result = jobs.run(_CONFIG.value, _WORKDIR.value)
   except Preempted as stopped:  # every process saved at the same step and stops here
     print(f"process {jax.process_index()}: {stopped}", file=sys.stderr, flush=True)
-    if jax.process_count() > 1:
-      os._exit(PREEMPTED_EXIT_CODE)
-    sys.exit(PREEMPTED_EXIT_CODE)
+    parallel.exit_together(PREEMPTED_EXIT_CODE)
   except BaseException:
     if jax.process_count() == 1:
       raise

@@ -5,7 +5,10 @@ replicated, batches are split along their first axis. Each host materialises onl
 of a global batch that its own devices hold, so a batch never passes through one host.
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
+
+import os
+import sys
 
 import jax
 import numpy as np
@@ -131,6 +134,22 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def exit_together(code: int) -> NoReturn:
+  """Ends this process with `code` once every process of the job has called this too (each having
+  reached the same point, as on a preemption); one process simply exits.
+
+  Process 0 hosts JAX's coordination service: exiting while a peer is still connected makes that
+  peer abort (SIGABRT) instead of exiting with `code`. JAX's shutdown waits for every process at a
+  barrier, disconnects each and then stops the service. The interpreter's own exit is skipped (its
+  atexit hooks would wait on the job again)."""
+  if jax.process_count() == 1:
+    sys.exit(code)
+  jax.distributed.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -211,6 +211,33 @@ def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):
     assert runs.resumed["results"][name]["accuracy"] == pytest.approx(accuracy, abs=1.5 / 360), name
 
 
+LEAVE = """
+import sys, time
+import jax
+from ntk_scale import parallel
+pid = int(sys.argv[1])
+parallel.initialize_distributed(sys.argv[2], 2, pid, heartbeat_timeout_s=5)
+parallel.barrier("working")
+if pid == 1:
+  time.sleep(1.5)  # still saving when the coordinator is done
+parallel.exit_together(143)
+"""
+
+
+def test_processes_preempted_at_one_step_exit_together_with_the_preemption_code():
+  """Process 0 (the coordinator) done first does not take its slower peer down with SIGABRT."""
+  address = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", LEAVE, str(pid), address], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for pid in range(2)]
+  try:
+    outs = [p.communicate(timeout=PAIR_TIMEOUT_S)[0] for p in procs]
+  finally:
+    stop_all(procs)
+  assert [p.returncode for p in procs] == [PREEMPTED_EXIT_CODE] * 2, outs[1][-3000:]
+
+
 def test_a_preempted_kernel_pair_keeps_its_tiles_and_one_process_finishes_the_kernel(runs):
   """SIGTERM to process 1 once the first tile is stored: both stop at one agreed lockstep step with
   every finished tile stored; this process (four devices) computes the rest."""
