@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -103,6 +104,7 @@ def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):
   assert jax.device_count() == 4  # this process (conftest.py); main.py ran `one` on one device
   config = load_config("digits", "smoke")
   config.num_epochs, config.log_every_steps = 1.0, 1  # ONE_EPOCH
+  config.eval_attacks = ml_collections.ConfigDict()  # the losses are compared, not the attacks
   jobs.run(config, str(tmp_path))
   one_records, four_records = train_records(one), train_records(tmp_path)
   assert [r["step"] for r in one_records] == [r["step"] for r in four_records]
@@ -172,6 +174,7 @@ def test_resnet18_trains_adversarially_on_mock_cifar10_in_bfloat16(tmp_path):
   config = load_config("cifar10_resnet18", "adversarial,smoke")
   config.num_epochs = 1.0
   config.train.compute_dtype = "bfloat16"
+  del config.eval_attacks.apgd  # one attack shows the evaluation; APGD's compile costs ~6 s more
   with tfds.testing.mock_data(num_examples=16):
     result = jobs.run(config, str(tmp_path))
   assert result["steps"] == 2
@@ -181,8 +184,7 @@ def test_resnet18_trains_adversarially_on_mock_cifar10_in_bfloat16(tmp_path):
   assert checkpoints.latest_step() == 2
   assert {leaf.dtype for leaf in jax.tree.leaves(checkpoints.restore(2, result["state"]).params)} == {
       np.dtype(np.float32)}
-  for attack in ("pgd", "apgd"):
-    assert result["results"][attack]["accuracy"] <= result["results"]["clean"]["accuracy"]
+  assert result["results"]["pgd"]["accuracy"] <= result["results"]["clean"]["accuracy"]
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
