@@ -52,6 +52,7 @@ from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_sub
 from ntk_scale.evaluate import evaluate
 from ntk_scale.evaluation_progress import KeptResults
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.ntk.job import KERNELS_DIR
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, num_holdout,
@@ -212,6 +213,23 @@ class _Evaluations:
     return done
 
 
+def transferred(network, examples: dict[str, np.ndarray], kernel_fooled: dict[str, np.ndarray],
+                labels: np.ndarray, batch_size: int, mesh, num_classes: int,
+                matmul_precision: str) -> dict[str, dict[str, float]]:
+  """A network's accuracy on each attack's kernel-made test examples, and its transfer rate: the
+  share of the examples that fooled the kernel that fool the network too. At
+  config.eval_matmul_precision, as every evaluation of a network."""
+  row = {}
+  with default_precision(matmul_precision):
+    for name, images in examples.items():
+      r = evaluate(network, Split(images.astype(np.float32), labels), batch_size, mesh, num_classes,
+                   keep_examples=True)
+      fooled = kernel_fooled[name]
+      row[name] = {"accuracy": r["accuracy"], "transfer_rate": float(
+          np.mean(r["examples"]["predictions"][fooled] != labels[fooled]))}
+  return row
+
+
 def _accuracies(rows: dict[str, Any]) -> dict[str, float]:
   return {name: r["accuracy"] for name, r in rows.items()}
 
@@ -314,14 +332,9 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       network["original"] = _accuracies(trained["results"])
     if width not in s.transfer.widths:
       continue
-    row = {"clean": trained["test"]["accuracy"]}
-    for name, x_adv in ((n, rows[n]["examples"]["images"]) for n in attacks):
-      r = evaluate(trained["state"], Split(x_adv.astype(np.float32), yt), batch_size, mesh, c,
-                   keep_examples=True)
-      predictions = r["examples"]["predictions"]
-      source = kernel_fooled[name]
-      row[name] = {"accuracy": r["accuracy"],
-                   "transfer_rate": float(np.mean(predictions[source] != yt[source]))}
+    row = {"clean": trained["test"]["accuracy"], **transferred(
+        trained["state"], {n: rows[n]["examples"]["images"] for n in attacks}, kernel_fooled, yt,
+        batch_size, mesh, c, config.get("eval_matmul_precision", "default"))}
     transfer[f"width{width}"] = row
     print(f"transfer to width {width}: {row}", flush=True)
   results["transfer"] = transfer

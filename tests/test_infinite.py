@@ -155,6 +155,39 @@ def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
   assert not np.array_equal(key(attacks.pgd), key(eval_attacks.apgd))
 
 
+def test_transfer_rows_count_the_kernel_fooled_examples_at_the_evaluation_precision(monkeypatch):
+  """A network's row: its accuracy on each attack's examples and the share of the examples that
+  fooled the kernel which fool it too (here by hand from a linear network), evaluated at
+  config.eval_matmul_precision as every evaluation of a network."""
+  import jax
+  import jax.numpy as jnp
+
+  from ntk_scale import infinite_job, parallel
+
+  precisions = []
+  real_evaluate = infinite_job.evaluate
+
+  def spying_evaluate(*args, **kwargs):
+    precisions.append(jax.config.jax_default_matmul_precision)
+    return real_evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(infinite_job, "evaluate", spying_evaluate)
+  rng = np.random.default_rng(0)
+  weights = rng.normal(size=(16, 3)).astype(np.float32)
+  network = lambda images: images.reshape(len(images), -1) @ jnp.asarray(weights)
+  labels = np.arange(12) % 3
+  examples = {"pgd": rng.uniform(size=(12, 4, 4, 1)), "apgd": rng.uniform(size=(12, 4, 4, 1))}
+  fooled = {name: rng.uniform(size=12) < 0.5 for name in examples}
+  row = infinite_job.transferred(network, examples, fooled, labels, 8, parallel.make_mesh(), 3,
+                                 "highest")
+  assert precisions == ["highest", "highest"]
+  for name, images in examples.items():
+    predictions = (images.reshape(12, -1).astype(np.float32) @ weights).argmax(1)
+    assert row[name]["accuracy"] == pytest.approx(np.mean(predictions == labels))
+    assert row[name]["transfer_rate"] == pytest.approx(
+        np.mean(predictions[fooled[name]] != labels[fooled[name]]))
+
+
 def test_a_rerun_takes_kept_evaluations_and_a_preemption_stops_after_one(monkeypatch, tmp_path):
   """Each (model, attack) result, its examples too, is kept on disk, and each batch of it as it
   goes: a new run with the same settings evaluates nothing again and gets equal results; other
