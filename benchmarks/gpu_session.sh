@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU figure the project still waits for, in one command that fits a device lease (about
+# 9 minutes of a 10-minute command), each table written as it finishes so that a stopped run
+# still returns what it measured. Run from the repository root.
+#
+# Here, once (the GPU image has jax, flax, optax, orbax and tensorstore but not these):
+#     bash benchmarks/gpu_session.sh wheels        # downloads them into .whl/ (git-ignored)
+# There (the device tool: carry [".whl"], timeout_s 600):
+#     bash benchmarks/gpu_session.sh run "$OUT"
+# On a CPU, to check the script itself in a minute with tiny sizes:
+#     GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh run /tmp/gpu_session
+#
+# In priority order, each under its own time limit:
+#  1. ntk_engine.py, ResNet-18 per logit (class 0) at N = 500 (the issue's "a per-class kernel of
+#     500 CIFAR-10 images in under a second"), 256 and 1024, and traced, against neural-tangents,
+#     with and without factored layers;
+#  2. ntk_engine.py, the small CNN at N = 256 and 1024;
+#  3. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype).
+set -uo pipefail
+
+WHEELS=("ml-collections==1.1.0" "neural-tangents==0.6.5" "frozendict==2.5.1")
+
+if [[ "${1:-}" == wheels ]]; then
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${WHEELS[@]}"
+  exit
+fi
+[[ "${1:-}" == run && -n "${2:-}" ]] || { echo "usage: $0 wheels | run OUTDIR" >&2; exit 2; }
+out=$2
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu_session_site .whl/*.whl || exit
+  export PYTHONPATH=/tmp/gpu_session_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+cache=/tmp/gpu_session_jax_cache
+started=$SECONDS
+
+if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then
+  resnet=(--resnet_sizes 8 --logits 0) cnn=(--sizes 16 --logits 0) train=(--models cnn --steps 2)
+  limits=(60 60 60) deadlines=(30 30)
+else
+  resnet=(--resnet_sizes 500,256,1024 --logits 0,trace)
+  cnn=(--sizes 256,1024 --logits 0,trace)
+  train=(--max_seconds 20)
+  limits=(330 110 100) deadlines=(270 80)
+fi
+
+# Runs a step under its time limit, its output into $out/<name>.txt; what it printed stays if it is stopped.
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s, at $((SECONDS - started)) s)" | tee -a "$out/steps.txt"
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "   exit $? after $((SECONDS - started)) s" | tee -a "$out/steps.txt"
+  grep -v -e "^WARNING: All log messages" -e "^I0000 " "$out/$name.txt" | tail -n 25
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+step ntk_engine-resnet18 "${limits[0]}" python3 benchmarks/ntk_engine.py --models resnet18 "${resnet[@]}" \
+  --loo_max 0 --variants factored_layers=none --deadline_s "${deadlines[0]}" --compilation_cache "$cache"
+step ntk_engine-cnn "${limits[1]}" python3 benchmarks/ntk_engine.py --models cnn "${cnn[@]}" --loo_max 256 \
+  --deadline_s "${deadlines[1]}" --compilation_cache "$cache"
+step train_throughput-bfloat16 "${limits[2]}" python3 benchmarks/train_throughput.py --compute_dtypes bfloat16 \
+  "${train[@]}"
+echo "done in $((SECONDS - started)) s; tables in $out" | tee -a "$out/steps.txt"
