@@ -146,7 +146,10 @@ def exit_together(code: int) -> NoReturn:
   atexit hooks would wait on the job again)."""
   if jax.process_count() == 1:
     sys.exit(code)
-  jax.distributed.shutdown()
+  try:
+    jax.distributed.shutdown()
+  except Exception as e:  # a peer already gone: exit all the same, with this process's code
+    print(f"process {jax.process_index()}: leaving the job: {e}", file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
