@@ -3,7 +3,6 @@
 Rerunning the same command on the same workdir resumes it.
 """
 
-import os
 import sys
 import traceback
 
@@ -38,6 +37,8 @@ _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_s", 60, "A process silent this long is dead and the others stop with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+ERROR_EXIT_WAIT_S = 10  # how long a failed process waits for the others to leave the job with it
+
 
 def main(argv):
   if len(argv) > 1:
@@ -61,15 +62,15 @@ def main(argv):
   except BaseException:
     if jax.process_count() == 1:
       raise
-    # Exiting normally would wait up to five minutes at JAX's shutdown barrier while the other
-    # processes block in a collective; stop now, and the coordination service stops them within
-    # --heartbeat_timeout_s.
+    # Every process may have failed alike (a bad field, a NaN loss): they leave together. Others may
+    # instead be blocked in a collective, where JAX's shutdown barrier would hold this one for five
+    # minutes: after ERROR_EXIT_WAIT_S it exits alone, and the others' collectives fail.
     traceback.print_exc()
     print(f"process {jax.process_index()} of {jax.process_count()} stopped on the error above and "
-          "exits now, so the others stop too. A failed collective or a lost connection means another "
-          "process died first (see its log); rerunning the same command resumes from the last "
-          "checkpoint.", file=sys.stderr, flush=True)
-    os._exit(1)
+          f"exits within {ERROR_EXIT_WAIT_S} s, so the others stop too. A failed collective or a lost "
+          "connection means another process died first (see its log); rerunning the same command "
+          "resumes from the last checkpoint.", file=sys.stderr, flush=True)
+    parallel.exit_together(1, ERROR_EXIT_WAIT_S)
   if jax.process_index() != 0:  # one report per job, from process 0
     return
   if "report" in result:

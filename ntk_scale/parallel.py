@@ -9,6 +9,7 @@ from typing import Any, Mapping, NoReturn
 
 import os
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -136,20 +137,30 @@ def agree(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def exit_together(code: int) -> NoReturn:
-  """Ends this process with `code` once every process of the job has called this too (each having
-  reached the same point, as on a preemption); one process simply exits.
+def exit_together(code: int, wait_s: float | None = None) -> NoReturn:
+  """Ends this process with `code`, leaving the job together with the other processes that call
+  this too; one process simply exits.
 
   Process 0 hosts JAX's coordination service: exiting while a peer is still connected makes that
-  peer abort (SIGABRT) instead of exiting with `code`. JAX's shutdown waits for every process at a
-  barrier, disconnects each and then stops the service. The interpreter's own exit is skipped (its
-  atexit hooks would wait on the job again)."""
+  peer abort (SIGABRT, a C++ stack dump after its own message) instead of exiting with its code.
+  JAX's shutdown waits for every process at a barrier, disconnects each and then stops the
+  service. Without `wait_s` this waits for all (every process reached the same point, as on a
+  preemption); with it, at most that long, then exits alone: after an error the others may be
+  blocked in a collective and never come, and they stop when this one is gone. The interpreter's
+  own exit is skipped (its atexit hooks would wait on the job again)."""
   if jax.process_count() == 1:
     sys.exit(code)
-  try:
-    jax.distributed.shutdown()
-  except Exception as e:  # a peer already gone: exit all the same, with this process's code
-    print(f"process {jax.process_index()}: leaving the job: {e}", file=sys.stderr)
+  left = threading.Event()
+
+  def leave() -> None:
+    try:
+      jax.distributed.shutdown()
+    except Exception as e:  # a peer already gone: exit all the same, with this process's code
+      print(f"process {jax.process_index()}: leaving the job: {e}", file=sys.stderr)
+    left.set()
+
+  threading.Thread(target=leave, daemon=True).start()
+  left.wait(wait_s)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)

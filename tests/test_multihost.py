@@ -215,27 +215,40 @@ LEAVE = """
 import sys, time
 import jax
 from ntk_scale import parallel
-pid = int(sys.argv[1])
+pid, case = int(sys.argv[1]), sys.argv[3]
 parallel.initialize_distributed(sys.argv[2], 2, pid, heartbeat_timeout_s=5)
 parallel.barrier("working")
+if case == "one failed":
+  if pid == 0:
+    parallel.exit_together(1, 2)
+  parallel.barrier("never passed")  # process 1 still works, blocked in a collective
 if pid == 1:
   time.sleep(1.5)  # still saving when the coordinator is done
-parallel.exit_together(143)
+parallel.exit_together(143, None) if case == "preempted" else parallel.exit_together(1, 10)
 """
 
 
-def test_processes_preempted_at_one_step_exit_together_with_the_preemption_code():
-  """Process 0 (the coordinator) done first does not take its slower peer down with SIGABRT."""
+@pytest.mark.parametrize("case, codes", [("preempted", [PREEMPTED_EXIT_CODE] * 2),
+                                         ("both failed", [1, 1]), ("one failed", None)])
+def test_processes_leave_the_job_together_or_in_bounded_time(case, codes):
+  """Processes preempted at one step, or failed alike, exit with their codes: process 0 (the
+  coordinator) done first does not take its slower peer down with SIGABRT. A process failed alone
+  exits after its wait, not at JAX's five-minute shutdown barrier, and its peer, blocked in a
+  collective, then stops too."""
   address = f"127.0.0.1:{_free_port()}"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", LEAVE, str(pid), address], cwd=REPO, env=env,
+  procs = [subprocess.Popen([sys.executable, "-c", LEAVE, str(pid), address, case], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for pid in range(2)]
   try:
-    outs = [p.communicate(timeout=PAIR_TIMEOUT_S)[0] for p in procs]
+    outs = [p.communicate(timeout=STOP_BOUND_S * 2)[0] for p in procs]
   finally:
     stop_all(procs)
-  assert [p.returncode for p in procs] == [PREEMPTED_EXIT_CODE] * 2, outs[1][-3000:]
+  returned = [p.returncode for p in procs]
+  if codes is not None:
+    assert returned == codes, outs[1][-3000:]
+  else:
+    assert returned[0] == 1 and returned[1] != 0, outs[1][-3000:]
 
 
 def test_a_preempted_kernel_pair_keeps_its_tiles_and_one_process_finishes_the_kernel(runs):
