@@ -44,12 +44,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
 from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
-from ntk_scale.evaluate import evaluate
+from ntk_scale.evaluate import Model, evaluate
 from ntk_scale.evaluation_progress import KeptResults
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.matmul_precision import default_precision
@@ -213,8 +214,8 @@ class _Evaluations:
     return done
 
 
-def transferred(network, examples: dict[str, np.ndarray], kernel_fooled: dict[str, np.ndarray],
-                labels: np.ndarray, batch_size: int, mesh, num_classes: int,
+def transferred(network: Model, examples: dict[str, np.ndarray], kernel_fooled: dict[str, np.ndarray],
+                labels: np.ndarray, batch_size: int, mesh: Mesh, num_classes: int,
                 matmul_precision: str) -> dict[str, dict[str, float]]:
   """A network's accuracy on each attack's kernel-made test examples, and its transfer rate: the
   share of the examples that fooled the kernel that fool the network too. At

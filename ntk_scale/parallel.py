@@ -5,11 +5,10 @@ replicated, batches are split along their first axis. Each host materialises onl
 of a global batch that its own devices hold, so a batch never passes through one host.
 """
 
-from typing import Any, Mapping, NoReturn
-
 import os
 import sys
 import threading
+from typing import Any, Mapping, NoReturn
 
 import jax
 import numpy as np
