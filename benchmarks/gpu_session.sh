@@ -7,15 +7,16 @@
 #     bash benchmarks/gpu_session.sh wheels        # downloads them into .whl/ (git-ignored)
 # There (the device tool: carry [".whl"], timeout_s 600):
 #     bash benchmarks/gpu_session.sh run "$OUT"
-# On a CPU, to check the script itself in a minute with tiny sizes:
+# On a CPU, to check the script itself with tiny sizes (about 2 minutes):
 #     GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh run /tmp/gpu_session
 #
-# In priority order, each under its own time limit:
+# In priority order, each under its own time limit (no case is started after its step's deadline):
 #  1. ntk_engine.py, ResNet-18 per logit (class 0) at N = 500 (the issue's "a per-class kernel of
-#     500 CIFAR-10 images in under a second"), 256 and 1024, and traced, against neural-tangents,
-#     with and without factored layers;
-#  2. ntk_engine.py, the small CNN at N = 256 and 1024;
-#  3. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype).
+#     500 CIFAR-10 images in under a second"), 256 and 1024, against neural-tangents, with and
+#     without factored layers (200 s);
+#  2. the same traced over the logits at N = 256 and 1024 (150 s);
+#  3. ntk_engine.py, the small CNN at N = 256 and 1024, also against Loo et al.'s method (80 s);
+#  4. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype, 70 s).
 set -uo pipefail
 
 WHEELS=("ml-collections==1.1.0" "neural-tangents==0.6.5" "frozendict==2.5.1")
@@ -39,13 +40,12 @@ cache=/tmp/gpu_session_jax_cache
 started=$SECONDS
 
 if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then
-  resnet=(--resnet_sizes 8 --logits 0) cnn=(--sizes 16 --logits 0) train=(--models cnn --steps 2)
-  limits=(60 60 60) deadlines=(30 30)
+  per_logit=(--resnet_sizes 8) traced=(--resnet_sizes 8) cnn=(--sizes 16) train=(--models cnn --steps 2)
+  limits=(60 60 60 60) deadlines=(30 30 30)
 else
-  resnet=(--resnet_sizes 500,256,1024 --logits 0,trace)
-  cnn=(--sizes 256,1024 --logits 0,trace)
+  per_logit=(--resnet_sizes 500,256,1024) traced=(--resnet_sizes 256,1024) cnn=(--sizes 256,1024)
   train=(--max_seconds 20)
-  limits=(330 110 100) deadlines=(270 80)
+  limits=(200 150 80 70) deadlines=(160 100 50)
 fi
 
 # Runs a step under its time limit, its output into $out/<name>.txt; what it printed stays if it is stopped.
@@ -60,10 +60,13 @@ step() {
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-step ntk_engine-resnet18 "${limits[0]}" python3 benchmarks/ntk_engine.py --models resnet18 "${resnet[@]}" \
-  --loo_max 0 --variants factored_layers=none --deadline_s "${deadlines[0]}" --compilation_cache "$cache"
-step ntk_engine-cnn "${limits[1]}" python3 benchmarks/ntk_engine.py --models cnn "${cnn[@]}" --loo_max 256 \
-  --deadline_s "${deadlines[1]}" --compilation_cache "$cache"
-step train_throughput-bfloat16 "${limits[2]}" python3 benchmarks/train_throughput.py --compute_dtypes bfloat16 \
-  "${train[@]}"
+step ntk_engine-resnet18-class0 "${limits[0]}" python3 benchmarks/ntk_engine.py --models resnet18 \
+  "${per_logit[@]}" --logits 0 --loo_max 0 --variants factored_layers=none \
+  --deadline_s "${deadlines[0]}" --compilation_cache "$cache"
+step ntk_engine-resnet18-trace "${limits[1]}" python3 benchmarks/ntk_engine.py --models resnet18 \
+  "${traced[@]}" --logits trace --loo_max 0 --deadline_s "${deadlines[1]}" --compilation_cache "$cache"
+step ntk_engine-cnn "${limits[2]}" python3 benchmarks/ntk_engine.py --models cnn "${cnn[@]}" \
+  --logits 0,trace --loo_max 256 --deadline_s "${deadlines[2]}" --compilation_cache "$cache"
+step train_throughput-bfloat16 "${limits[3]}" python3 benchmarks/train_throughput.py \
+  --compute_dtypes bfloat16 "${train[@]}"
 echo "done in $((SECONDS - started)) s; tables in $out" | tee -a "$out/steps.txt"
