@@ -63,7 +63,7 @@ from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_b
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
-                                        check_train_config, step_numerics)
+                                        check_train_config, eval_matmul_precision, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
@@ -240,7 +240,7 @@ def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -
   batch = _batch(mesh, config.eval_batch_size, image_shape, mask=True)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   num_classes = dataset_classes(config.data)
-  matmul = ("float32", config.get("eval_matmul_precision", "default"))
+  matmul = ("float32", eval_matmul_precision(config))
   with default_precision(matmul[1]):  # as evaluate_and_save compiles them
     programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
                          "config.eval_batch_size", matmul=matmul, num_classes=num_classes, attack=None)]

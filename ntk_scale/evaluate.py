@@ -23,7 +23,7 @@ from ntk_scale.linearize import LinearizedModel, output_components
 from ntk_scale.matmul_precision import default_precision
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.restore import restore_for_inference
-from ntk_scale.train.experiment import check_common_config
+from ntk_scale.train.experiment import check_common_config, eval_matmul_precision
 from ntk_scale.train.state import TrainState, logits_fn
 
 
@@ -264,7 +264,7 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
   evaluation, rerun, resumes there; `write_evaluation` drops what was kept. Everything runs at
   config.eval_matmul_precision, which the settings name when it is not the default.
   """
-  precision = config.get("eval_matmul_precision", "default")
+  precision = eval_matmul_precision(config)
   with default_precision(precision):
     return _evaluate_and_save(config, state, dataset, mesh, workdir, step, set_suffix, linearized,
                               precision)
@@ -421,7 +421,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                               set_suffix=f"_epoch{restored.epoch:g}", linearized=linearized)
   for path in config.evaluate.transfer_sets:
     name = "transfer:" + path.rstrip("/").rsplit("/", 1)[-1]
-    with default_precision(config.get("eval_matmul_precision", "default")):
+    with default_precision(eval_matmul_precision(config)):
       results[name] = evaluate_transfer(state, path, config.eval_batch_size, mesh, dataset.num_classes)
   return write_evaluation(restored.phase_dir, restored.step, restored.epoch, results)
 

@@ -58,6 +58,7 @@ from ntk_scale.ntk.job import KERNELS_DIR
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, num_holdout,
                                       optimise_dataset, split_targets)
+from ntk_scale.train.experiment import eval_matmul_precision
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
@@ -335,7 +336,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       continue
     row = {"clean": trained["test"]["accuracy"], **transferred(
         trained["state"], {n: rows[n]["examples"]["images"] for n in attacks}, kernel_fooled, yt,
-        batch_size, mesh, c, config.get("eval_matmul_precision", "default"))}
+        batch_size, mesh, c, eval_matmul_precision(config))}
     transfer[f"width{width}"] = row
     print(f"transfer to width {width}: {row}", flush=True)
   results["transfer"] = transfer

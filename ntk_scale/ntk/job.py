@@ -18,13 +18,13 @@ import numpy as np
 
 from ntk_scale import files, parallel
 from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
-from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.matmul_precision import check_precision
-from ntk_scale.profile import StepProfile, check_profile_steps
+from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.plan import FACTORING_MODES, METHODS
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import Preempted, preemption_notices
+from ntk_scale.profile import StepProfile, check_profile_steps
 from ntk_scale.workdir import phase2_name
 
 KERNELS_DIR = "kernels"

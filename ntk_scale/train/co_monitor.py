@@ -31,6 +31,7 @@ from ntk_scale.data import Dataset, Split
 from ntk_scale.evaluate import evaluate
 from ntk_scale.matmul_precision import default_precision
 from ntk_scale.train.collapse import CO_FILE, check_co_monitor_config, detector_from_config
+from ntk_scale.train.experiment import eval_matmul_precision
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.writers import read_jsonl
 
@@ -57,7 +58,7 @@ class CoMonitor:
                                 config.seed + 4)
     self._key = jax.random.key(config.seed + 5)  # the same attack draws at every measurement
     self._batch_size, self._num_classes = config.eval_batch_size, dataset.num_classes
-    self._precision = config.get("eval_matmul_precision", "default")  # an evaluation's
+    self._precision = eval_matmul_precision(config)  # an evaluation's
     self._mesh, self._steps_per_epoch, self._saves = mesh, steps_per_epoch, saves
     self._path = os.path.join(directory, CO_FILE)
     self._detector = detector_from_config(monitor)

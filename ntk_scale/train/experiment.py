@@ -43,7 +43,7 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
   if not config.log_every_steps > 0:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be a positive number of steps.")
   check_profile_steps(config.get("profile_steps", 0))
-  check_precision(config.get("eval_matmul_precision", "default"), "config.eval_matmul_precision")
+  check_precision(eval_matmul_precision(config), "config.eval_matmul_precision")
   build_attacks(config.eval_attacks, "config.eval_attacks", data.num_classes(config.data))
 
 
@@ -81,6 +81,12 @@ def step_numerics(section: ml_collections.ConfigDict) -> tuple[str, str]:
   return section.get("compute_dtype", "float32"), section.get("matmul_precision", "default")
 
 
+def eval_matmul_precision(config: ml_collections.ConfigDict) -> str:
+  """config.eval_matmul_precision, the precision of every evaluation of a network; the backend's
+  default where the config predates the field."""
+  return config.get("eval_matmul_precision", "default")
+
+
 def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None:
   """`<prefix>.compute_dtype` and `<prefix>.matmul_precision` (config.train or config.phase2)."""
   compute_dtype, precision = step_numerics(section)
@@ -113,8 +119,9 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
   `section` (config.train or config.phase2) names the attack, `benign_step_first`, the
   `compute_dtype`, the `matmul_precision` and, for phase 1, GradAlign's weight `grad_align` (its
   noise uses the attack's eps); the augmentation and the attack's BatchNorm mode
-  (config.train.attack_batch_norm) are the experiment's. `model` is the phase's (the network, or phase 2's LinearizedModel): the steps
-  compute with its `clone(dtype=compute_dtype)`, on the train state's variables.
+  (config.train.attack_batch_norm) are the experiment's. `model` is the phase's (the network, or
+  phase 2's LinearizedModel): the steps compute with its `clone(dtype=compute_dtype)`, on the train
+  state's variables.
   """
   compute_dtype, precision = step_numerics(section)
   compute_apply_fn = (None if compute_dtype == "float32"
