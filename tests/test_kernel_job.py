@@ -172,4 +172,3 @@ def test_inference_apply_traces_at_the_precision_it_is_given_and_else_leaves_it_
   assert not all_highest(at(inference_apply(model)), variables["params"])
   with jax.default_matmul_precision("highest"):  # the tile loop's context is not overridden
     assert all_highest(at(inference_apply(model)), variables["params"])
-
