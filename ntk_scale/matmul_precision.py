@@ -17,6 +17,12 @@ def check_precision(precision: str, field: str = "precision") -> None:
                      f"{', '.join(PRECISIONS)}.")
 
 
+def lax_precision(precision: str) -> lax.Precision | None:
+  """The `precision=` argument of a matmul at `precision`: None for "default", which leaves it to
+  the surrounding context or the global jax_default_matmul_precision, as `default_precision`."""
+  return None if precision == "default" else PRECISIONS[precision]
+
+
 def default_precision(precision: str):
   """A context in which float32 matmuls and convolutions traced without a precision of their own
   run at `precision`; "default" enters none, leaving them to the surrounding context or the global

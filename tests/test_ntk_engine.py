@@ -2,6 +2,7 @@
 logits modes, methods, tile sizes, device counts, the on-disk store and kill-and-resume."""
 
 import collections
+import contextlib
 import dataclasses
 import functools
 
@@ -13,16 +14,19 @@ from jax.sharding import Mesh
 from ntk_scale import parallel
 from ntk_scale.base_config import base_config
 from ntk_scale.linearize import LinearizedModel
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.models import build_model
 from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tangents
 from ntk_scale.ntk import KernelPlanError, empirical_ntk, fit_plan, plan_for, run_tiles
 from ntk_scale.ntk import engine
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
+from ntk_scale.ntk.programs import step_programs
 from ntk_scale.ntk.schedule import in_logit_chunks, jacobian_schedule, ring_schedule, tile_schedule
 from ntk_scale.ntk.tile_math import JacobianRows, contract, contract_symmetric, parse_logits
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from random_variables import random_variables
+from test_kernel_regression import all_highest
 
 SHAPE = (6, 6, 1)
 NUM_CLASSES = 3
@@ -210,6 +214,24 @@ def test_four_devices_equal_one_device(network, settings):
     for i, j in set(plan.tiles()) - done:
       rows, cols = tile_slices(plan, i, j)
       np.testing.assert_array_equal(partial[rows, cols], k4[rows, cols])
+
+
+@pytest.mark.parametrize("precision,outer,highest", [("default", "highest", True),
+                                                     ("default", None, False),
+                                                     ("high", "highest", False),
+                                                     ("highest", None, True)])
+def test_tile_programs_run_at_the_kernels_precision_and_default_leaves_it_to_the_caller(
+    network, precision, outer, highest):
+  """"default" enters no context and asks nothing of the matmuls (as the train and evaluation
+  fields' "default"): a global jax_default_matmul_precision, here a surrounding context, governs."""
+  _, variables, apply_fn = network
+  mesh = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  spec = parse_logits("trace", NUM_CLASSES)
+  programs = step_programs(apply_fn, False, spec, precision, mesh, NUM_CLASSES, "auto")
+  with jax.default_matmul_precision(outer) if outer else contextlib.nullcontext():
+    with default_precision(precision):  # as the tile loop runs them
+      traced = lambda params, x: programs["row"](params, {}, np.int32(0), x)
+      assert all_highest(traced, variables["params"], _images(4)) == highest
 
 
 def test_linearized_model_kernel_is_the_frozen_kernel_of_theta0(network):

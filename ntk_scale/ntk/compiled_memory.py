@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import parallel
 from ntk_scale.cost_analysis import memory_per_device
+from ntk_scale.matmul_precision import default_precision
 from ntk_scale.ntk.plan import KernelPlan
 from ntk_scale.ntk.programs import plan_steps, program_of, step_programs
 
@@ -47,7 +48,7 @@ def compiled_memory(plan: KernelPlan, apply_fn: Callable, params: Any,
                                             sharding=data)
   band, block = examples(plan.band * plan.tile), examples(plan.tile)
   names = sorted({program_of(step, plan.symmetric) for step in plan_steps(plan, plan.tiles())})
-  with jax.default_matmul_precision(precision):  # as the tile loop traces them
+  with default_precision(precision):  # as the tile loop traces them
     rows = None
     if {"column", "rotate"} & set(names):  # the resident (or travelling) Jacobian rows
       rows = _abstract(jax.eval_shape(programs["resident"], *model, band), data)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
 from ntk_scale.device_rates import agreed, ring_bandwidth, timed
-from ntk_scale.matmul_precision import check_precision
+from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.compiled_memory import CompiledMemory, compiled_memory
 from ntk_scale.ntk.plan import (KernelPlan, KernelPlanError, ModelCost, make_plan, rows_flops,
                                 setting_names)
@@ -139,7 +139,7 @@ def run_tiles(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None,
       name = program_of(step, plan.symmetric)
       program = programs[name]
       profile.before(number)
-      with jax.default_matmul_precision(precision):
+      with default_precision(precision):
         if name == "resident":
           resident, tiles = program(params, state, first, x_band), None
         elif name == "row":
@@ -227,7 +227,7 @@ def _formation_rate(apply_fn: Callable, abstract_params: tuple, example: jax.Sha
   model = bind_state(apply_fn, abstract_state is not None,
                      None if abstract_state is None else zeros(abstract_state))
   x = jnp.zeros((PROBE_EXAMPLES,) + example.shape, example.dtype)
-  with jax.default_matmul_precision(precision):
+  with default_precision(precision):
     form = jax.jit(lambda params, x: jacobian_rows(model, params, x, spec, factoring=factoring))
     calls, seconds = timed(lambda rows: form(params, x), None, 0.1)
   cost = dataclasses.replace(_measure(apply_fn, abstract_params, example, abstract_state),

@@ -18,7 +18,7 @@ import numpy as np
 
 from ntk_scale import files, parallel
 from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
-from ntk_scale.matmul_precision import check_precision
+from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.plan import FACTORING_MODES, METHODS
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
@@ -130,7 +130,7 @@ def inference_apply(model, precision: str | None = None) -> Callable:
     return apply_fn
 
   def at_precision(params, x, batch_stats):
-    with jax.default_matmul_precision(precision):
+    with default_precision(precision):
       return apply_fn(params, x, batch_stats)
   return at_precision
 

@@ -14,7 +14,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ntk_scale import parallel
-from ntk_scale.matmul_precision import PRECISIONS
+from ntk_scale.matmul_precision import lax_precision
 from ntk_scale.ntk.plan import KernelPlan, symmetric_pieces
 from ntk_scale.ntk.schedule import (Step, Tile, in_logit_chunks, jacobian_schedule, ring_schedule,
                                     tile_schedule)
@@ -39,7 +39,7 @@ def step_programs(apply_fn: Callable, stateful: bool, spec: LogitSpec, precision
   not a constant, so the kernels of many checkpoints of one model share one compilation.
   Branch-free on purpose: a `lax.cond` choosing per device between them ran 10x slower on CPU.
   """
-  matmul_precision = PRECISIONS[precision]
+  matmul_precision = lax_precision(precision)
   chunked = logit_chunk < spec.rows_per_example
 
   def jacobian(params, state, first, x):
