@@ -91,7 +91,8 @@ def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iter
       pairs, state = _rounds(engine, width, dtype, tol)
       rows.append((f"ours, sharded on {jax.device_count()} device(s)", time.perf_counter() - start,
                    f"{state['iterations']} it.", pairs.residuals.max(), ready))
-    ours = StreamedKernel(store, k, dtype, round_iters, tol, int(block_mb * 2**20))
+    ours = StreamedKernel(store, k, dtype, round_iters, tol, int(block_mb * 2**20),
+                          start_block(store.shape[0], width, 0, np.dtype(dtype)))
     start = time.perf_counter()
     pairs, state = _rounds(ours, width, dtype, tol)
     rows.append(("ours, streamed", time.perf_counter() - start,

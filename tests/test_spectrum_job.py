@@ -77,7 +77,8 @@ def test_sharded_float32_and_streamed_rounds(tmp_path):
   pairs = solve(engine, 6, 2)
   assert pairs.values.dtype == np.float32
   assert_top_pairs(pairs, kernel, 6, rtol=1e-5, max_angle=1e-2)
-  streamed = StreamedKernel(store, 6, "float64", 20, 1e-12, max_block_bytes=20 * 80 * 8)
+  streamed = StreamedKernel(store, 6, "float64", 20, 1e-12, max_block_bytes=20 * 80 * 8,
+                            start=start_block(80, 10, 0, np.dtype(np.float64)))
   assert streamed.operator.rows_per_read == 16  # five panels per product
   assert_top_pairs(solve(streamed, 6, 3), kernel.astype(np.float32), 6, rtol=1e-10, max_angle=1e-7)
 
@@ -127,13 +128,15 @@ def test_job_writes_the_top_eigenpairs(workdir, method, capsys):
   assert not [name for name in os.listdir(result["spectrum"]) if name.startswith("iterate")]
 
 
-def test_preempted_then_killed_solve_resumes_to_the_uninterrupted_result(workdir, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["sharded", "streamed"])
+def test_preempted_then_killed_solve_resumes_to_the_uninterrupted_result(workdir, method, monkeypatch,
+                                                                        capsys):
   # float64 to 1e-13 in rounds of 2 iterations: several rounds, each saved.
-  config = spectrum_config(method="sharded", dtype="float64", tol=1e-13, round_iters=2,
+  config = spectrum_config(method=method, dtype="float64", tol=1e-13, round_iters=2,
                            num_eigenpairs=6, oversample=2)
-  config.kernel.name = "resume"
+  config.kernel.name = f"resume_{method}"
   uninterrupted = jobs.run(config, workdir)
-  assert uninterrupted["rounds"] >= 4, uninterrupted
+  assert uninterrupted["rounds"] >= 4 and uninterrupted["method"] == method, uninterrupted
   expected, _ = load_spectrum(uninterrupted["spectrum"])
   for name in os.listdir(uninterrupted["spectrum"]):
     os.remove(os.path.join(uninterrupted["spectrum"], name))

@@ -221,12 +221,13 @@ def _remove_rounds(directory: str) -> None:
         files.remove(os.path.join(directory, name))
 
 
-def _solve(engine: Any, directory: str, s, settings: dict, width: int) -> tuple[Eigenpairs, dict]:
-  """LOBPCG rounds from the saved round (or a seeded start), each saved as it ends."""
+def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_iters: int
+           ) -> tuple[Eigenpairs, dict]:
+  """LOBPCG rounds from the saved round (or from `start`, the seeded block), each saved as it ends."""
   state = _load_state(directory, settings)
   if state is None:
     _remove_rounds(directory)  # of an unfinished solve with other settings
-    state = first_state(start_block(engine.size, width, s.seed, np.dtype(s.dtype)))
+    state = first_state(start)
     state["settings"] = settings
   elif jax.process_index() == 0:
     print(f"resuming the spectrum at round {state['rounds']} ({state['iterations']} iterations, "
@@ -240,8 +241,8 @@ def _solve(engine: Any, directory: str, s, settings: dict, width: int) -> tuple[
             f"{pairs.values[0]:.6g}, {seconds:.1f} s", flush=True)
 
   with preemption_notices() as noticed:
-    pairs, state = run_rounds(engine, state, settings["tol"], s.max_iters, after_round, stop=noticed)
-  if not finished(pairs, state, settings["tol"], s.max_iters):  # stopped for a preemption
+    pairs, state = run_rounds(engine, state, settings["tol"], max_iters, after_round, stop=noticed)
+  if not finished(pairs, state, settings["tol"], max_iters):  # stopped for a preemption
     raise Preempted(f"round {state['rounds']} of the spectrum is saved in {directory}", state["rounds"])
   return pairs, state
 
@@ -282,9 +283,10 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
   with jax.enable_x64(s.dtype == "float64"):
     plan = plan_spectrum(s, store.shape, parallel.make_mesh(), device_budget_bytes(jax.local_devices()[0]))
     method = plan.method
+    start = start_block(plan.size, plan.width, s.seed, np.dtype(s.dtype))
     engine = plan.sharded if method == "sharded" else (
         StreamedKernel(store, s.num_eigenpairs, s.dtype, s.round_iters, resolved_tol(s),
-                       int((s.max_block_mb or 256) * 2**20)) if method == "streamed" else None)
+                       int((s.max_block_mb or 256) * 2**20), start) if method == "streamed" else None)
     if jax.process_index() == 0:
       print(f"spectrum plan: {_describe(plan, engine, s)}", flush=True)
     if method == "dense":
@@ -299,7 +301,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
       if method == "sharded":
         engine.load(store)
       trace = engine.trace()
-      pairs, state = _solve(engine, directory, s, settings, plan.width)
+      pairs, state = _solve(engine, directory, settings, start, s.max_iters)
   residual = float(pairs.residuals.max())
   record = {"settings": settings, "method": method, "kernel": os.path.relpath(kernel["kernel"], workdir),
             "shape": list(store.shape), "num_eigenpairs": s.num_eigenpairs, "rounds": state["rounds"],

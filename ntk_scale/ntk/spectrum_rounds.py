@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
 from ntk_scale.cost_analysis import memory_per_device
+from ntk_scale.matmul_precision import default_precision, lax_precision
 from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, as_matrix_rows, rayleigh_ritz
 from ntk_scale.ntk.store import KernelStore
 
@@ -70,12 +71,12 @@ class ShardedKernel:
     lobpcg_tol = tol / (20 * self.padded_size)
 
     def advance(matrix, block):
-      product = lambda v: jnp.matmul(matrix, v, precision=precision)
+      product = lambda v: jnp.matmul(matrix, v, precision=lax_precision(precision))
       values, vectors, iterations = lobpcg_standard(product, block, m=round_iters, tol=lobpcg_tol)
       return vectors[:, jnp.argsort(-values)], iterations
 
     def ritz(matrix, vectors):
-      with jax.default_matmul_precision(precision):  # every matmul of the host's Rayleigh-Ritz
+      with default_precision(precision):  # every matmul of the host's Rayleigh-Ritz
         pairs = rayleigh_ritz(lambda v: matrix @ v, vectors, xp=jnp)
       return pairs.values, pairs.vectors, pairs.residuals
 
@@ -132,23 +133,29 @@ class ShardedKernel:
 
 
 class StreamedKernel:
-  """The same rounds on the host, the kernel read from `store` by row panels at every product."""
+  """The same rounds on the host, the kernel read from `store` by row panels at every product.
+
+  scipy's LOBPCG tolerance is absolute: it is scaled by a lower bound on lambda_max from `start`,
+  the solve's seeded first block (one product, at the first round), never from the block a round
+  starts from, so that a resumed solve runs the rounds of an uninterrupted one."""
 
   def __init__(self, store: KernelStore, k: int, dtype: str, round_iters: int, tol: float,
-               max_block_bytes: int):
+               max_block_bytes: int, start: np.ndarray):
     self.operator = StoredKernelOperator(store, dtype, max_block_bytes)
     self.size, self.k, self.round_iters, self.tol = self.operator.shape[0], k, round_iters, tol
-    self._scale = None
+    self._start, self._scale = start, None
 
   def trace(self) -> float:
     return self.operator.trace()
 
   def advance(self, block: np.ndarray) -> tuple[np.ndarray, int]:
-    if self._scale is None:  # scipy's tolerance is absolute: scale it by a bound on lambda_max
-      self._scale = float(np.linalg.norm(self.operator.matmat(np.linalg.qr(block)[0]), axis=0).max())
+    if self._scale is None:
+      self._scale = float(np.linalg.norm(self.operator.matmat(np.linalg.qr(self._start)[0]),
+                                         axis=0).max())
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", UserWarning)  # scipy's "not reaching the requested tolerance"
-      values, vectors = scipy.sparse.linalg.lobpcg(self.operator, block, tol=self.tol * self._scale / 10,
+      # scipy overwrites the block it is given: a copy, so that the caller's state stays as saved
+      values, vectors = scipy.sparse.linalg.lobpcg(self.operator, block.copy(), tol=self.tol * self._scale / 10,
                                                    maxiter=self.round_iters, largest=True)
     return vectors[:, np.argsort(values)[::-1]], self.round_iters
 
