@@ -87,6 +87,17 @@ class LinearizedModel:
     del key, x, train
     return {"params": _copy(self.params0), "batch_stats": _copy(self.batch_stats0)}
 
+  def params0_like(self, params: PyTree) -> PyTree:
+    """theta0 in the dtypes of `params`: a kernel asked for in float64 passes float64 params, and
+    theta0 must not pull the network back to float32 (float32 to float64 is exact)."""
+    return jax.tree.map(lambda p, p0: p0.astype(p.dtype), params, self.params0)
+
+  def batch_stats0_like(self, params: PyTree) -> PyTree:
+    """batch_stats0 promoted to the dtype of `params` (float64 for a float64 kernel: BatchNorm's
+    rsqrt(var + eps) in float32 would round every example's logits at 1e-7)."""
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    return jax.tree.map(lambda b: b.astype(jnp.promote_types(b.dtype, dtype)), self.batch_stats0)
+
   def network(self, params: PyTree, batch_stats: PyTree, x: jax.Array,
               train: bool) -> tuple[jax.Array, PyTree]:
     """f(x; params) and the running averages after it (unchanged unless `train`)."""
@@ -101,26 +112,28 @@ class LinearizedModel:
   def components(self, params: PyTree, batch_stats: PyTree, x: jax.Array,
                  train: bool) -> tuple[jax.Array, jax.Array, PyTree]:
     """(f(x; theta0), J(x; theta0)(params - params0), running averages after the theta0 pass)."""
-    delta = jax.tree.map(lambda p, p0: (p - p0).astype(p0.dtype), params, self.params0)
+    params0 = self.params0_like(params)
+    delta = jax.tree.map(lambda p, p0: p - p0, params, params0)
     f = lambda p: self.network(p, batch_stats, x, train)
-    f0, jvp, new_stats = jax.jvp(f, (self.params0,), (delta,), has_aux=True)
+    f0, jvp, new_stats = jax.jvp(f, (params0,), (delta,), has_aux=True)
     return f0, jvp, new_stats
 
   def apply(self, variables: dict[str, PyTree], x: jax.Array, *, train: bool,
             mutable: bool | str | Sequence[str] = False) -> jax.Array | tuple[jax.Array, dict]:
     """Logits, or (logits, {"batch_stats": ...}) when `mutable` asks for it, as `Module.apply`."""
     params = variables["params"]
-    stats = variables.get("batch_stats", self.batch_stats0)
+    stats = (variables["batch_stats"] if "batch_stats" in variables
+             else self.batch_stats0_like(params))
     loose = self.batch_norm == "loose"
     # Frozen: inference mode on batch_stats0 whatever `train` says.
-    bn_stats, bn_train = (stats, train) if loose else (self.batch_stats0, False)
+    bn_stats, bn_train = (stats, train) if loose else (self.batch_stats0_like(params), False)
     if self.kind == "centered_nonlinear":
       # Its signal is the change theta - theta0, often below the rounding of theta itself in the
       # matmul inputs of the backend's default precision (one bfloat16 pass on TPUs: 2^-8 of each
       # weight; TF32 on GPUs: 2^-11), which would round f(theta) - f(theta0) to noise: HIGHEST.
       with jax.default_matmul_precision("highest"):
         out, new_stats = self.network(params, bn_stats, x, bn_train)
-        out0, _ = self.network(self.params0, bn_stats, x, bn_train)
+        out0, _ = self.network(self.params0_like(params), bn_stats, x, bn_train)
       logits = out - out0
     else:
       f0, jvp, new_stats = self.components(params, bn_stats, x, bn_train)

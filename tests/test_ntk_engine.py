@@ -237,10 +237,9 @@ def test_tile_programs_run_at_the_kernels_precision_and_default_leaves_it_to_the
 def test_linearized_model_kernel_is_the_frozen_kernel_of_theta0(network):
   model, variables, apply_fn = network
   x = _images(5)
-  with jax.enable_x64(True):  # theta0 in float64, as the kernels below
-    lin = LinearizedModel(model, jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]),
-                          jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"]),
-                          kind="linear")
+  # theta0 in float32, as a checkpoint holds it: the float64 kernels below compute in float64
+  # all the same (BatchNorm's statistics included), to the float64 reference's 1e-10.
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind="linear")
   lin_apply = _apply(lin, lin.batch_stats0)
   moved = jax.tree.map(lambda p: p + 0.3 * np.random.default_rng(0).normal(size=p.shape).astype(p.dtype),
                        variables["params"])
