@@ -127,6 +127,18 @@ def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, m
                                 KernelStore.open(uninterrupted["kernel"]).read())
 
 
+def test_a_rerun_resumes_with_the_tile_its_kernel_started_with(workdir):
+  """A tile_size over the 20 examples is clipped to 20: the same command again is a no-op; settings
+  that cannot resume that tile (one block of 5 per device, rotating) say which kernel holds it."""
+  config = kernel_config(name="clipped", logits="trace", tile_size=64)
+  first = jobs.run(config, workdir)
+  assert first["tile"] == 20 and first["complete"]
+  assert jobs.run(config, workdir)["tiles_computed"] == 0
+  with pytest.raises(KernelPlanError, match=r"clipped was started with tile 20, which these settings "
+                     r"cannot resume: config.kernel.rotate=True needs .* another config.kernel.name"):
+    jobs.run(kernel_config(name="clipped", logits="trace", tile_size=0, rotate=True), workdir)
+
+
 def test_bad_kernel_settings_fail_before_compute(workdir):
   with pytest.raises(ValueError, match="config.kernel.logits='sum'"):
     jobs.run(kernel_config(logits="sum"), workdir)

@@ -376,6 +376,19 @@ def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=2, method="ntvp", budget_bytes=budget)
 
 
+def test_a_band_asked_of_method_auto_is_the_jacobian_methods_or_refused():
+  """A full kernel of a wide, cheap model: within 0.5 GB "auto" picks NTK-vector products, which
+  keep no band; bands of 2 asked for there do not fit and say so, and with 2 GB they are planned."""
+  cost = ModelCost(num_params=10**7, forward_flops=1e8, activation_bytes=1e5, itemsize=4,
+                   largest_group=1_250_000)
+  spec = parse_logits("full", 10)
+  assert make_plan(cost, 256, 256, True, spec, num_devices=1, budget_bytes=5e8).method == "ntvp"
+  with pytest.raises(KernelPlanError, match="band 2 but memory_budget_bytes allows.*lower band"):
+    make_plan(cost, 256, 256, True, spec, num_devices=1, band=2, budget_bytes=5e8)
+  banded = make_plan(cost, 256, 256, True, spec, num_devices=1, band=2, budget_bytes=2e9)
+  assert (banded.method, banded.band) == ("jacobian", 2)
+
+
 def test_planner_rotates_column_rows_when_every_device_holds_its_block():
   cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
                    largest_group=125_000)

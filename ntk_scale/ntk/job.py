@@ -20,7 +20,7 @@ from ntk_scale import files, parallel
 from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.engine import fit_plan, run_tiles
-from ntk_scale.ntk.plan import FACTORING_MODES, METHODS
+from ntk_scale.ntk.plan import FACTORING_MODES, METHODS, KernelPlanError
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import Preempted, preemption_notices
@@ -162,7 +162,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   existing = KernelStore.open(directory) if files.exists(os.path.join(directory, "kernel.json")) else None
   tile = k.tile_size or None
   if existing is not None:
-    if tile and tile != existing.tile:
+    if tile and min(tile, len(indices)) != existing.tile:  # the plan clips a tile to the kernel
       raise ValueError(f"config.kernel.tile_size={tile} but {directory} was started with tile "
                        f"{existing.tile}; unset the field to resume, or use another "
                        f"config.kernel.name.")
@@ -174,8 +174,15 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     batch_stats = jax.tree.map(host_copy, batch_stats)
     images = images.astype(k.dtype)
     mesh = parallel.make_mesh()
-    plan = fit_plan(apply_fn, params, images, None, k.logits, mesh=mesh, precision=k.precision,
-                    **{**plan_settings(k), "tile_size": tile}, model_state=batch_stats)
+    try:
+      plan = fit_plan(apply_fn, params, images, None, k.logits, mesh=mesh, precision=k.precision,
+                      **{**plan_settings(k), "tile_size": tile}, model_state=batch_stats)
+    except KernelPlanError as error:
+      if existing is None or k.tile_size:
+        raise
+      raise KernelPlanError(f"{directory} was started with tile {existing.tile}, which these "
+                            f"settings cannot resume: {error} Use another config.kernel.name to "
+                            f"start a new kernel.") from error
     if jax.process_index() == 0:
       print(f"kernel plan: {plan.describe()}", flush=True)
     leaf_names = [jax.tree_util.keystr(path)

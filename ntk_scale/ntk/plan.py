@@ -455,7 +455,9 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   one_band = lambda size, b: symmetric and size * b >= num_rows  # no column blocks
   peak = lambda m, size, b, chunk: bytes_per_device(m, size, spec, cost, not one_band(size, b), b,
                                                     chunk)
-  methods = ("jacobian", "ntvp") if method == "auto" and not logit_chunk else (
+  # Bands of row tiles and logit chunks are the Jacobian method's: asked for, "auto" means it.
+  banded = band is not None and band > 1
+  methods = ("jacobian", "ntvp") if method == "auto" and not logit_chunk and not banded else (
       "jacobian" if method == "auto" else method,)
   candidates = []
   for m in methods:
