@@ -57,7 +57,10 @@ at eps 0.5 (RobustBench's L2 threat model for CIFAR-10).
 Expected: about 95% clean test accuracy for benign training, and for PGD training at 4/255 high-80s
 clean and about 70% PGD-100 accuracy (the usual figures for this recipe; not yet measured with
 ntk_scale, no GPU run has been made). `:smoke` (with or without `adversarial`) runs 8 steps of a
-width-4 ResNet-18 with 2-step attacks, for tests under `tfds.testing.mock_data`.
+width-4 ResNet-18 at batch 8 with 2-step attacks on the real dataset, a pipeline check. The
+trainer counts epochs: on `tfds.testing.mock_data`'s small splits those 8 steps' fraction of an
+epoch is no step at all (refused, naming config.num_epochs), so tests set num_epochs (1.0: 2 steps
+of 16 mock examples).
 """
 
 import ml_collections

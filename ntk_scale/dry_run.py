@@ -63,7 +63,8 @@ from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_b
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
-                                        check_train_config, eval_matmul_precision, step_numerics)
+                                        check_train_config, eval_matmul_precision, phase_steps,
+                                        step_numerics)
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
@@ -197,14 +198,15 @@ def _variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], 
 
 def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collections.ConfigDict,
                     optimizer: ml_collections.ConfigDict, model, num_epochs: float, flip_epoch: float | None, seed: int,
-                    label: str) -> list[ProgramCost]:
-  """The benign and adversarial step programs of one phase, with their counts."""
+                    label: str, epochs_field: str) -> list[ProgramCost]:
+  """The benign and adversarial step programs of one phase, with their counts; `epochs_field` names
+  `num_epochs` in the config."""
   image_shape, train_size, _ = dataset_shape(config.data)
   steps_per_epoch = train_size // config.batch_size
   if steps_per_epoch == 0:
     raise PlanDoesNotFit(f"config.batch_size={config.batch_size} exceeds the {train_size} training "
                          f"examples of {config.data.name}.")
-  total = int(round(num_epochs * steps_per_epoch))
+  total = phase_steps(num_epochs, steps_per_epoch, epochs_field)  # the job refuses zero steps too
   flip = None if flip_epoch is None else int(round(flip_epoch * steps_per_epoch))
   tx, _ = build_optimizer(optimizer, steps_per_epoch, total,
                           _batch_step_of_update(flip, section.benign_step_first))
@@ -266,7 +268,7 @@ def _phase1(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost],
   model = build_model(config.model, dataset_classes(config.data))
   flip = {"C": None, "A": 0.0, "F": config.train.flip_epoch}[config.train.mode]  # in epochs
   programs = _train_programs(config, mesh, config.train, config.optimizer, model, config.num_epochs, flip, config.seed,
-                             "phase 1")
+                             "phase 1", "config.num_epochs")
   programs += _eval_programs(config, mesh, model, "phase 1")
   notes = []
   if config.train.co_monitor.every_steps > 0:
@@ -284,7 +286,7 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   model, params0, stats0 = _variables(config, image_shape, abstract=False)
   linearized = LinearizedModel(model, params0, stats0, p.linearization, p.batch_norm)
   programs = _train_programs(config, mesh, p, p.optimizer, linearized, p.num_epochs, 0 if p.mode == "A" else None,
-                             config.seed + SEED_OFFSET, "phase 2")
+                             config.seed + SEED_OFFSET, "phase 2", "config.phase2.num_epochs")
   return programs + _eval_programs(config, mesh, linearized, "phase 2")
 
 

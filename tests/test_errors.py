@@ -46,6 +46,56 @@ def test_bad_config_fields_are_named(tmp_path, no_compute, field, value, message
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+  """Fails the test if a job gets as far as initialising a train state or restoring phase 2's
+  theta0 (the steps of a phase are known only once the data is loaded)."""
+  from ntk_scale.train import experiment, phase2
+
+  def fail(*args, **kwargs):
+    pytest.fail("the job initialised or restored a model before rejecting its config")
+  for module, name in ((experiment, "create_train_state"), (phase2, "create_train_state"),
+                       (phase2, "linearized_model")):
+    monkeypatch.setattr(module, name, fail)
+
+
+# digits smoke: 1437 training images in batches of 64, 22 steps per epoch; 0.02 epochs is 0.44 steps.
+@pytest.mark.parametrize("field", ["num_epochs", "phase2.num_epochs"])
+def test_epochs_of_zero_steps_are_refused_before_compute(tmp_path, no_training, field):
+  """A phase whose epochs round to zero steps trained nothing (phase 2 saved no checkpoint) and
+  exited 0; the train job refuses phase 2's too before phase 1 trains."""
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs = 1.0
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = 0.02
+  with pytest.raises(ValueError, match=rf"config\.{field}=0\.02 is 0\.44 of a step at 22 steps per "
+                                       rf"epoch, .*expected at least one step: config\.{field} >= 0\.0455"):
+    jobs.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+  assert not os.path.exists(tmp_path / "phase2")
+
+
+def test_phase2_job_of_zero_steps_is_refused_before_compute(tmp_path, monkeypatch, no_training):
+  """The phase2 job on a trained phase 1 (its theta0 checkpoint taken as found) writes nothing."""
+  from ntk_scale.train import phase2
+
+  monkeypatch.setattr(phase2, "theta0_step", lambda config, workdir: 11)
+  config = load_config("digits", "smoke")
+  prepare_workdir(config, str(tmp_path))  # phase 1's record
+  config.job = "phase2"
+  config.phase2.num_epochs = 0.02
+  with pytest.raises(ValueError, match=r"config\.phase2\.num_epochs=0\.02 is 0\.44 of a step"):
+    jobs.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "phase2")
+
+
+def test_dry_run_refuses_epochs_of_zero_steps():
+  config = load_config("digits", "smoke")
+  config.num_epochs = 0.02
+  with pytest.raises(ValueError, match=r"config\.num_epochs=0\.02 is 0\.44 of a step at 22 steps"):
+    jobs.dry_run(config)
+
+
 def test_workdir_of_another_experiment_is_refused(tmp_path, no_compute):
   config = load_config("digits", "smoke")
   with open(tmp_path / "config.json", "w") as f:

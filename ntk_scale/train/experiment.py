@@ -139,6 +139,17 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
                                  **numerics)
 
 
+def phase_steps(num_epochs: float, steps_per_epoch: int, field: str) -> int:
+  """The batch steps of `num_epochs` epochs (`field` names the setting). A count that rounds to zero
+  is refused: such a phase would train nothing and save no checkpoint, yet exit as if it succeeded."""
+  steps = int(round(num_epochs * steps_per_epoch))
+  if steps < 1:
+    raise ValueError(f"{field}={num_epochs} is {num_epochs * steps_per_epoch:.3g} of a step at "
+                     f"{steps_per_epoch} steps per epoch, which rounds to 0 steps; expected at least "
+                     f"one step: {field} >= {1 / steps_per_epoch:.3g}.")
+  return steps
+
+
 def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:
   """The batch step from which training is adversarial (None for benign training)."""
   return {"C": None, "A": 0, "F": int(round(config.train.flip_epoch * steps_per_epoch))}[config.train.mode]
@@ -167,13 +178,17 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict,
                      dataset: data.Dataset | None = None) -> Experiment:
   """Checks the whole config first, then loads the data (unless a `dataset` is given, e.g. an
-  optimised training set) and initialises the train state."""
+  optimised training set), refuses epochs of zero steps (phase 1's and phase 2's) and initialises
+  the train state."""
   mesh = parallel.make_mesh()
   check_train_config(config, mesh.devices.size)
   dataset = data.load_dataset(config.data) if dataset is None else dataset
   batches = data.TrainBatches(dataset.train, config.batch_size, config.seed, mesh)
   steps_per_epoch = batches.steps_per_epoch
-  total_steps = int(round(config.num_epochs * steps_per_epoch))
+  total_steps = phase_steps(config.num_epochs, steps_per_epoch, "config.num_epochs")
+  if config.phase2.num_epochs > 0:  # the train job's phase 2 steps through this split at this batch
+    # size: a phase 2 of zero steps is refused now, not after phase 1 has trained.
+    phase_steps(config.phase2.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
   flip_step = first_adversarial_step(config, steps_per_epoch)
   tx, learning_rate = build_optimizer(
       config.optimizer, steps_per_epoch, total_steps,

@@ -24,7 +24,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
 from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
-                                        check_step_numerics, step_numerics)
+                                        check_step_numerics, phase_steps, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
@@ -96,8 +96,9 @@ class Phase2:
 
 
 def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
-  """Checks the config and finds the phase-1 checkpoint (before any compute), then builds the
-  linearized model around it and phase 2's fresh train state, steps and schedule."""
+  """Checks the config and finds the phase-1 checkpoint, then loads the data and refuses epochs of
+  zero steps (all before any compute), then builds the linearized model around the checkpoint and
+  phase 2's fresh train state, steps and schedule."""
   mesh = parallel.make_mesh()
   check_common_config(config, mesh.devices.size)
   check_phase2_config(config)
@@ -108,10 +109,10 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   dataset = data.load_dataset(config.data)
   batches = data.TrainBatches(dataset.train, config.batch_size, config.seed + SEED_OFFSET, mesh)
   steps_per_epoch = batches.steps_per_epoch
+  total_steps = phase_steps(p.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
   image_shape = dataset.train.images.shape[1:]
   linearized, from_step = linearized_model(config, workdir, mesh)
 
-  total_steps = int(round(p.num_epochs * steps_per_epoch))
   flip_step = 0 if p.mode == "A" else None
   tx, learning_rate = build_optimizer(p.optimizer, steps_per_epoch, total_steps,
                                       _batch_step_of_update(flip_step, p.benign_step_first))
