@@ -18,10 +18,20 @@ def parse_variants(arg: str, allowed: tuple[str, ...], file: str) -> set[str]:
 
 def pgd_linf(eps: float, num_steps: int, step_size: float | None = None,
              restarts: int = 1) -> ml_collections.ConfigDict:
-  """An L-inf PGD attack config; the step size defaults to 2.5 * eps / num_steps (Madry et al.)."""
+  """An L-inf PGD attack config; the step size defaults to 2.5 * eps / num_steps (Madry et al.).
+
+  The default is a reference to the config's own eps and num_steps, so it follows them when they are
+  overridden later (--config.train.attack.eps=...); setting step_size itself replaces it.
+  """
+  if step_size is not None:
+    return ml_collections.ConfigDict(dict(
+        name="pgd", norm="linf", eps=eps, num_steps=num_steps, restarts=restarts, random_start=True,
+        step_size=step_size))
+  eps_ref = ml_collections.FieldReference(float(eps), field_type=float)
+  steps_ref = ml_collections.FieldReference(num_steps, field_type=int)
   return ml_collections.ConfigDict(dict(
-      name="pgd", norm="linf", eps=eps, num_steps=num_steps, restarts=restarts, random_start=True,
-      step_size=step_size if step_size is not None else 2.5 * eps / num_steps))
+      name="pgd", norm="linf", eps=eps_ref, num_steps=steps_ref, restarts=restarts, random_start=True,
+      step_size=2.5 * eps_ref / steps_ref))
 
 
 def apgd_linf(eps: float, num_steps: int, restarts: int = 1) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh
 
 from ntk_scale import attacks, parallel
 from ntk_scale import evaluate as evaluate_module
-from ntk_scale.base_config import base_config
+from ntk_scale.base_config import base_config, pgd_linf
 from ntk_scale.data import Split, load_digits
 from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.models import build_model
@@ -868,6 +868,32 @@ def test_build_attack_errors_name_the_field(fields, field):
 def test_build_attack_errors_use_the_given_prefix():
   with pytest.raises(ValueError, match=r"config\.attack\.eps"):
     attacks.build_attack(ml_collections.ConfigDict(dict(name="pgd", eps=0.0)), prefix="config.attack")
+
+
+def test_pgd_default_step_size_follows_overridden_eps_and_num_steps(monkeypatch):
+  """pgd_linf's default step, 2.5 * eps / num_steps, is the one the built attack runs with and the
+  records hold after eps or num_steps is overridden (as --config.train.attack.eps=... sets it); it
+  was computed once and went stale. A step size set explicitly stays."""
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+
+  used = []
+  monkeypatch.setattr(attacks, "pgd", lambda *args, **kwargs: used.append(kwargs["step_size"]))
+  run = lambda config: attacks.build_attack(config)(None, None, None, None)
+  c = load_config("digits", "adversarial")
+  attack = c.train.attack  # pgd_linf(0.1, num_steps=7)
+  run(attack)
+  attack.eps = 0.2
+  run(attack)
+  attack.num_steps = 4
+  run(attack)
+  assert used == pytest.approx([2.5 * 0.1 / 7, 2.5 * 0.2 / 7, 2.5 * 0.2 / 4])
+  assert attack.to_dict()["step_size"] == pytest.approx(2.5 * 0.2 / 4)  # as evaluation records it
+  assert c.eval_attacks.pgd.step_size == pytest.approx(2.5 * 0.1 / 20)  # other attacks untouched
+  attack.step_size = 0.01
+  attack.eps = 0.3
+  run(attack)
+  run(pgd_linf(0.1, num_steps=10, step_size=0.05))
+  assert used[3:] == [0.01, 0.05]
 
 
 def test_more_targets_than_the_dataset_has_other_classes_are_refused_before_compute():
