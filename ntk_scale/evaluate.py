@@ -4,7 +4,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -398,6 +398,31 @@ def evaluate_transfer(state: TrainState, set_directory: str, batch_size: int, me
   return result
 
 
+def _path_parts(path: str) -> list[str]:
+  """A set's path as its components, local paths made absolute: the same set written two ways
+  is one set, and the suffixes of two sets' paths compare component by component."""
+  path = path.rstrip("/") if files.is_cloud(path) else os.path.abspath(path)
+  return path.split("/")
+
+
+def transfer_keys(paths: Sequence[str]) -> list[str]:
+  """Each set's key in the evaluation's results: "transfer:" and the shortest end of its path that
+  no other listed set's path ends with. Sets of several workdirs or phases share a basename
+  (".../adversarial/pgd"), which alone would keep one result of them; a set whose basename is
+  unique keeps "transfer:<basename>". A set listed twice is refused, naming the field."""
+  parts = [_path_parts(p) for p in paths]
+  keys = []
+  for i, own in enumerate(parts):
+    others = [p for j, p in enumerate(parts) if j != i]
+    if own in others:
+      same = ", ".join(repr(q) for q, p in zip(paths, parts) if p == own)
+      raise ValueError(f"config.evaluate.transfer_sets lists one set more than once ({same}); list "
+                       f"each set once.")
+    n = next((n for n in range(1, len(own)) if all(p[-n:] != own[-n:] for p in others)), len(own))
+    keys.append("transfer:" + "/".join(own[-n:]))
+  return keys
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The `evaluate` job: one checkpoint (config.evaluate.phase and epoch, default the newest) under
   clean inputs, each of config.eval_attacks, and each saved set in config.evaluate.transfer_sets.
@@ -406,9 +431,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   config.phase2.name, whose results also record the output components f0(x) and J(theta-theta0).
   Results go to `<phase dir>/evaluations/step_<step>.json` and adversarial examples to
   `<phase dir>/adversarial/<attack>_epoch<epoch>/`, the phase dir being the workdir or
-  `<workdir>/phase2/<name>/`.
+  `<workdir>/phase2/<name>/`. Each transfer set's result is under its `transfer_keys` key.
   """
-  for path in config.evaluate.transfer_sets:  # fail before any compute
+  keys = transfer_keys(config.evaluate.transfer_sets)  # fail before any compute
+  for path in config.evaluate.transfer_sets:
     load_adversarial_set(path)
   mesh = parallel.make_mesh()
   check_common_config(config, mesh.devices.size)
@@ -419,10 +445,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   linearized = restored.model if isinstance(restored.model, LinearizedModel) else None
   results = evaluate_and_save(config, state, dataset, mesh, restored.phase_dir, restored.step,
                               set_suffix=f"_epoch{restored.epoch:g}", linearized=linearized)
-  for path in config.evaluate.transfer_sets:
-    name = "transfer:" + path.rstrip("/").rsplit("/", 1)[-1]
+  for key, path in zip(keys, config.evaluate.transfer_sets):
     with default_precision(eval_matmul_precision(config)):
-      results[name] = evaluate_transfer(state, path, config.eval_batch_size, mesh, dataset.num_classes)
+      results[key] = evaluate_transfer(state, path, config.eval_batch_size, mesh, dataset.num_classes)
   return write_evaluation(restored.phase_dir, restored.step, restored.epoch, results)
 
 

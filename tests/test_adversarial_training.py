@@ -15,7 +15,7 @@ import pytest
 
 from ntk_scale import evaluate as evaluate_module
 from ntk_scale import jobs, parallel
-from ntk_scale.adversarial_sets import load_adversarial_set
+from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import autoattack, base_config, pgd_linf
 from ntk_scale.checkpoint import Checkpoints
@@ -172,6 +172,49 @@ def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(traine
   with open(os.path.join(workdir, "evaluations", "step_22.json")) as f:
     assert json.load(f)["results"]["clean"]["accuracy"] == record["results"]["clean"]["accuracy"]
   assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch1"))
+
+
+def test_transfer_keys_tell_apart_sets_of_one_basename(tmp_path):
+  keys = evaluate_module.transfer_keys
+  assert keys(["w/adversarial/pgd"]) == ["transfer:pgd"]  # one set: the key of older records
+  assert keys(["w/adversarial/pgd", "w/adversarial/apgd/"]) == ["transfer:pgd", "transfer:apgd"]
+  assert keys(["a/adversarial/pgd", "b/adversarial/pgd", "a/adversarial/apgd"]) == [
+      "transfer:a/adversarial/pgd", "transfer:b/adversarial/pgd", "transfer:apgd"]
+  assert keys(["gs://x/a/pgd", "gs://x/b/pgd"]) == ["transfer:a/pgd", "transfer:b/pgd"]
+  with pytest.raises(ValueError, match=r"config.evaluate.transfer_sets lists one set more than once"):
+    keys([str(tmp_path / "pgd"), str(tmp_path / "." / "pgd")])
+
+
+def test_evaluate_job_keeps_every_transfer_set_of_one_basename(trained, tmp_path):
+  """Sets of two workdirs share their basename ("adversarial/pgd"): each gets its own result, the
+  one it gets when evaluated alone (epoch 0.5, clean and transfer only)."""
+  config, workdir, _ = trained["benign"]
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval_attacks = ml_collections.ConfigDict()
+  config.evaluate.epoch = 0.5
+  test = load_digits().test
+  rng = np.random.default_rng(0)
+  sets = []
+  for i, source in enumerate(("a", "b")):  # different examples, different source predictions
+    n = 24 + 8 * i
+    images = np.clip(test.images[:n] + rng.uniform(-0.3, 0.3, test.images[:n].shape), 0, 1)
+    predictions = np.where(rng.random(n) < 0.5, test.labels[:n], (test.labels[:n] + 1) % 10)
+    arrays = {"images": images.astype(np.float32), "labels": test.labels[:n].astype(np.int32),
+              "predictions": predictions.astype(np.int32),
+              "clean_predictions": test.labels[:n].astype(np.int32)}
+    sets.append(str(tmp_path / source / "adversarial" / "pgd"))
+    save_adversarial_set(sets[-1], arrays, {"attack": {"name": "pgd"}, "dataset": "digits",
+                                            "split": "test", "checkpoint_step": 0})
+  config.job = "evaluate"
+  config.evaluate.transfer_sets = tuple(sets)
+  both = jobs.run(config, workdir)["results"]
+  assert sorted(k for k in both if k.startswith("transfer")) == [
+      "transfer:a/adversarial/pgd", "transfer:b/adversarial/pgd"]
+  for source, path in zip(("a", "b"), sets):
+    config.evaluate.transfer_sets = (path,)
+    alone = jobs.run(config, workdir)["results"]["transfer:pgd"]
+    assert both[f"transfer:{source}/adversarial/pgd"] == alone
+  assert both["transfer:a/adversarial/pgd"] != both["transfer:b/adversarial/pgd"]
 
 
 def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_and_members(
