@@ -134,6 +134,14 @@ def kernel_identity(section: ml_collections.ConfigDict, images: np.ndarray) -> d
           "shape": [len(images), len(images)]}
 
 
+def kernel_store_name(section: ml_collections.ConfigDict, x1: np.ndarray) -> str:
+  """The directory name of `kernel_store`'s kernel of x1, known without creating it: a job can
+  key its own results on the kernel (the digest changes with the images, so with the subset)."""
+  identity = kernel_identity(section, x1)
+  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+  return f"infinite_{section.architecture}{section.depth}_{section.kernel}_{len(x1)}_{digest}"
+
+
 def kernel_store(section: ml_collections.ConfigDict, kernels_dir: str, x1: np.ndarray,
                  labels: np.ndarray) -> KernelStore:
   """The store of the analytic kernel of x1 with itself in tiles of `config.infinite.batch_size`,
@@ -141,12 +149,10 @@ def kernel_store(section: ml_collections.ConfigDict, kernels_dir: str, x1: np.nd
   It lives at `<kernels_dir>/infinite_<architecture><depth>_<kernel>_<N>_<digest>/`, the digest
   one of the kernel's fields and images, so jobs that need the same kernel share it."""
   identity = kernel_identity(section, x1)
-  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-  name = f"infinite_{section.architecture}{section.depth}_{section.kernel}_{len(x1)}_{digest}"
   # The kernel of one logit, which every logit shares (the analytic kernel is K x identity).
   meta = {**identity, "tile": section.batch_size, "logits": "each", "method": "analytic"}
-  return open_on_every_process(os.path.join(kernels_dir, name), meta, tuple(identity),
-                               np.arange(len(x1)), np.asarray(labels))
+  return open_on_every_process(os.path.join(kernels_dir, kernel_store_name(section, x1)), meta,
+                               tuple(identity), np.arange(len(x1)), np.asarray(labels))
 
 
 def kernel_matrix(section: ml_collections.ConfigDict, num_classes: int, x1: np.ndarray,

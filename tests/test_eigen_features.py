@@ -281,3 +281,43 @@ def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt)
                             digits.test.labels[:30])
   assert rows["all"]["clean_accuracy"] == pytest.approx(expected, abs=1 / 30)
   assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())
+
+
+def test_infinite_width_rerun_with_another_subset_recomputes_it(tmp_path, nt, monkeypatch):
+  """config.kernel's subset fields are runtime fields: another subset_seed is another kernel, whose
+  features are computed (in the same directory), not the first subset's read back."""
+  del nt  # requested only to skip when the optional neural-tangents extra is absent
+  c = load_config("infinite_width", "smoke")
+  c.job = "eigen_features"
+  c.eigen_features.source = "infinite"
+  c.kernel.num_examples = 20
+  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 2, 16, 16
+  c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 1
+  c.eigen_features.attack.step_size = 0.2
+  titles, plot = [], eigen_features_job._plot
+  monkeypatch.setattr(eigen_features_job, "_plot",
+                      lambda rows, path, title: (titles.append(title), plot(rows, path, title)))
+  digits = load_digits()
+
+  def expected_eigenvalues(result):
+    x = digits.train.images[select_examples(c, digits.train.labels)]
+    values = eigh(infinite.kernel_matrix(c.infinite, 10, x)).values
+    return values[[r["first_index"] for r in result["groups"]]]
+
+  first = jobs.run(c, str(tmp_path))
+  first_values = expected_eigenvalues(first)
+  c.kernel.subset_seed = 1
+  second = jobs.run(c, str(tmp_path))
+  values = [r["eigenvalue"] for r in second["groups"]]
+  np.testing.assert_allclose(values, expected_eigenvalues(second), rtol=1e-6)
+  assert not np.allclose(values, first_values, rtol=1e-6)
+  assert second["eigen_features"] == first["eigen_features"]
+  assert os.path.basename(second["source_kernel"]) == second["settings"]["kernel"]
+  assert titles == ["eigen-features of infinite_fc_ntk_train20, "
+                    f"{c.eigen_features.attack.name} eps 0.2"] * 2
+
+  def computed(*args):
+    raise AssertionError("a finished result was computed again")
+
+  monkeypatch.setattr(eigen_features_job, "_infinite", computed)  # the same subset: read back
+  assert jobs.run(c, str(tmp_path))["groups"] == second["groups"]

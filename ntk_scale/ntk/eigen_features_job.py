@@ -216,8 +216,7 @@ def _infinite(config: ml_collections.ConfigDict, workdir: str, dataset) -> _Feat
   coefficients = _coefficients(pairs, groups, labels, dataset.num_classes).astype(np.float32)
   kernel_fn = infinite.kernel_function(section, dataset.num_classes)
   x_train = jnp.asarray(train_images)
-  return _Features(f"config.infinite: {section.architecture} {section.kernel}", pairs.values, trace,
-                   "dense", groups,
+  return _Features(store.directory, pairs.values, trace, "dense", groups,
                    lambda a, x: kernel_scores(kernel_fn, x, x_train, a, section.batch_size),
                    lambda g: np.asarray(coefficients[g]))
 
@@ -245,7 +244,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = load_dataset(config.data)
   split = getattr(dataset, config.kernel.split, None)
   check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
-  num_examples = len(select_examples(config, split.labels))
+  indices = select_examples(config, split.labels)
+  num_examples = len(indices)
   solver, spectrum_config = eigenpairs_config(config, e.eigensolver, num_examples, e.num_single)
   solver = solver if e.source == "empirical" else "dense"  # an infinite-width kernel: in memory
   if solver == "top":  # before the kernel is computed
@@ -256,16 +256,20 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      mesh.devices.size)
   # The output's name first: a finished result is read back without any kernel algebra.
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
-  if kernel is None:
-    name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
-            f"{num_examples}")
-  else:
-    name = os.path.basename(kernel["kernel"])
-  directory = os.path.join(workdir, FEATURES_DIR, name)
-  result_path = os.path.join(directory, "features.json")
   settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
               "attack": e.attack.to_dict(), "seed": config.seed, "eigensolver": solver,
               "num_eigenpairs": spectrum_config.spectrum.num_eigenpairs if solver == "top" else None}
+  if kernel is None:
+    name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
+            f"{num_examples}")
+    # The kernel's store name (its digest covers the subset's images): config.kernel's subset
+    # fields are runtime fields, so another subset_seed or classes must not read back this result.
+    from ntk_scale import infinite  # pylint: disable=import-outside-toplevel
+    settings["kernel"] = infinite.kernel_store_name(config.infinite, split.images[indices])
+  else:
+    name = os.path.basename(kernel["kernel"])  # the kernel store refuses another subset
+  directory = os.path.join(workdir, FEATURES_DIR, name)
+  result_path = os.path.join(directory, "features.json")
   saved = files.read_result(result_path, settings)
   if saved is not None:
     return {"eigen_features": directory, **saved}
@@ -289,8 +293,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        {**settings, "batch_size": e.batch_size, "source_kernel": features.source},
                        noticed)
     for g in range(len(groups) + 1):  # data-parallel over every device of every host
-      name = groups[g].name if g < len(groups) else _whole_name(features)
-      accuracies = kept.get({"group": g}, f"eigen-feature group {name}")
+      label = groups[g].name if g < len(groups) else _whole_name(features)
+      accuracies = kept.get({"group": g}, f"eigen-feature group {label}")
       if accuracies is None:
         model = Parameterized(features.apply, parallel.replicate(features.variables(g), mesh))
         accuracies = {
@@ -298,7 +302,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "robust": evaluate(model, test, e.batch_size, mesh, dataset.num_classes, attack=attack,
                                key=key)["accuracy"]}
         if jax.process_index() == 0:
-          print(f"eigen-feature group {name}: clean {accuracies['clean']:.3f}, {e.attack.name} "
+          print(f"eigen-feature group {label}: clean {accuracies['clean']:.3f}, {e.attack.name} "
                 f"{accuracies['robust']:.3f}", flush=True)
         kept.put({"group": g}, accuracies)
       clean.append(accuracies["clean"])
