@@ -93,10 +93,20 @@ class Checkpoints:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
+  def _meta(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def pending_metrics(self, step: int) -> list[tuple[int, dict[str, float]]]:
     """The unlogged metrics saved with the checkpoint at `step` (one saved at a preemption)."""
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return [(int(s), m) for s, m in meta.get("pending_metrics", [])]
+    return [(int(s), m) for s, m in self._meta(step).get("pending_metrics", [])]
+
+  def preempted_steps(self) -> list[int]:
+    """Steps of the checkpoints saved at a preemption: points to resume from, off the schedule."""
+    return [step for step in self._manager.all_steps() if self._meta(step).get("preempted")]
+
+  def delete(self, step: int) -> None:
+    """Deletes the checkpoint at `step` (every process calls it: Orbax agrees on it)."""
+    self._manager.delete(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -105,8 +115,7 @@ class Checkpoints:
     """Epoch -> step of every finished checkpoint."""
     out = {}
     for step in self._manager.all_steps():
-      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      out[meta["epoch"]] = step
+      out[self._meta(step)["epoch"]] = step
     return out
 
   def restore(self, step: int, target: Any) -> Any:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from ntk_scale import jobs, parallel
+from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
 
@@ -198,6 +199,8 @@ def test_a_preempted_process_and_its_peer_save_at_one_step_and_resume(runs, pree
   two, one = _losses(preempted.workdir), _losses(runs.one)
   assert sorted(two) == sorted(one)
   np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
+  epochs = lambda workdir: Checkpoints(os.path.join(workdir, "checkpoints")).epochs()
+  assert epochs(preempted.workdir) == epochs(runs.one)  # no checkpoint of the preemption's kept
 
 
 def test_two_processes_train_as_one_and_the_restart_resumes_on_one(runs):

@@ -152,6 +152,10 @@ def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tm
                   state_leaves(os.path.join(preempted, "checkpoints"), 10), strict=True):
     np.testing.assert_array_equal(a, b)
   assert records(preempted) == records(straight)  # step 8's mean is over steps 5..8 in both
+  # The preemption's checkpoint (step 7) was to resume from: the finished run has the straight one's.
+  assert (Checkpoints(os.path.join(preempted, "checkpoints")).epochs()
+          == Checkpoints(os.path.join(straight, "checkpoints")).epochs() == {0.0: 0, 1.0: 5, 1.2: 6,
+                                                                            2.0: 10})
 
 
 def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handler(monkeypatch):

@@ -81,6 +81,10 @@ class CoMonitor:
       self._checkpoint_epochs = files.read_json(self._path).get("checkpoint_epochs", {})
     self._kept = (start_step, None)
 
+  def kept_epochs(self) -> list[float]:
+    """The epochs of the checkpoints kept around a collapse (config.train.co_monitor.keep_checkpoints)."""
+    return list(self._checkpoint_epochs.values())
+
   def _measure(self, state: TrainState) -> dict[str, float]:
     run = lambda split, attack=None: evaluate(state, split, self._batch_size, self._mesh,
                                               self._num_classes, attack=attack, key=self._key)["accuracy"]

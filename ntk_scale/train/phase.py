@@ -7,6 +7,7 @@ they write, so both run through `train_phase`: a phase lives in a directory hold
 """
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Protocol
 
@@ -42,6 +43,8 @@ class Monitor(Protocol):
 
   def __call__(self, step: int, state: TrainState, checkpoints: Checkpoints,
                writer: metric_writers.MetricWriter) -> None: ...
+
+  def kept_epochs(self) -> list[float]: ...  # of the checkpoints it saved or chose to keep
 
 
 @dataclasses.dataclass
@@ -164,7 +167,19 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
         writer.flush()
         raise Preempted(f"the train state at step {done} is saved in {checkpoints.directory}", done)
   checkpoints.wait_until_finished()
+  _drop_preemption_checkpoints(phase, checkpoints)
   return state
+
+
+def _drop_preemption_checkpoints(phase: Phase, checkpoints: Checkpoints) -> None:
+  """A finished phase keeps the checkpoints an uninterrupted run keeps: one saved at a preemption
+  was a point to resume from, and would add an epoch to the evolution job's and the kernel job's
+  list, unless the catastrophic-overfitting monitor kept it as the state before a collapse."""
+  kept = phase.monitor.kept_epochs() if phase.monitor is not None else []
+  for step in checkpoints.preempted_steps():
+    epoch = step / phase.steps_per_epoch  # as train_phase saved it
+    if not any(math.isclose(epoch, e, rel_tol=1e-9, abs_tol=1e-9) for e in kept):
+      checkpoints.delete(step)
 
 
 def write_test_scalars(writer: metric_writers.MetricWriter, step: int,
