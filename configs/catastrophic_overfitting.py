@@ -12,7 +12,7 @@ fixed test images) and PGD-20 on the whole test split at the end.
   method  fgsm (default) | rs_fgsm (Wong et al. 2020) | n_fgsm | grad_align (FGSM + GradAlign) | pgd
   beta    injected feature size in [0, 1] pixel units (default 0: the plain digits)
   eps     L-inf radius of training, monitor and evaluation attacks (default 0.25)
-  lambda  GradAlign's weight (default 1.0)
+  lambda  GradAlign's weight (default 1.0; method=grad_align only)
   seed    the run's seed (config.seed; default 0)
   seeds   get_sweep only: K runs per method and beta, seeds 0 .. K-1 (default 1)
   data    digits (default; eps 0.25) | cifar10 (ResNet-18, 30 epochs, the paper's setting; eps 8/255;
@@ -145,6 +145,11 @@ def _parse(arg: str) -> tuple[dict[str, str], set[str]]:
   return values, parse_variants(",".join(flags), FLAGS, FILE)
 
 
+def _given(arg: str, key: str) -> bool:
+  """Whether `arg` sets `key`, even to its default."""
+  return any(item.partition("=")[0] == key for item in arg.split(",") if "=" in item)
+
+
 def _number(values: dict[str, str], key: str) -> float:
   try:
     return float(values[key])
@@ -161,6 +166,9 @@ def _count(values: dict[str, str], key: str, least: int) -> int:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   values, flags = _parse(arg)
   method, beta = values["method"], _number(values, "beta")
+  if method != "grad_align" and _given(arg, "lambda"):  # it would be ignored
+    raise ValueError(f"{FILE}: lambda={values['lambda']} is GradAlign's weight; it needs "
+                     f"method=grad_align, not method={method}.")
   if not beta >= 0:  # below 0 the transform would be "none": the plain data, whatever the workdir says
     raise ValueError(f"{FILE}: beta={values['beta']} must be >= 0 (the injected feature's pixel size).")
   eps = _number(values, "eps") if values["eps"] else DATASETS[values["data"]]
@@ -185,9 +193,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if method == "pgd":
     c.train.attack = pgd_linf(eps, num_steps=10)
     c.train.attack.unroll = 10
-  else:
+  else:  # with the fields it reads as None, the paper's default, to override: --config.train.attack.noise=1
     c.train.attack = ml_collections.ConfigDict(dict(name="fgsm" if method == "grad_align" else method,
                                                     eps=eps))
+    if method in ("rs_fgsm", "n_fgsm"):
+      c.train.attack.step_size = ml_collections.FieldReference(None, field_type=float)
+    if method == "n_fgsm":
+      c.train.attack.noise = ml_collections.FieldReference(None, field_type=float)
   c.train.grad_align = _number(values, "lambda") if method == "grad_align" else 0.0
   c.train.co_monitor.every_steps = 11  # half an epoch of the 22 steps of 64 digits
   c.train.co_monitor.num_examples = 256
@@ -236,13 +248,15 @@ def get_sweep(arg: str = "") -> list[dict[str, str]]:
   eps = values["eps"] or f"{DATASETS[values['data']]:.4g}"
   seeds = _count(values, "seeds", 1)
   seed_list = range(seeds) if seeds > 1 else [_count(values, "seed", 0)]
-  sweep_keys = ("method", "beta", "seed", "seeds")
+  sweep_keys = ("method", "beta", "seed", "seeds", "lambda")  # lambda: grad_align units only
   kept = [f"{k}={v}" for k, v in values.items() if k not in sweep_keys and v != DEFAULTS[k]]
+  weight = [f"lambda={values['lambda']}"] if values["lambda"] != DEFAULTS["lambda"] else []
   units = []
   for method in SWEEP_METHODS:
     for beta in SWEEP_BETAS:
       for seed in seed_list:
-        items = [f"method={method}", f"beta={beta}", f"seed={seed}"] + kept + sorted(flags)
+        items = ([f"method={method}", f"beta={beta}", f"seed={seed}"] + kept
+                 + (weight if method == "grad_align" else []) + sorted(flags))
         units.append({"name": f"{method}_b{beta}_e{eps}" + (f"_s{seed}" if seeds > 1 else ""),
                       "arg": ",".join(items)})
   return units

@@ -603,7 +603,8 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
   `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t
   and fab_t, `alpha_max`, `eta` and `beta` for fab_t, `num_queries` and `p_init` for square,
-  `attacks` for worst_of). Every field is checked here, before any compute, and an error names it
+  `attacks` for worst_of; fgsm, rs_fgsm and n_fgsm ignore num_steps and unroll, and refuse restarts
+  other than 1). Every field is checked here, before any compute, and an error names it
   as `{prefix}.<field>`; with `num_classes` (the dataset's), also a num_targets the model's
   classes cannot supply. Call the result inside jit.
   """
@@ -623,6 +624,8 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
 
   if name == "worst_of":
     return _build_worst_of(c, prefix, eps, norm, num_classes)
+  if name in ("fgsm", "rs_fgsm", "n_fgsm"):
+    _check_single_step(c, name, prefix)
   if name == "fgsm":
     return lambda logits_fn, images, labels, key: fgsm(logits_fn, images, labels, eps=eps)
   if name == "rs_fgsm":
@@ -687,6 +690,18 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   return lambda logits_fn, images, labels, key: pgd(
       logits_fn, images, labels, key, eps=eps, step_size=step_size, num_steps=num_steps,
       norm=norm, random_start=random_start, restarts=restarts, unroll=unroll)
+
+
+def _check_single_step(c: ml_collections.ConfigDict, name: str, prefix: str) -> None:
+  """PGD's restarts and random_start, left on a pgd_linf config whose name was overridden: refused
+  where they would ask for what a single-step attack does not do (num_steps and unroll are unused)."""
+  restarts = c.get("restarts")
+  if restarts is not None and restarts != 1:
+    raise ValueError(f"{prefix}.restarts={restarts!r}: {name} is a single-step attack and runs once; "
+                     f"set {prefix}.restarts=1.")
+  if name != "fgsm" and c.get("random_start") is False:
+    raise ValueError(f"{prefix}.random_start=False: {name} always starts from noise; set "
+                     f"{prefix}.random_start=True, or {prefix}.name='fgsm' for no random start.")
 
 
 def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm: str,

@@ -16,22 +16,37 @@ def parse_variants(arg: str, allowed: tuple[str, ...], file: str) -> set[str]:
   return variants
 
 
+# Attacks that read step_size but default it themselves (attacks.py: rs_fgsm 1.25 * eps, n_fgsm eps).
+_OWN_STEP_DEFAULT = ("rs_fgsm", "n_fgsm")
+
+
+def _pgd_step_for(_, name: str, eps: float, num_steps: int, step: float | None = None) -> float | None:
+  """pgd_linf's step_size once `name` is resolved: None (the attack's own default) for rs_fgsm and
+  n_fgsm, so overriding only the name never runs them with PGD's step; PGD's otherwise (unused by
+  the other attacks)."""
+  if name in _OWN_STEP_DEFAULT:
+    return None
+  return 2.5 * eps / num_steps if step is None else step
+
+
 def pgd_linf(eps: float, num_steps: int, step_size: float | None = None,
              restarts: int = 1) -> ml_collections.ConfigDict:
   """An L-inf PGD attack config; the step size defaults to 2.5 * eps / num_steps (Madry et al.).
 
-  The default is a reference to the config's own eps and num_steps, so it follows them when they are
-  overridden later (--config.train.attack.eps=...); setting step_size itself replaces it.
+  The step is a reference to the config's own name, eps and num_steps, so it follows them when they
+  are overridden later (--config.train.attack.eps=...); with name rs_fgsm or n_fgsm it is None, those
+  attacks' own default (README: single-step training overrides only train.attack.name). Setting
+  step_size itself replaces it.
   """
-  if step_size is not None:
-    return ml_collections.ConfigDict(dict(
-        name="pgd", norm="linf", eps=eps, num_steps=num_steps, restarts=restarts, random_start=True,
-        step_size=step_size))
+  name_ref = ml_collections.FieldReference("pgd", field_type=str)
   eps_ref = ml_collections.FieldReference(float(eps), field_type=float)
   steps_ref = ml_collections.FieldReference(num_steps, field_type=int)
+  args = [name_ref, eps_ref, steps_ref] + ([] if step_size is None else [float(step_size)])
+  step_ref = ml_collections.FieldReference(  # as FieldReference's own cast ops build it
+      0.0, field_type=float, op=ml_collections.config_dict._Op(_pgd_step_for, args))
   return ml_collections.ConfigDict(dict(
-      name="pgd", norm="linf", eps=eps_ref, num_steps=steps_ref, restarts=restarts, random_start=True,
-      step_size=2.5 * eps_ref / steps_ref))
+      name=name_ref, norm="linf", eps=eps_ref, num_steps=steps_ref, restarts=restarts,
+      random_start=True, step_size=step_ref))
 
 
 def apgd_linf(eps: float, num_steps: int, restarts: int = 1) -> ml_collections.ConfigDict:
@@ -129,8 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
   # GPUs, one bfloat16 pass on TPUs) | high (TF32; three bfloat16 passes on TPUs) | highest (float32).
   c.train.matmul_precision = "default"
   # Single-step methods (A/F): train.attack.name fgsm | rs_fgsm (Wong et al. 2020) | n_fgsm (de Jorge
-  # et al. 2022). GradAlign's weight (Andriushchenko and Flammarion 2020; 0: off, A/F only), its noise
-  # uniform in the train.attack eps-box.
+  # et al. 2022); overriding the name alone gives the paper's step (step_size None: 1.25 eps, eps),
+  # num_steps unused, restarts must stay 1 (see pgd_linf, build_attack). GradAlign's weight
+  # (Andriushchenko and Flammarion 2020; 0: off, A/F only), its noise uniform in the train.attack
+  # eps-box.
   c.train.grad_align = 0.0
   # GradAlign's grad_x L(x): "constant" (the authors' code detaches it) | "differentiated" (the
   # paper's formula: both gradients differentiated; see configs/catastrophic_overfitting.py).

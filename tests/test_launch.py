@@ -41,6 +41,13 @@ def test_the_co_sweep_takes_seeds_and_a_run_its_seed():
       load_config("catastrophic_overfitting", arg)
 
 
+def test_the_co_sweep_passes_lambda_to_grad_align_units_only():
+  units = work_units(f"{CO}:eps=0.2,lambda=2,smoke", [], "/runs/co")
+  for unit in units:
+    config = load_config("catastrophic_overfitting", unit.config.partition(":")[2])
+    assert config.train.grad_align == (2.0 if unit.name.startswith("grad_align") else 0.0), unit.name
+
+
 def test_a_config_without_sweep_is_one_unit_in_the_root():
   (unit,) = work_units("configs/digits.py:adversarial", ["--config.num_epochs=2"], "/runs/d")
   assert unit.workdir == "/runs/d"

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ntk_scale import parallel
+from ntk_scale import attacks, parallel
 from ntk_scale.base_config import base_config
 from ntk_scale.data import load_dataset
 from ntk_scale.models import build_model
@@ -138,3 +138,35 @@ def test_single_step_attacks_are_checked_from_config_train_attack():
   config.train.attack.noise = -0.1
   with pytest.raises(ValueError, match=r"config\.train\.attack\.noise=-0\.1"):
     check_train_config(config, 4)
+
+
+@pytest.mark.parametrize("name, paper", [
+    ("rs_fgsm", lambda *args: attacks.rs_fgsm(*args, eps=EPS, step_size=1.25 * EPS)),
+    ("n_fgsm", lambda *args: attacks.n_fgsm(*args, eps=EPS, noise=2 * EPS, step_size=EPS))])
+def test_overriding_the_name_of_the_default_train_attack_runs_the_papers_step(name, paper):
+  """README: single-step training sets config.train.attack.name alone. The default train.attack is
+  pgd_linf, whose step 2.5 * eps / 10 RS-FGSM and N-FGSM ran with; now they run with their own."""
+  config = base_config().lock()
+  config.train.attack.eps, config.train.attack.name = EPS, name  # as --config.train.attack.* sets them
+  assert config.train.attack.to_dict()["step_size"] is None  # what the workdir records
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)))
+  args = (lambda x: x @ w, jnp.full((4, 16), 0.5), jnp.array([0, 1, 2, 0]), jax.random.key(0))
+  np.testing.assert_array_equal(attacks.build_attack(config.train.attack)(*args), paper(*args))
+  config.train.attack.step_size = 0.03  # set explicitly, it stays
+  explicit = (attacks.rs_fgsm(*args, eps=EPS, step_size=0.03) if name == "rs_fgsm"
+              else attacks.n_fgsm(*args, eps=EPS, step_size=0.03))
+  np.testing.assert_array_equal(attacks.build_attack(config.train.attack)(*args), explicit)
+  config.train.attack.name = "pgd"  # and PGD keeps its own
+  assert config.train.attack.step_size == 0.03
+
+
+def test_pgd_fields_a_single_step_attack_cannot_honour_are_refused():
+  config = base_config().lock()
+  config.train.attack.name, config.train.attack.restarts = "fgsm", 3
+  with pytest.raises(ValueError, match=r"config\.train\.attack\.restarts=3: fgsm is a single-step attack"):
+    attacks.build_attack(config.train.attack, prefix="config.train.attack")
+  config.train.attack.name, config.train.attack.restarts = "rs_fgsm", 1
+  config.train.attack.random_start = False
+  with pytest.raises(ValueError, match=r"config\.train\.attack\.random_start=False: rs_fgsm always"):
+    attacks.build_attack(config.train.attack, prefix="config.train.attack")
+  assert base_config().train.attack.step_size == pytest.approx(2.5 * 8 / 255 / 10)  # PGD's default
