@@ -136,6 +136,30 @@ def test_sweep_config_variants_pass_the_train_checks(arg):
   assert config.train.co_monitor.every_steps > 0 and config.train.mode == "A"
 
 
+def test_sweep_config_single_step_defaults_can_be_overridden():
+  """The N-FGSM and RS-FGSM fields build_attack reads exist (None: the paper's), so
+  --config.train.attack.noise=... sets them instead of failing on a locked config."""
+  config = load_config("catastrophic_overfitting", "method=n_fgsm")
+  assert (config.train.attack.step_size, config.train.attack.noise) == (None, None)
+  config.lock()
+  config.train.attack.noise, config.train.attack.step_size = 0.5, 0.2  # as config_flags sets them
+  assert (config.train.attack.noise, config.train.attack.step_size) == (0.5, 0.2)
+  check_train_config(config, 4)
+  config.train.attack.noise = -0.5
+  with pytest.raises(ValueError, match=r"config\.train\.attack\.noise=-0\.5"):
+    check_train_config(config, 4)
+  config = load_config("catastrophic_overfitting", "method=rs_fgsm").lock()
+  config.train.attack.step_size = 0.3
+  check_train_config(config, 4)
+
+
+@pytest.mark.parametrize("arg", ["lambda=5", "method=n_fgsm,lambda=1.0", "method=pgd,lambda=2"])
+def test_sweep_config_refuses_lambda_without_grad_align(arg):
+  with pytest.raises(ValueError, match=r"lambda=.* is GradAlign's weight; it needs method=grad_align"):
+    load_config("catastrophic_overfitting", arg)
+  assert load_config("catastrophic_overfitting", "method=grad_align,lambda=5").train.grad_align == 5.0
+
+
 @pytest.mark.parametrize("arg, message", [("method=sgd", "method='sgd'"), ("beta=x", "beta='x'"),
                                           ("gamma=1", "unknown key 'gamma'"),
                                           ("data=mnist", "data='mnist'"),
@@ -171,10 +195,11 @@ _SAVES = {3: 0.125, 6: 0.25, 8: 0.375, 11: 0.5, 16: 0.75, 22: 1.0}
 _ROBUST = {3: 0.3, 4: 0.4, 6: 0.1, 8: 0.35, 11: 0.1, 12: 0.5, 16: 0.1, 20: 0.05, 22: 0.04}
 
 
-def _scripted_monitor(directory, robust=_ROBUST):
+def _scripted_monitor(directory, robust=_ROBUST, **criterion):
   directory.mkdir(exist_ok=True)
   c = base_config()
   c.train.co_monitor.every_steps, c.train.co_monitor.num_examples = 4, 8
+  c.train.co_monitor.update(criterion)
   monitor = CoMonitor(c, load_digits(), parallel.make_mesh(), 22, _SAVES, str(directory))
   # The measurements, scripted by the state's step (the state is a stand-in: {"step": ...}).
   monitor._measure = lambda state: {ROBUST: robust[int(state["step"])], CLEAN: 0.5,
@@ -221,6 +246,31 @@ def test_a_resumed_monitor_records_what_an_uninterrupted_one_does(tmp_path):
     monitor.resume(str(directory), start)
     assert _run_scripted(monitor, directory, resumed_checkpoints, start, 22) == full, cut
     assert resumed_checkpoints.saved == checkpoints.saved, cut
+
+
+@pytest.mark.parametrize("robust, cut, criterion, collapse, epochs", [
+    # min_peak 0.45 ignores the peak 0.4 of step 4: the collapse is at 16 (a scheduled save, the
+    # resumed step), after 12, which only an uninterrupted run kept.
+    (_ROBUST, 16, dict(min_peak=0.45), (12, 16), {"after": 0.75}),
+    # collapse_fraction 0.2 ignores step 6 (0.1 of the peak 0.4): the collapse is at 8 after 6, both
+    # scheduled saves.
+    ({**_ROBUST, 8: 0.05}, 11, dict(collapse_fraction=0.2), (6, 8), {"before": 0.25, "after": 0.375}),
+])
+def test_a_rerun_with_another_criterion_records_the_epochs_around_its_own_collapse(
+    tmp_path, robust, cut, criterion, collapse, epochs):
+  """train.co_monitor.* are runtime fields: a rerun replays co/* through its criterion and must not
+  keep the epochs of checkpoints around the first run's collapse (step 6, after 4)."""
+  checkpoints = _RecordingCheckpoints()
+  first = _run_scripted(_scripted_monitor(tmp_path, robust), tmp_path, checkpoints, 0, cut)
+  assert (first["collapse"]["before"]["step"], first["collapse"]["step"]) == (4, 6)
+  monitor = _scripted_monitor(tmp_path, robust, **criterion)
+  monitor.resume(str(tmp_path), cut)
+  summary = _run_scripted(monitor, tmp_path, checkpoints, cut, 22)
+  assert (summary["collapse"]["before"]["step"], summary["collapse"]["step"]) == collapse
+  assert summary["checkpoint_epochs"] == epochs
+  assert set(epochs.values()) <= set(checkpoints.saved.values())  # the kernel job finds them
+  with open(tmp_path / CO_FILE) as f:
+    assert json.load(f)["checkpoint_epochs"] == epochs
 
 
 def test_measurements_run_at_config_eval_matmul_precision(tmp_path, monkeypatch):

@@ -231,3 +231,22 @@ def test_kernels_around_a_recorded_collapse(workdir):
                                            "sustained": True, "peak_epoch": 0.125}
   assert result["directory"].endswith("_collapse") and result["tiles_computed"] == 0
   os.remove(path)
+
+
+@pytest.mark.parametrize("epochs, scale, ticks", [
+    ([0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5], "linear", ["0.0", "1.0"]),
+    ([0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0], "symlog", ["0", "0.1", "1", "10"])])
+def test_distance_to_final_plot_has_ticks_between_its_ends(monkeypatch, epochs, scale, ticks):
+  """A symlog axis linear up to matplotlib's default epoch 2 labelled only its ends for a run of
+  1.5 epochs (the CO evolution around a collapse)."""
+  from ntk_scale.ntk import evolution_plots  # pylint: disable=import-outside-toplevel
+  figures = []
+  monkeypatch.setattr(evolution_plots, "_save", lambda fig, path: figures.append(fig) or path)
+  rows = [{"epoch": e, "distance_to_final": 1.0 - e / epochs[-1], "distance_to_final_top_k": None,
+           "distance_to_final_bottom_k": None} for e in epochs]
+  evolution_plots.plot_distance_to_final({"checkpoints": rows, "phase": 1, "top_k": 4}, "unused.png")
+  ax = figures[0].axes[0]
+  figures[0].canvas.draw()
+  low, high = ax.get_xlim()
+  shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+  assert ax.get_xscale() == scale and len(shown) >= 4 and set(ticks) <= set(shown), shown

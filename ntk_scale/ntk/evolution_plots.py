@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib import ticker  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from ntk_scale.files import save_figure  # pylint: disable=wrong-import-position
@@ -33,17 +34,21 @@ def _save(fig: plt.Figure, path: str) -> str:
 
 def plot_distance_to_final(results: dict[str, Any], path: str) -> str:
   """Kernel distance 1 - s(K_t, K_T) against the epoch: how early the kernel settles. The axis is
-  symlog (linear near 0, so the initialisation, epoch 0, has a place) when the positive epochs span
-  more than a factor of 4; they decide, so that epoch 0 alone does not make an axis logarithmic."""
+  symlog (linear up to the first positive epoch, so the initialisation, epoch 0, has a place) when
+  the positive epochs span more than a factor of 4 and pass epoch 2; they decide, so that epoch 0
+  alone does not make an axis logarithmic. Below epoch 2 (matplotlib's default linear range) a
+  symlog axis had no tick between its ends."""
   epochs = _column(results, "epoch")
   positive = epochs[epochs > 0]
-  spread = positive.size > 0 and positive.max() > 4 * positive.min()
+  spread = positive.size > 0 and positive.max() > max(4 * positive.min(), 2.0)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for suffix, label in _spaces(results):
     ax.plot(epochs, _column(results, f"distance_to_final{suffix}"), marker="o", label=label)
   ax.set(xlabel=f"epoch (phase {results['phase']})", ylabel="distance to final kernel",
-         xscale="symlog" if spread else "linear",
          title="Kernel distance to the final kernel")
+  if spread:
+    ax.set_xscale("symlog", linthresh=positive.min())
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
   if "collapse" in results:  # the catastrophic-overfitting monitor's first collapsed measurement
     ax.axvline(results["collapse"]["epoch"], color="red", linestyle="--", label="robustness collapse")
   ax.legend()

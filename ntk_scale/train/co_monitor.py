@@ -43,6 +43,12 @@ def _fixed_subset(split: Split, size: int, seed: int) -> Split:
   return Split(split.images[rows], split.labels[rows])
 
 
+def _same_collapse(a: dict | None, b: dict | None) -> bool:
+  """Whether two recorded collapses (or none) are at the same step, after the same measurement."""
+  step = lambda c: None if c is None else (c["step"], (c.get("before") or {}).get("step"))
+  return step(a) == step(b)
+
+
 class CoMonitor:
   """Call it after each training step with (step, state, checkpoints, writer), before that step's
   scheduled save; `finish` writes the summary."""
@@ -69,7 +75,12 @@ class CoMonitor:
     return step % self._every == 0 or step in self._saves
 
   def resume(self, directory: str, start_step: int) -> None:
-    """Replays the co/* records up to `start_step` (which is a saved, hence monitored, step)."""
+    """Replays the co/* records up to `start_step` (which is a saved, hence monitored, step).
+
+    The stored checkpoint_epochs are kept only around the collapse the replay finds: the rerun may
+    judge by another criterion. Otherwise the epochs of its before and after steps that are saved
+    (scheduled, the resumed step, or kept for the old collapse) replace them.
+    """
     path = os.path.join(directory, "metrics.jsonl")
     if not start_step or not files.exists(path):
       return
@@ -77,8 +88,19 @@ class CoMonitor:
     for r in records:
       if ROBUST in r and r["step"] <= start_step:
         self._detector.update(r["step"], r["step"] / self._steps_per_epoch, r[ROBUST], r[TRAIN_CLEAN])
-    if files.exists(self._path):
-      self._checkpoint_epochs = files.read_json(self._path).get("checkpoint_epochs", {})
+    stored = files.read_json(self._path) if files.exists(self._path) else {}
+    epochs = stored.get("checkpoint_epochs", {})
+    if _same_collapse(stored.get("collapse"), self._detector.collapse):
+      self._checkpoint_epochs = epochs
+    elif self._detector.collapse is not None and self._config.keep_checkpoints:
+      # The criterion (runtime fields) changed: the stored epochs are around another collapse.
+      saved = lambda step: (step in self._saves or step == start_step
+                            or self._saved_epoch(step) in epochs.values())
+      collapse = self._detector.collapse
+      before = (collapse["before"] or {}).get("step")
+      self._checkpoint_epochs = {name: self._saved_epoch(step)
+                                 for name, step in (("before", before), ("after", collapse["step"]))
+                                 if step is not None and saved(step)}
     self._kept = (start_step, None)
 
   def kept_epochs(self) -> list[float]:
