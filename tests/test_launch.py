@@ -119,6 +119,10 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch):
   assert any("jax[cuda13]" in step for step in recorded["container"]["docker_instructions"])
   assert [job["args"] for job in recorded["jobs"]] == [u.flags() for u in units]
   assert all(job["executor"].requirements == ("requirements", {"local_gpu": 1}) for job in recorded["jobs"])
+  # The hosts of a TPU slice join one multi-process job (JAX's cluster detection)
+  recorded.clear()
+  launch.launch(units, {"tpu_v4": 32}, title="co sweep", executor="vertex")
+  assert [job["args"] for job in recorded["jobs"]] == [{**u.flags(), "distributed": True} for u in units]
 
 
 def test_dry_run_lists_the_units_and_each_command_runs_main():

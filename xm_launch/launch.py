@@ -14,11 +14,13 @@ from this repository. `--config.*` overrides after `--` apply to every work unit
     # what would be launched, without XManager installed:
     python xm_launch/launch.py --config=configs/catastrophic_overfitting.py --workdir_root=/tmp/co --dry_run
 
-Multi-host slices (TPU pods) run one copy of each work unit per host; main.py's
-`jax.distributed.initialize` finds the other hosts from the TPU environment.
+On TPUs every work unit runs main.py with `--distributed`: a multi-host slice (a pod) runs one
+copy per host, and JAX's cluster detection joins them into one job (a single-host slice is a job
+of one process). GPU work units are one VM each, one process.
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, flags
@@ -76,6 +78,13 @@ def docker_instructions(resources: dict[str, int]) -> list[str]:
           f"WORKDIR /{name}"]
 
 
+def job_flags(unit: WorkUnit, resources: dict[str, int]) -> dict:
+  """main.py's flags for `unit` on `resources`: on TPUs with --distributed, without which the hosts
+  of a multi-host slice would each train alone, unaware of the others, in one workdir."""
+  on_tpu = any(name.startswith("tpu") for name in resources)
+  return {**unit.flags(), **({"distributed": True} if on_tpu else {})}
+
+
 def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, executor: str = "local",
            base_image: str = "python:3.11") -> None:
   """One XManager experiment, one job per work unit, each with `resources`."""
@@ -87,7 +96,7 @@ def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, exec
         executor_spec=executor_type.Spec(), path=REPO, base_image=base_image,
         docker_instructions=docker_instructions(resources), entrypoint=xm.ModuleName("main"))])
     for unit in units:
-      experiment.add(xm.Job(executable=executable, args=unit.flags(),
+      experiment.add(xm.Job(executable=executable, args=job_flags(unit, resources),
                             executor=executor_type(requirements=xm.JobRequirements(**resources))))
 
 
@@ -95,8 +104,8 @@ def main(argv: list[str]) -> None:
   resources = requirements(_ACCELERATOR.value)
   units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value)
   if _DRY_RUN.value:
-    for unit in units:
-      print(" ".join(unit.command()))
+    for unit in units:  # as a shell would run it
+      print(shlex.join(unit.command(job_flags(unit, resources))))
     print(f"{len(units)} work unit(s); executor {_EXECUTOR.value}, resources {resources or 'CPU'}.")
     return
   launch(units, resources, title=_TITLE.value or _CONFIG.value, executor=_EXECUTOR.value,

@@ -34,8 +34,9 @@ class WorkUnit:
     return {"config": self.config, "workdir": self.workdir,
             **{f"config.{field}": _flag_value(value) for field, value in self.overrides}}
 
-  def command(self) -> list[str]:
-    return ["python", "main.py"] + [f"--{k}={v}" for k, v in self.flags().items()]
+  def command(self, flags: dict[str, Any] | None = None) -> list[str]:
+    """main.py's command line with `flags` (default: the unit's own)."""
+    return ["python", "main.py"] + [f"--{k}={v}" for k, v in (flags or self.flags()).items()]
 
 
 def _flag_value(value: Any) -> str:
