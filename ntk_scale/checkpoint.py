@@ -72,12 +72,14 @@ def is_initial(epoch: float) -> bool:
 class Checkpoints:
   """Saves and restores train states; a thin layer over `ocp.CheckpointManager`."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, create: bool = True):
+    """`create=False` for readers: a job that only reads checkpoints leaves a workdir without
+    them as it found it (no empty checkpoints/), and finds no steps there."""
     # Orbax wants absolute paths; a bucket's URI is one.
     self.directory = directory if files.is_cloud(directory) else os.path.abspath(directory)
     self._manager = preemption.CheckpointManager(
         self.directory, item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
                                              enable_async_checkpointing=True,
                                              single_host_load_and_broadcast=True))
 

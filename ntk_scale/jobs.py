@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import ml_collections
 
-from ntk_scale import console
+from ntk_scale import console, data
 from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.eigen_features_job import eigen_features_job
@@ -49,6 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   job = config.get("job", "train")
   if job not in JOBS:
     raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
+  data.check_seed(config.seed, "config.seed")  # every job's, before a job records the config
   config = apply_loaders(config)
   console.quiet_library_logs()
   prepare_workdir(config, workdir)

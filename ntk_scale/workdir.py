@@ -114,23 +114,40 @@ def phase2_record(config: ml_collections.ConfigDict) -> dict:
   return {"phase2": record}
 
 
+def records_experiment(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.job` makes a workdir's experiment from nothing, and so records it: train, and
+  the training-free infinite-width jobs (infinite; eigen_features of config.infinite's kernel). The
+  others read what those left (checkpoints, kernels): recording their config in a workdir never
+  trained would refuse the train job that comes later with another config."""
+  job = config.get("job", "train")
+  return job in ("train", "infinite") or (
+      job == "eigen_features" and config.eigen_features.get("source", "empirical") == "infinite")
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates `workdir` and records `config`, or checks that it is the experiment already there.
 
   Rerunning a command on its workdir resumes it; pointing a different experiment at it is an
-  error, because resuming would silently mix two runs. The phase-2 record, if any, is checked
-  here too (phase 2 writes it when it starts); the phase2 job needs a recorded phase 1.
+  error, because resuming would silently mix two runs. Only jobs that make the experiment
+  (`records_experiment`) record it; the others check a record that exists and write nothing here,
+  so one run on an empty workdir leaves it empty (it fails reading the checkpoints it needs, or,
+  the report, here). The phase-2 record, if any, is checked here too (phase 2 writes it when it
+  starts); the phase2 job needs a recorded phase 1.
   """
   if files.is_cloud(workdir) and not workdir.startswith("gs://"):
     raise ValueError(f"--workdir={workdir}: a workdir is a local directory or a gs:// bucket path.")
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
-  if config.get("job", "train") == "phase2":
+  job = config.get("job", "train")
+  if job == "phase2":
     if not check_recorded(path, current, RUNTIME_FIELDS + PHASE2_JOB_FREE_FIELDS):
       raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
                                     f"there first (config.job='train').")
-  else:
+  elif records_experiment(config):
     record_or_check(path, current)
+  elif not check_recorded(path, current) and job == "report":
+    raise CheckpointNotFoundError(f"{workdir} holds no experiment ({path} is missing), so nothing to "
+                                  f"report; run config.job='train' or 'infinite' there first.")
   if config.phase2.num_epochs > 0:
     check_recorded(os.path.join(phase2_directory(config, workdir), CONFIG_FILE), phase2_record(config),
                    (), NEW_PHASE2_NAME)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -122,6 +123,66 @@ def test_runtime_fields_may_change_on_resume(tmp_path):
   config.log_every_steps = 3
   config.eval_batch_size = 64
   prepare_workdir(config, str(tmp_path))  # no error
+
+
+def test_read_only_job_on_an_empty_workdir_leaves_it_empty_for_a_train_job(tmp_path):
+  """An evaluate job on a workdir never trained fails naming the missing checkpoints and records
+  nothing (no config.json, no checkpoints/): a train job with another config then runs there."""
+  config = load_config("digits", "smoke")
+  config.job, config.eval_attacks = "evaluate", ml_collections.ConfigDict()
+  with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint in .*checkpoints; train this workdir"):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+  config = load_config("digits", "smoke")
+  config.optimizer.learning_rate = 0.05  # not the evaluate job's 0.1
+  config.num_epochs, config.eval_attacks = 0.05, ml_collections.ConfigDict()  # one step
+  jobs.run(config, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 0.05
+  assert Checkpoints(str(tmp_path / "checkpoints")).epochs() == {0.0: 0, 0.05: 1}
+
+
+@pytest.mark.parametrize("job, message", [
+    ("kernel", r"no checkpoint in .*checkpoints; train this workdir"),
+    ("report", r"holds no experiment \(.*config.json is missing\), so nothing to report"),
+])
+def test_other_read_only_jobs_on_an_empty_workdir_write_nothing(tmp_path, job, message):
+  config = load_config("digits", "smoke")
+  config.job = job
+  with pytest.raises(CheckpointNotFoundError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_read_only_job_checks_the_recorded_experiment(tmp_path, no_compute):
+  prepare_workdir(load_config("digits", "smoke"), str(tmp_path))
+  config = load_config("digits", "smoke")
+  config.job, config.optimizer.learning_rate = "evaluate", 0.05
+  with pytest.raises(WorkdirConfigMismatchError, match=r"optimizer.learning_rate: 0.1 -> 0.05"):
+    jobs.run(config, str(tmp_path))
+
+
+# Each seed reaches np.random.default_rng, which takes no negative one: refused naming the field,
+# the job's config unrecorded where no other field has been checked yet.
+@pytest.mark.parametrize("job, fields, message", [
+    ("train", {"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
+    ("evaluate", {"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
+    ("train", {"data.transform.name": "inject", "data.transform.seed": -2},
+     r"config\.data\.transform\.seed=-2 must be an integer >= 0"),
+    ("kernel", {"kernel.subset_seed": -3}, r"config\.kernel\.subset_seed=-3 must be an integer >= 0"),
+    ("spectrum", {"spectrum.seed": -4}, r"config\.spectrum\.seed=-4 must be an integer >= 0"),
+])
+def test_negative_seeds_are_named_before_compute(tmp_path, no_training, no_kernel_compute, job, fields,
+                                                 message):
+  config = load_config("digits", "smoke")
+  config.job = job
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+  if "seed" in fields:  # checked before the train job records its config
+    assert os.listdir(tmp_path) == []
 
 
 def test_missing_checkpoint_lists_what_exists(tmp_path):

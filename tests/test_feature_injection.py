@@ -86,10 +86,20 @@ def test_low_pass_keeps_low_frequencies_and_removes_high_ones():
     ("beta", -0.1, "config.data.transform.beta=-0.1"),
     ("num_frequencies", 5, "config.data.transform.num_frequencies=5"),
     ("num_frequencies", 64, "config.data.transform.num_frequencies=64 exceeds the 63"),
+    ("seed", -1, "config.data.transform.seed=-1 must be an integer >= 0"),
 ])
 def test_bad_transform_fields_are_named_before_loading(field, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
     check_data_config(_inject_config(**{field: value}))
+
+
+def test_sign_carrier_ignores_num_frequencies_and_seed(digits):
+  """The "sign" patterns are fixed: the dct carrier's num_frequencies and seed, unused, are not
+  checked, and change nothing."""
+  plain = load_dataset(_inject_config(beta=0.1, carrier="sign"))
+  odd = _inject_config(beta=0.1, carrier="sign", num_frequencies=5, seed=-1)
+  check_data_config(odd)
+  np.testing.assert_array_equal(load_dataset(odd).train.images, plain.train.images)
 
 
 def test_bad_low_pass_cutoff_is_named():

@@ -39,6 +39,11 @@ def report_config():
   return c
 
 
+def record_experiment(workdir: str) -> None:
+  """config.json, as the train job records it: the report job records none of its own."""
+  jobs.prepare_workdir(load_config("digits", "smoke"), workdir)
+
+
 class PageParser(html.parser.HTMLParser):
   """Collects <img src>, <a href>, headings and the page's text."""
 
@@ -147,7 +152,7 @@ def workdir(tmp_path_factory):
   and a set; phase 2 with output components; two
   complete kernels and an incomplete one; their evolution; an eigen_features-style directory."""
   path = str(tmp_path_factory.mktemp("report"))
-  jobs.prepare_workdir(report_config(), path)
+  record_experiment(path)
   co_records = write_metrics(path, 16, co=True)
   write_co_record(path, co_records)
   write_evaluation(path, 8, 1.0, {"clean": per_class(0.5), "pgd": per_class(0.25)})
@@ -242,6 +247,7 @@ def test_report_loads_in_a_headless_browser_with_every_image_decoded(index):
 
 def test_workdir_with_only_its_config_says_so(tmp_path):
   workdir = str(tmp_path)
+  record_experiment(workdir)
   index = jobs.run(report_config(), workdir)["report"]
   assert sorted(os.listdir(workdir)) == ["config.json", "report"]
   page = check_page(index)
@@ -252,7 +258,7 @@ def test_workdir_with_only_its_config_says_so(tmp_path):
 
 def test_rerun_adds_new_results_and_drops_removed_ones(tmp_path):
   workdir = str(tmp_path)
-  jobs.prepare_workdir(report_config(), workdir)
+  record_experiment(workdir)
   write_metrics(workdir, 8, co=False)
   index = jobs.run(report_config(), workdir)["report"]
   first = check_page(index)
@@ -289,7 +295,7 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
 def test_a_kernel_with_a_spectrum_job_result_shows_its_top_eigenpairs(tmp_path):
   """The spectrum job's top k (not a dense eigh of the kernel): its top eigenvalue and trace."""
   workdir = str(tmp_path)
-  jobs.prepare_workdir(report_config(), workdir)
+  record_experiment(workdir)
   store = write_store(os.path.join(workdir, "kernels", "big"), random_kernel(3), tile=24)
   values = np.array([7.5, 2.25, 0.625])
   record = {"trace": 11.0, "num_eigenpairs": 3}

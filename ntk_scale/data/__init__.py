@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from ntk_scale.data.batches import TrainBatches, epoch_order, eval_batches
+from ntk_scale.data.batches import TrainBatches, check_seed, epoch_order, eval_batches
 from ntk_scale.data.dataset import Dataset, Split
 from ntk_scale.data import digits
 from ntk_scale.data.digits import load_digits
@@ -43,6 +43,6 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
 
 
 __all__ = ["DATASET_NAMES", "Dataset", "DatasetUnavailableError", "Split", "TrainBatches",
-           "check_data_config", "class_balanced_subset", "epoch_order", "eval_batches",
+           "check_data_config", "check_seed", "class_balanced_subset", "epoch_order", "eval_batches",
            "load_dataset", "load_digits", "load_tfds", "num_classes", "scarcest_class",
            "check_subset_size"]

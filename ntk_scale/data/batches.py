@@ -10,6 +10,13 @@ from ntk_scale import parallel
 from ntk_scale.data.dataset import Split
 
 
+def check_seed(seed: object, field: str) -> None:
+  """Raises ValueError naming `field` unless `seed` is an integer >= 0: numpy's generators take no
+  negative seed, and would fail mid-run without naming the field."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"{field}={seed!r} must be an integer >= 0.")
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The permutation of the training set used in `epoch`; a pure function of (seed, epoch)."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples)

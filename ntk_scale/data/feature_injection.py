@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from scipy import fft
 
+from ntk_scale.data.batches import check_seed
 from ntk_scale.data.dataset import Dataset, Split
 
 TRANSFORMS = ("none", "inject", "low_pass")
@@ -134,17 +135,17 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
       raise ValueError(f"{p}.beta={beta!r} must be a number >= 0 (pixel units of [0, 1] images, the "
                        f"largest change of a pixel, comparable with an L-inf eps).")
-    k = transform.get("num_frequencies")
-    if not _is_int(k) or k < num_classes:
-      raise ValueError(f"{p}.num_frequencies={k!r} must be an integer >= the {num_classes} classes "
-                       f"(each class gets a distinct low frequency).")
-    if image_shape is not None and k > image_shape[0] * image_shape[1] - 1:
-      raise ValueError(f"{p}.num_frequencies={k} exceeds the {image_shape[0] * image_shape[1] - 1} "
-                       f"non-constant DCT frequencies of {image_shape[0]}x{image_shape[1]} images.")
+    if carrier == "dct":  # "sign" has fixed patterns: num_frequencies and seed are unused there
+      k = transform.get("num_frequencies")
+      if not _is_int(k) or k < num_classes:
+        raise ValueError(f"{p}.num_frequencies={k!r} must be an integer >= the {num_classes} classes "
+                         f"(each class gets a distinct low frequency).")
+      if image_shape is not None and k > image_shape[0] * image_shape[1] - 1:
+        raise ValueError(f"{p}.num_frequencies={k} exceeds the {image_shape[0] * image_shape[1] - 1} "
+                         f"non-constant DCT frequencies of {image_shape[0]}x{image_shape[1]} images.")
+      check_seed(transform.get("seed"), f"{p}.seed")
     if not isinstance(transform.get("remove_projection"), bool):
       raise ValueError(f"{p}.remove_projection={transform.get('remove_projection')!r} must be True or False.")
-    if not _is_int(transform.get("seed")):
-      raise ValueError(f"{p}.seed={transform.get('seed')!r} must be an integer.")
   if name == "low_pass":
     cutoff = transform.get("cutoff")
     if not _is_int(cutoff) or cutoff < 1:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files, parallel
-from ntk_scale.data import check_subset_size, class_balanced_subset, load_dataset
+from ntk_scale.data import check_seed, check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.plan import FACTORING_MODES, METHODS, KernelPlanError
@@ -76,6 +76,7 @@ def check_kernel_subset(config: ml_collections.ConfigDict, num_classes: int,
   k = config.kernel
   if k.split not in SPLITS or labels is None:
     raise ValueError(f"config.kernel.split={k.split!r}; expected one of {', '.join(SPLITS)}.")
+  check_seed(k.subset_seed, "config.kernel.subset_seed")
   classes = tuple(int(c) for c in k.classes)
   if any(not 0 <= c < num_classes for c in classes):
     raise ValueError(f"config.kernel.classes={classes} must be class indices in [0, {num_classes}).")

@@ -34,6 +34,7 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
   attacks."""
   check_model_config(config.model)
   data.check_data_config(config.data)
+  data.check_seed(config.seed, "config.seed")
   check_optimizer_config(config.optimizer)
   if config.data.augment not in AUGMENTATIONS:
     raise ValueError(f"config.data.augment={config.data.augment!r}; expected one of "
