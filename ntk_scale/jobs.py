@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING, Any, Callable
 
+import jax
 import ml_collections
 
 from ntk_scale import console, data
@@ -14,7 +15,8 @@ from ntk_scale.ntk.job import kernel_job
 from ntk_scale.ntk.spectrum_job import spectrum_job
 from ntk_scale.report import report_job
 from ntk_scale.train.loop import train_job
-from ntk_scale.train.phase2 import apply_loaders, phase2_and_evaluate
+from ntk_scale.train.experiment import check_train_config
+from ntk_scale.train.phase2 import apply_loaders, check_phase2_config, phase2_and_evaluate
 from ntk_scale.workdir import prepare_workdir
 
 if TYPE_CHECKING:  # for the annotation only: dry_run() imports the module when it is called
@@ -51,6 +53,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
   data.check_seed(config.seed, "config.seed")  # every job's, before a job records the config
   config = apply_loaders(config)
+  if job == "train":  # its fields checked before its config is recorded: a rerun with the field
+    check_train_config(config, jax.device_count())  # corrected would be refused as another experiment
+    if config.phase2.num_epochs > 0:
+      check_phase2_config(config)
   console.quiet_library_logs()
   prepare_workdir(config, workdir)
   return JOBS[job](config, workdir)

@@ -44,7 +44,8 @@ def test_bad_config_fields_are_named(tmp_path, no_compute, field, value, message
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=message):
     jobs.run(config, str(tmp_path))
-  assert not os.path.exists(tmp_path / "checkpoints")
+  # Nothing recorded: the rerun with the field corrected is the same experiment, not another.
+  assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "config.json")
 
 
 @pytest.fixture
