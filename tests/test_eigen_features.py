@@ -260,15 +260,23 @@ def test_bad_fields_are_named(tmp_path):
     jobs.run(c, str(tmp_path))
 
 
-def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt):
-  del nt  # requested only to skip when the optional neural-tangents extra is absent
+def infinite_features_config(num_examples: int, num_single: int, num_test: int, num_steps: int,
+                             step_size: float):
+  """The infinite_width smoke config's eigen_features job on its analytic kernel (attack eps 0.2)."""
   c = load_config("infinite_width", "smoke")
   c.job = "eigen_features"
   c.eigen_features.source = "infinite"
-  c.kernel.num_examples = 40
-  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 3, 30, 16
-  c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 2
-  c.eigen_features.attack.step_size = 0.1
+  c.kernel.num_examples = num_examples
+  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = (
+      num_single, num_test, 16)
+  c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, num_steps
+  c.eigen_features.attack.step_size = step_size
+  return c
+
+
+def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt):
+  del nt  # requested only to skip when the optional neural-tangents extra is absent
+  c = infinite_features_config(num_examples=40, num_single=3, num_test=30, num_steps=2, step_size=0.1)
   result = jobs.run(c, str(tmp_path))
   rows = {r["group"]: r for r in result["groups"]}
   assert result["eigen_features"].endswith("infinite_fc_ntk_train40")
@@ -287,13 +295,7 @@ def test_infinite_width_rerun_with_another_subset_recomputes_it(tmp_path, nt, mo
   """config.kernel's subset fields are runtime fields: another subset_seed is another kernel, whose
   features are computed (in the same directory), not the first subset's read back."""
   del nt  # requested only to skip when the optional neural-tangents extra is absent
-  c = load_config("infinite_width", "smoke")
-  c.job = "eigen_features"
-  c.eigen_features.source = "infinite"
-  c.kernel.num_examples = 20
-  c.eigen_features.num_single, c.eigen_features.num_test, c.eigen_features.batch_size = 2, 16, 16
-  c.eigen_features.attack.eps, c.eigen_features.attack.num_steps = 0.2, 1
-  c.eigen_features.attack.step_size = 0.2
+  c = infinite_features_config(num_examples=20, num_single=2, num_test=16, num_steps=1, step_size=0.2)
   titles, plot = [], eigen_features_job._plot
   monkeypatch.setattr(eigen_features_job, "_plot",
                       lambda rows, path, title: (titles.append(title), plot(rows, path, title)))
