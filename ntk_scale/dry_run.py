@@ -58,7 +58,7 @@ from ntk_scale.ntk.eigen_features import directions_program, most_rows
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk, group_apply
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
-from ntk_scale.ntk.job import check_kernel_config, inference_apply, plan_settings
+from ntk_scale.ntk.job import check_kernel_config, inference_apply, plan_settings, select_examples
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
@@ -70,6 +70,7 @@ from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
 from ntk_scale.evaluate import _evaluate_batch
 from ntk_scale.kernel_regression import kernel_scores
+from ntk_scale.restore import check_phase
 from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
 
 PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution", "eigen_features",
@@ -188,10 +189,18 @@ def _batch(mesh, batch_size: int, image_shape: tuple[int, ...], mask: bool = Fal
   return batch
 
 
-def _variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], abstract: bool = True):
-  """config.model, its parameters and BatchNorm statistics (shapes only when `abstract`)."""
+def _variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], abstract: bool = True,
+               phase: int = 1):
+  """The model a job reading `phase`'s checkpoints runs, its parameters and BatchNorm statistics
+  (shapes only when `abstract`): config.model, or for phase 2 its linearization (config.phase2)
+  around a fresh initialisation of the same shapes (theta0 is a constant of the programs, so its
+  values do not change their cost)."""
   model = build_model(config.model, dataset_classes(config.data))
   init = lambda: _state_variables(model, image_shape, config.seed)
+  if phase == 2:
+    theta0 = init()
+    model = LinearizedModel(model, theta0["params"], theta0["batch_stats"], config.phase2.linearization,
+                            config.phase2.batch_norm)
   variables = jax.eval_shape(init) if abstract else init()
   return model, variables["params"], variables["batch_stats"]
 
@@ -283,8 +292,7 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   check_phase2_config(config)
   p = config.phase2
   image_shape, _, _ = dataset_shape(config.data)
-  model, params0, stats0 = _variables(config, image_shape, abstract=False)
-  linearized = LinearizedModel(model, params0, stats0, p.linearization, p.batch_norm)
+  linearized, _, _ = _variables(config, image_shape, phase=2)
   programs = _train_programs(config, mesh, p, p.optimizer, linearized, p.num_epochs, 0 if p.mode == "A" else None,
                              config.seed + SEED_OFFSET, "phase 2", "config.phase2.num_epochs")
   return programs + _eval_programs(config, mesh, linearized, "phase 2")
@@ -312,13 +320,16 @@ def _split_labels(config: ml_collections.ConfigDict, split: str, split_size: int
 
 
 def _kernel_examples(config: ml_collections.ConfigDict) -> int:
-  """The examples of config.kernel's subset (from the catalog's split sizes: no data is read but
-  the embedded digits), after the kernel job's checks of every config.kernel field."""
+  """The examples of config.kernel's subset, after the kernel job's checks of every config.kernel
+  field: the job's own subset of the embedded digits; for other data (not read here) from the
+  catalog's split sizes, a class subset as an even share of the split."""
   k = config.kernel
   _, train_size, test_size = dataset_shape(config.data)
   split_size = {"train": train_size, "test": test_size}.get(k.split)
-  check_kernel_config(config, dataset_classes(config.data),
-                      _split_labels(config, k.split, split_size, tuple(k.classes)))
+  labels = _split_labels(config, k.split, split_size, tuple(k.classes))
+  check_kernel_config(config, dataset_classes(config.data), labels)
+  if config.data.name == "digits":
+    return len(select_examples(config, labels))
   n = split_size if k.num_examples == 0 else k.num_examples
   if k.classes:
     n = min(n, math.ceil(split_size / dataset_classes(config.data)) * len(k.classes))
@@ -359,13 +370,13 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
 
 def _kernel(config: ml_collections.ConfigDict, copies: int, label: str,
             target_budget: float | None = None) -> ProgramCost:
-  """The kernel engine's plan for config.kernel (phase-1 network shapes), its memory by XLA's
-  analysis of its compiled programs; planned for `target_budget` bytes per device where
+  """The kernel engine's plan for config.kernel (the network, or for config.kernel.phase=2 its
+  linearization), its memory by XLA's analysis of its compiled programs; planned for `target_budget` bytes per device where
   config.kernel.memory_budget_gb leaves the budget to the device."""
   k = config.kernel
   image_shape = dataset_shape(config.data)[0]
   n = _kernel_examples(config)
-  model, params, stats = _variables(config, image_shape)
+  model, params, stats = _variables(config, image_shape, phase=k.phase)
   dtype = np.dtype(k.dtype)
   cast = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
   images = np.broadcast_to(np.zeros((), dtype), (n, *image_shape))  # shapes only, nothing allocated
@@ -429,10 +440,10 @@ def _eigen_feature_programs(config: ml_collections.ConfigDict, mesh, n: int, ran
                             target_budget: float | None) -> list[ProgramCost]:
   """What the eigen_features job runs after the eigenpairs of an empirical kernel of n images and
   numerical rank at most `rank`: the parameter directions, then every group's predictor clean and
-  under attack (the network of config.model; a phase-2 linearized model has the same parameters)."""
+  under attack (the model of config.kernel.phase, whose Jacobian rows the kernel has)."""
   image_shape, classes = dataset_shape(config.data)[0], dataset_classes(config.data)
   chunk = directions_chunk(config, image_shape, classes, n, rank, mesh.size, target_budget)
-  model, params, stats = _variables(config, image_shape)
+  model, params, stats = _variables(config, image_shape, phase=config.kernel.phase)
   spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
   rows = most_rows(rank, config.eigen_features.num_single)
   apply = inference_apply(model, config.kernel.precision)  # as the job's, at the kernel's precision
@@ -658,8 +669,13 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     programs = _phase2(config, mesh)
   elif job == "evaluate":
     check_common_config(config, mesh.devices.size)
-    model = build_model(config.model, dataset_classes(config.data))
-    programs = _eval_programs(config, mesh, model, "evaluate")
+    phase = config.evaluate.phase
+    check_phase(phase, "config.evaluate")
+    if phase == 2:
+      notes.append("evaluate: phase 2's output components f0(x) and J(theta - theta0), one more "
+                   "pass over the clean and attacked test images (not modelled)")
+    model, _, _ = _variables(config, dataset_shape(config.data)[0], phase=phase)
+    programs = _eval_programs(config, mesh, model, "evaluate" if phase == 1 else "evaluate phase 2")
   elif job == "kernel":
     programs = [_kernel(config, 1, "kernel", target_budget)]
   elif job == "spectrum":
@@ -669,15 +685,15 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     check_evolution_settings(config)
     epochs = tuple(config.evolution.epochs)
     count = len(epochs) if epochs else 1
-    programs = [_kernel(config, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint",
+    spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
+    size = spec.matrix_rows(_kernel_examples(config))
+    one = checkpoint_config(config, 0.0, size)  # config.evolution.phase's kernel, as the job's
+    programs = [_kernel(one, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint",
                         target_budget)]
     if not epochs:
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
-    spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
-    size = spec.matrix_rows(_kernel_examples(config))
     spectrum, spectrum_notes = _eigenpairs(
-        checkpoint_config(config, 0.0, size), resolve_eigensolver(config.evolution.eigensolver, size),
-        size, mesh, budget, "evolution", "each")
+        one, resolve_eigensolver(config.evolution.eigensolver, size), size, mesh, budget, "evolution", "each")
     programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]
     notes += spectrum_notes
   elif job in ("eigen_features", "eigen_images"):

@@ -116,6 +116,13 @@ def saved_epochs(config: ml_collections.ConfigDict, workdir: str, phase: int) ->
     checkpoints.close()
 
 
+def check_phase(phase: Any, fields: str) -> None:
+  """`<fields>.phase` names a phase a checkpoint can be read from (the dry run checks it too)."""
+  if phase not in PHASES:
+    raise ValueError(f"{fields}.phase={phase!r}; expected 1 (the network's checkpoints) or 2 (the "
+                     f"linearized model of phase 2, config.phase2.name).")
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *, phase: int,
                           epoch: float | None, mesh: Mesh | None = None,
                           fields: str | None = None) -> Restored:
@@ -130,9 +137,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *, ph
   config.evaluate) and list the epochs, or the phase-2 experiments, that exist.
   """
   fields = fields or f"config.{config.get('job', 'evaluate')}"
-  if phase not in PHASES:
-    raise ValueError(f"{fields}.phase={phase!r}; expected 1 (the network's checkpoints) or 2 (the "
-                     f"linearized model of phase 2, config.phase2.name).")
+  check_phase(phase, fields)
   if epoch is not None and not (isinstance(epoch, (int, float)) and math.isfinite(epoch)):
     raise ValueError(f"{fields}.epoch={epoch!r}; expected an epoch number or None (the newest).")
   mesh = parallel.make_mesh() if mesh is None else mesh

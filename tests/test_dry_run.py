@@ -17,8 +17,11 @@ from ntk_scale import jobs, parallel
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
-from ntk_scale.ntk import KernelPlanError
+from ntk_scale.linearize import LinearizedModel
+from ntk_scale.models import build_model
+from ntk_scale.ntk import KernelPlanError, fit_plan
 from ntk_scale.ntk.eigen_features import feature_groups
+from ntk_scale.ntk.job import inference_apply, plan_settings
 
 from test_train import load_config
 
@@ -185,6 +188,48 @@ def test_kernel_plan_is_the_engine_plan():
   _, rounds = jobs.dry_run(c).programs
   assert rounds.name == "spectrum: top 5 of 100 rows, LOBPCG round"
   assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
+
+
+def test_phase2_jobs_are_planned_with_the_linearized_model():
+  """A kernel of config.kernel.phase=2 (and of config.evolution.phase=2) is the engine's plan for
+  phase 2's linearized model, not the network's; an evaluation of config.evaluate.phase=2 likewise
+  evaluates the linearized model (the network's forward pass and a Jacobian-vector product:
+  about twice its FLOPs)."""
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples, c.kernel.tile_size = 100, 30
+  (network,) = jobs.dry_run(c).programs
+  c.kernel.phase = 2
+  (linearized,) = jobs.dry_run(c).programs
+  model = build_model(c.model, 10)
+  theta0 = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  linearized_model = LinearizedModel(model, theta0["params"], theta0["batch_stats"], c.phase2.linearization,
+                                     c.phase2.batch_norm)
+  engine = fit_plan(inference_apply(linearized_model), theta0["params"], np.zeros((100, 8, 8, 1), np.float32), None, c.kernel.logits,
+                    precision="highest", **plan_settings(c.kernel), model_state=theta0["batch_stats"])
+  assert linearized.name == f"kernel: {engine.layout()}, 10 tiles" and "factored" not in linearized.name
+  assert linearized.flops_per_call == engine.flops > 2 * network.flops_per_call
+  c.kernel.phase, c.job, c.evolution.epochs, c.evolution.phase = 1, "evolution", (1.0, 2.0), 2
+  assert jobs.dry_run(c).programs[0].flops_per_call == engine.flops
+  c = mlp_config(job="evaluate")
+  (plain,) = jobs.dry_run(c).programs
+  c.evaluate.phase = 2
+  plan = jobs.dry_run(c)
+  (phase2,) = plan.programs
+  assert phase2.name == "evaluate phase 2 clean evaluation"
+  assert 1.8 * plain.flops_per_call < phase2.flops_per_call < 4 * plain.flops_per_call
+  assert "output components" in plan.notes[0]
+  c.evaluate.phase = 3
+  with pytest.raises(ValueError, match=r"config\.evaluate\.phase=3; expected 1"):
+    jobs.dry_run(c)
+
+
+def test_a_class_subset_is_sized_from_the_digits_labels():
+  """Every example of the listed classes (num_examples=0): the embedded digits' own count, as the
+  kernel job selects it, not an even share of the split."""
+  c = mlp_config(job="evolution")
+  c.kernel.num_examples, c.kernel.classes, c.evolution.epochs = 0, (8,), (1.0, 2.0)
+  count = int(np.sum(load_digits().train.labels == 8))
+  assert f"each {count}-row kernel" in jobs.dry_run(c).notes[-1]
 
 
 def test_the_report_job_is_planned_as_nothing_to_compute():
