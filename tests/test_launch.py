@@ -41,6 +41,16 @@ def test_the_co_sweep_takes_seeds_and_a_run_its_seed():
       load_config("catastrophic_overfitting", arg)
 
 
+def test_a_common_override_that_makes_units_alike_is_refused():
+  """seeds=3 sets each unit's seed through its arg; `-- --config.seed=1` would replace all three
+  with seed 1 and run each method and beta three times alike."""
+  with pytest.raises(ValueError, match=r"work units 'fgsm_b0_e0.2_s0' and 'fgsm_b0_e0.2_s1' would run "
+                                       r"the same experiment: --config.seed replaces"):
+    work_units(f"{CO}:eps=0.2,smoke,seeds=3", ["--config.seed=1", "--config.num_epochs=1"], "/runs/co")
+  units = work_units(f"{CO}:eps=0.2,smoke,seeds=3", ["--config.num_epochs=1"], "/runs/co")
+  assert len(units) == 36  # an override the sweep does not vary leaves the units apart
+
+
 def test_the_co_sweep_passes_lambda_to_grad_align_units_only():
   units = work_units(f"{CO}:eps=0.2,lambda=2,smoke", [], "/runs/co")
   for unit in units:

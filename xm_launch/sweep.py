@@ -6,8 +6,10 @@ A config file may define `get_sweep(arg) -> list[dict]`; each dict is one work u
   "arg":   the `file.py:arg` argument of get_config for this unit (default: the one launched with)
   "a.b":   any other key sets config field a.b, as `--config.a.b=value` would
 Without get_sweep a launch is a single work unit whose workdir is the root itself. Overrides given to the launcher apply to every
-unit (a unit's own values win). Every unit's config is built and its fields checked before
-anything is launched, so a typo fails at once, naming the field.
+unit (a unit's own values win over them, but not what its "arg" builds). Every unit's config is
+built and its fields checked before anything is launched, so a typo fails at once, naming the
+field; units that would run one experiment twice (a common override replacing what the sweep sets
+per unit, such as its seeds) are refused.
 """
 
 import dataclasses
@@ -95,7 +97,7 @@ def work_units(config: str, overrides: list[str], workdir_root: str) -> list[Wor
   entries = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
   if not entries:
     raise ValueError(f"{path}: get_sweep({arg!r}) returned no work units.")
-  units, names = [], set()
+  units, names, runs = [], set(), []
   for entry in entries:
     unit_arg = str(entry.get("arg", arg))
     built = module.get_config(unit_arg)
@@ -111,4 +113,35 @@ def work_units(config: str, overrides: list[str], workdir_root: str) -> list[Wor
     units.append(WorkUnit(name=name, config=f"{path}:{unit_arg}" if unit_arg else path,
                           overrides=tuple(fields.items()),
                           workdir=workdir_root if single else os.path.join(workdir_root, name)))
+    runs.append((name, built, fields))
+  _refuse_identical_units(runs, common, path)
   return units
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """Every field of `config` by its dotted name, references resolved."""
+  leaves = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      leaves.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      leaves[f"{prefix}{key}"] = value
+  return leaves
+
+
+def _refuse_identical_units(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]],
+                            common: list[tuple[str, str]], path: str) -> None:
+  """Two units whose configs end up equal would run one experiment twice: a common override
+  (`-- --config.seed=1`) replaces a field the sweep sets per unit (its seeds)."""
+  seen = {}
+  for name, built, fields in runs:
+    values = {field: repr(value) for field, value in _leaves(built).items()}
+    final = {**values, **{field: f"--config.{field}={value}" for field, value in fields.items()}}
+    key = tuple(sorted(final.items()))
+    if key in seen:
+      other, other_values = seen[key]
+      erased = [f"--config.{field}" for field, _ in common if values.get(field) != other_values.get(field)]
+      raise ValueError(f"{path}: work units {other!r} and {name!r} would run the same experiment: "
+                       f"{', '.join(erased) or 'their overrides'} replaces what the sweep sets per unit "
+                       f"(drop it, or set it in the sweep's argument).")
+    seen[key] = (name, values)
