@@ -182,6 +182,14 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
       jobs.run(c, workdir)
   assert jobs.run(c, workdir)["groups"] == one["groups"]
   assert sorted(os.listdir(result["eigen_features"])) == files
+  # The kernel deleted and computed again from another subset under its name (subset_seed is a
+  # runtime field): the features are recomputed, not read back.
+  shutil.rmtree(result["source_kernel"])
+  c.kernel.subset_seed = 1
+  other = jobs.run(c, workdir)
+  assert other["source_kernel"] == result["source_kernel"]
+  assert other["settings"]["kernel"] != result["settings"]["kernel"]
+  assert [r["eigenvalue"] for r in other["groups"]] != [r["eigenvalue"] for r in result["groups"]]
 
 
 def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(tmp_path, monkeypatch, capsys):

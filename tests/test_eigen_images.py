@@ -205,6 +205,22 @@ def test_job_writes_images_and_cosines_and_a_rerun_reloads_them(workdir, monkeyp
   assert longer["settings"]["steps"] == 40 and longer["rows"] != record["rows"]
 
 
+def test_a_kernel_computed_again_under_its_name_is_not_taken_for_the_old_one(workdir):
+  """A kernel deleted and computed again from another subset under the same name
+  (config.kernel.subset_seed is a runtime field): its images are recomputed, not read back."""
+  c = images_config(logit="4")
+  c.kernel.name = "recomputed"
+  first = jobs.run(c, workdir)
+  indices = KernelStore.open(first["source_kernel"]).indices()
+  shutil.rmtree(first["source_kernel"])
+  c.kernel.subset_seed = 1
+  again = jobs.run(c, workdir)
+  assert again["source_kernel"] == first["source_kernel"]
+  assert not np.array_equal(KernelStore.open(again["source_kernel"]).indices(), indices)
+  assert again["settings"]["kernel"] != first["settings"]["kernel"]
+  assert again["rows"] != first["rows"]
+
+
 def test_cg_dual_weights_equal_a_dense_solve_and_the_preconditioner_cuts_iterations(tmp_path):
   """(K + r I)^{-1} y by CG on a kernel on disk with eigenvalues i^-2 (condition ~1e4 at this ridge):
   equal to np.linalg.solve, one pass over the kernel per iteration and one for the residual; the

@@ -268,6 +268,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     settings["kernel"] = infinite.kernel_store_name(config.infinite, split.images[indices])
   else:
     name = os.path.basename(kernel["kernel"])  # the kernel store refuses another subset
+    settings["kernel"] = KernelStore.open(kernel["kernel"]).identity_digest()  # and a recomputed one
   directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
   saved = files.read_result(result_path, settings)

@@ -164,7 +164,8 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   directory = os.path.join(workdir, IMAGES_DIR, os.path.basename(kernel["kernel"]))
   result_path = os.path.join(directory, RESULT_FILE)
   settings = {"num_eigenvectors": e.num_eigenvectors, "steps": e.steps, "learning_rate": e.learning_rate,
-              "regularizer": e.regularizer, "eigensolver": solver}
+              "regularizer": e.regularizer, "eigensolver": solver,
+              "kernel": KernelStore.open(kernel["kernel"]).identity_digest()}  # a recomputed kernel too
   settings.update({"solver": e.solver} if solver == "dense" else
                   {"num_eigenpairs": spectrum_config.spectrum.num_eigenpairs, "cg_tol": e.cg_tol,
                    "cg_max_iters": e.cg_max_iters})

@@ -16,6 +16,8 @@ mirror), so reads need no special handling.
 """
 
 import concurrent.futures
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -134,6 +136,15 @@ class KernelStore:
 
   def labels(self) -> np.ndarray:
     return files.load_array(os.path.join(self.directory, LABELS_FILE))
+
+  def identity_digest(self) -> str:
+    """What this kernel is of, as a short digest: its examples' indices, source checkpoint, split,
+    logits, dtype and precision. Results derived from a kernel record it, so a kernel deleted and
+    computed again under the same name (another subset_seed, say) is not taken for the old one."""
+    fields = {k: self.meta.get(k) for k in ("source", "split", "logits", "dtype", "precision", "data")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(self.indices(), np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
   def update_meta(self, **fields: Any) -> None:
     """Adds `fields` to kernel.json (process 0 only: a single writer)."""
