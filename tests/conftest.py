@@ -2,18 +2,8 @@
 
 import os
 
-
-
-def xla_flags(devices: int) -> str:
-  """XLA_FLAGS of a test process with `devices` emulated CPU devices. The tests' programs are tiny
-  and most of their time is compilation: LLVM's optimisation of the generated CPU code is skipped
-  (about a third less CPU time for the suite). Float semantics are unchanged (no fast-math at any
-  level; matmuls and convolutions are library calls); the benchmarks and jobs compile as usual."""
-  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-
-
 # Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", xla_flags(4))
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # JAX's persistent compilation cache, one directory for the whole session: both xdist workers and
