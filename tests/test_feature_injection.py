@@ -79,6 +79,8 @@ def test_low_pass_keeps_low_frequencies_and_removes_high_ones():
   out = low_pass(split, cutoff=4).images[..., 0]
   np.testing.assert_allclose(out[0], low, atol=1e-6)
   np.testing.assert_allclose(out[1], low, atol=1e-6)
+  # At the full size every frequency is kept: the images themselves, not a rounded round trip.
+  np.testing.assert_array_equal(low_pass(split, cutoff=8).images, split.images)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -96,7 +96,11 @@ def inject_features(split: Split, directions: np.ndarray, beta: float,
 
 
 def low_pass(split: Split, cutoff: int) -> Split:
-  """Keeps the DCT frequencies (i, j) with i < cutoff and j < cutoff of each channel, clipped to [0, 1]."""
+  """Keeps the DCT frequencies (i, j) with i < cutoff and j < cutoff of each channel, clipped to [0, 1].
+  A cutoff at or past both sides keeps every frequency: the images come back unchanged (the DCT
+  round trip would move pixels by rounding)."""
+  if cutoff >= max(split.images.shape[1:3]):
+    return Split(split.images.astype(np.float32), split.labels)
   coefficients = fft.dctn(split.images.astype(np.float64), axes=(1, 2), norm="ortho")
   coefficients[:, cutoff:, :, :] = 0.0
   coefficients[:, :, cutoff:, :] = 0.0
