@@ -76,21 +76,22 @@ def test_linear_model_attacks_reach_the_analytic_worst_case():
   key = jax.random.key(1)
 
   linf_worst = images - eps * np.sign(margin_grad)
-  runs = {
-      "pgd": lambda: attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 4,
-                                 num_steps=10),
-      "fgsm": lambda: attacks.fgsm(logits_fn, images, labels, eps=eps),
-      "apgd_ce": lambda: attacks.apgd_ce(logits_fn, images, labels, key, eps=eps, num_steps=10),
-  }
-  for name, run in runs.items():
-    np.testing.assert_allclose(jax.jit(run)(), linf_worst, atol=1e-6, rtol=0, err_msg=name)
+  # One program for the four runs: compiled together, their common parts (the random start of
+  # PGD and APGD from one key) are compiled once.
+  runs = jax.jit(lambda: {
+      "pgd": attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 4, num_steps=10),
+      "fgsm": attacks.fgsm(logits_fn, images, labels, eps=eps),
+      "apgd_ce": attacks.apgd_ce(logits_fn, images, labels, key, eps=eps, num_steps=10),
+      "l2": attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 4, num_steps=6,
+                        norm="l2", random_start=False),
+  })()
+  for name in ("pgd", "fgsm", "apgd_ce"):
+    np.testing.assert_allclose(runs[name], linf_worst, atol=1e-6, rtol=0, err_msg=name)
 
   # L2 PGD from x itself: every step is along the same direction, so 4 steps of eps/4 land on the
   # sphere. (From a random start the off-direction part only shrinks geometrically.)
   unit = margin_grad / np.linalg.norm(margin_grad.reshape(n, -1), axis=1).reshape(n, 1, 1, 1)
-  l2 = jax.jit(lambda: attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 4,
-                                   num_steps=6, norm="l2", random_start=False))()
-  np.testing.assert_allclose(l2, images - eps * unit, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(runs["l2"], images - eps * unit, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- constraint sets
@@ -110,24 +111,45 @@ _CONFIGS = [
     dict(name="fab_t", num_steps=5, num_targets=2, restarts=2),
     dict(name="fab_t", norm="l2", num_steps=5, num_targets=2),
     dict(name="worst_of", norm="linf", attacks=dict(
-        ce=dict(name="apgd_ce", num_steps=3), t=dict(name="apgd_t", num_steps=3, num_targets=2))),
+        ce=dict(name="apgd_ce", num_steps=4), dlr=dict(name="apgd_dlr", num_steps=4),
+        t=dict(name="apgd_t", num_steps=4, num_targets=3))),
 ]
 
 
-@pytest.mark.parametrize("fields", _CONFIGS, ids=lambda f: f["name"] + "-" + f.get("norm", "linf"))
-def test_every_attack_stays_in_its_ball_and_the_image_box(fields):
-  norm = fields.get("norm", "linf")
-  eps = _EPS[norm]
-  config = ml_collections.ConfigDict(dict(fields, eps=eps))
+def _name(fields):
+  return fields["name"] + "-" + fields.get("norm", "linf")
+
+
+def _built(fields):
+  """The attack of `fields` with the eps of its norm."""
+  eps = _EPS[fields.get("norm", "linf")]
+  return attacks.build_attack(ml_collections.ConfigDict(dict(fields, eps=eps)))
+
+
+@pytest.fixture(scope="module")
+def tiny_batch_attacked():
+  """Every attack of _CONFIGS on one batch of the tiny MLP (16 images, key 2), on one device, in
+  one program: compiled together they take a third less time than one by one (XLA compiles their
+  common parts, such as the random starts from one key, once). (model, variables, images,
+  labels, {name: x_adv})."""
   model = _tiny_mlp()
   variables = _init(model, (1, 8, 8, 1))
   rng = np.random.default_rng(1)
-  images = jnp.asarray(rng.uniform(size=(16, 8, 8, 1)).astype(np.float32))
-  labels = jnp.asarray(rng.integers(0, 10, size=16))
+  images = rng.uniform(size=(16, 8, 8, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, size=16).astype(np.int32)
+  built = {_name(fields): _built(fields) for fields in _CONFIGS}
+  x_adv = _jit_attack(lambda *args: {name: attack(*args) for name, attack in built.items()}, model)(
+      variables, images, labels, jax.random.key(2))
+  return model, variables, images, labels, {name: np.asarray(x) for name, x in x_adv.items()}
 
-  x_adv = np.asarray(_jit_attack(attacks.build_attack(config), model)(
-      variables, images, labels, jax.random.key(2)))
-  delta = (x_adv - np.asarray(images)).reshape(16, -1)
+
+@pytest.mark.parametrize("fields", _CONFIGS, ids=_name)
+def test_every_attack_stays_in_its_ball_and_the_image_box(fields, tiny_batch_attacked):
+  norm = fields.get("norm", "linf")
+  eps = _EPS[norm]
+  model, variables, images, labels, results = tiny_batch_attacked
+  x_adv = results[_name(fields)]
+  delta = (x_adv - images).reshape(16, -1)
   radius = 3 * eps if fields["name"] == "n_fgsm" else eps
   if norm == "linf":
     assert np.abs(delta).max() <= radius + 1e-6
@@ -138,20 +160,13 @@ def test_every_attack_stays_in_its_ball_and_the_image_box(fields):
   assert _loss(model, variables, x_adv, labels).mean() > _loss(model, variables, images, labels).mean()
 
 
-def test_n_fgsm_leaves_the_eps_box_and_rs_fgsm_does_not():
-  """The one difference between the two: N-FGSM is not projected back to the eps-box."""
-  model = _tiny_mlp()
-  variables = _init(model, (1, 8, 8, 1))
-  rng = np.random.default_rng(3)
-  images = jnp.asarray(rng.uniform(0.3, 0.7, size=(16, 8, 8, 1)).astype(np.float32))
-  labels = jnp.asarray(rng.integers(0, 10, size=16))
-  eps = 0.05
-  logits_fn = lambda x: model.apply(variables, x, train=False)
-  key = jax.random.key(4)
-  rs = attacks.rs_fgsm(logits_fn, images, labels, key, eps=eps)
-  n = attacks.n_fgsm(logits_fn, images, labels, key, eps=eps)
-  assert np.abs(rs - images).max() <= eps + 1e-6
-  assert np.abs(n - images).max() > 2 * eps
+def test_n_fgsm_leaves_the_eps_box_and_rs_fgsm_does_not(tiny_batch_attacked):
+  """The one difference between the two: N-FGSM is not projected back to the eps-box (their
+  examples of test_every_attack_stays_in_its_ball_and_the_image_box)."""
+  _, _, images, _, x_adv = tiny_batch_attacked
+  eps = _EPS["linf"]
+  assert np.abs(x_adv["rs_fgsm-linf"] - images).max() <= eps + 1e-6
+  assert np.abs(x_adv["n_fgsm-linf"] - images).max() > 2 * eps
 
 
 # --------------------------------------------------------------------------- restarts
@@ -164,17 +179,18 @@ def test_more_restarts_never_weaken_an_example(name, norm):
   images = jnp.asarray(rng.uniform(size=(32, 8, 8, 1)).astype(np.float32))
   labels = jnp.asarray(rng.integers(0, 10, size=32))
   key = jax.random.key(6)
+  built = {restarts: attacks.build_attack(ml_collections.ConfigDict(dict(
+      name=name, norm=norm, eps=_EPS[norm], step_size=_EPS[norm] / 4, num_steps=2,
+      restarts=restarts))) for restarts in (1, 4)}
+  # Both in one program: restart 0, the same in both, is compiled once.
+  both = _jit_attack(lambda *args: {r: attack(*args) for r, attack in built.items()}, model)
   losses, fooled = {}, {}
-  for restarts in (1, 4):
-    config = ml_collections.ConfigDict(dict(name=name, norm=norm, eps=_EPS[norm],
-                                            step_size=_EPS[norm] / 4, num_steps=2,
-                                            restarts=restarts))
-    x_adv = _jit_attack(attacks.build_attack(config), model)(variables, images, labels, key)
+  for restarts, x_adv in both(variables, images, labels, key).items():
     losses[restarts] = _loss(model, variables, x_adv, labels)
     fooled[restarts] = np.asarray(jnp.argmax(model.apply(variables, x_adv, train=False), -1) != labels)
   # "Weaker" orders misclassified before correctly classified, then by loss: an example broken by
   # restart 0 stays broken; otherwise (same kind) its loss does not fall. The tolerance only
-  # absorbs float32 rounding between two compiled programs.
+  # absorbs float32 rounding between the two runs.
   assert np.all(fooled[4][fooled[1]])
   same = fooled[4] == fooled[1]
   assert np.all(losses[4][same] >= losses[1][same] - 1e-6), (losses[4] - losses[1])[same]
@@ -197,13 +213,13 @@ def test_restarts_keep_the_per_example_worst_case(name):
                                   jnp.array([0.0, 0.1, -10.0]))
   n = 400
   images, labels = jnp.full((n, 1), 0.5), jnp.zeros(n, jnp.int32)
+  built = {restarts: attacks.build_attack(ml_collections.ConfigDict(dict(
+      name=name, eps=0.5, step_size=1e-3, num_steps=1, restarts=restarts))) for restarts in (1, 4)}
+  x_adv = jax.jit(lambda k: {r: attack(logits_fn, images, labels, k)  # one program for both
+                             for r, attack in built.items()})(jax.random.key(0))
   fooled = {}
   for restarts in (1, 4):
-    config = ml_collections.ConfigDict(dict(name=name, eps=0.5, step_size=1e-3, num_steps=1,
-                                            restarts=restarts))
-    attack = attacks.build_attack(config)
-    x_adv = jax.jit(lambda k: attack(logits_fn, images, labels, k))(jax.random.key(0))
-    fooled[restarts] = np.asarray(jnp.argmax(logits_fn(x_adv), -1) != labels)
+    fooled[restarts] = np.asarray(jnp.argmax(logits_fn(x_adv[restarts]), -1) != labels)
     accuracy = 1 - fooled[restarts].mean()
     # 400 examples: the binomial standard deviation is at most 0.025.
     assert abs(accuracy - 0.5 ** restarts) < 0.075, (restarts, accuracy)
@@ -217,12 +233,11 @@ def test_unrolled_pgd_equals_the_rolled_loop():
   rng = np.random.default_rng(7)
   images = jnp.asarray(rng.uniform(size=(16, 8, 8, 1)).astype(np.float32))
   labels = jnp.asarray(rng.integers(0, 10, size=16))
-  results = []
-  for unroll in (1, 5):
-    config = ml_collections.ConfigDict(dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5,
-                                            unroll=unroll))
-    results.append(_jit_attack(attacks.build_attack(config), model)(variables, images, labels,
-                                                                    jax.random.key(8)))
+  built = [attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="pgd", eps=0.1, step_size=0.03, num_steps=5, unroll=unroll))) for unroll in (1, 5)]
+  # Both loops in one program (their random start is compiled once).
+  results = _jit_attack(lambda *args: [attack(*args) for attack in built], model)(
+      variables, images, labels, jax.random.key(8))
   np.testing.assert_allclose(np.asarray(results[0]), np.asarray(results[1]), atol=1e-6)
 
 
@@ -514,13 +529,16 @@ def test_dlr_attacks_see_through_a_saturated_softmax():
   gradient masking a linearized model or kernel predictor with large outputs shows), while the
   DLR attacks, invariant to the scale, break as many as APGD-CE does on the unscaled model."""
   eps, key = 0.05, jax.random.key(4)
+  problems = {scale: _linear_ten_class_problem(scale) for scale in (1.0, 1e4)}
+  built = {name: attacks.build_attack(ml_collections.ConfigDict(dict(name=name, eps=eps, num_steps=20)))
+           for name in ("apgd_ce", "apgd_dlr", "apgd_t")}
+  # The six runs in one program: their common parts (the random start from one key) compile once.
+  x_adv = jax.jit(lambda: {(name, scale): attack(*problem, key) for name, attack in built.items()
+                           for scale, problem in problems.items()})()
   robust = {}
-  for scale in (1.0, 1e4):
-    logits_fn, images, labels = _linear_ten_class_problem(scale)
-    for name in ("apgd_ce", "apgd_dlr", "apgd_t"):
-      attack = attacks.build_attack(ml_collections.ConfigDict(dict(name=name, eps=eps, num_steps=20)))
-      x_adv = jax.jit(lambda x, y, k: attack(logits_fn, x, y, k))(images, labels, key)
-      robust[name, scale] = float(jnp.mean(jnp.argmax(logits_fn(x_adv), -1) == labels))
+  for (name, scale), x in x_adv.items():
+    logits_fn, _, labels = problems[scale]
+    robust[name, scale] = float(jnp.mean(jnp.argmax(logits_fn(x), -1) == labels))
   assert robust["apgd_ce", 1.0] < 0.8, robust  # eps breaks examples when nothing saturates
   assert robust["apgd_ce", 1e4] > robust["apgd_ce", 1.0] + 0.15, robust  # masked
   for name in ("apgd_dlr", "apgd_t"):
@@ -538,15 +556,22 @@ def test_worst_of_counts_an_example_broken_by_any_of_its_attacks(digits_model):
                                                                 num_targets=3))
   worst = attacks.build_attack(ml_collections.ConfigDict(dict(name="worst_of", eps=eps,
                                                               attacks=members)))
+  alone = {m: attacks.build_attack(ml_collections.ConfigDict(dict(fields, eps=eps)))
+           for m, fields in members.items()}
+
+  def all_three(logits_fn, images, labels, key):
+    """worst_of and each member alone with its key, in one program (compiled once: XLA merges
+    the members' computations that worst_of repeats)."""
+    x_adv = {m: attack(logits_fn, images, labels, jax.random.fold_in(key, i))
+             for i, (m, attack) in enumerate(alone.items())}
+    return dict(x_adv, worst_of=worst(logits_fn, images, labels, key))
+
   correct = {}
-  for name, attack, k in [("worst_of", worst, key)] + [
-      (m, attacks.build_attack(ml_collections.ConfigDict(dict(fields, eps=eps))),
-       jax.random.fold_in(key, i)) for i, (m, fields) in enumerate(members.items())]:
-    x_adv = _jit_attack(attack, model)(variables, images, labels, k)
+  for name, x_adv in _jit_attack(all_three, model)(variables, images, labels, key).items():
     correct[name] = np.asarray(jnp.argmax(model.apply(variables, x_adv, train=False), -1) == labels)
   assert correct["ce"].mean() < _accuracy(model, variables, images, labels)
   assert correct["t"].mean() <= correct["ce"].mean() + 0.02, {k: v.mean() for k, v in correct.items()}
-  # The same programs compiled apart may round differently: allow one example to differ.
+  # The same computations fused differently may round differently: allow one example to differ.
   assert np.sum(correct["worst_of"] != (correct["ce"] & correct["t"])) <= 1
 
 
@@ -624,35 +649,24 @@ def test_worst_of_in_turn_on_four_devices_equals_one(digits_model):
 
 # --------------------------------------------------------------------------- devices
 
-_WORST_OF_APGD = dict(name="worst_of", eps=0.1, attacks=dict(
-    ce=dict(name="apgd_ce", num_steps=4), dlr=dict(name="apgd_dlr", num_steps=4),
-    t=dict(name="apgd_t", num_steps=4, num_targets=3)))
-
-
-@pytest.mark.parametrize("fields", [
-    dict(name="pgd", eps=0.1, step_size=0.03, num_steps=5, random_start=True), _WORST_OF_APGD,
-    dict(name="square", eps=0.1, num_queries=20),
-    dict(name="fab_t", eps=0.1, num_steps=4, num_targets=3, restarts=2)],
-    ids=lambda f: f["name"])
-def test_four_devices_give_the_examples_of_one(fields):
+@pytest.mark.parametrize("fields", [f for f in _CONFIGS if f.get("norm", "linf") == "linf" and
+                                    f["name"] in ("pgd", "worst_of", "square", "fab_t")],
+                         ids=lambda f: f["name"])
+def test_four_devices_give_the_examples_of_one(fields, tiny_batch_attacked):
+  """Random starts and restarts (pgd), APGD-CE, -DLR and -T (worst_of), Square's windows and
+  FAB-T's targets and random restarts on the batch of
+  test_every_attack_stays_in_its_ball_and_the_image_box sharded over 4 devices give its examples
+  on one device."""
   assert jax.device_count() == 4
-  model = _tiny_mlp()
-  variables = _init(model, (1, 8, 8, 1))
-  rng = np.random.default_rng(7)
-  arrays = {"images": rng.uniform(size=(16, 8, 8, 1)).astype(np.float32),
-            "labels": rng.integers(0, 10, size=16).astype(np.int32)}
-  attack = attacks.build_attack(ml_collections.ConfigDict(fields))
-  run = _jit_attack(attack, model)
-  results = {}
-  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
-  for mesh in (one, parallel.make_mesh()):
-    batch = parallel.global_batch(mesh, arrays, np.arange(16))
-    x_adv = run(parallel.replicate(variables, mesh), batch["images"], batch["labels"],
-                jax.random.key(8))
-    assert x_adv.sharding.num_devices == mesh.devices.size
-    results[mesh.devices.size] = np.asarray(x_adv)
-  assert not np.allclose(results[1], arrays["images"])
-  np.testing.assert_allclose(results[4], results[1], atol=1e-5, rtol=0)
+  model, variables, images, labels, results = tiny_batch_attacked
+  mesh = parallel.make_mesh()
+  batch = parallel.global_batch(mesh, {"images": images, "labels": labels}, np.arange(16))
+  x_adv = _jit_attack(_built(fields), model)(parallel.replicate(variables, mesh), batch["images"],
+                                             batch["labels"], jax.random.key(2))
+  assert x_adv.sharding.num_devices == 4
+  one = results[_name(fields)]
+  assert not np.allclose(one, images)
+  np.testing.assert_allclose(np.asarray(x_adv), one, atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- APGD against a reference
@@ -730,10 +744,11 @@ def test_apgd_follows_the_published_algorithm():
     variables = jax.tree.map(lambda v: v.astype(np.float64), _init(model, (1, 8, 8, 1), seed=4))
     images = rng.uniform(size=(16, 8, 8, 1))
     key = jax.random.key(12)
-    x_adv = np.asarray(_jit_attack(lambda f, x, y, k: attacks.apgd_ce(
-        f, x, y, k, eps=eps, num_steps=num_steps), model)(variables, images, labels, key))
-    starts = np.clip(images + np.asarray(jax.random.uniform(
-        jax.random.fold_in(key, 0), images.shape, jnp.float64, -eps, eps)), 0, 1)
+    # The start drawn in the attack's program (compiled once with the attack's own draw).
+    x_adv, starts = (np.asarray(a) for a in _jit_attack(lambda f, x, y, k: (
+        attacks.apgd_ce(f, x, y, k, eps=eps, num_steps=num_steps),
+        jnp.clip(x + jax.random.uniform(jax.random.fold_in(k, 0), x.shape, jnp.float64, -eps, eps),
+                 0, 1)), model)(variables, images, labels, key))
   assert x_adv.dtype == np.float64
   total_halvings = 0
   for i in range(len(labels)):
@@ -761,9 +776,10 @@ def test_apgd_counts_an_example_broken_by_any_iterate():
 
   n, eps, key = 300, 0.3, jax.random.key(0)
   images, labels = jnp.full((n, 1), 0.4), jnp.zeros(n, jnp.int32)
-  x_adv = jax.jit(lambda k: attacks.apgd_ce(logits_fn, images, labels, k, eps=eps, num_steps=5))(key)
-  starts = np.clip(0.4 + np.asarray(jax.random.uniform(jax.random.fold_in(key, 0), (n, 1),
-                                                       jnp.float32, -eps, eps)), 0, 1)
+  x_adv, draws = jax.jit(lambda k: (  # the start drawn in the attack's program: compiled once
+      attacks.apgd_ce(logits_fn, images, labels, k, eps=eps, num_steps=5),
+      jax.random.uniform(jax.random.fold_in(k, 0), (n, 1), jnp.float32, -eps, eps)))(key)
+  starts = np.clip(0.4 + np.asarray(draws), 0, 1)
   fooled = np.asarray(jnp.argmax(logits_fn(x_adv), -1) != labels)
   np.testing.assert_array_equal(fooled, starts[:, 0] < 0.5)
   assert abs(fooled.mean() - 2 / 3) < 0.1  # 300 draws: standard deviation 0.027
@@ -815,12 +831,12 @@ def test_pgd_lowers_the_accuracy_of_a_trained_model(digits_model):
 def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
   model, variables, images, labels = digits_model
   eps, steps, key = 0.1, 10, jax.random.key(10)
-  accuracy = {}
-  for name, attack in {
-      "pgd": lambda f, x, y, k: attacks.pgd(f, x, y, k, eps=eps, step_size=eps / 4, num_steps=steps),
-      "apgd_ce": lambda f, x, y, k: attacks.apgd_ce(f, x, y, k, eps=eps, num_steps=steps)}.items():
-    x_adv = _jit_attack(attack, model)(variables, images, labels, key)
-    accuracy[name] = _accuracy(model, variables, x_adv, labels)
+  # Both in one program: their random start from one key is compiled once.
+  x_adv = _jit_attack(lambda f, x, y, k: {
+      "pgd": attacks.pgd(f, x, y, k, eps=eps, step_size=eps / 4, num_steps=steps),
+      "apgd_ce": attacks.apgd_ce(f, x, y, k, eps=eps, num_steps=steps)}, model)(
+          variables, images, labels, key)
+  accuracy = {name: _accuracy(model, variables, x, labels) for name, x in x_adv.items()}
   assert accuracy["pgd"] < _accuracy(model, variables, images, labels)  # eps is not trivial
   assert accuracy["apgd_ce"] <= accuracy["pgd"] + 0.02, accuracy
 

@@ -24,6 +24,7 @@ from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
 
 from conftest import Killed, notices_from, write_tile_killed_after
+from random_variables import random_variables
 from test_kernel_regression import all_highest
 from test_train import load_config
 
@@ -54,10 +55,13 @@ def workdir(tmp_path_factory):
 
 
 def library_kernel(config, workdir, phase, logits, images):
+  """The library call, its BatchNorm averages closed over (the job passes them as an argument), its
+  column rows rotating over the devices (the job's settings do not rotate): rotate=True also spares
+  fit_plan's timing of the ring, a compilation more."""
   restored = restore_for_inference(config, workdir, phase=phase, epoch=None)
   stats = restored.variables.get("batch_stats", {})
   apply_fn = lambda p, x: restored.model.apply({"params": p, "batch_stats": stats}, x, train=False)
-  return empirical_ntk(apply_fn, restored.variables["params"], images, logits=logits)
+  return empirical_ntk(apply_fn, restored.variables["params"], images, logits=logits, rotate=True)
 
 
 @pytest.mark.parametrize("phase,logits", [(1, "trace"), (1, "3"), (2, "full")])
@@ -97,14 +101,16 @@ def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, capsys):
 
 
 def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
-  config = kernel_config(name="resumed", logits="trace")
+  """The class-3 kernel, whose programs the library test's job compiled (only the diagonal one the
+  resumed run needs is new)."""
+  config = kernel_config(name="resumed", logits="3")
   with monkeypatch.context() as patch:
     patch.setattr(KernelStore, "write_tile", write_tile_killed_after(4)[0])
     with pytest.raises(Killed):
       jobs.run(config, workdir)
   resumed = jobs.run(config, workdir)
   assert resumed["tiles"] == 10 and resumed["tiles_computed"] == 10 - 4 and resumed["complete"]
-  uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="trace"), workdir)
+  uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="3"), workdir)
   np.testing.assert_array_equal(KernelStore.open(resumed["kernel"]).read(),
                                 KernelStore.open(uninterrupted["kernel"]).read())
   again = jobs.run(config, workdir)  # a finished kernel is not recomputed
@@ -112,7 +118,7 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
 
 
 def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, monkeypatch):
-  config = kernel_config(name="preempted", logits="trace")
+  config = kernel_config(name="preempted", logits="3")
   with monkeypatch.context() as patch:  # as if SIGTERM came during the second lockstep step
     patch.setattr(job, "preemption_notices", notices_from(2))
     with pytest.raises(Preempted) as stopped:
@@ -122,7 +128,7 @@ def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, m
   assert 0 < stored < 10 and f"{stored} of 10 tiles" in str(stopped.value)
   resumed = jobs.run(config, workdir)
   assert resumed["tiles_computed"] == 10 - stored and resumed["complete"]
-  uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="trace"), workdir)
+  uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="3"), workdir)
   np.testing.assert_array_equal(KernelStore.open(resumed["kernel"]).read(),
                                 KernelStore.open(uninterrupted["kernel"]).read())
 
@@ -161,14 +167,15 @@ def test_bad_kernel_settings_fail_before_compute(workdir):
 
 def test_kernels_of_two_checkpoints_share_one_compilation(workdir):
   """BatchNorm averages are an argument of the engine's programs, not constants baked into them:
-  the kernel of a second checkpoint of the same model compiles nothing (the evolution job)."""
+  the kernel of a second checkpoint of the same model compiles nothing (the evolution job). The
+  class-3 kernel: the library test's job compiled its programs already."""
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, seconds, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
-  first = jobs.run(kernel_config(epoch=0.25, tile_size=20), workdir)
+  first = jobs.run(kernel_config(epoch=0.25, logits="3"), workdir)
   count = len(compiles)
-  second = jobs.run(kernel_config(epoch=0.375, tile_size=20), workdir)
-  assert first["tiles_computed"] == second["tiles_computed"] == 1
+  second = jobs.run(kernel_config(epoch=0.375, logits="3"), workdir)
+  assert first["tiles_computed"] == second["tiles_computed"] == 10
   assert len(compiles) == count, compiles[count:]
   a, b = KernelStore.open(first["kernel"]).read(), KernelStore.open(second["kernel"]).read()
   assert not np.allclose(a, b)  # two different checkpoints, two kernels
@@ -176,7 +183,7 @@ def test_kernels_of_two_checkpoints_share_one_compilation(workdir):
 
 def test_inference_apply_traces_at_the_precision_it_is_given_and_else_leaves_it_to_the_caller():
   model = build_model(ml_collections.ConfigDict({"name": "mlp", "width": 8, "depth": 1}), 10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  variables = random_variables(model, (8, 8, 1))  # model.init compiled its initialisers: seconds
   x = jnp.zeros((2, 8, 8, 1))
   at = lambda apply: (lambda p: jnp.sum(apply(p, x, {})))
   assert all_highest(at(inference_apply(model, "highest")), variables["params"])

@@ -35,11 +35,11 @@ def _images(n=8, seed=1, dtype=np.float32):
 
 
 def _direction(params, seed=2, scale=0.1):
-  """A random parameter-space direction, `scale` times each leaf's own RMS."""
+  """A random parameter-space direction, `scale` times each leaf's own RMS (in numpy: no compiles)."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(rng.normal(size=p.shape) * scale * float(jnp.sqrt(jnp.mean(p ** 2)) + 0.1),
-                            p.dtype), params)
+      lambda p: jnp.asarray(rng.normal(size=p.shape) * scale * (np.sqrt(np.mean(np.square(
+          np.asarray(p, np.float64)))) + 0.1), p.dtype), params)
 
 
 def _axpy(t, d, params):
@@ -117,15 +117,21 @@ def test_centered_forms(name):
     p0, bs = variables["params"], variables["batch_stats"]
     theta = {"params": _axpy(1.0, _direction(p0, scale=0.3), p0), "batch_stats": bs}
     make = lambda kind: LinearizedModel(model, p0, bs, kind=kind)
-    f = lambda v: model.apply(v, x, train=False)
-    linear = make("linear").apply(theta, x, train=False)
-    components = output_components(make("linear"), theta["params"], x)
-    np.testing.assert_allclose(components["f0"], f(variables), rtol=1e-12, atol=1e-12)
+    f = lambda v, x: model.apply(v, x, train=False)
+
+    @jax.jit  # one program: one compile, not one per operation
+    def outputs(variables, theta, x):
+      return dict(f0=f(variables, x), f=f(theta, x), linear=make("linear").apply(theta, x, train=False),
+                  components=output_components(make("linear"), theta["params"], x),
+                  **{kind: make(kind).apply(theta, x, train=False)
+                     for kind in ("centered", "centered_nonlinear")})
+
+    out = outputs(variables, theta, x)
+    linear, components = out["linear"], out["components"]
+    np.testing.assert_allclose(components["f0"], out["f0"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(components["f0"] + components["jvp"], linear, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(make("centered").apply(theta, x, train=False), linear - f(variables),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(make("centered_nonlinear").apply(theta, x, train=False),
-                               f(theta) - f(variables), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["centered"], linear - out["f0"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["centered_nonlinear"], out["f"] - out["f0"], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "centered"])
@@ -138,9 +144,11 @@ def test_gradients_match_finite_differences(kind):
     lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind=kind)
     theta = _axpy(1.0, _direction(variables["params"], scale=0.3), variables["params"])
     bs = variables["batch_stats"]
-    loss = jax.jit(lambda p, x: cross_entropy(
-        lin.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])[0], labels))
-    grad_p, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(theta, x)
+    loss_and_grads = jax.jit(jax.value_and_grad(lambda p, x: cross_entropy(
+        lin.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])[0], labels),
+        argnums=(0, 1)))  # one program: the differences below take its values only
+    loss = lambda p, x: loss_and_grads(p, x)[0]
+    grad_p, grad_x = loss_and_grads(theta, x)[1]
 
     d = _direction(theta, seed=4, scale=1.0)
     h = 1e-4
@@ -274,12 +282,16 @@ def test_loose_running_averages_are_those_of_the_documented_pass(kind):
   variables, x = _init(model), _images()
   p0, bs = variables["params"], variables["batch_stats"]
   theta = _axpy(1.0, _direction(p0, scale=0.3), p0)
-  for batch_norm in ("loose", "frozen"):
-    lin = LinearizedModel(model, p0, bs, kind=kind, batch_norm=batch_norm)
-    _, updates = lin.apply({"params": theta, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
+  # One program per form (one compile, not one per operation).
+  updated = jax.jit(lambda theta, x: {batch_norm: LinearizedModel(
+      model, p0, bs, kind=kind, batch_norm=batch_norm).apply(
+          {"params": theta, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])[1]
+      for batch_norm in ("loose", "frozen")})(theta, x)
+  network_pass = jax.jit(lambda params, x: model.apply(
+      {"params": params, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])[1])
+  for batch_norm, updates in updated.items():
     at = theta if kind == "centered_nonlinear" else p0
-    expected = (model.apply({"params": at, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])[1]
-                ["batch_stats"] if batch_norm == "loose" else bs)
+    expected = network_pass(at, x)["batch_stats"] if batch_norm == "loose" else bs
     for got, want in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(expected), strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 

@@ -287,10 +287,12 @@ def test_two_phase2_experiments_coexist_and_each_resumes(run, tmp_path, caplog):
   first = ml_collections.ConfigDict(config.to_dict())
   first.job = "phase2"
   second = ml_collections.ConfigDict(first.to_dict())
-  second.phase2.name, second.phase2.linearization = "linear_short", "linear"
+  # Another optimizer, under its own name (README), with the first's model: its evaluation programs
+  # are the first's (another linearization compiled its own attack and evaluation).
+  second.phase2.name, second.phase2.optimizer.learning_rate = "centered_lr0.02_short", 0.02
   second.phase2.num_epochs, second.phase2.checkpoint_every_epochs = 1.0, 0.5
   assert jobs.run(second, copy)["steps"] == 22
-  dirs = {NAME: (first, 44), "linear_short": (second, 22)}
+  dirs = {NAME: (first, 44), "centered_lr0.02_short": (second, 22)}
   assert sorted(os.listdir(os.path.join(copy, "phase2"))) == sorted(dirs)
   finals, records = {}, {}
   for name, (_, last) in dirs.items():

@@ -25,12 +25,13 @@ def test_penalty_is_zero_when_gradients_are_aligned():
   logits_fn = lambda x: x.reshape(len(x), -1) @ w
   images = jnp.asarray(np.random.default_rng(1).uniform(size=(6, 3, 4, 1)), jnp.float32)
   labels = jnp.asarray([0, 1, 0, 1, 1, 0])
-  penalty = grad_align_penalty(logits_fn, images, labels, jax.random.key(0), eps=0.5)
+  # Under jit, as training computes it (and one compile, not one per operation).
+  penalty = jax.jit(lambda: grad_align_penalty(logits_fn, images, labels, jax.random.key(0), eps=0.5))()
   assert abs(float(penalty)) < 1e-6
   # Hand-made cosines: parallel 1, opposite -1, orthogonal 0.
   a = jnp.asarray([[1.0, 2.0], [1.0, 0.0], [1.0, 0.0]])
   b = jnp.asarray([[2.0, 4.0], [-3.0, 0.0], [0.0, 5.0]])
-  np.testing.assert_allclose(gradient_cosine(a, b), [1.0, -1.0, 0.0], atol=1e-7)
+  np.testing.assert_allclose(jax.jit(gradient_cosine)(a, b), [1.0, -1.0, 0.0], atol=1e-7)
 
 
 def test_penalty_gradient_is_finite_when_an_input_gradient_is_zero():
@@ -38,8 +39,9 @@ def test_penalty_gradient_is_finite_when_an_input_gradient_is_zero():
   images = jnp.asarray([[1.0, 2.0], [-1.0, -2.0]])
   labels = jnp.asarray([0, 1])
   w = {"v": jnp.asarray([0.5, 1.0]), "u": jnp.asarray([1.0, -1.0])}
-  f = lambda w, n=2: grad_align_penalty(lambda x: jax.nn.relu(x @ w["v"])[:, None] * w["u"],
-                                        images[:n], labels[:n], jax.random.key(0), 0.1)
+  f = jax.jit(lambda w, n=2: grad_align_penalty(lambda x: jax.nn.relu(x @ w["v"])[:, None] * w["u"],
+                                                images[:n], labels[:n], jax.random.key(0), 0.1),
+              static_argnums=1)  # as training computes it (and one compile, not one per operation)
   assert np.isfinite(float(f(w)))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(jax.grad(f)(w)))
   # As in the authors' code, the mean leaves out examples with a zero gradient.
@@ -60,13 +62,18 @@ def test_penalty_gradient_matches_finite_differences_held_or_differentiated():
     images = jnp.asarray(rng.uniform(size=(4, 3, 2, 1)))
     labels = jnp.asarray([0, 1, 2, 1])
     key, eps = jax.random.key(3), 0.3
-    penalty = lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, key, eps)
+    # Each function under jit, as training computes it (and one compile, not one per operation).
+    penalty = jax.jit(lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, key, eps))
     assert float(penalty(params)) > 1e-3  # a nonlinear model is not aligned
-    grads = jax.grad(penalty)(params)
-    eta = jax.random.uniform(key, images.shape, images.dtype, -eps, eps)  # the penalty's draw
-    clean = input_gradients(lambda x: _tiny_mlp(params, x), images, labels)
-    f = lambda p: jnp.mean(1 - gradient_cosine(
-        input_gradients(lambda x: _tiny_mlp(p, x), images + eta, labels), clean))
+    grads = jax.jit(jax.grad(penalty))(params)
+
+    @jax.jit
+    def f(p):
+      eta = jax.random.uniform(key, images.shape, images.dtype, -eps, eps)  # the penalty's draw
+      clean = input_gradients(lambda x: _tiny_mlp(params, x), images, labels)  # at p0, constant
+      return jnp.mean(1 - gradient_cosine(
+          input_gradients(lambda x: _tiny_mlp(p, x), images + eta, labels), clean))
+
     assert float(f(params)) == pytest.approx(float(penalty(params)), rel=1e-12)
     direction = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape)), params)
     h = 1e-5
@@ -75,9 +82,9 @@ def test_penalty_gradient_matches_finite_differences_held_or_differentiated():
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
     # "differentiated" (the paper's formula): the gradient of the penalty's value itself.
-    both = lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, key, eps,
-                                        clean_gradient="differentiated")
-    grads = jax.grad(both)(params)
+    both = jax.jit(lambda p: grad_align_penalty(lambda x: _tiny_mlp(p, x), images, labels, key, eps,
+                                                clean_gradient="differentiated"))
+    grads = jax.jit(jax.grad(both))(params)
     numeric = (both(shifted(h)) - both(shifted(-h))) / (2 * h)
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
@@ -151,11 +158,14 @@ def test_overriding_the_name_of_the_default_train_attack_runs_the_papers_step(na
   assert config.train.attack.to_dict()["step_size"] is None  # what the workdir records
   w = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)))
   args = (lambda x: x @ w, jnp.full((4, 16), 0.5), jnp.array([0, 1, 2, 0]), jax.random.key(0))
-  np.testing.assert_array_equal(attacks.build_attack(config.train.attack)(*args), paper(*args))
+  # Under jit, as training runs them: one compile per step size (the same program is loaded from
+  # the compilation cache), not one per operation.
+  run = lambda attack: jax.jit(lambda *data: attack(args[0], *data))(*args[1:])
+  np.testing.assert_array_equal(run(attacks.build_attack(config.train.attack)), run(paper))
   config.train.attack.step_size = 0.03  # set explicitly, it stays
-  explicit = (attacks.rs_fgsm(*args, eps=EPS, step_size=0.03) if name == "rs_fgsm"
-              else attacks.n_fgsm(*args, eps=EPS, step_size=0.03))
-  np.testing.assert_array_equal(attacks.build_attack(config.train.attack)(*args), explicit)
+  explicit = run(lambda *a: (attacks.rs_fgsm(*a, eps=EPS, step_size=0.03) if name == "rs_fgsm"
+                             else attacks.n_fgsm(*a, eps=EPS, step_size=0.03)))
+  np.testing.assert_array_equal(run(attacks.build_attack(config.train.attack)), explicit)
   config.train.attack.name = "pgd"  # and PGD keeps its own
   assert config.train.attack.step_size == 0.03
 
