@@ -24,6 +24,7 @@ from ntk_scale.ntk.eigen_features import feature_groups
 from ntk_scale.ntk.job import inference_apply, plan_settings
 
 from test_train import load_config
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 64
@@ -418,7 +419,7 @@ def test_bad_job_and_dataset_are_named():
 
 def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
   workdir = tmp_path / "never_created"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   out = subprocess.run(
       [sys.executable, "main.py", "--config", "configs/digits.py:smoke", "--workdir", str(workdir),
        "--dry_run", "--config.model.name=mlp", "--config.model.width=4",

@@ -12,6 +12,7 @@ from xm_launch import launch
 from xm_launch.sweep import parse_override, work_units
 
 from test_train import REPO, load_config
+from conftest import xla_flags
 
 CO = "configs/catastrophic_overfitting.py"
 
@@ -136,7 +137,7 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch):
 
 
 def test_dry_run_lists_the_units_and_each_command_runs_main():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "xm_launch/launch.py", f"--config={CO}:smoke",
                         "--workdir_root=/runs/co", "--dry_run", "--", "--config.seed=2"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

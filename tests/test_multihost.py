@@ -31,6 +31,7 @@ from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
 
 import multihost_config
+from conftest import xla_flags
 from conftest import neural_tangents_or_skip
 from test_train import REPO
 
@@ -68,7 +69,7 @@ def _log(workdir: str, pid: int) -> str:
 def start_pair(workdir: str, config_file: str = CONFIG, **fields) -> list[subprocess.Popen]:
   """`main.py` as processes 0 and 1 of one job, two emulated CPU devices each."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   overrides = [f"--config.{k}={v}" for k, v in fields.items()]
   procs = []
   for pid in range(2):
@@ -240,7 +241,7 @@ def test_processes_leave_the_job_together_or_in_bounded_time(case, codes):
   exits after its wait, not at JAX's five-minute shutdown barrier, and its peer, blocked in a
   collective, then stops too."""
   address = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", LEAVE, str(pid), address, case], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for pid in range(2)]

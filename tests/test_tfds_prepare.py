@@ -11,6 +11,8 @@ import pytest
 from ntk_scale import parallel
 from ntk_scale.data import DatasetUnavailableError, tfds_source
 
+from conftest import xla_flags
+
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
@@ -149,7 +151,7 @@ def test_two_processes_prepare_once_on_a_shared_data_dir(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, f"127.0.0.1:{port}", str(i), str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]

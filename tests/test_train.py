@@ -22,6 +22,8 @@ from ntk_scale.train.loop import NonFiniteLossError
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
 from ntk_scale.train.writers import read_metrics
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,7 +48,7 @@ def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/d
             wait: bool = True, compilation_cache=None):
   """Runs main.py in a fresh process with `devices` emulated CPU devices, sharing compiled
   programs through `compilation_cache` (a directory) when given."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL="2")
   if compilation_cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
