@@ -30,7 +30,7 @@ import numpy as np
 
 from ntk_scale import files
 from ntk_scale.adversarial_sets import read_set_meta
-from ntk_scale.train.writers import read_jsonl
+from ntk_scale.train.metrics_jsonl import read_jsonl
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config
 
 REPORT_DIR, INDEX_FILE = "report", "index.html"

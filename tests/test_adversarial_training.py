@@ -26,7 +26,7 @@ from ntk_scale.preemption import Preempted
 from ntk_scale.train.experiment import _batch_step_of_update
 from ntk_scale.train.state import create_train_state
 from ntk_scale.train.steps import make_train_step
-from ntk_scale.train.writers import read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import Killed, notices_from
 from test_train import load_config

@@ -18,7 +18,8 @@ from ntk_scale.evaluate import write_evaluation
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError, TileWriter
 from ntk_scale.report import write_report
 from ntk_scale.profile import StepProfile
-from ntk_scale.train.writers import JsonlWriter, read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
+from ntk_scale.train.writers import JsonlWriter
 from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
 
 TILE, BLOCKS = 4, 3

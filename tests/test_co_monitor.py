@@ -17,7 +17,8 @@ from ntk_scale.train import co_monitor
 from ntk_scale.train.co_monitor import CLEAN, ROBUST, TRAIN_CLEAN, CoMonitor
 from ntk_scale.train.collapse import CO_FILE, CollapseDetector, check_co_monitor_config
 from ntk_scale.train.experiment import check_train_config
-from ntk_scale.train.writers import JsonlWriter, read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
+from ntk_scale.train.writers import JsonlWriter
 
 from test_train import load_config
 

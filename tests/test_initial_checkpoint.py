@@ -19,7 +19,7 @@ from ntk_scale.models import build_model
 from ntk_scale.ntk import empirical_ntk
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.train.phase2 import build_phase2, check_phase2_config
-from ntk_scale.train.writers import read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
 
 from test_train import load_config
 

@@ -11,7 +11,8 @@ import ml_collections
 import pytest
 
 from ntk_scale import jobs
-from ntk_scale.train.writers import JsonlWriter, read_jsonl, read_metrics
+from ntk_scale.train.metrics_jsonl import read_jsonl, read_metrics
+from ntk_scale.train.writers import JsonlWriter
 
 from test_train import load_config
 

@@ -20,7 +20,7 @@ from ntk_scale.data import load_digits
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.restore import restore_for_inference
 from ntk_scale.train.phase2 import apply_loaders, build_phase2, check_phase2_config
-from ntk_scale.train.writers import read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
 from ntk_scale.workdir import WorkdirConfigMismatchError
 
 from test_train import load_config

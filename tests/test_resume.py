@@ -25,7 +25,7 @@ from ntk_scale.checkpoint import Checkpoints
 from ntk_scale import preemption
 from ntk_scale.preemption import Preempted
 from ntk_scale.train import phase
-from ntk_scale.train.writers import read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import notices_from
 from test_train import load_config

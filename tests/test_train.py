@@ -20,7 +20,7 @@ from ntk_scale import jobs
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.train.loop import NonFiniteLossError
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
-from ntk_scale.train.writers import read_metrics
+from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import xla_flags
 
@@ -103,6 +103,10 @@ def test_profile_steps_leave_a_trace_of_the_train_step_for_tensorboard(one_devic
   with open(trace, "rb") as f:
     assert b"jit_step" in f.read()  # the jitted train step (train/steps.py) ran inside the trace
   assert "profile of steps 3-5 written under" in printed
+  # And the TensorBoard scalars (clu's writers, imported only when a phase opens) are there too.
+  (events,) = glob.glob(str(workdir / "events.out.tfevents.*"))
+  with open(events, "rb") as f:
+    assert b"train/loss" in f.read()
 
 
 def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):

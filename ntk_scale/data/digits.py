@@ -1,8 +1,6 @@
 """scikit-learn's handwritten digits: 1,797 real 8x8 images shipped inside the package (no network)."""
 
 import numpy as np
-from sklearn.datasets import load_digits as _sklearn_digits
-from sklearn.model_selection import train_test_split
 
 from ntk_scale.data.dataset import Dataset, Split
 
@@ -16,7 +14,11 @@ IMAGE_SHAPE = (8, 8, 1)
 
 def load_digits() -> Dataset:
   """Train (1,437) and test (360) splits; pixels 0..16 scaled to [0, 1], shape [N, 8, 8, 1]."""
-  bunch = _sklearn_digits()
+  # scikit-learn takes ~2 s to import: only processes that load the digits pay for it.
+  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=import-outside-toplevel
+  from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
+
+  bunch = sklearn_digits()
   images = (bunch.images / 16.0).astype(np.float32)[..., None]
   labels = bunch.target.astype(np.int32)
   x_train, x_test, y_train, y_test = train_test_split(

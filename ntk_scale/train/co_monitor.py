@@ -16,12 +16,12 @@ device memory until the collapse.
 """
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from ntk_scale import files
@@ -33,7 +33,10 @@ from ntk_scale.matmul_precision import default_precision
 from ntk_scale.train.collapse import CO_FILE, check_co_monitor_config, detector_from_config
 from ntk_scale.train.experiment import eval_matmul_precision
 from ntk_scale.train.state import TrainState
-from ntk_scale.train.writers import read_jsonl
+from ntk_scale.train.metrics_jsonl import read_jsonl
+
+if TYPE_CHECKING:  # clu's writers import TensorFlow (seconds); the train job passes one in
+  from clu import metric_writers
 
 ROBUST, CLEAN, TRAIN_CLEAN = "co/robust_accuracy", "co/clean_accuracy", "co/train_clean_accuracy"
 
@@ -115,7 +118,7 @@ class CoMonitor:
               TRAIN_CLEAN: run(self._train)}
 
   def __call__(self, step: int, state: TrainState, checkpoints: Checkpoints,
-               writer: metric_writers.MetricWriter) -> None:
+               writer: "metric_writers.MetricWriter") -> None:
     if not self.due(step):
       return
     values = self._measure(state)

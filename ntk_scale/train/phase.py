@@ -9,7 +9,7 @@ they write, so both run through `train_phase`: a phase lives in a directory hold
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
 from ntk_scale.checkpoint import Checkpoints
@@ -28,7 +27,9 @@ from ntk_scale.preemption import Preempted, preemption_notices
 from ntk_scale.profile import StepProfile
 from ntk_scale.train.state import TrainState
 from ntk_scale.train.steps import Batch, TrainStep
-from ntk_scale.train.writers import JsonlWriter, create_writers
+
+if TYPE_CHECKING:  # clu's writers import TensorFlow (seconds): imported when a phase opens
+  from clu import metric_writers
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,7 +43,7 @@ class Monitor(Protocol):
   def due(self, step: int) -> bool: ...
 
   def __call__(self, step: int, state: TrainState, checkpoints: Checkpoints,
-               writer: metric_writers.MetricWriter) -> None: ...
+               writer: "metric_writers.MetricWriter") -> None: ...
 
   def kept_epochs(self) -> list[float]: ...  # of the checkpoints it saved or chose to keep
 
@@ -100,7 +101,7 @@ def _means(fetched: list[tuple[int, dict]]) -> dict:
 
 
 def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
-               ) -> tuple[TrainState, int, Checkpoints, metric_writers.MetricWriter]:
+               ) -> tuple[TrainState, int, Checkpoints, "metric_writers.MetricWriter"]:
   """Resumes `state` from the phase's newest checkpoint (phase 1's initialisation, step 0, included)
   and opens its writers, forgetting the metrics logged after that checkpoint. Returns (state, start
   step, checkpoints, writer)."""
@@ -111,6 +112,8 @@ def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
     state = checkpoints.restore(latest, state)
     logging.info("Resumed %s from step %d (epoch %.3f).", phase.directory, latest,
                  latest / phase.steps_per_epoch)
+  from ntk_scale.train.writers import JsonlWriter, create_writers  # pylint: disable=import-outside-toplevel
+
   writer, jsonl = create_writers(phase.directory)
   if isinstance(jsonl, JsonlWriter):
     jsonl.truncate(lambda r: r["step"] < start_step or (
@@ -121,13 +124,15 @@ def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
 
 
 def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: Checkpoints,
-                writer: metric_writers.MetricWriter) -> TrainState:
+                writer: "metric_writers.MetricWriter") -> TrainState:
   """Trains from `start_step` to the phase's end, saving on its schedule (step 0, the state before
   any update, first when the schedule has it and it is not saved yet); returns the final state.
 
   On a preemption notice (ntk_scale/preemption.py) it trains on to the next step the monitor
   measures (at once without one), saves there with the metrics not yet logged, and raises
   Preempted; a run resumed from that checkpoint trains, logs and monitors as an uninterrupted one."""
+  from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+
   progress = periodic_actions.ReportProgress(num_train_steps=phase.total_steps, writer=writer,
                                              every_steps=phase.log_every_steps, every_secs=None)
   if start_step == 0 and 0 in phase.saves and checkpoints.latest_step() is None:
@@ -182,7 +187,7 @@ def _drop_preemption_checkpoints(phase: Phase, checkpoints: Checkpoints) -> None
       checkpoints.delete(step)
 
 
-def write_test_scalars(writer: metric_writers.MetricWriter, step: int,
+def write_test_scalars(writer: "metric_writers.MetricWriter", step: int,
                        results: dict[str, dict[str, Any]]) -> None:
   writer.write_scalars(step, {
       f"test/{name}/{k}" if name != "clean" else f"test/{k}": r[k]
@@ -192,7 +197,7 @@ def write_test_scalars(writer: metric_writers.MetricWriter, step: int,
 
 def finish_phase(config: ml_collections.ConfigDict, phase: Phase, state: TrainState, epoch: float,
                  dataset: Dataset, mesh: Mesh, checkpoints: Checkpoints,
-                 writer: metric_writers.MetricWriter, *, label: str,
+                 writer: "metric_writers.MetricWriter", *, label: str,
                  linearized: LinearizedModel | None = None) -> dict[str, Any]:
   """Evaluates the phase's final state on the test split (clean and config.eval_attacks) and records
   it in the phase directory (evaluations/, adversarial/, test/* metrics); closes the checkpoints.

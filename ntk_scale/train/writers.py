@@ -1,4 +1,5 @@
-"""Metric writers: clu's TensorBoard and logging writers, plus `<workdir>/metrics.jsonl`."""
+"""Metric writers: clu's TensorBoard and logging writers, plus `<workdir>/metrics.jsonl` (read back
+by train/metrics_jsonl.py, which needs no TensorFlow)."""
 
 import json
 import os
@@ -6,10 +7,10 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 from clu import metric_writers
 
 from ntk_scale import files
+from ntk_scale.train.metrics_jsonl import read_jsonl
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -41,34 +42,6 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_hparams(self, hparams): del hparams
   def flush(self): pass
   def close(self): pass
-
-
-def read_jsonl(path: str) -> list[dict]:
-  """The records of a JSON-lines file, in order.
-
-  A last line that is not a whole record is an append cut short by a power loss (part of a record,
-  or the zeros a file system leaves for data it never wrote): it is dropped with a warning, and a
-  resume rewrites the file without it (JsonlWriter.truncate), so the next record starts on a clean
-  line. A bad line before the last is corruption: an error naming the file and the line.
-  """
-  text = files.read_bytes(path).decode("utf-8", errors="replace")  # torn bytes must not stop a read
-  lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
-  records = []
-  for i, (number, line) in enumerate(lines):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i < len(lines) - 1:
-        raise ValueError(f"{path}, line {number}: not a JSON record ({e}); only a torn last line is "
-                         f"dropped, so the file is corrupt: mend or delete that line.") from e
-      logging.warning("%s: dropped its last line %d, not a whole JSON record (a write cut short, "
-                      "e.g. by a power loss): %r", path, number, line[:80])
-  return records
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """All records of `<workdir>/metrics.jsonl`, in order."""
-  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def create_writers(workdir: str) -> tuple[metric_writers.MetricWriter, JsonlWriter | None]:
