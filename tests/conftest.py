@@ -39,11 +39,13 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # and however sm
 # workers take the files in collection order. The longest files go first, so that the short ones
 # fill in around them; last, the run waited minutes on one long file after the other worker had
 # finished. A file missing here only runs later. Measured order (summed test times of a full run
-# with the compilation cache): ntk_engine ~1/3 and train ~1/4 of the suite, the next ones 8% to 1.5%.
-LONGEST_FIRST = ("test_ntk_engine.py", "test_train.py", "test_phase2.py", "test_kernel_job.py",
-                 "test_adversarial_training.py", "test_multihost.py", "test_resume.py", "test_attacks.py",
-                 "test_spectrum_job.py", "test_initial_checkpoint.py", "test_linearize.py",
-                 "test_infinite_references.py", "test_dry_run.py", "test_infinite.py")
+# with the compilation cache, 2026-12-01): multihost 13% of the suite, train 10%, attacks and
+# adversarial_training 7% each, the next ones 6% to 2%.
+LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_attacks.py", "test_adversarial_training.py",
+                 "test_ntk_engine.py", "test_kernel_job.py", "test_dry_run.py", "test_resume.py",
+                 "test_phase2.py", "test_eigen_features.py", "test_linearize.py", "test_spectrum_job.py",
+                 "test_eigen_images.py", "test_robust_dataset.py", "test_infinite.py",
+                 "test_initial_checkpoint.py", "test_kernel_regression.py", "test_factored_layers.py")
 
 
 def pytest_configure(config):
