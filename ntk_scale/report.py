@@ -30,7 +30,7 @@ import numpy as np
 
 from ntk_scale import files
 from ntk_scale.adversarial_sets import read_set_meta
-from ntk_scale.train.metrics_jsonl import read_jsonl
+from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config
 
 REPORT_DIR, INDEX_FILE = "report", "index.html"
@@ -192,7 +192,7 @@ def _subdirectories(path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ runs
-RUN_FILES = ("metrics.jsonl", "evaluations", "adversarial", "catastrophic_overfitting.json")
+RUN_FILES = (METRICS_FILE, "evaluations", "adversarial", "catastrophic_overfitting.json")
 _CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda k: k.endswith("loss")),
     ("accuracy", lambda k: k.endswith("accuracy")),
@@ -205,7 +205,7 @@ def find_runs(workdir: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]
   """(title, directory) of every directory holding a run's metrics, evaluations or sets: phase 1
   and phase 2, and the networks the infinite job trained."""
   has_run = lambda d: any(files.exists(os.path.join(d, f)) for f in RUN_FILES)
-  trained = any(files.exists(os.path.join(workdir, f)) for f in ("metrics.jsonl", "evaluations"))
+  trained = any(files.exists(os.path.join(workdir, f)) for f in (METRICS_FILE, "evaluations"))
   runs = [("Phase 1" if trained else "Workdir", workdir)] if has_run(workdir) else []
   phase2 = os.path.join(workdir, PHASE2_DIR)
   if has_run(phase2):  # the layout before phase2/<name>/
@@ -354,7 +354,7 @@ def run_parts(page: ReportPage, directory: str, prefix: str) -> list[str]:
   co_path = os.path.join(directory, "catastrophic_overfitting.json")
   co = files.read_json(co_path) if files.exists(co_path) else None
   collapse = (co or {}).get("collapse") or {}
-  metrics_path = os.path.join(directory, "metrics.jsonl")
+  metrics_path = os.path.join(directory, METRICS_FILE)
   if files.exists(metrics_path):
     records = read_jsonl(metrics_path)
     fig = plot_training_curves(records, collapse.get("epoch"))

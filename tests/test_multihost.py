@@ -31,8 +31,7 @@ from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
 
 import multihost_config
-from conftest import xla_flags
-from conftest import neural_tangents_or_skip
+from conftest import neural_tangents_or_skip, xla_flags
 from test_train import REPO
 
 CONFIG = "tests/multihost_config.py"
@@ -64,6 +63,11 @@ def _log_path(workdir: str, pid: int) -> str:
 def _log(workdir: str, pid: int) -> str:
   with open(_log_path(workdir, pid)) as f:
     return f.read()
+
+
+def tiles_by_process(logs: list[str]) -> list[int]:
+  """How many kernel tiles each process says it computed."""
+  return [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
 
 
 def start_pair(workdir: str, config_file: str = CONFIG, **fields) -> list[subprocess.Popen]:
@@ -287,7 +291,7 @@ def test_kernel_over_two_processes_from_a_one_process_checkpoint_equals_one_proc
   logs = run_pair(workdir, **fields, **{"kernel.name": layout})
   assert "column rows rotating over the devices" not in logs[0], logs[0][-3000:]
   # Each process computed and wrote the tiles of its own devices; only process 0 reports.
-  per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
+  per_process = tiles_by_process(logs)
   assert min(per_process) > 0 and sum(per_process) == num_tiles, per_process
   assert not re.search(r"tiles computed|spectrum in", logs[1])
   by_two = KernelStore.open(os.path.join(workdir, "kernels", layout))
@@ -322,7 +326,7 @@ def test_eigen_features_over_two_processes_equal_one_process(runs):
   workdir = runs.one
   logs = run_pair(workdir, **EIGEN_FEATURES, **{"kernel.name": "features"})
   assert "column rows rotating over the devices" in logs[0], logs[0][-3000:]
-  per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
+  per_process = tiles_by_process(logs)
   assert min(per_process) > 0 and sum(per_process) == 10, per_process
   kernel = KernelStore.open(os.path.join(workdir, "kernels", "features"))
   assert kernel.meta["complete"] and len(kernel.done_tiles()) == 10
@@ -359,7 +363,7 @@ def test_analytic_kernel_over_two_processes_equals_one_process(tmp_path):
   neural_tangents_or_skip(infinite.FEATURE)
   workdir = str(tmp_path)
   logs = run_pair(workdir, "configs/infinite_width.py:smoke", **ANALYTIC_FEATURES)
-  per_process = [int(re.search(r"this process computed (\d+) tiles", log).group(1)) for log in logs]
+  per_process = tiles_by_process(logs)
   assert min(per_process) > 0 and sum(per_process) == 15, per_process
   (directory,) = (tmp_path / "kernels").iterdir()
   by_two = KernelStore.open(str(directory))

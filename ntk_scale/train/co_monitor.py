@@ -33,7 +33,7 @@ from ntk_scale.matmul_precision import default_precision
 from ntk_scale.train.collapse import CO_FILE, check_co_monitor_config, detector_from_config
 from ntk_scale.train.experiment import eval_matmul_precision
 from ntk_scale.train.state import TrainState
-from ntk_scale.train.metrics_jsonl import read_jsonl
+from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
 
 if TYPE_CHECKING:  # clu's writers import TensorFlow (seconds); the train job passes one in
   from clu import metric_writers
@@ -84,7 +84,7 @@ class CoMonitor:
     judge by another criterion. Otherwise the epochs of its before and after steps that are saved
     (scheduled, the resumed step, or kept for the old collapse) replace them.
     """
-    path = os.path.join(directory, "metrics.jsonl")
+    path = os.path.join(directory, METRICS_FILE)
     if not start_step or not files.exists(path):
       return
     records = read_jsonl(path)

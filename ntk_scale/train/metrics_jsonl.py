@@ -1,8 +1,8 @@
 """Reads `metrics.jsonl`, the JSON-lines metrics file that train/writers.py's JsonlWriter appends to.
 
-Apart from the writers, so that the jobs reading metrics (the report, the catastrophic-overfitting
-monitor, evaluations) do not import clu's writers and, through them, TensorFlow: about 6 s of
-start-up for each process of a kernel, spectrum or dry-run job.
+Apart from the writers, so that its readers (the report, the catastrophic-overfitting monitor
+resuming) do not import clu's writers and, through them, TensorFlow: about 6 s of start-up for
+each process of a kernel, spectrum or dry-run job.
 """
 
 import json
@@ -11,6 +11,8 @@ import os
 from absl import logging
 
 from ntk_scale import files
+
+METRICS_FILE = "metrics.jsonl"  # in a phase's directory
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -38,4 +40,4 @@ def read_jsonl(path: str) -> list[dict]:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of `<workdir>/metrics.jsonl`, in order."""
-  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return read_jsonl(os.path.join(workdir, METRICS_FILE))

@@ -10,7 +10,7 @@ import numpy as np
 from clu import metric_writers
 
 from ntk_scale import files
-from ntk_scale.train.metrics_jsonl import read_jsonl
+from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -50,5 +50,5 @@ def create_writers(workdir: str) -> tuple[metric_writers.MetricWriter, JsonlWrit
   default = metric_writers.create_default_writer(workdir, just_logging=not chief, asynchronous=False)
   if not chief:
     return default, None
-  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE))
   return metric_writers.MultiWriter([default, jsonl]), jsonl
