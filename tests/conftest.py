@@ -3,6 +3,12 @@
 import os
 
 
+# Flags the tests set themselves; any other flag in the environment (a dump directory, say) is kept
+# for the tests' processes and every process they start.
+_OWN_FLAGS = ("--xla_force_host_platform_device_count=", "--xla_backend_optimization_level=")
+_USER_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_OWN_FLAGS)]
+
+
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS of a test process with `devices` emulated CPU devices, for the tests' processes and
   every process they start (results compared across processes come from the same compiler).
@@ -12,11 +18,13 @@ def xla_flags(devices: int) -> str:
   evaluation: compile 16.9 -> 8.2 s, the whole run 25.4 -> 15.8 s, same accuracy). At -O0 the
   code ran 2-3x slower and the longer runs lost more than compiling saved. Rounding may differ
   from -O2 in the last bits (fusion and vectorisation order); benchmarks and jobs compile as usual."""
-  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+  return " ".join([*_USER_FLAGS, f"--xla_force_host_platform_device_count={devices}",
+                   "--xla_backend_optimization_level=1"])
 
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", xla_flags(4))
+# Must happen before jax is imported anywhere. Set, not defaulted: a test process with other
+# settings than the processes it starts would compare results of two compilers.
+os.environ["XLA_FLAGS"] = xla_flags(4)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # JAX's persistent compilation cache, one directory for the whole session: both xdist workers and
