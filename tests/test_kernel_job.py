@@ -19,7 +19,7 @@ from ntk_scale.ntk import KernelPlanError, empirical_ntk
 from ntk_scale.ntk import job
 from ntk_scale.models import build_model
 from ntk_scale.ntk.job import inference_apply
-from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
 
@@ -133,9 +133,10 @@ def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, m
                                 KernelStore.open(uninterrupted["kernel"]).read())
 
 
-def test_a_rerun_resumes_with_the_tile_its_kernel_started_with(workdir):
+def test_a_rerun_resumes_with_the_tile_its_kernel_started_with(workdir, monkeypatch):
   """A tile_size over the 20 examples is clipped to 20: the same command again is a no-op; settings
-  that cannot resume that tile (one block of 5 per device, rotating) say which kernel holds it."""
+  that cannot resume that tile (one block of 5 per device, rotating) say which kernel holds it; a
+  kernel of other logits under that name is refused before any planning (which compiles)."""
   config = kernel_config(name="clipped", logits="trace", tile_size=64)
   first = jobs.run(config, workdir)
   assert first["tile"] == 20 and first["complete"]
@@ -143,6 +144,10 @@ def test_a_rerun_resumes_with_the_tile_its_kernel_started_with(workdir):
   with pytest.raises(KernelPlanError, match=r"clipped was started with tile 20, which these settings "
                      r"cannot resume: config.kernel.rotate=True needs .* another config.kernel.name"):
     jobs.run(kernel_config(name="clipped", logits="trace", tile_size=0, rotate=True), workdir)
+  monkeypatch.setattr(job, "fit_plan", lambda *a, **k: pytest.fail("planned a mismatched kernel"))
+  with pytest.raises(KernelStoreMismatchError, match="holds a different kernel:\n  logits: 'trace' "
+                     "-> 'class 3'\nChoose another config.kernel.name"):
+    jobs.run(kernel_config(name="clipped", logits="3"), workdir)
 
 
 def test_bad_kernel_settings_fail_before_compute(workdir):

@@ -163,6 +163,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   existing = KernelStore.open(directory) if files.exists(os.path.join(directory, "kernel.json")) else None
   tile = k.tile_size or None
   if existing is not None:
+    existing.check_same(meta, IDENTITY, indices)  # before any compilation or compute
     if tile and min(tile, len(indices)) != existing.tile:  # the plan clips a tile to the kernel
       raise ValueError(f"config.kernel.tile_size={tile} but {directory} was started with tile "
                        f"{existing.tile}; unset the field to resume, or use another "

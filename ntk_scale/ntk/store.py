@@ -73,15 +73,7 @@ class KernelStore:
     """
     if files.exists(os.path.join(directory, META_FILE)):
       store = cls.open(directory)
-      stored_indices = store.indices()
-      diffs = [f"{k}: {store.meta.get(k)!r} -> {meta.get(k)!r}" for k in identity
-               if store.meta.get(k) != meta.get(k)]
-      if not np.array_equal(stored_indices, indices):
-        diffs.append("indices: the example subset differs")
-      if diffs:
-        raise KernelStoreMismatchError(
-            f"{directory} holds a different kernel:\n  " + "\n  ".join(diffs) +
-            f"\nChoose another {name_field}, or delete the directory to recompute.")
+      store.check_same(meta, identity, indices, name_field)
       return store
     if not create:
       raise FileNotFoundError(f"{directory} was not created by process 0.")
@@ -95,6 +87,19 @@ class KernelStore:
     # The metadata file is written last: it is what marks the directory as a kernel.
     files.write_json(os.path.join(directory, META_FILE), meta, indent=2, sort_keys=True)
     return cls(directory, array, meta)
+
+  def check_same(self, meta: dict[str, Any], identity: tuple[str, ...], indices: np.ndarray,
+                 name_field: str = "config.kernel.name") -> None:
+    """Raises a KernelStoreMismatchError naming each `identity` field of `meta` (and the example
+    subset) that differs from this kernel's: a job checks it before planning or computing."""
+    diffs = [f"{k}: {self.meta.get(k)!r} -> {meta.get(k)!r}" for k in identity
+             if self.meta.get(k) != meta.get(k)]
+    if not np.array_equal(self.indices(), indices):
+      diffs.append("indices: the example subset differs")
+    if diffs:
+      raise KernelStoreMismatchError(
+          f"{self.directory} holds a different kernel:\n  " + "\n  ".join(diffs) +
+          f"\nChoose another {name_field}, or delete the directory to recompute.")
 
   # ---------------------------------------------------------------- tiles
   @property
