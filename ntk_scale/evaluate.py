@@ -282,8 +282,10 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dat
   attacks = build_attacks(config.eval_attacks, "config.eval_attacks")
   settings = {"step": int(step), "seed": config.seed, "eval_batch_size": batch_size,
               "dataset": dataset.name, "num_test": len(dataset.test),
-              "save_adversarial": bool(config.save_adversarial), "set_suffix": set_suffix,
+              "save_adversarial": bool(config.save_adversarial),
               "linearized": linearized is not None}
+  if config.save_adversarial:  # where the set goes; without sets, the train and evaluate jobs'
+    settings["set_suffix"] = set_suffix  # results of one checkpoint are each other's
   if precision != "default":  # records made before the field existed hold the default
     settings["matmul_precision"] = precision
   shared = _Evaluation(config, state, dataset, mesh, int(step), linearized,
@@ -453,10 +455,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, Any]) -> dict[str, Any]:
   """Records results (per-class accuracies included) in `<workdir>/evaluations/step_<step>.json`,
-  then drops the parts `evaluate_and_save` kept."""
+  then drops the parts `evaluate_and_save` kept; returns this evaluation's record.
+
+  The file keeps the results it already holds under other names: the train job's final
+  evaluation and an `evaluate` job of the same checkpoint (AutoAttack, transfer sets) share it,
+  and a rerun of either must not erase the other's. Each result names its own settings."""
   record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
+    path = _record_path(workdir, step)
+    earlier = files.read_json(path)["results"] if files.exists(path) else {}
+    kept = {name: result for name, result in earlier.items() if name not in results}
     files.make_dirs(os.path.join(workdir, "evaluations"))
-    files.write_json(_record_path(workdir, step), record, indent=2)
+    files.write_json(path, {**record, "results": {**results, **kept}}, indent=2)
   evaluation_progress.discard(_kept_directory(workdir, step))
   return record

@@ -177,6 +177,23 @@ def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(traine
   assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch1"))
 
 
+def test_an_evaluation_record_keeps_the_results_other_jobs_wrote(tmp_path):
+  """The train job's final evaluation and an evaluate job of that checkpoint write one record: a
+  rerun of either replaces its own results and keeps the other's."""
+  result = lambda accuracy: {"accuracy": accuracy, "settings": {"step": 66}}
+  read = lambda: json.loads((tmp_path / "evaluations" / "step_66.json").read_text())["results"]
+  evaluate_module.write_evaluation(str(tmp_path), 66, 3.0, {"clean": result(0.9), "pgd": result(0.5)})
+  evaluate_module.write_evaluation(str(tmp_path), 66, 3.0, {
+      "clean": result(0.9), "autoattack": result(0.4), "transfer:pgd": result(0.7)})
+  assert read() == {"clean": result(0.9), "autoattack": result(0.4), "transfer:pgd": result(0.7),
+                    "pgd": result(0.5)}
+  rerun = evaluate_module.write_evaluation(str(tmp_path), 66, 3.0, {"clean": result(0.9),
+                                                                    "pgd": result(0.45)})
+  assert rerun == {"step": 66, "epoch": 3.0, "results": {"clean": result(0.9), "pgd": result(0.45)}}
+  assert read() == {"clean": result(0.9), "pgd": result(0.45), "autoattack": result(0.4),
+                    "transfer:pgd": result(0.7)}
+
+
 def test_transfer_keys_tell_apart_sets_of_one_basename(tmp_path):
   keys = evaluate_module.transfer_keys
   assert keys(["w/adversarial/pgd"]) == ["transfer:pgd"]  # one set: the key of older records
