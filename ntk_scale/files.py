@@ -12,6 +12,7 @@ the target (a rename there is a copy and a delete).
 import io
 import json
 import os
+import socket
 from typing import IO, Any, Callable, Iterator
 
 import numpy as np
@@ -113,8 +114,9 @@ def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
 
 
 def temporary_name(path: PathLike) -> str:
-  """A temporary beside `path`, one per process (hosts sharing a directory never collide)."""
-  return f"{os.fspath(path)}.tmp{os.getpid()}"
+  """A temporary beside `path`, one per process of each host: hosts sharing a directory (NFS)
+  may run processes of one id, as containers do."""
+  return f"{os.fspath(path)}.tmp{socket.gethostname()}-{os.getpid()}"
 
 
 def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import matplotlib
 
@@ -9,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from ntk_scale.files import save_figure, write_atomic, write_json  # noqa: E402
+from ntk_scale.files import save_figure, temporary_name, write_atomic, write_json  # noqa: E402
 
 
 class _Interrupted(Exception):
@@ -29,6 +30,16 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
   with open(path) as f:
     assert json.load(f) == {"step": 1}
   assert os.listdir(tmp_path) == ["record.json"]
+
+
+def test_temporaries_of_two_hosts_with_one_process_id_differ(monkeypatch):
+  """Hosts sharing a directory (NFS) may run writers of one process id (containers): a temporary
+  name of the id alone would let one host's write land in the other's file."""
+  names = set()
+  for host in ("host-a", "host-b"):
+    monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+    names.add(temporary_name("/shared/record.json"))
+  assert len(names) == 2 and all(".tmp" in name for name in names)  # list_dir skips ".tmp"
 
 
 def test_figures_take_the_format_of_their_extension(tmp_path):
