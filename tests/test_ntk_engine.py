@@ -8,6 +8,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -114,6 +115,21 @@ def test_kernel_matches_float64_jacobian_contraction(network, method, logits):
   k32 = empirical_ntk(apply_fn, variables["params"], x, logits=logits, method=method)
   assert k32.dtype == np.float32
   assert _relative_error(k32, reference) < 1e-5
+
+
+def test_a_model_state_keeps_its_integer_leaves_in_a_float64_kernel():
+  """model_state is cast to the kernel's dtype leaf by leaf, its floats only: an index stays an
+  integer (indices must be)."""
+  def apply_fn(params, x, state):
+    logits = jnp.tanh(x.reshape(len(x), -1) @ params["w"]) * state["scale"]
+    return logits[:, (jnp.arange(NUM_CLASSES) + state["shift"]) % NUM_CLASSES]
+
+  params = {"w": np.random.default_rng(0).normal(size=(int(np.prod(SHAPE)), NUM_CLASSES))}
+  state = {"scale": np.float32(1.5), "shift": np.int32(3)}
+  x = _images(5)
+  kernel = empirical_ntk(apply_fn, params, x, logits=2, dtype="float64", model_state=state)
+  reference = reference_kernel(lambda p, x: apply_fn(p, x, state), params, x, x, 2)
+  assert _relative_error(kernel, reference) < 1e-10
 
 
 @pytest.mark.parametrize("logits", ["trace", "full"])

@@ -328,7 +328,11 @@ MAX_CACHED_PLANS = 32
 
 
 def _as_dtype(a, dtype: str):
-  """`a` in `dtype`; a jax array that already is stays where it is (no copy through the host)."""
+  """`a` in `dtype` if it holds floating-point numbers; integer and boolean leaves (a model state's
+  counters or indices) stay as they are, and so does a jax array already in `dtype` (no copy
+  through the host)."""
+  if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+    return a
   if isinstance(a, jax.Array) and a.dtype == np.dtype(dtype):
     return a
   return np.asarray(a, dtype)
