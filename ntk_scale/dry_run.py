@@ -218,7 +218,8 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
   total = phase_steps(num_epochs, steps_per_epoch, epochs_field)  # the job refuses zero steps too
   flip = None if flip_epoch is None else int(round(flip_epoch * steps_per_epoch))
   tx, _ = build_optimizer(optimizer, steps_per_epoch, total,
-                          _batch_step_of_update(flip, section.benign_step_first))
+                          _batch_step_of_update(flip, section.benign_step_first),
+                          prefix=epochs_field.replace("num_epochs", "optimizer"))
   state = jax.eval_shape(lambda: TrainState.create(
       apply_fn=model.apply, tx=tx, **_state_variables(model, image_shape, seed)))
   state = _abstract(state, parallel.replicated_sharding(mesh))

@@ -75,18 +75,77 @@ def test_epochs_of_zero_steps_are_refused_before_compute(tmp_path, no_training, 
     jobs.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
   assert not os.path.exists(tmp_path / "phase2")
+  assert not os.path.exists(tmp_path / "config.json")
 
 
-def test_phase2_job_of_zero_steps_is_refused_before_compute(tmp_path, monkeypatch, no_training):
-  """The phase2 job on a trained phase 1 (its theta0 checkpoint taken as found) writes nothing."""
+# Each was refused once the data had loaded, after the train job had recorded its config: the rerun
+# with the field corrected was then refused as another experiment. digits: 1437 training images;
+# cifar10: 32x32 images, 1023 non-constant DCT frequencies.
+@pytest.mark.parametrize("config_name, fields, message", [
+    ("digits", {"num_epochs": 0.01}, r"config\.num_epochs=0\.01 is 0\.22 of a step .*rounds to 0 steps"),
+    ("digits", {"batch_size": 2048}, r"config\.batch_size=2048 exceeds the 1437 training examples"),
+    ("cifar10_resnet18", {"data.transform.name": "inject", "data.transform.num_frequencies": 1024},
+     r"config\.data\.transform\.num_frequencies=1024 exceeds the 1023 non-constant DCT frequencies"),
+])
+def test_train_job_refuses_what_the_data_would_before_recording_its_config(tmp_path, no_compute,
+                                                                            config_name, fields, message):
+  config = load_config(config_name, "smoke")
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+  prepare_workdir(load_config(config_name, "smoke"), str(tmp_path))  # the corrected rerun's record
+
+
+# digits smoke: 3 epochs of 22 steps, 66 steps. The flip is at round(flip_epoch * 22).
+@pytest.mark.parametrize("flip_epoch, flip_step, trains", [(0.01, 0, "adversarially"),
+                                                           (2.99, 66, "benignly")])
+def test_flip_epoch_at_the_first_or_past_the_last_step_is_refused(tmp_path, no_compute, flip_epoch,
+                                                                   flip_step, trains):
+  """Mode F that flips at step 0 or at the end trained all adversarially or all benignly."""
+  config = load_config("digits", "smoke")
+  config.train.mode, config.train.flip_epoch = "F", flip_epoch
+  with pytest.raises(ValueError, match=rf"config\.train\.flip_epoch={flip_epoch} is step {flip_step} "
+                                       rf"of the 66 steps .*all {trains}; expected a flip step in "
+                                       rf"\[1, 65\]: config\.train\.flip_epoch from 0\.04545"):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("section", ["", "phase2."])
+def test_cosine_warmup_as_long_as_its_phase_is_refused(tmp_path, no_compute, section):
+  """Its learning rate never reached the peak nor decayed; phase 2's is checked before phase 1."""
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs = 1.0
+  opt = config.phase2.optimizer if section else config.optimizer
+  opt.schedule, opt.warmup_epochs = "cosine", 3.0 if section else 5.0
+  with pytest.raises(ValueError, match=rf"config\.{section}optimizer\.warmup_epochs={opt.warmup_epochs} "
+                                       rf"is \d+ steps, not fewer than the {22 if section else 66} steps"):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_epochs": 0.02}, r"config\.phase2\.num_epochs=0\.02 is 0\.44 of a step"),
+    ({"num_epochs": 1.0, "optimizer.schedule": "cosine", "optimizer.warmup_epochs": 1.0},
+     r"config\.phase2\.optimizer\.warmup_epochs=1\.0 is 22 steps, not fewer than the 22 steps"),
+])
+def test_phase2_job_of_zero_steps_is_refused_before_compute(tmp_path, monkeypatch, no_training, fields,
+                                                            message):
+  """The phase2 job on a trained phase 1 (its theta0 checkpoint taken as found) writes nothing; nor
+  with a cosine warm-up as long as phase 2."""
   from ntk_scale.train import phase2
 
   monkeypatch.setattr(phase2, "theta0_step", lambda config, workdir: 11)
   config = load_config("digits", "smoke")
   prepare_workdir(config, str(tmp_path))  # phase 1's record
   config.job = "phase2"
-  config.phase2.num_epochs = 0.02
-  with pytest.raises(ValueError, match=r"config\.phase2\.num_epochs=0\.02 is 0\.44 of a step"):
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    (config.phase2[section] if section else config.phase2)[name] = value
+  with pytest.raises(ValueError, match=message):
     jobs.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "phase2")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ntk_scale.base_config import base_config
-from ntk_scale.train.optimizer import build_optimizer, build_schedule, check_optimizer_config
+from ntk_scale.train.optimizer import build_optimizer, build_schedule, check_optimizer_config, check_warmup
 
 
 def _opt(**fields):
@@ -227,6 +227,20 @@ def test_check_optimizer_config_names_the_bad_field(field, value, pattern):
   assert str(value) in str(info.value)
   with pytest.raises(ValueError, match=pattern):
     build_optimizer(opt, 10, 100)
+
+
+# 10 steps per epoch, a run of 10 steps: a warm-up of round(0.95 * 10) = 10 steps (half to even)
+# never peaked nor decayed, as one past the run's end; 9 steps peak once, at the last.
+@pytest.mark.parametrize("warmup_epochs, steps", [(5.0, 50), (1.0, 10), (0.95, 10)])
+def test_cosine_warmup_as_long_as_the_run_is_refused(warmup_epochs, steps):
+  opt = _opt(schedule="cosine", warmup_epochs=warmup_epochs)
+  with pytest.raises(ValueError, match=rf"config\.phase2\.optimizer\.warmup_epochs={warmup_epochs} is "
+                                       rf"{steps} steps, not fewer than the 10 steps of the run"):
+    build_optimizer(opt, 10, 10, prefix="config.phase2.optimizer")
+  with pytest.raises(ValueError, match=rf"config\.optimizer\.warmup_epochs={warmup_epochs}"):
+    check_warmup(opt, 10, 10)
+  check_warmup(_opt(schedule="cosine", warmup_epochs=0.9), 10, 10)
+  check_warmup(_opt(schedule="cyclic", warmup_epochs=warmup_epochs), 10, 10)  # cosine's field only
 
 
 def test_check_optimizer_config_accepts_every_valid_combination():

@@ -4,7 +4,7 @@ import ml_collections
 
 from ntk_scale.data.batches import TrainBatches, check_seed, epoch_order, eval_batches
 from ntk_scale.data.dataset import Dataset, Split
-from ntk_scale.data import digits
+from ntk_scale.data import catalog, digits
 from ntk_scale.data.digits import load_digits
 from ntk_scale.data.feature_injection import apply_transform, check_transform_config
 from ntk_scale.data.subset import check_subset_size, class_balanced_subset, scarcest_class
@@ -20,7 +20,9 @@ def check_data_config(data_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.name={data_config.name!r} is not a known dataset; expected one "
                      f"of {', '.join(DATASET_NAMES)}.")
   is_digits = data_config.name == "digits"
-  check_transform_config(data_config.get("transform"), digits.IMAGE_SHAPE if is_digits else None,
+  # The catalog's image shape: a transform too large for the images is refused before the train job
+  # records its config, not once the data has loaded.
+  check_transform_config(data_config.get("transform"), catalog.SHAPES[data_config.name][0],
                          digits.NUM_CLASSES if is_digits else TFDS_DATASETS[data_config.name][2])
 
 

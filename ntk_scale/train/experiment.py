@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack, build_attacks
+from ntk_scale.data.catalog import dataset_shape
 from ntk_scale.data.augment import AUGMENTATIONS
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.matmul_precision import check_precision
@@ -18,7 +19,7 @@ from ntk_scale.models import build_model, check_model_config
 from ntk_scale.profile import check_profile_steps
 from ntk_scale.train.collapse import check_co_monitor_config
 from ntk_scale.train.grad_align import CLEAN_GRADIENT
-from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
+from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config, check_warmup
 from ntk_scale.train.state import BATCH_NORM_MODES, TrainState, count_parameters, create_train_state
 from ntk_scale.train.steps import TrainStep, make_train_step
 
@@ -49,7 +50,9 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
 
 
 def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Validates every field the train job reads, before any data is loaded or compiled."""
+  """Validates every field the train job reads, before any data is loaded or compiled; the step
+  counts too, at the train split's size in the catalog, so that the job refuses them before its
+  workdir records the config (a rerun with the field corrected would be another experiment)."""
   check_common_config(config, num_devices)
   if not config.num_epochs > 0:
     raise ValueError(f"config.num_epochs={config.num_epochs} must be positive (to run phase 2 alone "
@@ -74,6 +77,11 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   check_co_monitor_config(config.train.get("co_monitor"))
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
+  _, train_size, _ = dataset_shape(config.data)
+  if config.batch_size > train_size:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {train_size} training "
+                     f"examples of {config.data.name}.")
+  train_steps(config, train_size // config.batch_size)
 
 
 def step_numerics(section: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -156,6 +164,27 @@ def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: i
   return {"C": None, "A": 0, "F": int(round(config.train.flip_epoch * steps_per_epoch))}[config.train.mode]
 
 
+def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int | None]:
+  """Phase 1's (total steps, first adversarial step) at `steps_per_epoch`. Refuses a phase (1, or
+  the train job's 2) of zero steps, a cosine warm-up as long as its phase, and a mode-F flip at the
+  first or past the last step, which would train all adversarially or all benignly."""
+  total_steps = phase_steps(config.num_epochs, steps_per_epoch, "config.num_epochs")
+  check_warmup(config.optimizer, steps_per_epoch, total_steps, "config.optimizer")
+  if config.phase2.num_epochs > 0:  # the train job's phase 2 steps through this split at this batch
+    # size: a phase 2 of zero steps is refused now, not after phase 1 has trained.
+    phase2_steps = phase_steps(config.phase2.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
+    check_warmup(config.phase2.optimizer, steps_per_epoch, phase2_steps, "config.phase2.optimizer")
+  flip_step = first_adversarial_step(config, steps_per_epoch)
+  if config.train.mode == "F" and not 1 <= flip_step <= total_steps - 1:
+    raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} is step {flip_step} of the "
+                     f"{total_steps} steps of config.num_epochs={config.num_epochs} at "
+                     f"{steps_per_epoch} steps per epoch, so mode F would train all "
+                     f"{'adversarially' if flip_step < 1 else 'benignly'}; expected a flip step in "
+                     f"[1, {total_steps - 1}]: config.train.flip_epoch from {1 / steps_per_epoch:.10g} "
+                     f"to {(total_steps - 1) / steps_per_epoch:.10g}.")
+  return total_steps, flip_step
+
+
 def _batch_step_of_update(flip_step: int | None, two_updates: bool):
   """Maps optimizer updates to batch steps when adversarial batches take two updates each."""
   if flip_step is None or not two_updates:
@@ -179,18 +208,14 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict,
                      dataset: data.Dataset | None = None) -> Experiment:
   """Checks the whole config first, then loads the data (unless a `dataset` is given, e.g. an
-  optimised training set), refuses epochs of zero steps (phase 1's and phase 2's) and initialises
-  the train state."""
+  optimised training set), refuses step counts it cannot train (`train_steps`, at the loaded split's
+  size) and initialises the train state."""
   mesh = parallel.make_mesh()
   check_train_config(config, mesh.devices.size)
   dataset = data.load_dataset(config.data) if dataset is None else dataset
   batches = data.TrainBatches(dataset.train, config.batch_size, config.seed, mesh)
   steps_per_epoch = batches.steps_per_epoch
-  total_steps = phase_steps(config.num_epochs, steps_per_epoch, "config.num_epochs")
-  if config.phase2.num_epochs > 0:  # the train job's phase 2 steps through this split at this batch
-    # size: a phase 2 of zero steps is refused now, not after phase 1 has trained.
-    phase_steps(config.phase2.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
-  flip_step = first_adversarial_step(config, steps_per_epoch)
+  total_steps, flip_step = train_steps(config, steps_per_epoch)
   tx, learning_rate = build_optimizer(
       config.optimizer, steps_per_epoch, total_steps,
       _batch_step_of_update(flip_step, config.train.benign_step_first))

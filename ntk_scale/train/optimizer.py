@@ -32,6 +32,20 @@ def check_optimizer_config(opt: ml_collections.ConfigDict, prefix: str = "config
       raise ValueError(f"{prefix}.decay_factor={opt.decay_factor} must be positive.")
 
 
+def check_warmup(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
+                 prefix: str = "config.optimizer") -> None:
+  """Refuses a cosine warm-up of at least the run's `total_steps`: its learning rate would never
+  reach the peak, nor decay from it, yet the run would end as if it had."""
+  if opt.schedule != "cosine":
+    return
+  warmup = int(round(opt.get("warmup_epochs", 0.0) * steps_per_epoch))
+  if warmup >= total_steps:
+    raise ValueError(f"{prefix}.warmup_epochs={opt.warmup_epochs} is {warmup} steps, not fewer than "
+                     f"the {total_steps} steps of the run ({total_steps / steps_per_epoch:g} epochs "
+                     f"at {steps_per_epoch} steps per epoch): the learning rate would never peak nor "
+                     f"decay; expected {prefix}.warmup_epochs < the run's epochs.")
+
+
 def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """constant; piecewise (x `decay_factor` after each of `decay_epochs`); cosine to 0 after
   `warmup_epochs` of linear warm-up; cyclic (linear 0 -> peak at `peak_fraction` of training -> 0,
@@ -58,14 +72,17 @@ def build_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_s
 
 def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
                     batch_step_of_update: Callable[[jax.Array], jax.Array] | None = None,
+                    prefix: str = "config.optimizer",
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD (momentum, Nesterov) or Adam, with L2 weight decay added to the gradient as in PyTorch's SGD.
 
   The schedule is defined on batch steps. When a batch takes more than one optimizer update
   (Loo et al.'s benign-then-adversarial updates), `batch_step_of_update` maps the optimizer's
-  update count to the batch step, so epoch boundaries stay where the config puts them.
+  update count to the batch step, so epoch boundaries stay where the config puts them. `prefix`
+  names `opt` in errors.
   """
-  check_optimizer_config(opt)
+  check_optimizer_config(opt, prefix)
+  check_warmup(opt, steps_per_epoch, total_steps, prefix)
   batch_schedule = build_schedule(opt, steps_per_epoch, total_steps)
   schedule = (batch_schedule if batch_step_of_update is None
               else lambda count: batch_schedule(batch_step_of_update(count)))

@@ -25,7 +25,7 @@ from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
 from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
                                         check_step_numerics, phase_steps, step_numerics)
-from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config
+from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config, check_warmup
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
 from ntk_scale.restore import linearized_model, theta0_step
@@ -97,8 +97,8 @@ class Phase2:
 
 def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   """Checks the config and finds the phase-1 checkpoint, then loads the data and refuses epochs of
-  zero steps (all before any compute), then builds the linearized model around the checkpoint and
-  phase 2's fresh train state, steps and schedule."""
+  zero steps and a cosine warm-up as long as the phase (all before any compute), then builds the
+  linearized model around the checkpoint and phase 2's fresh train state, steps and schedule."""
   mesh = parallel.make_mesh()
   check_common_config(config, mesh.devices.size)
   check_phase2_config(config)
@@ -110,12 +110,14 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   batches = data.TrainBatches(dataset.train, config.batch_size, config.seed + SEED_OFFSET, mesh)
   steps_per_epoch = batches.steps_per_epoch
   total_steps = phase_steps(p.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
+  check_warmup(p.optimizer, steps_per_epoch, total_steps, "config.phase2.optimizer")
   image_shape = dataset.train.images.shape[1:]
   linearized, from_step = linearized_model(config, workdir, mesh)
 
   flip_step = 0 if p.mode == "A" else None
   tx, learning_rate = build_optimizer(p.optimizer, steps_per_epoch, total_steps,
-                                      _batch_step_of_update(flip_step, p.benign_step_first))
+                                      _batch_step_of_update(flip_step, p.benign_step_first),
+                                      prefix="config.phase2.optimizer")
   state = create_train_state(linearized, tx, image_shape, config.seed, mesh)
   benign_step, adversarial_step = build_train_steps(config, p, config.seed + SEED_OFFSET,
                                                     adversarial=p.mode == "A", model=linearized)
