@@ -159,12 +159,13 @@ def kernel_matrix(section: ml_collections.ConfigDict, num_classes: int, x1: np.n
                   x2: np.ndarray | None = None, *, store: KernelStore | None = None) -> np.ndarray:
   """The analytic kernel between two image sets (x2 None: x1 with itself) as a numpy array in
   `config.infinite.dtype`, in `batch_size` x `batch_size` tiles spread over every device of every
-  host (ntk/function_tiles.py); with `store` (`kernel_store`), streamed to disk and resumable."""
+  host (ntk/function_tiles.py); with `store` (`kernel_store`), streamed to disk and resumable, in
+  the store's own tiles (a kernel stored under another batch_size is resumed, not refused)."""
   kernel_fn = kernel_function(section, num_classes)
   with jax.enable_x64(section.dtype == "float64"):
     return function_kernel(kernel_fn, np.asarray(x1, section.dtype),
                            None if x2 is None else np.asarray(x2, section.dtype),
-                           tile=section.batch_size, store=store)
+                           tile=section.batch_size if store is None else store.tile, store=store)
 
 
 def empirical_kernel_average(section: ml_collections.ConfigDict, num_classes: int, width: int,

@@ -134,16 +134,17 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
                          "regression": section.regression.to_dict(), "kernel": {
                              k: section[k] for k in ("architecture", "depth", "w_std", "b_std", "kernel")},
                          "seed": seed, "num_train": len(x)}, sort_keys=True)
+  # The settings and the training images, labels and rows: a set is read back only for all of them
+  # (a file without it, written before it was recorded, is optimised again).
+  identity = hashlib.sha256(settings.encode() + x.tobytes() + y.tobytes() + optimised.tobytes()
+                            + targets.tobytes()).hexdigest()[:16]
   if files.exists(path):
     with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as stored:
-      if (str(stored["settings"]) == settings and np.array_equal(stored["labels"], y[optimised])
-          and "rows" in stored and np.array_equal(stored["rows"], optimised)
+      if ("identity" in stored and str(stored["identity"]) == identity
           and stored["images"].dtype == x.dtype):
         return stored["images"], json.loads(str(stored["record"]))
   started = time.time()
   held_out = len(optimised) < len(x)
-  identity = hashlib.sha256(settings.encode() + x.tobytes() + y.tobytes() + optimised.tobytes()
-                            + targets.tobytes()).hexdigest()[:16]
   steps_dir = os.path.join(os.path.dirname(path), ROBUST_DATASET_STEPS_DIR, identity)
   robust, record = optimise_dataset(section.robust_data, kernel_fn, x[optimised], y[optimised],
                                     num_classes, section.regression, seed,
@@ -155,7 +156,7 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
   if jax.process_index() == 0:
     files.write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised],
                                                 rows=optimised, target_rows=targets, settings=settings,
-                                                record=json.dumps(record)))
+                                                identity=identity, record=json.dumps(record)))
     if files.exists(steps_dir):  # the set is written: its steps' state (3x the images) is not needed
       files.remove_tree(steps_dir)
       if not files.list_dir(os.path.dirname(steps_dir)):

@@ -262,6 +262,23 @@ def test_dense_dual_weights_are_solved_on_the_host_cpu_where_the_devices_are_tpu
   np.testing.assert_array_equal(on_host, on_device)
 
 
+def test_unregularised_cholesky_on_a_singular_kernel_is_refused_not_written_as_nan(tmp_path):
+  """A class kernel of rank 4 < N (fewer parameters than examples): Cholesky with regularizer 0
+  breaks down, and the error names both fields; eigh gives the least-squares weights."""
+  features = np.random.default_rng(6).standard_normal((12, 4))
+  matrix = features @ features.T
+  labels = np.arange(12) % 3
+  store = write_store(tmp_path / "k", matrix, tile=4, labels=labels, num_classes=3)
+  section = ml_collections.ConfigDict(dict(regularizer=0.0, solver="cholesky"))
+  with pytest.raises(FloatingPointError, match="config.eigen_images.regularizer=0.0.*"
+                                               "config.eigen_images.solver='cholesky'"):
+    eigen_images_job.dense_weights(store, 3, 1, section)
+  section.solver = "eigh"
+  _, dual, _ = eigen_images_job.dense_weights(store, 3, 1, section)
+  expected = np.linalg.pinv(matrix, rcond=1e-10) @ (np.eye(3)[labels][:, 1] - 1 / 3)
+  np.testing.assert_allclose(matrix @ dual, matrix @ expected, atol=1e-9)
+
+
 def test_top_mode_equals_the_dense_job_without_reading_the_kernel_whole(workdir, monkeypatch, capsys):
   """A kernel above DENSE_MAX_ROWS (here 10 rows; this one has 20): eigenvectors from the spectrum
   job (LOBPCG, float64) and dual weights by CG on the kernel on disk give the dense job's weights,

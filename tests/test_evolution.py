@@ -5,11 +5,12 @@ import csv
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import jobs
+from ntk_scale import jobs, parallel
 from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk import kernel_eigenpairs
@@ -79,6 +80,21 @@ def test_one_class_subset_has_no_label_alignment(tmp_path):
   rows = evolution_metrics(stores, [1.0, 2.0], top_k=2, num_eigenvalues=3)["checkpoints"]
   assert [r["label_alignment"] for r in rows] == [None, None]
   assert [r["relative_movement"] for r in rows] == pytest.approx([0.0, 1.0])
+
+
+def test_metrics_on_process_0_of_several_need_no_other_process(tmp_path, monkeypatch):
+  """The job computes the metrics on process 0 alone, so with several processes its streamed
+  products read every panel themselves: a collective would wait forever for the others."""
+  kernels = [x @ x.T for x in np.random.default_rng(2).standard_normal((2, 9, 5))]
+  labels = np.arange(9) % 3
+  stores = [write_store(tmp_path / f"k{i}", k, tile=4, labels=labels, num_classes=3)
+            for i, k in enumerate(kernels)]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(parallel, "gather_from_processes",
+                      lambda array: pytest.fail("a collective on process 0 alone"))
+  rows = evolution_metrics(stores, [1.0, 2.0], top_k=2, num_eigenvalues=3)["checkpoints"]
+  for row, k in zip(rows, kernels):
+    assert row["label_alignment"] == pytest.approx(metrics.label_alignment(k, labels, 3), rel=1e-12)
 
 
 @pytest.fixture(scope="module")

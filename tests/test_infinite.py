@@ -76,8 +76,8 @@ def test_nngp_differs_from_ntk(nt):
 
 def test_stored_kernel_is_read_back_and_shared_by_equal_kernels_only(nt, tmp_path, monkeypatch):
   """kernel_store's directory is named by the kernel's fields and images: a second store of the
-  same kernel is the same directory, whose finished tiles are read, not computed; another depth or
-  other images is another directory."""
+  same kernel is the same directory, whose finished tiles are read, not computed (also under another
+  config.infinite.batch_size); another depth or other images is another directory."""
   from ntk_scale.ntk.store import KernelStore
 
   section, x, labels = _section(batch_size=3), _images(7), np.arange(7) % 2
@@ -92,6 +92,10 @@ def test_stored_kernel_is_read_back_and_shared_by_equal_kernels_only(nt, tmp_pat
 
   monkeypatch.setattr(KernelStore, "write_tile", computed)
   np.testing.assert_array_equal(infinite.kernel_matrix(section, 2, x, store=again), stored)
+  wider = _section(batch_size=4)  # another batch size: the same kernel, read in its own tiles
+  np.testing.assert_array_equal(
+      infinite.kernel_matrix(wider, 2, x, store=infinite.kernel_store(wider, str(tmp_path), x, labels)),
+      stored)
   deeper = infinite.kernel_store(_section(batch_size=3, depth=3), str(tmp_path), x, labels)
   other_images = infinite.kernel_store(section, str(tmp_path), _images(7, seed=5), labels)
   assert len({store.directory, deeper.directory, other_images.directory}) == 3

@@ -177,7 +177,8 @@ def test_robust_dataset_is_deterministic_in_its_seed():
 
 def test_a_rerun_reuses_the_robust_dataset_bit_for_bit(tmp_path):
   """A rerun reads robust_dataset.npz back; kernel regression must then see the very images the
-  first run optimised (the job's resume rule: the same result as an uninterrupted run)."""
+  first run optimised (the job's resume rule: the same result as an uninterrupted run), and only
+  when they were optimised from these training images."""
   from ntk_scale.infinite_job import _robust_dataset
   x, y, _, _ = _problem()
   section = _section()
@@ -191,6 +192,21 @@ def test_a_rerun_reuses_the_robust_dataset_bit_for_bit(tmp_path):
   assert reused_record == fresh_record
   assert reused.dtype == fresh.dtype == x.dtype
   np.testing.assert_array_equal(reused, fresh)
+  # Other pixels, the same labels and rows (say, another config.data.transform): optimised again,
+  # as in a fresh directory; so is a set written before the file recorded its identity.
+  other = np.clip(x * 0.5 + 0.25, 0, 1)
+  with jax.enable_x64(True):
+    again, _ = _robust_dataset(section, path, _rbf, other, y, rows, NUM_CLASSES, seed=0)
+    expected, _ = _robust_dataset(section, str(tmp_path / "other.npz"), _rbf, other, y, rows,
+                                  NUM_CLASSES, seed=0)
+  assert not np.array_equal(again, fresh)
+  np.testing.assert_array_equal(again, expected)
+  with np.load(path, allow_pickle=False) as stored:
+    older = {k: stored[k] for k in stored.files if k != "identity"}
+  np.savez(path, **{**older, "images": np.zeros_like(older["images"])})
+  with jax.enable_x64(True):
+    recomputed, _ = _robust_dataset(section, path, _rbf, other, y, rows, NUM_CLASSES, seed=0)
+  np.testing.assert_array_equal(recomputed, expected)
 
 
 def test_transfer_evaluation_pairs_each_saved_image_with_its_own_label(tmp_path):

@@ -237,6 +237,21 @@ def test_bad_settings_are_refused_before_any_compute(tmp_path, monkeypatch, fiel
     jobs.run(spectrum_config(**{field: value}), str(tmp_path))
 
 
+@pytest.mark.parametrize("classes", [(), (0, 1)])
+def test_k_beyond_the_whole_split_or_its_classes_is_refused_before_the_kernel_job(tmp_path, monkeypatch,
+                                                                                   classes):
+  """config.kernel.num_examples=0 (the whole split, or its config.kernel.classes): k is checked
+  against the subset's size before the kernel job runs."""
+  from ntk_scale.data import load_dataset
+  labels = load_dataset(spectrum_config().data).train.labels
+  rows = len(labels) if not classes else int(np.isin(labels, classes).sum())
+  monkeypatch.setattr(spectrum_job, "kernel_job", lambda *a: pytest.fail("the kernel job ran"))
+  c = spectrum_config(num_eigenpairs=rows + 1)
+  c.kernel.num_examples, c.kernel.classes = 0, classes
+  with pytest.raises(ValueError, match=f"num_eigenpairs={rows + 1} is more than the kernel's {rows} rows"):
+    jobs.run(c, str(tmp_path))
+
+
 def test_lobpcg_needs_a_narrow_block(workdir):
   with pytest.raises(ValueError, match="under a fifth of the 60 rows"):
     jobs.run(spectrum_config(method="sharded", num_eigenpairs=12), workdir)

@@ -111,12 +111,18 @@ def _targets(store: KernelStore, num_classes: int) -> np.ndarray:
 def dense_weights(store: KernelStore, num_classes: int, c: int, e: ml_collections.ConfigDict
                   ) -> tuple[Eigenpairs, np.ndarray, dict]:
   """Every eigenpair of the kernel read whole (float64 eigh) and its dual weights (K + lambda I)^{-1}
-  y_c by config.eigen_images.solver."""
+  y_c by config.eigen_images.solver; non-finite weights (Cholesky of a singular kernel) raise, not
+  written as NaN."""
   matrix = store.read().astype(np.float64)
   pairs = eigh(matrix)
   with jax.enable_x64(True), jax.default_device(parallel.float64_device()):
     dual = np.asarray(ridge_coefficients(jnp.asarray(matrix), jnp.asarray(_targets(store, num_classes)),
                                          e.regularizer, e.solver))[:, c]
+  if not np.all(np.isfinite(dual)):
+    raise FloatingPointError(f"config.eigen_images.regularizer={e.regularizer!r} with "
+                             f"config.eigen_images.solver={e.solver!r} gave non-finite dual weights: "
+                             f"the kernel is singular or not positive definite; raise the regularizer "
+                             f"or use solver 'eigh' or 'lstsq'.")
   return pairs, dual, {"method": e.solver}
 
 

@@ -154,8 +154,11 @@ def stored_gram(stores: list[KernelStore], max_panel_bytes: int = PANEL_BYTES) -
 
 def stored_products(store: KernelStore, blocks: list[np.ndarray]) -> list[np.ndarray]:
   """K B for each block B of columns, by one streamed pass over a kernel on disk (the eigenspace
-  restrictions V^T K V of metrics.restrict_to_eigenspace and the label alignment's K Y share it)."""
-  product = StoredKernelOperator(store, "float64", PANEL_BYTES).matmat(np.concatenate(blocks, axis=1))
+  restrictions V^T K V of metrics.restrict_to_eigenspace and the label alignment's K Y share it).
+  The calling process reads every panel itself: the job runs the metrics on process 0 alone, so a
+  product shared between processes would wait forever for the others."""
+  operator = StoredKernelOperator(store, "float64", PANEL_BYTES, process=(0, 1))
+  product = operator.matmat(np.concatenate(blocks, axis=1))
   return np.split(product, np.cumsum([b.shape[1] for b in blocks])[:-1], axis=1)
 
 

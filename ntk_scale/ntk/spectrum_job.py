@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ntk_scale import files, parallel
-from ntk_scale.ntk.job import kernel_job
+from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.matmul_precision import check_precision
 from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh, relative_residuals
@@ -248,10 +248,18 @@ def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_i
 
 
 def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The kernel (computed or resumed), then its top eigenpairs (recomputed only for new settings)."""
-  from ntk_scale.data import num_classes  # pylint: disable=import-outside-toplevel
+  """The kernel (computed or resumed), then its top eigenpairs (recomputed only for new settings).
+  k is checked against the subset's size first: with config.kernel.num_examples=0 only the split's
+  labels (and config.kernel.classes) say how many rows the kernel will have."""
+  from ntk_scale.data import load_dataset, num_classes  # pylint: disable=import-outside-toplevel
 
+  k = config.kernel
   check_spectrum_config(config, num_classes(config.data))
+  dataset = load_dataset(config.data)
+  split = getattr(dataset, k.split) if k.split in SPLITS else None
+  check_kernel_config(config, dataset.num_classes, split.labels if split else None)
+  spec = parse_logits(k.logits, dataset.num_classes)
+  _check_k(config.spectrum.num_eigenpairs, spec.matrix_rows(len(select_examples(config, split.labels))))
   return kernel_spectrum(config, workdir, kernel_job(config, workdir))
 
 
