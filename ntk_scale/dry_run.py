@@ -60,7 +60,8 @@ from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
 from ntk_scale.ntk.job import check_kernel_config, inference_apply, plan_settings, select_examples
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
-from ntk_scale.ntk.spectrum_job import SpectrumDoesNotFit, check_spectrum_config, plan_spectrum
+from ntk_scale.ntk.spectrum_job import (SpectrumDoesNotFit, check_num_eigenpairs, check_spectrum_config,
+                                         plan_spectrum)
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
                                         check_train_config, eval_matmul_precision, phase_steps,
@@ -347,6 +348,7 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
   check_spectrum_config(config, num_classes)
   spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
   n = _kernel_examples(config)
+  check_num_eigenpairs(s.num_eigenpairs, spec.matrix_rows(n))  # the whole split's or classes' rows
   with jax.enable_x64(s.dtype == "float64"):
     try:
       plan = plan_spectrum(s, (n, n, *spec.tile_suffix), mesh, device_budget)

@@ -256,6 +256,11 @@ def test_kernel_subsets_are_refused_as_the_kernel_job_refuses_them():
   c.data.name, c.kernel.classes, c.kernel.num_examples = "cifar10", (), 50_010
   with pytest.raises(ValueError, match=r"num_examples=50010 .* in \[10, 50000\]"):
     jobs.dry_run(c)
+  c = mlp_config(job="spectrum")  # k against a subset only the labels size (the whole classes 0, 1)
+  c.kernel.num_examples, c.kernel.classes, c.spectrum.num_eigenpairs = 0, (0, 1), 400
+  n = int(np.isin(load_digits().train.labels, (0, 1)).sum())
+  with pytest.raises(ValueError, match=rf"num_eigenpairs=400 is more than the kernel's {n} rows"):
+    jobs.dry_run(c)
   c = load_config("infinite_width", "smoke")  # the infinite job's subset, likewise
   c.infinite.num_train = 1400
   with pytest.raises(ValueError, match=r"config\.infinite\.num_train=1400 takes 140 training"):

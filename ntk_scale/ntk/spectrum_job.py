@@ -81,10 +81,10 @@ def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | 
   check_precision(s.precision, "config.spectrum.precision")
   if num_classes is not None and config.kernel.num_examples > 0:
     spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
-    _check_k(s.num_eigenpairs, spec.matrix_rows(config.kernel.num_examples))
+    check_num_eigenpairs(s.num_eigenpairs, spec.matrix_rows(config.kernel.num_examples))
 
 
-def _check_k(k: int, size: int) -> None:
+def check_num_eigenpairs(k: int, size: int) -> None:
   if k > size:
     raise ValueError(f"config.spectrum.num_eigenpairs={k} is more than the kernel's {size} rows "
                      f"(config.kernel.num_examples, times the logits of a full kernel).")
@@ -259,7 +259,7 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   split = getattr(dataset, k.split) if k.split in SPLITS else None
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   spec = parse_logits(k.logits, dataset.num_classes)
-  _check_k(config.spectrum.num_eigenpairs, spec.matrix_rows(len(select_examples(config, split.labels))))
+  check_num_eigenpairs(config.spectrum.num_eigenpairs, spec.matrix_rows(len(select_examples(config, split.labels))))
   return kernel_spectrum(config, workdir, kernel_job(config, workdir))
 
 
@@ -272,7 +272,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   store = KernelStore.open(kernel["kernel"])
   n, c = matrix_layout(store.shape)
-  _check_k(s.num_eigenpairs, n * c)
+  check_num_eigenpairs(s.num_eigenpairs, n * c)
   directory = os.path.join(kernel["kernel"], SPECTRUM_DIR)
   settings = _settings(s)
   result_path = os.path.join(directory, RESULT_FILE)
