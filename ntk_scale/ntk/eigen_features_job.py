@@ -69,7 +69,7 @@ from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice,
                                              kernel_eigenpairs)
 from ntk_scale.ntk.spectrum import eigh
 from ntk_scale.ntk.plan import device_budget_bytes
-from ntk_scale.ntk.spectrum_job import check_spectrum_config
+from ntk_scale.ntk.spectrum_job import check_spectrum_config, solve_settings
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import preemption_notices
@@ -258,7 +258,8 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
   settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
               "attack": e.attack.to_dict(), "seed": config.seed, "eigensolver": solver,
-              "num_eigenpairs": spectrum_config.spectrum.num_eigenpairs if solver == "top" else None}
+              # the solve's settings: other eigenpairs (another tol, say) are other features
+              "spectrum": solve_settings(spectrum_config.spectrum) if solver == "top" else None}
   if kernel is None:
     name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
             f"{num_examples}")

@@ -50,7 +50,7 @@ from ntk_scale.ntk.job import SPLITS, check_kernel_config, inference_apply, kern
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
                                              top_eigenpairs)
 from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, eigh
-from ntk_scale.ntk.spectrum_job import check_spectrum_config
+from ntk_scale.ntk.spectrum_job import check_spectrum_config, solve_settings
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 
@@ -173,7 +173,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
               "regularizer": e.regularizer, "eigensolver": solver,
               "kernel": KernelStore.open(kernel["kernel"]).identity_digest()}  # a recomputed kernel too
   settings.update({"solver": e.solver} if solver == "dense" else
-                  {"num_eigenpairs": spectrum_config.spectrum.num_eigenpairs, "cg_tol": e.cg_tol,
+                  {"spectrum": solve_settings(spectrum_config.spectrum), "cg_tol": e.cg_tol,
                    "cg_max_iters": e.cg_max_iters})
   saved = files.read_result(result_path, settings)
   if saved is not None:

@@ -95,8 +95,9 @@ def resolved_tol(s: ml_collections.ConfigDict) -> float:
   return s.tol or DEFAULT_TOL[s.dtype]
 
 
-def _settings(s: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What makes two solves the same solve (a saved round of another is not resumed)."""
+def solve_settings(s: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What makes two solves the same solve (a saved round of another is not resumed; results derived
+  from the eigenpairs record it)."""
   return {"num_eigenpairs": s.num_eigenpairs, "oversample": s.oversample, "dtype": s.dtype,
           "tol": resolved_tol(s), "seed": s.seed, "round_iters": s.round_iters,
           "precision": s.precision}
@@ -274,7 +275,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
   n, c = matrix_layout(store.shape)
   check_num_eigenpairs(s.num_eigenpairs, n * c)
   directory = os.path.join(kernel["kernel"], SPECTRUM_DIR)
-  settings = _settings(s)
+  settings = solve_settings(s)
   result_path = os.path.join(directory, RESULT_FILE)
   if files.exists(result_path):
     record = files.read_json(result_path)
