@@ -434,9 +434,13 @@ _SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 def square_fraction(p_init: float, query: jax.Array | int, num_queries: int) -> jax.Array:
-  """The fraction of pixels Square Attack's square covers at `query` (0-based) of `num_queries`."""
-  scaled = (jnp.asarray(query) * 10000) // num_queries
-  halvings = jnp.sum(scaled > jnp.asarray(_SQUARE_HALVINGS))
+  """The fraction of pixels Square Attack's square covers at `query` (0-based) of `num_queries`.
+
+  The reference halves it once query * 10000 // num_queries passes each of _SQUARE_HALVINGS, i.e.
+  from query ceil((t + 1) num_queries / 10000) on: those queries are computed here in Python's
+  integers (query * 10000 in int32 wrapped past 214,748 queries and reset the square)."""
+  starts = [-(-(t + 1) * num_queries // 10000) for t in _SQUARE_HALVINGS]
+  halvings = jnp.sum(jnp.asarray(query) >= jnp.asarray(starts))
   return p_init / 2.0 ** halvings
 
 
@@ -596,6 +600,14 @@ def _num_targets(config: ml_collections.ConfigDict, prefix: str, num_classes: in
   return value
 
 
+# Every field some attack reads. A config may carry fields its own attack does not use (a pgd
+# config whose name is overridden to fgsm keeps num_steps), but not a field no attack knows: a
+# misspelt one ("restart") would silently leave the default in force.
+ATTACK_FIELDS = ("name", "eps", "norm", "step_size", "num_steps", "restarts", "random_start", "unroll",
+                 "noise", "rho", "num_targets", "alpha_max", "eta", "beta", "num_queries", "p_init",
+                 "attacks")
+
+
 def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "config",
                  num_classes: int | None = None) -> Attack:
   """The attack of `attack_config` as `attack(logits_fn, images, labels, key) -> adversarial images`.
@@ -609,6 +621,10 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   classes cannot supply. Call the result inside jit.
   """
   c = attack_config
+  unknown = sorted(set(c.keys()) - set(ATTACK_FIELDS))
+  if unknown:
+    raise ValueError(f"{prefix}.{unknown[0]} is not a field of any attack; expected fields among "
+                     f"{', '.join(ATTACK_FIELDS)}.")
   name = c.get("name")
   if name not in (*ATTACKS, "worst_of"):
     raise ValueError(f"{prefix}.name={name!r} is not a known attack; expected one of "

@@ -58,11 +58,17 @@ def _as_apply(model: Model) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]
 
 def _attacked(variables: Any, batch: dict[str, jax.Array], key: jax.Array, attack: Attack | None,
               apply: Callable[[Any, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The batch's images under `attack` (None: as they are) and the model's logits on them."""
+  """The batch's images under `attack` (None: as they are) and the model's logits on them.
+
+  An example the model misclassifies clean keeps its clean image, as in AutoAttack (which attacks
+  only the correctly classified): an attack's random start may land where the model is right, and
+  robust accuracy would count an example the model already gets wrong."""
   model = lambda x: apply(variables, x)
   images = batch["images"]
   if attack is not None:
-    images = attack(model, images, batch["labels"], key)
+    adversarial = attack(model, images, batch["labels"], key)
+    wrong = jnp.argmax(model(images), -1) != batch["labels"]
+    images = jnp.where(wrong.reshape(-1, *[1] * (images.ndim - 1)), images, adversarial)
   return images, model(images)
 
 

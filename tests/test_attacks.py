@@ -251,6 +251,9 @@ def test_square_schedule_halves_the_square_at_autoattacks_query_counts():
   for query, p in expected.items():
     assert float(attacks.square_fraction(0.8, query, 10000)) == pytest.approx(p), query
   assert float(attacks.square_fraction(0.8, 1, 100)) == pytest.approx(0.2)
+  # Long runs too: query * 10000 does not fit int32 past query 214,748.
+  for query, p in {214_749: 0.8 / 128, 399_999: 0.8 / 512}.items():  # 5,368 and 9,999 of 10,000
+    assert float(attacks.square_fraction(0.8, jnp.int32(query), 400_000)) == pytest.approx(p), query
   logits = jnp.array([[2.0, 5.0, 1.0], [3.0, -1.0, 0.5]])
   np.testing.assert_allclose(attacks.margin_loss(logits, jnp.array([0, 0])), [-3.0, 2.5])
 
@@ -785,6 +788,23 @@ def test_apgd_counts_an_example_broken_by_any_iterate():
   assert abs(fooled.mean() - 2 / 3) < 0.1  # 300 draws: standard deviation 0.027
 
 
+def test_an_example_misclassified_clean_counts_broken_under_every_attack():
+  """The model of the test above gets x = 0.4 wrong; an attack's random start or climb reaches
+  t > 0.5, where it is right. The evaluation keeps such an example's clean image (AutoAttack's
+  rule), so robust accuracy never exceeds clean accuracy."""
+  logits_fn = lambda x: jnp.concatenate([0 * x, 0.1 - 0.2 * x] + [-3 + 2.99 * x] * 8, -1)
+  model = lambda x: logits_fn(x.reshape(len(x), 1))
+  split = Split(np.full((40, 1, 1, 1), 0.4, np.float32), np.zeros(40, np.int32))
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  assert evaluate(model, split, 40, mesh, 10)["accuracy"] == 0.0
+  for config in (dict(name="pgd", eps=0.3, step_size=0.1, num_steps=3), dict(name="apgd_ce", eps=0.3, num_steps=3),
+                 dict(name="square", eps=0.3, num_queries=3)):
+    attack = attacks.build_attack(ml_collections.ConfigDict(config))
+    result = evaluate(model, split, 40, mesh, 10, attack=attack, key=jax.random.key(1), keep_examples=True)
+    assert result["accuracy"] == 0.0, config["name"]
+    np.testing.assert_array_equal(result["examples"]["images"], split.images)
+
+
 def test_apgd_checkpoints_follow_the_paper_schedule():
   """w_j = ceil(p_j * N) for p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (Croce and Hein)."""
   is_checkpoint, period = attacks._apgd_checkpoints(100)
@@ -875,6 +895,9 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="apgd_ce", num_steps=0))),
      "config.attacks.a.num_steps"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="worst_of"))), "config.attacks.a.name"),
+    (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restart=5), "config.restart is not a field"),
+    (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="square", num_queries=5, p_int=0.1))),
+     "config.attacks.a.p_int is not a field"),
 ])
 def test_build_attack_errors_name_the_field(fields, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):

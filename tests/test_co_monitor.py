@@ -83,6 +83,17 @@ def test_bad_monitor_fields_are_named():
   monitor.attack.eps = -1.0
   with pytest.raises(ValueError, match=r"config\.train\.co_monitor\.attack\.eps=-1\.0"):
     check_co_monitor_config(monitor)
+  # The train job's own check (before its workdir records the config) knows the dataset's test
+  # size and classes: more examples than digits' 360 test images, or more targets than its 9 others.
+  c = load_config("digits", "smoke")
+  c.train.co_monitor.every_steps, c.train.co_monitor.num_examples = 10, 400
+  with pytest.raises(ValueError, match=r"config\.train\.co_monitor\.num_examples=400 exceeds the 360"):
+    check_train_config(c, 1)
+  c.train.co_monitor.num_examples = 100
+  c.train.co_monitor.attack = ml_collections.ConfigDict(dict(name="apgd_t", eps=0.1, num_steps=2,
+                                                             num_targets=12))
+  with pytest.raises(ValueError, match=r"co_monitor\.attack\.num_targets=12 must be at most 9"):
+    check_train_config(c, 1)
 
 
 def test_monitor_records_metrics_collapse_and_checkpoints_around_it(tmp_path):

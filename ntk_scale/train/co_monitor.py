@@ -59,9 +59,10 @@ class CoMonitor:
   def __init__(self, config: ml_collections.ConfigDict, dataset: Dataset, mesh: Mesh,
                steps_per_epoch: int, saves: dict[int, float], directory: str):
     monitor = config.train.co_monitor
-    check_co_monitor_config(monitor, len(dataset.test))
+    check_co_monitor_config(monitor, len(dataset.test), num_classes=dataset.num_classes)
     self._config, self._every = monitor, monitor.every_steps
-    self._attack = build_attack(monitor.attack, prefix="config.train.co_monitor.attack")
+    self._attack = build_attack(monitor.attack, prefix="config.train.co_monitor.attack",
+                                num_classes=dataset.num_classes)
     self._held_out = _fixed_subset(dataset.test, monitor.num_examples, config.seed + 3)
     self._train = _fixed_subset(dataset.train, min(monitor.num_examples, len(dataset.train)),
                                 config.seed + 4)

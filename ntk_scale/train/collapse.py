@@ -72,8 +72,10 @@ def detector_from_config(monitor: ml_collections.ConfigDict) -> CollapseDetector
 
 
 def check_co_monitor_config(monitor: ml_collections.ConfigDict | None, num_test_examples: int | None = None,
-                            prefix: str = "config.train.co_monitor") -> None:
-  """Raises ValueError naming the wrong field of config.train.co_monitor (nothing to check when off)."""
+                            prefix: str = "config.train.co_monitor", num_classes: int | None = None
+                            ) -> None:
+  """Raises ValueError naming the wrong field of config.train.co_monitor (nothing to check when off);
+  with `num_classes`, also an attack's targets the dataset's classes cannot supply."""
   if monitor is None:
     return
   every = monitor.get("every_steps", 0)
@@ -97,4 +99,4 @@ def check_co_monitor_config(monitor: ml_collections.ConfigDict | None, num_test_
                      "collapsed measurements that make a collapse sustained).")
   if not isinstance(monitor.get("keep_checkpoints"), bool):
     raise ValueError(f"{prefix}.keep_checkpoints={monitor.get('keep_checkpoints')!r} must be True or False.")
-  build_attack(monitor.attack, prefix=f"{prefix}.attack")
+  build_attack(monitor.attack, prefix=f"{prefix}.attack", num_classes=num_classes)

@@ -74,10 +74,11 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
     build_attack(config.train.attack, prefix="config.train.attack",
                  num_classes=data.num_classes(config.data))
   _check_grad_align(config.train)
-  check_co_monitor_config(config.train.get("co_monitor"))
+  _, train_size, test_size = dataset_shape(config.data)
+  check_co_monitor_config(config.train.get("co_monitor"), test_size,
+                          num_classes=data.num_classes(config.data))
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
-  _, train_size, _ = dataset_shape(config.data)
   if config.batch_size > train_size:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {train_size} training "
                      f"examples of {config.data.name}.")
