@@ -5,6 +5,7 @@ with the second (engine.fit_plan). Every process gets process 0's measurement.
 """
 
 import functools
+import math
 import time
 
 import jax
@@ -17,10 +18,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ntk_scale import parallel
 
 
-def timed(step, state, seconds: float) -> tuple[int, float]:
-  """(calls, elapsed seconds) of `state = step(state)` repeated for about `seconds`, after one
-  warm-up; each call waited for (several collectives in flight deadlock XLA:CPU's emulated devices)."""
+def timed(step, state, seconds: float, collective: bool = False) -> tuple[int, float]:
+  """(calls, elapsed seconds) of `state = step(state)` repeated for about `seconds` (at least 3
+  calls), after one warm-up; each call waited for (several collectives in flight deadlock XLA:CPU's
+  emulated devices).
+
+  `collective`: a step that every process runs together (a ppermute across hosts). Then every
+  process makes process 0's number of calls, sized from one timed call: a process that stopped on
+  its own clock while another started one more call would leave both waiting for ever.
+  """
   jax.block_until_ready(state := step(state))
+  if collective:
+    started = time.perf_counter()
+    jax.block_until_ready(state := step(state))
+    first = time.perf_counter() - started
+    calls = int(agreed(max(3, math.ceil(seconds / max(first, 1e-6)))))
+    started = time.perf_counter()
+    for _ in range(calls - 1):
+      jax.block_until_ready(state := step(state))
+    return calls, first + time.perf_counter() - started
   calls, started = 0, time.perf_counter()
   while time.perf_counter() - started < seconds or calls < 3:
     jax.block_until_ready(state := step(state))
@@ -57,5 +73,5 @@ def ring_bandwidth(mesh: Mesh, megabytes: int = 32, seconds: float = 0.2) -> flo
   send = jax.jit(jax.shard_map(lambda x: lax.ppermute(x, parallel.DATA_AXIS, ring), mesh=mesh,
                                in_specs=P(parallel.DATA_AXIS), out_specs=P(parallel.DATA_AXIS),
                                check_vma=False), donate_argnums=0)
-  calls, elapsed = timed(send, blocks, seconds)
+  calls, elapsed = timed(send, blocks, seconds, collective=True)
   return agreed(4 * size * calls / elapsed)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ntk_scale import parallel
+from ntk_scale import device_rates, parallel
 from ntk_scale.base_config import base_config
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.matmul_precision import default_precision
@@ -369,6 +369,15 @@ def test_plan_is_held_to_its_budget_by_its_compiled_programs(network, monkeypatc
   with pytest.raises(KernelPlanError, match="compiled programs need .* lower tile_size, band or"):
     fit_plan(apply_fn, variables["params"], x, None, "trace", method="jacobian", tile_size=9,
              logit_chunk=1, memory_budget_bytes=budget, mesh=one)
+
+
+def test_a_timed_collective_makes_process_0s_number_of_calls(monkeypatch):
+  """The ring probe's ppermute runs on every process: each makes the count process 0 sets (here 7),
+  not as many as its own clock allows (100 s here), or one would start a call its peers never join."""
+  monkeypatch.setattr(device_rates, "agreed", lambda value: 7.0)
+  steps = []
+  calls, _ = device_rates.timed(lambda s: steps.append(s) or s, jnp.zeros(()), 100.0, collective=True)
+  assert calls == 7 and len(steps) == 1 + 7  # the warm-up, then process 0's count
 
 
 def test_rotation_is_weighed_against_the_measured_ring(network, monkeypatch):
