@@ -69,7 +69,7 @@ from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
-from ntk_scale.evaluate import _evaluate_batch
+from ntk_scale.evaluate import _evaluate_batch, transfer_keys
 from ntk_scale.kernel_regression import kernel_scores
 from ntk_scale.restore import check_phase
 from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
@@ -664,12 +664,16 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
                if job in ("kernel", "spectrum", "evolution", "eigen_features", "eigen_images")
                else "highest")
   programs, notes = [], []
+  phase2_components = ("phase 2: its final evaluation also measures the output components f0(x) and "
+                       "J(theta - theta0), one more pass over the clean and attacked test images (not "
+                       "modelled)")
   if job == "train":
     programs, notes = _phase1(config, mesh)
     if config.phase2.num_epochs > 0:
       programs += _phase2(config, mesh)
+      notes.append(phase2_components)
   elif job == "phase2":
-    programs = _phase2(config, mesh)
+    programs, notes = _phase2(config, mesh), [phase2_components]
   elif job == "evaluate":
     check_common_config(config, mesh.devices.size)
     phase = config.evaluate.phase
@@ -677,6 +681,11 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     if phase == 2:
       notes.append("evaluate: phase 2's output components f0(x) and J(theta - theta0), one more "
                    "pass over the clean and attacked test images (not modelled)")
+    transfer_sets = config.evaluate.transfer_sets
+    transfer_keys(transfer_sets)  # a set listed twice: refused as the job refuses it
+    if transfer_sets:
+      notes.append(f"evaluate: then {len(transfer_sets)} saved set(s) of config.evaluate.transfer_sets, "
+                   f"one clean pass each (not modelled)")
     model, _, _ = _variables(config, dataset_shape(config.data)[0], phase=phase)
     programs = _eval_programs(config, mesh, model, "evaluate" if phase == 1 else "evaluate phase 2")
   elif job == "kernel":
