@@ -78,7 +78,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   if test_labels is not None:
     check_subset_size("config.infinite.num_test", s.num_test, test_labels, range(num_classes), "test")
   build_attacks(s.attacks, "config.infinite.attacks", num_classes)
-  if any(not isinstance(w, int) or w < 1 for w in s.transfer.widths):
+  if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
   images = s.num_train or num_train
   check_robust_data_config(s.robust_data, images, num_classes)

@@ -116,7 +116,8 @@ def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int,
                      f"the change of each pixel) or None (no bound, as in the paper).")
   if section.loss not in LOSSES:
     raise ValueError(f"{PREFIX}.loss={section.loss!r}; expected one of {', '.join(LOSSES)}.")
-  if section.network_width is not None and (not isinstance(section.network_width, int)
+  if section.network_width is not None and (isinstance(section.network_width, bool)
+                                            or not isinstance(section.network_width, int)
                                             or section.network_width < 0):
     raise ValueError(f"{PREFIX}.network_width={section.network_width!r} must be an integer >= 1, "
                      f"0 (no network trained on the robust set) or None (the largest transfer "

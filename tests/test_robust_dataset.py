@@ -130,7 +130,7 @@ def test_bad_target_holdout_is_named(value):
     check_robust_data_config(_full_section(target_holdout=value), num_train=10)
 
 
-@pytest.mark.parametrize("value", [-1, 2.5, "wide"])
+@pytest.mark.parametrize("value", [-1, 2.5, "wide", True])
 def test_bad_network_width_is_named(value):
   with pytest.raises(ValueError, match="config.infinite.robust_data.network_width=.* must be an "
                                        "integer >= 1, 0 .no network"):

@@ -69,9 +69,10 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.evolution.eigenspace_of={e.eigenspace_of!r}; expected one of "
                      f"{', '.join(EIGENSPACE_OF)}.")
   check_eigensolver(e.eigensolver, "config.evolution.eigensolver")
-  if e.top_k < 1 or e.num_eigenvalues < 1:
-    raise ValueError(f"config.evolution.top_k={e.top_k} and config.evolution.num_eigenvalues="
-                     f"{e.num_eigenvalues} must be >= 1.")
+  for field in ("top_k", "num_eigenvalues"):  # counts: 2.5 would fail after the kernels were computed
+    value = e[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.evolution.{field}={value!r} must be an integer >= 1.")
   if "/" in e.name or e.name in (".", ".."):
     raise ValueError(f"config.evolution.name={e.name!r} must be a plain directory name.")
   if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
