@@ -63,9 +63,9 @@ from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_b
 from ntk_scale.ntk.spectrum_job import (SpectrumDoesNotFit, check_num_eigenpairs, check_spectrum_config,
                                          plan_spectrum)
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
-from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, check_common_config,
-                                        check_train_config, eval_matmul_precision, phase_steps,
-                                        step_numerics)
+from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, catalog_steps_per_epoch,
+                                        check_common_config, check_train_config, eval_matmul_precision,
+                                        phase_steps, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
@@ -211,11 +211,8 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
                     label: str, epochs_field: str) -> list[ProgramCost]:
   """The benign and adversarial step programs of one phase, with their counts; `epochs_field` names
   `num_epochs` in the config."""
-  image_shape, train_size, _ = dataset_shape(config.data)
-  steps_per_epoch = train_size // config.batch_size
-  if steps_per_epoch == 0:
-    raise PlanDoesNotFit(f"config.batch_size={config.batch_size} exceeds the {train_size} training "
-                         f"examples of {config.data.name}.")
+  image_shape = dataset_shape(config.data)[0]
+  steps_per_epoch = catalog_steps_per_epoch(config)
   total = phase_steps(num_epochs, steps_per_epoch, epochs_field)  # the job refuses zero steps too
   flip = None if flip_epoch is None else int(round(flip_epoch * steps_per_epoch))
   tx, _ = build_optimizer(optimizer, steps_per_epoch, total,
@@ -664,9 +661,9 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
                if job in ("kernel", "spectrum", "evolution", "eigen_features", "eigen_images")
                else "highest")
   programs, notes = [], []
-  phase2_components = ("phase 2: its final evaluation also measures the output components f0(x) and "
-                       "J(theta - theta0), one more pass over the clean and attacked test images (not "
-                       "modelled)")
+  # Phase 2's evaluations (the train, phase2 and evaluate jobs') also measure these.
+  phase2_components = (f"{job}: phase 2's output components f0(x) and J(theta - theta0), one more "
+                       f"pass over the clean and attacked test images (not modelled)")
   if job == "train":
     programs, notes = _phase1(config, mesh)
     if config.phase2.num_epochs > 0:
@@ -679,8 +676,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     phase = config.evaluate.phase
     check_phase(phase, "config.evaluate")
     if phase == 2:
-      notes.append("evaluate: phase 2's output components f0(x) and J(theta - theta0), one more "
-                   "pass over the clean and attacked test images (not modelled)")
+      notes.append(phase2_components)
     transfer_sets = config.evaluate.transfer_sets
     transfer_keys(transfer_sets)  # a set listed twice: refused as the job refuses it
     if transfer_sets:

@@ -218,10 +218,9 @@ def test_phase2_jobs_are_planned_with_the_linearized_model():
   (phase2,) = plan.programs
   assert phase2.name == "evaluate phase 2 clean evaluation"
   assert 1.8 * plain.flops_per_call < phase2.flops_per_call < 4 * plain.flops_per_call
-  assert "output components" in plan.notes[0]
+  assert "evaluate: phase 2's output components" in plan.notes[0]
   c.job, c.phase2.num_epochs = "phase2", 1.0  # phase 2's own final evaluation measures them too
-  assert any("phase 2: its final evaluation also measures the output components" in n
-             for n in jobs.dry_run(c).notes)
+  assert any("phase2: phase 2's output components" in n for n in jobs.dry_run(c).notes)
   c.job = "evaluate"
   c.evaluate.transfer_sets = ("a/adversarial/pgd", "b/adversarial/pgd")
   assert any("then 2 saved set(s) of config.evaluate.transfer_sets" in n for n in jobs.dry_run(c).notes)

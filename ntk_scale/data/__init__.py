@@ -22,7 +22,7 @@ def check_data_config(data_config: ml_collections.ConfigDict) -> None:
   is_digits = data_config.name == "digits"
   # The catalog's image shape: a transform too large for the images is refused before the train job
   # records its config, not once the data has loaded.
-  check_transform_config(data_config.get("transform"), catalog.SHAPES[data_config.name][0],
+  check_transform_config(data_config.get("transform"), catalog.dataset_shape(data_config)[0],
                          digits.NUM_CLASSES if is_digits else TFDS_DATASETS[data_config.name][2])
 
 

@@ -74,15 +74,21 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
     build_attack(config.train.attack, prefix="config.train.attack",
                  num_classes=data.num_classes(config.data))
   _check_grad_align(config.train)
-  _, train_size, test_size = dataset_shape(config.data)
-  check_co_monitor_config(config.train.get("co_monitor"), test_size,
+  check_co_monitor_config(config.train.get("co_monitor"), dataset_shape(config.data)[2],
                           num_classes=data.num_classes(config.data))
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
+  train_steps(config, catalog_steps_per_epoch(config))
+
+
+def catalog_steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  """Steps per epoch over the train split at the catalog's size (no data loaded), as TrainBatches
+  counts them; a batch larger than the split is refused."""
+  _, train_size, _ = dataset_shape(config.data)
   if config.batch_size > train_size:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {train_size} training "
                      f"examples of {config.data.name}.")
-  train_steps(config, train_size // config.batch_size)
+  return train_size // config.batch_size
 
 
 def step_numerics(section: ml_collections.ConfigDict) -> tuple[str, str]:
