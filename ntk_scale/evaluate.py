@@ -398,12 +398,19 @@ def evaluate_transfer(state: TrainState, set_directory: str, batch_size: int, me
   split = Split(arrays["images"], arrays["labels"])
   result = evaluate(state, split, batch_size, mesh, num_classes, keep_examples=True)
   predictions = result.pop("examples")["predictions"]
-  source_fooled = arrays["predictions"] != arrays["labels"]
-  fooled = predictions != arrays["labels"]
-  result["transfer_rate"] = float(fooled[source_fooled].mean()) if source_fooled.any() else float("nan")
+  result.update(transfer_rate(predictions != arrays["labels"],
+                              arrays["predictions"] != arrays["labels"]))
   result["source"] = {"directory": set_directory if files.is_cloud(set_directory)
                       else os.path.abspath(set_directory), **meta}
   return result
+
+
+def transfer_rate(fooled: np.ndarray, source_fooled: np.ndarray) -> dict[str, Any]:
+  """The share of the examples that fooled their source model which fool this one too, and how many
+  fooled the source. None (JSON null, not NaN, which strict JSON readers refuse) when none did."""
+  count = int(np.count_nonzero(source_fooled))
+  rate = float(np.mean(fooled[source_fooled])) if count else None
+  return {"transfer_rate": rate, "source_fooled": count}
 
 
 def _path_parts(path: str) -> list[str]:

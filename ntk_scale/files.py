@@ -120,7 +120,10 @@ def temporary_name(path: PathLike) -> str:
 
 
 def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-  """`write(f)` into a binary file that appears at `path` whole or not at all."""
+  """`write(f)` into a binary file that appears at `path` whole or not at all, after a killed
+  process and after a power loss: the bytes reach the disk before the name does (without the
+  fsync, a file system may keep the rename and lose the data, leaving an empty config.json or
+  tile record behind). An empty file, such as a tile's marker, has no data to lose."""
   if is_cloud(path):
     buffer = io.BytesIO()  # a failed `write` uploads nothing
     write(buffer)
@@ -130,6 +133,9 @@ def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
   try:
     with open(tmp, "wb") as f:
       write(f)
+      if f.tell():
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -50,7 +50,7 @@ from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
 from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
-from ntk_scale.evaluate import Model, evaluate
+from ntk_scale.evaluate import Model, evaluate, transfer_rate
 from ntk_scale.evaluation_progress import KeptResults
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.matmul_precision import default_precision
@@ -228,8 +228,8 @@ def transferred(network: Model, examples: dict[str, np.ndarray], kernel_fooled: 
       r = evaluate(network, Split(images.astype(np.float32), labels), batch_size, mesh, num_classes,
                    keep_examples=True)
       fooled = kernel_fooled[name]
-      row[name] = {"accuracy": r["accuracy"], "transfer_rate": float(
-          np.mean(r["examples"]["predictions"][fooled] != labels[fooled]))}
+      row[name] = {"accuracy": r["accuracy"],
+                   **transfer_rate(r["examples"]["predictions"] != labels, fooled)}
   return row
 
 

@@ -32,6 +32,28 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
   assert os.listdir(tmp_path) == ["record.json"]
 
 
+def test_the_data_reaches_the_disk_before_the_name(tmp_path, monkeypatch):
+  """A power loss after the rename must not leave the new name on lost data: the temporary is
+  fsynced, whole, before it is renamed. An empty marker has nothing to sync."""
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+
+  def fsync(fd):
+    events.append(("fsync", os.fstat(fd).st_size))
+    real_fsync(fd)
+
+  def replace(source, destination):
+    events.append(("replace", os.path.basename(destination)))
+    real_replace(source, destination)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  monkeypatch.setattr(os, "replace", replace)
+  write_json(str(tmp_path / "config.json"), {"seed": 0})
+  write_atomic(str(tmp_path / "tile_0_1.done"), lambda f: None)
+  assert events == [("fsync", len('{"seed": 0}')), ("replace", "config.json"),
+                    ("replace", "tile_0_1.done")]
+
+
 def test_temporaries_of_two_hosts_with_one_process_id_differ(monkeypatch):
   """Hosts sharing a directory (NFS) may run writers of one process id (containers): a temporary
   name of the id alone would let one host's write land in the other's file."""

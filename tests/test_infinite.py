@@ -5,6 +5,7 @@ grows, so the Monte-Carlo average of our engine's empirical kernels over random 
 approach it, and more closely at larger width.
 """
 
+import json
 
 import jax
 import ml_collections
@@ -190,6 +191,18 @@ def test_transfer_rows_count_the_kernel_fooled_examples_at_the_evaluation_precis
     assert row[name]["accuracy"] == pytest.approx(np.mean(predictions == labels))
     assert row[name]["transfer_rate"] == pytest.approx(
         np.mean(predictions[fooled[name]] != labels[fooled[name]]))
+    assert row[name]["source_fooled"] == fooled[name].sum()
+
+
+def test_a_transfer_rate_with_no_fooled_source_example_is_null_in_strict_json():
+  """No example fooled the source: the rate is undefined, written as JSON null (NaN, as before,
+  is not JSON and strict readers such as jq refuse the whole record)."""
+  from ntk_scale.evaluate import transfer_rate
+  none = transfer_rate(np.array([True, False]), np.array([False, False]))
+  assert none == {"transfer_rate": None, "source_fooled": 0}
+  assert json.loads(json.dumps(none, allow_nan=False)) == none
+  assert transfer_rate(np.array([True, False, True]), np.array([True, True, False])) == {
+      "transfer_rate": 0.5, "source_fooled": 2}
 
 
 def test_a_rerun_takes_kept_evaluations_and_a_preemption_stops_after_one(monkeypatch, tmp_path):

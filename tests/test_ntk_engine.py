@@ -21,7 +21,7 @@ from ntk_scale.models import build_model
 from ntk_scale.models.layers import batch_norm, full_precision_logits
 from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tangents
 from ntk_scale.ntk import KernelPlanError, empirical_ntk, fit_plan, plan_for, run_tiles
-from ntk_scale.ntk import engine
+from ntk_scale.ntk import engine, plan as plan_module
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
 from ntk_scale.ntk.programs import step_programs
@@ -378,6 +378,22 @@ def test_a_timed_collective_makes_process_0s_number_of_calls(monkeypatch):
   steps = []
   calls, _ = device_rates.timed(lambda s: steps.append(s) or s, jnp.zeros(()), 100.0, collective=True)
   assert calls == 7 and len(steps) == 1 + 7  # the warm-up, then process 0's count
+
+
+def test_processes_plan_within_the_smallest_of_their_memory_budgets(monkeypatch):
+  """Every process must make the same plan: with several, the default budget is the smallest
+  process's (here a second host with a quarter of this one's memory)."""
+  device = jax.local_devices()[0]
+  alone = plan_module.device_budget_bytes(device)
+  gathered = []
+
+  def allgather(value):
+    gathered.append(float(value))
+    return np.array([value, value / 4])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(plan_module.multihost_utils, "process_allgather", allgather)
+  assert plan_module.device_budget_bytes(device) == alone / 4 and gathered == [alone]
 
 
 def test_rotation_is_weighed_against_the_measured_ring(network, monkeypatch):

@@ -33,6 +33,7 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from ntk_scale.cost_analysis import all_equations, program_flops
@@ -201,13 +202,19 @@ def _gib(num_bytes: float) -> str:
 
 def device_budget_bytes(device: jax.Device) -> float:
   """A fraction of the device's memory limit; for devices that report none (CPU), a fraction of
-  host memory divided among the host's devices."""
+  host memory divided among the host's devices. With several processes, the smallest of theirs:
+  every process must make the same plan (the same programs, the same collectives), and hosts may
+  differ in memory. So every process calls this at the same point of a job."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   limit = (stats or {}).get("bytes_limit")
   if limit:
-    return DEVICE_MEMORY_FRACTION * limit
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return HOST_MEMORY_FRACTION * host / jax.local_device_count()
+    budget = DEVICE_MEMORY_FRACTION * limit
+  else:
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = HOST_MEMORY_FRACTION * host / jax.local_device_count()
+  if jax.process_count() > 1:
+    budget = float(np.min(multihost_utils.process_allgather(np.float64(budget))))
+  return budget
 
 
 def bytes_per_device(method: str, tile: int, spec: LogitSpec, cost: ModelCost,
