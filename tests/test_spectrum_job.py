@@ -12,8 +12,8 @@ import pytest
 import scipy.linalg
 from jax.sharding import Mesh
 
-from ntk_scale import jobs, parallel
-from ntk_scale.ntk import spectrum_job
+from ntk_scale import data as data_module, jobs, parallel
+from ntk_scale.ntk import job as job_module, spectrum_job
 from ntk_scale.ntk.spectrum import as_matrix
 from ntk_scale.ntk.spectrum_job import load_spectrum
 from ntk_scale.ntk.spectrum_rounds import ShardedKernel, StreamedKernel, start_block
@@ -181,8 +181,13 @@ def test_finished_spectrum_is_read_back_and_new_settings_recompute(workdir, monk
     raise AssertionError("a finished spectrum was solved again")
 
   monkeypatch.setattr(spectrum_job, "_solve", no_solve)
+  loads = []
+  for module in (data_module, job_module):  # the spectrum job's and the kernel job's imports
+    monkeypatch.setattr(module, "load_dataset",
+                        lambda c, load=module.load_dataset: loads.append(c) or load(c))
   again = jobs.run(config, workdir)
   assert "already computed" in capsys.readouterr().out
+  assert len(loads) == 1  # the kernel job takes the spectrum job's dataset
   assert again["top_eigenvalue"] == first["top_eigenvalue"]
   monkeypatch.undo()
   config.spectrum.num_eigenpairs = 7

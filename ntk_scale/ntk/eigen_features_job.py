@@ -55,7 +55,7 @@ import numpy as np
 
 from ntk_scale import files, parallel
 from ntk_scale.attacks import build_attack
-from ntk_scale.data import Split, load_dataset, num_classes
+from ntk_scale.data import Dataset, Split, load_dataset, num_classes
 from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.evaluation_progress import KeptResults
 from ntk_scale.kernel_regression import kernel_scores, regression_targets
@@ -167,9 +167,10 @@ def group_apply(model_apply: Callable, spec) -> Callable[[Any, jax.Array], jax.A
   return apply
 
 
-def _finished_kernel(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _finished_kernel(config: ml_collections.ConfigDict, workdir: str,
+                     dataset: Dataset) -> dict[str, Any]:
   """The kernel job's result for config.kernel, computed or resumed until complete."""
-  kernel = kernel_job(config, workdir)
+  kernel = kernel_job(config, workdir, dataset)
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   return kernel
@@ -255,7 +256,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      spectrum_config.spectrum.num_eigenpairs if solver == "top" else num_examples,
                      mesh.devices.size)
   # The output's name first: a finished result is read back without any kernel algebra.
-  kernel = None if e.source == "infinite" else _finished_kernel(config, workdir)
+  kernel = None if e.source == "infinite" else _finished_kernel(config, workdir, dataset)
   settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
               "attack": e.attack.to_dict(), "seed": config.seed, "eigensolver": solver,
               # the solve's settings: other eigenpairs (another tol, say) are other features

@@ -164,7 +164,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                              spectrum_config.spectrum.num_eigenpairs)
     dual_by = e.solver if solver == "dense" else "conjugate gradients"
     print(f"eigen-images of class {c}: {choice}, dual weights by {dual_by}", flush=True)
-  kernel = kernel_job(config, workdir)
+  kernel = kernel_job(config, workdir, dataset)
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   directory = os.path.join(workdir, IMAGES_DIR, os.path.basename(kernel["kernel"]))

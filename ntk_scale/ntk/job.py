@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files, parallel
-from ntk_scale.data import check_seed, check_subset_size, class_balanced_subset, load_dataset
+from ntk_scale.data import (Dataset, check_seed, check_subset_size, class_balanced_subset,
+                            load_dataset)
 from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.plan import FACTORING_MODES, METHODS, KernelPlanError
@@ -136,12 +137,14 @@ def inference_apply(model, precision: str | None = None) -> Callable:
   return at_precision
 
 
-def kernel_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Plans, prints the plan, then computes every tile not yet on disk."""
+def kernel_job(config: ml_collections.ConfigDict, workdir: str,
+               dataset: Dataset | None = None) -> dict[str, Any]:
+  """Plans, prints the plan, then computes every tile not yet on disk. `dataset`: config.data
+  already loaded by the job that asks for the kernel (a tfds split takes seconds to read again)."""
   from ntk_scale.restore import restore_for_inference  # the kernel job's only tie to training
 
   k = config.kernel
-  dataset = load_dataset(config.data)
+  dataset = dataset or load_dataset(config.data)
   split = getattr(dataset, k.split) if k.split in SPLITS else None
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   indices = select_examples(config, split.labels)

@@ -261,7 +261,7 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   rows = parse_logits(k.logits, dataset.num_classes).matrix_rows(len(select_examples(config, split.labels)))
   check_num_eigenpairs(config.spectrum.num_eigenpairs, rows)
-  return kernel_spectrum(config, workdir, kernel_job(config, workdir))
+  return kernel_spectrum(config, workdir, kernel_job(config, workdir, dataset))
 
 
 def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dict[str, Any]
