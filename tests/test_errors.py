@@ -25,6 +25,7 @@ def no_compute(monkeypatch):
 
 @pytest.mark.parametrize("field, value, message", [
     ("model.name", "resnet1000", "config.model.name='resnet1000' is not a known model"),
+    ("model.width", 0, "config.model.width=0 must be an integer >= 1"),
     ("data.name", "imagenet42", "config.data.name='imagenet42' is not a known dataset"),
     ("batch_size", 66, r"config.batch_size=66 must be a positive multiple of the device count \(4"),
     ("eval_batch_size", 0, "config.eval_batch_size=0 must be a positive multiple"),

@@ -3,12 +3,13 @@
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from ntk_scale.base_config import base_config
 from ntk_scale.cost_analysis import all_equations
-from ntk_scale.models import build_model
+from ntk_scale.models import build_model, check_model_config
 
 
 def _model(name, num_classes=10, **fields):
@@ -298,6 +299,21 @@ def test_build_model_unknown_name_raises():
   with pytest.raises(ValueError, match=r"config\.model\.name") as info:
     build_model(c.model, 10)
   assert "vgg16" in str(info.value)
+
+
+@pytest.mark.parametrize("name, field, value, message", [
+    ("mlp", "depth", -2, "config.model.depth=-2 must be an integer >= 0"),  # was a bare linear head
+    ("cnn", "width", -4, "config.model.width=-4 must be an integer >= 1"),
+    ("resnet18", "width", 0.5, "config.model.width=0.5 must be an integer >= 1"),
+    ("mlp", "width", True, "config.model.width=True must be an integer >= 1"),
+    ("cnn", "batch_norm", 1, "config.model.batch_norm=1 must be True or False"),
+])
+def test_a_model_that_cannot_be_built_is_refused_naming_its_field(name, field, value, message):
+  config = lambda v: ml_collections.ConfigDict(
+      {"name": name, "width": 4, "depth": 2, "batch_norm": False, field: v})
+  with pytest.raises(ValueError, match=message):
+    check_model_config(config(value))
+  check_model_config(config({"depth": 0, "width": 1, "batch_norm": True}[field]))  # the least that builds
 
 
 @pytest.mark.parametrize("name", ["resnet18", "cnn", "mlp"])

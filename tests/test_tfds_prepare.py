@@ -160,3 +160,43 @@ def test_two_processes_prepare_once_on_a_shared_data_dir(tmp_path):
   assert (tmp_path / "downloads").read_text() == "0\n"
   for i, out in enumerate(outputs):
     assert f"opened {i} True" in out
+
+
+class _Unprepared:
+  """A builder whose dataset is not on disk; records whether a download was tried."""
+  data_dir = "/nowhere"
+
+  def __init__(self):
+    self.downloaded = False
+
+  def is_prepared(self):
+    return False
+
+  def download_and_prepare(self):
+    self.downloaded = True
+
+
+@pytest.mark.parametrize("reachable, proxy, refused", [
+    ((), None, True),  # nothing reachable: refused at once, naming both hosts
+    (("www.cs.toronto.edu",), None, False),  # GCS blocked, CIFAR's own host open: tfds downloads
+    ((), "http://proxy.example:3128", False),  # behind a proxy a direct probe says nothing
+])
+def test_the_network_probe_tries_the_datasets_own_host_and_trusts_a_proxy(monkeypatch, reachable,
+                                                                          proxy, refused):
+  probed = []
+  monkeypatch.setattr(tfds_source, "_reachable",
+                      lambda address: probed.append(address) or address[0] in reachable)
+  monkeypatch.setattr(tfds_source, "_downloads_for_real", lambda builder: True)
+  for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.delenv(name, raising=False)
+  if proxy:
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+  builder = _Unprepared()
+  if refused:
+    with pytest.raises(DatasetUnavailableError,
+                       match="neither storage.googleapis.com nor www.cs.toronto.edu can be reached"):
+      tfds_source._prepare(builder, "cifar10", None, download=True)
+  else:
+    assert tfds_source._prepare(builder, "cifar10", None, download=True) is builder
+  assert builder.downloaded == (not refused)
+  assert probed == ([] if proxy else [("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443)])

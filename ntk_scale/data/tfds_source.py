@@ -5,6 +5,7 @@ order an exact function of (seed, epoch) and a resumed run bitwise equal to an u
 """
 
 import socket
+import urllib.request
 
 import jax
 import numpy as np
@@ -21,7 +22,16 @@ TFDS_DATASETS = {
     "svhn_cropped": ("train", "test", 10),
 }
 _READ_BATCH = 4096
-_DOWNLOAD_HOST = "storage.googleapis.com"
+# Where tfds fetches each dataset from: its GCS mirror of prepared datasets, else the source's host
+# (the URLs of the tfds builders). Reaching either is enough.
+_GCS = ("storage.googleapis.com", 443)
+_SOURCES = {
+    "cifar10": ("www.cs.toronto.edu", 443),
+    "cifar100": ("www.cs.toronto.edu", 443),
+    "mnist": ("storage.googleapis.com", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+    "svhn_cropped": ("ufldl.stanford.edu", 80),
+}
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -37,13 +47,21 @@ def _how_to_provide(name: str, data_dir: str | None) -> str:
           f"that holds it.")
 
 
-def _reachable(host: str, timeout_s: float = 5.0) -> bool:
-  """Whether an HTTPS connection to `host` opens; fails fast where tfds would retry for minutes."""
+def _reachable(address: tuple[str, int], timeout_s: float = 5.0) -> bool:
+  """Whether a connection to (host, port) opens; fails fast where tfds would retry for minutes."""
   try:
-    socket.create_connection((host, 443), timeout=timeout_s).close()
+    socket.create_connection(address, timeout=timeout_s).close()
     return True
   except OSError:
     return False
+
+
+def _download_hosts(name: str) -> tuple[tuple[str, int], ...] | None:
+  """The (host, port) pairs to probe before downloading `name`; None where a probe cannot tell:
+  behind a proxy (tfds goes through it, a direct connection need not open)."""
+  if any(urllib.request.getproxies().get(scheme) for scheme in ("https", "http", "all")):
+    return None
+  return tuple(dict.fromkeys((_GCS, _SOURCES.get(name, _GCS))))
 
 
 def _downloads_for_real(builder) -> bool:
@@ -86,10 +104,11 @@ def _prepare(builder, name: str, data_dir: str | None, download: bool):
   """`builder` once its dataset is on disk: as it is, or after download_and_prepare."""
   if builder.is_prepared():
     return builder
-  if download and _downloads_for_real(builder) and not _reachable(_DOWNLOAD_HOST):
+  hosts = _download_hosts(name) if download and _downloads_for_real(builder) else None
+  if hosts and not any(_reachable(host) for host in hosts):
     raise DatasetUnavailableError(
-        f"Dataset {name!r} is not prepared in {builder.data_dir} and {_DOWNLOAD_HOST} cannot be "
-        f"reached to download it. " + _how_to_provide(name, data_dir))
+        f"Dataset {name!r} is not prepared in {builder.data_dir} and neither "
+        f"{' nor '.join(host for host, _ in hosts)} can be reached to download it. " + _how_to_provide(name, data_dir))
   if not download:
     raise DatasetUnavailableError(
         f"Dataset {name!r} is not prepared in {builder.data_dir} and config.data.download is False. "
@@ -112,7 +131,8 @@ def _read_split(builder, split: str) -> Split:
   for x, y in tfds.as_numpy(ds):
     images.append(x)
     labels.append(y)
-  images = np.concatenate(images).astype(np.float32) / 255.0
+  images = np.concatenate(images).astype(np.float32)
+  images /= 255.0  # in place: a second float32 copy of CIFAR-10's train split is 600 MB more
   return Split(images, np.concatenate(labels).astype(np.int32))
 
 

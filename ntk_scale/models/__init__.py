@@ -21,10 +21,20 @@ MODEL_NAMES = tuple(sorted(_BUILDERS))
 
 
 def check_model_config(model_config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming `config.model.name` when it is not a known model."""
+  """Raises ValueError naming the field of `config.model` that no model can be built from: an
+  unknown name, a width below 1, an MLP depth below 0, a batch_norm that is not a bool. Jobs check
+  before they record their config: a model that fails to build there would leave a workdir that
+  refuses the corrected config as another experiment."""
   if model_config.name not in _BUILDERS:
     raise ValueError(f"config.model.name={model_config.name!r} is not a known model; "
                      f"expected one of {', '.join(MODEL_NAMES)}.")
+  minimums = {"width": 1, "depth": 0} if model_config.name == "mlp" else {"width": 1}
+  for field, least in minimums.items():
+    value = model_config.get(field, least)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f"config.model.{field}={value!r} must be an integer >= {least}.")
+  if not isinstance(model_config.get("batch_norm", False), bool):
+    raise ValueError(f"config.model.batch_norm={model_config.batch_norm!r} must be True or False.")
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
