@@ -10,7 +10,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ntk_scale import console  # noqa: F401  (sets the TF log level before TensorFlow loads)
+from ntk_scale import console  # sets the TF log level before TensorFlow loads
 from ntk_scale import jobs, parallel
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE, Preempted
 
@@ -45,6 +45,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _DRY_RUN.value and (_TARGET_MEMORY.value is not None or _TARGET_TFLOPS.value is not None):
     raise app.UsageError("--dry_run_device_memory_gb and --dry_run_tflops plan a job; they need --dry_run.")
+  console.quiet_library_logs()  # before the first jax call, whose backend probe logs at INFO
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value, heartbeat_timeout_s=_HEARTBEAT.value)
   if _DRY_RUN.value:

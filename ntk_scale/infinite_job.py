@@ -249,10 +249,17 @@ def _table(comparison: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Kernel regression, training-free attacks, transfer, robust dataset; results.json."""
+  """Kernel regression, training-free attacks, transfer, robust dataset; results.json. The config is
+  recorded in `workdir` (or checked against its record) once every field has been checked."""
+  from ntk_scale.workdir import prepare_workdir
+
+  if config.get("infinite") is None:
+    raise ValueError("config.job='infinite' needs a config.infinite section (the analytic kernel and "
+                     "its experiments); see configs/infinite_width.py.")
   s = config.infinite
   dataset = load_dataset(config.data)
   check_infinite_config(config, dataset.train.labels, dataset.num_classes, dataset.test.labels)
+  prepare_workdir(config, workdir)
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
   x, y = dataset.train.images[indices], dataset.train.labels[indices]

@@ -45,18 +45,25 @@ def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None
   return plan_job(apply_loaders(config), TargetDevices(device_memory_bytes, matmul_flops_per_s))
 
 
+# Jobs that call prepare_workdir themselves, once their data-dependent checks have passed: they
+# record the experiment, and a config recorded and then refused would refuse its corrected rerun.
+RECORD_AFTER_THEIR_CHECKS = ("infinite", "eigen_features")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Checks `config.job`, applies `config.loaders` to the phase modes, records the config in
-  `workdir` (or checks it matches), runs the job."""
+  `workdir` (or checks it matches), runs the job. Every field is checked before the config is
+  recorded: a rerun with the field corrected would otherwise be refused as another experiment."""
+  console.quiet_library_logs()
   job = config.get("job", "train")
   if job not in JOBS:
     raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
   data.check_seed(config.seed, "config.seed")  # every job's, before a job records the config
   config = apply_loaders(config)
-  if job == "train":  # its fields checked before its config is recorded: a rerun with the field
-    check_train_config(config, jax.device_count())  # corrected would be refused as another experiment
+  if job == "train":
+    check_train_config(config, jax.device_count())
     if config.phase2.num_epochs > 0:
       check_phase2_config(config)
-  console.quiet_library_logs()
-  prepare_workdir(config, workdir)
+  if job not in RECORD_AFTER_THEIR_CHECKS:
+    prepare_workdir(config, workdir)
   return JOBS[job](config, workdir)

@@ -69,7 +69,12 @@ def check_recorded(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_
   """Raises WorkdirConfigMismatchError if `path` records a different experiment; False if absent."""
   if not files.exists(path):
     return False
-  saved = files.read_json(path)
+  try:
+    saved = files.read_json(path)
+  except json.JSONDecodeError as e:
+    raise WorkdirConfigMismatchError(
+        f"{path} is not a readable config record ({e}); it is written whole or not at all, so it was "
+        f"changed by hand or its disk failed. Restore it, or use a new --workdir.") from e
   diffs = config_differences(saved, current, runtime)
   if diffs:
     raise WorkdirConfigMismatchError(
@@ -131,7 +136,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   error, because resuming would silently mix two runs. Only jobs that make the experiment
   (`records_experiment`) record it; the others check a record that exists and write nothing here,
   so one run on an empty workdir leaves it empty (it fails reading the checkpoints it needs, or,
-  the report, here). The phase-2 record, if any, is checked here too (phase 2 writes it when it
+  the report, here; the report needs a record, not this config's: it reads results only). The phase-2 record, if any, is checked here too (phase 2 writes it when it
   starts); the phase2 job needs a recorded phase 1.
   """
   if files.is_cloud(workdir) and not workdir.startswith("gs://"):
@@ -145,9 +150,13 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                                     f"there first (config.job='train').")
   elif records_experiment(config):
     record_or_check(path, current)
-  elif not check_recorded(path, current) and job == "report":
-    raise CheckpointNotFoundError(f"{workdir} holds no experiment ({path} is missing), so nothing to "
-                                  f"report; run config.job='train' or 'infinite' there first.")
+  elif job == "report":  # reads the workdir's results, never its config: any recorded experiment
+    if not files.exists(path):
+      raise CheckpointNotFoundError(f"{workdir} holds no experiment ({path} is missing), so nothing "
+                                    f"to report; run config.job='train' or 'infinite' there first.")
+    return
+  else:
+    check_recorded(path, current)
   if config.phase2.num_epochs > 0:
     check_recorded(os.path.join(phase2_directory(config, workdir), CONFIG_FILE), phase2_record(config),
                    (), NEW_PHASE2_NAME)

@@ -314,6 +314,32 @@ def test_class_balanced_subset_that_cannot_be_drawn_is_named_before_compute(
     config[section][name] = value
   with pytest.raises(ValueError, match=message):
     jobs.run(config, str(tmp_path))
+  # The infinite jobs record their experiment only once it passed: the corrected rerun is not
+  # refused as another experiment.
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_the_infinite_job_without_its_section_is_refused_before_recording(tmp_path):
+  config = load_config("digits", "smoke")
+  config.job = "infinite"
+  with pytest.raises(ValueError, match=r"config.job='infinite' needs a config.infinite section"):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_the_report_reads_any_recorded_experiment_and_an_unreadable_record_is_named(tmp_path):
+  """The report reads results, not the config: it takes a workdir whatever config it is given.
+  A config.json that is not JSON is refused naming the file, not with a bare decoding error."""
+  adversarial = load_config("digits", "adversarial,smoke")
+  prepare_workdir(adversarial, str(tmp_path))
+  config = load_config("digits", "smoke")  # mode C, not the recorded A
+  config.job = "report"
+  jobs.run(config, str(tmp_path))
+  assert (tmp_path / "report" / "index.html").exists()
+  (tmp_path / "config.json").write_text("")
+  config.job = "evaluate"
+  with pytest.raises(WorkdirConfigMismatchError, match=r"config.json is not a readable config record"):
+    jobs.run(config, str(tmp_path))
 
 
 def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from xm_launch import launch
+from xm_launch import launch, sweep
 from xm_launch.sweep import parse_override, work_units
 
 from test_train import REPO, load_config
@@ -82,6 +85,135 @@ def test_bad_overrides_and_files_are_named_before_launching():
   assert launch.jax_wheel({}) == "jax"
 
 
+def _main_py_config(command: list[str], root: str = REPO):
+  """The config main.py's own flags (config_flags.DEFINE_config_file, locked, and --workdir) build
+  from `command` (python main.py --config=<file relative to `root`> ...), on a fresh FlagValues."""
+  argv = ["main.py"] + [f"--config={os.path.join(root, a.partition('=')[2])}" if a.startswith("--config=")
+                        else a for a in command[2:]]
+  values = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                           sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module()
+    warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+    values(argv)
+  return config.value
+
+
+def _field(config, field: str):
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+# A sweep over the digits smoke config, in a stand-in repository (the launcher's REPO): arg
+# "epoch2" sets evaluate.epoch, whose default is None; the units are the JSON after "# units: ".
+_SWEEP = """import json
+from configs.digits import get_config as _digits
+
+
+def get_config(arg=""):
+  c = _digits("smoke")
+  if arg == "epoch2":
+    c.evaluate.epoch = 2.0
+  return c
+
+
+def get_sweep(arg=""):
+  return SWEEP
+"""
+
+
+def _sweep_repo(tmp_path, monkeypatch, units: list[dict]) -> str:
+  """A repository holding sweep.py, whose get_sweep returns `units`; the launcher's REPO."""
+  (tmp_path / "sweep.py").write_text(_SWEEP + f"\n\nSWEEP = {units!r}\n")
+  monkeypatch.setattr(sweep, "REPO", str(tmp_path))
+  return "sweep.py"
+
+
+def test_sweep_values_are_read_back_by_main_py_as_the_sweep_set_them(tmp_path, monkeypatch):
+  """Each unit's flags, parsed by main.py's own flags, give the sweep's value: strings, tuples of
+  strings (quoted; unquoted `(a,b)` would be the one string '(a,b)'), ints, floats, bools, None
+  (no flag: the default None, which no float or bool flag text sets)."""
+  values = {"name": "values", "train.mode": "A", "data.data_dir": "/data dir/x",
+            "evaluate.transfer_sets": ("workdirs/a/adversarial/pgd", "workdirs/b/adversarial/pgd"),
+            "eigen_features.source": "empirical", "kernel.classes": (0, 1), "seed": 7,
+            "num_epochs": 0.1 + 0.2, "save_adversarial": False, "kernel.rotate": True,
+            "evaluate.epoch": 1.5}
+  nones = {"name": "nones", "evaluate.epoch": None, "kernel.epoch": None, "kernel.rotate": None,
+           "data.data_dir": None}
+  one = {"name": "one", "evaluate.transfer_sets": ("a,b",), "kernel.classes": [3]}
+  path = _sweep_repo(tmp_path, monkeypatch, [values, nones, one])
+  units = work_units(path, ["--config.kernel.rotate=false"], "/runs/s")
+  for unit, entry in zip(units, (values, nones, one)):
+    config = _main_py_config(unit.command(), str(tmp_path))
+    for field, value in entry.items():
+      if field != "name":
+        parsed = _field(config, field)
+        assert parsed == (tuple(value) if isinstance(value, list) else value), (unit.name, field)
+        assert type(parsed) is type(value) or isinstance(value, list), (unit.name, field, parsed)
+  assert "--config.evaluate.epoch=None" not in " ".join(units[1].command())
+  # None is not a flag: a field get_config sets cannot be put back to None by one, so it is refused
+  path = _sweep_repo(tmp_path, monkeypatch, [{"arg": "epoch2", "evaluate.epoch": None}, {"arg": "epoch2"}])
+  with pytest.raises(ValueError, match=r"work unit 'epoch2_epoch=None' sets config.evaluate.epoch=None, but "
+                                       r"with no --config.evaluate.epoch flag .*, main.py's config has 2.0"):
+    work_units(path, [], "/runs/s")
+
+
+def test_values_main_py_would_refuse_are_refused_before_launching(tmp_path, monkeypatch):
+  """Each unit's whole flag list goes through main.py's parser, and a train job through the train
+  job's checks that load no data, so a bad value fails here, naming the unit and the flag."""
+  with pytest.raises(ValueError, match=r"refuse the flags of work unit 'fgsm_b0_e0.2': flag "
+                                       r"--config.num_epochs=three: could not convert string to float"):
+    work_units(f"{CO}:eps=0.2,smoke", ["--config.num_epochs=three"], "/runs/co")
+  with pytest.raises(ValueError, match=r"refuse work unit 'fgsm_b0_e0.2': config.train.mode='Z'; expected"):
+    work_units(f"{CO}:eps=0.2,smoke", ["--config.train.mode=Z"], "/runs/co")
+  with pytest.raises(ValueError, match=r"config.num_epochs=-1.0 must be positive"):
+    work_units(f"{CO}:eps=0.2,smoke", ["--config.num_epochs=-1"], "/runs/co")
+  with pytest.raises(ValueError, match=r"config.job='trian' is not a known job"):
+    work_units("configs/digits.py:smoke", ["--config.job=trian"], "/runs/d")
+  # A job other than train is checked by its own job, which needs the workdir: its fields pass here
+  (unit,) = work_units("configs/digits.py:smoke", ["--config.job=kernel", "--config.kernel.epoch=1"], "/d")
+  assert _main_py_config(unit.command()).kernel.epoch == 1.0
+  path = _sweep_repo(tmp_path, monkeypatch, [{"seed": "x"}, {"seed": 1}])  # a string: the flag's text
+  with pytest.raises(ValueError, match=r"work unit 'seed=x': flag --config.seed=x: invalid literal"):
+    work_units(path, [], "/runs/s")
+
+
+def test_units_named_only_dots_are_refused(tmp_path, monkeypatch):
+  """A unit named '.' or '..' would have the root, or the root's parent, as its workdir."""
+  for name in (".", "..", "..."):
+    path = _sweep_repo(tmp_path, monkeypatch, [{"name": "a", "seed": 1}, {"name": name, "seed": 2}])
+    with pytest.raises(ValueError, match=rf"get_sweep entry \{{'name': '{name}', 'seed': 2\}} is "
+                                         rf"named '{name}', which as a workdir under the root"):
+      work_units(path, [], "/runs/s")
+  path = _sweep_repo(tmp_path, monkeypatch, [{"name": ".a", "seed": 1}, {"name": "b..", "seed": 2}])
+  assert [u.workdir for u in work_units(path, [], "/runs/s")] == ["/runs/s/.a", "/runs/s/b.."]
+
+
+def test_the_config_is_named_inside_the_repository(tmp_path):
+  """The container holds the repository only, as its working directory: an absolute path inside it
+  becomes relative to it; a file outside it is refused."""
+  (unit,) = work_units(f"{REPO}/configs/digits.py:smoke", [], "/runs/d")
+  assert unit.config == "configs/digits.py:smoke"
+  (tmp_path / "outside.py").write_text("def get_config(arg=''):\n  return None\n")
+  for config in (str(tmp_path / "outside.py"), os.path.relpath(tmp_path / "outside.py", REPO)):
+    with pytest.raises(ValueError, match=r"outside the repository .*, which is all the container holds"):
+      work_units(config, [], "/runs/d")
+
+
+def test_workdir_roots_are_mounted_locally_and_on_cloud_storage_on_vertex():
+  assert launch.workdir_volumes("/tmp/co", "local") == {"/tmp/co": "/tmp/co"}
+  assert launch.workdir_volumes("/tmp/co/", "local") == {"/tmp/co": "/tmp/co"}
+  assert launch.workdir_volumes("gs://bucket/co", "local") == {}
+  assert launch.workdir_volumes("gs://bucket/co", "vertex") == {}
+  with pytest.raises(ValueError, match=r"--workdir_root=workdirs/co: a relative path .* give an absolute"):
+    launch.workdir_volumes("workdirs/co", "local")
+  for root in ("/tmp/co", "workdirs/co"):
+    with pytest.raises(ValueError, match=rf"--workdir_root={root}: Vertex AI .* use a Cloud Storage path"):
+      launch.workdir_volumes(root, "vertex")
+
+
 def _recording_xmanager(recorded: dict) -> dict[str, types.ModuleType]:
   """Stand-ins for xmanager.xm and xm_local that record what the launcher asks of them."""
   xm = types.ModuleType("xmanager.xm")
@@ -104,26 +236,38 @@ def _recording_xmanager(recorded: dict) -> dict[str, types.ModuleType]:
     def add(self, job):
       recorded.setdefault("jobs", []).append(job)
 
-  class Local:
-    Spec = staticmethod(lambda: "local spec")
+  class Vertex:
+    Spec = staticmethod(lambda: "vertex spec")
 
     def __init__(self, requirements):
       self.requirements = requirements
 
+  class Local(Vertex):
+    Spec = staticmethod(lambda: "local spec")
+
+    def __init__(self, requirements, docker_options=None):
+      super().__init__(requirements)
+      self.docker_options = docker_options
+
   xm_local = types.ModuleType("xmanager.xm_local")
-  xm_local.Local, xm_local.Vertex = Local, Local
+  xm_local.Local, xm_local.Vertex = Local, Vertex
+  xm_local.DockerOptions = lambda volumes: ("docker options", volumes)
   xm_local.create_experiment = lambda experiment_title: recorded.setdefault("title", experiment_title) and Experiment()
   package = types.ModuleType("xmanager")
   package.xm, package.xm_local = xm, xm_local
   return {"xmanager": package, "xmanager.xm": xm, "xmanager.xm_local": xm_local}
 
 
-def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch):
+def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch, tmp_path):
   recorded = {}
   for name, module in _recording_xmanager(recorded).items():
     monkeypatch.setitem(sys.modules, name, module)
-  units = work_units(CO, [], "/runs/co")
-  launch.launch(units, {"local_gpu": 1}, title="co sweep")
+  root = str(tmp_path / "co")
+  units = work_units(CO, [], root)
+  launch.launch(units, {"local_gpu": 1}, title="co sweep", volumes=launch.workdir_volumes(root, "local"))
+  # the root is mounted at the same path in every container, so the units' results stay here
+  assert all(job["executor"].docker_options == ("docker options", {root: root}) for job in recorded["jobs"])
+  assert os.path.isdir(root)
   assert recorded["title"] == "co sweep"
   assert recorded["container"]["entrypoint"] == ("module", "main")
   assert recorded["container"]["path"] == REPO
@@ -132,7 +276,9 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch):
   assert all(job["executor"].requirements == ("requirements", {"local_gpu": 1}) for job in recorded["jobs"])
   # The hosts of a TPU slice join one multi-process job (JAX's cluster detection)
   recorded.clear()
-  launch.launch(units, {"tpu_v4": 32}, title="co sweep", executor="vertex")
+  units = work_units(CO, [], "gs://bucket/co")
+  launch.launch(units, {"tpu_v4": 32}, title="co sweep", executor="vertex",
+                volumes=launch.workdir_volumes("gs://bucket/co", "vertex"))
   assert [job["args"] for job in recorded["jobs"]] == [{**u.flags(), "distributed": True} for u in units]
 
 

@@ -73,6 +73,7 @@ from ntk_scale.ntk.spectrum_job import check_spectrum_config, solve_settings
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import preemption_notices
+from ntk_scale.workdir import prepare_workdir
 
 FEATURES_DIR = "eigen_features"
 GROUPS_DIR = "groups.partial"  # each group's accuracies, until features.json is written
@@ -97,6 +98,9 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
   if e.source == "infinite" and config.get("infinite") is None:
     raise ValueError("config.eigen_features.source='infinite' needs a config.infinite section (the "
                      "analytic kernel); see configs/infinite_width.py.")
+  if e.source == "infinite":
+    from ntk_scale import infinite  # pylint: disable=import-outside-toplevel  (neural-tangents)
+    infinite.check_architecture_config(config.infinite)
   if e.source == "empirical" and str(config.kernel.logits) == "full":
     raise ValueError("config.kernel.logits='full': eigen-features need a kernel of one class or the "
                      "trace.")
@@ -255,6 +259,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     directions_chunk(config, split.images.shape[1:], dataset.num_classes, num_examples,
                      spectrum_config.spectrum.num_eigenpairs if solver == "top" else num_examples,
                      mesh.devices.size)
+  prepare_workdir(config, workdir)  # every field checked: the infinite source records the config
   # The output's name first: a finished result is read back without any kernel algebra.
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir, dataset)
   settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
