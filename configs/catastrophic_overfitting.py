@@ -45,7 +45,7 @@ The sweep over methods and beta at one eps (`get_sweep`, one workdir each; `seed
 times), listed or launched:
 
     python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25,seeds=3 \
-        --workdir_root workdirs/co --dry_run
+        --workdir_root $PWD/workdirs/co --dry_run
 
 Measured (seed 0 unless said, one run each, 2 shared CPU cores, 4-10 minutes a run; robust = PGD-10 accuracy
 on the monitor's 256 test images every half epoch; final = clean / PGD-20 accuracy on all 360
@@ -242,7 +242,7 @@ def get_sweep(arg: str = "") -> list[dict[str, str]]:
   _s<seed> appended: single runs on digits differ from machine to machine, compare over seeds):
 
     python xm_launch/launch.py --config configs/catastrophic_overfitting.py:eps=0.25,seeds=3 \\
-        --workdir_root workdirs/co
+        --workdir_root $PWD/workdirs/co
   """
   values, flags = _parse(arg)
   eps = values["eps"] or f"{DATASETS[values['data']]:.4g}"

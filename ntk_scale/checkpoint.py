@@ -120,6 +120,13 @@ class Checkpoints:
       out[self._meta(step)["epoch"]] = step
     return out
 
+  def scheduled_epochs(self) -> dict[float, int]:
+    """`epochs` less the preempted checkpoints: those of the schedule, which stay. A preempted one
+    is deleted once the resumed phase finishes, so a job that picks "the newest" or "every saved
+    epoch" must not pick it (its results would name a checkpoint that no longer exists)."""
+    preempted = set(self.preempted_steps())
+    return {epoch: step for epoch, step in self.epochs().items() if step not in preempted}
+
   def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, placed with the shardings of `target` (a state or its abstract tree)."""
     if step not in self._manager.all_steps():

@@ -50,20 +50,29 @@ def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None
 RECORD_AFTER_THEIR_CHECKS = ("infinite", "eigen_features")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Checks `config.job`, applies `config.loaders` to the phase modes, records the config in
-  `workdir` (or checks it matches), runs the job. Every field is checked before the config is
-  recorded: a rerun with the field corrected would otherwise be refused as another experiment."""
-  console.quiet_library_logs()
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+  """The checks of `config` that need no data, which every job makes before it records or reads
+  anything (the launcher makes them before it launches): a known `config.job`, the seed, and for
+  the train job its fields at `num_devices`; returns the config with `config.loaders` applied."""
   job = config.get("job", "train")
   if job not in JOBS:
     raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
-  data.check_seed(config.seed, "config.seed")  # every job's, before a job records the config
+  data.check_seed(config.seed, "config.seed")
   config = apply_loaders(config)
   if job == "train":
-    check_train_config(config, jax.device_count())
+    check_train_config(config, num_devices)
     if config.phase2.num_epochs > 0:
       check_phase2_config(config)
+  return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Checks the config, records it in `workdir` (or checks it matches), runs the job. Every field
+  is checked before the config is recorded: a rerun with the field corrected would otherwise be
+  refused as another experiment."""
+  console.quiet_library_logs()
+  config = check_config(config, jax.device_count())
+  job = config.get("job", "train")
   if job not in RECORD_AFTER_THEIR_CHECKS:
     prepare_workdir(config, workdir)
   return JOBS[job](config, workdir)

@@ -466,10 +466,12 @@ def csv_table(path: str) -> str:
 
 
 def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]:
-  """Every PNG (embedded), CSV (a table and a link) and JSON (a link) under `top`, by directory."""
+  """Every PNG (embedded), CSV (a table and a link) and JSON (a link) under `top`, by directory,
+  less a job's progress (`*.partial/`: an unfinished job's pieces, not its results)."""
   parts = []
   for root, dirs, names in files.walk(top):  # top-down, each level in natural order
-    dirs[:] = sorted(dirs, key=natural_key)  # files.walk leaves temporaries out
+    # files.walk leaves temporaries out
+    dirs[:] = sorted((d for d in dirs if not d.endswith(".partial")), key=natural_key)
     names = sorted(names, key=natural_key)
     shown = [n for n in names if n.endswith((".png", ".csv", ".json"))]
     if not shown:

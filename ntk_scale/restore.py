@@ -94,24 +94,26 @@ def _phase2_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Chec
 
 def _find_step(checkpoints: Checkpoints, epoch: float | None, field: str, how_to_train: str,
                initial_note: str) -> tuple[int, float]:
-  """(step, epoch) of the checkpoint at `epoch`, or of the newest when None; `initial_note` says
-  why epoch 0 is missing, if it is asked for and is."""
-  epochs = checkpoints.epochs()
+  """(step, epoch) of the checkpoint at `epoch`, or of the newest of the schedule when None (not
+  one saved at a preemption, which goes once the run resumes); `initial_note` says why epoch 0 is
+  missing, if it is asked for and is."""
   if epoch is not None:
     step = checkpoints.step_for_epoch(epoch, field, initial_note)
-    return step, next(e for e, s in epochs.items() if s == step)
+    return step, next(e for e, s in checkpoints.epochs().items() if s == step)
+  epochs = checkpoints.scheduled_epochs()
   if not epochs:
     raise CheckpointNotFoundError(f"no checkpoint in {checkpoints.directory}; {how_to_train} first.")
   return max((s, e) for e, s in epochs.items())
 
 
 def saved_epochs(config: ml_collections.ConfigDict, workdir: str, phase: int) -> list[float]:
-  """Every saved epoch of `phase` (1: the network; 2: the experiment config.phase2.name), fractional
-  ones included, in order; reads no arrays, so jobs can check the epochs they need before compute."""
+  """Every saved epoch of `phase` (1: the network; 2: the experiment config.phase2.name) of the
+  schedule, fractional ones included (not a preempted run's extra one), in order; reads no arrays,
+  so jobs can check the epochs they need before compute."""
   checkpoints = (Checkpoints(os.path.join(workdir, "checkpoints"), create=False) if phase == 1
                  else _phase2_checkpoints(config, workdir))
   try:
-    return sorted(checkpoints.epochs())
+    return sorted(checkpoints.scheduled_epochs())
   finally:
     checkpoints.close()
 

@@ -269,9 +269,14 @@ def test_rerun_adds_new_results_and_drops_removed_ones(tmp_path):
   features = os.path.join(workdir, "eigen_images", "k")
   os.makedirs(features)
   Image.fromarray(np.zeros((100, 100), np.uint8)).save(os.path.join(features, "top.png"))
+  unfinished = os.path.join(workdir, "eigen_features", "k", "groups.partial")  # a killed job's pieces
+  os.makedirs(unfinished)
+  with open(os.path.join(unfinished, "group_0.json"), "w") as f:
+    f.write("{}")
   second = check_page(jobs.run(report_config(), workdir)["report"])
   assert {"Evaluations", "Kernels", "Eigen-images"} <= set(second.headings)
   assert {"per_class_accuracy.png", "kernels/spectra.png", "eigen_images/k/top.png"} <= set(second.images)
+  assert not any("partial" in link for link in second.links) and "Eigen-features" not in second.headings
   assert fmt(0.6875) in " ".join(second.text)
 
   os.remove(os.path.join(features, "top.png"))

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ntk_scale import jobs
+from ntk_scale import jobs, restore
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale import preemption
@@ -147,6 +147,11 @@ def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tm
   checkpoints = Checkpoints(os.path.join(preempted, "checkpoints"))
   assert [s for s, _ in checkpoints.pending_metrics(7)] == [7]
   assert not os.path.exists(os.path.join(preempted, "evaluations"))
+  # Jobs that read "the newest" or "every saved epoch" take the schedule's, not step 7, which the
+  # resumed run deletes (a kernel of it would name a checkpoint that is gone).
+  assert checkpoints.scheduled_epochs() == {0.0: 0, 1.0: 5, 1.2: 6} and 7 in checkpoints.epochs().values()
+  assert restore._find_step(checkpoints, None, "config.kernel.epoch", "train", "") == (6, 1.2)
+  assert restore.saved_epochs(preemption_config(), preempted, 1) == [0.0, 1.0, 1.2]
   jobs.run(preemption_config(), preempted)
   for a, b in zip(state_leaves(os.path.join(straight, "checkpoints"), 10),
                   state_leaves(os.path.join(preempted, "checkpoints"), 10), strict=True):

@@ -14,6 +14,11 @@ from this repository. `--config.*` overrides after `--` apply to every work unit
     # what would be launched, without XManager installed:
     python xm_launch/launch.py --config=configs/catastrophic_overfitting.py --workdir_root=/tmp/co --dry_run
 
+Where results go: with the local executor, a local --workdir_root (an absolute path) is mounted into
+every container at the same path, so the units' workdirs are on this machine; on Vertex AI the root
+must be a Cloud Storage path (gs://...), which main.py writes to directly. --config must name a file
+inside the repository (the container holds the repository, at /<repository's directory name>).
+
 On TPUs every work unit runs main.py with `--distributed`: a multi-host slice (a pod) runs one
 copy per host, and JAX's cluster detection joins them into one job (a single-host slice is a job
 of one process). GPU work units are one VM each, one process.
@@ -28,8 +33,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xm_launch.sweep import REPO, WorkUnit, work_units  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file, `file.py` or `file.py:arg`, relative to the repository.")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", None, "Each work unit's workdir is <workdir_root>/<name>.")
+_CONFIG = flags.DEFINE_string("config", None, "Config file inside the repository, `file.py` or `file.py:arg`, "
+                              "relative to the repository or absolute.")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", None, "Each work unit's workdir is <workdir_root>/<name>: "
+                                    "an absolute local path (local executor) or gs://... .")
 _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "vertex"],
                               "local: Docker on this machine; vertex: Vertex AI (GPU or TPU VMs).")
 _ACCELERATOR = flags.DEFINE_string(
@@ -54,6 +61,29 @@ def requirements(spec: str) -> dict[str, int]:
       raise ValueError(f"--accelerator={spec!r}: expected name=count items such as local_gpu=1 or tpu_v3=8.")
     parsed[name.strip().lower()] = int(count)
   return parsed
+
+
+def workdir_volumes(workdir_root: str, executor: str) -> dict[str, str]:
+  """Docker volumes (host path -> container path) that keep the work units' results: a local root
+  mounted at the same path, so each unit's --workdir names the same directory inside its container
+  and out (without it the results would stay in the container and be lost with it). On Vertex AI
+  only a Cloud Storage root outlives a job. Errors name the flag."""
+  on_gcs = workdir_root.startswith("gs://")
+  if executor == "vertex":
+    if not on_gcs:
+      raise ValueError(f"--workdir_root={workdir_root}: Vertex AI jobs run on other machines, whose "
+                       f"local disks are lost when the job ends; use a Cloud Storage path, "
+                       f"--workdir_root=gs://BUCKET/....")
+    return {}
+  if on_gcs:  # main.py writes to Cloud Storage itself
+    return {}
+  if not os.path.isabs(workdir_root):
+    raise ValueError(f"--workdir_root={workdir_root}: a relative path would name a directory inside "
+                     f"each container, relative to its working directory, and be lost with it; give "
+                     f"an absolute path (e.g. {os.path.abspath(workdir_root)}), mounted into the "
+                     f"containers at the same path.")
+  root = os.path.normpath(workdir_root)
+  return {root: root}
 
 
 def jax_wheel(resources: dict[str, int]) -> str:
@@ -86,22 +116,30 @@ def job_flags(unit: WorkUnit, resources: dict[str, int]) -> dict:
 
 
 def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, executor: str = "local",
-           base_image: str = "python:3.11") -> None:
-  """One XManager experiment, one job per work unit, each with `resources`."""
+           base_image: str = "python:3.11", volumes: dict[str, str] | None = None) -> None:
+  """One XManager experiment, one job per work unit, each with `resources`; local jobs' containers
+  mount `volumes` (host path -> container path, see workdir_volumes), each host path made first."""
   from xmanager import xm, xm_local  # an optional extra: pip install -e '.[xm]'
 
   executor_type = xm_local.Local if executor == "local" else xm_local.Vertex
+  options = {}
+  if executor == "local" and volumes:
+    for host in volumes:  # made by us, not by Docker (as root)
+      os.makedirs(host, exist_ok=True)
+    options = {"docker_options": xm_local.DockerOptions(volumes=dict(volumes))}
   with xm_local.create_experiment(experiment_title=title) as experiment:
     [executable] = experiment.package([xm.python_container(
         executor_spec=executor_type.Spec(), path=REPO, base_image=base_image,
         docker_instructions=docker_instructions(resources), entrypoint=xm.ModuleName("main"))])
     for unit in units:
       experiment.add(xm.Job(executable=executable, args=job_flags(unit, resources),
-                            executor=executor_type(requirements=xm.JobRequirements(**resources))))
+                            executor=executor_type(requirements=xm.JobRequirements(**resources),
+                                                   **options)))
 
 
 def main(argv: list[str]) -> None:
   resources = requirements(_ACCELERATOR.value)
+  volumes = workdir_volumes(_WORKDIR_ROOT.value, _EXECUTOR.value)
   units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value)
   if _DRY_RUN.value:
     for unit in units:  # as a shell would run it
@@ -109,7 +147,7 @@ def main(argv: list[str]) -> None:
     print(f"{len(units)} work unit(s); executor {_EXECUTOR.value}, resources {resources or 'CPU'}.")
     return
   launch(units, resources, title=_TITLE.value or _CONFIG.value, executor=_EXECUTOR.value,
-         base_image=_BASE_IMAGE.value)
+         base_image=_BASE_IMAGE.value, volumes=volumes)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ cores, one device):
     1 .. 9 (each)        0.20    0.13-0.18 20-39           0.233   0.017
                                            40-79 .. 320-499 0.15-0.21 0.006-0.044
     all (= kernel regression)  0.994 / 0.742
+The same command on the AMD EPYC VM whose benign demo model scores 99.7 / 54.7 / 52.2% (README),
+with clean-misclassified test images kept clean under attack (AutoAttack's rule; 14.5 min beside
+other jobs): indices 1-9 clean 0.20, PGD 0.14-0.19; 10-19 0.336 / 0.017; every later group
+0.17-0.25 / 0.008-0.031; all 1.000 / 0.686.
 With config.eigen_features.eigensolver=top and config.spectrum.num_eigenpairs=100 (the demo's
 spectrum job's solve, read back; 4.5 min) every group up to index 79 is identical, 80-99 scores
 0.153 / 0.017, and the top-100 predictor 0.994 / 0.717: as accurate as kernel regression on all
