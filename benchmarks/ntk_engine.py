@@ -176,7 +176,7 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default="cnn,mlp,resnet18")
   parser.add_argument("--sizes", default="128,256", help="kernel sizes N (comma-separated)")
   parser.add_argument("--resnet_sizes", default="32", help="sizes for resnet18 (CPU default: small)")

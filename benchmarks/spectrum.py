@@ -105,7 +105,7 @@ def _rounds(engine, width: int, dtype: str, tol: float):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--dense", default="1024,2048", help="sizes for the dense eigh")
   parser.add_argument("--backends", default="numpy,jax")
   parser.add_argument("--topk", default="4096", help="sizes for the top-k solvers")

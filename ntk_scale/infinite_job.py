@@ -11,7 +11,8 @@ by it, so PGD-20 listed in both config.infinite.attacks and robust_data.eval_att
 evaluation and one number. The robust dataset is compared side by side with the original one:
 kernel regression fitted on each, and the CNN of one width (robust_data.network_width) trained on
 each (network_width=0: kernel regression alone, no network trained on either set), all clean and
-under robust_data.eval_attacks (PGD and APGD-CE) on the same test images. With
+under robust_data.eval_attacks (PGD, APGD-CE and APGD-T; Square too with `:square`) on the same
+test images. With
 robust_data.target_holdout the optimised set is the training set less the held-out targets, and
 the comparison adds that subset's original images ("original_subset").
 
