@@ -28,6 +28,7 @@ no gradient (stop_gradient): adversarial training differentiates at the example,
 """
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -564,8 +565,8 @@ def _positive(config: ml_collections.ConfigDict, field: str, prefix: str, requir
     if required:
       raise ValueError(f"{prefix}.{field} is required for attack {config.name!r}{hint}.")
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise ValueError(f"{prefix}.{field}={value!r} must be a positive number{hint}.")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    raise ValueError(f"{prefix}.{field}={value!r} must be a positive finite number{hint}.")
   return float(value)
 
 

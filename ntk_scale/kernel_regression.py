@@ -22,6 +22,7 @@ its coefficients (large, of both signs) turn into wrong predictions.
 """
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -39,8 +40,8 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 def check_regression_config(section: ml_collections.ConfigDict, prefix: str) -> None:
   """`regularizer` (>= 0) and `solver` of a kernel-regression config section; errors name the field."""
   reg = section.regularizer
-  if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg >= 0:
-    raise ValueError(f"{prefix}.regularizer={reg!r} must be a number >= 0 (relative to the mean "
+  if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 <= reg < math.inf:
+    raise ValueError(f"{prefix}.regularizer={reg!r} must be a finite number >= 0 (relative to the mean "
                      f"kernel diagonal; 0 is ridgeless).")
   if section.solver not in SOLVERS:
     raise ValueError(f"{prefix}.solver={section.solver!r}; expected one of {', '.join(SOLVERS)}.")

@@ -896,6 +896,8 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
      "config.attacks.a.num_steps"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="worst_of"))), "config.attacks.a.name"),
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restart=5), "config.restart is not a field"),
+    (dict(name="fgsm", eps=float("inf")), "config.eps=inf must be a positive finite number"),  # NaN images
+    (dict(name="n_fgsm", eps=0.1, noise=float("inf")), "config.noise=inf"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="square", num_queries=5, p_int=0.1))),
      "config.attacks.a.p_int is not a field"),
 ])

@@ -67,6 +67,17 @@ def test_detector_tells_a_sustained_collapse_from_a_transient_one():
   assert transient.collapse is not None and transient.sustained is None and len(transient.recoveries) == 2
 
 
+def test_a_dip_in_training_accuracy_inside_a_collapse_is_no_recovery():
+  """Robust accuracy stays collapsed while training accuracy dips by more than max_train_drop: the
+  point is not catastrophic overfitting (divergence), but robustness did not come back either. The
+  run neither ends (no recovery) nor grows; it is sustained once enough collapsed points follow."""
+  detector = CollapseDetector(collapse_fraction=0.5, max_train_drop=0.05, sustain_evals=3)
+  _feed(detector, [0.30, 0.40, 0.05, 0.04, 0.05, 0.04], [0.90, 0.95, 0.96, 0.88, 0.97, 0.98])
+  assert detector.collapse["step"] == 300 and detector.recoveries == []
+  s = detector.sustained
+  assert s["step"] == 300 and s["confirmed"]["step"] == 600 and s["evaluations"] == 3
+
+
 def test_bad_monitor_fields_are_named():
   monitor = base_config().train.co_monitor
   monitor.every_steps = 10
@@ -177,7 +188,10 @@ def test_sweep_config_refuses_lambda_without_grad_align(arg):
                                           ("data=mnist", "data='mnist'"),
                                           # Both ran the plain digits (transform "none"):
                                           ("beta=-0.1", "beta=-0.1 must be >= 0"),
-                                          ("beta=nan", "beta=nan must be >= 0")])
+                                          ("beta=nan", "beta='nan' must be a finite number"),
+                                          ("eps=inf", "eps='inf' must be a finite number"),
+                                          ("method=grad_align,lambda=inf",
+                                           "lambda='inf' must be a finite number")])
 def test_sweep_config_rejects_unknown_items(arg, message):
   with pytest.raises(ValueError, match=message):
     load_config("catastrophic_overfitting", arg)

@@ -34,6 +34,22 @@ def test_penalty_is_zero_when_gradients_are_aligned():
   np.testing.assert_allclose(jax.jit(gradient_cosine)(a, b), [1.0, -1.0, 0.0], atol=1e-7)
 
 
+def test_the_cosine_of_a_confident_examples_tiny_gradients_is_exact():
+  """A confident float32 example's input gradient can be 1e-12 and less: its squared norms'
+  product (1e-48) is below any float32 floor, which used to pull the cosine to 0 and the penalty
+  to 1 for two parallel gradients. Each gradient is normalised on its own, as in GradAlign's code."""
+  g = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8)), jnp.float32)
+  for scale in (1.0, 1e-8, 1e-12, 1e-20):
+    tiny = g * scale
+    np.testing.assert_allclose(jax.jit(gradient_cosine)(tiny, 3.0 * tiny), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(gradient_cosine)(tiny, -tiny), [-1.0], rtol=1e-6)
+  one_entry = jnp.asarray([[0.0, 2.0, 0.0]])  # a squared norm of exactly 1 once scaled
+  direction = jnp.asarray([[1.0, 1.0, 0.0]])
+  expected = jax.grad(lambda a: (a @ direction.T)[0, 0] / jnp.linalg.norm(a) / jnp.sqrt(2.0))(one_entry)
+  np.testing.assert_allclose(jax.grad(lambda a: gradient_cosine(a, direction)[0])(one_entry), expected,
+                             atol=1e-7)
+
+
 def test_penalty_gradient_is_finite_when_an_input_gradient_is_zero():
   # The second example never activates the ReLU: its input gradients are exactly zero.
   images = jnp.asarray([[1.0, 2.0], [-1.0, -2.0]])
@@ -131,7 +147,8 @@ def test_one_training_step_with_each_single_step_option(setup, attack_name, grad
 
 @pytest.mark.parametrize("mode, weight, clean, message", [
     ("C", 0.5, "constant", r"config\.train\.grad_align=0\.5 regularises adversarial training"),
-    ("A", -1.0, "constant", r"config\.train\.grad_align=-1\.0 must be a number >= 0"),
+    ("A", -1.0, "constant", r"config\.train\.grad_align=-1\.0 must be a finite number >= 0"),
+    ("A", float("inf"), "constant", r"config\.train\.grad_align=inf must be a finite number >= 0"),
     ("A", 0.5, "detached", r"config\.train\.grad_align_clean='detached'; expected one of constant")])
 def test_bad_grad_align_is_named(mode, weight, clean, message):
   config = _config("fgsm", weight)

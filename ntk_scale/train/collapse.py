@@ -53,6 +53,10 @@ class CollapseDetector:
         return self.collapse
       return None
     if self._run:
+      if point["robust_accuracy"] < self.collapse_fraction * self.peak["robust_accuracy"]:
+        # Robustness still collapsed, but training accuracy fell too (divergence, not catastrophic
+        # overfitting): no recovery, and the run neither ends nor grows.
+        return None
       self.recoveries.append(dict(point, collapsed_at=self._run[0]["step"], evaluations=len(self._run)))
       self._run = []
     if self.peak is None or robust_accuracy > self.peak["robust_accuracy"]:

@@ -1,6 +1,7 @@
 """An experiment's set-up, shared by the jobs: checked config, mesh, data, model, optimizer, state."""
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -54,8 +55,8 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   counts too, at the train split's size in the catalog, so that the job refuses them before its
   workdir records the config (a rerun with the field corrected would be another experiment)."""
   check_common_config(config, num_devices)
-  if not config.num_epochs > 0:
-    raise ValueError(f"config.num_epochs={config.num_epochs} must be positive (to run phase 2 alone "
+  if not 0 < config.num_epochs < math.inf:
+    raise ValueError(f"config.num_epochs={config.num_epochs} must be positive and finite (to run phase 2 alone "
                      f"from an existing workdir, use config.job='phase2').")
   bad = [e for e in config.checkpoint.fractional_epochs if not e > 0]
   if bad:  # epochs beyond num_epochs are allowed and skipped, so short variants keep the defaults
@@ -115,8 +116,9 @@ def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:
   """config.train.grad_align: a weight >= 0, and > 0 only with adversarial training (A or F)."""
   weight = train.get("grad_align", 0.0)
-  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-    raise ValueError(f"config.train.grad_align={weight!r} must be a number >= 0 (GradAlign's weight).")
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+    raise ValueError(f"config.train.grad_align={weight!r} must be a finite number >= 0 (GradAlign's "
+                     f"weight).")
   if weight > 0 and train.mode == "C":
     raise ValueError(f"config.train.grad_align={weight} regularises adversarial training; set "
                      f"config.train.mode to A or F (e.g. with config.train.attack.name='fgsm').")

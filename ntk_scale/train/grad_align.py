@@ -23,9 +23,10 @@ import optax
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
-# Floor of the product of squared gradient norms: keeps the cosine and its parameter gradient finite
-# when an input gradient is exactly zero (a saturated example; it is then left out of the mean).
-_TINY = 1e-30
+# Floor of a gradient's largest entry when it is scaled by it: keeps the cosine and its parameter
+# gradient finite when an input gradient is exactly zero (a saturated example; it is then left out of
+# the mean). Near float32's smallest normal number, so every gradient that is not zero is scaled.
+_SMALLEST = 1e-37
 
 # config.train.grad_align_clean: how the penalty treats grad_x L(x).
 CLEAN_GRADIENT = ("constant", "differentiated")
@@ -37,12 +38,21 @@ def input_gradients(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -
   return jax.grad(total)(images)
 
 
+def _unit_rows(g: jax.Array) -> jax.Array:
+  """Each example's gradient [N, D] over its norm (0 for a zero gradient). Scaled by its largest
+  entry first: the squared norm of a confident example's gradient (|g| ~ 1e-12 and less) would
+  underflow in float32, and a floor under it would shrink the cosine towards 0 however well the two
+  gradients align. Scaled, the sum of squares is 0 or at least 1, so its floor of 0.5 touches only
+  zero gradients (where d|g|/dg is NaN, even behind a max). The scale is held constant for autodiff:
+  g / |g| does not depend on it, and its own derivative (1 / scale^2) overflows."""
+  g = g / jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(g), axis=1, keepdims=True), _SMALLEST))
+  return g / jnp.sqrt(jnp.maximum(jnp.sum(g * g, axis=1, keepdims=True), 0.5))
+
+
 def gradient_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Per-example cosine similarity of two [N, ...] gradient batches, shape [N]."""
-  a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-  dot = jnp.sum(a * b, axis=1)
-  # sqrt of a floored product, not a product of norms: d|a|/da is NaN at a = 0, even behind a max.
-  return dot / jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=1) * jnp.sum(b * b, axis=1), _TINY))
+  """Per-example cosine similarity of two [N, ...] gradient batches, shape [N]: the dot product of
+  the two normalised gradients, as in GradAlign's code."""
+  return jnp.sum(_unit_rows(a.reshape(len(a), -1)) * _unit_rows(b.reshape(len(b), -1)), axis=1)
 
 
 def grad_align_penalty(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
