@@ -70,6 +70,21 @@ def records(directory) -> list[dict]:
   return [r for r in read_metrics(directory) if any(k.startswith(("train/", "test/")) for k in r)]
 
 
+def tensorboard_points(directory) -> list[tuple[str, int, float]]:
+  """Every scalar point of the directory's TensorBoard event files, as TensorBoard would show them
+  all (timing metrics left out: they differ from run to run)."""
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  from tensorboard.util import tensor_util
+
+  points = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("events.out.tfevents."):
+      for event in EventFileLoader(os.path.join(directory, name)).Load():
+        points += [(v.tag, event.step, float(tensor_util.make_ndarray(v.tensor)))
+                   for v in event.summary.value if v.tag.startswith(("train/", "test/"))]
+  return sorted(points)
+
+
 def forget_after(phase_dir, step: int) -> None:
   """The phase directory as a run killed right after its checkpoint at `step` would leave it."""
   checkpoints = os.path.join(phase_dir, "checkpoints")
@@ -113,6 +128,10 @@ def test_phase1_resumed_around_the_switch_equals_uninterrupted(uninterrupted, tm
   for a, b in zip(straight, resumed):
     np.testing.assert_array_equal(a, b)
   assert records(copy) == records(workdir)
+  # TensorBoard shows the uninterrupted run's points once each: the killed run's points after its
+  # checkpoint were cut from its event file, as from metrics.jsonl.
+  points = tensorboard_points(copy)
+  assert points == tensorboard_points(workdir) and len(points) == len(set(points)) > 0
 
 
 def test_adversarial_loose_phase2_resumed_equals_uninterrupted(uninterrupted, tmp_path):

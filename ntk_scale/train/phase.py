@@ -112,12 +112,15 @@ def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
     state = checkpoints.restore(latest, state)
     logging.info("Resumed %s from step %d (epoch %.3f).", phase.directory, latest,
                  latest / phase.steps_per_epoch)
-  from ntk_scale.train.writers import JsonlWriter, create_writers  # pylint: disable=import-outside-toplevel
+  from ntk_scale.train.writers import (  # pylint: disable=import-outside-toplevel
+      JsonlWriter, create_writers, kept_on_resume, truncate_event_files)
 
+  keep = kept_on_resume(start_step)
+  if jax.process_index() == 0:  # the one writer of TensorBoard's files, before it opens a new one
+    truncate_event_files(phase.directory, keep)
   writer, jsonl = create_writers(phase.directory)
   if isinstance(jsonl, JsonlWriter):
-    jsonl.truncate(lambda r: r["step"] < start_step or (
-        r["step"] == start_step and not any(k.startswith("test/") for k in r)))
+    jsonl.truncate(lambda r: all(keep(r["step"], name) for name in r if name != "step"))
   if latest is None:
     writer.write_hparams(hparams)
   return state, start_step, checkpoints, writer

@@ -1,6 +1,7 @@
 """Metric writers: clu's TensorBoard and logging writers, plus `<workdir>/metrics.jsonl` (read back
-by train/metrics_jsonl.py, which needs no TensorFlow)."""
+by train/metrics_jsonl.py, which needs no TensorFlow), and what a resumed run keeps of both."""
 
+import io
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -11,6 +12,46 @@ from clu import metric_writers
 
 from ntk_scale import files
 from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
+
+EVENT_FILE_PREFIX = "events.out.tfevents."
+
+Kept = Callable[[int, str], bool]  # (step, metric name) -> whether a resumed run keeps the point
+
+
+def kept_on_resume(start_step: int) -> Kept:
+  """What a run resumed from its checkpoint at `start_step` keeps of what was logged: every point
+  before it, and at it all but test/* (the resumed run evaluates the final checkpoint again). The
+  points after it are logged again as the run trains on."""
+  return lambda step, name: step < start_step or (step == start_step and not name.startswith("test/"))
+
+
+def truncate_event_files(directory: str, keep: Kept) -> None:
+  """Rewrites each TensorBoard event file in `directory`, atomically, without the points `keep`
+  refuses (and without a torn last record of a killed run); files that keep everything are left
+  as they are. Else a resumed run's points would appear twice, since TensorBoard shows every
+  file's points (it drops older ones only after a SessionLog restart event, which TF2 writers
+  never write)."""
+  from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.summary.writer.record_writer import RecordWriter
+
+  for name in files.list_dir(directory):
+    if not name.startswith(EVENT_FILE_PREFIX):
+      continue
+    path = os.path.join(directory, name)
+    buffer = io.BytesIO()
+    writer = RecordWriter(buffer)
+    for record in RawEventFileLoader(path).Load():  # stops before a torn last record
+      event = event_pb2.Event.FromString(record)
+      values = [v for v in event.summary.value if keep(event.step, v.tag)]
+      if len(values) == len(event.summary.value):
+        writer.write(record)
+      elif values:
+        del event.summary.value[:]
+        event.summary.value.extend(values)
+        writer.write(event.SerializeToString())
+    if buffer.getvalue() != files.read_bytes(path):
+      files.write_atomic(path, lambda f, data=buffer.getvalue(): f.write(data))
 
 
 class JsonlWriter(metric_writers.MetricWriter):
