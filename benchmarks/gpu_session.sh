@@ -7,8 +7,9 @@
 #     bash benchmarks/gpu_session.sh wheels        # downloads them into .whl/ (git-ignored)
 # There (the device tool: carry [".whl"], timeout_s 600):
 #     bash benchmarks/gpu_session.sh run "$OUT"
-# On a CPU, to check the script itself with tiny sizes (about 2 minutes):
-#     GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh run /tmp/gpu_session
+# On a CPU, to check the script itself with tiny sizes (about 2 minutes; PYTHON: the interpreter,
+# python3 by default, which on the GPU image has jax):
+#     GPU_SESSION_SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh run /tmp/gpu_session
 #
 # In priority order, each under its own time limit (no case is started after its step's deadline):
 #  1. ntk_engine.py, ResNet-18 per logit (class 0) at N = 500 (the issue's "a per-class kernel of
@@ -29,22 +30,27 @@ if [[ "${1:-}" == wheels ]]; then
 fi
 [[ "${1:-}" == run && -n "${2:-}" ]] || { echo "usage: $0 wheels | run OUTDIR" >&2; exit 2; }
 out=$2
+py=${PYTHON:-python3}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/gpu_session_site .whl/*.whl || exit
   export PYTHONPATH=/tmp/gpu_session_site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The repository itself: the image has no editable install of ntk_scale.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# As in the H100 session of 2026-11-22: JAX's default preallocation (75%) would plan smaller tiles.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 cache=/tmp/gpu_session_jax_cache
 started=$SECONDS
 
-if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then
+if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then  # every step's rows, ours and the peers', at tiny sizes
   per_logit=(--resnet_sizes 8) traced=(--resnet_sizes 8) cnn=(--sizes 16) train=(--models cnn --steps 2)
-  limits=(60 60 60 60) deadlines=(30 30 30)
+  limits=(80 80 60 60) deadlines=(30 30 30)
 else
-  per_logit=(--resnet_sizes 500,256,1024) traced=(--resnet_sizes 256,1024) cnn=(--sizes 256,1024)
-  train=(--max_seconds 20)
+  per_logit=(--resnet_sizes 500,256,1024 --variants factored_layers=none) traced=(--resnet_sizes 256,1024)
+  cnn=(--sizes 256,1024) train=(--max_seconds 20)
   limits=(200 150 80 70) deadlines=(160 100 50)
 fi
 
@@ -58,15 +64,14 @@ step() {
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
+  "$py" -c "import jax, ntk_scale; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-step ntk_engine-resnet18-class0 "${limits[0]}" python3 benchmarks/ntk_engine.py --models resnet18 \
-  "${per_logit[@]}" --logits 0 --loo_max 0 --variants factored_layers=none \
-  --deadline_s "${deadlines[0]}" --compilation_cache "$cache"
-step ntk_engine-resnet18-trace "${limits[1]}" python3 benchmarks/ntk_engine.py --models resnet18 \
+step ntk_engine-resnet18-class0 "${limits[0]}" "$py" benchmarks/ntk_engine.py --models resnet18 \
+  "${per_logit[@]}" --logits 0 --loo_max 0 --deadline_s "${deadlines[0]}" --compilation_cache "$cache"
+step ntk_engine-resnet18-trace "${limits[1]}" "$py" benchmarks/ntk_engine.py --models resnet18 \
   "${traced[@]}" --logits trace --loo_max 0 --deadline_s "${deadlines[1]}" --compilation_cache "$cache"
-step ntk_engine-cnn "${limits[2]}" python3 benchmarks/ntk_engine.py --models cnn "${cnn[@]}" \
+step ntk_engine-cnn "${limits[2]}" "$py" benchmarks/ntk_engine.py --models cnn "${cnn[@]}" \
   --logits 0,trace --loo_max 256 --deadline_s "${deadlines[2]}" --compilation_cache "$cache"
-step train_throughput-bfloat16 "${limits[3]}" python3 benchmarks/train_throughput.py \
+step train_throughput-bfloat16 "${limits[3]}" "$py" benchmarks/train_throughput.py \
   --compute_dtypes bfloat16 "${train[@]}"
 echo "done in $((SECONDS - started)) s; tables in $out" | tee -a "$out/steps.txt"

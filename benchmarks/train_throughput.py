@@ -6,9 +6,11 @@ For each model (the small CNN at width 32 and ResNet-18 at width 64, both with B
 `ntk_scale.train.steps.make_train_step` once, and times it on random data on every device jax
 sees. It reports the median step time, images/s, the FLOPs per step from XLA's cost analysis of
 the compiled step (summed over devices), the achieved FLOP rate, and that rate as a fraction of a
-peer measured in the same run: a jitted float32 square matmul (2048 on CPU, 8192 on GPU) on one
-device, timed the same way and scaled by the device count, which is the practical dense FLOP
-ceiling of this machine. On CPU a model stops timing early once its timed steps pass
+peer measured in the same run: a jitted square matmul (2048 on CPU, 8192 on GPU) on one device,
+timed the same way and scaled by the device count, which is the practical dense FLOP ceiling of
+this machine; float32 for the float32 steps, bfloat16 for the bfloat16 ones (whose peak on a GPU
+is about twice TF32's). Each row is printed as soon as it is measured (a stopped run keeps them),
+then the table. On CPU a model stops timing early once its timed steps pass
 --max_seconds (45 s; at least 3 steps) so that the default run takes about 3 minutes.
 
 Run from the repository root:
@@ -26,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -33,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ntk_scale.models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ntk_scale.models  # noqa: E402
 import ntk_scale.parallel
 import ntk_scale.train.optimizer
 import ntk_scale.train.state
@@ -58,6 +62,7 @@ class Row:
   step_seconds: float
   timed_steps: int
   flops: float
+  dtype: str = "float32"  # of the matmuls: which peer it is compared with
 
 
 def compiled_flops(compiled: Any) -> float:
@@ -137,19 +142,27 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
   # The compiled SPMD executable is one device's program, so its cost analysis is per device.
   devices = jax.device_count()
   label = f"{name} [{linearization or compute_dtype}]" if linearization or compute_dtype != "float32" else name
-  return Row(label, parameters, batch_size, devices, seconds, timed, devices * compiled_flops(compiled))
+  return Row(label, parameters, batch_size, devices, seconds, timed, devices * compiled_flops(compiled),
+             compute_dtype)
 
 
-def measure_peer(size: int, timing: Timing) -> Row:
-  """A jitted float32 `size` x `size` matmul on the first device, timed like the train step."""
-  a, b = jax.device_put(jax.random.normal(jax.random.key(0), (2, size, size), jnp.float32))
+def measure_peer(size: int, timing: Timing, dtype: str = "float32") -> Row:
+  """A jitted `size` x `size` matmul in `dtype` on the first device, timed like the train step."""
+  a, b = jax.device_put(jax.random.normal(jax.random.key(0), (2, size, size), jnp.dtype(dtype)))
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
   seconds, timed = median_seconds(lambda: compiled(a, b), timing)
-  return Row(f"peer: matmul {size}x{size} f32", None, None, 1, seconds, timed, compiled_flops(compiled))
+  short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+  return Row(f"peer: matmul {size}x{size} {short}", None, None, 1, seconds, timed,
+             compiled_flops(compiled), dtype)
 
 
-def format_table(rows: list[Row], peer: Row) -> str:
-  peer_rate = peer.flops / peer.step_seconds
+def peer_fraction(row: Row, peers: dict[str, Row]) -> float:
+  """The row's FLOP rate over its dtype's peer rate times its devices."""
+  peer = peers[row.dtype]
+  return row.flops / row.step_seconds / (peer.flops / peer.step_seconds * row.devices)
+
+
+def format_table(rows: list[Row], peers: dict[str, Row]) -> str:
   header = ("model", "parameters", "batch", "devices", "steps", "step ms", "images/s", "GFLOP/step",
             "GFLOP/s", "frac of peer")
   lines = [header]
@@ -158,7 +171,7 @@ def format_table(rows: list[Row], peer: Row) -> str:
     images = f"{row.batch / row.step_seconds:,.0f}" if row.batch else "-"
     lines.append((row.name, f"{row.parameters:,}" if row.parameters else "-", str(row.batch or "-"),
                   str(row.devices), str(row.timed_steps), f"{row.step_seconds * 1e3:.1f}", images,
-                  f"{row.flops / 1e9:.2f}", f"{rate / 1e9:.1f}", f"{rate / (peer_rate * row.devices):.3f}"))
+                  f"{row.flops / 1e9:.2f}", f"{rate / 1e9:.1f}", f"{peer_fraction(row, peers):.3f}"))
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
   fmt = lambda line: "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(line, widths)))
@@ -195,23 +208,33 @@ def main() -> None:
   except ValueError as error:
     raise SystemExit(f"error: {error}") from None
   print(f"jax {jax.__version__}, backend {backend}, {jax.device_count()} x {jax.devices()[0].device_kind}")
-  peer = measure_peer(args.peer_size or PEER_SIZE.get(backend, 8192), timing)
+  size = args.peer_size or PEER_SIZE.get(backend, 8192)
+  peers = {dtype: measure_peer(size, timing, dtype) for dtype in ("float32", *args.compute_dtypes)}
+  for peer in peers.values():
+    print(f"measured {peer.name}: {peer.flops / peer.step_seconds / 1e9:.1f} GFLOP/s", flush=True)
   rows, overheads = [], []
+
+  def measured(row: Row) -> Row:
+    rows.append(row)
+    print(f"measured {row.name}: {row.step_seconds * 1e3:.1f} ms/step, "
+          f"{row.batch / row.step_seconds:,.0f} images/s, {peer_fraction(row, peers):.3f} of the "
+          f"{row.dtype} peer", flush=True)
+    return row
+
   for name in args.models:
-    standard = measure_model(name, args.batch_size, timing)
-    rows.append(standard)
+    standard = measured(measure_model(name, args.batch_size, timing))
     variants = [(kind, "float32") for kind in args.linearizations]
     variants += [(None, dtype) for dtype in args.compute_dtypes]
     for kind, dtype in variants:
-      rows.append(measure_model(name, args.batch_size, timing, kind, dtype))
-      overheads.append(f"{rows[-1].name}: {rows[-1].step_seconds / standard.step_seconds:.2f}x "
+      row = measured(measure_model(name, args.batch_size, timing, kind, dtype))
+      overheads.append(f"{row.name}: {row.step_seconds / standard.step_seconds:.2f}x "
                        f"the standard (float32) step's time")
-  print(format_table(rows + [peer], peer))
+  print(format_table(rows + list(peers.values()), peers))
   for line in overheads:
     print(line)
   print(f"step ms: median of the timed steps (column 'steps'), after compilation and {timing.warmup} "
         "warm-up step(s).\nGFLOP/step: XLA cost analysis of the compiled executable, summed over devices; "
-        "frac of peer: GFLOP/s over (peer GFLOP/s x devices).")
+        "frac of peer: GFLOP/s over (GFLOP/s of the peer of the step's dtype x devices).")
 
 
 if __name__ == "__main__":
