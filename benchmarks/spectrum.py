@@ -61,7 +61,8 @@ def write_kernel(directory: str, x: np.ndarray, tile: int) -> KernelStore:
 
 
 def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iters: int) -> list[tuple]:
-  """Rows (solver, seconds, iterations or passes, largest residual) for the top k of one kernel:
+  """Rows (solver, seconds, iterations or passes, largest residual, eigenvalues) for the top k of one
+  kernel:
   scipy's LOBPCG on the matrix in memory (the peer) and streamed from the store, and the spectrum
   job's rounds, sharded over the devices and streamed, to the same tolerance (float32's default)."""
   tol = 1e-5
@@ -73,12 +74,13 @@ def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iter
 
     start = time.perf_counter()
     peer = spectrum.top_eigenpairs(kernel, k, tol=tol, dtype=dtype)
-    rows.append(("scipy LOBPCG, in memory", time.perf_counter() - start, "", peer.residuals.max()))
+    rows.append(("scipy LOBPCG, in memory", time.perf_counter() - start, "", peer.residuals.max(),
+                 peer.values))
     operator = spectrum.StoredKernelOperator(store, dtype, max_block_bytes=int(block_mb * 2**20))
     start = time.perf_counter()
     streamed = spectrum.top_eigenpairs(operator, k, tol=tol, dtype=dtype)
     rows.append(("scipy LOBPCG, streamed", time.perf_counter() - start, f"{operator.passes} passes",
-                 streamed.residuals.max()))
+                 streamed.residuals.max(), streamed.values))
 
     width = k + 10
     with jax.enable_x64(dtype == "float64"):
@@ -90,13 +92,13 @@ def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iter
       start = time.perf_counter()          # generates code at a program's first run)
       pairs, state = _rounds(engine, width, dtype, tol)
       rows.append((f"ours, sharded on {jax.device_count()} device(s)", time.perf_counter() - start,
-                   f"{state['iterations']} it.", pairs.residuals.max(), ready))
+                   f"{state['iterations']} it.", pairs.residuals.max(), pairs.values, ready))
     ours = StreamedKernel(store, k, dtype, round_iters, tol, int(block_mb * 2**20),
                           start_block(store.shape[0], width, 0, np.dtype(dtype)))
     start = time.perf_counter()
     pairs, state = _rounds(ours, width, dtype, tol)
     rows.append(("ours, streamed", time.perf_counter() - start,
-                 f"{ours.operator.passes} passes", pairs.residuals.max()))
+                 f"{ours.operator.passes} passes", pairs.residuals.max(), pairs.values))
   return rows
 
 
@@ -122,11 +124,14 @@ def main() -> None:
       print(f"{'dense eigh (' + backend + ')':<34}{n:>8}{time_dense(n, backend):>10.2f}", flush=True)
   for n in (int(s) for s in args.topk.split(",") if s):
     rows = time_topk(n, args.k, args.block_mb, args.tile, args.dtype, args.round_iters)
-    peer = rows[0][1]
-    for name, seconds, work, residual, *ready in rows:
+    peer, peer_values = rows[0][1], np.asarray(rows[0][4], np.float64)
+    for name, seconds, work, residual, values, *ready in rows:
       extra = f", {ready[0]:.1f} s to compile, load and warm up" if ready else ""
+      # Both to the same residual: their eigenvalues must agree to about that, relative to lambda_1.
+      apart = np.abs(np.asarray(values, np.float64) - peer_values).max() / peer_values.max()
       print(f"{f'top-{args.k} {name}':<34}{n:>8}{seconds:>10.2f}   {peer / seconds:5.1f}x the peer, "
-            f"{work + ', ' if work else ''}residual {residual:.1e}{extra}", flush=True)
+            f"{work + ', ' if work else ''}residual {residual:.1e}, eigenvalues within "
+            f"{apart:.1e} x lambda_1 of the peer's{extra}", flush=True)
 
 
 if __name__ == "__main__":
