@@ -62,8 +62,23 @@ def test_batched_kernel_matches_one_call_in_float64(nt, architecture, depth):
   assert np.all(np.linalg.eigvalsh(square) > 0)
 
 
-def test_myrtle_kernel_is_symmetric_positive_definite(nt):
-  kernel = infinite.kernel_matrix(_section(architecture="myrtle", depth=5, batch_size=3), 10, _images(3))
+def test_myrtle_kernel_is_the_papers_network_written_out(nt):
+  """Myrtle-5 (Shankar et al. 2020; neural-tangents' example): two 3x3 convolutions, a 2x2 average
+  pool, one, a pool, one, then pools down to 1x1 and a dense head. Written out here layer by layer
+  for 8x8 images (the last pool a plain 2x2 one, which the code's global average pool must equal),
+  its analytic NTK must be the code's; a missing or extra stage changes it."""
+  stax = nt.stax
+  conv = lambda: stax.Conv(1, (3, 3), padding="SAME", W_std=1.5, b_std=0.1)
+  pool = lambda: stax.AvgPool((2, 2), strides=(2, 2))
+  _, _, reference = stax.serial(conv(), stax.Relu(), conv(), stax.Relu(), pool(),  # 8x8 -> 4x4
+                                conv(), stax.Relu(), pool(),  # 4x4 -> 2x2
+                                conv(), stax.Relu(), pool(),  # 2x2 -> 1x1
+                                stax.Flatten(), stax.Dense(10, W_std=1.5, b_std=0.1))
+  x = _images(3, shape=(8, 8, 1))
+  kernel = infinite.kernel_matrix(_section(architecture="myrtle", depth=5, batch_size=3), 10, x)
+  with jax.enable_x64(True):
+    expected = np.asarray(reference(x, None, "ntk"))
+  np.testing.assert_allclose(kernel, expected, rtol=1e-8)  # the diagonal: 1e-9 apart, x2=None or not
   np.testing.assert_allclose(kernel, kernel.T, rtol=1e-12)
   assert np.all(np.linalg.eigvalsh(kernel) > 0)
 

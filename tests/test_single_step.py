@@ -145,6 +145,26 @@ def test_one_training_step_with_each_single_step_option(setup, attack_name, grad
     assert "grad_align" not in metrics
 
 
+def test_the_grad_align_weight_scales_its_penalty_in_the_update(setup):
+  """Plain SGD: the update is -lr * (grad CE(adversarial) + w * grad penalty), linear in GradAlign's
+  weight w with the same adversarial examples (FGSM from zero does not depend on w). So the update
+  at w = 1 differs from w = 0 by twice what w = 0.5 does, and not by nothing: the penalty reaches the
+  parameters with its weight (the penalty's own gradient is checked above, by finite differences)."""
+  mesh, make_state, model = setup
+  raveled = {}
+  for weight in (0.0, 0.5, 1.0):
+    config = _config("fgsm", weight)
+    dataset = load_dataset(config.data)
+    batch = parallel.global_batch(mesh, {"images": dataset.train.images, "labels": dataset.train.labels},
+                                  np.arange(64))
+    _, step = build_train_steps(config, config.train, config.seed, adversarial=True, model=model)
+    state, _ = step(make_state(), batch)
+    raveled[weight] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]).astype(np.float64)
+  half, whole = raveled[0.5] - raveled[0.0], raveled[1.0] - raveled[0.0]
+  assert np.abs(half).max() > 1e-4 * np.abs(raveled[0.0]).max()
+  np.testing.assert_allclose(whole, 2 * half, rtol=0, atol=2e-3 * np.abs(half).max())
+
+
 @pytest.mark.parametrize("mode, weight, clean, message", [
     ("C", 0.5, "constant", r"config\.train\.grad_align=0\.5 regularises adversarial training"),
     ("A", -1.0, "constant", r"config\.train\.grad_align=-1\.0 must be a finite number >= 0"),

@@ -129,3 +129,38 @@ def test_bad_requests_are_refused(tmp_path):
   store.update_meta(complete=False)
   with pytest.raises(ValueError, match="unfinished kernel"):
     spectrum.StoredKernelOperator(store)
+
+
+class _ScriptedEngine:
+  """A stand-in LOBPCG engine whose k-th round returns residuals[k] (10 iterations a round)."""
+
+  def __init__(self, residuals):
+    self.residuals, self.rounds = list(residuals), 0
+
+  def advance(self, block):
+    self.rounds += 1
+    return block, 10
+
+  def ritz(self, block):
+    r = self.residuals[self.rounds - 1]
+    return spectrum.Eigenpairs(np.ones(1), np.ones((1, 1)), np.array([r]))
+
+
+@pytest.mark.parametrize("residuals, rounds, stalled", [
+    # Round-off floor: after 1e-3, two rounds in a row without a 10% gain (0.95e-3, 0.94e-3) stop it.
+    ([1e-3, 9.5e-4, 9.4e-4, 1e-9], 3, 2),
+    # A round with a gain over 10% (8e-4 < 0.9 * 9.5e-4) resets the count: it goes on to tol.
+    ([1e-3, 9.5e-4, 8e-4, 7.9e-4, 1e-7], 5, 0),
+    # Best-so-far, not the last round: a worse round then one just below the best are no gain.
+    ([1e-3, 2e-3, 9.5e-4, 1e-9], 3, 2),
+])
+def test_rounds_stop_at_the_round_off_floor_and_only_there(residuals, rounds, stalled):
+  """The spectrum's rounds end below tol, after max_iters, or when STALL_ROUNDS rounds in a row bring
+  the best residual no STALL_GAIN (10%) lower: float32 round-off, where more rounds do nothing."""
+  from ntk_scale.ntk.spectrum_rounds import STALL_ROUNDS, first_state, run_rounds
+
+  assert STALL_ROUNDS == 2
+  engine = _ScriptedEngine(residuals)
+  pairs, state = run_rounds(engine, first_state(np.zeros((1, 1))), tol=1e-6, max_iters=400)
+  assert state["rounds"] == rounds == engine.rounds and state["stalled"] == stalled
+  assert state["residuals"] == residuals[:rounds] and pairs.residuals[0] == residuals[rounds - 1]
