@@ -145,15 +145,21 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   assert result["eigensolver"] == "dense" and result["num_eigenpairs"] == 40
   files = sorted(os.listdir(result["eigen_features"]))
   assert files == ["features.csv", "features.json", "usefulness_robustness.png"]
-  # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train).
+  # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train); group
+  # "0" the rank-one predictor of the top eigenpair and "3-5" (the first doubling group) that of
+  # eigenpairs 3 to 5: K(x, X) V_g diag(1 / lambda_g) V_g^T Y.
+  assert list(rows)[:4] == ["0", "1", "2", "3-5"]
   store = KernelStore.open(result["source_kernel"])
   pairs = eigh(store.read())
-  rank = pairs.values > 1e-10 * pairs.values[0]
-  v = pairs.vectors[:, rank]
-  predictions = _test_predictions(c, workdir, store,
-                                  v @ ((v.T @ _targets(store.labels(), 10)) / pairs.values[rank, None]))
+  targets = _targets(store.labels(), 10)
+  checked = {"0": np.array([0]), "3-5": np.arange(3, 6),
+             "all": np.flatnonzero(pairs.values > 1e-10 * pairs.values[0])}
+  coefficients = [pairs.vectors[:, i] @ ((pairs.vectors[:, i].T @ targets) / pairs.values[i, None])
+                  for i in checked.values()]
+  predictions = _test_predictions(c, workdir, store, np.stack(coefficients))  # [3, 30, 10]
   y_test = load_digits().test.labels[:30]
-  assert rows["all"]["clean_accuracy"] == pytest.approx(np.mean(predictions.argmax(1) == y_test), abs=1 / 30)
+  for name, p in zip(checked, predictions, strict=True):
+    assert rows[name]["clean_accuracy"] == pytest.approx(np.mean(p.argmax(1) == y_test), abs=1 / 30), name
   assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())
   assert sum(r["num_features"] for g, r in rows.items() if g != "all") == rows["all"]["num_features"]
   # A rerun reads the finished result back; one with another attack recomputes.

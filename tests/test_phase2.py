@@ -18,6 +18,7 @@ from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.data import load_digits
 from ntk_scale.linearize import LinearizedModel
+from ntk_scale.models import build_model
 from ntk_scale.restore import restore_for_inference
 from ntk_scale.train.phase2 import apply_loaders, build_phase2, check_phase2_config
 from ntk_scale.train.metrics_jsonl import read_metrics
@@ -34,6 +35,7 @@ def phase2_config() -> ml_collections.ConfigDict:
   c = load_config("digits", "smoke")
   c.num_epochs = 1.0
   c.log_every_steps = 5
+  c.eval_batch_size = 100  # the 360 test images in 4 batches, the last one padded
   c.eval_attacks = ml_collections.ConfigDict({"pgd": pgd_linf(EPS, num_steps=2)})
   c.phase2.num_epochs = 2.0
   c.phase2.from_epoch = 0.5
@@ -95,6 +97,26 @@ def test_phase2_evaluation_records_output_components(run):
     parts = record["results"][name]["output_components"]
     assert set(parts) == {"f0_mean_abs", "f0_mean_norm", "jvp_mean_abs", "jvp_mean_norm"}
     assert all(np.isfinite(v) and v > 0 for v in parts.values())
+  # Each is the mean over the test split (clean, or its saved PGD examples) of an independent
+  # recomputation with the plain network: f0 = f(x; theta0), jvp = J(x; theta0)(theta - theta0).
+  config = phase2_config()
+  network = build_model(config.model, data.num_classes(config.data))
+  theta0 = raw_checkpoint(os.path.join(workdir, "checkpoints"), 11)
+  theta = raw_checkpoint(os.path.join(workdir, "phase2", NAME, "checkpoints"), 44)["params"]
+  params0, stats0 = theta0["params"], theta0["batch_stats"]  # BatchNorm frozen at theta0
+  delta = jax.tree.map(lambda p, p0: p - p0, theta, params0)
+  f = lambda p, x: network.apply({"params": p, "batch_stats": stats0}, x, train=False)
+  images = {"clean": load_digits().test.images,
+            "pgd": np.load(os.path.join(workdir, "phase2", NAME, "adversarial", "pgd", "images.npy"))}
+  for name, x in images.items():
+    assert len(x) == 360 and len(x) % config.eval_batch_size  # a padded last batch
+    f0, jvp = jax.jvp(lambda p: f(p, jnp.asarray(x)), (params0,), (delta,))
+    parts = record["results"][name]["output_components"]
+    for part, logits in (("f0", np.asarray(f0, np.float64)), ("jvp", np.asarray(jvp, np.float64))):
+      assert logits.shape == (360, 10)
+      assert parts[f"{part}_mean_abs"] == pytest.approx(np.abs(logits).mean(), rel=1e-5), (name, part)
+      assert parts[f"{part}_mean_norm"] == pytest.approx(
+          np.linalg.norm(logits, axis=1).mean(), rel=1e-5), (name, part)
   assert record["results"]["pgd"]["accuracy"] <= record["results"]["clean"]["accuracy"]
   assert os.path.isdir(os.path.join(workdir, "phase2", NAME, "adversarial", "pgd"))
   # Phase 1's evaluation is where it always was, without components.
