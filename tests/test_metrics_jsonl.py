@@ -67,3 +67,31 @@ def test_run_resumes_after_a_power_loss_tore_its_last_metrics_line(tmp_path, cap
     lines = f.read().splitlines()
   records = [json.loads(line) for line in lines]  # every line whole
   assert records == before  # the test metrics rewritten once, nothing torn left
+
+
+def test_event_files_are_cut_back_like_metrics_jsonl_and_otherwise_left_alone(tmp_path):
+  """TensorBoard's event files on resume: a file with nothing to cut is not rewritten, a torn last
+  record (a power loss) goes, and the points the resumed run logs again go (train/* after the
+  checkpoint's step, test/* from it on), each event keeping what it still holds."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+  from ntk_scale.train.writers import kept_on_resume, truncate_event_files
+
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  with writer.as_default():
+    for step in range(10):
+      tf.summary.scalar("train/loss", float(step), step=step)
+      tf.summary.scalar("test/accuracy", float(step), step=step)
+  writer.close()
+  [path] = [str(p) for p in tmp_path.iterdir()]
+  whole, modified = open(path, "rb").read(), os.stat(path).st_mtime_ns
+  truncate_event_files(str(tmp_path), kept_on_resume(10))
+  assert open(path, "rb").read() == whole and os.stat(path).st_mtime_ns == modified
+  with open(path, "ab") as f:
+    f.write(b"\x2a\x00\x00")  # a record cut short
+  truncate_event_files(str(tmp_path), kept_on_resume(10))
+  assert open(path, "rb").read() == whole
+  truncate_event_files(str(tmp_path), kept_on_resume(5))
+  points = sorted((v.tag, e.step) for e in EventFileLoader(path).Load() for v in e.summary.value)
+  assert points == sorted([("train/loss", s) for s in range(6)] + [("test/accuracy", s) for s in range(5)])

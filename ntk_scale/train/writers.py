@@ -15,6 +15,7 @@ from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
 
+_RECORD_FRAMING = 16  # a TFRecord's length (8 bytes) and two checksums (4 each) around its data
 Kept = Callable[[int, str], bool]  # (step, metric name) -> whether a resumed run keeps the point
 
 
@@ -39,19 +40,26 @@ def truncate_event_files(directory: str, keep: Kept) -> None:
     if not name.startswith(EVENT_FILE_PREFIX):
       continue
     path = os.path.join(directory, name)
-    buffer = io.BytesIO()
-    writer = RecordWriter(buffer)
+    records, changed, size = [], False, 0
     for record in RawEventFileLoader(path).Load():  # stops before a torn last record
+      size += len(record) + _RECORD_FRAMING
       event = event_pb2.Event.FromString(record)
       values = [v for v in event.summary.value if keep(event.step, v.tag)]
       if len(values) == len(event.summary.value):
-        writer.write(record)
-      elif values:
+        records.append(record)
+        continue
+      changed = True
+      if values:
         del event.summary.value[:]
         event.summary.value.extend(values)
-        writer.write(event.SerializeToString())
-    if buffer.getvalue() != files.read_bytes(path):
-      files.write_atomic(path, lambda f, data=buffer.getvalue(): f.write(data))
+        records.append(event.SerializeToString())
+    if not changed and size == len(files.read_bytes(path)):
+      continue  # nothing to cut: no rewrite (and no checksums, 0.5 s a MB in pure Python)
+    buffer = io.BytesIO()
+    writer = RecordWriter(buffer)
+    for record in records:
+      writer.write(record)
+    files.write_atomic(path, lambda f, data=buffer.getvalue(): f.write(data))
 
 
 class JsonlWriter(metric_writers.MetricWriter):
