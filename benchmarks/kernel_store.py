@@ -52,7 +52,8 @@ def write_rate(directory: str, tile: int, num_tiles: int, concurrency: int) -> f
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--tile", type=int, default=136)
-  parser.add_argument("--tiles", type=int, default=300, help="upper-triangle tiles written in each row of the table")
+  parser.add_argument("--tiles", type=int, default=300,
+                      help="upper-triangle tiles written in each row of the table")
   parser.add_argument("--concurrency", default="1,4,16")
   parser.add_argument("--latency_ms", type=float, default=30.0, help="the emulated bucket's round trip")
   args = parser.parse_args()

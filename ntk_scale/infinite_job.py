@@ -12,9 +12,8 @@ evaluation and one number. The robust dataset is compared side by side with the 
 kernel regression fitted on each, and the CNN of one width (robust_data.network_width) trained on
 each (network_width=0: kernel regression alone, no network trained on either set), all clean and
 under robust_data.eval_attacks (PGD, APGD-CE and APGD-T; Square too with `:square`) on the same
-test images. With
-robust_data.target_holdout the optimised set is the training set less the held-out targets, and
-the comparison adds that subset's original images ("original_subset").
+test images. With robust_data.target_holdout the optimised set is the training set less the
+held-out targets, and the comparison adds that subset's original images ("original_subset").
 
 Writes to the workdir: results.json (every accuracy), adversarial/<attack>/ (the kernel's
 adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each finite network's

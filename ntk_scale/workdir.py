@@ -136,8 +136,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   error, because resuming would silently mix two runs. Only jobs that make the experiment
   (`records_experiment`) record it; the others check a record that exists and write nothing here,
   so one run on an empty workdir leaves it empty (it fails reading the checkpoints it needs, or,
-  the report, here; the report needs a record, not this config's: it reads results only). The phase-2 record, if any, is checked here too (phase 2 writes it when it
-  starts); the phase2 job needs a recorded phase 1.
+  the report, here; the report needs a record, not this config's: it reads results only). The
+  phase-2 record, if any, is checked here too (phase 2 writes it when it starts); the phase2 job
+  needs a recorded phase 1.
   """
   if files.is_cloud(workdir) and not workdir.startswith("gs://"):
     raise ValueError(f"--workdir={workdir}: a workdir is a local directory or a gs:// bucket path.")

@@ -25,9 +25,9 @@ information the data carries along those directions.
 The clip matters on digits, whose backgrounds are exactly 0: every move below 0 is cut there. At
 beta 0.15 the sign carrier moves 61% of the pixels and leaves 32% unmoved; with remove_projection
 and nothing injected (beta 0; the dct directions of configs/catastrophic_overfitting.py:perp), the
-clip puts back coordinates along the patterns of up to 0.24
-(mean 0.035), from which a nearest-class-mean classifier is 41% accurate (80% from the original
-images' coordinates; chance 10%). The injected feature is still perfectly discriminative, but
+clip puts back coordinates along the patterns of up to 0.24 (mean 0.035), from which a
+nearest-class-mean classifier is 41% accurate (80% from the original images' coordinates; chance
+10%). The injected feature is still perfectly discriminative, but
 `perp` data are not free of the images' own information along it.
 """
 
@@ -146,8 +146,8 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
                        + (f" of {image_shape[0]}x{image_shape[1]}." if image_shape else "."))
     beta = transform.get("beta")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
-      raise ValueError(f"{p}.beta={beta!r} must be a finite number >= 0 (pixel units of [0, 1] images, the "
-                       f"largest change of a pixel, comparable with an L-inf eps).")
+      raise ValueError(f"{p}.beta={beta!r} must be a finite number >= 0 (pixel units of [0, 1] "
+                       f"images, the largest change of a pixel, comparable with an L-inf eps).")
     if carrier == "dct":  # "sign" has fixed patterns: num_frequencies and seed are unused there
       k = transform.get("num_frequencies")
       if not _is_int(k) or k < num_classes:

@@ -108,7 +108,8 @@ def _prepare(builder, name: str, data_dir: str | None, download: bool):
   if hosts and not any(_reachable(host) for host in hosts):
     raise DatasetUnavailableError(
         f"Dataset {name!r} is not prepared in {builder.data_dir} and neither "
-        f"{' nor '.join(host for host, _ in hosts)} can be reached to download it. " + _how_to_provide(name, data_dir))
+        f"{' nor '.join(host for host, _ in hosts)} can be reached to download it. "
+        + _how_to_provide(name, data_dir))
   if not download:
     raise DatasetUnavailableError(
         f"Dataset {name!r} is not prepared in {builder.data_dir} and config.data.download is False. "

@@ -259,7 +259,8 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   dataset = load_dataset(config.data)
   split = getattr(dataset, k.split) if k.split in SPLITS else None
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
-  rows = parse_logits(k.logits, dataset.num_classes).matrix_rows(len(select_examples(config, split.labels)))
+  num_examples = len(select_examples(config, split.labels))
+  rows = parse_logits(k.logits, dataset.num_classes).matrix_rows(num_examples)
   check_num_eigenpairs(config.spectrum.num_eigenpairs, rows)
   return kernel_spectrum(config, workdir, kernel_job(config, workdir, dataset))
 

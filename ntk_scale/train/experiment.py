@@ -56,8 +56,8 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   workdir records the config (a rerun with the field corrected would be another experiment)."""
   check_common_config(config, num_devices)
   if not 0 < config.num_epochs < math.inf:
-    raise ValueError(f"config.num_epochs={config.num_epochs} must be positive and finite (to run phase 2 alone "
-                     f"from an existing workdir, use config.job='phase2').")
+    raise ValueError(f"config.num_epochs={config.num_epochs} must be positive and finite (to run "
+                     f"phase 2 alone from an existing workdir, use config.job='phase2').")
   bad = [e for e in config.checkpoint.fractional_epochs if not e > 0]
   if bad:  # epochs beyond num_epochs are allowed and skipped, so short variants keep the defaults
     raise ValueError(f"config.checkpoint.fractional_epochs has non-positive epochs {bad}.")
