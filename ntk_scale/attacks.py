@@ -28,7 +28,6 @@ no gradient (stop_gradient): adversarial training differentiates at the example,
 """
 
 import dataclasses
-import math
 from typing import Callable
 
 import jax
@@ -36,6 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 Attack = Callable[[LogitsFn, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -565,7 +566,7 @@ def _positive(config: ml_collections.ConfigDict, field: str, prefix: str, requir
     if required:
       raise ValueError(f"{prefix}.{field} is required for attack {config.name!r}{hint}.")
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+  if not (is_finite_number(value) and 0 < value):
     raise ValueError(f"{prefix}.{field}={value!r} must be a positive finite number{hint}.")
   return float(value)
 
@@ -574,7 +575,7 @@ def _count(config: ml_collections.ConfigDict, field: str, prefix: str, required:
   value = config.get(field)
   if value is None and not required:
     return 1
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+  if not is_whole_number(value, 1):
     raise ValueError(f"{prefix}.{field}={value!r} must be an integer >= 1 for attack "
                      f"{config.name!r}.")
   return int(value)
@@ -585,14 +586,14 @@ def _number(config: ml_collections.ConfigDict, field: str, prefix: str, default:
   """`{prefix}.<field>` (default when unset), a number that `valid` accepts; the error says
   what is `expected`."""
   value = config.get(field, default)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+  if not (is_finite_number(value) and valid(value)):
     raise ValueError(f"{prefix}.{field}={value!r} must {expected}.")
   return float(value)
 
 
 def _num_targets(config: ml_collections.ConfigDict, prefix: str, num_classes: int | None) -> int:
   value = config.get("num_targets", 9)  # AutoAttack's
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  if not is_whole_number(value, 1):
     raise ValueError(f"{prefix}.num_targets={value!r} must be an integer >= 1 (AutoAttack: 9, "
                      f"every class but the true one on CIFAR-10).")
   if num_classes is not None and value > num_classes - 1:
@@ -659,7 +660,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   if name == "square":
     num_queries = _count(c, "num_queries", prefix, required=True)
     p_init = c.get("p_init", 0.8)  # AutoAttack's
-    if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0.0 < p_init <= 1.0:
+    if not (is_finite_number(p_init) and 0.0 < p_init <= 1.0):
       raise ValueError(f"{prefix}.p_init={p_init!r} must lie in (0, 1]: the fraction of the image "
                        f"the first squares cover.")
     return lambda logits_fn, images, labels, key: square(
@@ -678,7 +679,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
         restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, norm=norm)
   if name in ("apgd_ce", "apgd_dlr", "apgd_t"):
     rho = c.get("rho", 0.75)
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
+    if not (is_finite_number(rho) and 0.0 < rho < 1.0):
       raise ValueError(f"{prefix}.rho={rho!r} must lie in (0, 1).")
     if name == "apgd_t":
       if restarts != 1:
@@ -701,7 +702,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
     raise ValueError(f"{prefix}.restarts={restarts} needs {prefix}.random_start=True; without a "
                      "random start every restart is the same run.")
   unroll = c.get("unroll", 1)
-  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+  if not is_whole_number(unroll, 1):
     raise ValueError(f"{prefix}.unroll={unroll!r} must be an integer >= 1 (loop iterations per "
                      f"unrolled body; num_steps unrolls fully).")
   return lambda logits_fn, images, labels, key: pgd(

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import parallel
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.nt_compat import load_neural_tangents
 from ntk_scale.ntk.function_tiles import function_kernel
 from ntk_scale.ntk.store import KernelStore, open_on_every_process
@@ -47,11 +48,9 @@ def _neural_tangents() -> ModuleType:
 
 
 def _positive_number(value, field: str, allow_zero: bool = False) -> None:
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value > 0)
-  if not ok:
+  if not (is_finite_number(value) and (value >= 0 if allow_zero else value > 0)):
     raise ValueError(f"{field}={value!r} must be a {'non-negative' if allow_zero else 'positive'} "
-                     f"number.")
+                     f"finite number.")
 
 
 def check_architecture_config(section: ml_collections.ConfigDict,
@@ -61,7 +60,7 @@ def check_architecture_config(section: ml_collections.ConfigDict,
     raise ValueError(f"{prefix}.architecture={section.architecture!r} is not a known architecture; "
                      f"expected one of {', '.join(ARCHITECTURES)}.")
   depth = section.depth
-  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+  if not is_whole_number(depth, 1):
     raise ValueError(f"{prefix}.depth={depth!r} must be an integer >= 1.")
   if section.architecture == "myrtle" and depth not in MYRTLE_STAGES:
     raise ValueError(f"{prefix}.depth={depth} is not a Myrtle depth; expected one of "
@@ -74,7 +73,7 @@ def check_architecture_config(section: ml_collections.ConfigDict,
     raise ValueError(f"{prefix}.dtype={section.dtype!r}; expected one of {', '.join(DTYPES)}.")
   parallel.check_float64_devices(section.dtype, f"{prefix}.dtype", "use 'float32'")
   batch = section.batch_size
-  if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+  if not is_whole_number(batch, 1):
     raise ValueError(f"{prefix}.batch_size={batch!r} must be an integer >= 1 (images per kernel "
                      f"block).")
 

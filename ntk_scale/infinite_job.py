@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
+from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import Model, evaluate, transfer_rate
 from ntk_scale.evaluation_progress import KeptResults
@@ -78,7 +79,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   if test_labels is not None:
     check_subset_size("config.infinite.num_test", s.num_test, test_labels, range(num_classes), "test")
   build_attacks(s.attacks, "config.infinite.attacks", num_classes)
-  if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in s.transfer.widths):
+  if any(not is_whole_number(w, 1) for w in s.transfer.widths):
     raise ValueError(f"config.infinite.transfer.widths={tuple(s.transfer.widths)} must be integers >= 1.")
   images = s.num_train or num_train
   check_robust_data_config(s.robust_data, images, num_classes)

@@ -22,7 +22,6 @@ its coefficients (large, of both signs) turn into wrong predictions.
 """
 
 import dataclasses
-import math
 from typing import Callable
 
 import jax
@@ -32,6 +31,8 @@ import ml_collections
 import numpy as np
 import scipy.sparse.linalg
 
+from ntk_scale.config_numbers import is_finite_number
+
 SOLVERS = ("cholesky", "eigh", "lstsq")
 KernelFn = Callable[[jax.Array, jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -40,7 +41,7 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 def check_regression_config(section: ml_collections.ConfigDict, prefix: str) -> None:
   """`regularizer` (>= 0) and `solver` of a kernel-regression config section; errors name the field."""
   reg = section.regularizer
-  if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 <= reg < math.inf:
+  if not (is_finite_number(reg) and 0 <= reg):
     raise ValueError(f"{prefix}.regularizer={reg!r} must be a finite number >= 0 (relative to the mean "
                      f"kernel diagonal; 0 is ridgeless).")
   if section.solver not in SOLVERS:

@@ -16,13 +16,14 @@ import jax
 from absl import logging
 
 from ntk_scale import files
+from ntk_scale.config_numbers import is_whole_number
 
 # The first steps of a run compile and warm up; the trace starts after them.
 SKIP_STEPS = 2
 
 
 def check_profile_steps(value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+  if not is_whole_number(value, 0):
     raise ValueError(f"config.profile_steps={value!r} must be an integer >= 0 (train or kernel tile "
                      f"steps traced for TensorBoard's profile plugin; 0: none).")
 

@@ -8,7 +8,6 @@ the shapes the checkpoint records, so nothing is initialised or compiled to rest
 """
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -19,6 +18,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import data, files, parallel
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, missing_initial_note
+from ntk_scale.config_numbers import is_finite_number
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, phase2_directory, phase2_name
@@ -140,7 +140,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *, ph
   """
   fields = fields or f"config.{config.get('job', 'evaluate')}"
   check_phase(phase, fields)
-  if epoch is not None and not (isinstance(epoch, (int, float)) and math.isfinite(epoch)):
+  if epoch is not None and not is_finite_number(epoch):
     raise ValueError(f"{fields}.epoch={epoch!r}; expected an epoch number or None (the newest).")
   mesh = parallel.make_mesh() if mesh is None else mesh
   if phase == 1:

@@ -54,6 +54,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import files, parallel, preemption
 from ntk_scale.attacks import Attack, build_attack, build_attacks
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import Split, eval_batches
 from ntk_scale.kernel_regression import (KernelFn, kernel_scores, predictor, regression_targets,
                                          ridge_coefficients)
@@ -69,7 +70,7 @@ def num_holdout(target_holdout: int | float, num_train: int) -> int:
   original images of the optimised set); a whole number (int or integral float), that many; a
   non-integral float in (0, 1), that fraction of `num_train`, rounded. Checked; the error names the field."""
   value = target_holdout
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if not is_finite_number(value):
     raise ValueError(f"{PREFIX}.target_holdout={value!r} must be 0 (the targets are the optimised "
                      f"training images), a number of held-out images or a fraction in (0, 1).")
   if isinstance(value, float) and not value.is_integer():
@@ -101,7 +102,7 @@ def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int,
   """Every config.infinite.robust_data field, before any kernel is computed."""
   for field, least in (("num_steps", 0), ("target_batch_size", 1), ("checkpoint_every", 1)):
     value = section[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    if not is_whole_number(value, least):
       raise ValueError(f"{PREFIX}.{field}={value!r} must be an integer >= {least}.")
   holdout = num_holdout(section.target_holdout, num_train)
   if section.target_batch_size > (holdout or num_train):
@@ -109,16 +110,15 @@ def check_robust_data_config(section: ml_collections.ConfigDict, num_train: int,
              else "(the training images)")
     raise ValueError(f"{PREFIX}.target_batch_size={section.target_batch_size} exceeds the "
                      f"{holdout or num_train} target images {where}.")
-  if not section.learning_rate > 0:
-    raise ValueError(f"{PREFIX}.learning_rate={section.learning_rate!r} must be positive.")
-  if section.data_eps is not None and not section.data_eps > 0:
-    raise ValueError(f"{PREFIX}.data_eps={section.data_eps!r} must be positive (an L-inf bound on "
-                     f"the change of each pixel) or None (no bound, as in the paper).")
+  if not (is_finite_number(section.learning_rate) and section.learning_rate > 0):
+    raise ValueError(f"{PREFIX}.learning_rate={section.learning_rate!r} must be a positive finite "
+                     f"number.")
+  if section.data_eps is not None and not (is_finite_number(section.data_eps) and section.data_eps > 0):
+    raise ValueError(f"{PREFIX}.data_eps={section.data_eps!r} must be a positive finite number (an "
+                     f"L-inf bound on the change of each pixel) or None (no bound, as in the paper).")
   if section.loss not in LOSSES:
     raise ValueError(f"{PREFIX}.loss={section.loss!r}; expected one of {', '.join(LOSSES)}.")
-  if section.network_width is not None and (isinstance(section.network_width, bool)
-                                            or not isinstance(section.network_width, int)
-                                            or section.network_width < 0):
+  if section.network_width is not None and not is_whole_number(section.network_width, 0):
     raise ValueError(f"{PREFIX}.network_width={section.network_width!r} must be an integer >= 1, "
                      f"0 (no network trained on the robust set) or None (the largest transfer "
                      f"width).")

@@ -118,7 +118,8 @@ def test_stored_kernel_is_read_back_and_shared_by_equal_kernels_only(nt, tmp_pat
 
 
 @pytest.mark.parametrize("field,value", [("architecture", "resnet"), ("depth", 0),
-                                         ("w_std", 0.0), ("b_std", -1.0), ("kernel", "rbf"),
+                                         ("w_std", 0.0), ("w_std", float("inf")),
+                                         ("b_std", -1.0), ("b_std", float("nan")), ("kernel", "rbf"),
                                          ("dtype", "float16"), ("batch_size", 0)])
 def test_bad_architecture_field_is_named(field, value):
   with pytest.raises(ValueError, match=f"config.infinite.{field}="):

@@ -212,11 +212,22 @@ def test_adam_first_step_and_l2_weight_decay():
     ("learning_rate", -0.1, r"config\.optimizer\.learning_rate"),
     # Each of these ran: cosine with warm-up -1 epoch (10 steps) started at 0.098, not 0.1; cyclic
     # peaking at 1.5 x the run ended at 0.066, its peak never reached.
-    ("warmup_epochs", -1.0, r"config\.optimizer\.warmup_epochs=-1\.0 must be >= 0"),
+    ("warmup_epochs", -1.0, r"config\.optimizer\.warmup_epochs=-1\.0 must be a finite number >= 0"),
     ("peak_fraction", 1.5, r"config\.optimizer\.peak_fraction=1\.5 must lie in \(0, 1\]"),
     ("peak_fraction", 0.0, r"config\.optimizer\.peak_fraction=0\.0 must lie in \(0, 1\]"),
-    ("decay_epochs", (-1.0,), r"config\.optimizer\.decay_epochs=\(-1\.0,\) must be epochs >= 0"),
-    ("decay_factor", 0.0, r"config\.optimizer\.decay_factor=0\.0 must be positive"),
+    ("decay_epochs", (-1.0,), r"config\.optimizer\.decay_epochs=\(-1\.0,\) must be finite epochs >= 0"),
+    ("decay_factor", 0.0, r"config\.optimizer\.decay_factor=0\.0 must be a positive finite number"),
+    # Each of these passed the checks: a NaN or inf learning rate reached training, an
+    # infinite decay epoch or warm-up raised a bare OverflowError in the schedule, a negative
+    # momentum or weight decay trained without error.
+    ("learning_rate", float("nan"), r"config\.optimizer\.learning_rate=nan must be a positive finite"),
+    ("learning_rate", float("inf"), r"config\.optimizer\.learning_rate=inf must be a positive finite"),
+    ("decay_epochs", (float("inf"),), r"config\.optimizer\.decay_epochs=\(inf,\) must be finite"),
+    ("warmup_epochs", float("inf"), r"config\.optimizer\.warmup_epochs=inf must be a finite"),
+    ("momentum", -0.5, r"config\.optimizer\.momentum=-0\.5 must lie in \[0, 1\)"),
+    ("momentum", float("nan"), r"config\.optimizer\.momentum=nan must lie in \[0, 1\)"),
+    ("weight_decay", -1e-4, r"config\.optimizer\.weight_decay=-0\.0001 must be a finite number >= 0"),
+    ("weight_decay", float("inf"), r"config\.optimizer\.weight_decay=inf must be a finite number"),
 ])
 def test_check_optimizer_config_names_the_bad_field(field, value, pattern):
   schedule = {"warmup_epochs": "cosine", "peak_fraction": "cyclic", "decay_epochs": "piecewise",

@@ -137,6 +137,16 @@ def test_bad_network_width_is_named(value):
     check_robust_data_config(_full_section(network_width=value), num_train=30)
 
 
+# An infinite step size or bound passed `> 0` and reached the optimisation (NaN did not).
+@pytest.mark.parametrize("field, value", [("learning_rate", float("nan")), ("learning_rate", float("inf")),
+                                          ("data_eps", float("inf")),
+                                          ("data_eps", float("nan")), ("data_eps", 0.0)])
+def test_bad_step_size_or_bound_is_named(field, value):
+  with pytest.raises(ValueError, match=rf"config\.infinite\.robust_data\.{field}=.* must be a "
+                                       "positive finite number"):
+    check_robust_data_config(_full_section(**{field: value}), num_train=30)
+
+
 def test_target_batch_larger_than_the_held_out_targets_is_named():
   with pytest.raises(ValueError, match="target_batch_size=4 exceeds the 3 target images held out by "
                                        "config.infinite.robust_data.target_holdout=3"):

@@ -7,13 +7,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ntk_scale import parallel
+from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data.dataset import Split
 
 
 def check_seed(seed: object, field: str) -> None:
   """Raises ValueError naming `field` unless `seed` is an integer >= 0: numpy's generators take no
   negative seed, and would fail mid-run without naming the field."""
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+  if not is_whole_number(seed, 0):
     raise ValueError(f"{field}={seed!r} must be an integer >= 0.")
 
 

@@ -32,12 +32,12 @@ nearest-class-mean classifier is 41% accurate (80% from the original images' coo
 """
 
 import dataclasses
-import math
 
 import ml_collections
 import numpy as np
 from scipy import fft
 
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data.batches import check_seed
 from ntk_scale.data.dataset import Dataset, Split
 
@@ -117,10 +117,6 @@ def low_pass(split: Split, cutoff: int) -> Split:
   return Split(np.clip(images, 0.0, 1.0).astype(np.float32), split.labels)
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def check_transform_config(transform: ml_collections.ConfigDict | None,
                            image_shape: tuple[int, int, int] | None, num_classes: int) -> None:
   """Raises ValueError naming the `config.data.transform` field that is wrong, before any data loads.
@@ -145,12 +141,12 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
                        f"least 3x3; this dataset has {num_classes} classes"
                        + (f" of {image_shape[0]}x{image_shape[1]}." if image_shape else "."))
     beta = transform.get("beta")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+    if not (is_finite_number(beta) and 0 <= beta):
       raise ValueError(f"{p}.beta={beta!r} must be a finite number >= 0 (pixel units of [0, 1] "
                        f"images, the largest change of a pixel, comparable with an L-inf eps).")
     if carrier == "dct":  # "sign" has fixed patterns: num_frequencies and seed are unused there
       k = transform.get("num_frequencies")
-      if not _is_int(k) or k < num_classes:
+      if not is_whole_number(k, num_classes):
         raise ValueError(f"{p}.num_frequencies={k!r} must be an integer >= the {num_classes} classes "
                          f"(each class gets a distinct low frequency).")
       if image_shape is not None and k > image_shape[0] * image_shape[1] - 1:
@@ -161,7 +157,7 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
       raise ValueError(f"{p}.remove_projection={transform.get('remove_projection')!r} must be True or False.")
   if name == "low_pass":
     cutoff = transform.get("cutoff")
-    if not _is_int(cutoff) or cutoff < 1:
+    if not is_whole_number(cutoff, 1):
       raise ValueError(f"{p}.cutoff={cutoff!r} must be an integer >= 1 (frequencies kept per axis).")
 
 

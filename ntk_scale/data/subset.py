@@ -4,6 +4,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ntk_scale.config_numbers import is_whole_number
+
 
 def class_balanced_subset(labels: np.ndarray, size: int, seed: int,
                           classes: Sequence[int] | None = None) -> np.ndarray:
@@ -48,8 +50,7 @@ def check_subset_size(field: str, size: int, labels: np.ndarray, classes: Sequen
   compute, and its errors name `field` (followed by `context`, e.g. the field that chose the
   classes)."""
   groups = len(classes)
-  whole = isinstance(size, int) and not isinstance(size, bool)
-  if not whole or not 0 <= size <= len(labels) or size % groups:
+  if not is_whole_number(size) or not 0 <= size <= len(labels) or size % groups:
     raise ValueError(f"{field}={size!r}{context} must be 0 (all) or a multiple of {groups} (the "
                      f"number of classes in the subset) in [{groups}, {len(labels)}] (a "
                      f"class-balanced subset of the {split} split).")

@@ -5,6 +5,7 @@ from typing import Callable
 import flax.linen as nn
 import ml_collections
 
+from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.models.cnn import SmallCNN
 from ntk_scale.models.mlp import MLP
 from ntk_scale.models.resnet import ResNet18
@@ -31,7 +32,7 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
   minimums = {"width": 1, "depth": 0} if model_config.name == "mlp" else {"width": 1}
   for field, least in minimums.items():
     value = model_config.get(field, least)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    if not is_whole_number(value, least):
       raise ValueError(f"config.model.{field}={value!r} must be an integer >= {least}.")
   if not isinstance(model_config.get("batch_norm", False), bool):
     raise ValueError(f"config.model.batch_norm={model_config.batch_norm!r} must be True or False.")

@@ -59,6 +59,7 @@ import numpy as np
 
 from ntk_scale import files, parallel
 from ntk_scale.attacks import build_attack
+from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data import Dataset, Split, load_dataset, num_classes
 from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.evaluation_progress import KeptResults
@@ -88,7 +89,7 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
   e = config.eigen_features
   for field in ("num_single", "num_test", "batch_size"):
     value = e[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "num_test" else 1):
+    if not is_whole_number(value, 0 if field == "num_test" else 1):
       raise ValueError(f"config.eigen_features.{field}={value!r} must be an integer >= "
                        f"{0 if field == 'num_test' else 1}" + (" (0: the whole test split)."
                                                               if field == "num_test" else "."))

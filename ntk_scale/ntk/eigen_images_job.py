@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files, parallel
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import load_dataset, num_classes
 from ntk_scale.kernel_regression import (check_regression_config, regression_targets, ridge_coefficients,
                                          ridge_coefficients_cg)
@@ -63,12 +64,12 @@ def kernel_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """The config whose config.kernel is this job's kernel; checks config.eigen_images first."""
   e = config.eigen_images
   for field, low in (("num_eigenvectors", 1), ("steps", 1), ("cg_max_iters", 1)):
-    if isinstance(e[field], bool) or not isinstance(e[field], int) or e[field] < low:
+    if not is_whole_number(e[field], low):
       raise ValueError(f"config.eigen_images.{field}={e[field]!r} must be an integer >= {low}.")
   for field, why in (("learning_rate", "Adam, on [0, 1] pixels"),
                      ("cg_tol", "CG's relative residual ||y - (K + lambda I) x|| / ||y||")):
     value = e[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    if not (is_finite_number(value) and 0 < value):
       raise ValueError(f"config.eigen_images.{field}={value!r} must be a number > 0 ({why}).")
   check_regression_config(e, "config.eigen_images")
   check_eigensolver(e.eigensolver, "config.eigen_images.eigensolver")

@@ -31,6 +31,7 @@ import numpy as np
 
 from ntk_scale import files
 from ntk_scale.checkpoint import is_initial, missing_initial_note
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
@@ -71,15 +72,14 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   check_eigensolver(e.eigensolver, "config.evolution.eigensolver")
   for field in ("top_k", "num_eigenvalues"):  # counts: 2.5 would fail after the kernels were computed
     value = e[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole_number(value, 1):
       raise ValueError(f"config.evolution.{field}={value!r} must be an integer >= 1.")
   if "/" in e.name or e.name in (".", ".."):
     raise ValueError(f"config.evolution.name={e.name!r} must be a plain directory name.")
-  if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
-         for x in e.epochs):
+  if not all(is_finite_number(x) for x in e.epochs):
     raise ValueError(f"config.evolution.epochs={tuple(e.epochs)!r} must be epoch numbers.")
   span = e.get("around_collapse", 0.0)
-  if isinstance(span, bool) or not isinstance(span, (int, float)) or not 0 <= span < math.inf:
+  if not (is_finite_number(span) and 0 <= span):
     raise ValueError(f"config.evolution.around_collapse={span!r} must be a number of epochs >= 0 "
                      "(0: off).")
   if span and (e.epochs or e.phase != 1):

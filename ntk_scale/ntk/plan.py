@@ -36,6 +36,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.cost_analysis import all_equations, program_flops
 from ntk_scale.ntk.schedule import round_lengths
 from ntk_scale.ntk.factored_layers import MODES as FACTORING_MODES
@@ -407,8 +408,7 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
     raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
                           f"{', '.join(METHODS)}.")
   for name, value in (("tile_size", tile), ("band", band), ("logit_chunk", logit_chunk)):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                              or value <= 0):
+    if value is not None and not is_whole_number(value, 1):
       raise KernelPlanError(f"{names[name]}={value!r} must be a positive integer (or unset to "
                             "follow the memory budget).")
   if band is not None and band > 1 and method == "ntvp":

@@ -41,6 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ntk_scale import files, parallel
+from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.matmul_precision import check_precision
@@ -63,7 +64,7 @@ def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | 
   s = config.spectrum
   for field, low in (("num_eigenpairs", 1), ("oversample", 0), ("round_iters", 1), ("max_iters", 1),
                      ("seed", 0)):
-    if isinstance(s[field], bool) or not isinstance(s[field], int) or s[field] < low:
+    if not is_whole_number(s[field], low):
       raise ValueError(f"config.spectrum.{field}={s[field]!r} must be an integer >= {low}.")
   if s.method not in METHODS:
     raise ValueError(f"config.spectrum.method={s.method!r}; expected one of {', '.join(METHODS)}.")

@@ -15,6 +15,7 @@ import dataclasses
 import ml_collections
 
 from ntk_scale.attacks import build_attack
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 
 CO_FILE = "catastrophic_overfitting.json"
 
@@ -83,22 +84,22 @@ def check_co_monitor_config(monitor: ml_collections.ConfigDict | None, num_test_
   if monitor is None:
     return
   every = monitor.get("every_steps", 0)
-  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+  if not is_whole_number(every, 0):
     raise ValueError(f"{prefix}.every_steps={every!r} must be an integer >= 0 (0: no monitor).")
   if every == 0:
     return
   n = monitor.get("num_examples")
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+  if not is_whole_number(n, 1):
     raise ValueError(f"{prefix}.num_examples={n!r} must be an integer >= 1.")
   if num_test_examples is not None and n > num_test_examples:
     raise ValueError(f"{prefix}.num_examples={n} exceeds the {num_test_examples} test examples.")
   for field, low, high in (("collapse_fraction", 0.0, 1.0), ("min_peak", 0.0, 1.0),
                            ("max_train_drop", 0.0, 1.0)):
     value = monitor.get(field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if not (is_finite_number(value) and low <= value <= high):
       raise ValueError(f"{prefix}.{field}={value!r} must lie in [{low}, {high}].")
   sustain = monitor.get("sustain_evals", 3)
-  if isinstance(sustain, bool) or not isinstance(sustain, int) or sustain < 1:
+  if not is_whole_number(sustain, 1):
     raise ValueError(f"{prefix}.sustain_evals={sustain!r} must be an integer >= 1 (consecutive "
                      "collapsed measurements that make a collapse sustained).")
   if not isinstance(monitor.get("keep_checkpoints"), bool):

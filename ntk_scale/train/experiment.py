@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack, build_attacks
+from ntk_scale.config_numbers import is_finite_number
 from ntk_scale.data.catalog import dataset_shape
 from ntk_scale.data.augment import AUGMENTATIONS
 from ntk_scale.linearize import LinearizedModel
@@ -116,7 +117,7 @@ def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:
   """config.train.grad_align: a weight >= 0, and > 0 only with adversarial training (A or F)."""
   weight = train.get("grad_align", 0.0)
-  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+  if not (is_finite_number(weight) and 0 <= weight):
     raise ValueError(f"config.train.grad_align={weight!r} must be a finite number >= 0 (GradAlign's "
                      f"weight).")
   if weight > 0 and train.mode == "C":
