@@ -132,6 +132,55 @@ def test_a_model_state_keeps_its_integer_leaves_in_a_float64_kernel():
   assert _relative_error(kernel, reference) < 1e-10
 
 
+class GroupedCNN(nn.Module):
+  """A depthwise convolution (MobileNet) and one of 2 feature groups (ResNeXt), then a dense head."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=2)(x[..., :2].repeat(2, -1))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2, padding="SAME", feature_group_count=4)(x))
+    return nn.Dense(NUM_CLASSES)(x.reshape(len(x), -1))
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntvp"])
+def test_grouped_and_depthwise_convolutions(method):
+  """JAX's own rule for a grouped convolution's per-example weight gradients failed inside the
+  engine's shard_map programs (NotImplementedError, no message); they are split into plain ones."""
+  model = GroupedCNN()
+  x = _images(5)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  reference = reference_kernel(apply_fn, params, x, x, "trace")
+  kernel = empirical_ntk(apply_fn, params, x, method=method, tile_size=2, dtype="float64")
+  assert _relative_error(kernel, reference) < 1e-10
+
+
+def test_integer_inputs_reach_the_model_as_integers():
+  """Token ids stay integers (they were cast to the kernel's dtype, which nn.Embed refuses)."""
+  class Tokens(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      return nn.Dense(NUM_CLASSES)(jnp.tanh(nn.Embed(12, 6)(tokens).mean(1)))
+
+  model, tokens = Tokens(), np.random.default_rng(0).integers(0, 12, size=(6, 5))
+  params = model.init(jax.random.key(0), tokens[:1])["params"]
+  apply_fn = lambda p, t: model.apply({"params": p}, t)
+  with jax.enable_x64(True):
+    params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    jac = jax.jacrev(apply_fn)(params64, tokens)  # [N, C, *leaf] per leaf
+    rows = np.concatenate([np.asarray(l).reshape(6, NUM_CLASSES, -1) for l in jax.tree.leaves(jac)], -1)
+  reference = np.einsum("icp,jcp->ij", rows, rows)
+  for dtype, tolerance in (("float64", 1e-10), ("float32", 1e-5)):
+    kernel = empirical_ntk(apply_fn, params, tokens, dtype=dtype)
+    assert kernel.dtype == dtype and _relative_error(kernel, reference) < tolerance
+
+
+def test_a_model_without_a_logit_axis_is_refused_naming_its_shape():
+  """An output of [N] was read as one logit, then failed deep inside for a class or "full" kernel."""
+  params = {"w": np.ones((int(np.prod(SHAPE)),), np.float32)}
+  with pytest.raises(ValueError, match=r"apply_fn returns shape \(1,\) .* needs logits \[N, C\]"):
+    empirical_ntk(lambda p, x: x.reshape(len(x), -1) @ p["w"], params, _images(3), logits=0)
+
+
 @pytest.mark.parametrize("logits", ["trace", "full"])
 def test_bands_of_row_tiles_give_the_same_kernel(network, logits):
   """A column block contracted with a band of 3 resident row tiles at once: the band's own tiles

@@ -63,5 +63,5 @@ def compiled_memory(plan: KernelPlan, apply_fn: Callable, params: Any,
         return None
       peak = max(peak or (need, name), (need, name))
   entry = math.prod(plan.logits.tile_suffix)
-  previous_tiles = (plan.band * plan.tile) ** 2 * entry * np.dtype(example.dtype).itemsize
+  previous_tiles = (plan.band * plan.tile) ** 2 * entry * plan.cost.itemsize
   return CompiledMemory(float(peak[0] + previous_tiles), peak[1])

@@ -209,7 +209,11 @@ def _num_classes(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeD
   most of a small kernel's fixed cost)."""
   x = jax.ShapeDtypeStruct((1,) + example.shape, example.dtype)
   state = () if abstract_state is None else (_shapes(abstract_state),)
-  return jax.eval_shape(apply_fn, _shapes(abstract_params), x, *state).shape[-1]
+  shape = jax.eval_shape(apply_fn, _shapes(abstract_params), x, *state).shape
+  if len(shape) != 2:
+    raise ValueError(f"apply_fn returns shape {shape} for a batch of one example; the kernel engine "
+                     f"needs logits [N, C] (a model of one output: return it as [N, 1]).")
+  return shape[1]
 
 
 PROBE_EXAMPLES = 8
@@ -338,6 +342,12 @@ def _as_dtype(a, dtype: str):
   return np.asarray(a, dtype)
 
 
+def _inputs_as_dtype(x, dtype: str) -> np.ndarray:
+  """Float inputs in the kernel's dtype; integer ones (token ids for an embedding) as they are."""
+  x = np.asarray(x)
+  return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+
+
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
                   logits: str | int = "trace", method: str = "auto", dtype: str = "float32",
                   precision: str = "highest", memory_budget_bytes: float | None = None,
@@ -372,8 +382,8 @@ def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | N
     params = jax.tree.map(functools.partial(_as_dtype, dtype=dtype), params)
     model_state = None if model_state is None else jax.tree.map(
         functools.partial(_as_dtype, dtype=dtype), model_state)
-    x1 = np.asarray(x1, dtype)
-    x2 = None if x2 is None else np.asarray(x2, dtype)
+    x1 = _inputs_as_dtype(x1, dtype)
+    x2 = None if x2 is None else _inputs_as_dtype(x2, dtype)
     mesh = parallel.make_mesh()
     settings = dict(method=method, tile_size=tile_size, band=band, logit_chunk=logit_chunk,
                     rotate=rotate, memory_budget_bytes=memory_budget_bytes,

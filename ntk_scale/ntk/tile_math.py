@@ -183,7 +183,8 @@ def symmetric_tile_by_logit_chunks(apply_fn: ApplyFn, params: PyTree, x: jax.Arr
     return total + contract_symmetric(rows, spec, precision, pieces), None
 
   firsts = jnp.arange(0, spec.num_classes, chunk, dtype=jnp.int32)
-  total, _ = lax.scan(add_chunk, jnp.zeros((x.shape[0],) * 2, x.dtype), firsts)
+  zero = jnp.zeros((x.shape[0],) * 2, jnp.result_type(*jax.tree.leaves(params)))  # x may be tokens
+  total, _ = lax.scan(add_chunk, zero, firsts)
   return total
 
 
