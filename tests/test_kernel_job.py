@@ -19,6 +19,7 @@ from ntk_scale.ntk import KernelPlanError, empirical_ntk
 from ntk_scale.ntk import job
 from ntk_scale.models import build_model
 from ntk_scale.ntk.job import inference_apply
+from ntk_scale.ntk.spectrum import StoredKernelOperator
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from ntk_scale.preemption import Preempted
 from ntk_scale.restore import restore_for_inference
@@ -108,8 +109,20 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
     patch.setattr(KernelStore, "write_tile", write_tile_killed_after(4)[0])
     with pytest.raises(Killed):
       jobs.run(config, workdir)
+  # The killed kernel says it is unfinished (its kernel.json had no "complete" until the end), so
+  # its spectrum is refused rather than taken from tiles of zeros.
+  killed = KernelStore.open(os.path.join(workdir, "kernels", "resumed"))
+  assert killed.meta["complete"] is False
+  with pytest.raises(ValueError, match="resumed is an unfinished kernel"):
+    StoredKernelOperator(killed)
+  # It resumes the way it started: another method would make a kernel no uninterrupted run makes.
+  other = {"jacobian": "ntvp", "ntvp": "jacobian"}[killed.meta["method"]]
+  with pytest.raises(ValueError, match=rf"config.kernel.method='{other}' but .*resumed was started "
+                                       rf"with method '{killed.meta['method']}'"):
+    jobs.run(kernel_config(name="resumed", logits="3", method=other), workdir)
   resumed = jobs.run(config, workdir)
   assert resumed["tiles"] == 10 and resumed["tiles_computed"] == 10 - 4 and resumed["complete"]
+  assert resumed["method"] == killed.meta["method"]
   uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="3"), workdir)
   np.testing.assert_array_equal(KernelStore.open(resumed["kernel"]).read(),
                                 KernelStore.open(uninterrupted["kernel"]).read())
@@ -159,8 +172,16 @@ def test_bad_kernel_settings_fail_before_compute(workdir):
     jobs.run(kernel_config(num_examples=25), workdir)
   with pytest.raises(KernelPlanError, match="config.kernel.logit_chunk=3 needs a trace kernel"):
     jobs.run(kernel_config(logits="trace", logit_chunk=3), workdir)
-  with pytest.raises(ValueError, match="config.kernel.band=-1 must be >= 0"):
+  with pytest.raises(ValueError, match="config.kernel.band=-1 must be an integer >= 0"):
     jobs.run(kernel_config(band=-1), workdir)
+  # Each passed: NaN budgets failed after planning as "does not fit", class 2.5 was read as class 2
+  # by the check and as 2.5 by the subset, phase True was phase 1.
+  with pytest.raises(ValueError, match="config.kernel.memory_budget_gb=nan must be a number >= 0"):
+    jobs.run(kernel_config(memory_budget_gb=float("nan")), workdir)
+  with pytest.raises(ValueError, match=r"config.kernel.classes=\(2.5,\) must be class indices"):
+    jobs.run(kernel_config(classes=(2.5,), num_examples=0), workdir)
+  with pytest.raises(ValueError, match="config.kernel.phase=True; expected 1"):
+    jobs.run(kernel_config(phase=True), workdir)
   with pytest.raises(ValueError, match="config.kernel.factored_layers='some'; expected one of auto"):
     jobs.run(kernel_config(factored_layers="some"), workdir)
   with pytest.raises(KernelPlanError, match="config.kernel.memory_budget_gb"):

@@ -121,3 +121,27 @@ def test_tiles_are_written_several_at_once_and_a_failure_keeps_only_whole_tiles(
     rows, cols = slice(i * TILE, (i + 1) * TILE), slice(j * TILE, (j + 1) * TILE)
     np.testing.assert_array_equal(store.read(rows, cols), kernel[rows, cols])
     np.testing.assert_array_equal(store.read(cols, rows), kernel[cols, rows])
+
+
+def test_a_tiles_marker_is_written_only_once_the_tile_and_its_mirror_are_on_disk(tmp_path,
+                                                                                monkeypatch):
+  """What resume rests on: a kill between the data and the marker recomputes the tile; the other
+  order would count as done a tile that holds the fill value."""
+  from ntk_scale import files
+
+  kernel = _symmetric_kernel()
+  store = _store(tmp_path / "kernel")
+  write, seen = files.write_atomic, []
+
+  def checked(path, *args, **kwargs):
+    if "/tiles/" in path:  # a marker: the tiles written so far must be on disk, both halves
+      on_disk = KernelStore.open(store.directory).read()
+      seen.append(all(np.array_equal(on_disk[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE], t)
+                      and np.array_equal(on_disk[j * TILE:(j + 1) * TILE, i * TILE:(i + 1) * TILE], t.T)
+                      for i, j, t in list(_tiles(kernel))[:len(seen) + 1]))
+    return write(path, *args, **kwargs)
+
+  monkeypatch.setattr(files, "write_atomic", checked)
+  for i, j, tile in _tiles(kernel):
+    store.write_tile(i, j, tile, mirror=True)
+  assert seen == [True] * len(list(_tiles(kernel)))

@@ -8,6 +8,7 @@
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files, parallel
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import (Dataset, check_seed, check_subset_size, class_balanced_subset,
                             load_dataset)
 from ntk_scale.matmul_precision import check_precision, default_precision
@@ -31,6 +33,8 @@ from ntk_scale.workdir import phase2_name
 KERNELS_DIR = "kernels"
 SPLITS = ("train", "test")
 # The fields that make two kernels the same kernel; anything else (method, tile, budget) is how.
+# A resumed kernel keeps how it was started (tile, method, factored layers), so that it equals the
+# kernel of an uninterrupted run.
 IDENTITY = ("source", "split", "logits", "dtype", "precision", "shape")
 FIELDS = {"method": "config.kernel.method", "tile_size": "config.kernel.tile_size",
           "memory_budget": "config.kernel.memory_budget_gb", "logits": "config.kernel.logits",
@@ -57,14 +61,18 @@ def check_kernel_config(config: ml_collections.ConfigDict, num_classes: int,
   if k.factored_layers not in FACTORING_MODES:
     raise ValueError(f"config.kernel.factored_layers={k.factored_layers!r}; expected one of "
                      f"{', '.join(FACTORING_MODES)}.")
-  if k.phase not in (1, 2):
+  if not is_whole_number(k.phase) or k.phase not in (1, 2):
     raise ValueError(f"config.kernel.phase={k.phase!r}; expected 1 (the network) or 2 (phase 2's "
                      "linearized model).")
   check_kernel_subset(config, num_classes, labels)
-  for name in ("tile_size", "band", "logit_chunk", "memory_budget_gb"):
-    if k[name] < 0:
-      raise ValueError(f"config.kernel.{name}={k[name]} must be >= 0 (0: chosen from the memory "
-                       "budget).")
+  for name in ("tile_size", "band", "logit_chunk"):
+    if not is_whole_number(k[name], 0):
+      raise ValueError(f"config.kernel.{name}={k[name]!r} must be an integer >= 0 (0: chosen from "
+                       "the memory budget).")
+  budget = k.memory_budget_gb
+  if not (budget == math.inf or is_finite_number(budget) and budget >= 0):
+    raise ValueError(f"config.kernel.memory_budget_gb={budget!r} must be a number >= 0 (0: 80% of "
+                     "the device's memory; inf: no limit).")
   if "/" in k.name or k.name in (".", ".."):
     raise ValueError(f"config.kernel.name={k.name!r} must be a plain directory name.")
 
@@ -78,8 +86,8 @@ def check_kernel_subset(config: ml_collections.ConfigDict, num_classes: int,
   if k.split not in SPLITS or labels is None:
     raise ValueError(f"config.kernel.split={k.split!r}; expected one of {', '.join(SPLITS)}.")
   check_seed(k.subset_seed, "config.kernel.subset_seed")
-  classes = tuple(int(c) for c in k.classes)
-  if any(not 0 <= c < num_classes for c in classes):
+  classes = tuple(k.classes)
+  if any(not is_whole_number(c) or not 0 <= c < num_classes for c in classes):
     raise ValueError(f"config.kernel.classes={classes} must be class indices in [0, {num_classes}).")
   repeated = sorted({c for c in classes if classes.count(c) > 1})
   if repeated:  # each listing would draw its own sample: the subset would repeat examples
@@ -162,7 +170,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
                      "model": repr(model) if k.phase == 2 else config.model.name},
           "split": k.split, "logits": spec.describe(), "dtype": k.dtype, "precision": k.precision,
           "shape": [len(indices), len(indices), *spec.tile_suffix], "num_classes": dataset.num_classes,
-          "data": config.data.name}
+          "data": config.data.name,
+          "complete": False}  # until the last tile is stored: a kill leaves it so (an existing kernel keeps its own)
   existing = KernelStore.open(directory) if files.exists(os.path.join(directory, "kernel.json")) else None
   tile = k.tile_size or None
   if existing is not None:
@@ -172,6 +181,14 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
                        f"{existing.tile}; unset the field to resume, or use another "
                        f"config.kernel.name.")
     tile = existing.tile
+    started_with = existing.meta["method"]
+    if k.method not in ("auto", started_with):
+      raise ValueError(f"config.kernel.method={k.method!r} but {directory} was started with method "
+                       f"{started_with!r}; set it to 'auto' to resume, or use another "
+                       f"config.kernel.name.")
+    method = started_with
+  else:
+    method = k.method
 
   with jax.enable_x64(True) if k.dtype == "float64" else contextlib.nullcontext():
     host_copy = lambda a: parallel.local_copy(a).astype(k.dtype, copy=False)
@@ -181,7 +198,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
     mesh = parallel.make_mesh()
     try:
       plan = fit_plan(apply_fn, params, images, None, k.logits, mesh=mesh, precision=k.precision,
-                      **{**plan_settings(k), "tile_size": tile}, model_state=batch_stats)
+                      **{**plan_settings(k), "tile_size": tile, "method": method},
+                      model_state=batch_stats)
     except KernelPlanError as error:
       if existing is None or k.tile_size:
         raise
@@ -194,6 +212,11 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
                   for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     meta.update(tile=plan.tile, method=plan.method,
                 factored=[leaf_names[layer.leaf] for layer in plan.factored_layers])
+    if existing is not None and existing.meta.get("factored", meta["factored"]) != meta["factored"]:
+      raise ValueError(f"config.kernel.factored_layers={k.factored_layers!r} factors "
+                       f"{meta['factored']}, but {directory} was started factoring "
+                       f"{existing.meta['factored']}; set the field as it was to resume, or use "
+                       f"another config.kernel.name.")
     store = open_on_every_process(directory, meta, IDENTITY, indices, labels)
     done = agreed_done_tiles(store, plan.tiles())
     total = len(plan.tiles())
