@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import os
+import zlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -299,20 +300,26 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dat
   recorded = _recorded_results(workdir, step)
   with preemption_notices() as noticed:
     kept = KeptResults(_kept_directory(workdir, step), settings, noticed)
-    for i, (name, attack) in enumerate(attacks.items()):
-      identity = {"name": name, "index": i, "attack": config.eval_attacks[name].to_dict()}
+    for name, attack in attacks.items():
+      identity = {"name": name, "attack": config.eval_attacks[name].to_dict()}
       made_with = json.loads(json.dumps({**settings, **identity}))  # as the record holds it
       set_directory = (os.path.join(workdir, "adversarial", name + set_suffix)
                        if config.save_adversarial else None)
       result = (_recorded_result(recorded.get(name), made_with, set_directory, workdir, step)
                 or kept.get(identity, f"attack {name}"))
       if result is None:
-        result = _attack_result(shared, name, attack, jax.random.fold_in(attack_key, i),
+        result = _attack_result(shared, name, attack, attack_key_of(attack_key, name), made_with,
                                 set_directory, kept.members(identity, name),
                                 kept.batches(identity, name))
         kept.put(identity, result)
       results[name] = {**result, "settings": made_with}
   return results
+
+
+def attack_key_of(attack_key: jax.Array, name: str) -> jax.Array:
+  """An evaluation attack's key, from its name: its place in the sorted `config.eval_attacks` would
+  change its numbers (and re-run it) whenever an attack before it is added or removed."""
+  return jax.random.fold_in(attack_key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def _record_path(phase_dir: str, step: int) -> str:
@@ -345,9 +352,11 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
 
 
 def _is_set_of(set_directory: str, made_with: dict[str, Any]) -> bool:
+  """Whether the set was made with all of `made_with` (the attack, the checkpoint, and the batch
+  size, seed, precision... that the record holds): a run killed after writing a set under other
+  settings leaves a set that the older record does not describe."""
   meta = read_set_meta(set_directory)
-  return (meta is not None and meta.get("attack") == made_with["attack"]
-          and meta.get("checkpoint_step") == made_with["step"])
+  return meta is not None and meta.get("settings") == made_with
 
 
 def _kept_directory(phase_dir: str, step: int) -> str:
@@ -368,7 +377,7 @@ class _Evaluation:
 
 
 def _attack_result(shared: _Evaluation, name: str, attack: Attack, key: jax.Array,
-                   set_directory: str | None, members: MemberProgress,
+                   made_with: dict[str, Any], set_directory: str | None, members: MemberProgress,
                    batches: BatchProgress) -> dict[str, Any]:
   """One attack of `evaluate_and_save`: its result, its examples saved as a set in
   `set_directory` when one is given."""
@@ -385,7 +394,7 @@ def _attack_result(shared: _Evaluation, name: str, attack: Attack, key: jax.Arra
   if set_directory is not None and jax.process_index() == 0:
     meta = {"attack": config.eval_attacks[name].to_dict(), "dataset": dataset.name, "split": "test",
             "checkpoint_step": shared.step, "accuracy": result["accuracy"],
-            "clean_accuracy": shared.clean_accuracy}
+            "clean_accuracy": shared.clean_accuracy, "settings": made_with}
     save_adversarial_set(set_directory, examples, meta)
   return result
 

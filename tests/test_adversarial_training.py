@@ -177,6 +177,38 @@ def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(traine
   assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch1"))
 
 
+def test_an_added_attack_neither_reruns_nor_changes_the_others(trained, capsys):
+  """An attack's key comes from its name, not its place in the sorted config.eval_attacks: FGSM
+  added before PGD left PGD's result in the record, and computed again PGD gives the same numbers
+  (keyed by place, it moved from 0 to 1 and changed). A set that another evaluation's settings
+  made (a run killed after writing it) is not taken for the record's."""
+  config, workdir, _ = trained["benign"]
+  config = ml_collections.ConfigDict(config.to_dict())
+  del config.eval_attacks["apgd"]  # PGD-2 in batches of 128, as the evaluate job's test above
+  config.eval_attacks.pgd.num_steps, config.eval_batch_size = 2, 128
+  config.job, config.evaluate.epoch = "evaluate", 1.0
+  alone = jobs.run(config, workdir)["results"]["pgd"]
+  capsys.readouterr()
+  config.eval_attacks.fgsm = ml_collections.ConfigDict(FGSM.to_dict())
+  both = jobs.run(config, workdir)["results"]
+  assert "attack pgd: recorded with these settings" in capsys.readouterr().out
+  assert both["pgd"] == alone
+  os.remove(os.path.join(workdir, "evaluations", "step_22.json"))
+  again = jobs.run(config, workdir)["results"]["pgd"]
+  assert "attack pgd: recorded" not in capsys.readouterr().out
+  assert again == alone
+  meta_path = os.path.join(workdir, "adversarial", "pgd_epoch1", "meta.json")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta["settings"]["eval_batch_size"] = 64
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  jobs.run(config, workdir)
+  assert "attack pgd: recorded" not in capsys.readouterr().out
+  with open(meta_path) as f:
+    assert json.load(f)["settings"]["eval_batch_size"] == 128  # made again, as recorded
+
+
 def test_an_evaluation_record_keeps_the_results_other_jobs_wrote(tmp_path):
   """The train job's final evaluation and an evaluate job of that checkpoint write one record: a
   rerun of either replaces its own results and keeps the other's."""

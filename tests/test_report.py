@@ -156,7 +156,7 @@ def workdir(tmp_path_factory):
   co_records = write_metrics(path, 16, co=True)
   write_co_record(path, co_records)
   write_evaluation(path, 8, 1.0, {"clean": per_class(0.5), "pgd": per_class(0.25)})
-  pgd_settings = {"step": 16, "seed": 0, "eval_batch_size": 64, "name": "pgd", "index": 0,
+  pgd_settings = {"step": 16, "seed": 0, "eval_batch_size": 64, "name": "pgd",
                   "attack": {"name": "pgd", "norm": "linf", "eps": 0.1, "num_steps": 7}}
   write_evaluation(path, 16, 2.0, {"clean": per_class(0.8125), "pgd": {
       **per_class(0.375), "settings": pgd_settings}, "autoattack": {
