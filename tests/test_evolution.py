@@ -71,6 +71,43 @@ def test_metrics_of_a_linear_path_of_stored_kernels(tmp_path, full):
   assert [len(v) for v in result["eigenvalues"]] == [7, 7, 7]
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("eigenspace_of", ["final", "initial"])
+def test_eigenspace_metrics_and_spectral_mass_match_numpy(tmp_path, full, eigenspace_of):
+  """Three kernels of different eigenspaces (no path, unlike the test above, on which any fixed
+  subspace moves by t): the top- and bottom-k restrictions, in the eigenspace of the kernel
+  eigenspace_of names, and the spectral mass equal numpy's eigh/eigvalsh of the stored kernels."""
+  n, c, top_k = 10, 3, 3
+  rng = np.random.default_rng(3)
+  jacobians = rng.standard_normal((3, n, c if full else 1, 40))
+  jacobians[1] = 0.5 * (jacobians[0] + jacobians[2]) + 0.3 * rng.standard_normal(jacobians[1].shape)
+  kernels = [np.einsum("iap,jbp->ijab", j, j) if full else j[:, 0] @ j[:, 0].T for j in jacobians]
+  stores = [write_store(tmp_path / f"k{t}", k, tile=4, labels=np.arange(n) % c, num_classes=c)
+            for t, k in enumerate(kernels)]
+  result = evolution_metrics(stores, [0.0, 1.0, 3.0], top_k, eigenspace_of, num_eigenvalues=5)
+  rows = result["checkpoints"]
+
+  matrices = [as_matrix(s.read()).astype(np.float64) for s in stores]
+  _, vectors = np.linalg.eigh(matrices[0 if eigenspace_of == "initial" else -1])  # ascending
+  cosine = lambda a, b: np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b))
+  for space, v in (("top_k", vectors[:, -top_k:]), ("bottom_k", vectors[:, :top_k])):
+    r = [v.T @ m @ v for m in matrices]
+    np.testing.assert_allclose([row[f"distance_to_final_{space}"] for row in rows],
+                               [1 - cosine(x, r[-1]) for x in r], rtol=1e-6, atol=1e-9,
+                               err_msg=space)
+    np.testing.assert_allclose([row[f"relative_movement_{space}"] for row in rows],
+                               [np.linalg.norm(x - r[0]) / np.linalg.norm(r[-1] - r[0]) for x in r],
+                               rtol=1e-6, atol=1e-9, err_msg=space)
+    np.testing.assert_allclose([row[f"angle_{space}"] for row in rows],
+                               [np.arccos(min(cosine(x, r[0]), 1.0)) for x in r], rtol=1e-6,
+                               atol=1e-6, err_msg=space)
+  for row, m in zip(rows, matrices):
+    values = np.linalg.eigvalsh(m)[::-1]
+    assert row["spectral_mass_top_k"] == pytest.approx(values[:top_k].sum() / np.trace(m), rel=1e-9)
+    assert row["top_eigenvalue"] == pytest.approx(values[0], rel=1e-9)
+  assert result["eigenspace_of"] == eigenspace_of
+
+
 def test_one_class_subset_has_no_label_alignment(tmp_path):
   """A kernel of one class (config.kernel.classes=(c,)): alignment is undefined (None), the other
   metrics are computed."""

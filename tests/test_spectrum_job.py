@@ -197,6 +197,31 @@ def test_finished_spectrum_is_read_back_and_new_settings_recompute(workdir, monk
   assert load_spectrum(result["spectrum"])[0].vectors.shape == (60, 7)
 
 
+@pytest.mark.parametrize("dtype,tol,remedy", [
+    ("float32", 1e-9, "float32's round-off floor of the exact decomposition; "
+                      "config.spectrum.dtype='float64' would lower it"),
+    ("float64", 1e-18, "float64's round-off floor of the exact decomposition; "
+                       "raise config.spectrum.tol")])
+def test_dense_spectrum_above_tol_is_read_back_and_names_the_dtype_not_max_iters(
+    workdir, monkeypatch, capsys, dtype, tol, remedy):
+  """A dense result is the exact decomposition: a residual at the dtype's round-off floor above
+  tol is final (it was recomputed on every run), and max_iters, which dense has none of, is not
+  the remedy."""
+  calls, eigh = [], spectrum_job.eigh
+  monkeypatch.setattr(spectrum_job, "eigh", lambda *a, **kw: calls.append(1) or eigh(*a, **kw))
+  config = spectrum_config(method="dense", dtype=dtype, tol=tol)
+  config.kernel.name = "dense_floor"
+  first = jobs.run(config, workdir)
+  out = capsys.readouterr().out
+  assert first["method"] == "dense" and not first["converged"] and first["max_residual"] > tol
+  assert calls == [1] and f"(not below tol {tol:g}: {remedy})" in out and "max_iters" not in out
+  again = jobs.run(config, workdir)
+  out = capsys.readouterr().out
+  assert calls == [1], "the dense spectrum was recomputed"
+  assert "already computed" in out and remedy in out and "max_iters" not in out
+  assert again["max_residual"] == first["max_residual"]
+
+
 def test_a_plan_over_the_budget_streams_or_is_refused(workdir, capsys):
   tiny = 1e-6  # GiB: not even the block fits
   refused, auto = spectrum_config(method="sharded", memory_budget_gb=tiny), spectrum_config(memory_budget_gb=tiny)

@@ -19,7 +19,8 @@ iterate.json, which commits it), so a killed job resumes at its last round and e
 result as one never interrupted; a preempted one (SIGTERM, ntk_scale/preemption.py) stops once its
 round is saved. It stops when every residual is below `tol`, after `max_iters`,
 or when two rounds in a row bring no 10% gain on the best residual (round-off floor: about 1e-6
-in float32).
+in float32). A dense result is final whatever its residual (the exact decomposition at the dtype's
+round-off): a rerun reads it back.
 
 Files: values.npy (the k eigenvalues, largest first; every eigenvalue for the dense method),
 vectors.npy [N*C, k] (unit eigenvectors as columns; rows as in spectrum.as_matrix), residuals.npy,
@@ -223,6 +224,29 @@ def _remove_rounds(directory: str) -> None:
         files.remove(os.path.join(directory, name))
 
 
+def _is_final(record: dict, max_iters: int) -> bool:
+  """Whether a stored result is all this solve can give, so a rerun reads it back: a dense one
+  always (the exact decomposition; its residual is the dtype's round-off, which no rerun lowers),
+  LOBPCG once converged, stalled, or out of max_iters (more max_iters resume it)."""
+  return (record["method"] == "dense" or record["converged"] or record["stalled"]
+          or record["iterations"] >= max_iters)
+
+
+def _residual_note(record: dict) -> str:
+  """Why a residual is above tol, and what would lower it: for dense only a wider dtype (more
+  max_iters cannot help an exact decomposition); for LOBPCG more max_iters, unless it stalled."""
+  settings = record["settings"]
+  if record["converged"]:
+    return ""
+  if record["method"] == "dense":
+    why = f"{settings['dtype']}'s round-off floor of the exact decomposition; " + (
+        "config.spectrum.dtype='float64' would lower it" if settings["dtype"] == "float32"
+        else "raise config.spectrum.tol")
+  else:
+    why = "stalled at round-off" if record["stalled"] else "raise config.spectrum.max_iters"
+  return f" (not below tol {settings['tol']:g}: {why})"
+
+
 def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_iters: int
            ) -> tuple[Eigenpairs, dict]:
   """LOBPCG rounds from the saved round (or from `start`, the seeded block), each saved as it ends."""
@@ -281,11 +305,11 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
   result_path = os.path.join(directory, RESULT_FILE)
   if files.exists(result_path):
     record = files.read_json(result_path)
-    if record["settings"] == settings and (record["converged"] or record["iterations"] >= s.max_iters
-                                           or record["stalled"]):
+    if record["settings"] == settings and _is_final(record, s.max_iters):
       if jax.process_index() == 0:
         print(f"spectrum of {kernel['kernel']} already computed: top eigenvalue "
-              f"{record['top_eigenvalue']:.6g}, largest residual {record['max_residual']:.2e}", flush=True)
+              f"{record['top_eigenvalue']:.6g}, largest residual {record['max_residual']:.2e}"
+              + _residual_note(record), flush=True)
       return {**record, "spectrum": directory}
   if jax.process_index() == 0:
     files.make_dirs(directory)
@@ -327,8 +351,6 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
     print(f"spectrum: top {s.num_eigenpairs} eigenpairs of {kernel['kernel']} by {method} "
           f"({state['iterations']} iterations, {record['seconds']:.1f} s): top eigenvalue "
           f"{record['top_eigenvalue']:.6g}, largest residual {residual:.2e}"
-          + ("" if record["converged"] else f" (not below tol {settings['tol']:g}: "
-             + ("stalled at round-off" if record["stalled"] else "raise config.spectrum.max_iters") + ")"),
-          flush=True)
+          + _residual_note(record), flush=True)
   parallel.barrier("spectrum written")
   return {**record, "spectrum": directory}
