@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from ntk_scale.config_numbers import is_whole_number
+
 
 def parse_variants(arg: str, allowed: tuple[str, ...], file: str) -> set[str]:
   """The comma-separated variants of a config file's `get_config(arg)` (e.g. "adversarial,smoke").
@@ -23,10 +25,16 @@ _OWN_STEP_DEFAULT = ("rs_fgsm", "n_fgsm")
 def _pgd_step_for(_, name: str, eps: float, num_steps: int, step: float | None = None) -> float | None:
   """pgd_linf's step_size once `name` is resolved: None (the attack's own default) for rs_fgsm and
   n_fgsm, so overriding only the name never runs them with PGD's step; PGD's otherwise (unused by
-  the other attacks)."""
+  the other attacks). None too, rather than a division by zero, for a num_steps that is not an
+  integer >= 1: the config is still serialised (for its record) with it, and build_attack names
+  the field where the attack is used."""
   if name in _OWN_STEP_DEFAULT:
     return None
-  return 2.5 * eps / num_steps if step is None else step
+  if step is not None:
+    return step
+  if not is_whole_number(num_steps, 1):
+    return None
+  return 2.5 * eps / num_steps
 
 
 def pgd_linf(eps: float, num_steps: int, step_size: float | None = None,

@@ -49,7 +49,7 @@ from jax.sharding import Mesh
 from ntk_scale import files, infinite, parallel
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.attacks import build_attacks
-from ntk_scale.config_numbers import is_whole_number
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import Model, evaluate, transfer_rate
 from ntk_scale.evaluation_progress import KeptResults
@@ -59,7 +59,7 @@ from ntk_scale.ntk.job import KERNELS_DIR
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, num_holdout,
                                       optimise_dataset, split_targets)
-from ntk_scale.train.experiment import eval_matmul_precision
+from ntk_scale.train.experiment import check_train_config, eval_matmul_precision, phase_steps, train_steps
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
@@ -68,9 +68,13 @@ EVALUATIONS_DIR = "evaluations.partial"  # kernel regression's scores, until res
 
 
 def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
-                          num_classes: int, test_labels: np.ndarray | None = None) -> None:
-  """Every config.infinite field, before any kernel is computed; `labels` are the training split's,
-  `test_labels` the test split's (None: num_test is not checked against them)."""
+                          num_classes: int, test_labels: np.ndarray | None = None,
+                          num_devices: int | None = None) -> None:
+  """Every field the job reads, before any kernel is computed: config.infinite, config.eval_batch_size
+  (every evaluation's batch) and, when finite networks are trained, the fields of their training
+  (`_check_finite_networks`); `labels` are the training split's, `test_labels` the test split's
+  (None: num_test is not checked against them); `num_devices` (default: all) split the batches."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
   s = config.infinite
   infinite.check_architecture_config(s)
   check_regression_config(s.regression, "config.infinite.regression")
@@ -89,6 +93,54 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {optimised} images of "
                      f"the robust set (config.infinite.num_train, less robust_data.target_holdout) "
                      f"that a network of robust_data.network_width is trained on.")
+  # Kernel regression is evaluated in these batches, over the devices, right after its kernel.
+  parallel.check_batch_size(config.eval_batch_size, num_devices, "config.eval_batch_size")
+  _check_finite_networks(config, len(labels), optimised, num_devices)
+
+
+def _network_width(config: ml_collections.ConfigDict) -> int:
+  """The width of the network trained on the original and the robust set (0: none)."""
+  s = config.infinite
+  width = s.robust_data.network_width
+  return max(s.transfer.widths, default=config.model.width) if width is None else width
+
+
+def _networks(config: ml_collections.ConfigDict) -> list[tuple[int, ml_collections.ConfigDict | None]]:
+  """(width, eval_attacks) of each network trained on the original training split, in order: the
+  transfer widths and the robust-set comparison's width (evaluated under its eval_attacks)."""
+  s, network_width = config.infinite, _network_width(config)
+  return [(w, s.robust_data.eval_attacks if w == network_width else None)
+          for w in sorted(set(s.transfer.widths) | ({network_width} if network_width else set()))]
+
+
+def _check_finite_networks(config: ml_collections.ConfigDict, train_size: int, robust_size: int,
+                           num_devices: int) -> None:
+  """The train-job checks of every finite network the job trains (each config as `_train_finite`
+  builds it), before any kernel: they would otherwise fail only once its training starts, after
+  the kernels, the attacks and the robust set. `train_size` images (the training split) train
+  the transfer networks, `robust_size` (the robust set) the robust-set comparison's."""
+  networks = _networks(config)
+  if not networks:
+    return
+  num_epochs = config.infinite.transfer.num_epochs
+  if not (is_finite_number(num_epochs) and num_epochs > 0):
+    raise ValueError(f"config.infinite.transfer.num_epochs={num_epochs!r} must be a positive finite "
+                     f"number (the epochs each finite network trains).")
+  # The step counts at each training set's size, named here (not as the networks' config.num_epochs);
+  # a batch size that cannot step through it is left to check_train_config to name.
+  sizes = [train_size] + ([robust_size] if _network_width(config) else [])
+  for size in sizes:
+    if is_whole_number(config.batch_size, 1) and config.batch_size <= size:
+      phase_steps(num_epochs, size // config.batch_size, "config.infinite.transfer.num_epochs")
+  from ntk_scale.train.phase2 import check_phase2_config
+
+  for width, eval_attacks in networks:
+    c = _finite_config(config, width, eval_attacks)
+    check_train_config(c, num_devices)  # at the catalog's training split
+    if c.phase2.num_epochs > 0:  # as train_and_evaluate does before it trains
+      check_phase2_config(c)
+  for size in sizes:  # the robust set's size too (warm-up, checkpoint interval, mode F's flip)
+    train_steps(c, size // c.batch_size)
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -103,6 +155,15 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, n
   from ntk_scale.train.loop import train_and_evaluate
   from ntk_scale.workdir import prepare_workdir
 
+  c = _finite_config(config, width, eval_attacks)
+  directory = os.path.join(workdir, "transfer", name or f"width{width}")
+  prepare_workdir(c, directory)
+  return train_and_evaluate(c, directory, dataset)
+
+
+def _finite_config(config: ml_collections.ConfigDict, width: int,
+                   eval_attacks: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """The train config of the finite network of `width` (`_train_finite`; the up-front checks)."""
   c = copy.deepcopy(config)
   c.job = "train"
   c.model.width = width
@@ -110,10 +171,7 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, n
   c.eval_attacks = eval_attacks or ml_collections.ConfigDict()
   c.save_adversarial = False
   c.checkpoint.fractional_epochs = ()
-  directory = os.path.join(workdir, "transfer", name or f"width{width}")
-  prepare_workdir(c, directory)
-  return train_and_evaluate(c, directory, dataset)
-
+  return c
 
 
 def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x: np.ndarray,
@@ -259,7 +317,8 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                      "its experiments); see configs/infinite_width.py.")
   s = config.infinite
   dataset = load_dataset(config.data)
-  check_infinite_config(config, dataset.train.labels, dataset.num_classes, dataset.test.labels)
+  check_infinite_config(config, dataset.train.labels, dataset.num_classes, dataset.test.labels,
+                        jax.device_count())
   prepare_workdir(config, workdir)
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
@@ -332,13 +391,10 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
           f"{record['max_pixel_change']:.3f}; kernel regression {kernel}", flush=True)
 
   transfer = {}
-  network_width = s.robust_data.network_width
-  if network_width is None:
-    network_width = max(s.transfer.widths, default=config.model.width)
+  network_width = _network_width(config)
   network = {}
-  for width in sorted(set(s.transfer.widths) | ({network_width} if network_width else set())):
-    trained = _train_finite(config, workdir, width, dataset=dataset,
-                            eval_attacks=eval_attacks if width == network_width else None)
+  for width, network_attacks in _networks(config):
+    trained = _train_finite(config, workdir, width, dataset=dataset, eval_attacks=network_attacks)
     if width == network_width:
       network["original"] = _accuracies(trained["results"])
     if width not in s.transfer.widths:

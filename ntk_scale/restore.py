@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import data, files, parallel
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, missing_initial_note
-from ntk_scale.config_numbers import is_finite_number
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, phase2_directory, phase2_name
@@ -119,8 +119,9 @@ def saved_epochs(config: ml_collections.ConfigDict, workdir: str, phase: int) ->
 
 
 def check_phase(phase: Any, fields: str) -> None:
-  """`<fields>.phase` names a phase a checkpoint can be read from (the dry run checks it too)."""
-  if phase not in PHASES:
+  """`<fields>.phase` names a phase a checkpoint can be read from (the dry run checks it too); an
+  int, not True, which `in` would take for phase 1."""
+  if not is_whole_number(phase) or phase not in PHASES:
     raise ValueError(f"{fields}.phase={phase!r}; expected 1 (the network's checkpoints) or 2 (the "
                      f"linearized model of phase 2, config.phase2.name).")
 

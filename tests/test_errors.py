@@ -38,6 +38,16 @@ def no_compute(monkeypatch):
     ("profile_steps", -1, r"config.profile_steps=-1 must be an integer >= 0"),
     ("train.compute_dtype", "float16", "config.train.compute_dtype='float16'; expected one of "
                                        "float32, bfloat16"),
+    # NaN and -1 failed `> 0` and skipped phase 2 silently; inf overflowed counting its steps.
+    *[("phase2.num_epochs", v, rf"config\.phase2\.num_epochs={v!r} must be a finite number >= 0 \(0: no "
+       rf"phase 2\)") for v in (float("nan"), float("inf"), -1.0)],
+    ("log_every_steps", True, r"config\.log_every_steps=True must be an integer >= 1"),  # not 1 step
+    # inf overflowed in the save schedule once the model was initialised and the config recorded.
+    ("checkpoint.fractional_epochs", (float("inf"),),
+     r"config\.checkpoint\.fractional_epochs=\(inf,\) must be positive finite epochs; \[inf\] are not"),
+    # An interval of less than a step listed 10^12 checkpoint epochs per epoch.
+    ("checkpoint.every_epochs", 1e-12, r"config\.checkpoint\.every_epochs=1e-12 is 2\.2e-11 of a step at "
+                                       r"22 steps per epoch, which rounds to 0 steps"),
 ])
 def test_bad_config_fields_are_named(tmp_path, no_compute, field, value, message):
   config = load_config("digits", "smoke")
@@ -128,8 +138,32 @@ def test_cosine_warmup_as_long_as_its_phase_is_refused(tmp_path, no_compute, sec
   assert os.listdir(tmp_path) == []
 
 
+# The train job's phase 2: its optimizer's fields are named before its warm-up is counted in steps
+# (NaN and inf failed converting to an integer), its checkpoint interval in steps.
+@pytest.mark.parametrize("fields, message", [
+    ({"optimizer.schedule": "cosine", "optimizer.warmup_epochs": float("nan")},
+     r"config\.phase2\.optimizer\.warmup_epochs=nan must be a finite number >= 0"),
+    ({"optimizer.schedule": "cosine", "optimizer.warmup_epochs": float("inf")},
+     r"config\.phase2\.optimizer\.warmup_epochs=inf must be a finite number >= 0"),
+    ({"checkpoint_every_epochs": 1e-12},
+     r"config\.phase2\.checkpoint_every_epochs=1e-12 is 2\.2e-11 of a step .*rounds to 0 steps"),
+])
+def test_train_job_names_bad_phase2_fields_before_compute(tmp_path, no_compute, fields, message):
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs = 1.0
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    (config.phase2[section] if section else config.phase2)[name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"num_epochs": 0.02}, r"config\.phase2\.num_epochs=0\.02 is 0\.44 of a step"),
+    ({"num_epochs": float("inf")}, r"config\.phase2\.num_epochs=inf must be a finite number >= 0"),
+    ({"num_epochs": 1.0, "checkpoint_every_epochs": 1e-12},
+     r"config\.phase2\.checkpoint_every_epochs=1e-12 is 2\.2e-11 of a step"),
     ({"num_epochs": 1.0, "optimizer.schedule": "cosine", "optimizer.warmup_epochs": 1.0},
      r"config\.phase2\.optimizer\.warmup_epochs=1\.0 is 22 steps, not fewer than the 22 steps"),
 ])
@@ -319,6 +353,84 @@ def test_class_balanced_subset_that_cannot_be_drawn_is_named_before_compute(
   assert not (tmp_path / "config.json").exists()
 
 
+# digits smoke: 200 training images, the networks train 1 epoch of the whole split (1437 images in
+# batches of 64: 22 steps) and of the robust set (200 images: 3 steps). Each was refused only when
+# the first network was built, after the kernels, the attacks and the robust set, with the config
+# recorded; eval_batch_size 0 divided by zero after the training kernel.
+@pytest.mark.parametrize("fields, message", [
+    ({"infinite.transfer.num_epochs": float("nan")},
+     r"config\.infinite\.transfer\.num_epochs=nan must be a positive finite number"),
+    ({"infinite.transfer.num_epochs": float("inf")},
+     r"config\.infinite\.transfer\.num_epochs=inf must be a positive finite number"),
+    ({"infinite.transfer.num_epochs": 0.1},  # 2.2 steps of the split, 0.3 of one of the robust set
+     r"config\.infinite\.transfer\.num_epochs=0\.1 is 0\.3 of a step at 3 steps per epoch"),
+    ({"eval_batch_size": 0}, r"config\.eval_batch_size=0 must be a positive multiple of the device count"),
+    ({"batch_size": 6}, r"config\.batch_size=6 must be a positive multiple of the device count"),
+    ({"optimizer.learning_rate": float("nan")}, r"config\.optimizer\.learning_rate=nan must be a positive"),
+    ({"optimizer.warmup_epochs": 1.0}, r"config\.optimizer\.warmup_epochs=1\.0 is 22 steps, not fewer than"),
+    ({"log_every_steps": 0}, r"config\.log_every_steps=0 must be an integer >= 1"),
+    ({"checkpoint.every_epochs": 0.0}, r"config\.checkpoint\.every_epochs=0\.0 must be positive"),
+])
+def test_infinite_job_checks_its_networks_training_before_compute(tmp_path, no_kernel_compute, fields,
+                                                                   message):
+  config = load_config("infinite_width", "smoke")
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_infinite_job_without_networks_does_not_check_their_training():
+  from ntk_scale.infinite_job import check_infinite_config
+
+  config = load_config("infinite_width", "smoke")
+  config.infinite.transfer.widths, config.infinite.robust_data.network_width = (), 0
+  config.infinite.transfer.num_epochs = config.optimizer.learning_rate = float("nan")
+  check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+  config.infinite.transfer.widths = (8,)
+  with pytest.raises(ValueError, match=r"config\.infinite\.transfer\.num_epochs=nan"):
+    check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+
+
+# True passed `True in (1, 2)` as phase 1.
+@pytest.mark.parametrize("job, message", [
+    ("evaluate", r"config\.evaluate\.phase=True; expected 1 \(the network's checkpoints\) or 2"),
+    ("evolution", r"config\.evolution\.phase=True; expected 1 \(the network\) or 2"),
+])
+def test_phase_true_is_not_phase_1(tmp_path, no_kernel_compute, job, message):
+  config = load_config("digits", "smoke")
+  config.job, config[job].phase = job, True
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_pgd_step_size_follows_its_fields_and_a_bad_num_steps_is_named_where_used(tmp_path):
+  """pgd_linf's step size is computed from eps and num_steps when read: num_steps 0 divided by zero
+  while the config was serialised (for an evaluate job, or phase 2 of mode A), even in a section
+  not in use, before the attack could name the field."""
+  from ntk_scale.attacks import build_attack
+  from ntk_scale.base_config import pgd_linf
+
+  attack = pgd_linf(0.1, num_steps=20)
+  assert attack.step_size == 2.5 * 0.1 / 20
+  attack.eps, attack.num_steps = 0.2, 8
+  assert attack.step_size == 2.5 * 0.2 / 8
+  assert pgd_linf(0.1, 20, step_size=0.03).step_size == 0.03
+  attack.num_steps = 0
+  assert attack.step_size is None
+  attack.to_json()  # serialises
+  with pytest.raises(ValueError, match=r"config\.train\.attack\.num_steps=0 must be an integer >= 1"):
+    build_attack(attack, prefix="config.train.attack")
+  config = load_config("digits", "smoke")
+  config.job, config.eval_attacks.pgd.num_steps = "evaluate", 0
+  with pytest.raises(ValueError, match=r"config\.eval_attacks\.pgd\.num_steps=0 must be an integer >= 1"):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 def test_the_infinite_job_without_its_section_is_refused_before_recording(tmp_path):
   config = load_config("digits", "smoke")
   config.job = "infinite"
@@ -347,7 +459,7 @@ def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
 
   config = load_config("infinite_width", "smoke")
   labels = np.repeat(np.arange(4), [50, 50, 50, 5])  # 4 classes, the last one rare
-  config.batch_size = 10  # the network trained on the robust set of 20 images
+  config.batch_size = 8  # the network trained on the robust set of 20 images, over 4 devices
   config.infinite.num_train = 30
   with pytest.raises(ValueError, match=r"config.infinite.num_train=30 must be 0 \(all\) or a multiple of 4"):
     check_infinite_config(config, labels, 4)

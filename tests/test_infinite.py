@@ -298,7 +298,7 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   config = load_config("infinite_width", "smoke")
   s = config.infinite
   s.update(num_train=30, num_test=50, depth=1, batch_size=64)
-  config.batch_size = 10  # the robust set's network trains on its 30 images
+  config.batch_size = 8  # the robust set's network trains on its 30 images, over 4 devices
   s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
   s.transfer.widths = ()
   s.robust_data.update(num_steps=0, target_batch_size=10, network_width=8)

@@ -63,7 +63,7 @@ def evolution_name(config: ml_collections.ConfigDict, num_examples: int) -> str:
 def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   """The config.evolution fields that need no workdir, before anything is read or computed."""
   e = config.evolution
-  if e.phase not in (1, 2):
+  if not is_whole_number(e.phase) or e.phase not in (1, 2):  # True is no phase, though True == 1
     raise ValueError(f"config.evolution.phase={e.phase!r}; expected 1 (the network) or 2 (phase 2's "
                      f"linearized model, config.phase2.name).")
   if e.eigenspace_of not in EIGENSPACE_OF:

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack, build_attacks
-from ntk_scale.config_numbers import is_finite_number
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data.catalog import dataset_shape
 from ntk_scale.data.augment import AUGMENTATIONS
 from ntk_scale.linearize import LinearizedModel
@@ -44,8 +44,9 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
                      f"{', '.join(AUGMENTATIONS)}.")
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config[field], num_devices, f"config.{field}")
-  if not config.log_every_steps > 0:
-    raise ValueError(f"config.log_every_steps={config.log_every_steps} must be a positive number of steps.")
+  if not is_whole_number(config.log_every_steps, 1):
+    raise ValueError(f"config.log_every_steps={config.log_every_steps!r} must be an integer >= 1 (the "
+                     f"steps between logged metrics).")
   check_profile_steps(config.get("profile_steps", 0))
   check_precision(eval_matmul_precision(config), "config.eval_matmul_precision")
   build_attacks(config.eval_attacks, "config.eval_attacks", data.num_classes(config.data))
@@ -59,9 +60,12 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   if not 0 < config.num_epochs < math.inf:
     raise ValueError(f"config.num_epochs={config.num_epochs} must be positive and finite (to run "
                      f"phase 2 alone from an existing workdir, use config.job='phase2').")
-  bad = [e for e in config.checkpoint.fractional_epochs if not e > 0]
+  check_phase2_epochs(config.phase2.num_epochs)
+  fractional = tuple(config.checkpoint.fractional_epochs)
+  bad = [e for e in fractional if not (is_finite_number(e) and e > 0)]
   if bad:  # epochs beyond num_epochs are allowed and skipped, so short variants keep the defaults
-    raise ValueError(f"config.checkpoint.fractional_epochs has non-positive epochs {bad}.")
+    raise ValueError(f"config.checkpoint.fractional_epochs={fractional!r} must be positive finite "
+                     f"epochs; {bad!r} are not.")
   if config.train.mode not in MODES:
     raise ValueError(f"config.train.mode={config.train.mode!r}; expected one of {', '.join(MODES)} "
                      f"(C benign, A adversarial, F benign then adversarial from flip_epoch).")
@@ -81,6 +85,14 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
   train_steps(config, catalog_steps_per_epoch(config))
+
+
+def check_phase2_epochs(num_epochs) -> None:
+  """config.phase2.num_epochs as every job that reads it sees it: a finite number >= 0 (0: no phase
+  2). NaN and -1 would fail every `> 0` test and skip phase 2 silently; inf has no step count."""
+  if not (is_finite_number(num_epochs) and num_epochs >= 0):
+    raise ValueError(f"config.phase2.num_epochs={num_epochs!r} must be a finite number >= 0 (0: no "
+                     f"phase 2).")
 
 
 def catalog_steps_per_epoch(config: ml_collections.ConfigDict) -> int:
@@ -169,6 +181,15 @@ def phase_steps(num_epochs: float, steps_per_epoch: int, field: str) -> int:
   return steps
 
 
+def check_save_interval(every_epochs: float, steps_per_epoch: int, field: str) -> None:
+  """A checkpoint interval (`field`) of at least one step: one that rounds to 0 steps would list a
+  checkpoint epoch for every multiple of it (1e-12 epochs: 10^12 of them per epoch) before the
+  first step. inf (no regular checkpoint, only the end) passes; a NaN or non-positive interval is
+  left to the check that names it as such."""
+  if is_finite_number(every_epochs) and every_epochs > 0:
+    phase_steps(every_epochs, steps_per_epoch, field)
+
+
 def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:
   """The batch step from which training is adversarial (None for benign training)."""
   return {"C": None, "A": 0, "F": int(round(config.train.flip_epoch * steps_per_epoch))}[config.train.mode]
@@ -180,10 +201,15 @@ def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tupl
   first or past the last step, which would train all adversarially or all benignly."""
   total_steps = phase_steps(config.num_epochs, steps_per_epoch, "config.num_epochs")
   check_warmup(config.optimizer, steps_per_epoch, total_steps, "config.optimizer")
+  check_save_interval(config.checkpoint.every_epochs, steps_per_epoch, "config.checkpoint.every_epochs")
   if config.phase2.num_epochs > 0:  # the train job's phase 2 steps through this split at this batch
     # size: a phase 2 of zero steps is refused now, not after phase 1 has trained.
     phase2_steps = phase_steps(config.phase2.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
+    # Its optimizer's own fields first: check_warmup turns a NaN warm-up into steps.
+    check_optimizer_config(config.phase2.optimizer, "config.phase2.optimizer")
     check_warmup(config.phase2.optimizer, steps_per_epoch, phase2_steps, "config.phase2.optimizer")
+    check_save_interval(config.phase2.checkpoint_every_epochs, steps_per_epoch,
+                        "config.phase2.checkpoint_every_epochs")
   flip_step = first_adversarial_step(config, steps_per_epoch)
   if config.train.mode == "F" and not 1 <= flip_step <= total_steps - 1:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} is step {flip_step} of the "

@@ -24,7 +24,8 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
 from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
-                                        check_step_numerics, phase_steps, step_numerics)
+                                        check_phase2_epochs, check_save_interval, check_step_numerics,
+                                        phase_steps, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config, check_warmup
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
@@ -56,6 +57,7 @@ def apply_loaders(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def check_phase2_config(config: ml_collections.ConfigDict) -> None:
   """Validates config.phase2 before any data is loaded or compiled."""
   p = config.phase2
+  check_phase2_epochs(p.num_epochs)  # NaN, inf, -1
   if not p.num_epochs > 0:
     raise ValueError(f"config.phase2.num_epochs={p.num_epochs} must be positive to run phase 2.")
   if not p.from_epoch >= 0:
@@ -111,6 +113,7 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   steps_per_epoch = batches.steps_per_epoch
   total_steps = phase_steps(p.num_epochs, steps_per_epoch, "config.phase2.num_epochs")
   check_warmup(p.optimizer, steps_per_epoch, total_steps, "config.phase2.optimizer")
+  check_save_interval(p.checkpoint_every_epochs, steps_per_epoch, "config.phase2.checkpoint_every_epochs")
   image_shape = dataset.train.images.shape[1:]
   linearized, from_step = linearized_model(config, workdir, mesh)
 
