@@ -166,6 +166,12 @@ def _linf(x: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), 1)
 
 
+def _compute_dtype(images: jax.Array) -> jnp.dtype:
+  """float32 for bfloat16 and float16 images, else their dtype: in those the floors
+  (_NORM_FLOOR, _W_FLOOR) round to 0 and, in float16, _NOT_FOUND and _FAR to inf."""
+  return jnp.promote_types(images.dtype, jnp.float32)
+
+
 def _l2(x: jax.Array) -> jax.Array:
   """Per-example L2 norm over all non-batch axes, [N] (attacks' `_l2_norm`, flattened)."""
   return _l2_norm(x).reshape(x.shape[0])
@@ -176,10 +182,13 @@ def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets:
              norm: str = "linf") -> jax.Array:
   """One run of FAB toward `targets` from `start` (AutoAttack's `attack_single_run`, targeted):
   per example the misclassified iterate closest to the clean image in `norm` (the clean image
-  where none was found)."""
+  where none was found). The iterates are in the images' dtype, each rounded to it before the
+  model judges it; the projections, alpha and distances in `_compute_dtype` (float32 at least)."""
   step_onto, size = ((hyperplane_step_linf, _linf) if norm == "linf"
                      else (hyperplane_step_l2, _l2))
   n = images.shape[0]
+  compute = _compute_dtype(images)
+  clean = images.astype(compute)
   flat = lambda x: x.reshape(n, -1)
   pick = lambda logits, classes: jnp.take_along_axis(logits, classes[:, None], 1)[:, 0]
 
@@ -191,23 +200,25 @@ def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets:
   def body(_, state):
     x, found, distance = state
     grad, diff = jax.grad(difference, has_aux=True)(x)
-    w = flat(grad)
-    b = jnp.sum(w * flat(x), 1) - diff  # the linearisation vanishes on w . z = b
-    step_x = step_onto(flat(x), w, b).reshape(x.shape)
-    step_clean = step_onto(flat(images), w, b).reshape(x.shape)
+    x_c, w = x.astype(compute), flat(grad).astype(compute)
+    b = jnp.sum(w * flat(x_c), 1) - diff.astype(compute)  # the linearisation vanishes on w . z = b
+    step_x = step_onto(flat(x_c), w, b).reshape(x.shape)
+    step_clean = step_onto(flat(clean), w, b).reshape(x.shape)
     norm_x = jnp.maximum(size(step_x), _NORM_FLOOR)
     norm_clean = jnp.maximum(size(step_clean), _NORM_FLOOR)
     alpha = _per_example(jnp.clip(norm_x / (norm_x + norm_clean), 0.0, alpha_max), x)
-    x = jnp.clip((x + eta * step_x) * (1 - alpha) + (images + eta * step_clean) * alpha, 0.0, 1.0)
+    x = jnp.clip((x_c + eta * step_x) * (1 - alpha) + (clean + eta * step_clean) * alpha,
+                 0.0, 1.0).astype(images.dtype)
     fooled = jnp.argmax(logits_fn(x), -1) != labels
-    current = size(x - images)
+    current = size(x.astype(compute) - clean)
     closer = fooled & (current < distance)
     found = jnp.where(_per_example(closer, x), x, found)
     distance = jnp.where(closer, current, distance)
-    x = jnp.where(_per_example(fooled, x), images + (x - images) * beta, x)
+    back = (clean + (x.astype(compute) - clean) * beta).astype(images.dtype)
+    x = jnp.where(_per_example(fooled, x), back, x)
     return x, found, distance
 
-  state = (start, images, jnp.full((n,), _NOT_FOUND, images.dtype))
+  state = (start, images, jnp.full((n,), _NOT_FOUND, compute))
   return jax.lax.fori_loop(0, num_steps, body, state)[1]
 
 
@@ -250,10 +261,15 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
   - The targets are ranked on the clean logits with the true class excluded (as `apgd_t`); the
     reference ranks them including it, which differs only for examples the model misclassifies,
     and those FAB does not attack.
-  - Computed in the images' dtype (the reference casts to float32).
+  - The iterates, random starts (drawn in float32 or wider) and results are in the images'
+    dtype, each iterate rounded to it before the model judges it, so a returned point is
+    misclassified and within eps as returned; the projections, alpha and distances in float32,
+    or float64 for float64 images (the reference casts everything to float32).
   """
   _check_norm(norm)
   size = _linf if norm == "linf" else _l2
+  compute = _compute_dtype(images)
+  clean = images.astype(compute)
   logits = logits_fn(images)
   ranked = ranked_targets(logits, labels, num_targets, 2, "FAB-T")
   correct = jnp.argmax(logits, -1) == labels
@@ -263,15 +279,16 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
     start = images
     if restarts > 1:
       if norm == "linf":
-        u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, images.dtype, -1.0, 1.0)
+        u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, compute, -1.0, 1.0)
       else:
-        u = jax.random.normal(jax.random.fold_in(key, r), images.shape, images.dtype)
-      scattered = images + eps * u / _per_example(jnp.maximum(size(u), 1e-12), u) * 0.5
-      start = jnp.where(r % restarts == 0, images, jnp.clip(scattered, 0.0, 1.0))
+        u = jax.random.normal(jax.random.fold_in(key, r), images.shape, compute)
+      scattered = clean + eps * u / _per_example(jnp.maximum(size(u), 1e-12), u) * 0.5
+      start = jnp.where(r % restarts == 0, images,
+                        jnp.clip(scattered, 0.0, 1.0).astype(images.dtype))
     found = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta,
                      norm)
     broken = (correct & (jnp.argmax(logits_fn(found), -1) != labels)
-              & (size(found - images) <= eps))
+              & (size(found.astype(compute) - clean) <= eps))
     return jnp.where(_per_example(broken, images), found, images)
 
   return _strongest_of(run, num_targets * restarts, logits_fn, images, labels)

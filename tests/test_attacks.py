@@ -549,6 +549,44 @@ def test_dlr_attacks_see_through_a_saturated_softmax():
     assert robust[name, 1e4] == pytest.approx(robust[name, 1.0], abs=0.02), robust
 
 
+def test_ranked_targets_are_the_other_classes_by_decreasing_clean_logit():
+  """Column i of ranked_targets is the class of the (i + 1)-th highest logit among those other
+  than the true one (a numpy argsort without it), whether the true class has the largest, the
+  smallest or a middle logit; the true class comes last, never among the num_targets first."""
+  rng = np.random.default_rng(0)
+  n, c = 12, 10
+  logits = rng.normal(size=(n, c)).astype(np.float32)
+  order = np.argsort(-logits, 1)
+  labels = order[np.arange(n), [0] * 4 + [c - 1] * 4 + [1, 4, 6, 8]]
+  reference = np.array([[k for k in order[i] if k != labels[i]] for i in range(n)])
+  for num_targets in (1, 4, c - 1):
+    ranked = np.asarray(attacks.ranked_targets(jnp.asarray(logits), jnp.asarray(labels),
+                                               num_targets, 2, "test"))
+    np.testing.assert_array_equal(ranked[:, :num_targets], reference[:, :num_targets])
+    np.testing.assert_array_equal(ranked[:, -1], labels)
+
+
+def test_apgd_t_toward_one_target_breaks_what_the_highest_other_class_allows():
+  """AutoAttack's rule: APGD-T's first target is the class of highest clean logit after the true
+  one. On the linear 10-class model, APGD-T with num_targets=1 leaves correct the examples that
+  the best L-inf step toward that class, eps sign(w_t - w_y) (the box does not bind), leaves
+  correct (4 of 64), one example either way; a first 'target' that was the true class itself
+  would leave nearly all of them correct."""
+  eps = 0.05
+  logits_fn, images, labels = _linear_ten_class_problem(1.0)
+  w = np.asarray(logits_fn(jnp.eye(16).reshape(16, 4, 4, 1)))  # [16, 10]
+  x, y = np.asarray(images).reshape(64, -1), np.asarray(labels)
+  top_other = np.argmax(np.where(np.arange(10) == y[:, None], -np.inf, x @ w), 1)
+  stepped = x + eps * np.sign(w[:, top_other] - w[:, y]).T
+  assert stepped.min() >= 0 and stepped.max() <= 1
+  expected = np.mean(np.argmax(stepped @ w, 1) == y)
+  assert expected < 0.2
+  x_adv = jax.jit(lambda: attacks.apgd_t(logits_fn, images, labels, jax.random.key(4), eps=eps,
+                                         num_steps=20, num_targets=1))()
+  robust = float(jnp.mean(jnp.argmax(logits_fn(x_adv), -1) == labels))
+  assert robust == pytest.approx(expected, abs=1.5 / 64)
+
+
 def test_worst_of_counts_an_example_broken_by_any_of_its_attacks(digits_model):
   """worst_of(apgd_ce, apgd_t) on the trained digits MLP: an example is robust only if both of
   its attacks (run alone with the same keys) leave it correct; APGD-T is at least as strong as
@@ -591,7 +629,9 @@ def _inference_apply(model):
 def test_evaluate_runs_worst_of_members_in_turn_on_the_examples_still_robust(digits_model, monkeypatch):
   """evaluate() under worst_of(fgsm, pgd) (both deterministic: no random start) counts the examples
   that the clean model, FGSM and PGD each leave correct, as worst_of inside jit does, but FGSM
-  attacks only the clean-correct examples and PGD only those FGSM left correct."""
+  attacks only the clean-correct examples and PGD only those FGSM left correct. The loss is that
+  of the images kept, and an example left correct keeps the one of highest cross-entropy of its
+  clean image and the members' results (not its clean image)."""
   model, variables, images, labels = digits_model
   split = Split(np.asarray(images), np.asarray(labels))
   mesh = parallel.make_mesh()
@@ -607,11 +647,12 @@ def test_evaluate_runs_worst_of_members_in_turn_on_the_examples_still_robust(dig
                                       attack=attack, key=jax.random.key(3), keep_examples=keep)
   in_turn = run(worst, True)
   sizes, evaluated_sizes[:] = list(evaluated_sizes), []
-  correct = {}
+  correct, alone = {}, {}
   for name, attack in [("clean", None), *attacks.build_attacks(ml_collections.ConfigDict(
       {k: dict(v, eps=0.08) for k, v in members.items()}), "m").items()]:
     examples = run(attack, True)["examples"]
     correct[name] = examples["predictions"] == split.labels
+    alone[name] = examples["images"]
   after_fgsm = correct["clean"] & correct["fgsm"]
   expected = after_fgsm & correct["pgd"]
   assert sizes == [len(split), correct["clean"].sum(), after_fgsm.sum()]
@@ -627,6 +668,20 @@ def test_evaluate_runs_worst_of_members_in_turn_on_the_examples_still_robust(dig
   assert inside_jit["accuracy"] == pytest.approx(in_turn["accuracy"], abs=1.5 / len(split))
   per_class = [np.mean(in_turn_correct[split.labels == c]) for c in range(10)]
   np.testing.assert_allclose(in_turn["per_class_accuracy"], per_class)
+  # The loss reported is the mean cross-entropy of the images kept, computed here anew.
+  kept = in_turn["examples"]["images"]
+  kept_loss = _loss(model, variables, kept, labels)
+  assert in_turn["loss"] == pytest.approx(kept_loss.mean(), rel=1e-5)
+  # An example every member left correct keeps the highest of the three cross-entropies (clean,
+  # FGSM's, PGD's; each member's result on it does not depend on the others), and where both
+  # members moved it, an attacked image, not its clean one.
+  robust = in_turn_correct & expected
+  candidates = np.stack([_loss(model, variables, alone[k], labels) for k in ("clean", *members)])
+  assert robust.sum() >= 0.2 * len(split)
+  np.testing.assert_allclose(kept_loss[robust], candidates.max(0)[robust], rtol=1e-4, atol=1e-6)
+  moved = np.all([np.any(alone[k] != split.images, axis=(1, 2, 3)) for k in members], axis=0)
+  assert np.sum(robust & moved) >= 0.2 * len(split)
+  assert not np.any(np.all(kept == split.images, axis=(1, 2, 3))[robust & moved])
 
 
 def test_worst_of_in_turn_on_four_devices_equals_one(digits_model):
