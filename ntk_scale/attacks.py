@@ -566,7 +566,7 @@ def _positive(config: ml_collections.ConfigDict, field: str, prefix: str, requir
     if required:
       raise ValueError(f"{prefix}.{field} is required for attack {config.name!r}{hint}.")
     return None
-  if not (is_finite_number(value) and 0 < value):
+  if not (is_finite_number(value) and value > 0):
     raise ValueError(f"{prefix}.{field}={value!r} must be a positive finite number{hint}.")
   return float(value)
 

@@ -41,7 +41,7 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 def check_regression_config(section: ml_collections.ConfigDict, prefix: str) -> None:
   """`regularizer` (>= 0) and `solver` of a kernel-regression config section; errors name the field."""
   reg = section.regularizer
-  if not (is_finite_number(reg) and 0 <= reg):
+  if not (is_finite_number(reg) and reg >= 0):
     raise ValueError(f"{prefix}.regularizer={reg!r} must be a finite number >= 0 (relative to the mean "
                      f"kernel diagonal; 0 is ridgeless).")
   if section.solver not in SOLVERS:

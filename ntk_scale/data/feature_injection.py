@@ -141,7 +141,7 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
                        f"least 3x3; this dataset has {num_classes} classes"
                        + (f" of {image_shape[0]}x{image_shape[1]}." if image_shape else "."))
     beta = transform.get("beta")
-    if not (is_finite_number(beta) and 0 <= beta):
+    if not (is_finite_number(beta) and beta >= 0):
       raise ValueError(f"{p}.beta={beta!r} must be a finite number >= 0 (pixel units of [0, 1] "
                        f"images, the largest change of a pixel, comparable with an L-inf eps).")
     if carrier == "dct":  # "sign" has fixed patterns: num_frequencies and seed are unused there

@@ -69,7 +69,7 @@ def kernel_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   for field, why in (("learning_rate", "Adam, on [0, 1] pixels"),
                      ("cg_tol", "CG's relative residual ||y - (K + lambda I) x|| / ||y||")):
     value = e[field]
-    if not (is_finite_number(value) and 0 < value):
+    if not (is_finite_number(value) and value > 0):
       raise ValueError(f"config.eigen_images.{field}={value!r} must be a number > 0 ({why}).")
   check_regression_config(e, "config.eigen_images")
   check_eigensolver(e.eigensolver, "config.eigen_images.eigensolver")

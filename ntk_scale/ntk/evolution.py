@@ -79,7 +79,7 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   if not all(is_finite_number(x) for x in e.epochs):
     raise ValueError(f"config.evolution.epochs={tuple(e.epochs)!r} must be epoch numbers.")
   span = e.get("around_collapse", 0.0)
-  if not (is_finite_number(span) and 0 <= span):
+  if not (is_finite_number(span) and span >= 0):
     raise ValueError(f"config.evolution.around_collapse={span!r} must be a number of epochs >= 0 "
                      "(0: off).")
   if span and (e.epochs or e.phase != 1):

@@ -96,7 +96,7 @@ class StoredKernelOperator(scipy.sparse.linalg.LinearOperator):
   def __init__(self, store: KernelStore, dtype: str = "float64",
                max_block_bytes: int = DEFAULT_BLOCK_BYTES, process: tuple[int, int] | None = None):
     if store.meta.get("complete") is not True:  # a killed job's kernel.json says False (or, before
-      # 2026-12-02, nothing)
+      # 2026-12-01, nothing)
       raise ValueError(f"{store.directory} is an unfinished kernel; rerun its kernel job to complete "
                        f"it before computing its spectrum.")
     shape = store.shape

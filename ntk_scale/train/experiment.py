@@ -129,7 +129,7 @@ def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:
   """config.train.grad_align: a weight >= 0, and > 0 only with adversarial training (A or F)."""
   weight = train.get("grad_align", 0.0)
-  if not (is_finite_number(weight) and 0 <= weight):
+  if not (is_finite_number(weight) and weight >= 0):
     raise ValueError(f"config.train.grad_align={weight!r} must be a finite number >= 0 (GradAlign's "
                      f"weight).")
   if weight > 0 and train.mode == "C":
