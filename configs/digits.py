@@ -31,8 +31,9 @@ et al.'s `--loaders`. Evaluate phase 2's epoch-2 checkpoint again (results in it
 
 All runs evaluate clean accuracy and robust accuracy under L-inf PGD-20 and APGD-CE-20 at eps 0.1 on
 the 360 test images, and save the adversarial examples under <workdir>/adversarial/.
-Measured (2 CPU cores, 15 epochs): benign 99.7% clean, 56.9% PGD-20, 53.3% APGD-CE-20 (about
-30 s); adversarial 99.4% clean, 90.6% PGD-20, 90.3% APGD-CE-20 (about 1 minute).
+Measured (2 CPU cores of an AMD EPYC VM, 15 epochs, 2026-12-01): benign 99.7% clean, 54.2% PGD-20,
+51.9% APGD-CE-20 (about 30 s); adversarial 99.7% clean, 90.8% PGD-20, 90.6% APGD-CE-20 (about 1
+minute). Other CPUs round differently: see the README.
 The empirical NTK of the newest checkpoint for logit 0 on 500 class-balanced training images (Loo et
 al.'s per-logit kernels), streamed to <workdir>/kernels/phase1_epoch15_train500_class0/ (`make demo`
 runs it on both workdirs; about 10 s each on 2 CPU cores, one 500 x 500 tile):
