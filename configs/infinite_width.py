@@ -217,10 +217,12 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
       # (robust_dataset.split_targets).
       target_holdout=0.0,
       loss="mse",  # outer loss on the adversarial targets; cross_entropy inflates the scores instead
-      data_eps=None,  # no bound on the change of the images, only [0, 1]
+      # None: no bound on the change of the images, only [0, 1] (typed: a flag may set a float).
+      data_eps=ml_collections.FieldReference(None, field_type=float),
       attack=pgd_linf(eps, num_steps=10),  # inner max: multi-step PGD at the test eps
-      # The CNN trained on original and optimised set; None: largest transfer width; 0: none.
-      network_width=None,
+      # The CNN trained on original and optimised set; None: largest transfer width; 0: none
+      # (typed, as data_eps: --config.infinite.robust_data.network_width=0 parses).
+      network_width=ml_collections.FieldReference(None, field_type=int),
       eval_attacks=ml_collections.ConfigDict({"pgd": pgd_linf(eps, num_steps=20),
                                               "apgd": apgd_linf(eps, num_steps=20),
                                               "apgd_t": _apgd_t(eps)})))

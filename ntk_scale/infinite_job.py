@@ -12,24 +12,28 @@ evaluation and one number. The robust dataset is compared side by side with the 
 kernel regression fitted on each, and the CNN of one width (robust_data.network_width) trained on
 each (network_width=0: kernel regression alone, no network trained on either set), all clean and
 under robust_data.eval_attacks (PGD, APGD-CE and APGD-T; Square too with `:square`) on the same
-test images. With robust_data.target_holdout the optimised set is the training set less the
-held-out targets, and the comparison adds that subset's original images ("original_subset").
+test images. The original set is the training set kernel regression is fitted on: the
+class-balanced config.infinite.num_train subset when that is set, else the whole training split.
+With robust_data.target_holdout the optimised set is the original set less the held-out targets,
+and the comparison adds that subset's original images ("original_subset"). The transfer networks
+train on the whole training split, whatever num_train.
 
 Writes to the workdir: results.json (every accuracy), adversarial/<attack>/ (the kernel's
 adversarial test sets, ntk_scale/adversarial_sets.py), transfer/width<W>/ (each finite network's
-train workdir on the original data; transfer/robust_dataset/ the network trained on the optimised
-set, transfer/original_subset/ with held-out targets) and robust_dataset.npz (images in
-config.infinite.dtype, labels, rows and target_rows into the training set, settings;
-np.load(..., allow_pickle=False)), robust_dataset_steps/<settings digest>/ (the optimisation's
-state every robust_data.checkpoint_every steps, Orbax, removed once the set is written),
-kernels/infinite_<...>/ (the training kernels of the original and optimised sets, tile by tile on
-every device of every host: ntk/function_tiles.py) and evaluations.partial/ (each
-kernel-regression evaluation with its examples, evaluation_progress.KeptResults, removed once
-results.json is written).
+train workdir on the whole training split; transfer/original/ the comparison's network on a
+num_train subset, transfer/robust_dataset/ the one on the optimised set, transfer/original_subset/
+with held-out targets) and robust_dataset.npz (images in config.infinite.dtype, labels, rows and
+target_rows into the training split, settings; np.load(..., allow_pickle=False)),
+robust_dataset_steps/<settings digest>/ (the optimisation's state every
+robust_data.checkpoint_every steps, Orbax, removed once the set is written), kernels/infinite_<...>/
+(the training kernels of the original and optimised sets, tile by tile on every device of every
+host: ntk/function_tiles.py) and evaluations.partial/ (each kernel-regression evaluation with its
+examples, evaluation_progress.KeptResults, removed once results.json is written).
 A rerun reads back the kernels, a robust_dataset.npz made with the same settings and the kept
-evaluations, the robust set's optimisation continues from its last saved step, and the networks
-resume. A preemption notice (SIGTERM) stops the job once the evaluation or optimisation step it is
-in is kept.
+evaluations (also when it changes only runtime fields such as log_every_steps or data.data_dir,
+eval_batch_size aside: `_evaluation_settings`), the robust set's optimisation continues from its
+last saved step, and the networks resume. A preemption notice (SIGTERM) stops the job once the
+evaluation or optimisation step it is in is kept.
 """
 
 import copy
@@ -106,11 +110,20 @@ def _network_width(config: ml_collections.ConfigDict) -> int:
 
 
 def _networks(config: ml_collections.ConfigDict) -> list[tuple[int, ml_collections.ConfigDict | None]]:
-  """(width, eval_attacks) of each network trained on the original training split, in order: the
-  transfer widths and the robust-set comparison's width (evaluated under its eval_attacks)."""
-  s, network_width = config.infinite, _network_width(config)
-  return [(w, s.robust_data.eval_attacks if w == network_width else None)
-          for w in sorted(set(s.transfer.widths) | ({network_width} if network_width else set()))]
+  """(width, eval_attacks) of each network trained on the whole training split, in order: the
+  transfer widths and, when that split is the robust-set comparison's original set (no num_train
+  subset), the comparison's width (evaluated under its eval_attacks); with a subset that network
+  trains on the subset, as kernel regression is fitted on it (`_subset_network`)."""
+  s = config.infinite
+  shared = 0 if s.num_train else _network_width(config)
+  return [(w, s.robust_data.eval_attacks if w == shared else None)
+          for w in sorted(set(s.transfer.widths) | ({shared} if shared else set()))]
+
+
+def _subset_network(config: ml_collections.ConfigDict) -> bool:
+  """Whether the comparison's original-set network trains apart from the transfer networks, on the
+  config.infinite.num_train subset (transfer/original/)."""
+  return bool(config.infinite.num_train and _network_width(config))
 
 
 def _check_finite_networks(config: ml_collections.ConfigDict, train_size: int, robust_size: int,
@@ -118,8 +131,11 @@ def _check_finite_networks(config: ml_collections.ConfigDict, train_size: int, r
   """The train-job checks of every finite network the job trains (each config as `_train_finite`
   builds it), before any kernel: they would otherwise fail only once its training starts, after
   the kernels, the attacks and the robust set. `train_size` images (the training split) train
-  the transfer networks, `robust_size` (the robust set) the robust-set comparison's."""
-  networks = _networks(config)
+  the transfer networks, config.infinite.num_train (else the split) the comparison's network on
+  the original set, `robust_size` (the robust set) those on the optimised set and its originals."""
+  s, width = config.infinite, _network_width(config)
+  networks = _networks(config) + ([(width, s.robust_data.eval_attacks)] if _subset_network(config)
+                                  else [])
   if not networks:
     return
   num_epochs = config.infinite.transfer.num_epochs
@@ -128,19 +144,29 @@ def _check_finite_networks(config: ml_collections.ConfigDict, train_size: int, r
                      f"number (the epochs each finite network trains).")
   # The step counts at each training set's size, named here (not as the networks' config.num_epochs);
   # a batch size that cannot step through it is left to check_train_config to name.
-  sizes = [train_size] + ([robust_size] if _network_width(config) else [])
+  sizes = (([train_size] if _networks(config) else [])
+           + ([s.num_train or train_size, robust_size] if width else []))
   for size in sizes:
     if is_whole_number(config.batch_size, 1) and config.batch_size <= size:
       phase_steps(num_epochs, size // config.batch_size, "config.infinite.transfer.num_epochs")
-  from ntk_scale.train.phase2 import check_phase2_config
-
-  for width, eval_attacks in networks:
-    c = _finite_config(config, width, eval_attacks)
+  for network_width, eval_attacks in networks:
+    c = _finite_config(config, network_width, eval_attacks)
     check_train_config(c, num_devices)  # at the catalog's training split
-    if c.phase2.num_epochs > 0:  # as train_and_evaluate does before it trains
-      check_phase2_config(c)
   for size in sizes:  # the robust set's size too (warm-up, checkpoint interval, mode F's flip)
     train_steps(c, size // c.batch_size)
+
+
+def _evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """What every kept kernel-regression evaluation depends on: the config less the runtime fields
+  (workdir.RUNTIME_FIELDS: logging, data_dir, the networks' evaluation, ...), which a rerun on the
+  workdir may change, so that such a rerun takes them back; eval_batch_size stays (each batch of
+  an attack draws its own random start). eval_matmul_precision is left out: kernel regression
+  computes at HIGHEST whatever it says."""
+  from ntk_scale.workdir import flatten_config, is_runtime_field
+
+  fields = {k: v for k, v in flatten_config(json.loads(config.to_json())).items()
+            if k == "eval_batch_size" or not is_runtime_field(k)}
+  return {"config": hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()}
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -163,11 +189,14 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, n
 
 def _finite_config(config: ml_collections.ConfigDict, width: int,
                    eval_attacks: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-  """The train config of the finite network of `width` (`_train_finite`; the up-front checks)."""
+  """The train config of the finite network of `width` (`_train_finite`; the up-front checks).
+  Phase 1 only: train_and_evaluate never runs phase 2, so config.phase2 is not the networks' (its
+  from_epoch would be checked against their saves only once the first one trains)."""
   c = copy.deepcopy(config)
   c.job = "train"
   c.model.width = width
   c.num_epochs = config.infinite.transfer.num_epochs
+  c.phase2.num_epochs = 0.0
   c.eval_attacks = eval_attacks or ml_collections.ConfigDict()
   c.save_adversarial = False
   c.checkpoint.fractional_epochs = ()
@@ -176,15 +205,18 @@ def _finite_config(config: ml_collections.ConfigDict, width: int,
 
 def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x: np.ndarray,
                     y: np.ndarray, rows: tuple[np.ndarray, np.ndarray], num_classes: int,
-                    seed: int, batch_size: int | None = None,
-                    mesh=None) -> tuple[np.ndarray, dict[str, Any]]:
+                    seed: int, batch_size: int | None = None, mesh=None,
+                    split_rows: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
   """The optimised images of x[rows[0]] (attacking x[rows[1]]): read back from `path` when made with
   these settings and training images, else optimised (robust_dataset.py) and written there
   atomically, in x's dtype, so a rerun fits kernel regression on the very same images. The
   optimisation saves its state beside `path`, in a directory named by these settings and images,
   and a killed run continues from it (the directory is removed once the set is written);
-  `batch_size` targets are attacked at a time."""
+  `batch_size` targets are attacked at a time. `split_rows`: the training split's row of each of
+  x's (default x is the split), so the file's rows and target_rows index the split."""
   optimised, targets = rows
+  split_rows = np.arange(len(x)) if split_rows is None else np.asarray(split_rows)
+  saved_rows = {"rows": split_rows[optimised], "target_rows": split_rows[targets]}
   fields = {k: v for k, v in section.robust_data.to_dict().items() if k != "checkpoint_every"}
   # Targets are attacked in batches with a key each: the batch size decides the random starts.
   attack_batches = attack_batch_size(section.robust_data.target_batch_size, batch_size,
@@ -197,11 +229,19 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
   # (a file without it, written before it was recorded, is optimised again).
   identity = hashlib.sha256(settings.encode() + x.tobytes() + y.tobytes() + optimised.tobytes()
                             + targets.tobytes()).hexdigest()[:16]
+  kept = None
   if files.exists(path):
     with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as stored:
       if ("identity" in stored and str(stored["identity"]) == identity
           and stored["images"].dtype == x.dtype):
-        return stored["images"], json.loads(str(stored["record"]))
+        kept = {k: stored[k] for k in stored.files}
+  if kept is not None:
+    # A set written when its rows indexed the num_train subset (the identity hashes those, so it
+    # is still this set) is given the split's rows; its images and record stay as they are.
+    if jax.process_index() == 0 and not all(np.array_equal(kept.get(k), v)
+                                            for k, v in saved_rows.items()):
+      files.write_atomic(path, lambda f: np.savez(f, **{**kept, **saved_rows}))
+    return kept["images"], json.loads(str(kept["record"]))
   started = time.time()
   held_out = len(optimised) < len(x)
   steps_dir = os.path.join(os.path.dirname(path), ROBUST_DATASET_STEPS_DIR, identity)
@@ -213,9 +253,9 @@ def _robust_dataset(section: ml_collections.ConfigDict, path: str, kernel_fn, x:
   record["seconds"] = time.time() - started
   robust = robust.astype(x.dtype)
   if jax.process_index() == 0:
-    files.write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised],
-                                                rows=optimised, target_rows=targets, settings=settings,
-                                                identity=identity, record=json.dumps(record)))
+    files.write_atomic(path, lambda f: np.savez(f, images=robust, labels=y[optimised], **saved_rows,
+                                                settings=settings, identity=identity,
+                                                record=json.dumps(record)))
     if files.exists(steps_dir):  # the set is written: its steps' state (3x the images) is not needed
       files.remove_tree(steps_dir)
       if not files.list_dir(os.path.dirname(steps_dir)):
@@ -340,8 +380,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   started = time.time()
   with jax.enable_x64(s.dtype == "float64"), preemption_notices() as noticed:
     x, test = x.astype(s.dtype), Split(xt.astype(s.dtype), yt)
-    kept = KeptResults(os.path.join(workdir, EVALUATIONS_DIR),
-                       {"config": hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()},
+    kept = KeptResults(os.path.join(workdir, EVALUATIONS_DIR), _evaluation_settings(config),
                        noticed)
     evaluations = _Evaluations(test, batch_size, mesh, c, config.seed, kept)
     kernel_fn = infinite.kernel_function(s, c)
@@ -370,7 +409,8 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     print(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)", flush=True)
 
     robust, record = _robust_dataset(s, os.path.join(workdir, ROBUST_DATASET_FILE), kernel_fn, x, y,
-                                     (optimised_rows, target_rows), c, config.seed, batch_size, mesh)
+                                     (optimised_rows, target_rows), c, config.seed, batch_size, mesh,
+                                     split_rows=indices)
     objective = record["objective"]
     y_optimised = y[optimised_rows]
     # The same test images, the same attacks with the same keys, for every training set.
@@ -395,7 +435,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   network = {}
   for width, network_attacks in _networks(config):
     trained = _train_finite(config, workdir, width, dataset=dataset, eval_attacks=network_attacks)
-    if width == network_width:
+    if network_attacks is not None:  # the comparison's network, on the whole split
       network["original"] = _accuracies(trained["results"])
     if width not in s.transfer.widths:
       continue
@@ -407,14 +447,18 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   results["transfer"] = transfer
   comparison = {"kernel_regression": kernel}
   if network_width:
-    subset = lambda images: Dataset(dataset.name, Split(images.astype(np.float32), y_optimised),
-                                    dataset.test, c)
+    subset = lambda images, labels: Dataset(dataset.name, Split(images.astype(np.float32), labels),
+                                            dataset.test, c)
+    if _subset_network(config):  # the num_train subset kernel regression is fitted on
+      trained = _train_finite(config, workdir, network_width, "original", subset(x, y),
+                              eval_attacks)
+      network["original"] = _accuracies(trained["results"])
     if held_out:
       trained = _train_finite(config, workdir, network_width, "original_subset",
-                              subset(x[optimised_rows]), eval_attacks)
+                              subset(x[optimised_rows], y_optimised), eval_attacks)
       network["original_subset"] = _accuracies(trained["results"])
-    trained = _train_finite(config, workdir, network_width, "robust_dataset", subset(robust),
-                            eval_attacks)
+    trained = _train_finite(config, workdir, network_width, "robust_dataset",
+                            subset(robust, y_optimised), eval_attacks)
     network["optimised"] = _accuracies(trained["results"])
     comparison[f"network_width{network_width}"] = network
   results["robust_dataset"] = {

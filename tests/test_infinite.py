@@ -339,3 +339,130 @@ def test_the_square_variant_adds_square_attack_to_the_robust_set_evaluation():
     assert set(build_attacks(attacks, "config.infinite.robust_data.eval_attacks")) == {
         "pgd", "apgd", "apgd_t", "square"}
     assert attacks.square.num_queries == queries and attacks.square.eps == 0.1
+
+
+def test_a_subset_run_trains_its_comparison_on_the_subset_and_keeps_evaluations(nt, tmp_path,
+                                                                                monkeypatch):
+  """With config.infinite.num_train the comparison's CNN on the original set trains on the subset
+  kernel regression is fitted on (the transfer network on the whole split); robust_dataset.npz's
+  rows index the training split; a rerun that changes only runtime fields takes every kept
+  kernel-regression evaluation back, one that changes eval_batch_size (its attacks' batches and
+  keys) evaluates again. Networks are stubbed: their training is tested elsewhere."""
+  import copy
+
+  import jax.numpy as jnp
+
+  from ntk_scale import infinite_job, jobs
+  from ntk_scale.base_config import pgd_linf
+  from ntk_scale.data import load_dataset
+
+  from test_train import load_config
+
+  class Stop(Exception):
+    """Ends a run at its first network, with its kernel-regression evaluations kept."""
+
+  config = load_config("infinite_width", "smoke")
+  s = config.infinite
+  s.update(num_train=30, num_test=20, depth=1, batch_size=64)
+  config.batch_size, config.eval_batch_size = 8, 8
+  s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
+  s.transfer.widths = (4,)
+  s.robust_data.update(num_steps=1, target_batch_size=10, network_width=8)
+  s.robust_data.eval_attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})
+  trained, evaluated = [], []
+  real_evaluate = infinite_job.evaluate
+  monkeypatch.setattr(infinite_job, "evaluate",
+                      lambda *args, **kwargs: evaluated.append(1) or real_evaluate(*args, **kwargs))
+
+  def stop(*args, **kwargs):
+    raise Stop
+
+  def fake_training(config, workdir, width, name="", dataset=None, eval_attacks=None):
+    trained.append((width, name, len(dataset.train)))
+    return {"results": {"clean": {"accuracy": 0.5}}, "test": {"accuracy": 0.5},
+            "state": lambda images: jnp.zeros((len(images), 10))}
+
+  def run(config, train_finite):
+    monkeypatch.setattr(infinite_job, "_train_finite", train_finite)
+    evaluated.clear()
+    jobs.prepare_workdir(config, str(tmp_path))
+    return infinite_job.infinite_job(config, str(tmp_path))
+
+  with pytest.raises(Stop):
+    run(config, stop)
+  assert len(evaluated) == 4  # clean and PGD of kernel regression on each set
+  train = load_dataset(config.data).train
+  with np.load(tmp_path / infinite_job.ROBUST_DATASET_FILE, allow_pickle=False) as stored:
+    rows, images = stored["rows"], stored["images"]
+    np.testing.assert_array_equal(stored["target_rows"], rows)  # no holdout: their originals
+    change = json.loads(str(stored["record"]))["max_pixel_change"]
+  assert 0 < change < 0.05 and len(rows) == 30
+  np.testing.assert_allclose(images, train.images[rows], rtol=0, atol=change + 1e-6)
+  # A set written while its rows indexed the subset is read back and given the split's rows.
+  path = tmp_path / infinite_job.ROBUST_DATASET_FILE
+  with np.load(path, allow_pickle=False) as stored:
+    written = {k: stored[k] for k in stored.files}
+  np.savez(path, **{**written, "rows": np.arange(30), "target_rows": np.arange(30)})
+  runtime = copy.deepcopy(config)
+  runtime.log_every_steps, runtime.data.download = 7, False
+  runtime.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(Stop):
+    run(runtime, stop)
+  assert not evaluated  # all four kept
+  with np.load(path, allow_pickle=False) as stored:
+    for name, array in written.items():
+      np.testing.assert_array_equal(stored[name], array)
+  batches = copy.deepcopy(runtime)
+  batches.eval_batch_size = 12
+  with pytest.raises(Stop):
+    run(batches, stop)
+  assert len(evaluated) == 4
+  results = run(batches, fake_training)
+  assert trained == [(4, "", len(train)), (8, "original", 30), (8, "robust_dataset", 30)]
+  assert list(results["robust_dataset"]["network_width8"]) == ["original", "optimised"]
+
+
+def test_config_flags_set_the_robust_sets_optional_fields():
+  """data_eps and network_width default to None; main.py's --config.<field>=<value> flags must
+  still set them (a plain None field refuses every override) and refuse a value of another type."""
+  import warnings
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  from test_train import REPO
+
+  def parse(*overrides):
+    argv = ["main.py", f"--config={REPO}/configs/infinite_width.py:smoke", *overrides]
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                             lock_config=True, sys_argv=argv)
+    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module()
+      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      values(argv)
+    return holder.value.infinite.robust_data
+
+  section = parse()
+  assert section.network_width is None and section.data_eps is None
+  section = parse("--config.infinite.robust_data.network_width=0",
+                  "--config.infinite.robust_data.data_eps=0.05")
+  assert section.network_width == 0 and section.data_eps == 0.05
+  with pytest.raises(flags.IllegalFlagValueError, match="network_width"):
+    parse("--config.infinite.robust_data.network_width=wide")
+
+
+def test_the_finite_networks_train_no_phase_2_so_its_fields_are_not_checked(tmp_path):
+  """train_and_evaluate runs phase 1 only: config.phase2 (here unsaved from_epoch and an unknown
+  linearization) must neither fail the up-front checks nor reach the networks' training, where a
+  phase 2 of their config is checked against their saves after the kernels."""
+  from ntk_scale import infinite_job
+  from ntk_scale.train.loop import _check_phase2_start
+
+  from test_train import load_config
+
+  config = load_config("infinite_width", "smoke")
+  config.phase2.update(num_epochs=1.0, from_epoch=2.0, linearization="bogus")
+  infinite_job.check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+  network = infinite_job._finite_config(config, 8, None)
+  assert network.phase2.num_epochs == 0 and network.num_epochs == 1.0
+  _check_phase2_start(network, {0: 0.0, 22: 1.0}, str(tmp_path))  # phase 1 saves epochs 0 and 1

@@ -157,7 +157,8 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
   """objective_and_gradient (Gram and its pullback in tiles of 5 of 12 images, targets over 4
   devices) against jax.value_and_grad of adversarial_objective in one call, float64 (that one is
   checked against numpy in test_infinite_references); two target batches of 4 on 4 devices equal
-  them on 1 device."""
+  them on 1 device. 7 targets in batches of 4 or 12 pad the last batch, whose padding (copies of
+  the last target) must not count: PGD without a random start, so every batching is one call's."""
   from ntk_scale import parallel
   from ntk_scale.robust_dataset import objective_and_gradient
   one = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
@@ -180,6 +181,20 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
     (four_value, four), (one_value, on_one) = run(4, parallel.make_mesh()), run(4, one)
     assert four_value == pytest.approx(one_value, rel=1e-12)
     np.testing.assert_allclose(four, on_one, rtol=1e-10, atol=1e-13)
+    no_start = _section().attack
+    no_start.random_start = False
+    attack = build_attack(no_start)
+    seven, seven_labels = targets[:7], target_labels[:7]
+    value, gradient = jax.value_and_grad(lambda s: adversarial_objective(
+        _rbf, s, jnp.asarray(y), jnp.asarray(seven), jnp.asarray(seven_labels), key,
+        attack=attack, num_classes=4, regularizer=1e-3, solver="cholesky",
+        loss=loss))(jnp.asarray(x))
+    for batch_size in (4, 12):  # 4 + 3 padded to 4, or 7 padded to 12
+      padded_value, padded_gradient = objective_and_gradient(
+          _rbf, x, y, seven, seven_labels, key, attack=attack, num_classes=4, regression=REGRESSION,
+          loss=loss, tile=5, batch_size=batch_size, mesh=parallel.make_mesh())
+      assert padded_value == pytest.approx(float(value), rel=1e-12), batch_size
+      np.testing.assert_allclose(padded_gradient, np.asarray(gradient), rtol=1e-9, atol=1e-12)
 
 
 def test_a_killed_or_preempted_optimisation_resumes_and_ends_as_an_uninterrupted_one(
