@@ -3,9 +3,10 @@
 XLA's cost analysis counts the body of a loop once, whatever its trip count: a PGD-20 evaluation
 reads as two forward passes. Loops with a static trip count (`lax.scan`, and `lax.fori_loop` with
 Python-int bounds, which jax lowers to a scan) are corrected here from the jaxpr: for each scan
-(at any depth, outside other scans) the program's count gains (length - 1) times its body's
-count, the body itself counted the same way. `while_loop`s with a traced trip count stay counted
-once and are reported as `unbounded_loops`.
+(at any depth, outside other scans) the program's count gains `length` times its body's count,
+the body itself counted the same way, less the copies of the body XLA already counted (one, or
+with `unroll` the unrolled copies and the leftover iterations). `while_loop`s with a traced trip
+count stay counted once and are reported as `unbounded_loops`.
 """
 
 import dataclasses
@@ -61,6 +62,18 @@ def all_equations(jaxpr) -> Iterator:
       yield from all_equations(sub)
 
 
+def _body_copies(length: int, unroll: int | bool) -> int:
+  """How many copies of a scan's body its lowering holds, each counted once by XLA: `unroll` of
+  them in the loop (none when it runs no full trip) and one per leftover iteration, as jax's
+  _scan_impl lowers it (unroll 0 or True: all `length` unrolled)."""
+  if isinstance(unroll, bool):  # as lax.scan reads it; its equations hold the int
+    unroll = max(length, 1) if unroll else 1
+  if unroll == 0:
+    return length
+  trips, leftover = divmod(length, unroll)
+  return (unroll if trips else 0) + leftover
+
+
 def _loop_corrections(jaxpr) -> tuple[float, int]:
   """FLOPs to add to XLA's count of `jaxpr` for its scans, and its number of unbounded loops."""
   extra, unbounded = 0.0, 0
@@ -68,8 +81,10 @@ def _loop_corrections(jaxpr) -> tuple[float, int]:
     if eqn.primitive.name == "scan":
       body = eqn.params["jaxpr"]
       inner = _closed_flops(body)
-      once = _xla_flops(jax.jit(jex_core.jaxpr_as_fun(body)).lower(*map(_abstract, body.jaxpr.invars)))
-      extra += eqn.params["length"] * inner.flops - once
+      once = _xla_flops(
+          jax.jit(jex_core.jaxpr_as_fun(body)).lower(*map(_abstract, body.jaxpr.invars)))
+      length = eqn.params["length"]
+      extra += length * inner.flops - _body_copies(length, eqn.params.get("unroll", 1)) * once
       unbounded += inner.unbounded_loops
       continue
     if eqn.primitive.name == "while":

@@ -11,9 +11,11 @@ kernel regression is compiled as the job evaluates it, clean and under each atta
 the busiest device's FLOPs (a train step's spread evenly; a kernel's through its lockstep steps,
 idle devices' work included) by the matmul rate measured here in a short probe at the program's
 dtype and precision (train steps: their phase's compute_dtype and matmul_precision; evaluations:
-config.eval_matmul_precision; kernels: config.kernel.precision; "default" is the backend's, TF32 on
-GPUs and one bfloat16 pass on TPUs): lower bounds, since convolutions and attacks' sequential steps
-run below that rate.
+config.eval_matmul_precision; kernels: config.kernel.dtype and precision, and the eigen_features
+programs built on them float32 at that precision; LOBPCG rounds: config.spectrum.dtype and
+precision; the infinite job's programs: config.infinite.dtype at highest; "default" is the
+backend's, TF32 on GPUs and one bfloat16 pass on TPUs; float64 is timed with x64 on): lower bounds,
+since convolutions and attacks' sequential steps run below that rate.
 A worst_of attack (AutoAttack) is planned member by member on every example; evaluation runs each
 member only on the examples still robust, so on a robust model those rows overstate its work.
 
@@ -58,14 +60,16 @@ from ntk_scale.ntk.eigen_features import directions_program, most_rows
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk, group_apply
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
-from ntk_scale.ntk.job import check_kernel_config, inference_apply, plan_settings, select_examples
+from ntk_scale.ntk.job import (FIELDS as KERNEL_FIELDS, check_kernel_config, inference_apply,
+                                plan_settings, select_examples)
 from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_budget_bytes
 from ntk_scale.ntk.spectrum_job import (SpectrumDoesNotFit, check_num_eigenpairs, check_spectrum_config,
                                          plan_spectrum)
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
 from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, catalog_steps_per_epoch,
-                                        check_common_config, check_train_config, eval_matmul_precision,
-                                        phase_steps, step_numerics)
+                                        check_common_config, check_save_interval,
+                                        check_train_config, eval_matmul_precision, phase_steps,
+                                        step_numerics)
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
@@ -73,6 +77,7 @@ from ntk_scale.evaluate import _evaluate_batch, transfer_keys
 from ntk_scale.kernel_regression import kernel_scores
 from ntk_scale.restore import check_phase
 from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
+from ntk_scale.workdir import phase2_name
 
 PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution", "eigen_features",
                 "eigen_images", "infinite", "report")
@@ -80,6 +85,11 @@ PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution"
 
 class PlanDoesNotFit(ValueError):
   """A program needs more memory per device than the budget; the message names what to change."""
+
+
+# What a refusal names when the budget is the target's (TargetDevices.memory_bytes), not a config
+# field's: raising config.kernel.memory_budget_gb past the device's memory is no fix.
+TARGET_MEMORY_FLAG = "--dry_run_device_memory_gb"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +115,8 @@ class ProgramCost:
   # FLOPs of one call on its busiest device, when the devices' shares are uneven (the kernel's
   # lockstep steps); None: flops_per_call spread evenly over the devices.
   device_flops_per_call: float | None = None
-  matmul: Matmul | None = None  # None: float32 at the job's precision
+  # Every program names its own: a job-wide default timed float64 LOBPCG rounds at float32's rate.
+  matmul: Matmul = dataclasses.field(kw_only=True)
 
   @property
   def flops(self) -> float:
@@ -168,12 +179,20 @@ def _duration(seconds: float) -> str:
   return f"{seconds / 3600:.3g} h"
 
 
-def _program(name: str, jitted, args: tuple, calls: int, setting: str, *, matmul: Matmul | None = None,
+def _program(name: str, jitted, args: tuple, calls: int, setting: str, *, matmul: Matmul,
              **static) -> ProgramCost:
   compiled = jitted.lower(*args, **static).compile()
   counted = program_flops(jitted, *args, **static)
   return ProgramCost(name, calls, counted.flops, memory_per_device(compiled), setting,
                      counted.unbounded_loops, matmul=matmul)
+
+
+def _matmul_rate(matmul: Matmul) -> float:
+  """The measured rate of `matmul`'s dtype and precision; float64 under x64, without which the
+  probe's float64 arrays would be float32 and time float32's rate."""
+  dtype, precision = matmul
+  with jax.enable_x64(dtype == "float64"):
+    return matmul_rate(precision, dtype=dtype)
 
 
 def _abstract(tree: Any, sharding) -> Any:
@@ -199,6 +218,7 @@ def _variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], 
   model = build_model(config.model, dataset_classes(config.data))
   init = lambda: _state_variables(model, image_shape, config.seed)
   if phase == 2:
+    phase2_name(config)  # where the job reads phase 2: a bad config.phase2.name is refused there
     theta0 = init()
     model = LinearizedModel(model, theta0["params"], theta0["batch_stats"], config.phase2.linearization,
                             config.phase2.batch_norm)
@@ -290,6 +310,9 @@ def _phase2(config: ml_collections.ConfigDict, mesh) -> list[ProgramCost]:
   check_common_config(config, mesh.devices.size)
   check_phase2_config(config)
   p = config.phase2
+  # As build_phase2, before any compute: an interval under one step would list ~1/interval epochs.
+  check_save_interval(p.checkpoint_every_epochs, catalog_steps_per_epoch(config),
+                      "config.phase2.checkpoint_every_epochs")
   image_shape, _, _ = dataset_shape(config.data)
   linearized, _, _ = _variables(config, image_shape, phase=2)
   programs = _train_programs(config, mesh, p, p.optimizer, linearized, p.num_epochs, 0 if p.mode == "A" else None,
@@ -335,11 +358,12 @@ def _kernel_examples(config: ml_collections.ConfigDict) -> int:
   return n
 
 
-def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
-              ) -> tuple[list[ProgramCost], list[str]]:
+def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float,
+              budget_flag: str | None = None) -> tuple[list[ProgramCost], list[str]]:
   """The spectrum job's plan (spectrum_job.plan_spectrum): for the sharded method its LOBPCG round
   (at most max_iters / round_iters of them), compiled from the kernel's shape; other methods as a
-  note."""
+  note. `budget_flag`: the flag that gave `device_budget`, named in a refusal where
+  config.spectrum.memory_budget_gb leaves the budget to it."""
   s = config.spectrum
   num_classes = dataset_classes(config.data)
   check_spectrum_config(config, num_classes)
@@ -350,7 +374,10 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
     try:
       plan = plan_spectrum(s, (n, n, *spec.tile_suffix), mesh, device_budget)
     except SpectrumDoesNotFit as e:
-      raise PlanDoesNotFit(str(e)) from e
+      message = str(e)
+      if budget_flag and not s.memory_budget_gb:
+        message = message.replace("config.spectrum.memory_budget_gb", budget_flag)
+      raise PlanDoesNotFit(message) from e
   if plan.method == "dense":
     return [], [f"spectrum: a dense eigendecomposition of the {plan.size} x {plan.size} matrix (not "
                 f"modelled)"]
@@ -363,7 +390,8 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float
   rounds = math.ceil(s.max_iters / s.round_iters)
   cost = ProgramCost(f"spectrum: top {s.num_eigenpairs} of {plan.size} rows, LOBPCG round", rounds,
                      engine.flops_per_round(), engine.bytes_per_device() or 0.0,
-                     "config.spectrum.memory_budget_gb or config.spectrum.num_eigenpairs")
+                     "config.spectrum.memory_budget_gb or config.spectrum.num_eigenpairs",
+                     matmul=(s.dtype, s.precision))
   return [cost], [f"spectrum: at most {rounds} rounds ({s.max_iters} iterations); most kernels "
                   f"converge in far fewer"]
 
@@ -382,23 +410,25 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str,
   images = np.broadcast_to(np.zeros((), dtype), (n, *image_shape))  # shapes only, nothing allocated
   with jax.enable_x64(k.dtype == "float64"):
     settings = plan_settings(k)
-    if settings["memory_budget_bytes"] is None:
-      settings["memory_budget_bytes"] = target_budget
+    if settings["memory_budget_bytes"] is None and target_budget is not None:
+      settings["memory_budget_bytes"] = target_budget  # refusals name the flag that set it
+      settings["fields"] = {**KERNEL_FIELDS, "memory_budget": TARGET_MEMORY_FLAG}
     plan = fit_plan(inference_apply(model), cast(params), images, None, k.logits,
                     precision=k.precision, **settings, model_state=cast(stats))
   tiles = len(plan.tiles())
   return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
                      plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb",
-                     device_flops_per_call=plan.device_flops)
+                     device_flops_per_call=plan.device_flops, matmul=(k.dtype, k.precision))
 
 
 def _eigenpairs(config: ml_collections.ConfigDict, solver: str, size: int, mesh, budget: float,
-                job: str, kernels: str) -> tuple[list[ProgramCost], list[str]]:
+                job: str, kernels: str, budget_flag: str | None = None
+                ) -> tuple[list[ProgramCost], list[str]]:
   """How a job gets a kernel's eigenpairs: for solver "top" the spectrum job's LOBPCG rounds for
   config.spectrum's top eigenpairs, for "dense" a note (one eigendecomposition on the host per
   kernel; `kernels`: "the" or "each")."""
   if solver == "top":
-    return _spectrum(config, mesh, budget)
+    return _spectrum(config, mesh, budget, budget_flag)
   return [], [f"{job}: every eigenpair of {kernels} {size}-row kernel, one float64 "
               f"eigendecomposition on the host (not modelled)"]
 
@@ -414,6 +444,10 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
   else:
     check_eigen_features_config(config)
     section, needed = config.eigen_features, config.eigen_features.num_single
+    # The job's checks before it loads the data, in its order, whatever the kernel's source.
+    build_attack(section.attack, prefix="config.eigen_features.attack")
+    parallel.check_batch_size(section.batch_size, mesh.devices.size,
+                              "config.eigen_features.batch_size")
   n = _kernel_examples(config)  # one class or the trace: one matrix row per example
   if job == "eigen_features" and section.source == "infinite":
     image_shape = dataset_shape(config.data)[0]
@@ -424,7 +458,8 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
              "clean and under config.eigen_features.attack on the test images (not modelled)"])
   programs = [_kernel(config, 1, "kernel", target_budget)]
   solver, spectrum_config = eigenpairs_config(config, section.eigensolver, n, needed)
-  spectrum, notes = _eigenpairs(spectrum_config, solver, n, mesh, budget, job, "the")
+  spectrum, notes = _eigenpairs(spectrum_config, solver, n, mesh, budget, job, "the",
+                                None if target_budget is None else TARGET_MEMORY_FLAG)
   programs += spectrum
   if job == "eigen_features":
     rank = spectrum_config.spectrum.num_eigenpairs if solver == "top" else n
@@ -447,12 +482,14 @@ def _eigen_feature_programs(config: ml_collections.ConfigDict, mesh, n: int, ran
   spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
   rows = most_rows(rank, config.eigen_features.num_single)
   apply = inference_apply(model, config.kernel.precision)  # as the job's, at the kernel's precision
-  return ([_parameter_directions(mesh, apply, params, stats, spec, image_shape, n, chunk, rows)]
-          + _feature_evaluations(config, mesh, model, params, stats, spec, rows))
+  matmul = ("float32", config.kernel.precision)  # float32 parameters and images
+  return ([_parameter_directions(mesh, apply, params, stats, spec, image_shape, n, chunk, rows,
+                                 matmul)]
+          + _feature_evaluations(config, mesh, model, params, stats, spec, rows, matmul))
 
 
 def _parameter_directions(mesh, apply, params, stats, spec: LogitSpec, image_shape: tuple[int, ...],
-                          n: int, chunk: int, rows: int) -> ProgramCost:
+                          n: int, chunk: int, rows: int, matmul: Matmul) -> ProgramCost:
   """The parameter directions J(X)^T A_g of n training images, `chunk` per device and step, for
   `rows` rows of A (the groups and their sum)."""
   classes = spec.num_classes
@@ -472,11 +509,11 @@ def _parameter_directions(mesh, apply, params, stats, spec: LogitSpec, image_sha
                      f"images per device", -(-n // size), per_device.flops * mesh.size,
                      memory_per_device(program.lower(*args).compile()),
                      "config.kernel.memory_budget_gb", per_device.unbounded_loops,
-                     device_flops_per_call=per_device.flops)
+                     device_flops_per_call=per_device.flops, matmul=matmul)
 
 
 def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params, stats,
-                         spec: LogitSpec, groups: int) -> list[ProgramCost]:
+                         spec: LogitSpec, groups: int, matmul: Matmul) -> list[ProgramCost]:
   """Each of at most `groups` feature predictors J(x) W_g (eigen_features_job.group_apply) on the
   test images, clean and under config.eigen_features.attack, in batches of
   config.eigen_features.batch_size over the mesh."""
@@ -495,9 +532,10 @@ def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params,
   what = f"eigen_features: each group's predictor ({groups - 1} groups and all at most)"
   attack = build_attack(e.attack, prefix="config.eigen_features.attack")
   return ([_program(f"{what}, clean", _evaluate_batch, args, calls, "config.eigen_features.batch_size",
-                    num_classes=classes, attack=None, apply=apply)]
+                    matmul=matmul, num_classes=classes, attack=None, apply=apply)]
           + _attacked(f"{what} under {e.attack.name}", attack, args, calls,
-                      "config.eigen_features.batch_size", num_classes=classes, apply=apply))
+                      "config.eigen_features.batch_size", matmul=matmul, num_classes=classes,
+                      apply=apply))
 
 
 def _analytic_kernel(section: ml_collections.ConfigDict, num_classes: int,
@@ -527,7 +565,7 @@ def _tile_loop(section: ml_collections.ConfigDict, kernel_fn, image_shape: tuple
   return ProgramCost(f"{label} in tiles of {tile}, {tiles} tiles",
                      -(-tiles // mesh.size), per_tile.flops * mesh.size, memory,
                      "config.infinite.batch_size", per_tile.unbounded_loops,
-                     device_flops_per_call=per_tile.flops)
+                     device_flops_per_call=per_tile.flops, matmul=(section.dtype, "highest"))
 
 
 def _robust_set(config: ml_collections.ConfigDict, mesh, num_optimised: int) -> list[ProgramCost]:
@@ -552,7 +590,8 @@ def _robust_set(config: ml_collections.ConfigDict, mesh, num_optimised: int) -> 
     targets = _program(f"robust set, each step: {r.attack.name} and outer gradient, {size} targets",
                        program, (fixed["train"], fixed["coefficients"], batch, key, 1.0),
                        -(-r.target_batch_size // size),
-                       "config.eval_batch_size or config.infinite.batch_size")
+                       "config.eval_batch_size or config.infinite.batch_size",
+                       matmul=(s.dtype, "highest"))
   return [per_step(gram), per_step(targets), per_step(pullback)]
 
 
@@ -573,16 +612,17 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   calls = -(-(s.num_test or test_size) // size)
   setting = "config.eval_batch_size or config.infinite.batch_size"
+  matmul = (s.dtype, "highest")  # kernel_scores' matmuls
   built = {field: build_attack(c, prefix=field) for field, (c, _) in attacks.items()}
   programs = []
   with jax.enable_x64(s.dtype == "float64"):
     programs.append(_program(f"kernel regression ({n} images), clean ({models} model(s))",
                              _evaluate_batch, (variables, batch, key), calls * models, setting,
-                             num_classes=num_classes, attack=None, apply=apply))
+                             matmul=matmul, num_classes=num_classes, attack=None, apply=apply))
     for name, (_, attacked) in attacks.items():
       programs += _attacked(f"kernel regression under {name.rpartition('.')[2]} ({attacked} model(s))",
                             built[name], (variables, batch, key), calls * attacked, setting,
-                            num_classes=num_classes, apply=apply)
+                            matmul=matmul, num_classes=num_classes, apply=apply)
   return programs
 
 
@@ -657,9 +697,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
   target_budget = (None if target.memory_bytes is None
                    else DEVICE_MEMORY_FRACTION * target.memory_bytes)
   budget = target_budget or device_budget_bytes(jax.local_devices()[0])
-  precision = (config.kernel.precision
-               if job in ("kernel", "spectrum", "evolution", "eigen_features", "eigen_images")
-               else "highest")
+  budget_flag = None if target_budget is None else TARGET_MEMORY_FLAG
   programs, notes = [], []
   # Phase 2's evaluations (the train, phase2 and evaluate jobs') also measure these.
   phase2_components = (f"{job}: phase 2's output components f0(x) and J(theta - theta0), one more "
@@ -687,7 +725,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
   elif job == "kernel":
     programs = [_kernel(config, 1, "kernel", target_budget)]
   elif job == "spectrum":
-    programs, notes = _spectrum(config, mesh, budget)
+    programs, notes = _spectrum(config, mesh, budget, budget_flag)
     programs.insert(0, _kernel(config, 1, "kernel", target_budget))
   elif job == "evolution":
     check_evolution_settings(config)
@@ -701,7 +739,8 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     if not epochs:
       notes.append("config.evolution.epochs is empty (every saved checkpoint): the time is per checkpoint")
     spectrum, spectrum_notes = _eigenpairs(
-        one, resolve_eigensolver(config.evolution.eigensolver, size), size, mesh, budget, "evolution", "each")
+        one, resolve_eigensolver(config.evolution.eigensolver, size), size, mesh, budget,
+        "evolution", "each", budget_flag)
     programs += [dataclasses.replace(p, calls=p.calls * count) for p in spectrum]
     notes += spectrum_notes
   elif job in ("eigen_features", "eigen_images"):
@@ -718,9 +757,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     if p.bytes_per_device > budget:
       raise PlanDoesNotFit(f"{p.name} needs {_gib(p.bytes_per_device)} per device but a device's budget "
                            f"is {_gib(budget)}; lower {p.setting} or use more devices.")
-  programs = [p if p.matmul else dataclasses.replace(p, matmul=("float32", precision)) for p in programs]
-  rates = {p.matmul: target.matmul_flops_per_s or matmul_rate(p.matmul[1], dtype=p.matmul[0])
-           for p in programs}
+  rates = {p.matmul: target.matmul_flops_per_s or _matmul_rate(p.matmul) for p in programs}
   return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
                 target)
 

@@ -39,10 +39,12 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
 def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None = None,
             matmul_flops_per_s: float | None = None) -> "DryRun":
   """What `config.job` would cost on these devices, or on devices of the given memory and float32
-  matmul rate (see ntk_scale/dry_run.py); runs and writes nothing."""
+  matmul rate (see ntk_scale/dry_run.py); runs and writes nothing. check_config first, at the
+  device count planned for: what `run` refuses before compute, the dry run refuses too."""
   from ntk_scale.dry_run import TargetDevices, plan_job
 
-  return plan_job(apply_loaders(config), TargetDevices(device_memory_bytes, matmul_flops_per_s))
+  config = check_config(config, jax.device_count())  # the mesh plan_job makes: every device
+  return plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s))
 
 
 # Jobs that call prepare_workdir themselves, once their data-dependent checks have passed: they

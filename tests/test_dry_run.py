@@ -43,6 +43,35 @@ def test_static_loops_count_every_iteration_and_nested_loops_multiply():
   assert program_flops(outer, a).unbounded_loops == 0
 
 
+def test_unrolled_loops_count_each_iteration_once():
+  """XLA's count of an unrolled scan already holds `unroll` copies of the body and one per leftover
+  iteration (unroll 2 of 8 read as 9 matmuls, 8 of 8 as 15, 7 of 20 as 32)."""
+  a = jax.ShapeDtypeStruct((N, N), jnp.float32)
+  for length in (8, 20):
+    for unroll in (1, 2, 3, 4, 7, 8, 20, 64, True):
+      loop = lambda x: jax.lax.fori_loop(0, length, lambda i, y: y @ x, x, unroll=unroll)
+      counted = program_flops(loop, a).flops
+      assert counted == pytest.approx(length * MATMUL, abs=100), (length, unroll)
+  nested = lambda x: jax.lax.fori_loop(
+      0, 3, lambda i, y: jax.lax.fori_loop(0, 5, lambda j, z: z @ x, y, unroll=2), x, unroll=3)
+  assert program_flops(nested, a).flops == pytest.approx(15 * MATMUL, abs=100)
+
+
+def test_an_unrolled_attack_step_costs_what_a_rolled_one_does():
+  """configs/digits.py unrolls its PGD-7 training attack 7 times (XLA:CPU runs it faster): the
+  train step computes the same, and the dry run counts the same."""
+  c = load_config("digits", "adversarial,smoke")
+  mesh, model = parallel.make_mesh(), build_model(c.model, 10)
+  flops = {}
+  for unroll in (7, 1):
+    c.train.attack.unroll = unroll
+    (step,) = dry_run_module._train_programs(  # pylint: disable=protected-access
+        c, mesh, c.train, c.optimizer, model, c.num_epochs, 0.0, c.seed, "phase 1",
+        "config.num_epochs")
+    flops[unroll] = step.flops_per_call
+  assert flops[7] == pytest.approx(flops[1], rel=0.01)
+
+
 def test_loops_of_traced_length_are_reported():
   a = jax.ShapeDtypeStruct((N, N), jnp.float32)
   n = jax.ShapeDtypeStruct((), jnp.int32)
@@ -84,9 +113,9 @@ def test_train_job_counts_match_the_dataset_and_the_mlp_by_hand():
   assert programs["phase 1 benign step"].calls == steps
   clean = programs["phase 1 clean evaluation"]
   assert clean.calls == -(-len(digits.test) // c.eval_batch_size)
-  # Two forward passes (clean predictions and logits) of 64 -> 16 -> 10 on 40 images, 2 FLOPs
-  # per multiply-add; XLA adds the bias, ReLU and loss arithmetic on top (a few percent).
-  matmuls = 2 * 2 * c.eval_batch_size * (64 * 16 + 16 * 10)
+  # One forward pass (its logits give the clean predictions too) of 64 -> 16 -> 10 on 40 images,
+  # 2 FLOPs per multiply-add; XLA adds the bias, ReLU and loss arithmetic on top (a few percent).
+  matmuls = 2 * c.eval_batch_size * (64 * 16 + 16 * 10)
   assert matmuls <= clean.flops_per_call <= 1.15 * matmuls
   # A train step: forward, and backward with respect to both layers' weights and the hidden
   # activations (the input gradient is not needed): 3x the forward matmuls, except the first
@@ -118,6 +147,62 @@ def test_each_program_is_timed_at_the_rate_of_its_matmuls(monkeypatch):
   plan = jobs.dry_run(c)
   (kernel,) = plan.programs
   assert plan.seconds(kernel) == pytest.approx(kernel.device_flops_per_call / 1e9)
+
+
+def test_a_float64_spectrum_is_timed_at_the_float64_rate(monkeypatch):
+  """The LOBPCG rounds run in config.spectrum.dtype at config.spectrum.precision, the kernel in
+  config.kernel's: each is timed at its own rate, float64's measured with x64 on (off, the probe's
+  float64 matrices would be float32 and time float32's rate)."""
+  fake = {("highest", "float32"): 1e9, ("default", "float64"): 2.5e8}
+
+  def rate(precision, dtype="float32"):
+    assert jnp.zeros((), dtype).dtype == np.dtype(dtype), f"{dtype} probed without x64"
+    return fake[precision, dtype]
+
+  monkeypatch.setattr(dry_run_module, "matmul_rate", rate)
+  c = mlp_config(job="spectrum")
+  c.kernel.num_examples, c.kernel.tile_size = 100, 30
+  c.spectrum.method, c.spectrum.num_eigenpairs, c.spectrum.oversample = "sharded", 10, 5
+  c.spectrum.dtype, c.spectrum.precision = "float64", "default"
+  plan = jobs.dry_run(c)
+  kernel, rounds = plan.programs
+  assert (kernel.matmul, rounds.matmul) == (("float32", "highest"), ("float64", "default"))
+  assert plan.seconds(rounds) == pytest.approx(rounds.flops / 4 / 2.5e8)
+  assert plan.seconds(kernel) == pytest.approx(kernel.device_flops_per_call / 1e9)
+  assert ("measured matmul rate float32 at HIGHEST 1 GFLOP/s, float64 at DEFAULT 0.25 GFLOP/s"
+          in plan.describe())
+  c.job, c.kernel.dtype = "kernel", "float64"  # and a float64 kernel at float64's rate
+  fake["highest", "float64"] = 5e8
+  (kernel,) = jobs.dry_run(c).programs
+  assert kernel.matmul == ("float64", "highest")
+
+
+def test_the_dry_run_refuses_what_the_jobs_refuse_before_compute():
+  """jobs.check_config (the seed, for every job), the eigen_features job's batch size over the
+  devices (whatever the kernel's source), phase 2's checkpoint interval and, for every job that
+  reads phase 2, its name: refused by the dry run as by the job, before anything is computed."""
+  for job in ("kernel", "spectrum", "evolution", "eigen_features", "eigen_images", "report"):
+    with pytest.raises(ValueError, match=r"config\.seed=-1 "):
+      jobs.dry_run(mlp_config(job=job, seed=-1))
+  for c in (mlp_config(), load_config("infinite_width", "smoke")):
+    c.job, c.kernel.num_examples, c.eigen_features.batch_size = "eigen_features", 100, 7
+    c.eigen_features.source = "empirical" if c.get("infinite") is None else "infinite"
+    with pytest.raises(ValueError, match=r"config\.eigen_features\.batch_size=7 must be a positive "
+                                         r"multiple of the device count \(4 devices\)"):
+      jobs.dry_run(c)
+  c = mlp_config(job="phase2")
+  c.phase2.num_epochs, c.phase2.checkpoint_every_epochs = 1.0, 1e-6
+  with pytest.raises(ValueError, match=r"config\.phase2\.checkpoint_every_epochs=1e-06 .* 0 steps"):
+    jobs.dry_run(c)
+  c = mlp_config(job="evaluate")
+  c.evaluate.phase, c.phase2.name = 2, "a/b"
+  with pytest.raises(ValueError, match=r"config\.phase2\.name='a/b' must be a directory name"):
+    jobs.dry_run(c)
+  c.job, c.kernel.phase, c.kernel.num_examples = "kernel", 2, 100
+  with pytest.raises(ValueError, match=r"config\.phase2\.name='a/b'"):
+    jobs.dry_run(c)
+  c.kernel.phase = 1  # phase 1's kernel reads no phase 2
+  jobs.dry_run(c)
 
 
 def test_attack_steps_are_counted_and_memory_is_per_device():
@@ -340,8 +425,10 @@ def test_a_plan_for_target_devices_uses_their_memory_and_rate():
   assert roomy.seconds(big) == pytest.approx(big.device_flops_per_call / 1e12)
   assert "devices of 4 GiB (compiled for cpu)" in roomy.describe()
   assert "given float32 matmul rate 1000 GFLOP/s" in roomy.describe()
-  with pytest.raises(KernelPlanError, match="memory_budget_gb"):
+  # The budget is the flag's, not config.kernel.memory_budget_gb's: the refusal names the flag.
+  with pytest.raises(KernelPlanError, match="but --dry_run_device_memory_gb allows") as refused:
     jobs.dry_run(c, device_memory_bytes=2**16)
+  assert "memory_budget_gb" not in str(refused.value)
   with pytest.raises(ValueError, match="must be positive"):
     jobs.dry_run(c, device_memory_bytes=-1.0)
 
@@ -365,6 +452,9 @@ def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   c.spectrum.method = "sharded"
   with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.spectrum.memory_budget_gb"):
     dry_run_module._spectrum(c, parallel.make_mesh(), 1.5e5)  # pylint: disable=protected-access
+  # A target's budget (--dry_run_device_memory_gb): the refusal names the flag that set it.
+  with pytest.raises(dry_run_module.PlanDoesNotFit, match=r"budget \(--dry_run_device_memory_gb\)"):
+    jobs.dry_run(c, device_memory_bytes=1.5e5 / 0.8)
 
 
 def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch):

@@ -303,3 +303,23 @@ def test_distance_to_final_plot_has_ticks_between_its_ends(monkeypatch, epochs, 
   low, high = ax.get_xlim()
   shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
   assert ax.get_xscale() == scale and len(shown) >= 4 and set(ticks) <= set(shown), shown
+
+
+def test_one_or_a_repeated_epoch_is_refused_before_the_workdir_is_read(tmp_path):
+  """select_epochs refuses them only after the data and the checkpoints are read; the settings
+  check refuses them first, in the same words, so the dry run refuses them too."""
+  from ntk_scale.ntk.evolution import check_evolution_settings
+
+  cases = (((0.25,), r"config\.evolution\.epochs selects 1 checkpoint"),
+           ((0.25, 0.125, 0.25), r"config\.evolution\.epochs lists epoch 0\.25 twice"),
+           ((0.125, 0.125 + 1e-12), r"lists epoch 0\.125 twice"))  # as select_epochs matches
+  for i, (epochs, message) in enumerate(cases):
+    c = evolution_config(epochs=epochs)
+    with pytest.raises(ValueError, match=message):
+      check_evolution_settings(c)
+    with pytest.raises(ValueError, match=message):
+      jobs.dry_run(c)
+    with pytest.raises(ValueError, match=message):  # an empty workdir: refused before it is read
+      jobs.run(c, str(tmp_path / str(i)))
+  check_evolution_settings(evolution_config(epochs=()))  # every saved checkpoint
+  check_evolution_settings(evolution_config(epochs=(0.125, 0.25)))

@@ -85,6 +85,16 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   if span and (e.epochs or e.phase != 1):
     raise ValueError("config.evolution.around_collapse chooses phase-1 epochs itself; leave "
                      "config.evolution.epochs empty and config.evolution.phase=1.")
+  # select_epochs refuses these too, in the same words, but only after the data and the workdir are
+  # read: refused here, the dry run refuses them as well.
+  asked = sorted(float(x) for x in e.epochs)
+  if len(asked) == 1:  # empty: every saved checkpoint
+    raise ValueError(f"config.evolution.epochs selects 1 checkpoint(s) ({tuple(e.epochs)!r}); "
+                     f"kernel evolution needs at least two (or leave it empty: every saved one).")
+  for low, high in zip(asked, asked[1:]):
+    if math.isclose(low, high, rel_tol=1e-9, abs_tol=1e-9):  # as select_epochs matches them
+      raise ValueError(f"config.evolution.epochs lists epoch {low:g} twice "
+                       f"({tuple(e.epochs)!r}); list each checkpoint once.")
 
 
 def collapse_epochs(workdir: str, saved: list[float], span: float) -> tuple[list[float], dict]:
