@@ -124,6 +124,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
     parallel.barrier(f"kernel tiles written {store.directory}")
     if jax.process_index() == 0 and not store.meta.get("complete"):
       store.update_meta(complete=True, seconds=store.meta.get("seconds", 0.0) + time.time() - started)
+    parallel.barrier(f"kernel metadata written {store.directory}")  # readers need complete: true
     return store.read()
   return parallel.sum_over_processes(kernel)  # each tile was written by exactly one process
 

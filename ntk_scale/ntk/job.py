@@ -246,6 +246,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
             "tflop_per_s": plan.flops * fraction / max(seconds, 1e-9) / 1e12, "complete": remaining == 0}
   if jax.process_index() == 0:
     store.update_meta(complete=remaining == 0, seconds=store.meta.get("seconds", 0.0) + seconds)
+  # Readers on every process (the spectrum's) refuse a kernel.json that does not say complete yet.
+  parallel.barrier("kernel metadata written")
   if stopped and remaining:
     raise Preempted(f"{len(finished)} of {total} tiles of {directory} are stored", stopped[0])
   return result
