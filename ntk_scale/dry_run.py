@@ -372,12 +372,10 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float,
   check_num_eigenpairs(s.num_eigenpairs, spec.matrix_rows(n))  # the whole split's or classes' rows
   with jax.enable_x64(s.dtype == "float64"):
     try:
-      plan = plan_spectrum(s, (n, n, *spec.tile_suffix), mesh, device_budget)
+      plan = plan_spectrum(s, (n, n, *spec.tile_suffix), mesh, device_budget,
+                           budget_flag or "config.spectrum.memory_budget_gb")
     except SpectrumDoesNotFit as e:
-      message = str(e)
-      if budget_flag and not s.memory_budget_gb:
-        message = message.replace("config.spectrum.memory_budget_gb", budget_flag)
-      raise PlanDoesNotFit(message) from e
+      raise PlanDoesNotFit(str(e)) from e
   if plan.method == "dense":
     return [], [f"spectrum: a dense eigendecomposition of the {plan.size} x {plan.size} matrix (not "
                 f"modelled)"]

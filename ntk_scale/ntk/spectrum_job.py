@@ -119,13 +119,15 @@ class SpectrumPlan:
   sharded: ShardedKernel | None
 
 
-def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
-                  device_budget: float) -> SpectrumPlan:
+def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh, device_budget: float,
+                  device_budget_field: str = "config.spectrum.memory_budget_gb") -> SpectrumPlan:
   """The method config.spectrum gets for a kernel of `shape` on `mesh`, from shapes alone (the job
   and the dry run): dense where the block is too wide for LOBPCG, sharded where XLA's memory per
   device fits the budget (config.spectrum.memory_budget_gb, or `device_budget`) and the devices
   compute in its dtype (float64: not on TPUs), else streamed;
-  SpectrumDoesNotFit for method 'sharded' over the budget. Call under jax.enable_x64 for float64."""
+  SpectrumDoesNotFit for method 'sharded' over the budget, naming `device_budget_field` where
+  `device_budget` is the budget (the dry run's target devices: its flag). Call under
+  jax.enable_x64 for float64."""
   n, c = matrix_layout(shape)
   size = n * c
   width = min(s.num_eigenpairs + s.oversample, size)
@@ -138,6 +140,7 @@ def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
   if s.method == "streamed" or not parallel.devices_compute(s.dtype):
     return SpectrumPlan("streamed", size, width, None)
   budget = s.memory_budget_gb * 2**30 or device_budget
+  budget_field = "config.spectrum.memory_budget_gb" if s.memory_budget_gb else device_budget_field
   engine = ShardedKernel(shape, mesh, width, s.num_eigenpairs, s.dtype, s.round_iters, s.precision,
                          resolved_tol(s))
   needed = engine.bytes_per_device()
@@ -146,7 +149,7 @@ def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh,
       raise SpectrumDoesNotFit(
           f"config.spectrum.method='sharded' needs {needed / 2**30:.3g} GiB per device (the "
           f"{size}-row matrix over {mesh.devices.size} devices, and the block), over the "
-          f"{budget / 2**30:.3g} GiB budget (config.spectrum.memory_budget_gb); use more devices, "
+          f"{budget / 2**30:.3g} GiB budget ({budget_field}); use more devices, "
           f"method 'streamed', or raise the budget.")
     return SpectrumPlan("streamed", size, width, engine)
   return SpectrumPlan("sharded", size, width, engine)

@@ -20,23 +20,25 @@ def check_optimizer_config(opt: ml_collections.ConfigDict, prefix: str = "config
     raise ValueError(f"{prefix}.schedule={opt.schedule!r}; expected one of {', '.join(SCHEDULES)}.")
   if not (is_finite_number(opt.learning_rate) and opt.learning_rate > 0):
     raise ValueError(f"{prefix}.learning_rate={opt.learning_rate} must be a positive finite number.")
-  if not (is_finite_number(opt.get("momentum", 0.0)) and 0 <= opt.get("momentum", 0.0) < 1):
-    raise ValueError(f"{prefix}.momentum={opt.get('momentum')} must lie in [0, 1) (0: plain SGD).")
-  if not (is_finite_number(opt.get("weight_decay", 0.0)) and opt.get("weight_decay", 0.0) >= 0):
-    raise ValueError(f"{prefix}.weight_decay={opt.get('weight_decay')} must be a finite number >= 0.")
+  momentum, weight_decay = opt.get("momentum", 0.0), opt.get("weight_decay", 0.0)
+  if not (is_finite_number(momentum) and 0 <= momentum < 1):
+    raise ValueError(f"{prefix}.momentum={momentum} must lie in [0, 1) (0: plain SGD).")
+  if not (is_finite_number(weight_decay) and weight_decay >= 0):
+    raise ValueError(f"{prefix}.weight_decay={weight_decay} must be a finite number >= 0.")
   # Out of these ranges the schedules run without error but not as described: a negative warm-up
   # starts below the learning rate, a peak past the end never reaches it.
-  if opt.schedule == "cosine" and not (is_finite_number(opt.get("warmup_epochs", 0.0))
-                                       and opt.get("warmup_epochs", 0.0) >= 0):
-    raise ValueError(f"{prefix}.warmup_epochs={opt.warmup_epochs} must be a finite number >= 0.")
+  warmup = opt.get("warmup_epochs", 0.0)
+  if opt.schedule == "cosine" and not (is_finite_number(warmup) and warmup >= 0):
+    raise ValueError(f"{prefix}.warmup_epochs={warmup} must be a finite number >= 0.")
   if opt.schedule == "cyclic" and not 0 < opt.get("peak_fraction", 0.4) <= 1:
     raise ValueError(f"{prefix}.peak_fraction={opt.peak_fraction} must lie in (0, 1] (where in "
                      f"training the learning rate peaks).")
   if opt.schedule == "piecewise":
     if not all(is_finite_number(e) and e >= 0 for e in opt.get("decay_epochs", ())):
       raise ValueError(f"{prefix}.decay_epochs={tuple(opt.decay_epochs)} must be finite epochs >= 0.")
-    if not (is_finite_number(opt.get("decay_factor", 0.1)) and opt.get("decay_factor", 0.1) > 0):
-      raise ValueError(f"{prefix}.decay_factor={opt.decay_factor} must be a positive finite number.")
+    factor = opt.get("decay_factor", 0.1)
+    if not (is_finite_number(factor) and factor > 0):
+      raise ValueError(f"{prefix}.decay_factor={factor} must be a positive finite number.")
 
 
 def check_warmup(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
