@@ -30,7 +30,9 @@ def _jacobians(f, params, x):
   per_example = lambda fn: jax.vmap(jax.jacrev(fn), (None, 0))
   closed = jax.make_jaxpr(g)(theta, x[0])
   rewritten = lambda flat, e: evaluate_program(closed.jaxpr, closed.consts, [flat, e])[0]
-  return (per_example(g)(theta, x), per_example(rewritten)(theta, x),
+  # Jitted, as the engine runs the rewrite: op by op, each of their hundreds of primitives compiled
+  # on its own (most of this file's time).
+  return (jax.jit(per_example(g))(theta, x), jax.jit(per_example(rewritten))(theta, x),
           str(jax.make_jaxpr(per_example(g))(theta, x)),
           str(jax.make_jaxpr(per_example(rewritten))(theta, x)))
 
@@ -58,11 +60,13 @@ def _check_cases():
 
 
 def test_patches_are_lax_patches_bit_for_bit():
+  """Both jitted, as the engine's programs run them (op by op, each slice compiled on its own)."""
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 9, 7)), jnp.float32)
   for filter_shape, strides, padding, dilation in (((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
                                                    ((3, 2), (2, 2), ((1, 0), (0, 1)), (1, 1)),
                                                    ((2, 3), (1, 2), ((2, 2), (1, 1)), (2, 1)),
                                                    ((1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1))):
-    expected = lax.conv_general_dilated_patches(x, filter_shape, strides, padding,
-                                                rhs_dilation=dilation, precision=lax.Precision.HIGHEST)
-    np.testing.assert_array_equal(_patches(x, filter_shape, strides, padding, dilation), expected)
+    expected = jax.jit(lambda x: lax.conv_general_dilated_patches(
+        x, filter_shape, strides, padding, rhs_dilation=dilation, precision=lax.Precision.HIGHEST))(x)
+    patches = jax.jit(lambda x: _patches(x, filter_shape, strides, padding, dilation))(x)
+    np.testing.assert_array_equal(patches, expected)

@@ -1,6 +1,7 @@
 """`--dry_run`: loops counted as often as they run, hand-derived FLOPs of a tiny MLP, memory per
 device from the partitioned program, refusal of plans that do not fit, nothing written."""
 
+import copy
 import os
 import re
 import subprocess
@@ -59,8 +60,11 @@ def test_unrolled_loops_count_each_iteration_once():
 
 def test_an_unrolled_attack_step_costs_what_a_rolled_one_does():
   """configs/digits.py unrolls its PGD-7 training attack 7 times (XLA:CPU runs it faster): the
-  train step computes the same, and the dry run counts the same."""
+  train step computes the same, and the dry run counts the same (here with a small MLP: how an
+  unrolled loop is counted does not depend on the model, and the MLP compiles in a fraction of the
+  CNN's time)."""
   c = load_config("digits", "adversarial,smoke")
+  c.model.name, c.model.width, c.model.depth = "mlp", 16, 1
   mesh, model = parallel.make_mesh(), build_model(c.model, 10)
   flops = {}
   for unroll in (7, 1):
@@ -206,12 +210,13 @@ def test_the_dry_run_refuses_what_the_jobs_refuse_before_compute():
 
 
 def test_attack_steps_are_counted_and_memory_is_per_device():
-  costs = []
+  costs, plans = [], []
   for steps in (2, 3, 4):
     c = mlp_config()
     c.eval_attacks.pgd = load_config("digits", "adversarial").train.attack
     c.eval_attacks.pgd.num_steps = steps
-    costs.append(_by_name(jobs.dry_run(c))["phase 1 evaluation under pgd"].flops_per_call)
+    plans.append(_by_name(jobs.dry_run(c)))
+    costs.append(plans[-1]["phase 1 evaluation under pgd"].flops_per_call)
   assert costs[2] - costs[1] == pytest.approx(costs[1] - costs[0], rel=1e-6)
   per_step = costs[1] - costs[0]  # a forward and an input gradient of 40 images
   assert per_step >= 2 * 40 * (64 * 16 + 16 * 10) * 2
@@ -228,8 +233,7 @@ def test_attack_steps_are_counted_and_memory_is_per_device():
   assert member.flops_per_call == costs[0]
   assert 0 < programs["phase 1 evaluation under worst: fgsm, at most every example"].flops_per_call < costs[0]
 
-  plan = jobs.dry_run(mlp_config())
-  step = _by_name(plan)["phase 1 benign step"]
+  step = plans[0]["phase 1 benign step"]  # the train step of mlp_config(), whatever it evaluates
   params = 64 * 16 + 16 + 16 * 10 + 10
   batch_per_device = (32 // 4) * (64 + 1) * 4
   # The replicated state (parameters and the optimizer's momentum) is whole on every device; the
@@ -366,10 +370,11 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
   max(config.spectrum.num_eigenpairs, what the job needs) eigenpairs; settings checked first."""
   c = mlp_config(job="eigen_features")
   c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "0", 30
-  kernel, directions, clean, attacked = jobs.dry_run(c).programs
+  plan = jobs.dry_run(c)
+  kernel, directions, clean, attacked = plan.programs
   assert kernel.name.startswith("kernel: method jacobian, tile 30, 2 layers factored (1,184 "
                                 "parameters), 10 tiles")
-  assert "every eigenpair of the 100-row kernel" in jobs.dry_run(c).notes[0]
+  assert "every eigenpair of the 100-row kernel" in plan.notes[0]
   # The parameter directions J(X)^T A (A: every group of a rank-100 kernel and their sum, 10
   # classes) on 4 devices: at least their contraction's multiply-adds, 25 images per device.
   params = 64 * 16 + 16 + 16 * 10 + 10
@@ -504,8 +509,16 @@ def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch
   assert targets.calls == 2 and targets.flops_per_call > 0
   assert pullback.calls == 14 and pullback.device_flops_per_call > kernel.device_flops_per_call
   assert len(names) == 9 and "solved on the host" in plan.notes[0]
-  with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.infinite.batch_size"):
-    jobs.dry_run(c, device_memory_bytes=2**12)
+  # The tile is the first program that cannot fit 4 KiB: refused without planning the attacks and
+  # the robust set again (their programs, planned above, would only be compiled once more).
+  tiles_only = copy.deepcopy(c)
+  tiles_only.infinite.attacks = ml_collections.ConfigDict()
+  tiles_only.infinite.robust_data.eval_attacks = ml_collections.ConfigDict()
+  tiles_only.infinite.robust_data.num_steps = 0
+  with pytest.raises(dry_run_module.PlanDoesNotFit,
+                     match=r"^training kernel: 100 x 100 in tiles of 16, 28 tiles needs .* lower "
+                           r"config\.infinite\.batch_size or use more devices"):
+    jobs.dry_run(tiles_only, device_memory_bytes=2**12)
   c.job, c.eigen_features.source, c.kernel.num_examples = "eigen_features", "infinite", 100
   (analytic,) = jobs.dry_run(c).programs
   assert analytic.name == "analytic kernel: 100 x 100 in tiles of 16, 28 tiles" and analytic.calls == 7

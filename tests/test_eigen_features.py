@@ -109,10 +109,18 @@ def features_config(**fields):
   return c
 
 
-def _trained(workdir: str) -> None:
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One training run for the job tests; each copies it, as the jobs write into their workdir."""
+  path = str(tmp_path_factory.mktemp("trained"))
   train = features_config()
   train.job = "train"
-  jobs.run(train, workdir)
+  jobs.run(train, path)
+  return path
+
+
+def _trained(trained: str, workdir: str) -> None:
+  shutil.copytree(trained, workdir, dirs_exist_ok=True)
 
 
 def _test_predictions(c, workdir, store, coefficients: np.ndarray) -> np.ndarray:
@@ -127,11 +135,17 @@ def _test_predictions(c, workdir, store, coefficients: np.ndarray) -> np.ndarray
   return cross @ coefficients
 
 
-def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
-  workdir = str(tmp_path)
-  _trained(workdir)
+def small_features_config():
+  """The job on a kernel of 10 examples: groups 0, 1, 2, 3-5 and 6-9, then the whole predictor."""
   c = features_config()
-  c.job = "eigen_features"
+  c.job, c.kernel.num_examples = "eigen_features", 10
+  return c
+
+
+def test_job_reports_every_group_and_the_whole_predictor(trained, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  _trained(trained, workdir)
+  c = small_features_config()
   highest, directions = [], eigen_features_job.parameter_directions
   def checked(apply_fn, params, images, *args, **kwargs):  # the rows at config.kernel.precision
     logits = lambda p: jnp.sum(apply_fn(p, images[:2]))
@@ -142,7 +156,7 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   assert highest == [True]
   rows = {r["group"]: r for r in result["groups"]}
   assert list(rows)[:3] == ["0", "1", "2"] and list(rows)[-1] == "all"
-  assert result["eigensolver"] == "dense" and result["num_eigenpairs"] == 40
+  assert result["eigensolver"] == "dense" and result["num_eigenpairs"] == 10
   files = sorted(os.listdir(result["eigen_features"]))
   assert files == ["features.csv", "features.json", "usefulness_robustness.png"]
   # "all" is ridgeless kernel regression with the engine's own cross kernel K(test, train); group
@@ -164,8 +178,8 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   assert sum(r["num_features"] for g, r in rows.items() if g != "all") == rows["all"]["num_features"]
   # A rerun reads the finished result back; one with another attack recomputes.
   assert jobs.run(c, workdir)["groups"] == result["groups"]
-  stronger = features_config()
-  stronger.job, stronger.eigen_features.attack.eps = "eigen_features", 0.3
+  stronger = small_features_config()
+  stronger.eigen_features.attack.eps = 0.3
   recomputed = jobs.run(stronger, workdir)
   assert recomputed["settings"]["attack"]["eps"] == 0.3 and recomputed["attack"]["eps"] == 0.3
   assert [r["clean_accuracy"] for r in recomputed["groups"]] == [r["clean_accuracy"] for r in result["groups"]]
@@ -198,12 +212,12 @@ def test_job_reports_every_group_and_the_whole_predictor(tmp_path, monkeypatch):
   assert [r["eigenvalue"] for r in other["groups"]] != [r["eigenvalue"] for r in result["groups"]]
 
 
-def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(tmp_path, monkeypatch, capsys):
+def test_top_eigenpairs_of_a_large_kernel_give_the_dense_groups(trained, tmp_path, monkeypatch, capsys):
   """Above DENSE_MAX_ROWS (here 10; the kernel has 40 rows) the spectrum job's top 6 eigenpairs
   (LOBPCG, float64) replace the dense decomposition: the groups up to the 6th eigenvalue report
   what the dense job reports, the last row is the top-6 predictor, and no dense eigh runs."""
   workdir = str(tmp_path)
-  _trained(workdir)
+  _trained(trained, workdir)
   c = features_config()
   c.job = "eigen_features"
   dense = jobs.run(c, workdir)
@@ -293,12 +307,20 @@ def infinite_features_config(num_examples: int, num_single: int, num_test: int, 
   return c
 
 
-def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt):
+def test_infinite_width_features_sum_to_analytic_kernel_regression_and_another_subset_recomputes_them(
+    tmp_path, nt, monkeypatch):
+  """The groups of the analytic kernel sum to its kernel regression. config.kernel's subset fields
+  are runtime fields: another subset_seed is another kernel, whose features are computed (in the
+  same directory), not the first subset's read back. One test: one run of the first subset serves
+  both."""
   del nt  # requested only to skip when the optional neural-tangents extra is absent
   c = infinite_features_config(num_examples=40, num_single=3, num_test=30, num_steps=2, step_size=0.1)
-  result = jobs.run(c, str(tmp_path))
-  rows = {r["group"]: r for r in result["groups"]}
-  assert result["eigen_features"].endswith("infinite_fc_ntk_train40")
+  titles, plot = [], eigen_features_job._plot
+  monkeypatch.setattr(eigen_features_job, "_plot",
+                      lambda rows, path, title: (titles.append(title), plot(rows, path, title)))
+  first = jobs.run(c, str(tmp_path))
+  rows = {r["group"]: r for r in first["groups"]}
+  assert first["eigen_features"].endswith("infinite_fc_ntk_train40")
   digits = load_digits()
   indices = select_examples(c, digits.train.labels)
   x, y = digits.train.images[indices], digits.train.labels[indices]
@@ -309,23 +331,11 @@ def test_infinite_width_features_sum_to_analytic_kernel_regression(tmp_path, nt)
   assert rows["all"]["clean_accuracy"] == pytest.approx(expected, abs=1 / 30)
   assert all(r["robust_accuracy"] <= r["clean_accuracy"] + 1 / 30 for r in rows.values())
 
-
-def test_infinite_width_rerun_with_another_subset_recomputes_it(tmp_path, nt, monkeypatch):
-  """config.kernel's subset fields are runtime fields: another subset_seed is another kernel, whose
-  features are computed (in the same directory), not the first subset's read back."""
-  del nt  # requested only to skip when the optional neural-tangents extra is absent
-  c = infinite_features_config(num_examples=20, num_single=2, num_test=16, num_steps=1, step_size=0.2)
-  titles, plot = [], eigen_features_job._plot
-  monkeypatch.setattr(eigen_features_job, "_plot",
-                      lambda rows, path, title: (titles.append(title), plot(rows, path, title)))
-  digits = load_digits()
-
   def expected_eigenvalues(result):
     x = digits.train.images[select_examples(c, digits.train.labels)]
     values = eigh(infinite.kernel_matrix(c.infinite, 10, x)).values
     return values[[r["first_index"] for r in result["groups"]]]
 
-  first = jobs.run(c, str(tmp_path))
   first_values = expected_eigenvalues(first)
   c.kernel.subset_seed = 1
   second = jobs.run(c, str(tmp_path))
@@ -334,7 +344,7 @@ def test_infinite_width_rerun_with_another_subset_recomputes_it(tmp_path, nt, mo
   assert not np.allclose(values, first_values, rtol=1e-6)
   assert second["eigen_features"] == first["eigen_features"]
   assert os.path.basename(second["source_kernel"]) == second["settings"]["kernel"]
-  assert titles == ["eigen-features of infinite_fc_ntk_train20, "
+  assert titles == ["eigen-features of infinite_fc_ntk_train40, "
                     f"{c.eigen_features.attack.name} eps 0.2"] * 2
 
   def computed(*args):

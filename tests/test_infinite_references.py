@@ -97,13 +97,14 @@ def test_kernel_regression_scores_and_input_gradient_match_numpy_finite_differen
   x, y, xt, yt = _problem()
   with jax.enable_x64(True):
     model = KernelRegression.fit(_relu_ntk(x, x), y, NUM_CLASSES, regularizer=RIDGE)
-    logits_fn = model.logits_fn(ntk_fn, x)
-    np.testing.assert_allclose(np.asarray(logits_fn(jnp.asarray(xt))), _numpy_scores(xt, x, y),
-                               rtol=1e-10, atol=1e-12)
+    logits_fn = model.logits_fn(ntk_fn, x)  # each use compiled whole (op by op took seconds)
+    np.testing.assert_allclose(np.asarray(jax.jit(logits_fn)(jnp.asarray(xt))),
+                               _numpy_scores(xt, x, y), rtol=1e-10, atol=1e-12)
     loss = lambda images: jnp.sum(attacks.optax.softmax_cross_entropy_with_integer_labels(
         logits_fn(images), jnp.asarray(yt)))
-    gradient = np.asarray(jax.grad(loss)(jnp.asarray(xt)))
-    fgsm = np.asarray(attacks.fgsm(logits_fn, jnp.asarray(xt), jnp.asarray(yt), eps=0.1))
+    gradient = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(xt)))
+    fgsm = np.asarray(jax.jit(lambda images, labels: attacks.fgsm(logits_fn, images, labels, eps=0.1))(
+        jnp.asarray(xt), jnp.asarray(yt)))
   h, expected = 1e-6, np.zeros_like(xt)
   for index in np.ndindex(*xt.shape):
     step = np.zeros_like(xt)

@@ -141,15 +141,21 @@ class GroupedCNN(nn.Module):
     return nn.Dense(NUM_CLASSES)(x.reshape(len(x), -1))
 
 
-@pytest.mark.parametrize("method", ["jacobian", "ntvp"])
-def test_grouped_and_depthwise_convolutions(method):
-  """JAX's own rule for a grouped convolution's per-example weight gradients failed inside the
-  engine's shard_map programs (NotImplementedError, no message); they are split into plain ones."""
+@pytest.fixture(scope="module")
+def grouped_network():
+  """GroupedCNN's apply function, parameters, images and float64 reference kernel, for both methods."""
   model = GroupedCNN()
   x = _images(5)
   params = model.init(jax.random.key(0), x[:1])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
-  reference = reference_kernel(apply_fn, params, x, x, "trace")
+  return apply_fn, params, x, reference_kernel(apply_fn, params, x, x, "trace")
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntvp"])
+def test_grouped_and_depthwise_convolutions(grouped_network, method):
+  """JAX's own rule for a grouped convolution's per-example weight gradients failed inside the
+  engine's shard_map programs (NotImplementedError, no message); they are split into plain ones."""
+  apply_fn, params, x, reference = grouped_network
   kernel = empirical_ntk(apply_fn, params, x, method=method, tile_size=2, dtype="float64")
   assert _relative_error(kernel, reference) < 1e-10
 
@@ -166,7 +172,7 @@ def test_integer_inputs_reach_the_model_as_integers():
   apply_fn = lambda p, t: model.apply({"params": p}, t)
   with jax.enable_x64(True):
     params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    jac = jax.jacrev(apply_fn)(params64, tokens)  # [N, C, *leaf] per leaf
+    jac = jax.jit(jax.jacrev(apply_fn))(params64, tokens)  # [N, C, *leaf] per leaf
     rows = np.concatenate([np.asarray(l).reshape(6, NUM_CLASSES, -1) for l in jax.tree.leaves(jac)], -1)
   reference = np.einsum("icp,jcp->ij", rows, rows)
   for dtype, tolerance in (("float64", 1e-10), ("float32", 1e-5)):
@@ -268,7 +274,7 @@ def _kernel_on(mesh, apply_fn, params, x, done=(), logits="trace", **settings):
   tiles this process handed over)."""
   plan = plan_for(apply_fn, params, x, None, logits, method="jacobian", num_devices=mesh.size,
                   **settings)
-  kernel = np.zeros((len(x), len(x)), np.float32)
+  kernel = np.zeros((len(x), len(x)), np.result_type(x))
 
   def store(i, j, t):
     rows, cols = tile_slices(plan, i, j)
@@ -279,27 +285,35 @@ def _kernel_on(mesh, apply_fn, params, x, done=(), logits="trace", **settings):
   return kernel, plan, handed
 
 
-@pytest.mark.parametrize("settings", [dict(tile_size=2), dict(tile_size=2, band=3), dict(),
-                                      dict(tile_size=2, band=2, logit_chunk=1), dict(logit_chunk=1)])
-def test_four_devices_equal_one_device(network, settings):
-  """Square tiles, bands, (unset: every device's block fits) column rows rotating over the ring of
-  devices, which on one device is the kernel in one tile, and both a logit at a time."""
+# Square tiles on 4 devices are the float64 contraction test's (tile 3, against the reference),
+# and on one device the fitted plan's of test_plan_is_held_to_its_budget_by_its_compiled_programs.
+# Bands run in float64, on the 4-device programs the bands and logit-chunk tests compiled (the
+# same tile and band); the ring in float32, on those of test_plan_is_held_to_its_budget_by_its_
+# compiled_programs (9 images: one device's one tile and its float32 reference's ring).
+@pytest.mark.parametrize("settings,dtype", [(dict(tile_size=2, band=3), np.float64),
+                                            (dict(), np.float32),
+                                            (dict(tile_size=2, band=2, logit_chunk=1), np.float64),
+                                            (dict(logit_chunk=1), np.float32)])
+def test_four_devices_equal_one_device(network, settings, dtype):
+  """Bands, (unset: every device's block fits) column rows rotating over the ring of devices, which
+  on one device is the kernel in one tile, and both a logit at a time."""
   _, variables, apply_fn = network
   assert jax.device_count() == 4
-  x = _images(9)
-  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  k1, _, _ = _kernel_on(one, apply_fn, variables["params"], x, **settings)
-  k4, plan, _ = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x, **settings)
-  assert plan.rotate == ("tile_size" not in settings)
-  np.testing.assert_allclose(k4, k1, rtol=1e-6, atol=1e-7 * np.abs(k1).max())
-  if plan.rotate or "logit_chunk" in settings:  # resumed: only the missing tiles, the same kernel
-    done = set(plan.tiles()[::2])
-    partial, _, handed = _kernel_on(parallel.make_mesh(), apply_fn, variables["params"], x,
-                                    done=done, **settings)
-    assert handed == len(plan.tiles()) - len(done)
-    for i, j in set(plan.tiles()) - done:
-      rows, cols = tile_slices(plan, i, j)
-      np.testing.assert_array_equal(partial[rows, cols], k4[rows, cols])
+  with jax.enable_x64(dtype == np.float64):
+    params = jax.tree.map(lambda a: np.asarray(a, dtype), variables["params"])
+    x = _images(9).astype(dtype)
+    one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+    k1, _, _ = _kernel_on(one, apply_fn, params, x, **settings)
+    k4, plan, _ = _kernel_on(parallel.make_mesh(), apply_fn, params, x, **settings)
+    assert plan.rotate == ("tile_size" not in settings) and k4.dtype == dtype
+    np.testing.assert_allclose(k4, k1, rtol=1e-6, atol=1e-7 * np.abs(k1).max())
+    if plan.rotate or "logit_chunk" in settings:  # resumed: only the missing tiles, the same kernel
+      done = set(plan.tiles()[::2])
+      partial, _, handed = _kernel_on(parallel.make_mesh(), apply_fn, params, x, done=done, **settings)
+      assert handed == len(plan.tiles()) - len(done)
+      for i, j in set(plan.tiles()) - done:
+        rows, cols = tile_slices(plan, i, j)
+        np.testing.assert_array_equal(partial[rows, cols], k4[rows, cols])
 
 
 @pytest.mark.parametrize("precision,outer,highest", [("default", "highest", True),

@@ -60,9 +60,10 @@ def test_optimised_set_stays_in_bounds_and_lowers_the_adversarial_objective(loss
     if data_eps is not None:
       assert change <= data_eps + 1e-12
     attack = build_attack(section.attack)
-    objective = lambda support: float(adversarial_objective(
-        _rbf, jnp.asarray(support), jnp.asarray(y), jnp.asarray(x), jnp.asarray(y), jax.random.key(7),
+    compiled = jax.jit(lambda support: adversarial_objective(  # one program (op by op: seconds)
+        _rbf, support, jnp.asarray(y), jnp.asarray(x), jnp.asarray(y), jax.random.key(7),
         attack=attack, num_classes=4, regularizer=1e-3, solver="cholesky", loss=loss))
+    objective = lambda support: float(compiled(jnp.asarray(support)))
     before, after = objective(x), objective(robust)
     assert after < 0.9 * before, (before, after)
 
@@ -89,10 +90,11 @@ def test_held_out_targets_are_disjoint_from_the_optimised_set_and_their_objectiv
     assert robust.shape == x[optimised].shape
     assert record["num_optimised"] == 24 and record["num_targets"] == 16
     attack = build_attack(section.attack)
-    objective = lambda support: float(adversarial_objective(
-        _rbf, jnp.asarray(support), jnp.asarray(y[optimised]), jnp.asarray(x[targets]),
+    compiled = jax.jit(lambda support: adversarial_objective(  # one program (op by op: seconds)
+        _rbf, support, jnp.asarray(y[optimised]), jnp.asarray(x[targets]),
         jnp.asarray(y[targets]), jax.random.key(7), attack=attack, num_classes=4, regularizer=1e-3,
         solver="cholesky", loss="cross_entropy"))
+    objective = lambda support: float(compiled(jnp.asarray(support)))
     before, after = objective(x[optimised]), objective(robust)
     assert after < 0.9 * before, (before, after)
 
@@ -168,10 +170,10 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
   key = jax.random.key(5)
   loss = "mse"
   with jax.enable_x64(True):
-    value, gradient = jax.value_and_grad(lambda s: adversarial_objective(
+    value, gradient = jax.jit(jax.value_and_grad(lambda s: adversarial_objective(  # compiled whole
         _rbf, s, jnp.asarray(y), jnp.asarray(targets), jnp.asarray(target_labels),
         jax.random.fold_in(key, 0), attack=attack, num_classes=4, regularizer=1e-3,
-        solver="cholesky", loss=loss))(jnp.asarray(x))
+        solver="cholesky", loss=loss)))(jnp.asarray(x))
     run = lambda batch_size, mesh: objective_and_gradient(
         _rbf, x, y, targets, target_labels, key, attack=attack, num_classes=4,
         regression=REGRESSION, loss=loss, tile=5, batch_size=batch_size, mesh=mesh)
@@ -185,10 +187,10 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
     no_start.random_start = False
     attack = build_attack(no_start)
     seven, seven_labels = targets[:7], target_labels[:7]
-    value, gradient = jax.value_and_grad(lambda s: adversarial_objective(
+    value, gradient = jax.jit(jax.value_and_grad(lambda s: adversarial_objective(
         _rbf, s, jnp.asarray(y), jnp.asarray(seven), jnp.asarray(seven_labels), key,
         attack=attack, num_classes=4, regularizer=1e-3, solver="cholesky",
-        loss=loss))(jnp.asarray(x))
+        loss=loss)))(jnp.asarray(x))
     for batch_size in (4, 12):  # 4 + 3 padded to 4, or 7 padded to 12
       padded_value, padded_gradient = objective_and_gradient(
           _rbf, x, y, seven, seven_labels, key, attack=attack, num_classes=4, regression=REGRESSION,

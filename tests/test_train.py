@@ -140,19 +140,23 @@ def _signal_when_checkpoint_appears(proc, checkpoint_dir, step: int, signum: int
 
 
 def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path, compilation_cache):
-  overrides = ("--config.num_epochs=4", "--config.log_every_steps=5", *SHORT_ATTACKS)
+  """Three epochs: preempted in epoch 1, resumed across epoch 1's end and killed after epoch 2's
+  save, the last run resumed at an epoch boundary. (An epoch trains in ~1 s: a run's cost is its
+  start.)"""
+  overrides = ("--config.num_epochs=3", "--config.log_every_steps=5", *SHORT_ATTACKS)
   main_py(tmp_path / "straight", *overrides, compilation_cache=compilation_cache)
   killed = tmp_path / "killed"
-  # A preemption notice (SIGTERM) just after the epoch-1 save appeared: the run saves where it
-  # stands, with the metrics it has not logged, and exits 143.
+  # A preemption notice (SIGTERM) just after the save of epoch 0.5 (step 11) appeared: the run
+  # saves where it stands, with the metrics it has not logged, and exits 143.
   proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
-  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 22, signal.SIGTERM)
+  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 11, signal.SIGTERM)
   assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
   preempted_at = int(re.search(r"train state at step (\d+) is saved", out)[1])
-  assert 22 < preempted_at < 88 and (killed / "checkpoints" / str(preempted_at)).is_dir()
-  # Resumed from there, then SIGKILL just after epoch 3 appeared.
+  # Before epoch 2's save, so that the resumed run below has it still to make.
+  assert 11 < preempted_at < 44 and (killed / "checkpoints" / str(preempted_at)).is_dir()
+  # Resumed from there, then SIGKILL just after epoch 2 appeared.
   proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
-  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 66)
+  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 44)
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   assert f"from step {preempted_at} " in out
   main_py(killed, *overrides, compilation_cache=compilation_cache)
@@ -197,19 +201,6 @@ def test_resnet18_trains_adversarially_on_mock_cifar10_in_bfloat16(tmp_path):
   assert result["results"]["pgd"]["accuracy"] <= result["results"]["clean"]["accuracy"]
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  config = load_config("digits", "smoke")
-  config.model.batch_norm = False
-  config.optimizer.schedule = "constant"
-  config.optimizer.learning_rate = 1e12
-  config.checkpoint.fractional_epochs = (1 / 22,)  # a checkpoint after the first step
-  with pytest.raises(NonFiniteLossError, match="Last good checkpoint: step 1"):
-    jobs.run(config, str(tmp_path))
-  checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
-  assert checkpoints.latest_step() == 1
-  assert all(np.all(np.isfinite(x)) for x in final_state_leaves(tmp_path))
-
-
 @pytest.mark.parametrize("value", [0, -5])
 def test_bad_log_every_steps_fails_before_training(tmp_path, value):
   """A zero interval divided by zero after the first step was compiled and trained."""
@@ -241,12 +232,16 @@ def _saved_states_are_finite(workdir) -> dict[int, bool]:
   return out
 
 
-def test_nan_guard_never_saves_a_non_finite_state(tmp_path):
+def test_nan_guard_stops_keeps_the_last_good_checkpoint_and_never_saves_a_non_finite_state(tmp_path):
+  """A save is due after the second step, whose state holds infinities: the guard stops there, names
+  step 1 as the last good checkpoint, and leaves it the newest."""
   config = _diverging_config()
   config.checkpoint.fractional_epochs = (1 / 22, 2 / 22)  # saves after the first and second steps
   with pytest.raises(NonFiniteLossError, match=r"(?s)at step 2.*Last good checkpoint: step 1 "):
     jobs.run(config, str(tmp_path))
   assert _saved_states_are_finite(tmp_path) == {0: True, 1: True}  # the initialisation and step 1
+  assert Checkpoints(os.path.join(tmp_path, "checkpoints")).latest_step() == 1
+  assert all(np.all(np.isfinite(x)) for x in final_state_leaves(tmp_path))
 
 
 def test_nan_guard_stops_before_the_co_monitor_keeps_a_diverged_state(tmp_path):
