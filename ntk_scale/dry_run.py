@@ -475,7 +475,8 @@ def _eigen_feature_programs(config: ml_collections.ConfigDict, mesh, n: int, ran
   numerical rank at most `rank`: the parameter directions, then every group's predictor clean and
   under attack (the model of config.kernel.phase, whose Jacobian rows the kernel has)."""
   image_shape, classes = dataset_shape(config.data)[0], dataset_classes(config.data)
-  chunk = directions_chunk(config, image_shape, classes, n, rank, mesh.size, target_budget)
+  chunk = directions_chunk(config, image_shape, classes, n, rank, mesh.size, target_budget,
+                           TARGET_MEMORY_FLAG)
   model, params, stats = _variables(config, image_shape, phase=config.kernel.phase)
   spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
   rows = most_rows(rank, config.eigen_features.num_single)

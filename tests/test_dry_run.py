@@ -397,8 +397,13 @@ def test_eigen_jobs_plan_their_kernel_and_for_large_kernels_the_spectrum_rounds(
   # A trace kernel's directions are 10x larger: 9 x 10 x 10 x 1210 floats (4.4 MB, twice while
   # summed) do not fit 4 MiB; the job refuses the same before computing its kernel.
   c.kernel.logits, c.kernel.memory_budget_gb = "trace", 4 / 1024
-  with pytest.raises(ValueError, match=r"parameter directions.*config.kernel.logits.*memory_budget_gb"):
+  with pytest.raises(ValueError, match=r"parameter directions.*GiB \(config.kernel.memory_budget_gb\)"
+                     r".*config.kernel.logits"):
     jobs.dry_run(c)
+  # A target's budget (--dry_run_device_memory_gb) under them: the refusal names the flag that set it.
+  c.kernel.memory_budget_gb = 0.0
+  with pytest.raises(ValueError, match=r"parameter directions.*GiB \(--dry_run_device_memory_gb\)"):
+    jobs.dry_run(c, device_memory_bytes=4 * 2**20 / 0.8)
   c = mlp_config(job="eigen_images")
   c.kernel.num_examples, c.kernel.tile_size = 100, 30
   c.eigen_images.logit, c.eigen_images.eigensolver, c.spectrum.num_eigenpairs = "3", "top", 6

@@ -83,12 +83,13 @@ def most_rows(rank: int, num_single: int) -> int:
 
 
 def examples_per_device(budget_bytes: float, num_rows: int, logits: int, num_classes: int,
-                        num_params: int, num_examples: int, num_devices: int, itemsize: int = 4) -> int:
+                        num_params: int, num_examples: int, num_devices: int, itemsize: int = 4,
+                        budget_field: str = "config.kernel.memory_budget_gb") -> int:
   """Training examples per device and step of `parameter_directions`: their Jacobian rows (twice,
   for the reverse pass's cotangents) beside the device's sum of the directions, [num_rows, logits,
   num_classes, num_params], counted twice (the devices' sums are added into a second copy at the
   end); at most MAX_CHUNK and a device's share of the examples. Refuses a budget too small for
-  one, naming the fields that change it."""
+  one, naming the fields that change it and `budget_field`, where the budget came from."""
   row_bytes = logits * num_params * itemsize
   accumulator_bytes = num_rows * num_classes * row_bytes
   chunk = int((budget_bytes - 2 * accumulator_bytes) // (2 * row_bytes))
@@ -98,9 +99,9 @@ def examples_per_device(budget_bytes: float, num_rows: int, logits: int, num_cla
         f"the eigen-features' parameter directions ({num_rows} groups x {logits} kernel logit(s) x "
         f"{num_classes} classes x {num_params} parameters) take {gib(accumulator_bytes)} per device, "
         f"twice while summed, and each training example's Jacobian rows {gib(2 * row_bytes)}, but "
-        f"the budget is {gib(budget_bytes)}: use a class kernel rather than the trace "
-        f"(config.kernel.logits), fewer single features (config.eigen_features.num_single), or raise "
-        f"config.kernel.memory_budget_gb.")
+        f"the budget is {gib(budget_bytes)} ({budget_field}): use a class kernel rather than the "
+        f"trace (config.kernel.logits), fewer single features (config.eigen_features.num_single), "
+        f"or raise the budget.")
   return min(chunk, MAX_CHUNK, -(-num_examples // num_devices))
 
 
