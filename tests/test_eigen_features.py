@@ -75,7 +75,7 @@ def test_empirical_features_equal_the_explicit_jacobian_formula():
     # (twice: the devices' sums are added into a copy); a budget for these and two examples' rows
     # (twice: the cotangents) gives chunks of 2.
     budget = (2 * 2 * 3 + 2 * 2) * 1344
-    with pytest.raises(ValueError, match=r"config.kernel.logits.*config.kernel.memory_budget_gb"):
+    with pytest.raises(ValueError, match=r"\(config.kernel.memory_budget_gb\).*config.kernel.logits"):
       parameter_directions(apply_fn, params, np.asarray(x_train), np.asarray(coefficients),
                            LogitSpec("trace", 3), memory_budget_bytes=2 * 2 * 3 * 1344 + 2687)
     # 9 examples: chunks of 2 on 4 devices (one step padded to 16), of 3 on 1 device (3 steps).
