@@ -63,7 +63,7 @@ from ntk_scale.ntk.job import KERNELS_DIR
 from ntk_scale.preemption import preemption_notices
 from ntk_scale.robust_dataset import (attack_batch_size, check_robust_data_config, num_holdout,
                                       optimise_dataset, split_targets)
-from ntk_scale.train.experiment import check_train_config, eval_matmul_precision, phase_steps, train_steps
+from ntk_scale.train.experiment import check_train_config, eval_matmul_precision, train_steps
 
 RESULTS_FILE = "results.json"
 ROBUST_DATASET_FILE = "robust_dataset.npz"
@@ -142,18 +142,15 @@ def _check_finite_networks(config: ml_collections.ConfigDict, train_size: int, r
   if not (is_finite_number(num_epochs) and num_epochs > 0):
     raise ValueError(f"config.infinite.transfer.num_epochs={num_epochs!r} must be a positive finite "
                      f"number (the epochs each finite network trains).")
-  # The step counts at each training set's size, named here (not as the networks' config.num_epochs);
-  # a batch size that cannot step through it is left to check_train_config to name.
-  sizes = (([train_size] if _networks(config) else [])
-           + ([s.num_train or train_size, robust_size] if width else []))
-  for size in sizes:
-    if is_whole_number(config.batch_size, 1) and config.batch_size <= size:
-      phase_steps(num_epochs, size // config.batch_size, "config.infinite.transfer.num_epochs")
+  # Refusals name the networks' config.num_epochs as the field the user sets.
+  epochs_field = "config.infinite.transfer.num_epochs"
   for network_width, eval_attacks in networks:
     c = _finite_config(config, network_width, eval_attacks)
-    check_train_config(c, num_devices)  # at the catalog's training split
+    check_train_config(c, num_devices, epochs_field=epochs_field)  # at the catalog's training split
+  sizes = (([train_size] if _networks(config) else [])
+           + ([s.num_train or train_size, robust_size] if width else []))
   for size in sizes:  # the robust set's size too (warm-up, checkpoint interval, mode F's flip)
-    train_steps(c, size // c.batch_size)
+    train_steps(c, size // c.batch_size, epochs_field)
 
 
 def _evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, str]:

@@ -370,6 +370,11 @@ def test_class_balanced_subset_that_cannot_be_drawn_is_named_before_compute(
     ({"optimizer.warmup_epochs": 1.0}, r"config\.optimizer\.warmup_epochs=1\.0 is 22 steps, not fewer than"),
     ({"log_every_steps": 0}, r"config\.log_every_steps=0 must be an integer >= 1"),
     ({"checkpoint.every_epochs": 0.0}, r"config\.checkpoint\.every_epochs=0\.0 must be positive"),
+    # Mode F's flip, named against the networks' epochs (it was named config.num_epochs).
+    ({"train.mode": "F", "train.flip_epoch": 1.0},
+     r"config\.train\.flip_epoch=1\.0 must lie inside \(0, config\.infinite\.transfer\.num_epochs=1\.0\)"),
+    ({"train.mode": "F", "train.flip_epoch": 0.9},  # step 20 of the split's 22, 3 of the robust set's 3
+     r"flip_epoch=0\.9 is step 3 of the 3 steps of config\.infinite\.transfer\.num_epochs=1\.0 at 3 "),
 ])
 def test_infinite_job_checks_its_networks_training_before_compute(tmp_path, no_kernel_compute, fields,
                                                                    message):

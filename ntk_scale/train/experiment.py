@@ -52,10 +52,12 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
   build_attacks(config.eval_attacks, "config.eval_attacks", data.num_classes(config.data))
 
 
-def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def check_train_config(config: ml_collections.ConfigDict, num_devices: int, *,
+                       epochs_field: str = "config.num_epochs") -> None:
   """Validates every field the train job reads, before any data is loaded or compiled; the step
   counts too, at the train split's size in the catalog, so that the job refuses them before its
-  workdir records the config (a rerun with the field corrected would be another experiment)."""
+  workdir records the config (a rerun with the field corrected would be another experiment).
+  `epochs_field`: where the user set config.num_epochs (the infinite job's networks: their own)."""
   check_common_config(config, num_devices)
   if not 0 < config.num_epochs < math.inf:
     raise ValueError(f"config.num_epochs={config.num_epochs} must be positive and finite (to run "
@@ -71,7 +73,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
                      f"(C benign, A adversarial, F benign then adversarial from flip_epoch).")
   if config.train.mode == "F" and not 0 < config.train.flip_epoch < config.num_epochs:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} must lie inside (0, "
-                     f"num_epochs={config.num_epochs}) for mode F.")
+                     f"{epochs_field}={config.num_epochs}) for mode F.")
   check_step_numerics(config.train, "config.train")
   if config.train.attack_batch_norm not in BATCH_NORM_MODES:
     raise ValueError(f"config.train.attack_batch_norm={config.train.attack_batch_norm!r}; expected "
@@ -84,7 +86,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> N
                           num_classes=data.num_classes(config.data))
   if not config.checkpoint.every_epochs > 0:
     raise ValueError(f"config.checkpoint.every_epochs={config.checkpoint.every_epochs} must be positive.")
-  train_steps(config, catalog_steps_per_epoch(config))
+  train_steps(config, catalog_steps_per_epoch(config), epochs_field)
 
 
 def check_phase2_epochs(num_epochs) -> None:
@@ -195,11 +197,13 @@ def first_adversarial_step(config: ml_collections.ConfigDict, steps_per_epoch: i
   return {"C": None, "A": 0, "F": int(round(config.train.flip_epoch * steps_per_epoch))}[config.train.mode]
 
 
-def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int | None]:
+def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                epochs_field: str = "config.num_epochs") -> tuple[int, int | None]:
   """Phase 1's (total steps, first adversarial step) at `steps_per_epoch`. Refuses a phase (1, or
   the train job's 2) of zero steps, a cosine warm-up as long as its phase, and a mode-F flip at the
-  first or past the last step, which would train all adversarially or all benignly."""
-  total_steps = phase_steps(config.num_epochs, steps_per_epoch, "config.num_epochs")
+  first or past the last step, which would train all adversarially or all benignly; a refusal
+  names config.num_epochs as `epochs_field`."""
+  total_steps = phase_steps(config.num_epochs, steps_per_epoch, epochs_field)
   check_warmup(config.optimizer, steps_per_epoch, total_steps, "config.optimizer")
   check_save_interval(config.checkpoint.every_epochs, steps_per_epoch, "config.checkpoint.every_epochs")
   if config.phase2.num_epochs > 0:  # the train job's phase 2 steps through this split at this batch
@@ -213,7 +217,7 @@ def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tupl
   flip_step = first_adversarial_step(config, steps_per_epoch)
   if config.train.mode == "F" and not 1 <= flip_step <= total_steps - 1:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} is step {flip_step} of the "
-                     f"{total_steps} steps of config.num_epochs={config.num_epochs} at "
+                     f"{total_steps} steps of {epochs_field}={config.num_epochs} at "
                      f"{steps_per_epoch} steps per epoch, so mode F would train all "
                      f"{'adversarially' if flip_step < 1 else 'benignly'}; expected a flip step in "
                      f"[1, {total_steps - 1}]: config.train.flip_epoch from {1 / steps_per_epoch:.10g} "
