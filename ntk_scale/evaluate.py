@@ -58,8 +58,10 @@ def _as_apply(model: Model) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]
 
 
 def _attacked(variables: Any, batch: dict[str, jax.Array], key: jax.Array, attack: Attack | None,
-              apply: Callable[[Any, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The batch's images under `attack` (None: as they are) and the model's logits on them.
+              apply: Callable[[Any, jax.Array], jax.Array], clean_logits: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+  """The batch's images under `attack` (None: as they are) and the model's logits on them;
+  `clean_logits`: the model's on the clean images, when the caller has them already.
 
   An example the model misclassifies clean keeps its clean image, as in AutoAttack (which attacks
   only the correctly classified): an attack's random start may land where the model is right, and
@@ -68,7 +70,8 @@ def _attacked(variables: Any, batch: dict[str, jax.Array], key: jax.Array, attac
   images = batch["images"]
   if attack is not None:
     adversarial = attack(model, images, batch["labels"], key)
-    wrong = jnp.argmax(model(images), -1) != batch["labels"]
+    clean_logits = model(images) if clean_logits is None else clean_logits
+    wrong = jnp.argmax(clean_logits, -1) != batch["labels"]
     images = jnp.where(wrong.reshape(-1, *[1] * (images.ndim - 1)), images, adversarial)
   return images, model(images)
 
@@ -80,9 +83,9 @@ def _evaluate_batch(variables: Any, batch: dict[str, jax.Array], key: jax.Array,
   labels, mask = batch["labels"], batch["mask"]
   clean_logits = apply(variables, batch["images"])
   clean_predictions = jnp.argmax(clean_logits, -1)
-  # Clean: one forward pass, written once (XLA merged a second copy; the dry run counted both).
+  # One clean forward pass for both, written once (XLA merged a second copy; the dry run counted both).
   images, logits = ((batch["images"], clean_logits) if attack is None
-                    else _attacked(variables, batch, key, attack, apply))
+                    else _attacked(variables, batch, key, attack, apply, clean_logits))
   predictions = jnp.argmax(logits, -1)
   correct = (predictions == labels) * mask
   one_hot = jax.nn.one_hot(labels, num_classes) * mask[:, None]

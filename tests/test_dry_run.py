@@ -110,6 +110,7 @@ def _by_name(plan):
 
 def test_train_job_counts_match_the_dataset_and_the_mlp_by_hand():
   c = mlp_config()
+  c.eval_attacks = ml_collections.ConfigDict({"fgsm": {"name": "fgsm", "eps": 0.1}})
   plan = jobs.dry_run(c)
   programs = _by_name(plan)
   digits = load_digits()
@@ -121,6 +122,10 @@ def test_train_job_counts_match_the_dataset_and_the_mlp_by_hand():
   # 2 FLOPs per multiply-add; XLA adds the bias, ReLU and loss arithmetic on top (a few percent).
   matmuls = 2 * c.eval_batch_size * (64 * 16 + 16 * 10)
   assert matmuls <= clean.flops_per_call <= 1.15 * matmuls
+  # Under FGSM: the clean forward pass (whose predictions also choose the examples to attack), FGSM's
+  # forward and input gradient (backward through both layers: one forward's matmuls), and the forward
+  # pass on the attacked images. A second clean forward pass would add one more (5x).
+  assert 4 * matmuls <= programs["phase 1 evaluation under fgsm"].flops_per_call <= 4.6 * matmuls
   # A train step: forward, and backward with respect to both layers' weights and the hidden
   # activations (the input gradient is not needed): 3x the forward matmuls, except the first
   # layer's input gradient.
