@@ -106,6 +106,26 @@ def test_eigenspace_metrics_and_spectral_mass_match_numpy(tmp_path, full, eigens
     assert row["spectral_mass_top_k"] == pytest.approx(values[:top_k].sum() / np.trace(m), rel=1e-9)
     assert row["top_eigenvalue"] == pytest.approx(values[0], rel=1e-9)
   assert result["eigenspace_of"] == eigenspace_of
+  assert result["null_space_size"] == 0  # 40 parameters, at most 30 rows: full rank
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bottom_k_columns_are_empty_when_the_null_space_fills_the_bottom_k(tmp_path, dtype):
+  """12 examples, 6 parameters: every kernel has a null space of 6 dimensions, in which eigh's
+  bottom-3 eigenvectors are an arbitrary choice; with 9 parameters the null space is the bottom-3
+  eigenspace, on which the final kernel is zero. Either way the bottom-3 metrics would compare
+  rounding noise. With 10 parameters the bottom-3 eigenspace holds one real eigenvector."""
+  rng = np.random.default_rng(5)
+  for parameters, null in ((6, 6), (9, 3), (10, 2)):
+    jacobians = rng.standard_normal((2, 12, parameters))
+    stores = [write_store(tmp_path / f"{parameters}_{t}", (j @ j.T).astype(dtype), tile=5)
+              for t, j in enumerate(jacobians)]
+    result = evolution_metrics(stores, [0.0, 1.0], top_k=3, num_eigenvalues=5)
+    assert result["null_space_size"] == null
+    rows = result["checkpoints"]
+    assert all(r["distance_to_final_top_k"] is not None for r in rows)
+    bottom = [r["distance_to_final_bottom_k"] for r in rows]
+    assert (bottom == [None, None]) == (null >= 3), bottom
 
 
 def test_one_class_subset_has_no_label_alignment(tmp_path):

@@ -16,7 +16,8 @@ Kernels are read by row panels, one at a time. Each checkpoint's spectrum is eit
 eigenpair (a dense float64 eigendecomposition, the kernel in host memory) or, for large kernels
 or with config.evolution.eigensolver="top", the spectrum job's top eigenpairs (kernel_eigenpairs.py),
 which leaves the bottom-k eigenspace's columns empty: the smallest eigenpairs of a large kernel are
-not within reach.
+not within reach. They are empty too when the bottom-k eigenvectors are null space (a kernel of
+more rows than the network has parameters): the kernel is zero there.
 """
 
 import csv
@@ -195,6 +196,12 @@ def _movement(gram: np.ndarray) -> dict[str, np.ndarray]:
           "angle": np.arccos(similarity[:, 0])}
 
 
+def null_space_size(values: np.ndarray, dtype: str) -> int:
+  """How many of a kernel's eigenvalues (every one, largest first) are zero within the rounding of
+  its stored `dtype`, at numpy's matrix_rank tolerance: largest * size * eps."""
+  return int(np.sum(np.abs(values) <= abs(values[0]) * values.size * np.finfo(dtype).eps))
+
+
 def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int,
                       eigenspace_of: str = "final", num_eigenvalues: int = 100,
                       top_spectra: list[tuple[Eigenpairs, float]] | None = None) -> dict[str, Any]:
@@ -202,7 +209,10 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
 
   Spectra: every eigenpair of each kernel read whole (dense), or with `top_spectra` the top
   eigenpairs and trace of each (the spectrum job's, for kernels too large to decompose whole),
-  when the bottom-k eigenspace is unknown and its columns are None.
+  when the bottom-k eigenspace is unknown and its columns are None. They are None too when the
+  reference kernel's null space has top_k dimensions or more (more kernel rows than the network has
+  parameters): its bottom-k eigenvectors would be an arbitrary part of it, on which the reference
+  kernel is zero, so every bottom-k metric would compare rounding noise.
   """
   rows: list[dict[str, Any]] = [{"epoch": e, "kernel": os.path.basename(s.directory)}
                                 for e, s in zip(epochs, stores)]
@@ -216,7 +226,9 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
       reference = pairs
   gram = stored_gram(stores)
   spaces = {"top_k": reference.vectors[:, :top_k]}
-  if top_spectra is None:
+  null_space = (None if top_spectra is not None
+                else null_space_size(reference.values, stores[0].meta["dtype"]))
+  if null_space is not None and null_space < top_k:
     spaces["bottom_k"] = reference.vectors[:, -top_k:]
   labels, num_classes = stores[0].labels(), int(stores[0].meta["num_classes"])
   targets = (metrics.label_targets(labels, num_classes, full=len(stores[0].shape) == 4)
@@ -232,7 +244,7 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
   columns = {"": _movement(gram)}
   for space, kernels in restricted.items():
     columns[f"_{space}"] = _movement(metrics.frobenius_gram(kernels))
-  if top_spectra is not None:
+  if "bottom_k" not in spaces:
     columns["_bottom_k"] = {key: [None] * len(stores) for key in columns[""]}
   velocity = [None] + metrics.velocity_from_similarity(similarity, epochs).tolist()
   for t, row in enumerate(rows):
@@ -242,6 +254,7 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
     row["velocity"] = velocity[t]
   return {"epochs": epochs, "kernels": [r["kernel"] for r in rows], "top_k": top_k,
           "eigenspace_of": eigenspace_of, "eigensolver": "dense" if top_spectra is None else "top",
+          "null_space_size": null_space,
           "checkpoints": rows, "similarity_matrix": similarity.tolist(), "eigenvalues": spectra}
 
 
@@ -302,6 +315,10 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   files.make_dirs(directory)
   files.write_json(os.path.join(directory, METRICS_JSON), results, indent=2)
   write_table(os.path.join(directory, METRICS_CSV), results["checkpoints"])
+  if results["null_space_size"] is not None and results["null_space_size"] >= e.top_k:
+    print(f"kernel evolution: the {e.eigenspace_of} kernel's null space has "
+          f"{results['null_space_size']} dimensions, at least config.evolution.top_k={e.top_k}: "
+          f"its bottom-{e.top_k} eigenspace is null space, so those columns are empty.", flush=True)
   result["plots"] = plot_evolution(results, directory)
   result["metrics"] = results
   print(f"kernel evolution written to {directory}", flush=True)
