@@ -160,8 +160,10 @@ def test_grouped_and_depthwise_convolutions(grouped_network, method):
   assert _relative_error(kernel, reference) < 1e-10
 
 
+@pytest.mark.filterwarnings("error:Explicitly requested dtype int64")
 def test_integer_inputs_reach_the_model_as_integers():
-  """Token ids stay integers (they were cast to the kernel's dtype, which nn.Embed refuses)."""
+  """Token ids stay integers (they were cast to the kernel's dtype, which nn.Embed refuses); numpy's
+  int64 ids are taken as jit takes them, int32 without x64 (the probe's zeros warned)."""
   class Tokens(nn.Module):
     @nn.compact
     def __call__(self, tokens):

@@ -226,11 +226,13 @@ def _formation_rate(apply_fn: Callable, abstract_params: tuple, example: jax.Sha
   """FLOP/s (the cost model's count) at which one device forms Jacobian rows: a probe block of
   PROBE_EXAMPLES examples timed, once per function and shapes. Rows recomputed cost this rate,
   far below the matmul peak, so rows sent instead are weighed against it."""
-  zeros = lambda abstract: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _shapes(abstract))
-  params = zeros(abstract_params)
+  # The dtypes as jit sees the arrays (int64 tokens are int32 without x64): jnp.zeros would warn.
+  zeros = lambda shape, dtype: jnp.zeros(shape, jax.dtypes.canonicalize_dtype(dtype))
+  tree_zeros = lambda abstract: jax.tree.map(lambda s: zeros(s.shape, s.dtype), _shapes(abstract))
+  params = tree_zeros(abstract_params)
   model = bind_state(apply_fn, abstract_state is not None,
-                     None if abstract_state is None else zeros(abstract_state))
-  x = jnp.zeros((PROBE_EXAMPLES,) + example.shape, example.dtype)
+                     None if abstract_state is None else tree_zeros(abstract_state))
+  x = zeros((PROBE_EXAMPLES,) + example.shape, example.dtype)
   with default_precision(precision):
     form = jax.jit(lambda params, x: jacobian_rows(model, params, x, spec, factoring=factoring))
     calls, seconds = timed(lambda rows: form(params, x), None, 0.1)
