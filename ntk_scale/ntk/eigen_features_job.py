@@ -115,20 +115,20 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
 def directions_chunk(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], classes: int,
                      num_examples: int, rank: int, num_devices: int,
                      budget_bytes: float | None = None,
-                     budget_field: str = "config.kernel.memory_budget_gb") -> int:
+                     budget_bytes_field: str = "config.kernel.memory_budget_gb") -> int:
   """Training images per device and step of the parameter directions of config.kernel's empirical
   kernel of `num_examples` with numerical rank at most `rank` (known before the kernel is: a
   budget too small is refused before any compute, naming the fields). The budget is
   config.kernel.memory_budget_gb, else `budget_bytes` (a dry run's target, set by the flag
-  `budget_field`), else this device's."""
+  `budget_bytes_field`), else this device's."""
   model = build_model(config.model, classes)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
                                              train=False))["params"]
   spec = parse_logits(config.kernel.logits, classes, "config.kernel.logits")
   budget = (config.kernel.memory_budget_gb * 2**30 or budget_bytes
             or device_budget_bytes(jax.local_devices()[0]))
-  if config.kernel.memory_budget_gb or not budget_bytes:
-    budget_field = "config.kernel.memory_budget_gb"
+  budget_field = (budget_bytes_field if budget_bytes and not config.kernel.memory_budget_gb
+                  else "config.kernel.memory_budget_gb")
   return examples_per_device(budget, most_rows(rank, config.eigen_features.num_single),
                              spec.rows_per_example, classes,
                              sum(math.prod(x.shape) for x in jax.tree.leaves(params)), num_examples,
