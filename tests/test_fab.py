@@ -375,7 +375,7 @@ def test_fab_t_keeps_bfloat16_and_float16_images_in_their_dtype_ball_and_box(nor
   in the images' dtype: FAB-T returns finite images of their dtype in [0, 1] and within eps, an
   example either left clean or misclassified as returned. Toward the one reachable class with
   eps = 1 it breaks most examples (float32 logits on bfloat16 iterates once made the loop's carry
-  change dtype; float16 rounded the 'not found' distance to inf)."""
+  change dtype; L2 distances computed in bfloat16, not float32, overshot eps)."""
   logits_fn, images, labels, _, _ = _two_class_linear_problem(norm)
   n = len(labels)
   size = ((lambda d: np.abs(d).reshape(n, -1).max(1)) if norm == "linf"
