@@ -21,7 +21,8 @@ member only on the examples still robust, so on a robust model those rows overst
 
 Run it on the topology of the real job (on the pod, or with the same device count emulated) so
 the per-device figures are the real ones. A plan that does not fit the per-device budget raises
-PlanDoesNotFit naming the setting to change, as the job itself would only after loading the data.
+PlanDoesNotFit naming the setting to change as soon as that program is compiled (the job itself
+would refuse it only after loading the data).
 From a machine without the accelerators, `TargetDevices` (main.py's --dry_run_device_memory_gb
 and --dry_run_tflops) plans for devices of that memory and matmul rate instead of the local ones:
 budgets (the kernel's tile and band, the spectrum's method) follow the target's memory, times its
@@ -30,6 +31,7 @@ rate; the memory figures are XLA's analysis of the programs compiled for the loc
     python main.py --config configs/cifar10_resnet18.py --workdir /tmp/unused --dry_run
 """
 
+import contextvars
 import dataclasses
 import functools
 import json
@@ -85,6 +87,12 @@ PLANNED_JOBS = ("train", "phase2", "evaluate", "kernel", "spectrum", "evolution"
 
 class PlanDoesNotFit(ValueError):
   """A program needs more memory per device than the budget; the message names what to change."""
+
+
+# The per-device budget of the plan plan_job is making: `_program` refuses a program over it as soon
+# as it is compiled, not after every other program of the job has compiled too (minutes for a
+# ResNet's attacks).
+_PLAN_BUDGET: contextvars.ContextVar[float | None] = contextvars.ContextVar("plan_budget", default=None)
 
 
 # What a refusal names when the budget is the target's (TargetDevices.memory_bytes), not a config
@@ -183,8 +191,23 @@ def _program(name: str, jitted, args: tuple, calls: int, setting: str, *, matmul
              **static) -> ProgramCost:
   compiled = jitted.lower(*args, **static).compile()
   counted = program_flops(jitted, *args, **static)
-  return ProgramCost(name, calls, counted.flops, memory_per_device(compiled), setting,
-                     counted.unbounded_loops, matmul=matmul)
+  return _fitting(ProgramCost(name, calls, counted.flops, memory_per_device(compiled), setting,
+                              counted.unbounded_loops, matmul=matmul))
+
+
+def _refuse_over(program: ProgramCost, budget: float) -> None:
+  if program.bytes_per_device > budget:
+    raise PlanDoesNotFit(f"{program.name} needs {_gib(program.bytes_per_device)} per device but a "
+                         f"device's budget is {_gib(budget)}; lower {program.setting} or use more "
+                         f"devices.")
+
+
+def _fitting(program: ProgramCost) -> ProgramCost:
+  """`program`, refused at once where it needs more than the budget of the plan being made."""
+  budget = _PLAN_BUDGET.get()
+  if budget is not None:
+    _refuse_over(program, budget)
+  return program
 
 
 def _matmul_rate(matmul: Matmul) -> float:
@@ -386,10 +409,10 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float,
     return [], [f"spectrum: the sharded round needs {_gib(engine.bytes_per_device())} per device; "
                 f"method auto streams the kernel from disk on the host instead (not modelled)"]
   rounds = math.ceil(s.max_iters / s.round_iters)
-  cost = ProgramCost(f"spectrum: top {s.num_eigenpairs} of {plan.size} rows, LOBPCG round", rounds,
-                     engine.flops_per_round(), engine.bytes_per_device() or 0.0,
-                     "config.spectrum.memory_budget_gb or config.spectrum.num_eigenpairs",
-                     matmul=(s.dtype, s.precision))
+  cost = _fitting(ProgramCost(f"spectrum: top {s.num_eigenpairs} of {plan.size} rows, LOBPCG round",
+                              rounds, engine.flops_per_round(), engine.bytes_per_device() or 0.0,
+                              "config.spectrum.memory_budget_gb or config.spectrum.num_eigenpairs",
+                              matmul=(s.dtype, s.precision)))
   return [cost], [f"spectrum: at most {rounds} rounds ({s.max_iters} iterations); most kernels "
                   f"converge in far fewer"]
 
@@ -414,9 +437,10 @@ def _kernel(config: ml_collections.ConfigDict, copies: int, label: str,
     plan = fit_plan(inference_apply(model), cast(params), images, None, k.logits,
                     precision=k.precision, **settings, model_state=cast(stats))
   tiles = len(plan.tiles())
-  return ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
-                     plan.bytes_per_device, "config.kernel.tile_size or config.kernel.memory_budget_gb",
-                     device_flops_per_call=plan.device_flops, matmul=(k.dtype, k.precision))
+  return _fitting(ProgramCost(f"{label}: {plan.layout()}, {tiles} tiles", copies, plan.flops,
+                              plan.bytes_per_device,
+                              "config.kernel.tile_size or config.kernel.memory_budget_gb",
+                              device_flops_per_call=plan.device_flops, matmul=(k.dtype, k.precision)))
 
 
 def _eigenpairs(config: ml_collections.ConfigDict, solver: str, size: int, mesh, budget: float,
@@ -504,11 +528,11 @@ def _parameter_directions(mesh, apply, params, stats, spec: LogitSpec, image_sha
           jax.ShapeDtypeStruct((mesh.size, rows, spec.rows_per_example, classes, theta.size),
                                theta.dtype, sharding=batch))
   per_device = program_flops(program, *args)  # the per-device body: its own images
-  return ProgramCost(f"eigen_features: parameter directions ({rows - 1} groups at most), {chunk} "
-                     f"images per device", -(-n // size), per_device.flops * mesh.size,
-                     memory_per_device(program.lower(*args).compile()),
-                     "config.kernel.memory_budget_gb", per_device.unbounded_loops,
-                     device_flops_per_call=per_device.flops, matmul=matmul)
+  return _fitting(ProgramCost(
+      f"eigen_features: parameter directions ({rows - 1} groups at most), {chunk} images per device",
+      -(-n // size), per_device.flops * mesh.size, memory_per_device(program.lower(*args).compile()),
+      "config.kernel.memory_budget_gb", per_device.unbounded_loops,
+      device_flops_per_call=per_device.flops, matmul=matmul))
 
 
 def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params, stats,
@@ -561,10 +585,11 @@ def _tile_loop(section: ml_collections.ConfigDict, kernel_fn, image_shape: tuple
   with jax.enable_x64(section.dtype == "float64"):
     memory = memory_per_device(program.lower(*args).compile())
     per_tile = program_flops(program, *args)  # the per-device body: one tile
-  return ProgramCost(f"{label} in tiles of {tile}, {tiles} tiles",
-                     -(-tiles // mesh.size), per_tile.flops * mesh.size, memory,
-                     "config.infinite.batch_size", per_tile.unbounded_loops,
-                     device_flops_per_call=per_tile.flops, matmul=(section.dtype, "highest"))
+  return _fitting(ProgramCost(f"{label} in tiles of {tile}, {tiles} tiles",
+                              -(-tiles // mesh.size), per_tile.flops * mesh.size, memory,
+                              "config.infinite.batch_size", per_tile.unbounded_loops,
+                              device_flops_per_call=per_tile.flops,
+                              matmul=(section.dtype, "highest")))
 
 
 def _robust_set(config: ml_collections.ConfigDict, mesh, num_optimised: int) -> list[ProgramCost]:
@@ -697,6 +722,22 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
                    else DEVICE_MEMORY_FRACTION * target.memory_bytes)
   budget = target_budget or device_budget_bytes(jax.local_devices()[0])
   budget_flag = None if target_budget is None else TARGET_MEMORY_FLAG
+  planning = _PLAN_BUDGET.set(budget)
+  try:
+    programs, notes = _job_programs(config, job, mesh, budget, budget_flag, target_budget)
+  finally:
+    _PLAN_BUDGET.reset(planning)
+  for p in programs:  # each was checked as it was made; what a job's list adds, here
+    _refuse_over(p, budget)
+  rates = {p.matmul: target.matmul_flops_per_s or _matmul_rate(p.matmul) for p in programs}
+  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
+                target)
+
+
+def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
+                  budget_flag: str | None, target_budget: float | None
+                  ) -> tuple[list[ProgramCost], list[str]]:
+  """`config.job`'s programs and notes (plan_job)."""
   programs, notes = [], []
   # Phase 2's evaluations (the train, phase2 and evaluate jobs') also measure these.
   phase2_components = (f"{job}: phase 2's output components f0(x) and J(theta - theta0), one more "
@@ -752,13 +793,7 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
   else:
     raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
                      f"cost model.")
-  for p in programs:
-    if p.bytes_per_device > budget:
-      raise PlanDoesNotFit(f"{p.name} needs {_gib(p.bytes_per_device)} per device but a device's budget "
-                           f"is {_gib(budget)}; lower {p.setting} or use more devices.")
-  rates = {p.matmul: target.matmul_flops_per_s or _matmul_rate(p.matmul) for p in programs}
-  return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
-                target)
+  return programs, notes
 
 
 __all__ = ["DryRun", "KernelPlanError", "PlanDoesNotFit", "ProgramCost", "TargetDevices", "plan_job"]

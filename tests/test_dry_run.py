@@ -247,9 +247,16 @@ def test_attack_steps_are_counted_and_memory_is_per_device():
 
 
 def test_plans_that_do_not_fit_are_refused_naming_the_setting(monkeypatch):
+  """Refused as soon as the program that does not fit is compiled, not after every program of the
+  job (a ResNet's attacks compile for minutes)."""
   monkeypatch.setattr(dry_run_module, "device_budget_bytes", lambda device: 1000.0)
-  with pytest.raises(dry_run_module.PlanDoesNotFit, match="config.batch_size"):
+  compiled, program = [], dry_run_module._program
+  monkeypatch.setattr(dry_run_module, "_program",
+                      lambda name, *args, **kwargs: compiled.append(name) or program(name, *args, **kwargs))
+  with pytest.raises(dry_run_module.PlanDoesNotFit,
+                     match=r"phase 1 benign step needs .* budget is 9.31e-07 GiB; lower config.batch_size"):
     jobs.dry_run(mlp_config())
+  assert compiled == ["phase 1 benign step"]
   monkeypatch.undo()
   c = mlp_config(job="kernel")
   c.kernel.memory_budget_gb = 1e-9
