@@ -144,13 +144,13 @@ def _check_finite_networks(config: ml_collections.ConfigDict, train_size: int, r
                      f"number (the epochs each finite network trains).")
   # Refusals name the networks' config.num_epochs as the field the user sets.
   epochs_field = "config.infinite.transfer.num_epochs"
+  sizes = (([train_size] if _networks(config) else [])
+           + ([s.num_train or train_size, robust_size] if width else []))
   for network_width, eval_attacks in networks:
     c = _finite_config(config, network_width, eval_attacks)
     check_train_config(c, num_devices, epochs_field=epochs_field)  # at the catalog's training split
-  sizes = (([train_size] if _networks(config) else [])
-           + ([s.num_train or train_size, robust_size] if width else []))
-  for size in sizes:  # the robust set's size too (warm-up, checkpoint interval, mode F's flip)
-    train_steps(c, size // c.batch_size, epochs_field)
+    for size in sizes:  # the robust set's size too (warm-up, checkpoint interval, mode F's flip)
+      train_steps(c, size // c.batch_size, epochs_field)
 
 
 def _evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
