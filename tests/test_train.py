@@ -36,24 +36,12 @@ def load_config(name: str, arg: str = ""):
   return module.get_config(arg)
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for the main.py processes of this file: they run the same
-  programs (configs/digits.py:smoke on one device), which each compiled again, about half of a
-  short run's time. Tests in this process do not use it."""
-  return tmp_path_factory.mktemp("compilation_cache")
-
-
 def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/digits.py:smoke",
-            wait: bool = True, compilation_cache=None):
-  """Runs main.py in a fresh process with `devices` emulated CPU devices, sharing compiled
-  programs through `compilation_cache` (a directory) when given."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-             TF_CPP_MIN_LOG_LEVEL="2")
-  if compilation_cache is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+            wait: bool = True):
+  """Runs main.py in a fresh process with `devices` emulated CPU devices. It inherits the session's
+  compilation cache from the environment (conftest.py): programs compiled by one process, of this
+  file or another, are loaded, not compiled again, by the next."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -87,12 +75,11 @@ ONE_EPOCH = ("--config.num_epochs=1", "--config.log_every_steps=1", *SHORT_ATTAC
 
 
 @pytest.fixture(scope="module")
-def one_device_epoch(tmp_path_factory, compilation_cache):
+def one_device_epoch(tmp_path_factory):
   """One epoch of configs/digits.py:smoke by main.py on one device, logged every step:
   (workdir, what main.py printed)."""
   workdir = tmp_path_factory.mktemp("one_device")
-  return workdir, main_py(workdir, *ONE_EPOCH, "--config.profile_steps=3", devices=1,
-                          compilation_cache=compilation_cache)
+  return workdir, main_py(workdir, *ONE_EPOCH, "--config.profile_steps=3", devices=1)
 
 
 def test_profile_steps_leave_a_trace_of_the_train_step_for_tensorboard(one_device_epoch):
@@ -127,39 +114,45 @@ def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):
   assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
 
 
-def _signal_when_checkpoint_appears(proc, checkpoint_dir, step: int, signum: int = signal.SIGKILL,
-                                    timeout_s: float = 300) -> str:
-  """Sends `signum` once checkpoint `step` exists; what the process printed until it stopped."""
+def _signal_when_written(proc, pattern: str, signum: int = signal.SIGKILL,
+                         timeout_s: float = 300) -> str:
+  """Sends `signum` once a path matching `pattern` (a glob) exists; what the process printed until
+  it stopped."""
   deadline = time.time() + timeout_s
-  while not os.path.isdir(os.path.join(checkpoint_dir, str(step))):
+  while not glob.glob(pattern):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
-    assert time.time() < deadline, "no checkpoint appeared"
+    assert time.time() < deadline, f"nothing matched {pattern}"
     time.sleep(0.005)
   proc.send_signal(signum)
   return proc.communicate(timeout=300)[0]
 
 
-def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path, compilation_cache):
-  """Three epochs: preempted in epoch 1, resumed across epoch 1's end and killed after epoch 2's
-  save, the last run resumed at an epoch boundary. (An epoch trains in ~1 s: a run's cost is its
-  start.)"""
-  overrides = ("--config.num_epochs=3", "--config.log_every_steps=5", *SHORT_ATTACKS)
-  main_py(tmp_path / "straight", *overrides, compilation_cache=compilation_cache)
+def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
+  """Three epochs: preempted in epoch 1 with metrics not yet logged, resumed across epoch 1's end
+  and killed after epoch 2's save, the last run resumed at an epoch boundary. (An epoch trains in
+  ~1 s: a run's cost is its start.)"""
+  # Saves at steps 0, 11 (epoch 0.5), 22, 44, 55 (epoch 2.5), 66; metrics logged every 11 steps.
+  overrides = ("--config.num_epochs=3", "--config.log_every_steps=11",
+               "--config.checkpoint.fractional_epochs=(0.5,2.5)", *SHORT_ATTACKS)
+  main_py(tmp_path / "straight", *overrides)
   killed = tmp_path / "killed"
-  # A preemption notice (SIGTERM) just after the save of epoch 0.5 (step 11) appeared: the run
-  # saves where it stands, with the metrics it has not logged, and exits 143.
-  proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
-  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 11, signal.SIGTERM)
+  # A preemption notice (SIGTERM) between steps 3 and 10: the run saves where it stands, with the
+  # metrics of the steps it has not logged, and exits 143. Sent when the trace of step 3
+  # (profile_steps=1, a runtime field) is copied into the workdir, after step 3 and before the run
+  # looks for a notice after it; the next save and log are 8 steps later. (Sent when a checkpoint
+  # appeared, it landed on a save step, where every metric has been logged.)
+  proc = main_py(killed, *overrides, "--config.profile_steps=1", wait=False)
+  out = _signal_when_written(proc, str(killed / "plugins" / "profile" / "*" / "*"), signal.SIGTERM)
   assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
   preempted_at = int(re.search(r"train state at step (\d+) is saved", out)[1])
-  # Before epoch 2's save, so that the resumed run below has it still to make.
-  assert 11 < preempted_at < 44 and (killed / "checkpoints" / str(preempted_at)).is_dir()
+  assert 3 <= preempted_at < 11, "the notice came too late: every metric was logged"
+  assert (killed / "checkpoints" / str(preempted_at)).is_dir()
   # Resumed from there, then SIGKILL just after epoch 2 appeared.
-  proc = main_py(killed, *overrides, wait=False, compilation_cache=compilation_cache)
-  out = _signal_when_checkpoint_appears(proc, killed / "checkpoints", 44)
+  proc = main_py(killed, *overrides, wait=False)
+  out = _signal_when_written(proc, str(killed / "checkpoints" / "44"))
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   assert f"from step {preempted_at} " in out
-  main_py(killed, *overrides, compilation_cache=compilation_cache)
+  main_py(killed, *overrides)
 
   straight, resumed = final_state_leaves(tmp_path / "straight"), final_state_leaves(killed)
   assert len(straight) == len(resumed)
@@ -169,11 +162,10 @@ def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path, compila
   assert train_records(killed) == train_records(tmp_path / "straight")
 
 
-def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path,
-                                                                    compilation_cache):
+def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path):
   finished, first = one_device_epoch
   shutil.copytree(finished, tmp_path / "rerun")
-  second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1, compilation_cache=compilation_cache)
+  second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1)
   printed = lambda out: [line for line in out.splitlines()  # main.py's lines, not the timed logs
                          if "test accuracy" in line and not re.match(r"[IWEF]\d{4} ", line)]
   assert len(printed(first)) == 3 and printed(first) == printed(second)  # clean, pgd, apgd
