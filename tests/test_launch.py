@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 from absl import flags
+from absl.testing import flagsaver
 from ml_collections import config_flags
 
 from xm_launch import launch, sweep
@@ -296,3 +297,30 @@ def test_dry_run_lists_the_units_and_each_command_runs_main():
                        timeout=300)
   assert ran.returncode == 0, ran.stderr[-2000:]
   assert "dry run of job 'train'" in ran.stdout
+
+
+def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
+  """A GPU unit's one process sees its GPUs: a batch that does not split over them was refused
+  only once the unit ran. A TPU count names chips or cores by generation, so TPU (and CPU) units
+  are checked at one device."""
+  assert launch.devices_per_unit({"h100": 8}) == 8 and launch.devices_per_unit({"local_gpu": 2}) == 2
+  assert {launch.devices_per_unit(r) for r in ({}, {"tpu_v4": 8}, {"cpu": 4})} == {1}
+  bad = ["--config.batch_size=36", "--config.eval_batch_size=64"]
+  with pytest.raises(ValueError, match=r"main.py would refuse work unit 'run': config\.batch_size=36 "
+                                       r"must be a positive multiple of the device count \(8 devices\)"):
+    work_units("configs/digits.py:smoke", bad, "/runs/d", num_devices=8)
+  assert len(work_units("configs/digits.py:smoke", bad, "/runs/d", num_devices=4)) == 1
+  # launch.py passes its --accelerator's count (its flags set as absl would parse them)
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  try:
+    launch_flags = dict(config="configs/digits.py:smoke", workdir_root="/runs/d", dry_run=True)
+    with flagsaver.flagsaver(**launch_flags, accelerator="h100=8"):
+      with pytest.raises(ValueError, match=r"count \(8 devices\)"):
+        launch.main(["launch.py", *bad])
+    with flagsaver.flagsaver(**launch_flags, accelerator="h100=4"):
+      launch.main(["launch.py", *bad])
+  finally:
+    if not was_parsed:
+      flags.FLAGS.unparse_flags()
+  assert "1 work unit(s); executor local, resources {'h100': 4}." in capsys.readouterr().out

@@ -86,6 +86,18 @@ def workdir_volumes(workdir_root: str, executor: str) -> dict[str, str]:
   return {root: root}
 
 
+# xm.JobRequirements' GPU names: each counts the devices JAX sees in the unit's one process.
+GPUS = ("local_gpu", "p4", "t4", "l4", "p100", "v100", "a100", "a100_80gib", "h100", "h200", "b200")
+
+
+def devices_per_unit(resources: dict[str, int]) -> int:
+  """The devices a work unit's job sees, for the checks before launching: its GPUs, or 1 on CPU. A
+  TPU count names chips or cores, by generation, of a slice that may span hosts: 1 there, so
+  batch sizes are checked on the slice itself."""
+  gpus = sum(count for name, count in resources.items() if name in GPUS)
+  return 1 if any(name.startswith("tpu") for name in resources) else max(gpus, 1)
+
+
 def jax_wheel(resources: dict[str, int]) -> str:
   """The jax distribution for the accelerator asked for: TPU, CUDA or CPU."""
   if any(name.startswith("tpu") for name in resources):
@@ -140,7 +152,7 @@ def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, exec
 def main(argv: list[str]) -> None:
   resources = requirements(_ACCELERATOR.value)
   volumes = workdir_volumes(_WORKDIR_ROOT.value, _EXECUTOR.value)
-  units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value)
+  units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value, devices_per_unit(resources))
   if _DRY_RUN.value:
     for unit in units:  # as a shell would run it
       print(shlex.join(unit.command(job_flags(unit, resources))))

@@ -150,14 +150,13 @@ def _check_flags(unit: WorkUnit, where: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _check_job(config: ml_collections.ConfigDict, name: str, where: str) -> None:
+def _check_job(config: ml_collections.ConfigDict, name: str, where: str, num_devices: int) -> None:
   """The checks main.py's job makes before it writes anything, without data (jobs.check_config), at
-  one device: the launcher does not know how many a unit sees, so batch sizes are not checked
-  against the device count."""
+  the `num_devices` a unit sees (batch sizes are checked against it)."""
   from ntk_scale import jobs
 
   try:
-    jobs.check_config(config, 1)
+    jobs.check_config(config, num_devices)
   except ValueError as e:
     raise ValueError(f"{where}: main.py would refuse work unit {name!r}: {e}") from None
 
@@ -173,8 +172,11 @@ def _safe(name: str) -> str:
   return re.sub(r"[^\w.=+-]+", "_", name).strip("_") or "run"
 
 
-def work_units(config: str, overrides: list[str], workdir_root: str) -> list[WorkUnit]:
-  """The sweep `config` (file.py or file.py:arg) defines, one WorkUnit each, checked."""
+def work_units(config: str, overrides: list[str], workdir_root: str, num_devices: int = 1
+               ) -> list[WorkUnit]:
+  """The sweep `config` (file.py or file.py:arg) defines, one WorkUnit each, checked as main.py
+  would check it on `num_devices` devices (launch.devices_per_unit; 1 where the launcher cannot
+  tell: batch sizes then go unchecked)."""
   path, _, arg = config.partition(":")
   module = _module(path)
   path = repo_config(path)
@@ -204,7 +206,7 @@ def work_units(config: str, overrides: list[str], workdir_root: str) -> list[Wor
     unit = WorkUnit(name=name, config=f"{path}:{unit_arg}" if unit_arg else path,
                     overrides=tuple(fields.items()),
                     workdir=workdir_root if single else os.path.join(workdir_root, name))
-    _check_job(_check_flags(unit, f"{path}:{unit_arg}"), name, f"{path}:{unit_arg}")
+    _check_job(_check_flags(unit, f"{path}:{unit_arg}"), name, f"{path}:{unit_arg}", num_devices)
     units.append(unit)
     runs.append((name, built, fields))
   _refuse_identical_units(runs, common, path)
