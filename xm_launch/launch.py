@@ -86,6 +86,10 @@ def workdir_volumes(workdir_root: str, executor: str) -> dict[str, str]:
   return {root: root}
 
 
+def on_tpu(resources: dict[str, int]) -> bool:
+  return any(name.startswith("tpu") for name in resources)
+
+
 # xm.JobRequirements' GPU names: each counts the devices JAX sees in the unit's one process.
 GPUS = ("local_gpu", "p4", "t4", "l4", "p100", "v100", "a100", "a100_80gib", "h100", "h200", "b200")
 
@@ -95,12 +99,12 @@ def devices_per_unit(resources: dict[str, int]) -> int:
   TPU count names chips or cores, by generation, of a slice that may span hosts: 1 there, so
   batch sizes are checked on the slice itself."""
   gpus = sum(count for name, count in resources.items() if name in GPUS)
-  return 1 if any(name.startswith("tpu") for name in resources) else max(gpus, 1)
+  return 1 if on_tpu(resources) else max(gpus, 1)
 
 
 def jax_wheel(resources: dict[str, int]) -> str:
   """The jax distribution for the accelerator asked for: TPU, CUDA or CPU."""
-  if any(name.startswith("tpu") for name in resources):
+  if on_tpu(resources):
     return _JAX_EXTRA["tpu"]
   if resources:
     return _JAX_EXTRA["gpu"]
@@ -123,8 +127,7 @@ def docker_instructions(resources: dict[str, int]) -> list[str]:
 def job_flags(unit: WorkUnit, resources: dict[str, int]) -> dict:
   """main.py's flags for `unit` on `resources`: on TPUs with --distributed, without which the hosts
   of a multi-host slice would each train alone, unaware of the others, in one workdir."""
-  on_tpu = any(name.startswith("tpu") for name in resources)
-  return {**unit.flags(), **({"distributed": True} if on_tpu else {})}
+  return {**unit.flags(), **({"distributed": True} if on_tpu(resources) else {})}
 
 
 def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, executor: str = "local",
