@@ -195,18 +195,14 @@ def _program(name: str, jitted, args: tuple, calls: int, setting: str, *, matmul
                               counted.unbounded_loops, matmul=matmul))
 
 
-def _refuse_over(program: ProgramCost, budget: float) -> None:
-  if program.bytes_per_device > budget:
+def _fitting(program: ProgramCost) -> ProgramCost:
+  """`program`, refused at once where it needs more than the budget of the plan being made (every
+  ProgramCost of a plan is made through here)."""
+  budget = _PLAN_BUDGET.get()
+  if budget is not None and program.bytes_per_device > budget:
     raise PlanDoesNotFit(f"{program.name} needs {_gib(program.bytes_per_device)} per device but a "
                          f"device's budget is {_gib(budget)}; lower {program.setting} or use more "
                          f"devices.")
-
-
-def _fitting(program: ProgramCost) -> ProgramCost:
-  """`program`, refused at once where it needs more than the budget of the plan being made."""
-  budget = _PLAN_BUDGET.get()
-  if budget is not None:
-    _refuse_over(program, budget)
   return program
 
 
@@ -727,8 +723,6 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     programs, notes = _job_programs(config, job, mesh, budget, budget_flag, target_budget)
   finally:
     _PLAN_BUDGET.reset(planning)
-  for p in programs:  # each was checked as it was made; what a job's list adds, here
-    _refuse_over(p, budget)
   rates = {p.matmul: target.matmul_flops_per_s or _matmul_rate(p.matmul) for p in programs}
   return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
                 target)
