@@ -213,11 +213,18 @@ def test_workdir_recorded_before_a_new_field_resumes_while_it_holds_its_default(
 
 
 def test_runtime_fields_may_change_on_resume(tmp_path):
+  """A rerun may change how the run is carried out (logging, eval batch size) but not the
+  experiment: it is accepted and the record keeps the first run's values."""
   config = load_config("digits", "smoke")
   prepare_workdir(config, str(tmp_path))
-  config.log_every_steps = 3
+  recorded = (tmp_path / "config.json").read_text()
+  config.log_every_steps = config.log_every_steps + 2
   config.eval_batch_size = 64
-  prepare_workdir(config, str(tmp_path))  # no error
+  prepare_workdir(config, str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == recorded
+  config.optimizer.learning_rate = 2 * config.optimizer.learning_rate  # not a runtime field
+  with pytest.raises(WorkdirConfigMismatchError, match="optimizer.learning_rate"):
+    prepare_workdir(config, str(tmp_path))
 
 
 def test_read_only_job_on_an_empty_workdir_leaves_it_empty_for_a_train_job(tmp_path):
