@@ -128,6 +128,28 @@ def test_bottom_k_columns_are_empty_when_the_null_space_fills_the_bottom_k(tmp_p
     assert (bottom == [None, None]) == (null >= 3), bottom
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_real_eigenvalues_are_not_null_space(tmp_path, dtype):
+  """A full-rank kernel of 500 rows whose eigenvalues fall from 1 to 1e-5: every one is far above
+  the rounding of its stored dtype (float32: ~1e-7 of the top one), so there is no null space and
+  the bottom-10 metrics are computed. numpy's matrix_rank tolerance (500 * eps * lambda_1 = 6e-5 in
+  float32) counted the smallest ~90 as null. A rank-480 kernel of the same spectrum has 20, which
+  fill its bottom 10."""
+  rng = np.random.default_rng(7)
+  n, values = 500, np.geomspace(1.0, 1e-5, 500)
+  for rank in (n, 480):
+    stores = []
+    for t in range(2):
+      basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+      kernel = (basis[:, :rank] * values[:rank]) @ basis[:, :rank].T
+      stores.append(write_store(tmp_path / f"{rank}_{t}", ((kernel + kernel.T) / 2).astype(dtype),
+                                tile=128))
+    result = evolution_metrics(stores, [0.0, 1.0], top_k=10, num_eigenvalues=5)
+    assert result["null_space_size"] == n - rank
+    bottom = {r["distance_to_final_bottom_k"] is None for r in result["checkpoints"]}
+    assert bottom == {rank < n}, bottom
+
+
 def test_one_class_subset_has_no_label_alignment(tmp_path):
   """A kernel of one class (config.kernel.classes=(c,)): alignment is undefined (None), the other
   metrics are computed."""
