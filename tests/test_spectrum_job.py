@@ -5,6 +5,7 @@ bit; a finished spectrum is read back, not recomputed; bad settings are refused 
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import scipy.linalg
 from jax.sharding import Mesh
 
 from ntk_scale import data as data_module, jobs, parallel
-from ntk_scale.ntk import job as job_module, spectrum_job
+from ntk_scale.ntk import job as job_module, kernel_eigenpairs, spectrum_job
 from ntk_scale.ntk.spectrum import as_matrix
 from ntk_scale.ntk.spectrum_job import load_spectrum
 from ntk_scale.ntk.spectrum_rounds import ShardedKernel, StreamedKernel, start_block
@@ -162,7 +163,15 @@ def test_preempted_then_killed_solve_resumes_to_the_uninterrupted_result(workdir
     jobs.run(config, workdir)
   assert "resuming the spectrum at round 1" in capsys.readouterr().out
   monkeypatch.setattr(spectrum_job, "_save_state", real_save)
+  state_file = os.path.join(uninterrupted["spectrum"], "iterate.json")
+  with open(state_file) as f:
+    state = json.load(f)
+  assert state["seconds"] > 0  # rounds 1-3's time, saved with round 3
+  with open(state_file, "w") as f:  # as if they took 1000 s: the record's seconds include them
+    json.dump({**state, "seconds": 1000.0}, f)
+  started = time.time()
   resumed = jobs.run(config, workdir)
+  assert 1000.0 < resumed["seconds"] < 1000.0 + time.time() - started
   assert "resuming the spectrum at round 3" in capsys.readouterr().out
   assert resumed["rounds"] == uninterrupted["rounds"]
   assert resumed["residuals_by_round"] == uninterrupted["residuals_by_round"]
@@ -195,6 +204,27 @@ def test_finished_spectrum_is_read_back_and_new_settings_recompute(workdir, monk
   with open(os.path.join(result["spectrum"], "spectrum.json")) as f:
     assert json.load(f)["num_eigenpairs"] == 7
   assert load_spectrum(result["spectrum"])[0].vectors.shape == (60, 7)
+
+  # Fewer pairs at a looser tol: the 7 stored answer them, read back, not replaced; a job that
+  # reads the top 4 gets 4.
+  capsys.readouterr()
+  monkeypatch.setattr(spectrum_job, "_solve", no_solve)
+  config.spectrum.num_eigenpairs, config.spectrum.tol = 4, 1e-4
+  config.spectrum.method = "auto"
+  jobs.run(config, workdir)
+  assert "its top 7 sharded eigenpairs hold the 4 asked" in capsys.readouterr().out
+  kernel = {"kernel": os.path.dirname(result["spectrum"]), "complete": True}
+  pairs, _ = kernel_eigenpairs.top_eigenpairs(config, workdir, kernel)
+  assert pairs.vectors.shape == (60, 4) and pairs.values.shape == (4,) == pairs.residuals.shape
+  assert load_spectrum(result["spectrum"])[0].vectors.shape == (60, 7)
+  # A tighter tol than the stored pairs meet solves again; so does another method, named.
+  config.spectrum.tol = 1e-9
+  with pytest.raises(AssertionError, match="solved again"):
+    jobs.run(config, workdir)
+  config.spectrum.tol, config.spectrum.method = 1e-4, "dense"
+  jobs.run(config, workdir)  # dense needs no LOBPCG rounds (_solve)
+  pairs, record = load_spectrum(result["spectrum"])
+  assert record["method"] == "dense" and record["num_eigenpairs"] == 4 and pairs.values.shape == (60,)
 
 
 @pytest.mark.parametrize("dtype,tol,remedy", [
@@ -245,11 +275,13 @@ def test_float64_on_tpus_is_solved_on_the_host_or_refused_before_any_compute(wor
   with pytest.raises(ValueError, match="config.kernel.dtype='float64' cannot run on TPUs"):
     jobs.run(kernel64, workdir)
   config = spectrum_config(dtype="float64", tol=1e-8)  # the kernel in float32, its spectrum in float64
+  config.kernel.name = "host_solved"  # not the earlier tests' kernel, whose float64 spectra answer it
   assert jobs.run(config, workdir)["method"] == "streamed"  # auto: LOBPCG on the host
   backends, eigh = [], spectrum_job.eigh
   monkeypatch.setattr(spectrum_job, "eigh", lambda matrix, dtype, backend: backends.append(backend)
                       or eigh(matrix, dtype, backend))
   dense = spectrum_config(method="dense", dtype="float64")
+  dense.kernel.name = "host_solved"  # whose stored solve is streamed, so dense solves again
   assert jobs.run(dense, workdir)["method"] == "dense" and backends == ["numpy"]
 
 

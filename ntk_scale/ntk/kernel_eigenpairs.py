@@ -69,9 +69,10 @@ def top_eigenpairs(config: ml_collections.ConfigDict, workdir: str, kernel: dict
   """config.spectrum's top eigenpairs of a kernel job's kernel (solved, resumed or read back), and
   the kernel's trace. config.spectrum is checked by the caller; every process calls it."""
   pairs, record = load_spectrum(kernel_spectrum(config, workdir, kernel)["spectrum"])
-  k = pairs.vectors.shape[1]  # a dense solve keeps every eigenvalue, and k vectors
+  # A dense solve keeps every eigenvalue; a stored solve of more pairs may answer this one.
+  k = config.spectrum.num_eigenpairs
   residuals = None if pairs.residuals is None else pairs.residuals[:k]
-  return Eigenpairs(pairs.values[:k], pairs.vectors, residuals), float(record["trace"])
+  return Eigenpairs(pairs.values[:k], pairs.vectors[:, :k], residuals), float(record["trace"])
 
 
 def kernel_eigenpairs(config: ml_collections.ConfigDict, workdir: str, kernel: dict, solver: str

@@ -24,7 +24,9 @@ round-off): a rerun reads it back.
 
 Files: values.npy (the k eigenvalues, largest first; every eigenvalue for the dense method),
 vectors.npy [N*C, k] (unit eigenvectors as columns; rows as in spectrum.as_matrix), residuals.npy,
-spectrum.json (settings, method, iterations, residuals, trace, seconds), written last.
+spectrum.json (settings, method, iterations, residuals, trace, seconds), written last. The
+directory holds one solve; a request it answers (`_covers`: the same one, or fewer pairs at a
+looser tol) reads it back, any other replaces it.
 
 Measured (2-core CPU, 4 emulated devices, float32): the trace kernel of the digits CNN on all 1,437
 training images, top 100 eigenpairs: see the README.
@@ -235,6 +237,22 @@ def _is_final(record: dict, max_iters: int) -> bool:
           or record["iterations"] >= max_iters)
 
 
+def _covers(record: dict, residuals: np.ndarray, s: ml_collections.ConfigDict, settings: dict) -> bool:
+  """Whether a stored final result answers config.spectrum `s` (whose solve is `settings`), so it
+  is read back rather than replaced: the same solve, or one of at least as many pairs in the same
+  dtype and precision whose top `num_eigenpairs` residuals meet this tol (a dense one's are its
+  round-off, final whatever the tol). An explicit method takes only its own results; auto, any."""
+  if s.method not in ("auto", record["method"]):
+    return False
+  if record["settings"] == settings:
+    return True
+  stored = record["settings"]
+  return (stored["dtype"] == settings["dtype"] and stored["precision"] == settings["precision"]
+          and record["num_eigenpairs"] >= settings["num_eigenpairs"]
+          and (record["method"] == "dense"
+               or float(residuals[:settings["num_eigenpairs"]].max()) <= settings["tol"]))
+
+
 def _residual_note(record: dict) -> str:
   """Why a residual is above tol, and what would lower it: for dense only a wider dtype (more
   max_iters cannot help an exact decomposition); for LOBPCG more max_iters, unless it stalled."""
@@ -251,8 +269,9 @@ def _residual_note(record: dict) -> str:
 
 
 def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_iters: int
-           ) -> tuple[Eigenpairs, dict]:
-  """LOBPCG rounds from the saved round (or from `start`, the seeded block), each saved as it ends."""
+           ) -> tuple[Eigenpairs, dict, float]:
+  """LOBPCG rounds from the saved round (or from `start`, the seeded block), each saved as it ends;
+  also the seconds the saved rounds took in earlier runs."""
   state = _load_state(directory, settings)
   if state is None:
     _remove_rounds(directory)  # of an unfinished solve with other settings
@@ -269,15 +288,17 @@ def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_i
             f"{state['residuals'][-1]:.2e} (tol {settings['tol']:g}), top eigenvalue "
             f"{pairs.values[0]:.6g}, {seconds:.1f} s", flush=True)
 
+  earlier = float(state.get("seconds", 0.0))  # a round saved before 2026-12-01 has none
   with preemption_notices() as noticed:
     pairs, state = run_rounds(engine, state, settings["tol"], max_iters, after_round, stop=noticed)
   if not finished(pairs, state, settings["tol"], max_iters):  # stopped for a preemption
     raise Preempted(f"round {state['rounds']} of the spectrum is saved in {directory}", state["rounds"])
-  return pairs, state
+  return pairs, state, earlier
 
 
 def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The kernel (computed or resumed), then its top eigenpairs (recomputed only for new settings).
+  """The kernel (computed or resumed), then its top eigenpairs (read back where a stored solve
+  answers config.spectrum, `_covers`).
   k is checked against the subset's size first: with config.kernel.num_examples=0 only the split's
   labels (and config.kernel.classes) say how many rows the kernel will have."""
   from ntk_scale.data import load_dataset, num_classes  # pylint: disable=import-outside-toplevel
@@ -308,16 +329,20 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
   result_path = os.path.join(directory, RESULT_FILE)
   if files.exists(result_path):
     record = files.read_json(result_path)
-    if record["settings"] == settings and _is_final(record, s.max_iters):
+    residuals = files.load_array(os.path.join(directory, "residuals.npy"))
+    if _is_final(record, s.max_iters) and _covers(record, residuals, s, settings):
       if jax.process_index() == 0:
-        print(f"spectrum of {kernel['kernel']} already computed: top eigenvalue "
+        more = ("" if record["num_eigenpairs"] == s.num_eigenpairs else
+                f" (its top {record['num_eigenpairs']} {record['method']} eigenpairs hold the "
+                f"{s.num_eigenpairs} asked)")
+        print(f"spectrum of {kernel['kernel']} already computed{more}: top eigenvalue "
               f"{record['top_eigenvalue']:.6g}, largest residual {record['max_residual']:.2e}"
               + _residual_note(record), flush=True)
       return {**record, "spectrum": directory}
   if jax.process_index() == 0:
     files.make_dirs(directory)
 
-  started = time.time()
+  started, earlier = time.time(), 0.0
   with jax.enable_x64(s.dtype == "float64"):
     plan = plan_spectrum(s, store.shape, parallel.make_mesh(), device_budget_bytes(jax.local_devices()[0]))
     method = plan.method
@@ -339,14 +364,15 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
       if method == "sharded":
         engine.load(store)
       trace = engine.trace()
-      pairs, state = _solve(engine, directory, settings, start, s.max_iters)
+      pairs, state, earlier = _solve(engine, directory, settings, start, s.max_iters)
   residual = float(pairs.residuals.max())
   record = {"settings": settings, "method": method, "kernel": os.path.relpath(kernel["kernel"], workdir),
             "shape": list(store.shape), "num_eigenpairs": s.num_eigenpairs, "rounds": state["rounds"],
             "iterations": state["iterations"], "residuals_by_round": state["residuals"],
             "max_residual": residual, "converged": residual <= settings["tol"],
             "stalled": state["stalled"] >= STALL_ROUNDS, "top_eigenvalue": float(pairs.values[0]),
-            "trace": trace, "devices": jax.device_count(), "seconds": time.time() - started}
+            "trace": trace, "devices": jax.device_count(),
+            "seconds": time.time() - started + earlier}  # with the rounds of earlier runs
   if jax.process_index() == 0:
     _write_result(directory, pairs, record)
     if record["converged"]:

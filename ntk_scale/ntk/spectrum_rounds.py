@@ -173,7 +173,8 @@ class Engine(Protocol):
 
 def first_state(block: np.ndarray | None) -> dict:
   """A solve before its first round, from `block`."""
-  return {"rounds": 0, "iterations": 0, "best": None, "stalled": 0, "residuals": [], "block": block}
+  return {"rounds": 0, "iterations": 0, "best": None, "stalled": 0, "residuals": [], "seconds": 0.0,
+          "block": block}
 
 
 def finished(pairs: Eigenpairs, state: dict, tol: float, max_iters: int) -> bool:
@@ -202,8 +203,10 @@ def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
              "best": residual if state["best"] is None else min(residual, state["best"]),
              "stalled": 0 if improved else state["stalled"] + 1,
              "residuals": state["residuals"] + [residual]}
+    seconds = time.time() - started
+    state["seconds"] = state.get("seconds", 0.0) + seconds  # every round's, resumed ones' too
     if after_round is not None:
-      after_round(state, pairs, time.time() - started)
+      after_round(state, pairs, seconds)
     if stop is not None and stop():
       break
   return pairs, state
