@@ -7,6 +7,7 @@ adversarial phase 2 of a linearized model whose BatchNorm statistics move ("loos
 A preemption saves at a step between scheduled saves, with the metrics not yet logged, and the run
 resumed from it is the uninterrupted one too (main.py's SIGTERM and exit code: tests/test_train.py)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,7 +26,7 @@ from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale import preemption
 from ntk_scale.preemption import Preempted
-from ntk_scale.train import phase
+from ntk_scale.train import loop, phase
 from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import notices_from
@@ -180,6 +182,46 @@ def test_a_preemption_saves_its_unlogged_metrics_and_resumes_as_uninterrupted(tm
   assert (Checkpoints(os.path.join(preempted, "checkpoints")).epochs()
           == Checkpoints(os.path.join(straight, "checkpoints")).epochs() == {0.0: 0, 1.0: 5, 1.2: 6,
                                                                             2.0: 10})
+
+
+def test_a_preemption_stops_within_steps_in_flight_of_the_devices(tmp_path, monkeypatch):
+  """The host dispatches steps asynchronously. Unbounded, it ran about 10 steps ahead of the
+  devices here (and up to the next log or save step in general), so a notice read by the host was
+  acted on only once the devices had run those too. Each step is made slow on the devices (matmuls
+  it depends on); the notice comes once the devices have finished 8 steps, and the run must stop
+  within phase.STEPS_IN_FLIGHT steps of them (before the fix: at steps 11 and 13 of 20)."""
+  c = preemption_config()
+  c.num_epochs, c.log_every_steps = 4.0, 1000  # 20 steps, saved at 0 and 20 only, never logged
+  c.checkpoint.every_epochs, c.checkpoint.fractional_epochs = 4.0, ()
+  dispatched = []  # every step's metrics, ready once the devices have run the step
+
+  def slowed(train_step):
+    @jax.jit
+    def run(state, batch):
+      x = jnp.full((768, 768), 1e-3, jnp.float32) + state.step.astype(jnp.float32)
+      for _ in range(8):
+        x = jnp.tanh(x @ x)
+      state, metrics = train_step(state, batch)
+      return state.replace(step=state.step + (x[0, 0] * 0).astype(state.step.dtype)), metrics
+
+    def dispatch(state, batch):
+      state, metrics = run(state, batch)
+      dispatched.append(metrics)
+      return state, metrics
+    return dispatch
+
+  def slowed_steps(*args, build=loop.build_train_steps, **kwargs):
+    return tuple(slowed(s) for s in build(*args, **kwargs))
+
+  def notices():
+    ran = lambda: sum(jax.tree.leaves(m)[0].is_ready() for m in dispatched)
+    return contextlib.nullcontext(lambda: ran() >= 8)
+
+  monkeypatch.setattr(loop, "build_train_steps", slowed_steps)
+  monkeypatch.setattr(phase, "preemption_notices", notices)
+  with pytest.raises(Preempted) as stopped:
+    jobs.run(c, str(tmp_path))
+  assert 8 <= stopped.value.step <= 8 + phase.STEPS_IN_FLIGHT, stopped.value.step
 
 
 def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handler(monkeypatch):

@@ -6,6 +6,7 @@ they write, so both run through `train_phase`: a phase lives in a directory hold
 `checkpoints/` and `metrics.jsonl` (the workdir for phase 1, `<workdir>/phase2/<name>` for phase 2).
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -30,6 +31,13 @@ from ntk_scale.train.steps import Batch, TrainStep
 
 if TYPE_CHECKING:  # clu's writers import TensorFlow (seconds): imported when a phase opens
   from clu import metric_writers
+
+# Steps the host may dispatch ahead of the devices. JAX's dispatch is asynchronous: unbounded, the
+# host would queue every step up to the next log or save step, so a preemption notice, read by the
+# host, would be acted on only after the devices had run all of them (log_every_steps may be 100s
+# of steps, past an eviction's grace period). Two keep the devices fed: the next step is queued
+# while one runs.
+STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -143,6 +151,7 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
   # Resumed from a preemption's checkpoint: the metrics it saved are still to be logged.
   pending = checkpoints.pending_metrics(start_step) if start_step else []
   profile = StepProfile(phase.directory, start_step, phase.total_steps, phase.profile_steps)
+  in_flight: collections.deque = collections.deque()  # the metrics of steps dispatched, not waited on
   with preemption_notices() as noticed, profile:
     for step in range(start_step, phase.total_steps):
       adversarial = phase.flip_step is not None and step >= phase.flip_step
@@ -152,6 +161,9 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
       profile.after(step, state)
       done = step + 1
       pending.append((done, metrics))
+      in_flight.append(metrics)
+      if len(in_flight) > STEPS_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
       progress(done)
       # Every step that may save a checkpoint (the monitor's too) is checked and logged first, so
       # no non-finite state is saved and a run resumed from any checkpoint logs as an unbroken one.
