@@ -270,8 +270,10 @@ def evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, data
 
   Each attack's result records the settings that made it ("settings": the attack's config, the
   checkpoint step, seed, batch size, dataset, ...). An attack that the checkpoint's evaluation record
-  already holds with these settings (and its set, when one is saved) is taken from there, so a
-  rerun of a finished job evaluates only the attacks added or changed since.
+  already holds with these settings (and its set, when one is saved, in this job's place) is taken
+  from there, so a rerun of a finished job evaluates only the attacks added or changed since. Where
+  the set goes is not a setting: the train job's final evaluation and an evaluate job of that
+  checkpoint (`set_suffix` "_epoch<epoch>") take each other's results once each has its own set.
   Each finished attack (each member of a worst_of one, and every minute the batches of the attack
   or member under way) is kept in the workdir (evaluation_progress.py): a killed or preempted
   evaluation, rerun, resumes there; `write_evaluation` drops what was kept. Everything runs at
@@ -297,8 +299,6 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dat
               "dataset": dataset.name, "num_test": len(dataset.test),
               "save_adversarial": bool(config.save_adversarial),
               "linearized": linearized is not None}
-  if config.save_adversarial:  # where the set goes; without sets, the train and evaluate jobs'
-    settings["set_suffix"] = set_suffix  # results of one checkpoint are each other's
   if precision != "default":  # records made before the field existed hold the default
     settings["matmul_precision"] = precision
   shared = _Evaluation(config, state, dataset, mesh, int(step), linearized,

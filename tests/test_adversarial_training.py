@@ -215,6 +215,26 @@ def test_an_added_attack_neither_reruns_nor_changes_the_others(trained, capsys):
     assert json.load(f)["settings"]["eval_batch_size"] == 128  # made again, as recorded
 
 
+def test_train_and_evaluate_jobs_of_one_checkpoint_take_each_others_results(trained, tmp_path, capsys):
+  """The train job's final evaluation saves its sets in adversarial/<attack>/, an evaluate job of
+  that checkpoint in adversarial/<attack>_epoch3/. The evaluate job makes its own sets once; after
+  that a rerun of either takes every attack from the record. (Where the set goes was a setting:
+  each job's rerun evaluated again what the other had last recorded, every time.)"""
+  config, source, _ = trained["benign"]
+  workdir = str(tmp_path / "benign")
+  shutil.copytree(source, workdir)
+  evaluate = ml_collections.ConfigDict(config.to_dict())
+  evaluate.job, evaluate.evaluate.epoch = "evaluate", 3.0
+  jobs.run(evaluate, workdir)  # its sets: made once
+  assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch3"))
+  for job in (config, evaluate, config):
+    capsys.readouterr()
+    jobs.run(job, workdir)
+    out = capsys.readouterr().out
+    for name in ("pgd", "apgd"):
+      assert f"attack {name}: recorded with these settings" in out, (job.job, out)
+
+
 def test_an_evaluation_record_keeps_the_results_other_jobs_wrote(tmp_path):
   """The train job's final evaluation and an evaluate job of that checkpoint write one record: a
   rerun of either replaces its own results and keeps the other's."""
