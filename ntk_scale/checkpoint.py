@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ntk_scale import files, preemption
+from ntk_scale.train.collapse import CO_FILE
 
 
 INITIAL_EPOCH = 0.0  # the epoch of phase 1's checkpoint of its initialisation (step 0)
@@ -62,6 +63,11 @@ def missing_initial_note(phase: int, from_epoch: float | None = None) -> str:
   at = "config.phase2.from_epoch" + ("" if from_epoch is None else f"={from_epoch:g}")
   return (f"phase 2 saves no initial checkpoint: it starts from theta0, phase 1's checkpoint at {at}, "
           f"whose kernel is the linearized model's at phase-2 epoch 0 (ask for phase 1 at that epoch)")
+
+
+def _same_epoch(a: float, b: float) -> bool:
+  """Whether two epochs name one checkpoint, to the 1e-9 that epochs are matched to."""
+  return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
 def is_initial(epoch: float) -> bool:
@@ -121,11 +127,22 @@ class Checkpoints:
     return out
 
   def scheduled_epochs(self) -> dict[float, int]:
-    """`epochs` less the preempted checkpoints: those of the schedule, which stay. A preempted one
-    is deleted once the resumed phase finishes, so a job that picks "the newest" or "every saved
-    epoch" must not pick it (its results would name a checkpoint that no longer exists)."""
-    preempted = set(self.preempted_steps())
-    return {epoch: step for epoch, step in self.epochs().items() if step not in preempted}
+    """`epochs` less the preempted checkpoints: those of the schedule, which stay (with one the
+    catastrophic-overfitting monitor kept as a state before a collapse). A preempted one is deleted
+    once the resumed phase finishes, so a job that picks "the newest", "every saved epoch" or one
+    by epoch must not pick it (its results would name a checkpoint that no longer exists)."""
+    epochs, preempted = self.epochs(), set(self.preempted_steps())
+    kept = self._kept_by_co_monitor() if preempted else []
+    return {epoch: step for epoch, step in epochs.items()
+            if step not in preempted or any(_same_epoch(epoch, e) for e in kept)}
+
+  def _kept_by_co_monitor(self) -> list[float]:
+    """The epochs the catastrophic-overfitting monitor's record (next to phase 1's checkpoints/)
+    names as kept around its collapse: a preempted checkpoint among them stays (train/phase.py)."""
+    path = os.path.join(os.path.dirname(self.directory), CO_FILE)
+    if not files.exists(path):
+      return []
+    return list(files.read_json(path).get("checkpoint_epochs", {}).values())
 
   def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, placed with the shardings of `target` (a state or its abstract tree)."""
@@ -158,15 +175,19 @@ class Checkpoints:
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 
   def step_for_epoch(self, epoch: float, field: str | None = None, initial_note: str = "") -> int:
-    """The step of the checkpoint saved at `epoch` (e.g. 0, 0.125 or 20); raises CheckpointNotFoundError
-    naming `field` (the config field that asked for it) and listing the epochs that exist, with
+    """The step of the checkpoint saved at `epoch` (e.g. 0, 0.125 or 20) of `scheduled_epochs` (not
+    one saved at a preemption, which the rerun deletes); raises CheckpointNotFoundError naming
+    `field` (the config field that asked for it) and listing the epochs there are, with
     `initial_note` (`missing_initial_note`) when epoch 0 is asked of checkpoints that lack it."""
-    epochs = self.epochs()
+    epochs = self.scheduled_epochs()
     for saved_epoch, step in epochs.items():
-      if math.isclose(saved_epoch, epoch, rel_tol=1e-9, abs_tol=1e-9):
+      if _same_epoch(saved_epoch, epoch):
         return step
     asked = f"{field}={epoch:g}" if field else f"epoch {epoch:g}"
     why = f" ({initial_note})" if initial_note and epochs and is_initial(epoch) else ""
+    if any(_same_epoch(saved_epoch, epoch) for saved_epoch in self.epochs()):
+      why = (" (the checkpoint of that epoch was saved at a preemption, only to resume from: the "
+             "rerun deletes it once the phase has trained)")
     raise CheckpointNotFoundError(
         f"no checkpoint for {asked} in {self.directory}{why}; available epochs: "
         f"{sorted(epochs) or 'none (has this workdir been trained?)'}.")

@@ -1,10 +1,14 @@
-"""Which steps phase 1 and phase 2 checkpoint, and the epoch each checkpoint is recorded under."""
+"""Which steps phase 1 and phase 2 checkpoint, the epoch each checkpoint is recorded under, and
+which checkpoints a job can ask for by epoch."""
 
 import itertools
+import json
 
+import jax.numpy as jnp
 import pytest
 
-from ntk_scale.checkpoint import save_schedule
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, save_schedule
+from ntk_scale.train.collapse import CO_FILE
 
 LOO_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)  # config.checkpoint.fractional_epochs
 
@@ -67,3 +71,26 @@ def test_phase2_schedule_saves_each_epoch_and_the_end():
   assert save_schedule(22, 2.0, 1.0, ()) == {22: 1.0, 44: 2.0}
   assert save_schedule(22, 1.0, 0.5, ()) == {11: 0.5, 22: 1.0}
   assert save_schedule(10, 2.25, 1.0, ()) == {10: 1.0, 20: 2.0, 22: 2.25}  # 22.5 -> 22
+
+
+def test_a_preemptions_checkpoint_is_only_to_resume_from(tmp_path):
+  """Saved off the schedule at a preemption (here step 20 of 11 per epoch) and deleted once the
+  rerun has trained the phase, it was found by epoch (config.kernel.epoch=1.8181818181818181) and
+  listed among the available ones; the resume still starts from it. The catastrophic-overfitting
+  monitor may keep it as the state before a collapse: then it stays, and is found."""
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  state = {"w": jnp.zeros(2)}
+  checkpoints.save(0, state, 0.0)
+  checkpoints.save(11, state, 1.0)
+  checkpoints.save(20, state, 20 / 11, pending_metrics=[])
+  checkpoints.wait_until_finished()
+  assert checkpoints.latest_step() == 20 and checkpoints.epochs()[20 / 11] == 20  # to resume from
+  assert checkpoints.step_for_epoch(1.0) == 11
+  with pytest.raises(CheckpointNotFoundError, match=r"config\.kernel\.epoch=1\.81818 .* saved at a "
+                                                    r"preemption, only to resume from.*available "
+                                                    r"epochs: \[0\.0, 1\.0\]\.$"):
+    checkpoints.step_for_epoch(20 / 11, "config.kernel.epoch")
+  (tmp_path / CO_FILE).write_text(json.dumps({"checkpoint_epochs": {"before": 20 / 11}}))
+  assert checkpoints.step_for_epoch(1.8181818181818181) == 20
+  assert checkpoints.scheduled_epochs() == {0.0: 0, 1.0: 11, 20 / 11: 20}
+  checkpoints.close()
