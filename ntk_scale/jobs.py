@@ -14,8 +14,8 @@ from ntk_scale.ntk.evolution import evolution_job
 from ntk_scale.ntk.job import kernel_job
 from ntk_scale.ntk.spectrum_job import spectrum_job
 from ntk_scale.report import report_job
-from ntk_scale.train.loop import train_job
-from ntk_scale.train.experiment import check_train_config
+from ntk_scale.train.loop import check_phase2_from_epoch, phase1_saves, train_job
+from ntk_scale.train.experiment import catalog_steps_per_epoch, check_train_config
 from ntk_scale.train.phase2 import apply_loaders, check_phase2_config, phase2_and_evaluate
 from ntk_scale.workdir import prepare_workdir
 
@@ -55,7 +55,8 @@ RECORD_AFTER_THEIR_CHECKS = ("infinite", "eigen_features")
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
   """The checks of `config` that need no data, which every job makes before it records or reads
   anything (the launcher makes them before it launches): a known `config.job`, the seed, and for
-  the train job its fields at `num_devices`; returns the config with `config.loaders` applied."""
+  the train job its fields at `num_devices`, phase 2's from_epoch among phase 1's saves included;
+  returns the config with `config.loaders` applied."""
   job = config.get("job", "train")
   if job not in JOBS:
     raise ValueError(f"config.job={job!r} is not a known job; expected one of {', '.join(JOBS)}.")
@@ -65,6 +66,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_coll
     check_train_config(config, num_devices)
     if config.phase2.num_epochs > 0:
       check_phase2_config(config)
+      check_phase2_from_epoch(config, phase1_saves(config, catalog_steps_per_epoch(config)))
   return config
 
 

@@ -243,6 +243,22 @@ def test_read_only_job_on_an_empty_workdir_leaves_it_empty_for_a_train_job(tmp_p
   assert Checkpoints(str(tmp_path / "checkpoints")).epochs() == {0.0: 0, 0.05: 1}
 
 
+def test_a_from_epoch_phase_1_does_not_save_is_refused_before_the_config_is_recorded(tmp_path,
+                                                                                      no_compute):
+  """Checked after prepare_workdir, the refused config.json made its corrected rerun (another
+  num_epochs) "a different experiment"; the dry run refuses it as the job does."""
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs, config.phase2.from_epoch = 1.0, 0.3  # step 6.6 of 22: no save there
+  message = r"config\.phase2\.from_epoch=0\.3 is not an epoch phase 1 saves; it saves epochs \[0\.0, 0\.125"
+  with pytest.raises(CheckpointNotFoundError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(CheckpointNotFoundError, match=message):
+    jobs.dry_run(config)
+  config.phase2.num_epochs, config.phase2.from_epoch = 2.0, 0.25
+  prepare_workdir(jobs.check_config(config, 4), str(tmp_path))  # the corrected run's record
+
+
 @pytest.mark.parametrize("job, message", [
     ("kernel", r"no checkpoint in .*checkpoints; train this workdir"),
     ("report", r"holds no experiment \(.*config.json is missing\), so nothing to report"),
@@ -439,6 +455,26 @@ def test_pgd_step_size_follows_its_fields_and_a_bad_num_steps_is_named_where_use
   config = load_config("digits", "smoke")
   config.job, config.eval_attacks.pgd.num_steps = "evaluate", 0
   with pytest.raises(ValueError, match=r"config\.eval_attacks\.pgd\.num_steps=0 must be an integer >= 1"):
+    jobs.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("method, field, value, message", [
+    *[(m, "restarts", 2, rf"config\.train\.attack\.restarts=2: {name} is a single-step attack and "
+                         rf"runs once; set config\.train\.attack\.restarts=1")
+      for m, name in (("fgsm", "fgsm"), ("rs_fgsm", "rs_fgsm"), ("n_fgsm", "n_fgsm"),
+                      ("grad_align", "fgsm"))],
+    *[(m, "random_start", False, rf"config\.train\.attack\.random_start=False: {m} always starts "
+                                 rf"from noise") for m in ("rs_fgsm", "n_fgsm")],
+])
+def test_overrides_of_the_co_configs_single_step_attack_get_the_attack_checks_message(
+    tmp_path, no_compute, method, field, value, message):
+  """configs/catastrophic_overfitting.py's single-step attack lacked restarts (and random_start):
+  --config.train.attack.restarts=2 on the locked config failed with a bare AttributeError, where
+  the digits config's attack (pgd_linf, renamed) gets the attack check's message."""
+  config = load_config("catastrophic_overfitting", f"method={method},beta=0.15,smoke").lock()
+  setattr(config.train.attack, field, value)  # as main.py's --config.train.attack.<field> sets it
+  with pytest.raises(ValueError, match=message):
     jobs.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
 

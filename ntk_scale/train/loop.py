@@ -15,19 +15,35 @@ from ntk_scale.train.phase import NonFiniteLossError, Phase, finish_phase, open_
 from ntk_scale.train.phase2 import check_phase2_config, phase2_and_evaluate
 from ntk_scale.workdir import flatten_config
 
-__all__ = ["NonFiniteLossError", "train_and_evaluate", "train_job"]
+__all__ = ["NonFiniteLossError", "check_phase2_from_epoch", "phase1_saves", "train_and_evaluate",
+           "train_job"]
+
+
+def phase1_saves(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[int, float]:
+  """Step -> epoch of every checkpoint phase 1 saves at `steps_per_epoch`, its initialisation too."""
+  return save_schedule(steps_per_epoch, config.num_epochs, config.checkpoint.every_epochs,
+                       config.checkpoint.fractional_epochs, initial=True)
+
+
+def check_phase2_from_epoch(config: ml_collections.ConfigDict, saves: dict[int, float]) -> None:
+  """config.phase2.from_epoch is one of phase 1's `saves` (phase1_saves) when the train job runs
+  phase 2. jobs.check_config asks at the catalog's steps per epoch, before the workdir records the
+  config: recorded, a refused config would refuse its corrected rerun as another experiment."""
+  from_epoch = config.phase2.from_epoch
+  if config.phase2.num_epochs > 0 and not any(abs(e - from_epoch) < 1e-9 for e in saves.values()):
+    raise CheckpointNotFoundError(
+        f"config.phase2.from_epoch={from_epoch} is not an epoch phase 1 saves; it saves epochs "
+        f"{sorted(saves.values())} (config.checkpoint.every_epochs and fractional_epochs, and the end).")
 
 
 def _check_phase2_start(config: ml_collections.ConfigDict, saves: dict[int, float], workdir: str) -> None:
-  """Fails before training on a bad phase-2 config or a `from_epoch` phase 1 will not save; also on
-  from_epoch 0 when phase 1 resumes a run that predates initial checkpoints (it saves none)."""
+  """Fails before training on a bad phase-2 config or a `from_epoch` phase 1 will not save (again,
+  at the loaded split's size); also on from_epoch 0 when phase 1 resumes a run that predates initial
+  checkpoints (it saves none)."""
   if not config.phase2.num_epochs > 0:
     return
   check_phase2_config(config)
-  if not any(abs(e - config.phase2.from_epoch) < 1e-9 for e in saves.values()):
-    raise CheckpointNotFoundError(
-        f"config.phase2.from_epoch={config.phase2.from_epoch} is not an epoch phase 1 saves; it "
-        f"saves epochs {sorted(saves.values())}.")
+  check_phase2_from_epoch(config, saves)
   directory = os.path.join(workdir, "checkpoints")
   if is_initial(config.phase2.from_epoch) and files.exists(directory):
     phase1 = Checkpoints(directory)
@@ -42,8 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Phase 1: trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates on
   the test split; on `dataset` instead of config.data's when given."""
   exp = build_experiment(config, dataset)
-  saves = save_schedule(exp.steps_per_epoch, config.num_epochs, config.checkpoint.every_epochs,
-                        config.checkpoint.fractional_epochs, initial=True)
+  saves = phase1_saves(config, exp.steps_per_epoch)
   _check_phase2_start(config, saves, workdir)
   benign_step, adversarial_step = build_train_steps(config, config.train, config.seed,
                                                     adversarial=exp.flip_step is not None,
