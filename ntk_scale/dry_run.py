@@ -155,13 +155,17 @@ class DryRun:
     t = self.target
     devices = (f"{self.num_devices} {self.platform} device(s)" if t.memory_bytes is None else
                f"{self.num_devices} devices of {_gib(t.memory_bytes)} (compiled for {self.platform})")
+    header = f"dry run of job {self.job!r} on {devices} in {jax.process_count()} process(es); "
+    if not self.programs:  # no rate was measured, and there is no time to bound
+      lines = [f"{header}budget {_gib(self.budget_bytes)} per device",
+               "  no device programs: nothing to compile, count or time"]
+      return "\n".join(lines + [f"  note: {n}" for n in self.notes])
     rate = "given" if t.matmul_flops_per_s else "measured"
     rates = (f"given float32 matmul rate {t.matmul_flops_per_s / 1e9:.4g} GFLOP/s" if t.matmul_flops_per_s
              else "measured matmul rate " + ", ".join(
                  f"{dtype} at {precision.upper()} {value / 1e9:.4g} GFLOP/s"
                  for (dtype, precision), value in self.matmul_rates.items()))
-    lines = [f"dry run of job {self.job!r} on {devices} in {jax.process_count()} process(es); "
-             f"{rates} per device; budget {_gib(self.budget_bytes)} per device",
+    lines = [f"{header}{rates} per device; budget {_gib(self.budget_bytes)} per device",
              f"  {'program':<52s} {'calls':>9s} {'FLOP/call':>10s} {'memory/device':>14s} {'time >=':>10s}"]
     for p in self.programs:
       lines.append(f"  {p.name:<52s} {p.calls:>9,d} {p.flops_per_call:>10.3g} "
@@ -782,8 +786,7 @@ def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: flo
   elif job == "infinite":
     programs, notes = _infinite(config, mesh)
   elif job == "report":  # a sweep's dry runs may include it
-    notes = ["report: renders the workdir's results into report/index.html on the host; no device "
-             "programs"]
+    notes = ["report: renders the workdir's results into report/index.html on the host"]
   else:
     raise ValueError(f"--dry_run plans the jobs {', '.join(PLANNED_JOBS)}; config.job={job!r} has no "
                      f"cost model.")

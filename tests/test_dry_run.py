@@ -343,9 +343,15 @@ def test_a_class_subset_is_sized_from_the_digits_labels():
 
 
 def test_the_report_job_is_planned_as_nothing_to_compute():
+  """Without programs there is no rate to print (it read "measured matmul rate  per device") and no
+  time to bound ("at least 0 s"): the description says so plainly."""
   plan = jobs.dry_run(mlp_config(job="report"))
-  assert plan.programs == [] and plan.flops == 0 and "no device programs" in plan.notes[0]
-  assert "total 0 FLOP" in plan.describe()
+  assert plan.programs == [] and plan.flops == 0 and "report/index.html" in plan.notes[0]
+  description = plan.describe()
+  assert "no device programs: nothing to compile, count or time" in description
+  assert "matmul rate" not in description and "at least" not in description
+  given = jobs.dry_run(mlp_config(job="report"), matmul_flops_per_s=5e13).describe()
+  assert "matmul rate" not in given and "no device programs" in given
 
 
 def test_kernel_subsets_are_refused_as_the_kernel_job_refuses_them():
