@@ -200,9 +200,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.attack = pgd_linf(eps, num_steps=10)
     c.train.attack.unroll = 10
   else:  # with the fields it reads as None, the paper's default, to override: --config.train.attack.noise=1
+    # restarts (and random_start) too, at the only value a single-step attack takes, as pgd_linf's: an
+    # override reaches build_attack's check and its message, not the locked config's AttributeError.
     c.train.attack = ml_collections.ConfigDict(dict(name="fgsm" if method == "grad_align" else method,
-                                                    eps=eps))
+                                                    eps=eps, restarts=1))
     if method in ("rs_fgsm", "n_fgsm"):
+      c.train.attack.random_start = True
       c.train.attack.step_size = ml_collections.FieldReference(None, field_type=float)
     if method == "n_fgsm":
       c.train.attack.noise = ml_collections.FieldReference(None, field_type=float)
