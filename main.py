@@ -13,6 +13,7 @@ from ml_collections import config_flags
 from ntk_scale import console  # sets the TF log level before TensorFlow loads
 from ntk_scale import jobs, parallel
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE, Preempted
+from ntk_scale.workdir import phase2_directory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `file.py` or `file.py:arg`; override fields with --config.a.b=v.",
@@ -83,7 +84,9 @@ def main(argv):
   if "eigen_features" in result:
     print(f"eigen-features in {result['eigen_features']}")
     return
+  phase2_job = _CONFIG.value.get("job") == "phase2"  # its results are phase 2's alone
   for name, r in result.get("results", {}).items():
+    name = "phase 2 " + name if phase2_job else name
     print(f"{name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
   for name, r in result.get("phase2", {}).get("results", {}).items():
     print(f"{'phase 2 ' + name:>24s} test accuracy {r['accuracy']:.4f}  (loss {r['loss']:.4f})")
@@ -94,7 +97,7 @@ def main(argv):
           f"{result['method']}, tile {result['tile']}), complete: {result['complete']}")
     print(f"kernel in {result['kernel']}")
     return
-  print(f"results in {_WORKDIR.value}")
+  print(f"results in {phase2_directory(_CONFIG.value, _WORKDIR.value) if phase2_job else _WORKDIR.value}")
 
 
 if __name__ == "__main__":

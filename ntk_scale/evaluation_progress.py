@@ -87,7 +87,8 @@ class KeptResults:
           "settings": {**self._settings, **identity},
           "result": {**record, "has_examples": examples is not None}})
     if self._noticed():
-      raise Preempted(f"{self._kept} evaluations are kept in {self.directory}", self._kept)
+      kept = "1 evaluation is" if self._kept == 1 else f"{self._kept} evaluations are"
+      raise Preempted(f"{kept} kept in {self.directory}", self._kept)
 
   def batches(self, identity: dict[str, Any], name: str) -> "BatchProgress":
     """Where the attack `identity` (called `name`) keeps each batch's results as it goes."""
