@@ -18,7 +18,8 @@ from absl import logging
 from ntk_scale import files
 from ntk_scale.config_numbers import is_whole_number
 
-# The first steps of a run compile and warm up; the trace starts after them.
+# The first steps of a training run compile and warm up; the trace starts after them. The kernel
+# job compiles its programs before its loop (its memory check), so it traces from its first step.
 SKIP_STEPS = 2
 
 
@@ -29,16 +30,19 @@ def check_profile_steps(value: Any) -> None:
 
 
 class StepProfile:
-  """Traces steps [start + SKIP_STEPS, start + SKIP_STEPS + num_steps) of a loop that begins at
-  `start` (clipped to `end`, None: unbounded), into `directory`. Call `before(step)` and
+  """Traces steps [start + skip, start + skip + num_steps) of a loop that begins at `start`
+  (clipped to `end`, None: unbounded), into `directory`. Call `before(step)` and
   `after(step, outputs)` around each step; leaving the context ends a trace still running (a loop
-  stopped, or shorter than asked)."""
+  stopped, or shorter than asked), or warns that a loop of `skip` steps or fewer traced none."""
 
-  def __init__(self, directory: str, start: int, end: int | None, num_steps: int):
+  def __init__(self, directory: str, start: int, end: int | None, num_steps: int,
+               skip: int = SKIP_STEPS):
     self._directory = directory
-    self._first = start + SKIP_STEPS
+    self._first = start + skip
     self._stop = self._first + num_steps if end is None else min(self._first + num_steps, end)
-    self._enabled = num_steps > 0 and self._first < self._stop and jax.process_index() == 0
+    self._asked = num_steps > 0 and jax.process_index() == 0
+    self._enabled = self._asked and self._first < self._stop
+    self._traced = False
     self._local: tempfile.TemporaryDirectory | None = None
 
   def __enter__(self) -> "StepProfile":
@@ -47,10 +51,14 @@ class StepProfile:
   def __exit__(self, *exc_info) -> None:
     if self._local is not None:
       self._finish(None)
+    elif self._asked and not self._traced and exc_info[0] is None:
+      logging.warning("config.profile_steps: the loop ended before step %d, the first it traces "
+                      "(the steps before compile and warm up); nothing traced", self._first + 1)
 
   def before(self, step: int) -> None:
     if self._enabled and step == self._first:
       self._local = tempfile.TemporaryDirectory(prefix="ntk_scale_profile_")
+      self._traced = True
       jax.profiler.start_trace(self._local.name)
 
   def after(self, step: int, outputs: Any) -> None:

@@ -4,6 +4,7 @@ message when the config or the plan is wrong."""
 
 import glob
 import json
+import logging
 import os
 
 import jax
@@ -22,6 +23,7 @@ from ntk_scale.ntk.job import inference_apply
 from ntk_scale.ntk.spectrum import StoredKernelOperator
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from ntk_scale.preemption import Preempted
+from ntk_scale.profile import StepProfile
 from ntk_scale.restore import restore_for_inference
 
 from conftest import Killed, notices_from, write_tile_killed_after
@@ -89,10 +91,27 @@ def expected_kernel(config, workdir, phase, logits, indices, phase1_full_kernel)
   return np.einsum("abcc->ab", full) if logits == "trace" else full[:, :, int(logits), int(logits)]
 
 
+def test_a_kernel_of_one_step_is_traced_and_a_loop_too_short_to_trace_says_so(workdir, caplog):
+  """The kernel job's programs are compiled before its loop (the plan's memory check), so its
+  trace starts at its first step: a kernel of one tile is traced (it was not: the first 2 steps,
+  a training run's compilation and warm-up, were skipped, silently). A loop that ends before the
+  first step it traces warns."""
+  config = kernel_config(tile_size=20, name="one_tile")
+  config.profile_steps = 1
+  result = jobs.run(config, workdir)
+  assert result["tiles"] == 1
+  assert len(glob.glob(os.path.join(result["kernel"], "plugins", "profile", "*", "*.xplane.pb"))) == 1
+  with caplog.at_level(logging.WARNING), StepProfile(workdir, 0, None, 1) as profile:
+    for step in range(2):  # a training loop of 2 steps: both compile and warm up
+      profile.before(step)
+      profile.after(step, None)
+  assert "config.profile_steps: the loop ended before step 3" in caplog.text
+
+
 @pytest.mark.parametrize("phase,logits", [(1, "trace"), (1, "3"), (2, "full")])
 def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, phase1_full_kernel, capsys):
   """The trace kernel in bands of 2 row tiles formed 5 logits at a time (config.kernel); the class-3
-  kernel with its third lockstep step traced by jax.profiler (config.profile_steps) into
+  kernel with its first lockstep step traced by jax.profiler (config.profile_steps) into
   <kernel>/plugins/profile/<run>/. Phase 1's references come from one library full kernel."""
   chunked = dict(band=2, logit_chunk=5) if logits == "trace" else {}
   config = kernel_config(phase=phase, logits=logits, **chunked)

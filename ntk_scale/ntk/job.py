@@ -233,7 +233,8 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
       with TileWriter(store, mirror=True) as write:  # tiles go to disk while the next are computed
         computed = run_tiles(apply_fn, params, images, None, plan, write, precision=k.precision,
                              done=done, mesh=mesh, model_state=batch_stats, stop=stop,
-                             profile=StepProfile(directory, 0, None, config.get("profile_steps", 0)))
+                             profile=StepProfile(directory, 0, None, config.get("profile_steps", 0),
+                                                 skip=0))  # compiled by the plan's memory check
     seconds = time.time() - started
   parallel.barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)
