@@ -290,6 +290,8 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dat
                        linearized: LinearizedModel | None, precision: str) -> dict[str, dict[str, Any]]:
   batch_size, num_classes = config.eval_batch_size, dataset.num_classes
   results = {"clean": evaluate(state, dataset.test, batch_size, mesh, num_classes)}
+  if precision != "default":  # as every attack's settings name it
+    results["clean"]["matmul_precision"] = precision
   components = lambda split: output_component_means(linearized, state, split, batch_size, mesh)
   if linearized is not None:
     results["clean"]["output_components"] = components(dataset.test)

@@ -394,8 +394,10 @@ def test_evaluations_run_at_config_eval_matmul_precision_and_record_it(trained, 
   config.eval_matmul_precision = "high"
   high = jobs.run(config, workdir)
   assert set(in_effect) == {"high"} and high["results"]["pgd"]["settings"]["matmul_precision"] == "high"
+  assert high["results"]["clean"]["matmul_precision"] == "high"
   in_effect.clear()
   config.eval_matmul_precision = "default"
   default = jobs.run(config, workdir)  # evaluated again: the record's result was made at "high"
   assert in_effect and set(in_effect) == {None} and "matmul_precision" not in default["results"]["pgd"]["settings"]
+  assert "matmul_precision" not in default["results"]["clean"]
   assert default["results"]["pgd"]["accuracy"] == high["results"]["pgd"]["accuracy"]  # a CPU: alike
