@@ -47,6 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from ntk_scale import infinite_job, parallel
 from ntk_scale.attacks import Attack, WorstOf, build_attack, build_attacks
+from ntk_scale.checkpoint import save_schedule
 from ntk_scale.cost_analysis import memory_per_device, program_flops
 from ntk_scale.device_rates import matmul_rate
 from ntk_scale.data.catalog import dataset_shape
@@ -57,7 +58,7 @@ from ntk_scale.matmul_precision import default_precision
 from ntk_scale.models import build_model
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
-from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config
+from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config, select_epochs
 from ntk_scale.ntk.eigen_features import directions_program, most_rows
 from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk, group_apply
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
@@ -72,6 +73,7 @@ from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps
                                         check_common_config, check_save_interval,
                                         check_train_config, eval_matmul_precision, phase_steps,
                                         step_numerics)
+from ntk_scale.train.loop import phase1_saves
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
 from ntk_scale.train.state import TrainState
@@ -732,6 +734,19 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
                 target)
 
 
+def _scheduled_epochs(config: ml_collections.ConfigDict, phase: int) -> list[float]:
+  """The epochs `phase` saves by the config's schedule at the catalog's size: those a finished run's
+  checkpoints hold (phase 1's initialisation included); [] for phase 2 when the config does not
+  give its length (a job that reads phase 2 names the experiment, not its schedule)."""
+  steps_per_epoch = catalog_steps_per_epoch(config)
+  if phase == 1:
+    return sorted(phase1_saves(config, steps_per_epoch).values())
+  p = config.phase2
+  if not p.num_epochs > 0:
+    return []
+  return sorted(save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ()).values())
+
+
 def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
                   budget_flag: str | None, target_budget: float | None
                   ) -> tuple[list[ProgramCost], list[str]]:
@@ -771,6 +786,9 @@ def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: flo
     count = len(epochs) if epochs else 1
     spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
     size = spec.matrix_rows(_kernel_examples(config))
+    scheduled = _scheduled_epochs(config, int(config.evolution.phase))
+    if epochs and scheduled:  # the job checks them against the checkpoints; a plan, the schedule
+      select_epochs(config, scheduled, size)
     one = checkpoint_config(config, 0.0, size)  # config.evolution.phase's kernel, as the job's
     programs = [_kernel(one, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint",
                         target_budget)]

@@ -290,6 +290,11 @@ def test_kernel_plan_is_the_engine_plan():
   _, rounds = jobs.dry_run(c).programs
   assert rounds.name == "spectrum: top 5 of 100 rows, LOBPCG round"
   assert rounds.calls == 2 * 20  # 2 checkpoints, at most 400 / 20 rounds each
+  # An epoch the config's schedule does not save is refused, as the job refuses it.
+  c.evolution.epochs = (0.3, 2.0)
+  with pytest.raises(ValueError, match=r"config.evolution.epochs includes 0.3, which phase 1 did not "
+                                       r"save; saved epochs: \[0.0, "):
+    jobs.dry_run(c)
 
 
 def test_phase2_jobs_are_planned_with_the_linearized_model():
