@@ -205,6 +205,16 @@ def test_a_rerun_resumes_with_the_tile_its_kernel_started_with(workdir, monkeypa
     jobs.run(kernel_config(name="clipped", logits="3"), workdir)
 
 
+def test_a_kernel_of_some_classes_is_named_apart_from_one_of_every_class(workdir):
+  """The default name says which classes a subset is of: 20 images of classes 1 and 2 live beside
+  20 of every class (they took its name, and the second was refused: "holds a different kernel")."""
+  every = jobs.run(kernel_config(logits="0"), workdir)
+  some = jobs.run(kernel_config(logits="0", classes=(2, 1)), workdir)
+  assert os.path.basename(every["kernel"]) == "phase1_epoch0.5_train20_class0"
+  assert os.path.basename(some["kernel"]) == "phase1_epoch0.5_train20of1-2_class0"
+  assert set(KernelStore.open(some["kernel"]).labels()) == {1, 2}
+
+
 def test_bad_kernel_settings_fail_before_compute(workdir):
   with pytest.raises(ValueError, match="config.kernel.logits='sum'"):
     jobs.run(kernel_config(logits="sum"), workdir)

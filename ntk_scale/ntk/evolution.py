@@ -35,7 +35,8 @@ from ntk_scale.checkpoint import is_initial, missing_initial_note
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
-from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
+from ntk_scale.ntk.job import (SPLITS, check_kernel_config, kernel_job, select_examples,
+                              subset_and_logits_name)
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, dense_eigenpairs, describe_choice,
                                              resolve_eigensolver, top_eigenpairs, with_num_eigenpairs)
 from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator
@@ -52,13 +53,14 @@ PANEL_BYTES = 256 * 2**20  # per kernel, when the Gram matrix of all of them is 
 
 
 def evolution_name(config: ml_collections.ConfigDict, num_examples: int) -> str:
-  """config.evolution.name, or phase1_<split><N>_<logits> (phase2_<experiment>_... for phase 2)."""
-  e, k = config.evolution, config.kernel
+  """config.evolution.name, or phase1_<split><N>[of<classes>]_<logits> (phase2_<experiment>_... for
+  phase 2)."""
+  e = config.evolution
   if e.name:
     return e.name
-  logits = f"class{k.logits}" if str(k.logits).isdigit() else k.logits
   phase = "phase1" if e.phase == 1 else f"phase2_{phase2_name(config)}"
-  return f"{phase}_{k.split}{num_examples}_{logits}" + ("_collapse" if e.around_collapse else "")
+  return (f"{phase}_{subset_and_logits_name(config.kernel, num_examples)}"
+          + ("_collapse" if e.around_collapse else ""))
 
 
 def check_evolution_settings(config: ml_collections.ConfigDict) -> None:

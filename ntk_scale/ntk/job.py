@@ -120,9 +120,17 @@ def kernel_name(config: ml_collections.ConfigDict, epoch: float, num_examples: i
   k = config.kernel
   if k.name:
     return k.name
-  logits = f"class{k.logits}" if str(k.logits).isdigit() else k.logits
   phase = "phase1" if k.phase == 1 else f"phase2_{phase2_name(config)}"
-  return f"{phase}_epoch{epoch:g}_{k.split}{num_examples}_{logits}"
+  return f"{phase}_epoch{epoch:g}_{subset_and_logits_name(k, num_examples)}"
+
+
+def subset_and_logits_name(k: ml_collections.ConfigDict, num_examples: int) -> str:
+  """`<split><N>[of<classes>]_<logits>` of a kernel section: train500_class0 (logit 0 of 500
+  training images of every class), train142of0_trace (the traced kernel of class 0's 142), so a
+  kernel restricted to some classes is not taken for one of every class of the same size."""
+  classes = f"of{'-'.join(str(int(c)) for c in sorted(k.classes))}" if k.classes else ""
+  logits = f"class{k.logits}" if str(k.logits).isdigit() else k.logits
+  return f"{k.split}{num_examples}{classes}_{logits}"
 
 
 @functools.lru_cache(maxsize=8)
