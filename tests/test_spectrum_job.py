@@ -17,7 +17,9 @@ from ntk_scale import data as data_module, jobs, parallel
 from ntk_scale.ntk import job as job_module, kernel_eigenpairs, spectrum_job
 from ntk_scale.ntk.spectrum import as_matrix
 from ntk_scale.ntk.spectrum_job import load_spectrum
-from ntk_scale.ntk.spectrum_rounds import ShardedKernel, StreamedKernel, start_block
+from ntk_scale.ntk.spectrum import Eigenpairs
+from ntk_scale.ntk.spectrum_rounds import (ShardedKernel, StreamedKernel, first_state, run_rounds,
+                                           start_block)
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import Preempted
 
@@ -82,6 +84,44 @@ def test_sharded_float32_and_streamed_rounds(tmp_path):
                             start=start_block(80, 10, 0, np.dtype(np.float64)))
   assert streamed.operator.rows_per_read == 16  # five panels per product
   assert_top_pairs(solve(streamed, 6, 3), kernel.astype(np.float32), 6, rtol=1e-10, max_angle=1e-7)
+
+
+class _ScriptedEngine:
+  """Rounds whose largest residual follows a script: block b is round b's (a number, not vectors)."""
+
+  def __init__(self, residuals):
+    self.residuals = residuals
+
+  def advance(self, block):
+    return block + 1, 2
+
+  def ritz(self, block):
+    return Eigenpairs(np.array([float(block)]), np.full((1, 1), float(block)),
+                      np.array([self.residuals[int(block) - 1]]))
+
+
+def test_a_stalled_solve_ends_with_its_best_round_and_a_resumed_one_too(tmp_path):
+  """At round-off the residual wanders: here round 3 is the best, rounds 4 and 5 bring no 10% gain
+  (the stall), and the solve returns round 3's pairs, not round 5's, twice as far from exact.
+  Saved after round 4 and resumed from disk, it ends the same."""
+  residuals = [1e-3, 1e-4, 1e-6, 1.5e-6, 2e-6, 3e-6]
+  pairs, state = run_rounds(_ScriptedEngine(residuals), first_state(np.int64(0)), 1e-9, 100)
+  assert state["rounds"] == 5 and state["best_round"] == 3 and state["residuals"] == residuals[:5]
+  assert pairs.residuals.max() == 1e-6 and pairs.values[0] == 3.0
+
+  directory, saved = str(tmp_path), []
+
+  def save(round_state, *_):
+    spectrum_job._save_state(directory, round_state)  # pylint: disable=protected-access
+    saved.append(round_state["rounds"])
+
+  _, partial = run_rounds(_ScriptedEngine(residuals), first_state(np.int64(0)), 1e-9, 100, save,
+                          stop=lambda: saved[-1] == 4)
+  assert partial["rounds"] == 4
+  assert sorted(os.listdir(directory)) == ["iterate.json", "iterate_3.npy", "iterate_4.npy"]
+  resumed_state = spectrum_job._load_state(directory, None)  # pylint: disable=protected-access
+  resumed, end = run_rounds(_ScriptedEngine(residuals), resumed_state, 1e-9, 100)
+  assert end["rounds"] == 5 and resumed.values[0] == 3.0 and resumed.residuals.max() == 1e-6
 
 
 # ----------------------------------------------------------------------------------------- the job

@@ -15,11 +15,11 @@ Methods (config.spectrum.method; auto picks the first that applies):
   any size).
 LOBPCG runs in rounds of `round_iters` iterations; after each round the Ritz pairs' residuals
 ||K v - lambda v|| / lambda_max are measured and the block is saved (iterate_<round>.npy, then
-iterate.json, which commits it), so a killed job resumes at its last round and ends with the same
-result as one never interrupted; a preempted one (SIGTERM, ntk_scale/preemption.py) stops once its
-round is saved. It stops when every residual is below `tol`, after `max_iters`,
-or when two rounds in a row bring no 10% gain on the best residual (round-off floor: about 1e-6
-in float32). A dense result is final whatever its residual (the exact decomposition at the dtype's
+iterate.json, which commits it and names the best round so far, whose block is kept too), so a
+killed job resumes at its last round and ends with the same result as one never interrupted; a
+preempted one (SIGTERM, ntk_scale/preemption.py) stops once its round is saved. It stops when every
+residual is below `tol`, after `max_iters`, or when two rounds in a row bring no 10% gain on the
+best residual (round-off floor: about 1e-6 in float32), with the pairs of its best round. A dense result is final whatever its residual (the exact decomposition at the dtype's
 round-off): a rerun reads it back.
 
 Files: values.npy (the k eigenvalues, largest first; every eigenvalue for the dense method),
@@ -206,18 +206,24 @@ def _load_state(directory: str, settings: dict) -> dict | None:
     return None
   if state is None:  # the other processes read the state process 0 found
     state = files.read_json(os.path.join(directory, STATE_FILE))
-  state["block"] = files.load_array(os.path.join(directory, f"iterate_{round_number}.npy"))
+  load = lambda number: files.load_array(os.path.join(directory, f"iterate_{number}.npy"))
+  state["block"] = load(round_number)
+  best = state.get("best_round")  # a round saved before 2026-12-01 has none
+  state["best_block"] = None if best is None else state["block"] if best == round_number else load(best)
   return state
 
 
 def _save_state(directory: str, state: dict) -> None:
-  """This round's block, then iterate.json naming it (the commit), then the previous block goes."""
+  """This round's block, then iterate.json naming it and the best round (the commit), then the
+  blocks of neither go."""
   if jax.process_index() == 0:
     files.save_array(os.path.join(directory, f"iterate_{state['rounds']}.npy"), state["block"])
-    files.write_json(os.path.join(directory, STATE_FILE), {k: v for k, v in state.items() if k != "block"})
-    previous = os.path.join(directory, f"iterate_{state['rounds'] - 1}.npy")
-    if files.exists(previous):
-      files.remove(previous)
+    files.write_json(os.path.join(directory, STATE_FILE),
+                     {k: v for k, v in state.items() if k not in ("block", "best_block")})
+    keep = {f"iterate_{state['rounds']}.npy", f"iterate_{state.get('best_round')}.npy", STATE_FILE}
+    for name in files.list_dir(directory):
+      if name.startswith("iterate_") and name not in keep:
+        files.remove(os.path.join(directory, name))
   parallel.barrier("spectrum round saved")
 
 
@@ -369,6 +375,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
   record = {"settings": settings, "method": method, "kernel": os.path.relpath(kernel["kernel"], workdir),
             "shape": list(store.shape), "num_eigenpairs": s.num_eigenpairs, "rounds": state["rounds"],
             "iterations": state["iterations"], "residuals_by_round": state["residuals"],
+            "best_round": state.get("best_round"),  # whose pairs these are (None: dense)
             "max_residual": residual, "converged": residual <= settings["tol"],
             "stalled": state["stalled"] >= STALL_ROUNDS, "top_eigenvalue": float(pairs.values[0]),
             "trace": trace, "devices": jax.device_count(),

@@ -173,8 +173,8 @@ class Engine(Protocol):
 
 def first_state(block: np.ndarray | None) -> dict:
   """A solve before its first round, from `block`."""
-  return {"rounds": 0, "iterations": 0, "best": None, "stalled": 0, "residuals": [], "seconds": 0.0,
-          "block": block}
+  return {"rounds": 0, "iterations": 0, "best": None, "best_round": None, "stalled": 0,
+          "residuals": [], "seconds": 0.0, "block": block, "best_block": None}
 
 
 def finished(pairs: Eigenpairs, state: dict, tol: float, max_iters: int) -> bool:
@@ -190,7 +190,9 @@ def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
                stop: Callable[[], bool] | None = None) -> tuple[Eigenpairs, dict]:
   """Rounds from `state` until the solve is `finished`, or `stop()` (asked after every round, when
   `after_round(state, pairs, seconds)` has seen it, to save it) says to stop there.
-  Returns the last round's pairs and state."""
+  Returns the pairs of the finished solve's best round (at round-off, the residual wanders: a
+  stalled solve's last round was up to 2x worse than its best) and the state; stopped early, the
+  last round's."""
   pairs = engine.ritz(state["block"]) if state["rounds"] else None
   while pairs is None or not finished(pairs, state, tol, max_iters):
     started = time.time()
@@ -198,9 +200,12 @@ def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
     pairs = engine.ritz(block)
     residual = float(pairs.residuals.max())
     improved = state["best"] is None or residual < STALL_GAIN * state["best"]
+    best = state["best"] is None or residual < state["best"]
     state = {**state, "block": block, "rounds": state["rounds"] + 1,
              "iterations": state["iterations"] + iterations,
-             "best": residual if state["best"] is None else min(residual, state["best"]),
+             "best": residual if best else state["best"],
+             "best_round": state["rounds"] + 1 if best else state.get("best_round"),
+             "best_block": block if best else state.get("best_block"),
              "stalled": 0 if improved else state["stalled"] + 1,
              "residuals": state["residuals"] + [residual]}
     seconds = time.time() - started
@@ -209,4 +214,7 @@ def run_rounds(engine: Engine, state: dict, tol: float, max_iters: int,
       after_round(state, pairs, seconds)
     if stop is not None and stop():
       break
+  if (finished(pairs, state, tol, max_iters) and state.get("best_block") is not None
+      and state["best_round"] != state["rounds"]):
+    pairs = engine.ritz(state["best_block"])
   return pairs, state
