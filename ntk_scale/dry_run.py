@@ -47,7 +47,6 @@ from jax.flatten_util import ravel_pytree
 
 from ntk_scale import infinite_job, parallel
 from ntk_scale.attacks import Attack, WorstOf, build_attack, build_attacks
-from ntk_scale.checkpoint import save_schedule
 from ntk_scale.cost_analysis import memory_per_device, program_flops
 from ntk_scale.device_rates import matmul_rate
 from ntk_scale.data.catalog import dataset_shape
@@ -75,7 +74,7 @@ from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps
                                         step_numerics)
 from ntk_scale.train.loop import phase1_saves
 from ntk_scale.train.optimizer import build_optimizer
-from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config
+from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config, phase2_saves
 from ntk_scale.train.state import TrainState
 from ntk_scale.evaluate import _evaluate_batch, transfer_keys
 from ntk_scale.kernel_regression import kernel_scores
@@ -741,10 +740,9 @@ def _scheduled_epochs(config: ml_collections.ConfigDict, phase: int) -> list[flo
   steps_per_epoch = catalog_steps_per_epoch(config)
   if phase == 1:
     return sorted(phase1_saves(config, steps_per_epoch).values())
-  p = config.phase2
-  if not p.num_epochs > 0:
+  if not config.phase2.num_epochs > 0:
     return []
-  return sorted(save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ()).values())
+  return sorted(phase2_saves(config, steps_per_epoch).values())
 
 
 def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
@@ -786,8 +784,8 @@ def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: flo
     count = len(epochs) if epochs else 1
     spec = parse_logits(config.kernel.logits, dataset_classes(config.data), "config.kernel.logits")
     size = spec.matrix_rows(_kernel_examples(config))
-    scheduled = _scheduled_epochs(config, int(config.evolution.phase))
-    if epochs and scheduled:  # the job checks them against the checkpoints; a plan, the schedule
+    scheduled = _scheduled_epochs(config, int(config.evolution.phase)) if epochs else []
+    if scheduled:  # the job checks the epochs against the checkpoints; a plan, against the schedule
       select_epochs(config, scheduled, size)
     one = checkpoint_config(config, 0.0, size)  # config.evolution.phase's kernel, as the job's
     programs = [_kernel(one, count, f"kernel of {count} checkpoint(s)" if epochs else "kernel per checkpoint",

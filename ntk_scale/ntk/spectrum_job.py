@@ -243,7 +243,7 @@ def _is_final(record: dict, max_iters: int) -> bool:
           or record["iterations"] >= max_iters)
 
 
-def _covers(record: dict, residuals: np.ndarray, s: ml_collections.ConfigDict, settings: dict) -> bool:
+def _covers(record: dict, directory: str, s: ml_collections.ConfigDict, settings: dict) -> bool:
   """Whether a stored final result answers config.spectrum `s` (whose solve is `settings`), so it
   is read back rather than replaced: the same solve, or one of at least as many pairs in the same
   dtype and precision whose top `num_eigenpairs` residuals meet this tol (a dense one's are its
@@ -252,11 +252,12 @@ def _covers(record: dict, residuals: np.ndarray, s: ml_collections.ConfigDict, s
     return False
   if record["settings"] == settings:
     return True
-  stored = record["settings"]
-  return (stored["dtype"] == settings["dtype"] and stored["precision"] == settings["precision"]
-          and record["num_eigenpairs"] >= settings["num_eigenpairs"]
-          and (record["method"] == "dense"
-               or float(residuals[:settings["num_eigenpairs"]].max()) <= settings["tol"]))
+  stored, k = record["settings"], settings["num_eigenpairs"]
+  if (stored["dtype"], stored["precision"]) != (settings["dtype"], settings["precision"]) or (
+      record["num_eigenpairs"] < k):
+    return False
+  return record["method"] == "dense" or float(
+      files.load_array(os.path.join(directory, "residuals.npy"))[:k].max()) <= settings["tol"]
 
 
 def _residual_note(record: dict) -> str:
@@ -335,8 +336,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
   result_path = os.path.join(directory, RESULT_FILE)
   if files.exists(result_path):
     record = files.read_json(result_path)
-    residuals = files.load_array(os.path.join(directory, "residuals.npy"))
-    if _is_final(record, s.max_iters) and _covers(record, residuals, s, settings):
+    if _is_final(record, s.max_iters) and _covers(record, directory, s, settings):
       if jax.process_index() == 0:
         more = ("" if record["num_eigenpairs"] == s.num_eigenpairs else
                 f" (its top {record['num_eigenpairs']} {record['method']} eigenpairs hold the "

@@ -26,11 +26,11 @@ def phase1_saves(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dic
 
 
 def check_phase2_from_epoch(config: ml_collections.ConfigDict, saves: dict[int, float]) -> None:
-  """config.phase2.from_epoch is one of phase 1's `saves` (phase1_saves) when the train job runs
+  """config.phase2.from_epoch is one of phase 1's `saves` (phase1_saves), for a train job that runs
   phase 2. jobs.check_config asks at the catalog's steps per epoch, before the workdir records the
   config: recorded, a refused config would refuse its corrected rerun as another experiment."""
   from_epoch = config.phase2.from_epoch
-  if config.phase2.num_epochs > 0 and not any(abs(e - from_epoch) < 1e-9 for e in saves.values()):
+  if not any(abs(e - from_epoch) < 1e-9 for e in saves.values()):
     raise CheckpointNotFoundError(
         f"config.phase2.from_epoch={from_epoch} is not an epoch phase 1 saves; it saves epochs "
         f"{sorted(saves.values())} (config.checkpoint.every_epochs and fractional_epochs, and the end).")

@@ -6,7 +6,6 @@ they write, so both run through `train_phase`: a phase lives in a directory hold
 `checkpoints/` and `metrics.jsonl` (the workdir for phase 1, `<workdir>/phase2/<name>` for phase 2).
 """
 
-import collections
 import dataclasses
 import math
 import os
@@ -151,7 +150,6 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
   # Resumed from a preemption's checkpoint: the metrics it saved are still to be logged.
   pending = checkpoints.pending_metrics(start_step) if start_step else []
   profile = StepProfile(phase.directory, start_step, phase.total_steps, phase.profile_steps)
-  in_flight: collections.deque = collections.deque()  # the metrics of steps dispatched, not waited on
   with preemption_notices() as noticed, profile:
     for step in range(start_step, phase.total_steps):
       adversarial = phase.flip_step is not None and step >= phase.flip_step
@@ -160,10 +158,9 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
           state, phase.batches(step))
       profile.after(step, state)
       done = step + 1
-      pending.append((done, metrics))
-      in_flight.append(metrics)
-      if len(in_flight) > STEPS_IN_FLIGHT:
-        jax.block_until_ready(in_flight.popleft())
+      pending.append((done, metrics))  # the steps since the last log, which waited on them all
+      if len(pending) > STEPS_IN_FLIGHT:  # the newest STEPS_IN_FLIGHT may still be running
+        jax.block_until_ready(pending[-1 - STEPS_IN_FLIGHT][1])
       progress(done)
       # Every step that may save a checkpoint (the monitor's too) is checked and logged first, so
       # no non-finite state is saved and a run resumed from any checkpoint logs as an unbroken one.

@@ -97,6 +97,13 @@ class Phase2:
   from_step: int  # the phase-1 checkpoint's step
 
 
+def phase2_saves(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[int, float]:
+  """Step -> epoch of every checkpoint phase 2 saves at `steps_per_epoch`. No step-0 checkpoint:
+  phase 2 starts from theta0, which phase 1's checkpoint already holds."""
+  p = config.phase2
+  return save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ())
+
+
 def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   """Checks the config and finds the phase-1 checkpoint, then loads the data and refuses epochs of
   zero steps and a cosine warm-up as long as the phase (all before any compute), then builds the
@@ -124,8 +131,7 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
   state = create_train_state(linearized, tx, image_shape, config.seed, mesh)
   benign_step, adversarial_step = build_train_steps(config, p, config.seed + SEED_OFFSET,
                                                     adversarial=p.mode == "A", model=linearized)
-  # No step-0 checkpoint: phase 2 starts from theta0, which phase 1's checkpoint already holds.
-  saves = save_schedule(steps_per_epoch, p.num_epochs, p.checkpoint_every_epochs, ())
+  saves = phase2_saves(config, steps_per_epoch)
   phase = Phase(directory, batches, benign_step, adversarial_step, flip_step,
                 steps_per_epoch, total_steps, saves, learning_rate, config.log_every_steps,
                 "config.phase2.optimizer.learning_rate", profile_steps=config.get("profile_steps", 0))
