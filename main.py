@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from ntk_scale import console  # sets the TF log level before TensorFlow loads
 from ntk_scale import jobs, parallel
+from ntk_scale.config_fields import missing_field_message
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE, Preempted
 from ntk_scale.workdir import phase2_directory
 
@@ -39,6 +40,28 @@ _HEARTBEAT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 ERROR_EXIT_WAIT_S = 10  # how long a failed process waits for the others to leave the job with it
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that an override of a field the config lacks (which ml_collections
+  reports as a bare AttributeError) is refused naming the flag and the fields its parent has."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    files = [f"--config={b}" for a, b in zip(argv[1:], argv[2:]) if a == "--config"]
+    files += [a for a in argv[1:] if a.startswith("--config=")]
+    fields = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    if len(files) != 1:
+      raise
+    values = flags.FlagValues()  # the config as its file builds it, without the overrides
+    holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=values,
+                                             sys_argv=[argv[0], files[0]])
+    values([argv[0], files[0]])
+    for field in fields:
+      message = missing_field_message(holder.value, field)
+      if message:
+        raise SystemExit(f"FATAL Flags parsing error: {message}") from None
+    raise
 
 
 def main(argv):
@@ -101,4 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

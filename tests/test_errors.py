@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -531,3 +534,22 @@ def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
     check_infinite_config(config, labels, 4, test_labels)
   config.infinite.num_test = 12
   check_infinite_config(config, labels, 4, test_labels)
+
+
+@pytest.mark.parametrize("flag, message", [
+    # single-step attacks have no num_steps (base_config.single_step_attack): ml_collections said
+    # only AttributeError: "'num_steps'"
+    ("--config.train.attack.num_steps=5",
+     r"config.train.attack.num_steps does not exist, so --config.train.attack.num_steps cannot be "
+     r"set \(config.train.attack has: eps, name, restarts\)"),
+    ("--config.trian.lr=0.1", r"config.trian does not exist, so --config.trian.lr cannot be set "
+                              r"\(config has: batch_size, .*, train\)"),
+])
+def test_main_refuses_an_override_of_an_absent_field_naming_it(tmp_path, flag, message):
+  out = subprocess.run(
+      [sys.executable, "main.py", "--config", "configs/catastrophic_overfitting.py:method=fgsm,smoke",
+       flag, "--workdir", str(tmp_path / "never")], cwd=os.path.dirname(os.path.dirname(__file__)),
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert re.search(message, out.stderr), out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and not (tmp_path / "never").exists()

@@ -26,6 +26,8 @@ from typing import Any
 
 import ml_collections
 
+from ntk_scale.config_fields import missing_field_message
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RESERVED = ("name", "arg")
 
@@ -92,14 +94,9 @@ def parse_override(flag: str) -> tuple[str, str]:
 
 
 def _check_field(config: ml_collections.ConfigDict, field: str, where: str) -> None:
-  node = config
-  for i, part in enumerate(field.split(".")):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
-      parent = "".join("." + p for p in field.split(".")[:i])
-      raise ValueError(f"{where}: config{parent}.{part} does not exist, so --config.{field} cannot be "
-                       f"set (config{parent} has: {known}).")
-    node = node[part]
+  message = missing_field_message(config, field)
+  if message:
+    raise ValueError(f"{where}: {message}")
 
 
 def main_config(unit: WorkUnit) -> ml_collections.ConfigDict:
