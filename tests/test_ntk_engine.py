@@ -189,6 +189,20 @@ def test_a_model_without_a_logit_axis_is_refused_naming_its_shape():
     empirical_ntk(lambda p, x: x.reshape(len(x), -1) @ p["w"], params, _images(3), logits=0)
 
 
+def test_a_model_of_several_outputs_and_a_bool_logit_are_refused():
+  """(logits, aux) and dicts failed with AttributeError: 'tuple' object has no attribute 'shape';
+  logits=True was read as class 1 (int(True))."""
+  params = {"w": np.ones((int(np.prod(SHAPE)), 3), np.float32)}
+  logits = lambda p, x: x.reshape(len(x), -1) @ p["w"]
+  for apply_fn, kind in ((lambda p, x: (logits(p, x), x), "tuple"),
+                         (lambda p, x: {"logits": logits(p, x)}, "dict")):
+    with pytest.raises(ValueError, match=f"apply_fn returns a {kind}, not one array; .* return only "
+                                         f"the logits"):
+      empirical_ntk(apply_fn, params, _images(3))
+  with pytest.raises(ValueError, match="logits=True is not a logits mode"):
+    empirical_ntk(logits, params, _images(3), logits=True)
+
+
 @pytest.mark.parametrize("logits", ["trace", "full"])
 def test_bands_of_row_tiles_give_the_same_kernel(network, logits):
   """A column block contracted with a band of 3 resident row tiles at once: the band's own tiles

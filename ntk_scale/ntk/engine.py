@@ -209,11 +209,14 @@ def _num_classes(apply_fn: Callable, abstract_params: tuple, example: jax.ShapeD
   most of a small kernel's fixed cost)."""
   x = jax.ShapeDtypeStruct((1,) + example.shape, example.dtype)
   state = () if abstract_state is None else (_shapes(abstract_state),)
-  shape = jax.eval_shape(apply_fn, _shapes(abstract_params), x, *state).shape
-  if len(shape) != 2:
-    raise ValueError(f"apply_fn returns shape {shape} for a batch of one example; the kernel engine "
-                     f"needs logits [N, C] (a model of one output: return it as [N, 1]).")
-  return shape[1]
+  out = jax.eval_shape(apply_fn, _shapes(abstract_params), x, *state)
+  if not isinstance(out, jax.ShapeDtypeStruct):  # (logits, aux), a dict of outputs, ...
+    raise ValueError(f"apply_fn returns a {type(out).__name__}, not one array; the kernel engine "
+                     f"needs logits [N, C]: return only the logits (select that output in apply_fn).")
+  if len(out.shape) != 2:
+    raise ValueError(f"apply_fn returns shape {out.shape} for a batch of one example; the kernel "
+                     f"engine needs logits [N, C] (a model of one output: return it as [N, 1]).")
+  return out.shape[1]
 
 
 PROBE_EXAMPLES = 8

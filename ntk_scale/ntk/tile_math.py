@@ -63,7 +63,7 @@ def parse_logits(logits: str | int, num_classes: int, field: str = "logits") -> 
     index = int(logits)
   except (TypeError, ValueError):
     index = None
-  if index is None or isinstance(logits, float) or not 0 <= index < num_classes:
+  if index is None or isinstance(logits, (bool, float)) or not 0 <= index < num_classes:
     raise ValueError(f"{field}={logits!r} is not a logits mode; expected 'trace', 'full' or a class "
                      f"index in [0, {num_classes}).")
   return LogitSpec("class", num_classes, index)
