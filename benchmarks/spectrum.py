@@ -9,9 +9,10 @@ Kernels are random PSD matrices with a kernel-like spectrum (eigenvalues decayin
 K = X X^T for X [n, r] with columns scaled by i^-1, written tile by tile into a KernelStore in
 float32 as the kernel job writes it. Top-k rows, all to a largest residual ||K v - lambda v|| /
 lambda_1 of 1e-5 (the spectrum job's float32 default): scipy's LOBPCG on the matrix in memory (the
-peer; one call) and streamed from the store by row panels of --block-mb; ours on the devices (the
-rows split over all of them; after compiling, loading the rows and a warm-up round, given apart)
-and streamed.
+peer; one call) and streamed from the store by row panels of --block-mb; jax's lobpcg_standard and
+ours (ntk_scale/ntk/lobpcg.py), one jitted call each on the matrix on the device; the spectrum
+job's rounds on the devices (the rows split over all of them; after compiling, loading the rows
+and a warm-up round, given apart) and streamed.
 Set XLA_FLAGS=--xla_force_host_platform_device_count=N to split a CPU into N devices.
 """
 
@@ -76,6 +77,7 @@ def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iter
     peer = spectrum.top_eigenpairs(kernel, k, tol=tol, dtype=dtype)
     rows.append(("scipy LOBPCG, in memory", time.perf_counter() - start, "", peer.residuals.max(),
                  peer.values))
+    rows += _one_call_lobpcgs(kernel.astype(dtype), k, dtype)
     operator = spectrum.StoredKernelOperator(store, dtype, max_block_bytes=int(block_mb * 2**20))
     start = time.perf_counter()
     streamed = spectrum.top_eigenpairs(operator, k, tol=tol, dtype=dtype)
@@ -99,6 +101,43 @@ def time_topk(n: int, k: int, block_mb: float, tile: int, dtype: str, round_iter
     pairs, state = _rounds(ours, width, dtype, tol)
     rows.append(("ours, streamed", time.perf_counter() - start,
                  f"{ours.operator.passes} passes", pairs.residuals.max(), pairs.values))
+  return rows
+
+
+ITERATIONS = 30
+
+
+def _one_call_lobpcgs(kernel: np.ndarray, k: int, dtype: str) -> list[tuple]:
+  """jax's lobpcg_standard (what the device path ran before lobpcg.py) and ours, one jitted call
+  each on the matrix on the device, from the same block of k + 10 vectors, after a warm-up call:
+  ITERATIONS iterations each (no early stop), then the top k's largest residual, from exact
+  products."""
+  from jax.experimental.sparse.linalg import lobpcg_standard  # pylint: disable=import-outside-toplevel
+
+  from ntk_scale.ntk.lobpcg import lobpcg_top  # pylint: disable=import-outside-toplevel
+
+  n = len(kernel)
+  with jax.enable_x64(dtype == "float64"):
+    matrix = jax.device_put(kernel)
+    block = jax.device_put(start_block(n, k + 10, 0, np.dtype(dtype)))
+    highest = jax.lax.Precision.HIGHEST
+    solvers = {
+        f"jax lobpcg_standard, {ITERATIONS} it.": lambda m, b: lobpcg_standard(
+            lambda v: jax.numpy.matmul(m, v, precision=highest), b, m=ITERATIONS, tol=0.0),
+        f"ours (lobpcg.py), {ITERATIONS} it.": lambda m, b: lobpcg_top(
+            lambda v: jax.numpy.matmul(m, v, precision=highest), b, ITERATIONS, 0.0)}
+    rows = []
+    for name, solver in solvers.items():
+      run = jax.jit(solver)
+      jax.block_until_ready(run(matrix, block))
+      start = time.perf_counter()
+      values, vectors, iterations = jax.block_until_ready(run(matrix, block))
+      seconds = time.perf_counter() - start
+      order = np.argsort(-np.asarray(values))[:k]
+      values, vectors = np.asarray(values)[order], np.asarray(vectors)[:, order]
+      exact = kernel.astype(np.float64) @ vectors
+      residual = np.linalg.norm(exact - vectors * values, axis=0).max() / values[0]
+      rows.append((name, seconds, f"{seconds / int(iterations):.3f} s/it.", residual, values))
   return rows
 
 

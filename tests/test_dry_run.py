@@ -468,8 +468,8 @@ def test_a_plan_for_target_devices_uses_their_memory_and_rate():
 
 def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   """A full kernel of 100 examples x 10 logits: 1000 rows, split over 4 devices; a round of 20
-  iterations multiplies the kernel by 4 blocks of k + oversample vectors per iteration, then once
-  by the k kept for the Ritz pairs."""
+  iterations multiplies the kernel by the starting block of k + oversample vectors, one such block
+  per iteration, then by the k kept for the Ritz pairs."""
   c = mlp_config(job="spectrum")
   c.kernel.num_examples, c.kernel.logits, c.kernel.tile_size = 100, "full", 30
   c.spectrum.num_eigenpairs, c.spectrum.oversample, c.spectrum.max_iters = 20, 10, 100
@@ -477,7 +477,7 @@ def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   plan = jobs.dry_run(c)
   kernel, rounds = plan.programs
   assert kernel.name.startswith("kernel:") and rounds.name == "spectrum: top 20 of 1000 rows, LOBPCG round"
-  assert rounds.calls == 5 and rounds.flops_per_call == 2 * 1000**2 * (20 * 4 * 30 + 20)
+  assert rounds.calls == 5 and rounds.flops_per_call == 2 * 1000**2 * ((20 + 1) * 30 + 20)
   assert 1000**2 * 4 / 4 < rounds.bytes_per_device < 4 * 1000**2 * 4 / 4  # a quarter of the rows each
   # A budget under a quarter of the matrix: method auto streams from disk, method sharded is refused.
   programs, notes = dry_run_module._spectrum(c, parallel.make_mesh(), 1.5e5)  # pylint: disable=protected-access
