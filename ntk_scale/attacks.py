@@ -429,19 +429,26 @@ def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
 
 # --------------------------------------------------------------------------- score-based
 
-# Square Attack's schedule (Andriushchenko et al. 2020, as in AutoAttack): the fraction of the
-# image a square covers is p_init, halved after each of these query counts of a 10,000-query run
-# (rescaled to the run's own length).
+# Square Attack's schedule (Andriushchenko et al. 2020): the fraction of the image a square covers
+# is p_init, halved after each of these query counts of a 10,000-query run. The authors' code
+# rescales them to the run's own length ("rescaled"); AutoAttack's standard version keeps them
+# as they are whatever the length (resc_schedule=False: "fixed").
 _SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+SQUARE_SCHEDULES = ("rescaled", "fixed")
 
 
-def square_fraction(p_init: float, query: jax.Array | int, num_queries: int) -> jax.Array:
+def square_fraction(p_init: float, query: jax.Array | int, num_queries: int,
+                    schedule: str = "rescaled") -> jax.Array:
   """The fraction of pixels Square Attack's square covers at `query` (0-based) of `num_queries`.
 
-  The reference halves it once query * 10000 // num_queries passes each of _SQUARE_HALVINGS, i.e.
-  from query ceil((t + 1) num_queries / 10000) on: those queries are computed here in Python's
-  integers (query * 10000 in int32 wrapped past 214,748 queries and reset the square)."""
-  starts = [-(-(t + 1) * num_queries // 10000) for t in _SQUARE_HALVINGS]
+  "fixed" halves it after query t of each t in _SQUARE_HALVINGS. "rescaled" halves it once
+  query * 10000 // num_queries passes t, i.e. from query ceil((t + 1) num_queries / 10000) on:
+  those queries are computed here in Python's integers (query * 10000 in int32 wrapped past
+  214,748 queries and reset the square)."""
+  if schedule not in SQUARE_SCHEDULES:
+    raise ValueError(f"schedule={schedule!r}; expected one of {', '.join(SQUARE_SCHEDULES)}.")
+  starts = [t + 1 if schedule == "fixed" else -(-(t + 1) * num_queries // 10000)
+            for t in _SQUARE_HALVINGS]
   halvings = jnp.sum(jnp.asarray(query) >= jnp.asarray(starts))
   return p_init / 2.0 ** halvings
 
@@ -488,8 +495,11 @@ def _changing_colour(key: jax.Array, images: jax.Array, x_best: jax.Array, windo
 
 def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
            eps: float, num_queries: int, p_init: float = 0.8, restarts: int = 1,
-           norm: str = "linf") -> jax.Array:
+           norm: str = "linf", schedule: str = "rescaled") -> jax.Array:
   """Square Attack (Andriushchenko et al. 2020): random search that reads only the logits.
+
+  The square's size follows `square_fraction`'s `schedule`: "rescaled" as in the authors' code,
+  "fixed" as in AutoAttack's standard version.
 
   norm="l2" runs the L2 version, `ntk_scale.square_l2.square_l2` (imported here, when the attack
   runs, as fab_t imports its module); what follows is the L-inf version.
@@ -510,7 +520,7 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   if norm == "l2":
     from ntk_scale import square_l2  # pylint: disable=import-outside-toplevel
     return square_l2.square_l2(logits_fn, images, labels, key, eps=eps, num_queries=num_queries,
-                               p_init=p_init, restarts=restarts)
+                               p_init=p_init, restarts=restarts, schedule=schedule)
   n, h, w, c = images.shape
   side_limit = max(min(h, w) - 1, 1)
   rows, cols = jnp.arange(h), jnp.arange(w)
@@ -524,7 +534,7 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
     def query(i, carry):
       x_best, margin = carry
       h_key, w_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i), 3)
-      side = jnp.sqrt(square_fraction(p_init, i, num_queries) * h * w)
+      side = jnp.sqrt(square_fraction(p_init, i, num_queries, schedule) * h * w)
       side = jnp.clip(jnp.round(side), 1, side_limit).astype(jnp.int32)
       top = jax.random.randint(h_key, (n, 1), 0, h - side + 1)
       left = jax.random.randint(w_key, (n, 1), 0, w - side + 1)
@@ -607,7 +617,7 @@ def _num_targets(config: ml_collections.ConfigDict, prefix: str, num_classes: in
 # misspelt one ("restart") would silently leave the default in force.
 ATTACK_FIELDS = ("name", "eps", "norm", "step_size", "num_steps", "restarts", "random_start", "unroll",
                  "noise", "rho", "num_targets", "alpha_max", "eta", "beta", "num_queries", "p_init",
-                 "attacks")
+                 "p_schedule", "attacks")
 
 
 def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "config",
@@ -616,7 +626,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
 
   Reads `name` and, as the attack uses them, `eps`, `step_size`, `num_steps`, `norm`, `restarts`,
   `random_start` (and `noise` for n_fgsm, `rho` for the APGD attacks, `num_targets` for apgd_t
-  and fab_t, `alpha_max`, `eta` and `beta` for fab_t, `num_queries` and `p_init` for square,
+  and fab_t, `alpha_max`, `eta` and `beta` for fab_t, `num_queries`, `p_init` and `p_schedule` for square,
   `attacks` for worst_of; fgsm, rs_fgsm and n_fgsm ignore num_steps and unroll, and refuse restarts
   other than 1). Every field is checked here, before any compute, and an error names it
   as `{prefix}.<field>`; with `num_classes` (the dataset's), also a num_targets the model's
@@ -639,6 +649,9 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
     raise ValueError(f"{prefix}.norm={norm!r} is not a known norm; expected one of {', '.join(NORMS)}.")
   if name in _LINF_ONLY and norm != "linf":
     raise ValueError(f"{prefix}.norm={norm!r}: attack {name!r} is defined for linf only.")
+  if norm == "linf" and eps >= 1.0:
+    raise ValueError(f"{prefix}.eps={c.eps!r}: an L-inf ball of radius 1 or more holds every image, "
+                     f"so no model is robust in it; eps is in pixel units of [0, 1] images (8/255, not 8).")
 
   if name == "worst_of":
     return _build_worst_of(c, prefix, eps, norm, num_classes)
@@ -663,9 +676,14 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
     if not (is_finite_number(p_init) and 0.0 < p_init <= 1.0):
       raise ValueError(f"{prefix}.p_init={p_init!r} must lie in (0, 1]: the fraction of the image "
                        f"the first squares cover.")
+    schedule = c.get("p_schedule", "rescaled")  # the authors'; AutoAttack's: "fixed"
+    if schedule not in SQUARE_SCHEDULES:
+      raise ValueError(f"{prefix}.p_schedule={schedule!r} is not a schedule of the square's size; "
+                       f"expected rescaled (to num_queries, as the authors' code) or fixed (as "
+                       f"AutoAttack's standard version).")
     return lambda logits_fn, images, labels, key: square(
         logits_fn, images, labels, key, eps=eps, num_queries=num_queries, p_init=float(p_init),
-        restarts=restarts, norm=norm)
+        restarts=restarts, norm=norm, schedule=schedule)
   num_steps = _count(c, "num_steps", prefix, required=True)
   if name == "fab_t":  # defaults: AutoAttack's
     num_targets = _num_targets(c, prefix, num_classes)
@@ -725,13 +743,16 @@ def _check_single_step(c: ml_collections.ConfigDict, name: str, prefix: str) -> 
 def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm: str,
                     num_classes: int | None) -> "WorstOf":
   """The `worst_of` attack of every attack in `{prefix}.attacks` (name -> attack config, each with
-  this eps and norm), in that order."""
+  this eps and norm), run in the order of their names: a ConfigDict, which every config is, sorts
+  its keys whatever order they were written in (AutoAttack's apgd_ce, apgd_t, fab_t, square is
+  its own)."""
   members = c.get("attacks")
   if not isinstance(members, (ml_collections.ConfigDict, dict)) or not members:
     raise ValueError(f"{prefix}.attacks must map names to attack configs (e.g. apgd_ce and apgd_t) "
                      f"for attack 'worst_of'.")
   built = []
-  for member_name, member in members.items():
+  for member_name in sorted(members):
+    member = members[member_name]
     where = f"{prefix}.attacks.{member_name}"
     if not isinstance(member, (ml_collections.ConfigDict, dict)):
       raise ValueError(f"{where} must be an attack config, not {member!r}.")

@@ -67,18 +67,20 @@ def autoattack(eps: float, norm: str = "linf", num_steps: int = 100, num_targets
                fab_steps: int = 100, square_queries: int = 5000) -> ml_collections.ConfigDict:
   """AutoAttack's standard version in `norm` ("linf" or "l2"): APGD-CE, APGD-T (num_steps each,
   num_targets target classes), FAB-T (fab_steps, the same targets; 0: none) and Square Attack
-  (square_queries; 0: none), per example the worst case (`worst_of`). The APGD pair breaks nearly
+  (square_queries, the square's size on AutoAttack's fixed schedule; 0: none), per example the
+  worst case (`worst_of`). The APGD pair breaks nearly
   every example the whole ensemble breaks (Croce and Hein 2020); FAB-T, which searches for the
   nearest point of the decision boundary rather than following a loss, and Square, which reads
   only the logits, are there for models whose losses or gradients mislead. Evaluation runs them
-  in this order, each on the examples still robust, as AutoAttack does, and records the robust
-  accuracy after each ("accuracy_after")."""
+  in this order (a worst_of's members run in the order of their names, which ml_collections
+  sorts; AutoAttack's order is also theirs), each on the examples still robust, as AutoAttack
+  does, and records the robust accuracy after each ("accuracy_after")."""
   members = dict(apgd_ce=dict(name="apgd_ce", num_steps=num_steps),
                  apgd_t=dict(name="apgd_t", num_steps=num_steps, num_targets=num_targets))
   if fab_steps:
     members["fab_t"] = dict(name="fab_t", num_steps=fab_steps, num_targets=num_targets)
   if square_queries:
-    members["square"] = dict(name="square", num_queries=square_queries)
+    members["square"] = dict(name="square", num_queries=square_queries, p_schedule="fixed")
   return ml_collections.ConfigDict(dict(name="worst_of", norm=norm, eps=eps, attacks=members))
 
 

@@ -81,7 +81,8 @@ def _initial_squares(h: int, w: int) -> tuple[int, np.ndarray, np.ndarray]:
 
 
 def square_l2(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-              eps: float, num_queries: int, p_init: float = 0.8, restarts: int = 1) -> jax.Array:
+              eps: float, num_queries: int, p_init: float = 0.8, restarts: int = 1,
+              schedule: str = "rescaled") -> jax.Array:
   """Square Attack, L2: the reference's square_attack_l2 (start, then num_queries queries), run
   on every example as on a batch of one.
 
@@ -127,7 +128,7 @@ def square_l2(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
     def query(i, carry):
       x_best, margin = carry
       row_key, col_key, flip_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i), 4)
-      side = jnp.round(jnp.sqrt(square_fraction(p_init, i, num_queries) * h * w)).astype(jnp.int32)
+      side = jnp.round(jnp.sqrt(square_fraction(p_init, i, num_queries, schedule) * h * w)).astype(jnp.int32)
       side = jnp.maximum(side, 3)
       side = jnp.minimum(side + (side % 2 == 0), side_limit)
       tops = jax.random.randint(row_key, (2, n), 0, h - side + 1)  # the two windows

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh
 
 from ntk_scale import attacks, parallel
 from ntk_scale import evaluate as evaluate_module
-from ntk_scale.base_config import base_config, pgd_linf
+from ntk_scale.base_config import autoattack, base_config, pgd_linf
 from ntk_scale.data import Split, load_digits
 from ntk_scale.evaluate import Parameterized, evaluate
 from ntk_scale.models import build_model
@@ -245,7 +245,15 @@ def test_unrolled_pgd_equals_the_rolled_loop():
 
 def test_square_schedule_halves_the_square_at_autoattacks_query_counts():
   """p_init until query 10 of 10,000, halved after 10, 50, 200, ..., 8000; rescaled to shorter runs
-  (query 1 of 100 is query 100 of 10,000: two halvings)."""
+  (query 1 of 100 is query 100 of 10,000: two halvings) as in the authors' code, or fixed whatever
+  the run's length, as AutoAttack's standard version runs it (resc_schedule=False)."""
+  for num_queries in (1000, 5000, 10000):
+    fixed = lambda query: float(attacks.square_fraction(0.8, query, num_queries, "fixed"))
+    assert [fixed(q) for q in (10, 11, 50, 51, 500, 501)] == pytest.approx(
+        [0.8, 0.4, 0.4, 0.2, 0.1, 0.05])
+  assert float(attacks.square_fraction(0.8, 999, 1000, "fixed")) == pytest.approx(0.8 / 16)
+  assert float(attacks.square_fraction(0.8, 999, 1000)) == pytest.approx(0.8 / 512)
+  assert autoattack(0.1).attacks.square.p_schedule == "fixed"
   expected = {0: 0.8, 10: 0.8, 11: 0.4, 50: 0.4, 51: 0.2, 200: 0.2, 201: 0.1, 2001: 0.8 / 64,
               8000: 0.8 / 256, 8001: 0.8 / 512, 9999: 0.8 / 512}
   for query, p in expected.items():
@@ -684,6 +692,14 @@ def test_evaluate_runs_worst_of_members_in_turn_on_the_examples_still_robust(dig
   assert not np.any(np.all(kept == split.images, axis=(1, 2, 3))[robust & moved])
 
 
+def test_worst_of_runs_its_members_in_the_order_of_their_names():
+  """Not in the order written: a ConfigDict, which every config is, sorts its keys (documented in
+  base_config.autoattack and the README, which said "in this order")."""
+  members = dict(pgd=dict(name="pgd", step_size=0.02, num_steps=2), fgsm=dict(name="fgsm"))
+  config = ml_collections.ConfigDict(dict(name="worst_of", eps=0.1, attacks=members))
+  assert attacks.build_attack(config).names == ("fgsm", "pgd")
+
+
 def test_worst_of_in_turn_on_four_devices_equals_one(digits_model):
   """The re-batched members (random starts, Square's windows) give the examples of one device."""
   model, variables, images, labels = digits_model
@@ -952,6 +968,9 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="worst_of"))), "config.attacks.a.name"),
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restart=5), "config.restart is not a field"),
     (dict(name="fgsm", eps=float("inf")), "config.eps=inf must be a positive finite number"),  # NaN images
+    (dict(name="pgd", eps=8, step_size=2, num_steps=10), "config.eps=8: an L-inf ball of radius 1 "
+                                                        "or more holds every image"),
+    (dict(name="square", eps=0.1, num_queries=10, p_schedule="autoattack"), "config.p_schedule"),
     (dict(name="n_fgsm", eps=0.1, noise=float("inf")), "config.noise=inf"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="square", num_queries=5, p_int=0.1))),
      "config.attacks.a.p_int is not a field"),
