@@ -409,24 +409,29 @@ def _attack_result(shared: _Evaluation, name: str, attack: Attack, key: jax.Arra
 
 def evaluate_transfer(state: TrainState, set_directory: str, batch_size: int, mesh: Mesh,
                       num_classes: int) -> dict[str, Any]:
-  """Accuracy of this model on a saved adversarial set, and the fraction of the examples that fooled
-  their source model which also fool this one (the transfer rate)."""
+  """Accuracy of this model on a saved adversarial set, and the share of the attack's successes on
+  their source model that also fool this one (`transfer_rate`)."""
   arrays, meta = load_adversarial_set(set_directory)
   split = Split(arrays["images"], arrays["labels"])
   result = evaluate(state, split, batch_size, mesh, num_classes, keep_examples=True)
   predictions = result.pop("examples")["predictions"]
-  result.update(transfer_rate(predictions != arrays["labels"],
-                              arrays["predictions"] != arrays["labels"]))
+  result.update(transfer_rate(predictions, arrays["labels"], arrays["predictions"],
+                              arrays["clean_predictions"]))
   result["source"] = {"directory": set_directory if files.is_cloud(set_directory)
                       else os.path.abspath(set_directory), **meta}
   return result
 
 
-def transfer_rate(fooled: np.ndarray, source_fooled: np.ndarray) -> dict[str, Any]:
-  """The share of the examples that fooled their source model which fool this one too, and how many
-  fooled the source. None (JSON null, not NaN, which strict JSON readers refuse) when none did."""
+def transfer_rate(predictions: np.ndarray, labels: np.ndarray, source_predictions: np.ndarray,
+                  source_clean_predictions: np.ndarray) -> dict[str, Any]:
+  """Of the examples the attack made fool their source model (right on the clean image, wrong on
+  the adversarial one; "source_fooled" counts them), the share that fool this model too. An
+  example the source misclassifies clean keeps its clean image in a set (AutoAttack's rule): it is
+  no adversarial example, and is left out. None (JSON null, not NaN, which strict JSON readers
+  refuse) when the attack fooled the source on no example."""
+  source_fooled = (source_clean_predictions == labels) & (source_predictions != labels)
   count = int(np.count_nonzero(source_fooled))
-  rate = float(np.mean(fooled[source_fooled])) if count else None
+  rate = float(np.mean(predictions[source_fooled] != labels[source_fooled])) if count else None
   return {"transfer_rate": rate, "source_fooled": count}
 
 
@@ -467,7 +472,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """
   keys = transfer_keys(config.evaluate.transfer_sets)  # fail before any compute
   for path in config.evaluate.transfer_sets:
-    load_adversarial_set(path)
+    _, meta = load_adversarial_set(path)
+    if meta.get("dataset") != config.data.name:
+      raise ValueError(f"config.evaluate.transfer_sets: {path} holds test images of "
+                       f"{meta.get('dataset')!r}, not of config.data.name={config.data.name!r}, "
+                       f"the dataset this model was trained on.")
   mesh = parallel.make_mesh()
   check_common_config(config, mesh.devices.size)
   restored = restore_for_inference(config, workdir, phase=config.evaluate.phase,

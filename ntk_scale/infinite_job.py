@@ -312,20 +312,21 @@ class _Evaluations:
     return done
 
 
-def transferred(network: Model, examples: dict[str, np.ndarray], kernel_fooled: dict[str, np.ndarray],
-                labels: np.ndarray, batch_size: int, mesh: Mesh, num_classes: int,
+def transferred(network: Model, examples: dict[str, dict[str, np.ndarray]], labels: np.ndarray,
+                batch_size: int, mesh: Mesh, num_classes: int,
                 matmul_precision: str) -> dict[str, dict[str, float]]:
   """A network's accuracy on each attack's kernel-made test examples, and its transfer rate: the
-  share of the examples that fooled the kernel that fool the network too. At
-  config.eval_matmul_precision, as every evaluation of a network."""
+  share of the examples the attack made fool the kernel that fool the network too
+  (evaluate.transfer_rate). `examples`: per attack, the kernel's "images", "predictions" and
+  "clean_predictions". At config.eval_matmul_precision, as every evaluation of a network."""
   row = {}
   with default_precision(matmul_precision):
-    for name, images in examples.items():
-      r = evaluate(network, Split(images.astype(np.float32), labels), batch_size, mesh, num_classes,
-                   keep_examples=True)
-      fooled = kernel_fooled[name]
+    for name, made in examples.items():
+      r = evaluate(network, Split(made["images"].astype(np.float32), labels), batch_size, mesh,
+                   num_classes, keep_examples=True)
       row[name] = {"accuracy": r["accuracy"],
-                   **transfer_rate(r["examples"]["predictions"] != labels, fooled)}
+                   **transfer_rate(r["examples"]["predictions"], labels, made["predictions"],
+                                   made["clean_predictions"])}
   return row
 
 
@@ -391,10 +392,8 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     logits_fn = fit(x, y, k_original)
     rows = evaluations.rows("original", logits_fn, s.attacks, keep_examples=True)
     results["kernel_regression"] = _accuracies(rows)
-    kernel_fooled = {}
     for name in attacks:
       examples = rows[name]["examples"]
-      kernel_fooled[name] = examples["predictions"] != yt
       if jax.process_index() == 0:
         save_adversarial_set(os.path.join(workdir, "adversarial", name),
                              {"images": examples["images"].astype(np.float32), "labels": yt,
@@ -437,8 +436,8 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if width not in s.transfer.widths:
       continue
     row = {"clean": trained["test"]["accuracy"], **transferred(
-        trained["state"], {n: rows[n]["examples"]["images"] for n in attacks}, kernel_fooled, yt,
-        batch_size, mesh, c, eval_matmul_precision(config))}
+        trained["state"], {n: rows[n]["examples"] for n in attacks}, yt, batch_size, mesh, c,
+        eval_matmul_precision(config))}
     transfer[f"width{width}"] = row
     print(f"transfer to width {width}: {row}", flush=True)
   results["transfer"] = transfer

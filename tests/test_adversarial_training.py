@@ -369,12 +369,22 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   assert jobs.run(config, workdir) == changed and attacked == ["pgd"]
 
 
-def test_evaluate_job_rejects_a_missing_set_before_compute(trained, tmp_path):
+def test_evaluate_job_rejects_a_missing_set_or_another_datasets_before_compute(trained, tmp_path):
   config, workdir, _ = trained["benign"]
   config = ml_collections.ConfigDict(config.to_dict())
   config.job = "evaluate"
   config.evaluate.transfer_sets = (str(tmp_path / "nothing"),)
   with pytest.raises(FileNotFoundError, match="not a complete adversarial set"):
+    jobs.run(config, workdir)
+  # A set of another dataset's images (an MNIST set for a digits model) was scored silently.
+  test = load_digits().test
+  other = str(tmp_path / "mnist" / "adversarial" / "pgd")
+  save_adversarial_set(other, {"images": test.images[:4], "labels": test.labels[:4],
+                               "predictions": test.labels[:4], "clean_predictions": test.labels[:4]},
+                       {"attack": {"name": "pgd"}, "dataset": "mnist", "split": "test"})
+  config.evaluate.transfer_sets = (other,)
+  with pytest.raises(ValueError, match=r"config.evaluate.transfer_sets: .* holds test images of "
+                                       r"'mnist', not of config.data.name='digits'"):
     jobs.run(config, workdir)
 
 

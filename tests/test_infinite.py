@@ -197,28 +197,32 @@ def test_transfer_rows_count_the_kernel_fooled_examples_at_the_evaluation_precis
   weights = rng.normal(size=(16, 3)).astype(np.float32)
   network = lambda images: images.reshape(len(images), -1) @ jnp.asarray(weights)
   labels = np.arange(12) % 3
-  examples = {"pgd": rng.uniform(size=(12, 4, 4, 1)), "apgd": rng.uniform(size=(12, 4, 4, 1))}
-  fooled = {name: rng.uniform(size=12) < 0.5 for name in examples}
-  row = infinite_job.transferred(network, examples, fooled, labels, 8, parallel.make_mesh(), 3,
-                                 "highest")
+  wrong = lambda: np.where(rng.uniform(size=12) < 0.5, (labels + 1) % 3, labels)
+  examples = {name: {"images": rng.uniform(size=(12, 4, 4, 1)), "predictions": wrong(),
+                     "clean_predictions": wrong()} for name in ("pgd", "apgd")}
+  row = infinite_job.transferred(network, examples, labels, 8, parallel.make_mesh(), 3, "highest")
   assert precisions == ["highest", "highest"]
-  for name, images in examples.items():
-    predictions = (images.reshape(12, -1).astype(np.float32) @ weights).argmax(1)
+  for name, made in examples.items():
+    predictions = (made["images"].reshape(12, -1).astype(np.float32) @ weights).argmax(1)
     assert row[name]["accuracy"] == pytest.approx(np.mean(predictions == labels))
-    assert row[name]["transfer_rate"] == pytest.approx(
-        np.mean(predictions[fooled[name]] != labels[fooled[name]]))
-    assert row[name]["source_fooled"] == fooled[name].sum()
+    # the attack's successes: right clean, wrong after (a clean mistake keeps its clean image)
+    fooled = (made["clean_predictions"] == labels) & (made["predictions"] != labels)
+    assert 0 < fooled.sum() < np.sum(made["predictions"] != labels)
+    assert row[name]["transfer_rate"] == pytest.approx(np.mean(predictions[fooled] != labels[fooled]))
+    assert row[name]["source_fooled"] == fooled.sum()
 
 
 def test_a_transfer_rate_with_no_fooled_source_example_is_null_in_strict_json():
   """No example fooled the source: the rate is undefined, written as JSON null (NaN, as before,
   is not JSON and strict readers such as jq refuse the whole record)."""
   from ntk_scale.evaluate import transfer_rate
-  none = transfer_rate(np.array([True, False]), np.array([False, False]))
+  labels = np.array([0, 1, 2, 0])
+  # the source misclassifies example 3 clean and after: no adversarial example, left out
+  none = transfer_rate(np.array([1, 1, 2, 0]), labels, np.array([0, 1, 2, 1]), np.array([0, 1, 2, 1]))
   assert none == {"transfer_rate": None, "source_fooled": 0}
   assert json.loads(json.dumps(none, allow_nan=False)) == none
-  assert transfer_rate(np.array([True, False, True]), np.array([True, True, False])) == {
-      "transfer_rate": 0.5, "source_fooled": 2}
+  assert transfer_rate(np.array([1, 1, 2, 1]), labels, np.array([1, 2, 2, 1]),
+                       np.array([0, 1, 2, 1])) == {"transfer_rate": 0.5, "source_fooled": 2}
 
 
 def test_a_rerun_takes_kept_evaluations_and_a_preemption_stops_after_one(monkeypatch, tmp_path):
