@@ -149,13 +149,19 @@ class LinearizedModel:
 
 def output_components(model: LinearizedModel, params: PyTree, x: jax.Array,
                       batch_stats: PyTree | None = None) -> dict[str, jax.Array]:
-  """{"f0": f(x; theta0), "jvp": J(x; theta0)(params - params0)} in inference mode.
+  """{"f0": f(x; theta0), "jvp": J(x; theta0)(params - params0)} in inference mode, and for
+  centered_nonlinear "output": its own output f(x; params) - f(x; theta0), of which jvp is only the
+  first-order term (far from it once params have moved; for linear and centered the output is
+  f0 + jvp and jvp).
 
-  Evaluation records both: how much of the prediction is the frozen network and how much the
+  Evaluation records them: how much of the prediction is the frozen network and how much the
   learned kernel term. BatchNorm uses batch_stats0 when frozen, else `batch_stats` (default
   batch_stats0), the current running averages.
   """
   if model.batch_norm == "frozen" or batch_stats is None:
     batch_stats = model.batch_stats0
   f0, jvp, _ = model.components(params, batch_stats, x, train=False)
-  return {"f0": f0, "jvp": jvp}
+  if model.kind != "centered_nonlinear":
+    return {"f0": f0, "jvp": jvp}
+  output = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+  return {"f0": f0, "jvp": jvp, "output": output}

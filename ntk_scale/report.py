@@ -287,7 +287,8 @@ def evaluation_parts(page: ReportPage, evaluations: list[dict], prefix: str) -> 
   components = {n: r["output_components"] for n, r in results.items() if "output_components" in r}
   if components:
     keys = list(dict.fromkeys(k for c in components.values() for k in c))
-    parts.append("<h4>Output components of the linearized model (f0(x) and J(theta - theta0))</h4>")
+    parts.append("<h4>Output components of the linearized model (f0(x) and J(theta - theta0); "
+                 "output: a centered_nonlinear model's own f(theta) - f(theta0))</h4>")
     parts.append(table(["evaluation"] + keys, [[n] + [c.get(k) for k in keys] for n, c in components.items()]))
   if num_classes:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * num_classes + 2), 3.2))

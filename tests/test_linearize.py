@@ -124,6 +124,8 @@ def test_centered_forms(name):
     def outputs(variables, theta, x):
       return dict(f0=f(variables, x), f=f(theta, x), linear=make("linear").apply(theta, x, train=False),
                   components=output_components(make("linear"), theta["params"], x),
+                  nonlinear_components=output_components(make("centered_nonlinear"),
+                                                         theta["params"], x),
                   **{kind: make(kind).apply(theta, x, train=False)
                      for kind in ("centered", "centered_nonlinear")})
 
@@ -133,6 +135,11 @@ def test_centered_forms(name):
     np.testing.assert_allclose(components["f0"] + components["jvp"], linear, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out["centered"], linear - out["f0"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(out["centered_nonlinear"], out["f"] - out["f0"], rtol=1e-12, atol=1e-12)
+    # centered_nonlinear's components also hold its output, which jvp (its first-order term) is not
+    nonlinear = out["nonlinear_components"]
+    assert set(components) == {"f0", "jvp"} and set(nonlinear) == {"f0", "jvp", "output"}
+    np.testing.assert_allclose(nonlinear["output"], out["f"] - out["f0"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(nonlinear["jvp"], components["jvp"], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "centered"])

@@ -205,7 +205,8 @@ def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, in
   text = " ".join(page.text)
   for heading in ("Phase 1", "Phase 2: centered_C_from1", "Kernels", "Kernel evolution", "Eigen-features",
                   "Infinite-width kernels", "Training curves", "Evaluations", "Saved adversarial sets",
-                  "Output components of the linearized model (f0(x) and J(theta - theta0))",
+                  "Output components of the linearized model (f0(x) and J(theta - theta0); output: "
+                  "a centered_nonlinear model's own f(theta) - f(theta0))",
                   "Catastrophic overfitting: collapse at epoch 1.25, sustained", "phase1_train24_class0",
                   "autoattack: robust accuracy after each of its attacks, in the order run",
                   "phase1_epoch2_train24_class0", "Configuration", "Its attacks, as configured"):
