@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ntk_scale.base_config import pgd_default_step
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -570,7 +571,9 @@ _LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm")
 # --------------------------------------------------------------------------- from a config
 
 def _positive(config: ml_collections.ConfigDict, field: str, prefix: str, required: bool,
-              hint: str = "") -> float | None:
+              hint: str = "", below_one: bool = False) -> float | None:
+  """`{prefix}.<field>`, a positive finite number; `below_one` for an L-inf length (eps, a step,
+  noise), which at 1 or more spans every [0, 1] image."""
   value = config.get(field)
   if value is None:
     if required:
@@ -578,6 +581,9 @@ def _positive(config: ml_collections.ConfigDict, field: str, prefix: str, requir
     return None
   if not (is_finite_number(value) and value > 0):
     raise ValueError(f"{prefix}.{field}={value!r} must be a positive finite number{hint}.")
+  if below_one and value >= 1.0:
+    raise ValueError(f"{prefix}.{field}={value!r}: an L-inf length of 1 or more spans every [0, 1] "
+                     f"image; it is in pixel units of [0, 1] images (8/255, not 8).")
   return float(value)
 
 
@@ -642,16 +648,14 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
     raise ValueError(f"{prefix}.name={name!r} is not a known attack; expected one of "
                      f"{', '.join(ATTACKS)}, worst_of.")
   units = " (pixel units of [0, 1] images, e.g. 8/255)"
-  eps = _positive(c, "eps", prefix, required=True, hint=units)
   norm = c.get("norm")
   norm = "linf" if norm is None else norm
   if norm not in NORMS:
     raise ValueError(f"{prefix}.norm={norm!r} is not a known norm; expected one of {', '.join(NORMS)}.")
   if name in _LINF_ONLY and norm != "linf":
     raise ValueError(f"{prefix}.norm={norm!r}: attack {name!r} is defined for linf only.")
-  if norm == "linf" and eps >= 1.0:
-    raise ValueError(f"{prefix}.eps={c.eps!r}: an L-inf ball of radius 1 or more holds every image, "
-                     f"so no model is robust in it; eps is in pixel units of [0, 1] images (8/255, not 8).")
+  linf = norm == "linf"
+  eps = _positive(c, "eps", prefix, required=True, hint=units, below_one=linf)
 
   if name == "worst_of":
     return _build_worst_of(c, prefix, eps, norm, num_classes)
@@ -660,12 +664,13 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
   if name == "fgsm":
     return lambda logits_fn, images, labels, key: fgsm(logits_fn, images, labels, eps=eps)
   if name == "rs_fgsm":
-    step_size = _positive(c, "step_size", prefix, required=False, hint=units)
+    step_size = _positive(c, "step_size", prefix, required=False, hint=units, below_one=True)
     return lambda logits_fn, images, labels, key: rs_fgsm(logits_fn, images, labels, key, eps=eps,
                                                           step_size=step_size)
   if name == "n_fgsm":
-    step_size = _positive(c, "step_size", prefix, required=False, hint=units)
-    noise = _positive(c, "noise", prefix, required=False, hint=units)
+    step_size = _positive(c, "step_size", prefix, required=False, hint=units, below_one=True)
+    noise = _positive(c, "noise", prefix, required=False, hint=units + "; de Jorge et al.'s k = 2 is "
+                      "2 * eps", below_one=True)
     return lambda logits_fn, images, labels, key: n_fgsm(logits_fn, images, labels, key, eps=eps,
                                                          noise=noise, step_size=step_size)
 
@@ -712,7 +717,7 @@ def build_attack(attack_config: ml_collections.ConfigDict, *, prefix: str = "con
         logits_fn, images, labels, key, eps=eps, num_steps=num_steps, norm=norm,
         restarts=restarts, rho=rho, loss=loss)
 
-  step_size = _positive(c, "step_size", prefix, required=True, hint=units)
+  step_size = _positive(c, "step_size", prefix, required=True, hint=units, below_one=linf)
   random_start = c.get("random_start", True)
   if not isinstance(random_start, bool):
     raise ValueError(f"{prefix}.random_start={random_start!r} must be True or False.")
@@ -735,6 +740,11 @@ def _check_single_step(c: ml_collections.ConfigDict, name: str, prefix: str) -> 
   if restarts is not None and restarts != 1:
     raise ValueError(f"{prefix}.restarts={restarts!r}: {name} is a single-step attack and runs once; "
                      f"set {prefix}.restarts=1.")
+  step = c.get("step_size")
+  if name == "fgsm" and step is not None and step != pgd_default_step(c.get("eps"), c.get("num_steps")):
+    # pgd_linf's own step, which a config whose name was overridden keeps, is not a request.
+    raise ValueError(f"{prefix}.step_size={step!r}: fgsm steps eps from the clean image; rs_fgsm and "
+                     f"n_fgsm take a step_size.")
   if name != "fgsm" and c.get("random_start") is False:
     raise ValueError(f"{prefix}.random_start=False: {name} always starts from noise; set "
                      f"{prefix}.random_start=True, or {prefix}.name='fgsm' for no random start.")

@@ -32,6 +32,11 @@ def _pgd_step_for(_, name: str, eps: float, num_steps: int, step: float | None =
     return None
   if step is not None:
     return step
+  return pgd_default_step(eps, num_steps)
+
+
+def pgd_default_step(eps: float, num_steps: int) -> float | None:
+  """Madry et al.'s 2.5 * eps / num_steps; None for a num_steps that is not an integer >= 1."""
   if not is_whole_number(num_steps, 1):
     return None
   return 2.5 * eps / num_steps

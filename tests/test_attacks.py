@@ -968,8 +968,11 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="worst_of"))), "config.attacks.a.name"),
     (dict(name="pgd", eps=0.1, step_size=0.01, num_steps=5, restart=5), "config.restart is not a field"),
     (dict(name="fgsm", eps=float("inf")), "config.eps=inf must be a positive finite number"),  # NaN images
-    (dict(name="pgd", eps=8, step_size=2, num_steps=10), "config.eps=8: an L-inf ball of radius 1 "
-                                                        "or more holds every image"),
+    (dict(name="pgd", eps=8, step_size=2, num_steps=10), "config.eps=8: an L-inf length of 1 or "
+                                                        "more spans every"),
+    (dict(name="pgd", eps=0.1, step_size=1.5, num_steps=10), "config.step_size=1.5: an L-inf length"),
+    (dict(name="n_fgsm", eps=0.1, noise=2.0), "config.noise=2.0: an L-inf length"),
+    (dict(name="fgsm", eps=0.1, step_size=0.05), "config.step_size=0.05: fgsm steps eps"),
     (dict(name="square", eps=0.1, num_queries=10, p_schedule="autoattack"), "config.p_schedule"),
     (dict(name="n_fgsm", eps=0.1, noise=float("inf")), "config.noise=inf"),
     (dict(name="worst_of", eps=0.1, attacks=dict(a=dict(name="square", num_queries=5, p_int=0.1))),
@@ -978,6 +981,17 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits_model):
 def test_build_attack_errors_name_the_field(fields, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     attacks.build_attack(ml_collections.ConfigDict(fields))
+
+
+def test_l2_lengths_may_exceed_one_and_fgsm_keeps_the_step_of_a_renamed_pgd_config():
+  attacks.build_attack(ml_collections.ConfigDict(dict(name="pgd", norm="l2", eps=3.0, step_size=1.5,
+                                                      num_steps=5)))
+  renamed = pgd_linf(0.1, num_steps=10)  # --config.train.attack.name=fgsm on a PGD config
+  renamed.name = "fgsm"
+  attacks.build_attack(renamed)
+  renamed.step_size = 0.05  # then a step fgsm would ignore: refused
+  with pytest.raises(ValueError, match="step_size=0.05: fgsm steps eps"):
+    attacks.build_attack(renamed)
 
 
 def test_build_attack_errors_use_the_given_prefix():
