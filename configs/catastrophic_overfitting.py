@@ -15,7 +15,7 @@ fixed test images) and PGD-20 on the whole test split at the end.
   lambda  GradAlign's weight (default 1.0; method=grad_align only)
   seed    the run's seed (config.seed; default 0)
   seeds   get_sweep only: K runs per method and beta, seeds 0 .. K-1 (default 1)
-  data    digits (default; eps 0.25) | cifar10 (ResNet-18, 30 epochs, the paper's setting; eps 8/255;
+  data    digits (default; eps 0.25) | cifar10 (the paper's setting, see _cifar10; eps 8/255;
           needs the tfds dataset and a GPU, not run here)
   flags   perp (remove x's projection on the features first), smoke (3 epochs, narrow CNN), sign
           (the authors' sign-pattern carrier instead of ours, config.data.transform.carrier; the
@@ -199,7 +199,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if method == "pgd":
     c.train.attack = pgd_linf(eps, num_steps=10)
     c.train.attack.unroll = 10
-  else:  # with the fields it reads as None, the paper's default, to override: --config.train.attack.noise=1
+  else:  # with the fields it reads as None, the paper's default; to override, in pixel units of [0, 1]
+    # images: --config.train.attack.noise=0.5 (the paper's noise is 2 * eps, its k = 2)
     # restarts (and random_start) too, at the only value a single-step attack takes, as pgd_linf's: an
     # override reaches build_attack's check and its message, not the locked config's AttributeError.
     c.train.attack = ml_collections.ConfigDict(dict(name="fgsm" if method == "grad_align" else method,
@@ -226,19 +227,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def _cifar10(c: ml_collections.ConfigDict, eps: float) -> None:
-  """Ortiz-Jimenez et al.'s CIFAR-10 setting: ResNet-18, 30 epochs of a cyclic learning rate
-  (peak 0.2), batch 128, the monitor every half epoch on 1024 test images, their sign-pattern
-  carrier; eps, beta in [0, 1] pixel units (8/255 = 0.0314). Needs the tfds dataset and, in
-  practice, a GPU (not run here)."""
+  """Ortiz-Jimenez et al.'s CIFAR-10 setting (gortizji/co_features): 30 epochs of a cyclic learning
+  rate peaking at 0.2 halfway, batch 128, no augmentation (their loaders have none; a crop or flip
+  after injection would move the class features), their sign-pattern carrier, PGD-50 at step 2/255
+  with 10 restarts at the end; the monitor every half epoch on 1024 test images; eps, beta in
+  [0, 1] pixel units (8/255 = 0.0314). Ours is the CIFAR ResNet-18 without input normalisation
+  where theirs is a PreActResNet-18 with it. Needs the tfds dataset and, in practice, a GPU (not
+  run here)."""
   c.data.name = "cifar10"
-  c.data.augment = "crop_flip"
+  c.data.augment = "none"
+  c.optimizer.peak_fraction = 0.5
   c.model.name, c.model.width, c.model.batch_norm = "resnet18", 64, True
   c.batch_size, c.eval_batch_size = 128, 500
   c.num_epochs = 30.0
   c.log_every_steps = 100
   c.train.co_monitor.every_steps = 195  # half an epoch of 390 steps
   c.train.co_monitor.num_examples = 1024
-  c.eval_attacks.pgd = pgd_linf(eps, num_steps=50)
+  c.eval_attacks.pgd = pgd_linf(eps, num_steps=50, step_size=2 / 255, restarts=10)
 
 
 SWEEP_METHODS = ("fgsm", "n_fgsm", "grad_align")

@@ -10,12 +10,13 @@ code's benign-then-adversarial update on each batch is `--config.train.benign_st
 
 Phase 2 (Loo et al.'s Examples 3 and 4): from the epoch-20 checkpoint, train the centered
 linearization (their `--centering`) for 100 epochs with SGD lr 0.01, momentum 0.9, benign (`CC`)
-or adversarially against the linearized model (`AA`), in one command with phase 1 ...
+or adversarially against the linearized model (`CA`: the first letter is phase 1's mode, the
+second phase 2's, as in their Example 4), in one command with phase 1 ...
 
     python main.py --config configs/cifar10_resnet18.py:phase2 --config.loaders=CC \
         --workdir workdirs/cifar10_resnet18_CC
-    python main.py --config configs/cifar10_resnet18.py:phase2 --config.loaders=AA \
-        --workdir workdirs/cifar10_resnet18_AA
+    python main.py --config configs/cifar10_resnet18.py:phase2 --config.loaders=CA \
+        --workdir workdirs/cifar10_resnet18_CA
 
 ... or phase 2 alone on a workdir whose phase 1 is trained (results under
 <workdir>/phase2/centered_A_from20/, named after linearization, batch_norm, mode and from_epoch

@@ -160,3 +160,21 @@ def test_sign_carrier_is_the_authors_hand_derived_patterns(digits):
   assert out.train.images.min() >= 0 and out.train.images.max() <= 1
   with pytest.raises(ValueError, match=r"config\.data\.transform\.carrier='plaid'"):
     check_data_config(_inject_config(beta=0.1, carrier="plaid"))
+
+
+def test_injection_with_augmentation_is_refused_and_the_cifar10_setting_has_none():
+  """crop_flip ran on the injected training images: a flip mirrors a pattern, and a mirrored sign
+  pattern is another class's (class y+5's for six classes), so about 30% of CIFAR-10 training
+  images carried another class's feature while the test images did not. The authors' loaders have
+  no augmentation; their learning rate peaks halfway, their final PGD-50 steps 2/255 with 10
+  restarts."""
+  from test_train import load_config
+  c = load_config("catastrophic_overfitting", "data=cifar10,beta=0.0314")
+  assert c.data.augment == "none" and c.optimizer.peak_fraction == 0.5
+  assert c.eval_attacks.pgd.num_steps == 50 and c.eval_attacks.pgd.restarts == 10
+  assert c.eval_attacks.pgd.step_size == pytest.approx(2 / 255)
+  check_data_config(c.data)
+  c.data.augment = "crop_flip"
+  with pytest.raises(ValueError, match="config.data.augment='crop_flip' with "
+                                       "config.data.transform.name='inject'"):
+    check_data_config(c.data)

@@ -24,6 +24,12 @@ def check_data_config(data_config: ml_collections.ConfigDict) -> None:
   # records its config, not once the data has loaded.
   check_transform_config(data_config.get("transform"), catalog.dataset_shape(data_config)[0],
                          digits.NUM_CLASSES if is_digits else TFDS_DATASETS[data_config.name][2])
+  transform, augment = data_config.get("transform"), data_config.get("augment", "none")
+  if transform is not None and transform.get("name") == "inject" and augment != "none":
+    raise ValueError(f"config.data.augment={augment!r} with config.data.transform.name='inject': the "
+                     f"features are added where the data loads, so a crop would shift and a flip "
+                     f"mirror each class's pattern (a mirrored sign pattern is another class's); set "
+                     f"config.data.augment='none', as Ortiz-Jimenez et al. train.")
 
 
 def num_classes(data_config: ml_collections.ConfigDict) -> int:
