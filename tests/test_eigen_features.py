@@ -19,7 +19,7 @@ from ntk_scale.ntk import eigen_features_job, empirical_ntk, kernel_eigenpairs
 from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
                                           parameter_directions)
 from ntk_scale.ntk.job import inference_apply, select_examples
-from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.spectrum import eigh, rounding_floor
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import LogitSpec
 from ntk_scale.preemption import Preempted
@@ -37,8 +37,21 @@ def _targets(labels, c):
 
 def test_groups_are_singles_then_doubling_up_to_the_numerical_rank():
   values = np.concatenate([np.logspace(3, -3, 40), [1e-14, 0.0]])
-  groups = feature_groups(values, num_single=5)
+  groups = feature_groups(values, num_single=5, floor=rounding_floor("float64", values.sum()))
   assert [g.name for g in groups] == ["0", "1", "2", "3", "4", "5-9", "10-19", "20-39"]
+  np.testing.assert_array_equal(np.concatenate([g.indices for g in groups]), np.arange(40))
+
+
+def test_groups_stop_at_the_rounding_of_the_kernels_dtype():
+  """A float32 kernel of rank 40 in 120 rows: its other 80 eigenvalues are float32 rounding (up to
+  about 1e-7 of the trace), which the old rule (above 1e-10 lambda_1) grouped as features: their
+  1/lambda made a noise "feature" look useful and non-robust and spoilt the "all" row."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(120, 40)) * np.geomspace(1, 1e-2, 40)
+  kernel = (z @ z.T).astype(np.float32)
+  values = eigh(kernel).values  # in float64, as the jobs solve it
+  assert np.sum(values > 1e-10 * values[0]) > 40  # rounding the old rule kept
+  groups = feature_groups(values, 5, rounding_floor("float32", np.trace(kernel.astype(np.float64))))
   np.testing.assert_array_equal(np.concatenate([g.indices for g in groups]), np.arange(40))
 
 
@@ -355,3 +368,21 @@ def test_infinite_width_features_sum_to_analytic_kernel_regression_and_another_s
 
   monkeypatch.setattr(eigen_features_job, "_infinite", computed)  # the same subset: read back
   assert jobs.run(c, str(tmp_path))["groups"] == second["groups"]
+
+
+def test_a_kernel_of_some_classes_is_scored_among_them_on_their_test_images():
+  """config.kernel.classes=(3, 1): the test images of classes 3 and 1 only (labelled 0 and 1 by
+  place), the predictor's logits of those two classes. Before, every test image was scored with
+  every class's logit, which capped each group's accuracy near the two classes' share."""
+  from ntk_scale.data import Dataset, Split
+  from ntk_scale.ntk.eigen_features_job import _scored_test_split  # pylint: disable=protected-access
+  labels = np.array([0, 3, 1, 2, 3, 1, 4])
+  images = np.arange(7, dtype=np.float32).reshape(7, 1, 1, 1)
+  dataset = Dataset("toy", Split(images, labels), Split(images, labels), 5)
+  logits = lambda variables, x: jnp.asarray(x).reshape(len(x), 1) * jnp.arange(5.0) + variables
+  test, apply, count = _scored_test_split(dataset, (3, 1), logits)
+  assert count == 2
+  np.testing.assert_array_equal(test.images.reshape(-1), [1, 2, 4, 5])
+  np.testing.assert_array_equal(test.labels, [0, 1, 0, 1])  # class 3 is column 0, class 1 column 1
+  np.testing.assert_allclose(apply(0.0, test.images), np.asarray(test.images).reshape(4, 1) * [3.0, 1.0])
+  assert _scored_test_split(dataset, (), logits)[2] == 5

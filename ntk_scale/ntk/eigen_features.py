@@ -35,10 +35,11 @@ class FeatureGroup:
   indices: np.ndarray  # eigen-indices, largest eigenvalue first (0-based)
 
 
-def feature_groups(eigenvalues: np.ndarray, num_single: int, rtol: float = 1e-10) -> list[FeatureGroup]:
-  """Single features for the top `num_single` indices, then doubling groups up to the numerical rank
-  (eigenvalues above rtol * largest; below, 1/lambda amplifies rounding only)."""
-  rank = int(np.sum(eigenvalues > rtol * eigenvalues[0]))
+def feature_groups(eigenvalues: np.ndarray, num_single: int, floor: float = 0.0) -> list[FeatureGroup]:
+  """Single features for the top `num_single` indices, then doubling groups up to the numerical rank:
+  the eigenvalues above `floor` (spectrum.rounding_floor of the kernel's dtype and trace; below it
+  an eigenvalue is rounding, which 1/lambda would amplify into a "feature")."""
+  rank = int(np.sum(eigenvalues > floor))
   groups = [FeatureGroup(str(i), np.array([i])) for i in range(min(num_single, rank))]
   start = min(num_single, rank)
   width = max(start, 1)

@@ -72,7 +72,7 @@ from ntk_scale.ntk.job import (KERNELS_DIR, check_kernel_subset, inference_apply
 from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
                                              kernel_eigenpairs)
-from ntk_scale.ntk.spectrum import eigh
+from ntk_scale.ntk.spectrum import eigh, rounding_floor
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.ntk.spectrum_job import check_spectrum_config, solve_settings
 from ntk_scale.ntk.store import KernelStore
@@ -200,7 +200,8 @@ def _empirical(config: ml_collections.ConfigDict, workdir: str, dataset, kernel:
   spec = parse_logits(config.kernel.logits, dataset.num_classes, "config.kernel.logits")
   train_images = getattr(dataset, config.kernel.split).images[store.indices()]
   pairs, trace = kernel_eigenpairs(config, workdir, kernel, solver)  # config.spectrum's top k for top
-  groups = feature_groups(pairs.values, config.eigen_features.num_single)
+  groups = feature_groups(pairs.values, config.eigen_features.num_single,
+                          rounding_floor(store.meta["dtype"], trace))
   coefficients = _coefficients(pairs, groups, store.labels(), dataset.num_classes)
 
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,
@@ -225,8 +226,9 @@ def _infinite(config: ml_collections.ConfigDict, workdir: str, dataset) -> _Feat
   train_images, labels = split.images[indices], split.labels[indices]
   store = infinite.kernel_store(section, os.path.join(workdir, KERNELS_DIR), train_images, labels)
   pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images, store=store))
-  groups = feature_groups(pairs.values, config.eigen_features.num_single)
   trace = float(pairs.values.sum())
+  groups = feature_groups(pairs.values, config.eigen_features.num_single,
+                          rounding_floor(section.dtype, trace))
   coefficients = _coefficients(pairs, groups, labels, dataset.num_classes).astype(np.float32)
   kernel_fn = infinite.kernel_function(section, dataset.num_classes)
   x_train = jnp.asarray(train_images)
@@ -246,6 +248,24 @@ def _coefficients(pairs, groups: list, labels: np.ndarray, num_classes: int) -> 
   targets = np.asarray(regression_targets(jnp.asarray(labels), num_classes), np.float64)
   coefficients = group_coefficients(pairs.values, pairs.vectors, targets, groups)
   return np.concatenate([coefficients, coefficients.sum(0, keepdims=True)])
+
+
+def _scored_test_split(dataset: Dataset, classes: tuple[int, ...], apply: Callable
+                       ) -> tuple[Split, Callable, int]:
+  """The test images the features are scored on, the predictor that scores them, and its classes.
+  A kernel of some classes (config.kernel.classes; Tsilivis and Kempe's binary CIFAR-10 pairs)
+  predicts among those: its test images are theirs, labelled by place in `classes`, and its
+  logits those classes' columns (the others' regression targets are the same -1/C for every
+  training image, and are no prediction)."""
+  if not classes:
+    return dataset.test, apply, dataset.num_classes
+  chosen = np.asarray(classes)
+  keep = np.isin(dataset.test.labels, chosen)
+  place = np.searchsorted(np.sort(chosen), dataset.test.labels[keep])
+  labels = np.argsort(chosen)[place].astype(dataset.test.labels.dtype)
+  columns = jnp.asarray(chosen)
+  return (Split(dataset.test.images[keep], labels),
+          lambda variables, x: apply(variables, x)[:, columns], len(chosen))
 
 
 def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -274,7 +294,12 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
               "attack": e.attack.to_dict(), "seed": config.seed, "eigensolver": solver,
               # the solve's settings: other eigenpairs (another tol, say) are other features
-              "spectrum": solve_settings(spectrum_config.spectrum) if solver == "top" else None}
+              "spectrum": solve_settings(spectrum_config.spectrum) if solver == "top" else None,
+              # groups stop at the kernel dtype's rounding (spectrum.rounding_floor); records of the
+              # earlier rule (1e-10 lambda_1, which grouped float32 rounding) are made again
+              "rank_floor": "dtype_rounding"}
+  if config.kernel.classes:  # scored among those classes on their test images
+    settings["test_classes"] = list(config.kernel.classes)
   if kernel is None:
     name = (f"infinite_{config.infinite.architecture}_{config.infinite.kernel}_{config.kernel.split}"
             f"{num_examples}")
@@ -300,7 +325,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     features = _empirical(spectrum_config, workdir, dataset, kernel, solver)
   groups = features.groups
 
-  test = dataset.test
+  test, apply, scored_classes = _scored_test_split(dataset, config.kernel.classes, features.apply)
   n = len(test) if e.num_test == 0 else min(e.num_test, len(test))
   test = Split(test.images[:n], test.labels[:n])
   clean, robust = [], []
@@ -313,10 +338,10 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
       label = groups[g].name if g < len(groups) else _whole_name(features)
       accuracies = kept.get({"group": g}, f"eigen-feature group {label}")
       if accuracies is None:
-        model = Parameterized(features.apply, parallel.replicate(features.variables(g), mesh))
+        model = Parameterized(apply, parallel.replicate(features.variables(g), mesh))
         accuracies = {
-            "clean": evaluate(model, test, e.batch_size, mesh, dataset.num_classes)["accuracy"],
-            "robust": evaluate(model, test, e.batch_size, mesh, dataset.num_classes, attack=attack,
+            "clean": evaluate(model, test, e.batch_size, mesh, scored_classes)["accuracy"],
+            "robust": evaluate(model, test, e.batch_size, mesh, scored_classes, attack=attack,
                                key=key)["accuracy"]}
         if jax.process_index() == 0:
           print(f"eigen-feature group {label}: clean {accuracies['clean']:.3f}, {e.attack.name} "
@@ -334,6 +359,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "spectral_share": float(features.eigenvalues[indices].sum() / features.trace),
                  "clean_accuracy": float(clean[i]), "robust_accuracy": float(robust[i])})
   record = {"settings": settings, "source_kernel": features.source, "num_test": n,
+            "classes": list(config.kernel.classes) or None,
             "eigensolver": features.eigensolver,
             "num_eigenpairs": len(features.eigenvalues), "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:

@@ -39,7 +39,7 @@ from ntk_scale.ntk.job import (SPLITS, check_kernel_config, kernel_job, select_e
                               subset_and_logits_name)
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, dense_eigenpairs, describe_choice,
                                              resolve_eigensolver, top_eigenpairs, with_num_eigenpairs)
-from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator
+from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, rounding_floor
 from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
@@ -200,12 +200,8 @@ def _movement(gram: np.ndarray) -> dict[str, np.ndarray]:
 
 def null_space_size(values: np.ndarray, dtype: str) -> int:
   """How many of a kernel's eigenvalues (every one, largest first) are zero within the rounding of
-  its stored `dtype`: at most eps * sum |lambda| (the trace, for a PSD kernel). Each entry K_ij is
-  formed and stored to within about eps * sqrt(K_ii K_jj), so the rounding moves any eigenvalue by
-  at most about eps * trace. numpy's matrix_rank tolerance, eps * size * lambda_1, is up to size
-  times larger: in float32 at 500 examples it is 6e-5 * lambda_1, and took real eigenvalues of a
-  full-rank kernel for null space."""
-  return int(np.sum(np.abs(values) <= np.finfo(dtype).eps * np.abs(values).sum()))
+  its stored `dtype` (spectrum.rounding_floor of sum |lambda|, the trace for a PSD kernel)."""
+  return int(np.sum(np.abs(values) <= rounding_floor(dtype, np.abs(values).sum())))
 
 
 def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int,

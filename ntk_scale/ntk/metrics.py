@@ -54,7 +54,8 @@ def restrict_to_eigenspace(kernel: np.ndarray, vectors: np.ndarray) -> np.ndarra
   """V^T K V for orthonormal columns V (eigenvectors of a reference kernel, e.g. its top or bottom
   k): the kernel's action on that eigenspace. The projection P K P with P = V V^T has the same
   Frobenius norms and products, so every metric above gives the same value on either; this one is
-  k x k (Tsilivis & Kempe 2022 track movement of the top and bottom eigenspaces separately)."""
+  k x k (Tsilivis & Kempe 2022 track movement of the top and bottom eigenspaces separately; their
+  code truncates each kernel to its own top k instead, which gives other numbers)."""
   matrix = as_matrix(np.asarray(kernel, np.float64))
   vectors = np.asarray(vectors, np.float64)
   if vectors.ndim != 2 or vectors.shape[0] != matrix.shape[0]:
@@ -64,7 +65,8 @@ def restrict_to_eigenspace(kernel: np.ndarray, vectors: np.ndarray) -> np.ndarra
 
 def spectral_mass(eigenvalues: np.ndarray, k: int, trace: float | None = None) -> float:
   """Share of the spectrum in the top k eigenvalues, sum_{i<k} lambda_i / Tr K (Loo et al. 2022:
-  the kernel concentrates on few directions as training goes on). `trace` defaults to the sum of
+  the kernel concentrates on few directions as training goes on; Tsilivis & Kempe's code measures
+  sum_{i<k} lambda_i^2 / sum lambda_i^2, which is larger). `trace` defaults to the sum of
   `eigenvalues`; pass Tr K when only the top of the spectrum was computed."""
   values = np.sort(np.asarray(eigenvalues, np.float64))[::-1]
   if not 1 <= k <= len(values):
