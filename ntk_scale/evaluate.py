@@ -473,7 +473,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   keys = transfer_keys(config.evaluate.transfer_sets)  # fail before any compute
   for path in config.evaluate.transfer_sets:
     _, meta = load_adversarial_set(path)
-    if meta.get("dataset") != config.data.name:
+    if meta.get("dataset", config.data.name) != config.data.name:  # (a set that names none: taken)
       raise ValueError(f"config.evaluate.transfer_sets: {path} holds test images of "
                        f"{meta.get('dataset')!r}, not of config.data.name={config.data.name!r}, "
                        f"the dataset this model was trained on.")
