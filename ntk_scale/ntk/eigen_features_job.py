@@ -27,6 +27,10 @@ The same command on the AMD EPYC VM whose benign demo model scores 99.7 / 54.7 /
 with clean-misclassified test images kept clean under attack (AutoAttack's rule; 14.5 min beside
 other jobs): indices 1-9 clean 0.20, PGD 0.14-0.19; 10-19 0.336 / 0.017; every later group
 0.17-0.25 / 0.008-0.031; all 1.000 / 0.686.
+Again on the Intel Xeon VM (2026-12-02; its demo model 100.0 / 55.3 / 50.6%), with groups up to the
+float32 kernel's rounding (spectrum.rounding_floor): the demo kernel is of full rank above it, so
+the groups are the same 16; indices 1-9 clean 0.19-0.20, PGD 0.12-0.19; 10-19 0.344 / 0.014; later
+groups 0.20-0.27 / 0.006-0.033; all 0.997 / 0.708 (10.3 min beside the test suite).
 With config.eigen_features.eigensolver=top and config.spectrum.num_eigenpairs=100 (the demo's
 spectrum job's solve, read back; 4.5 min) every group up to index 79 is identical, 80-99 scores
 0.153 / 0.017, and the top-100 predictor 0.994 / 0.717: as accurate as kernel regression on all
