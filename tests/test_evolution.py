@@ -213,8 +213,15 @@ def test_evolution_job_writes_metrics_and_plots_then_recomputes_nothing(workdir,
     assert rows[-1][f"relative_movement{space}"] == pytest.approx(1.0)
     assert rows[-1][f"distance_to_final{space}"] == pytest.approx(0.0, abs=1e-9)
   assert rows[0]["velocity"] is None
+  # Velocity per epoch trained: a fractional epoch's checkpoint is at a whole step (epoch 0.25 of
+  # 1437 // 64 = 22 steps is step 6: 0.273 epochs), which the nominal epochs made up to 27% off.
+  steps = [KernelStore.open(os.path.join(workdir, "kernels", r["kernel"])).meta["source"]["step"]
+           for r in rows]
+  steps_per_epoch = 1437 // evolution_config().batch_size
+  assert steps == [round(e * steps_per_epoch) for e in EPOCHS] and saved["elapsed_epochs"] == [
+      s / steps_per_epoch for s in steps] != EPOCHS
   np.testing.assert_allclose([r["velocity"] for r in rows[1:]],
-                             metrics.kernel_velocity(kernels, EPOCHS), rtol=1e-9)
+                             metrics.kernel_velocity(kernels, saved["elapsed_epochs"]), rtol=1e-9)
   assert len(saved["eigenvalues"]) == 4 and len(saved["eigenvalues"][0]) == 20
   with open(os.path.join(directory, "metrics.csv")) as f:
     table = list(csv.DictReader(f))

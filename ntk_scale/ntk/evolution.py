@@ -204,10 +204,23 @@ def null_space_size(values: np.ndarray, dtype: str) -> int:
   return int(np.sum(np.abs(values) <= rounding_floor(dtype, np.abs(values).sum())))
 
 
+def elapsed_epochs(stores: list[KernelStore], epochs: list[float], steps_per_epoch: int) -> list[float]:
+  """Each kernel's checkpoint as epochs trained, its step over `steps_per_epoch`: a fractional
+  epoch's checkpoint is at round(epoch * steps_per_epoch), e.g. step 6 of 22 for epoch 0.25 (0.273
+  epochs), so its nominal epoch made an early velocity up to 27% off on digits. The nominal epochs
+  where a step is not within rounding of its epoch (another batch size than the checkpoints')."""
+  elapsed = [store.meta["source"]["step"] / steps_per_epoch for store in stores]
+  if any(abs(t - e) > 0.5 / steps_per_epoch + 1e-12 for t, e in zip(elapsed, epochs)):
+    return list(epochs)
+  return elapsed
+
+
 def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int,
                       eigenspace_of: str = "final", num_eigenvalues: int = 100,
-                      top_spectra: list[tuple[Eigenpairs, float]] | None = None) -> dict[str, Any]:
-  """Every metric of the kernels in `stores` (one subset, checkpoints at `epochs`, in order).
+                      top_spectra: list[tuple[Eigenpairs, float]] | None = None,
+                      elapsed: list[float] | None = None) -> dict[str, Any]:
+  """Every metric of the kernels in `stores` (one subset, checkpoints at `epochs`, in order);
+  velocity over `elapsed` (elapsed_epochs; default the epochs).
 
   Spectra: every eigenpair of each kernel read whole (dense), or with `top_spectra` the top
   eigenpairs and trace of each (the spectrum job's, for kernels too large to decompose whole),
@@ -248,13 +261,15 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
     columns[f"_{space}"] = _movement(metrics.frobenius_gram(kernels))
   if "bottom_k" not in spaces:
     columns["_bottom_k"] = {key: [None] * len(stores) for key in columns[""]}
-  velocity = [None] + metrics.velocity_from_similarity(similarity, epochs).tolist()
+  elapsed = list(epochs) if elapsed is None else elapsed
+  velocity = [None] + metrics.velocity_from_similarity(similarity, elapsed).tolist()
   for t, row in enumerate(rows):
     for suffix, values in columns.items():
       for key, value in values.items():
         row[f"{key}{suffix}"] = None if value[t] is None else float(value[t])
     row["velocity"] = velocity[t]
-  return {"epochs": epochs, "kernels": [r["kernel"] for r in rows], "top_k": top_k,
+  return {"epochs": epochs, "elapsed_epochs": elapsed, "kernels": [r["kernel"] for r in rows],
+          "top_k": top_k,
           "eigenspace_of": eigenspace_of, "eigensolver": "dense" if top_spectra is None else "top",
           "null_space_size": null_space,
           "checkpoints": rows, "similarity_matrix": similarity.tolist(), "eigenvalues": spectra}
@@ -309,8 +324,9 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if jax.process_index() != 0:
     return result
   stores = [KernelStore.open(r["kernel"]) for r in kernels]
+  elapsed = elapsed_epochs(stores, epochs, len(dataset.train) // config.batch_size)
   results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues,
-                              top_spectra)
+                              top_spectra, elapsed)
   results["phase"] = int(e.phase)
   if collapse is not None:
     results["collapse"] = collapse
