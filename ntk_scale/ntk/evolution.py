@@ -44,6 +44,7 @@ from ntk_scale.ntk.spectrum_job import check_spectrum_config
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.collapse import CO_FILE
+from ntk_scale.train.experiment import catalog_steps_per_epoch
 from ntk_scale.workdir import phase2_name
 
 EVOLUTION_DIR = "kernel_evolution"
@@ -324,7 +325,7 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if jax.process_index() != 0:
     return result
   stores = [KernelStore.open(r["kernel"]) for r in kernels]
-  elapsed = elapsed_epochs(stores, epochs, len(dataset.train) // config.batch_size)
+  elapsed = elapsed_epochs(stores, epochs, catalog_steps_per_epoch(config))
   results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues,
                               top_spectra, elapsed)
   results["phase"] = int(e.phase)
