@@ -65,7 +65,7 @@ def missing_initial_note(phase: int, from_epoch: float | None = None) -> str:
           f"whose kernel is the linearized model's at phase-2 epoch 0 (ask for phase 1 at that epoch)")
 
 
-def _same_epoch(a: float, b: float) -> bool:
+def same_epoch(a: float, b: float) -> bool:
   """Whether two epochs name one checkpoint, to the 1e-9 that epochs are matched to."""
   return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
@@ -134,7 +134,7 @@ class Checkpoints:
     epochs, preempted = self.epochs(), set(self.preempted_steps())
     kept = self._kept_by_co_monitor() if preempted else []
     return {epoch: step for epoch, step in epochs.items()
-            if step not in preempted or any(_same_epoch(epoch, e) for e in kept)}
+            if step not in preempted or any(same_epoch(epoch, e) for e in kept)}
 
   def _kept_by_co_monitor(self) -> list[float]:
     """The epochs the catastrophic-overfitting monitor's record (next to phase 1's checkpoints/)
@@ -181,11 +181,11 @@ class Checkpoints:
     `initial_note` (`missing_initial_note`) when epoch 0 is asked of checkpoints that lack it."""
     epochs = self.scheduled_epochs()
     for saved_epoch, step in epochs.items():
-      if _same_epoch(saved_epoch, epoch):
+      if same_epoch(saved_epoch, epoch):
         return step
     asked = f"{field}={epoch:g}" if field else f"epoch {epoch:g}"
     why = f" ({initial_note})" if initial_note and epochs and is_initial(epoch) else ""
-    if any(_same_epoch(saved_epoch, epoch) for saved_epoch in self.epochs()):
+    if any(same_epoch(saved_epoch, epoch) for saved_epoch in self.epochs()):
       why = (" (the checkpoint of that epoch was saved at a preemption, only to resume from: the "
              "rerun deletes it once the phase has trained)")
     raise CheckpointNotFoundError(

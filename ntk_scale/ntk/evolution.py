@@ -22,7 +22,6 @@ more rows than the network has parameters): the kernel is zero there.
 
 import csv
 import io
-import math
 import os
 from typing import Any
 
@@ -31,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from ntk_scale import files
-from ntk_scale.checkpoint import is_initial, missing_initial_note
+from ntk_scale.checkpoint import is_initial, missing_initial_note, same_epoch
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import load_dataset
 from ntk_scale.ntk import metrics
@@ -96,7 +95,7 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.evolution.epochs selects 1 checkpoint(s) ({tuple(e.epochs)!r}); "
                      f"kernel evolution needs at least two (or leave it empty: every saved one).")
   for low, high in zip(asked, asked[1:]):
-    if math.isclose(low, high, rel_tol=1e-9, abs_tol=1e-9):  # as select_epochs matches them
+    if same_epoch(low, high):  # as select_epochs matches them
       raise ValueError(f"config.evolution.epochs lists epoch {low:g} twice "
                        f"({tuple(e.epochs)!r}); list each checkpoint once.")
 
@@ -136,7 +135,7 @@ def select_epochs(config: ml_collections.ConfigDict, saved: list[float], matrix_
   else:
     epochs = []
     for asked in sorted(float(x) for x in e.epochs):
-      match = [s for s in saved if math.isclose(s, asked, rel_tol=1e-9, abs_tol=1e-9)]
+      match = [s for s in saved if same_epoch(s, asked)]
       if not match:
         why = (f" ({missing_initial_note(e.phase, config.phase2.from_epoch)})"
                if saved and is_initial(asked) else "")

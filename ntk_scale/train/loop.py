@@ -6,7 +6,8 @@ from typing import Any
 import ml_collections
 
 from ntk_scale import files
-from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, is_initial, save_schedule
+from ntk_scale.checkpoint import (CheckpointNotFoundError, Checkpoints, is_initial, same_epoch,
+                                  save_schedule)
 from ntk_scale.data import Dataset
 from ntk_scale.restore import theta0_step
 from ntk_scale.train.co_monitor import CoMonitor
@@ -30,7 +31,7 @@ def check_phase2_from_epoch(config: ml_collections.ConfigDict, saves: dict[int, 
   phase 2. jobs.check_config asks at the catalog's steps per epoch, before the workdir records the
   config: recorded, a refused config would refuse its corrected rerun as another experiment."""
   from_epoch = config.phase2.from_epoch
-  if not any(abs(e - from_epoch) < 1e-9 for e in saves.values()):
+  if not any(same_epoch(e, from_epoch) for e in saves.values()):
     raise CheckpointNotFoundError(
         f"config.phase2.from_epoch={from_epoch} is not an epoch phase 1 saves; it saves epochs "
         f"{sorted(saves.values())} (config.checkpoint.every_epochs and fractional_epochs, and the end).")

@@ -7,7 +7,6 @@ they write, so both run through `train_phase`: a phase lives in a directory hold
 """
 
 import dataclasses
-import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -19,7 +18,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from ntk_scale.checkpoint import Checkpoints
+from ntk_scale.checkpoint import Checkpoints, same_epoch
 from ntk_scale.data import Dataset
 from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.linearize import LinearizedModel
@@ -191,11 +190,13 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
 def _drop_preemption_checkpoints(phase: Phase, checkpoints: Checkpoints) -> None:
   """A finished phase keeps the checkpoints an uninterrupted run keeps: one saved at a preemption
   was a point to resume from, and would add an epoch to the evolution job's and the kernel job's
-  list, unless the catastrophic-overfitting monitor kept it as the state before a collapse."""
+  list, unless the catastrophic-overfitting monitor kept it as the state before a collapse. The
+  live monitor is asked (Checkpoints.scheduled_epochs reads its record later): every process holds
+  it, while the record is process 0's write, which the others cannot wait for here."""
   kept = phase.monitor.kept_epochs() if phase.monitor is not None else []
   for step in checkpoints.preempted_steps():
     epoch = step / phase.steps_per_epoch  # as train_phase saved it
-    if not any(math.isclose(epoch, e, rel_tol=1e-9, abs_tol=1e-9) for e in kept):
+    if not any(same_epoch(epoch, e) for e in kept):
       checkpoints.delete(step)
 
 
