@@ -676,6 +676,7 @@ def _infinite(config: ml_collections.ConfigDict, mesh) -> tuple[list[ProgramCost
   regression clean and under every attack (each distinct attack config once per model it is run
   against: the original set's model, the optimised set's and, with held-out targets, the original
   subset's); the rest as notes."""
+  infinite_job.require_infinite_section(config)
   s, num_classes = config.infinite, dataset_classes(config.data)
   image_shape, train_size, test_size = dataset_shape(config.data)
   infinite_job.check_infinite_config(config, _split_labels(config, "train", train_size), num_classes,

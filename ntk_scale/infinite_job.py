@@ -71,6 +71,13 @@ ROBUST_DATASET_STEPS_DIR = "robust_dataset_steps"  # the optimisation's saved st
 EVALUATIONS_DIR = "evaluations.partial"  # kernel regression's scores, until results.json is written
 
 
+def require_infinite_section(config: ml_collections.ConfigDict) -> None:
+  """The infinite job's config has its section (the job and its dry run both ask)."""
+  if config.get("infinite") is None:
+    raise ValueError("config.job='infinite' needs a config.infinite section (the analytic kernel and "
+                     "its experiments); see configs/infinite_width.py.")
+
+
 def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
                           num_classes: int, test_labels: np.ndarray | None = None,
                           num_devices: int | None = None) -> None:
@@ -78,6 +85,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   (every evaluation's batch) and, when finite networks are trained, the fields of their training
   (`_check_finite_networks`); `labels` are the training split's, `test_labels` the test split's
   (None: num_test is not checked against them); `num_devices` (default: all) split the batches."""
+  require_infinite_section(config)
   num_devices = jax.device_count() if num_devices is None else num_devices
   s = config.infinite
   infinite.check_architecture_config(s)
@@ -350,9 +358,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   recorded in `workdir` (or checked against its record) once every field has been checked."""
   from ntk_scale.workdir import prepare_workdir
 
-  if config.get("infinite") is None:
-    raise ValueError("config.job='infinite' needs a config.infinite section (the analytic kernel and "
-                     "its experiments); see configs/infinite_width.py.")
+  require_infinite_section(config)  # before the data, which may be a download
   s = config.infinite
   dataset = load_dataset(config.data)
   check_infinite_config(config, dataset.train.labels, dataset.num_classes, dataset.test.labels,

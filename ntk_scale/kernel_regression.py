@@ -49,7 +49,16 @@ def check_regression_config(section: ml_collections.ConfigDict, prefix: str) -> 
 
 
 def regression_targets(labels: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
-  """One-hot labels minus 1/C: the regression targets [N, C]."""
+  """One-hot labels minus 1/C: the regression targets [N, C]. Labels must be class indices in
+  [0, C): one_hot makes any other a row of zeros, a constant target -1/C that would fit silently
+  (a KernelStore of some classes keeps their dataset ids: number them 0 .. C-1 first)."""
+  if not isinstance(labels, jax.core.Tracer):  # concrete: checked here, before the solve
+    values = np.asarray(labels)
+    outside = values[(values < 0) | (values >= num_classes)]
+    if outside.size:
+      raise ValueError(f"labels must be class indices in [0, {num_classes}) for num_classes="
+                       f"{num_classes}; got {sorted(set(outside.tolist()))[:5]} (number a subset's "
+                       f"classes 0 .. {num_classes - 1}).")
   return jax.nn.one_hot(labels, num_classes, dtype=dtype) - 1.0 / num_classes
 
 

@@ -318,7 +318,8 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
   rows, images = [], []
   for name in _subdirectories(root):
     meta = read_set_meta(os.path.join(root, name))
-    if meta is None:
+    if meta is None:  # meta.json is written last: an interrupted save, said as a kernel's tiles are
+      rows.append([name, "incomplete (no meta.json)", *[None] * 7])
       continue
     # A network's sets record their attack; the infinite job's, the kernel config with every attack.
     attack = meta.get("attack") or meta.get("kernel", {}).get("attacks", {}).get(name, {})

@@ -488,6 +488,8 @@ def test_the_infinite_job_without_its_section_is_refused_before_recording(tmp_pa
   with pytest.raises(ValueError, match=r"config.job='infinite' needs a config.infinite section"):
     jobs.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
+  with pytest.raises(ValueError, match=r"config.job='infinite' needs a config.infinite section"):
+    jobs.dry_run(config)  # in the job's words, not a bare AttributeError: "'infinite'"
 
 
 def test_the_report_reads_any_recorded_experiment_and_an_unreadable_record_is_named(tmp_path):

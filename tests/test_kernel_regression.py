@@ -93,6 +93,16 @@ def test_singular_kernel_with_cholesky_says_what_to_do():
 
 
 
+@pytest.mark.parametrize("labels", [[0, 1, 3], [0, -1, 1]])
+def test_labels_outside_the_classes_are_refused(labels):
+  """one_hot turns a label outside [0, C) into a row of zeros: a constant target that fits
+  without complaint (a KernelStore of classes 3 and 7 keeps those ids)."""
+  with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
+    KernelRegression.fit(np.eye(3), np.array(labels), 3)
+  with pytest.raises(ValueError, match=r"\[0, 2\)"):
+    predictor(lambda a, b: a @ b.T, jnp.eye(3), jnp.array([3, 7, 3]), 2)
+
+
 def test_scores_a_block_of_training_images_at_a_time_equal_the_whole_row():
   """kernel_scores in blocks of 4 of 10 training images (the last padded with zero coefficients)
   equals K(x, X) A in one call, and so do its gradients with respect to the images."""

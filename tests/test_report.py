@@ -162,6 +162,9 @@ def workdir(tmp_path_factory):
       **per_class(0.375), "settings": pgd_settings}, "autoattack": {
       **per_class(0.3125), "accuracy_after": {"apgd_ce": 0.34375, "apgd_t": 0.3125}}})
   write_adversarial(path, "pgd")
+  halfway = os.path.join(path, "adversarial", "halfway")  # a save cut before its meta.json
+  os.makedirs(halfway)
+  np.save(os.path.join(halfway, "images.npy"), np.zeros((2, 8, 8, 1), np.float32))
   phase2 = os.path.join(path, "phase2", "centered_C_from1")
   write_metrics(phase2, 8, co=False)
   components = {"f0_mean_abs": 2.5, "f0_mean_norm": 7.0, "jvp_mean_abs": 1.25, "jvp_mean_norm": 3.0}
@@ -233,6 +236,7 @@ def test_report_shows_every_result_and_resolves_every_image_and_link(workdir, in
     values = np.linalg.eigvalsh(random_kernel(seed))
     assert fmt(float(values[-1])) in text and fmt(float(values.sum())) in text
   assert "1 of 6" in text and "6 of 6" in text
+  assert "halfway incomplete (no meta.json)" in text
   assert '"num_steps": 7' in text  # the newest evaluation's PGD, as its record says
   assert "No results yet" not in text
 
