@@ -2,7 +2,8 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a job
 killed at any moment leaves only whole checkpoints behind; the next run resumes from the newest.
-Restores take the shardings of the target state, so a checkpoint written on one topology
+Deletions are atomic too (`Checkpoints.delete`). Restores take the shardings of the target state,
+so a checkpoint written on one topology
 restores on another. With several processes, process 0 lists the saved steps and tells the
 others, so all of them resume from the same step even where file-system caches disagree.
 """
@@ -14,11 +15,14 @@ from typing import Any, Iterable
 import jax
 import orbax.checkpoint as ocp
 
-from ntk_scale import files, preemption
+from ntk_scale import files, parallel, preemption
 from ntk_scale.train.collapse import CO_FILE
 
 
 INITIAL_EPOCH = 0.0  # the epoch of phase 1's checkpoint of its initialisation (step 0)
+# Where Orbax renames a checkpoint it deletes (on a local or mounted file system), before it is removed.
+DELETED_SUBDIR = "deleting"
+COMMIT_FILE = "commit_success.txt"  # in a bucket, what marks a step's checkpoint as whole to Orbax
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -87,7 +91,10 @@ class Checkpoints:
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
                                              enable_async_checkpointing=True,
-                                             single_host_load_and_broadcast=True))
+                                             single_host_load_and_broadcast=True,
+                                             todelete_subdir=DELETED_SUBDIR))
+    if create:  # a writer: what a deletion cut short left
+      self._remove_deleted()
 
   def save(self, step: int, state: Any, epoch: float,
            pending_metrics: list[tuple[int, dict[str, float]]] | None = None) -> None:
@@ -113,8 +120,22 @@ class Checkpoints:
     return [step for step in self._manager.all_steps() if self._meta(step).get("preempted")]
 
   def delete(self, step: int) -> None:
-    """Deletes the checkpoint at `step` (every process calls it: Orbax agrees on it)."""
+    """Deletes the checkpoint at `step` (every process calls it: Orbax agrees on it), so that a
+    kill at any moment leaves it whole or gone: a recursive delete cut short would leave a step
+    that Orbax lists and nothing can read (meta/ gone: every later job failed on the workdir).
+    On a local or mounted file system Orbax first renames it into checkpoints/deleting/, which
+    is removed after (or by the next writer); in a bucket, where a rename is a copy, its commit
+    marker goes first, and Orbax lists only committed steps there."""
+    parallel.barrier(f"ntk_scale delete checkpoint {step}")  # every process has read the steps
+    if files.is_cloud(self.directory) and jax.process_index() == 0:
+      files.remove(os.path.join(self.directory, str(step), COMMIT_FILE))
     self._manager.delete(step)
+    self._remove_deleted()
+
+  def _remove_deleted(self) -> None:
+    trash = os.path.join(self.directory, DELETED_SUBDIR)
+    if jax.process_index() == 0 and not files.is_cloud(self.directory) and files.exists(trash):
+      files.remove_tree(trash)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

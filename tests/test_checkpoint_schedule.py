@@ -2,6 +2,7 @@
 which checkpoints a job can ask for by epoch."""
 
 import itertools
+import os
 import json
 
 import jax.numpy as jnp
@@ -94,3 +95,43 @@ def test_a_preemptions_checkpoint_is_only_to_resume_from(tmp_path):
   assert checkpoints.step_for_epoch(1.8181818181818181) == 20
   assert checkpoints.scheduled_epochs() == {0.0: 0, 1.0: 11, 20 / 11: 20}
   checkpoints.close()
+
+
+class _Killed(BaseException):
+  """The process dying where it was."""
+
+
+@pytest.mark.parametrize("cut", ["in the removal", "after the rename"])
+def test_a_deletion_cut_short_leaves_whole_checkpoints(tmp_path, monkeypatch, cut):
+  """A rerun deletes the preemption's checkpoint once the phase has trained. Deleted in place
+  (Orbax's recursive delete), a kill part-way left a step Orbax lists whose meta/ was gone: every
+  later job on the workdir failed with KeyError 'meta'. Renamed out of the listing first, the step
+  is whole or gone, whatever the moment of the kill."""
+  from orbax.checkpoint._src.path import deleter
+
+  directory = str(tmp_path / "checkpoints")
+  checkpoints = Checkpoints(directory)
+  state = {"w": jnp.arange(2.0)}
+  for step, epoch in ((0, 0.0), (11, 1.0), (20, 20 / 11)):
+    checkpoints.save(step, state, epoch)
+  checkpoints.wait_until_finished()
+  rename = deleter.PathDeleter.delete
+
+  def killed(self, path, *, destination=None, overwrite=False):
+    if destination is None:  # deleted in place: cut after meta/, as a recursive delete may be
+      path.joinpath("meta").rmtree()
+    else:  # renamed out of the listing, then cut before or in the removal of the renamed one
+      rename(self, path, destination=destination, overwrite=overwrite)
+      if cut == "in the removal":
+        destination.joinpath("meta").rmtree()
+    raise _Killed
+
+  monkeypatch.setattr(deleter.PathDeleter, "delete", killed)
+  with pytest.raises(_Killed):
+    checkpoints.delete(20)
+  monkeypatch.undo()
+  reopened = Checkpoints(directory)  # the rerun's
+  assert reopened.epochs() == {0.0: 0, 1.0: 11} and reopened.latest_step() == 11
+  assert sorted(os.listdir(directory)) == ["0", "11"]
+  assert jnp.array_equal(reopened.restore(11, state)["w"], state["w"])
+  reopened.close()
