@@ -92,6 +92,13 @@ def test_event_files_are_cut_back_like_metrics_jsonl_and_otherwise_left_alone(tm
     f.write(b"\x2a\x00\x00")  # a record cut short
   truncate_event_files(str(tmp_path), kept_on_resume(10))
   assert open(path, "rb").read() == whole
+  stray = path + ".tmphost-123"  # a rewrite's temporary, its process killed: TensorBoard reads it
+  with open(stray, "wb") as f:
+    f.write(whole)
   truncate_event_files(str(tmp_path), kept_on_resume(5))
+  assert not os.path.exists(stray)
   points = sorted((v.tag, e.step) for e in EventFileLoader(path).Load() for v in e.summary.value)
   assert points == sorted([("train/loss", s) for s in range(6)] + [("test/accuracy", s) for s in range(5)])
+  # A rerun with no checkpoint yet starts over and logs everything again (hparams at step 0 too).
+  truncate_event_files(str(tmp_path), kept_on_resume(None))
+  assert [v for e in EventFileLoader(path).Load() for v in e.summary.value] == []

@@ -121,7 +121,7 @@ def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
   from ntk_scale.train.writers import (  # pylint: disable=import-outside-toplevel
       JsonlWriter, create_writers, kept_on_resume, truncate_event_files)
 
-  keep = kept_on_resume(start_step)
+  keep = kept_on_resume(latest)
   if jax.process_index() == 0:  # the one writer of TensorBoard's files, before it opens a new one
     truncate_event_files(phase.directory, keep)
   writer, jsonl = create_writers(phase.directory)

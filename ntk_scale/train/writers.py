@@ -19,10 +19,13 @@ _RECORD_FRAMING = 16  # a TFRecord's length (8 bytes) and two checksums (4 each)
 Kept = Callable[[int, str], bool]  # (step, metric name) -> whether a resumed run keeps the point
 
 
-def kept_on_resume(start_step: int) -> Kept:
+def kept_on_resume(start_step: int | None) -> Kept:
   """What a run resumed from its checkpoint at `start_step` keeps of what was logged: every point
   before it, and at it all but test/* (the resumed run evaluates the final checkpoint again). The
-  points after it are logged again as the run trains on."""
+  points after it are logged again as the run trains on. None (no checkpoint saved yet): nothing,
+  since the run starts over and logs all again, its hparams at step 0 too (else shown twice)."""
+  if start_step is None:
+    return lambda step, name: False
   return lambda step, name: step < start_step or (step == start_step and not name.startswith("test/"))
 
 
@@ -36,6 +39,11 @@ def truncate_event_files(directory: str, keep: Kept) -> None:
   from tensorboard.compat.proto import event_pb2
   from tensorboard.summary.writer.record_writer import RecordWriter
 
+  # A rewrite's temporary that a kill left behind: TensorBoard reads every name holding "tfevents",
+  # and would show its points twice. Only process 0 writes these files, and it is here.
+  if not files.is_cloud(directory):  # (a bucket's writes have no temporaries)
+    for stray in files.glob(directory, f"{EVENT_FILE_PREFIX}*.tmp*"):
+      files.remove(stray)
   for name in files.list_dir(directory):
     if not name.startswith(EVENT_FILE_PREFIX):
       continue
