@@ -762,7 +762,7 @@ def _job_programs(config: ml_collections.ConfigDict, job: str, mesh, budget: flo
   elif job == "phase2":
     programs, notes = _phase2(config, mesh), [phase2_components]
   elif job == "evaluate":
-    check_common_config(config, mesh.devices.size)
+    check_common_config(config, mesh.devices.size, training=False)
     phase = config.evaluate.phase
     check_phase(phase, "config.evaluate")
     if phase == 2:

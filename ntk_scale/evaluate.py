@@ -478,7 +478,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                        f"{meta.get('dataset')!r}, not of config.data.name={config.data.name!r}, "
                        f"the dataset this model was trained on.")
   mesh = parallel.make_mesh()
-  check_common_config(config, mesh.devices.size)
+  check_common_config(config, mesh.devices.size, training=False)
   restored = restore_for_inference(config, workdir, phase=config.evaluate.phase,
                                    epoch=config.evaluate.epoch, mesh=mesh, fields="config.evaluate")
   dataset = data.load_dataset(config.data)

@@ -282,6 +282,22 @@ def test_read_only_job_checks_the_recorded_experiment(tmp_path, no_compute):
     jobs.run(config, str(tmp_path))
 
 
+def test_a_checkpoint_trained_at_a_batch_these_devices_do_not_divide_is_still_evaluated(tmp_path):
+  """Trained on one device at batch 30, a workdir was refused by the evaluate job on 4 devices
+  (config.batch_size must be a multiple of 4), and a corrected batch size is another experiment:
+  its checkpoints could never be evaluated there. Evaluation does not read config.batch_size."""
+  config = load_config("digits", "smoke")
+  config.batch_size = 30
+  prepare_workdir(config, str(tmp_path))  # as the one-device train job recorded it
+  config.job = "evaluate"
+  with pytest.raises(CheckpointNotFoundError):  # past every config check (this one trained nothing)
+    jobs.run(config, str(tmp_path))
+  config.job = "train"  # which does read it, on these 4 devices
+  with pytest.raises(ValueError, match=r"config\.batch_size=30 must be a positive multiple of the "
+                                       r"device count \(4 devices\)"):
+    jobs.run(config, str(tmp_path))
+
+
 # Each seed reaches np.random.default_rng, which takes no negative one: refused naming the field,
 # the job's config unrecorded where no other field has been checked yet.
 @pytest.mark.parametrize("job, fields, message", [

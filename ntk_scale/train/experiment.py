@@ -32,9 +32,11 @@ MODES = ("C", "A", "F")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def check_common_config(config: ml_collections.ConfigDict, num_devices: int, *,
+                        training: bool = True) -> None:
   """Validates the fields both phases read: model, data, phase-1 optimizer, batches, logging, eval
-  attacks."""
+  attacks. `training` False (the evaluate job): not config.batch_size, which evaluation never
+  reads; a workdir trained on another device count may have one these devices do not divide."""
   check_model_config(config.model)
   data.check_data_config(config.data)
   data.check_seed(config.seed, "config.seed")
@@ -42,7 +44,7 @@ def check_common_config(config: ml_collections.ConfigDict, num_devices: int) -> 
   if config.data.augment not in AUGMENTATIONS:
     raise ValueError(f"config.data.augment={config.data.augment!r}; expected one of "
                      f"{', '.join(AUGMENTATIONS)}.")
-  for field in ("batch_size", "eval_batch_size"):
+  for field in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
     parallel.check_batch_size(config[field], num_devices, f"config.{field}")
   if not is_whole_number(config.log_every_steps, 1):
     raise ValueError(f"config.log_every_steps={config.log_every_steps!r} must be an integer >= 1 (the "
