@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Every GPU figure the project still waits for, in one command that fits a device lease (about
-# 9 minutes of a 10-minute command), each table written as it finishes so that a stopped run
-# still returns what it measured. Run from the repository root.
+# Every GPU figure the project still waits for, in one command that fits a device lease (at most
+# 570 s of a 10-minute command), each table written as it finishes so that a stopped run still
+# returns what it measured. Run from the repository root.
 #
 # Here, once (the GPU image has jax, flax, optax, orbax and tensorstore but not these):
 #     bash benchmarks/gpu_session.sh wheels        # downloads them into .whl/ (git-ignored)
 # There (the device tool: carry [".whl"], timeout_s 600):
 #     bash benchmarks/gpu_session.sh run "$OUT"
-# On a CPU, to check the script itself with tiny sizes (about 2 minutes; PYTHON: the interpreter,
+# On a CPU, to check the script itself with tiny sizes (about 3 minutes; PYTHON: the interpreter,
 # python3 by default, which on the GPU image has jax):
 #     GPU_SESSION_SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh run /tmp/gpu_session
 #
-# In priority order, each under its own time limit (no case is started after its step's deadline):
+# In priority order, each under its own time limit and none past 570 s in all (no case is started
+# after its step's deadline). ResNet-18 rows time one call after a warm-up one (XLA:GPU compiles a
+# ResNet-18 program in up to a minute); Loo et al.'s method is timed on its first calls and scaled
+# to all (`loo2022*`: 7,875 calls at N = 500, 32,896 at 1024, each the same program).
 #  1. ntk_engine.py, ResNet-18 per logit (class 0) at N = 500 (the issue's "a per-class kernel of
-#     500 CIFAR-10 images in under a second"), 256 and 1024, against neural-tangents, with and
-#     without factored layers (200 s);
-#  2. the same traced over the logits at N = 256 and 1024 (150 s);
-#  3. ntk_engine.py, the small CNN at N = 256 and 1024, also against Loo et al.'s method (80 s);
-#  4. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype, 70 s).
+#     500 CIFAR-10 images in under a second"), 1024 and 256, against neural-tangents and Loo's;
+#  2. ntk_engine.py, the small CNN at N = 256 and 1024, per logit and traced;
+#  3. ResNet-18 traced at N = 1024, where neural-tangents' Jacobians do not fit one call: its
+#     nt.batch sizes are tried from 256 down (each size a compile);
+#  4. ResNet-18 traced at N = 256;
+#  5. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype).
 set -uo pipefail
 
 WHEELS=("ml-collections==1.1.0" "neural-tangents==0.6.5" "frozendict==2.5.1")
@@ -45,18 +49,25 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 cache=/tmp/gpu_session_jax_cache
 started=$SECONDS
 
+total=570  # seconds for every step together, under the device's 600 s command limit
 if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then  # every step's rows, ours and the peers', at tiny sizes
-  per_logit=(--resnet_sizes 8) traced=(--resnet_sizes 8) cnn=(--sizes 16) train=(--models cnn --steps 2)
-  limits=(80 80 60 60) deadlines=(30 30 30)
+  class0=(--resnet_sizes 8,12 --loo_max 12 --loo_calls 3) cnn=(--sizes 16 --loo_calls 10)
+  trace_large=(--resnet_sizes 8 --nt_batch 4 --loo_calls 2) trace_small=(--resnet_sizes 4)
+  train=(--models cnn --steps 2) deadlines=(40 30) total=400
 else
-  per_logit=(--resnet_sizes 500,256,1024 --variants factored_layers=none) traced=(--resnet_sizes 256,1024)
-  cnn=(--sizes 256,1024) train=(--max_seconds 20)
-  limits=(200 150 80 70) deadlines=(160 100 50)
+  class0=(--resnet_sizes 500,1024,256 --loo_max 1024 --loo_calls 200)
+  cnn=(--sizes 256,1024 --loo_calls 2000)
+  trace_large=(--resnet_sizes 1024 --nt_batch 256 --loo_calls 50) trace_small=(--resnet_sizes 256)
+  train=(--max_seconds 20) deadlines=(110 50)
 fi
 
-# Runs a step under its time limit, its output into $out/<name>.txt; what it printed stays if it is stopped.
+# Runs a step under its time limit (and what is left of the total), its output into
+# $out/<name>.txt; what it printed stays if it is stopped.
 step() {
   local name=$1 limit=$2; shift 2
+  local left=$((total - (SECONDS - started)))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "== $name not started: ${left} s left" | tee -a "$out/steps.txt"; return; fi
   echo "== $name (limit ${limit} s, at $((SECONDS - started)) s)" | tee -a "$out/steps.txt"
   timeout --kill-after=10 "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "   exit $? after $((SECONDS - started)) s" | tee -a "$out/steps.txt"
@@ -66,12 +77,15 @@ step() {
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$py" -c "import jax, ntk_scale; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-step ntk_engine-resnet18-class0 "${limits[0]}" "$py" benchmarks/ntk_engine.py --models resnet18 \
-  "${per_logit[@]}" --logits 0 --loo_max 0 --deadline_s "${deadlines[0]}" --compilation_cache "$cache"
-step ntk_engine-resnet18-trace "${limits[1]}" "$py" benchmarks/ntk_engine.py --models resnet18 \
-  "${traced[@]}" --logits trace --loo_max 0 --deadline_s "${deadlines[1]}" --compilation_cache "$cache"
-step ntk_engine-cnn "${limits[2]}" "$py" benchmarks/ntk_engine.py --models cnn "${cnn[@]}" \
-  --logits 0,trace --loo_max 256 --deadline_s "${deadlines[2]}" --compilation_cache "$cache"
-step train_throughput-bfloat16 "${limits[3]}" "$py" benchmarks/train_throughput.py \
-  --compute_dtypes bfloat16 "${train[@]}"
+engine=("$py" benchmarks/ntk_engine.py --compilation_cache "$cache")
+step ntk_engine-resnet18-class0 170 "${engine[@]}" --models resnet18 --logits 0 --repeats 1 \
+  "${class0[@]}" --deadline_s "${deadlines[0]}"
+step ntk_engine-cnn 80 "${engine[@]}" --models cnn --logits 0,trace --loo_max 1024 "${cnn[@]}" \
+  --deadline_s "${deadlines[1]}"
+step ntk_engine-resnet18-trace-large 300 "${engine[@]}" --models resnet18 --logits trace --repeats 1 \
+  --loo_max 1024 "${trace_large[@]}"
+step ntk_engine-resnet18-trace-small 120 "${engine[@]}" --models resnet18 --logits trace --repeats 1 \
+  --loo_max 0 "${trace_small[@]}"
+step train_throughput-bfloat16 70 "$py" benchmarks/train_throughput.py --compute_dtypes bfloat16 \
+  "${train[@]}"
 echo "done in $((SECONDS - started)) s; tables in $out" | tee -a "$out/steps.txt"

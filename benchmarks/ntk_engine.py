@@ -18,15 +18,23 @@ Rows, each timed after compilation (best of --repeats) on the same inputs:
                  or the given --tile_size / --memory_budget_gb
   key=value      the same with that planner setting (--variants: band=1 square tiles, band=4,
                  rotate=False, logit_chunk=2, factored_layers=none, ...)
-  loo2022        Loo et al.'s code: jitted nt.empirical_ntk_fn with NTK_VECTOR_PRODUCTS on 4-image
-                 blocks, one call per pair of upper-triangle blocks, mirrored on the host
+  loo2022        Loo et al.'s code (calculate_kernel.py): jitted nt.empirical_ntk_fn with
+                 NTK_VECTOR_PRODUCTS and its defaults (vmap_axes=None) on 4-image blocks, one call per
+                 pair of upper-triangle blocks, mirrored on the host; `loo2022*` where it ran only
+                 the first --loo_calls calls (each the same program on the same shapes), its time
+                 scaled to all of them and its error over the entries they made
   nt_best        nt.empirical_ntk_fn(JACOBIAN_CONTRACTION, vmap_axes=0), the whole kernel in one call
-  nt_batched     nt.batch of nt_best with the largest batch that fits (when the one call does not):
+  nt_batchB      nt.batch of nt_best with the largest batch B that fits (when the one call does not):
                  the largest divisor of N (nt.batch needs one) whose compiled program XLA counts
-                 within the device's budget, a smaller one if it still runs out of memory
-FLOP rates use the engine's cost model (Jacobian rows + contraction; ntk_scale's default plan,
-the variant rows their own, neural-tangents' rows the plan without factored layers: the work they
-do) against this machine's float32 matmul peak measured in the same run.
+                 within the device's budget, a smaller one if it still runs out of memory; batches
+                 whose two Jacobians alone exceed the budget are passed over without compiling
+                 them; warmed up on 2B images (4 calls of the same program), then timed on all
+`seconds` is the best of --repeats calls after a warm-up one; `vs ours` is seconds / ours (above
+1: slower than ours). GFLOP/s is the kernel's useful work by the engine's cost model (Jacobian
+rows once and the symmetric contraction: ntk_scale's plan for its rows, the plan without factored
+layers for neural-tangents' and Loo's) over the row's time, against this machine's float32 matmul
+peak measured in the same run. A method that forms Jacobians again for every block pair or
+contracts both triangles does more work than it is credited with: its rate is not its hardware's.
 `err` is the largest difference to the ntk_scale kernel relative to its largest entry.
 neural-tangents' "trace" averages over logits; its kernels are multiplied by C here so that all
 rows compute the same sum.
@@ -91,14 +99,14 @@ def _setting(value: str):
     return value
 
 
-def best_time(fn, repeats: int) -> float:
-  """The fastest of `repeats` calls after a first one that compiles and warms up; with repeats 0,
-  that first call alone, compilation included (for rows of many minutes)."""
+def best_time(fn, repeats: int, warmup=None) -> float:
+  """The fastest of `repeats` calls after a first one that compiles and warms up (`warmup`, where
+  a smaller call runs the same programs); with repeats 0, one call, compilation included."""
   if repeats == 0:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-  fn()  # compile and warm up
+  (warmup or fn)()  # compile and warm up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -126,22 +134,25 @@ def nt_functions(nt, apply_fn, logits: str):
   return (lambda p, x: apply_fn(p, x)[:, index:index + 1]), (-1,), 1
 
 
-def loo2022(nt, f, trace_axes, params, x):
-  """One jitted NTK-vector-product call per pair of upper-triangle 4-image blocks."""
-  kernel_fn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=0,
+def loo2022(nt, f, trace_axes, params, x, max_calls: int | None = None):
+  """One jitted NTK-vector-product call per pair of upper-triangle 4-image blocks, as Loo et al.'s
+  calculate_kernel.py (nt's defaults otherwise: vmap_axes=None); with `max_calls`, only the first
+  that many, the entries they do not make NaN. Returns (run, warm-up, calls run, calls in all)."""
+  kernel_fn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=trace_axes,
                                           implementation=nt.NtkImplementation.NTK_VECTOR_PRODUCTS))
   n = len(x)
   blocks = [x[i:i + LOO_BLOCK] for i in range(0, n, LOO_BLOCK)]
+  pairs = [(i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
+  calls = pairs[:max_calls] if max_calls else pairs
 
   def run():
-    out = np.zeros((n, n), np.float32)
-    for i, a in enumerate(blocks):
-      for j in range(i, len(blocks)):
-        tile = np.asarray(kernel_fn(a, blocks[j], params))
-        out[i * LOO_BLOCK:(i + 1) * LOO_BLOCK, j * LOO_BLOCK:(j + 1) * LOO_BLOCK] = tile
-        out[j * LOO_BLOCK:(j + 1) * LOO_BLOCK, i * LOO_BLOCK:(i + 1) * LOO_BLOCK] = tile.T
+    out = np.full((n, n), np.nan, np.float32)
+    for i, j in calls:
+      tile = np.asarray(kernel_fn(blocks[i], blocks[j], params))
+      out[i * LOO_BLOCK:(i + 1) * LOO_BLOCK, j * LOO_BLOCK:(j + 1) * LOO_BLOCK] = tile
+      out[j * LOO_BLOCK:(j + 1) * LOO_BLOCK, i * LOO_BLOCK:(i + 1) * LOO_BLOCK] = tile.T
     return out
-  return run
+  return run, lambda: np.asarray(kernel_fn(blocks[0], blocks[-1], params)), len(calls), len(pairs)
 
 
 def at_precision(run, precision: str):
@@ -157,28 +168,37 @@ def nt_kernel_fn(nt, f, trace_axes):
                              implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
 
 
-def nt_best(nt, f, trace_axes, params, x, batch_size: int | None):
-  kernel_fn = nt_kernel_fn(nt, f, trace_axes)
+def nt_best(nt, f, trace_axes, params, x, batch_size: int | None, compiled=None):
+  """(run, warm-up) of neural-tangents' best: the one call (`compiled`, the program the memory
+  check compiled, where given) or nt.batch, warmed up on its first 2 batches (the same program)."""
   if batch_size is None:
-    jitted = jax.jit(kernel_fn)
-    return lambda: np.asarray(jitted(x, None, params))
-  batched = nt.batch(kernel_fn, batch_size=batch_size, store_on_device=False)
-  return lambda: np.asarray(batched(x, None, params))
+    call = compiled or jax.jit(nt_kernel_fn(nt, f, trace_axes))
+    run = lambda: np.asarray(call(x, None, params))
+    return run, run
+  batched = nt.batch(nt_kernel_fn(nt, f, trace_axes), batch_size=batch_size, store_on_device=False)
+  return (lambda: np.asarray(batched(x, None, params)),
+          lambda: np.asarray(batched(x[:2 * batch_size], None, params)))
 
 
-def nt_batch_sizes(nt, f, trace_axes, params, x) -> list[int]:
-  """Divisors of N (nt.batch needs one; N itself is the one call), largest first, from the
-  largest whose program for a pair of batches XLA counts within the device's budget (on a backend
+def nt_batch_sizes(nt, f, trace_axes, params, x, largest: int | None = None
+                   ) -> list[tuple[int, object]]:
+  """(batch, compiled one call or None) for the divisors of N up to `largest` (nt.batch needs a
+  divisor; N itself is the one call, compiled here once for the check and the run), largest
+  first, from the largest whose program XLA counts within the device's budget (on a backend
   without a memory analysis, all of them). Checked before running: a CPU process that allocates
-  past the host's memory is killed, not told RESOURCE_EXHAUSTED."""
+  past the host's memory is killed, not told RESOURCE_EXHAUSTED. Each candidate is a compile (a
+  minute for ResNet-18 on a GPU): `largest` spares those known not to fit. No bound from the
+  Jacobians' size will do: XLA fuses them into the contraction where it can (an MLP's traced
+  kernel at N=256 fits a batch of 128 in 11.8 GiB, whose two Jacobians alone would be 19 GB)."""
   n, budget = len(x), device_budget_bytes(jax.local_devices()[0])
   jitted = jax.jit(nt_kernel_fn(nt, f, trace_axes))
-  sizes = [b for b in range(n, 0, -1) if n % b == 0]
+  sizes = [b for b in range(min(n, largest or n), 0, -1) if n % b == 0]
   for index, b in enumerate(sizes):
     block = jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
-    needed = memory_per_device(jitted.lower(block, block, params).compile())
+    compiled = jitted.lower(block, None if b == n else block, params).compile()
+    needed = memory_per_device(compiled)
     if needed is None or needed <= budget:
-      return sizes[index:]
+      return [(b, compiled if b == n else None)] + [(s, None) for s in sizes[index + 1:]]
   return []
 
 
@@ -193,6 +213,11 @@ def main() -> None:
   parser.add_argument("--resnet_sizes", default="32", help="sizes for resnet18 (CPU default: small)")
   parser.add_argument("--logits", default="0,trace", help="class indices and/or trace")
   parser.add_argument("--loo_max", type=int, default=256, help="skip loo2022 above this N")
+  parser.add_argument("--nt_batch", type=int, default=None,
+                      help="neural-tangents: try nt.batch sizes from this one down, not from N "
+                           "(each size tried is a compile)")
+  parser.add_argument("--loo_calls", type=int, default=0,
+                      help="loo2022: time only this many of its calls and scale to all (0: all)")
   parser.add_argument("--tile_size", type=int, default=None, help="ours: this tile, not the plan's")
   parser.add_argument("--variants", default="",
                       help="ours again with each of these planner settings, e.g. band=1,rotate=False")
@@ -218,11 +243,11 @@ def main() -> None:
     nt = None
     print(f"# neural-tangents rows skipped: {error}", flush=True)
   # The engine's contraction setting (HIGHEST), on a matrix large enough for the device's peak.
-  peak = matmul_rate("highest", size=2048 if jax.default_backend() == "cpu" else 8192)
+  peak = matmul_rate("highest", size=2048 if jax.default_backend() == "cpu" else 8192, seconds=1.0)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}, "
         f"precision {args.precision}; "
         f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-  header = (f"{'model':>9s} {'params':>10s} {'N':>5s} {'logits':>6s} {'method':>11s} {'seconds':>9s} "
+  header = (f"{'model':>9s} {'params':>10s} {'N':>5s} {'logits':>6s} {'method':>20s} {'seconds':>9s} "
             f"{'vs ours':>8s} {'GFLOP/s':>9s} {'% peak':>7s} {'err':>8s}")
   print(header)
   print("-" * len(header))
@@ -251,9 +276,9 @@ def main() -> None:
 
         def row(label: str, seconds: float, kernel: np.ndarray, flops: float) -> None:
           """One line of the table, printed as soon as its method has run."""
-          err = np.abs(kernel - reference).max() / np.abs(reference).max()
+          err = np.nanmax(np.abs(kernel - reference)) / np.abs(reference).max()  # loo2022*: its part
           rate = flops / seconds
-          print(f"{name:>9s} {num_params:>10,d} {n:>5d} {logits:>6s} {label:>11s} {seconds:>9.3f} "
+          print(f"{name:>9s} {num_params:>10,d} {n:>5d} {logits:>6s} {label:>20s} {seconds:>9.3f} "
                 f"{seconds / ours:>7.1f}x {rate / 1e9:>9.1f} {100 * rate / peak:>6.1f}% {err:>8.1e}",
                 flush=True)
 
@@ -270,12 +295,16 @@ def main() -> None:
         unfactored_flops = plan_for(apply_fn, params, x, None, mode, method="jacobian",
                                     factored_layers="none", **settings).flops
         if nt:  # the one call where it fits, else nt.batch with the largest batch that does
-          for batch in nt_batch_sizes(nt, f, trace_axes, params, x):
+          with jax.default_matmul_precision(args.precision):  # compiled as it runs
+            batches = nt_batch_sizes(nt, f, trace_axes, params, x, args.nt_batch)
+          if args.nt_batch and args.nt_batch < n:
+            print(f"# nt: batches of at most {args.nt_batch} tried (--nt_batch)", flush=True)
+          for batch, compiled in batches:
             out = {}
-            run = at_precision(nt_best(nt, f, trace_axes, params, x, None if batch == n else batch),
-                               args.precision)
+            run, warmup = nt_best(nt, f, trace_axes, params, x, None if batch == n else batch, compiled)
+            run, warmup = at_precision(run, args.precision), at_precision(warmup, args.precision)
             try:
-              seconds = best_time(lambda: out.setdefault("k", run()), args.repeats)
+              seconds = best_time(lambda: out.setdefault("k", run()), args.repeats, warmup)
             except Exception as error:  # noqa: BLE001
               if not is_out_of_memory(error):
                 raise
@@ -287,8 +316,13 @@ def main() -> None:
             print(f"# {name} N={n} logits={logits}: no nt.batch size fits", flush=True)
         if nt and n <= args.loo_max:
           out = {}
-          run = at_precision(loo2022(nt, f, trace_axes, params, x), args.precision)
-          row("loo2022", best_time(lambda: out.setdefault("k", run()), args.repeats),
+          run, warmup, calls, all_calls = loo2022(nt, f, trace_axes, params, x, args.loo_calls)
+          seconds = best_time(lambda: out.setdefault("k", at_precision(run, args.precision)()),
+                              args.repeats, at_precision(warmup, args.precision))
+          if calls < all_calls:
+            print(f"# loo2022*: {calls:,d} of its {all_calls:,d} calls timed, {seconds:.3f} s, "
+                  f"scaled to all", flush=True)
+          row("loo2022" if calls == all_calls else "loo2022*", seconds * all_calls / calls,
               out["k"] * scale, unfactored_flops)
 
 

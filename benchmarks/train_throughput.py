@@ -5,7 +5,7 @@ For each model (the small CNN at width 32 and ResNet-18 at width 64, both with B
 `base_config()`), mesh and sharded batch through the `ntk_scale` API, compiles
 `ntk_scale.train.steps.make_train_step` once, and times it on random data on every device jax
 sees. It reports the median step time, images/s, the FLOPs per step from XLA's cost analysis of
-the compiled step (summed over devices), the achieved FLOP rate, and that rate as a fraction of a
+the lowered step (the whole step, all devices), the achieved FLOP rate, and that rate as a fraction of a
 peer measured in the same run: a jitted square matmul (2048 on CPU, 8192 on GPU) on one device,
 timed the same way and scaled by the device count, which is the practical dense FLOP ceiling of
 this machine; float32 for the float32 steps, bfloat16 for the bfloat16 ones (whose peak on a GPU
@@ -65,9 +65,10 @@ class Row:
   dtype: str = "float32"  # of the matmuls: which peer it is compared with
 
 
-def compiled_flops(compiled: Any) -> float:
-  """The 'flops' of XLA's cost analysis: a dict in jax 0.10, a list of per-module dicts in older jax."""
-  analysis = compiled.cost_analysis()
+def xla_flops(program: Any) -> float:
+  """The 'flops' of XLA's cost analysis of a lowered (or compiled) program: a dict in jax 0.10, a
+  list of per-module dicts in older jax."""
+  analysis = program.cost_analysis()
   modules = analysis if isinstance(analysis, (list, tuple)) else [analysis]
   return float(sum(module.get("flops", 0.0) for module in modules))
 
@@ -130,8 +131,9 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
   if compute_dtype != "float32":
     model = ntk_scale.models.build_model(model_config(name).model, NUM_CLASSES)
     compute_apply_fn = model.clone(dtype=jnp.dtype(compute_dtype)).apply
-  compiled = ntk_scale.train.steps.make_train_step(
-      "none", seed=0, compute_apply_fn=compute_apply_fn).lower(state, batch).compile()
+  lowered = ntk_scale.train.steps.make_train_step(
+      "none", seed=0, compute_apply_fn=compute_apply_fn).lower(state, batch)
+  compiled = lowered.compile()
 
   def run_once() -> Any:
     nonlocal state
@@ -139,21 +141,22 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
     return metrics
 
   seconds, timed = median_seconds(run_once, timing)
-  # The compiled SPMD executable is one device's program, so its cost analysis is per device.
+  # The lowered program is the whole step, before it is split over the devices; counted there
+  # because XLA:GPU's analysis of the compiled one counts cuDNN's convolutions as 0 FLOPs.
   devices = jax.device_count()
   label = f"{name} [{linearization or compute_dtype}]" if linearization or compute_dtype != "float32" else name
-  return Row(label, parameters, batch_size, devices, seconds, timed, devices * compiled_flops(compiled),
-             compute_dtype)
+  return Row(label, parameters, batch_size, devices, seconds, timed, xla_flops(lowered), compute_dtype)
 
 
 def measure_peer(size: int, timing: Timing, dtype: str = "float32") -> Row:
   """A jitted `size` x `size` matmul in `dtype` on the first device, timed like the train step."""
   a, b = jax.device_put(jax.random.normal(jax.random.key(0), (2, size, size), jnp.dtype(dtype)))
-  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  lowered = jax.jit(jnp.matmul).lower(a, b)
+  compiled = lowered.compile()
   seconds, timed = median_seconds(lambda: compiled(a, b), timing)
   short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
   return Row(f"peer: matmul {size}x{size} {short}", None, None, 1, seconds, timed,
-             compiled_flops(compiled), dtype)
+             xla_flops(lowered), dtype)
 
 
 def peer_fraction(row: Row, peers: dict[str, Row]) -> float:
@@ -233,7 +236,7 @@ def main() -> None:
   for line in overheads:
     print(line)
   print(f"step ms: median of the timed steps (column 'steps'), after compilation and {timing.warmup} "
-        "warm-up step(s).\nGFLOP/step: XLA cost analysis of the compiled executable, summed over devices; "
+        "warm-up step(s).\nGFLOP/step: XLA cost analysis of the lowered step (all devices); "
         "frac of peer: GFLOP/s over (GFLOP/s of the peer of the step's dtype x devices).")
 
 
