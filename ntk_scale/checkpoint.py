@@ -3,9 +3,9 @@
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a job
 killed at any moment leaves only whole checkpoints behind; the next run resumes from the newest.
 Deletions are atomic too (`Checkpoints.delete`). Restores take the shardings of the target state,
-so a checkpoint written on one topology
-restores on another. With several processes, process 0 lists the saved steps and tells the
-others, so all of them resume from the same step even where file-system caches disagree.
+so a checkpoint written on one topology restores on another. With several processes, process 0
+lists the saved steps and tells the others, so all of them resume from the same step even where
+file-system caches disagree.
 """
 
 import math
