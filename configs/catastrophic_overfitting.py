@@ -37,6 +37,18 @@ distances, top eigenvalues and the collapse marked on the plots (<workdir>/kerne
     python main.py --config configs/catastrophic_overfitting.py:method=fgsm,beta=0.15,eps=0.25 \
         --config.job=evolution --config.evolution.around_collapse=1 --workdir workdirs/co/fgsm_b0.15_e0.25
 
+The paper's CIFAR-10 setting (`data=cifar10`), one run and the sweep (beta 0 to 8/255 in steps of
+2/255, every method; the dry run lists the units without XManager):
+
+    python main.py --config configs/catastrophic_overfitting.py:data=cifar10,method=fgsm,beta=0.03137 \
+        --workdir workdirs/co_cifar10/fgsm_b0.03137_e0.03137
+    python xm_launch/launch.py --config configs/catastrophic_overfitting.py:data=cifar10 \
+        --workdir_root gs://BUCKET/co_cifar10 --executor=vertex --accelerator=h100=1 --dry_run
+
+Expected, from the paper (not run here: no GPU yet): FGSM at eps 8/255 trains robustly on the plain
+data (beta 0) and collapses with the injected feature near the authors' default beta = eps;
+N-FGSM and GradAlign resist longer.
+
 The summary also says whether the collapse was sustained (`sustained`: robust accuracy stayed
 collapsed for config.train.co_monitor.sustain_evals = 3 consecutive measurements, 1.5 epochs here)
 and lists the measurements at which it recovered (`recoveries`).
@@ -238,7 +250,7 @@ def _cifar10(c: ml_collections.ConfigDict, eps: float) -> None:
   c.data.augment = "none"
   c.optimizer.peak_fraction = 0.5
   c.model.name, c.model.width, c.model.batch_norm = "resnet18", 64, True
-  c.batch_size, c.eval_batch_size = 128, 500
+  c.batch_size, c.eval_batch_size = 128, 1024  # theirs (batch_size_test), divides 8-1024 devices
   c.num_epochs = 30.0
   c.log_every_steps = 100
   c.train.co_monitor.every_steps = 195  # half an epoch of 390 steps
@@ -247,7 +259,10 @@ def _cifar10(c: ml_collections.ConfigDict, eps: float) -> None:
 
 
 SWEEP_METHODS = ("fgsm", "n_fgsm", "grad_align")
-SWEEP_BETAS = ("0", "0.1", "0.15", "0.2")
+# Injected feature sizes of the sweep, by dataset: on digits up to 0.8 of eps 0.25; on CIFAR-10
+# 0 to 8/255 in steps of 2/255 (the authors' default is beta = eps = 8/255).
+SWEEP_BETAS = {"digits": ("0", "0.1", "0.15", "0.2"),
+               "cifar10": tuple(f"{k / 255:.4g}" for k in (0, 2, 4, 6, 8))}
 
 
 def get_sweep(arg: str = "") -> list[dict[str, str]]:
@@ -267,7 +282,7 @@ def get_sweep(arg: str = "") -> list[dict[str, str]]:
   weight = [f"lambda={values['lambda']}"] if values["lambda"] != DEFAULTS["lambda"] else []
   units = []
   for method in SWEEP_METHODS:
-    for beta in SWEEP_BETAS:
+    for beta in SWEEP_BETAS[values["data"]]:
       for seed in seed_list:
         items = ([f"method={method}", f"beta={beta}", f"seed={seed}"] + kept
                  + (weight if method == "grad_align" else []) + sorted(flags))

@@ -90,7 +90,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optimizer.decay_epochs = (100, 150)
   c.optimizer.decay_factor = 0.1
   c.batch_size = 128
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512  # a multiple of 8, 16 and 32 devices, as every batch here (500 was not)
+  c.eigen_features.batch_size = 128
   c.num_epochs = 200.0
   c.log_every_steps = 100
   c.train.attack = pgd_linf(EPS, num_steps=20, step_size=STEP)
