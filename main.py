@@ -26,9 +26,10 @@ _DRY_RUN = flags.DEFINE_bool(
 _TARGET_MEMORY = flags.DEFINE_float(
     "dry_run_device_memory_gb", None, "With --dry_run: plan for devices with this much memory each "
     "(GiB; e.g. 80 for an H100, 32 for a TPU v4 chip) instead of the ones JAX sees here.")
-_TARGET_TFLOPS = flags.DEFINE_float(
-    "dry_run_tflops", None, "With --dry_run: each device's float32 matmul rate (TFLOP/s) for the time "
-    "bound, instead of the rate measured here.")
+_TARGET_TFLOPS = flags.DEFINE_string(
+    "dry_run_tflops", None, "With --dry_run: each device's matmul rate (TFLOP/s) for the time bound, "
+    "instead of the rates measured here: one for every program (50), and/or per dtype:precision "
+    "(50,float32:default=495,bfloat16:default=990: an H100 at HIGHEST, TF32 and bfloat16).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-process job: find the coordinator and this process's id with JAX's "
     "cluster detection (TPU pods, SLURM, Open MPI, Kubernetes).")
@@ -69,13 +70,20 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _DRY_RUN.value and (_TARGET_MEMORY.value is not None or _TARGET_TFLOPS.value is not None):
     raise app.UsageError("--dry_run_device_memory_gb and --dry_run_tflops plan a job; they need --dry_run.")
+  every, rates = None, {}
+  if _TARGET_TFLOPS.value is not None:
+    from ntk_scale.dry_run import parse_matmul_rates  # pylint: disable=import-outside-toplevel
+    try:
+      every, rates = parse_matmul_rates(_TARGET_TFLOPS.value)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
   console.quiet_library_logs()  # before the first jax call, whose backend probe logs at INFO
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value, heartbeat_timeout_s=_HEARTBEAT.value)
   if _DRY_RUN.value:
     plan = jobs.dry_run(
         _CONFIG.value, None if _TARGET_MEMORY.value is None else _TARGET_MEMORY.value * 2**30,
-        None if _TARGET_TFLOPS.value is None else _TARGET_TFLOPS.value * 1e12).describe()
+        every, rates).describe()
     if jax.process_index() == 0:
       print(plan)
     return

@@ -24,9 +24,11 @@ the per-device figures are the real ones. A plan that does not fit the per-devic
 PlanDoesNotFit naming the setting to change as soon as that program is compiled (the job itself
 would refuse it only after loading the data).
 From a machine without the accelerators, `TargetDevices` (main.py's --dry_run_device_memory_gb
-and --dry_run_tflops) plans for devices of that memory and matmul rate instead of the local ones:
+and --dry_run_tflops) plans for devices of that memory and matmul rates instead of the local ones:
 budgets (the kernel's tile and band, the spectrum's method) follow the target's memory, times its
-rate; the memory figures are XLA's analysis of the programs compiled for the local backend.
+rates (one for every program, or one per dtype and precision: an H100's float32 at DEFAULT, TF32,
+is ~7x its HIGHEST); the memory figures are XLA's analysis of the programs compiled for the local
+backend.
 
     python main.py --config configs/cifar10_resnet18.py --workdir /tmp/unused --dry_run
 """
@@ -101,15 +103,45 @@ _PLAN_BUDGET: contextvars.ContextVar[float | None] = contextvars.ContextVar("pla
 TARGET_MEMORY_FLAG = "--dry_run_device_memory_gb"
 
 
+# (dtype, precision) of a program's matmuls: the rate measured for them bounds its time.
+Matmul = tuple[str, str]
+RATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+RATE_PRECISIONS = ("default", "high", "highest")
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetDevices:
   """The devices a job will run on, where they are not the ones JAX sees here (None: these)."""
   memory_bytes: float | None = None  # each device's memory; the budget is DEVICE_MEMORY_FRACTION of it
-  matmul_flops_per_s: float | None = None  # each device's matmul rate, for every program
+  matmul_flops_per_s: float | None = None  # each device's matmul rate, for programs not in matmul_rates
+  # ((dtype, precision), FLOP/s) of given kinds of matmul: an H100 runs float32 at DEFAULT (TF32) 7x
+  # faster than at HIGHEST, so one rate for training's and the kernel's programs misstates one of them.
+  matmul_rates: tuple[tuple[Matmul, float], ...] = ()
 
 
-# (dtype, precision) of a program's matmuls: the rate measured for them bounds its time.
-Matmul = tuple[str, str]
+def parse_matmul_rates(spec: str, flag: str = "--dry_run_tflops") -> tuple[float | None, dict[Matmul, float]]:
+  """`spec` in TFLOP/s: "50" (every program), "float32:default=495,bfloat16:default=990" (those
+  kinds of matmul), or both ("50,float32:default=495": 50 for every other kind). Returns
+  (FLOP/s for every other kind or None, {(dtype, precision): FLOP/s}); errors name `flag`."""
+  every, rates = None, {}
+  for item in (i.strip() for i in spec.split(",") if i.strip()):
+    kind, sep, value = item.rpartition("=")
+    dtype, _, precision = kind.partition(":")
+    try:
+      number = float(value) * 1e12
+    except ValueError:
+      number = float("nan")
+    if not (number > 0 and math.isfinite(number)) or (sep and (dtype not in RATE_DTYPES or precision
+                                                                not in RATE_PRECISIONS)):
+      raise ValueError(f"{flag}={spec!r}: {item!r} is not a rate; give TFLOP/s, for every program "
+                       f"(50) or for one kind of matmul as dtype:precision=TFLOP/s (dtype one of "
+                       f"{', '.join(RATE_DTYPES)}; precision one of {', '.join(RATE_PRECISIONS)}), "
+                       f"e.g. 50,float32:default=495.")
+    if sep:
+      rates[(dtype, precision)] = number
+    else:
+      every = number
+  return every, rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +193,14 @@ class DryRun:
       lines = [f"{header}budget {_gib(self.budget_bytes)} per device",
                "  no device programs: nothing to compile, count or time"]
       return "\n".join(lines + [f"  note: {n}" for n in self.notes])
-    rate = "given" if t.matmul_flops_per_s else "measured"
-    rates = (f"given float32 matmul rate {t.matmul_flops_per_s / 1e9:.4g} GFLOP/s" if t.matmul_flops_per_s
-             else "measured matmul rate " + ", ".join(
-                 f"{dtype} at {precision.upper()} {value / 1e9:.4g} GFLOP/s"
-                 for (dtype, precision), value in self.matmul_rates.items()))
+    given = dict(t.matmul_rates)
+    source = lambda m: "given" if m in given or t.matmul_flops_per_s else "measured"
+    sources = {source(m) for m in self.matmul_rates}
+    rate = sources.pop() if len(sources) == 1 else "given and measured"
+    rates = f"{rate} matmul rate " + ", ".join(
+        f"{dtype} at {precision.upper()} {value / 1e9:.4g} GFLOP/s"
+        + (f" ({source((dtype, precision))})" if rate == "given and measured" else "")
+        for (dtype, precision), value in self.matmul_rates.items())
     lines = [f"{header}{rates} per device; budget {_gib(self.budget_bytes)} per device",
              f"  {'program':<52s} {'calls':>9s} {'FLOP/call':>10s} {'memory/device':>14s} {'time >=':>10s}"]
     for p in self.programs:
@@ -718,8 +753,9 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
   mesh = parallel.make_mesh()
   if target.memory_bytes is not None and not target.memory_bytes > 0:
     raise ValueError(f"the target devices' memory ({target.memory_bytes!r} bytes) must be positive.")
-  if target.matmul_flops_per_s is not None and not target.matmul_flops_per_s > 0:
-    raise ValueError(f"the target devices' matmul rate ({target.matmul_flops_per_s!r}) must be positive.")
+  for value in [target.matmul_flops_per_s, *dict(target.matmul_rates).values()]:
+    if value is not None and not value > 0:
+      raise ValueError(f"the target devices' matmul rate ({value!r}) must be positive.")
   target_budget = (None if target.memory_bytes is None
                    else DEVICE_MEMORY_FRACTION * target.memory_bytes)
   budget = target_budget or device_budget_bytes(jax.local_devices()[0])
@@ -729,7 +765,9 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
     programs, notes = _job_programs(config, job, mesh, budget, budget_flag, target_budget)
   finally:
     _PLAN_BUDGET.reset(planning)
-  rates = {p.matmul: target.matmul_flops_per_s or _matmul_rate(p.matmul) for p in programs}
+  given = dict(target.matmul_rates)
+  rates = {p.matmul: given.get(p.matmul) or target.matmul_flops_per_s or _matmul_rate(p.matmul)
+           for p in programs}
   return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
                 target)
 

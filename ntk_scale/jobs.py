@@ -37,14 +37,16 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
 
 
 def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None = None,
-            matmul_flops_per_s: float | None = None) -> "DryRun":
-  """What `config.job` would cost on these devices, or on devices of the given memory and float32
-  matmul rate (see ntk_scale/dry_run.py); runs and writes nothing. check_config first, at the
+            matmul_flops_per_s: float | None = None,
+            matmul_rates: dict[tuple[str, str], float] | None = None) -> "DryRun":
+  """What `config.job` would cost on these devices, or on devices of the given memory and matmul
+  rates (one for every program, and/or by (dtype, precision); see ntk_scale/dry_run.py); runs and writes nothing. check_config first, at the
   device count planned for: what `run` refuses before compute, the dry run refuses too."""
   from ntk_scale.dry_run import TargetDevices, plan_job
 
   config = check_config(config, jax.device_count())  # the mesh plan_job makes: every device
-  return plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s))
+  return plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s,
+                                        tuple((matmul_rates or {}).items())))
 
 
 # Jobs that call prepare_workdir themselves, once their data-dependent checks have passed: they

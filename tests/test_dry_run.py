@@ -18,6 +18,7 @@ from ntk_scale import jobs, parallel
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
+from ntk_scale.dry_run import parse_matmul_rates
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
 from ntk_scale.ntk import KernelPlanError, fit_plan
@@ -457,13 +458,36 @@ def test_a_plan_for_target_devices_uses_their_memory_and_rate():
   assert small.bytes_per_device <= tight.budget_bytes < big.bytes_per_device <= roomy.budget_bytes
   assert roomy.seconds(big) == pytest.approx(big.device_flops_per_call / 1e12)
   assert "devices of 4 GiB (compiled for cpu)" in roomy.describe()
-  assert "given float32 matmul rate 1000 GFLOP/s" in roomy.describe()
+  assert "given matmul rate float32 at HIGHEST 1000 GFLOP/s per device" in roomy.describe()
   # The budget is the flag's, not config.kernel.memory_budget_gb's: the refusal names the flag.
   with pytest.raises(KernelPlanError, match="but --dry_run_device_memory_gb allows") as refused:
     jobs.dry_run(c, device_memory_bytes=2**16)
   assert "memory_budget_gb" not in str(refused.value)
   with pytest.raises(ValueError, match="must be positive"):
     jobs.dry_run(c, device_memory_bytes=-1.0)
+
+
+def test_target_rates_are_given_by_kind_of_matmul():
+  """One rate for every program misstated half of a job: training runs at DEFAULT (TF32 on an
+  H100, ~495 TFLOP/s), the kernel engine at HIGHEST (~67). --dry_run_tflops takes a rate per
+  dtype:precision, with or without one for every other kind; anything else is refused by name."""
+  assert parse_matmul_rates("50, float32:default=495,bfloat16:default=990") == (
+      5e13, {("float32", "default"): 4.95e14, ("bfloat16", "default"): 9.9e14})
+  assert parse_matmul_rates("float64:highest=1") == (None, {("float64", "highest"): 1e12})
+  for bad in ("fast", "float32:turbo=5", "tf32:default=5", "float32:default=-1", "0", "nan"):
+    with pytest.raises(ValueError, match=r"--dry_run_tflops=.* is not a rate; give TFLOP/s"):
+      parse_matmul_rates(bad)
+  c = mlp_config()  # training at DEFAULT, its evaluation at config.eval_matmul_precision
+  c.eval_matmul_precision = "highest"
+  plan = jobs.dry_run(c, matmul_flops_per_s=1e12, matmul_rates={("float32", "default"): 4e12})
+  assert plan.matmul_rates == {("float32", "default"): 4e12, ("float32", "highest"): 1e12}
+  step = _by_name(plan)["phase 1 benign step"]
+  assert plan.seconds(step) == pytest.approx(step.calls * step.flops_per_call / 4 / 4e12)
+  assert ("given matmul rate float32 at DEFAULT 4000 GFLOP/s, float32 at HIGHEST 1000 GFLOP/s"
+          in plan.describe())
+  mixed = jobs.dry_run(c, matmul_rates={("float32", "default"): 4e12}).describe()
+  assert re.search(r"given and measured matmul rate float32 at DEFAULT 4000 GFLOP/s \(given\), "
+                   r"float32 at HIGHEST [\d.]+ GFLOP/s \(measured\)", mixed)
 
 
 def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
