@@ -301,10 +301,11 @@ def test_dry_run_lists_the_units_and_each_command_runs_main():
 
 def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
   """A GPU unit's one process sees its GPUs: a batch that does not split over them was refused
-  only once the unit ran. A TPU count names chips or cores by generation, so TPU (and CPU) units
-  are checked at one device."""
+  only once the unit ran. A TPU slice's count names TensorCores: a v3's is its devices, a v4's twice
+  them (two cores a chip, one device); a generation not known, and CPU units, at one device."""
   assert launch.devices_per_unit({"h100": 8}) == 8 and launch.devices_per_unit({"local_gpu": 2}) == 2
-  assert {launch.devices_per_unit(r) for r in ({}, {"tpu_v4": 8}, {"cpu": 4})} == {1}
+  assert launch.devices_per_unit({"tpu_v3": 8}) == 8 and launch.devices_per_unit({"tpu_v4": 16}) == 8
+  assert {launch.devices_per_unit(r) for r in ({}, {"tpu_v9": 8}, {"cpu": 4})} == {1}
   bad = ["--config.batch_size=36", "--config.eval_batch_size=64"]
   with pytest.raises(ValueError, match=r"main.py would refuse work unit 'run': config\.batch_size=36 "
                                        r"must be a positive multiple of the device count \(8 devices\)"):

@@ -94,12 +94,21 @@ def on_tpu(resources: dict[str, int]) -> bool:
 GPUS = ("local_gpu", "p4", "t4", "l4", "p100", "v100", "a100", "a100_80gib", "h100", "h200", "b200")
 
 
+# TensorCores per JAX device of the TPU generations whose count names TensorCores (a v3-8 is 8
+# devices; a v4-16 is 8 chips, each one device of two cores).
+TPU_CORES_PER_DEVICE = {"tpu_v2": 1, "tpu_v3": 1, "tpu_v4": 2, "tpu_v5p": 2}
+
+
 def devices_per_unit(resources: dict[str, int]) -> int:
-  """The devices a work unit's job sees, for the checks before launching: its GPUs, or 1 on CPU. A
-  TPU count names chips or cores, by generation, of a slice that may span hosts: 1 there, so
-  batch sizes are checked on the slice itself."""
+  """The devices a work unit's job sees, at least, for the checks before launching: its GPUs; a TPU
+  slice's count over its cores per device (a multiple of that many devices is needed however many
+  hosts share them: a batch of 500 on a v4-16 was refused only once the slice had started); 1 on
+  CPU and for TPU generations not in TPU_CORES_PER_DEVICE (checked on the slice itself). Were
+  the count chips, not cores, this is half the devices: a weaker check, never a wrong refusal."""
   gpus = sum(count for name, count in resources.items() if name in GPUS)
-  return 1 if on_tpu(resources) else max(gpus, 1)
+  tpus = sum(count // TPU_CORES_PER_DEVICE[name] for name, count in resources.items()
+             if name in TPU_CORES_PER_DEVICE)
+  return max(gpus, tpus, 1)
 
 
 def jax_wheel(resources: dict[str, int]) -> str:
