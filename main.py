@@ -30,6 +30,9 @@ _TARGET_TFLOPS = flags.DEFINE_string(
     "dry_run_tflops", None, "With --dry_run: each device's matmul rate (TFLOP/s) for the time bound, "
     "instead of the rates measured here: one for every program (50), and/or per dtype:precision "
     "(50,float32:default=495,bfloat16:default=990: an H100 at HIGHEST, TF32 and bfloat16).")
+_TARGET_PLATFORM = flags.DEFINE_enum(
+    "dry_run_platform", None, ["cpu", "gpu", "tpu"], "With --dry_run: plan for this platform's "
+    "devices: its checks (float64 on TPUs) instead of this machine's.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-process job: find the coordinator and this process's id with JAX's "
     "cluster detection (TPU pods, SLURM, Open MPI, Kubernetes).")
@@ -68,8 +71,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _DRY_RUN.value and (_TARGET_MEMORY.value is not None or _TARGET_TFLOPS.value is not None):
-    raise app.UsageError("--dry_run_device_memory_gb and --dry_run_tflops plan a job; they need --dry_run.")
+  targets = (_TARGET_MEMORY.value, _TARGET_TFLOPS.value, _TARGET_PLATFORM.value)
+  if not _DRY_RUN.value and any(t is not None for t in targets):
+    raise app.UsageError("--dry_run_device_memory_gb, --dry_run_tflops and --dry_run_platform plan a "
+                         "job; they need --dry_run.")
   every, rates = None, {}
   if _TARGET_TFLOPS.value is not None:
     from ntk_scale.dry_run import parse_matmul_rates  # pylint: disable=import-outside-toplevel
@@ -83,7 +88,7 @@ def main(argv):
   if _DRY_RUN.value:
     plan = jobs.dry_run(
         _CONFIG.value, None if _TARGET_MEMORY.value is None else _TARGET_MEMORY.value * 2**30,
-        every, rates).describe()
+        every, rates, _TARGET_PLATFORM.value).describe()
     if jax.process_index() == 0:
       print(plan)
     return

@@ -27,7 +27,7 @@ From a machine without the accelerators, `TargetDevices` (main.py's --dry_run_de
 and --dry_run_tflops) plans for devices of that memory and matmul rates instead of the local ones:
 budgets (the kernel's tile and band, the spectrum's method) follow the target's memory, times its
 rates (one for every program, or one per dtype and precision: an H100's float32 at DEFAULT, TF32,
-is ~7x its HIGHEST); the memory figures are XLA's analysis of the programs compiled for the local
+is ~7x its HIGHEST) and, with --dry_run_platform, passes that platform's checks; the memory figures are XLA's analysis of the programs compiled for the local
 backend.
 
     python main.py --config configs/cifar10_resnet18.py --workdir /tmp/unused --dry_run
@@ -117,6 +117,7 @@ class TargetDevices:
   # ((dtype, precision), FLOP/s) of given kinds of matmul: an H100 runs float32 at DEFAULT (TF32) 7x
   # faster than at HIGHEST, so one rate for training's and the kernel's programs misstates one of them.
   matmul_rates: tuple[tuple[Matmul, float], ...] = ()
+  platform: str | None = None  # "tpu", "gpu" or "cpu": whose checks the plan passed (parallel.planned_for)
 
 
 def parse_matmul_rates(spec: str, flag: str = "--dry_run_tflops") -> tuple[float | None, dict[Matmul, float]]:
@@ -186,8 +187,12 @@ class DryRun:
 
   def describe(self) -> str:
     t = self.target
-    devices = (f"{self.num_devices} {self.platform} device(s)" if t.memory_bytes is None else
-               f"{self.num_devices} devices of {_gib(t.memory_bytes)} (compiled for {self.platform})")
+    if t.memory_bytes is None and t.platform in (None, self.platform):  # these devices
+      devices = f"{self.num_devices} {self.platform} device(s)"
+    else:
+      of = "" if t.memory_bytes is None else f" of {_gib(t.memory_bytes)}"
+      devices = (f"{self.num_devices} {t.platform + ' ' if t.platform else ''}devices{of} "
+                 f"(compiled for {self.platform})")
     header = f"dry run of job {self.job!r} on {devices} in {jax.process_count()} process(es); "
     if not self.programs:  # no rate was measured, and there is no time to bound
       lines = [f"{header}budget {_gib(self.budget_bytes)} per device",

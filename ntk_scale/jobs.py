@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import ml_collections
 
-from ntk_scale import console, data
+from ntk_scale import console, data, parallel
 from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.eigen_features_job import eigen_features_job
@@ -38,15 +38,18 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
 
 def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None = None,
             matmul_flops_per_s: float | None = None,
-            matmul_rates: dict[tuple[str, str], float] | None = None) -> "DryRun":
-  """What `config.job` would cost on these devices, or on devices of the given memory and matmul
-  rates (one for every program, and/or by (dtype, precision); see ntk_scale/dry_run.py); runs and writes nothing. check_config first, at the
-  device count planned for: what `run` refuses before compute, the dry run refuses too."""
+            matmul_rates: dict[tuple[str, str], float] | None = None,
+            platform: str | None = None) -> "DryRun":
+  """What `config.job` would cost on these devices, or on devices of the given memory, matmul
+  rates (one for every program, and/or by (dtype, precision)) and platform (its checks: float64
+  on TPUs); see ntk_scale/dry_run.py. Runs and writes nothing. check_config first, at the device
+  count planned for: what `run` refuses before compute, the dry run refuses too."""
   from ntk_scale.dry_run import TargetDevices, plan_job
 
-  config = check_config(config, jax.device_count())  # the mesh plan_job makes: every device
-  return plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s,
-                                        tuple((matmul_rates or {}).items())))
+  with parallel.planned_for(platform):  # the target's platform checks (float64 on TPUs)
+    config = check_config(config, jax.device_count())  # the mesh plan_job makes: every device
+    return plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s,
+                                          tuple((matmul_rates or {}).items()), platform))
 
 
 # Jobs that call prepare_workdir themselves, once their data-dependent checks have passed: they

@@ -5,10 +5,12 @@ replicated, batches are split along their first axis. Each host materialises onl
 of a global batch that its own devices hold, so a batch never passes through one host.
 """
 
+import contextlib
+import contextvars
 import os
 import sys
 import threading
-from typing import Any, Mapping, NoReturn
+from typing import Any, Iterator, Mapping, NoReturn
 
 import jax
 import numpy as np
@@ -43,10 +45,27 @@ def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
                      f"({num_devices} devices).")
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+_PLANNED_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("planned", default=None)
+
+
+@contextlib.contextmanager
+def planned_for(platform: str | None) -> Iterator[None]:
+  """The platform checks inside (float64 on TPUs) are those of `platform`, not of this machine:
+  a dry run from a laptop of a TPU job refuses what the job would refuse there (None: these)."""
+  if platform is not None and platform not in PLATFORMS:
+    raise ValueError(f"platform {platform!r}; expected one of {', '.join(PLATFORMS)}.")
+  token = _PLANNED_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLANNED_PLATFORM.reset(token)
+
+
 def devices_compute(dtype: str) -> bool:
   """Whether the devices compute in `dtype`: float64 not on TPUs, which have no float64 arithmetic
   (XLA:TPU rejects many float64 operations and emulates the others in float32 pieces)."""
-  return dtype != "float64" or jax.default_backend() != "tpu"
+  return dtype != "float64" or (_PLANNED_PLATFORM.get() or jax.default_backend()) != "tpu"
 
 
 def float64_device() -> jax.Device:

@@ -490,6 +490,20 @@ def test_target_rates_are_given_by_kind_of_matmul():
                    r"float32 at HIGHEST [\d.]+ GFLOP/s \(measured\)", mixed)
 
 
+def test_a_plan_for_tpus_refuses_what_the_job_refuses_there():
+  """float64 kernels run on CPUs and GPUs, and TPUs have no float64 arithmetic: the kernel job
+  refuses them there before compute, and a dry run for TPUs (--dry_run_platform=tpu) from a
+  machine of another platform now does too, where it planned them."""
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples, c.kernel.logits, c.kernel.dtype = 40, "0", "float64"
+  assert "float64" in str(jobs.dry_run(c, platform="gpu").programs[0].matmul)
+  with pytest.raises(ValueError, match=r"config\.kernel\.dtype='float64' cannot run on TPUs"):
+    jobs.dry_run(c, device_memory_bytes=32 * 2**30, platform="tpu")
+  c.kernel.dtype = "float32"
+  planned = jobs.dry_run(c, device_memory_bytes=32 * 2**30, platform="tpu").describe()
+  assert "on 4 tpu devices of 32 GiB (compiled for cpu)" in planned
+
+
 def test_spectrum_plan_is_the_kernel_and_the_compiled_round():
   """A full kernel of 100 examples x 10 logits: 1000 rows, split over 4 devices; a round of 20
   iterations multiplies the kernel by the starting block of k + oversample vectors, one such block
