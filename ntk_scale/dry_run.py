@@ -27,8 +27,8 @@ From a machine without the accelerators, `TargetDevices` (main.py's --dry_run_de
 and --dry_run_tflops) plans for devices of that memory and matmul rates instead of the local ones:
 budgets (the kernel's tile and band, the spectrum's method) follow the target's memory, times its
 rates (one for every program, or one per dtype and precision: an H100's float32 at DEFAULT, TF32,
-is ~7x its HIGHEST) and, with --dry_run_platform, passes that platform's checks; the memory figures are XLA's analysis of the programs compiled for the local
-backend.
+is ~7x its HIGHEST) and, with --dry_run_platform, passes that platform's checks; the memory
+figures are XLA's analysis of the programs compiled for the local backend.
 
     python main.py --config configs/cifar10_resnet18.py --workdir /tmp/unused --dry_run
 """
