@@ -127,8 +127,9 @@ class Checkpoints:
     is removed after (or by the next writer); in a bucket, where a rename is a copy, its commit
     marker goes first, and Orbax lists only committed steps there."""
     parallel.barrier(f"ntk_scale delete checkpoint {step}")  # every process has read the steps
-    if files.is_cloud(self.directory) and jax.process_index() == 0:
-      files.remove(os.path.join(self.directory, str(step), COMMIT_FILE))
+    marker = os.path.join(self.directory, str(step), COMMIT_FILE)
+    if files.is_cloud(self.directory) and jax.process_index() == 0 and files.exists(marker):
+      files.remove(marker)
     self._manager.delete(step)
     self._remove_deleted()
 
