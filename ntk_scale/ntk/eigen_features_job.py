@@ -314,6 +314,9 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     name = os.path.basename(kernel["kernel"])  # the kernel store refuses another subset
     settings["kernel"] = KernelStore.open(kernel["kernel"]).identity_digest()  # and a recomputed one
+    # Jacobian rows with patch-matmul convolution weight gradients: records made with JAX's own
+    # rule, whose accuracies were wrong for convolutional models on several devices, are made again.
+    settings["jacobian_rows"] = "patch_matmul"
   directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
   saved = files.read_result(result_path, settings)
