@@ -31,7 +31,7 @@ _TARGET_TFLOPS = flags.DEFINE_string(
     "instead of the rates measured here: one for every program (50), and/or per dtype:precision "
     "(50,float32:default=495,bfloat16:default=990: an H100 at HIGHEST, TF32 and bfloat16).")
 _TARGET_PLATFORM = flags.DEFINE_enum(
-    "dry_run_platform", None, ["cpu", "gpu", "tpu"], "With --dry_run: plan for this platform's "
+    "dry_run_platform", None, list(parallel.PLATFORMS), "With --dry_run: plan for this platform's "
     "devices: its checks (float64 on TPUs) instead of this machine's.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-process job: find the coordinator and this process's id with JAX's "
