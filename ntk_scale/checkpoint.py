@@ -105,8 +105,11 @@ class Checkpoints:
     meta = {"step": int(step), "epoch": float(epoch)}
     if pending_metrics is not None:
       meta.update(preempted=True, pending_metrics=[[int(s), m] for s, m in pending_metrics])
-    self._manager.save(step, args=ocp.args.Composite(
+    saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if not saved:  # Orbax skips a step at or below its newest without a word: a state lost
+      raise RuntimeError(f"the checkpoint of step {step} was not saved in {self.directory}: Orbax "
+                         f"saves only after its newest step ({self.latest_step()})")
 
   def _meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -97,6 +97,16 @@ def test_a_preemptions_checkpoint_is_only_to_resume_from(tmp_path):
   checkpoints.close()
 
 
+def test_a_save_orbax_would_skip_is_an_error(tmp_path):
+  """Orbax's manager skips a step at or below its newest and only returns False: the state would
+  be lost without a word."""
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  checkpoints.save(5, {"w": jnp.zeros(2)}, 1.0)
+  with pytest.raises(RuntimeError, match=r"step 5 was not saved .* after its newest step \(5\)"):
+    checkpoints.save(5, {"w": jnp.ones(2)}, 1.0, pending_metrics=[])
+  checkpoints.close()
+
+
 class _Killed(BaseException):
   """The process dying where it was."""
 

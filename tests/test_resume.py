@@ -27,6 +27,7 @@ from ntk_scale.checkpoint import Checkpoints
 from ntk_scale import preemption
 from ntk_scale.preemption import Preempted
 from ntk_scale.train import loop, phase
+from ntk_scale.train.collapse import CollapseDetector
 from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import notices_from
@@ -299,3 +300,30 @@ def test_a_preemption_waits_for_the_next_step_the_monitor_measures(tmp_path, mon
   assert stopped.value.step == 8
   assert 8 in Checkpoints(os.path.join(tmp_path, "checkpoints")).epochs().values()
   assert [r["step"] for r in read_metrics(str(tmp_path)) if "co/robust_accuracy" in r] == [4, 5, 6, 8]
+
+
+def test_a_preemption_at_the_step_the_monitor_saved_after_a_collapse(tmp_path, monkeypatch):
+  """The monitor saves the state "after" a collapse (step 8, off the schedule) just before the
+  notice is acted on there: that checkpoint is the one to resume from (its metrics are logged);
+  a second save of step 8 is not asked of Orbax, which refuses it."""
+  config = preemption_config()
+  config.train.co_monitor.every_steps, config.train.co_monitor.num_examples = 4, 32
+  config.train.co_monitor.attack = pgd_linf(EPS, num_steps=1)
+  original_update = CollapseDetector.update
+
+  def collapse_at_8(self, step, epoch, robust_accuracy, train_accuracy):
+    original_update(self, step, epoch, robust_accuracy, train_accuracy)
+    if step == 8:
+      self.collapse = dict(self.previous, peak=self.peak, before={"step": 6})
+      return self.collapse
+    return None
+
+  monkeypatch.setattr(CollapseDetector, "update", collapse_at_8)
+  monkeypatch.setattr(phase, "preemption_notices", notices_from(7))
+  with pytest.raises(Preempted) as stopped:
+    jobs.run(config, str(tmp_path))
+  assert stopped.value.step == 8
+  checkpoints = Checkpoints(os.path.join(tmp_path, "checkpoints"))
+  assert checkpoints.latest_step() == 8 and checkpoints.preempted_steps() == []
+  assert checkpoints.pending_metrics(8) == []
+

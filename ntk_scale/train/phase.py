@@ -176,7 +176,8 @@ def train_phase(phase: Phase, state: TrainState, start_step: int, checkpoints: C
         checkpoints.save(done, state, phase.saves[done])
       # Stopped only where the monitor has measured: its state "before" a collapse is then saved.
       if noticed() and done < phase.total_steps and (phase.monitor is None or monitored):
-        if done not in phase.saves:
+        # The monitor may have saved this step (around a collapse); its metrics are all logged.
+        if done not in phase.saves and checkpoints.latest_step() != done:
           unlogged = _check_finite(pending, done, state, checkpoints, phase.learning_rate_field)
           checkpoints.save(done, state, done / phase.steps_per_epoch, pending_metrics=unlogged)
         checkpoints.wait_until_finished()
