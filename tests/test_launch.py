@@ -305,6 +305,8 @@ def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
   them (two cores a chip, one device); a generation not known, and CPU units, at one device."""
   assert launch.devices_per_unit({"h100": 8}) == 8 and launch.devices_per_unit({"local_gpu": 2}) == 2
   assert launch.devices_per_unit({"tpu_v3": 8}) == 8 and launch.devices_per_unit({"tpu_v4": 16}) == 8
+  assert launch.devices_per_unit({"tpu_v5e": 16}) == 16 and launch.devices_per_unit({"tpu_v6e": 8}) == 8
+  assert launch.devices_per_unit({"tpu_v7x": 8}) == 4
   assert {launch.devices_per_unit(r) for r in ({}, {"tpu_v9": 8}, {"cpu": 4})} == {1}
   bad = ["--config.batch_size=36", "--config.eval_batch_size=64"]
   with pytest.raises(ValueError, match=r"main.py would refuse work unit 'run': config\.batch_size=36 "

@@ -95,8 +95,11 @@ GPUS = ("local_gpu", "p4", "t4", "l4", "p100", "v100", "a100", "a100_80gib", "h1
 
 
 # TensorCores per JAX device of the TPU generations whose count names TensorCores (a v3-8 is 8
-# devices; a v4-16 is 8 chips, each one device of two cores).
-TPU_CORES_PER_DEVICE = {"tpu_v2": 1, "tpu_v3": 1, "tpu_v4": 2, "tpu_v5p": 2}
+# devices; a v4-16 is 8 chips, each one device of two cores). A v5e or v6e chip has one core and is
+# one device. A TPU7x chip has two cores; its count over 2 is at most its devices however they are
+# counted (chips or cores) and exposed (a device a chip or a core).
+TPU_CORES_PER_DEVICE = {"tpu_v2": 1, "tpu_v3": 1, "tpu_v4": 2, "tpu_v5p": 2, "tpu_v5e": 1, "tpu_v6e": 1,
+                        "tpu_v7x": 2}
 
 
 def devices_per_unit(resources: dict[str, int]) -> int:
