@@ -80,8 +80,17 @@ def test_bad_overrides_and_files_are_named_before_launching():
     work_units("configs/nope.py", [], "/r")
   with pytest.raises(ValueError, match="--accelerator='gpu'"):
     launch.requirements("gpu")
-  assert launch.requirements("tpu_v4=8") == {"tpu_v4": 8}
-  assert launch.jax_wheel({"tpu_v4": 8}) == "jax[tpu]"
+  assert launch.requirements("tpu_v3=8", "vertex") == {"tpu_v3": 8}
+  with pytest.raises(ValueError, match=r"--accelerator='tpu_v4=8': XManager's vertex executor does not "
+                                       r"provide tpu_v4; it provides p4, .* \(empty for CPU only\)\. TPU v4 "
+                                       r"and later slices: start main.py with --distributed on every host"):
+    launch.requirements("tpu_v4=8", "vertex")
+  # The local executor gives Docker only local_gpu: an h100 unit ran on the CPU.
+  with pytest.raises(ValueError, match=r"local executor does not provide h100; it provides local_gpu"):
+    launch.requirements("h100=8", "local")
+  with pytest.raises(ValueError, match=r"vertex executor does not provide local_gpu"):
+    launch.requirements("local_gpu=1", "vertex")
+  assert launch.jax_wheel({"tpu_v3": 8}) == "jax[tpu]"
   assert launch.jax_wheel({"local_gpu": 1}) == "jax[cuda13]"
   assert launch.jax_wheel({}) == "jax"
 
@@ -275,10 +284,10 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch, tmp_path):
   assert any("jax[cuda13]" in step for step in recorded["container"]["docker_instructions"])
   assert [job["args"] for job in recorded["jobs"]] == [u.flags() for u in units]
   assert all(job["executor"].requirements == ("requirements", {"local_gpu": 1}) for job in recorded["jobs"])
-  # The hosts of a TPU slice join one multi-process job (JAX's cluster detection)
+  # A TPU unit runs with --distributed (JAX's cluster detection)
   recorded.clear()
   units = work_units(CO, [], "gs://bucket/co")
-  launch.launch(units, {"tpu_v4": 32}, title="co sweep", executor="vertex",
+  launch.launch(units, {"tpu_v3": 8}, title="co sweep", executor="vertex",
                 volumes=launch.workdir_volumes("gs://bucket/co", "vertex"))
   assert [job["args"] for job in recorded["jobs"]] == [{**u.flags(), "distributed": True} for u in units]
 
@@ -301,13 +310,10 @@ def test_dry_run_lists_the_units_and_each_command_runs_main():
 
 def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
   """A GPU unit's one process sees its GPUs: a batch that does not split over them was refused
-  only once the unit ran. A TPU slice's count names TensorCores: a v3's is its devices, a v4's twice
-  them (two cores a chip, one device); a generation not known, and CPU units, at one device."""
+  only once the unit ran. A TPU v2/v3 count names TensorCores, each a device; CPU units, one."""
   assert launch.devices_per_unit({"h100": 8}) == 8 and launch.devices_per_unit({"local_gpu": 2}) == 2
-  assert launch.devices_per_unit({"tpu_v3": 8}) == 8 and launch.devices_per_unit({"tpu_v4": 16}) == 8
-  assert launch.devices_per_unit({"tpu_v5e": 16}) == 16 and launch.devices_per_unit({"tpu_v6e": 8}) == 8
-  assert launch.devices_per_unit({"tpu_v7x": 8}) == 4
-  assert {launch.devices_per_unit(r) for r in ({}, {"tpu_v9": 8}, {"cpu": 4})} == {1}
+  assert launch.devices_per_unit({"tpu_v3": 8}) == 8
+  assert {launch.devices_per_unit(r) for r in ({}, {"cpu": 4, "ram": 2 ** 34})} == {1}
   bad = ["--config.batch_size=36", "--config.eval_batch_size=64"]
   with pytest.raises(ValueError, match=r"main.py would refuse work unit 'run': config\.batch_size=36 "
                                        r"must be a positive multiple of the device count \(8 devices\)"):
@@ -317,7 +323,8 @@ def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
   was_parsed = flags.FLAGS.is_parsed()
   flags.FLAGS.mark_as_parsed()
   try:
-    launch_flags = dict(config="configs/digits.py:smoke", workdir_root="/runs/d", dry_run=True)
+    launch_flags = dict(config="configs/digits.py:smoke", workdir_root="gs://b/d", executor="vertex",
+                        dry_run=True)
     with flagsaver.flagsaver(**launch_flags, accelerator="h100=8"):
       with pytest.raises(ValueError, match=r"count \(8 devices\)"):
         launch.main(["launch.py", *bad])
@@ -326,4 +333,4 @@ def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
   finally:
     if not was_parsed:
       flags.FLAGS.unparse_flags()
-  assert "1 work unit(s); executor local, resources {'h100': 4}." in capsys.readouterr().out
+  assert "1 work unit(s); executor vertex, resources {'h100': 4}." in capsys.readouterr().out

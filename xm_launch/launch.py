@@ -19,9 +19,10 @@ every container at the same path, so the units' workdirs are on this machine; on
 must be a Cloud Storage path (gs://...), which main.py writes to directly. --config must name a file
 inside the repository (the container holds the repository, at /<repository's directory name>).
 
-On TPUs every work unit runs main.py with `--distributed`: a multi-host slice (a pod) runs one
-copy per host, and JAX's cluster detection joins them into one job (a single-host slice is a job
-of one process). GPU work units are one VM each, one process.
+On TPUs every work unit runs main.py with `--distributed` (JAX's cluster detection; one host of
+Cloud TPU v2/v3, the generations XManager's Vertex AI executor provides). TPU v4 and later slices
+are started on each of their hosts by hand (README, Multi-host jobs). GPU work units are one VM
+each, one process.
 """
 
 import os
@@ -42,7 +43,7 @@ _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "vertex"],
 _ACCELERATOR = flags.DEFINE_string(
     "accelerator", "local_gpu=1",
     "Resources per work unit as name=count, xm.JobRequirements' names: local_gpu=1 (local), "
-    "a100=1, h100=8, tpu_v3=8, tpu_v4=8 (vertex); empty for CPU only.")
+    "a100=1, h100=8, tpu_v3=8 (vertex); empty for CPU only.")
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11", "Docker image the container is built on.")
 _TITLE = flags.DEFINE_string("title", None, "Experiment title (default: the config).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the work units' commands; launch nothing.")
@@ -52,14 +53,33 @@ flags.mark_flags_as_required(["config", "workdir_root"])
 _JAX_EXTRA = {"tpu": "jax[tpu]", "gpu": "jax[cuda13]"}
 
 
-def requirements(spec: str) -> dict[str, int]:
-  """`name=count[,name=count]` -> {name: count}; errors name the flag."""
+# What XManager (0.8.5, the release pinned in pyproject.toml) does with each resource name, by
+# executor: its local executor hands Docker only local_gpu and drops any other name (h100=8 ran on
+# the CPU); its Vertex AI executor maps these GPUs and Cloud TPU v2/v3 (xmanager/cloud/vertex.py),
+# and failed on any other accelerator only after the container was built.
+EXECUTOR_RESOURCES = {
+    "local": ("local_gpu",),
+    "vertex": ("p4", "t4", "l4_24th", "p100", "v100", "a100", "a100_80gib", "h100", "h200", "b200",
+               "tpu_v2", "tpu_v3", "cpu", "ram", "memory"),
+}
+
+
+def requirements(spec: str, executor: str = "local") -> dict[str, int]:
+  """`name=count[,name=count]` -> {name: count}, each name one `executor` acts on; errors name the
+  flag and what the executor accepts."""
   parsed = {}
   for item in (i for i in spec.split(",") if i):
     name, sep, count = item.partition("=")
     if not sep or not count.isdigit() or int(count) <= 0:
       raise ValueError(f"--accelerator={spec!r}: expected name=count items such as local_gpu=1 or tpu_v3=8.")
     parsed[name.strip().lower()] = int(count)
+  unknown = [name for name in parsed if name not in EXECUTOR_RESOURCES[executor]]
+  if unknown:
+    pods = (" TPU v4 and later slices: start main.py with --distributed on every host of the slice "
+            "(README, Multi-host jobs)." if any(n.startswith("tpu") for n in unknown) else "")
+    raise ValueError(f"--accelerator={spec!r}: XManager's {executor} executor does not provide "
+                     f"{', '.join(unknown)}; it provides {', '.join(EXECUTOR_RESOURCES[executor])} "
+                     f"(empty for CPU only).{pods}")
   return parsed
 
 
@@ -90,28 +110,15 @@ def on_tpu(resources: dict[str, int]) -> bool:
   return any(name.startswith("tpu") for name in resources)
 
 
-# xm.JobRequirements' GPU names: each counts the devices JAX sees in the unit's one process.
-GPUS = ("local_gpu", "p4", "t4", "l4", "p100", "v100", "a100", "a100_80gib", "h100", "h200", "b200")
-
-
-# TensorCores per JAX device of the TPU generations whose count names TensorCores (a v3-8 is 8
-# devices; a v4-16 is 8 chips, each one device of two cores). A v5e or v6e chip has one core and is
-# one device. A TPU7x chip has two cores; its count over 2 is at most its devices however they are
-# counted (chips or cores) and exposed (a device a chip or a core).
-TPU_CORES_PER_DEVICE = {"tpu_v2": 1, "tpu_v3": 1, "tpu_v4": 2, "tpu_v5p": 2, "tpu_v5e": 1, "tpu_v6e": 1,
-                        "tpu_v7x": 2}
+# The accelerators the executors provide, each counted in the devices JAX sees in a unit's one
+# process: a GPU, or a TPU v2/v3 TensorCore.
+DEVICES = ("local_gpu", "p4", "t4", "l4_24th", "p100", "v100", "a100", "a100_80gib", "h100", "h200", "b200",
+           "tpu_v2", "tpu_v3")
 
 
 def devices_per_unit(resources: dict[str, int]) -> int:
-  """The devices a work unit's job sees, at least, for the checks before launching: its GPUs; a TPU
-  slice's count over its cores per device (a multiple of that many devices is needed however many
-  hosts share them: a batch of 500 on a v4-16 was refused only once the slice had started); 1 on
-  CPU and for TPU generations not in TPU_CORES_PER_DEVICE (checked on the slice itself). Were
-  the count chips, not cores, this is half the devices: a weaker check, never a wrong refusal."""
-  gpus = sum(count for name, count in resources.items() if name in GPUS)
-  tpus = sum(count // TPU_CORES_PER_DEVICE[name] for name, count in resources.items()
-             if name in TPU_CORES_PER_DEVICE)
-  return max(gpus, tpus, 1)
+  """The devices a work unit's job sees, for the checks before launching; 1 on CPU."""
+  return max(sum(count for name, count in resources.items() if name in DEVICES), 1)
 
 
 def jax_wheel(resources: dict[str, int]) -> str:
@@ -165,7 +172,7 @@ def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, exec
 
 
 def main(argv: list[str]) -> None:
-  resources = requirements(_ACCELERATOR.value)
+  resources = requirements(_ACCELERATOR.value, _EXECUTOR.value)
   volumes = workdir_volumes(_WORKDIR_ROOT.value, _EXECUTOR.value)
   units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value, devices_per_unit(resources))
   if _DRY_RUN.value:
