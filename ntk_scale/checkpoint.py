@@ -19,6 +19,7 @@ from ntk_scale import files, parallel, preemption
 from ntk_scale.train.collapse import CO_FILE
 
 
+CHECKPOINTS_DIR = "checkpoints"  # a phase's checkpoints, in its directory (the workdir for phase 1)
 INITIAL_EPOCH = 0.0  # the epoch of phase 1's checkpoint of its initialisation (step 0)
 # Where Orbax renames a checkpoint it deletes (on a local or mounted file system), before it is removed.
 DELETED_SUBDIR = "deleting"

@@ -17,7 +17,8 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ntk_scale import data, files, parallel
-from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, missing_initial_note
+from ntk_scale.checkpoint import (CHECKPOINTS_DIR, CheckpointNotFoundError, Checkpoints,
+                                  missing_initial_note)
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.models import build_model
@@ -48,7 +49,7 @@ class Restored:
 def theta0_step(config: ml_collections.ConfigDict, workdir: str) -> int:
   """The step of theta0, the phase-1 checkpoint at config.phase2.from_epoch (0: the initialisation);
   reads no arrays, so jobs call it to fail before any compute."""
-  phase1 = Checkpoints(os.path.join(workdir, "checkpoints"), create=False)
+  phase1 = Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), create=False)
   try:
     return phase1.step_for_epoch(config.phase2.from_epoch, "config.phase2.from_epoch",
                                  missing_initial_note(1))
@@ -65,7 +66,7 @@ def linearized_model(config: ml_collections.ConfigDict, workdir: str,
   p = config.phase2
   from_step = theta0_step(config, workdir)
   model = build_model(config.model, data.num_classes(config.data))
-  phase1 = Checkpoints(os.path.join(workdir, "checkpoints"), create=False)
+  phase1 = Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), create=False)
   theta0 = phase1.restore_variables(from_step, parallel.replicated_sharding(mesh))
   phase1.close()
   return LinearizedModel(model, theta0["params"], theta0["batch_stats"], p.linearization,
@@ -89,7 +90,7 @@ def _phase2_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Chec
   if diffs:
     raise ValueError(f"{directory} was trained as another linearized model; restoring it with this "
                      f"config would apply its parameters to the wrong model:\n  " + "\n  ".join(diffs))
-  return Checkpoints(os.path.join(directory, "checkpoints"), create=False)
+  return Checkpoints(os.path.join(directory, CHECKPOINTS_DIR), create=False)
 
 
 def _find_step(checkpoints: Checkpoints, epoch: float | None, field: str, how_to_train: str,
@@ -110,7 +111,7 @@ def saved_epochs(config: ml_collections.ConfigDict, workdir: str, phase: int) ->
   """Every saved epoch of `phase` (1: the network; 2: the experiment config.phase2.name) of the
   schedule, fractional ones included (not a preempted run's extra one), in order; reads no arrays,
   so jobs can check the epochs they need before compute."""
-  checkpoints = (Checkpoints(os.path.join(workdir, "checkpoints"), create=False) if phase == 1
+  checkpoints = (Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), create=False) if phase == 1
                  else _phase2_checkpoints(config, workdir))
   try:
     return sorted(checkpoints.scheduled_epochs())
@@ -145,7 +146,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *, ph
     raise ValueError(f"{fields}.epoch={epoch!r}; expected an epoch number or None (the newest).")
   mesh = parallel.make_mesh() if mesh is None else mesh
   if phase == 1:
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), create=False)
+    checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), create=False)
     step, found = _find_step(checkpoints, epoch, f"{fields}.epoch",
                              "train this workdir (config.job='train')", missing_initial_note(1))
     model = build_model(config.model, data.num_classes(config.data))

@@ -6,8 +6,8 @@ from typing import Any
 import ml_collections
 
 from ntk_scale import files
-from ntk_scale.checkpoint import (CheckpointNotFoundError, Checkpoints, is_initial, same_epoch,
-                                  save_schedule)
+from ntk_scale.checkpoint import (CHECKPOINTS_DIR, CheckpointNotFoundError, Checkpoints, is_initial,
+                                  same_epoch, save_schedule)
 from ntk_scale.data import Dataset
 from ntk_scale.restore import theta0_step
 from ntk_scale.train.co_monitor import CoMonitor
@@ -45,7 +45,7 @@ def _check_phase2_start(config: ml_collections.ConfigDict, saves: dict[int, floa
     return
   check_phase2_config(config)
   check_phase2_from_epoch(config, saves)
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, CHECKPOINTS_DIR)
   if is_initial(config.phase2.from_epoch) and files.exists(directory):
     phase1 = Checkpoints(directory)
     resumed = phase1.latest_step() is not None

@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from ntk_scale.checkpoint import Checkpoints, same_epoch
+from ntk_scale.checkpoint import CHECKPOINTS_DIR, Checkpoints, same_epoch
 from ntk_scale.data import Dataset
 from ntk_scale.evaluate import evaluate_and_save, write_evaluation
 from ntk_scale.linearize import LinearizedModel
@@ -111,7 +111,7 @@ def open_phase(phase: Phase, state: TrainState, hparams: dict[str, Any]
   """Resumes `state` from the phase's newest checkpoint (phase 1's initialisation, step 0, included)
   and opens its writers, forgetting the metrics logged after that checkpoint. Returns (state, start
   step, checkpoints, writer)."""
-  checkpoints = Checkpoints(os.path.join(phase.directory, "checkpoints"))
+  checkpoints = Checkpoints(os.path.join(phase.directory, CHECKPOINTS_DIR))
   latest = checkpoints.latest_step()
   start_step = latest or 0
   if latest is not None:
