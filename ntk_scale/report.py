@@ -30,8 +30,9 @@ import numpy as np
 
 from ntk_scale import files
 from ntk_scale.adversarial_sets import read_set_meta
+from ntk_scale.train.collapse import CO_FILE
 from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
-from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, flatten_config
+from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, TRANSFER_DIR, flatten_config
 
 REPORT_DIR, INDEX_FILE = "report", "index.html"
 # Result directories rendered generically: every PNG embedded, every CSV a table, JSON linked.
@@ -192,7 +193,7 @@ def _subdirectories(path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ runs
-RUN_FILES = (METRICS_FILE, "evaluations", "adversarial", "catastrophic_overfitting.json")
+RUN_FILES = (METRICS_FILE, "evaluations", "adversarial", CO_FILE)
 _CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda k: k.endswith("loss")),
     ("accuracy", lambda k: k.endswith("accuracy")),
@@ -212,7 +213,7 @@ def find_runs(workdir: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     runs.append(("Phase 2", phase2))
   runs += [(f"Phase 2: {n}", os.path.join(phase2, n)) for n in _subdirectories(phase2)
            if has_run(os.path.join(phase2, n))]
-  transfer = os.path.join(workdir, "transfer")  # the infinite job's finite networks
+  transfer = os.path.join(workdir, TRANSFER_DIR)  # the infinite job's finite networks
   return runs, [(f"Infinite-width job: network {n}", os.path.join(transfer, n))
                 for n in _subdirectories(transfer) if has_run(os.path.join(transfer, n))]
 
@@ -353,7 +354,7 @@ def adversarial_parts(page: ReportPage, directory: str, prefix: str) -> list[str
 def run_parts(page: ReportPage, directory: str, prefix: str) -> list[str]:
   """Training curves, final test metrics, evaluations, adversarial sets and the CO record of a run."""
   parts = []
-  co_path = os.path.join(directory, "catastrophic_overfitting.json")
+  co_path = os.path.join(directory, CO_FILE)
   co = files.read_json(co_path) if files.exists(co_path) else None
   collapse = (co or {}).get("collapse") or {}
   metrics_path = os.path.join(directory, METRICS_FILE)
@@ -376,8 +377,7 @@ def run_parts(page: ReportPage, directory: str, prefix: str) -> list[str]:
                f"collapse at epoch {fmt(collapse.get('epoch'))}, "
                f"{'sustained' if co.get('sustained') else 'transient'}")
     parts += [f"<h3>Catastrophic overfitting: {html.escape(verdict)}</h3>", key_value_table(co),
-              page.link(page.copy(co_path, f"{prefix}catastrophic_overfitting.json"),
-                        "catastrophic_overfitting.json")]
+              page.link(page.copy(co_path, f"{prefix}{CO_FILE}"), CO_FILE)]
   return parts
 
 
@@ -395,11 +395,12 @@ def kernel_row(name: str, meta: dict, tiles_done: int) -> list[Any]:
 def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
   """The kernels' metadata, and the spectrum of each complete one: the spectrum job's where it ran
   (its top k), else a dense eigh's where the kernel is small enough."""
+  from ntk_scale.ntk.job import KERNELS_DIR  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.spectrum import eigenvalues  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.store import META_FILE, TILES_DIR, KernelStore  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.spectrum_job import RESULT_FILE, SPECTRUM_DIR, load_spectrum  # pylint: disable=import-outside-toplevel
 
-  root = os.path.join(workdir, "kernels")
+  root = os.path.join(workdir, KERNELS_DIR)
   kernels = {name: files.read_json(os.path.join(root, name, META_FILE)) for name in _subdirectories(root)
              if files.exists(os.path.join(root, name, META_FILE))}
   order = lambda name: (kernels[name].get("source", {}).get("phase", 0),
@@ -491,13 +492,15 @@ def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]
 
 def infinite_parts(page: ReportPage, workdir: str) -> list[str]:
   """The infinite job's results.json (every accuracy), flattened."""
-  path = os.path.join(workdir, "results.json")
+  from ntk_scale.infinite_job import RESULTS_FILE, ROBUST_DATASET_FILE  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(workdir, RESULTS_FILE)
   if not files.exists(path):
     return []
-  parts = [key_value_table(files.read_json(path)), page.link(page.copy(path, "results.json"), "results.json")]
-  dataset = os.path.join(workdir, "robust_dataset.npz")
+  parts = [key_value_table(files.read_json(path)), page.link(page.copy(path, RESULTS_FILE), RESULTS_FILE)]
+  dataset = os.path.join(workdir, ROBUST_DATASET_FILE)
   if files.exists(dataset):
-    parts.append(paragraph(f"The optimised training set: robust_dataset.npz "
+    parts.append(paragraph(f"The optimised training set: {ROBUST_DATASET_FILE} "
                            f"({files.size(dataset) / 2**20:.1f} MiB) in the workdir.", "note"))
   return parts
 

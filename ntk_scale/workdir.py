@@ -16,6 +16,8 @@ CONFIG_FILE = "config.json"
 # <workdir>/phase2/<config.phase2.name>/: one phase-2 experiment's config.json, checkpoints, metrics,
 # evaluations and adversarial sets; several experiments share the workdir's phase 1.
 PHASE2_DIR = "phase2"
+# <workdir>/transfer/<name>/: the train workdir of each finite network the infinite job trains.
+TRANSFER_DIR = "transfer"
 # Fields that change how a job runs or what it evaluates, but not the trained model; they may
 # differ between runs on one workdir (a prefix ending in "." covers a whole section). Phase 2 is
 # recorded and checked on its own, in <workdir>/phase2/<name>/config.json; `loaders` is applied to
