@@ -45,6 +45,11 @@ def no_compute(monkeypatch):
     *[("phase2.num_epochs", v, rf"config\.phase2\.num_epochs={v!r} must be a finite number >= 0 \(0: no "
        rf"phase 2\)") for v in (float("nan"), float("inf"), -1.0)],
     ("log_every_steps", True, r"config\.log_every_steps=True must be an integer >= 1"),  # not 1 step
+    # Each of these was accepted and ignored in mode C (the digits smoke config's).
+    ("train.flip_epoch", 2.0, r"config\.train\.flip_epoch=2\.0 is read in mode F only; "
+                              r"config\.train\.mode='C' would ignore it"),
+    ("train.benign_step_first", True, r"config\.train\.benign_step_first=True adds a benign update "
+                                      r"before each adversarial one; config\.train\.mode='C' has none"),
     # inf overflowed in the save schedule once the model was initialised and the config recorded.
     ("checkpoint.fractional_epochs", (float("inf"),),
      r"config\.checkpoint\.fractional_epochs=\(inf,\) must be positive finite epochs; \[inf\] are not"),
@@ -150,6 +155,8 @@ def test_cosine_warmup_as_long_as_its_phase_is_refused(tmp_path, no_compute, sec
      r"config\.phase2\.optimizer\.warmup_epochs=inf must be a finite number >= 0"),
     ({"checkpoint_every_epochs": 1e-12},
      r"config\.phase2\.checkpoint_every_epochs=1e-12 is 2\.2e-11 of a step .*rounds to 0 steps"),
+    ({"benign_step_first": True}, r"config\.phase2\.benign_step_first=True adds a benign update .* "
+                                  r"config\.phase2\.mode='C' has none"),  # was accepted, ignored
 ])
 def test_train_job_names_bad_phase2_fields_before_compute(tmp_path, no_compute, fields, message):
   config = load_config("digits", "smoke")

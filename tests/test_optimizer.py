@@ -203,6 +203,27 @@ def test_adam_first_step_and_l2_weight_decay():
   assert flipped == pytest.approx(1.99, rel=1e-6)
 
 
+def test_adam_reads_momentum_as_its_b1():
+  """Adam ignored config.optimizer.momentum: it is Adam's first-moment decay b1 (0.9 by default, as
+  optax's and PyTorch's). By hand, with b2 = 0.999 and eps = 1e-8, from g1 = 4.5 then g2 below."""
+  opt = _opt(name="adam", learning_rate=0.1, momentum=0.5, weight_decay=0.0, schedule="constant")
+  ws = _run(opt, 2.0, grad, 2)
+  b1, b2, g1 = 0.5, 0.999, grad(2.0)
+  w1 = 2.0 - 0.1 * np.sign(g1)  # the first step is lr * g / |g| whatever b1
+  g2 = float(grad(w1))
+  m = (b1 * (1 - b1) * g1 + (1 - b1) * g2) / (1 - b1 ** 2)
+  v = (b2 * (1 - b2) * g1 ** 2 + (1 - b2) * g2 ** 2) / (1 - b2 ** 2)
+  np.testing.assert_allclose(ws, [w1, w1 - 0.1 * m / (np.sqrt(v) + 1e-8)], rtol=1e-6)
+  assert _run(_opt(name="adam", learning_rate=0.1, weight_decay=0.0, schedule="constant"),
+              2.0, grad, 2)[1] != pytest.approx(ws[1], rel=1e-5)  # the default b1 0.9 differs
+
+
+def test_adam_refuses_nesterov():
+  with pytest.raises(ValueError, match=r"config\.optimizer\.nesterov=True is SGD's; "
+                                       r"config\.optimizer\.name='adam' has no Nesterov variant"):
+    check_optimizer_config(_opt(name="adam", nesterov=True))
+
+
 # --------------------------------------------------------------------------- config checks
 
 @pytest.mark.parametrize("field,value,pattern", [

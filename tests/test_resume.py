@@ -154,7 +154,7 @@ def test_adversarial_loose_phase2_resumed_equals_uninterrupted(uninterrupted, tm
 def preemption_config() -> ml_collections.ConfigDict:
   """Phase 1 of phase1_config in mode C, logged at steps 4 and 8 and at the saves 5, 6 and 10."""
   c = phase1_config()
-  c.train.mode, c.log_every_steps = "C", 4
+  c.train.mode, c.train.flip_epoch, c.train.benign_step_first, c.log_every_steps = "C", 0.0, False, 4
   return c
 
 

@@ -76,6 +76,11 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int, *,
   if config.train.mode == "F" and not 0 < config.train.flip_epoch < config.num_epochs:
     raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} must lie inside (0, "
                      f"{epochs_field}={config.num_epochs}) for mode F.")
+  if config.train.mode != "F" and config.train.flip_epoch:
+    raise ValueError(f"config.train.flip_epoch={config.train.flip_epoch} is read in mode F only; "
+                     f"config.train.mode={config.train.mode!r} would ignore it (set mode F, or "
+                     f"flip_epoch 0).")
+  check_benign_step_first(config.train, "config.train")
   check_step_numerics(config.train, "config.train")
   if config.train.attack_batch_norm not in BATCH_NORM_MODES:
     raise ValueError(f"config.train.attack_batch_norm={config.train.attack_batch_norm!r}; expected "
@@ -128,6 +133,14 @@ def check_step_numerics(section: ml_collections.ConfigDict, prefix: str) -> None
     raise ValueError(f"{prefix}.compute_dtype={compute_dtype!r}; expected one of "
                      f"{', '.join(COMPUTE_DTYPES)} (the dtype the phase's train steps compute in).")
   check_precision(precision, f"{prefix}.matmul_precision")
+
+
+def check_benign_step_first(section: ml_collections.ConfigDict, prefix: str) -> None:
+  """Refuses `benign_step_first` in mode C, where there is no adversarial update to precede."""
+  if section.get("benign_step_first", False) and section.mode == "C":
+    raise ValueError(f"{prefix}.benign_step_first=True adds a benign update before each "
+                     f"adversarial one; {prefix}.mode='C' has none (set mode A or F, or "
+                     f"benign_step_first False).")
 
 
 def _check_grad_align(train: ml_collections.ConfigDict) -> None:

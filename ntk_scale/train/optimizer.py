@@ -22,7 +22,10 @@ def check_optimizer_config(opt: ml_collections.ConfigDict, prefix: str = "config
     raise ValueError(f"{prefix}.learning_rate={opt.learning_rate} must be a positive finite number.")
   momentum, weight_decay = opt.get("momentum", 0.0), opt.get("weight_decay", 0.0)
   if not (is_finite_number(momentum) and 0 <= momentum < 1):
-    raise ValueError(f"{prefix}.momentum={momentum} must lie in [0, 1) (0: plain SGD).")
+    raise ValueError(f"{prefix}.momentum={momentum} must lie in [0, 1) (0: plain SGD; Adam's b1).")
+  if opt.name == "adam" and opt.get("nesterov", False):
+    raise ValueError(f"{prefix}.nesterov=True is SGD's; {prefix}.name='adam' has no Nesterov "
+                     f"variant here (set nesterov False).")
   if not (is_finite_number(weight_decay) and weight_decay >= 0):
     raise ValueError(f"{prefix}.weight_decay={weight_decay} must be a finite number >= 0.")
   # Out of these ranges the schedules run without error but not as described: a negative warm-up
@@ -83,7 +86,7 @@ def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_
                     batch_step_of_update: Callable[[jax.Array], jax.Array] | None = None,
                     prefix: str = "config.optimizer",
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD (momentum, Nesterov) or Adam, with L2 weight decay added to the gradient as in PyTorch's SGD.
+  """SGD (momentum, Nesterov) or Adam (momentum as its b1), with L2 weight decay added to the gradient as in PyTorch's SGD.
 
   The schedule is defined on batch steps. When a batch takes more than one optimizer update
   (Loo et al.'s benign-then-adversarial updates), `batch_step_of_update` maps the optimizer's
@@ -98,8 +101,8 @@ def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_
   if opt.name == "sgd":
     momentum = opt.get("momentum", 0.0) or None
     base = optax.sgd(schedule, momentum=momentum, nesterov=opt.get("nesterov", False))
-  else:
-    base = optax.adam(schedule)
+  else:  # momentum is Adam's first-moment decay b1 (the base config's 0.9 is optax's default)
+    base = optax.adam(schedule, b1=opt.get("momentum", 0.9))
   weight_decay = opt.get("weight_decay", 0.0)
   tx = optax.chain(optax.add_decayed_weights(weight_decay), base) if weight_decay else base
   return tx, batch_schedule

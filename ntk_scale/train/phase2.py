@@ -24,8 +24,8 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
 from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
-                                        check_phase2_epochs, check_save_interval, check_step_numerics,
-                                        phase_steps, step_numerics)
+                                        check_benign_step_first, check_phase2_epochs, check_save_interval,
+                                        check_step_numerics, phase_steps, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config, check_warmup
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
@@ -72,6 +72,7 @@ def check_phase2_config(config: ml_collections.ConfigDict) -> None:
   if p.mode not in PHASE2_MODES:
     raise ValueError(f"config.phase2.mode={p.mode!r}; expected one of {', '.join(PHASE2_MODES)} "
                      f"(C benign, A adversarial against the linearized model).")
+  check_benign_step_first(p, "config.phase2")
   phase2_name(config)  # a valid directory name
   if p.mode == "A":
     build_attack(p.attack, prefix="config.phase2.attack", num_classes=data.num_classes(config.data))
