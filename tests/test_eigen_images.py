@@ -20,9 +20,11 @@ from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import ridge_coefficients_cg
 from ntk_scale.models import build_model
 from ntk_scale.ntk import eigen_images_job, kernel_eigenpairs
-from ntk_scale.ntk.eigen_images import class_logit, cosine_fn, optimise_images, parameter_directions
+from ntk_scale.ntk.eigen_features import parameter_directions
+from ntk_scale.ntk.eigen_images import class_logit, cosine_fn, optimise_images
 from ntk_scale.ntk.spectrum import StoredKernelOperator, eigh
 from ntk_scale.ntk.store import KernelStore
+from ntk_scale.ntk.tile_math import LogitSpec
 
 from test_spectrum import write_store
 from test_kernel_regression import all_highest
@@ -57,10 +59,18 @@ def explicit_jacobian(logit_fn, params, images) -> np.ndarray:
   return np.asarray(jax.jit(jax.jacrev(lambda t: logit_fn(unravel(t), images)))(theta), np.float64)
 
 
+def directions_of(logit_fn, params, images, weights) -> jax.Array:
+  """v = J_c(X)^T u for each column of `weights` [N, M]: [M, P], by the job's function (that of
+  eigen_features, over the 4 devices) on a model of the one logit f_c."""
+  one_logit = lambda p, x: logit_fn(p, x)[:, None]
+  return jnp.asarray(parameter_directions(one_logit, params, np.asarray(images),
+                                          np.asarray(weights, np.float32)[None], LogitSpec("class", 1, 0))[0, 0])
+
+
 def test_direction_is_jacobian_transpose_times_weights():
   logit_fn, params = tiny_logit("cnn", 3, width=4, batch_norm=True)
   x, weights = IMAGES[:7], np.random.default_rng(0).standard_normal((7, 2))
-  directions = np.asarray(parameter_directions(logit_fn, params, jnp.asarray(x), jnp.asarray(weights)))
+  directions = np.asarray(directions_of(logit_fn, params, x, weights))
   with jax.enable_x64(True):
     logit64, params64 = tiny_logit("cnn", 3, jnp.float64, width=4, batch_norm=True)
     expected = explicit_jacobian(logit64, params64, jnp.asarray(x, jnp.float64)).T @ weights  # [P, 2]
@@ -101,7 +111,7 @@ def test_ascent_raises_and_descent_lowers_the_cosine_pixels_in_range():
   """Random weights u on ten images; and u = e_3, whose v = g(x_3) is reached (cos 1) at x = x_3."""
   logit_fn, params = tiny_logit("mlp", 0, width=16, depth=1)
   weights = np.concatenate([np.random.default_rng(2).standard_normal((10, 1)), np.eye(10)[:, 3:4]], 1)
-  directions = parameter_directions(logit_fn, params, jnp.asarray(IMAGES[:10]), jnp.asarray(weights))
+  directions = directions_of(logit_fn, params, IMAGES[:10], weights)
   directions = jnp.repeat(directions, 2, axis=0)
   signs = jnp.array([1.0, -1.0, 1.0, -1.0])
   grey = jnp.full((4, 8, 8, 1), 0.5)
@@ -127,7 +137,7 @@ def test_linear_model_optimum_is_the_eigenvector_weighted_mean_image():
   assert np.all(u > 0)
   optimum = (flat.T @ u / u.sum()).reshape(8, 8, 1)
 
-  direction = parameter_directions(logit_fn, params, jnp.asarray(x), jnp.asarray(u[:, None]))
+  direction = directions_of(logit_fn, params, x, u[:, None])
   head = ravel_pytree(params)[1](direction[0])["head"]
   expected_kernel = np.zeros((64, 10))
   expected_kernel[:, c] = flat.T @ u
@@ -173,10 +183,10 @@ def test_job_writes_images_and_cosines_and_a_rerun_reloads_them(workdir, monkeyp
   # The directions' Jacobian rows at config.kernel.precision (HIGHEST), as the kernel's own: on a
   # TPU the default precision would round them to bfloat16 (read from the traced programs here).
   highest, directions = [], eigen_images_job.parameter_directions
-  def checked(logit_fn, params, images, weights):
-    logits = lambda p: jnp.sum(logit_fn(p, images[:2]))
+  def checked(apply_fn, params, images, *args, **kwargs):
+    logits = lambda p: jnp.sum(apply_fn(p, images[:2]))
     highest.append(all_highest(logits, params) and all_highest(jax.grad(logits), params))
-    return directions(logit_fn, params, images, weights)
+    return directions(apply_fn, params, images, *args, **kwargs)
   monkeypatch.setattr(eigen_images_job, "parameter_directions", checked)
   result = jobs.run(images_config(logit="4"), workdir)
   assert highest == [True]

@@ -3,7 +3,8 @@ does a direction of a class kernel K_c "mean"?
 
 K_c(x, x') = <g(x), g(x')> with g(x) = grad_theta f_c(x), so a vector u of weights on the training
 subset X (an eigenvector of K_c, or the dual weights K_c^{-1} y_c of kernel regression) is the
-parameter direction v = sum_j u_j g(x_j) = J_c(X)^T u. The image of v is the x whose own feature
+parameter direction v = sum_j u_j g(x_j) = J_c(X)^T u (eigen_features.parameter_directions, over
+every device). The image of v is the x whose own feature
 g(x) points most nearly along v: x maximising cos(g(x), v), found by gradient ascent on the pixels
 from a grey image (the gradient with respect to x of a function of a gradient with respect to theta:
 second-order autodiff). Minimising the cosine instead gives the image of -v.
@@ -26,14 +27,6 @@ LogitFn = Callable[[Any, jax.Array], jax.Array]
 def class_logit(apply_fn: Callable, class_index: int) -> LogitFn:
   """`params, x -> f_c(x)` [B] from `apply_fn(params, x) -> logits [B, C]`."""
   return lambda params, x: apply_fn(params, x)[:, class_index]
-
-
-def parameter_directions(logit_fn: LogitFn, params, images: jax.Array, weights: jax.Array) -> jax.Array:
-  """v_m = J_c(X)^T u_m for each weight vector u_m (columns of `weights` [N, M]): [M, P], in the
-  order of `ravel_pytree(params)`; one linearisation over X, one VJP per column."""
-  theta, unravel = ravel_pytree(params)
-  _, vjp = jax.vjp(lambda t: logit_fn(unravel(t), images), theta)
-  return jax.lax.map(lambda u: vjp(u.astype(theta.dtype))[0], weights.T)
 
 
 def cosine_fn(logit_fn: LogitFn, params) -> Callable[[jax.Array, jax.Array], jax.Array]:

@@ -46,7 +46,8 @@ from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import load_dataset, num_classes
 from ntk_scale.kernel_regression import (check_regression_config, regression_targets, ridge_coefficients,
                                          ridge_coefficients_cg)
-from ntk_scale.ntk.eigen_images import class_logit, optimise_images, parameter_directions
+from ntk_scale.ntk.eigen_features import parameter_directions
+from ntk_scale.ntk.eigen_images import class_logit, optimise_images
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, inference_apply, kernel_job, select_examples
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
                                              top_eigenpairs)
@@ -192,10 +193,13 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                                    epoch=store.meta["source"]["epoch"], fields="config.eigen_images")
   params, batch_stats = restored.host_variables()
   model_apply = inference_apply(restored.model, config.kernel.precision)  # as the kernel's rows
-  logit_fn = class_logit(lambda p, x: model_apply(p, x, batch_stats), c)
+  apply_fn = lambda p, x: model_apply(p, x, batch_stats)
+  logit_fn = class_logit(apply_fn, c)
   train_images = getattr(dataset, config.kernel.split).images[store.indices()]
-  directions = parameter_directions(logit_fn, params, jnp.asarray(train_images),
-                                    jnp.asarray(weights / np.linalg.norm(weights, axis=0), jnp.float32))
+  unit_weights = (weights / np.linalg.norm(weights, axis=0)).astype(np.float32)
+  # J_c(X)^T u over every device, a memory budget's examples at a time: the subset may be large
+  directions = jnp.asarray(parameter_directions(apply_fn, params, train_images, unit_weights[None],
+                                                parse_logits(c, dataset.num_classes))[0, 0])
   # |v|^2 = u^T K u = lambda for a unit eigenvector: the kernel on disk is this model's.
   direction_check = (np.sum(np.asarray(directions[:k], np.float64) ** 2, -1) / pairs.values[:k]).tolist()
 
