@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from ntk_scale import files
 from ntk_scale.adversarial_sets import read_set_meta
 from ntk_scale.train.collapse import CO_FILE
 from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
-from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, TRANSFER_DIR, flatten_config
+from ntk_scale.workdir import CONFIG_FILE, PHASE2_DIR, TRANSFER_DIR
 
 REPORT_DIR, INDEX_FILE = "report", "index.html"
 # Result directories rendered generically: every PNG embedded, every CSV a table, JSON linked.
@@ -75,18 +76,12 @@ def table(header: list[str], rows: Iterable[list[Any]], key_columns: int = 1) ->
   return f"<table><tr>{head}</tr>\n{body}</table>"
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-  if isinstance(tree, dict) and tree:
-    out = {}
-    for k, v in tree.items():
-      out.update(flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def key_value_table(record: dict) -> str:
-  return table(["field", "value"], flatten(record).items())
+  """Every field of `record` by its dotted name, lists as values; an empty section shows as {}
+  (a record that has none says so)."""
+  flat = traverse_util.flatten_dict(record, keep_empty_nodes=True, sep=".")
+  return table(["field", "value"],
+               [(k, {} if v is traverse_util.empty_node else v) for k, v in flat.items()])
 
 
 def paragraph(text: str, cls: str = "") -> str:
@@ -143,7 +138,8 @@ class ReportPage:
                       f"to refresh it.", "note")]
     if config is not None:
       summary = {k: config.get(k) for k in ("job", "seed", "num_epochs", "batch_size")}
-      summary.update({k: flatten_config(config).get(k) for k in ("data.name", "model.name", "train.mode")})
+      fields = traverse_util.flatten_dict(config, sep=".")
+      summary.update({k: fields.get(k) for k in ("data.name", "model.name", "train.mode")})
       head.append(table(["field", "value"], [(k, v) for k, v in summary.items() if v is not None]))
     if empty:
       head.append(paragraph(f"No results yet: the workdir holds only its {CONFIG_FILE}. Run a job on "

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from ntk_scale import files
 from ntk_scale.base_config import base_config
@@ -38,14 +39,10 @@ class WorkdirConfigMismatchError(ValueError):
   """The workdir holds a different experiment."""
 
 
-def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(flatten_config(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {prefix + "a.b": 1}, empty sections dropped: flax's flatten_dict, kept for
+  the callers that still import it by this name (train/phase2.py, infinite_job.py)."""
+  return {prefix + k: v for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def config_differences(saved: dict, current: dict,
@@ -55,8 +52,8 @@ def config_differences(saved: dict, current: dict,
   A field absent from `saved` that holds its base_config default in `current` is no difference:
   fields are added with defaults that keep the old behaviour, so older workdirs still resume.
   """
-  a, b = flatten_config(saved), flatten_config(current)
-  defaults = flatten_config(json.loads(base_config().to_json()))
+  a, b = traverse_util.flatten_dict(saved, sep="."), traverse_util.flatten_dict(current, sep=".")
+  defaults = traverse_util.flatten_dict(json.loads(base_config().to_json()), sep=".")
   same = lambda k: a.get(k) == b.get(k) or (k not in a and k in defaults and b.get(k) == defaults[k])
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if not is_runtime_field(k, runtime) and not same(k)]

@@ -210,24 +210,16 @@ def work_units(config: str, overrides: list[str], workdir_root: str, num_devices
   return units
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  """Every field of `config` by its dotted name, references resolved."""
-  leaves = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      leaves.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      leaves[f"{prefix}{key}"] = value
-  return leaves
-
-
 def _refuse_identical_units(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]],
                             common: list[tuple[str, str]], path: str) -> None:
   """Two units whose configs end up equal would run one experiment twice: a common override
   (`-- --config.seed=1`) replaces a field the sweep sets per unit (its seeds)."""
+  from flax import traverse_util  # imported here: work_units has imported it with the jobs already
+
   seen = {}
   for name, built, fields in runs:
-    values = {field: repr(value) for field, value in _leaves(built).items()}
+    leaves = traverse_util.flatten_dict(built.to_dict(), sep=".")  # every field, references resolved
+    values = {field: repr(value) for field, value in leaves.items()}
     final = {**values, **{field: f"--config.{field}={value}" for field, value in fields.items()}}
     key = tuple(sorted(final.items()))
     if key in seen:

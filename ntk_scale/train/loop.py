@@ -4,6 +4,7 @@ import os
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from ntk_scale import files
 from ntk_scale.checkpoint import (CHECKPOINTS_DIR, CheckpointNotFoundError, Checkpoints, is_initial,
@@ -14,7 +15,6 @@ from ntk_scale.train.co_monitor import CoMonitor
 from ntk_scale.train.experiment import build_experiment, build_train_steps
 from ntk_scale.train.phase import NonFiniteLossError, Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.phase2 import check_phase2_config, phase2_and_evaluate
-from ntk_scale.workdir import flatten_config
 
 __all__ = ["NonFiniteLossError", "check_phase2_from_epoch", "phase1_saves", "train_and_evaluate",
            "train_job"]
@@ -70,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   phase = Phase(workdir, exp.batches, benign_step, adversarial_step, exp.flip_step,
                 exp.steps_per_epoch, exp.total_steps, saves, exp.learning_rate, config.log_every_steps,
                 monitor=monitor, profile_steps=config.get("profile_steps", 0))
-  hparams = {k: str(v) for k, v in flatten_config(config.to_dict()).items()}
+  hparams = {k: str(v) for k, v in traverse_util.flatten_dict(config.to_dict(), sep=".").items()}
   state, start_step, checkpoints, writer = open_phase(phase, exp.state, hparams)
   if monitor is not None:
     monitor.resume(workdir, start_step)
