@@ -144,7 +144,8 @@ Its cost, from `--dry_run` (planned on the 2-core CPU VM for devices of 80 GB at
 bounds): the two 5,000-image training kernels, 49,141 tiles of 16 each (10.3 GiB per device),
 44 s each on one device; kernel regression scores a test batch against 16 training images at a
 time (kernel_regression.kernel_scores: in one call, 512 test images against all 5,000 needed 12,500
-GiB per device), so `eval_batch_size` is 16 per device (30 GiB under attack); the attacks on
+GiB per device), so `eval_batch_size` is 16, one device's share (30 GiB under attack; the batch is
+split over the devices: 128 on 8); the attacks on
 kernel regression over the 10,000 test images take at least 76 h on one device (APGD-T 62 h of
 it). The robust set's 1,000 outer steps each compute the Gram matrix of the 5,000 images in tiles
 (44 s), attack the 500 targets and take the outer gradient 16 at a time (5.4 min), and pull the
@@ -241,7 +242,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     s.transfer.num_epochs = 10.0
     s.robust_data.update(num_steps=1000, target_batch_size=500, checkpoint_every=5)
     c.batch_size = 128
-    c.eval_batch_size = 16  # per device: Myrtle kernels of 16 x 16 images under attack, 30 GiB
+    c.eval_batch_size = 16  # one device's share (global): Myrtle kernels of 16x16 images attacked, 30 GiB
   if "smoke" in variants:
     s.num_train = 200
     s.transfer.widths = (8,)

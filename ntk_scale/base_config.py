@@ -238,7 +238,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The `kernel` job (config.job="kernel"): the empirical NTK of one checkpoint on a subset,
   # written to <workdir>/kernels/<name>/ tile by tile (see ntk_scale/ntk/).
   c.kernel = ml_collections.ConfigDict()
-  c.kernel.name = ""  # "": phase1_epoch<epoch>_<split><N>_<logits> (phase2_<phase2 name>_epoch...)
+  # "": phase1_epoch<epoch>_<split><N>[of<classes>]_<logits> (phase2_<phase2 name>_epoch...)
+  c.kernel.name = ""
   c.kernel.phase = 1  # 1: the network's checkpoint | 2: phase 2's linearized model
   c.kernel.epoch = ml_collections.FieldReference(None, field_type=float)  # None: newest; 0: initialisation
   c.kernel.split = "train"  # train | test
@@ -288,7 +289,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The subset and kernel settings are config.kernel's (split, num_examples, classes, subset_seed,
   # logits, dtype, ...); each kernel is the kernel job's, in <workdir>/kernels/, computed once.
   c.evolution = ml_collections.ConfigDict()
-  c.evolution.name = ""  # "": phase1_<split><N>_<logits> (phase2_<phase2 name>_...)
+  c.evolution.name = ""  # "": phase1_<split><N>[of<classes>]_<logits>[_collapse] (phase2_<phase2 name>_...)
   c.evolution.phase = 1  # 1: the network's checkpoints | 2: phase 2's (config.phase2.name)
   c.evolution.epochs = ()  # epochs of that phase, fractional ones and 0 included; (): every saved one
   c.evolution.top_k = 10  # size of the top and bottom eigenspaces, and of the spectral mass
