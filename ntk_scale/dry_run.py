@@ -101,7 +101,9 @@ TARGET_MEMORY_FLAG = "--dry_run_device_memory_gb"
 
 # (dtype, precision) of a program's matmuls: the rate measured for them bounds its time.
 Matmul = tuple[str, str]
-RATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# The dtypes of the programs' matmuls: train steps' compute_dtype (float32 | bfloat16), evaluations
+# float32, kernels, spectra and analytic kernels float32 | float64.
+RATE_DTYPES = ("float32", "bfloat16", "float64")
 RATE_PRECISIONS = ("default", "high", "highest")
 
 

@@ -474,7 +474,8 @@ def test_target_rates_are_given_by_kind_of_matmul():
   assert parse_matmul_rates("50, float32:default=495,bfloat16:default=990") == (
       5e13, {("float32", "default"): 4.95e14, ("bfloat16", "default"): 9.9e14})
   assert parse_matmul_rates("float64:highest=1") == (None, {("float64", "highest"): 1e12})
-  for bad in ("fast", "float32:turbo=5", "tf32:default=5", "float32:default=-1", "0", "nan"):
+  for bad in ("fast", "float32:turbo=5", "tf32:default=5", "float16:default=5", "float32:default=-1", "0",
+              "nan"):
     with pytest.raises(ValueError, match=r"--dry_run_tflops=.* is not a rate; give TFLOP/s"):
       parse_matmul_rates(bad)
   c = mlp_config()  # training at DEFAULT, its evaluation at config.eval_matmul_precision
