@@ -86,6 +86,7 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   (`_check_finite_networks`); `labels` are the training split's, `test_labels` the test split's
   (None: num_test is not checked against them); `num_devices` (default: all) split the batches."""
   require_infinite_section(config)
+  _refuse_fields_of_the_train_job(config)
   num_devices = jax.device_count() if num_devices is None else num_devices
   s = config.infinite
   infinite.check_architecture_config(s)
@@ -108,6 +109,27 @@ def check_infinite_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   # Kernel regression is evaluated in these batches, over the devices, right after its kernel.
   parallel.check_batch_size(config.eval_batch_size, num_devices, "config.eval_batch_size")
   _check_finite_networks(config, len(labels), optimised, num_devices)
+
+
+def _refuse_fields_of_the_train_job(config: ml_collections.ConfigDict) -> None:
+  """The train job's fields that `_finite_config` replaces for the job's networks, when set: a
+  `--config.num_epochs=50` trained them for config.infinite.transfer.num_epochs without a word."""
+  from ntk_scale.base_config import base_config  # pylint: disable=import-outside-toplevel
+
+  default = base_config()
+  instead = {"num_epochs": "config.infinite.transfer.num_epochs",
+             "eval_attacks": "config.infinite.attacks and robust_data.eval_attacks",
+             "checkpoint.fractional_epochs": "none: the networks save whole epochs",
+             "phase2.num_epochs": "none: the networks have no phase 2"}
+  for field, use in instead.items():
+    section, _, name = field.rpartition(".")
+    value = (config[section] if section else config)[name]
+    unset = (default[section] if section else default)[name]
+    if field == "eval_attacks" and not value or value == unset:
+      continue
+    shown = f"<attacks {', '.join(value)}>" if field == "eval_attacks" else repr(value)
+    raise ValueError(f"config.{field}={shown} is not read by the infinite job, whose networks "
+                     f"it would leave as they are; it reads {use}.")
 
 
 def _network_width(config: ml_collections.ConfigDict) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_scale import data, jobs
-from ntk_scale.base_config import parse_variants
+from ntk_scale.base_config import parse_variants, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
 
@@ -424,6 +424,13 @@ def test_class_balanced_subset_that_cannot_be_drawn_is_named_before_compute(
      r"config\.train\.flip_epoch=1\.0 must lie inside \(0, config\.infinite\.transfer\.num_epochs=1\.0\)"),
     ({"train.mode": "F", "train.flip_epoch": 0.9},  # step 20 of the split's 22, 3 of the robust set's 3
      r"flip_epoch=0\.9 is step 3 of the 3 steps of config\.infinite\.transfer\.num_epochs=1\.0 at 3 "),
+    # The train job's fields the networks' config replaces were accepted and ignored.
+    ({"num_epochs": 50.0}, r"config\.num_epochs=50\.0 is not read by the infinite job, whose networks it "
+                           r"would leave as they are; it reads config\.infinite\.transfer\.num_epochs\."),
+    ({"phase2.num_epochs": 2.0}, r"config\.phase2\.num_epochs=2\.0 is not read by the infinite job"),
+    ({"checkpoint.fractional_epochs": (0.5,)}, r"config\.checkpoint\.fractional_epochs=\(0\.5,\) is not read"),
+    ({"eval_attacks": ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=2)})},
+     r"config\.eval_attacks=<attacks pgd> is not read by the infinite job.* config\.infinite\.attacks"),
 ])
 def test_infinite_job_checks_its_networks_training_before_compute(tmp_path, no_kernel_compute, fields,
                                                                    message):

@@ -458,7 +458,8 @@ def test_config_flags_set_the_robust_sets_optional_fields():
 def test_the_finite_networks_train_no_phase_2_so_its_fields_are_not_checked(tmp_path):
   """train_and_evaluate runs phase 1 only: config.phase2 (here unsaved from_epoch and an unknown
   linearization) must neither fail the up-front checks nor reach the networks' training, where a
-  phase 2 of their config is checked against their saves after the kernels."""
+  phase 2 of their config is checked against their saves after the kernels. A phase 2 asked for
+  (num_epochs > 0) is refused: it would not run."""
   from ntk_scale import infinite_job
   from ntk_scale.train.loop import _check_phase2_start
 
@@ -466,7 +467,11 @@ def test_the_finite_networks_train_no_phase_2_so_its_fields_are_not_checked(tmp_
 
   config = load_config("infinite_width", "smoke")
   config.phase2.update(num_epochs=1.0, from_epoch=2.0, linearization="bogus")
+  with pytest.raises(ValueError, match=r"config\.phase2\.num_epochs=1\.0 is not read by the infinite job"):
+    infinite_job.check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+  config.phase2.num_epochs = 0.0
   infinite_job.check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+  config.phase2.num_epochs = 1.0
   network = infinite_job._finite_config(config, 8, None)
   assert network.phase2.num_epochs == 0 and network.num_epochs == 1.0
   _check_phase2_start(network, {0: 0.0, 22: 1.0}, str(tmp_path))  # phase 1 saves epochs 0 and 1
