@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,7 @@ from ntk_scale.data import num_classes as dataset_classes
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.matmul_precision import default_precision
 from ntk_scale.models import build_model
+from ntk_scale.ntk.compiled_memory import abstract_tree
 from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config, select_epochs
@@ -257,10 +257,6 @@ def _matmul_rate(matmul: Matmul) -> float:
     return matmul_rate(precision, dtype=dtype)
 
 
-def _abstract(tree: Any, sharding) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
 def _batch(mesh, batch_size: int, image_shape: tuple[int, ...], mask: bool = False,
            dtype=jnp.float32) -> dict:
   sharding = parallel.batch_sharding(mesh)
@@ -301,7 +297,7 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
                           prefix=epochs_field.replace("num_epochs", "optimizer"))
   state = jax.eval_shape(lambda: TrainState.create(
       apply_fn=model.apply, tx=tx, **_state_variables(model, image_shape, seed)))
-  state = _abstract(state, parallel.replicated_sharding(mesh))
+  state = abstract_tree(state, parallel.replicated_sharding(mesh))
   benign, adversarial = build_train_steps(config, section, seed, adversarial=flip is not None, model=model)
   batch = _batch(mesh, config.batch_size, image_shape)
   matmul = step_numerics(section)  # as build_train_steps reads them
@@ -327,7 +323,7 @@ def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -
   calls = -(-test_size // config.eval_batch_size)
   state = jax.eval_shape(lambda: TrainState.create(
       apply_fn=model.apply, tx=optax.identity(), **_state_variables(model, image_shape, config.seed)))
-  state = _abstract(state, parallel.replicated_sharding(mesh))
+  state = abstract_tree(state, parallel.replicated_sharding(mesh))
   batch = _batch(mesh, config.eval_batch_size, image_shape, mask=True)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   num_classes = dataset_classes(config.data)
@@ -582,7 +578,7 @@ def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params,
   (image_shape, _, test_size), classes = dataset_shape(config.data), spec.num_classes
   replicated = parallel.replicated_sharding(mesh)
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  variables = {**_abstract({"params": params, "stats": stats}, replicated),
+  variables = {**abstract_tree({"params": params, "stats": stats}, replicated),
                "directions": jax.ShapeDtypeStruct((spec.rows_per_example, classes, num_params),
                                                   jnp.float32, sharding=replicated)}
   args = (variables, _batch(mesh, e.batch_size, image_shape, mask=True),

@@ -28,7 +28,8 @@ class CompiledMemory:
   program: str  # the step program that needs it (programs.step_programs)
 
 
-def _abstract(tree: Any, sharding) -> Any:
+def abstract_tree(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """`tree`'s shapes and dtypes placed with `sharding`: what a program is lowered for, no buffers."""
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
@@ -41,8 +42,8 @@ def compiled_memory(plan: KernelPlan, apply_fn: Callable, params: Any,
   programs = step_programs(apply_fn, model_state is not None, plan.logits, precision, mesh,
                            plan.logit_chunk, plan.factoring)
   replicated, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-  model = (_abstract(params, replicated),
-           _abstract({} if model_state is None else model_state, replicated),
+  model = (abstract_tree(params, replicated),
+           abstract_tree({} if model_state is None else model_state, replicated),
            jax.ShapeDtypeStruct((), np.int32))  # params, model state, first logit
   examples = lambda n: jax.ShapeDtypeStruct((mesh.size * n, *example.shape), example.dtype,
                                             sharding=data)
@@ -51,7 +52,7 @@ def compiled_memory(plan: KernelPlan, apply_fn: Callable, params: Any,
   with default_precision(precision):  # as the tile loop traces them
     rows = None
     if {"column", "rotate"} & set(names):  # the resident (or travelling) Jacobian rows
-      rows = _abstract(jax.eval_shape(programs["resident"], *model, band), data)
+      rows = abstract_tree(jax.eval_shape(programs["resident"], *model, band), data)
     arguments = {"resident": model + (band,), "row": model + (band,), "diagonal": model + (band,),
                  "form_symmetric": model + (band,), "form_cross": model + (band, block),
                  "column": model + (rows, block), "rotate": (rows, rows),
