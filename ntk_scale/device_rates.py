@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_scale import parallel
@@ -48,7 +47,7 @@ def agreed(value: float) -> float:
   """Process 0's measurement on every process: plans made from it must be the same everywhere."""
   if jax.process_count() == 1:
     return value
-  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
+  return float(parallel.gather_from_processes(np.float64(value))[0])
 
 
 @functools.lru_cache(maxsize=8)

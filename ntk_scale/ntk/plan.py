@@ -33,9 +33,9 @@ import os
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
+from ntk_scale import parallel
 from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.cost_analysis import all_equations, program_flops
 from ntk_scale.ntk.schedule import round_lengths
@@ -214,7 +214,7 @@ def device_budget_bytes(device: jax.Device) -> float:
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = HOST_MEMORY_FRACTION * host / jax.local_device_count()
   if jax.process_count() > 1:
-    budget = float(np.min(multihost_utils.process_allgather(np.float64(budget))))
+    budget = float(np.min(parallel.gather_from_processes(np.float64(budget))))
   return budget
 
 
