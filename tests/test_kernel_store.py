@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from ntk_scale.ntk.store import KernelStore, TileWriter
+from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError, TileWriter
 
 TILE, BLOCKS = 4, 3
 
@@ -145,3 +145,17 @@ def test_a_tiles_marker_is_written_only_once_the_tile_and_its_mirror_are_on_disk
   for i, j, tile in _tiles(kernel):
     store.write_tile(i, j, tile, mirror=True)
   assert seen == [True] * len(list(_tiles(kernel)))
+
+
+def test_a_mismatch_names_the_differing_fields_and_the_callers_remedy(tmp_path):
+  """The default advice names config.kernel.name, which names the kernel job's stores; a store
+  named otherwise (the analytic kernels, named by a digest of their fields) passes its own."""
+  _store(tmp_path)
+  n = TILE * BLOCKS
+  other = {"shape": [n, n + 1], "tile": TILE, "dtype": "float32"}
+  with pytest.raises(KernelStoreMismatchError, match=r"shape: \[12, 12\] -> \[12, 13\]\nChoose another "
+                     r"config.kernel.name, or delete the directory to recompute.$"):
+    KernelStore.create_or_resume(str(tmp_path), other, ("shape",), np.arange(n), np.zeros(n, int))
+  with pytest.raises(KernelStoreMismatchError, match=r"-> \[12, 13\]\nDelete it.$"):
+    KernelStore.create_or_resume(str(tmp_path), other, ("shape",), np.arange(n), np.zeros(n, int),
+                                 remedy="Delete it.")

@@ -33,6 +33,8 @@ from ntk_scale.ntk.tile_math import mirror_tile
 
 ARRAY_DIR, META_FILE, TILES_DIR = "kernel.zarr", "kernel.json", "tiles"
 INDICES_FILE, LABELS_FILE = "indices.npy", "labels.npy"
+# What a mismatch advises by default: the kernel job's stores are named by config.kernel.name.
+RENAME_KERNEL = "Choose another config.kernel.name, or delete the directory to recompute."
 
 
 class KernelStoreMismatchError(ValueError):
@@ -64,16 +66,16 @@ class KernelStore:
   @classmethod
   def create_or_resume(cls, directory: str, meta: dict[str, Any], identity: tuple[str, ...],
                        indices: np.ndarray, labels: np.ndarray, *, create: bool = True,
-                       name_field: str = "config.kernel.name") -> "KernelStore":
+                       remedy: str = RENAME_KERNEL) -> "KernelStore":
     """Resumes the kernel at `directory` if its `identity` fields equal `meta`'s (else raises a
-    KernelStoreMismatchError naming them); otherwise creates it (when `create`: one process does,
-    the others call again with create=False after a barrier).
+    KernelStoreMismatchError naming them, and advising `remedy`); otherwise creates it (when
+    `create`: one process does, the others call again with create=False after a barrier).
 
     `meta` needs "shape", "tile" and "dtype"; an existing kernel keeps its own tile size.
     """
     if files.exists(os.path.join(directory, META_FILE)):
       store = cls.open(directory)
-      store.check_same(meta, identity, indices, name_field)
+      store.check_same(meta, identity, indices, remedy)
       return store
     if not create:
       raise FileNotFoundError(f"{directory} was not created by process 0.")
@@ -89,17 +91,18 @@ class KernelStore:
     return cls(directory, array, meta)
 
   def check_same(self, meta: dict[str, Any], identity: tuple[str, ...], indices: np.ndarray,
-                 name_field: str = "config.kernel.name") -> None:
+                 remedy: str = RENAME_KERNEL) -> None:
     """Raises a KernelStoreMismatchError naming each `identity` field of `meta` (and the example
-    subset) that differs from this kernel's: a job checks it before planning or computing."""
+    subset) that differs from this kernel's, then `remedy`: what the caller's stores can do about
+    it (the default names the kernel job's field; a store named otherwise passes its own). A job
+    checks it before planning or computing."""
     diffs = [f"{k}: {self.meta.get(k)!r} -> {meta.get(k)!r}" for k in identity
              if self.meta.get(k) != meta.get(k)]
     if not np.array_equal(self.indices(), indices):
       diffs.append("indices: the example subset differs")
     if diffs:
       raise KernelStoreMismatchError(
-          f"{self.directory} holds a different kernel:\n  " + "\n  ".join(diffs) +
-          f"\nChoose another {name_field}, or delete the directory to recompute.")
+          f"{self.directory} holds a different kernel:\n  " + "\n  ".join(diffs) + "\n" + remedy)
 
   # ---------------------------------------------------------------- tiles
   @property
@@ -159,17 +162,16 @@ class KernelStore:
 
 def open_on_every_process(directory: str, meta: dict[str, Any], identity: tuple[str, ...],
                           indices: np.ndarray, labels: np.ndarray,
-                          name_field: str = "config.kernel.name") -> KernelStore:
+                          remedy: str = RENAME_KERNEL) -> KernelStore:
   """`KernelStore.create_or_resume` on every process: process 0 creates (or checks) the store, the
   others open it once it exists."""
   store = None
   if jax.process_index() == 0:
-    store = KernelStore.create_or_resume(directory, meta, identity, indices, labels,
-                                         name_field=name_field)
+    store = KernelStore.create_or_resume(directory, meta, identity, indices, labels, remedy=remedy)
   parallel.barrier(f"kernel store {directory}")
   if store is None:
     store = KernelStore.create_or_resume(directory, meta, identity, indices, labels, create=False,
-                                         name_field=name_field)
+                                         remedy=remedy)
   return store
 
 
