@@ -126,7 +126,7 @@ def timed_with_plan(run, plan, repeats: int):
   return best_time(run, repeats), made
 
 
-def nt_functions(nt, apply_fn, logits: str):
+def nt_functions(apply_fn, logits: str):
   """neural-tangents' view of the model for a logits mode: (function, trace_axes, scale)."""
   if logits == "trace":
     return apply_fn, (-1,), NUM_CLASSES
@@ -294,7 +294,7 @@ def main() -> None:
                                             lambda: plan_ours(**variant), args.repeats)
           print(f"#   {label}: {varied.describe()}", flush=True)
           row(label, seconds, out["k"], varied.flops)
-        f, trace_axes, scale = nt_functions(nt, apply_fn, logits) if nt else (None, None, 1.0)
+        f, trace_axes, scale = nt_functions(apply_fn, logits) if nt else (None, None, 1.0)
         unfactored_flops = plan_for(apply_fn, params, x, None, mode, method="jacobian",
                                     factored_layers="none", **settings).flops
         if nt:  # the one call where it fits, else nt.batch with the largest batch that does
