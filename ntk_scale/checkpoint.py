@@ -170,11 +170,16 @@ class Checkpoints:
       return []
     return list(files.read_json(path).get("checkpoint_epochs", {}).values())
 
+  def _require_step(self, step: int) -> None:
+    """Raises CheckpointNotFoundError, listing the steps there are, unless `step` is saved here."""
+    steps = list(self._manager.all_steps())
+    if step not in steps:
+      raise CheckpointNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
+                                    f"available steps: {steps or 'none'}.")
+
   def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, placed with the shardings of `target` (a state or its abstract tree)."""
-    if step not in self._manager.all_steps():
-      raise CheckpointNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
-                                    f"available steps: {list(self._manager.all_steps()) or 'none'}.")
+    self._require_step(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
@@ -183,9 +188,7 @@ class Checkpoints:
     """Only `{"params", "batch_stats"}` of the state saved at `step`, every array placed with
     `sharding`, shapes as saved: inference needs neither the optimizer state nor a model
     initialisation to shape the target. `batch_stats` is {} for models without BatchNorm."""
-    if step not in self._manager.all_steps():
-      raise CheckpointNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
-                                    f"available steps: {list(self._manager.all_steps()) or 'none'}.")
+    self._require_step(step)
     # A reader of its own: Orbax binds an item to one handler per manager, and a partial restore
     # needs the PyTree handler where this manager saves with the Standard one (same format on disk).
     reader = ocp.CheckpointManager(self.directory, item_handlers={
