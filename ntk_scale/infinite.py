@@ -150,8 +150,11 @@ def kernel_store(section: ml_collections.ConfigDict, kernels_dir: str, x1: np.nd
   identity = kernel_identity(section, x1)
   # The kernel of one logit, which every logit shares (the analytic kernel is K x identity).
   meta = {**identity, "tile": section.batch_size, "logits": "each", "method": "analytic"}
+  # Its name is a digest of its identity: a store there holding another kernel is damaged or stale.
   return open_on_every_process(os.path.join(kernels_dir, kernel_store_name(section, x1)), meta,
-                               tuple(identity), np.arange(len(x1)), np.asarray(labels))
+                               tuple(identity), np.arange(len(x1)), np.asarray(labels),
+                               remedy="Delete the directory to recompute it (its name is a digest of "
+                                      "the kernel's fields and images).")
 
 
 def kernel_matrix(section: ml_collections.ConfigDict, num_classes: int, x1: np.ndarray,

@@ -206,10 +206,10 @@ def _train_finite(config: ml_collections.ConfigDict, workdir: str, width: int, n
   """A finite network (config.model at `width`) trained on `dataset` (default config.data's) in
   <workdir>/transfer/<name or width<W>>/, evaluated clean and under `eval_attacks`."""
   from ntk_scale.train.loop import train_and_evaluate
-  from ntk_scale.workdir import prepare_workdir
+  from ntk_scale.workdir import TRANSFER_DIR, prepare_workdir
 
   c = _finite_config(config, width, eval_attacks)
-  directory = os.path.join(workdir, "transfer", name or f"width{width}")
+  directory = os.path.join(workdir, TRANSFER_DIR, name or f"width{width}")
   prepare_workdir(c, directory)
   return train_and_evaluate(c, directory, dataset)
 
