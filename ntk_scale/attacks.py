@@ -16,6 +16,8 @@ What is here:
              apgd_ce + apgd_t + fab_t + square is its standard version)
   build_attack(config) -> attack(logits_fn, images, labels, key); build_attacks for several
 
+Their losses, projections, steps and restarts are ntk_scale/attack_steps.py's.
+
 Images are NHWC in [0, 1]; eps and step sizes are in pixel units of those images (8/255, not 8).
 The model is `logits_fn: images [N, ...] -> logits [N, C]`, with parameters and BatchNorm state
 closed over by the caller. Gradients are those of the summed per-example losses: with BatchNorm in
@@ -34,198 +36,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
+from ntk_scale.attack_steps import (NORMS, SQUARE_SCHEDULES, Attack, LogitsFn, LossFn,
+                                    ascent_direction, best_of_restarts, check_norm, cross_entropy,
+                                    dlr_loss, first_best, gradient_step, keep_lower_margin,
+                                    keep_stronger, loss_and_grad, margin_loss, per_example, project,
+                                    ranked_targets, square_fraction, stronger, strongest_of,
+                                    targeted_dlr_loss, uniform_start)
 from ntk_scale.base_config import pgd_default_step
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
-
-LogitsFn = Callable[[jax.Array], jax.Array]
-Attack = Callable[[LogitsFn, jax.Array, jax.Array, jax.Array], jax.Array]
-NORMS = ("linf", "l2")
-
-# Keeps divisions by a zero gradient or zero perturbation finite (the step is then zero).
-_TINY = 1e-12
-
-
-# --------------------------------------------------------------------------- building blocks
-
-def per_example_loss(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -> jax.Array:
-  """Softmax cross-entropy of each example, shape [N]: the quantity every attack increases."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_fn(images), labels)
-
-
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits [N, C], labels [N]) -> [N]
-
-
-def _check_classes(logits: jax.Array, needed: int, what: str) -> None:
-  if logits.shape[-1] < needed:
-    raise ValueError(f"{what} needs at least {needed} classes; the model has {logits.shape[-1]}.")
-
-
-def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Difference of logits ratio (Croce and Hein 2020), [N]: -(z_y - max_{i != y} z_i) /
-  (z_pi1 - z_pi3), z_pi the logits sorted in decreasing order. Unchanged when the logits are
-  scaled or shifted, so it cannot be masked by a saturated softmax (the cross-entropy's gradient
-  underflows for confident models); needs 3 classes."""
-  _check_classes(logits, 3, "the DLR loss")
-  ordered = jnp.sort(logits, axis=-1)
-  true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
-  best_other = jnp.where(jnp.argmax(logits, -1) == labels, ordered[:, -2], ordered[:, -1])
-  return -(true - best_other) / (ordered[:, -1] - ordered[:, -3] + _TINY)
-
-
-def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
-  """The targeted DLR of APGD-T (Croce and Hein 2020), [N]: -(z_y - z_t) / (z_pi1 - (z_pi3 +
-  z_pi4) / 2), toward class t; needs 4 classes."""
-  _check_classes(logits, 4, "the targeted DLR loss")
-  ordered = jnp.sort(logits, axis=-1)
-  true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
-  target = jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
-  return -(true - target) / (ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + _TINY)
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def _fooled_and_loss(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array,
-                     loss_fn: LossFn = _cross_entropy) -> tuple[jax.Array, jax.Array]:
-  """Whether each example is misclassified, [N] bool, and its loss, [N] (one forward pass)."""
-  logits = logits_fn(images)
-  return jnp.argmax(logits, -1) != labels, loss_fn(logits, labels)
-
-
-def _loss_and_grad(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array,
-                   loss_fn: LossFn = _cross_entropy) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-example losses, their input gradients (the gradient of the sum is per example) and
-  whether each example is misclassified, [N] bool."""
-  def total(x):
-    fooled, losses = _fooled_and_loss(logits_fn, x, labels, loss_fn)
-    return losses.sum(), (losses, fooled)
-
-  grad, (losses, fooled) = jax.grad(total, has_aux=True)(images)
-  return losses, grad, fooled
-
-
-def _stronger(fooled: jax.Array, loss: jax.Array, best_fooled: jax.Array,
-              best_loss: jax.Array) -> jax.Array:
-  """Per example, whether a point beats the best so far: a misclassified point beats a correctly
-  classified one whatever the losses; between two of the same kind the higher loss wins.
-
-  Loss alone is not enough: a correctly classified point can have a higher cross-entropy than a
-  misclassified one (e.g. p_y = 0.36 against p_y = 0.47 with another class at 0.53), and keeping
-  it would count as robust an example that another restart or iterate had already broken.
-  """
-  return (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
-
-
-def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
-  """Reshapes [N] values to broadcast against an [N, ...] batch."""
-  return values.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def _l2_norm(x: jax.Array) -> jax.Array:
-  """Per-example L2 norm over all non-batch axes, shaped to broadcast against `x`."""
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
-
-
-def project_linf(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-  """The nearest point to `x_adv` in the L-inf ball of radius `eps` around `x`."""
-  return jnp.clip(x_adv, x - eps, x + eps)
-
-
-def project_l2(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-  """The nearest point to `x_adv` in the L2 ball of radius `eps` around `x`, per example."""
-  delta = x_adv - x
-  return x + delta * jnp.minimum(1.0, eps / jnp.maximum(_l2_norm(delta), _TINY))
-
-
-def _check_norm(norm: str) -> None:
-  if norm not in NORMS:
-    raise ValueError(f"norm={norm!r} is not supported; expected one of {', '.join(NORMS)}.")
-
-
-def _project(x_adv: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
-  """Projection onto the eps-ball of `norm`, then onto the image box [0, 1].
-
-  For L-inf the composition is the exact projection onto the intersection; for L2 the result
-  stays in both sets (clipping moves a point toward x coordinate by coordinate).
-  """
-  ball = project_linf if norm == "linf" else project_l2
-  return jnp.clip(ball(x_adv, x, eps), 0.0, 1.0)
-
-
-def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
-  """Steepest-ascent direction of unit `norm`: sign(grad) for L-inf, grad/|grad|_2 for L2."""
-  if norm == "linf":
-    return jnp.sign(grad)
-  return grad / jnp.maximum(_l2_norm(grad), _TINY)
-
-
-def _uniform_start(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
-  """A point drawn uniformly from the eps-ball of `norm` around each example, clipped to [0, 1].
-
-  L2: a Gaussian direction, normalised, at radius eps * U^(1/d) with d the pixels per example
-  (uniform in volume, not on the sphere).
-  """
-  if norm == "linf":
-    delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
-  else:
-    direction_key, radius_key = jax.random.split(key)
-    direction = jax.random.normal(direction_key, x.shape, x.dtype)
-    d = np.prod(x.shape[1:])
-    radius = eps * jax.random.uniform(radius_key, x.shape[:1], x.dtype) ** (1.0 / d)
-    delta = direction / jnp.maximum(_l2_norm(direction), _TINY) * _per_example(radius, x)
-  return jnp.clip(x + delta, 0.0, 1.0)
-
-
-def _gradient_step(logits_fn: LogitsFn, x_adv: jax.Array, labels: jax.Array, step_size: float,
-                   norm: str) -> jax.Array:
-  """`x_adv` moved by `step_size` along the steepest-ascent direction of the loss (unprojected)."""
-  _, grad, _ = _loss_and_grad(logits_fn, x_adv, labels)
-  return x_adv + step_size * _ascent_direction(grad, norm)
-
-
-def _best_of_restarts(attack_once: Callable[[jax.Array], jax.Array], logits_fn: LogitsFn,
-                      images: jax.Array, labels: jax.Array, key: jax.Array, restarts: int) -> jax.Array:
-  """Runs `attack_once(fold_in(key, r))` for r < restarts and keeps, per example, the worst case:
-  a misclassified result if any restart found one, the one of highest loss among those of the
-  same kind (see `_stronger`). Robust accuracy is then the per-example worst case over restarts.
-
-  Restart 0 always uses `fold_in(key, 0)` and is computed outside the loop, so adding restarts
-  never weakens an example relative to a single run with the same key.
-  """
-  return _strongest_of(lambda r: attack_once(jax.random.fold_in(key, r)), restarts, logits_fn,
-                       images, labels)
-
-
-def _first_best(x_adv: jax.Array, logits_fn: LogitsFn, labels: jax.Array) -> tuple[jax.Array, ...]:
-  """The running best (images, fooled, cross-entropy) of `_keep_stronger`, from one result."""
-  return (x_adv, *_fooled_and_loss(logits_fn, x_adv, labels))
-
-
-def _keep_stronger(best: tuple[jax.Array, ...], x_adv: jax.Array, logits_fn: LogitsFn,
-                   labels: jax.Array) -> tuple[jax.Array, ...]:
-  """The running best with `x_adv` taken per example where it is stronger (`_stronger`, by the
-  cross-entropy)."""
-  best_x, best_fooled, best_loss = best
-  fooled, loss = _fooled_and_loss(logits_fn, x_adv, labels)
-  better = _stronger(fooled, loss, best_fooled, best_loss)
-  return (jnp.where(_per_example(better, best_x), x_adv, best_x), best_fooled | fooled,
-          jnp.where(better, loss, best_loss))
-
-
-def _strongest_of(run: Callable[[jax.Array], jax.Array], count: int, logits_fn: LogitsFn,
-                  images: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per example, the strongest of run(0), ..., run(count - 1) in `_stronger`'s order (by the
-  cross-entropy); run(r) for r >= 1 in a fori_loop (one compiled copy), r traced."""
-  best = run(0)
-  if count > 1:
-    best, _, _ = jax.lax.fori_loop(
-        1, count, lambda r, carry: _keep_stronger(carry, run(r), logits_fn, labels),
-        _first_best(best, logits_fn, labels))
-  return jax.lax.stop_gradient(best)
-
+from ntk_scale.fab import fab_t
+from ntk_scale.square_l2 import square_l2
 
 # --------------------------------------------------------------------------- attacks
 
@@ -239,22 +60,22 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arra
   `lax.fori_loop`: on XLA:CPU an unrolled loop runs the convolution gradients 2-3x faster (at a
   compile time that grows with the steps).
   """
-  _check_norm(norm)
+  check_norm(norm)
 
   def attack_once(key):
-    x_adv = _uniform_start(key, images, eps, norm) if random_start else images
+    x_adv = uniform_start(key, images, eps, norm) if random_start else images
 
     def body(_, x_adv):
-      return _project(_gradient_step(logits_fn, x_adv, labels, step_size, norm), images, eps, norm)
+      return project(gradient_step(logits_fn, x_adv, labels, step_size, norm), images, eps, norm)
 
     return jax.lax.fori_loop(0, num_steps, body, x_adv, unroll=unroll)
 
-  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+  return best_of_restarts(attack_once, logits_fn, labels, key, restarts)
 
 
 def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, *, eps: float) -> jax.Array:
   """One signed-gradient step of size eps from the clean images, clipped to [0, 1]."""
-  x_adv = jnp.clip(_gradient_step(logits_fn, images, labels, eps, "linf"), 0.0, 1.0)
+  x_adv = jnp.clip(gradient_step(logits_fn, images, labels, eps, "linf"), 0.0, 1.0)
   return jax.lax.stop_gradient(x_adv)
 
 
@@ -265,8 +86,8 @@ def rs_fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.
   The default step is 1.25 * eps, the paper's choice.
   """
   step_size = 1.25 * eps if step_size is None else step_size
-  x_adv = _uniform_start(key, images, eps, "linf")
-  x_adv = _project(_gradient_step(logits_fn, x_adv, labels, step_size, "linf"), images, eps, "linf")
+  x_adv = uniform_start(key, images, eps, "linf")
+  x_adv = project(gradient_step(logits_fn, x_adv, labels, step_size, "linf"), images, eps, "linf")
   return jax.lax.stop_gradient(x_adv)
 
 
@@ -279,8 +100,8 @@ def n_fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   """
   noise = 2.0 * eps if noise is None else noise
   step_size = eps if step_size is None else step_size
-  x_adv = _uniform_start(key, images, noise, "linf")
-  x_adv = jnp.clip(_gradient_step(logits_fn, x_adv, labels, step_size, "linf"), 0.0, 1.0)
+  x_adv = uniform_start(key, images, noise, "linf")
+  x_adv = jnp.clip(gradient_step(logits_fn, x_adv, labels, step_size, "linf"), 0.0, 1.0)
   return jax.lax.stop_gradient(x_adv)
 
 
@@ -310,8 +131,8 @@ def _apgd_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
   momentum = 0.75
   is_checkpoint, period = _apgd_checkpoints(num_steps)
   is_checkpoint, period = jnp.asarray(is_checkpoint), jnp.asarray(period, images.dtype)
-  x0 = _uniform_start(key, images, eps, norm)
-  loss0, grad0, fooled0 = _loss_and_grad(logits_fn, x0, labels, loss_fn)
+  x0 = uniform_start(key, images, eps, norm)
+  loss0, grad0, fooled0 = loss_and_grad(logits_fn, x0, labels, loss_fn)
   n = labels.shape[0]
   state = dict(x=x0, x_prev=x0, loss=loss0, grad=grad0,
                step=jnp.full((n,), 2.0 * eps, images.dtype),
@@ -323,23 +144,23 @@ def _apgd_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
   def body(k, s):
     x, x_prev = s["x"], s["x_prev"]
     alpha = jnp.where(k == 0, 1.0, momentum)
-    step = _per_example(s["step"], x)
-    z = _project(x + step * _ascent_direction(s["grad"], norm), images, eps, norm)
-    x_new = _project(x + alpha * (z - x) + (1.0 - alpha) * (x - x_prev), images, eps, norm)
-    loss, grad, fooled = _loss_and_grad(logits_fn, x_new, labels, loss_fn)
-    stronger = _stronger(fooled, loss, s["fooled_out"], s["loss_out"])
+    step = per_example(s["step"], x)
+    z = project(x + step * ascent_direction(s["grad"], norm), images, eps, norm)
+    x_new = project(x + alpha * (z - x) + (1.0 - alpha) * (x - x_prev), images, eps, norm)
+    loss, grad, fooled = loss_and_grad(logits_fn, x_new, labels, loss_fn)
+    beats = stronger(fooled, loss, s["fooled_out"], s["loss_out"])
 
     increases = s["increases"] + (loss > s["loss"])
     improved = loss > s["loss_best"]
-    x_best = jnp.where(_per_example(improved, x), x_new, s["x_best"])
-    grad_best = jnp.where(_per_example(improved, x), grad, s["grad_best"])
+    x_best = jnp.where(per_example(improved, x), x_new, s["x_best"])
+    grad_best = jnp.where(per_example(improved, x), grad, s["grad_best"])
     loss_best = jnp.where(improved, loss, s["loss_best"])
 
     at_check = is_checkpoint[k]
     too_few_increases = increases < rho * period[k]
     stalled = ~s["reduced_at_check"] & (s["loss_best_at_check"] >= loss_best)
     reduce = at_check & (too_few_increases | stalled)
-    reduce_b = _per_example(reduce, x)
+    reduce_b = per_example(reduce, x)
     return dict(x=jnp.where(reduce_b, x_best, x_new), x_prev=x,
                 loss=jnp.where(reduce, loss_best, loss),
                 grad=jnp.where(reduce_b, grad_best, grad),
@@ -348,14 +169,14 @@ def _apgd_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
                 increases=jnp.where(at_check, 0.0, increases),
                 loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
                 reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
-                x_out=jnp.where(_per_example(stronger, x), x_new, s["x_out"]),
+                x_out=jnp.where(per_example(beats, x), x_new, s["x_out"]),
                 fooled_out=s["fooled_out"] | fooled,
-                loss_out=jnp.where(stronger, loss, s["loss_out"]))
+                loss_out=jnp.where(beats, loss, s["loss_out"]))
 
   return jax.lax.fori_loop(0, num_steps, body, state)["x_out"]
 
 
-APGD_LOSSES = {"ce": _cross_entropy, "dlr": dlr_loss}
+APGD_LOSSES = {"ce": cross_entropy, "dlr": dlr_loss}
 
 
 def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
@@ -371,15 +192,15 @@ def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arr
   nor its best loss changed since w_{j-1}. As in the authors' AutoAttack code, the second
   condition cannot fire at the first checkpoint (treated as if eta had just been halved).
   The step-size rule and the restarts from the best point use the highest-loss point alone; the
-  returned point is the strongest iterate in `_stronger`'s order (misclassified first, then
+  returned point is the strongest iterate in `stronger`'s order (misclassified first, then
   loss), so robust accuracy counts an example broken by any iterate, as AutoAttack does.
   """
-  _check_norm(norm)
+  check_norm(norm)
   if loss not in APGD_LOSSES:
     raise ValueError(f"loss={loss!r}; expected one of {', '.join(APGD_LOSSES)}.")
   attack_once = lambda key: _apgd_run(logits_fn, images, labels, key, eps, num_steps, norm, rho,
                                       APGD_LOSSES[loss])
-  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+  return best_of_restarts(attack_once, logits_fn, labels, key, restarts)
 
 
 def apgd_ce(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
@@ -395,28 +216,15 @@ def apgd_dlr(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax
   return apgd(logits_fn, images, labels, key, loss="dlr", **settings)
 
 
-def ranked_targets(logits: jax.Array, labels: jax.Array, num_targets: int, min_classes: int,
-                   attack: str) -> jax.Array:
-  """The classes by clean logit, highest first, the true class last ([N, C]): the targets of a
-  targeted attack toward its `num_targets` first (checked against the classes there are)."""
-  num_classes = logits.shape[-1]
-  _check_classes(logits, min_classes, attack)
-  if not 1 <= num_targets <= num_classes - 1:
-    raise ValueError(f"num_targets={num_targets} must lie in [1, {num_classes - 1}] (the classes "
-                     f"other than the true one).")
-  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits)
-  return jnp.argsort(-others, axis=-1)
-
-
 def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
            eps: float, num_steps: int, norm: str = "linf", num_targets: int = 9,
            rho: float = 0.75) -> jax.Array:
   """APGD-T (AutoAttack's second attack): APGD on the targeted DLR loss toward each of the
   `num_targets` classes the clean logits rank highest after the true one, one run each (key
-  fold_in(key, r) for the r-th); per example the strongest result (`_stronger`). AutoAttack
+  fold_in(key, r) for the r-th); per example the strongest result (`stronger`). AutoAttack
   ranks the clean logits including the true class, which differs only for examples the model
   already misclassifies."""
-  _check_norm(norm)
+  check_norm(norm)
   ranked = ranked_targets(logits_fn(images), labels, num_targets, 4, "APGD-T")
 
   def toward(r):
@@ -425,51 +233,10 @@ def apgd_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
     return _apgd_run(logits_fn, images, labels, jax.random.fold_in(key, r), eps, num_steps, norm,
                      rho, loss_fn)
 
-  return _strongest_of(toward, num_targets, logits_fn, images, labels)
+  return strongest_of(toward, num_targets, logits_fn, labels)
 
 
 # --------------------------------------------------------------------------- score-based
-
-# Square Attack's schedule (Andriushchenko et al. 2020): the fraction of the image a square covers
-# is p_init, halved after each of these query counts of a 10,000-query run. The authors' code
-# rescales them to the run's own length ("rescaled"); AutoAttack's standard version keeps them
-# as they are whatever the length (resc_schedule=False: "fixed").
-_SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
-SQUARE_SCHEDULES = ("rescaled", "fixed")
-
-
-def square_fraction(p_init: float, query: jax.Array | int, num_queries: int,
-                    schedule: str = "rescaled") -> jax.Array:
-  """The fraction of pixels Square Attack's square covers at `query` (0-based) of `num_queries`.
-
-  "fixed" halves it after query t of each t in _SQUARE_HALVINGS. "rescaled" halves it once
-  query * 10000 // num_queries passes t, i.e. from query ceil((t + 1) num_queries / 10000) on:
-  those queries are computed here in Python's integers (query * 10000 in int32 wrapped past
-  214,748 queries and reset the square)."""
-  if schedule not in SQUARE_SCHEDULES:
-    raise ValueError(f"schedule={schedule!r}; expected one of {', '.join(SQUARE_SCHEDULES)}.")
-  starts = [t + 1 if schedule == "fixed" else -(-(t + 1) * num_queries // 10000)
-            for t in _SQUARE_HALVINGS]
-  halvings = jnp.sum(jnp.asarray(query) >= jnp.asarray(starts))
-  return p_init / 2.0 ** halvings
-
-
-def margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """z_y - max_{j != y} z_j, [N]: negative exactly when the example is misclassified."""
-  true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
-  others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-  return true - jnp.max(others, -1)
-
-
-def keep_lower_margin(logits_fn: LogitsFn, labels: jax.Array, candidate: jax.Array,
-                      x_best: jax.Array, margin: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Square Attack's acceptance, either norm: per example the candidate replaces x_best where it
-  lowers the margin of an example not yet misclassified; (x_best, margin) updated."""
-  new_margin = margin_loss(logits_fn(candidate), labels)
-  better = (new_margin < margin) & (margin >= 0)
-  return (jnp.where(_per_example(better, x_best), candidate, x_best),
-          jnp.where(better, new_margin, margin))
-
 
 # Colour draws per query and example of Square Attack (the reference redraws until the window
 # changes: with one channel half of the draws late in a run change nothing).
@@ -502,8 +269,8 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   The square's size follows `square_fraction`'s `schedule`: "rescaled" as in the authors' code,
   "fixed" as in AutoAttack's standard version.
 
-  norm="l2" runs the L2 version, `ntk_scale.square_l2.square_l2` (imported here, when the attack
-  runs, as fab_t imports its module); what follows is the L-inf version.
+  norm="l2" runs the L2 version, `ntk_scale.square_l2.square_l2`; what follows is the L-inf
+  version.
 
   Starts from vertical stripes of +-eps; each query redraws one square window per example (its
   side from `square_fraction`, its place uniform) as a +-eps colour per channel, drawn again
@@ -517,11 +284,10 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
   that hides its gradients (quantised inputs, saturated softmax) is attacked as well as one that
   does not: the check AutoAttack runs for gradient masking.
   """
-  _check_norm(norm)
+  check_norm(norm)
   if norm == "l2":
-    from ntk_scale import square_l2  # pylint: disable=import-outside-toplevel
-    return square_l2.square_l2(logits_fn, images, labels, key, eps=eps, num_queries=num_queries,
-                               p_init=p_init, restarts=restarts, schedule=schedule)
+    return square_l2(logits_fn, images, labels, key, eps=eps, num_queries=num_queries,
+                     p_init=p_init, restarts=restarts, schedule=schedule)
   n, h, w, c = images.shape
   side_limit = max(min(h, w) - 1, 1)
   rows, cols = jnp.arange(h), jnp.arange(w)
@@ -549,20 +315,12 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
     x_best, _ = jax.lax.fori_loop(0, num_queries, query, (x_best, margin))
     return x_best
 
-  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+  return best_of_restarts(attack_once, logits_fn, labels, key, restarts)
 
 
-# --------------------------------------------------------------------------- boundary-based
+# --------------------------------------------------------------------------- by name
 
-def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
-          **settings) -> jax.Array:
-  """FAB-T, L-inf or L2 (`norm`; AutoAttack's third attack): `ntk_scale.fab.fab_t`. That module
-  builds on this one's pieces, so it is imported here, when the attack runs, not when this module
-  loads."""
-  from ntk_scale import fab  # pylint: disable=import-outside-toplevel
-  return fab.fab_t(logits_fn, images, labels, key, **settings)
-
-
+# fab_t is ntk_scale.fab's (the boundary-based attack).
 ATTACKS = {"pgd": pgd, "fgsm": fgsm, "rs_fgsm": rs_fgsm, "n_fgsm": n_fgsm, "apgd_ce": apgd_ce,
            "apgd_dlr": apgd_dlr, "apgd_t": apgd_t, "fab_t": fab_t, "square": square}
 _LINF_ONLY = ("fgsm", "rs_fgsm", "n_fgsm")
@@ -782,7 +540,7 @@ def _build_worst_of(c: ml_collections.ConfigDict, prefix: str, eps: float, norm:
 @dataclasses.dataclass(frozen=True, eq=False)
 class WorstOf:
   """Several attacks of one threat model; called on a batch, every member runs on every example
-  and each example keeps its strongest result (`_stronger`: misclassified first, then
+  and each example keeps its strongest result (`stronger`: misclassified first, then
   cross-entropy), as AutoAttack's robust accuracy counts an example broken by any of its attacks.
   The i-th member gets key fold_in(key, i).
 
@@ -795,9 +553,9 @@ class WorstOf:
   def __call__(self, logits_fn: LogitsFn, images: jax.Array, labels: jax.Array,
                key: jax.Array) -> jax.Array:
     run = lambda i: self.members[i](logits_fn, images, labels, jax.random.fold_in(key, i))
-    best = _first_best(run(0), logits_fn, labels)
+    best = first_best(run(0), logits_fn, labels)
     for i in range(1, len(self.members)):  # different programs: a Python loop, not a fori_loop
-      best = _keep_stronger(best, run(i), logits_fn, labels)
+      best = keep_stronger(best, run(i), logits_fn, labels)
     return jax.lax.stop_gradient(best[0])
 
 

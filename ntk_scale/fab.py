@@ -24,8 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ntk_scale.attacks import (LogitsFn, _check_norm, _l2_norm, _per_example, _strongest_of,
-                               ranked_targets)
+from ntk_scale.attack_steps import (LogitsFn, check_norm, l2_norm, per_example, ranked_targets,
+                                    strongest_of)
 
 # The reference's distance of an example for which no misclassified iterate has been found yet.
 _NOT_FOUND = 1e10
@@ -173,8 +173,8 @@ def _compute_dtype(images: jax.Array) -> jnp.dtype:
 
 
 def _l2(x: jax.Array) -> jax.Array:
-  """Per-example L2 norm over all non-batch axes, [N] (attacks' `_l2_norm`, flattened)."""
-  return _l2_norm(x).reshape(x.shape[0])
+  """Per-example L2 norm over all non-batch axes, [N] (`attack_steps.l2_norm`, flattened)."""
+  return l2_norm(x).reshape(x.shape[0])
 
 
 def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets: jax.Array,
@@ -206,16 +206,16 @@ def _fab_run(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targets:
     step_clean = step_onto(flat(clean), w, b).reshape(x.shape)
     norm_x = jnp.maximum(size(step_x), _NORM_FLOOR)
     norm_clean = jnp.maximum(size(step_clean), _NORM_FLOOR)
-    alpha = _per_example(jnp.clip(norm_x / (norm_x + norm_clean), 0.0, alpha_max), x)
+    alpha = per_example(jnp.clip(norm_x / (norm_x + norm_clean), 0.0, alpha_max), x)
     x = jnp.clip((x_c + eta * step_x) * (1 - alpha) + (clean + eta * step_clean) * alpha,
                  0.0, 1.0).astype(images.dtype)
     fooled = jnp.argmax(logits_fn(x), -1) != labels
     current = size(x.astype(compute) - clean)
     closer = fooled & (current < distance)
-    found = jnp.where(_per_example(closer, x), x, found)
+    found = jnp.where(per_example(closer, x), x, found)
     distance = jnp.where(closer, current, distance)
     back = (clean + (x.astype(compute) - clean) * beta).astype(images.dtype)
-    x = jnp.where(_per_example(fooled, x), back, x)
+    x = jnp.where(per_example(fooled, x), back, x)
     return x, found, distance
 
   state = (start, images, jnp.full((n,), _NOT_FOUND, compute))
@@ -247,7 +247,7 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
   target. Deviations from AutoAttack's FABAttack_PT (targeted):
   - Every run attacks every example (results masked afterwards), where the reference runs each
     target only on the examples still robust and keeps the first target that breaks one; here
-    per example the strongest result over all runs (`_stronger`: misclassified first, then
+    per example the strongest result over all runs (`stronger`: misclassified first, then
     cross-entropy). The set of broken examples is the same (examples do not interact with the
     model in inference mode); which adversarial point is returned can differ (of several runs
     that break an example, the strongest is often farther from x_0 than the first). With
@@ -266,7 +266,7 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
     misclassified and within eps as returned; the projections, alpha and distances in float32,
     or float64 for float64 images (the reference casts everything to float32).
   """
-  _check_norm(norm)
+  check_norm(norm)
   size = _linf if norm == "linf" else _l2
   compute = _compute_dtype(images)
   clean = images.astype(compute)
@@ -282,13 +282,13 @@ def fab_t(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Ar
         u = jax.random.uniform(jax.random.fold_in(key, r), images.shape, compute, -1.0, 1.0)
       else:
         u = jax.random.normal(jax.random.fold_in(key, r), images.shape, compute)
-      scattered = clean + eps * u / _per_example(jnp.maximum(size(u), 1e-12), u) * 0.5
+      scattered = clean + eps * u / per_example(jnp.maximum(size(u), 1e-12), u) * 0.5
       start = jnp.where(r % restarts == 0, images,
                         jnp.clip(scattered, 0.0, 1.0).astype(images.dtype))
     found = _fab_run(logits_fn, images, labels, targets, start, num_steps, alpha_max, eta, beta,
                      norm)
     broken = (correct & (jnp.argmax(logits_fn(found), -1) != labels)
               & (size(found.astype(compute) - clean) <= eps))
-    return jnp.where(_per_example(broken, images), found, images)
+    return jnp.where(per_example(broken, images), found, images)
 
-  return _strongest_of(run, num_targets * restarts, logits_fn, images, labels)
+  return strongest_of(run, num_targets * restarts, logits_fn, labels)

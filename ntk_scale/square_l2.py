@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_scale.attacks import (_TINY, LogitsFn, _best_of_restarts, _l2_norm, keep_lower_margin,
-                               margin_loss, square_fraction)
+from ntk_scale.attack_steps import (TINY, LogitsFn, best_of_restarts, keep_lower_margin, l2_norm,
+                                    margin_loss, square_fraction)
 
 # The reference's guard on a window's old perturbation norm (old / (1e-10 + norm)).
 _WINDOW_GUARD = 1e-10
@@ -122,7 +122,7 @@ def square_l2(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
     signs = jax.random.rademacher(sign_key, (n, len(first_rows), c), images.dtype)
     bumps = _meta_pseudo_gaussian(offset_rows, offset_cols, first_side, flips[:, which], tables)
     delta = bumps[..., None] * signs[:, which]
-    x_best = jnp.clip(images + delta / jnp.maximum(_l2_norm(delta), _TINY) * eps, 0.0, 1.0)
+    x_best = jnp.clip(images + delta / jnp.maximum(l2_norm(delta), TINY) * eps, 0.0, 1.0)
     margin = margin_loss(logits_fn(x_best), labels)
 
     def query(i, carry):
@@ -145,15 +145,15 @@ def square_l2(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: ja
       delta = x_best - images
       old = jnp.where(first, delta, 0.0)
       # The mass the two windows hold, per channel, plus an equal share of what the ball has left.
-      mass = (jnp.maximum(eps ** 2 - _l2_norm(delta) ** 2, 0.0) / c
+      mass = (jnp.maximum(eps ** 2 - l2_norm(delta) ** 2, 0.0) / c
               + jnp.square(per_channel(jnp.where(both, delta, 0.0))))
       new = bump[..., None] * sign[:, None, None, :] + old / (_WINDOW_GUARD + per_channel(old))
-      new = new / jnp.maximum(per_channel(new), _TINY) * jnp.sqrt(mass)
+      new = new / jnp.maximum(per_channel(new), TINY) * jnp.sqrt(mass)
       delta = jnp.where(first, new, jnp.where(both, 0.0, delta))
-      candidate = jnp.clip(images + delta / jnp.maximum(_l2_norm(delta), _TINY) * eps, 0.0, 1.0)
+      candidate = jnp.clip(images + delta / jnp.maximum(l2_norm(delta), TINY) * eps, 0.0, 1.0)
       return keep_lower_margin(logits_fn, labels, candidate, x_best, margin)
 
     x_best, _ = jax.lax.fori_loop(0, num_queries, query, (x_best, margin))
     return x_best
 
-  return _best_of_restarts(attack_once, logits_fn, images, labels, key, restarts)
+  return best_of_restarts(attack_once, logits_fn, labels, key, restarts)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh
 
-from ntk_scale import attacks, parallel
+from ntk_scale import attack_steps, attacks, parallel
 from ntk_scale import evaluate as evaluate_module
 from ntk_scale.base_config import autoattack, base_config, pgd_linf
 from ntk_scale.data import Split, load_digits
@@ -48,8 +48,7 @@ def _jit_attack(attack, model):
 
 
 def _loss(model, variables, images, labels):
-  return np.asarray(attacks.per_example_loss(lambda x: model.apply(variables, x, train=False),
-                                             images, labels))
+  return np.asarray(attack_steps.cross_entropy(model.apply(variables, images, train=False), labels))
 
 
 def _accuracy(model, variables, images, labels):
@@ -248,22 +247,22 @@ def test_square_schedule_halves_the_square_at_autoattacks_query_counts():
   (query 1 of 100 is query 100 of 10,000: two halvings) as in the authors' code, or fixed whatever
   the run's length, as AutoAttack's standard version runs it (resc_schedule=False)."""
   for num_queries in (1000, 5000, 10000):
-    fixed = lambda query: float(attacks.square_fraction(0.8, query, num_queries, "fixed"))
+    fixed = lambda query: float(attack_steps.square_fraction(0.8, query, num_queries, "fixed"))
     assert [fixed(q) for q in (10, 11, 50, 51, 500, 501)] == pytest.approx(
         [0.8, 0.4, 0.4, 0.2, 0.1, 0.05])
-  assert float(attacks.square_fraction(0.8, 999, 1000, "fixed")) == pytest.approx(0.8 / 16)
-  assert float(attacks.square_fraction(0.8, 999, 1000)) == pytest.approx(0.8 / 512)
+  assert float(attack_steps.square_fraction(0.8, 999, 1000, "fixed")) == pytest.approx(0.8 / 16)
+  assert float(attack_steps.square_fraction(0.8, 999, 1000)) == pytest.approx(0.8 / 512)
   assert autoattack(0.1).attacks.square.p_schedule == "fixed"
   expected = {0: 0.8, 10: 0.8, 11: 0.4, 50: 0.4, 51: 0.2, 200: 0.2, 201: 0.1, 2001: 0.8 / 64,
               8000: 0.8 / 256, 8001: 0.8 / 512, 9999: 0.8 / 512}
   for query, p in expected.items():
-    assert float(attacks.square_fraction(0.8, query, 10000)) == pytest.approx(p), query
-  assert float(attacks.square_fraction(0.8, 1, 100)) == pytest.approx(0.2)
+    assert float(attack_steps.square_fraction(0.8, query, 10000)) == pytest.approx(p), query
+  assert float(attack_steps.square_fraction(0.8, 1, 100)) == pytest.approx(0.2)
   # Long runs too: query * 10000 does not fit int32 past query 214,748.
   for query, p in {214_749: 0.8 / 128, 399_999: 0.8 / 512}.items():  # 5,368 and 9,999 of 10,000
-    assert float(attacks.square_fraction(0.8, jnp.int32(query), 400_000)) == pytest.approx(p), query
+    assert float(attack_steps.square_fraction(0.8, jnp.int32(query), 400_000)) == pytest.approx(p), query
   logits = jnp.array([[2.0, 5.0, 1.0], [3.0, -1.0, 0.5]])
-  np.testing.assert_allclose(attacks.margin_loss(logits, jnp.array([0, 0])), [-3.0, 2.5])
+  np.testing.assert_allclose(attack_steps.margin_loss(logits, jnp.array([0, 0])), [-3.0, 2.5])
 
 
 def test_square_breaks_a_model_whose_gradients_are_zero():
@@ -275,7 +274,7 @@ def test_square_breaks_a_model_whose_gradients_are_zero():
   logits_fn = lambda x: (jnp.round(x * 4) / 4).reshape(len(x), -1) @ weights  # d round / dx = 0
   images = jnp.asarray(rng.uniform(size=(32, 8, 8, 1)).astype(np.float32))
   labels = jnp.argmax(logits_fn(images), -1)
-  gradient = jax.grad(lambda x: attacks.per_example_loss(logits_fn, x, labels).sum())(images)
+  gradient = jax.grad(lambda x: attack_steps.cross_entropy(logits_fn(x), labels).sum())(images)
   assert float(jnp.abs(gradient).max()) == 0
   pgd = attacks.build_attack(ml_collections.ConfigDict(dict(
       name="pgd", eps=0.3, step_size=0.1, num_steps=10, random_start=False)))
@@ -292,7 +291,7 @@ def _square_transcription(logits_fn, images, labels, key, eps, num_queries, p_in
   AutoAttack's if-chain schedule and window slices; its random draws are the attack's own calls."""
   x = np.asarray(images, np.float64)
   n, h, w, c = x.shape
-  margin = lambda z: np.array(attacks.margin_loss(logits_fn(jnp.asarray(z, jnp.float32)), labels))
+  margin = lambda z: np.array(attack_steps.margin_loss(logits_fn(jnp.asarray(z, jnp.float32)), labels))
   start_key, loop_key = jax.random.split(jax.random.fold_in(key, 0))  # restart 0's key
   stripes = eps * np.asarray(jax.random.rademacher(start_key, (n, 1, w, c), jnp.float32))
   best = np.clip(x + stripes, 0, 1)
@@ -376,8 +375,8 @@ def _square_l2_transcription(logits_fn, images, labels, key, eps, num_queries, p
   example as a batch of one; its random draws are the attack's own calls."""
   x = np.transpose(np.asarray(images, np.float64), (0, 3, 1, 2))
   n, c, h, w = x.shape
-  margin = lambda z: np.array(attacks.margin_loss(logits_fn(jnp.asarray(z.transpose(0, 2, 3, 1))),
-                                                  labels))
+  margin = lambda z: np.array(attack_steps.margin_loss(logits_fn(jnp.asarray(z.transpose(0, 2, 3, 1))),
+                                                       labels))
   start_key, loop_key = jax.random.split(jax.random.fold_in(key, 0))  # restart 0's key
   flip_key, sign_key = jax.random.split(start_key)
   s = max(h // 5, 1)  # the reference's h // 5; it fails below 5 rows
@@ -514,14 +513,15 @@ def test_dlr_losses_match_their_definition_and_ignore_the_logits_scale():
   logits = jnp.array([[3.0, 1.0, 0.5, -1.0], [3.0, 1.0, 0.5, -1.0]])
   labels = jnp.array([0, 2])
   # label 0: -(3 - 1) / (3 - 0.5); label 2: -(0.5 - 3) / (3 - 0.5)
-  np.testing.assert_allclose(attacks.dlr_loss(logits, labels), [-0.8, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(attack_steps.dlr_loss(logits, labels), [-0.8, 1.0], rtol=1e-6)
   # toward class 1 from label 0: -(3 - 1) / (3 - (0.5 - 1) / 2); toward 0 from 2: -(0.5 - 3) / 3.25
-  np.testing.assert_allclose(attacks.targeted_dlr_loss(logits, labels, jnp.array([1, 0])),
+  np.testing.assert_allclose(attack_steps.targeted_dlr_loss(logits, labels, jnp.array([1, 0])),
                              [-2 / 3.25, 2.5 / 3.25], rtol=1e-6)
-  for loss in (attacks.dlr_loss, lambda z, y: attacks.targeted_dlr_loss(z, y, jnp.array([3, 1]))):
+  targeted = lambda z, y: attack_steps.targeted_dlr_loss(z, y, jnp.array([3, 1]))
+  for loss in (attack_steps.dlr_loss, targeted):
     np.testing.assert_allclose(loss(1e4 * logits - 7.0, labels), loss(logits, labels), rtol=1e-5)
   with pytest.raises(ValueError, match="at least 3 classes; the model has 2"):
-    attacks.dlr_loss(logits[:, :2], labels * 0)
+    attack_steps.dlr_loss(logits[:, :2], labels * 0)
 
 
 def _linear_ten_class_problem(scale):
@@ -568,8 +568,8 @@ def test_ranked_targets_are_the_other_classes_by_decreasing_clean_logit():
   labels = order[np.arange(n), [0] * 4 + [c - 1] * 4 + [1, 4, 6, 8]]
   reference = np.array([[k for k in order[i] if k != labels[i]] for i in range(n)])
   for num_targets in (1, 4, c - 1):
-    ranked = np.asarray(attacks.ranked_targets(jnp.asarray(logits), jnp.asarray(labels),
-                                               num_targets, 2, "test"))
+    ranked = np.asarray(attack_steps.ranked_targets(jnp.asarray(logits), jnp.asarray(labels),
+                                                    num_targets, 2, "test"))
     np.testing.assert_array_equal(ranked[:, :num_targets], reference[:, :num_targets])
     np.testing.assert_array_equal(ranked[:, -1], labels)
 
@@ -844,7 +844,7 @@ def test_apgd_counts_an_example_broken_by_any_iterate():
   (the documented fold_in(key, 0) draw) lies below 0.5: probability 2/3."""
   logits_fn = lambda x: jnp.concatenate([0 * x, 0.1 - 0.2 * x] + [-3 + 2.99 * x] * 8, -1)
   grid = jnp.linspace(0, 1, 21)[:, None]
-  losses = np.asarray(attacks.per_example_loss(logits_fn, grid, jnp.zeros(21, jnp.int32)))
+  losses = np.asarray(attack_steps.cross_entropy(logits_fn(grid), jnp.zeros(21, jnp.int32)))
   assert np.all(np.diff(losses) > 0)
   np.testing.assert_array_equal(np.argmax(logits_fn(grid), -1) == 0, np.asarray(grid[:, 0]) >= 0.5)
 

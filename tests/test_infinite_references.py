@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import attacks, parallel
+from ntk_scale import attack_steps, attacks, parallel
 from ntk_scale.kernel_regression import KernelRegression, predictor
 
 from conftest import neural_tangents_or_skip
@@ -100,8 +100,7 @@ def test_kernel_regression_scores_and_input_gradient_match_numpy_finite_differen
     logits_fn = model.logits_fn(ntk_fn, x)  # each use compiled whole (op by op took seconds)
     np.testing.assert_allclose(np.asarray(jax.jit(logits_fn)(jnp.asarray(xt))),
                                _numpy_scores(xt, x, y), rtol=1e-10, atol=1e-12)
-    loss = lambda images: jnp.sum(attacks.optax.softmax_cross_entropy_with_integer_labels(
-        logits_fn(images), jnp.asarray(yt)))
+    loss = lambda images: jnp.sum(attack_steps.cross_entropy(logits_fn(images), jnp.asarray(yt)))
     gradient = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(xt)))
     fgsm = np.asarray(jax.jit(lambda images, labels: attacks.fgsm(logits_fn, images, labels, eps=0.1))(
         jnp.asarray(xt), jnp.asarray(yt)))
