@@ -5,18 +5,16 @@ from typing import Callable
 import flax.linen as nn
 import ml_collections
 
+from ntk_scale.base_config import base_config
 from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.models.cnn import SmallCNN
 from ntk_scale.models.mlp import MLP
 from ntk_scale.models.resnet import ResNet18
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int], nn.Module]] = {
-    "resnet18": lambda c, n: ResNet18(num_classes=n, width=c.get("width", 64),
-                                      batch_norm=c.get("batch_norm", True)),
-    "cnn": lambda c, n: SmallCNN(num_classes=n, width=c.get("width", 32),
-                                 batch_norm=c.get("batch_norm", False)),
-    "mlp": lambda c, n: MLP(num_classes=n, width=c.get("width", 512),
-                            depth=c.get("depth", 2), batch_norm=c.get("batch_norm", False)),
+    "resnet18": lambda c, n: ResNet18(num_classes=n, width=c.width, batch_norm=c.batch_norm),
+    "cnn": lambda c, n: SmallCNN(num_classes=n, width=c.width, batch_norm=c.batch_norm),
+    "mlp": lambda c, n: MLP(num_classes=n, width=c.width, depth=c.depth, batch_norm=c.batch_norm),
 }
 MODEL_NAMES = tuple(sorted(_BUILDERS))
 
@@ -46,4 +44,6 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn
   matmul inputs) on the same float32 variables.
   """
   check_model_config(model_config)
-  return _BUILDERS[model_config.name](model_config, num_classes)
+  complete = base_config().model  # the defaults of fields a partial model section leaves out
+  complete.update(model_config)
+  return _BUILDERS[model_config.name](complete, num_classes)
