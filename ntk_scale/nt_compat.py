@@ -6,9 +6,10 @@ only on names that moved or were removed, not on anything it computes with:
   jax.util.{safe_map, safe_zip}                        the module is gone (length-checked map / zip);
   jax.interpreters.ad.zeros_like_p                     gone; nt only keys a rule table on it.
 `load_neural_tangents` adds those names where they are missing (never replacing an existing one) and
-then imports neural_tangents. Its package __init__ also imports `experimental.empirical_tf`, which
-needs TensorFlow and tf2jax for kernels of TensorFlow models; where those are absent (a GPU image, a
-slim install) that one module is replaced by one whose functions raise, so the rest still loads. That is enough for the analytic stax kernels and for empirical kernels
+then imports neural_tangents. Its package __init__ also imports `experimental.empirical_tf`, kernels
+of TensorFlow models, which imports TensorFlow and tf2jax (~5 s, and absent from GPU images and slim
+installs); nothing here uses those kernels, so that one module is always replaced by one whose
+functions raise, and the rest loads without TensorFlow. That is enough for the analytic stax kernels and for empirical kernels
 with JACOBIAN_CONTRACTION and NTK_VECTOR_PRODUCTS. STRUCTURED_DERIVATIVES (and AUTO, which tries it)
 call private JAX internals whose signatures changed; nothing here may depend on them.
 
@@ -68,20 +69,13 @@ def _install_aliases() -> None:
 
 
 def _without_tensorflow() -> None:
-  """Stands in for nt's TensorFlow-model kernels when TensorFlow or tf2jax cannot be found; idempotent."""
-  def installed(name: str) -> bool:
-    try:
-      return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-      return False
-
-  if installed("tensorflow") and installed("tf2jax"):
-    return
-  stand_in = ModuleType(_NT_TENSORFLOW_MODULE, "neural-tangents' TensorFlow kernels, unavailable here.")
+  """Stands in for nt's TensorFlow-model kernels, which ntk_scale never uses; idempotent."""
+  stand_in = ModuleType(_NT_TENSORFLOW_MODULE, "neural-tangents' TensorFlow kernels, not loaded here.")
 
   def unavailable(*args: Any, **kwargs: Any) -> Any:
     raise NeuralTangentsUnavailableError(
-        "neural-tangents' kernels of TensorFlow models need tensorflow and tf2jax, which are not installed")
+        "neural-tangents' kernels of TensorFlow models are not loaded by ntk_scale, which never "
+        "uses them (loading them imports tensorflow and tf2jax)")
 
   stand_in.empirical_ntk_fn_tf = unavailable
   stand_in.get_apply_fn_and_params = unavailable

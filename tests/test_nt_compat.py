@@ -152,16 +152,20 @@ def test_failed_import_names_the_feature_the_error_and_the_fix(monkeypatch):
   assert isinstance(raised.value.__cause__, ImportError)
 
 
-def test_loads_without_tensorflow_and_only_its_tensorflow_kernels_refuse(nt):
-  """Where TensorFlow is absent (the GPU images) nt still computes kernels; its TF-model kernels say why not."""
+@pytest.mark.parametrize("tensorflow", ["absent", "installed"])
+def test_loads_without_tensorflow_and_only_its_tensorflow_kernels_refuse(nt, tensorflow):
+  """Where TensorFlow is absent (the GPU images) nt still computes kernels, and where it is installed
+  nt does not import it (~5 s: its kernels of TensorFlow models, which nothing here uses); those
+  kernels say why not."""
   del nt  # only for the skip when neural-tangents is not installed
-  program = textwrap.dedent("""
+  absent = 'sys.modules["tensorflow"] = sys.modules["tf2jax"] = None' if tensorflow == "absent" else ""
+  program = textwrap.dedent(f"""
       import sys
-      sys.modules["tensorflow"] = sys.modules["tf2jax"] = None  # what absent packages look like
+      {absent}
       import jax.numpy as jnp
       from ntk_scale import nt_compat
       nt = nt_compat.load_neural_tangents("test")
-      assert sys.modules["tensorflow"] is None
+      assert sys.modules.get("tensorflow") is None and sys.modules.get("tf2jax") is None
       fn = nt.empirical_ntk_fn(lambda p, x: x @ p, trace_axes=(), vmap_axes=0)
       k = fn(jnp.ones((2, 3)), None, jnp.eye(3)[:, :2])
       assert k.shape == (2, 2, 2, 2), k.shape  # f(x) = x @ p: K[i, j, c, d] = <x_i, x_j> delta_cd = 3 delta_cd
