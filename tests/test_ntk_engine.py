@@ -466,12 +466,13 @@ def test_processes_plan_within_the_smallest_of_their_memory_budgets(monkeypatch)
   alone = plan_module.device_budget_bytes(device)
   gathered = []
 
-  def allgather(value):
-    gathered.append(float(value))
-    return np.array([value, value / 4])
+  def allgather(words):  # a float64 travels as two 32-bit words (parallel.gather_from_processes)
+    value = float(words.view(np.float64)[0])
+    gathered.append(value)
+    return np.stack([words, np.array([value / 4]).view(np.uint32)])
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(plan_module.multihost_utils, "process_allgather", allgather)
+  monkeypatch.setattr(parallel.multihost_utils, "process_allgather", allgather)
   assert plan_module.device_budget_bytes(device) == alone / 4 and gathered == [alone]
 
 
