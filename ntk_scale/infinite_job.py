@@ -29,7 +29,8 @@ robust_data.checkpoint_every steps, Orbax, removed once the set is written), ker
 (the training kernels of the original and optimised sets, tile by tile on every device of every
 host: ntk/function_tiles.py) and evaluations.partial/ (each kernel-regression evaluation with its
 examples, evaluation_progress.KeptResults, removed once results.json is written).
-A rerun reads back the kernels, a robust_dataset.npz made with the same settings and the kept
+A rerun of a finished run reads results.json back (made with the same `_evaluation_settings`).
+A rerun of an unfinished one reads back the kernels, a robust_dataset.npz made with the same settings and the kept
 evaluations (also when it changes only runtime fields such as log_every_steps or data.data_dir,
 eval_batch_size aside: `_evaluation_settings`), the robust set's optimisation continues from its
 last saved step, and the networks resume. A preemption notice (SIGTERM) stops the job once the
@@ -386,6 +387,13 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   check_infinite_config(config, dataset.train.labels, dataset.num_classes, dataset.test.labels,
                         jax.device_count())
   prepare_workdir(config, workdir)
+  # A finished run's results, read back: its kept evaluations are gone once results.json is written,
+  # and the attacks on kernel regression are most of the job (76 h of CIFAR-10's on one device).
+  saved = files.read_result(os.path.join(workdir, RESULTS_FILE), _evaluation_settings(config))
+  if saved is not None:
+    if jax.process_index() == 0:
+      print(f"{os.path.join(workdir, RESULTS_FILE)} holds this run's results: read back", flush=True)
+    return saved
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
   x, y = dataset.train.images[indices], dataset.train.labels[indices]
@@ -402,7 +410,8 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   eval_attacks = s.robust_data.eval_attacks
   optimised_rows, target_rows = split_targets(s.robust_data.target_holdout, len(x), config.seed)
   held_out = len(optimised_rows) < len(x)
-  results: dict[str, Any] = {"num_train": len(x), "num_test": len(xt)}
+  results: dict[str, Any] = {"settings": _evaluation_settings(config), "num_train": len(x),
+                             "num_test": len(xt)}
   started = time.time()
   with jax.enable_x64(s.dtype == "float64"), preemption_notices() as noticed:
     x, test = x.astype(s.dtype), Split(xt.astype(s.dtype), yt)

@@ -493,7 +493,8 @@ def infinite_parts(page: ReportPage, workdir: str) -> list[str]:
   path = os.path.join(workdir, RESULTS_FILE)
   if not files.exists(path):
     return []
-  parts = [key_value_table(files.read_json(path)), page.link(page.copy(path, RESULTS_FILE), RESULTS_FILE)]
+  results = {k: v for k, v in files.read_json(path).items() if k != "settings"}  # a digest, for reruns
+  parts = [key_value_table(results), page.link(page.copy(path, RESULTS_FILE), RESULTS_FILE)]
   dataset = os.path.join(workdir, ROBUST_DATASET_FILE)
   if files.exists(dataset):
     parts.append(paragraph(f"The optimised training set: {ROBUST_DATASET_FILE} "

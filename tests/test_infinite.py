@@ -325,6 +325,13 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   assert (kernel_dir / "tiles" / "0-0").exists()
   assert not (tmp_path / infinite_job.ROBUST_DATASET_STEPS_DIR).exists()  # no steps, no state
   assert not (tmp_path / infinite_job.EVALUATIONS_DIR).exists()  # results.json is written
+  # A rerun of the finished job reads results.json back: its kept evaluations are gone, and
+  # attacking kernel regression again was most of the job.
+  monkeypatch.setattr(infinite_job, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated again"))
+  assert infinite_job.infinite_job(config, workdir) == json.loads(json.dumps(results))
+  config.eval_batch_size = 40  # each batch draws its own random start: other results
+  with pytest.raises(pytest.fail.Exception, match="evaluated again"):
+    infinite_job.infinite_job(config, workdir)
   with open(write_report(workdir), encoding="utf-8") as f:
     page = f.read()
   row = next(r for r in page.split("<tr>") if r.startswith('<td class="k">pgd</td>'))
