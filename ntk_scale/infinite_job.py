@@ -30,10 +30,10 @@ robust_data.checkpoint_every steps, Orbax, removed once the set is written), ker
 host: ntk/function_tiles.py) and evaluations.partial/ (each kernel-regression evaluation with its
 examples, evaluation_progress.KeptResults, removed once results.json is written).
 A rerun of a finished run reads results.json back (made with the same `_evaluation_settings`).
-A rerun of an unfinished one reads back the kernels, a robust_dataset.npz made with the same settings and the kept
-evaluations (also when it changes only runtime fields such as log_every_steps or data.data_dir,
-eval_batch_size aside: `_evaluation_settings`), the robust set's optimisation continues from its
-last saved step, and the networks resume. A preemption notice (SIGTERM) stops the job once the
+A rerun of an unfinished one reads back the kernels, a robust_dataset.npz made with the same
+settings and the kept evaluations (also when it changes only runtime fields such as
+log_every_steps or data.data_dir, eval_batch_size aside: `_evaluation_settings`), the robust set's
+optimisation continues from its last saved step, and the networks resume. A preemption notice (SIGTERM) stops the job once the
 evaluation or optimisation step it is in is kept.
 """
 
@@ -57,7 +57,7 @@ from ntk_scale.attacks import build_attacks
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import Dataset, Split, check_subset_size, class_balanced_subset, load_dataset
 from ntk_scale.evaluate import Model, evaluate, transfer_rate
-from ntk_scale.evaluation_progress import KeptResults
+from ntk_scale.evaluation_progress import KeptResults, discard
 from ntk_scale.kernel_regression import KernelRegression, check_regression_config
 from ntk_scale.matmul_precision import default_precision
 from ntk_scale.ntk.job import KERNELS_DIR
@@ -391,6 +391,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   # and the attacks on kernel regression are most of the job (76 h of CIFAR-10's on one device).
   saved = files.read_result(os.path.join(workdir, RESULTS_FILE), _evaluation_settings(config))
   if saved is not None:
+    discard(os.path.join(workdir, EVALUATIONS_DIR))  # left by a kill between the results and its removal
     if jax.process_index() == 0:
       print(f"{os.path.join(workdir, RESULTS_FILE)} holds this run's results: read back", flush=True)
     return saved

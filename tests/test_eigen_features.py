@@ -392,7 +392,11 @@ def test_infinite_width_features_sum_to_analytic_kernel_regression_and_another_s
     raise AssertionError("a finished result was computed again")
 
   monkeypatch.setattr(eigen_features_job, "_infinite", computed)  # the same subset: read back
+  # What a kill between writing features.json and removing the kept groups leaves goes then.
+  stale = os.path.join(second["eigen_features"], eigen_features_job.GROUPS_DIR)
+  os.makedirs(stale)
   assert jobs.run(c, str(tmp_path))["groups"] == second["groups"]
+  assert not os.path.exists(stale)
 
 
 def test_a_kernel_of_some_classes_is_scored_among_them_on_their_test_images():

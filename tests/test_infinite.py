@@ -328,7 +328,9 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   # A rerun of the finished job reads results.json back: its kept evaluations are gone, and
   # attacking kernel regression again was most of the job.
   monkeypatch.setattr(infinite_job, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated again"))
+  (tmp_path / infinite_job.EVALUATIONS_DIR).mkdir()  # as a kill before its removal leaves it
   assert infinite_job.infinite_job(config, workdir) == json.loads(json.dumps(results))
+  assert not (tmp_path / infinite_job.EVALUATIONS_DIR).exists()
   config.eval_batch_size = 40  # each batch draws its own random start: other results
   with pytest.raises(pytest.fail.Exception, match="evaluated again"):
     infinite_job.infinite_job(config, workdir)

@@ -234,8 +234,10 @@ def test_finished_spectrum_is_read_back_and_new_settings_recompute(workdir, monk
   for module in (data_module, job_module):  # the spectrum job's and the kernel job's imports
     monkeypatch.setattr(module, "load_dataset",
                         lambda c, load=module.load_dataset: loads.append(c) or load(c))
+  stale = os.path.join(first["spectrum"], "iterate_3.npy")  # a kill before the rounds' removal
+  open(stale, "wb").close()
   again = jobs.run(config, workdir)
-  assert "already computed" in capsys.readouterr().out
+  assert "already computed" in capsys.readouterr().out and not os.path.exists(stale)
   assert len(loads) == 1  # the kernel job takes the spectrum job's dataset
   assert again["top_eigenvalue"] == first["top_eigenvalue"]
   monkeypatch.undo()

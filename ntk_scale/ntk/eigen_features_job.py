@@ -66,7 +66,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data import Dataset, Split, load_dataset, num_classes
 from ntk_scale.evaluate import Parameterized, evaluate
-from ntk_scale.evaluation_progress import KeptResults
+from ntk_scale.evaluation_progress import KeptResults, discard
 from ntk_scale.kernel_regression import kernel_scores, regression_targets
 from ntk_scale.models import build_model
 from ntk_scale.ntk.eigen_features import (examples_per_device, feature_groups, feature_logits_fn,
@@ -321,6 +321,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   result_path = os.path.join(directory, "features.json")
   saved = files.read_result(result_path, settings)
   if saved is not None:
+    discard(os.path.join(directory, GROUPS_DIR))  # left by a kill between the result and its removal
     return {"eigen_features": directory, **saved}
   if kernel is None:
     features = _infinite(config, workdir, dataset)

@@ -344,6 +344,8 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
         print(f"spectrum of {kernel['kernel']} already computed{more}: top eigenvalue "
               f"{record['top_eigenvalue']:.6g}, largest residual {record['max_residual']:.2e}"
               + _residual_note(record), flush=True)
+      if record["converged"]:  # rounds a kill between the result and their removal left
+        _remove_rounds(directory)
       return {**record, "spectrum": directory}
   if jax.process_index() == 0:
     files.make_dirs(directory)
