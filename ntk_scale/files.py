@@ -5,8 +5,9 @@ through here, on etils.epath (TensorFlow's GFile for cloud URIs, as Orbax and tf
 Writes are whole or nothing. Locally: into a temporary beside the target, then renamed over it
 (`os.replace` is atomic within a file system); a killed job leaves the old file or the new one,
 plus at most a stray temporary whose name holds ".tmp" so that readers listing a directory skip
-it. In cloud storage an object appears only when its upload completes, so writes go straight to
-the target (a rename there is a copy and a delete).
+it (removed by the next write into that directory on the same host, once its writer is gone). In
+cloud storage an object appears only when its upload completes, so writes go straight to the
+target (a rename there is a copy and a delete).
 """
 
 import io
@@ -119,6 +120,36 @@ def temporary_name(path: PathLike) -> str:
   return f"{os.fspath(path)}.tmp{socket.gethostname()}-{os.getpid()}"
 
 
+_SWEPT: set[str] = set()  # directories this process has rid of dead writers' temporaries
+
+
+def _remove_dead_temporaries(directory: str) -> None:
+  """Removes the temporaries in `directory` of this host's processes that are gone (a SIGKILL
+  mid-write leaves one), once per directory and process: a listing per write would cost a kernel's
+  tiles quadratic time. Another host's are left alone: whether its writer lives is unknown here."""
+  if directory in _SWEPT:
+    return
+  _SWEPT.add(directory)
+  marker = f".tmp{socket.gethostname()}-"
+  for entry in os.scandir(directory):
+    pid = entry.name.rpartition(marker)[2] if marker in entry.name else ""
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      try:
+        os.remove(entry.path)
+      except FileNotFoundError:  # another process of this host swept it first
+        pass
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
 def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
   """`write(f)` into a binary file that appears at `path` whole or not at all, after a killed
   process and after a power loss: the bytes reach the disk before the name does (without the
@@ -130,6 +161,7 @@ def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     epath.Path(path).write_bytes(buffer.getvalue())
     return
   tmp = temporary_name(path)
+  _remove_dead_temporaries(os.path.dirname(os.path.abspath(tmp)))
   try:
     with open(tmp, "wb") as f:
       write(f)

@@ -64,6 +64,29 @@ def test_temporaries_of_two_hosts_with_one_process_id_differ(monkeypatch):
   assert len(names) == 2 and all(".tmp" in name for name in names)  # list_dir skips ".tmp"
 
 
+def test_a_killed_writers_temporary_goes_with_the_next_write_there(tmp_path):
+  """A SIGKILL mid-write leaves `<name>.tmp<host>-<pid>`, which nothing removed (the kill audit
+  found one after a killed eigen_images job). The next write into that directory removes those of
+  this host's processes that are gone; a live writer's and another host's stay."""
+  import subprocess
+  import sys
+
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                        text=True, check=True)
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  host = socket.gethostname()
+  names = {"dead": f"a.png.tmp{host}-{gone.stdout.strip()}", "live": f"b.json.tmp{host}-{live.pid}",
+           "elsewhere": f"c.json.tmpanother-host-{gone.stdout.strip()}"}
+  try:
+    for name in names.values():
+      (tmp_path / name).write_bytes(b"")
+    write_json(str(tmp_path / "d.json"), {"x": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(["d.json", names["live"], names["elsewhere"]])
+  finally:
+    live.kill()
+    live.wait()
+
+
 def test_figures_take_the_format_of_their_extension(tmp_path):
   for name, magic in (("plot.png", b"\x89PNG"), ("plot.pdf", b"%PDF")):
     fig, ax = plt.subplots()
