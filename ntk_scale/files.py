@@ -10,6 +10,7 @@ cloud storage an object appears only when its upload completes, so writes go str
 target (a rename there is a copy and a delete).
 """
 
+import csv
 import io
 import json
 import os
@@ -182,6 +183,15 @@ def write_text(path: PathLike, text: str) -> None:
 def write_json(path: PathLike, value: Any, **dump_options: Any) -> None:
   """`value` as JSON (json.dumps' `dump_options`, e.g. indent=2, sort_keys=True)."""
   write_text(path, json.dumps(value, **dump_options))
+
+
+def write_csv(path: PathLike, rows: list[dict[str, Any]]) -> None:
+  """`rows` (dicts with the first row's keys) as a CSV table with a header; None as empty cells."""
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+  write_text(path, table.getvalue())
 
 
 def save_array(path: PathLike, array: np.ndarray) -> None:

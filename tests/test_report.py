@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ntk_scale import jobs
+from ntk_scale import files, jobs
 from ntk_scale.adversarial_sets import save_adversarial_set
 from ntk_scale.evaluate import write_evaluation
 from ntk_scale.ntk import spectrum_job
-from ntk_scale.ntk.evolution import evolution_metrics, write_table
+from ntk_scale.ntk.evolution import evolution_metrics
 from ntk_scale.ntk.evolution_plots import plot_evolution
 from ntk_scale.ntk.spectrum import Eigenpairs
 from ntk_scale.ntk.store import KernelStore
@@ -184,7 +184,7 @@ def workdir(tmp_path_factory):
   evolution["phase"] = 1
   evolution_dir = os.path.join(path, "kernel_evolution", "phase1_train24_class0")
   os.makedirs(evolution_dir)
-  write_table(os.path.join(evolution_dir, "metrics.csv"), evolution["checkpoints"])
+  files.write_csv(os.path.join(evolution_dir, "metrics.csv"), evolution["checkpoints"])
   plot_evolution(evolution, evolution_dir)
   features = os.path.join(path, "eigen_features", "phase1_epoch2_train24_class0")
   os.makedirs(features)

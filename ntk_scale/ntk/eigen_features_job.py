@@ -73,7 +73,6 @@ from ntk_scale.ntk.eigen_features import (examples_per_device, feature_groups, f
                                           group_coefficients, most_rows, parameter_directions)
 from ntk_scale.ntk.job import (KERNELS_DIR, check_kernel_subset, inference_apply, kernel_job,
                               select_examples)
-from ntk_scale.ntk.evolution import write_table
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, describe_choice, eigenpairs_config,
                                              kernel_eigenpairs)
 from ntk_scale.ntk.spectrum import eigh, rounding_floor
@@ -372,7 +371,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "num_eigenpairs": len(features.eigenvalues), "attack": e.attack.to_dict(), "groups": rows}
   if jax.process_index() == 0:
     files.make_dirs(directory)
-    write_table(os.path.join(directory, "features.csv"), rows)
+    files.write_csv(os.path.join(directory, "features.csv"), rows)
     _plot(rows, os.path.join(directory, "usefulness_robustness.png"),
           f"eigen-features of {name}, {e.attack.name} eps {e.attack.eps:g}")
     files.write_json(result_path, record, indent=2)

@@ -20,8 +20,6 @@ not within reach. They are empty too when the bottom-k eigenvectors are null spa
 more rows than the network has parameters): the kernel is zero there.
 """
 
-import csv
-import io
 import os
 from typing import Any
 
@@ -275,14 +273,6 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
           "checkpoints": rows, "similarity_matrix": similarity.tolist(), "eigenvalues": spectra}
 
 
-def write_table(path: str, rows: list[dict[str, Any]]) -> None:
-  table = io.StringIO(newline="")
-  writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-  writer.writeheader()
-  writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-  files.write_text(path, table.getvalue())
-
-
 def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Checks every setting, computes (or finds) each checkpoint's kernel, writes metrics and plots."""
   # Imported here: training jobs need neither checkpoints restored for inference nor matplotlib.
@@ -332,7 +322,7 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     results["collapse"] = collapse
   files.make_dirs(directory)
   files.write_json(os.path.join(directory, METRICS_JSON), results, indent=2)
-  write_table(os.path.join(directory, METRICS_CSV), results["checkpoints"])
+  files.write_csv(os.path.join(directory, METRICS_CSV), results["checkpoints"])
   if results["null_space_size"] is not None and results["null_space_size"] >= e.top_k:
     print(f"kernel evolution: the {e.eigenspace_of} kernel's null space has "
           f"{results['null_space_size']} dimensions, at least config.evolution.top_k={e.top_k}: "
