@@ -70,7 +70,7 @@ from ntk_scale.ntk.plan import DEVICE_MEMORY_FRACTION, KernelPlanError, device_b
 from ntk_scale.ntk.spectrum_job import (SpectrumDoesNotFit, check_num_eigenpairs, check_spectrum_config,
                                          plan_spectrum)
 from ntk_scale.ntk.tile_math import LogitSpec, parse_logits
-from ntk_scale.train.experiment import (_batch_step_of_update, build_train_steps, catalog_steps_per_epoch,
+from ntk_scale.train.experiment import (batch_step_of_update, build_train_steps, catalog_steps_per_epoch,
                                         check_common_config, check_save_interval,
                                         check_train_config, eval_matmul_precision, phase_steps,
                                         step_numerics)
@@ -78,7 +78,7 @@ from ntk_scale.train.loop import phase1_saves
 from ntk_scale.train.optimizer import build_optimizer
 from ntk_scale.train.phase2 import SEED_OFFSET, check_phase2_config, phase2_saves
 from ntk_scale.train.state import TrainState
-from ntk_scale.evaluate import _evaluate_batch, transfer_keys
+from ntk_scale.evaluate import evaluate_batch, transfer_keys
 from ntk_scale.kernel_regression import kernel_scores
 from ntk_scale.restore import check_phase
 from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
@@ -293,7 +293,7 @@ def _train_programs(config: ml_collections.ConfigDict, mesh, section: ml_collect
   total = phase_steps(num_epochs, steps_per_epoch, epochs_field)  # the job refuses zero steps too
   flip = None if flip_epoch is None else int(round(flip_epoch * steps_per_epoch))
   tx, _ = build_optimizer(optimizer, steps_per_epoch, total,
-                          _batch_step_of_update(flip, section.benign_step_first),
+                          batch_step_of_update(flip, section.benign_step_first),
                           prefix=epochs_field.replace("num_epochs", "optimizer"))
   state = jax.eval_shape(lambda: TrainState.create(
       apply_fn=model.apply, tx=tx, **_state_variables(model, image_shape, seed)))
@@ -329,7 +329,7 @@ def _eval_programs(config: ml_collections.ConfigDict, mesh, model, label: str) -
   num_classes = dataset_classes(config.data)
   matmul = ("float32", eval_matmul_precision(config))
   with default_precision(matmul[1]):  # as evaluate_and_save compiles them
-    programs = [_program(f"{label} clean evaluation", _evaluate_batch, (state, batch, key), calls,
+    programs = [_program(f"{label} clean evaluation", evaluate_batch, (state, batch, key), calls,
                          "config.eval_batch_size", matmul=matmul, num_classes=num_classes, attack=None)]
     for name, attack in build_attacks(config.eval_attacks, "config.eval_attacks").items():
       programs += _attacked(f"{label} evaluation under {name}", attack, (state, batch, key), calls,
@@ -343,8 +343,8 @@ def _attacked(what: str, attack: Attack, args: tuple, calls: int, setting: str,
   member, each planned on every example (evaluate attacks only those still robust: an upper bound
   on the member's work, its memory exact)."""
   if not isinstance(attack, WorstOf):
-    return [_program(what, _evaluate_batch, args, calls, setting, attack=attack, **static)]
-  return [_program(f"{what}: {name}, at most every example", _evaluate_batch, args, calls, setting,
+    return [_program(what, evaluate_batch, args, calls, setting, attack=attack, **static)]
+  return [_program(f"{what}: {name}, at most every example", evaluate_batch, args, calls, setting,
                    attack=member, **static) for name, member in zip(attack.names, attack.members)]
 
 
@@ -588,7 +588,7 @@ def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params,
   apply = group_apply(inference_apply(model, config.kernel.precision), spec)
   what = f"eigen_features: each group's predictor ({groups - 1} groups and all at most)"
   attack = build_attack(e.attack, prefix="config.eigen_features.attack")
-  return ([_program(f"{what}, clean", _evaluate_batch, args, calls, "config.eigen_features.batch_size",
+  return ([_program(f"{what}, clean", evaluate_batch, args, calls, "config.eigen_features.batch_size",
                     matmul=matmul, num_classes=classes, attack=None, apply=apply)]
           + _attacked(f"{what} under {e.attack.name}", attack, args, calls,
                       "config.eigen_features.batch_size", matmul=matmul, num_classes=classes,
@@ -675,7 +675,7 @@ def _kernel_regression(config: ml_collections.ConfigDict, mesh, n: int, models: 
   programs = []
   with jax.enable_x64(s.dtype == "float64"):
     programs.append(_program(f"kernel regression ({n} images), clean ({models} model(s))",
-                             _evaluate_batch, (variables, batch, key), calls * models, setting,
+                             evaluate_batch, (variables, batch, key), calls * models, setting,
                              matmul=matmul, num_classes=num_classes, attack=None, apply=apply))
     for name, (_, attacked) in attacks.items():
       programs += _attacked(f"kernel regression under {name.rpartition('.')[2]} ({attacked} model(s))",

@@ -77,9 +77,9 @@ def _attacked(variables: Any, batch: dict[str, jax.Array], key: jax.Array, attac
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "num_classes", "attack"))
-def _evaluate_batch(variables: Any, batch: dict[str, jax.Array], key: jax.Array, num_classes: int,
-                    attack: Attack | None, apply: Callable[[Any, jax.Array], jax.Array] = _apply_state
-                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+def evaluate_batch(variables: Any, batch: dict[str, jax.Array], key: jax.Array, num_classes: int,
+                   attack: Attack | None, apply: Callable[[Any, jax.Array], jax.Array] = _apply_state
+                   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   labels, mask = batch["labels"], batch["mask"]
   clean_logits = apply(variables, batch["images"])
   clean_predictions = jnp.argmax(clean_logits, -1)
@@ -143,7 +143,7 @@ def evaluate(model: Model, split: Split, batch_size: int, mesh: Mesh, num_classe
   for i, batch in enumerate(eval_batches(split, batch_size, mesh)):
     found = batches.get(i) if batches is not None else None
     if found is None:
-      sums, examples = _evaluate_batch(variables, batch, jax.random.fold_in(key, i), num_classes,
+      sums, examples = evaluate_batch(variables, batch, jax.random.fold_in(key, i), num_classes,
                                        attack, apply)
       if batches is not None:  # on the host, as a batch taken back is
         sums = jax.tree.map(_to_host, sums)

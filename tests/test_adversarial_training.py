@@ -23,7 +23,7 @@ from ntk_scale.data import load_digits
 from ntk_scale.evaluation_progress import MemberProgress
 from ntk_scale.models import build_model
 from ntk_scale.preemption import Preempted
-from ntk_scale.train.experiment import _batch_step_of_update
+from ntk_scale.train.experiment import batch_step_of_update
 from ntk_scale.train.state import create_train_state
 from ntk_scale.train.steps import make_train_step
 from ntk_scale.train.metrics_jsonl import read_metrics
@@ -91,10 +91,10 @@ def test_benign_step_first_takes_a_benign_then_an_adversarial_update(tiny):
 
 
 def test_schedule_counts_batches_when_a_batch_takes_two_updates():
-  to_batch = _batch_step_of_update(flip_step=10, two_updates=True)
+  to_batch = batch_step_of_update(flip_step=10, two_updates=True)
   counts = jnp.arange(16)
   np.testing.assert_array_equal(to_batch(counts), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 11, 11, 12, 12])
-  assert _batch_step_of_update(None, True) is None and _batch_step_of_update(10, False) is None
+  assert batch_step_of_update(None, True) is None and batch_step_of_update(10, False) is None
 
 
 def test_flip_mode_is_benign_until_flip_epoch_then_adversarial(tmp_path):
@@ -398,8 +398,8 @@ def test_evaluations_run_at_config_eval_matmul_precision_and_record_it(trained, 
   del config.eval_attacks["apgd"]
   config.eval_attacks.pgd.num_steps, config.eval_batch_size = 2, 128  # as the tests above: compiled
   in_effect = []
-  evaluate_batch = evaluate_module._evaluate_batch
-  monkeypatch.setattr(evaluate_module, "_evaluate_batch", lambda *args: in_effect.append(
+  evaluate_batch = evaluate_module.evaluate_batch
+  monkeypatch.setattr(evaluate_module, "evaluate_batch", lambda *args: in_effect.append(
       jax.config.jax_default_matmul_precision) or evaluate_batch(*args))
   config.eval_matmul_precision = "high"
   high = jobs.run(config, workdir)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -240,7 +241,8 @@ def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int,
   return total_steps, flip_step
 
 
-def _batch_step_of_update(flip_step: int | None, two_updates: bool):
+def batch_step_of_update(flip_step: int | None, two_updates: bool
+                         ) -> Callable[[jnp.ndarray], jnp.ndarray] | None:
   """Maps optimizer updates to batch steps when adversarial batches take two updates each."""
   if flip_step is None or not two_updates:
     return None
@@ -273,7 +275,7 @@ def build_experiment(config: ml_collections.ConfigDict,
   total_steps, flip_step = train_steps(config, steps_per_epoch)
   tx, learning_rate = build_optimizer(
       config.optimizer, steps_per_epoch, total_steps,
-      _batch_step_of_update(flip_step, config.train.benign_step_first))
+      batch_step_of_update(flip_step, config.train.benign_step_first))
   model = build_model(config.model, dataset.num_classes)
   state = create_train_state(model, tx, dataset.train.images.shape[1:], config.seed, mesh)
   logging.info("%s on %s: %d parameters, %d train / %d test examples, %d devices, %d steps/epoch.",

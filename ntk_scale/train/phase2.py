@@ -23,7 +23,7 @@ from ntk_scale import data, parallel
 from ntk_scale.attacks import build_attack
 from ntk_scale.checkpoint import save_schedule
 from ntk_scale.linearize import BATCH_NORM, LINEARIZATIONS, LinearizedModel
-from ntk_scale.train.experiment import (MODES, _batch_step_of_update, build_train_steps, check_common_config,
+from ntk_scale.train.experiment import (MODES, batch_step_of_update, build_train_steps, check_common_config,
                                         check_benign_step_first, check_phase2_epochs, check_save_interval,
                                         check_step_numerics, phase_steps, step_numerics)
 from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config, check_warmup
@@ -127,7 +127,7 @@ def build_phase2(config: ml_collections.ConfigDict, workdir: str) -> Phase2:
 
   flip_step = 0 if p.mode == "A" else None
   tx, learning_rate = build_optimizer(p.optimizer, steps_per_epoch, total_steps,
-                                      _batch_step_of_update(flip_step, p.benign_step_first),
+                                      batch_step_of_update(flip_step, p.benign_step_first),
                                       prefix="config.phase2.optimizer")
   state = create_train_state(linearized, tx, image_shape, config.seed, mesh)
   benign_step, adversarial_step = build_train_steps(config, p, config.seed + SEED_OFFSET,
