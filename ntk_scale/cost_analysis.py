@@ -105,7 +105,7 @@ def program_flops(fn: Callable, *args: Any, **static: Any) -> ProgramFlops:
   return ProgramFlops(_xla_flops(lowered) + extra, unbounded)
 
 
-def memory_per_device(compiled) -> float | None:
+def memory_per_device(compiled: jax.stages.Compiled) -> float | None:
   """Bytes one device holds while a compiled program runs, by XLA's analysis: arguments, outputs
   and temporaries, less the outputs that reuse donated arguments (None where the backend gives no
   analysis)."""

@@ -7,6 +7,7 @@ with the second (engine.fit_plan). Every process gets process 0's measurement.
 import functools
 import math
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ntk_scale import parallel
 
 
-def timed(step, state, seconds: float, collective: bool = False) -> tuple[int, float]:
+def timed(step: Callable[[Any], Any], state: Any, seconds: float, collective: bool = False
+          ) -> tuple[int, float]:
   """(calls, elapsed seconds) of `state = step(state)` repeated for about `seconds` (at least 3
   calls), after one warm-up; each call waited for (several collectives in flight deadlock XLA:CPU's
   emulated devices).

@@ -23,7 +23,7 @@ def lax_precision(precision: str) -> lax.Precision | None:
   return None if precision == "default" else PRECISIONS[precision]
 
 
-def default_precision(precision: str):
+def default_precision(precision: str) -> contextlib.AbstractContextManager:
   """A context in which float32 matmuls and convolutions traced without a precision of their own
   run at `precision`; "default" enters none, leaving them to the surrounding context or the global
   jax_default_matmul_precision (a None context would override those with the backend's)."""

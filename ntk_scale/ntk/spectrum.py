@@ -12,6 +12,8 @@ memory than one row panel plus the block (`StoredKernelOperator`).
 
 import dataclasses
 import warnings
+from types import ModuleType
+from typing import Callable
 
 import jax
 import numpy as np
@@ -20,6 +22,8 @@ import scipy.sparse.linalg
 
 from ntk_scale import parallel
 from ntk_scale.ntk.store import KernelStore
+
+ArrayLike = np.ndarray | jax.Array  # numpy on the host, jax.numpy inside a jitted program
 
 DTYPES = ("float32", "float64")
 BACKENDS = ("numpy", "jax")
@@ -224,14 +228,16 @@ def top_eigenpairs(kernel: np.ndarray | scipy.sparse.linalg.LinearOperator, k: i
   return Eigenpairs(values, vectors, residuals)
 
 
-def relative_residuals(products, vectors, values, xp=np):
+def relative_residuals(products: ArrayLike, vectors: ArrayLike, values: ArrayLike,
+                       xp: ModuleType = np) -> ArrayLike:
   """||K v - lambda v|| / |lambda_max| per pair, from the products K v (columns): how far each pair
   is from exact. `xp` is numpy, or jax.numpy inside a jitted program."""
   scale = xp.maximum(xp.abs(values[0]), xp.finfo(values.dtype).tiny)
   return xp.linalg.norm(products - vectors * values, axis=0) / scale
 
 
-def rayleigh_ritz(matmat, vectors, xp=np) -> Eigenpairs:
+def rayleigh_ritz(matmat: Callable[[ArrayLike], ArrayLike], vectors: ArrayLike,
+                  xp: ModuleType = np) -> Eigenpairs:
   """Ritz pairs of a symmetric operator (`matmat(V)` = K V) on the span of `vectors` [M, k],
   largest first, orthonormal to round-off, with their relative residuals: what an iterative solve
   returns. `xp` is numpy, or jax.numpy inside a jitted program (set its matmul precision there)."""

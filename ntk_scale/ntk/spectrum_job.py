@@ -42,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from ntk_scale import files, parallel
 from ntk_scale.config_numbers import is_whole_number
@@ -121,7 +122,7 @@ class SpectrumPlan:
   sharded: ShardedKernel | None
 
 
-def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh, device_budget: float,
+def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh: Mesh, device_budget: float,
                   device_budget_field: str = "config.spectrum.memory_budget_gb") -> SpectrumPlan:
   """The method config.spectrum gets for a kernel of `shape` on `mesh`, from shapes alone (the job
   and the dry run): dense where the block is too wide for LOBPCG, sharded where XLA's memory per

@@ -209,7 +209,7 @@ def contract(rows: JacobianRows, cols: JacobianRows, spec: LogitSpec,
   return total
 
 
-def mirror_tile(tile):
+def mirror_tile(tile: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
   """The tile at (j, i) of a symmetric kernel from the one at (i, j): K[j, i, d, c] = K[i, j, c, d]
   ("full" tiles [T1, T2, C, C]), K[j, i] = K[i, j] otherwise. numpy or jax arrays."""
   return tile.transpose((1, 0, 3, 2) if tile.ndim == 4 else (1, 0))

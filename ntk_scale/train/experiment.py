@@ -97,7 +97,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int, *,
   train_steps(config, catalog_steps_per_epoch(config), epochs_field)
 
 
-def check_phase2_epochs(num_epochs) -> None:
+def check_phase2_epochs(num_epochs: float) -> None:
   """config.phase2.num_epochs as every job that reads it sees it: a finite number >= 0 (0: no phase
   2). NaN and -1 would fail every `> 0` test and skip phase 2 silently; inf has no step count."""
   if not (is_finite_number(num_epochs) and num_epochs >= 0):
