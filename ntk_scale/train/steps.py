@@ -22,9 +22,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _sgd_update(state: TrainState, images: jax.Array, labels: jax.Array,
-                regulariser: Callable[[Any], jax.Array] | None = None,
-                weight: float = 0.0) -> tuple[TrainState, Metrics]:
+def _optimizer_update(state: TrainState, images: jax.Array, labels: jax.Array,
+                      regulariser: Callable[[Any], jax.Array] | None = None,
+                      weight: float = 0.0) -> tuple[TrainState, Metrics]:
   """One optimizer update on (images, labels), BatchNorm in training mode; with `regulariser`
   (a function of the parameters), on cross-entropy + weight * regulariser. Metrics report the
   cross-entropy as "loss" and the unweighted regulariser under "grad_align"."""
@@ -86,16 +86,16 @@ def make_train_step(augmentation: str, seed: int, attack: Attack | None = None, 
     augment_key, attack_key = jax.random.split(jax.random.fold_in(base_key, state.step))
     images, labels = augment(augmentation, augment_key, batch["images"]), batch["labels"]
     if attack is None:
-      return _sgd_update(state, images, labels)
+      return _optimizer_update(state, images, labels)
     if benign_step_first:
-      state, _ = _sgd_update(state, images, labels)
+      state, _ = _optimizer_update(state, images, labels)
     adversarial = attack(logits_fn(state, attack_batch_norm), images, labels, attack_key)
     if not grad_align:
-      return _sgd_update(state, adversarial, labels)
+      return _optimizer_update(state, adversarial, labels)
     noise_key = jax.random.fold_in(attack_key, 1)
     penalty = lambda params: grad_align_penalty(logits_fn(state.replace(params=params), attack_batch_norm),
                                                 images, labels, noise_key, grad_align_eps,
                                                 grad_align_clean)
-    return _sgd_update(state, adversarial, labels, penalty, grad_align)
+    return _optimizer_update(state, adversarial, labels, penalty, grad_align)
 
   return jax.jit(step, donate_argnums=0)
