@@ -21,7 +21,7 @@ from ntk_scale.ntk import job
 from ntk_scale.models import build_model
 from ntk_scale.ntk.job import inference_apply
 from ntk_scale.ntk.spectrum import StoredKernelOperator
-from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
+from ntk_scale.ntk.store import TILES_DIR, KernelStore, KernelStoreMismatchError
 from ntk_scale.preemption import Preempted
 from ntk_scale.profile import StepProfile
 from ntk_scale.restore import restore_for_inference
@@ -189,16 +189,26 @@ def test_a_preempted_kernel_job_stores_its_finished_tiles_and_resumes(workdir, m
 
 
 def test_a_rerun_resumes_with_the_tile_its_kernel_started_with(workdir, monkeypatch):
-  """A tile_size over the 20 examples is clipped to 20: the same command again is a no-op; settings
-  that cannot resume that tile (one block of 5 per device, rotating) say which kernel holds it; a
-  kernel of other logits under that name is refused before any planning (which compiles)."""
+  """A tile_size over the 20 examples is clipped to 20: the same command again is a no-op, which
+  neither plans nor compiles, under any plan settings (a kernel made on a large device is read on a
+  small one; it was planned again, and refused); settings that cannot resume that tile (one block
+  of 5 per device, rotating) say which kernel holds it; a kernel of other logits under that name
+  is refused before any planning (which compiles)."""
   config = kernel_config(name="clipped", logits="trace", tile_size=64)
   first = jobs.run(config, workdir)
   assert first["tile"] == 20 and first["complete"]
-  assert jobs.run(config, workdir)["tiles_computed"] == 0
+  meta = KernelStore.open(first["kernel"]).meta
+  with monkeypatch.context() as patch:
+    patch.setattr(job, "fit_plan", lambda *a, **k: pytest.fail("planned a complete kernel"))
+    again = jobs.run(kernel_config(name="clipped", logits="trace", tile_size=0, rotate=True), workdir)
+  assert again["tiles_computed"] == 0 and again["complete"] and again["tiles"] == first["tiles"]
+  assert KernelStore.open(first["kernel"]).meta == meta  # kernel.json untouched
+  os.remove(os.path.join(first["kernel"], TILES_DIR, "0-0"))  # as if killed before its last tile
+  KernelStore.open(first["kernel"]).update_meta(complete=False)
   with pytest.raises(KernelPlanError, match=r"clipped was started with tile 20, which these settings "
                      r"cannot resume: config.kernel.rotate=True needs .* another config.kernel.name"):
     jobs.run(kernel_config(name="clipped", logits="trace", tile_size=0, rotate=True), workdir)
+  assert jobs.run(config, workdir)["tiles_computed"] == 1
   monkeypatch.setattr(job, "fit_plan", lambda *a, **k: pytest.fail("planned a mismatched kernel"))
   with pytest.raises(KernelStoreMismatchError, match="holds a different kernel:\n  logits: 'trace' "
                      "-> 'class 3'\nChoose another config.kernel.name"):

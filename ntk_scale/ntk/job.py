@@ -23,7 +23,7 @@ from ntk_scale.data import (Dataset, check_seed, check_subset_size, class_balanc
                             load_dataset)
 from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.engine import fit_plan, run_tiles
-from ntk_scale.ntk.plan import FACTORING_MODES, METHODS, KernelPlanError
+from ntk_scale.ntk.plan import FACTORING_MODES, METHODS, KernelPlanError, check_settings
 from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import Preempted, preemption_notices
@@ -195,6 +195,15 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
                        f"{started_with!r}; set it to 'auto' to resume, or use another "
                        f"config.kernel.name.")
     method = started_with
+    settings = plan_settings(k)
+    check_settings(spec, method=method, tile=tile, band=settings["band"],
+                   logit_chunk=settings["logit_chunk"], fields=FIELDS)
+    if existing.meta.get("complete"):  # read back: no plan, no compilation, whatever this machine's memory
+      if jax.process_index() == 0:
+        print(f"kernel {directory} is complete: read back", flush=True)
+      return {"kernel": directory, "shape": existing.meta["shape"], "tiles": len(existing.done_tiles()),
+              "tiles_computed": 0, "seconds": 0.0, "method": method, "tile": existing.tile,
+              "tflop_per_s": 0.0, "complete": True}
   else:
     method = k.method
 

@@ -376,6 +376,29 @@ def setting_names(fields: dict[str, str] | None = None) -> dict[str, str]:
           "factored_layers": "factored_layers", **(fields or {})}
 
 
+def check_settings(spec: LogitSpec, *, method: str = "auto", tile: int | None = None,
+                   band: int | None = None, logit_chunk: int | None = None,
+                   fields: dict[str, str] | None = None) -> None:
+  """KernelPlanError naming a setting that no machine could plan with (a logit chunk of a class
+  kernel, say): checked for a complete kernel too, which is read back without a plan."""
+  names = setting_names(fields)
+  if method not in METHODS:
+    raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
+                          f"{', '.join(METHODS)}.")
+  for name, value in (("tile_size", tile), ("band", band), ("logit_chunk", logit_chunk)):
+    if value is not None and not is_whole_number(value, 1):
+      raise KernelPlanError(f"{names[name]}={value!r} must be a positive integer (or unset to "
+                            "follow the memory budget).")
+  if band is not None and band > 1 and method == "ntvp":
+    raise KernelPlanError(f"{names['band']}={band} needs method 'jacobian' (NTK-vector products "
+                          "keep no rows resident).")
+  if logit_chunk is not None and (spec.kind != "trace" or spec.num_classes % logit_chunk
+                                  or method == "ntvp"):
+    raise KernelPlanError(
+        f"{names['logit_chunk']}={logit_chunk} needs a trace kernel by the Jacobian method and a "
+        f"divisor of the {spec.num_classes} logits.")
+
+
 def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, spec: LogitSpec, *,
               num_devices: int, method: str = "auto", tile: int | None = None,
               band: int | None = None, logit_chunk: int | None = None,
@@ -400,25 +423,11 @@ def make_plan(cost: ModelCost, num_rows: int, num_cols: int, symmetric: bool, sp
   over its link's bandwidth, engine.fit_plan measures both; 0: transfers free).
   """
   names = setting_names(fields)
+  check_settings(spec, method=method, tile=tile, band=band, logit_chunk=logit_chunk, fields=fields)
   if factored_layers not in FACTORING_MODES:
     raise KernelPlanError(f"{names['factored_layers']}={factored_layers!r} is not a factoring "
                           f"mode; expected one of {', '.join(FACTORING_MODES)}.")
   cost = dataclasses.replace(cost, factoring=factored_layers)
-  if method not in METHODS:
-    raise KernelPlanError(f"{names['method']}={method!r} is not a kernel method; expected one of "
-                          f"{', '.join(METHODS)}.")
-  for name, value in (("tile_size", tile), ("band", band), ("logit_chunk", logit_chunk)):
-    if value is not None and not is_whole_number(value, 1):
-      raise KernelPlanError(f"{names[name]}={value!r} must be a positive integer (or unset to "
-                            "follow the memory budget).")
-  if band is not None and band > 1 and method == "ntvp":
-    raise KernelPlanError(f"{names['band']}={band} needs method 'jacobian' (NTK-vector products "
-                          "keep no rows resident).")
-  if logit_chunk is not None and (spec.kind != "trace" or spec.num_classes % logit_chunk
-                                  or method == "ntvp"):
-    raise KernelPlanError(
-        f"{names['logit_chunk']}={logit_chunk} needs a trace kernel by the Jacobian method and a "
-        f"divisor of the {spec.num_classes} logits.")
   ring_tile = -(-max(num_rows, num_cols) // num_devices)
   if rotate and (method == "ntvp" or band or tile not in (None, ring_tile)):
     raise KernelPlanError(
