@@ -197,6 +197,12 @@ def _evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
   return {"config": hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()}
 
 
+def _results_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """What results.json depends on: the kept evaluations' settings and the precision the networks
+  are evaluated at (kernel regression ignores it; the networks' rows do not)."""
+  return {**_evaluation_settings(config), "eval_matmul_precision": config.eval_matmul_precision}
+
+
 def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:  # one writer per file
     files.write_json(path, record, indent=2)
@@ -389,7 +395,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   prepare_workdir(config, workdir)
   # A finished run's results, read back: its kept evaluations are gone once results.json is written,
   # and the attacks on kernel regression are most of the job (76 h of CIFAR-10's on one device).
-  saved = files.read_result(os.path.join(workdir, RESULTS_FILE), _evaluation_settings(config))
+  saved = files.read_result(os.path.join(workdir, RESULTS_FILE), _results_settings(config))
   if saved is not None:
     discard(os.path.join(workdir, EVALUATIONS_DIR))  # left by a kill between the results and its removal
     if jax.process_index() == 0:
@@ -411,7 +417,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   eval_attacks = s.robust_data.eval_attacks
   optimised_rows, target_rows = split_targets(s.robust_data.target_holdout, len(x), config.seed)
   held_out = len(optimised_rows) < len(x)
-  results: dict[str, Any] = {"settings": _evaluation_settings(config), "num_train": len(x),
+  results: dict[str, Any] = {"settings": _results_settings(config), "num_train": len(x),
                              "num_test": len(xt)}
   started = time.time()
   with jax.enable_x64(s.dtype == "float64"), preemption_notices() as noticed:

@@ -397,6 +397,9 @@ def test_infinite_width_features_sum_to_analytic_kernel_regression_and_another_s
   os.makedirs(stale)
   assert jobs.run(c, str(tmp_path))["groups"] == second["groups"]
   assert not os.path.exists(stale)
+  c.eigen_features.batch_size *= 2  # each batch's random start: another attack, not read back
+  with pytest.raises(AssertionError, match="a finished result was computed again"):
+    jobs.run(c, str(tmp_path))
 
 
 def test_a_kernel_of_some_classes_is_scored_among_them_on_their_test_images():

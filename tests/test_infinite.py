@@ -331,6 +331,10 @@ def test_infinite_job_sets_record_dataset_and_clean_accuracy_shown_in_report(nt,
   (tmp_path / infinite_job.EVALUATIONS_DIR).mkdir()  # as a kill before its removal leaves it
   assert infinite_job.infinite_job(config, workdir) == json.loads(json.dumps(results))
   assert not (tmp_path / infinite_job.EVALUATIONS_DIR).exists()
+  config.eval_matmul_precision = "highest"  # the networks' rows are evaluated at it
+  with pytest.raises(pytest.fail.Exception, match="evaluated again"):
+    infinite_job.infinite_job(config, workdir)
+  config.eval_matmul_precision = "default"
   config.eval_batch_size = 40  # each batch draws its own random start: other results
   with pytest.raises(pytest.fail.Exception, match="evaluated again"):
     infinite_job.infinite_job(config, workdir)

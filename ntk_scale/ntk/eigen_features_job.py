@@ -296,6 +296,9 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   kernel = None if e.source == "infinite" else _finished_kernel(config, workdir, dataset)
   settings = {"source": e.source, "num_single": e.num_single, "num_test": e.num_test,
               "attack": e.attack.to_dict(), "seed": config.seed, "eigensolver": solver,
+              # each batch of the attack draws its own random start (a result read back at another
+              # batch size was another attack's)
+              "batch_size": e.batch_size,
               # the solve's settings: other eigenpairs (another tol, say) are other features
               "spectrum": solve_settings(spectrum_config.spectrum) if solver == "top" else None,
               # groups stop at the kernel dtype's rounding (spectrum.rounding_floor); records of the
@@ -339,7 +342,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   key = jax.random.key(config.seed)
   with preemption_notices() as noticed:  # each group's accuracies kept until features.json is written
     kept = KeptResults(os.path.join(directory, GROUPS_DIR),
-                       {**settings, "batch_size": e.batch_size, "source_kernel": features.source},
+                       {**settings, "source_kernel": features.source},
                        noticed)
     for g in range(len(groups) + 1):  # data-parallel over every device of every host
       label = groups[g].name if g < len(groups) else _whole_name(features)
