@@ -297,9 +297,10 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, state: TrainState, dat
     results["clean"]["output_components"] = components(dataset.test)
   attack_key = jax.random.key(config.seed + 1)
   attacks = build_attacks(config.eval_attacks, "config.eval_attacks")
+  # Whether the examples are saved is no setting of the result: a rerun that turns saving off reads
+  # the record back, one that turns it on recomputes only where the set is missing.
   settings = {"step": int(step), "seed": config.seed, "eval_batch_size": batch_size,
               "dataset": dataset.name, "num_test": len(dataset.test),
-              "save_adversarial": bool(config.save_adversarial),
               "linearized": linearized is not None}
   if precision != "default":  # records made before the field existed hold the default
     settings["matmul_precision"] = precision
@@ -348,7 +349,7 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
   """An attack's recorded `result` if `made_with` these settings and, when its set is saved, the
   set in `set_directory` is still this attack's on this checkpoint; else None. Process 0 decides,
   for every process."""
-  if result is None or result.get("settings") != made_with:
+  if result is None or _result_settings(result.get("settings")) != made_with:
     return None  # the same on every process: they read one record
   if set_directory is not None and not parallel.agree(
       jax.process_index() == 0 and _is_set_of(set_directory, made_with)):
@@ -364,7 +365,13 @@ def _is_set_of(set_directory: str, made_with: dict[str, Any]) -> bool:
   size, seed, precision... that the record holds): a run killed after writing a set under other
   settings leaves a set that the older record does not describe."""
   meta = read_set_meta(set_directory)
-  return meta is not None and meta.get("settings") == made_with
+  return meta is not None and _result_settings(meta.get("settings")) == made_with
+
+
+def _result_settings(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+  """Recorded settings less "save_adversarial", which records and sets made before 2026-12-02 hold
+  (it does not change a result), so that they still match."""
+  return None if settings is None else {k: v for k, v in settings.items() if k != "save_adversarial"}
 
 
 def _kept_directory(phase_dir: str, step: int) -> str:

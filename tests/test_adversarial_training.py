@@ -367,6 +367,13 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   shutil.rmtree(os.path.join(workdir, "adversarial", "pgd_epoch1"))
   del attacked[:]
   assert jobs.run(config, workdir) == changed and attacked == ["pgd"]
+  # Saving the examples is no setting of a result: off, then on again with the sets in place, every
+  # attack is read back (each was evaluated again, AutoAttack included).
+  del attacked[:]
+  config.save_adversarial = False
+  assert jobs.run(config, workdir) == changed and attacked == []
+  config.save_adversarial = True
+  assert jobs.run(config, workdir) == changed and attacked == []
 
 
 def test_evaluate_job_rejects_a_missing_set_or_another_datasets_before_compute(trained, tmp_path):
