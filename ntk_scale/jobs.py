@@ -84,4 +84,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   job = config.get("job", "train")
   if job not in RECORD_AFTER_THEIR_CHECKS:
     prepare_workdir(config, workdir)
-  return JOBS[job](config, workdir)
+  result = JOBS[job](config, workdir)
+  # The processes leave together: one done early (process 0 alone writes an evolution's metrics and
+  # plots, or the report) would otherwise wait at JAX's exit barrier, which after 5 minutes aborts
+  # every process, process 0 mid-write. A collective waits as long as its peers live.
+  parallel.barrier(f"ntk_scale job {job} finished")
+  return result

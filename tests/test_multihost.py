@@ -422,6 +422,21 @@ def test_robust_set_over_two_processes_equals_one_process(tmp_path):
                              rtol=1e-6)
 
 
+def test_every_job_ends_with_the_processes_meeting(tmp_path, monkeypatch):
+  """Process 0 alone writes an evolution's metrics and plots (or the report) while the others have
+  returned: they waited at JAX's exit barrier, which after 5 minutes aborted both, process 0
+  mid-write (two processes, process 0's metrics delayed past a 5 s exit timeout: both exit 134, no
+  metrics). jobs.run now ends every job in a collective barrier, which waits for its peers."""
+  events = []
+  monkeypatch.setitem(jobs.JOBS, "report", lambda config, workdir: events.append("job") or {"report": ""})
+  monkeypatch.setattr(parallel, "barrier", events.append)
+  config = multihost_config.get_config()
+  jobs.prepare_workdir(config, str(tmp_path))  # the report job needs a recorded experiment
+  config.job = "report"
+  jobs.run(config, str(tmp_path))
+  assert events == ["job", "ntk_scale job report finished"]
+
+
 def test_start_up_flags_are_checked_before_joining_a_job():
   with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id"):
     parallel.initialize_distributed("127.0.0.1:1234", 2, None)
