@@ -203,6 +203,12 @@ def _results_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
   return {**_evaluation_settings(config), "eval_matmul_precision": config.eval_matmul_precision}
 
 
+def _say(text: str) -> None:
+  """A line of the job's output, from process 0 (every process computes the same)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
 def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:  # one writer per file
     files.write_json(path, record, indent=2)
@@ -398,8 +404,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   saved = files.read_result(os.path.join(workdir, RESULTS_FILE), _results_settings(config))
   if saved is not None:
     discard(os.path.join(workdir, EVALUATIONS_DIR))  # left by a kill between the results and its removal
-    if jax.process_index() == 0:
-      print(f"{os.path.join(workdir, RESULTS_FILE)} holds this run's results: read back", flush=True)
+    _say(f"{os.path.join(workdir, RESULTS_FILE)} holds this run's results: read back")
     return saved
   indices = (class_balanced_subset(dataset.train.labels, s.num_train, config.seed) if s.num_train
              else np.arange(len(dataset.train)))
@@ -446,7 +451,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                              {"source": "kernel_regression", "kernel": s.to_dict(), "dataset": dataset.name,
                               "split": "test", "accuracy": rows[name]["accuracy"],
                               "clean_accuracy": rows["clean"]["accuracy"]})
-    print(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)", flush=True)
+    _say(f"kernel regression: {results['kernel_regression']} ({time.time() - started:.0f} s)")
 
     robust, record = _robust_dataset(s, os.path.join(workdir, ROBUST_DATASET_FILE), kernel_fn, x, y,
                                      (optimised_rows, target_rows), c, config.seed, batch_size, mesh,
@@ -463,12 +468,12 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     kernel["optimised"] = _accuracies(evaluations.rows(
         "optimised", fit(robust, y_optimised, train_kernel(robust, y_optimised)),
         eval_attacks))
-    print(f"robust dataset: {len(objective)} steps in {record['seconds']:.0f} s, "
-          f"{len(optimised_rows)} images optimised against "
-          f"{'the other ' + str(len(target_rows)) if held_out else 'their originals as'} targets, objective "
-          f"{objective[0] if objective else float('nan'):.3f} -> "
-          f"{objective[-1] if objective else float('nan'):.3f}, largest pixel change "
-          f"{record['max_pixel_change']:.3f}; kernel regression {kernel}", flush=True)
+    _say(f"robust dataset: {len(objective)} steps in {record['seconds']:.0f} s, "
+         f"{len(optimised_rows)} images optimised against "
+         f"{'the other ' + str(len(target_rows)) if held_out else 'their originals as'} targets, objective "
+         f"{objective[0] if objective else float('nan'):.3f} -> "
+         f"{objective[-1] if objective else float('nan'):.3f}, largest pixel change "
+         f"{record['max_pixel_change']:.3f}; kernel regression {kernel}")
 
   transfer = {}
   network_width = _network_width(config)
@@ -483,7 +488,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         trained["state"], {n: rows[n]["examples"] for n in attacks}, yt, batch_size, mesh, c,
         eval_matmul_precision(config))}
     transfer[f"width{width}"] = row
-    print(f"transfer to width {width}: {row}", flush=True)
+    _say(f"transfer to width {width}: {row}")
   results["transfer"] = transfer
   comparison = {"kernel_regression": kernel}
   if network_width:
@@ -508,7 +513,7 @@ def infinite_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                        "num_targets": len(target_rows), "targets_held_out": held_out,
                        "max_pixel_change": record["max_pixel_change"], "seconds": record["seconds"]},
       **comparison}
-  print("robust dataset, accuracy on the same test images:\n" + _table(comparison), flush=True)
+  _say("robust dataset, accuracy on the same test images:\n" + _table(comparison))
   results["seconds"] = time.time() - started
   _write_json(os.path.join(workdir, RESULTS_FILE), results)
   kept.discard()
