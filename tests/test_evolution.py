@@ -13,7 +13,7 @@ import pytest
 from ntk_scale import jobs, parallel
 from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.ntk import metrics
-from ntk_scale.ntk import kernel_eigenpairs
+from ntk_scale.ntk import evolution, kernel_eigenpairs
 from ntk_scale.ntk.evolution import evolution_metrics
 from ntk_scale.ntk.spectrum import as_matrix, eigh
 from ntk_scale.ntk.store import KernelStore
@@ -185,7 +185,7 @@ def workdir(tmp_path_factory):
   return path
 
 
-def test_evolution_job_writes_metrics_and_plots_then_recomputes_nothing(workdir, capsys):
+def test_evolution_job_writes_metrics_and_plots_then_recomputes_nothing(workdir, capsys, monkeypatch):
   result = jobs.run(evolution_config(), workdir)
   assert "kernel evolution: 4 checkpoints of phase 1" in capsys.readouterr().out
   directory = result["directory"]  # configs/digits.py: the kernel of logit 0, as Loo et al.
@@ -227,9 +227,12 @@ def test_evolution_job_writes_metrics_and_plots_then_recomputes_nothing(workdir,
     table = list(csv.DictReader(f))
   assert [float(r["epoch"]) for r in table] == EPOCHS and table[0]["velocity"] == ""
 
+  # Read back: each eigendecomposition and the Gram matrix's pass over the kernels were made again.
+  monkeypatch.setattr(evolution, "evolution_metrics", lambda *a, **k: pytest.fail("recomputed"))
   again = jobs.run(evolution_config(), workdir)
   assert again["tiles_computed"] == 0
-  assert again["metrics"]["checkpoints"] == rows
+  assert again["metrics"]["checkpoints"] == rows and again["plots"] == result["plots"]
+  monkeypatch.undo()
 
 
 def test_chosen_epochs_reuse_the_kernels_on_disk(workdir):

@@ -11,7 +11,8 @@ kernel-target alignment and velocity, written to `<workdir>/kernel_evolution/<na
         --config.job=evolution --config.kernel.num_examples=500
 
 Each kernel is the kernel job's (`<workdir>/kernels/<name>/`), so one already on disk is reused
-and an interrupted one resumes; the metrics are recomputed from the kernels on every run.
+and an interrupted one resumes; metrics.json records what its metrics are of (each kernel's
+identity, the epochs and the settings), and a rerun with the same reads them back.
 Kernels are read by row panels, one at a time. Each checkpoint's spectrum is either every
 eigenpair (a dense float64 eigendecomposition, the kernel in host memory) or, for large kernels
 or with config.evolution.eigensolver="top", the spectrum job's top eigenpairs (kernel_eigenpairs.py),
@@ -37,7 +38,7 @@ from ntk_scale.ntk.job import (SPLITS, check_kernel_config, kernel_job, select_e
 from ntk_scale.ntk.kernel_eigenpairs import (check_eigensolver, dense_eigenpairs, describe_choice,
                                              resolve_eigensolver, top_eigenpairs, with_num_eigenpairs)
 from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, rounding_floor
-from ntk_scale.ntk.spectrum_job import check_spectrum_config
+from ntk_scale.ntk.spectrum_job import check_spectrum_config, solve_settings
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.train.collapse import CO_FILE
@@ -276,7 +277,7 @@ def evolution_metrics(stores: list[KernelStore], epochs: list[float], top_k: int
 def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Checks every setting, computes (or finds) each checkpoint's kernel, writes metrics and plots."""
   # Imported here: training jobs need neither checkpoints restored for inference nor matplotlib.
-  from ntk_scale.ntk.evolution_plots import plot_evolution  # pylint: disable=import-outside-toplevel
+  from ntk_scale.ntk.evolution_plots import PLOTS, plot_evolution  # pylint: disable=import-outside-toplevel
   from ntk_scale.restore import saved_epochs  # pylint: disable=import-outside-toplevel
 
   e, k = config.evolution, config.kernel
@@ -314,9 +315,20 @@ def evolution_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if jax.process_index() != 0:
     return result
   stores = [KernelStore.open(r["kernel"]) for r in kernels]
+  # What the metrics are of: a rerun with the same reads them back (each dense eigendecomposition
+  # and the Gram matrix's pass over every kernel were made again).
+  settings = {"kernels": [store.identity_digest() for store in stores], "epochs": list(epochs),
+              "top_k": e.top_k, "eigenspace_of": e.eigenspace_of, "num_eigenvalues": e.num_eigenvalues,
+              "eigensolver": solver,
+              "spectrum": solve_settings(configs[0].spectrum) if solver == "top" else None}
+  saved = files.read_result(os.path.join(directory, METRICS_JSON), settings)
+  if saved is not None and all(files.exists(os.path.join(directory, name)) for name in PLOTS):
+    print(f"kernel evolution in {directory}: read back", flush=True)
+    return {**result, "plots": [os.path.join(directory, name) for name in PLOTS], "metrics": saved}
   elapsed = elapsed_epochs(stores, epochs, catalog_steps_per_epoch(config))
   results = evolution_metrics(stores, epochs, e.top_k, e.eigenspace_of, e.num_eigenvalues,
                               top_spectra, elapsed)
+  results["settings"] = settings
   results["phase"] = int(e.phase)
   if collapse is not None:
     results["collapse"] = collapse
