@@ -33,8 +33,8 @@ A rerun of a finished run reads results.json back (made with the same `_evaluati
 A rerun of an unfinished one reads back the kernels, a robust_dataset.npz made with the same
 settings and the kept evaluations (also when it changes only runtime fields such as
 log_every_steps or data.data_dir, eval_batch_size aside: `_evaluation_settings`), the robust set's
-optimisation continues from its last saved step, and the networks resume. A preemption notice (SIGTERM) stops the job once the
-evaluation or optimisation step it is in is kept.
+optimisation continues from its last saved step, and the networks resume. A preemption notice
+(SIGTERM) stops the job once the evaluation or optimisation step it is in is kept.
 """
 
 import copy
@@ -126,7 +126,7 @@ def _refuse_fields_of_the_train_job(config: ml_collections.ConfigDict) -> None:
     section, _, name = field.rpartition(".")
     value = (config[section] if section else config)[name]
     unset = (default[section] if section else default)[name]
-    if field == "eval_attacks" and not value or value == unset:
+    if value == unset:  # eval_attacks' is empty
       continue
     shown = f"<attacks {', '.join(value)}>" if field == "eval_attacks" else repr(value)
     raise ValueError(f"config.{field}={shown} is not read by the infinite job, whose networks "
@@ -190,9 +190,11 @@ def _evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, str]:
   workdir may change, so that such a rerun takes them back; eval_batch_size stays (each batch of
   an attack draws its own random start). eval_matmul_precision is left out: kernel regression
   computes at HIGHEST whatever it says."""
-  from ntk_scale.workdir import flatten_config, is_runtime_field
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
 
-  fields = {k: v for k, v in flatten_config(json.loads(config.to_json())).items()
+  from ntk_scale.workdir import is_runtime_field
+
+  fields = {k: v for k, v in traverse_util.flatten_dict(json.loads(config.to_json()), sep=".").items()
             if k == "eval_batch_size" or not is_runtime_field(k)}
   return {"config": hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()}
 

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-from typing import Any
 
 import jax
 import ml_collections
@@ -37,12 +36,6 @@ def is_runtime_field(name: str, fields: tuple[str, ...] = RUNTIME_FIELDS) -> boo
 
 class WorkdirConfigMismatchError(ValueError):
   """The workdir holds a different experiment."""
-
-
-def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {prefix + "a.b": 1}, empty sections dropped: flax's flatten_dict, kept for
-  the callers that still import it by this name (train/phase2.py, infinite_job.py)."""
-  return {prefix + k: v for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def config_differences(saved: dict, current: dict,

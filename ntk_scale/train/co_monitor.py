@@ -3,7 +3,8 @@
 Every `every_steps` batch steps, and at every checkpoint after the first update (not at step 0,
 the initialisation phase 1 saves before training), it measures accuracy under its attack
 (config.train.co_monitor.attack, PGD by default) on a fixed held-out batch of test images and
-clean accuracy on a fixed batch of training images, writes them to metrics.jsonl as co/*, and feeds them to the detector. At the first collapse it
+clean accuracy on a fixed batch of training images, writes them to metrics.jsonl as co/*, and
+feeds them to the detector. At the first collapse it
 writes <workdir>/catastrophic_overfitting.json and, with `keep_checkpoints`, saves the states of
 the monitored steps just before and just after it as ordinary checkpoints, so the kernel job
 (config.kernel.epoch) can compute kernels on both sides of the collapse.

@@ -86,7 +86,8 @@ def build_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_
                     batch_step_of_update: Callable[[jax.Array], jax.Array] | None = None,
                     prefix: str = "config.optimizer",
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD (momentum, Nesterov) or Adam (momentum as its b1), with L2 weight decay added to the gradient as in PyTorch's SGD.
+  """SGD (momentum, Nesterov) or Adam (momentum as its b1), with L2 weight decay added to the
+  gradient as in PyTorch's SGD.
 
   The schedule is defined on batch steps. When a batch takes more than one optimizer update
   (Loo et al.'s benign-then-adversarial updates), `batch_step_of_update` maps the optimizer's

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 from absl import logging
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from ntk_scale import data, parallel
@@ -30,7 +31,7 @@ from ntk_scale.train.optimizer import build_optimizer, check_optimizer_config, c
 from ntk_scale.train.phase import Phase, finish_phase, open_phase, train_phase
 from ntk_scale.train.state import TrainState, create_train_state
 from ntk_scale.restore import linearized_model, theta0_step
-from ntk_scale.workdir import (CONFIG_FILE, NEW_PHASE2_NAME, flatten_config, phase2_directory,
+from ntk_scale.workdir import (CONFIG_FILE, NEW_PHASE2_NAME, phase2_directory,
                                phase2_name, phase2_record, record_or_check)
 
 PHASE2_MODES = ("C", "A")
@@ -147,7 +148,8 @@ def phase2_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   p2 = build_phase2(config, workdir)
   phase, directory = p2.phase, p2.phase.directory
   record_or_check(os.path.join(directory, CONFIG_FILE), phase2_record(config), (), NEW_PHASE2_NAME)
-  hparams = {k: str(v) for k, v in flatten_config(config.phase2.to_dict(), "phase2.").items()}
+  hparams = {k: str(v) for k, v in
+             traverse_util.flatten_dict({"phase2": config.phase2.to_dict()}, sep=".").items()}
   state, start_step, checkpoints, writer = open_phase(phase, p2.state, hparams)
   state = train_phase(phase, state, start_step, checkpoints, writer)
   return finish_phase(config, phase, state, config.phase2.num_epochs, p2.dataset, p2.mesh, checkpoints,
