@@ -484,6 +484,9 @@ def test_the_finite_networks_train_no_phase_2_so_its_fields_are_not_checked(tmp_
     infinite_job.check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
   config.phase2.num_epochs = 0.0
   infinite_job.check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+  config.lock()  # as main.py gives it: its empty eval_attacks is not equal to the default's
+  infinite_job.check_infinite_config(config, np.arange(1437) % 10, 10, num_devices=4)
+  config.unlock()
   config.phase2.num_epochs = 1.0
   network = infinite_job._finite_config(config, 8, None)
   assert network.phase2.num_epochs == 0 and network.num_epochs == 1.0
