@@ -162,6 +162,14 @@ def test_job_writes_the_top_eigenpairs(workdir, method, capsys):
   assert pairs.vectors.shape == (60, k)
   assert_top_pairs(type(pairs)(pairs.values[:k], pairs.vectors, pairs.residuals), matrix, k,
                    rtol=1e-5 if dtype == "float32" else 1e-9, max_angle=1e-2 if dtype == "float32" else 1e-6)
+  # Eigenvectors are oriented (entries summing to >= 0), so each equals numpy's oriented one, not
+  # only up to sign; pairs whose entries sum to about 0 have no stable orientation and are skipped.
+  expected = np.linalg.eigh(matrix)[1][:, ::-1][:, :k]
+  expected *= np.sign(expected.sum(0))
+  clear = np.abs(expected.sum(0)) > 1e-3
+  assert clear.sum() >= 3 and (pairs.vectors.sum(0) >= 0).all()
+  np.testing.assert_allclose(pairs.vectors[:, clear], expected[:, clear], rtol=0,
+                             atol=1e-2 if dtype == "float32" else 1e-6)
   if method == "dense":  # every eigenvalue
     np.testing.assert_allclose(pairs.values, np.linalg.eigvalsh(matrix)[::-1], rtol=1e-9,
                                atol=1e-9 * pairs.values[0])

@@ -186,7 +186,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
       dense_weights(store, dataset.num_classes, c, e) if solver == "dense"
       else top_weights(spectrum_config, workdir, kernel, dataset.num_classes, c, e))
   k = min(e.num_eigenvectors, len(pairs.values))
-  vectors = pairs.vectors[:, :k] * np.where(pairs.vectors[:, :k].sum(0) < 0, -1.0, 1.0)
+  vectors = pairs.vectors[:, :k]  # oriented: entries summing to >= 0
   weights = np.concatenate([vectors, dual[:, None]], axis=1)  # [N, k + 1]
 
   restored = restore_for_inference(config, workdir, phase=config.kernel.phase,

@@ -37,6 +37,13 @@ class Eigenpairs:
   vectors: np.ndarray  # [M, k], M = N (or N*C for a full kernel)
   residuals: np.ndarray | None = None  # ||K v - lambda v|| / lambda_max per pair (iterative solvers)
 
+  def oriented(self) -> "Eigenpairs":
+    """The same pairs, each eigenvector with the sign that makes its entries sum to >= 0: a solver
+    may return -v for v, and which one it returns differs between solvers, LOBPCG's start blocks
+    and device counts, so results that show eigenvectors would differ by their signs."""
+    flips = np.where(np.sum(self.vectors, axis=0) < 0, -1.0, 1.0).astype(self.vectors.dtype)
+    return dataclasses.replace(self, vectors=self.vectors * flips)
+
 
 def _check_dtype(dtype: str) -> np.dtype:
   if dtype not in DTYPES:
@@ -74,7 +81,7 @@ def eigh(kernel: np.ndarray, dtype: str = "float64", backend: str = "numpy") -> 
     with jax.enable_x64(np_dtype == np.float64):
       values, vectors = jax.numpy.linalg.eigh(jax.numpy.asarray(matrix), symmetrize_input=True)
       values, vectors = np.asarray(values), np.asarray(vectors)
-  return Eigenpairs(values[::-1].copy(), vectors[:, ::-1].copy())
+  return Eigenpairs(values[::-1].copy(), vectors[:, ::-1].copy()).oriented()
 
 
 def rounding_floor(dtype: str, trace: float) -> float:
@@ -225,7 +232,7 @@ def top_eigenpairs(kernel: np.ndarray | scipy.sparse.linalg.LinearOperator, k: i
     warnings.warn(f"top_eigenpairs: {int(np.sum(residuals > tol))} of {k} eigenpairs did not reach "
                   f"tol={tol:g} in {max_iters} iterations (largest residual {residuals.max():.2e}); "
                   f"raise max_iters or oversample.")
-  return Eigenpairs(values, vectors, residuals)
+  return Eigenpairs(values, vectors, residuals).oriented()
 
 
 def relative_residuals(products: ArrayLike, vectors: ArrayLike, values: ArrayLike,

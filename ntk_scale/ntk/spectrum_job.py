@@ -23,8 +23,9 @@ best residual (round-off floor: about 1e-6 in float32), with the pairs of its be
 round-off): a rerun reads it back.
 
 Files: values.npy (the k eigenvalues, largest first; every eigenvalue for the dense method),
-vectors.npy [N*C, k] (unit eigenvectors as columns; rows as in spectrum.as_matrix), residuals.npy,
-spectrum.json (settings, method, iterations, residuals, trace, seconds), written last. The
+vectors.npy [N*C, k] (unit eigenvectors as columns, each with entries summing to >= 0; rows as
+in spectrum.as_matrix), residuals.npy, spectrum.json (settings, method, iterations, residuals,
+trace, seconds), written last. The
 directory holds one solve; a request it answers (`_covers`: the same one, or fewer pairs at a
 looser tol) reads it back, any other replaces it.
 
@@ -189,7 +190,7 @@ def load_spectrum(directory: str) -> tuple[Eigenpairs, dict]:
   """A finished spectrum (a kernel directory's spectrum/): its eigenpairs and record."""
   record = files.read_json(os.path.join(directory, RESULT_FILE))
   arrays = {name: files.load_array(os.path.join(directory, f"{name}.npy")) for name in ARRAYS}
-  return Eigenpairs(**arrays), record
+  return Eigenpairs(**arrays).oriented(), record  # results written before 2026-12-02 were not
 
 
 def _load_state(directory: str, settings: dict) -> dict | None:
@@ -374,6 +375,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
         engine.load(store)
       trace = engine.trace()
       pairs, state, earlier = _solve(engine, directory, settings, start, s.max_iters)
+  pairs = pairs.oriented()
   residual = float(pairs.residuals.max())
   record = {"settings": settings, "method": method, "kernel": os.path.relpath(kernel["kernel"], workdir),
             "shape": list(store.shape), "num_eigenpairs": s.num_eigenpairs, "rounds": state["rounds"],
