@@ -426,7 +426,7 @@ def _spectrum(config: ml_collections.ConfigDict, mesh, device_budget: float,
   check_spectrum_config(config, num_classes)
   spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
   n = _kernel_examples(config)
-  check_num_eigenpairs(s.num_eigenpairs, spec.matrix_rows(n))  # the whole split's or classes' rows
+  check_num_eigenpairs(s, spec.matrix_rows(n))  # the whole split's or classes' rows
   with jax.enable_x64(s.dtype == "float64"):
     try:
       plan = plan_spectrum(s, (n, n, *spec.tile_suffix), mesh, device_budget,

@@ -87,8 +87,20 @@ def read_text(path: PathLike) -> str:
   return epath.Path(path).read_text()
 
 
+class UnreadableRecordError(ValueError):
+  """A JSON record in the workdir that does not parse."""
+
+
 def read_json(path: PathLike) -> Any:
-  return json.loads(read_text(path))
+  """A JSON record; one that does not parse is refused naming its file: records are written whole
+  or not at all, so it was changed by hand or its disk failed."""
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise UnreadableRecordError(
+        f"{path} is not a readable JSON record ({e}); records are written whole or not at all, so "
+        f"it was changed by hand or its disk failed. Restore it, or delete it (and what it "
+        f"describes) for the job that writes it to make it again.") from e
 
 
 def read_result(path: PathLike, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -63,10 +63,10 @@ def check_recorded(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_
     return False
   try:
     saved = files.read_json(path)
-  except json.JSONDecodeError as e:
+  except files.UnreadableRecordError as e:
     raise WorkdirConfigMismatchError(
-        f"{path} is not a readable config record ({e}); it is written whole or not at all, so it was "
-        f"changed by hand or its disk failed. Restore it, or use a new --workdir.") from e
+        f"{path} is not a readable config record ({e.__cause__}); it is written whole or not at all, "
+        f"so it was changed by hand or its disk failed. Restore it, or use a new --workdir.") from e
   diffs = config_differences(saved, current, runtime)
   if diffs:
     raise WorkdirConfigMismatchError(
@@ -132,8 +132,13 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   phase-2 record, if any, is checked here too (phase 2 writes it when it starts); the phase2 job
   needs a recorded phase 1.
   """
+  if not workdir.strip():
+    raise ValueError("--workdir is empty; give the directory (or gs:// path) for the run's files.")
   if files.is_cloud(workdir) and not workdir.startswith("gs://"):
     raise ValueError(f"--workdir={workdir}: a workdir is a local directory or a gs:// bucket path.")
+  if files.exists(workdir) and not files.is_dir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file; a workdir is a directory (a new one, or a "
+                     f"run's to resume it).")
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   job = config.get("job", "train")

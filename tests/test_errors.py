@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import data, jobs
+from ntk_scale import data, files, jobs
 from ntk_scale.base_config import parse_variants, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
@@ -95,6 +95,35 @@ def test_epochs_of_zero_steps_are_refused_before_compute(tmp_path, no_training, 
   assert not os.path.exists(tmp_path / "checkpoints")
   assert not os.path.exists(tmp_path / "phase2")
   assert not os.path.exists(tmp_path / "config.json")
+
+
+# 1e308 epochs passed every check and overflowed converting to steps, naming no field.
+@pytest.mark.parametrize("field, message", [
+    ("num_epochs", r"config\.num_epochs=1e\+308 is inf steps at 22 steps per epoch"),
+    ("checkpoint.every_epochs", r"config\.checkpoint\.every_epochs=1e\+308 is inf steps"),
+    ("phase2.num_epochs", r"config\.phase2\.num_epochs=1e\+308 is inf steps"),
+    ("optimizer.warmup_epochs", r"config\.optimizer\.warmup_epochs=1e\+308 is inf steps, not fewer"),
+])
+def test_epochs_past_any_run_are_named_before_compute(tmp_path, no_training, field, message):
+  config = load_config("digits", "smoke")
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = 1e308
+  with pytest.raises(ValueError, match=message):
+    jobs.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_an_empty_workdir_or_a_file_is_refused_before_anything_is_written(tmp_path, no_compute,
+                                                                         monkeypatch):
+  """An empty --workdir trained into the current directory; a file as one failed in etils."""
+  monkeypatch.chdir(tmp_path)
+  config = load_config("digits", "smoke")
+  with pytest.raises(ValueError, match="--workdir is empty"):
+    jobs.run(config, "")
+  assert os.listdir(tmp_path) == []
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(ValueError, match=r"--workdir=.*afile is a file; a workdir is a directory"):
+    jobs.run(config, str(tmp_path / "afile"))
 
 
 # Each was refused once the data had loaded, after the train job had recorded its config: the rerun
@@ -305,17 +334,20 @@ def test_a_checkpoint_trained_at_a_batch_these_devices_do_not_divide_is_still_ev
     jobs.run(config, str(tmp_path))
 
 
-# Each seed reaches np.random.default_rng, which takes no negative one: refused naming the field,
-# the job's config unrecorded where no other field has been checked yet.
+# Each seed reaches np.random.default_rng, which takes no negative one, or jax.random.key, which
+# takes none of 2**63 or more: refused naming the field, the job's config unrecorded where no other
+# field has been checked yet (a seed recorded, then failing, would refuse the corrected rerun).
 @pytest.mark.parametrize("job, fields, message", [
-    ("train", {"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
-    ("evaluate", {"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
+    ("train", {"seed": -1}, r"config\.seed=-1 must be an integer in \[0, 2\*\*32\)"),
+    ("train", {"seed": 2**64}, r"config\.seed=18446744073709551616 must be an integer in \[0, 2\*\*32\)"),
+    ("evaluate", {"seed": -1}, r"config\.seed=-1 must be an integer in \[0, 2\*\*32\)"),
     ("train", {"data.transform.name": "inject", "data.transform.seed": -2},
-     r"config\.data\.transform\.seed=-2 must be an integer >= 0"),
-    ("kernel", {"kernel.subset_seed": -3}, r"config\.kernel\.subset_seed=-3 must be an integer >= 0"),
-    ("spectrum", {"spectrum.seed": -4}, r"config\.spectrum\.seed=-4 must be an integer >= 0"),
+     r"config\.data\.transform\.seed=-2 must be an integer in \[0, 2\*\*32\)"),
+    ("kernel", {"kernel.subset_seed": -3},
+     r"config\.kernel\.subset_seed=-3 must be an integer in \[0, 2\*\*32\)"),
+    ("spectrum", {"spectrum.seed": -4}, r"config\.spectrum\.seed=-4 must be an integer in \[0, 2\*\*32\)"),
 ])
-def test_negative_seeds_are_named_before_compute(tmp_path, no_training, no_kernel_compute, job, fields,
+def test_seeds_out_of_range_are_named_before_compute(tmp_path, no_training, no_kernel_compute, job, fields,
                                                  message):
   config = load_config("digits", "smoke")
   config.job = job
@@ -387,6 +419,17 @@ def no_kernel_compute(monkeypatch):
      r"config.kernel.num_examples=150 with config.kernel.classes=\(8,\).*class 8 has 139 train"),
     ("infinite_width", "infinite", {"infinite.num_train": 1400},
      r"config.infinite.num_train=1400 .*class 8 has 139"),
+    # These three ran: the eigen-images of the 142 eigenvectors a whole class has, recorded as 1000;
+    # eigen-features scored on the 360 test images, recorded as 100000; a spectrum refused only
+    # once its kernel was computed.
+    ("digits", "eigen_images", {"kernel.num_examples": 0, "kernel.classes": (0,),
+                                "eigen_images.num_eigenvectors": 1000},
+     r"config.eigen_images.num_eigenvectors=1000 exceeds the 142 examples of the class kernel"),
+    ("digits", "eigen_features", {"kernel.num_examples": 100, "eigen_features.num_test": 100_000},
+     r"config.eigen_features.num_test=100000 exceeds the 360 test images"),
+    ("digits", "spectrum", {"kernel.num_examples": 20, "spectrum.num_eigenpairs": 2,
+                            "spectrum.method": "sharded"},
+     r"config.spectrum.method='sharded' needs a block .* under a fifth of the 20 rows"),
 ])
 def test_class_balanced_subset_that_cannot_be_drawn_is_named_before_compute(
     tmp_path, no_kernel_compute, config_name, job, fields, message):
@@ -531,7 +574,16 @@ def test_the_report_reads_any_recorded_experiment_and_an_unreadable_record_is_na
   config.job = "report"
   jobs.run(config, str(tmp_path))
   assert (tmp_path / "report" / "index.html").exists()
+  # A truncated record the report reads is named, not a bare decoding error.
+  evaluations = tmp_path / "evaluations"
+  evaluations.mkdir()
+  (evaluations / "step_1.json").write_text('{"clean": {"accura')
+  with pytest.raises(files.UnreadableRecordError, match=r"step_1.json is not a readable JSON record"):
+    jobs.run(config, str(tmp_path))
+  (evaluations / "step_1.json").unlink()
   (tmp_path / "config.json").write_text("")
+  with pytest.raises(files.UnreadableRecordError, match=r"config.json is not a readable JSON record"):
+    jobs.run(config, str(tmp_path))
   config.job = "evaluate"
   with pytest.raises(WorkdirConfigMismatchError, match=r"config.json is not a readable config record"):
     jobs.run(config, str(tmp_path))

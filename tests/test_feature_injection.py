@@ -88,7 +88,7 @@ def test_low_pass_keeps_low_frequencies_and_removes_high_ones():
     ("beta", -0.1, "config.data.transform.beta=-0.1"),
     ("num_frequencies", 5, "config.data.transform.num_frequencies=5"),
     ("num_frequencies", 64, "config.data.transform.num_frequencies=64 exceeds the 63"),
-    ("seed", -1, "config.data.transform.seed=-1 must be an integer >= 0"),
+    ("seed", -1, r"config.data.transform.seed=-1 must be an integer in \[0, 2\*\*32\)"),
 ])
 def test_bad_transform_fields_are_named_before_loading(field, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -11,11 +11,15 @@ from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data.dataset import Split
 
 
+SEED_LIMIT = 2**32  # jax.random.key takes no seed of 2**63 or more, and seeds are offset (+1..+5)
+
+
 def check_seed(seed: object, field: str) -> None:
-  """Raises ValueError naming `field` unless `seed` is an integer >= 0: numpy's generators take no
-  negative seed, and would fail mid-run without naming the field."""
-  if not is_whole_number(seed, 0):
-    raise ValueError(f"{field}={seed!r} must be an integer >= 0.")
+  """Raises ValueError naming `field` unless `seed` is an integer in [0, 2**32): numpy's generators
+  take no negative seed and jax's none of 2**63 or more, and would fail mid-run, after the config
+  was recorded, without naming the field."""
+  if not is_whole_number(seed, 0) or seed >= SEED_LIMIT:
+    raise ValueError(f"{field}={seed!r} must be an integer in [0, 2**32).")
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:

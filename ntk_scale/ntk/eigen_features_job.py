@@ -283,6 +283,13 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
   indices = select_examples(config, split.labels)
   num_examples = len(indices)
+  scored = len(_scored_test_split(dataset, config.kernel.classes, None)[0])
+  if e.num_test > scored:  # the record would name test images that were never scored
+    raise ValueError(f"config.eigen_features.num_test={e.num_test} exceeds the {scored} test images "
+                     f"the features are scored on" + (f" (of config.kernel.classes="
+                                                      f"{tuple(config.kernel.classes)})"
+                                                      if config.kernel.classes else "")
+                     + "; 0 takes them all.")
   solver, spectrum_config = eigenpairs_config(config, e.eigensolver, num_examples, e.num_single)
   solver = solver if e.source == "empirical" else "dense"  # an infinite-width kernel: in memory
   if solver == "top":  # before the kernel is computed
@@ -336,7 +343,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   groups = features.groups
 
   test, apply, scored_classes = _scored_test_split(dataset, config.kernel.classes, features.apply)
-  n = len(test) if e.num_test == 0 else min(e.num_test, len(test))
+  n = e.num_test or len(test)
   test = Split(test.images[:n], test.labels[:n])
   clean, robust = [], []
   key = jax.random.key(config.seed)

@@ -157,6 +157,9 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   split = getattr(dataset, config.kernel.split) if config.kernel.split in SPLITS else None
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   size = len(select_examples(config, split.labels))  # a class kernel: one matrix row per example
+  if e.num_eigenvectors > size:  # kernel_config checks a set num_examples; 0 takes the whole class
+    raise ValueError(f"config.eigen_images.num_eigenvectors={e.num_eigenvectors} exceeds the {size} "
+                     f"examples of the class kernel (config.kernel.num_examples, classes).")
   solver, spectrum_config = eigenpairs_config(config, e.eigensolver, size, e.num_eigenvectors)
   if solver == "top":
     check_spectrum_config(spectrum_config, dataset.num_classes)

@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import files, parallel
 from ntk_scale.config_numbers import is_whole_number
+from ntk_scale.data import check_seed
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.matmul_precision import check_precision
@@ -67,10 +68,10 @@ DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-10}
 def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | None = None) -> None:
   """config.spectrum's fields, and k against the kernel's size where config.kernel fixes it."""
   s = config.spectrum
-  for field, low in (("num_eigenpairs", 1), ("oversample", 0), ("round_iters", 1), ("max_iters", 1),
-                     ("seed", 0)):
+  for field, low in (("num_eigenpairs", 1), ("oversample", 0), ("round_iters", 1), ("max_iters", 1)):
     if not is_whole_number(s[field], low):
       raise ValueError(f"config.spectrum.{field}={s[field]!r} must be an integer >= {low}.")
+  check_seed(s.seed, "config.spectrum.seed")
   if s.method not in METHODS:
     raise ValueError(f"config.spectrum.method={s.method!r}; expected one of {', '.join(METHODS)}.")
   if s.dtype not in DEFAULT_TOL:
@@ -87,13 +88,20 @@ def check_spectrum_config(config: ml_collections.ConfigDict, num_classes: int | 
   check_precision(s.precision, "config.spectrum.precision")
   if num_classes is not None and config.kernel.num_examples > 0:
     spec = parse_logits(config.kernel.logits, num_classes, "config.kernel.logits")
-    check_num_eigenpairs(s.num_eigenpairs, spec.matrix_rows(config.kernel.num_examples))
+    check_num_eigenpairs(s, spec.matrix_rows(config.kernel.num_examples))
 
 
-def check_num_eigenpairs(k: int, size: int) -> None:
-  if k > size:
-    raise ValueError(f"config.spectrum.num_eigenpairs={k} is more than the kernel's {size} rows "
-                     f"(config.kernel.num_examples, times the logits of a full kernel).")
+def check_num_eigenpairs(s: ml_collections.ConfigDict, size: int) -> None:
+  """config.spectrum `s` against a kernel of `size` matrix rows: k at most every row, and LOBPCG's
+  block (method sharded or streamed) under a fifth of them."""
+  if s.num_eigenpairs > size:
+    raise ValueError(f"config.spectrum.num_eigenpairs={s.num_eigenpairs} is more than the kernel's "
+                     f"{size} rows (config.kernel.num_examples, times the logits of a full kernel).")
+  width = min(s.num_eigenpairs + s.oversample, size)
+  if s.method not in ("auto", "dense") and 5 * width >= size:
+    raise ValueError(f"config.spectrum.method={s.method!r} needs a block of num_eigenpairs + "
+                     f"oversample = {width} vectors under a fifth of the {size} rows; lower "
+                     f"them or use method 'dense'.")
 
 
 def resolved_tol(s: ml_collections.ConfigDict) -> float:
@@ -135,11 +143,8 @@ def plan_spectrum(s: ml_collections.ConfigDict, shape: tuple[int, ...], mesh: Me
   n, c = matrix_layout(shape)
   size = n * c
   width = min(s.num_eigenpairs + s.oversample, size)
+  check_num_eigenpairs(s, size)
   if s.method == "dense" or 5 * width >= size:
-    if s.method not in ("auto", "dense"):
-      raise ValueError(f"config.spectrum.method={s.method!r} needs a block of num_eigenpairs + "
-                       f"oversample = {width} vectors under a fifth of the {size} rows; lower "
-                       f"them or use method 'dense'.")
     return SpectrumPlan("dense", size, width, None)
   if s.method == "streamed" or not parallel.devices_compute(s.dtype):
     return SpectrumPlan("streamed", size, width, None)
@@ -319,7 +324,7 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   num_examples = len(select_examples(config, split.labels))
   rows = parse_logits(k.logits, dataset.num_classes).matrix_rows(num_examples)
-  check_num_eigenpairs(config.spectrum.num_eigenpairs, rows)
+  check_num_eigenpairs(config.spectrum, rows)
   return kernel_spectrum(config, workdir, kernel_job(config, workdir, dataset))
 
 
@@ -332,7 +337,7 @@ def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dic
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
   store = KernelStore.open(kernel["kernel"])
   n, c = matrix_layout(store.shape)
-  check_num_eigenpairs(s.num_eigenpairs, n * c)
+  check_num_eigenpairs(s, n * c)
   directory = os.path.join(kernel["kernel"], SPECTRUM_DIR)
   settings = solve_settings(s)
   result_path = os.path.join(directory, RESULT_FILE)

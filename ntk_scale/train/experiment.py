@@ -188,9 +188,16 @@ def build_train_steps(config: ml_collections.ConfigDict, section: ml_collections
                                  **numerics)
 
 
+MAX_STEPS = 1e15  # steps of any phase: a count past it is a typo, and past ~1e308 not a number
+
+
 def phase_steps(num_epochs: float, steps_per_epoch: int, field: str) -> int:
   """The batch steps of `num_epochs` epochs (`field` names the setting). A count that rounds to zero
-  is refused: such a phase would train nothing and save no checkpoint, yet exit as if it succeeded."""
+  is refused: such a phase would train nothing and save no checkpoint, yet exit as if it succeeded;
+  so is one past any run (1e308 epochs: no whole number of steps)."""
+  if not num_epochs * steps_per_epoch < MAX_STEPS:
+    raise ValueError(f"{field}={num_epochs} is {num_epochs * steps_per_epoch:.3g} steps at "
+                     f"{steps_per_epoch} steps per epoch; expected fewer than {MAX_STEPS:.0e}.")
   steps = int(round(num_epochs * steps_per_epoch))
   if steps < 1:
     raise ValueError(f"{field}={num_epochs} is {num_epochs * steps_per_epoch:.3g} of a step at "

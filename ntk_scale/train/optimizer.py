@@ -1,5 +1,6 @@
 """Optimizers and learning-rate schedules from `config.optimizer`, with epochs converted to steps."""
 
+import math
 from typing import Callable
 
 import jax
@@ -50,9 +51,11 @@ def check_warmup(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_ste
   reach the peak, nor decay from it, yet the run would end as if it had."""
   if opt.schedule != "cosine":
     return
-  warmup = int(round(opt.get("warmup_epochs", 0.0) * steps_per_epoch))
+  warmup = opt.get("warmup_epochs", 0.0) * steps_per_epoch
+  if warmup < math.inf:  # 1e308 epochs: inf steps, which round() refuses
+    warmup = round(warmup)
   if warmup >= total_steps:
-    raise ValueError(f"{prefix}.warmup_epochs={opt.warmup_epochs} is {warmup} steps, not fewer than "
+    raise ValueError(f"{prefix}.warmup_epochs={opt.warmup_epochs} is {warmup:g} steps, not fewer than "
                      f"the {total_steps} steps of the run ({total_steps / steps_per_epoch:g} epochs "
                      f"at {steps_per_epoch} steps per epoch): the learning rate would never peak nor "
                      f"decay; expected {prefix}.warmup_epochs < the run's epochs.")
