@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import secrets
 import socket
 from typing import IO, Any, Callable, Iterator
 
@@ -127,10 +128,29 @@ def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
   return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
 
 
+def _pid_namespace() -> str:
+  """This process's PID namespace: containers of one host name sharing a directory (Kubernetes pods
+  on the host's network) each count process ids from 1."""
+  try:
+    return str(os.stat("/proc/self/ns/pid").st_ino)
+  except OSError:  # no procfs (macOS)
+    return "0"
+
+
+_PID_NAMESPACE = _pid_namespace()
+_TOKEN = secrets.token_hex(4)  # hosts of one name whose namespaces have one inode (the initial one)
+
+
+def _writer() -> str:
+  """The host and PID namespace whose process ids a temporary's id is one of."""
+  return f"{socket.gethostname()}@{_PID_NAMESPACE}"
+
+
 def temporary_name(path: PathLike) -> str:
-  """A temporary beside `path`, one per process of each host: hosts sharing a directory (NFS)
-  may run processes of one id, as containers do."""
-  return f"{os.fspath(path)}.tmp{socket.gethostname()}-{os.getpid()}"
+  """A temporary beside `path`, one per process (`<path>.tmp<host>@<pid namespace>-<pid>-<token>`):
+  hosts sharing a directory (NFS) may run processes of one id, as containers do, and a random
+  token tells apart processes whose host name and namespace agree."""
+  return f"{os.fspath(path)}.tmp{_writer()}-{os.getpid()}-{_TOKEN}"
 
 
 _SWEPT: set[str] = set()  # directories this process has rid of dead writers' temporaries
@@ -139,13 +159,14 @@ _SWEPT: set[str] = set()  # directories this process has rid of dead writers' te
 def _remove_dead_temporaries(directory: str) -> None:
   """Removes the temporaries in `directory` of this host's processes that are gone (a SIGKILL
   mid-write leaves one), once per directory and process: a listing per write would cost a kernel's
-  tiles quadratic time. Another host's are left alone: whether its writer lives is unknown here."""
+  tiles quadratic time. Another host's or PID namespace's are left alone: whether its writer lives
+  is unknown here."""
   if directory in _SWEPT:
     return
   _SWEPT.add(directory)
-  marker = f".tmp{socket.gethostname()}-"
+  marker = f".tmp{_writer()}-"
   for entry in os.scandir(directory):
-    pid = entry.name.rpartition(marker)[2] if marker in entry.name else ""
+    pid = entry.name.rpartition(marker)[2].split("-")[0] if marker in entry.name else ""
     if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
       try:
         os.remove(entry.path)

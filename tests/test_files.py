@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
+from ntk_scale import files  # noqa: E402
 from ntk_scale.files import save_figure, temporary_name, write_atomic, write_json  # noqa: E402
 
 
@@ -56,32 +57,39 @@ def test_the_data_reaches_the_disk_before_the_name(tmp_path, monkeypatch):
 
 def test_temporaries_of_two_hosts_with_one_process_id_differ(monkeypatch):
   """Hosts sharing a directory (NFS) may run writers of one process id (containers): a temporary
-  name of the id alone would let one host's write land in the other's file."""
+  name of the id alone would let one host's write land in the other's file; so may two processes
+  whose host name and PID namespace agree (two pid-1 containers of one name): the token differs."""
   names = set()
   for host in ("host-a", "host-b"):
     monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
     names.add(temporary_name("/shared/record.json"))
-  assert len(names) == 2 and all(".tmp" in name for name in names)  # list_dir skips ".tmp"
+  monkeypatch.setattr(files, "_TOKEN", "another")
+  names.add(temporary_name("/shared/record.json"))
+  assert len(names) == 3 and all(".tmp" in name for name in names)  # list_dir skips ".tmp"
 
 
 def test_a_killed_writers_temporary_goes_with_the_next_write_there(tmp_path):
-  """A SIGKILL mid-write leaves `<name>.tmp<host>-<pid>`, which nothing removed (the kill audit
-  found one after a killed eigen_images job). The next write into that directory removes those of
-  this host's processes that are gone; a live writer's and another host's stay."""
+  """A SIGKILL mid-write leaves `<name>.tmp<host>@<namespace>-<pid>-<token>`, which nothing removed
+  (the kill audit found one after a killed eigen_images job). The next write into that directory
+  removes those of this host's processes that are gone; a live writer's, another host's and another
+  PID namespace's stay (a writer there with that process id removed: its write was lost)."""
   import subprocess
   import sys
 
   gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                        text=True, check=True)
+                        text=True, check=True).stdout.strip()
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  here = files._writer()  # pylint: disable=protected-access
   host = socket.gethostname()
-  names = {"dead": f"a.png.tmp{host}-{gone.stdout.strip()}", "live": f"b.json.tmp{host}-{live.pid}",
-           "elsewhere": f"c.json.tmpanother-host-{gone.stdout.strip()}"}
+  names = {"dead": f"a.png.tmp{here}-{gone}-0a1b", "live": f"b.json.tmp{here}-{live.pid}-2c3d",
+           "elsewhere": f"c.json.tmpanother-host@{files._PID_NAMESPACE}-{gone}-4e5f",
+           "another_namespace": f"e.json.tmp{host}@1-{gone}-6a7b"}
   try:
     for name in names.values():
       (tmp_path / name).write_bytes(b"")
     write_json(str(tmp_path / "d.json"), {"x": 1})
-    assert sorted(os.listdir(tmp_path)) == sorted(["d.json", names["live"], names["elsewhere"]])
+    assert sorted(os.listdir(tmp_path)) == sorted(["d.json", names["live"], names["elsewhere"],
+                                                   names["another_namespace"]])
   finally:
     live.kill()
     live.wait()
