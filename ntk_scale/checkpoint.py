@@ -119,9 +119,21 @@ class Checkpoints:
     """The unlogged metrics saved with the checkpoint at `step` (one saved at a preemption)."""
     return [(int(s), m) for s, m in self._meta(step).get("pending_metrics", [])]
 
+  def _metas(self) -> dict[int, dict[str, Any]]:
+    """Each listed step's metadata. A step deleted since Orbax listed the directory (a reader that
+    lists while the resumed train job drops its preemption checkpoint) is left out, not an error."""
+    metas = {}
+    for step in self._manager.all_steps():
+      try:
+        metas[step] = self._meta(step)
+      except FileNotFoundError:
+        if files.exists(os.path.join(self.directory, str(step))):
+          raise
+    return metas
+
   def preempted_steps(self) -> list[int]:
     """Steps of the checkpoints saved at a preemption: points to resume from, off the schedule."""
-    return [step for step in self._manager.all_steps() if self._meta(step).get("preempted")]
+    return [step for step, meta in self._metas().items() if meta.get("preempted")]
 
   def delete(self, step: int) -> None:
     """Deletes the checkpoint at `step` (every process calls it: Orbax agrees on it), so that a
@@ -147,10 +159,7 @@ class Checkpoints:
 
   def epochs(self) -> dict[float, int]:
     """Epoch -> step of every finished checkpoint."""
-    out = {}
-    for step in self._manager.all_steps():
-      out[self._meta(step)["epoch"]] = step
-    return out
+    return {meta["epoch"]: step for step, meta in self._metas().items()}
 
   def scheduled_epochs(self) -> dict[float, int]:
     """`epochs` less the preempted checkpoints: those of the schedule, which stay (with one the

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import ml_collections
 
-from ntk_scale import console, data, parallel
+from ntk_scale import console, data, parallel, writer_lock
 from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.eigen_features_job import eigen_features_job
@@ -82,9 +82,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   console.quiet_library_logs()
   config = check_config(config, jax.device_count())
   job = config.get("job", "train")
-  if job not in RECORD_AFTER_THEIR_CHECKS:
-    prepare_workdir(config, workdir)
-  result = JOBS[job](config, workdir)
+  try:
+    if job not in RECORD_AFTER_THEIR_CHECKS:
+      prepare_workdir(config, workdir)  # takes the writer locks of what the job writes
+    result = JOBS[job](config, workdir)
+  finally:
+    writer_lock.release_all()
   # The processes leave together: one done early (process 0 alone writes an evolution's metrics and
   # plots, or the report) would otherwise wait at JAX's exit barrier, which after 5 minutes aborts
   # every process, process 0 mid-write. A collective waits as long as its peers live.

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 from flax import traverse_util
 
-from ntk_scale import files
+from ntk_scale import files, writer_lock
 from ntk_scale.base_config import base_config
 from ntk_scale.checkpoint import CheckpointNotFoundError
 
@@ -130,7 +130,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   so one run on an empty workdir leaves it empty (it fails reading the checkpoints it needs, or,
   the report, here; the report needs a record, not this config's: it reads results only). The
   phase-2 record, if any, is checked here too (phase 2 writes it when it starts); the phase2 job
-  needs a recorded phase 1.
+  needs a recorded phase 1. A job that writes an experiment (phase 1's or phase 2's) first takes
+  its writer lock (writer_lock.py), held until the job ends: a second copy is refused.
   """
   if not workdir.strip():
     raise ValueError("--workdir is empty; give the directory (or gs:// path) for the run's files.")
@@ -142,10 +143,17 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   job = config.get("job", "train")
+  if job == "phase2" and not check_recorded(path, current, RUNTIME_FIELDS + PHASE2_JOB_FREE_FIELDS):
+    raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
+                                  f"there first (config.job='train').")
+  # One job at a time writes an experiment, and the one that holds it checks and makes its records.
+  if records_experiment(config):
+    writer_lock.hold(writer_lock.lock_path(workdir), job, workdir)
+  if job == "phase2" or (job == "train" and config.phase2.num_epochs > 0):
+    writer_lock.hold(writer_lock.lock_path(workdir, phase2_name(config)), job,
+                     phase2_directory(config, workdir))
   if job == "phase2":
-    if not check_recorded(path, current, RUNTIME_FIELDS + PHASE2_JOB_FREE_FIELDS):
-      raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
-                                    f"there first (config.job='train').")
+    pass  # phase 1's record checked above, phase 2's below
   elif records_experiment(config):
     record_or_check(path, current)
   elif job == "report":  # reads the workdir's results, never its config: any recorded experiment

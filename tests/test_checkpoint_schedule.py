@@ -145,3 +145,22 @@ def test_a_deletion_cut_short_leaves_whole_checkpoints(tmp_path, monkeypatch, cu
   assert sorted(os.listdir(directory)) == ["0", "11"]
   assert jnp.array_equal(reopened.restore(11, state)["w"], state["w"])
   reopened.close()
+
+
+def test_a_checkpoint_deleted_while_a_reader_lists_them_is_left_out(tmp_path):
+  """A reader (an evaluate or kernel job while the workdir trains) listed the steps, then the
+  resumed train job deleted its preemption checkpoint: the reader failed, FileNotFoundError from
+  Orbax's cached listing. The step is gone from its answer instead."""
+  directory = str(tmp_path / "checkpoints")
+  writer = Checkpoints(directory)
+  state = {"w": jnp.arange(2.0)}
+  writer.save(0, state, 0.0)
+  writer.save(7, state, 7 / 11, pending_metrics=[])  # a preemption's
+  writer.save(11, state, 1.0)
+  writer.wait_until_finished()
+  reader = Checkpoints(directory, create=False)
+  assert reader.preempted_steps() == [7]
+  writer.delete(7)
+  assert reader.scheduled_epochs() == {0.0: 0, 1.0: 11} and reader.preempted_steps() == []
+  writer.close()
+  reader.close()

@@ -1,7 +1,7 @@
 """Workdirs in cloud storage (gs://, as on TPU VMs and multi-host jobs): the kernel store, run
-records, adversarial sets, evaluations and the report work in a bucket (an emulator on 127.0.0.1,
-see fake_gcs.py) as they do on a local disk, and nothing lands on the local disk instead.
-Checkpoints are Orbax's, which supports gs:// itself; the emulator cannot serve them."""
+records, adversarial sets, evaluations, Orbax's checkpoints, a train job and the report work in a
+bucket (an emulator on 127.0.0.1, see fake_gcs.py) as they do on a local disk, and nothing lands on
+the local disk instead. TensorBoard's event files are left out (fake_gcs.no_event_files)."""
 
 import os
 import re
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fake_gcs import fake_bucket
-from ntk_scale import files
+from fake_gcs import fake_bucket, no_event_files
+from ntk_scale import files, jobs
+from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.evaluate import write_evaluation
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError, TileWriter
@@ -169,3 +170,63 @@ def test_a_profile_of_train_steps_lands_in_the_bucket(bucket):
       profile.after(i, x)
   (trace,) = files.glob(f"{bucket}/run/plugins/profile", "*/*.xplane.pb")
   assert len(files.read_bytes(trace)) > 0
+
+
+def test_a_new_kernel_store_deletes_nothing_else_in_the_bucket(bucket):
+  """A new store clears its own key range (tensorstore's delete_existing); the emulator once ignored
+  the range and the kernel job emptied the bucket: checkpoints, records, other workdirs."""
+  files.write_json(f"{bucket}/run/config.json", {"seed": 0})
+  files.write_json(f"{bucket}/run/kernels/a.json", {"x": 1})  # sorts after kernels/a/
+  files.write_json(f"{bucket}/another_run/config.json", {"seed": 1})
+  _store(f"{bucket}/run/kernels/a")
+  assert files.read_json(f"{bucket}/run/config.json") == {"seed": 0}
+  assert files.read_json(f"{bucket}/run/kernels/a.json") == {"x": 1}
+  assert files.read_json(f"{bucket}/another_run/config.json") == {"seed": 1}
+
+
+def test_checkpoints_in_a_bucket_save_restore_and_delete(bucket):
+  """Orbax's OCDBT checkpoints in gs://: a preemption's is deleted by removing its commit marker
+  first (Orbax lists only committed steps in a bucket), and a reader no longer lists it."""
+  directory = f"{bucket}/run/checkpoints"
+  state = {"w": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+  writer = Checkpoints(directory)
+  writer.save(0, state, 0.0)
+  writer.save(7, jax.tree.map(lambda x: 2 * x, state), 7 / 11, pending_metrics=[(6, {"loss": 0.5})])
+  writer.save(11, jax.tree.map(lambda x: 3 * x, state), 1.0)
+  writer.wait_until_finished()
+  reader = Checkpoints(directory, create=False)
+  assert reader.epochs() == {0.0: 0, 7 / 11: 7, 1.0: 11} and reader.preempted_steps() == [7]
+  assert reader.pending_metrics(7) == [(6, {"loss": 0.5})]
+  np.testing.assert_array_equal(reader.restore(11, state)["w"], 3 * np.arange(3.0))
+  writer.delete(7)
+  assert Checkpoints(directory, create=False).epochs() == {0.0: 0, 1.0: 11}
+  assert reader.scheduled_epochs() == {0.0: 0, 1.0: 11}
+  writer.close()
+  reader.close()
+
+
+def test_a_train_job_in_a_bucket_equals_one_on_disk(bucket, tmp_path):
+  """Phase 1 of the digits CNN (two steps, checkpoints at both) in a bucket and on the local disk:
+  the same checkpoints and metrics; the rerun finds training complete."""
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+
+  config = load_config("digits", "smoke")
+  config.num_epochs, config.eval_attacks = 2 / 22, {}
+  config.checkpoint.fractional_epochs = (1 / 22,)
+  local, cloud = str(tmp_path / "run"), f"{bucket}/train"
+  with no_event_files():
+    for workdir in (local, cloud):
+      jobs.run(config, workdir)
+    jobs.run(config, cloud)  # a rerun: complete, read back
+  untimed = lambda workdir: [{k: v for k, v in r.items() if k not in ("steps_per_sec", "uptime")}
+                             for r in read_metrics(workdir)]
+  assert untimed(cloud) == untimed(local) and any("train/loss" in r for r in untimed(local))
+  on_disk, in_bucket = Checkpoints(f"{local}/checkpoints", create=False), Checkpoints(f"{cloud}/checkpoints",
+                                                                                     create=False)
+  assert in_bucket.epochs() == on_disk.epochs() and len(on_disk.epochs()) == 3
+  last = max(on_disk.epochs().values())
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  jax.tree.map(np.testing.assert_array_equal, in_bucket.restore_variables(last, one_device),
+               on_disk.restore_variables(last, one_device))
+  assert files.read_json(f"{cloud}/evaluations/step_{last}.json")["results"] == \
+      files.read_json(f"{local}/evaluations/step_{last}.json")["results"]

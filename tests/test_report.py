@@ -254,7 +254,7 @@ def test_workdir_with_only_its_config_says_so(tmp_path):
   workdir = str(tmp_path)
   record_experiment(workdir)
   index = jobs.run(report_config(), workdir)["report"]
-  assert sorted(os.listdir(workdir)) == ["config.json", "report"]
+  assert sorted(os.listdir(workdir)) == [".writer.lock", "config.json", "report"]  # the record's lock
   page = check_page(index)
   assert "No results yet: the workdir holds only its config.json." in " ".join(page.text)
   assert page.images == [] and page.links == ["config.json"]

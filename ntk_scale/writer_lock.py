@@ -1,0 +1,81 @@
+"""One job at a time writes an experiment: a second copy of a train job (a retried launch, a scheduler
+that starts two) is refused, not run alongside the first.
+
+Two train jobs on one workdir shared Orbax's temporary directory of a step, so one deleted the
+other's half-written checkpoint (a step without its metadata: every later job failed), and both
+appended to metrics.jsonl and TensorBoard's files; two experiments started together could both pass
+the config record's check, and one trained under the other's config.json. The jobs that write an
+experiment take an exclusive lock, `<workdir>/.writer.lock` for phase 1 and
+`<workdir>/.writer.phase2.<name>.lock` for a phase-2 experiment (workdir.prepare_workdir, before the
+config record is checked), until the job ends (jobs.run), process 0 for every process. The operating system releases it when its holder exits, a
+kill included: a killed job's lock never blocks its rerun. Jobs that read an experiment (evaluate,
+kernel, spectrum, ...) take none, so they may run while it trains.
+
+The lock is the local file system's (flock; NFS v4 forwards it). In a gs:// bucket nothing is locked:
+objects have no locks, and a lease would need clocks the hosts share; a launcher must not start a
+job twice there.
+"""
+
+import fcntl
+import os
+import socket
+import time
+
+import jax
+
+from ntk_scale import files, parallel
+
+LOCK_FILE = ".writer.lock"
+
+_HELD: dict[str, int] = {}  # lock file -> its open descriptor, held by this process
+
+
+def lock_path(workdir: str, phase2_name: str | None = None) -> str:
+  """The lock of phase 1's experiment, or of the phase-2 experiment `phase2_name`: both in the
+  workdir, so a phase-2 job refused before it starts leaves no phase2/ directory behind."""
+  name = LOCK_FILE if phase2_name is None else f".writer.phase2.{phase2_name}.lock"
+  return os.path.join(workdir, name)
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another job is writing the experiment this one would write."""
+
+
+def _take(path: str, job: str) -> tuple[int | None, str]:
+  """(the open lock file, "") when taken, or (None, what the file says of its holder)."""
+  files.make_dirs(os.path.dirname(path))
+  descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.read(descriptor, 1024).decode("utf-8", errors="replace").strip()
+    os.close(descriptor)
+    return None, holder
+  os.ftruncate(descriptor, 0)
+  os.write(descriptor, f"job {job}, host {socket.gethostname()}, process id {os.getpid()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}".encode())
+  return descriptor, ""
+
+
+def hold(path: str, job: str, what: str) -> None:
+  """Takes the writer lock `path` (`lock_path`; its directory made if absent) for `job` until
+  `release_all`, or raises WorkdirBusyError on every process when another job holds it; `what`
+  names the experiment. Every process calls it; process 0 takes the lock. A lock this process
+  holds already is held (a job inside a job)."""
+  taken, holder = True, ""
+  if jax.process_index() == 0 and not files.is_cloud(path) and path not in _HELD:
+    descriptor, holder = _take(path, job)
+    taken = descriptor is not None
+    if taken:
+      _HELD[path] = descriptor
+  if not parallel.agree(taken):
+    raise WorkdirBusyError(
+        f"{what} is being written by another job ({holder or 'see process 0'}; {path}); two would "
+        f"mix their checkpoints and metrics. Let it finish or stop it (a stopped job releases its "
+        f"lock; rerunning then resumes), or use another --workdir.")
+
+
+def release_all() -> None:
+  """Releases every writer lock this process holds (a job's end)."""
+  while _HELD:
+    os.close(_HELD.popitem()[1])  # closing the file releases its flock

@@ -1,0 +1,82 @@
+"""One job at a time writes an experiment: a second train (or phase 2) job on a workdir being written
+is refused before it records or writes anything, naming the holder; readers are not; a killed
+holder's lock never blocks the rerun. (Two train jobs at once deleted each other's half-written
+checkpoints, leaving a step without its metadata, and both appended to metrics.jsonl.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ntk_scale import jobs, writer_lock
+from ntk_scale.checkpoint import CheckpointNotFoundError
+from ntk_scale.workdir import phase2_name, prepare_workdir
+
+from test_train import load_config
+
+HOLDER = ("import sys, time\n"
+          "from ntk_scale import writer_lock\n"
+          "writer_lock.hold(sys.argv[1], 'train', 'the experiment')\n"
+          "print('held', flush=True)\n"
+          "time.sleep(120)\n")
+
+
+@pytest.fixture
+def held_by_another_process():
+  """Starts a process holding a writer lock; yields a function taking the lock's path, returning
+  the process (killed at the end)."""
+  started = []
+
+  def hold(path):
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, path], stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    started.append(process)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+  yield hold
+  for process in started:
+    process.kill()
+    process.wait()
+
+
+def test_a_second_train_job_is_refused_until_the_first_ends(tmp_path, held_by_another_process):
+  workdir = str(tmp_path / "run")
+  holder = held_by_another_process(writer_lock.lock_path(workdir))
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs = 0
+  with pytest.raises(writer_lock.WorkdirBusyError,
+                     match=rf"run is being written by another job \(job train, host .*, process id "
+                           rf"{holder.pid}, since .*; .*run/\.writer\.lock\)"):
+    jobs.run(config, workdir)
+  assert os.listdir(workdir) == [writer_lock.LOCK_FILE]  # no config record, no checkpoint
+  holder.kill()  # as a SIGKILL'd job: the system releases its lock
+  holder.wait()
+  prepare_workdir(config, workdir)  # the rerun takes it and records its experiment
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  writer_lock.release_all()
+
+
+def test_phase2_of_one_name_is_locked_readers_are_not(tmp_path, held_by_another_process):
+  workdir = str(tmp_path)
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs = 1.0
+  prepare_workdir(config, workdir)  # phase 1 recorded (and its locks taken: released below)
+  writer_lock.release_all()
+  held_by_another_process(writer_lock.lock_path(workdir, phase2_name(config)))
+  phase2 = load_config("digits", "smoke")
+  phase2.phase2.num_epochs, phase2.job = 1.0, "phase2"
+  for job in ("phase2", "train"):  # the train job would go on to that phase 2
+    phase2.job = job
+    with pytest.raises(writer_lock.WorkdirBusyError, match=r"phase2/centered_C_from1 is being written"):
+      jobs.run(phase2, workdir)
+  reader = load_config("digits", "smoke")
+  reader.phase2.num_epochs, reader.job = 1.0, "evaluate"
+  with pytest.raises(CheckpointNotFoundError):  # past the locks: it trained nothing to read
+    jobs.run(reader, workdir)
+  other_name = load_config("digits", "smoke")
+  other_name.phase2.num_epochs, other_name.phase2.name = 1.0, "another"
+  other_name.job = "phase2"
+  prepare_workdir(other_name, workdir)  # another phase-2 experiment of this workdir is free
+  writer_lock.release_all()
