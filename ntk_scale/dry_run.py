@@ -61,7 +61,9 @@ from ntk_scale.ntk.engine import fit_plan
 from ntk_scale.ntk.function_tiles import kernel_tiles, tile_program, tile_vjp_program
 from ntk_scale.ntk.evolution import check_evolution_settings, checkpoint_config, select_epochs
 from ntk_scale.ntk.eigen_features import directions_program, most_rows
-from ntk_scale.ntk.eigen_features_job import check_eigen_features_config, directions_chunk, group_apply
+from ntk_scale.ntk.eigen_features_job import (check_eigen_features_config, check_num_test,
+                                              directions_chunk, group_apply)
+from ntk_scale.ntk.eigen_images_job import check_num_eigenvectors
 from ntk_scale.ntk.eigen_images_job import kernel_config as eigen_images_kernel_config
 from ntk_scale.ntk.kernel_eigenpairs import eigenpairs_config, resolve_eigensolver
 from ntk_scale.ntk.job import (FIELDS as KERNEL_FIELDS, check_kernel_config, inference_apply,
@@ -505,6 +507,11 @@ def _eigen_job(config: ml_collections.ConfigDict, job: str, mesh, budget: float,
     parallel.check_batch_size(section.batch_size, mesh.devices.size,
                               "config.eigen_features.batch_size")
   n = _kernel_examples(config)  # one class or the trace: one matrix row per example
+  if job == "eigen_images":
+    check_num_eigenvectors(section, n)
+  else:
+    _, _, test_size = dataset_shape(config.data)
+    check_num_test(config, _split_labels(config, "test", test_size))
   if job == "eigen_features" and section.source == "infinite":
     image_shape = dataset_shape(config.data)[0]
     return ([_analytic_kernel(config.infinite, dataset_classes(config.data), image_shape, n, mesh,
@@ -583,7 +590,7 @@ def _feature_evaluations(config: ml_collections.ConfigDict, mesh, model, params,
                                                   jnp.float32, sharding=replicated)}
   args = (variables, _batch(mesh, e.batch_size, image_shape, mask=True),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
-  num_test = min(e.num_test, test_size) if e.num_test else test_size
+  num_test = e.num_test or test_size  # check_num_test: at most the test split
   calls = groups * -(-num_test // e.batch_size)
   apply = group_apply(inference_apply(model, config.kernel.precision), spec)
   what = f"eigen_features: each group's predictor ({groups - 1} groups and all at most)"

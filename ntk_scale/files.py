@@ -14,8 +14,10 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 import socket
+import time
 from typing import IO, Any, Callable, Iterator
 
 import numpy as np
@@ -154,24 +156,33 @@ def temporary_name(path: PathLike) -> str:
 
 
 _SWEPT: set[str] = set()  # directories this process has rid of dead writers' temporaries
+# <name>.tmp<host>@<namespace>-<pid>-<token>, or <name>.tmp<host>-<pid> as named before 2026-12-02
+_TEMPORARY = re.compile(r"\.tmp(?P<writer>.+)-(?P<pid>\d+)(?:-[0-9a-f]{8})?$")
+STALE_TEMPORARY_S = 3600.0  # no write takes this long: its writer is gone, whoever it was
 
 
 def _remove_dead_temporaries(directory: str) -> None:
-  """Removes the temporaries in `directory` of this host's processes that are gone (a SIGKILL
-  mid-write leaves one), once per directory and process: a listing per write would cost a kernel's
-  tiles quadratic time. Another host's or PID namespace's are left alone: whether its writer lives
-  is unknown here."""
+  """Removes the temporaries in `directory` that dead writers left (a SIGKILL mid-write leaves
+  one), once per directory and process: a listing per write would cost a kernel's tiles quadratic
+  time. Dead: of a process of this host and PID namespace that is gone, or an hour old (another
+  host's, or a restarted container's: whether their writer lives is unknown here, but no write
+  lasts that long)."""
   if directory in _SWEPT:
     return
   _SWEPT.add(directory)
-  marker = f".tmp{_writer()}-"
+  here, old_style = _writer(), socket.gethostname()
+  stale_before = time.time() - STALE_TEMPORARY_S
   for entry in os.scandir(directory):
-    pid = entry.name.rpartition(marker)[2].split("-")[0] if marker in entry.name else ""
-    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-      try:
+    found = _TEMPORARY.search(entry.name)
+    if found is None or not entry.is_file(follow_symlinks=False):
+      continue
+    pid = int(found["pid"])
+    mine = found["writer"] in (here, old_style) and pid != os.getpid() and not _alive(pid)
+    try:
+      if mine or entry.stat(follow_symlinks=False).st_mtime < stale_before:
         os.remove(entry.path)
-      except FileNotFoundError:  # another process of this host swept it first
-        pass
+    except FileNotFoundError:  # another process swept it first
+      pass
 
 
 def _alive(pid: int) -> bool:

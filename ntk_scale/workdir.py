@@ -147,7 +147,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
                                   f"there first (config.job='train').")
   # One job at a time writes an experiment, and the one that holds it checks and makes its records.
-  if records_experiment(config):
+  if job in ("train", "infinite"):  # eigen_features of an infinite kernel records, but reads only
     writer_lock.hold(writer_lock.lock_path(workdir), job, workdir)
   if job == "phase2" or (job == "train" and config.phase2.num_epochs > 0):
     writer_lock.hold(writer_lock.lock_path(workdir, phase2_name(config)), job,

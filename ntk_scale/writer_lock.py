@@ -7,13 +7,14 @@ appended to metrics.jsonl and TensorBoard's files; two experiments started toget
 the config record's check, and one trained under the other's config.json. The jobs that write an
 experiment take an exclusive lock, `<workdir>/.writer.lock` for phase 1 and
 `<workdir>/.writer.phase2.<name>.lock` for a phase-2 experiment (workdir.prepare_workdir, before the
-config record is checked), until the job ends (jobs.run), process 0 for every process. The operating system releases it when its holder exits, a
-kill included: a killed job's lock never blocks its rerun. Jobs that read an experiment (evaluate,
-kernel, spectrum, ...) take none, so they may run while it trains.
+config record is checked), until the job ends (jobs.run), process 0 for every process: the train,
+phase2 and infinite jobs. The operating system releases it when its holder exits,
+a kill included: a killed job's lock never blocks its rerun. Jobs that read an experiment
+(evaluate, kernel, spectrum, eigen_features, ...) take none, so they may run while it trains.
 
-The lock is the local file system's (flock; NFS v4 forwards it). In a gs:// bucket nothing is locked:
-objects have no locks, and a lease would need clocks the hosts share; a launcher must not start a
-job twice there.
+The lock is the file system's (flock; NFS v4 forwards it to the server; with `nolock` mounts it is
+per host). In a gs:// bucket nothing is locked: objects have no locks, and a lease would need clocks
+the hosts share; a launcher must not start a job twice there.
 """
 
 import fcntl
@@ -42,18 +43,32 @@ class WorkdirBusyError(RuntimeError):
 
 
 def _take(path: str, job: str) -> tuple[int | None, str]:
-  """(the open lock file, "") when taken, or (None, what the file says of its holder)."""
+  """(the open lock file, "") when taken, or (None, what the file says of its holder). A file
+  system that does not lock files (Lustre without flock, NFS v3 without lockd) locks nothing: the
+  job goes on, with a warning."""
   files.make_dirs(os.path.dirname(path))
-  descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:  # read-write for the holder's line; as the workdir's other files, umask decides the mode
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  except PermissionError:  # another user's lock file, in a group's workdir: flock needs no write
+    descriptor = os.open(path, os.O_RDONLY)
   try:
     fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     holder = os.read(descriptor, 1024).decode("utf-8", errors="replace").strip()
     os.close(descriptor)
     return None, holder
-  os.ftruncate(descriptor, 0)
-  os.write(descriptor, f"job {job}, host {socket.gethostname()}, process id {os.getpid()}, since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}".encode())
+  except OSError as error:
+    print(f"warning: {path}: this file system does not lock files ({error}); a second copy of "
+          f"this job would not be kept out", flush=True)
+    return descriptor, ""
+  line = (f"job {job}, host {socket.gethostname()}, process id {os.getpid()}, since "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}").encode()
+  try:
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, line)
+    os.fsync(descriptor)  # for a refused job on another host of a network file system
+  except OSError:  # opened read-only: the lock holds, its holder goes unnamed
+    pass
   return descriptor, ""
 
 
@@ -71,7 +86,7 @@ def hold(path: str, job: str, what: str) -> None:
   if not parallel.agree(taken):
     raise WorkdirBusyError(
         f"{what} is being written by another job ({holder or 'see process 0'}; {path}); two would "
-        f"mix their checkpoints and metrics. Let it finish or stop it (a stopped job releases its "
+        f"mix their records and checkpoints. Let it finish or stop it (a stopped job releases its "
         f"lock; rerunning then resumes), or use another --workdir.")
 
 

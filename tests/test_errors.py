@@ -97,6 +97,22 @@ def test_epochs_of_zero_steps_are_refused_before_compute(tmp_path, no_training, 
   assert not os.path.exists(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("job, fields, message", [
+    ("eigen_images", {"kernel.num_examples": 0, "kernel.classes": (0,), "eigen_images.num_eigenvectors": 1000},
+     r"config.eigen_images.num_eigenvectors=1000 exceeds the 142 examples"),
+    ("eigen_features", {"kernel.num_examples": 100, "eigen_features.num_test": 100_000},
+     r"config.eigen_features.num_test=100000 exceeds the 360 test images"),
+])
+def test_the_dry_run_refuses_the_counts_the_eigen_jobs_refuse(job, fields, message):
+  config = load_config("digits", "smoke")
+  config.job = job
+  for field, value in fields.items():
+    section, _, name = field.rpartition(".")
+    config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.dry_run(config)
+
+
 # 1e308 epochs passed every check and overflowed converting to steps, naming no field.
 @pytest.mark.parametrize("field, message", [
     ("num_epochs", r"config\.num_epochs=1e\+308 is inf steps at 22 steps per epoch"),

@@ -71,22 +71,28 @@ def test_temporaries_of_two_hosts_with_one_process_id_differ(monkeypatch):
 def test_a_killed_writers_temporary_goes_with_the_next_write_there(tmp_path):
   """A SIGKILL mid-write leaves `<name>.tmp<host>@<namespace>-<pid>-<token>`, which nothing removed
   (the kill audit found one after a killed eigen_images job). The next write into that directory
-  removes those of this host's processes that are gone; a live writer's, another host's and another
-  PID namespace's stay (a writer there with that process id removed: its write was lost)."""
+  removes those of this host's processes that are gone (named the old way, `.tmp<host>-<pid>`,
+  too) and any an hour old; a live writer's, and a recent one of another host or PID namespace
+  stay (a writer there with that process id once had its temporary removed: its write was lost)."""
   import subprocess
   import sys
+  import time
 
   gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                         text=True, check=True).stdout.strip()
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   here = files._writer()  # pylint: disable=protected-access
   host = socket.gethostname()
-  names = {"dead": f"a.png.tmp{here}-{gone}-0a1b", "live": f"b.json.tmp{here}-{live.pid}-2c3d",
-           "elsewhere": f"c.json.tmpanother-host@{files._PID_NAMESPACE}-{gone}-4e5f",
-           "another_namespace": f"e.json.tmp{host}@1-{gone}-6a7b"}
+  names = {"dead": f"a.png.tmp{here}-{gone}-0a1b2c3d", "live": f"b.json.tmp{here}-{live.pid}-2c3d4e5f",
+           "elsewhere": f"c.json.tmpanother-host@{files._PID_NAMESPACE}-{gone}-4e5f6a7b",
+           "another_namespace": f"e.json.tmp{host}@1-{gone}-6a7b8c9d",
+           "old_style": f"f.npy.tmp{host}-{gone}",
+           "stale": f"g.npy.tmpanother-host@1-{gone}-8c9d0e1f"}
   try:
     for name in names.values():
       (tmp_path / name).write_bytes(b"")
+    two_hours_ago = time.time() - 7200
+    os.utime(tmp_path / names["stale"], (two_hours_ago, two_hours_ago))
     write_json(str(tmp_path / "d.json"), {"x": 1})
     assert sorted(os.listdir(tmp_path)) == sorted(["d.json", names["live"], names["elsewhere"],
                                                    names["another_namespace"]])

@@ -456,3 +456,27 @@ def test_distributed_without_a_cluster_says_what_to_give_instead():
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
   assert out.returncode != 0
   assert "found no TPU pod, SLURM" in out.stderr and "--coordinator_address" in out.stderr, out.stderr
+
+
+def test_both_processes_are_refused_while_another_job_writes_the_workdir(tmp_path):
+  """Process 0 takes the writer lock for the job; with another job holding it, process 0 refuses
+  and process 1, told so, refuses too (rather than waiting for a peer that left)."""
+  from ntk_scale import writer_lock  # pylint: disable=import-outside-toplevel
+  from test_writer_lock import HOLDER  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, writer_lock.lock_path(workdir)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  procs = []
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    procs = start_pair(workdir)
+    returned = [p.wait(timeout=PAIR_TIMEOUT_S) for p in procs]
+    logs = [_log(workdir, pid) for pid in range(2)]
+    assert returned[0] != 0 and returned[1] != 0, logs
+    assert f"process id {holder.pid}" in logs[0] and "WorkdirBusyError" in logs[1], logs[1][-3000:]
+    assert os.listdir(workdir) == [writer_lock.LOCK_FILE]  # nothing recorded
+  finally:
+    stop_all(procs)
+    holder.kill()
+    holder.wait()

@@ -11,7 +11,7 @@ import pytest
 
 from ntk_scale import jobs, writer_lock
 from ntk_scale.checkpoint import CheckpointNotFoundError
-from ntk_scale.workdir import phase2_name, prepare_workdir
+from ntk_scale.workdir import WorkdirConfigMismatchError, phase2_name, prepare_workdir
 
 from test_train import load_config
 
@@ -80,3 +80,25 @@ def test_phase2_of_one_name_is_locked_readers_are_not(tmp_path, held_by_another_
   other_name.job = "phase2"
   prepare_workdir(other_name, workdir)  # another phase-2 experiment of this workdir is free
   writer_lock.release_all()
+
+
+TAKER = ("import sys\n"
+         "from ntk_scale import writer_lock\n"
+         "writer_lock.hold(sys.argv[1], 'train', 'the experiment')\n")
+
+
+def test_a_job_releases_its_locks_when_it_ends_or_fails(tmp_path, monkeypatch):
+  """A lock held past the job's end would refuse every later job of another process."""
+  workdir = str(tmp_path)
+  config = load_config("digits", "smoke")
+  config.phase2.num_epochs = 1.0
+  take = lambda path: subprocess.run([sys.executable, "-c", TAKER, path], capture_output=True, text=True,
+                                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  monkeypatch.setitem(jobs.JOBS, "train", lambda config, workdir: "trained")
+  assert jobs.run(config, workdir) == "trained"
+  for path in (writer_lock.lock_path(workdir), writer_lock.lock_path(workdir, phase2_name(config))):
+    assert take(path).returncode == 0, take(path).stderr
+  config.optimizer.learning_rate *= 2  # another experiment: refused once the locks are taken
+  with pytest.raises(WorkdirConfigMismatchError):
+    jobs.run(config, workdir)
+  assert take(writer_lock.lock_path(workdir)).returncode == 0

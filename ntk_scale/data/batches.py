@@ -11,13 +11,15 @@ from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data.dataset import Split
 
 
-SEED_LIMIT = 2**32  # jax.random.key takes no seed of 2**63 or more, and seeds are offset (+1..+5)
+# jax.random.key keeps a seed's low 32 bits without x64 (key(2**32 + 4) is key(4): two runs of one
+# stream) and takes none of 2**63 or more.
+SEED_LIMIT = 2**32
 
 
 def check_seed(seed: object, field: str) -> None:
   """Raises ValueError naming `field` unless `seed` is an integer in [0, 2**32): numpy's generators
-  take no negative seed and jax's none of 2**63 or more, and would fail mid-run, after the config
-  was recorded, without naming the field."""
+  take no negative seed, and jax's would alias a larger one or fail mid-run, after the config was
+  recorded, without naming the field."""
   if not is_whole_number(seed, 0) or seed >= SEED_LIMIT:
     raise ValueError(f"{field}={seed!r} must be an integer in [0, 2**32).")
 

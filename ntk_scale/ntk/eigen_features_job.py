@@ -115,6 +115,18 @@ def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
   build_attack(e.attack, prefix="config.eigen_features.attack", num_classes=num_classes(config.data))
 
 
+def check_num_test(config: ml_collections.ConfigDict, test_labels: np.ndarray) -> None:
+  """config.eigen_features.num_test at most the test images the features are scored on (those of
+  config.kernel.classes, or all): more would be recorded, and fewer scored."""
+  num_test, classes = config.eigen_features.num_test, tuple(config.kernel.classes)
+  scored = int(np.isin(test_labels, classes).sum()) if classes else len(test_labels)
+  if num_test > scored:
+    raise ValueError(f"config.eigen_features.num_test={num_test} exceeds the {scored} test images "
+                     f"the features are scored on"
+                     + (f" (of config.kernel.classes={classes})" if classes else "")
+                     + "; 0 takes them all.")
+
+
 def directions_chunk(config: ml_collections.ConfigDict, image_shape: tuple[int, ...], classes: int,
                      num_examples: int, rank: int, num_devices: int,
                      budget_bytes: float | None = None,
@@ -283,13 +295,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_kernel_subset(config, dataset.num_classes, None if split is None else split.labels)
   indices = select_examples(config, split.labels)
   num_examples = len(indices)
-  scored = len(_scored_test_split(dataset, config.kernel.classes, None)[0])
-  if e.num_test > scored:  # the record would name test images that were never scored
-    raise ValueError(f"config.eigen_features.num_test={e.num_test} exceeds the {scored} test images "
-                     f"the features are scored on" + (f" (of config.kernel.classes="
-                                                      f"{tuple(config.kernel.classes)})"
-                                                      if config.kernel.classes else "")
-                     + "; 0 takes them all.")
+  check_num_test(config, dataset.test.labels)
   solver, spectrum_config = eigenpairs_config(config, e.eigensolver, num_examples, e.num_single)
   solver = solver if e.source == "empirical" else "dense"  # an infinite-width kernel: in memory
   if solver == "top":  # before the kernel is computed

@@ -89,6 +89,14 @@ def kernel_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
+def check_num_eigenvectors(e: ml_collections.ConfigDict, size: int) -> None:
+  """config.eigen_images.num_eigenvectors at most the class kernel's `size` examples (kernel_config
+  checks a num_examples set; 0 takes the whole class, known once its labels are)."""
+  if e.num_eigenvectors > size:
+    raise ValueError(f"config.eigen_images.num_eigenvectors={e.num_eigenvectors} exceeds the {size} "
+                     f"examples of the class kernel (config.kernel.num_examples, classes).")
+
+
 def _plot(images: np.ndarray, titles: list[str], path: str, title: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -157,9 +165,7 @@ def eigen_images_job(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   split = getattr(dataset, config.kernel.split) if config.kernel.split in SPLITS else None
   check_kernel_config(config, dataset.num_classes, split.labels if split else None)
   size = len(select_examples(config, split.labels))  # a class kernel: one matrix row per example
-  if e.num_eigenvectors > size:  # kernel_config checks a set num_examples; 0 takes the whole class
-    raise ValueError(f"config.eigen_images.num_eigenvectors={e.num_eigenvectors} exceeds the {size} "
-                     f"examples of the class kernel (config.kernel.num_examples, classes).")
+  check_num_eigenvectors(e, size)
   solver, spectrum_config = eigenpairs_config(config, e.eigensolver, size, e.num_eigenvectors)
   if solver == "top":
     check_spectrum_config(spectrum_config, dataset.num_classes)
