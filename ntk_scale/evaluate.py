@@ -349,10 +349,20 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
   """An attack's recorded `result` if `made_with` these settings and, when its set is saved, the
   set in `set_directory` is still this attack's on this checkpoint; else None. Process 0 decides,
   for every process."""
-  if result is None or _result_settings(result.get("settings")) != made_with:
-    return None  # the same on every process: they read one record
+  if result is None:
+    return None
+  recorded = _result_settings(result.get("settings")) or {}
+  if recorded != made_with:  # the same on every process: they read one record
+    if jax.process_index() == 0:  # say why its numbers may change (another key, an added field)
+      changed = sorted(k for k in set(recorded) | set(made_with) if recorded.get(k) != made_with.get(k))
+      print(f"attack {made_with['name']}: recorded with other settings ({', '.join(changed)}) in "
+            f"{_record_path(phase_dir, step)}; evaluating it again", flush=True)
+    return None
   if set_directory is not None and not parallel.agree(
       jax.process_index() == 0 and _is_set_of(set_directory, made_with)):
+    if jax.process_index() == 0:
+      print(f"attack {made_with['name']}: recorded, but its set in {set_directory} is missing or "
+            f"another's; evaluating it again", flush=True)
     return None
   if jax.process_index() == 0:
     print(f"attack {made_with['name']}: recorded with these settings in "

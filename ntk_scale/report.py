@@ -464,9 +464,24 @@ def csv_table(path: str) -> str:
   return table(rows[0], body) + (paragraph(f"... {more} more rows in the file.", "note") if more > 0 else "")
 
 
+def _earlier_rules_check(name: str) -> tuple[str, str, Callable[[dict[str, Any]], bool]] | None:
+  """For a RESULT_DIRS entry whose job remakes records of its earlier rules: the job, the record's
+  file name and the job's test of a record (imported here: the report loads no job it does not
+  need)."""
+  if name == "eigen_features":
+    from ntk_scale.ntk import eigen_features_job  # pylint: disable=import-outside-toplevel
+    return "eigen_features", "features.json", eigen_features_job.of_earlier_rules
+  if name == "kernel_evolution":
+    from ntk_scale.ntk import evolution  # pylint: disable=import-outside-toplevel
+    return "evolution", evolution.METRICS_JSON, evolution.of_earlier_rules
+  return None
+
+
 def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]:
   """Every PNG (embedded), CSV (a table and a link) and JSON (a link) under `top`, by directory,
-  less a job's progress (`*.partial/`: an unfinished job's pieces, not its results)."""
+  less a job's progress (`*.partial/`: an unfinished job's pieces, not its results). A result its
+  job would make again (of the job's earlier rules: an earlier version's, perhaps wrong) says so."""
+  check = _earlier_rules_check(os.path.basename(top))
   parts = []
   for root, dirs, names in files.walk(top):  # top-down, each level in natural order
     # files.walk leaves temporaries out
@@ -478,6 +493,10 @@ def result_directory_parts(page: ReportPage, top: str, prefix: str) -> list[str]
     relative = os.path.relpath(root, top)
     target = prefix if relative == "." else f"{prefix}{relative}/"
     parts.append(f"<h3>{html.escape(relative if relative != '.' else os.path.basename(top))}</h3>")
+    if check is not None and check[1] in names and check[2](files.read_json(os.path.join(root, check[1]))):
+      parts.append(paragraph(f"Made by earlier rules of the {check[0]} job (an earlier version of "
+                             f"ntk_scale): its figures may be wrong; config.job='{check[0]}' makes "
+                             f"it again.", "note"))
     links = [page.link(page.copy(os.path.join(root, n), target + n), n) for n in shown
              if not n.endswith(".png")]
     parts.append(f"<p>Files: {', '.join(links)}</p>" if links else "")

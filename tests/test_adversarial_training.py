@@ -210,9 +210,14 @@ def test_an_added_attack_neither_reruns_nor_changes_the_others(trained, capsys):
   with open(meta_path, "w") as f:
     json.dump(meta, f)
   jobs.run(config, workdir)
-  assert "attack pgd: recorded" not in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "attack pgd: recorded with these" not in out
+  assert "attack pgd: recorded, but its set in" in out and "is missing or another's" in out
   with open(meta_path) as f:
     assert json.load(f)["settings"]["eval_batch_size"] == 128  # made again, as recorded
+  config.eval_attacks.pgd.num_steps = 3  # evaluated again, saying why its numbers move
+  jobs.run(config, workdir)
+  assert "attack pgd: recorded with other settings (attack) in" in capsys.readouterr().out
 
 
 def test_train_and_evaluate_jobs_of_one_checkpoint_take_each_others_results(trained, tmp_path, capsys):

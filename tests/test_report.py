@@ -316,3 +316,25 @@ def test_a_kernel_with_a_spectrum_job_result_shows_its_top_eigenpairs(tmp_path):
   assert fmt(7.5) in text and fmt(11.0) in text
   assert fmt(float(np.linalg.eigvalsh(random_kernel(3))[-1])) not in text
   assert "kernels/spectra.png" in page.images
+
+
+def test_results_of_a_jobs_earlier_rules_are_marked(tmp_path):
+  """An upgrade audit saw the report show eigen-features a multi-device bug had made wrong, and
+  evolution velocities of nominal epochs, as they were, where their jobs make them again."""
+  from ntk_scale.ntk.eigen_features_job import JACOBIAN_ROWS, RANK_FLOOR  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path)
+  record_experiment(workdir)
+  current = {"source": "empirical", "batch_size": 60, "rank_floor": RANK_FLOOR,
+             "jacobian_rows": JACOBIAN_ROWS}
+  for name, settings in (("old", {**current, "jacobian_rows": None}), ("new", current)):
+    features = os.path.join(workdir, "eigen_features", name)
+    os.makedirs(features)
+    files.write_json(os.path.join(features, "features.json"), {"settings": settings, "groups": []})
+  evolution = os.path.join(workdir, "kernel_evolution", "old_run")
+  os.makedirs(evolution)
+  files.write_json(os.path.join(evolution, "metrics.json"), {"checkpoints": []})  # no settings
+  page = check_page(jobs.run(report_config(), workdir)["report"])
+  text = " ".join(page.text)
+  assert text.count("Made by earlier rules of the eigen_features job") == 1
+  assert "Made by earlier rules of the evolution job" in text and "config.job='evolution'" in text

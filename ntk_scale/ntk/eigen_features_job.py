@@ -86,6 +86,17 @@ from ntk_scale.workdir import prepare_workdir
 FEATURES_DIR = "eigen_features"
 GROUPS_DIR = "groups.partial"  # each group's accuracies, until features.json is written
 SOURCES = ("empirical", "infinite")  # the kernel job's NTK of a checkpoint | config.infinite's
+# The rules a record's settings name, so that records of earlier rules are made again (and the
+# report marks them): groups cut at the kernel dtype's rounding, rows by patch-matmul gradients.
+RANK_FLOOR, JACOBIAN_ROWS = "dtype_rounding", "patch_matmul"
+
+
+def of_earlier_rules(record: dict[str, Any]) -> bool:
+  """Whether features.json was made by rules the job has since changed (it would make it again):
+  without its batch size, rank floor or, for an empirical kernel, its Jacobian rows."""
+  settings = record.get("settings") or {}
+  return ("batch_size" not in settings or settings.get("rank_floor") != RANK_FLOOR
+          or (settings.get("source") == "empirical" and settings.get("jacobian_rows") != JACOBIAN_ROWS))
 
 
 def check_eigen_features_config(config: ml_collections.ConfigDict) -> None:
@@ -316,7 +327,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
               "spectrum": solve_settings(spectrum_config.spectrum) if solver == "top" else None,
               # groups stop at the kernel dtype's rounding (spectrum.rounding_floor); records of the
               # earlier rule (1e-10 lambda_1, which grouped float32 rounding) are made again
-              "rank_floor": "dtype_rounding"}
+              "rank_floor": RANK_FLOOR}
   if config.kernel.classes:  # scored among those classes on their test images
     settings["test_classes"] = list(config.kernel.classes)
   if kernel is None:
@@ -331,7 +342,7 @@ def eigen_features_job(config: ml_collections.ConfigDict, workdir: str) -> dict[
     settings["kernel"] = KernelStore.open(kernel["kernel"]).identity_digest()  # and a recomputed one
     # Jacobian rows with patch-matmul convolution weight gradients: records made with JAX's own
     # rule, whose accuracies were wrong for convolutional models on several devices, are made again.
-    settings["jacobian_rows"] = "patch_matmul"
+    settings["jacobian_rows"] = JACOBIAN_ROWS
   directory = os.path.join(workdir, FEATURES_DIR, name)
   result_path = os.path.join(directory, "features.json")
   saved = files.read_result(result_path, settings)
