@@ -152,16 +152,14 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if job == "phase2" or (job == "train" and config.phase2.num_epochs > 0):
     writer_lock.hold(writer_lock.lock_path(workdir, phase2_name(config)), job,
                      phase2_directory(config, workdir))
-  if job == "phase2":
-    pass  # phase 1's record checked above, phase 2's below
-  elif records_experiment(config):
+  if records_experiment(config):
     record_or_check(path, current)
   elif job == "report":  # reads the workdir's results, never its config: any recorded experiment
     if not files.exists(path):
       raise CheckpointNotFoundError(f"{workdir} holds no experiment ({path} is missing), so nothing "
                                     f"to report; run config.job='train' or 'infinite' there first.")
     return
-  else:
+  elif job != "phase2":  # whose phase-1 record is checked above, its own below
     check_recorded(path, current)
   if config.phase2.num_epochs > 0:
     check_recorded(os.path.join(phase2_directory(config, workdir), CONFIG_FILE), phase2_record(config),

@@ -47,14 +47,14 @@ from ntk_scale.workdir import phase2_name
 
 EVOLUTION_DIR = "kernel_evolution"
 METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
+EIGENSPACE_OF = ("final", "initial")
+PANEL_BYTES = 256 * 2**20  # per kernel, when the Gram matrix of all of them is streamed
 
 
 def of_earlier_rules(record: dict[str, Any]) -> bool:
   """Whether metrics.json was made before its settings were recorded (2026-12-02): the job makes it
   again (velocities then came from nominal epochs, and other rules have changed since)."""
   return "settings" not in record
-EIGENSPACE_OF = ("final", "initial")
-PANEL_BYTES = 256 * 2**20  # per kernel, when the Gram matrix of all of them is streamed
 
 
 def evolution_name(config: ml_collections.ConfigDict, num_examples: int) -> str:

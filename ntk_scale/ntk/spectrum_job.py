@@ -25,9 +25,8 @@ round-off): a rerun reads it back.
 Files: values.npy (the k eigenvalues, largest first; every eigenvalue for the dense method),
 vectors.npy [N*C, k] (unit eigenvectors as columns, each with entries summing to >= 0; rows as
 in spectrum.as_matrix), residuals.npy, spectrum.json (settings, method, iterations, residuals,
-trace, seconds), written last. The
-directory holds one solve; a request it answers (`_covers`: the same one, or fewer pairs at a
-looser tol) reads it back, any other replaces it.
+trace, seconds), written last. The directory holds one solve; a request it answers (`_covers`: the
+same one, or fewer pairs at a looser tol) reads it back, any other replaces it.
 
 Measured (2-core CPU, 4 emulated devices, float32): the trace kernel of the digits CNN on all 1,437
 training images, top 100 eigenpairs: see the README.
