@@ -15,7 +15,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale import data, evaluation_progress, files, parallel
+from ntk_scale import data, evaluation_progress, files, parallel, writer_lock
 from ntk_scale.adversarial_sets import load_adversarial_set, read_set_meta, save_adversarial_set
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
@@ -519,9 +519,10 @@ def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, A
   record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
     path = _record_path(workdir, step)
-    earlier = files.read_json(path)["results"] if files.exists(path) else {}
-    kept = {name: result for name, result in earlier.items() if name not in results}
     files.make_dirs(os.path.join(workdir, "evaluations"))
-    files.write_json(path, {**record, "results": {**results, **kept}}, indent=2)
+    with writer_lock.updating(path):  # another job of this checkpoint may be writing it too
+      earlier = files.read_json(path)["results"] if files.exists(path) else {}
+      kept = {name: result for name, result in earlier.items() if name not in results}
+      files.write_json(path, {**record, "results": {**results, **kept}}, indent=2)
   evaluation_progress.discard(_kept_directory(workdir, step))
   return record

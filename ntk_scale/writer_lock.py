@@ -12,15 +12,21 @@ phase2 and infinite jobs. The operating system releases it when its holder exits
 a kill included: a killed job's lock never blocks its rerun. Jobs that read an experiment
 (evaluate, kernel, spectrum, eigen_features, ...) take none, so they may run while it trains.
 
+Readers that update a record they share take a short lock of that record instead (`updating`):
+two evaluations of one checkpoint (the train job's last and an evaluate job, or two evaluate jobs)
+read, merge and write one record, and the later writer dropped the other's results.
+
 The lock is the file system's (flock; NFS v4 forwards it to the server; with `nolock` mounts it is
 per host). In a gs:// bucket nothing is locked: objects have no locks, and a lease would need clocks
 the hosts share; a launcher must not start a job twice there.
 """
 
+import contextlib
 import fcntl
 import os
 import socket
 import time
+from typing import Iterator
 
 import jax
 
@@ -42,15 +48,39 @@ class WorkdirBusyError(RuntimeError):
   """Another job is writing the experiment this one would write."""
 
 
+def _open(path: str) -> int:
+  """The lock file `path`, made if absent: read-write for its holder's line; as the workdir's other
+  files, umask decides its mode; read-only where it is another user's (flock needs no write)."""
+  files.make_dirs(os.path.dirname(path))
+  try:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  except PermissionError:
+    return os.open(path, os.O_RDONLY)
+
+
+@contextlib.contextmanager
+def updating(record: str) -> Iterator[None]:
+  """While the block runs, no other process updates the JSON `record` the same way: for a
+  read-merge-write of a record two jobs share (the evaluation of one checkpoint by the train job
+  and an evaluate job, or two evaluate jobs), whose later writer would otherwise drop the other's
+  results. Waits for the other; in a bucket, or on a file system without locks, it locks nothing."""
+  if files.is_cloud(record):
+    yield
+    return
+  descriptor = _open(os.path.join(os.path.dirname(record), f".{os.path.basename(record)}.lock"))
+  try:
+    with contextlib.suppress(OSError):  # no locks on this file system: as in a bucket
+      fcntl.flock(descriptor, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(descriptor)  # closing releases the flock
+
+
 def _take(path: str, job: str) -> tuple[int | None, str]:
   """(the open lock file, "") when taken, or (None, what the file says of its holder). A file
   system that does not lock files (Lustre without flock, NFS v3 without lockd) locks nothing: the
   job goes on, with a warning."""
-  files.make_dirs(os.path.dirname(path))
-  try:  # read-write for the holder's line; as the workdir's other files, umask decides the mode
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-  except PermissionError:  # another user's lock file, in a group's workdir: flock needs no write
-    descriptor = os.open(path, os.O_RDONLY)
+  descriptor = _open(path)
   try:
     fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
