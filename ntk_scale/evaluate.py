@@ -354,7 +354,7 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
   recorded = _result_settings(result.get("settings")) or {}
   if recorded != made_with:  # the same on every process: they read one record
     if jax.process_index() == 0:  # say why its numbers may change (another key, an added field)
-      changed = sorted(k for k in set(recorded) | set(made_with) if recorded.get(k) != made_with.get(k))
+      changed = files.changed_settings(recorded, made_with)
       print(f"attack {made_with['name']}: recorded with other settings ({', '.join(changed)}) in "
             f"{_record_path(phase_dir, step)}; evaluating it again", flush=True)
     return None

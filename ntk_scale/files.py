@@ -116,10 +116,15 @@ def read_result(path: PathLike, settings: dict[str, Any]) -> dict[str, Any] | No
   wanted = json.loads(json.dumps(settings))  # tuples as lists, as the file has them
   if saved.get("settings") == wanted:
     return saved
-  old = saved.get("settings") or {}
-  changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+  changed = changed_settings(saved.get("settings") or {}, wanted)
   print(f"{path} was computed with other settings ({', '.join(changed)}); recomputing it", flush=True)
   return None
+
+
+def changed_settings(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+  """The names of the settings a record was made with that differ from `wanted` (absent in either
+  included), for the line that says why a result is made again."""
+  return sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
 
 
 def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
