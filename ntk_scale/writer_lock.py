@@ -12,6 +12,11 @@ phase2 and infinite jobs. The operating system releases it when its holder exits
 a kill included: a killed job's lock never blocks its rerun. Jobs that read an experiment
 (evaluate, kernel, spectrum, eigen_features, ...) take none, so they may run while it trains.
 
+A result that reader jobs make in place, the spectrum of a stored kernel (kernels/<name>/spectrum/,
+made by the spectrum, evolution and eigen_* jobs), is locked while a job reads or makes it
+(`holding`, `<kernel>/.writer.spectrum.lock`): two solves of other settings wrote one's arrays beside
+the other's record.
+
 Readers that update a record they share take a short lock of that record instead (`updating`):
 two evaluations of one checkpoint (the train job's last and an evaluate job, or two evaluate jobs)
 read, merge and write one record, and the later writer dropped the other's results.
@@ -102,11 +107,14 @@ def _take(path: str, job: str) -> tuple[int | None, str]:
   return descriptor, ""
 
 
-def hold(path: str, job: str, what: str) -> None:
+def hold(path: str, job: str, what: str,
+         mixing: str = "two would mix their records and checkpoints",
+         elsewhere: str = "use another --workdir") -> None:
   """Takes the writer lock `path` (`lock_path`; its directory made if absent) for `job` until
   `release_all`, or raises WorkdirBusyError on every process when another job holds it; `what`
-  names the experiment. Every process calls it; process 0 takes the lock. A lock this process
-  holds already is held (a job inside a job)."""
+  names the experiment, `mixing` what two writers would do, `elsewhere` the other way out. Every
+  process calls it; process 0 takes the lock. A lock this process holds already is held (a job
+  inside a job)."""
   taken, holder = True, ""
   if jax.process_index() == 0 and not files.is_cloud(path) and path not in _HELD:
     descriptor, holder = _take(path, job)
@@ -115,9 +123,22 @@ def hold(path: str, job: str, what: str) -> None:
       _HELD[path] = descriptor
   if not parallel.agree(taken):
     raise WorkdirBusyError(
-        f"{what} is being written by another job ({holder or 'see process 0'}; {path}); two would "
-        f"mix their records and checkpoints. Let it finish or stop it (a stopped job releases its "
-        f"lock; rerunning then resumes), or use another --workdir.")
+        f"{what} is being written by another job ({holder or 'see process 0'}; {path}); {mixing}. "
+        f"Let it finish or stop it (a stopped job releases its lock; rerunning then resumes), or "
+        f"{elsewhere}.")
+
+
+@contextlib.contextmanager
+def holding(path: str, job: str, what: str, mixing: str, elsewhere: str) -> Iterator[None]:
+  """`hold` for the block only, for a result a reader job makes in place (a kernel's spectrum),
+  released as the block ends unless this process held it already (an enclosing block's)."""
+  held_before = path in _HELD
+  hold(path, job, what, mixing, elsewhere)
+  try:
+    yield
+  finally:
+    if not held_before and path in _HELD:
+      os.close(_HELD.pop(path))
 
 
 def release_all() -> None:

@@ -1,6 +1,10 @@
 """Every in-process test sees 4 emulated CPU devices, so data parallelism is always exercised."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 
 # Flags the tests set themselves; any other flag in the environment (a dump directory, say) is kept
@@ -154,3 +158,35 @@ def notices_from(step: int):
     return contextlib.nullcontext(lambda: next(calls) >= step)
 
   return preemption_notices
+
+
+# A process holding a writer lock (ntk_scale/writer_lock.py), as another job would.
+HOLDER = ("import sys, time\n"
+          "from ntk_scale import writer_lock\n"
+          "writer_lock.hold(sys.argv[1], 'train', 'the experiment')\n"
+          "print('held', flush=True)\n"
+          "time.sleep(120)\n")
+
+
+@pytest.fixture
+def held_by_another_process():
+  """Starts a process holding a writer lock; yields a function taking the lock's path, returning
+  the process (killed at the end)."""
+  started = []
+
+  def hold(path):
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, path], stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    started.append(process)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+  yield hold
+  for process in started:
+    process.kill()
+    process.wait()
+
+
+TAKER = ("import sys\n"
+         "from ntk_scale import writer_lock\n"
+         "writer_lock.hold(sys.argv[1], 'train', 'the experiment')\n")

@@ -462,7 +462,7 @@ def test_both_processes_are_refused_while_another_job_writes_the_workdir(tmp_pat
   """Process 0 takes the writer lock for the job; with another job holding it, process 0 refuses
   and process 1, told so, refuses too (rather than waiting for a peer that left)."""
   from ntk_scale import writer_lock  # pylint: disable=import-outside-toplevel
-  from test_writer_lock import HOLDER  # pylint: disable=import-outside-toplevel
+  from conftest import HOLDER  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path / "run")
   holder = subprocess.Popen([sys.executable, "-c", HOLDER, writer_lock.lock_path(workdir)],

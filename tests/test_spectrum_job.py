@@ -5,6 +5,8 @@ bit; a finished spectrum is read back, not recomputed; bad settings are refused 
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -13,7 +15,7 @@ import pytest
 import scipy.linalg
 from jax.sharding import Mesh
 
-from ntk_scale import data as data_module, jobs, parallel
+from ntk_scale import data as data_module, jobs, parallel, writer_lock
 from ntk_scale.ntk import job as job_module, kernel_eigenpairs, spectrum_job
 from ntk_scale.ntk.spectrum import as_matrix
 from ntk_scale.ntk.spectrum_job import load_spectrum
@@ -23,7 +25,7 @@ from ntk_scale.ntk.spectrum_rounds import (ShardedKernel, StreamedKernel, first_
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import Preempted
 
-from conftest import notices_from
+from conftest import TAKER, notices_from
 from test_kernel_job import kernel_config
 from test_spectrum import full_kernel, random_psd
 
@@ -382,3 +384,30 @@ def test_an_unconverged_solve_goes_on_when_given_more_iterations(workdir, capsys
   longer = jobs.run(config, workdir)
   assert "resuming the spectrum at round 2" in capsys.readouterr().out
   assert longer["iterations"] == 4 and longer["residuals_by_round"][:2] == short["residuals_by_round"]
+
+
+def test_a_kernels_spectrum_is_solved_by_one_job_at_a_time(workdir, held_by_another_process):
+  """Two solves of one kernel's spectrum at once (other settings: a spectrum job and an eigen job,
+  say) wrote one's eigenvectors beside the other's spectrum.json. The second is refused, naming
+  the first, before it writes anything; a finished job releases the lock."""
+  config = spectrum_config(method="dense")
+  config.kernel.name = "locked"
+  kernel_only = spectrum_config(method="dense")
+  kernel_only.kernel.name, kernel_only.job = "locked", "kernel"
+  kernel = jobs.run(kernel_only, workdir)
+  lock = os.path.join(kernel["kernel"], spectrum_job.LOCK_FILE)
+  holder = held_by_another_process(lock)
+  for run in (lambda: jobs.run(config, workdir),
+              lambda: kernel_eigenpairs.top_eigenpairs(config, workdir, kernel)):
+    with pytest.raises(writer_lock.WorkdirBusyError,
+                       match=rf"the spectrum of .*kernels/locked.* is being written by another job "
+                             rf"\(job train, .*process id {holder.pid}.*eigenvectors beside"):
+      run()
+  assert not os.path.exists(os.path.join(kernel["kernel"], spectrum_job.SPECTRUM_DIR))
+  holder.kill()
+  holder.wait()
+  result = jobs.run(config, workdir)
+  assert result["method"] == "dense" and result["converged"]
+  taker = subprocess.run([sys.executable, "-c", TAKER, lock], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert taker.returncode == 0, taker.stderr  # released when the job ended

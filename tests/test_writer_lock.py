@@ -14,33 +14,8 @@ from ntk_scale import jobs, writer_lock
 from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.workdir import WorkdirConfigMismatchError, phase2_name, prepare_workdir
 
+from conftest import TAKER
 from test_train import load_config
-
-HOLDER = ("import sys, time\n"
-          "from ntk_scale import writer_lock\n"
-          "writer_lock.hold(sys.argv[1], 'train', 'the experiment')\n"
-          "print('held', flush=True)\n"
-          "time.sleep(120)\n")
-
-
-@pytest.fixture
-def held_by_another_process():
-  """Starts a process holding a writer lock; yields a function taking the lock's path, returning
-  the process (killed at the end)."""
-  started = []
-
-  def hold(path):
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, path], stdout=subprocess.PIPE,
-                               text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    started.append(process)
-    assert process.stdout.readline().strip() == "held"
-    return process
-
-  yield hold
-  for process in started:
-    process.kill()
-    process.wait()
-
 
 def test_a_second_train_job_is_refused_until_the_first_ends(tmp_path, held_by_another_process):
   workdir = str(tmp_path / "run")
@@ -81,11 +56,6 @@ def test_phase2_of_one_name_is_locked_readers_are_not(tmp_path, held_by_another_
   other_name.job = "phase2"
   prepare_workdir(other_name, workdir)  # another phase-2 experiment of this workdir is free
   writer_lock.release_all()
-
-
-TAKER = ("import sys\n"
-         "from ntk_scale import writer_lock\n"
-         "writer_lock.hold(sys.argv[1], 'train', 'the experiment')\n")
 
 
 def test_a_job_releases_its_locks_when_it_ends_or_fails(tmp_path, monkeypatch):
@@ -134,3 +104,4 @@ def test_two_evaluations_of_one_checkpoint_keep_each_others_results(tmp_path):
     other.kill()
   with open(path) as f:
     assert json.load(f)["results"] == {"pgd": {"accuracy": 0.5}, "fab": {"accuracy": 0.25}}
+

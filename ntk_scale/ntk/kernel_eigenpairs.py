@@ -10,7 +10,7 @@ Each job's `eigensolver` field is "auto" (by the kernel's size), "dense" or "top
 import ml_collections
 
 from ntk_scale.ntk.spectrum import Eigenpairs, eigh
-from ntk_scale.ntk.spectrum_job import kernel_spectrum, load_spectrum
+from ntk_scale.ntk.spectrum_job import kernel_spectrum, load_spectrum, solving
 from ntk_scale.ntk.store import KernelStore
 
 EIGENSOLVERS = ("auto", "dense", "top")
@@ -68,7 +68,8 @@ def top_eigenpairs(config: ml_collections.ConfigDict, workdir: str, kernel: dict
                    ) -> tuple[Eigenpairs, float]:
   """config.spectrum's top eigenpairs of a kernel job's kernel (solved, resumed or read back), and
   the kernel's trace. config.spectrum is checked by the caller; every process calls it."""
-  pairs, record = load_spectrum(kernel_spectrum(config, workdir, kernel)["spectrum"])
+  with solving(config, kernel["kernel"]):  # no other job replaces it before it is loaded
+    pairs, record = load_spectrum(kernel_spectrum(config, workdir, kernel)["spectrum"])
   # A dense solve keeps every eigenvalue; a stored solve of more pairs may answer this one.
   k = config.spectrum.num_eigenpairs
   residuals = None if pairs.residuals is None else pairs.residuals[:k]

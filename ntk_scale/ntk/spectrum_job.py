@@ -26,7 +26,8 @@ Files: values.npy (the k eigenvalues, largest first; every eigenvalue for the de
 vectors.npy [N*C, k] (unit eigenvectors as columns, each with entries summing to >= 0; rows as
 in spectrum.as_matrix), residuals.npy, spectrum.json (settings, method, iterations, residuals,
 trace, seconds), written last. The directory holds one solve; a request it answers (`_covers`: the
-same one, or fewer pairs at a looser tol) reads it back, any other replaces it.
+same one, or fewer pairs at a looser tol) reads it back, any other replaces it. One job at a time
+solves or reads it (`solving`, a lock beside it); another is refused, naming the first.
 
 Measured (2-core CPU, 4 emulated devices, float32): the trace kernel of the digits CNN on all 1,437
 training images, top 100 eigenpairs: see the README.
@@ -36,7 +37,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, ContextManager
 
 import jax
 import ml_collections
@@ -44,7 +45,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale import files, parallel
+from ntk_scale import files, parallel, writer_lock
 from ntk_scale.config_numbers import is_whole_number
 from ntk_scale.data import check_seed
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
@@ -58,6 +59,7 @@ from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import Preempted, preemption_notices
 
 SPECTRUM_DIR = "spectrum"
+LOCK_FILE = ".writer.spectrum.lock"  # in the kernel's directory (`solving`)
 RESULT_FILE, STATE_FILE = "spectrum.json", "iterate.json"
 ARRAYS = ("values", "vectors", "residuals")
 METHODS = ("auto", "dense", "sharded", "streamed")
@@ -327,13 +329,31 @@ def spectrum_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   return kernel_spectrum(config, workdir, kernel_job(config, workdir, dataset))
 
 
+def solving(config: ml_collections.ConfigDict, kernel_dir: str) -> ContextManager[None]:
+  """The lock of `kernel_dir`'s spectrum/ while a job solves, reads back or loads it
+  (writer_lock.holding): a second job is refused, naming the first. Two solves of other settings
+  at once wrote one's arrays beside the other's spectrum.json; a reader could load arrays being
+  replaced."""
+  return writer_lock.holding(os.path.join(kernel_dir, LOCK_FILE), config.job,
+                             f"the spectrum of {kernel_dir}",
+                             "two would write one's eigenvectors beside the other's record",
+                             "use another config.kernel.name")
+
+
 def kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dict[str, Any]
                     ) -> dict[str, Any]:
   """config.spectrum's eigenpairs of the kernel a kernel job returned (`kernel`), on every process;
-  read back when this solve is already on disk. config.spectrum is checked by the caller."""
-  s = config.spectrum
+  read back when this solve is already on disk. config.spectrum is checked by the caller. Under
+  the spectrum's lock (`solving`)."""
   if not kernel["complete"]:
     raise RuntimeError(f"kernel {kernel['kernel']} is not complete; rerun to resume it.")
+  with solving(config, kernel["kernel"]):
+    return _kernel_spectrum(config, workdir, kernel)
+
+
+def _kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: dict[str, Any]
+                     ) -> dict[str, Any]:
+  s = config.spectrum
   store = KernelStore.open(kernel["kernel"])
   n, c = matrix_layout(store.shape)
   check_num_eigenpairs(s, n * c)
