@@ -393,7 +393,7 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
   (its top k), else a dense eigh's where the kernel is small enough."""
   from ntk_scale.ntk.job import KERNELS_DIR  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.spectrum import eigenvalues  # pylint: disable=import-outside-toplevel
-  from ntk_scale.ntk.store import META_FILE, TILES_DIR, KernelStore  # pylint: disable=import-outside-toplevel
+  from ntk_scale.ntk.store import META_FILE, TILES_DIR, KernelStore, KernelStoreDamagedError  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.spectrum_job import RESULT_FILE, SPECTRUM_DIR, load_spectrum  # pylint: disable=import-outside-toplevel
 
   root = os.path.join(workdir, KERNELS_DIR)
@@ -401,7 +401,7 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
              if files.exists(os.path.join(root, name, META_FILE))}
   order = lambda name: (kernels[name].get("source", {}).get("phase", 0),
                         kernels[name].get("source", {}).get("epoch", 0), name)
-  rows, spectra, traces, too_big = [], {}, {}, []
+  rows, spectra, traces, too_big, damaged = [], {}, {}, [], []
   for name in sorted(kernels, key=order):
     directory, meta = os.path.join(root, name), kernels[name]
     tiles = os.path.join(directory, TILES_DIR)
@@ -415,7 +415,15 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
     elif meta.get("complete") and size > MAX_SPECTRUM_SIZE:
       too_big.append(name)
     elif meta.get("complete") and size > 0:
-      spectra[name] = eigenvalues(KernelStore.open(directory).read())
+      try:
+        matrix = KernelStore.open(directory).read()
+      except KernelStoreDamagedError:
+        damaged.append(name)
+        continue
+      if not np.isfinite(matrix).all():
+        damaged.append(name)
+        continue
+      spectra[name] = eigenvalues(matrix)
       traces[name] = spectra[name].sum()
   if not rows:
     return []
@@ -428,6 +436,10 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
     parts.append(paragraph(f"No spectrum drawn for kernels larger than {MAX_SPECTRUM_SIZE} rows (N, or "
                            f"N*C for full kernels) without a spectrum job's result: {', '.join(too_big)}; "
                            f"their top eigenpairs: --config.job=spectrum.", "note"))
+  if damaged:
+    parts.append(paragraph(f"No spectrum drawn for kernels with a missing chunk or NaN entries: "
+                           f"{', '.join(damaged)}; --config.job=kernel computes lost tiles again.",
+                           "note"))
   if spectra:
     parts.append(page.save_figure(plot_spectra(spectra), "kernels/spectra.png", "kernel spectra"))
   return parts

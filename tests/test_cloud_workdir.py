@@ -66,6 +66,8 @@ def test_a_kernel_in_a_bucket_resumes_and_reads_back(bucket):
   np.testing.assert_array_equal(stored.indices(), np.arange(TILE * BLOCKS))
   np.testing.assert_array_equal(stored.labels(), np.arange(TILE * BLOCKS) % 3)
   assert stored.done_tiles() == set(tiles)
+  assert stored.stored_chunks() == {(i, j) for i in range(BLOCKS) for j in range(BLOCKS)}
+  assert stored.drop_tiles_without_chunks(mirror=True) == []  # the bucket's listing finds them all
   assert sorted(files.list_dir(directory)) == ["indices.npy", "kernel.json", "kernel.zarr", "labels.npy",
                                                "tiles"]
   with pytest.raises(KernelStoreMismatchError, match="shape"):

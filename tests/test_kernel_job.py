@@ -279,3 +279,18 @@ def test_inference_apply_traces_at_the_precision_it_is_given_and_else_leaves_it_
   assert not all_highest(at(inference_apply(model)), variables["params"])
   with jax.default_matmul_precision("highest"):  # the tile loop's context is not overridden
     assert all_highest(at(inference_apply(model)), variables["params"])
+
+
+def test_a_complete_kernel_with_a_lost_chunk_computes_that_tile_again(workdir, capsys):
+  """A chunk deleted from a finished kernel read as zeros: the spectrum of a wrong kernel, with a
+  "complete: read back" line. The job finds the tile and computes it again (only that one)."""
+  config = kernel_config(name="lost", logits="3")
+  first = jobs.run(config, workdir)
+  expected = KernelStore.open(first["kernel"]).read()
+  assert first["tiles"] > 1
+  os.remove(os.path.join(first["kernel"], "kernel.zarr", "c", "1", "0"))  # the mirror of tile 0-1
+  capsys.readouterr()
+  again = jobs.run(config, workdir)
+  assert "complete: read back" not in capsys.readouterr().out
+  assert again["tiles_computed"] == 1 and again["complete"]
+  np.testing.assert_array_equal(KernelStore.open(again["kernel"]).read(), expected)

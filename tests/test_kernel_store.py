@@ -2,12 +2,13 @@
 bound on the bytes waiting, and a failed write stops it so that a resumed job recomputes what is
 lost."""
 
+import os
 import threading
 
 import numpy as np
 import pytest
 
-from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError, TileWriter
+from ntk_scale.ntk.store import KernelStore, KernelStoreDamagedError, KernelStoreMismatchError, TileWriter
 
 TILE, BLOCKS = 4, 3
 
@@ -135,9 +136,9 @@ def test_a_tiles_marker_is_written_only_once_the_tile_and_its_mirror_are_on_disk
 
   def checked(path, *args, **kwargs):
     if "/tiles/" in path:  # a marker: the tiles written so far must be on disk, both halves
-      on_disk = KernelStore.open(store.directory).read()
-      seen.append(all(np.array_equal(on_disk[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE], t)
-                      and np.array_equal(on_disk[j * TILE:(j + 1) * TILE, i * TILE:(i + 1) * TILE], t.T)
+      on_disk = KernelStore.open(store.directory)  # a chunk not on disk raises
+      block = lambda i, j: on_disk.read(slice(i * TILE, (i + 1) * TILE), slice(j * TILE, (j + 1) * TILE))
+      seen.append(all(np.array_equal(block(i, j), t) and np.array_equal(block(j, i), t.T)
                       for i, j, t in list(_tiles(kernel))[:len(seen) + 1]))
     return write(path, *args, **kwargs)
 
@@ -159,3 +160,37 @@ def test_a_mismatch_names_the_differing_fields_and_the_callers_remedy(tmp_path):
   with pytest.raises(KernelStoreMismatchError, match=r"-> \[12, 13\]\nDelete it.$"):
     KernelStore.create_or_resume(str(tmp_path), other, ("shape",), np.arange(n), np.zeros(n, int),
                                  remedy="Delete it.")
+
+
+def test_a_lost_chunk_is_an_error_when_read_and_its_tile_is_computed_again(tmp_path):
+  """A chunk of a finished tile deleted (or lost by a file system) read as zeros: a wrong spectrum
+  with no word. Now a read names it, and the store forgets the tile so that a kernel job computes
+  it again; an all-zero tile is stored like any other, so it is never taken for a lost one."""
+  kernel = _symmetric_kernel()
+  kernel[:TILE, 2 * TILE:] = kernel[2 * TILE:, :TILE] = 0  # tile 0-2 and its mirror: zeros
+  store = _store(tmp_path / "kernel")
+  for i, j, tile in _tiles(kernel):
+    store.write_tile(i, j, tile, mirror=True)
+  store.update_meta(complete=True)
+  assert store.stored_chunks() == {(i, j) for i in range(BLOCKS) for j in range(BLOCKS)}
+  np.testing.assert_array_equal(store.read(), kernel)
+  assert store.drop_tiles_without_chunks(mirror=True) == []
+  os.remove(tmp_path / "kernel" / "kernel.zarr" / "c" / "2" / "1")  # the mirror of tile 1-2
+  with pytest.raises(KernelStoreDamagedError, match=r"kernel .*kernel: a chunk of kernel.zarr is "
+                                                    r"missing .*c/2/1.*Rerun the kernel job"):
+    KernelStore.open(store.directory).read()
+  np.testing.assert_array_equal(store.read(slice(0, TILE)), kernel[:TILE])  # other rows still read
+  assert store.drop_tiles_without_chunks(mirror=True) == [(1, 2)]
+  assert (1, 2) not in store.done_tiles() and len(store.done_tiles()) == 5
+  assert KernelStore.open(store.directory).meta["complete"] is False
+  store.write_tile(1, 2, kernel[TILE:2 * TILE, 2 * TILE:], mirror=True)
+  np.testing.assert_array_equal(store.read(), kernel)
+
+
+def test_a_tile_of_nan_is_refused_not_stored(tmp_path):
+  store = _store(tmp_path / "kernel")
+  tile = np.ones((TILE, TILE), np.float32)
+  tile[1, 2] = np.nan
+  with pytest.raises(FloatingPointError, match=r"tile 0-1 holds NaN or infinite entries \(not stored\)"):
+    store.write_tile(0, 1, tile, mirror=True)
+  assert store.done_tiles() == set() and store.stored_chunks() == set()

@@ -330,8 +330,8 @@ def test_float64_on_tpus_is_solved_on_the_host_or_refused_before_any_compute(wor
   config.kernel.name = "host_solved"  # not the earlier tests' kernel, whose float64 spectra answer it
   assert jobs.run(config, workdir)["method"] == "streamed"  # auto: LOBPCG on the host
   backends, eigh = [], spectrum_job.eigh
-  monkeypatch.setattr(spectrum_job, "eigh", lambda matrix, dtype, backend: backends.append(backend)
-                      or eigh(matrix, dtype, backend))
+  monkeypatch.setattr(spectrum_job, "eigh", lambda matrix, dtype, backend, **named:
+                      backends.append(backend) or eigh(matrix, dtype, backend, **named))
   dense = spectrum_config(method="dense", dtype="float64")
   dense.kernel.name = "host_solved"  # whose stored solve is streamed, so dense solves again
   assert jobs.run(dense, workdir)["method"] == "dense" and backends == ["numpy"]
@@ -411,3 +411,24 @@ def test_a_kernels_spectrum_is_solved_by_one_job_at_a_time(workdir, held_by_anot
   taker = subprocess.run([sys.executable, "-c", TAKER, lock], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert taker.returncode == 0, taker.stderr  # released when the job ended
+
+
+@pytest.mark.parametrize("method", ["dense", "sharded", "streamed"])
+def test_a_kernel_with_nan_is_refused_and_nothing_saved(workdir, method):
+  """A NaN entry (a damaged tile) gave NaN rounds that "stalled at round-off", a spectrum.json of
+  NaNs recorded as final and read back by every rerun. Now: an error naming the kernel, no round
+  and no result saved."""
+  import tensorstore as ts
+  config = spectrum_config(method=method, dtype="float64" if method == "dense" else "float32")
+  config.kernel.name = f"nan_{method}"
+  kernel_only = spectrum_config()
+  kernel_only.kernel.name, kernel_only.job = config.kernel.name, "kernel"
+  kernel = jobs.run(kernel_only, workdir)
+  array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(
+      kernel["kernel"], "kernel.zarr")}}, open=True).result()
+  array[7, 41].write(np.float32(np.nan)).result()
+  with pytest.raises(FloatingPointError, match=r"kernel .*nan_.* holds NaN or infinite entries, so "
+                                               r"its eigenpairs are not finite; nothing is saved"):
+    jobs.run(config, workdir)
+  spectrum = os.path.join(kernel["kernel"], spectrum_job.SPECTRUM_DIR)
+  assert not os.path.exists(spectrum) or os.listdir(spectrum) == []

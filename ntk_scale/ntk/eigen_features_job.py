@@ -251,7 +251,8 @@ def _infinite(config: ml_collections.ConfigDict, workdir: str, dataset) -> _Feat
   indices = select_examples(config, split.labels)
   train_images, labels = split.images[indices], split.labels[indices]
   store = infinite.kernel_store(section, os.path.join(workdir, KERNELS_DIR), train_images, labels)
-  pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images, store=store))
+  pairs = eigh(infinite.kernel_matrix(section, dataset.num_classes, train_images, store=store),
+               name=f"kernel {store.directory}")
   trace = float(pairs.values.sum())
   groups = feature_groups(pairs.values, config.eigen_features.num_single,
                           rounding_floor(section.dtype, trace))

@@ -124,7 +124,7 @@ def dense_weights(store: KernelStore, num_classes: int, c: int, e: ml_collection
   y_c by config.eigen_images.solver; non-finite weights (Cholesky of a singular kernel) raise, not
   written as NaN."""
   matrix = store.read().astype(np.float64)
-  pairs = eigh(matrix)
+  pairs = eigh(matrix, name=f"kernel {store.directory}")
   with jax.enable_x64(True), jax.default_device(parallel.float64_device()):
     dual = np.asarray(ridge_coefficients(jnp.asarray(matrix), jnp.asarray(_targets(store, num_classes)),
                                          e.regularizer, e.solver))[:, c]

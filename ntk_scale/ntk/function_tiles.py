@@ -77,7 +77,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
     raise ValueError(f"{store.directory} holds a kernel of shape {store.shape} in tiles of "
                      f"{store.tile}, not {len(x1)} x {len(x2)} in tiles of {tile}.")
   tiles = kernel_tiles(len(x1), len(x2), tile, symmetric)
-  done = set() if store is None else agreed_done_tiles(store, tiles)
+  done = set() if store is None else agreed_done_tiles(store, tiles, mirror=symmetric)
   todo = [t for t in tiles if t not in done]
   rows = padded_blocks(x1, math.ceil(len(x1) / tile), tile)
   cols = rows if symmetric else padded_blocks(x2, math.ceil(len(x2) / tile), tile)

@@ -198,7 +198,9 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
     settings = plan_settings(k)
     check_settings(spec, method=method, tile=tile, band=settings["band"],
                    logit_chunk=settings["logit_chunk"], fields=FIELDS)
-    if existing.meta.get("complete"):  # read back: no plan, no compilation, whatever this machine's memory
+    # Read back: no plan, no compilation, whatever this machine's memory; unless a chunk is gone.
+    if existing.meta.get("complete") and not parallel.agree(
+        jax.process_index() == 0 and bool(existing.drop_tiles_without_chunks(mirror=True))):
       if jax.process_index() == 0:
         print(f"kernel {directory} is complete: read back", flush=True)
       return {"kernel": directory, "shape": existing.meta["shape"], "tiles": len(existing.done_tiles()),
@@ -235,7 +237,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
                        f"{existing.meta['factored']}; set the field as it was to resume, or use "
                        f"another config.kernel.name.")
     store = open_on_every_process(directory, meta, IDENTITY, indices, labels)
-    done = agreed_done_tiles(store, plan.tiles())
+    done = agreed_done_tiles(store, plan.tiles(), mirror=True)
     total = len(plan.tiles())
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)

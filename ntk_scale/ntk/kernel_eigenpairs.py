@@ -60,7 +60,7 @@ def eigenpairs_config(config: ml_collections.ConfigDict, setting: str, matrix_si
 
 def dense_eigenpairs(store: KernelStore) -> tuple[Eigenpairs, float]:
   """Every eigenpair of a stored kernel read whole (float64), and its trace."""
-  pairs = eigh(store.read())
+  pairs = eigh(store.read(), name=f"kernel {store.directory}")
   return pairs, float(pairs.values.sum())
 
 

@@ -62,8 +62,20 @@ def as_matrix(kernel: np.ndarray) -> np.ndarray:
   raise ValueError(f"a kernel is [N, N] or [N, N, C, C]; got shape {kernel.shape}.")
 
 
-def eigh(kernel: np.ndarray, dtype: str = "float64", backend: str = "numpy") -> Eigenpairs:
-  """Every eigenpair of a symmetric kernel that fits in memory, largest first.
+class NonFiniteKernelError(FloatingPointError):
+  """A kernel with NaN or infinite entries: its eigenpairs are NaN (nothing derived is saved)."""
+
+  @classmethod
+  def of(cls, name: str) -> "NonFiniteKernelError":
+    return cls(f"{name} holds NaN or infinite entries, so its eigenpairs are not finite; nothing is "
+               f"saved. Its checkpoint gives non-finite outputs on these examples, or a stored tile "
+               f"was damaged: delete the kernel's directory to compute it again.")
+
+
+def eigh(kernel: np.ndarray, dtype: str = "float64", backend: str = "numpy",
+         name: str = "the kernel") -> Eigenpairs:
+  """Every eigenpair of a symmetric kernel that fits in memory, largest first; NonFiniteKernelError,
+  naming it as `name`, for one with NaN or infinite entries.
 
   float64 by default: kernel spectra span many decades and float32 loses the tail. backend "jax"
   runs jnp.linalg.eigh on the default device (a GPU's is much faster for large N); float64 there
@@ -73,6 +85,8 @@ def eigh(kernel: np.ndarray, dtype: str = "float64", backend: str = "numpy") -> 
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {', '.join(BACKENDS)}.")
   matrix = as_matrix(kernel).astype(np_dtype, copy=False)
+  if not np.isfinite(matrix).all():
+    raise NonFiniteKernelError.of(name)
   if backend == "numpy":
     values, vectors = scipy.linalg.eigh(matrix, check_finite=True)
   else:

@@ -35,6 +35,7 @@ training images, top 100 eigenpairs: see the README.
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, ContextManager
@@ -51,7 +52,8 @@ from ntk_scale.data import check_seed
 from ntk_scale.ntk.job import SPLITS, check_kernel_config, kernel_job, select_examples
 from ntk_scale.ntk.plan import device_budget_bytes
 from ntk_scale.matmul_precision import check_precision
-from ntk_scale.ntk.spectrum import Eigenpairs, as_matrix, eigh, relative_residuals
+from ntk_scale.ntk.spectrum import (Eigenpairs, NonFiniteKernelError, as_matrix, eigh,
+                                    relative_residuals)
 from ntk_scale.ntk.spectrum_rounds import (STALL_ROUNDS, ShardedKernel, StreamedKernel, finished,
                                            first_state, matrix_layout, run_rounds, start_block)
 from ntk_scale.ntk.store import KernelStore
@@ -247,6 +249,8 @@ def _is_final(record: dict, max_iters: int) -> bool:
   """Whether a stored result is all this solve can give, so a rerun reads it back: a dense one
   always (the exact decomposition; its residual is the dtype's round-off, which no rerun lowers),
   LOBPCG once converged, stalled, or out of max_iters (more max_iters resume it)."""
+  if not math.isfinite(record["max_residual"]):  # recorded before non-finite kernels were refused
+    return False
   return (record["method"] == "dense" or record["converged"] or record["stalled"]
           or record["iterations"] >= max_iters)
 
@@ -283,6 +287,14 @@ def _residual_note(record: dict) -> str:
   return f" (not below tol {settings['tol']:g}: {why})"
 
 
+def check_finite(pairs: Eigenpairs, kernel_dir: str) -> None:
+  """NonFiniteKernelError where `pairs` (of the kernel in `kernel_dir`) are not finite: a NaN
+  kernel gave NaN rounds until they "stalled", and a NaN result recorded as final."""
+  residuals = np.zeros(0) if pairs.residuals is None else pairs.residuals
+  if not (np.isfinite(pairs.values).all() and np.isfinite(residuals).all()):
+    raise NonFiniteKernelError.of(f"kernel {kernel_dir}")
+
+
 def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_iters: int
            ) -> tuple[Eigenpairs, dict, float]:
   """LOBPCG rounds from the saved round (or from `start`, the seeded block), each saved as it ends;
@@ -297,6 +309,7 @@ def _solve(engine: Any, directory: str, settings: dict, start: np.ndarray, max_i
           f"largest residual {state['residuals'][-1]:.2e})", flush=True)
 
   def after_round(state: dict, pairs: Eigenpairs, seconds: float) -> None:
+    check_finite(pairs, os.path.dirname(directory))  # before a NaN round is saved
     _save_state(directory, state)
     if jax.process_index() == 0:
       print(f"spectrum round {state['rounds']}: {state['iterations']} iterations, largest residual "
@@ -389,7 +402,8 @@ def _kernel_spectrum(config: ml_collections.ConfigDict, workdir: str, kernel: di
     if method == "dense":
       matrix = as_matrix(store.read()).astype(s.dtype)
       full = eigh(matrix, dtype=s.dtype,
-                  backend="jax" if parallel.devices_compute(s.dtype) else "numpy")
+                  backend="jax" if parallel.devices_compute(s.dtype) else "numpy",
+                  name=f"kernel {kernel['kernel']}")
       vectors, values = full.vectors[:, :s.num_eigenpairs], full.values[:s.num_eigenpairs]
       pairs = Eigenpairs(full.values, vectors, relative_residuals(matrix @ vectors, vectors, values))
       state = first_state(None)

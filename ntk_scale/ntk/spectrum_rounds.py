@@ -29,7 +29,8 @@ from ntk_scale import parallel
 from ntk_scale.cost_analysis import memory_per_device
 from ntk_scale.matmul_precision import default_precision, lax_precision
 from ntk_scale.ntk.lobpcg import lobpcg_top
-from ntk_scale.ntk.spectrum import Eigenpairs, StoredKernelOperator, as_matrix_rows, rayleigh_ritz
+from ntk_scale.ntk.spectrum import (Eigenpairs, NonFiniteKernelError, StoredKernelOperator, as_matrix_rows,
+                                    rayleigh_ritz)
 from ntk_scale.ntk.store import KernelStore
 
 STALL_GAIN, STALL_ROUNDS = 0.9, 2  # a round must bring the best residual below 0.9x; 2 in a row may not
@@ -151,6 +152,8 @@ class StreamedKernel:
     if self._scale is None:
       self._scale = float(np.linalg.norm(self.operator.matmat(np.linalg.qr(self._start)[0]),
                                          axis=0).max())
+      if not np.isfinite(self._scale):  # a NaN or infinite entry spoils its row of every product
+        raise NonFiniteKernelError.of(f"kernel {self.operator.store.directory}")
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", UserWarning)  # scipy's "not reaching the requested tolerance"
       # scipy overwrites the block it is given: a copy, so that the caller's state stays as saved

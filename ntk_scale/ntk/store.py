@@ -8,7 +8,9 @@ be written by many hosts at once, and resume after a kill.
     <directory>/tiles/<i>-<j>       marker of a finished tile (and its mirror), written last
 
 The directory may be local or in a gs:// bucket (files.py). A tile counts as done only once its
-marker exists: a job killed while writing a tile recomputes it. Tensorstore writes each chunk
+marker exists: a job killed while writing a tile recomputes it, and so does a job that finds a
+marked tile's chunk gone (`drop_tiles_without_chunks`; read, a missing chunk is an error, never
+zeros). Tensorstore writes each chunk
 whole (a local file is written then renamed, a cloud object appears when its upload completes);
 markers and metadata are written the same way (files.write_atomic). Any zarr v3 reader opens
 kernel.zarr; symmetric kernels are stored whole (each off-diagonal tile is written with its
@@ -41,8 +43,15 @@ class KernelStoreMismatchError(ValueError):
   """The directory holds a different kernel than the one requested."""
 
 
+class KernelStoreDamagedError(ValueError):
+  """A tile the store marks finished has no chunk (lost, deleted): it reads as nothing, not zeros."""
+
+
 def _spec(directory: str) -> dict:
-  return {"driver": "zarr3", "kvstore": files.tensorstore_kvstore(os.path.join(directory, ARRAY_DIR))}
+  """The kernel's zarr array. A missing chunk is an error when read, not the fill value (zeros: a
+  deleted chunk gave a wrong spectrum without a word), so every chunk is stored, zeros too."""
+  return {"driver": "zarr3", "kvstore": files.tensorstore_kvstore(os.path.join(directory, ARRAY_DIR)),
+          "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
 
 
 class KernelStore:
@@ -123,8 +132,39 @@ class KernelStore:
       done.add((int(i), int(j)))
     return done
 
+  def stored_chunks(self) -> set[tuple[int, int]]:
+    """The (row, column) tile of every chunk in kernel.zarr (one listing of its keys, local or in a
+    bucket)."""
+    # (its directory with a trailing "/": the keys are then relative to it, as "c/0/1")
+    kvstore = ts.KvStore.open(files.tensorstore_kvstore(os.path.join(self.directory, ARRAY_DIR, ""))
+                              ).result()
+    keys = kvstore.list(ts.KvStore.KeyRange(b"c/", b"c0")).result()  # zarr v3 keys: c/<i>/<j>[/0/0]
+    return {(int(parts[1]), int(parts[2])) for parts in (key.decode().split("/") for key in keys)}
+
+  def drop_tiles_without_chunks(self, mirror: bool) -> list[tuple[int, int]]:
+    """Forgets the finished tiles whose chunk (or, with `mirror`, its mirror's) is not stored, so
+    the kernel job computes them again, and returns them; kernel.json no longer says complete
+    where one was. Process 0 calls it, before the tiles to compute are listed."""
+    stored = self.stored_chunks()
+    lost = sorted((i, j) for i, j in self.done_tiles()
+                  if (i, j) not in stored or (mirror and (j, i) not in stored))
+    if lost:
+      logging.warning("kernel %s: %d finished tiles have no stored chunk (deleted or lost): %s; "
+                      "computing them again", self.directory, len(lost),
+                      ", ".join(f"{i}-{j}" for i, j in lost[:10]) + (" ..." if len(lost) > 10 else ""))
+      for i, j in lost:
+        files.remove(self._marker(i, j))
+      if self.meta.get("complete"):
+        self.update_meta(complete=False)
+    return lost
+
   def write_tile(self, i: int, j: int, tile: np.ndarray, mirror: bool) -> None:
-    """Writes tile (i, j), its mirror (j, i) when `mirror` and i != j, then its marker."""
+    """Writes tile (i, j), its mirror (j, i) when `mirror` and i != j, then its marker; refuses a
+    tile with NaN or infinite entries (a checkpoint whose outputs are not finite), naming it."""
+    if not np.isfinite(tile).all():
+      raise FloatingPointError(
+          f"kernel {self.directory}: tile {i}-{j} holds NaN or infinite entries (not stored): the "
+          f"checkpoint's outputs or gradients on these examples are not finite.")
     t = self.tile
     rows, cols = slice(i * t, i * t + tile.shape[0]), slice(j * t, j * t + tile.shape[1])
     writes = [self._array[rows, cols].write(tile)]
@@ -136,8 +176,17 @@ class KernelStore:
 
   # ---------------------------------------------------------------- reading
   def read(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
-    """A block of the kernel (the whole kernel by default) as a numpy array."""
-    return self._array[rows, cols].read().result()
+    """A block of the kernel (the whole kernel by default) as a numpy array; KernelStoreDamagedError
+    where a chunk is missing."""
+    try:
+      return self._array[rows, cols].read().result()
+    except ValueError as error:
+      if "NOT_FOUND" not in str(error):
+        raise
+      raise KernelStoreDamagedError(
+          f"kernel {self.directory}: a chunk of kernel.zarr is missing ({error}). Rerun the kernel "
+          f"job (config.job='kernel', the same config): it finds the tiles whose chunks are gone "
+          f"and computes them again.") from error
 
   def indices(self) -> np.ndarray:
     return files.load_array(os.path.join(self.directory, INDICES_FILE))
@@ -175,10 +224,14 @@ def open_on_every_process(directory: str, meta: dict[str, Any], identity: tuple[
   return store
 
 
-def agreed_done_tiles(store: KernelStore, tiles: list[tuple[int, int]]) -> set[tuple[int, int]]:
+def agreed_done_tiles(store: KernelStore, tiles: list[tuple[int, int]], mirror: bool
+                      ) -> set[tuple[int, int]]:
   """The store's finished tiles among `tiles` as process 0 lists them, on every process: every
   process must plan the same steps, and hosts may list a shared directory differently (file-system
-  caches)."""
+  caches). Tiles marked finished whose chunks are gone are not (`drop_tiles_without_chunks`;
+  `mirror`: the store's tiles are written with their mirrors)."""
+  if jax.process_index() == 0:
+    store.drop_tiles_without_chunks(mirror)
   done = store.done_tiles()
   if jax.process_count() == 1:
     return done
