@@ -8,9 +8,10 @@ lists the saved steps and tells the others, so all of them resume from the same 
 file-system caches disagree.
 """
 
+import contextlib
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,6 +29,30 @@ COMMIT_FILE = "commit_success.txt"  # in a bucket, what marks a step's checkpoin
 
 class CheckpointNotFoundError(FileNotFoundError):
   """The requested checkpoint does not exist in the workdir."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A listed checkpoint that Orbax cannot read: a file of it removed or cut short after it was
+  saved (Orbax's own errors, a pytree structure error or a tensorstore read error, name neither
+  the step nor what to do)."""
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int, what: str) -> Iterator[None]:
+  """Orbax's errors while reading the checkpoint of `step` as UnreadableCheckpointError, naming
+  the step's directory and the way out."""
+  try:
+    yield
+  except CheckpointNotFoundError:
+    raise
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    path = os.path.join(directory, str(step))
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise UnreadableCheckpointError(
+        f"the {what} of the checkpoint of step {step} cannot be read ({path}: "
+        f"{type(error).__name__}: {detail[:300]}); a file of it may have been removed or cut short "
+        f"after it was saved. Move {path} out of checkpoints/ and rerun: training resumes from "
+        f"the checkpoint before it, and jobs that read checkpoints no longer see it.") from error
 
 
 def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
@@ -113,7 +138,8 @@ class Checkpoints:
                          f"saves only after its newest step ({self.latest_step()})")
 
   def _meta(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with _reading(self.directory, step, "metadata"):
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def pending_metrics(self, step: int) -> list[tuple[int, dict[str, float]]]:
     """The unlogged metrics saved with the checkpoint at `step` (one saved at a preemption)."""
@@ -126,7 +152,7 @@ class Checkpoints:
     for step in self._manager.all_steps():
       try:
         metas[step] = self._meta(step)
-      except FileNotFoundError:
+      except UnreadableCheckpointError:
         if files.exists(os.path.join(self.directory, str(step))):
           raise
     return metas
@@ -190,8 +216,9 @@ class Checkpoints:
     """The state saved at `step`, placed with the shardings of `target` (a state or its abstract tree)."""
     self._require_step(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    with _reading(self.directory, step, "state"):
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
 
   def restore_variables(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, Any]:
     """Only `{"params", "batch_stats"}` of the state saved at `step`, every array placed with
@@ -203,12 +230,13 @@ class Checkpoints:
     reader = ocp.CheckpointManager(self.directory, item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(create=False, single_host_load_and_broadcast=True))
-    saved = reader.item_metadata(step)["state"].tree
-    target = {k: saved[k] for k in ("params", "batch_stats") if jax.tree.leaves(saved.get(k, {}))}
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), target)
-    restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))["state"]
+    with _reading(self.directory, step, "parameters"):
+      saved = reader.item_metadata(step)["state"].tree
+      target = {k: saved[k] for k in ("params", "batch_stats") if jax.tree.leaves(saved.get(k, {}))}
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), target)
+      restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))["state"]
     reader.close()
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 

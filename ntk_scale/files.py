@@ -91,7 +91,7 @@ def read_text(path: PathLike) -> str:
 
 
 class UnreadableRecordError(ValueError):
-  """A JSON record in the workdir that does not parse."""
+  """A JSON record or .npy array in the workdir that does not parse."""
 
 
 def read_json(path: PathLike) -> Any:
@@ -100,10 +100,13 @@ def read_json(path: PathLike) -> Any:
   try:
     return json.loads(read_text(path))
   except json.JSONDecodeError as e:
-    raise UnreadableRecordError(
-        f"{path} is not a readable JSON record ({e}); records are written whole or not at all, so "
-        f"it was changed by hand or its disk failed. Restore it, or delete it (and what it "
-        f"describes) for the job that writes it to make it again.") from e
+    raise UnreadableRecordError(f"{path} is not a readable JSON record ({e}); {_REWRITE}") from e
+
+
+# What an unreadable file of the workdir (written whole or not at all, by write_atomic) means.
+_REWRITE = ("records are written whole or not at all, so it was changed by hand or its disk failed. "
+            "Restore it, or delete it (and what it describes) for the job that writes it to make it "
+            "again.")
 
 
 def read_result(path: PathLike, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -130,9 +133,12 @@ def changed_settings(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[s
 def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
   """An .npy array; pickled objects are refused (a file from elsewhere must not run code).
   `memory_map`: read lazily where the file is local (a cloud object is read whole)."""
-  if memory_map and not is_cloud(path):
-    return np.load(path, mmap_mode="r", allow_pickle=False)
-  return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+  try:
+    if memory_map and not is_cloud(path):
+      return np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+  except (ValueError, EOFError) as e:  # cut short: "EOF: reading array data", naming no file
+    raise UnreadableRecordError(f"{path} is not a readable .npy array ({e}); {_REWRITE}") from e
 
 
 def _pid_namespace() -> str:
@@ -219,9 +225,12 @@ def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as error:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+      # A full disk fails in write or fsync, whose OSError names no file.
+      raise OSError(error.errno, error.strerror, os.fspath(path)) from error
     raise
 
 

@@ -59,7 +59,11 @@ def _open(path: str) -> int:
   files.make_dirs(os.path.dirname(path))
   try:
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-  except PermissionError:
+  except PermissionError as error:
+    if not os.path.exists(path):
+      raise PermissionError(error.errno, f"{os.path.dirname(path) or '.'} is not writable by this "
+                            f"user, so no job can write there (its lock {os.path.basename(path)} "
+                            f"cannot be made); use a --workdir it can write", path) from error
     return os.open(path, os.O_RDONLY)
 
 

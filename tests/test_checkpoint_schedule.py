@@ -5,10 +5,13 @@ import itertools
 import os
 import json
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, save_schedule
+from ntk_scale.checkpoint import (CheckpointNotFoundError, Checkpoints, UnreadableCheckpointError,
+                                  save_schedule)
 from ntk_scale.train.collapse import CO_FILE
 
 LOO_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)  # config.checkpoint.fractional_epochs
@@ -163,4 +166,43 @@ def test_a_checkpoint_deleted_while_a_reader_lists_them_is_left_out(tmp_path):
   writer.delete(7)
   assert reader.scheduled_epochs() == {0.0: 0, 1.0: 11} and reader.preempted_steps() == []
   writer.close()
+  reader.close()
+
+
+@pytest.mark.parametrize("damage,read", [
+    (["state/_METADATA"], "parameters"),  # a kernel job: AttributeError 'NoneType' ... 'tree'
+    (["state/d", "state/ocdbt.process_0/d"], "state"),  # a tensorstore error naming neither
+    (["state/d", "state/ocdbt.process_0/d"], "parameters"),
+    (["meta/metadata"], "metadata")])
+def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, damage, read):
+  """A file of a saved checkpoint removed: Orbax failed with a pytree structure error, an
+  AttributeError or a tensorstore error naming neither the step nor a remedy. Moved out as the
+  message says, the steps before it restore as saved."""
+  import shutil
+  directory = str(tmp_path / "checkpoints")
+  state = lambda offset: {"params": {"w": jnp.arange(2.0) + offset, "v": jnp.ones(20_000)}}
+  writer = Checkpoints(directory)
+  writer.save(0, state(0), 0.0)
+  writer.save(5, state(5), 1.0)
+  writer.wait_until_finished()
+  writer.close()
+  for part in damage:
+    path = os.path.join(directory, "5", part)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  reader = Checkpoints(directory, create=False)
+  with pytest.raises(UnreadableCheckpointError,
+                     match=rf"the {read} of the checkpoint of step 5 cannot be read \({directory}/5: "
+                           rf".*\); a file of it may have been removed .* Move {directory}/5 out of "
+                           rf"checkpoints/ and rerun"):
+    if read == "metadata":
+      reader.epochs()
+    elif read == "state":
+      reader.restore(5, jax.tree.map(jnp.zeros_like, state(0)))
+    else:
+      reader.restore_variables(5, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  reader.close()
+  shutil.move(os.path.join(directory, "5"), str(tmp_path / "moved"))
+  reader = Checkpoints(directory, create=False)
+  np.testing.assert_array_equal(reader.restore(0, jax.tree.map(jnp.zeros_like, state(0)))["params"]["w"],
+                                np.arange(2.0))
   reader.close()

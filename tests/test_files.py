@@ -110,3 +110,25 @@ def test_figures_take_the_format_of_their_extension(tmp_path):
       assert f.read(4) == magic
     assert not plt.fignum_exists(fig.number)
   assert sorted(os.listdir(tmp_path)) == ["plot.pdf", "plot.png"]
+
+
+def test_a_full_disk_and_a_cut_short_array_name_their_file(tmp_path):
+  """ENOSPC from write or fsync names no file, and numpy's "EOF: reading array data" neither: a job
+  on a full disk, or over an array cut short, ended with no path to look at."""
+  import errno
+  import numpy as np
+  path = str(tmp_path / "images.npy")
+
+  def full_disk(f):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  with pytest.raises(OSError, match=rf"No space left on device: '{path}'") as raised:
+    write_atomic(path, full_disk)
+  assert raised.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
+  files.save_array(path, np.arange(1000.0))
+  with open(path, "r+b") as f:
+    f.truncate(500)
+  for memory_map in (False, True):
+    with pytest.raises(files.UnreadableRecordError, match=rf"{path} is not a readable .npy array "
+                                                          rf"\(.*\); records are written whole"):
+      files.load_array(path, memory_map=memory_map)

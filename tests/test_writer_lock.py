@@ -105,3 +105,20 @@ def test_two_evaluations_of_one_checkpoint_keep_each_others_results(tmp_path):
   with open(path) as f:
     assert json.load(f)["results"] == {"pgd": {"accuracy": 0.5}, "fab": {"accuracy": 0.25}}
 
+
+
+def test_a_workdir_this_user_cannot_write_is_named_as_such(tmp_path, monkeypatch):
+  """The lock's read-only fallback (a lock file of another user) hid the cause: a read-only workdir
+  ended in FileNotFoundError for .writer.lock. (Simulated: the tests may run as root.)"""
+  real_open = os.open
+
+  def read_only(path, flags, *args):
+    if flags & os.O_CREAT:
+      raise PermissionError(13, "Permission denied", path)
+    return real_open(path, flags, *args)
+
+  monkeypatch.setattr(os, "open", read_only)
+  workdir = str(tmp_path)
+  with pytest.raises(PermissionError, match=rf"{workdir} is not writable by this user, so no job can "
+                                            rf"write there .*use a --workdir it can write"):
+    writer_lock.hold(writer_lock.lock_path(workdir), "train", workdir)
