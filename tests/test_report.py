@@ -338,3 +338,21 @@ def test_results_of_a_jobs_earlier_rules_are_marked(tmp_path):
   text = " ".join(page.text)
   assert text.count("Made by earlier rules of the eigen_features job") == 1
   assert "Made by earlier rules of the evolution job" in text and "config.job='evolution'" in text
+
+
+def test_a_kernel_with_a_lost_chunk_or_nan_is_noted_not_drawn(tmp_path):
+  """A chunk gone read as zeros: the report drew the spectrum of a kernel that was not computed."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path)
+  record_experiment(workdir)
+  lost = write_store(os.path.join(workdir, "kernels", "lost"), random_kernel(4), tile=12)
+  os.remove(os.path.join(lost.directory, "kernel.zarr", "c", "1", "0"))
+  nan = write_store(os.path.join(workdir, "kernels", "nan"), random_kernel(5), tile=12)
+  array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(
+      nan.directory, "kernel.zarr")}}, open=True).result()
+  array[3, 4].write(np.float32(np.nan)).result()
+  write_store(os.path.join(workdir, "kernels", "whole"), random_kernel(6), tile=12)
+  page = check_page(jobs.run(report_config(), workdir)["report"])
+  text = " ".join(page.text)
+  assert "No spectrum drawn for kernels with a missing chunk or NaN entries: lost, nan" in text
+  assert fmt(float(np.linalg.eigvalsh(random_kernel(6).astype(np.float64))[-1])) in text
