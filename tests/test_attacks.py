@@ -93,6 +93,57 @@ def test_linear_model_attacks_reach_the_analytic_worst_case():
   np.testing.assert_allclose(runs["l2"], images - eps * unit, atol=1e-6, rtol=0)
 
 
+def _box_free_linear_problem(n=8):
+  """A 2-class linear model on 4x4 images in [0.3, 0.7] (no eps below 0.3 reaches the image box):
+  (logits_fn, images, labels, d margin / dx per example)."""
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 2)).astype(np.float32)
+  images = jnp.asarray(rng.uniform(0.3, 0.7, size=(n, 4, 4, 1)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 2, size=n))
+  margin_grad = (w[:, labels] - w[:, 1 - labels]).T.reshape(n, 4, 4, 1)
+  return lambda x: x.reshape(x.shape[0], -1) @ w, images, labels, margin_grad
+
+
+def test_pgd_takes_exactly_num_steps_steps():
+  """PGD from x (no random start) inside a box much larger than its path moves each pixel by
+  num_steps * step_size along -sign(d margin / dx): a loop one step short stopped at 2 of 3."""
+  logits_fn, images, labels, margin_grad = _box_free_linear_problem()
+  x_adv = jax.jit(lambda: attacks.pgd(logits_fn, images, labels, jax.random.key(0), eps=0.2,
+                                      step_size=0.01, num_steps=3, random_start=False))()
+  np.testing.assert_allclose(x_adv, images - 0.03 * np.sign(margin_grad), atol=1e-6, rtol=0)
+
+
+def test_l2_projection_leaves_points_inside_the_ball_where_they_are():
+  """Projection onto the L2 ball moves only the points outside it: L2 PGD from x with k steps of
+  eps/4 (k < 4) ends at distance k eps/4, not on the sphere, and project_l2 returns an interior
+  point unchanged and scales an exterior one back to radius eps."""
+  logits_fn, images, labels, margin_grad = _box_free_linear_problem()
+  eps = 0.2
+  unit = margin_grad / np.linalg.norm(margin_grad.reshape(8, -1), axis=1).reshape(8, 1, 1, 1)
+  runs = jax.jit(lambda: [attacks.pgd(logits_fn, images, labels, jax.random.key(0), eps=eps,
+                                      step_size=eps / 4, num_steps=k, norm="l2",
+                                      random_start=False) for k in (1, 2)])()
+  for k, x_adv in zip((1, 2), runs):
+    np.testing.assert_allclose(x_adv, images - k * eps / 4 * unit, atol=1e-6, rtol=0, err_msg=k)
+  x = jnp.zeros((2, 3))
+  inside_and_out = jnp.array([[0.03, 0.04, 0.0], [0.3, 0.4, 0.0]])  # |.|_2 = 0.05 and 0.5
+  np.testing.assert_allclose(attack_steps.project_l2(inside_and_out, x, 0.1),
+                             [[0.03, 0.04, 0.0], [0.06, 0.08, 0.0]], atol=1e-7, rtol=0)
+
+
+def test_l2_random_start_is_uniform_in_the_volume_of_the_ball():
+  """A point uniform in the d-ball of radius eps has (r / eps)^d ~ U(0, 1) (the volume fraction
+  inside radius r); uniform radii instead crowd the start near x (mean of (r / eps)^d 1/(d + 1)).
+  d = 64 and 2000 draws: the mean's standard deviation is 0.0065."""
+  n, d, eps = 2000, 64, 0.1
+  x = jnp.full((n, 8, 8, 1), 0.5)  # 0.5 +- eps: the image box never clips
+  delta = np.asarray(attack_steps.uniform_start(jax.random.key(1), x, eps, "l2") - x, np.float64)
+  volume_fraction = (np.linalg.norm(delta.reshape(n, -1), axis=1) / eps) ** d
+  assert volume_fraction.max() <= 1 + 1e-4
+  assert volume_fraction.mean() == pytest.approx(0.5, abs=0.03)
+  assert np.mean(volume_fraction < 0.25) == pytest.approx(0.25, abs=0.04)
+
+
 # --------------------------------------------------------------------------- constraint sets
 
 _EPS = {"linf": 0.1, "l2": 0.5}
@@ -719,6 +770,86 @@ def test_worst_of_in_turn_on_four_devices_equals_one(digits_model):
   np.testing.assert_allclose(results[4]["examples"]["images"], results[1]["examples"]["images"],
                              atol=1e-5, rtol=0)
   assert not np.allclose(results[1]["examples"]["images"], split.images)
+
+
+def _zero_gradient_step(x):
+  """A step in the first input: x < 0.5 gives logits (0.1, 0, 0) (class 0), x >= 0.5 gives
+  (0, 0.1, -10) (class 1); zero input gradient, so PGD stays at its random start."""
+  x = x.reshape(len(x), -1)[:, :1]
+  return jnp.where(x < 0.5, jnp.array([0.1, 0.0, 0.0]), jnp.array([0.0, 0.1, -10.0]))
+
+
+def _pgd_start_fooled(key, n, x=0.49, eps=0.5):
+  """Whether PGD (one restart: its start from fold_in(key, 0)) on the zero-gradient step from x
+  lands at x' >= 0.5: its uniform L-inf start drawn by hand, [n] bool."""
+  u = jax.random.uniform(jax.random.fold_in(key, 0), (n, 1, 1, 1), jnp.float32, -eps, eps)
+  return np.asarray(jnp.clip(jnp.float32(x) + u, 0.0, 1.0) >= 0.5).reshape(n)
+
+
+_ONE_STEP_PGD = dict(name="pgd", step_size=1e-3, num_steps=1)
+
+
+def test_worst_of_gives_each_member_its_own_key():
+  """worst_of's i-th member runs with fold_in(key, i): two identical PGD members then start from
+  independent points and break an example each with probability 1/2 on the zero-gradient step,
+  robust accuracy 1/4 (the same key for both gave 1/2); exactly the examples either start,
+  drawn by hand, breaks."""
+  n, key = 400, jax.random.key(0)
+  worst = attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="worst_of", eps=0.5, attacks=dict(a=_ONE_STEP_PGD, b=_ONE_STEP_PGD))))
+  x_adv = jax.jit(lambda k: worst(_zero_gradient_step, jnp.full((n, 1, 1, 1), 0.49),
+                                  jnp.zeros(n, jnp.int32), k))(key)
+  fooled = np.asarray(jnp.argmax(_zero_gradient_step(x_adv), -1) != 0)
+  assert 1 - fooled.mean() == pytest.approx(0.25, abs=0.075)  # binomial sd 0.022
+  expected = _pgd_start_fooled(jax.random.fold_in(key, 0), n) | _pgd_start_fooled(
+      jax.random.fold_in(key, 1), n)
+  np.testing.assert_array_equal(fooled, expected)
+
+
+def _one_device_mesh():
+  return Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def test_evaluate_attacks_each_batch_with_its_own_key():
+  """evaluate() attacks batch i with fold_in(key, i): four batches of identical images get
+  different random starts (one key for all repeated batch 0's result four times), each the
+  start drawn by hand from its batch's key."""
+  n, batch_size, key = 400, 100, jax.random.key(1)
+  split = Split(np.full((n, 1, 1, 1), 0.49, np.float32), np.zeros(n, np.int32))
+  pgd = attacks.build_attack(ml_collections.ConfigDict(dict(_ONE_STEP_PGD, eps=0.5)))
+  result = evaluate(_zero_gradient_step, split, batch_size, _one_device_mesh(), 3, attack=pgd,
+                    key=key, keep_examples=True)
+  predictions = result["examples"]["predictions"]
+  expected = np.concatenate([_pgd_start_fooled(jax.random.fold_in(key, i), batch_size)
+                             for i in range(n // batch_size)])
+  np.testing.assert_array_equal(predictions, expected.astype(predictions.dtype))
+  per_batch = predictions.reshape(-1, batch_size)
+  assert not all(np.array_equal(per_batch[0], b) for b in per_batch[1:])
+  assert result["accuracy"] == pytest.approx(np.mean(~expected))
+
+
+def test_evaluate_in_turn_attacks_each_member_batch_with_its_own_key():
+  """Under worst_of, evaluate() runs member i on the examples still robust, re-batched, batch b
+  with key fold_in(fold_in(key, i), b): recomputed here by hand (padded batches draw a full
+  batch's starts). One key per member for all its batches repeated one batch's starts."""
+  n, batch_size, key = 400, 100, jax.random.key(2)
+  split = Split(np.full((n, 1, 1, 1), 0.49, np.float32), np.zeros(n, np.int32))
+  worst = attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="worst_of", eps=0.5, attacks=dict(a=_ONE_STEP_PGD, b=_ONE_STEP_PGD))))
+  result = evaluate(_zero_gradient_step, split, batch_size, _one_device_mesh(), 3, attack=worst,
+                    key=key, keep_examples=True)
+  fooled = np.zeros(n, bool)
+  for i in range(2):
+    rows = np.flatnonzero(~fooled)
+    member_key = jax.random.fold_in(key, i)
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+      chunk = rows[start:start + batch_size]
+      fooled[chunk] = _pgd_start_fooled(jax.random.fold_in(member_key, b), batch_size)[:len(chunk)]
+    if i == 0:
+      after_a = 1 - fooled.mean()
+  assert result["accuracy_after"]["a"] == pytest.approx(after_a)
+  np.testing.assert_array_equal(result["examples"]["predictions"], fooled.astype(int))
+  assert result["accuracy"] == pytest.approx(0.25, abs=0.075)
 
 
 # --------------------------------------------------------------------------- devices

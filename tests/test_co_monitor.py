@@ -1,5 +1,6 @@
 """The catastrophic-overfitting detector on synthetic traces, and the monitor inside a tiny run."""
 
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,7 @@ import pytest
 from ntk_scale import jobs, parallel
 from ntk_scale.base_config import base_config, pgd_linf
 from ntk_scale.checkpoint import Checkpoints
-from ntk_scale.data import load_digits
+from ntk_scale.data import Split, load_digits
 from ntk_scale.train import co_monitor
 from ntk_scale.train.co_monitor import CLEAN, ROBUST, TRAIN_CLEAN, CoMonitor
 from ntk_scale.train.collapse import CO_FILE, CollapseDetector, check_co_monitor_config
@@ -310,3 +311,19 @@ def test_measurements_run_at_config_eval_matmul_precision(tmp_path, monkeypatch)
       jax.config.jax_default_matmul_precision) or {"accuracy": 0.5})
   assert monitor._measure(None) == {ROBUST: 0.5, CLEAN: 0.5, TRAIN_CLEAN: 0.5}
   assert in_effect == ["high"] * 3
+
+
+def test_train_clean_accuracy_is_measured_on_training_images(tmp_path):
+  """co/train_clean_accuracy, the detector's guard against divergence, is clean accuracy on the
+  training subset: with every training label 0 and every test label 1, a model that always says
+  0 scores 1 there and 0 on the held-out batch (measured on held-out images it read 0)."""
+  c = base_config()
+  c.train.co_monitor.every_steps, c.train.co_monitor.num_examples = 4, 8
+  c.eval_batch_size = 8
+  digits = load_digits()
+  dataset = dataclasses.replace(
+      digits, train=Split(digits.train.images, np.zeros(len(digits.train), np.int32)),
+      test=Split(digits.test.images, np.ones(len(digits.test), np.int32)))
+  monitor = CoMonitor(c, dataset, parallel.make_mesh(), 22, _SAVES, str(tmp_path))
+  always_zero = lambda x: jnp.zeros((len(x), 10)).at[:, 0].set(1.0) + 0 * x.reshape(len(x), -1)[:, :1]
+  assert monitor._measure(always_zero) == {ROBUST: 0.0, CLEAN: 0.0, TRAIN_CLEAN: 1.0}

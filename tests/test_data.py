@@ -176,6 +176,20 @@ def test_class_balanced_subset_counts_order_and_determinism():
   assert not np.array_equal(idx, class_balanced_subset(labels, 40, seed=2))
 
 
+def test_class_balanced_subset_draws_every_class_from_one_generator():
+  """One default_rng(seed) draws the classes in turn (numpy reference below): a fresh generator
+  per class took the same positions in every class of equal size (rows 4p of class 0, 4p + 1 of
+  class 1, ...), a subset as correlated as its label layout."""
+  labels = np.arange(200) % 4  # every class the same rows, shifted
+  idx = class_balanced_subset(labels, 20, seed=3)
+  rng = np.random.default_rng(3)
+  expected = np.concatenate([np.sort(rng.choice(np.flatnonzero(labels == c), 5, replace=False))
+                             for c in range(4)])
+  np.testing.assert_array_equal(idx, expected)
+  positions = [tuple(block // 4) for block in idx.reshape(4, 5)]  # within-class positions
+  assert len(set(positions)) == 4
+
+
 def test_class_balanced_subset_given_classes_in_given_order(digits):
   idx = class_balanced_subset(digits.train.labels, 9, seed=0, classes=[7, 2, 5])
   np.testing.assert_array_equal(digits.train.labels[idx], [7, 7, 7, 2, 2, 2, 5, 5, 5])

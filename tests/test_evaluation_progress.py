@@ -47,6 +47,20 @@ def test_a_notice_writes_the_run_of_batches_not_yet_due_and_stops(tmp_path, monk
   reader.put(4, _batch(4), batches=5)
 
 
+def test_a_notice_at_the_last_batch_lets_the_attack_finish(tmp_path, monkeypatch):
+  """With no batch left there is nothing to resume: a notice that comes with the last batch does
+  not stop the evaluation (Preempted there stopped a job whose attack had finished, and its
+  rerun only read the batches back)."""
+  prefix = str(tmp_path / "kept" / "abc.pgd")
+  monkeypatch.setattr(evaluation_progress, "KEEP_EVERY_S", 3600.0)
+  notices = iter([False, False, True])
+  writer = BatchProgress(prefix, "pgd", lambda: next(notices))
+  for b in range(3):
+    writer.put(b, _batch(b), batches=3)  # no Preempted at batch 2 of 3
+  with pytest.raises(Preempted, match="1 of 2 batches"):  # while one with batches left stops
+    BatchProgress(prefix, "pgd", lambda: True).put(0, _batch(0), batches=2)
+
+
 def test_results_are_kept_with_their_examples_for_their_own_settings_only(tmp_path):
   directory = str(tmp_path / "kept")
   result = {"accuracy": 0.25, "per_class_accuracy": [0.5, 0.0],

@@ -10,6 +10,7 @@ import pytest
 from ntk_scale.base_config import base_config
 from ntk_scale.cost_analysis import all_equations
 from ntk_scale.models import build_model, check_model_config
+from ntk_scale.models.resnet import BasicBlock
 
 
 def _model(name, num_classes=10, **fields):
@@ -155,6 +156,40 @@ def test_resnet18_stem_is_stride_1_and_there_is_no_max_pool():
   head = variables["params"]["head"]
   np.testing.assert_allclose(np.asarray(logits), feat @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
                              rtol=1e-4, atol=1e-5)
+
+
+def _numpy_conv(x, kernel, bias, stride, pad):
+  """Cross-correlation as PyTorch's Conv2d computes it: zero padding `pad` on every side."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  k = kernel.shape[0]
+  rows = (x.shape[1] - k) // stride + 1
+  cols = (x.shape[2] - k) // stride + 1
+  out = np.zeros((x.shape[0], rows, cols, kernel.shape[-1]))
+  for i in range(k):
+    for j in range(k):
+      window = x[:, i:i + stride * rows:stride, j:j + stride * cols:stride, :]
+      out += window @ kernel[i, j]
+  return out + bias
+
+
+@pytest.mark.parametrize("channels, features, strides", [(3, 3, 1), (2, 4, 2)])
+def test_basic_block_matches_a_numpy_residual_block(channels, features, strides):
+  """He et al.'s block: relu(conv2(relu(conv1(x))) + shortcut(x)), the shortcut the identity or
+  a strided 1x1 convolution; the ReLU after the sum keeps every output >= 0 (without it the
+  block passed negative values on to the next)."""
+  block = BasicBlock(features, strides, batch_norm=False)
+  x = _images((2, 6, 6, channels), seed=8) - 0.5
+  variables = _init(block, x, seed=9)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  conv = lambda name, h, stride, pad: _numpy_conv(h, p[name]["kernel"], p[name]["bias"], stride, pad)
+  xs = np.asarray(x, np.float64)
+  y = conv("conv2", np.maximum(conv("conv1", xs, strides, 1), 0), 1, 1)
+  shortcut = conv("shortcut", xs, strides, 0) if "shortcut" in p else xs
+  expected = np.maximum(shortcut + y, 0)
+  out = np.asarray(block.apply(variables, x, train=False))
+  assert out.shape == expected.shape and out.min() >= 0
+  assert np.mean(shortcut + y < 0) > 0.1  # the final ReLU has something to cut
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- SmallCNN

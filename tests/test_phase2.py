@@ -88,6 +88,22 @@ def test_phase2_follows_phase1_from_theta0_and_learns(run):
   assert result["phase2"]["test"]["accuracy"] > 0.8
 
 
+def test_phase2_draws_its_own_batch_order(run):
+  """Phase 2 shuffles the training set with seed + 1, epoch by epoch (numpy's permutation of
+  default_rng([seed + 1, epoch]) here): with phase 1's seed it would replay, batch for batch, the
+  order phase 1 was trained in."""
+  config, workdir, _ = run
+  batches = build_phase2(config, workdir).phase.batches
+  n, size = len(load_digits().train), config.batch_size
+  steps = n // size
+  for epoch in (0, 1):
+    rows = np.concatenate([batches.rows(epoch * steps + i) for i in range(steps)])
+    np.testing.assert_array_equal(
+        rows, np.random.default_rng([config.seed + 1, epoch]).permutation(n)[:steps * size])
+  phase1_first = np.random.default_rng([config.seed, 0]).permutation(n)[:size]
+  assert not np.array_equal(batches.rows(0), phase1_first)
+
+
 def test_phase2_evaluation_records_output_components(run):
   _, workdir, result = run
   with open(os.path.join(workdir, "phase2", NAME, "evaluations", "step_44.json")) as f:

@@ -126,6 +126,30 @@ def test_without_holdout_the_attacked_targets_are_the_unchanged_originals(monkey
   assert all(row.tobytes() in originals for images in attacked for row in images)
 
 
+def test_each_step_attacks_its_own_target_batch_with_its_own_key(monkeypatch):
+  """Step i draws its target rows and attack key from fold_in(key(seed), i) (split: rows, attack),
+  recomputed here by hand: one key for every step attacked the same targets from the same starts
+  all run long."""
+  from ntk_scale import robust_dataset
+  calls = []
+
+  def recording(kernel_fn, support, support_labels, targets, target_labels, key, **kwargs):
+    calls.append((np.asarray(targets), np.asarray(target_labels), np.asarray(jax.random.key_data(key))))
+    return 0.0, np.zeros_like(support)
+
+  monkeypatch.setattr(robust_dataset, "objective_and_gradient", recording)
+  x, y = _problem(n=12)
+  optimise_dataset(_section(num_steps=4, target_batch_size=5), _rbf, x, y, 4, REGRESSION, seed=6)
+  assert len(calls) == 4
+  for i, (targets, target_labels, attack_key) in enumerate(calls):
+    batch_key, expected_key = jax.random.split(jax.random.fold_in(jax.random.key(6), i))
+    rows = np.asarray(jax.random.choice(batch_key, 12, (5,), replace=False))
+    np.testing.assert_array_equal(targets, x[rows])
+    np.testing.assert_array_equal(target_labels, y[rows])
+    np.testing.assert_array_equal(attack_key, np.asarray(jax.random.key_data(expected_key)))
+  assert len({targets.tobytes() for targets, _, _ in calls}) > 1
+
+
 @pytest.mark.parametrize("value", [-1, 10, 1.5, 0.01, "half", True])
 def test_bad_target_holdout_is_named(value):
   with pytest.raises(ValueError, match="config.infinite.robust_data.target_holdout="):

@@ -96,6 +96,17 @@ def test_profile_steps_leave_a_trace_of_the_train_step_for_tensorboard(one_devic
     assert b"train/loss" in f.read()
 
 
+def test_the_learning_rate_logged_at_a_step_is_that_of_the_update_it_took(one_device_epoch):
+  """Digits smoke, one epoch of 22 steps, logged every step: cosine decay from 0.1 with no
+  warm-up, the update that ends step s taken at 0.1 (1 + cos(pi (s - 1) / 22)) / 2: 0.1 at step 1
+  (logged one update ahead, step 1 read 0.0995 and step 22 read 0)."""
+  records = [r for r in train_records(one_device_epoch[0]) if "train/learning_rate" in r]
+  assert [r["step"] for r in records] == list(range(1, 23))
+  expected = [0.1 * (1 + np.cos(np.pi * (s - 1) / 22)) / 2 for s in range(1, 23)]
+  np.testing.assert_allclose([r["train/learning_rate"] for r in records], expected, rtol=1e-5,
+                             atol=1e-9)
+
+
 def test_four_devices_give_the_losses_of_one(one_device_epoch, tmp_path):
   one = one_device_epoch[0]
   assert jax.device_count() == 4  # this process (conftest.py); main.py ran `one` on one device

@@ -13,6 +13,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import base_config
 from ntk_scale.cost_analysis import all_equations
 from ntk_scale.data import load_digits
+from ntk_scale.data.augment import crop_flip
 from ntk_scale.models import build_model
 from ntk_scale.train.experiment import build_train_steps
 from ntk_scale.train.state import TrainState
@@ -72,16 +73,20 @@ def _numpy_running_averages(v, x):
           "var": BN_MOMENTUM * stats["var"] + (1 - BN_MOMENTUM) * h.var(0)}
 
 
-def _numpy_fgsm_inference(v, x, labels):
-  """FGSM against the inference-mode network, its input gradient by the chain rule."""
+def _numpy_input_gradient(v, x, labels):
+  """d(sum of cross-entropies)/dx of the inference-mode network, by the chain rule."""
   logits, z = _numpy_logits(v, x, train=False)
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   p[np.arange(len(labels)), labels] -= 1  # d(sum of cross-entropies)/d logits
   stats, bn = v["batch_stats"]["BatchNorm_0"], v["params"]["BatchNorm_0"]
   dz = (p @ v["params"]["head"]["kernel"].T) * (z > 0) * bn["scale"] / np.sqrt(stats["var"] + BN_EPS)
-  dx = (dz @ v["params"]["dense1"]["kernel"].T).reshape(x.shape)
-  return np.clip(x + EPS * np.sign(dx), 0, 1)
+  return (dz @ v["params"]["dense1"]["kernel"].T).reshape(x.shape)
+
+
+def _numpy_fgsm_inference(v, x, labels):
+  """FGSM against the inference-mode network."""
+  return np.clip(x + EPS * np.sign(_numpy_input_gradient(v, x, labels)), 0, 1)
 
 
 def test_benign_step_reports_the_cross_entropy_and_moves_the_running_averages(setup):
@@ -196,3 +201,65 @@ def test_default_precision_leaves_a_global_setting_in_force(setup):
     precisions = {e.params["precision"] for e in all_equations(
         jax.make_jaxpr(step)(make_state(), batch).jaxpr) if e.primitive.name == "dot_general"}
   assert precisions == {(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)}
+
+
+def _step_keys(seed, step):
+  """The step's (augmentation key, attack key), derived here by hand: split(fold_in(key(seed), step))."""
+  return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), step)))
+
+
+def test_each_step_draws_its_augmentation_and_attack_key_from_the_step_number(setup):
+  """The step's randomness is fold_in(key(seed), state.step): what the attack receives at steps 0
+  and 1 is the batch cropped and flipped with each step's own key, and each step's attack key (one
+  key for every step repeated the same crops and attack starts all run long)."""
+  _, _, batch, images, _, make_state = setup
+  seen = []
+
+  def recording_attack(logits_fn, x, labels, key):
+    jax.debug.callback(lambda *a: seen.append([np.asarray(b) for b in a]), x, jax.random.key_data(key))
+    return x
+
+  step = make_train_step("crop_flip", seed=7, attack=recording_attack)
+  for number in (0, 1):
+    state = make_state()
+    step(state.replace(step=jax.device_put(state.step + number, state.step.sharding)), batch)
+  jax.effects_barrier()
+  assert len(seen) == 2
+  for number, (attacked, attack_key) in enumerate(seen):
+    augment_key, expected_attack_key = _step_keys(7, number)
+    np.testing.assert_array_equal(attacked, np.asarray(crop_flip(augment_key, jnp.asarray(images))))
+    np.testing.assert_array_equal(attack_key, np.asarray(jax.random.key_data(expected_attack_key)))
+  assert not np.array_equal(seen[0][0], seen[1][0])
+
+
+def test_adversarial_step_attacks_the_augmented_batch(setup):
+  """FGSM training with crop_flip trains on FGSM of the cropped and flipped batch, not of the raw
+  one: the loss reported is the numpy network's on the numpy FGSM of the batch augmented with the
+  step's key (an attack on the raw images would perturb images the model never trains on)."""
+  _, v, batch, images, labels, make_state = setup
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  _, metrics = make_train_step("crop_flip", seed=3, attack=fgsm)(make_state(), batch)
+  augmented = np.asarray(crop_flip(_step_keys(3, 0)[0], jnp.asarray(images)), np.float64)
+  assert not np.array_equal(augmented, images)
+  logits, _ = _numpy_logits(v, _numpy_fgsm_inference(v, augmented, labels), train=True)
+  np.testing.assert_allclose(float(metrics["loss"]), _numpy_cross_entropy(logits, labels), rtol=1e-5)
+  raw_logits, _ = _numpy_logits(v, _numpy_fgsm_inference(v, images.astype(np.float64), labels), True)
+  assert abs(_numpy_cross_entropy(raw_logits, labels) - _numpy_cross_entropy(logits, labels)) > 1e-3
+
+
+def test_grad_align_penalty_is_measured_at_the_clean_batch(setup):
+  """GradAlign aligns grad_x L at the clean x with grad_x L at x + eta (eta uniform in the eps-box,
+  drawn from fold_in(attack key, 1)): the penalty reported is 1 - cos of the numpy network's two
+  input gradients, averaged; measured at the adversarial batch it regularised the wrong points."""
+  _, v, batch, images, labels, make_state = setup
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  step = make_train_step("none", seed=5, attack=fgsm, grad_align=0.5, grad_align_eps=EPS)
+  _, metrics = step(make_state(), batch)
+  noise_key = jax.random.fold_in(_step_keys(5, 0)[1], 1)
+  eta = np.asarray(jax.random.uniform(noise_key, images.shape, jnp.float32, -EPS, EPS), np.float64)
+  x = images.astype(np.float64)
+  clean, noisy = (_numpy_input_gradient(v, x + d, labels).reshape(len(x), -1) for d in (0, eta))
+  cosine = np.sum(clean * noisy, 1) / np.linalg.norm(clean, axis=1) / np.linalg.norm(noisy, axis=1)
+  expected = np.mean(1 - cosine)
+  assert expected > 1e-3
+  np.testing.assert_allclose(float(metrics["grad_align"]), expected, rtol=1e-3, atol=1e-6)
