@@ -18,8 +18,8 @@ from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import KernelRegression
 from ntk_scale.models import build_model
 from ntk_scale.ntk import eigen_features_job, empirical_ntk, kernel_eigenpairs
-from ntk_scale.ntk.eigen_features import (feature_groups, feature_logits_fn, group_coefficients,
-                                          parameter_directions)
+from ntk_scale.ntk.eigen_features import (directions_program, feature_groups, feature_logits_fn,
+                                          group_coefficients, parameter_directions)
 from ntk_scale.ntk.job import inference_apply, select_examples
 from ntk_scale.ntk.spectrum import eigh, rounding_floor
 from ntk_scale.ntk.store import KernelStore
@@ -418,3 +418,49 @@ def test_a_kernel_of_some_classes_is_scored_among_them_on_their_test_images():
   np.testing.assert_array_equal(test.labels, [0, 1, 0, 1])  # class 3 is column 0, class 1 column 1
   np.testing.assert_allclose(apply(0.0, test.images), np.asarray(test.images).reshape(4, 1) * [3.0, 1.0])
   assert _scored_test_split(dataset, (), logits)[2] == 5
+
+
+def test_auto_eigensolver_is_dense_up_to_and_including_dense_max_rows():
+  """"auto" decomposes a kernel of DENSE_MAX_ROWS matrix rows whole and only a larger one by the
+  spectrum job's top eigenpairs; "dense" and "top" are kept whatever the size."""
+  limit = kernel_eigenpairs.DENSE_MAX_ROWS
+  assert kernel_eigenpairs.resolve_eigensolver("auto", limit) == "dense"
+  assert kernel_eigenpairs.resolve_eigensolver("auto", limit - 1) == "dense"
+  assert kernel_eigenpairs.resolve_eigensolver("auto", limit + 1) == "top"
+  assert kernel_eigenpairs.resolve_eigensolver("dense", limit + 1) == "dense"
+  assert kernel_eigenpairs.resolve_eigensolver("top", 10) == "top"
+
+
+def test_a_job_needing_more_eigenpairs_than_configured_solves_for_them():
+  """eigen_features / eigen_images read `needed` top pairs: the spectrum job is asked for
+  max(config.spectrum.num_eigenpairs, needed) (at most every row), so 20 needed of a config's 5
+  are 20, not 5 (the job then read pairs the solve never made)."""
+  c = ml_collections.ConfigDict(dict(spectrum=dict(num_eigenpairs=5, tol=1e-7)))
+  solver, more = kernel_eigenpairs.eigenpairs_config(c, "auto", 10_000, 20)
+  assert solver == "top" and more.spectrum.num_eigenpairs == 20 and more.spectrum.tol == 1e-7
+  assert kernel_eigenpairs.eigenpairs_config(c, "top", 10_000, 3)[1].spectrum.num_eigenpairs == 5
+  solver, every = kernel_eigenpairs.eigenpairs_config(c, "auto", 12, 20)
+  assert solver == "dense" and every.spectrum.num_eigenpairs == 12
+  assert c.spectrum.num_eigenpairs == 5  # the caller's config is not changed
+
+
+def test_parameter_directions_are_summed_at_highest_precision():
+  """W = J(X)^T A contracts Jacobian rows with the coefficients, large and of both signs: on GPUs
+  (TF32) and TPUs (bfloat16 passes) the default precision would round them. Read from the traced
+  program (on this CPU it changes nothing), a model whose own matmuls ask for HIGHEST."""
+  highest = jax.lax.Precision.HIGHEST
+  def apply_fn(params, x):
+    hidden = jnp.tanh(jnp.matmul(x.reshape(len(x), -1), params["w1"], precision=highest))
+    return jnp.matmul(hidden, params["w2"], precision=highest)
+
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.normal(size=(6, 5)).astype(np.float32),
+            "w2": rng.normal(size=(5, 3)).astype(np.float32)}
+  theta, unravel = ravel_pytree(params)
+  mesh = parallel.make_mesh()
+  d, chunk, groups, k = mesh.size, 2, 2, 3
+  program = directions_program(apply_fn, LogitSpec("trace", 3), unravel, mesh)
+  x = rng.uniform(size=(d * chunk, 2, 3)).astype(np.float32)
+  a = rng.normal(size=(d * chunk, groups, k)).astype(np.float32)
+  total = np.zeros((d, groups, 3, k, theta.size), np.float32)
+  assert all_highest(program, theta, x, a, total)

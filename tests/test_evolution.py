@@ -377,3 +377,17 @@ def test_one_or_a_repeated_epoch_is_refused_before_the_workdir_is_read(tmp_path)
       jobs.run(c, str(tmp_path / str(i)))
   check_evolution_settings(evolution_config(epochs=()))  # every saved checkpoint
   check_evolution_settings(evolution_config(epochs=(0.125, 0.25)))
+
+
+def test_elapsed_epochs_fall_back_to_the_nominal_ones_when_the_steps_do_not_match():
+  """A checkpoint's step over the steps per epoch, while each step is its epoch's rounded step;
+  steps of another batch size (here twice the steps, or one checkpoint 3 steps off) are not those
+  epochs' at all, and the nominal epochs are kept (the fallback's loss made velocities 2x off)."""
+  from types import SimpleNamespace
+
+  stores = lambda steps: [SimpleNamespace(meta={"source": {"step": s}}) for s in steps]
+  steps_per_epoch = 22  # 1437 digits in batches of 64
+  assert evolution.elapsed_epochs(stores([0, 3, 6, 8]), EPOCHS, steps_per_epoch) == [
+      0.0, 3 / 22, 6 / 22, 8 / 22]
+  assert evolution.elapsed_epochs(stores([0, 6, 11, 17]), EPOCHS, steps_per_epoch) == EPOCHS
+  assert evolution.elapsed_epochs(stores([0, 3, 6, 11]), EPOCHS, steps_per_epoch) == EPOCHS

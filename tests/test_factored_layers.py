@@ -17,6 +17,7 @@ from ntk_scale.ntk import empirical_ntk, plan_for
 from ntk_scale.ntk.factored_layers import FactoredLayer, choose
 from ntk_scale.ntk.plan import rows_flops
 from ntk_scale.ntk.tile_math import contract, factored_layers_of, jacobian_rows, parse_logits
+from test_kernel_regression import all_highest
 from test_ntk_engine import _kernel_on
 
 NUM_CLASSES = 3
@@ -84,6 +85,18 @@ def test_factored_rows_contract_to_the_float64_jacobian_kernel(logits):
     kernel = np.asarray(jax.jit(contract, static_argnums=(2, 3))(rows, cols, spec,
                                                                  lax.Precision.HIGHEST))
   assert _relative_error(kernel, _reference((5, 1), (4, 2), logits)) < 1e-10
+
+
+def test_factored_layers_are_contracted_at_the_tiles_precision():
+  """Every matmul of a tile's contraction, the factored layers' input and cotangent Grams
+  included, runs at the precision the kernel asks for: HIGHEST, where a GPU's default (TF32) or a
+  TPU's (bfloat16 passes) rounds each Gram to 1e-3. Read from the traced program (on this CPU it
+  changes nothing)."""
+  spec = parse_logits("trace", NUM_CLASSES)
+  params, x = _params(np.float32), _images(3).astype(np.float32)
+  rows = jax.jit(lambda x: jacobian_rows(_model, params, x, spec, factoring="all"))(x)
+  assert len(factored_layers_of(_model, params, x[:1], spec, "all")) == 4
+  assert all_highest(lambda r, c: contract(r, c, spec, lax.Precision.HIGHEST), rows, rows)
 
 
 @pytest.mark.parametrize("logits", ["trace", 0])

@@ -8,10 +8,12 @@ import pytest
 from jax.sharding import Mesh
 
 from ntk_scale import parallel
+from ntk_scale.ntk import function_tiles
 from ntk_scale.ntk.function_tiles import function_kernel, function_kernel_vjp, kernel_tiles
 from ntk_scale.ntk.store import KernelStore
 
 from conftest import Killed, write_tile_killed_after
+from test_kernel_regression import all_highest
 
 
 def rbf(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -58,6 +60,26 @@ def test_the_tiles_pull_back_a_cotangent_as_the_gradient_of_the_whole_kernel_doe
                                rtol=1e-13)
     with pytest.raises(ValueError, match="10 x 10"):
       function_kernel_vjp(rbf, x, cotangent[:9], tile=3)
+
+
+def test_tiles_of_a_kernel_function_are_computed_at_highest_precision(monkeypatch):
+  """A kernel function's matmuls that ask for no precision (rbf's a @ b.T) run at HIGHEST in the
+  tile loop: a kernel solved for regression coefficients wants float32 products, not TF32 or
+  bfloat16 ones. Read from each step's program as it is run (on this CPU it changes nothing)."""
+  programs, highest = function_tiles.tile_program, []
+
+  def read(kernel_fn, mesh):
+    program = programs(kernel_fn, mesh)
+    def run(rows, cols):
+      highest.append(all_highest(program, rows, cols))
+      return program(rows, cols)
+    return run
+
+  monkeypatch.setattr(function_tiles, "tile_program", read)
+  x = _images(10)
+  assert not all_highest(rbf, x, x)  # outside the loop: the default
+  np.testing.assert_allclose(function_kernel(rbf, x, tile=3), np.asarray(rbf(x, x)), rtol=1e-6)
+  assert highest == [True] * 3  # 10 tiles on and above the diagonal, 4 devices a step
 
 
 def test_a_killed_kernel_resumes_from_its_store(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from ntk_scale.cost_analysis import all_equations
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config,
                                          kernel_scores, predictor, regression_targets,
-                                         ridge_coefficients)
+                                         ridge_coefficients, spectral_preconditioner)
 
 
 def _rbf(x1, x2):
@@ -54,6 +54,54 @@ def test_prediction_is_the_ridge_formula(solver):
     np.testing.assert_allclose(jax.jit(model.logits_fn(_rbf, x))(xt), expected, rtol=1e-8, atol=1e-10)
     in_jax = predictor(_rbf, jnp.asarray(x), jnp.asarray(labels), 4, regularizer=reg, solver=solver)
     np.testing.assert_allclose(in_jax(xt), expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_ridge_is_relative_to_the_kernels_scale(solver):
+  """lambda = regularizer * mean(diag K): predictions of 37 K (diagonal 37 + 37 * 0.5) are those of
+  K. An absolute lambda was the same on a kernel of unit diagonal (every other test's) only."""
+  with jax.enable_x64(True):
+    x, labels, xt = _problem()
+    k = np.asarray(_rbf(x, x)) + 0.5 * np.eye(len(x))  # diagonal 1.5
+    kt = np.asarray(_rbf(xt, x))
+    reg, y = 0.1, np.eye(4)[labels] - 0.25
+    expected = kt @ np.linalg.solve(k + reg * 1.5 * np.eye(len(k)), y)
+    for scale in (1.0, 37.0):
+      model = KernelRegression.fit(scale * k, labels, 4, regularizer=reg, solver=solver)
+      np.testing.assert_allclose(model.predict(scale * kt), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_ridgeless_eigh_of_a_singular_kernel_is_the_pseudo_inverse():
+  """The eigh solver drops the eigenvalues of a rank-5 kernel of 30 examples that are round-off
+  (below N * eps * lambda_max): kept, or given 1 / cutoff, they made coefficients of 1e12 to 1e16
+  where numpy's pseudo-inverse gives 0.03."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(30, 5))
+    k = features @ features.T  # a linear kernel: rank 5
+    labels = rng.integers(0, 4, 30)
+    y = np.eye(4)[labels] - 0.25
+    expected = np.linalg.pinv(k, rcond=1e-10, hermitian=True) @ y  # a gap of 1e10: any cutoff
+    model = KernelRegression.fit(k, labels, 4, regularizer=0.0, solver="eigh")
+    assert np.all(np.isfinite(model.coefficients))
+    np.testing.assert_allclose(model.coefficients, expected, rtol=1e-6,
+                               atol=1e-8 * np.abs(expected).max())
+    np.testing.assert_allclose(model.predict(k), k @ expected, atol=1e-8)
+
+
+def test_spectral_preconditioner_is_the_inverse_on_the_top_space_and_scaled_identity_off_it():
+  """V diag(1 / (lambda_i + s)) V^T + (I - V V^T) / (lambda_k + s), lambda_k the smallest of the
+  top k given: applied to the identity, the dense matrix (with lambda_1, CG's condition number
+  was no better than unpreconditioned)."""
+  rng = np.random.default_rng(2)
+  q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+  values = np.geomspace(100.0, 0.01, 12)
+  top, vectors, shift = values[:4], q[:, :4], 0.3
+  operator = spectral_preconditioner(top, vectors, shift)
+  outside = np.eye(12) - vectors @ vectors.T
+  expected = (vectors * (1 / (top + shift))) @ vectors.T + outside / (top[-1] + shift)
+  np.testing.assert_allclose(operator.matmat(np.eye(12)), expected, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(operator.matvec(q[:, 7]), q[:, 7] / (top[-1] + shift), rtol=1e-12)
 
 
 def test_evaluator_scores_a_kernel_regression_logits_fn_like_numpy():

@@ -194,3 +194,20 @@ def test_a_tile_of_nan_is_refused_not_stored(tmp_path):
   with pytest.raises(FloatingPointError, match=r"tile 0-1 holds NaN or infinite entries \(not stored\)"):
     store.write_tile(0, 1, tile, mirror=True)
   assert store.done_tiles() == set() and store.stored_chunks() == set()
+
+
+def test_a_float64_kernel_is_stored_and_read_back_in_float64(tmp_path):
+  """The array takes the dtype of the kernel's meta: stored as float32, a float64 kernel lost its
+  last 29 bits (1 + 1e-12 read back as 1.0) with no word."""
+  n = TILE * BLOCKS
+  meta = {"shape": [n, n], "tile": TILE, "dtype": "float64"}
+  store = KernelStore.create_or_resume(str(tmp_path / "kernel"), meta, ("shape",), np.arange(n),
+                                       np.zeros(n, int))
+  tile = np.full((TILE, TILE), 1 + 1e-12)
+  tile[0, 1] = np.pi
+  store.write_tile(0, 1, tile, mirror=True)
+  for kernel in (store, KernelStore.open(store.directory)):
+    for block in (kernel.read(slice(0, TILE), slice(TILE, 2 * TILE)),
+                  kernel.read(slice(TILE, 2 * TILE), slice(0, TILE)).T):
+      assert block.dtype == np.float64
+      np.testing.assert_array_equal(block, tile)

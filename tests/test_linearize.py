@@ -192,6 +192,26 @@ def test_frozen_batch_norm_ignores_the_batch_and_keeps_the_statistics():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_output_components_of_frozen_batch_norm_ignore_the_statistics_given():
+  """Frozen BatchNorm is theta0's: f0 and the jvp evaluation records use batch_stats0 whatever
+  running averages are passed (they were used when given); loose uses those given."""
+  model = MODELS["mlp"]()
+  variables, x = _init(model), _images()
+  p0, bs0 = variables["params"], variables["batch_stats"]
+  moved = jax.tree.map(lambda a: a * 2.0 + 0.5, bs0)  # means shifted, variances doubled and more
+  params = _axpy(1.0, _direction(p0), p0)
+  network = jax.jit(lambda stats, x: model.apply({"params": p0, "batch_stats": stats}, x,
+                                                 train=False))
+  frozen = LinearizedModel(model, p0, bs0)
+  assert frozen.batch_norm == "frozen"
+  given, default = (output_components(frozen, params, x, stats) for stats in (moved, None))
+  np.testing.assert_allclose(given["f0"], network(bs0, x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(given["jvp"], default["jvp"])
+  assert np.abs(network(moved, x) - network(bs0, x)).max() > 1e-2  # the statistics matter
+  loose = output_components(LinearizedModel(model, p0, bs0, batch_norm="loose"), params, x, moved)
+  np.testing.assert_allclose(loose["f0"], network(moved, x), rtol=1e-5, atol=1e-6)
+
+
 def test_loose_batch_norm_uses_the_batch_and_updates_the_statistics():
   model = MODELS["mlp"]()
   variables, x = _init(model), _images()

@@ -10,6 +10,7 @@ import scipy.linalg
 
 from ntk_scale.ntk.lobpcg import lobpcg_top
 
+from test_kernel_regression import all_highest
 from test_spectrum import random_psd
 
 
@@ -111,3 +112,14 @@ def test_float32_with_fast_decaying_residuals_stays_orthonormal(iterations):
   assert residuals.max() < 3e-5 * expected[0]
   np.testing.assert_allclose(values[:20], expected, rtol=0, atol=1e-5 * expected[0])
   np.testing.assert_allclose(vectors.T.astype(np.float64) @ vectors, np.eye(30), atol=1e-4)
+
+
+def test_every_product_of_the_solver_is_at_highest_precision():
+  """The basis' Gram matrices, projections and Ritz combinations: on GPUs (TF32) and TPUs
+  (bfloat16 passes) float32 matmuls at the default precision lose the orthogonality the solver
+  rests on. Read from the traced program, with a kernel product at HIGHEST (on this CPU the
+  precision changes nothing)."""
+  matrix = jnp.asarray(random_psd(40).astype(np.float32))
+  block = jnp.asarray(np.random.default_rng(1).standard_normal((40, 6)).astype(np.float32))
+  product = lambda m: (lambda v: jnp.matmul(m, v, precision=jax.lax.Precision.HIGHEST))
+  assert all_highest(lambda m, b: lobpcg_top(product(m), b, 5, 1e-6, converge=3), matrix, block)

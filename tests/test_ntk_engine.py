@@ -243,6 +243,34 @@ def test_trace_kernel_formed_a_chunk_of_logits_at_a_time(network):
   assert _relative_error(kernel, reference_kernel(apply_fn, variables["params"], x, x2, "trace")) < 1e-10
 
 
+class FourLogitMLP(nn.Module):
+  """A dense tanh layer and a head of 4 logits: chunks of 2 logits start at logits 0 and 2."""
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4)(jnp.tanh(nn.Dense(5)(x.reshape(len(x), -1))))
+
+
+@pytest.mark.parametrize("settings", [dict(tile_size=2, band=2), dict(rotate=True)],
+                         ids=["bands", "ring"])
+def test_trace_kernel_in_chunks_of_two_logits_covers_every_logit(settings):
+  """Chunk c forms the rows of logits c * logit_chunk ..: a chunk's first logit taken as its index
+  (right only for a logit at a time) summed logits 0, 1, 1, 2 of 4. Symmetric and cross kernels,
+  bands of tiles and the ring of 4 devices, against the float64 Jacobian contraction."""
+  model = FourLogitMLP()
+  x, x2 = _images(7), _images(3, seed=6)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  if "rotate" in settings:
+    plan = plan_for(apply_fn, params, x, None, "trace", method="jacobian", logit_chunk=2,
+                    num_devices=jax.device_count(), **settings)
+    assert plan.rotate and plan.logit_chunk == 2 and plan.num_devices == 4
+  for other in (None, x2):
+    kernel = empirical_ntk(apply_fn, params, x, other, logits="trace", method="jacobian",
+                           logit_chunk=2, dtype="float64", **settings)
+    reference = reference_kernel(apply_fn, params, x, x if other is None else other, "trace")
+    assert _relative_error(kernel, reference) < 1e-10
+
+
 def test_cross_kernel_of_two_sets(network):
   _, variables, apply_fn = network
   x1, x2 = _images(5, seed=4), _images(4, seed=5)

@@ -1,9 +1,12 @@
 """Eigenpairs of kernels against numpy's dense solver on random PSD matrices: all of them, the top k
 by LOBPCG in memory, and the top k streamed from a KernelStore by row panels smaller than it."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.sparse.linalg
 
 from ntk_scale.ntk import spectrum
 from ntk_scale.ntk.store import KernelStore
@@ -164,3 +167,77 @@ def test_rounds_stop_at_the_round_off_floor_and_only_there(residuals, rounds, st
   pairs, state = run_rounds(engine, first_state(np.zeros((1, 1))), tol=1e-6, max_iters=400)
   assert state["rounds"] == rounds == engine.rounds and state["stalled"] == stalled
   assert state["residuals"] == residuals[:rounds] and pairs.residuals[0] == residuals[rounds - 1]
+
+
+def test_a_streamed_round_leaves_the_block_it_started_from_unchanged(tmp_path):
+  """scipy's LOBPCG overwrites the block it is given: passed the caller's, a round changed the
+  saved state it started from (and the best round's block a stalled solve returns to)."""
+  from ntk_scale.ntk.spectrum_rounds import StreamedKernel, start_block
+
+  matrix = random_psd(60, seed=4)
+  store = write_store(tmp_path / "kernel", matrix, tile=16)
+  start = start_block(60, 8, 0, np.dtype(np.float64))
+  engine = StreamedKernel(store, 4, "float64", 5, 1e-12, max_block_bytes=16 * 60 * 8, start=start)
+  block = np.random.default_rng(1).standard_normal((60, 8))
+  given = block.copy()
+  advanced, iterations = engine.advance(block)
+  np.testing.assert_array_equal(block, given)
+  assert iterations == 5 and not np.array_equal(advanced, given)
+  # The round moved toward the top 4: their Ritz values are numpy's to a few digits.
+  np.testing.assert_allclose(engine.ritz(advanced).values, np.linalg.eigvalsh(matrix)[::-1][:4],
+                             rtol=1e-3)
+
+
+def test_eigenvalues_alone_are_numpys_largest_first():
+  """`eigenvalues` (the spectrum without eigenvectors) is ordered as `eigh`: largest first."""
+  matrix = random_psd(50, seed=5, decay=False)
+  values = spectrum.eigenvalues(matrix)
+  np.testing.assert_allclose(values, np.linalg.eigvalsh(matrix)[::-1], rtol=1e-9,
+                             atol=1e-12 * np.abs(values).max())
+  assert values[0] == values.max() and np.all(np.diff(values) <= 0)
+
+
+def test_top_k_eigenvectors_have_the_sign_that_sums_to_at_least_zero():
+  """LOBPCG returns v or -v by its start block: `top_eigenpairs` orients each, as `eigh` does, so
+  that results showing eigenvectors do not differ by sign between solvers and device counts."""
+  matrix = random_psd(200, seed=1)
+  result = spectrum.top_eigenpairs(matrix, 6)  # 16 vectors of 200 rows: by LOBPCG, not dense
+  assert np.all(result.vectors.sum(0) >= 0)
+  _, vectors = reference(matrix)
+  vectors = vectors[:, :6] * np.where(vectors[:, :6].sum(0) < 0, -1.0, 1.0)
+  np.testing.assert_allclose(result.vectors, vectors, atol=1e-8)
+
+
+class _CountedProducts(scipy.sparse.linalg.LinearOperator):
+  """A matrix as an operator that counts its block products (one per LOBPCG iteration)."""
+
+  def __init__(self, matrix):
+    super().__init__(dtype=np.float64, shape=matrix.shape)
+    self.matrix, self.products = matrix, 0
+
+  def _matmat(self, block):
+    self.products += 1
+    return self.matrix @ block
+
+  def _matvec(self, vector):
+    return self._matmat(vector.reshape(-1, 1))[:, 0]
+
+
+def test_top_k_tolerance_is_relative_to_the_kernels_scale():
+  """tol bounds residuals relative to lambda_max whatever the kernel's units: scipy's absolute
+  tolerance is scaled by lambda_max. Unscaled, 1e-6 K stopped short of tol (with a warning) and
+  1e6 K ran every iteration for nothing; scaled, c K takes K's iterations to K's pairs times c."""
+  matrix, tol = random_psd(200, seed=1), 1e-7
+  unscaled = _CountedProducts(matrix)
+  spectrum.top_eigenpairs(unscaled, 6, tol=tol)
+  values, vectors = reference(matrix)
+  for c in (1e-6, 1e6):
+    operator = _CountedProducts(c * matrix)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # "did not reach tol" is a failure here
+      result = spectrum.top_eigenpairs(operator, 6, tol=tol)
+    assert result.residuals.max() <= tol
+    np.testing.assert_allclose(result.values, c * values[:6], rtol=1e-10)
+    assert np.max(scipy.linalg.subspace_angles(result.vectors, vectors[:, :6])) < 1e-6
+    assert abs(operator.products - unscaled.products) <= 3, (c, operator.products,
+                                                             unscaled.products)
