@@ -128,6 +128,13 @@ class Checkpoints:
     `pending_metrics`: a save at a preemption also keeps the metrics of the steps since the last
     logged one (read back by `pending_metrics`), so the resumed run logs them as an uninterrupted
     one would."""
+    gone = jax.process_index() == 0 and not files.is_cloud(self.directory) and not files.exists(
+        self.directory)
+    if parallel.agree(gone):  # Orbax would make it again: a workdir missing its config and past
+      raise FileNotFoundError(
+          f"{self.directory} was deleted while this job ran: stopping rather than saving step "
+          f"{step} into a workdir without its record (config.json) and earlier checkpoints. "
+          f"Rerun to start again there, or use another --workdir.")
     meta = {"step": int(step), "epoch": float(epoch)}
     if pending_metrics is not None:
       meta.update(preempted=True, pending_metrics=[[int(s), m] for s, m in pending_metrics])

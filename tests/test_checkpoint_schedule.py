@@ -206,3 +206,19 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, damage, read):
   np.testing.assert_array_equal(reader.restore(0, jax.tree.map(jnp.zeros_like, state(0)))["params"]["w"],
                                 np.arange(2.0))
   reader.close()
+
+
+def test_a_save_into_a_deleted_directory_is_refused(tmp_path):
+  """A workdir deleted while it trained: Orbax made checkpoints/ again and the job ended with exit
+  0 in a workdir without config.json or its earlier checkpoints, which a rerun then took up."""
+  import shutil
+  directory = str(tmp_path / "run" / "checkpoints")
+  writer = Checkpoints(directory)
+  writer.save(0, {"w": jnp.arange(2.0)}, 0.0)
+  writer.wait_until_finished()
+  shutil.rmtree(str(tmp_path / "run"))
+  with pytest.raises(FileNotFoundError, match=r"checkpoints was deleted while this job ran: stopping "
+                                              r"rather than saving step 5"):
+    writer.save(5, {"w": jnp.arange(2.0)}, 1.0)
+  assert not os.path.exists(str(tmp_path / "run"))
+  writer.close()
