@@ -392,7 +392,7 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
   """The kernels' metadata, and the spectrum of each complete one: the spectrum job's where it ran
   (its top k), else a dense eigh's where the kernel is small enough."""
   from ntk_scale.ntk.job import KERNELS_DIR  # pylint: disable=import-outside-toplevel
-  from ntk_scale.ntk.spectrum import eigenvalues  # pylint: disable=import-outside-toplevel
+  from ntk_scale.ntk.spectrum import NonFiniteKernelError, eigenvalues  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.store import META_FILE, TILES_DIR, KernelStore, KernelStoreDamagedError  # pylint: disable=import-outside-toplevel
   from ntk_scale.ntk.spectrum_job import RESULT_FILE, SPECTRUM_DIR, load_spectrum  # pylint: disable=import-outside-toplevel
 
@@ -416,14 +416,10 @@ def kernel_parts(page: ReportPage, workdir: str) -> list[str]:
       too_big.append(name)
     elif meta.get("complete") and size > 0:
       try:
-        matrix = KernelStore.open(directory).read()
-      except KernelStoreDamagedError:
+        spectra[name] = eigenvalues(KernelStore.open(directory).read())
+      except (KernelStoreDamagedError, NonFiniteKernelError):
         damaged.append(name)
         continue
-      if not np.isfinite(matrix).all():
-        damaged.append(name)
-        continue
-      spectra[name] = eigenvalues(matrix)
       traces[name] = spectra[name].sum()
   if not rows:
     return []

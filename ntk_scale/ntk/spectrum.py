@@ -72,6 +72,15 @@ class NonFiniteKernelError(FloatingPointError):
                f"was damaged: delete the kernel's directory to compute it again.")
 
 
+def _finite_matrix(kernel: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+  """`kernel` as a matrix in `dtype`; NonFiniteKernelError naming it as `name` where an entry is
+  NaN or infinite (scipy's own check names neither the kernel nor the cause)."""
+  matrix = as_matrix(kernel).astype(dtype, copy=False)
+  if not np.isfinite(matrix).all():
+    raise NonFiniteKernelError.of(name)
+  return matrix
+
+
 def eigh(kernel: np.ndarray, dtype: str = "float64", backend: str = "numpy",
          name: str = "the kernel") -> Eigenpairs:
   """Every eigenpair of a symmetric kernel that fits in memory, largest first; NonFiniteKernelError,
@@ -84,9 +93,7 @@ def eigh(kernel: np.ndarray, dtype: str = "float64", backend: str = "numpy",
   np_dtype = _check_dtype(dtype)
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {', '.join(BACKENDS)}.")
-  matrix = as_matrix(kernel).astype(np_dtype, copy=False)
-  if not np.isfinite(matrix).all():
-    raise NonFiniteKernelError.of(name)
+  matrix = _finite_matrix(kernel, np_dtype, name)
   if backend == "numpy":
     values, vectors = scipy.linalg.eigh(matrix, check_finite=True)
   else:
@@ -107,10 +114,10 @@ def rounding_floor(dtype: str, trace: float) -> float:
   return float(np.finfo(dtype).eps * abs(trace))
 
 
-def eigenvalues(kernel: np.ndarray, dtype: str = "float64") -> np.ndarray:
+def eigenvalues(kernel: np.ndarray, dtype: str = "float64", name: str = "the kernel") -> np.ndarray:
   """Every eigenvalue of a symmetric kernel that fits in memory, largest first: for spectra alone,
-  about 10x faster than `eigh`, which also forms the eigenvectors."""
-  matrix = as_matrix(kernel).astype(_check_dtype(dtype), copy=False)
+  about 10x faster than `eigh`, which also forms the eigenvectors. NonFiniteKernelError as `eigh`."""
+  matrix = _finite_matrix(kernel, _check_dtype(dtype), name)
   return scipy.linalg.eigvalsh(matrix, check_finite=True)[::-1].copy()
 
 
