@@ -11,9 +11,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ntk_scale import console  # sets the TF log level before TensorFlow loads
-from ntk_scale import jobs, parallel
+from ntk_scale import jobs, parallel, preemption
 from ntk_scale.config_fields import missing_field_message
-from ntk_scale.preemption import PREEMPTED_EXIT_CODE, Preempted
+from ntk_scale.preemption import Preempted
 from ntk_scale.workdir import phase2_directory
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -96,7 +96,7 @@ def main(argv):
     result = jobs.run(_CONFIG.value, _WORKDIR.value)
   except Preempted as stopped:  # every process saved at the same step and stops here
     print(f"process {jax.process_index()}: {stopped}", file=sys.stderr, flush=True)
-    parallel.exit_together(PREEMPTED_EXIT_CODE)
+    parallel.exit_together(preemption.exit_code())
   except BaseException:
     if jax.process_count() == 1:
       raise

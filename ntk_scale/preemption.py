@@ -15,6 +15,7 @@ what it last wrote.
 """
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Callable, Iterator
@@ -24,7 +25,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job that SIGTERM stopped
-_SIGTERM_NOTICED = threading.Event()  # one process: a notice is never taken back
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: a job stopped by Ctrl-C
+_NOTICED = threading.Event()  # one process: a notice (SIGTERM or a first Ctrl-C) is never taken back
+_INTERRUPTED = threading.Event()  # the notice was a Ctrl-C
 
 
 class _SyncPoints:
@@ -38,8 +41,24 @@ class Preempted(Exception):
   """A job stopped for a preemption after keeping its work (`what`); `step`: the loop's step."""
 
   def __init__(self, what: str, step: int):
-    super().__init__(f"preempted: {what}; rerun the same command to resume.")
+    stopped = "interrupted (Ctrl-C)" if _INTERRUPTED.is_set() else "preempted"
+    super().__init__(f"{stopped}: {what}; rerun the same command to resume.")
     self.step = step
+
+
+def exit_code() -> int:
+  """The exit status of a job stopped by a notice: a shell's for the signal that sent it."""
+  return INTERRUPTED_EXIT_CODE if _INTERRUPTED.is_set() else PREEMPTED_EXIT_CODE
+
+
+def _interrupted(signum, frame) -> None:
+  """A first Ctrl-C: a notice, as SIGTERM's; the next Ctrl-C raises KeyboardInterrupt."""
+  _INTERRUPTED.set()
+  _NOTICED.set()
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  # os.write, not print: a handler that prints can land inside another print to stderr.
+  os.write(2, b"\nCtrl-C: stopping after this step, keeping its work (rerunning the same command "
+              b"resumes); Ctrl-C again stops at once, losing the work since the last save.\n")
 
 
 def _reached_sync_point(step: int) -> bool:
@@ -75,8 +94,12 @@ def preemption_notices() -> Iterator[Callable[[], bool]]:
   if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
     yield lambda: False
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM_NOTICED.set())
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: _NOTICED.set())
+  previous_int = signal.getsignal(signal.SIGINT)
+  if previous_int is signal.default_int_handler and not _NOTICED.is_set():
+    signal.signal(signal.SIGINT, _interrupted)
   try:
-    yield _SIGTERM_NOTICED.is_set
+    yield _NOTICED.is_set
   finally:
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)

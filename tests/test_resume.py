@@ -21,10 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ntk_scale import jobs, restore
+from ntk_scale import jobs, preemption, restore
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
-from ntk_scale import preemption
 from ntk_scale.preemption import Preempted
 from ntk_scale.train import loop, phase
 from ntk_scale.train.collapse import CollapseDetector
@@ -228,7 +227,7 @@ def test_a_preemption_stops_within_steps_in_flight_of_the_devices(tmp_path, monk
 def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handler(monkeypatch):
   if threading.current_thread() is not threading.main_thread():
     pytest.skip("signals reach the main thread only")
-  monkeypatch.setattr(preemption, "_SIGTERM_NOTICED", threading.Event())
+  monkeypatch.setattr(preemption, "_NOTICED", threading.Event())
   before = signal.getsignal(signal.SIGTERM)
   with preemption.preemption_notices() as noticed:
     assert not noticed()
@@ -240,6 +239,43 @@ def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handle
   assert signal.getsignal(signal.SIGTERM) is before
   with preemption.preemption_notices() as noticed:  # say, phase 2 after the last step of phase 1
     assert noticed()
+
+
+def test_one_process_takes_a_first_ctrl_c_as_a_notice_and_a_second_as_keyboard_interrupt(monkeypatch):
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signals reach the main thread only")
+  monkeypatch.setattr(preemption, "_NOTICED", threading.Event())
+  monkeypatch.setattr(preemption, "_INTERRUPTED", threading.Event())
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in main.py
+  try:
+    assert preemption.exit_code() == preemption.PREEMPTED_EXIT_CODE
+    with preemption.preemption_notices() as noticed:
+      os.kill(os.getpid(), signal.SIGINT)  # handled between two bytecodes of this thread
+      time.sleep(0.1)
+      assert noticed()
+      assert "interrupted (Ctrl-C): " in str(preemption.Preempted("the work", 3))
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert preemption.exit_code() == preemption.INTERRUPTED_EXIT_CODE
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_sigint_stays_ignored(monkeypatch):
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signals reach the main thread only")
+  monkeypatch.setattr(preemption, "_NOTICED", threading.Event())
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a shell script
+  try:
+    with preemption.preemption_notices() as noticed:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert not noticed()
+  finally:
+    signal.signal(signal.SIGINT, before)
 
 
 class FakeSyncService:

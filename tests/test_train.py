@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from ntk_scale import jobs
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.train.loop import NonFiniteLossError
-from ntk_scale.preemption import PREEMPTED_EXIT_CODE
+from ntk_scale.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import xla_flags
@@ -37,14 +37,14 @@ def load_config(name: str, arg: str = ""):
 
 
 def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/digits.py:smoke",
-            wait: bool = True):
+            wait: bool = True, **popen):
   """Runs main.py in a fresh process with `devices` emulated CPU devices. It inherits the session's
   compilation cache from the environment (conftest.py): programs compiled by one process, of this
   file or another, are loaded, not compiled again, by the next."""
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, **popen)
   if not wait:
     return proc
   out, _ = proc.communicate(timeout=600)
@@ -171,6 +171,23 @@ def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
     np.testing.assert_array_equal(a, b)
   # The metrics file tells the story of one run: no duplicated or missing steps.
   assert train_records(killed) == train_records(tmp_path / "straight")
+
+
+def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint_and_exit_130(tmp_path):
+  """A first Ctrl-C is a preemption notice: the run saves at the step it is in and exits 130 without
+  a traceback (a KeyboardInterrupt landed in Orbax's threads or XLA's compiler). A rerun resumes
+  from that checkpoint as after SIGTERM (test_preemption_kill_and_rerun_equal_uninterrupted_bitwise).
+  SIGINT restored to its default in the child: a background job of a non-interactive shell (CI)
+  inherits it ignored, which main.py leaves as it is."""
+  default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+  proc = main_py(tmp_path, *ONE_EPOCH, "--config.profile_steps=1", wait=False,
+                 preexec_fn=default_sigint)
+  out = _signal_when_written(proc, str(tmp_path / "plugins" / "profile" / "*" / "*"), signal.SIGINT)
+  assert proc.returncode == INTERRUPTED_EXIT_CODE, out[-3000:]
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+  assert "Ctrl-C again stops at once" in out
+  stopped_at = int(re.search(r"interrupted \(Ctrl-C\): the train state at step (\d+) is saved", out)[1])
+  assert 3 <= stopped_at < 22 and (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
 
 
 def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path):
