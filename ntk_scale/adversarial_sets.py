@@ -41,6 +41,12 @@ def read_set_meta(directory: str) -> dict[str, Any] | None:
   return files.read_json(meta_path) if files.exists(meta_path) else None
 
 
+def is_whole_set(directory: str) -> bool:
+  """Whether every array of the set in `directory` is there and as long as its header says (read
+  from the headers: a rerun checks its sets without loading them)."""
+  return all(files.is_whole_array(os.path.join(directory, f"{name}.npy")) for name in ARRAYS)
+
+
 def load_adversarial_set(directory: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The arrays and record of a saved set; a clear error when it is missing or incomplete."""
   paths = {name: os.path.join(directory, f"{name}.npy") for name in ARRAYS}

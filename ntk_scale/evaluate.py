@@ -16,7 +16,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ntk_scale import data, evaluation_progress, files, parallel, writer_lock
-from ntk_scale.adversarial_sets import load_adversarial_set, read_set_meta, save_adversarial_set
+from ntk_scale.adversarial_sets import (is_whole_set, load_adversarial_set, read_set_meta,
+                                        save_adversarial_set)
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
 from ntk_scale.data import Dataset, Split, eval_batches
 from ntk_scale.evaluation_progress import BatchProgress, KeptResults, MemberProgress
@@ -361,8 +362,8 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
   if set_directory is not None and not parallel.agree(
       jax.process_index() == 0 and _is_set_of(set_directory, made_with)):
     if jax.process_index() == 0:
-      print(f"attack {made_with['name']}: recorded, but its set in {set_directory} is missing or "
-            f"another's; evaluating it again", flush=True)
+      print(f"attack {made_with['name']}: recorded, but its set in {set_directory} is missing, cut "
+            f"short or another's; evaluating it again", flush=True)
     return None
   if jax.process_index() == 0:
     print(f"attack {made_with['name']}: recorded with these settings in "
@@ -373,9 +374,10 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
 def _is_set_of(set_directory: str, made_with: dict[str, Any]) -> bool:
   """Whether the set was made with all of `made_with` (the attack, the checkpoint, and the batch
   size, seed, precision... that the record holds): a run killed after writing a set under other
-  settings leaves a set that the older record does not describe."""
+  settings leaves a set that the older record does not describe. Its arrays must be whole too."""
   meta = read_set_meta(set_directory)
-  return meta is not None and _result_settings(meta.get("settings")) == made_with
+  return (meta is not None and _result_settings(meta.get("settings")) == made_with
+          and is_whole_set(set_directory))
 
 
 def _result_settings(settings: dict[str, Any] | None) -> dict[str, Any] | None:

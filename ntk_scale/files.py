@@ -141,6 +141,21 @@ def load_array(path: PathLike, memory_map: bool = False) -> np.ndarray:
     raise UnreadableRecordError(f"{path} is not a readable .npy array ({e}); {_REWRITE}") from e
 
 
+def is_whole_array(path: PathLike) -> bool:
+  """Whether `path` is an .npy file as long as its header says, read from its header alone: an
+  array cut short after it was written (a disk fault, a partial copy) is not, though it exists."""
+  try:
+    with epath.Path(path).open("rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      data_offset = f.tell()
+  except (OSError, ValueError, EOFError):
+    return False
+  return size(path) == data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
 def _pid_namespace() -> str:
   """This process's PID namespace: containers of one host name sharing a directory (Kubernetes pods
   on the host's network) each count process ids from 1."""

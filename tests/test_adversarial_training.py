@@ -212,9 +212,16 @@ def test_an_added_attack_neither_reruns_nor_changes_the_others(trained, capsys):
   jobs.run(config, workdir)
   out = capsys.readouterr().out
   assert "attack pgd: recorded with these" not in out
-  assert "attack pgd: recorded, but its set in" in out and "is missing or another's" in out
+  assert "attack pgd: recorded, but its set in" in out and "is missing, cut short or another's" in out
   with open(meta_path) as f:
     assert json.load(f)["settings"]["eval_batch_size"] == 128  # made again, as recorded
+  images_path = os.path.join(workdir, "adversarial", "pgd_epoch1", "images.npy")
+  images = np.load(images_path)
+  with open(images_path, "r+b") as f:  # cut short after it was written: its record still matches
+    f.truncate(os.path.getsize(images_path) - 4096)
+  jobs.run(config, workdir)
+  assert "attack pgd: recorded, but its set in" in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(images_path), images)  # made again, whole
   config.eval_attacks.pgd.num_steps = 3  # evaluated again, saying why its numbers move
   jobs.run(config, workdir)
   assert "attack pgd: recorded with other settings (attack) in" in capsys.readouterr().out

@@ -132,3 +132,21 @@ def test_a_full_disk_and_a_cut_short_array_name_their_file(tmp_path):
     with pytest.raises(files.UnreadableRecordError, match=rf"{path} is not a readable .npy array "
                                                           rf"\(.*\); records are written whole"):
       files.load_array(path, memory_map=memory_map)
+
+
+def test_an_array_is_whole_when_its_length_is_its_headers(tmp_path):
+  import numpy as np
+  path = str(tmp_path / "images.npy")
+  for array in (np.zeros((3, 8, 8, 1), np.float32), np.arange(7, dtype=np.int32), np.float64(2.0)):
+    files.save_array(path, array)
+    assert files.is_whole_array(path)
+  files.save_array(path, np.zeros((3, 8, 8, 1), np.float32))
+  whole = os.path.getsize(path)
+  for length in (whole - 4, 100, 5, 0):  # cut in the data, in the header, in the magic
+    with open(path, "r+b") as f:
+      f.truncate(length)
+    assert not files.is_whole_array(path), length
+  with open(path, "wb") as f:
+    f.write(b"not an array" * 100)
+  assert not files.is_whole_array(path)
+  assert not files.is_whole_array(str(tmp_path / "absent.npy"))
