@@ -513,7 +513,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, Any]) -> dict[str, Any]:
   """Records results (per-class accuracies included) in `<workdir>/evaluations/step_<step>.json`,
-  then drops the parts `evaluate_and_save` kept; returns this evaluation's record.
+  then drops the parts `evaluate_and_save` kept for them; returns this evaluation's record.
 
   The file keeps the results it already holds under other names: the train job's final
   evaluation and an `evaluate` job of the same checkpoint (AutoAttack, transfer sets) share it,
@@ -526,5 +526,5 @@ def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, A
       earlier = files.read_json(path)["results"] if files.exists(path) else {}
       kept = {name: result for name, result in earlier.items() if name not in results}
       files.write_json(path, {**record, "results": {**results, **kept}}, indent=2)
-  evaluation_progress.discard(_kept_directory(workdir, step))
+  evaluation_progress.discard_named(_kept_directory(workdir, step), set(results))
   return record

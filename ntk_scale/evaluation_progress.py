@@ -4,7 +4,9 @@ Attacks are the costly part of an evaluation (AutoAttack on CIFAR-10's 10,000 te
 minutes on a GPU and hours on a CPU; attacks on a kernel machine more). `KeptResults` keeps each
 finished one, under a name digested from what it is and the settings that made it, with its
 examples when it has them; a rerun takes back what its own settings made, so the job ends with the
-results an uninterrupted one writes, and `discard` drops the directory once those are written.
+results an uninterrupted one writes, and `discard` drops the directory once those are written
+(an evaluation's attacks: `discard_named`, which drops the attacks its record now holds, leaving
+another job's under way).
 Users: an evaluation's attacks (`evaluate.evaluate_and_save`, in
 `<phase dir>/evaluations/step_<step>.partial/`), the infinite job's kernel-regression scores, the
 eigen_features job's groups. The attack under way keeps its batches' results every KEEP_EVERY_S
@@ -33,6 +35,34 @@ def discard(directory: str) -> None:
   """Once the job's own results are written, what was kept for them is not needed any more."""
   if jax.process_index() == 0 and files.exists(directory):
     files.remove_tree(directory)
+
+
+def discard_named(directory: str, names: set[str]) -> None:
+  """Drops what was kept in `directory` for the evaluations called `names` (an evaluation's
+  attacks, once its record holds them), whatever settings made it, and the directory once empty.
+  Another job's evaluations of other names, under way beside this one (say, an evaluate job's
+  AutoAttack while the train job evaluates its last checkpoint), keep theirs."""
+  if jax.process_index() != 0 or not files.exists(directory):
+    return
+  entries = files.list_dir(directory)
+  finished = {}  # <digest>.json: a finished evaluation's record, naming it; <digest>.npz: its examples
+  for entry in entries:
+    digest, _, rest = entry.partition(".")
+    if rest == "json":
+      try:
+        finished[digest] = files.read_json(os.path.join(directory, entry))["settings"].get("name")
+      except (files.UnreadableRecordError, OSError, KeyError, AttributeError):
+        pass  # gone (another job discarded it), or not this module's: kept
+  for entry in entries:
+    digest, _, rest = entry.partition(".")
+    # Under way: <digest>.<name>.from_<batch>.npz, <digest>.<name>.members.json, ...
+    name = finished.get(digest) if rest in ("json", "npz") else rest.split(".")[0]
+    if name in names:
+      try:
+        files.remove(os.path.join(directory, entry))
+      except FileNotFoundError:  # another evaluation of that name discarded it first
+        pass
+  files.remove_if_empty(directory)
 
 
 def _read_agreed(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -82,6 +82,14 @@ def remove_tree(path: PathLike) -> None:
     epath.Path(path).rmtree()
 
 
+def remove_if_empty(directory: PathLike) -> None:
+  """`directory` if it holds nothing (what another job wrote there keeps it)."""
+  try:
+    epath.Path(directory).rmdir()
+  except (OSError, ValueError):  # not empty, or gone
+    pass
+
+
 def read_bytes(path: PathLike) -> bytes:
   return epath.Path(path).read_bytes()
 

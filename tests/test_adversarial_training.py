@@ -312,7 +312,7 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   """AutoAttack's members (APGD-CE, APGD-T) in turn, then PGD (the config's order), batches of 128
   of the 360 test images: preempted in AutoAttack's first batch, then killed in PGD, the evaluation
   ends with the record and adversarial sets of an uninterrupted one, and no finished attack, member
-  or kept batch runs again."""
+  or kept batch runs again, though another evaluation of the checkpoint finished in between."""
   config, workdir, _ = trained["benign"]
   config = ml_collections.ConfigDict(config.to_dict())
   config.job, config.evaluate.epoch, config.eval_batch_size = "evaluate", 1.0, 128
@@ -359,6 +359,10 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   assert attacked == ["autoattack", "pgd"] and members_done == [1, 2]
   # The first member's first batch was taken back: its other batches ran, then the second member's.
   assert batches_run.count(True) >= first_member_batches
+  # Another evaluation of this checkpoint (FGSM) finishing meanwhile leaves AutoAttack's kept result.
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.eval_attacks = ml_collections.ConfigDict(dict(fgsm=FGSM.to_dict()))
+  jobs.run(other, workdir)
   del attacked[:], members_done[:], batches_run[:]
   kill_in_pgd = False
   resumed = jobs.run(config, workdir)

@@ -74,3 +74,31 @@ def test_results_are_kept_with_their_examples_for_their_own_settings_only(tmp_pa
   assert KeptResults(directory, {"config": "a"}, lambda: False).get({"model": "n"}, "n") is None
   KeptResults(directory, {}, lambda: False).discard()
   assert not (tmp_path / "kept").exists()
+
+
+def test_discarding_named_evaluations_leaves_the_others_kept_beside_them(tmp_path, monkeypatch):
+  """Two jobs evaluate one checkpoint: the one that finishes first drops only what was kept for the
+  attacks its record holds (under any settings); the other's, under way, stay to resume from."""
+  monkeypatch.setattr(evaluation_progress, "KEEP_EVERY_S", 0.0)
+  directory = str(tmp_path / "step_22.partial")
+  mine = KeptResults(directory, {"step": 22, "eval_batch_size": 128}, lambda: False)
+  other = KeptResults(directory, {"step": 22, "eval_batch_size": 64}, lambda: False)
+  identity = lambda name: {"name": name, "attack": {"eps": 0.03}}
+  mine.put(identity("pgd"), {"accuracy": 0.5, "examples": {"images": np.zeros((2, 3))}})
+  other.put(identity("pgd"), {"accuracy": 0.4})  # pgd under other settings (a killed run's)
+  other.put(identity("square"), {"accuracy": 0.6, "examples": {"images": np.ones((2, 3))}})
+  other.batches(identity("fab"), "fab").put(0, _batch(0), batches=3)
+  members = other.members(identity("autoattack"), "autoattack")
+  members.batches(1).put(0, _batch(0), batches=3)
+  members.member_done(1, {"images": np.ones((2, 3))}, {"apgd-ce": 0.3}, members=3)
+  before = set(evaluation_progress.files.list_dir(directory))
+  evaluation_progress.discard_named(directory, {"clean", "pgd"})
+  after = set(evaluation_progress.files.list_dir(directory))
+  assert len(before - after) == 3  # pgd's two results and the examples of one
+  assert len(after) == 6  # square's result and examples, fab's batches, autoattack's three
+  assert other.get(identity("square"), "square")["accuracy"] == 0.6
+  assert other.batches(identity("fab"), "fab").get(0) is not None
+  assert members.restore()[0] == 1
+  assert mine.get(identity("pgd"), "pgd") is None and other.get(identity("pgd"), "pgd") is None
+  evaluation_progress.discard_named(directory, {"square", "fab", "autoattack"})
+  assert not (tmp_path / "step_22.partial").exists()
