@@ -88,7 +88,7 @@ def main(argv):
   if _DRY_RUN.value:
     plan = jobs.dry_run(
         _CONFIG.value, None if _TARGET_MEMORY.value is None else _TARGET_MEMORY.value * 2**30,
-        every, rates, _TARGET_PLATFORM.value).describe()
+        every, rates, _TARGET_PLATFORM.value, _WORKDIR.value).describe()
     if jax.process_index() == 0:
       print(plan)
     return

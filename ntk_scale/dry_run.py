@@ -23,6 +23,8 @@ Run it on the topology of the real job (on the pod, or with the same device coun
 the per-device figures are the real ones. A plan that does not fit the per-device budget raises
 PlanDoesNotFit naming the setting to change as soon as that program is compiled (the job itself
 would refuse it only after loading the data).
+The workdir is read, never written: its records are checked as the job checks them (another
+experiment's config.json is refused) and a note says what it holds (`workdir_note`).
 From a machine without the accelerators, `TargetDevices` (main.py's --dry_run_device_memory_gb
 and --dry_run_tflops) plans for devices of that memory and matmul rates instead of the local ones:
 budgets (the kernel's tile and band, the spectrum's method) follow the target's memory, times its
@@ -38,6 +40,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +50,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ntk_scale import infinite_job, parallel
+from ntk_scale.checkpoint import CHECKPOINTS_DIR, Checkpoints
 from ntk_scale.attacks import Attack, WorstOf, build_attack, build_attacks
 from ntk_scale.cost_analysis import memory_per_device, program_flops
 from ntk_scale.device_rates import matmul_rate
@@ -84,7 +88,7 @@ from ntk_scale.evaluate import evaluate_batch, transfer_keys
 from ntk_scale.kernel_regression import kernel_scores
 from ntk_scale.restore import check_phase
 from ntk_scale.robust_dataset import attack_batch_size, split_targets, target_batch_program
-from ntk_scale.workdir import phase2_name
+from ntk_scale.workdir import check_experiment, check_workdir_path, phase2_name, records_experiment
 
 class PlanDoesNotFit(ValueError):
   """A program needs more memory per device than the budget; the message names what to change."""
@@ -776,6 +780,25 @@ def plan_job(config: ml_collections.ConfigDict, target: TargetDevices = TargetDe
            for p in programs}
   return DryRun(job, mesh.devices.size, jax.local_devices()[0].platform, rates, budget, programs, notes,
                 target)
+
+
+def workdir_note(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """What `workdir` holds for the job: its experiment (and for training, the newest checkpoint to
+  resume from) or none yet. Raises where the job would refuse the workdir (another experiment's
+  config.json; the report or the phase2 job without a trained experiment)."""
+  job = config.get("job", "train")
+  check_workdir_path(workdir)
+  if check_experiment(config, workdir):
+    held = f"{workdir} holds this experiment (config.json)"
+    if job != "train":
+      return f"{held}; the job reads what it needs there"
+    newest = Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), create=False).latest_step()
+    return (f"{held}; training resumes from its checkpoint of step {newest}" if newest is not None
+            else f"{held}; no checkpoint yet, so training starts from step 0")
+  if records_experiment(config):
+    return f"{workdir} holds no experiment yet: the job records this one there"
+  return (f"{workdir} holds no experiment yet (no config.json): the {job} job reads a trained "
+          f"one's checkpoints or kernels there, and would stop for want of them")
 
 
 def _scheduled_epochs(config: ml_collections.ConfigDict, phase: int) -> list[float]:

@@ -1,5 +1,6 @@
 """The jobs `main.py` can run, chosen by `config.job`."""
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
@@ -39,17 +40,21 @@ JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
 def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None = None,
             matmul_flops_per_s: float | None = None,
             matmul_rates: dict[tuple[str, str], float] | None = None,
-            platform: str | None = None) -> "DryRun":
+            platform: str | None = None, workdir: str | None = None) -> "DryRun":
   """What `config.job` would cost on these devices, or on devices of the given memory, matmul
   rates (one for every program, and/or by (dtype, precision)) and platform (its checks: float64
   on TPUs); see ntk_scale/dry_run.py. Runs and writes nothing. check_config first, at the device
-  count planned for: what `run` refuses before compute, the dry run refuses too."""
-  from ntk_scale.dry_run import TargetDevices, plan_job
+  count planned for: what `run` refuses before compute, the dry run refuses too, and with
+  `workdir`, the records there that the job would refuse (another experiment's config.json), with
+  a note of what the workdir holds."""
+  from ntk_scale.dry_run import TargetDevices, plan_job, workdir_note
 
   with parallel.planned_for(platform):  # the target's platform checks (float64 on TPUs)
     config = check_config(config, jax.device_count())  # the mesh plan_job makes: every device
-    return plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s,
+    note = None if workdir is None else workdir_note(config, workdir)
+    plan = plan_job(config, TargetDevices(device_memory_bytes, matmul_flops_per_s,
                                           tuple((matmul_rates or {}).items()), platform))
+  return plan if note is None else dataclasses.replace(plan, notes=[note, *plan.notes])
 
 
 # Jobs that call prepare_workdir themselves, once their data-dependent checks have passed: they

@@ -133,6 +133,26 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   needs a recorded phase 1. A job that writes an experiment (phase 1's or phase 2's) first takes
   its writer lock (writer_lock.py), held until the job ends: a second copy is refused.
   """
+  check_workdir_path(workdir)
+  job = config.get("job", "train")
+  if job == "phase2":  # before its lock is made there: a run on an empty workdir leaves it empty
+    _check_phase1_recorded(config, workdir)
+  # One job at a time writes an experiment, and the one that holds it checks and makes its records.
+  if job in ("train", "infinite"):  # eigen_features of an infinite kernel records, but reads only
+    writer_lock.hold(writer_lock.lock_path(workdir), job, workdir)
+  if job == "phase2" or (job == "train" and config.phase2.num_epochs > 0):
+    writer_lock.hold(writer_lock.lock_path(workdir, phase2_name(config)), job,
+                     phase2_directory(config, workdir))
+  if check_experiment(config, workdir) or not records_experiment(config):
+    return
+  if jax.process_index() == 0:
+    files.make_dirs(workdir)
+    files.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()), indent=2,
+                     sort_keys=True)
+
+
+def check_workdir_path(workdir: str) -> None:
+  """Refuses a --workdir that cannot be one: empty, a file, or a cloud path other than gs://."""
   if not workdir.strip():
     raise ValueError("--workdir is empty; give the directory (or gs:// path) for the run's files.")
   if files.is_cloud(workdir) and not workdir.startswith("gs://"):
@@ -140,27 +160,35 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if files.exists(workdir) and not files.is_dir(workdir):
     raise ValueError(f"--workdir={workdir} is a file; a workdir is a directory (a new one, or a "
                      f"run's to resume it).")
+
+
+def check_experiment(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """prepare_workdir's checks of the records, reading only (the dry run makes them too): raises
+  WorkdirConfigMismatchError where the workdir holds another experiment, CheckpointNotFoundError
+  where the job needs one it lacks; returns whether `config.json` records this experiment."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   job = config.get("job", "train")
-  if job == "phase2" and not check_recorded(path, current, RUNTIME_FIELDS + PHASE2_JOB_FREE_FIELDS):
-    raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
-                                  f"there first (config.job='train').")
-  # One job at a time writes an experiment, and the one that holds it checks and makes its records.
-  if job in ("train", "infinite"):  # eigen_features of an infinite kernel records, but reads only
-    writer_lock.hold(writer_lock.lock_path(workdir), job, workdir)
-  if job == "phase2" or (job == "train" and config.phase2.num_epochs > 0):
-    writer_lock.hold(writer_lock.lock_path(workdir, phase2_name(config)), job,
-                     phase2_directory(config, workdir))
-  if records_experiment(config):
-    record_or_check(path, current)
-  elif job == "report":  # reads the workdir's results, never its config: any recorded experiment
+  if job == "report":  # reads the workdir's results, never its config: any recorded experiment
     if not files.exists(path):
       raise CheckpointNotFoundError(f"{workdir} holds no experiment ({path} is missing), so nothing "
                                     f"to report; run config.job='train' or 'infinite' there first.")
-    return
-  elif job != "phase2":  # whose phase-1 record is checked above, its own below
-    check_recorded(path, current)
+    return True
+  if job == "phase2":
+    _check_phase1_recorded(config, workdir)
+    recorded = True
+  else:
+    recorded = check_recorded(path, current)
   if config.phase2.num_epochs > 0:
     check_recorded(os.path.join(phase2_directory(config, workdir), CONFIG_FILE), phase2_record(config),
                    (), NEW_PHASE2_NAME)
+  return recorded
+
+
+def _check_phase1_recorded(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The phase2 job's phase 1: recorded, and the same experiment but for its length and saves,
+  which the phase2 job does not read."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not check_recorded(path, json.loads(config.to_json()), RUNTIME_FIELDS + PHASE2_JOB_FREE_FIELDS):
+    raise CheckpointNotFoundError(f"{workdir} has no phase-1 run ({path} is missing); train phase 1 "
+                                  f"there first (config.job='train').")

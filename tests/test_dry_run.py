@@ -2,6 +2,7 @@
 device from the partitioned program, refusal of plans that do not fit, nothing written."""
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -611,9 +612,38 @@ def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "dry run of job 'train' on 2 devices of 2 GiB (compiled for cpu)" in out.stdout
   assert "phase 1 benign step" in out.stdout and "total" in out.stdout
+  assert f"note: {workdir} holds no experiment yet: the job records this one there" in out.stdout
   assert not workdir.exists()
   out = subprocess.run(
       [sys.executable, "main.py", "--config", "configs/digits.py:smoke", "--workdir", str(workdir),
        "--dry_run_tflops=50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "they need --dry_run" in out.stderr
   assert not workdir.exists()
+
+
+def test_the_dry_run_says_what_the_workdir_holds_and_refuses_what_the_job_would(tmp_path):
+  """Before a pod is booked: whether the job resumes (from which checkpoint), starts, or would be
+  refused (another experiment's config.json) or stop (a reader without a trained experiment)."""
+  from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+  from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
+  config = jobs.check_config(mlp_config(), 1)
+  note = lambda c: dry_run_module.workdir_note(jobs.check_config(c, 1), str(tmp_path))
+  assert note(config).endswith("holds no experiment yet: the job records this one there")
+  assert "the kernel job reads a trained one's checkpoints" in note(mlp_config(job="kernel"))
+  with pytest.raises(CheckpointNotFoundError, match="nothing to report"):
+    note(mlp_config(job="report"))
+  assert os.listdir(tmp_path) == []  # the dry run writes nothing
+  record_or_check(str(tmp_path / "config.json"), json.loads(config.to_json()))
+  assert note(config).endswith("holds this experiment (config.json); no checkpoint yet, so "
+                               "training starts from step 0")
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  for step in (0, 7):
+    checkpoints.save(step, {"w": np.zeros(3, np.float32)}, step / 14)
+  checkpoints.close()
+  assert note(config).endswith("training resumes from its checkpoint of step 7")
+  assert note(mlp_config(job="kernel")).endswith("the job reads what it needs there")
+  with pytest.raises(WorkdirConfigMismatchError, match="seed: 0 -> 3"):
+    note(mlp_config(seed=3))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="is a file"):
+    dry_run_module.workdir_note(config, str(tmp_path / "file"))
