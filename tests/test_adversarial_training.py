@@ -434,3 +434,28 @@ def test_evaluations_run_at_config_eval_matmul_precision_and_record_it(trained, 
   assert in_effect and set(in_effect) == {None} and "matmul_precision" not in default["results"]["pgd"]["settings"]
   assert "matmul_precision" not in default["results"]["clean"]
   assert default["results"]["pgd"]["accuracy"] == high["results"]["pgd"]["accuracy"]  # a CPU: alike
+
+
+def test_a_set_rewritten_in_part_has_no_record_and_one_without_its_record_is_incomplete(tmp_path,
+                                                                                         monkeypatch):
+  """meta.json goes first and comes last: a rewrite that fails half way leaves no record of the
+  set it was replacing (its arrays are no longer that set's), and loading says the set is incomplete."""
+  from ntk_scale import adversarial_sets, files
+  directory = str(tmp_path / "pgd")
+  arrays = {"images": np.zeros((2, 4, 4, 1), np.float32), "labels": np.arange(2, dtype=np.int32),
+            "predictions": np.arange(2, dtype=np.int32), "clean_predictions": np.arange(2, dtype=np.int32)}
+  adversarial_sets.save_adversarial_set(directory, arrays, {"accuracy": 0.5})
+  assert adversarial_sets.read_set_meta(directory) == {"accuracy": 0.5}
+  save_array = files.save_array
+
+  def failing_predictions(path, array):
+    if path.endswith("predictions.npy") and not path.endswith("clean_predictions.npy"):
+      raise OSError(28, "No space left on device")
+    save_array(path, array)
+
+  monkeypatch.setattr(files, "save_array", failing_predictions)
+  with pytest.raises(OSError):
+    adversarial_sets.save_adversarial_set(directory, {**arrays, "images": arrays["images"] + 1}, {})
+  assert adversarial_sets.read_set_meta(directory) is None
+  with pytest.raises(FileNotFoundError, match=r"not a complete adversarial set; missing \[.*meta.json"):
+    adversarial_sets.load_adversarial_set(directory)

@@ -327,3 +327,12 @@ def test_train_clean_accuracy_is_measured_on_training_images(tmp_path):
   monitor = CoMonitor(c, dataset, parallel.make_mesh(), 22, _SAVES, str(tmp_path))
   always_zero = lambda x: jnp.zeros((len(x), 10)).at[:, 0].set(1.0) + 0 * x.reshape(len(x), -1)[:, :1]
   assert monitor._measure(always_zero) == {ROBUST: 0.0, CLEAN: 0.0, TRAIN_CLEAN: 1.0}
+
+
+def test_a_collapse_is_strictly_below_the_fraction_of_a_peak_at_least_min_peak():
+  """The criterion's boundaries: robust accuracy exactly collapse_fraction of the peak is no
+  collapse; a peak exactly min_peak can collapse."""
+  at_fraction = CollapseDetector(collapse_fraction=0.5, min_peak=0.2)
+  assert _feed(at_fraction, [0.4, 0.2], [0.8, 0.9]) == []
+  assert len(_feed(CollapseDetector(collapse_fraction=0.5, min_peak=0.2), [0.4, 0.19], [0.8, 0.9])) == 1
+  assert len(_feed(CollapseDetector(collapse_fraction=0.5, min_peak=0.2), [0.2, 0.05], [0.8, 0.9])) == 1

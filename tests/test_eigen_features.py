@@ -464,3 +464,12 @@ def test_parameter_directions_are_summed_at_highest_precision():
   a = rng.normal(size=(d * chunk, groups, k)).astype(np.float32)
   total = np.zeros((d, groups, 3, k, theta.size), np.float32)
   assert all_highest(program, theta, x, a, total)
+
+
+def test_groups_stop_before_eigenvalues_at_the_floor():
+  """An eigenvalue equal to the floor (zero for an exactly singular kernel) is rounding, not a
+  feature: 1/lambda of it is infinite."""
+  groups = feature_groups(np.array([3.0, 2.0, 1.0, 0.0, 0.0]), 1, 0.0)
+  assert [g.indices.tolist() for g in groups] == [[0], [1], [2]]
+  groups = feature_groups(np.array([3.0, 2.0, 1.0, 0.5]), 1, 0.5)
+  assert np.concatenate([g.indices for g in groups]).tolist() == [0, 1, 2]

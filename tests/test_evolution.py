@@ -391,3 +391,25 @@ def test_elapsed_epochs_fall_back_to_the_nominal_ones_when_the_steps_do_not_matc
       0.0, 3 / 22, 6 / 22, 8 / 22]
   assert evolution.elapsed_epochs(stores([0, 6, 11, 17]), EPOCHS, steps_per_epoch) == EPOCHS
   assert evolution.elapsed_epochs(stores([0, 3, 6, 11]), EPOCHS, steps_per_epoch) == EPOCHS
+
+
+class _FakeStore:
+  """A kernel on disk as stored_gram reads it: its shape and row panels."""
+
+  def __init__(self, kernel: np.ndarray):
+    self.kernel, self.shape = kernel, kernel.shape
+
+  def read(self, rows: slice) -> np.ndarray:
+    return self.kernel[rows]
+
+
+def test_the_stored_gram_sums_every_row_panel():
+  """Panels of one row each (the tests' kernels fit one panel of the 256 MiB default): the Gram
+  matrix of the kernels is the sum over all panels, as metrics.frobenius_gram gives it whole."""
+  from ntk_scale.ntk.evolution import stored_gram
+  rng = np.random.RandomState(0)
+  kernels = [rng.randn(6, 6).astype(np.float32) for _ in range(3)]
+  expected = metrics.frobenius_gram(kernels)
+  for panel_bytes in (6 * 8, 2 * 6 * 8, 1 << 28):
+    np.testing.assert_allclose(stored_gram([_FakeStore(k) for k in kernels], panel_bytes), expected,
+                               rtol=1e-12)

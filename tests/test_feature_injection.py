@@ -178,3 +178,26 @@ def test_injection_with_augmentation_is_refused_and_the_cifar10_setting_has_none
   with pytest.raises(ValueError, match="config.data.augment='crop_flip' with "
                                        "config.data.transform.name='inject'"):
     check_data_config(c.data)
+
+
+def test_the_sign_carrier_needs_sides_that_are_multiples_of_4():
+  """cos(pi k (2n + 1) / 2N) of frequency k = 1 or 2 is zero on a pixel where k (2n + 1) is N times
+  an odd number (N odd, or twice an odd number), where the pattern's sign is rounding's: those
+  pixels moved by beta or not at all. The datasets' sides (8, 28, 32) are multiples of 4."""
+  from ntk_scale.data.feature_injection import check_transform_config
+  transform = _inject_config(beta=0.1, carrier="sign").transform
+  for shape in ((8, 8, 1), (28, 28, 1), (32, 32, 3), (4, 12, 1)):
+    check_transform_config(transform, shape, 10)
+    assert np.all(np.abs(sign_carrier(shape)) == 1)
+  for shape in ((7, 7, 1), (6, 8, 1), (8, 10, 1), (3, 3, 1), (2, 2, 1)):
+    with pytest.raises(ValueError, match=r"carrier='sign' is the authors' carrier for 10 classes of "
+                                         r"images whose height and width are multiples of 4"):
+      check_transform_config(transform, shape, 10)
+  assert np.any(sign_carrier((7, 7, 1)) == 0) and np.any(sign_carrier((6, 8, 1)) == 0)
+
+
+def test_zigzag_order_goes_by_anti_diagonal_then_row():
+  """The order that names features by seed: a transposed order (ties broken by column) gave every
+  seed the transposed directions."""
+  assert zigzag_frequencies(3, 3)[:6] == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (2, 0)]
+  assert zigzag_frequencies(2, 3) == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (1, 2)]

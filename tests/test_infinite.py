@@ -112,9 +112,14 @@ def test_stored_kernel_is_read_back_and_shared_by_equal_kernels_only(nt, tmp_pat
   np.testing.assert_array_equal(
       infinite.kernel_matrix(wider, 2, x, store=infinite.kernel_store(wider, str(tmp_path), x, labels)),
       stored)
-  deeper = infinite.kernel_store(_section(batch_size=3, depth=3), str(tmp_path), x, labels)
   other_images = infinite.kernel_store(section, str(tmp_path), _images(7, seed=5), labels)
-  assert len({store.directory, deeper.directory, other_images.directory}) == 3
+  assert other_images.directory != store.directory
+  # Each field of the kernel names it: a kernel differing in one alone is stored apart (named
+  # without computing it).
+  others = [dict(architecture="conv"), dict(depth=3), dict(w_std=1.0), dict(b_std=1.0),
+            dict(kernel="nngp"), dict(dtype="float32")]
+  names = {infinite.kernel_store_name(_section(batch_size=3, **field), x) for field in others}
+  assert len(names | {infinite.kernel_store_name(section, x)}) == len(others) + 1
 
 
 @pytest.mark.parametrize("field,value", [("architecture", "resnet"), ("depth", 0),
@@ -491,3 +496,64 @@ def test_the_finite_networks_train_no_phase_2_so_its_fields_are_not_checked(tmp_
   network = infinite_job._finite_config(config, 8, None)
   assert network.phase2.num_epochs == 0 and network.num_epochs == 1.0
   _check_phase2_start(network, {0: 0.0, 22: 1.0}, str(tmp_path))  # phase 1 saves epochs 0 and 1
+
+
+def test_each_kernel_machine_of_the_infinite_job_is_fitted_on_its_own_images_kernel(nt, tmp_path,
+                                                                                    monkeypatch):
+  """With held-out targets, three kernel machines: on all training images, on the images to
+  optimise before optimisation (a block of the first's kernel, rows and columns of those images),
+  and on the optimised images. Each is fitted on the kernel of the very images it predicts with
+  (computed here afresh) and config.infinite.regression's regularizer."""
+  from ntk_scale import infinite_job, jobs
+  from ntk_scale.base_config import pgd_linf
+  from ntk_scale.kernel_regression import KernelRegression
+
+  from test_train import load_config
+
+  config = load_config("infinite_width", "smoke")
+  s = config.infinite
+  s.update(num_train=30, num_test=20, depth=1, batch_size=64)
+  s.regression.regularizer = 0.5
+  s.attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, num_steps=1)})
+  s.transfer.widths = ()
+  s.robust_data.update(num_steps=0, target_batch_size=10, network_width=0, target_holdout=10)
+  s.robust_data.eval_attacks = ml_collections.ConfigDict()
+  fits, predictions = [], []  # fit(...).logits_fn(kernel_fn, images): one after the other
+  fit, logits_fn = KernelRegression.fit.__func__, KernelRegression.logits_fn
+
+  def spying_fit(cls, k_train, labels, num_classes, **kwargs):
+    fits.append((np.asarray(k_train), kwargs["regularizer"]))
+    return fit(cls, k_train, labels, num_classes, **kwargs)
+
+  def spying_logits_fn(self, kernel_fn, images, **kwargs):
+    predictions.append(np.asarray(images))
+    return logits_fn(self, kernel_fn, images, **kwargs)
+
+  monkeypatch.setattr(KernelRegression, "logits_fn", spying_logits_fn)
+  monkeypatch.setattr(KernelRegression, "fit", classmethod(spying_fit))
+  jobs.prepare_workdir(config, str(tmp_path))
+  infinite_job.infinite_job(config, str(tmp_path))
+  assert len(fits) == len(predictions) and [len(images) for images in predictions] == [30, 20, 20]
+  for (k_train, regularizer), images in zip(fits, predictions):
+    assert regularizer == 0.5
+    np.testing.assert_allclose(k_train, infinite.kernel_matrix(s, 10, images), rtol=1e-10, atol=1e-12)
+
+
+def test_the_robust_sets_network_is_the_widest_transfer_network_and_its_batch_fits_the_set():
+  from ntk_scale import infinite_job
+
+  from test_train import load_config
+
+  config = load_config("infinite_width", "smoke")
+  s = config.infinite
+  s.transfer.widths, s.robust_data.network_width = (8, 128, 32), None
+  assert infinite_job._network_width(config) == 128
+  s.robust_data.network_width = 16
+  assert infinite_job._network_width(config) == 16
+  # 100 training images, 40 held out as targets: the network trains on the 60 optimised ones.
+  s.update(num_train=100, num_test=None)
+  s.robust_data.update(target_holdout=40, target_batch_size=10)
+  config.batch_size = 64
+  labels = np.arange(400) % 10
+  with pytest.raises(ValueError, match=r"config.batch_size=64 exceeds the 60 images of the robust set"):
+    infinite_job.check_infinite_config(config, labels, 10, num_devices=1)

@@ -190,6 +190,10 @@ def test_frozen_batch_norm_ignores_the_batch_and_keeps_the_statistics():
   np.testing.assert_allclose(out_other[0], out[0], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(jax.jit(lambda theta, x: lin.apply(theta, x, train=False))(theta, x), out,
                              rtol=1e-6, atol=1e-6)
+  # The statistics kept are those given (a train state's), not batch_stats0 (the same above).
+  moved = jax.tree.map(lambda a: a * 2.0 + 0.5, variables["batch_stats"])
+  _, updates = train({**theta, "batch_stats": moved}, x)
+  jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], moved)
 
 
 def test_output_components_of_frozen_batch_norm_ignore_the_statistics_given():

@@ -356,3 +356,14 @@ def test_a_kernel_with_a_lost_chunk_or_nan_is_noted_not_drawn(tmp_path):
   text = " ".join(page.text)
   assert "No spectrum drawn for kernels with a missing chunk or NaN entries: lost, nan" in text
   assert fmt(float(np.linalg.eigvalsh(random_kernel(6).astype(np.float64))[-1])) in text
+
+
+def test_names_sort_by_their_numbers_and_infinite_results_hide_their_settings_digest(tmp_path):
+  from ntk_scale.report import ReportPage, infinite_parts, natural_key
+  names = ["width32", "epoch10", "width8", "epoch2", "epoch2.5"]
+  assert sorted(names, key=natural_key) == ["epoch2", "epoch2.5", "epoch10", "width8", "width32"]
+  digest = "3f9a0c1d2e4b5a6f"
+  with open(tmp_path / "results.json", "w") as f:
+    json.dump({"settings": digest, "kernel_regression/clean/accuracy": 0.875}, f)
+  html = "\n".join(infinite_parts(ReportPage(str(tmp_path / "report")), str(tmp_path)))
+  assert "0.875" in html and digest not in html

@@ -104,6 +104,7 @@ def test_no_holdout_attacks_the_rows_of_the_optimised_images():
   np.testing.assert_array_equal(optimised, np.arange(10))
   np.testing.assert_array_equal(targets, np.arange(10))
   assert num_holdout(3, 10) == 3 and num_holdout(3.0, 10) == 3 and num_holdout(0.25, 10) == 2
+  assert num_holdout(0.35, 10) == 4 and num_holdout(0.25, 30) == 8  # rounded, not cut: 3.5, 7.5
 
 
 def test_without_holdout_the_attacked_targets_are_the_unchanged_originals(monkeypatch):

@@ -80,8 +80,8 @@ def class_directions(image_shape: tuple[int, int, int], num_classes: int, num_fr
 
 def sign_carrier(image_shape: tuple[int, int, int]) -> np.ndarray:
   """The "sign" carrier's patterns, [10, H, W, C] of +-1: the sign of the DCT basis image of
-  SIGN_FREQUENCIES[y % 5] on every channel, negated for y >= 5 (images at least 3x3, 10 classes:
-  check_transform_config)."""
+  SIGN_FREQUENCIES[y % 5] on every channel, negated for y >= 5 (10 classes, images whose sides are
+  multiples of 4: check_transform_config; other sides put zeros of no sign on some pixels)."""
   height, width, channels = image_shape
   base = np.stack([np.sign(dct_basis_image(height, width, f)) for f in SIGN_FREQUENCIES])
   patterns = np.concatenate([base, -base])
@@ -135,10 +135,12 @@ def check_transform_config(transform: ml_collections.ConfigDict | None,
     if carrier not in CARRIERS:
       raise ValueError(f"{p}.carrier={carrier!r}; expected one of {', '.join(CARRIERS)} (ours, or "
                        f"Ortiz-Jimenez et al.'s sign patterns).")
-    if carrier == "sign" and (num_classes != 2 * len(SIGN_FREQUENCIES)
-                              or image_shape is not None and min(image_shape[:2]) < 3):
-      raise ValueError(f"{p}.carrier='sign' is the authors' carrier for 10 classes of images at "
-                       f"least 3x3; this dataset has {num_classes} classes"
+    # A side N not a multiple of 4 puts a zero of cos(pi k (2n + 1) / 2N), k = 1 or 2, on a pixel
+    # (k (2n + 1) = N times an odd number), whose sign is rounding's: it moved by +-beta or not at all.
+    if carrier == "sign" and (num_classes != 2 * len(SIGN_FREQUENCIES) or image_shape is not None
+                              and (image_shape[0] % 4 or image_shape[1] % 4)):
+      raise ValueError(f"{p}.carrier='sign' is the authors' carrier for 10 classes of images whose "
+                       f"height and width are multiples of 4; this dataset has {num_classes} classes"
                        + (f" of {image_shape[0]}x{image_shape[1]}." if image_shape else "."))
     beta = transform.get("beta")
     if not (is_finite_number(beta) and beta >= 0):
