@@ -222,3 +222,12 @@ def test_a_save_into_a_deleted_directory_is_refused(tmp_path):
     writer.save(5, {"w": jnp.arange(2.0)}, 1.0)
   assert not os.path.exists(str(tmp_path / "run"))
   writer.close()
+
+
+def test_epochs_match_to_1e_9_and_two_fractions_on_one_step_keep_the_nearer_then_the_smaller():
+  from ntk_scale.checkpoint import is_initial, same_epoch
+  assert same_epoch(0.125, 0.125 + 1e-12) and not same_epoch(0.125, 0.1255)
+  assert is_initial(1e-12) and not is_initial(1e-3)
+  # 4 steps an epoch: 0.375 and 0.625 are both 1.5 steps, rounded to step 2: a tie, the smaller.
+  assert save_schedule(4, 1, 1, (0.375, 0.625)) == {2: 0.375, 4: 1.0}
+  assert save_schedule(4, 1, 1, (0.4, 0.375)) == {2: 0.4, 4: 1.0}  # 1.6 steps is nearer 2 than 1.5

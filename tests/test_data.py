@@ -284,3 +284,27 @@ def test_load_tfds_not_prepared_without_download_raises(tmp_path):
   assert "mnist" in message
   assert "download_and_prepare" in message
   assert str(tmp_path) in message
+
+
+# --------------------------------------------------------------------------- boundaries
+
+def test_one_example_past_a_batch_is_a_second_batch_and_a_split_of_one_batch_trains():
+  """Boundaries the sizes above miss: 9 examples in batches of 8 are two batches (the ninth padded
+  with seven masked rows), 8 examples in batches of 8 one training step per epoch."""
+  mesh = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  batches = list(eval_batches(_indexed_split(9), 8, mesh))
+  assert len(batches) == 2
+  masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  rows = np.concatenate([np.asarray(b["images"])[:, 0, 0, 0] for b in batches])
+  assert masks.sum() == 9 and sorted(rows[masks == 1].tolist()) == list(range(9))
+  assert TrainBatches(_indexed_split(8), 8, 0, mesh).steps_per_epoch == 1
+  with pytest.raises(ValueError, match="expected images"):
+    Split(np.zeros((3, 2, 2, 1), np.float32), np.zeros(2, np.int32))
+
+
+def test_seeds_stop_below_2_to_the_32_and_numpy_integers_count():
+  from ntk_scale.data import check_seed
+  check_seed(2**32 - 1, "config.seed")
+  check_seed(np.int64(3), "config.seed")
+  with pytest.raises(ValueError, match=r"config.seed=4294967296 must be an integer in \[0, 2\*\*32\)"):
+    check_seed(2**32, "config.seed")

@@ -201,3 +201,22 @@ def test_zigzag_order_goes_by_anti_diagonal_then_row():
   seed the transposed directions."""
   assert zigzag_frequencies(3, 3)[:6] == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (2, 0)]
   assert zigzag_frequencies(2, 3) == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (1, 2)]
+
+
+def test_low_pass_removes_the_cutoff_frequency_on_each_axis_clips_and_keeps_zeros_at_full_size(digits):
+  """The frequency at the cutoff itself goes (rows and columns alike), the result is clipped to
+  [0, 1] as the undone DCT of the kept frequencies, and at the full size the images (black zeros
+  included) come back exactly."""
+  flat = np.full((8, 8), 0.5)
+  for frequency in ((4, 0), (0, 4)):
+    images = (flat + 0.1 * dct_basis_image(8, 8, frequency))[None, :, :, None]
+    out = low_pass(type(digits.train)(images.astype(np.float32), np.zeros(1, np.int32)), cutoff=4)
+    np.testing.assert_allclose(out.images[0, :, :, 0], 0.5, atol=1e-6)
+  coefficients = fft.dctn(digits.train.images.astype(np.float64), axes=(1, 2), norm="ortho")
+  coefficients[:, 2:] = 0.0
+  coefficients[:, :, 2:] = 0.0
+  expected = np.clip(fft.idctn(coefficients, axes=(1, 2), norm="ortho"), 0, 1)
+  out = low_pass(digits.train, cutoff=2)
+  assert out.images.min() >= 0 and expected.min() == 0  # the clip matters here
+  np.testing.assert_allclose(out.images, expected, atol=1e-6)
+  np.testing.assert_array_equal(low_pass(digits.train, cutoff=8).images, digits.train.images)

@@ -150,3 +150,15 @@ def test_an_array_is_whole_when_its_length_is_its_headers(tmp_path):
     f.write(b"not an array" * 100)
   assert not files.is_whole_array(path)
   assert not files.is_whole_array(str(tmp_path / "absent.npy"))
+
+
+def test_listings_skip_temporaries_pickles_are_refused_and_removing_nothing_is_no_error(tmp_path):
+  import numpy as np
+  (tmp_path / "a.json").write_text("{}")
+  (tmp_path / f"b.json.tmp{socket.gethostname()}-1").write_text("{")
+  assert files.list_dir(str(tmp_path)) == ["a.json"]
+  np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  with pytest.raises(files.UnreadableRecordError, match="objects.npy is not a readable .npy array"):
+    files.load_array(str(tmp_path / "objects.npy"))
+  files.remove_tree(str(tmp_path / "absent"))
+

@@ -279,3 +279,18 @@ def test_check_optimizer_config_accepts_every_valid_combination():
   for name in ("sgd", "adam"):
     for schedule in ("constant", "piecewise", "cosine", "cyclic"):
       check_optimizer_config(_opt(name=name, schedule=schedule))
+
+
+def test_two_updates_a_batch_take_the_learning_rate_of_their_batch_step():
+  """Loo et al.'s benign-then-adversarial updates: two optimizer updates a batch, the schedule on
+  batch steps (decay after batch step 1 of 10 an epoch): updates 1-2 at 0.1, 3-4 at 0.01. On the
+  update count it decayed after update 1."""
+  opt = _opt(name="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.0, schedule="piecewise",
+             decay_epochs=(0.1,), decay_factor=0.1)
+  tx, _ = build_optimizer(opt, 10, 100, batch_step_of_update=lambda count: count // 2)
+  w, lrs = jnp.asarray(2.0, jnp.float32), []
+  state = tx.init(w)
+  for _ in range(4):
+    updates, state = tx.update(jnp.asarray(1.0, jnp.float32), state, w)  # gradient 1: update = -lr
+    lrs.append(-float(updates))
+  np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01], rtol=1e-6)

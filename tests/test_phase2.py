@@ -335,3 +335,18 @@ def test_two_phase2_experiments_coexist_and_each_resumes(run, tmp_path, caplog):
     for a, b in zip(finals[name], resumed, strict=True):
       np.testing.assert_array_equal(a, b)
     assert train_records(directory) == records[name]
+
+
+def test_a_phase2_name_is_one_directory_below_phase2():
+  """'..' would put phase 2's checkpoints in the workdir itself, '.' in phase2/, and '-x' reads as a
+  flag in shell commands: refused, naming the field."""
+  from ntk_scale.base_config import base_config
+  from ntk_scale.workdir import phase2_name
+  config = base_config()
+  for name in ("centered_C_from3", "lr0.02-short", "A"):
+    config.phase2.name = name
+    assert phase2_name(config) == name
+  for name in ("..", ".", "-x", "a/b", "_x"):
+    config.phase2.name = name
+    with pytest.raises(ValueError, match="config.phase2.name=.* must be a directory name"):
+      phase2_name(config)

@@ -37,14 +37,15 @@ def load_config(name: str, arg: str = ""):
 
 
 def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/digits.py:smoke",
-            wait: bool = True, **popen):
+            wait: bool = True, python_args: tuple[str, ...] = ()):
   """Runs main.py in a fresh process with `devices` emulated CPU devices. It inherits the session's
   compilation cache from the environment (conftest.py): programs compiled by one process, of this
   file or another, are loaded, not compiled again, by the next."""
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
-  cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides]
+  cmd = [sys.executable, *python_args, "main.py", f"--config={config}", f"--workdir={workdir}",
+         *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **popen)
+                          text=True)
   if not wait:
     return proc
   out, _ = proc.communicate(timeout=600)
@@ -177,11 +178,14 @@ def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint_and_exit_130(tmp
   """A first Ctrl-C is a preemption notice: the run saves at the step it is in and exits 130 without
   a traceback (a KeyboardInterrupt landed in Orbax's threads or XLA's compiler). A rerun resumes
   from that checkpoint as after SIGTERM (test_preemption_kill_and_rerun_equal_uninterrupted_bitwise).
-  SIGINT restored to its default in the child: a background job of a non-interactive shell (CI)
-  inherits it ignored, which main.py leaves as it is."""
-  default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+  SIGINT restored to Python's handler in the child: a background job of a non-interactive shell
+  (CI) inherits it ignored, which main.py leaves as it is (no preexec_fn: a fork of this
+  multithreaded process could deadlock before its exec)."""
+  interruptible = ("-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                   "signal.default_int_handler); sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
   proc = main_py(tmp_path, *ONE_EPOCH, "--config.profile_steps=1", wait=False,
-                 preexec_fn=default_sigint)
+                 python_args=interruptible)
   out = _signal_when_written(proc, str(tmp_path / "plugins" / "profile" / "*" / "*"), signal.SIGINT)
   assert proc.returncode == INTERRUPTED_EXIT_CODE, out[-3000:]
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
