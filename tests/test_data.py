@@ -286,6 +286,33 @@ def test_load_tfds_not_prepared_without_download_raises(tmp_path):
   assert str(tmp_path) in message
 
 
+def test_without_download_nothing_is_downloaded_and_each_split_is_read_from_its_own(monkeypatch):
+  """download=False refuses before any download is tried (the test above passes either way offline,
+  once a download attempt has failed); the train split is read from tfds' train split and the test
+  split from its test split (mock_data's two splits are identical, so no loading test can tell)."""
+  from ntk_scale.data import tfds_source
+
+  class Unprepared:
+    data_dir = "/nowhere"
+
+    def is_prepared(self):
+      return False
+
+    def download_and_prepare(self):
+      pytest.fail("downloaded with config.data.download=False")
+
+  with pytest.raises(DatasetUnavailableError, match="config.data.download is False"):
+    tfds_source._prepare(Unprepared(), "mnist", None, download=False)
+  read = []
+  monkeypatch.setattr(tfds_source, "_prepared_builder", lambda *args: "builder")
+  monkeypatch.setattr(tfds_source, "_read_split", lambda builder, split: read.append(split) or Split(
+      np.zeros((2, 28, 28, 1), np.float32), np.full(2, len(read), np.int32)))
+  for name in ("mnist", "cifar10", "svhn_cropped"):
+    del read[:]
+    dataset = tfds_source.load_tfds(name)
+    assert read == ["train", "test"] and dataset.train.labels[0] == 1 and dataset.test.labels[0] == 2
+
+
 # --------------------------------------------------------------------------- boundaries
 
 def test_one_example_past_a_batch_is_a_second_batch_and_a_split_of_one_batch_trains():

@@ -350,3 +350,27 @@ def test_a_phase2_name_is_one_directory_below_phase2():
     config.phase2.name = name
     with pytest.raises(ValueError, match="config.phase2.name=.* must be a directory name"):
       phase2_name(config)
+
+
+@pytest.mark.parametrize("field, recorded", [("from_epoch", 1.0), ("linearization", "linear"),
+                                             ("batch_norm", "loose")])
+def test_a_named_experiment_of_another_linearized_model_is_not_restored(tmp_path, field, recorded):
+  """A phase-2 directory holds the parameters of one linearized model (theta0's epoch, the
+  linearization, the BatchNorm mode): restored under a config naming it but differing in one, its
+  parameters would be applied around another theta0 or to another model."""
+  from ntk_scale import restore
+  from ntk_scale.base_config import base_config
+  from ntk_scale.workdir import phase2_record
+  config = base_config()
+  config.phase2.update(name="exp", from_epoch=2.0, linearization="centered", batch_norm="frozen")
+  record = phase2_record(config)
+  record["phase2"][field] = recorded
+  os.makedirs(tmp_path / "phase2" / "exp")
+  with open(tmp_path / "phase2" / "exp" / "config.json", "w") as f:
+    json.dump(record, f)
+  with pytest.raises(ValueError, match=rf"trained as another linearized model(?s:.*)config.phase2.{field}: "):
+    restore._phase2_checkpoints(config, str(tmp_path))
+  record["phase2"][field] = config.phase2[field]
+  with open(tmp_path / "phase2" / "exp" / "config.json", "w") as f:
+    json.dump(record, f)
+  restore._phase2_checkpoints(config, str(tmp_path)).close()

@@ -83,6 +83,15 @@ def one_device_epoch(tmp_path_factory):
   return workdir, main_py(workdir, *ONE_EPOCH, "--config.profile_steps=3", devices=1)
 
 
+def test_each_logged_step_records_its_own_epoch(one_device_epoch):
+  """train/epoch is the step logged over the steps of an epoch (22 here), every step."""
+  workdir, _ = one_device_epoch
+  records = [r for r in read_metrics(workdir) if "train/epoch" in r]
+  assert [r["step"] for r in records] == list(range(1, 23))
+  for r in records:
+    assert r["train/epoch"] == pytest.approx(r["step"] / 22, rel=1e-6)
+
+
 def test_profile_steps_leave_a_trace_of_the_train_step_for_tensorboard(one_device_epoch):
   """--config.profile_steps=3 (a runtime field): steps 3-5 traced into the workdir's
   plugins/profile/<run>/, where TensorBoard's profile plugin reads it, with the train step in it."""
