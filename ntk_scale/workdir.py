@@ -78,7 +78,13 @@ def check_recorded(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_
 def record_or_check(path: str, current: dict, runtime: tuple[str, ...] = RUNTIME_FIELDS,
                     remedy: str = NEW_WORKDIR) -> None:
   """Records `current` at `path` (process 0), or checks that it is the experiment already there."""
-  if check_recorded(path, current, runtime, remedy) or jax.process_index() != 0:
+  if not check_recorded(path, current, runtime, remedy):
+    _record(path, current)
+
+
+def _record(path: str, current: dict) -> None:
+  """Writes the record `current` at `path` (process 0 for every process)."""
+  if jax.process_index() != 0:
     return
   files.make_dirs(os.path.dirname(path))
   files.write_json(path, current, indent=2, sort_keys=True)
@@ -143,12 +149,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if job == "phase2" or (job == "train" and config.phase2.num_epochs > 0):
     writer_lock.hold(writer_lock.lock_path(workdir, phase2_name(config)), job,
                      phase2_directory(config, workdir))
-  if check_experiment(config, workdir) or not records_experiment(config):
-    return
-  if jax.process_index() == 0:
-    files.make_dirs(workdir)
-    files.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()), indent=2,
-                     sort_keys=True)
+  if not check_experiment(config, workdir) and records_experiment(config):
+    _record(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
 
 
 def check_workdir_path(workdir: str) -> None:
