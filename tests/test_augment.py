@@ -76,6 +76,19 @@ def test_crop_flip_on_a_sharded_batch_under_jit_equals_one_device():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(crop_flip(key, images)))
 
 
+def test_augment_crop_flip_pads_by_four():
+  # The standard CIFAR augmentation pads by 4 (crops offset by up to 4 pixels each way); the train
+  # step calls it through augment(), without a pad of its own, so the default is what runs.
+  images = _distinct_images(64, 9, 9, 1)
+  key = jax.random.key(5)
+  out = np.asarray(augment("crop_flip", key, images))
+  found = [_which_crop(x, y, PAD) for x, y in zip(images, out)]
+  offsets = np.asarray(jax.random.randint(jax.random.split(key)[0], (64, 2), 0, 2 * PAD + 1))
+  assert [f[:2] for f in found] == [(int(i), int(j)) for i, j in offsets]
+  rows = {f[0] for f in found}
+  assert 0 in rows and 2 * PAD in rows  # the extreme offsets: 4 pixels of padding either way
+
+
 def test_none_is_the_identity_and_unknown_names_are_named():
   images = _distinct_images(2, 4, 4, 1)
   np.testing.assert_array_equal(np.asarray(augment("none", jax.random.key(0), images)), images)

@@ -9,8 +9,9 @@ from jax.sharding import Mesh
 
 from ntk_scale import parallel
 from ntk_scale.base_config import base_config
-from ntk_scale.data import (DatasetUnavailableError, Split, TrainBatches, class_balanced_subset,
-                            epoch_order, eval_batches, load_dataset, load_digits, load_tfds)
+from ntk_scale.data import (DatasetUnavailableError, Split, TrainBatches, check_subset_size,
+                            class_balanced_subset, epoch_order, eval_batches, load_dataset,
+                            load_digits, load_tfds)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,20 @@ def test_digits_test_split_is_stratified_and_fixed(digits):
   again = load_digits()
   np.testing.assert_array_equal(again.test.images, digits.test.images)
   np.testing.assert_array_equal(again.train.labels, digits.train.labels)
+
+
+def test_digits_split_is_sklearns_stratified_split_with_random_state_0(digits):
+  """The documented split: scikit-learn's train_test_split of its 1,797 digits, 360 held out,
+  stratified by label, random_state 0 (reproducible outside this code base)."""
+  from sklearn.datasets import load_digits as sklearn_digits
+  from sklearn.model_selection import train_test_split
+  ref = sklearn_digits()
+  x_train, x_test, y_train, y_test = train_test_split(
+      ref.images, ref.target, test_size=360, stratify=ref.target, random_state=0)
+  np.testing.assert_array_equal(digits.test.labels, y_test)
+  np.testing.assert_array_equal(digits.train.labels, y_train)
+  np.testing.assert_array_equal(digits.test.images[..., 0] * 16.0, x_test)
+  np.testing.assert_array_equal(digits.train.images[..., 0] * 16.0, x_train)
 
 
 # --------------------------------------------------------------------------- epoch order
@@ -210,6 +225,18 @@ def test_class_balanced_subset_errors():
   # A class listed twice drew two independent samples of its 5 examples: 4 + 4 rows, at least 3 repeated.
   with pytest.raises(ValueError, match=r"class\(es\) \[1\] more than once"):
     class_balanced_subset(labels, 8, seed=0, classes=[1, 1])
+
+
+def test_subset_size_checks_refuse_floats_and_bools(digits):
+  """A size of 20.0 or True passes the range and multiple checks (20.0 % 10 == 0, True % 1 == 0)
+  but is no count of examples: refused, naming the field; numpy integers are counts."""
+  labels = digits.train.labels
+  for size, classes in ((20.0, range(10)), (True, [3])):
+    message = rf"config\.kernel\.num_examples={size!r} must be 0 \(all\)"
+    with pytest.raises(ValueError, match=message):
+      check_subset_size("config.kernel.num_examples", size, labels, classes, "training")
+  check_subset_size("config.kernel.num_examples", np.int64(20), labels, range(10), "training")
+  check_subset_size("config.kernel.num_examples", 1, labels, [3], "training")
 
 
 def test_class_balanced_subset_against_a_brute_force_count():

@@ -95,6 +95,17 @@ def test_catalog_matches_the_loaded_digits_and_the_tfds_features():
       assert tfds.builder(name, data_dir="/nonexistent").info.features["image"].shape == shape, name
 
 
+def test_catalog_split_sizes_are_the_tfds_documented_ones():
+  """The split sizes on the TFDS catalog pages, written out here: the dry run sizes evaluation and
+  kernel programs of a dataset that is not on this machine from them."""
+  documented = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
+                "mnist": (60_000, 10_000), "fashion_mnist": (60_000, 10_000),
+                "svhn_cropped": (73_257, 26_032), "digits": (1_797 - 360, 360)}
+  assert set(SHAPES) == set(documented)
+  for name, (_, train, test) in SHAPES.items():
+    assert (train, test) == documented[name], name
+
+
 def mlp_config(**fields):
   c = load_config("digits", "smoke")
   c.model.name, c.model.width, c.model.depth = "mlp", 16, 1
@@ -504,6 +515,19 @@ def test_a_plan_for_tpus_refuses_what_the_job_refuses_there():
   c.kernel.dtype = "float32"
   planned = jobs.dry_run(c, device_memory_bytes=32 * 2**30, platform="tpu").describe()
   assert "on 4 tpu devices of 32 GiB (compiled for cpu)" in planned
+
+
+def test_a_plan_for_an_unknown_platform_is_refused():
+  """"TPU" is not "tpu": planned for it, the float64 check (devices_compute) would not have
+  recognised TPUs and the plan would pass what the job refuses there."""
+  c = mlp_config(job="kernel")
+  c.kernel.num_examples, c.kernel.logits, c.kernel.dtype = 40, "0", "float64"
+  for platform in ("TPU", "cuda"):
+    with pytest.raises(ValueError, match=rf"platform '{platform}'; expected one of cpu, gpu, tpu\."):
+      jobs.dry_run(c, platform=platform)
+    with pytest.raises(ValueError, match=rf"platform '{platform}'; expected one of cpu, gpu, tpu\."):
+      with parallel.planned_for(platform):
+        pass
 
 
 def test_spectrum_plan_is_the_kernel_and_the_compiled_round():

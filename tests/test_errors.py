@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_scale import data, files, jobs
-from ntk_scale.base_config import parse_variants, pgd_linf
+from ntk_scale.base_config import base_config, parse_variants, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
 
@@ -406,6 +406,17 @@ def test_parse_variants_accepts_subsets_in_any_order():
   assert parse_variants("", ("smoke",), "f.py") == set()
   with pytest.raises(ValueError, match=r"f\.py: unknown variant\(s\) \['big'\].*\('smoke',\)"):
     parse_variants("big,smoke", ("smoke",), "f.py")
+
+
+def test_base_config_holds_the_papers_settings():
+  """The defaults base_config takes from Loo et al. 2022, written out from the paper: kernels on
+  500 class-balanced images, checkpoints at the early fractional epochs 1/8, 1/4, 3/8, 1/2, 3/4,
+  3/2 and 5/2, and the linearized (phase-2) training by SGD at learning rate 0.01, momentum 0.9."""
+  c = base_config()
+  assert c.kernel.num_examples == 500
+  assert tuple(c.checkpoint.fractional_epochs) == (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 3 / 2, 5 / 2)
+  opt = c.phase2.optimizer
+  assert (opt.name, opt.learning_rate, opt.momentum) == ("sgd", 0.01, 0.9)
 
 
 @pytest.fixture

@@ -1,13 +1,15 @@
 """Injected class features and the DCT low-pass filter (Ortiz-Jimenez et al. 2023), on digits."""
 
+import ml_collections
 import numpy as np
 import pytest
 from scipy import fft
 
 from ntk_scale.base_config import base_config
 from ntk_scale.data import check_data_config, load_dataset, load_digits
-from ntk_scale.data.feature_injection import (class_directions, dct_basis_image, inject_features,
-                                              low_pass, sign_carrier, zigzag_frequencies)
+from ntk_scale.data.feature_injection import (check_transform_config, class_directions,
+                                              dct_basis_image, inject_features, low_pass,
+                                              sign_carrier, zigzag_frequencies)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +222,61 @@ def test_low_pass_removes_the_cutoff_frequency_on_each_axis_clips_and_keeps_zero
   assert out.images.min() >= 0 and expected.min() == 0  # the clip matters here
   np.testing.assert_allclose(out.images, expected, atol=1e-6)
   np.testing.assert_array_equal(low_pass(digits.train, cutoff=8).images, digits.train.images)
+
+
+def test_each_class_draws_its_frequency_and_sign_from_the_seed():
+  """The seed names the features: numpy's Generator of `seed` draws the classes' distinct
+  frequencies among the `num_frequencies` lowest non-constant ones, then a sign per class; each
+  direction's one DCT coefficient (of sign s) must show both draws, and both signs occur."""
+  for seed in (0, 3):
+    u = class_directions((8, 8, 1), num_classes=10, num_frequencies=14, seed=seed)
+    rng = np.random.default_rng(seed)
+    frequencies = rng.choice(14, 10, replace=False)
+    signs = rng.choice([-1.0, 1.0], 10)
+    assert set(signs) == {-1.0, 1.0}
+    candidates = zigzag_frequencies(8, 8)[1:15]
+    for v, k, s in zip(u, frequencies, signs):
+      expected = np.zeros((8, 8))
+      expected[candidates[k]] = s
+      np.testing.assert_allclose(fft.dctn(v[..., 0], norm="ortho"), expected, atol=1e-12)
+
+
+def test_sign_carrier_classes_3_and_4_are_frequencies_2_1_and_1_2():
+  """(row, column) frequencies (2, 1) and (1, 2) of 8x8 images, written out from the DCT-II basis
+  cos(pi k (2n + 1) / 16): k = 1 is + on 0-3 and - on 4-7, k = 2 (cos(pi (2n + 1) / 8)) is + on
+  0-1 and 6-7 and - on 2-5. Classes 8 and 9 are their negatives."""
+  halves = np.array([1, 1, 1, 1, -1, -1, -1, -1], float)
+  quarters = np.array([1, 1, -1, -1, -1, -1, 1, 1], float)
+  n = np.arange(8)
+  for k, signs in ((1, halves), (2, quarters)):  # the hand-written signs are the basis's
+    np.testing.assert_array_equal(np.sign(np.cos(np.pi * k * (2 * n + 1) / 16)), signs)
+  v = sign_carrier((8, 8, 2))
+  np.testing.assert_array_equal(v[3, :, :, 1], np.outer(quarters, halves))
+  np.testing.assert_array_equal(v[4, :, :, 1], np.outer(halves, quarters))
+  np.testing.assert_array_equal(v[8, :, :, 0], -np.outer(quarters, halves))
+  np.testing.assert_array_equal(v[9, :, :, 0], -np.outer(halves, quarters))
+
+
+def test_sign_carrier_refuses_other_than_10_classes():
+  """Its patterns are 10; CIFAR-100's labels 10-99 would have none. Refused before loading (the
+  image shape not yet known) and after."""
+  transform = _inject_config(beta=0.1, carrier="sign").transform
+  message = r"carrier='sign' is the authors' carrier for 10 classes.*this dataset has 100 classes"
+  for shape in (None, (32, 32, 3)):
+    with pytest.raises(ValueError, match=message):
+      check_transform_config(transform, shape, 100)
+  check_transform_config(transform, None, 10)
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_remove_projection_must_be_a_bool(value):
+  """base_config's field is a bool that a ConfigDict keeps one; a transform written without it (a
+  sweep's dict, a config of its own) can hold anything, and 1 or "yes" is not what is meant."""
+  fields = {"name": "inject", "carrier": "sign", "beta": 0.1}
+  if value is not None:
+    fields["remove_projection"] = value
+  message = r"config\.data\.transform\.remove_projection=.* must be True or False"
+  with pytest.raises(ValueError, match=message):
+    check_transform_config(ml_collections.ConfigDict(fields), (8, 8, 1), 10)
+  fields["remove_projection"] = True
+  check_transform_config(ml_collections.ConfigDict(fields), (8, 8, 1), 10)

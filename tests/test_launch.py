@@ -2,6 +2,7 @@
 as one job per unit, without launching anything here (XManager is replaced by a recorder)."""
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -93,6 +94,16 @@ def test_bad_overrides_and_files_are_named_before_launching():
   assert launch.jax_wheel({"tpu_v3": 8}) == "jax[tpu]"
   assert launch.jax_wheel({"local_gpu": 1}) == "jax[cuda13]"
   assert launch.jax_wheel({}) == "jax"
+
+
+def test_an_override_below_a_value_is_named_as_an_absent_field():
+  """config.seed is an int and config.data.name a string: a path through them names no field, and
+  is refused as one (`'x' in 0` is a TypeError, and 'g' in 'digits' would look a part up)."""
+  for field, parent in (("seed.x", "seed"), ("data.name.g", "data.name")):
+    with pytest.raises(ValueError, match=rf"config\.{re.escape(field)} does not exist, so "
+                                         rf"--config\.{re.escape(field)} cannot be set "
+                                         rf"\(config\.{re.escape(parent)} has: none\)"):
+      work_units("configs/digits.py:adversarial", [f"--config.{field}=1"], "/r")
 
 
 def _main_py_config(command: list[str], root: str = REPO):

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -92,6 +93,34 @@ def test_cyclic_schedule():
   # Linear up to the peak at 40, linear down over the remaining 60 steps.
   np.testing.assert_allclose(vals[:41], lr * np.arange(41) / 40, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(vals[40:], lr * (1 - np.arange(61) / 60), rtol=1e-5, atol=1e-7)
+
+
+def test_cyclic_schedule_may_peak_at_the_last_step():
+  """peak_fraction 1, the upper end of (0, 1]: a linear rise over the whole run."""
+  lr, total = 0.2, 50
+  opt = _opt(learning_rate=lr, schedule="cyclic", peak_fraction=1.0)
+  check_optimizer_config(opt)
+  vals = _values(build_schedule(opt, steps_per_epoch=10, total_steps=total), range(total + 1))
+  np.testing.assert_allclose(vals, lr * np.arange(total + 1) / total, rtol=1e-5, atol=1e-7)
+
+
+def test_piecewise_decay_at_epoch_0_applies_from_the_first_step():
+  """A decay epoch of 0 (the lower end of >= 0) starts the run at learning_rate * decay_factor."""
+  opt = _opt(learning_rate=0.1, schedule="piecewise", decay_epochs=(0.0, 2.0), decay_factor=0.1)
+  check_optimizer_config(opt)
+  schedule = build_schedule(opt, steps_per_epoch=10, total_steps=40)
+  np.testing.assert_allclose(_values(schedule, [0, 1, 19, 20, 39]), [0.01, 0.01, 0.01, 0.001, 0.001],
+                             rtol=1e-5)
+
+
+def test_cosine_warmup_of_one_step():
+  """0.1 epoch of 10 steps: a warm-up of 1 step, at 0 on step 0 and at lr on step 1, then
+  lr / 2 (1 + cos(pi (t - 1) / 10)) to step 11."""
+  lr = 0.2
+  schedule = build_schedule(_opt(learning_rate=lr, schedule="cosine", warmup_epochs=0.1), 10, 11)
+  t = np.array([0, 1, 3, 6, 9, 11])
+  expected = [0.0] + [lr / 2 * (1 + math.cos(math.pi * (s - 1) / 10)) for s in t[1:]]
+  np.testing.assert_allclose(_values(schedule, t), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_schedules_at_fractional_epochs_and_the_last_step():
@@ -249,6 +278,8 @@ def test_adam_refuses_nesterov():
     ("momentum", float("nan"), r"config\.optimizer\.momentum=nan must lie in \[0, 1\)"),
     ("weight_decay", -1e-4, r"config\.optimizer\.weight_decay=-0\.0001 must be a finite number >= 0"),
     ("weight_decay", float("inf"), r"config\.optimizer\.weight_decay=inf must be a finite number"),
+    # Momentum 1 never forgets a gradient: SGD's velocity (and Adam's b1 average) stops decaying.
+    ("momentum", 1.0, r"config\.optimizer\.momentum=1\.0 must lie in \[0, 1\)"),
 ])
 def test_check_optimizer_config_names_the_bad_field(field, value, pattern):
   schedule = {"warmup_epochs": "cosine", "peak_fraction": "cyclic", "decay_epochs": "piecewise",
@@ -279,6 +310,20 @@ def test_check_optimizer_config_accepts_every_valid_combination():
   for name in ("sgd", "adam"):
     for schedule in ("constant", "piecewise", "cosine", "cyclic"):
       check_optimizer_config(_opt(name=name, schedule=schedule))
+
+
+def test_numpy_floats_are_numbers_and_their_nan_is_not_finite():
+  """A config built from a dict (a sweep's values computed with numpy) keeps np.float32 values:
+  numbers like any other, and a numpy NaN or infinity is refused like Python's."""
+  from ntk_scale.config_numbers import is_finite_number
+  assert is_finite_number(np.float32(0.1)) and is_finite_number(np.float16(2))
+  assert not is_finite_number(np.float32("nan")) and not is_finite_number(np.float32("inf"))
+  assert not is_finite_number(np.bool_(True)) and not is_finite_number(True)
+  fields = {"name": "sgd", "schedule": "cosine", "momentum": np.float32(0.9),
+            "weight_decay": np.float32(5e-4), "warmup_epochs": np.float32(1.0)}
+  check_optimizer_config(ml_collections.ConfigDict({**fields, "learning_rate": np.float32(0.1)}))
+  with pytest.raises(ValueError, match=r"config\.optimizer\.learning_rate=nan must be a positive"):
+    check_optimizer_config(ml_collections.ConfigDict({**fields, "learning_rate": np.float32("nan")}))
 
 
 def test_two_updates_a_batch_take_the_learning_rate_of_their_batch_step():
