@@ -207,6 +207,37 @@ def test_checkpoints_in_a_bucket_save_restore_and_delete(bucket):
   reader.close()
 
 
+def test_a_deletion_in_a_bucket_cut_short_leaves_no_listed_step(bucket, monkeypatch):
+  """A bucket has no rename: Orbax deletes a step object by object. Its commit marker removed
+  first, a kill part-way (here after meta/ went) leaves a step Orbax no longer lists, not one it
+  lists and cannot read."""
+  from orbax.checkpoint._src.path import deleter  # pylint: disable=import-outside-toplevel
+
+  directory = f"{bucket}/cut/checkpoints"  # another test's run/ may be listed from a cache
+  state = {"w": jnp.arange(3.0)}
+  writer = Checkpoints(directory)
+  for step, epoch in ((0, 0.0), (7, 7 / 11), (11, 1.0)):
+    writer.save(step, state, epoch)
+  writer.wait_until_finished()
+
+  class Killed(BaseException):
+    pass
+
+  def killed(self, path, *, destination=None, overwrite=False):
+    path.joinpath("meta").rmtree()
+    raise Killed
+
+  monkeypatch.setattr(deleter.PathDeleter, "delete", killed)
+  with pytest.raises(Killed):
+    writer.delete(7)
+  monkeypatch.undo()
+  reader = Checkpoints(directory, create=False)
+  assert reader.epochs() == {0.0: 0, 1.0: 11} and reader.latest_step() == 11
+  assert not files.exists(f"{directory}/7/commit_success.txt")
+  reader.close()
+  writer.close()
+
+
 def test_a_train_job_in_a_bucket_equals_one_on_disk(bucket, tmp_path):
   """Phase 1 of the digits CNN (two steps, checkpoints at both) in a bucket and on the local disk:
   the same checkpoints and metrics; the rerun finds training complete."""

@@ -162,3 +162,15 @@ def test_listings_skip_temporaries_pickles_are_refused_and_removing_nothing_is_n
     files.load_array(str(tmp_path / "objects.npy"))
   files.remove_tree(str(tmp_path / "absent"))
 
+
+def test_a_result_is_reused_when_its_settings_equal_the_wanted_ones_as_json(tmp_path, capsys):
+  """Settings hold tuples (epochs, attacks), which the saved file has as lists: the same settings
+  reuse the result; other ones recompute, naming what changed."""
+  path = str(tmp_path / "result.json")
+  settings = {"epochs": (0.5, 1.0), "attack": {"eps": 0.1, "steps": 2}, "top_k": 4}
+  write_json(path, {"settings": settings, "accuracy": 0.75})
+  assert files.read_result(path, settings) == {
+      "settings": {"epochs": [0.5, 1.0], "attack": {"eps": 0.1, "steps": 2}, "top_k": 4}, "accuracy": 0.75}
+  assert capsys.readouterr().out == ""
+  assert files.read_result(path, {**settings, "epochs": (0.5, 2.0)}) is None
+  assert "computed with other settings (epochs); recomputing it" in capsys.readouterr().out

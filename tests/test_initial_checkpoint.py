@@ -154,6 +154,18 @@ def test_epoch0_of_a_workdir_that_predates_it_names_the_field(old_workdir):
   assert not os.path.exists(os.path.join(old_workdir, "kernels"))
 
 
+def test_epoch0_of_a_workdir_never_trained_names_no_initial_note(tmp_path):
+  """Where there are no checkpoints at all, epoch 0 is missing because nothing was trained, not
+  because the run predates initial checkpoints: the note is left out."""
+  from ntk_scale.checkpoint import missing_initial_note  # pylint: disable=import-outside-toplevel
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"), create=False)
+  with pytest.raises(CheckpointNotFoundError, match=r"config.kernel.epoch=0 in .*checkpoints; "
+                     r"available epochs: none \(has this workdir been trained\?\)") as raised:
+    checkpoints.step_for_epoch(0.0, "config.kernel.epoch", missing_initial_note(1))
+  assert "predates" not in str(raised.value)
+  checkpoints.close()
+
+
 def test_phase2_epoch0_points_to_theta0(workdir):
   config = initial_config()
   config.job, config.kernel.phase, config.kernel.epoch = "kernel", 2, 0.0

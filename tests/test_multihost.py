@@ -437,6 +437,23 @@ def test_every_job_ends_with_the_processes_meeting(tmp_path, monkeypatch):
   assert events == ["job", "ntk_scale job report finished"]
 
 
+def test_a_sum_over_processes_adds_the_part_of_every_process(monkeypatch):
+  """Each process holds its own tiles of a kernel, zeros elsewhere: the sum is the whole kernel, in
+  float64 (here this process and a second one, whose part the fake all-gather brings)."""
+  mine = np.array([[1.0, 0.0], [0.0, 0.0]]) / 3
+  theirs = np.array([[0.0, 2.0], [2.0, 5.0]]) / 7
+
+  def allgather(words):  # float64 travels as pairs of 32-bit words (parallel.gather_from_processes)
+    np.testing.assert_array_equal(words.view(np.float64).reshape(mine.shape), mine)
+    return np.stack([words, theirs.reshape(-1).view(np.uint32)])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(parallel.multihost_utils, "process_allgather", allgather)
+  total = parallel.sum_over_processes(mine)
+  assert total.dtype == np.float64
+  np.testing.assert_array_equal(total, mine + theirs)
+
+
 def test_start_up_flags_are_checked_before_joining_a_job():
   with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id"):
     parallel.initialize_distributed("127.0.0.1:1234", 2, None)

@@ -301,6 +301,36 @@ def test_restore_errors_name_the_field_and_list_what_exists(run, tmp_path, monke
     jobs.run(config, workdir)
 
 
+def test_a_restored_checkpoint_carries_its_saved_epoch_and_a_nan_epoch_is_refused(tmp_path):
+  """An epoch asked for matches a saved one to 1e-9: the checkpoint read back is named by the epoch
+  it was saved as (results are filed under it), not the one asked for. NaN matches no epoch: it is
+  refused as a bad field value, not reported as a missing checkpoint."""
+  config = load_config("digits", "smoke")
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  for step, epoch in ((0, 0.0), (3, 0.125), (6, 0.25)):
+    checkpoints.save(step, {"params": {"w": jnp.full((2,), float(step))}}, epoch)
+  checkpoints.close()
+  restored = restore_for_inference(config, str(tmp_path), phase=1, epoch=0.125 + 1e-12)
+  assert (restored.step, restored.epoch) == (3, 0.125)
+  np.testing.assert_array_equal(np.asarray(restored.variables["params"]["w"]), [3.0, 3.0])
+  with pytest.raises(ValueError, match=r"config.kernel.epoch=nan; expected an epoch number"):
+    restore_for_inference(config, str(tmp_path), phase=1, epoch=float("nan"), fields="config.kernel")
+
+
+def test_the_phase2_job_may_differ_from_phase_1_in_its_length_and_saves(tmp_path):
+  """The phase2 job reads phase 1's checkpoints and trains no phase 1: another num_epochs or
+  checkpoint.* (the phase-1 schedule) is no other experiment; another seed is."""
+  from ntk_scale.workdir import prepare_workdir  # pylint: disable=import-outside-toplevel
+  config = phase2_config()
+  prepare_workdir(config, str(tmp_path))
+  config.job, config.num_epochs = "phase2", 2.0
+  config.checkpoint.every_epochs, config.checkpoint.fractional_epochs = 0.5, (0.25,)
+  prepare_workdir(config, str(tmp_path))
+  config.seed = 1
+  with pytest.raises(WorkdirConfigMismatchError, match=r"seed: 0 -> 1"):
+    prepare_workdir(config, str(tmp_path))
+
+
 def test_two_phase2_experiments_coexist_and_each_resumes(run, tmp_path, caplog):
   """Each killed before its last save: the run's own experiment resumed by the train job (phase 1
   finished), the other by the phase2 job; each equals its uninterrupted run, bit for bit."""

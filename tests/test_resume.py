@@ -8,6 +8,7 @@ A preemption saves at a step between scheduled saves, with the metrics not yet l
 resumed from it is the uninterrupted one too (main.py's SIGTERM and exit code: tests/test_train.py)."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,8 @@ from ntk_scale.preemption import Preempted
 from ntk_scale.train import loop, phase
 from ntk_scale.train.collapse import CollapseDetector
 from ntk_scale.train.metrics_jsonl import read_metrics
+from ntk_scale.workdir import (WorkdirConfigMismatchError, config_differences, is_runtime_field,
+                               prepare_workdir)
 
 from conftest import notices_from
 from test_train import load_config
@@ -148,6 +151,68 @@ def test_adversarial_loose_phase2_resumed_equals_uninterrupted(uninterrupted, tm
   for a, b in zip(straight, resumed, strict=True):
     np.testing.assert_array_equal(a, b)
   assert records(p2copy) == records(p2dir)
+
+
+def test_a_phase_resumes_from_its_step_0_checkpoint_and_writes_its_hparams_once(tmp_path, monkeypatch):
+  """open_phase on a phase without checkpoints keeps the state given and writes the hparams; with
+  only the initialisation saved (step 0, which is falsy) it restores that and writes no hparams
+  again (TensorBoard would show them twice)."""
+  from ntk_scale.train import writers  # pylint: disable=import-outside-toplevel
+
+  hparams_written = []
+
+  class Writer:
+    def write_hparams(self, hparams):
+      hparams_written.append(hparams)
+
+  monkeypatch.setattr(writers, "create_writers", lambda directory: (Writer(), None))
+  run = phase.Phase(directory=str(tmp_path), batches=None, benign_step=None, adversarial_step=None,
+                    flip_step=None, steps_per_epoch=5, total_steps=10, saves={0: 0.0, 10: 2.0},
+                    learning_rate=None, log_every_steps=1)
+  given = {"w": jnp.arange(3.0)}
+  state, start, checkpoints, _ = phase.open_phase(run, given, {"seed": 0})
+  assert start == 0 and state is given and hparams_written == [{"seed": 0}]
+  checkpoints.save(0, {"w": jnp.array([7.0, 8.0, 9.0])}, 0.0)
+  checkpoints.close()
+  state, start, checkpoints, _ = phase.open_phase(run, given, {"seed": 0})
+  checkpoints.close()
+  assert start == 0 and hparams_written == [{"seed": 0}]
+  np.testing.assert_array_equal(np.asarray(state["w"]), [7.0, 8.0, 9.0])
+
+
+def test_a_rerun_may_change_where_the_data_comes_from_but_not_which_data(tmp_path):
+  """data.download and data.data_dir say how the data is fetched (a resumed job on a machine that
+  has it already), not which: they may change; data.name may not."""
+  config = phase1_config()
+  prepare_workdir(config, str(tmp_path))
+  recorded = (tmp_path / "config.json").read_text()
+  config.data.download, config.data.data_dir = False, str(tmp_path / "tfds")
+  prepare_workdir(config, str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == recorded
+  config.data.name = "mnist"
+  with pytest.raises(WorkdirConfigMismatchError, match=r"data.name: 'digits' -> 'mnist'"):
+    prepare_workdir(config, str(tmp_path))
+
+
+def test_a_field_named_like_a_runtime_field_is_not_one():
+  """Only a name ending in "." covers the fields under it: a field that merely starts with a
+  runtime field's name (none does yet; say data.download_checksum) is part of the experiment."""
+  assert is_runtime_field("data.download") and is_runtime_field("kernel.tile_size")
+  assert not is_runtime_field("data.download_checksum") and not is_runtime_field("jobs")
+  saved = {"job": "train", "data": {"download": True, "download_checksum": "a"}}
+  current = {"job": "kernel", "data": {"download": False, "download_checksum": "b"}}
+  assert config_differences(saved, current) == ["data.download_checksum: 'a' -> 'b'"]
+
+
+def test_a_recorded_field_the_config_no_longer_has_is_a_difference(tmp_path):
+  """A field the workdir's record has and the config lacks (one renamed or removed since) is
+  reported, saved value against <absent>, as a field the config has and the record lacks is."""
+  config = phase1_config()
+  recorded = json.loads(config.to_json())
+  recorded["train"]["removed_option"] = 0.5
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  with pytest.raises(WorkdirConfigMismatchError, match=r"train.removed_option: 0.5 -> '<absent>'"):
+    prepare_workdir(config, str(tmp_path))
 
 
 def preemption_config() -> ml_collections.ConfigDict:
