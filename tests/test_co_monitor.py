@@ -208,6 +208,8 @@ class _RecordingCheckpoints:
 
   def save(self, step, state, epoch):
     del state
+    if self.saved and step <= max(self.saved):  # as Orbax, which saves only after its newest step
+      raise RuntimeError(f"step {step} is not after the newest saved, {max(self.saved)}")
     self.saved[step] = epoch
 
   def latest_step(self):
@@ -336,3 +338,33 @@ def test_a_collapse_is_strictly_below_the_fraction_of_a_peak_at_least_min_peak()
   assert _feed(at_fraction, [0.4, 0.2], [0.8, 0.9]) == []
   assert len(_feed(CollapseDetector(collapse_fraction=0.5, min_peak=0.2), [0.4, 0.19], [0.8, 0.9])) == 1
   assert len(_feed(CollapseDetector(collapse_fraction=0.5, min_peak=0.2), [0.2, 0.05], [0.8, 0.9])) == 1
+
+
+def test_a_collapse_right_after_the_resumed_step_keeps_that_step_as_before(tmp_path):
+  """Killed after the save at step 6, the rerun's first measurement (step 8) finds the collapse:
+  the state before it is the resumed checkpoint's, as in an uninterrupted run."""
+  robust = {**_ROBUST, 6: 0.45, 8: 0.1}
+  full = _run_scripted(_scripted_monitor(tmp_path / "full", robust), tmp_path / "full",
+                       _RecordingCheckpoints(), 0, 22)
+  assert full["checkpoint_epochs"] == {"before": 0.25, "after": 0.375}
+  directory, checkpoints = tmp_path / "cut", _RecordingCheckpoints()
+  _run_scripted(_scripted_monitor(directory, robust), directory, checkpoints, 0, 6)
+  monitor = _scripted_monitor(directory, robust)
+  monitor.resume(str(directory), 6)
+  assert _run_scripted(monitor, directory, checkpoints, 6, 22) == full
+
+
+def test_the_collapse_is_recorded_when_it_is_found(tmp_path):
+  """A run killed after the collapse (before its end writes the summary) leaves its record, with
+  the epochs of the checkpoints kept around it."""
+  monitor = _scripted_monitor(tmp_path)
+  checkpoints = _RecordingCheckpoints()
+  writer = JsonlWriter(str(tmp_path / "metrics.jsonl"))
+  for step in range(1, 7):
+    monitor(step, {"step": jnp.array(step)}, checkpoints, writer)
+    if step in _SAVES:
+      checkpoints.save(step, None, _SAVES[step])
+  with open(tmp_path / CO_FILE) as f:
+    summary = json.load(f)
+  assert summary["collapsed"] and (summary["collapse"]["before"]["step"], summary["collapse"]["step"]) == (4, 6)
+  assert summary["checkpoint_epochs"] == {"before": 4 / 22, "after": 0.25}

@@ -1,6 +1,8 @@
 """Evaluations kept for a resume: batches in runs written when due or on a preemption notice, and
 read back in order; results by identity and settings, examples beside them."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,63 @@ def test_discarding_named_evaluations_leaves_the_others_kept_beside_them(tmp_pat
   assert mine.get(identity("pgd"), "pgd") is None and other.get(identity("pgd"), "pgd") is None
   evaluation_progress.discard_named(directory, {"square", "fab", "autoattack"})
   assert not (tmp_path / "step_22.partial").exists()
+
+
+def test_a_run_of_batches_is_written_keep_every_s_after_the_last_write(tmp_path, monkeypatch):
+  """A fast attack is not slowed by a write per batch: a run is written once KEEP_EVERY_S seconds
+  have passed since the last write (not since the attack began), holding every batch since."""
+  now = [0.0]
+  monkeypatch.setattr(evaluation_progress, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+  monkeypatch.setattr(evaluation_progress, "KEEP_EVERY_S", 60.0)
+  prefix = str(tmp_path / "kept" / "abc.pgd")
+  writer = BatchProgress(prefix, "pgd", lambda: False)
+  for b, seconds in enumerate([10.0, 60.0, 100.0, 119.0, 120.0, 130.0]):
+    now[0] = seconds
+    writer.put(b, _batch(b), batches=8)
+  # Due at 60 s (batches 0-1) and 60 s after that write (batches 2-4); not at 100, 119 or 130 s.
+  assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["abc.pgd.from_0.npz",
+                                                                   "abc.pgd.from_2.npz"]
+  reader = BatchProgress(prefix, "pgd", lambda: False)
+  assert [float(reader.get(b)["sum_correct"]) for b in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  assert reader.get(5) is None
+
+
+def test_a_notice_after_a_kept_result_stops_counting_the_results_kept(tmp_path):
+  """KeptResults.put writes the result, then a notice stops the job (Preempted), naming how many
+  results this run kept; the count is the Preempted step."""
+  notices = iter([False, True])
+  kept = KeptResults(str(tmp_path / "kept"), {"config": "a"}, lambda: next(notices))
+  kept.put({"model": "m"}, {"accuracy": 0.5})
+  with pytest.raises(Preempted, match=r": 2 evaluations are kept in .*kept; rerun") as stopped:
+    kept.put({"model": "n"}, {"accuracy": 0.25})
+  assert stopped.value.step == 2
+  assert kept.get({"model": "n"}, "n") == {"accuracy": 0.25}  # written before it stopped
+  with pytest.raises(Preempted, match=r": 1 evaluation is kept in") as first:
+    KeptResults(str(tmp_path / "other"), {}, lambda: True).put({"model": "m"}, {"accuracy": 0.5})
+  assert first.value.step == 1
+
+
+def test_each_member_done_replaces_the_examples_kept_after_the_one_before(tmp_path):
+  """A worst_of attack keeps only the examples after its last finished member (each as large as
+  the test set), and its rerun resumes from those."""
+  kept = KeptResults(str(tmp_path / "kept"), {"config": "a"}, lambda: False)
+  members = kept.members({"name": "autoattack"}, "autoattack")
+  for done in (1, 2):
+    members.member_done(done, {"images": np.full((2, 3), done, np.float32)},
+                        {"apgd-ce": 0.5, "apgd-t": 0.25}, members=3)
+  names = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "kept").iterdir())
+  assert names == ["autoattack.member_2.npz", "autoattack.members.json"]
+  done, arrays, accuracy = members.restore()
+  assert done == 2 and accuracy == {"apgd-ce": 0.5, "apgd-t": 0.25}
+  np.testing.assert_array_equal(arrays["images"], np.full((2, 3), 2, np.float32))
+
+
+def test_a_notice_at_the_last_member_lets_the_attack_finish(tmp_path):
+  """As with batches: a notice with members left stops the attack after keeping its examples; with
+  the last member done there is nothing to resume, and the attack finishes."""
+  members = KeptResults(str(tmp_path / "kept"), {}, lambda: True).members({"name": "aa"}, "aa")
+  with pytest.raises(Preempted, match="2 of 3 members of attack aa are saved") as stopped:
+    members.member_done(2, {"images": np.zeros(2)}, {"apgd-ce": 0.5}, members=3)
+  assert stopped.value.step == 2
+  members.member_done(3, {"images": np.ones(2)}, {"apgd-ce": 0.5, "fab": 0.25}, members=3)
+  assert members.restore()[0] == 3

@@ -380,3 +380,57 @@ def test_bfloat16_twin_shares_the_variables_and_computes_in_bfloat16(name):
   full, half = (jax.jit(lambda v, m=m: m.apply(v, x, train=False))(variables) for m in (model, twin))
   assert half.dtype == jnp.float32
   assert jnp.max(jnp.abs(half - full)) <= 0.03 * jnp.max(jnp.abs(full))  # 0.004-0.008 measured
+
+
+@pytest.mark.parametrize("name, fields, expected", [
+    # 3x3 convs 3-4-4-8-8-16-16 without biases, a BatchNorm (scale, bias) after each, dense head.
+    ("cnn", {"width": 4}, 9 * (3 * 4 + 4 * 4 + 4 * 8 + 8 * 8 + 8 * 16 + 16 * 16)
+     + 2 * (4 + 4 + 8 + 8 + 16 + 16) + 16 * 10 + 10),
+    # dense 64-7-7-7 without biases, a BatchNorm after each, dense head.
+    ("mlp", {"width": 7, "depth": 3}, 64 * 7 + 7 * 7 + 7 * 7 + 2 * 3 * 7 + 7 * 10 + 10),
+])
+def test_with_batch_norm_the_layers_before_it_have_no_bias(name, fields, expected):
+  """A bias before BatchNorm is cancelled by its mean in training, yet moves the output of the
+  running averages and adds directions to the tangent kernel: the layer before a BatchNorm has
+  none (ResNet-18's convolutions likewise)."""
+  model = _model(name, batch_norm=True, **fields)
+  variables = _abstract_variables(model, (1, 8, 8, 3 if name == "cnn" else 1))
+  assert _num_params(variables) == expected == {"cnn": 4854, "mlp": 668}[name]
+  assert not any(path.endswith("bias") and not path.startswith(("head", "BatchNorm"))
+                 for path in _shapes(variables["params"]))
+
+
+def test_resnet18_stem_is_conv_batch_norm_relu():
+  """The CIFAR stem as He et al.'s: relu(BN(conv3x3(x))) feeds the first block."""
+  model = _model("resnet18", width=4, batch_norm=True)
+  x = _images((2, 8, 8, 3), seed=10)
+  variables = _init(model, x, seed=11)
+  _, state = model.apply(variables, x, train=False, capture_intermediates=True)
+  inter = state["intermediates"]
+  stem = np.asarray(inter["stem"]["__call__"][0], np.float64)
+  bn = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+  [bn_name] = [k for k in bn["params"] if k.startswith("BatchNorm")]
+  p, s = bn["params"][bn_name], bn["batch_stats"][bn_name]
+  expected = np.maximum((stem - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"], 0)
+  assert np.mean(expected == 0) > 0.1  # the ReLU has something to cut
+  block = BasicBlock(4, 1, batch_norm=True)
+  block_variables = {c: variables[c]["stage1_block1"] for c in ("params", "batch_stats")}
+  np.testing.assert_allclose(
+      np.asarray(block.apply(block_variables, jnp.asarray(expected, jnp.float32), train=False)),
+      np.asarray(inter["stage1_block1"]["__call__"][0]), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_statistics_are_exact_for_features_far_from_zero():
+  """The two-pass variance: features of mean 1000 and spread 0.1 (a ReLU layer's, say) are
+  normalised as float64 normalises them; E[x^2] - E[x]^2 in float32 loses the variance to
+  cancellation (its error ~0.06 against a variance of 0.01; outputs off by ~70)."""
+  from ntk_scale.models.layers import batch_norm  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(12)
+  x = (1000.0 + 0.1 * rng.normal(size=(64, 3))).astype(np.float32)
+  layer = batch_norm(True, train=True)
+  variables = {"params": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
+               "batch_stats": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}
+  out, updates = layer.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+  xs = x.astype(np.float64)
+  np.testing.assert_allclose(np.asarray(out), (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5), atol=0.02)
+  np.testing.assert_allclose(np.asarray(updates["batch_stats"]["var"]), 0.9 + 0.1 * xs.var(0), rtol=1e-4)

@@ -39,7 +39,7 @@ def test_the_cosine_of_a_confident_examples_tiny_gradients_is_exact():
   product (1e-48) is below any float32 floor, which used to pull the cosine to 0 and the penalty
   to 1 for two parallel gradients. Each gradient is normalised on its own, as in GradAlign's code."""
   g = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8)), jnp.float32)
-  for scale in (1.0, 1e-8, 1e-12, 1e-20):
+  for scale in (1.0, 1e-8, 1e-12, 1e-20, 1e-30):  # 1e-30: still normal in float32
     tiny = g * scale
     np.testing.assert_allclose(jax.jit(gradient_cosine)(tiny, 3.0 * tiny), [1.0], rtol=1e-6)
     np.testing.assert_allclose(jax.jit(gradient_cosine)(tiny, -tiny), [-1.0], rtol=1e-6)
@@ -217,3 +217,24 @@ def test_pgd_fields_a_single_step_attack_cannot_honour_are_refused():
   with pytest.raises(ValueError, match=r"config\.train\.attack\.random_start=False: rs_fgsm always"):
     attacks.build_attack(config.train.attack, prefix="config.train.attack")
   assert base_config().train.attack.step_size == pytest.approx(2.5 * 8 / 255 / 10)  # PGD's default
+
+
+def test_the_mean_counts_only_examples_with_both_gradients_nonzero():
+  """As in the authors' code, an example is left out of the mean where either gradient is zero: at
+  x (its ReLUs all off), or at both points. Here example 0 is counted, example 1 has a zero
+  gradient at x only (x + eta turns a ReLU on), example 2 zero gradients at both."""
+  u = jnp.asarray([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0]])
+  logits_fn = lambda x: jax.nn.relu(x) @ u
+  images = jnp.asarray([[1.0, 1.0], [-0.05, -0.05], [-1.0, -1.0]])
+  labels = jnp.asarray([0, 1, 2])
+  key, eps = jax.random.key(3), 0.2
+  eta = jax.random.uniform(key, images.shape, images.dtype, -eps, eps)  # the penalty's draw
+  grad = lambda x: np.asarray(jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(
+      logits_fn(x), labels).sum())(x), np.float64)
+  clean, noisy = grad(images), grad(images + eta)
+  assert (clean != 0).any(axis=1).tolist() == [True, False, False]
+  assert (noisy != 0).any(axis=1).tolist() == [True, True, False]
+  expected = 1 - clean[0] @ noisy[0] / np.linalg.norm(clean[0]) / np.linalg.norm(noisy[0])
+  assert expected > 1e-3
+  penalty = jax.jit(lambda: grad_align_penalty(logits_fn, images, labels, key, eps))()
+  np.testing.assert_allclose(float(penalty), expected, rtol=1e-4)

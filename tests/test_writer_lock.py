@@ -3,8 +3,10 @@ is refused before it records or writes anything, naming the holder; readers are 
 holder's lock never blocks the rerun. (Two train jobs at once deleted each other's half-written
 checkpoints, leaving a step without its metadata, and both appended to metrics.jsonl.)"""
 
+import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,3 +124,55 @@ def test_a_workdir_this_user_cannot_write_is_named_as_such(tmp_path, monkeypatch
   with pytest.raises(PermissionError, match=rf"{workdir} is not writable by this user, so no job can "
                                             rf"write there .*use a --workdir it can write"):
     writer_lock.hold(writer_lock.lock_path(workdir), "train", workdir)
+
+
+def _held_elsewhere(path: str) -> bool:
+  """Whether a lock on `path` is held through another open file (flock locks belong to an open file,
+  so this process's own lock counts too)."""
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(descriptor)
+
+
+def test_the_lock_names_its_holder_alone_and_a_refused_job_leaves_no_file_open(
+    tmp_path, held_by_another_process):
+  """The holder's line replaces whatever an earlier holder wrote (a longer line's tail named a job
+  long gone); a refused job closes the lock file (a job retrying would otherwise run out of
+  descriptors)."""
+  path = writer_lock.lock_path(str(tmp_path))
+  with open(path, "w") as f:
+    f.write("job phase2, host an-earlier-host-with-a-long-name, process id 1, since 2020-01-01\n" * 3)
+  holder = held_by_another_process(path)
+  with open(path) as f:
+    line = f.read()
+  assert re.fullmatch(rf"job train, host .*, process id {holder.pid}, since [^\n]*", line), line
+  open_files = lambda: sum(os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path)
+                          for fd in os.listdir("/proc/self/fd"))  # this process's, of the lock
+  before = open_files()
+  for _ in range(3):
+    with pytest.raises(writer_lock.WorkdirBusyError, match=rf"\(job train, .*process id {holder.pid}, since "
+                                                           rf"[^;\n]*; {re.escape(path)}\)"):
+      writer_lock.hold(path, "train", "the experiment")
+  assert open_files() == before
+
+
+def test_a_block_holding_a_lock_its_process_held_already_leaves_it_held(tmp_path):
+  """`holding` inside a job that holds the lock already (an eigen job solving the spectrum of the
+  kernel it locked) must not release the enclosing job's lock as its block ends."""
+  path = str(tmp_path / ".writer.spectrum.lock")
+  try:
+    writer_lock.hold(path, "spectrum", "the spectrum")
+    with writer_lock.holding(path, "eigen_features", "the spectrum", "mixing", "elsewhere"):
+      assert _held_elsewhere(path)
+    assert _held_elsewhere(path)  # still the enclosing job's
+  finally:
+    writer_lock.release_all()
+  assert not _held_elsewhere(path)
+  with writer_lock.holding(path, "spectrum", "the spectrum", "mixing", "elsewhere"):
+    assert _held_elsewhere(path)
+  assert not _held_elsewhere(path)  # a block's own lock goes with it
