@@ -294,3 +294,41 @@ def test_a_complete_kernel_with_a_lost_chunk_computes_that_tile_again(workdir, c
   assert "complete: read back" not in capsys.readouterr().out
   assert again["tiles_computed"] == 1 and again["complete"]
   np.testing.assert_array_equal(KernelStore.open(again["kernel"]).read(), expected)
+
+
+def test_plan_settings_read_the_budget_in_gib_and_zeros_as_unset():
+  settings = job.plan_settings(kernel_config(memory_budget_gb=2, tile_size=0, band=3).kernel)
+  assert settings["memory_budget_bytes"] == 2 * 2**30
+  assert (settings["tile_size"], settings["band"], settings["logit_chunk"]) == (None, 3, None)
+  assert job.plan_settings(kernel_config(memory_budget_gb=0).kernel)["memory_budget_bytes"] is None
+
+
+def test_a_resumed_kernel_keeps_what_it_is_of_and_how_it_was_started(workdir):
+  """An unfinished class-3 kernel (its programs compiled by the tests above): another matmul
+  precision is another kernel, refused before any compute; so is factoring other layers than it
+  started with; its own method named explicitly resumes it, and kernel.json adds up the seconds
+  of both runs."""
+  first = jobs.run(kernel_config(name="kept", logits="3"), workdir)
+  seconds = KernelStore.open(first["kernel"]).meta["seconds"]
+  assert seconds == pytest.approx(first["seconds"])
+  os.remove(os.path.join(first["kernel"], TILES_DIR, "0-0"))  # as if killed before its last tile
+  KernelStore.open(first["kernel"]).update_meta(complete=False)
+  with pytest.raises(KernelStoreMismatchError, match="precision: 'highest' -> 'high'"):
+    jobs.run(kernel_config(name="kept", logits="3", precision="high"), workdir)
+  with pytest.raises(ValueError, match=r"config.kernel.factored_layers='none' factors \[\], but .*kept "
+                                       r"was started factoring \[\"\['head'\]\['kernel'\]\"\]"):
+    jobs.run(kernel_config(name="kept", logits="3", factored_layers="none"), workdir)
+  resumed = jobs.run(kernel_config(name="kept", logits="3", method=first["method"]), workdir)
+  assert resumed["tiles_computed"] == 1 and resumed["complete"]
+  assert KernelStore.open(first["kernel"]).meta["seconds"] == pytest.approx(seconds + resumed["seconds"])
+
+
+def test_a_float64_kernel_job_is_stored_in_float64(workdir):
+  """config.kernel.dtype='float64': kernel.json and the stored array say float64, and its entries
+  carry more than float32's digits."""
+  result = jobs.run(kernel_config(name="float64", logits="3", dtype="float64", num_examples=10,
+                                  tile_size=10), workdir)  # one tile: one program to compile
+  store = KernelStore.open(result["kernel"])
+  kernel = store.read()
+  assert store.meta["dtype"] == "float64" and kernel.dtype == np.float64
+  assert not np.array_equal(kernel, kernel.astype(np.float32))

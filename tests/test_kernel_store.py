@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from ntk_scale.ntk.store import KernelStore, KernelStoreDamagedError, KernelStoreMismatchError, TileWriter
+from ntk_scale.ntk.store import (KernelStore, KernelStoreDamagedError, KernelStoreMismatchError, TileWriter,
+                                  agreed_done_tiles)
 
 TILE, BLOCKS = 4, 3
 
@@ -211,3 +212,61 @@ def test_a_float64_kernel_is_stored_and_read_back_in_float64(tmp_path):
                   kernel.read(slice(TILE, 2 * TILE), slice(0, TILE)).T):
       assert block.dtype == np.float64
       np.testing.assert_array_equal(block, tile)
+
+
+def test_tiles_listed_as_done_leave_out_those_whose_chunk_is_gone(tmp_path):
+  """An unfinished kernel (no "complete" to clear) whose tile 0-2 lost its chunk: the tiles a job
+  resumes from are listed without it, so it is computed again instead of read as missing."""
+  kernel = _symmetric_kernel()
+  store = _store(tmp_path / "kernel")
+  for i, j, tile in _tiles(kernel):
+    store.write_tile(i, j, tile, mirror=True)
+  os.remove(tmp_path / "kernel" / "kernel.zarr" / "c" / "0" / "2")
+  tiles = [(i, j) for i, j, _ in _tiles(kernel)]
+  assert agreed_done_tiles(store, tiles, mirror=True) == set(tiles) - {(0, 2)}
+
+
+def test_a_cross_kernels_chunks_are_known_by_row_and_column(tmp_path):
+  """A cross kernel [8, 12] stores each tile once (no mirror): its chunks are named (row, column)."""
+  meta = {"shape": [2 * TILE, 3 * TILE], "tile": TILE, "dtype": "float32"}
+  store = KernelStore.create_or_resume(str(tmp_path / "cross"), meta, ("shape",), np.arange(2 * TILE),
+                                       np.zeros(2 * TILE, int))
+  tile = np.arange(TILE * TILE, dtype=np.float32).reshape(TILE, TILE)
+  store.write_tile(0, 2, tile, mirror=False)
+  store.write_tile(1, 0, tile + 1, mirror=False)
+  assert store.stored_chunks() == {(0, 2), (1, 0)}
+  assert store.drop_tiles_without_chunks(mirror=False) == []
+  os.remove(tmp_path / "cross" / "kernel.zarr" / "c" / "0" / "2")
+  assert store.drop_tiles_without_chunks(mirror=False) == [(0, 2)]
+  assert store.done_tiles() == {(1, 0)}
+
+
+def test_a_tile_larger_than_the_bound_on_waiting_bytes_is_written_alone(tmp_path):
+  """MAX_PENDING_BYTES bounds the tiles waiting; a tile larger than the bound still goes, alone
+  (it waited forever)."""
+  kernel = _symmetric_kernel()
+  store, finished = _store(tmp_path / "kernel"), threading.Event()
+
+  def write_every_tile():
+    with TileWriter(store, mirror=True, max_pending_bytes=1) as writer:
+      for i, j, tile in _tiles(kernel):
+        writer(i, j, tile)
+    finished.set()
+
+  threading.Thread(target=write_every_tile, daemon=True).start()
+  assert finished.wait(timeout=20), "the writer waits for room that one tile never has"
+  np.testing.assert_array_equal(store.read(), kernel)
+
+
+def test_the_identity_digest_follows_what_the_kernel_is_of_not_how_it_was_computed(tmp_path):
+  store = _store(tmp_path / "kernel")
+  what = {"source": {"epoch": 1.0}, "split": "train", "logits": "trace", "dtype": "float32",
+          "precision": "highest", "data": "digits"}
+  store.update_meta(**what)
+  digest = store.identity_digest()
+  store.update_meta(tile=2 * TILE, method="ntvp", seconds=3.0)
+  assert store.identity_digest() == digest
+  for field, other in (("source", {"epoch": 2.0}), ("split", "test"), ("logits", "class 1"),
+                       ("dtype", "float64"), ("precision", "high"), ("data", "cifar10")):
+    store.update_meta(**{**what, field: other})
+    assert store.identity_digest() != digest, field

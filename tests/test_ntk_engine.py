@@ -5,6 +5,8 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import os
+import types
 
 import flax.linen as nn
 import jax
@@ -15,18 +17,21 @@ from jax.sharding import Mesh
 
 from ntk_scale import device_rates, parallel
 from ntk_scale.base_config import base_config
+from ntk_scale.cost_analysis import memory_per_device
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.matmul_precision import default_precision
 from ntk_scale.models import build_model
 from ntk_scale.models.layers import batch_norm, full_precision_logits
 from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tangents
 from ntk_scale.ntk import KernelPlanError, empirical_ntk, fit_plan, plan_for, run_tiles
-from ntk_scale.ntk import engine, plan as plan_module
+from ntk_scale.ntk import compiled_memory as compiled_memory_module, engine, plan as plan_module
 from ntk_scale.ntk.engine import tile_slices
 from ntk_scale.ntk.plan import MIN_BANDED_TILE, ModelCost, make_plan
-from ntk_scale.ntk.programs import step_programs
-from ntk_scale.ntk.schedule import in_logit_chunks, jacobian_schedule, ring_schedule, tile_schedule
-from ntk_scale.ntk.tile_math import JacobianRows, contract, contract_symmetric, parse_logits
+from ntk_scale.ntk.programs import program_of, step_programs
+from ntk_scale.ntk.schedule import (in_logit_chunks, jacobian_schedule, ring_schedule, round_lengths,
+                                   tile_schedule)
+from ntk_scale.ntk.tile_math import (JacobianRows, contract, contract_symmetric, parameter_groups,
+                                    parse_logits)
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from random_variables import random_variables
 from test_kernel_regression import all_highest
@@ -241,6 +246,20 @@ def test_trace_kernel_formed_a_chunk_of_logits_at_a_time(network):
   kernel = empirical_ntk(apply_fn, variables["params"], x, x2, logits="trace", tile_size=2,
                          logit_chunk=1, dtype="float64")
   assert _relative_error(kernel, reference_kernel(apply_fn, variables["params"], x, x2, "trace")) < 1e-10
+
+
+def test_a_full_kernel_in_one_diagonal_step(network):
+  """The kernel in one tile on one device: its diagonal step forms every logit's rows at once (a
+  trace kernel's diagonal step alone sums chunks of logits)."""
+  _, variables, apply_fn = network
+  x = _images(5)
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  plan = plan_for(apply_fn, variables["params"], x, None, "full", method="jacobian", num_devices=1)
+  assert (plan.tile, plan.band, plan.logit_chunk, len(plan.tiles())) == (5, 1, NUM_CLASSES, 1)
+  tiles = []
+  run_tiles(apply_fn, variables["params"], x, None, plan, lambda i, j, t: tiles.append(t), mesh=one)
+  reference = reference_kernel(apply_fn, variables["params"], x, x, "full")
+  assert len(tiles) == 1 and _relative_error(tiles[0], reference) < 1e-5
 
 
 class FourLogitMLP(nn.Module):
@@ -540,6 +559,8 @@ def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
   balanced = make_plan(cost, 2048, 2048, True, spec, num_devices=1, band=1, budget_bytes=5.1e9)
   largest = make_plan(cost, 2048, 2048, True, spec, num_devices=1, tile=585, budget_bytes=5.1e9)
   assert balanced.tile == 512 and largest.method == "jacobian" and balanced.flops < largest.flops
+  # 2,001 rows against 1,000 columns: 4 row blocks of 501 (of 500, a fifth block would hold one row).
+  assert make_plan(cost, 2001, 1000, False, spec, num_devices=1, band=1, budget_bytes=5.1e9).tile == 501
   with pytest.raises(KernelPlanError, match="band=0 must be a positive integer"):
     make_plan(cost, 64, 64, True, spec, num_devices=1, band=0, budget_bytes=budget)
   with pytest.raises(KernelPlanError, match="band=2 needs method 'jacobian'"):
@@ -834,3 +855,226 @@ def test_kernel_matches_neural_tangents(network):
   assert _relative_error(ours, theirs) < 1e-10
   trace = empirical_ntk(apply_fn, variables["params"], x1, x2, logits="trace", dtype="float64")
   assert _relative_error(trace, np.einsum("ijcc->ij", theirs)) < 1e-10
+
+
+# A model of 1,000 parameters (its largest group half of them), 1 MFLOP forward and 100 bytes of
+# activations per example: every number below is counted by hand from plan.py's cost model.
+HAND_COST = ModelCost(num_params=1000, forward_flops=1e6, activation_bytes=100.0, itemsize=4,
+                      largest_group=500)
+
+
+def test_memory_per_device_counted_by_hand():
+  """Bytes per device for a tile of 8 of a trace kernel of 10 logits (g = 1/2): the parameters
+  (4,000 B), the Jacobian blocks (10 rows of 1,000 numbers per example), the vmapped reverse passes
+  (1 + C' activations per example) and two steps' tiles."""
+  spec = parse_logits("trace", 10)
+  per_example = 10 * 1000 * 4  # one example's Jacobian rows, in bytes
+  # Bands of 4: the band's 32 examples, and a column block of 8 with one group's per-array
+  # gradients (1 + g) or the band's own per-array gradients (4 g = 2), whichever holds more.
+  assert plan_module.bytes_per_device("jacobian", 8, spec, HAND_COST, band=4) == (
+      4000 + (32 + 8 * 2) * per_example + 32 * 11 * 100 + 2 * 32 * 32 * 4)
+  # One band without column blocks: its rows and one group's per-array gradients.
+  assert plan_module.bytes_per_device("jacobian", 8, spec, HAND_COST, column_blocks=False) == (
+      4000 + 8 * 1.5 * per_example + 8 * 11 * 100 + 2 * 8 * 8 * 4)
+  # Rotation: the resident block, the block sent and the one received, and one group's gradients.
+  assert plan_module.bytes_per_device("jacobian", 8, spec, HAND_COST, rotate=True) == (
+      4000 + 8 * 3.5 * per_example + 8 * 11 * 100 + 2 * 8 * 8 * 4)
+  # Two logits at a time: a fifth of the rows, 1 + 2 activations per example.
+  assert plan_module.bytes_per_device("jacobian", 8, spec, HAND_COST, logit_chunk=2) == (
+      4000 + (8 + 8 * 1.5) * per_example / 5 + 8 * 3 * 100 + 2 * 8 * 8 * 4)
+  # NTK-vector products: one column example's 10 rows, a primal and 10 tangents over 8 rows; a
+  # "full" tile holds C x C numbers per entry.
+  assert plan_module.bytes_per_device("ntvp", 8, spec, HAND_COST) == (
+      4000 + 10 * 4000 + 8 * 2 * 10 * 100 + 2 * 8 * 8 * 4)
+  assert plan_module.bytes_per_device("ntvp", 8, parse_logits("full", 10), HAND_COST) == (
+      4000 + 10 * 4000 + 8 * 2 * 10 * 100 + 2 * 8 * 8 * 100 * 4)
+  # Refused, the Jacobian method is advised NTK-vector products; "auto" tried them already.
+  with pytest.raises(KernelPlanError, match="method='ntvp'"):
+    make_plan(HAND_COST, 32, 32, True, spec, num_devices=1, method="jacobian", budget_bytes=1e3)
+  with pytest.raises(KernelPlanError, match="allows 9.31e-07 GiB; raise memory_budget_bytes, or use"):
+    make_plan(HAND_COST, 32, 32, True, spec, num_devices=1, budget_bytes=1e3)
+
+
+def test_flops_of_ntvp_and_ring_plans_counted_by_hand():
+  """Rows of one example: F (1 + 2 C') = 21 MFLOP; a tile contracted from rows 2 T^2 C' P; an
+  NTK-vector-product tile T rows plus 3 F T^2 C'. A symmetric ring of D = 4 blocks contracts each
+  device's diagonal tile and D // 2 rotations of D tiles, a cross ring D rotations of D (twice
+  the blocks formed); each device sends its block's rows, per chunk of logits, once a rotation."""
+  spec, budget = parse_logits("trace", 10), 1e12
+  rows, contraction = 21e6, 2 * 8 * 8 * 10 * 1000
+  ntvp_tile = 8 * rows + 3 * 1e6 * 8 * 8 * 10
+  one = make_plan(HAND_COST, 20, 20, True, spec, num_devices=1, method="ntvp", tile=8,
+                  budget_bytes=budget)
+  assert one.flops == 6 * ntvp_tile  # 3 row blocks: 6 tiles on and above the diagonal
+  four = make_plan(HAND_COST, 20, 20, True, spec, num_devices=4, method="ntvp", tile=8,
+                   budget_bytes=budget)
+  assert four.device_flops == 2 * ntvp_tile  # 6 tiles over 4 devices: 2 lockstep steps
+  # NTK-vector products asked for on several devices: never the (Jacobian) ring.
+  ntvp = make_plan(HAND_COST, 32, 32, True, spec, num_devices=4, method="ntvp", budget_bytes=budget)
+  assert ntvp.method == "ntvp" and not ntvp.rotate
+  # 9 examples on 2 devices: 2 blocks (3 tiles, one for each device at least), of 5.
+  assert make_plan(HAND_COST, 9, 9, True, spec, num_devices=2, method="ntvp", budget_bytes=budget).tile == 5
+  ring = make_plan(HAND_COST, 32, 32, True, spec, num_devices=4, rotate=True, budget_bytes=budget)
+  assert (ring.tile, ring.logit_chunk) == (8, 10)
+  assert ring.flops == 4 * (1 + 2) * contraction + 4 * 8 * rows
+  assert ring.device_flops == ring.flops / 4
+  cross = make_plan(HAND_COST, 32, 32, False, spec, num_devices=4, rotate=True, budget_bytes=budget)
+  assert cross.flops == 4 * 4 * contraction + 2 * 4 * 8 * rows
+  assert cross.transfer_bytes == 3 * 8 * 10 * 1000 * 4  # D - 1 rotations
+  # The ring's own tile may be asked for; two logits at a time send 5 chunks of a fifth each.
+  chunked = make_plan(HAND_COST, 32, 32, True, spec, num_devices=4, rotate=True, tile=8,
+                      logit_chunk=2, budget_bytes=budget)
+  assert chunked.rotate and chunked.transfer_bytes == 5 * 2 * 8 * 2 * 1000 * 4
+  full = make_plan(HAND_COST, 16, 16, False, parse_logits("full", 10), num_devices=1,
+                   method="jacobian", tile=16, budget_bytes=budget)
+  assert full.flops == 2 * 16 * 16 * 10 * 10 * 1000 + 2 * 16 * rows  # C^2 P per pair
+
+
+def test_model_cost_counts_largest_group_factored_rows_and_a_floor_of_two_flops_per_parameter():
+  """The largest parameter group (of 100 and 10), a gather's 0 FLOPs raised to 2 per parameter,
+  and a factored layer's reverse pass, which forms no weight gradient, once per logit of a chunk."""
+  shapes = {"a": jax.ShapeDtypeStruct((100,), np.float32), "b": jax.ShapeDtypeStruct((10,), np.float32)}
+  cost = ModelCost.measure(lambda p, x: p["a"][:3] * x + p["b"][:3], shapes,
+                           jax.ShapeDtypeStruct((3,), np.float32))
+  assert (cost.num_params, cost.largest_group) == (110, 100)
+  embedding = ModelCost.measure(lambda p, t: p["w"][t], {"w": jax.ShapeDtypeStruct((12, 3), np.float32)},
+                                jax.ShapeDtypeStruct((), np.int32))
+  assert embedding.forward_flops == 2 * 36
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.normal(size=(64, 32)).astype(np.float32), "b1": np.zeros(32, np.float32),
+            "w2": rng.normal(size=(32, 3)).astype(np.float32), "b2": np.zeros(3, np.float32)}
+  mlp = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  plan = plan_for(mlp, params, rng.normal(size=(8, 64)).astype(np.float32), None, "trace",
+                  method="jacobian", tile_size=8, num_devices=1, factored_layers="all")
+  spec, plain = parse_logits("trace", 3), dataclasses.replace(plan.cost, factoring="none")
+  assert len(plan.factored_layers) == 2
+  for chunk in (None, 1):  # all 3 logits at once, or a logit at a time: 3 reverse passes each
+    assert (plan_module.rows_flops(spec, plain, chunk) - plan_module.rows_flops(spec, plan.cost, chunk)
+            == 3 * 2 * (64 * 32 + 32 * 3))
+
+
+def test_memory_budget_is_a_fraction_of_the_device_limit_or_of_host_memory_shared():
+  """80% of a device's reported limit; for a device that reports none (CPU) half of host memory,
+  divided among this host's 4 devices."""
+  class Accelerator:
+    def memory_stats(self):
+      return {"bytes_limit": 10 * 2**30}
+
+  class Host:
+    def memory_stats(self):
+      return None
+
+  assert plan_module.device_budget_bytes(Accelerator()) == 0.8 * 10 * 2**30
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  assert plan_module.device_budget_bytes(Host()) == 0.5 * host / 4
+
+
+def test_rows_are_formed_at_the_probe_blocks_rate(monkeypatch):
+  """The rate that weighs rotation against recomputing rows: PROBE_EXAMPLES examples' rows per
+  call, F (1 + 2 C) FLOPs each, F = 2 * 36 * 3 for a dense layer of 36 inputs and 3 logits."""
+  monkeypatch.setattr(engine, "timed", lambda step, state, seconds: (5, 2.0))  # 5 calls in 2 s
+  monkeypatch.setattr(engine, "agreed", lambda value: value)
+  params = {"w": np.ones((int(np.prod(SHAPE)), NUM_CLASSES), np.float32)}
+  apply_fn = lambda p, x: jnp.tanh(x.reshape(len(x), -1) @ p["w"])
+  model = engine._model_signature(apply_fn, params, _images(2), None)
+  rate = engine._formation_rate(*model, parse_logits("trace", NUM_CLASSES), "highest", "none")
+  assert rate == 5 * engine.PROBE_EXAMPLES * (2 * 36 * 3) * (1 + 2 * NUM_CLASSES) / 2.0
+
+
+def test_schedule_steps_form_no_rows_that_no_tile_needs():
+  """A band without column blocks is one "diagonal" step (no rows kept resident); a band whose
+  diagonal tiles are done forms its rows without contracting them ("resident"); a resumed ring
+  whose last rotation's tiles are done stops rotating before it."""
+  assert [s.kind for s in jacobian_schedule([(0, 0), (0, 1), (1, 1)], True, 1, 2)] == ["diagonal"]
+  steps = jacobian_schedule([(0, 1)], True, 1)
+  assert [(s.kind, program_of(s, True)) for s in steps] == [("row", "resident"), ("column", "column")]
+  assert program_of(jacobian_schedule([(0, 0), (0, 1)], True, 1)[0], True) == "row"
+  tiles = [(i, j) for i in range(4) for j in range(i, 4)]
+  halfway = {(0, 2), (1, 3)}  # met at distance 2, the last rotation of 4 devices
+  steps = ring_schedule([t for t in tiles if t not in halfway], True, 4)
+  assert [s.kind for s in steps] == ["form", "rotate"]
+  assert ring_schedule([(0, 2)], True, 4)[-1].tiles == ((((0, 2), (0, 0), False),), (), (), ())
+  # Band 1's 2 column blocks on 2 devices: in runs of 1 or of 2 the same 3 steps; the tie goes to
+  # the shorter runs (2 rounds: [1, 0] column steps), not one round of 2.
+  assert round_lengths([0, 2], 2) == [1, 0]
+
+
+def test_parameter_groups_cut_between_whole_arrays_near_equal_sizes():
+  """Four arrays of 3 in 2 groups: 6 and 6 (a cut at 6 would make a group exceed 6, not reach it)."""
+  assert parameter_groups([np.zeros(3)] * 4, 2) == (0, 6, 12)
+  assert parameter_groups({"a": np.zeros((2, 5)), "b": np.zeros(1), "c": np.zeros(4)}, 2) == (0, 10, 15)
+
+
+def test_memory_per_device_counts_an_output_in_a_donated_argument_once():
+  class Compiled:
+    def memory_analysis(self):
+      return types.SimpleNamespace(argument_size_in_bytes=1000, output_size_in_bytes=300,
+                                   temp_size_in_bytes=50, alias_size_in_bytes=200)
+
+  class NoAnalysis:
+    def memory_analysis(self):
+      return None
+
+  assert memory_per_device(Compiled()) == 1000 + 300 + 50 - 200
+  assert memory_per_device(NoAnalysis()) is None
+
+
+def test_compiled_memory_is_the_neediest_program_plus_the_previous_steps_tiles(network, monkeypatch):
+  """XLA's count of each program (made up here: a different number for each), the largest, plus
+  the previous step's tiles still on the device: a band of 3 tiles of 2, C x C float64 numbers per
+  entry of a "full" kernel (the bands test's programs)."""
+  _, variables, apply_fn = network
+  needs = []
+
+  def made_up(compiled):
+    needs.append(1000.0 * (1 + len(needs) % 2) + len(needs))
+    return needs[-1]
+
+  monkeypatch.setattr(compiled_memory_module, "memory_per_device", made_up)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    x = _images(7).astype(np.float64)
+    plan = plan_for(apply_fn, params, x, None, "full", method="jacobian", tile_size=2, band=3)
+    measured = compiled_memory_module.compiled_memory(
+        plan, apply_fn, params, jax.ShapeDtypeStruct(x.shape[1:], x.dtype), mesh=parallel.make_mesh(),
+        precision="highest")
+  assert len(needs) >= 2
+  assert measured.bytes_per_device == max(needs) + (3 * 2) ** 2 * NUM_CLASSES ** 2 * 8
+
+
+def test_empirical_ntk_runs_its_tiles_at_highest_precision_by_default(monkeypatch):
+  """The design's default: float32 accumulated with HIGHEST matmul precision."""
+  params = {"w": np.ones((int(np.prod(SHAPE)), NUM_CLASSES), np.float32)}
+  apply_fn = lambda p, x: jnp.tanh(x.reshape(len(x), -1) @ p["w"])
+  asked = []
+  monkeypatch.setattr(engine, "fit_plan", lambda *args, precision, **kwargs: asked.append(precision)
+                      or plan_for(*args, **{k: v for k, v in kwargs.items() if k != "mesh"}))
+  monkeypatch.setattr(engine, "run_tiles", lambda *args, precision, **kwargs: asked.append(precision))
+  empirical_ntk(apply_fn, params, _images(3))
+  assert asked == ["highest", "highest"]
+
+
+def test_a_plan_for_more_memory_is_kept_only_when_it_needs_fewer_flops(monkeypatch):
+  """XLA counts half of the model's estimate: a plan for the budget scaled by budget / XLA's count,
+  less a 5% margin, is tried, and kept only if it needs fewer FLOPs per device; here it needs
+  more (tiles of 8 against the kernel in one tile), so the first plan stands, XLA's count its
+  memory."""
+  spec = parse_logits("trace", 10)
+  whole, tiled = (make_plan(HAND_COST, 32, 32, True, spec, num_devices=1, tile=tile, budget_bytes=1e9)
+                  for tile in (32, 8))
+  assert tiled.device_flops > whole.device_flops
+  asked = []
+
+  def planned(*args, memory_budget_bytes, **kwargs):
+    asked.append(memory_budget_bytes)
+    return whole if len(asked) == 1 else tiled
+
+  monkeypatch.setattr(engine, "plan_for", planned)
+  monkeypatch.setattr(engine, "compiled_memory", lambda plan, *args, **kwargs: engine.CompiledMemory(
+      plan.bytes_per_device / 2, "diagonal"))
+  one = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  fitted = fit_plan(lambda p, x: x, {}, np.zeros((32, 1), np.float32), None, "trace", mesh=one,
+                    memory_budget_bytes=1e9)
+  assert asked == [1e9, pytest.approx(0.95 * 2 * 1e9)]
+  assert (fitted.tile, fitted.memory_compiled) == (32, True)
+  assert fitted.bytes_per_device == whole.bytes_per_device / 2
