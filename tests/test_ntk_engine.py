@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import device_rates, parallel
 from ntk_scale.base_config import base_config
-from ntk_scale.cost_analysis import memory_per_device
+from ntk_scale.cost_analysis import all_equations, memory_per_device
 from ntk_scale.linearize import LinearizedModel
 from ntk_scale.matmul_precision import default_precision
 from ntk_scale.models import build_model
@@ -34,7 +34,6 @@ from ntk_scale.ntk.tile_math import (JacobianRows, contract, contract_symmetric,
                                     parse_logits)
 from ntk_scale.ntk.store import KernelStore, KernelStoreMismatchError
 from random_variables import random_variables
-from test_kernel_regression import all_highest
 
 SHAPE = (6, 6, 1)
 NUM_CLASSES = 3
@@ -379,14 +378,19 @@ def test_four_devices_equal_one_device(network, settings, dtype):
         np.testing.assert_array_equal(partial[rows, cols], k4[rows, cols])
 
 
-@pytest.mark.parametrize("precision,outer,highest", [("default", "highest", True),
-                                                     ("default", None, False),
-                                                     ("high", "highest", False),
-                                                     ("highest", None, True)])
+HIGHEST, HIGH = jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGH
+
+
+@pytest.mark.parametrize("precision,outer,expected", [("default", "highest", {(HIGHEST, HIGHEST)}),
+                                                      ("default", None, {None}),
+                                                      ("high", "highest", {(HIGH, HIGH)}),
+                                                      ("highest", None, {(HIGHEST, HIGHEST)})])
 def test_tile_programs_run_at_the_kernels_precision_and_default_leaves_it_to_the_caller(
-    network, precision, outer, highest):
-  """"default" enters no context and asks nothing of the matmuls (as the train and evaluation
-  fields' "default"): a global jax_default_matmul_precision, here a surrounding context, governs."""
+    network, precision, outer, expected):
+  """Every matmul of a tile program (the Jacobian rows' and the contraction's) asks for the
+  kernel's precision; "default" enters no context and asks nothing of the matmuls (as the train
+  and evaluation fields' "default"): a global jax_default_matmul_precision, here a surrounding
+  context, governs."""
   _, variables, apply_fn = network
   mesh = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
   spec = parse_logits("trace", NUM_CLASSES)
@@ -394,7 +398,9 @@ def test_tile_programs_run_at_the_kernels_precision_and_default_leaves_it_to_the
   with jax.default_matmul_precision(outer) if outer else contextlib.nullcontext():
     with default_precision(precision):  # as the tile loop runs them
       traced = lambda params, x: programs["row"](params, {}, np.int32(0), x)
-      assert all_highest(traced, variables["params"], _images(4)) == highest
+      jaxpr = jax.make_jaxpr(traced)(variables["params"], _images(4)).jaxpr
+  assert {eqn.params["precision"] for eqn in all_equations(jaxpr)
+          if eqn.primitive.name in ("dot_general", "conv_general_dilated")} == expected
 
 
 def test_linearized_model_kernel_is_the_frozen_kernel_of_theta0(network):
