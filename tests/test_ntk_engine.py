@@ -643,38 +643,64 @@ def test_planner_forms_a_trace_kernel_in_logit_chunks_when_all_logits_do_not_fit
               budget_bytes=budget)
 
 
+def test_runs_are_chosen_by_work_not_by_steps():
+  """23 row blocks in bands of 8 on 4 devices (column blocks per band: 15, 7, 0): runs of 3 and of
+  8 column blocks both take 9 steps, but runs of 3 take 3 rounds, each a row step forming 8
+  blocks' rows, where runs of 8 take one. A row step weighs its FLOPs in column steps (about 6
+  here), so the one round is chosen: 1.7x less work than the tie of steps broken for more rounds."""
+  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
+                   largest_group=10**6 // 8)
+  plan = make_plan(cost, 23 * 128, 23 * 128, True, parse_logits("trace", 10), num_devices=4, tile=128,
+                   band=8, rotate=False, budget_bytes=1e13)
+  assert 6 < plan.row_step_weight < 8  # 8 blocks' rows and a diagonal block, against 1 and 8 tiles
+  by_work = jacobian_schedule(plan.tiles(), True, 4, 8, plan.row_step_weight)
+  by_steps = jacobian_schedule(plan.tiles(), True, 4, 8)
+  assert [s.kind for s in by_work] == ["row"] + ["column"] * 8
+  assert [s.kind for s in by_steps] == (["row"] + ["column"] * 3) * 2 + ["diagonal"]
+  work = lambda steps: sum(plan.row_step_weight if s.kind != "column" else 1 for s in steps)
+  assert work(by_steps) / work(by_work) == pytest.approx(1.74, abs=0.01)
+
+
 @pytest.mark.parametrize("symmetric,num_devices,band,chunk", [
     (True, 1, 1, 10), (True, 3, 2, 10), (True, 4, 1, 2), (True, 8, 2, 1), (False, 3, 2, 5),
     (False, 4, 1, 10)])
 def test_cost_model_counts_the_lockstep_steps_of_the_schedule(symmetric, num_devices, band, chunk):
   """FLOPs per device = the schedule the engine runs, walked step by step (every device runs every
   step, idle ones included), each row step charged its diagonal block; the exact count (only row
-  steps with a diagonal tile contract one) is at most that."""
+  steps with a diagonal tile contract one) is at most that. The schedule's runs, chosen weighing a
+  row step by its FLOPs, do no more work than runs chosen counting steps alone."""
   F, P, T, C = 1e9, 10**6, 128, 10
   cost = ModelCost(num_params=P, forward_flops=F, activation_bytes=1e5, itemsize=4,
                    largest_group=P // 8)
   plan = make_plan(cost, 1000, 1000 if symmetric else 700, symmetric, parse_logits("trace", C),
                    num_devices=num_devices, tile=T, band=band, logit_chunk=chunk, rotate=False,
                    budget_bytes=1e13)
-  steps = in_logit_chunks(jacobian_schedule(plan.tiles(), symmetric, num_devices, band), C // chunk)
   rows = lambda n, logits: n * F * (1 + 2 * logits)  # a forward pass and two per logit
   tile = lambda logits: 2 * T * T * P * logits
   pieces = 2 if band * T >= 256 else 1  # symmetric_pieces: pieces of at least 128 rows
   diagonal = band * band * (pieces + 1) / (2 * pieces) * tile(chunk) if symmetric else 0
-  charged = exact = 0.0
-  for step in steps:
-    if step.kind == "row":
-      charged += rows(band * T, chunk) + diagonal
-      exact += rows(band * T, chunk) + (diagonal if any(step.tiles) else 0)
-    elif step.kind == "column":
-      charged += rows(T, chunk) + band * tile(chunk)
-      exact += rows(T, chunk) + band * tile(chunk)
-    else:
-      assert step.kind == "diagonal"
-      charged += C // chunk * rows(band * T, chunk) + diagonal * C / chunk
-      exact += C // chunk * rows(band * T, chunk) + diagonal * C / chunk
+
+  def walked(row_step_weight):
+    steps = in_logit_chunks(jacobian_schedule(plan.tiles(), symmetric, num_devices, band, row_step_weight),
+                            C // chunk)
+    charged = exact = 0.0
+    for step in steps:
+      if step.kind == "row":
+        charged += rows(band * T, chunk) + diagonal
+        exact += rows(band * T, chunk) + (diagonal if any(step.tiles) else 0)
+      elif step.kind == "column":
+        charged += rows(T, chunk) + band * tile(chunk)
+        exact += rows(T, chunk) + band * tile(chunk)
+      else:
+        assert step.kind == "diagonal"
+        charged += C // chunk * rows(band * T, chunk) + diagonal * C / chunk
+        exact += C // chunk * rows(band * T, chunk) + diagonal * C / chunk
+    return charged, exact
+
+  charged, exact = walked(plan.row_step_weight)
   assert plan.device_flops == pytest.approx(charged, rel=1e-12)
   assert exact <= plan.device_flops
+  assert charged <= walked(1.0)[0]
   if num_devices == 1:
     assert plan.device_flops == pytest.approx(plan.flops, rel=1e-12)
   else:  # lockstep: no device does less than its share

@@ -143,6 +143,13 @@ class KernelPlan:
   transfer_bytes: float = 0.0  # what each device sends to the next with rotation
 
   @property
+  def row_step_weight(self) -> float:
+    """A row step's FLOPs in column steps, by which the Jacobian schedule chooses its runs."""
+    row_step, column_step = _step_flops(self.tile, self.band, self.symmetric, self.logits, self.cost,
+                                        self.logit_chunk)
+    return row_step / column_step
+
+  @property
   def row_blocks(self) -> int:
     return -(-self.num_rows // self.tile)
 
@@ -305,17 +312,27 @@ def _device_flops(method: str, tile: int, band: int, num_rows: int, num_cols: in
     num_tiles = row_blocks * (row_blocks + 1) // 2 if symmetric else row_blocks * col_blocks
     one = _flops(method, tile, 1, tile, tile, False, spec, cost)
     return -(-num_tiles // num_devices) * one
-  rows, contraction = rows_flops(spec, cost, logit_chunk), _contraction_flops(tile, spec, cost)
   bands = -(-row_blocks // band)
-  row_step = band * tile * rows  # every logit chunk's row steps of a round together
   if symmetric:
-    pieces = symmetric_pieces(band * tile)
-    row_step += band * band * (pieces + 1) / (2 * pieces) * contraction
     columns = [max(0, col_blocks - (b + 1) * band) for b in range(bands)]
   else:
     columns = [col_blocks] * bands
-  rounds = round_lengths(columns, num_devices)
-  return len(rounds) * row_step + sum(rounds) * (tile * rows + band * contraction)
+  row_step, column_step = _step_flops(tile, band, symmetric, spec, cost, logit_chunk)
+  rounds = round_lengths(columns, num_devices, row_step / column_step)
+  return len(rounds) * row_step + sum(rounds) * column_step
+
+
+def _step_flops(tile: int, band: int, symmetric: bool, spec: LogitSpec, cost: ModelCost,
+                logit_chunk: int | None) -> tuple[float, float]:
+  """FLOPs of one device's row step (its band's rows and, for a symmetric kernel, the band's
+  diagonal block) and of one column step (a column block's rows, a tile per row tile of the band),
+  every logit chunk's together."""
+  rows, contraction = rows_flops(spec, cost, logit_chunk), _contraction_flops(tile, spec, cost)
+  row_step = band * tile * rows
+  if symmetric:
+    pieces = symmetric_pieces(band * tile)
+    row_step += band * band * (pieces + 1) / (2 * pieces) * contraction
+  return row_step, tile * rows + band * contraction
 
 
 def _ring_flops(tile: int, num_devices: int, symmetric: bool, spec: LogitSpec, cost: ModelCost,

@@ -95,7 +95,7 @@ def plan_steps(plan: KernelPlan, todo: list[Tile]) -> list[Step]:
   if plan.rotate:
     steps = ring_schedule(todo, plan.symmetric, plan.num_devices)
   elif plan.method == "jacobian":
-    steps = jacobian_schedule(todo, plan.symmetric, plan.num_devices, plan.band)
+    steps = jacobian_schedule(todo, plan.symmetric, plan.num_devices, plan.band, plan.row_step_weight)
   else:
     steps = tile_schedule(todo, plan.num_devices)
   return in_logit_chunks(steps, plan.logits.rows_per_example // plan.logit_chunk)
