@@ -306,26 +306,50 @@ def test_one_process_keeps_a_sigterm_for_its_later_loops_and_restores_the_handle
     assert noticed()
 
 
-def test_one_process_takes_a_first_ctrl_c_as_a_notice_and_a_second_as_keyboard_interrupt(monkeypatch):
+@pytest.fixture
+def python_sigint(monkeypatch):
+  """SIGINT handled by Python's own handler, as in main.py, and no notice taken yet; restored after."""
   if threading.current_thread() is not threading.main_thread():
     pytest.skip("signals reach the main thread only")
   monkeypatch.setattr(preemption, "_NOTICED", threading.Event())
   monkeypatch.setattr(preemption, "_INTERRUPTED", threading.Event())
-  before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in main.py
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    assert preemption.exit_code() == preemption.PREEMPTED_EXIT_CODE
-    with preemption.preemption_notices() as noticed:
-      os.kill(os.getpid(), signal.SIGINT)  # handled between two bytecodes of this thread
-      time.sleep(0.1)
-      assert noticed()
-      assert "interrupted (Ctrl-C): " in str(preemption.Preempted("the work", 3))
-      with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert preemption.exit_code() == preemption.INTERRUPTED_EXIT_CODE
+    yield
   finally:
     signal.signal(signal.SIGINT, before)
+
+
+def test_one_process_takes_a_first_ctrl_c_as_a_notice_and_a_second_as_keyboard_interrupt(python_sigint):
+  assert preemption.exit_code() == preemption.PREEMPTED_EXIT_CODE
+  with preemption.preemption_notices() as noticed:
+    os.kill(os.getpid(), signal.SIGINT)  # handled between two bytecodes of this thread
+    time.sleep(0.1)
+    assert noticed()
+    assert "interrupted (Ctrl-C): " in str(preemption.Preempted("the work", 3))
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert preemption.exit_code() == preemption.INTERRUPTED_EXIT_CODE
+
+
+def test_ctrl_c_is_a_notice_only_inside_a_loop_and_only_the_first_time(python_sigint):
+  """Outside a loop Ctrl-C keeps Python's effect (KeyboardInterrupt at once); after a first Ctrl-C
+  (phase 1's), a later loop (phase 2's) must not take the second for a notice again: it stops the
+  job at once, as the first one's message promised."""
+  with preemption.preemption_notices() as noticed:
+    assert not noticed()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after a loop
+  with preemption.preemption_notices() as noticed:
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a notice
+    time.sleep(0.1)
+    assert noticed()
+  with preemption.preemption_notices() as noticed:  # the next loop
+    assert noticed() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
 
 
 def test_an_ignored_sigint_stays_ignored(monkeypatch):

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -294,30 +293,3 @@ def test_a_stopped_job_exits_with_the_status_a_shell_gives_its_signal():
   as "stopped by Ctrl-C"; the constants are compared with the exit status a job's process gives."""
   assert PREEMPTED_EXIT_CODE == 128 + signal.SIGTERM == 143
   assert INTERRUPTED_EXIT_CODE == 128 + signal.SIGINT == 130
-
-
-def test_ctrl_c_is_a_notice_only_inside_a_loop_and_only_the_first_time(monkeypatch):
-  """Outside a loop Ctrl-C keeps Python's effect (KeyboardInterrupt at once); after a first Ctrl-C
-  (phase 1's), a later loop (phase 2's) must not take the second for a notice again: it stops the
-  job at once, as the first one's message promised."""
-  from ntk_scale import preemption  # pylint: disable=import-outside-toplevel
-  if threading.current_thread() is not threading.main_thread():
-    pytest.skip("signals reach the main thread only")
-  monkeypatch.setattr(preemption, "_NOTICED", threading.Event())
-  monkeypatch.setattr(preemption, "_INTERRUPTED", threading.Event())
-  before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in main.py
-  try:
-    with preemption.preemption_notices() as noticed:
-      assert not noticed()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after a loop
-    with preemption.preemption_notices() as noticed:
-      os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a notice
-      time.sleep(0.1)
-      assert noticed()
-    with preemption.preemption_notices() as noticed:  # the next loop
-      assert noticed() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-      with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-  finally:
-    signal.signal(signal.SIGINT, before)
