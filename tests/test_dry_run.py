@@ -671,3 +671,117 @@ def test_the_dry_run_says_what_the_workdir_holds_and_refuses_what_the_job_would(
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="is a file"):
     dry_run_module.workdir_note(config, str(tmp_path / "file"))
+
+
+def test_adversarial_modes_plan_the_steps_each_kind_of_step_takes():
+  """Mode F: benign steps up to the flip, adversarial after it (here one: the last step); mode A:
+  every step adversarial, in phase 1 and in phase 2 (config.phase2.mode), whose linearized model's
+  output components the train job's note names. 1,437 digits in batches of 32: 44 steps per epoch."""
+  c = mlp_config()
+  c.train.attack.num_steps, c.train.attack.unroll = 1, 1
+  c.train.mode, c.train.flip_epoch = "F", 87 / 44  # step 87 of 88
+  programs = _by_name(jobs.dry_run(c))
+  assert programs["phase 1 benign step"].calls == 87
+  assert programs["phase 1 adversarial step (pgd)"].calls == 1
+  c.train.mode, c.train.flip_epoch = "A", 0.0
+  c.phase2.num_epochs, c.phase2.mode = 1.0, "A"
+  c.phase2.attack.num_steps, c.phase2.attack.unroll = 1, 1
+  plan = jobs.dry_run(c)
+  programs = _by_name(plan)
+  assert "phase 1 benign step" not in programs and "phase 2 benign step" not in programs
+  assert programs["phase 1 adversarial step (pgd)"].calls == 88
+  assert programs["phase 2 adversarial step (pgd)"].calls == 44
+  assert any(n.startswith("train: phase 2's output components") for n in plan.notes)
+
+
+def test_a_last_partial_evaluation_batch_is_counted():
+  """360 test digits in batches of 32: 11 whole batches and one of 8 (padded), 12 calls."""
+  c = mlp_config()
+  c.eval_batch_size = 32
+  assert _by_name(jobs.dry_run(c))["phase 1 clean evaluation"].calls == 12
+
+
+def test_spectrum_rounds_round_up_to_cover_max_iters():
+  """max_iters 90 in rounds of 20 iterations: 4 whole rounds and a fifth of 10 iterations."""
+  c = mlp_config(job="spectrum")
+  c.kernel.num_examples, c.kernel.logits = 100, "full"
+  c.spectrum.num_eigenpairs, c.spectrum.oversample = 20, 10
+  c.spectrum.max_iters, c.spectrum.round_iters = 90, 20
+  (rounds,), notes = dry_run_module._spectrum(c, parallel.make_mesh(), 2**30)  # pylint: disable=protected-access
+  assert rounds.calls == 5 and "at most 5 rounds (90 iterations)" in notes[0]
+
+
+def test_a_program_over_the_budget_by_one_byte_is_refused(monkeypatch):
+  c = mlp_config()
+  step = _by_name(jobs.dry_run(c))["phase 1 benign step"]
+  needed = step.bytes_per_device
+  monkeypatch.setattr(dry_run_module, "device_budget_bytes", lambda device: needed - 1)
+  with pytest.raises(dry_run_module.PlanDoesNotFit, match=r"^phase 1 benign step needs"):
+    jobs.dry_run(c)
+  monkeypatch.setattr(dry_run_module, "device_budget_bytes", lambda device: needed)
+  assert _by_name(jobs.dry_run(c))["phase 1 benign step"].bytes_per_device == needed
+
+
+def test_a_target_of_zero_memory_or_rate_is_refused():
+  """0 bytes would fall back to this machine's budget (0 is no budget), and a rate of 0 FLOP/s
+  would divide by zero: both are refused, as negative ones are."""
+  c = mlp_config(job="report")
+  with pytest.raises(ValueError, match=r"memory \(0\.0 bytes\) must be positive"):
+    jobs.dry_run(c, device_memory_bytes=0.0)
+  with pytest.raises(ValueError, match=r"matmul rate \(0\.0\) must be positive"):
+    jobs.dry_run(c, matmul_flops_per_s=0.0)
+  with pytest.raises(ValueError, match=r"matmul rate \(0\.0\) must be positive"):
+    jobs.dry_run(c, matmul_rates={("float32", "default"): 0.0})
+
+
+def test_a_class_subset_of_a_dataset_not_read_here_is_its_share_rounded_up():
+  """SVHN's 73,257 training and 26,032 test images over 10 classes: at most 7,326 and 2,604 of one
+  class (num_examples=0: every example of it), so no subset the data could supply is refused."""
+  c = mlp_config(job="kernel")
+  c.data.name, c.kernel.num_examples, c.kernel.classes = "svhn_cropped", 0, (3,)
+  assert dry_run_module._kernel_examples(c) == 7326  # pylint: disable=protected-access
+  c.kernel.split = "test"
+  assert dry_run_module._kernel_examples(c) == 2604  # pylint: disable=protected-access
+
+
+def test_a_workdir_with_only_the_initial_checkpoint_resumes_from_step_0(tmp_path):
+  from ntk_scale.checkpoint import Checkpoints
+  from ntk_scale.workdir import record_or_check
+  config = jobs.check_config(mlp_config(), 1)
+  record_or_check(str(tmp_path / "config.json"), json.loads(config.to_json()))
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  checkpoints.save(0, {"w": np.zeros(3, np.float32)}, 0.0)
+  checkpoints.close()
+  assert dry_run_module.workdir_note(config, str(tmp_path)).endswith(
+      "training resumes from its checkpoint of step 0")
+
+
+def test_infinite_job_scores_num_test_images_and_a_held_out_subsets_model_too():
+  """config.infinite.num_test images are scored (not the whole split), and with held-out targets
+  (target_holdout=20 of 100) a third model, the original subset's, runs the clean evaluation and
+  the evaluation attacks, which the original set's and the optimised set's models run as well."""
+  from ntk_scale import infinite
+  from ntk_scale.base_config import pgd_linf
+
+  from conftest import neural_tangents_or_skip
+
+  neural_tangents_or_skip(infinite.FEATURE)
+  c = load_config("infinite_width", "smoke")
+  s = c.infinite
+  s.update(num_train=100, num_test=100, depth=1, batch_size=16)
+  s.attacks = ml_collections.ConfigDict()
+  s.robust_data.eval_attacks = ml_collections.ConfigDict({"pgd1": pgd_linf(0.1, num_steps=1)})
+  s.robust_data.num_steps, s.robust_data.target_holdout, s.robust_data.target_batch_size = 0, 20, 20
+  c.eval_batch_size = 40
+  by_name = _by_name(jobs.dry_run(c))
+  assert by_name["optimised set's kernel: 80 x 80 in tiles of 16, 15 tiles"].calls == 4  # 15 tiles, 4 at a time
+  calls = 3  # 100 test images in batches of 40
+  assert by_name["kernel regression (100 images), clean (3 model(s))"].calls == 3 * calls
+  assert by_name["kernel regression under pgd1 (3 model(s))"].calls == 3 * calls
+
+
+def test_a_monitor_every_step_is_noted_as_not_counted():
+  c = mlp_config()
+  c.train.co_monitor.every_steps = 1
+  assert ("the catastrophic-overfitting monitor's evaluations are not counted"
+          in jobs.dry_run(c).notes)

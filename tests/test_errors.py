@@ -53,6 +53,8 @@ def no_compute(monkeypatch):
     # inf overflowed in the save schedule once the model was initialised and the config recorded.
     ("checkpoint.fractional_epochs", (float("inf"),),
      r"config\.checkpoint\.fractional_epochs=\(inf,\) must be positive finite epochs; \[inf\] are not"),
+    ("checkpoint.fractional_epochs", (0.5, 0.0),
+     r"config\.checkpoint\.fractional_epochs=\(0\.5, 0\.0\) must be positive finite epochs; \[0\.0\] are not"),
     # An interval of less than a step listed 10^12 checkpoint epochs per epoch.
     ("checkpoint.every_epochs", 1e-12, r"config\.checkpoint\.every_epochs=1e-12 is 2\.2e-11 of a step at "
                                        r"22 steps per epoch, which rounds to 0 steps"),
@@ -664,3 +666,14 @@ def test_main_refuses_an_override_of_an_absent_field_naming_it(tmp_path, flag, m
   assert out.returncode == 1
   assert re.search(message, out.stderr), out.stderr[-2000:]
   assert "Traceback" not in out.stderr and not (tmp_path / "never").exists()
+
+
+def test_a_batch_one_larger_than_the_train_split_is_refused_as_too_large():
+  """1,437 training digits: a batch of 1,438 has no whole step per epoch."""
+  from ntk_scale.train.experiment import catalog_steps_per_epoch
+  config = load_config("digits", "smoke")
+  config.batch_size = 1437
+  assert catalog_steps_per_epoch(config) == 1
+  config.batch_size = 1438
+  with pytest.raises(ValueError, match=r"config\.batch_size=1438 exceeds the 1437 training examples"):
+    catalog_steps_per_epoch(config)

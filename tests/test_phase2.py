@@ -227,6 +227,18 @@ def test_bad_phase2_fields_are_named():
     check_phase2_config(config)
 
 
+def test_a_negative_from_epoch_and_a_zero_checkpoint_interval_are_named():
+  """Neither is left to a later step: a negative theta0 epoch, and an interval of 0 epochs (a save
+  schedule of no step between checkpoints)."""
+  for field, value, message in (
+      ("from_epoch", -0.5, r"config\.phase2\.from_epoch=-0\.5 must be a phase-1 epoch >= 0"),
+      ("checkpoint_every_epochs", 0.0, r"config\.phase2\.checkpoint_every_epochs=0\.0 must be positive")):
+    config = phase2_config()
+    config.phase2[field] = value
+    with pytest.raises(ValueError, match=message):
+      check_phase2_config(config)
+
+
 def test_evaluate_job_on_a_phase2_checkpoint_matches_phase2s_own_evaluation(run, tmp_path):
   config, workdir, result = run
   copy = str(tmp_path / "copy")

@@ -344,6 +344,9 @@ def test_float64_on_tpus_is_solved_on_the_host_or_refused_before_any_compute(wor
     ("dtype", "bfloat16", "config.spectrum.dtype='bfloat16'"),
     ("tol", -1.0, "config.spectrum.tol=-1.0 must be in"),
     ("precision", "fast", "config.spectrum.precision='fast'"),
+    ("tol", 1.0, "config.spectrum.tol=1.0 must be in"),
+    ("memory_budget_gb", -0.5, "config.spectrum.memory_budget_gb=-0.5 must be >= 0"),
+    ("max_block_mb", -0.5, "config.spectrum.max_block_mb=-0.5 must be >= 0"),
 ])
 def test_bad_settings_are_refused_before_any_compute(tmp_path, monkeypatch, field, value, message):
   monkeypatch.setattr(spectrum_job, "kernel_job", lambda *a: pytest.fail("the kernel job ran"))
@@ -369,6 +372,47 @@ def test_k_beyond_the_whole_split_or_its_classes_is_refused_before_the_kernel_jo
 def test_lobpcg_needs_a_narrow_block(workdir):
   with pytest.raises(ValueError, match="under a fifth of the 60 rows"):
     jobs.run(spectrum_config(method="sharded", num_eigenpairs=12), workdir)
+
+
+def test_a_block_of_exactly_a_fifth_of_the_rows_is_too_wide_for_lobpcg():
+  """60 rows: a block of 9 + 3 = 12 vectors is a fifth of them, refused for method sharded and
+  planned dense by method auto; 8 + 3 = 11 is narrow enough for LOBPCG."""
+  mesh = parallel.make_mesh()
+  with pytest.raises(ValueError, match=r"block of num_eigenpairs \+ oversample = 12 vectors under a "
+                                       r"fifth of the 60 rows"):
+    spectrum_job.check_num_eigenpairs(spectrum_config(method="sharded", num_eigenpairs=9).spectrum, 60)
+  spectrum_job.check_num_eigenpairs(spectrum_config(method="sharded", num_eigenpairs=8).spectrum, 60)
+  plan = lambda k: spectrum_job.plan_spectrum(spectrum_config(num_eigenpairs=k).spectrum, (60, 60), mesh, 2**30)
+  assert (plan(9).method, plan(9).width) == ("dense", 12)
+  assert plan(8).method == "sharded"
+
+
+def test_a_stored_solve_answers_as_many_pairs_or_fewer_in_its_dtype_and_precision(tmp_path):
+  """_covers: a stored solve of 6 pairs (residuals below this tol) answers a request for 5, one of
+  4 does not, nor one at another precision; _is_final: a solve that has run its max_iters is final
+  (a rerun would read it back, not solve again)."""
+  s = spectrum_config(num_eigenpairs=5, precision="highest").spectrum
+  settings = spectrum_job.solve_settings(s)
+  np.save(tmp_path / "residuals.npy", np.zeros(6))
+  record = lambda pairs, **stored: {"method": "sharded", "num_eigenpairs": pairs,
+                                    "settings": {**settings, "num_eigenpairs": pairs, "seed": 7, **stored}}
+  covers = lambda r: spectrum_job._covers(r, str(tmp_path), s, settings)  # pylint: disable=protected-access
+  assert covers(record(6)) and covers(record(5))
+  assert not covers(record(4))
+  assert not covers(record(6, precision="default"))
+  assert not covers(record(6, dtype="float64"))
+  final = {"max_residual": 1e-3, "method": "sharded", "converged": False, "stalled": False}
+  is_final = spectrum_job._is_final  # pylint: disable=protected-access
+  assert is_final({**final, "iterations": 400}, 400) and not is_final({**final, "iterations": 399}, 400)
+
+
+def test_every_setting_of_a_solve_tells_it_from_another():
+  """A saved round is resumed, and a result read back as the same solve, only under equal settings:
+  rounds of another length (or seed, block, dtype, precision) are another solve."""
+  base = spectrum_job.solve_settings(spectrum_config().spectrum)
+  for field, value in (("round_iters", 7), ("seed", 3), ("oversample", 4), ("dtype", "float64"),
+                       ("precision", "default"), ("num_eigenpairs", 6), ("tol", 1e-3)):
+    assert spectrum_job.solve_settings(spectrum_config(**{field: value}).spectrum) != base, field
 
 
 def test_an_unconverged_solve_goes_on_when_given_more_iterations(workdir, capsys):
