@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_scale.checkpoint import (CheckpointNotFoundError, Checkpoints, UnreadableCheckpointError,
-                                  save_schedule)
+                                  is_initial, same_epoch, save_schedule)
 from ntk_scale.train.collapse import CO_FILE
 
 LOO_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)  # config.checkpoint.fractional_epochs
@@ -225,7 +225,6 @@ def test_a_save_into_a_deleted_directory_is_refused(tmp_path):
 
 
 def test_epochs_match_to_1e_9_and_two_fractions_on_one_step_keep_the_nearer_then_the_smaller():
-  from ntk_scale.checkpoint import is_initial, same_epoch
   assert same_epoch(0.125, 0.125 + 1e-12) and not same_epoch(0.125, 0.1255)
   assert is_initial(1e-12) and not is_initial(1e-3)
   # 4 steps an epoch: 0.375 and 0.625 are both 1.5 steps, rounded to step 2: a tie, the smaller.

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from sklearn.datasets import load_digits as sklearn_digits
+from sklearn.model_selection import train_test_split
 
 from ntk_scale import parallel
 from ntk_scale.base_config import base_config
@@ -49,7 +51,6 @@ def test_digits_sizes_shapes_and_range(digits):
 
 
 def test_digits_splits_partition_sklearn_data(digits):
-  from sklearn.datasets import load_digits as sklearn_digits
   ref = sklearn_digits()
   rows = lambda pixels16, labels: collections.Counter(
       tuple(r) for r in np.concatenate([pixels16.reshape(len(labels), -1), labels[:, None]], axis=1)
@@ -74,8 +75,6 @@ def test_digits_test_split_is_stratified_and_fixed(digits):
 def test_digits_split_is_sklearns_stratified_split_with_random_state_0(digits):
   """The documented split: scikit-learn's train_test_split of its 1,797 digits, 360 held out,
   stratified by label, random_state 0 (reproducible outside this code base)."""
-  from sklearn.datasets import load_digits as sklearn_digits
-  from sklearn.model_selection import train_test_split
   ref = sklearn_digits()
   x_train, x_test, y_train, y_test = train_test_split(
       ref.images, ref.target, test_size=360, stratify=ref.target, random_state=0)

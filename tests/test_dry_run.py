@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from ntk_scale import dry_run as dry_run_module
-from ntk_scale import jobs, parallel
+from ntk_scale import infinite, jobs, parallel
+from ntk_scale.base_config import pgd_linf
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
@@ -25,9 +27,10 @@ from ntk_scale.models import build_model
 from ntk_scale.ntk import KernelPlanError, fit_plan
 from ntk_scale.ntk.eigen_features import feature_groups
 from ntk_scale.ntk.job import inference_apply, plan_settings
+from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
 
 from test_train import load_config
-from conftest import xla_flags
+from conftest import neural_tangents_or_skip, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 64
@@ -562,10 +565,7 @@ def test_infinite_job_plans_its_tiles_and_each_attack_once_per_model(monkeypatch
   evaluation list), the robust set's programs once per outer step; a tile that does not fit is
   refused naming config.infinite.batch_size. The eigen_features job on an analytic kernel plans
   the same tile program."""
-  from ntk_scale import infinite
-  from ntk_scale.base_config import pgd_linf
 
-  from conftest import neural_tangents_or_skip
 
   neural_tangents_or_skip(infinite.FEATURE)
   c = load_config("infinite_width", "smoke")
@@ -648,8 +648,6 @@ def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
 def test_the_dry_run_says_what_the_workdir_holds_and_refuses_what_the_job_would(tmp_path):
   """Before a pod is booked: whether the job resumes (from which checkpoint), starts, or would be
   refused (another experiment's config.json) or stop (a reader without a trained experiment)."""
-  from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
-  from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
   config = jobs.check_config(mlp_config(), 1)
   note = lambda c: dry_run_module.workdir_note(jobs.check_config(c, 1), str(tmp_path))
   assert note(config).endswith("holds no experiment yet: the job records this one there")
@@ -745,8 +743,6 @@ def test_a_class_subset_of_a_dataset_not_read_here_is_its_share_rounded_up():
 
 
 def test_a_workdir_with_only_the_initial_checkpoint_resumes_from_step_0(tmp_path):
-  from ntk_scale.checkpoint import Checkpoints
-  from ntk_scale.workdir import record_or_check
   config = jobs.check_config(mlp_config(), 1)
   record_or_check(str(tmp_path / "config.json"), json.loads(config.to_json()))
   checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
@@ -760,10 +756,7 @@ def test_infinite_job_scores_num_test_images_and_a_held_out_subsets_model_too():
   """config.infinite.num_test images are scored (not the whole split), and with held-out targets
   (target_holdout=20 of 100) a third model, the original subset's, runs the clean evaluation and
   the evaluation attacks, which the original set's and the optimised set's models run as well."""
-  from ntk_scale import infinite
-  from ntk_scale.base_config import pgd_linf
 
-  from conftest import neural_tangents_or_skip
 
   neural_tangents_or_skip(infinite.FEATURE)
   c = load_config("infinite_width", "smoke")

@@ -13,6 +13,7 @@ import pytest
 from ntk_scale import data, files, jobs
 from ntk_scale.base_config import base_config, parse_variants, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.train.experiment import catalog_steps_per_epoch
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
 
 from test_train import load_config
@@ -545,7 +546,6 @@ def test_pgd_step_size_follows_its_fields_and_a_bad_num_steps_is_named_where_use
   while the config was serialised (for an evaluate job, or phase 2 of mode A), even in a section
   not in use, before the attack could name the field."""
   from ntk_scale.attacks import build_attack
-  from ntk_scale.base_config import pgd_linf
 
   attack = pgd_linf(0.1, num_steps=20)
   assert attack.step_size == 2.5 * 0.1 / 20
@@ -670,7 +670,6 @@ def test_main_refuses_an_override_of_an_absent_field_naming_it(tmp_path, flag, m
 
 def test_a_batch_one_larger_than_the_train_split_is_refused_as_too_large():
   """1,437 training digits: a batch of 1,438 has no whole step per epoch."""
-  from ntk_scale.train.experiment import catalog_steps_per_epoch
   config = load_config("digits", "smoke")
   config.batch_size = 1437
   assert catalog_steps_per_epoch(config) == 1

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from ntk_scale import files  # noqa: E402
@@ -116,7 +117,6 @@ def test_a_full_disk_and_a_cut_short_array_name_their_file(tmp_path):
   """ENOSPC from write or fsync names no file, and numpy's "EOF: reading array data" neither: a job
   on a full disk, or over an array cut short, ended with no path to look at."""
   import errno
-  import numpy as np
   path = str(tmp_path / "images.npy")
 
   def full_disk(f):
@@ -135,7 +135,6 @@ def test_a_full_disk_and_a_cut_short_array_name_their_file(tmp_path):
 
 
 def test_an_array_is_whole_when_its_length_is_its_headers(tmp_path):
-  import numpy as np
   path = str(tmp_path / "images.npy")
   for array in (np.zeros((3, 8, 8, 1), np.float32), np.arange(7, dtype=np.int32), np.float64(2.0)):
     files.save_array(path, array)
@@ -153,7 +152,6 @@ def test_an_array_is_whole_when_its_length_is_its_headers(tmp_path):
 
 
 def test_listings_skip_temporaries_pickles_are_refused_and_removing_nothing_is_no_error(tmp_path):
-  import numpy as np
   (tmp_path / "a.json").write_text("{}")
   (tmp_path / f"b.json.tmp{socket.gethostname()}-1").write_text("{")
   assert files.list_dir(str(tmp_path)) == ["a.json"]

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ntk_scale import jobs
-from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints, missing_initial_note
 from ntk_scale.data import load_digits
 from ntk_scale.models import build_model
 from ntk_scale.ntk import empirical_ntk
@@ -157,7 +157,6 @@ def test_epoch0_of_a_workdir_that_predates_it_names_the_field(old_workdir):
 def test_epoch0_of_a_workdir_never_trained_names_no_initial_note(tmp_path):
   """Where there are no checkpoints at all, epoch 0 is missing because nothing was trained, not
   because the run predates initial checkpoints: the note is left out."""
-  from ntk_scale.checkpoint import missing_initial_note  # pylint: disable=import-outside-toplevel
   checkpoints = Checkpoints(str(tmp_path / "checkpoints"), create=False)
   with pytest.raises(CheckpointNotFoundError, match=r"config.kernel.epoch=0 in .*checkpoints; "
                      r"available epochs: none \(has this workdir been trained\?\)") as raised:

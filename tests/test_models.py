@@ -10,6 +10,7 @@ import pytest
 from ntk_scale.base_config import base_config
 from ntk_scale.cost_analysis import all_equations
 from ntk_scale.models import build_model, check_model_config
+from ntk_scale.models.layers import batch_norm
 from ntk_scale.models.resnet import BasicBlock
 
 
@@ -424,7 +425,6 @@ def test_batch_norm_statistics_are_exact_for_features_far_from_zero():
   """The two-pass variance: features of mean 1000 and spread 0.1 (a ReLU layer's, say) are
   normalised as float64 normalises them; E[x^2] - E[x]^2 in float32 loses the variance to
   cancellation (its error ~0.06 against a variance of 0.01; outputs off by ~70)."""
-  from ntk_scale.models.layers import batch_norm  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(12)
   x = (1000.0 + 0.1 * rng.normal(size=(64, 3))).astype(np.float32)
   layer = batch_norm(True, train=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ntk_scale.base_config import base_config
+from ntk_scale.config_numbers import is_finite_number
 from ntk_scale.train.optimizer import build_optimizer, build_schedule, check_optimizer_config, check_warmup
 
 
@@ -315,7 +316,6 @@ def test_check_optimizer_config_accepts_every_valid_combination():
 def test_numpy_floats_are_numbers_and_their_nan_is_not_finite():
   """A config built from a dict (a sweep's values computed with numpy) keeps np.float32 values:
   numbers like any other, and a numpy NaN or infinity is refused like Python's."""
-  from ntk_scale.config_numbers import is_finite_number
   assert is_finite_number(np.float32(0.1)) and is_finite_number(np.float16(2))
   assert not is_finite_number(np.float32("nan")) and not is_finite_number(np.float32("inf"))
   assert not is_finite_number(np.bool_(True)) and not is_finite_number(True)

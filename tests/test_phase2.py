@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ntk_scale import data, jobs
-from ntk_scale.base_config import pgd_linf
+from ntk_scale import data, jobs, restore
+from ntk_scale.base_config import base_config, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.data import load_digits
 from ntk_scale.linearize import LinearizedModel
@@ -22,7 +22,7 @@ from ntk_scale.models import build_model
 from ntk_scale.restore import restore_for_inference
 from ntk_scale.train.phase2 import apply_loaders, build_phase2, check_phase2_config
 from ntk_scale.train.metrics_jsonl import read_metrics
-from ntk_scale.workdir import WorkdirConfigMismatchError
+from ntk_scale.workdir import WorkdirConfigMismatchError, phase2_name, phase2_record, prepare_workdir
 
 from test_train import load_config
 
@@ -332,7 +332,6 @@ def test_a_restored_checkpoint_carries_its_saved_epoch_and_a_nan_epoch_is_refuse
 def test_the_phase2_job_may_differ_from_phase_1_in_its_length_and_saves(tmp_path):
   """The phase2 job reads phase 1's checkpoints and trains no phase 1: another num_epochs or
   checkpoint.* (the phase-1 schedule) is no other experiment; another seed is."""
-  from ntk_scale.workdir import prepare_workdir  # pylint: disable=import-outside-toplevel
   config = phase2_config()
   prepare_workdir(config, str(tmp_path))
   config.job, config.num_epochs = "phase2", 2.0
@@ -382,8 +381,6 @@ def test_two_phase2_experiments_coexist_and_each_resumes(run, tmp_path, caplog):
 def test_a_phase2_name_is_one_directory_below_phase2():
   """'..' would put phase 2's checkpoints in the workdir itself, '.' in phase2/, and '-x' reads as a
   flag in shell commands: refused, naming the field."""
-  from ntk_scale.base_config import base_config
-  from ntk_scale.workdir import phase2_name
   config = base_config()
   for name in ("centered_C_from3", "lr0.02-short", "A"):
     config.phase2.name = name
@@ -400,9 +397,6 @@ def test_a_named_experiment_of_another_linearized_model_is_not_restored(tmp_path
   """A phase-2 directory holds the parameters of one linearized model (theta0's epoch, the
   linearization, the BatchNorm mode): restored under a config naming it but differing in one, its
   parameters would be applied around another theta0 or to another model."""
-  from ntk_scale import restore
-  from ntk_scale.base_config import base_config
-  from ntk_scale.workdir import phase2_record
   config = base_config()
   config.phase2.update(name="exp", from_epoch=2.0, linearization="centered", batch_norm="frozen")
   record = phase2_record(config)

@@ -26,7 +26,7 @@ from ntk_scale import jobs, preemption, restore
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.preemption import Preempted
-from ntk_scale.train import loop, phase
+from ntk_scale.train import loop, phase, writers
 from ntk_scale.train.collapse import CollapseDetector
 from ntk_scale.train.metrics_jsonl import read_metrics
 from ntk_scale.workdir import (WorkdirConfigMismatchError, config_differences, is_runtime_field,
@@ -157,7 +157,6 @@ def test_a_phase_resumes_from_its_step_0_checkpoint_and_writes_its_hparams_once(
   """open_phase on a phase without checkpoints keeps the state given and writes the hparams; with
   only the initialisation saved (step 0, which is falsy) it restores that and writes no hparams
   again (TensorBoard would show them twice)."""
-  from ntk_scale.train import writers  # pylint: disable=import-outside-toplevel
 
   hparams_written = []
 
