@@ -67,7 +67,9 @@ def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
   step (a tie: the smaller), so a checkpoint's epoch is always the best name for its step.
   """
   total_steps = int(round(num_epochs * steps_per_epoch))
-  regular = [every_epochs * k for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
+  # Multiples as a person writes them (0.3, not 0.1 * 3 = 0.30000000000000004): the labels are stored.
+  regular = [float(f"{every_epochs * k:.12g}")
+             for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
   regular.append(num_epochs)
   candidates = [(e, True) for e in regular] + [(float(e), False) for e in fractional_epochs]
   step_of = lambda epoch: int(round(epoch * steps_per_epoch))

@@ -77,6 +77,14 @@ def test_phase2_schedule_saves_each_epoch_and_the_end():
   assert save_schedule(10, 2.25, 1.0, ()) == {10: 1.0, 20: 2.0, 22: 2.25}  # 22.5 -> 22
 
 
+def test_every_epochs_multiples_are_stored_as_written():
+  """The labels go into checkpoint_epochs.json and kernel metadata: 0.3, not 0.1 * 3, and the end
+  0.9 rather than 0.3 * 3 = 0.8999999999999999, which lands on its step too."""
+  assert list(save_schedule(10, 1.0, 0.1, ()).values()) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                           0.9, 1.0]
+  assert save_schedule(7, 0.9, 0.3, ()) == {2: 0.3, 4: 0.6, 6: 0.9}
+
+
 def test_a_preemptions_checkpoint_is_only_to_resume_from(tmp_path):
   """Saved off the schedule at a preemption (here step 20 of 11 per epoch) and deleted once the
   rerun has trained the phase, it was found by epoch (config.kernel.epoch=1.8181818181818181) and
