@@ -410,3 +410,24 @@ def test_a_named_experiment_of_another_linearized_model_is_not_restored(tmp_path
   with open(tmp_path / "phase2" / "exp" / "config.json", "w") as f:
     json.dump(record, f)
   restore._phase2_checkpoints(config, str(tmp_path)).close()
+
+
+def test_phase2s_two_updates_a_batch_take_the_learning_rate_of_their_batch_step(run):
+  """Phase 2 in mode A with benign_step_first: a benign then an adversarial update per batch, so
+  the schedule must be read at update count // 2 (its batch step). A decay after batch step 2 of
+  the 22 an epoch: updates 1-4 at 0.1, 5-6 at 0.01; read at the update count, it decayed after
+  update 2, halfway through the epochs the config names."""
+  config, workdir, _ = run
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.job, config.phase2.mode, config.phase2.benign_step_first = "phase2", "A", True
+  opt = config.phase2.optimizer
+  opt.learning_rate, opt.momentum, opt.schedule = 0.1, 0.0, "piecewise"
+  opt.decay_epochs, opt.decay_factor = (2 / 22,), 0.1
+  p2 = build_phase2(config, workdir)
+  assert p2.phase.steps_per_epoch == 22
+  tx, w, rates = p2.state.tx, jnp.asarray(2.0, jnp.float32), []
+  state = tx.init(w)
+  for _ in range(6):
+    update, state = tx.update(jnp.asarray(1.0, jnp.float32), state, w)  # gradient 1: update = -lr
+    rates.append(-float(update))
+  np.testing.assert_allclose(rates, [0.1, 0.1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
