@@ -543,12 +543,16 @@ def test_rotation_is_weighed_against_the_measured_ring(network, monkeypatch):
   assert slow.device_flops > fast.device_flops  # what the slow ring's plan pays instead
 
 
+# A ResNet-like model for the planner: 1M parameters (the largest group an eighth), 1 GFLOP forward.
+RESNET_LIKE_COST = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
+                             largest_group=10**6 // 8)
+
+
 def test_planner_chooses_a_tall_band_when_square_tiles_recompute_more():
   """A ResNet-like cost (1M parameters, 1 GFLOP forward, one class) whose 4096-row kernel does not
   fit one tile: bands of row tiles within the same budget form fewer Jacobian rows than the
   largest square tiles, counted from the schedule itself."""
-  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
-                   largest_group=125_000)
+  cost = RESNET_LIKE_COST
   spec, budget = parse_logits(0, 10), 4.5e9
   square = make_plan(cost, 4096, 4096, True, spec, num_devices=1, band=1, budget_bytes=budget)
   banded = make_plan(cost, 4096, 4096, True, spec, num_devices=1, budget_bytes=budget)
@@ -587,8 +591,7 @@ def test_a_band_asked_of_method_auto_is_the_jacobian_methods_or_refused():
 
 
 def test_planner_rotates_column_rows_when_every_device_holds_its_block():
-  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
-                   largest_group=125_000)
+  cost = RESNET_LIKE_COST
   spec = parse_logits(0, 10)
   ring = make_plan(cost, 4096, 4096, True, spec, num_devices=4, budget_bytes=20e9)
   assert ring.rotate and ring.tile == 1024 and ring.bytes_per_device <= 20e9
@@ -616,8 +619,7 @@ def test_planner_forms_a_trace_kernel_in_logit_chunks_when_all_logits_do_not_fit
   in chunks (every row once, one forward pass more per chunk) rather than tiles; four times the
   examples fit no tile even a logit at a time, and bands of a logit at a time recompute fewer rows
   than bands of all ten."""
-  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
-                   largest_group=125_000)
+  cost = RESNET_LIKE_COST
   spec, budget = parse_logits("trace", 10), 12e9
   chunked = make_plan(cost, 1024, 1024, True, spec, num_devices=1, budget_bytes=budget)
   assert (chunked.tile, chunked.logit_chunk) == (1024, 2) and chunked.bytes_per_device <= budget
@@ -648,8 +650,7 @@ def test_runs_are_chosen_by_work_not_by_steps():
   8 column blocks both take 9 steps, but runs of 3 take 3 rounds, each a row step forming 8
   blocks' rows, where runs of 8 take one. A row step weighs its FLOPs in column steps (about 6
   here), so the one round is chosen: 1.7x less work than the tie of steps broken for more rounds."""
-  cost = ModelCost(num_params=10**6, forward_flops=1e9, activation_bytes=1e5, itemsize=4,
-                   largest_group=10**6 // 8)
+  cost = RESNET_LIKE_COST
   plan = make_plan(cost, 23 * 128, 23 * 128, True, parse_logits("trace", 10), num_devices=4, tile=128,
                    band=8, rotate=False, budget_bytes=1e13)
   assert 6 < plan.row_step_weight < 8  # 8 blocks' rows and a diagonal block, against 1 and 8 tiles
