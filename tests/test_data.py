@@ -11,9 +11,9 @@ from sklearn.model_selection import train_test_split
 
 from ntk_scale import parallel
 from ntk_scale.base_config import base_config
-from ntk_scale.data import (DatasetUnavailableError, Split, TrainBatches, check_subset_size,
-                            class_balanced_subset, epoch_order, eval_batches, load_dataset,
-                            load_digits, load_tfds)
+from ntk_scale.data import (DatasetUnavailableError, Split, TrainBatches, check_seed,
+                            check_subset_size, class_balanced_subset, epoch_order, eval_batches,
+                            load_dataset, load_digits, load_tfds, tfds_source)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,6 @@ def test_load_dataset_digits_is_load_digits(digits):
 
 def test_load_tfds_cifar10_under_mock_data(monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
-  from ntk_scale.data import tfds_source
   # No network here: under mock_data load_tfds must not probe it (the stand-in download needs none).
   monkeypatch.setattr(tfds_source, "_reachable", lambda *a, **k: pytest.fail("probed the network"))
   # Several read batches per split, to check their concatenation.
@@ -316,7 +315,6 @@ def test_without_download_nothing_is_downloaded_and_each_split_is_read_from_its_
   """download=False refuses before any download is tried (the test above passes either way offline,
   once a download attempt has failed); the train split is read from tfds' train split and the test
   split from its test split (mock_data's two splits are identical, so no loading test can tell)."""
-  from ntk_scale.data import tfds_source
 
   class Unprepared:
     data_dir = "/nowhere"
@@ -356,7 +354,6 @@ def test_one_example_past_a_batch_is_a_second_batch_and_a_split_of_one_batch_tra
 
 
 def test_seeds_stop_below_2_to_the_32_and_numpy_integers_count():
-  from ntk_scale.data import check_seed
   check_seed(2**32 - 1, "config.seed")
   check_seed(np.int64(3), "config.seed")
   with pytest.raises(ValueError, match=r"config.seed=4294967296 must be an integer in \[0, 2\*\*32\)"):

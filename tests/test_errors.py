@@ -10,9 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ntk_scale import data, files, jobs
+from ntk_scale import data, files, infinite, jobs, restore
+from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import base_config, parse_variants, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.infinite_job import check_infinite_config
+from ntk_scale.train import experiment, phase2
 from ntk_scale.train.experiment import catalog_steps_per_epoch
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
 
@@ -74,8 +77,6 @@ def test_bad_config_fields_are_named(tmp_path, no_compute, field, value, message
 def no_training(monkeypatch):
   """Fails the test if a job gets as far as initialising a train state or restoring phase 2's
   theta0 (the steps of a phase are known only once the data is loaded)."""
-  from ntk_scale.train import experiment, phase2
-
   def fail(*args, **kwargs):
     pytest.fail("the job initialised or restored a model before rejecting its config")
   for module, name in ((experiment, "create_train_state"), (phase2, "create_train_state"),
@@ -229,8 +230,6 @@ def test_phase2_job_of_zero_steps_is_refused_before_compute(tmp_path, monkeypatc
                                                             message):
   """The phase2 job on a trained phase 1 (its theta0 checkpoint taken as found) writes nothing; nor
   with a cosine warm-up as long as phase 2."""
-  from ntk_scale.train import phase2
-
   monkeypatch.setattr(phase2, "theta0_step", lambda config, workdir: 11)
   config = load_config("digits", "smoke")
   prepare_workdir(config, str(tmp_path))  # phase 1's record
@@ -425,8 +424,6 @@ def test_base_config_holds_the_papers_settings():
 @pytest.fixture
 def no_kernel_compute(monkeypatch):
   """Fails the test if a kernel job gets as far as restoring a checkpoint or computing a kernel."""
-  from ntk_scale import infinite, restore
-
   def fail(*args, **kwargs):
     pytest.fail("the job restored or computed before rejecting its config")
   for module, name in ((restore, "restore_for_inference"), (restore, "saved_epochs"),
@@ -517,8 +514,6 @@ def test_infinite_job_checks_its_networks_training_before_compute(tmp_path, no_k
 
 
 def test_infinite_job_without_networks_does_not_check_their_training():
-  from ntk_scale.infinite_job import check_infinite_config
-
   config = load_config("infinite_width", "smoke")
   config.infinite.transfer.widths, config.infinite.robust_data.network_width = (), 0
   config.infinite.transfer.num_epochs = config.optimizer.learning_rate = float("nan")
@@ -545,8 +540,6 @@ def test_pgd_step_size_follows_its_fields_and_a_bad_num_steps_is_named_where_use
   """pgd_linf's step size is computed from eps and num_steps when read: num_steps 0 divided by zero
   while the config was serialised (for an evaluate job, or phase 2 of mode A), even in a section
   not in use, before the attack could name the field."""
-  from ntk_scale.attacks import build_attack
-
   attack = pgd_linf(0.1, num_steps=20)
   assert attack.step_size == 2.5 * 0.1 / 20
   attack.eps, attack.num_steps = 0.2, 8
@@ -619,8 +612,6 @@ def test_the_report_reads_any_recorded_experiment_and_an_unreadable_record_is_na
 
 
 def test_infinite_subset_must_be_a_multiple_of_the_number_of_classes():
-  from ntk_scale.infinite_job import check_infinite_config
-
   config = load_config("infinite_width", "smoke")
   labels = np.repeat(np.arange(4), [50, 50, 50, 5])  # 4 classes, the last one rare
   config.batch_size = 8  # the network trained on the robust set of 20 images, over 4 devices
