@@ -20,6 +20,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import autoattack, base_config, pgd_linf
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.data import load_digits
+from ntk_scale.data.augment import crop_flip
 from ntk_scale.evaluation_progress import MemberProgress
 from ntk_scale.models import build_model
 from ntk_scale.preemption import Preempted
@@ -87,6 +88,23 @@ def test_benign_step_first_takes_a_benign_then_an_adversarial_update(tiny):
   assert int(state.step) == 2
   params1 = _reference_update(model, params0, images, labels)
   expected = _reference_update(model, params1, _reference_fgsm(model, params1, images, labels), labels)
+  _assert_trees_close(state.params, expected)
+
+
+def test_benign_step_first_trains_both_updates_on_the_augmented_batch(tiny):
+  """With crop_flip, Loo et al.'s benign update takes the same cropped and flipped batch (the step's
+  augmentation key, split(fold_in(key(seed), step))[0]) that the attack then perturbs: a benign
+  update on the raw images would train on data the run's augmentation was meant to replace."""
+  model, _, batch, make_state = tiny
+  params0 = jax.device_get(make_state().params)
+  images, labels = np.asarray(batch["images"]), np.asarray(batch["labels"])
+  step = make_train_step("crop_flip", seed=0, attack=build_attack(FGSM), benign_step_first=True)
+  state, _ = step(make_state(), batch)
+  augment_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))
+  augmented = crop_flip(augment_key, jnp.asarray(images))
+  assert not np.array_equal(np.asarray(augmented), images)
+  params1 = _reference_update(model, params0, augmented, labels)
+  expected = _reference_update(model, params1, _reference_fgsm(model, params1, augmented, labels), labels)
   _assert_trees_close(state.params, expected)
 
 

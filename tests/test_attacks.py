@@ -625,6 +625,31 @@ def test_ranked_targets_are_the_other_classes_by_decreasing_clean_logit():
     np.testing.assert_array_equal(ranked[:, -1], labels)
 
 
+def test_ranked_targets_refuse_a_target_count_outside_the_other_classes():
+  """A targeted attack has C - 1 classes to aim at: num_targets = C would make the true class (last
+  in the ranking) a target, and 0 would attack nothing; both are refused naming the range."""
+  logits, labels = jnp.zeros((2, 10)), jnp.array([0, 3])
+  for num_targets in (0, 10):
+    with pytest.raises(ValueError, match=rf"num_targets={num_targets} must lie in \[1, 9\]"):
+      attack_steps.ranked_targets(logits, labels, num_targets, 2, "test")
+
+
+def test_square_acceptance_takes_strict_margin_improvements_of_correct_examples_only():
+  """Square Attack's acceptance (Andriushchenko et al.'s `loss_new < loss_min` on examples not yet
+  misclassified), on a model whose margin is 1 - 2 x[0] (pixel 1 ignored): a candidate that leaves
+  the margin equal is not taken (example 0), one that lowers it is (example 1), and an example
+  already misclassified keeps its point even when the candidate lowers its margin further (2)."""
+  logits_fn = lambda x: jnp.stack([1 - x[:, 0, 0, 0], x[:, 0, 0, 0]], -1)
+  labels = jnp.zeros(3, jnp.int32)
+  x_best = jnp.array([[0.2, 0.0], [0.2, 0.0], [0.7, 0.0]]).reshape(3, 2, 1, 1)
+  candidate = jnp.array([[0.2, 0.9], [0.3, 0.0], [0.9, 0.0]]).reshape(3, 2, 1, 1)
+  margin = attack_steps.margin_loss(logits_fn(x_best), labels)
+  np.testing.assert_allclose(margin, [0.6, 0.6, -0.4], rtol=1e-6)
+  kept, new_margin = attack_steps.keep_lower_margin(logits_fn, labels, candidate, x_best, margin)
+  np.testing.assert_array_equal(kept, jnp.stack([x_best[0], candidate[1], x_best[2]]))
+  np.testing.assert_allclose(new_margin, [0.6, 0.4, -0.4], rtol=1e-6)
+
+
 def test_apgd_t_toward_one_target_breaks_what_the_highest_other_class_allows():
   """AutoAttack's rule: APGD-T's first target is the class of highest clean logit after the true
   one. On the linear 10-class model, APGD-T with num_targets=1 leaves correct the examples that

@@ -340,6 +340,57 @@ def test_a_collapse_is_strictly_below_the_fraction_of_a_peak_at_least_min_peak()
   assert len(_feed(CollapseDetector(collapse_fraction=0.5, min_peak=0.2), [0.2, 0.05], [0.8, 0.9])) == 1
 
 
+def test_a_train_accuracy_exactly_max_train_drop_below_the_peaks_is_still_a_collapse():
+  """The divergence guard's boundary, in binary fractions so the arithmetic is exact: training
+  accuracy 0.5 against a peak's 0.75 with max_train_drop 0.25 fell by exactly the allowed drop, so
+  the robustness lost is catastrophic overfitting; a drop of 0.25 + 1/16 is divergence."""
+  detector = lambda: CollapseDetector(collapse_fraction=0.5, min_peak=0.2, max_train_drop=0.25)
+  assert [e["step"] for e in _feed(detector(), [0.5, 0.125], [0.75, 0.5])] == [200]
+  assert _feed(detector(), [0.5, 0.125], [0.75, 0.4375]) == []
+
+
+def test_a_recovery_names_the_first_point_of_the_run_it_ends():
+  """Two collapsed measurements (steps 300 and 400), then robustness back above half the peak at
+  step 500: the recovery records that the run began at step 300 and lasted 2 evaluations, what the
+  summary reports as how long robustness stayed lost."""
+  detector = CollapseDetector(collapse_fraction=0.5, sustain_evals=3)
+  _feed(detector, [0.3, 0.4, 0.1, 0.05, 0.35], [0.5, 0.6, 0.7, 0.8, 0.9])
+  assert detector.sustained is None
+  [recovery] = detector.recoveries
+  assert (recovery["step"], recovery["collapsed_at"], recovery["evaluations"]) == (500, 300, 2)
+
+
+def test_the_peak_is_the_first_point_to_reach_the_best_robust_accuracy():
+  """A later measurement that only equals the best keeps the earlier peak, whose training accuracy
+  the divergence guard measures against: here 0.84 is within 0.05 of the first peak's 0.80, so the
+  drop to 0.1 is a collapse (against the tie's 0.90 it would not be)."""
+  detector = CollapseDetector(collapse_fraction=0.5, min_peak=0.2, max_train_drop=0.05)
+  [event] = _feed(detector, [0.4, 0.4, 0.1], [0.80, 0.90, 0.84])
+  assert event["step"] == 300 and event["peak"]["step"] == 100
+  assert event["peak"]["train_clean_accuracy"] == 0.80
+
+
+def test_the_monitor_may_measure_every_test_example():
+  """num_examples equal to the test split is allowed (the whole split); one more is refused."""
+  monitor = base_config().train.co_monitor
+  monitor.every_steps, monitor.num_examples = 10, 100
+  check_co_monitor_config(monitor, num_test_examples=100)
+  monitor.num_examples = 101
+  with pytest.raises(ValueError, match=r"config\.train\.co_monitor\.num_examples=101 exceeds the 100 test"):
+    check_co_monitor_config(monitor, num_test_examples=100)
+
+
+def test_keep_checkpoints_that_is_not_a_bool_is_refused():
+  """--config.train.co_monitor.keep_checkpoints=None (ConfigDict accepts None for a bool field) is
+  refused by name: unchecked, it would silently keep no checkpoints around the collapse."""
+  monitor = base_config().train.co_monitor
+  monitor.every_steps = 10
+  monitor.keep_checkpoints = None
+  with pytest.raises(ValueError,
+                     match=r"config\.train\.co_monitor\.keep_checkpoints=None must be True or False"):
+    check_co_monitor_config(monitor)
+
+
 def test_a_collapse_right_after_the_resumed_step_keeps_that_step_as_before(tmp_path):
   """Killed after the save at step 6, the rerun's first measurement (step 8) finds the collapse:
   the state before it is the resumed checkpoint's, as in an uninterrupted run."""

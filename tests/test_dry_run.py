@@ -671,6 +671,19 @@ def test_the_dry_run_says_what_the_workdir_holds_and_refuses_what_the_job_would(
     dry_run_module.workdir_note(config, str(tmp_path / "file"))
 
 
+def test_a_dry_run_given_a_workdir_notes_first_what_it_holds(tmp_path):
+  """jobs.dry_run(..., workdir=...): the plan's first note says what the workdir holds (here nothing:
+  the job would record this experiment), ahead of the job's own notes; without a workdir no such
+  note. The note is how a dry run before booking a pod tells a fresh start from a resume."""
+  config = mlp_config()
+  plain = jobs.dry_run(config)
+  with_workdir = jobs.dry_run(config, workdir=str(tmp_path))
+  assert with_workdir.notes[0].endswith("holds no experiment yet: the job records this one there")
+  assert with_workdir.notes[1:] == plain.notes
+  assert not any("holds" in n for n in plain.notes)
+  assert os.listdir(tmp_path) == []
+
+
 def test_adversarial_modes_plan_the_steps_each_kind_of_step_takes():
   """Mode F: benign steps up to the flip, adversarial after it (here one: the last step); mode A:
   every step adversarial, in phase 1 and in phase 2 (config.phase2.mode), whose linearized model's

@@ -84,6 +84,32 @@ def no_training(monkeypatch):
     monkeypatch.setattr(module, name, fail)
 
 
+def test_a_config_without_a_job_field_is_checked_as_the_train_job():
+  """A config that predates config.job (or a hand-built one without it) is a train job, and gets the
+  train job's checks: a batch of 66 on 4 devices is refused, not waved through unchecked."""
+  config = load_config("digits", "smoke")
+  config.batch_size = 66
+  del config["job"]
+  with pytest.raises(ValueError, match=r"config\.batch_size=66 must be a positive multiple of the device"):
+    jobs.check_config(config, 4)
+
+
+def test_the_job_runs_and_records_the_config_with_its_loaders_applied(tmp_path, monkeypatch):
+  """config.loaders="AC" (Loo et al.'s two letters) means phase-1 mode A and phase-2 mode C: the job
+  receives, and the workdir records, the config with them applied, while the caller's config is
+  left as it was (train.mode C here)."""
+  received = []
+  monkeypatch.setitem(jobs.JOBS, "train", lambda config, workdir: received.append(config))
+  config = load_config("digits", "smoke")
+  config.loaders, config.train.mode, config.phase2.mode = "AC", "C", "A"
+  jobs.run(config, str(tmp_path))
+  [ran] = received
+  assert (ran.train.mode, ran.phase2.mode) == ("A", "C")
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  assert (recorded["train"]["mode"], recorded["phase2"]["mode"]) == ("A", "C")
+  assert (config.train.mode, config.phase2.mode) == ("C", "A")
+
+
 # digits smoke: 1437 training images in batches of 64, 22 steps per epoch; 0.02 epochs is 0.44 steps.
 @pytest.mark.parametrize("field", ["num_epochs", "phase2.num_epochs"])
 def test_epochs_of_zero_steps_are_refused_before_compute(tmp_path, no_training, field):

@@ -108,6 +108,51 @@ def test_a_kernel_of_one_step_is_traced_and_a_loop_too_short_to_trace_says_so(wo
   assert "config.profile_steps: the loop ended before step 3" in caplog.text
 
 
+def _profile_traces(directory: str) -> list[str]:
+  return glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.xplane.pb"))
+
+
+@pytest.mark.parametrize("end, num_steps", [(None, 2), (4, 5)])
+def test_a_profile_is_written_when_its_last_step_is_done(tmp_path, end, num_steps):
+  """Steps 2 and 3 (0-based, after the 2 skipped) are traced, whether asked for 2 steps or for 5 in a
+  loop that ends at step 4: the trace is stopped and copied when step 3's outputs are ready, inside
+  the loop, not a step later (a trace of steps never asked for) nor only when the loop is left."""
+  step = jax.jit(lambda x: x @ x / len(x))
+  x = jnp.eye(8)
+  with StepProfile(str(tmp_path), 0, end, num_steps) as profile:
+    for i in range(4 if end else 6):
+      profile.before(i)
+      x = step(x)
+      profile.after(i, x)
+      assert len(_profile_traces(str(tmp_path))) == (1 if i >= 3 else 0), i
+
+
+def test_a_loop_left_mid_trace_ends_the_trace_and_writes_it(tmp_path):
+  """10 steps asked, the loop stops after step 3 (preempted, or shorter than asked): leaving the
+  context stops jax.profiler and copies what was traced, and the profiler is free for another
+  trace (a second start_trace would raise while one runs)."""
+  step = jax.jit(lambda x: x @ x / len(x))
+  x = jnp.eye(8)
+  with StepProfile(str(tmp_path / "a"), 0, None, 10) as profile:
+    for i in range(4):
+      profile.before(i)
+      x = step(x)
+      profile.after(i, x)
+  assert len(_profile_traces(str(tmp_path / "a"))) == 1
+  jax.profiler.start_trace(str(tmp_path / "b"))
+  jax.profiler.stop_trace()
+
+
+def test_a_loop_that_fails_before_its_traced_steps_does_not_say_it_was_too_short(tmp_path, caplog):
+  """The warning that the loop ended before the first traced step is for a loop that finished; one
+  that raised is reported by its error, not blamed on config.profile_steps."""
+  with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="stopped"):
+    with StepProfile(str(tmp_path), 0, None, 1) as profile:
+      profile.before(0)
+      raise RuntimeError("stopped")
+  assert "config.profile_steps" not in caplog.text
+
+
 @pytest.mark.parametrize("phase,logits", [(1, "trace"), (1, "3"), (2, "full")])
 def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, phase1_full_kernel, capsys):
   """The trace kernel in bands of 2 row tiles formed 5 logits at a time (config.kernel); the class-3

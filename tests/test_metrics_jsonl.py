@@ -42,6 +42,17 @@ def test_corrupt_line_before_the_last_names_file_and_line(tmp_path):
     read_jsonl(str(path))
 
 
+def test_blank_lines_between_records_are_skipped_not_corruption(tmp_path, caplog):
+  """Lines holding only whitespace (blank lines an editor or a CRLF copy left: spaces, a lone
+  carriage return) carry no record and are skipped wherever they are, with no warning; they are
+  neither records nor a corrupt line that would stop the report and the resume."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(json.dumps(RECORDS[0]) + "\n   \n\r\n" + json.dumps(RECORDS[1]) + "\n \n")
+  with caplog.at_level(logging.WARNING):
+    assert read_jsonl(str(path)) == RECORDS
+  assert "dropped" not in caplog.text
+
+
 def test_truncate_on_resume_cuts_the_torn_line_and_appends_on_a_clean_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   write_records(path, '{"step": 3, "train/lo')

@@ -512,6 +512,75 @@ def test_a_timed_collective_makes_process_0s_number_of_calls(monkeypatch):
   assert calls == 7 and len(steps) == 1 + 7  # the warm-up, then process 0's count
 
 
+def _fake_clock(monkeypatch, seconds_per_call: float):
+  """device_rates' clock replaced by one that only a step advances, by `seconds_per_call`; returns
+  the step (it counts its calls in the returned list)."""
+  clock, calls = [0.0], []
+  monkeypatch.setattr(device_rates, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+  def step(state):
+    clock[0] += seconds_per_call
+    calls.append(state)
+    return state
+  return step, calls
+
+
+@pytest.mark.parametrize("seconds, calls, elapsed", [(0.0, 3, 1.5), (1.2, 3, 1.5), (2.2, 5, 2.5)])
+def test_a_measured_step_runs_for_the_seconds_asked_and_at_least_three_calls(monkeypatch, seconds,
+                                                                            calls, elapsed):
+  """A step of 0.5 s on a clock it alone moves: after the untimed warm-up, calls continue until
+  `seconds` have passed and at least 3 were made (hand-counted), and the time returned covers them
+  all, so calls / elapsed is the step's rate, 2 per second, however short the budget."""
+  step, made = _fake_clock(monkeypatch, 0.5)
+  assert device_rates.timed(step, None, seconds) == (calls, pytest.approx(elapsed))
+  assert len(made) == 1 + calls
+
+
+@pytest.mark.parametrize("seconds, calls", [(0.1, 3), (1.8, 4)])
+def test_a_measured_collective_sizes_its_calls_from_one_measured_call(monkeypatch, seconds, calls):
+  """Collective timing on a 0.5 s step: one timed call sets the count, ceil(seconds / 0.5) and at
+  least 3 (1.8 s: ceil(3.6) = 4), and the elapsed time returned includes that first call, so the
+  rate is the step's 2 calls per second exactly."""
+  step, made = _fake_clock(monkeypatch, 0.5)
+  assert device_rates.timed(step, None, seconds, collective=True) == (calls, pytest.approx(0.5 * calls))
+  assert len(made) == 1 + calls
+
+
+def test_rates_are_counted_from_the_work_of_one_call(monkeypatch):
+  """With timing fixed at 5 calls in 2 s: a size-n matmul is 2 n^3 FLOPs (8: 2560 FLOP/s), and the
+  ring probe sends each device's `megabytes` MiB to its neighbour per call (1 MiB: 2.5 MiB/s). The
+  probe's step is a rotation: device d's block lands on device d + 1, the kernel's ring order."""
+  seen = []
+  monkeypatch.setattr(device_rates, "timed", lambda step, state, seconds, collective=False: (
+      seen.append((step, state)) or (5, 2.0)))
+  mesh = parallel.make_mesh()
+  device_rates.matmul_rate.cache_clear()
+  device_rates.ring_bandwidth.cache_clear()
+  try:
+    assert device_rates.matmul_rate("highest", 8, 0.0) == pytest.approx(2560.0)
+    assert device_rates.ring_bandwidth(mesh, 1, 0.0) == pytest.approx(2.5 * 2**20)
+  finally:
+    device_rates.matmul_rate.cache_clear()
+    device_rates.ring_bandwidth.cache_clear()
+  send, blocks = seen[-1]
+  block = 2**20 // 4
+  values = np.arange(mesh.size * block, dtype=np.float32)
+  received = np.asarray(send(jax.device_put(values, blocks.sharding))).reshape(mesh.size, block)
+  np.testing.assert_array_equal(received, np.roll(values.reshape(mesh.size, block), 1, axis=0))
+
+
+def test_every_process_takes_process_0s_measurement(monkeypatch):
+  """Two processes measuring 3.5 and 14: both plan with process 0's 3.5 (a float64 travels as two
+  32-bit words, as in parallel.gather_from_processes)."""
+  def allgather(words):
+    value = float(words.view(np.float64)[0])
+    return np.stack([words, np.array([value * 4]).view(np.uint32)])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(parallel.multihost_utils, "process_allgather", allgather)
+  assert device_rates.agreed(3.5) == 3.5
+
+
 def test_processes_plan_within_the_smallest_of_their_memory_budgets(monkeypatch):
   """Every process must make the same plan: with several, the default budget is the smallest
   process's (here a second host with a quarter of this one's memory)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ntk_scale.base_config import base_config
-from ntk_scale.config_numbers import is_finite_number
+from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.train.optimizer import build_optimizer, build_schedule, check_optimizer_config, check_warmup
 
 
@@ -324,6 +324,19 @@ def test_numpy_floats_are_numbers_and_their_nan_is_not_finite():
   check_optimizer_config(ml_collections.ConfigDict({**fields, "learning_rate": np.float32(0.1)}))
   with pytest.raises(ValueError, match=r"config\.optimizer\.learning_rate=nan must be a positive"):
     check_optimizer_config(ml_collections.ConfigDict({**fields, "learning_rate": np.float32("nan")}))
+
+
+def test_numpy_integers_are_whole_and_finite_numbers_and_bools_are_neither():
+  """A sweep's values computed with numpy keep np.int64 / np.int32: whole numbers (at least
+  `least`, when given; any sign without it, each field's check naming its own bounds) and finite
+  numbers like Python's ints. A bool, Python's or numpy's, is neither; a float is not whole."""
+  for value in (np.int64(3), np.int32(3), 3):
+    assert is_whole_number(value) and is_whole_number(value, 3) and not is_whole_number(value, 4)
+    assert is_finite_number(value)
+  assert is_whole_number(-3) and is_whole_number(np.int64(-3)) and not is_whole_number(-3, 0)
+  for value in (True, np.bool_(True), 3.0, np.float32(3), "3", None):
+    assert not is_whole_number(value), value
+  assert not is_finite_number(np.bool_(False)) and not is_finite_number("3")
 
 
 def test_two_updates_a_batch_take_the_learning_rate_of_their_batch_step():

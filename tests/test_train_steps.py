@@ -16,7 +16,7 @@ from ntk_scale.data import load_digits
 from ntk_scale.data.augment import crop_flip
 from ntk_scale.models import build_model
 from ntk_scale.train.experiment import build_train_steps
-from ntk_scale.train.state import TrainState
+from ntk_scale.train.state import TrainState, count_parameters, create_train_state, logits_fn
 from ntk_scale.train.steps import make_train_step
 from random_variables import random_variables
 from test_train import load_config
@@ -263,3 +263,137 @@ def test_grad_align_penalty_is_measured_at_the_clean_batch(setup):
   expected = np.mean(1 - cosine)
   assert expected > 1e-3
   np.testing.assert_allclose(float(metrics["grad_align"]), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_grad_norm_is_the_global_norm_of_the_gradient_the_update_applied(setup):
+  """The logged train/grad_norm is the L2 norm of the whole gradient: with plain SGD it equals the
+  parameters' displacement over the learning rate, measured here in float64. A squared or
+  per-leaf norm would misreport exploding or vanishing gradients by orders of magnitude."""
+  _, v, batch, _, _, make_state = setup
+  state, metrics = make_train_step("none", seed=0)(make_state(), batch)
+  moved = [(np.asarray(new, np.float64) - old) / LR
+           for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(v["params"]), strict=True)]
+  expected = np.sqrt(sum(np.sum(m ** 2) for m in moved))
+  assert abs(expected - 1.0) > 0.1  # a norm of 1 would not tell the norm from its square
+  np.testing.assert_allclose(float(metrics["grad_norm"]), expected, rtol=1e-4)
+
+
+def test_grad_align_without_its_eps_is_refused_when_the_step_is_made():
+  """GradAlign's noise needs an eps: a step made without one is refused at once, naming what is
+  missing, rather than failing inside jit at the first batch of a launched run."""
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  for attack, eps in ((fgsm, None), (None, EPS)):
+    with pytest.raises(ValueError, match=r"GradAlign .* needs an attack and the eps of its noise"):
+      make_train_step("none", seed=0, attack=attack, grad_align=0.5, grad_align_eps=eps)
+
+
+def _flax_input_gradients(model, v, x, labels, train: bool):
+  """d(sum of cross-entropies)/dx of flax's model with BatchNorm in `train` mode, [N, D] (float64
+  under enable_x64): in training mode the batch statistics are differentiated through."""
+  def total(xs):
+    logits = (model.apply(v, xs, train=True, mutable=["batch_stats"])[0] if train
+              else model.apply(v, xs, train=False))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+  return jax.grad(total)(x).reshape(len(x), -1)
+
+
+def _one_minus_cosine(clean, noisy):
+  return 1 - jnp.sum(clean * noisy, 1) / jnp.linalg.norm(clean, axis=1) / jnp.linalg.norm(noisy, axis=1)
+
+
+def test_grad_align_penalty_sees_batch_norm_as_the_attack_does(setup):
+  """attack_batch_norm='train': GradAlign's input gradients are taken with BatchNorm on the batch's
+  own statistics, as the attack's are (flax's model in float64 as reference); measured with the
+  running averages instead it would regularise a model the attack never saw."""
+  model, v, batch, images, labels, make_state = setup
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  step = make_train_step("none", seed=5, attack=fgsm, attack_batch_norm="train", grad_align=0.5,
+                         grad_align_eps=EPS)
+  _, metrics = step(make_state(), batch)
+  noise_key = jax.random.fold_in(_step_keys(5, 0)[1], 1)
+  eta = np.asarray(jax.random.uniform(noise_key, images.shape, jnp.float32, -EPS, EPS), np.float64)
+  x = images.astype(np.float64)
+  with jax.enable_x64(True):
+    gradients = jax.jit(lambda xs: _flax_input_gradients(model, v, xs, labels, train=True))
+    clean, noisy = (gradients(jnp.asarray(x + d)) for d in (0, eta))
+    expected = float(jnp.mean(_one_minus_cosine(clean, noisy)))
+  inference = [_numpy_input_gradient(v, x + d, labels).reshape(len(x), -1) for d in (0, eta)]
+  other = float(np.mean(_one_minus_cosine(*inference)))
+  assert abs(expected - other) > 1e-2 * expected  # the two modes' penalties are far apart here
+  np.testing.assert_allclose(float(metrics["grad_align"]), expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def grad_align_updates(setup):
+  """The parameters after one SGD step (lr LR) on CE(FGSM batch) + (1 - cos(grad_x L(x + eta),
+  grad_x L(x))), GradAlign at weight 1 and eps EPS with the noise of step 0 of seed 5, written out in
+  float64 with flax's model: {True: grad_x L(x) held constant, False: differentiated}."""
+  model, v, _, images, labels, _ = setup
+  noise_key = jax.random.fold_in(_step_keys(5, 0)[1], 1)
+  eta = np.asarray(jax.random.uniform(noise_key, images.shape, jnp.float32, -EPS, EPS), np.float64)
+  x = images.astype(np.float64)
+  adversarial = _numpy_fgsm_inference(v, x, labels)
+  with jax.enable_x64(True):
+    def objective(params, hold_clean):
+      variables = {"params": params, "batch_stats": v["batch_stats"]}
+      logits = model.apply(variables, jnp.asarray(adversarial), train=True, mutable=["batch_stats"])[0]
+      clean, noisy = (_flax_input_gradients(model, variables, jnp.asarray(x + d), labels, train=False)
+                      for d in (0, eta))
+      clean = jax.lax.stop_gradient(clean) if hold_clean else clean
+      return (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+              + jnp.mean(_one_minus_cosine(clean, noisy)))
+    both = jax.jit(lambda p: {hold: jax.grad(objective)(p, hold) for hold in (True, False)})
+    gradients = both(jax.tree.map(jnp.asarray, v["params"]))
+    return {hold: jax.tree.map(lambda w, g: np.asarray(w) - LR * np.asarray(g), v["params"], g_hold)
+            for hold, g_hold in gradients.items()}
+
+
+@pytest.mark.parametrize("clean_gradient", ["constant", "differentiated"])
+def test_grad_align_update_differentiates_the_clean_gradient_as_configured(setup, grad_align_updates,
+                                                                           clean_gradient):
+  """One SGD step of FGSM training with GradAlign (weight 1): the parameters move by -lr times the
+  float64 gradient of CE(FGSM batch) + (1 - cos(grad_x L(x + eta), grad_x L(x))), written out with
+  flax's model, grad_x L(x) held constant ("constant", the authors' code) or differentiated too (the
+  paper's formula). The two settings' updates differ, so a setting lost on the way to the penalty
+  would train the other variant silently."""
+  _, _, batch, _, _, make_state = setup
+  fgsm = build_attack(ml_collections.ConfigDict(dict(name="fgsm", eps=EPS)))
+  step = make_train_step("none", seed=5, attack=fgsm, grad_align=1.0, grad_align_eps=EPS,
+                         grad_align_clean=clean_gradient)
+  state, _ = step(make_state(), batch)
+  apart = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(grad_align_updates[True]),
+                                                 jax.tree.leaves(grad_align_updates[False]), strict=True))
+  assert apart > 1e-3
+  expected = grad_align_updates[clean_gradient == "constant"]
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_initial_state_is_the_models_init_for_its_seed_replicated_over_the_mesh(setup):
+  """create_train_state(seed): flax's model.init with key(seed) on one zero image (so seeds 0 and 1
+  differ), step 0, every leaf on all 4 devices of the mesh (each process builds the same copy, and
+  the steps expect replicated state). The BatchNorm MLP has 64*8 + 2*8 + 8*10 + 10 = 618 parameters
+  (dense1 has no bias), the count the train job logs."""
+  model = setup[0]
+  mesh = parallel.make_mesh()
+  inits = []
+  for seed in (0, 1):
+    state = create_train_state(model, optax.sgd(LR), (8, 8, 1), seed, mesh)
+    expected = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1), jnp.float32), train=False)
+    for got, want in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                         jax.tree.leaves((expected["params"], expected["batch_stats"])), strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(state.step) == 0
+    for leaf in jax.tree.leaves(state):
+      assert leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(mesh.devices.flat)
+    assert count_parameters(state.params) == 618
+    inits.append(np.asarray(state.params["head"]["kernel"]))
+  assert not np.array_equal(*inits)
+
+
+def test_an_unknown_batch_norm_mode_is_refused(setup):
+  """logits_fn knows BatchNorm's "inference" and "train" modes; any other is refused naming them,
+  not silently taken as the running averages."""
+  *_, make_state = setup
+  with pytest.raises(ValueError, match=r"batch_norm='frozen'; expected one of inference, train"):
+    logits_fn(make_state(), "frozen")
