@@ -444,6 +444,22 @@ def test_a_job_needing_more_eigenpairs_than_configured_solves_for_them():
   assert c.spectrum.num_eigenpairs == 5  # the caller's config is not changed
 
 
+def test_the_documented_dense_limit_and_how_a_choice_is_described():
+  """base_config documents "every eigenpair up to 8192 kernel rows" for auto; a job's start-up line
+  says what was chosen and why, from the choice and the setting that led to it."""
+  assert kernel_eigenpairs.resolve_eigensolver("auto", 8192) == "dense"
+  assert kernel_eigenpairs.resolve_eigensolver("auto", 8193) == "top"
+  describe = kernel_eigenpairs.describe_choice
+  field = "config.eigen_features.eigensolver"
+  assert describe("dense", "auto", field, 100, 5) == "every eigenpair (100 rows)"
+  assert describe("dense", "dense", field, 9000, 5, " of each kernel") == (
+      "every eigenpair of each kernel (9000 rows)")
+  assert describe("top", "auto", field, 9000, 5) == (
+      "the top 5 eigenpairs by the spectrum job (9000 rows, above 8192)")
+  assert describe("top", "top", field, 100, 5) == (
+      "the top 5 eigenpairs by the spectrum job (config.eigen_features.eigensolver='top')")
+
+
 def test_parameter_directions_are_summed_at_highest_precision():
   """W = J(X)^T A contracts Jacobian rows with the coefficients, large and of both signs: on GPUs
   (TF32) and TPUs (bfloat16 passes) the default precision would round them. Read from the traced

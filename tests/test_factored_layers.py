@@ -180,3 +180,56 @@ def test_plan_counts_factored_rows_and_multiply_adds():
   kernel = empirical_ntk(mlp, params, x, logits=0)
   reference = empirical_ntk(mlp, params, x, logits=0, factored_layers="none")
   np.testing.assert_allclose(kernel, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def _unfactorable_model(p, x):
+  """Weights factoring must leave as rows beside ones it must factor: a stride-2 convolution on a
+  2 x 2 map whose last filter row and column read only padding (ResNet's last downsampling on a
+  small image); per-position weights (a locally connected layer: a matmul batched over
+  positions); and a weight used twice (tied), whose gradient sums over both uses."""
+  n = x.shape[0]
+  a = lax.conv_general_dilated(x, p["conv"], (2, 2), ((0, 1), (0, 1)),
+                               dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(n, 4)
+  b = jnp.matmul(x.reshape(n, 4, 3).transpose(1, 0, 2), p["local"])  # [positions, n, 2]
+  b = b.transpose(1, 0, 2).reshape(n, 8)
+  h = jnp.tanh(jnp.concatenate([a, b], -1))
+  h = jnp.tanh(h @ p["tied"]) @ p["tied"]
+  return jnp.tanh(h) @ p["head"]
+
+
+def test_tied_and_per_position_weights_stay_rows_and_padding_only_filter_offsets_add_nothing():
+  """Against the float64 jax.jacrev Jacobian contraction: factoring "all" takes the convolution
+  and the head, and leaves the per-position and the tied weights as rows (factored, the first has
+  no single weight gradient per example and position, the second would drop the cross terms of
+  its two uses)."""
+  rng = np.random.default_rng(3)
+  shapes = {"conv": (3, 3, 3, 4), "local": (4, 3, 2), "tied": (12, 12), "head": (12, NUM_CLASSES)}
+  x = rng.normal(size=(6, 2, 2, 3))
+  spec = parse_logits("trace", NUM_CLASSES)
+  with jax.enable_x64(True):
+    params = {k: rng.normal(size=s) / np.sqrt(np.prod(s[:-1])) for k, s in shapes.items()}
+    layers = factored_layers_of(_unfactorable_model, params, x[:1], spec, "all")
+    assert [(layer.in_positions, layer.out_positions) for layer in layers] == [
+        ((1, 2, 2), (1, 1, 1)), ((1,), (1,))]
+    form = jax.jit(lambda x: jacobian_rows(_unfactorable_model, params, x, spec, factoring="all"))
+    kernel = np.asarray(contract(form(x[:3]), form(x[3:]), spec, lax.Precision.HIGHEST))
+    jacobian = jax.jit(jax.vmap(jax.jacrev(lambda p, e: _unfactorable_model(p, e[None])[0]),
+                                (None, 0)))(params, x)
+    jacobian = np.concatenate([np.asarray(a).reshape(6, NUM_CLASSES, -1)
+                               for a in jax.tree.leaves(jacobian)], -1)
+    reference = np.einsum("icp,jcp->ij", jacobian[:3], jacobian[3:])
+  assert _relative_error(kernel, reference) < 1e-10
+
+
+def test_auto_asks_the_factored_count_to_win_by_the_elementwise_overhead():
+  """A 96-channel 3x3 convolution on 4x4 maps: 51,456 factored multiply-adds per pair against
+  82,944 for its weight gradients, fewer but not half: not factored (the combination step is
+  elementwise, slower per multiply-add); at 128 channels (67,840 against 147,456) it is.
+  A tile holds, per pair of examples, both Grams and their product: 16^2 + 2 * 16^2 numbers."""
+  narrow, wide = _conv(96, 96, 4), _conv(128, 128, 4)
+  assert narrow.pair_macs(1) == 16 ** 2 * 96 + 16 ** 2 * (96 + 9) == 51_456
+  assert narrow.num_params == 82_944
+  assert wide.pair_macs(1) == 67_840 and wide.num_params == 147_456
+  assert choose((narrow, wide), 1, "class", "auto") == (wide,)
+  assert narrow.pair_workspace() == 16 ** 2 + 2 * 16 ** 2
+  assert _conv(256, 512, 8, stride=2).pair_workspace() == 64 ** 2 + 2 * 16 ** 2

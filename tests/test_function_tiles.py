@@ -105,6 +105,49 @@ def test_a_killed_kernel_resumes_from_its_store(tmp_path, monkeypatch):
     function_kernel(rbf, x, tile=4, store=store)
 
 
+def test_the_tiles_pull_back_at_highest_precision(monkeypatch):
+  """The vector-Jacobian products of a kernel function's tiles, whose matmuls ask for no
+  precision, run at HIGHEST as its tiles do: dataset optimisation follows this gradient, which
+  TF32 or bfloat16 passes would round to 1e-3. Read from each step's program as it is run (on
+  this CPU it changes nothing)."""
+  programs, highest = function_tiles.tile_vjp_program, []
+
+  def read(kernel_fn, mesh):
+    program = programs(kernel_fn, mesh)
+    def run(rows, cols, cotangent):
+      highest.append(all_highest(program, rows, cols, cotangent))
+      return program(rows, cols, cotangent)
+    return run
+
+  monkeypatch.setattr(function_tiles, "tile_vjp_program", read)
+  x = _images(10)
+  cotangent = np.random.default_rng(3).normal(size=(10, 10)).astype(np.float32)
+  whole = lambda v: jnp.sum(cotangent * rbf(v, v))
+  assert not all_highest(jax.grad(whole), x)  # outside the loop: the default
+  np.testing.assert_allclose(function_kernel_vjp(rbf, x, cotangent, tile=3),
+                             np.asarray(jax.grad(whole)(jnp.asarray(x))), rtol=1e-4, atol=1e-5)
+  assert highest == [True] * 3  # 10 tiles on and above the diagonal, 4 devices a step
+
+
+def test_a_store_is_refused_for_another_kernel_and_marked_complete_by_a_finished_one(tmp_path):
+  """A store made for 11 images in tiles of 3 holds no tile of a kernel of 10 images (or of 11 x
+  7) in tiles of 3: refused, not read as theirs. A finished kernel marks its store complete
+  (readers such as the spectrum job refuse an unfinished kernel), with the seconds it took."""
+  x = _images(11)
+  meta = {"shape": [11, 11], "tile": 3, "dtype": "float32"}
+  store = KernelStore.create_or_resume(str(tmp_path / "k"), meta, ("shape",), np.arange(11),
+                                       np.zeros(11, np.int32))
+  with pytest.raises(ValueError, match="holds a kernel of shape .* not 10 x 10 in tiles of 3"):
+    function_kernel(rbf, x[:10], tile=3, store=store)
+  with pytest.raises(ValueError, match="holds a kernel of shape .* not 11 x 7 in tiles of 3"):
+    function_kernel(rbf, x, _images(7, seed=1), tile=3, store=store)
+  assert not KernelStore.open(str(tmp_path / "k")).meta.get("complete")
+  np.testing.assert_allclose(function_kernel(rbf, x, tile=3, store=store), np.asarray(rbf(x, x)),
+                             rtol=1e-6)
+  reopened = KernelStore.open(str(tmp_path / "k"))
+  assert reopened.meta["complete"] is True and reopened.meta["seconds"] > 0
+
+
 def test_long_tile_loops_log_their_step_and_the_time_left(caplog):
   from ntk_scale.ntk.engine import StepProgress
 

@@ -114,6 +114,47 @@ def test_float32_with_fast_decaying_residuals_stays_orthonormal(iterations):
   np.testing.assert_allclose(vectors.T.astype(np.float64) @ vectors, np.eye(30), atol=1e-4)
 
 
+def test_iterating_past_convergence_keeps_the_block_orthonormal_and_its_pairs():
+  """tol 0 on the kernel of rank 3 above (40 rows, 4 of them zero, a block of 8): from the first
+  iteration on, every residual direction is lost to rounding, at every iteration. Replaced by
+  random directions, the block stays orthonormal and its top 3 pairs numpy's; left as zero
+  columns, 20 iterations later the eigenvalues were off by half of lambda_1 and the block by 1
+  from orthonormal."""
+  factor = np.random.default_rng(2).standard_normal((36, 3)) * np.arange(3, 0, -1)
+  matrix = np.zeros((40, 40))
+  matrix[:36, :36] = factor @ factor.T
+  with jax.enable_x64(True):
+    values, vectors, iterations = top_pairs(matrix, 8, 3, 20, 0.0)
+  assert iterations == 20
+  assert_matches_eigh(matrix, values, vectors, 3, rtol=1e-11, max_angle=1e-7)
+
+
+def test_a_block_wider_than_a_third_of_the_rows():
+  """A block of 5 of 12 rows: the basis [X, P, R] of 15 columns cannot be independent, so some
+  of its directions are lost even after random ones replace them. Their zero columns must rank
+  below every real Ritz value: ranked above, they became the "top" pairs (values of 90 for a
+  largest eigenvalue of 12, zero vectors)."""
+  matrix = with_spectrum(np.arange(12, 0, -1.0))
+  with jax.enable_x64(True):
+    values, vectors, _ = top_pairs(matrix, 5, 5, 50, 1e-10)
+  assert_matches_eigh(matrix, values, vectors, 5, rtol=1e-10, max_angle=1e-7)
+
+
+def test_it_stops_once_the_top_converge_pairs_meet_tol():
+  """Two well separated eigenvalues (100, 50) above a cluster (1.0 to 0.9): the top 2 converge
+  in a few iterations, the cluster's pairs in the rest of the block in tens. Asked for the top 2
+  (`converge`, as the spectrum job asks for its k of a wider block), it stops once they meet tol,
+  with exact products, while the others are still far from it (waiting for all 6 took 41
+  iterations)."""
+  matrix = with_spectrum(np.concatenate([[100.0, 50.0], np.linspace(1.0, 0.9, 58)]))
+  with jax.enable_x64(True):
+    values, vectors, iterations = top_pairs(matrix, 6, 2, 300, 1e-10)
+  residuals = np.linalg.norm(matrix @ vectors - vectors * values, axis=0)
+  assert residuals[:2].max() <= 1e-10 * values[0] < 1e-5 * values[0] < residuals[2:].max()
+  np.testing.assert_allclose(values[:2], [100, 50], rtol=1e-12)
+  assert iterations < 10
+
+
 def test_every_product_of_the_solver_is_at_highest_precision():
   """The basis' Gram matrices, projections and Ritz combinations: on GPUs (TF32) and TPUs
   (bfloat16 passes) float32 matmuls at the default precision lose the orthogonality the solver

@@ -152,6 +152,52 @@ def test_failed_import_names_the_feature_the_error_and_the_fix(monkeypatch):
   assert isinstance(raised.value.__cause__, ImportError)
 
 
+def test_safe_map_refuses_arguments_of_unequal_length():
+  """jax.util.safe_map, as neural-tangents relies on it: a shorter argument is an error, not a
+  silently shorter result."""
+  nt_compat._install_aliases()
+  from jax.util import safe_map
+  assert safe_map(lambda a, b: a * b, [1, 2], [3, 4]) == [3, 8]
+  with pytest.raises(ValueError):
+    safe_map(lambda a, b: a + b, [1, 2], [3])
+
+
+class _FailingImport:
+  """A meta-path finder under which `import neural_tangents` fails with `error`."""
+
+  def __init__(self, error):
+    self.error = error
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname == "neural_tangents":
+      raise self.error
+    return None
+
+
+@pytest.mark.parametrize("error, reason", [
+    # One of nt's own distributions missing: not installed.
+    (ModuleNotFoundError("No module named 'frozendict'", name="frozendict"), "not installed"),
+    # A name missing from an installed nt, or any other error: a broken import, named.
+    (ImportError("cannot import name 'stax' from 'neural_tangents'", name="neural_tangents"),
+     "failed to import"),
+    (AttributeError("module 'jax' has no attribute 'tree_map'"), "failed to import"),
+    # A JAX module nt imports that newer JAX removed: nt is installed, its import is broken.
+    (ModuleNotFoundError("No module named 'jax.experimental.host_callback'",
+                         name="jax.experimental.host_callback"), "failed to import"),
+])
+def test_an_import_failure_is_told_apart_as_missing_or_broken(monkeypatch, error, reason):
+  """Whatever breaks the import becomes NeuralTangentsUnavailableError naming the feature and the
+  fix; "not installed" only where one of nt's own distributions is missing (frozendict
+  included), so that a broken install is not mistaken for an absent one."""
+  monkeypatch.delitem(sys.modules, "neural_tangents", raising=False)
+  monkeypatch.setattr(sys, "meta_path", [_FailingImport(error), *sys.meta_path])
+  with pytest.raises(nt_compat.NeuralTangentsUnavailableError) as raised:
+    nt_compat.load_neural_tangents(FEATURE)
+  message = str(raised.value)
+  assert reason in message and FEATURE in message and nt_compat.INSTALL_HINT in message
+  assert str(error) in message and raised.value.__cause__ is error
+
+
 @pytest.mark.parametrize("tensorflow", ["absent", "installed"])
 def test_loads_without_tensorflow_and_only_its_tensorflow_kernels_refuse(nt, tensorflow):
   """Where TensorFlow is absent (the GPU images) nt still computes kernels, and where it is installed

@@ -126,6 +126,23 @@ def test_a_stalled_solve_ends_with_its_best_round_and_a_resumed_one_too(tmp_path
   assert end["rounds"] == 5 and resumed.values[0] == 3.0 and resumed.residuals.max() == 1e-6
 
 
+def test_a_solve_resumed_after_its_last_round_runs_no_more_and_keeps_its_seconds():
+  """A job killed after saving a round that met tol, before writing its result: resumed, the saved
+  block's pairs are measured first and no round is run (another round would move the result
+  away from the uninterrupted solve's). And the seconds of rounds run before a resume stay in the
+  state, so that a solve resumed twice still counts its first run's rounds."""
+  residuals = [1e-3, 1e-10, 1e-11]
+  saved = {**first_state(np.int64(2)), "rounds": 2, "iterations": 4, "best": 1e-10,
+           "best_round": 2, "best_block": np.int64(2), "residuals": residuals[:2],
+           "seconds": 1000.0}
+  pairs, state = run_rounds(_ScriptedEngine(residuals), saved, 1e-9, 100)
+  assert state["rounds"] == 2 and pairs.values[0] == 2.0 and pairs.residuals.max() == 1e-10
+  saved = {**saved, "best": 1e-3, "best_round": 1, "best_block": np.int64(1), "block": np.int64(1),
+           "rounds": 1, "iterations": 2, "residuals": residuals[:1]}
+  _, state = run_rounds(_ScriptedEngine(residuals), saved, 1e-9, 100)
+  assert state["rounds"] == 2 and state["seconds"] >= 1000.0
+
+
 # ----------------------------------------------------------------------------------------- the job
 def spectrum_config(**spectrum):
   c = kernel_config(num_examples=60, logits="trace")
