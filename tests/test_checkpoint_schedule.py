@@ -177,6 +177,10 @@ def test_a_checkpoint_deleted_while_a_reader_lists_them_is_left_out(tmp_path):
   reader.close()
 
 
+# A read that fails in tensorstore leaves its other reads pending: finishing after Orbax's asyncio
+# loop has closed, they report "Event loop is closed" from tensorstore's thread (upstream; the
+# failed restore is the test's subject and raised as it should).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage,read", [
     (["state/_METADATA"], "parameters"),  # a kernel job: AttributeError 'NoneType' ... 'tree'
     (["state/d", "state/ocdbt.process_0/d"], "state"),  # a tensorstore error naming neither
