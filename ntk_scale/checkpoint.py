@@ -67,18 +67,18 @@ def save_schedule(steps_per_epoch: int, num_epochs: float, every_epochs: float,
   step (a tie: the smaller), so a checkpoint's epoch is always the best name for its step.
   """
   total_steps = int(round(num_epochs * steps_per_epoch))
-  # Multiples as a person writes them (0.3, not 0.1 * 3 = 0.30000000000000004): the labels are stored.
-  regular = [float(f"{every_epochs * k:.12g}")
-             for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
+  regular = [every_epochs * k for k in range(1, int(math.floor(num_epochs / every_epochs + 1e-9)) + 1)]
   regular.append(num_epochs)
   candidates = [(e, True) for e in regular] + [(float(e), False) for e in fractional_epochs]
   step_of = lambda epoch: int(round(epoch * steps_per_epoch))
   preference = lambda c: (not c[1], abs(c[0] * steps_per_epoch - step_of(c[0])), c[0])
   schedule = {}
-  for epoch, _ in sorted(candidates, key=preference):
+  for epoch, is_regular in sorted(candidates, key=preference):
     step = step_of(epoch)
     if 0 < step <= total_steps and step not in schedule:
-      schedule[step] = float(epoch)
+      # A multiple is stored as a person writes it (0.3, not 0.1 * 3 = 0.30000000000000004), but
+      # its step comes from the product as computed before, so runs keep the steps they saved.
+      schedule[step] = float(f"{epoch:.12g}") if is_regular else float(epoch)
   if initial:
     schedule[0] = INITIAL_EPOCH
   return dict(sorted(schedule.items()))

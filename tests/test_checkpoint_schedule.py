@@ -79,10 +79,15 @@ def test_phase2_schedule_saves_each_epoch_and_the_end():
 
 def test_every_epochs_multiples_are_stored_as_written():
   """The labels go into checkpoint_epochs.json and kernel metadata: 0.3, not 0.1 * 3, and the end
-  0.9 rather than 0.3 * 3 = 0.8999999999999999, which lands on its step too."""
+  0.9 rather than 0.3 * 3 = 0.8999999999999999, which lands on its step too; the steps stay those
+  that runs saved before, so a resumed run finds its checkpoints where it expects them."""
   assert list(save_schedule(10, 1.0, 0.1, ()).values()) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
                                                            0.9, 1.0]
   assert save_schedule(7, 0.9, 0.3, ()) == {2: 0.3, 4: 0.6, 6: 0.9}
+  # The steps are the computed products' as before, where a tie of rounding tells them apart:
+  # 0.3 * 9 * 5 = 13.499999999999998 steps, saved at step 13 (13.5 itself would round to 14).
+  schedule = save_schedule(5, 10.0, 0.3, ())
+  assert schedule[13] == 2.7 and 14 not in schedule
 
 
 def test_a_preemptions_checkpoint_is_only_to_resume_from(tmp_path):
