@@ -194,12 +194,16 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
   config = kernel_config(name="resumed", logits="3")
   with monkeypatch.context() as patch:
     patch.setattr(KernelStore, "write_tile", write_tile_killed_after(4)[0])
+    patch.setattr(job, "SECONDS_KEPT_EVERY_S", 0.0)  # kernel.json's seconds kept after every step
     with pytest.raises(Killed):
       jobs.run(config, workdir)
   # The killed kernel says it is unfinished (its kernel.json had no "complete" until the end), so
-  # its spectrum is refused rather than taken from tiles of zeros.
+  # its spectrum is refused rather than taken from tiles of zeros. The seconds it ran are counted,
+  # as they were kept while it ran (a job killed outright never reaches its end).
   killed = KernelStore.open(os.path.join(workdir, "kernels", "resumed"))
   assert killed.meta["complete"] is False
+  killed_seconds = killed.meta["seconds"]
+  assert killed_seconds > 0
   with pytest.raises(ValueError, match="resumed is an unfinished kernel"):
     StoredKernelOperator(killed)
   # It resumes the way it started: another method would make a kernel no uninterrupted run makes.
@@ -210,6 +214,8 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
   resumed = jobs.run(config, workdir)
   assert resumed["tiles"] == 10 and resumed["tiles_computed"] == 10 - 4 and resumed["complete"]
   assert resumed["method"] == killed.meta["method"]
+  assert KernelStore.open(resumed["kernel"]).meta["seconds"] == pytest.approx(
+      killed_seconds + resumed["seconds"])
   uninterrupted = jobs.run(kernel_config(name="uninterrupted", logits="3"), workdir)
   np.testing.assert_array_equal(KernelStore.open(resumed["kernel"]).read(),
                                 KernelStore.open(uninterrupted["kernel"]).read())

@@ -31,6 +31,9 @@ from ntk_scale.profile import StepProfile, check_profile_steps
 from ntk_scale.workdir import phase2_name
 
 KERNELS_DIR = "kernels"
+# kernel.json's seconds are brought up to date at most this often while tiles are computed, so a
+# job killed outright (SIGKILL, a lost host) still counts the time it ran, give or take this.
+SECONDS_KEPT_EVERY_S = 60.0
 SPLITS = ("train", "test")
 # The fields that make two kernels the same kernel; anything else (method, tile, budget) is how.
 # A resumed kernel keeps how it was started (tile, method, factored layers), so that it equals the
@@ -242,9 +245,14 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)
     started, stopped = time.time(), []
+    earlier_seconds, seconds_kept = store.meta.get("seconds", 0.0), [started]
     with preemption_notices() as noticed:
 
       def stop(step: int) -> bool:  # a preemption: the finished tiles are stored, then it stops
+        now = time.time()
+        if jax.process_index() == 0 and now - seconds_kept[0] >= SECONDS_KEPT_EVERY_S:
+          store.update_meta(seconds=earlier_seconds + now - started)
+          seconds_kept[0] = now
         if noticed():
           stopped.append(step)
         return bool(stopped)
@@ -265,7 +273,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
             "seconds": seconds, "method": plan.method, "tile": plan.tile,
             "tflop_per_s": plan.flops * fraction / max(seconds, 1e-9) / 1e12, "complete": remaining == 0}
   if jax.process_index() == 0:
-    store.update_meta(complete=remaining == 0, seconds=store.meta.get("seconds", 0.0) + seconds)
+    store.update_meta(complete=remaining == 0, seconds=earlier_seconds + seconds)
   # Readers on every process (the spectrum's) refuse a kernel.json that does not say complete yet.
   parallel.barrier("kernel metadata written")
   if stopped and remaining:
