@@ -32,6 +32,10 @@ from test_kernel_regression import all_highest
 from test_train import load_config
 
 
+def _profile_traces(directory: str) -> list[str]:
+  return glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.xplane.pb"))
+
+
 def kernel_config(**kernel):
   c = load_config("digits", "smoke")
   c.num_epochs = 0.5
@@ -100,16 +104,12 @@ def test_a_kernel_of_one_step_is_traced_and_a_loop_too_short_to_trace_says_so(wo
   config.profile_steps = 1
   result = jobs.run(config, workdir)
   assert result["tiles"] == 1
-  assert len(glob.glob(os.path.join(result["kernel"], "plugins", "profile", "*", "*.xplane.pb"))) == 1
+  assert len(_profile_traces(result["kernel"])) == 1
   with caplog.at_level(logging.WARNING), StepProfile(workdir, 0, None, 1) as profile:
     for step in range(2):  # a training loop of 2 steps: both compile and warm up
       profile.before(step)
       profile.after(step, None)
   assert "config.profile_steps: the loop ended before step 3" in caplog.text
-
-
-def _profile_traces(directory: str) -> list[str]:
-  return glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.xplane.pb"))
 
 
 @pytest.mark.parametrize("end, num_steps", [(None, 2), (4, 5)])
@@ -162,7 +162,7 @@ def test_kernel_job_equals_the_library_kernel(workdir, phase, logits, phase1_ful
   config = kernel_config(phase=phase, logits=logits, **chunked)
   config.profile_steps = 1 if logits == "3" else 0
   result = jobs.run(config, workdir)
-  traces = glob.glob(os.path.join(result["kernel"], "plugins", "profile", "*", "*.xplane.pb"))
+  traces = _profile_traces(result["kernel"])
   assert len(traces) == config.profile_steps
   for trace in traces:
     with open(trace, "rb") as f:

@@ -248,7 +248,9 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
     earlier_seconds, seconds_kept = store.meta.get("seconds", 0.0), [started]
     with preemption_notices() as noticed:
 
-      def stop(step: int) -> bool:  # a preemption: the finished tiles are stored, then it stops
+      def stop(step: int) -> bool:
+        """After each step: keeps kernel.json's seconds current; on a preemption notice, stops
+        (the finished tiles are stored first)."""
         now = time.time()
         if jax.process_index() == 0 and now - seconds_kept[0] >= SECONDS_KEPT_EVERY_S:
           store.update_meta(seconds=earlier_seconds + now - started)
