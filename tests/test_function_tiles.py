@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from ntk_scale import parallel
 from ntk_scale.ntk import function_tiles
+from ntk_scale.ntk import store as store_module
 from ntk_scale.ntk.function_tiles import function_kernel, function_kernel_vjp, kernel_tiles
 from ntk_scale.ntk.store import KernelStore
 
@@ -90,17 +91,22 @@ def test_a_killed_kernel_resumes_from_its_store(tmp_path, monkeypatch):
   write = KernelStore.write_tile
   killed_after_four, written = write_tile_killed_after(4)
   monkeypatch.setattr(KernelStore, "write_tile", killed_after_four)
+  monkeypatch.setattr(store_module, "SECONDS_KEPT_EVERY_S", 0.0)  # seconds kept after every step
   with pytest.raises(Killed):
     function_kernel(rbf, x, tile=3, store=create())
   monkeypatch.setattr(KernelStore, "write_tile", write)
   store = create()
   assert len(store.done_tiles()) == 4
+  # The killed attempt's seconds were kept as it ran (a job killed outright never reaches its end).
+  killed_seconds = store.meta["seconds"]
+  assert killed_seconds > 0 and not store.meta.get("complete")
   counted = []
   monkeypatch.setattr(KernelStore, "write_tile",
                       lambda self, i, j, tile, mirror: (counted.append((i, j)), write(self, i, j, tile, mirror)))
   resumed = function_kernel(rbf, x, tile=3, store=store)
   assert len(counted) == 10 - 4 and not set(counted) & set(written)
   np.testing.assert_array_equal(resumed, function_kernel(rbf, x, tile=3))
+  assert KernelStore.open(store.directory).meta["seconds"] > killed_seconds  # both attempts'
   with pytest.raises(ValueError, match="holds a kernel of shape .* not 11 x 11 in tiles of 4"):
     function_kernel(rbf, x, tile=4, store=store)
 

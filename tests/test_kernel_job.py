@@ -18,6 +18,7 @@ from ntk_scale.checkpoint import CheckpointNotFoundError
 from ntk_scale.data import load_digits
 from ntk_scale.ntk import KernelPlanError, empirical_ntk
 from ntk_scale.ntk import job
+from ntk_scale.ntk import store as store_module
 from ntk_scale.models import build_model
 from ntk_scale.ntk.job import inference_apply
 from ntk_scale.ntk.spectrum import StoredKernelOperator
@@ -194,7 +195,7 @@ def test_killed_kernel_job_resumes_without_recomputing(workdir, monkeypatch):
   config = kernel_config(name="resumed", logits="3")
   with monkeypatch.context() as patch:
     patch.setattr(KernelStore, "write_tile", write_tile_killed_after(4)[0])
-    patch.setattr(job, "SECONDS_KEPT_EVERY_S", 0.0)  # kernel.json's seconds kept after every step
+    patch.setattr(store_module, "SECONDS_KEPT_EVERY_S", 0.0)  # kernel.json's seconds kept after every step
     with pytest.raises(Killed):
       jobs.run(config, workdir)
   # The killed kernel says it is unfinished (its kernel.json had no "complete" until the end), so

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from ntk_scale import parallel
 from ntk_scale.ntk.engine import StepProgress, blocks_on_devices, padded_blocks
 from ntk_scale.ntk.schedule import Step, Tile, tile_schedule
-from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles
+from ntk_scale.ntk.store import KernelStore, SecondsKept, TileWriter, agreed_done_tiles
 from ntk_scale.ntk.tile_math import mirror_tile
 
 BlockKernelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x1 [t, ...], x2 [t, ...]) -> [t, t]
@@ -103,6 +103,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
   steps = tile_schedule(todo, mesh.size)
   progress = StepProgress(len(steps), len(todo), mesh.size)
   started = progress.started
+  clock = SecondsKept(store) if store is not None else None
   writer = TileWriter(store, mirror=symmetric) if store is not None else contextlib.nullcontext(in_memory)
   # HIGHEST: a kernel solved for regression coefficients wants float32 products, not TF32 ones.
   with writer as on_tile, jax.default_matmul_precision("highest"):
@@ -114,6 +115,8 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
         hand_over(*pending, on_tile)  # the last step's tiles leave the devices while this one runs
       pending = (step, out)
       progress.step_done(number)
+      if clock is not None:
+        clock.tick()
     if pending is not None:
       hand_over(*pending, on_tile)
   # Streamed kernels run for hours; in-memory ones are often one step of a loop (the robust set's).
@@ -123,7 +126,7 @@ def function_kernel(kernel_fn: BlockKernelFn, x1: np.ndarray, x2: np.ndarray | N
   if store is not None:
     parallel.barrier(f"kernel tiles written {store.directory}")
     if jax.process_index() == 0 and not store.meta.get("complete"):
-      store.update_meta(complete=True, seconds=store.meta.get("seconds", 0.0) + time.time() - started)
+      store.update_meta(complete=True, seconds=clock.total(time.time() - clock.started))
     parallel.barrier(f"kernel metadata written {store.directory}")  # readers need complete: true
     return store.read()
   return parallel.sum_over_processes(kernel)  # each tile was written by exactly one process

@@ -24,16 +24,14 @@ from ntk_scale.data import (Dataset, check_seed, check_subset_size, class_balanc
 from ntk_scale.matmul_precision import check_precision, default_precision
 from ntk_scale.ntk.engine import fit_plan, run_tiles
 from ntk_scale.ntk.plan import FACTORING_MODES, METHODS, KernelPlanError, check_settings
-from ntk_scale.ntk.store import KernelStore, TileWriter, agreed_done_tiles, open_on_every_process
+from ntk_scale.ntk.store import (KernelStore, SecondsKept, TileWriter, agreed_done_tiles,
+                                 open_on_every_process)
 from ntk_scale.ntk.tile_math import parse_logits
 from ntk_scale.preemption import Preempted, preemption_notices
 from ntk_scale.profile import StepProfile, check_profile_steps
 from ntk_scale.workdir import phase2_name
 
 KERNELS_DIR = "kernels"
-# kernel.json's seconds are brought up to date at most this often while tiles are computed, so a
-# job killed outright (SIGKILL, a lost host) still counts the time it ran, give or take this.
-SECONDS_KEPT_EVERY_S = 60.0
 SPLITS = ("train", "test")
 # The fields that make two kernels the same kernel; anything else (method, tile, budget) is how.
 # A resumed kernel keeps how it was started (tile, method, factored layers), so that it equals the
@@ -244,17 +242,13 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
     total = len(plan.tiles())
     if done and jax.process_index() == 0:
       print(f"resuming {directory}: {len(done)} of {total} tiles already on disk", flush=True)
-    started, stopped = time.time(), []
-    earlier_seconds, seconds_kept = store.meta.get("seconds", 0.0), [started]
+    stopped, clock = [], SecondsKept(store)
     with preemption_notices() as noticed:
 
       def stop(step: int) -> bool:
         """After each step: keeps kernel.json's seconds current; on a preemption notice, stops
         (the finished tiles are stored first)."""
-        now = time.time()
-        if jax.process_index() == 0 and now - seconds_kept[0] >= SECONDS_KEPT_EVERY_S:
-          store.update_meta(seconds=earlier_seconds + now - started)
-          seconds_kept[0] = now
+        clock.tick()
         if noticed():
           stopped.append(step)
         return bool(stopped)
@@ -264,7 +258,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
                              done=done, mesh=mesh, model_state=batch_stats, stop=stop,
                              profile=StepProfile(directory, 0, None, config.get("profile_steps", 0),
                                                  skip=0))  # compiled by the plan's memory check
-    seconds = time.time() - started
+    seconds = time.time() - clock.started
   parallel.barrier("kernel tiles written")
   logging.info("kernel %s: this process computed %d tiles in %.1f s", directory, computed, seconds)
   finished = store.done_tiles()
@@ -275,7 +269,7 @@ def kernel_job(config: ml_collections.ConfigDict, workdir: str,
             "seconds": seconds, "method": plan.method, "tile": plan.tile,
             "tflop_per_s": plan.flops * fraction / max(seconds, 1e-9) / 1e12, "complete": remaining == 0}
   if jax.process_index() == 0:
-    store.update_meta(complete=remaining == 0, seconds=earlier_seconds + seconds)
+    store.update_meta(complete=remaining == 0, seconds=clock.total(seconds))
   # Readers on every process (the spectrum's) refuse a kernel.json that does not say complete yet.
   parallel.barrier("kernel metadata written")
   if stopped and remaining:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import jax
@@ -207,6 +208,32 @@ class KernelStore:
     """Adds `fields` to kernel.json (process 0 only: a single writer)."""
     self.meta.update(fields)
     files.write_json(os.path.join(self.directory, META_FILE), self.meta, indent=2, sort_keys=True)
+
+
+# kernel.json's seconds are brought up to date at most this often while tiles are computed, so a
+# job killed outright (SIGKILL, a lost host) still counts the time it ran, give or take this.
+SECONDS_KEPT_EVERY_S = 60.0
+
+
+class SecondsKept:
+  """The seconds a stored kernel has taken over all its attempts (kernel.json's "seconds"), kept
+  current while this attempt computes tiles: `tick` after each step writes them at most every
+  SECONDS_KEPT_EVERY_S (process 0), so an attempt that never reaches its end still counts."""
+
+  def __init__(self, store: "KernelStore"):
+    self.store = store
+    self.started = self.kept = time.time()
+    self.earlier = store.meta.get("seconds", 0.0)  # of the attempts before this one
+
+  def tick(self) -> None:
+    now = time.time()
+    if jax.process_index() == 0 and now - self.kept >= SECONDS_KEPT_EVERY_S:
+      self.store.update_meta(seconds=self.earlier + now - self.started)
+      self.kept = now
+
+  def total(self, seconds: float) -> float:
+    """Every attempt's seconds, this one's being `seconds`."""
+    return self.earlier + seconds
 
 
 def open_on_every_process(directory: str, meta: dict[str, Any], identity: tuple[str, ...],
