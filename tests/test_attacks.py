@@ -337,19 +337,21 @@ def test_square_breaks_a_model_whose_gradients_are_zero():
   assert float(jnp.abs(x_adv - images).max()) <= 0.3 + 1e-6 and float(x_adv.min()) >= 0
 
 
-def _square_transcription(logits_fn, images, labels, key, eps, num_queries, p_init=0.8):
+def _square_transcription(logits_fn, images, labels, key, eps, num_queries, p_init=0.8,
+                          schedule="rescaled", restart=0):
   """Square Attack L-inf as Andriushchenko et al.'s reference loops it, example by example, with
-  AutoAttack's if-chain schedule and window slices; its random draws are the attack's own calls."""
+  AutoAttack's if-chain schedule (rescaled to num_queries, or "fixed") and window slices; its
+  random draws are the attack's own calls for restart `restart`."""
   x = np.asarray(images, np.float64)
   n, h, w, c = x.shape
   margin = lambda z: np.array(attack_steps.margin_loss(logits_fn(jnp.asarray(z, jnp.float32)), labels))
-  start_key, loop_key = jax.random.split(jax.random.fold_in(key, 0))  # restart 0's key
+  start_key, loop_key = jax.random.split(jax.random.fold_in(key, restart))  # the restart's key
   stripes = eps * np.asarray(jax.random.rademacher(start_key, (n, 1, w, c), jnp.float32))
   best = np.clip(x + stripes, 0, 1)
   best_margin = margin(best)
   accepted = redrawn = 0
   for i in range(num_queries):
-    it = int(i / num_queries * 10000)
+    it = int(i / num_queries * 10000) if schedule == "rescaled" else i
     p = p_init
     for bound, divisor in ((10, 2), (50, 4), (200, 8), (500, 16), (1000, 32), (2000, 64),
                            (4000, 128), (6000, 256), (8000, 512)):
@@ -421,14 +423,16 @@ def _meta_pseudo_gaussian_pert(s, transpose):
   return np.transpose(delta) if transpose else delta
 
 
-def _square_l2_transcription(logits_fn, images, labels, key, eps, num_queries, p_init=0.8):
+def _square_l2_transcription(logits_fn, images, labels, key, eps, num_queries, p_init=0.8,
+                             schedule="rescaled", restart=0):
   """Square Attack L2 as the reference's square_attack_l2 loops it (NCHW, float64), on each
-  example as a batch of one; its random draws are the attack's own calls."""
+  example as a batch of one, its schedule rescaled to num_queries or "fixed"; its random draws
+  are the attack's own calls for restart `restart`."""
   x = np.transpose(np.asarray(images, np.float64), (0, 3, 1, 2))
   n, c, h, w = x.shape
   margin = lambda z: np.array(attack_steps.margin_loss(logits_fn(jnp.asarray(z.transpose(0, 2, 3, 1))),
                                                        labels))
-  start_key, loop_key = jax.random.split(jax.random.fold_in(key, 0))  # restart 0's key
+  start_key, loop_key = jax.random.split(jax.random.fold_in(key, restart))  # the restart's key
   flip_key, sign_key = jax.random.split(start_key)
   s = max(h // 5, 1)  # the reference's h // 5; it fails below 5 rows
   num_squares = (h // s) * (w // s)
@@ -452,7 +456,7 @@ def _square_l2_transcription(logits_fn, images, labels, key, eps, num_queries, p
   margin_min = margin(x_best)
   accepted = 0
   for i_iter in range(num_queries):
-    it = int(i_iter / num_queries * 10000)
+    it = int(i_iter / num_queries * 10000) if schedule == "rescaled" else i_iter
     p = p_init
     for bound, divisor in ((10, 2), (50, 4), (200, 8), (500, 16), (1000, 32), (2000, 64),
                            (4000, 128), (6000, 256), (8000, 512)):
@@ -521,6 +525,39 @@ def test_square_l2_follows_the_reference_loops():
     reference, accepted = _square_l2_transcription(logits_fn, images, labels, key, 0.5, 60)
   assert accepted >= 10
   np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("norm,shape,eps", [("linf", (4, 4, 1), 0.05), ("l2", (10, 10, 2), 0.5)])
+def test_square_runs_the_configured_p_init_schedule_and_restarts(norm, shape, eps):
+  """Square Attack (L-inf and L2) built with p_init 0.3, AutoAttack's fixed schedule and 2
+  restarts equals the reference's loops run with them, restart r from fold_in(key, r), per
+  example the stronger of the two (misclassified first, then cross-entropy). In these 15 queries
+  (p halved after query 10) the squares have side 2 at 4 x 4 (L-inf; rescaled: 1 from query 1 on;
+  p_init 0.8: 3) and 5 at 10 x 10 (L2; rescaled: 3 from query 1 on; p_init 0.8: 9)."""
+  dtype = np.float64 if norm == "l2" else np.float32
+  transcription = _square_transcription if norm == "linf" else _square_l2_transcription
+  attack = attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="square", norm=norm, eps=eps, num_queries=15, p_init=0.3, p_schedule="fixed", restarts=2)))
+  with jax.enable_x64(norm == "l2"):
+    rng = np.random.default_rng(7)
+    weights = jnp.asarray(rng.normal(size=(int(np.prod(shape)), 10)).astype(dtype))
+    logits_fn = lambda x: x.reshape(len(x), -1) @ weights
+    images = jnp.asarray(rng.uniform(size=(6, *shape)).astype(dtype))
+    labels = jnp.argmax(logits_fn(images), -1)
+    key = jax.random.key(4)
+    ours = np.asarray(jax.jit(lambda x, y, k: attack(logits_fn, x, y, k))(images, labels, key))
+    runs = [transcription(logits_fn, images, labels, key, eps, 15, p_init=0.3, schedule="fixed",
+                          restart=r) for r in (0, 1)]
+    z = [np.asarray(logits_fn(jnp.asarray(run[0], dtype)), np.float64) for run in runs]
+  y = np.asarray(labels)
+  strength = [(np.argmax(zr, -1) != y, np.log(np.exp(zr).sum(-1)) - zr[np.arange(len(y)), y])
+              for zr in z]
+  (fooled0, loss0), (fooled1, loss1) = strength
+  second = (fooled1 & ~fooled0) | ((fooled1 == fooled0) & (loss1 > loss0))
+  assert runs[0][1] >= 10 and runs[1][1] >= 10  # queries accepted
+  assert second.any() and not second.all()  # each restart is the stronger for some example
+  np.testing.assert_allclose(ours, np.where(second[:, None, None, None], runs[1][0], runs[0][0]),
+                             atol=1e-6 if norm == "linf" else 1e-9, rtol=0)
 
 
 def test_square_l2_stays_in_its_ball_and_the_image_box():
@@ -638,16 +675,18 @@ def test_square_acceptance_takes_strict_margin_improvements_of_correct_examples_
   """Square Attack's acceptance (Andriushchenko et al.'s `loss_new < loss_min` on examples not yet
   misclassified), on a model whose margin is 1 - 2 x[0] (pixel 1 ignored): a candidate that leaves
   the margin equal is not taken (example 0), one that lowers it is (example 1), and an example
-  already misclassified keeps its point even when the candidate lowers its margin further (2)."""
+  already misclassified keeps its point even when the candidate lowers its margin further (2).
+  At margin 0 (a tie the argmax gives the true class: still correct) an example goes on (3)."""
   logits_fn = lambda x: jnp.stack([1 - x[:, 0, 0, 0], x[:, 0, 0, 0]], -1)
-  labels = jnp.zeros(3, jnp.int32)
-  x_best = jnp.array([[0.2, 0.0], [0.2, 0.0], [0.7, 0.0]]).reshape(3, 2, 1, 1)
-  candidate = jnp.array([[0.2, 0.9], [0.3, 0.0], [0.9, 0.0]]).reshape(3, 2, 1, 1)
+  labels = jnp.zeros(4, jnp.int32)
+  x_best = jnp.array([[0.2, 0.0], [0.2, 0.0], [0.7, 0.0], [0.5, 0.0]]).reshape(4, 2, 1, 1)
+  candidate = jnp.array([[0.2, 0.9], [0.3, 0.0], [0.9, 0.0], [0.6, 0.0]]).reshape(4, 2, 1, 1)
   margin = attack_steps.margin_loss(logits_fn(x_best), labels)
-  np.testing.assert_allclose(margin, [0.6, 0.6, -0.4], rtol=1e-6)
+  np.testing.assert_allclose(margin, [0.6, 0.6, -0.4, 0.0], rtol=1e-6)
+  assert int(jnp.argmax(logits_fn(x_best[3:]), -1)[0]) == 0
   kept, new_margin = attack_steps.keep_lower_margin(logits_fn, labels, candidate, x_best, margin)
-  np.testing.assert_array_equal(kept, jnp.stack([x_best[0], candidate[1], x_best[2]]))
-  np.testing.assert_allclose(new_margin, [0.6, 0.4, -0.4], rtol=1e-6)
+  np.testing.assert_array_equal(kept, jnp.stack([x_best[0], candidate[1], x_best[2], candidate[3]]))
+  np.testing.assert_allclose(new_margin, [0.6, 0.4, -0.4, -0.2], rtol=1e-6)
 
 
 def test_apgd_t_toward_one_target_breaks_what_the_highest_other_class_allows():
@@ -831,6 +870,23 @@ def test_worst_of_gives_each_member_its_own_key():
   np.testing.assert_array_equal(fooled, expected)
 
 
+def test_apgd_t_runs_each_target_class_from_its_own_key():
+  """APGD-T's r-th target runs from the start drawn with fold_in(key, r): on a 4-class
+  zero-gradient step (class 1 from x >= 0.5) every run stays at its uniform start, so from x =
+  0.49 with eps = 0.5 and 2 targets an example is broken exactly where either start, drawn here
+  by hand, lies at 0.5 or above: about 3/4 of them (one start for both, or one target: 1/2)."""
+  n, key = 400, jax.random.key(7)
+  step = lambda x: jnp.concatenate([_zero_gradient_step(x), jnp.zeros((len(x), 1))], -1)
+  x_adv = jax.jit(lambda k: attacks.apgd_t(step, jnp.full((n, 1, 1, 1), 0.49), jnp.zeros(n, jnp.int32),
+                                           k, eps=0.5, num_steps=2, num_targets=2))(key)
+  fooled = np.asarray(jnp.argmax(step(x_adv), -1) != 0)
+  starts = [jnp.float32(0.49) + jax.random.uniform(jax.random.fold_in(key, r), (n, 1, 1, 1),
+                                                   jnp.float32, -0.5, 0.5) for r in (0, 1)]
+  expected = np.asarray((starts[0] >= 0.5) | (starts[1] >= 0.5)).reshape(n)
+  assert expected.mean() == pytest.approx(0.74, abs=0.075)  # binomial sd 0.022
+  np.testing.assert_array_equal(fooled, expected)
+
+
 def _one_device_mesh():
   return Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,), axis_types=(AxisType.Auto,))
 
@@ -851,6 +907,17 @@ def test_evaluate_attacks_each_batch_with_its_own_key():
   per_batch = predictions.reshape(-1, batch_size)
   assert not all(np.array_equal(per_batch[0], b) for b in per_batch[1:])
   assert result["accuracy"] == pytest.approx(np.mean(~expected))
+
+
+def test_evaluation_attacks_draw_from_keys_of_their_names():
+  """An evaluation attack's key comes from its name, not its place in config.eval_attacks: the same
+  name gives the same key whatever else is listed, and two names give two keys (two attacks of
+  one config under two names draw independently)."""
+  key = jax.random.key(1)
+  data = lambda name: np.asarray(jax.random.key_data(evaluate_module.attack_key_of(key, name)))
+  np.testing.assert_array_equal(data("pgd"), data("pgd"))
+  assert len({data(name).tobytes() for name in ("pgd", "apgd", "autoattack", "fab_t")}) == 4
+  assert not np.array_equal(data("pgd"), np.asarray(jax.random.key_data(key)))
 
 
 def test_evaluate_in_turn_attacks_each_member_batch_with_its_own_key():
@@ -1037,6 +1104,13 @@ def test_apgd_checkpoints_follow_the_paper_schedule():
   is_checkpoint, period = attacks._apgd_checkpoints(100)
   np.testing.assert_array_equal(np.flatnonzero(is_checkpoint) + 1, [22, 41, 57, 70, 80, 87, 93, 99])
   np.testing.assert_array_equal(period[is_checkpoint], [22, 19, 16, 13, 10, 7, 6, 6])
+  # Short runs: p_j N rounds several p_j up to one step, which is one checkpoint, its period from
+  # the checkpoint before (N = 5: ceil of 1.1, 2.05, 2.85, 3.5, 4, 4.35, 4.65, 4.95).
+  for n, steps, periods in ((5, [2, 3, 4, 5], [2, 1, 1, 1]),
+                            (10, [3, 5, 6, 7, 8, 9, 10], [3, 2, 1, 1, 1, 1, 1])):
+    is_checkpoint, period = attacks._apgd_checkpoints(n)
+    np.testing.assert_array_equal(np.flatnonzero(is_checkpoint) + 1, steps)
+    np.testing.assert_array_equal(period[is_checkpoint], periods)
 
 
 # --------------------------------------------------------------------------- a trained model
@@ -1179,6 +1253,48 @@ def test_pgd_default_step_size_follows_overridden_eps_and_num_steps(monkeypatch)
   run(attack)
   run(pgd_linf(0.1, num_steps=10, step_size=0.05))
   assert used[3:] == [0.01, 0.05]
+
+
+def test_build_attack_passes_every_field_and_the_documented_defaults(monkeypatch):
+  """Each field of a config reaches its attack, and an unset one takes its documented default
+  (AutoAttack's: FAB-T alpha_max 0.1, eta 1.05, beta 0.9, 9 targets, 1 restart; APGD rho 0.75;
+  Square p_init 0.8, with the authors' rescaled schedule); a worst_of's norm reaches its members
+  (an L2 eps of 3 would be refused as an L-inf length)."""
+  calls = []
+  for name in ("fab_t", "apgd", "apgd_t", "square", "pgd"):
+    monkeypatch.setattr(attacks, name, lambda *args, _name=name, **kwargs: calls.append((_name, kwargs)))
+  run = lambda **fields: attacks.build_attack(ml_collections.ConfigDict(fields))(None, None, None, None)
+  run(name="fab_t", eps=0.1, num_steps=3)
+  run(name="fab_t", eps=0.5, norm="l2", num_steps=3, num_targets=2, restarts=3, alpha_max=0.3,
+      eta=1.2, beta=0.5)
+  run(name="apgd_ce", eps=0.1, num_steps=3)
+  run(name="apgd_dlr", eps=0.1, num_steps=3, rho=0.6, restarts=2)
+  run(name="apgd_t", eps=0.1, num_steps=3)
+  run(name="apgd_t", eps=0.1, num_steps=3, rho=0.6, num_targets=4)
+  run(name="square", eps=0.1, num_queries=7)
+  run(name="square", eps=0.5, norm="l2", num_queries=7, p_init=0.3, p_schedule="fixed", restarts=2)
+  run(name="square", eps=0.1, num_queries=7, p_init=1.0)  # a first square may cover the image
+  worst = attacks.build_attack(ml_collections.ConfigDict(dict(
+      name="worst_of", norm="l2", eps=3.0,
+      attacks=dict(p=dict(name="pgd", step_size=0.5, num_steps=2)))))
+  worst.members[0](None, None, None, None)
+  assert calls == [
+      ("fab_t", dict(eps=0.1, num_steps=3, num_targets=9, restarts=1, alpha_max=0.1, eta=1.05,
+                     beta=0.9, norm="linf")),
+      ("fab_t", dict(eps=0.5, num_steps=3, num_targets=2, restarts=3, alpha_max=0.3, eta=1.2,
+                     beta=0.5, norm="l2")),
+      ("apgd", dict(eps=0.1, num_steps=3, norm="linf", restarts=1, rho=0.75, loss="ce")),
+      ("apgd", dict(eps=0.1, num_steps=3, norm="linf", restarts=2, rho=0.6, loss="dlr")),
+      ("apgd_t", dict(eps=0.1, num_steps=3, norm="linf", num_targets=9, rho=0.75)),
+      ("apgd_t", dict(eps=0.1, num_steps=3, norm="linf", num_targets=4, rho=0.6)),
+      ("square", dict(eps=0.1, num_queries=7, p_init=0.8, restarts=1, norm="linf",
+                      schedule="rescaled")),
+      ("square", dict(eps=0.5, num_queries=7, p_init=0.3, restarts=2, norm="l2", schedule="fixed")),
+      ("square", dict(eps=0.1, num_queries=7, p_init=1.0, restarts=1, norm="linf",
+                      schedule="rescaled")),
+      ("pgd", dict(eps=3.0, step_size=0.5, num_steps=2, norm="l2", random_start=True, restarts=1,
+                   unroll=1)),
+  ]
 
 
 def test_more_targets_than_the_dataset_has_other_classes_are_refused_before_compute():

@@ -13,7 +13,8 @@ import pytest
 from scipy.optimize import brentq, linprog, minimize
 
 from ntk_scale import fab
-from test_attacks import _init, _jit_attack, _tiny_mlp  # pylint: disable=wrong-import-order
+from test_attacks import (_init, _jit_attack, _tiny_mlp,  # pylint: disable=wrong-import-order
+                          _zero_gradient_step)
 
 
 # --------------------------------------------------------------------------- the projection
@@ -140,6 +141,23 @@ def test_hyperplane_step_l2_is_the_least_l2_step_of_the_kkt_conditions():
           counts["at_box"] += 1
       np.testing.assert_allclose(step[0], 0.0, atol=1e-12)
   assert min(counts.values()) >= 10, counts  # every branch of the reference exercised
+
+
+def test_hyperplane_step_l2_is_not_pushed_onto_the_box_by_coordinates_below_the_floor():
+  """w = 1e-4 on 3 coordinates and 9.9e-9 (below the 1e-8 floor) on 17, the hyperplane at 0.999 of
+  the decrease the box allows: by hand, lam = 6987 (w_i^2 min(lam, r_i) sums to 1e-8 (5000 +
+  1000 + lam)), so two coordinates reach the box and the third moves 0.6987 of its 0.7 (less
+  1.2e-7: the floored w_i^2 count in the sums but never move, as in the reference). Their
+  breakpoints (1e12, "never") count as 0 there; at 1e12 they add 1e12 w_i^2 ~ 1e-4 per
+  breakpoint, more than the gap, and the bisection ends past every reachable breakpoint, on the
+  box (0.7)."""
+  t = np.array([0.5, 0.1, 0.3] + [0.5] * 17)
+  w = np.array([1e-4, 1e-4, -1e-4] + [9.9e-9] * 17)
+  b = w @ t - 0.999 * 1.3e-4
+  with jax.enable_x64(True):
+    step = np.asarray(jax.jit(fab.hyperplane_step_l2)(t[None], w[None], np.array([b])))[0]
+  np.testing.assert_allclose(step, np.r_[-0.5, -0.1, 0.6987, np.zeros(17)], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(step, _reference_projection_l2(t, w, b), atol=1e-12, rtol=0)
 
 
 # --------------------------------------------------------------------------- the reference loop
@@ -342,15 +360,20 @@ def test_fab_t_reaches_the_closed_form_distance_on_a_linear_model(norm, eps):
   settle at ~0.5% above within 10), on the target's side of the boundary. With all 9 targets and
   eps near the middle of the distances (the unreachable targets give nothing within eps), an
   example is broken when 1.01 times its distance is below eps and left clean when its distance is
-  above."""
+  above. Labelled with the other class, every example (misclassified clean: not attacked, as in
+  AutoAttack) keeps its clean image, though FAB toward the classes of bias -100 finds points
+  within eps that the model misclassifies too."""
   logits_fn, images, labels, other, distance = _two_class_linear_problem(norm)
   n = len(labels)
   size = ((lambda d: np.abs(d).reshape(n, -1).max(1)) if norm == "linf"
           else (lambda d: np.linalg.norm(d.reshape(n, -1), axis=1)))
   attack = lambda eps, targets: fab.fab_t(logits_fn, images, labels, jax.random.key(0), eps=eps,
                                           num_targets=targets, norm=norm, num_steps=20)
-  # Both runs in one program (one compile, their common part once).
-  x_adv, x_all = (np.asarray(x) for x in jax.jit(lambda eps: (attack(1.0, 1), attack(eps, 9)))(eps))
+  # The runs in one program (one compile, their common part once).
+  wrong = lambda: fab.fab_t(logits_fn, images, other, jax.random.key(0), norm=norm, num_steps=20,
+                            eps=1.0 if norm == "linf" else 8.0)  # eps: the box's diameter
+  x_adv, x_all, x_wrong = (np.asarray(x) for x in jax.jit(
+      lambda eps: (attack(1.0, 1), attack(eps, 9), wrong()))(eps))
   found = size(x_adv - images)
   assert np.all(found >= distance * (1 - 1e-4)) and np.all(found <= 1.01 * distance), found / distance
   z = np.asarray(logits_fn(x_adv))
@@ -362,6 +385,34 @@ def test_fab_t_reaches_the_closed_form_distance_on_a_linear_model(norm, eps):
   assert np.all(broken[above]) and not np.any(broken[below])
   np.testing.assert_array_equal(x_all[~broken], images[~broken])
   assert size(x_all - images).max() <= eps + 1e-7
+  np.testing.assert_array_equal(x_wrong, images)
+
+
+# --------------------------------------------------------------------------- what a run returns
+
+def test_fab_t_returns_the_clean_image_not_a_random_start_when_no_iterate_is_misclassified():
+  """A run's result is its closest misclassified iterate, else the clean image: a random start is
+  no iterate. On the zero-gradient step (class 1 from x >= 0.5) from x = 0.49 with eps = 0.021,
+  restart 1 starts at 0.49 +- 0.0105, misclassified at 0.5005; w = 0 makes both projection steps
+  0 and alpha = alpha_max = 0.1, so the first iterate is 0.9 * 0.5005 + 0.1 * 0.49 = 0.49945 and
+  every later one nearer 0.49: none is misclassified, and every example keeps its clean image."""
+  n, key = 64, jax.random.key(3)
+  images, labels = jnp.full((n, 1, 1, 1), 0.49), jnp.zeros(n, jnp.int32)
+  x_adv = jax.jit(lambda k: fab.fab_t(_zero_gradient_step, images, labels, k, eps=0.021,
+                                      num_steps=3, num_targets=1, restarts=2))(key)
+  u = jax.random.uniform(jax.random.fold_in(key, 1), images.shape, jnp.float32, -1.0, 1.0)
+  starts = np.float32(0.49) + np.float32(0.021 * 0.5) * np.sign(np.asarray(u))
+  assert 10 < np.sum(starts >= 0.5) < n - 10  # restart 1 starts where the model is wrong
+  np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(images))
+
+
+def test_fab_t_refuses_a_norm_it_does_not_implement():
+  """Called directly (not through build_attack, which checks the config), an unknown norm is
+  refused before any compute rather than run as L2."""
+  images = jnp.full((2, 1, 1, 1), 0.5)
+  with pytest.raises(ValueError, match="norm='l1' is not supported; expected one of linf, l2"):
+    fab.fab_t(_zero_gradient_step, images, jnp.zeros(2, jnp.int32), jax.random.key(0), eps=0.1,
+              num_targets=1, norm="l1")
 
 
 # --------------------------------------------------------------------------- low precision

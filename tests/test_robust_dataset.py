@@ -12,8 +12,8 @@ import pytest
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import apgd_linf, pgd_linf
 from ntk_scale.preemption import Preempted
-from ntk_scale.robust_dataset import (adversarial_objective, check_robust_data_config, num_holdout,
-                                      optimise_dataset, outer_loss, split_targets)
+from ntk_scale.robust_dataset import (adversarial_objective, attack_batch_size, check_robust_data_config,
+                                      num_holdout, optimise_dataset, outer_loss, split_targets)
 
 from conftest import notices_from
 
@@ -105,6 +105,9 @@ def test_no_holdout_attacks_the_rows_of_the_optimised_images():
   np.testing.assert_array_equal(targets, np.arange(10))
   assert num_holdout(3, 10) == 3 and num_holdout(3.0, 10) == 3 and num_holdout(0.25, 10) == 2
   assert num_holdout(0.35, 10) == 4 and num_holdout(0.25, 30) == 8  # rounded, not cut: 3.5, 7.5
+  assert num_holdout(9, 10) == 9  # one image left to optimise
+  with pytest.raises(ValueError, match="target_holdout=10 sets aside 10 of the 10 training images"):
+    num_holdout(10, 10)
 
 
 def test_without_holdout_the_attacked_targets_are_the_unchanged_originals(monkeypatch):
@@ -166,6 +169,7 @@ def test_bad_network_width_is_named(value):
 
 # An infinite step size or bound passed `> 0` and reached the optimisation (NaN did not).
 @pytest.mark.parametrize("field, value", [("learning_rate", float("nan")), ("learning_rate", float("inf")),
+                                          ("learning_rate", 0.0),
                                           ("data_eps", float("inf")),
                                           ("data_eps", float("nan")), ("data_eps", 0.0)])
 def test_bad_step_size_or_bound_is_named(field, value):
@@ -178,6 +182,45 @@ def test_target_batch_larger_than_the_held_out_targets_is_named():
   with pytest.raises(ValueError, match="target_batch_size=4 exceeds the 3 target images held out by "
                                        "config.infinite.robust_data.target_holdout=3"):
     check_robust_data_config(_full_section(target_holdout=3, target_batch_size=4), num_train=10)
+  # A batch of every target is one.
+  check_robust_data_config(_full_section(target_holdout=3, target_batch_size=3), num_train=10)
+  check_robust_data_config(_full_section(target_batch_size=30), num_train=30)
+
+
+@pytest.mark.parametrize("field, value, least", [("num_steps", -1, 0), ("target_batch_size", 0, 1),
+                                                 ("checkpoint_every", 0, 1)])
+def test_bad_counts_are_named(field, value, least):
+  """0 steps is a run that optimises nothing (the original images); a checkpoint every 0 steps
+  would divide by zero after the first step's compute."""
+  with pytest.raises(ValueError, match=rf"config\.infinite\.robust_data\.{field}={value} must be an "
+                                       rf"integer >= {least}"):
+    check_robust_data_config(_full_section(**{field: value}), num_train=30)
+  check_robust_data_config(_full_section(**{field: least}), num_train=30)
+
+
+def test_bad_loss_and_attacks_are_named_before_compute():
+  """The loss, the inner attack and the evaluation attacks are checked with the rest of the
+  section, each error naming its field."""
+  with pytest.raises(ValueError, match=r"config\.infinite\.robust_data\.loss='hinge'; expected one of "
+                                       r"cross_entropy, mse"):
+    check_robust_data_config(_full_section(loss="hinge"), num_train=30)
+  section = _full_section()
+  section.attack.eps = 0.0
+  with pytest.raises(ValueError, match=r"config\.infinite\.robust_data\.attack\.eps=0\.0"):
+    check_robust_data_config(section, num_train=30)
+  section = _full_section()
+  section.eval_attacks.pgd.num_steps = 0
+  with pytest.raises(ValueError, match=r"config\.infinite\.robust_data\.eval_attacks\.pgd\.num_steps=0"):
+    check_robust_data_config(section, num_train=30)
+
+
+def test_attack_batch_is_the_given_size_capped_at_the_padded_target_batch():
+  """Targets attacked per call: by default the target batch padded to a multiple of the devices
+  (5 on 4 devices: 8); a given size (a multiple of the devices) unless that is larger."""
+  assert attack_batch_size(24, None, 4) == 24 and attack_batch_size(5, None, 4) == 8
+  assert attack_batch_size(24, 8, 4) == 8 and attack_batch_size(5, 16, 4) == 8
+  with pytest.raises(ValueError, match="attack batch size=6 must be a positive multiple of the device"):
+    attack_batch_size(24, 6, 4)
 
 
 def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient():
@@ -208,6 +251,15 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
     (four_value, four), (one_value, on_one) = run(4, parallel.make_mesh()), run(4, one)
     assert four_value == pytest.approx(one_value, rel=1e-12)
     np.testing.assert_allclose(four, on_one, rtol=1e-10, atol=1e-13)
+    # Batch b of 4 is attacked with fold_in(key, b) (random-start PGD): the mean of the two one-call
+    # objectives (one key for both batches repeated batch 0's starts).
+    per_batch = jax.jit(lambda t, l, k: adversarial_objective(
+        _rbf, jnp.asarray(x), jnp.asarray(y), t, l, k, attack=attack, num_classes=4,
+        regularizer=1e-3, solver="cholesky", loss=loss))
+    rows = lambda b: slice(4 * b, 4 * b + 4)
+    halves = [float(per_batch(jnp.asarray(targets[rows(b)]), jnp.asarray(target_labels[rows(b)]),
+                              jax.random.fold_in(key, b))) for b in (0, 1)]
+    assert four_value == pytest.approx(np.mean(halves), rel=1e-12)
     no_start = _section().attack
     no_start.random_start = False
     attack = build_attack(no_start)
@@ -227,8 +279,9 @@ def test_the_tiled_gradient_over_devices_equals_the_one_call_objective_gradient(
 def test_a_killed_or_preempted_optimisation_resumes_and_ends_as_an_uninterrupted_one(
     tmp_path, monkeypatch):
   """Saves every 2 of 5 steps; killed in step 4, the rerun redoes steps 3-5 only; preempted in step
-  3, it saves step 3 and the rerun does steps 4-5 only; both end with the images and objective
-  record of a run never stopped."""
+  3, it saves step 3 and the rerun does steps 4-5 only (a notice in its last step, 5, finishes it:
+  nothing is left to resume); both end with the images and objective record of a run never
+  stopped."""
   from ntk_scale import robust_dataset
   x, y = _problem(n=12)
   section = _section(num_steps=5, target_batch_size=8, checkpoint_every=2)
@@ -262,7 +315,9 @@ def test_a_killed_or_preempted_optimisation_resumes_and_ends_as_an_uninterrupted
         run(tmp_path / "preempted")
     assert stopped.value.step == 3
     calls.clear()
-    after_preemption, after_preemption_record = run(tmp_path / "preempted")
+    with monkeypatch.context() as patch:
+      patch.setattr(robust_dataset, "preemption_notices", notices_from(2))  # in step 5
+      after_preemption, after_preemption_record = run(tmp_path / "preempted")
     assert len(calls) == 2
   np.testing.assert_array_equal(resumed, uninterrupted)
   assert resumed_record == record and len(record["objective"]) == 5
