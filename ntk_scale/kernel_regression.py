@@ -145,7 +145,8 @@ def ridge_coefficients_cg(kernel: scipy.sparse.linalg.LinearOperator | np.ndarra
   norm = float(np.linalg.norm(target))
   residual = float(np.linalg.norm(target - shifted.matvec(solution))) / norm if norm else 0.0
   return solution, {"method": "cg", "iterations": iterations, "relative_residual": residual,
-                    "converged": bool(info == 0 or residual <= rtol)}
+                    # scipy's cg says info 0 also when max_iters=0 ran no iteration (x = 0).
+                    "converged": bool(residual <= rtol or (info == 0 and iterations > 0))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ from ntk_scale.cost_analysis import all_equations
 from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import (SOLVERS, KernelRegression, check_regression_config,
                                          kernel_scores, predictor, regression_targets,
-                                         ridge_coefficients, spectral_preconditioner)
+                                         ridge_coefficients, ridge_coefficients_cg,
+                                         spectral_preconditioner)
 
 
 def _rbf(x1, x2):
@@ -102,6 +103,53 @@ def test_spectral_preconditioner_is_the_inverse_on_the_top_space_and_scaled_iden
   expected = (vectors * (1 / (top + shift))) @ vectors.T + outside / (top[-1] + shift)
   np.testing.assert_allclose(operator.matmat(np.eye(12)), expected, rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(operator.matvec(q[:, 7]), q[:, 7] / (top[-1] + shift), rtol=1e-12)
+
+
+def test_ridgeless_eigh_is_differentiable_at_an_exact_zero_eigenvalue():
+  """The dropped eigenvalue's 1 / lambda is taken of 1, not of 0: K = diag(2, 1, 0) gives the
+  pseudo-inverse's coefficients and a finite gradient (1 / 0 in the branch where() discards made
+  it NaN), d sum(c) / dK_ii = -sum_c y_ic / K_ii^2 on the kept ones (-2 / 4 and -2.5 / 1)."""
+  with jax.enable_x64(True):
+    k = jnp.diag(jnp.array([2.0, 1.0, 0.0]))
+    y = jnp.array([[1.0, 1.0], [0.5, 2.0], [3.0, -1.0]])
+    np.testing.assert_allclose(ridge_coefficients(k, y, 0.0, "eigh"),
+                               [[0.5, 0.5], [0.5, 2.0], [0.0, 0.0]], atol=1e-15)
+    grad = np.asarray(jax.grad(lambda m: jnp.sum(ridge_coefficients(m, y, 0.0, "eigh")))(k))
+    assert np.all(np.isfinite(grad)), grad
+    np.testing.assert_allclose(np.diag(grad)[:2], [-0.5, -2.5], rtol=1e-12)
+
+
+def test_an_unknown_solver_is_refused_not_solved_by_lstsq():
+  """ridge_coefficients names the solvers it knows; any other name used to fall through to the
+  lstsq branch, solving silently with a solver nobody asked for."""
+  with pytest.raises(ValueError, match="solver='qr'; expected one of cholesky, eigh, lstsq"):
+    ridge_coefficients(jnp.eye(3), jnp.ones((3, 2)), 0.0, "qr")
+
+
+def test_cg_edge_cases_zero_target_singular_top_space_and_the_last_iteration():
+  """Conjugate gradients on diagonal kernels with known answers: a zero target is the zero solution
+  at residual 0 (not 0 / 0); top eigenpairs ending at lambda_k + shift = 0 make no preconditioner
+  (its 1 / (lambda_k + shift) would be infinite) and K = diag(4, 2, 0, 0) still solves y = (1, 1,
+  0, 0) to (1/4, 1/2, 0, 0); two distinct eigenvalues converge in exactly 2 iterations, which
+  max_iters=2 allows: scipy then reports info=2 but the recomputed residual meets rtol; max_iters=0
+  is no solve."""
+  solution, solve = ridge_coefficients_cg(np.diag([3.0, 1.0]), np.zeros(2), 0.1)
+  np.testing.assert_array_equal(solution, [0.0, 0.0])
+  assert solve["relative_residual"] == 0.0 and solve["converged"]
+  k = np.diag([4.0, 2.0, 0.0, 0.0])
+  solution, solve = ridge_coefficients_cg(k, np.array([1.0, 1.0, 0.0, 0.0]), 0.0,
+                                          (np.array([4.0, 2.0, 0.0]), np.eye(4)[:, :3]), rtol=1e-10)
+  np.testing.assert_allclose(solution, [0.25, 0.5, 0.0, 0.0], atol=1e-12)
+  assert solve["converged"]
+  solution, solve = ridge_coefficients_cg(np.diag([4.0, 4.0, 1.0, 1.0]), np.ones(4), 0.0,
+                                          rtol=1e-6, max_iters=2)
+  np.testing.assert_allclose(solution, [0.25, 0.25, 1.0, 1.0], rtol=1e-12)
+  assert solve["iterations"] == 2 and solve["relative_residual"] < 1e-6 and solve["converged"]
+  # max_iters=0 runs no iteration (scipy still says info=0): x = 0 at residual 1, not converged.
+  solution, solve = ridge_coefficients_cg(np.diag([4.0, 1.0]), np.ones(2), 0.0, rtol=1e-6,
+                                          max_iters=0)
+  np.testing.assert_array_equal(solution, [0.0, 0.0])
+  assert solve["iterations"] == 0 and solve["relative_residual"] == 1.0 and not solve["converged"]
 
 
 def test_evaluator_scores_a_kernel_regression_logits_fn_like_numpy():
@@ -194,7 +242,8 @@ def test_kernel_machines_compute_at_highest_precision(block_size):
   assert all_highest(jax.grad(lambda train: jnp.sum(fitted(train, xt))), x)
 
 
-@pytest.mark.parametrize("field,value", [("regularizer", -1.0), ("solver", "qr")])
+@pytest.mark.parametrize("field,value", [("regularizer", -1.0), ("regularizer", float("inf")),
+                                         ("solver", "qr")])
 def test_bad_regression_field_is_named(field, value):
   section = ml_collections.ConfigDict(dict(regularizer=0.0, solver="cholesky"))
   section[field] = value
