@@ -1,6 +1,7 @@
 """Eigen-features: the groups partition the numerical rank, their predictors sum to ridgeless kernel
 regression, each equals the explicit float64 Jacobian formula, and the job reports them."""
 
+import dataclasses
 import os
 import shutil
 
@@ -18,8 +19,9 @@ from ntk_scale.data import load_digits
 from ntk_scale.kernel_regression import KernelRegression
 from ntk_scale.models import build_model
 from ntk_scale.ntk import eigen_features_job, empirical_ntk, kernel_eigenpairs
-from ntk_scale.ntk.eigen_features import (directions_program, feature_groups, feature_logits_fn,
-                                          group_coefficients, parameter_directions)
+from ntk_scale.ntk.eigen_features import (directions_program, examples_per_device, feature_groups,
+                                          feature_logits_fn, group_coefficients, most_rows,
+                                          parameter_directions)
 from ntk_scale.ntk.job import inference_apply, select_examples
 from ntk_scale.ntk.spectrum import eigh, rounding_floor
 from ntk_scale.ntk.store import KernelStore
@@ -489,3 +491,98 @@ def test_groups_stop_before_eigenvalues_at_the_floor():
   assert [g.indices.tolist() for g in groups] == [[0], [1], [2]]
   groups = feature_groups(np.array([3.0, 2.0, 1.0, 0.5]), 1, 0.5)
   assert np.concatenate([g.indices for g in groups]).tolist() == [0, 1, 2]
+
+
+def test_single_features_stop_at_the_rank_too():
+  """num_single above the numerical rank: singles up to the rank only (an index past it has a zero
+  eigenvalue, 1 / 0), and no group after them."""
+  groups = feature_groups(np.array([3.0, 2.0, 0.0, 0.0]), num_single=4, floor=0.0)
+  assert [(g.name, g.indices.tolist()) for g in groups] == [("0", [0]), ("1", [1])]
+
+
+def test_examples_per_device_is_the_budget_after_the_sums_over_two_jacobian_rows_per_example():
+  """Hand-worked: 2 logits x 100 float32 parameters make a row of 800 bytes per example, the
+  directions 3 groups x 5 classes of rows (12,000 bytes), counted twice; a budget of 2 x 12,000 +
+  7 x (2 x 800) + 100 bytes leaves 7 examples. Capped by a device's share of the examples, rounded
+  up (10 on 4 devices: 3, not 2), and by MAX_CHUNK; a budget short of one example is refused.
+  most_rows is every group of a rank plus their sum (rank 20, 5 singles: 5 + 5-9, 10-19, + 1)."""
+  assert examples_per_device(2 * 12_000 + 7 * 1_600 + 100, 3, 2, 5, 100, 1000, 1) == 7
+  assert examples_per_device(1e12, 3, 2, 5, 100, 10, 4) == 3
+  assert examples_per_device(1e12, 3, 2, 5, 100, 10_000, 1) == 128
+  with pytest.raises(ValueError, match="use a class kernel rather than the trace"):
+    examples_per_device(2 * 12_000 + 1_599, 3, 2, 5, 100, 1000, 1)
+  assert most_rows(20, 5) == 8
+
+
+def test_feature_predictors_refuse_a_full_kernels_logits():
+  """A full kernel's rows are (example, logit) pairs, which the group predictors do not model: the
+  Jacobian rows refuse it whoever calls them, not only the job's config check."""
+  params = {"w": jnp.ones((4, 3))}
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p["w"]
+  with pytest.raises(ValueError, match="one logit or the trace; got logits 'full'"):
+    feature_logits_fn(apply_fn, params, jnp.zeros((1, 3, 1, 12)), LogitSpec("full", 3))
+
+
+def test_records_of_earlier_rules_are_made_again():
+  """features.json is recomputed without a batch size, with another rank floor, or, for an
+  empirical kernel only, without patch-matmul Jacobian rows (an infinite-width one has none)."""
+  now = {"batch_size": 8, "rank_floor": "dtype_rounding"}
+  stale = eigen_features_job.of_earlier_rules
+  assert not stale({"settings": {**now, "source": "infinite"}})
+  assert not stale({"settings": {**now, "source": "empirical", "jacobian_rows": "patch_matmul"}})
+  assert stale({"settings": {**now, "source": "empirical"}})
+  assert stale({"settings": {**now, "source": "infinite", "rank_floor": "1e-10 lambda_1"}})
+  assert stale({"settings": {"rank_floor": "dtype_rounding", "source": "infinite"}})
+
+
+def test_num_test_may_be_every_scored_test_image_of_the_kernels_classes():
+  """num_test up to the test images of config.kernel.classes (there, 2 of class 0 of 5): equal is
+  allowed, one more is refused, naming the classes."""
+  config = ml_collections.ConfigDict({"eigen_features": {"num_test": 2}, "kernel": {"classes": (0,)}})
+  labels = np.array([0, 1, 0, 1, 1])
+  eigen_features_job.check_num_test(config, labels)
+  config.eigen_features.num_test = 3
+  with pytest.raises(ValueError, match=r"num_test=3 exceeds the 2 test images .*classes=\(0,\)"):
+    eigen_features_job.check_num_test(config, labels)
+  config.kernel.classes = ()
+  eigen_features_job.check_num_test(config, labels)
+
+
+def test_the_directions_budget_is_config_kernel_memory_budget_gb_before_a_dry_runs_target():
+  """config.kernel.memory_budget_gb, when set, decides the directions' chunk and is the field a
+  refusal names; a dry run's target budget (its flag named) applies only when it is 0."""
+  config = load_config("digits")
+  config.kernel.memory_budget_gb = 1e-6
+  with pytest.raises(ValueError, match=r"budget is 1e-06 GiB \(config.kernel.memory_budget_gb\)"):
+    eigen_features_job.directions_chunk(config, (8, 8, 1), 10, 100, 100, 1, 1e12, "--target")
+  config.kernel.memory_budget_gb = 0.0
+  with pytest.raises(ValueError, match=r"\(--target\)"):
+    eigen_features_job.directions_chunk(config, (8, 8, 1), 10, 100, 100, 1, 1e3, "--target")
+  assert eigen_features_job.directions_chunk(config, (8, 8, 1), 10, 100, 100, 1, 1e12) == 100
+
+
+def test_groups_rows_and_shares_of_an_infinite_kernel_below_its_dtypes_rounding(tmp_path, nt,
+                                                                               monkeypatch):
+  """A float32 analytic kernel whose last 2 of 10 eigenvalues are set to 1e-9 of the trace: above
+  float64's rounding (2.2e-16 of it) but below float32's (1.2e-7), so they are not features. The
+  groups stop at index 7, the "all" row counts the 8 features the groups hold (not all 10
+  eigenvalues), and each share is of the sum of every eigenvalue (numpy's, not lambda_1)."""
+  del nt  # requested only to skip when the optional neural-tangents extra is absent
+  c = infinite_features_config(num_examples=10, num_single=2, num_test=10, num_steps=1, step_size=0.1)
+  c.infinite.dtype = "float32"
+  solved = []
+
+  def with_rounding_tail(matrix, **kwargs):
+    pairs = eigh(matrix, **kwargs)
+    values = pairs.values.copy()
+    values[8:] = 1e-9 * values[:8].sum()
+    solved.append(values)
+    return dataclasses.replace(pairs, values=values)
+
+  monkeypatch.setattr(eigen_features_job, "eigh", with_rounding_tail)
+  rows = {r["group"]: r for r in jobs.run(c, str(tmp_path))["groups"]}
+  values = solved[0]
+  assert list(rows) == ["0", "1", "2-3", "4-7", "all"]
+  assert rows["all"]["num_features"] == 8 and rows["4-7"]["num_features"] == 4
+  assert rows["0"]["spectral_share"] == pytest.approx(values[0] / np.sum(values), rel=1e-6)
+  assert rows["all"]["spectral_share"] == pytest.approx(np.sum(values[:8]) / np.sum(values), rel=1e-6)

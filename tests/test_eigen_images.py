@@ -374,3 +374,65 @@ def test_a_kernel_of_no_single_class_is_named(tmp_path):
   config.kernel.logits = "trace"
   with pytest.raises(ValueError, match=r"config\.kernel\.logits='trace': eigen-images need"):
     jobs.run(config, str(tmp_path))
+
+
+def test_epoch_0_of_eigen_images_is_the_initialisation_not_unset():
+  """config.eigen_images.epoch=0.0 (the initial checkpoint) replaces config.kernel.epoch as any
+  other epoch does: only None leaves config.kernel's."""
+  c = load_config("digits")
+  c.kernel.epoch, c.eigen_images.logit = 3.0, "2"
+  c.eigen_images.epoch = 0.0
+  k = eigen_images_job.kernel_config(c)
+  assert (k.kernel.epoch, k.kernel.logits) == (0.0, "2")
+  c.eigen_images.epoch = None
+  assert eigen_images_job.kernel_config(c).kernel.epoch == 3.0
+
+
+def test_as_many_eigenvectors_as_the_class_kernel_has_examples_are_allowed():
+  """num_eigenvectors up to the class kernel's size: equal is every eigenvector, one more refused."""
+  e = ml_collections.ConfigDict({"num_eigenvectors": 7})
+  eigen_images_job.check_num_eigenvectors(e, 7)
+  with pytest.raises(ValueError, match="num_eigenvectors=7 exceeds the 6 examples"):
+    eigen_images_job.check_num_eigenvectors(e, 6)
+
+
+def test_another_regularizer_is_not_answered_with_the_saved_images(workdir, monkeypatch):
+  """The dual weights (K + lambda I)^{-1} y change with config.eigen_images.regularizer: a rerun
+  with another one optimises its images again, while the same settings read them back."""
+  first = jobs.run(images_config(logit="5", steps=1), workdir)
+
+  class Recomputed(Exception):
+    pass
+
+  def refuse(*args, **kwargs):
+    raise Recomputed
+
+  monkeypatch.setattr(eigen_images_job, "optimise_images", refuse)
+  assert jobs.run(images_config(logit="5", steps=1), workdir)["rows"] == first["rows"]
+  with pytest.raises(Recomputed):
+    jobs.run(images_config(logit="5", steps=1, regularizer=10 * first["regularizer"] + 1e-3), workdir)
+
+
+def test_another_cg_tolerance_is_not_answered_with_the_saved_images(workdir, monkeypatch):
+  """In top mode the dual weights are CG's to config.eigen_images.cg_tol: a rerun at another
+  tolerance solves and optimises again (the same settings read the images back)."""
+  monkeypatch.setattr(kernel_eigenpairs, "DENSE_MAX_ROWS", 10)
+
+  def config(**fields):
+    c = images_config(logit="7", steps=1, eigensolver="top", **fields)
+    c.spectrum.num_eigenpairs, c.spectrum.oversample, c.spectrum.dtype = 3, 0, "float64"
+    return c
+
+  first = jobs.run(config(), workdir)
+  assert first["eigensolver"] == "top"
+
+  class Recomputed(Exception):
+    pass
+
+  def refuse(*args, **kwargs):
+    raise Recomputed
+
+  monkeypatch.setattr(eigen_images_job, "optimise_images", refuse)
+  assert jobs.run(config(), workdir)["rows"] == first["rows"]
+  with pytest.raises(Recomputed):
+    jobs.run(config(cg_tol=config().eigen_images.cg_tol * 100), workdir)

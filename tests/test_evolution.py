@@ -413,3 +413,137 @@ def test_the_stored_gram_sums_every_row_panel():
   for panel_bytes in (6 * 8, 2 * 6 * 8, 1 << 28):
     np.testing.assert_allclose(stored_gram([_FakeStore(k) for k in kernels], panel_bytes), expected,
                                rtol=1e-12)
+
+
+def test_settings_refuse_a_zero_count_a_dot_name_and_a_phase_2_collapse():
+  """Counts are >= 1 (top_k=0 has no eigenspace to restrict to), a name is a plain directory name
+  ("." and ".." are the parent's directories), and around_collapse picks phase-1 epochs only."""
+  from ntk_scale.ntk.evolution import check_evolution_settings
+
+  for field in ("top_k", "num_eigenvalues"):
+    with pytest.raises(ValueError, match=f"config.evolution.{field}=0 must be an integer >= 1"):
+      check_evolution_settings(evolution_config(**{field: 0}))
+  for name in (".", ".."):
+    with pytest.raises(ValueError, match="must be a plain directory name"):
+      check_evolution_settings(evolution_config(name=name))
+  with pytest.raises(ValueError, match="config.evolution.phase=1"):
+    check_evolution_settings(evolution_config(around_collapse=0.1, phase=2))
+
+
+def test_collapse_epochs_span_the_kept_checkpoints_ends_included(tmp_path):
+  """The epochs within `span` of the checkpoints the CO monitor kept around the collapse, both ends
+  included (1.25 = 1.0 + 0.25 is in); without a record of kept checkpoints, from the collapse's
+  "before" point to the collapse itself."""
+  from ntk_scale.train.collapse import CO_FILE
+
+  point = lambda epoch: {"epoch": epoch}
+  summary = {"collapsed": True, "sustained": False,
+             "collapse": dict(point(0.75), peak=point(0.25), before=point(0.5)),
+             "checkpoint_epochs": {"before": 0.5, "after": 1.0}}
+  saved = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+  with open(tmp_path / CO_FILE, "w") as f:
+    json.dump(summary, f)
+  epochs, record = evolution.collapse_epochs(str(tmp_path), saved, 0.25)
+  assert epochs == [0.25, 0.5, 0.75, 1.0, 1.25]
+  assert record == {"epoch": 0.75, "before": 0.5, "after": 1.0, "sustained": False, "peak_epoch": 0.25}
+  del summary["checkpoint_epochs"]
+  with open(tmp_path / CO_FILE, "w") as f:
+    json.dump(summary, f)
+  assert evolution.collapse_epochs(str(tmp_path), saved, 0.0)[0] == [0.5, 0.75]
+
+
+def test_selection_and_checkpoint_configs():
+  """top_k may be the whole matrix (20 of 20); two asked epochs within 1e-9 of one saved checkpoint
+  are refused as one listed twice; each checkpoint's kernel job has the evolution's phase and that
+  epoch, and its spectrum solves for max(num_eigenvalues, top_k) pairs (at most every row)."""
+  from ntk_scale.ntk.evolution import checkpoint_config, select_epochs
+
+  assert select_epochs(evolution_config(top_k=20), [0.0, 0.125], 20) == [0.0, 0.125]
+  with pytest.raises(ValueError, match="lists epoch 0.125 twice"):
+    select_epochs(evolution_config(epochs=(0.125 - 9e-10, 0.125 + 9e-10)), [0.0, 0.125], 20)
+  one = checkpoint_config(evolution_config(phase=2, top_k=6, num_eigenvalues=2), 0.25, 20)
+  assert (one.kernel.phase, one.kernel.epoch, one.kernel.name) == (2, 0.25, "")
+  assert one.spectrum.num_eigenpairs == 6
+  many = checkpoint_config(evolution_config(top_k=6, num_eigenvalues=30), 0.25, 20)
+  assert many.spectrum.num_eigenpairs == 20
+
+
+def test_the_stored_gram_refuses_kernels_of_different_shapes():
+  """Kernels of two subsets (12 and 10 examples) are not one evolution: refused by name, not by
+  numpy's stacking error."""
+  from ntk_scale.ntk.evolution import stored_gram
+
+  with pytest.raises(ValueError, match=r"kernels of different shapes: \[\(12, 12\), \(10, 10\)\]"):
+    stored_gram([_FakeStore(np.eye(12)), _FakeStore(np.eye(10))])
+
+
+def test_null_space_is_at_or_below_the_dtypes_rounding_of_the_absolute_spectrum():
+  """Hand-made spectra: 2^-52 beside 1 - 2^-52 is exactly float64's floor (eps * 1.0), so null; a
+  negative eigenvalue counts by its magnitude, both in the floor (sum |lambda| = 1.5: 2^-52 is
+  below 1.5 eps) and as a candidate (-0.5 is no null direction); 1e-10 is null in float32 only."""
+  null = evolution.null_space_size
+  assert null(np.array([1.0 - 2.0**-52, 2.0**-52]), "float64") == 1
+  assert null(np.array([1.0, -0.5, 2.0**-52]), "float64") == 1
+  assert null(np.array([1.0, -0.5]), "float64") == 0
+  assert null(np.array([1.0, 1e-10]), "float64") == 0
+  assert null(np.array([1.0, 1e-10]), "float32") == 1
+
+
+def test_a_step_more_than_half_a_step_off_its_epoch_keeps_the_nominal_epochs():
+  """Epoch 0.125 of 22 steps an epoch is step round(2.75) = 3: a checkpoint at step 2 (0.75 of a
+  step off, within one step but not within rounding) is of another batch size."""
+  from types import SimpleNamespace
+
+  stores = [SimpleNamespace(meta={"source": {"step": s}}) for s in (0, 2, 6, 8)]
+  assert evolution.elapsed_epochs(stores, EPOCHS, 22) == EPOCHS
+
+
+def test_whole_kernel_columns_are_cosines_to_the_final_and_the_first_kernel(tmp_path):
+  """Three stored kernels: similarity_to_final is cos(K_t, K_T), distance_to_final 1 minus it, and
+  angle arccos cos(K_t, K_0), each from numpy's float64 sums; velocity is (1 - cos) per epoch
+  elapsed between neighbours, None for the first."""
+  rng = np.random.default_rng(9)
+  kernels = [j @ j.T for j in rng.standard_normal((3, 8, 12))]
+  stores = [write_store(tmp_path / f"k{t}", k, tile=3, labels=np.arange(8) % 2, num_classes=2)
+            for t, k in enumerate(kernels)]
+  result = evolution_metrics(stores, [0.0, 1.0, 3.0], top_k=2, num_eigenvalues=4)
+  rows = result["checkpoints"]
+  cosine = lambda a, b: np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+  final = [cosine(k, kernels[-1]) for k in kernels]
+  np.testing.assert_allclose([r["similarity_to_final"] for r in rows], final, rtol=1e-12)
+  np.testing.assert_allclose([r["distance_to_final"] for r in rows], [1 - s for s in final], atol=1e-12)
+  np.testing.assert_allclose([r["angle"] for r in rows],
+                             [np.arccos(min(cosine(k, kernels[0]), 1.0)) for k in kernels], atol=1e-7)
+  assert rows[0]["velocity"] is None
+  steps = [1 - cosine(kernels[0], kernels[1]), (1 - cosine(kernels[1], kernels[2])) / 2]
+  np.testing.assert_allclose([r["velocity"] for r in rows[1:]], steps, rtol=1e-9)
+  assert [len(v) for v in result["eigenvalues"]] == [4, 4, 4]
+  assert [r["top_eigenvalue"] for r in rows] == pytest.approx(
+      [np.linalg.eigvalsh(k)[-1] for k in kernels], rel=1e-12)
+
+
+def test_the_stored_gram_reads_panels_within_its_byte_budget():
+  """A budget of two float64 rows of a 6 x 6 kernel reads rows [0, 2), [2, 4), [4, 6): a panel of
+  every kernel at a time, never more rows than the budget holds."""
+  from ntk_scale.ntk.evolution import stored_gram
+
+  reads = []
+
+  class Counted(_FakeStore):
+    def read(self, rows):
+      reads.append((rows.start, rows.stop))
+      return super().read(rows)
+
+  stored_gram([Counted(np.eye(6)), Counted(2 * np.eye(6))], 2 * 6 * 8)
+  assert reads == [(0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6)]
+
+
+def test_one_saved_checkpoint_is_no_evolution_and_old_records_are_made_again():
+  """Every saved checkpoint (epochs empty) of a run that saved one is refused, not an evolution of
+  one kernel; metrics.json without its settings (before 2026-12-02) is of earlier rules."""
+  from ntk_scale.ntk.evolution import of_earlier_rules, select_epochs
+
+  with pytest.raises(ValueError, match="selects 1 checkpoint"):
+    select_epochs(evolution_config(), [0.5], 20)
+  assert of_earlier_rules({"epochs": [0.0, 1.0]})
+  assert not of_earlier_rules({"epochs": [0.0, 1.0], "settings": {}})

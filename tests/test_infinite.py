@@ -131,6 +131,14 @@ def test_bad_architecture_field_is_named(field, value):
     infinite.check_architecture_config(_section(**{field: value}))
 
 
+def test_a_network_without_biases_is_a_valid_kernel():
+  """b_std = 0 (no bias terms) is allowed, w_std = 0 is not: a zero weight scale makes every kernel
+  entry the bias variance alone."""
+  infinite.check_architecture_config(_section(b_std=0.0))
+  with pytest.raises(ValueError, match=r"config.infinite.w_std=0.0 must be a positive finite number"):
+    infinite.check_architecture_config(_section(w_std=0.0))
+
+
 def test_float64_is_refused_on_tpus(monkeypatch):
   infinite.check_architecture_config(_section(dtype="float64"))
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
@@ -557,3 +565,104 @@ def test_the_robust_sets_network_is_the_widest_transfer_network_and_its_batch_fi
   labels = np.arange(400) % 10
   with pytest.raises(ValueError, match=r"config.batch_size=64 exceeds the 60 images of the robust set"):
     infinite_job.check_infinite_config(config, labels, 10, num_devices=1)
+
+
+def test_a_batch_of_exactly_the_robust_sets_size_fits_it():
+  """The robust set's network trains on its 60 images (100, 40 held out): a batch of 60 is one
+  whole batch an epoch, allowed; 61 would be refused (the widest-network test above refuses 64)."""
+  from ntk_scale import infinite_job
+
+  from test_train import load_config
+
+  config = load_config("infinite_width", "smoke")
+  s = config.infinite
+  s.transfer.widths, s.robust_data.network_width = (8,), 16
+  s.update(num_train=100, num_test=None)
+  s.robust_data.update(target_holdout=40, target_batch_size=10)
+  config.batch_size = 60
+  infinite_job.check_infinite_config(config, np.arange(400) % 10, 10, num_devices=1)
+
+
+def test_the_kernels_store_name_covers_every_image():
+  """Two image sets that share their first image are two kernels: the store name's digest is of
+  all the images (in the kernel's dtype), so neither reads back the other's kernel."""
+  import hashlib
+
+  section = _section()
+  images = _images(5)
+  other = images.copy()
+  other[-1] = 1.0 - other[-1]
+  assert infinite.kernel_store_name(section, images) != infinite.kernel_store_name(section, other)
+  identity = infinite.kernel_identity(section, images)
+  assert identity["images"] == hashlib.sha256(images.astype(np.float64).tobytes()).hexdigest()
+  assert identity["shape"] == [5, 5]
+
+
+def test_examples_asked_after_a_plain_evaluation_are_computed_and_clean_keeps_none(monkeypatch):
+  """An attack first evaluated without its examples is evaluated again when they are asked for
+  (else a row without "examples" came back); the clean row never keeps examples (it made none).
+  Two PGD configs differing in eps draw different random starts (the key is of the config)."""
+  import jax
+  import jax.numpy as jnp
+
+  from ntk_scale import infinite_job, parallel
+  from ntk_scale.base_config import pgd_linf
+  from ntk_scale.data import Split
+
+  kept = []
+  real_evaluate = infinite_job.evaluate
+
+  def recording_evaluate(model, split, *args, attack=None, keep_examples=False, **kwargs):
+    kept.append((attack is None, keep_examples))
+    return real_evaluate(model, split, *args, attack=attack, keep_examples=keep_examples, **kwargs)
+
+  monkeypatch.setattr(infinite_job, "evaluate", recording_evaluate)
+  rng = np.random.default_rng(1)
+  weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  logits_fn = lambda images: images.reshape(len(images), -1) @ weights
+  split = Split(rng.uniform(size=(8, 4, 4, 1)).astype(np.float32), np.arange(8) % 3)
+  evaluations = infinite_job._Evaluations(split, 8, parallel.make_mesh(), 3, seed=0)
+  attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 2)})
+  assert "examples" not in evaluations.rows("m", logits_fn, attacks)["pgd"]
+  again = evaluations.rows("m", logits_fn, attacks, keep_examples=True)
+  assert "examples" in again["pgd"] and "examples" not in again["clean"]
+  assert kept == [(True, False), (False, False), (False, True)]
+  key = lambda c: jax.random.key_data(infinite_job._attack_key(0, c))
+  assert not np.array_equal(key(pgd_linf(0.1, 2)), key(pgd_linf(0.2, 2)))
+  np.testing.assert_array_equal(key(pgd_linf(0.1, 2)), key(pgd_linf(0.1, 2)))
+
+
+def test_the_robust_set_is_read_back_whatever_its_checkpoint_interval(tmp_path, monkeypatch):
+  """robust_data.checkpoint_every says only how often the optimisation saves its state: a rerun with
+  another interval reads the written set back (the other fields would optimise it again). And the
+  finite networks the job trains save neither adversarial sets of their own nor fractional-epoch
+  checkpoints."""
+  from ntk_scale import infinite_job, parallel
+
+  from test_train import load_config
+
+  calls = []
+
+  def optimise(robust_data, kernel_fn, x, y, *args, **kwargs):
+    calls.append(robust_data.checkpoint_every)
+    return x + 0.25, {"objective": [1.0, 0.5], "max_pixel_change": 0.25}
+
+  monkeypatch.setattr(infinite_job, "optimise_dataset", optimise)
+  config = load_config("infinite_width", "smoke")
+  s = config.infinite
+  x, y = _images(6).astype(np.float32), np.arange(6) % 3
+  rows = (np.arange(6), np.arange(6))
+  path = str(tmp_path / "robust_dataset.npz")
+  run = lambda: infinite_job._robust_dataset(s, path, None, x, y, rows, 3, 0, 4, parallel.make_mesh())
+  first, _ = run()
+  s.robust_data.checkpoint_every += 7
+  again, _ = run()
+  np.testing.assert_array_equal(again, x + 0.25)
+  assert len(calls) == 1 and np.array_equal(first, again)
+  s.robust_data.num_steps += 1
+  run()
+  assert len(calls) == 2
+  config.save_adversarial = True
+  finite = infinite_job._finite_config(config, 8, None)
+  assert finite.save_adversarial is False  # and only whole epochs (the default has 7 fractions)
+  assert config.checkpoint.fractional_epochs and tuple(finite.checkpoint.fractional_epochs) == ()

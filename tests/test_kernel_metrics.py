@@ -132,3 +132,64 @@ def test_alignment_on_a_two_class_subset_is_cristianinis_binary_alignment():
   np.testing.assert_allclose(metrics.centered_one_hot(unbalanced, 3).sum(axis=0), 0.0, atol=1e-12)
   with pytest.raises(ValueError, match="at least two classes"):
     metrics.label_alignment(k, np.full(12, 3), 10)  # a one-class subset: no target varies
+
+
+def test_degenerate_inputs_are_refused_not_turned_into_nan():
+  """A zero kernel (no direction), a zero trace, a negative label (np.eye(C)[-1] is silently the
+  last class) and a single kernel (no step to take a velocity over) each raise, rather than give
+  NaN, another class's targets or an empty velocity."""
+  zero = np.zeros((3, 3))
+  with pytest.raises(ValueError, match="zero kernel"):
+    metrics.similarity(zero, np.eye(3))
+  with pytest.raises(ValueError, match="zero kernel"):
+    metrics.similarity_from_gram(np.diag([1.0, 0.0]))
+  with pytest.raises(ValueError, match="zero kernel or zero targets"):
+    metrics.target_alignment(zero, np.array([1.0, -1.0, 0.0]))
+  with pytest.raises(ValueError, match="trace is 0.0"):
+    metrics.spectral_mass(np.zeros(3), 1)
+  with pytest.raises(ValueError, match="class indices"):
+    metrics.centered_one_hot(np.array([0, -1, 1]), 3)
+  with pytest.raises(ValueError, match=">= 2 kernels"):
+    metrics.velocity_from_similarity(np.ones((1, 1)), [0.0])
+
+
+def test_movement_a_rounding_below_zero_is_zero_not_nan():
+  """Gram entries summed over row panels can break Cauchy-Schwarz by a rounding: ||K_1 - K_0||^2 =
+  1 + 1 - 2 (1 + 4e-16) < 0 here, which is a kernel that did not move (0), not sqrt of a negative."""
+  gram = np.array([[1.0, 1.0 + 4e-16, 0.0], [1.0 + 4e-16, 1.0, 0.0], [0.0, 0.0, 1.0]])
+  np.testing.assert_array_equal(metrics.movement_from_gram(gram), [0.0, 0.0, 1.0])
+
+
+def test_opposite_kernels_have_similarity_minus_one():
+  """s(K, -K) = -1: the cosine is clipped to [-1, 1] against rounding only, so a kernel that turned
+  against its start keeps its sign (clipped at 0 it would read as orthogonal, a distance of 1)."""
+  k = psd(5, 8)
+  assert metrics.similarity(k, -k) == pytest.approx(-1.0, abs=1e-12)
+  assert metrics.distance(k, -k) == pytest.approx(2.0, abs=1e-12)
+  s = metrics.similarity_from_gram(metrics.frobenius_gram([k, -k]))
+  np.testing.assert_allclose(s, [[1.0, -1.0], [-1.0, 1.0]], atol=1e-12)
+
+
+def test_gram_movement_and_velocity_refuse_what_they_cannot_measure():
+  """movement_from_gram of a final kernel equal to the initial one is undefined (0 / 0, not NaN);
+  a 3 x 3 similarity matrix with 2 epochs is refused, not a velocity of 2 steps over 1 interval;
+  k = 0 top eigenvalues is no spectral mass."""
+  k0, k1 = psd(4, 9), psd(4, 10)
+  with pytest.raises(ValueError, match="final kernel equals the initial"):
+    metrics.movement_from_gram(metrics.frobenius_gram([k0, k1, k0]))
+  with pytest.raises(ValueError, match="3 kernels and 2 epochs"):
+    metrics.velocity_from_similarity(metrics.similarity_matrix([k0, k1, k0]), [0.0, 1.0])
+  with pytest.raises(ValueError, match="k=0"):
+    metrics.spectral_mass(np.array([3.0, 1.0]), 0)
+
+
+def test_mismatched_shapes_are_refused_naming_them():
+  """Eigenvectors or targets with another row count than the kernel, and an empty label vector,
+  are refused with messages saying so (not numpy's matmul or zero-size reduction errors)."""
+  k = psd(4, 11)
+  with pytest.raises(ValueError, match=r"eigenvectors of shape \(5, 2\) do not match"):
+    metrics.restrict_to_eigenspace(k, np.ones((5, 2)))
+  with pytest.raises(ValueError, match=r"targets of shape \(5,\) do not match"):
+    metrics.target_alignment(k, np.ones(5))
+  with pytest.raises(ValueError, match="non-empty vector of class indices"):
+    metrics.centered_one_hot(np.array([], int), 3)

@@ -1,6 +1,7 @@
 """Eigenpairs of kernels against numpy's dense solver on random PSD matrices: all of them, the top k
 by LOBPCG in memory, and the top k streamed from a KernelStore by row panels smaller than it."""
 
+import json
 import warnings
 
 import numpy as np
@@ -241,3 +242,93 @@ def test_top_k_tolerance_is_relative_to_the_kernels_scale():
     assert np.max(scipy.linalg.subspace_angles(result.vectors, vectors[:, :6])) < 1e-6
     assert abs(operator.products - unscaled.products) <= 3, (c, operator.products,
                                                              unscaled.products)
+
+
+def test_rounding_floor_is_the_stored_dtypes_epsilon_times_the_trace():
+  """eps * |Tr K| of the dtype the kernel was stored in: 2^-52 for float64, 2^-23 for float32. A
+  float64 kernel given float32's floor would call eigenvalues 1e-9 of its trace null space."""
+  assert spectrum.rounding_floor("float64", -3.0) == 3.0 * 2.0**-52
+  assert spectrum.rounding_floor("float32", 3.0) == 3.0 * 2.0**-23
+
+
+def test_a_kernel_with_infinite_entries_or_an_unknown_backend_is_refused_by_name():
+  """An infinite entry is a NonFiniteKernelError naming the kernel, as NaN is (scipy's own check
+  raised a bare ValueError naming neither); an unknown backend or an [N, N, C, D] kernel with
+  C != D is refused with the accepted values, not run on jax or reshaped by numpy's error."""
+  matrix = random_psd(6)
+  matrix[2, 3] = matrix[3, 2] = np.inf
+  for solve in (spectrum.eigh, spectrum.eigenvalues):
+    with pytest.raises(spectrum.NonFiniteKernelError, match="the kernel holds NaN or infinite"):
+      solve(matrix)
+  with pytest.raises(ValueError, match="backend='torch'; expected one of numpy, jax"):
+    spectrum.eigh(random_psd(6), backend="torch")
+  with pytest.raises(ValueError, match=r"\[N, N\] or \[N, N, C, C\]; got shape \(2, 2, 3, 4\)"):
+    spectrum.as_matrix(np.zeros((2, 2, 3, 4)))
+
+
+def test_a_negative_oversample_still_gives_k_pairs():
+  """The block is k + max(oversample, 0) vectors: oversample=-3 must not shrink it below k (LOBPCG
+  would return k - 3 columns), so the top 5 of a 200 x 200 kernel are still numpy's top 5."""
+  matrix = random_psd(200, seed=1)
+  result = spectrum.top_eigenpairs(matrix, 5, oversample=-3)
+  assert result.values.shape == (5,) and result.vectors.shape == (200, 5)
+  assert_same_eigenpairs(result, matrix, 5)
+
+
+def test_a_store_of_an_older_job_or_of_a_non_square_kernel_is_refused(tmp_path):
+  """kernel.json without "complete" (written before 2026-12-01, when a killed job left nothing to
+  tell) is unfinished, not complete; a [6, 4] kernel has no spectrum."""
+  write_store(tmp_path / "old", random_psd(12), tile=4)
+  path = tmp_path / "old" / "kernel.json"
+  meta = json.loads(path.read_text())
+  del meta["complete"]
+  path.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="unfinished kernel"):
+    spectrum.StoredKernelOperator(KernelStore.open(str(tmp_path / "old")))
+  meta = {"shape": [6, 4], "tile": 2, "dtype": "float64", "num_classes": 1}
+  store = KernelStore.create_or_resume(str(tmp_path / "wide"), meta, ("shape",), np.arange(6),
+                                       np.zeros(6, int))
+  store.update_meta(complete=True)
+  with pytest.raises(ValueError, match=r"the spectrum needs a symmetric one"):
+    spectrum.StoredKernelOperator(KernelStore.open(str(tmp_path / "wide")))
+
+
+def test_top_k_with_a_block_of_a_fifth_of_the_rows_is_solved_dense():
+  """As the spectrum job plans it, a block of k + oversample = 12 vectors is too wide for LOBPCG on
+  60 rows (5 * 12 >= 60): one product with the identity and a dense eigh, residuals exactly 0;
+  11 vectors (k = 8) go to LOBPCG (more products, residuals of its solve)."""
+  matrix = random_psd(60, seed=4)
+  dense = _CountedProducts(matrix)
+  result = spectrum.top_eigenpairs(dense, 9, oversample=3)
+  assert dense.products == 1 and np.all(result.residuals == 0)
+  assert_same_eigenpairs(result, matrix, 9)
+  iterative = _CountedProducts(matrix)
+  spectrum.top_eigenpairs(iterative, 8, oversample=3)
+  assert iterative.products > 1
+
+
+def test_lobpcg_stops_a_decade_below_tol_and_warns_for_each_pair_that_missed_it():
+  """scipy's stop is at tol / 10 (times the lambda_max estimate): the Ritz residuals recomputed
+  after it land below tol (at scipy's tol itself, 1e-2 here stopped at 1.02e-2 and warned). A solve
+  cut short by max_iters warns when any pair misses tol, counting those pairs, not only when all
+  do."""
+  matrix = random_psd(200, seed=1, decay=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert spectrum.top_eigenpairs(matrix, 6, tol=1e-2).residuals.max() <= 1e-2
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    residuals = spectrum.top_eigenpairs(matrix, 6, tol=1e-12, max_iters=5).residuals
+  tol = float(np.median(residuals))  # 5 iterations reach no tol below it: the same 5 run again
+  with pytest.warns(UserWarning, match=f"{int(np.sum(residuals > tol))} of 6 eigenpairs did not"):
+    spectrum.top_eigenpairs(matrix, 6, tol=tol, max_iters=5)
+
+
+def test_relative_residuals_divide_by_the_largest_eigenvalues_magnitude():
+  """||K v - lambda v|| / |lambda_1| for every pair (not each pair's own lambda, and |.| of it):
+  residual columns of norm 0.4 with eigenvalues (4, 1) are 0.1 each, and (-4, -1) too."""
+  vectors = np.eye(2)
+  for values in (np.array([4.0, 1.0]), np.array([-4.0, -1.0])):
+    products = vectors * values + np.array([[0.0, 0.4], [0.4, 0.0]])
+    np.testing.assert_allclose(spectrum.relative_residuals(products, vectors, values), [0.1, 0.1],
+                               rtol=1e-12)
