@@ -152,15 +152,26 @@ def test_myrtle_depth_must_be_a_myrtle_depth():
     infinite.check_architecture_config(_section(architecture="myrtle", depth=4))
 
 
-def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
-  """PGD listed under two names (config.infinite.attacks and robust_data.eval_attacks) is one
-  evaluation with one key; clean accuracy is computed once per model."""
-  import jax
+def _linear_evaluations(num_examples: int, seed: int):
+  """A 3-class linear model on 4 x 4 images and the job's evaluations of `num_examples` of them."""
   import jax.numpy as jnp
 
   from ntk_scale import infinite_job, parallel
-  from ntk_scale.base_config import apgd_linf, pgd_linf
   from ntk_scale.data import Split
+
+  rng = np.random.default_rng(seed)
+  weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  logits_fn = lambda images: images.reshape(len(images), -1) @ weights
+  split = Split(rng.uniform(size=(num_examples, 4, 4, 1)).astype(np.float32),
+                np.arange(num_examples) % 3)
+  return logits_fn, infinite_job._Evaluations(split, 8, parallel.make_mesh(), 3, seed=0)
+
+
+def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
+  """PGD listed under two names (config.infinite.attacks and robust_data.eval_attacks) is one
+  evaluation with one key; clean accuracy is computed once per model."""
+  from ntk_scale import infinite_job
+  from ntk_scale.base_config import apgd_linf, pgd_linf
 
   calls = []
   real_evaluate = infinite_job.evaluate
@@ -170,11 +181,7 @@ def test_infinite_job_evaluates_each_model_and_attack_once(monkeypatch):
     return real_evaluate(model, split, *args, attack=attack, **kwargs)
 
   monkeypatch.setattr(infinite_job, "evaluate", counting_evaluate)
-  rng = np.random.default_rng(0)
-  weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-  logits_fn = lambda images: images.reshape(len(images), -1) @ weights
-  split = Split(rng.uniform(size=(12, 4, 4, 1)).astype(np.float32), np.arange(12) % 3)
-  evaluations = infinite_job._Evaluations(split, 8, parallel.make_mesh(), 3, seed=0)
+  logits_fn, evaluations = _linear_evaluations(12, seed=0)
   attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 3)})
   eval_attacks = ml_collections.ConfigDict({"pgd20": pgd_linf(0.1, 3), "apgd": apgd_linf(0.1, 3)})
   first = evaluations.rows("original", logits_fn, attacks, keep_examples=True)
@@ -602,12 +609,8 @@ def test_examples_asked_after_a_plain_evaluation_are_computed_and_clean_keeps_no
   """An attack first evaluated without its examples is evaluated again when they are asked for
   (else a row without "examples" came back); the clean row never keeps examples (it made none).
   Two PGD configs differing in eps draw different random starts (the key is of the config)."""
-  import jax
-  import jax.numpy as jnp
-
-  from ntk_scale import infinite_job, parallel
+  from ntk_scale import infinite_job
   from ntk_scale.base_config import pgd_linf
-  from ntk_scale.data import Split
 
   kept = []
   real_evaluate = infinite_job.evaluate
@@ -617,11 +620,7 @@ def test_examples_asked_after_a_plain_evaluation_are_computed_and_clean_keeps_no
     return real_evaluate(model, split, *args, attack=attack, keep_examples=keep_examples, **kwargs)
 
   monkeypatch.setattr(infinite_job, "evaluate", recording_evaluate)
-  rng = np.random.default_rng(1)
-  weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-  logits_fn = lambda images: images.reshape(len(images), -1) @ weights
-  split = Split(rng.uniform(size=(8, 4, 4, 1)).astype(np.float32), np.arange(8) % 3)
-  evaluations = infinite_job._Evaluations(split, 8, parallel.make_mesh(), 3, seed=0)
+  logits_fn, evaluations = _linear_evaluations(8, seed=1)
   attacks = ml_collections.ConfigDict({"pgd": pgd_linf(0.1, 2)})
   assert "examples" not in evaluations.rows("m", logits_fn, attacks)["pgd"]
   again = evaluations.rows("m", logits_fn, attacks, keep_examples=True)
