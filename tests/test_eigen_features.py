@@ -190,6 +190,9 @@ def test_job_reports_every_group_and_the_whole_predictor(trained, tmp_path, monk
     highest.append(all_highest(logits, params) and all_highest(jax.grad(logits), params))
     return directions(apply_fn, params, images, *args, **kwargs)
   monkeypatch.setattr(eigen_features_job, "parameter_directions", checked)
+  floors = []  # the groups' rank floor: the stored kernel's dtype and trace
+  monkeypatch.setattr(eigen_features_job, "rounding_floor",
+                      lambda dtype, trace: floors.append((dtype, trace)) or rounding_floor(dtype, trace))
   result = jobs.run(c, workdir)
   assert highest == [True]
   rows = {r["group"]: r for r in result["groups"]}
@@ -203,6 +206,8 @@ def test_job_reports_every_group_and_the_whole_predictor(trained, tmp_path, monk
   assert list(rows)[:4] == ["0", "1", "2", "3-5"]
   store = KernelStore.open(result["source_kernel"])
   pairs = eigh(store.read())
+  assert floors[0] == (store.meta["dtype"], pytest.approx(pairs.values.sum(), rel=1e-6))
+  assert store.meta["dtype"] == "float32"
   targets = _targets(store.labels(), 10)
   checked = {"0": np.array([0]), "3-5": np.arange(3, 6),
              "all": np.flatnonzero(pairs.values > 1e-10 * pairs.values[0])}
