@@ -93,8 +93,9 @@ def check_evolution_settings(config: ml_collections.ConfigDict) -> None:
   if span and (e.epochs or e.phase != 1):
     raise ValueError("config.evolution.around_collapse chooses phase-1 epochs itself; leave "
                      "config.evolution.epochs empty and config.evolution.phase=1.")
-  # select_epochs refuses these too, in the same words, but only after the data and the workdir are
-  # read: refused here, the dry run refuses them as well.
+  # select_epochs refuses these too, but only after the data and the workdir are read: refused here,
+  # the dry run refuses them as well. It alone can refuse two listed epochs that are apart here but
+  # both within 1e-9 of one saved checkpoint (same_epoch is not transitive): that needs the saved list.
   asked = sorted(float(x) for x in e.epochs)
   if len(asked) == 1:  # empty: every saved checkpoint
     raise ValueError(f"config.evolution.epochs selects 1 checkpoint(s) ({tuple(e.epochs)!r}); "
