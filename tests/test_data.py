@@ -238,6 +238,22 @@ def test_subset_size_checks_refuse_floats_and_bools(digits):
   check_subset_size("config.kernel.num_examples", 1, labels, [3], "training")
 
 
+def test_a_subset_may_take_the_whole_split_and_is_limited_by_its_own_scarcest_class():
+  """check_subset_size's boundaries: a size equal to the split's (every example of balanced classes)
+  is a subset; the class count that limits it is that of the classes chosen (here class 3, rare),
+  not of the classes 0, 1, ... numbered as many."""
+  field = "config.kernel.num_examples"
+  check_subset_size(field, 4, np.array([0, 0, 1, 1]), [0, 1], "training")
+  with pytest.raises(ValueError, match=rf"{field}=6 must be 0 \(all\) or a multiple of 2 \(the number "
+                                       rf"of classes in the subset\) in \[2, 4\]"):
+    check_subset_size(field, 6, np.array([0, 0, 1, 1]), [0, 1], "training")
+  labels = np.array([0] * 10 + [3] * 2)
+  check_subset_size(field, 2, labels, [3], "training")
+  with pytest.raises(ValueError, match=rf"{field}=3 takes 3 training examples of each class, but class 3 "
+                                       rf"has 2 training examples: use at most 2"):
+    check_subset_size(field, 3, labels, [3], "training")
+
+
 def test_class_balanced_subset_against_a_brute_force_count():
   # Every (labels, size, seed, classes) below: distinct valid rows, exactly size / len(classes) of
   # each class, grouped in the order of `classes`, and the same rows again for the same seed.
@@ -309,6 +325,7 @@ def test_load_tfds_not_prepared_without_download_raises(tmp_path):
   assert "mnist" in message
   assert "download_and_prepare" in message
   assert str(tmp_path) in message
+  assert f"--data_dir={tmp_path}" in message  # the instructions prepare it where this job looks
 
 
 def test_without_download_nothing_is_downloaded_and_each_split_is_read_from_its_own(monkeypatch):
@@ -331,10 +348,18 @@ def test_without_download_nothing_is_downloaded_and_each_split_is_read_from_its_
   monkeypatch.setattr(tfds_source, "_prepared_builder", lambda *args: "builder")
   monkeypatch.setattr(tfds_source, "_read_split", lambda builder, split: read.append(split) or Split(
       np.zeros((2, 28, 28, 1), np.float32), np.full(2, len(read), np.int32)))
-  for name in ("mnist", "cifar10", "svhn_cropped"):
+  for name in ("mnist", "cifar10", "cifar100", "svhn_cropped"):
     del read[:]
     dataset = tfds_source.load_tfds(name)
     assert read == ["train", "test"] and dataset.train.labels[0] == 1 and dataset.test.labels[0] == 2
+
+
+def test_each_datasets_number_of_classes_is_that_of_its_tfds_labels():
+  """The class count each dataset is loaded with (the models' logits, balanced subsets, APGD-T's
+  targets) is the one tfds' own metadata gives its labels (read offline, from the builders' code)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  for name, (_, _, num_classes) in tfds_source.TFDS_DATASETS.items():
+    assert num_classes == tfds.builder(name).info.features["label"].num_classes, name
 
 
 # --------------------------------------------------------------------------- boundaries
@@ -349,6 +374,9 @@ def test_one_example_past_a_batch_is_a_second_batch_and_a_split_of_one_batch_tra
   rows = np.concatenate([np.asarray(b["images"])[:, 0, 0, 0] for b in batches])
   assert masks.sum() == 9 and sorted(rows[masks == 1].tolist()) == list(range(9))
   assert TrainBatches(_indexed_split(8), 8, 0, mesh).steps_per_epoch == 1
+  # One row of padding: 7 examples in a batch of 8 (the padding row's index is the split's length).
+  (batch,) = eval_batches(_indexed_split(7), 8, mesh)
+  np.testing.assert_array_equal(np.asarray(batch["mask"]), [1, 1, 1, 1, 1, 1, 1, 0])
   with pytest.raises(ValueError, match="expected images"):
     Split(np.zeros((3, 2, 2, 1), np.float32), np.zeros(2, np.int32))
 
@@ -358,3 +386,6 @@ def test_seeds_stop_below_2_to_the_32_and_numpy_integers_count():
   check_seed(np.int64(3), "config.seed")
   with pytest.raises(ValueError, match=r"config.seed=4294967296 must be an integer in \[0, 2\*\*32\)"):
     check_seed(2**32, "config.seed")
+  check_seed(0, "config.seed")
+  with pytest.raises(ValueError, match=r"config.seed=-1 must be an integer in \[0, 2\*\*32\)"):
+    check_seed(-1, "config.seed")  # numpy's generators take no negative seed

@@ -342,6 +342,7 @@ def test_kernels_around_a_recorded_collapse(workdir):
 
 @pytest.mark.parametrize("epochs, scale, ticks", [
     ([0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5], "linear", ["0.0", "1.0"]),
+    ([0.0, 1.0, 2.0, 3.0], "linear", ["0.0", "1.0", "2.0", "3.0"]),  # past epoch 2, a span of 3 only
     ([0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0], "symlog", ["0", "0.1", "1", "10"])])
 def test_distance_to_final_plot_has_ticks_between_its_ends(monkeypatch, epochs, scale, ticks):
   """A symlog axis linear up to matplotlib's default epoch 2 labelled only its ends for a run of
@@ -547,3 +548,40 @@ def test_one_saved_checkpoint_is_no_evolution_and_old_records_are_made_again():
     select_epochs(evolution_config(), [0.5], 20)
   assert of_earlier_rules({"epochs": [0.0, 1.0]})
   assert not of_earlier_rules({"epochs": [0.0, 1.0], "settings": {}})
+
+
+def test_each_plot_file_holds_its_own_figure_of_the_measured_spaces(monkeypatch):
+  """plot_evolution's three files, each read back from its figure: the distance to the final kernel
+  of each measured space (no bottom-k where only top eigenpairs were computed) with the collapse a
+  red line at its epoch; the polar plot's angle (theta) against relative movement (r) on a quarter
+  circle; one spectrum per checkpoint in the order of the epochs, a zero eigenvalue floored to
+  1e-30 on the log axis."""
+  from ntk_scale.ntk import evolution_plots  # pylint: disable=import-outside-toplevel
+  figures = {}
+  monkeypatch.setattr(evolution_plots, "_save",
+                      lambda fig, path: figures.setdefault(os.path.basename(path), fig) and path)
+  rows = [{"epoch": e, "distance_to_final": 1.0 - e, "distance_to_final_top_k": 0.5 * (1.0 - e),
+           "distance_to_final_bottom_k": None, "angle": 0.3 * e, "angle_top_k": 0.2 * e,
+           "relative_movement": e, "relative_movement_top_k": 0.5 * e} for e in (0.0, 0.5, 1.0)]
+  results = {"checkpoints": rows, "phase": 1, "top_k": 3, "epochs": [0.0, 0.5, 1.0],
+             "eigenvalues": [[3.0, 2.0, 1.0], [4.0, 2.0, 0.5], [5.0, 1.0, 0.0]], "collapse": {"epoch": 0.5}}
+  paths = evolution_plots.plot_evolution(results, "plots")
+  assert paths == [os.path.join("plots", name) for name in evolution_plots.PLOTS]
+  distance = {line.get_label(): line for line in figures["distance_to_final.png"].axes[0].get_lines()}
+  assert set(distance) == {"whole kernel", "top-3 eigenspace", "robustness collapse"}
+  np.testing.assert_allclose(distance["top-3 eigenspace"].get_ydata(), [0.5, 0.25, 0.0])
+  assert list(distance["robustness collapse"].get_xdata()) == [0.5, 0.5]
+  polar = figures["polar.png"].axes[0]
+  assert polar.name == "polar" and polar.get_thetamax() == 90
+  whole = {line.get_label(): line for line in polar.get_lines()}["whole kernel"]
+  np.testing.assert_allclose(whole.get_xdata(), [0.0, 0.15, 0.3])  # the angle
+  np.testing.assert_allclose(whole.get_ydata(), [0.0, 0.5, 1.0])  # the relative movement
+  spectra = figures["spectra.png"].axes[0]
+  assert spectra.get_yscale() == "log" and [line.get_label() for line in spectra.get_lines()] == [
+      "epoch 0", "epoch 0.5", "epoch 1"]
+  np.testing.assert_array_equal(spectra.get_lines()[2].get_ydata(), [5.0, 1.0, 1e-30])
+  for row in rows:  # a dense eigendecomposition measures the bottom-k eigenspace too
+    row["distance_to_final_bottom_k"] = 0.25 * (1.0 - row["epoch"])
+  evolution_plots.plot_distance_to_final(results, "bottom.png")
+  assert [line.get_label() for line in figures["bottom.png"].axes[0].get_lines()] == [
+      "whole kernel", "top-3 eigenspace", "bottom-3 eigenspace", "robustness collapse"]

@@ -77,10 +77,15 @@ def test_bad_overrides_and_files_are_named_before_launching():
     work_units(CO, ["--config.train.atack.eps=0.1"], "/r")
   with pytest.raises(ValueError, match="--config.<field>=<value>"):
     parse_override("--seed=1")
-  with pytest.raises(FileNotFoundError, match="configs/nope.py"):
+  with pytest.raises(FileNotFoundError, match="--config=configs/nope.py: no such config file"):
     work_units("configs/nope.py", [], "/r")
   with pytest.raises(ValueError, match="--accelerator='gpu'"):
     launch.requirements("gpu")
+  with pytest.raises(ValueError, match="--accelerator='local_gpu=0': expected name=count"):
+    launch.requirements("local_gpu=0")
+  assert launch.requirements("") == {}  # CPU only
+  assert launch.requirements(" TPU_V3=8,", "vertex") == {"tpu_v3": 8}
+  assert parse_override("--config.data.data_dir=") == ("data.data_dir", "")  # an empty string is a value
   assert launch.requirements("tpu_v3=8", "vertex") == {"tpu_v3": 8}
   with pytest.raises(ValueError, match=r"--accelerator='tpu_v4=8': XManager's vertex executor does not "
                                        r"provide tpu_v4; it provides p4, .* \(empty for CPU only\)\. TPU v4 "
@@ -94,6 +99,12 @@ def test_bad_overrides_and_files_are_named_before_launching():
   assert launch.jax_wheel({"tpu_v3": 8}) == "jax[tpu]"
   assert launch.jax_wheel({"local_gpu": 1}) == "jax[cuda13]"
   assert launch.jax_wheel({}) == "jax"
+  # Every accelerator the Vertex AI executor provides counts its devices; TPUs of either generation
+  # get the TPU wheel and --distributed.
+  accelerators = set(launch.EXECUTOR_RESOURCES["vertex"]) - {"cpu", "ram", "memory"}
+  assert {name for name in accelerators if launch.devices_per_unit({name: 2}) == 2} == accelerators
+  assert all(launch.on_tpu({name: 8}) and launch.jax_wheel({name: 8}) == "jax[tpu]"
+             for name in ("tpu_v2", "tpu_v3"))
 
 
 def test_an_override_below_a_value_is_named_as_an_absent_field():
@@ -301,6 +312,8 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch, tmp_path):
   launch.launch(units, {"tpu_v3": 8}, title="co sweep", executor="vertex",
                 volumes=launch.workdir_volumes("gs://bucket/co", "vertex"))
   assert [job["args"] for job in recorded["jobs"]] == [{**u.flags(), "distributed": True} for u in units]
+  assert recorded["container"]["executor_spec"] == "vertex spec"
+  assert all(type(job["executor"]).__name__ == "Vertex" for job in recorded["jobs"])
 
 
 def test_dry_run_lists_the_units_and_each_command_runs_main():
@@ -345,3 +358,34 @@ def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
     if not was_parsed:
       flags.FLAGS.unparse_flags()
   assert "1 work unit(s); executor vertex, resources {'h100': 4}." in capsys.readouterr().out
+
+
+def test_a_tpu_dry_run_prints_the_commands_the_units_run(capsys):
+  """--dry_run shows each unit's command as launched: on TPUs with --distributed."""
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  try:
+    with flagsaver.flagsaver(config="configs/digits.py:smoke", workdir_root="gs://b/d", executor="vertex",
+                             dry_run=True, accelerator="tpu_v2=8"):
+      launch.main(["launch.py"])
+  finally:
+    if not was_parsed:
+      flags.FLAGS.unparse_flags()
+  assert capsys.readouterr().out.splitlines()[0] == (
+      "python main.py --config=configs/digits.py:smoke --workdir=gs://b/d --distributed=True")
+
+
+def test_sweeps_with_one_unit_no_unit_or_two_of_one_name_and_files_without_get_config(tmp_path,
+                                                                                     monkeypatch):
+  """A sweep of one unit is named by its overrides (its workdir under the root); an empty sweep, two
+  units of one name and a file without get_config are refused, naming the file."""
+  (unit,) = work_units(_sweep_repo(tmp_path, monkeypatch, [{"seed": 1}]), [], "/runs/s")
+  assert (unit.name, unit.workdir, unit.config) == ("seed=1", "/runs/s/seed=1", "sweep.py")
+  with pytest.raises(ValueError, match=r"sweep.py: get_sweep\(''\) returned no work units"):
+    work_units(_sweep_repo(tmp_path, monkeypatch, []), [], "/runs/s")
+  with pytest.raises(ValueError, match=r"sweep.py: two work units are named 'a'; give them distinct"):
+    work_units(_sweep_repo(tmp_path, monkeypatch, [{"name": "a", "seed": 1}, {"name": "a", "seed": 2}]),
+               [], "/runs/s")
+  (tmp_path / "settings.py").write_text("SEED = 1\n")
+  with pytest.raises(ValueError, match=r"--config=settings.py defines no get_config\(arg\)"):
+    work_units("settings.py", [], "/runs/s")

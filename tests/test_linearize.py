@@ -192,8 +192,10 @@ def test_frozen_batch_norm_ignores_the_batch_and_keeps_the_statistics():
                              rtol=1e-6, atol=1e-6)
   # The statistics kept are those given (a train state's), not batch_stats0 (the same above).
   moved = jax.tree.map(lambda a: a * 2.0 + 0.5, variables["batch_stats"])
-  _, updates = train({**theta, "batch_stats": moved}, x)
+  out_moved, updates = train({**theta, "batch_stats": moved}, x)
   jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], moved)
+  # ... yet it normalises with batch_stats0's, whatever statistics the state holds.
+  np.testing.assert_allclose(out_moved, out, rtol=1e-6, atol=1e-6)
 
 
 def test_output_components_of_frozen_batch_norm_ignore_the_statistics_given():
@@ -212,8 +214,12 @@ def test_output_components_of_frozen_batch_norm_ignore_the_statistics_given():
   np.testing.assert_allclose(given["f0"], network(bs0, x), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(given["jvp"], default["jvp"])
   assert np.abs(network(moved, x) - network(bs0, x)).max() > 1e-2  # the statistics matter
-  loose = output_components(LinearizedModel(model, p0, bs0, batch_norm="loose"), params, x, moved)
+  loose = output_components(LinearizedModel(model, p0, bs0, kind="centered_nonlinear", batch_norm="loose"),
+                            params, x, moved)
   np.testing.assert_allclose(loose["f0"], network(moved, x), rtol=1e-5, atol=1e-6)
+  # centered_nonlinear's own output on those statistics too
+  moved_network = model.apply({"params": params, "batch_stats": moved}, x, train=False)
+  np.testing.assert_allclose(loose["output"], moved_network - network(moved, x), rtol=1e-5, atol=1e-5)
 
 
 def test_loose_batch_norm_uses_the_batch_and_updates_the_statistics():
@@ -371,3 +377,56 @@ def test_centered_nonlinear_computes_at_highest_precision(kind):
   gradient = jax.grad(lambda params: jnp.sum(forward(params) ** 2))
   assert all_highest(forward, variables["params"]) == (kind == "centered_nonlinear")
   assert all_highest(gradient, variables["params"]) == (kind == "centered_nonlinear")
+
+
+def test_running_averages_are_returned_for_each_form_of_mutable_and_none_without_batch_norm():
+  """apply(mutable=...) returns the running averages when they are asked for in any of flax's forms
+  (True, the collection's name, a list of names) and nothing otherwise; a network without BatchNorm
+  trains with the empty updates flax's own apply returns."""
+  model = MODELS["mlp"]()
+  variables, x = _init(model), _images()
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"], kind="centered_nonlinear",
+                        batch_norm="loose")
+  for mutable, returned in ((True, True), ("batch_stats", True), (["batch_stats"], True),
+                            ("intermediates", False), (["intermediates"], False)):
+    out, updates = lin.apply(variables, x, train=True, mutable=mutable)
+    assert set(updates) == ({"batch_stats"} if returned else set()), mutable
+  # At theta0, f(theta) - f(theta0) vanishes in training too: both passes on the batch's statistics.
+  np.testing.assert_allclose(out, np.zeros_like(out), atol=1e-6)
+  plain = _model("mlp", 16, batch_norm=False)
+  params = _init(plain)["params"]
+  lin = LinearizedModel(plain, params, None, batch_norm="loose")
+  out, updates = lin.apply({"params": params}, x, train=True, mutable=["batch_stats"])
+  expected, flax_updates = plain.apply({"params": params}, x, train=True, mutable=["batch_stats"])
+  assert updates == flax_updates == {}
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_float32_checkpoint_linearized_in_float64_is_the_float64_network_at_theta0():
+  """A kernel asked for in float64 passes float64 params to the linearization of a float32
+  checkpoint: theta0 and its running averages are promoted (exactly), so at theta0 the linear form
+  is the float64 network to float64's rounding, not float32's."""
+  with jax.enable_x64(True):
+    model = MODELS["mlp"]()
+    variables, x = _init(model), _images(dtype=np.float64)  # the checkpoint in float32
+    lin = LinearizedModel(model, variables["params"], variables["batch_stats"])
+    wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    out = jax.jit(lambda params, x: lin.apply({"params": params}, x, train=False))(wide["params"], x)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, model.apply(wide, x, train=False), rtol=1e-12, atol=1e-12)
+
+
+def test_theta0_survives_the_deletion_of_the_buffers_it_was_built_from_and_handed_out():
+  """A train step donates its state, whose buffers an accelerator then deletes (this CPU keeps
+  them, so they are deleted here by hand): theta0 must outlive both the variables it was built from
+  and the copies init handed out."""
+  model = MODELS["mlp"]()
+  variables = _init(model)
+  kept = jax.tree.map(np.array, variables)
+  lin = LinearizedModel(model, variables["params"], variables["batch_stats"])
+  start = lin.init(jax.random.key(0), None)
+  for tree in (variables, start):
+    jax.tree.map(lambda a: a.delete(), tree)
+  again = lin.init(jax.random.key(0), None)
+  for got in ({"params": lin.params0, "batch_stats": lin.batch_stats0}, again):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), kept)

@@ -173,10 +173,10 @@ def _numpy_conv(x, kernel, bias, stride, pad):
   return out + bias
 
 
-@pytest.mark.parametrize("channels, features, strides", [(3, 3, 1), (2, 4, 2)])
+@pytest.mark.parametrize("channels, features, strides", [(3, 3, 1), (2, 4, 2), (2, 4, 1)])
 def test_basic_block_matches_a_numpy_residual_block(channels, features, strides):
   """He et al.'s block: relu(conv2(relu(conv1(x))) + shortcut(x)), the shortcut the identity or
-  a strided 1x1 convolution; the ReLU after the sum keeps every output >= 0 (without it the
+  a 1x1 convolution (strided, or for a change of channels alone at stride 1); the ReLU after the sum keeps every output >= 0 (without it the
   block passed negative values on to the next)."""
   block = BasicBlock(features, strides, batch_norm=False)
   x = _images((2, 6, 6, channels), seed=8) - 0.5
@@ -362,6 +362,20 @@ def test_build_model_num_classes_and_batch_norm_flag(name):
   assert out.shape == (3, 7)
 
 
+def test_a_partial_model_section_is_completed_with_the_base_configs_defaults():
+  """A model section naming only some fields (an older record's, say) is checked and built with
+  base_config's defaults for the rest: width 32, depth 2, no BatchNorm."""
+  section = ml_collections.ConfigDict({"name": "mlp"})
+  check_model_config(section)
+  shapes = _shapes(_abstract_variables(build_model(section, 3), (1, 4, 4, 1))["params"])
+  assert shapes == {"dense1/kernel": (16, 32), "dense1/bias": (32,), "dense2/kernel": (32, 32),
+                    "dense2/bias": (32,), "head/kernel": (32, 3), "head/bias": (3,)}
+  section = ml_collections.ConfigDict({"name": "cnn", "width": 2})
+  check_model_config(section)
+  shapes = _shapes(_abstract_variables(build_model(section, 3), (1, 4, 4, 1))["params"])
+  assert shapes["conv6/kernel"] == (3, 3, 8, 8) and "conv1/bias" in shapes  # no BatchNorm
+
+
 @pytest.mark.parametrize("name", ["resnet18", "cnn", "mlp"])
 def test_bfloat16_twin_shares_the_variables_and_computes_in_bfloat16(name):
   """model.clone(dtype=bfloat16) (config.train.compute_dtype): the same float32 variables, every
@@ -380,6 +394,13 @@ def test_bfloat16_twin_shares_the_variables_and_computes_in_bfloat16(name):
   # Jitted: op by op, each model compiled every primitive of its layers on its own (most of the time).
   full, half = (jax.jit(lambda v, m=m: m.apply(v, x, train=False))(variables) for m in (model, twin))
   assert half.dtype == jnp.float32
+  # Activations too: every layer's output (BatchNorm's included; its statistics stay float32) is
+  # bfloat16, the logits alone float32.
+  _, state = jax.eval_shape(lambda v: twin.apply(v, x, train=False, capture_intermediates=True), variables)
+  outputs = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"]), sep="/")
+  layers = {path: out.dtype for path, (out,) in outputs.items() if path != "__call__"}
+  assert any("BatchNorm" in path for path in layers) and outputs["__call__"][0].dtype == jnp.float32
+  assert layers == {path: jnp.dtype(jnp.bfloat16) for path in layers}
   assert jnp.max(jnp.abs(half - full)) <= 0.03 * jnp.max(jnp.abs(full))  # 0.004-0.008 measured
 
 

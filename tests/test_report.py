@@ -7,6 +7,7 @@ config says so; a rerun picks up new results and drops the files of removed ones
 import html.parser
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from ntk_scale.ntk.evolution import evolution_metrics
 from ntk_scale.ntk.evolution_plots import plot_evolution
 from ntk_scale.ntk.spectrum import Eigenpairs
 from ntk_scale.ntk.store import KernelStore
-from ntk_scale.report import fmt
+from ntk_scale.report import fmt, key_value_table, plot_training_curves
 from ntk_scale.train.collapse import CO_FILE, CollapseDetector
 from ntk_scale.train.writers import JsonlWriter
 
@@ -367,3 +368,105 @@ def test_names_sort_by_their_numbers_and_infinite_results_hide_their_settings_di
     json.dump({"settings": digest, "kernel_regression/clean/accuracy": 0.875}, f)
   html = "\n".join(infinite_parts(ReportPage(str(tmp_path / "report")), str(tmp_path)))
   assert "0.875" in html and digest not in html
+
+
+def test_cells_show_four_significant_digits_yes_no_and_compact_lists():
+  """fmt's documented formats (the tests above compare the page with fmt's own output)."""
+  assert [fmt(v) for v in (None, True, False, 0.123456, 7, "x")] == ["", "yes", "no", "0.1235", "7", "x"]
+  assert fmt([1, 2.5]) == "1, 2.5" and fmt(list(range(20))) == ", ".join(map(str, range(20)))
+  assert fmt(list(range(21))) == json.dumps(list(range(21))) and fmt([True, 1]) == "[true, 1]"
+  assert fmt({"a": 1}) == '{"a": 1}'
+  # An empty section of a record shows as {} (it would vanish from a flattened record).
+  assert "<td class=\"k\">attacks</td><td>{}</td>" in key_value_table({"attacks": {}, "seed": 1})
+
+
+def test_training_curves_plot_the_training_series_by_epoch_and_mark_the_collapse():
+  """The figure itself: a panel per kind of series against the epoch (test/ metrics are not curves),
+  a loss spanning more than 100x on a log axis, the collapse a line at its epoch on the accuracies."""
+  records = [{"step": s, "train/loss": 100.0 / s ** 2, "train/accuracy": s / 16, "train/epoch": s / 8,
+              "co/robust_accuracy": 0.3} for s in range(1, 17)] + [{"step": 16, "test/accuracy": 0.5}]
+  fig = plot_training_curves(records, collapse_epoch=1.25)
+  loss, accuracy = fig.axes
+  assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy"] and loss.get_yscale() == "log"
+  lines = {line.get_label(): line for line in accuracy.get_lines()}
+  assert set(lines) == {"train/accuracy", "co/robust_accuracy", "robustness collapse"}
+  np.testing.assert_allclose(lines["train/accuracy"].get_xdata(), np.arange(1, 17) / 8)
+  assert list(lines["robustness collapse"].get_xdata()) == [1.25, 1.25]
+  assert [line.get_label() for line in loss.get_lines()] == ["train/loss"]
+
+
+def _rows_of(text: str, name: str) -> list[str]:
+  """The cells of the table row whose first cell is `name`."""
+  row = re.search(rf"<tr><td class=\"k\">{re.escape(name)}</td>(.*?)</tr>", text)
+  assert row, name
+  return re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+
+
+def test_results_the_main_workdir_lacks_are_shown_too(tmp_path, monkeypatch):
+  """What the fixture's workdir does not hold: a workdir with the infinite job's sets only (no
+  training: titled Workdir), phase 2 in its old layout, the infinite job's networks in natural
+  order with their final test metrics and CO records, kernels ordered by phase and epoch with
+  their own trace, one above the size limit, a long CSV cut at MAX_TABLE_ROWS and JSON linked,
+  the optimised training set noted, per-class columns for any evaluation that has them."""
+  from ntk_scale import report  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path)
+  record_experiment(workdir)
+  save_adversarial_set(os.path.join(workdir, "adversarial", "apgd"), {
+      "images": np.zeros((3, 8, 8, 1), np.float32), "labels": np.zeros(3, np.int32),
+      "predictions": np.ones(3, np.int32), "clean_predictions": np.zeros(3, np.int32)},
+      {"accuracy": 0.0, "clean_accuracy": 1.0, "source": "kernel regression", "split": "test",
+       "kernel": {"attacks": {"apgd": {"name": "apgd_ce", "norm": "l2", "eps": 0.5, "num_steps": 9}}}})
+  write_metrics(os.path.join(workdir, "phase2"), 4, co=False)
+  for width in (32, 8):
+    network = os.path.join(workdir, "transfer", f"width{width}")
+    write_metrics(network, 8, co=False)
+    JsonlWriter(os.path.join(network, "metrics.jsonl")).write_scalars(12, {"test/accuracy": 0.4375})
+    write_evaluation(network, 8, 1.0, {"clean": per_class(0.5), "transfer": {"accuracy": 0.625, "loss": 1.5}})
+    co = {"collapsed": width == 8, "sustained": False, "collapse": {"epoch": 0.5} if width == 8 else None}
+    files.write_json(os.path.join(network, CO_FILE), co)
+  kernels = {}
+  for name, phase, epoch, seed in (("z", 1, 2.0, 7), ("a", 2, 1.0, 8), ("m", 1, 10.0, 9)):
+    store = write_store(os.path.join(workdir, "kernels", name), random_kernel(seed, n=12), tile=12)
+    store.update_meta(source={"phase": phase, "epoch": epoch})
+    kernels[name] = np.linalg.eigvalsh(random_kernel(seed, n=12))
+  write_store(os.path.join(workdir, "kernels", "big"), random_kernel(10, n=24), tile=24)
+  images = os.path.join(workdir, "eigen_images", "k")
+  os.makedirs(images)
+  files.write_csv(os.path.join(images, "long.csv"), [{"i": i} for i in range(203)])
+  files.write_csv(os.path.join(images, "short.csv"), [{"i": 1}])
+  files.write_json(os.path.join(images, "summary.json"), {"rows": 203})
+  files.write_json(os.path.join(workdir, "results.json"), {"kernel_regression": {"clean": 0.75}})
+  np.savez(os.path.join(workdir, "robust_dataset.npz"), x=np.zeros(4))
+  monkeypatch.setattr(report, "MAX_SPECTRUM_SIZE", 20)
+  index = jobs.run(report_config(), workdir)["report"]
+  page = check_page(index)
+  with open(index, encoding="utf-8") as f:
+    text = f.read()
+  sections = [h for h in page.headings if h in ("Workdir", "Phase 1", "Phase 2", "Kernels",
+                                                "Infinite-width job: network width8",
+                                                "Infinite-width job: network width32")]
+  assert sections == ["Workdir", "Phase 2", "Kernels", "Infinite-width job: network width8",
+                      "Infinite-width job: network width32"]
+  assert _rows_of(text, "apgd")[:4] == ["apgd_ce", "l2", "0.5", "9"]
+  assert "Test metrics at the end of training (step 12)" in page.headings
+  assert "Catastrophic overfitting: collapse at epoch 0.5, transient" in page.headings
+  assert "Catastrophic overfitting: no collapse recorded" in page.headings
+  assert text.count("<th>class 3</th>") == 2 and text.count("<th>loss</th>") == 2  # one per network
+  order = [m.group(1) for m in re.finditer(r'<tr><td class="k">(z|a|m|big)</td>', text)]
+  assert order == ["big", "z", "m", "a"]  # (phase, epoch, name); big has no source: phase 0
+  for name, values in kernels.items():
+    assert _rows_of(text, name)[-3:] == [fmt(float(values[-1])), fmt(float(values.sum())), "12"], name
+  shown = " ".join(page.text)
+  assert "No spectrum drawn for kernels larger than 20 rows (N, or N*C for full kernels) without a " \
+         "spectrum job's result: big;" in shown
+  long_table = text.split('<table><tr><th class="k">i</th></tr>')[1]
+  assert long_table.split("</table>")[0].count("<tr>") == 200  # MAX_TABLE_ROWS of 203
+  assert shown.count("more rows in the file") == 1 and "... 3 more rows in the file." in shown
+  assert "eigen_images/k/summary.json" in page.links
+  assert "The optimised training set: robust_dataset.npz" in shown
+  assert text.count('<tr><td class="k">batch_size</td>') == 2  # the summary's and the config's
+  # Evaluations without training curves are a trained run still: titled Phase 1.
+  evaluated = str(tmp_path / "evaluated")
+  record_experiment(evaluated)
+  write_evaluation(evaluated, 8, 1.0, {"clean": per_class(0.5)})
+  assert "Phase 1" in check_page(jobs.run(report_config(), evaluated)["report"]).headings

@@ -179,7 +179,8 @@ class _Unprepared:
 @pytest.mark.parametrize("reachable, proxy, refused", [
     ((), None, True),  # nothing reachable: refused at once, naming both hosts
     (("www.cs.toronto.edu",), None, False),  # GCS blocked, CIFAR's own host open: tfds downloads
-    ((), "http://proxy.example:3128", False),  # behind a proxy a direct probe says nothing
+    ((), ("HTTPS_PROXY", "http://proxy.example:3128"), False),  # behind a proxy a probe says nothing
+    ((), ("HTTP_PROXY", "http://proxy.example:3128"), False),  # an http proxy alone, too
 ])
 def test_the_network_probe_tries_the_datasets_own_host_and_trusts_a_proxy(monkeypatch, reachable,
                                                                           proxy, refused):
@@ -190,7 +191,7 @@ def test_the_network_probe_tries_the_datasets_own_host_and_trusts_a_proxy(monkey
   for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
     monkeypatch.delenv(name, raising=False)
   if proxy:
-    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    monkeypatch.setenv(*proxy)
   builder = _Unprepared()
   if refused:
     with pytest.raises(DatasetUnavailableError,
@@ -200,3 +201,33 @@ def test_the_network_probe_tries_the_datasets_own_host_and_trusts_a_proxy(monkey
     assert tfds_source._prepare(builder, "cifar10", None, download=True) is builder
   assert builder.downloaded == (not refused)
   assert probed == ([] if proxy else [("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443)])
+
+
+def test_a_dataset_served_from_cloud_storage_probes_it_once_and_without_download_nothing(monkeypatch):
+  """MNIST's source is tfds' GCS mirror itself: one host, probed once. config.data.download=False
+  refuses as such, without probing the network (a probe of an unreachable host waits seconds, and
+  would give the wrong reason)."""
+  probed = []
+  monkeypatch.setattr(tfds_source, "_reachable", lambda address: probed.append(address) and False)
+  monkeypatch.setattr(tfds_source, "_downloads_for_real", lambda builder: True)
+  for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(DatasetUnavailableError, match="config.data.download is False"):
+    tfds_source._prepare(_Unprepared(), "cifar10", None, download=False)
+  assert probed == []
+  with pytest.raises(DatasetUnavailableError, match="neither storage.googleapis.com can be reached"):
+    tfds_source._prepare(_Unprepared(), "mnist", None, download=True)
+  assert probed == [("storage.googleapis.com", 443)]
+
+
+def test_the_probe_tells_an_open_port_from_a_closed_one():
+  """_reachable itself (the tests above replace it): a listening local socket is reachable, the same
+  port once closed is not (refused at once, no timeout)."""
+  import socket
+
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    address = server.getsockname()
+    assert tfds_source._reachable(address, timeout_s=2.0)
+  assert not tfds_source._reachable(address, timeout_s=2.0)
