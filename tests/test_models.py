@@ -89,18 +89,16 @@ def test_hand_count_is_the_canonical_resnet18_count():
 
 
 def test_resnet18_parameter_count_is_canonical():
-  """EXPOSES BUG (ntk_scale/models/resnet.py, BasicBlock): one nn.BatchNorm instance is created
-  per block (`norm = batch_norm(...)`) and called after conv1, conv2 and the shortcut, so those
-  layers share one scale/bias (and one set of running statistics). The model has 11,168,330
-  parameters instead of 11,173,962 (5,632 BatchNorm parameters missing)."""
+  """The CIFAR ResNet-18 (3x3 stem, 10 classes): 11,173,962 parameters, the hand count. A BatchNorm
+  shared by the convolutions of a block (as resnet.py once had) left 11,168,330: 5,632 missing."""
   model = _model("resnet18", width=64, batch_norm=True)
   variables = _abstract_variables(model, (1, 32, 32, 3))
   assert _num_params(variables) == 11_173_962
 
 
 def test_resnet18_every_conv_has_its_own_batchnorm():
-  """EXPOSES BUG (same as above): each BasicBlock must hold one BatchNorm per conv (2, or 3 with a
-  projection shortcut); it holds a single shared BatchNorm."""
+  """Each BasicBlock holds one BatchNorm, with its own running statistics, per convolution: 2, or 3
+  with a projection shortcut."""
   model = _model("resnet18", width=8, batch_norm=True)
   variables = _abstract_variables(model, (1, 32, 32, 3))
   for stage in range(1, 5):

@@ -5,7 +5,8 @@ Loo et al.'s two updates per adversarial batch, a cosine schedule over optimizer
 adversarial phase 2 of a linearized model whose BatchNorm statistics move ("loose").
 (Mode C killed by SIGKILL: tests/test_train.py; a benign centered phase 2: tests/test_phase2.py.)
 A preemption saves at a step between scheduled saves, with the metrics not yet logged, and the run
-resumed from it is the uninterrupted one too (main.py's SIGTERM and exit code: tests/test_train.py)."""
+resumed from it is the uninterrupted one too (main.py stopped by Ctrl-C, its exit code:
+tests/test_train.py; by SIGTERM: the pairs of tests/test_multihost.py)."""
 
 import contextlib
 import json

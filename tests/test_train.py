@@ -148,31 +148,46 @@ def _signal_when_written(proc, pattern: str, signum: int = signal.SIGKILL,
   return proc.communicate(timeout=300)[0]
 
 
-def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
-  """Three epochs: preempted in epoch 1 with metrics not yet logged, resumed across epoch 1's end
-  and killed after epoch 2's save, the last run resumed at an epoch boundary. (An epoch trains in
-  ~1 s: a run's cost is its start.)"""
+# main.py with SIGINT restored to Python's handler: a background job of a non-interactive shell (CI)
+# inherits it ignored, which main.py leaves as it is (no preexec_fn: a fork of this multithreaded
+# process could deadlock before its exec).
+INTERRUPTIBLE = ("-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                 "signal.default_int_handler); sys.argv = sys.argv[1:]; "
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_interrupt_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
+  """Three epochs: stopped by Ctrl-C in epoch 1 with metrics not yet logged, resumed across epoch
+  1's end and killed after epoch 2's save, the last run resumed at an epoch boundary. (An epoch
+  trains in ~1 s: a run's cost is its start.)
+
+  A first Ctrl-C is a preemption notice, as SIGTERM is (the notice and its exit status in one
+  process: tests/test_resume.py; SIGTERM to main.py: the pairs of tests/test_multihost.py): the run
+  saves at the step it is in, with the metrics of the steps it has not logged, and exits 130
+  without a traceback (no KeyboardInterrupt landed in Orbax's threads or XLA's compiler)."""
   # Saves at steps 0, 11 (epoch 0.5), 22, 44, 55 (epoch 2.5), 66; metrics logged every 11 steps.
   overrides = ("--config.num_epochs=3", "--config.log_every_steps=11",
                "--config.checkpoint.fractional_epochs=(0.5,2.5)", *SHORT_ATTACKS)
   main_py(tmp_path / "straight", *overrides)
   killed = tmp_path / "killed"
-  # A preemption notice (SIGTERM) between steps 3 and 10: the run saves where it stands, with the
-  # metrics of the steps it has not logged, and exits 143. Sent when the trace of step 3
-  # (profile_steps=1, a runtime field) is copied into the workdir, after step 3 and before the run
-  # looks for a notice after it; the next save and log are 8 steps later. (Sent when a checkpoint
-  # appeared, it landed on a save step, where every metric has been logged.)
-  proc = main_py(killed, *overrides, "--config.profile_steps=1", wait=False)
-  out = _signal_when_written(proc, str(killed / "plugins" / "profile" / "*" / "*"), signal.SIGTERM)
-  assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
-  preempted_at = int(re.search(r"train state at step (\d+) is saved", out)[1])
-  assert 3 <= preempted_at < 11, "the notice came too late: every metric was logged"
-  assert (killed / "checkpoints" / str(preempted_at)).is_dir()
+  # Ctrl-C between steps 3 and 10, sent when the trace of step 3 (profile_steps=1, a runtime field)
+  # is copied into the workdir, after step 3 and before the run looks for a notice after it; the
+  # next save and log are 8 steps later. (Sent when a checkpoint appeared, it landed on a save
+  # step, where every metric has been logged.)
+  proc = main_py(killed, *overrides, "--config.profile_steps=1", wait=False,
+                 python_args=INTERRUPTIBLE)
+  out = _signal_when_written(proc, str(killed / "plugins" / "profile" / "*" / "*"), signal.SIGINT)
+  assert proc.returncode == INTERRUPTED_EXIT_CODE, out[-3000:]
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+  assert "Ctrl-C again stops at once" in out
+  stopped_at = int(re.search(r"interrupted \(Ctrl-C\): the train state at step (\d+) is saved", out)[1])
+  assert 3 <= stopped_at < 11, "the Ctrl-C came too late: every metric was logged"
+  assert (killed / "checkpoints" / str(stopped_at)).is_dir()
   # Resumed from there, then SIGKILL just after epoch 2 appeared.
   proc = main_py(killed, *overrides, wait=False)
   out = _signal_when_written(proc, str(killed / "checkpoints" / "44"))
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  assert f"from step {preempted_at} " in out
+  assert f"from step {stopped_at} " in out
   main_py(killed, *overrides)
 
   straight, resumed = final_state_leaves(tmp_path / "straight"), final_state_leaves(killed)
@@ -181,26 +196,6 @@ def test_preemption_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
     np.testing.assert_array_equal(a, b)
   # The metrics file tells the story of one run: no duplicated or missing steps.
   assert train_records(killed) == train_records(tmp_path / "straight")
-
-
-def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint_and_exit_130(tmp_path):
-  """A first Ctrl-C is a preemption notice: the run saves at the step it is in and exits 130 without
-  a traceback (a KeyboardInterrupt landed in Orbax's threads or XLA's compiler). A rerun resumes
-  from that checkpoint as after SIGTERM (test_preemption_kill_and_rerun_equal_uninterrupted_bitwise).
-  SIGINT restored to Python's handler in the child: a background job of a non-interactive shell
-  (CI) inherits it ignored, which main.py leaves as it is (no preexec_fn: a fork of this
-  multithreaded process could deadlock before its exec)."""
-  interruptible = ("-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, "
-                   "signal.default_int_handler); sys.argv = sys.argv[1:]; "
-                   "runpy.run_path(sys.argv[0], run_name='__main__')")
-  proc = main_py(tmp_path, *ONE_EPOCH, "--config.profile_steps=1", wait=False,
-                 python_args=interruptible)
-  out = _signal_when_written(proc, str(tmp_path / "plugins" / "profile" / "*" / "*"), signal.SIGINT)
-  assert proc.returncode == INTERRUPTED_EXIT_CODE, out[-3000:]
-  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
-  assert "Ctrl-C again stops at once" in out
-  stopped_at = int(re.search(r"interrupted \(Ctrl-C\): the train state at step (\d+) is saved", out)[1])
-  assert 3 <= stopped_at < 22 and (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
 
 
 def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path):
