@@ -183,9 +183,11 @@ def test_a_checkpoint_deleted_while_a_reader_lists_them_is_left_out(tmp_path):
 
 
 # A read that fails in tensorstore leaves its other reads pending: finishing after Orbax's asyncio
-# loop has closed, they report "Event loop is closed" from tensorstore's thread (upstream; the
-# failed restore is the test's subject and raised as it should).
+# loop has closed, they report "Event loop is closed" from tensorstore's thread, or (seen once in
+# CI) Orbax's metadata read is dropped unawaited (upstream; the failed restore is the test's
+# subject and raised as it should).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine 'Store._get_array_metadatas' was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("damage,read", [
     (["state/_METADATA"], "parameters"),  # a kernel job: AttributeError 'NoneType' ... 'tree'
     (["state/d", "state/ocdbt.process_0/d"], "state"),  # a tensorstore error naming neither
