@@ -1,6 +1,7 @@
 """The launcher builds a sweep's work units (checked, one workdir each) and hands them to XManager
 as one job per unit, without launching anything here (XManager is replaced by a recorder)."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -332,6 +333,20 @@ def test_dry_run_lists_the_units_and_each_command_runs_main():
   assert "dry run of job 'train'" in ran.stdout
 
 
+@contextlib.contextmanager
+def _launch_flags(**values):
+  """launch.py's flags set to `values` as absl would parse them, for a call of launch.main; the
+  flags' parsed state and values are restored after."""
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  try:
+    with flagsaver.flagsaver(**values):
+      yield
+  finally:
+    if not was_parsed:
+      flags.FLAGS.unparse_flags()
+
+
 def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
   """A GPU unit's one process sees its GPUs: a batch that does not split over them was refused
   only once the unit ran. A TPU v2/v3 count names TensorCores, each a device; CPU units, one."""
@@ -343,34 +358,22 @@ def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
                                        r"must be a positive multiple of the device count \(8 devices\)"):
     work_units("configs/digits.py:smoke", bad, "/runs/d", num_devices=8)
   assert len(work_units("configs/digits.py:smoke", bad, "/runs/d", num_devices=4)) == 1
-  # launch.py passes its --accelerator's count (its flags set as absl would parse them)
-  was_parsed = flags.FLAGS.is_parsed()
-  flags.FLAGS.mark_as_parsed()
-  try:
-    launch_flags = dict(config="configs/digits.py:smoke", workdir_root="gs://b/d", executor="vertex",
-                        dry_run=True)
-    with flagsaver.flagsaver(**launch_flags, accelerator="h100=8"):
-      with pytest.raises(ValueError, match=r"count \(8 devices\)"):
-        launch.main(["launch.py", *bad])
-    with flagsaver.flagsaver(**launch_flags, accelerator="h100=4"):
+  # launch.py passes its --accelerator's count
+  launch_flags = dict(config="configs/digits.py:smoke", workdir_root="gs://b/d", executor="vertex",
+                      dry_run=True)
+  with _launch_flags(**launch_flags, accelerator="h100=8"):
+    with pytest.raises(ValueError, match=r"count \(8 devices\)"):
       launch.main(["launch.py", *bad])
-  finally:
-    if not was_parsed:
-      flags.FLAGS.unparse_flags()
+  with _launch_flags(**launch_flags, accelerator="h100=4"):
+    launch.main(["launch.py", *bad])
   assert "1 work unit(s); executor vertex, resources {'h100': 4}." in capsys.readouterr().out
 
 
 def test_a_tpu_dry_run_prints_the_commands_the_units_run(capsys):
   """--dry_run shows each unit's command as launched: on TPUs with --distributed."""
-  was_parsed = flags.FLAGS.is_parsed()
-  flags.FLAGS.mark_as_parsed()
-  try:
-    with flagsaver.flagsaver(config="configs/digits.py:smoke", workdir_root="gs://b/d", executor="vertex",
-                             dry_run=True, accelerator="tpu_v2=8"):
-      launch.main(["launch.py"])
-  finally:
-    if not was_parsed:
-      flags.FLAGS.unparse_flags()
+  with _launch_flags(config="configs/digits.py:smoke", workdir_root="gs://b/d", executor="vertex",
+                     dry_run=True, accelerator="tpu_v2=8"):
+    launch.main(["launch.py"])
   assert capsys.readouterr().out.splitlines()[0] == (
       "python main.py --config=configs/digits.py:smoke --workdir=gs://b/d --distributed=True")
 

@@ -174,8 +174,8 @@ def _numpy_conv(x, kernel, bias, stride, pad):
 @pytest.mark.parametrize("channels, features, strides", [(3, 3, 1), (2, 4, 2), (2, 4, 1)])
 def test_basic_block_matches_a_numpy_residual_block(channels, features, strides):
   """He et al.'s block: relu(conv2(relu(conv1(x))) + shortcut(x)), the shortcut the identity or
-  a 1x1 convolution (strided, or for a change of channels alone at stride 1); the ReLU after the sum keeps every output >= 0 (without it the
-  block passed negative values on to the next)."""
+  a 1x1 convolution (strided, or for a change of channels alone at stride 1); the ReLU after the
+  sum keeps every output >= 0 (without it the block passed negative values on to the next)."""
   block = BasicBlock(features, strides, batch_norm=False)
   x = _images((2, 6, 6, channels), seed=8) - 0.5
   variables = _init(block, x, seed=9)

@@ -176,6 +176,12 @@ class _Unprepared:
     self.downloaded = True
 
 
+def _without_proxies(monkeypatch) -> None:
+  """No proxy in the environment, whatever the machine running the tests has set."""
+  for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.delenv(name, raising=False)
+
+
 @pytest.mark.parametrize("reachable, proxy, refused", [
     ((), None, True),  # nothing reachable: refused at once, naming both hosts
     (("www.cs.toronto.edu",), None, False),  # GCS blocked, CIFAR's own host open: tfds downloads
@@ -188,8 +194,7 @@ def test_the_network_probe_tries_the_datasets_own_host_and_trusts_a_proxy(monkey
   monkeypatch.setattr(tfds_source, "_reachable",
                       lambda address: probed.append(address) or address[0] in reachable)
   monkeypatch.setattr(tfds_source, "_downloads_for_real", lambda builder: True)
-  for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-    monkeypatch.delenv(name, raising=False)
+  _without_proxies(monkeypatch)
   if proxy:
     monkeypatch.setenv(*proxy)
   builder = _Unprepared()
@@ -210,8 +215,7 @@ def test_a_dataset_served_from_cloud_storage_probes_it_once_and_without_download
   probed = []
   monkeypatch.setattr(tfds_source, "_reachable", lambda address: probed.append(address) and False)
   monkeypatch.setattr(tfds_source, "_downloads_for_real", lambda builder: True)
-  for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-    monkeypatch.delenv(name, raising=False)
+  _without_proxies(monkeypatch)
   with pytest.raises(DatasetUnavailableError, match="config.data.download is False"):
     tfds_source._prepare(_Unprepared(), "cifar10", None, download=False)
   assert probed == []
