@@ -3,17 +3,20 @@
 import collections
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 from sklearn.datasets import load_digits as sklearn_digits
 from sklearn.model_selection import train_test_split
 
+from ntk_scale import data as ntk_data
 from ntk_scale import parallel
 from ntk_scale.base_config import base_config
-from ntk_scale.data import (DatasetUnavailableError, Split, TrainBatches, check_seed,
-                            check_subset_size, class_balanced_subset, epoch_order, eval_batches,
-                            load_dataset, load_digits, load_tfds, tfds_source)
+from ntk_scale.data import (DATASET_NAMES, Dataset, DatasetUnavailableError, Split, TrainBatches,
+                            check_data_config, check_seed, check_subset_size, class_balanced_subset,
+                            epoch_order, eval_batches, load_dataset, load_digits, load_tfds,
+                            num_classes, tfds_source)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def test_digits_sizes_shapes_and_range(digits):
   for split in (digits.train, digits.test):
     assert split.images.dtype == np.float32
     assert split.images.min() >= 0.0 and split.images.max() <= 1.0
-    assert np.issubdtype(split.labels.dtype, np.integer)
+    assert split.labels.dtype == np.int32  # as tfds_source's: one label dtype whatever the dataset
   # The full range is used: sklearn's pixels run 0..16.
   assert digits.train.images.min() == 0.0 and digits.train.images.max() == 1.0
 
@@ -282,6 +285,49 @@ def test_load_dataset_unknown_name_raises():
   assert "imagenet" in str(info.value)
 
 
+def test_load_dataset_hands_tfds_its_data_dir_and_download_flag(monkeypatch):
+  """--config.data.data_dir and --config.data.download reach the tfds loader (tfds itself is
+  stood in for: no dataset is on this machine); a data section without them takes base_config's
+  defaults, as one without `augment` does in the injection check."""
+  calls = []
+
+  def fake_load_tfds(name, data_dir, download):
+    calls.append((name, data_dir, download))
+    split = Split(np.zeros((2, 28, 28, 1), np.float32), np.zeros(2, np.int32))
+    return Dataset(name, split, split, 10)
+
+  monkeypatch.setattr(ntk_data, "load_tfds", fake_load_tfds)
+  c = base_config()
+  c.data.name, c.data.data_dir, c.data.download = "mnist", "/data/tfds", False
+  assert load_dataset(c.data).name == "mnist"
+  load_dataset(ml_collections.ConfigDict(dict(name="fashion_mnist")))
+  default = base_config().data.download
+  assert calls == [("mnist", "/data/tfds", False), ("fashion_mnist", None, default)]
+  check_data_config(ml_collections.ConfigDict(dict(name="digits", transform=dict(
+      name="inject", beta=0.1, num_frequencies=10, remove_projection=False, seed=0))))
+
+
+def test_each_datasets_class_count_and_the_transform_check_use_its_own_classes(digits):
+  """num_classes(config.data) sizes a model before any data is loaded: the digits' labels, the
+  tfds metadata's for the others (read offline); the injection check counts the same classes (100
+  for cifar100, whose 10 default feature frequencies cannot tell them apart)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = base_config()
+  for name in DATASET_NAMES:
+    c.data.name = name
+    expected = (len(np.unique(digits.train.labels)) if name == "digits"
+                else tfds.builder(name, data_dir="/nonexistent").info.features["label"].num_classes)
+    assert num_classes(c.data) == expected, name
+  c.data.name = "imagenet"
+  with pytest.raises(ValueError, match=r"config\.data\.name='imagenet' is not a known dataset"):
+    num_classes(c.data)
+  c.data.name, c.data.transform.name, c.data.transform.beta = "cifar100", "inject", 0.1
+  with pytest.raises(ValueError, match=r"num_frequencies=10 must be an integer >= the 100 classes"):
+    check_data_config(c.data)
+  c.data.name = "cifar10"
+  check_data_config(c.data)
+
+
 def test_load_dataset_digits_is_load_digits(digits):
   c = base_config()
   c.data.name = "digits"
@@ -379,6 +425,14 @@ def test_one_example_past_a_batch_is_a_second_batch_and_a_split_of_one_batch_tra
   np.testing.assert_array_equal(np.asarray(batch["mask"]), [1, 1, 1, 1, 1, 1, 1, 0])
   with pytest.raises(ValueError, match="expected images"):
     Split(np.zeros((3, 2, 2, 1), np.float32), np.zeros(2, np.int32))
+
+
+def test_a_split_refuses_images_without_their_channel_axis():
+  """[N, H, W] grey images (as sklearn's digits come) would reach the models without a channel."""
+  message = r"expected images \[N, H, W, C\] and labels \[N\]; got \(3, 8, 8\)"
+  with pytest.raises(ValueError, match=message):
+    Split(np.zeros((3, 8, 8), np.float32), np.zeros(3, np.int32))
+  assert len(Split(np.zeros((3, 8, 8, 1), np.float32), np.zeros(3, np.int32))) == 3
 
 
 def test_seeds_stop_below_2_to_the_32_and_numpy_integers_count():
