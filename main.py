@@ -48,13 +48,15 @@ ERROR_EXIT_WAIT_S = 10  # how long a failed process waits for the others to leav
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, except that an override of a field the config lacks (which ml_collections
-  reports as a bare AttributeError) is refused naming the flag and the fields its parent has."""
+  reports as a bare AttributeError, KeyError or, below a string, TypeError) is refused naming the
+  flag and the fields its parent has; --noconfig.<field> (a boolean's False) included."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError):
+  except (AttributeError, KeyError, TypeError):
     files = [f"--config={b}" for a, b in zip(argv[1:], argv[2:]) if a == "--config"]
     files += [a for a in argv[1:] if a.startswith("--config=")]
-    fields = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    fields = [a.split("=", 1)[0].split(".", 1)[1] for a in argv[1:]
+              if a.startswith(("--config.", "--noconfig."))]
     if len(files) != 1:
       raise
     values = flags.FlagValues()  # the config as its file builds it, without the overrides

@@ -7,12 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import app
 
 from ntk_scale import dry_run as dry_run_module
 from ntk_scale import infinite, jobs, parallel
@@ -29,6 +31,7 @@ from ntk_scale.ntk.eigen_features import feature_groups
 from ntk_scale.ntk.job import inference_apply, plan_settings
 from ntk_scale.workdir import WorkdirConfigMismatchError, record_or_check
 
+from test_errors import main_py_in_process
 from test_train import load_config
 from conftest import neural_tangents_or_skip, xla_flags
 
@@ -643,6 +646,31 @@ def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
        "--dry_run_tflops=50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "they need --dry_run" in out.stderr
   assert not workdir.exists()
+
+
+def test_main_passes_the_target_devices_and_the_workdir_to_the_plan(monkeypatch, capsys):
+  """main.py's --dry_run_* flags reach jobs.dry_run as the plan takes them: GiB as bytes, the rates
+  in FLOP/s (every program's, then per dtype:precision), the platform and the workdir whose record
+  the plan reads; only the plan is printed and no job runs. A rate it cannot read is a usage error
+  (absl prints it with the usage), and without the flags the plan is for these devices."""
+  planned = []
+  monkeypatch.setattr(jobs, "dry_run", lambda *args: planned.append(args) or types.SimpleNamespace(
+      describe=lambda: "the plan"))
+  monkeypatch.setattr(jobs, "run", lambda config, workdir: pytest.fail("the job ran"))
+  targets = ("--dry_run_device_memory_gb=1.5", "--dry_run_tflops=50,float32:default=495",
+             "--dry_run_platform=tpu")
+  for given in (targets, ()):
+    with main_py_in_process("--config=configs/digits.py:smoke", "--workdir=/w", "--dry_run",
+                            *given) as (main, argv):
+      main.main(main.parse_flags(argv))
+      config = main._CONFIG.value
+    targeted = (config, 1.5 * 2**30, 5e13, {("float32", "default"): 4.95e14}, "tpu", "/w")
+    assert planned.pop() == (targeted if given else (config, None, None, {}, None, "/w"))
+    assert capsys.readouterr().out == "the plan\n"
+  with main_py_in_process("--config=configs/digits.py:smoke", "--workdir=/w", "--dry_run",
+                          "--dry_run_tflops=fast") as (main, argv):
+    with pytest.raises(app.UsageError, match=r"--dry_run_tflops='fast': 'fast' is not a rate"):
+      main.main(main.parse_flags(argv))
 
 
 def test_the_dry_run_says_what_the_workdir_holds_and_refuses_what_the_job_would(tmp_path):

@@ -1,25 +1,31 @@
-"""Bad input fails with a message naming the field or file, before any data is loaded or compiled."""
+"""Bad input fails with a message naming the field or file, before any data is loaded or compiled;
+main.py's own flag checks and the lines it prints, run in this process."""
 
+import contextlib
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import warnings
 
 import ml_collections
 import numpy as np
 import pytest
+from absl import app, flags
 
-from ntk_scale import data, files, infinite, jobs, restore
+from ntk_scale import data, files, infinite, jobs, parallel, restore
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import base_config, parse_variants, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.infinite_job import check_infinite_config
+from ntk_scale.preemption import PREEMPTED_EXIT_CODE, Preempted
 from ntk_scale.train import experiment, phase2
 from ntk_scale.train.experiment import catalog_steps_per_epoch
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
 
-from test_train import load_config
+from test_train import REPO, load_config
 
 
 @pytest.fixture
@@ -683,6 +689,185 @@ def test_main_refuses_an_override_of_an_absent_field_naming_it(tmp_path, flag, m
   assert out.returncode == 1
   assert re.search(message, out.stderr), out.stderr[-2000:]
   assert "Traceback" not in out.stderr and not (tmp_path / "never").exists()
+
+
+def _another_entry_point(module_name: str) -> bool:
+  """Whether the module is one of the repository's other programs (xm_launch/, benchmarks/), whose
+  flags share absl's FLAGS with main.py's when imported here."""
+  path = getattr(sys.modules.get(module_name), "__file__", None) or ""
+  top = os.path.relpath(os.path.abspath(path), REPO).split(os.sep)[0]
+  return top in ("xm_launch", "benchmarks")
+
+
+@contextlib.contextmanager
+def main_py_in_process(*args: str):
+  """main.py loaded in this process as `python main.py <args>` loads it, so that its flag parsing
+  and main() run without a process of their own (seconds of imports each); yields (the module, its
+  argv). Its --config flag reads the config file named in sys.argv, so sys.argv is that argv
+  meanwhile. Its flags go on absl's global FLAGS, where xm_launch/launch.py (which
+  tests/test_launch.py imports) defines --config and --dry_run too and requires --workdir_root:
+  the flags of the repository's other programs are set aside, and put back after with the parsed
+  state."""
+  values, argv = flags.FLAGS, ["main.py", *args]
+  was_parsed, saved_argv = values.is_parsed(), sys.argv
+  aside = {flag.name: (module, flag) for module, defined in values.flags_by_module_dict().items()
+           if _another_entry_point(module) for flag in defined
+           if values.find_module_defining_flag(flag.name) == module}.values()
+  spec = importlib.util.spec_from_file_location("main", os.path.join(REPO, "main.py"))
+  main = importlib.util.module_from_spec(spec)
+  for _, flag in aside:
+    delattr(values, flag.name)
+  sys.argv = argv
+  try:
+    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module()
+      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      spec.loader.exec_module(main)
+      yield main, argv
+  finally:
+    sys.argv = saved_argv
+    own = {v.name for v in vars(main).values() if isinstance(v, flags.FlagHolder)}
+    for name in [n for n in values if n in own or n.startswith("config.")]:
+      delattr(values, name)
+    for module, flag in aside:
+      values[flag.name] = flag
+      values.register_flag_by_module(module, flag)
+      values.register_flag_by_module_id(id(sys.modules[module]), flag)
+    if not was_parsed:
+      values.unparse_flags()
+
+
+# Its train.attack has eps, name and restarts only.
+CO_FGSM = "configs/catastrophic_overfitting.py:method=fgsm,smoke"
+
+
+@pytest.mark.parametrize("config_flag", [("--config", CO_FGSM), (f"--config={CO_FGSM}",)])
+@pytest.mark.parametrize("overrides, field, absent, parent, known", [
+    # ml_collections raises a KeyError for an absent section, an AttributeError for an absent field
+    # of one and a TypeError for a part below a string; the last, and a boolean's --no form of any,
+    # ended in a bare traceback
+    (["--config.seed=1", "--config.trian.lr=0.1"], "trian.lr", "trian", "",
+     "batch_size, .*, train"),
+    (["--config.train.attack.eps=0.1", "--config.train.attack.num_steps=5"],
+     "train.attack.num_steps", "train.attack.num_steps", ".train.attack", "eps, name, restarts"),
+    (["--config.data.name.g=1"], "data.name.g", "data.name.g", ".data.name", "none"),
+    (["--noconfig.data.downlaod"], "data.downlaod", "data.downlaod", ".data",
+     "augment, .*, transform"),
+], ids=["section", "field_of_a_section", "below_a_string", "no_form"])
+def test_main_names_an_absent_field_whichever_way_it_is_given(config_flag, overrides, field, absent,
+                                                              parent, known):
+  """The field of the override that does not exist is named, with absl's own prefix for a flag error
+  and no traceback (SystemExit), whichever of absl's two ways --config is given."""
+  with main_py_in_process(*config_flag, *overrides, "--workdir=/never") as (main, argv):
+    with pytest.raises(SystemExit) as refused:
+      main.parse_flags(argv)
+  absent, field, parent = map(re.escape, (absent, field, parent))
+  assert re.fullmatch(rf"FATAL Flags parsing error: config\.{absent} does not exist, so --config\."
+                      rf"{field} cannot be set \(config{parent} has: {known}\)\.",
+                      str(refused.value.code)), refused.value.code
+
+
+def test_main_takes_its_overrides_and_no_positional_argument(monkeypatch):
+  """A stray word (a value after a space, `--config.seed 3`) is refused before any job runs,
+  rather than ignored."""
+  monkeypatch.setattr(jobs, "run", lambda config, workdir: pytest.fail("the job ran"))
+  with main_py_in_process(f"--config={CO_FGSM}", "--config.train.attack.eps=0.1",
+                          "--workdir=/never", "stray") as (main, argv):
+    rest = main.parse_flags(argv)
+    assert rest == ["main.py", "stray"] and main._CONFIG.value.train.attack.eps == 0.1
+    with pytest.raises(app.UsageError, match=r"unexpected arguments: \['stray'\]"):
+      main.main(rest)
+
+
+@pytest.mark.parametrize("target", ["--dry_run_device_memory_gb=80", "--dry_run_tflops=50",
+                                    "--dry_run_platform=tpu"])
+def test_main_refuses_each_dry_run_target_without_dry_run(monkeypatch, target):
+  """Each plans a job for other devices: without --dry_run the job would run here, ignoring it."""
+  monkeypatch.setattr(jobs, "run", lambda config, workdir: pytest.fail("the job ran"))
+  with main_py_in_process(f"--config={CO_FGSM}", "--workdir=/never", target) as (main, argv):
+    with pytest.raises(app.UsageError, match=r"--dry_run_platform plan a job; they need --dry_run"):
+      main.main(main.parse_flags(argv))
+
+
+@pytest.mark.parametrize("given, joined", [
+    (("--distributed", "--heartbeat_timeout_s=7"), ((None, None, None), True, 7)),
+    (("--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1"),
+     (("10.0.0.1:1234", 2, 1), False, 60)),
+])
+def test_main_joins_the_job_its_multi_process_flags_name_before_the_job_runs(monkeypatch, given,
+                                                                             joined):
+  """--distributed asks JAX's cluster detection; the explicit coordinator, process count and id
+  are passed as given; either way with --heartbeat_timeout_s (60 s unless given)."""
+  calls = []
+  monkeypatch.setattr(parallel, "initialize_distributed", lambda *args, auto, heartbeat_timeout_s:
+                      calls.append((args, auto, heartbeat_timeout_s)))
+  monkeypatch.setattr(jobs, "run", lambda config, workdir: calls.append("run") or {})
+  with main_py_in_process(f"--config={CO_FGSM}", "--workdir=/w", *given) as (main, argv):
+    main.main(main.parse_flags(argv))
+  assert calls == [joined, "run"]
+
+
+def test_main_leaves_a_multi_process_job_together_on_an_error_or_a_preemption(monkeypatch):
+  """One process of several stopped by an error exits with 1 after at most ERROR_EXIT_WAIT_S (the
+  others may be blocked in a collective); one preempted leaves with all, with the status a shell
+  gives SIGTERM. A single process raises the error itself, for its traceback."""
+  def exit_together(code, wait_s=None):
+    raise SystemExit((code, wait_s))
+
+  def stopped_by(error):
+    def run(config, workdir):
+      raise error
+    return run
+
+  monkeypatch.setattr(parallel, "exit_together", exit_together)
+  with main_py_in_process(f"--config={CO_FGSM}", "--workdir=/w") as (main, argv):
+    rest = main.parse_flags(argv)
+    monkeypatch.setattr(jobs, "run", stopped_by(ValueError("a bad field")))
+    with pytest.raises(ValueError, match="a bad field"):
+      main.main(rest)
+    monkeypatch.setattr(main.jax, "process_count", lambda: 2)
+    with pytest.raises(SystemExit) as stopped:
+      main.main(rest)
+    assert stopped.value.code == (1, main.ERROR_EXIT_WAIT_S)
+    monkeypatch.setattr(jobs, "run", stopped_by(Preempted("saved step 3", 3)))
+    with pytest.raises(SystemExit) as stopped:
+      main.main(rest)
+    assert stopped.value.code == (PREEMPTED_EXIT_CODE, None)
+
+
+_ACCURACY = {"accuracy": 0.91234, "loss": 0.3}
+_SCORE_LINE = "test accuracy 0.9123  (loss 0.3000)"
+
+
+@pytest.mark.parametrize("job, result, printed", [
+    ("train", {"results": {"clean": _ACCURACY, "pgd": _ACCURACY}},
+     [f"{'clean':>24s} {_SCORE_LINE}", f"{'pgd':>24s} {_SCORE_LINE}", "results in /w"]),
+    ("train", {"results": {"clean": _ACCURACY}, "phase2": {"results": {"pgd": _ACCURACY}}},
+     [f"{'clean':>24s} {_SCORE_LINE}", f"{'phase 2 pgd':>24s} {_SCORE_LINE}", "results in /w"]),
+    # digits smoke's phase 2 is named after linearization, mode and from_epoch (workdir.py)
+    ("phase2", {"results": {"clean": _ACCURACY}},
+     [f"{'phase 2 clean':>24s} {_SCORE_LINE}", "results in /w/phase2/centered_C_from1"]),
+    ("kernel", {"kernel": "/w/kernels/k", "shape": (20, 20), "tiles_computed": 3, "tiles": 4,
+                "seconds": 2.04, "tflop_per_s": 0.01234, "method": "ntvp", "tile": 8,
+                "complete": False},
+     ["kernel 20 x 20: 3 of 4 tiles computed in 2.0 s (12.3 GFLOP/s, method ntvp, tile 8), "
+      "complete: False", "kernel in /w/kernels/k"]),
+    ("report", {"report": "/w/report"}, ["report in /w/report"]),
+    ("spectrum", {"spectrum": "/w/kernels/k/spectrum"}, ["spectrum in /w/kernels/k/spectrum"]),
+    ("eigen_features", {"eigen_features": "/w/eigen_features/k"},
+     ["eigen-features in /w/eigen_features/k"]),
+])
+def test_main_prints_one_summary_of_each_jobs_result_from_process_0(monkeypatch, capsys, job,
+                                                                      result, printed):
+  """What main.py prints once a job returns: each evaluation's line (phase 2's named so), then where
+  the results lie, once per job (process 1 of a multi-process job prints nothing)."""
+  monkeypatch.setattr(jobs, "run", lambda config, workdir: result)
+  with main_py_in_process("--config=configs/digits.py:smoke", f"--config.job={job}",
+                          "--workdir=/w") as (main, argv):
+    main.main(main.parse_flags(argv))
+    assert capsys.readouterr().out.splitlines() == printed
+    monkeypatch.setattr(main.jax, "process_index", lambda: 1)
+    main.main(["main.py"])
+    assert capsys.readouterr().out == ""
 
 
 def test_a_batch_one_larger_than_the_train_split_is_refused_as_too_large():
