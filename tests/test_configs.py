@@ -12,6 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import traverse_util
 
 from ntk_scale.data.catalog import SHAPES
 from ntk_scale.models import build_model
@@ -41,20 +42,11 @@ def _stated(name: str, pattern: str, function: str = "") -> tuple[str, ...]:
   return match.groups()
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def _changes(name: str, arg: str, base: str = "") -> dict:
   """The fields get_config(arg) sets otherwise than get_config(base): field -> its value (ABSENT
   where the variant removes it)."""
-  before, after = _flat(load_config(name, base).to_dict()), _flat(load_config(name, arg).to_dict())
+  before, after = (traverse_util.flatten_dict(load_config(name, a).to_dict(), sep=".")
+                   for a in (base, arg))
   return {k: after.get(k, ABSENT) for k in before.keys() | after.keys()
           if before.get(k, ABSENT) != after.get(k, ABSENT)}
 
