@@ -143,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   # profile plugin: each phase's train steps, into the phase directory's plugins/profile/, and the
   # kernel job's tile steps, into the kernel's; 0: none.
   c.profile_steps = 0
+  # Compiled programs kept in <workdir>/compilation_cache/, so that a resumed job (or a later job on
+  # the workdir) loads them instead of compiling (ntk_scale/compilation_cache.py). When the
+  # environment sets JAX_COMPILATION_CACHE_DIR, that directory is the cache instead.
+  c.compilation_cache = True
 
   c.train = ml_collections.ConfigDict()
   c.train.mode = "C"  # C: benign | A: adversarial | F: benign, then adversarial from flip_epoch

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import ml_collections
 
-from ntk_scale import console, data, parallel, writer_lock
+from ntk_scale import compilation_cache, console, data, parallel, writer_lock
 from ntk_scale.evaluate import evaluate_checkpoint
 from ntk_scale.infinite_job import infinite_job
 from ntk_scale.ntk.eigen_features_job import eigen_features_job
@@ -87,6 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   console.quiet_library_logs()
   config = check_config(config, jax.device_count())
   job = config.get("job", "train")
+  compilation_cache.use_workdir_cache(config, workdir)  # before the job's first compilation
   try:
     if job not in RECORD_AFTER_THEIR_CHECKS:
       prepare_workdir(config, workdir)  # takes the writer locks of what the job writes

@@ -22,10 +22,10 @@ TRANSFER_DIR = "transfer"
 # differ between runs on one workdir (a prefix ending in "." covers a whole section). Phase 2 is
 # recorded and checked on its own, in <workdir>/phase2/<name>/config.json; `loaders` is applied to
 # train.mode (recorded) before the check.
-RUNTIME_FIELDS = ("job", "log_every_steps", "profile_steps", "eval_batch_size", "eval_matmul_precision",
-                  "data.data_dir", "data.download", "save_adversarial", "eval_attacks.", "evaluate.",
-                  "phase2.", "loaders", "kernel.", "spectrum.", "evolution.", "eigen_features.",
-                  "eigen_images.", "train.co_monitor.")
+RUNTIME_FIELDS = ("job", "log_every_steps", "profile_steps", "compilation_cache", "eval_batch_size",
+                  "eval_matmul_precision", "data.data_dir", "data.download", "save_adversarial",
+                  "eval_attacks.", "evaluate.", "phase2.", "loaders", "kernel.", "spectrum.", "evolution.",
+                  "eigen_features.", "eigen_images.", "train.co_monitor.")
 # The phase2 job reads phase-1 checkpoints and trains no phase 1: its length and saves don't matter.
 PHASE2_JOB_FREE_FIELDS = ("num_epochs", "checkpoint.")
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ntk_scale import jobs
+from ntk_scale import compilation_cache, jobs
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.train.loop import NonFiniteLossError
 from ntk_scale.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
@@ -37,11 +37,14 @@ def load_config(name: str, arg: str = ""):
 
 
 def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/digits.py:smoke",
-            wait: bool = True, python_args: tuple[str, ...] = ()):
+            wait: bool = True, python_args: tuple[str, ...] = (), environ: dict | None = None):
   """Runs main.py in a fresh process with `devices` emulated CPU devices. It inherits the session's
   compilation cache from the environment (conftest.py): programs compiled by one process, of this
-  file or another, are loaded, not compiled again, by the next."""
+  file or another, are loaded, not compiled again, by the next. `environ`: variables to set, or with
+  None to remove."""
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
+  for name, value in (environ or {}).items():
+    env.pop(name) if value is None else env.update({name: value})
   cmd = [sys.executable, *python_args, "main.py", f"--config={config}", f"--workdir={workdir}",
          *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -164,18 +167,23 @@ def test_interrupt_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
   A first Ctrl-C is a preemption notice, as SIGTERM is (the notice and its exit status in one
   process: tests/test_resume.py; SIGTERM to main.py: the pairs of tests/test_multihost.py): the run
   saves at the step it is in, with the metrics of the steps it has not logged, and exits 130
-  without a traceback (no KeyboardInterrupt landed in Orbax's threads or XLA's compiler)."""
+  without a traceback (no KeyboardInterrupt landed in Orbax's threads or XLA's compiler).
+
+  The interrupted runs keep their compiled programs in the workdir (config.compilation_cache), not
+  in the session's cache: the last run loads the train step the first compiled."""
   # Saves at steps 0, 11 (epoch 0.5), 22, 44, 55 (epoch 2.5), 66; metrics logged every 11 steps.
   overrides = ("--config.num_epochs=3", "--config.log_every_steps=11",
                "--config.checkpoint.fractional_epochs=(0.5,2.5)", *SHORT_ATTACKS)
   main_py(tmp_path / "straight", *overrides)
+  assert not (tmp_path / "straight" / compilation_cache.CACHE_DIR).exists()  # the session's cache
   killed = tmp_path / "killed"
+  own_cache = {compilation_cache.ENVIRONMENT: None}
   # Ctrl-C between steps 3 and 10, sent when the trace of step 3 (profile_steps=1, a runtime field)
   # is copied into the workdir, after step 3 and before the run looks for a notice after it; the
   # next save and log are 8 steps later. (Sent when a checkpoint appeared, it landed on a save
   # step, where every metric has been logged.)
   proc = main_py(killed, *overrides, "--config.profile_steps=1", wait=False,
-                 python_args=INTERRUPTIBLE)
+                 python_args=INTERRUPTIBLE, environ=own_cache)
   out = _signal_when_written(proc, str(killed / "plugins" / "profile" / "*" / "*"), signal.SIGINT)
   assert proc.returncode == INTERRUPTED_EXIT_CODE, out[-3000:]
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
@@ -184,11 +192,13 @@ def test_interrupt_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
   assert 3 <= stopped_at < 11, "the Ctrl-C came too late: every metric was logged"
   assert (killed / "checkpoints" / str(stopped_at)).is_dir()
   # Resumed from there, then SIGKILL just after epoch 2 appeared.
-  proc = main_py(killed, *overrides, wait=False)
+  proc = main_py(killed, *overrides, wait=False, environ=own_cache)
   out = _signal_when_written(proc, str(killed / "checkpoints" / "44"))
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   assert f"from step {stopped_at} " in out
-  main_py(killed, *overrides)
+  out = main_py(killed, *overrides, environ={**own_cache, "JAX_LOG_COMPILES": "1"})
+  assert "Persistent compilation cache hit for 'jit_step'" in out
+  assert glob.glob(str(killed / compilation_cache.CACHE_DIR / "jit_step-*"))
 
   straight, resumed = final_state_leaves(tmp_path / "straight"), final_state_leaves(killed)
   assert len(straight) == len(resumed)

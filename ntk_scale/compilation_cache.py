@@ -1,0 +1,40 @@
+"""Compiled programs kept in the workdir, so that a resumed or later job loads them, not compiles.
+
+A preempted job restarts into the compilation it already did: the train, evaluation and attack
+steps, or the kernel's tile programs (minutes for ResNet-18 and its attacks on a TPU pod). JAX's
+persistent compilation cache stores each compiled executable under a key of the program, the
+devices, the compiler and its flags, and a later process with the same key loads the executable
+itself, so its results are bitwise those of a fresh compile. JAX writes entries from process 0
+only (programs taking at least `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to
+compile) and every process reads them, so the workdir, one directory or bucket for all hosts of a
+job, serves every host. A job killed while it writes an entry can leave it torn: JAX then warns
+and compiles that program again on every start (same results); removing the directory clears it.
+"""
+
+import os
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+
+CACHE_DIR = "compilation_cache"
+# JAX reads it at import: a cache the user chose, shared by many workdirs (the test suite's).
+ENVIRONMENT = "JAX_COMPILATION_CACHE_DIR"
+
+
+def cache_directory(config: ml_collections.ConfigDict, workdir: str,
+                    environ: Mapping[str, str] = os.environ) -> str | None:
+  """<workdir>/compilation_cache when `config.compilation_cache` is on; None when it is off or
+  when JAX_COMPILATION_CACHE_DIR already names the cache."""
+  if not config.get("compilation_cache", True) or environ.get(ENVIRONMENT):
+    return None
+  return os.path.join(workdir, CACHE_DIR)
+
+
+def use_workdir_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Points JAX's persistent cache at cache_directory(config, workdir), if any, and returns it.
+  Called before the process compiles anything: JAX opens the cache at its first compilation."""
+  directory = cache_directory(config, workdir)
+  if directory is not None:
+    jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
