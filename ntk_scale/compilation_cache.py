@@ -7,7 +7,9 @@ devices, the compiler and its flags, and a later process with the same key loads
 itself, so its results are bitwise those of a fresh compile. JAX writes entries from process 0
 only (programs taking at least `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to
 compile) and every process reads them, so the workdir, one directory or bucket for all hosts of a
-job, serves every host. A job killed while it writes an entry can leave it torn: JAX then warns
+job, serves every host. On GPUs JAX also points XLA's autotuning cache into the directory, which
+XLA's own file system cannot reach in a bucket: for a gs:// workdir that cache is left off.
+A job killed while it writes an entry can leave it torn: JAX then warns
 and compiles that program again on every start (same results); removing the directory clears it.
 """
 
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 
 import jax
 import ml_collections
+
+from ntk_scale import files
 
 CACHE_DIR = "compilation_cache"
 # JAX reads it at import: a cache the user chose, shared by many workdirs (the test suite's).
@@ -37,4 +41,6 @@ def use_workdir_cache(config: ml_collections.ConfigDict, workdir: str) -> str | 
   directory = cache_directory(config, workdir)
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)
+    if files.is_cloud(directory):
+      jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   return directory

@@ -1,7 +1,9 @@
 """Where a job keeps its compiled programs (config.compilation_cache); that a resumed job loads
 them: tests/test_train.py's kill-and-resume test."""
 
+import jax
 import ml_collections
+import pytest
 
 from ntk_scale import compilation_cache
 from ntk_scale.base_config import base_config
@@ -23,3 +25,27 @@ def test_the_environments_cache_or_the_field_turned_off_leaves_jax_as_it_is():
   # A config saved before the field existed keeps its programs.
   old = ml_collections.ConfigDict({"job": "train"})
   assert compilation_cache.cache_directory(old, "/runs/r18", environ={}) == "/runs/r18/compilation_cache"
+
+
+@pytest.fixture
+def jax_cache_settings(monkeypatch):
+  """JAX's cache settings as a job without JAX_COMPILATION_CACHE_DIR sets them, put back after (this
+  process keeps the session's cache: JAX opened it at its first compilation)."""
+  monkeypatch.delenv(compilation_cache.ENVIRONMENT, raising=False)
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
+  saved = {name: getattr(jax.config, name) for name in names}
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+
+
+def test_the_job_points_jax_at_the_workdir_and_xla_caches_only_on_a_local_disk(jax_cache_settings):
+  """On GPUs JAX puts XLA's autotuning cache in the directory too, written by XLA's C++ file
+  system, which has no gs://: in a bucket JAX's cache alone."""
+  default_xla_caches = jax.config.jax_persistent_cache_enable_xla_caches
+  assert compilation_cache.use_workdir_cache(base_config(), "/runs/r18") == "/runs/r18/compilation_cache"
+  assert jax.config.jax_compilation_cache_dir == "/runs/r18/compilation_cache"
+  assert jax.config.jax_persistent_cache_enable_xla_caches == default_xla_caches != "none"
+  assert compilation_cache.use_workdir_cache(base_config(), "gs://b/r18") == "gs://b/r18/compilation_cache"
+  assert jax.config.jax_compilation_cache_dir == "gs://b/r18/compilation_cache"
+  assert jax.config.jax_persistent_cache_enable_xla_caches == "none"
