@@ -6,7 +6,10 @@ train and test) and find that FGSM training collapses for a range of beta below 
 N-FGSM (de Jorge et al. 2022) and GradAlign (Andriushchenko and Flammarion 2020) resist longer.
 This file runs that study on scikit-learn's digits (no network): the digits CNN with BatchNorm,
 15 epochs of a cyclic learning rate (peak 0.2 at epoch 6), the CO monitor every half epoch (PGD-10 on 256
-fixed test images) and PGD-20 on the whole test split at the end.
+fixed test images) and PGD-20 on the whole test split at the end. Training metrics are logged
+at the monitor's steps (every half epoch; data=cifar10: every 100 steps); the runs keep no
+adversarial examples of the final PGD (`save_adversarial` off: a sweep is many runs;
+`--config.save_adversarial=True` keeps them).
 
 `get_config(arg)`: comma-separated `key=value` items and flags, e.g. "method=fgsm,beta=0.15,eps=0.25":
   method  fgsm (default) | rs_fgsm (Wong et al. 2020) | n_fgsm | grad_align (FGSM + GradAlign) | pgd

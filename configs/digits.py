@@ -55,7 +55,8 @@ beside a test run and 2m44s on 2 CPU cores). Every attack on every example, befo
 second beside other jobs).
 
 Add `smoke` (e.g. `:smoke` or `:adversarial,smoke`) for a narrower CNN trained for 3 epochs in
-seconds, for smoke tests.
+seconds, for smoke tests. Training metrics are logged every 50 steps (of the 22 in an epoch of 64
+digits), every 10 in `smoke`.
 """
 
 import ml_collections

@@ -4,7 +4,9 @@
 
 MNIST is downloaded by tensorflow-datasets on first use (or read from --config.data.data_dir).
 Expected: about 99.3% test accuracy after 10 epochs (not yet measured with ntk_scale: this machine
-has no network to download MNIST). `:smoke` runs one epoch of a width-8 CNN.
+has no network to download MNIST). The CNN has BatchNorm; SGD at lr 0.1 with momentum 0.9 and weight
+decay 5e-4 on a cosine schedule, batches of 128, evaluation batches of 1000, training metrics
+logged every 100 steps. `:smoke` runs one epoch of a width-8 CNN, logged every 10 steps.
 """
 
 import ml_collections

@@ -172,6 +172,12 @@ def test_the_digits_phase2_and_smoke_variants_are_their_docstrings():
   c, smoke = load_config("digits"), load_config("digits", "adversarial,smoke")
   assert smoke.num_epochs == float(epochs) and smoke.model.width < c.model.width
   assert smoke.train.mode == "A"
+  every, steps, batch, smoke_every = _stated(
+      "digits", r"logged every (\d+) steps \(of the (\d+) in an epoch of (\d+) digits\), every (\d+) "
+                r"in `smoke`")
+  assert (c.log_every_steps, smoke.log_every_steps) == (int(every), int(smoke_every))
+  assert c.batch_size == int(batch)
+  assert _steps_per_epoch(c) == int(steps)
 
 
 def test_the_digits_autoattack_variants_are_linf_at_the_evaluation_eps_and_l2_at_the_stated_one():
@@ -207,8 +213,22 @@ def test_the_mnist_cnn_is_the_architecture_its_docstring_draws():
   assert channels == [int(n) for n in layers.split("-") if n != "pool"]
   (epochs,) = _stated("mnist_cnn", r"after (\d+) epochs")
   assert c.num_epochs == float(epochs)
-  (width,) = _stated("mnist_cnn", r"`:smoke` runs one epoch of a width-(\d+) CNN")
-  assert (smoke.num_epochs, smoke.model.width) == (1.0, int(width))
+  width, smoke_every = _stated("mnist_cnn",
+                               r"`:smoke` runs one epoch of a width-(\d+) CNN, logged every (\d+) steps")
+  assert (smoke.num_epochs, smoke.model.width, smoke.log_every_steps) == (1.0, int(width), int(smoke_every))
+
+
+def test_the_mnist_cnn_trains_with_the_recipe_its_docstring_states():
+  lr, momentum, decay, schedule, batch, eval_batch, every = _stated(
+      "mnist_cnn", r"The CNN has BatchNorm; SGD at lr ([\d.]+) with momentum ([\d.]+) and weight decay "
+                   r"([\de.-]+) on a (\w+) schedule, batches of (\d+), evaluation batches of (\d+), "
+                   r"training metrics logged every (\d+) steps")
+  c = load_config("mnist_cnn")
+  o = c.optimizer
+  assert c.model.batch_norm is True and o.name == "sgd"
+  assert (o.learning_rate, o.momentum, o.weight_decay, o.schedule) == (
+      float(lr), float(momentum), float(decay), schedule)
+  assert (c.batch_size, c.eval_batch_size, c.log_every_steps) == (int(batch), int(eval_batch), int(every))
 
 
 # ---------------------------------------------------------------------- configs/cifar10_resnet18.py
@@ -297,6 +317,11 @@ def test_the_co_study_is_its_docstrings_schedule_monitor_and_evaluation():
   assert (m.attack.name, m.attack.num_steps) == ("pgd", int(monitor_steps))
   assert m.num_examples == int(monitor_images)
   assert (c.eval_attacks.pgd.name, c.eval_attacks.pgd.num_steps) == ("pgd", int(final_steps))
+  (cifar_every,) = _stated(CO, r"Training metrics are logged at the monitor's steps \(every half "
+                               r"epoch; data=cifar10: every (\d+) steps\); the runs keep no adversarial")
+  assert c.log_every_steps == m.every_steps
+  assert load_config(CO, "data=cifar10").log_every_steps == int(cifar_every)
+  assert c.save_adversarial is False and load_config(CO, "data=cifar10").save_adversarial is False
 
 
 def test_the_co_studys_defaults_are_its_docstrings():
