@@ -7,8 +7,10 @@ devices, the compiler and its flags, and a later process with the same key loads
 itself, so its results are bitwise those of a fresh compile. JAX writes entries from process 0
 only (programs taking at least `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to
 compile) and every process reads them, so the workdir, one directory or bucket for all hosts of a
-job, serves every host. On GPUs JAX also points XLA's autotuning cache into the directory, which
-XLA's own file system cannot reach in a bucket: for a gs:// workdir that cache is left off.
+job, serves every host. On GPUs JAX also points XLA's per-fusion autotuning cache into the
+directory, and XLA's C++ file access has no gs://: its first compilation would fail. So in a
+bucket (the workdir's cache or JAX_COMPILATION_CACHE_DIR's) that cache is left off, unless
+JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise; a hit in JAX's cache skips autotuning anyway.
 A job killed while it writes an entry can leave it torn: JAX then warns
 and compiles that program again on every start (same results); removing the directory clears it.
 """
@@ -24,6 +26,7 @@ from ntk_scale import files
 CACHE_DIR = "compilation_cache"
 # JAX reads it at import: a cache the user chose, shared by many workdirs (the test suite's).
 ENVIRONMENT = "JAX_COMPILATION_CACHE_DIR"
+XLA_CACHES_ENVIRONMENT = "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES"
 
 
 def cache_directory(config: ml_collections.ConfigDict, workdir: str,
@@ -35,12 +38,15 @@ def cache_directory(config: ml_collections.ConfigDict, workdir: str,
   return os.path.join(workdir, CACHE_DIR)
 
 
-def use_workdir_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Points JAX's persistent cache at cache_directory(config, workdir), if any, and returns it.
-  Called before the process compiles anything: JAX opens the cache at its first compilation."""
-  directory = cache_directory(config, workdir)
+def use_workdir_cache(config: ml_collections.ConfigDict, workdir: str,
+                      environ: Mapping[str, str] = os.environ) -> str | None:
+  """Points JAX's persistent cache at cache_directory(config, workdir), if any, and returns it;
+  keeps XLA's autotuning cache out of a bucket. Called before the process compiles anything: JAX
+  opens the cache at its first compilation."""
+  directory = cache_directory(config, workdir, environ)
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)
-    if files.is_cloud(directory):
-      jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+  in_use = jax.config.jax_compilation_cache_dir
+  if in_use and files.is_cloud(in_use) and XLA_CACHES_ENVIRONMENT not in environ:
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   return directory

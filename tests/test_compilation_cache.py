@@ -28,10 +28,9 @@ def test_the_environments_cache_or_the_field_turned_off_leaves_jax_as_it_is():
 
 
 @pytest.fixture
-def jax_cache_settings(monkeypatch):
-  """JAX's cache settings as a job without JAX_COMPILATION_CACHE_DIR sets them, put back after (this
-  process keeps the session's cache: JAX opened it at its first compilation)."""
-  monkeypatch.delenv(compilation_cache.ENVIRONMENT, raising=False)
+def jax_cache_settings():
+  """JAX's cache settings, put back after the test (this process keeps the session's cache: JAX
+  opened it at its first compilation)."""
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
   saved = {name: getattr(jax.config, name) for name in names}
   yield
@@ -41,11 +40,31 @@ def jax_cache_settings(monkeypatch):
 
 def test_the_job_points_jax_at_the_workdir_and_xla_caches_only_on_a_local_disk(jax_cache_settings):
   """On GPUs JAX puts XLA's autotuning cache in the directory too, written by XLA's C++ file
-  system, which has no gs://: in a bucket JAX's cache alone."""
+  access, which has no gs://: in a bucket JAX's cache alone."""
   default_xla_caches = jax.config.jax_persistent_cache_enable_xla_caches
-  assert compilation_cache.use_workdir_cache(base_config(), "/runs/r18") == "/runs/r18/compilation_cache"
+  assert default_xla_caches != "none"
+  assert compilation_cache.use_workdir_cache(base_config(), "/runs/r18", environ={}) == \
+      "/runs/r18/compilation_cache"
   assert jax.config.jax_compilation_cache_dir == "/runs/r18/compilation_cache"
-  assert jax.config.jax_persistent_cache_enable_xla_caches == default_xla_caches != "none"
-  assert compilation_cache.use_workdir_cache(base_config(), "gs://b/r18") == "gs://b/r18/compilation_cache"
+  assert jax.config.jax_persistent_cache_enable_xla_caches == default_xla_caches
+  assert compilation_cache.use_workdir_cache(base_config(), "gs://b/r18", environ={}) == \
+      "gs://b/r18/compilation_cache"
   assert jax.config.jax_compilation_cache_dir == "gs://b/r18/compilation_cache"
+  assert jax.config.jax_persistent_cache_enable_xla_caches == "none"
+
+
+def test_a_bucket_named_by_the_environment_keeps_xla_caches_out_unless_they_are_asked_for(
+    jax_cache_settings):
+  """JAX_COMPILATION_CACHE_DIR=gs://... (which JAX read at import) is left as the cache, the
+  autotuning cache turned off; JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES, when set, is the user's."""
+  default_xla_caches = jax.config.jax_persistent_cache_enable_xla_caches
+  environ = {compilation_cache.ENVIRONMENT: "gs://shared/jax_cache"}
+  jax.config.update("jax_compilation_cache_dir", "gs://shared/jax_cache")
+  asked = {**environ, compilation_cache.XLA_CACHES_ENVIRONMENT: default_xla_caches}
+  assert compilation_cache.use_workdir_cache(base_config(), "gs://b/r18", environ=asked) is None
+  assert jax.config.jax_persistent_cache_enable_xla_caches == default_xla_caches
+  config = base_config()
+  config.compilation_cache = False  # JAX's cache is the environment's all the same
+  assert compilation_cache.use_workdir_cache(config, "/runs/r18", environ=environ) is None
+  assert jax.config.jax_compilation_cache_dir == "gs://shared/jax_cache"
   assert jax.config.jax_persistent_cache_enable_xla_caches == "none"
