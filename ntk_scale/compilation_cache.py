@@ -46,7 +46,13 @@ def use_workdir_cache(config: ml_collections.ConfigDict, workdir: str,
   directory = cache_directory(config, workdir, environ)
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)
+  keep_xla_caches_out_of_buckets(environ)
+  return directory
+
+
+def keep_xla_caches_out_of_buckets(environ: Mapping[str, str] = os.environ) -> None:
+  """Turns XLA's autotuning cache off when JAX's cache is in a bucket, unless the environment
+  chose (JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES); before the first compilation, as above."""
   in_use = jax.config.jax_compilation_cache_dir
   if in_use and files.is_cloud(in_use) and XLA_CACHES_ENVIRONMENT not in environ:
     jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-  return directory

@@ -49,6 +49,7 @@ def dry_run(config: ml_collections.ConfigDict, device_memory_bytes: float | None
   a note of what the workdir holds."""
   from ntk_scale.dry_run import TargetDevices, plan_job, workdir_note
 
+  compilation_cache.keep_xla_caches_out_of_buckets()  # the plan compiles; it keeps no programs
   with parallel.planned_for(platform):  # the target's platform checks (float64 on TPUs)
     config = check_config(config, jax.device_count())  # the mesh plan_job makes: every device
     note = None if workdir is None else workdir_note(config, workdir)

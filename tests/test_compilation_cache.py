@@ -68,3 +68,16 @@ def test_a_bucket_named_by_the_environment_keeps_xla_caches_out_unless_they_are_
   assert compilation_cache.use_workdir_cache(config, "/runs/r18", environ=environ) is None
   assert jax.config.jax_compilation_cache_dir == "gs://shared/jax_cache"
   assert jax.config.jax_persistent_cache_enable_xla_caches == "none"
+
+
+def test_a_dry_run_keeps_xla_caches_out_of_a_bucket_too(jax_cache_settings, monkeypatch):
+  """The plan compiles the job's programs (here it stops at the seed's check, after the guard)."""
+  from ntk_scale import jobs  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.delenv(compilation_cache.XLA_CACHES_ENVIRONMENT, raising=False)
+  jax.config.update("jax_compilation_cache_dir", "gs://shared/jax_cache")
+  config = base_config()
+  config.seed = -1
+  with pytest.raises(ValueError, match=r"config\.seed=-1"):
+    jobs.dry_run(config)
+  assert jax.config.jax_persistent_cache_enable_xla_caches == "none"
