@@ -297,7 +297,11 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, name, module)
   root = str(tmp_path / "co")
   units = work_units(CO, [], root)
-  launch.launch(units, {"local_gpu": 1}, title="co sweep", volumes=launch.workdir_volumes(root, "local"))
+  shared = launch.shared_cache_environment(root)
+  launch.launch(units, {"local_gpu": 1}, title="co sweep", volumes=launch.workdir_volumes(root, "local"),
+                env_vars=shared)
+  assert shared == {"JAX_COMPILATION_CACHE_DIR": f"{root}/compilation_cache"}
+  assert all(job["env_vars"] == shared for job in recorded["jobs"])  # one cache for every unit
   # the root is mounted at the same path in every container, so the units' results stay here
   assert all(job["executor"].docker_options == ("docker options", {root: root}) for job in recorded["jobs"])
   assert os.path.isdir(root)
@@ -313,6 +317,9 @@ def test_launch_adds_one_job_per_unit_with_main_flags(monkeypatch, tmp_path):
   launch.launch(units, {"tpu_v3": 8}, title="co sweep", executor="vertex",
                 volumes=launch.workdir_volumes("gs://bucket/co", "vertex"))
   assert [job["args"] for job in recorded["jobs"]] == [{**u.flags(), "distributed": True} for u in units]
+  assert all(job["env_vars"] == {} for job in recorded["jobs"])
+  assert launch.shared_cache_environment("gs://bucket/co/") == {
+      "JAX_COMPILATION_CACHE_DIR": "gs://bucket/co/compilation_cache"}
   assert recorded["container"]["executor_spec"] == "vertex spec"
   assert all(type(job["executor"]).__name__ == "Vertex" for job in recorded["jobs"])
 
@@ -366,7 +373,11 @@ def test_batch_sizes_are_checked_on_the_gpus_of_a_unit(capsys):
       launch.main(["launch.py", *bad])
   with _launch_flags(**launch_flags, accelerator="h100=4"):
     launch.main(["launch.py", *bad])
-  assert "1 work unit(s); executor vertex, resources {'h100': 4}." in capsys.readouterr().out
+  assert ("1 work unit(s); executor vertex, resources {'h100': 4}; "
+          "JAX_COMPILATION_CACHE_DIR=gs://b/d/compilation_cache." in capsys.readouterr().out)
+  with _launch_flags(**launch_flags, accelerator="h100=4", shared_compilation_cache=False):
+    launch.main(["launch.py", *bad])
+  assert "1 work unit(s); executor vertex, resources {'h100': 4}.\n" in capsys.readouterr().out
 
 
 def test_a_tpu_dry_run_prints_the_commands_the_units_run(capsys):

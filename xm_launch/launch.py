@@ -19,6 +19,10 @@ every container at the same path, so the units' workdirs are on this machine; on
 must be a Cloud Storage path (gs://...), which main.py writes to directly. --config must name a file
 inside the repository (the container holds the repository, at /<repository's directory name>).
 
+The units of a sweep share one JAX compilation cache, <workdir_root>/compilation_cache (each
+job's JAX_COMPILATION_CACHE_DIR): units whose programs are alike (the CO sweep's betas and seeds)
+compile them once, and a unit resumed after a preemption loads them.
+
 On TPUs every work unit runs main.py with `--distributed` (JAX's cluster detection; one host of
 Cloud TPU v2/v3, the generations XManager's Vertex AI executor provides). TPU v4 and later slices
 are started on each of their hosts by hand (README, Multi-host jobs). GPU work units are one VM
@@ -32,6 +36,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ntk_scale import compilation_cache  # noqa: E402
 from xm_launch.sweep import REPO, WorkUnit, work_units  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file inside the repository, `file.py` or `file.py:arg`, "
@@ -47,6 +52,9 @@ _ACCELERATOR = flags.DEFINE_string(
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11", "Docker image the container is built on.")
 _TITLE = flags.DEFINE_string("title", None, "Experiment title (default: the config).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the work units' commands; launch nothing.")
+_SHARED_CACHE = flags.DEFINE_bool(
+    "shared_compilation_cache", True, "The units share one JAX compilation cache, "
+    "<workdir_root>/compilation_cache; without, each keeps its own in its workdir.")
 flags.mark_flags_as_required(["config", "workdir_root"])
 
 # jax's accelerator wheels, by the kind of resource asked for
@@ -149,10 +157,20 @@ def job_flags(unit: WorkUnit, resources: dict[str, int]) -> dict:
   return {**unit.flags(), **({"distributed": True} if on_tpu(resources) else {})}
 
 
+def shared_cache_environment(workdir_root: str) -> dict[str, str]:
+  """The environment that gives every unit one compilation cache under the root. JAX's cache keys
+  hold the cache's path, which is the same in every unit: the root is mounted at its own path
+  (workdir_volumes) or is a bucket. main.py keeps XLA's autotuning cache out of a bucket."""
+  root = workdir_root.rstrip("/") if workdir_root.startswith("gs://") else os.path.normpath(workdir_root)
+  return {compilation_cache.ENVIRONMENT: f"{root}/{compilation_cache.CACHE_DIR}"}
+
+
 def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, executor: str = "local",
-           base_image: str = "python:3.11", volumes: dict[str, str] | None = None) -> None:
-  """One XManager experiment, one job per work unit, each with `resources`; local jobs' containers
-  mount `volumes` (host path -> container path, see workdir_volumes), each host path made first."""
+           base_image: str = "python:3.11", volumes: dict[str, str] | None = None,
+           env_vars: dict[str, str] | None = None) -> None:
+  """One XManager experiment, one job per work unit, each with `resources` and `env_vars`; local
+  jobs' containers mount `volumes` (host path -> container path, see workdir_volumes), each host
+  path made first."""
   from xmanager import xm, xm_local  # an optional extra: pip install -e '.[xm]'
 
   executor_type = xm_local.Local if executor == "local" else xm_local.Vertex
@@ -167,6 +185,7 @@ def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, exec
         docker_instructions=docker_instructions(resources), entrypoint=xm.ModuleName("main"))])
     for unit in units:
       experiment.add(xm.Job(executable=executable, args=job_flags(unit, resources),
+                            env_vars=dict(env_vars or {}),
                             executor=executor_type(requirements=xm.JobRequirements(**resources),
                                                    **options)))
 
@@ -175,13 +194,16 @@ def main(argv: list[str]) -> None:
   resources = requirements(_ACCELERATOR.value, _EXECUTOR.value)
   volumes = workdir_volumes(_WORKDIR_ROOT.value, _EXECUTOR.value)
   units = work_units(_CONFIG.value, argv[1:], _WORKDIR_ROOT.value, devices_per_unit(resources))
+  env_vars = shared_cache_environment(_WORKDIR_ROOT.value) if _SHARED_CACHE.value else {}
   if _DRY_RUN.value:
     for unit in units:  # as a shell would run it
       print(shlex.join(unit.command(job_flags(unit, resources))))
-    print(f"{len(units)} work unit(s); executor {_EXECUTOR.value}, resources {resources or 'CPU'}.")
+    environment = "".join(f"; {name}={value}" for name, value in env_vars.items())
+    print(f"{len(units)} work unit(s); executor {_EXECUTOR.value}, resources {resources or 'CPU'}"
+          f"{environment}.")
     return
   launch(units, resources, title=_TITLE.value or _CONFIG.value, executor=_EXECUTOR.value,
-         base_image=_BASE_IMAGE.value, volumes=volumes)
+         base_image=_BASE_IMAGE.value, volumes=volumes, env_vars=env_vars)
 
 
 if __name__ == "__main__":
