@@ -11,8 +11,9 @@ job, serves every host. On GPUs JAX also points XLA's per-fusion autotuning cach
 directory, and XLA's C++ file access has no gs://: its first compilation would fail. So in a
 bucket (the workdir's cache or JAX_COMPILATION_CACHE_DIR's) that cache is left off, unless
 JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise; a hit in JAX's cache skips autotuning anyway.
-A job killed while it writes an entry can leave it torn: JAX then warns
-and compiles that program again on every start (same results); removing the directory clears it.
+The keys hold the cache's path too, so a moved workdir compiles again. A job killed while it writes
+an entry can leave it torn: JAX then warns and compiles that program again on every start (same
+results); removing the directory clears it.
 """
 
 import os
