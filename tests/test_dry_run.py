@@ -651,8 +651,9 @@ def test_main_dry_run_prints_the_table_and_writes_nothing(tmp_path):
 def test_main_passes_the_target_devices_and_the_workdir_to_the_plan(monkeypatch, capsys):
   """main.py's --dry_run_* flags reach jobs.dry_run as the plan takes them: GiB as bytes, the rates
   in FLOP/s (every program's, then per dtype:precision), the platform and the workdir whose record
-  the plan reads; only the plan is printed and no job runs. A rate it cannot read is a usage error
-  (absl prints it with the usage), and without the flags the plan is for these devices."""
+  the plan reads; only the plan is printed, by process 0 alone, and no job runs. A rate it cannot
+  read is a usage error (absl prints it with the usage), and without the flags the plan is for
+  these devices."""
   planned = []
   monkeypatch.setattr(jobs, "dry_run", lambda *args: planned.append(args) or types.SimpleNamespace(
       describe=lambda: "the plan"))
@@ -664,9 +665,14 @@ def test_main_passes_the_target_devices_and_the_workdir_to_the_plan(monkeypatch,
                             *given) as (main, argv):
       main.main(main.parse_flags(argv))
       config = main._CONFIG.value
-    targeted = (config, 1.5 * 2**30, 5e13, {("float32", "default"): 4.95e14}, "tpu", "/w")
-    assert planned.pop() == (targeted if given else (config, None, None, {}, None, "/w"))
-    assert capsys.readouterr().out == "the plan\n"
+      targeted = (config, 1.5 * 2**30, 5e13, {("float32", "default"): 4.95e14}, "tpu", "/w")
+      assert planned.pop() == (targeted if given else (config, None, None, {}, None, "/w"))
+      assert capsys.readouterr().out == "the plan\n"
+      with monkeypatch.context() as patched:  # every process plans; process 0 alone prints
+        patched.setattr(main.jax, "process_index", lambda: 1)
+        main.main(["main.py"])
+      assert planned.pop() == (targeted if given else (config, None, None, {}, None, "/w"))
+      assert capsys.readouterr().out == ""
   with main_py_in_process("--config=configs/digits.py:smoke", "--workdir=/w", "--dry_run",
                           "--dry_run_tflops=fast") as (main, argv):
     with pytest.raises(app.UsageError, match=r"--dry_run_tflops='fast': 'fast' is not a rate"):
