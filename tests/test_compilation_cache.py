@@ -22,7 +22,7 @@ def test_the_environments_cache_or_the_field_turned_off_leaves_jax_as_it_is():
   assert compilation_cache.cache_directory(config, "/runs/r18", environ=environ) is None
   config.compilation_cache = False
   assert compilation_cache.cache_directory(config, "/runs/r18", environ={}) is None
-  # A config saved before the field existed keeps its programs.
+  # A config not built on base_config (without the field) keeps its programs.
   old = ml_collections.ConfigDict({"job": "train"})
   assert compilation_cache.cache_directory(old, "/runs/r18", environ={}) == "/runs/r18/compilation_cache"
 

@@ -665,13 +665,14 @@ def test_main_passes_the_target_devices_and_the_workdir_to_the_plan(monkeypatch,
                             *given) as (main, argv):
       main.main(main.parse_flags(argv))
       config = main._CONFIG.value
-      targeted = (config, 1.5 * 2**30, 5e13, {("float32", "default"): 4.95e14}, "tpu", "/w")
-      assert planned.pop() == (targeted if given else (config, None, None, {}, None, "/w"))
+      expected = ((config, 1.5 * 2**30, 5e13, {("float32", "default"): 4.95e14}, "tpu", "/w") if given
+                  else (config, None, None, {}, None, "/w"))
+      assert planned.pop() == expected
       assert capsys.readouterr().out == "the plan\n"
       with monkeypatch.context() as patched:  # every process plans; process 0 alone prints
         patched.setattr(main.jax, "process_index", lambda: 1)
         main.main(["main.py"])
-      assert planned.pop() == (targeted if given else (config, None, None, {}, None, "/w"))
+      assert planned.pop() == expected
       assert capsys.readouterr().out == ""
   with main_py_in_process("--config=configs/digits.py:smoke", "--workdir=/w", "--dry_run",
                           "--dry_run_tflops=fast") as (main, argv):

@@ -44,7 +44,10 @@ def main_py(workdir, *overrides: str, devices: int = 1, config: str = "configs/d
   None to remove."""
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
   for name, value in (environ or {}).items():
-    env.pop(name) if value is None else env.update({name: value})
+    if value is None:
+      env.pop(name, None)
+    else:
+      env[name] = value
   cmd = [sys.executable, *python_args, "main.py", f"--config={config}", f"--workdir={workdir}",
          *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

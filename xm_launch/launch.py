@@ -158,11 +158,11 @@ def job_flags(unit: WorkUnit, resources: dict[str, int]) -> dict:
 
 
 def shared_cache_environment(workdir_root: str) -> dict[str, str]:
-  """The environment that gives every unit one compilation cache under the root. JAX's cache keys
-  hold the cache's path, which is the same in every unit: the root is mounted at its own path
-  (workdir_volumes) or is a bucket. main.py keeps XLA's autotuning cache out of a bucket."""
-  root = workdir_root.rstrip("/") if workdir_root.startswith("gs://") else os.path.normpath(workdir_root)
-  return {compilation_cache.ENVIRONMENT: f"{root}/{compilation_cache.CACHE_DIR}"}
+  """The environment that gives every unit one compilation cache under the root, joined to it as
+  the units' workdirs are (sweep.work_units). JAX's cache keys hold the cache's path, which is the
+  same in every unit: the root is mounted at its own path (workdir_volumes) or is a bucket. main.py
+  keeps XLA's autotuning cache out of a bucket."""
+  return {compilation_cache.ENVIRONMENT: os.path.join(workdir_root, compilation_cache.CACHE_DIR)}
 
 
 def launch(units: list[WorkUnit], resources: dict[str, int], *, title: str, executor: str = "local",
