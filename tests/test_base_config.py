@@ -10,7 +10,7 @@ from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import apgd_linf, autoattack, base_config, pgd_linf
 from ntk_scale.matmul_precision import check_precision, lax_precision
 
-from test_launch import _main_py_config
+from main_py_flags import main_py_config
 
 EPS = 8 / 255
 
@@ -69,8 +69,8 @@ def parse_flags_on_base_config(tmp_path):
   """The config main.py's flags build from base_config() and the given --config.* overrides."""
   (tmp_path / "base.py").write_text("from ntk_scale.base_config import base_config\n\n\n"
                                     "def get_config(arg=''):\n  return base_config()\n")
-  return lambda *overrides: _main_py_config(["python", "main.py", "--config=base.py", *overrides],
-                                            str(tmp_path))
+  command = ["python", "main.py", "--config=base.py", "--workdir=/never"]
+  return lambda *overrides: main_py_config([*command, *overrides], str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides, step", [

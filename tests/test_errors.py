@@ -1,19 +1,16 @@
 """Bad input fails with a message naming the field or file, before any data is loaded or compiled;
 main.py's own flag checks and the lines it prints, run in this process."""
 
-import contextlib
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-import warnings
 
 import ml_collections
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import app
 
 from ntk_scale import data, files, infinite, jobs, parallel, restore
 from ntk_scale.attacks import build_attack
@@ -25,7 +22,8 @@ from ntk_scale.train import experiment, phase2
 from ntk_scale.train.experiment import catalog_steps_per_epoch
 from ntk_scale.workdir import WorkdirConfigMismatchError, prepare_workdir
 
-from test_train import REPO, load_config
+from main_py_flags import main_py_in_process
+from test_train import load_config
 
 
 @pytest.fixture
@@ -688,51 +686,6 @@ def test_main_refuses_an_override_of_an_absent_field_naming_it(tmp_path):
   assert out.returncode == 1
   assert re.search(message, out.stderr), out.stderr[-2000:]
   assert "Traceback" not in out.stderr and not (tmp_path / "never").exists()
-
-
-def _another_entry_point(module_name: str) -> bool:
-  """Whether the module is one of the repository's other programs (xm_launch/, benchmarks/), whose
-  flags share absl's FLAGS with main.py's when imported here."""
-  path = getattr(sys.modules.get(module_name), "__file__", None) or ""
-  top = os.path.relpath(os.path.abspath(path), REPO).split(os.sep)[0]
-  return top in ("xm_launch", "benchmarks")
-
-
-@contextlib.contextmanager
-def main_py_in_process(*args: str):
-  """main.py loaded in this process as `python main.py <args>` loads it, so that its flag parsing
-  and main() run without a process of their own (seconds of imports each); yields (the module, its
-  argv). Its --config flag reads the config file named in sys.argv, so sys.argv is that argv
-  meanwhile. Its flags go on absl's global FLAGS, where xm_launch/launch.py (which
-  tests/test_launch.py imports) defines --config and --dry_run too and requires --workdir_root:
-  the flags of the repository's other programs are set aside, and put back after with the parsed
-  state."""
-  values, argv = flags.FLAGS, ["main.py", *args]
-  was_parsed, saved_argv = values.is_parsed(), sys.argv
-  aside = {flag.name: (module, flag) for module, defined in values.flags_by_module_dict().items()
-           if _another_entry_point(module) for flag in defined
-           if values.find_module_defining_flag(flag.name) == module}.values()
-  spec = importlib.util.spec_from_file_location("main", os.path.join(REPO, "main.py"))
-  main = importlib.util.module_from_spec(spec)
-  for _, flag in aside:
-    delattr(values, flag.name)
-  sys.argv = argv
-  try:
-    with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module()
-      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
-      spec.loader.exec_module(main)
-      yield main, argv
-  finally:
-    sys.argv = saved_argv
-    own = {v.name for v in vars(main).values() if isinstance(v, flags.FlagHolder)}
-    for name in [n for n in values if n in own or n.startswith("config.")]:
-      delattr(values, name)
-    for module, flag in aside:
-      values[flag.name] = flag
-      values.register_flag_by_module(module, flag)
-      values.register_flag_by_module_id(id(sys.modules[module]), flag)
-    if not was_parsed:
-      values.unparse_flags()
 
 
 # Its train.attack has eps, name and restarts only.

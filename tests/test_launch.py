@@ -7,16 +7,15 @@ import re
 import subprocess
 import sys
 import types
-import warnings
 
 import pytest
 from absl import flags
 from absl.testing import flagsaver
-from ml_collections import config_flags
 
 from xm_launch import launch, sweep
 from xm_launch.sweep import parse_override, work_units
 
+from main_py_flags import main_py_config
 from test_train import REPO, load_config
 from conftest import xla_flags
 
@@ -118,21 +117,6 @@ def test_an_override_below_a_value_is_named_as_an_absent_field():
       work_units("configs/digits.py:adversarial", [f"--config.{field}=1"], "/r")
 
 
-def _main_py_config(command: list[str], root: str = REPO):
-  """The config main.py's own flags (config_flags.DEFINE_config_file, locked, and --workdir) build
-  from `command` (python main.py --config=<file relative to `root`> ...), on a fresh FlagValues."""
-  argv = ["main.py"] + [f"--config={os.path.join(root, a.partition('=')[2])}" if a.startswith("--config=")
-                        else a for a in command[2:]]
-  values = flags.FlagValues()
-  config = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                           sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "", flag_values=values)
-  with warnings.catch_warnings():  # config_flags loads the file with the deprecated load_module()
-    warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
-    values(argv)
-  return config.value
-
-
 def _field(config, field: str):
   for part in field.split("."):
     config = config[part]
@@ -179,7 +163,7 @@ def test_sweep_values_are_read_back_by_main_py_as_the_sweep_set_them(tmp_path, m
   path = _sweep_repo(tmp_path, monkeypatch, [values, nones, one])
   units = work_units(path, ["--config.kernel.rotate=false"], "/runs/s")
   for unit, entry in zip(units, (values, nones, one)):
-    config = _main_py_config(unit.command(), str(tmp_path))
+    config = main_py_config(unit.command(), str(tmp_path))
     for field, value in entry.items():
       if field != "name":
         parsed = _field(config, field)
@@ -207,7 +191,7 @@ def test_values_main_py_would_refuse_are_refused_before_launching(tmp_path, monk
     work_units("configs/digits.py:smoke", ["--config.job=trian"], "/runs/d")
   # A job other than train is checked by its own job, which needs the workdir: its fields pass here
   (unit,) = work_units("configs/digits.py:smoke", ["--config.job=kernel", "--config.kernel.epoch=1"], "/d")
-  assert _main_py_config(unit.command()).kernel.epoch == 1.0
+  assert main_py_config(unit.command()).kernel.epoch == 1.0
   path = _sweep_repo(tmp_path, monkeypatch, [{"seed": "x"}, {"seed": 1}])  # a string: the flag's text
   with pytest.raises(ValueError, match=r"work unit 'seed=x': flag --config.seed=x: invalid literal"):
     work_units(path, [], "/runs/s")
