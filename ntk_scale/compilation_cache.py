@@ -6,10 +6,13 @@ persistent compilation cache stores each compiled executable under a key of the 
 devices, the compiler and its flags, and a later process with the same key loads the executable
 itself, so its results are bitwise those of a fresh compile. JAX writes entries from process 0
 only (programs taking at least `jax_persistent_cache_min_compile_time_secs`, 1 s by default, to
-compile) and every process reads them, so the workdir, one directory or bucket for all hosts of a
-job, serves every host. On GPUs JAX also points XLA's per-fusion autotuning cache into the
-directory, and XLA's C++ file access has no gs://: its first compilation would fail. So in a
-bucket (the workdir's cache or JAX_COMPILATION_CACHE_DIR's) that cache is left off, unless
+compile) and every process reads them, so on TPUs and GPUs the workdir, one directory or bucket
+for all hosts of a job, serves every host (JAX keys a GPU program without its device assignment
+for that). On CPUs the key holds each process's own topology (jax/_src/cache_key.py), so the
+processes other than 0 of a multi-process CPU job compile every program on every start. On GPUs
+JAX also points XLA's per-fusion autotuning cache into the directory, and XLA's C++ file access
+has no gs://: its first compilation would fail. So in a bucket (the workdir's cache or
+JAX_COMPILATION_CACHE_DIR's) that cache is left off, unless
 JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise; a hit in JAX's cache skips autotuning anyway.
 The keys hold the cache's path too, so a moved workdir compiles again. A job killed while it writes
 an entry can leave it torn: JAX then warns and compiles that program again on every start (same
