@@ -23,6 +23,7 @@ from ntk_scale.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import xla_flags
+from main_py_flags import main_py_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,10 +212,16 @@ def test_interrupt_kill_and_rerun_equal_uninterrupted_bitwise(tmp_path):
   assert train_records(killed) == train_records(tmp_path / "straight")
 
 
-def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path):
+def test_rerun_of_a_finished_run_takes_its_attacks_from_the_record(one_device_epoch, tmp_path, capsys):
+  """main.py rerun on a finished workdir (in this process: it trains and attacks nothing, so its
+  four devices read back what one device recorded) prints what the first run printed."""
   finished, first = one_device_epoch
   shutil.copytree(finished, tmp_path / "rerun")
-  second = main_py(tmp_path / "rerun", *ONE_EPOCH, devices=1)
+  with main_py_in_process("--config=configs/digits.py:smoke", f"--workdir={tmp_path / 'rerun'}",
+                          *ONE_EPOCH) as (main, argv):
+    main.main(main.parse_flags(argv))
+  captured = capsys.readouterr()
+  second = captured.out + captured.err
   printed = lambda out: [line for line in out.splitlines()  # main.py's lines, not the timed logs
                          if "test accuracy" in line and not re.match(r"[IWEF]\d{4} ", line)]
   assert len(printed(first)) == 3 and printed(first) == printed(second)  # clean, pgd, apgd
