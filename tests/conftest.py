@@ -82,8 +82,8 @@ def _write_compilation_cache_entries_atomically():
     return
 
   def atomic_put(self, key: str, value: bytes) -> None:
-    if getattr(self, "eviction_enabled", True) or not key:
-      return put(self, key, value)
+    if getattr(self, "eviction_enabled", True) or not key or "://" in str(self.path):
+      return put(self, key, value)  # (a bucket's object appears whole: jax's own write)
     path = os.path.join(str(self.path), f"{key}{suffix}")
     if os.path.exists(path):
       return

@@ -1,6 +1,6 @@
 """Workdirs in cloud storage (gs://, as on TPU VMs and multi-host jobs): the kernel store, run
-records, adversarial sets, evaluations, Orbax's checkpoints, a train job and the report work in a
-bucket (an emulator on 127.0.0.1, see fake_gcs.py) as they do on a local disk, and nothing lands on
+records, adversarial sets, evaluations, Orbax's checkpoints, a train job, its compiled programs and
+the report work in a bucket (an emulator on 127.0.0.1, see fake_gcs.py) as they do on a local disk, and nothing lands on
 the local disk instead. TensorBoard's event files are left out (fake_gcs.no_event_files)."""
 
 import os
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from fake_gcs import fake_bucket, no_event_files
-from ntk_scale import files, jobs
+from ntk_scale import compilation_cache, files, jobs
+from ntk_scale.base_config import base_config
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.evaluate import write_evaluation
@@ -263,3 +264,40 @@ def test_a_train_job_in_a_bucket_equals_one_on_disk(bucket, tmp_path):
                on_disk.restore_variables(last, one_device))
   assert files.read_json(f"{cloud}/evaluations/step_{last}.json")["results"] == \
       files.read_json(f"{local}/evaluations/step_{last}.json")["results"]
+
+
+@pytest.fixture
+def jax_cache_reopened():
+  """JAX's cache settings put back and its cache reopened after the test, and before it: this
+  process opened the session's cache (tests/conftest.py) at its first compilation, and a job points
+  JAX at its workdir before any."""
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache  # pylint: disable=import-outside-toplevel
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  jax_cache.reset_cache()
+
+
+def test_compiled_programs_are_kept_in_a_bucket_workdir_and_loaded_back(bucket, jax_cache_reopened):
+  """config.compilation_cache with a gs:// workdir, the usual place on TPU VMs: JAX writes the
+  programs into <workdir>/compilation_cache/ through epath (TensorFlow's GFile in production,
+  gcsfs here), and a process that has not compiled them loads them from there."""
+  directory = compilation_cache.use_workdir_cache(base_config(), f"{bucket}/cached", environ={})
+  assert directory == f"{bucket}/cached/compilation_cache"
+  program = jax.jit(lambda x: jnp.tanh(x) * 0.5 + 0.125)
+  expected = program(jnp.arange(5.0))
+  assert any(name.startswith("jit__lambda-") for name in files.list_dir(directory))
+  jax.clear_caches()  # as a resumed job's new process: nothing compiled in its memory
+  events = []
+  record = lambda event, **kwargs: events.append(event)
+  jax.monitoring.register_event_listener(record)
+  try:
+    again = program(jnp.arange(5.0))
+  finally:
+    jax.monitoring.unregister_event_listener(record)
+  assert "/jax/compilation_cache/cache_hits" in events
+  np.testing.assert_array_equal(again, expected)
