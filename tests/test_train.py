@@ -23,9 +23,7 @@ from ntk_scale.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from ntk_scale.train.metrics_jsonl import read_metrics
 
 from conftest import xla_flags
-from main_py_flags import main_py_in_process
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from main_py_flags import REPO, main_py_in_process
 
 
 def load_config(name: str, arg: str = ""):
