@@ -4,6 +4,7 @@ them back with the real parser, not a copy of its flag definitions."""
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -29,9 +30,12 @@ def main_py_in_process(*args: str):
   meanwhile. Its flags go on absl's global FLAGS, where xm_launch/launch.py (which
   tests/test_launch.py imports) defines --config and --dry_run too and requires --workdir_root:
   the flags of the repository's other programs are set aside, and put back after with the parsed
-  state."""
+  state. So are the logging levels and root handlers: absl's --verbosity, unparsed, set absl's
+  logger to WARNING, and the INFO lines later tests read (caplog) were dropped."""
   values, argv = flags.FLAGS, ["main.py", *args]
   was_parsed, saved_argv = values.is_parsed(), sys.argv
+  absl_logger = logging.getLogger("absl")
+  levels, root_handlers = (absl_logger.level, logging.root.level), list(logging.root.handlers)
   aside = {flag.name: (module, flag) for module, defined in values.flags_by_module_dict().items()
            if _another_entry_point(module) for flag in defined
            if values.find_module_defining_flag(flag.name) == module}.values()
@@ -56,6 +60,9 @@ def main_py_in_process(*args: str):
       values.register_flag_by_module_id(id(sys.modules[module]), flag)
     if not was_parsed:
       values.unparse_flags()
+    absl_logger.setLevel(levels[0])
+    logging.root.setLevel(levels[1])
+    logging.root.handlers[:] = root_handlers
 
 
 def main_py_config(command: list[str], root: str = REPO):
