@@ -76,13 +76,14 @@ def _write_compilation_cache_entries_atomically():
   temporary file and renamed into place. Processes that tests start keep jax's own write."""
   try:  # jax internals: where they moved, jax's own in-place writes stand (a torn read recompiles)
     from jax._src import lru_cache
+    from ntk_scale.files import is_cloud
     put = lru_cache.LRUCache.put
     suffix = lru_cache._CACHE_SUFFIX
   except (ImportError, AttributeError):
     return
 
   def atomic_put(self, key: str, value: bytes) -> None:
-    if getattr(self, "eviction_enabled", True) or not key or "://" in str(self.path):
+    if getattr(self, "eviction_enabled", True) or not key or is_cloud(str(self.path)):
       return put(self, key, value)  # (a bucket's object appears whole: jax's own write)
     path = os.path.join(str(self.path), f"{key}{suffix}")
     if os.path.exists(path):
@@ -93,6 +94,23 @@ def _write_compilation_cache_entries_atomically():
     os.replace(temporary, path)
 
   lru_cache.LRUCache.put = atomic_put
+
+
+@pytest.fixture
+def jax_cache_settings():
+  """JAX's cache settings put back, and its cache reopened, after the test (and closed before it):
+  this process opened the session's cache at its first compilation, and a job points JAX at its
+  workdir before any (ntk_scale/compilation_cache.py)."""
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache
+  import jax
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  jax_cache.reset_cache()
 
 
 def pytest_unconfigure(config):

@@ -266,23 +266,7 @@ def test_a_train_job_in_a_bucket_equals_one_on_disk(bucket, tmp_path):
       files.read_json(f"{local}/evaluations/step_{last}.json")["results"]
 
 
-@pytest.fixture
-def jax_cache_reopened():
-  """JAX's cache settings put back and its cache reopened after the test, and before it: this
-  process opened the session's cache (tests/conftest.py) at its first compilation, and a job points
-  JAX at its workdir before any."""
-  from jax.experimental.compilation_cache import compilation_cache as jax_cache  # pylint: disable=import-outside-toplevel
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  jax_cache.reset_cache()
-
-
-def test_compiled_programs_are_kept_in_a_bucket_workdir_and_loaded_back(bucket, jax_cache_reopened):
+def test_compiled_programs_are_kept_in_a_bucket_workdir_and_loaded_back(bucket, jax_cache_settings):
   """config.compilation_cache with a gs:// workdir, the usual place on TPU VMs: JAX writes the
   programs into <workdir>/compilation_cache/ through epath (TensorFlow's GFile in production,
   gcsfs here), and a process that has not compiled them loads them from there."""

@@ -27,17 +27,6 @@ def test_the_environments_cache_or_the_field_turned_off_leaves_jax_as_it_is():
   assert compilation_cache.cache_directory(old, "/runs/r18", environ={}) == "/runs/r18/compilation_cache"
 
 
-@pytest.fixture
-def jax_cache_settings():
-  """JAX's cache settings, put back after the test (this process keeps the session's cache: JAX
-  opened it at its first compilation)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
-  saved = {name: getattr(jax.config, name) for name in names}
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-
-
 def test_the_job_points_jax_at_the_workdir_and_xla_caches_only_on_a_local_disk(jax_cache_settings):
   """On GPUs JAX puts XLA's autotuning cache in the directory too, written by XLA's C++ file
   access, which has no gs://: in a bucket JAX's cache alone."""
