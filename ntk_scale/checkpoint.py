@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from ntk_scale import files, parallel, preemption
+from ntk_scale import files, parallel, preemption, writer_lock
 from ntk_scale.train.collapse import CO_FILE
 
 
@@ -130,6 +130,7 @@ class Checkpoints:
     `pending_metrics`: a save at a preemption also keeps the metrics of the steps since the last
     logged one (read back by `pending_metrics`), so the resumed run logs them as an uninterrupted
     one would."""
+    writer_lock.check_claims(f"saving step {step}")  # in a bucket, another copy of this job took over
     gone = jax.process_index() == 0 and not files.is_cloud(self.directory) and not files.exists(
         self.directory)
     if parallel.agree(gone):  # Orbax would make it again: a workdir missing its config and past

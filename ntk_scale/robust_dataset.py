@@ -52,7 +52,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from ntk_scale import files, parallel, preemption
+from ntk_scale import files, parallel, preemption, writer_lock
 from ntk_scale.attacks import Attack, build_attack, build_attacks
 from ntk_scale.config_numbers import is_finite_number, is_whole_number
 from ntk_scale.data import Split, eval_batches
@@ -224,6 +224,7 @@ class _Progress:
     return step, jax.tree.map(np.asarray, saved["state"]), list(saved["meta"]["objective"])
 
   def save(self, step: int, state: dict[str, Any], objective: list[float]) -> None:
+    writer_lock.check_claims(f"saving step {step} of the robust set")
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"objective": objective})))
 

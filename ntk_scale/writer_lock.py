@@ -22,8 +22,13 @@ two evaluations of one checkpoint (the train job's last and an evaluate job, or 
 read, merge and write one record, and the later writer dropped the other's results.
 
 The lock is the file system's (flock; NFS v4 forwards it to the server; with `nolock` mounts it is
-per host). In a gs:// bucket nothing is locked: objects have no locks, and a lease would need clocks
-the hosts share; a launcher must not start a job twice there.
+per host). In a gs:// bucket nothing can be locked: objects have no locks, and a lease would need
+clocks the hosts share. There the lock file is a claim instead: each job that would take the lock
+writes it anew with a token of its own (naming the job a claim it replaces, which was stopped or
+still runs), and before each save (`check_claims`: a train or phase-2 checkpoint, a robust set's
+step, a spectrum's round) a job whose claim was replaced stops with WorkdirTakenError, and from
+then on appends no metrics (`claims_kept`). So of two copies of a job the later one goes on, from
+the last save, and the earlier one stops before it writes again.
 """
 
 import contextlib
@@ -31,7 +36,8 @@ import fcntl
 import os
 import socket
 import time
-from typing import Iterator
+import uuid
+from typing import Any, Iterator
 
 import jax
 
@@ -40,6 +46,8 @@ from ntk_scale import files, parallel
 LOCK_FILE = ".writer.lock"
 
 _HELD: dict[str, int] = {}  # lock file -> its open descriptor, held by this process
+# claim in a bucket -> (this job's token, on process 0; what it names), on every process
+_CLAIMED: dict[str, tuple[str, str]] = {}
 
 
 def lock_path(workdir: str, phase2_name: str | None = None) -> str:
@@ -51,6 +59,10 @@ def lock_path(workdir: str, phase2_name: str | None = None) -> str:
 
 class WorkdirBusyError(RuntimeError):
   """Another job is writing the experiment this one would write."""
+
+
+class WorkdirTakenError(WorkdirBusyError):
+  """In a bucket, another job claimed the experiment this one writes (see `check_claims`)."""
 
 
 def _open(path: str) -> int:
@@ -100,15 +112,88 @@ def _take(path: str, job: str) -> tuple[int | None, str]:
     print(f"warning: {path}: this file system does not lock files ({error}); a second copy of "
           f"this job would not be kept out", flush=True)
     return descriptor, ""
-  line = (f"job {job}, host {socket.gethostname()}, process id {os.getpid()}, since "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}").encode()
   try:
     os.ftruncate(descriptor, 0)
-    os.write(descriptor, line)
+    os.write(descriptor, _holder(job).encode())
     os.fsync(descriptor)  # for a refused job on another host of a network file system
   except OSError:  # opened read-only: the lock holds, its holder goes unnamed
     pass
   return descriptor, ""
+
+
+def _holder(job: str) -> str:
+  return (f"job {job}, host {socket.gethostname()}, process id {os.getpid()}, since "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+
+def _read_claim(path: str) -> dict[str, Any] | None:
+  """The claim object `path` ({"token", "holder"}), None where there is none."""
+  try:
+    claim = files.read_json(path)
+  except FileNotFoundError:
+    return None
+  except ValueError:  # not a claim's JSON: someone else's file, or a claim cut short
+    return {"token": None, "holder": "an unreadable claim"}
+  return claim if isinstance(claim, dict) else {"token": None, "holder": "an unreadable claim"}
+
+
+def _claim(path: str, job: str, what: str) -> None:
+  """Writes the claim `path` in a bucket for this job (process 0), noting a claim it replaces."""
+  token = ""
+  if jax.process_index() == 0:
+    previous = _read_claim(path)
+    token = uuid.uuid4().hex
+    files.write_json(path, {"token": token, "holder": _holder(job)})
+    if previous is not None:
+      print(f"note: {path}: {what} was claimed by another job ({previous.get('holder')}), which did "
+            f"not release it: it was stopped, or it still runs, and then it stops before its next "
+            f"save (in a bucket nothing is locked, so this job takes the claim over).", flush=True)
+  _CLAIMED[path] = (token, what)
+
+
+def check_claims(before: str) -> None:
+  """Raises WorkdirTakenError on every process when another job has replaced (or removed) a
+  claim this job holds in a bucket; `before` says what this job was about to do ("saving step
+  120"). Every process calls it, in the same order as the other collectives; without claims (a
+  local workdir, or a job that writes no experiment) it does nothing."""
+  if not _CLAIMED:
+    return
+  taken = _lost_claim() if jax.process_index() == 0 else ""
+  if not parallel.agree(not taken):
+    raise WorkdirTakenError(
+        f"{taken or 'this job lost a claim in its bucket (see process 0)'} while this job ran; it "
+        f"stops before {before}, so that two jobs do not write one experiment. The other goes on "
+        f"from the last save; rerunning this command after it ends resumes there.")
+
+
+def claims_kept() -> bool:
+  """Whether no claim of this job has been taken over, as far as this process knows (process 0
+  reads them; the others know nothing and say True): for writes of process 0 alone, such as the
+  metrics it appends, which a job that lost its claim leaves to the job that took it."""
+  return not (_CLAIMED and jax.process_index() == 0 and _lost_claim())
+
+
+def _lost_claim() -> str:
+  """What became of a claim of this job that another job replaced or someone removed; "" when
+  none did. Process 0."""
+  for path, (token, what) in _CLAIMED.items():
+    claim = _read_claim(path)
+    if claim is None or claim.get("token") != token:
+      by = "removed" if claim is None else f"replaced by another job's ({claim.get('holder')})"
+      return f"{what}: this job's claim {path} was {by}"
+  return ""
+
+
+def _release(path: str) -> None:
+  """Ends this process's hold of `path`: closes a lock, or removes a claim still this job's."""
+  if path in _HELD:
+    os.close(_HELD.pop(path))  # closing the file releases its flock
+    return
+  token, _ = _CLAIMED.pop(path)
+  if token:  # process 0
+    with contextlib.suppress(OSError):  # a claim left behind is noted and replaced by the next job
+      if (_read_claim(path) or {}).get("token") == token:
+        files.remove(path)
 
 
 def hold(path: str, job: str, what: str,
@@ -118,9 +203,13 @@ def hold(path: str, job: str, what: str,
   `release_all`, or raises WorkdirBusyError on every process when another job holds it; `what`
   names the experiment, `mixing` what two writers would do, `elsewhere` the other way out. Every
   process calls it; process 0 takes the lock. A lock this process holds already is held (a job
-  inside a job)."""
+  inside a job). In a bucket the lock is a claim: taken over, never refused (see above)."""
+  if files.is_cloud(path):
+    if path not in _CLAIMED:
+      _claim(path, job, what)
+    return
   taken, holder = True, ""
-  if jax.process_index() == 0 and not files.is_cloud(path) and path not in _HELD:
+  if jax.process_index() == 0 and path not in _HELD:
     descriptor, holder = _take(path, job)
     taken = descriptor is not None
     if taken:
@@ -136,16 +225,16 @@ def hold(path: str, job: str, what: str,
 def holding(path: str, job: str, what: str, mixing: str, elsewhere: str) -> Iterator[None]:
   """`hold` for the block only, for a result a reader job makes in place (a kernel's spectrum),
   released as the block ends unless this process held it already (an enclosing block's)."""
-  held_before = path in _HELD
+  held_before = path in _HELD or path in _CLAIMED
   hold(path, job, what, mixing, elsewhere)
   try:
     yield
   finally:
-    if not held_before and path in _HELD:
-      os.close(_HELD.pop(path))
+    if not held_before and (path in _HELD or path in _CLAIMED):
+      _release(path)
 
 
 def release_all() -> None:
-  """Releases every writer lock this process holds (a job's end)."""
-  while _HELD:
-    os.close(_HELD.popitem()[1])  # closing the file releases its flock
+  """Releases every writer lock and claim this process holds (a job's end)."""
+  for path in [*_HELD, *_CLAIMED]:
+    _release(path)

@@ -1,7 +1,8 @@
 """One job at a time writes an experiment: a second train (or phase 2) job on a workdir being written
 is refused before it records or writes anything, naming the holder; readers are not; a killed
 holder's lock never blocks the rerun. (Two train jobs at once deleted each other's half-written
-checkpoints, leaving a step without its metadata, and both appended to metrics.jsonl.)"""
+checkpoints, leaving a step without its metadata, and both appended to metrics.jsonl.) In a
+bucket, where nothing locks, the later copy takes over and the earlier one stops."""
 
 import fcntl
 import json
@@ -10,13 +11,17 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from ntk_scale import jobs, writer_lock
-from ntk_scale.checkpoint import CheckpointNotFoundError
+from ntk_scale import files, jobs, writer_lock
+from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale.train.metrics_jsonl import read_metrics
+from ntk_scale.train.writers import JsonlWriter
 from ntk_scale.workdir import WorkdirConfigMismatchError, phase2_name, prepare_workdir
 
 from conftest import TAKER
+from fake_gcs import fake_bucket
 from test_train import load_config
 
 def test_a_second_train_job_is_refused_until_the_first_ends(tmp_path, held_by_another_process):
@@ -176,3 +181,56 @@ def test_a_block_holding_a_lock_its_process_held_already_leaves_it_held(tmp_path
   with writer_lock.holding(path, "spectrum", "the spectrum", "mixing", "elsewhere"):
     assert _held_elsewhere(path)
   assert not _held_elsewhere(path)  # a block's own lock goes with it
+
+
+def _another_jobs_claim(path: str) -> None:
+  """What a second copy of the job, started on another host, writes over this job's claim."""
+  files.write_json(path, {"token": "another", "holder": "job train, host other-host, process id 7"})
+
+
+def test_in_a_bucket_a_later_copy_takes_the_claim_over_and_the_earlier_stops_before_it_saves(capsys):
+  """A bucket has no locks: the lock file is a claim that a later job replaces (naming the one it
+  replaces), and the job whose claim was replaced appends no more metrics and stops before it
+  writes a checkpoint, so that of two copies of a job one goes on. Its own claim goes with it;
+  another's stays."""
+  with fake_bucket() as bucket:
+    workdir = f"{bucket}/claimed"  # not another test's run/: Orbax may list its steps from a cache
+    path = writer_lock.lock_path(workdir)
+    writer_lock.hold(path, "train", workdir)
+    try:
+      assert files.read_json(path)["holder"].startswith("job train, host ")
+      writer_lock.hold(path, "train", workdir)  # a job inside the job: the same claim
+      writer_lock.check_claims("saving step 1")  # still this job's
+      checkpoints = Checkpoints(f"{workdir}/checkpoints")
+      checkpoints.save(0, {"w": np.zeros(3, np.float32)}, 0.0)
+      checkpoints.wait_until_finished()
+      metrics = JsonlWriter(f"{workdir}/metrics.jsonl")
+      metrics.write_scalars(1, {"train/loss": 2.0})
+      _another_jobs_claim(path)
+      metrics.write_scalars(2, {"train/loss": 1.0})  # left to the job that took over
+      assert read_metrics(workdir) == [{"step": 1, "train/loss": 2.0}]
+      with pytest.raises(writer_lock.WorkdirTakenError,
+                         match=rf"^{re.escape(workdir)}: this job's claim {re.escape(path)} was replaced "
+                               rf"by another job's \(job train, host other-host, process id 7\) while "
+                               rf"this job ran; it stops before saving step 5, so that two jobs"):
+        checkpoints.save(5, {"w": np.ones(3, np.float32)}, 1.0)
+      assert checkpoints.latest_step() == 0  # nothing of step 5 written
+      checkpoints.close()
+    finally:
+      writer_lock.release_all()
+    assert files.read_json(path)["token"] == "another"  # the other job's claim stays
+
+    capsys.readouterr()
+    writer_lock.hold(path, "train", workdir)  # the rerun, after a job that never released its claim
+    assert re.search(rf"note: {re.escape(path)}: {re.escape(workdir)} was claimed by another job "
+                     rf"\(job train, host other-host, process id 7\), which did not release it",
+                     capsys.readouterr().out)
+    files.remove(path)  # someone removed the claim
+    with pytest.raises(writer_lock.WorkdirTakenError, match=r"claim .* was removed while this job ran; "
+                                                            r"it stops before saving round 2"):
+      writer_lock.check_claims("saving round 2")
+    writer_lock.release_all()
+    writer_lock.hold(path, "train", workdir)
+    writer_lock.release_all()
+    assert not files.exists(path)  # a job's own claim goes when it ends
+    writer_lock.check_claims("saving step 3")  # no claims held: nothing to check

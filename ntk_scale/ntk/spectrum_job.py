@@ -226,6 +226,7 @@ def _load_state(directory: str, settings: dict) -> dict | None:
 def _save_state(directory: str, state: dict) -> None:
   """This round's block, then iterate.json naming it and the best round (the commit), then the
   blocks of neither go."""
+  writer_lock.check_claims(f"saving round {state['rounds']} of {directory}")
   if jax.process_index() == 0:
     files.save_array(os.path.join(directory, f"iterate_{state['rounds']}.npy"), state["block"])
     files.write_json(os.path.join(directory, STATE_FILE),

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from ntk_scale import files
+from ntk_scale import files, writer_lock
 from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -85,6 +85,8 @@ class JsonlWriter(metric_writers.MetricWriter):
     files.write_text(self._path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not writer_lock.claims_kept():  # in a bucket, another copy of this job took over (it logs these)
+      return
     record = {"step": int(step)}
     record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
     files.append_text(self._path, json.dumps(record) + "\n")
