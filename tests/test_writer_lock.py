@@ -188,49 +188,57 @@ def _another_jobs_claim(path: str) -> None:
   files.write_json(path, {"token": "another", "holder": "job train, host other-host, process id 7"})
 
 
-def test_in_a_bucket_a_later_copy_takes_the_claim_over_and_the_earlier_stops_before_it_saves(capsys):
+@pytest.fixture
+def bucket_workdir():
+  """A workdir in a bucket; whatever claims the test leaves held are released after it."""
+  with fake_bucket() as bucket:
+    try:
+      yield f"{bucket}/claimed"  # not another test's run/: Orbax may list its steps from a cache
+    finally:
+      writer_lock.release_all()
+
+
+def test_in_a_bucket_a_later_copy_takes_the_claim_over_and_the_earlier_stops_before_it_saves(
+    bucket_workdir, capsys):
   """A bucket has no locks: the lock file is a claim that a later job replaces (naming the one it
   replaces), and the job whose claim was replaced appends no more metrics and stops before it
   writes a checkpoint, so that of two copies of a job one goes on. Its own claim goes with it;
   another's stays."""
-  with fake_bucket() as bucket:
-    workdir = f"{bucket}/claimed"  # not another test's run/: Orbax may list its steps from a cache
-    path = writer_lock.lock_path(workdir)
-    writer_lock.hold(path, "train", workdir)
-    try:
-      assert files.read_json(path)["holder"].startswith("job train, host ")
-      writer_lock.hold(path, "train", workdir)  # a job inside the job: the same claim
-      writer_lock.check_claims("saving step 1")  # still this job's
-      checkpoints = Checkpoints(f"{workdir}/checkpoints")
-      checkpoints.save(0, {"w": np.zeros(3, np.float32)}, 0.0)
-      checkpoints.wait_until_finished()
-      metrics = JsonlWriter(f"{workdir}/metrics.jsonl")
-      metrics.write_scalars(1, {"train/loss": 2.0})
-      _another_jobs_claim(path)
-      metrics.write_scalars(2, {"train/loss": 1.0})  # left to the job that took over
-      assert read_metrics(workdir) == [{"step": 1, "train/loss": 2.0}]
-      with pytest.raises(writer_lock.WorkdirTakenError,
-                         match=rf"^{re.escape(workdir)}: this job's claim {re.escape(path)} was replaced "
-                               rf"by another job's \(job train, host other-host, process id 7\) while "
-                               rf"this job ran; it stops before saving step 5, so that two jobs"):
-        checkpoints.save(5, {"w": np.ones(3, np.float32)}, 1.0)
-      assert checkpoints.latest_step() == 0  # nothing of step 5 written
-      checkpoints.close()
-    finally:
-      writer_lock.release_all()
-    assert files.read_json(path)["token"] == "another"  # the other job's claim stays
+  workdir = bucket_workdir
+  path = writer_lock.lock_path(workdir)
+  writer_lock.hold(path, "train", workdir)
+  assert files.read_json(path)["holder"].startswith("job train, host ")
+  writer_lock.hold(path, "train", workdir)  # a job inside the job: the same claim
+  writer_lock.check_claims("saving step 1")  # still this job's
+  checkpoints = Checkpoints(f"{workdir}/checkpoints")
+  checkpoints.save(0, {"w": np.zeros(3, np.float32)}, 0.0)
+  checkpoints.wait_until_finished()
+  metrics = JsonlWriter(f"{workdir}/metrics.jsonl")
+  metrics.write_scalars(1, {"train/loss": 2.0})
+  _another_jobs_claim(path)
+  metrics.write_scalars(2, {"train/loss": 1.0})  # left to the job that took over
+  assert read_metrics(workdir) == [{"step": 1, "train/loss": 2.0}]
+  with pytest.raises(writer_lock.WorkdirTakenError,
+                     match=rf"^{re.escape(workdir)}: this job's claim {re.escape(path)} was replaced "
+                           rf"by another job's \(job train, host other-host, process id 7\) while "
+                           rf"this job ran; it stops before saving step 5, so that two jobs"):
+    checkpoints.save(5, {"w": np.ones(3, np.float32)}, 1.0)
+  assert checkpoints.latest_step() == 0  # nothing of step 5 written
+  checkpoints.close()
+  writer_lock.release_all()
+  assert files.read_json(path)["token"] == "another"  # the other job's claim stays
 
-    capsys.readouterr()
-    writer_lock.hold(path, "train", workdir)  # the rerun, after a job that never released its claim
-    assert re.search(rf"note: {re.escape(path)}: {re.escape(workdir)} was claimed by another job "
-                     rf"\(job train, host other-host, process id 7\), which did not release it",
-                     capsys.readouterr().out)
-    files.remove(path)  # someone removed the claim
-    with pytest.raises(writer_lock.WorkdirTakenError, match=r"claim .* was removed while this job ran; "
-                                                            r"it stops before saving round 2"):
-      writer_lock.check_claims("saving round 2")
-    writer_lock.release_all()
-    writer_lock.hold(path, "train", workdir)
-    writer_lock.release_all()
-    assert not files.exists(path)  # a job's own claim goes when it ends
-    writer_lock.check_claims("saving step 3")  # no claims held: nothing to check
+  capsys.readouterr()
+  writer_lock.hold(path, "train", workdir)  # the rerun, after a job that never released its claim
+  assert re.search(rf"note: {re.escape(path)}: {re.escape(workdir)} was claimed by another job "
+                   rf"\(job train, host other-host, process id 7\), which did not release it",
+                   capsys.readouterr().out)
+  files.remove(path)  # someone removed the claim
+  with pytest.raises(writer_lock.WorkdirTakenError, match=r"claim .* was removed while this job ran; "
+                                                          r"it stops before saving round 2"):
+    writer_lock.check_claims("saving round 2")
+  writer_lock.release_all()
+  writer_lock.hold(path, "train", workdir)
+  writer_lock.release_all()
+  assert not files.exists(path)  # a job's own claim goes when it ends
+  writer_lock.check_claims("saving step 3")  # no claims held: nothing to check
