@@ -132,8 +132,8 @@ def _read_claim(path: str) -> dict[str, Any] | None:
     claim = files.read_json(path)
   except FileNotFoundError:
     return None
-  except ValueError:  # not a claim's JSON: someone else's file, or a claim cut short
-    return {"token": None, "holder": "an unreadable claim"}
+  except ValueError:  # not JSON: someone else's file, or a claim cut short
+    claim = None
   return claim if isinstance(claim, dict) else {"token": None, "holder": "an unreadable claim"}
 
 
