@@ -4,9 +4,9 @@ For each model (the small CNN at width 32 and ResNet-18 at width 64, both with B
 32x32x3 inputs with 10 classes) this builds the train state, optimizer (SGD with momentum from
 `base_config()`), mesh and sharded batch through the `ntk_scale` API, compiles
 `ntk_scale.train.steps.make_train_step` once, and times it on random data on every device jax
-sees. It reports the median step time, images/s, the FLOPs per step from XLA's cost analysis of
-the lowered step (the whole step, all devices), the achieved FLOP rate, and that rate as a fraction of a
-peer measured in the same run: a jitted square matmul (2048 on CPU, 8192 on GPU) on one device,
+sees. It reports the median step time, images/s, the FLOPs per step that XLA counts
+in the lowered step (the whole step, all devices; ntk_scale.cost_analysis), the achieved FLOP rate,
+and that rate as a fraction of a peer measured in the same run: a jitted square matmul (2048 on CPU, 8192 on GPU) on one device,
 timed the same way and scaled by the device count, which is the practical dense FLOP ceiling of
 this machine; float32 for the float32 steps, bfloat16 for the bfloat16 ones (whose peak on a GPU
 is about twice TF32's). Each row is printed as soon as it is measured (a stopped run keeps them),
@@ -43,6 +43,7 @@ import ntk_scale.train.optimizer
 import ntk_scale.train.state
 import ntk_scale.train.steps
 from ntk_scale.base_config import base_config
+from ntk_scale.cost_analysis import program_flops
 from ntk_scale.linearize import LINEARIZATIONS, LinearizedModel
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -63,14 +64,6 @@ class Row:
   timed_steps: int
   flops: float
   dtype: str = "float32"  # of the matmuls: which peer it is compared with
-
-
-def xla_flops(program: Any) -> float:
-  """The 'flops' of XLA's cost analysis of a lowered (or compiled) program: a dict in jax 0.10, a
-  list of per-module dicts in older jax."""
-  analysis = program.cost_analysis()
-  modules = analysis if isinstance(analysis, (list, tuple)) else [analysis]
-  return float(sum(module.get("flops", 0.0) for module in modules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +124,9 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
   if compute_dtype != "float32":
     model = ntk_scale.models.build_model(model_config(name).model, NUM_CLASSES)
     compute_apply_fn = model.clone(dtype=jnp.dtype(compute_dtype)).apply
-  lowered = ntk_scale.train.steps.make_train_step(
-      "none", seed=0, compute_apply_fn=compute_apply_fn).lower(state, batch)
-  compiled = lowered.compile()
+  step = ntk_scale.train.steps.make_train_step("none", seed=0, compute_apply_fn=compute_apply_fn)
+  flops = program_flops(step, state, batch).flops
+  compiled = step.lower(state, batch).compile()
 
   def run_once() -> Any:
     nonlocal state
@@ -141,22 +134,20 @@ def measure_model(name: str, batch_size: int, timing: Timing, linearization: str
     return metrics
 
   seconds, timed = median_seconds(run_once, timing)
-  # The lowered program is the whole step, before it is split over the devices; counted there
-  # because XLA:GPU's analysis of the compiled one counts cuDNN's convolutions as 0 FLOPs.
+  # The whole step, before it is split over the devices (ntk_scale.cost_analysis).
   devices = jax.device_count()
   label = f"{name} [{linearization or compute_dtype}]" if linearization or compute_dtype != "float32" else name
-  return Row(label, parameters, batch_size, devices, seconds, timed, xla_flops(lowered), compute_dtype)
+  return Row(label, parameters, batch_size, devices, seconds, timed, flops, compute_dtype)
 
 
 def measure_peer(size: int, timing: Timing, dtype: str = "float32") -> Row:
   """A jitted `size` x `size` matmul in `dtype` on the first device, timed like the train step."""
   a, b = jax.device_put(jax.random.normal(jax.random.key(0), (2, size, size), jnp.dtype(dtype)))
-  lowered = jax.jit(jnp.matmul).lower(a, b)
-  compiled = lowered.compile()
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
   seconds, timed = median_seconds(lambda: compiled(a, b), timing)
   short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
   return Row(f"peer: matmul {size}x{size} {short}", None, None, 1, seconds, timed,
-             xla_flops(lowered), dtype)
+             2.0 * size**3, dtype)
 
 
 def peer_fraction(row: Row, peers: dict[str, Row]) -> float:

@@ -11,6 +11,7 @@ count stay counted once and are reported as `unbounded_loops`.
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, Iterator
 
 import jax
@@ -23,11 +24,43 @@ class ProgramFlops:
   unbounded_loops: int  # while loops whose trip count is not static, counted once
 
 
-def _xla_flops(lowered) -> float:
-  analysis = lowered.cost_analysis()
+def _unplaced(a: Any) -> Any:
+  """An array argument as its shape and dtype alone, so that it can be lowered for any device."""
+  if hasattr(a, "shape") and hasattr(a, "dtype"):
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+  return a
+
+
+def _analysis_flops(analysis: Any) -> float | None:
   if isinstance(analysis, list):  # older jax: one dict per program
     analysis = analysis[0]
-  return float((analysis or {}).get("flops", 0.0))
+  return None if analysis is None else float(analysis.get("flops", 0.0))
+
+
+def _xla_flops(fn: Callable, *args: Any) -> float:
+  """XLA's FLOP count of `fn(*args)` as lowered, before a backend optimises it (after GPU
+  compilation convolutions are cuDNN custom calls that count 0 FLOPs). Lowered for the host's
+  CPU: a backend reached through the PJRT C API, as jax's CUDA and TPU plugins are, analyses no
+  lowered program (jax answers None). On the default backend where jax has no CPU backend or the
+  program is tied to other devices; 0, with a warning, where that gives no analysis either."""
+  jitted = jax.jit(fn)
+  try:
+    with jax.default_device("cpu"):
+      flops = _analysis_flops(jitted.lower(*jax.tree.map(_unplaced, args)).cost_analysis())
+  except Exception:  # noqa: BLE001 -- no CPU backend, or devices named in the program
+    flops = None
+  if flops is None:
+    flops = _analysis_flops(jitted.lower(*args).cost_analysis())
+  if flops is None:
+    _warn_uncounted(jax.default_backend())
+    return 0.0
+  return flops
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_uncounted(backend: str) -> None:
+  logging.warning("No cost analysis of lowered programs on the %s backend, nor on a CPU backend: "
+                  "FLOPs count as 0 (cost models fall back to their floors).", backend)
 
 
 def _abstract(var) -> jax.ShapeDtypeStruct:
@@ -36,9 +69,10 @@ def _abstract(var) -> jax.ShapeDtypeStruct:
 
 @functools.lru_cache(maxsize=256)
 def _closed_flops(closed: jex_core.ClosedJaxpr) -> ProgramFlops:
-  lowered = jax.jit(jex_core.jaxpr_as_fun(closed)).lower(*map(_abstract, closed.jaxpr.invars))
   extra, unbounded = _loop_corrections(closed.jaxpr)
-  return ProgramFlops(_xla_flops(lowered) + extra, unbounded)
+  return ProgramFlops(
+      _xla_flops(jex_core.jaxpr_as_fun(closed), *map(_abstract, closed.jaxpr.invars)) + extra,
+      unbounded)
 
 
 def sub_jaxprs(eqn) -> list:
@@ -81,8 +115,7 @@ def _loop_corrections(jaxpr) -> tuple[float, int]:
     if eqn.primitive.name == "scan":
       body = eqn.params["jaxpr"]
       inner = _closed_flops(body)
-      once = _xla_flops(
-          jax.jit(jex_core.jaxpr_as_fun(body)).lower(*map(_abstract, body.jaxpr.invars)))
+      once = _xla_flops(jex_core.jaxpr_as_fun(body), *map(_abstract, body.jaxpr.invars))
       length = eqn.params["length"]
       extra += length * inner.flops - _body_copies(length, eqn.params.get("unroll", 1)) * once
       unbounded += inner.unbounded_loops
@@ -99,10 +132,9 @@ def program_flops(fn: Callable, *args: Any, **static: Any) -> ProgramFlops:
   """FLOPs of `fn(*args, **static)` (args: arrays or jax.ShapeDtypeStruct; `static`: keyword
   arguments that are not traced), with static-length loops counted `length` times."""
   bound = functools.partial(fn, **static) if static else fn
-  lowered = jax.jit(bound).lower(*args)
   closed = jax.make_jaxpr(bound)(*args)
   extra, unbounded = _loop_corrections(closed.jaxpr)
-  return ProgramFlops(_xla_flops(lowered) + extra, unbounded)
+  return ProgramFlops(_xla_flops(bound, *args) + extra, unbounded)
 
 
 def memory_per_device(compiled: jax.stages.Compiled) -> float | None:

@@ -3,6 +3,7 @@ device from the partitioned program, refusal of plans that do not fit, nothing w
 
 import copy
 import json
+import logging
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from ntk_scale import dry_run as dry_run_module
 from ntk_scale import infinite, jobs, parallel
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
+from ntk_scale import cost_analysis
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
@@ -90,6 +92,25 @@ def test_loops_of_traced_length_are_reported():
   counted = program_flops(lambda x, n: jax.lax.fori_loop(0, n, lambda i, y: y @ x, x), a, n)
   assert counted.unbounded_loops == 1
   assert counted.flops == pytest.approx(MATMUL, abs=100)  # once, as the report says
+
+
+def test_flops_are_counted_on_a_backend_that_analyses_no_lowered_program(monkeypatch, caplog):
+  """jax's CUDA and TPU plugins (reached through the PJRT C API) analyse no lowered program, and
+  jax answers None: on the H200 of 2026-12-04 every count was 0, so kernel plans took each
+  example's forward pass at the floor of 2 FLOPs per parameter (ResNet-18: 22 MFLOP, not 1 GFLOP).
+  Here the default device answers as such a plugin does; counts are made for the host's CPU."""
+  from jax._src import config as jax_config, xla_bridge  # pylint: disable=import-outside-toplevel
+  a = jax.ShapeDtypeStruct((N, N), jnp.float32)
+  loop = lambda x: jax.lax.fori_loop(0, 5, lambda i, y: y @ x, x)
+  monkeypatch.setattr(xla_bridge, "using_pjrt_c_api",
+                      lambda backend=None: jax_config.default_device.value is None)
+  assert jax.jit(loop).lower(a).cost_analysis() is None  # the plugin's answer
+  assert program_flops(loop, a).flops == pytest.approx(5 * MATMUL, abs=100)
+  monkeypatch.setattr(xla_bridge, "using_pjrt_c_api", lambda backend=None: True)  # no CPU either
+  cost_analysis._warn_uncounted.cache_clear()  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    assert program_flops(lambda x: x @ x @ x, a).flops == 0
+  assert "No cost analysis of lowered programs" in caplog.text
 
 
 def test_catalog_matches_the_loaded_digits_and_the_tfds_features():
