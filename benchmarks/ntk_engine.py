@@ -115,15 +115,22 @@ def best_time(fn, repeats: int, warmup=None) -> float:
   return min(times)
 
 
-def timed_with_plan(run, plan, repeats: int):
+def timed_with_plan(run, plan, repeats: int, show):
   """(seconds, plan) of our kernel. fit_plan compiles the engine's programs (its memory check),
   which the kernel then reuses: with `repeats` 0 (one call, compilation included, as for the
-  peers) the plan is made after the timed call, so the compilation is timed; otherwise first."""
+  peers) the plan is made after the timed call, so the compilation is timed; otherwise first.
+  `show(plan, seconds)` prints the plan once it is made, with the seconds making it took: a run
+  stopped by its time limit then tells whether it was planning (compiling) or computing."""
+  def made():
+    started = time.perf_counter()
+    made = plan()
+    show(made, time.perf_counter() - started)
+    return made
   if repeats == 0:
     seconds = best_time(run, 0)
-    return seconds, plan()
-  made = plan()
-  return best_time(run, repeats), made
+    return seconds, made()
+  planned = made()
+  return best_time(run, repeats), planned
 
 
 def nt_functions(apply_fn, logits: str):
@@ -272,9 +279,10 @@ def main() -> None:
         plan_ours = lambda **variant: fit_plan(apply_fn, params, x, None, mode,
                                                precision=args.precision, **settings, **variant)
         ours_out = {}
+        show = lambda label: lambda plan, seconds: print(
+            f"{label}: {plan.describe()}; planned in {seconds:.1f} s", flush=True)
         ours, plan = timed_with_plan(lambda: ours_out.setdefault("k", ours_kernel()), plan_ours,
-                                     args.repeats)
-        print(f"# {name} N={n} logits={logits}: {plan.describe()}", flush=True)
+                                     args.repeats, show(f"# {name} N={n} logits={logits}"))
         reference = ours_out["k"]
 
         def row(label: str, seconds: float, kernel: np.ndarray, flops: float) -> None:
@@ -291,8 +299,8 @@ def main() -> None:
           variant = {key: _setting(value)}
           out = {}
           seconds, varied = timed_with_plan(lambda: out.setdefault("k", ours_kernel(**variant)),
-                                            lambda: plan_ours(**variant), args.repeats)
-          print(f"#   {label}: {varied.describe()}", flush=True)
+                                            lambda: plan_ours(**variant), args.repeats,
+                                            show(f"#   {label}"))
           row(label, seconds, out["k"], varied.flops)
         f, trace_axes, scale = nt_functions(apply_fn, logits) if nt else (None, None, 1.0)
         unfactored_flops = plan_for(apply_fn, params, x, None, mode, method="jacobian",
