@@ -13,15 +13,18 @@
 #
 # In priority order, each under its own time limit and none past 570 s in all (no case is started
 # after its step's deadline). ResNet-18 rows time one call after a warm-up one (XLA:GPU compiles a
-# ResNet-18 program in up to a minute); Loo et al.'s method is timed on its first calls and scaled
-# to all (`loo2022*`: 7,875 calls at N = 500, 32,896 at 1024, each the same program).
-#  1. ntk_engine.py, ResNet-18 per logit (class 0) at N = 500 (the issue's "a per-class kernel of
-#     500 CIFAR-10 images in under a second"), 1024 and 256, against neural-tangents and Loo's;
-#  2. ntk_engine.py, the small CNN at N = 256 and 1024, per logit and traced;
-#  3. ResNet-18 traced at N = 1024, where neural-tangents' Jacobians do not fit one call: its
-#     nt.batch sizes are tried from 256 down (each size a compile);
-#  4. ResNet-18 traced at N = 256;
-#  5. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype).
+# ResNet-18 program in up to two minutes); each plan line says how long planning (compiling) took.
+# The H200 session of 2026-12-04 measured the rest (benchmarks/results/2026-12-04-h200-ntk_engine.txt):
+# ResNet-18 per logit at N = 500 and traced at 256, Loo et al.'s method, the CNN at N = 256.
+#  1. ntk_engine.py, ResNet-18 traced at N = 1024 against nt.batch (sizes tried from 256 down, each
+#     a compile): since 2026-12-04 planned with each example's forward pass counted (one tile of
+#     1024, two logits at a time, where the H200's plan was 36 tiles of 128: 2.92 s, 7.9x);
+#  2. ntk_engine.py, the CNN at N = 256 and 1024, per logit and traced (the H200's N = 1024 stopped
+#     unexplained after 130 s);
+#  3. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype);
+#  4. ntk_engine.py, ResNet-18 per logit (class 0) at N = 1024 against neural-tangents' one call
+#     (46 GB of Jacobians), then at N = 500 (the issue's "a per-class kernel of 500 CIFAR-10 images
+#     in under a second": 0.111 s on the H200).
 set -uo pipefail
 
 WHEELS=("ml-collections==1.1.0" "neural-tangents==0.6.5" "frozendict==2.5.1")
@@ -51,14 +54,11 @@ started=$SECONDS
 
 total=570  # seconds for every step together, under the device's 600 s command limit
 if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then  # every step's rows, ours and the peers', at tiny sizes
-  class0=(--resnet_sizes 8,12 --loo_max 12 --loo_calls 3) cnn=(--sizes 16 --loo_calls 10)
-  trace_large=(--resnet_sizes 8 --nt_batch 4 --loo_calls 2) trace_small=(--resnet_sizes 4)
-  train=(--models cnn --steps 2) deadlines=(40 30) total=400
+  trace_large=(--resnet_sizes 8 --nt_batch 4) cnn=(--sizes 16,24)
+  train=(--models cnn --steps 2) class0=(--resnet_sizes 8,12) deadline=40 total=400
 else
-  class0=(--resnet_sizes 500,1024,256 --loo_max 1024 --loo_calls 200)
-  cnn=(--sizes 256,1024 --loo_calls 2000)
-  trace_large=(--resnet_sizes 1024 --nt_batch 256 --loo_calls 50) trace_small=(--resnet_sizes 256)
-  train=(--max_seconds 20) deadlines=(110 50)
+  trace_large=(--resnet_sizes 1024 --nt_batch 256) cnn=(--sizes 256,1024)
+  train=(--max_seconds 20) class0=(--resnet_sizes 1024,500) deadline=100
 fi
 
 # Runs a step under its time limit (and what is left of the total), its output into
@@ -77,15 +77,12 @@ step() {
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$py" -c "import jax, ntk_scale; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-engine=("$py" benchmarks/ntk_engine.py --compilation_cache "$cache")
-step ntk_engine-resnet18-class0 170 "${engine[@]}" --models resnet18 --logits 0 --repeats 1 \
-  "${class0[@]}" --deadline_s "${deadlines[0]}"
-step ntk_engine-cnn 80 "${engine[@]}" --models cnn --logits 0,trace --loo_max 1024 "${cnn[@]}" \
-  --deadline_s "${deadlines[1]}"
-step ntk_engine-resnet18-trace-large 300 "${engine[@]}" --models resnet18 --logits trace --repeats 1 \
-  --loo_max 1024 "${trace_large[@]}"
-step ntk_engine-resnet18-trace-small 120 "${engine[@]}" --models resnet18 --logits trace --repeats 1 \
-  --loo_max 0 "${trace_small[@]}"
+engine=("$py" benchmarks/ntk_engine.py --compilation_cache "$cache" --loo_max 0)
+step ntk_engine-resnet18-trace-large 240 "${engine[@]}" --models resnet18 --logits trace --repeats 1 \
+  "${trace_large[@]}"
+step ntk_engine-cnn 130 "${engine[@]}" --models cnn --logits 0,trace "${cnn[@]}"
 step train_throughput-bfloat16 70 "$py" benchmarks/train_throughput.py --compute_dtypes bfloat16 \
   "${train[@]}"
+step ntk_engine-resnet18-class0 170 "${engine[@]}" --models resnet18 --logits 0 --repeats 1 \
+  "${class0[@]}" --deadline_s "$deadline"
 echo "done in $((SECONDS - started)) s; tables in $out" | tee -a "$out/steps.txt"
