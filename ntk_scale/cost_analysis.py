@@ -37,30 +37,55 @@ def _analysis_flops(analysis: Any) -> float | None:
   return None if analysis is None else float(analysis.get("flops", 0.0))
 
 
-def _xla_flops(fn: Callable, *args: Any) -> float:
-  """XLA's FLOP count of `fn(*args)` as lowered, before a backend optimises it (after GPU
-  compilation convolutions are cuDNN custom calls that count 0 FLOPs). Lowered for the host's
-  CPU: a backend reached through the PJRT C API, as jax's CUDA and TPU plugins are, analyses no
-  lowered program (jax answers None). On the default backend where jax has no CPU backend or the
-  program is tied to other devices; 0, with a warning, where that gives no analysis either."""
-  jitted = jax.jit(fn)
+def _on_host_cpu(closed: jex_core.ClosedJaxpr) -> float | None:
+  """The count of a traced program lowered for the host's CPU, the arrays it closes over (on
+  whatever devices they are) passed as abstract arguments."""
+  run = lambda consts, *args: jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(closed.jaxpr, consts))(*args)
   try:
     with jax.default_device("cpu"):
-      flops = _analysis_flops(jitted.lower(*jax.tree.map(_unplaced, args)).cost_analysis())
-  except Exception:  # noqa: BLE001 -- no CPU backend, or devices named in the program
-    flops = None
+      lowered = jax.jit(run).lower([_unplaced(c) for c in closed.consts],
+                                   *map(_abstract, closed.jaxpr.invars))
+      return _analysis_flops(lowered.cost_analysis())
+  except Exception:  # noqa: BLE001 -- no CPU backend, or a program over a mesh of other devices
+    return None
+
+
+def _lowered(jitted: Callable, args: tuple) -> float | None:
+  return _analysis_flops(jitted.lower(*args).cost_analysis())
+
+
+def _compiled(jitted: Callable, args: tuple) -> float | None:
+  return _analysis_flops(jitted.lower(*args).compile().cost_analysis())
+
+
+def _xla_flops(closed: jex_core.ClosedJaxpr, fn: Callable | None = None, args: tuple = ()) -> float:
+  """XLA's FLOP count of the traced program `closed` (`fn(*args)`, where given) as lowered, before
+  a backend optimises it: after GPU compilation, convolutions are cuDNN library calls that count
+  0 FLOPs. Counted for the host's CPU, because a backend reached through the PJRT C API (jax's
+  CUDA and TPU plugins) analyses no lowered program (jax answers None). Where the program cannot
+  be lowered for the CPU (a shard_map over a mesh of GPUs, say), counted for its own devices, as
+  lowered, else as compiled (with a warning: library calls count 0); 0, with a warning, where
+  neither answers."""
+  if fn is None:
+    fn, args = jex_core.jaxpr_as_fun(closed), tuple(map(_abstract, closed.jaxpr.invars))
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)  # a jitted program keeps its compilation
+  flops = _on_host_cpu(closed)
   if flops is None:
-    flops = _analysis_flops(jitted.lower(*args).cost_analysis())
+    flops = _lowered(jitted, args)
   if flops is None:
-    _warn_uncounted(jax.default_backend())
-    return 0.0
-  return flops
+    flops = _compiled(jitted, args)
+    if flops is not None:
+      _warn_once(f"FLOPs of a program over {jax.default_backend()} devices counted after "
+                 f"compilation: convolutions run as library calls (cuDNN) count 0.")
+  if flops is None:
+    _warn_once(f"No cost analysis of programs on the {jax.default_backend()} backend: FLOPs count "
+               f"as 0 (cost models fall back to their floors).")
+  return flops or 0.0
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_uncounted(backend: str) -> None:
-  logging.warning("No cost analysis of lowered programs on the %s backend, nor on a CPU backend: "
-                  "FLOPs count as 0 (cost models fall back to their floors).", backend)
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 def _abstract(var) -> jax.ShapeDtypeStruct:
@@ -70,9 +95,7 @@ def _abstract(var) -> jax.ShapeDtypeStruct:
 @functools.lru_cache(maxsize=256)
 def _closed_flops(closed: jex_core.ClosedJaxpr) -> ProgramFlops:
   extra, unbounded = _loop_corrections(closed.jaxpr)
-  return ProgramFlops(
-      _xla_flops(jex_core.jaxpr_as_fun(closed), *map(_abstract, closed.jaxpr.invars)) + extra,
-      unbounded)
+  return ProgramFlops(_xla_flops(closed) + extra, unbounded)
 
 
 def sub_jaxprs(eqn) -> list:
@@ -115,7 +138,7 @@ def _loop_corrections(jaxpr) -> tuple[float, int]:
     if eqn.primitive.name == "scan":
       body = eqn.params["jaxpr"]
       inner = _closed_flops(body)
-      once = _xla_flops(jex_core.jaxpr_as_fun(body), *map(_abstract, body.jaxpr.invars))
+      once = _xla_flops(body)
       length = eqn.params["length"]
       extra += length * inner.flops - _body_copies(length, eqn.params.get("unroll", 1)) * once
       unbounded += inner.unbounded_loops
@@ -134,7 +157,7 @@ def program_flops(fn: Callable, *args: Any, **static: Any) -> ProgramFlops:
   bound = functools.partial(fn, **static) if static else fn
   closed = jax.make_jaxpr(bound)(*args)
   extra, unbounded = _loop_corrections(closed.jaxpr)
-  return ProgramFlops(_xla_flops(bound, *args) + extra, unbounded)
+  return ProgramFlops(_xla_flops(closed, bound, args) + extra, unbounded)
 
 
 def memory_per_device(compiled: jax.stages.Compiled) -> float | None:
