@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_session.sh wheels        # downloads them into .whl/ (git-ignored)
 # There (the device tool: carry [".whl"], timeout_s 600):
 #     bash benchmarks/gpu_session.sh run "$OUT"
-# On a CPU, to check the script itself with tiny sizes (about 3 minutes; PYTHON: the interpreter,
+# On a CPU, to check the script itself with tiny sizes (about 2 minutes; PYTHON: the interpreter,
 # python3 by default, which on the GPU image has jax):
 #     GPU_SESSION_SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh run /tmp/gpu_session
 #
@@ -21,8 +21,10 @@
 #     1024, two logits at a time, where the H200's plan was 36 tiles of 128: 2.92 s, 7.9x);
 #  2. ntk_engine.py, the CNN at N = 256 and 1024, per logit and traced (the H200's N = 1024 stopped
 #     unexplained after 130 s);
-#  3. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype);
-#  4. ntk_engine.py, ResNet-18 per logit (class 0) at N = 1024 against neural-tangents' one call
+#  3. ntk_call_parts.py, where the CNN's one-tile kernel at N = 256 spends its 3-4 ms (against
+#     neural-tangents' 2 ms there): placing parameters and images, the program, the copy back;
+#  4. train_throughput.py, float32 against bfloat16 train steps (config.train.compute_dtype);
+#  5. ntk_engine.py, ResNet-18 per logit (class 0) at N = 1024 against neural-tangents' one call
 #     (46 GB of Jacobians), then at N = 500 (the issue's "a per-class kernel of 500 CIFAR-10 images
 #     in under a second": 0.111 s on the H200).
 set -uo pipefail
@@ -54,10 +56,10 @@ started=$SECONDS
 
 total=570  # seconds for every step together, under the device's 600 s command limit
 if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then  # every step's rows, ours and the peers', at tiny sizes
-  trace_large=(--resnet_sizes 8 --nt_batch 4) cnn=(--sizes 16,24)
+  trace_large=(--resnet_sizes 8 --nt_batch 4) cnn=(--sizes 16,24) parts=(--n 16 --calls 3)
   train=(--models cnn --steps 2) class0=(--resnet_sizes 8,12) deadline=40 total=400
 else
-  trace_large=(--resnet_sizes 1024 --nt_batch 256) cnn=(--sizes 256,1024)
+  trace_large=(--resnet_sizes 1024 --nt_batch 256) cnn=(--sizes 256,1024) parts=()
   train=(--max_seconds 20) class0=(--resnet_sizes 1024,500) deadline=100
 fi
 
@@ -81,6 +83,7 @@ engine=("$py" benchmarks/ntk_engine.py --compilation_cache "$cache" --loo_max 0)
 step ntk_engine-resnet18-trace-large 240 "${engine[@]}" --models resnet18 --logits trace --repeats 1 \
   "${trace_large[@]}"
 step ntk_engine-cnn 130 "${engine[@]}" --models cnn --logits 0,trace "${cnn[@]}"
+step ntk_call_parts 60 "$py" benchmarks/ntk_call_parts.py "${parts[@]}"
 step train_throughput-bfloat16 70 "$py" benchmarks/train_throughput.py --compute_dtypes bfloat16 \
   "${train[@]}"
 step ntk_engine-resnet18-class0 170 "${engine[@]}" --models resnet18 --logits 0 --repeats 1 \
