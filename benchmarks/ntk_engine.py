@@ -121,16 +121,16 @@ def timed_with_plan(run, plan, repeats: int, show):
   peers) the plan is made after the timed call, so the compilation is timed; otherwise first.
   `show(plan, seconds)` prints the plan once it is made, with the seconds making it took: a run
   stopped by its time limit then tells whether it was planning (compiling) or computing."""
-  def made():
+  def make():
     started = time.perf_counter()
     made = plan()
     show(made, time.perf_counter() - started)
     return made
   if repeats == 0:
     seconds = best_time(run, 0)
-    return seconds, made()
-  planned = made()
-  return best_time(run, repeats), planned
+    return seconds, make()
+  made = make()
+  return best_time(run, repeats), made
 
 
 def nt_functions(apply_fn, logits: str):
