@@ -59,7 +59,7 @@ if [[ -n "${GPU_SESSION_SMOKE:-}" ]]; then  # every step's rows, ours and the pe
   trace_large=(--resnet_sizes 8 --nt_batch 4) cnn=(--sizes 16,24) parts=(--n 16 --calls 3)
   train=(--models cnn --steps 2) class0=(--resnet_sizes 8,12) deadline=40 total=400
 else
-  trace_large=(--resnet_sizes 1024 --nt_batch 256) cnn=(--sizes 256,1024) parts=()
+  trace_large=(--resnet_sizes 1024 --nt_batch 256) cnn=(--sizes 256,1024) parts=(--n 256)
   train=(--max_seconds 20) class0=(--resnet_sizes 1024,500) deadline=100
 fi
 
