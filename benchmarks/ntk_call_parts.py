@@ -22,7 +22,6 @@ warm-up (fixed costs: the fastest is the least disturbed), in one process on the
 import argparse
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -30,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ntk_engine import at_precision, build, nt_functions, nt_kernel_fn  # noqa: E402
+from ntk_engine import at_precision, best_time, build, nt_functions, nt_kernel_fn  # noqa: E402
 from ntk_scale import parallel  # noqa: E402
 from ntk_scale.matmul_precision import default_precision  # noqa: E402
 from ntk_scale.nt_compat import NeuralTangentsUnavailableError, load_neural_tangents  # noqa: E402
@@ -40,13 +39,7 @@ from ntk_scale.ntk.programs import plan_steps, program_of, step_programs  # noqa
 
 
 def best_ms(fn, calls: int) -> float:
-  fn()
-  times = []
-  for _ in range(calls):
-    started = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - started)
-  return 1e3 * min(times)
+  return 1e3 * best_time(fn, calls)
 
 
 def ours(apply_fn, params, x: np.ndarray, logits, precision: str, calls: int) -> dict[str, float]:

@@ -1,17 +1,17 @@
 """Training throughput of the project's real jitted train step, against a matmul peer.
 
-For each model (the small CNN at width 32 and ResNet-18 at width 64, both with BatchNorm, on
-32x32x3 inputs with 10 classes) this builds the train state, optimizer (SGD with momentum from
+For each model (the small CNN at width 32 and ResNet-18 at width 64, both with BatchNorm, on 32x32x3
+inputs with 10 classes) this builds the train state, optimizer (SGD with momentum from
 `base_config()`), mesh and sharded batch through the `ntk_scale` API, compiles
-`ntk_scale.train.steps.make_train_step` once, and times it on random data on every device jax
-sees. It reports the median step time, images/s, the FLOPs per step that XLA counts
-in the lowered step (the whole step, all devices; ntk_scale.cost_analysis), the achieved FLOP rate,
-and that rate as a fraction of a peer measured in the same run: a jitted square matmul (2048 on CPU, 8192 on GPU) on one device,
-timed the same way and scaled by the device count, which is the practical dense FLOP ceiling of
-this machine; float32 for the float32 steps, bfloat16 for the bfloat16 ones (whose peak on a GPU
-is about twice TF32's). Each row is printed as soon as it is measured (a stopped run keeps them),
-then the table. On CPU a model stops timing early once its timed steps pass
---max_seconds (45 s; at least 3 steps) so that the default run takes about 3 minutes.
+`ntk_scale.train.steps.make_train_step` once, and times it on random data on every device jax sees.
+It reports the median step time, images/s, the FLOPs per step that XLA counts in the lowered step
+(the whole step, all devices; ntk_scale.cost_analysis), the achieved FLOP rate, and that rate as a
+fraction of a peer measured in the same run: a jitted square matmul (2048 on CPU, 8192 on GPU) on
+one device, timed the same way and scaled by the device count, which is the practical dense FLOP
+ceiling of this machine; float32 for the float32 steps, bfloat16 for the bfloat16 ones (whose peak
+on a GPU is about twice TF32's). Each row is printed as soon as it is measured (a stopped run keeps
+them), then the table. On CPU a model stops timing early once its timed steps pass --max_seconds
+(45 s; at least 3 steps) so that the default run takes about 3 minutes.
 
 Run from the repository root:
 

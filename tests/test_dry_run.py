@@ -18,10 +18,9 @@ import pytest
 from absl import app
 
 from ntk_scale import dry_run as dry_run_module
-from ntk_scale import infinite, jobs, parallel
+from ntk_scale import cost_analysis, infinite, jobs, parallel
 from ntk_scale.base_config import pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
-from ntk_scale import cost_analysis
 from ntk_scale.cost_analysis import program_flops
 from ntk_scale.data import load_digits
 from ntk_scale.data.catalog import SHAPES, dataset_shape
