@@ -15,7 +15,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ntk_scale import data, evaluation_progress, files, parallel, writer_lock
+from ntk_scale import data, evaluation_progress, evaluation_records, files, parallel
 from ntk_scale.adversarial_sets import (is_whole_set, load_adversarial_set, read_set_meta,
                                         save_adversarial_set)
 from ntk_scale.attacks import Attack, WorstOf, build_attacks
@@ -332,17 +332,11 @@ def attack_key_of(attack_key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(attack_key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _record_path(phase_dir: str, step: int) -> str:
-  return os.path.join(phase_dir, "evaluations", f"step_{step}.json")
-
-
 def _recorded_results(phase_dir: str, step: int) -> dict[str, dict[str, Any]]:
-  """The results in checkpoint `step`'s evaluation record, {} when it has none (as process 0 finds
-  it; every process reads it)."""
-  path = _record_path(phase_dir, step)
-  if not parallel.agree(jax.process_index() == 0 and files.exists(path)):
-    return {}
-  return files.read_json(path)["results"]
+  """The results in checkpoint `step`'s evaluation record, {} when it has none, as process 0 reads
+  them, on every process (another job may be adding to the record meanwhile)."""
+  record = parallel.from_process_0(lambda: evaluation_records.read_record(phase_dir, step))
+  return {} if record is None else record["results"]
 
 
 def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
@@ -357,7 +351,7 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
     if jax.process_index() == 0:  # say why its numbers may change (another key, an added field)
       changed = files.changed_settings(recorded, made_with)
       print(f"attack {made_with['name']}: recorded with other settings ({', '.join(changed)}) in "
-            f"{_record_path(phase_dir, step)}; evaluating it again", flush=True)
+            f"{evaluation_records.record_directory(phase_dir, step)}/; evaluating it again", flush=True)
     return None
   if set_directory is not None and not parallel.agree(
       jax.process_index() == 0 and _is_set_of(set_directory, made_with)):
@@ -367,7 +361,7 @@ def _recorded_result(result: dict[str, Any] | None, made_with: dict[str, Any],
     return None
   if jax.process_index() == 0:
     print(f"attack {made_with['name']}: recorded with these settings in "
-          f"{_record_path(phase_dir, step)}", flush=True)
+          f"{evaluation_records.record_directory(phase_dir, step)}/", flush=True)
   return result
 
 
@@ -485,7 +479,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   Phase 1 is the network in `workdir`; phase 2 the linearized model of the experiment
   config.phase2.name, whose results also record the output components f0(x) and J(theta-theta0).
-  Results go to `<phase dir>/evaluations/step_<step>.json` and adversarial examples to
+  Results go to `<phase dir>/evaluations/step_<step>/` and adversarial examples to
   `<phase dir>/adversarial/<attack>_epoch<epoch>/`, the phase dir being the workdir or
   `<workdir>/phase2/<name>/`. Each transfer set's result is under its `transfer_keys` key.
   """
@@ -512,19 +506,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def write_evaluation(workdir: str, step: int, epoch: float, results: dict[str, Any]) -> dict[str, Any]:
-  """Records results (per-class accuracies included) in `<workdir>/evaluations/step_<step>.json`,
-  then drops the parts `evaluate_and_save` kept for them; returns this evaluation's record.
+  """Records results (per-class accuracies included) in checkpoint `step`'s evaluation record
+  (`<workdir>/evaluations/step_<step>/`, evaluation_records.py), then drops the parts
+  `evaluate_and_save` kept for them; returns this evaluation's record.
 
-  The file keeps the results it already holds under other names: the train job's final
+  The record keeps the results it already holds under other names: the train job's final
   evaluation and an `evaluate` job of the same checkpoint (AutoAttack, transfer sets) share it,
-  and a rerun of either must not erase the other's. Each result names its own settings."""
+  and a rerun of either, or both at once, must not erase the other's. Each result names its own
+  settings."""
   record = {"step": int(step), "epoch": float(epoch), "results": results}
   if jax.process_index() == 0:
-    path = _record_path(workdir, step)
-    files.make_dirs(os.path.join(workdir, "evaluations"))
-    with writer_lock.updating(path):  # another job of this checkpoint may be writing it too
-      earlier = files.read_json(path)["results"] if files.exists(path) else {}
-      kept = {name: result for name, result in earlier.items() if name not in results}
-      files.write_json(path, {**record, "results": {**results, **kept}}, indent=2)
+    evaluation_records.write_results(workdir, step, epoch, results)
   evaluation_progress.discard_named(_kept_directory(workdir, step), set(results))
   return record

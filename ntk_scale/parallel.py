@@ -7,10 +7,11 @@ of a global batch that its own devices hold, so a batch never passes through one
 
 import contextlib
 import contextvars
+import json
 import os
 import sys
 import threading
-from typing import Any, Iterator, Mapping, NoReturn
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 
 import jax
 import numpy as np
@@ -153,6 +154,19 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def from_process_0(read: Callable[[], Any]) -> Any:
+  """`read()` of process 0, a JSON value, on every process (the others do not call it): what
+  process 0 reads of a shared file that another job may be changing, so that every process
+  decides from the same contents. Every process must call it, in the same order as the other
+  collectives."""
+  if jax.process_count() == 1:
+    return read()
+  text = json.dumps(read()).encode() if jax.process_index() == 0 else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+  data = np.frombuffer(text, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
 
 
 def exit_together(code: int, wait_s: float | None = None) -> NoReturn:

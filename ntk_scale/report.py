@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ntk_scale import files
+from ntk_scale import evaluation_records, files
 from ntk_scale.adversarial_sets import read_set_meta
 from ntk_scale.train.collapse import CO_FILE
 from ntk_scale.train.metrics_jsonl import METRICS_FILE, read_jsonl
@@ -246,12 +246,6 @@ def plot_training_curves(records: list[dict], collapse_epoch: float | None = Non
   return fig
 
 
-def _evaluations(directory: str) -> list[dict]:
-  paths = files.glob(os.path.join(directory, "evaluations"), "step_*.json")
-  records = [files.read_json(p) for p in paths if ".tmp" not in p]
-  return sorted(records, key=lambda r: r["step"])
-
-
 def evaluation_parts(page: ReportPage, evaluations: list[dict], prefix: str) -> list[str]:
   """Accuracy of every evaluated checkpoint; the newest one per class, with output components."""
   plt = _pyplot()
@@ -364,7 +358,7 @@ def run_parts(page: ReportPage, directory: str, prefix: str) -> list[str]:
       final = tests[-1]
       parts += [f"<h3>Test metrics at the end of training (step {final['step']})</h3>",
                 table(["metric", "value"], [(k, v) for k, v in final.items() if k.startswith("test/")])]
-  evaluations = _evaluations(directory)
+  evaluations = evaluation_records.read_records(directory)
   if evaluations:
     parts += evaluation_parts(page, evaluations, prefix)
   parts += adversarial_parts(page, directory, prefix)

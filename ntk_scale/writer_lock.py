@@ -17,10 +17,6 @@ made by the spectrum, evolution and eigen_* jobs), is locked while a job reads o
 (`holding`, `<kernel>/.writer.spectrum.lock`): two solves of other settings wrote one's arrays beside
 the other's record.
 
-Readers that update a record they share take a short lock of that record instead (`updating`):
-two evaluations of one checkpoint (the train job's last and an evaluate job, or two evaluate jobs)
-read, merge and write one record, and the later writer dropped the other's results.
-
 The lock is the file system's (flock; NFS v4 forwards it to the server; with `nolock` mounts it is
 per host). In a gs:// bucket nothing can be locked: objects have no locks, and a lease would need
 clocks the hosts share. There the lock file is a claim instead: each job that would take the lock
@@ -77,24 +73,6 @@ def _open(path: str) -> int:
                             f"user, so no job can write there (its lock {os.path.basename(path)} "
                             f"cannot be made); use a --workdir it can write", path) from error
     return os.open(path, os.O_RDONLY)
-
-
-@contextlib.contextmanager
-def updating(record: str) -> Iterator[None]:
-  """While the block runs, no other process updates the JSON `record` the same way: for a
-  read-merge-write of a record two jobs share (the evaluation of one checkpoint by the train job
-  and an evaluate job, or two evaluate jobs), whose later writer would otherwise drop the other's
-  results. Waits for the other; in a bucket, or on a file system without locks, it locks nothing."""
-  if files.is_cloud(record):
-    yield
-    return
-  descriptor = _open(os.path.join(os.path.dirname(record), f".{os.path.basename(record)}.lock"))
-  try:
-    with contextlib.suppress(OSError):  # no locks on this file system: as in a bucket
-      fcntl.flock(descriptor, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(descriptor)  # closing releases the flock
 
 
 def _take(path: str, job: str) -> tuple[int | None, str]:

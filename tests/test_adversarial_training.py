@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from ntk_scale import evaluate as evaluate_module
-from ntk_scale import jobs, parallel
+from ntk_scale import evaluation_records, jobs, parallel
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
 from ntk_scale.attacks import build_attack
 from ntk_scale.base_config import autoattack, base_config, pgd_linf
@@ -162,8 +162,7 @@ def test_adversarial_training_is_far_more_robust(trained):
     for attack in ("pgd", "apgd"):
       assert results[attack]["accuracy"] <= results["clean"]["accuracy"]
   assert adversarial["pgd"]["accuracy"] > benign["pgd"]["accuracy"] + 0.2
-  with open(os.path.join(trained["benign"][1], "evaluations", "step_66.json")) as f:
-    record = json.load(f)
+  record = evaluation_records.read_record(trained["benign"][1], 66)
   assert record["epoch"] == 3.0 and len(record["results"]["pgd"]["per_class_accuracy"]) == 10
   assert record["results"]["pgd"]["accuracy"] == benign["pgd"]["accuracy"]
 
@@ -196,8 +195,8 @@ def test_evaluate_job_scores_a_checkpoint_and_transfer_from_another_model(traine
   assert record["step"] == 22
   transfer = record["results"]["transfer:pgd"]
   assert 0.0 <= transfer["transfer_rate"] <= 1.0
-  with open(os.path.join(workdir, "evaluations", "step_22.json")) as f:
-    assert json.load(f)["results"]["clean"]["accuracy"] == record["results"]["clean"]["accuracy"]
+  assert (evaluation_records.read_record(workdir, 22)["results"]["clean"]["accuracy"]
+          == record["results"]["clean"]["accuracy"])
   assert os.path.isdir(os.path.join(workdir, "adversarial", "pgd_epoch1"))
 
 
@@ -217,7 +216,7 @@ def test_an_added_attack_neither_reruns_nor_changes_the_others(trained, capsys):
   both = jobs.run(config, workdir)["results"]
   assert "attack pgd: recorded with these settings" in capsys.readouterr().out
   assert both["pgd"] == alone
-  os.remove(os.path.join(workdir, "evaluations", "step_22.json"))
+  shutil.rmtree(evaluation_records.record_directory(workdir, 22))
   again = jobs.run(config, workdir)["results"]["pgd"]
   assert "attack pgd: recorded" not in capsys.readouterr().out
   assert again == alone
@@ -269,7 +268,7 @@ def test_an_evaluation_record_keeps_the_results_other_jobs_wrote(tmp_path):
   """The train job's final evaluation and an evaluate job of that checkpoint write one record: a
   rerun of either replaces its own results and keeps the other's."""
   result = lambda accuracy: {"accuracy": accuracy, "settings": {"step": 66}}
-  read = lambda: json.loads((tmp_path / "evaluations" / "step_66.json").read_text())["results"]
+  read = lambda: evaluation_records.read_record(str(tmp_path), 66)["results"]
   evaluate_module.write_evaluation(str(tmp_path), 66, 3.0, {"clean": result(0.9), "pgd": result(0.5)})
   evaluate_module.write_evaluation(str(tmp_path), 66, 3.0, {
       "clean": result(0.9), "autoattack": result(0.4), "transfer:pgd": result(0.7)})
@@ -343,7 +342,7 @@ def test_a_preempted_then_killed_evaluation_resumes_from_its_finished_attacks_an
   uninterrupted, uninterrupted_sets = jobs.run(config, workdir), sets()
   partial = os.path.join(workdir, "evaluations", "step_22.partial")
   assert not os.path.exists(partial)
-  os.remove(os.path.join(workdir, "evaluations", "step_22.json"))  # as if never finished
+  shutil.rmtree(evaluation_records.record_directory(workdir, 22))  # as if never finished
 
   attacked, members_done, batches_run = [], [], []
   attack_result, member_done = evaluate_module._attack_result, MemberProgress.member_done

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fake_gcs import fake_bucket, no_event_files
-from ntk_scale import compilation_cache, files, jobs
+from ntk_scale import compilation_cache, evaluation_records, files, jobs
 from ntk_scale.base_config import base_config
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.adversarial_sets import load_adversarial_set, save_adversarial_set
@@ -130,7 +130,7 @@ def test_run_records_and_the_report_in_a_bucket_equal_those_on_disk(bucket, tmp_
   assert meta == local_meta
   for name, array in local_arrays.items():
     np.testing.assert_array_equal(arrays[name], array)
-  assert files.read_json(f"{cloud}/evaluations/step_3.json") == files.read_json(f"{local}/evaluations/step_3.json")
+  assert evaluation_records.read_records(cloud) == evaluation_records.read_records(local) != []
   with pytest.raises(WorkdirConfigMismatchError, match="seed: 3 -> 4"):
     record_or_check(f"{cloud}/config.json", {"job": "train", "seed": 4, "model": {"name": "cnn"}})
 
@@ -262,8 +262,8 @@ def test_a_train_job_in_a_bucket_equals_one_on_disk(bucket, tmp_path):
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   jax.tree.map(np.testing.assert_array_equal, in_bucket.restore_variables(last, one_device),
                on_disk.restore_variables(last, one_device))
-  assert files.read_json(f"{cloud}/evaluations/step_{last}.json")["results"] == \
-      files.read_json(f"{local}/evaluations/step_{last}.json")["results"]
+  assert evaluation_records.read_record(cloud, last)["results"] == \
+      evaluation_records.read_record(local, last)["results"]
 
 
 def test_compiled_programs_are_kept_in_a_bucket_workdir_and_loaded_back(bucket, jax_cache_settings):

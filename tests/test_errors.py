@@ -627,12 +627,13 @@ def test_the_report_reads_any_recorded_experiment_and_an_unreadable_record_is_na
   jobs.run(config, str(tmp_path))
   assert (tmp_path / "report" / "index.html").exists()
   # A truncated record the report reads is named, not a bare decoding error.
-  evaluations = tmp_path / "evaluations"
-  evaluations.mkdir()
-  (evaluations / "step_1.json").write_text('{"clean": {"accura')
-  with pytest.raises(files.UnreadableRecordError, match=r"step_1.json is not a readable JSON record"):
+  evaluations = tmp_path / "evaluations" / "step_1"
+  evaluations.mkdir(parents=True)
+  (evaluations / "clean.json").write_text('{"results": {"clean": {"accura')
+  with pytest.raises(files.UnreadableRecordError, match=r"step_1/clean.json is not a readable JSON "
+                                                        r"record"):
     jobs.run(config, str(tmp_path))
-  (evaluations / "step_1.json").unlink()
+  (evaluations / "clean.json").unlink()
   (tmp_path / "config.json").write_text("")
   with pytest.raises(files.UnreadableRecordError, match=r"config.json is not a readable JSON record"):
     jobs.run(config, str(tmp_path))

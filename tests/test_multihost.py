@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntk_scale import jobs, parallel
+from ntk_scale import evaluation_records, jobs, parallel
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
@@ -125,9 +125,8 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 def _accuracies(workdir: str) -> dict[str, float]:
-  directory = os.path.join(workdir, "evaluations")
-  with open(os.path.join(directory, sorted(os.listdir(directory))[-1])) as f:
-    return {k: v["accuracy"] for k, v in json.load(f)["results"].items()}
+  """The newest evaluation's accuracies."""
+  return {k: v["accuracy"] for k, v in evaluation_records.read_records(workdir)[-1]["results"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -452,6 +451,29 @@ def test_a_sum_over_processes_adds_the_part_of_every_process(monkeypatch):
   total = parallel.sum_over_processes(mine)
   assert total.dtype == np.float64
   np.testing.assert_array_equal(total, mine + theirs)
+
+
+def test_what_process_0_reads_reaches_every_process_unread_there(monkeypatch):
+  """A record another job may change meanwhile is read by process 0 alone and sent: process 1 gets
+  process 0's contents, whatever its own read would give (here: the broadcasts of process 0,
+  recorded, then replayed to process 1)."""
+  sent = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all",
+                      lambda value: sent.append(np.array(value)) or value)
+  record = {"step": 3, "results": {"pgd": {"accuracy": 0.5, "names": ["é", None]}}}
+  assert parallel.from_process_0(lambda: record) == record
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  received = iter(sent)
+
+  def replayed(value):  # what process 1 offers must match process 0's shape and dtype
+    theirs = next(received)
+    assert (np.shape(value), np.asarray(value).dtype) == (theirs.shape, theirs.dtype)
+    return theirs
+
+  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", replayed)
+  assert parallel.from_process_0(lambda: pytest.fail("process 1 read the record")) == record
 
 
 def test_start_up_flags_are_checked_before_joining_a_job():

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ntk_scale import data, jobs, restore
+from ntk_scale import data, evaluation_records, jobs, restore
 from ntk_scale.base_config import base_config, pgd_linf
 from ntk_scale.checkpoint import CheckpointNotFoundError, Checkpoints
 from ntk_scale.data import load_digits
@@ -106,8 +106,7 @@ def test_phase2_draws_its_own_batch_order(run):
 
 def test_phase2_evaluation_records_output_components(run):
   _, workdir, result = run
-  with open(os.path.join(workdir, "phase2", NAME, "evaluations", "step_44.json")) as f:
-    record = json.load(f)
+  record = evaluation_records.read_record(os.path.join(workdir, "phase2", NAME), 44)
   assert record["epoch"] == 2.0
   for name in ("clean", "pgd"):
     parts = record["results"][name]["output_components"]
@@ -136,8 +135,7 @@ def test_phase2_evaluation_records_output_components(run):
   assert record["results"]["pgd"]["accuracy"] <= record["results"]["clean"]["accuracy"]
   assert os.path.isdir(os.path.join(workdir, "phase2", NAME, "adversarial", "pgd"))
   # Phase 1's evaluation is where it always was, without components.
-  with open(os.path.join(workdir, "evaluations", "step_22.json")) as f:
-    assert "output_components" not in json.load(f)["results"]["clean"]
+  assert "output_components" not in evaluation_records.read_record(workdir, 22)["results"]["clean"]
 
 
 def test_phase2_alone_adversarial_from_loaders(run, tmp_path):
@@ -257,8 +255,8 @@ def test_evaluate_job_on_a_phase2_checkpoint_matches_phase2s_own_evaluation(run,
       assert got["output_components"][k] == pytest.approx(v, rel=1e-5)
   # Recorded in the phase-2 experiment's directory, examples named by the phase-2 epoch.
   p2dir = os.path.join(copy, "phase2", NAME)
-  with open(os.path.join(p2dir, "evaluations", "step_44.json")) as f:
-    assert json.load(f)["results"]["clean"]["accuracy"] == final["clean"]["accuracy"]
+  assert (evaluation_records.read_record(p2dir, 44)["results"]["clean"]["accuracy"]
+          == final["clean"]["accuracy"])
   assert os.path.isdir(os.path.join(p2dir, "adversarial", "pgd_epoch2"))
 
 

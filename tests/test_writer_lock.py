@@ -5,7 +5,6 @@ checkpoints, leaving a step without its metadata, and both appended to metrics.j
 bucket, where nothing locks, the later copy takes over and the earlier one stops."""
 
 import fcntl
-import json
 import os
 import re
 import subprocess
@@ -80,38 +79,6 @@ def test_a_job_releases_its_locks_when_it_ends_or_fails(tmp_path, monkeypatch):
   with pytest.raises(WorkdirConfigMismatchError):
     jobs.run(config, workdir)
   assert take(writer_lock.lock_path(workdir)).returncode == 0
-
-
-OTHER_EVALUATION = ("import json, sys, time\n"
-                    "from ntk_scale import writer_lock\n"
-                    "path = sys.argv[1]\n"
-                    "with writer_lock.updating(path):  # another job's read-merge-write, slow\n"
-                    "  print('reading', flush=True)\n"
-                    "  time.sleep(1.5)\n"
-                    "  json.dump({'step': 3, 'epoch': 1.0, 'results': {'fab': {'accuracy': 0.25}}},\n"
-                    "            open(path, 'w'))\n")
-
-
-def test_two_evaluations_of_one_checkpoint_keep_each_others_results(tmp_path):
-  """The train job's final evaluation and an evaluate job (or two evaluate jobs) of one checkpoint
-  read, merge and write one record: the later writer dropped the other's results when their
-  updates overlapped. This one waits for the other's update, then merges it."""
-  from ntk_scale.evaluate import write_evaluation  # pylint: disable=import-outside-toplevel
-
-  workdir = str(tmp_path)
-  path = os.path.join(workdir, "evaluations", "step_3.json")
-  os.makedirs(os.path.dirname(path))
-  other = subprocess.Popen([sys.executable, "-c", OTHER_EVALUATION, path], stdout=subprocess.PIPE,
-                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  try:
-    assert other.stdout.readline().strip() == "reading"
-    write_evaluation(workdir, 3, 1.0, {"pgd": {"accuracy": 0.5}})
-    assert other.wait(timeout=60) == 0
-  finally:
-    other.kill()
-  with open(path) as f:
-    assert json.load(f)["results"] == {"pgd": {"accuracy": 0.5}, "fab": {"accuracy": 0.25}}
-
 
 
 def test_a_workdir_this_user_cannot_write_is_named_as_such(tmp_path, monkeypatch):
