@@ -85,17 +85,21 @@ def check_float64_devices(dtype: str, field: str, instead: str) -> None:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree of host arrays (identical on every host) on all devices. In one process a
-  jax array is moved device to device (not through the host); where it is already, as it is."""
+  jax array is moved device to device (not through the host); one already placed so is taken as it
+  is, without a call into device_put (16 us a leaf: a quarter of a small kernel's host time)."""
   sharding = replicated_sharding(mesh)
   leaves, treedef = jax.tree.flatten(tree)
-  on_devices = [isinstance(x, jax.Array) and jax.process_count() == 1 for x in leaves]
+  placed = [isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim) for x in leaves]
+  on_devices = [not p and isinstance(x, jax.Array) and jax.process_count() == 1
+                for x, p in zip(leaves, placed)]
   moved = iter(jax.device_put([x for x, d in zip(leaves, on_devices) if d], sharding))
 
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  return jax.tree.unflatten(treedef, [next(moved) if d else put(x) for x, d in zip(leaves, on_devices)])
+  return jax.tree.unflatten(treedef, [x if p else next(moved) if d else put(x)
+                                      for x, p, d in zip(leaves, placed, on_devices)])
 
 
 def global_batch(mesh: Mesh, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, jax.Array]:
