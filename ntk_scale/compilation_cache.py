@@ -15,15 +15,21 @@ has no gs://: its first compilation would fail. So in a bucket (the workdir's ca
 JAX_COMPILATION_CACHE_DIR's) that cache is left off, unless
 JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says otherwise; a hit in JAX's cache skips autotuning anyway.
 The keys hold the cache's path too, so a moved workdir compiles again. A job killed while it writes
-an entry can leave it torn: JAX then warns and compiles that program again on every start (same
-results); removing the directory clears it.
+an entry into a local directory can leave it torn (an upload to a bucket appears whole or not at
+all), and JAX never replaces an entry that exists: it would warn and compile that program again on
+every start. So a job removes the torn entries of its workdir's local cache before it compiles
+(`remove_torn_entries`; an entry is written once, so only those written since the last check are
+read), and JAX writes the program anew.
 """
 
+import contextlib
 import os
+import time
 from collections.abc import Mapping
 
 import jax
 import ml_collections
+from jax._src import compilation_cache as jax_compilation_cache  # its own (de)compression
 
 from ntk_scale import files
 
@@ -50,8 +56,51 @@ def use_workdir_cache(config: ml_collections.ConfigDict, workdir: str,
   directory = cache_directory(config, workdir, environ)
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)
+    if not files.is_cloud(directory) and jax.process_index() == 0:  # JAX writes from process 0
+      for name in remove_torn_entries(directory):
+        print(f"compilation cache: removed {os.path.join(directory, name)}, left torn by a job "
+              f"killed while writing it; its program is compiled and kept again", flush=True)
   keep_xla_caches_out_of_buckets(environ)
   return directory
+
+
+ENTRY_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"  # jax/_src/lru_cache.py's names of an entry's files
+CHECKED_FILE = ".entries_checked"  # its time: when the entries were last checked
+
+
+def remove_torn_entries(directory: str) -> list[str]:
+  """Removes the entries of JAX's cache in the local `directory` that do not decompress (a job
+  killed while writing one) and returns their names. Entries written before the last check were
+  read then and are not read again."""
+  if not os.path.isdir(directory):
+    return []
+  marker = os.path.join(directory, CHECKED_FILE)
+  checked = os.path.getmtime(marker) if os.path.exists(marker) else float("-inf")
+  started = time.time()
+  torn = []
+  with os.scandir(directory) as entries:
+    for entry in entries:
+      if (entry.name.endswith(ENTRY_SUFFIX) and entry.stat().st_mtime >= checked
+          and not _decompresses(entry.path)):
+        torn.append(entry.name)
+        for path in (entry.path, entry.path[:-len(ENTRY_SUFFIX)] + ATIME_SUFFIX):
+          with contextlib.suppress(FileNotFoundError):  # (another job removed it first)
+            os.remove(path)
+  with open(marker, "w"):
+    pass
+  os.utime(marker, (started, started))  # an entry written during the check is read next time
+  return sorted(torn)
+
+
+def _decompresses(path: str) -> bool:
+  """Whether the entry at `path` decompresses as JAX reads it (zlib or zstd, by what is installed)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    jax_compilation_cache.decompress_executable(data)
+  except Exception:  # pylint: disable=broad-except  # zlib.error, zstd's errors: a torn entry
+    return False
+  return True
 
 
 def keep_xla_caches_out_of_buckets(environ: Mapping[str, str] = os.environ) -> None:

@@ -1,8 +1,13 @@
 """Where a job keeps its compiled programs (config.compilation_cache); that a resumed job loads
 them: tests/test_train.py's kill-and-resume test."""
 
+import os
+import time
+
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from ntk_scale import compilation_cache
@@ -70,3 +75,42 @@ def test_a_dry_run_keeps_xla_caches_out_of_a_bucket_too(jax_cache_settings, monk
   with pytest.raises(ValueError, match=r"config\.seed=-1"):
     jobs.dry_run(config)
   assert jax.config.jax_persistent_cache_enable_xla_caches == "none"
+
+
+def test_a_torn_entry_is_removed_at_the_next_start_and_its_program_kept_again(
+    jax_cache_settings, tmp_path, monkeypatch, capsys):
+  """A job killed while JAX wrote an entry left it torn, and JAX never replaces an entry that
+  exists: it warned and compiled that program again on every start. The next job removes it, JAX
+  writes it anew and the job after loads it. Entries checked before are not read again."""
+  workdir = str(tmp_path)
+  directory = compilation_cache.use_workdir_cache(base_config(), workdir, environ={})
+  program = jax.jit(lambda x: jnp.sin(x) * 0.25 - 0.5)
+  expected = program(jnp.arange(4.0))
+  (entry,) = [n for n in os.listdir(directory)
+              if n.startswith("jit__lambda") and n.endswith(compilation_cache.ENTRY_SUFFIX)]
+  path = os.path.join(directory, entry)
+  whole = open(path, "rb").read()
+  with open(path, "wb") as f:  # as a job killed mid-write leaves it
+    f.write(whole[:len(whole) // 2])
+
+  def start_again() -> list[str]:  # a new job's process: nothing compiled in its memory
+    jax.clear_caches()
+    events = []
+    record = lambda event, **kwargs: events.append(event)
+    jax.monitoring.register_event_listener(record)
+    try:
+      compilation_cache.use_workdir_cache(base_config(), workdir, environ={})
+      np.testing.assert_array_equal(program(jnp.arange(4.0)), expected)
+    finally:
+      jax.monitoring.unregister_event_listener(record)
+    return events
+
+  events = start_again()
+  assert f"compilation cache: removed {path}, left torn" in capsys.readouterr().out
+  assert "/jax/compilation_cache/cache_misses" in events  # compiled again (arange's is a hit)
+  assert compilation_cache._decompresses(path)  # written anew, whole
+  read = []
+  monkeypatch.setattr(compilation_cache, "_decompresses", lambda p: read.append(p) or True)
+  os.utime(path, (time.time() - 60, time.time() - 60))  # written before this check
+  assert "/jax/compilation_cache/cache_misses" not in start_again()  # loaded, not compiled
+  assert read == [] and "removed" not in capsys.readouterr().out
