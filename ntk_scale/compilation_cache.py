@@ -80,7 +80,7 @@ def remove_torn_entries(directory: str) -> list[str]:
   torn = []
   with os.scandir(directory) as entries:
     for entry in entries:
-      if (entry.name.endswith(ENTRY_SUFFIX) and entry.stat().st_mtime >= checked
+      if (entry.name.endswith(ENTRY_SUFFIX) and entry.is_file() and entry.stat().st_mtime >= checked
           and not _decompresses(entry.path)):
         torn.append(entry.name)
         for path in (entry.path, entry.path[:-len(ENTRY_SUFFIX)] + ATIME_SUFFIX):
@@ -93,7 +93,7 @@ def remove_torn_entries(directory: str) -> list[str]:
 
 
 def _decompresses(path: str) -> bool:
-  """Whether the entry at `path` decompresses as JAX reads it (zlib or zstd, by what is installed)."""
+  """Whether the entry at `path` decompresses as JAX reads it (zlib or zstd, as installed)."""
   with open(path, "rb") as f:
     data = f.read()
   try:
