@@ -29,9 +29,13 @@ from collections.abc import Mapping
 
 import jax
 import ml_collections
-from jax._src import compilation_cache as jax_compilation_cache  # its own (de)compression
 
 from ntk_scale import files
+
+try:  # JAX's own decompression of its entries (private: a JAX that moves it gets no check)
+  from jax._src.compilation_cache import decompress_executable
+except ImportError:
+  decompress_executable = None
 
 CACHE_DIR = "compilation_cache"
 # JAX reads it at import: a cache the user chose, shared by many workdirs (the test suite's).
@@ -72,7 +76,7 @@ def remove_torn_entries(directory: str) -> list[str]:
   """Removes the entries of JAX's cache in the local `directory` that do not decompress (a job
   killed while writing one) and returns their names. Entries written before the last check were
   read then and are not read again."""
-  if not os.path.isdir(directory):
+  if decompress_executable is None or not os.path.isdir(directory):
     return []
   marker = os.path.join(directory, CHECKED_FILE)
   checked = os.path.getmtime(marker) if os.path.exists(marker) else float("-inf")
@@ -97,7 +101,7 @@ def _decompresses(path: str) -> bool:
   with open(path, "rb") as f:
     data = f.read()
   try:
-    jax_compilation_cache.decompress_executable(data)
+    decompress_executable(data)
   except Exception:  # pylint: disable=broad-except  # zlib.error, zstd's errors: a torn entry
     return False
   return True
