@@ -163,14 +163,26 @@ def agree(flag: bool) -> bool:
 def from_process_0(read: Callable[[], Any]) -> Any:
   """`read()` of process 0, a JSON value, on every process (the others do not call it): what
   process 0 reads of a shared file that another job may be changing, so that every process
-  decides from the same contents. Every process must call it, in the same order as the other
-  collectives."""
+  decides from the same contents. Where `read` raises, process 0 raises that error and the others
+  a RuntimeError that names it, instead of waiting for a value. Every process must call it, in
+  the same order as the other collectives."""
   if jax.process_count() == 1:
     return read()
-  text = json.dumps(read()).encode() if jax.process_index() == 0 else b""
+  failure, text = None, b""
+  if jax.process_index() == 0:
+    try:
+      sent = {"value": read()}
+    except Exception as error:  # pylint: disable=broad-except  # raised below, after sending it
+      failure, sent = error, {"error": f"{type(error).__name__}: {error}"}
+    text = json.dumps(sent).encode()
   size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
   data = np.frombuffer(text, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
-  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
+  received = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
+  if failure is not None:
+    raise failure
+  if "error" in received:
+    raise RuntimeError(f"process 0 could not read what every process needs: {received['error']}")
+  return received["value"]
 
 
 def exit_together(code: int, wait_s: float | None = None) -> NoReturn:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntk_scale import evaluation_records, jobs, parallel
+from ntk_scale import evaluation_records, files, jobs, parallel
 from ntk_scale.checkpoint import Checkpoints
 from ntk_scale.ntk.store import KernelStore
 from ntk_scale.preemption import PREEMPTED_EXIT_CODE
@@ -474,6 +474,28 @@ def test_what_process_0_reads_reaches_every_process_unread_there(monkeypatch):
 
   monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", replayed)
   assert parallel.from_process_0(lambda: pytest.fail("process 1 read the record")) == record
+
+
+def test_a_read_that_fails_on_process_0_fails_every_process(monkeypatch):
+  """Process 0 raises its own error after sending it; process 1 raises one that names it, instead of
+  waiting for a value that never comes."""
+  sent = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all",
+                      lambda value: sent.append(np.array(value)) or value)
+
+  def unreadable():
+    raise files.UnreadableRecordError("evaluations/step_3/pgd.json is not a readable JSON record")
+
+  with pytest.raises(files.UnreadableRecordError, match="step_3/pgd.json"):
+    parallel.from_process_0(unreadable)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  received = iter(sent)
+  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", lambda value: next(received))
+  with pytest.raises(RuntimeError, match=r"process 0 could not read what every process needs: "
+                                         r"UnreadableRecordError: evaluations/step_3/pgd.json is not"):
+    parallel.from_process_0(lambda: pytest.fail("process 1 read the record"))
 
 
 def test_start_up_flags_are_checked_before_joining_a_job():
