@@ -64,7 +64,7 @@ def walk(top: PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
 
 
 def glob(directory: PathLike, pattern: str) -> list[str]:
-  """Paths in `directory` matching `pattern` (e.g. "step_*.json"), sorted."""
+  """Paths in `directory` matching `pattern` (e.g. "*/*.xplane.pb"), sorted."""
   return sorted(os.fspath(p) for p in epath.Path(directory).glob(pattern))
 
 

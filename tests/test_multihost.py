@@ -453,26 +453,31 @@ def test_a_sum_over_processes_adds_the_part_of_every_process(monkeypatch):
   np.testing.assert_array_equal(total, mine + theirs)
 
 
-def test_what_process_0_reads_reaches_every_process_unread_there(monkeypatch):
-  """A record another job may change meanwhile is read by process 0 alone and sent: process 1 gets
-  process 0's contents, whatever its own read would give (here: the broadcasts of process 0,
-  recorded, then replayed to process 1)."""
-  sent = []
+def _as_process(monkeypatch, index: int, sent: list) -> None:
+  """This process as process `index` of two: as 0, broadcast_one_to_all records what it sends in
+  `sent`; as 1, it replays `sent`, each array process 1 offers checked against process 0's shape
+  and dtype (a mismatch would hang a real pair)."""
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(jax, "process_index", lambda: 0)
-  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all",
-                      lambda value: sent.append(np.array(value)) or value)
-  record = {"step": 3, "results": {"pgd": {"accuracy": 0.5, "names": ["é", None]}}}
-  assert parallel.from_process_0(lambda: record) == record
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_index", lambda: index)
   received = iter(sent)
 
-  def replayed(value):  # what process 1 offers must match process 0's shape and dtype
+  def replayed(value):
     theirs = next(received)
     assert (np.shape(value), np.asarray(value).dtype) == (theirs.shape, theirs.dtype)
     return theirs
 
-  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", replayed)
+  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", replayed if index else
+                      lambda value: sent.append(np.array(value)) or value)
+
+
+def test_what_process_0_reads_reaches_every_process_unread_there(monkeypatch):
+  """A record another job may change meanwhile is read by process 0 alone and sent: process 1 gets
+  process 0's contents, whatever its own read would give."""
+  sent = []
+  _as_process(monkeypatch, 0, sent)
+  record = {"step": 3, "results": {"pgd": {"accuracy": 0.5, "names": ["é", None]}}}
+  assert parallel.from_process_0(lambda: record) == record
+  _as_process(monkeypatch, 1, sent)
   assert parallel.from_process_0(lambda: pytest.fail("process 1 read the record")) == record
 
 
@@ -480,19 +485,14 @@ def test_a_read_that_fails_on_process_0_fails_every_process(monkeypatch):
   """Process 0 raises its own error after sending it; process 1 raises one that names it, instead of
   waiting for a value that never comes."""
   sent = []
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(jax, "process_index", lambda: 0)
-  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all",
-                      lambda value: sent.append(np.array(value)) or value)
+  _as_process(monkeypatch, 0, sent)
 
   def unreadable():
     raise files.UnreadableRecordError("evaluations/step_3/pgd.json is not a readable JSON record")
 
   with pytest.raises(files.UnreadableRecordError, match="step_3/pgd.json"):
     parallel.from_process_0(unreadable)
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  received = iter(sent)
-  monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", lambda value: next(received))
+  _as_process(monkeypatch, 1, sent)
   with pytest.raises(RuntimeError, match=r"process 0 could not read what every process needs: "
                                          r"UnreadableRecordError: evaluations/step_3/pgd.json is not"):
     parallel.from_process_0(lambda: pytest.fail("process 1 read the record"))
