@@ -459,7 +459,13 @@ def transfer_keys(paths: Sequence[str]) -> list[str]:
   """Each set's key in the evaluation's results: "transfer:" and the shortest end of its path that
   no other listed set's path ends with. Sets of several workdirs or phases share a basename
   (".../adversarial/pgd"), which alone would keep one result of them; a set whose basename is
-  unique keeps "transfer:<basename>". A set listed twice is refused, naming the field."""
+  unique keeps "transfer:<basename>". A set listed twice, or an entry that is no path (a number
+  the flag parser read as one), is refused, naming the field."""
+  for path in paths:
+    if not isinstance(path, str) or not path.strip("/"):
+      raise ValueError(f"config.evaluate.transfer_sets holds {path!r}; expected the directories of "
+                       f"saved sets (<workdir>/adversarial/<name>), e.g. "
+                       f"--config.evaluate.transfer_sets=\"('workdirs/a/adversarial/pgd',)\".")
   parts = [_path_parts(p) for p in paths]
   keys = []
   for i, own in enumerate(parts):

@@ -290,6 +290,9 @@ def test_transfer_keys_tell_apart_sets_of_one_basename(tmp_path):
   assert keys(["gs://x/a/pgd", "gs://x/b/pgd"]) == ["transfer:a/pgd", "transfer:b/pgd"]
   with pytest.raises(ValueError, match=r"config.evaluate.transfer_sets lists one set more than once"):
     keys([str(tmp_path / "pgd"), str(tmp_path / "." / "pgd")])
+  for entry in (2024, "", "/"):  # a number the flag parser read, no directory at all
+    with pytest.raises(ValueError, match=r"config.evaluate.transfer_sets holds .*; expected the dir"):
+      keys(["w/adversarial/pgd", entry])
 
 
 def test_evaluate_job_keeps_every_transfer_set_of_one_basename(trained, tmp_path):

@@ -381,6 +381,9 @@ def test_phase2_jobs_are_planned_with_the_linearized_model():
   c.evaluate.transfer_sets = ("a/pgd", "a/pgd")
   with pytest.raises(ValueError, match=r"config\.evaluate\.transfer_sets lists one set more than once"):
     jobs.dry_run(c)
+  c.evaluate.transfer_sets = (2024,)  # what --config.evaluate.transfer_sets=(2024,) parses to
+  with pytest.raises(ValueError, match=r"config\.evaluate\.transfer_sets holds 2024; expected the "):
+    jobs.dry_run(c)
   c.evaluate.phase = 3
   with pytest.raises(ValueError, match=r"config\.evaluate\.phase=3; expected 1"):
     jobs.dry_run(c)
