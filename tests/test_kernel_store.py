@@ -2,12 +2,15 @@
 bound on the bytes waiting, and a failed write stops it so that a resumed job recomputes what is
 lost."""
 
+import json
 import os
 import threading
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
+from ntk_scale.ntk import store as store_module
 from ntk_scale.ntk.store import (KernelStore, KernelStoreDamagedError, KernelStoreMismatchError, TileWriter,
                                   agreed_done_tiles)
 
@@ -186,6 +189,52 @@ def test_a_lost_chunk_is_an_error_when_read_and_its_tile_is_computed_again(tmp_p
   assert KernelStore.open(store.directory).meta["complete"] is False
   store.write_tile(1, 2, kernel[TILE:2 * TILE, 2 * TILE:], mirror=True)
   np.testing.assert_array_equal(store.read(), kernel)
+
+
+@pytest.mark.parametrize("damage", ["one bit flipped", "cut short"])
+def test_a_chunk_damaged_after_it_was_written_is_an_error_when_read_and_computed_again(tmp_path,
+                                                                                        damage):
+  """Each chunk carries its CRC32C: without it a chunk whose bytes a disk or copy changed read back
+  as other numbers with no word. The read names the chunk; deleted, its tile is computed again."""
+  kernel = _symmetric_kernel()
+  store = _store(tmp_path / "kernel")
+  for i, j, tile in _tiles(kernel):
+    store.write_tile(i, j, tile, mirror=True)
+  chunk = tmp_path / "kernel" / "kernel.zarr" / "c" / "2" / "0"  # the mirror of tile 0-2
+  data = bytearray(chunk.read_bytes())
+  assert len(data) == TILE * TILE * 4 + 4  # its floats, then their checksum
+  if damage == "one bit flipped":
+    data[5] ^= 1
+  else:
+    del data[-10:]
+  chunk.write_bytes(bytes(data))
+  with pytest.raises(KernelStoreDamagedError, match=r"kernel .*kernel: a chunk of kernel.zarr was "
+                                                    r"changed or cut short .*c/2/0.*Delete that chunk"):
+    KernelStore.open(store.directory).read()
+  np.testing.assert_array_equal(store.read(slice(0, 2 * TILE)), kernel[:2 * TILE])  # the others read
+  chunk.unlink()  # as the error advises: the kernel job then computes tile 0-2 again
+  assert store.drop_tiles_without_chunks(mirror=True) == [(0, 2)]
+  store.write_tile(0, 2, kernel[:TILE, 2 * TILE:], mirror=True)
+  np.testing.assert_array_equal(store.read(), kernel)
+
+
+def test_a_kernel_stored_without_checksums_is_still_read_and_resumed(tmp_path):
+  """Stores made before chunks carried a CRC32C: opened with the codecs their zarr.json names."""
+  n = TILE * BLOCKS
+  directory = tmp_path / "kernel"
+  ts.open({**store_module._spec(str(directory)), "metadata": {"codecs": [{"name": "bytes"}]}},
+          create=True, dtype="float32", shape=[n, n],
+          chunk_layout=ts.ChunkLayout(chunk_shape=[TILE, TILE])).result()
+  (directory / "tiles").mkdir()
+  for name, array in (("indices.npy", np.arange(n)), ("labels.npy", np.zeros(n, int))):
+    np.save(directory / name, array)
+  (directory / "kernel.json").write_text(json.dumps({"shape": [n, n], "tile": TILE, "dtype": "float32"}))
+  kernel = _symmetric_kernel()
+  store = _store(directory)  # resumed, not created again
+  for i, j, tile in _tiles(kernel):
+    store.write_tile(i, j, tile, mirror=True)
+  assert (directory / "kernel.zarr" / "c" / "0" / "1").stat().st_size == TILE * TILE * 4
+  np.testing.assert_array_equal(KernelStore.open(str(directory)).read(), kernel)
 
 
 def test_a_tile_of_nan_is_refused_not_stored(tmp_path):

@@ -12,9 +12,12 @@ marker exists: a job killed while writing a tile recomputes it, and so does a jo
 marked tile's chunk gone (`drop_tiles_without_chunks`; read, a missing chunk is an error, never
 zeros). Tensorstore writes each chunk
 whole (a local file is written then renamed, a cloud object appears when its upload completes);
-markers and metadata are written the same way (files.write_atomic). Any zarr v3 reader opens
-kernel.zarr; symmetric kernels are stored whole (each off-diagonal tile is written with its
-mirror), so reads need no special handling.
+markers and metadata are written the same way (files.write_atomic). Each chunk carries a CRC32C
+of its bytes (zarr v3's crc32c codec), so a chunk changed or cut short after it was written (a
+failing disk) is an error when read, naming it, never wrong numbers; stores made before
+2026-12-05 have none and are read as they are. Any zarr v3 reader opens kernel.zarr; symmetric
+kernels are stored whole (each off-diagonal tile is written with its mirror), so reads need no
+special handling.
 """
 
 import concurrent.futures
@@ -45,7 +48,14 @@ class KernelStoreMismatchError(ValueError):
 
 
 class KernelStoreDamagedError(ValueError):
-  """A tile the store marks finished has no chunk (lost, deleted): it reads as nothing, not zeros."""
+  """A chunk of a finished tile is gone (lost, deleted) or does not read back as written."""
+
+
+# Each chunk: its float bytes, then their CRC32C (checked on every read).
+_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+# Tensorstore's errors for a chunk that exists but does not decode: its checksum differs, or it is
+# shorter than its shape (a store without checksums).
+_UNREADABLE_CHUNK = ("DATA_LOSS", "Not enough data")
 
 
 def _spec(directory: str) -> dict:
@@ -91,8 +101,9 @@ class KernelStore:
       raise FileNotFoundError(f"{directory} was not created by process 0.")
     shape, tile = list(meta["shape"]), int(meta["tile"])
     chunk = [tile, tile] + shape[2:]
-    array = ts.open(_spec(directory), create=True, delete_existing=True, dtype=meta["dtype"],
-                    shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+    array = ts.open({**_spec(directory), "metadata": {"codecs": _CODECS}}, create=True,
+                    delete_existing=True, dtype=meta["dtype"], shape=shape,
+                    chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
     files.make_dirs(os.path.join(directory, TILES_DIR))
     files.save_array(os.path.join(directory, INDICES_FILE), indices)
     files.save_array(os.path.join(directory, LABELS_FILE), labels)
@@ -178,16 +189,22 @@ class KernelStore:
   # ---------------------------------------------------------------- reading
   def read(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
     """A block of the kernel (the whole kernel by default) as a numpy array; KernelStoreDamagedError
-    where a chunk is missing."""
+    where a chunk is missing or does not read back as written."""
     try:
       return self._array[rows, cols].read().result()
     except ValueError as error:
-      if "NOT_FOUND" not in str(error):
-        raise
-      raise KernelStoreDamagedError(
-          f"kernel {self.directory}: a chunk of kernel.zarr is missing ({error}). Rerun the kernel "
-          f"job (config.job='kernel', the same config): it finds the tiles whose chunks are gone "
-          f"and computes them again.") from error
+      if "NOT_FOUND" in str(error):
+        raise KernelStoreDamagedError(
+            f"kernel {self.directory}: a chunk of kernel.zarr is missing ({error}). Rerun the "
+            f"kernel job (config.job='kernel', the same config): it finds the tiles whose chunks "
+            f"are gone and computes them again.") from error
+      if any(mark in str(error) for mark in _UNREADABLE_CHUNK):
+        raise KernelStoreDamagedError(
+            f"kernel {self.directory}: a chunk of kernel.zarr was changed or cut short after it "
+            f"was written ({error}); a disk or copy failed. Delete that chunk and rerun the kernel "
+            f"job (config.job='kernel', the same config): it computes the tiles whose chunks are "
+            f"gone again.") from error
+      raise
 
   def indices(self) -> np.ndarray:
     return files.load_array(os.path.join(self.directory, INDICES_FILE))
