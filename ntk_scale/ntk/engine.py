@@ -348,9 +348,13 @@ def _as_dtype(a, dtype: str):
 
 
 def _inputs_as_dtype(x, dtype: str) -> np.ndarray:
-  """Float inputs in the kernel's dtype; integer ones (token ids for an embedding) as they are."""
+  """Float inputs in the kernel's dtype; integer ones (token ids for an embedding) in the integer
+  dtype jit gives them (numpy's int64 is int32 unless x64 is on), so the shapes the engine traces
+  hold it too (jax from 0.12 warns at an int64 it would truncate)."""
   x = np.asarray(x)
-  return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+  if np.issubdtype(x.dtype, np.floating):
+    return x.astype(dtype)
+  return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
 
 
 def empirical_ntk(apply_fn: Callable, params, x1: np.ndarray, x2: np.ndarray | None = None, *,
