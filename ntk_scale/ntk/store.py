@@ -194,17 +194,16 @@ class KernelStore:
       return self._array[rows, cols].read().result()
     except ValueError as error:
       if "NOT_FOUND" in str(error):
-        raise KernelStoreDamagedError(
-            f"kernel {self.directory}: a chunk of kernel.zarr is missing ({error}). Rerun the "
-            f"kernel job (config.job='kernel', the same config): it finds the tiles whose chunks "
-            f"are gone and computes them again.") from error
-      if any(mark in str(error) for mark in _UNREADABLE_CHUNK):
-        raise KernelStoreDamagedError(
-            f"kernel {self.directory}: a chunk of kernel.zarr was changed or cut short after it "
-            f"was written ({error}); a disk or copy failed. Delete that chunk and rerun the kernel "
-            f"job (config.job='kernel', the same config): it computes the tiles whose chunks are "
-            f"gone again.") from error
-      raise
+        damage, remedy = "is missing", "Rerun"
+      elif any(mark in str(error) for mark in _UNREADABLE_CHUNK):
+        damage = "was changed or cut short after it was written"
+        remedy = "A disk or copy failed. Delete that chunk and rerun"
+      else:
+        raise
+      raise KernelStoreDamagedError(
+          f"kernel {self.directory}: a chunk of kernel.zarr {damage} ({error}). {remedy} the kernel "
+          f"job (config.job='kernel', the same config): it finds the tiles whose chunks are gone "
+          f"and computes them again.") from error
 
   def indices(self) -> np.ndarray:
     return files.load_array(os.path.join(self.directory, INDICES_FILE))
